@@ -1,0 +1,25 @@
+# The same tasks as `cargo xtask`, for people who use just.
+
+# Live: an appliance on its embedded default and a QEMU machine that PXE-boots and enlists.
+demo:
+    cargo xtask demo
+
+# Every test, end-to-end included (needs root for the QEMU lab).
+test *ARGS:
+    cargo xtask test {{ARGS}}
+
+# Install the Debian packages the lab needs.
+deps:
+    cargo xtask deps
+
+# Build the static agent and the boot images into target/stork/boot.
+images:
+    cargo xtask images
+
+# Unit and in-process tests only (no root, no QEMU).
+unit:
+    cargo test --workspace
+
+lint:
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings

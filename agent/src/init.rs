@@ -1,0 +1,298 @@
+//! The agent's life as PID 1: each step in order, any failure shown and reported, then power-off.
+
+use std::fmt;
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use stork_proto::cmdline::AgentArgs;
+use stork_proto::{AgentReport, EnlistRequest, Inventory};
+
+use crate::console::{self, say};
+use crate::net::{self, Control};
+use crate::report::Client;
+use crate::{inventory, modules, mounts, power};
+
+const CLASS_NET: &str = "/sys/class/net";
+const NIC_TIMEOUT: Duration = Duration::from_secs(30);
+const CARRIER_TIMEOUT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(100);
+
+/// The steps, named as they appear on the console and in [`AgentReport::step`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Mount,
+    LoadModules,
+    Cmdline,
+    Network,
+    Inventory,
+    Enlist,
+}
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Step::Mount => "mount",
+            Step::LoadModules => "load-modules",
+            Step::Cmdline => "cmdline",
+            Step::Network => "network",
+            Step::Inventory => "inventory",
+            Step::Enlist => "enlist",
+        }
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+struct Failed {
+    step: Step,
+    error: anyhow::Error,
+}
+
+/// Tags a step's error with the step.
+fn at<T>(step: Step, r: Result<T>) -> Result<T, Failed> {
+    r.map_err(|error| Failed { step, error })
+}
+
+/// Runs the agent as init. Never returns.
+pub fn run() -> ! {
+    power::install_panic_hook();
+    // Set once the network is up, so a later failure can be reported.
+    let mut reporter = None;
+    match steps(&mut reporter) {
+        Ok(()) => {
+            nix::unistd::sync();
+            console::line("done, powering off");
+            power::off()
+        }
+        Err(Failed { step, error }) => {
+            console::line(&format!("FAILED at {step}: {error:#}"));
+            if let Some((client, boot_mac)) = &reporter {
+                report_failure(client, *boot_mac, step, &error);
+            }
+            power::off_after_failure()
+        }
+    }
+}
+
+fn report_failure(
+    client: &Client,
+    boot_mac: stork_proto::MacAddr,
+    step: Step,
+    error: &anyhow::Error,
+) {
+    let report = AgentReport {
+        boot_mac,
+        step: step.name().to_string(),
+        ok: false,
+        message: format!("{error:#}"),
+    };
+    match client.report(&report) {
+        Ok(()) => say!("report", "failure reported to the appliance"),
+        Err(e) => say!("report", "warning: could not report the failure: {e:#}"),
+    }
+}
+
+fn steps(reporter: &mut Option<(Client, stork_proto::MacAddr)>) -> Result<(), Failed> {
+    at(Step::Mount, mount())?;
+    at(Step::LoadModules, load_modules())?;
+    let args = at(Step::Cmdline, cmdline())?;
+    at(Step::Network, network(&args))?;
+    let (client, _) = reporter.insert((Client::new(&args.url), args.boot_mac));
+    let inv = collect_inventory();
+    at(Step::Enlist, enlist(client, &args, inv))
+}
+
+fn mount() -> Result<()> {
+    let done = mounts::mount_all()?;
+    // Best effort: without a console there is nobody to tell about this failing either.
+    match console::reattach_if_null() {
+        Ok(true) => say!(
+            Step::Mount,
+            "console was /dev/null; reattached to /dev/console"
+        ),
+        Ok(false) => {}
+        Err(e) => say!(Step::Mount, "warning: console check failed: {e:#}"),
+    }
+    let mut msg = format!("mounted {}", done.mounted.join(" "));
+    if !done.already.is_empty() {
+        msg.push_str(&format!(" ({} already mounted)", done.already.join(" ")));
+    }
+    say!(Step::Mount, "{msg}");
+    Ok(())
+}
+
+fn load_modules() -> Result<()> {
+    let text = match fs::read_to_string(modules::LOAD_LIST) {
+        Ok(t) => t,
+        // A kernel with the needed drivers built in needs no list.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            say!(
+                Step::LoadModules,
+                "no {}, nothing to load",
+                modules::LOAD_LIST
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e).context(format!("read {}", modules::LOAD_LIST)),
+    };
+    let s = modules::load_all(&modules::parse_load_list(&text));
+    say!(
+        Step::LoadModules,
+        "{} loaded, {} already present, {} failed of {} in {} ms",
+        s.loaded,
+        s.already,
+        s.failed,
+        s.listed,
+        s.elapsed.as_millis()
+    );
+    Ok(())
+}
+
+fn cmdline() -> Result<AgentArgs> {
+    let text = fs::read_to_string("/proc/cmdline").context("read /proc/cmdline")?;
+    let args = AgentArgs::parse(&text)?;
+    say!(
+        Step::Cmdline,
+        "url={} boot_mac={} ip={}/{} gateway={}",
+        args.url,
+        args.boot_mac,
+        args.ip,
+        args.prefix_len,
+        args.gateway
+            .map_or_else(|| "none".to_string(), |g| g.to_string())
+    );
+    Ok(args)
+}
+
+fn network(args: &AgentArgs) -> Result<()> {
+    let class_net = Path::new(CLASS_NET);
+    let start = Instant::now();
+    let ifname = net::poll_until(NIC_TIMEOUT, POLL, || {
+        net::find_by_mac(class_net, args.boot_mac)
+    })
+    .ok_or_else(|| {
+        let seen: Vec<String> = net::interfaces(class_net)
+            .into_iter()
+            .map(|(name, mac)| match mac {
+                Some(mac) => format!("{name}={mac}"),
+                None => name,
+            })
+            .collect();
+        anyhow!(
+            "no NIC with MAC {} after {} s (present: {}); is its driver in {}?",
+            args.boot_mac,
+            NIC_TIMEOUT.as_secs(),
+            if seen.is_empty() {
+                "none".to_string()
+            } else {
+                seen.join(", ")
+            },
+            modules::LOAD_LIST
+        )
+    })?;
+    say!(
+        Step::Network,
+        "boot NIC {ifname} ({}) found after {} ms",
+        args.boot_mac,
+        start.elapsed().as_millis()
+    );
+
+    let ctl = Control::new()?;
+    ctl.set_up("lo")?;
+    ctl.set_ipv4(&ifname, args.ip, args.prefix_len)?;
+    ctl.set_up(&ifname)?;
+    let route = match args.gateway {
+        Some(gw) => {
+            ctl.add_default_route(gw)?;
+            format!("default route via {gw}")
+        }
+        None => "no gateway".to_string(),
+    };
+    say!(
+        Step::Network,
+        "{ifname} up with {}/{}, {route}",
+        args.ip,
+        args.prefix_len
+    );
+
+    let start = Instant::now();
+    match net::poll_until(CARRIER_TIMEOUT, POLL, || {
+        net::carrier(class_net, &ifname).filter(|c| *c)
+    }) {
+        Some(_) => say!(
+            Step::Network,
+            "{ifname} link up after {} ms",
+            start.elapsed().as_millis()
+        ),
+        None => say!(
+            Step::Network,
+            "warning: no carrier on {ifname} after {} s; trying anyway",
+            CARRIER_TIMEOUT.as_secs()
+        ),
+    }
+    Ok(())
+}
+
+/// Cannot fail: whatever is unreadable is reported as unknown.
+fn collect_inventory() -> Inventory {
+    let inv = inventory::collect(Path::new("/"));
+    for line in inventory::summary_lines(&inv) {
+        say!(Step::Inventory, "{line}");
+    }
+    inv
+}
+
+fn enlist(client: &Client, args: &AgentArgs, inventory: Inventory) -> Result<()> {
+    say!(
+        Step::Enlist,
+        "POST {}{}",
+        args.url,
+        stork_proto::ENLIST_PATH
+    );
+    let resp = client.enlist(&EnlistRequest {
+        boot_mac: args.boot_mac,
+        inventory,
+    })?;
+    say!(
+        Step::Enlist,
+        "machine {} status {}",
+        resp.machine_id,
+        resp.status
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_names_are_the_report_names() {
+        let names = [
+            Step::Mount,
+            Step::LoadModules,
+            Step::Cmdline,
+            Step::Network,
+            Step::Inventory,
+            Step::Enlist,
+        ]
+        .map(Step::name);
+        assert_eq!(
+            names,
+            [
+                "mount",
+                "load-modules",
+                "cmdline",
+                "network",
+                "inventory",
+                "enlist"
+            ]
+        );
+    }
+}

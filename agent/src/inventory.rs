@@ -1,0 +1,425 @@
+//! Reading the hardware inventory from /proc and /sys.
+//!
+//! Everything is read relative to a root directory so tests can use a fake tree. Nothing here
+//! fails: an unreadable file becomes `None`, an unreadable device is skipped.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use stork_proto::inventory::{Cpu, Disk, Dmi, Firmware, Memory, Nic};
+use stork_proto::{Inventory, MacAddr};
+
+use crate::console::human_bytes;
+
+/// Block devices that are not disks: loop, RAM disks, device-mapper, optical, floppy, md RAID.
+const NOT_DISKS: &[&str] = &["loop", "ram", "zram", "dm-", "sr", "fd", "md"];
+
+/// `/sys/block/X/size` counts 512-byte sectors whatever the device's real sector size.
+const SECTOR: u64 = 512;
+
+pub fn collect(root: &Path) -> Inventory {
+    let proc = root.join("proc");
+    let sys = root.join("sys");
+    let usable_bytes = mem_total(&proc).unwrap_or(0);
+    Inventory {
+        cpu: cpu(&proc),
+        memory: Memory {
+            total_bytes: online_memory(&sys).unwrap_or(usable_bytes),
+            usable_bytes,
+        },
+        disks: disks(&sys),
+        nics: nics(&sys),
+        dmi: dmi(&sys),
+        firmware: if sys.join("firmware/efi").exists() {
+            Firmware::Uefi
+        } else {
+            Firmware::Bios
+        },
+        kernel: read_trimmed(&proc.join("sys/kernel/osrelease")).unwrap_or_default(),
+    }
+}
+
+/// The file's content without surrounding whitespace; `None` when unreadable or empty.
+fn read_trimmed(path: &Path) -> Option<String> {
+    let text = fs::read_to_string(path).ok()?;
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_string())
+}
+
+/// Names of the entries of a directory, sorted; empty when it cannot be read.
+fn entry_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}
+
+fn cpu(proc: &Path) -> Cpu {
+    let text = fs::read_to_string(proc.join("cpuinfo")).unwrap_or_default();
+    let fields = || {
+        text.lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim(), v.trim()))
+    };
+    Cpu {
+        model: fields()
+            .find(|(k, _)| *k == "model name")
+            .map(|(_, v)| v.to_string())
+            .unwrap_or_default(),
+        count: fields()
+            .filter(|(k, _)| *k == "processor")
+            .count()
+            .try_into()
+            .unwrap_or(u32::MAX),
+    }
+}
+
+/// `MemTotal` in bytes.
+fn mem_total(proc: &Path) -> Option<u64> {
+    let text = fs::read_to_string(proc.join("meminfo")).ok()?;
+    let rest = text.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Sum of the online memory blocks: the RAM the firmware handed over, before the kernel's
+/// reservations. `None` without memory hotplug support in sysfs.
+fn online_memory(sys: &Path) -> Option<u64> {
+    let dir = sys.join("devices/system/memory");
+    let block = read_trimmed(&dir.join("block_size_bytes"))?;
+    let block = u64::from_str_radix(block.trim_start_matches("0x"), 16).ok()?;
+    let online = entry_names(&dir)
+        .into_iter()
+        .filter(|n| {
+            n.strip_prefix("memory")
+                .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter(|n| {
+            let d = dir.join(n);
+            read_trimmed(&d.join("online")).as_deref() == Some("1")
+                || read_trimmed(&d.join("state")).as_deref() == Some("online")
+        })
+        .count() as u64;
+    let total = online.checked_mul(block)?;
+    (total > 0).then_some(total)
+}
+
+fn disks(sys: &Path) -> Vec<Disk> {
+    let block = sys.join("block");
+    entry_names(&block)
+        .into_iter()
+        .filter(|n| !NOT_DISKS.iter().any(|p| n.starts_with(p)))
+        .filter_map(|name| {
+            let dev = block.join(&name);
+            let sectors: u64 = read_trimmed(&dev.join("size"))?.parse().ok()?;
+            if sectors == 0 {
+                return None;
+            }
+            Some(Disk {
+                size_bytes: sectors.saturating_mul(SECTOR),
+                model: read_trimmed(&dev.join("device/model")),
+                serial: read_trimmed(&dev.join("serial"))
+                    .or_else(|| read_trimmed(&dev.join("device/serial"))),
+                rotational: match read_trimmed(&dev.join("queue/rotational")).as_deref() {
+                    Some("1") => Some(true),
+                    Some("0") => Some(false),
+                    _ => None,
+                },
+                name,
+            })
+        })
+        .collect()
+}
+
+fn nics(sys: &Path) -> Vec<Nic> {
+    let net = sys.join("class/net");
+    entry_names(&net)
+        .into_iter()
+        .filter(|n| n != "lo")
+        .filter_map(|name| {
+            let dev = net.join(&name);
+            // Virtual interfaces (bridges, tunnels, ifb) have no backing device.
+            fs::symlink_metadata(dev.join("device")).ok()?;
+            let mac: MacAddr = read_trimmed(&dev.join("address"))?.parse().ok()?;
+            Some(Nic {
+                mac,
+                driver: link_name(&dev.join("device/driver")),
+                link: read_trimmed(&dev.join("carrier")).map(|c| c == "1"),
+                // Unknown speed reads as -1, or fails while the link is down.
+                speed_mbps: read_trimmed(&dev.join("speed"))
+                    .and_then(|s| s.parse::<i64>().ok())
+                    .filter(|s| *s > 0)
+                    .and_then(|s| u32::try_from(s).ok()),
+                name,
+            })
+        })
+        .collect()
+}
+
+/// The last component of a symlink's target, e.g. the driver name from `device/driver`.
+fn link_name(link: &Path) -> Option<String> {
+    let target: PathBuf = fs::read_link(link).ok()?;
+    target.file_name()?.to_str().map(str::to_string)
+}
+
+fn dmi(sys: &Path) -> Dmi {
+    let id = sys.join("class/dmi/id");
+    let get = |f: &str| read_trimmed(&id.join(f));
+    Dmi {
+        sys_vendor: get("sys_vendor"),
+        product_name: get("product_name"),
+        product_serial: get("product_serial"),
+        product_uuid: get("product_uuid"),
+        bios_vendor: get("bios_vendor"),
+        bios_version: get("bios_version"),
+    }
+}
+
+/// Console lines summarising an inventory, one per device.
+pub fn summary_lines(inv: &Inventory) -> Vec<String> {
+    let mut lines = vec![
+        format!(
+            "cpu: {} x {}",
+            inv.cpu.count,
+            or_unknown(Some(&inv.cpu.model))
+        ),
+        format!(
+            "memory: {} MiB total, {} MiB usable",
+            inv.memory.total_bytes >> 20,
+            inv.memory.usable_bytes >> 20
+        ),
+    ];
+    for d in &inv.disks {
+        let kind = match d.rotational {
+            Some(true) => "hdd",
+            Some(false) => "ssd",
+            None => "?",
+        };
+        lines.push(format!(
+            "disk {}: {}, model {}, serial {}, {kind}",
+            d.name,
+            human_bytes(d.size_bytes),
+            or_unknown(d.model.as_ref()),
+            or_unknown(d.serial.as_ref()),
+        ));
+    }
+    for n in &inv.nics {
+        let link = match n.link {
+            Some(true) => "link up",
+            Some(false) => "no link",
+            None => "link ?",
+        };
+        let speed = n
+            .speed_mbps
+            .map(|s| format!(" {s} Mb/s"))
+            .unwrap_or_default();
+        lines.push(format!(
+            "nic {}: {} driver {}, {link}{speed}",
+            n.name,
+            n.mac,
+            or_unknown(n.driver.as_ref()),
+        ));
+    }
+    lines.push(format!(
+        "system: {} {}, firmware {}, kernel {}",
+        or_unknown(inv.dmi.sys_vendor.as_ref()),
+        or_unknown(inv.dmi.product_name.as_ref()),
+        match inv.firmware {
+            Firmware::Uefi => "uefi",
+            Firmware::Bios => "bios",
+        },
+        or_unknown(Some(&inv.kernel)),
+    ));
+    lines
+}
+
+fn or_unknown(s: Option<&String>) -> &str {
+    s.map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("?")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    /// Writes `content` at `root/rel`, creating parent directories.
+    fn put(root: &Path, rel: &str, content: &str) {
+        let path = root.join(rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, content).unwrap();
+    }
+
+    fn fake_tree() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        put(
+            r,
+            "proc/cpuinfo",
+            "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\n\
+             processor\t: 1\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\n",
+        );
+        put(
+            r,
+            "proc/meminfo",
+            "MemTotal:         880000 kB\nMemFree:          812345 kB\n",
+        );
+        put(r, "proc/sys/kernel/osrelease", "6.1.0-9-amd64\n");
+
+        put(r, "sys/devices/system/memory/block_size_bytes", "8000000\n");
+        for i in 0..8 {
+            let online = if i == 5 { "0\n" } else { "1\n" };
+            put(
+                r,
+                &format!("sys/devices/system/memory/memory{i}/online"),
+                online,
+            );
+        }
+        // Not a memory block: must not be counted even though it has an `online` file.
+        put(r, "sys/devices/system/memory/memoryX/online", "1\n");
+
+        put(r, "sys/block/vda/size", "20971520\n");
+        put(r, "sys/block/vda/serial", "  stork-disk-0 \n");
+        put(r, "sys/block/vda/queue/rotational", "1\n");
+        put(r, "sys/block/loop0/size", "1024\n");
+        put(r, "sys/block/vdb/size", "0\n");
+
+        put(r, "sys/bus/virtio/drivers/virtio_net/bind", "");
+        put(r, "sys/class/net/eth0/address", "52:54:00:12:34:56\n");
+        put(r, "sys/class/net/eth0/carrier", "1\n");
+        put(r, "sys/class/net/eth0/speed", "-1\n");
+        fs::create_dir_all(r.join("sys/class/net/eth0/device")).unwrap();
+        symlink(
+            r.join("sys/bus/virtio/drivers/virtio_net"),
+            r.join("sys/class/net/eth0/device/driver"),
+        )
+        .unwrap();
+        put(r, "sys/class/net/lo/address", "00:00:00:00:00:00\n");
+        fs::create_dir_all(r.join("sys/class/net/lo/device")).unwrap();
+        put(r, "sys/class/net/ifb0/address", "de:ad:be:ef:00:01\n");
+
+        put(r, "sys/class/dmi/id/sys_vendor", "QEMU\n");
+        put(
+            r,
+            "sys/class/dmi/id/product_name",
+            "Standard PC (Q35 + ICH9, 2009)\n",
+        );
+        put(r, "sys/class/dmi/id/product_serial", "\n");
+        put(
+            r,
+            "sys/class/dmi/id/product_uuid",
+            "8c1f2a3e-7a44-4d0e-9b1e-0d6f7a8b9c01\n",
+        );
+        put(r, "sys/class/dmi/id/bios_vendor", "EDK II\n");
+        // bios_version deliberately absent.
+        fs::create_dir_all(r.join("sys/firmware/efi")).unwrap();
+        dir
+    }
+
+    #[test]
+    fn collects_every_field_from_a_fake_tree() {
+        let dir = fake_tree();
+        let inv = collect(dir.path());
+        let expected = Inventory {
+            cpu: Cpu {
+                model: "AMD EPYC 7B13".into(),
+                count: 2,
+            },
+            memory: Memory {
+                total_bytes: 7 * 0x800_0000,
+                usable_bytes: 880_000 * 1024,
+            },
+            disks: vec![Disk {
+                name: "vda".into(),
+                size_bytes: 20_971_520 * 512,
+                model: None,
+                serial: Some("stork-disk-0".into()),
+                rotational: Some(true),
+            }],
+            nics: vec![Nic {
+                name: "eth0".into(),
+                mac: "52:54:00:12:34:56".parse().unwrap(),
+                driver: Some("virtio_net".into()),
+                link: Some(true),
+                speed_mbps: None,
+            }],
+            dmi: Dmi {
+                sys_vendor: Some("QEMU".into()),
+                product_name: Some("Standard PC (Q35 + ICH9, 2009)".into()),
+                product_serial: None,
+                product_uuid: Some("8c1f2a3e-7a44-4d0e-9b1e-0d6f7a8b9c01".into()),
+                bios_vendor: Some("EDK II".into()),
+                bios_version: None,
+            },
+            firmware: Firmware::Uefi,
+            kernel: "6.1.0-9-amd64".into(),
+        };
+        assert_eq!(inv, expected);
+    }
+
+    #[test]
+    fn reads_model_speed_and_state_variants() {
+        let dir = fake_tree();
+        let r = dir.path();
+        put(r, "sys/block/vda/device/model", "QEMU HARDDISK   \n");
+        put(r, "sys/block/nvme0n1/size", "2048\n");
+        put(r, "sys/block/nvme0n1/device/serial", "NVME-123\n");
+        put(r, "sys/block/nvme0n1/queue/rotational", "0\n");
+        put(r, "sys/class/net/eth0/speed", "1000\n");
+        put(r, "sys/class/net/eth0/carrier", "0\n");
+        // Memory blocks that expose `state` instead of `online`.
+        for i in 0..8 {
+            fs::remove_file(r.join(format!("sys/devices/system/memory/memory{i}/online"))).unwrap();
+            put(
+                r,
+                &format!("sys/devices/system/memory/memory{i}/state"),
+                "online\n",
+            );
+        }
+        fs::remove_dir(r.join("sys/firmware/efi")).unwrap();
+
+        let inv = collect(r);
+        assert_eq!(inv.memory.total_bytes, 8 * 0x800_0000);
+        let names: Vec<_> = inv.disks.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["nvme0n1", "vda"]);
+        assert_eq!(inv.disks[0].serial.as_deref(), Some("NVME-123"));
+        assert_eq!(inv.disks[0].rotational, Some(false));
+        assert_eq!(inv.disks[1].model.as_deref(), Some("QEMU HARDDISK"));
+        assert_eq!(inv.nics[0].speed_mbps, Some(1000));
+        assert_eq!(inv.nics[0].link, Some(false));
+        assert_eq!(inv.firmware, Firmware::Bios);
+    }
+
+    #[test]
+    fn missing_tree_yields_empty_inventory_and_memory_falls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(collect(dir.path()), Inventory::default());
+
+        put(dir.path(), "proc/meminfo", "MemTotal: 2048 kB\n");
+        let inv = collect(dir.path());
+        assert_eq!(inv.memory.total_bytes, 2048 * 1024);
+        assert_eq!(inv.memory.usable_bytes, 2048 * 1024);
+    }
+
+    #[test]
+    fn summary_has_one_line_per_device() {
+        let inv = collect(fake_tree().path());
+        let lines = summary_lines(&inv);
+        assert_eq!(
+            lines,
+            [
+                "cpu: 2 x AMD EPYC 7B13",
+                "memory: 896 MiB total, 859 MiB usable",
+                "disk vda: 10.0 GiB, model ?, serial stork-disk-0, hdd",
+                "nic eth0: 52:54:00:12:34:56 driver virtio_net, link up",
+                "system: QEMU Standard PC (Q35 + ICH9, 2009), firmware uefi, kernel 6.1.0-9-amd64",
+            ]
+        );
+    }
+}

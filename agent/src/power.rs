@@ -1,0 +1,40 @@
+//! Ending the agent's life: PID 1 must never exit (the kernel panics), so it powers off.
+
+use std::thread::sleep;
+use std::time::Duration;
+
+use nix::sys::reboot::{RebootMode, reboot};
+
+use crate::console;
+
+/// How long a failure stays on screen (and the machine stays reachable) before power-off.
+pub const FAILURE_GRACE: Duration = Duration::from_secs(10);
+
+/// Flushes filesystems and powers the machine off.
+pub fn off() -> ! {
+    nix::unistd::sync();
+    let err = match reboot(RebootMode::RB_POWER_OFF) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    console::line(&format!("power-off failed: {err}; halting here"));
+    // Returning would end PID 1 and panic the kernel; idle instead, having said why.
+    loop {
+        sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Prints a failure's grace notice, waits, and powers off.
+pub fn off_after_failure() -> ! {
+    console::line(&format!("powering off in {} s", FAILURE_GRACE.as_secs()));
+    sleep(FAILURE_GRACE);
+    off()
+}
+
+/// Makes a panic print on the console and power off instead of unwinding out of PID 1.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        console::line(&format!("FAILED with a panic: {info}"));
+        off_after_failure();
+    }));
+}

@@ -1,0 +1,260 @@
+//! Talking to the appliance: enlistment with retries, and best-effort failure reports.
+
+use std::thread::sleep;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use serde::Serialize;
+use stork_proto::{AgentReport, ENLIST_PATH, EnlistRequest, EnlistResponse, REPORT_PATH};
+use ureq::http::Response;
+use ureq::{Agent, Body};
+
+use crate::console::say;
+
+/// Total tries of an enlistment before giving up.
+pub const ENLIST_ATTEMPTS: u32 = 5;
+const ENLIST_TIMEOUT: Duration = Duration::from_secs(10);
+const ENLIST_BACKOFF: Duration = Duration::from_secs(2);
+/// A failure report must not keep a broken machine powered for long.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Error bodies are echoed to the console; keep them to one readable line.
+const MAX_BODY_ECHO: usize = 200;
+
+pub struct Client {
+    base_url: String,
+    backoff: Duration,
+}
+
+/// What one POST came to.
+enum Outcome<T> {
+    Done(T),
+    /// Connection trouble or a 5xx: the appliance may be starting or busy.
+    Retry(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+
+impl Client {
+    /// `base_url` is the appliance URL from the command line, without a trailing slash.
+    pub fn new(base_url: &str) -> Self {
+        Self {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            backoff: ENLIST_BACKOFF,
+        }
+    }
+
+    #[cfg(test)]
+    fn with_backoff(mut self, backoff: Duration) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// POSTs the enlistment, retrying connection errors and 5xx answers.
+    pub fn enlist(&self, req: &EnlistRequest) -> Result<EnlistResponse> {
+        let url = format!("{}{ENLIST_PATH}", self.base_url);
+        let mut attempt = 1;
+        loop {
+            match post(&url, req, ENLIST_TIMEOUT) {
+                Outcome::Done(mut resp) => {
+                    return resp
+                        .body_mut()
+                        .read_json::<EnlistResponse>()
+                        .with_context(|| format!("POST {url}: unexpected answer"));
+                }
+                Outcome::Fatal(e) => return Err(e.context(format!("POST {url}"))),
+                Outcome::Retry(e) if attempt >= ENLIST_ATTEMPTS => {
+                    return Err(e.context(format!(
+                        "POST {url}: gave up after {ENLIST_ATTEMPTS} attempts"
+                    )));
+                }
+                Outcome::Retry(e) => {
+                    say!(
+                        "enlist",
+                        "attempt {attempt}/{ENLIST_ATTEMPTS} failed: {e:#}; retrying in {} s",
+                        self.backoff.as_secs()
+                    );
+                    sleep(self.backoff);
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Sends one failure report, without retries.
+    pub fn report(&self, report: &AgentReport) -> Result<()> {
+        let url = format!("{}{REPORT_PATH}", self.base_url);
+        match post(&url, report, REPORT_TIMEOUT) {
+            Outcome::Done(_) => Ok(()),
+            Outcome::Retry(e) | Outcome::Fatal(e) => Err(e.context(format!("POST {url}"))),
+        }
+    }
+}
+
+fn agent(timeout: Duration) -> Agent {
+    let config = Agent::config_builder()
+        .timeout_global(Some(timeout))
+        // Read 4xx/5xx bodies ourselves: they carry the appliance's reason.
+        .http_status_as_error(false)
+        // A developer's HTTP_PROXY must not divert tests; the initrd has none anyway.
+        .proxy(None)
+        .build();
+    Agent::new_with_config(config)
+}
+
+fn post(url: &str, body: &impl Serialize, timeout: Duration) -> Outcome<Response<Body>> {
+    let mut resp = match agent(timeout).post(url).send_json(body) {
+        Ok(r) => r,
+        Err(e) if is_transient(&e) => return Outcome::Retry(e.into()),
+        Err(e) => return Outcome::Fatal(e.into()),
+    };
+    let status = resp.status();
+    if status.is_success() {
+        return Outcome::Done(resp);
+    }
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    let text: String = text.trim().chars().take(MAX_BODY_ECHO).collect();
+    let e = anyhow!("appliance answered {status}: {text}");
+    if status.is_server_error() {
+        Outcome::Retry(e)
+    } else {
+        Outcome::Fatal(e)
+    }
+}
+
+/// Errors worth another try: the network or the appliance may not be ready yet.
+fn is_transient(e: &ureq::Error) -> bool {
+    matches!(
+        e,
+        ureq::Error::Io(_)
+            | ureq::Error::Timeout(_)
+            | ureq::Error::ConnectionFailed
+            | ureq::Error::HostNotFound
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::thread::{self, JoinHandle};
+
+    use stork_proto::Inventory;
+
+    use super::*;
+
+    /// Serves one canned response per connection, in order, and returns the request bodies.
+    fn serve(responses: Vec<(u16, &'static str)>) -> (String, JoinHandle<Vec<(String, String)>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let handle = thread::spawn(move || {
+            let mut seen = Vec::new();
+            for (status, body) in responses {
+                let (stream, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(stream);
+                let mut request_line = String::new();
+                reader.read_line(&mut request_line).unwrap();
+                let mut len = 0;
+                loop {
+                    let mut header = String::new();
+                    reader.read_line(&mut header).unwrap();
+                    if header.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = header.split_once(':')
+                        && k.eq_ignore_ascii_case("content-length")
+                    {
+                        len = v.trim().parse().unwrap();
+                    }
+                }
+                let mut req_body = vec![0; len];
+                reader.read_exact(&mut req_body).unwrap();
+                seen.push((request_line, String::from_utf8(req_body).unwrap()));
+                let mut stream = reader.into_inner();
+                write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+            }
+            seen
+        });
+        (url, handle)
+    }
+
+    fn request() -> EnlistRequest {
+        EnlistRequest {
+            boot_mac: "52:54:00:12:34:56".parse().unwrap(),
+            inventory: Inventory::default(),
+        }
+    }
+
+    #[test]
+    fn enlist_retries_5xx_then_reads_the_answer() {
+        let (url, server) = serve(vec![
+            (503, "starting"),
+            (200, r#"{"machine_id":"m-1","status":"enlisted"}"#),
+        ]);
+        let client = Client::new(&url).with_backoff(Duration::ZERO);
+        let resp = client.enlist(&request()).unwrap();
+        assert_eq!(resp.machine_id, "m-1");
+        assert_eq!(resp.status, "enlisted");
+
+        let seen = server.join().unwrap();
+        assert_eq!(seen.len(), 2);
+        for (line, body) in seen {
+            assert_eq!(line.trim(), format!("POST {ENLIST_PATH} HTTP/1.1"));
+            let sent: EnlistRequest = serde_json::from_str(&body).unwrap();
+            assert_eq!(sent, request());
+        }
+    }
+
+    #[test]
+    fn enlist_does_not_retry_a_4xx() {
+        let (url, server) = serve(vec![(400, r#"{"error":"bad inventory"}"#)]);
+        let err = Client::new(&url)
+            .with_backoff(Duration::ZERO)
+            .enlist(&request())
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("400") && text.contains("bad inventory"),
+            "{text}"
+        );
+        assert_eq!(server.join().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn enlist_gives_up_when_nobody_listens() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = Client::new(&format!("http://127.0.0.1:{port}"))
+            .with_backoff(Duration::ZERO)
+            .enlist(&request())
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("gave up after 5 attempts"), "{text}");
+    }
+
+    #[test]
+    fn report_posts_the_failure() {
+        let (url, server) = serve(vec![(204, "")]);
+        let report = AgentReport {
+            boot_mac: "52:54:00:12:34:56".parse().unwrap(),
+            step: "network".into(),
+            ok: false,
+            message: "no NIC".into(),
+        };
+        Client::new(&url).report(&report).unwrap();
+        let seen = server.join().unwrap();
+        assert_eq!(seen[0].0.trim(), format!("POST {REPORT_PATH} HTTP/1.1"));
+        assert_eq!(
+            serde_json::from_str::<AgentReport>(&seen[0].1).unwrap(),
+            report
+        );
+    }
+}

@@ -1,0 +1,11 @@
+//! The Stork appliance: DHCP, HTTP boot, the API and machine state in one daemon.
+//!
+//! `main.rs` only parses the command line; everything else lives here so tests and fuzz
+//! targets reach it.
+
+pub mod cli;
+pub mod config;
+pub mod dhcp;
+pub mod http;
+pub mod machines;
+pub mod serve;

@@ -1,0 +1,124 @@
+//! `stork serve`: builds the runtime config and runs every service under one JoinSet.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::task::JoinSet;
+
+use crate::config::{Config, DhcpMode, FileConfig};
+use crate::dhcp::{self, handler::ServerInfo};
+use crate::http::{self, AppState};
+use crate::machines::Machines;
+
+/// The command line's say over the configuration file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub interface: Option<String>,
+    pub address: Option<Ipv4Addr>,
+    pub dhcp_range: Option<[Ipv4Addr; 2]>,
+    pub data_dir: Option<PathBuf>,
+    pub http_port: Option<u16>,
+}
+
+/// Reads the file (or the embedded default), applies command-line overrides, validates.
+pub fn load_config(o: &Overrides) -> Result<Config> {
+    let mut file = match &o.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    if let Some(v) = &o.interface {
+        file.interface = v.clone();
+    }
+    if let Some(v) = o.address {
+        file.address = v;
+    }
+    if let Some(v) = o.dhcp_range {
+        file.dhcp.range = v;
+    }
+    if let Some(v) = &o.data_dir {
+        file.data_dir = v.clone();
+    }
+    if let Some(v) = o.http_port {
+        file.http.port = v;
+    }
+    Ok(file.validate()?)
+}
+
+pub fn serve(args: Overrides) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_http=warn".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = Arc::new(load_config(&args)?);
+    std::fs::create_dir_all(cfg.boot_dir())
+        .with_context(|| format!("cannot create {}", cfg.boot_dir().display()))?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(run(cfg))
+}
+
+async fn run(cfg: Arc<Config>) -> Result<()> {
+    let state = AppState {
+        cfg: cfg.clone(),
+        machines: Arc::new(Machines::default()),
+        dhcp_stats: Arc::default(),
+    };
+    let mut tasks = JoinSet::new();
+
+    if cfg.dhcp.mode == DhcpMode::Full {
+        let sock = dhcp::bind(&cfg.interface, dhcproto::v4::SERVER_PORT)?;
+        let info = ServerInfo {
+            server_ip: cfg.address,
+            http_base: cfg.base_url(),
+            dhcp: cfg.dhcp.clone(),
+        };
+        let stats = state.dhcp_stats.clone();
+        tasks.spawn(async move { dhcp::run(sock, info, stats).await.context("DHCP service") });
+        tracing::info!(interface = %cfg.interface, range = ?cfg.dhcp.range, "DHCP serving");
+    }
+
+    let listener = tokio::net::TcpListener::bind(cfg.http_listen)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", cfg.http_listen))?;
+    tracing::info!(listen = %cfg.http_listen, url = %cfg.base_url(), boot_dir = %cfg.boot_dir().display(), "HTTP serving");
+    let app = http::router(state);
+    tasks.spawn(async move { axum::serve(listener, app).await.context("HTTP service") });
+
+    tokio::select! {
+        done = tasks.join_next() => match done {
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(e)) => Err(e).context("service task panicked"),
+            _ => Ok(()),
+        },
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            tasks.shutdown().await;
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,173 @@
+//! The kernel command line the appliance writes into a boot script and the agent reads.
+//!
+//! Keys are named once here so both sides agree.
+
+use std::net::Ipv4Addr;
+
+use crate::MacAddr;
+
+/// Appliance base URL, e.g. `http://10.77.0.1:8080`.
+pub const URL: &str = "stork.url";
+/// Address the firmware obtained with its prefix or netmask: `10.77.0.100/24` or
+/// `10.77.0.100/255.255.255.0` (what iPXE's `${netX/ip}/${netX/netmask}` expands to).
+pub const IP: &str = "stork.ip";
+/// Default gateway, if the subnet has one.
+pub const GATEWAY: &str = "stork.gw";
+/// PXELINUX convention for the boot NIC: `01-aa-bb-cc-dd-ee-ff`.
+pub const BOOTIF: &str = "BOOTIF";
+
+/// What the agent needs from its command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentArgs {
+    pub url: String,
+    pub boot_mac: MacAddr,
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CmdlineError {
+    #[error("kernel command line has no {0}=")]
+    Missing(&'static str),
+    #[error("kernel command line {key}={value:?} is invalid: {why}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// Looks up `key=value` in a kernel command line (the last occurrence wins, as in the kernel).
+pub fn get<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .filter(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+        .next_back()
+}
+
+/// A prefix length, or a contiguous dotted netmask turned into one.
+fn parse_prefix(s: &str) -> Option<u8> {
+    if let Ok(p) = s.parse::<u8>() {
+        return (p <= 32).then_some(p);
+    }
+    let mask = u32::from(s.parse::<Ipv4Addr>().ok()?);
+    let ones = mask.leading_ones();
+    // A netmask must be ones then zeros, e.g. 255.255.255.0.
+    (mask.checked_shl(ones).unwrap_or(0) == 0).then_some(ones as u8)
+}
+
+impl AgentArgs {
+    pub fn parse(cmdline: &str) -> Result<Self, CmdlineError> {
+        let need = |key: &'static str| get(cmdline, key).ok_or(CmdlineError::Missing(key));
+        let invalid = |key: &'static str, value: &str, why: &'static str| CmdlineError::Invalid {
+            key,
+            value: value.to_string(),
+            why,
+        };
+
+        let url = need(URL)?.trim_end_matches('/').to_string();
+        if !url.starts_with("http://") {
+            return Err(invalid(URL, &url, "must start with http://"));
+        }
+        let bootif = need(BOOTIF)?;
+        let boot_mac =
+            MacAddr::from_bootif(bootif).map_err(|_| invalid(BOOTIF, bootif, "not a MAC"))?;
+        let ip_text = need(IP)?;
+        let (addr, prefix) = ip_text
+            .split_once('/')
+            .ok_or_else(|| invalid(IP, ip_text, "expected ADDRESS/PREFIX"))?;
+        let ip = addr
+            .parse()
+            .map_err(|_| invalid(IP, ip_text, "not an IPv4 address"))?;
+        let prefix_len = parse_prefix(prefix)
+            .ok_or_else(|| invalid(IP, ip_text, "prefix must be 0..=32 or a netmask"))?;
+        let gateway = match get(cmdline, GATEWAY) {
+            None | Some("") => None,
+            Some(g) => Some(
+                g.parse()
+                    .map_err(|_| invalid(GATEWAY, g, "not an IPv4 address"))?,
+            ),
+        };
+        Ok(Self {
+            url,
+            boot_mac,
+            ip,
+            prefix_len,
+            gateway,
+        })
+    }
+
+    /// The command-line fragment that [`AgentArgs::parse`] reads back.
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "{URL}={} {BOOTIF}={} {IP}={}/{}",
+            self.url,
+            self.boot_mac.to_bootif(),
+            self.ip,
+            self.prefix_len
+        );
+        if let Some(gw) = self.gateway {
+            s.push_str(&format!(" {GATEWAY}={gw}"));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> AgentArgs {
+        AgentArgs {
+            url: "http://10.77.0.1:8080".into(),
+            boot_mac: "52:54:00:00:00:01".parse().unwrap(),
+            ip: Ipv4Addr::new(10, 77, 0, 100),
+            prefix_len: 24,
+            gateway: None,
+        }
+    }
+
+    #[test]
+    fn render_then_parse_round_trips() {
+        let a = args();
+        let line = format!("console=ttyS0 {} quiet", a.render());
+        assert_eq!(AgentArgs::parse(&line).unwrap(), a);
+        let with_gw = AgentArgs {
+            gateway: Some(Ipv4Addr::new(10, 77, 0, 1)),
+            ..a
+        };
+        assert_eq!(AgentArgs::parse(&with_gw.render()).unwrap(), with_gw);
+    }
+
+    #[test]
+    fn names_the_missing_or_bad_key() {
+        assert_eq!(
+            AgentArgs::parse("console=ttyS0"),
+            Err(CmdlineError::Missing(URL))
+        );
+        let bad = args().render().replace("/24", "/40");
+        assert!(matches!(
+            AgentArgs::parse(&bad),
+            Err(CmdlineError::Invalid { key: IP, .. })
+        ));
+    }
+
+    #[test]
+    fn accepts_a_dotted_netmask_as_ipxe_writes_it() {
+        let line = args().render().replace("/24", "/255.255.255.0");
+        assert_eq!(AgentArgs::parse(&line).unwrap().prefix_len, 24);
+        let bad = args().render().replace("/24", "/255.0.255.0");
+        assert!(AgentArgs::parse(&bad).is_err());
+        let empty_gw = format!("{} {GATEWAY}=", args().render());
+        assert_eq!(AgentArgs::parse(&empty_gw).unwrap().gateway, None);
+    }
+
+    #[test]
+    fn last_occurrence_wins() {
+        assert_eq!(get("a=1 b=2 a=3", "a"), Some("3"));
+        assert_eq!(get("ab=1", "a"), None);
+    }
+}

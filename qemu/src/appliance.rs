@@ -1,0 +1,82 @@
+//! The Stork appliance running inside a lab namespace on its embedded default config.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::Lab;
+use crate::process::{Spawned, wait_for};
+
+pub struct Appliance {
+    pub bin: PathBuf,
+    pub data_dir: PathBuf,
+    process: Spawned,
+    netns: String,
+}
+
+impl Appliance {
+    /// Starts `stork serve` in the lab with a fresh data directory whose `boot/` holds a copy
+    /// of every file in `boot_files`, and waits until its API answers.
+    pub fn start(lab: &Lab, bin: &Path, boot_files: &Path) -> Result<Self> {
+        let data_dir = lab.dir().join("appliance");
+        let boot = data_dir.join("boot");
+        std::fs::create_dir_all(&boot)?;
+        for entry in std::fs::read_dir(boot_files)
+            .with_context(|| format!("reading boot files in {}", boot_files.display()))?
+        {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::copy(entry.path(), boot.join(entry.file_name()))?;
+            }
+        }
+        let mut cmd = lab.command(bin);
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .env("RUST_LOG", "info,stork=debug");
+        let process = Spawned::start("stork", cmd, &lab.dir().join("stork.log"))?;
+        let mut a = Self {
+            bin: bin.to_path_buf(),
+            data_dir,
+            process,
+            netns: lab.netns().to_string(),
+        };
+        wait_for(
+            "the appliance API",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                if let Some(status) = a.process.exited() {
+                    bail!("stork serve exited ({status}):\n{}", a.log_tail(30));
+                }
+                Ok(a.cli(&["machine", "list", "--json"]).ok())
+            },
+        )?;
+        Ok(a)
+    }
+
+    /// Runs a `stork` client command inside the namespace and returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        crate::run(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &self.netns])
+                .arg(&self.bin)
+                .args(args),
+        )
+    }
+
+    /// `stork machine list --json`, parsed.
+    pub fn machines(&self) -> Result<Vec<serde_json::Value>> {
+        let out = self.cli(&["machine", "list", "--json"])?;
+        serde_json::from_str(&out).context("parsing `stork machine list --json`")
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.process.log_tail(lines)
+    }
+
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.process.exited()
+    }
+}

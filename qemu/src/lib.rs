@@ -1,0 +1,183 @@
+//! The QEMU lab: a network namespace of its own with a bridge and taps, the appliance and
+//! VMs inside it, and everything torn down when the [`Lab`] is dropped, also on panic.
+//!
+//! The namespace has no uplink and no route out: VMs reach the appliance and nothing else.
+//! Processes started here get `PR_SET_PDEATHSIG`, so they die with the process that started
+//! them even if it is killed; namespaces left by a dead owner are removed by the next lab.
+
+pub mod appliance;
+pub mod process;
+pub mod vm;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+pub use appliance::Appliance;
+pub use process::{Spawned, wait_for};
+pub use vm::{Firmware, Vm, VmSpec};
+
+/// The provisioning bridge inside the namespace and the appliance's address on it; these
+/// match `stork serve`'s embedded default so the appliance needs no configuration.
+pub const BRIDGE: &str = "stork0";
+pub const APPLIANCE_IP: &str = "10.77.0.1";
+pub const PREFIX_LEN: u8 = 24;
+
+const NETNS_PREFIX: &str = "stork-";
+
+pub struct Lab {
+    netns: String,
+    dir: PathBuf,
+    taps: u32,
+    keep_dir: bool,
+}
+
+/// Runs a command to completion and fails with its stderr if it fails.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+impl Lab {
+    /// Creates namespace `stork-<tag>-<pid>` with bridge [`BRIDGE`] at [`APPLIANCE_IP`], and a
+    /// work directory under `base` for logs, disks and consoles.
+    pub fn new(tag: &str, base: &Path) -> Result<Self> {
+        if !nix_is_root() {
+            bail!("the QEMU lab needs root (network namespaces, taps): run as root");
+        }
+        remove_stale_namespaces();
+        let netns = format!("{NETNS_PREFIX}{tag}-{}", std::process::id());
+        let dir = base.join(&netns);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Build the guard first so a failure half-way still tears down what exists.
+        let lab = Self {
+            netns,
+            dir,
+            taps: 0,
+            keep_dir: false,
+        };
+        let ns = lab.netns.as_str();
+        ip(&["netns", "add", ns])?;
+        let addr = format!("{APPLIANCE_IP}/{PREFIX_LEN}");
+        for args in [
+            vec!["-n", ns, "link", "set", "lo", "up"],
+            vec![
+                "-n",
+                ns,
+                "link",
+                "add",
+                BRIDGE,
+                "type",
+                "bridge",
+                "forward_delay",
+                "0",
+            ],
+            vec!["-n", ns, "addr", "add", &addr, "dev", BRIDGE],
+            vec!["-n", ns, "link", "set", BRIDGE, "up"],
+        ] {
+            ip(&args)?;
+        }
+        Ok(lab)
+    }
+
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Keep the work directory (logs, consoles) after the lab is dropped.
+    pub fn keep_dir(&mut self) {
+        self.keep_dir = true;
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns]).arg(program);
+        c
+    }
+
+    /// Adds a tap on the bridge and returns its name.
+    pub fn add_tap(&mut self) -> Result<String> {
+        let name = format!("tap{}", self.taps);
+        self.taps += 1;
+        let ns = self.netns.as_str();
+        ip(&["-n", ns, "tuntap", "add", "dev", &name, "mode", "tap"])?;
+        ip(&["-n", ns, "link", "set", &name, "master", BRIDGE, "up"])?;
+        Ok(name)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        kill_namespace(&self.netns);
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Kills every process in the namespace, then deletes it.
+fn kill_namespace(ns: &str) {
+    for _ in 0..50 {
+        let pids = ip(&["netns", "pids", ns]).unwrap_or_default();
+        let pids: Vec<i32> = pids
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            // SAFETY: kill with a pid read from the kernel and a valid signal number.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = ip(&["netns", "del", ns]);
+}
+
+/// Removes `stork-*-<pid>` namespaces whose owning process no longer exists.
+fn remove_stale_namespaces() {
+    let Ok(list) = ip(&["netns", "list"]) else {
+        return;
+    };
+    for line in list.lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix(NETNS_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            kill_namespace(name);
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Shared set-up for the end-to-end tests: where the built binaries and images are.
+//!
+//! `cargo xtask test` builds them and sets the variables; run directly, the defaults point
+//! into this workspace's `target/`.
+
+use std::path::PathBuf;
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+fn from_env(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join(default))
+}
+
+/// The `stork` binary.
+pub fn stork_bin() -> PathBuf {
+    from_env("STORK_BIN", "target/debug/stork")
+}
+
+/// Directory with the agent's `vmlinuz` and `initrd.img` (built by `cargo xtask images`).
+pub fn boot_files() -> PathBuf {
+    from_env("STORK_BOOT_FILES", "target/stork/boot")
+}
+
+/// Where labs keep their logs, disks and consoles.
+pub fn lab_dir() -> PathBuf {
+    from_env("STORK_LAB_DIR", "target/lab")
+}
+
+/// Fails with a clear message when the built artefacts are missing.
+pub fn require_artefacts() {
+    for p in [
+        stork_bin(),
+        boot_files().join("vmlinuz"),
+        boot_files().join("initrd.img"),
+    ] {
+        assert!(
+            p.exists(),
+            "{} is missing: end-to-end tests run through `cargo xtask test`, which builds it",
+            p.display()
+        );
+    }
+}

@@ -1,0 +1,66 @@
+//! Installs the Debian packages the lab and the tests use, when they are missing.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Packages and why each is here.
+const PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86", "runs lab machines"),
+    ("qemu-utils", "disk images"),
+    ("seabios", "BIOS firmware for lab machines"),
+    ("ovmf", "UEFI firmware for lab machines"),
+    ("ipxe", "network boot programs"),
+    ("ipxe-qemu", "iPXE option ROMs for QEMU NICs"),
+    ("iproute2", "network namespaces, bridges, taps"),
+    ("cpio", "tests read initrds with the reference tool"),
+    ("zstd", "tests decompress initrds"),
+    ("busybox", "udhcpc and small tools for tests"),
+];
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+pub fn ensure() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(p, _)| !installed(p))
+        .map(|(p, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (p, why) in PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        eprintln!("missing Debian package {p} ({why})");
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "run as root, or install them first: apt-get install {}",
+            missing.join(" ")
+        );
+    }
+    crate::step(&format!("installing {}", missing.join(" ")));
+    // The mirror and proxy come from the host's apt configuration.
+    let update = Command::new("apt-get")
+        .args(["update", "-q"])
+        .status()
+        .context("running apt-get update")?;
+    if !update.success() {
+        eprintln!("warning: apt-get update failed; trying the install with the lists at hand");
+    }
+    let s = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get install")?;
+    if !s.success() {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}

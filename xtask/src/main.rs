@@ -1,0 +1,252 @@
+//! `cargo xtask`: the project's tasks. `demo` and `test` install what is missing, build what
+//! is needed, then run.
+
+mod deps;
+
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use stork_lab::{Appliance, Lab, Vm, VmSpec, wait_for};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Live: an appliance on its embedded default and a QEMU machine that PXE-boots and enlists.
+    Demo,
+    /// Every test: unit, in-process, namespaces and QEMU end to end (plus fmt and clippy).
+    Test {
+        /// Extra arguments for `cargo test` after `--` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Install the Debian packages the lab and tests need.
+    Deps,
+    /// Build the agent (static) and the boot images into target/stork/boot.
+    Images,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Task::Deps => deps::ensure(),
+        Task::Images => {
+            deps::ensure()?;
+            images().map(|_| ())
+        }
+        Task::Test { args } => test(&args),
+        Task::Demo => demo(),
+    }
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn target() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+fn step(what: &str) {
+    eprintln!("\x1b[1m==> {what}\x1b[0m");
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let s = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !s.success() {
+        bail!("{cmd:?} failed: {s}");
+    }
+    Ok(())
+}
+
+const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Builds the static agent and the initrd; returns the boot files directory.
+fn images() -> Result<PathBuf> {
+    step("building the agent (static, release)");
+    // crt-static for the agent only: it runs as PID 1 in an initrd with no libc.
+    status(
+        cargo()
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "stork-agent",
+                "--target",
+                AGENT_TARGET,
+            ])
+            .env(
+                "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+                "-C target-feature=+crt-static",
+            ),
+    )?;
+    let agent = target().join(AGENT_TARGET).join("release/stork-agent");
+    let boot = target().join("stork/boot");
+    step("building the initrd (kernel from Debian's linux-image-amd64, cached)");
+    status(
+        cargo()
+            .args([
+                "run",
+                "--quiet",
+                "-p",
+                "stork-image",
+                "--",
+                "initrd",
+                "--cache",
+            ])
+            .arg(target().join("stork-cache"))
+            .arg("--agent")
+            .arg(&agent)
+            .arg("--out")
+            .arg(&boot),
+    )?;
+    Ok(boot)
+}
+
+fn build_workspace() -> Result<()> {
+    step("building the workspace");
+    status(cargo().args(["build", "--quiet", "--workspace", "--all-targets"]))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    deps::ensure()?;
+    step("cargo fmt --check");
+    status(cargo().args(["fmt", "--all", "--check"]))?;
+    step("cargo clippy");
+    status(cargo().args([
+        "clippy",
+        "--quiet",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let boot = images()?;
+    build_workspace()?;
+    step("cargo test (every tier, end-to-end included)");
+    status(
+        cargo()
+            .args(["test", "--workspace", "--", "--include-ignored"])
+            .args(extra)
+            .env("STORK_BIN", target().join("debug/stork"))
+            .env("STORK_BOOT_FILES", &boot)
+            .env("STORK_LAB_DIR", target().join("lab")),
+    )
+}
+
+fn demo() -> Result<()> {
+    deps::ensure()?;
+    let boot = images()?;
+    step("building the appliance");
+    status(cargo().args(["build", "--quiet", "-p", "stork"]))?;
+    let bin = target().join("debug/stork");
+
+    step("creating the lab: namespace, bridge stork0 at 10.77.0.1/24, no uplink");
+    let mut lab = Lab::new("demo", &target().join("lab"))?;
+    step("starting `stork serve` on its embedded default");
+    let mut appliance = Appliance::start(&lab, &bin, &boot)?;
+    let mac = "52:54:00:77:00:99";
+    step(&format!(
+        "powering on a SeaBIOS VM (TCG, 2 cpus, 1 GiB, 4 GiB disk, mac {mac})"
+    ));
+    let mut vm = Vm::start(&mut lab, VmSpec::new("demo-vm", mac))?;
+    let started = Instant::now();
+
+    // Follow the serial console live while waiting for the machine to enlist.
+    let mut console_pos = 0u64;
+    let found = wait_for(
+        "the VM to enlist",
+        Duration::from_secs(600),
+        Duration::from_millis(300),
+        || {
+            console_pos = print_new_lines(&vm.console, console_pos);
+            if appliance.exited().is_some() {
+                bail!("stork serve exited:\n{}", appliance.log_tail(20));
+            }
+            let m = appliance
+                .machines()?
+                .into_iter()
+                .find(|m| m["boot_mac"] == mac);
+            if m.is_none() && vm.exited().is_some() {
+                bail!("the VM stopped before enlisting:\n{}", vm.console_tail(30));
+            }
+            Ok(m)
+        },
+    );
+    let m = match found {
+        Ok(m) => m,
+        Err(e) => {
+            lab.keep_dir();
+            return Err(e.context(format!("logs kept in {}", lab.dir().display())));
+        }
+    };
+    // Let the agent's last lines reach the console.
+    let _ = wait_for(
+        "power-off",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || Ok(vm.exited()),
+    );
+    print_new_lines(&vm.console, console_pos);
+    let id = m["id"].as_str().unwrap_or_default().to_string();
+    step(&format!(
+        "machine {id} enlisted as New after {:.1} s; `stork machine show {id}`:",
+        started.elapsed().as_secs_f64()
+    ));
+    print!("{}", appliance.cli(&["machine", "show", &id])?);
+    step("tearing down the lab");
+    Ok(())
+}
+
+/// Prints the lines of `path` from byte `pos` on, prefixed, and returns the new position.
+fn print_new_lines(path: &Path, pos: u64) -> u64 {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return pos;
+    };
+    if f.seek(SeekFrom::Start(pos)).is_err() {
+        return pos;
+    }
+    let mut reader = BufReader::new(f);
+    let mut line = Vec::new();
+    let mut pos = pos;
+    while let Ok(n) = reader.read_until(b'\n', &mut line) {
+        if n == 0 || line.last() != Some(&b'\n') {
+            break;
+        }
+        pos += n as u64;
+        let text = String::from_utf8_lossy(&line);
+        // Firmware output is full of escape sequences; keep the printable part.
+        let clean: String = text
+            .chars()
+            .filter(|c| !c.is_control() || *c == '\t')
+            .collect();
+        if !clean.trim().is_empty() {
+            println!("  vm | {}", clean.trim_end());
+        }
+        line.clear();
+    }
+    pos
+}
