@@ -8,4 +8,6 @@ pub mod config;
 pub mod dhcp;
 pub mod http;
 pub mod machines;
+pub mod power;
 pub mod serve;
+pub mod tftp;

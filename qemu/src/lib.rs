@@ -30,7 +30,25 @@ pub struct Lab {
     netns: String,
     dir: PathBuf,
     taps: u32,
+    hosts: Vec<String>,
     keep_dir: bool,
+}
+
+/// Another namespace joined to the lab bridge by a veth pair: a client host on the
+/// provisioning network (or, with its own address, a relay or another server).
+pub struct Host {
+    pub netns: String,
+    /// The host side of the veth pair.
+    pub ifname: String,
+}
+
+impl Host {
+    /// A command that runs `program` inside this host's namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns]).arg(program);
+        c
+    }
 }
 
 /// Runs a command to completion and fails with its stderr if it fails.
@@ -53,14 +71,18 @@ fn ip(args: &[&str]) -> Result<String> {
 }
 
 impl Lab {
-    /// Creates namespace `stork-<tag>-<pid>` with bridge [`BRIDGE`] at [`APPLIANCE_IP`], and a
+    /// Creates namespace `stork-<tag>-<pid>` (a `-` in `tag` becomes `_`) with bridge [`BRIDGE`] at [`APPLIANCE_IP`], and a
     /// work directory under `base` for logs, disks and consoles.
     pub fn new(tag: &str, base: &Path) -> Result<Self> {
         if !nix_is_root() {
             bail!("the QEMU lab needs root (network namespaces, taps): run as root");
         }
         remove_stale_namespaces();
-        let netns = format!("{NETNS_PREFIX}{tag}-{}", std::process::id());
+        let netns = format!(
+            "{NETNS_PREFIX}{}-{}",
+            tag.replace('-', "_"),
+            std::process::id()
+        );
         let dir = base.join(&netns);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         // Build the guard first so a failure half-way still tears down what exists.
@@ -68,6 +90,7 @@ impl Lab {
             netns,
             dir,
             taps: 0,
+            hosts: Vec::new(),
             keep_dir: false,
         };
         let ns = lab.netns.as_str();
@@ -125,8 +148,34 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Adds host namespace `<lab>-<name>` joined to the bridge; its interface `eth0` is up
+    /// with no address (give it one, or run a DHCP client on it).
+    pub fn add_host(&mut self, name: &str) -> Result<Host> {
+        let netns = format!("{}-{}", self.netns, name.replace('-', "_"));
+        let n = self.hosts.len();
+        self.hosts.push(netns.clone());
+        ip(&["netns", "add", &netns])?;
+        let bridge_side = format!("veth{n}");
+        ip(&[
+            "-n", &self.netns, "link", "add", &bridge_side, "type", "veth", "peer", "name",
+            "eth0", "netns", &netns,
+        ])?;
+        ip(&["-n", &self.netns, "link", "set", &bridge_side, "master", BRIDGE, "up"])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        Ok(Host {
+            netns,
+            ifname: "eth0".into(),
+        })
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        for h in &self.hosts {
+            kill_namespace(h);
+        }
         kill_namespace(&self.netns);
         if !self.keep_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -161,7 +210,7 @@ fn kill_namespace(ns: &str) {
     let _ = ip(&["netns", "del", ns]);
 }
 
-/// Removes `stork-*-<pid>` namespaces whose owning process no longer exists.
+/// Removes `stork-<tag>-<pid>[-<host>]` namespaces whose owning process no longer exists.
 fn remove_stale_namespaces() {
     let Ok(list) = ip(&["netns", "list"]) else {
         return;
@@ -173,7 +222,7 @@ fn remove_stale_namespaces() {
         let Some(rest) = name.strip_prefix(NETNS_PREFIX) else {
             continue;
         };
-        let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        let Some(pid) = rest.split('-').nth(1).and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {

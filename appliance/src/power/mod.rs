@@ -1,0 +1,1 @@
+//! BMC power drivers (being written).

@@ -1,0 +1,1 @@
+//! TFTP service (being written).
