@@ -120,3 +120,22 @@ pub fn machine_show(url: &str, id: &str, json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+pub fn stats(url: &str, json: bool) -> Result<()> {
+    let v: serde_json::Value = get_json(url, "/stats")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if let Some(services) = v.as_object() {
+        for (service, counters) in services {
+            let Some(counters) = counters.as_object() else {
+                continue;
+            };
+            for (name, value) in counters {
+                println!("{service}.{name} {value}");
+            }
+        }
+    }
+    Ok(())
+}

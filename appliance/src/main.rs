@@ -30,6 +30,11 @@ enum Cmd {
     /// Inspect machines.
     #[command(subcommand)]
     Machine(MachineCmd),
+    /// Print the services' counters (packets, malformed, replies, ...).
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
     /// Print or check configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -114,6 +119,7 @@ fn main() -> Result<()> {
         Cmd::Serve(args) => serve::serve(args.into()),
         Cmd::Machine(MachineCmd::List { json }) => cli::machine_list(&cli.url, json),
         Cmd::Machine(MachineCmd::Show { id, json }) => cli::machine_show(&cli.url, &id, json),
+        Cmd::Stats { json } => cli::stats(&cli.url, json),
         Cmd::Config(ConfigCmd::Default) => {
             print!("{}", config::DEFAULT_TOML);
             Ok(())

@@ -226,7 +226,7 @@ fn destination(req: &Message, kind: MessageType) -> SocketAddrV4 {
 mod tests {
     use super::*;
     use crate::config::FileConfig;
-    use dhcproto::v4::{Decodable, Decoder, Encodable, Flags};
+    use dhcproto::v4::{Decodable, Decoder, Encodable};
 
     fn handler() -> Handler {
         let cfg = FileConfig::default().validate().unwrap();
@@ -237,31 +237,17 @@ mod tests {
         })
     }
 
-    /// A DHCPDISCOVER as iPXE's ROM under SeaBIOS sends it (options from a tcpdump capture:
-    /// FACTS.md's table), encoded to wire bytes and decoded again like a received packet.
+    /// A DHCPDISCOVER and the REQUEST that followed it, captured with tcpdump from iPXE's
+    /// ROM under SeaBIOS in the QEMU lab (UDP payloads).
+    const IPXE_DISCOVER: &[u8] = include_bytes!("testdata_ipxe_discover.bin");
+    const IPXE_REQUEST: &[u8] = include_bytes!("testdata_ipxe_request.bin");
+
+    fn decode(bytes: &[u8]) -> Message {
+        Message::decode(&mut Decoder::new(bytes)).unwrap()
+    }
+
     fn ipxe_discover() -> Message {
-        let mut m = Message::default();
-        m.set_opcode(Opcode::BootRequest)
-            .set_xid(0x1234_5678)
-            .set_flags(Flags::default().set_broadcast())
-            .set_chaddr(&[0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
-        let o = m.opts_mut();
-        o.insert(DhcpOption::MessageType(MessageType::Discover));
-        o.insert(DhcpOption::MaxMessageSize(1472));
-        o.insert(DhcpOption::ClassIdentifier(
-            b"PXEClient:Arch:00000:UNDI:002001".to_vec(),
-        ));
-        o.insert(DhcpOption::UserClass(b"iPXE".to_vec()));
-        o.insert(DhcpOption::ClientSystemArchitecture(0.into()));
-        o.insert(DhcpOption::ClientNetworkInterface(1, 2, 1));
-        o.insert(DhcpOption::Unknown(dhcproto::v4::UnknownOption::new(
-            OptionCode::Unknown(175),
-            vec![
-                0xb1, 0x05, 0x01, 0x1a, 0xf4, 0x10, 0x00, 0xeb, 0x03, 0x01, 0x00, 0x00,
-            ],
-        )));
-        let bytes = m.to_vec().unwrap();
-        Message::decode(&mut Decoder::new(&bytes)).unwrap()
+        decode(IPXE_DISCOVER)
     }
 
     fn request_for(offer: &Message, discover: &Message) -> Message {
@@ -288,6 +274,39 @@ mod tests {
     }
 
     #[test]
+    fn captured_ipxe_packets_parse_as_ipxe() {
+        let d = ipxe_discover();
+        assert_eq!(d.opts().msg_type(), Some(MessageType::Discover));
+        assert_eq!(client::classify(&d), ClientKind::Ipxe);
+        assert_eq!(
+            d.chaddr().get(..6),
+            Some(&[0x52, 0x54, 0, 0x12, 0x34, 0x56][..])
+        );
+        let r = decode(IPXE_REQUEST);
+        assert_eq!(r.opts().msg_type(), Some(MessageType::Request));
+        assert_eq!(r.xid(), d.xid());
+    }
+
+    #[test]
+    fn captured_request_is_acked_after_the_offer() {
+        let mut h = handler();
+        let t = SystemTime::UNIX_EPOCH;
+        let offer = reply(h.handle(&ipxe_discover(), t));
+        // The captured REQUEST asked for 10.77.0.100 from server 10.77.0.1: the first address.
+        let ack = reply(h.handle(&decode(IPXE_REQUEST), t));
+        assert_eq!(ack.msg.opts().msg_type(), Some(MessageType::Ack));
+        assert_eq!(ack.msg.yiaddr(), offer.msg.yiaddr());
+    }
+
+    #[test]
+    fn truncated_or_garbage_packets_fail_to_decode_without_panicking() {
+        for len in 0..IPXE_DISCOVER.len() {
+            let _ = Message::decode(&mut Decoder::new(&IPXE_DISCOVER[..len]));
+        }
+        assert!(Message::decode(&mut Decoder::new(b"garbage")).is_err());
+    }
+
+    #[test]
     fn ipxe_discover_request_ack_transcript() {
         let mut h = handler();
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
@@ -295,7 +314,7 @@ mod tests {
         let offer = reply(h.handle(&d, t));
         assert_eq!(offer.msg.opts().msg_type(), Some(MessageType::Offer));
         assert_eq!(offer.msg.yiaddr(), Ipv4Addr::new(10, 77, 0, 100));
-        assert_eq!(offer.msg.xid(), 0x1234_5678);
+        assert_eq!(offer.msg.xid(), d.xid());
         assert_eq!(offer.to, SocketAddrV4::new(Ipv4Addr::BROADCAST, 68));
         let script = b"http://10.77.0.1:8080/ipxe/52:54:00:12:34:56".to_vec();
         assert_eq!(
