@@ -28,6 +28,8 @@ enum Step {
     Network,
     Inventory,
     Enlist,
+    Task,
+    Commission,
 }
 
 impl Step {
@@ -39,6 +41,8 @@ impl Step {
             Step::Network => "network",
             Step::Inventory => "inventory",
             Step::Enlist => "enlist",
+            Step::Task => "task",
+            Step::Commission => "commission",
         }
     }
 }
@@ -92,7 +96,18 @@ fn report_failure(
         ok: false,
         message: format!("{error:#}"),
     };
-    match client.report(&report) {
+    let sent = if client.is_known() {
+        client.event(&stork_proto::AgentEvent {
+            step: report.step.clone(),
+            state: stork_proto::StepState::Failed,
+            message: report.message.clone(),
+            progress: None,
+            log_tail: None,
+        })
+    } else {
+        client.report(&report)
+    };
+    match sent {
         Ok(()) => say!("report", "failure reported to the appliance"),
         Err(e) => say!("report", "warning: could not report the failure: {e:#}"),
     }
@@ -103,9 +118,30 @@ fn steps(reporter: &mut Option<(Client, stork_proto::MacAddr)>) -> Result<(), Fa
     at(Step::LoadModules, load_modules())?;
     let args = at(Step::Cmdline, cmdline())?;
     at(Step::Network, network(&args))?;
-    let (client, _) = reporter.insert((Client::new(&args.url), args.boot_mac));
-    let inv = collect_inventory();
-    at(Step::Enlist, enlist(client, &args, inv))
+    let mut client = Client::new(&args.url);
+    if let (Some(id), Some(token)) = (&args.machine_id, &args.token) {
+        client = client.with_identity(id, token);
+    }
+    let (client, _) = reporter.insert((client, args.boot_mac));
+    if !client.is_known() {
+        let inv = collect_inventory();
+        return at(Step::Enlist, enlist(client, &args, inv));
+    }
+    let task = at(Step::Task, client.task())?;
+    say!(Step::Task, "{task:?}");
+    match task {
+        stork_proto::Task::Commission => {
+            let inv = collect_inventory();
+            let resp = at(Step::Commission, client.commissioned(&inv))?;
+            say!(Step::Commission, "machine {} status {}", resp.machine_id, resp.status);
+            Ok(())
+        }
+        stork_proto::Task::PowerOff => Ok(()),
+        other => Err(Failed {
+            step: Step::Task,
+            error: anyhow!("this agent cannot run {other:?} yet"),
+        }),
+    }
 }
 
 fn mount() -> Result<()> {
@@ -281,6 +317,8 @@ mod tests {
             Step::Network,
             Step::Inventory,
             Step::Enlist,
+            Step::Task,
+            Step::Commission,
         ]
         .map(Step::name);
         assert_eq!(
@@ -291,7 +329,9 @@ mod tests {
                 "cmdline",
                 "network",
                 "inventory",
-                "enlist"
+                "enlist",
+                "task",
+                "commission"
             ]
         );
     }

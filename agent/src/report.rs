@@ -24,6 +24,8 @@ const MAX_BODY_ECHO: usize = 200;
 pub struct Client {
     base_url: String,
     backoff: Duration,
+    /// The machine id and this boot's agent token, once the appliance knows the machine.
+    identity: Option<(String, String)>,
 }
 
 /// What one POST came to.
@@ -40,7 +42,79 @@ impl Client {
         Self {
             base_url: base_url.trim_end_matches('/').to_string(),
             backoff: ENLIST_BACKOFF,
+            identity: None,
         }
+    }
+
+    /// Calls for a known machine carry its per-boot token.
+    pub fn with_identity(mut self, machine_id: &str, token: &str) -> Self {
+        self.identity = Some((machine_id.to_string(), token.to_string()));
+        self
+    }
+
+    fn machine_url(&self, what: &str) -> Result<(String, &str)> {
+        let (id, token) = self
+            .identity
+            .as_ref()
+            .ok_or_else(|| anyhow!("this boot has no machine id and token"))?;
+        Ok((
+            format!("{}{}", self.base_url, stork_proto::agent_path(id, what)),
+            token.as_str(),
+        ))
+    }
+
+    /// Retries connection errors and 5xx answers, like enlistment.
+    fn call_with_retries<T: serde::de::DeserializeOwned>(
+        &self,
+        step: &str,
+        what: &str,
+        body: Option<&dyn erased::Body>,
+    ) -> Result<T> {
+        let (url, token) = self.machine_url(what)?;
+        let mut attempt = 1;
+        loop {
+            let outcome = match body {
+                Some(b) => send(&url, Some(token), Some(b), ENLIST_TIMEOUT),
+                None => send(&url, Some(token), None, ENLIST_TIMEOUT),
+            };
+            match outcome {
+                Outcome::Done(mut resp) => {
+                    let text = resp.body_mut().read_to_string().unwrap_or_default();
+                    let text = if text.trim().is_empty() { "null" } else { text.as_str() };
+                    return serde_json::from_str(text)
+                        .with_context(|| format!("{url}: unexpected answer"));
+                }
+                Outcome::Fatal(e) => return Err(e.context(url)),
+                Outcome::Retry(e) if attempt >= ENLIST_ATTEMPTS => {
+                    return Err(e.context(format!("{url}: gave up after {ENLIST_ATTEMPTS} attempts")));
+                }
+                Outcome::Retry(e) => {
+                    say!(step, "attempt {attempt}/{ENLIST_ATTEMPTS} failed: {e:#}; retrying");
+                    sleep(self.backoff);
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// What the appliance wants this boot to do.
+    pub fn task(&self) -> Result<stork_proto::Task> {
+        self.call_with_retries("task", "task", None)
+    }
+
+    /// Posts the commissioning inventory.
+    pub fn commissioned(&self, inv: &stork_proto::Inventory) -> Result<EnlistResponse> {
+        self.call_with_retries("commission", "commissioned", Some(inv))
+    }
+
+    /// Posts a step event (best effort for progress; failures matter and are retried).
+    pub fn event(&self, e: &stork_proto::AgentEvent) -> Result<()> {
+        self.call_with_retries::<serde_json::Value>("report", "events", Some(e))
+            .map(|_| ())
+    }
+
+    pub fn is_known(&self) -> bool {
+        self.identity.is_some()
     }
 
     #[cfg(test)]
@@ -101,8 +175,55 @@ fn agent(timeout: Duration) -> Agent {
     Agent::new_with_config(config)
 }
 
+/// Object-safe serialization, so one retry loop serves every body type.
+mod erased {
+    pub trait Body {
+        fn to_json(&self) -> serde_json::Result<Vec<u8>>;
+    }
+    impl<T: serde::Serialize> Body for T {
+        fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+            serde_json::to_vec(self)
+        }
+    }
+}
+
+/// GET (no body) or POST (JSON body) with an optional bearer token.
+fn send(
+    url: &str,
+    token: Option<&str>,
+    body: Option<&dyn erased::Body>,
+    timeout: Duration,
+) -> Outcome<Response<Body>> {
+    let agent = agent(timeout);
+    let result = match body {
+        Some(b) => {
+            let bytes = match b.to_json() {
+                Ok(v) => v,
+                Err(e) => return Outcome::Fatal(e.into()),
+            };
+            let mut req = agent.post(url).header("content-type", "application/json");
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            req.send(&bytes[..])
+        }
+        None => {
+            let mut req = agent.get(url);
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            req.call()
+        }
+    };
+    classify(result)
+}
+
 fn post(url: &str, body: &impl Serialize, timeout: Duration) -> Outcome<Response<Body>> {
-    let mut resp = match agent(timeout).post(url).send_json(body) {
+    classify(agent(timeout).post(url).send_json(body))
+}
+
+fn classify(result: Result<Response<Body>, ureq::Error>) -> Outcome<Response<Body>> {
+    let mut resp = match result {
         Ok(r) => r,
         Err(e) if is_transient(&e) => return Outcome::Retry(e.into()),
         Err(e) => return Outcome::Fatal(e.into()),

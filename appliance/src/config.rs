@@ -40,8 +40,16 @@ dns = []
 # Kernel and initrd of the Stork agent, relative to DATA_DIR/boot/.
 kernel = "vmlinuz"
 initrd = "initrd.img"
-# Extra kernel arguments for the agent.
-cmdline = "console=ttyS0,115200 panic=10"
+# Extra kernel arguments for the agent. loglevel=4 keeps the kernel from echoing its
+# command line, which carries the per-boot agent token, to the console.
+cmdline = "console=ttyS0,115200 panic=10 loglevel=4"
+
+[lifecycle]
+# Seconds a busy status (commissioning, deploying, releasing, disk erasing) may last
+# before the machine moves to its failed status.
+timeout = 1800
+# Seconds between timeout checks.
+check_interval = 5
 "#;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +61,23 @@ pub struct FileConfig {
     pub http: HttpFile,
     pub dhcp: DhcpFile,
     pub boot: BootFile,
+    pub lifecycle: LifecycleFile,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LifecycleFile {
+    pub timeout: u64,
+    pub check_interval: u64,
+}
+
+impl Default for LifecycleFile {
+    fn default() -> Self {
+        Self {
+            timeout: 1800,
+            check_interval: 5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,6 +122,7 @@ impl Default for FileConfig {
             http: HttpFile::default(),
             dhcp: DhcpFile::default(),
             boot: BootFile::default(),
+            lifecycle: LifecycleFile::default(),
         }
     }
 }
@@ -128,7 +154,7 @@ impl Default for BootFile {
         Self {
             kernel: "vmlinuz".into(),
             initrd: "initrd.img".into(),
-            cmdline: "console=ttyS0,115200 panic=10".into(),
+            cmdline: "console=ttyS0,115200 panic=10 loglevel=4".into(),
         }
     }
 }
@@ -237,7 +263,15 @@ impl FileConfig {
                 return Err(invalid(field, "must be a file name inside DATA_DIR/boot"));
             }
         }
+        if self.lifecycle.timeout == 0 {
+            return Err(invalid("lifecycle.timeout", "must be at least 1 second"));
+        }
+        if self.lifecycle.check_interval == 0 {
+            return Err(invalid("lifecycle.check_interval", "must be at least 1 second"));
+        }
         Ok(Config {
+            timeout: std::time::Duration::from_secs(self.lifecycle.timeout),
+            check_interval: std::time::Duration::from_secs(self.lifecycle.check_interval),
             data_dir: self.data_dir.clone(),
             interface: self.interface.clone(),
             address: self.address,
@@ -295,6 +329,9 @@ pub struct Config {
     pub http_port: u16,
     pub dhcp: DhcpConfig,
     pub boot: BootFile,
+    /// Busy-status timeout and how often it is checked.
+    pub timeout: std::time::Duration,
+    pub check_interval: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -314,6 +351,9 @@ impl Config {
     }
     pub fn boot_dir(&self) -> PathBuf {
         self.data_dir.join("boot")
+    }
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("stork.db")
     }
 }
 

@@ -3,11 +3,14 @@
 //! `main.rs` only parses the command line; everything else lives here so tests and fuzz
 //! targets reach it.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod controller;
 pub mod dhcp;
 pub mod http;
-pub mod machines;
+pub mod lifecycle;
 pub mod power;
 pub mod serve;
+pub mod store;
 pub mod tftp;

@@ -1,24 +1,24 @@
 //! `stork`: the appliance daemon (`stork serve`) and its command-line client.
 
-use stork::{cli, config, serve};
-
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use stork::cli::{self, Client};
+use stork::lifecycle::Status;
+use stork::{auth, config, serve, store};
 
 #[derive(Parser)]
 #[command(name = "stork", version, about = "Bare-metal provisioning appliance")]
 struct Cli {
     /// Appliance URL for client commands.
-    #[arg(
-        long,
-        env = "STORK_URL",
-        default_value = "http://127.0.0.1:8080",
-        global = true
-    )]
+    #[arg(long, env = "STORK_URL", default_value = "http://127.0.0.1:8080", global = true)]
     url: String,
+    /// Admin API token for client commands (`stork token create` makes one).
+    #[arg(long, env = "STORK_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -27,9 +27,18 @@ struct Cli {
 enum Cmd {
     /// Run the appliance: DHCP, HTTP boot files, boot scripts and the API.
     Serve(ServeArgs),
-    /// Inspect machines.
+    /// Machines: list, inspect, and move through the lifecycle.
     #[command(subcommand)]
     Machine(MachineCmd),
+    /// Admin API tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Boot resources (images) the appliance can deploy.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// SSH public keys installed on every deployed machine.
+    #[command(subcommand, name = "ssh-key")]
+    SshKey(SshKeyCmd),
     /// Print the services' counters (packets, malformed, replies, ...).
     Stats {
         #[arg(long)]
@@ -60,6 +69,9 @@ struct ServeArgs {
     /// HTTP port (overrides `http.port`).
     #[arg(long)]
     http_port: Option<u16>,
+    /// Busy-status timeout in seconds (overrides `lifecycle.timeout`).
+    #[arg(long)]
+    timeout: Option<u64>,
 }
 
 impl From<ServeArgs> for serve::Overrides {
@@ -71,6 +83,7 @@ impl From<ServeArgs> for serve::Overrides {
             dhcp_range: a.dhcp_range,
             data_dir: a.data_dir,
             http_port: a.http_port,
+            timeout: a.timeout,
         }
     }
 }
@@ -91,12 +104,164 @@ fn parse_range(s: &str) -> Result<[Ipv4Addr; 2], String> {
 enum MachineCmd {
     /// List machines.
     List {
+        #[arg(long, value_parser = parse_status)]
+        status: Option<Status>,
         #[arg(long)]
         json: bool,
     },
-    /// Show one machine by id or MAC address.
+    /// Show one machine (by id or MAC) with its events.
     Show {
         id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a machine by hand (before it enlists).
+    Add {
+        /// MAC address; the first is the boot NIC.
+        #[arg(long = "mac", required = true)]
+        macs: Vec<String>,
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Power driver: manual, ipmi, redfish, qmp.
+        #[arg(long, default_value = "manual")]
+        power: String,
+        /// Power parameter KEY=VALUE (repeatable), e.g. address=10.0.0.5 user=admin.
+        #[arg(long = "power-param")]
+        power_params: Vec<String>,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the commissioning agent (inventory); the machine ends Ready.
+    Commission {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reserve a Ready machine: by id, or the first that meets the constraints.
+    Allocate {
+        id: Option<String>,
+        #[arg(long)]
+        cpus: Option<u32>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        #[arg(long)]
+        disk_gib: Option<u64>,
+        #[arg(long)]
+        arch: Option<String>,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install an OS on an allocated machine.
+    Deploy {
+        id: String,
+        /// Boot resource name (`stork image list`).
+        #[arg(long)]
+        image: String,
+        /// disk (install) or memory (run from RAM).
+        #[arg(long, default_value = "disk")]
+        target: String,
+        #[arg(long)]
+        disk: Option<String>,
+        #[arg(long)]
+        hostname: Option<String>,
+        /// File with an SSH public key (repeatable).
+        #[arg(long = "ssh-key")]
+        ssh_keys: Vec<PathBuf>,
+        /// File with cloud-init user-data.
+        #[arg(long)]
+        user_data: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give the machine back; with --erase, wipe its disks first.
+    Release {
+        id: String,
+        #[arg(long)]
+        erase: bool,
+        /// With --erase: every byte, not just signatures and partition tables.
+        #[arg(long)]
+        full: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the running operation (the machine goes to its failed status).
+    Abort {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    MarkBroken {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    MarkFixed {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    Delete {
+        id: String,
+    },
+    /// The machine's event history.
+    Events {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a machine's events live.
+    Watch {
+        id: String,
+        /// Stop once the machine is no longer busy.
+        #[arg(long)]
+        until_settled: bool,
+    },
+}
+
+fn parse_status(s: &str) -> Result<Status, String> {
+    Status::parse(s).ok_or_else(|| {
+        let all: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
+        format!("unknown status {s:?}; one of {}", all.join(", "))
+    })
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create an admin token directly in the data directory's database (works with or
+    /// without a running server) and print it.
+    Create {
+        #[arg(long, default_value = "./var")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List tokens (ids and descriptions, never the tokens).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register a boot resource from a JSON description (see the API's BootResource).
+    Register { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum SshKeyCmd {
+    Add { name: String, file: PathBuf },
+    List {
         #[arg(long)]
         json: bool,
     },
@@ -113,13 +278,65 @@ enum ConfigCmd {
     },
 }
 
+fn read(path: &PathBuf) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    let client = || Client::new(&cli.url, cli.token.clone());
     match cli.cmd {
         Cmd::Serve(args) => serve::serve(args.into()),
-        Cmd::Machine(MachineCmd::List { json }) => cli::machine_list(&cli.url, json),
-        Cmd::Machine(MachineCmd::Show { id, json }) => cli::machine_show(&cli.url, &id, json),
-        Cmd::Stats { json } => cli::stats(&cli.url, json),
+        Cmd::Machine(cmd) => machine(&client(), cmd),
+        Cmd::Token(TokenCmd::Create {
+            data_dir,
+            description,
+        }) => {
+            std::fs::create_dir_all(&data_dir)
+                .with_context(|| format!("cannot create {}", data_dir.display()))?;
+            let db = data_dir.join("stork.db");
+            let store = store::Store::open(&db)
+                .with_context(|| format!("cannot open {}", db.display()))?;
+            let (_, token) = auth::create_admin_token(&store, &description)?;
+            println!("{token}");
+            Ok(())
+        }
+        Cmd::Token(TokenCmd::List { json }) => {
+            let v: Value = client().get("/tokens")?;
+            cli::json_or_line(&v, json, |v| {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|t| format!("{} {}", t["id"].as_str().unwrap_or("-"), t["description"].as_str().unwrap_or("")))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        Cmd::Image(ImageCmd::List { json }) => cli::images(&client(), json),
+        Cmd::Image(ImageCmd::Register { file }) => {
+            let body: Value = serde_json::from_str(&read(&file)?)
+                .with_context(|| format!("{} is not JSON", file.display()))?;
+            let v: Value = client().post("/boot-resources", &body)?;
+            println!("registered {}", v["name"].as_str().unwrap_or("?"));
+            Ok(())
+        }
+        Cmd::SshKey(SshKeyCmd::Add { name, file }) => {
+            let v: Value = client().post("/ssh-keys", &json!({"name": name, "key": read(&file)?}))?;
+            println!("{}", v["id"].as_str().unwrap_or("?"));
+            Ok(())
+        }
+        Cmd::SshKey(SshKeyCmd::List { json }) => {
+            let v: Value = client().get("/ssh-keys")?;
+            cli::json_or_line(&v, json, |v| {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|k| format!("{} {} {}", k["id"].as_str().unwrap_or("-"), k["name"].as_str().unwrap_or(""), k["key"].as_str().unwrap_or("")))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        Cmd::Stats { json } => cli::stats(&client(), json),
         Cmd::Config(ConfigCmd::Default) => {
             print!("{}", config::DEFAULT_TOML);
             Ok(())
@@ -132,5 +349,90 @@ fn main() -> Result<()> {
             println!("{cfg:#?}");
             Ok(())
         }
+    }
+}
+
+fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
+    match cmd {
+        MachineCmd::List { status, json } => cli::list(c, status, json),
+        MachineCmd::Show { id, json } => cli::show(c, &id, json),
+        MachineCmd::Add {
+            macs,
+            hostname,
+            power,
+            power_params,
+            tags,
+            json,
+        } => {
+            let mut params = serde_json::Map::new();
+            for p in power_params {
+                let Some((k, v)) = p.split_once('=') else {
+                    bail!("--power-param {p:?}: expected KEY=VALUE");
+                };
+                params.insert(k.to_string(), Value::String(v.to_string()));
+            }
+            let body = json!({
+                "macs": macs,
+                "hostname": hostname,
+                "power": {"driver": power, "params": params},
+                "tags": tags,
+            });
+            let m: stork::store::Machine = c.post("/machines", &body)?;
+            cli::json_or_line(&serde_json::to_value(&m)?, json, |_| format!("{} {}", m.id, m.status))
+        }
+        MachineCmd::Commission { id, json } => cli::action(c, &id, "commission", cli::empty(), json),
+        MachineCmd::Allocate {
+            id: Some(id),
+            json,
+            ..
+        } => cli::action(c, &id, "allocate", cli::empty(), json),
+        MachineCmd::Allocate {
+            id: None,
+            cpus,
+            memory_mib,
+            disk_gib,
+            arch,
+            tags,
+            json,
+        } => {
+            let body = json!({
+                "min_cpus": cpus, "min_memory_mib": memory_mib, "min_disk_gib": disk_gib,
+                "arch": arch, "tags": tags,
+            });
+            let m: stork::store::Machine = c.post("/machines/allocate", &body)?;
+            cli::json_or_line(&serde_json::to_value(&m)?, json, |_| format!("{} {}", m.id, m.status))
+        }
+        MachineCmd::Deploy {
+            id,
+            image,
+            target,
+            disk,
+            hostname,
+            ssh_keys,
+            user_data,
+            json,
+        } => {
+            let keys = ssh_keys.iter().map(read).collect::<Result<Vec<_>>>()?;
+            let user_data = user_data.as_ref().map(read).transpose()?;
+            let body = json!({
+                "image": image, "target": target, "disk": disk, "hostname": hostname,
+                "ssh_keys": keys.iter().map(|k| k.trim()).collect::<Vec<_>>(), "user_data": user_data,
+            });
+            cli::action(c, &id, "deploy", body, json)
+        }
+        MachineCmd::Release {
+            id,
+            erase,
+            full,
+            json,
+        } => cli::action(c, &id, "release", json!({"erase": erase, "quick": !full}), json),
+        MachineCmd::Abort { id, json } => cli::action(c, &id, "abort", cli::empty(), json),
+        MachineCmd::MarkBroken { id, reason, json } => {
+            cli::action(c, &id, "mark-broken", json!({"reason": reason}), json)
+        }
+        MachineCmd::MarkFixed { id, json } => cli::action(c, &id, "mark-fixed", cli::empty(), json),
+        MachineCmd::Delete { id } => c.delete(&format!("/machines/{id}")),
+        MachineCmd::Events { id, json } => cli::events(c, &id, json),
+        MachineCmd::Watch { id, until_settled } => cli::watch(c, &id, until_settled),
     }
 }

@@ -10,7 +10,8 @@ use tokio::task::JoinSet;
 use crate::config::{Config, DhcpMode, FileConfig};
 use crate::dhcp::{self, handler::ServerInfo};
 use crate::http::{self, AppState};
-use crate::machines::Machines;
+use crate::controller::{Controller, ManualPower};
+use crate::store::Store;
 
 /// The command line's say over the configuration file.
 #[derive(Debug, Default, Clone)]
@@ -21,6 +22,8 @@ pub struct Overrides {
     pub dhcp_range: Option<[Ipv4Addr; 2]>,
     pub data_dir: Option<PathBuf>,
     pub http_port: Option<u16>,
+    /// Busy-status timeout in seconds (overrides `lifecycle.timeout`).
+    pub timeout: Option<u64>,
 }
 
 /// Reads the file (or the embedded default), applies command-line overrides, validates.
@@ -43,6 +46,9 @@ pub fn load_config(o: &Overrides) -> Result<Config> {
     }
     if let Some(v) = o.http_port {
         file.http.port = v;
+    }
+    if let Some(v) = o.timeout {
+        file.lifecycle.timeout = v;
     }
     Ok(file.validate()?)
 }
@@ -68,12 +74,21 @@ pub fn serve(args: Overrides) -> Result<()> {
 }
 
 async fn run(cfg: Arc<Config>) -> Result<()> {
+    let store = Store::open(&cfg.db_path())
+        .with_context(|| format!("cannot open the database {}", cfg.db_path().display()))?;
+    let controller = Controller::new(store.clone(), Arc::new(ManualPower));
     let state = AppState {
         cfg: cfg.clone(),
-        machines: Arc::new(Machines::default()),
+        store,
+        controller: controller.clone(),
         dhcp_stats: Arc::default(),
     };
     let mut tasks = JoinSet::new();
+    let (timeout, every) = (cfg.timeout, cfg.check_interval);
+    tasks.spawn(async move {
+        controller.run_timeouts(timeout, every).await;
+        Ok(())
+    });
 
     if cfg.dhcp.mode == DhcpMode::Full {
         let sock = dhcp::bind(&cfg.interface, dhcproto::v4::SERVER_PORT)?;

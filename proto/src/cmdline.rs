@@ -15,6 +15,10 @@ pub const IP: &str = "stork.ip";
 pub const GATEWAY: &str = "stork.gw";
 /// PXELINUX convention for the boot NIC: `01-aa-bb-cc-dd-ee-ff`.
 pub const BOOTIF: &str = "BOOTIF";
+/// The machine's id, when the appliance knows it (absent while enlisting).
+pub const MACHINE: &str = "stork.machine";
+/// This boot's agent token: the only credential the agent's API calls accept.
+pub const TOKEN: &str = "stork.token";
 
 /// What the agent needs from its command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +28,9 @@ pub struct AgentArgs {
     pub ip: Ipv4Addr,
     pub prefix_len: u8,
     pub gateway: Option<Ipv4Addr>,
+    /// Set together when the machine is known: it then asks for its task.
+    pub machine_id: Option<String>,
+    pub token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -91,12 +98,19 @@ impl AgentArgs {
                     .map_err(|_| invalid(GATEWAY, g, "not an IPv4 address"))?,
             ),
         };
+        let machine_id = get(cmdline, MACHINE).filter(|v| !v.is_empty()).map(String::from);
+        let token = get(cmdline, TOKEN).filter(|v| !v.is_empty()).map(String::from);
+        if machine_id.is_some() != token.is_some() {
+            return Err(CmdlineError::Missing(if machine_id.is_some() { TOKEN } else { MACHINE }));
+        }
         Ok(Self {
             url,
             boot_mac,
             ip,
             prefix_len,
             gateway,
+            machine_id,
+            token,
         })
     }
 
@@ -111,6 +125,9 @@ impl AgentArgs {
         );
         if let Some(gw) = self.gateway {
             s.push_str(&format!(" {GATEWAY}={gw}"));
+        }
+        if let (Some(m), Some(t)) = (&self.machine_id, &self.token) {
+            s.push_str(&format!(" {MACHINE}={m} {TOKEN}={t}"));
         }
         s
     }
@@ -127,6 +144,8 @@ mod tests {
             ip: Ipv4Addr::new(10, 77, 0, 100),
             prefix_len: 24,
             gateway: None,
+            machine_id: None,
+            token: None,
         }
     }
 
@@ -140,6 +159,14 @@ mod tests {
             ..a
         };
         assert_eq!(AgentArgs::parse(&with_gw.render()).unwrap(), with_gw);
+        let known = AgentArgs {
+            machine_id: Some("abc123".into()),
+            token: Some("stork_agent_x".into()),
+            ..with_gw
+        };
+        assert_eq!(AgentArgs::parse(&known.render()).unwrap(), known);
+        let half = format!("{} {MACHINE}=abc", args().render());
+        assert_eq!(AgentArgs::parse(&half), Err(CmdlineError::Missing(TOKEN)));
     }
 
     #[test]

@@ -33,6 +33,73 @@ pub struct EnlistResponse {
     pub status: String,
 }
 
+/// Agent endpoints for a known machine: `/api/v1/agent/{machine_id}/...`, each needing that
+/// machine's current agent token as a bearer token.
+pub fn agent_path(machine_id: &str, what: &str) -> String {
+    format!("/api/v1/agent/{machine_id}/{what}")
+}
+
+/// What the appliance wants from an agent that booted on a known machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Task {
+    /// Report the inventory (`POST .../commissioned`), then power off.
+    Commission,
+    /// Install an OS.
+    Deploy(DeployTask),
+    /// Wipe the disks (`quick`: signatures and partition tables; else every byte), then
+    /// `POST .../released` and power off.
+    Erase { quick: bool },
+    /// Nothing to do: power off.
+    PowerOff,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeployTask {
+    /// `disk` or `memory`.
+    pub target: String,
+    pub disk: Option<String>,
+    pub hostname: String,
+    pub ssh_keys: Vec<String>,
+    pub user_data: Option<String>,
+    /// Image files: absolute URLs on the appliance with their sha256.
+    pub image: Vec<ImageFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageFile {
+    pub role: String,
+    pub url: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// A step's progress, posted to `.../events`. A `failed` state fails the machine's
+/// current operation with `message` as the reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEvent {
+    pub step: String,
+    pub state: StepState,
+    #[serde(default)]
+    pub message: String,
+    /// 0.0..=1.0 for long steps.
+    #[serde(default)]
+    pub progress: Option<f32>,
+    /// Last lines of the step's log, on failure.
+    #[serde(default)]
+    pub log_tail: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    Started,
+    Progress,
+    Done,
+    Failed,
+}
+
 /// A step's outcome reported by the agent, so that a failure is never silent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -11,6 +11,8 @@ use crate::process::{Spawned, wait_for};
 pub struct Appliance {
     pub bin: PathBuf,
     pub data_dir: PathBuf,
+    /// An admin token, made with `stork token create` before the server started.
+    pub token: String,
     process: Spawned,
     netns: String,
 }
@@ -19,6 +21,11 @@ impl Appliance {
     /// Starts `stork serve` in the lab with a fresh data directory whose `boot/` holds a copy
     /// of every file in `boot_files`, and waits until its API answers.
     pub fn start(lab: &Lab, bin: &Path, boot_files: &Path) -> Result<Self> {
+        Self::start_with(lab, bin, boot_files, &[])
+    }
+
+    /// As [`Appliance::start`], with extra `stork serve` arguments.
+    pub fn start_with(lab: &Lab, bin: &Path, boot_files: &Path, extra: &[&str]) -> Result<Self> {
         let data_dir = lab.dir().join("appliance");
         let boot = data_dir.join("boot");
         std::fs::create_dir_all(&boot)?;
@@ -30,15 +37,24 @@ impl Appliance {
                 std::fs::copy(entry.path(), boot.join(entry.file_name()))?;
             }
         }
+        let token = crate::run(
+            std::process::Command::new(bin)
+                .args(["token", "create", "--description", "lab", "--data-dir"])
+                .arg(&data_dir),
+        )?
+        .trim()
+        .to_string();
         let mut cmd = lab.command(bin);
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(&data_dir)
+            .args(extra)
             .env("RUST_LOG", "info,stork=debug");
         let process = Spawned::start("stork", cmd, &lab.dir().join("stork.log"))?;
         let mut a = Self {
             bin: bin.to_path_buf(),
             data_dir,
+            token,
             process,
             netns: lab.netns().to_string(),
         };
@@ -62,7 +78,8 @@ impl Appliance {
             std::process::Command::new("ip")
                 .args(["netns", "exec", &self.netns])
                 .arg(&self.bin)
-                .args(args),
+                .args(args)
+                .env("STORK_TOKEN", &self.token),
         )
     }
 
@@ -70,6 +87,12 @@ impl Appliance {
     pub fn machines(&self) -> Result<Vec<serde_json::Value>> {
         let out = self.cli(&["machine", "list", "--json"])?;
         serde_json::from_str(&out).context("parsing `stork machine list --json`")
+    }
+
+    /// `stork machine show ID --json`, parsed.
+    pub fn machine(&self, id: &str) -> Result<serde_json::Value> {
+        let out = self.cli(&["machine", "show", id, "--json"])?;
+        serde_json::from_str(&out).context("parsing `stork machine show --json`")
     }
 
     pub fn log_tail(&self, lines: usize) -> String {

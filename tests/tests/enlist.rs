@@ -1,5 +1,6 @@
 //! A SeaBIOS VM network-boots from Stork (DHCP, iPXE script, HTTP kernel and initrd), runs
-//! the agent from RAM and enlists itself with its own hardware's inventory.
+//! the agent from RAM and enlists itself with its own hardware's inventory; then
+//! `stork machine commission` takes it through commissioning to Ready.
 
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ const MAC: &str = "52:54:00:77:00:01";
 
 #[test]
 #[ignore = "needs root, QEMU and built images: run `cargo xtask test`"]
-fn seabios_vm_pxe_boots_and_enlists_as_new() {
+fn seabios_vm_enlists_as_new_then_commissions_to_ready() {
     require_artefacts();
     let mut lab = Lab::new("enlist", &lab_dir()).unwrap();
     let mut appliance = Appliance::start(&lab, &stork_bin(), &boot_files()).unwrap();
@@ -22,7 +23,14 @@ fn seabios_vm_pxe_boots_and_enlists_as_new() {
     spec.disk_bytes = 3 << 30;
     let mut vm = Vm::start(&mut lab, spec).unwrap();
 
-    let result = wait_enlisted(&mut appliance, &mut vm).and_then(|m| check_inventory(&m, &vm));
+    let mut result = wait_enlisted(&mut appliance, &mut vm).and_then(|m| {
+        check_inventory(&m, &vm)?;
+        Ok(m)
+    });
+    if let Ok(m) = &result {
+        let id = m["id"].as_str().unwrap_or_default().to_string();
+        result = commission(&mut lab, &mut appliance, &mut vm, &id);
+    }
     if let Err(e) = result {
         lab.keep_dir();
         panic!(
@@ -59,6 +67,41 @@ fn wait_enlisted(appliance: &mut Appliance, vm: &mut Vm) -> Result<Value> {
     )
 }
 
+/// Commissioning with the manual power driver: the appliance records that a person must
+/// power the machine on, and the test is that person.
+fn commission(lab: &mut Lab, appliance: &mut Appliance, vm: &mut Vm, id: &str) -> Result<Value> {
+    wait_for("the enlisted VM to power off", Duration::from_secs(60), Duration::from_millis(200), || {
+        Ok(vm.exited())
+    })?;
+    appliance.cli(&["machine", "commission", id])?;
+    let m = appliance.machine(id)?;
+    if m["status"] != "commissioning" {
+        bail!("after `machine commission` the status is {}", m["status"]);
+    }
+    let events = appliance.cli(&["machine", "events", id])?;
+    if !events.contains("manual power") {
+        bail!("no event asks a person to power the machine on:\n{events}");
+    }
+    *vm = Vm::start(lab, vm.spec.clone())?;
+    let m = wait_for("commissioning to finish", Duration::from_secs(300), Duration::from_millis(500), || {
+        let m = appliance.machine(id)?;
+        match m["status"].as_str() {
+            Some("ready") => Ok(Some(m)),
+            Some("commissioning") if vm.exited().is_some() => bail!("the VM stopped while commissioning"),
+            Some("commissioning") => Ok(None),
+            other => bail!("commissioning ended in {other:?}: {}", m["status_message"]),
+        }
+    })?;
+    check_inventory(&m, vm)?;
+    let events = appliance.cli(&["machine", "events", id])?;
+    for want in ["Commission: new -> commissioning", "CommissioningDone: commissioning -> ready"] {
+        if !events.contains(want) {
+            bail!("event history lacks {want:?}:\n{events}");
+        }
+    }
+    Ok(m)
+}
+
 fn check_inventory(m: &Value, vm: &Vm) -> Result<()> {
     let ctx = || format!("machine as recorded: {m:#}");
     let expect = |cond: bool, what: &str| -> Result<()> {
@@ -68,7 +111,6 @@ fn check_inventory(m: &Value, vm: &Vm) -> Result<()> {
             bail!("{what}; {}", ctx())
         }
     };
-    expect(m["status"] == "new", "status is not new")?;
     let inv = &m["inventory"];
     let macs: Vec<&str> = m["macs"]
         .as_array()

@@ -1,25 +1,52 @@
-//! The REST API under `/api/v1`. Errors are JSON `{code, message}`.
+//! The REST API under `/api/v1`. Every change needs an admin bearer token; agent endpoints
+//! need the machine's current agent token; enlistment and boot paths need none. Errors are
+//! JSON `{code, message}`; an illegal transition is 409.
+
+use std::convert::Infallible;
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use serde::Serialize;
-use stork_proto::{AgentReport, EnlistRequest, EnlistResponse};
+use axum::routing::{delete, get, post};
+use serde::{Deserialize, Serialize};
+use stork_proto::{AgentEvent, AgentReport, EnlistRequest, EnlistResponse, Inventory, MacAddr, StepState, Task};
 
 use super::AppState;
-use crate::machines::Machine;
+use crate::auth::{self, Admin, Agent};
+use crate::controller::ControlError;
+use crate::lifecycle::{Event, Status};
+use crate::store::{
+    BootResource, DeployRequest, EventRecord, Machine, NewEvent, PowerConfig, SshKey, StoreError,
+    TokenRecord, now_ms,
+};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/machines", get(list_machines))
-        .route("/machines/{id}", get(show_machine))
+        .route("/machines", get(list_machines).post(create_machine))
+        .route("/machines/allocate", post(allocate_any))
+        .route("/machines/{id}", get(show_machine).delete(delete_machine))
+        .route("/machines/{id}/events", get(machine_events))
+        .route("/machines/{id}/{action}", post(machine_action))
+        .route("/events", get(list_events))
+        .route("/events/stream", get(stream_events))
+        .route("/ssh-keys", get(list_ssh_keys).post(add_ssh_key))
+        .route("/ssh-keys/{id}", delete(delete_ssh_key))
+        .route("/boot-resources", get(list_boot_resources).post(register_boot_resource))
+        .route("/tokens", get(list_tokens).post(create_token))
+        .route("/stats", get(stats))
+        .route("/openapi.json", get(openapi))
         .route("/agent/enlist", post(enlist))
         .route("/agent/report", post(report))
-        .route("/stats", get(stats))
+        .route("/agent/{id}/task", get(agent_task))
+        .route("/agent/{id}/commissioned", post(agent_commissioned))
+        .route("/agent/{id}/events", post(agent_post_event))
+        .route("/agent/{id}/released", post(agent_released))
+        .route("/agent/{id}/deployed", post(agent_deployed))
 }
 
 #[derive(Debug, Serialize)]
@@ -31,12 +58,15 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
             message: message.into(),
         }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 }
 
@@ -49,54 +79,492 @@ impl IntoResponse for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         // serde's message names the field ("unknown field `x`", "missing field `y`").
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", r.body_text())
+        ApiError::bad_request(r.body_text())
     }
 }
 
-async fn list_machines(State(s): State<AppState>) -> Json<Vec<Machine>> {
-    Json(s.machines.list())
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::bad_request(r.body_text())
+    }
 }
 
-async fn show_machine(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<Machine>, ApiError> {
-    s.machines.get(&id).map(Json).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no machine {id:?}"),
-        )
-    })
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            StoreError::Conflict { .. } | StoreError::MacTaken(_) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            other => {
+                tracing::error!(error = ?other, "store failure");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "storage failure")
+            }
+        }
+    }
 }
 
-async fn enlist(
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::Store(s) => s.into(),
+            ControlError::Rejected(r) => {
+                ApiError::new(StatusCode::CONFLICT, "illegal_transition", r.to_string())
+            }
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+// ---- machines ----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MachineFilter {
+    status: Option<String>,
+    tag: Option<String>,
+}
+
+async fn list_machines(
     State(s): State<AppState>,
-    body: Result<Json<EnlistRequest>, JsonRejection>,
-) -> Result<Json<EnlistResponse>, ApiError> {
+    _: Admin,
+    q: Result<Query<MachineFilter>, QueryRejection>,
+) -> ApiResult<Json<Vec<Machine>>> {
+    let Query(f) = q?;
+    let status = match &f.status {
+        Some(st) => Some(
+            Status::parse(st)
+                .ok_or_else(|| ApiError::bad_request(format!("status: unknown status {st:?}")))?,
+        ),
+        None => None,
+    };
+    let all = s.store.call(|s| s.list_machines()).await?;
+    Ok(Json(
+        all.into_iter()
+            .filter(|m| status.is_none_or(|st| m.status == st))
+            .filter(|m| f.tag.as_ref().is_none_or(|t| m.tags.contains(t)))
+            .map(|m| m.redacted())
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewMachine {
+    macs: Vec<MacAddr>,
+    #[serde(default)]
+    hostname: Option<String>,
+    #[serde(default)]
+    arch: Option<String>,
+    #[serde(default)]
+    power: Option<PowerConfig>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+const POWER_DRIVERS: &[&str] = &["manual", "ipmi", "redfish", "qmp"];
+
+async fn create_machine(
+    State(s): State<AppState>,
+    admin: Admin,
+    body: Result<Json<NewMachine>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Machine>)> {
     let Json(req) = body?;
-    let m = s.machines.enlist(req.boot_mac, req.inventory);
-    tracing::info!(machine = %m.id, mac = %m.boot_mac, "machine enlisted");
-    Ok(Json(EnlistResponse {
-        machine_id: m.id,
-        status: m.status.to_string(),
-    }))
+    if req.macs.is_empty() {
+        return Err(ApiError::bad_request("macs: at least one MAC address is needed"));
+    }
+    let power = req.power.unwrap_or_else(PowerConfig::manual);
+    if !POWER_DRIVERS.contains(&power.driver.as_str()) {
+        return Err(ApiError::bad_request(format!(
+            "power.driver: {:?} is not one of {POWER_DRIVERS:?}",
+            power.driver
+        )));
+    }
+    let now = now_ms();
+    let mut m = Machine::new(new_id(), req.macs, now);
+    m.hostname = req.hostname;
+    m.arch = req.arch.unwrap_or_else(|| "amd64".into());
+    m.power = power;
+    m.tags = req.tags;
+    let ev = NewEvent {
+        at: now,
+        actor: admin.actor,
+        old_status: None,
+        new_status: Some(Status::New),
+        message: "created".into(),
+    };
+    let saved = s.store.call(move |st| st.create_machine(&m, &ev)).await?;
+    s.controller.notify();
+    Ok((StatusCode::CREATED, Json(saved.redacted())))
 }
 
-async fn report(
+fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+async fn show_machine(State(s): State<AppState>, _: Admin, Path(id): Path<String>) -> ApiResult<Json<Machine>> {
+    Ok(Json(s.store.call(move |st| st.get_machine(&id)).await?.redacted()))
+}
+
+async fn delete_machine(State(s): State<AppState>, _: Admin, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    s.store
+        .call(move |st| {
+            let m = st.get_machine(&id)?;
+            st.delete_machine(&m.id)
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    /// release: wipe disks first.
+    #[serde(default)]
+    erase: bool,
+    /// release with erase: signatures and partition tables only.
+    #[serde(default)]
+    quick: Option<bool>,
+    /// mark-broken: why.
+    #[serde(default)]
+    reason: Option<String>,
+    /// allocate: who holds it.
+    #[serde(default)]
+    owner: Option<String>,
+    /// deploy: what to install.
+    #[serde(flatten)]
+    deploy: Option<DeployRequest>,
+}
+
+async fn machine_action(
     State(s): State<AppState>,
-    body: Result<Json<AgentReport>, JsonRejection>,
-) -> Result<StatusCode, ApiError> {
-    let Json(r) = body?;
-    let outcome = if r.ok { "ok" } else { "FAILED" };
-    tracing::info!(mac = %r.boot_mac, step = %r.step, ok = r.ok, message = %r.message, "agent report");
-    let message = format!("{}: {outcome}: {}", r.step, r.message);
-    if s.machines.record(r.boot_mac, "agent", message) {
+    admin: Admin,
+    Path((id, action)): Path<(String, String)>,
+    body: Option<Json<serde_json::Value>>,
+) -> ApiResult<Json<Machine>> {
+    // Bodies are optional; when present they are checked strictly, field by field.
+    let parse = |v: serde_json::Value| -> ApiResult<ActionBody> {
+        serde_json::from_value(v).map_err(|e| ApiError::bad_request(e.to_string()))
+    };
+    let body = match body {
+        Some(Json(v)) if !v.is_null() => parse(v)?,
+        _ => ActionBody::default(),
+    };
+    let c = &s.controller;
+    let actor = admin.actor;
+    let m = match action.as_str() {
+        "commission" => c.apply(&id, Event::Commission, &actor, None, |_| {}).await?,
+        "allocate" => {
+            let owner = body.owner.clone().unwrap_or_else(|| actor.clone());
+            c.apply(&id, Event::Allocate, &actor, None, move |m| m.owner = Some(owner))
+                .await?
+        }
+        "deploy" => {
+            let req = body
+                .deploy
+                .ok_or_else(|| ApiError::bad_request("image: missing field `image`"))?;
+            let resource = req.image.clone();
+            let known = s.store.call(move |st| st.boot_resource(&resource)).await?;
+            if known.is_none_or(|r| r.kind != "os") {
+                return Err(ApiError::bad_request(format!(
+                    "image: no OS boot resource named {:?}",
+                    req.image
+                )));
+            }
+            c.apply(&id, Event::Deploy, &actor, None, move |m| {
+                if let Some(h) = &req.hostname {
+                    m.hostname = Some(h.clone());
+                }
+                m.deploy = Some(req);
+            })
+            .await?
+        }
+        "release" => {
+            let event = if body.erase { Event::ReleaseErase } else { Event::Release };
+            let quick = body.quick.unwrap_or(true);
+            c.apply(&id, event, &actor, body.erase.then(|| format!("erase (quick: {quick})")), |_| {})
+                .await?
+        }
+        "abort" => {
+            c.apply(&id, Event::Abort, &actor, Some("aborted by user".into()), |_| {})
+                .await?
+        }
+        "mark-broken" => {
+            let reason = body.reason.unwrap_or_else(|| "marked broken".into());
+            c.apply(&id, Event::MarkBroken, &actor, Some(reason), |_| {}).await?
+        }
+        "mark-fixed" => c.apply(&id, Event::MarkFixed, &actor, None, |_| {}).await?,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no machine action {other:?}"),
+            ));
+        }
+    };
+    Ok(Json(m.redacted()))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Constraints {
+    #[serde(default)]
+    arch: Option<String>,
+    #[serde(default)]
+    min_cpus: Option<u32>,
+    #[serde(default)]
+    min_memory_mib: Option<u64>,
+    #[serde(default)]
+    min_disk_gib: Option<u64>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    owner: Option<String>,
+}
+
+impl Constraints {
+    fn fit(&self, m: &Machine) -> bool {
+        let Some(inv) = &m.inventory else {
+            return false;
+        };
+        let largest_disk = inv.disks.iter().map(|d| d.size_bytes).max().unwrap_or(0);
+        self.arch.as_ref().is_none_or(|a| *a == m.arch)
+            && self.min_cpus.is_none_or(|c| inv.cpu.count >= c)
+            && self.min_memory_mib.is_none_or(|mib| inv.memory.total_bytes >= mib << 20)
+            && self.min_disk_gib.is_none_or(|g| largest_disk >= g << 30)
+            && self.tags.iter().all(|t| m.tags.contains(t))
+    }
+}
+
+/// Allocates the first Ready machine that meets the constraints.
+async fn allocate_any(
+    State(s): State<AppState>,
+    admin: Admin,
+    body: Result<Json<Constraints>, JsonRejection>,
+) -> ApiResult<Json<Machine>> {
+    let Json(c) = body?;
+    let candidates = s.store.call(|st| st.list_machines()).await?;
+    let owner = c.owner.clone().unwrap_or_else(|| admin.actor.clone());
+    for m in candidates.iter().filter(|m| m.status == Status::Ready && c.fit(m)) {
+        let owner = owner.clone();
+        match s
+            .controller
+            .apply(&m.id, Event::Allocate, &admin.actor, None, move |m| m.owner = Some(owner))
+            .await
+        {
+            Ok(m) => return Ok(Json(m.redacted())),
+            // Someone else took it between the read and the save: try the next one.
+            Err(ControlError::Rejected(_) | ControlError::Store(StoreError::Conflict { .. })) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "no_machine",
+        "no Ready machine meets the constraints",
+    ))
+}
+
+// ---- events ----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EventQuery {
+    #[serde(default)]
+    after: i64,
+    #[serde(default)]
+    machine: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+async fn machine_events(
+    State(s): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+    q: Result<Query<EventQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<EventRecord>>> {
+    let Query(q) = q?;
+    let limit = q.limit.unwrap_or(1000);
+    Ok(Json(
+        s.store
+            .call(move |st| {
+                let m = st.get_machine(&id)?;
+                st.events(Some(&m.id), q.after, limit)
+            })
+            .await?,
+    ))
+}
+
+async fn list_events(
+    State(s): State<AppState>,
+    _: Admin,
+    q: Result<Query<EventQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<EventRecord>>> {
+    let Query(q) = q?;
+    let limit = q.limit.unwrap_or(1000);
+    Ok(Json(
+        s.store
+            .call(move |st| st.events(q.machine.as_deref(), q.after, limit))
+            .await?,
+    ))
+}
+
+/// Server-sent events: every event after `after`, then each new one as it is written.
+async fn stream_events(
+    State(s): State<AppState>,
+    _: Admin,
+    q: Result<Query<EventQuery>, QueryRejection>,
+) -> ApiResult<Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>>> {
+    let Query(q) = q?;
+    let machine = match q.machine {
+        Some(key) => Some(s.store.call(move |st| st.get_machine(&key)).await?.id),
+        None => None,
+    };
+    let mut wake = s.controller.subscribe();
+    let store = s.store.clone();
+    let stream = async_stream(move |tx| async move {
+        let mut after = q.after;
+        loop {
+            let m = machine.clone();
+            let batch = store
+                .call(move |st| st.events(m.as_deref(), after, 500))
+                .await
+                .unwrap_or_default();
+            for e in batch {
+                after = e.id;
+                let data = serde_json::to_string(&e).unwrap_or_default();
+                if tx
+                    .send(Ok(SseEvent::default().id(e.id.to_string()).data(data)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if wake.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// A stream fed by a task through a small channel; the task ends when the client goes.
+fn async_stream<T: Send + 'static, F, Fut>(f: F) -> impl futures_util::Stream<Item = T>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+// ---- SSH keys, boot resources, tokens ----
+
+async fn list_ssh_keys(State(s): State<AppState>, _: Admin) -> ApiResult<Json<Vec<SshKey>>> {
+    Ok(Json(s.store.call(|st| st.ssh_keys()).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewSshKey {
+    name: String,
+    key: String,
+}
+
+async fn add_ssh_key(
+    State(s): State<AppState>,
+    _: Admin,
+    body: Result<Json<NewSshKey>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<SshKey>)> {
+    let Json(k) = body?;
+    let kind = k.key.split_whitespace().next().unwrap_or_default();
+    if !(kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-")) {
+        return Err(ApiError::bad_request("key: not an OpenSSH public key"));
+    }
+    let rec = SshKey {
+        id: new_id(),
+        name: k.name,
+        key: k.key.trim().to_string(),
+        created_at: now_ms(),
+    };
+    let out = rec.clone();
+    s.store.call(move |st| st.add_ssh_key(&rec)).await?;
+    Ok((StatusCode::CREATED, Json(out)))
+}
+
+async fn delete_ssh_key(State(s): State<AppState>, _: Admin, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let key = id.clone();
+    if s.store.call(move |st| st.delete_ssh_key(&key)).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        // Not enlisted yet (it failed before enlisting): the log line above keeps the report.
-        Ok(StatusCode::ACCEPTED)
+        Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no SSH key {id:?}")))
     }
+}
+
+async fn list_boot_resources(State(s): State<AppState>, _: Admin) -> ApiResult<Json<Vec<BootResource>>> {
+    Ok(Json(s.store.call(|st| st.boot_resources()).await?))
+}
+
+async fn register_boot_resource(
+    State(s): State<AppState>,
+    _: Admin,
+    body: Result<Json<BootResource>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<BootResource>)> {
+    let Json(r) = body?;
+    if !["os", "ephemeral", "initrd"].contains(&r.kind.as_str()) {
+        return Err(ApiError::bad_request("kind: must be os, ephemeral or initrd"));
+    }
+    let root = s.cfg.boot_dir();
+    for f in &r.files {
+        if f.path.starts_with('/') || f.path.split('/').any(|c| c == "..") {
+            return Err(ApiError::bad_request(format!("files.path: {:?} leaves the boot root", f.path)));
+        }
+        if !root.join(&f.path).is_file() {
+            return Err(ApiError::bad_request(format!(
+                "files.path: {:?} does not exist under the boot root",
+                f.path
+            )));
+        }
+    }
+    let out = r.clone();
+    s.store.call(move |st| st.put_boot_resource(&r, now_ms())).await?;
+    Ok((StatusCode::CREATED, Json(out)))
+}
+
+async fn list_tokens(State(s): State<AppState>, _: Admin) -> ApiResult<Json<Vec<TokenRecord>>> {
+    Ok(Json(s.store.call(|st| st.list_tokens()).await?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Serialize)]
+struct CreatedToken {
+    #[serde(flatten)]
+    record: TokenRecord,
+    /// Shown once.
+    token: String,
+}
+
+async fn create_token(
+    State(s): State<AppState>,
+    _: Admin,
+    body: Result<Json<NewToken>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
+    let Json(t) = body?;
+    let (record, token) = s
+        .store
+        .call(move |st| auth::create_admin_token(st, &t.description))
+        .await?;
+    Ok((StatusCode::CREATED, Json(CreatedToken { record, token })))
 }
 
 #[derive(Serialize)]
@@ -104,8 +572,188 @@ struct StatsResponse {
     dhcp: crate::dhcp::StatsSnapshot,
 }
 
-async fn stats(State(s): State<AppState>) -> Json<impl Serialize> {
+async fn stats(State(s): State<AppState>, _: Admin) -> Json<impl Serialize> {
     Json(StatsResponse {
         dhcp: s.dhcp_stats.snapshot(),
     })
+}
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        include_str!("../../openapi.json"),
+    )
+}
+
+// ---- agent ----
+
+async fn enlist(
+    State(s): State<AppState>,
+    body: Result<Json<EnlistRequest>, JsonRejection>,
+) -> ApiResult<Json<EnlistResponse>> {
+    let Json(req) = body?;
+    let mac = req.boot_mac;
+    let inv = req.inventory;
+    let m = s
+        .store
+        .call(move |st| {
+            let now = now_ms();
+            let macs = machine_macs(mac, &inv);
+            match st.find_by_mac(mac)? {
+                Some(mut m) if m.status == Status::New => {
+                    m.inventory = Some(inv);
+                    m.macs = macs;
+                    m.updated_at = now;
+                    let ev = agent_event(now, Some(m.status), "enlisted again; inventory updated");
+                    st.save_machine(&m, &[ev])
+                }
+                Some(m) => {
+                    let ev = agent_event(now, Some(m.status), "rejected: enlistment of a machine that is not New");
+                    st.add_event(&m.id, &ev)?;
+                    Err(StoreError::Conflict {
+                        id: m.id,
+                        expected: m.version,
+                    })
+                }
+                None => {
+                    let mut m = Machine::new(new_id(), macs, now);
+                    m.inventory = Some(inv);
+                    st.create_machine(&m, &agent_event(now, None, "enlisted"))
+                }
+            }
+        })
+        .await?;
+    s.controller.notify();
+    tracing::info!(machine = %m.id, %mac, "machine enlisted");
+    Ok(Json(EnlistResponse {
+        machine_id: m.id,
+        status: m.status.to_string(),
+    }))
+}
+
+fn machine_macs(boot: MacAddr, inv: &Inventory) -> Vec<MacAddr> {
+    let mut macs = vec![boot];
+    macs.extend(inv.nics.iter().map(|n| n.mac).filter(|m| *m != boot));
+    macs
+}
+
+fn agent_event(at: i64, status: Option<Status>, message: &str) -> NewEvent {
+    NewEvent {
+        at,
+        actor: "agent".into(),
+        old_status: status,
+        new_status: None,
+        message: message.into(),
+    }
+}
+
+/// Reports from an agent that has no token (it failed while enlisting).
+async fn report(
+    State(s): State<AppState>,
+    body: Result<Json<AgentReport>, JsonRejection>,
+) -> ApiResult<StatusCode> {
+    let Json(r) = body?;
+    let outcome = if r.ok { "ok" } else { "FAILED" };
+    tracing::info!(mac = %r.boot_mac, step = %r.step, ok = r.ok, message = %r.message, "agent report");
+    let message = format!("{}: {outcome}: {}", r.step, r.message);
+    let mac = r.boot_mac;
+    let known = s
+        .store
+        .call(move |st| match st.find_by_mac(mac)? {
+            Some(m) => st.add_event(&m.id, &agent_event(now_ms(), Some(m.status), &message)).map(|_| true),
+            None => Ok(false),
+        })
+        .await?;
+    s.controller.notify();
+    // Unknown machines are not recorded (nothing to attach to); the log line keeps it.
+    Ok(if known { StatusCode::NO_CONTENT } else { StatusCode::ACCEPTED })
+}
+
+async fn agent_task(State(s): State<AppState>, agent: Agent, Path(id): Path<String>) -> ApiResult<Json<Task>> {
+    agent.check_machine(&id)?;
+    let m = agent.machine;
+    let task = match m.status {
+        Status::Commissioning => Task::Commission,
+        Status::DiskErasing => Task::Erase { quick: true },
+        Status::Deploying => super::deploy_task(&s, &m).await?,
+        _ => Task::PowerOff,
+    };
+    Ok(Json(task))
+}
+
+async fn agent_commissioned(
+    State(s): State<AppState>,
+    agent: Agent,
+    Path(id): Path<String>,
+    body: Result<Json<Inventory>, JsonRejection>,
+) -> ApiResult<Json<EnlistResponse>> {
+    agent.check_machine(&id)?;
+    let Json(inv) = body?;
+    let m = s
+        .controller
+        .apply(&id, Event::CommissioningDone, "agent", None, move |m| {
+            if let Some(boot) = m.boot_mac {
+                m.macs = machine_macs(boot, &inv);
+            }
+            m.inventory = Some(inv);
+        })
+        .await?;
+    Ok(Json(EnlistResponse {
+        machine_id: m.id,
+        status: m.status.to_string(),
+    }))
+}
+
+async fn agent_event_handler(s: &AppState, id: &str, e: AgentEvent) -> ApiResult<()> {
+    let text = match e.progress {
+        Some(p) => format!("{} {:?} ({:.0}%): {}", e.step, e.state, p * 100.0, e.message),
+        None => format!("{} {:?}: {}", e.step, e.state, e.message),
+    };
+    if e.state == StepState::Failed {
+        let reason = match &e.log_tail {
+            Some(tail) => format!("{}: {}\n{tail}", e.step, e.message),
+            None => format!("{}: {}", e.step, e.message),
+        };
+        s.controller
+            .apply(id, Event::AgentFailed, "agent", Some(reason), |_| {})
+            .await?;
+        return Ok(());
+    }
+    let id = id.to_string();
+    s.store
+        .call(move |st| {
+            let m = st.get_machine(&id)?;
+            st.add_event(&m.id, &agent_event(now_ms(), Some(m.status), &text))
+        })
+        .await?;
+    s.controller.notify();
+    Ok(())
+}
+
+async fn agent_post_event(
+    State(s): State<AppState>,
+    agent: Agent,
+    Path(id): Path<String>,
+    body: Result<Json<AgentEvent>, JsonRejection>,
+) -> ApiResult<StatusCode> {
+    agent.check_machine(&id)?;
+    let Json(e) = body?;
+    agent_event_handler(&s, &id, e).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn agent_released(State(s): State<AppState>, agent: Agent, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    agent.check_machine(&id)?;
+    s.controller
+        .apply(&id, Event::ReleaseDone, "agent", None, |_| {})
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn agent_deployed(State(s): State<AppState>, agent: Agent, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    agent.check_machine(&id)?;
+    s.controller
+        .apply(&id, Event::DeploymentDone, "installed-os", None, |_| {})
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }

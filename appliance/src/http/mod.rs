@@ -7,17 +7,22 @@ pub mod script;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::http::StatusCode;
 use axum::routing::get;
+use stork_proto::{DeployTask, ImageFile, Task};
 use tower_http::services::ServeDir;
 
 use crate::config::Config;
+use crate::controller::Controller;
 use crate::dhcp::Stats;
-use crate::machines::Machines;
+use crate::store::{DeployTarget, Machine, Store};
+use api::ApiError;
 
 #[derive(Clone)]
 pub struct AppState {
     pub cfg: Arc<Config>,
-    pub machines: Arc<Machines>,
+    pub store: Store,
+    pub controller: Controller,
     pub dhcp_stats: Arc<Stats>,
 }
 
@@ -31,4 +36,51 @@ pub fn router(state: AppState) -> Router {
         .nest_service("/boot", boot)
         .with_state(state)
         .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+/// The deploy task for a Deploying machine: its request, the image's files as URLs on
+/// this appliance, and the SSH keys (the request's plus every registered one).
+pub async fn deploy_task(s: &AppState, m: &Machine) -> Result<Task, ApiError> {
+    let req = m.deploy.clone().ok_or_else(|| {
+        ApiError::new(StatusCode::CONFLICT, "no_deploy_request", "machine has no deploy request")
+    })?;
+    let name = req.image.clone();
+    let (resource, keys) = s
+        .store
+        .call(move |st| Ok((st.boot_resource(&name)?, st.ssh_keys()?)))
+        .await?;
+    let resource = resource.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_image",
+            format!("boot resource {:?} is gone", req.image),
+        )
+    })?;
+    let base = s.cfg.base_url();
+    let mut ssh_keys = req.ssh_keys.clone();
+    ssh_keys.extend(keys.into_iter().map(|k| k.key));
+    Ok(Task::Deploy(DeployTask {
+        target: match req.target {
+            DeployTarget::Disk => "disk".into(),
+            DeployTarget::Memory => "memory".into(),
+        },
+        disk: req.disk.clone(),
+        hostname: req
+            .hostname
+            .clone()
+            .or_else(|| m.hostname.clone())
+            .unwrap_or_else(|| format!("stork-{}", m.id)),
+        ssh_keys,
+        user_data: req.user_data.clone(),
+        image: resource
+            .files
+            .iter()
+            .map(|f| ImageFile {
+                role: f.role.clone(),
+                url: format!("{base}/boot/{}", f.path),
+                sha256: f.sha256.clone(),
+                size: f.size,
+            })
+            .collect(),
+    }))
 }

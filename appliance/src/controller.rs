@@ -1,0 +1,233 @@
+//! Applies lifecycle events: asks the table, saves the result with a version check and an
+//! event row, then performs the step's power actions. Also runs the busy-status timeouts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::lifecycle::{Action, Event, Rejected, Status, transition};
+use crate::store::{Machine, NewEvent, Store, StoreError, now_ms};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Rejected(#[from] Rejected),
+}
+
+/// Performs power actions. The lab and real sites plug their BMC drivers in here.
+pub trait PowerActions: Send + Sync {
+    /// Next boot from the network, then power on (cycle when already on).
+    fn netboot_and_power_on(&self, m: &Machine) -> futures_util::future::BoxFuture<'static, Result<(), String>>;
+    fn power_off(&self, m: &Machine) -> futures_util::future::BoxFuture<'static, Result<(), String>>;
+}
+
+/// What manual power means: record that a person must act.
+pub struct ManualPower;
+
+impl PowerActions for ManualPower {
+    fn netboot_and_power_on(&self, _m: &Machine) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
+        Box::pin(async { Err("manual power: set the machine to network-boot and power it on".into()) })
+    }
+    fn power_off(&self, _m: &Machine) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
+        Box::pin(async { Err("manual power: power the machine off".into()) })
+    }
+}
+
+#[derive(Clone)]
+pub struct Controller {
+    pub store: Store,
+    power: Arc<dyn PowerActions>,
+    /// Bumped after every write that adds events, so event streams wake up.
+    events: watch::Sender<u64>,
+}
+
+impl Controller {
+    pub fn new(store: Store, power: Arc<dyn PowerActions>) -> Self {
+        let (events, _) = watch::channel(0);
+        Self {
+            store,
+            power,
+            events,
+        }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.events.subscribe()
+    }
+
+    pub fn notify(&self) {
+        self.events.send_modify(|n| *n += 1);
+    }
+
+    /// Applies `event` to machine `key` on behalf of `actor`. `update` changes the machine's
+    /// data in the same save (an inventory, a deploy request). A transition the table
+    /// refuses is recorded as an event and returned as [`ControlError::Rejected`].
+    pub async fn apply(
+        &self,
+        key: &str,
+        event: Event,
+        actor: &str,
+        message: Option<String>,
+        update: impl FnOnce(&mut Machine) + Send + 'static,
+    ) -> Result<Machine, ControlError> {
+        let (mut machine, actions) = self.save_step(key, event, actor, message, update).await?;
+        for action in actions {
+            self.perform(&machine, *action).await;
+            // Releasing without erase is done once the power-off has been asked for (a
+            // manual machine's person powers it off).
+            if event == Event::Release && *action == Action::PowerOff {
+                let (m, _) = self
+                    .save_step(&machine.id, Event::ReleaseDone, "controller", None, |_| {})
+                    .await?;
+                machine = m;
+            }
+        }
+        Ok(machine)
+    }
+
+    /// The table's answer, saved with its event; returns the actions still to perform.
+    async fn save_step(
+        &self,
+        key: &str,
+        event: Event,
+        actor: &str,
+        message: Option<String>,
+        update: impl FnOnce(&mut Machine) + Send + 'static,
+    ) -> Result<(Machine, &'static [Action]), ControlError> {
+        let key = key.to_string();
+        let actor = actor.to_string();
+        let outcome = self
+            .store
+            .call(move |s| {
+                let mut m = s.get_machine(&key)?;
+                let now = now_ms();
+                let step = match transition(m.status, event, m.inventory.is_some()) {
+                    Ok(step) => step,
+                    Err(rejected) => {
+                        s.add_event(
+                            &m.id,
+                            &NewEvent {
+                                at: now,
+                                actor: actor.clone(),
+                                old_status: Some(m.status),
+                                new_status: None,
+                                message: format!(
+                                    "rejected: {rejected}{}",
+                                    message.as_deref().map(|x| format!(" ({x})")).unwrap_or_default()
+                                ),
+                            },
+                        )?;
+                        return Ok(Err(rejected));
+                    }
+                };
+                let old = m.status;
+                m.status = step.to;
+                m.status_since = now;
+                m.status_message = message.clone();
+                m.updated_at = now;
+                for a in step.actions {
+                    match a {
+                        Action::RevokeAgentToken => m.agent_token = None,
+                        Action::ClearAllocation => {
+                            m.owner = None;
+                            m.deploy = None;
+                        }
+                        Action::NetbootAndPowerOn | Action::PowerOff => {}
+                    }
+                }
+                update(&mut m);
+                let text = match &message {
+                    Some(msg) => format!("{event:?}: {old} -> {}: {msg}", step.to),
+                    None => format!("{event:?}: {old} -> {}", step.to),
+                };
+                let saved = s.save_machine(
+                    &m,
+                    &[NewEvent {
+                        at: now,
+                        actor,
+                        old_status: Some(old),
+                        new_status: Some(step.to),
+                        message: text,
+                    }],
+                )?;
+                Ok(Ok((saved, step.actions)))
+            })
+            .await?;
+        self.notify();
+        let (machine, actions) = outcome?;
+        tracing::info!(machine = %machine.id, status = %machine.status, ?event, "transition");
+        Ok((machine, actions))
+    }
+
+    async fn perform(&self, m: &Machine, action: Action) {
+        let result = match action {
+            Action::NetbootAndPowerOn => self.power.netboot_and_power_on(m).await,
+            Action::PowerOff => self.power.power_off(m).await,
+            Action::RevokeAgentToken | Action::ClearAllocation => return,
+        };
+        let message = match result {
+            Ok(()) => format!("power: {action:?} done"),
+            Err(e) => format!("power: {action:?}: {e}"),
+        };
+        tracing::info!(machine = %m.id, %message, "power action");
+        let id = m.id.clone();
+        let _ = self
+            .store
+            .call(move |s| {
+                s.add_event(
+                    &id,
+                    &NewEvent {
+                        at: now_ms(),
+                        actor: "controller".into(),
+                        old_status: None,
+                        new_status: None,
+                        message,
+                    },
+                )
+            })
+            .await;
+        self.notify();
+    }
+
+    /// Moves machines whose busy status outlived `timeout` to their failed status.
+    pub async fn check_timeouts(&self, timeout: Duration) {
+        let Ok(machines) = self.store.call(|s| s.list_machines()).await else {
+            return;
+        };
+        let now = now_ms();
+        for m in machines {
+            let busy_ms = now - m.status_since;
+            if m.status.failure_on_timeout().is_some() && busy_ms > timeout.as_millis() as i64 {
+                let why = format!("{} timed out after {} s", m.status, timeout.as_secs());
+                if let Err(e) = self
+                    .apply(&m.id, Event::TimedOut, "controller", Some(why), |_| {})
+                    .await
+                {
+                    tracing::warn!(machine = %m.id, error = %e, "timeout transition failed");
+                }
+            }
+        }
+    }
+
+    /// Runs [`Controller::check_timeouts`] every `every`, forever.
+    pub async fn run_timeouts(self, timeout: Duration, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            self.check_timeouts(timeout).await;
+        }
+    }
+}
+
+impl Status {
+    /// Whether a machine in this status boots the agent when it network-boots.
+    pub fn boots_agent(self) -> bool {
+        matches!(
+            self,
+            Status::New | Status::Commissioning | Status::Deploying | Status::DiskErasing
+        )
+    }
+}

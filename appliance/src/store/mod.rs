@@ -1,0 +1,577 @@
+//! Durable state: machines, their event history, tokens, SSH keys and boot resources.
+//!
+//! SQLite (bundled) in WAL mode with `synchronous = FULL`: a change is acknowledged only
+//! after its transaction is on disk, so nothing acknowledged is lost to `kill -9` or power
+//! loss. Schema changes are numbered migrations tracked in `PRAGMA user_version`.
+//!
+//! The methods take `&self` and lock one connection; callers in async code run them on the
+//! blocking pool (`Store::call`), so no transaction is ever held across an `.await`. A
+//! PostgreSQL backend for several appliances would implement the same methods.
+
+pub mod model;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use stork_proto::MacAddr;
+
+pub use model::*;
+
+use crate::lifecycle::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error")]
+    Db(#[from] rusqlite::Error),
+    #[error("stored JSON in {column} is invalid")]
+    Json {
+        column: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("no machine {0:?}")]
+    NotFound(String),
+    #[error("machine {id} changed since it was read (version {expected})")]
+    Conflict { id: String, expected: i64 },
+    #[error("MAC address {0} belongs to another machine")]
+    MacTaken(MacAddr),
+    #[error("database task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Migrations, applied in order; index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE machines (
+    id            TEXT PRIMARY KEY,
+    hostname      TEXT,
+    status        TEXT NOT NULL,
+    status_message TEXT,
+    status_since  INTEGER NOT NULL,
+    version       INTEGER NOT NULL,
+    boot_mac      TEXT,
+    arch          TEXT NOT NULL,
+    power         TEXT NOT NULL,
+    inventory     TEXT,
+    owner         TEXT,
+    deploy        TEXT,
+    tags          TEXT NOT NULL,
+    agent_token   TEXT,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL
+);
+CREATE TABLE interfaces (
+    mac        TEXT PRIMARY KEY,
+    machine_id TEXT NOT NULL REFERENCES machines(id) ON DELETE CASCADE
+);
+CREATE INDEX interfaces_machine ON interfaces(machine_id);
+CREATE TABLE events (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    machine_id TEXT NOT NULL,
+    at         INTEGER NOT NULL,
+    actor      TEXT NOT NULL,
+    old_status TEXT,
+    new_status TEXT,
+    message    TEXT NOT NULL
+);
+CREATE INDEX events_machine ON events(machine_id, id);
+CREATE TABLE tokens (
+    hash        TEXT PRIMARY KEY,
+    id          TEXT NOT NULL UNIQUE,
+    description TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE ssh_keys (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE boot_resources (
+    name       TEXT PRIMARY KEY,
+    body       TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+"#];
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    // Serializing our own plain data types cannot fail.
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(
+    column: &'static str,
+    s: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|source| StoreError::Json { column, source })
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let store = Self {
+            conn: Arc::new(Mutex::new(conn)),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic mid-call leaves SQLite consistent (the transaction rolls back on drop).
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the blocking pool: the async API's way in.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me)).await?
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate() {
+            let target = i as i64 + 1;
+            if version < target {
+                let tx = conn.transaction()?;
+                tx.execute_batch(sql)?;
+                tx.pragma_update(None, "user_version", target)?;
+                tx.commit()?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- machines ----
+
+    const MACHINE_COLUMNS: &'static str = "id, hostname, status, status_message, status_since, \
+        version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, updated_at";
+
+    fn machine_from_row(conn: &Connection, row: &Row<'_>) -> Result<Machine, StoreError> {
+        let id: String = row.get(0)?;
+        let status: String = row.get(2)?;
+        let boot_mac: Option<String> = row.get(6)?;
+        let power: String = row.get(8)?;
+        let inventory: Option<String> = row.get(9)?;
+        let deploy: Option<String> = row.get(11)?;
+        let tags: String = row.get(12)?;
+        let mut stmt = conn.prepare_cached("SELECT mac FROM interfaces WHERE machine_id = ?1")?;
+        let mut macs: Vec<MacAddr> = stmt
+            .query_map([&id], |r| r.get::<_, String>(0))?
+            .filter_map(|m| m.ok().and_then(|m| m.parse().ok()))
+            .collect();
+        let boot_mac: Option<MacAddr> = boot_mac.and_then(|m| m.parse().ok());
+        macs.sort_by_key(|m| Some(*m) != boot_mac);
+        Ok(Machine {
+            id,
+            hostname: row.get(1)?,
+            status: Status::parse(&status).unwrap_or(Status::Broken),
+            status_message: row.get(3)?,
+            status_since: row.get(4)?,
+            version: row.get(5)?,
+            boot_mac,
+            macs,
+            arch: row.get(7)?,
+            power: from_json("power", &power)?,
+            inventory: inventory
+                .map(|i| from_json("inventory", &i))
+                .transpose()?,
+            owner: row.get(10)?,
+            deploy: deploy.map(|d| from_json("deploy", &d)).transpose()?,
+            tags: from_json("tags", &tags)?,
+            agent_token: row.get(13)?,
+            created_at: row.get(14)?,
+            updated_at: row.get(15)?,
+        })
+    }
+
+    fn query_machines(
+        conn: &Connection,
+        where_sql: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<Machine>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM machines {where_sql} ORDER BY created_at, id",
+            Self::MACHINE_COLUMNS
+        );
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(args)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(Self::machine_from_row(conn, row)?);
+        }
+        Ok(out)
+    }
+
+    pub fn list_machines(&self) -> Result<Vec<Machine>, StoreError> {
+        Self::query_machines(&self.lock(), "", &[])
+    }
+
+    /// By id, or by any of its MAC addresses.
+    pub fn get_machine(&self, key: &str) -> Result<Machine, StoreError> {
+        let conn = self.lock();
+        let id = match key.parse::<MacAddr>() {
+            Ok(mac) => conn
+                .query_row(
+                    "SELECT machine_id FROM interfaces WHERE mac = ?1",
+                    [mac.to_string()],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()?
+                .unwrap_or_else(|| key.to_string()),
+            Err(_) => key.to_string(),
+        };
+        Self::query_machines(&conn, "WHERE id = ?1", &[&id])?
+            .pop()
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))
+    }
+
+    pub fn find_by_mac(&self, mac: MacAddr) -> Result<Option<Machine>, StoreError> {
+        match self.get_machine(&mac.to_string()) {
+            Ok(m) => Ok(Some(m)),
+            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Inserts a new machine and its first event.
+    pub fn create_machine(&self, m: &Machine, event: &NewEvent) -> Result<Machine, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        tx.execute(
+            &format!(
+                "INSERT INTO machines ({}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
+                Self::MACHINE_COLUMNS
+            ),
+            params![
+                m.id,
+                m.hostname,
+                m.status.as_str(),
+                m.status_message,
+                m.status_since,
+                m.version,
+                m.boot_mac.map(|b| b.to_string()),
+                m.arch,
+                json(&m.power),
+                m.inventory.as_ref().map(json),
+                m.owner,
+                m.deploy.as_ref().map(json),
+                json(&m.tags),
+                m.agent_token,
+                m.created_at,
+                m.updated_at,
+            ],
+        )?;
+        Self::put_interfaces(&tx, &m.id, &m.macs)?;
+        Self::insert_event(&tx, &m.id, event)?;
+        tx.commit()?;
+        drop(conn);
+        self.get_machine(&m.id)
+    }
+
+    fn put_interfaces(
+        tx: &rusqlite::Transaction<'_>,
+        id: &str,
+        macs: &[MacAddr],
+    ) -> Result<(), StoreError> {
+        for mac in macs {
+            let owner: Option<String> = tx
+                .query_row(
+                    "SELECT machine_id FROM interfaces WHERE mac = ?1",
+                    [mac.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match owner {
+                Some(o) if o != id => return Err(StoreError::MacTaken(*mac)),
+                Some(_) => {}
+                None => {
+                    tx.execute(
+                        "INSERT INTO interfaces (mac, machine_id) VALUES (?1, ?2)",
+                        params![mac.to_string(), id],
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Saves `m` if its stored version is still `m.version`, with `events`, in one
+    /// transaction. Returns the saved machine (version + 1).
+    pub fn save_machine(&self, m: &Machine, events: &[NewEvent]) -> Result<Machine, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let changed = tx.execute(
+            "UPDATE machines SET hostname=?2, status=?3, status_message=?4, status_since=?5,
+                version=version+1, boot_mac=?6, arch=?7, power=?8, inventory=?9, owner=?10,
+                deploy=?11, tags=?12, agent_token=?13, updated_at=?14
+             WHERE id=?1 AND version=?15",
+            params![
+                m.id,
+                m.hostname,
+                m.status.as_str(),
+                m.status_message,
+                m.status_since,
+                m.boot_mac.map(|b| b.to_string()),
+                m.arch,
+                json(&m.power),
+                m.inventory.as_ref().map(json),
+                m.owner,
+                m.deploy.as_ref().map(json),
+                json(&m.tags),
+                m.agent_token,
+                m.updated_at,
+                m.version,
+            ],
+        )?;
+        if changed == 0 {
+            let exists: bool = tx
+                .query_row("SELECT 1 FROM machines WHERE id = ?1", [&m.id], |_| Ok(true))
+                .optional()?
+                .unwrap_or(false);
+            return Err(if exists {
+                StoreError::Conflict {
+                    id: m.id.clone(),
+                    expected: m.version,
+                }
+            } else {
+                StoreError::NotFound(m.id.clone())
+            });
+        }
+        Self::put_interfaces(&tx, &m.id, &m.macs)?;
+        for e in events {
+            Self::insert_event(&tx, &m.id, e)?;
+        }
+        tx.commit()?;
+        drop(conn);
+        self.get_machine(&m.id)
+    }
+
+    pub fn delete_machine(&self, id: &str) -> Result<(), StoreError> {
+        let conn = self.lock();
+        if conn.execute("DELETE FROM machines WHERE id = ?1", [id])? == 0 {
+            return Err(StoreError::NotFound(id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The machine whose current agent token has this hash.
+    pub fn machine_by_agent_token(&self, hash: &str) -> Result<Option<Machine>, StoreError> {
+        let conn = self.lock();
+        Ok(Self::query_machines(&conn, "WHERE agent_token = ?1", &[&hash])?.pop())
+    }
+
+    // ---- events ----
+
+    fn insert_event(
+        tx: &rusqlite::Transaction<'_>,
+        machine_id: &str,
+        e: &NewEvent,
+    ) -> Result<(), StoreError> {
+        tx.execute(
+            "INSERT INTO events (machine_id, at, actor, old_status, new_status, message)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                machine_id,
+                e.at,
+                e.actor,
+                e.old_status.map(|s| s.as_str()),
+                e.new_status.map(|s| s.as_str()),
+                e.message
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Appends an event without changing the machine (e.g. a rejected agent report).
+    pub fn add_event(&self, machine_id: &str, e: &NewEvent) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        Self::insert_event(&tx, machine_id, e)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Events after `after_id`, oldest first, for one machine or all.
+    pub fn events(
+        &self,
+        machine_id: Option<&str>,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, machine_id, at, actor, old_status, new_status, message FROM events
+             WHERE id > ?1 AND (?2 IS NULL OR machine_id = ?2) ORDER BY id LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![after_id, machine_id, limit], |r| {
+            let old: Option<String> = r.get(4)?;
+            let new: Option<String> = r.get(5)?;
+            Ok(EventRecord {
+                id: r.get(0)?,
+                machine_id: r.get(1)?,
+                at: r.get(2)?,
+                actor: r.get(3)?,
+                old_status: old.as_deref().and_then(Status::parse),
+                new_status: new.as_deref().and_then(Status::parse),
+                message: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    // ---- admin tokens ----
+
+    pub fn add_token(&self, t: &TokenRecord, hash: &str) -> Result<(), StoreError> {
+        self.lock().execute(
+            "INSERT INTO tokens (hash, id, description, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![hash, t.id, t.description, t.created_at],
+        )?;
+        Ok(())
+    }
+
+    pub fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT id, description, created_at FROM tokens WHERE hash = ?1",
+                [hash],
+                |r| {
+                    Ok(TokenRecord {
+                        id: r.get(0)?,
+                        description: r.get(1)?,
+                        created_at: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare_cached("SELECT id, description, created_at FROM tokens ORDER BY created_at")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(TokenRecord {
+                id: r.get(0)?,
+                description: r.get(1)?,
+                created_at: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    // ---- SSH keys and boot resources: small named JSON records ----
+
+    pub fn add_ssh_key(&self, k: &SshKey) -> Result<(), StoreError> {
+        self.lock().execute(
+            "INSERT INTO ssh_keys (id, name, key, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![k.id, k.name, k.key, k.created_at],
+        )?;
+        Ok(())
+    }
+
+    pub fn ssh_keys(&self) -> Result<Vec<SshKey>, StoreError> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare_cached("SELECT id, name, key, created_at FROM ssh_keys ORDER BY created_at")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(SshKey {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                key: r.get(2)?,
+                created_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn delete_ssh_key(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.lock().execute("DELETE FROM ssh_keys WHERE id = ?1", [id])? > 0)
+    }
+
+    pub fn put_boot_resource(&self, r: &BootResource, now: i64) -> Result<(), StoreError> {
+        self.lock().execute(
+            "INSERT INTO boot_resources (name, body, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET body = excluded.body",
+            params![r.name, json(r), now],
+        )?;
+        Ok(())
+    }
+
+    pub fn boot_resources(&self) -> Result<Vec<BootResource>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached("SELECT body FROM boot_resources ORDER BY name")?;
+        let bodies: Vec<String> = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        bodies.iter().map(|b| from_json("body", b)).collect()
+    }
+
+    pub fn boot_resource(&self, name: &str) -> Result<Option<BootResource>, StoreError> {
+        let body: Option<String> = self
+            .lock()
+            .query_row("SELECT body FROM boot_resources WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?;
+        body.map(|b| from_json("body", &b)).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(id: &str, mac: &str) -> Machine {
+        Machine::new(id.into(), vec![mac.parse().unwrap()], 1000)
+    }
+
+    fn ev(msg: &str) -> NewEvent {
+        NewEvent {
+            at: 1000,
+            actor: "test".into(),
+            old_status: None,
+            new_status: Some(Status::New),
+            message: msg.into(),
+        }
+    }
+
+    #[test]
+    fn create_get_save_with_version_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        let m = s.create_machine(&machine("a1", "52:54:00:00:00:01"), &ev("created")).unwrap();
+        assert_eq!(s.get_machine("52:54:00:00:00:01").unwrap().id, "a1");
+        let mut m2 = m.clone();
+        m2.status = Status::Commissioning;
+        let saved = s.save_machine(&m2, &[ev("commission")]).unwrap();
+        assert_eq!(saved.version, m.version + 1);
+        // A second writer with the old version loses.
+        assert!(matches!(
+            s.save_machine(&m2, &[]),
+            Err(StoreError::Conflict { .. })
+        ));
+        assert_eq!(s.events(Some("a1"), 0, 100).unwrap().len(), 2);
+        // MACs are unique across machines.
+        assert!(matches!(
+            s.create_machine(&machine("b2", "52:54:00:00:00:01"), &ev("dup")),
+            Err(StoreError::MacTaken(_))
+        ));
+        // Survives reopening.
+        drop(s);
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        assert_eq!(s.get_machine("a1").unwrap().status, Status::Commissioning);
+        assert_eq!(s.list_machines().unwrap().len(), 1);
+    }
+}
