@@ -135,7 +135,8 @@ impl Controller {
                             m.owner = None;
                             m.deploy = None;
                         }
-                        Action::NetbootAndPowerOn | Action::PowerOff => {}
+                        Action::NetbootAndPowerOn => m.netboot = true,
+                        Action::PowerOff => {}
                     }
                 }
                 update(&mut m);

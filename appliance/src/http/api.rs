@@ -46,6 +46,7 @@ pub fn routes() -> Router<AppState> {
         .route("/agent/{id}/commissioned", post(agent_commissioned))
         .route("/agent/{id}/events", post(agent_post_event))
         .route("/agent/{id}/released", post(agent_released))
+        .route("/agent/{id}/installed", post(agent_installed))
         .route("/agent/{id}/deployed", post(agent_deployed))
 }
 
@@ -747,6 +748,28 @@ async fn agent_released(State(s): State<AppState>, agent: Agent, Path(id): Path<
     s.controller
         .apply(&id, Event::ReleaseDone, "agent", None, |_| {})
         .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The agent wrote the image: the next boot is from disk, and the machine stays Deploying
+/// until the installed OS phones home.
+async fn agent_installed(State(s): State<AppState>, agent: Agent, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    agent.check_machine(&id)?;
+    let status = agent.machine.status;
+    if status != Status::Deploying {
+        let msg = format!("rejected: image installed reported while {status}");
+        s.store
+            .call(move |st| st.add_event(&id, &agent_event(now_ms(), Some(status), &msg)))
+            .await?;
+        s.controller.notify();
+        return Err(ApiError::new(StatusCode::CONFLICT, "illegal_transition", "machine is not deploying"));
+    }
+    let mut m = agent.machine;
+    m.netboot = false;
+    m.updated_at = now_ms();
+    let ev = agent_event(m.updated_at, Some(status), "image installed; next boot from disk");
+    s.store.call(move |st| st.save_machine(&m, &[ev])).await?;
+    s.controller.notify();
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -25,7 +25,7 @@ pub fn choose(machine: Option<&Machine>) -> BootChoice {
     match machine {
         None => BootChoice::Enlist,
         Some(m) if m.status == crate::lifecycle::Status::New => BootChoice::Enlist,
-        Some(m) if m.status.boots_agent() => BootChoice::Agent {
+        Some(m) if m.status.boots_agent() && m.netboot => BootChoice::Agent {
             machine_id: m.id.clone(),
         },
         Some(_) => BootChoice::LocalDisk,
@@ -172,5 +172,9 @@ mod tests {
             };
             assert_eq!(choose(Some(&m)), want, "{status}");
         }
+        // Once the agent installed the image, the deploying machine boots from disk.
+        m.status = Status::Deploying;
+        m.netboot = false;
+        assert_eq!(choose(Some(&m)), BootChoice::LocalDisk);
     }
 }

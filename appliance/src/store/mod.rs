@@ -41,7 +41,8 @@ pub enum StoreError {
 }
 
 /// Migrations, applied in order; index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE machines (
     id            TEXT PRIMARY KEY,
     hostname      TEXT,
@@ -92,7 +93,10 @@ CREATE TABLE boot_resources (
     body       TEXT NOT NULL,
     created_at INTEGER NOT NULL
 );
-"#];
+"#,
+    // Whether the machine should network-boot the agent (cleared once an image is installed).
+    "ALTER TABLE machines ADD COLUMN netboot INTEGER NOT NULL DEFAULT 1;",
+];
 
 #[derive(Clone)]
 pub struct Store {
@@ -157,7 +161,7 @@ impl Store {
     // ---- machines ----
 
     const MACHINE_COLUMNS: &'static str = "id, hostname, status, status_message, status_since, \
-        version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, updated_at";
+        version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, updated_at, netboot";
 
     fn machine_from_row(conn: &Connection, row: &Row<'_>) -> Result<Machine, StoreError> {
         let id: String = row.get(0)?;
@@ -194,6 +198,7 @@ impl Store {
             agent_token: row.get(13)?,
             created_at: row.get(14)?,
             updated_at: row.get(15)?,
+            netboot: row.get(16)?,
         })
     }
 
@@ -252,7 +257,7 @@ impl Store {
         let tx = conn.transaction()?;
         tx.execute(
             &format!(
-                "INSERT INTO machines ({}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
+                "INSERT INTO machines ({}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)",
                 Self::MACHINE_COLUMNS
             ),
             params![
@@ -272,6 +277,7 @@ impl Store {
                 m.agent_token,
                 m.created_at,
                 m.updated_at,
+                m.netboot,
             ],
         )?;
         Self::put_interfaces(&tx, &m.id, &m.macs)?;
@@ -316,7 +322,7 @@ impl Store {
         let changed = tx.execute(
             "UPDATE machines SET hostname=?2, status=?3, status_message=?4, status_since=?5,
                 version=version+1, boot_mac=?6, arch=?7, power=?8, inventory=?9, owner=?10,
-                deploy=?11, tags=?12, agent_token=?13, updated_at=?14
+                deploy=?11, tags=?12, agent_token=?13, updated_at=?14, netboot=?16
              WHERE id=?1 AND version=?15",
             params![
                 m.id,
@@ -334,6 +340,7 @@ impl Store {
                 m.agent_token,
                 m.updated_at,
                 m.version,
+                m.netboot,
             ],
         )?;
         if changed == 0 {

@@ -103,6 +103,9 @@ pub struct Machine {
     pub agent_token: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Network-boot the agent while busy; cleared when the agent has installed an image so
+    /// the next boot is from disk, set again by every step that powers on into the agent.
+    pub netboot: bool,
 }
 
 impl Machine {
@@ -125,6 +128,7 @@ impl Machine {
             agent_token: None,
             created_at: now,
             updated_at: now,
+            netboot: true,
         }
     }
 
