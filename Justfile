@@ -23,3 +23,15 @@ unit:
 lint:
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
+
+# TFTP benchmark: Stork against tftpd-hpa and dnsmasq in namespaces (needs root).
+bench-tftp:
+    cargo xtask bench tftp
+
+# DHCP benchmark: perfdhcp against Stork, Kea and dnsmasq in namespaces (needs root).
+bench-dhcp:
+    cargo xtask bench dhcp
+
+# Image builder benchmark: Stork's SquashFS writer against plain mksquashfs, initrd build time.
+bench-images:
+    cargo xtask bench images

@@ -1,6 +1,8 @@
 //! The serial console: every line the agent prints carries the `stork-agent:` prefix.
 
+use std::collections::VecDeque;
 use std::fs::OpenOptions;
+use std::sync::Mutex;
 use std::io::Write;
 
 use anyhow::{Context, Result};
@@ -14,10 +16,27 @@ macro_rules! say {
 }
 pub(crate) use say;
 
+/// The last lines printed, for the log tail of a failure report.
+static TAIL: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
+const TAIL_LINES: usize = 40;
+
 /// Prints `stork-agent: <text>`.
 pub fn line(text: &str) {
     // A console write error must not panic PID 1, and there is nowhere better to report it.
     let _ = writeln!(std::io::stdout().lock(), "stork-agent: {text}");
+    // A poisoned lock only means another thread panicked mid-push; the lines are still fine.
+    let mut tail = TAIL.lock().unwrap_or_else(|p| p.into_inner());
+    if tail.len() == TAIL_LINES {
+        tail.pop_front();
+    }
+    tail.push_back(text.to_string());
+}
+
+/// The last `n` console lines, oldest first.
+pub fn tail(n: usize) -> String {
+    let tail = TAIL.lock().unwrap_or_else(|p| p.into_inner());
+    let skip = tail.len().saturating_sub(n);
+    tail.iter().skip(skip).cloned().collect::<Vec<_>>().join("\n")
 }
 
 /// Points stdin, stdout and stderr at /dev/console when they ended up on /dev/null.

@@ -10,6 +10,7 @@ use stork_proto::cmdline::AgentArgs;
 use stork_proto::{AgentReport, EnlistRequest, Inventory};
 
 use crate::console::{self, say};
+use crate::deploy::{self, Ending};
 use crate::net::{self, Control};
 use crate::report::Client;
 use crate::{inventory, modules, mounts, power};
@@ -18,10 +19,12 @@ const CLASS_NET: &str = "/sys/class/net";
 const NIC_TIMEOUT: Duration = Duration::from_secs(30);
 const CARRIER_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(100);
+/// Console lines sent with a failure report.
+const FAILURE_TAIL_LINES: usize = 15;
 
 /// The steps, named as they appear on the console and in [`AgentReport::step`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
+pub enum Step {
     Mount,
     LoadModules,
     Cmdline,
@@ -30,10 +33,24 @@ enum Step {
     Enlist,
     Task,
     Commission,
+    /// Deploy: choose and wipe the target disk.
+    Disk,
+    /// Deploy: stream the image onto it.
+    Image,
+    /// Deploy: re-read, grow and find the root partition.
+    Partitions,
+    /// Deploy: write the cloud-init seed and phone-home.
+    Seed,
+    /// Deploy: tell the appliance the image is installed.
+    Installed,
+    /// Release: wipe the disks.
+    Erase,
+    /// Deploy in memory: fetch, mount and hand over to the OS.
+    Memory,
 }
 
 impl Step {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Step::Mount => "mount",
             Step::LoadModules => "load-modules",
@@ -43,6 +60,13 @@ impl Step {
             Step::Enlist => "enlist",
             Step::Task => "task",
             Step::Commission => "commission",
+            Step::Disk => "disk",
+            Step::Image => "image",
+            Step::Partitions => "partitions",
+            Step::Seed => "seed",
+            Step::Installed => "installed",
+            Step::Erase => "erase",
+            Step::Memory => "memory",
         }
     }
 }
@@ -53,13 +77,13 @@ impl fmt::Display for Step {
     }
 }
 
-struct Failed {
-    step: Step,
-    error: anyhow::Error,
+pub struct Failed {
+    pub step: Step,
+    pub error: anyhow::Error,
 }
 
 /// Tags a step's error with the step.
-fn at<T>(step: Step, r: Result<T>) -> Result<T, Failed> {
+pub fn at<T>(step: Step, r: Result<T>) -> Result<T, Failed> {
     r.map_err(|error| Failed { step, error })
 }
 
@@ -69,10 +93,14 @@ pub fn run() -> ! {
     // Set once the network is up, so a later failure can be reported.
     let mut reporter = None;
     match steps(&mut reporter) {
-        Ok(()) => {
+        Ok(Ending::PowerOff) => {
             nix::unistd::sync();
             console::line("done, powering off");
             power::off()
+        }
+        Ok(Ending::Reboot) => {
+            console::line("done, rebooting");
+            power::restart()
         }
         Err(Failed { step, error }) => {
             console::line(&format!("FAILED at {step}: {error:#}"));
@@ -102,7 +130,7 @@ fn report_failure(
             state: stork_proto::StepState::Failed,
             message: report.message.clone(),
             progress: None,
-            log_tail: None,
+            log_tail: Some(console::tail(FAILURE_TAIL_LINES)),
         })
     } else {
         client.report(&report)
@@ -113,7 +141,7 @@ fn report_failure(
     }
 }
 
-fn steps(reporter: &mut Option<(Client, stork_proto::MacAddr)>) -> Result<(), Failed> {
+fn steps(reporter: &mut Option<(Client, stork_proto::MacAddr)>) -> Result<Ending, Failed> {
     at(Step::Mount, mount())?;
     at(Step::LoadModules, load_modules())?;
     let args = at(Step::Cmdline, cmdline())?;
@@ -125,7 +153,7 @@ fn steps(reporter: &mut Option<(Client, stork_proto::MacAddr)>) -> Result<(), Fa
     let (client, _) = reporter.insert((client, args.boot_mac));
     if !client.is_known() {
         let inv = collect_inventory();
-        return at(Step::Enlist, enlist(client, &args, inv));
+        return at(Step::Enlist, enlist(client, &args, inv)).map(|()| Ending::PowerOff);
     }
     let task = at(Step::Task, client.task())?;
     say!(Step::Task, "{task:?}");
@@ -134,13 +162,16 @@ fn steps(reporter: &mut Option<(Client, stork_proto::MacAddr)>) -> Result<(), Fa
             let inv = collect_inventory();
             let resp = at(Step::Commission, client.commissioned(&inv))?;
             say!(Step::Commission, "machine {} status {}", resp.machine_id, resp.status);
-            Ok(())
+            Ok(Ending::PowerOff)
         }
-        stork_proto::Task::PowerOff => Ok(()),
-        other => Err(Failed {
+        stork_proto::Task::Deploy(t) if t.target == "disk" => deploy::to_disk(client, &args, &t),
+        stork_proto::Task::Deploy(t) if t.target == "memory" => deploy::to_memory(client, &args, &t),
+        stork_proto::Task::Deploy(t) => Err(Failed {
             step: Step::Task,
-            error: anyhow!("this agent cannot run {other:?} yet"),
+            error: anyhow!("unknown deploy target {:?} (disk or memory)", t.target),
         }),
+        stork_proto::Task::Erase { quick } => deploy::erase(client, quick),
+        stork_proto::Task::PowerOff => Ok(Ending::PowerOff),
     }
 }
 

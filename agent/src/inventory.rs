@@ -108,7 +108,7 @@ fn online_memory(sys: &Path) -> Option<u64> {
     (total > 0).then_some(total)
 }
 
-fn disks(sys: &Path) -> Vec<Disk> {
+pub(crate) fn disks(sys: &Path) -> Vec<Disk> {
     let block = sys.join("block");
     entry_names(&block)
         .into_iter()

@@ -5,6 +5,7 @@
 //! subcommands, so a developer can try it on a workstation without side effects.
 
 mod console;
+mod deploy;
 mod init;
 mod inventory;
 mod modules;

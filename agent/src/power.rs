@@ -24,6 +24,18 @@ pub fn off() -> ! {
     }
 }
 
+/// Flushes filesystems and restarts the machine (into the installed OS: the appliance no
+/// longer network-boots it).
+pub fn restart() -> ! {
+    nix::unistd::sync();
+    let err = match reboot(RebootMode::RB_AUTOBOOT) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    console::line(&format!("reboot failed: {err}; powering off instead"));
+    off()
+}
+
 /// Prints a failure's grace notice, waits, and powers off.
 pub fn off_after_failure() -> ! {
     console::line(&format!("powering off in {} s", FAILURE_GRACE.as_secs()));

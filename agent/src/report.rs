@@ -113,6 +113,25 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Posts a progress event once, without retries: a lost one is replaced by the next.
+    pub fn progress(&self, e: &stork_proto::AgentEvent) {
+        if let Ok((url, token)) = self.machine_url("events") {
+            let _ = send(&url, Some(token), Some(e), REPORT_TIMEOUT);
+        }
+    }
+
+    /// The image is on the disk: the appliance stops network-booting this machine.
+    pub fn installed(&self) -> Result<()> {
+        self.call_with_retries::<serde_json::Value>("installed", "installed", Some(&serde_json::json!({})))
+            .map(|_| ())
+    }
+
+    /// The disks are erased: the machine is released.
+    pub fn released(&self) -> Result<()> {
+        self.call_with_retries::<serde_json::Value>("erase", "released", Some(&serde_json::json!({})))
+            .map(|_| ())
+    }
+
     pub fn is_known(&self) -> bool {
         self.identity.is_some()
     }

@@ -25,7 +25,10 @@ listen = "0.0.0.0"
 port = 8080
 
 [dhcp]
-# "full": Stork leases addresses; "off": no DHCP (another server must send machines here).
+# The keys directly under [dhcp] describe the provisioning subnet (address/prefix_len).
+# "full": Stork leases addresses; "proxy": another server leases addresses and Stork
+# answers PXE clients with boot information only (ports 67 and 4011); "off": no DHCP
+# (another server must send machines here).
 mode = "full"
 # The dynamic range handed out, inclusive, inside address/prefix_len.
 range = ["10.77.0.100", "10.77.0.199"]
@@ -35,6 +38,32 @@ lease_time = 3600
 # Optional: default gateway and DNS servers handed to clients.
 # router = "10.77.0.1"
 dns = []
+# Optional: domain name (option 15), NTP servers (option 42), interface MTU (option 26).
+# domain = "lab.example"
+ntp = []
+# mtu = 1500
+# Addresses inside the range never handed out dynamically, as inclusive [first, last] pairs.
+exclude = []
+# Fixed addresses by MAC; an address may be inside or outside the range.
+# reservations = [{ mac = "52:54:00:12:34:56", ip = "10.77.0.50" }]
+reservations = []
+# Seconds an address a client declined (DHCPDECLINE: in use by someone else) is kept out.
+probation = 600
+# Per-MAC rate limit: requests per second, and the burst allowed above it (0 = no limit).
+rate_limit = 10
+rate_burst = 20
+# Answer IPv6 router solicitations on the interface with "no IPv6 configuration here":
+# iPXE otherwise waits about 13 s for a router before it boots.
+ipv6_ra = true
+# Further subnets, reached through DHCP relays (the relay's giaddr picks the subnet).
+# Options not given here (lease_time, dns, domain, ntp, mtu) come from [dhcp].
+# [[dhcp.subnets]]
+# network = "10.78.0.0/24"
+# mode = "full"
+# ranges = [["10.78.0.100", "10.78.0.199"]]
+# exclude = [["10.78.0.150", "10.78.0.150"]]
+# router = "10.78.0.1"
+# reservations = [{ mac = "52:54:00:12:34:57", ip = "10.78.0.10" }]
 
 [boot]
 # Kernel and initrd of the Stork agent, relative to DATA_DIR/boot/.
@@ -91,6 +120,7 @@ pub struct HttpFile {
 #[serde(rename_all = "lowercase")]
 pub enum DhcpMode {
     Full,
+    Proxy,
     Off,
 }
 
@@ -103,6 +133,50 @@ pub struct DhcpFile {
     pub lease_time: u32,
     pub router: Option<Ipv4Addr>,
     pub dns: Vec<Ipv4Addr>,
+    pub domain: Option<String>,
+    pub ntp: Vec<Ipv4Addr>,
+    pub mtu: Option<u16>,
+    pub exclude: Vec<[Ipv4Addr; 2]>,
+    pub reservations: Vec<ReservationFile>,
+    pub probation: u32,
+    pub rate_limit: u32,
+    pub rate_burst: u32,
+    pub ipv6_ra: bool,
+    pub subnets: Vec<SubnetFile>,
+}
+
+/// A fixed address for one MAC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationFile {
+    pub mac: stork_proto::MacAddr,
+    pub ip: Ipv4Addr,
+}
+
+/// `[[dhcp.subnets]]`: a subnet behind a relay. Unset options come from `[dhcp]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubnetFile {
+    /// `a.b.c.d/len`.
+    pub network: String,
+    #[serde(default = "default_mode")]
+    pub mode: DhcpMode,
+    #[serde(default)]
+    pub ranges: Vec<[Ipv4Addr; 2]>,
+    #[serde(default)]
+    pub exclude: Vec<[Ipv4Addr; 2]>,
+    #[serde(default)]
+    pub reservations: Vec<ReservationFile>,
+    pub lease_time: Option<u32>,
+    pub router: Option<Ipv4Addr>,
+    pub dns: Option<Vec<Ipv4Addr>>,
+    pub domain: Option<String>,
+    pub ntp: Option<Vec<Ipv4Addr>>,
+    pub mtu: Option<u16>,
+}
+
+fn default_mode() -> DhcpMode {
+    DhcpMode::Full
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,6 +219,16 @@ impl Default for DhcpFile {
             lease_time: 3600,
             router: None,
             dns: Vec::new(),
+            domain: None,
+            ntp: Vec::new(),
+            mtu: None,
+            exclude: Vec::new(),
+            reservations: Vec::new(),
+            probation: 600,
+            rate_limit: 10,
+            rate_burst: 20,
+            ipv6_ra: true,
+            subnets: Vec::new(),
         }
     }
 }
@@ -175,6 +259,9 @@ pub enum ConfigError {
     },
     #[error("config field `{field}`: {why}")]
     Invalid { field: &'static str, why: String },
+    /// As `Invalid`, for a field inside a list (`dhcp.subnets[1].network`).
+    #[error("config field `{field}`: {why}")]
+    InvalidAt { field: String, why: String },
 }
 
 fn invalid(field: &'static str, why: impl Into<String>) -> ConfigError {
@@ -214,47 +301,7 @@ impl FileConfig {
         if self.http.port == 0 {
             return Err(invalid("http.port", "must not be 0"));
         }
-        let d = &self.dhcp;
-        if !(1..=30).contains(&d.prefix_len) {
-            return Err(invalid("dhcp.prefix_len", "must be 1..=30"));
-        }
-        let net = Subnet::new(self.address, d.prefix_len);
-        let [start, end] = d.range;
-        if u32::from(start) > u32::from(end) {
-            return Err(invalid(
-                "dhcp.range",
-                format!("start {start} is after end {end}"),
-            ));
-        }
-        for ip in [start, end] {
-            if !net.contains(ip) || ip == net.network() || ip == net.broadcast() {
-                return Err(invalid(
-                    "dhcp.range",
-                    format!(
-                        "{ip} is not a host address in {}/{}",
-                        net.network(),
-                        net.prefix_len
-                    ),
-                ));
-            }
-        }
-        if (u32::from(start)..=u32::from(end)).contains(&u32::from(self.address)) {
-            return Err(invalid(
-                "dhcp.range",
-                format!("contains the appliance's own address {}", self.address),
-            ));
-        }
-        if d.lease_time < 60 {
-            return Err(invalid("dhcp.lease_time", "must be at least 60 seconds"));
-        }
-        if let Some(router) = d.router
-            && !net.contains(router)
-        {
-            return Err(invalid(
-                "dhcp.router",
-                format!("{router} is outside the subnet"),
-            ));
-        }
+        let dhcp = self.dhcp.validate(self.address)?;
         for (field, name) in [
             ("boot.kernel", &self.boot.kernel),
             ("boot.initrd", &self.boot.initrd),
@@ -267,7 +314,10 @@ impl FileConfig {
             return Err(invalid("lifecycle.timeout", "must be at least 1 second"));
         }
         if self.lifecycle.check_interval == 0 {
-            return Err(invalid("lifecycle.check_interval", "must be at least 1 second"));
+            return Err(invalid(
+                "lifecycle.check_interval",
+                "must be at least 1 second",
+            ));
         }
         Ok(Config {
             timeout: std::time::Duration::from_secs(self.lifecycle.timeout),
@@ -277,14 +327,7 @@ impl FileConfig {
             address: self.address,
             http_listen: SocketAddr::from((self.http.listen, self.http.port)),
             http_port: self.http.port,
-            dhcp: DhcpConfig {
-                mode: d.mode,
-                subnet: net,
-                range: (start, end),
-                lease_time: d.lease_time,
-                router: d.router,
-                dns: d.dns.clone(),
-            },
+            dhcp,
             boot: self.boot.clone(),
         })
     }
@@ -334,14 +377,320 @@ pub struct Config {
     pub check_interval: std::time::Duration,
 }
 
+/// The validated `[dhcp]` section.
 #[derive(Debug, Clone)]
 pub struct DhcpConfig {
+    /// The provisioning subnet (the keys directly under `[dhcp]`) first, then
+    /// `[[dhcp.subnets]]` in file order.
+    pub subnets: Vec<SubnetConfig>,
+    /// How long a declined address stays out of use.
+    pub probation: std::time::Duration,
+    /// Per-MAC token bucket; `None` when `rate_limit = 0`.
+    pub rate_limit: Option<RateLimit>,
+    /// Send IPv6 router advertisements that configure nothing (see `dhcp::ra`).
+    pub ipv6_ra: bool,
+}
+
+impl DhcpConfig {
+    /// The provisioning subnet, where requests that did not come through a relay belong.
+    pub fn local(&self) -> &SubnetConfig {
+        // validate() always puts the provisioning subnet first.
+        &self.subnets[0]
+    }
+    /// Whether any subnet needs the DHCP sockets.
+    pub fn serves(&self) -> bool {
+        self.subnets.iter().any(|s| s.mode != DhcpMode::Off)
+    }
+    /// Whether any subnet is in proxyDHCP mode (port 4011 is needed).
+    pub fn proxies(&self) -> bool {
+        self.subnets.iter().any(|s| s.mode == DhcpMode::Proxy)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// One subnet Stork serves.
+#[derive(Debug, Clone)]
+pub struct SubnetConfig {
+    /// The config path it came from, for logs: `dhcp` or `dhcp.subnets[N]`.
+    pub name: String,
     pub mode: DhcpMode,
-    pub subnet: Subnet,
-    pub range: (Ipv4Addr, Ipv4Addr),
+    pub net: Subnet,
+    /// Dynamic ranges, inclusive, sorted and disjoint.
+    pub ranges: Vec<(Ipv4Addr, Ipv4Addr)>,
+    /// Inclusive ranges never handed out dynamically.
+    pub exclude: Vec<(Ipv4Addr, Ipv4Addr)>,
+    pub reservations: Vec<(stork_proto::MacAddr, Ipv4Addr)>,
     pub lease_time: u32,
     pub router: Option<Ipv4Addr>,
     pub dns: Vec<Ipv4Addr>,
+    pub domain: Option<String>,
+    pub ntp: Vec<Ipv4Addr>,
+    pub mtu: Option<u16>,
+}
+
+fn invalid_at(field: String, why: impl Into<String>) -> ConfigError {
+    ConfigError::InvalidAt {
+        field,
+        why: why.into(),
+    }
+}
+
+/// `a.b.c.d/len` with len 1..=30.
+fn parse_network(text: &str) -> Option<Subnet> {
+    let (addr, len) = text.split_once('/')?;
+    let addr: Ipv4Addr = addr.trim().parse().ok()?;
+    let len: u8 = len.trim().parse().ok()?;
+    (1..=30).contains(&len).then(|| Subnet::new(addr, len))
+}
+
+/// Host-name syntax (RFC 1123 labels), as option 15 carries it.
+fn valid_domain(d: &str) -> bool {
+    !d.is_empty()
+        && d.len() <= 253
+        && d.trim_end_matches('.').split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// The parts every subnet has, checked the same way wherever they come from.
+struct SubnetParts<'a> {
+    prefix: String,
+    mode: DhcpMode,
+    net: Subnet,
+    ranges: Vec<[Ipv4Addr; 2]>,
+    exclude: &'a [[Ipv4Addr; 2]],
+    reservations: &'a [ReservationFile],
+    lease_time: u32,
+    router: Option<Ipv4Addr>,
+    dns: Vec<Ipv4Addr>,
+    domain: Option<String>,
+    ntp: Vec<Ipv4Addr>,
+    mtu: Option<u16>,
+}
+
+impl SubnetParts<'_> {
+    /// `range_key` is what the file calls the ranges (`range` or `ranges`).
+    fn validate(self, range_key: &str, own: Ipv4Addr) -> Result<SubnetConfig, ConfigError> {
+        let p = &self.prefix;
+        let net = self.net;
+        let host = |ip: Ipv4Addr| net.contains(ip) && ip != net.network() && ip != net.broadcast();
+        let pairs =
+            |key: &str, list: &[[Ipv4Addr; 2]]| -> Result<Vec<(Ipv4Addr, Ipv4Addr)>, ConfigError> {
+                let mut out = Vec::new();
+                for [a, b] in list.iter().copied() {
+                    if u32::from(a) > u32::from(b) {
+                        return Err(invalid_at(
+                            format!("{p}.{key}"),
+                            format!("start {a} is after end {b}"),
+                        ));
+                    }
+                    for ip in [a, b] {
+                        if !host(ip) {
+                            return Err(invalid_at(
+                                format!("{p}.{key}"),
+                                format!(
+                                    "{ip} is not a host address in {}/{}",
+                                    net.network(),
+                                    net.prefix_len
+                                ),
+                            ));
+                        }
+                    }
+                    out.push((a, b));
+                }
+                out.sort_by_key(|(a, _)| u32::from(*a));
+                Ok(out)
+            };
+        let ranges = pairs(range_key, &self.ranges)?;
+        for w in ranges.windows(2) {
+            if let [(_, end), (start, _)] = w
+                && u32::from(*start) <= u32::from(*end)
+            {
+                return Err(invalid_at(
+                    format!("{p}.{range_key}"),
+                    format!("ranges overlap at {start}"),
+                ));
+            }
+        }
+        for (a, b) in &ranges {
+            if (u32::from(*a)..=u32::from(*b)).contains(&u32::from(own)) {
+                return Err(invalid_at(
+                    format!("{p}.{range_key}"),
+                    format!("contains the appliance's own address {own}"),
+                ));
+            }
+        }
+        let exclude = pairs("exclude", self.exclude)?;
+        let mut reservations = Vec::new();
+        for (i, r) in self.reservations.iter().enumerate() {
+            if !host(r.ip) || r.ip == own {
+                return Err(invalid_at(
+                    format!("{p}.reservations[{i}].ip"),
+                    format!(
+                        "{} is not a free host address in {}/{}",
+                        r.ip,
+                        net.network(),
+                        net.prefix_len
+                    ),
+                ));
+            }
+            reservations.push((r.mac, r.ip));
+        }
+        if self.lease_time < 60 {
+            return Err(invalid_at(
+                format!("{p}.lease_time"),
+                "must be at least 60 seconds",
+            ));
+        }
+        if let Some(router) = self.router
+            && !net.contains(router)
+        {
+            return Err(invalid_at(
+                format!("{p}.router"),
+                format!("{router} is outside the subnet"),
+            ));
+        }
+        if let Some(d) = &self.domain
+            && !valid_domain(d)
+        {
+            return Err(invalid_at(
+                format!("{p}.domain"),
+                format!("{d:?} is not a domain name"),
+            ));
+        }
+        if let Some(mtu) = self.mtu
+            && mtu < 68
+        {
+            return Err(invalid_at(
+                format!("{p}.mtu"),
+                "must be at least 68 (RFC 2132)",
+            ));
+        }
+        Ok(SubnetConfig {
+            name: self.prefix,
+            mode: self.mode,
+            net,
+            ranges,
+            exclude,
+            reservations,
+            lease_time: self.lease_time,
+            router: self.router,
+            dns: self.dns,
+            domain: self.domain,
+            ntp: self.ntp,
+            mtu: self.mtu,
+        })
+    }
+}
+
+impl DhcpFile {
+    /// Checks the `[dhcp]` section; `own` is the appliance's address, which fixes the
+    /// provisioning subnet.
+    pub fn validate(&self, own: Ipv4Addr) -> Result<DhcpConfig, ConfigError> {
+        let d = self;
+        if !(1..=30).contains(&d.prefix_len) {
+            return Err(invalid("dhcp.prefix_len", "must be 1..=30"));
+        }
+        let local = SubnetParts {
+            prefix: "dhcp".into(),
+            mode: d.mode,
+            net: Subnet::new(own, d.prefix_len),
+            ranges: vec![d.range],
+            exclude: &d.exclude,
+            reservations: &d.reservations,
+            lease_time: d.lease_time,
+            router: d.router,
+            dns: d.dns.clone(),
+            domain: d.domain.clone(),
+            ntp: d.ntp.clone(),
+            mtu: d.mtu,
+        }
+        .validate("range", own)?;
+        let mut subnets = vec![local];
+        for (i, s) in d.subnets.iter().enumerate() {
+            let prefix = format!("dhcp.subnets[{i}]");
+            let net = parse_network(&s.network).ok_or_else(|| {
+                invalid_at(
+                    format!("{prefix}.network"),
+                    format!("{:?} is not a.b.c.d/len with len 1..=30", s.network),
+                )
+            })?;
+            if let Some(other) = subnets
+                .iter()
+                .find(|o| o.net.contains(net.network()) || net.contains(o.net.network()))
+            {
+                return Err(invalid_at(
+                    format!("{prefix}.network"),
+                    format!(
+                        "overlaps {} ({}/{})",
+                        other.name,
+                        other.net.network(),
+                        other.net.prefix_len
+                    ),
+                ));
+            }
+            if s.mode == DhcpMode::Full && s.ranges.is_empty() && s.reservations.is_empty() {
+                return Err(invalid_at(
+                    format!("{prefix}.ranges"),
+                    "a full subnet needs ranges or reservations",
+                ));
+            }
+            subnets.push(
+                SubnetParts {
+                    prefix,
+                    mode: s.mode,
+                    net,
+                    ranges: s.ranges.clone(),
+                    exclude: &s.exclude,
+                    reservations: &s.reservations,
+                    lease_time: s.lease_time.unwrap_or(d.lease_time),
+                    router: s.router,
+                    dns: s.dns.clone().unwrap_or_else(|| d.dns.clone()),
+                    domain: s.domain.clone().or_else(|| d.domain.clone()),
+                    ntp: s.ntp.clone().unwrap_or_else(|| d.ntp.clone()),
+                    mtu: s.mtu.or(d.mtu),
+                }
+                .validate("ranges", own)?,
+            );
+        }
+        let mut macs = std::collections::HashMap::new();
+        let mut ips = std::collections::HashMap::new();
+        for s in &subnets {
+            for (i, (mac, ip)) in s.reservations.iter().enumerate() {
+                let field = || format!("{}.reservations[{i}]", s.name);
+                if let Some(prev) = macs.insert(*mac, field()) {
+                    return Err(invalid_at(
+                        format!("{}.mac", field()),
+                        format!("{mac} is also reserved in {prev}"),
+                    ));
+                }
+                if let Some(prev) = ips.insert(*ip, field()) {
+                    return Err(invalid_at(
+                        format!("{}.ip", field()),
+                        format!("{ip} is also reserved in {prev}"),
+                    ));
+                }
+            }
+        }
+        Ok(DhcpConfig {
+            subnets,
+            probation: std::time::Duration::from_secs(u64::from(d.probation)),
+            rate_limit: (d.rate_limit > 0).then(|| RateLimit {
+                per_second: d.rate_limit,
+                burst: d.rate_burst.max(1),
+            }),
+            ipv6_ra: d.ipv6_ra,
+        })
+    }
 }
 
 impl Config {
@@ -402,6 +751,107 @@ mod tests {
                 .to_string()
                 .contains("`boot.kernel`")
         );
+    }
+
+    #[test]
+    fn dhcp_subnets_options_and_reservations_parse_and_validate() {
+        let text = r#"
+[dhcp]
+domain = "lab.example"
+ntp = ["10.77.0.1"]
+mtu = 1500
+exclude = [["10.77.0.150", "10.77.0.159"]]
+reservations = [{ mac = "52:54:00:00:00:01", ip = "10.77.0.20" }]
+
+[[dhcp.subnets]]
+network = "10.78.0.0/24"
+ranges = [["10.78.0.100", "10.78.0.199"], ["10.78.0.10", "10.78.0.19"]]
+router = "10.78.0.1"
+lease_time = 600
+
+[[dhcp.subnets]]
+network = "10.79.0.0/16"
+mode = "proxy"
+"#;
+        let cfg = FileConfig::parse(text, Path::new("x"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let d = &cfg.dhcp;
+        assert_eq!(d.subnets.len(), 3);
+        assert_eq!(
+            d.local().exclude,
+            vec![(Ipv4Addr::new(10, 77, 0, 150), Ipv4Addr::new(10, 77, 0, 159))]
+        );
+        assert_eq!(d.local().mtu, Some(1500));
+        let s1 = &d.subnets[1];
+        assert_eq!(s1.name, "dhcp.subnets[0]");
+        // Sorted, and inherited where unset.
+        assert_eq!(s1.ranges[0].0, Ipv4Addr::new(10, 78, 0, 10));
+        assert_eq!(s1.lease_time, 600);
+        assert_eq!(s1.domain.as_deref(), Some("lab.example"));
+        assert_eq!(s1.ntp, vec![Ipv4Addr::new(10, 77, 0, 1)]);
+        assert_eq!(d.subnets[2].mode, DhcpMode::Proxy);
+        assert!(d.proxies() && d.serves());
+        assert_eq!(
+            d.rate_limit,
+            Some(RateLimit {
+                per_second: 10,
+                burst: 20
+            })
+        );
+    }
+
+    #[test]
+    fn dhcp_validation_names_the_field() {
+        let check = |text: &str, field: &str| {
+            let err = FileConfig::parse(text, Path::new("x"))
+                .and_then(|f| f.validate())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("`{field}`")), "{text}: {err}");
+        };
+        check(
+            "[[dhcp.subnets]]\nnetwork = \"10.78.0.0\"\nranges=[[\"10.78.0.2\",\"10.78.0.3\"]]",
+            "dhcp.subnets[0].network",
+        );
+        check(
+            "[[dhcp.subnets]]\nnetwork = \"10.77.0.0/16\"\nranges=[[\"10.77.9.2\",\"10.77.9.3\"]]",
+            "dhcp.subnets[0].network",
+        );
+        check(
+            "[[dhcp.subnets]]\nnetwork = \"10.78.0.0/24\"\nranges=[[\"10.78.1.2\",\"10.78.1.3\"]]",
+            "dhcp.subnets[0].ranges",
+        );
+        check(
+            "[[dhcp.subnets]]\nnetwork = \"10.78.0.0/24\"",
+            "dhcp.subnets[0].ranges",
+        );
+        check(
+            "[[dhcp.subnets]]\nnetwork = \"10.78.0.0/24\"\nranges=[[\"10.78.0.2\",\"10.78.0.9\"],[\"10.78.0.5\",\"10.78.0.20\"]]",
+            "dhcp.subnets[0].ranges",
+        );
+        check(
+            "[dhcp]\nexclude = [[\"10.77.0.9\", \"10.77.0.1\"]]",
+            "dhcp.exclude",
+        );
+        check("[dhcp]\nmtu = 20", "dhcp.mtu");
+        check("[dhcp]\ndomain = \"bad domain\"", "dhcp.domain");
+        check("[dhcp]\nrouter = \"10.1.0.1\"", "dhcp.router");
+        check(
+            "[dhcp]\nreservations = [{ mac = \"52:54:00:00:00:01\", ip = \"10.1.0.1\" }]",
+            "dhcp.reservations[0].ip",
+        );
+        check(
+            "[dhcp]\nreservations = [{ mac = \"52:54:00:00:00:01\", ip = \"10.77.0.5\" }, { mac = \"52:54:00:00:00:01\", ip = \"10.77.0.6\" }]",
+            "dhcp.reservations[1].mac",
+        );
+        let err = FileConfig::parse(
+            "[dhcp]\nreservations = [{ mac = \"zz\", ip = \"10.77.0.5\" }]",
+            Path::new("x"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("MAC"), "{err}");
     }
 
     #[test]

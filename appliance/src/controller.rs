@@ -36,12 +36,60 @@ impl PowerActions for ManualPower {
     }
 }
 
+/// Power through each machine's own driver (IPMI, Redfish, QMP, manual).
+pub struct DriverPower;
+
+/// The machine's stored power config as driver parameters.
+pub fn power_params(m: &Machine) -> Result<crate::power::PowerParams, String> {
+    let mut obj = m.power.params.clone();
+    obj.insert("driver".into(), serde_json::Value::String(m.power.driver.clone()));
+    serde_json::from_value(serde_json::Value::Object(obj)).map_err(|e| format!("power parameters: {e}"))
+}
+
+fn is_uefi(m: &Machine) -> bool {
+    m.inventory
+        .as_ref()
+        .is_some_and(|i| i.firmware == stork_proto::inventory::Firmware::Uefi)
+}
+
+impl PowerActions for DriverPower {
+    fn netboot_and_power_on(&self, m: &Machine) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
+        let params = power_params(m);
+        let efi = is_uefi(m);
+        Box::pin(async move {
+            use crate::power::{BootDevice, PowerDriver, PowerState};
+            let params = params?;
+            if params == crate::power::PowerParams::Manual {
+                return Err("manual power control: a person must set the machine to network-boot and power it on".into());
+            }
+            let d = PowerDriver::new(params);
+            let e = |e: crate::power::PowerError| e.to_string();
+            d.set_boot_device(BootDevice::Pxe, false, efi).await.map_err(e)?;
+            match d.query().await.map_err(e)? {
+                PowerState::On => d.power_cycle().await.map_err(e),
+                _ => d.power_on().await.map_err(e),
+            }
+        })
+    }
+
+    fn power_off(&self, m: &Machine) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
+        let params = power_params(m);
+        Box::pin(async move {
+            let d = crate::power::PowerDriver::new(params?);
+            d.power_off(false).await.map_err(|e| e.to_string())
+        })
+    }
+}
+
 #[derive(Clone)]
 pub struct Controller {
     pub store: Store,
     power: Arc<dyn PowerActions>,
     /// Bumped after every write that adds events, so event streams wake up.
     events: watch::Sender<u64>,
+    /// When this controller was made (ms): a machine in a status this process never
+    /// entered was left there by a previous run.
+    started_at: i64,
 }
 
 impl Controller {
@@ -51,6 +99,7 @@ impl Controller {
             store,
             power,
             events,
+            started_at: now_ms(),
         }
     }
 
@@ -213,8 +262,36 @@ impl Controller {
         }
     }
 
+    /// A plain release is two saves (Releasing, then Ready once the power-off was asked
+    /// for); a crash between them leaves the machine Releasing with nothing to finish it.
+    /// Finishes such releases from before this process started: power off, then done.
+    pub async fn finish_interrupted_releases(&self) {
+        let started_at = self.started_at;
+        let stuck = match self.store.call(|s| s.list_machines()).await {
+            Ok(all) => all
+                .into_iter()
+                .filter(|m| m.status == Status::Releasing && m.status_since < started_at),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for interrupted releases");
+                return;
+            }
+        };
+        for m in stuck {
+            tracing::info!(machine = %m.id, "finishing a release interrupted by a restart");
+            self.perform(&m, Action::PowerOff).await;
+            let why = Some("release finished after a restart".to_string());
+            if let Err(e) = self
+                .save_step(&m.id, Event::ReleaseDone, "controller", why, |_| {})
+                .await
+            {
+                tracing::warn!(machine = %m.id, error = %e, "cannot finish the release");
+            }
+        }
+    }
+
     /// Runs [`Controller::check_timeouts`] every `every`, forever.
     pub async fn run_timeouts(self, timeout: Duration, every: Duration) {
+        self.finish_interrupted_releases().await;
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;

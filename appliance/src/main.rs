@@ -209,6 +209,13 @@ enum MachineCmd {
     Delete {
         id: String,
     },
+    /// Power control through the machine's driver: on, off, soft-off, cycle, query.
+    Power {
+        id: String,
+        op: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// The machine's event history.
     Events {
         id: String,
@@ -369,7 +376,12 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
                 let Some((k, v)) = p.split_once('=') else {
                     bail!("--power-param {p:?}: expected KEY=VALUE");
                 };
-                params.insert(k.to_string(), Value::String(v.to_string()));
+                // Numbers and booleans as JSON types (ports, timeouts), the rest as strings.
+                let value = serde_json::from_str::<Value>(v)
+                    .ok()
+                    .filter(|j| j.is_number() || j.is_boolean())
+                    .unwrap_or_else(|| Value::String(v.to_string()));
+                params.insert(k.to_string(), value);
             }
             let body = json!({
                 "macs": macs,
@@ -432,6 +444,10 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
         }
         MachineCmd::MarkFixed { id, json } => cli::action(c, &id, "mark-fixed", cli::empty(), json),
         MachineCmd::Delete { id } => c.delete(&format!("/machines/{id}")),
+        MachineCmd::Power { id, op, json } => {
+            let v: Value = c.post(&format!("/machines/{id}/power/{op}"), &cli::empty())?;
+            cli::json_or_line(&v, json, |v| format!("{} {}", v["machine_id"].as_str().unwrap_or("?"), v["state"].as_str().unwrap_or("?")))
+        }
         MachineCmd::Events { id, json } => cli::events(c, &id, json),
         MachineCmd::Watch { id, until_settled } => cli::watch(c, &id, until_settled),
     }

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use tokio::task::JoinSet;
 
-use crate::config::{Config, DhcpMode, FileConfig};
+use crate::config::{Config, FileConfig};
+use crate::controller::{Controller, DriverPower};
 use crate::dhcp::{self, handler::ServerInfo};
 use crate::http::{self, AppState};
-use crate::controller::{Controller, ManualPower};
 use crate::store::Store;
 
 /// The command line's say over the configuration file.
@@ -76,7 +76,7 @@ pub fn serve(args: Overrides) -> Result<()> {
 async fn run(cfg: Arc<Config>) -> Result<()> {
     let store = Store::open(&cfg.db_path())
         .with_context(|| format!("cannot open the database {}", cfg.db_path().display()))?;
-    let controller = Controller::new(store.clone(), Arc::new(ManualPower));
+    let controller = Controller::new(store.clone(), Arc::new(DriverPower));
     let state = AppState {
         cfg: cfg.clone(),
         store,
@@ -90,16 +90,40 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         Ok(())
     });
 
-    if cfg.dhcp.mode == DhcpMode::Full {
+    if cfg.dhcp.serves() {
         let sock = dhcp::bind(&cfg.interface, dhcproto::v4::SERVER_PORT)?;
+        // proxyDHCP also answers on the PXE boot server port.
+        let pxe = if cfg.dhcp.proxies() {
+            Some(dhcp::bind(&cfg.interface, dhcp::PXE_PORT)?)
+        } else {
+            None
+        };
         let info = ServerInfo {
             server_ip: cfg.address,
             http_base: cfg.base_url(),
             dhcp: cfg.dhcp.clone(),
         };
         let stats = state.dhcp_stats.clone();
-        tasks.spawn(async move { dhcp::run(sock, info, stats).await.context("DHCP service") });
-        tracing::info!(interface = %cfg.interface, range = ?cfg.dhcp.range, "DHCP serving");
+        let journal = dhcp::journal_path(&cfg.data_dir);
+        tasks.spawn(async move {
+            dhcp::run(sock, pxe, info, &journal, stats)
+                .await
+                .context("DHCP service")
+        });
+        let local = cfg.dhcp.local();
+        tracing::info!(interface = %cfg.interface, mode = ?local.mode, ranges = ?local.ranges, subnets = cfg.dhcp.subnets.len(), "DHCP serving");
+        if cfg.dhcp.ipv6_ra {
+            let interface = cfg.interface.clone();
+            tasks.spawn(async move {
+                if let Err(e) = dhcp::ra::run(interface).await {
+                    // Booting still works without: iPXE just waits longer.
+                    tracing::warn!(error = %e, "no IPv6 router advertisements");
+                }
+                // Ending would end the whole service (see the select below).
+                std::future::pending::<()>().await;
+                Ok(())
+            });
+        }
     }
 
     let listener = tokio::net::TcpListener::bind(cfg.http_listen)

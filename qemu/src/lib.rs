@@ -6,6 +6,7 @@
 //! them even if it is killed; namespaces left by a dead owner are removed by the next lab.
 
 pub mod appliance;
+pub mod bmc;
 pub mod process;
 pub mod vm;
 

@@ -1,7 +1,9 @@
 //! `cargo xtask`: the project's tasks. `demo` and `test` install what is missing, build what
 //! is needed, then run.
 
+mod bench;
 mod deps;
+mod os_images;
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -33,6 +35,12 @@ enum Task {
     Deps,
     /// Build the agent (static) and the boot images into target/stork/boot.
     Images,
+    /// Benchmarks: `api` (machines API on loopback); against peer implementations, in
+    /// namespaces (needs root): `tftp`, `dhcp`.
+    Bench {
+        /// What to benchmark.
+        what: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -44,6 +52,7 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
+        Task::Bench { what } => bench::run(&what),
     }
 }
 
@@ -58,6 +67,18 @@ fn target() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"))
+}
+
+/// Downloads and unpacked packages (the kernel, debootstrap trees) outlive `target/`, so a
+/// fresh clone does not fetch them again: `$STORK_CACHE`, else `~/.cache/stork`.
+fn cache() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STORK_CACHE") {
+        return PathBuf::from(dir);
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".cache/stork"),
+        None => target().join("stork-cache"),
+    }
 }
 
 fn step(what: &str) {
@@ -116,7 +137,7 @@ fn images() -> Result<PathBuf> {
                 "initrd",
                 "--cache",
             ])
-            .arg(target().join("stork-cache"))
+            .arg(cache())
             .arg("--agent")
             .arg(&agent)
             .arg("--out")

@@ -1,15 +1,21 @@
 //! DHCPv4 protocol logic, sans I/O: one request in, a reply (with where it goes) or the
 //! reason it was ignored out. Time is passed in so tests replay transcripts exactly.
+//!
+//! Lease changes a crash must not lose are queued as journal records
+//! ([`Handler::take_records`]); the I/O layer makes them durable before it sends the reply
+//! that depends on them.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, SystemTime};
 
-use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode};
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use stork_proto::MacAddr;
 
 use super::client::{self, BootAnswer, ClientKind};
+use super::journal::Record;
 use super::pool::{Pool, PoolError};
-use crate::config::DhcpConfig;
+use super::ratelimit::RateLimiter;
+use crate::config::{DhcpConfig, DhcpMode, SubnetConfig};
 
 /// Everything the handler needs to know about this server.
 #[derive(Debug, Clone)]
@@ -39,14 +45,26 @@ pub enum Ignored {
     Unhandled(MessageType),
     #[error("client chose server {0}")]
     OtherServer(Ipv4Addr),
-    #[error("relayed from {0}, which is outside our subnet")]
+    #[error("relayed from {0}, which is in no configured subnet")]
     ForeignRelay(Ipv4Addr),
     #[error("no address to offer: {0}")]
     NoAddress(PoolError),
     #[error("release processed")]
     Released,
+    #[error("decline of {0} processed: address on probation")]
+    Declined(Ipv4Addr),
+    #[error("decline of {0}, which is not ours")]
+    DeclineNotOurs(Ipv4Addr),
     #[error("request has no address to confirm")]
     NothingRequested,
+    #[error("client is over its rate limit")]
+    RateLimited,
+    #[error("DHCP is off for this subnet")]
+    SubnetOff,
+    #[error("proxy mode answers PXE clients only")]
+    NotPxe,
+    #[error("proxy mode: {0:?} is for the site's DHCP server")]
+    ProxyIgnores(MessageType),
 }
 
 #[derive(Debug)]
@@ -55,32 +73,102 @@ pub enum Outcome {
     Ignore(Ignored),
 }
 
+/// RFC 2132 section 8.4 / PXE 2.1: option 43 sub-option 6, PXE_DISCOVERY_CONTROL.
+const PXE_DISCOVERY_CONTROL: u8 = 6;
+/// Bit 3: the boot file in this offer is to be used as is (no boot server discovery).
+const PXE_USE_BOOTFILE: u8 = 0x08;
+const OPTION_END: u8 = 255;
+
 pub struct Handler {
     info: ServerInfo,
-    pool: Pool,
+    /// One per `info.dhcp.subnets`, same order.
+    pools: Vec<Pool>,
+    limiter: Option<RateLimiter>,
 }
 
 impl Handler {
     pub fn new(info: ServerInfo) -> Self {
-        let (start, end) = info.dhcp.range;
         Self {
-            pool: Pool::new(start, end),
+            pools: info.dhcp.subnets.iter().map(Pool::for_subnet).collect(),
+            limiter: info.dhcp.rate_limit.map(RateLimiter::new),
             info,
         }
     }
 
+    /// The provisioning subnet's pool.
     pub fn pool(&self) -> &Pool {
-        &self.pool
+        &self.pools[0]
     }
 
+    pub fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+
+    /// Puts the journal's live records back into the pools; returns how many found no
+    /// subnet (the configuration changed since they were written).
+    pub fn restore(&mut self, records: &[Record]) -> usize {
+        let mut orphans = 0;
+        for r in records {
+            let placed = self
+                .info
+                .dhcp
+                .subnets
+                .iter()
+                .position(|s| s.net.contains(r.ip()))
+                .and_then(|i| self.pools.get_mut(i))
+                .is_some_and(|p| p.restore(r));
+            if !placed {
+                orphans += 1;
+            }
+        }
+        orphans
+    }
+
+    /// Journal records queued by the requests handled since the last call.
+    pub fn take_records(&mut self, out: &mut Vec<Record>) {
+        for p in &mut self.pools {
+            p.take_records(out);
+        }
+    }
+
+    /// A request that arrived on port 67.
     pub fn handle(&mut self, req: &Message, now: SystemTime) -> Outcome {
-        match self.decide(req, now) {
+        match self.decide(req, now, false) {
             Ok(reply) => Outcome::Reply(reply),
             Err(why) => Outcome::Ignore(why),
         }
     }
 
-    fn decide(&mut self, req: &Message, now: SystemTime) -> Result<Reply, Ignored> {
+    /// A request that arrived on the PXE boot server port, 4011.
+    pub fn handle_pxe(&mut self, req: &Message, now: SystemTime) -> Outcome {
+        match self.decide(req, now, true) {
+            Ok(reply) => Outcome::Reply(reply),
+            Err(why) => Outcome::Ignore(why),
+        }
+    }
+
+    /// Which subnet a request belongs to: the relay's (giaddr), else the one of the address
+    /// a renewing client already has (a unicast renewal from behind a relay carries no
+    /// giaddr), else the provisioning subnet.
+    fn subnet_for(&self, req: &Message) -> Result<usize, Ignored> {
+        let subnets = &self.info.dhcp.subnets;
+        let giaddr = req.giaddr();
+        if !giaddr.is_unspecified() {
+            return subnets
+                .iter()
+                .position(|s| s.net.contains(giaddr))
+                .ok_or(Ignored::ForeignRelay(giaddr));
+        }
+        let ciaddr = req.ciaddr();
+        if !ciaddr.is_unspecified()
+            && let Some(i) = subnets.iter().position(|s| s.net.contains(ciaddr))
+        {
+            return Ok(i);
+        }
+        Ok(0)
+    }
+
+    fn decide(&mut self, req: &Message, now: SystemTime, pxe_port: bool) -> Result<Reply, Ignored> {
         if req.opcode() != Opcode::BootRequest {
             return Err(Ignored::NotRequest);
         }
@@ -89,59 +177,119 @@ impl Handler {
             return Err(Ignored::BadChaddr);
         }
         let mac = MacAddr::from_slice(req.chaddr()).ok_or(Ignored::BadChaddr)?;
-        let giaddr = req.giaddr();
-        if !giaddr.is_unspecified() && !self.info.dhcp.subnet.contains(giaddr) {
-            // One subnet for now: a relay on another network has no pool here.
-            return Err(Ignored::ForeignRelay(giaddr));
+        if let Some(l) = &mut self.limiter
+            && !l.allow(mac, now)
+        {
+            return Err(Ignored::RateLimited);
         }
+        let idx = self.subnet_for(req)?;
+        let Some((subnet, pool)) = self.info.dhcp.subnets.get(idx).zip(self.pools.get_mut(idx))
+        else {
+            return Err(Ignored::SubnetOff);
+        };
+        let ctx = Ctx {
+            info: &self.info,
+            subnet,
+            req,
+            mac,
+        };
+        if pxe_port {
+            // PXE 2.1: after a proxy offer the client asks the boot server on 4011 with a
+            // REQUEST (or INFORM) from the address it got elsewhere; the ACK carries the boot file.
+            return match (subnet.mode, msg_type) {
+                (DhcpMode::Off, _) => Err(Ignored::SubnetOff),
+                (_, MessageType::Request | MessageType::Inform) => {
+                    ctx.proxy_reply(MessageType::Ack).ok_or(Ignored::NotPxe)
+                }
+                (_, other) => Err(Ignored::Unhandled(other)),
+            };
+        }
+        match subnet.mode {
+            DhcpMode::Off => Err(Ignored::SubnetOff),
+            DhcpMode::Proxy => match msg_type {
+                MessageType::Discover => ctx.proxy_reply(MessageType::Offer).ok_or(Ignored::NotPxe),
+                other => Err(Ignored::ProxyIgnores(other)),
+            },
+            DhcpMode::Full => ctx.full(pool, msg_type, now),
+        }
+    }
+}
+
+/// One request being answered, with the subnet it belongs to.
+struct Ctx<'a> {
+    info: &'a ServerInfo,
+    subnet: &'a SubnetConfig,
+    req: &'a Message,
+    mac: MacAddr,
+}
+
+impl Ctx<'_> {
+    fn full(
+        &self,
+        pool: &mut Pool,
+        msg_type: MessageType,
+        now: SystemTime,
+    ) -> Result<Reply, Ignored> {
+        let (req, mac) = (self.req, self.mac);
         match msg_type {
             MessageType::Discover => {
-                let requested = requested_ip(req);
-                let lease = self
-                    .pool
-                    .offer(mac, requested, now)
+                let lease = pool
+                    .offer(mac, requested_ip(req), now)
                     .map_err(Ignored::NoAddress)?;
-                Ok(self.reply(req, MessageType::Offer, mac, Some(lease.ip)))
+                Ok(self.reply(MessageType::Offer, Some(lease.ip)))
             }
-            MessageType::Request => self.request(req, mac, now),
+            MessageType::Request => self.request(pool, now),
+            MessageType::Decline => {
+                if let Some(sid) = server_id(req)
+                    && sid != self.info.server_ip
+                {
+                    return Err(Ignored::OtherServer(sid));
+                }
+                let ip = requested_ip(req).ok_or(Ignored::NothingRequested)?;
+                // RFC 2131 4.3.3: the address is in use by someone else (the client ARPed
+                // it): never hand it out while on probation.
+                if pool.decline(&mac, ip, now + self.info.dhcp.probation) {
+                    Err(Ignored::Declined(ip))
+                } else {
+                    Err(Ignored::DeclineNotOurs(ip))
+                }
+            }
             MessageType::Release => {
-                self.pool.release(&mac, req.ciaddr());
+                pool.release(&mac, req.ciaddr());
                 Err(Ignored::Released)
             }
-            MessageType::Inform => Ok(self.reply(req, MessageType::Ack, mac, None)),
+            MessageType::Inform => Ok(self.reply(MessageType::Ack, None)),
             other => Err(Ignored::Unhandled(other)),
         }
     }
 
-    fn request(&mut self, req: &Message, mac: MacAddr, now: SystemTime) -> Result<Reply, Ignored> {
-        if let Some(DhcpOption::ServerIdentifier(sid)) =
-            req.opts().get(OptionCode::ServerIdentifier)
-            && *sid != self.info.server_ip
+    fn request(&self, pool: &mut Pool, now: SystemTime) -> Result<Reply, Ignored> {
+        let (req, mac) = (self.req, self.mac);
+        if let Some(sid) = server_id(req)
+            && sid != self.info.server_ip
         {
             // SELECTING another server's offer: drop the address we held for this client.
-            if let Some(l) = self.pool.lease_of(&mac).copied() {
-                self.pool.release(&mac, l.ip);
+            if let Some(l) = pool.lease_of(&mac).copied() {
+                pool.release(&mac, l.ip);
             }
-            return Err(Ignored::OtherServer(*sid));
+            return Err(Ignored::OtherServer(sid));
         }
+        // SELECTING and INIT-REBOOT name the address in option 50; RENEWING and REBINDING
+        // put it in ciaddr (RFC 2131 4.3.2).
         let ip = requested_ip(req)
             .or_else(|| (!req.ciaddr().is_unspecified()).then_some(req.ciaddr()))
             .ok_or(Ignored::NothingRequested)?;
-        let lease_time = Duration::from_secs(u64::from(self.info.dhcp.lease_time));
-        match self.pool.bind(mac, ip, lease_time, now) {
-            Ok(lease) => Ok(self.reply(req, MessageType::Ack, mac, Some(lease.ip))),
-            Err(_) => Ok(self.reply(req, MessageType::Nak, mac, None)),
+        let lease_time = Duration::from_secs(u64::from(self.subnet.lease_time));
+        match pool.bind(mac, ip, lease_time, now) {
+            Ok(lease) => Ok(self.reply(MessageType::Ack, Some(lease.ip))),
+            // Wrong network, taken, declined or reserved for another: the client restarts
+            // with DISCOVER.
+            Err(_) => Ok(self.reply(MessageType::Nak, None)),
         }
     }
 
-    fn reply(
-        &self,
-        req: &Message,
-        kind: MessageType,
-        mac: MacAddr,
-        yiaddr: Option<Ipv4Addr>,
-    ) -> Reply {
-        let info = &self.info;
+    fn reply(&self, kind: MessageType, yiaddr: Option<Ipv4Addr>) -> Reply {
+        let (info, subnet, req) = (self.info, self.subnet, self.req);
         let mut msg = Message::default();
         msg.set_opcode(Opcode::BootReply)
             .set_htype(req.htype())
@@ -152,56 +300,141 @@ impl Handler {
         let opts = msg.opts_mut();
         opts.insert(DhcpOption::MessageType(kind));
         opts.insert(DhcpOption::ServerIdentifier(info.server_ip));
-        if kind != MessageType::Nak {
+        if kind == MessageType::Nak {
+            if !req.giaddr().is_unspecified() {
+                // RFC 2131 4.3.2: a NAK through a relay asks it to broadcast.
+                msg.set_flags(Flags::default().set_broadcast());
+            }
+        } else {
             if let Some(ip) = yiaddr {
                 msg.set_yiaddr(ip);
-                msg.opts_mut()
-                    .insert(DhcpOption::AddressLeaseTime(info.dhcp.lease_time));
+                let t = subnet.lease_time;
+                let opts = msg.opts_mut();
+                opts.insert(DhcpOption::AddressLeaseTime(t));
+                // RFC 2131 4.4.5 defaults, stated so every client uses the same.
+                opts.insert(DhcpOption::Renewal(t / 2));
+                opts.insert(DhcpOption::Rebinding(
+                    u32::try_from(u64::from(t) * 7 / 8).unwrap_or(t),
+                ));
             } else {
-                // INFORM: the client already has its address.
+                // INFORM: the client already has its address (and gets no lease time).
                 msg.set_ciaddr(req.ciaddr());
             }
             msg.set_siaddr(info.server_ip);
             let opts = msg.opts_mut();
-            opts.insert(DhcpOption::SubnetMask(info.dhcp.subnet.mask()));
-            if let Some(r) = info.dhcp.router {
+            opts.insert(DhcpOption::SubnetMask(subnet.net.mask()));
+            if let Some(r) = subnet.router {
                 opts.insert(DhcpOption::Router(vec![r]));
             }
-            if !info.dhcp.dns.is_empty() {
-                opts.insert(DhcpOption::DomainNameServer(info.dhcp.dns.clone()));
+            if !subnet.dns.is_empty() {
+                opts.insert(DhcpOption::DomainNameServer(subnet.dns.clone()));
             }
-            if let Some(boot) = self.boot_answer(req, mac) {
-                if boot.file.len() < 128 {
-                    msg.set_fname_str(&boot.file);
-                }
-                let opts = msg.opts_mut();
-                opts.insert(DhcpOption::BootfileName(boot.file.into_bytes()));
-                if let Some(vc) = boot.vendor_class {
-                    opts.insert(DhcpOption::ClassIdentifier(vc.as_bytes().to_vec()));
-                }
+            if let Some(d) = &subnet.domain {
+                opts.insert(DhcpOption::DomainName(d.clone()));
+            }
+            if !subnet.ntp.is_empty() {
+                opts.insert(DhcpOption::NtpServers(subnet.ntp.clone()));
+            }
+            if let Some(mtu) = subnet.mtu {
+                opts.insert(DhcpOption::InterfaceMtu(mtu));
+            }
+            if let Some(boot) = self.boot_answer() {
+                set_boot(&mut msg, boot);
             }
         }
-        if let Some(o82) = req.opts().get(OptionCode::RelayAgentInformation) {
-            // RFC 3046: echo the relay's option back unchanged.
-            msg.opts_mut().insert(o82.clone());
-        }
+        self.echo_relay_info(&mut msg);
         let to = destination(req, kind);
         Reply { msg, to }
     }
 
-    fn boot_answer(&self, req: &Message, mac: MacAddr) -> Option<BootAnswer> {
-        let kind = client::classify(req);
+    /// proxyDHCP (PXE 2.1): boot information only, no address. `kind` is Offer on port 67
+    /// and Ack on port 4011. `None` for clients that are not network-booting.
+    fn proxy_reply(&self, kind: MessageType) -> Option<Reply> {
+        let (info, req) = (self.info, self.req);
+        let mut boot = self.boot_answer()?;
+        let mut msg = Message::default();
+        msg.set_opcode(Opcode::BootReply)
+            .set_htype(req.htype())
+            .set_xid(req.xid())
+            .set_flags(req.flags())
+            .set_giaddr(req.giaddr())
+            .set_chaddr(req.chaddr())
+            .set_siaddr(info.server_ip);
+        if kind == MessageType::Ack {
+            msg.set_ciaddr(req.ciaddr());
+        }
+        let opts = msg.opts_mut();
+        opts.insert(DhcpOption::MessageType(kind));
+        opts.insert(DhcpOption::ServerIdentifier(info.server_ip));
+        // A proxy offer is recognised by option 60 PXEClient (HTTPClient for HTTP boot).
+        // Unlike a full offer, it is right for EDK2's own PXE too: with option 43 saying
+        // "use this boot file" it takes the file from here and the address from the
+        // site's server.
+        if boot.vendor_class.is_none() {
+            boot.vendor_class = Some("PXEClient");
+        }
+        opts.insert(DhcpOption::VendorExtensions(vec![
+            PXE_DISCOVERY_CONTROL,
+            1,
+            PXE_USE_BOOTFILE,
+            OPTION_END,
+        ]));
+        if let Some(uuid) = req.opts().get(OptionCode::ClientMachineIdentifier) {
+            // PXE 2.1: the client UUID is echoed back.
+            opts.insert(uuid.clone());
+        }
+        set_boot(&mut msg, boot);
+        self.echo_relay_info(&mut msg);
+        let to = if req.giaddr().is_unspecified() {
+            if kind == MessageType::Ack && !req.ciaddr().is_unspecified() {
+                SocketAddrV4::new(req.ciaddr(), dhcproto::v4::CLIENT_PORT)
+            } else {
+                SocketAddrV4::new(Ipv4Addr::BROADCAST, dhcproto::v4::CLIENT_PORT)
+            }
+        } else {
+            SocketAddrV4::new(req.giaddr(), dhcproto::v4::SERVER_PORT)
+        };
+        Some(Reply { msg, to })
+    }
+
+    fn echo_relay_info(&self, msg: &mut Message) {
+        if let Some(o82) = self.req.opts().get(OptionCode::RelayAgentInformation) {
+            // RFC 3046: echo the relay's option back unchanged.
+            msg.opts_mut().insert(o82.clone());
+        }
+    }
+
+    fn boot_answer(&self) -> Option<BootAnswer> {
+        let kind = client::classify(self.req);
         if kind == ClientKind::Plain {
             return None;
         }
-        let script = format!("{}/ipxe/{mac}", self.info.http_base);
+        let script = format!("{}/ipxe/{}", self.info.http_base, self.mac);
         client::boot_file(kind, &script, &self.info.http_base)
+    }
+}
+
+fn set_boot(msg: &mut Message, boot: BootAnswer) {
+    if boot.file.len() < 128 {
+        msg.set_fname_str(&boot.file);
+    }
+    let opts = msg.opts_mut();
+    opts.insert(DhcpOption::BootfileName(boot.file.into_bytes()));
+    if let Some(vc) = boot.vendor_class {
+        opts.insert(DhcpOption::ClassIdentifier(vc.as_bytes().to_vec()));
     }
 }
 
 fn requested_ip(req: &Message) -> Option<Ipv4Addr> {
     match req.opts().get(OptionCode::RequestedIpAddress) {
         Some(DhcpOption::RequestedIpAddress(ip)) => Some(*ip),
+        _ => None,
+    }
+}
+
+fn server_id(req: &Message) -> Option<Ipv4Addr> {
+    match req.opts().get(OptionCode::ServerIdentifier) {
+        Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
         _ => None,
     }
 }
@@ -215,6 +448,7 @@ fn destination(req: &Message, kind: MessageType) -> SocketAddrV4 {
     let client = |ip| SocketAddrV4::new(ip, dhcproto::v4::CLIENT_PORT);
     let ciaddr = req.ciaddr();
     if kind != MessageType::Nak && !ciaddr.is_unspecified() {
+        // RENEWING, REBINDING and INFORM: the client has its address and listens on it.
         return client(ciaddr);
     }
     // Unicasting to yiaddr would need an ARP entry injected first; broadcasting is always
@@ -228,13 +462,22 @@ mod tests {
     use crate::config::FileConfig;
     use dhcproto::v4::{Decodable, Decoder, Encodable};
 
-    fn handler() -> Handler {
-        let cfg = FileConfig::default().validate().unwrap();
+    const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+
+    fn handler_with(text: &str) -> Handler {
+        let cfg = FileConfig::parse(text, std::path::Path::new("test"))
+            .unwrap()
+            .validate()
+            .unwrap();
         Handler::new(ServerInfo {
             server_ip: cfg.address,
             http_base: cfg.base_url(),
             dhcp: cfg.dhcp,
         })
+    }
+
+    fn handler() -> Handler {
+        handler_with("")
     }
 
     /// A DHCPDISCOVER and the REQUEST that followed it, captured with tcpdump from iPXE's
@@ -250,12 +493,27 @@ mod tests {
         decode(IPXE_DISCOVER)
     }
 
+    /// A plain (non-booting) client's DISCOVER, as an OS's DHCP client sends it.
+    fn plain_discover(mac: u8) -> Message {
+        let mut d = ipxe_discover();
+        d.opts_mut().remove(OptionCode::UserClass);
+        d.opts_mut().remove(OptionCode::ClassIdentifier);
+        d.opts_mut().remove(OptionCode::Unknown(175));
+        d.set_chaddr(&[0x52, 0x54, 0, 0, 0, mac]);
+        d
+    }
+
+    fn with_type(m: &Message, t: MessageType) -> Message {
+        let mut r = m.clone();
+        r.opts_mut().insert(DhcpOption::MessageType(t));
+        r
+    }
+
     fn request_for(offer: &Message, discover: &Message) -> Message {
-        let mut r = discover.clone();
+        let mut r = with_type(discover, MessageType::Request);
         let o = r.opts_mut();
-        o.insert(DhcpOption::MessageType(MessageType::Request));
         o.insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
-        o.insert(DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 77, 0, 1)));
+        o.insert(DhcpOption::ServerIdentifier(SERVER));
         r
     }
 
@@ -266,11 +524,35 @@ mod tests {
         }
     }
 
+    fn ignored(o: Outcome) -> Ignored {
+        match o {
+            Outcome::Reply(r) => panic!("answered {:?}", r.msg.opts().msg_type()),
+            Outcome::Ignore(why) => why,
+        }
+    }
+
     fn opt_bytes(m: &Message, code: OptionCode) -> Option<Vec<u8>> {
         match m.opts().get(code)? {
-            DhcpOption::BootfileName(v) | DhcpOption::ClassIdentifier(v) => Some(v.clone()),
+            DhcpOption::BootfileName(v)
+            | DhcpOption::ClassIdentifier(v)
+            | DhcpOption::VendorExtensions(v) => Some(v.clone()),
             _ => None,
         }
+    }
+
+    fn records(h: &mut Handler) -> Vec<Record> {
+        let mut v = Vec::new();
+        h.take_records(&mut v);
+        v
+    }
+
+    /// DISCOVER, OFFER, REQUEST, ACK; returns the ACK.
+    fn dora(h: &mut Handler, d: &Message, t: SystemTime) -> Message {
+        let offer = reply(h.handle(d, t));
+        assert_eq!(offer.msg.opts().msg_type(), Some(MessageType::Offer));
+        let ack = reply(h.handle(&request_for(&offer.msg, d), t));
+        assert_eq!(ack.msg.opts().msg_type(), Some(MessageType::Ack));
+        ack.msg
     }
 
     #[test]
@@ -307,6 +589,26 @@ mod tests {
     }
 
     #[test]
+    fn option_lengths_the_decoder_would_assert_on_are_rejected() {
+        // Found by the dhcp_handler fuzz target: Rapid Commit (80) with a payload made
+        // dhcproto's debug_assert fire.
+        let mut bad = IPXE_DISCOVER[..240].to_vec();
+        bad.extend_from_slice(&[53, 1, 1, 80, 2, 0, 0, 255]);
+        assert!(matches!(
+            super::super::decode(&bad),
+            Err(super::super::Malformed::OptionLength { code: 80, len: 2 })
+        ));
+        for (code, len) in [(94u8, 2u8), (81, 1), (151, 0), (152, 3)] {
+            let mut p = IPXE_DISCOVER[..240].to_vec();
+            p.extend_from_slice(&[53, 1, 1, code, len]);
+            p.extend(std::iter::repeat_n(0, usize::from(len)));
+            p.push(255);
+            assert!(super::super::decode(&p).is_err(), "option {code} len {len}");
+        }
+        assert!(super::super::decode(IPXE_DISCOVER).is_ok());
+    }
+
+    #[test]
     fn ipxe_discover_request_ack_transcript() {
         let mut h = handler();
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
@@ -329,6 +631,7 @@ mod tests {
         // The reply encodes and decodes cleanly.
         let wire = offer.msg.to_vec().unwrap();
         Message::decode(&mut Decoder::new(&wire)).unwrap();
+        assert!(records(&mut h).is_empty(), "an offer is not journaled");
 
         let ack = reply(h.handle(&request_for(&offer.msg, &d), t));
         assert_eq!(ack.msg.opts().msg_type(), Some(MessageType::Ack));
@@ -337,16 +640,69 @@ mod tests {
             ack.msg.opts().get(OptionCode::AddressLeaseTime),
             Some(DhcpOption::AddressLeaseTime(3600))
         ));
+        // The ACK's lease is queued for the journal, to be durable before the ACK leaves.
+        assert_eq!(
+            records(&mut h),
+            vec![Record::Bound {
+                mac: MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+                ip: ack.msg.yiaddr(),
+                expires: 1_000_000 + 3600
+            }]
+        );
+    }
+
+    #[test]
+    fn configured_options_are_sent() {
+        let mut h = handler_with(
+            "[dhcp]\nrouter = \"10.77.0.254\"\ndns = [\"10.77.0.53\"]\ndomain = \"lab.example\"\nntp = [\"10.77.0.123\"]\nmtu = 9000\nlease_time = 600\n",
+        );
+        let ack = dora(&mut h, &plain_discover(1), SystemTime::UNIX_EPOCH);
+        let o = ack.opts();
+        let ip = |a, b, c, d| Ipv4Addr::new(a, b, c, d);
+        assert_eq!(
+            o.get(OptionCode::SubnetMask),
+            Some(&DhcpOption::SubnetMask(ip(255, 255, 255, 0)))
+        );
+        assert_eq!(
+            o.get(OptionCode::Router),
+            Some(&DhcpOption::Router(vec![ip(10, 77, 0, 254)]))
+        );
+        assert_eq!(
+            o.get(OptionCode::DomainNameServer),
+            Some(&DhcpOption::DomainNameServer(vec![ip(10, 77, 0, 53)]))
+        );
+        assert_eq!(
+            o.get(OptionCode::DomainName),
+            Some(&DhcpOption::DomainName("lab.example".into()))
+        );
+        assert_eq!(
+            o.get(OptionCode::NtpServers),
+            Some(&DhcpOption::NtpServers(vec![ip(10, 77, 0, 123)]))
+        );
+        assert_eq!(
+            o.get(OptionCode::InterfaceMtu),
+            Some(&DhcpOption::InterfaceMtu(9000))
+        );
+        assert_eq!(
+            o.get(OptionCode::AddressLeaseTime),
+            Some(&DhcpOption::AddressLeaseTime(600))
+        );
+        assert_eq!(o.get(OptionCode::Renewal), Some(&DhcpOption::Renewal(300)));
+        assert_eq!(
+            o.get(OptionCode::Rebinding),
+            Some(&DhcpOption::Rebinding(525))
+        );
+        let wire = ack.to_vec().unwrap();
+        assert_eq!(
+            decode(&wire).opts().get(OptionCode::InterfaceMtu),
+            Some(&DhcpOption::InterfaceMtu(9000))
+        );
     }
 
     #[test]
     fn a_plain_client_gets_no_boot_file() {
         let mut h = handler();
-        let mut d = ipxe_discover();
-        d.opts_mut().remove(OptionCode::UserClass);
-        d.opts_mut().remove(OptionCode::ClassIdentifier);
-        d.opts_mut().remove(OptionCode::Unknown(175));
-        let offer = reply(h.handle(&d, SystemTime::UNIX_EPOCH));
+        let offer = reply(h.handle(&plain_discover(1), SystemTime::UNIX_EPOCH));
         assert_eq!(opt_bytes(&offer.msg, OptionCode::BootfileName), None);
         assert_eq!(opt_bytes(&offer.msg, OptionCode::ClassIdentifier), None);
     }
@@ -375,13 +731,47 @@ mod tests {
         let mut h = handler();
         let t = SystemTime::UNIX_EPOCH;
         let d = ipxe_discover();
-        let offer = reply(h.handle(&d, t));
-        reply(h.handle(&request_for(&offer.msg, &d), t));
-        let mut other = request_for(&offer.msg, &d);
+        let ack = dora(&mut h, &d, t);
+        let mut other = request_for(&ack, &d);
         other.set_chaddr(&[0x52, 0x54, 0, 0, 0, 9]);
         let nak = reply(h.handle(&other, t));
         assert_eq!(nak.msg.opts().msg_type(), Some(MessageType::Nak));
         assert_eq!(nak.msg.yiaddr(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(nak.to, SocketAddrV4::new(Ipv4Addr::BROADCAST, 68));
+        // INIT-REBOOT on the wrong network is NAKed too.
+        let mut wrong = with_type(&plain_discover(3), MessageType::Request);
+        wrong
+            .opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(
+                192, 168, 1, 5,
+            )));
+        let nak = reply(h.handle(&wrong, t));
+        assert_eq!(nak.msg.opts().msg_type(), Some(MessageType::Nak));
+    }
+
+    #[test]
+    fn renewal_is_unicast_to_ciaddr_and_journals_the_new_expiry() {
+        let mut h = handler();
+        let t = SystemTime::UNIX_EPOCH;
+        let d = plain_discover(1);
+        let ack = dora(&mut h, &d, t);
+        records(&mut h);
+        // RENEWING: ciaddr set, no option 50, no server id (RFC 2131 4.3.2).
+        let mut renew = with_type(&d, MessageType::Request);
+        renew.set_ciaddr(ack.yiaddr());
+        let later = t + Duration::from_secs(1800);
+        let r = reply(h.handle(&renew, later));
+        assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Ack));
+        assert_eq!(r.msg.yiaddr(), ack.yiaddr());
+        assert_eq!(r.to, SocketAddrV4::new(ack.yiaddr(), 68));
+        assert_eq!(
+            records(&mut h),
+            vec![Record::Bound {
+                mac: MacAddr::from_slice(d.chaddr()).unwrap(),
+                ip: ack.yiaddr(),
+                expires: 1800 + 3600
+            }]
+        );
     }
 
     #[test]
@@ -409,25 +799,301 @@ mod tests {
         ));
     }
 
+    const TWO_SUBNETS: &str = r#"
+[dhcp]
+reservations = [{ mac = "52:54:00:00:00:07", ip = "10.77.0.7" }]
+[[dhcp.subnets]]
+network = "10.78.0.0/24"
+ranges = [["10.78.0.50", "10.78.0.60"]]
+exclude = [["10.78.0.50", "10.78.0.51"]]
+router = "10.78.0.1"
+lease_time = 120
+reservations = [{ mac = "52:54:00:00:00:08", ip = "10.78.0.8" }]
+[[dhcp.subnets]]
+network = "10.79.0.0/24"
+mode = "off"
+"#;
+
     #[test]
-    fn release_frees_and_replies_nothing() {
+    fn giaddr_picks_the_subnet_and_its_options() {
+        let mut h = handler_with(TWO_SUBNETS);
+        let t = SystemTime::UNIX_EPOCH;
+        let mut d = plain_discover(1);
+        d.set_giaddr(Ipv4Addr::new(10, 78, 0, 1));
+        let ack = dora(&mut h, &d, t);
+        // .50 and .51 are excluded.
+        assert_eq!(ack.yiaddr(), Ipv4Addr::new(10, 78, 0, 52));
+        assert_eq!(
+            ack.opts().get(OptionCode::Router),
+            Some(&DhcpOption::Router(vec![Ipv4Addr::new(10, 78, 0, 1)]))
+        );
+        assert_eq!(
+            ack.opts().get(OptionCode::AddressLeaseTime),
+            Some(&DhcpOption::AddressLeaseTime(120))
+        );
+        // The same MAC on the local segment gets a local address.
+        let local = dora(&mut h, &plain_discover(1), t);
+        assert_eq!(local.yiaddr(), Ipv4Addr::new(10, 77, 0, 100));
+        // A unicast renewal from behind the relay (no giaddr) finds its subnet by ciaddr.
+        let mut renew = with_type(&plain_discover(1), MessageType::Request);
+        renew.set_ciaddr(ack.yiaddr());
+        assert_eq!(reply(h.handle(&renew, t)).msg.yiaddr(), ack.yiaddr());
+        // Reservations, per subnet.
+        let mut r = plain_discover(8);
+        r.set_giaddr(Ipv4Addr::new(10, 78, 0, 1));
+        assert_eq!(dora(&mut h, &r, t).yiaddr(), Ipv4Addr::new(10, 78, 0, 8));
+        assert_eq!(
+            dora(&mut h, &plain_discover(7), t).yiaddr(),
+            Ipv4Addr::new(10, 77, 0, 7)
+        );
+        // A subnet that is off answers nothing.
+        let mut off = plain_discover(2);
+        off.set_giaddr(Ipv4Addr::new(10, 79, 0, 1));
+        assert_eq!(ignored(h.handle(&off, t)), Ignored::SubnetOff);
+    }
+
+    #[test]
+    fn nak_through_a_relay_asks_for_broadcast() {
+        let mut h = handler_with(TWO_SUBNETS);
+        let mut r = with_type(&plain_discover(1), MessageType::Request);
+        r.set_giaddr(Ipv4Addr::new(10, 78, 0, 1));
+        r.opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(
+                10, 77, 0, 100,
+            )));
+        let nak = reply(h.handle(&r, SystemTime::UNIX_EPOCH));
+        assert_eq!(nak.msg.opts().msg_type(), Some(MessageType::Nak));
+        assert!(nak.msg.flags().broadcast());
+        assert_eq!(nak.to, SocketAddrV4::new(Ipv4Addr::new(10, 78, 0, 1), 67));
+    }
+
+    #[test]
+    fn release_frees_replies_nothing_and_is_journaled() {
         let mut h = handler();
         let t = SystemTime::UNIX_EPOCH;
         let d = ipxe_discover();
-        let offer = reply(h.handle(&d, t));
-        reply(h.handle(&request_for(&offer.msg, &d), t));
-        let mut rel = d.clone();
-        rel.opts_mut()
-            .insert(DhcpOption::MessageType(MessageType::Release));
-        rel.set_ciaddr(offer.msg.yiaddr());
+        let ack = dora(&mut h, &d, t);
+        records(&mut h);
+        let mut rel = with_type(&d, MessageType::Release);
+        rel.set_ciaddr(ack.yiaddr());
+        assert_eq!(ignored(h.handle(&rel, t)), Ignored::Released);
+        let mac = MacAddr::from_slice(d.chaddr()).unwrap();
+        assert!(h.pool().lease_of(&mac).is_none());
+        assert_eq!(
+            records(&mut h),
+            vec![Record::Released {
+                mac,
+                ip: ack.yiaddr()
+            }]
+        );
+    }
+
+    #[test]
+    fn decline_puts_the_address_on_probation() {
+        let mut h = handler();
+        let t = SystemTime::UNIX_EPOCH;
+        let d = plain_discover(1);
+        let ack = dora(&mut h, &d, t);
+        records(&mut h);
+        let mut dec = with_type(&d, MessageType::Decline);
+        dec.opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(ack.yiaddr()));
+        dec.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
+        assert_eq!(ignored(h.handle(&dec, t)), Ignored::Declined(ack.yiaddr()));
+        assert_eq!(
+            records(&mut h),
+            vec![Record::Probation {
+                ip: ack.yiaddr(),
+                until: 600
+            }]
+        );
+        // The client starts over and gets another address; so does everyone else.
+        assert_ne!(dora(&mut h, &d, t).yiaddr(), ack.yiaddr());
+        let mut want = plain_discover(2);
+        want.opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(ack.yiaddr()));
+        assert_ne!(
+            reply(h.handle(&want, t + Duration::from_secs(599)))
+                .msg
+                .yiaddr(),
+            ack.yiaddr()
+        );
+        // After probation it is back.
+        want.set_chaddr(&[0x52, 0x54, 0, 0, 0, 3]);
+        assert_eq!(
+            reply(h.handle(&want, t + Duration::from_secs(601)))
+                .msg
+                .yiaddr(),
+            ack.yiaddr()
+        );
+        // A decline for another server, or for an address not ours, changes nothing.
+        dec.opts_mut()
+            .insert(DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 77, 0, 9)));
         assert!(matches!(
-            h.handle(&rel, t),
-            Outcome::Ignore(Ignored::Released)
+            ignored(h.handle(&dec, t)),
+            Ignored::OtherServer(_)
         ));
+        dec.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
+        dec.opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(192, 0, 2, 1)));
+        assert!(matches!(
+            ignored(h.handle(&dec, t)),
+            Ignored::DeclineNotOurs(_)
+        ));
+    }
+
+    #[test]
+    fn inform_gets_options_but_no_lease() {
+        let mut h = handler_with("[dhcp]\ndns = [\"10.77.0.53\"]\n");
+        let mut inf = with_type(&plain_discover(1), MessageType::Inform);
+        inf.set_ciaddr(Ipv4Addr::new(10, 77, 0, 30));
+        let r = reply(h.handle(&inf, SystemTime::UNIX_EPOCH));
+        assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Ack));
+        assert_eq!(r.msg.yiaddr(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(r.msg.ciaddr(), Ipv4Addr::new(10, 77, 0, 30));
+        assert!(r.msg.opts().get(OptionCode::AddressLeaseTime).is_none());
+        assert!(r.msg.opts().get(OptionCode::DomainNameServer).is_some());
+        assert_eq!(r.to, SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 30), 68));
+        assert!(records(&mut h).is_empty());
+    }
+
+    #[test]
+    fn a_flooding_client_is_rate_limited_alone() {
+        let mut h = handler_with("[dhcp]\nrate_limit = 1\nrate_burst = 3\n");
+        let t = SystemTime::UNIX_EPOCH;
+        let flood = plain_discover(1);
+        let answered = (0..10)
+            .filter(|_| matches!(h.handle(&flood, t), Outcome::Reply(_)))
+            .count();
+        assert_eq!(answered, 3);
+        assert_eq!(ignored(h.handle(&flood, t)), Ignored::RateLimited);
+        assert!(matches!(h.handle(&plain_discover(2), t), Outcome::Reply(_)));
+        assert!(matches!(
+            h.handle(&flood, t + Duration::from_secs(1)),
+            Outcome::Reply(_)
+        ));
+    }
+
+    #[test]
+    fn restored_leases_are_never_offered_to_others() {
+        let mut h = handler_with(TWO_SUBNETS);
+        let taken = |m: u8, ip: Ipv4Addr| Record::Bound {
+            mac: MacAddr([0x52, 0x54, 0, 0, 0, m]),
+            ip,
+            expires: 9999,
+        };
+        let orphans = h.restore(&[
+            taken(1, Ipv4Addr::new(10, 77, 0, 100)),
+            taken(2, Ipv4Addr::new(10, 78, 0, 52)),
+            taken(3, Ipv4Addr::new(192, 0, 2, 1)),
+        ]);
+        assert_eq!(orphans, 1);
+        let t = SystemTime::UNIX_EPOCH;
+        assert_eq!(
+            dora(&mut h, &plain_discover(9), t).yiaddr(),
+            Ipv4Addr::new(10, 77, 0, 101)
+        );
+        // The holder gets its own address back.
+        assert_eq!(
+            dora(&mut h, &plain_discover(1), t).yiaddr(),
+            Ipv4Addr::new(10, 77, 0, 100)
+        );
+        let mut d = plain_discover(9);
+        d.set_giaddr(Ipv4Addr::new(10, 78, 0, 1));
+        assert_eq!(dora(&mut h, &d, t).yiaddr(), Ipv4Addr::new(10, 78, 0, 53));
+    }
+
+    fn ovmf_discover() -> Message {
+        let mut d = plain_discover(5);
+        let o = d.opts_mut();
+        o.insert(DhcpOption::ClassIdentifier(
+            b"PXEClient:Arch:00007:UNDI:003000".to_vec(),
+        ));
+        o.insert(DhcpOption::ClientSystemArchitecture(7u16.into()));
+        o.insert(DhcpOption::ClientMachineIdentifier(vec![0; 17]));
+        d
+    }
+
+    #[test]
+    fn full_offers_to_edk2_pxe_never_say_pxeclient() {
+        // EDK2 treats a PXEClient offer without option 43 as BINL and fails (PXE-E16).
+        let mut h = handler();
+        let offer = reply(h.handle(&ovmf_discover(), SystemTime::UNIX_EPOCH));
+        assert_eq!(opt_bytes(&offer.msg, OptionCode::ClassIdentifier), None);
+        assert_eq!(
+            opt_bytes(&offer.msg, OptionCode::BootfileName),
+            Some(b"snponly.efi".to_vec())
+        );
+    }
+
+    #[test]
+    fn proxy_mode_offers_boot_information_only() {
+        let mut h = handler_with("[dhcp]\nmode = \"proxy\"\n");
+        let t = SystemTime::UNIX_EPOCH;
+        let d = ovmf_discover();
+        let offer = reply(h.handle(&d, t));
+        let m = &offer.msg;
+        assert_eq!(m.opts().msg_type(), Some(MessageType::Offer));
+        assert_eq!(m.yiaddr(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(m.siaddr(), SERVER);
+        assert_eq!(
+            opt_bytes(m, OptionCode::ClassIdentifier),
+            Some(b"PXEClient".to_vec())
+        );
+        assert_eq!(
+            opt_bytes(m, OptionCode::VendorExtensions),
+            Some(vec![6, 1, 8, 255])
+        );
+        assert_eq!(
+            opt_bytes(m, OptionCode::BootfileName),
+            Some(b"snponly.efi".to_vec())
+        );
+        assert!(m.opts().get(OptionCode::ClientMachineIdentifier).is_some());
+        assert!(m.opts().get(OptionCode::AddressLeaseTime).is_none());
+        assert_eq!(offer.to, SocketAddrV4::new(Ipv4Addr::BROADCAST, 68));
+        // iPXE gets its script.
+        let ipxe = reply(h.handle(&ipxe_discover(), t));
+        assert_eq!(
+            opt_bytes(&ipxe.msg, OptionCode::BootfileName),
+            Some(b"http://10.77.0.1:8080/ipxe/52:54:00:12:34:56".to_vec())
+        );
+        // Not a PXE client, or not a DISCOVER: left to the site's server.
+        assert_eq!(ignored(h.handle(&plain_discover(1), t)), Ignored::NotPxe);
+        assert_eq!(
+            ignored(h.handle(&with_type(&d, MessageType::Request), t)),
+            Ignored::ProxyIgnores(MessageType::Request)
+        );
         assert!(
             h.pool()
                 .lease_of(&MacAddr::from_slice(d.chaddr()).unwrap())
                 .is_none()
+        );
+        assert!(records(&mut h).is_empty());
+
+        // Port 4011: REQUEST from the address the client got elsewhere, ACK with the file.
+        let mut r = with_type(&d, MessageType::Request);
+        r.set_ciaddr(Ipv4Addr::new(10, 77, 0, 150));
+        let ack = reply(h.handle_pxe(&r, t));
+        assert_eq!(ack.msg.opts().msg_type(), Some(MessageType::Ack));
+        assert_eq!(ack.msg.ciaddr(), Ipv4Addr::new(10, 77, 0, 150));
+        assert_eq!(ack.msg.yiaddr(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(
+            opt_bytes(&ack.msg, OptionCode::BootfileName),
+            Some(b"snponly.efi".to_vec())
+        );
+        assert_eq!(ack.to, SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 150), 68));
+        assert_eq!(
+            ignored(h.handle_pxe(&d, t)),
+            Ignored::Unhandled(MessageType::Discover)
+        );
+    }
+
+    #[test]
+    fn off_mode_answers_nothing() {
+        let mut h = handler_with("[dhcp]\nmode = \"off\"\n");
+        assert_eq!(
+            ignored(h.handle(&ipxe_discover(), SystemTime::UNIX_EPOCH)),
+            Ignored::SubnetOff
         );
     }
 }

@@ -1,12 +1,18 @@
-//! The address pool: which address each client holds, and until when.
+//! The address pool of one subnet: which address each client holds, and until when.
 //!
-//! Pure data: time is passed in, nothing here does I/O.
+//! Pure data: time is passed in, nothing here does I/O. Every change a crash must not lose
+//! (a bound lease, a release, a declined address) is also queued as a journal
+//! [`Record`]; the I/O layer drains them with [`Pool::take_records`] and makes them durable
+//! before it sends the ACK that depends on them.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
 
 use stork_proto::MacAddr;
+
+use super::journal::{Record, unix_secs};
+use crate::config::SubnetConfig;
 
 /// How long an offered address stays reserved for the client it was offered to.
 pub const OFFER_HOLD: Duration = Duration::from_secs(60);
@@ -29,40 +35,96 @@ pub struct Lease {
 pub enum PoolError {
     #[error("address pool exhausted")]
     Exhausted,
-    #[error("{ip} is outside the pool")]
+    #[error("{ip} is not assignable in this subnet")]
     OutOfRange { ip: Ipv4Addr },
     #[error("{ip} is held by {holder}")]
     Taken { ip: Ipv4Addr, holder: MacAddr },
+    #[error("{ip} was declined and is on probation")]
+    Probation { ip: Ipv4Addr },
+    #[error("{mac} has reservation {reserved}, not {ip}")]
+    Reserved {
+        mac: MacAddr,
+        ip: Ipv4Addr,
+        reserved: Ipv4Addr,
+    },
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Pool {
-    start: u32,
-    end: u32,
+    /// Dynamic ranges, inclusive, sorted and disjoint.
+    ranges: Vec<(u32, u32)>,
+    exclude: Vec<(u32, u32)>,
+    reserved_ip: HashMap<Ipv4Addr, MacAddr>,
+    reserved_mac: HashMap<MacAddr, Ipv4Addr>,
     by_mac: HashMap<MacAddr, Lease>,
     by_ip: HashMap<Ipv4Addr, MacAddr>,
-    /// Where the next search for a free address starts, so allocation stays O(1) on average
-    /// while the pool fills.
-    cursor: u32,
+    /// Declined addresses and when they may be used again.
+    probation: HashMap<Ipv4Addr, SystemTime>,
+    /// Where the next search for a free address starts (index into `ranges`, address), so
+    /// allocation stays O(1) on average while the pool fills.
+    cursor: (usize, u32),
+    records: Vec<Record>,
 }
 
 impl Pool {
+    /// A pool of one inclusive range.
     pub fn new(start: Ipv4Addr, end: Ipv4Addr) -> Self {
+        Self::with(&[(start, end)], &[], &[])
+    }
+
+    pub fn with(
+        ranges: &[(Ipv4Addr, Ipv4Addr)],
+        exclude: &[(Ipv4Addr, Ipv4Addr)],
+        reservations: &[(MacAddr, Ipv4Addr)],
+    ) -> Self {
+        let pairs = |l: &[(Ipv4Addr, Ipv4Addr)]| -> Vec<(u32, u32)> {
+            l.iter()
+                .map(|(a, b)| (u32::from(*a), u32::from(*b)))
+                .collect()
+        };
+        let ranges = pairs(ranges);
         Self {
-            start: start.into(),
-            end: end.into(),
-            by_mac: HashMap::new(),
-            by_ip: HashMap::new(),
-            cursor: start.into(),
+            cursor: (0, ranges.first().map_or(0, |r| r.0)),
+            ranges,
+            exclude: pairs(exclude),
+            reserved_ip: reservations.iter().map(|(m, i)| (*i, *m)).collect(),
+            reserved_mac: reservations.iter().copied().collect(),
+            ..Self::default()
         }
     }
 
+    pub fn for_subnet(s: &SubnetConfig) -> Self {
+        Self::with(&s.ranges, &s.exclude, &s.reservations)
+    }
+
+    fn dynamic(&self, ip: Ipv4Addr) -> bool {
+        let n = u32::from(ip);
+        self.ranges.iter().any(|(a, b)| (*a..=*b).contains(&n))
+            && !self.exclude.iter().any(|(a, b)| (*a..=*b).contains(&n))
+            && !self.reserved_ip.contains_key(&ip)
+    }
+
+    /// Whether this pool hands out `ip` at all (dynamically or as a reservation).
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        (self.start..=self.end).contains(&u32::from(ip))
+        self.dynamic(ip) || self.reserved_ip.contains_key(&ip)
+    }
+
+    fn assignable_to(&self, ip: Ipv4Addr, mac: &MacAddr) -> bool {
+        match self.reserved_ip.get(&ip) {
+            Some(owner) => owner == mac,
+            None => self.dynamic(ip),
+        }
     }
 
     pub fn lease_of(&self, mac: &MacAddr) -> Option<&Lease> {
         self.by_mac.get(mac)
+    }
+
+    /// Bound and unexpired leases.
+    pub fn bound(&self, now: SystemTime) -> impl Iterator<Item = &Lease> {
+        self.by_mac
+            .values()
+            .filter(move |l| l.state == LeaseState::Bound && l.expires > now)
     }
 
     fn holder(&self, ip: Ipv4Addr, now: SystemTime) -> Option<MacAddr> {
@@ -71,40 +133,55 @@ impl Pool {
         (lease.expires > now).then_some(*mac)
     }
 
-    fn is_free_for(&self, ip: Ipv4Addr, mac: &MacAddr, now: SystemTime) -> bool {
-        self.contains(ip) && self.holder(ip, now).is_none_or(|h| h == *mac)
+    pub fn on_probation(&self, ip: Ipv4Addr, now: SystemTime) -> bool {
+        self.probation.get(&ip).is_some_and(|until| *until > now)
     }
 
-    /// Picks an address for `mac`: the one it already holds, else the one it asks for if free,
-    /// else the next free one. The choice is held for [`OFFER_HOLD`].
+    fn is_free_for(&self, ip: Ipv4Addr, mac: &MacAddr, now: SystemTime) -> bool {
+        self.assignable_to(ip, mac)
+            && !self.on_probation(ip, now)
+            && self.holder(ip, now).is_none_or(|h| h == *mac)
+    }
+
+    /// Picks an address for `mac`: its reservation, else the one it already holds, else the
+    /// one it asks for if free, else the next free one. The choice is held for
+    /// [`OFFER_HOLD`]; offers are not journaled (a lost offer costs the client a retry).
     pub fn offer(
         &mut self,
         mac: MacAddr,
         requested: Option<Ipv4Addr>,
         now: SystemTime,
     ) -> Result<Lease, PoolError> {
-        let ip = if let Some(l) = self.by_mac.get(&mac).filter(|l| self.contains(l.ip)) {
+        let reserved = self.reserved_mac.get(&mac).copied();
+        let ip = if let Some(r) = reserved.filter(|r| self.is_free_for(*r, &mac, now)) {
+            r
+        } else if let Some(l) = self
+            .by_mac
+            .get(&mac)
+            .filter(|l| self.is_free_for(l.ip, &mac, now))
+        {
             l.ip
         } else if let Some(r) = requested.filter(|r| self.is_free_for(*r, &mac, now)) {
             r
         } else {
             self.next_free(&mac, now)?
         };
-        let state = match self.by_mac.get(&mac) {
-            Some(l) if l.ip == ip && l.state == LeaseState::Bound && l.expires > now => {
-                return Ok(*l);
-            }
-            _ => LeaseState::Offered,
-        };
+        if let Some(l) = self.by_mac.get(&mac)
+            && l.ip == ip
+            && l.state == LeaseState::Bound
+            && l.expires > now
+        {
+            return Ok(*l);
+        }
         Ok(self.put(Lease {
             ip,
             mac,
-            state,
+            state: LeaseState::Offered,
             expires: now + OFFER_HOLD,
         }))
     }
 
-    /// Binds `ip` to `mac` for `lease_time`, as a REQUEST asks.
+    /// Binds `ip` to `mac` for `lease_time`, as a REQUEST asks, and journals it.
     pub fn bind(
         &mut self,
         mac: MacAddr,
@@ -112,30 +189,105 @@ impl Pool {
         lease_time: Duration,
         now: SystemTime,
     ) -> Result<Lease, PoolError> {
-        if !self.contains(ip) {
+        if !self.assignable_to(ip, &mac) {
             return Err(PoolError::OutOfRange { ip });
+        }
+        if let Some(reserved) = self.reserved_mac.get(&mac).copied()
+            && reserved != ip
+            && self.is_free_for(reserved, &mac, now)
+        {
+            // A reservation added while the client held a dynamic address: the NAK sends it
+            // back to DISCOVER, where it gets the reserved one.
+            return Err(PoolError::Reserved { mac, ip, reserved });
+        }
+        if self.on_probation(ip, now) {
+            return Err(PoolError::Probation { ip });
         }
         if let Some(holder) = self.holder(ip, now).filter(|h| *h != mac) {
             return Err(PoolError::Taken { ip, holder });
         }
-        Ok(self.put(Lease {
+        let lease = self.put(Lease {
             ip,
             mac,
             state: LeaseState::Bound,
             expires: now + lease_time,
-        }))
+        });
+        self.records.push(Record::Bound {
+            mac,
+            ip,
+            expires: unix_secs(lease.expires),
+        });
+        Ok(lease)
     }
 
     /// Frees the address `mac` holds, if it is `ip`.
     pub fn release(&mut self, mac: &MacAddr, ip: Ipv4Addr) -> bool {
         match self.by_mac.get(mac) {
             Some(l) if l.ip == ip => {
+                if l.state == LeaseState::Bound {
+                    self.records.push(Record::Released { mac: *mac, ip });
+                }
                 self.by_ip.remove(&ip);
                 self.by_mac.remove(mac);
                 true
             }
             _ => false,
         }
+    }
+
+    /// DHCPDECLINE: `ip` is in use by someone we do not know. Drops `mac`'s claim on it and
+    /// keeps the address out of use until `until`. Returns false for addresses not ours.
+    pub fn decline(&mut self, mac: &MacAddr, ip: Ipv4Addr, until: SystemTime) -> bool {
+        if !self.contains(ip) {
+            return false;
+        }
+        if self.by_mac.get(mac).is_some_and(|l| l.ip == ip) {
+            self.by_mac.remove(mac);
+            self.by_ip.remove(&ip);
+        }
+        self.probation.insert(ip, until);
+        self.records.push(Record::Probation {
+            ip,
+            until: unix_secs(until),
+        });
+        true
+    }
+
+    /// Restores state read back from the journal; queues no records. Returns false when the
+    /// record's address does not belong here (the configuration changed since).
+    pub fn restore(&mut self, record: &Record) -> bool {
+        match *record {
+            Record::Bound { mac, ip, expires } => {
+                if !self.contains(ip) {
+                    return false;
+                }
+                self.put(Lease {
+                    ip,
+                    mac,
+                    state: LeaseState::Bound,
+                    expires: SystemTime::UNIX_EPOCH + Duration::from_secs(expires),
+                });
+            }
+            Record::Released { mac, ip } => {
+                if self.by_mac.get(&mac).is_some_and(|l| l.ip == ip) {
+                    self.by_mac.remove(&mac);
+                    self.by_ip.remove(&ip);
+                }
+            }
+            Record::Probation { ip, until } => {
+                if !self.contains(ip) {
+                    return false;
+                }
+                self.probation
+                    .insert(ip, SystemTime::UNIX_EPOCH + Duration::from_secs(until));
+            }
+        }
+        true
+    }
+
+    /// The journal records queued since the last call, oldest first.
+    pub fn take_records(&mut self, out: &mut Vec<Record>) {
+        out.append(&mut self.records);
     }
 
     fn put(&mut self, lease: Lease) -> Lease {
@@ -154,13 +306,22 @@ impl Pool {
     }
 
     fn next_free(&mut self, mac: &MacAddr, now: SystemTime) -> Result<Ipv4Addr, PoolError> {
-        let size = u64::from(self.end - self.start) + 1;
-        let mut ip = self.cursor;
+        let size: u64 = self.ranges.iter().map(|(a, b)| u64::from(b - a) + 1).sum();
+        let (mut r, mut ip) = self.cursor;
         for _ in 0..size {
-            let candidate = Ipv4Addr::from(ip);
-            ip = if ip >= self.end { self.start } else { ip + 1 };
+            let Some(&(start, end)) = self.ranges.get(r) else {
+                // Only reachable with an empty range list (reservations only).
+                break;
+            };
+            let candidate = Ipv4Addr::from(ip.clamp(start, end));
+            if ip >= end {
+                r = (r + 1) % self.ranges.len();
+                ip = self.ranges.get(r).map_or(0, |x| x.0);
+            } else {
+                ip += 1;
+            }
             if self.is_free_for(candidate, mac, now) {
-                self.cursor = ip;
+                self.cursor = (r, ip);
                 return Ok(candidate);
             }
         }
@@ -178,8 +339,12 @@ mod tests {
     const T0: SystemTime = SystemTime::UNIX_EPOCH;
     const HOUR: Duration = Duration::from_secs(3600);
 
+    fn ip(n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, n)
+    }
+
     fn pool() -> Pool {
-        Pool::new(Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new(10, 0, 0, 12))
+        Pool::new(ip(10), ip(12))
     }
 
     #[test]
@@ -226,20 +391,149 @@ mod tests {
     #[test]
     fn requested_address_is_honoured_when_free() {
         let mut p = pool();
-        let want = Ipv4Addr::new(10, 0, 0, 12);
+        let want = ip(12);
         assert_eq!(p.offer(mac(1), Some(want), T0).unwrap().ip, want);
         assert_ne!(p.offer(mac(2), Some(want), T0).unwrap().ip, want);
-        let outside = Ipv4Addr::new(10, 0, 0, 99);
+        let outside = ip(99);
         assert_ne!(p.offer(mac(3), Some(outside), T0).unwrap().ip, outside);
     }
 
     #[test]
-    fn release_frees_the_address() {
-        let mut p = Pool::new(Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new(10, 0, 0, 10));
+    fn release_frees_the_address_and_is_journaled() {
+        let mut p = Pool::new(ip(10), ip(10));
         let l = p.offer(mac(1), None, T0).unwrap();
         p.bind(mac(1), l.ip, HOUR, T0).unwrap();
-        assert!(!p.release(&mac(1), Ipv4Addr::new(10, 0, 0, 11)));
+        assert!(!p.release(&mac(1), ip(11)));
         assert!(p.release(&mac(1), l.ip));
         assert_eq!(p.offer(mac(2), None, T0).unwrap().ip, l.ip);
+        let mut recs = Vec::new();
+        p.take_records(&mut recs);
+        assert_eq!(
+            recs,
+            vec![
+                Record::Bound {
+                    mac: mac(1),
+                    ip: l.ip,
+                    expires: 3600
+                },
+                Record::Released {
+                    mac: mac(1),
+                    ip: l.ip
+                },
+            ]
+        );
+        p.take_records(&mut recs);
+        assert_eq!(recs.len(), 2, "drained once");
+    }
+
+    #[test]
+    fn offers_are_not_journaled() {
+        let mut p = pool();
+        p.offer(mac(1), None, T0).unwrap();
+        let mut recs = Vec::new();
+        p.take_records(&mut recs);
+        assert!(recs.is_empty());
+    }
+
+    #[test]
+    fn several_ranges_and_exclusions() {
+        let mut p = Pool::with(
+            &[(ip(10), ip(11)), (ip(20), ip(22))],
+            &[(ip(11), ip(11)), (ip(21), ip(21))],
+            &[],
+        );
+        let got: Vec<_> = (1..=3)
+            .map(|n| p.offer(mac(n), None, T0).unwrap().ip)
+            .collect();
+        assert_eq!(got, vec![ip(10), ip(20), ip(22)]);
+        assert_eq!(p.offer(mac(4), None, T0), Err(PoolError::Exhausted));
+        assert_eq!(
+            p.bind(mac(5), ip(21), HOUR, T0),
+            Err(PoolError::OutOfRange { ip: ip(21) })
+        );
+        assert!(!p.contains(ip(15)));
+    }
+
+    #[test]
+    fn reservations_win_and_are_never_dynamic() {
+        let mut p = Pool::with(
+            &[(ip(10), ip(11))],
+            &[],
+            &[(mac(9), ip(10)), (mac(8), ip(50))],
+        );
+        // .10 is reserved for mac 9: others get .11 only.
+        assert_eq!(p.offer(mac(1), Some(ip(10)), T0).unwrap().ip, ip(11));
+        assert_eq!(p.offer(mac(2), None, T0), Err(PoolError::Exhausted));
+        assert_eq!(p.offer(mac(9), None, T0).unwrap().ip, ip(10));
+        // A reservation outside the range.
+        assert_eq!(p.offer(mac(8), Some(ip(11)), T0).unwrap().ip, ip(50));
+        p.bind(mac(8), ip(50), HOUR, T0).unwrap();
+        assert!(matches!(
+            p.bind(mac(2), ip(50), HOUR, T0),
+            Err(PoolError::OutOfRange { .. })
+        ));
+        // Holding a dynamic address while its reservation is free: NAKed towards it.
+        assert!(matches!(
+            p.bind(mac(9), ip(11), HOUR, T0),
+            Err(PoolError::Reserved { .. }) | Err(PoolError::Taken { .. })
+        ));
+    }
+
+    #[test]
+    fn declined_addresses_stay_out_until_probation_ends() {
+        let mut p = Pool::new(ip(10), ip(11));
+        let l = p.offer(mac(1), None, T0).unwrap();
+        p.bind(mac(1), l.ip, HOUR, T0).unwrap();
+        let until = T0 + Duration::from_secs(600);
+        assert!(p.decline(&mac(1), l.ip, until));
+        assert!(p.lease_of(&mac(1)).is_none());
+        // Never offered meanwhile, not even to the client that declined it.
+        for t in [T0, T0 + Duration::from_secs(599)] {
+            for m in [mac(2), mac(1)] {
+                let got = p.offer(m, Some(l.ip), t).unwrap().ip;
+                assert_ne!(got, l.ip);
+                p.release(&m, got);
+            }
+        }
+        assert_eq!(
+            p.bind(mac(3), l.ip, HOUR, T0),
+            Err(PoolError::Probation { ip: l.ip })
+        );
+        assert_eq!(p.offer(mac(3), Some(l.ip), until).unwrap().ip, l.ip);
+        assert!(!p.decline(&mac(1), ip(99), until), "not ours");
+        let mut recs = Vec::new();
+        p.take_records(&mut recs);
+        assert!(recs.contains(&Record::Probation {
+            ip: l.ip,
+            until: 600
+        }));
+    }
+
+    #[test]
+    fn restored_leases_are_held() {
+        let mut p = pool();
+        assert!(p.restore(&Record::Bound {
+            mac: mac(1),
+            ip: ip(10),
+            expires: 3600
+        }));
+        assert!(!p.restore(&Record::Bound {
+            mac: mac(2),
+            ip: ip(99),
+            expires: 3600
+        }));
+        assert!(p.restore(&Record::Probation {
+            ip: ip(11),
+            until: 3600
+        }));
+        assert_eq!(p.offer(mac(3), Some(ip(10)), T0).unwrap().ip, ip(12));
+        assert_eq!(p.offer(mac(4), None, T0), Err(PoolError::Exhausted));
+        assert_eq!(p.offer(mac(1), None, T0).unwrap().state, LeaseState::Bound);
+        let mut recs = Vec::new();
+        p.take_records(&mut recs);
+        assert!(recs.is_empty(), "restoring journals nothing");
+        // After expiry the address is free again.
+        let late = T0 + Duration::from_secs(3601);
+        assert_eq!(p.offer(mac(5), Some(ip(10)), late).unwrap().ip, ip(10));
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -32,6 +33,7 @@ pub fn routes() -> Router<AppState> {
         .route("/machines/{id}", get(show_machine).delete(delete_machine))
         .route("/machines/{id}/events", get(machine_events))
         .route("/machines/{id}/{action}", post(machine_action))
+        .route("/machines/{id}/power/{op}", post(power_op))
         .route("/events", get(list_events))
         .route("/events/stream", get(stream_events))
         .route("/ssh-keys", get(list_ssh_keys).post(add_ssh_key))
@@ -182,6 +184,9 @@ async fn create_machine(
             power.driver
         )));
     }
+    let mut probe = Machine::new(String::new(), vec![], 0);
+    probe.power = power.clone();
+    crate::controller::power_params(&probe).map_err(|e| ApiError::bad_request(format!("power.params: {e}")))?;
     let now = now_ms();
     let mut m = Machine::new(new_id(), req.macs, now);
     m.hostname = req.hostname;
@@ -218,53 +223,78 @@ async fn delete_machine(State(s): State<AppState>, _: Admin, Path(id): Path<Stri
     Ok(StatusCode::NO_CONTENT)
 }
 
+// Action bodies: each action reads only its own fields, strictly. (One struct with the
+// deploy request `flatten`ed in let unknown fields through and misreported deploy errors as
+// "missing field `image`": serde's flatten and deny_unknown_fields do not mix.)
+
+/// commission, abort, mark-fixed: no fields.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct ActionBody {
-    /// release: wipe disks first.
-    #[serde(default)]
-    erase: bool,
-    /// release with erase: signatures and partition tables only.
-    #[serde(default)]
-    quick: Option<bool>,
-    /// mark-broken: why.
-    #[serde(default)]
-    reason: Option<String>,
-    /// allocate: who holds it.
+struct NoFields {}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AllocateBody {
+    /// Who holds it (default: the caller's token).
     #[serde(default)]
     owner: Option<String>,
-    /// deploy: what to install.
-    #[serde(flatten)]
-    deploy: Option<DeployRequest>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReleaseBody {
+    /// Wipe the disks first.
+    #[serde(default)]
+    erase: bool,
+    /// With erase: signatures and partition tables only (default true).
+    #[serde(default)]
+    quick: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MarkBrokenBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Parses an action's body; an empty body (or `null`) is the action's default. axum's
+/// parser names the field at fault (`erase: invalid type ...`), and its rejection becomes
+/// our JSON 400.
+fn action_body<T: serde::de::DeserializeOwned + Default>(bytes: &Bytes) -> ApiResult<T> {
+    let trimmed = bytes.trim_ascii();
+    if trimmed.is_empty() || trimmed == b"null" {
+        return Ok(T::default());
+    }
+    let Json(v) = Json::<T>::from_bytes(bytes)?;
+    Ok(v)
 }
 
 async fn machine_action(
     State(s): State<AppState>,
     admin: Admin,
     Path((id, action)): Path<(String, String)>,
-    body: Option<Json<serde_json::Value>>,
+    body: Bytes,
 ) -> ApiResult<Json<Machine>> {
-    // Bodies are optional; when present they are checked strictly, field by field.
-    let parse = |v: serde_json::Value| -> ApiResult<ActionBody> {
-        serde_json::from_value(v).map_err(|e| ApiError::bad_request(e.to_string()))
-    };
-    let body = match body {
-        Some(Json(v)) if !v.is_null() => parse(v)?,
-        _ => ActionBody::default(),
-    };
     let c = &s.controller;
     let actor = admin.actor;
     let m = match action.as_str() {
-        "commission" => c.apply(&id, Event::Commission, &actor, None, |_| {}).await?,
+        "commission" => {
+            action_body::<NoFields>(&body)?;
+            c.apply(&id, Event::Commission, &actor, None, |_| {}).await?
+        }
         "allocate" => {
-            let owner = body.owner.clone().unwrap_or_else(|| actor.clone());
+            let body: AllocateBody = action_body(&body)?;
+            let owner = body.owner.unwrap_or_else(|| actor.clone());
             c.apply(&id, Event::Allocate, &actor, None, move |m| m.owner = Some(owner))
                 .await?
         }
         "deploy" => {
-            let req = body
-                .deploy
-                .ok_or_else(|| ApiError::bad_request("image: missing field `image`"))?;
+            // No default here: `image` is required.
+            if body.trim_ascii().is_empty() {
+                return Err(ApiError::bad_request("missing field `image`"));
+            }
+            let Json(req) = Json::<DeployRequest>::from_bytes(&body)?;
             let resource = req.image.clone();
             let known = s.store.call(move |st| st.boot_resource(&resource)).await?;
             if known.is_none_or(|r| r.kind != "os") {
@@ -282,20 +312,26 @@ async fn machine_action(
             .await?
         }
         "release" => {
+            let body: ReleaseBody = action_body(&body)?;
             let event = if body.erase { Event::ReleaseErase } else { Event::Release };
             let quick = body.quick.unwrap_or(true);
             c.apply(&id, event, &actor, body.erase.then(|| format!("erase (quick: {quick})")), |_| {})
                 .await?
         }
         "abort" => {
+            action_body::<NoFields>(&body)?;
             c.apply(&id, Event::Abort, &actor, Some("aborted by user".into()), |_| {})
                 .await?
         }
         "mark-broken" => {
+            let body: MarkBrokenBody = action_body(&body)?;
             let reason = body.reason.unwrap_or_else(|| "marked broken".into());
             c.apply(&id, Event::MarkBroken, &actor, Some(reason), |_| {}).await?
         }
-        "mark-fixed" => c.apply(&id, Event::MarkFixed, &actor, None, |_| {}).await?,
+        "mark-fixed" => {
+            action_body::<NoFields>(&body)?;
+            c.apply(&id, Event::MarkFixed, &actor, None, |_| {}).await?
+        }
         other => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -305,6 +341,67 @@ async fn machine_action(
         }
     };
     Ok(Json(m.redacted()))
+}
+
+#[derive(Serialize)]
+struct PowerAnswer {
+    machine_id: String,
+    op: String,
+    state: crate::power::PowerState,
+}
+
+/// Direct power control: `on`, `off`, `soft-off`, `cycle`, `query`. Recorded as events;
+/// the lifecycle status does not change.
+async fn power_op(
+    State(s): State<AppState>,
+    admin: Admin,
+    Path((id, op)): Path<(String, String)>,
+) -> ApiResult<Json<PowerAnswer>> {
+    use crate::power::{PowerDriver, PowerState};
+    let key = id.clone();
+    let m = s.store.call(move |st| st.get_machine(&key)).await?;
+    let params = crate::controller::power_params(&m).map_err(ApiError::bad_request)?;
+    let d = PowerDriver::new(params);
+    let result = match op.as_str() {
+        "on" => d.power_on().await.map(|_| PowerState::On),
+        "off" => d.power_off(false).await.map(|_| PowerState::Off),
+        "soft-off" => d.power_off(true).await.map(|_| PowerState::Off),
+        "cycle" => d.power_cycle().await.map(|_| PowerState::On),
+        "query" => d.query().await,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "op: {other:?} is not one of on, off, soft-off, cycle, query"
+            )));
+        }
+    };
+    let message = match &result {
+        Ok(state) => format!("power {op}: {state}"),
+        Err(e) => format!("power {op} failed: {e}"),
+    };
+    let (mid, actor) = (m.id.clone(), admin.actor);
+    s.store
+        .call(move |st| {
+            st.add_event(
+                &mid,
+                &NewEvent {
+                    at: now_ms(),
+                    actor,
+                    old_status: None,
+                    new_status: None,
+                    message,
+                },
+            )
+        })
+        .await?;
+    s.controller.notify();
+    match result {
+        Ok(state) => Ok(Json(PowerAnswer {
+            machine_id: m.id,
+            op,
+            state,
+        })),
+        Err(e) => Err(ApiError::new(StatusCode::BAD_GATEWAY, e.code(), e.to_string())),
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -619,7 +716,13 @@ async fn enlist(
                 None => {
                     let mut m = Machine::new(new_id(), macs, now);
                     m.inventory = Some(inv);
-                    st.create_machine(&m, &agent_event(now, None, "enlisted"))
+                    // The creation is a status change (to New), like a machine added by hand,
+                    // so every history starts with one.
+                    let ev = NewEvent {
+                        new_status: Some(Status::New),
+                        ..agent_event(now, None, "enlisted")
+                    };
+                    st.create_machine(&m, &ev)
                 }
             }
         })

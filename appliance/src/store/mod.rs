@@ -10,6 +10,7 @@
 
 pub mod model;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -163,7 +164,8 @@ impl Store {
     const MACHINE_COLUMNS: &'static str = "id, hostname, status, status_message, status_since, \
         version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, updated_at, netboot";
 
-    fn machine_from_row(conn: &Connection, row: &Row<'_>) -> Result<Machine, StoreError> {
+    /// A machine from its row and its interfaces' MACs (any order).
+    fn machine_from_row(row: &Row<'_>, mut macs: Vec<MacAddr>) -> Result<Machine, StoreError> {
         let id: String = row.get(0)?;
         let status: String = row.get(2)?;
         let boot_mac: Option<String> = row.get(6)?;
@@ -171,11 +173,6 @@ impl Store {
         let inventory: Option<String> = row.get(9)?;
         let deploy: Option<String> = row.get(11)?;
         let tags: String = row.get(12)?;
-        let mut stmt = conn.prepare_cached("SELECT mac FROM interfaces WHERE machine_id = ?1")?;
-        let mut macs: Vec<MacAddr> = stmt
-            .query_map([&id], |r| r.get::<_, String>(0))?
-            .filter_map(|m| m.ok().and_then(|m| m.parse().ok()))
-            .collect();
         let boot_mac: Option<MacAddr> = boot_mac.and_then(|m| m.parse().ok());
         macs.sort_by_key(|m| Some(*m) != boot_mac);
         Ok(Machine {
@@ -211,11 +208,26 @@ impl Store {
             "SELECT {} FROM machines {where_sql} ORDER BY created_at, id",
             Self::MACHINE_COLUMNS
         );
+        // Every selected machine's interfaces in one query: one query per machine made
+        // listing 10,000 machines several times slower.
+        let mut macs: HashMap<String, Vec<MacAddr>> = HashMap::new();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT machine_id, mac FROM interfaces \
+             WHERE machine_id IN (SELECT id FROM machines {where_sql}) ORDER BY rowid"
+        ))?;
+        let mut rows = stmt.query(args)?;
+        while let Some(row) = rows.next()? {
+            if let Ok(mac) = row.get::<_, String>(1)?.parse() {
+                macs.entry(row.get(0)?).or_default().push(mac);
+            }
+        }
         let mut stmt = conn.prepare_cached(&sql)?;
         let mut rows = stmt.query(args)?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
-            out.push(Self::machine_from_row(conn, row)?);
+            let id: String = row.get(0)?;
+            let m = macs.remove(&id).unwrap_or_default();
+            out.push(Self::machine_from_row(row, m)?);
         }
         Ok(out)
     }

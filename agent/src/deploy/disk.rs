@@ -1,0 +1,529 @@
+//! Disks: choosing one, its partitions, wiping signatures, the block-device ioctls, and the
+//! GPT fix-up after a smaller image was written to a larger disk.
+//!
+//! The ioctl numbers are from `<linux/fs.h>`; all `unsafe` of this module is in their
+//! nix-generated wrappers, each called on a file this module opened.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use stork_proto::inventory::Disk;
+
+use super::stream::Sink;
+
+/// GPT root partition type for x86-64 (Discoverable Partitions Specification).
+const ROOT_X86_64: &str = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709";
+/// ext2/3/4 superblock magic 0xEF53, little-endian at byte 1080 (superblock at 1024, +56).
+const EXT4_MAGIC_OFFSET: u64 = 1080;
+const MIB: u64 = 1 << 20;
+
+mod ioctl {
+    // BLKRRPART = _IO(0x12, 95): re-read the partition table.
+    nix::ioctl_none!(blkrrpart, 0x12, 95);
+    // BLKGETSIZE64 = _IOR(0x12, 114, size_t): the device's size in bytes.
+    nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+    // BLKZEROOUT = _IO(0x12, 127) taking u64[2] {start, length}: the number says _IO, the
+    // argument is a pointer anyway, hence the "bad" form.
+    nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("no disk found (is the storage driver in the initrd?)")]
+    NoDisks,
+    #[error("the requested disk {requested:?} is not among {present}")]
+    NotFound { requested: String, present: String },
+    #[error("no disk holds {need} bytes (largest: {largest} bytes)")]
+    TooSmall { need: u64, largest: u64 },
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what} on {path}")]
+    Ioctl {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Errno,
+    },
+    #[error("partition table of {path}")]
+    Gpt {
+        path: PathBuf,
+        #[source]
+        source: gptman::Error,
+    },
+    #[error("no ext4 root partition on {disk} (partitions: {present})")]
+    NoRoot { disk: String, present: String },
+}
+
+/// Picks the target disk: the requested one (kernel name, `/dev/` path or serial), else the
+/// smallest that holds `need` bytes, else (size unknown) the first by name.
+pub fn choose<'a>(
+    disks: &'a [Disk],
+    requested: Option<&str>,
+    need: Option<u64>,
+) -> Result<&'a Disk, DiskError> {
+    if disks.is_empty() {
+        return Err(DiskError::NoDisks);
+    }
+    if let Some(req) = requested.map(str::trim).filter(|r| !r.is_empty()) {
+        let name = req.strip_prefix("/dev/").unwrap_or(req);
+        let found = disks
+            .iter()
+            .find(|d| d.name == name || d.serial.as_deref() == Some(req));
+        let disk = found.ok_or_else(|| DiskError::NotFound {
+            requested: req.to_string(),
+            present: disks
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+        if let Some(need) = need
+            && disk.size_bytes < need
+        {
+            return Err(DiskError::TooSmall {
+                need,
+                largest: disk.size_bytes,
+            });
+        }
+        return Ok(disk);
+    }
+    let mut sorted: Vec<&Disk> = disks.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    match need {
+        None => Ok(sorted[0]),
+        Some(need) => sorted
+            .iter()
+            .filter(|d| d.size_bytes >= need)
+            .min_by_key(|d| d.size_bytes)
+            .copied()
+            .ok_or(DiskError::TooSmall {
+                need,
+                largest: disks.iter().map(|d| d.size_bytes).max().unwrap_or(0),
+            }),
+    }
+}
+
+/// A partition as the kernel sees it (`/sys/block/<disk>/<part>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    /// Kernel name, e.g. `vda3`, `nvme0n1p3`.
+    pub name: String,
+    pub number: u32,
+    pub start_bytes: u64,
+    pub size_bytes: u64,
+    /// GPT partition name (`PARTNAME=` in its uevent).
+    pub label: Option<String>,
+}
+
+/// The partitions of `disk`, by number, read from `sys` (normally /sys).
+pub fn partitions(sys: &Path, disk: &str) -> Vec<Partition> {
+    let dir = sys.join("block").join(disk);
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let read = |p: PathBuf| fs::read_to_string(p).ok().map(|s| s.trim().to_string());
+    let mut parts: Vec<Partition> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let p = dir.join(&name);
+            let number = read(p.join("partition"))?.parse().ok()?;
+            // sysfs counts 512-byte sectors whatever the logical block size.
+            let start: u64 = read(p.join("start"))?.parse().ok()?;
+            let size: u64 = read(p.join("size"))?.parse().ok()?;
+            let label = read(p.join("uevent")).and_then(|u| {
+                u.lines()
+                    .find_map(|l| l.strip_prefix("PARTNAME=").map(str::to_string))
+            });
+            Some(Partition {
+                name,
+                number,
+                start_bytes: start * 512,
+                size_bytes: size * 512,
+                label,
+            })
+        })
+        .collect();
+    parts.sort_by_key(|p| p.number);
+    parts
+}
+
+/// An open whole-disk block device.
+pub struct BlockDevice {
+    pub path: PathBuf,
+    file: File,
+    size: u64,
+}
+
+impl BlockDevice {
+    /// Opens `/dev/<name>` read-write and exclusively: `O_EXCL` on a block device fails with
+    /// EBUSY while anything has it (or a partition of it) mounted.
+    pub fn open(dev_dir: &Path, name: &str) -> Result<Self, DiskError> {
+        let path = dev_dir.join(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|source| DiskError::Io {
+                what: "open",
+                path: path.clone(),
+                source,
+            })?;
+        let mut size = 0u64;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which `size` is.
+        unsafe { ioctl::blkgetsize64(file.as_raw_fd(), &mut size) }.map_err(|source| {
+            DiskError::Ioctl {
+                what: "BLKGETSIZE64",
+                path: path.clone(),
+                source,
+            }
+        })?;
+        Ok(Self { path, file, size })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn zeroout(&self, offset: u64, len: u64) -> Result<(), Errno> {
+        let range = [offset, len];
+        // SAFETY: BLKZEROOUT reads a u64[2] {start, length} through the pointer, which
+        // `range` is, alive for the call; the kernel checks alignment and bounds.
+        unsafe { ioctl::blkzeroout(self.file.as_raw_fd(), &range) }.map(drop)
+    }
+
+    /// Re-reads the partition table, retrying while the kernel still holds the old one busy.
+    pub fn reread_partitions(&self) -> Result<(), DiskError> {
+        let mut last = Errno::EBUSY;
+        for _ in 0..20 {
+            // SAFETY: BLKRRPART takes no argument.
+            match unsafe { ioctl::blkrrpart(self.file.as_raw_fd()) } {
+                Ok(_) => return Ok(()),
+                Err(e @ Errno::EBUSY) => {
+                    last = e;
+                    sleep(Duration::from_millis(250));
+                }
+                Err(source) => {
+                    return Err(DiskError::Ioctl {
+                        what: "BLKRRPART",
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        Err(DiskError::Ioctl {
+            what: "BLKRRPART",
+            path: self.path.clone(),
+            source: last,
+        })
+    }
+
+    /// Moves the backup GPT to the end of the disk and grows the root partition (the last one,
+    /// when it is the root) to fill the disk. Returns the root's new size in bytes, or `None`
+    /// when the disk has no GPT or nothing to grow. The ext4 file system inside is grown by the
+    /// installed OS (cloud-init `resizefs`, run on every boot by default).
+    pub fn grow_gpt(&mut self) -> Result<Option<u64>, DiskError> {
+        let gpt_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DiskError::Gpt { path, source }
+        };
+        let mut gpt = match gptman::GPT::read_from(&mut self.file, 512) {
+            Ok(g) => g,
+            Err(_) => return Ok(None),
+        };
+        let old_last = gpt.header.last_usable_lba;
+        gpt.header
+            .update_from(&mut self.file, 512)
+            .map_err(gpt_err(&self.path))?;
+        let last_usable = gpt.header.last_usable_lba;
+        // The partition that ends last, if it is a root partition or named `root`.
+        let root_guid = gptman_guid(ROOT_X86_64);
+        let last = gpt
+            .iter()
+            .filter(|(_, p)| p.is_used())
+            .max_by_key(|(_, p)| p.ending_lba)
+            .map(|(i, p)| (i, p.partition_type_guid, p.partition_name.as_str().to_string()));
+        let mut grown = None;
+        if let Some((i, type_guid, name)) = last
+            && (Some(type_guid) == root_guid || name == "root")
+        {
+            let p = &mut gpt[i];
+            if p.ending_lba < last_usable {
+                p.ending_lba = last_usable;
+                grown = Some((p.ending_lba - p.starting_lba + 1) * 512);
+            }
+        }
+        if grown.is_none() && last_usable == old_last {
+            return Ok(None);
+        }
+        gpt.write_into(&mut self.file).map_err(gpt_err(&self.path))?;
+        self.file.sync_all().map_err(|source| DiskError::Io {
+            what: "fsync",
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(grown)
+    }
+}
+
+/// A GPT type GUID in gptman's on-disk byte order (first three fields little-endian).
+fn gptman_guid(text: &str) -> Option<[u8; 16]> {
+    let hex: String = text.chars().filter(|c| *c != '-').collect();
+    let bytes = hex::decode(hex).ok()?;
+    let mut b: [u8; 16] = bytes.try_into().ok()?;
+    b[0..4].reverse();
+    b[4..6].reverse();
+    b[6..8].reverse();
+    Some(b)
+}
+
+impl Sink for BlockDevice {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        // The kernel offloads this (WRITE ZEROES / UNMAP with zeroing) or writes zero pages.
+        self.zeroout(offset, len).map_err(io::Error::from)
+    }
+
+    fn capacity(&self) -> Option<u64> {
+        Some(self.size)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+}
+
+/// Zeroes the places where partition tables and file-system or RAID signatures live: the
+/// first and last MiB of the disk (MBR, primary and backup GPT, md 1.0 and DDF at the end)
+/// and the first and last MiB of each partition (ext4, XFS, btrfs, swap, LVM at the start;
+/// md 0.9/1.0 and ZFS labels at the end). Returns the number of ranges zeroed.
+pub fn wipe_signatures(sink: &mut dyn Sink, disk_size: u64, parts: &[Partition]) -> io::Result<usize> {
+    let mut ranges = vec![(0, MIB.min(disk_size))];
+    ranges.push((disk_size.saturating_sub(MIB), MIB.min(disk_size)));
+    for p in parts {
+        let len = MIB.min(p.size_bytes);
+        ranges.push((p.start_bytes, len));
+        ranges.push((p.start_bytes + p.size_bytes - len, len));
+    }
+    // Clamp to the disk: a stale partition table may describe more than there is.
+    let mut n = 0;
+    for (offset, len) in ranges {
+        let len = len.min(disk_size.saturating_sub(offset));
+        if len == 0 {
+            continue;
+        }
+        sink.write_at(offset, &vec![0u8; len as usize])?;
+        n += 1;
+    }
+    sink.sync()?;
+    Ok(n)
+}
+
+/// Whether the device or file at `path` starts with an ext2/3/4 superblock.
+pub fn is_ext4(path: &Path) -> bool {
+    let mut magic = [0u8; 2];
+    File::open(path)
+        .and_then(|mut f| {
+            f.seek(SeekFrom::Start(EXT4_MAGIC_OFFSET))?;
+            f.read_exact(&mut magic)
+        })
+        .is_ok()
+        && magic == [0x53, 0xEF]
+}
+
+/// The root partition: the one named `root`, else the largest with an ext4 superblock.
+pub fn find_root<'a>(
+    dev_dir: &Path,
+    disk: &str,
+    parts: &'a [Partition],
+) -> Result<&'a Partition, DiskError> {
+    let ext4: Vec<&Partition> = parts
+        .iter()
+        .filter(|p| is_ext4(&dev_dir.join(&p.name)))
+        .collect();
+    ext4.iter()
+        .find(|p| p.label.as_deref() == Some("root"))
+        .or_else(|| ext4.iter().max_by_key(|p| p.size_bytes))
+        .copied()
+        .ok_or_else(|| DiskError::NoRoot {
+            disk: disk.to_string(),
+            present: if parts.is_empty() {
+                "none".to_string()
+            } else {
+                parts
+                    .iter()
+                    .map(|p| format!("{} ({})", p.name, p.label.as_deref().unwrap_or("no name")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        })
+}
+
+/// Waits until every partition's device node exists (devtmpfs makes them as the kernel
+/// registers the partitions).
+pub fn wait_for_nodes(dev_dir: &Path, parts: &[Partition], timeout: Duration) -> bool {
+    crate::net::poll_until(timeout, Duration::from_millis(50), || {
+        parts
+            .iter()
+            .all(|p| dev_dir.join(&p.name).exists())
+            .then_some(())
+    })
+    .is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(name: &str, gib: u64, serial: &str) -> Disk {
+        Disk {
+            name: name.into(),
+            size_bytes: gib << 30,
+            model: None,
+            serial: Some(serial.into()),
+            rotational: None,
+        }
+    }
+
+    #[test]
+    fn chooses_the_requested_disk_or_the_smallest_that_fits() {
+        let disks = [disk("vdb", 8, "B"), disk("vda", 4, "A"), disk("sda", 2, "S")];
+        assert_eq!(choose(&disks, Some("vdb"), None).unwrap().name, "vdb");
+        assert_eq!(choose(&disks, Some("/dev/vdb"), None).unwrap().name, "vdb");
+        assert_eq!(choose(&disks, Some("A"), None).unwrap().name, "vda");
+        assert_eq!(choose(&disks, None, Some(3 << 30)).unwrap().name, "vda");
+        assert_eq!(choose(&disks, None, Some(1 << 30)).unwrap().name, "sda");
+        // Unknown size: the first by name.
+        assert_eq!(choose(&disks, None, None).unwrap().name, "sda");
+        let e = choose(&disks, Some("nvme0n1"), None).unwrap_err().to_string();
+        assert!(e.contains("nvme0n1") && e.contains("vda"), "{e}");
+        assert!(matches!(
+            choose(&disks, None, Some(9 << 30)),
+            Err(DiskError::TooSmall { .. })
+        ));
+        assert!(matches!(
+            choose(&disks, Some("sda"), Some(3 << 30)),
+            Err(DiskError::TooSmall { .. })
+        ));
+        assert!(matches!(choose(&[], None, None), Err(DiskError::NoDisks)));
+    }
+
+    #[test]
+    fn reads_partitions_from_sysfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let put = |rel: &str, text: &str| {
+            let p = dir.path().join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, text).unwrap();
+        };
+        put("block/vda/size", "8388608\n");
+        put("block/vda/vda3/partition", "3\n");
+        put("block/vda/vda3/start", "208896\n");
+        put("block/vda/vda3/size", "6082527\n");
+        put("block/vda/vda3/uevent", "MAJOR=254\nMINOR=3\nDEVNAME=vda3\nDEVTYPE=partition\nPARTN=3\nPARTNAME=root\n");
+        put("block/vda/vda1/partition", "1\n");
+        put("block/vda/vda1/start", "2048\n");
+        put("block/vda/vda1/size", "2048\n");
+        put("block/vda/queue/rotational", "1\n");
+        let parts = partitions(dir.path(), "vda");
+        assert_eq!(
+            parts,
+            [
+                Partition {
+                    name: "vda1".into(),
+                    number: 1,
+                    start_bytes: 2048 * 512,
+                    size_bytes: 2048 * 512,
+                    label: None,
+                },
+                Partition {
+                    name: "vda3".into(),
+                    number: 3,
+                    start_bytes: 208896 * 512,
+                    size_bytes: 6082527 * 512,
+                    label: Some("root".into()),
+                },
+            ]
+        );
+        assert!(partitions(dir.path(), "vdz").is_empty());
+    }
+
+    struct FileSink(File);
+    impl Sink for FileSink {
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.0.write_all_at(data, offset)
+        }
+        fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+            self.0.write_all_at(&vec![0; len as usize], offset)
+        }
+        fn capacity(&self) -> Option<u64> {
+            None
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn wipes_table_and_superblocks_and_finds_ext4() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        let size = 16 * MIB;
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.write_all_at(&vec![0xFF; size as usize], 0).unwrap();
+        // An ext4 magic at the start of a "partition" at 4 MiB, and on the whole file.
+        f.write_all_at(&[0x53, 0xEF], 4 * MIB + EXT4_MAGIC_OFFSET).unwrap();
+        f.write_all_at(&[0x53, 0xEF], EXT4_MAGIC_OFFSET).unwrap();
+        assert!(is_ext4(&path));
+        let parts = [Partition {
+            name: "p1".into(),
+            number: 1,
+            start_bytes: 4 * MIB,
+            size_bytes: 8 * MIB,
+            label: None,
+        }];
+        let n = wipe_signatures(&mut FileSink(f.try_clone().unwrap()), size, &parts).unwrap();
+        assert_eq!(n, 4);
+        let mut all = vec![0; size as usize];
+        f.read_exact_at(&mut all, 0).unwrap();
+        let zero = |a: u64, b: u64| all[a as usize..b as usize].iter().all(|x| *x == 0);
+        let ff = |a: u64, b: u64| all[a as usize..b as usize].iter().all(|x| *x == 0xFF);
+        assert!(zero(0, MIB) && zero(15 * MIB, 16 * MIB));
+        assert!(zero(4 * MIB, 5 * MIB) && zero(11 * MIB, 12 * MIB));
+        assert!(ff(MIB, 4 * MIB) && ff(5 * MIB, 11 * MIB) && ff(12 * MIB, 15 * MIB));
+        assert!(!is_ext4(&path));
+    }
+
+    #[test]
+    fn gpt_guids_in_disk_order() {
+        assert_eq!(
+            gptman_guid(ROOT_X86_64).unwrap(),
+            [
+                0xE3, 0xBC, 0x68, 0x4F, 0xCD, 0xE8, 0xB1, 0x4D, 0x96, 0xE7, 0xFB, 0xCA, 0xF9,
+                0x84, 0xB7, 0x09
+            ]
+        );
+    }
+}

@@ -1,0 +1,389 @@
+//! The agent's tasks beyond commissioning: deploy to disk from a raw image, deploy into
+//! memory from a root SquashFS, and erase on release. Each step is posted as an event when it
+//! starts and when it is done; a failure is reported by the caller with the console's tail.
+
+pub mod disk;
+pub mod http;
+pub mod memory;
+pub mod seed;
+pub mod stream;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::mount::{MsFlags, mount, umount};
+use stork_proto::cmdline::AgentArgs;
+use stork_proto::{AgentEvent, DeployTask, ImageFile, StepState};
+
+use crate::console::{human_bytes, say};
+use crate::init::{Failed, Step, at};
+use crate::inventory;
+use crate::report::Client;
+use disk::BlockDevice;
+
+/// How often a long step posts its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+const DEV: &str = "/dev";
+const SYS: &str = "/sys";
+/// Where the installed root is mounted to write the seed.
+const TARGET: &str = "/mnt/target";
+
+/// Image file roles, as registered with the boot resource.
+pub const ROLE_RAW: &str = "raw";
+pub const ROLE_SQUASHFS: &str = "squashfs";
+
+/// How the agent's life ends once a task succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    PowerOff,
+    /// Into the installed OS.
+    Reboot,
+}
+
+/// Posts a step's start or end; best effort (the step's own outcome is what matters).
+fn event(client: &Client, step: Step, state: StepState, message: String) {
+    say!(step, "{message}");
+    client.progress(&AgentEvent {
+        step: step.name().to_string(),
+        state,
+        message,
+        progress: None,
+        log_tail: None,
+    });
+}
+
+fn image_file<'a>(task: &'a DeployTask, role: &str) -> Result<&'a ImageFile> {
+    task.image.iter().find(|f| f.role == role).ok_or_else(|| {
+        let roles: Vec<&str> = task.image.iter().map(|f| f.role.as_str()).collect();
+        anyhow!(
+            "the image has no {role:?} file (it has: {})",
+            if roles.is_empty() { "none".to_string() } else { roles.join(", ") }
+        )
+    })
+}
+
+/// Deploys to disk; returns how the agent ends (reboot into the installed OS).
+pub fn to_disk(client: &Client, args: &AgentArgs, task: &DeployTask) -> Result<Ending, Failed> {
+    let (Some(machine_id), Some(token)) = (&args.machine_id, &args.token) else {
+        return Err(Failed {
+            step: Step::Task,
+            error: anyhow!("a deploy needs stork.machine and stork.token on the command line"),
+        });
+    };
+    let raw = at(Step::Disk, image_file(task, ROLE_RAW))?;
+
+    // Disk: choose it, wipe what was there.
+    let mut dev = at(Step::Disk, prepare_disk(client, task, raw))?;
+
+    // Image: stream it on.
+    at(Step::Image, write_raw(client, raw, &mut dev))?;
+
+    // Partitions: the kernel's view, the GPT grown to the disk, the root found.
+    let root = at(Step::Partitions, partitions(client, &mut dev))?;
+    // Close the disk: while it is open with O_EXCL the kernel refuses to mount a partition.
+    drop(dev);
+
+    // Seed: the installed OS's configuration and phone-home.
+    at(Step::Seed, {
+        event(client, Step::Seed, StepState::Started, format!("writing the NoCloud seed on {root}"));
+        write_seed(&root, task, args, machine_id, token).map(|()| {
+            event(
+                client,
+                Step::Seed,
+                StepState::Done,
+                format!("seed written: hostname {}, {} SSH keys", task.hostname, task.ssh_keys.len()),
+            );
+        })
+    })?;
+
+    at(Step::Installed, client.installed())?;
+    event(client, Step::Installed, StepState::Done, "image installed; rebooting from disk".into());
+    Ok(Ending::Reboot)
+}
+
+fn prepare_disk(client: &Client, task: &DeployTask, raw: &ImageFile) -> Result<BlockDevice> {
+    let disks = inventory::disks(Path::new(SYS));
+    let need = stream::peek_size(&raw.url);
+    let chosen = disk::choose(&disks, task.disk.as_deref(), need)?;
+    event(
+        client,
+        Step::Disk,
+        StepState::Started,
+        format!(
+            "target {} ({}){}",
+            chosen.name,
+            human_bytes(chosen.size_bytes),
+            need.map_or_else(String::new, |n| format!(" for an image of {}", human_bytes(n)))
+        ),
+    );
+    let mut dev = BlockDevice::open(Path::new(DEV), &chosen.name)?;
+    let parts = disk::partitions(Path::new(SYS), &chosen.name);
+    let size = dev.size();
+    let n = disk::wipe_signatures(&mut dev, size, &parts)
+        .with_context(|| format!("wiping signatures on {}", dev.path.display()))?;
+    dev.reread_partitions()?;
+    event(
+        client,
+        Step::Disk,
+        StepState::Done,
+        format!("{}: {} old partitions, {n} signature areas zeroed", chosen.name, parts.len()),
+    );
+    Ok(dev)
+}
+
+fn write_raw(client: &Client, raw: &ImageFile, dev: &mut BlockDevice) -> Result<()> {
+    event(
+        client,
+        Step::Image,
+        StepState::Started,
+        format!("streaming {} ({}) to {}", raw.url, human_bytes(raw.size), dev.path.display()),
+    );
+    let start = Instant::now();
+    let download = stream::Download::new(&raw.url)?;
+    let mut report = |p: &stream::Progress| {
+        let fraction = p.total.filter(|t| *t > 0).map(|t| p.received as f32 / t as f32);
+        let message = format!(
+            "{} received, {} written",
+            human_bytes(p.received),
+            human_bytes(p.written)
+        );
+        say!(Step::Image, "{message}");
+        client.progress(&AgentEvent {
+            step: Step::Image.name().to_string(),
+            state: StepState::Progress,
+            message,
+            progress: fraction,
+            log_tail: None,
+        });
+    };
+    let w = stream::write_image(download, &raw.sha256, raw.size, dev, PROGRESS_EVERY, &mut report)?;
+    let secs = start.elapsed().as_secs_f64();
+    event(
+        client,
+        Step::Image,
+        StepState::Done,
+        format!(
+            "{} image written ({} of it zeroed, not written) from {} in {secs:.1} s ({:.0} MB/s), {} resumes, sha256 {} ok",
+            human_bytes(w.image_bytes),
+            human_bytes(w.zeroed_bytes),
+            human_bytes(w.received),
+            w.received as f64 / secs.max(0.001) / 1e6,
+            w.resumes,
+            w.sha256
+        ),
+    );
+    Ok(())
+}
+
+fn partitions(client: &Client, dev: &mut BlockDevice) -> Result<String> {
+    dev.reread_partitions()?;
+    let grown = dev.grow_gpt()?;
+    dev.reread_partitions()?;
+    let name = dev
+        .path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let parts = disk::partitions(Path::new(SYS), &name);
+    if !disk::wait_for_nodes(Path::new(DEV), &parts, Duration::from_secs(10)) {
+        bail!("partition device nodes of {name} did not appear");
+    }
+    let root = disk::find_root(Path::new(DEV), &name, &parts)?;
+    event(
+        client,
+        Step::Partitions,
+        StepState::Done,
+        format!(
+            "{} partitions; root {}{}",
+            parts.len(),
+            root.name,
+            match grown {
+                Some(b) => format!(" grown to {} (its ext4 grows at first boot)", human_bytes(b)),
+                None => " (not grown)".to_string(),
+            }
+        ),
+    );
+    Ok(root.name.clone())
+}
+
+fn write_seed(root_part: &str, task: &DeployTask, args: &AgentArgs, id: &str, token: &str) -> Result<()> {
+    std::fs::create_dir_all(TARGET).with_context(|| format!("create {TARGET}"))?;
+    let dev = Path::new(DEV).join(root_part);
+    mount(Some(&dev), TARGET, Some("ext4"), MsFlags::MS_NOATIME, None::<&str>)
+        .with_context(|| format!("mount {} on {TARGET}", dev.display()))?;
+    let seed = seed::seed(task, id, args.boot_mac);
+    let written = seed::install(
+        Path::new(TARGET),
+        &seed,
+        &seed::PhoneHome {
+            url: &args.url,
+            machine_id: id,
+            token,
+        },
+    )
+    .context("writing the seed");
+    nix::unistd::sync();
+    let unmounted = umount(TARGET).with_context(|| format!("unmount {TARGET}"));
+    written?;
+    unmounted
+}
+
+/// Wipes every disk: `quick` zeroes partition tables and signatures, else every byte.
+pub fn erase(client: &Client, quick: bool) -> Result<Ending, Failed> {
+    let disks = inventory::disks(Path::new(SYS));
+    if disks.is_empty() {
+        return Err(Failed {
+            step: Step::Erase,
+            error: disk::DiskError::NoDisks.into(),
+        });
+    }
+    for d in &disks {
+        at(Step::Erase, erase_one(client, &d.name, quick))?;
+    }
+    at(Step::Erase, client.released())?;
+    event(client, Step::Erase, StepState::Done, format!("{} disks erased; released", disks.len()));
+    Ok(Ending::PowerOff)
+}
+
+fn erase_one(client: &Client, name: &str, quick: bool) -> Result<()> {
+    let mut dev = BlockDevice::open(Path::new(DEV), name)?;
+    let size = dev.size();
+    let how = if quick { "quick" } else { "full" };
+    event(
+        client,
+        Step::Erase,
+        StepState::Started,
+        format!("{how} erase of {name} ({})", human_bytes(size)),
+    );
+    let start = Instant::now();
+    let parts = disk::partitions(Path::new(SYS), name);
+    let n = disk::wipe_signatures(&mut dev, size, &parts)
+        .with_context(|| format!("wiping signatures on {name}"))?;
+    if !quick {
+        zero_all(client, &mut dev, size)?;
+    }
+    dev.reread_partitions()?;
+    event(
+        client,
+        Step::Erase,
+        StepState::Done,
+        format!(
+            "{name}: {how} erase done in {:.1} s ({} partitions, {n} signature areas)",
+            start.elapsed().as_secs_f64(),
+            parts.len()
+        ),
+    );
+    Ok(())
+}
+
+/// Zeroes the whole disk with BLKZEROOUT (offloaded when the device can), in slices so that
+/// progress is reported.
+fn zero_all(client: &Client, dev: &mut BlockDevice, size: u64) -> Result<()> {
+    use stream::Sink;
+    const SLICE: u64 = 1 << 30;
+    let mut last = Instant::now();
+    let mut off = 0;
+    while off < size {
+        let len = SLICE.min(size - off);
+        dev.zero(off, len)
+            .with_context(|| format!("zeroing {} from byte {off}", dev.path.display()))?;
+        off += len;
+        if last.elapsed() >= PROGRESS_EVERY {
+            last = Instant::now();
+            client.progress(&AgentEvent {
+                step: Step::Erase.name().to_string(),
+                state: StepState::Progress,
+                message: format!("{} of {} zeroed", human_bytes(off), human_bytes(size)),
+                progress: Some(off as f32 / size as f32),
+                log_tail: None,
+            });
+        }
+    }
+    dev.sync().context("fsync")?;
+    Ok(())
+}
+
+/// Deploys into memory; on success never returns (the OS's init replaces the agent).
+pub fn to_memory(client: &Client, args: &AgentArgs, task: &DeployTask) -> Result<Ending, Failed> {
+    let (Some(machine_id), Some(token)) = (&args.machine_id, &args.token) else {
+        return Err(Failed {
+            step: Step::Task,
+            error: anyhow!("a deploy needs stork.machine and stork.token on the command line"),
+        });
+    };
+    let file = at(Step::Memory, image_file(task, ROLE_SQUASHFS))?;
+    let root = at(Step::Memory, prepare_memory_root(client, file))?;
+    at(Step::Seed, {
+        let seed = seed::seed(task, machine_id, args.boot_mac);
+        memory::write_ram_fstab(&root)
+            .and_then(|()| {
+                seed::install(
+                    &root,
+                    &seed,
+                    &seed::PhoneHome {
+                        url: &args.url,
+                        machine_id,
+                        token,
+                    },
+                )
+                .context("writing the seed")
+            })
+            .map(|()| {
+                event(
+                    client,
+                    Step::Seed,
+                    StepState::Done,
+                    format!("seed written: hostname {}, {} SSH keys", task.hostname, task.ssh_keys.len()),
+                );
+            })
+    })?;
+    event(client, Step::Memory, StepState::Done, "handing over to the OS's init".into());
+    nix::unistd::sync();
+    Err(Failed {
+        step: Step::Memory,
+        error: memory::switch_root(&root),
+    })
+}
+
+fn prepare_memory_root(client: &Client, file: &ImageFile) -> Result<std::path::PathBuf> {
+    event(
+        client,
+        Step::Memory,
+        StepState::Started,
+        format!("fetching {} ({}) into RAM", file.url, human_bytes(file.size)),
+    );
+    let base = memory::mount_base()?;
+    let image = base.join("root.squashfs");
+    let mut sink = memory::FileSink::create(&image).with_context(|| format!("create {}", image.display()))?;
+    let start = Instant::now();
+    let download = stream::Download::new(&file.url)?;
+    let mut report = |p: &stream::Progress| {
+        client.progress(&AgentEvent {
+            step: Step::Memory.name().to_string(),
+            state: StepState::Progress,
+            message: format!("{} received", human_bytes(p.received)),
+            progress: p.total.filter(|t| *t > 0).map(|t| p.received as f32 / t as f32),
+            log_tail: None,
+        });
+    };
+    let w = stream::write_image(download, &file.sha256, file.size, &mut sink, PROGRESS_EVERY, &mut report)?;
+    drop(sink);
+    let loopdev = memory::attach_loop(&image)?;
+    let root = memory::mount_overlay(&base, &loopdev)?;
+    let kver = memory::kernel_matches(&root)?;
+    event(
+        client,
+        Step::Memory,
+        StepState::Progress,
+        format!(
+            "{} fetched in {:.1} s, sha256 {} ok; mounted from {} under a tmpfs overlay; modules for {kver} present",
+            human_bytes(w.received),
+            start.elapsed().as_secs_f64(),
+            w.sha256,
+            loopdev.display()
+        ),
+    );
+    Ok(root)
+}

@@ -1,0 +1,321 @@
+//! What the installed OS needs to configure itself and to report back: a cloud-init NoCloud
+//! seed and a phone-home unit. Pure text generation plus one function that writes the files
+//! under a root directory, so tests check it without a disk.
+//!
+//! - `meta-data`: instance id (the machine id) and local hostname.
+//! - `network-config` (v2): DHCP on the NIC with the boot MAC, whatever the OS names it.
+//! - `user-data`: our `#cloud-config` (hostname, the default user's SSH keys). The user's own
+//!   user-data, whatever its kind (`#cloud-config`, `#!` script, ...), goes in as a second part
+//!   of a MIME multipart; cloud-init types a `text/plain` part by its first line. Its
+//!   `Merge-Type` appends lists and keeps our keys where both set one, so the user can add
+//!   SSH keys or `runcmd` entries but cannot drop the deploy's hostname or keys.
+//!   Every document is written as JSON, which YAML reads as it is: no YAML emitter needed and
+//!   no quoting mistakes.
+//! - Phone-home: a systemd unit ordered after `cloud-final.service` that POSTs
+//!   `/api/v1/agent/<id>/deployed` with the per-boot token, using python3's urllib (cloud-init
+//!   depends on python3; curl may be absent). It lives outside user-data so the user's data
+//!   cannot disable it; the token is in a root-only file that the unit deletes once answered.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+
+use serde_json::json;
+use stork_proto::{DeployTask, MacAddr};
+
+pub const SEED_DIR: &str = "var/lib/cloud/seed/nocloud";
+const UNIT: &str = "stork-phone-home.service";
+const UNIT_DIR: &str = "etc/systemd/system";
+const STORK_DIR: &str = "etc/stork";
+const PHONE_HOME_CONFIG: &str = "etc/stork/phone-home.json";
+const PHONE_HOME_SCRIPT: &str = "etc/stork/phone-home.py";
+
+/// How the user's part merges into ours (cloud-init "mergers"): lists are appended, keys we
+/// set stay ours.
+const USER_MERGE_TYPE: &str = "dict(recurse_array,no_replace)+list(append)";
+
+/// The three NoCloud files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seed {
+    pub meta_data: String,
+    pub user_data: String,
+    pub network_config: String,
+}
+
+/// Who the installed OS reports to.
+pub struct PhoneHome<'a> {
+    /// The appliance base URL.
+    pub url: &'a str,
+    pub machine_id: &'a str,
+    pub token: &'a str,
+}
+
+pub fn seed(task: &DeployTask, machine_id: &str, boot_mac: MacAddr) -> Seed {
+    let meta = json!({
+        "instance-id": machine_id,
+        "local-hostname": task.hostname,
+    });
+    let network = json!({
+        "version": 2,
+        "ethernets": {
+            "boot": {
+                "match": { "macaddress": boot_mac.to_string() },
+                "dhcp4": true,
+            }
+        }
+    });
+    let mut ours = json!({
+        "hostname": task.hostname,
+        "preserve_hostname": false,
+        "manage_etc_hosts": true,
+        // Top-level keys go to the default user (`debian` in our Debian image).
+        "ssh_authorized_keys": task.ssh_keys,
+    });
+    if task.target == "memory" {
+        // The root is an overlay in RAM: no partition or file system to grow.
+        ours["growpart"] = json!({ "mode": "off" });
+        ours["resize_rootfs"] = json!(false);
+    }
+    let ours = format!("#cloud-config\n{}\n", pretty(&ours));
+    let user_data = match task.user_data.as_deref().filter(|u| !u.trim().is_empty()) {
+        None => ours,
+        Some(theirs) => multipart(&ours, theirs),
+    };
+    Seed {
+        meta_data: format!("{}\n", pretty(&meta)),
+        user_data,
+        network_config: format!("{}\n", pretty(&network)),
+    }
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    // Serialising a Value cannot fail; fall back to the compact form all the same.
+    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}
+
+/// A MIME multipart/mixed with our cloud-config first and the user's data second.
+fn multipart(ours: &str, theirs: &str) -> String {
+    let mut boundary = "==stork-boundary==".to_string();
+    while ours.contains(&boundary) || theirs.contains(&boundary) {
+        boundary.insert(2, 'x');
+    }
+    let mut s = format!(
+        "Content-Type: multipart/mixed; boundary=\"{boundary}\"\nMIME-Version: 1.0\n\n"
+    );
+    s.push_str(&format!(
+        "--{boundary}\nContent-Type: text/cloud-config; charset=\"utf-8\"\n\
+         Content-Disposition: attachment; filename=\"stork.cfg\"\n\n{ours}"
+    ));
+    if !ours.ends_with('\n') {
+        s.push('\n');
+    }
+    s.push_str(&format!(
+        "--{boundary}\nContent-Type: text/plain; charset=\"utf-8\"\n\
+         Content-Disposition: attachment; filename=\"user-data\"\n\
+         Merge-Type: {USER_MERGE_TYPE}\n\n{theirs}"
+    ));
+    if !theirs.ends_with('\n') {
+        s.push('\n');
+    }
+    s.push_str(&format!("--{boundary}--\n"));
+    s
+}
+
+fn phone_home_unit() -> String {
+    format!(
+        "[Unit]\n\
+         Description=Stork: report to the appliance that this OS is deployed\n\
+         # After cloud-init's last stage, so Deployed means configured.\n\
+         After=cloud-final.service network-online.target\n\
+         Wants=network-online.target\n\
+         ConditionPathExists=/{PHONE_HOME_CONFIG}\n\
+         \n\
+         [Service]\n\
+         Type=oneshot\n\
+         ExecStart=/usr/bin/python3 /{PHONE_HOME_SCRIPT}\n\
+         RemainAfterExit=yes\n\
+         StandardOutput=journal+console\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n"
+    )
+}
+
+/// python3 only, standard library only: tries for about 10 minutes, gives up on a 4xx (the
+/// token was revoked or the machine is no longer deploying), deletes the token when done.
+fn phone_home_script() -> String {
+    format!(
+        r#"# Written by the Stork agent at deploy time.
+import json, os, sys, time, urllib.error, urllib.request
+
+CONFIG = "/{PHONE_HOME_CONFIG}"
+with open(CONFIG) as f:
+    c = json.load(f)
+for attempt in range(1, 121):
+    req = urllib.request.Request(c["url"], data=b"{{}}", method="POST", headers={{
+        "Authorization": "Bearer " + c["token"],
+        "Content-Type": "application/json",
+    }})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            print("stork-phone-home: deployed reported (HTTP %d)" % r.status, flush=True)
+        os.remove(CONFIG)
+        sys.exit(0)
+    except urllib.error.HTTPError as e:
+        if e.code < 500:
+            print("stork-phone-home: appliance refused: HTTP %d %s" % (e.code, e.read()[:200]), flush=True)
+            os.remove(CONFIG)
+            sys.exit(1)
+        print("stork-phone-home: attempt %d: HTTP %d" % (attempt, e.code), flush=True)
+    except Exception as e:
+        print("stork-phone-home: attempt %d: %s" % (attempt, e), flush=True)
+    time.sleep(5)
+sys.exit(1)
+"#
+    )
+}
+
+fn write(root: &Path, rel: &str, text: &str, mode: u32) -> io::Result<()> {
+    let path = root.join(rel);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::write(&path, text)?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+}
+
+/// Writes the seed and the phone-home unit (enabled) under `root`, the installed OS's `/`.
+pub fn install(root: &Path, seed: &Seed, home: &PhoneHome) -> io::Result<()> {
+    write(root, &format!("{SEED_DIR}/meta-data"), &seed.meta_data, 0o644)?;
+    // user-data may carry secrets of the user's.
+    write(root, &format!("{SEED_DIR}/user-data"), &seed.user_data, 0o600)?;
+    write(root, &format!("{SEED_DIR}/network-config"), &seed.network_config, 0o644)?;
+
+    fs::create_dir_all(root.join(STORK_DIR))?;
+    fs::set_permissions(root.join(STORK_DIR), fs::Permissions::from_mode(0o700))?;
+    let config = json!({
+        "url": format!(
+            "{}{}",
+            home.url.trim_end_matches('/'),
+            stork_proto::agent_path(home.machine_id, "deployed")
+        ),
+        "token": home.token,
+    });
+    write(root, PHONE_HOME_CONFIG, &config.to_string(), 0o600)?;
+    write(root, PHONE_HOME_SCRIPT, &phone_home_script(), 0o644)?;
+    write(root, &format!("{UNIT_DIR}/{UNIT}"), &phone_home_unit(), 0o644)?;
+    // `systemctl enable` by hand: the WantedBy symlink.
+    let wants = root.join(UNIT_DIR).join("multi-user.target.wants");
+    fs::create_dir_all(&wants)?;
+    let link = wants.join(UNIT);
+    match fs::remove_file(&link) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    symlink(format!("/{UNIT_DIR}/{UNIT}"), link)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(user_data: Option<&str>) -> DeployTask {
+        DeployTask {
+            target: "disk".into(),
+            disk: None,
+            hostname: "web-1".into(),
+            ssh_keys: vec!["ssh-ed25519 AAAA test@lab".into(), "ssh-rsa B \"q\"".into()],
+            user_data: user_data.map(String::from),
+            image: vec![],
+        }
+    }
+
+    fn mac() -> MacAddr {
+        "52:54:00:77:00:02".parse().unwrap()
+    }
+
+    /// YAML is a superset of JSON for these documents: parse the JSON back.
+    fn doc(text: &str) -> serde_json::Value {
+        serde_json::from_str(text.trim_start_matches("#cloud-config\n")).unwrap()
+    }
+
+    #[test]
+    fn seed_carries_identity_keys_and_dhcp_on_the_boot_nic() {
+        let s = seed(&task(None), "m123", mac());
+        let meta = doc(&s.meta_data);
+        assert_eq!(meta["instance-id"], "m123");
+        assert_eq!(meta["local-hostname"], "web-1");
+        assert!(s.user_data.starts_with("#cloud-config\n"));
+        let user = doc(&s.user_data);
+        assert_eq!(user["hostname"], "web-1");
+        assert_eq!(user["ssh_authorized_keys"][1], "ssh-rsa B \"q\"");
+        let net = doc(&s.network_config);
+        assert_eq!(net["version"], 2);
+        assert_eq!(net["ethernets"]["boot"]["match"]["macaddress"], "52:54:00:77:00:02");
+        assert_eq!(net["ethernets"]["boot"]["dhcp4"], true);
+    }
+
+    #[test]
+    fn user_data_becomes_a_second_part_that_merges() {
+        let theirs = "#cloud-config\nruncmd:\n  - touch /x\n";
+        let s = seed(&task(Some(theirs)), "m1", mac());
+        let u = &s.user_data;
+        assert!(u.starts_with("Content-Type: multipart/mixed; boundary=\"==stork-boundary==\""));
+        let parts: Vec<&str> = u.split("--==stork-boundary==").collect();
+        // Preamble, two parts, and the closing "--".
+        assert_eq!(parts.len(), 4, "{u}");
+        assert!(parts[1].contains("text/cloud-config") && parts[1].contains("\"web-1\""));
+        assert!(parts[2].contains(&format!("Merge-Type: {USER_MERGE_TYPE}")));
+        assert!(parts[2].ends_with(&format!("\n\n{theirs}")));
+        assert_eq!(parts[3], "--\n");
+
+        // A boundary inside the user's data is avoided.
+        let sneaky = "#!/bin/sh\necho ==stork-boundary==\n";
+        let s = seed(&task(Some(sneaky)), "m1", mac());
+        assert!(s.user_data.contains("boundary=\"==x"));
+    }
+
+    #[test]
+    fn install_writes_the_seed_and_an_enabled_root_only_phone_home() {
+        let root = tempfile::tempdir().unwrap();
+        let s = seed(&task(None), "m1", mac());
+        install(
+            root.path(),
+            &s,
+            &PhoneHome {
+                url: "http://10.77.0.1:8080/",
+                machine_id: "m1",
+                token: "stork_agent_secret",
+            },
+        )
+        .unwrap();
+        let r = root.path();
+        assert_eq!(
+            fs::read_to_string(r.join(SEED_DIR).join("meta-data")).unwrap(),
+            s.meta_data
+        );
+        let cfg: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(r.join(PHONE_HOME_CONFIG)).unwrap()).unwrap();
+        assert_eq!(cfg["url"], "http://10.77.0.1:8080/api/v1/agent/m1/deployed");
+        assert_eq!(cfg["token"], "stork_agent_secret");
+        let mode = fs::metadata(r.join(PHONE_HOME_CONFIG)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let link = fs::read_link(r.join(UNIT_DIR).join("multi-user.target.wants").join(UNIT)).unwrap();
+        assert_eq!(link, Path::new("/etc/systemd/system/stork-phone-home.service"));
+        let unit = fs::read_to_string(r.join(UNIT_DIR).join(UNIT)).unwrap();
+        assert!(unit.contains("After=cloud-final.service"));
+        // Installing twice (a redeploy into the same tree) is fine.
+        install(
+            root.path(),
+            &s,
+            &PhoneHome {
+                url: "http://a",
+                machine_id: "m1",
+                token: "t",
+            },
+        )
+        .unwrap();
+    }
+}

@@ -1,0 +1,769 @@
+//! Streaming an image from the appliance onto a disk: HTTP, then zstd, then the disk, in one
+//! pass and in constant memory.
+//!
+//! - **Checksum in line**: the sha256 is of the bytes as served (compressed), computed as they
+//!   arrive, and checked once the last byte is in; a mismatch fails the deploy with both sums.
+//! - **Resume**: [`Download`] counts the compressed bytes it has handed on. When the connection
+//!   drops or stalls it GETs again with `Range: bytes=N-` and goes on feeding the same
+//!   decoder and hasher, so neither notices the break.
+//! - **Sparse**: the decompressed image is cut into [`CHUNK`]-sized pieces; an all-zero piece
+//!   is not written but joins a run that the sink zeroes in one call ([`Sink::zero`]: on a
+//!   block device `BLKZEROOUT`, which the kernel offloads as WRITE ZEROES or UNMAP when the
+//!   device can and otherwise writes zero pages). Skipping without zeroing would be wrong: the
+//!   disk may hold an earlier OS there, and a file system expects its unused metadata blocks
+//!   (ext4's uninitialised inode tables, for one) to read as zeros.
+
+use std::io::{self, BufRead, BufReader, Read};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use super::http::{self, HttpError, Url};
+
+/// Unit of the zero test and of the writes.
+pub const CHUNK: usize = 1 << 20;
+/// Tries in a row without a single new byte before the download is given up.
+const MAX_ATTEMPTS: u32 = 6;
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("sha256 mismatch: expected {expected}, got {actual} ({bytes} bytes received)")]
+    Checksum {
+        expected: String,
+        actual: String,
+        bytes: u64,
+    },
+    #[error("size mismatch: expected {expected} bytes, the server sent {actual}")]
+    Size { expected: u64, actual: u64 },
+    #[error("download failed after {attempts} attempts at byte {offset}")]
+    Download {
+        attempts: u32,
+        offset: u64,
+        #[source]
+        source: HttpError,
+    },
+    #[error("download failed at byte {offset}")]
+    Fatal {
+        offset: u64,
+        #[source]
+        source: HttpError,
+    },
+    #[error("the image is {0}-compressed; this agent reads zstd or uncompressed images")]
+    Unsupported(&'static str),
+    #[error("decompressing the image at output byte {offset}")]
+    Decode {
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing {len} bytes at byte {offset} of the disk")]
+    Write {
+        offset: u64,
+        len: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the image ({needed} bytes decompressed) is larger than the disk ({capacity} bytes)")]
+    TooLarge { needed: u64, capacity: u64 },
+}
+
+/// Where the decompressed image goes.
+pub trait Sink {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes `len` bytes from `offset` read as zeros.
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// Bytes the sink can hold, if bounded.
+    fn capacity(&self) -> Option<u64>;
+    /// Durably stores what was written (fsync).
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+/// An image file's download as a plain [`Read`]: hashes what it hands on, resumes with
+/// `Range` when the connection breaks, and retries a few times with backoff.
+pub struct Download {
+    url: Url,
+    /// Compressed bytes handed on so far: the `Range` start of the next GET.
+    received: u64,
+    /// The file's size as the server reported it.
+    total: Option<u64>,
+    hasher: Sha256,
+    body: Option<io::Take<BufReader<std::net::TcpStream>>>,
+    /// Connections opened after the first: how often the download resumed.
+    pub resumes: u32,
+    backoff: Duration,
+}
+
+impl Download {
+    pub fn new(url: &str) -> Result<Self, StreamError> {
+        let url = Url::parse(url).map_err(|source| StreamError::Fatal { offset: 0, source })?;
+        Ok(Self {
+            url,
+            received: 0,
+            total: None,
+            hasher: Sha256::new(),
+            body: None,
+            resumes: 0,
+            backoff: FIRST_BACKOFF,
+        })
+    }
+
+    #[cfg(test)]
+    pub fn with_backoff(mut self, backoff: Duration) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    pub fn total(&self) -> Option<u64> {
+        self.total
+    }
+
+    /// The sha256 of everything read so far, in hex.
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.hasher.clone().finalize())
+    }
+
+    /// Opens a connection for the bytes from `self.received` on, retrying transient errors.
+    fn open(&mut self) -> Result<(), StreamError> {
+        let mut attempts = 0;
+        let mut backoff = self.backoff;
+        loop {
+            attempts += 1;
+            match self.try_open() {
+                Ok(()) => return Ok(()),
+                Err(source) if !source.is_transient() => {
+                    return Err(StreamError::Fatal {
+                        offset: self.received,
+                        source,
+                    });
+                }
+                Err(source) if attempts >= MAX_ATTEMPTS => {
+                    return Err(StreamError::Download {
+                        attempts,
+                        offset: self.received,
+                        source,
+                    });
+                }
+                Err(_) => {
+                    sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn try_open(&mut self) -> Result<(), HttpError> {
+        let resp = http::get(&self.url, self.received)?;
+        if resp.total.is_some() {
+            self.total = resp.total;
+        }
+        let mut body = resp.body;
+        // A server that ignored the range starts again at 0: skip what we already have.
+        if resp.offset < self.received {
+            let skip = self.received - resp.offset;
+            let skipped = io::copy(&mut (&mut body).take(skip), &mut io::sink()).map_err(|source| {
+                HttpError::Io {
+                    addr: self.url.host.clone(),
+                    source,
+                }
+            })?;
+            if skipped < skip {
+                return Err(HttpError::Io {
+                    addr: self.url.host.clone(),
+                    source: io::ErrorKind::UnexpectedEof.into(),
+                });
+            }
+        } else if resp.offset > self.received {
+            return Err(HttpError::Malformed {
+                url: self.url.path.clone(),
+                why: format!("asked for bytes from {}, got from {}", self.received, resp.offset),
+            });
+        }
+        if self.body.is_some() || self.received > 0 {
+            self.resumes += 1;
+        }
+        self.body = Some(body);
+        Ok(())
+    }
+}
+
+impl Read for Download {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut failures = 0;
+        loop {
+            if self.body.is_none() {
+                self.open().map_err(io::Error::other)?;
+            }
+            let Some(body) = self.body.as_mut() else {
+                continue;
+            };
+            let result = body.read(buf);
+            match result {
+                Ok(n) if n > 0 => {
+                    self.hasher.update(&buf[..n]);
+                    self.received += n as u64;
+                    return Ok(n);
+                }
+                Ok(_) if body.limit() == 0 && self.total.is_none_or(|t| self.received >= t) => {
+                    return Ok(0);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The connection ended early, stalled past the read timeout, or broke: resume.
+                Ok(_) | Err(_) => {
+                    self.body = None;
+                    failures += 1;
+                    if failures >= MAX_ATTEMPTS {
+                        let source = match result {
+                            Err(e) => e,
+                            Ok(_) => io::ErrorKind::UnexpectedEof.into(),
+                        };
+                        return Err(io::Error::other(StreamError::Download {
+                            attempts: failures,
+                            offset: self.received,
+                            source: HttpError::Io {
+                                addr: self.url.host.clone(),
+                                source,
+                            },
+                        }));
+                    }
+                    sleep(self.backoff);
+                }
+            }
+        }
+    }
+}
+
+/// The decompressed size of a zstd image, from its first frame's header (zstd writes it when
+/// it knows the input's size, as it does for a file); `None` for anything else.
+pub fn peek_size(url: &str) -> Option<u64> {
+    let url = Url::parse(url).ok()?;
+    let mut resp = http::get(&url, 0).ok()?;
+    // The longest frame header: magic 4 + descriptor 1 + window 1 + dictionary id 4 + size 8.
+    let mut head = [0u8; 18];
+    let n = http::read_full(&mut resp.body, &mut head).ok()?;
+    // Dropping the response closes the connection: the rest is not wanted.
+    match sniff(&head[..n]).ok()? {
+        Format::Zstd => zstd::zstd_safe::get_frame_content_size(&head[..n]).ok().flatten(),
+        Format::Raw => Some(resp.length),
+    }
+}
+
+/// What [`write_image`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// Compressed bytes received (the file's size).
+    pub received: u64,
+    /// Decompressed bytes: the image's size on disk.
+    pub image_bytes: u64,
+    /// Of which zeroed instead of written.
+    pub zeroed_bytes: u64,
+    pub resumes: u32,
+    pub sha256: String,
+}
+
+/// Progress, for the caller's events: compressed bytes received of the expected total.
+pub struct Progress {
+    pub received: u64,
+    pub total: Option<u64>,
+    pub written: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Zstd,
+    Raw,
+}
+
+/// zstd, xz and gzip magic numbers (RFC 8878, the xz file format, RFC 1952).
+fn sniff(head: &[u8]) -> Result<Format, StreamError> {
+    if head.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]) {
+        Ok(Format::Zstd)
+    } else if head.starts_with(&[0xFD, b'7', b'z', b'X', b'Z', 0x00]) {
+        Err(StreamError::Unsupported("xz"))
+    } else if head.starts_with(&[0x1F, 0x8B]) {
+        Err(StreamError::Unsupported("gzip"))
+    } else {
+        Ok(Format::Raw)
+    }
+}
+
+/// Streams `download` (zstd or raw) onto `sink` and checks its sha256 (`expected_sha256`,
+/// hex) and, when not 0, its size. `progress` is called every `every`.
+pub fn write_image(
+    download: Download,
+    expected_sha256: &str,
+    expected_size: u64,
+    sink: &mut dyn Sink,
+    every: Duration,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Written, StreamError> {
+    let mut input = BufReader::with_capacity(CHUNK, download);
+    let head = input.fill_buf().map_err(|e| unwrap_stream_error(e, 0))?;
+    let format = sniff(head)?;
+    let mut writer = ChunkWriter::new(sink);
+    let mut last_report = Instant::now();
+    let mut buf = vec![0u8; CHUNK];
+
+    let mut decoder: Box<dyn DecodeRead> = match format {
+        Format::Zstd => Box::new(
+            zstd::stream::read::Decoder::with_buffer(input)
+                .map_err(|source| StreamError::Decode { offset: 0, source })?,
+        ),
+        Format::Raw => Box::new(input),
+    };
+    loop {
+        let n = match http::read_full(&mut decoder, &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let e = unwrap_stream_error(e, writer.offset);
+                return Err(blame_the_file(decoder, e, expected_sha256));
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        writer.put(&buf[..n])?;
+        if last_report.elapsed() >= every {
+            last_report = Instant::now();
+            let d = decoder.download();
+            progress(&Progress {
+                received: d.received(),
+                total: d.total().or((expected_size > 0).then_some(expected_size)),
+                written: writer.offset,
+            });
+        }
+        if n < buf.len() {
+            break;
+        }
+    }
+    let mut input = decoder.into_input();
+    // The decoder may stop at the end of the last frame: hash whatever follows too.
+    io::copy(&mut input, &mut io::sink()).map_err(|e| unwrap_stream_error(e, writer.offset))?;
+    writer.finish()?;
+    let download = input.into_inner();
+    let actual = download.sha256_hex();
+    if !actual.eq_ignore_ascii_case(expected_sha256.trim()) {
+        return Err(StreamError::Checksum {
+            expected: expected_sha256.trim().to_string(),
+            actual,
+            bytes: download.received(),
+        });
+    }
+    if expected_size > 0 && download.received() != expected_size {
+        return Err(StreamError::Size {
+            expected: expected_size,
+            actual: download.received(),
+        });
+    }
+    let (image_bytes, zeroed_bytes) = (writer.offset, writer.zeroed);
+    writer.sink.sync().map_err(|source| StreamError::Write {
+        offset: 0,
+        len: 0,
+        source,
+    })?;
+    Ok(Written {
+        received: download.received(),
+        image_bytes,
+        zeroed_bytes,
+        resumes: download.resumes,
+        sha256: actual,
+    })
+}
+
+/// The decoder, or the plain input for a raw image; both give back the download.
+trait DecodeRead: Read {
+    fn download(&self) -> &Download;
+    fn into_input(self: Box<Self>) -> BufReader<Download>;
+}
+
+impl DecodeRead for BufReader<Download> {
+    fn download(&self) -> &Download {
+        self.get_ref()
+    }
+    fn into_input(self: Box<Self>) -> BufReader<Download> {
+        *self
+    }
+}
+
+impl DecodeRead for zstd::stream::read::Decoder<'static, BufReader<Download>> {
+    fn download(&self) -> &Download {
+        self.get_ref().get_ref()
+    }
+    fn into_input(self: Box<Self>) -> BufReader<Download> {
+        self.finish()
+    }
+}
+
+/// A download error travels through the decoder as an `io::Error`; take it back out.
+fn unwrap_stream_error(e: io::Error, offset: u64) -> StreamError {
+    if e.get_ref().is_some_and(|inner| inner.is::<StreamError>()) {
+        if let Some(inner) = e.into_inner()
+            && let Ok(se) = inner.downcast::<StreamError>()
+        {
+            return *se;
+        }
+        // Unreachable: checked just above.
+        return StreamError::Decode {
+            offset,
+            source: io::ErrorKind::Other.into(),
+        };
+    }
+    StreamError::Decode { offset, source: e }
+}
+
+/// Writes data chunks, and merges all-zero chunks into runs zeroed in one call.
+struct ChunkWriter<'a> {
+    sink: &'a mut dyn Sink,
+    offset: u64,
+    zero_run: Option<(u64, u64)>,
+    zeroed: u64,
+}
+
+impl<'a> ChunkWriter<'a> {
+    fn new(sink: &'a mut dyn Sink) -> Self {
+        Self {
+            sink,
+            offset: 0,
+            zero_run: None,
+            zeroed: 0,
+        }
+    }
+
+    fn put(&mut self, data: &[u8]) -> Result<(), StreamError> {
+        let len = data.len() as u64;
+        if let Some(cap) = self.sink.capacity()
+            && self.offset + len > cap
+        {
+            return Err(StreamError::TooLarge {
+                needed: self.offset + len,
+                capacity: cap,
+            });
+        }
+        // Only whole chunks are zeroed: BLKZEROOUT wants sector-aligned lengths, and a short
+        // tail is cheaper to write than to special-case.
+        if data.len() == CHUNK && is_zero(data) {
+            match &mut self.zero_run {
+                Some((_, run_len)) => *run_len += len,
+                None => self.zero_run = Some((self.offset, len)),
+            }
+        } else {
+            self.flush_zeros()?;
+            self.sink
+                .write_at(self.offset, data)
+                .map_err(|source| StreamError::Write {
+                    offset: self.offset,
+                    len,
+                    source,
+                })?;
+        }
+        self.offset += len;
+        Ok(())
+    }
+
+    fn flush_zeros(&mut self) -> Result<(), StreamError> {
+        if let Some((offset, len)) = self.zero_run.take() {
+            self.sink
+                .zero(offset, len)
+                .map_err(|source| StreamError::Write {
+                    offset,
+                    len,
+                    source,
+                })?;
+            self.zeroed += len;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), StreamError> {
+        self.flush_zeros()
+    }
+}
+
+fn is_zero(data: &[u8]) -> bool {
+    // OR-folding a block vectorises; stopping at the first non-zero block keeps data chunks
+    // cheap. This runs over every byte of the image.
+    data.chunks(4096).all(|b| b.iter().fold(0u8, |acc, x| acc | x) == 0)
+}
+
+/// A decode error on a file that is not the registered one is really a checksum error:
+/// read the rest (the LAN is fast) and say so when the sums differ.
+fn blame_the_file(decoder: Box<dyn DecodeRead>, e: StreamError, expected_sha256: &str) -> StreamError {
+    if !matches!(e, StreamError::Decode { .. }) {
+        return e;
+    }
+    let mut input = decoder.into_input();
+    if io::copy(&mut input, &mut io::sink()).is_err() {
+        return e;
+    }
+    let download = input.into_inner();
+    let actual = download.sha256_hex();
+    if actual.eq_ignore_ascii_case(expected_sha256.trim()) {
+        e
+    } else {
+        StreamError::Checksum {
+            expected: expected_sha256.trim().to_string(),
+            actual,
+            bytes: download.received(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+    use std::net::TcpListener;
+    use std::thread::{self, JoinHandle};
+
+    /// A sink in memory that records which ranges were zeroed rather than written.
+    #[derive(Default)]
+    struct MemSink {
+        data: Vec<u8>,
+        zeroed: Vec<(u64, u64)>,
+        cap: Option<u64>,
+    }
+
+    impl Sink for MemSink {
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+            let end = offset as usize + data.len();
+            if self.data.len() < end {
+                self.data.resize(end, 0xAA);
+            }
+            self.data[offset as usize..end].copy_from_slice(data);
+            Ok(())
+        }
+        fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+            let end = (offset + len) as usize;
+            if self.data.len() < end {
+                self.data.resize(end, 0xAA);
+            }
+            self.data[offset as usize..end].fill(0);
+            self.zeroed.push((offset, len));
+            Ok(())
+        }
+        fn capacity(&self) -> Option<u64> {
+            self.cap
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// An image with data, a long zero run and an odd-sized tail.
+    fn image() -> Vec<u8> {
+        // xorshift: data zstd cannot shrink to nothing, so cuts land inside the body.
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut v = Vec::new();
+        for _ in 0..(CHUNK + 4096) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.push(x as u8);
+        }
+        v.resize(v.len() + 3 * CHUNK + (CHUNK - 4096), 0);
+        v.extend((0..12345).map(|i| (i % 7) as u8 + 1));
+        v
+    }
+
+    fn sha(data: &[u8]) -> String {
+        hex::encode(Sha256::digest(data))
+    }
+
+    /// Serves `file` once per connection; the first `cuts` connections are closed after
+    /// `cut_at` body bytes. Honours `Range: bytes=N-` with 206 unless `ignore_range`.
+    /// Returns the Range starts it saw.
+    fn serve(
+        file: Vec<u8>,
+        cuts: usize,
+        cut_at: usize,
+        ignore_range: bool,
+    ) -> (String, JoinHandle<Vec<u64>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/boot/image.raw.zst", listener.local_addr().unwrap());
+        let handle = thread::spawn(move || {
+            let mut starts = Vec::new();
+            for (i, conn) in listener.incoming().enumerate() {
+                let mut conn = conn.unwrap();
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut from = 0u64;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.strip_prefix("Range: bytes=") {
+                        from = v.trim().trim_end_matches('-').parse().unwrap();
+                    }
+                }
+                starts.push(from);
+                let from = if ignore_range { 0 } else { from as usize };
+                let body = &file[from..];
+                let head = if from > 0 {
+                    format!(
+                        "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\n\r\n",
+                        body.len(),
+                        file.len() - 1,
+                        file.len()
+                    )
+                } else {
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                };
+                conn.write_all(head.as_bytes()).unwrap();
+                let send = if i < cuts { cut_at.min(body.len()) } else { body.len() };
+                // The client may hang up first; that is its business.
+                let _ = conn.write_all(&body[..send]);
+                drop(conn);
+                if i >= cuts {
+                    break;
+                }
+            }
+            starts
+        });
+        (url, handle)
+    }
+
+    fn run(url: &str, sha256: &str, size: u64, sink: &mut MemSink) -> Result<Written, StreamError> {
+        let dl = Download::new(url).unwrap().with_backoff(Duration::ZERO);
+        write_image(dl, sha256, size, sink, Duration::ZERO, &mut |_| {})
+    }
+
+    #[test]
+    fn writes_a_zstd_image_and_zeroes_the_zero_chunks() {
+        let img = image();
+        let z = zstd::encode_all(&img[..], 3).unwrap();
+        let (url, server) = serve(z.clone(), 0, 0, false);
+        let mut sink = MemSink::default();
+        let w = run(&url, &sha(&z), z.len() as u64, &mut sink).unwrap();
+        assert_eq!(sink.data, img);
+        assert_eq!(w.image_bytes, img.len() as u64);
+        assert_eq!(w.received, z.len() as u64);
+        assert_eq!(w.resumes, 0);
+        // Chunks 2, 3 and 4 are all zero: one run, one call.
+        assert_eq!(sink.zeroed, [(2 * CHUNK as u64, 3 * CHUNK as u64)]);
+        assert_eq!(w.zeroed_bytes, 3 * CHUNK as u64);
+        assert_eq!(server.join().unwrap(), [0]);
+    }
+
+    #[test]
+    fn resumes_with_range_after_a_cut_and_the_sum_still_matches() {
+        let img = image();
+        let z = zstd::encode_all(&img[..], 1).unwrap();
+        let third = z.len() / 3;
+        // Two cuts in a row, each a third of the file into its answer.
+        let (url, server) = serve(z.clone(), 2, third, false);
+        let mut sink = MemSink::default();
+        let w = run(&url, &sha(&z), z.len() as u64, &mut sink).unwrap();
+        assert_eq!(sink.data, img);
+        assert_eq!(w.resumes, 2);
+        let starts = server.join().unwrap();
+        assert_eq!(starts, [0, third as u64, 2 * third as u64]);
+    }
+
+    #[test]
+    fn a_server_that_ignores_range_is_skipped_forward() {
+        let img = image();
+        let z = zstd::encode_all(&img[..], 1).unwrap();
+        let (url, server) = serve(z.clone(), 1, z.len() / 2, true);
+        let mut sink = MemSink::default();
+        run(&url, &sha(&z), z.len() as u64, &mut sink).unwrap();
+        assert_eq!(sink.data, img);
+        assert_eq!(server.join().unwrap(), [0, z.len() as u64 / 2]);
+    }
+
+    #[test]
+    fn a_wrong_sha256_is_reported_with_both_sums() {
+        let img = image();
+        let z = zstd::encode_all(&img[..], 1).unwrap();
+        let (url, _server) = serve(z.clone(), 0, 0, false);
+        let wrong = "0".repeat(64);
+        let err = run(&url, &wrong, 0, &mut MemSink::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!("sha256 mismatch: expected {wrong}, got {}", sha(&z))),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn raw_images_pass_through_and_other_formats_are_named() {
+        let img = image();
+        let (url, _server) = serve(img.clone(), 0, 0, false);
+        let mut sink = MemSink::default();
+        run(&url, &sha(&img), 0, &mut sink).unwrap();
+        assert_eq!(sink.data, img);
+
+        let gz = vec![0x1F, 0x8B, 8, 0, 0, 0];
+        let (url, _server) = serve(gz.clone(), 0, 0, false);
+        let err = run(&url, &sha(&gz), 0, &mut MemSink::default()).unwrap_err();
+        assert!(err.to_string().contains("gzip"), "{err}");
+    }
+
+    #[test]
+    fn an_image_larger_than_the_disk_is_refused() {
+        let img = image();
+        let z = zstd::encode_all(&img[..], 1).unwrap();
+        let (url, _server) = serve(z.clone(), 0, 0, false);
+        let mut sink = MemSink {
+            cap: Some(CHUNK as u64),
+            ..MemSink::default()
+        };
+        let err = run(&url, &sha(&z), 0, &mut sink).unwrap_err();
+        assert!(matches!(err, StreamError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn gives_up_when_the_server_keeps_cutting() {
+        let img = image();
+        let z = zstd::encode_all(&img[..], 1).unwrap();
+        let (url, _server) = serve(z.clone(), 100, 0, false);
+        let err = run(&url, &sha(&z), 0, &mut MemSink::default()).unwrap_err();
+        assert!(matches!(err, StreamError::Download { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_missing_file_is_not_retried() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/boot/nope", listener.local_addr().unwrap());
+        let server = thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                .unwrap();
+        });
+        let err = run(&url, "00", 0, &mut MemSink::default()).unwrap_err();
+        assert!(err.to_string().contains("download failed"), "{err}");
+        let chain = format!("{:?}", anyhow::Error::from(err));
+        assert!(chain.contains("404"), "{chain}");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn peeks_the_decompressed_size() {
+        let img = image();
+        let z = zstd::encode_all(&img[..], 1).unwrap();
+        let (url, _server) = serve(z, 0, 0, false);
+        assert_eq!(peek_size(&url), Some(img.len() as u64));
+    }
+
+    #[test]
+    fn zero_test() {
+        assert!(is_zero(&[0; 4096]));
+        let mut v = vec![0; 4096];
+        v[4095] = 1;
+        assert!(!is_zero(&v));
+    }
+}

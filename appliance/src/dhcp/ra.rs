@@ -1,0 +1,181 @@
+//! IPv6 router advertisements that say "no IPv6 here", so iPXE stops waiting for one.
+//!
+//! iPXE configures every interface with DHCPv4 and IPv6 autoconfiguration in parallel and
+//! waits for both: without a router it sends router solicitations for about 13 s before it
+//! gives up (FACTS.md). A router advertisement with M = 0 and O = 0 ends its IPv6
+//! configurator at once (iPXE `ndp.c`, `ipv6conf_rx_router_advertisement`). Ours also has
+//! router lifetime 0 (not a default router) and no prefix, so no host configures anything
+//! from it.
+//!
+//! Solicitations are answered at once, multicast to all nodes, at most every
+//! [`MIN_INTERVAL`]: RFC 4861 section 6.2.6 asks for a random delay of up to 0.5 s and 3 s
+//! between multicast answers, which would cost every booting machine that time; an
+//! advertisement that configures nothing is harmless to repeat. One unsolicited
+//! advertisement goes out every [`PERIOD`] as well.
+
+use std::io::Read;
+use std::net::{Ipv6Addr, SocketAddrV6};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::io::unix::AsyncFd;
+
+pub const ROUTER_SOLICITATION: u8 = 133;
+pub const ROUTER_ADVERTISEMENT: u8 = 134;
+/// RFC 4861 option 1, source link-layer address.
+const OPT_SOURCE_LL: u8 = 1;
+const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+const ALL_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
+pub const MIN_INTERVAL: Duration = Duration::from_millis(200);
+pub const PERIOD: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RaError {
+    #[error("cannot read {what} of interface {interface}")]
+    Interface {
+        interface: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the ICMPv6 socket on {interface}")]
+    Socket {
+        interface: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The advertisement: no managed or other configuration, router lifetime 0, no prefix;
+/// the checksum is left to the kernel (raw ICMPv6 sockets always fill it in).
+pub fn advertisement(mac: Option<[u8; 6]>) -> Vec<u8> {
+    let mut p = vec![
+        ROUTER_ADVERTISEMENT,
+        0, // code
+        0,
+        0, // checksum
+        0, // current hop limit: unspecified
+        0, // flags: M = 0, O = 0
+        0,
+        0, // router lifetime 0: not a default router
+        0,
+        0,
+        0,
+        0, // reachable time: unspecified
+        0,
+        0,
+        0,
+        0, // retransmission timer: unspecified
+    ];
+    if let Some(mac) = mac {
+        p.extend_from_slice(&[OPT_SOURCE_LL, 1]);
+        p.extend_from_slice(&mac);
+    }
+    p
+}
+
+fn sysfs(interface: &str, what: &'static str) -> Result<String, RaError> {
+    std::fs::read_to_string(format!("/sys/class/net/{interface}/{what}"))
+        .map(|s| s.trim().to_string())
+        .map_err(|source| RaError::Interface {
+            interface: interface.to_string(),
+            what,
+            source,
+        })
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    s.parse::<stork_proto::MacAddr>().ok().map(|m| m.0)
+}
+
+/// Answers router solicitations on `interface` until the task is cancelled. Fails only at
+/// start (no such interface, no IPv6); the caller logs that and carries on without.
+pub async fn run(interface: String) -> Result<(), RaError> {
+    let ifindex: u32 = sysfs(&interface, "ifindex")?
+        .parse()
+        .map_err(|_| RaError::Interface {
+            interface: interface.clone(),
+            what: "ifindex",
+            source: std::io::ErrorKind::InvalidData.into(),
+        })?;
+    let mac = sysfs(&interface, "address")
+        .ok()
+        .and_then(|m| parse_mac(&m));
+    let err = |source| RaError::Socket {
+        interface: interface.clone(),
+        source,
+    };
+    let sock = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).map_err(err)?;
+    sock.bind_device(Some(interface.as_bytes())).map_err(err)?;
+    // RFC 4861: receivers drop neighbour discovery packets whose hop limit is not 255.
+    sock.set_multicast_hops_v6(255).map_err(err)?;
+    sock.set_unicast_hops_v6(255).map_err(err)?;
+    sock.set_multicast_loop_v6(false).map_err(err)?;
+    sock.join_multicast_v6(&ALL_ROUTERS, ifindex).map_err(err)?;
+    sock.set_nonblocking(true).map_err(err)?;
+    // SAFETY: the AsyncFd owns the socket, so its descriptor stays open and the same for
+    // the AsyncFd's whole life.
+    let fd = unsafe { AsyncFd::register(sock) }.map_err(|e| err(e.into()))?;
+    let to = SockAddr::from(SocketAddrV6::new(ALL_NODES, 0, 0, ifindex));
+    let ra = advertisement(mac);
+    tracing::info!(%interface, "answering IPv6 router solicitations: no IPv6 configuration here");
+
+    let send = |why: &str| match fd.get_ref().send_to(&ra, &to) {
+        Ok(_) => tracing::debug!(%interface, why, "router advertisement sent"),
+        Err(e) => tracing::warn!(%interface, error = %e, "router advertisement failed"),
+    };
+    // Nothing is sent at start: the interface's link-local address may still be tentative.
+    let mut last = Instant::now();
+    let mut buf = [0u8; 1500];
+    loop {
+        let readable = tokio::time::timeout(PERIOD, fd.readable()).await;
+        let Ok(guard) = readable else {
+            send("periodic");
+            last = Instant::now();
+            continue;
+        };
+        let mut guard = match guard {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(%interface, error = %e, "ICMPv6 socket failed; no more router advertisements");
+                return Ok(());
+            }
+        };
+        // Drain everything queued; answer once if any of it was a solicitation.
+        let mut solicited = false;
+        loop {
+            match guard.try_io(|inner| (&mut inner.get_ref()).read(&mut buf)) {
+                Ok(Ok(n)) => solicited |= n >= 8 && buf[0] == ROUTER_SOLICITATION,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "ICMPv6 receive failed");
+                    break;
+                }
+                Err(_would_block) => break,
+            }
+        }
+        if solicited && last.elapsed() >= MIN_INTERVAL {
+            send("solicited");
+            last = Instant::now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertisement_configures_nothing() {
+        let p = advertisement(Some([0x52, 0x54, 0, 1, 2, 3]));
+        assert_eq!(p.len(), 24);
+        assert_eq!(p[0], ROUTER_ADVERTISEMENT);
+        assert_eq!(p[5], 0, "M and O clear");
+        assert_eq!(&p[6..8], &[0, 0], "router lifetime 0");
+        assert_eq!(&p[16..24], &[1, 1, 0x52, 0x54, 0, 1, 2, 3]);
+        assert_eq!(advertisement(None).len(), 16);
+        assert_eq!(
+            parse_mac("52:54:00:01:02:03"),
+            Some([0x52, 0x54, 0, 1, 2, 3])
+        );
+    }
+}

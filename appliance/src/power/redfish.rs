@@ -1,0 +1,647 @@
+//! Redfish power driver: finds the ComputerSystem, reads `PowerState`, posts
+//! `ComputerSystem.Reset`, and PATCHes the boot source override, then reads it back,
+//! because some BMCs answer 200/204 and silently keep (or revert to) something else.
+//! sushy-tools' fake driver is one: it stores `Once` as `Continuous`.
+//!
+//! HTTP is ureq (blocking) on `spawn_blocking`. Plain `http://` works; `https://` needs
+//! ureq's `rustls` feature, which the workspace does not enable today (it would be built
+//! into the static agent as well). Real BMCs mostly have self-signed certificates, so that
+//! change also needs a per-machine "accept this certificate" option.
+//!
+//! ureq logs at DEBUG only allow-listed headers; its TRACE level prints the wire, including
+//! the Authorization header, so never enable `ureq=trace` on a production appliance.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use thiserror::Error;
+use tracing::{debug, warn};
+
+use super::{BootDevice, PowerState, Secret};
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+fn default_attempts() -> u32 {
+    3
+}
+
+/// How to reach one machine's Redfish service. The password is a [`Secret`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedfishParams {
+    /// Service root's scheme, host and port: `http://10.0.0.6:8000` (no path).
+    pub url: String,
+    pub username: String,
+    pub password: Secret,
+    /// The ComputerSystem's id (`1`, or a path `/redfish/v1/Systems/1`); default: the
+    /// first member of `/redfish/v1/Systems`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_id: Option<String>,
+    /// Per request, connection included.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Tries per request when the BMC cannot be reached or answers 5xx (GET and PATCH;
+    /// a POST only when the connection was never made).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+}
+
+impl RedfishParams {
+    pub fn new(url: &str, username: &str, password: impl Into<Secret>) -> Self {
+        Self {
+            url: url.trim_end_matches('/').to_string(),
+            username: username.to_string(),
+            password: password.into(),
+            system_id: None,
+            timeout_ms: default_timeout_ms(),
+            attempts: default_attempts(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum RedfishError {
+    #[error("Redfish URL {url} is not usable: {why}")]
+    Url { url: String, why: &'static str },
+    #[error("Redfish BMC {url} unreachable ({method} {path}, {attempts} attempts): {reason}")]
+    Unreachable {
+        url: String,
+        method: &'static str,
+        path: String,
+        attempts: u32,
+        reason: String,
+    },
+    #[error(
+        "Redfish BMC {url} rejected the credentials of user {user}: {method} {path} answered HTTP {status}: {body}"
+    )]
+    Credentials {
+        url: String,
+        user: String,
+        method: &'static str,
+        path: String,
+        status: u16,
+        body: String,
+    },
+    #[error("Redfish BMC {url} answered {method} {path} with HTTP {status}: {body}")]
+    Status {
+        url: String,
+        method: &'static str,
+        path: String,
+        status: u16,
+        body: String,
+    },
+    #[error("Redfish BMC {url} sent an unusable answer to {method} {path}: {why}")]
+    Answer {
+        url: String,
+        method: &'static str,
+        path: String,
+        why: String,
+    },
+    #[error("Redfish BMC {url} lists no ComputerSystem under /redfish/v1/Systems")]
+    NoSystem { url: String },
+    #[error("Redfish BMC {url} does not offer ResetType {reset_type} (it allows: {allowed})")]
+    ResetTypeUnsupported {
+        url: String,
+        reset_type: &'static str,
+        allowed: String,
+    },
+    #[error("Redfish BMC {url} accepted the boot override {wanted} but reports {got}")]
+    BootReadBack {
+        url: String,
+        wanted: String,
+        got: String,
+    },
+    #[error("Redfish request task failed: {0}")]
+    Task(String),
+}
+
+impl RedfishError {
+    pub fn is_credentials(&self) -> bool {
+        matches!(self, RedfishError::Credentials { .. })
+    }
+
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, RedfishError::Unreachable { .. })
+    }
+}
+
+/// The Redfish power driver for one BMC.
+#[derive(Debug, Clone)]
+pub struct RedfishDriver {
+    params: RedfishParams,
+    /// The system's path once found, so each operation does not list the systems again.
+    system: Arc<Mutex<Option<String>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Get,
+    Post,
+    Patch,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Patch => "PATCH",
+        }
+    }
+}
+
+/// One answer: status, body, and the ETag (some BMCs require it back in `If-Match`).
+struct Answer {
+    status: u16,
+    body: String,
+    etag: Option<String>,
+}
+
+impl RedfishDriver {
+    pub fn new(params: RedfishParams) -> Self {
+        Self {
+            params,
+            system: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub fn params(&self) -> &RedfishParams {
+        &self.params
+    }
+
+    fn base(&self) -> &str {
+        self.params.url.trim_end_matches('/')
+    }
+
+    /// One blocking HTTP exchange with retries; runs on the blocking pool.
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        if_match: Option<String>,
+    ) -> Result<Answer, RedfishError> {
+        let base = self.base().to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(RedfishError::Url {
+                url: base,
+                why: "it must start with http:// or https://",
+            });
+        }
+        let path = path.to_string();
+        let auth = basic_auth(&self.params.username, self.params.password.expose());
+        let timeout = Duration::from_millis(self.params.timeout_ms.max(1));
+        let attempts = self.params.attempts.max(1);
+        let task = tokio::task::spawn_blocking(move || {
+            blocking_request(
+                &base, method, &path, body, if_match, &auth, timeout, attempts,
+            )
+        });
+        task.await.map_err(|e| RedfishError::Task(e.to_string()))?
+    }
+
+    /// GET, POST or PATCH that must succeed (2xx); JSON body parsed when present.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        if_match: Option<String>,
+    ) -> Result<(Value, Option<String>), RedfishError> {
+        let a = self.request(method, path, body, if_match).await?;
+        let url = self.base().to_string();
+        if a.status == 401 || a.status == 403 {
+            return Err(RedfishError::Credentials {
+                url,
+                user: self.params.username.clone(),
+                method: method.name(),
+                path: path.to_string(),
+                status: a.status,
+                body: excerpt(&a.body),
+            });
+        }
+        if !(200..300).contains(&a.status) {
+            return Err(RedfishError::Status {
+                url,
+                method: method.name(),
+                path: path.to_string(),
+                status: a.status,
+                body: excerpt(&a.body),
+            });
+        }
+        if a.body.trim().is_empty() {
+            return Ok((Value::Null, a.etag));
+        }
+        let v = serde_json::from_str(&a.body).map_err(|e| RedfishError::Answer {
+            url,
+            method: method.name(),
+            path: path.to_string(),
+            why: format!("not JSON ({e})"),
+        })?;
+        Ok((v, a.etag))
+    }
+
+    /// The ComputerSystem's path: configured, cached, or the first member listed.
+    async fn system_path(&self) -> Result<String, RedfishError> {
+        if let Some(id) = &self.params.system_id {
+            return Ok(if id.starts_with('/') {
+                id.clone()
+            } else {
+                format!("/redfish/v1/Systems/{id}")
+            });
+        }
+        if let Ok(guard) = self.system.lock()
+            && let Some(p) = guard.as_ref()
+        {
+            return Ok(p.clone());
+        }
+        let (v, _) = self
+            .call(Method::Get, "/redfish/v1/Systems", None, None)
+            .await?;
+        let path = v["Members"]
+            .as_array()
+            .and_then(|m| m.first())
+            .and_then(|m| m["@odata.id"].as_str())
+            .map(str::to_string)
+            .ok_or_else(|| RedfishError::NoSystem {
+                url: self.base().to_string(),
+            })?;
+        debug!(bmc = %self.base(), system = %path, "Redfish system found");
+        if let Ok(mut guard) = self.system.lock() {
+            *guard = Some(path.clone());
+        }
+        Ok(path)
+    }
+
+    async fn system(&self) -> Result<(String, Value, Option<String>), RedfishError> {
+        let path = self.system_path().await?;
+        let (v, etag) = self.call(Method::Get, &path, None, None).await?;
+        Ok((path, v, etag))
+    }
+
+    pub async fn query(&self) -> Result<PowerState, RedfishError> {
+        let (path, v, _) = self.system().await?;
+        self.power_state_of(&path, &v)
+    }
+
+    fn power_state_of(&self, path: &str, v: &Value) -> Result<PowerState, RedfishError> {
+        match v["PowerState"].as_str() {
+            Some("On") => Ok(PowerState::On),
+            Some("Off") => Ok(PowerState::Off),
+            // PoweringOn, PoweringOff, Paused: in transition; ask again later.
+            Some(_) => Ok(PowerState::Unknown),
+            None => Err(RedfishError::Answer {
+                url: self.base().to_string(),
+                method: "GET",
+                path: path.to_string(),
+                why: "the ComputerSystem has no PowerState".into(),
+            }),
+        }
+    }
+
+    /// POSTs `ComputerSystem.Reset` to the target the system advertises, after checking
+    /// the BMC lists the reset type.
+    async fn reset(
+        &self,
+        path: &str,
+        system: &Value,
+        reset_type: &'static str,
+    ) -> Result<(), RedfishError> {
+        let action = &system["Actions"]["#ComputerSystem.Reset"];
+        let target = action["target"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{path}/Actions/ComputerSystem.Reset"));
+        if let Some(allowed) = action["ResetType@Redfish.AllowableValues"].as_array() {
+            let allowed: Vec<&str> = allowed.iter().filter_map(Value::as_str).collect();
+            if !allowed.contains(&reset_type) {
+                return Err(RedfishError::ResetTypeUnsupported {
+                    url: self.base().to_string(),
+                    reset_type,
+                    allowed: allowed.join(", "),
+                });
+            }
+        }
+        self.call(
+            Method::Post,
+            &target,
+            Some(json!({ "ResetType": reset_type })),
+            None,
+        )
+        .await?;
+        debug!(bmc = %self.base(), reset_type, "Redfish reset accepted");
+        Ok(())
+    }
+
+    /// Powers on unless the system already reports On (some BMCs answer 409 otherwise).
+    pub async fn power_on(&self) -> Result<(), RedfishError> {
+        let (path, v, _) = self.system().await?;
+        if self.power_state_of(&path, &v)? == PowerState::On {
+            return Ok(());
+        }
+        self.reset(&path, &v, "On").await
+    }
+
+    pub async fn power_off(&self, soft: bool) -> Result<(), RedfishError> {
+        let (path, v, _) = self.system().await?;
+        if self.power_state_of(&path, &v)? == PowerState::Off {
+            return Ok(());
+        }
+        self.reset(
+            &path,
+            &v,
+            if soft { "GracefulShutdown" } else { "ForceOff" },
+        )
+        .await
+    }
+
+    /// ForceRestart when on; On when off.
+    pub async fn power_cycle(&self) -> Result<(), RedfishError> {
+        let (path, v, _) = self.system().await?;
+        let reset_type = match self.power_state_of(&path, &v)? {
+            PowerState::Off => "On",
+            _ => "ForceRestart",
+        };
+        self.reset(&path, &v, reset_type).await
+    }
+
+    /// PATCHes `Boot` and reads it back; a BMC that reports anything else than what it
+    /// accepted is an error naming both.
+    pub async fn set_boot_device(
+        &self,
+        device: BootDevice,
+        persistent: bool,
+        efi: bool,
+    ) -> Result<(), RedfishError> {
+        let want = BootOverride {
+            target: match device {
+                BootDevice::Pxe => "Pxe",
+                BootDevice::Disk => "Hdd",
+            }
+            .to_string(),
+            enabled: if persistent { "Continuous" } else { "Once" }.to_string(),
+            mode: Some(if efi { "UEFI" } else { "Legacy" }.to_string()),
+        };
+        let (path, _, etag) = self.system().await?;
+        let body = json!({ "Boot": {
+            "BootSourceOverrideTarget": want.target,
+            "BootSourceOverrideEnabled": want.enabled,
+            "BootSourceOverrideMode": want.mode,
+        }});
+        self.call(Method::Patch, &path, Some(body), etag).await?;
+        let (_, v, _) = self.system().await?;
+        let got = BootOverride::from_system(&v["Boot"]);
+        if got.target != want.target || got.enabled != want.enabled {
+            return Err(RedfishError::BootReadBack {
+                url: self.base().to_string(),
+                wanted: want.to_string(),
+                got: got.to_string(),
+            });
+        }
+        match &got.mode {
+            Some(m) if Some(m) != want.mode.as_ref() => {
+                return Err(RedfishError::BootReadBack {
+                    url: self.base().to_string(),
+                    wanted: want.to_string(),
+                    got: got.to_string(),
+                });
+            }
+            None => warn!(bmc = %self.base(), "BMC does not report BootSourceOverrideMode"),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// The three boot override properties, as set and as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BootOverride {
+    target: String,
+    enabled: String,
+    mode: Option<String>,
+}
+
+impl BootOverride {
+    fn from_system(boot: &Value) -> Self {
+        let s = |k: &str| boot[k].as_str().unwrap_or("(absent)").to_string();
+        Self {
+            target: s("BootSourceOverrideTarget"),
+            enabled: s("BootSourceOverrideEnabled"),
+            mode: boot["BootSourceOverrideMode"].as_str().map(str::to_string),
+        }
+    }
+}
+
+impl std::fmt::Display for BootOverride {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "BootSourceOverrideTarget={} BootSourceOverrideEnabled={} BootSourceOverrideMode={}",
+            self.target,
+            self.enabled,
+            self.mode.as_deref().unwrap_or("(absent)")
+        )
+    }
+}
+
+/// The message of a Redfish error body (`error.message`, then the first extended info
+/// message), else the body's first 300 characters.
+fn excerpt(body: &str) -> String {
+    if let Ok(v) = serde_json::from_str::<Value>(body) {
+        let err = &v["error"];
+        let mut parts = Vec::new();
+        if let Some(m) = err["message"].as_str() {
+            parts.push(m.to_string());
+        }
+        if let Some(m) = err["@Message.ExtendedInfo"]
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(|i| i["Message"].as_str().or(i["MessageId"].as_str()))
+        {
+            parts.push(m.to_string());
+        }
+        if !parts.is_empty() {
+            return parts.join(": ");
+        }
+    }
+    let t = body.trim();
+    if t.is_empty() {
+        return "(empty body)".into();
+    }
+    let mut s: String = t.chars().take(300).collect();
+    if t.chars().count() > 300 {
+        s.push('…');
+    }
+    s
+}
+
+#[allow(clippy::too_many_arguments)]
+fn blocking_request(
+    base: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    if_match: Option<String>,
+    auth: &str,
+    timeout: Duration,
+    attempts: u32,
+) -> Result<Answer, RedfishError> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        // Redfish answers do not redirect; a redirect would drop the credentials.
+        .max_redirects(0)
+        .build()
+        .into();
+    let url = format!("{base}{path}");
+    let mut last = String::new();
+    for attempt in 1..=attempts {
+        if attempt > 1 {
+            debug!(bmc = %base, method = method.name(), path, attempt, "Redfish retry");
+            std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
+        }
+        let result = match method {
+            Method::Get => agent
+                .get(&url)
+                .header("Authorization", auth)
+                .header("Accept", "application/json")
+                .call(),
+            Method::Post | Method::Patch => {
+                let b = body.clone().unwrap_or(Value::Null);
+                let mut req = if method == Method::Post {
+                    agent.post(&url)
+                } else {
+                    agent.patch(&url)
+                }
+                .header("Authorization", auth)
+                .header("Accept", "application/json");
+                if let Some(tag) = &if_match {
+                    req = req.header("If-Match", tag);
+                }
+                req.send_json(b)
+            }
+        };
+        match result {
+            Ok(mut resp) => {
+                let status = resp.status().as_u16();
+                let etag = resp
+                    .headers()
+                    .get("ETag")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let text = resp
+                    .body_mut()
+                    .with_config()
+                    .limit(4 << 20)
+                    .read_to_string()
+                    .unwrap_or_default();
+                if status >= 500 && method != Method::Post && attempt < attempts {
+                    last = format!("HTTP {status}");
+                    continue;
+                }
+                return Ok(Answer {
+                    status,
+                    body: text,
+                    etag,
+                });
+            }
+            Err(e) => {
+                let never_connected = matches!(
+                    e,
+                    ureq::Error::ConnectionFailed | ureq::Error::HostNotFound
+                ) || matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
+                last = describe_ureq_error(&e, base);
+                if matches!(e, ureq::Error::HostNotFound | ureq::Error::BadUri(_)) {
+                    break;
+                }
+                if method == Method::Post && !never_connected {
+                    break;
+                }
+            }
+        }
+    }
+    Err(RedfishError::Unreachable {
+        url: base.to_string(),
+        method: method.name(),
+        path: path.to_string(),
+        attempts,
+        reason: last,
+    })
+}
+
+fn describe_ureq_error(e: &ureq::Error, base: &str) -> String {
+    match e {
+        ureq::Error::Timeout(t) => format!("timed out ({t})"),
+        ureq::Error::HostNotFound => "host not found".into(),
+        ureq::Error::ConnectionFailed => "connection failed".into(),
+        ureq::Error::Io(io) => format!("{io}"),
+        other if base.starts_with("https://") => {
+            format!("{other} (https needs ureq's rustls feature, not built into this appliance)")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// `Basic base64(user:password)` (RFC 7617).
+fn basic_auth(user: &str, password: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let input = format!("{user}:{password}");
+    let bytes = input.as_bytes();
+    let mut out = String::with_capacity(6 + bytes.len().div_ceil(3) * 4);
+    out.push_str("Basic ");
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 0x3F) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_auth_matches_rfc_7617() {
+        assert_eq!(
+            basic_auth("Aladdin", "open sesame"),
+            "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+        );
+        assert_eq!(basic_auth("a", "b"), "Basic YTpi");
+        assert_eq!(basic_auth("ab", "c"), "Basic YWI6Yw==");
+    }
+
+    #[test]
+    fn excerpt_prefers_the_redfish_message() {
+        let body = r#"{"error":{"code":"Base.1.0.GeneralError","message":"Power state Bogus is not supported","@Message.ExtendedInfo":[{"MessageId":"Base.1.0.GeneralError"}]}}"#;
+        assert_eq!(
+            excerpt(body),
+            "Power state Bogus is not supported: Base.1.0.GeneralError"
+        );
+        assert_eq!(excerpt(""), "(empty body)");
+        assert_eq!(excerpt(&"x".repeat(400)).chars().count(), 301);
+    }
+
+    #[test]
+    fn params_defaults() {
+        let p: RedfishParams = serde_json::from_str(
+            r#"{"url":"http://127.0.0.1:8000","username":"u","password":"p"}"#,
+        )
+        .unwrap();
+        assert_eq!(p.timeout_ms, 10_000);
+        assert_eq!(p.system_id, None);
+    }
+}

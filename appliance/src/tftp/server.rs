@@ -1,0 +1,691 @@
+//! The tokio side: the listening socket's loop, and one task per transfer with a socket of
+//! its own on an ephemeral port (the server's TID, RFC 1350), driving a
+//! [`Transfer`](super::transfer::Transfer).
+//!
+//! The transfer socket is connected to the client: the kernel drops datagrams from any
+//! other TID (answering them with ICMP port unreachable, where RFC 1350 suggests an ERROR 5
+//! that changes nothing for either side), and a client that closes its port is noticed at
+//! once as `ECONNREFUSED` instead of after every retry.
+//!
+//! All transfers live in a `JoinSet` owned by [`run`]: cancelling `run` ends them all.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::net::UdpSocket;
+use tokio::task::{Id, JoinError, JoinSet};
+
+use super::fs::Root;
+use super::options::{Limits, negotiate};
+use super::packet::{DATA_HEADER_LEN, ErrorCode, Opcode, Packet, Repr, emit_data_header};
+use super::request::{self, Mode, ReadRequest, Refused, netascii};
+use super::transfer::{Expired, Failure, Handled, Params, State, Timing, Transfer, Transmit};
+use super::{Stats, TftpConfig, TftpError, add, bump};
+
+/// Opens the listening socket. Call it inside the tokio runtime.
+pub fn bind(listen: SocketAddr) -> Result<UdpSocket, TftpError> {
+    let err = |source| TftpError::Bind { listen, source };
+    let sock = Socket::new(
+        Domain::for_address(listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )
+    .map_err(err)?;
+    sock.set_reuse_address(true).map_err(err)?;
+    // A boot storm sends hundreds of requests at once: leave room for them (best effort,
+    // the kernel caps it at net.core.rmem_max).
+    let _ = sock.set_recv_buffer_size(1 << 20);
+    sock.set_nonblocking(true).map_err(err)?;
+    sock.bind(&listen.into()).map_err(err)?;
+    UdpSocket::from_std(sock.into()).map_err(err)
+}
+
+/// What every transfer task shares.
+struct Ctx {
+    cfg: TftpConfig,
+    root: Root,
+    stats: Arc<Stats>,
+    /// The listening socket's address; transfer sockets bind the same IP.
+    local_ip: IpAddr,
+}
+
+/// A transfer in progress, to recognise a client's retransmitted request.
+struct Active {
+    id: Id,
+    request: Box<[u8]>,
+    /// Set once the client answered the transfer's socket: from then on it knows our TID,
+    /// and the same request again from the same port is a new transfer.
+    heard: Arc<AtomicBool>,
+}
+
+struct Listener {
+    ctx: Arc<Ctx>,
+    tasks: JoinSet<()>,
+    by_peer: HashMap<SocketAddr, Active>,
+    by_id: HashMap<Id, SocketAddr>,
+}
+
+/// Serves TFTP on `sock` until cancelled (or the socket fails).
+pub async fn run(sock: UdpSocket, cfg: TftpConfig, stats: Arc<Stats>) -> Result<(), TftpError> {
+    cfg.validate()?;
+    let root = Root::new(&cfg.root, cfg.case_insensitive).map_err(|source| TftpError::Root {
+        path: cfg.root.clone(),
+        source,
+    })?;
+    let local_ip = sock
+        .local_addr()
+        .map(|a| a.ip())
+        .unwrap_or_else(|_| cfg.listen.ip());
+    tracing::info!(
+        listen = %sock.local_addr().map_or(cfg.listen, |a| a),
+        root = %root.path().display(),
+        max_block = cfg.max_block,
+        max_window = cfg.max_window,
+        "TFTP serving"
+    );
+    let mut l = Listener {
+        ctx: Arc::new(Ctx {
+            cfg,
+            root,
+            stats,
+            local_ip,
+        }),
+        tasks: JoinSet::new(),
+        by_peer: HashMap::new(),
+        by_id: HashMap::new(),
+    };
+    // Any UDP datagram fits; a request is rarely more than a few hundred bytes.
+    let mut buf = vec![0u8; 65536];
+    loop {
+        tokio::select! {
+            biased;
+            Some(done) = l.tasks.join_next_with_id(), if !l.tasks.is_empty() => l.reap(done),
+            r = sock.recv_from(&mut buf) => match r {
+                Ok((len, peer)) => {
+                    let bytes = buf.get(..len).unwrap_or_default();
+                    l.on_datagram(&sock, bytes, peer).await;
+                }
+                // ICMP errors from earlier sends (not expected on this socket): not fatal.
+                Err(e) if is_transient(&e) => bump(&l.ctx.stats.io_errors),
+                Err(e) => return Err(TftpError::Recv(e)),
+            },
+        }
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+    )
+}
+
+impl Listener {
+    fn reap(&mut self, done: Result<(Id, ()), JoinError>) {
+        let id = match done {
+            Ok((id, ())) => id,
+            Err(e) => {
+                if e.is_panic() {
+                    tracing::error!(error = %e, "TFTP transfer task panicked");
+                }
+                e.id()
+            }
+        };
+        if let Some(peer) = self.by_id.remove(&id)
+            && self.by_peer.get(&peer).is_some_and(|a| a.id == id)
+        {
+            self.by_peer.remove(&peer);
+        }
+    }
+
+    /// Handles one datagram on the listening port.
+    async fn on_datagram(&mut self, sock: &UdpSocket, bytes: &[u8], peer: SocketAddr) {
+        let stats = &self.ctx.stats;
+        let repr = match Repr::parse_bytes(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                bump(&stats.malformed);
+                tracing::debug!(%peer, len = bytes.len(), error = %e, "malformed TFTP datagram");
+                // Answer a broken request so the client stops asking; drop anything else.
+                let op = Packet::new_unchecked(bytes).opcode();
+                if matches!(op, Some(Opcode::Rrq | Opcode::Wrq)) {
+                    send_error(
+                        sock,
+                        peer,
+                        stats,
+                        ErrorCode::IllegalOperation,
+                        "malformed request",
+                    )
+                    .await;
+                }
+                return;
+            }
+        };
+        if matches!(repr, Repr::Rrq(_) | Repr::Wrq(_)) {
+            bump(&stats.requests);
+        }
+        let req = match request::read_request(&repr) {
+            Ok(r) => r,
+            Err(Refused::NotARequest) => {
+                bump(&stats.malformed);
+                tracing::debug!(%peer, opcode = ?repr.opcode(), "not a request on the TFTP port");
+                return;
+            }
+            Err(why) => {
+                bump(&stats.refused);
+                let file = match repr {
+                    Repr::Rrq(r) | Repr::Wrq(r) => String::from_utf8_lossy(r.filename).into_owned(),
+                    _ => String::new(),
+                };
+                tracing::info!(%peer, %file, reason = %why, "TFTP request refused");
+                send_error(sock, peer, stats, why.code(), &why.to_string()).await;
+                return;
+            }
+        };
+        if let Some(a) = self.by_peer.get(&peer)
+            && !a.heard.load(Ordering::Relaxed)
+            && *a.request == *bytes
+        {
+            // The client repeated its request before hearing from us: the transfer under way
+            // answers it (its own retransmission); starting a second would double the load
+            // exactly when the server is slow.
+            bump(&stats.duplicate_requests);
+            tracing::debug!(%peer, file = %req.path, "duplicate TFTP request ignored");
+            return;
+        }
+        if self.tasks.len() >= self.ctx.cfg.max_transfers {
+            bump(&stats.busy);
+            tracing::warn!(%peer, file = %req.path, max = self.ctx.cfg.max_transfers, "TFTP busy: request dropped, the client will ask again");
+            return;
+        }
+        let heard = Arc::new(AtomicBool::new(false));
+        let handle = self
+            .tasks
+            .spawn(serve(self.ctx.clone(), peer, req, heard.clone()));
+        let id = handle.id();
+        self.by_id.insert(id, peer);
+        self.by_peer.insert(
+            peer,
+            Active {
+                id,
+                request: bytes.into(),
+                heard,
+            },
+        );
+    }
+}
+
+/// Sends an ERROR from the listening socket (a request refused before any transfer).
+async fn send_error(
+    sock: &UdpSocket,
+    peer: SocketAddr,
+    stats: &Stats,
+    code: ErrorCode,
+    message: &str,
+) {
+    let Some(bytes) = error_packet(code, message) else {
+        return;
+    };
+    count_error_sent(stats, sock.send_to(&bytes, peer).await);
+}
+
+/// Sends an ERROR to a transfer's client.
+async fn send_transfer_error(sock: &TransferSocket, stats: &Stats, code: ErrorCode, message: &str) {
+    let Some(bytes) = error_packet(code, message) else {
+        return;
+    };
+    count_error_sent(stats, sock.send(&bytes).await);
+}
+
+fn error_packet(code: ErrorCode, message: &str) -> Option<Vec<u8>> {
+    Repr::Error {
+        code,
+        message: message.as_bytes(),
+    }
+    .to_vec()
+    .ok()
+}
+
+fn count_error_sent(stats: &Stats, sent: io::Result<usize>) {
+    match sent {
+        Ok(_) => bump(&stats.errors_sent),
+        Err(e) => {
+            bump(&stats.io_errors);
+            tracing::debug!(error = %e, "cannot send TFTP error");
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TransferError {
+    #[error("cannot open a transfer socket")]
+    Socket(#[source] io::Error),
+    #[error("the client's port is closed")]
+    ClientGone,
+    #[error("send failed")]
+    Send(#[source] io::Error),
+    #[error("receive failed")]
+    Recv(#[source] io::Error),
+    #[error("cannot read the file")]
+    Read(#[source] io::Error),
+    #[error("blocking read task failed")]
+    Join(#[source] JoinError),
+}
+
+/// Keeps `Stats::active` true while a transfer task lives, however it ends.
+struct ActiveGuard<'a>(&'a Stats);
+
+impl<'a> ActiveGuard<'a> {
+    fn new(s: &'a Stats) -> Self {
+        bump(&s.active);
+        Self(s)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One transfer, from opening the file to the last ACK.
+async fn serve(ctx: Arc<Ctx>, peer: SocketAddr, req: ReadRequest, heard: Arc<AtomicBool>) {
+    let stats = &ctx.stats;
+    let _active = ActiveGuard::new(stats);
+    let sock = match TransferSocket::open(ctx.local_ip, peer) {
+        Ok(s) => s,
+        Err(e) => {
+            bump(&stats.io_errors);
+            tracing::warn!(%peer, file = %req.path, error = %error_chain(&e), "TFTP transfer not started");
+            return;
+        }
+    };
+    let opened = {
+        let ctx = ctx.clone();
+        let path = req.path.clone();
+        tokio::task::spawn_blocking(move || open_body(&ctx.root, &path, req.mode)).await
+    };
+    let (body, size, real) = match opened {
+        Ok(Ok(o)) => o,
+        Ok(Err(why)) => {
+            bump(&stats.refused);
+            tracing::info!(%peer, file = %req.path, reason = %why, "TFTP request refused");
+            send_transfer_error(&sock, stats, why.code(), &why.to_string()).await;
+            return;
+        }
+        Err(e) => {
+            bump(&stats.io_errors);
+            tracing::error!(%peer, file = %req.path, error = %e, "TFTP open task failed");
+            return;
+        }
+    };
+    let cfg = &ctx.cfg;
+    let neg = negotiate(
+        &req.options,
+        Limits {
+            max_block: cfg.max_block,
+            max_window: cfg.max_window,
+        },
+        size,
+    );
+    let oack = neg.oack.as_ref().and_then(|w| {
+        Repr::Oack {
+            options: w.options(),
+        }
+        .to_vec()
+        .ok()
+    });
+    let params = Params {
+        block_size: neg.block_size,
+        window: neg.window,
+        size,
+        oack: oack.is_some(),
+        timing: Timing {
+            initial: neg.timeout.unwrap_or(cfg.timeout),
+            max_interval: cfg.max_timeout,
+            retries: cfg.retries,
+        },
+    };
+    let started = Instant::now();
+    let mut t = Transfer::new(params, started);
+    bump(&stats.transfers_started);
+    tracing::info!(
+        %peer,
+        file = %req.path,
+        path = %real.display(),
+        size,
+        blksize = neg.block_size,
+        windowsize = neg.window,
+        mode = ?req.mode,
+        ignored = ?req.options.ignored,
+        "TFTP transfer started"
+    );
+    let mut reader = Reader::new(body, size, neg.block_size, neg.window);
+    let mut counts = Counts::default();
+    let result = drive(
+        &sock,
+        &mut t,
+        &mut reader,
+        oack.as_deref(),
+        &heard,
+        stats,
+        &mut counts,
+    )
+    .await;
+    let secs = started.elapsed().as_secs_f64();
+    let retransmits = counts.retransmits;
+    let file = &req.path;
+    match (result, t.state()) {
+        (Ok(()), State::Done) => {
+            bump(&stats.transfers_completed);
+            tracing::info!(%peer, %file, size, retransmits, secs, "TFTP transfer completed");
+        }
+        (Ok(()), State::Failed(Failure::TimedOut)) => {
+            bump(&stats.transfers_failed);
+            bump(&stats.timeouts);
+            tracing::warn!(%peer, %file, acked_blocks = t.acked(), retransmits, secs, "TFTP transfer timed out: client dropped");
+        }
+        (Ok(()), State::Failed(Failure::ClientError(code))) => {
+            bump(&stats.transfers_failed);
+            // EDK2 refuses the OACK of its size probe on purpose: not worth a warning.
+            tracing::info!(%peer, %file, ?code, acked_blocks = t.acked(), "TFTP transfer ended by the client");
+        }
+        (Ok(()), State::Running) => {
+            // `drive` returns only once the transfer has ended; counted in case it changes.
+            bump(&stats.transfers_failed);
+        }
+        (Err(e), _) => {
+            bump(&stats.transfers_failed);
+            tracing::warn!(%peer, %file, error = %error_chain(&e), acked_blocks = t.acked(), "TFTP transfer failed");
+        }
+    }
+}
+
+/// An error with its causes, for one log field.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Per-transfer tallies for the final log line.
+#[derive(Debug, Default)]
+struct Counts {
+    retransmits: u64,
+}
+
+/// A transfer's socket: connected to the client, registered for read readiness only.
+///
+/// tokio's `UdpSocket` registers for write readiness too, and on Linux every datagram the
+/// client consumes frees send-buffer space and fires an EPOLLOUT edge: a spurious wakeup
+/// per packet sent, which in lock-step doubles the wakeups per block. Here sends go straight
+/// to the socket; only when the send buffer is full (large blocks in large windows) is write
+/// readiness awaited, through a short-lived registration of a duplicate descriptor.
+struct TransferSocket {
+    io: AsyncFd<std::net::UdpSocket>,
+}
+
+impl TransferSocket {
+    fn open(local_ip: IpAddr, peer: SocketAddr) -> Result<Self, TransferError> {
+        let ip = match (local_ip.is_unspecified(), peer) {
+            (false, _) => local_ip,
+            (true, SocketAddr::V4(_)) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            (true, SocketAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        let open = || -> io::Result<Self> {
+            let sock = std::net::UdpSocket::bind((ip, 0))?;
+            sock.connect(peer)?;
+            sock.set_nonblocking(true)?;
+            // SAFETY: the `UdpSocket` owns its descriptor, which stays open and the same
+            // until the `AsyncFd` (its only owner) is dropped.
+            let io = unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE)? };
+            Ok(Self { io })
+        };
+        open().map_err(TransferError::Socket)
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut ready = self.io.readable().await?;
+            if let Ok(r) = ready.try_io(|s| s.get_ref().recv(buf)) {
+                return r;
+            }
+        }
+    }
+
+    async fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.io.get_ref().send(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Registering reports the current state, so space freed in between is
+                    // not missed.
+                    let dup = self.io.get_ref().try_clone()?;
+                    // SAFETY: as in `open`: `dup` owns its descriptor until `w` drops it.
+                    let w = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE)? };
+                    drop(w.writable().await?);
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Sends what the state machine asks, waits for a packet or its deadline, repeats.
+async fn drive(
+    sock: &TransferSocket,
+    t: &mut Transfer,
+    reader: &mut Reader,
+    oack: Option<&[u8]>,
+    heard: &AtomicBool,
+    stats: &Stats,
+    counts: &mut Counts,
+) -> Result<(), TransferError> {
+    let mut out = vec![0u8; DATA_HEADER_LEN + usize::from(t.params().block_size)];
+    // Clients send ACKs and ERRORs only; a longer datagram is cut and still parses.
+    let mut inbuf = vec![0u8; 1024];
+    let Some(first) = t.deadline() else {
+        return Ok(());
+    };
+    let mut armed = first;
+    let mut sleep = pin!(tokio::time::sleep_until(armed.into()));
+    loop {
+        while let Some(tx) = t.poll_transmit() {
+            let sent = match tx {
+                Transmit::Oack { retransmit } => {
+                    count_packet(stats, counts, retransmit);
+                    sock.send(oack.unwrap_or_default()).await
+                }
+                Transmit::Data {
+                    block,
+                    offset,
+                    len,
+                    retransmit,
+                } => {
+                    let data = reader.read(offset, len).await?;
+                    let end = DATA_HEADER_LEN + len;
+                    let Some(payload) = out.get_mut(DATA_HEADER_LEN..end) else {
+                        return Err(TransferError::Read(io::ErrorKind::InvalidData.into()));
+                    };
+                    payload.copy_from_slice(data);
+                    if emit_data_header(&mut out, block).is_err() {
+                        return Err(TransferError::Read(io::ErrorKind::InvalidData.into()));
+                    }
+                    count_packet(stats, counts, retransmit);
+                    add(&stats.bytes_sent, len as u64);
+                    sock.send(out.get(..end).unwrap_or_default()).await
+                }
+                Transmit::Error { code, message } => {
+                    send_transfer_error(sock, stats, code, message).await;
+                    Ok(0)
+                }
+            };
+            if let Err(e) = sent {
+                return Err(socket_error(e, stats, TransferError::Send));
+            }
+        }
+        let Some(deadline) = t.deadline() else {
+            return Ok(());
+        };
+        // Re-arming the timer on every ACK costs a timer-wheel update; only move it earlier
+        // here, and let a timer that fires early re-arm itself below.
+        if deadline < armed {
+            armed = deadline;
+            sleep.as_mut().reset(armed.into());
+        }
+        tokio::select! {
+            r = sock.recv(&mut inbuf) => {
+                let n = r.map_err(|e| socket_error(e, stats, TransferError::Recv))?;
+                let Ok(repr) = Repr::parse_bytes(inbuf.get(..n).unwrap_or_default()) else {
+                    bump(&stats.malformed);
+                    continue;
+                };
+                heard.store(true, Ordering::Relaxed);
+                match t.on_packet(&repr, Instant::now()) {
+                    Handled::Aborted(_) => bump(&stats.errors_received),
+                    Handled::Ignored(why) => tracing::trace!(?why, "TFTP packet ignored"),
+                    Handled::Advanced(_) | Handled::Completed => {}
+                }
+            }
+            () = &mut sleep => {
+                match t.on_timeout(Instant::now()) {
+                    Expired::Retransmit { tries, next } => tracing::debug!(tries, next_ms = next.as_millis() as u64, acked_blocks = t.acked(), "TFTP retransmit"),
+                    Expired::NotYet | Expired::GaveUp | Expired::Finished => {}
+                }
+                if let Some(d) = t.deadline() {
+                    armed = d;
+                    sleep.as_mut().reset(armed.into());
+                }
+            }
+        }
+    }
+}
+
+fn count_packet(stats: &Stats, counts: &mut Counts, retransmit: bool) {
+    bump(&stats.packets_sent);
+    if retransmit {
+        bump(&stats.retransmits);
+        counts.retransmits += 1;
+    }
+}
+
+fn socket_error(
+    e: io::Error,
+    stats: &Stats,
+    wrap: fn(io::Error) -> TransferError,
+) -> TransferError {
+    if e.kind() == io::ErrorKind::ConnectionRefused {
+        // ICMP port unreachable: the client has gone; no point retrying.
+        return TransferError::ClientGone;
+    }
+    bump(&stats.io_errors);
+    wrap(e)
+}
+
+/// What a transfer sends: a file read in chunks, or bytes in memory (netascii now,
+/// generated per-machine files later).
+enum Body {
+    File(Arc<File>),
+    Memory(Arc<[u8]>),
+}
+
+fn open_body(root: &Root, path: &str, mode: Mode) -> Result<(Body, u64, PathBuf), Refused> {
+    let opened = root.open(path)?;
+    match mode {
+        Mode::Octet => Ok((Body::File(Arc::new(opened.file)), opened.len, opened.path)),
+        Mode::Netascii => {
+            if opened.len > netascii::MAX_LEN {
+                return Err(Refused::NetasciiTooLarge);
+            }
+            let mut raw = Vec::new();
+            let mut file = opened.file;
+            file.read_to_end(&mut raw)
+                .map_err(|_| Refused::Unreadable)?;
+            let text: Arc<[u8]> = netascii::encode(&raw).into();
+            Ok((Body::Memory(text.clone()), text.len() as u64, opened.path))
+        }
+    }
+}
+
+/// Reads file blocks through a buffer of whole blocks, refilled on the blocking pool. The
+/// state machine only asks from the oldest unacknowledged block onward, and a refill
+/// starts there, so retransmitting a window never reads twice.
+struct Reader {
+    body: Body,
+    size: u64,
+    chunk: usize,
+    start: u64,
+    buf: Vec<u8>,
+}
+
+/// Per-transfer read-ahead; a whole window always fits.
+const READ_AHEAD: usize = 128 << 10;
+
+impl Reader {
+    fn new(body: Body, size: u64, block_size: u16, window: u16) -> Self {
+        let bs = usize::from(block_size.max(1));
+        let blocks = (READ_AHEAD / bs).max(usize::from(window)).max(1);
+        Self {
+            body,
+            size,
+            chunk: blocks * bs,
+            start: 0,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn read(&mut self, offset: u64, len: usize) -> Result<&[u8], TransferError> {
+        let changed = || TransferError::Read(io::ErrorKind::UnexpectedEof.into());
+        if len == 0 {
+            return Ok(&[]);
+        }
+        let file = match &self.body {
+            Body::Memory(m) => {
+                let from = usize::try_from(offset).map_err(|_| changed())?;
+                return m.get(from..from + len).ok_or_else(changed);
+            }
+            Body::File(f) => f.clone(),
+        };
+        let end = offset + len as u64;
+        if offset < self.start || end > self.start + self.buf.len() as u64 {
+            let want = self.size.saturating_sub(offset).min(self.chunk as u64);
+            let want = usize::try_from(want).map_err(|_| changed())?.max(len);
+            let mut buf = std::mem::take(&mut self.buf);
+            let (res, buf) = tokio::task::spawn_blocking(move || {
+                buf.resize(want, 0);
+                let res = file.read_exact_at(&mut buf, offset);
+                (res, buf)
+            })
+            .await
+            .map_err(TransferError::Join)?;
+            self.buf = buf;
+            self.start = offset;
+            if let Err(e) = res {
+                self.buf.clear();
+                // A shorter file than at open time: it changed under us.
+                return Err(TransferError::Read(e));
+            }
+        }
+        let from = usize::try_from(offset - self.start).map_err(|_| changed())?;
+        self.buf.get(from..from + len).ok_or_else(changed)
+    }
+}

@@ -1,0 +1,435 @@
+//! The real `stork serve` on loopback with a temporary data directory (DHCP off), and a
+//! small HTTP client for it. The server dies with the test: killed on drop, and
+//! `PR_SET_PDEATHSIG` (via `stork_lab::Spawned`) if the test process itself is killed.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use stork::lifecycle::{Event, Status, transition};
+use stork_lab::{Spawned, wait_for};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_stork");
+
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    /// An admin token made with `stork token create` before the first start.
+    pub token: String,
+    extra_config: String,
+    extra_args: Vec<String>,
+    env: Vec<(String, String)>,
+    process: Option<Spawned>,
+    /// Starts so far; each writes its own log file.
+    pub starts: u32,
+}
+
+/// A port nobody listens on right now (the OS picks it; we release it for the server).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+pub struct Options<'a> {
+    /// Extra TOML for the config file, e.g. a `[lifecycle]` table.
+    pub config: &'a str,
+    pub args: &'a [&'a str],
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Self {
+            config: "[lifecycle]\ncheck_interval = 1\n",
+            args: &[],
+            env: &[],
+        }
+    }
+}
+
+impl Server {
+    pub fn start(opts: Options<'_>) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("stork-test-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("data/boot")).expect("data dir");
+        let out = Command::new(BIN)
+            .args(["token", "create", "--description", "test", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .output()
+            .expect("stork token create");
+        assert!(out.status.success(), "stork token create: {out:?}");
+        let token = String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_string();
+        let mut s = Server {
+            dir,
+            port: 0,
+            token,
+            extra_config: opts.config.to_string(),
+            extra_args: opts.args.iter().map(|s| s.to_string()).collect(),
+            env: opts
+                .env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            process: None,
+            starts: 0,
+        };
+        // Another test may grab the port between our probe and the server's bind: retry.
+        let mut last = None;
+        for _ in 0..5 {
+            s.port = free_port();
+            match s.spawn() {
+                Ok(()) => return s,
+                Err(e) => last = Some(e),
+            }
+        }
+        panic!("stork serve did not start: {:?}", last);
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn log_path(&self, n: u32) -> PathBuf {
+        self.dir.path().join(format!("stork-{n}.log"))
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let config = self.dir.path().join("stork.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\n{}\n[http]\nlisten = \"127.0.0.1\"\nport = {}\n\n[dhcp]\nmode = \"off\"\n",
+                self.data_dir(),
+                self.extra_config,
+                self.port
+            ),
+        )?;
+        self.starts += 1;
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info,stork=debug");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let log = self.log_path(self.starts);
+        let mut p = Spawned::start("stork", cmd, &log)?;
+        let api = Api::new(&self.base());
+        let ready = wait_for(
+            "the API to answer",
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            || {
+                if let Some(st) = p.exited() {
+                    bail!("stork serve exited ({st}):\n{}", p.log_tail(30));
+                }
+                Ok(api
+                    .try_req("GET", "/openapi.json", None, None)
+                    .ok()
+                    .filter(|r| r.status == 200))
+            },
+        );
+        match ready {
+            Ok(_) => {
+                self.process = Some(p);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// SIGKILL, as a power cut would (no shutdown handler runs).
+    pub fn kill(&mut self) {
+        // Spawned's drop sends SIGKILL and reaps the child.
+        self.process = None;
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn()
+            .context("restart")
+            .expect("stork serve restarts");
+    }
+
+    /// Every start's log, concatenated.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| std::fs::read_to_string(self.log_path(n)).unwrap_or_default())
+            .collect()
+    }
+
+    pub fn api(&self) -> Api {
+        Api::new(&self.base())
+    }
+
+    /// Writes `DATA_DIR/boot/<rel>` and returns its size and sha256 (hex).
+    pub fn boot_file(&self, rel: &str, content: &[u8]) -> (u64, String) {
+        use sha2::Digest;
+        let path = self.data_dir().join("boot").join(rel);
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p).expect("boot subdir");
+        }
+        std::fs::write(&path, content).expect("boot file");
+        (
+            content.len() as u64,
+            hex::encode(sha2::Sha256::digest(content)),
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let lines: Vec<&str> = logs.lines().collect();
+            eprintln!(
+                "---- stork serve log (last 60 lines) ----\n{}",
+                lines[lines.len().saturating_sub(60)..].join("\n")
+            );
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub text: String,
+    /// The body as JSON (Null when it is not JSON).
+    pub body: Value,
+}
+
+impl Resp {
+    /// The error code of a `{code, message}` body.
+    pub fn code(&self) -> &str {
+        self.body["code"].as_str().unwrap_or("")
+    }
+    pub fn message(&self) -> &str {
+        self.body["message"].as_str().unwrap_or("")
+    }
+    #[track_caller]
+    pub fn ok(self) -> Value {
+        assert!(
+            (200..300).contains(&self.status),
+            "expected success, got {}: {}",
+            self.status,
+            self.text
+        );
+        self.body
+    }
+}
+
+pub enum Body<'a> {
+    Json(&'a Value),
+    /// Sent as-is with `Content-Type: application/json`.
+    Raw(&'a str),
+}
+
+#[derive(Clone)]
+pub struct Api {
+    agent: ureq::Agent,
+    base: String,
+}
+
+impl Api {
+    pub fn new(base: &str) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            // A fresh connection per request: the server may close a connection after
+            // answering without reading the body (401, 403), and a pooled one would then fail
+            // the next request.
+            .max_idle_connections(0)
+            .build()
+            .into();
+        Self {
+            agent,
+            base: base.to_string(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        if path.starts_with("/ipxe/") || path.starts_with("/boot/") || path.starts_with("/api/") {
+            format!("{}{path}", self.base)
+        } else {
+            format!("{}/api/v1{path}", self.base)
+        }
+    }
+
+    /// One request; `Err` only when there is no HTTP answer (connection refused, reset...).
+    pub fn try_req(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Body<'_>>,
+    ) -> Result<Resp, ureq::Error> {
+        let url = self.url(path);
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let resp = match method {
+            "GET" | "DELETE" => {
+                let mut r = if method == "GET" {
+                    self.agent.get(&url)
+                } else {
+                    self.agent.delete(&url)
+                };
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+            "POST" => {
+                let mut r = self.agent.post(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                match body {
+                    Some(Body::Json(v)) => r.send_json(v),
+                    Some(Body::Raw(s)) => r.content_type("application/json").send(s),
+                    None => r.send_empty(),
+                }
+            }
+            other => panic!("method {other}"),
+        };
+        let mut resp = resp?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string()?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Ok(Resp { status, text, body })
+    }
+
+    /// Opens an SSE stream and returns the JSON of its first `data:` line.
+    pub fn first_streamed(&self, path: &str, token: &str) -> Value {
+        use std::io::BufRead;
+        let resp = self
+            .agent
+            .get(&self.url(path))
+            .header("Authorization", format!("Bearer {token}"))
+            .call()
+            .expect("event stream");
+        assert_eq!(resp.status(), 200, "GET {path}");
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        for line in reader.lines() {
+            let line = line.expect("stream line");
+            if let Some(data) = line.strip_prefix("data:") {
+                return serde_json::from_str(data.trim()).expect("event JSON");
+            }
+        }
+        panic!("the event stream ended without an event");
+    }
+
+    #[track_caller]
+    pub fn get(&self, path: &str, token: Option<&str>) -> Resp {
+        self.try_req("GET", path, token, None)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    #[track_caller]
+    pub fn post(&self, path: &str, token: Option<&str>, body: &Value) -> Resp {
+        self.try_req("POST", path, token, Some(Body::Json(body)))
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    #[track_caller]
+    pub fn post_raw(&self, path: &str, token: Option<&str>, body: &str) -> Resp {
+        self.try_req("POST", path, token, Some(Body::Raw(body)))
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    #[track_caller]
+    pub fn post_empty(&self, path: &str, token: Option<&str>) -> Resp {
+        self.try_req("POST", path, token, None)
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    #[track_caller]
+    pub fn delete(&self, path: &str, token: Option<&str>) -> Resp {
+        self.try_req("DELETE", path, token, None)
+            .unwrap_or_else(|e| panic!("DELETE {path}: {e}"))
+    }
+}
+
+/// The per-boot agent token from a boot script's kernel line (`stork.token=...`), with the
+/// machine id it names (`stork.machine=...`).
+pub fn script_identity(script: &str) -> Option<(String, String)> {
+    let kernel = script.lines().find(|l| l.starts_with("kernel "))?;
+    let arg = |key: &str| {
+        kernel
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_string)
+    };
+    Some((
+        arg(stork_proto::cmdline::MACHINE)?,
+        arg(stork_proto::cmdline::TOKEN)?,
+    ))
+}
+
+/// An inventory as the agent posts it: `cpus` CPUs, `mem_gib` GiB, one disk of `disk_gib`.
+pub fn inventory(boot_mac: &str, cpus: u32, mem_gib: u64, disk_gib: u64) -> Value {
+    json!({
+        "cpu": {"model": "QEMU Virtual CPU", "count": cpus},
+        "memory": {"total_bytes": mem_gib << 30, "usable_bytes": (mem_gib << 30) - (64 << 20)},
+        "disks": [{"name": "vda", "size_bytes": disk_gib << 30, "model": null, "serial": "d1", "rotational": false}],
+        "nics": [{"name": "ens3", "mac": boot_mac, "driver": "virtio_net", "link": true, "speed_mbps": 1000}],
+        "dmi": {"sys_vendor": "QEMU", "product_name": "Standard PC", "product_serial": null,
+                "product_uuid": null, "bios_vendor": "SeaBIOS", "bios_version": "1.16"},
+        "firmware": "bios",
+        "kernel": "6.1.0-test",
+    })
+}
+
+/// A distinct locally administered MAC for test machine `n`.
+pub fn mac(n: u32) -> String {
+    let b = n.to_be_bytes();
+    format!("52:54:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
+}
+
+/// Whether the table has an edge `from -> to` (for any event, commissioned or not).
+pub fn legal_edge(from: Status, to: Status) -> bool {
+    Event::ALL.iter().any(|e| {
+        [true, false]
+            .iter()
+            .any(|c| transition(from, *e, *c).is_ok_and(|s| s.to == to))
+    })
+}
+
+/// The statuses a machine went through according to its events (the creation's `new` first),
+/// checking that the chain is unbroken and every step is an edge of the table.
+pub fn status_history(events: &[Value]) -> Result<Vec<Status>, String> {
+    let parse = |v: &Value| v.as_str().and_then(Status::parse);
+    let mut out: Vec<Status> = Vec::new();
+    for e in events {
+        let Some(new) = parse(&e["new_status"]) else {
+            if !e["new_status"].is_null() {
+                return Err(format!("event with an unknown status: {e}"));
+            }
+            continue;
+        };
+        let old = parse(&e["old_status"]);
+        match (out.last(), old) {
+            (None, None) if new == Status::New => {}
+            (Some(&prev), Some(old)) if prev == old && legal_edge(old, new) => {}
+            _ => return Err(format!("illegal or broken chain at {e} after {out:?}")),
+        }
+        out.push(new);
+    }
+    Ok(out)
+}

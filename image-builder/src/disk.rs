@@ -1,0 +1,502 @@
+//! Raw GPT disk images built in a sparse file, without mounts or loop devices:
+//!
+//! | # | name | type | size | content |
+//! |---|---|---|---|---|
+//! | 1 | `bios` | BIOS boot (EF02) | 1 MiB at 1 MiB | GRUB core.img (i386-pc) |
+//! | 2 | `esp` | EFI system (EF00) | `esp_mib` | FAT32: `EFI/BOOT/BOOTX64.EFI` (GRUB x86_64-efi) |
+//! | 3 | `root` | Linux root x86-64 (8304) | the rest | ext4 from the root tree |
+//!
+//! The GPT is ours ([`crate::gpt`]); `mkfs.vfat --offset` and mtools' `file@@offset` write the
+//! ESP in place; `mke2fs -E offset= -d TREE` writes and fills the root file system in place;
+//! GRUB's boot sector and core.img are patched in ([`crate::grub`]). The root partition is
+//! last so it can grow to the end of whatever disk the image is written to.
+//!
+//! The root file system's UUID, the ESP's volume id and the GPT GUIDs are derived from the
+//! tree's key, so a rebuild of the same tree gets the same identifiers.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::cmd::{self, CmdError};
+use crate::gpt::{Gpt, GptError, Guid, Partition, SECTOR};
+use crate::grub::{self, GrubError};
+use crate::manifest::{self, HashingWriter, PartitionInfo};
+
+const MIB: u64 = 1024 * 1024;
+const SECTORS_PER_MIB: u64 = MIB / SECTOR;
+pub const ROOT_PARTITION: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("partition table")]
+    Gpt(#[from] GptError),
+    #[error("GRUB images")]
+    Grub(#[from] GrubError),
+    #[error("core.img is {len} bytes; the BIOS boot partition holds {room}")]
+    CoreTooBig { len: usize, room: u64 },
+    #[error(transparent)]
+    Tool(#[from] CmdError),
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DiskError + '_ {
+    move |source| DiskError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Partition boundaries in 512-byte sectors (inclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub sectors: u64,
+    pub bios: (u64, u64),
+    pub esp: (u64, u64),
+    pub root: (u64, u64),
+}
+
+impl Layout {
+    pub fn new(size_mib: u64, esp_mib: u64) -> Self {
+        let sectors = size_mib * SECTORS_PER_MIB;
+        let bios = (SECTORS_PER_MIB, 2 * SECTORS_PER_MIB - 1);
+        let esp = (bios.1 + 1, bios.1 + esp_mib * SECTORS_PER_MIB);
+        // Up to the last whole MiB before the 33 sectors of backup GPT (aligned ends keep
+        // partitioning tools quiet; the partition grows at deploy anyway).
+        let root = (
+            esp.1 + 1,
+            (sectors - 33) / SECTORS_PER_MIB * SECTORS_PER_MIB - 1,
+        );
+        Self {
+            sectors,
+            bios,
+            esp,
+            root,
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.sectors * SECTOR
+    }
+}
+
+/// Identifiers of the file systems and the partition table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ids {
+    /// ext4 UUID, lowercase text.
+    pub root_uuid: String,
+    /// FAT volume id.
+    pub esp_id: u32,
+    pub disk_guid: Guid,
+    pub partition_guids: [Guid; 3],
+}
+
+impl Ids {
+    /// Derived from `seed` (the tree key): stable across rebuilds, different between trees.
+    pub fn derive(seed: &str) -> Self {
+        let bytes = |label: &str| -> [u8; 16] {
+            let d = Sha256::digest(format!("stork-image {label} {seed}").as_bytes());
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&d[..16]);
+            // RFC 4122 version 4 and variant bits, so tools treat them as ordinary random ids.
+            b[6] = (b[6] & 0x0f) | 0x40;
+            b[8] = (b[8] & 0x3f) | 0x80;
+            b
+        };
+        let root = bytes("root-fs");
+        let esp = bytes("esp-fs");
+        Self {
+            root_uuid: uuid_text(root),
+            esp_id: u32::from_be_bytes([esp[0], esp[1], esp[2], esp[3]]),
+            disk_guid: Guid::from_big_endian(bytes("disk")),
+            partition_guids: [
+                Guid::from_big_endian(bytes("part-bios")),
+                Guid::from_big_endian(bytes("part-esp")),
+                Guid::from_big_endian(bytes("part-root")),
+            ],
+        }
+    }
+
+    /// The ESP's id as blkid and fstab write it.
+    pub fn esp_text(&self) -> String {
+        format!("{:04X}-{:04X}", self.esp_id >> 16, self.esp_id & 0xffff)
+    }
+}
+
+fn uuid_text(b: [u8; 16]) -> String {
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// The partition table for `layout`.
+pub fn gpt(layout: &Layout, ids: &Ids) -> Result<Gpt, DiskError> {
+    let part = |type_guid: &str, guid: Guid, (first, last): (u64, u64), name: &str| {
+        Ok::<_, GptError>(Partition {
+            type_guid: Guid::parse(type_guid)?,
+            guid,
+            first_lba: first,
+            last_lba: last,
+            attributes: 0,
+            name: name.to_owned(),
+        })
+    };
+    Ok(Gpt {
+        disk_guid: ids.disk_guid,
+        sectors: layout.sectors,
+        partitions: vec![
+            part(Guid::BIOS_BOOT, ids.partition_guids[0], layout.bios, "bios")?,
+            part(Guid::ESP, ids.partition_guids[1], layout.esp, "esp")?,
+            part(
+                Guid::LINUX_ROOT_X86_64,
+                ids.partition_guids[2],
+                layout.root,
+                "root",
+            )?,
+        ],
+    })
+}
+
+/// The partitions as the manifest lists them.
+pub fn partition_info(table: &Gpt) -> Vec<PartitionInfo> {
+    table
+        .partitions
+        .iter()
+        .zip(1u32..)
+        .map(|(p, number)| PartitionInfo {
+            number,
+            name: p.name.clone(),
+            type_guid: p.type_guid.to_text(),
+            guid: p.guid.to_text(),
+            first_lba: p.first_lba,
+            last_lba: p.last_lba,
+        })
+        .collect()
+}
+
+/// GRUB pieces, all from the image's own GRUB.
+pub struct Bootloader<'a> {
+    pub boot_img: &'a [u8],
+    pub core_img: &'a [u8],
+    /// Written to `EFI/BOOT/BOOTX64.EFI` on the ESP.
+    pub efi_image: &'a Path,
+}
+
+/// Builds the raw image at `raw` from `tree`.
+pub fn build_raw(
+    raw: &Path,
+    tree: &Path,
+    layout: &Layout,
+    ids: &Ids,
+    boot: &Bootloader<'_>,
+    epoch: u64,
+) -> Result<Gpt, DiskError> {
+    let table = gpt(layout, ids)?;
+    let room = (layout.bios.1 - layout.bios.0 + 1) * SECTOR;
+    if boot.core_img.len() as u64 > room {
+        return Err(DiskError::CoreTooBig {
+            len: boot.core_img.len(),
+            room,
+        });
+    }
+    {
+        let mut f = File::create(raw).map_err(io_err(raw))?;
+        // Sparse: only what is written takes space.
+        f.set_len(layout.bytes()).map_err(io_err(raw))?;
+        table.write(&mut f)?;
+    }
+
+    // ESP: FAT32 (UEFI's required format) with 512-byte clusters, fixed volume id.
+    let esp_offset = layout.esp.0 * SECTOR;
+    let esp_kib = (layout.esp.1 - layout.esp.0 + 1) * SECTOR / 1024;
+    cmd::run(
+        cmd::clean("mkfs.vfat")
+            .args(["-F", "32", "-s", "1", "-n", "EFI", "--invariant"])
+            .arg("-i")
+            .arg(format!("{:08X}", ids.esp_id))
+            .arg(format!("--offset={}", layout.esp.0))
+            .arg("-h")
+            .arg(layout.esp.0.to_string())
+            .arg(raw)
+            .arg(esp_kib.to_string()),
+    )?;
+    let esp = format!("{}@@{esp_offset}", raw.display());
+    let mtools = |program: &str| {
+        let mut c = cmd::clean(program);
+        c.env("MTOOLS_SKIP_CHECK", "1").arg("-i").arg(&esp);
+        c
+    };
+    cmd::run(mtools("mmd").args(["::/EFI", "::/EFI/BOOT"]))?;
+    cmd::run(
+        mtools("mcopy")
+            .arg("-m")
+            .arg(boot.efi_image)
+            .arg("::/EFI/BOOT/BOOTX64.EFI"),
+    )?;
+
+    // Root: ext4 filled from the tree. The tree's own mke2fs.conf decides the feature set, so
+    // the file system is one its kernel, e2fsck and GRUB were built for.
+    let root_offset = layout.root.0 * SECTOR;
+    let root_blocks = (layout.root.1 - layout.root.0 + 1) * SECTOR / 4096;
+    let mut mke2fs = cmd::clean("mke2fs");
+    let conf = tree.join("etc/mke2fs.conf");
+    if conf.is_file() {
+        mke2fs.env("MKE2FS_CONFIG", &conf);
+    }
+    cmd::run(
+        mke2fs
+            .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", "root"])
+            .arg("-U")
+            .arg(&ids.root_uuid)
+            .arg("-E")
+            .arg(format!("offset={root_offset},hash_seed={}", ids.root_uuid))
+            .arg("-d")
+            .arg(tree)
+            .arg(raw)
+            .arg(root_blocks.to_string()),
+    )?;
+
+    // BIOS: boot.img into sector 0 around the protective MBR, core.img into partition 1.
+    let mut f = File::options()
+        .read(true)
+        .write(true)
+        .open(raw)
+        .map_err(io_err(raw))?;
+    let mut mbr = [0u8; 512];
+    f.read_exact(&mut mbr).map_err(io_err(raw))?;
+    let sector0 = grub::boot_sector(boot.boot_img, &mbr, layout.bios.0)?;
+    let core = grub::embed_core(boot.core_img, layout.bios.0)?;
+    f.seek(SeekFrom::Start(0)).map_err(io_err(raw))?;
+    f.write_all(&sector0).map_err(io_err(raw))?;
+    f.seek(SeekFrom::Start(layout.bios.0 * SECTOR))
+        .map_err(io_err(raw))?;
+    f.write_all(&core).map_err(io_err(raw))?;
+    f.sync_all().map_err(io_err(raw))?;
+    Ok(table)
+}
+
+/// Compresses `raw` to `out` as a sequence of zstd frames: the file's data extents
+/// (SEEK_DATA/SEEK_HOLE) compressed at `level`, and its holes as frames of RLE blocks written
+/// here, a few bytes per 128 KiB (zstd at level 6 spends about 3 s per GiB on zeros, and a 3 GiB
+/// image is mostly holes). Any zstd reader decodes the concatenation; decompressed, it is the
+/// raw image byte for byte. Returns size and SHA-256 of `out`.
+pub fn compress(raw: &Path, out: &Path, level: i32) -> Result<(u64, String), DiskError> {
+    let tmp = manifest::tmp_path(out);
+    let result = (|| {
+        let mut src = File::open(raw).map_err(io_err(raw))?;
+        let len = src.metadata().map_err(io_err(raw))?.len();
+        let extents = data_extents(&src, len).map_err(io_err(raw))?;
+        let file = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0;
+        for (start, end) in extents {
+            zero_frame(&mut w, start - pos).map_err(io_err(&tmp))?;
+            let mut enc = zstd::Encoder::new(&mut w, level).map_err(io_err(&tmp))?;
+            enc.include_checksum(true).map_err(io_err(&tmp))?;
+            enc.set_pledged_src_size(Some(end - start))
+                .map_err(io_err(&tmp))?;
+            src.seek(SeekFrom::Start(start)).map_err(io_err(raw))?;
+            let mut left = end - start;
+            while left > 0 {
+                let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                src.read_exact(&mut buf[..n]).map_err(io_err(raw))?;
+                enc.write_all(&buf[..n]).map_err(io_err(&tmp))?;
+                left -= n as u64;
+            }
+            enc.finish().map_err(io_err(&tmp))?;
+            pos = end;
+        }
+        zero_frame(&mut w, len - pos).map_err(io_err(&tmp))?;
+        let (buffered, size, sha) = w.finish();
+        let file = buffered.into_inner().map_err(|e| DiskError::Io {
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(io_err(&tmp))?;
+        fs::rename(&tmp, out).map_err(io_err(out))?;
+        Ok((size, sha))
+    })();
+    if result.is_err() {
+        // Best effort: the error being returned matters more than a stray temporary file.
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Holes shorter than this are compressed with the data around them: fewer, larger frames.
+const MIN_HOLE: u64 = 1 << 20;
+
+/// The data extents of `f` (start, end), holes shorter than [`MIN_HOLE`] merged into them.
+/// Where the file system cannot tell, the whole file is one extent.
+fn data_extents(f: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let seek = |off: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        let off =
+            libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: lseek on a file descriptor we own; it reads no memory of ours.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+        if r >= 0 {
+            return Ok(u64::try_from(r).ok());
+        }
+        let e = io::Error::last_os_error();
+        // ENXIO: no data at or after `off`.
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut off = 0;
+    while off < len {
+        let start = match seek(off, libc::SEEK_DATA) {
+            Ok(Some(s)) => s,
+            Ok(None) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(vec![(0, len)]),
+            Err(e) => return Err(e),
+        };
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        match out.last_mut() {
+            Some(last) if start - last.1 < MIN_HOLE => last.1 = end,
+            _ => out.push((start, end)),
+        }
+        off = end;
+    }
+    Ok(out)
+}
+
+/// One zstd frame (RFC 8878) decoding to `len` zero bytes: a frame header with the content
+/// size and a 128 KiB window, then RLE blocks of at most 128 KiB. Nothing for `len == 0`.
+fn zero_frame(w: &mut impl Write, len: u64) -> io::Result<()> {
+    const BLOCK: u64 = 128 * 1024;
+    const RLE: u32 = 1;
+    if len == 0 {
+        return Ok(());
+    }
+    w.write_all(&0xFD2F_B528u32.to_le_bytes())?;
+    // Frame header descriptor: 8-byte content size, window descriptor present (not single
+    // segment, so readers need only a 128 KiB window), no checksum, no dictionary.
+    w.write_all(&[0b1100_0000])?;
+    // Window descriptor: exponent 17 - 10, mantissa 0: 2^17 bytes.
+    w.write_all(&[(17 - 10) << 3])?;
+    w.write_all(&len.to_le_bytes())?;
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(BLOCK);
+        left -= n;
+        // Block header, 3 bytes little-endian: last-block bit, type, size (for RLE, the
+        // regenerated size); then the one byte repeated.
+        let header = u32::from(left == 0) | (RLE << 1) | ((n as u32) << 3);
+        w.write_all(&header.to_le_bytes()[..3])?;
+        w.write_all(&[0])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_aligned_and_root_is_last() {
+        let l = Layout::new(3072, 100);
+        assert_eq!(l.bios, (2048, 4095));
+        assert_eq!(l.esp, (4096, 4096 + 100 * 2048 - 1));
+        assert_eq!(l.root.0, 4096 + 100 * 2048);
+        assert_eq!(l.root.0 % 2048, 0);
+        assert_eq!(l.root.1, 3071 * 2048 - 1);
+        assert_eq!(l.bytes(), 3 << 30);
+    }
+
+    #[test]
+    fn ids_are_stable_per_seed() {
+        let a = Ids::derive("0123456789abcdef");
+        assert_eq!(a, Ids::derive("0123456789abcdef"));
+        assert_ne!(a, Ids::derive("fedcba9876543210"));
+        assert_eq!(a.root_uuid.len(), 36);
+        assert_eq!(a.root_uuid.as_bytes()[14], b'4');
+        assert_eq!(a.esp_text().len(), 9);
+        let table = gpt(&Layout::new(2048, 64), &a).unwrap();
+        let info = partition_info(&table);
+        assert_eq!(info.len(), 3);
+        assert_eq!(info[2].number, ROOT_PARTITION);
+        assert_eq!(info[1].type_guid, Guid::ESP);
+    }
+
+    fn decompress(path: &Path) -> Vec<u8> {
+        let mut out = Vec::new();
+        zstd::Decoder::new(File::open(path).unwrap())
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn zero_frames_decode_to_zeros() {
+        for len in [1u64, 5, 128 * 1024, 128 * 1024 + 1, 3 * 128 * 1024] {
+            let mut f = Vec::new();
+            zero_frame(&mut f, len).unwrap();
+            let mut out = Vec::new();
+            zstd::Decoder::new(&f[..])
+                .unwrap()
+                .read_to_end(&mut out)
+                .unwrap();
+            assert_eq!(out.len() as u64, len);
+            assert!(out.iter().all(|b| *b == 0));
+        }
+        let mut f = Vec::new();
+        zero_frame(&mut f, 0).unwrap();
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn sparse_files_round_trip_through_frames() {
+        let tmp = tempfile::tempdir().unwrap();
+        let raw = tmp.path().join("raw");
+        let mut f = File::create(&raw).unwrap();
+        f.set_len(64 << 20).unwrap();
+        // Data at the start, after a big hole, a small hole between two pieces, and at the end.
+        for (at, byte) in [
+            (0u64, 1u8),
+            (10 << 20, 2),
+            ((10 << 20) + 300_000, 3),
+            ((64 << 20) - 4096, 4),
+        ] {
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(&vec![byte; 4096]).unwrap();
+        }
+        drop(f);
+        let extents = data_extents(&File::open(&raw).unwrap(), 64 << 20).unwrap();
+        assert!(extents.len() >= 2 && extents.len() < 4, "{extents:?}");
+        let out = tmp.path().join("raw.zst");
+        let (size, sha) = compress(&raw, &out, 3).unwrap();
+        assert_eq!(manifest::sha256_file(&out).unwrap(), (size, sha));
+        assert!(size < 64 * 1024, "{size}");
+        assert_eq!(decompress(&out), fs::read(&raw).unwrap());
+        // The reference tool agrees.
+        let t = std::process::Command::new("zstd")
+            .arg("-t")
+            .arg("-q")
+            .arg(&out)
+            .status();
+        if let Ok(t) = t {
+            assert!(t.success());
+        }
+    }
+}

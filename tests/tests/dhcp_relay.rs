@@ -1,0 +1,104 @@
+//! A client behind a real relay (ISC dhcrelay, in its own namespace) gets an address from
+//! the relay's subnet, and renews through the server directly.
+
+mod dhcp_common;
+
+use std::time::Duration;
+
+use dhcp_common::{Netns, appliance_with, client_script, counter, run_ok, udhcpc_once};
+use stork_lab::{Lab, Spawned, wait_for};
+use stork_tests::lab_dir;
+
+const CONFIG: &str = r#"
+[dhcp]
+range = ["10.77.0.100", "10.77.0.199"]
+
+[[dhcp.subnets]]
+network = "10.78.0.0/24"
+ranges = [["10.78.0.100", "10.78.0.109"]]
+router = "10.78.0.1"
+"#;
+
+#[test]
+#[ignore = "needs root and isc-dhcp-relay: run `cargo xtask test`"]
+fn a_relayed_client_gets_an_address_from_the_relays_subnet() {
+    let mut lab = Lab::new("dhcp_relay", &lab_dir()).unwrap();
+    let appliance = appliance_with(&lab, CONFIG);
+    // The relay: one leg on the provisioning bridge, one on the client's segment.
+    let relay = lab.add_host("relay").unwrap();
+    let client_ns = Netns::new(format!("{}-rclient", lab.netns()));
+    run_ok(
+        relay
+            .command("ip")
+            .args(["addr", "add", "10.77.0.2/24", "dev", "eth0"]),
+    );
+    run_ok(relay.command("ip").args([
+        "link",
+        "add",
+        "down0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &client_ns.0,
+    ]));
+    run_ok(
+        relay
+            .command("ip")
+            .args(["addr", "add", "10.78.0.1/24", "dev", "down0"]),
+    );
+    run_ok(relay.command("ip").args(["link", "set", "down0", "up"]));
+    run_ok(
+        relay
+            .command("sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"]),
+    );
+    run_ok(client_ns.command("ip").args(["link", "set", "eth0", "up"]));
+    // The appliance reaches the relay's subnet through the relay (for replies to giaddr).
+    run_ok(
+        lab.command("ip")
+            .args(["route", "add", "10.78.0.0/24", "via", "10.77.0.2"]),
+    );
+
+    let pidfile = lab.dir().join("dhcrelay.pid");
+    let mut cmd = relay.command("dhcrelay");
+    cmd.args(["-4", "-d", "-a", "-pf"]).arg(&pidfile).args([
+        "-id",
+        "down0",
+        "-iu",
+        "eth0",
+        "10.77.0.1",
+    ]);
+    let dhcrelay = Spawned::start("dhcrelay", cmd, &lab.dir().join("dhcrelay.log")).unwrap();
+    // dhcrelay prints its interfaces once it listens.
+    wait_for(
+        "dhcrelay to listen",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            Ok(std::fs::read_to_string(dhcrelay.log())
+                .unwrap_or_default()
+                .contains("Sending on")
+                .then_some(()))
+        },
+    )
+    .unwrap();
+
+    let client = client_ns.host("eth0");
+    let script = client_script(&lab);
+    let (ip, server) = udhcpc_once(&client, &script, &[]);
+    assert!(
+        ip.starts_with("10.78.0.10"),
+        "got {ip}\n--- dhcrelay ---\n{}\n--- stork ---\n{}",
+        dhcrelay.log_tail(20),
+        appliance.log_tail(20)
+    );
+    assert_eq!(server, "10.77.0.1");
+    assert!(counter(&appliance, "acks") >= 1);
+    // The client kept its address and a route back through the relay: a second run is an
+    // INIT-REBOOT through the relay and gets the same address.
+    let (again, _) = udhcpc_once(&client, &script, &["-r", &ip]);
+    assert_eq!(again, ip);
+}

@@ -1,0 +1,102 @@
+//! The whole power path through the appliance: a machine added with IPMI power parameters
+//! is powered on by `stork machine power`, PXE-boots and enlists; `stork machine commission`
+//! makes Stork set PXE and power it on through IPMI, and when commissioning ends Stork powers
+//! it off through IPMI. No direct QEMU start: the BMC simulator starts and stops the VM.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use stork_lab::bmc::{self, Chassis, IpmiSim, IpmiSimSpec};
+use stork_lab::vm::{VmSpec, qemu_argv};
+use stork_lab::{Appliance, Lab, wait_for};
+use stork_tests::{boot_files, lab_dir, require_artefacts, stork_bin};
+
+const MAC: &str = "52:54:00:77:00:31";
+
+#[test]
+#[ignore = "needs root, QEMU, ipmi_sim and built images: run `cargo xtask test`"]
+fn ipmi_powered_vm_enlists_commissions_and_is_powered_off_by_stork() {
+    require_artefacts();
+    let mut lab = Lab::new("ipmi-commission", &lab_dir()).unwrap();
+    let mut appliance = Appliance::start(&lab, &stork_bin(), &boot_files()).unwrap();
+    let mut spec = VmSpec::new("vm1", MAC);
+    spec.disk_bytes = 2 << 30;
+    let (argv, paths) = qemu_argv(&mut lab, &spec).unwrap();
+    let mut bmc_spec = IpmiSimSpec::new("vm1", 623);
+    bmc_spec.chassis = Chassis::Qemu {
+        argv,
+        qmp: Some(paths.qmp.clone()),
+    };
+    let sim = IpmiSim::start(&lab, bmc_spec).unwrap();
+
+    if let Err(e) = run(&mut appliance, &sim) {
+        lab.keep_dir();
+        panic!(
+            "{e:#}\n--- console (last 40 lines) ---\n{}\n--- BMC calls ---\n{}\n--- stork (last 30 lines) ---\n{}\n(logs kept in {})",
+            stork_lab::process::tail(&paths.console, 40),
+            sim.calls(),
+            appliance.log_tail(30),
+            lab.dir().display()
+        );
+    }
+}
+
+fn status(a: &Appliance, id: &str) -> Result<String> {
+    Ok(a.machine(id)?["status"].as_str().unwrap_or_default().to_string())
+}
+
+fn run(appliance: &mut Appliance, sim: &IpmiSim) -> Result<()> {
+    let port = sim.port.to_string();
+    let out = appliance.cli(&[
+        "machine", "add", "--mac", MAC, "--power", "ipmi",
+        "--power-param", "host=127.0.0.1",
+        "--power-param", &format!("port={port}"),
+        "--power-param", &format!("username={}", bmc::OPERATOR_USER),
+        "--power-param", &format!("password={}", bmc::OPERATOR_PASSWORD),
+        "--json",
+    ])?;
+    let m: serde_json::Value = serde_json::from_str(&out)?;
+    let id = m["id"].as_str().unwrap_or_default().to_string();
+    if out.contains(bmc::OPERATOR_PASSWORD) {
+        bail!("the API answer shows the BMC password: {out}");
+    }
+    if !appliance.cli(&["machine", "power", &id, "query"])?.contains("off") {
+        bail!("the machine is not off before power-on");
+    }
+    appliance.cli(&["machine", "power", &id, "on"])?;
+    if !sim.power_is_on() {
+        bail!("`stork machine power on` did not power the VM on through the BMC");
+    }
+    wait_for("enlistment", Duration::from_secs(300), Duration::from_millis(500), || {
+        let m = appliance.machine(&id)?;
+        Ok(m["inventory"].is_object().then_some(()))
+    })?;
+    wait_for("the agent's power-off", Duration::from_secs(60), Duration::from_millis(200), || {
+        Ok((!sim.power_is_on()).then_some(()))
+    })?;
+
+    appliance.cli(&["machine", "commission", &id])?;
+    if sim.boot() != "pxe" {
+        bail!("commissioning did not set the next boot to PXE: {:?}", sim.boot());
+    }
+    wait_for("commissioning to finish", Duration::from_secs(300), Duration::from_millis(500), || {
+        match status(appliance, &id)?.as_str() {
+            "ready" => Ok(Some(())),
+            "commissioning" => Ok(None),
+            other => bail!("commissioning ended in {other}"),
+        }
+    })?;
+    wait_for("Stork's power-off through IPMI", Duration::from_secs(60), Duration::from_millis(200), || {
+        Ok((!sim.power_is_on()).then_some(()))
+    })?;
+    let events = appliance.cli(&["machine", "events", &id])?;
+    for want in ["NetbootAndPowerOn done", "PowerOff"] {
+        if !events.contains(want) {
+            bail!("events lack {want:?}:\n{events}");
+        }
+    }
+    if events.contains(bmc::OPERATOR_PASSWORD) || appliance.log_tail(10_000).contains(bmc::OPERATOR_PASSWORD) {
+        bail!("the BMC password appears in events or the log");
+    }
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! `cargo xtask bench api`: the machines API with 10,000 machines stored.
+//!
+//! A release `stork serve` on loopback (DHCP off) with a fresh data directory; the machines
+//! are enlisted through the API, each with a realistic inventory (2 NICs, 4 disks, DMI), so
+//! the stored rows are the size real ones are. Then, for a bounded time each, a few client
+//! threads with keep-alive connections run
+//! - `GET /api/v1/machines`: the full list, every machine with its inventory;
+//! - `GET /api/v1/machines/<id>`: one machine, chosen at random.
+//!
+//! Prints requests/s and p50/p99/max latency. Numbers are printed, never asserted. Knobs:
+//! `STORK_BENCH_MACHINES` (10000), `STORK_BENCH_SECS` per measurement (10),
+//! `STORK_BENCH_CLIENTS` (4).
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use stork_lab::{Spawned, wait_for};
+
+fn knob(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+        .max(1)
+}
+
+pub fn run() -> Result<()> {
+    let machines = knob("STORK_BENCH_MACHINES", 10_000);
+    let secs = knob("STORK_BENCH_SECS", 10) as u64;
+    let clients = knob("STORK_BENCH_CLIENTS", 4);
+
+    crate::step("building stork (release)");
+    crate::status(crate::cargo().args(["build", "--quiet", "--release", "-p", "stork"]))?;
+    let bin = crate::target().join("release/stork");
+
+    let dir = crate::target().join("bench-api");
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("boot"))?;
+    let out = Command::new(&bin)
+        .args(["token", "create", "--description", "bench", "--data-dir"])
+        .arg(&data)
+        .output()
+        .context("stork token create")?;
+    if !out.status.success() {
+        bail!(
+            "stork token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let token = String::from_utf8(out.stdout)?.trim().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = dir.join("stork.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1\"\nport = {port}\n[dhcp]\nmode = \"off\"\n",
+            data
+        ),
+    )?;
+    let mut cmd = Command::new(&bin);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn");
+    let mut server = Spawned::start("stork serve", cmd, &dir.join("stork.log"))?;
+    let base = format!("http://127.0.0.1:{port}/api/v1");
+    let agent = agent();
+    wait_for(
+        "the API",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || {
+            if let Some(st) = server.exited() {
+                bail!("stork serve exited ({st}):\n{}", server.log_tail(20));
+            }
+            Ok(agent
+                .get(&format!("{base}/openapi.json"))
+                .call()
+                .ok()
+                .filter(|r| r.status() == 200))
+        },
+    )?;
+
+    crate::step(&format!(
+        "enlisting {machines} machines ({clients} clients, data in {})",
+        data.display()
+    ));
+    let started = Instant::now();
+    let ids = populate(&base, machines, clients.max(8))?;
+    let took = started.elapsed();
+    println!(
+        "  created {} machines in {:.1} s ({:.0}/s)",
+        ids.len(),
+        took.as_secs_f64(),
+        ids.len() as f64 / took.as_secs_f64()
+    );
+
+    let auth = format!("Bearer {token}");
+    let list = measure(clients, Duration::from_secs(secs), |agent, _| {
+        let mut r = agent
+            .get(&format!("{base}/machines"))
+            .header("Authorization", &auth)
+            .call()?;
+        let body = r.body_mut().with_config().limit(1 << 30).read_to_vec()?;
+        check(r.status().as_u16(), body.len())
+    })?;
+    report(&format!("GET /machines ({machines} machines)"), &list);
+    let show = measure(clients, Duration::from_secs(secs), |agent, n| {
+        let id = &ids[(n.wrapping_mul(2_654_435_761)) % ids.len()];
+        let mut r = agent
+            .get(&format!("{base}/machines/{id}"))
+            .header("Authorization", &auth)
+            .call()?;
+        let body = r.body_mut().read_to_vec()?;
+        check(r.status().as_u16(), body.len())
+    })?;
+    report("GET /machines/<id>", &show);
+
+    if let Some(st) = server.exited() {
+        bail!("stork serve exited during the run ({st})");
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+fn check(status: u16, len: usize) -> Result<usize> {
+    if status != 200 {
+        bail!("HTTP {status}");
+    }
+    Ok(len)
+}
+
+/// A locally administered MAC for machine `n` (and its second NIC).
+fn mac(n: usize, nic: u8) -> String {
+    let b = (n as u32).to_be_bytes();
+    format!(
+        "02:{nic:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3]
+    )
+}
+
+fn inventory(n: usize) -> Value {
+    let disk = |name: &str, gib: u64, serial: String| {
+        json!({"name": name, "size_bytes": gib << 30, "model": "SAMSUNG MZ7LH960HAJR-00005",
+               "serial": serial, "rotational": false})
+    };
+    json!({
+        "cpu": {"model": "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz", "count": 64},
+        "memory": {"total_bytes": 256u64 << 30, "usable_bytes": (256u64 << 30) - (3 << 30)},
+        "disks": [
+            disk("sda", 894, format!("S45NNE0R{n:08}A")),
+            disk("sdb", 894, format!("S45NNE0R{n:08}B")),
+            disk("nvme0n1", 3576, format!("PHLJ{n:012}C")),
+            disk("nvme1n1", 3576, format!("PHLJ{n:012}D")),
+        ],
+        "nics": [
+            {"name": "eno1", "mac": mac(n, 0), "driver": "ice", "link": true, "speed_mbps": 25000},
+            {"name": "eno2", "mac": mac(n, 1), "driver": "ice", "link": false, "speed_mbps": null},
+        ],
+        "dmi": {"sys_vendor": "Supermicro", "product_name": "SYS-120U-TNR",
+                "product_serial": format!("S{n:010}"), "product_uuid": format!("00000000-0000-4000-8000-{n:012}"),
+                "bios_vendor": "American Megatrends International, LLC.", "bios_version": "1.4a"},
+        "firmware": "uefi",
+        "kernel": "6.1.0-27-amd64",
+    })
+}
+
+/// Enlists `count` machines from `clients` threads; returns their ids.
+fn populate(base: &str, count: usize, clients: usize) -> Result<Vec<String>> {
+    let next = AtomicUsize::new(0);
+    let results: Vec<Result<Vec<String>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                s.spawn(|| -> Result<Vec<String>> {
+                    let agent = agent();
+                    let mut ids = Vec::new();
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= count {
+                            return Ok(ids);
+                        }
+                        let body = json!({"boot_mac": mac(n, 0), "inventory": inventory(n)});
+                        let mut r = agent
+                            .post(&format!("{base}/agent/enlist"))
+                            .send_json(&body)?;
+                        let text = r.body_mut().read_to_string()?;
+                        if r.status() != 200 {
+                            bail!("enlist {n}: {} {text}", r.status());
+                        }
+                        let v: Value = serde_json::from_str(&text)?;
+                        ids.push(v["machine_id"].as_str().unwrap_or_default().to_string());
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))
+            })
+            .collect()
+    });
+    let mut ids = Vec::with_capacity(count);
+    for r in results {
+        ids.extend(r?);
+    }
+    Ok(ids)
+}
+
+struct Measured {
+    latencies: Vec<Duration>,
+    bytes: usize,
+    elapsed: Duration,
+    clients: usize,
+}
+
+/// Runs `request` from `clients` threads (each with its own keep-alive agent) for `window`.
+fn measure(
+    clients: usize,
+    window: Duration,
+    request: impl Fn(&ureq::Agent, usize) -> Result<usize> + Sync,
+) -> Result<Measured> {
+    let started = Instant::now();
+    let deadline = started + window;
+    let results: Vec<Result<(Vec<Duration>, usize)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|c| {
+                let request = &request;
+                s.spawn(move || -> Result<(Vec<Duration>, usize)> {
+                    let agent = agent();
+                    let (mut lat, mut bytes) = (Vec::new(), 0);
+                    let mut n = c;
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        bytes = request(&agent, n)?;
+                        lat.push(t.elapsed());
+                        n += clients;
+                    }
+                    Ok((lat, bytes))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))
+            })
+            .collect()
+    });
+    let elapsed = started.elapsed();
+    let mut latencies = Vec::new();
+    let mut bytes = 0;
+    for r in results {
+        let (l, b) = r?;
+        latencies.extend(l);
+        bytes = bytes.max(b);
+    }
+    latencies.sort();
+    Ok(Measured {
+        latencies,
+        bytes,
+        elapsed,
+        clients,
+    })
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn report(what: &str, m: &Measured) {
+    let n = m.latencies.len();
+    println!(
+        "  {what}: {n} requests by {} clients in {:.1} s = {:.1} req/s; p50 {}, p99 {}, max {}; response {:.1} KiB",
+        m.clients,
+        m.elapsed.as_secs_f64(),
+        n as f64 / m.elapsed.as_secs_f64(),
+        ms(percentile(&m.latencies, 0.50)),
+        ms(percentile(&m.latencies, 0.99)),
+        ms(m.latencies.last().copied().unwrap_or_default()),
+        m.bytes as f64 / 1024.0,
+    );
+}

@@ -1,0 +1,160 @@
+//! `cargo xtask bench images`: SquashFS of the same trees written Stork's way
+//! (`stork-image squashfs`: mksquashfs with zstd-15, 1 MiB blocks, times clamped to
+//! SOURCE_DATE_EPOCH, then hashed and renamed into place) and by plain `mksquashfs` at the same
+//! compression (zstd level 15; its default 128 KiB blocks, and 1 MiB blocks to separate the
+//! block size from the rest), in one run: time and size ratios. Then the initrd's build time.
+//!
+//! Trees: the ephemeral image's (small) and the Debian OS image's (large), from the cache
+//! (built first if missing, which needs root). Medians of `STORK_BENCH_RUNS` runs (default 3;
+//! the large tree once unless set). Numbers are printed, never asserted.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+const LEVEL: &str = "15";
+/// A fixed epoch for both writers: the comparison is about the writer, not the tree's date.
+const EPOCH: &str = "1700000000";
+
+struct Row {
+    name: &'static str,
+    seconds: f64,
+    size: u64,
+}
+
+fn runs(default: usize) -> usize {
+    std::env::var("STORK_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Wall time of `cmd` (which must succeed) and the size of `out` afterwards.
+fn time(cmd: &mut Command, out: &Path) -> Result<(f64, u64)> {
+    let _ = std::fs::remove_file(out);
+    let t = Instant::now();
+    let o = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let secs = t.elapsed().as_secs_f64();
+    if !o.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok((secs, std::fs::metadata(out)?.len()))
+}
+
+fn plain(tree: &Path, out: &Path, block: Option<&str>) -> Command {
+    let mut c = Command::new("mksquashfs");
+    c.arg(tree)
+        .arg(out)
+        .args(["-noappend", "-quiet", "-no-progress", "-comp", "zstd"])
+        .args(["-Xcompression-level", LEVEL]);
+    if let Some(b) = block {
+        c.args(["-b", b]);
+    }
+    c
+}
+
+fn bench_tree(label: &str, tree: &Path, bin: &Path, scratch: &Path, n: usize) -> Result<()> {
+    let out = scratch.join("bench.sqfs");
+    let mut rows = Vec::new();
+    let mut measure = |name: &'static str, make: &dyn Fn() -> Command| -> Result<()> {
+        let mut times = Vec::new();
+        let mut size = 0;
+        for _ in 0..n {
+            let (s, z) = time(&mut make(), &out)?;
+            times.push(s);
+            size = z;
+        }
+        rows.push(Row {
+            name,
+            seconds: median(times),
+            size,
+        });
+        Ok(())
+    };
+    measure("Stork (stork-image squashfs)", &|| {
+        let mut c = Command::new(bin);
+        c.args(["squashfs", "--level", LEVEL, "--source"])
+            .arg(tree)
+            .arg("--out")
+            .arg(&out)
+            .env("SOURCE_DATE_EPOCH", EPOCH);
+        c
+    })?;
+    measure("mksquashfs, default blocks", &|| plain(tree, &out, None))?;
+    measure("mksquashfs -b 1M", &|| plain(tree, &out, Some("1M")))?;
+    let _ = std::fs::remove_file(&out);
+
+    println!("\n{label}: {} ({n} run(s), median)", tree.display());
+    println!(
+        "  {:<32} {:>9} {:>12} {:>10} {:>10}",
+        "writer (zstd-15)", "time s", "bytes", "time/plain", "size/plain"
+    );
+    let base = &rows[1];
+    for r in &rows {
+        println!(
+            "  {:<32} {:>9.2} {:>12} {:>10.2} {:>10.3}",
+            r.name,
+            r.seconds,
+            r.size,
+            r.seconds / base.seconds,
+            r.size as f64 / base.size as f64
+        );
+    }
+    Ok(())
+}
+
+pub fn run() -> Result<()> {
+    crate::deps::ensure()?;
+    crate::step("building stork-image");
+    crate::status(crate::cargo().args(["build", "--quiet", "-p", "stork-image"]))?;
+    let bin = crate::target().join("debug/stork-image");
+    // The images and their trees, from the cache when nothing changed (building needs root).
+    crate::os_images::build(&crate::target())?;
+    let small = crate::os_images::tree(None)?;
+    let big = crate::os_images::tree(crate::os_images::RECIPES.first().copied())?;
+    let scratch = crate::target().join("stork/bench-images");
+    std::fs::create_dir_all(&scratch)?;
+
+    let n = runs(3);
+    let big_runs = std::env::var("STORK_BENCH_RUNS").map_or(1, |_| n);
+    crate::step("SquashFS: Stork's writer against plain mksquashfs, same trees, same level");
+    bench_tree("ephemeral tree", &small, &bin, &scratch, n)?;
+    bench_tree("Debian OS tree", &big, &bin, &scratch, big_runs)?;
+
+    crate::step("initrd build time (agent and kernel already built and cached)");
+    let boot = crate::images()?;
+    let agent = crate::target()
+        .join(crate::AGENT_TARGET)
+        .join("release/stork-agent");
+    let out: PathBuf = scratch.join("initrd");
+    let mut times = Vec::new();
+    for _ in 0..n {
+        let mut c = Command::new(&bin);
+        c.args(["initrd", "--cache"])
+            .arg(crate::cache())
+            .arg("--agent")
+            .arg(&agent)
+            .arg("--out")
+            .arg(&out);
+        times.push(time(&mut c, &out.join("initrd.img"))?.0);
+    }
+    let size = std::fs::metadata(out.join("initrd.img"))?.len();
+    println!(
+        "\ninitrd: {:.2} s ({n} run(s), median), {size} bytes (the set in {} is the xtask's)",
+        median(times),
+        boot.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,19 @@
+//! `cargo xtask bench <what>`: benchmarks against peer implementations, in namespaces of
+//! their own. They print numbers; they never assert on time.
+
+mod api;
+mod dhcp;
+mod images;
+mod tftp;
+
+use anyhow::{Result, bail};
+
+pub fn run(what: &str) -> Result<()> {
+    match what {
+        "api" => api::run(),
+        "tftp" => tftp::run(),
+        "dhcp" => dhcp::run(),
+        "images" => images::run(),
+        other => bail!("unknown benchmark `{other}` (known: api, tftp, dhcp, images)"),
+    }
+}
