@@ -2,8 +2,8 @@
 
 use std::collections::VecDeque;
 use std::fs::OpenOptions;
-use std::sync::Mutex;
 use std::io::Write;
+use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 use nix::sys::stat::{SFlag, fstat, major, minor};
@@ -36,7 +36,11 @@ pub fn line(text: &str) {
 pub fn tail(n: usize) -> String {
     let tail = TAIL.lock().unwrap_or_else(|p| p.into_inner());
     let skip = tail.len().saturating_sub(n);
-    tail.iter().skip(skip).cloned().collect::<Vec<_>>().join("\n")
+    tail.iter()
+        .skip(skip)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Points stdin, stdout and stderr at /dev/console when they ended up on /dev/null.

@@ -161,11 +161,18 @@ fn steps(reporter: &mut Option<(Client, stork_proto::MacAddr)>) -> Result<Ending
         stork_proto::Task::Commission => {
             let inv = collect_inventory();
             let resp = at(Step::Commission, client.commissioned(&inv))?;
-            say!(Step::Commission, "machine {} status {}", resp.machine_id, resp.status);
+            say!(
+                Step::Commission,
+                "machine {} status {}",
+                resp.machine_id,
+                resp.status
+            );
             Ok(Ending::PowerOff)
         }
         stork_proto::Task::Deploy(t) if t.target == "disk" => deploy::to_disk(client, &args, &t),
-        stork_proto::Task::Deploy(t) if t.target == "memory" => deploy::to_memory(client, &args, &t),
+        stork_proto::Task::Deploy(t) if t.target == "memory" => {
+            deploy::to_memory(client, &args, &t)
+        }
         stork_proto::Task::Deploy(t) => Err(Failed {
             step: Step::Task,
             error: anyhow!("unknown deploy target {:?} (disk or memory)", t.target),

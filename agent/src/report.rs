@@ -80,16 +80,25 @@ impl Client {
             match outcome {
                 Outcome::Done(mut resp) => {
                     let text = resp.body_mut().read_to_string().unwrap_or_default();
-                    let text = if text.trim().is_empty() { "null" } else { text.as_str() };
+                    let text = if text.trim().is_empty() {
+                        "null"
+                    } else {
+                        text.as_str()
+                    };
                     return serde_json::from_str(text)
                         .with_context(|| format!("{url}: unexpected answer"));
                 }
                 Outcome::Fatal(e) => return Err(e.context(url)),
                 Outcome::Retry(e) if attempt >= ENLIST_ATTEMPTS => {
-                    return Err(e.context(format!("{url}: gave up after {ENLIST_ATTEMPTS} attempts")));
+                    return Err(
+                        e.context(format!("{url}: gave up after {ENLIST_ATTEMPTS} attempts"))
+                    );
                 }
                 Outcome::Retry(e) => {
-                    say!(step, "attempt {attempt}/{ENLIST_ATTEMPTS} failed: {e:#}; retrying");
+                    say!(
+                        step,
+                        "attempt {attempt}/{ENLIST_ATTEMPTS} failed: {e:#}; retrying"
+                    );
                     sleep(self.backoff);
                     attempt += 1;
                 }
@@ -122,14 +131,22 @@ impl Client {
 
     /// The image is on the disk: the appliance stops network-booting this machine.
     pub fn installed(&self) -> Result<()> {
-        self.call_with_retries::<serde_json::Value>("installed", "installed", Some(&serde_json::json!({})))
-            .map(|_| ())
+        self.call_with_retries::<serde_json::Value>(
+            "installed",
+            "installed",
+            Some(&serde_json::json!({})),
+        )
+        .map(|_| ())
     }
 
     /// The disks are erased: the machine is released.
     pub fn released(&self) -> Result<()> {
-        self.call_with_retries::<serde_json::Value>("erase", "released", Some(&serde_json::json!({})))
-            .map(|_| ())
+        self.call_with_retries::<serde_json::Value>(
+            "erase",
+            "released",
+            Some(&serde_json::json!({})),
+        )
+        .map(|_| ())
     }
 
     pub fn is_known(&self) -> bool {

@@ -60,12 +60,10 @@ fn main() -> Result<()> {
         retries: args.retries,
         ..defaults
     };
-    let rt = if std::env::var_os("TFTP_RT_CURRENT").is_some() {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()
-    }
-    .context("cannot start the tokio runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
     rt.block_on(async move {
         let stats = Arc::new(Stats::default());
         let sock = tftp::bind(cfg.listen)?;

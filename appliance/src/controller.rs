@@ -244,7 +244,11 @@ impl Controller {
 
     /// Moves machines whose busy status outlived `timeout` to their failed status.
     pub async fn check_timeouts(&self, timeout: Duration) {
-        let Ok(machines) = self.store.call(|s| s.list_machines()).await else {
+        let busy: Vec<Status> = Status::ALL
+            .into_iter()
+            .filter(|s| s.failure_on_timeout().is_some())
+            .collect();
+        let Ok(machines) = self.store.call(move |s| s.machines_in(&busy)).await else {
             return;
         };
         let now = now_ms();
@@ -267,10 +271,8 @@ impl Controller {
     /// Finishes such releases from before this process started: power off, then done.
     pub async fn finish_interrupted_releases(&self) {
         let started_at = self.started_at;
-        let stuck = match self.store.call(|s| s.list_machines()).await {
-            Ok(all) => all
-                .into_iter()
-                .filter(|m| m.status == Status::Releasing && m.status_since < started_at),
+        let stuck = match self.store.call(|s| s.machines_in(&[Status::Releasing])).await {
+            Ok(all) => all.into_iter().filter(|m| m.status_since < started_at),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot look for interrupted releases");
                 return;

@@ -377,6 +377,31 @@ fn happy_path() {
     let aborted = f.act(&a, "abort", json!({}), Status::FailedCommissioning);
     assert_eq!(aborted["status_message"], "aborted by user");
 
+    // Direct power control is recorded and leaves the status alone.
+    let q = f
+        .post(&format!("/machines/{}/power/query", a.id), json!({}))
+        .ok();
+    assert_eq!(
+        q,
+        json!({"machine_id": a.id, "op": "query", "state": "unknown"})
+    );
+    let on = f.post(&format!("/machines/{}/power/on", a.id), json!({}));
+    assert_eq!(
+        (on.status, on.code()),
+        (502, "manual_action_required"),
+        "{}",
+        on.text
+    );
+    let last = f.events(&a.id).pop().unwrap();
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("power on failed"),
+        "{last}"
+    );
+    assert_eq!(f.status(&a.id), Status::FailedCommissioning);
+
     // Filters.
     let failed = f.get("/machines?status=failed_commissioning").ok();
     assert_eq!(failed.as_array().unwrap().len(), 1);
@@ -476,7 +501,9 @@ fn user_actions() -> Vec<(&'static str, Value, Event)> {
 /// completes at once (Releasing -> Ready on the controller's ReleaseDone).
 fn settled(to: Status) -> Status {
     if to == Status::Releasing {
-        transition(to, Event::ReleaseDone, true).unwrap().to
+        transition(to, Event::ReleaseDone, true)
+            .expect("Releasing completes")
+            .to
     } else {
         to
     }
@@ -505,11 +532,14 @@ fn assert_rejected(f: &Fixture, m: &M, status: Status, r: &Resp, what: &str, ver
     );
     // ...and the refusal is in the history.
     let events = f.events(&m.id);
-    let last = events.last().unwrap();
+    let last = events.last().expect("an event");
     assert_eq!(last["old_status"], status.as_str(), "{what}: {last}");
     assert_eq!(last["new_status"], Value::Null, "{what}: {last}");
     assert!(
-        last["message"].as_str().unwrap().starts_with("rejected: "),
+        last["message"]
+            .as_str()
+            .expect("message")
+            .starts_with("rejected: "),
         "{what}: {last}"
     );
 }
@@ -910,6 +940,10 @@ fn bad_input_is_400_naming_the_field() {
     assert_eq!((r.status, r.code()), (404, "not_found"), "{}", r.text);
     let r = f.post(&format!("/machines/{}/fly", m.id), json!({}));
     assert_eq!((r.status, r.code()), (404, "not_found"), "{}", r.text);
+    check(
+        f.post(&format!("/machines/{}/power/explode", m.id), json!({})),
+        "op",
+    );
     // A MAC that belongs to another machine is a conflict.
     let r = f.post("/machines", json!({"macs": [m.mac]}));
     assert_eq!(r.status, 409, "{}", r.text);
@@ -937,11 +971,21 @@ fn secrets_never_leave_the_appliance() {
         env: &[("RUST_LOG", "debug")],
         ..Options::default()
     });
-    let power = json!({"driver": "ipmi", "params": {"address": "10.0.0.5", "user": "admin", "password": "hunter2"}});
+    // A BMC address where nothing answers (a closed loopback port), so the power actions
+    // fail fast and log their failures.
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let power = json!({"driver": "ipmi", "params": {
+        "host": "127.0.0.1", "port": closed, "username": "admin", "password": "hunter2",
+        "timeout_ms": 100, "attempts": 1,
+    }});
     let m = f.create_with(1, power, &[]);
     let shown = f.machine(&m.id);
-    assert_eq!(shown["power"]["params"]["address"], "10.0.0.5");
-    assert_eq!(shown["power"]["params"]["user"], "admin");
+    assert_eq!(shown["power"]["params"]["host"], "127.0.0.1");
+    assert_eq!(shown["power"]["params"]["username"], "admin");
     assert_ne!(shown["power"]["params"]["password"], "hunter2");
     // Moving it around runs the power actions, which log.
     let mut m = m;
@@ -984,6 +1028,9 @@ fn secrets_never_leave_the_appliance() {
         .unwrap();
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("hunter2"));
+    // The IPMI driver really ran (and failed: no BMC there), with its outcome in the history.
+    let events = f.get(&format!("/machines/{}/events", m.id)).text;
+    assert!(events.contains("power: NetbootAndPowerOn: "), "{events}");
     let logs = f.server.logs();
     assert!(logs.contains(&m.id), "the log is not being written");
     assert!(!logs.contains("hunter2"), "the log leaks the password");

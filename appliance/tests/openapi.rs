@@ -15,8 +15,7 @@ fn routes() -> Vec<(String, Vec<&'static str>)> {
     let body = &API_RS[start..];
     let body = &body[..body.find("\n}\n").expect("end of routes()")];
     let mut out = Vec::new();
-    let mut chunks = body.split(".route(\"").skip(1).peekable();
-    while let Some(chunk) = chunks.next() {
+    for chunk in body.split(".route(\"").skip(1) {
         let (path, handlers) = chunk.split_once('"').expect("route path");
         // `get(list).post(create)`: a method name directly followed by `(`, not part of a
         // longer identifier such as `delete_machine`.

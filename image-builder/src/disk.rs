@@ -12,7 +12,8 @@
 //! last so it can grow to the end of whatever disk the image is written to.
 //!
 //! The root file system's UUID, the ESP's volume id and the GPT GUIDs are derived from the
-//! tree's key, so a rebuild of the same tree gets the same identifiers.
+//! tree's key, and every time written is SOURCE_DATE_EPOCH (mkfs.vfat `--invariant`, mtools and
+//! mke2fs/debugfs fake times), so a rebuild from the same tree gives the same bytes.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
@@ -39,6 +40,8 @@ pub enum DiskError {
     CoreTooBig { len: usize, room: u64 },
     #[error(transparent)]
     Tool(#[from] CmdError),
+    #[error("debugfs did not replace {path} in the root file system; it reads:\n{got}")]
+    Replace { path: String, got: String },
     #[error("{path}")]
     Io {
         path: PathBuf,
@@ -195,13 +198,15 @@ pub struct Bootloader<'a> {
     pub efi_image: &'a Path,
 }
 
-/// Builds the raw image at `raw` from `tree`.
+/// Builds the raw image at `raw` from `tree`, with `fstab` as the root's `/etc/fstab` (the
+/// tree's own is left alone: the SquashFS and tar carry it).
 pub fn build_raw(
     raw: &Path,
     tree: &Path,
     layout: &Layout,
     ids: &Ids,
     boot: &Bootloader<'_>,
+    fstab: &str,
     epoch: u64,
 ) -> Result<Gpt, DiskError> {
     let table = gpt(layout, ids)?;
@@ -236,7 +241,11 @@ pub fn build_raw(
     let esp = format!("{}@@{esp_offset}", raw.display());
     let mtools = |program: &str| {
         let mut c = cmd::clean(program);
-        c.env("MTOOLS_SKIP_CHECK", "1").arg("-i").arg(&esp);
+        // SOURCE_DATE_EPOCH: directory entries get that time instead of now.
+        c.env("MTOOLS_SKIP_CHECK", "1")
+            .env("SOURCE_DATE_EPOCH", epoch.to_string())
+            .arg("-i")
+            .arg(&esp);
         c
     };
     cmd::run(mtools("mmd").args(["::/EFI", "::/EFI/BOOT"]))?;
@@ -269,6 +278,7 @@ pub fn build_raw(
             .arg(raw)
             .arg(root_blocks.to_string()),
     )?;
+    replace_in_ext4(raw, root_offset, tree, "/etc/fstab", fstab, epoch)?;
 
     // BIOS: boot.img into sector 0 around the protective MBR, core.img into partition 1.
     let mut f = File::options()
@@ -287,6 +297,64 @@ pub fn build_raw(
     f.write_all(&core).map_err(io_err(raw))?;
     f.sync_all().map_err(io_err(raw))?;
     Ok(table)
+}
+
+/// Replaces the regular file `path` (directly under a directory of the root, like
+/// `/etc/fstab`) in the ext4 at byte `offset` of `image` with `text`: mode 0644, owner root,
+/// times `epoch`; its directory keeps the times it has in `tree`. debugfs with
+/// E2FSPROGS_FAKE_TIME does it in place, so the result is the same bytes on every build.
+fn replace_in_ext4(
+    image: &Path,
+    offset: u64,
+    tree: &Path,
+    path: &str,
+    text: &str,
+    epoch: u64,
+) -> Result<(), DiskError> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = Path::new(path)
+        .parent()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "/".into());
+    let dir_meta = fs::metadata(tree.join(dir.trim_start_matches('/'))).map_err(io_err(tree))?;
+    let content = image.with_extension("debugfs-file");
+    let script = image.with_extension("debugfs");
+    fs::write(&content, text).map_err(io_err(&content))?;
+    let mut commands = format!(
+        "rm {path}\nwrite {} {path}\nsif {path} mode 0100644\nsif {path} uid 0\nsif {path} gid 0\n",
+        content.display()
+    );
+    for field in ["atime", "mtime", "ctime", "crtime"] {
+        commands.push_str(&format!("sif {path} {field} {epoch}\n"));
+    }
+    for (field, t) in [
+        ("atime", dir_meta.atime()),
+        ("mtime", dir_meta.mtime()),
+        ("ctime", dir_meta.ctime()),
+    ] {
+        commands.push_str(&format!("sif {dir} {field} {t}\n"));
+    }
+    fs::write(&script, commands).map_err(io_err(&script))?;
+    let device = format!("{}?offset={offset}", image.display());
+    let debugfs = || {
+        let mut c = cmd::clean("debugfs");
+        c.env("E2FSPROGS_FAKE_TIME", epoch.to_string());
+        c
+    };
+    let result = cmd::run(debugfs().arg("-w").arg("-f").arg(&script).arg(&device))
+        // debugfs exits 0 even when a command fails: read the file back.
+        .and_then(|_| cmd::run(debugfs().arg("-R").arg(format!("cat {path}")).arg(&device)));
+    // Best effort: these are scratch files beside the image.
+    let _ = fs::remove_file(&content);
+    let _ = fs::remove_file(&script);
+    let got = result?;
+    if got.stdout != text.as_bytes() {
+        return Err(DiskError::Replace {
+            path: path.to_owned(),
+            got: String::from_utf8_lossy(&got.stdout).into_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Compresses `raw` to `out` as a sequence of zstd frames: the file's data extents

@@ -385,19 +385,12 @@ fn boot(fw: Firmware) -> Result<()> {
     };
     let secs = started.elapsed().as_secs_f64();
     eprintln!("{fw:?}: cloud-init finished {secs:.1} s after QEMU started");
-    for l in log.lines().filter(|l| {
-        l.contains("GNU GRUB")
-            || l.contains("Cloud-init v.")
-            || l.contains("STORK-SEED")
-            || l.contains("BdsDxe")
+    for l in log.lines().map(plain).filter(|l| {
+        ["GNU GRUB", "Cloud-init v.", "STORK-SEED", "BdsDxe"]
+            .iter()
+            .any(|k| l.contains(k))
     }) {
-        eprintln!(
-            "  {fw:?} | {}",
-            l.trim()
-                .chars()
-                .filter(|c| !c.is_control())
-                .collect::<String>()
-        );
+        eprintln!("  {fw:?} | {}", l.trim());
     }
     ensure!(
         line.contains("DataSourceNoCloud"),

@@ -45,6 +45,15 @@ struct Scenario {
 
 impl Scenario {
     fn new(tag: &str, mac: &str, sha256_override: Option<&str>) -> Result<Self> {
+        Self::with_disk(tag, mac, sha256_override, 4 << 30)
+    }
+
+    fn with_disk(
+        tag: &str,
+        mac: &str,
+        sha256_override: Option<&str>,
+        disk_bytes: u64,
+    ) -> Result<Self> {
         require_artefacts();
         let images = os_images();
         let manifest = images.join("manifest.json");
@@ -71,7 +80,7 @@ impl Scenario {
         // The installed Debian runs cloud-init (python) and sshd: give it room.
         spec.memory_mib = 2048;
         spec.cpus = 2;
-        spec.disk_bytes = 4 << 30;
+        spec.disk_bytes = disk_bytes;
         let vm = Vm::start(&mut lab, spec)?;
         Ok(Self {
             lab,
@@ -119,12 +128,20 @@ impl Scenario {
     }
 
     fn wait_powered_off(&mut self, timeout: Duration) -> Result<()> {
-        wait_for("the VM to power off", timeout, POLL, || Ok(self.vm.exited()))?;
+        wait_for("the VM to power off", timeout, POLL, || {
+            Ok(self.vm.exited())
+        })?;
         Ok(())
     }
 
     /// Waits for `want`, failing at once on any status outside `passing`.
-    fn wait_status(&mut self, id: &str, want: &str, passing: &[&str], timeout: Duration) -> Result<Value> {
+    fn wait_status(
+        &mut self,
+        id: &str,
+        want: &str,
+        passing: &[&str],
+        timeout: Duration,
+    ) -> Result<Value> {
         wait_for(&format!("status {want}"), timeout, POLL, || {
             let m = self.status(id)?;
             match m["status"].as_str() {
@@ -135,7 +152,10 @@ impl Scenario {
                     }
                     Ok(None)
                 }
-                other => bail!("status {other:?} ({}) while waiting for {want}", m["status_message"]),
+                other => bail!(
+                    "status {other:?} ({}) while waiting for {want}",
+                    m["status_message"]
+                ),
             }
         })
     }
@@ -143,7 +163,15 @@ impl Scenario {
     /// Deploy (already allocated) with the given target; powers the VM on.
     fn deploy(&mut self, id: &str, target: &str, hostname: &str) -> Result<()> {
         self.appliance.cli(&[
-            "machine", "deploy", id, "--image", IMAGE, "--target", target, "--hostname", hostname,
+            "machine",
+            "deploy",
+            id,
+            "--image",
+            IMAGE,
+            "--target",
+            target,
+            "--hostname",
+            hostname,
         ])?;
         let m = self.status(id)?;
         if m["status"] != "deploying" {
@@ -180,11 +208,16 @@ impl Scenario {
                 .arg("-i")
                 .arg(&self.key)
                 .args([
-                    "-o", "StrictHostKeyChecking=no",
-                    "-o", "UserKnownHostsFile=/dev/null",
-                    "-o", "BatchMode=yes",
-                    "-o", "ConnectTimeout=10",
-                    "-o", "LogLevel=ERROR",
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "ConnectTimeout=10",
+                    "-o",
+                    "LogLevel=ERROR",
                 ])
                 .arg(format!("{USER}@{ip}"))
                 .arg(command),
@@ -218,8 +251,14 @@ fn path_str(p: &Path) -> Result<&str> {
 
 /// Links (or copies) the image files into the appliance's boot directory and registers them
 /// as boot resource [`IMAGE`], roles `raw`, `squashfs` and `tar`.
-fn register_image(appliance: &Appliance, lab: &Lab, images: &Path, sha256_override: Option<&str>) -> Result<()> {
-    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(images.join("manifest.json"))?)?;
+fn register_image(
+    appliance: &Appliance,
+    lab: &Lab,
+    images: &Path,
+    sha256_override: Option<&str>,
+) -> Result<()> {
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(images.join("manifest.json"))?)?;
     let image = manifest["images"]
         .as_array()
         .and_then(|a| a.iter().find(|i| i["name"] == IMAGE))
@@ -275,19 +314,31 @@ fn deploy_to_disk_and_log_in(s: &mut Scenario, id: &str) -> Result<()> {
     s.deploy(id, "disk", hostname)?;
 
     // The agent streams the image, writes the seed, reports installed and reboots: QEMU exits.
-    wait_for("the agent to install and reboot", Duration::from_secs(600), POLL, || {
-        let m = s.status(id)?;
-        if m["status"] != "deploying" {
-            bail!("status {} ({}) while the agent installs", m["status"], m["status_message"]);
-        }
-        Ok(s.vm.exited())
-    })?;
+    wait_for(
+        "the agent to install and reboot",
+        Duration::from_secs(600),
+        POLL,
+        || {
+            let m = s.status(id)?;
+            if m["status"] != "deploying" {
+                bail!(
+                    "status {} ({}) while the agent installs",
+                    m["status"],
+                    m["status_message"]
+                );
+            }
+            Ok(s.vm.exited())
+        },
+    )?;
     let m = s.status(id)?;
     if m["netboot"] != false {
         bail!("the agent rebooted but the machine still network-boots: {m:#}");
     }
     let installed = t0.elapsed();
-    s.say(&format!("image installed in {:.0} s; powering on from disk", installed.as_secs_f64()));
+    s.say(&format!(
+        "image installed in {:.0} s; powering on from disk",
+        installed.as_secs_f64()
+    ));
 
     // PXE first (the script says `exit`), then the disk; cloud-init, then the phone-home.
     s.vm.restart(&mut s.lab)?;
@@ -299,21 +350,30 @@ fn deploy_to_disk_and_log_in(s: &mut Scenario, id: &str) -> Result<()> {
     ));
 
     let ip = s.leased_ip()?;
-    let got = wait_for("SSH into the deployed machine", Duration::from_secs(120), Duration::from_secs(2), || {
-        Ok(s.ssh(&ip, "hostname").ok())
-    })?;
+    let got = wait_for(
+        "SSH into the deployed machine",
+        Duration::from_secs(120),
+        Duration::from_secs(2),
+        || Ok(s.ssh(&ip, "hostname").ok()),
+    )?;
     if got.trim() != hostname {
-        bail!("the deployed machine says its hostname is {:?}, asked for {hostname:?}", got.trim());
+        bail!(
+            "the deployed machine says its hostname is {:?}, asked for {hostname:?}",
+            got.trim()
+        );
     }
     s.say(&format!("ssh {USER}@{ip}: hostname {}", got.trim()));
     // The root file system grew to the disk at first boot (agent: partition; cloud-init: ext4).
     let df = s.ssh(&ip, "df -B1 --output=size / | tail -1")?;
-    let root_bytes: u64 = df.trim().parse().with_context(|| format!("df said {df:?}"))?;
+    let root_bytes: u64 = df
+        .trim()
+        .parse()
+        .with_context(|| format!("df said {df:?}"))?;
     if root_bytes < 3 << 30 {
         bail!("the root file system is {root_bytes} bytes: it did not grow to the 4 GiB disk");
     }
     let events = s.appliance.cli(&["machine", "events", id])?;
-    for want in ["image done", "DeploymentDone: deploying -> deployed"] {
+    for want in ["image Done", "DeploymentDone: deploying -> deployed"] {
         if !events.contains(want) {
             bail!("event history lacks {want:?}:\n{events}");
         }
@@ -348,7 +408,8 @@ fn release_with_erase(s: &mut Scenario, id: &str) -> Result<()> {
         );
     }
     let sgdisk = Command::new("sgdisk").args(["-p", &disk]).output()?;
-    let text = String::from_utf8_lossy(&sgdisk.stdout).to_string() + &String::from_utf8_lossy(&sgdisk.stderr);
+    let text = String::from_utf8_lossy(&sgdisk.stdout).to_string()
+        + &String::from_utf8_lossy(&sgdisk.stderr);
     if !text.contains("GPT: not present") && !text.contains("Creating new GPT entries") {
         bail!("sgdisk still finds a partition table:\n{text}");
     }
@@ -367,18 +428,91 @@ fn an_image_with_the_wrong_sha256_fails_the_deployment_with_that_reason() {
     let result = (|| -> Result<()> {
         s.appliance.cli(&["machine", "allocate", &id])?;
         s.deploy(&id, "disk", "stork-e2e-badsum")?;
-        let m = wait_for("the deployment to fail", Duration::from_secs(600), POLL, || {
-            let m = s.status(&id)?;
-            Ok(match m["status"].as_str() {
-                Some("deploying") => None,
-                _ => Some(m),
-            })
-        })?;
+        let m = wait_for(
+            "the deployment to fail",
+            Duration::from_secs(600),
+            POLL,
+            || {
+                let m = s.status(&id)?;
+                Ok(match m["status"].as_str() {
+                    Some("deploying") => None,
+                    _ => Some(m),
+                })
+            },
+        )?;
         let msg = m["status_message"].as_str().unwrap_or_default();
-        if m["status"] != "failed_deployment" || !msg.contains("sha256 mismatch") || !msg.contains(&wrong) {
-            bail!("expected failed_deployment with a sha256 mismatch, got {} ({msg})", m["status"]);
+        if m["status"] != "failed_deployment"
+            || !msg.contains("sha256 mismatch")
+            || !msg.contains(&wrong)
+        {
+            bail!(
+                "expected failed_deployment with a sha256 mismatch, got {} ({msg})",
+                m["status"]
+            );
         }
-        s.say(&format!("failed as it should: {}", msg.lines().next().unwrap_or_default()));
+        s.say(&format!(
+            "failed as it should: {}",
+            msg.lines().next().unwrap_or_default()
+        ));
+        Ok(())
+    })();
+    if let Err(e) = result {
+        s.fail(Some(&id), e);
+    }
+}
+
+fn sha256_of(path: &Path) -> Result<String> {
+    let out = stork_lab::run(Command::new("sha256sum").arg(path))?;
+    Ok(out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+#[test]
+#[ignore = "needs root, QEMU and built images: run `cargo xtask test`"]
+fn seabios_vm_deploys_debian_in_memory_without_touching_its_disk() {
+    let mut s = Scenario::with_disk("deploy-mem", "52:54:00:77:01:03", None, 1 << 30).unwrap();
+    let id = match s.enlist_and_commission() {
+        Ok(id) => id,
+        Err(e) => s.fail(None, e),
+    };
+    let result = (|| -> Result<()> {
+        let hostname = "stork-e2e-ram";
+        let before = sha256_of(&s.vm.disk)?;
+        s.appliance.cli(&["machine", "allocate", &id])?;
+        let t0 = Instant::now();
+        s.deploy(&id, "memory", hostname)?;
+        s.wait_status(&id, "deployed", &["deploying"], Duration::from_secs(600))?;
+        s.say(&format!(
+            "deployed in memory {:.0} s after power-on",
+            t0.elapsed().as_secs_f64()
+        ));
+        let ip = s.leased_ip()?;
+        let got = wait_for(
+            "SSH into the machine",
+            Duration::from_secs(120),
+            Duration::from_secs(2),
+            || Ok(s.ssh(&ip, "hostname; findmnt -n -o FSTYPE /").ok()),
+        )?;
+        let mut lines = got.lines();
+        let (name, fstype) = (
+            lines.next().unwrap_or_default(),
+            lines.next().unwrap_or_default(),
+        );
+        if name.trim() != hostname || fstype.trim() != "overlay" {
+            bail!(
+                "over SSH: hostname {name:?}, root {fstype:?}; wanted {hostname:?} on an overlay"
+            );
+        }
+        s.say(&format!(
+            "ssh {USER}@{ip}: hostname {name}, root on {fstype}"
+        ));
+        let after = sha256_of(&s.vm.disk)?;
+        if after != before {
+            bail!("the disk changed during a deploy in memory: sha256 {before} -> {after}");
+        }
         Ok(())
     })();
     if let Err(e) = result {

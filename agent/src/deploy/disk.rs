@@ -255,7 +255,13 @@ impl BlockDevice {
             .iter()
             .filter(|(_, p)| p.is_used())
             .max_by_key(|(_, p)| p.ending_lba)
-            .map(|(i, p)| (i, p.partition_type_guid, p.partition_name.as_str().to_string()));
+            .map(|(i, p)| {
+                (
+                    i,
+                    p.partition_type_guid,
+                    p.partition_name.as_str().to_string(),
+                )
+            });
         let mut grown = None;
         if let Some((i, type_guid, name)) = last
             && (Some(type_guid) == root_guid || name == "root")
@@ -269,7 +275,8 @@ impl BlockDevice {
         if grown.is_none() && last_usable == old_last {
             return Ok(None);
         }
-        gpt.write_into(&mut self.file).map_err(gpt_err(&self.path))?;
+        gpt.write_into(&mut self.file)
+            .map_err(gpt_err(&self.path))?;
         self.file.sync_all().map_err(|source| DiskError::Io {
             what: "fsync",
             path: self.path.clone(),
@@ -313,7 +320,11 @@ impl Sink for BlockDevice {
 /// first and last MiB of the disk (MBR, primary and backup GPT, md 1.0 and DDF at the end)
 /// and the first and last MiB of each partition (ext4, XFS, btrfs, swap, LVM at the start;
 /// md 0.9/1.0 and ZFS labels at the end). Returns the number of ranges zeroed.
-pub fn wipe_signatures(sink: &mut dyn Sink, disk_size: u64, parts: &[Partition]) -> io::Result<usize> {
+pub fn wipe_signatures(
+    sink: &mut dyn Sink,
+    disk_size: u64,
+    parts: &[Partition],
+) -> io::Result<usize> {
     let mut ranges = vec![(0, MIB.min(disk_size))];
     ranges.push((disk_size.saturating_sub(MIB), MIB.min(disk_size)));
     for p in parts {
@@ -403,7 +414,11 @@ mod tests {
 
     #[test]
     fn chooses_the_requested_disk_or_the_smallest_that_fits() {
-        let disks = [disk("vdb", 8, "B"), disk("vda", 4, "A"), disk("sda", 2, "S")];
+        let disks = [
+            disk("vdb", 8, "B"),
+            disk("vda", 4, "A"),
+            disk("sda", 2, "S"),
+        ];
         assert_eq!(choose(&disks, Some("vdb"), None).unwrap().name, "vdb");
         assert_eq!(choose(&disks, Some("/dev/vdb"), None).unwrap().name, "vdb");
         assert_eq!(choose(&disks, Some("A"), None).unwrap().name, "vda");
@@ -411,7 +426,9 @@ mod tests {
         assert_eq!(choose(&disks, None, Some(1 << 30)).unwrap().name, "sda");
         // Unknown size: the first by name.
         assert_eq!(choose(&disks, None, None).unwrap().name, "sda");
-        let e = choose(&disks, Some("nvme0n1"), None).unwrap_err().to_string();
+        let e = choose(&disks, Some("nvme0n1"), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nvme0n1") && e.contains("vda"), "{e}");
         assert!(matches!(
             choose(&disks, None, Some(9 << 30)),
@@ -436,7 +453,10 @@ mod tests {
         put("block/vda/vda3/partition", "3\n");
         put("block/vda/vda3/start", "208896\n");
         put("block/vda/vda3/size", "6082527\n");
-        put("block/vda/vda3/uevent", "MAJOR=254\nMINOR=3\nDEVNAME=vda3\nDEVTYPE=partition\nPARTN=3\nPARTNAME=root\n");
+        put(
+            "block/vda/vda3/uevent",
+            "MAJOR=254\nMINOR=3\nDEVNAME=vda3\nDEVTYPE=partition\nPARTN=3\nPARTNAME=root\n",
+        );
         put("block/vda/vda1/partition", "1\n");
         put("block/vda/vda1/start", "2048\n");
         put("block/vda/vda1/size", "2048\n");
@@ -494,7 +514,8 @@ mod tests {
             .unwrap();
         f.write_all_at(&vec![0xFF; size as usize], 0).unwrap();
         // An ext4 magic at the start of a "partition" at 4 MiB, and on the whole file.
-        f.write_all_at(&[0x53, 0xEF], 4 * MIB + EXT4_MAGIC_OFFSET).unwrap();
+        f.write_all_at(&[0x53, 0xEF], 4 * MIB + EXT4_MAGIC_OFFSET)
+            .unwrap();
         f.write_all_at(&[0x53, 0xEF], EXT4_MAGIC_OFFSET).unwrap();
         assert!(is_ext4(&path));
         let parts = [Partition {
@@ -521,8 +542,8 @@ mod tests {
         assert_eq!(
             gptman_guid(ROOT_X86_64).unwrap(),
             [
-                0xE3, 0xBC, 0x68, 0x4F, 0xCD, 0xE8, 0xB1, 0x4D, 0x96, 0xE7, 0xFB, 0xCA, 0xF9,
-                0x84, 0xB7, 0x09
+                0xE3, 0xBC, 0x68, 0x4F, 0xCD, 0xE8, 0xB1, 0x4D, 0x96, 0xE7, 0xFB, 0xCA, 0xF9, 0x84,
+                0xB7, 0x09
             ]
         );
     }

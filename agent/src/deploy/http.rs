@@ -34,7 +34,11 @@ pub enum HttpError {
         source: io::Error,
     },
     #[error("{url}: server answered {status} {reason}")]
-    Status { url: String, status: u16, reason: String },
+    Status {
+        url: String,
+        status: u16,
+        reason: String,
+    },
     #[error("{url}: malformed response: {why}")]
     Malformed { url: String, why: String },
 }
@@ -112,8 +116,12 @@ pub fn get(url: &Url, from: u64) -> Result<Response, HttpError> {
     };
 
     let stream = connect(&addr)?;
-    stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(io_err)?;
-    stream.set_write_timeout(Some(READ_TIMEOUT)).map_err(io_err)?;
+    stream
+        .set_read_timeout(Some(READ_TIMEOUT))
+        .map_err(io_err)?;
+    stream
+        .set_write_timeout(Some(READ_TIMEOUT))
+        .map_err(io_err)?;
     let range = if from > 0 {
         format!("Range: bytes={from}-\r\n")
     } else {
@@ -160,7 +168,10 @@ pub fn get(url: &Url, from: u64) -> Result<Response, HttpError> {
         };
         let v = v.trim();
         if k.eq_ignore_ascii_case("content-length") {
-            length = Some(v.parse::<u64>().map_err(|_| malformed("bad Content-Length"))?);
+            length = Some(
+                v.parse::<u64>()
+                    .map_err(|_| malformed("bad Content-Length"))?,
+            );
         } else if k.eq_ignore_ascii_case("content-range") {
             content_range = Some(v.to_string());
         } else if k.eq_ignore_ascii_case("transfer-encoding") && !v.eq_ignore_ascii_case("identity")
@@ -178,7 +189,8 @@ pub fn get(url: &Url, from: u64) -> Result<Response, HttpError> {
     let length = length.ok_or_else(|| malformed("no Content-Length"))?;
     let (offset, total) = if status == 206 {
         let cr = content_range.ok_or_else(|| malformed("206 without Content-Range"))?;
-        let (start, total) = parse_content_range(&cr).ok_or_else(|| malformed("bad Content-Range"))?;
+        let (start, total) =
+            parse_content_range(&cr).ok_or_else(|| malformed("bad Content-Range"))?;
         (start, total)
     } else {
         (0, Some(length))
@@ -256,7 +268,10 @@ mod tests {
 
     #[test]
     fn parses_content_ranges() {
-        assert_eq!(parse_content_range("bytes 100-199/200"), Some((100, Some(200))));
+        assert_eq!(
+            parse_content_range("bytes 100-199/200"),
+            Some((100, Some(200)))
+        );
         assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
         assert_eq!(parse_content_range("items 1-2/3"), None);
     }

@@ -71,8 +71,14 @@ impl Sink for FileSink {
 pub fn mount_base() -> Result<PathBuf> {
     fs::create_dir_all(BASE).with_context(|| format!("create {BASE}"))?;
     // Up to 90% of RAM: the image and what the OS writes share it.
-    mount(Some("tmpfs"), BASE, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755,size=90%"))
-        .with_context(|| format!("mount tmpfs on {BASE}"))?;
+    mount(
+        Some("tmpfs"),
+        BASE,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=90%"),
+    )
+    .with_context(|| format!("mount tmpfs on {BASE}"))?;
     Ok(PathBuf::from(BASE))
 }
 
@@ -84,7 +90,8 @@ pub fn attach_loop(image: &Path) -> Result<PathBuf> {
         .open("/dev/loop-control")
         .context("open /dev/loop-control (is the loop module loaded?)")?;
     // SAFETY: LOOP_CTL_GET_FREE takes no argument.
-    let n = unsafe { ioctl::loop_ctl_get_free(control.as_raw_fd()) }.context("LOOP_CTL_GET_FREE")?;
+    let n =
+        unsafe { ioctl::loop_ctl_get_free(control.as_raw_fd()) }.context("LOOP_CTL_GET_FREE")?;
     let dev = PathBuf::from(format!("/dev/loop{n}"));
     let mut waited = 0;
     while !dev.exists() && waited < 50 {
@@ -113,16 +120,34 @@ pub fn mount_overlay(base: &Path, loopdev: &Path) -> Result<PathBuf> {
     for d in [&lower, &upper, &work, &root] {
         fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
     }
-    mount(Some(loopdev), &lower, Some("squashfs"), MsFlags::MS_RDONLY, None::<&str>)
-        .with_context(|| format!("mount squashfs {} on {}", loopdev.display(), lower.display()))?;
+    mount(
+        Some(loopdev),
+        &lower,
+        Some("squashfs"),
+        MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .with_context(|| {
+        format!(
+            "mount squashfs {} on {}",
+            loopdev.display(),
+            lower.display()
+        )
+    })?;
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
         lower.display(),
         upper.display(),
         work.display()
     );
-    mount(Some("overlay"), &root, Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
-        .with_context(|| format!("mount overlay on {} ({opts})", root.display()))?;
+    mount(
+        Some("overlay"),
+        &root,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .with_context(|| format!("mount overlay on {} ({opts})", root.display()))?;
     Ok(root)
 }
 
@@ -145,7 +170,11 @@ pub fn kernel_matches(root: &Path) -> Result<String> {
     bail!(
         "the image has no modules for the running kernel {running} (it has: {}); build the \
          agent's initrd and the OS image from the same kernel package",
-        if have.is_empty() { "none".to_string() } else { have.join(", ") }
+        if have.is_empty() {
+            "none".to_string()
+        } else {
+            have.join(", ")
+        }
     )
 }
 
@@ -172,12 +201,19 @@ fn try_switch_root(new_root: &Path) -> Result<std::convert::Infallible> {
     for api in ["/dev", "/proc", "/sys", "/run"] {
         let target = new_root.join(api.trim_start_matches('/'));
         fs::create_dir_all(&target).with_context(|| format!("create {}", target.display()))?;
-        mount(Some(api), &target, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-            .with_context(|| format!("move {api} to {}", target.display()))?;
+        mount(
+            Some(api),
+            &target,
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .with_context(|| format!("move {api} to {}", target.display()))?;
     }
     nix::unistd::chdir(new_root).with_context(|| format!("chdir {}", new_root.display()))?;
     // What busybox switch_root does: the initramfs cannot be pivot_root'ed away.
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("move the new root onto /")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .context("move the new root onto /")?;
     nix::unistd::chroot(".").context("chroot")?;
     nix::unistd::chdir("/").context("chdir /")?;
     let init = CString::new("/sbin/init").map_err(|e| anyhow!(e))?;

@@ -58,7 +58,11 @@ fn image_file<'a>(task: &'a DeployTask, role: &str) -> Result<&'a ImageFile> {
         let roles: Vec<&str> = task.image.iter().map(|f| f.role.as_str()).collect();
         anyhow!(
             "the image has no {role:?} file (it has: {})",
-            if roles.is_empty() { "none".to_string() } else { roles.join(", ") }
+            if roles.is_empty() {
+                "none".to_string()
+            } else {
+                roles.join(", ")
+            }
         )
     })
 }
@@ -74,10 +78,10 @@ pub fn to_disk(client: &Client, args: &AgentArgs, task: &DeployTask) -> Result<E
     let raw = at(Step::Disk, image_file(task, ROLE_RAW))?;
 
     // Disk: choose it, wipe what was there.
-    let mut dev = at(Step::Disk, prepare_disk(client, task, raw))?;
+    let (mut dev, image_size) = at(Step::Disk, prepare_disk(client, task, raw))?;
 
     // Image: stream it on.
-    at(Step::Image, write_raw(client, raw, &mut dev))?;
+    at(Step::Image, write_raw(client, raw, &mut dev, image_size))?;
 
     // Partitions: the kernel's view, the GPT grown to the disk, the root found.
     let root = at(Step::Partitions, partitions(client, &mut dev))?;
@@ -86,23 +90,42 @@ pub fn to_disk(client: &Client, args: &AgentArgs, task: &DeployTask) -> Result<E
 
     // Seed: the installed OS's configuration and phone-home.
     at(Step::Seed, {
-        event(client, Step::Seed, StepState::Started, format!("writing the NoCloud seed on {root}"));
+        event(
+            client,
+            Step::Seed,
+            StepState::Started,
+            format!("writing the NoCloud seed on {root}"),
+        );
         write_seed(&root, task, args, machine_id, token).map(|()| {
             event(
                 client,
                 Step::Seed,
                 StepState::Done,
-                format!("seed written: hostname {}, {} SSH keys", task.hostname, task.ssh_keys.len()),
+                format!(
+                    "seed written: hostname {}, {} SSH keys",
+                    task.hostname,
+                    task.ssh_keys.len()
+                ),
             );
         })
     })?;
 
     at(Step::Installed, client.installed())?;
-    event(client, Step::Installed, StepState::Done, "image installed; rebooting from disk".into());
+    event(
+        client,
+        Step::Installed,
+        StepState::Done,
+        "image installed; rebooting from disk".into(),
+    );
     Ok(Ending::Reboot)
 }
 
-fn prepare_disk(client: &Client, task: &DeployTask, raw: &ImageFile) -> Result<BlockDevice> {
+/// Returns the opened disk and the image's decompressed size, when its header tells.
+fn prepare_disk(
+    client: &Client,
+    task: &DeployTask,
+    raw: &ImageFile,
+) -> Result<(BlockDevice, Option<u64>)> {
     let disks = inventory::disks(Path::new(SYS));
     let need = stream::peek_size(&raw.url);
     let chosen = disk::choose(&disks, task.disk.as_deref(), need)?;
@@ -114,7 +137,10 @@ fn prepare_disk(client: &Client, task: &DeployTask, raw: &ImageFile) -> Result<B
             "target {} ({}){}",
             chosen.name,
             human_bytes(chosen.size_bytes),
-            need.map_or_else(String::new, |n| format!(" for an image of {}", human_bytes(n)))
+            need.map_or_else(String::new, |n| format!(
+                " for an image of {}",
+                human_bytes(n)
+            ))
         ),
     );
     let mut dev = BlockDevice::open(Path::new(DEV), &chosen.name)?;
@@ -127,22 +153,44 @@ fn prepare_disk(client: &Client, task: &DeployTask, raw: &ImageFile) -> Result<B
         client,
         Step::Disk,
         StepState::Done,
-        format!("{}: {} old partitions, {n} signature areas zeroed", chosen.name, parts.len()),
+        format!(
+            "{}: {} old partitions, {n} signature areas zeroed",
+            chosen.name,
+            parts.len()
+        ),
     );
-    Ok(dev)
+    Ok((dev, need))
 }
 
-fn write_raw(client: &Client, raw: &ImageFile, dev: &mut BlockDevice) -> Result<()> {
+fn write_raw(
+    client: &Client,
+    raw: &ImageFile,
+    dev: &mut BlockDevice,
+    image_size: Option<u64>,
+) -> Result<()> {
     event(
         client,
         Step::Image,
         StepState::Started,
-        format!("streaming {} ({}) to {}", raw.url, human_bytes(raw.size), dev.path.display()),
+        format!(
+            "streaming {} ({}) to {}",
+            raw.url,
+            human_bytes(raw.size),
+            dev.path.display()
+        ),
     );
     let start = Instant::now();
     let download = stream::Download::new(&raw.url)?;
     let mut report = |p: &stream::Progress| {
-        let fraction = p.total.filter(|t| *t > 0).map(|t| p.received as f32 / t as f32);
+        // Written of the decompressed size is the truer measure (the decoder reads ahead);
+        // received of the file's size otherwise.
+        let fraction = match image_size.filter(|n| *n > 0) {
+            Some(n) => Some(p.written as f32 / n as f32),
+            None => p
+                .total
+                .filter(|t| *t > 0)
+                .map(|t| p.received as f32 / t as f32),
+        };
         let message = format!(
             "{} received, {} written",
             human_bytes(p.received),
@@ -157,7 +205,14 @@ fn write_raw(client: &Client, raw: &ImageFile, dev: &mut BlockDevice) -> Result<
             log_tail: None,
         });
     };
-    let w = stream::write_image(download, &raw.sha256, raw.size, dev, PROGRESS_EVERY, &mut report)?;
+    let w = stream::write_image(
+        download,
+        &raw.sha256,
+        raw.size,
+        dev,
+        PROGRESS_EVERY,
+        &mut report,
+    )?;
     let secs = start.elapsed().as_secs_f64();
     event(
         client,
@@ -200,7 +255,10 @@ fn partitions(client: &Client, dev: &mut BlockDevice) -> Result<String> {
             parts.len(),
             root.name,
             match grown {
-                Some(b) => format!(" grown to {} (its ext4 grows at first boot)", human_bytes(b)),
+                Some(b) => format!(
+                    " grown to {} (its ext4 grows at first boot)",
+                    human_bytes(b)
+                ),
                 None => " (not grown)".to_string(),
             }
         ),
@@ -208,11 +266,23 @@ fn partitions(client: &Client, dev: &mut BlockDevice) -> Result<String> {
     Ok(root.name.clone())
 }
 
-fn write_seed(root_part: &str, task: &DeployTask, args: &AgentArgs, id: &str, token: &str) -> Result<()> {
+fn write_seed(
+    root_part: &str,
+    task: &DeployTask,
+    args: &AgentArgs,
+    id: &str,
+    token: &str,
+) -> Result<()> {
     std::fs::create_dir_all(TARGET).with_context(|| format!("create {TARGET}"))?;
     let dev = Path::new(DEV).join(root_part);
-    mount(Some(&dev), TARGET, Some("ext4"), MsFlags::MS_NOATIME, None::<&str>)
-        .with_context(|| format!("mount {} on {TARGET}", dev.display()))?;
+    mount(
+        Some(&dev),
+        TARGET,
+        Some("ext4"),
+        MsFlags::MS_NOATIME,
+        None::<&str>,
+    )
+    .with_context(|| format!("mount {} on {TARGET}", dev.display()))?;
     let seed = seed::seed(task, id, args.boot_mac);
     let written = seed::install(
         Path::new(TARGET),
@@ -243,7 +313,12 @@ pub fn erase(client: &Client, quick: bool) -> Result<Ending, Failed> {
         at(Step::Erase, erase_one(client, &d.name, quick))?;
     }
     at(Step::Erase, client.released())?;
-    event(client, Step::Erase, StepState::Done, format!("{} disks erased; released", disks.len()));
+    event(
+        client,
+        Step::Erase,
+        StepState::Done,
+        format!("{} disks erased; released", disks.len()),
+    );
     Ok(Ending::PowerOff)
 }
 
@@ -335,11 +410,20 @@ pub fn to_memory(client: &Client, args: &AgentArgs, task: &DeployTask) -> Result
                     client,
                     Step::Seed,
                     StepState::Done,
-                    format!("seed written: hostname {}, {} SSH keys", task.hostname, task.ssh_keys.len()),
+                    format!(
+                        "seed written: hostname {}, {} SSH keys",
+                        task.hostname,
+                        task.ssh_keys.len()
+                    ),
                 );
             })
     })?;
-    event(client, Step::Memory, StepState::Done, "handing over to the OS's init".into());
+    event(
+        client,
+        Step::Memory,
+        StepState::Done,
+        "handing over to the OS's init".into(),
+    );
     nix::unistd::sync();
     Err(Failed {
         step: Step::Memory,
@@ -352,11 +436,16 @@ fn prepare_memory_root(client: &Client, file: &ImageFile) -> Result<std::path::P
         client,
         Step::Memory,
         StepState::Started,
-        format!("fetching {} ({}) into RAM", file.url, human_bytes(file.size)),
+        format!(
+            "fetching {} ({}) into RAM",
+            file.url,
+            human_bytes(file.size)
+        ),
     );
     let base = memory::mount_base()?;
     let image = base.join("root.squashfs");
-    let mut sink = memory::FileSink::create(&image).with_context(|| format!("create {}", image.display()))?;
+    let mut sink =
+        memory::FileSink::create(&image).with_context(|| format!("create {}", image.display()))?;
     let start = Instant::now();
     let download = stream::Download::new(&file.url)?;
     let mut report = |p: &stream::Progress| {
@@ -364,11 +453,21 @@ fn prepare_memory_root(client: &Client, file: &ImageFile) -> Result<std::path::P
             step: Step::Memory.name().to_string(),
             state: StepState::Progress,
             message: format!("{} received", human_bytes(p.received)),
-            progress: p.total.filter(|t| *t > 0).map(|t| p.received as f32 / t as f32),
+            progress: p
+                .total
+                .filter(|t| *t > 0)
+                .map(|t| p.received as f32 / t as f32),
             log_tail: None,
         });
     };
-    let w = stream::write_image(download, &file.sha256, file.size, &mut sink, PROGRESS_EVERY, &mut report)?;
+    let w = stream::write_image(
+        download,
+        &file.sha256,
+        file.size,
+        &mut sink,
+        PROGRESS_EVERY,
+        &mut report,
+    )?;
     drop(sink);
     let loopdev = memory::attach_loop(&image)?;
     let root = memory::mount_overlay(&base, &loopdev)?;

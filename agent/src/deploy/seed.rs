@@ -100,9 +100,8 @@ fn multipart(ours: &str, theirs: &str) -> String {
     while ours.contains(&boundary) || theirs.contains(&boundary) {
         boundary.insert(2, 'x');
     }
-    let mut s = format!(
-        "Content-Type: multipart/mixed; boundary=\"{boundary}\"\nMIME-Version: 1.0\n\n"
-    );
+    let mut s =
+        format!("Content-Type: multipart/mixed; boundary=\"{boundary}\"\nMIME-Version: 1.0\n\n");
     s.push_str(&format!(
         "--{boundary}\nContent-Type: text/cloud-config; charset=\"utf-8\"\n\
          Content-Disposition: attachment; filename=\"stork.cfg\"\n\n{ours}"
@@ -138,7 +137,7 @@ fn phone_home_unit() -> String {
          StandardOutput=journal+console\n\
          \n\
          [Install]\n\
-         WantedBy=multi-user.target\n"
+         WantedBy=cloud-init.target\n"
     )
 }
 
@@ -187,10 +186,25 @@ fn write(root: &Path, rel: &str, text: &str, mode: u32) -> io::Result<()> {
 
 /// Writes the seed and the phone-home unit (enabled) under `root`, the installed OS's `/`.
 pub fn install(root: &Path, seed: &Seed, home: &PhoneHome) -> io::Result<()> {
-    write(root, &format!("{SEED_DIR}/meta-data"), &seed.meta_data, 0o644)?;
+    write(
+        root,
+        &format!("{SEED_DIR}/meta-data"),
+        &seed.meta_data,
+        0o644,
+    )?;
     // user-data may carry secrets of the user's.
-    write(root, &format!("{SEED_DIR}/user-data"), &seed.user_data, 0o600)?;
-    write(root, &format!("{SEED_DIR}/network-config"), &seed.network_config, 0o644)?;
+    write(
+        root,
+        &format!("{SEED_DIR}/user-data"),
+        &seed.user_data,
+        0o600,
+    )?;
+    write(
+        root,
+        &format!("{SEED_DIR}/network-config"),
+        &seed.network_config,
+        0o644,
+    )?;
 
     fs::create_dir_all(root.join(STORK_DIR))?;
     fs::set_permissions(root.join(STORK_DIR), fs::Permissions::from_mode(0o700))?;
@@ -204,17 +218,38 @@ pub fn install(root: &Path, seed: &Seed, home: &PhoneHome) -> io::Result<()> {
     });
     write(root, PHONE_HOME_CONFIG, &config.to_string(), 0o600)?;
     write(root, PHONE_HOME_SCRIPT, &phone_home_script(), 0o644)?;
-    write(root, &format!("{UNIT_DIR}/{UNIT}"), &phone_home_unit(), 0o644)?;
-    // `systemctl enable` by hand: the WantedBy symlink.
-    let wants = root.join(UNIT_DIR).join("multi-user.target.wants");
-    fs::create_dir_all(&wants)?;
-    let link = wants.join(UNIT);
-    match fs::remove_file(&link) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    write(
+        root,
+        &format!("{UNIT_DIR}/{UNIT}"),
+        &phone_home_unit(),
+        0o644,
+    )?;
+    // `systemctl enable` by hand: the WantedBy symlink. cloud-final.service is ordered after
+    // multi-user.target, so a unit wanted by multi-user.target and ordered after cloud-final
+    // is a cycle (systemd drops the job): hang it on cloud-init.target, as cloud-final is.
+    let target = if has_cloud_init(root) {
+        "cloud-init.target"
+    } else {
+        "multi-user.target"
+    };
+    for t in ["cloud-init.target", "multi-user.target"] {
+        let link = root.join(UNIT_DIR).join(format!("{t}.wants")).join(UNIT);
+        match fs::remove_file(&link) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
     }
-    symlink(format!("/{UNIT_DIR}/{UNIT}"), link)
+    let wants = root.join(UNIT_DIR).join(format!("{target}.wants"));
+    fs::create_dir_all(&wants)?;
+    symlink(format!("/{UNIT_DIR}/{UNIT}"), wants.join(UNIT))
+}
+
+/// Whether the OS under `root` has cloud-init's systemd units (merged /usr or not).
+fn has_cloud_init(root: &Path) -> bool {
+    ["usr/lib/systemd/system", "lib/systemd/system"]
+        .iter()
+        .any(|d| root.join(d).join("cloud-final.service").exists())
 }
 
 #[cfg(test)]
@@ -253,7 +288,10 @@ mod tests {
         assert_eq!(user["ssh_authorized_keys"][1], "ssh-rsa B \"q\"");
         let net = doc(&s.network_config);
         assert_eq!(net["version"], 2);
-        assert_eq!(net["ethernets"]["boot"]["match"]["macaddress"], "52:54:00:77:00:02");
+        assert_eq!(
+            net["ethernets"]["boot"]["match"]["macaddress"],
+            "52:54:00:77:00:02"
+        );
         assert_eq!(net["ethernets"]["boot"]["dhcp4"], true);
     }
 
@@ -300,13 +338,23 @@ mod tests {
             serde_json::from_str(&fs::read_to_string(r.join(PHONE_HOME_CONFIG)).unwrap()).unwrap();
         assert_eq!(cfg["url"], "http://10.77.0.1:8080/api/v1/agent/m1/deployed");
         assert_eq!(cfg["token"], "stork_agent_secret");
-        let mode = fs::metadata(r.join(PHONE_HOME_CONFIG)).unwrap().permissions().mode();
+        let mode = fs::metadata(r.join(PHONE_HOME_CONFIG))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let link = fs::read_link(r.join(UNIT_DIR).join("multi-user.target.wants").join(UNIT)).unwrap();
-        assert_eq!(link, Path::new("/etc/systemd/system/stork-phone-home.service"));
+        let link =
+            fs::read_link(r.join(UNIT_DIR).join("multi-user.target.wants").join(UNIT)).unwrap();
+        assert_eq!(
+            link,
+            Path::new("/etc/systemd/system/stork-phone-home.service")
+        );
         let unit = fs::read_to_string(r.join(UNIT_DIR).join(UNIT)).unwrap();
         assert!(unit.contains("After=cloud-final.service"));
-        // Installing twice (a redeploy into the same tree) is fine.
+        // With cloud-init it hangs on cloud-init.target (cloud-final runs after
+        // multi-user.target); installing twice (a redeploy into the same tree) is fine.
+        fs::create_dir_all(r.join("usr/lib/systemd/system")).unwrap();
+        fs::write(r.join("usr/lib/systemd/system/cloud-final.service"), "").unwrap();
         install(
             root.path(),
             &s,
@@ -317,5 +365,17 @@ mod tests {
             },
         )
         .unwrap();
+        assert!(
+            r.join(UNIT_DIR)
+                .join("cloud-init.target.wants")
+                .join(UNIT)
+                .is_symlink()
+        );
+        assert!(
+            !r.join(UNIT_DIR)
+                .join("multi-user.target.wants")
+                .join(UNIT)
+                .exists()
+        );
     }
 }

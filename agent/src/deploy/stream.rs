@@ -167,12 +167,13 @@ impl Download {
         // A server that ignored the range starts again at 0: skip what we already have.
         if resp.offset < self.received {
             let skip = self.received - resp.offset;
-            let skipped = io::copy(&mut (&mut body).take(skip), &mut io::sink()).map_err(|source| {
-                HttpError::Io {
-                    addr: self.url.host.clone(),
-                    source,
-                }
-            })?;
+            let skipped =
+                io::copy(&mut (&mut body).take(skip), &mut io::sink()).map_err(|source| {
+                    HttpError::Io {
+                        addr: self.url.host.clone(),
+                        source,
+                    }
+                })?;
             if skipped < skip {
                 return Err(HttpError::Io {
                     addr: self.url.host.clone(),
@@ -182,7 +183,10 @@ impl Download {
         } else if resp.offset > self.received {
             return Err(HttpError::Malformed {
                 url: self.url.path.clone(),
-                why: format!("asked for bytes from {}, got from {}", self.received, resp.offset),
+                why: format!(
+                    "asked for bytes from {}, got from {}",
+                    self.received, resp.offset
+                ),
             });
         }
         if self.body.is_some() || self.received > 0 {
@@ -252,7 +256,9 @@ pub fn peek_size(url: &str) -> Option<u64> {
     let n = http::read_full(&mut resp.body, &mut head).ok()?;
     // Dropping the response closes the connection: the rest is not wanted.
     match sniff(&head[..n]).ok()? {
-        Format::Zstd => zstd::zstd_safe::get_frame_content_size(&head[..n]).ok().flatten(),
+        Format::Zstd => zstd::zstd_safe::get_frame_content_size(&head[..n])
+            .ok()
+            .flatten(),
         Format::Raw => Some(resp.length),
     }
 }
@@ -491,12 +497,17 @@ impl<'a> ChunkWriter<'a> {
 fn is_zero(data: &[u8]) -> bool {
     // OR-folding a block vectorises; stopping at the first non-zero block keeps data chunks
     // cheap. This runs over every byte of the image.
-    data.chunks(4096).all(|b| b.iter().fold(0u8, |acc, x| acc | x) == 0)
+    data.chunks(4096)
+        .all(|b| b.iter().fold(0u8, |acc, x| acc | x) == 0)
 }
 
 /// A decode error on a file that is not the registered one is really a checksum error:
 /// read the rest (the LAN is fast) and say so when the sums differ.
-fn blame_the_file(decoder: Box<dyn DecodeRead>, e: StreamError, expected_sha256: &str) -> StreamError {
+fn blame_the_file(
+    decoder: Box<dyn DecodeRead>,
+    e: StreamError,
+    expected_sha256: &str,
+) -> StreamError {
     if !matches!(e, StreamError::Decode { .. }) {
         return e;
     }
@@ -588,7 +599,10 @@ mod tests {
         ignore_range: bool,
     ) -> (String, JoinHandle<Vec<u64>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/boot/image.raw.zst", listener.local_addr().unwrap());
+        let url = format!(
+            "http://{}/boot/image.raw.zst",
+            listener.local_addr().unwrap()
+        );
         let handle = thread::spawn(move || {
             let mut starts = Vec::new();
             for (i, conn) in listener.incoming().enumerate() {
@@ -619,7 +633,11 @@ mod tests {
                     format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
                 };
                 conn.write_all(head.as_bytes()).unwrap();
-                let send = if i < cuts { cut_at.min(body.len()) } else { body.len() };
+                let send = if i < cuts {
+                    cut_at.min(body.len())
+                } else {
+                    body.len()
+                };
                 // The client may hang up first; that is its business.
                 let _ = conn.write_all(&body[..send]);
                 drop(conn);
@@ -689,7 +707,10 @@ mod tests {
         let err = run(&url, &wrong, 0, &mut MemSink::default()).unwrap_err();
         let text = err.to_string();
         assert!(
-            text.starts_with(&format!("sha256 mismatch: expected {wrong}, got {}", sha(&z))),
+            text.starts_with(&format!(
+                "sha256 mismatch: expected {wrong}, got {}",
+                sha(&z)
+            )),
             "{text}"
         );
     }

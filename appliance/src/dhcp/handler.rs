@@ -605,6 +605,10 @@ mod tests {
             p.push(255);
             assert!(super::super::decode(&p).is_err(), "option {code} len {len}");
         }
+        // Two option 94s of 3 bytes each are one of 6 (RFC 3396 concatenation).
+        let mut p = IPXE_DISCOVER[..240].to_vec();
+        p.extend_from_slice(&[53, 1, 1, 94, 3, 1, 2, 0, 94, 3, 1, 2, 0, 255]);
+        assert!(super::super::decode(&p).is_err());
         assert!(super::super::decode(IPXE_DISCOVER).is_ok());
     }
 

@@ -281,15 +281,16 @@ pub enum Malformed {
     Panic,
 }
 
-/// Options whose length dhcproto 0.15 asserts on (`debug_assert!`, `len - n`) instead of
-/// checking: a packet with a wrong length there would panic a debug build (found by the
-/// `dhcp_handler` fuzz target), so it is rejected before decoding.
+/// Option lengths dhcproto 0.15 asserts on (`debug_assert!`, `len - n`) instead of
+/// checking: a packet with a wrong length there panics a debug build (found by the
+/// `dhcp_handler` fuzz target), so it is rejected before decoding. `len` is the length
+/// after RFC 3396 concatenation, as dhcproto sees it.
 fn length_ok(code: u8, len: usize) -> bool {
     match code {
         80 => len == 0,        // Rapid Commit
-        81 => len >= 3,        // Client FQDN
+        81 => len >= 3,        // Client FQDN: flags and two rcodes first
         94 => len == 3,        // Client Network Interface
-        151 => len >= 1,       // BLQ status code
+        151 => len >= 1,       // BLQ status code: a code first
         152..=155 => len == 4, // BLQ times
         _ => true,
     }
@@ -299,21 +300,35 @@ fn length_ok(code: u8, len: usize) -> bool {
 /// fuzz target, so it exercises exactly what the server accepts.
 pub fn decode(packet: &[u8]) -> Result<Message, Malformed> {
     // The options area: after the fixed header and the magic cookie (RFC 2131 section 3).
+    // Consecutive options with the same code are one option (RFC 3396), as dhcproto
+    // concatenates them.
     let mut i = 240;
+    let mut run: Option<(u8, usize)> = None;
+    let check = |run: Option<(u8, usize)>| match run {
+        Some((code, len)) if !length_ok(code, len) => Err(Malformed::OptionLength { code, len }),
+        _ => Ok(()),
+    };
     while let Some(&code) = packet.get(i) {
-        match code {
-            0 => i += 1,
-            255 => break,
-            _ => {
-                let Some(&len) = packet.get(i + 1) else { break };
-                let len = usize::from(len);
-                if !length_ok(code, len) {
-                    return Err(Malformed::OptionLength { code, len });
-                }
-                i += 2 + len;
+        if code == 0 || code == 255 {
+            check(run.take())?;
+            if code == 255 {
+                break;
             }
+            i += 1;
+            continue;
         }
+        let Some(&len) = packet.get(i + 1) else { break };
+        let len = usize::from(len);
+        run = match run {
+            Some((c, total)) if c == code => Some((c, total + len)),
+            other => {
+                check(other)?;
+                Some((code, len))
+            }
+        };
+        i += 2 + len;
     }
+    check(run)?;
     // A panic inside the decoder on hostile input must cost one packet, not the service.
     match std::panic::catch_unwind(|| Message::decode(&mut Decoder::new(packet))) {
         Ok(r) => Ok(r?),

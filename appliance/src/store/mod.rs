@@ -236,6 +236,15 @@ impl Store {
         Self::query_machines(&self.lock(), "", &[])
     }
 
+    /// Machines in any of `statuses`: the timeout checker's question, answered without
+    /// reading (and parsing) every machine.
+    pub fn machines_in(&self, statuses: &[Status]) -> Result<Vec<Machine>, StoreError> {
+        // Status names are our own fixed identifiers, so they can go into the SQL text.
+        let names: Vec<String> = statuses.iter().map(|s| format!("'{}'", s.as_str())).collect();
+        let where_sql = format!("WHERE status IN ({})", names.join(", "));
+        Self::query_machines(&self.lock(), &where_sql, &[])
+    }
+
     /// By id, or by any of its MAC addresses.
     pub fn get_machine(&self, key: &str) -> Result<Machine, StoreError> {
         let conn = self.lock();

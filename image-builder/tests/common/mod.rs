@@ -3,7 +3,6 @@
 #![allow(dead_code)] // Each test binary uses its own part.
 
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
 use std::fs;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
@@ -242,8 +241,4 @@ pub fn diff(a: &BTreeMap<String, Entry>, b: &BTreeMap<String, Entry>, limit: usi
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
-}
-
-pub fn os(s: &str) -> &OsStr {
-    OsStr::new(s)
 }

@@ -18,8 +18,11 @@ const LEVEL: &str = "15";
 /// A fixed epoch for both writers: the comparison is about the writer, not the tree's date.
 const EPOCH: &str = "1700000000";
 
-struct Row {
-    name: &'static str,
+/// Makes the command of one writer.
+type Maker<'a> = Box<dyn Fn() -> Command + 'a>;
+
+struct Row<'a> {
+    name: &'a str,
     seconds: f64,
     size: u64,
 }
@@ -67,23 +70,7 @@ fn plain(tree: &Path, out: &Path, block: Option<&str>) -> Command {
 
 fn bench_tree(label: &str, tree: &Path, bin: &Path, scratch: &Path, n: usize) -> Result<()> {
     let out = scratch.join("bench.sqfs");
-    let mut rows = Vec::new();
-    let mut measure = |name: &'static str, make: &dyn Fn() -> Command| -> Result<()> {
-        let mut times = Vec::new();
-        let mut size = 0;
-        for _ in 0..n {
-            let (s, z) = time(&mut make(), &out)?;
-            times.push(s);
-            size = z;
-        }
-        rows.push(Row {
-            name,
-            seconds: median(times),
-            size,
-        });
-        Ok(())
-    };
-    measure("Stork (stork-image squashfs)", &|| {
+    let stork = || {
         let mut c = Command::new(bin);
         c.args(["squashfs", "--level", LEVEL, "--source"])
             .arg(tree)
@@ -91,10 +78,39 @@ fn bench_tree(label: &str, tree: &Path, bin: &Path, scratch: &Path, n: usize) ->
             .arg(&out)
             .env("SOURCE_DATE_EPOCH", EPOCH);
         c
-    })?;
-    measure("mksquashfs, default blocks", &|| plain(tree, &out, None))?;
-    measure("mksquashfs -b 1M", &|| plain(tree, &out, Some("1M")))?;
+    };
+    let writers: [(&str, Maker); 3] = [
+        ("Stork (stork-image squashfs)", Box::new(stork)),
+        (
+            "mksquashfs, default blocks",
+            Box::new(|| plain(tree, &out, None)),
+        ),
+        (
+            "mksquashfs -b 1M",
+            Box::new(|| plain(tree, &out, Some("1M"))),
+        ),
+    ];
+    // Rounds of one run per writer, so a change in the machine's load hits all of them alike.
+    let mut times = vec![Vec::new(); writers.len()];
+    let mut sizes = vec![0u64; writers.len()];
+    for _ in 0..n {
+        for (i, (_, make)) in writers.iter().enumerate() {
+            let (s, z) = time(&mut make(), &out)?;
+            times[i].push(s);
+            sizes[i] = z;
+        }
+    }
     let _ = std::fs::remove_file(&out);
+    let rows: Vec<Row> = writers
+        .iter()
+        .zip(times)
+        .zip(sizes)
+        .map(|(((name, _), t), size)| Row {
+            name,
+            seconds: median(t),
+            size,
+        })
+        .collect();
 
     println!("\n{label}: {} ({n} run(s), median)", tree.display());
     println!(
