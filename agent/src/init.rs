@@ -156,7 +156,8 @@ fn steps(reporter: &mut Option<(Client, stork_proto::MacAddr)>) -> Result<Ending
         return at(Step::Enlist, enlist(client, &args, inv)).map(|()| Ending::PowerOff);
     }
     let task = at(Step::Task, client.task())?;
-    say!(Step::Task, "{task:?}");
+    // A summary: user-data and keys are the user's business, not the console's.
+    say!(Step::Task, "{}", describe(&task));
     match task {
         stork_proto::Task::Commission => {
             let inv = collect_inventory();
@@ -179,6 +180,27 @@ fn steps(reporter: &mut Option<(Client, stork_proto::MacAddr)>) -> Result<Ending
         }),
         stork_proto::Task::Erase { quick } => deploy::erase(client, quick),
         stork_proto::Task::PowerOff => Ok(Ending::PowerOff),
+    }
+}
+
+fn describe(task: &stork_proto::Task) -> String {
+    match task {
+        stork_proto::Task::Deploy(t) => format!(
+            "deploy to {} as {:?}{}, {} SSH keys, user-data {}, image files: {}",
+            t.target,
+            t.hostname,
+            t.disk
+                .as_deref()
+                .map_or_else(String::new, |d| format!(" on {d}")),
+            t.ssh_keys.len(),
+            if t.user_data.is_some() { "yes" } else { "no" },
+            t.image
+                .iter()
+                .map(|f| format!("{} {}", f.role, f.url))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => format!("{other:?}"),
     }
 }
 

@@ -29,7 +29,10 @@ pub fn hash(token: &str) -> String {
 }
 
 /// Creates an admin token in the store and returns it (the only time it is visible).
-pub fn create_admin_token(store: &Store, description: &str) -> Result<(TokenRecord, String), crate::store::StoreError> {
+pub fn create_admin_token(
+    store: &Store,
+    description: &str,
+) -> Result<(TokenRecord, String), crate::store::StoreError> {
     let (token, h) = generate(ADMIN_PREFIX);
     let rec = TokenRecord {
         id: h[..12].to_string(),
@@ -44,7 +47,13 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
     let value = parts
         .headers
         .get(axum::http::header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing bearer token"))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing bearer token",
+            )
+        })?;
     value
         .to_str()
         .ok()
@@ -87,7 +96,11 @@ where
                 "forbidden",
                 "an agent token cannot use this endpoint",
             )),
-            None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid token")),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "invalid token",
+            )),
         }
     }
 }

@@ -91,7 +91,11 @@ impl Client {
     }
 
     /// Follows the event stream, calling `f` for each event until it returns false.
-    pub fn follow_events(&self, machine: &str, mut f: impl FnMut(EventRecord) -> bool) -> Result<()> {
+    pub fn follow_events(
+        &self,
+        machine: &str,
+        mut f: impl FnMut(EventRecord) -> bool,
+    ) -> Result<()> {
         let url = self.url(&format!("/events/stream?machine={machine}"));
         let mut req = self.agent.get(&url);
         if let Some(a) = self.auth() {
@@ -148,7 +152,9 @@ pub fn machine_table(machines: &[Machine]) {
             "{:<13} {:<20} {:<19} {:<16} {:>4} {:>9} {:>6}",
             m.id,
             m.status.to_string(),
-            m.boot_mac.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
+            m.boot_mac
+                .map(|b| b.to_string())
+                .unwrap_or_else(|| "-".into()),
             m.hostname.as_deref().unwrap_or("-"),
             inv.map_or(0, |i| i.cpu.count),
             inv.map_or("-".into(), |i| human_size(i.memory.total_bytes)),
@@ -165,7 +171,14 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
         println!("reason:    {msg}");
     }
     println!("hostname:  {}", show(&m.hostname));
-    println!("macs:      {}", m.macs.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", "));
+    println!(
+        "macs:      {}",
+        m.macs
+            .iter()
+            .map(|m| m.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!("power:     {}", m.power.driver);
     if let Some(o) = &m.owner {
         println!("owner:     {o}");
@@ -222,7 +235,11 @@ pub fn watch(c: &Client, id: &str, until_settled: bool) -> Result<()> {
     let m: Machine = c.get(&format!("/machines/{id}"))?;
     let mut last_status = m.status;
     c.follow_events(&m.id, |e| {
-        if let Some(p) = e.message.split('(').nth(1).and_then(|r| r.split('%').next())
+        if let Some(p) = e
+            .message
+            .split('(')
+            .nth(1)
+            .and_then(|r| r.split('%').next())
             && let Ok(pct) = p.trim().parse::<f32>()
         {
             let filled = (pct / 5.0) as usize;
@@ -269,7 +286,11 @@ pub fn images(c: &Client, json: bool) -> Result<()> {
     }
     println!("{:<24} {:<10} {:<6} FILES", "NAME", "KIND", "ARCH");
     for r in list {
-        let files: Vec<String> = r.files.iter().map(|f| format!("{}={}", f.role, f.path)).collect();
+        let files: Vec<String> = r
+            .files
+            .iter()
+            .map(|f| format!("{}={}", f.role, f.path))
+            .collect();
         println!(
             "{:<24} {:<10} {:<6} {}",
             r.name,

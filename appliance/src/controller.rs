@@ -20,18 +20,32 @@ pub enum ControlError {
 /// Performs power actions. The lab and real sites plug their BMC drivers in here.
 pub trait PowerActions: Send + Sync {
     /// Next boot from the network, then power on (cycle when already on).
-    fn netboot_and_power_on(&self, m: &Machine) -> futures_util::future::BoxFuture<'static, Result<(), String>>;
-    fn power_off(&self, m: &Machine) -> futures_util::future::BoxFuture<'static, Result<(), String>>;
+    fn netboot_and_power_on(
+        &self,
+        m: &Machine,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), String>>;
+    fn power_off(
+        &self,
+        m: &Machine,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), String>>;
 }
 
 /// What manual power means: record that a person must act.
 pub struct ManualPower;
 
 impl PowerActions for ManualPower {
-    fn netboot_and_power_on(&self, _m: &Machine) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
-        Box::pin(async { Err("manual power: set the machine to network-boot and power it on".into()) })
+    fn netboot_and_power_on(
+        &self,
+        _m: &Machine,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
+        Box::pin(async {
+            Err("manual power: set the machine to network-boot and power it on".into())
+        })
     }
-    fn power_off(&self, _m: &Machine) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
+    fn power_off(
+        &self,
+        _m: &Machine,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
         Box::pin(async { Err("manual power: power the machine off".into()) })
     }
 }
@@ -42,8 +56,12 @@ pub struct DriverPower;
 /// The machine's stored power config as driver parameters.
 pub fn power_params(m: &Machine) -> Result<crate::power::PowerParams, String> {
     let mut obj = m.power.params.clone();
-    obj.insert("driver".into(), serde_json::Value::String(m.power.driver.clone()));
-    serde_json::from_value(serde_json::Value::Object(obj)).map_err(|e| format!("power parameters: {e}"))
+    obj.insert(
+        "driver".into(),
+        serde_json::Value::String(m.power.driver.clone()),
+    );
+    serde_json::from_value(serde_json::Value::Object(obj))
+        .map_err(|e| format!("power parameters: {e}"))
 }
 
 fn is_uefi(m: &Machine) -> bool {
@@ -53,7 +71,10 @@ fn is_uefi(m: &Machine) -> bool {
 }
 
 impl PowerActions for DriverPower {
-    fn netboot_and_power_on(&self, m: &Machine) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
+    fn netboot_and_power_on(
+        &self,
+        m: &Machine,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
         let params = power_params(m);
         let efi = is_uefi(m);
         Box::pin(async move {
@@ -64,7 +85,9 @@ impl PowerActions for DriverPower {
             }
             let d = PowerDriver::new(params);
             let e = |e: crate::power::PowerError| e.to_string();
-            d.set_boot_device(BootDevice::Pxe, false, efi).await.map_err(e)?;
+            d.set_boot_device(BootDevice::Pxe, false, efi)
+                .await
+                .map_err(e)?;
             match d.query().await.map_err(e)? {
                 PowerState::On => d.power_cycle().await.map_err(e),
                 _ => d.power_on().await.map_err(e),
@@ -72,7 +95,10 @@ impl PowerActions for DriverPower {
         })
     }
 
-    fn power_off(&self, m: &Machine) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
+    fn power_off(
+        &self,
+        m: &Machine,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
         let params = power_params(m);
         Box::pin(async move {
             let d = crate::power::PowerDriver::new(params?);
@@ -165,7 +191,10 @@ impl Controller {
                                 new_status: None,
                                 message: format!(
                                     "rejected: {rejected}{}",
-                                    message.as_deref().map(|x| format!(" ({x})")).unwrap_or_default()
+                                    message
+                                        .as_deref()
+                                        .map(|x| format!(" ({x})"))
+                                        .unwrap_or_default()
                                 ),
                             },
                         )?;
@@ -271,7 +300,11 @@ impl Controller {
     /// Finishes such releases from before this process started: power off, then done.
     pub async fn finish_interrupted_releases(&self) {
         let started_at = self.started_at;
-        let stuck = match self.store.call(|s| s.machines_in(&[Status::Releasing])).await {
+        let stuck = match self
+            .store
+            .call(|s| s.machines_in(&[Status::Releasing]))
+            .await
+        {
             Ok(all) => all.into_iter().filter(|m| m.status_since < started_at),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot look for interrupted releases");

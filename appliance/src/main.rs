@@ -14,7 +14,12 @@ use stork::{auth, config, serve, store};
 #[command(name = "stork", version, about = "Bare-metal provisioning appliance")]
 struct Cli {
     /// Appliance URL for client commands.
-    #[arg(long, env = "STORK_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "STORK_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     url: String,
     /// Admin API token for client commands (`stork token create` makes one).
     #[arg(long, env = "STORK_TOKEN", global = true, hide_env_values = true)]
@@ -267,7 +272,10 @@ enum ImageCmd {
 
 #[derive(Subcommand)]
 enum SshKeyCmd {
-    Add { name: String, file: PathBuf },
+    Add {
+        name: String,
+        file: PathBuf,
+    },
     List {
         #[arg(long)]
         json: bool,
@@ -302,8 +310,8 @@ fn main() -> Result<()> {
             std::fs::create_dir_all(&data_dir)
                 .with_context(|| format!("cannot create {}", data_dir.display()))?;
             let db = data_dir.join("stork.db");
-            let store = store::Store::open(&db)
-                .with_context(|| format!("cannot open {}", db.display()))?;
+            let store =
+                store::Store::open(&db).with_context(|| format!("cannot open {}", db.display()))?;
             let (_, token) = auth::create_admin_token(&store, &description)?;
             println!("{token}");
             Ok(())
@@ -314,7 +322,13 @@ fn main() -> Result<()> {
                 v.as_array()
                     .into_iter()
                     .flatten()
-                    .map(|t| format!("{} {}", t["id"].as_str().unwrap_or("-"), t["description"].as_str().unwrap_or("")))
+                    .map(|t| {
+                        format!(
+                            "{} {}",
+                            t["id"].as_str().unwrap_or("-"),
+                            t["description"].as_str().unwrap_or("")
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join("\n")
             })
@@ -328,7 +342,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::SshKey(SshKeyCmd::Add { name, file }) => {
-            let v: Value = client().post("/ssh-keys", &json!({"name": name, "key": read(&file)?}))?;
+            let v: Value =
+                client().post("/ssh-keys", &json!({"name": name, "key": read(&file)?}))?;
             println!("{}", v["id"].as_str().unwrap_or("?"));
             Ok(())
         }
@@ -338,7 +353,14 @@ fn main() -> Result<()> {
                 v.as_array()
                     .into_iter()
                     .flatten()
-                    .map(|k| format!("{} {} {}", k["id"].as_str().unwrap_or("-"), k["name"].as_str().unwrap_or(""), k["key"].as_str().unwrap_or("")))
+                    .map(|k| {
+                        format!(
+                            "{} {} {}",
+                            k["id"].as_str().unwrap_or("-"),
+                            k["name"].as_str().unwrap_or(""),
+                            k["key"].as_str().unwrap_or("")
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join("\n")
             })
@@ -390,13 +412,15 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
                 "tags": tags,
             });
             let m: stork::store::Machine = c.post("/machines", &body)?;
-            cli::json_or_line(&serde_json::to_value(&m)?, json, |_| format!("{} {}", m.id, m.status))
+            cli::json_or_line(&serde_json::to_value(&m)?, json, |_| {
+                format!("{} {}", m.id, m.status)
+            })
         }
-        MachineCmd::Commission { id, json } => cli::action(c, &id, "commission", cli::empty(), json),
+        MachineCmd::Commission { id, json } => {
+            cli::action(c, &id, "commission", cli::empty(), json)
+        }
         MachineCmd::Allocate {
-            id: Some(id),
-            json,
-            ..
+            id: Some(id), json, ..
         } => cli::action(c, &id, "allocate", cli::empty(), json),
         MachineCmd::Allocate {
             id: None,
@@ -412,7 +436,9 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
                 "arch": arch, "tags": tags,
             });
             let m: stork::store::Machine = c.post("/machines/allocate", &body)?;
-            cli::json_or_line(&serde_json::to_value(&m)?, json, |_| format!("{} {}", m.id, m.status))
+            cli::json_or_line(&serde_json::to_value(&m)?, json, |_| {
+                format!("{} {}", m.id, m.status)
+            })
         }
         MachineCmd::Deploy {
             id,
@@ -437,7 +463,13 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
             erase,
             full,
             json,
-        } => cli::action(c, &id, "release", json!({"erase": erase, "quick": !full}), json),
+        } => cli::action(
+            c,
+            &id,
+            "release",
+            json!({"erase": erase, "quick": !full}),
+            json,
+        ),
         MachineCmd::Abort { id, json } => cli::action(c, &id, "abort", cli::empty(), json),
         MachineCmd::MarkBroken { id, reason, json } => {
             cli::action(c, &id, "mark-broken", json!({"reason": reason}), json)
@@ -446,7 +478,13 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
         MachineCmd::Delete { id } => c.delete(&format!("/machines/{id}")),
         MachineCmd::Power { id, op, json } => {
             let v: Value = c.post(&format!("/machines/{id}/power/{op}"), &cli::empty())?;
-            cli::json_or_line(&v, json, |v| format!("{} {}", v["machine_id"].as_str().unwrap_or("?"), v["state"].as_str().unwrap_or("?")))
+            cli::json_or_line(&v, json, |v| {
+                format!(
+                    "{} {}",
+                    v["machine_id"].as_str().unwrap_or("?"),
+                    v["state"].as_str().unwrap_or("?")
+                )
+            })
         }
         MachineCmd::Events { id, json } => cli::events(c, &id, json),
         MachineCmd::Watch { id, until_settled } => cli::watch(c, &id, until_settled),

@@ -98,10 +98,18 @@ impl AgentArgs {
                     .map_err(|_| invalid(GATEWAY, g, "not an IPv4 address"))?,
             ),
         };
-        let machine_id = get(cmdline, MACHINE).filter(|v| !v.is_empty()).map(String::from);
-        let token = get(cmdline, TOKEN).filter(|v| !v.is_empty()).map(String::from);
+        let machine_id = get(cmdline, MACHINE)
+            .filter(|v| !v.is_empty())
+            .map(String::from);
+        let token = get(cmdline, TOKEN)
+            .filter(|v| !v.is_empty())
+            .map(String::from);
         if machine_id.is_some() != token.is_some() {
-            return Err(CmdlineError::Missing(if machine_id.is_some() { TOKEN } else { MACHINE }));
+            return Err(CmdlineError::Missing(if machine_id.is_some() {
+                TOKEN
+            } else {
+                MACHINE
+            }));
         }
         Ok(Self {
             url,

@@ -159,10 +159,29 @@ impl Lab {
         ip(&["netns", "add", &netns])?;
         let bridge_side = format!("veth{n}");
         ip(&[
-            "-n", &self.netns, "link", "add", &bridge_side, "type", "veth", "peer", "name",
-            "eth0", "netns", &netns,
+            "-n",
+            &self.netns,
+            "link",
+            "add",
+            &bridge_side,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
         ])?;
-        ip(&["-n", &self.netns, "link", "set", &bridge_side, "master", BRIDGE, "up"])?;
+        ip(&[
+            "-n",
+            &self.netns,
+            "link",
+            "set",
+            &bridge_side,
+            "master",
+            BRIDGE,
+            "up",
+        ])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         Ok(Host {

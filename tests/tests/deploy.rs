@@ -1,8 +1,9 @@
 //! Deploying an OS end to end: a SeaBIOS VM enlists, commissions, gets the Debian image
 //! streamed onto its disk by the agent, reboots from that disk, and the installed OS phones
 //! home after cloud-init; the test then logs in over SSH with the key given at deploy. Then a
-//! release with erase leaves no partition table or file-system signature on the disk. And a
-//! wrong image checksum ends in failed_deployment with the reason.
+//! release with erase leaves no partition table or file-system signature on the disk. The
+//! image download is cut once mid-stream and must be resumed. A wrong image checksum ends in
+//! failed_deployment with the reason. A deploy into memory leaves the disk untouched.
 //!
 //! Power is manual: the test is the person who powers the VM on when the appliance asks.
 //! QEMU runs with `-no-reboot`, so the agent's reboot into the installed OS stops QEMU, and
@@ -313,6 +314,33 @@ fn deploy_to_disk_and_log_in(s: &mut Scenario, id: &str) -> Result<()> {
     let t0 = Instant::now();
     s.deploy(id, "disk", hostname)?;
 
+    // Cut the image download once, mid-stream: the appliance's end of every established
+    // HTTP connection is destroyed (`ss -K`, a RST to the agent). The agent must resume with
+    // a Range request and still end with the right sha256.
+    wait_for(
+        "the image to be streaming",
+        Duration::from_secs(300),
+        POLL,
+        || {
+            let m = s.status(id)?;
+            if m["status"] != "deploying" {
+                bail!(
+                    "status {} ({}) before the image streamed",
+                    m["status"],
+                    m["status_message"]
+                );
+            }
+            let events = s.appliance.cli(&["machine", "events", id])?;
+            Ok(events.contains("image Progress").then_some(()))
+        },
+    )?;
+    stork_lab::run(
+        s.lab
+            .command("ss")
+            .args(["-K", "state", "established", "( sport = :8080 )"]),
+    )?;
+    s.say("cut the download connection");
+
     // The agent streams the image, writes the seed, reports installed and reboots: QEMU exits.
     wait_for(
         "the agent to install and reboot",
@@ -373,6 +401,17 @@ fn deploy_to_disk_and_log_in(s: &mut Scenario, id: &str) -> Result<()> {
         bail!("the root file system is {root_bytes} bytes: it did not grow to the 4 GiB disk");
     }
     let events = s.appliance.cli(&["machine", "events", id])?;
+    let resumes = events
+        .lines()
+        .filter(|l| l.contains("image Done"))
+        .find_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let i = words.iter().position(|w| w.starts_with("resumes"))?;
+            words.get(i.checked_sub(1)?)?.parse::<u32>().ok()
+        });
+    if resumes.is_none_or(|n| n == 0) {
+        bail!("the cut download was not resumed (resumes: {resumes:?}):\n{events}");
+    }
     for want in ["image Done", "DeploymentDone: deploying -> deployed"] {
         if !events.contains(want) {
             bail!("event history lacks {want:?}:\n{events}");

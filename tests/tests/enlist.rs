@@ -70,9 +70,12 @@ fn wait_enlisted(appliance: &mut Appliance, vm: &mut Vm) -> Result<Value> {
 /// Commissioning with the manual power driver: the appliance records that a person must
 /// power the machine on, and the test is that person.
 fn commission(lab: &mut Lab, appliance: &mut Appliance, vm: &mut Vm, id: &str) -> Result<Value> {
-    wait_for("the enlisted VM to power off", Duration::from_secs(60), Duration::from_millis(200), || {
-        Ok(vm.exited())
-    })?;
+    wait_for(
+        "the enlisted VM to power off",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || Ok(vm.exited()),
+    )?;
     appliance.cli(&["machine", "commission", id])?;
     let m = appliance.machine(id)?;
     if m["status"] != "commissioning" {
@@ -83,18 +86,28 @@ fn commission(lab: &mut Lab, appliance: &mut Appliance, vm: &mut Vm, id: &str) -
         bail!("no event asks a person to power the machine on:\n{events}");
     }
     *vm = Vm::start(lab, vm.spec.clone())?;
-    let m = wait_for("commissioning to finish", Duration::from_secs(300), Duration::from_millis(500), || {
-        let m = appliance.machine(id)?;
-        match m["status"].as_str() {
-            Some("ready") => Ok(Some(m)),
-            Some("commissioning") if vm.exited().is_some() => bail!("the VM stopped while commissioning"),
-            Some("commissioning") => Ok(None),
-            other => bail!("commissioning ended in {other:?}: {}", m["status_message"]),
-        }
-    })?;
+    let m = wait_for(
+        "commissioning to finish",
+        Duration::from_secs(300),
+        Duration::from_millis(500),
+        || {
+            let m = appliance.machine(id)?;
+            match m["status"].as_str() {
+                Some("ready") => Ok(Some(m)),
+                Some("commissioning") if vm.exited().is_some() => {
+                    bail!("the VM stopped while commissioning")
+                }
+                Some("commissioning") => Ok(None),
+                other => bail!("commissioning ended in {other:?}: {}", m["status_message"]),
+            }
+        },
+    )?;
     check_inventory(&m, vm)?;
     let events = appliance.cli(&["machine", "events", id])?;
-    for want in ["Commission: new -> commissioning", "CommissioningDone: commissioning -> ready"] {
+    for want in [
+        "Commission: new -> commissioning",
+        "CommissioningDone: commissioning -> ready",
+    ] {
         if !events.contains(want) {
             bail!("event history lacks {want:?}:\n{events}");
         }

@@ -42,17 +42,29 @@ fn ipmi_powered_vm_enlists_commissions_and_is_powered_off_by_stork() {
 }
 
 fn status(a: &Appliance, id: &str) -> Result<String> {
-    Ok(a.machine(id)?["status"].as_str().unwrap_or_default().to_string())
+    Ok(a.machine(id)?["status"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
 }
 
 fn run(appliance: &mut Appliance, sim: &IpmiSim) -> Result<()> {
     let port = sim.port.to_string();
     let out = appliance.cli(&[
-        "machine", "add", "--mac", MAC, "--power", "ipmi",
-        "--power-param", "host=127.0.0.1",
-        "--power-param", &format!("port={port}"),
-        "--power-param", &format!("username={}", bmc::OPERATOR_USER),
-        "--power-param", &format!("password={}", bmc::OPERATOR_PASSWORD),
+        "machine",
+        "add",
+        "--mac",
+        MAC,
+        "--power",
+        "ipmi",
+        "--power-param",
+        "host=127.0.0.1",
+        "--power-param",
+        &format!("port={port}"),
+        "--power-param",
+        &format!("username={}", bmc::OPERATOR_USER),
+        "--power-param",
+        &format!("password={}", bmc::OPERATOR_PASSWORD),
         "--json",
     ])?;
     let m: serde_json::Value = serde_json::from_str(&out)?;
@@ -60,42 +72,64 @@ fn run(appliance: &mut Appliance, sim: &IpmiSim) -> Result<()> {
     if out.contains(bmc::OPERATOR_PASSWORD) {
         bail!("the API answer shows the BMC password: {out}");
     }
-    if !appliance.cli(&["machine", "power", &id, "query"])?.contains("off") {
+    if !appliance
+        .cli(&["machine", "power", &id, "query"])?
+        .contains("off")
+    {
         bail!("the machine is not off before power-on");
     }
     appliance.cli(&["machine", "power", &id, "on"])?;
     if !sim.power_is_on() {
         bail!("`stork machine power on` did not power the VM on through the BMC");
     }
-    wait_for("enlistment", Duration::from_secs(300), Duration::from_millis(500), || {
-        let m = appliance.machine(&id)?;
-        Ok(m["inventory"].is_object().then_some(()))
-    })?;
-    wait_for("the agent's power-off", Duration::from_secs(60), Duration::from_millis(200), || {
-        Ok((!sim.power_is_on()).then_some(()))
-    })?;
+    wait_for(
+        "enlistment",
+        Duration::from_secs(300),
+        Duration::from_millis(500),
+        || {
+            let m = appliance.machine(&id)?;
+            Ok(m["inventory"].is_object().then_some(()))
+        },
+    )?;
+    wait_for(
+        "the agent's power-off",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || Ok((!sim.power_is_on()).then_some(())),
+    )?;
 
     appliance.cli(&["machine", "commission", &id])?;
     if sim.boot() != "pxe" {
-        bail!("commissioning did not set the next boot to PXE: {:?}", sim.boot());
+        bail!(
+            "commissioning did not set the next boot to PXE: {:?}",
+            sim.boot()
+        );
     }
-    wait_for("commissioning to finish", Duration::from_secs(300), Duration::from_millis(500), || {
-        match status(appliance, &id)?.as_str() {
+    wait_for(
+        "commissioning to finish",
+        Duration::from_secs(300),
+        Duration::from_millis(500),
+        || match status(appliance, &id)?.as_str() {
             "ready" => Ok(Some(())),
             "commissioning" => Ok(None),
             other => bail!("commissioning ended in {other}"),
-        }
-    })?;
-    wait_for("Stork's power-off through IPMI", Duration::from_secs(60), Duration::from_millis(200), || {
-        Ok((!sim.power_is_on()).then_some(()))
-    })?;
+        },
+    )?;
+    wait_for(
+        "Stork's power-off through IPMI",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || Ok((!sim.power_is_on()).then_some(())),
+    )?;
     let events = appliance.cli(&["machine", "events", &id])?;
     for want in ["NetbootAndPowerOn done", "PowerOff"] {
         if !events.contains(want) {
             bail!("events lack {want:?}:\n{events}");
         }
     }
-    if events.contains(bmc::OPERATOR_PASSWORD) || appliance.log_tail(10_000).contains(bmc::OPERATOR_PASSWORD) {
+    if events.contains(bmc::OPERATOR_PASSWORD)
+        || appliance.log_tail(10_000).contains(bmc::OPERATOR_PASSWORD)
+    {
         bail!("the BMC password appears in events or the log");
     }
     Ok(())

@@ -16,24 +16,53 @@ const PACKAGES: &[(&str, &str)] = &[
     ("cpio", "tests read initrds with the reference tool"),
     ("zstd", "tests decompress initrds"),
     ("busybox", "udhcpc and small tools for tests"),
+    (
+        "openssh-client",
+        "deploy tests log in to the deployed machine (ssh, ssh-keygen)",
+    ),
+    (
+        "gdisk",
+        "deploy tests check an erased disk has no GPT (sgdisk)",
+    ),
     ("debootstrap", "root trees of the ephemeral and OS images"),
     ("squashfs-tools", "mksquashfs, unsquashfs: image SquashFS"),
     ("mtools", "the raw OS image's ESP, without mounting"),
     ("dosfstools", "mkfs.vfat: the raw image's ESP, test seeds"),
     ("e2fsprogs", "mke2fs -d: the raw OS image's root"),
-    ("gdisk", "sgdisk -v checks the raw OS image"),
-    ("openipmi", "ipmi_sim: the lab's BMCs and the IPMI driver tests"),
-    ("ipmitool", "an independent IPMI client the power tests check against"),
-    ("python3-venv", "a venv for sushy-tools, the Redfish emulator of the power tests"),
+    ("libcap2-bin", "getcap: file capabilities survive SquashFS"),
+    (
+        "openipmi",
+        "ipmi_sim: the lab's BMCs and the IPMI driver tests",
+    ),
+    (
+        "ipmitool",
+        "an independent IPMI client the power tests check against",
+    ),
+    (
+        "python3-venv",
+        "a venv for sushy-tools, the Redfish emulator of the power tests",
+    ),
     ("tftp-hpa", "TFTP client for the TFTP tests"),
-    ("atftp", "TFTP client with windowsize, for the TFTP tests and bench"),
+    (
+        "atftp",
+        "TFTP client with windowsize, for the TFTP tests and bench",
+    ),
     ("curl", "TFTP (and HTTP) client for tests"),
     ("tftpd-hpa", "peer TFTP server for `cargo xtask bench tftp`"),
     ("dnsmasq", "peer TFTP server for `cargo xtask bench tftp`"),
     ("isc-dhcp-client", "dhclient for the DHCP tests"),
-    ("isc-dhcp-relay", "dhcrelay: the real relay of the DHCP relay test"),
-    ("kea-dhcp4-server", "peer DHCP server for `cargo xtask bench dhcp`"),
-    ("kea-admin", "perfdhcp, the load generator of `cargo xtask bench dhcp`"),
+    (
+        "isc-dhcp-relay",
+        "dhcrelay: the real relay of the DHCP relay test",
+    ),
+    (
+        "kea-dhcp4-server",
+        "peer DHCP server for `cargo xtask bench dhcp`",
+    ),
+    (
+        "kea-admin",
+        "perfdhcp, the load generator of `cargo xtask bench dhcp`",
+    ),
 ];
 
 fn installed(pkg: &str) -> bool {

@@ -18,7 +18,11 @@ fuzz_target!(|data: &[u8]| {
     let again = Repr::parse_bytes(&bytes).expect("an emitted packet parses");
     assert_eq!(again, repr);
     if let Ok(req) = request::read_request(&repr) {
-        assert!(!req.path.split('/').any(|p| p.is_empty() || p == "." || p == ".."));
+        assert!(
+            !req.path
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..")
+        );
         let limits = Limits {
             max_block: 1468,
             max_window: 64,

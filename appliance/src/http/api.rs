@@ -15,7 +15,9 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
-use stork_proto::{AgentEvent, AgentReport, EnlistRequest, EnlistResponse, Inventory, MacAddr, StepState, Task};
+use stork_proto::{
+    AgentEvent, AgentReport, EnlistRequest, EnlistResponse, Inventory, MacAddr, StepState, Task,
+};
 
 use super::AppState;
 use crate::auth::{self, Admin, Agent};
@@ -38,7 +40,10 @@ pub fn routes() -> Router<AppState> {
         .route("/events/stream", get(stream_events))
         .route("/ssh-keys", get(list_ssh_keys).post(add_ssh_key))
         .route("/ssh-keys/{id}", delete(delete_ssh_key))
-        .route("/boot-resources", get(list_boot_resources).post(register_boot_resource))
+        .route(
+            "/boot-resources",
+            get(list_boot_resources).post(register_boot_resource),
+        )
         .route("/tokens", get(list_tokens).post(create_token))
         .route("/stats", get(stats))
         .route("/openapi.json", get(openapi))
@@ -95,13 +100,19 @@ impl From<QueryRejection> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            StoreError::NotFound(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
             StoreError::Conflict { .. } | StoreError::MacTaken(_) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
             other => {
                 tracing::error!(error = ?other, "store failure");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "storage failure")
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "storage failure",
+                )
             }
         }
     }
@@ -175,7 +186,9 @@ async fn create_machine(
 ) -> ApiResult<(StatusCode, Json<Machine>)> {
     let Json(req) = body?;
     if req.macs.is_empty() {
-        return Err(ApiError::bad_request("macs: at least one MAC address is needed"));
+        return Err(ApiError::bad_request(
+            "macs: at least one MAC address is needed",
+        ));
     }
     let power = req.power.unwrap_or_else(PowerConfig::manual);
     if !POWER_DRIVERS.contains(&power.driver.as_str()) {
@@ -186,7 +199,8 @@ async fn create_machine(
     }
     let mut probe = Machine::new(String::new(), vec![], 0);
     probe.power = power.clone();
-    crate::controller::power_params(&probe).map_err(|e| ApiError::bad_request(format!("power.params: {e}")))?;
+    crate::controller::power_params(&probe)
+        .map_err(|e| ApiError::bad_request(format!("power.params: {e}")))?;
     let now = now_ms();
     let mut m = Machine::new(new_id(), req.macs, now);
     m.hostname = req.hostname;
@@ -209,11 +223,24 @@ fn new_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
 }
 
-async fn show_machine(State(s): State<AppState>, _: Admin, Path(id): Path<String>) -> ApiResult<Json<Machine>> {
-    Ok(Json(s.store.call(move |st| st.get_machine(&id)).await?.redacted()))
+async fn show_machine(
+    State(s): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Machine>> {
+    Ok(Json(
+        s.store
+            .call(move |st| st.get_machine(&id))
+            .await?
+            .redacted(),
+    ))
 }
 
-async fn delete_machine(State(s): State<AppState>, _: Admin, Path(id): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_machine(
+    State(s): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     s.store
         .call(move |st| {
             let m = st.get_machine(&id)?;
@@ -281,13 +308,16 @@ async fn machine_action(
     let m = match action.as_str() {
         "commission" => {
             action_body::<NoFields>(&body)?;
-            c.apply(&id, Event::Commission, &actor, None, |_| {}).await?
+            c.apply(&id, Event::Commission, &actor, None, |_| {})
+                .await?
         }
         "allocate" => {
             let body: AllocateBody = action_body(&body)?;
             let owner = body.owner.unwrap_or_else(|| actor.clone());
-            c.apply(&id, Event::Allocate, &actor, None, move |m| m.owner = Some(owner))
-                .await?
+            c.apply(&id, Event::Allocate, &actor, None, move |m| {
+                m.owner = Some(owner)
+            })
+            .await?
         }
         "deploy" => {
             // No default here: `image` is required.
@@ -313,20 +343,37 @@ async fn machine_action(
         }
         "release" => {
             let body: ReleaseBody = action_body(&body)?;
-            let event = if body.erase { Event::ReleaseErase } else { Event::Release };
+            let event = if body.erase {
+                Event::ReleaseErase
+            } else {
+                Event::Release
+            };
             let quick = body.quick.unwrap_or(true);
-            c.apply(&id, event, &actor, body.erase.then(|| format!("erase (quick: {quick})")), |_| {})
-                .await?
+            c.apply(
+                &id,
+                event,
+                &actor,
+                body.erase.then(|| format!("erase (quick: {quick})")),
+                |_| {},
+            )
+            .await?
         }
         "abort" => {
             action_body::<NoFields>(&body)?;
-            c.apply(&id, Event::Abort, &actor, Some("aborted by user".into()), |_| {})
-                .await?
+            c.apply(
+                &id,
+                Event::Abort,
+                &actor,
+                Some("aborted by user".into()),
+                |_| {},
+            )
+            .await?
         }
         "mark-broken" => {
             let body: MarkBrokenBody = action_body(&body)?;
             let reason = body.reason.unwrap_or_else(|| "marked broken".into());
-            c.apply(&id, Event::MarkBroken, &actor, Some(reason), |_| {}).await?
+            c.apply(&id, Event::MarkBroken, &actor, Some(reason), |_| {})
+                .await?
         }
         "mark-fixed" => {
             action_body::<NoFields>(&body)?;
@@ -400,7 +447,11 @@ async fn power_op(
             op,
             state,
         })),
-        Err(e) => Err(ApiError::new(StatusCode::BAD_GATEWAY, e.code(), e.to_string())),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            e.code(),
+            e.to_string(),
+        )),
     }
 }
 
@@ -429,7 +480,9 @@ impl Constraints {
         let largest_disk = inv.disks.iter().map(|d| d.size_bytes).max().unwrap_or(0);
         self.arch.as_ref().is_none_or(|a| *a == m.arch)
             && self.min_cpus.is_none_or(|c| inv.cpu.count >= c)
-            && self.min_memory_mib.is_none_or(|mib| inv.memory.total_bytes >= mib << 20)
+            && self
+                .min_memory_mib
+                .is_none_or(|mib| inv.memory.total_bytes >= mib << 20)
             && self.min_disk_gib.is_none_or(|g| largest_disk >= g << 30)
             && self.tags.iter().all(|t| m.tags.contains(t))
     }
@@ -444,16 +497,23 @@ async fn allocate_any(
     let Json(c) = body?;
     let candidates = s.store.call(|st| st.list_machines()).await?;
     let owner = c.owner.clone().unwrap_or_else(|| admin.actor.clone());
-    for m in candidates.iter().filter(|m| m.status == Status::Ready && c.fit(m)) {
+    for m in candidates
+        .iter()
+        .filter(|m| m.status == Status::Ready && c.fit(m))
+    {
         let owner = owner.clone();
         match s
             .controller
-            .apply(&m.id, Event::Allocate, &admin.actor, None, move |m| m.owner = Some(owner))
+            .apply(&m.id, Event::Allocate, &admin.actor, None, move |m| {
+                m.owner = Some(owner)
+            })
             .await
         {
             Ok(m) => return Ok(Json(m.redacted())),
             // Someone else took it between the read and the save: try the next one.
-            Err(ControlError::Rejected(_) | ControlError::Store(StoreError::Conflict { .. })) => continue,
+            Err(ControlError::Rejected(_) | ControlError::Store(StoreError::Conflict { .. })) => {
+                continue;
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -594,16 +654,27 @@ async fn add_ssh_key(
     Ok((StatusCode::CREATED, Json(out)))
 }
 
-async fn delete_ssh_key(State(s): State<AppState>, _: Admin, Path(id): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_ssh_key(
+    State(s): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     let key = id.clone();
     if s.store.call(move |st| st.delete_ssh_key(&key)).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no SSH key {id:?}")))
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no SSH key {id:?}"),
+        ))
     }
 }
 
-async fn list_boot_resources(State(s): State<AppState>, _: Admin) -> ApiResult<Json<Vec<BootResource>>> {
+async fn list_boot_resources(
+    State(s): State<AppState>,
+    _: Admin,
+) -> ApiResult<Json<Vec<BootResource>>> {
     Ok(Json(s.store.call(|st| st.boot_resources()).await?))
 }
 
@@ -614,12 +685,17 @@ async fn register_boot_resource(
 ) -> ApiResult<(StatusCode, Json<BootResource>)> {
     let Json(r) = body?;
     if !["os", "ephemeral", "initrd"].contains(&r.kind.as_str()) {
-        return Err(ApiError::bad_request("kind: must be os, ephemeral or initrd"));
+        return Err(ApiError::bad_request(
+            "kind: must be os, ephemeral or initrd",
+        ));
     }
     let root = s.cfg.boot_dir();
     for f in &r.files {
         if f.path.starts_with('/') || f.path.split('/').any(|c| c == "..") {
-            return Err(ApiError::bad_request(format!("files.path: {:?} leaves the boot root", f.path)));
+            return Err(ApiError::bad_request(format!(
+                "files.path: {:?} leaves the boot root",
+                f.path
+            )));
         }
         if !root.join(&f.path).is_file() {
             return Err(ApiError::bad_request(format!(
@@ -629,7 +705,9 @@ async fn register_boot_resource(
         }
     }
     let out = r.clone();
-    s.store.call(move |st| st.put_boot_resource(&r, now_ms())).await?;
+    s.store
+        .call(move |st| st.put_boot_resource(&r, now_ms()))
+        .await?;
     Ok((StatusCode::CREATED, Json(out)))
 }
 
@@ -706,7 +784,11 @@ async fn enlist(
                     st.save_machine(&m, &[ev])
                 }
                 Some(m) => {
-                    let ev = agent_event(now, Some(m.status), "rejected: enlistment of a machine that is not New");
+                    let ev = agent_event(
+                        now,
+                        Some(m.status),
+                        "rejected: enlistment of a machine that is not New",
+                    );
                     st.add_event(&m.id, &ev)?;
                     Err(StoreError::Conflict {
                         id: m.id,
@@ -764,16 +846,26 @@ async fn report(
     let known = s
         .store
         .call(move |st| match st.find_by_mac(mac)? {
-            Some(m) => st.add_event(&m.id, &agent_event(now_ms(), Some(m.status), &message)).map(|_| true),
+            Some(m) => st
+                .add_event(&m.id, &agent_event(now_ms(), Some(m.status), &message))
+                .map(|_| true),
             None => Ok(false),
         })
         .await?;
     s.controller.notify();
     // Unknown machines are not recorded (nothing to attach to); the log line keeps it.
-    Ok(if known { StatusCode::NO_CONTENT } else { StatusCode::ACCEPTED })
+    Ok(if known {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::ACCEPTED
+    })
 }
 
-async fn agent_task(State(s): State<AppState>, agent: Agent, Path(id): Path<String>) -> ApiResult<Json<Task>> {
+async fn agent_task(
+    State(s): State<AppState>,
+    agent: Agent,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Task>> {
     agent.check_machine(&id)?;
     let m = agent.machine;
     let task = match m.status {
@@ -810,7 +902,13 @@ async fn agent_commissioned(
 
 async fn agent_event_handler(s: &AppState, id: &str, e: AgentEvent) -> ApiResult<()> {
     let text = match e.progress {
-        Some(p) => format!("{} {:?} ({:.0}%): {}", e.step, e.state, p * 100.0, e.message),
+        Some(p) => format!(
+            "{} {:?} ({:.0}%): {}",
+            e.step,
+            e.state,
+            p * 100.0,
+            e.message
+        ),
         None => format!("{} {:?}: {}", e.step, e.state, e.message),
     };
     if e.state == StepState::Failed {
@@ -846,7 +944,11 @@ async fn agent_post_event(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn agent_released(State(s): State<AppState>, agent: Agent, Path(id): Path<String>) -> ApiResult<StatusCode> {
+async fn agent_released(
+    State(s): State<AppState>,
+    agent: Agent,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     agent.check_machine(&id)?;
     s.controller
         .apply(&id, Event::ReleaseDone, "agent", None, |_| {})
@@ -856,7 +958,11 @@ async fn agent_released(State(s): State<AppState>, agent: Agent, Path(id): Path<
 
 /// The agent wrote the image: the next boot is from disk, and the machine stays Deploying
 /// until the installed OS phones home.
-async fn agent_installed(State(s): State<AppState>, agent: Agent, Path(id): Path<String>) -> ApiResult<StatusCode> {
+async fn agent_installed(
+    State(s): State<AppState>,
+    agent: Agent,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     agent.check_machine(&id)?;
     let status = agent.machine.status;
     if status != Status::Deploying {
@@ -865,18 +971,30 @@ async fn agent_installed(State(s): State<AppState>, agent: Agent, Path(id): Path
             .call(move |st| st.add_event(&id, &agent_event(now_ms(), Some(status), &msg)))
             .await?;
         s.controller.notify();
-        return Err(ApiError::new(StatusCode::CONFLICT, "illegal_transition", "machine is not deploying"));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "illegal_transition",
+            "machine is not deploying",
+        ));
     }
     let mut m = agent.machine;
     m.netboot = false;
     m.updated_at = now_ms();
-    let ev = agent_event(m.updated_at, Some(status), "image installed; next boot from disk");
+    let ev = agent_event(
+        m.updated_at,
+        Some(status),
+        "image installed; next boot from disk",
+    );
     s.store.call(move |st| st.save_machine(&m, &[ev])).await?;
     s.controller.notify();
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn agent_deployed(State(s): State<AppState>, agent: Agent, Path(id): Path<String>) -> ApiResult<StatusCode> {
+async fn agent_deployed(
+    State(s): State<AppState>,
+    agent: Agent,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     agent.check_machine(&id)?;
     s.controller
         .apply(&id, Event::DeploymentDone, "installed-os", None, |_| {})

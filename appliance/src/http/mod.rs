@@ -42,7 +42,11 @@ pub fn router(state: AppState) -> Router {
 /// this appliance, and the SSH keys (the request's plus every registered one).
 pub async fn deploy_task(s: &AppState, m: &Machine) -> Result<Task, ApiError> {
     let req = m.deploy.clone().ok_or_else(|| {
-        ApiError::new(StatusCode::CONFLICT, "no_deploy_request", "machine has no deploy request")
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_deploy_request",
+            "machine has no deploy request",
+        )
     })?;
     let name = req.image.clone();
     let (resource, keys) = s

@@ -167,9 +167,7 @@ pub fn transition(from: Status, event: Event, commissioned: bool) -> Result<Step
     use Status as S;
     let step = |to, actions| Ok(Step { to, actions });
     match (from, event) {
-        (S::New | S::Ready | S::FailedCommissioning, E::Commission) => {
-            step(S::Commissioning, BOOT)
-        }
+        (S::New | S::Ready | S::FailedCommissioning, E::Commission) => step(S::Commissioning, BOOT),
         (S::Commissioning, E::CommissioningDone) => step(S::Ready, STOP),
         (S::Commissioning, E::AgentFailed | E::TimedOut | E::Abort) => {
             step(S::FailedCommissioning, STOP)
@@ -178,9 +176,7 @@ pub fn transition(from: Status, event: Event, commissioned: bool) -> Result<Step
         (S::Ready, E::Allocate) => step(S::Allocated, NONE),
         (S::Allocated | S::FailedDeployment, E::Deploy) => step(S::Deploying, BOOT),
         (S::Deploying, E::DeploymentDone) => step(S::Deployed, &[Action::RevokeAgentToken]),
-        (S::Deploying, E::AgentFailed | E::TimedOut | E::Abort) => {
-            step(S::FailedDeployment, STOP)
-        }
+        (S::Deploying, E::AgentFailed | E::TimedOut | E::Abort) => step(S::FailedDeployment, STOP),
 
         (S::Allocated | S::Deployed | S::FailedDeployment | S::FailedReleasing, E::Release) => {
             step(S::Releasing, STOP_AND_FREE)
@@ -238,7 +234,11 @@ mod tests {
     #[test]
     fn agent_reports_outside_a_busy_status_are_rejected() {
         for s in [Status::Ready, Status::Deployed, Status::New, Status::Broken] {
-            for e in [Event::CommissioningDone, Event::DeploymentDone, Event::AgentFailed] {
+            for e in [
+                Event::CommissioningDone,
+                Event::DeploymentDone,
+                Event::AgentFailed,
+            ] {
                 assert!(transition(s, e, true).is_err(), "{s} {e:?}");
             }
         }

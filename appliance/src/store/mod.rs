@@ -186,9 +186,7 @@ impl Store {
             macs,
             arch: row.get(7)?,
             power: from_json("power", &power)?,
-            inventory: inventory
-                .map(|i| from_json("inventory", &i))
-                .transpose()?,
+            inventory: inventory.map(|i| from_json("inventory", &i)).transpose()?,
             owner: row.get(10)?,
             deploy: deploy.map(|d| from_json("deploy", &d)).transpose()?,
             tags: from_json("tags", &tags)?,
@@ -240,7 +238,10 @@ impl Store {
     /// reading (and parsing) every machine.
     pub fn machines_in(&self, statuses: &[Status]) -> Result<Vec<Machine>, StoreError> {
         // Status names are our own fixed identifiers, so they can go into the SQL text.
-        let names: Vec<String> = statuses.iter().map(|s| format!("'{}'", s.as_str())).collect();
+        let names: Vec<String> = statuses
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
         let where_sql = format!("WHERE status IN ({})", names.join(", "));
         Self::query_machines(&self.lock(), &where_sql, &[])
     }
@@ -366,7 +367,9 @@ impl Store {
         )?;
         if changed == 0 {
             let exists: bool = tx
-                .query_row("SELECT 1 FROM machines WHERE id = ?1", [&m.id], |_| Ok(true))
+                .query_row("SELECT 1 FROM machines WHERE id = ?1", [&m.id], |_| {
+                    Ok(true)
+                })
                 .optional()?
                 .unwrap_or(false);
             return Err(if exists {
@@ -489,8 +492,8 @@ impl Store {
 
     pub fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         let conn = self.lock();
-        let mut stmt =
-            conn.prepare_cached("SELECT id, description, created_at FROM tokens ORDER BY created_at")?;
+        let mut stmt = conn
+            .prepare_cached("SELECT id, description, created_at FROM tokens ORDER BY created_at")?;
         let rows = stmt.query_map([], |r| {
             Ok(TokenRecord {
                 id: r.get(0)?,
@@ -513,8 +516,8 @@ impl Store {
 
     pub fn ssh_keys(&self) -> Result<Vec<SshKey>, StoreError> {
         let conn = self.lock();
-        let mut stmt =
-            conn.prepare_cached("SELECT id, name, key, created_at FROM ssh_keys ORDER BY created_at")?;
+        let mut stmt = conn
+            .prepare_cached("SELECT id, name, key, created_at FROM ssh_keys ORDER BY created_at")?;
         let rows = stmt.query_map([], |r| {
             Ok(SshKey {
                 id: r.get(0)?,
@@ -527,7 +530,10 @@ impl Store {
     }
 
     pub fn delete_ssh_key(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.lock().execute("DELETE FROM ssh_keys WHERE id = ?1", [id])? > 0)
+        Ok(self
+            .lock()
+            .execute("DELETE FROM ssh_keys WHERE id = ?1", [id])?
+            > 0)
     }
 
     pub fn put_boot_resource(&self, r: &BootResource, now: i64) -> Result<(), StoreError> {
@@ -551,7 +557,11 @@ impl Store {
     pub fn boot_resource(&self, name: &str) -> Result<Option<BootResource>, StoreError> {
         let body: Option<String> = self
             .lock()
-            .query_row("SELECT body FROM boot_resources WHERE name = ?1", [name], |r| r.get(0))
+            .query_row(
+                "SELECT body FROM boot_resources WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
             .optional()?;
         body.map(|b| from_json("body", &b)).transpose()
     }
@@ -579,7 +589,9 @@ mod tests {
     fn create_get_save_with_version_check() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("db")).unwrap();
-        let m = s.create_machine(&machine("a1", "52:54:00:00:00:01"), &ev("created")).unwrap();
+        let m = s
+            .create_machine(&machine("a1", "52:54:00:00:00:01"), &ev("created"))
+            .unwrap();
         assert_eq!(s.get_machine("52:54:00:00:00:01").unwrap().id, "a1");
         let mut m2 = m.clone();
         m2.status = Status::Commissioning;

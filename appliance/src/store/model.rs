@@ -38,7 +38,10 @@ impl PowerConfig {
     pub fn redacted(&self) -> Self {
         let mut c = self.clone();
         for (k, v) in c.params.iter_mut() {
-            if SECRET_PARAMS.iter().any(|s| k.to_ascii_lowercase().contains(s)) {
+            if SECRET_PARAMS
+                .iter()
+                .any(|s| k.to_ascii_lowercase().contains(s))
+            {
                 *v = serde_json::Value::String("***".into());
             }
         }
