@@ -29,7 +29,10 @@
 //! `SOURCE_DATE_EPOCH` does (file times later than it are clamped to it).
 //!
 //! Block size 1 MiB (the maximum): 5% smaller and faster to build than 128 KiB; the images are
-//! read from RAM, where bigger blocks cost little.
+//! read from RAM, where bigger blocks cost little. `cargo xtask bench images` compares this
+//! writer with plain mksquashfs at the same level on the image trees; on a busy 2-core machine
+//! it measured 0.85x the time and 0.975x the size on the Debian OS tree (755 MiB: 67 s,
+//! 240 MB), 0.85x and 0.986x on the ephemeral tree.
 
 use std::fs;
 use std::io;

@@ -168,6 +168,19 @@ fn raw_image_passes_sgdisk_and_matches_the_manifest() -> Result<()> {
         ensure!(a["kind"] == kind, "{name}: {a}");
         eprintln!("{name}: {} bytes", a["size"]);
     }
+    // The agent sizes the target disk from the first frame's header: it must be the whole image.
+    let raw_zst = b.out.join(format!("{NAME}.raw.zst"));
+    let mut head = [0u8; 18];
+    std::io::Read::read_exact(&mut fs::File::open(&raw_zst)?, &mut head)?;
+    let declared = zstd::zstd_safe::get_frame_content_size(&head)
+        .map_err(|e| anyhow!("raw.zst frame header: {e:?}"))?;
+    let raw_art = artifact(&b.manifest, NAME, &format!("{NAME}.raw.zst"))?;
+    ensure!(
+        declared == raw_art["uncompressed_size"].as_u64()
+            && declared == Some(fs::metadata(&b.raw)?.len()),
+        "raw.zst declares {declared:?} bytes, manifest {}",
+        raw_art["uncompressed_size"]
+    );
     ensure!(
         img["inputs"]["packages"]
             .as_array()

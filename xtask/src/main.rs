@@ -48,7 +48,8 @@ fn main() -> Result<()> {
         Task::Deps => deps::ensure(),
         Task::Images => {
             deps::ensure()?;
-            images().map(|_| ())
+            images()?;
+            os_images::build(&target()).map(|_| ())
         }
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
@@ -166,12 +167,14 @@ fn test(extra: &[String]) -> Result<()> {
         "warnings",
     ]))?;
     let boot = images()?;
+    let os = os_images::build(&target())?;
     build_workspace()?;
     step("cargo test (every tier, end-to-end included)");
     status(
         cargo()
             .args(["test", "--workspace", "--", "--include-ignored"])
             .args(extra)
+            .env("STORK_OS_IMAGES", &os)
             .env("STORK_BIN", target().join("debug/stork"))
             .env("STORK_BOOT_FILES", &boot)
             .env("STORK_LAB_DIR", target().join("lab")),
@@ -181,6 +184,7 @@ fn test(extra: &[String]) -> Result<()> {
 fn demo() -> Result<()> {
     deps::ensure()?;
     let boot = images()?;
+    let os = os_images::build(&target())?;
     step("building the appliance");
     status(cargo().args(["build", "--quiet", "-p", "stork"]))?;
     let bin = target().join("debug/stork");
@@ -188,58 +192,169 @@ fn demo() -> Result<()> {
     step("creating the lab: namespace, bridge stork0 at 10.77.0.1/24, no uplink");
     let mut lab = Lab::new("demo", &target().join("lab"))?;
     step("starting `stork serve` on its embedded default");
-    let mut appliance = Appliance::start(&lab, &bin, &boot)?;
+    let appliance = Appliance::start(&lab, &bin, &boot)?;
     let mac = "52:54:00:77:00:99";
+    let mut spec = VmSpec::new("demo-vm", mac);
+    spec.keep_disk = true;
     step(&format!(
-        "powering on a SeaBIOS VM (TCG, 2 cpus, 1 GiB, 4 GiB disk, mac {mac})"
+        "powering on a SeaBIOS VM (TCG, 2 cpus, 1 GiB, 4 GiB disk, mac {mac}); manual power: this demo is the operator"
     ));
-    let mut vm = Vm::start(&mut lab, VmSpec::new("demo-vm", mac))?;
-    let started = Instant::now();
-
-    // Follow the serial console live while waiting for the machine to enlist.
-    let mut console_pos = 0u64;
-    let found = wait_for(
-        "the VM to enlist",
-        Duration::from_secs(600),
-        Duration::from_millis(300),
-        || {
-            console_pos = print_new_lines(&vm.console, console_pos);
-            if appliance.exited().is_some() {
-                bail!("stork serve exited:\n{}", appliance.log_tail(20));
-            }
-            let m = appliance
-                .machines()?
-                .into_iter()
-                .find(|m| m["boot_mac"] == mac);
-            if m.is_none() && vm.exited().is_some() {
-                bail!("the VM stopped before enlisting:\n{}", vm.console_tail(30));
-            }
-            Ok(m)
-        },
-    );
-    let m = match found {
-        Ok(m) => m,
-        Err(e) => {
-            lab.keep_dir();
-            return Err(e.context(format!("logs kept in {}", lab.dir().display())));
-        }
+    let mut vm = Vm::start(&mut lab, spec)?;
+    let mut demo = Demo {
+        appliance,
+        console_pos: 0,
+        started: Instant::now(),
     };
-    // Let the agent's last lines reach the console.
-    let _ = wait_for(
-        "power-off",
-        Duration::from_secs(20),
-        Duration::from_millis(200),
-        || Ok(vm.exited()),
-    );
-    print_new_lines(&vm.console, console_pos);
-    let id = m["id"].as_str().unwrap_or_default().to_string();
-    step(&format!(
-        "machine {id} enlisted as New after {:.1} s; `stork machine show {id}`:",
-        started.elapsed().as_secs_f64()
-    ));
-    print!("{}", appliance.cli(&["machine", "show", &id])?);
+    let result = demo.run(&mut lab, &mut vm, &os, mac);
+    if let Err(e) = result {
+        lab.keep_dir();
+        return Err(e.context(format!("logs kept in {}", lab.dir().display())));
+    }
     step("tearing down the lab");
     Ok(())
+}
+
+struct Demo {
+    appliance: Appliance,
+    console_pos: u64,
+    started: Instant,
+}
+
+impl Demo {
+    /// Follows the console until `done` says the machine reached what we wait for.
+    fn until(
+        &mut self,
+        what: &str,
+        vm: &mut Vm,
+        mut done: impl FnMut(&Appliance, &mut Vm) -> Result<bool>,
+    ) -> Result<()> {
+        wait_for(
+            what,
+            Duration::from_secs(900),
+            Duration::from_millis(300),
+            || {
+                self.console_pos = print_new_lines(&vm.console, self.console_pos);
+                if self.appliance.exited().is_some() {
+                    bail!("stork serve exited:\n{}", self.appliance.log_tail(20));
+                }
+                Ok(done(&self.appliance, vm)?.then_some(()))
+            },
+        )?;
+        self.console_pos = print_new_lines(&vm.console, self.console_pos);
+        step(&format!(
+            "{what}: done at {:.0} s",
+            self.started.elapsed().as_secs_f64()
+        ));
+        Ok(())
+    }
+
+    fn restart(&mut self, lab: &mut Lab, vm: &mut Vm) -> Result<()> {
+        vm.restart(lab)?;
+        self.console_pos = 0;
+        Ok(())
+    }
+
+    fn run(&mut self, lab: &mut Lab, vm: &mut Vm, images: &Path, mac: &str) -> Result<()> {
+        let mut id = String::new();
+        self.until("enlistment (New) and the agent's power-off", vm, |a, vm| {
+            if let Some(m) = a.machines()?.into_iter().find(|m| m["boot_mac"] == mac) {
+                id = m["id"].as_str().unwrap_or_default().to_string();
+            }
+            Ok(!id.is_empty() && vm.exited().is_some())
+        })?;
+        print!("{}", self.appliance.cli(&["machine", "show", &id])?);
+
+        step(&format!(
+            "stork machine commission {id}; powering the VM on"
+        ));
+        self.appliance.cli(&["machine", "commission", &id])?;
+        self.restart(lab, vm)?;
+        self.until("commissioning (Ready)", vm, |a, vm| {
+            let m = a.machine(&id)?;
+            match m["status"].as_str() {
+                Some("ready") => Ok(vm.exited().is_some()),
+                Some("commissioning") => Ok(false),
+                other => bail!("commissioning ended in {other:?}: {}", m["status_message"]),
+            }
+        })?;
+
+        step("registering the Debian image built by stork-image");
+        let resource = os_resource(images, &self.appliance.data_dir.join("boot"))?;
+        let file = lab.dir().join("resource.json");
+        std::fs::write(&file, serde_json::to_vec_pretty(&resource)?)?;
+        self.appliance
+            .cli(&["image", "register", &file.to_string_lossy()])?;
+        print!("{}", self.appliance.cli(&["image", "list"])?);
+
+        step(&format!(
+            "stork machine allocate {id} && stork machine deploy {id}; powering on"
+        ));
+        self.appliance.cli(&["machine", "allocate", &id])?;
+        self.appliance.cli(&[
+            "machine",
+            "deploy",
+            &id,
+            "--image",
+            DEMO_IMAGE,
+            "--hostname",
+            "stork-demo",
+        ])?;
+        self.restart(lab, vm)?;
+        self.until("the image written (the agent reboots)", vm, |a, vm| {
+            let m = a.machine(&id)?;
+            if m["status"] != "deploying" {
+                bail!("deploy ended in {}: {}", m["status"], m["status_message"]);
+            }
+            Ok(vm.exited().is_some())
+        })?;
+        step("powering on from disk: the installed OS boots and phones home");
+        self.restart(lab, vm)?;
+        self.until("Deployed", vm, |a, _| {
+            let m = a.machine(&id)?;
+            match m["status"].as_str() {
+                Some("deployed") => Ok(true),
+                Some("deploying") => Ok(false),
+                other => bail!("deploy ended in {other:?}: {}", m["status_message"]),
+            }
+        })?;
+        print!("{}", self.appliance.cli(&["machine", "show", &id])?);
+        Ok(())
+    }
+}
+
+const DEMO_IMAGE: &str = "debian-bookworm";
+
+/// The boot resource for the built Debian image: its files linked into the appliance's boot
+/// root, by role, with their sha256 from the image builder's manifest.
+fn os_resource(images: &Path, boot_root: &Path) -> Result<serde_json::Value> {
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(images.join("manifest.json"))
+            .context("reading the image manifest")?,
+    )?;
+    let image = manifest["images"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["name"] == DEMO_IMAGE))
+        .with_context(|| format!("no image {DEMO_IMAGE} in the manifest"))?;
+    let dest = boot_root.join("images");
+    std::fs::create_dir_all(&dest)?;
+    let mut files = Vec::new();
+    for a in image["artifacts"].as_array().context("artifacts")? {
+        let role = match a["kind"].as_str() {
+            Some("raw_disk_zst") => "raw",
+            Some("root_squashfs") => "squashfs",
+            Some("root_tar_zst") => "tar",
+            _ => continue,
+        };
+        let name = a["name"].as_str().context("artifact name")?;
+        let to = dest.join(name);
+        if std::fs::hard_link(images.join(name), &to).is_err() {
+            std::fs::copy(images.join(name), &to).with_context(|| format!("copying {name}"))?;
+        }
+        files.push(serde_json::json!({
+            "role": role, "path": format!("images/{name}"), "sha256": a["sha256"], "size": a["size"],
+        }));
+    }
+    Ok(serde_json::json!({"name": DEMO_IMAGE, "kind": "os", "arch": "amd64", "files": files}))
 }
 
 /// Prints the lines of `path` from byte `pos` on, prefixed, and returns the new position.
