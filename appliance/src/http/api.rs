@@ -354,7 +354,7 @@ async fn machine_action(
                 event,
                 &actor,
                 body.erase.then(|| format!("erase (quick: {quick})")),
-                |_| {},
+                move |m| m.erase_quick = quick,
             )
             .await?
         }
@@ -870,7 +870,9 @@ async fn agent_task(
     let m = agent.machine;
     let task = match m.status {
         Status::Commissioning => Task::Commission,
-        Status::DiskErasing => Task::Erase { quick: true },
+        Status::DiskErasing => Task::Erase {
+            quick: m.erase_quick,
+        },
         Status::Deploying => super::deploy_task(&s, &m).await?,
         _ => Task::PowerOff,
     };

@@ -97,6 +97,8 @@ CREATE TABLE boot_resources (
 "#,
     // Whether the machine should network-boot the agent (cleared once an image is installed).
     "ALTER TABLE machines ADD COLUMN netboot INTEGER NOT NULL DEFAULT 1;",
+    // Release with erase: signatures and partition tables only (1), or every byte (0).
+    "ALTER TABLE machines ADD COLUMN erase_quick INTEGER NOT NULL DEFAULT 1;",
 ];
 
 #[derive(Clone)]
@@ -162,7 +164,7 @@ impl Store {
     // ---- machines ----
 
     const MACHINE_COLUMNS: &'static str = "id, hostname, status, status_message, status_since, \
-        version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, updated_at, netboot";
+        version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, updated_at, netboot, erase_quick";
 
     /// A machine from its row and its interfaces' MACs (any order).
     fn machine_from_row(row: &Row<'_>, mut macs: Vec<MacAddr>) -> Result<Machine, StoreError> {
@@ -194,6 +196,7 @@ impl Store {
             created_at: row.get(14)?,
             updated_at: row.get(15)?,
             netboot: row.get(16)?,
+            erase_quick: row.get(17)?,
         })
     }
 
@@ -279,7 +282,7 @@ impl Store {
         let tx = conn.transaction()?;
         tx.execute(
             &format!(
-                "INSERT INTO machines ({}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)",
+                "INSERT INTO machines ({}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)",
                 Self::MACHINE_COLUMNS
             ),
             params![
@@ -300,6 +303,7 @@ impl Store {
                 m.created_at,
                 m.updated_at,
                 m.netboot,
+                m.erase_quick,
             ],
         )?;
         Self::put_interfaces(&tx, &m.id, &m.macs)?;
@@ -344,7 +348,7 @@ impl Store {
         let changed = tx.execute(
             "UPDATE machines SET hostname=?2, status=?3, status_message=?4, status_since=?5,
                 version=version+1, boot_mac=?6, arch=?7, power=?8, inventory=?9, owner=?10,
-                deploy=?11, tags=?12, agent_token=?13, updated_at=?14, netboot=?16
+                deploy=?11, tags=?12, agent_token=?13, updated_at=?14, netboot=?16, erase_quick=?17
              WHERE id=?1 AND version=?15",
             params![
                 m.id,
@@ -363,6 +367,7 @@ impl Store {
                 m.updated_at,
                 m.version,
                 m.netboot,
+                m.erase_quick,
             ],
         )?;
         if changed == 0 {

@@ -109,6 +109,8 @@ pub struct Machine {
     /// Network-boot the agent while busy; cleared when the agent has installed an image so
     /// the next boot is from disk, set again by every step that powers on into the agent.
     pub netboot: bool,
+    /// How the current release erases: signatures and partition tables only, or every byte.
+    pub erase_quick: bool,
 }
 
 impl Machine {
@@ -132,6 +134,7 @@ impl Machine {
             created_at: now,
             updated_at: now,
             netboot: true,
+            erase_quick: true,
         }
     }
 
