@@ -24,6 +24,14 @@ address = "10.77.0.1"
 listen = "0.0.0.0"
 port = 8080
 
+[tftp]
+# Serve DATA_DIR/boot over TFTP too: firmware PXE fetches its network boot program so.
+enabled = true
+listen = "0.0.0.0"
+port = 69
+# Retry a missing name case-insensitively (firmware that upper-cases file names).
+case_insensitive = false
+
 [dhcp]
 # The keys directly under [dhcp] describe the provisioning subnet (address/prefix_len).
 # "full": Stork leases addresses; "proxy": another server leases addresses and Stork
@@ -88,9 +96,30 @@ pub struct FileConfig {
     pub interface: String,
     pub address: Ipv4Addr,
     pub http: HttpFile,
+    pub tftp: TftpFile,
     pub dhcp: DhcpFile,
     pub boot: BootFile,
     pub lifecycle: LifecycleFile,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TftpFile {
+    pub enabled: bool,
+    pub listen: Ipv4Addr,
+    pub port: u16,
+    pub case_insensitive: bool,
+}
+
+impl Default for TftpFile {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: Ipv4Addr::UNSPECIFIED,
+            port: crate::tftp::PORT,
+            case_insensitive: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,6 +223,7 @@ impl Default for FileConfig {
             interface: "stork0".into(),
             address: Ipv4Addr::new(10, 77, 0, 1),
             http: HttpFile::default(),
+            tftp: TftpFile::default(),
             dhcp: DhcpFile::default(),
             boot: BootFile::default(),
             lifecycle: LifecycleFile::default(),
@@ -326,6 +356,12 @@ impl FileConfig {
             interface: self.interface.clone(),
             address: self.address,
             http_listen: SocketAddr::from((self.http.listen, self.http.port)),
+            tftp: self.tftp.enabled.then(|| crate::tftp::TftpConfig {
+                root: self.data_dir.join("boot"),
+                listen: SocketAddr::from((self.tftp.listen, self.tftp.port)),
+                case_insensitive: self.tftp.case_insensitive,
+                ..Default::default()
+            }),
             http_port: self.http.port,
             dhcp,
             boot: self.boot.clone(),
@@ -370,6 +406,8 @@ pub struct Config {
     pub address: Ipv4Addr,
     pub http_listen: SocketAddr,
     pub http_port: u16,
+    /// `None` when TFTP is off.
+    pub tftp: Option<crate::tftp::TftpConfig>,
     pub dhcp: DhcpConfig,
     pub boot: BootFile,
     /// Busy-status timeout and how often it is checked.

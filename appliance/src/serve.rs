@@ -82,6 +82,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         store,
         controller: controller.clone(),
         dhcp_stats: Arc::default(),
+        tftp_stats: Arc::default(),
     };
     let mut tasks = JoinSet::new();
     let (timeout, every) = (cfg.timeout, cfg.check_interval);
@@ -124,6 +125,18 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
                 Ok(())
             });
         }
+    }
+
+    if let Some(tftp_cfg) = cfg.tftp.clone() {
+        let sock = crate::tftp::bind(tftp_cfg.listen)
+            .with_context(|| format!("cannot listen for TFTP on {}", tftp_cfg.listen))?;
+        let stats = state.tftp_stats.clone();
+        tracing::info!(listen = %tftp_cfg.listen, root = %tftp_cfg.root.display(), "TFTP serving");
+        tasks.spawn(async move {
+            crate::tftp::run(sock, tftp_cfg, stats)
+                .await
+                .context("TFTP service")
+        });
     }
 
     let listener = tokio::net::TcpListener::bind(cfg.http_listen)

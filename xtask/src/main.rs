@@ -144,6 +144,18 @@ fn images() -> Result<PathBuf> {
             .arg("--out")
             .arg(&boot),
     )?;
+    // Network boot programs for firmware PXE (TFTP) and UEFI HTTP boot, from Debian's
+    // ipxe package: snponly.efi uses the firmware's own NIC driver (FACTS.md: faster than
+    // ipxe.efi under OVMF), undionly.kpxe chains from a BIOS PXE ROM.
+    for nbp in ["undionly.kpxe", "snponly.efi", "ipxe.efi"] {
+        let from = Path::new("/usr/lib/ipxe").join(nbp);
+        std::fs::copy(&from, boot.join(nbp)).with_context(|| {
+            format!(
+                "copying {} (is the ipxe package installed?)",
+                from.display()
+            )
+        })?;
+    }
     Ok(boot)
 }
 

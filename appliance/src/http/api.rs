@@ -746,11 +746,13 @@ async fn create_token(
 #[derive(Serialize)]
 struct StatsResponse {
     dhcp: crate::dhcp::StatsSnapshot,
+    tftp: crate::tftp::StatsSnapshot,
 }
 
 async fn stats(State(s): State<AppState>, _: Admin) -> Json<impl Serialize> {
     Json(StatsResponse {
         dhcp: s.dhcp_stats.snapshot(),
+        tftp: s.tftp_stats.snapshot(),
     })
 }
 

@@ -24,6 +24,7 @@ pub struct AppState {
     pub store: Store,
     pub controller: Controller,
     pub dhcp_stats: Arc<Stats>,
+    pub tftp_stats: Arc<crate::tftp::Stats>,
 }
 
 pub fn router(state: AppState) -> Router {

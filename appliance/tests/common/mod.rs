@@ -113,7 +113,7 @@ impl Server {
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\n{}\n[http]\nlisten = \"127.0.0.1\"\nport = {}\n\n[dhcp]\nmode = \"off\"\n",
+                "data_dir = {:?}\n{}\n[http]\nlisten = \"127.0.0.1\"\nport = {}\n\n[dhcp]\nmode = \"off\"\n\n[tftp]\nenabled = false\n",
                 self.data_dir(),
                 self.extra_config,
                 self.port

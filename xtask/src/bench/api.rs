@@ -59,7 +59,7 @@ pub fn run() -> Result<()> {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1\"\nport = {port}\n[dhcp]\nmode = \"off\"\n",
+            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1\"\nport = {port}\n[dhcp]\nmode = \"off\"\n\n[tftp]\nenabled = false\n",
             data
         ),
     )?;
