@@ -87,6 +87,8 @@ cmdline = "console=ttyS0,115200 panic=10 loglevel=4"
 timeout = 1800
 # Seconds between timeout checks.
 check_interval = 5
+# Seconds between power-state polls of machines with a remote power driver (0: off).
+power_poll = 60
 "#;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,6 +129,7 @@ impl Default for TftpFile {
 pub struct LifecycleFile {
     pub timeout: u64,
     pub check_interval: u64,
+    pub power_poll: u64,
 }
 
 impl Default for LifecycleFile {
@@ -134,6 +137,7 @@ impl Default for LifecycleFile {
         Self {
             timeout: 1800,
             check_interval: 5,
+            power_poll: 60,
         }
     }
 }
@@ -352,6 +356,8 @@ impl FileConfig {
         Ok(Config {
             timeout: std::time::Duration::from_secs(self.lifecycle.timeout),
             check_interval: std::time::Duration::from_secs(self.lifecycle.check_interval),
+            power_poll: (self.lifecycle.power_poll > 0)
+                .then(|| std::time::Duration::from_secs(self.lifecycle.power_poll)),
             data_dir: self.data_dir.clone(),
             interface: self.interface.clone(),
             address: self.address,
@@ -413,6 +419,8 @@ pub struct Config {
     /// Busy-status timeout and how often it is checked.
     pub timeout: std::time::Duration,
     pub check_interval: std::time::Duration,
+    /// `None`: power states are only queried on demand.
+    pub power_poll: Option<std::time::Duration>,
 }
 
 /// The validated `[dhcp]` section.

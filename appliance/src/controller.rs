@@ -335,6 +335,79 @@ impl Controller {
     }
 }
 
+/// Remembers each machine's last polled power state, so only changes become events.
+#[derive(Default)]
+pub struct PowerPoll {
+    last: std::collections::HashMap<String, crate::power::PowerState>,
+}
+
+impl PowerPoll {
+    /// Records `state` for `id`; returns the event text when it differs from the last one.
+    pub fn observe(
+        &mut self,
+        id: &str,
+        state: Result<crate::power::PowerState, String>,
+    ) -> Option<String> {
+        use crate::power::PowerState;
+        match state {
+            Ok(state) => {
+                let before = self.last.insert(id.to_string(), state);
+                (before != Some(state)).then(|| match before {
+                    Some(b) => format!("power poll: {b} -> {state}"),
+                    None => format!("power poll: {state}"),
+                })
+            }
+            // A failed query is reported once, until a query succeeds again.
+            Err(e) => (self.last.insert(id.to_string(), PowerState::Unknown)
+                != Some(PowerState::Unknown))
+            .then(|| format!("power poll failed: {e}")),
+        }
+    }
+}
+
+impl Controller {
+    /// Queries every machine with a remote power driver every `every`; a change of state (or
+    /// a query starting to fail) becomes an event. Manual machines are not polled.
+    pub async fn run_power_poll(self, every: Duration) {
+        let mut poll = PowerPoll::default();
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let Ok(machines) = self.store.call(|s| s.list_machines()).await else {
+                continue;
+            };
+            for m in machines.iter().filter(|m| m.power.driver != "manual") {
+                let state = match power_params(m) {
+                    Ok(p) => crate::power::PowerDriver::new(p)
+                        .query()
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
+                if let Some(message) = poll.observe(&m.id, state) {
+                    let id = m.id.clone();
+                    let _ = self
+                        .store
+                        .call(move |s| {
+                            s.add_event(
+                                &id,
+                                &NewEvent {
+                                    at: now_ms(),
+                                    actor: "power-poll".into(),
+                                    old_status: None,
+                                    new_status: None,
+                                    message,
+                                },
+                            )
+                        })
+                        .await;
+                    self.notify();
+                }
+            }
+        }
+    }
+}
+
 impl Status {
     /// Whether a machine in this status boots the agent when it network-boots.
     pub fn boots_agent(self) -> bool {
@@ -342,5 +415,28 @@ impl Status {
             self,
             Status::New | Status::Commissioning | Status::Deploying | Status::DiskErasing
         )
+    }
+}
+
+#[cfg(test)]
+mod poll_tests {
+    use super::*;
+    use crate::power::PowerState;
+
+    #[test]
+    fn only_changes_and_new_failures_become_events() {
+        let mut p = PowerPoll::default();
+        assert_eq!(
+            p.observe("m", Ok(PowerState::Off)).as_deref(),
+            Some("power poll: off")
+        );
+        assert_eq!(p.observe("m", Ok(PowerState::Off)), None);
+        assert_eq!(
+            p.observe("m", Ok(PowerState::On)).as_deref(),
+            Some("power poll: off -> on")
+        );
+        assert!(p.observe("m", Err("timeout".into())).is_some());
+        assert_eq!(p.observe("m", Err("timeout".into())), None);
+        assert!(p.observe("m", Ok(PowerState::On)).is_some());
     }
 }

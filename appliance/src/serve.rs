@@ -85,6 +85,13 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         tftp_stats: Arc::default(),
     };
     let mut tasks = JoinSet::new();
+    if let Some(every) = cfg.power_poll {
+        let c = controller.clone();
+        tasks.spawn(async move {
+            c.run_power_poll(every).await;
+            Ok(())
+        });
+    }
     let (timeout, every) = (cfg.timeout, cfg.check_interval);
     tasks.spawn(async move {
         controller.run_timeouts(timeout, every).await;

@@ -184,7 +184,13 @@ fn test(extra: &[String]) -> Result<()> {
     step("cargo test (every tier, end-to-end included)");
     status(
         cargo()
-            .args(["test", "--workspace", "--no-fail-fast", "--", "--include-ignored"])
+            .args([
+                "test",
+                "--workspace",
+                "--no-fail-fast",
+                "--",
+                "--include-ignored",
+            ])
             .args(extra)
             .env("STORK_OS_IMAGES", &os)
             .env("STORK_BIN", target().join("debug/stork"))
