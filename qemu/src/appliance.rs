@@ -95,6 +95,33 @@ impl Appliance {
         serde_json::from_str(&out).context("parsing `stork machine show --json`")
     }
 
+    /// Waits until a machine with boot MAC `mac` is recorded; fails early if the appliance
+    /// exits or the VM stops before that.
+    pub fn wait_enlisted(
+        &mut self,
+        vm: &mut crate::Vm,
+        mac: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        wait_for(
+            "the VM to enlist",
+            timeout,
+            Duration::from_millis(500),
+            || {
+                if let Some(status) = self.exited() {
+                    bail!("stork serve exited: {status}");
+                }
+                let found = self.machines()?.into_iter().find(|m| m["boot_mac"] == mac);
+                if found.is_none()
+                    && let Some(status) = vm.exited()
+                {
+                    bail!("the VM stopped ({status}) before it enlisted");
+                }
+                Ok(found)
+            },
+        )
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         self.process.log_tail(lines)
     }

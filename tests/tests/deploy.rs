@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
 use stork_lab::{Appliance, Lab, Vm, VmSpec, wait_for};
 use stork_tests::{boot_files, lab_dir, require_artefacts, stork_bin};
 
@@ -258,34 +258,12 @@ fn register_image(
     images: &Path,
     sha256_override: Option<&str>,
 ) -> Result<()> {
-    let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(images.join("manifest.json"))?)?;
-    let image = manifest["images"]
-        .as_array()
-        .and_then(|a| a.iter().find(|i| i["name"] == IMAGE))
-        .with_context(|| format!("no image {IMAGE} in the manifest"))?;
-    let dest = appliance.data_dir.join("boot").join("images");
-    std::fs::create_dir_all(&dest)?;
-    let mut files = Vec::new();
-    for a in image["artifacts"].as_array().context("artifacts")? {
-        let role = match a["kind"].as_str() {
-            Some("raw_disk_zst") => "raw",
-            Some("root_squashfs") => "squashfs",
-            Some("root_tar_zst") => "tar",
-            _ => continue,
-        };
-        let name = a["name"].as_str().context("artifact name")?;
-        let to = dest.join(name);
-        if std::fs::hard_link(images.join(name), &to).is_err() {
-            std::fs::copy(images.join(name), &to).with_context(|| format!("copying {name}"))?;
-        }
-        let sha = match (role, sha256_override) {
-            ("raw", Some(s)) => s.to_string(),
-            _ => a["sha256"].as_str().context("sha256")?.to_string(),
-        };
-        files.push(json!({"role": role, "path": format!("images/{name}"), "sha256": sha, "size": a["size"]}));
-    }
-    let resource = json!({"name": IMAGE, "kind": "os", "arch": "amd64", "files": files});
+    let resource = stork_lab::images::os_resource(
+        images,
+        &appliance.data_dir.join("boot"),
+        IMAGE,
+        sha256_override,
+    )?;
     let file = lab.dir().join("resource.json");
     std::fs::write(&file, serde_json::to_vec_pretty(&resource)?)?;
     appliance.cli(&["image", "register", path_str(&file)?])?;

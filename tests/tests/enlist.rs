@@ -45,26 +45,7 @@ fn seabios_vm_enlists_as_new_then_commissions_to_ready() {
 }
 
 fn wait_enlisted(appliance: &mut Appliance, vm: &mut Vm) -> Result<Value> {
-    wait_for(
-        "the VM to enlist",
-        Duration::from_secs(300),
-        Duration::from_millis(500),
-        || {
-            if let Some(status) = appliance.exited() {
-                bail!("stork serve exited: {status}");
-            }
-            let found = appliance
-                .machines()?
-                .into_iter()
-                .find(|m| m["boot_mac"] == MAC);
-            if found.is_none()
-                && let Some(status) = vm.exited()
-            {
-                bail!("the VM stopped ({status}) before it enlisted");
-            }
-            Ok(found)
-        },
-    )
+    appliance.wait_enlisted(vm, MAC, Duration::from_secs(300))
 }
 
 /// Commissioning with the manual power driver: the appliance records that a person must

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use stork_lab::{Appliance, Firmware, Lab, Vm, VmSpec, wait_for};
+use stork_lab::{Appliance, Firmware, Lab, Vm, VmSpec};
 use stork_tests::{boot_files, lab_dir, require_artefacts, stork_bin};
 
 const MAC: &str = "52:54:00:77:00:e1";
@@ -36,26 +36,7 @@ fn ovmf_firmware_pxe_fetches_its_nbp_over_tftp_and_enlists() {
 }
 
 fn run(appliance: &mut Appliance, vm: &mut Vm) -> Result<()> {
-    let m = wait_for(
-        "the UEFI VM to enlist",
-        Duration::from_secs(400),
-        Duration::from_millis(500),
-        || {
-            if let Some(status) = appliance.exited() {
-                bail!("stork serve exited: {status}");
-            }
-            let found = appliance
-                .machines()?
-                .into_iter()
-                .find(|m| m["boot_mac"] == MAC);
-            if found.is_none()
-                && let Some(status) = vm.exited()
-            {
-                bail!("the VM stopped ({status}) before it enlisted");
-            }
-            Ok(found)
-        },
-    )?;
+    let m = appliance.wait_enlisted(vm, MAC, Duration::from_secs(400))?;
     if m["inventory"]["firmware"] != "uefi" {
         bail!("firmware recorded as {}", m["inventory"]["firmware"]);
     }

@@ -297,7 +297,8 @@ impl Demo {
         })?;
 
         step("registering the Debian image built by stork-image");
-        let resource = os_resource(images, &self.appliance.data_dir.join("boot"))?;
+        let boot_root = self.appliance.data_dir.join("boot");
+        let resource = stork_lab::images::os_resource(images, &boot_root, DEMO_IMAGE, None)?;
         let file = lab.dir().join("resource.json");
         std::fs::write(&file, serde_json::to_vec_pretty(&resource)?)?;
         self.appliance
@@ -341,39 +342,6 @@ impl Demo {
 }
 
 const DEMO_IMAGE: &str = "debian-bookworm";
-
-/// The boot resource for the built Debian image: its files linked into the appliance's boot
-/// root, by role, with their sha256 from the image builder's manifest.
-fn os_resource(images: &Path, boot_root: &Path) -> Result<serde_json::Value> {
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(images.join("manifest.json"))
-            .context("reading the image manifest")?,
-    )?;
-    let image = manifest["images"]
-        .as_array()
-        .and_then(|a| a.iter().find(|i| i["name"] == DEMO_IMAGE))
-        .with_context(|| format!("no image {DEMO_IMAGE} in the manifest"))?;
-    let dest = boot_root.join("images");
-    std::fs::create_dir_all(&dest)?;
-    let mut files = Vec::new();
-    for a in image["artifacts"].as_array().context("artifacts")? {
-        let role = match a["kind"].as_str() {
-            Some("raw_disk_zst") => "raw",
-            Some("root_squashfs") => "squashfs",
-            Some("root_tar_zst") => "tar",
-            _ => continue,
-        };
-        let name = a["name"].as_str().context("artifact name")?;
-        let to = dest.join(name);
-        if std::fs::hard_link(images.join(name), &to).is_err() {
-            std::fs::copy(images.join(name), &to).with_context(|| format!("copying {name}"))?;
-        }
-        files.push(serde_json::json!({
-            "role": role, "path": format!("images/{name}"), "sha256": a["sha256"], "size": a["size"],
-        }));
-    }
-    Ok(serde_json::json!({"name": DEMO_IMAGE, "kind": "os", "arch": "amd64", "files": files}))
-}
 
 /// Prints the lines of `path` from byte `pos` on, prefixed, and returns the new position.
 fn print_new_lines(path: &Path, pos: u64) -> u64 {
