@@ -558,8 +558,8 @@ fn repeated_request_starts_one_transfer() {
     let c = RawClient::new(server.addr);
     c.request(false, b"one-block.bin", &[]);
     c.request(false, b"one-block.bin", &[]);
-    // Both requests reach the server before the client says anything to the transfer (an
-    // ACK first would make the second a new transfer: the client knew our TID by then).
+    // Both requests reach the server before the client ACKs anything: a request after the
+    // transfer has ended is a new one.
     wait_for("both requests", Duration::from_secs(10), || {
         server.stats().requests == 2
     });
@@ -592,6 +592,26 @@ fn repeated_request_starts_one_transfer() {
         .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     assert!(c.recv().is_none());
+
+    // A late retransmission, after the client has ACKed (its request timer fired while our
+    // answer was queued on a busy machine), is still the same transfer.
+    let c = RawClient::new(server.addr);
+    c.request(false, b"many.bin", &[]);
+    let (pkt, tid) = c.recv().expect("DATA 1");
+    assert!(matches!(
+        Repr::parse_bytes(&pkt).unwrap(),
+        Repr::Data { block: 1, .. }
+    ));
+    c.sock
+        .send_to(&Repr::Ack { block: 1 }.to_vec().unwrap(), tid)
+        .unwrap();
+    c.recv().expect("DATA 2");
+    c.request(false, b"many.bin", &[]);
+    wait_for("the late duplicate", Duration::from_secs(10), || {
+        server.stats().duplicate_requests == 2
+    });
+    let s = server.stats();
+    assert_eq!(s.transfers_started, 2, "{s:?}");
 }
 
 #[test]

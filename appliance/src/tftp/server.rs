@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -65,9 +65,6 @@ struct Ctx {
 struct Active {
     id: Id,
     request: Box<[u8]>,
-    /// Set once the client answered the transfer's socket: from then on it knows our TID,
-    /// and the same request again from the same port is a new transfer.
-    heard: Arc<AtomicBool>,
 }
 
 struct Listener {
@@ -199,12 +196,13 @@ impl Listener {
             }
         };
         if let Some(a) = self.by_peer.get(&peer)
-            && !a.heard.load(Ordering::Relaxed)
             && *a.request == *bytes
         {
-            // The client repeated its request before hearing from us: the transfer under way
-            // answers it (its own retransmission); starting a second would double the load
-            // exactly when the server is slow.
+            // The client repeated its request because our answer was slow: the transfer under
+            // way serves it (and retransmits on its own). A second transfer would double the
+            // load exactly when the server is slow, and linger: the client ignores a second
+            // TID, so it would only end by timing out. (Finished transfers are reaped before
+            // each datagram is read, so a new request after one ends is not mistaken.)
             bump(&stats.duplicate_requests);
             tracing::debug!(%peer, file = %req.path, "duplicate TFTP request ignored");
             return;
@@ -214,10 +212,7 @@ impl Listener {
             tracing::warn!(%peer, file = %req.path, max = self.ctx.cfg.max_transfers, "TFTP busy: request dropped, the client will ask again");
             return;
         }
-        let heard = Arc::new(AtomicBool::new(false));
-        let handle = self
-            .tasks
-            .spawn(serve(self.ctx.clone(), peer, req, heard.clone()));
+        let handle = self.tasks.spawn(serve(self.ctx.clone(), peer, req));
         let id = handle.id();
         self.by_id.insert(id, peer);
         self.by_peer.insert(
@@ -225,7 +220,6 @@ impl Listener {
             Active {
                 id,
                 request: bytes.into(),
-                heard,
             },
         );
     }
@@ -305,7 +299,7 @@ impl Drop for ActiveGuard<'_> {
 }
 
 /// One transfer, from opening the file to the last ACK.
-async fn serve(ctx: Arc<Ctx>, peer: SocketAddr, req: ReadRequest, heard: Arc<AtomicBool>) {
+async fn serve(ctx: Arc<Ctx>, peer: SocketAddr, req: ReadRequest) {
     let stats = &ctx.stats;
     let _active = ActiveGuard::new(stats);
     let sock = match TransferSocket::open(ctx.local_ip, peer) {
@@ -383,7 +377,6 @@ async fn serve(ctx: Arc<Ctx>, peer: SocketAddr, req: ReadRequest, heard: Arc<Ato
         &mut t,
         &mut reader,
         oack.as_deref(),
-        &heard,
         stats,
         &mut counts,
     )
@@ -497,7 +490,6 @@ async fn drive(
     t: &mut Transfer,
     reader: &mut Reader,
     oack: Option<&[u8]>,
-    heard: &AtomicBool,
     stats: &Stats,
     counts: &mut Counts,
 ) -> Result<(), TransferError> {
@@ -560,7 +552,6 @@ async fn drive(
                     bump(&stats.malformed);
                     continue;
                 };
-                heard.store(true, Ordering::Relaxed);
                 match t.on_packet(&repr, Instant::now()) {
                     Handled::Aborted(_) => bump(&stats.errors_received),
                     Handled::Ignored(why) => tracing::trace!(?why, "TFTP packet ignored"),
