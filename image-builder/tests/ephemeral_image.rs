@@ -72,9 +72,10 @@ fn two_builds_are_identical_and_unsquashfs_gives_back_the_tree() -> Result<()> {
             .as_str()
             .is_some_and(|s| s.len() == 64)
     );
+    // No mirror address in the manifest: only its hash (URLs read from the host's apt sources).
     ensure!(
         !serde_json::to_string(&m)?.contains("://"),
-        "a host name in the manifest"
+        "a URL in the manifest"
     );
     eprintln!(
         "ephemeral.squashfs: {} bytes, sha256 {sa}",
