@@ -1,6 +1,6 @@
 # The same tasks as `cargo xtask`, for people who use just.
 
-# Live: an appliance on its embedded default and a QEMU machine that PXE-boots and enlists.
+# Live: an appliance on its embedded default and a QEMU machine taken through enlist, commission and deploy.
 demo:
     cargo xtask demo
 
@@ -35,3 +35,7 @@ bench-dhcp:
 # Image builder benchmark: Stork's SquashFS writer against plain mksquashfs, initrd build time.
 bench-images:
     cargo xtask bench images
+
+# Machines API with 10,000 machines stored: list and show, requests/s, p50/p99.
+bench-api:
+    cargo xtask bench api
