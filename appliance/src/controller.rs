@@ -137,6 +137,33 @@ impl Controller {
         self.events.send_modify(|n| *n += 1);
     }
 
+    /// Appends an event that changes no status (a power result, a poll) and wakes the
+    /// event streams.
+    pub async fn note(
+        &self,
+        machine_id: &str,
+        actor: &str,
+        message: String,
+    ) -> Result<(), StoreError> {
+        let (id, actor) = (machine_id.to_string(), actor.to_string());
+        self.store
+            .call(move |s| {
+                s.add_event(
+                    &id,
+                    &NewEvent {
+                        at: now_ms(),
+                        actor,
+                        old_status: None,
+                        new_status: None,
+                        message,
+                    },
+                )
+            })
+            .await?;
+        self.notify();
+        Ok(())
+    }
+
     /// Applies `event` to machine `key` on behalf of `actor`. `update` changes the machine's
     /// data in the same save (an inventory, a deploy request). A transition the table
     /// refuses is recorded as an event and returned as [`ControlError::Rejected`].
@@ -252,23 +279,9 @@ impl Controller {
             Err(e) => format!("power: {action:?}: {e}"),
         };
         tracing::info!(machine = %m.id, %message, "power action");
-        let id = m.id.clone();
-        let _ = self
-            .store
-            .call(move |s| {
-                s.add_event(
-                    &id,
-                    &NewEvent {
-                        at: now_ms(),
-                        actor: "controller".into(),
-                        old_status: None,
-                        new_status: None,
-                        message,
-                    },
-                )
-            })
-            .await;
-        self.notify();
+        if let Err(e) = self.note(&m.id, "controller", message).await {
+            tracing::warn!(machine = %m.id, error = %e, "cannot record the power result");
+        }
     }
 
     /// Moves machines whose busy status outlived `timeout` to their failed status.
@@ -384,24 +397,10 @@ impl Controller {
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e),
                 };
-                if let Some(message) = poll.observe(&m.id, state) {
-                    let id = m.id.clone();
-                    let _ = self
-                        .store
-                        .call(move |s| {
-                            s.add_event(
-                                &id,
-                                &NewEvent {
-                                    at: now_ms(),
-                                    actor: "power-poll".into(),
-                                    old_status: None,
-                                    new_status: None,
-                                    message,
-                                },
-                            )
-                        })
-                        .await;
-                    self.notify();
+                if let Some(message) = poll.observe(&m.id, state)
+                    && let Err(e) = self.note(&m.id, "power-poll", message).await
+                {
+                    tracing::warn!(machine = %m.id, error = %e, "cannot record the power poll");
                 }
             }
         }

@@ -425,22 +425,7 @@ async fn power_op(
         Ok(state) => format!("power {op}: {state}"),
         Err(e) => format!("power {op} failed: {e}"),
     };
-    let (mid, actor) = (m.id.clone(), admin.actor);
-    s.store
-        .call(move |st| {
-            st.add_event(
-                &mid,
-                &NewEvent {
-                    at: now_ms(),
-                    actor,
-                    old_status: None,
-                    new_status: None,
-                    message,
-                },
-            )
-        })
-        .await?;
-    s.controller.notify();
+    s.controller.note(&m.id, &admin.actor, message).await?;
     match result {
         Ok(state) => Ok(Json(PowerAnswer {
             machine_id: m.id,
