@@ -39,3 +39,7 @@ bench-images:
 # Machines API with 10,000 machines stored: list and show, requests/s, p50/p99.
 bench-api:
     cargo xtask bench api
+
+# Deploy: a QEMU machine's power-on to Deployed, per phase, against its floor (needs root).
+bench-deploy:
+    cargo xtask bench deploy

@@ -36,7 +36,8 @@ enum Task {
     /// Build the agent (static) and the boot images into target/stork/boot.
     Images,
     /// Benchmarks: `api` (machines API on loopback); against peer implementations, in
-    /// namespaces (needs root): `tftp`, `dhcp`.
+    /// namespaces (needs root): `tftp`, `dhcp`, `images`; `deploy` (a QEMU machine's
+    /// power-on to Deployed, per phase, against its floor).
     Bench {
         /// What to benchmark.
         what: String,

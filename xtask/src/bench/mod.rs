@@ -2,6 +2,7 @@
 //! their own. They print numbers; they never assert on time.
 
 mod api;
+mod deploy;
 mod dhcp;
 mod images;
 mod tftp;
@@ -14,6 +15,7 @@ pub fn run(what: &str) -> Result<()> {
         "tftp" => tftp::run(),
         "dhcp" => dhcp::run(),
         "images" => images::run(),
-        other => bail!("unknown benchmark `{other}` (known: api, tftp, dhcp, images)"),
+        "deploy" => deploy::run(),
+        other => bail!("unknown benchmark `{other}` (known: api, tftp, dhcp, images, deploy)"),
     }
 }

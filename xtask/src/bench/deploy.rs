@@ -1,0 +1,476 @@
+//! `cargo xtask bench deploy`: one machine's power-on to Deployed, per phase, beside its floor
+//! measured in the same run on the same kind of VM (SeaBIOS, TCG, 2 vCPUs, 2 GiB, 4 GiB
+//! virtio disk), in a lab namespace with no uplink.
+//!
+//! Stork's run: a VM is enlisted and commissioned, then deployed to disk with the Debian image
+//! (manual power: the bench is the operator, and restarts QEMU when it stops). Its phases come
+//! from the appliance's event times and the bench's own clock:
+//!   boot to agent  power-on -> the agent's first deploy event (PXE, iPXE, kernel, initrd,
+//!                  stage 1 and its ephemeral root)
+//!   image          the agent's `disk` step start -> `image` done (wipe, stream, checksum)
+//!   finish         -> the VM stops to reboot (partitions grown, seed, installed report)
+//!   OS boot        power-on -> Deployed (PXE says `exit`, GRUB, the OS, cloud-init, phone-home)
+//!
+//! The floor, whose three terms the issue names:
+//!   PXE to agent   power-on -> the agent's first console line in that same deploy boot
+//!   image bytes    the registered image file's bytes at the rate `dd` writes them from the
+//!                  same HTTP server to the same disk in the same VM (the machine is deployed
+//!                  into memory for this, so its disk is free; measured over SSH)
+//!   OS boot        the same image, already on a disk of that size, booted from disk with a
+//!                  NoCloud seed volume: power-on -> cloud-init's "finished" line
+//!
+//! Numbers are printed, never asserted.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use stork_lab::process::Spawned;
+use stork_lab::vm::{DISK_ID, qemu_argv};
+use stork_lab::{Appliance, Lab, Vm, VmSpec, wait_for};
+
+const IMAGE: &str = "debian-bookworm";
+/// The image's cloud-init default user (the recipe's `[user] name`).
+const USER: &str = "debian";
+const MAC: &str = "52:54:00:77:0b:01";
+const FLOOR_MAC: &str = "52:54:00:77:0b:02";
+const POLL: Duration = Duration::from_millis(250);
+const PHASE_TIMEOUT: Duration = Duration::from_secs(900);
+const DISK_BYTES: u64 = 4 << 30;
+/// The peer's console marker: cloud-init's last line.
+const CLOUD_INIT_DONE: &str = " finished at ";
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+fn secs(ms: i64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+fn spec(name: &str, mac: &str) -> VmSpec {
+    let mut s = VmSpec::new(name, mac);
+    s.memory_mib = 2048;
+    s.cpus = 2;
+    s.disk_bytes = DISK_BYTES;
+    s
+}
+
+pub fn run() -> Result<()> {
+    crate::deps::ensure()?;
+    let boot = crate::images()?;
+    let images = crate::os_images::build(&crate::target())?;
+    crate::step("building the appliance");
+    crate::status(crate::cargo().args(["build", "--quiet", "-p", "stork"]))?;
+    let bin = crate::target().join("debug/stork");
+
+    let mut lab = Lab::new("bench-deploy", &crate::target().join("lab"))?;
+    let appliance = Appliance::start(&lab, &bin, &boot)?;
+    let mut bench = Bench::new(&mut lab, appliance, &images)?;
+    let result = bench.run(&mut lab, &images);
+    if let Err(e) = result {
+        lab.keep_dir();
+        return Err(e.context(format!(
+            "logs kept in {}\n--- stork (last 20 lines) ---\n{}",
+            lab.dir().display(),
+            bench.appliance.log_tail(20)
+        )));
+    }
+    Ok(())
+}
+
+struct Bench {
+    appliance: Appliance,
+    vm: Vm,
+    key: PathBuf,
+    /// The raw image file as registered (what the agent streams), and its URL path.
+    raw: PathBuf,
+    raw_url: String,
+}
+
+/// One deploy's measured phases, in ms.
+#[derive(Debug, Default)]
+struct Phases {
+    boot_to_agent: i64,
+    pxe_to_agent_console: i64,
+    image: i64,
+    finish: i64,
+    os_boot: i64,
+}
+
+impl Bench {
+    fn new(lab: &mut Lab, appliance: Appliance, images: &Path) -> Result<Self> {
+        let boot_root = appliance.data_dir.join("boot");
+        let resource = stork_lab::images::os_resource(images, &boot_root, IMAGE, None)?;
+        let raw_rel = resource["files"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["role"] == "raw"))
+            .and_then(|f| f["path"].as_str())
+            .context("the image has no raw file")?
+            .to_string();
+        let file = lab.dir().join("resource.json");
+        std::fs::write(&file, serde_json::to_vec_pretty(&resource)?)?;
+        appliance.cli(&["image", "register", path_str(&file)?])?;
+
+        let key = lab.dir().join("id_ed25519");
+        stork_lab::run(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", "stork-bench", "-f"])
+                .arg(&key),
+        )?;
+        appliance.cli(&[
+            "ssh-key",
+            "add",
+            "bench",
+            path_str(&key.with_extension("pub"))?,
+        ])?;
+        let vm = Vm::start(lab, spec("bench-vm", MAC))?;
+        Ok(Self {
+            raw: boot_root.join(&raw_rel),
+            raw_url: format!("http://{}:8080/boot/{raw_rel}", stork_lab::APPLIANCE_IP),
+            appliance,
+            vm,
+            key,
+        })
+    }
+
+    fn run(&mut self, lab: &mut Lab, images: &Path) -> Result<()> {
+        crate::step("stork: enlist and commission (not timed)");
+        let m = self
+            .appliance
+            .wait_enlisted(&mut self.vm, MAC, PHASE_TIMEOUT)?;
+        let id = m["id"].as_str().context("machine id")?.to_string();
+        self.wait_stopped()?;
+        self.appliance.cli(&["machine", "commission", &id])?;
+        self.vm.restart(lab)?;
+        self.wait_status(&id, "ready", &["commissioning"])?;
+        self.wait_stopped()?;
+
+        crate::step("stork: deploy to disk, power-on to Deployed");
+        self.appliance.cli(&["machine", "allocate", &id])?;
+        self.appliance.cli(&[
+            "machine",
+            "deploy",
+            &id,
+            "--image",
+            IMAGE,
+            "--target",
+            "disk",
+            "--hostname",
+            "stork-bench",
+        ])?;
+        let stork = self.deploy_to_disk(lab, &id)?;
+
+        crate::step("floor: the image's bytes through dd, in the same VM (deployed into memory)");
+        self.appliance.cli(&["machine", "release", &id])?;
+        self.wait_status(&id, "ready", &["releasing", "disk_erasing"])?;
+        // A release powers the machine off through its driver; manual power: the VM may still
+        // run the installed OS.
+        self.vm.kill();
+        self.appliance.cli(&["machine", "allocate", &id])?;
+        self.appliance.cli(&[
+            "machine",
+            "deploy",
+            &id,
+            "--image",
+            IMAGE,
+            "--target",
+            "memory",
+            "--hostname",
+            "stork-bench-mem",
+        ])?;
+        self.vm.restart(lab)?;
+        self.wait_status(&id, "deployed", &["deploying"])?;
+        let ip = leased_ip(&self.vm.console)?;
+        let (dd_bytes, dd_ms) = self.dd_floor(lab, &ip)?;
+        self.vm.kill();
+
+        crate::step("floor: the image booted from disk to cloud-init's end");
+        let os_floor = os_boot_floor(lab, images, &self.key)?;
+
+        let dd_rate = dd_bytes as f64 / secs(dd_ms);
+        let image_bytes = std::fs::metadata(&self.raw)?.len();
+        let image_floor = (image_bytes as f64 / dd_rate * 1000.0) as i64;
+        report(&stork, image_bytes, dd_rate, image_floor, os_floor);
+        Ok(())
+    }
+
+    /// Powers the VM on into the deploy and follows it to Deployed; returns the phases.
+    fn deploy_to_disk(&mut self, lab: &mut Lab, id: &str) -> Result<Phases> {
+        let mut p = Phases::default();
+        let before = self.events(id)?.len();
+        let power_on = now_ms();
+        self.vm.restart(lab)?;
+        let mut console_seen = None;
+        // The agent's first console line gives the floor's PXE-to-agent term.
+        wait_for("the image to be written", PHASE_TIMEOUT, POLL, || {
+            if console_seen.is_none() && console_has(&self.vm.console, "stork-agent:") {
+                console_seen = Some(now_ms());
+            }
+            let m = self.appliance.machine(id)?;
+            if m["status"] != "deploying" {
+                bail!("deploy ended in {}: {}", m["status"], m["status_message"]);
+            }
+            Ok(self.vm.exited().map(|_| ()))
+        })?;
+        let stopped = now_ms();
+        let events: Vec<Value> = self.events(id)?.into_iter().skip(before).collect();
+        let at = |prefix: &str| -> Result<i64> {
+            events
+                .iter()
+                .find(|e| e["message"].as_str().is_some_and(|m| m.starts_with(prefix)))
+                .and_then(|e| e["at"].as_i64())
+                .with_context(|| format!("no event {prefix:?} in the deploy"))
+        };
+        let first_agent = events
+            .iter()
+            .filter(|e| e["actor"] == "agent")
+            .find_map(|e| e["at"].as_i64())
+            .context("no agent event in the deploy")?;
+        let disk_started = at("disk Started")?;
+        let image_done = at("image Done")?;
+        p.boot_to_agent = first_agent - power_on;
+        p.pxe_to_agent_console = console_seen.unwrap_or(first_agent) - power_on;
+        p.image = image_done - disk_started;
+        p.finish = stopped - image_done;
+        // The reboot: manual power, so the bench is the hand on the button, at once.
+        let power_on = now_ms();
+        self.vm.restart(lab)?;
+        self.wait_status(id, "deployed", &["deploying"])?;
+        p.os_boot = now_ms() - power_on;
+        eprintln!(
+            "  deployed: boot to agent {:.1} s, image {:.1} s, finish {:.1} s, OS boot {:.1} s",
+            secs(p.boot_to_agent),
+            secs(p.image),
+            secs(p.finish),
+            secs(p.os_boot)
+        );
+        Ok(p)
+    }
+
+    /// `dd` of the registered image file from the appliance's HTTP server onto the VM's
+    /// disk, inside the VM; returns (bytes, ms) as the VM's own clock measured them.
+    fn dd_floor(&self, lab: &Lab, ip: &str) -> Result<(u64, i64)> {
+        // The image has python3 (cloud-init) but no curl: a plain HTTP GET to stdout, 1 MiB
+        // at a time, feeding dd with direct I/O as the agent's own writes are unbuffered.
+        let fetch = format!(
+            "python3 -c 'import sys,shutil,urllib.request as u; \
+             shutil.copyfileobj(u.urlopen(sys.argv[1]), sys.stdout.buffer, 1 << 20)' {}",
+            self.raw_url
+        );
+        let script = format!(
+            "set -e; d=$(lsblk -dno NAME,TYPE | awk '$2==\"disk\"{{print $1; exit}}'); \
+             s=$(date +%s%N); {fetch} | sudo dd of=/dev/$d bs=4M iflag=fullblock oflag=direct \
+             status=none; sync; e=$(date +%s%N); \
+             echo \"$(( (e - s) / 1000000 ))\""
+        );
+        let out = ssh(lab, &self.key, ip, &script)?;
+        let ms: i64 = out
+            .trim()
+            .parse()
+            .with_context(|| format!("dd's time from the VM: {out:?}"))?;
+        Ok((std::fs::metadata(&self.raw)?.len(), ms))
+    }
+
+    fn events(&self, id: &str) -> Result<Vec<Value>> {
+        let out = self.appliance.cli(&["machine", "events", id, "--json"])?;
+        serde_json::from_str(&out).context("parsing `stork machine events --json`")
+    }
+
+    fn wait_stopped(&mut self) -> Result<()> {
+        wait_for(
+            "the VM to power off",
+            Duration::from_secs(120),
+            POLL,
+            || Ok(self.vm.exited().map(|_| ())),
+        )
+    }
+
+    fn wait_status(&mut self, id: &str, want: &str, passing: &[&str]) -> Result<()> {
+        wait_for(&format!("status {want}"), PHASE_TIMEOUT, POLL, || {
+            let m = self.appliance.machine(id)?;
+            match m["status"].as_str() {
+                Some(s) if s == want => Ok(Some(())),
+                Some(s) if passing.contains(&s) => Ok(None),
+                other => bail!(
+                    "status {other:?} ({}) while waiting for {want}",
+                    m["status_message"]
+                ),
+            }
+        })
+    }
+}
+
+/// The floor's OS-boot term: a VM of the same kind whose disk already holds the image (4 GiB,
+/// as deployed), with a NoCloud seed volume and its NIC on the lab bridge, booted from disk;
+/// power-on to cloud-init's "finished" line on the serial console, in ms.
+fn os_boot_floor(lab: &mut Lab, images: &Path, key: &Path) -> Result<i64> {
+    let mut s = spec("floor-vm", FLOOR_MAC);
+    s.keep_disk = true;
+    let dir = lab.dir().join(&s.name);
+    std::fs::create_dir_all(&dir)?;
+    let disk = dir.join("disk.raw");
+    stork_lab::run(
+        Command::new("zstd")
+            .args(["-d", "-q", "-f", "--sparse"])
+            .arg(images.join(format!("{IMAGE}.raw.zst")))
+            .arg("-o")
+            .arg(&disk),
+    )?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)?
+        .set_len(DISK_BYTES)?;
+    let seed = seed(&dir, key)?;
+    let (mut argv, paths) = qemu_argv(lab, &s)?;
+    argv.extend([
+        "-drive".to_string(),
+        format!("file={},if=virtio,format=raw,readonly=on", seed.display()),
+        "-set".to_string(),
+        format!("device.{DISK_ID}.bootindex=1"),
+    ]);
+    let mut cmd = lab.command(&argv[0]);
+    cmd.args(&argv[1..]);
+    let started = Instant::now();
+    let mut vm = Spawned::start(&s.name, cmd, &paths.dir.join("qemu.log"))?;
+    wait_for("cloud-init to finish", PHASE_TIMEOUT, POLL, || {
+        if vm.exited().is_some() {
+            bail!("the floor VM stopped: {}", vm.log_tail(10));
+        }
+        Ok(console_has(&paths.console, CLOUD_INIT_DONE).then_some(()))
+    })?;
+    let ms = started.elapsed().as_millis() as i64;
+    eprintln!(
+        "  floor VM: cloud-init finished {:.1} s after power-on",
+        secs(ms)
+    );
+    Ok(ms)
+}
+
+/// A `CIDATA` FAT volume with what Stork's own seed carries: hostname and the SSH key.
+fn seed(dir: &Path, key: &Path) -> Result<PathBuf> {
+    let public = std::fs::read_to_string(key.with_extension("pub"))?;
+    std::fs::write(
+        dir.join("meta-data"),
+        "instance-id: stork-bench-floor\nlocal-hostname: stork-bench-floor\n",
+    )?;
+    std::fs::write(
+        dir.join("user-data"),
+        format!(
+            "#cloud-config\nssh_authorized_keys:\n  - {}\n",
+            public.trim()
+        ),
+    )?;
+    let img = dir.join("seed.img");
+    let _ = std::fs::remove_file(&img);
+    stork_lab::run(
+        Command::new("mkfs.vfat")
+            .args(["-n", "CIDATA", "-C"])
+            .arg(&img)
+            .arg("1024"),
+    )?;
+    stork_lab::run(
+        Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(&img)
+            .arg(dir.join("meta-data"))
+            .arg(dir.join("user-data"))
+            .arg("::"),
+    )?;
+    Ok(img)
+}
+
+fn report(p: &Phases, image_bytes: u64, dd_rate: f64, image_floor: i64, os_floor: i64) {
+    let mib = |b: f64| b / (1 << 20) as f64;
+    let total = p.boot_to_agent + p.image + p.finish + p.os_boot;
+    let floor = p.pxe_to_agent_console + image_floor + os_floor;
+    println!();
+    println!("deploy to disk, power-on to Deployed (SeaBIOS, TCG, 2 vCPUs, 2 GiB, 4 GiB disk)");
+    println!(
+        "{:<36} {:>9} {:>9} {:>7}",
+        "phase", "stork s", "floor s", "ratio"
+    );
+    let row = |name: &str, s: i64, f: i64| {
+        // A phase the floor does not have at all has no ratio, only its cost.
+        let ratio = if f > 0 {
+            format!("{:.2}x", s as f64 / f as f64)
+        } else {
+            "-".to_string()
+        };
+        println!("{name:<36} {:>9.1} {:>9.1} {ratio:>7}", secs(s), secs(f));
+    };
+    row(
+        "PXE to agent (-> first agent event)",
+        p.boot_to_agent,
+        p.pxe_to_agent_console,
+    );
+    row(
+        &format!(
+            "image ({:.0} MiB, dd {:.1} MiB/s)",
+            mib(image_bytes as f64),
+            mib(dd_rate)
+        ),
+        p.image,
+        image_floor,
+    );
+    row("finish (grow, seed, reboot)", p.finish, 0);
+    row("OS boot to cloud-init's end", p.os_boot, os_floor);
+    row("total", total, floor);
+    println!(
+        "ratio {:.2}x the floor (target <= 1.25x)",
+        total as f64 / floor.max(1) as f64
+    );
+}
+
+fn console_has(path: &Path, needle: &str) -> bool {
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut text))
+        .is_ok()
+        && String::from_utf8_lossy(&text).contains(needle)
+}
+
+/// The address the machine leased: the agent prints its command line (ip=) on the console.
+fn leased_ip(console: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_once("stork-agent: cmdline: ").map(|(_, r)| r))
+        .filter_map(|r| r.split_whitespace().find_map(|w| w.strip_prefix("ip=")))
+        .filter_map(|ip| ip.split('/').next())
+        .next_back()
+        .map(str::to_string)
+        .context("no agent cmdline line with ip= on the console")
+}
+
+fn ssh(lab: &Lab, key: &Path, ip: &str, command: &str) -> Result<String> {
+    stork_lab::run(
+        lab.command("ssh")
+            .arg("-i")
+            .arg(key)
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=10",
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .arg(format!("{USER}@{ip}"))
+            .arg(command),
+    )
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().context("non-UTF-8 path")
+}
