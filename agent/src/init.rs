@@ -1,4 +1,8 @@
 //! The agent's life as PID 1: each step in order, any failure shown and reported, then power-off.
+//!
+//! Stage 1 runs from the initrd; when the command line names an ephemeral root it hands over
+//! to stage 2 inside it ([`crate::stage`]), which skips what stage 1 already did (mounts,
+//! modules, the NIC's address) and runs the task.
 
 use std::fmt;
 use std::fs;
@@ -13,6 +17,7 @@ use crate::console::{self, say};
 use crate::deploy::{self, Ending};
 use crate::net::{self, Control};
 use crate::report::Client;
+use crate::stage::{self, Stage};
 use crate::{inventory, modules, mounts, power};
 
 const CLASS_NET: &str = "/sys/class/net";
@@ -29,6 +34,10 @@ pub enum Step {
     LoadModules,
     Cmdline,
     Network,
+    /// Stage 1: fetch, check and mount the ephemeral root.
+    Ephemeral,
+    /// Stage 1 hands over to stage 2 inside the ephemeral root.
+    SwitchRoot,
     Inventory,
     Enlist,
     Task,
@@ -47,6 +56,8 @@ pub enum Step {
     Erase,
     /// Deploy in memory: fetch, mount and hand over to the OS.
     Memory,
+    /// Deploy: the installed disk's UEFI boot entry.
+    BootEntry,
 }
 
 impl Step {
@@ -56,6 +67,8 @@ impl Step {
             Step::LoadModules => "load-modules",
             Step::Cmdline => "cmdline",
             Step::Network => "network",
+            Step::Ephemeral => "ephemeral",
+            Step::SwitchRoot => "switch-root",
             Step::Inventory => "inventory",
             Step::Enlist => "enlist",
             Step::Task => "task",
@@ -67,6 +80,7 @@ impl Step {
             Step::Installed => "installed",
             Step::Erase => "erase",
             Step::Memory => "memory",
+            Step::BootEntry => "boot-entry",
         }
     }
 }
@@ -88,11 +102,19 @@ pub fn at<T>(step: Step, r: Result<T>) -> Result<T, Failed> {
 }
 
 /// Runs the agent as init. Never returns.
-pub fn run() -> ! {
+pub fn run(stage: Stage) -> ! {
     power::install_panic_hook();
+    if let Stage::Two { .. } = stage {
+        // First, so that stage 1's lines stay older than anything stage 2 prints.
+        let kept = console::restore(Path::new(stage::CONSOLE_LOG));
+        match kept {
+            Ok(n) => console::line(&format!("stage 2: {n} console lines kept from stage 1")),
+            Err(e) => console::line(&format!("stage 2: stage 1's console lines lost: {e:#}")),
+        }
+    }
     // Set once the network is up, so a later failure can be reported.
     let mut reporter = None;
-    match steps(&mut reporter) {
+    match steps(stage, &mut reporter) {
         Ok(Ending::PowerOff) => {
             nix::unistd::sync();
             console::line("done, powering off");
@@ -141,16 +163,43 @@ fn report_failure(
     }
 }
 
-fn steps(reporter: &mut Option<(Client, stork_proto::MacAddr)>) -> Result<Ending, Failed> {
+fn steps(
+    stage: Stage,
+    reporter: &mut Option<(Client, stork_proto::MacAddr)>,
+) -> Result<Ending, Failed> {
     at(Step::Mount, mount())?;
-    at(Step::LoadModules, load_modules())?;
+    match stage {
+        Stage::One => at(Step::LoadModules, load_modules())?,
+        // The ephemeral root has no modules; stage 1 loaded the initrd's.
+        Stage::Two { .. } => say!(Step::LoadModules, "done by stage 1"),
+    }
     let args = at(Step::Cmdline, cmdline())?;
-    at(Step::Network, network(&args))?;
+    match stage {
+        Stage::One => at(Step::Network, network(&args))?,
+        Stage::Two { .. } => at(Step::Network, network_kept(&args))?,
+    }
     let mut client = Client::new(&args.url);
     if let (Some(id), Some(token)) = (&args.machine_id, &args.token) {
         client = client.with_identity(id, token);
     }
     let (client, _) = reporter.insert((client, args.boot_mac));
+    crate::heartbeat::start(client);
+    match (stage, &args.ephemeral) {
+        (Stage::One, Some(eph)) => {
+            let started = stage::uptime();
+            let root = at(Step::Ephemeral, stage::prepare(client, eph))?;
+            // Returns only if the switch or the exec failed.
+            return Err(Failed {
+                step: Step::SwitchRoot,
+                error: stage::enter(client, &root, started),
+            });
+        }
+        (Stage::One, None) => say!(
+            Step::Ephemeral,
+            "none on the command line; running the task from the initrd"
+        ),
+        (Stage::Two { fetch_started }, _) => stage::arrived(client, fetch_started),
+    }
     if !client.is_known() {
         let inv = collect_inventory();
         return at(Step::Enlist, enlist(client, &args, inv)).map(|()| Ending::PowerOff);
@@ -160,6 +209,13 @@ fn steps(reporter: &mut Option<(Client, stork_proto::MacAddr)>) -> Result<Ending
     say!(Step::Task, "{}", describe(&task));
     match task {
         stork_proto::Task::Commission => {
+            // Its end is the appliance's own event: the machine becomes Ready.
+            deploy::event(
+                client,
+                Step::Commission,
+                stork_proto::StepState::Started,
+                "collecting the inventory".into(),
+            );
             let inv = collect_inventory();
             let resp = at(Step::Commission, client.commissioned(&inv))?;
             say!(
@@ -335,6 +391,28 @@ fn network(args: &AgentArgs) -> Result<()> {
     Ok(())
 }
 
+/// Stage 2: the NIC kept its address and route across the exec; check it is still there.
+fn network_kept(args: &AgentArgs) -> Result<()> {
+    let class_net = Path::new(CLASS_NET);
+    let ifname = net::find_by_mac(class_net, args.boot_mac).ok_or_else(|| {
+        anyhow!(
+            "the boot NIC {} is gone after the switch to stage 2",
+            args.boot_mac
+        )
+    })?;
+    say!(
+        Step::Network,
+        "{ifname} kept {}/{} from stage 1, link {}",
+        args.ip,
+        args.prefix_len,
+        match net::carrier(class_net, &ifname) {
+            Some(true) => "up",
+            _ => "down",
+        }
+    );
+    Ok(())
+}
+
 /// Cannot fail: whatever is unreadable is reported as unknown.
 fn collect_inventory() -> Inventory {
     let inv = inventory::collect(Path::new("/"));
@@ -375,6 +453,8 @@ mod tests {
             Step::LoadModules,
             Step::Cmdline,
             Step::Network,
+            Step::Ephemeral,
+            Step::SwitchRoot,
             Step::Inventory,
             Step::Enlist,
             Step::Task,
@@ -388,6 +468,8 @@ mod tests {
                 "load-modules",
                 "cmdline",
                 "network",
+                "ephemeral",
+                "switch-root",
                 "inventory",
                 "enlist",
                 "task",

@@ -6,7 +6,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use stork_proto::inventory::{Cpu, Disk, Dmi, Firmware, Memory, Nic};
+use std::collections::BTreeSet;
+
+use stork_proto::inventory::{Cpu, Disk, Dmi, Firmware, Memory, Nic, Partition};
 use stork_proto::{Inventory, MacAddr};
 
 use crate::console::human_bytes;
@@ -30,6 +32,8 @@ pub fn collect(root: &Path) -> Inventory {
         disks: disks(&sys),
         nics: nics(&sys),
         dmi: dmi(&sys),
+        // The kernel has /sys/firmware/efi only when UEFI booted it (and left it runtime
+        // services): the firmware the machine network-boots with.
         firmware: if sys.join("firmware/efi").exists() {
             Firmware::Uefi
         } else {
@@ -65,16 +69,47 @@ fn cpu(proc: &Path) -> Cpu {
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim(), v.trim()))
     };
-    Cpu {
-        model: fields()
-            .find(|(k, _)| *k == "model name")
+    let first = |key: &str| {
+        fields()
+            .find(|(k, _)| *k == key)
             .map(|(_, v)| v.to_string())
-            .unwrap_or_default(),
+    };
+    // One block per logical processor; `physical id` names its package and `core id` its
+    // core within the package (x86). Without them the topology is not guessed.
+    let mut packages = BTreeSet::new();
+    let mut cores = BTreeSet::new();
+    for block in text.split("\n\n") {
+        let get = |key: &str| {
+            block
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim() == key)
+                .map(|(_, v)| v.trim())
+        };
+        let package = get("physical id");
+        if let Some(p) = package {
+            packages.insert(p);
+        }
+        if let Some(c) = get("core id") {
+            cores.insert((package.unwrap_or_default(), c));
+        }
+    }
+    let count = |n: usize| (n > 0).then(|| u32::try_from(n).unwrap_or(u32::MAX));
+    Cpu {
+        model: first("model name").unwrap_or_default(),
         count: fields()
             .filter(|(k, _)| *k == "processor")
             .count()
             .try_into()
             .unwrap_or(u32::MAX),
+        vendor: first("vendor_id"),
+        sockets: count(packages.len()),
+        cores: count(cores.len()),
+        // x86 says `flags`, arm64 `Features`.
+        flags: first("flags")
+            .or_else(|| first("Features"))
+            .map(|f| f.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default(),
     }
 }
 
@@ -119,20 +154,68 @@ pub(crate) fn disks(sys: &Path) -> Vec<Disk> {
             if sectors == 0 {
                 return None;
             }
+            let flag = |file: &str| match read_trimmed(&dev.join(file)).as_deref() {
+                Some("1") => Some(true),
+                Some("0") => Some(false),
+                _ => None,
+            };
+            let number = |file: &str| read_trimmed(&dev.join(file))?.parse().ok();
             Some(Disk {
                 size_bytes: sectors.saturating_mul(SECTOR),
                 model: read_trimmed(&dev.join("device/model")),
                 serial: read_trimmed(&dev.join("serial"))
                     .or_else(|| read_trimmed(&dev.join("device/serial"))),
-                rotational: match read_trimmed(&dev.join("queue/rotational")).as_deref() {
-                    Some("1") => Some(true),
-                    Some("0") => Some(false),
-                    _ => None,
-                },
+                rotational: flag("queue/rotational"),
+                transport: transport(&block, &name).map(str::to_string),
+                removable: flag("removable"),
+                logical_block_size: number("queue/logical_block_size"),
+                physical_block_size: number("queue/physical_block_size"),
+                // NVMe namespaces have it on the block device, SCSI disks on the device.
+                wwn: read_trimmed(&dev.join("wwid"))
+                    .or_else(|| read_trimmed(&dev.join("device/wwid"))),
+                partitions: crate::deploy::disk::partitions(sys, &name)
+                    .into_iter()
+                    .map(|p| Partition {
+                        name: p.name,
+                        number: p.number,
+                        start_bytes: p.start_bytes,
+                        size_bytes: p.size_bytes,
+                        label: p.label,
+                    })
+                    .collect(),
                 name,
             })
         })
         .collect()
+}
+
+/// How disk `name` is attached, from the kernel's device path (`/sys/block/<name>` links to
+/// e.g. `../devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sda`), and
+/// from its name where the path does not tell (a copied tree has no links).
+fn transport(block: &Path, name: &str) -> Option<&'static str> {
+    let link = fs::read_link(block.join(name))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let has = |prefix: &str| link.split('/').any(|c| c.starts_with(prefix));
+    // Most specific first: a USB stick is also a SCSI disk, a virtio-scsi disk sits under a
+    // virtio device but speaks SCSI, and libata (SATA and PATA alike) presents SCSI hosts.
+    Some(if has("usb") {
+        "usb"
+    } else if name.starts_with("nvme") || has("nvme") {
+        "nvme"
+    } else if name.starts_with("mmcblk") || has("mmc") {
+        "mmc"
+    } else if has("ata") {
+        "sata"
+    } else if name.starts_with("vd") {
+        "virtio"
+    } else if name.starts_with("sd") || has("host") {
+        "scsi"
+    } else if has("virtio") {
+        "virtio"
+    } else {
+        return None;
+    })
 }
 
 fn nics(sys: &Path) -> Vec<Nic> {
@@ -181,11 +264,16 @@ fn dmi(sys: &Path) -> Dmi {
 
 /// Console lines summarising an inventory, one per device.
 pub fn summary_lines(inv: &Inventory) -> Vec<String> {
+    let topology = match (inv.cpu.sockets, inv.cpu.cores) {
+        (Some(s), Some(c)) => format!(" ({s} sockets, {c} cores)"),
+        _ => String::new(),
+    };
     let mut lines = vec![
         format!(
-            "cpu: {} x {}",
+            "cpu: {} x {}{topology}, {} flags",
             inv.cpu.count,
-            or_unknown(Some(&inv.cpu.model))
+            or_unknown(Some(&inv.cpu.model)),
+            inv.cpu.flags.len()
         ),
         format!(
             "memory: {} MiB total, {} MiB usable",
@@ -200,11 +288,18 @@ pub fn summary_lines(inv: &Inventory) -> Vec<String> {
             None => "?",
         };
         lines.push(format!(
-            "disk {}: {}, model {}, serial {}, {kind}",
+            "disk {}: {}, model {}, serial {}, {kind}, {}{}, {} partitions",
             d.name,
             human_bytes(d.size_bytes),
             or_unknown(d.model.as_ref()),
             or_unknown(d.serial.as_ref()),
+            or_unknown(d.transport.as_ref()),
+            if d.removable == Some(true) {
+                " removable"
+            } else {
+                ""
+            },
+            d.partitions.len(),
         ));
     }
     for n in &inv.nics {
@@ -259,11 +354,14 @@ mod tests {
     fn fake_tree() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let r = dir.path();
+        // Two threads of one core of one package.
         put(
             r,
             "proc/cpuinfo",
-            "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\n\
-             processor\t: 1\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\n",
+            "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\
+             physical id\t: 0\ncore id\t\t: 0\nflags\t\t: fpu vme sse2 avx2 svm\n\n\
+             processor\t: 1\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\
+             physical id\t: 0\ncore id\t\t: 0\nflags\t\t: fpu vme sse2 avx2 svm\n\n",
         );
         put(
             r,
@@ -284,7 +382,28 @@ mod tests {
         // Not a memory block: must not be counted even though it has an `online` file.
         put(r, "sys/devices/system/memory/memoryX/online", "1\n");
 
+        // /sys/block entries are links into the device tree, which tells the transport.
+        let vda = "devices/pci0000:00/0000:00:04.0/virtio1/block/vda";
+        fs::create_dir_all(r.join("sys").join(vda)).unwrap();
+        fs::create_dir_all(r.join("sys/block")).unwrap();
+        symlink(format!("../{vda}"), r.join("sys/block/vda")).unwrap();
         put(r, "sys/block/vda/size", "20971520\n");
+        put(r, "sys/block/vda/removable", "0\n");
+        put(r, "sys/block/vda/queue/logical_block_size", "512\n");
+        put(r, "sys/block/vda/queue/physical_block_size", "4096\n");
+        for (n, start, size, label) in [(1, 2048, 2048, "bios"), (2, 4096, 20_965_376, "root")] {
+            let dir = format!("sys/block/vda/vda{n}");
+            put(r, &format!("{dir}/partition"), &format!("{n}\n"));
+            put(r, &format!("{dir}/start"), &format!("{start}\n"));
+            put(r, &format!("{dir}/size"), &format!("{size}\n"));
+            put(
+                r,
+                &format!("{dir}/uevent"),
+                &format!(
+                    "MAJOR=254\nMINOR={n}\nDEVNAME=vda{n}\nDEVTYPE=partition\nPARTN={n}\nPARTNAME={label}\n"
+                ),
+            );
+        }
         put(r, "sys/block/vda/serial", "  stork-disk-0 \n");
         put(r, "sys/block/vda/queue/rotational", "1\n");
         put(r, "sys/block/loop0/size", "1024\n");
@@ -330,6 +449,12 @@ mod tests {
             cpu: Cpu {
                 model: "AMD EPYC 7B13".into(),
                 count: 2,
+                vendor: Some("AuthenticAMD".into()),
+                sockets: Some(1),
+                cores: Some(1),
+                flags: ["fpu", "vme", "sse2", "avx2", "svm"]
+                    .map(String::from)
+                    .to_vec(),
             },
             memory: Memory {
                 total_bytes: 7 * 0x800_0000,
@@ -341,6 +466,27 @@ mod tests {
                 model: None,
                 serial: Some("stork-disk-0".into()),
                 rotational: Some(true),
+                transport: Some("virtio".into()),
+                removable: Some(false),
+                logical_block_size: Some(512),
+                physical_block_size: Some(4096),
+                wwn: None,
+                partitions: vec![
+                    Partition {
+                        name: "vda1".into(),
+                        number: 1,
+                        start_bytes: 2048 * 512,
+                        size_bytes: 2048 * 512,
+                        label: Some("bios".into()),
+                    },
+                    Partition {
+                        name: "vda2".into(),
+                        number: 2,
+                        start_bytes: 4096 * 512,
+                        size_bytes: 20_965_376 * 512,
+                        label: Some("root".into()),
+                    },
+                ],
             }],
             nics: vec![Nic {
                 name: "eth0".into(),
@@ -396,6 +542,91 @@ mod tests {
         assert_eq!(inv.firmware, Firmware::Bios);
     }
 
+    /// A link from /sys/block into the device tree, as the kernel makes it.
+    fn block_link(r: &Path, name: &str, device_path: &str) {
+        let target = format!("devices/{device_path}/block/{name}");
+        fs::create_dir_all(r.join("sys").join(&target)).unwrap();
+        symlink(format!("../{target}"), r.join("sys/block").join(name)).unwrap();
+        put(r, &format!("sys/block/{name}/size"), "2048\n");
+    }
+
+    #[test]
+    fn disk_transports_identifiers_and_removable_media() {
+        let dir = fake_tree();
+        let r = dir.path();
+        block_link(
+            r,
+            "sda",
+            "pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0",
+        );
+        put(r, "sys/block/sda/device/wwid", "naa.5000c500a1b2c3d4\n");
+        block_link(
+            r,
+            "sdb",
+            "pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0",
+        );
+        put(r, "sys/block/sdb/removable", "1\n");
+        block_link(
+            r,
+            "sdc",
+            "pci0000:00/0000:00:05.0/virtio2/host2/target2:0:0/2:0:0:0",
+        );
+        block_link(r, "nvme0n1", "pci0000:00/0000:00:06.0/nvme/nvme0");
+        put(r, "sys/block/nvme0n1/wwid", "eui.0025388b71b2c3d4\n");
+        put(r, "sys/block/nvme0n1/queue/logical_block_size", "4096\n");
+        // No link (a copied tree): the name still tells a virtio disk; nothing else guesses.
+        put(r, "sys/block/vdz/size", "2048\n");
+        put(r, "sys/block/xvda/size", "2048\n");
+
+        let inv = collect(r);
+        let by_name = |n: &str| inv.disks.iter().find(|d| d.name == n).unwrap();
+        let transport = |n: &str| by_name(n).transport.clone();
+        assert_eq!(transport("sda").as_deref(), Some("sata"));
+        assert_eq!(transport("sdb").as_deref(), Some("usb"));
+        assert_eq!(transport("sdc").as_deref(), Some("scsi"));
+        assert_eq!(transport("nvme0n1").as_deref(), Some("nvme"));
+        assert_eq!(transport("vdz").as_deref(), Some("virtio"));
+        assert_eq!(transport("xvda"), None);
+        assert_eq!(by_name("sda").wwn.as_deref(), Some("naa.5000c500a1b2c3d4"));
+        assert_eq!(
+            by_name("nvme0n1").wwn.as_deref(),
+            Some("eui.0025388b71b2c3d4")
+        );
+        assert_eq!(by_name("nvme0n1").logical_block_size, Some(4096));
+        assert_eq!(by_name("sdb").removable, Some(true));
+        assert_eq!(by_name("sda").removable, None);
+        assert!(by_name("sda").partitions.is_empty());
+    }
+
+    #[test]
+    fn cpu_topology_counts_packages_and_cores() {
+        let dir = tempfile::tempdir().unwrap();
+        // Two packages of two cores of two threads; arm64-style `Features` has no topology.
+        let mut text = String::new();
+        for n in 0..8 {
+            text.push_str(&format!(
+                "processor\t: {n}\nphysical id\t: {}\ncore id\t\t: {}\nflags\t\t: lm vmx\n\n",
+                n / 4,
+                (n / 2) % 2
+            ));
+        }
+        put(dir.path(), "proc/cpuinfo", &text);
+        let cpu = collect(dir.path()).cpu;
+        assert_eq!(
+            (cpu.count, cpu.sockets, cpu.cores, cpu.flags.len()),
+            (8, Some(2), Some(4), 2)
+        );
+
+        put(
+            dir.path(),
+            "proc/cpuinfo",
+            "processor\t: 0\nFeatures\t: fp asimd aes\n\nprocessor\t: 1\nFeatures\t: fp asimd aes\n",
+        );
+        let cpu = collect(dir.path()).cpu;
+        assert_eq!((cpu.count, cpu.sockets, cpu.cores), (2, None, None));
+        assert_eq!(cpu.flags, ["fp", "asimd", "aes"]);
+    }
+
     #[test]
     fn missing_tree_yields_empty_inventory_and_memory_falls_back() {
         let dir = tempfile::tempdir().unwrap();
@@ -414,9 +645,9 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "cpu: 2 x AMD EPYC 7B13",
+                "cpu: 2 x AMD EPYC 7B13 (1 sockets, 1 cores), 5 flags",
                 "memory: 896 MiB total, 859 MiB usable",
-                "disk vda: 10.0 GiB, model ?, serial stork-disk-0, hdd",
+                "disk vda: 10.0 GiB, model ?, serial stork-disk-0, hdd, virtio, 2 partitions",
                 "nic eth0: 52:54:00:12:34:56 driver virtio_net, link up",
                 "system: QEMU Standard PC (Q35 + ICH9, 2009), firmware uefi, kernel 6.1.0-9-amd64",
             ]

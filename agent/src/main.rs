@@ -1,11 +1,13 @@
 //! `stork-agent`: Stork's in-RAM agent.
 //!
-//! As PID 1 in the initrd it mounts, loads drivers, brings up the boot NIC, enlists the machine
-//! with its inventory and powers off ([`init`]). Run any other way it only offers read-only
-//! subcommands, so a developer can try it on a workstation without side effects.
+//! As PID 1 in the initrd it mounts, loads drivers, brings up the boot NIC, switches root into
+//! the ephemeral image when there is one ([`stage`]), then enlists the machine or runs its task
+//! ([`init`]). Run any other way it only offers read-only subcommands, so a developer can try
+//! it on a workstation without side effects.
 
 mod console;
 mod deploy;
+mod heartbeat;
 mod init;
 mod inventory;
 mod modules;
@@ -13,6 +15,7 @@ mod mounts;
 mod net;
 mod power;
 mod report;
+mod stage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,11 +53,16 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
 }
 
 fn main() -> ExitCode {
-    // The kernel passes stray command-line words to init as arguments: ignore them as PID 1.
+    // Lossy: `args()` would panic on a word that is not UTF-8, and PID 1 must not.
+    let args: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    // The kernel passes stray command-line words to init as arguments: as PID 1 only stage
+    // 1's marker for stage 2 counts.
     if std::process::id() == 1 {
-        init::run();
+        init::run(stage::Stage::from_args(&args));
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
     match parse_args(&args) {
         Ok(Command::Inventory { root }) => {
             let inv = inventory::collect(&root);

@@ -1,6 +1,8 @@
 //! The pseudo-filesystems an initramfs init has to mount for itself.
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use nix::errno::Errno;
@@ -56,6 +58,9 @@ pub struct Mounted {
 }
 
 /// Mounts /proc, /sys, /dev, /run and /tmp, creating the mount points if the initrd lacks them.
+/// What is mounted already is left alone: in stage 2 the API file systems were moved in
+/// from the initramfs, and mounting them again would hide their contents (/run holds the
+/// stage-1 console log).
 pub fn mount_all() -> Result<Mounted> {
     let mut done = Mounted {
         mounted: Vec::new(),
@@ -63,6 +68,10 @@ pub fn mount_all() -> Result<Mounted> {
     };
     for m in table() {
         fs::create_dir_all(m.target).with_context(|| format!("create {}", m.target))?;
+        if is_mount_point(Path::new(m.target))? {
+            done.already.push(m.target);
+            continue;
+        }
         match mount(Some(m.fstype), m.target, Some(m.fstype), m.flags, m.data) {
             Ok(()) => done.mounted.push(m.target),
             // The kernel mounts devtmpfs itself when built with DEVTMPFS_MOUNT.
@@ -73,4 +82,33 @@ pub fn mount_all() -> Result<Mounted> {
         }
     }
     Ok(done)
+}
+
+/// Whether `dir` is the root of a mounted file system: it is on another device than its
+/// parent. (A bind mount of the parent's own file system would not show; none is made here.)
+pub fn is_mount_point(dir: &Path) -> Result<bool> {
+    let own = fs::metadata(dir).with_context(|| format!("stat {}", dir.display()))?;
+    let parent = dir.join("..");
+    let up = fs::metadata(&parent).with_context(|| format!("stat {}", parent.display()))?;
+    Ok(own.dev() != up.dev())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_directory_is_not_a_mount_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("proc");
+        fs::create_dir(&sub).unwrap();
+        assert!(!is_mount_point(&sub).unwrap());
+        assert!(is_mount_point(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn proc_is_a_mount_point_here() {
+        // The test host has /proc mounted, as stage 2 has after the move.
+        assert!(is_mount_point(Path::new("/proc")).unwrap());
+    }
 }

@@ -1,11 +1,15 @@
-//! Talking to the appliance: enlistment with retries, and best-effort failure reports.
+//! Talking to the appliance: enlistment with retries, best-effort failure reports, and the
+//! heartbeats that [`crate::heartbeat`] sends from its own thread.
 
+use std::sync::{Arc, Mutex};
 use std::thread::sleep;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use serde::Serialize;
-use stork_proto::{AgentReport, ENLIST_PATH, EnlistRequest, EnlistResponse, REPORT_PATH};
+use stork_proto::{
+    AgentReport, ENLIST_PATH, EnlistRequest, EnlistResponse, HEARTBEAT, Heartbeat, REPORT_PATH,
+};
 use ureq::http::Response;
 use ureq::{Agent, Body};
 
@@ -21,11 +25,36 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Error bodies are echoed to the console; keep them to one readable line.
 const MAX_BODY_ECHO: usize = 200;
 
+/// Tries of the heartbeat that says the agent leaves: the appliance would otherwise take the
+/// silence that follows for a dead agent.
+const LEAVING_ATTEMPTS: u32 = 3;
+
+/// Clones share the heartbeat state, so the heartbeat thread reports the step the main thread
+/// is in.
+#[derive(Clone)]
 pub struct Client {
     base_url: String,
     backoff: Duration,
     /// The machine id and this boot's agent token, once the appliance knows the machine.
     identity: Option<(String, String)>,
+    /// The step the agent is in, as the heartbeats report it: the last one it posted an event
+    /// for or called the appliance about.
+    step: Arc<Mutex<String>>,
+    /// Set once heartbeats must stop (the agent leaves, or the appliance wants no more).
+    /// Held while a heartbeat is sent, so the one saying the agent leaves is the last.
+    beats_over: Arc<Mutex<bool>>,
+}
+
+/// What one heartbeat came to.
+#[derive(Debug)]
+pub enum Beat {
+    /// Recorded; the appliance expects the next one.
+    Recorded,
+    /// No more are wanted from this boot: why (the agent left, the image is installed, the
+    /// token was revoked with the status change that ended the task).
+    Over(String),
+    /// No answer, or a 5xx: try again at the next beat.
+    Failed(anyhow::Error),
 }
 
 /// What one POST came to.
@@ -43,6 +72,86 @@ impl Client {
             base_url: base_url.trim_end_matches('/').to_string(),
             backoff: ENLIST_BACKOFF,
             identity: None,
+            step: Arc::new(Mutex::new("task".to_string())),
+            beats_over: Arc::new(Mutex::new(false)),
+        }
+    }
+
+    /// Records the step the agent is in, for the heartbeats.
+    pub fn enter_step(&self, step: &str) {
+        // A poisoned lock only means a thread panicked mid-assignment; the string is whole.
+        let mut current = self.step.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != step {
+            *current = step.to_string();
+        }
+    }
+
+    fn current_step(&self) -> String {
+        self.step.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Ends the heartbeats without telling the appliance: for the calls after which it
+    /// expects none (its answer to the next would be a refusal).
+    fn end_heartbeats(&self) {
+        *self.beats_over.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    }
+
+    /// Sends one heartbeat, unless they are over.
+    pub fn heartbeat(&self) -> Beat {
+        let mut over = self.beats_over.lock().unwrap_or_else(|p| p.into_inner());
+        if *over {
+            return Beat::Over("the task's work with the appliance is done".into());
+        }
+        let Ok((url, token)) = self.machine_url(HEARTBEAT) else {
+            *over = true;
+            return Beat::Over("this boot has no machine id and token".into());
+        };
+        let body = Heartbeat {
+            step: self.current_step(),
+            leaving: false,
+        };
+        match send(&url, Some(token), Some(&body), REPORT_TIMEOUT) {
+            // 202: the appliance took it but expects no more (the image is installed).
+            Outcome::Done(resp) if resp.status() == 202 => {
+                *over = true;
+                Beat::Over("the appliance expects no more heartbeats".into())
+            }
+            Outcome::Done(_) => Beat::Recorded,
+            Outcome::Retry(e) => Beat::Failed(e),
+            // A 4xx: the token was revoked (the task ended) or the request is wrong; neither
+            // gets better by sending it again.
+            Outcome::Fatal(e) => {
+                *over = true;
+                Beat::Over(format!("{e:#}"))
+            }
+        }
+    }
+
+    /// Stops the heartbeats and tells the appliance that none will follow, on purpose: the
+    /// agent hands the machine over (switches root into a deployed OS, reboots into an
+    /// installed one). Best effort, a few tries; a heartbeat in flight is sent first.
+    pub fn hand_over(&self) -> Result<()> {
+        let mut over = self.beats_over.lock().unwrap_or_else(|p| p.into_inner());
+        if *over {
+            return Ok(());
+        }
+        *over = true;
+        let (url, token) = self.machine_url(HEARTBEAT)?;
+        let body = Heartbeat {
+            step: self.current_step(),
+            leaving: true,
+        };
+        let mut attempt = 1;
+        loop {
+            match send(&url, Some(token), Some(&body), REPORT_TIMEOUT) {
+                Outcome::Done(_) => return Ok(()),
+                Outcome::Retry(e) if attempt < LEAVING_ATTEMPTS => {
+                    say!("heartbeat", "leaving: attempt {attempt} failed: {e:#}");
+                    sleep(self.backoff);
+                    attempt += 1;
+                }
+                Outcome::Retry(e) | Outcome::Fatal(e) => return Err(e.context(url)),
+            }
         }
     }
 
@@ -108,45 +217,63 @@ impl Client {
 
     /// What the appliance wants this boot to do.
     pub fn task(&self) -> Result<stork_proto::Task> {
+        self.enter_step("task");
         self.call_with_retries("task", "task", None)
     }
 
-    /// Posts the commissioning inventory.
+    /// Posts the commissioning inventory. The task ends with it (the appliance revokes the
+    /// token), and so do the heartbeats.
     pub fn commissioned(&self, inv: &stork_proto::Inventory) -> Result<EnlistResponse> {
-        self.call_with_retries("commission", "commissioned", Some(inv))
+        self.enter_step("commission");
+        let resp = self.call_with_retries("commission", "commissioned", Some(inv))?;
+        self.end_heartbeats();
+        Ok(resp)
     }
 
     /// Posts a step event (best effort for progress; failures matter and are retried).
     pub fn event(&self, e: &stork_proto::AgentEvent) -> Result<()> {
+        self.enter_step(&e.step);
         self.call_with_retries::<serde_json::Value>("report", "events", Some(e))
             .map(|_| ())
     }
 
     /// Posts a progress event once, without retries: a lost one is replaced by the next.
     pub fn progress(&self, e: &stork_proto::AgentEvent) {
+        self.enter_step(&e.step);
         if let Ok((url, token)) = self.machine_url("events") {
             let _ = send(&url, Some(token), Some(e), REPORT_TIMEOUT);
         }
     }
 
-    /// The image is on the disk: the appliance stops network-booting this machine.
+    /// The image is on the disk: the appliance stops network-booting this machine. The agent
+    /// reboots into it next, so this hands the machine over (the appliance already expects
+    /// no more heartbeats; saying so too keeps the rule in one place: leaving ends them).
     pub fn installed(&self) -> Result<()> {
+        self.enter_step("installed");
         self.call_with_retries::<serde_json::Value>(
             "installed",
             "installed",
             Some(&serde_json::json!({})),
-        )
-        .map(|_| ())
+        )?;
+        if let Err(e) = self.hand_over() {
+            say!(
+                "heartbeat",
+                "warning: could not say the agent leaves: {e:#}"
+            );
+        }
+        Ok(())
     }
 
-    /// The disks are erased: the machine is released.
+    /// The disks are erased: the machine is released (and the token revoked).
     pub fn released(&self) -> Result<()> {
+        self.enter_step("erase");
         self.call_with_retries::<serde_json::Value>(
             "erase",
             "released",
             Some(&serde_json::json!({})),
-        )
-        .map(|_| ())
+        )?;
+        self.end_heartbeats();
+        Ok(())
     }
 
     pub fn is_known(&self) -> bool {

@@ -186,9 +186,25 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
     if let Some(d) = &m.deploy {
         println!("deploy:    {} to {:?}", d.image, d.target);
     }
+    if let Some(at) = m.last_heartbeat {
+        let step = m.heartbeat_step.as_deref().unwrap_or("-");
+        let due = match m.heartbeat_deadline {
+            Some(d) => format!("next due by {}", time(d)),
+            None => "none expected".to_string(),
+        };
+        println!("heartbeat: {} (step {step}), {due}", time(at));
+    }
     if let Some(inv) = &m.inventory {
         println!("firmware:  {:?}", inv.firmware);
-        println!("cpu:       {} x {}", inv.cpu.count, inv.cpu.model);
+        let c = &inv.cpu;
+        let topology = match (c.sockets, c.cores) {
+            (Some(s), Some(k)) => format!(" ({s} sockets, {k} cores)"),
+            _ => String::new(),
+        };
+        println!("cpu:       {} x {}{topology}", c.count, c.model);
+        if !c.flags.is_empty() {
+            println!("cpu flags: {}", c.flags.join(" "));
+        }
         println!(
             "memory:    {} (usable {})",
             human_size(inv.memory.total_bytes),
@@ -203,20 +219,37 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
         );
         for disk in &inv.disks {
             println!(
-                "disk:      {:<8} {:>10}  model {}  serial {}",
+                "disk:      {:<8} {:>10}  model {}  serial {}  {}{}",
                 disk.name,
                 human_size(disk.size_bytes),
                 show(&disk.model),
-                show(&disk.serial)
+                show(&disk.serial),
+                show(&disk.transport),
+                if disk.removable == Some(true) {
+                    " removable"
+                } else {
+                    ""
+                }
             );
+            for p in &disk.partitions {
+                println!(
+                    "           {:<10} {:>10}  at {}  {}",
+                    p.name,
+                    human_size(p.size_bytes),
+                    p.start_bytes,
+                    show(&p.label)
+                );
+            }
         }
         for nic in &inv.nics {
             println!(
-                "nic:       {:<8} {}  driver {}  link {}",
+                "nic:       {:<8} {}  driver {}  link {}{}",
                 nic.name,
                 nic.mac,
                 show(&nic.driver),
-                nic.link.map_or("-", |l| if l { "up" } else { "down" })
+                nic.link.map_or("-", |l| if l { "up" } else { "down" }),
+                nic.speed_mbps
+                    .map_or_else(String::new, |s| format!(" {s} Mb/s"))
             );
         }
     }

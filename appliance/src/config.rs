@@ -77,6 +77,10 @@ ipv6_ra = true
 # Kernel and initrd of the Stork agent, relative to DATA_DIR/boot/.
 kernel = "vmlinuz"
 initrd = "initrd.img"
+# The agent's ephemeral root (a SquashFS with the disk tools), relative to DATA_DIR/boot/.
+# When the file is there, the agent fetches it into RAM, checks its sha256 and switches
+# root into it before running its task; when it is not, the agent works from the initrd.
+ephemeral = "ephemeral.squashfs"
 # Extra kernel arguments for the agent. loglevel=4 keeps the kernel from echoing its
 # command line, which carries the per-boot agent token, to the console.
 cmdline = "console=ttyS0,115200 panic=10 loglevel=4"
@@ -87,6 +91,9 @@ cmdline = "console=ttyS0,115200 panic=10 loglevel=4"
 timeout = 1800
 # Seconds between timeout checks.
 check_interval = 5
+# Seconds an agent that has sent heartbeats (every 10 s while it works) may fall silent
+# before its machine moves to its failed status.
+heartbeat_timeout = 60
 # Seconds between power-state polls of machines with a remote power driver (0: off).
 power_poll = 60
 "#;
@@ -129,6 +136,7 @@ impl Default for TftpFile {
 pub struct LifecycleFile {
     pub timeout: u64,
     pub check_interval: u64,
+    pub heartbeat_timeout: u64,
     pub power_poll: u64,
 }
 
@@ -137,6 +145,7 @@ impl Default for LifecycleFile {
         Self {
             timeout: 1800,
             check_interval: 5,
+            heartbeat_timeout: 60,
             power_poll: 60,
         }
     }
@@ -217,6 +226,7 @@ fn default_mode() -> DhcpMode {
 pub struct BootFile {
     pub kernel: String,
     pub initrd: String,
+    pub ephemeral: String,
     pub cmdline: String,
 }
 
@@ -272,6 +282,7 @@ impl Default for BootFile {
         Self {
             kernel: "vmlinuz".into(),
             initrd: "initrd.img".into(),
+            ephemeral: "ephemeral.squashfs".into(),
             cmdline: "console=ttyS0,115200 panic=10 loglevel=4".into(),
         }
     }
@@ -339,9 +350,18 @@ impl FileConfig {
         for (field, name) in [
             ("boot.kernel", &self.boot.kernel),
             ("boot.initrd", &self.boot.initrd),
+            ("boot.ephemeral", &self.boot.ephemeral),
         ] {
-            if name.is_empty() || name.contains("..") || name.starts_with('/') {
-                return Err(invalid(field, "must be a file name inside DATA_DIR/boot"));
+            // Whitespace would split the iPXE script's kernel line.
+            if name.is_empty()
+                || name.contains("..")
+                || name.starts_with('/')
+                || name.contains(char::is_whitespace)
+            {
+                return Err(invalid(
+                    field,
+                    "must be a file name inside DATA_DIR/boot, without spaces",
+                ));
             }
         }
         if self.lifecycle.timeout == 0 {
@@ -353,8 +373,15 @@ impl FileConfig {
                 "must be at least 1 second",
             ));
         }
+        if self.lifecycle.heartbeat_timeout == 0 {
+            return Err(invalid(
+                "lifecycle.heartbeat_timeout",
+                "must be at least 1 second",
+            ));
+        }
         Ok(Config {
             timeout: std::time::Duration::from_secs(self.lifecycle.timeout),
+            heartbeat_timeout: std::time::Duration::from_secs(self.lifecycle.heartbeat_timeout),
             check_interval: std::time::Duration::from_secs(self.lifecycle.check_interval),
             power_poll: (self.lifecycle.power_poll > 0)
                 .then(|| std::time::Duration::from_secs(self.lifecycle.power_poll)),
@@ -419,6 +446,8 @@ pub struct Config {
     /// Busy-status timeout and how often it is checked.
     pub timeout: std::time::Duration,
     pub check_interval: std::time::Duration,
+    /// Silence allowed to an agent that has sent heartbeats.
+    pub heartbeat_timeout: std::time::Duration,
     /// `None`: power states are only queried on demand.
     pub power_poll: Option<std::time::Duration>,
 }
@@ -796,6 +825,15 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("`boot.kernel`")
+        );
+
+        let mut c = FileConfig::default();
+        c.boot.ephemeral = "/srv/ephemeral.squashfs".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`boot.ephemeral`")
         );
     }
 

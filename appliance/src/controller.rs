@@ -1,5 +1,7 @@
 //! Applies lifecycle events: asks the table, saves the result with a version check and an
-//! event row, then performs the step's power actions. Also runs the busy-status timeouts.
+//! event row, then performs the step's power actions. Also runs the busy-status timeouts and
+//! the heartbeat rule: a busy machine whose agent has sent heartbeats fails as soon as one is
+//! overdue (see [`overdue`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -231,6 +233,8 @@ impl Controller {
                 let old = m.status;
                 m.status = step.to;
                 m.status_since = now;
+                // Heartbeats belong to one status's agent; the next status waits for its own.
+                m.heartbeat_deadline = None;
                 m.status_message = message.clone();
                 m.updated_at = now;
                 for a in step.actions {
@@ -284,7 +288,8 @@ impl Controller {
         }
     }
 
-    /// Moves machines whose busy status outlived `timeout` to their failed status.
+    /// Moves machines whose busy status outlived `timeout`, or whose agent's heartbeat is
+    /// overdue, to their failed status.
     pub async fn check_timeouts(&self, timeout: Duration) {
         let busy: Vec<Status> = Status::ALL
             .into_iter()
@@ -295,15 +300,12 @@ impl Controller {
         };
         let now = now_ms();
         for m in machines {
-            let busy_ms = now - m.status_since;
-            if m.status.failure_on_timeout().is_some() && busy_ms > timeout.as_millis() as i64 {
-                let why = format!("{} timed out after {} s", m.status, timeout.as_secs());
-                if let Err(e) = self
+            if let Some(why) = overdue(&m, now, timeout)
+                && let Err(e) = self
                     .apply(&m.id, Event::TimedOut, "controller", Some(why), |_| {})
                     .await
-                {
-                    tracing::warn!(machine = %m.id, error = %e, "timeout transition failed");
-                }
+            {
+                tracing::warn!(machine = %m.id, error = %e, "timeout transition failed");
             }
         }
     }
@@ -346,6 +348,35 @@ impl Controller {
             self.check_timeouts(timeout).await;
         }
     }
+}
+
+/// Why busy machine `m` must fail at `now`, if it must: its status outlived `timeout`, or its
+/// agent's heartbeat deadline passed. The deadline is set by each heartbeat (the API adds
+/// `lifecycle.heartbeat_timeout`), so an agent that never sent one is judged by the status
+/// timeout alone, and one that left on purpose has none.
+pub fn overdue(m: &Machine, now: i64, timeout: Duration) -> Option<String> {
+    m.status.failure_on_timeout()?;
+    if now - m.status_since > i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX) {
+        return Some(format!(
+            "{} timed out after {} s",
+            m.status,
+            timeout.as_secs()
+        ));
+    }
+    let deadline = m.heartbeat_deadline?;
+    if now <= deadline {
+        return None;
+    }
+    let ago = m
+        .last_heartbeat
+        .map_or_else(|| "?".to_string(), |t| ((now - t) / 1000).to_string());
+    let step = match m.heartbeat_step.as_deref() {
+        Some(s) if !s.is_empty() => format!(" (step {s})"),
+        _ => String::new(),
+    };
+    Some(format!(
+        "agent stopped answering: last heartbeat {ago} s ago{step}"
+    ))
 }
 
 /// Remembers each machine's last polled power state, so only changes become events.
@@ -414,6 +445,52 @@ impl Status {
             self,
             Status::New | Status::Commissioning | Status::Deploying | Status::DiskErasing
         )
+    }
+}
+
+#[cfg(test)]
+mod overdue_tests {
+    use super::*;
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    fn deploying() -> Machine {
+        let mut m = Machine::new("m".into(), vec![], 0);
+        m.status = Status::Deploying;
+        m
+    }
+
+    #[test]
+    fn the_status_timeout_comes_first() {
+        let m = deploying();
+        assert_eq!(overdue(&m, 60_000, MIN), None);
+        let why = overdue(&m, 60_001, MIN).unwrap();
+        assert_eq!(why, "deploying timed out after 60 s");
+    }
+
+    #[test]
+    fn a_missed_heartbeat_fails_with_its_age_and_step() {
+        let mut m = deploying();
+        m.last_heartbeat = Some(1_000);
+        m.heartbeat_step = Some("image".into());
+        m.heartbeat_deadline = Some(11_000);
+        assert_eq!(overdue(&m, 11_000, MIN), None);
+        assert_eq!(
+            overdue(&m, 16_000, MIN).as_deref(),
+            Some("agent stopped answering: last heartbeat 15 s ago (step image)")
+        );
+    }
+
+    #[test]
+    fn no_deadline_no_heartbeat_rule() {
+        // Never heard from, or left on purpose (image installed): only the status timeout.
+        let mut m = deploying();
+        m.last_heartbeat = Some(1_000);
+        assert_eq!(overdue(&m, 50_000, MIN), None);
+        // Idle statuses are never overdue, whatever their data says.
+        m.status = Status::Ready;
+        m.heartbeat_deadline = Some(2_000);
+        assert_eq!(overdue(&m, 10_000_000, MIN), None);
     }
 }
 

@@ -339,7 +339,7 @@ fn happy_path() {
     assert_eq!(shown["hostname"], "web1");
     assert_eq!(shown["deploy"]["image"], IMAGE);
     // A deployed machine boots its disk.
-    assert!(f.boot_script(&a).contains("\nexit\n"));
+    assert!(f.boot_script(&a).contains("\nexit 1\n"));
 
     // Release with erase: the agent erases, then reports.
     f.act(&a, "release", json!({"erase": true}), Status::DiskErasing);
@@ -706,6 +706,112 @@ fn busy_statuses_time_out_with_the_reason() {
     assert_eq!(f.status(&broken.id), Status::Broken);
 }
 
+/// An agent heartbeat with `step`; returns the HTTP status.
+fn heartbeat(f: &Fixture, m: &M, step: &str, leaving: bool) -> u16 {
+    let r = f.agent_post(
+        m,
+        "heartbeat",
+        Some(json!({"step": step, "leaving": leaving})),
+    );
+    assert!([202, 204].contains(&r.status), "{}", r.text);
+    r.status
+}
+
+#[test]
+fn heartbeats_keep_busy_machines_alive_and_silence_fails_them() {
+    let f = Fixture::with(Options {
+        config: "[lifecycle]\ncheck_interval = 1\nheartbeat_timeout = 3\n",
+        ..Options::default()
+    });
+    // Created (so checked) before the silent ones: were the rule to apply to them, it would
+    // fail them in the same pass as the silent ones, or an earlier one.
+    let installed = f.drive(1, Status::Deploying).unwrap();
+    let left = f.drive(2, Status::Deploying).unwrap();
+    let alive = f.drive(3, Status::Deploying).unwrap();
+    let never = f.drive(4, Status::Deploying).unwrap();
+
+    // A disk deploy: the image is installed, the agent reboots into the OS and goes quiet.
+    assert_eq!(heartbeat(&f, &installed, "seed", false), 204);
+    let shown = f.machine(&installed.id);
+    assert_eq!(shown["heartbeat_step"], "seed");
+    assert!(shown["heartbeat_deadline"].as_i64() > shown["last_heartbeat"].as_i64());
+    assert_eq!(f.agent_post(&installed, "installed", None).status, 204);
+    assert!(f.machine(&installed.id)["heartbeat_deadline"].is_null());
+    // A late beat of that agent (its thread raced the reboot) does not re-arm the rule.
+    assert_eq!(heartbeat(&f, &installed, "installed", false), 202);
+    // A deploy into memory: the agent says it leaves before switching root.
+    assert_eq!(heartbeat(&f, &left, "memory", false), 204);
+    assert_eq!(heartbeat(&f, &left, "memory", true), 204);
+    assert_eq!(heartbeat(&f, &left, "memory", false), 202);
+    assert!(f.machine(&left.id)["heartbeat_deadline"].is_null());
+
+    let cases = [
+        (
+            Status::Commissioning,
+            Status::FailedCommissioning,
+            "inventory",
+        ),
+        (Status::Deploying, Status::FailedDeployment, "image"),
+        (Status::DiskErasing, Status::FailedReleasing, "erase"),
+    ];
+    let silent: Vec<M> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (busy, _, step))| {
+            let m = f.drive(10 + i as u32, *busy).unwrap();
+            assert_eq!(heartbeat(&f, &m, step, false), 204);
+            m
+        })
+        .collect();
+    for (m, (_, failed, step)) in silent.iter().zip(cases) {
+        let shown = wait_for(
+            "the missed heartbeat",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                // The live agent keeps beating all along.
+                heartbeat(&f, &alive, "image", false);
+                let shown = f.machine(&m.id);
+                Ok((shown["status"] == failed.as_str()).then_some(shown))
+            },
+        )
+        .unwrap();
+        let reason = shown["status_message"].as_str().unwrap_or_default();
+        assert!(
+            reason.starts_with("agent stopped answering: last heartbeat ")
+                && reason.ends_with(&format!(" s ago (step {step})")),
+            "{reason}"
+        );
+        let last = f
+            .events(&m.id)
+            .into_iter()
+            .rfind(|e| !e["new_status"].is_null())
+            .unwrap();
+        assert_eq!(last["actor"], "controller");
+        assert!(
+            last["message"].as_str().unwrap().contains("TimedOut"),
+            "{last}"
+        );
+        // The agent of the failed boot is locked out.
+        let r = f.agent_post(m, "heartbeat", Some(json!({"step": step})));
+        assert_eq!(r.status, 401, "{}", r.text);
+        status_history(&f.events(&m.id)).unwrap();
+    }
+    // Silence outlasted the allowance while these stayed busy: one kept beating, one is
+    // installed, one left, and one never sent a heartbeat (the status timeout rules it).
+    for m in [&alive, &installed, &left, &never] {
+        assert_eq!(f.status(&m.id), Status::Deploying, "{}", m.id);
+    }
+    assert!(f.machine(&never.id)["last_heartbeat"].is_null());
+
+    // A new attempt's agent is heard afresh, though the failed one's last beat is on record.
+    let mut retry = silent[1].clone();
+    f.act(&retry, "deploy", json!({"image": IMAGE}), Status::Deploying);
+    f.boot(&mut retry);
+    assert_eq!(heartbeat(&f, &retry, "disk", false), 204);
+    assert_eq!(f.machine(&retry.id)["heartbeat_step"], "disk");
+}
+
 #[test]
 fn tokens_401_and_403() {
     let f = Fixture::new();
@@ -786,6 +892,7 @@ fn tokens_401_and_403() {
         ),
         ("POST", "released", None),
         ("POST", "deployed", None),
+        ("POST", "heartbeat", Some(json!({"step": "x"}))),
     ];
     for (method, what, body) in &agent_routes {
         let path = format!("/agent/{}/{what}", b.id);

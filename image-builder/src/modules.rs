@@ -28,6 +28,8 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "loop",
     "ext4",
     "vfat",
+    // The deployed disk's UEFI boot entry (efibootmgr writes EFI variables through it).
+    "efivarfs",
     // ext4 asks for "crypto-crc32c" as a softdep, an alias this index does not resolve.
     "crc32c_generic",
     "af_packet",

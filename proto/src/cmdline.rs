@@ -19,6 +19,18 @@ pub const BOOTIF: &str = "BOOTIF";
 pub const MACHINE: &str = "stork.machine";
 /// This boot's agent token: the only credential the agent's API calls accept.
 pub const TOKEN: &str = "stork.token";
+/// URL of the ephemeral root SquashFS the agent switches into before its task (optional).
+pub const EPHEMERAL: &str = "stork.ephemeral";
+/// Its sha256, 64 hex digits; given together with [`EPHEMERAL`].
+pub const EPHEMERAL_SHA256: &str = "stork.ephemeral.sha256";
+
+/// The ephemeral root: where to fetch it and what its sha256 must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EphemeralRoot {
+    pub url: String,
+    /// Lower-case hex.
+    pub sha256: String,
+}
 
 /// What the agent needs from its command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +43,8 @@ pub struct AgentArgs {
     /// Set together when the machine is known: it then asks for its task.
     pub machine_id: Option<String>,
     pub token: Option<String>,
+    /// Absent: the agent runs its task from the initrd.
+    pub ephemeral: Option<EphemeralRoot>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -111,6 +125,7 @@ impl AgentArgs {
                 MACHINE
             }));
         }
+        let ephemeral = parse_ephemeral(cmdline)?;
         Ok(Self {
             url,
             boot_mac,
@@ -119,6 +134,7 @@ impl AgentArgs {
             gateway,
             machine_id,
             token,
+            ephemeral,
         })
     }
 
@@ -137,8 +153,44 @@ impl AgentArgs {
         if let (Some(m), Some(t)) = (&self.machine_id, &self.token) {
             s.push_str(&format!(" {MACHINE}={m} {TOKEN}={t}"));
         }
+        if let Some(e) = &self.ephemeral {
+            s.push_str(&format!(
+                " {EPHEMERAL}={} {EPHEMERAL_SHA256}={}",
+                e.url, e.sha256
+            ));
+        }
         s
     }
+}
+
+/// Both keys or neither; an empty value counts as absent, as for the other optional keys.
+fn parse_ephemeral(cmdline: &str) -> Result<Option<EphemeralRoot>, CmdlineError> {
+    let url = get(cmdline, EPHEMERAL).filter(|v| !v.is_empty());
+    let sha = get(cmdline, EPHEMERAL_SHA256).filter(|v| !v.is_empty());
+    let (url, sha) = match (url, sha) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => return Err(CmdlineError::Missing(EPHEMERAL_SHA256)),
+        (None, Some(_)) => return Err(CmdlineError::Missing(EPHEMERAL)),
+        (Some(u), Some(s)) => (u, s),
+    };
+    if !url.starts_with("http://") {
+        return Err(CmdlineError::Invalid {
+            key: EPHEMERAL,
+            value: url.to_string(),
+            why: "must start with http://",
+        });
+    }
+    if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(CmdlineError::Invalid {
+            key: EPHEMERAL_SHA256,
+            value: sha.to_string(),
+            why: "must be a sha256: 64 hex digits",
+        });
+    }
+    Ok(Some(EphemeralRoot {
+        url: url.to_string(),
+        sha256: sha.to_ascii_lowercase(),
+    }))
 }
 
 #[cfg(test)]
@@ -154,6 +206,7 @@ mod tests {
             gateway: None,
             machine_id: None,
             token: None,
+            ephemeral: None,
         }
     }
 
@@ -198,6 +251,69 @@ mod tests {
         assert!(AgentArgs::parse(&bad).is_err());
         let empty_gw = format!("{} {GATEWAY}=", args().render());
         assert_eq!(AgentArgs::parse(&empty_gw).unwrap().gateway, None);
+    }
+
+    #[test]
+    fn ephemeral_root_is_optional_and_comes_in_pairs() {
+        assert_eq!(AgentArgs::parse(&args().render()).unwrap().ephemeral, None);
+        let sha = "7B1B23CD4C12E49A47448B31EA7EED51AEF9F776E0FAF9B5BE6490CEB63D9E78";
+        let url = "http://10.77.0.1:8080/boot/ephemeral.squashfs";
+        let line = format!(
+            "{} {EPHEMERAL}={url} {EPHEMERAL_SHA256}={sha}",
+            args().render()
+        );
+        let parsed = AgentArgs::parse(&line).unwrap();
+        let want = EphemeralRoot {
+            url: url.into(),
+            sha256: sha.to_ascii_lowercase(),
+        };
+        assert_eq!(parsed.ephemeral.as_ref(), Some(&want));
+        // The sha256 key is not mistaken for the URL key (and vice versa).
+        assert_eq!(get(&line, EPHEMERAL), Some(url));
+        assert_eq!(AgentArgs::parse(&parsed.render()).unwrap(), parsed);
+
+        let only_url = format!("{} {EPHEMERAL}={url}", args().render());
+        assert_eq!(
+            AgentArgs::parse(&only_url),
+            Err(CmdlineError::Missing(EPHEMERAL_SHA256))
+        );
+        let only_sha = format!("{} {EPHEMERAL_SHA256}={sha}", args().render());
+        assert_eq!(
+            AgentArgs::parse(&only_sha),
+            Err(CmdlineError::Missing(EPHEMERAL))
+        );
+    }
+
+    #[test]
+    fn a_bad_ephemeral_sha256_names_its_key() {
+        let url = "http://10.77.0.1:8080/boot/ephemeral.squashfs";
+        for bad in ["abc", &"g".repeat(64), &"a".repeat(65)] {
+            let line = format!(
+                "{} {EPHEMERAL}={url} {EPHEMERAL_SHA256}={bad}",
+                args().render()
+            );
+            let err = AgentArgs::parse(&line).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    CmdlineError::Invalid {
+                        key: EPHEMERAL_SHA256,
+                        ..
+                    }
+                ),
+                "{bad}: {err:?}"
+            );
+            assert!(err.to_string().contains(EPHEMERAL_SHA256), "{err}");
+        }
+        let line = format!(
+            "{} {EPHEMERAL}=ftp://x/e {EPHEMERAL_SHA256}={}",
+            args().render(),
+            "a".repeat(64)
+        );
+        assert!(matches!(
+            AgentArgs::parse(&line),
+            Err(CmdlineError::Invalid { key: EPHEMERAL, .. })
+        ));
     }
 
     #[test]

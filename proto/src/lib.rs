@@ -74,6 +74,28 @@ pub struct ImageFile {
     pub size: u64,
 }
 
+/// Agent endpoint (under [`agent_path`]) for [`Heartbeat`]s.
+pub const HEARTBEAT: &str = "heartbeat";
+
+/// How often a busy agent posts a [`Heartbeat`]; the appliance's `lifecycle.heartbeat_timeout`
+/// should be several of these.
+pub const HEARTBEAT_EVERY_SECS: u64 = 10;
+
+/// "Still alive", posted by an agent every [`HEARTBEAT_EVERY_SECS`] while it runs a task. Once
+/// the appliance has heard one, silence fails the machine's busy status long before the
+/// status's own timeout would.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// The step the agent is in (an [`AgentEvent::step`] name), for the failure's reason.
+    #[serde(default)]
+    pub step: String,
+    /// The agent is handing the machine over (rebooting into the installed OS, switching root
+    /// into a deployed one) and will send no more heartbeats on purpose.
+    #[serde(default)]
+    pub leaving: bool,
+}
+
 /// A step's progress, posted to `.../events`. A `failed` state fails the machine's
 /// current operation with `message` as the reason.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -19,6 +19,8 @@ use super::stream::Sink;
 
 /// GPT root partition type for x86-64 (Discoverable Partitions Specification).
 const ROOT_X86_64: &str = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709";
+/// GPT EFI system partition type (UEFI specification).
+const ESP: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
 /// ext2/3/4 superblock magic 0xEF53, little-endian at byte 1080 (superblock at 1024, +56).
 const EXT4_MAGIC_OFFSET: u64 = 1080;
 const MIB: u64 = 1 << 20;
@@ -284,6 +286,15 @@ impl BlockDevice {
         })?;
         Ok(grown)
     }
+
+    /// The 1-based number of the disk's EFI system partition, if its GPT has one.
+    pub fn esp_number(&mut self) -> Option<u32> {
+        let gpt = gptman::GPT::read_from(&mut self.file, 512).ok()?;
+        let esp = gptman_guid(ESP)?;
+        gpt.iter()
+            .find(|(_, p)| p.is_used() && p.partition_type_guid == esp)
+            .map(|(i, _)| i)
+    }
 }
 
 /// A GPT type GUID in gptman's on-disk byte order (first three fields little-endian).
@@ -409,6 +420,7 @@ mod tests {
             model: None,
             serial: Some(serial.into()),
             rotational: None,
+            ..Disk::default()
         }
     }
 

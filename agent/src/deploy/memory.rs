@@ -69,17 +69,22 @@ impl Sink for FileSink {
 
 /// Mounts a tmpfs at [`BASE`] for the image and the overlay's upper layer.
 pub fn mount_base() -> Result<PathBuf> {
-    fs::create_dir_all(BASE).with_context(|| format!("create {BASE}"))?;
+    mount_tmpfs(Path::new(BASE))
+}
+
+/// Mounts a tmpfs at `dir` for an image and the overlay's upper layer over it.
+pub fn mount_tmpfs(dir: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     // Up to 90% of RAM: the image and what the OS writes share it.
     mount(
         Some("tmpfs"),
-        BASE,
+        dir,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=0755,size=90%"),
     )
-    .with_context(|| format!("mount tmpfs on {BASE}"))?;
-    Ok(PathBuf::from(BASE))
+    .with_context(|| format!("mount tmpfs on {}", dir.display()))?;
+    Ok(dir.to_path_buf())
 }
 
 /// Attaches `image` read-only to a free loop device; returns the device path.
@@ -191,14 +196,38 @@ pub fn write_ram_fstab(root: &Path) -> Result<()> {
 /// Moves the API file systems into `new_root`, makes it `/` and execs its init as PID 1.
 /// Returns only on failure.
 pub fn switch_root(new_root: &Path) -> anyhow::Error {
-    match try_switch_root(new_root) {
+    let init = c"/sbin/init".to_owned();
+    switch_root_exec(new_root, &[init], None)
+}
+
+/// Moves the API file systems into `new_root`, makes it `/` and execs `argv[0]` (a path
+/// inside the new root) as PID 1, with `env` or, when `None`, this process's environment.
+/// Returns only on failure.
+///
+/// Works nested: from the initramfs (whose root cannot be pivot_root'ed away) and again
+/// from a root that is itself a mount moved onto `/` (the ephemeral root of stage 2): the
+/// moved mount then stacks on top of the old root, which stays mounted underneath.
+pub fn switch_root_exec(
+    new_root: &Path,
+    argv: &[CString],
+    env: Option<&[CString]>,
+) -> anyhow::Error {
+    match try_switch_root(new_root, argv, env) {
         Ok(never) => match never {},
         Err(e) => e,
     }
 }
 
-fn try_switch_root(new_root: &Path) -> Result<std::convert::Infallible> {
-    for api in ["/dev", "/proc", "/sys", "/run"] {
+/// The API file systems, moved from root to root.
+const API_MOUNTS: [&str; 4] = ["/dev", "/proc", "/sys", "/run"];
+
+fn try_switch_root(
+    new_root: &Path,
+    argv: &[CString],
+    env: Option<&[CString]>,
+) -> Result<std::convert::Infallible> {
+    let program = argv.first().ok_or_else(|| anyhow!("nothing to exec"))?;
+    for api in API_MOUNTS {
         let target = new_root.join(api.trim_start_matches('/'));
         fs::create_dir_all(&target).with_context(|| format!("create {}", target.display()))?;
         mount(
@@ -216,10 +245,12 @@ fn try_switch_root(new_root: &Path) -> Result<std::convert::Infallible> {
         .context("move the new root onto /")?;
     nix::unistd::chroot(".").context("chroot")?;
     nix::unistd::chdir("/").context("chdir /")?;
-    let init = CString::new("/sbin/init").map_err(|e| anyhow!(e))?;
-    let err = nix::unistd::execv(&init, &[&init]).map_err(|e| anyhow!("exec /sbin/init: {e}"));
+    let err = match env {
+        Some(env) => nix::unistd::execve(program, argv, env),
+        None => nix::unistd::execv(program, argv),
+    };
     match err {
         Ok(never) => match never {},
-        Err(e) => Err(e),
+        Err(e) => Err(anyhow!("exec {}: {e}", program.to_string_lossy())),
     }
 }

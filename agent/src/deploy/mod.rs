@@ -3,8 +3,10 @@
 //! starts and when it is done; a failure is reported by the caller with the console's tail.
 
 pub mod disk;
+pub mod efi;
 pub mod http;
 pub mod memory;
+pub mod prefetch;
 pub mod seed;
 pub mod stream;
 
@@ -42,7 +44,7 @@ pub enum Ending {
 }
 
 /// Posts a step's start or end; best effort (the step's own outcome is what matters).
-fn event(client: &Client, step: Step, state: StepState, message: String) {
+pub fn event(client: &Client, step: Step, state: StepState, message: String) {
     say!(step, "{message}");
     client.progress(&AgentEvent {
         step: step.name().to_string(),
@@ -85,6 +87,8 @@ pub fn to_disk(client: &Client, args: &AgentArgs, task: &DeployTask) -> Result<E
 
     // Partitions: the kernel's view, the GPT grown to the disk, the root found.
     let root = at(Step::Partitions, partitions(client, &mut dev))?;
+    let esp = dev.esp_number();
+    let disk_path = dev.path.clone();
     // Close the disk: while it is open with O_EXCL the kernel refuses to mount a partition.
     drop(dev);
 
@@ -110,6 +114,14 @@ pub fn to_disk(client: &Client, args: &AgentArgs, task: &DeployTask) -> Result<E
         })
     })?;
 
+    at(Step::BootEntry, boot_entry(client, &disk_path, esp))?;
+
+    event(
+        client,
+        Step::Installed,
+        StepState::Started,
+        "telling the appliance: boot from disk from now on".into(),
+    );
     at(Step::Installed, client.installed())?;
     event(
         client,
@@ -118,6 +130,41 @@ pub fn to_disk(client: &Client, args: &AgentArgs, task: &DeployTask) -> Result<E
         "image installed; rebooting from disk".into(),
     );
     Ok(Ending::Reboot)
+}
+
+/// A UEFI machine gets a boot entry for the installed disk (after network boot).
+fn boot_entry(client: &Client, disk: &Path, esp: Option<u32>) -> Result<()> {
+    if !efi::is_uefi() {
+        event(
+            client,
+            Step::BootEntry,
+            StepState::Done,
+            "BIOS: GRUB in the image's BIOS boot partition boots it".into(),
+        );
+        return Ok(());
+    }
+    event(
+        client,
+        Step::BootEntry,
+        StepState::Started,
+        format!("UEFI: boot entry for {}", disk.display()),
+    );
+    let Some(part) = esp else {
+        bail!("UEFI machine, but the image's GPT has no EFI system partition");
+    };
+    // One label for whatever Stork installed: a redeploy replaces the entry, never adds one.
+    let label = "Stork: installed OS";
+    let message = match efi::add_boot_entry(disk, part, label)? {
+        efi::Outcome::Added { entry, order } => {
+            format!("UEFI entry Boot{entry} {label:?} on partition {part}; boot order {order}")
+        }
+        efi::Outcome::NoTool => "warning: no efibootmgr here (no ephemeral root); the firmware \
+             boots the disk by its removable-media path"
+            .to_string(),
+        efi::Outcome::NotUefi => "BIOS: GRUB in the image's BIOS boot partition".to_string(),
+    };
+    event(client, Step::BootEntry, StepState::Done, message);
+    Ok(())
 }
 
 /// Returns the opened disk and the image's decompressed size, when its header tells.
@@ -232,6 +279,15 @@ fn write_raw(
 }
 
 fn partitions(client: &Client, dev: &mut BlockDevice) -> Result<String> {
+    event(
+        client,
+        Step::Partitions,
+        StepState::Started,
+        format!(
+            "re-reading {}'s partitions, growing the GPT",
+            dev.path.display()
+        ),
+    );
     dev.reread_partitions()?;
     let grown = dev.grow_gpt()?;
     dev.reread_partitions()?;
@@ -424,11 +480,82 @@ pub fn to_memory(client: &Client, args: &AgentArgs, task: &DeployTask) -> Result
         StepState::Done,
         "handing over to the OS's init".into(),
     );
+    // The agent is gone once its init runs: no heartbeat is due until the OS phones home.
+    if let Err(e) = client.hand_over() {
+        say!(Step::Memory, "warning: hand-over not acknowledged: {e:#}");
+    }
+    // The last use of the network: the OS configures the NIC itself.
+    let nic = match release_boot_nic(Path::new(SYS), args.boot_mac) {
+        Ok(name) => {
+            say!(Step::Memory, "boot NIC {name} down for the OS to configure");
+            Some(name)
+        }
+        Err(e) => {
+            say!(
+                Step::Memory,
+                "warning: boot NIC left up ({e:#}); the OS's udev cannot rename it and \
+                 its network-online may wait for its timeout"
+            );
+            None
+        }
+    };
     nix::unistd::sync();
+    let error = memory::switch_root(&root);
+    // Still here: the switch failed. Back on the network so that the failure is reported.
+    if let Some(name) = nic
+        && let Err(e) = restore_boot_nic(&name, args.gateway)
+    {
+        say!(Step::Memory, "warning: boot NIC {name} not back up: {e:#}");
+    }
     Err(Failed {
         step: Step::Memory,
-        error: memory::switch_root(&root),
+        error,
     })
+}
+
+/// `IFF_UP` (<linux/if.h>) in a link's flags.
+const IFF_UP: u32 = libc::IFF_UP as u32;
+
+/// Takes the boot NIC down before the OS's init starts, so that the OS finds it as after a
+/// power-on (as a disk deploy's OS does). It may not find it up: the OS's udev renames it
+/// (`eth0` -> `ens3`), the kernel refuses to rename a link that is up (EBUSY), and udev 252
+/// (Debian 12) then leaves `ID_RENAMING=1` in its database, so systemd-networkd waits for
+/// the rename forever (link `pending`) and `systemd-networkd-wait-online` times out.
+///
+/// Down through sysfs, whose `flags` file is writable (the kernel's `dev_change_flags`):
+/// no ioctl needed. The IPv4 address stays and the routes go; systemd-networkd drops the
+/// address as foreign and takes the same one by DHCP (the appliance leases by MAC). Returns
+/// the NIC's name.
+fn release_boot_nic(sys: &Path, mac: stork_proto::MacAddr) -> Result<String> {
+    let class_net = sys.join("class/net");
+    let name = crate::net::find_by_mac(&class_net, mac)
+        .ok_or_else(|| anyhow!("no NIC with MAC {mac} in {}", class_net.display()))?;
+    let file = class_net.join(&name).join("flags");
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+    let flags = parse_link_flags(&text)
+        .ok_or_else(|| anyhow!("{}: not link flags: {text:?}", file.display()))?;
+    if flags & IFF_UP != 0 {
+        std::fs::write(&file, format!("{:#x}", flags & !IFF_UP))
+            .with_context(|| format!("write {}", file.display()))?;
+    }
+    Ok(name)
+}
+
+/// A sysfs `flags` file's text: hexadecimal with `0x`.
+fn parse_link_flags(text: &str) -> Option<u32> {
+    u32::from_str_radix(text.trim().strip_prefix("0x")?, 16).ok()
+}
+
+/// Undoes [`release_boot_nic`] after a failed switch (the address stayed; the default route
+/// went down with the link). By ioctl: /sys may have moved into the new root.
+fn restore_boot_nic(name: &str, gateway: Option<std::net::Ipv4Addr>) -> Result<()> {
+    let ctl = crate::net::Control::new()?;
+    ctl.set_up(name)?;
+    if let Some(gw) = gateway {
+        ctl.add_default_route(gw)?;
+    }
+    Ok(())
 }
 
 fn prepare_memory_root(client: &Client, file: &ImageFile) -> Result<std::path::PathBuf> {
@@ -485,4 +612,43 @@ fn prepare_memory_root(client: &Client, file: &ImageFile) -> Result<std::path::P
         ),
     );
     Ok(root)
+}
+
+#[cfg(test)]
+mod handover_tests {
+    use super::*;
+
+    #[test]
+    fn link_flags_parse_as_sysfs_writes_them() {
+        assert_eq!(parse_link_flags("0x1003\n"), Some(0x1003));
+        assert_eq!(parse_link_flags("0x9"), Some(9));
+        assert_eq!(parse_link_flags("4099"), None);
+        assert_eq!(parse_link_flags(""), None);
+    }
+
+    #[test]
+    fn the_boot_nic_goes_down_keeping_its_other_flags() {
+        let sys = tempfile::tempdir().unwrap();
+        let net = sys.path().join("class/net");
+        for (name, mac, flags) in [
+            ("eth0", "52:54:00:77:00:01", "0x1003"),
+            ("eth1", "52:54:00:77:00:02", "0x1003"),
+        ] {
+            std::fs::create_dir_all(net.join(name)).unwrap();
+            std::fs::write(net.join(name).join("address"), format!("{mac}\n")).unwrap();
+            std::fs::write(net.join(name).join("flags"), format!("{flags}\n")).unwrap();
+        }
+        let mac = "52:54:00:77:00:02".parse().unwrap();
+        assert_eq!(release_boot_nic(sys.path(), mac).unwrap(), "eth1");
+        // UP cleared; BROADCAST and MULTICAST kept; the other NIC untouched.
+        let flags = |n: &str| std::fs::read_to_string(net.join(n).join("flags")).unwrap();
+        assert_eq!(flags("eth1"), "0x1002");
+        assert_eq!(flags("eth0"), "0x1003\n");
+        // Already down: nothing written.
+        assert_eq!(release_boot_nic(sys.path(), mac).unwrap(), "eth1");
+        assert_eq!(flags("eth1"), "0x1002");
+
+        let other = "52:54:00:77:00:09".parse().unwrap();
+        assert!(release_boot_nic(sys.path(), other).is_err());
+    }
 }

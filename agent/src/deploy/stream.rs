@@ -1,11 +1,13 @@
-//! Streaming an image from the appliance onto a disk: HTTP, then zstd, then the disk, in one
-//! pass and in constant memory.
+//! Streaming an image from the appliance onto a disk: HTTP, then a decoder (zstd, xz or gzip,
+//! told by the file's magic number; none for a raw image), then the disk, in one pass and in
+//! constant memory.
 //!
 //! - **Checksum in line**: the sha256 is of the bytes as served (compressed), computed as they
 //!   arrive, and checked once the last byte is in; a mismatch fails the deploy with both sums.
 //! - **Resume**: [`Download`] counts the compressed bytes it has handed on. When the connection
 //!   drops or stalls it GETs again with `Range: bytes=N-` and goes on feeding the same
-//!   decoder and hasher, so neither notices the break.
+//!   decoder and hasher, so neither notices the break: every decoder reads the compressed
+//!   bytes through the one [`Download`], whatever the format.
 //! - **Sparse**: the decompressed image is cut into [`CHUNK`]-sized pieces; an all-zero piece
 //!   is not written but joins a run that the sink zeroes in one call ([`Sink::zero`]: on a
 //!   block device `BLKZEROOUT`, which the kernel offloads as WRITE ZEROES or UNMAP when the
@@ -20,6 +22,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use super::http::{self, HttpError, Url};
+use super::prefetch::Prefetched;
 
 /// Unit of the zero test and of the writes.
 pub const CHUNK: usize = 1 << 20;
@@ -51,8 +54,6 @@ pub enum StreamError {
         #[source]
         source: HttpError,
     },
-    #[error("the image is {0}-compressed; this agent reads zstd or uncompressed images")]
-    Unsupported(&'static str),
     #[error("decompressing the image at output byte {offset}")]
     Decode {
         offset: u64,
@@ -254,8 +255,10 @@ impl Read for Download {
     }
 }
 
-/// The decompressed size of a zstd image, from its first frame's header (zstd writes it when
-/// it knows the input's size, as it does for a file); `None` for anything else.
+/// The decompressed size of an image, when the file tells it cheaply: a zstd frame header
+/// (zstd writes the size when it knows the input's, as it does for a file), an xz index (at
+/// the end of the file: two more ranged GETs), a raw file's length. `None` for gzip, whose
+/// trailer keeps the size modulo 4 GiB only, and for anything unclear.
 pub fn peek_size(url: &str) -> Option<u64> {
     let url = Url::parse(url).ok()?;
     let mut resp = http::get(&url, 0).ok()?;
@@ -263,12 +266,97 @@ pub fn peek_size(url: &str) -> Option<u64> {
     let mut head = [0u8; 18];
     let n = http::read_full(&mut resp.body, &mut head).ok()?;
     // Dropping the response closes the connection: the rest is not wanted.
-    match sniff(&head[..n]).ok()? {
+    match sniff(&head[..n]) {
         Format::Zstd => zstd::zstd_safe::get_frame_content_size(&head[..n])
             .ok()
             .flatten(),
+        Format::Xz => xz_size(&url, resp.total?),
+        Format::Gzip => None,
         Format::Raw => Some(resp.length),
     }
+}
+
+/// xz's stream header and footer are 12 bytes each.
+const XZ_HEADER: u64 = 12;
+/// An index this large describes some 50,000 blocks: not an image written for us.
+const MAX_XZ_INDEX: u64 = 1 << 20;
+
+/// The decompressed size of a single-stream xz file of `len` bytes, from its footer and
+/// index (the xz file format, sections 2.1.2 and 4).
+fn xz_size(url: &Url, len: u64) -> Option<u64> {
+    let tail = |from: u64, n: u64| -> Option<Vec<u8>> {
+        let mut resp = http::get(url, from).ok()?;
+        // A server that ignored the range would send the file from its start.
+        if resp.offset != from {
+            return None;
+        }
+        let mut buf = vec![0u8; usize::try_from(n).ok()?];
+        let got = http::read_full(&mut resp.body, &mut buf).ok()?;
+        (got == buf.len()).then_some(buf)
+    };
+    let footer = tail(len.checked_sub(XZ_HEADER)?, XZ_HEADER)?;
+    let index_len = xz_index_len(&footer)?;
+    if index_len > MAX_XZ_INDEX {
+        return None;
+    }
+    let index = tail(len.checked_sub(XZ_HEADER + index_len)?, index_len)?;
+    xz_uncompressed_size(&index, len)
+}
+
+/// The index's length from a stream footer: CRC32, backward size, flags, magic `YZ`.
+fn xz_index_len(footer: &[u8]) -> Option<u64> {
+    let footer: &[u8; 12] = footer.try_into().ok()?;
+    if &footer[10..] != b"YZ" || !crc32_matches(&footer[4..10], &footer[..4]) {
+        return None;
+    }
+    let stored = u32::from_le_bytes([footer[4], footer[5], footer[6], footer[7]]);
+    Some((u64::from(stored) + 1) * 4)
+}
+
+/// The sum of an index's uncompressed sizes, provided the stream it describes is the whole
+/// file (`file_len`): a file of several streams (or with stream padding) gets `None` rather
+/// than the size of its last stream.
+fn xz_uncompressed_size(index: &[u8], file_len: u64) -> Option<u64> {
+    let (body, crc) = index.split_at(index.len().checked_sub(4)?);
+    if !crc32_matches(body, crc) || body.first() != Some(&0) {
+        return None;
+    }
+    let mut pos = 1;
+    let mut varint = || -> Option<u64> {
+        // Up to 9 bytes of 7 bits, least significant first (section 1.2).
+        let mut v = 0u64;
+        for i in 0..9 {
+            let b = *body.get(pos)?;
+            pos += 1;
+            v |= u64::from(b & 0x7F) << (7 * i);
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    };
+    let records = varint()?;
+    let (mut blocks, mut size) = (0u64, 0u64);
+    for _ in 0..records {
+        let unpadded = varint()?;
+        // Blocks are padded to a multiple of four bytes.
+        blocks = blocks.checked_add(unpadded.checked_add(3)? & !3)?;
+        size = size.checked_add(varint()?)?;
+    }
+    // What is left is the index padding: zeros up to a multiple of four.
+    let rest = body.get(pos..)?;
+    if rest.len() > 3 || rest.iter().any(|b| *b != 0) || body.len() % 4 != 0 {
+        return None;
+    }
+    let stream = XZ_HEADER + blocks + index.len() as u64 + XZ_HEADER;
+    (stream == file_len).then_some(size)
+}
+
+/// Whether `crc` (4 bytes, little-endian) is the CRC32 of `data`, as xz stores them.
+fn crc32_matches(data: &[u8], crc: &[u8]) -> bool {
+    let mut c = flate2::Crc::new();
+    c.update(data);
+    crc == c.sum().to_le_bytes()
 }
 
 /// What [`write_image`] did.
@@ -294,24 +382,28 @@ pub struct Progress {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
     Zstd,
+    Xz,
+    Gzip,
     Raw,
 }
 
-/// zstd, xz and gzip magic numbers (RFC 8878, the xz file format, RFC 1952).
-fn sniff(head: &[u8]) -> Result<Format, StreamError> {
+/// zstd, xz and gzip magic numbers (RFC 8878, the xz file format, RFC 1952); anything else
+/// is a raw image. A raw disk image starts with boot code or zeros, never with these.
+fn sniff(head: &[u8]) -> Format {
     if head.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]) {
-        Ok(Format::Zstd)
+        Format::Zstd
     } else if head.starts_with(&[0xFD, b'7', b'z', b'X', b'Z', 0x00]) {
-        Err(StreamError::Unsupported("xz"))
-    } else if head.starts_with(&[0x1F, 0x8B]) {
-        Err(StreamError::Unsupported("gzip"))
+        Format::Xz
+    } else if head.starts_with(&[0x1F, 0x8B, 0x08]) {
+        // ID1 ID2 and CM 8 (deflate, the only method defined).
+        Format::Gzip
     } else {
-        Ok(Format::Raw)
+        Format::Raw
     }
 }
 
-/// Streams `download` (zstd or raw) onto `sink` and checks its sha256 (`expected_sha256`,
-/// hex) and, when not 0, its size. `progress` is called every `every`.
+/// Streams `download` (zstd, xz, gzip or raw) onto `sink` and checks its sha256
+/// (`expected_sha256`, hex) and, when not 0, its size. `progress` is called every `every`.
 pub fn write_image(
     download: Download,
     expected_sha256: &str,
@@ -320,18 +412,23 @@ pub fn write_image(
     every: Duration,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Written, StreamError> {
-    let mut input = BufReader::with_capacity(CHUNK, download);
+    let mut input = BufReader::with_capacity(CHUNK, Prefetched::start(download));
     let head = input.fill_buf().map_err(|e| unwrap_stream_error(e, 0))?;
-    let format = sniff(head)?;
+    let format = sniff(head);
     let mut writer = ChunkWriter::new(sink);
     let mut last_report = Instant::now();
     let mut buf = vec![0u8; CHUNK];
 
+    // Every decoder reads through `input` (a BufRead over the download), so what it has not
+    // consumed when it ends is still there to hash, and a resume is invisible to it. The
+    // multi-stream decoders accept what pxz, pigz and bgzip write: streams back to back.
     let mut decoder: Box<dyn DecodeRead> = match format {
         Format::Zstd => Box::new(
             zstd::stream::read::Decoder::with_buffer(input)
                 .map_err(|source| StreamError::Decode { offset: 0, source })?,
         ),
+        Format::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(input)),
+        Format::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
         Format::Raw => Box::new(input),
     };
     loop {
@@ -348,7 +445,7 @@ pub fn write_image(
         writer.put(&buf[..n])?;
         if last_report.elapsed() >= every {
             last_report = Instant::now();
-            let d = decoder.download();
+            let d = decoder.input();
             progress(&Progress {
                 received: d.received(),
                 total: d.total().or((expected_size > 0).then_some(expected_size)),
@@ -359,11 +456,13 @@ pub fn write_image(
             break;
         }
     }
-    let mut input = decoder.into_input();
-    // The decoder may stop at the end of the last frame: hash whatever follows too.
-    io::copy(&mut input, &mut io::sink()).map_err(|e| unwrap_stream_error(e, writer.offset))?;
+    // The decoder may stop at the end of the last frame: whatever follows is hashed too.
+    let download = decoder
+        .into_input()
+        .into_inner()
+        .finish()
+        .map_err(|e| unwrap_stream_error(e, writer.offset))?;
     writer.finish()?;
-    let download = input.into_inner();
     let actual = download.sha256_hex();
     if !actual.eq_ignore_ascii_case(expected_sha256.trim()) {
         return Err(StreamError::Checksum {
@@ -379,6 +478,15 @@ pub fn write_image(
         });
     }
     let (image_bytes, zeroed_bytes) = (writer.offset, writer.zeroed);
+    // Everything is in and checked; the fsync can still take long (a slow disk's write-back
+    // of the last gigabytes), and the last progress may be `every` old: say where it stands.
+    progress(&Progress {
+        received: download.received(),
+        total: download
+            .total()
+            .or((expected_size > 0).then_some(expected_size)),
+        written: image_bytes,
+    });
     writer.sink.sync().map_err(|source| StreamError::Write {
         offset: 0,
         len: 0,
@@ -395,25 +503,43 @@ pub fn write_image(
 
 /// The decoder, or the plain input for a raw image; both give back the download.
 trait DecodeRead: Read {
-    fn download(&self) -> &Download;
-    fn into_input(self: Box<Self>) -> BufReader<Download>;
+    fn input(&self) -> &Prefetched;
+    fn into_input(self: Box<Self>) -> BufReader<Prefetched>;
 }
 
-impl DecodeRead for BufReader<Download> {
-    fn download(&self) -> &Download {
+impl DecodeRead for BufReader<Prefetched> {
+    fn input(&self) -> &Prefetched {
         self.get_ref()
     }
-    fn into_input(self: Box<Self>) -> BufReader<Download> {
+    fn into_input(self: Box<Self>) -> BufReader<Prefetched> {
         *self
     }
 }
 
-impl DecodeRead for zstd::stream::read::Decoder<'static, BufReader<Download>> {
-    fn download(&self) -> &Download {
+impl DecodeRead for zstd::stream::read::Decoder<'static, BufReader<Prefetched>> {
+    fn input(&self) -> &Prefetched {
         self.get_ref().get_ref()
     }
-    fn into_input(self: Box<Self>) -> BufReader<Download> {
+    fn into_input(self: Box<Self>) -> BufReader<Prefetched> {
         self.finish()
+    }
+}
+
+impl DecodeRead for liblzma::bufread::XzDecoder<BufReader<Prefetched>> {
+    fn input(&self) -> &Prefetched {
+        self.get_ref().get_ref()
+    }
+    fn into_input(self: Box<Self>) -> BufReader<Prefetched> {
+        self.into_inner()
+    }
+}
+
+impl DecodeRead for flate2::bufread::MultiGzDecoder<BufReader<Prefetched>> {
+    fn input(&self) -> &Prefetched {
+        self.get_ref().get_ref()
+    }
+    fn into_input(self: Box<Self>) -> BufReader<Prefetched> {
+        self.into_inner()
     }
 }
 
@@ -519,11 +645,9 @@ fn blame_the_file(
     if !matches!(e, StreamError::Decode { .. }) {
         return e;
     }
-    let mut input = decoder.into_input();
-    if io::copy(&mut input, &mut io::sink()).is_err() {
+    let Ok(download) = decoder.into_input().into_inner().finish() else {
         return e;
-    }
-    let download = input.into_inner();
+    };
     let actual = download.sha256_hex();
     if actual.eq_ignore_ascii_case(expected_sha256.trim()) {
         e
@@ -597,6 +721,28 @@ mod tests {
         hex::encode(Sha256::digest(data))
     }
 
+    /// The compressed formats, each as its usual tool writes it.
+    #[derive(Debug, Clone, Copy)]
+    enum Packed {
+        Zstd,
+        Xz,
+        Gzip,
+    }
+
+    const PACKED: [Packed; 3] = [Packed::Zstd, Packed::Xz, Packed::Gzip];
+
+    fn pack(how: Packed, data: &[u8]) -> Vec<u8> {
+        match how {
+            Packed::Zstd => zstd::encode_all(data, 1).unwrap(),
+            Packed::Xz => liblzma::encode_all(data, 1).unwrap(),
+            Packed::Gzip => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(data).unwrap();
+                e.finish().unwrap()
+            }
+        }
+    }
+
     /// Serves `file` once per connection; the first `cuts` connections are closed after
     /// `cut_at` body bytes. Honours `Range: bytes=N-` with 206 unless `ignore_range`.
     /// Returns the Range starts it saw.
@@ -664,46 +810,88 @@ mod tests {
     }
 
     #[test]
-    fn writes_a_zstd_image_and_zeroes_the_zero_chunks() {
+    fn writes_each_format_and_zeroes_the_zero_chunks() {
         let img = image();
-        let z = zstd::encode_all(&img[..], 3).unwrap();
-        let (url, server) = serve(z.clone(), 0, 0, false);
+        for how in PACKED {
+            let z = pack(how, &img);
+            let (url, server) = serve(z.clone(), 0, 0, false);
+            let mut sink = MemSink::default();
+            let w = run(&url, &sha(&z), z.len() as u64, &mut sink).unwrap();
+            assert!(sink.data == img, "{how:?}");
+            assert_eq!(w.image_bytes, img.len() as u64, "{how:?}");
+            assert_eq!(w.received, z.len() as u64, "{how:?}");
+            assert_eq!(w.resumes, 0, "{how:?}");
+            // Chunks 2, 3 and 4 are all zero: one run, one call.
+            assert_eq!(
+                sink.zeroed,
+                [(2 * CHUNK as u64, 3 * CHUNK as u64)],
+                "{how:?}"
+            );
+            assert_eq!(w.zeroed_bytes, 3 * CHUNK as u64, "{how:?}");
+            assert_eq!(server.join().unwrap(), [0], "{how:?}");
+        }
+    }
+
+    #[test]
+    fn the_last_progress_is_the_whole_image_before_the_sync() {
+        let img = image();
+        let z = pack(Packed::Xz, &img);
+        let (url, _server) = serve(z.clone(), 0, 0, false);
+        let dl = Download::new(&url).unwrap();
+        let mut seen = Vec::new();
+        let hour = Duration::from_secs(3600);
         let mut sink = MemSink::default();
-        let w = run(&url, &sha(&z), z.len() as u64, &mut sink).unwrap();
-        assert_eq!(sink.data, img);
-        assert_eq!(w.image_bytes, img.len() as u64);
-        assert_eq!(w.received, z.len() as u64);
-        assert_eq!(w.resumes, 0);
-        // Chunks 2, 3 and 4 are all zero: one run, one call.
-        assert_eq!(sink.zeroed, [(2 * CHUNK as u64, 3 * CHUNK as u64)]);
-        assert_eq!(w.zeroed_bytes, 3 * CHUNK as u64);
-        assert_eq!(server.join().unwrap(), [0]);
+        write_image(dl, &sha(&z), 0, &mut sink, hour, &mut |p| {
+            seen.push((p.received, p.total, p.written));
+        })
+        .unwrap();
+        let n = z.len() as u64;
+        assert_eq!(seen, [(n, Some(n), img.len() as u64)]);
+    }
+
+    #[test]
+    fn streams_written_back_to_back_are_one_image() {
+        // pxz, pigz and bgzip write several streams (members) into one file.
+        let img = image();
+        let (a, b) = img.split_at(CHUNK + 100);
+        for how in [Packed::Xz, Packed::Gzip] {
+            let z = [pack(how, a), pack(how, b)].concat();
+            let (url, _server) = serve(z.clone(), 0, 0, false);
+            let mut sink = MemSink::default();
+            run(&url, &sha(&z), z.len() as u64, &mut sink).unwrap();
+            assert!(sink.data == img, "{how:?}");
+        }
     }
 
     #[test]
     fn resumes_with_range_after_a_cut_and_the_sum_still_matches() {
         let img = image();
-        let z = zstd::encode_all(&img[..], 1).unwrap();
-        let third = z.len() / 3;
-        // Two cuts in a row, each a third of the file into its answer.
-        let (url, server) = serve(z.clone(), 2, third, false);
-        let mut sink = MemSink::default();
-        let w = run(&url, &sha(&z), z.len() as u64, &mut sink).unwrap();
-        assert_eq!(sink.data, img);
-        assert_eq!(w.resumes, 2);
-        let starts = server.join().unwrap();
-        assert_eq!(starts, [0, third as u64, 2 * third as u64]);
+        for how in PACKED {
+            let z = pack(how, &img);
+            let third = z.len() / 3;
+            // Two cuts in a row, each a third of the file into its answer: the decoder is in
+            // the middle of a block (xz), a deflate stream (gzip) or a frame (zstd) each time.
+            let (url, server) = serve(z.clone(), 2, third, false);
+            let mut sink = MemSink::default();
+            let w = run(&url, &sha(&z), z.len() as u64, &mut sink).unwrap();
+            assert!(sink.data == img, "{how:?}");
+            assert_eq!(w.resumes, 2, "{how:?}");
+            let starts = server.join().unwrap();
+            assert_eq!(starts, [0, third as u64, 2 * third as u64], "{how:?}");
+        }
     }
 
     #[test]
     fn a_server_that_ignores_range_is_skipped_forward() {
         let img = image();
-        let z = zstd::encode_all(&img[..], 1).unwrap();
-        let (url, server) = serve(z.clone(), 1, z.len() / 2, true);
-        let mut sink = MemSink::default();
-        run(&url, &sha(&z), z.len() as u64, &mut sink).unwrap();
-        assert_eq!(sink.data, img);
-        assert_eq!(server.join().unwrap(), [0, z.len() as u64 / 2]);
+        for how in PACKED {
+            let z = pack(how, &img);
+            let (url, server) = serve(z.clone(), 1, z.len() / 2, true);
+            let mut sink = MemSink::default();
+            run(&url, &sha(&z), z.len() as u64, &mut sink).unwrap();
+            assert!(sink.data == img, "{how:?}");
+            assert_eq!(server.join().unwrap(), [0, z.len() as u64 / 2], "{how:?}");
+        }
     }
 
     #[test]
@@ -724,17 +912,39 @@ mod tests {
     }
 
     #[test]
-    fn raw_images_pass_through_and_other_formats_are_named() {
+    fn raw_images_pass_through() {
         let img = image();
         let (url, _server) = serve(img.clone(), 0, 0, false);
         let mut sink = MemSink::default();
         run(&url, &sha(&img), 0, &mut sink).unwrap();
         assert_eq!(sink.data, img);
+    }
 
-        let gz = vec![0x1F, 0x8B, 8, 0, 0, 0];
-        let (url, _server) = serve(gz.clone(), 0, 0, false);
-        let err = run(&url, &sha(&gz), 0, &mut MemSink::default()).unwrap_err();
-        assert!(err.to_string().contains("gzip"), "{err}");
+    #[test]
+    fn a_corrupt_file_is_a_decode_error_or_the_wrong_file() {
+        let img = image();
+        // xz and gzip check their data (CRC64, CRC32); zstd only with a content checksum,
+        // which `zstd::encode_all` leaves out, so there the registered sha256 is the guard.
+        for how in [Packed::Xz, Packed::Gzip] {
+            let good = pack(how, &img);
+            let mut bad = good.clone();
+            let mid = bad.len() / 2;
+            bad[mid] ^= 0x55;
+            // Registered as it is: the file itself is broken.
+            let (url, _server) = serve(bad.clone(), 0, 0, false);
+            let err = run(&url, &sha(&bad), 0, &mut MemSink::default()).unwrap_err();
+            assert!(
+                matches!(err, StreamError::Decode { .. }),
+                "{how:?}: {err:?}"
+            );
+            // Registered with another sum: it is not the registered file, and that is said.
+            let (url, _server) = serve(bad.clone(), 0, 0, false);
+            let err = run(&url, &sha(&good), 0, &mut MemSink::default()).unwrap_err();
+            assert!(
+                matches!(err, StreamError::Checksum { .. }),
+                "{how:?}: {err:?}"
+            );
+        }
     }
 
     #[test]
@@ -791,6 +1001,53 @@ mod tests {
         let unsized_ = zstd::encode_all(&img[..], 1).unwrap();
         let (url, _server) = serve(unsized_, 0, 0, false);
         assert_eq!(peek_size(&url), None);
+    }
+
+    /// Serves `file` to `n` connections (ranged ones too), as the xz peek needs three.
+    fn serve_n(file: Vec<u8>, n: usize) -> String {
+        let (url, _server) = serve(file, n - 1, usize::MAX, false);
+        url
+    }
+
+    #[test]
+    fn peeks_the_size_of_an_xz_image_from_its_index() {
+        let img = image();
+        let xz = liblzma::encode_all(&img[..], 1).unwrap();
+        assert_eq!(peek_size(&serve_n(xz.clone(), 3)), Some(img.len() as u64));
+        // Several blocks (a full flush ends one): the index has a record each.
+        let mut blocks = Vec::new();
+        {
+            let mut w = liblzma::write::XzEncoder::new(&mut blocks, 1);
+            for piece in img.chunks(CHUNK) {
+                w.write_all(piece).unwrap();
+                w.flush().unwrap();
+            }
+            w.finish().unwrap();
+        }
+        assert_eq!(peek_size(&serve_n(blocks, 3)), Some(img.len() as u64));
+        // Two streams: the last one's index is not the whole image.
+        let two = [xz.clone(), xz].concat();
+        assert_eq!(peek_size(&serve_n(two, 3)), None);
+        // gzip keeps the size modulo 4 GiB only: not trusted.
+        assert_eq!(peek_size(&serve_n(pack(Packed::Gzip, &img), 1)), None);
+    }
+
+    #[test]
+    fn a_damaged_xz_index_gives_no_size() {
+        let img = image();
+        let xz = liblzma::encode_all(&img[..], 1).unwrap();
+        let footer = &xz[xz.len() - 12..];
+        let index_len = xz_index_len(footer).unwrap() as usize;
+        let index = &xz[xz.len() - 12 - index_len..xz.len() - 12];
+        let len = xz.len() as u64;
+        assert_eq!(xz_uncompressed_size(index, len), Some(img.len() as u64));
+        let mut bad = index.to_vec();
+        bad[2] ^= 1;
+        assert_eq!(xz_uncompressed_size(&bad, len), None);
+        assert_eq!(xz_uncompressed_size(&index[..3], len), None);
+        let mut bad_footer = footer.to_vec();
+        bad_footer[5] ^= 1;
+        assert_eq!(xz_index_len(&bad_footer), None);
     }
 
     #[test]

@@ -16,7 +16,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
 use stork_proto::{
-    AgentEvent, AgentReport, EnlistRequest, EnlistResponse, Inventory, MacAddr, StepState, Task,
+    AgentEvent, AgentReport, EnlistRequest, EnlistResponse, Heartbeat, Inventory, MacAddr,
+    StepState, Task,
 };
 
 use super::AppState;
@@ -52,6 +53,7 @@ pub fn routes() -> Router<AppState> {
         .route("/agent/{id}/task", get(agent_task))
         .route("/agent/{id}/commissioned", post(agent_commissioned))
         .route("/agent/{id}/events", post(agent_post_event))
+        .route("/agent/{id}/heartbeat", post(agent_heartbeat))
         .route("/agent/{id}/released", post(agent_released))
         .route("/agent/{id}/installed", post(agent_installed))
         .route("/agent/{id}/deployed", post(agent_deployed))
@@ -933,6 +935,45 @@ async fn agent_post_event(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Statuses whose agent sends heartbeats.
+const HEARTBEAT_STATUSES: [Status; 3] = [
+    Status::Commissioning,
+    Status::Deploying,
+    Status::DiskErasing,
+];
+/// Step names are short identifiers; a longer one is cut rather than stored whole.
+const MAX_STEP_LEN: usize = 64;
+
+/// 204: recorded, the next heartbeat is due within `lifecycle.heartbeat_timeout`. 202: not
+/// recorded, none is expected any more (the image is installed, or the agent said it left).
+async fn agent_heartbeat(
+    State(s): State<AppState>,
+    agent: Agent,
+    Path(id): Path<String>,
+    body: Result<Json<Heartbeat>, JsonRejection>,
+) -> ApiResult<StatusCode> {
+    agent.check_machine(&id)?;
+    let Json(hb) = body?;
+    let now = now_ms();
+    let allowance = i64::try_from(s.cfg.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX);
+    let deadline = (!hb.leaving).then(|| now.saturating_add(allowance));
+    let step: String = hb.step.chars().take(MAX_STEP_LEN).collect();
+    let note = format!("agent handing over after step {step}; heartbeats stop");
+    let recorded = s
+        .store
+        .call(move |st| st.record_heartbeat(&id, &HEARTBEAT_STATUSES, now, &step, deadline))
+        .await?;
+    // Leaving is once per boot and explains the silence after it: worth a history line.
+    if hb.leaving && recorded {
+        s.controller.note(&agent.machine.id, "agent", note).await?;
+    }
+    Ok(if recorded {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::ACCEPTED
+    })
+}
+
 async fn agent_released(
     State(s): State<AppState>,
     agent: Agent,
@@ -968,6 +1009,9 @@ async fn agent_installed(
     }
     let mut m = agent.machine;
     m.netboot = false;
+    // The agent reboots into the installed OS, which takes minutes to phone home: its
+    // silence from now on is expected, and only the status timeout applies.
+    m.heartbeat_deadline = None;
     m.updated_at = now_ms();
     let ev = agent_event(
         m.updated_at,

@@ -31,8 +31,12 @@ pub fn router(state: AppState) -> Router {
     // ServeDir refuses `..` and absolute components, so nothing outside the boot root is
     // served; it answers Range requests with 206.
     let boot = ServeDir::new(state.cfg.boot_dir()).append_index_html_on_directories(false);
+    let ephemeral = script::Ephemeral::start(&state.cfg.boot_dir(), &state.cfg.boot.ephemeral);
     Router::new()
-        .route("/ipxe/{mac}", get(script::ipxe_script))
+        .route(
+            "/ipxe/{mac}",
+            get(script::ipxe_script).layer(axum::Extension(ephemeral)),
+        )
         .nest("/api/v1", api::routes())
         .nest_service("/boot", boot)
         .with_state(state)

@@ -1,8 +1,16 @@
 //! Per-machine iPXE boot scripts: the answer to "what should this machine boot now?".
 
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Extension;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
 use stork_proto::{MacAddr, cmdline};
 
 use super::AppState;
@@ -32,12 +40,16 @@ pub fn choose(machine: Option<&Machine>) -> BootChoice {
     }
 }
 
-pub async fn ipxe_script(State(state): State<AppState>, Path(mac): Path<String>) -> Response {
+pub async fn ipxe_script(
+    State(state): State<AppState>,
+    Extension(ephemeral): Extension<Arc<Ephemeral>>,
+    Path(mac): Path<String>,
+) -> Response {
     let mac = match mac.parse::<MacAddr>() {
         Ok(mac) => mac,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("#!ipxe\necho {e}\n")).into_response(),
     };
-    match script_for(&state, mac).await {
+    match script_for(&state, ephemeral.current(), mac).await {
         Ok(script) => (
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             script,
@@ -54,7 +66,11 @@ pub async fn ipxe_script(State(state): State<AppState>, Path(mac): Path<String>)
     }
 }
 
-async fn script_for(state: &AppState, mac: MacAddr) -> Result<String, StoreError> {
+async fn script_for(
+    state: &AppState,
+    ephemeral: Option<EphemeralRoot>,
+    mac: MacAddr,
+) -> Result<String, StoreError> {
     let store = state.store.clone();
     let cfg = state.cfg.clone();
     let script = store
@@ -69,31 +85,49 @@ async fn script_for(state: &AppState, mac: MacAddr) -> Result<String, StoreError
                     m.agent_token = Some(hash);
                     m.updated_at = now_ms();
                     let m = st.save_machine(&m, &[])?;
-                    agent_script(&cfg, mac, Some((&m.id, &token)))
+                    agent_script(&cfg, mac, Some((&m.id, &token)), ephemeral.as_ref())
                 }
                 (BootChoice::LocalDisk, _) => local_disk_script(),
-                _ => agent_script(&cfg, mac, None),
+                _ => agent_script(&cfg, mac, None, ephemeral.as_ref()),
             })
         })
         .await?;
     Ok(script)
 }
 
-/// Boot from the next device in the firmware's order (the local disk).
+/// Boot from the next device in the firmware's order (the local disk). `exit 1`, not `exit`:
+/// an EFI application that returns success makes UEFI firmware stop at its boot manager menu
+/// (as the UEFI spec's boot manager allows; OVMF opens UiApp) instead of trying the next
+/// boot option; BIOS firmware ignores the status.
 pub fn local_disk_script() -> String {
-    "#!ipxe\necho Stork: booting from local disk\nexit\n".to_string()
+    "#!ipxe\necho Stork: booting from local disk\nexit 1\n".to_string()
 }
 
 /// The script that boots the Stork agent. The address comes from iPXE's own settings
 /// (`netX` is the interface iPXE configured last), so it is right whether Stork or another
-/// DHCP server leased it. `known` carries the machine id and this boot's agent token.
-pub fn agent_script(cfg: &Config, mac: MacAddr, known: Option<(&str, &str)>) -> String {
+/// DHCP server leased it. `known` carries the machine id and this boot's agent token;
+/// `ephemeral`, when the file is there, the root the agent switches into before its task.
+pub fn agent_script(
+    cfg: &Config,
+    mac: MacAddr,
+    known: Option<(&str, &str)>,
+    ephemeral: Option<&EphemeralRoot>,
+) -> String {
     let base = cfg.base_url();
     let boot = &cfg.boot;
-    let identity = match known {
+    let mut identity = match known {
         Some((id, token)) => format!(" {}={id} {}={token}", cmdline::MACHINE, cmdline::TOKEN),
         None => String::new(),
     };
+    if let Some(e) = ephemeral {
+        identity.push_str(&format!(
+            " {}={base}/boot/{} {}={}",
+            cmdline::EPHEMERAL,
+            e.file,
+            cmdline::EPHEMERAL_SHA256,
+            e.sha256
+        ));
+    }
     // UEFI: the kernel finds its initrd only if `initrd=<name>` names it (FACTS.md).
     format!(
         "#!ipxe\n\
@@ -116,6 +150,165 @@ pub fn agent_script(cfg: &Config, mac: MacAddr, known: Option<(&str, &str)>) -> 
     )
 }
 
+/// The ephemeral root as the kernel line names it: its file under `/boot/` and its sha256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EphemeralRoot {
+    pub file: String,
+    pub sha256: String,
+}
+
+/// The ephemeral root's sha256, kept current off the request path: hashed at startup and,
+/// when the file's identity (size, mtime, inode) changes, again on a blocking thread. A
+/// request only stats the file; until the new sum is known it gets no ephemeral keys (the
+/// agent then works from its initrd), so a machine never gets a sum that does not match.
+pub struct Ephemeral {
+    file: String,
+    path: PathBuf,
+    known: Mutex<Known>,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    /// The sum and the file identity it was computed for.
+    digest: Option<(Stamp, String)>,
+    refreshing: bool,
+    /// Last seen presence, so that appearing and disappearing are logged once each.
+    present: Option<bool>,
+}
+
+/// What changes when the file is replaced or rewritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+fn stamp(path: &std::path::Path) -> std::io::Result<Stamp> {
+    let m = std::fs::metadata(path)?;
+    if !m.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        size: m.size(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+    })
+}
+
+fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+impl Ephemeral {
+    /// Hashes `boot_dir/file` now (startup, before the listener serves); warns once when it
+    /// is absent.
+    pub fn start(boot_dir: &std::path::Path, file: &str) -> Arc<Self> {
+        let e = Arc::new(Self {
+            file: file.to_string(),
+            path: boot_dir.join(file),
+            known: Mutex::new(Known::default()),
+        });
+        e.lock().refreshing = true;
+        e.refresh();
+        e
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
+        // A poisoned lock only means a refresh panicked; what it guards is still consistent.
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The file and its sum when the sum matches the file as it is now; otherwise `None`,
+    /// having started a refresh if the file is there.
+    pub fn current(self: &Arc<Self>) -> Option<EphemeralRoot> {
+        let now = stamp(&self.path);
+        {
+            let mut k = self.lock();
+            let Ok(now) = now else {
+                self.note_presence(&mut k, false);
+                k.digest = None;
+                return None;
+            };
+            if let Some((seen, sum)) = &k.digest
+                && *seen == now
+            {
+                return Some(EphemeralRoot {
+                    file: self.file.clone(),
+                    sha256: sum.clone(),
+                });
+            }
+            if k.refreshing {
+                return None;
+            }
+            k.refreshing = true;
+        }
+        tracing::info!(path = %self.path.display(), "ephemeral root changed; hashing it again");
+        let this = Arc::clone(self);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || this.refresh())),
+            Err(_) => drop(std::thread::spawn(move || this.refresh())),
+        }
+        None
+    }
+
+    /// Hashes the file and keeps the sum if the file did not change meanwhile. Blocking.
+    fn refresh(&self) {
+        let started = Instant::now();
+        let result = stamp(&self.path).and_then(|before| {
+            let sum = sha256_file(&self.path)?;
+            Ok((before, sum, stamp(&self.path)?))
+        });
+        let mut k = self.lock();
+        k.refreshing = false;
+        match result {
+            Ok((before, sum, after)) if before == after => {
+                self.note_presence(&mut k, true);
+                tracing::info!(path = %self.path.display(), size = after.size, sha256 = %sum, ms = started.elapsed().as_millis() as u64, "ephemeral root hashed");
+                k.digest = Some((after, sum));
+            }
+            // Still being written: the next request hashes it again.
+            Ok(_) => k.digest = None,
+            Err(e) => {
+                k.digest = None;
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    self.note_presence(&mut k, false);
+                } else {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot hash the ephemeral root; agents work from the initrd");
+                }
+            }
+        }
+    }
+
+    fn note_presence(&self, k: &mut Known, present: bool) {
+        if k.present == Some(present) {
+            return;
+        }
+        if !present {
+            tracing::warn!(path = %self.path.display(), "no ephemeral root (boot.ephemeral): agents run their tasks from the initrd");
+        }
+        k.present = Some(present);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,7 +329,7 @@ mod tests {
     fn script_carries_what_the_agent_parses() {
         let cfg = FileConfig::default().validate().unwrap();
         let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
-        let s = agent_script(&cfg, mac, None);
+        let s = agent_script(&cfg, mac, None, None);
         assert!(s.starts_with("#!ipxe\n"));
         let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
         assert!(kernel.contains("http://10.77.0.1:8080/boot/vmlinuz initrd=initrd.img "));
@@ -149,10 +342,90 @@ mod tests {
         assert_eq!(args.gateway, None);
         assert_eq!(args.token, None);
 
-        let s = agent_script(&cfg, mac, Some(("m1", "stork_agent_abc")));
+        let s = agent_script(&cfg, mac, Some(("m1", "stork_agent_abc")), None);
         let args = expand(s.lines().find(|l| l.starts_with("kernel ")).unwrap());
         assert_eq!(args.machine_id.as_deref(), Some("m1"));
         assert_eq!(args.token.as_deref(), Some("stork_agent_abc"));
+        assert_eq!(args.ephemeral, None);
+    }
+
+    #[test]
+    fn script_names_the_ephemeral_root_with_its_sum() {
+        let cfg = FileConfig::default().validate().unwrap();
+        let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        let root = EphemeralRoot {
+            file: "ephemeral.squashfs".into(),
+            sha256: "ab".repeat(32),
+        };
+        for known in [None, Some(("m1", "stork_agent_abc"))] {
+            let s = agent_script(&cfg, mac, known, Some(&root));
+            let args = expand(s.lines().find(|l| l.starts_with("kernel ")).unwrap());
+            assert_eq!(
+                args.ephemeral,
+                Some(cmdline::EphemeralRoot {
+                    url: "http://10.77.0.1:8080/boot/ephemeral.squashfs".into(),
+                    sha256: "ab".repeat(32),
+                })
+            );
+            assert_eq!(args.token.as_deref(), known.map(|k| k.1));
+        }
+    }
+
+    fn wait_current(e: &Arc<Ephemeral>) -> Option<EphemeralRoot> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(r) = e.current() {
+                return Some(r);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn ephemeral_sum_is_computed_at_start_and_again_after_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ephemeral.squashfs");
+        std::fs::write(&path, b"hsqs first").unwrap();
+        let e = Ephemeral::start(dir.path(), "ephemeral.squashfs");
+        // Known from the start: the first request needs no hashing.
+        let first = e.current().unwrap();
+        assert_eq!(first.file, "ephemeral.squashfs");
+        assert_eq!(first.sha256, hex::encode(Sha256::digest(b"hsqs first")));
+        assert_eq!(e.current(), Some(first.clone()));
+
+        // Replaced: never the old sum for the new file; the new one once hashed.
+        let tmp = dir.path().join("new");
+        std::fs::write(&tmp, b"hsqs second, longer").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        let second = wait_current(&e).unwrap();
+        assert_eq!(
+            second.sha256,
+            hex::encode(Sha256::digest(b"hsqs second, longer"))
+        );
+
+        // Removed: no keys.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(e.current(), None);
+    }
+
+    #[test]
+    fn no_ephemeral_file_means_no_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Ephemeral::start(dir.path(), "ephemeral.squashfs");
+        assert_eq!(e.current(), None);
+        // A directory by that name is not a root image either.
+        std::fs::create_dir(dir.path().join("ephemeral.squashfs")).unwrap();
+        assert_eq!(e.current(), None);
+        // Appearing later is noticed.
+        std::fs::remove_dir(dir.path().join("ephemeral.squashfs")).unwrap();
+        std::fs::write(dir.path().join("ephemeral.squashfs"), b"x").unwrap();
+        assert_eq!(
+            wait_current(&e).unwrap().sha256,
+            hex::encode(Sha256::digest(b"x"))
+        );
     }
 
     #[test]

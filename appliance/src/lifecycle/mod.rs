@@ -100,7 +100,7 @@ pub enum Event {
     ReleaseDone,
     /// Agent: the running step failed.
     AgentFailed,
-    /// Controller: a busy status outlived its timeout.
+    /// Controller: a busy status outlived its timeout, or its agent's heartbeat is overdue.
     TimedOut,
     /// User: stop the busy operation.
     Abort,

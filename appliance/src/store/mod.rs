@@ -99,6 +99,10 @@ CREATE TABLE boot_resources (
     "ALTER TABLE machines ADD COLUMN netboot INTEGER NOT NULL DEFAULT 1;",
     // Release with erase: signatures and partition tables only (1), or every byte (0).
     "ALTER TABLE machines ADD COLUMN erase_quick INTEGER NOT NULL DEFAULT 1;",
+    // Agent heartbeats: when the last came, from which step, and by when the next is due.
+    "ALTER TABLE machines ADD COLUMN last_heartbeat INTEGER;
+     ALTER TABLE machines ADD COLUMN heartbeat_step TEXT;
+     ALTER TABLE machines ADD COLUMN heartbeat_deadline INTEGER;",
 ];
 
 #[derive(Clone)]
@@ -164,7 +168,8 @@ impl Store {
     // ---- machines ----
 
     const MACHINE_COLUMNS: &'static str = "id, hostname, status, status_message, status_since, \
-        version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, updated_at, netboot, erase_quick";
+        version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, updated_at, netboot, erase_quick, \
+        last_heartbeat, heartbeat_step, heartbeat_deadline";
 
     /// A machine from its row and its interfaces' MACs (any order).
     fn machine_from_row(row: &Row<'_>, mut macs: Vec<MacAddr>) -> Result<Machine, StoreError> {
@@ -197,6 +202,9 @@ impl Store {
             updated_at: row.get(15)?,
             netboot: row.get(16)?,
             erase_quick: row.get(17)?,
+            last_heartbeat: row.get(18)?,
+            heartbeat_step: row.get(19)?,
+            heartbeat_deadline: row.get(20)?,
         })
     }
 
@@ -282,7 +290,7 @@ impl Store {
         let tx = conn.transaction()?;
         tx.execute(
             &format!(
-                "INSERT INTO machines ({}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)",
+                "INSERT INTO machines ({}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21)",
                 Self::MACHINE_COLUMNS
             ),
             params![
@@ -304,6 +312,9 @@ impl Store {
                 m.updated_at,
                 m.netboot,
                 m.erase_quick,
+                m.last_heartbeat,
+                m.heartbeat_step,
+                m.heartbeat_deadline,
             ],
         )?;
         Self::put_interfaces(&tx, &m.id, &m.macs)?;
@@ -342,13 +353,18 @@ impl Store {
 
     /// Saves `m` if its stored version is still `m.version`, with `events`, in one
     /// transaction. Returns the saved machine (version + 1).
+    ///
+    /// The heartbeat columns are written as `m` has them: a heartbeat that landed between the
+    /// caller's read and this save (heartbeats do not bump the version) is set back by one
+    /// beat, which costs at most one interval of the agent's allowance.
     pub fn save_machine(&self, m: &Machine, events: &[NewEvent]) -> Result<Machine, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let changed = tx.execute(
             "UPDATE machines SET hostname=?2, status=?3, status_message=?4, status_since=?5,
                 version=version+1, boot_mac=?6, arch=?7, power=?8, inventory=?9, owner=?10,
-                deploy=?11, tags=?12, agent_token=?13, updated_at=?14, netboot=?16, erase_quick=?17
+                deploy=?11, tags=?12, agent_token=?13, updated_at=?14, netboot=?16, erase_quick=?17,
+                last_heartbeat=?18, heartbeat_step=?19, heartbeat_deadline=?20
              WHERE id=?1 AND version=?15",
             params![
                 m.id,
@@ -368,6 +384,9 @@ impl Store {
                 m.version,
                 m.netboot,
                 m.erase_quick,
+                m.last_heartbeat,
+                m.heartbeat_step,
+                m.heartbeat_deadline,
             ],
         )?;
         if changed == 0 {
@@ -407,6 +426,39 @@ impl Store {
     pub fn machine_by_agent_token(&self, hash: &str) -> Result<Option<Machine>, StoreError> {
         let conn = self.lock();
         Ok(Self::query_machines(&conn, "WHERE agent_token = ?1", &[&hash])?.pop())
+    }
+
+    /// Records an agent's heartbeat on machine `id` if one is still expected there, and
+    /// says whether it was. One is expected while the machine is in one of `statuses` and
+    /// still network-boots its agent (an installed image ends that), unless the agent of the
+    /// current status has already left: it sent heartbeats (`last_heartbeat` is not older
+    /// than the status) and then cleared its deadline. `deadline` is when the next beat is
+    /// due; `None` says the agent is leaving. Does not bump the version: a heartbeat is not
+    /// a change anyone could conflict with.
+    pub fn record_heartbeat(
+        &self,
+        id: &str,
+        statuses: &[Status],
+        at: i64,
+        step: &str,
+        deadline: Option<i64>,
+    ) -> Result<bool, StoreError> {
+        // Status names are our own fixed identifiers, so they can go into the SQL text.
+        let names: Vec<String> = statuses
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        let changed = self.lock().execute(
+            &format!(
+                "UPDATE machines SET last_heartbeat = ?2, heartbeat_step = ?3, heartbeat_deadline = ?4
+                 WHERE id = ?1 AND netboot = 1 AND status IN ({})
+                   AND (heartbeat_deadline IS NOT NULL OR last_heartbeat IS NULL
+                        OR last_heartbeat < status_since)",
+                names.join(", ")
+            ),
+            params![id, at, step, deadline],
+        )?;
+        Ok(changed > 0)
     }
 
     // ---- events ----
@@ -618,5 +670,68 @@ mod tests {
         let s = Store::open(&dir.path().join("db")).unwrap();
         assert_eq!(s.get_machine("a1").unwrap().status, Status::Commissioning);
         assert_eq!(s.list_machines().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn heartbeats_are_recorded_only_while_expected() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        let agent = [Status::Deploying];
+        let mut m = s
+            .create_machine(&machine("h1", "52:54:00:00:00:02"), &ev("created"))
+            .unwrap();
+        // Not in an agent status: refused.
+        assert!(
+            !s.record_heartbeat("h1", &agent, 1500, "x", Some(9000))
+                .unwrap()
+        );
+        m.status = Status::Deploying;
+        m.status_since = 2000;
+        let m = s.save_machine(&m, &[]).unwrap();
+        assert!(
+            s.record_heartbeat("h1", &agent, 2500, "image", Some(5000))
+                .unwrap()
+        );
+        let got = s.get_machine("h1").unwrap();
+        assert_eq!(
+            (
+                got.last_heartbeat,
+                got.heartbeat_step.as_deref(),
+                got.heartbeat_deadline
+            ),
+            (Some(2500), Some("image"), Some(5000))
+        );
+        // Heartbeats are not changes: the version stays, so no save races with them.
+        assert_eq!(got.version, m.version);
+        // Leaving clears the deadline, and nothing re-arms it in this status.
+        assert!(
+            s.record_heartbeat("h1", &agent, 2600, "memory", None)
+                .unwrap()
+        );
+        assert!(
+            !s.record_heartbeat("h1", &agent, 2700, "memory", Some(6000))
+                .unwrap()
+        );
+        assert_eq!(s.get_machine("h1").unwrap().heartbeat_deadline, None);
+        // A new status's agent is heard again.
+        let mut again = s.get_machine("h1").unwrap();
+        again.status_since = 3000;
+        s.save_machine(&again, &[]).unwrap();
+        assert!(
+            s.record_heartbeat("h1", &agent, 3100, "disk", Some(7000))
+                .unwrap()
+        );
+        // An installed image ends heartbeats (the agent is rebooting away).
+        let mut installed = s.get_machine("h1").unwrap();
+        installed.netboot = false;
+        s.save_machine(&installed, &[]).unwrap();
+        assert!(
+            !s.record_heartbeat("h1", &agent, 3200, "x", Some(8000))
+                .unwrap()
+        );
+        assert!(
+            !s.record_heartbeat("nope", &agent, 3200, "x", Some(8000))
+                .unwrap()
+        );
     }
 }

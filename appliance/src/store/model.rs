@@ -111,6 +111,14 @@ pub struct Machine {
     pub netboot: bool,
     /// How the current release erases: signatures and partition tables only, or every byte.
     pub erase_quick: bool,
+    /// When the machine's agent last sent a heartbeat (ms), and the step it was in then.
+    pub last_heartbeat: Option<i64>,
+    pub heartbeat_step: Option<String>,
+    /// The agent's next heartbeat is due by then (ms): past it, the controller fails the busy
+    /// status. Cleared by every status change, by the image's installation and by an agent
+    /// that says it is leaving, so an agent on purpose silent (rebooting into the installed
+    /// OS) is never taken for a dead one.
+    pub heartbeat_deadline: Option<i64>,
 }
 
 impl Machine {
@@ -135,6 +143,9 @@ impl Machine {
             updated_at: now,
             netboot: true,
             erase_quick: true,
+            last_heartbeat: None,
+            heartbeat_step: None,
+            heartbeat_deadline: None,
         }
     }
 
