@@ -296,9 +296,10 @@ fn load_modules() -> Result<()> {
     let s = modules::load_all(&modules::parse_load_list(&text));
     say!(
         Step::LoadModules,
-        "{} loaded, {} already present, {} failed of {} in {} ms",
+        "{} loaded, {} already present, {} not for this machine, {} failed of {} in {} ms",
         s.loaded,
         s.already,
+        s.absent,
         s.failed,
         s.listed,
         s.elapsed.as_millis()

@@ -45,6 +45,8 @@ pub struct Summary {
     pub listed: usize,
     pub loaded: usize,
     pub already: usize,
+    /// Refused with ENODEV: for hardware or firmware this machine lacks (efivarfs on BIOS).
+    pub absent: usize,
     pub failed: usize,
     pub elapsed: Duration,
 }
@@ -61,6 +63,7 @@ pub fn load_all(paths: &[PathBuf]) -> Summary {
         match load_one(path) {
             Ok(()) => s.loaded += 1,
             Err(LoadError::Init(Errno::EEXIST)) => s.already += 1,
+            Err(LoadError::Init(Errno::ENODEV)) => s.absent += 1,
             Err(e) => {
                 s.failed += 1;
                 say!(STEP, "warning: {}: {}", path.display(), e.describe(path));
