@@ -266,13 +266,17 @@ fn write_raw(
         Step::Image,
         StepState::Done,
         format!(
-            "{} image written ({} of it zeroed, not written) from {} in {secs:.1} s ({:.0} MB/s), {} resumes, sha256 {} ok",
+            "{} image written ({} of it zeroed, not written) from {} in {secs:.1} s ({:.0} MB/s), {} resumes, sha256 {} ok; time: waiting for the download {:.1} s, decompressing {:.1} s, writing {:.1} s, fsync {:.1} s",
             human_bytes(w.image_bytes),
             human_bytes(w.zeroed_bytes),
             human_bytes(w.received),
             w.received as f64 / secs.max(0.001) / 1e6,
             w.resumes,
-            w.sha256
+            w.sha256,
+            w.spent.waiting.as_secs_f64(),
+            w.spent.decoding.as_secs_f64(),
+            w.spent.writing.as_secs_f64(),
+            w.spent.syncing.as_secs_f64()
         ),
     );
     Ok(())

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::stream::{CHUNK, Download};
 
@@ -32,6 +33,8 @@ pub struct Prefetched {
     pos: usize,
     counters: Arc<Counters>,
     thread: Option<JoinHandle<Download>>,
+    /// Time the reader spent blocked on the download thread.
+    waited: Duration,
 }
 
 impl Prefetched {
@@ -75,12 +78,18 @@ impl Prefetched {
             pos: 0,
             counters,
             thread: Some(thread),
+            waited: Duration::ZERO,
         }
     }
 
     /// Compressed bytes received so far (ahead of what was read from here).
     pub fn received(&self) -> u64 {
         self.counters.received.load(Ordering::Relaxed)
+    }
+
+    /// How long reads waited for the download: the network (or the hash) was the limit then.
+    pub fn waited(&self) -> Duration {
+        self.waited
     }
 
     pub fn total(&self) -> Option<u64> {
@@ -112,7 +121,10 @@ impl Read for Prefetched {
             let Some(rx) = &self.rx else {
                 return Ok(0);
             };
-            match rx.recv() {
+            let t = Instant::now();
+            let next = rx.recv();
+            self.waited += t.elapsed();
+            match next {
                 Ok(Ok(block)) => {
                     self.current = block;
                     self.pos = 0;

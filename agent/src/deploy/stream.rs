@@ -370,6 +370,21 @@ pub struct Written {
     pub zeroed_bytes: u64,
     pub resumes: u32,
     pub sha256: String,
+    /// Where the time went: what limits a deploy's image phase is told, not guessed.
+    pub spent: Spent,
+}
+
+/// Time spent in each part of [`write_image`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Spent {
+    /// Waiting for the download thread (network, sha256).
+    pub waiting: Duration,
+    /// Decompressing (time in the decoder, less the waiting).
+    pub decoding: Duration,
+    /// Zero tests, writes and zeroing.
+    pub writing: Duration,
+    /// The final fsync.
+    pub syncing: Duration,
 }
 
 /// Progress, for the caller's events: compressed bytes received of the expected total.
@@ -431,8 +446,12 @@ pub fn write_image(
         Format::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
         Format::Raw => Box::new(input),
     };
+    let mut spent = Spent::default();
     loop {
-        let n = match http::read_full(&mut decoder, &mut buf) {
+        let t = Instant::now();
+        let read = http::read_full(&mut decoder, &mut buf);
+        spent.decoding += t.elapsed();
+        let n = match read {
             Ok(n) => n,
             Err(e) => {
                 let e = unwrap_stream_error(e, writer.offset);
@@ -442,7 +461,9 @@ pub fn write_image(
         if n == 0 {
             break;
         }
+        let t = Instant::now();
         writer.put(&buf[..n])?;
+        spent.writing += t.elapsed();
         if last_report.elapsed() >= every {
             last_report = Instant::now();
             let d = decoder.input();
@@ -457,9 +478,10 @@ pub fn write_image(
         }
     }
     // The decoder may stop at the end of the last frame: whatever follows is hashed too.
-    let download = decoder
-        .into_input()
-        .into_inner()
+    let input = decoder.into_input().into_inner();
+    spent.waiting = input.waited();
+    spent.decoding = spent.decoding.saturating_sub(spent.waiting);
+    let download = input
         .finish()
         .map_err(|e| unwrap_stream_error(e, writer.offset))?;
     writer.finish()?;
@@ -487,17 +509,20 @@ pub fn write_image(
             .or((expected_size > 0).then_some(expected_size)),
         written: image_bytes,
     });
+    let t = Instant::now();
     writer.sink.sync().map_err(|source| StreamError::Write {
         offset: 0,
         len: 0,
         source,
     })?;
+    spent.syncing = t.elapsed();
     Ok(Written {
         received: download.received(),
         image_bytes,
         zeroed_bytes,
         resumes: download.resumes,
         sha256: actual,
+        spent,
     })
 }
 
