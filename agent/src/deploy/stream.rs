@@ -16,6 +16,8 @@
 //!   (ext4's uninitialised inode tables, for one) to read as zeros.
 
 use std::io::{self, BufRead, BufReader, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -26,6 +28,8 @@ use super::prefetch::Prefetched;
 
 /// Unit of the zero test and of the writes.
 pub const CHUNK: usize = 1 << 20;
+/// Decoded chunks queued for the disk writer.
+const WRITE_AHEAD: usize = 4;
 /// Tries in a row without a single new byte before the download is given up.
 const MAX_ATTEMPTS: u32 = 6;
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -423,16 +427,13 @@ pub fn write_image(
     download: Download,
     expected_sha256: &str,
     expected_size: u64,
-    sink: &mut dyn Sink,
+    sink: &mut (dyn Sink + Send),
     every: Duration,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Written, StreamError> {
     let mut input = BufReader::with_capacity(CHUNK, Prefetched::start(download));
     let head = input.fill_buf().map_err(|e| unwrap_stream_error(e, 0))?;
     let format = sniff(head);
-    let mut writer = ChunkWriter::new(sink);
-    let mut last_report = Instant::now();
-    let mut buf = vec![0u8; CHUNK];
 
     // Every decoder reads through `input` (a BufRead over the download), so what it has not
     // consumed when it ends is still there to hash, and a resume is invisible to it. The
@@ -447,44 +448,85 @@ pub fn write_image(
         Format::Raw => Box::new(input),
     };
     let mut spent = Spent::default();
-    loop {
-        let t = Instant::now();
-        let read = http::read_full(&mut decoder, &mut buf);
-        spent.decoding += t.elapsed();
-        let n = match read {
-            Ok(n) => n,
-            Err(e) => {
-                let e = unwrap_stream_error(e, writer.offset);
-                return Err(blame_the_file(decoder, e, expected_sha256));
+    let written = AtomicU64::new(0);
+    // Decompressing and writing take turns on one core otherwise: under QEMU TCG each was
+    // about half of the image step. The writer gets whole chunks over a short queue and
+    // hands the buffers back.
+    let (decoded, wrote) = std::thread::scope(|scope| {
+        let (tx, rx) = sync_channel::<Vec<u8>>(WRITE_AHEAD);
+        let (back_tx, back_rx) = channel::<Vec<u8>>();
+        let written = &written;
+        let sink = &mut *sink;
+        let writer = scope.spawn(move || -> Result<(u64, u64, Duration), StreamError> {
+            let mut writer = ChunkWriter::new(sink);
+            let mut busy = Duration::ZERO;
+            for buf in rx {
+                let t = Instant::now();
+                writer.put(&buf)?;
+                busy += t.elapsed();
+                written.store(writer.offset, Ordering::Relaxed);
+                // The decoder may be gone already (it failed): the buffer is just dropped.
+                let _ = back_tx.send(buf);
+            }
+            writer.finish()?;
+            Ok((writer.offset, writer.zeroed, busy))
+        });
+        let mut last_report = Instant::now();
+        let decoded = loop {
+            let mut buf = back_rx.try_recv().unwrap_or_default();
+            buf.resize(CHUNK, 0);
+            let t = Instant::now();
+            let read = http::read_full(&mut decoder, &mut buf);
+            spent.decoding += t.elapsed();
+            let n = match read {
+                Ok(n) => n,
+                Err(e) => break Err(e),
+            };
+            if n == 0 {
+                break Ok(());
+            }
+            buf.truncate(n);
+            // A closed queue means the writer failed: its error is the one to report.
+            if tx.send(buf).is_err() {
+                break Ok(());
+            }
+            if last_report.elapsed() >= every {
+                last_report = Instant::now();
+                let d = decoder.input();
+                progress(&Progress {
+                    received: d.received(),
+                    total: d.total().or((expected_size > 0).then_some(expected_size)),
+                    written: written.load(Ordering::Relaxed),
+                });
+            }
+            if n < CHUNK {
+                break Ok(());
             }
         };
-        if n == 0 {
-            break;
-        }
-        let t = Instant::now();
-        writer.put(&buf[..n])?;
-        spent.writing += t.elapsed();
-        if last_report.elapsed() >= every {
-            last_report = Instant::now();
-            let d = decoder.input();
-            progress(&Progress {
-                received: d.received(),
-                total: d.total().or((expected_size > 0).then_some(expected_size)),
-                written: writer.offset,
-            });
-        }
-        if n < buf.len() {
-            break;
-        }
+        drop(tx);
+        let wrote = writer.join().unwrap_or_else(|_| {
+            Err(StreamError::Write {
+                offset: written.load(Ordering::Relaxed),
+                len: 0,
+                source: io::Error::other("the disk writer thread panicked"),
+            })
+        });
+        (decoded, wrote)
+    });
+    let offset = written.load(Ordering::Relaxed);
+    if let Err(e) = decoded {
+        let e = unwrap_stream_error(e, offset);
+        return Err(blame_the_file(decoder, e, expected_sha256));
     }
+    let (image_bytes, zeroed_bytes, writing) = wrote?;
+    spent.writing = writing;
     // The decoder may stop at the end of the last frame: whatever follows is hashed too.
     let input = decoder.into_input().into_inner();
     spent.waiting = input.waited();
     spent.decoding = spent.decoding.saturating_sub(spent.waiting);
     let download = input
         .finish()
-        .map_err(|e| unwrap_stream_error(e, writer.offset))?;
-    writer.finish()?;
+        .map_err(|e| unwrap_stream_error(e, image_bytes))?;
     let actual = download.sha256_hex();
     if !actual.eq_ignore_ascii_case(expected_sha256.trim()) {
         return Err(StreamError::Checksum {
@@ -499,7 +541,6 @@ pub fn write_image(
             actual: download.received(),
         });
     }
-    let (image_bytes, zeroed_bytes) = (writer.offset, writer.zeroed);
     // Everything is in and checked; the fsync can still take long (a slow disk's write-back
     // of the last gigabytes), and the last progress may be `every` old: say where it stands.
     progress(&Progress {
@@ -510,7 +551,7 @@ pub fn write_image(
         written: image_bytes,
     });
     let t = Instant::now();
-    writer.sink.sync().map_err(|source| StreamError::Write {
+    sink.sync().map_err(|source| StreamError::Write {
         offset: 0,
         len: 0,
         source,
@@ -587,14 +628,14 @@ fn unwrap_stream_error(e: io::Error, offset: u64) -> StreamError {
 
 /// Writes data chunks, and merges all-zero chunks into runs zeroed in one call.
 struct ChunkWriter<'a> {
-    sink: &'a mut dyn Sink,
+    sink: &'a mut (dyn Sink + Send),
     offset: u64,
     zero_run: Option<(u64, u64)>,
     zeroed: u64,
 }
 
 impl<'a> ChunkWriter<'a> {
-    fn new(sink: &'a mut dyn Sink) -> Self {
+    fn new(sink: &'a mut (dyn Sink + Send)) -> Self {
         Self {
             sink,
             offset: 0,

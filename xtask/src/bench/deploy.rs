@@ -235,6 +235,14 @@ impl Bench {
             .context("no agent event in the deploy")?;
         let disk_started = at("disk Started")?;
         let image_done = at("image Done")?;
+        // The agent says where the image step's time went: print it beside the figures.
+        if let Some(m) = events
+            .iter()
+            .filter_map(|e| e["message"].as_str())
+            .find(|m| m.starts_with("image Done"))
+        {
+            eprintln!("  agent: {m}");
+        }
         p.boot_to_agent = first_agent - power_on;
         p.pxe_to_agent_console = console_seen.unwrap_or(first_agent) - power_on;
         p.image = image_done - disk_started;
