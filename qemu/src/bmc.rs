@@ -12,10 +12,12 @@
 //! Administrator).
 //!
 //! With [`Chassis::Qemu`], power on starts the VM's QEMU command line (from
-//! [`crate::vm::qemu_argv`]) in the background with the boot device first (`pxe` ->
-//! `-set device.nic0.bootindex=1`, otherwise the disk), power off kills it, and the power
-//! state is whether that process lives. [`Chassis::Recorder`] only records the requests
-//! in files, for driver tests without a VM.
+//! [`crate::vm::qemu_argv`]) in the background with the recorded boot device first (`pxe`:
+//! the NIC, then the disk; otherwise the disk, then the NIC: [`crate::vm::boot_order`]),
+//! power off kills it, and the power state is whether that process lives. Build that command
+//! line with [`crate::vm::GuestReboot::Reset`] so a guest reboot resets the VM in place, as
+//! on real hardware, while a guest power-off ends QEMU: chassis off ([`BmcVm`] does both).
+//! [`Chassis::Recorder`] only records the requests in files, for driver tests without a VM.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,6 +27,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::Lab;
 use crate::process::{Spawned, tail, wait_for};
+use crate::vm::{BootFirst, GuestReboot, VmPaths, VmSpec, boot_order, qemu_argv};
 
 /// Privilege limits `ipmi_sim` knows for users.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +116,9 @@ pub struct IpmiSim {
     dir: PathBuf,
     netns: Option<String>,
     admin: Option<BmcUser>,
+    /// Text only this BMC's VM has on its command line (its QMP socket, or else its QEMU
+    /// arguments), to tell it from another process that reused a stale pid.
+    vm_marker: Option<String>,
     process: Spawned,
 }
 
@@ -190,6 +196,11 @@ impl IpmiSim {
             .iter()
             .find(|u| u.privilege == BmcPrivilege::Admin)
             .cloned();
+        let vm_marker = match &spec.chassis {
+            Chassis::Recorder => None,
+            Chassis::Qemu { qmp: Some(qmp), .. } => Some(qmp.display().to_string()),
+            Chassis::Qemu { argv, .. } => Some(argv.join("\0")),
+        };
         let mut sim = Self {
             name: spec.name,
             addr,
@@ -197,6 +208,7 @@ impl IpmiSim {
             dir,
             netns,
             admin,
+            vm_marker,
             process,
         };
         sim.wait_ready()?;
@@ -283,7 +295,18 @@ impl IpmiSim {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // A zombie (state Z) is dead; the state follows the parenthesised name.
         let state = stat.rsplit_once(") ")?.1.chars().next()?;
-        (state != 'Z').then_some(pid)
+        // A QEMU that exited on its own leaves its pid file; the pid may have been reused
+        // since (and Drop kills what this returns): it must still be this VM's QEMU, or our
+        // qemu.sh about to exec it.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let script = self.dir.join("qemu.sh");
+        let ours = cmdline.contains(&*script.to_string_lossy())
+            || self
+                .vm_marker
+                .as_deref()
+                .is_some_and(|m| cmdline.contains(m));
+        (state != 'Z' && ours).then_some(pid)
     }
 
     /// The last lines of `ipmi_sim`'s own output.
@@ -306,6 +329,84 @@ impl Drop for IpmiSim {
                 libc::kill(pid, libc::SIGKILL);
             }
         }
+    }
+}
+
+/// A lab machine powered only through its BMC, as real hardware is: its QEMU runs while the
+/// BMC's chassis is on. Built with [`GuestReboot::Reset`], so a guest reboot resets the VM
+/// in place (the same QEMU process, the same boot order) and a guest power-off is chassis off.
+/// The disk and OVMF variables are made once, for this machine's lifetime. Dropping it stops
+/// the BMC and the VM (the lab's namespace teardown does too).
+pub struct BmcVm {
+    pub spec: VmSpec,
+    pub paths: VmPaths,
+    pub bmc: IpmiSim,
+}
+
+impl BmcVm {
+    /// Creates the VM (powered off) and starts its `ipmi_sim` at 127.0.0.1:`port` inside the
+    /// lab, with the [`IpmiSimSpec::new`] users.
+    pub fn start(lab: &mut Lab, mut spec: VmSpec, port: u16) -> Result<Self> {
+        spec.guest_reboot = GuestReboot::Reset;
+        let (argv, paths) = qemu_argv(lab, &spec)?;
+        let mut bmc_spec = IpmiSimSpec::new(&spec.name, port);
+        bmc_spec.chassis = Chassis::Qemu {
+            argv,
+            qmp: Some(paths.qmp.clone()),
+        };
+        let bmc = IpmiSim::start(lab, bmc_spec)?;
+        Ok(Self { spec, paths, bmc })
+    }
+
+    /// Whether the chassis is on (the VM's QEMU lives).
+    pub fn is_on(&self) -> bool {
+        self.bmc.power_is_on()
+    }
+
+    /// The running QEMU's process id: it stays the same across guest reboots and changes
+    /// with every power-on.
+    pub fn qemu_pid(&self) -> Option<i32> {
+        self.bmc.vm_pid()
+    }
+
+    /// How many power-on requests the BMC has passed to its chassis (power on, or the on half
+    /// of a cycle); a guest reboot makes none.
+    pub fn power_ons(&self) -> usize {
+        self.bmc
+            .calls()
+            .lines()
+            .filter(|l| l.ends_with(" set power 1"))
+            .count()
+    }
+
+    /// The last lines of the serial console (every boot of the machine, appended).
+    pub fn console_tail(&self, lines: usize) -> String {
+        tail(&self.paths.console, lines)
+    }
+
+    /// One line naming the VM's hardware, for diagnostics.
+    pub fn describe(&self) -> String {
+        format!(
+            "VM {} (mac {}, {} MiB, {} cpus, disk {} bytes, {:?}; BMC at {}:{})",
+            self.spec.name,
+            self.spec.mac,
+            self.spec.memory_mib,
+            self.spec.cpus,
+            self.spec.disk_bytes,
+            self.spec.firmware,
+            self.bmc.addr,
+            self.bmc.port
+        )
+    }
+
+    /// Everything the BMC knows, for a failure report: its calls, QEMU's stderr, its log.
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "--- BMC calls ---\n{}\n--- qemu (last 10 lines) ---\n{}\n--- ipmi_sim (last 10 lines) ---\n{}",
+            self.bmc.calls().trim_end(),
+            self.bmc.qemu_log_tail(10),
+            self.bmc.log_tail(10)
+        )
     }
 }
 
@@ -375,13 +476,21 @@ fn qemu_script(argv: &[String]) -> Result<String> {
     if argv.is_empty() {
         bail!("the VM's QEMU command line is empty");
     }
-    let args: Vec<String> = argv.iter().map(|a| sh_quote(a)).collect();
+    let quote = |args: &[String]| {
+        args.iter()
+            .map(|a| sh_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     Ok(format!(
         "#!/bin/sh\n\
-         # The VM's QEMU command line (generated by stork-lab); $1 is the device that boots\n\
-         # first: nic0 (PXE) or disk0.\n\
-         exec {} -set \"device.$1.bootindex=1\"\n",
-        args.join(" ")
+         # The VM's QEMU command line (generated by stork-lab); $1 is the BMC's boot device:\n\
+         # pxe boots the NIC first, then the disk; anything else the disk first.\n\
+         if [ \"$1\" = pxe ]; then set -- {net}; else set -- {disk}; fi\n\
+         exec {argv} \"$@\"\n",
+        net = quote(&boot_order(BootFirst::Network)),
+        disk = quote(&boot_order(BootFirst::Disk)),
+        argv = quote(argv),
     ))
 }
 
@@ -427,12 +536,9 @@ power() {{
 start() {{
     if [ "$MODE" = qemu ]; then
         running && return 0
-        case "$(cat "$D/boot" 2>/dev/null)" in
-            pxe) dev=nic0 ;;
-            *) dev=disk0 ;;
-        esac
-        echo "$(date +%s.%N) starting QEMU, $dev first" >> "$D/qemu.log"
-        "$D/qemu.sh" "$dev" </dev/null >>"$D/qemu.log" 2>&1 &
+        boot=$(cat "$D/boot" 2>/dev/null || echo default)
+        echo "$(date +%s.%N) starting QEMU, boot device $boot" >> "$D/qemu.log"
+        "$D/qemu.sh" "$boot" </dev/null >>"$D/qemu.log" 2>&1 &
         echo $! > "$D/qemu.pid"
     else
         echo 1 > "$D/power"
@@ -520,9 +626,11 @@ mod tests {
         assert_eq!(sh_quote("a b"), "'a b'");
         assert_eq!(sh_quote("it's"), r"'it'\''s'");
         let s = qemu_script(&["qemu-system-x86_64".into(), "-name".into(), "vm 1".into()]).unwrap();
-        assert!(
-            s.contains("exec 'qemu-system-x86_64' '-name' 'vm 1' -set \"device.$1.bootindex=1\"")
-        );
+        assert!(s.contains("exec 'qemu-system-x86_64' '-name' 'vm 1' \"$@\""));
+        assert!(s.contains(
+            "then set -- '-set' 'device.nic0.bootindex=1' '-set' 'device.disk0.bootindex=2'; \
+             else set -- '-set' 'device.disk0.bootindex=1' '-set' 'device.nic0.bootindex=2'; fi"
+        ));
     }
 
     /// The recorder program answers the protocol ipmi_sim speaks (no ipmi_sim needed).

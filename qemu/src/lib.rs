@@ -28,6 +28,10 @@ pub const PREFIX_LEN: u8 = 24;
 
 const NETNS_PREFIX: &str = "stork-";
 
+/// Set to `1` to keep every lab's work directory (logs, consoles, disks), not only a failed
+/// test's; the namespace and processes are still removed.
+pub const KEEP_DIR_VAR: &str = "STORK_KEEP_LAB";
+
 pub struct Lab {
     netns: String,
     dir: PathBuf,
@@ -93,7 +97,7 @@ impl Lab {
             dir,
             taps: 0,
             hosts: Vec::new(),
-            keep_dir: false,
+            keep_dir: std::env::var_os(KEEP_DIR_VAR).is_some_and(|v| v == "1"),
         };
         let ns = lab.netns.as_str();
         ip(&["netns", "add", ns])?;
@@ -127,7 +131,8 @@ impl Lab {
         &self.dir
     }
 
-    /// Keep the work directory (logs, consoles) after the lab is dropped.
+    /// Keep the work directory (logs, consoles) after the lab is dropped (see also
+    /// [`KEEP_DIR_VAR`]).
     pub fn keep_dir(&mut self) {
         self.keep_dir = true;
     }

@@ -1,6 +1,6 @@
 //! QEMU virtual machines on the lab bridge.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
@@ -16,6 +16,18 @@ pub enum Firmware {
     Uefi { nic_rom: bool },
 }
 
+/// What a guest's reboot does to its QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestReboot {
+    /// QEMU exits (`-no-reboot`), as if the machine powered off: whoever powers it on
+    /// again decides how it boots ([`Vm::restart`], manual power).
+    Exit,
+    /// The VM resets in place and boots again in its boot order, as real hardware does:
+    /// for VMs a lab BMC powers (`bmc::Chassis::Qemu`). A guest power-off still exits QEMU,
+    /// which the BMC reports as chassis off.
+    Reset,
+}
+
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     pub name: String,
@@ -25,9 +37,10 @@ pub struct VmSpec {
     pub disk_bytes: u64,
     pub disk_serial: String,
     pub firmware: Firmware,
-    /// Keep an existing `disk.raw` instead of creating a blank one: a power cycle of the same
-    /// machine (see [`Vm::restart`]).
+    /// Keep an existing `disk.raw` (and, under OVMF, its `OVMF_VARS.fd`) instead of
+    /// creating fresh ones: a power cycle of the same machine (see [`Vm::restart`]).
     pub keep_disk: bool,
+    pub guest_reboot: GuestReboot,
 }
 
 impl VmSpec {
@@ -41,6 +54,7 @@ impl VmSpec {
             disk_serial: format!("STORK-{name}"),
             firmware: Firmware::Bios,
             keep_disk: false,
+            guest_reboot: GuestReboot::Exit,
         }
     }
 }
@@ -67,19 +81,15 @@ pub struct VmPaths {
     pub qmp: PathBuf,
 }
 
-/// Creates the VM's directory, blank disk and tap, and returns its QEMU command line
-/// (program first) with no boot order: append `-set device.<NIC_ID|DISK_ID>.bootindex=1`.
-/// [`Vm::start`] runs it; a lab BMC (`bmc::IpmiSim`) runs it on power-on instead.
-/// TCG: KVM hangs on this kind of machine; set `STORK_KVM=1` to opt in.
+/// Creates the VM's directory, blank disk (and OVMF variable store) and tap, and returns its
+/// QEMU command line (program first) with no boot order: append [`boot_order`]'s arguments.
+/// [`Vm::start`] runs it; a lab BMC (`bmc::IpmiSim`) runs it on every power-on instead, so
+/// what the machine keeps across power cycles (its disk, its OVMF variables) is made here,
+/// once. The serial console is appended to, so it holds every boot of the machine. TCG: KVM
+/// hangs on this kind of machine; set `STORK_KVM=1` to opt in.
 pub fn qemu_argv(lab: &mut Lab, spec: &VmSpec) -> Result<(Vec<String>, VmPaths)> {
     let dir = lab.dir().join(&spec.name);
-    std::fs::create_dir_all(&dir)?;
-    let disk = dir.join("disk.raw");
-    if !(spec.keep_disk && disk.exists()) {
-        let f =
-            std::fs::File::create(&disk).with_context(|| format!("creating {}", disk.display()))?;
-        f.set_len(spec.disk_bytes)?; // sparse
-    }
+    let (disk, vars) = machine_files(&dir, spec, Path::new(OVMF_VARS_TEMPLATE))?;
     let console = dir.join("console.log");
     let qmp = dir.join("qmp.sock");
     let tap = lab.add_tap()?;
@@ -102,12 +112,12 @@ pub fn qemu_argv(lab: &mut Lab, spec: &VmSpec) -> Result<(Vec<String>, VmPaths)>
         &spec.memory_mib.to_string(),
         "-smp",
         &spec.cpus.to_string(),
+        "-chardev",
+        &format!("file,id=serial0,path={},append=on", console.display()),
         "-serial",
-        &format!("file:{}", console.display()),
+        "chardev:serial0",
         "-qmp",
         &format!("unix:{},server=on,wait=off", qmp.display()),
-        // The agent powers off when done; a panic reboots: either way QEMU exits.
-        "-no-reboot",
         "-netdev",
         &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
         "-drive",
@@ -121,21 +131,32 @@ pub fn qemu_argv(lab: &mut Lab, spec: &VmSpec) -> Result<(Vec<String>, VmPaths)>
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if spec.guest_reboot == GuestReboot::Exit {
+        // The agent powers off when done; its reboot into the installed OS, or a panic's,
+        // stops QEMU too.
+        argv.push("-no-reboot".to_string());
+    }
     let nic = format!("virtio-net-pci,netdev=n0,id={NIC_ID},mac={}", spec.mac);
     match spec.firmware {
         Firmware::Bios => {
             argv.extend(["-device".to_string(), nic]);
         }
         Firmware::Uefi { nic_rom } => {
-            let vars = dir.join("OVMF_VARS.fd");
-            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)
-                .context("copying OVMF_VARS_4M.fd (is the ovmf package installed?)")?;
+            let vars = vars.context("an OVMF machine without its variable store")?;
             let nic = if nic_rom {
                 nic
             } else {
                 format!("{nic},romfile=")
             };
             argv.extend([
+                // No IPv6 network boot (as on most servers): OVMF tries every boot option of
+                // the NIC before the disk, and PXEv6 and HTTPv6 each wait out DHCPv6, which
+                // Stork does not serve, when iPXE hands back with `exit 1`. IPv4 PXE and HTTP
+                // boot stay.
+                "-fw_cfg".to_string(),
+                "name=opt/org.tianocore/IPv6PXESupport,string=n".to_string(),
+                "-fw_cfg".to_string(),
+                "name=opt/org.tianocore/IPv6Support,string=n".to_string(),
                 "-machine".to_string(),
                 "q35".to_string(),
                 "-drive".to_string(),
@@ -159,12 +180,76 @@ pub fn qemu_argv(lab: &mut Lab, spec: &VmSpec) -> Result<(Vec<String>, VmPaths)>
     ))
 }
 
+/// Which device a power-on tries first; the other one comes second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootFirst {
+    /// The NIC, then the disk: when the network boot hands back (iPXE's `exit 1`, Stork's
+    /// answer once the machine must boot locally) the firmware tries the disk.
+    Network,
+    /// The disk, then the NIC.
+    Disk,
+}
+
+/// `-set device.<id>.bootindex=<n>` arguments for [`qemu_argv`]'s command line. Both devices
+/// get an index: OVMF drops the boot options of PCI devices that match no entry of QEMU's
+/// boot order, so a disk without one would never be tried after the network boot.
+pub fn boot_order(first: BootFirst) -> Vec<String> {
+    let (one, two) = match first {
+        BootFirst::Network => (NIC_ID, DISK_ID),
+        BootFirst::Disk => (DISK_ID, NIC_ID),
+    };
+    vec![
+        "-set".to_string(),
+        format!("device.{one}.bootindex=1"),
+        "-set".to_string(),
+        format!("device.{two}.bootindex=2"),
+    ]
+}
+
+/// The template of every new OVMF machine's variable store (Debian's `ovmf`).
+pub const OVMF_VARS_TEMPLATE: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// Creates `dir` with what a machine keeps across power cycles: its sparse `disk.raw` and,
+/// under OVMF, its NVRAM `OVMF_VARS.fd` copied from `vars_template` (boot options OVMF
+/// writes persist across the machine's reboots and power-ons). With `spec.keep_disk`
+/// existing files are kept (the same machine again); otherwise they start fresh (a new
+/// machine). Returns the disk and the variable store.
+fn machine_files(
+    dir: &Path,
+    spec: &VmSpec,
+    vars_template: &Path,
+) -> Result<(PathBuf, Option<PathBuf>)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let disk = dir.join("disk.raw");
+    if !(spec.keep_disk && disk.exists()) {
+        let f =
+            std::fs::File::create(&disk).with_context(|| format!("creating {}", disk.display()))?;
+        f.set_len(spec.disk_bytes)?; // sparse
+    }
+    let vars = match spec.firmware {
+        Firmware::Bios => None,
+        Firmware::Uefi { .. } => {
+            let vars = dir.join("OVMF_VARS.fd");
+            if !(spec.keep_disk && vars.exists()) {
+                std::fs::copy(vars_template, &vars).with_context(|| {
+                    format!(
+                        "copying {} (is the ovmf package installed?)",
+                        vars_template.display()
+                    )
+                })?;
+            }
+            Some(vars)
+        }
+    };
+    Ok((disk, vars))
+}
+
 impl Vm {
     /// Creates the VM's blank disk and starts QEMU (TCG: KVM hangs on this kind of machine;
     /// set `STORK_KVM=1` to opt in), network-booting from a new tap on the lab bridge.
     pub fn start(lab: &mut Lab, spec: VmSpec) -> Result<Self> {
         let (mut argv, paths) = qemu_argv(lab, &spec)?;
-        argv.extend(["-set".to_string(), format!("device.{NIC_ID}.bootindex=1")]);
+        argv.extend(boot_order(BootFirst::Network));
         let mut cmd = lab.command(&argv[0]);
         cmd.args(&argv[1..]);
         let process = Spawned::start(&spec.name, cmd, &paths.dir.join("qemu.log"))?;
@@ -177,10 +262,10 @@ impl Vm {
         })
     }
 
-    /// Powers the VM on again after it stopped (powered off, or rebooted: QEMU runs with
-    /// `-no-reboot`) with the same disk, so what the last boot wrote is still there; it boots
-    /// from the network first, as [`Vm::start`] does. The last boot's console is kept as
-    /// `console.<n>.log`.
+    /// Powers the VM on again after it stopped (powered off, or rebooted under
+    /// [`GuestReboot::Exit`]) with the same disk and OVMF variables, so what the last boot
+    /// wrote is still there; it boots from the network first, as [`Vm::start`] does. The last
+    /// boot's console is kept as `console.<n>.log`.
     pub fn restart(&mut self, lab: &mut Lab) -> Result<()> {
         self.kill();
         for n in 1.. {
@@ -231,5 +316,67 @@ impl Vm {
             self.spec.disk_bytes,
             self.spec.firmware
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A machine's disk and NVRAM survive a power cycle of the same machine; a new machine
+    /// starts blank, from the template.
+    #[test]
+    fn machine_files_persist_for_the_same_machine_only() {
+        let base = std::env::temp_dir().join(format!("stork-vm-unit-{}", std::process::id()));
+        let dir = base.join("m1");
+        std::fs::create_dir_all(&base).unwrap();
+        let template = base.join("OVMF_VARS_template.fd");
+        std::fs::write(&template, b"pristine").unwrap();
+        let mut spec = VmSpec::new("m1", "52:54:00:00:00:01");
+        spec.firmware = Firmware::Uefi { nic_rom: false };
+        spec.disk_bytes = 1 << 20;
+
+        let (disk, vars) = machine_files(&dir, &spec, &template).unwrap();
+        let vars = vars.unwrap();
+        assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1 << 20);
+        assert_eq!(std::fs::read(&vars).unwrap(), b"pristine");
+        // The firmware writes its boot options; the machine powers off and on again.
+        std::fs::write(&vars, b"boot options").unwrap();
+        std::fs::write(&disk, b"installed").unwrap();
+        spec.keep_disk = true;
+        machine_files(&dir, &spec, &template).unwrap();
+        assert_eq!(std::fs::read(&vars).unwrap(), b"boot options");
+        assert_eq!(std::fs::read(&disk).unwrap(), b"installed");
+        // A new machine in the same place.
+        spec.keep_disk = false;
+        machine_files(&dir, &spec, &template).unwrap();
+        assert_eq!(std::fs::read(&vars).unwrap(), b"pristine");
+        assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1 << 20);
+
+        spec.firmware = Firmware::Bios;
+        assert_eq!(machine_files(&dir, &spec, &template).unwrap().1, None);
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn boot_order_lists_both_devices() {
+        assert_eq!(
+            boot_order(BootFirst::Network),
+            [
+                "-set",
+                "device.nic0.bootindex=1",
+                "-set",
+                "device.disk0.bootindex=2"
+            ]
+        );
+        assert_eq!(
+            boot_order(BootFirst::Disk),
+            [
+                "-set",
+                "device.disk0.bootindex=1",
+                "-set",
+                "device.nic0.bootindex=2"
+            ]
+        );
     }
 }

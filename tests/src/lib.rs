@@ -1,9 +1,12 @@
-//! Shared set-up for the end-to-end tests: where the built binaries and images are.
+//! Shared set-up for the end-to-end tests: where the built binaries and images are, and
+//! ([`deploy`]) a lab with the appliance, the OS image and one BMC-powered machine.
 //!
 //! `cargo xtask test` builds them and sets the variables; run directly, the defaults point
 //! into this workspace's `target/`.
 
 use std::path::PathBuf;
+
+pub mod deploy;
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -12,7 +15,7 @@ fn workspace() -> PathBuf {
         .unwrap_or_default()
 }
 
-fn from_env(var: &str, default: &str) -> PathBuf {
+pub(crate) fn from_env(var: &str, default: &str) -> PathBuf {
     std::env::var_os(var)
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join(default))

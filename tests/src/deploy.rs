@@ -1,0 +1,500 @@
+//! One lab for deploy tests: the appliance with the Debian OS image registered and an SSH
+//! key, and one machine powered only through its BMC (`ipmi_sim` starting and stopping the
+//! VM's QEMU). The test is the operator: it adds the machine with its IPMI parameters and
+//! asks Stork for power-on, commissioning and deploys; Stork does every power-on and -off.
+//!
+//! Each step is timed; [`Scenario::timings`] lists them, and a failure report carries them
+//! with the machine's events, its console, the BMC's calls and the appliance's log.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use stork_lab::bmc::{self, BmcVm};
+use stork_lab::{Appliance, Lab, VmSpec, wait_for};
+
+use crate::{boot_files, lab_dir, require_artefacts, stork_bin};
+
+/// The OS image set that `stork-image os` writes (its `manifest.json` and files).
+pub fn os_images() -> PathBuf {
+    crate::from_env("STORK_OS_IMAGES", "target/stork/images")
+}
+
+/// The image every deploy test deploys.
+pub const IMAGE: &str = "debian-bookworm";
+/// The image's cloud-init default user (the recipe's `[user] name`).
+pub const USER: &str = "debian";
+/// The BMC's port, on 127.0.0.1 inside the lab's namespace.
+pub const BMC_PORT: u16 = 623;
+const POLL: Duration = Duration::from_millis(500);
+/// How long a machine may stay off while Stork expects it to run before that is a failure:
+/// an IPMI power cycle leaves it off for about a second.
+const OFF_GRACE: Duration = Duration::from_secs(30);
+
+/// The lab, the appliance and one BMC-powered machine.
+pub struct Scenario {
+    // Dropped in this order: the BMC (and the VM it runs), the appliance, then the lab's
+    // namespace with whatever still runs in it.
+    pub machine: BmcVm,
+    pub appliance: Appliance,
+    pub lab: Lab,
+    /// The private half of the SSH key given at deploy.
+    pub key: PathBuf,
+    /// The machine's id once it is known, for failure reports.
+    pub id: Option<String>,
+    started: Instant,
+    phase_started: Instant,
+    phases: Vec<(String, Duration)>,
+}
+
+impl Scenario {
+    /// A lab named after `tag` with the appliance, image [`IMAGE`] (its raw image's sha256
+    /// replaced by `raw_sha256` if given), an SSH key, and `spec`'s machine, powered off.
+    pub fn new(tag: &str, spec: VmSpec, raw_sha256: Option<&str>) -> Result<Self> {
+        require_artefacts();
+        let images = os_images();
+        let manifest = images.join("manifest.json");
+        if !manifest.exists() {
+            bail!(
+                "{} is missing: build the OS image first (`cargo xtask test` does; or stork-image os --recipe image-builder/recipes/debian-bookworm.toml --out {})",
+                manifest.display(),
+                images.display()
+            );
+        }
+        let mut lab = Lab::new(tag, &lab_dir())?;
+        let appliance = Appliance::start(&lab, &stork_bin(), &boot_files())?;
+        register_image(&appliance, &lab, &images, raw_sha256)?;
+
+        let key = lab.dir().join("id_ed25519");
+        stork_lab::run(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", "stork-e2e", "-f"])
+                .arg(&key),
+        )?;
+        appliance.cli(&[
+            "ssh-key",
+            "add",
+            "e2e",
+            path_str(&key.with_extension("pub"))?,
+        ])?;
+
+        let machine = BmcVm::start(&mut lab, spec, BMC_PORT)?;
+        let now = Instant::now();
+        Ok(Self {
+            lab,
+            appliance,
+            machine,
+            key,
+            id: None,
+            started: now,
+            phase_started: now,
+            phases: Vec::new(),
+        })
+    }
+
+    /// Prints `what` with the time since the scenario began.
+    pub fn say(&self, what: &str) {
+        eprintln!("[{:6.1} s] {what}", self.started.elapsed().as_secs_f64());
+    }
+
+    /// Starts timing a phase now (the previous phase's end is not a phase's start when the
+    /// test did something in between).
+    pub fn phase_start(&mut self) {
+        self.phase_started = Instant::now();
+    }
+
+    /// Ends the phase begun by the last [`Scenario::phase_start`] or [`Scenario::phase_done`].
+    pub fn phase_done(&mut self, name: &str) {
+        let took = self.phase_started.elapsed();
+        self.phases.push((name.to_string(), took));
+        self.phase_started = Instant::now();
+        self.say(&format!("{name}: {:.0} s", took.as_secs_f64()));
+    }
+
+    /// Every phase so far with its duration, one per line.
+    pub fn timings(&self) -> String {
+        self.phases
+            .iter()
+            .map(|(name, d)| format!("  {name:<36} {:6.1} s", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn status(&self, id: &str) -> Result<Value> {
+        self.appliance.machine(id)
+    }
+
+    fn events(&self, id: &str) -> Result<String> {
+        self.appliance.cli(&["machine", "events", id])
+    }
+
+    /// Adds the machine with its IPMI parameters, has Stork power it on (the BMC's boot
+    /// device is the default: the blank disk, then the network), and waits until the agent
+    /// enlisted it and powered it off. Returns the machine id.
+    pub fn add_and_enlist(&mut self) -> Result<String> {
+        let port = self.machine.bmc.port.to_string();
+        let out = self.appliance.cli(&[
+            "machine",
+            "add",
+            "--mac",
+            &self.machine.spec.mac,
+            "--power",
+            "ipmi",
+            "--power-param",
+            "host=127.0.0.1",
+            "--power-param",
+            &format!("port={port}"),
+            "--power-param",
+            &format!("username={}", bmc::OPERATOR_USER),
+            "--power-param",
+            &format!("password={}", bmc::OPERATOR_PASSWORD),
+            "--json",
+        ])?;
+        let m: Value = serde_json::from_str(&out).context("parsing `stork machine add --json`")?;
+        let id = m["id"].as_str().context("machine id")?.to_string();
+        self.id = Some(id.clone());
+        self.phase_start();
+        self.appliance.cli(&["machine", "power", &id, "on"])?;
+        if !self.machine.is_on() {
+            bail!("`stork machine power on` did not power the VM on through its BMC");
+        }
+        wait_for("enlistment", Duration::from_secs(400), POLL, || {
+            if let Some(status) = self.appliance.exited() {
+                bail!("stork serve exited: {status}");
+            }
+            let m = self.status(&id)?;
+            if m["inventory"].is_object() {
+                return Ok(Some(()));
+            }
+            if !self.machine.is_on() {
+                bail!("the VM powered off before it enlisted");
+            }
+            Ok(None)
+        })?;
+        self.wait_off(
+            "the agent's power-off after enlisting",
+            Duration::from_secs(90),
+        )?;
+        self.phase_done("enlist (power-on to New, off)");
+        Ok(id)
+    }
+
+    /// `stork machine commission`: Stork sets PXE and powers the machine on through the BMC;
+    /// the agent commissions it; Stork powers it off. Waits for Ready and off.
+    pub fn commission(&mut self, id: &str) -> Result<()> {
+        self.phase_start();
+        self.appliance.cli(&["machine", "commission", id])?;
+        if self.machine.bmc.boot() != "pxe" {
+            bail!(
+                "commissioning did not set the BMC's boot device to PXE: {:?}",
+                self.machine.bmc.boot()
+            );
+        }
+        self.wait_status(id, "ready", &["commissioning"], Duration::from_secs(400))?;
+        self.wait_off(
+            "Stork's power-off after commissioning",
+            Duration::from_secs(90),
+        )?;
+        self.phase_done("commission (to Ready, off)");
+        Ok(())
+    }
+
+    /// Allocates the machine and asks for a deploy of [`IMAGE`]; Stork sets PXE and powers it
+    /// on through the BMC. Returns the QEMU process id of that power-on.
+    pub fn deploy(&mut self, id: &str, target: &str, hostname: &str) -> Result<i32> {
+        self.appliance.cli(&["machine", "allocate", id])?;
+        self.phase_start();
+        self.appliance.cli(&[
+            "machine",
+            "deploy",
+            id,
+            "--image",
+            IMAGE,
+            "--target",
+            target,
+            "--hostname",
+            hostname,
+        ])?;
+        let m = self.status(id)?;
+        if m["status"] != "deploying" {
+            bail!("after `machine deploy` the status is {}", m["status"]);
+        }
+        if self.machine.bmc.boot() != "pxe" {
+            bail!(
+                "the deploy did not set the BMC's boot device to PXE: {:?}",
+                self.machine.bmc.boot()
+            );
+        }
+        // On at once when it was off; a power cycle leaves it off for about a second.
+        let pid = wait_for(
+            "Stork to power the VM on through its BMC",
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+            || Ok(self.machine.qemu_pid()),
+        )?;
+        self.say(&format!(
+            "deploy ({target}) requested; Stork powered the VM on (QEMU pid {pid})"
+        ));
+        Ok(pid)
+    }
+
+    /// Waits until the machine's QEMU has stopped.
+    pub fn wait_off(&self, what: &str, timeout: Duration) -> Result<()> {
+        wait_for(what, timeout, Duration::from_millis(200), || {
+            Ok((!self.machine.is_on()).then_some(()))
+        })
+    }
+
+    /// Waits for status `want`, failing at once on any status outside `passing`, and when the
+    /// machine stays off for [`OFF_GRACE`] while passing (nothing would change any more).
+    pub fn wait_status(
+        &mut self,
+        id: &str,
+        want: &str,
+        passing: &[&str],
+        timeout: Duration,
+    ) -> Result<Value> {
+        let mut off_since: Option<Instant> = None;
+        wait_for(&format!("status {want}"), timeout, POLL, || {
+            let m = self.status(id)?;
+            match m["status"].as_str() {
+                Some(s) if s == want => Ok(Some(m)),
+                Some(s) if passing.contains(&s) => {
+                    if self.machine.is_on() {
+                        off_since = None;
+                    } else if off_since.get_or_insert_with(Instant::now).elapsed() > OFF_GRACE {
+                        bail!("the VM has been off for {OFF_GRACE:?} while {s}");
+                    }
+                    Ok(None)
+                }
+                other => bail!(
+                    "status {other:?} ({}) while waiting for {want}",
+                    m["status_message"]
+                ),
+            }
+        })
+    }
+
+    /// The address the machine leased: the agent prints it on the console (the appliance
+    /// leases by MAC, so the installed OS gets the same one).
+    pub fn leased_ip(&self) -> Result<String> {
+        // Firmware writes bytes that are not UTF-8 (OVMF's screen control) to the console.
+        let bytes = std::fs::read(&self.machine.paths.console)
+            .with_context(|| format!("reading {}", self.machine.paths.console.display()))?;
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter_map(|l| l.split_once("stork-agent: cmdline: ").map(|(_, r)| r))
+            .filter_map(|r| r.split_whitespace().find_map(|w| w.strip_prefix("ip=")))
+            .filter_map(|ip| ip.split('/').next())
+            .next_back()
+            .map(str::to_string)
+            .context("no agent cmdline line with ip= on the console")
+    }
+
+    /// Runs `command` on the machine over SSH as [`USER`], from inside the lab namespace.
+    pub fn ssh(&self, ip: &str, command: &str) -> Result<String> {
+        stork_lab::run(
+            self.lab
+                .command("ssh")
+                .arg("-i")
+                .arg(&self.key)
+                .args([
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "ConnectTimeout=10",
+                    "-o",
+                    "LogLevel=ERROR",
+                ])
+                .arg(format!("{USER}@{ip}"))
+                .arg(command),
+        )
+    }
+
+    /// Logs in over SSH (retrying while sshd comes up) and runs `command`.
+    pub fn ssh_when_up(&self, ip: &str, command: &str) -> Result<String> {
+        wait_for(
+            "SSH into the deployed machine",
+            Duration::from_secs(180),
+            Duration::from_secs(2),
+            || Ok(self.ssh(ip, command).ok()),
+        )
+    }
+
+    /// Fails with everything a person needs to see why, and keeps the lab's files.
+    pub fn fail(&mut self, e: anyhow::Error) -> ! {
+        self.lab.keep_dir();
+        let id = self.id.clone();
+        let events = id
+            .as_deref()
+            .and_then(|id| self.events(id).ok())
+            .unwrap_or_default();
+        let machine = id
+            .as_deref()
+            .and_then(|id| self.appliance.machine(id).ok())
+            .map(|m| format!("status {} ({})", m["status"], m["status_message"]))
+            .unwrap_or_default();
+        panic!(
+            "{e:#}\n--- machine: {machine}\n--- phases ---\n{}\n--- events ---\n{events}\n--- {} console (last 60 lines) ---\n{}\n{}\n--- stork (last 30 lines) ---\n{}\n(logs kept in {})",
+            self.timings(),
+            self.machine.describe(),
+            self.machine.console_tail(60),
+            self.machine.diagnostics(),
+            self.appliance.log_tail(30),
+            self.lab.dir().display()
+        );
+    }
+}
+
+/// Deploys [`IMAGE`] to the machine's disk and logs in: the agent streams the image (cut
+/// once mid-stream when `cut_download`, and then it must resume with a Range request), writes
+/// the seed, reports installed and reboots; the reboot resets the VM in place (no power-on
+/// by Stork or the test), the firmware network-boots first, Stork's script answers `exit`,
+/// the firmware boots the disk, cloud-init phones home: Deployed. Then SSH with the deploy's
+/// key reads `hostname` and the root file system's size. Returns the machine's address.
+pub fn deploy_to_disk_and_log_in(
+    s: &mut Scenario,
+    id: &str,
+    hostname: &str,
+    cut_download: bool,
+) -> Result<String> {
+    let pid = s.deploy(id, "disk", hostname)?;
+    let power_ons = s.machine.power_ons();
+
+    if cut_download {
+        // The appliance's end of every established HTTP connection is destroyed (`ss -K`,
+        // a RST to the agent) once the image streams.
+        wait_for(
+            "the image to be streaming",
+            Duration::from_secs(400),
+            POLL,
+            || {
+                let m = s.status(id)?;
+                if m["status"] != "deploying" {
+                    bail!(
+                        "status {} ({}) before the image streamed",
+                        m["status"],
+                        m["status_message"]
+                    );
+                }
+                Ok(s.events(id)?.contains("image Progress").then_some(()))
+            },
+        )?;
+        stork_lab::run(s.lab.command("ss").args([
+            "-K",
+            "state",
+            "established",
+            "( sport = :8080 )",
+        ]))?;
+        s.say("cut the download connection");
+    }
+
+    // The agent's `installed` report clears the machine's network boot.
+    wait_for(
+        "the agent to install the image",
+        Duration::from_secs(900),
+        POLL,
+        || {
+            let m = s.status(id)?;
+            if m["status"] == "deployed" {
+                return Ok(Some(()));
+            }
+            if m["status"] != "deploying" {
+                bail!(
+                    "status {} ({}) while the agent installs",
+                    m["status"],
+                    m["status_message"]
+                );
+            }
+            if !s.machine.is_on() {
+                bail!("the VM powered off while the agent installed");
+            }
+            Ok((m["netboot"] == false).then_some(()))
+        },
+    )?;
+    s.phase_done("deploy (power-on to installed)");
+
+    // The agent reboots; the VM resets in place and comes up from its disk.
+    s.wait_status(id, "deployed", &["deploying"], Duration::from_secs(900))?;
+    s.phase_done("reboot from disk to phone-home");
+    if s.machine.qemu_pid() != Some(pid) || s.machine.power_ons() != power_ons {
+        bail!(
+            "the machine did not reboot in place: QEMU pid {pid} at power-on, now {:?}; BMC calls:\n{}",
+            s.machine.qemu_pid(),
+            s.machine.bmc.calls()
+        );
+    }
+
+    let ip = s.leased_ip()?;
+    let got = s.ssh_when_up(&ip, "hostname")?;
+    if got.trim() != hostname {
+        bail!(
+            "the deployed machine says its hostname is {:?}, asked for {hostname:?}",
+            got.trim()
+        );
+    }
+    s.say(&format!("ssh {USER}@{ip}: hostname {}", got.trim()));
+    // The root file system grew to the disk at first boot (agent: partition; cloud-init: ext4).
+    let df = s.ssh(&ip, "df -B1 --output=size / | tail -1")?;
+    let root_bytes: u64 = df
+        .trim()
+        .parse()
+        .with_context(|| format!("df said {df:?}"))?;
+    if root_bytes < s.machine.spec.disk_bytes * 3 / 4 {
+        bail!(
+            "the root file system is {root_bytes} bytes: it did not grow to the {} byte disk",
+            s.machine.spec.disk_bytes
+        );
+    }
+
+    let events = s.events(id)?;
+    if cut_download {
+        let resumes = events
+            .lines()
+            .filter(|l| l.contains("image Done"))
+            .find_map(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                let i = words.iter().position(|w| w.starts_with("resumes"))?;
+                words.get(i.checked_sub(1)?)?.parse::<u32>().ok()
+            });
+        if resumes.is_none_or(|n| n == 0) {
+            bail!("the cut download was not resumed (resumes: {resumes:?}):\n{events}");
+        }
+    }
+    for want in ["image Done", "DeploymentDone: deploying -> deployed"] {
+        if !events.contains(want) {
+            bail!("event history lacks {want:?}:\n{events}");
+        }
+    }
+    Ok(ip)
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().context("non-UTF-8 path")
+}
+
+/// Links (or copies) the image files into the appliance's boot directory and registers them
+/// as boot resource [`IMAGE`], roles `raw`, `squashfs` and `tar`.
+fn register_image(
+    appliance: &Appliance,
+    lab: &Lab,
+    images: &Path,
+    raw_sha256: Option<&str>,
+) -> Result<()> {
+    let resource = stork_lab::images::os_resource(
+        images,
+        &appliance.data_dir.join("boot"),
+        IMAGE,
+        raw_sha256,
+    )?;
+    let file = lab.dir().join("resource.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&resource)?)?;
+    appliance.cli(&["image", "register", path_str(&file)?])?;
+    Ok(())
+}
