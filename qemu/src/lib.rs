@@ -7,6 +7,7 @@
 
 pub mod appliance;
 pub mod bmc;
+pub mod guest;
 pub mod images;
 pub mod process;
 pub mod vm;

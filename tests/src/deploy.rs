@@ -277,44 +277,14 @@ impl Scenario {
         })
     }
 
-    /// The address the machine leased: the agent prints it on the console (the appliance
-    /// leases by MAC, so the installed OS gets the same one).
+    /// The address the machine leased (its agent printed it on the console).
     pub fn leased_ip(&self) -> Result<String> {
-        // Firmware writes bytes that are not UTF-8 (OVMF's screen control) to the console.
-        let bytes = std::fs::read(&self.machine.paths.console)
-            .with_context(|| format!("reading {}", self.machine.paths.console.display()))?;
-        String::from_utf8_lossy(&bytes)
-            .lines()
-            .filter_map(|l| l.split_once("stork-agent: cmdline: ").map(|(_, r)| r))
-            .filter_map(|r| r.split_whitespace().find_map(|w| w.strip_prefix("ip=")))
-            .filter_map(|ip| ip.split('/').next())
-            .next_back()
-            .map(str::to_string)
-            .context("no agent cmdline line with ip= on the console")
+        stork_lab::guest::leased_ip(&self.machine.paths.console)
     }
 
     /// Runs `command` on the machine over SSH as [`USER`], from inside the lab namespace.
     pub fn ssh(&self, ip: &str, command: &str) -> Result<String> {
-        stork_lab::run(
-            self.lab
-                .command("ssh")
-                .arg("-i")
-                .arg(&self.key)
-                .args([
-                    "-o",
-                    "StrictHostKeyChecking=no",
-                    "-o",
-                    "UserKnownHostsFile=/dev/null",
-                    "-o",
-                    "BatchMode=yes",
-                    "-o",
-                    "ConnectTimeout=10",
-                    "-o",
-                    "LogLevel=ERROR",
-                ])
-                .arg(format!("{USER}@{ip}"))
-                .arg(command),
-        )
+        stork_lab::guest::ssh(&self.lab, &self.key, &format!("{USER}@{ip}"), command)
     }
 
     /// Logs in over SSH (retrying while sshd comes up) and runs `command`.

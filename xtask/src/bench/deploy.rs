@@ -187,7 +187,7 @@ impl Bench {
         ])?;
         self.vm.restart(lab)?;
         self.wait_status(&id, "deployed", &["deploying"])?;
-        let ip = leased_ip(&self.vm.console)?;
+        let ip = stork_lab::guest::leased_ip(&self.vm.console)?;
         let (dd_bytes, dd_ms) = self.dd_floor(lab, &ip)?;
         self.vm.kill();
 
@@ -278,7 +278,7 @@ impl Bench {
              status=none; sync; e=$(date +%s%N); \
              echo \"$(( (e - s) / 1000000 ))\""
         );
-        let out = ssh(lab, &self.key, ip, &script)?;
+        let out = stork_lab::guest::ssh(lab, &self.key, &format!("{USER}@{ip}"), &script)?;
         let ms: i64 = out
             .trim()
             .parse()
@@ -443,40 +443,6 @@ fn console_has(path: &Path, needle: &str) -> bool {
         .and_then(|mut f| f.read_to_end(&mut text))
         .is_ok()
         && String::from_utf8_lossy(&text).contains(needle)
-}
-
-/// The address the machine leased: the agent prints its command line (ip=) on the console.
-fn leased_ip(console: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(console).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split_once("stork-agent: cmdline: ").map(|(_, r)| r))
-        .filter_map(|r| r.split_whitespace().find_map(|w| w.strip_prefix("ip=")))
-        .filter_map(|ip| ip.split('/').next())
-        .next_back()
-        .map(str::to_string)
-        .context("no agent cmdline line with ip= on the console")
-}
-
-fn ssh(lab: &Lab, key: &Path, ip: &str, command: &str) -> Result<String> {
-    stork_lab::run(
-        lab.command("ssh")
-            .arg("-i")
-            .arg(key)
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "ConnectTimeout=10",
-                "-o",
-                "LogLevel=ERROR",
-            ])
-            .arg(format!("{USER}@{ip}"))
-            .arg(command),
-    )
 }
 
 fn path_str(p: &Path) -> Result<&str> {
