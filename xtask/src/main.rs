@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use stork_lab::{Appliance, Lab, Vm, VmSpec, wait_for};
+use stork_lab::bmc::{self, BmcVm};
+use stork_lab::{Appliance, Lab, VmSpec, wait_for};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -214,27 +215,36 @@ fn demo() -> Result<()> {
     let appliance = Appliance::start(&lab, &bin, &boot)?;
     let mac = "52:54:00:77:00:99";
     let mut spec = VmSpec::new("demo-vm", mac);
-    spec.keep_disk = true;
+    spec.memory_mib = 2048;
     step(&format!(
-        "powering on a SeaBIOS VM (TCG, 2 cpus, 1 GiB, 4 GiB disk, mac {mac}); manual power: this demo is the operator"
+        "racking a SeaBIOS VM (TCG, 2 cpus, 2 GiB, 4 GiB disk, mac {mac}) behind its BMC \
+         (OpenIPMI's ipmi_sim at 127.0.0.1:{DEMO_BMC_PORT}): powered off"
     ));
-    let mut vm = Vm::start(&mut lab, spec)?;
+    let machine = BmcVm::start(&mut lab, spec, DEMO_BMC_PORT)?;
     let mut demo = Demo {
         appliance,
+        machine,
         console_pos: 0,
         started: Instant::now(),
     };
-    let result = demo.run(&mut lab, &mut vm, &os, mac);
+    let result = demo.run(&lab, &os, mac);
     if let Err(e) = result {
         lab.keep_dir();
-        return Err(e.context(format!("logs kept in {}", lab.dir().display())));
+        return Err(e.context(format!(
+            "logs kept in {}\n--- stork (last 20 lines) ---\n{}",
+            lab.dir().display(),
+            demo.appliance.log_tail(20)
+        )));
     }
     step("tearing down the lab");
     Ok(())
 }
 
+const DEMO_BMC_PORT: u16 = 623;
+
 struct Demo {
     appliance: Appliance,
+    machine: BmcVm,
     console_pos: u64,
     started: Instant,
 }
@@ -244,22 +254,21 @@ impl Demo {
     fn until(
         &mut self,
         what: &str,
-        vm: &mut Vm,
-        mut done: impl FnMut(&Appliance, &mut Vm) -> Result<bool>,
+        mut done: impl FnMut(&Appliance, &BmcVm) -> Result<bool>,
     ) -> Result<()> {
         wait_for(
             what,
             Duration::from_secs(900),
             Duration::from_millis(300),
             || {
-                self.console_pos = print_new_lines(&vm.console, self.console_pos);
+                self.console_pos = print_new_lines(&self.machine.paths.console, self.console_pos);
                 if self.appliance.exited().is_some() {
                     bail!("stork serve exited:\n{}", self.appliance.log_tail(20));
                 }
-                Ok(done(&self.appliance, vm)?.then_some(()))
+                Ok(done(&self.appliance, &self.machine)?.then_some(()))
             },
         )?;
-        self.console_pos = print_new_lines(&vm.console, self.console_pos);
+        self.console_pos = print_new_lines(&self.machine.paths.console, self.console_pos);
         step(&format!(
             "{what}: done at {:.0} s",
             self.started.elapsed().as_secs_f64()
@@ -267,50 +276,92 @@ impl Demo {
         Ok(())
     }
 
-    fn restart(&mut self, lab: &mut Lab, vm: &mut Vm) -> Result<()> {
-        vm.restart(lab)?;
-        self.console_pos = 0;
-        Ok(())
+    fn cli(&self, args: &[&str]) -> Result<String> {
+        self.appliance.cli(args)
     }
 
-    fn run(&mut self, lab: &mut Lab, vm: &mut Vm, images: &Path, mac: &str) -> Result<()> {
-        let mut id = String::new();
-        self.until("enlistment (New) and the agent's power-off", vm, |a, vm| {
-            if let Some(m) = a.machines()?.into_iter().find(|m| m["boot_mac"] == mac) {
-                id = m["id"].as_str().unwrap_or_default().to_string();
+    /// Waits until machine `id` is `want` (failing on any status outside `passing`) and,
+    /// with `off`, powered off.
+    fn until_status(
+        &mut self,
+        what: &str,
+        id: &str,
+        want: &str,
+        passing: &[&str],
+        off: bool,
+    ) -> Result<()> {
+        self.until(what, |a, machine| {
+            let m = a.machine(id)?;
+            match m["status"].as_str() {
+                Some(s) if s == want => Ok(!off || !machine.is_on()),
+                Some(s) if passing.contains(&s) => Ok(false),
+                other => bail!("{what}: status {other:?}: {}", m["status_message"]),
             }
-            Ok(!id.is_empty() && vm.exited().is_some())
-        })?;
-        print!("{}", self.appliance.cli(&["machine", "show", &id])?);
+        })
+    }
+
+    fn run(&mut self, lab: &Lab, images: &Path, mac: &str) -> Result<()> {
+        step("stork machine add --mac .. --power ipmi (the BMC's address and operator login)");
+        let port = DEMO_BMC_PORT.to_string();
+        let out = self.cli(&[
+            "machine",
+            "add",
+            "--mac",
+            mac,
+            "--power",
+            "ipmi",
+            "--power-param",
+            "host=127.0.0.1",
+            "--power-param",
+            &format!("port={port}"),
+            "--power-param",
+            &format!("username={}", bmc::OPERATOR_USER),
+            "--power-param",
+            &format!("password={}", bmc::OPERATOR_PASSWORD),
+            "--json",
+        ])?;
+        let m: serde_json::Value = serde_json::from_str(&out)?;
+        let id = m["id"].as_str().context("machine id")?.to_string();
 
         step(&format!(
-            "stork machine commission {id}; powering the VM on"
+            "stork machine power {id} on: through IPMI; it network-boots and enlists"
         ));
-        self.appliance.cli(&["machine", "commission", &id])?;
-        self.restart(lab, vm)?;
-        self.until("commissioning (Ready)", vm, |a, vm| {
-            let m = a.machine(&id)?;
-            match m["status"].as_str() {
-                Some("ready") => Ok(vm.exited().is_some()),
-                Some("commissioning") => Ok(false),
-                other => bail!("commissioning ended in {other:?}: {}", m["status_message"]),
-            }
-        })?;
+        self.cli(&["machine", "power", &id, "on"])?;
+        self.until(
+            "enlistment (New) and the agent's power-off",
+            |a, machine| {
+                let m = a.machine(&id)?;
+                Ok(m["inventory"].is_object() && !machine.is_on())
+            },
+        )?;
+        print!("{}", self.cli(&["machine", "show", &id])?);
+
+        step(&format!(
+            "stork machine commission {id}: Stork sets PXE and powers it on through IPMI"
+        ));
+        self.cli(&["machine", "commission", &id])?;
+        self.until_status(
+            "commissioning (Ready, powered off by Stork)",
+            &id,
+            "ready",
+            &["commissioning"],
+            true,
+        )?;
 
         step("registering the Debian image built by stork-image");
         let boot_root = self.appliance.data_dir.join("boot");
         let resource = stork_lab::images::os_resource(images, &boot_root, DEMO_IMAGE, None)?;
         let file = lab.dir().join("resource.json");
         std::fs::write(&file, serde_json::to_vec_pretty(&resource)?)?;
-        self.appliance
-            .cli(&["image", "register", &file.to_string_lossy()])?;
-        print!("{}", self.appliance.cli(&["image", "list"])?);
+        self.cli(&["image", "register", &file.to_string_lossy()])?;
+        print!("{}", self.cli(&["image", "list"])?);
 
         step(&format!(
-            "stork machine allocate {id} && stork machine deploy {id}; powering on"
+            "stork machine allocate {id} && stork machine deploy {id}: Stork powers it on; \
+             the agent writes the image and reboots into it"
         ));
-        self.appliance.cli(&["machine", "allocate", &id])?;
-        self.appliance.cli(&[
+        self.cli(&["machine", "allocate", &id])?;
+        self.cli(&[
             "machine",
             "deploy",
             &id,
@@ -319,25 +370,15 @@ impl Demo {
             "--hostname",
             "stork-demo",
         ])?;
-        self.restart(lab, vm)?;
-        self.until("the image written (the agent reboots)", vm, |a, vm| {
-            let m = a.machine(&id)?;
-            if m["status"] != "deploying" {
-                bail!("deploy ended in {}: {}", m["status"], m["status_message"]);
-            }
-            Ok(vm.exited().is_some())
-        })?;
-        step("powering on from disk: the installed OS boots and phones home");
-        self.restart(lab, vm)?;
-        self.until("Deployed", vm, |a, _| {
-            let m = a.machine(&id)?;
-            match m["status"].as_str() {
-                Some("deployed") => Ok(true),
-                Some("deploying") => Ok(false),
-                other => bail!("deploy ended in {other:?}: {}", m["status_message"]),
-            }
-        })?;
-        print!("{}", self.appliance.cli(&["machine", "show", &id])?);
+        self.until_status(
+            "Deployed (the installed OS phoned home)",
+            &id,
+            "deployed",
+            &["deploying"],
+            false,
+        )?;
+        print!("{}", self.cli(&["machine", "show", &id])?);
+        print!("{}", self.cli(&["machine", "events", &id])?);
         Ok(())
     }
 }
