@@ -58,6 +58,8 @@ pub enum Step {
     Memory,
     /// Deploy: the installed disk's UEFI boot entry.
     BootEntry,
+    /// Deploy from the root tar: fstab, grub.cfg, GRUB for BIOS and UEFI.
+    Bootloader,
 }
 
 impl Step {
@@ -81,6 +83,7 @@ impl Step {
             Step::Erase => "erase",
             Step::Memory => "memory",
             Step::BootEntry => "boot-entry",
+            Step::Bootloader => "bootloader",
         }
     }
 }

@@ -184,7 +184,15 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
         println!("owner:     {o}");
     }
     if let Some(d) = &m.deploy {
-        println!("deploy:    {} to {:?}", d.image, d.target);
+        let layout = d.layout.map_or_else(String::new, |l| {
+            format!(
+                ", layout: ESP {} MiB, root {}",
+                l.esp(),
+                l.root_mib
+                    .map_or_else(|| "the rest".to_string(), |r| format!("{r} MiB"))
+            )
+        });
+        println!("deploy:    {} to {:?}{layout}", d.image, d.target);
     }
     if let Some(at) = m.last_heartbeat {
         let step = m.heartbeat_step.as_deref().unwrap_or("-");

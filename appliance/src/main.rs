@@ -179,6 +179,13 @@ enum MachineCmd {
         /// File with cloud-init user-data.
         #[arg(long)]
         user_data: Option<PathBuf>,
+        /// Disk deploys: the EFI system partition's size (default 512). Either size flag makes
+        /// the agent partition the disk itself and install from the image's root tar.
+        #[arg(long, value_name = "MIB")]
+        esp_mib: Option<u64>,
+        /// Disk deploys: the root partition's size (default: the rest of the disk).
+        #[arg(long, value_name = "MIB")]
+        root_mib: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -448,13 +455,19 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
             hostname,
             ssh_keys,
             user_data,
+            esp_mib,
+            root_mib,
             json,
         } => {
             let keys = ssh_keys.iter().map(read).collect::<Result<Vec<_>>>()?;
             let user_data = user_data.as_ref().map(read).transpose()?;
+            // No size flag, no layout: the raw image when the image has one.
+            let layout = (esp_mib.is_some() || root_mib.is_some())
+                .then_some(stork_proto::DiskLayout { esp_mib, root_mib });
             let body = json!({
                 "image": image, "target": target, "disk": disk, "hostname": hostname,
                 "ssh_keys": keys.iter().map(|k| k.trim()).collect::<Vec<_>>(), "user_data": user_data,
+                "layout": layout,
             });
             cli::action(c, &id, "deploy", body, json)
         }

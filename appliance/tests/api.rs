@@ -1029,6 +1029,20 @@ fn bad_input_is_400_naming_the_field() {
         action("deploy", json!({"image": IMAGE, "target": "tape"})),
         "target",
     );
+    // The disk layout: bounds, types and unknown fields, each naming the field.
+    let layout = |l: Value| action("deploy", json!({"image": IMAGE, "layout": l}));
+    check(layout(json!({"esp_mib": 16})), "layout.esp_mib");
+    check(layout(json!({"esp_mib": 1 << 20})), "layout.esp_mib");
+    check(layout(json!({"root_mib": 100})), "layout.root_mib");
+    check(layout(json!({"root_mib": "big"})), "layout.root_mib");
+    check(layout(json!({"esp": 256})), "esp");
+    check(
+        action(
+            "deploy",
+            json!({"image": IMAGE, "target": "memory", "layout": {}}),
+        ),
+        "layout",
+    );
     check(action("release", json!({"erase": "yes"})), "erase");
     check(action("release", json!({"wipe": true})), "wipe");
     check(action("commission", json!({"bogus": true})), "bogus");
@@ -1174,4 +1188,72 @@ fn openapi_is_served_and_describes_the_machine() {
         returned.sort();
         assert_eq!(documented, returned, "{schema}");
     }
+}
+
+#[test]
+fn a_deploy_layout_reaches_the_agent_and_needs_a_root_tar() {
+    let f = Fixture::new();
+    let mut m = f.drive(1, Status::Allocated).expect("allocated");
+    // An image with only a raw disk image cannot be installed by a layout.
+    let (size, sha256) = f
+        .server
+        .boot_file("images/raw-only/disk.raw.zst", b"not really an image");
+    let r = f.post(
+        "/boot-resources",
+        json!({
+            "name": "raw-only", "kind": "os",
+            "files": [{"role": "raw", "path": "images/raw-only/disk.raw.zst", "sha256": sha256, "size": size}],
+        }),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    let r = f.post(
+        &format!("/machines/{}/deploy", m.id),
+        json!({"image": "raw-only", "layout": {"root_mib": 2048}}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(
+        r.message().contains("layout") && r.message().contains("root tar"),
+        "{}",
+        r.text
+    );
+    assert_eq!(f.status(&m.id), Status::Allocated);
+    // The image with a root tar: the task carries exactly what was asked.
+    f.act(
+        &m,
+        "deploy",
+        json!({"image": IMAGE, "layout": {"esp_mib": 256, "root_mib": 2048}}),
+        Status::Deploying,
+    );
+    let shown = f.machine(&m.id);
+    assert_eq!(
+        shown["deploy"]["layout"],
+        json!({"esp_mib": 256, "root_mib": 2048})
+    );
+    f.boot(&mut m);
+    let task = f
+        .api
+        .get(&format!("/agent/{}/task", m.id), m.token.as_deref())
+        .ok();
+    assert_eq!(task["kind"], "deploy", "{task}");
+    assert_eq!(task["layout"], json!({"esp_mib": 256, "root_mib": 2048}));
+
+    // No layout asked: none in the request or the task (the agent then picks raw or tar).
+    let mut n = f.drive(2, Status::Allocated).expect("allocated");
+    f.act(&n, "deploy", json!({"image": IMAGE}), Status::Deploying);
+    assert!(f.machine(&n.id)["deploy"].get("layout").is_none());
+    f.boot(&mut n);
+    let task = f
+        .api
+        .get(&format!("/agent/{}/task", n.id), n.token.as_deref())
+        .ok();
+    assert!(task.get("layout").is_none(), "{task}");
+    // Defaults only: `{}` asks for extraction with the default sizes.
+    let o = f.drive(3, Status::Allocated).expect("allocated");
+    f.act(
+        &o,
+        "deploy",
+        json!({"image": IMAGE, "layout": {}}),
+        Status::Deploying,
+    );
+    assert_eq!(f.machine(&o.id)["deploy"]["layout"], json!({}));
 }

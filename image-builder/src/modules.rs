@@ -28,6 +28,10 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "loop",
     "ext4",
     "vfat",
+    // Mounting FAT (the ESP, on an install from the root tar) loads its default codepage and
+    // I/O charset, modules in Debian's kernel (CONFIG_FAT_DEFAULT_CODEPAGE=437, _IOCHARSET=ascii).
+    "nls_cp437",
+    "nls_ascii",
     // The deployed disk's UEFI boot entry (efibootmgr writes EFI variables through it).
     "efivarfs",
     // ext4 asks for "crypto-crc32c" as a softdep, an alias this index does not resolve.

@@ -5,9 +5,11 @@
 
 pub mod cmdline;
 pub mod inventory;
+pub mod layout;
 pub mod mac;
 
 pub use inventory::Inventory;
+pub use layout::DiskLayout;
 pub use mac::MacAddr;
 
 use serde::{Deserialize, Serialize};
@@ -64,6 +66,11 @@ pub struct DeployTask {
     pub user_data: Option<String>,
     /// Image files: absolute URLs on the appliance with their sha256.
     pub image: Vec<ImageFile>,
+    /// Disk deploys only: partition by this layout and install from the root tar (role
+    /// `tar`). Absent: the raw image (role `raw`) when the image has one, else the root tar
+    /// with the default layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<DiskLayout>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,9 +1,11 @@
-//! The agent's tasks beyond commissioning: deploy to disk from a raw image, deploy into
-//! memory from a root SquashFS, and erase on release. Each step is posted as an event when it
-//! starts and when it is done; a failure is reported by the caller with the console's tail.
+//! The agent's tasks beyond commissioning: deploy to disk from a raw image (or, with a
+//! layout, from the root tar: [`extract`]), deploy into memory from a root SquashFS, and erase
+//! on release. Each step is posted as an event when it starts and when it is done; a failure
+//! is reported by the caller with the console's tail.
 
 pub mod disk;
 pub mod efi;
+pub mod extract;
 pub mod http;
 pub mod memory;
 pub mod prefetch;
@@ -28,12 +30,13 @@ use disk::BlockDevice;
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 const DEV: &str = "/dev";
 const SYS: &str = "/sys";
-/// Where the installed root is mounted to write the seed.
+/// Where the installed root is mounted: to write the seed, or to extract the root tar onto.
 const TARGET: &str = "/mnt/target";
 
 /// Image file roles, as registered with the boot resource.
 pub const ROLE_RAW: &str = "raw";
 pub const ROLE_SQUASHFS: &str = "squashfs";
+pub const ROLE_TAR: &str = "tar";
 
 /// How the agent's life ends once a task succeeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,42 +80,17 @@ pub fn to_disk(client: &Client, args: &AgentArgs, task: &DeployTask) -> Result<E
             error: anyhow!("a deploy needs stork.machine and stork.token on the command line"),
         });
     };
-    let raw = at(Step::Disk, image_file(task, ROLE_RAW))?;
-
-    // Disk: choose it, wipe what was there.
-    let (mut dev, image_size) = at(Step::Disk, prepare_disk(client, task, raw))?;
-
-    // Image: stream it on.
-    at(Step::Image, write_raw(client, raw, &mut dev, image_size))?;
-
-    // Partitions: the kernel's view, the GPT grown to the disk, the root found.
-    let root = at(Step::Partitions, partitions(client, &mut dev))?;
-    let esp = dev.esp_number();
-    let disk_path = dev.path.clone();
-    // Close the disk: while it is open with O_EXCL the kernel refuses to mount a partition.
-    drop(dev);
-
-    // Seed: the installed OS's configuration and phone-home.
-    at(Step::Seed, {
-        event(
-            client,
-            Step::Seed,
-            StepState::Started,
-            format!("writing the NoCloud seed on {root}"),
-        );
-        write_seed(&root, task, args, machine_id, token).map(|()| {
-            event(
-                client,
-                Step::Seed,
-                StepState::Done,
-                format!(
-                    "seed written: hostname {}, {} SSH keys",
-                    task.hostname,
-                    task.ssh_keys.len()
-                ),
-            );
-        })
-    })?;
+    // A layout's partitions are not the raw image's; without a raw file the root tar is all
+    // there is to install from.
+    let raw = task.image.iter().find(|f| f.role == ROLE_RAW);
+    let (disk_path, esp) = match (task.layout, raw) {
+        (None, Some(raw)) => raw_to_disk(client, args, task, raw, machine_id, token)?,
+        (layout, _) => {
+            let tar = at(Step::Disk, image_file(task, ROLE_TAR))?;
+            let layout = layout.unwrap_or_default();
+            extract::to_disk(client, args, task, tar, layout, machine_id, token)?
+        }
+    };
 
     at(Step::BootEntry, boot_entry(client, &disk_path, esp))?;
 
@@ -130,6 +108,41 @@ pub fn to_disk(client: &Client, args: &AgentArgs, task: &DeployTask) -> Result<E
         "image installed; rebooting from disk".into(),
     );
     Ok(Ending::Reboot)
+}
+
+/// The raw disk image streamed on, its root grown, the seed written. Returns the disk and
+/// its ESP's number.
+fn raw_to_disk(
+    client: &Client,
+    args: &AgentArgs,
+    task: &DeployTask,
+    raw: &ImageFile,
+    machine_id: &str,
+    token: &str,
+) -> Result<(std::path::PathBuf, Option<u32>), Failed> {
+    // Disk: choose it, wipe what was there.
+    let image_size = stream::peek_size(&raw.url);
+    let mut dev = at(
+        Step::Disk,
+        prepare_disk(client, task, image_size, "an image"),
+    )?;
+
+    // Image: stream it on.
+    at(Step::Image, write_raw(client, raw, &mut dev, image_size))?;
+
+    // Partitions: the kernel's view, the GPT grown to the disk, the root found.
+    let root = at(Step::Partitions, partitions(client, &mut dev))?;
+    let esp = dev.esp_number();
+    let disk_path = dev.path.clone();
+    // Close the disk: while it is open with O_EXCL the kernel refuses to mount a partition.
+    drop(dev);
+
+    // Seed: the installed OS's configuration and phone-home.
+    at(
+        Step::Seed,
+        write_seed(client, &root, task, args, machine_id, token),
+    )?;
+    Ok((disk_path, esp))
 }
 
 /// A UEFI machine gets a boot entry for the installed disk (after network boot).
@@ -167,14 +180,15 @@ fn boot_entry(client: &Client, disk: &Path, esp: Option<u32>) -> Result<()> {
     Ok(())
 }
 
-/// Returns the opened disk and the image's decompressed size, when its header tells.
+/// Chooses the disk for `need` bytes (of `what`, for the event), opens it and wipes its old
+/// signatures.
 fn prepare_disk(
     client: &Client,
     task: &DeployTask,
-    raw: &ImageFile,
-) -> Result<(BlockDevice, Option<u64>)> {
+    need: Option<u64>,
+    what: &str,
+) -> Result<BlockDevice> {
     let disks = inventory::disks(Path::new(SYS));
-    let need = stream::peek_size(&raw.url);
     let chosen = disk::choose(&disks, task.disk.as_deref(), need)?;
     event(
         client,
@@ -185,7 +199,7 @@ fn prepare_disk(
             chosen.name,
             human_bytes(chosen.size_bytes),
             need.map_or_else(String::new, |n| format!(
-                " for an image of {}",
+                " for {what} of {}",
                 human_bytes(n)
             ))
         ),
@@ -206,7 +220,7 @@ fn prepare_disk(
             parts.len()
         ),
     );
-    Ok((dev, need))
+    Ok(dev)
 }
 
 fn write_raw(
@@ -326,7 +340,9 @@ fn partitions(client: &Client, dev: &mut BlockDevice) -> Result<String> {
     Ok(root.name.clone())
 }
 
+/// Mounts the raw image's root partition to write the seed into it.
 fn write_seed(
+    client: &Client,
     root_part: &str,
     task: &DeployTask,
     args: &AgentArgs,
@@ -343,9 +359,33 @@ fn write_seed(
         None::<&str>,
     )
     .with_context(|| format!("mount {} on {TARGET}", dev.display()))?;
+    let written = seed_into(client, Path::new(TARGET), root_part, task, args, id, token);
+    nix::unistd::sync();
+    let unmounted = umount(TARGET).with_context(|| format!("unmount {TARGET}"));
+    written?;
+    unmounted
+}
+
+/// The seed step on an installed root mounted at `root` (from partition `root_part`): the
+/// NoCloud seed and phone-home, with the step's events. Both ways to disk end with it.
+fn seed_into(
+    client: &Client,
+    root: &Path,
+    root_part: &str,
+    task: &DeployTask,
+    args: &AgentArgs,
+    id: &str,
+    token: &str,
+) -> Result<()> {
+    event(
+        client,
+        Step::Seed,
+        StepState::Started,
+        format!("writing the NoCloud seed on {root_part}"),
+    );
     let seed = seed::seed(task, id, args.boot_mac);
-    let written = seed::install(
-        Path::new(TARGET),
+    seed::install(
+        root,
         &seed,
         &seed::PhoneHome {
             url: &args.url,
@@ -353,11 +393,18 @@ fn write_seed(
             token,
         },
     )
-    .context("writing the seed");
-    nix::unistd::sync();
-    let unmounted = umount(TARGET).with_context(|| format!("unmount {TARGET}"));
-    written?;
-    unmounted
+    .context("writing the seed")?;
+    event(
+        client,
+        Step::Seed,
+        StepState::Done,
+        format!(
+            "seed written: hostname {}, {} SSH keys",
+            task.hostname,
+            task.ssh_keys.len()
+        ),
+    );
+    Ok(())
 }
 
 /// Wipes every disk: `quick` zeroes partition tables and signatures, else every byte.

@@ -264,6 +264,7 @@ mod tests {
             ssh_keys: vec!["ssh-ed25519 AAAA test@lab".into(), "ssh-rsa B \"q\"".into()],
             user_data: user_data.map(String::from),
             image: vec![],
+            layout: None,
         }
     }
 

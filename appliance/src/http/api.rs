@@ -25,8 +25,8 @@ use crate::auth::{self, Admin, Agent};
 use crate::controller::ControlError;
 use crate::lifecycle::{Event, Status};
 use crate::store::{
-    BootResource, DeployRequest, EventRecord, Machine, NewEvent, PowerConfig, SshKey, StoreError,
-    TokenRecord, now_ms,
+    BootResource, DeployRequest, DeployTarget, EventRecord, Machine, NewEvent, PowerConfig, SshKey,
+    StoreError, TokenRecord, now_ms,
 };
 
 pub fn routes() -> Router<AppState> {
@@ -329,12 +329,13 @@ async fn machine_action(
             let Json(req) = Json::<DeployRequest>::from_bytes(&body)?;
             let resource = req.image.clone();
             let known = s.store.call(move |st| st.boot_resource(&resource)).await?;
-            if known.is_none_or(|r| r.kind != "os") {
+            let Some(resource) = known.filter(|r| r.kind == "os") else {
                 return Err(ApiError::bad_request(format!(
                     "image: no OS boot resource named {:?}",
                     req.image
                 )));
-            }
+            };
+            check_layout(&req, &resource)?;
             c.apply(&id, Event::Deploy, &actor, None, move |m| {
                 if let Some(h) = &req.hostname {
                     m.hostname = Some(h.clone());
@@ -390,6 +391,29 @@ async fn machine_action(
         }
     };
     Ok(Json(m.redacted()))
+}
+
+/// A layout is for a disk deploy, within bounds, of an image the agent can install by
+/// extraction (it partitions by the layout, so it cannot stream the raw image).
+fn check_layout(req: &DeployRequest, resource: &BootResource) -> ApiResult<()> {
+    let Some(layout) = &req.layout else {
+        return Ok(());
+    };
+    if req.target == DeployTarget::Memory {
+        return Err(ApiError::bad_request(
+            "layout: a deploy to memory touches no disk; drop the layout or deploy to disk",
+        ));
+    }
+    layout
+        .validate()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if !resource.files.iter().any(|f| f.role == "tar") {
+        return Err(ApiError::bad_request(format!(
+            "layout: image {:?} has no root tar (a file of role `tar`) to install with a layout",
+            resource.name
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]

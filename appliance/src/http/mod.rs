@@ -91,5 +91,10 @@ pub async fn deploy_task(s: &AppState, m: &Machine) -> Result<Task, ApiError> {
                 size: f.size,
             })
             .collect(),
+        // The deploy handler refused a layout for memory; a stored one never reaches it.
+        layout: match req.target {
+            DeployTarget::Disk => req.layout,
+            DeployTarget::Memory => None,
+        },
     }))
 }

@@ -67,6 +67,9 @@ pub struct DeployRequest {
     pub ssh_keys: Vec<String>,
     #[serde(default)]
     pub user_data: Option<String>,
+    /// Disk deploys: partition sizes; asking for one installs from the image's root tar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<stork_proto::DiskLayout>,
 }
 
 fn default_target() -> DeployTarget {
