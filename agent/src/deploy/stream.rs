@@ -398,17 +398,19 @@ pub struct Progress {
     pub written: u64,
 }
 
+/// A file's compression, by its magic number: the raw image's and the root tar's alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
+pub enum Format {
     Zstd,
     Xz,
     Gzip,
+    /// Not compressed (or not anything we know: its consumer says so).
     Raw,
 }
 
 /// zstd, xz and gzip magic numbers (RFC 8878, the xz file format, RFC 1952); anything else
 /// is a raw image. A raw disk image starts with boot code or zeros, never with these.
-fn sniff(head: &[u8]) -> Format {
+pub fn sniff(head: &[u8]) -> Format {
     if head.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]) {
         Format::Zstd
     } else if head.starts_with(&[0xFD, b'7', b'z', b'X', b'Z', 0x00]) {

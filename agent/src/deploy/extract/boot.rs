@@ -1,0 +1,396 @@
+//! Making the extracted root bootable: fstab by UUID (`blkid`), a root of fixed size told to
+//! cloud-init, grub.cfg in the shape `stork-image` writes for the raw image (with the image's
+//! own kernel command line and kernel), and `grub-install` for i386-pc and x86_64-efi.
+
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::Result;
+use stork_proto::{DiskLayout, StepState};
+
+use super::partitions::{BIOS_PART, Parts};
+use super::{ExtractError, io_err, run};
+use crate::deploy::{DEV, event};
+use crate::init::Step;
+use crate::report::Client;
+
+/// Read by cloud-init after the image's own `99_stork.cfg`.
+const FIXED_ROOT_CFG: &str = "etc/cloud/cloud.cfg.d/99_stork_layout.cfg";
+
+/// `/etc/fstab` of the installed system: both file systems by UUID, as the raw image's.
+pub fn fstab(root_uuid: &str, esp_uuid: &str) -> String {
+    format!(
+        "# Written by the Stork agent (installed from the root tar).
+UUID={root_uuid} / ext4 errors=remount-ro 0 1
+UUID={esp_uuid} /boot/efi vfat umask=0077,nofail 0 2
+"
+    )
+}
+
+/// `/boot/grub/grub.cfg`, in the shape `stork-image` writes for the raw image
+/// (image-builder/src/grub.rs): GRUB on console and serial, the root by UUID.
+pub fn grub_cfg(title: &str, root_uuid: &str, cmdline: &str, kernel: &str, initrd: &str) -> String {
+    let args = if cmdline.is_empty() {
+        String::new()
+    } else {
+        format!(" {cmdline}")
+    };
+    format!(
+        "# Written by the Stork agent. Regenerate with grub-mkconfig (it reads /etc/default/grub)
+# if you prefer.
+serial --unit=0 --speed=115200
+terminal_input console serial
+terminal_output console serial
+set timeout=1
+set default=0
+insmod part_gpt
+insmod ext2
+search --no-floppy --fs-uuid --set=root {root_uuid}
+menuentry '{title}' {{
+    insmod all_video
+    insmod gzio
+    linux {kernel} root=UUID={root_uuid} ro{args}
+    initrd {initrd}
+}}
+"
+    )
+}
+
+/// The image's kernel command line: `GRUB_CMDLINE_LINUX` and `GRUB_CMDLINE_LINUX_DEFAULT`
+/// from its `/etc/default/grub`, else the arguments of its grub.cfg's first `linux` line
+/// (less `root=` and `ro`, which we set). Empty when neither says.
+pub fn kernel_cmdline(default_grub: Option<&str>, grub_cfg: Option<&str>) -> String {
+    if let Some(text) = default_grub {
+        let value = |key: &str| {
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+                .next_back()
+                .map(unquote)
+        };
+        let (linux, default) = (
+            value("GRUB_CMDLINE_LINUX"),
+            value("GRUB_CMDLINE_LINUX_DEFAULT"),
+        );
+        if linux.is_some() || default.is_some() {
+            return [linux, default]
+                .into_iter()
+                .flatten()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
+        }
+    }
+    grub_cfg
+        .and_then(|cfg| {
+            cfg.lines().find_map(|l| {
+                l.trim()
+                    .strip_prefix("linux")
+                    .filter(|r| r.starts_with([' ', '\t']))
+            })
+        })
+        .map(|rest| {
+            rest.split_whitespace()
+                .skip(1)
+                .filter(|w| !w.starts_with("root=") && *w != "ro" && *w != "rw")
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+/// A shell value as `/etc/default/grub` writes it: `"..."`, `'...'` or bare.
+fn unquote(v: &str) -> String {
+    let v = v.trim();
+    for q in ['"', '\''] {
+        if let Some(inner) = v.strip_prefix(q).and_then(|r| r.strip_suffix(q)) {
+            return inner.trim().to_string();
+        }
+    }
+    v.to_string()
+}
+
+/// The kernel and initrd grub.cfg boots, as paths on the root: Debian's `/vmlinuz` and
+/// `/initrd.img` symlinks (kept on the newest kernel by linux-base, so an upgrade needs no new
+/// grub.cfg), else the newest `/boot/vmlinuz-*` and its initrd.
+pub fn boot_files(root: &Path) -> Result<(String, String), ExtractError> {
+    if fs::symlink_metadata(root.join("vmlinuz")).is_ok() {
+        return Ok(("/vmlinuz".into(), "/initrd.img".into()));
+    }
+    let boot = root.join("boot");
+    let mut versions: Vec<String> = fs::read_dir(&boot)
+        .map_err(io_err("read", &boot))?
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("vmlinuz-")
+                .map(str::to_string)
+        })
+        .collect();
+    versions.sort_by(|a, b| version_order(a, b));
+    let v = versions.pop().ok_or(ExtractError::NoKernel)?;
+    Ok((
+        format!("/boot/vmlinuz-{v}"),
+        format!("/boot/initrd.img-{v}"),
+    ))
+}
+
+/// Kernel versions compared by their numbers (`6.1.0-9` < `6.1.0-10`), then as text.
+fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
+    let nums = |s: &str| -> Vec<u64> {
+        s.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    nums(a).cmp(&nums(b)).then_with(|| a.cmp(b))
+}
+
+/// The menu entry's title: `PRETTY_NAME` from os-release.
+pub fn os_title(os_release: Option<&str>) -> String {
+    os_release
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(unquote)
+        })
+        .filter(|s| !s.is_empty())
+        .map(|s| s.replace('\'', ""))
+        .unwrap_or_else(|| "Installed OS".to_string())
+}
+
+/// The `UUID` line of `blkid -o export`.
+pub fn parse_blkid_uuid(export: &str) -> Option<String> {
+    export
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("UUID="))
+        .map(str::to_string)
+        .filter(|u| !u.is_empty())
+}
+
+fn blkid_uuid(device: &Path) -> Result<String, ExtractError> {
+    // -p: probe the device itself; there is no udev and no blkid cache to trust here.
+    let out = run(Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(device))?;
+    parse_blkid_uuid(&out).ok_or_else(|| ExtractError::NoUuid {
+        device: device.display().to_string(),
+        said: out.trim().to_string(),
+    })
+}
+
+/// A root of fixed size stays that size: cloud-init would otherwise grow the partition and
+/// its file system to the disk at every boot.
+pub fn fixed_root_cfg() -> String {
+    "# Written by the Stork agent: the deploy asked for a root partition of fixed size.\n\
+     {\"growpart\": {\"mode\": \"off\"}, \"resize_rootfs\": false}\n"
+        .to_string()
+}
+
+fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), ExtractError> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+    }
+    fs::write(path, text).map_err(io_err("write", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", path))
+}
+
+pub(super) fn bootloader(
+    client: &Client,
+    disk: &Path,
+    parts: &Parts,
+    layout: &DiskLayout,
+    target: &Path,
+) -> Result<()> {
+    event(
+        client,
+        Step::Bootloader,
+        StepState::Started,
+        format!(
+            "fstab, grub.cfg, GRUB for BIOS and UEFI on {}",
+            disk.display()
+        ),
+    );
+    let root_uuid = blkid_uuid(&Path::new(DEV).join(&parts.root))?;
+    let esp_uuid = blkid_uuid(&Path::new(DEV).join(&parts.esp))?;
+    write_file(
+        &target.join("etc/fstab"),
+        &fstab(&root_uuid, &esp_uuid),
+        0o644,
+    )?;
+    if layout.root_mib.is_some() {
+        write_file(&target.join(FIXED_ROOT_CFG), &fixed_root_cfg(), 0o644)?;
+    }
+
+    let read = |rel: &str| fs::read_to_string(target.join(rel)).ok();
+    let cmdline = kernel_cmdline(
+        read("etc/default/grub").as_deref(),
+        read("boot/grub/grub.cfg").as_deref(),
+    );
+    let (kernel, initrd) = boot_files(target)?;
+    let title = os_title(
+        read("etc/os-release")
+            .or_else(|| read("usr/lib/os-release"))
+            .as_deref(),
+    );
+
+    let boot = target.join("boot");
+    let grub_install = |platform: &str, extra: &[OsString]| -> Result<(), ExtractError> {
+        let mut cmd = Command::new("grub-install");
+        cmd.arg(format!("--target={platform}"))
+            .arg(flag("--boot-directory", &boot));
+        // The image's own GRUB, so that its modules and core image match the GRUB packages
+        // the installed OS updates; else the ephemeral root's.
+        let modules = target.join("usr/lib/grub").join(platform);
+        if modules.join("modinfo.sh").is_file() {
+            cmd.arg(flag("--directory", &modules));
+        }
+        run(cmd.args(extra)).map(drop)
+    };
+    grub_install("i386-pc", &[disk.as_os_str().to_owned()])?;
+    grub_install(
+        "x86_64-efi",
+        &[
+            flag("--efi-directory", &target.join("boot/efi")),
+            "--removable".into(),
+            "--no-nvram".into(),
+        ],
+    )?;
+    write_file(
+        &target.join("boot/grub/grub.cfg"),
+        &grub_cfg(&title, &root_uuid, &cmdline, &kernel, &initrd),
+        0o644,
+    )?;
+    event(
+        client,
+        Step::Bootloader,
+        StepState::Done,
+        format!(
+            "root UUID {root_uuid}, ESP {esp_uuid}; GRUB i386-pc in {}{BIOS_PART} and x86_64-efi \
+             at EFI/BOOT/BOOTX64.EFI; boots {kernel} with {cmdline:?}",
+            disk.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        ),
+    );
+    Ok(())
+}
+
+fn flag(name: &str, path: &Path) -> OsString {
+    let mut s = OsString::from(format!("{name}="));
+    s.push(path.as_os_str());
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fstab_and_grub_cfg_name_the_file_systems_by_uuid() {
+        let f = fstab("0d1e2f3a-1111-4222-8333-444455556666", "ABCD-1234");
+        let lines: Vec<&str> = f.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines,
+            [
+                "UUID=0d1e2f3a-1111-4222-8333-444455556666 / ext4 errors=remount-ro 0 1",
+                "UUID=ABCD-1234 /boot/efi vfat umask=0077,nofail 0 2",
+            ]
+        );
+        let cfg = grub_cfg(
+            "Debian GNU/Linux 12 (bookworm)",
+            "0d1e2f3a-1111-4222-8333-444455556666",
+            "console=tty0 console=ttyS0,115200n8",
+            "/vmlinuz",
+            "/initrd.img",
+        );
+        assert!(cfg.contains(
+            "search --no-floppy --fs-uuid --set=root 0d1e2f3a-1111-4222-8333-444455556666\n"
+        ));
+        assert!(cfg.contains(
+            "    linux /vmlinuz root=UUID=0d1e2f3a-1111-4222-8333-444455556666 ro console=tty0 console=ttyS0,115200n8\n"
+        ));
+        assert!(cfg.contains("    initrd /initrd.img\n"));
+        assert!(cfg.contains("menuentry 'Debian GNU/Linux 12 (bookworm)' {"));
+        assert!(cfg.contains("serial --unit=0 --speed=115200"));
+        let bare = grub_cfg("x", "u", "", "/vmlinuz", "/initrd.img");
+        assert!(bare.contains("root=UUID=u ro\n"), "{bare}");
+    }
+
+    #[test]
+    fn the_kernel_command_line_comes_from_the_image() {
+        let default_grub = "GRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX_DEFAULT=\"\"\n\
+                            GRUB_CMDLINE_LINUX=\"console=tty0 console=ttyS0,115200n8\"\n";
+        assert_eq!(
+            kernel_cmdline(Some(default_grub), None),
+            "console=tty0 console=ttyS0,115200n8"
+        );
+        assert_eq!(
+            kernel_cmdline(
+                Some("GRUB_CMDLINE_LINUX='a=1'\nGRUB_CMDLINE_LINUX_DEFAULT=quiet\n"),
+                None
+            ),
+            "a=1 quiet"
+        );
+        let cfg = "search --set=root x\nmenuentry 'D' {\n    linux /vmlinuz root=UUID=x ro console=ttyS0 quiet\n    initrd /initrd.img\n}\n";
+        assert_eq!(
+            kernel_cmdline(Some("GRUB_TIMEOUT=1\n"), Some(cfg)),
+            "console=ttyS0 quiet"
+        );
+        assert_eq!(kernel_cmdline(None, None), "");
+        // `linux16` and the like are not the kernel line.
+        assert_eq!(kernel_cmdline(None, Some("linuxefi /x a\n")), "");
+    }
+
+    #[test]
+    fn boot_files_prefer_the_symlinks_then_the_newest_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("boot")).unwrap();
+        for v in ["6.1.0-9-amd64", "6.1.0-10-amd64"] {
+            fs::write(root.join(format!("boot/vmlinuz-{v}")), "").unwrap();
+        }
+        assert_eq!(
+            boot_files(root).unwrap(),
+            (
+                "/boot/vmlinuz-6.1.0-10-amd64".to_string(),
+                "/boot/initrd.img-6.1.0-10-amd64".to_string()
+            )
+        );
+        std::os::unix::fs::symlink("boot/vmlinuz-6.1.0-9-amd64", root.join("vmlinuz")).unwrap();
+        assert_eq!(
+            boot_files(root).unwrap(),
+            ("/vmlinuz".to_string(), "/initrd.img".to_string())
+        );
+        let empty = tempfile::tempdir().unwrap();
+        fs::create_dir_all(empty.path().join("boot")).unwrap();
+        assert!(matches!(
+            boot_files(empty.path()),
+            Err(ExtractError::NoKernel)
+        ));
+    }
+
+    #[test]
+    fn small_parsers() {
+        assert_eq!(
+            parse_blkid_uuid("DEVNAME=/dev/vda2\nUUID=ABCD-1234\nTYPE=vfat\n"),
+            Some("ABCD-1234".into())
+        );
+        assert_eq!(parse_blkid_uuid("TYPE=vfat\nPART_ENTRY_UUID=x\n"), None);
+        assert_eq!(
+            os_title(Some(
+                "NAME=\"Debian GNU/Linux\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n"
+            )),
+            "Debian GNU/Linux 12 (bookworm)"
+        );
+        assert_eq!(os_title(Some("PRETTY_NAME='It''s'\n")), "Its");
+        assert_eq!(os_title(None), "Installed OS");
+        let cfg = fixed_root_cfg();
+        let json = cfg.lines().nth(1).unwrap();
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v["growpart"]["mode"], "off");
+        assert_eq!(v["resize_rootfs"], false);
+    }
+}
