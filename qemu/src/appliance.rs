@@ -83,6 +83,33 @@ impl Appliance {
         )
     }
 
+    /// `stork machine add` for a machine behind lab BMC `bmc`, with its operator login
+    /// (`--power ipmi`); returns the added machine's JSON (its password is never in it).
+    pub fn add_ipmi_machine(
+        &self,
+        mac: &str,
+        bmc: &crate::bmc::IpmiSim,
+    ) -> Result<serde_json::Value> {
+        let out = self.cli(&[
+            "machine",
+            "add",
+            "--mac",
+            mac,
+            "--power",
+            "ipmi",
+            "--power-param",
+            &format!("host={}", bmc.addr),
+            "--power-param",
+            &format!("port={}", bmc.port),
+            "--power-param",
+            &format!("username={}", crate::bmc::OPERATOR_USER),
+            "--power-param",
+            &format!("password={}", crate::bmc::OPERATOR_PASSWORD),
+            "--json",
+        ])?;
+        serde_json::from_str(&out).context("parsing `stork machine add --json`")
+    }
+
     /// `stork machine list --json`, parsed.
     pub fn machines(&self) -> Result<Vec<serde_json::Value>> {
         let out = self.cli(&["machine", "list", "--json"])?;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use stork_lab::bmc::{self, BmcVm};
+use stork_lab::bmc::BmcVm;
 use stork_lab::{Appliance, Lab, VmSpec, wait_for};
 
 use crate::{boot_files, lab_dir, require_artefacts, stork_bin};
@@ -134,25 +134,9 @@ impl Scenario {
     /// device is the default: the blank disk, then the network), and waits until the agent
     /// enlisted it and powered it off. Returns the machine id.
     pub fn add_and_enlist(&mut self) -> Result<String> {
-        let port = self.machine.bmc.port.to_string();
-        let out = self.appliance.cli(&[
-            "machine",
-            "add",
-            "--mac",
-            &self.machine.spec.mac,
-            "--power",
-            "ipmi",
-            "--power-param",
-            "host=127.0.0.1",
-            "--power-param",
-            &format!("port={port}"),
-            "--power-param",
-            &format!("username={}", bmc::OPERATOR_USER),
-            "--power-param",
-            &format!("password={}", bmc::OPERATOR_PASSWORD),
-            "--json",
-        ])?;
-        let m: Value = serde_json::from_str(&out).context("parsing `stork machine add --json`")?;
+        let m = self
+            .appliance
+            .add_ipmi_machine(&self.machine.spec.mac, &self.machine.bmc)?;
         let id = m["id"].as_str().context("machine id")?.to_string();
         self.id = Some(id.clone());
         self.phase_start();

@@ -49,28 +49,10 @@ fn status(a: &Appliance, id: &str) -> Result<String> {
 }
 
 fn run(appliance: &mut Appliance, sim: &IpmiSim) -> Result<()> {
-    let port = sim.port.to_string();
-    let out = appliance.cli(&[
-        "machine",
-        "add",
-        "--mac",
-        MAC,
-        "--power",
-        "ipmi",
-        "--power-param",
-        "host=127.0.0.1",
-        "--power-param",
-        &format!("port={port}"),
-        "--power-param",
-        &format!("username={}", bmc::OPERATOR_USER),
-        "--power-param",
-        &format!("password={}", bmc::OPERATOR_PASSWORD),
-        "--json",
-    ])?;
-    let m: serde_json::Value = serde_json::from_str(&out)?;
+    let m = appliance.add_ipmi_machine(MAC, sim)?;
     let id = m["id"].as_str().unwrap_or_default().to_string();
-    if out.contains(bmc::OPERATOR_PASSWORD) {
-        bail!("the API answer shows the BMC password: {out}");
+    if m.to_string().contains(bmc::OPERATOR_PASSWORD) {
+        bail!("the API answer shows the BMC password: {m}");
     }
     if !appliance
         .cli(&["machine", "power", &id, "query"])?

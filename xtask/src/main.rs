@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use stork_lab::bmc::{self, BmcVm};
+use stork_lab::bmc::BmcVm;
 use stork_lab::{Appliance, Lab, VmSpec, wait_for};
 
 #[derive(Parser)]
@@ -302,25 +302,7 @@ impl Demo {
 
     fn run(&mut self, lab: &Lab, images: &Path, mac: &str) -> Result<()> {
         step("stork machine add --mac .. --power ipmi (the BMC's address and operator login)");
-        let port = DEMO_BMC_PORT.to_string();
-        let out = self.cli(&[
-            "machine",
-            "add",
-            "--mac",
-            mac,
-            "--power",
-            "ipmi",
-            "--power-param",
-            "host=127.0.0.1",
-            "--power-param",
-            &format!("port={port}"),
-            "--power-param",
-            &format!("username={}", bmc::OPERATOR_USER),
-            "--power-param",
-            &format!("password={}", bmc::OPERATOR_PASSWORD),
-            "--json",
-        ])?;
-        let m: serde_json::Value = serde_json::from_str(&out)?;
+        let m = self.appliance.add_ipmi_machine(mac, &self.machine.bmc)?;
         let id = m["id"].as_str().context("machine id")?.to_string();
 
         step(&format!(
