@@ -170,22 +170,28 @@ fn steps(
     stage: Stage,
     reporter: &mut Option<(Client, stork_proto::MacAddr)>,
 ) -> Result<Ending, Failed> {
-    at(Step::Mount, mount())?;
-    match stage {
-        Stage::One => at(Step::LoadModules, load_modules())?,
-        // The ephemeral root has no modules; stage 1 loaded the initrd's.
-        Stage::Two { .. } => say!(Step::LoadModules, "done by stage 1"),
-    }
-    let args = at(Step::Cmdline, cmdline())?;
-    match stage {
-        Stage::One => at(Step::Network, network(&args))?,
-        Stage::Two { .. } => at(Step::Network, network_kept(&args))?,
-    }
-    let mut client = Client::new(&args.url);
-    if let (Some(id), Some(token)) = (&args.machine_id, &args.token) {
-        client = client.with_identity(id, token);
-    }
-    let (client, _) = reporter.insert((client, args.boot_mac));
+    let args = match stage {
+        Stage::One => {
+            at(Step::Mount, mount())?;
+            at(Step::LoadModules, load_modules())?;
+            let args = at(Step::Cmdline, cmdline())?;
+            at(Step::Network, network(&args))?;
+            *reporter = Some((client_for(&args), args.boot_mac));
+            args
+        }
+        Stage::Two { .. } => {
+            // /proc and the NIC came over from stage 1: the reporter first, so that any
+            // failure from here on is reported, not left to the heartbeat deadline.
+            let args = at(Step::Cmdline, cmdline())?;
+            *reporter = Some((client_for(&args), args.boot_mac));
+            at(Step::Mount, mount())?;
+            // The ephemeral root has no modules; stage 1 loaded the initrd's.
+            say!(Step::LoadModules, "done by stage 1");
+            at(Step::Network, network_kept(&args))?;
+            args
+        }
+    };
+    let (client, _) = reporter.get_or_insert_with(|| (client_for(&args), args.boot_mac));
     crate::heartbeat::start(client);
     match (stage, &args.ephemeral) {
         (Stage::One, Some(eph)) => {
@@ -239,6 +245,15 @@ fn steps(
         }),
         stork_proto::Task::Erase { quick } => deploy::erase(client, quick),
         stork_proto::Task::PowerOff => Ok(Ending::PowerOff),
+    }
+}
+
+/// The appliance's client, with this boot's identity when the machine is known.
+fn client_for(args: &AgentArgs) -> Client {
+    let client = Client::new(&args.url);
+    match (&args.machine_id, &args.token) {
+        (Some(id), Some(token)) => client.with_identity(id, token),
+        _ => client,
     }
 }
 

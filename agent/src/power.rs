@@ -43,9 +43,15 @@ pub fn off_after_failure() -> ! {
     off()
 }
 
-/// Makes a panic print on the console and power off instead of unwinding out of PID 1.
+/// Makes a panic print on the console and power off instead of unwinding out of PID 1. A
+/// helper thread's panic (download, disk writer, heartbeat) only unwinds that thread: its
+/// join turns it into an error that the main thread reports before powering off.
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
+        if std::thread::current().name() != Some("main") {
+            console::line(&format!("a helper thread panicked: {info}"));
+            return;
+        }
         console::line(&format!("FAILED with a panic: {info}"));
         off_after_failure();
     }));

@@ -20,10 +20,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use stork_proto::StepState;
 use stork_proto::cmdline::EphemeralRoot;
-use stork_proto::{AgentEvent, StepState};
 
 use crate::console::{self, human_bytes, say};
+use crate::deploy::event;
 use crate::deploy::{memory, stream};
 use crate::init::Step;
 use crate::report::Client;
@@ -70,18 +71,6 @@ pub fn uptime() -> Option<f64> {
     text.split_whitespace().next()?.parse().ok()
 }
 
-/// Posts a step event, best effort, and prints it.
-fn event(client: &Client, step: Step, state: StepState, message: String, progress: Option<f32>) {
-    say!(step, "{message}");
-    client.progress(&AgentEvent {
-        step: step.name().to_string(),
-        state,
-        message,
-        progress,
-        log_tail: None,
-    });
-}
-
 /// Fetches, checks and mounts the ephemeral root; returns the new root's path.
 pub fn prepare(client: &Client, eph: &EphemeralRoot) -> Result<PathBuf> {
     event(
@@ -89,7 +78,6 @@ pub fn prepare(client: &Client, eph: &EphemeralRoot) -> Result<PathBuf> {
         Step::Ephemeral,
         StepState::Started,
         format!("fetching {} into RAM", eph.url),
-        None,
     );
     let start = Instant::now();
     let base = memory::mount_tmpfs(Path::new(BASE))?;
@@ -135,7 +123,6 @@ pub fn prepare(client: &Client, eph: &EphemeralRoot) -> Result<PathBuf> {
             loopdev.display(),
             (start.elapsed() - fetched).as_secs_f64()
         ),
-        None,
     );
     Ok(root)
 }
@@ -184,7 +171,6 @@ fn try_enter(
         Step::SwitchRoot,
         StepState::Started,
         format!("switching root into the ephemeral image; {program} goes on as stage 2"),
-        None,
     );
     // Best effort: without it stage 2 only lacks stage 1's lines in a failure's log tail.
     if let Err(e) = console::save(Path::new(CONSOLE_LOG)) {
@@ -220,7 +206,6 @@ pub fn arrived(client: &Client, fetch_started: Option<f64>) {
         Step::SwitchRoot,
         StepState::Done,
         format!("stage 2 running from the ephemeral root{since}"),
-        None,
     );
 }
 

@@ -720,7 +720,7 @@ fn heartbeat(f: &Fixture, m: &M, step: &str, leaving: bool) -> u16 {
 #[test]
 fn heartbeats_keep_busy_machines_alive_and_silence_fails_them() {
     let f = Fixture::with(Options {
-        config: "[lifecycle]\ncheck_interval = 1\nheartbeat_timeout = 3\n",
+        config: "[lifecycle]\ncheck_interval = 1\nheartbeat_timeout = 5\n",
         ..Options::default()
     });
     // Created (so checked) before the silent ones: were the rule to apply to them, it would

@@ -62,15 +62,32 @@ impl Host {
 pub fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
+        .with_context(|| format!("cannot run {}", shown(cmd)))?;
     if !out.status.success() {
         bail!(
-            "{cmd:?} failed ({}): {}",
+            "{} failed ({}): {}",
+            shown(cmd),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A command line for messages: its environment (the API token) is left out and a
+/// `password=` argument is masked, so no secret reaches a log through a failure.
+fn shown(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| {
+            let a = a.to_string_lossy();
+            match a.split_once("password=") {
+                Some((key, _)) => format!("{key}password=***"),
+                None => a.into_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn ip(args: &[&str]) -> Result<String> {
@@ -255,5 +272,23 @@ fn remove_stale_namespaces() {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             kill_namespace(name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_command_shows_no_secret() {
+        let mut cmd = Command::new("false");
+        cmd.args(["--power-param", "password=hunter2"])
+            .env("STORK_TOKEN", "stork_secret_token");
+        let err = format!("{:#}", run(&mut cmd).unwrap_err());
+        assert!(err.contains("password=***"), "{err}");
+        assert!(
+            !err.contains("hunter2") && !err.contains("stork_secret_token"),
+            "{err}"
+        );
     }
 }

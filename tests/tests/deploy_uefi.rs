@@ -47,6 +47,12 @@ fn ovmf_vm_through_firmware_pxe_powered_by_its_bmc_deploys_debian_to_disk_and_lo
                 "after the agent's reboot the console shows no network boot told to leave for the disk"
             );
         }
+        // The agent gave the installed disk a UEFI boot entry (efibootmgr, from the
+        // ephemeral root), after network boot in the order.
+        let events = s.appliance.cli(&["machine", "events", &id])?;
+        if !events.contains("boot-entry Done: UEFI entry Boot") {
+            bail!("no UEFI boot entry among the events:\n{events}");
+        }
         // Every network boot came through firmware PXE: OVMF fetched the NBP over TFTP.
         let stats: serde_json::Value =
             serde_json::from_str(&s.appliance.cli(&["stats", "--json"])?)?;

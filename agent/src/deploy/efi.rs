@@ -22,8 +22,6 @@ const LOADER: &str = "\\EFI\\BOOT\\BOOTX64.EFI";
 /// What [`add_boot_entry`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// BIOS: GRUB in the image's BIOS boot partition boots it.
-    NotUefi,
     /// No `efibootmgr` (the agent runs from the initrd alone).
     NoTool,
     /// The new entry's number and the boot order it left.
@@ -34,11 +32,9 @@ pub fn is_uefi() -> bool {
     Path::new(EFI).is_dir()
 }
 
-/// Replaces any entry labelled `label` with one for `disk`'s partition `part`.
+/// Replaces any entry labelled `label` with one for `disk`'s partition `part`, on a machine
+/// booted by UEFI ([`is_uefi`]).
 pub fn add_boot_entry(disk: &Path, part: u32, label: &str) -> Result<Outcome> {
-    if !is_uefi() {
-        return Ok(Outcome::NotUefi);
-    }
     if which("efibootmgr").is_none() {
         return Ok(Outcome::NoTool);
     }

@@ -174,7 +174,6 @@ fn boot_entry(client: &Client, disk: &Path, esp: Option<u32>) -> Result<()> {
         efi::Outcome::NoTool => "warning: no efibootmgr here (no ephemeral root); the firmware \
              boots the disk by its removable-media path"
             .to_string(),
-        efi::Outcome::NotUefi => "BIOS: GRUB in the image's BIOS boot partition".to_string(),
     };
     event(client, Step::BootEntry, StepState::Done, message);
     Ok(())

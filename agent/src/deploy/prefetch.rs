@@ -35,6 +35,9 @@ pub struct Prefetched {
     thread: Option<JoinHandle<Download>>,
     /// Time the reader spent blocked on the download thread.
     waited: Duration,
+    /// The download's failure, once seen: every later read fails the same way rather than
+    /// looking like the end of the file (which would hash a truncated file).
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 impl Prefetched {
@@ -79,6 +82,7 @@ impl Prefetched {
             counters,
             thread: Some(thread),
             waited: Duration::ZERO,
+            failed: None,
         }
     }
 
@@ -117,6 +121,9 @@ impl Prefetched {
 
 impl Read for Prefetched {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some((kind, why)) = &self.failed {
+            return Err(io::Error::new(*kind, why.clone()));
+        }
         while self.pos == self.current.len() {
             let Some(rx) = &self.rx else {
                 return Ok(0);
@@ -129,7 +136,10 @@ impl Read for Prefetched {
                     self.current = block;
                     self.pos = 0;
                 }
-                Ok(Err(e)) => return Err(e),
+                Ok(Err(e)) => {
+                    self.failed = Some((e.kind(), format!("{e:#}")));
+                    return Err(e);
+                }
                 // The thread is done: the file ended.
                 Err(_) => return Ok(0),
             }
