@@ -281,6 +281,52 @@ impl Scenario {
         )
     }
 
+    /// Follows a deploy to disk whose machine Stork powered on (QEMU `pid`, after
+    /// `power_ons` BMC power-ons): the agent installs (its `installed` report clears the
+    /// machine's network boot), reboots, the VM resets in place (no power-on by Stork or the
+    /// test) and comes up from its disk: Deployed. Times both phases, the first as `phase`.
+    pub fn install_and_reboot_in_place(
+        &mut self,
+        id: &str,
+        pid: i32,
+        power_ons: usize,
+        phase: &str,
+    ) -> Result<()> {
+        wait_for(
+            "the agent to install the image",
+            Duration::from_secs(900),
+            POLL,
+            || {
+                let m = self.status(id)?;
+                if m["status"] == "deployed" {
+                    return Ok(Some(()));
+                }
+                if m["status"] != "deploying" {
+                    bail!(
+                        "status {} ({}) while the agent installs",
+                        m["status"],
+                        m["status_message"]
+                    );
+                }
+                if !self.machine.is_on() {
+                    bail!("the VM powered off while the agent installed");
+                }
+                Ok((m["netboot"] == false).then_some(()))
+            },
+        )?;
+        self.phase_done(phase);
+        self.wait_status(id, "deployed", &["deploying"], Duration::from_secs(900))?;
+        self.phase_done("reboot from disk to phone-home");
+        if self.machine.qemu_pid() != Some(pid) || self.machine.power_ons() != power_ons {
+            bail!(
+                "the machine did not reboot in place: QEMU pid {pid} at power-on, now {:?}; BMC calls:\n{}",
+                self.machine.qemu_pid(),
+                self.machine.bmc.calls()
+            );
+        }
+        Ok(())
+    }
+
     /// Fails with everything a person needs to see why, and keeps the lab's files.
     pub fn fail(&mut self, e: anyhow::Error) -> ! {
         self.lab.keep_dir();
@@ -349,41 +395,7 @@ pub fn deploy_to_disk_and_log_in(
         s.say("cut the download connection");
     }
 
-    // The agent's `installed` report clears the machine's network boot.
-    wait_for(
-        "the agent to install the image",
-        Duration::from_secs(900),
-        POLL,
-        || {
-            let m = s.status(id)?;
-            if m["status"] == "deployed" {
-                return Ok(Some(()));
-            }
-            if m["status"] != "deploying" {
-                bail!(
-                    "status {} ({}) while the agent installs",
-                    m["status"],
-                    m["status_message"]
-                );
-            }
-            if !s.machine.is_on() {
-                bail!("the VM powered off while the agent installed");
-            }
-            Ok((m["netboot"] == false).then_some(()))
-        },
-    )?;
-    s.phase_done("deploy (power-on to installed)");
-
-    // The agent reboots; the VM resets in place and comes up from its disk.
-    s.wait_status(id, "deployed", &["deploying"], Duration::from_secs(900))?;
-    s.phase_done("reboot from disk to phone-home");
-    if s.machine.qemu_pid() != Some(pid) || s.machine.power_ons() != power_ons {
-        bail!(
-            "the machine did not reboot in place: QEMU pid {pid} at power-on, now {:?}; BMC calls:\n{}",
-            s.machine.qemu_pid(),
-            s.machine.bmc.calls()
-        );
-    }
+    s.install_and_reboot_in_place(id, pid, power_ons, "deploy (power-on to installed)")?;
 
     let ip = s.leased_ip()?;
     let got = s.ssh_when_up(&ip, "hostname")?;

@@ -13,7 +13,6 @@ use serde_json::Value;
 use stork_lab::{VmSpec, wait_for};
 use stork_tests::deploy::{IMAGE, Scenario, USER};
 
-const POLL: Duration = Duration::from_millis(500);
 const MIB: u64 = 1 << 20;
 const ESP_MIB: u64 = 256;
 const ROOT_MIB: u64 = 2048;
@@ -79,40 +78,12 @@ fn deploy_with_layout(s: &mut Scenario, id: &str) -> Result<()> {
         "deploy with a layout requested; Stork powered the VM on (QEMU pid {pid})"
     ));
 
-    // The agent's `installed` report clears the machine's network boot.
-    wait_for(
-        "the agent to install from the root tar",
-        Duration::from_secs(900),
-        POLL,
-        || {
-            let m = s.status(id)?;
-            if m["status"] == "deployed" {
-                return Ok(Some(()));
-            }
-            if m["status"] != "deploying" {
-                bail!(
-                    "status {} ({}) while the agent installs",
-                    m["status"],
-                    m["status_message"]
-                );
-            }
-            if !s.machine.is_on() {
-                bail!("the VM powered off while the agent installed");
-            }
-            Ok((m["netboot"] == false).then_some(()))
-        },
+    s.install_and_reboot_in_place(
+        id,
+        pid,
+        power_ons,
+        "deploy (power-on to installed, by extraction)",
     )?;
-    s.phase_done("deploy (power-on to installed, by extraction)");
-
-    s.wait_status(id, "deployed", &["deploying"], Duration::from_secs(900))?;
-    s.phase_done("reboot from disk to phone-home");
-    if s.machine.qemu_pid() != Some(pid) || s.machine.power_ons() != power_ons {
-        bail!(
-            "the machine did not reboot in place: QEMU pid {pid} at power-on, now {:?}; BMC calls:\n{}",
-            s.machine.qemu_pid(),
-            s.machine.bmc.calls()
-        );
-    }
     Ok(())
 }
 

@@ -27,6 +27,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+
+use super::Pair;
 use stork_lab::{Spawned, wait_for};
 
 const SERVER_IP: &str = "10.96.0.1";
@@ -81,7 +83,7 @@ pub fn run() -> Result<()> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
 
-    let net = Net::create()?;
+    let net = namespaces()?;
     let _latency = DmaLatency::hold();
     // perfdhcp keeps its socket at the default receive buffer (208 KiB here); replies that
     // arrive in bursts (Stork's group commit sends a batch of ACKs at once) overflow it
@@ -153,7 +155,7 @@ pub fn run() -> Result<()> {
 
 struct Bench<'a> {
     peer: Peer,
-    net: &'a Net,
+    net: &'a Pair,
     stork: &'a Path,
     work: &'a Path,
 }
@@ -440,90 +442,18 @@ fn parse_perfdhcp(text: &str) -> Option<Trial> {
     seen.then_some(t)
 }
 
-/// The two namespaces and the veth between them; removed on drop.
-struct Net {
-    server: String,
-    client: String,
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    stork_lab::run(Command::new("ip").args(args)).map(|_| ())
-}
-
-impl Net {
-    fn create() -> Result<Self> {
-        let pid = std::process::id();
-        // `stork-<tag>-<pid>` so the lab removes them if this process dies first.
-        let net = Self {
-            server: format!("stork-benchdhcps-{pid}"),
-            client: format!("stork-benchdhcpc-{pid}"),
-        };
-        let (s, c) = (net.server.as_str(), net.client.as_str());
-        ip(&["netns", "add", s])?;
-        ip(&["netns", "add", c])?;
-        ip(&[
-            "-n", s, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", c,
-        ])?;
-        for (ns, mac, addr, peer_ip, peer_mac) in [
-            (s, SERVER_MAC, SERVER_IP, CLIENT_IP, CLIENT_MAC),
-            (c, CLIENT_MAC, CLIENT_IP, SERVER_IP, SERVER_MAC),
-        ] {
-            let cidr = format!("{addr}/{PREFIX}");
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "link", "set", "eth0", "address", mac])?;
-            ip(&["-n", ns, "addr", "add", &cidr, "dev", "eth0"])?;
-            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-            ip(&[
-                "-n",
-                ns,
-                "neigh",
-                "replace",
-                peer_ip,
-                "lladdr",
-                peer_mac,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ])?;
-        }
-        Ok(net)
+/// The server and client namespaces, addressed, with fixed neighbours both ways.
+fn namespaces() -> Result<Pair> {
+    let net = Pair::create("bench_dhcp", SERVER_MAC, CLIENT_MAC)?;
+    let (s, c) = (net.server.as_str(), net.client.as_str());
+    for (ns, addr, peer_ip, peer_mac) in [
+        (s, SERVER_IP, CLIENT_IP, CLIENT_MAC),
+        (c, CLIENT_IP, SERVER_IP, SERVER_MAC),
+    ] {
+        net.addr(ns, &format!("{addr}/{PREFIX}"))?;
+        net.neigh(ns, peer_ip, peer_mac)?;
     }
-
-    fn wrap(ns: &str, cmd: &Command) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns])
-            .arg(cmd.get_program())
-            .args(cmd.get_args());
-        c
-    }
-
-    fn server(&self, cmd: &Command) -> Command {
-        Self::wrap(&self.server, cmd)
-    }
-
-    fn client(&self, cmd: &Command) -> Command {
-        Self::wrap(&self.client, cmd)
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in [&self.server, &self.client] {
-            if let Ok(pids) = stork_lab::run(Command::new("ip").args(["netns", "pids", ns])) {
-                for pid in pids
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok())
-                {
-                    // SAFETY: kill with a pid the kernel listed for our own namespace.
-                    unsafe {
-                        libc::kill(pid, libc::SIGKILL);
-                    }
-                }
-            }
-            let _ = ip(&["netns", "del", ns]);
-        }
-    }
+    Ok(net)
 }
 
 /// A sysctl raised to at least a value while alive, then put back.

@@ -19,3 +19,133 @@ pub fn run(what: &str) -> Result<()> {
         other => bail!("unknown benchmark `{other}` (known: api, tftp, dhcp, images, deploy)"),
     }
 }
+
+/// Two namespaces, server and client, joined by one veth (`eth0` on both sides, with the
+/// given MACs, up, loopback up); removed on drop with every process inside. Named
+/// `stork-<tag>-<pid>[-client]` so the lab's stale-namespace sweep removes them if the
+/// bench dies first.
+pub struct Pair {
+    pub server: String,
+    pub client: String,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    stork_lab::run(std::process::Command::new("ip").args(args)).map(|_| ())
+}
+
+impl Pair {
+    pub fn create(tag: &str, server_mac: &str, client_mac: &str) -> Result<Self> {
+        let pid = std::process::id();
+        let pair = Self {
+            server: format!("stork-{tag}-{pid}"),
+            client: format!("stork-{tag}-{pid}-client"),
+        };
+        let (s, c) = (pair.server.as_str(), pair.client.as_str());
+        ip(&["netns", "add", s])?;
+        ip(&["netns", "add", c])?;
+        ip(&[
+            "-n", s, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", c,
+        ])?;
+        for (ns, mac) in [(s, server_mac), (c, client_mac)] {
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", ns, "link", "set", "eth0", "address", mac])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        }
+        Ok(pair)
+    }
+
+    /// Adds `cidr` to `ns`'s `eth0`.
+    pub fn addr(&self, ns: &str, cidr: &str) -> Result<()> {
+        ip(&["-n", ns, "addr", "add", cidr, "dev", "eth0"])
+    }
+
+    /// A permanent neighbour entry: no ARP inside a measurement.
+    pub fn neigh(&self, ns: &str, peer_ip: &str, peer_mac: &str) -> Result<()> {
+        ip(&[
+            "-n",
+            ns,
+            "neigh",
+            "replace",
+            peer_ip,
+            "lladdr",
+            peer_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])
+    }
+
+    /// `cmd` run inside `ns`.
+    pub fn wrap(ns: &str, cmd: &std::process::Command) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", ns])
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        c
+    }
+
+    /// `cmd` run in the server namespace.
+    pub fn server(&self, cmd: &std::process::Command) -> std::process::Command {
+        Self::wrap(&self.server, cmd)
+    }
+
+    /// `cmd` run in the client namespace.
+    pub fn client(&self, cmd: &std::process::Command) -> std::process::Command {
+        Self::wrap(&self.client, cmd)
+    }
+
+    pub fn path(ns: &str) -> std::path::PathBuf {
+        std::path::PathBuf::from("/run/netns").join(ns)
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for ns in [&self.client, &self.server] {
+            kill_namespace(ns);
+        }
+    }
+}
+
+/// Kills every process in `ns` (until none is left) and deletes it.
+fn kill_namespace(ns: &str) {
+    for _ in 0..50 {
+        let pids = stork_lab::run(std::process::Command::new("ip").args(["netns", "pids", ns]))
+            .unwrap_or_default();
+        let pids: Vec<i32> = pids
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            // SAFETY: kill with a pid the kernel listed in our own namespace.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = ip(&["netns", "del", ns]);
+}
+
+/// Namespaces `stork-<tag>-<pid>[...]` of an earlier bench whose process is gone.
+pub fn remove_stale_namespaces(tag: &str) {
+    let Ok(list) = stork_lab::run(std::process::Command::new("ip").args(["netns", "list"])) else {
+        return;
+    };
+    let prefix = format!("stork-{tag}-");
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            kill_namespace(name);
+        }
+    }
+}

@@ -20,7 +20,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use stork_lab::{Spawned, wait_for};
+
+use super::Pair;
 
 const MIB: u64 = 1 << 20;
 const BIG: (&str, u64) = ("big.bin", 64 * MIB);
@@ -94,15 +96,15 @@ pub fn run() -> Result<()> {
     std::fs::create_dir_all(&logs)?;
 
     let _dma = DmaLatency::hold();
-    remove_stale_namespaces();
-    let net = Netns::create()?;
+    super::remove_stale_namespaces(NS_TAG);
+    let net = namespaces()?;
     crate::step(&format!(
         "namespaces {} (servers {}, {}, {}) and {} (client {CLIENT_IP}), one veth",
         net.server, STORK.ip, HPA.ip, DNSMASQ.ip, net.client
     ));
 
-    let server_ns = File::open(net.path(&net.server))?;
-    let client_ns = File::open(net.path(&net.client))?;
+    let server_ns = File::open(Pair::path(&net.server))?;
+    let client_ns = File::open(Pair::path(&net.client))?;
     let root_s = root.to_string_lossy().into_owned();
     let mut cmd = in_ns(&server_ns, &bin);
     cmd.args(["--root", &root_s, "--listen"])
@@ -499,131 +501,22 @@ impl Drop for DmaLatency {
     }
 }
 
-const NS_PREFIX: &str = "stork-bench_tftp-";
-
-/// Two namespaces joined by one veth; removed on drop, with every process inside.
-struct Netns {
-    server: String,
-    client: String,
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    stork_lab::run(Command::new("ip").args(args)).map(|_| ())
-}
-
-impl Netns {
-    fn create() -> Result<Self> {
-        let pid = std::process::id();
-        // The lab's stale-namespace sweep recognises `stork-<tag>-<pid>[-<host>]` too.
-        let n = Self {
-            server: format!("{NS_PREFIX}{pid}"),
-            client: format!("{NS_PREFIX}{pid}-client"),
-        };
-        let (s, c) = (n.server.as_str(), n.client.as_str());
-        ip(&["netns", "add", s])?;
-        ip(&["netns", "add", c])?;
-        ip(&[
-            "-n", s, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", c,
-        ])?;
-        for (ns, mac) in [(s, SERVER_MAC), (c, CLIENT_MAC)] {
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "link", "set", "eth0", "address", mac])?;
-            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-        }
-        ip(&[
-            "-n",
-            c,
-            "addr",
-            "add",
-            &format!("{CLIENT_IP}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n",
-            s,
-            "neigh",
-            "replace",
-            &CLIENT_IP.to_string(),
-            "lladdr",
-            CLIENT_MAC,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ])?;
-        for srv in SERVERS {
-            let a = srv.ip.to_string();
-            ip(&["-n", s, "addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
-            ip(&[
-                "-n",
-                c,
-                "neigh",
-                "replace",
-                &a,
-                "lladdr",
-                SERVER_MAC,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ])?;
-        }
-        Ok(n)
+/// The server and client namespaces, addressed: the three servers' addresses on the
+/// server side, the client's on the other, neighbours fixed both ways.
+fn namespaces() -> Result<Pair> {
+    let net = Pair::create(NS_TAG, SERVER_MAC, CLIENT_MAC)?;
+    let (s, c) = (net.server.as_str(), net.client.as_str());
+    net.addr(c, &format!("{CLIENT_IP}/24"))?;
+    net.neigh(s, &CLIENT_IP.to_string(), CLIENT_MAC)?;
+    for srv in SERVERS {
+        let a = srv.ip.to_string();
+        net.addr(s, &format!("{a}/24"))?;
+        net.neigh(c, &a, SERVER_MAC)?;
     }
-
-    fn path(&self, ns: &str) -> PathBuf {
-        PathBuf::from("/run/netns").join(ns)
-    }
+    Ok(net)
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for ns in [&self.client, &self.server] {
-            kill_namespace(ns);
-        }
-    }
-}
-
-fn kill_namespace(ns: &str) {
-    for _ in 0..50 {
-        let pids =
-            stork_lab::run(Command::new("ip").args(["netns", "pids", ns])).unwrap_or_default();
-        let pids: Vec<i32> = pids
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        if pids.is_empty() {
-            break;
-        }
-        for pid in pids {
-            // SAFETY: kill with a pid the kernel listed in our own namespace.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = ip(&["netns", "del", ns]);
-}
-
-/// Namespaces of an earlier bench whose process is gone.
-fn remove_stale_namespaces() {
-    let Ok(list) = stork_lab::run(Command::new("ip").args(["netns", "list"])) else {
-        return;
-    };
-    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            kill_namespace(name);
-        }
-    }
-}
+const NS_TAG: &str = "bench_tftp";
 
 /// A UDP relay in the client namespace on 127.0.0.1: datagrams from the client go to the
 /// server (port 69 for requests, then the transfer's port), replies come back, each held
