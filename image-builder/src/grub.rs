@@ -114,24 +114,14 @@ pub fn early_config(root_uuid: &str) -> String {
 /// `/boot/grub/grub.cfg`. Boots `/vmlinuz` and `/initrd.img`, the symlinks Debian's
 /// linux-base keeps pointing at the newest kernel, so a kernel upgrade needs no new grub.cfg.
 pub fn grub_cfg(title: &str, root_uuid: &str, cmdline: &str) -> String {
-    format!(
+    stork_proto::grub::grub_cfg(
         "# Written by stork-image. Boots the newest kernel through the /vmlinuz and /initrd.img
-# symlinks; regenerate with grub-mkconfig (it reads /etc/default/grub) if you prefer.
-serial --unit=0 --speed=115200
-terminal_input console serial
-terminal_output console serial
-set timeout=1
-set default=0
-insmod part_gpt
-insmod ext2
-search --no-floppy --fs-uuid --set=root {root_uuid}
-menuentry '{title}' {{
-    insmod all_video
-    insmod gzio
-    linux /vmlinuz root=UUID={root_uuid} ro {cmdline}
-    initrd /initrd.img
-}}
-"
+# symlinks; regenerate with grub-mkconfig (it reads /etc/default/grub) if you prefer.",
+        title,
+        root_uuid,
+        cmdline,
+        "/vmlinuz",
+        "/initrd.img",
     )
 }
 

@@ -4,6 +4,7 @@
 //! fuzzers can all depend on it.
 
 pub mod cmdline;
+pub mod grub;
 pub mod inventory;
 pub mod layout;
 pub mod mac;

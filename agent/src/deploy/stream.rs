@@ -729,7 +729,7 @@ fn blame_the_file(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write as _;
     use std::net::TcpListener;
@@ -813,8 +813,8 @@ mod tests {
 
     /// Serves `file` once per connection; the first `cuts` connections are closed after
     /// `cut_at` body bytes. Honours `Range: bytes=N-` with 206 unless `ignore_range`.
-    /// Returns the Range starts it saw.
-    fn serve(
+    /// Returns the Range starts it saw. Also the root-tar tests' server.
+    pub(crate) fn serve(
         file: Vec<u8>,
         cuts: usize,
         cut_at: usize,

@@ -20,8 +20,6 @@
 //! to its CSV lease file without fsync, dnsmasq rewrites and fsyncs its whole lease file.
 //! Numbers are printed, never asserted.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -84,7 +82,7 @@ pub fn run() -> Result<()> {
     std::fs::create_dir_all(&work)?;
 
     let net = namespaces()?;
-    let _latency = DmaLatency::hold();
+    let _latency = super::DmaLatency::hold();
     // perfdhcp keeps its socket at the default receive buffer (208 KiB here); replies that
     // arrive in bursts (Stork's group commit sends a batch of ACKs at once) overflow it
     // while its receive thread waits for a core, and that measures the client, not the
@@ -483,33 +481,6 @@ impl Drop for Sysctl {
         if let Some(old) = self.old.take() {
             let _ = std::fs::write(self.path, old.trim());
         }
-    }
-}
-
-/// Holds `/dev/cpu_dma_latency` at 0 while alive (FACTS.md: without it numbers swing).
-struct DmaLatency(Option<File>);
-
-impl DmaLatency {
-    fn hold() -> Self {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/cpu_dma_latency")
-            .and_then(|mut f| f.write_all(&0i32.to_ne_bytes()).map(|()| f));
-        match f {
-            Ok(f) => Self(Some(f)),
-            Err(e) => {
-                eprintln!(
-                    "warning: cannot hold /dev/cpu_dma_latency at 0 ({e}): numbers will swing"
-                );
-                Self(None)
-            }
-        }
-    }
-}
-
-impl Drop for DmaLatency {
-    fn drop(&mut self) {
-        self.0.take();
     }
 }
 

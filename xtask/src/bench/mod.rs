@@ -149,3 +149,28 @@ pub fn remove_stale_namespaces(tag: &str) {
         }
     }
 }
+
+/// Holds `/dev/cpu_dma_latency` at 0 while alive: the kernel keeps CPUs out of deep idle
+/// states only as long as the file stays open (FACTS.md: without it numbers swing).
+pub struct DmaLatency {
+    _held: Option<std::fs::File>,
+}
+
+impl DmaLatency {
+    pub fn hold() -> Self {
+        use std::io::Write;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/cpu_dma_latency")
+            .and_then(|mut f| f.write_all(&0i32.to_ne_bytes()).map(|()| f));
+        match f {
+            Ok(f) => Self { _held: Some(f) },
+            Err(e) => {
+                eprintln!(
+                    "warning: cannot hold /dev/cpu_dma_latency at 0 ({e}): numbers will swing"
+                );
+                Self { _held: None }
+            }
+        }
+    }
+}

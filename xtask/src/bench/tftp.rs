@@ -95,7 +95,7 @@ pub fn run() -> Result<()> {
     write_files(&root)?;
     std::fs::create_dir_all(&logs)?;
 
-    let _dma = DmaLatency::hold();
+    let _dma = super::DmaLatency::hold();
     super::remove_stale_namespaces(NS_TAG);
     let net = namespaces()?;
     crate::step(&format!(
@@ -471,34 +471,6 @@ fn storm(client_ns: &File, server: Ipv4Addr) -> Result<Duration> {
         bail!("{failed} of {STORM_CLIENTS} storm clients failed against {server}");
     }
     Ok(took)
-}
-
-/// Holds `/dev/cpu_dma_latency` at 0 while alive: the kernel keeps CPUs out of deep idle
-/// states only as long as the file stays open.
-struct DmaLatency(Option<File>);
-
-impl DmaLatency {
-    fn hold() -> Self {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/cpu_dma_latency")
-            .and_then(|mut f| f.write_all(&0i32.to_ne_bytes()).map(|()| f));
-        match f {
-            Ok(f) => Self(Some(f)),
-            Err(e) => {
-                eprintln!(
-                    "warning: cannot hold /dev/cpu_dma_latency at 0 ({e}): numbers will swing"
-                );
-                Self(None)
-            }
-        }
-    }
-}
-
-impl Drop for DmaLatency {
-    fn drop(&mut self) {
-        self.0.take();
-    }
 }
 
 /// The server and client namespaces, addressed: the three servers' addresses on the

@@ -30,32 +30,16 @@ UUID={esp_uuid} /boot/efi vfat umask=0077,nofail 0 2
     )
 }
 
-/// `/boot/grub/grub.cfg`, in the shape `stork-image` writes for the raw image
-/// (image-builder/src/grub.rs): GRUB on console and serial, the root by UUID.
+/// `/boot/grub/grub.cfg`, the same text `stork-image` writes for the raw image.
 pub fn grub_cfg(title: &str, root_uuid: &str, cmdline: &str, kernel: &str, initrd: &str) -> String {
-    let args = if cmdline.is_empty() {
-        String::new()
-    } else {
-        format!(" {cmdline}")
-    };
-    format!(
+    stork_proto::grub::grub_cfg(
         "# Written by the Stork agent. Regenerate with grub-mkconfig (it reads /etc/default/grub)
-# if you prefer.
-serial --unit=0 --speed=115200
-terminal_input console serial
-terminal_output console serial
-set timeout=1
-set default=0
-insmod part_gpt
-insmod ext2
-search --no-floppy --fs-uuid --set=root {root_uuid}
-menuentry '{title}' {{
-    insmod all_video
-    insmod gzio
-    linux {kernel} root=UUID={root_uuid} ro{args}
-    initrd {initrd}
-}}
-"
+# if you prefer.",
+        title,
+        root_uuid,
+        cmdline,
+        kernel,
+        initrd,
     )
 }
 

@@ -249,66 +249,17 @@ fn report(client: &Client, received: u64, total: u64, tar_bytes: u64) {
 #[cfg(test)]
 mod tests {
     use std::fs;
-    use std::io::{BufRead, Write};
 
     use super::*;
 
-    /// Serves `file` over HTTP/1.1 with Range; the first `cuts` connections end after
-    /// `cut_at` bytes of body. Returns the URL and the start offsets asked for.
+    /// The image streaming tests' server: Range honoured, the first `cuts` connections
+    /// closed after `cut_at` body bytes.
     fn serve(
         file: Vec<u8>,
         cuts: usize,
         cut_at: usize,
     ) -> (String, std::thread::JoinHandle<Vec<u64>>) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!(
-            "http://{}/boot/root.tar.zst",
-            listener.local_addr().unwrap()
-        );
-        let handle = std::thread::spawn(move || {
-            let mut starts = Vec::new();
-            for (i, conn) in listener.incoming().enumerate() {
-                let mut conn = conn.unwrap();
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut from = 0usize;
-                loop {
-                    let mut line = String::new();
-                    reader.read_line(&mut line).unwrap();
-                    if line.trim().is_empty() {
-                        break;
-                    }
-                    if let Some(v) = line.strip_prefix("Range: bytes=") {
-                        from = v.trim().trim_end_matches('-').parse().unwrap();
-                    }
-                }
-                starts.push(from as u64);
-                let body = &file[from..];
-                let head = if from > 0 {
-                    format!(
-                        "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\n\r\n",
-                        body.len(),
-                        file.len() - 1,
-                        file.len()
-                    )
-                } else {
-                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
-                };
-                let send = if i < cuts {
-                    cut_at.min(body.len())
-                } else {
-                    body.len()
-                };
-                // The client may hang up first; that is its business.
-                let _ = conn
-                    .write_all(head.as_bytes())
-                    .and_then(|()| conn.write_all(&body[..send]));
-                if i >= cuts {
-                    break;
-                }
-            }
-            starts
-        });
-        (url, handle)
+        crate::deploy::stream::tests::serve(file, cuts, cut_at, false)
     }
 
     /// A root tree as `tar -c | zstd`, with data zstd cannot shrink to nothing.
