@@ -65,8 +65,7 @@ pub fn add_boot_entry(disk: &Path, part: u32, label: &str) -> Result<Outcome> {
 }
 
 fn mount_efivars() -> Result<()> {
-    // Already mounted (by the kernel's or an earlier step): its variables are listed.
-    if std::fs::read_dir(EFIVARS).is_ok_and(|mut d| d.next().is_some()) {
+    if crate::mounts::is_mount_point(Path::new(EFIVARS))? {
         return Ok(());
     }
     mount(

@@ -496,34 +496,20 @@ pub fn to_memory(client: &Client, args: &AgentArgs, task: &DeployTask) -> Result
     };
     let file = at(Step::Memory, image_file(task, ROLE_SQUASHFS))?;
     let root = at(Step::Memory, prepare_memory_root(client, file))?;
-    at(Step::Seed, {
-        let seed = seed::seed(task, machine_id, args.boot_mac);
-        memory::write_ram_fstab(&root)
-            .and_then(|()| {
-                seed::install(
-                    &root,
-                    &seed,
-                    &seed::PhoneHome {
-                        url: &args.url,
-                        machine_id,
-                        token,
-                    },
-                )
-                .context("writing the seed")
-            })
-            .map(|()| {
-                event(
-                    client,
-                    Step::Seed,
-                    StepState::Done,
-                    format!(
-                        "seed written: hostname {}, {} SSH keys",
-                        task.hostname,
-                        task.ssh_keys.len()
-                    ),
-                );
-            })
-    })?;
+    at(
+        Step::Seed,
+        memory::write_ram_fstab(&root).and_then(|()| {
+            seed_into(
+                client,
+                &root,
+                "the in-memory root",
+                task,
+                args,
+                machine_id,
+                token,
+            )
+        }),
+    )?;
     event(
         client,
         Step::Memory,
