@@ -306,8 +306,13 @@ pub fn watch(c: &Client, id: &str, until_settled: bool) -> Result<()> {
 }
 
 pub fn stats(c: &Client, json: bool) -> Result<()> {
-    let v: Value = c.get("/stats")?;
+    let mut v: Value = c.get("/stats")?;
+    let health: crate::supervise::HealthReport = c.get("/health")?;
     if json {
+        // The counters by service as the API has them, and the health beside them.
+        if let Some(o) = v.as_object_mut() {
+            o.insert("health".into(), serde_json::to_value(&health)?);
+        }
         return print_json(&v);
     }
     if let Some(services) = v.as_object() {
@@ -315,6 +320,18 @@ pub fn stats(c: &Client, json: bool) -> Result<()> {
             for (name, value) in counters.as_object().into_iter().flatten() {
                 println!("{service}.{name} {value}");
             }
+        }
+    }
+    println!("health {}", health.status);
+    for (name, s) in &health.services {
+        let state = serde_json::to_value(s.state)?;
+        let state = state.as_str().unwrap_or("?");
+        match &s.last_error {
+            Some(e) => println!(
+                "health.{name} {state} restarts={} last_error={e}",
+                s.restarts
+            ),
+            None => println!("health.{name} {state} restarts={}", s.restarts),
         }
     }
     Ok(())

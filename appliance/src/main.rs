@@ -10,22 +10,51 @@ use stork::cli::{self, Client};
 use stork::lifecycle::Status;
 use stork::{auth, config, serve, store};
 
+const DEFAULT_URL: &str = "http://127.0.0.1:8080";
+
 #[derive(Parser)]
 #[command(name = "stork", version, about = "Bare-metal provisioning appliance")]
 struct Cli {
-    /// Appliance URL for client commands.
-    #[arg(
-        long,
-        env = "STORK_URL",
-        default_value = "http://127.0.0.1:8080",
-        global = true
-    )]
-    url: String,
-    /// Admin API token for client commands (`stork token create` makes one).
-    #[arg(long, env = "STORK_TOKEN", global = true, hide_env_values = true)]
-    token: Option<String>,
+    /// Where the client commands find the appliance, given before the command
+    /// (`stork --url U machine list`); the client commands take the same after it.
+    #[command(flatten)]
+    conn: TopConn,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// The connection options before the command: not global, so `stork serve --help` and
+/// `stork config --help`, which talk to no appliance, do not list them.
+#[derive(clap::Args)]
+struct TopConn {
+    /// Appliance URL for client commands [default: http://127.0.0.1:8080].
+    #[arg(long, env = "STORK_URL")]
+    url: Option<String>,
+    /// Admin API token for client commands (`stork token create` makes one).
+    #[arg(long, env = "STORK_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+/// The same options on each client command and everything under it.
+#[derive(clap::Args)]
+struct Conn {
+    /// Appliance URL [default: http://127.0.0.1:8080].
+    #[arg(long, env = "STORK_URL", global = true)]
+    url: Option<String>,
+    /// Admin API token (`stork token create` makes one).
+    #[arg(long, env = "STORK_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl Conn {
+    fn client(&self, top: &TopConn) -> Client {
+        let url = self
+            .url
+            .as_deref()
+            .or(top.url.as_deref())
+            .unwrap_or(DEFAULT_URL);
+        Client::new(url, self.token.clone().or_else(|| top.token.clone()))
+    }
 }
 
 #[derive(Subcommand)]
@@ -33,19 +62,38 @@ enum Cmd {
     /// Run the appliance: DHCP, HTTP boot files, boot scripts and the API.
     Serve(ServeArgs),
     /// Machines: list, inspect, and move through the lifecycle.
-    #[command(subcommand)]
-    Machine(MachineCmd),
+    Machine {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: MachineCmd,
+    },
     /// Admin API tokens.
-    #[command(subcommand)]
-    Token(TokenCmd),
+    Token {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
     /// Boot resources (images) the appliance can deploy.
-    #[command(subcommand)]
-    Image(ImageCmd),
+    Image {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
     /// SSH public keys installed on every deployed machine.
-    #[command(subcommand, name = "ssh-key")]
-    SshKey(SshKeyCmd),
-    /// Print the services' counters (packets, malformed, replies, ...).
+    #[command(name = "ssh-key")]
+    SshKey {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: SshKeyCmd,
+    },
+    /// Print the services' counters (packets, drops by reason, replies, ...) and health.
     Stats {
+        #[command(flatten)]
+        conn: Conn,
         #[arg(long)]
         json: bool,
     },
@@ -206,21 +254,23 @@ enum MachineCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Take a machine out of service (Broken) until it is repaired; nothing is powered.
     MarkBroken {
         id: String,
+        /// Why, kept with the machine and its event.
         #[arg(long)]
         reason: Option<String>,
         #[arg(long)]
         json: bool,
     },
+    /// Put a Broken machine back in service: Ready if it was commissioned, else New.
     MarkFixed {
         id: String,
         #[arg(long)]
         json: bool,
     },
-    Delete {
-        id: String,
-    },
+    /// Forget a machine: its record, events and leases' link to it (not while it is busy).
+    Delete { id: String },
     /// Power control through the machine's driver: on, off, soft-off, cycle, query.
     Power {
         id: String,
@@ -269,11 +319,26 @@ enum TokenCmd {
 
 #[derive(Subcommand)]
 enum ImageCmd {
+    /// List the registered boot resources.
     List {
         #[arg(long)]
         json: bool,
     },
-    /// Register a boot resource from a JSON description (see the API's BootResource).
+    /// Import an OS image from a `stork-image os` output directory in one step: check each
+    /// file against the directory's manifest.json, copy it under DATA_DIR/boot/images/NAME/,
+    /// and register it with the appliance.
+    Import {
+        /// The directory `stork-image os --out DIR` wrote (with manifest.json).
+        dir: PathBuf,
+        /// Which image of the manifest (needed only when it lists more than one OS image).
+        #[arg(long)]
+        name: Option<String>,
+        /// The appliance's data directory (its `data_dir`), where the files are served from.
+        #[arg(long, default_value = "./var")]
+        data_dir: PathBuf,
+    },
+    /// Register a boot resource from a JSON description (see the API's BootResource) whose
+    /// files are already under DATA_DIR/boot/.
     Register { file: PathBuf },
 }
 
@@ -304,16 +369,52 @@ fn read(path: &PathBuf) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let client = || Client::new(&cli.url, cli.token.clone());
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The chain of what failed, without a backtrace: these are the user's errors
+            // (a missing interface, a wrong file), not the program's.
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let top = cli.conn;
     match cli.cmd {
         Cmd::Serve(args) => serve::serve(args.into()),
-        Cmd::Machine(cmd) => machine(&client(), cmd),
-        Cmd::Token(TokenCmd::Create {
+        Cmd::Machine { conn, cmd } => machine(&conn.client(&top), cmd),
+        Cmd::Token { conn, cmd } => token(&conn.client(&top), cmd),
+        Cmd::Image { conn, cmd } => image(&conn.client(&top), cmd),
+        Cmd::SshKey { conn, cmd } => ssh_key(&conn.client(&top), cmd),
+        Cmd::Stats { conn, json } => cli::stats(&conn.client(&top), json),
+        Cmd::Config(ConfigCmd::Default) => {
+            print!("{}", config::DEFAULT_TOML);
+            Ok(())
+        }
+        Cmd::Config(ConfigCmd::Check { config }) => {
+            let cfg = serve::load_config(&serve::Overrides {
+                config,
+                ..Default::default()
+            })?;
+            println!("{cfg:#?}");
+            Ok(())
+        }
+    }
+}
+
+fn token(client: &Client, cmd: TokenCmd) -> Result<()> {
+    match cmd {
+        TokenCmd::Create {
             data_dir,
             description,
-        }) => {
+        } => {
             std::fs::create_dir_all(&data_dir)
                 .with_context(|| format!("cannot create {}", data_dir.display()))?;
             let db = data_dir.join("stork.db");
@@ -323,8 +424,8 @@ fn main() -> Result<()> {
             println!("{token}");
             Ok(())
         }
-        Cmd::Token(TokenCmd::List { json }) => {
-            let v: Value = client().get("/tokens")?;
+        TokenCmd::List { json } => {
+            let v: Value = client.get("/tokens")?;
             cli::json_or_line(&v, json, |v| {
                 v.as_array()
                     .into_iter()
@@ -340,22 +441,47 @@ fn main() -> Result<()> {
                     .join("\n")
             })
         }
-        Cmd::Image(ImageCmd::List { json }) => cli::images(&client(), json),
-        Cmd::Image(ImageCmd::Register { file }) => {
+    }
+}
+
+fn image(client: &Client, cmd: ImageCmd) -> Result<()> {
+    match cmd {
+        ImageCmd::List { json } => cli::images(client, json),
+        ImageCmd::Import {
+            dir,
+            name,
+            data_dir,
+        } => {
+            let resource =
+                stork::image_import::import(&dir, name.as_deref(), &data_dir.join("boot"))?;
+            let v: Value = client.post("/boot-resources", &serde_json::to_value(&resource)?)?;
+            println!(
+                "imported {} ({} files checked and copied under {})",
+                v["name"].as_str().unwrap_or("?"),
+                resource.files.len(),
+                data_dir.join("boot").display()
+            );
+            Ok(())
+        }
+        ImageCmd::Register { file } => {
             let body: Value = serde_json::from_str(&read(&file)?)
                 .with_context(|| format!("{} is not JSON", file.display()))?;
-            let v: Value = client().post("/boot-resources", &body)?;
+            let v: Value = client.post("/boot-resources", &body)?;
             println!("registered {}", v["name"].as_str().unwrap_or("?"));
             Ok(())
         }
-        Cmd::SshKey(SshKeyCmd::Add { name, file }) => {
-            let v: Value =
-                client().post("/ssh-keys", &json!({"name": name, "key": read(&file)?}))?;
+    }
+}
+
+fn ssh_key(client: &Client, cmd: SshKeyCmd) -> Result<()> {
+    match cmd {
+        SshKeyCmd::Add { name, file } => {
+            let v: Value = client.post("/ssh-keys", &json!({"name": name, "key": read(&file)?}))?;
             println!("{}", v["id"].as_str().unwrap_or("?"));
             Ok(())
         }
-        Cmd::SshKey(SshKeyCmd::List { json }) => {
-            let v: Value = client().get("/ssh-keys")?;
+        SshKeyCmd::List { json } => {
+            let v: Value = client.get("/ssh-keys")?;
             cli::json_or_line(&v, json, |v| {
                 v.as_array()
                     .into_iter()
@@ -371,19 +497,6 @@ fn main() -> Result<()> {
                     .collect::<Vec<_>>()
                     .join("\n")
             })
-        }
-        Cmd::Stats { json } => cli::stats(&client(), json),
-        Cmd::Config(ConfigCmd::Default) => {
-            print!("{}", config::DEFAULT_TOML);
-            Ok(())
-        }
-        Cmd::Config(ConfigCmd::Check { config }) => {
-            let cfg = serve::load_config(&serve::Overrides {
-                config,
-                ..Default::default()
-            })?;
-            println!("{cfg:#?}");
-            Ok(())
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context, Result};
 use tokio::task::JoinSet;
@@ -12,6 +12,7 @@ use crate::controller::{Controller, DriverPower};
 use crate::dhcp::{self, handler::ServerInfo};
 use crate::http::{self, AppState};
 use crate::store::Store;
+use crate::supervise::{Backoff, Health, supervise};
 
 /// The command line's say over the configuration file.
 #[derive(Debug, Default, Clone)]
@@ -73,39 +74,71 @@ pub fn serve(args: Overrides) -> Result<()> {
     rt.block_on(run(cfg))
 }
 
+/// Takes what was prepared before the services started (a bound socket: a bind error is a
+/// fatal configuration error, reported at start), or prepares it again for a restart.
+fn first_or<T>(slot: &Arc<Mutex<Option<T>>>) -> Option<T> {
+    slot.lock().unwrap_or_else(PoisonError::into_inner).take()
+}
+
 async fn run(cfg: Arc<Config>) -> Result<()> {
     let store = Store::open(&cfg.db_path())
         .with_context(|| format!("cannot open the database {}", cfg.db_path().display()))?;
     let controller = Controller::new(store.clone(), Arc::new(DriverPower));
+    let health = Arc::new(Health::default());
     let state = AppState {
         cfg: cfg.clone(),
         store,
         controller: controller.clone(),
         dhcp_stats: Arc::default(),
         tftp_stats: Arc::default(),
+        health: health.clone(),
     };
     let mut tasks = JoinSet::new();
+    let mut service = |name: &'static str, start: Box<dyn Fn() -> ServiceFuture + Send + Sync>| {
+        tasks.spawn(supervise(name, health.clone(), Backoff::default(), start));
+    };
     if let Some(every) = cfg.power_poll {
         let c = controller.clone();
-        tasks.spawn(async move {
-            c.run_power_poll(every).await;
-            Ok(())
-        });
+        service(
+            "power_poll",
+            Box::new(move || {
+                let c = c.clone();
+                Box::pin(async move {
+                    c.run_power_poll(every).await;
+                    Ok(())
+                })
+            }),
+        );
     }
     let (timeout, every) = (cfg.timeout, cfg.check_interval);
-    tasks.spawn(async move {
-        controller.run_timeouts(timeout, every).await;
-        Ok(())
-    });
+    let c = controller.clone();
+    service(
+        "timeouts",
+        Box::new(move || {
+            let c = c.clone();
+            Box::pin(async move {
+                c.run_timeouts(timeout, every).await;
+                Ok(())
+            })
+        }),
+    );
 
     if cfg.dhcp.serves() {
-        let sock = dhcp::bind(&cfg.interface, dhcproto::v4::SERVER_PORT)?;
-        // proxyDHCP also answers on the PXE boot server port.
-        let pxe = if cfg.dhcp.proxies() {
-            Some(dhcp::bind(&cfg.interface, dhcp::PXE_PORT)?)
-        } else {
-            None
+        let bind = {
+            let cfg = cfg.clone();
+            move || -> Result<DhcpSockets> {
+                let sock = dhcp::bind(&cfg.interface, dhcproto::v4::SERVER_PORT)
+                    .map_err(|e| interface_hint(e.into(), &cfg.interface))?;
+                // proxyDHCP also answers on the PXE boot server port.
+                let pxe = if cfg.dhcp.proxies() {
+                    Some(dhcp::bind(&cfg.interface, dhcp::PXE_PORT)?)
+                } else {
+                    None
+                };
+                Ok((sock, pxe))
+            }
         };
+        let first = Arc::new(Mutex::new(Some(bind()?)));
         let info = ServerInfo {
             server_ip: cfg.address,
             http_base: cfg.base_url(),
@@ -113,50 +146,99 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         };
         let stats = state.dhcp_stats.clone();
         let journal = dhcp::journal_path(&cfg.data_dir);
-        tasks.spawn(async move {
-            dhcp::run(sock, pxe, info, &journal, stats)
-                .await
-                .context("DHCP service")
-        });
+        service(
+            "dhcp",
+            Box::new(move || {
+                let pre = first_or(&first);
+                let (bind, info, stats, journal) =
+                    (bind.clone(), info.clone(), stats.clone(), journal.clone());
+                Box::pin(async move {
+                    let (sock, pxe) = match pre {
+                        Some(s) => s,
+                        None => bind()?,
+                    };
+                    dhcp::run(sock, pxe, info, &journal, stats)
+                        .await
+                        .context("DHCP service")
+                })
+            }),
+        );
         let local = cfg.dhcp.local();
         tracing::info!(interface = %cfg.interface, mode = ?local.mode, ranges = ?local.ranges, subnets = cfg.dhcp.subnets.len(), "DHCP serving");
         if cfg.dhcp.ipv6_ra {
             let interface = cfg.interface.clone();
-            tasks.spawn(async move {
-                if let Err(e) = dhcp::ra::run(interface).await {
-                    // Booting still works without: iPXE just waits longer.
-                    tracing::warn!(error = %e, "no IPv6 router advertisements");
-                }
-                // Ending would end the whole service (see the select below).
-                std::future::pending::<()>().await;
-                Ok(())
-            });
+            service(
+                "ipv6_ra",
+                Box::new(move || {
+                    let interface = interface.clone();
+                    Box::pin(async move {
+                        if let Err(e) = dhcp::ra::run(interface).await {
+                            // Booting still works without: iPXE just waits longer.
+                            tracing::warn!(error = %e, "no IPv6 router advertisements");
+                        }
+                        // Not a failure to restart for.
+                        std::future::pending::<()>().await;
+                        Ok(())
+                    })
+                }),
+            );
         }
     }
 
     if let Some(tftp_cfg) = cfg.tftp.clone() {
-        let sock = crate::tftp::bind(tftp_cfg.listen)
-            .with_context(|| format!("cannot listen for TFTP on {}", tftp_cfg.listen))?;
+        let listen = tftp_cfg.listen;
+        let bind = move || {
+            crate::tftp::bind(listen).with_context(|| format!("cannot listen for TFTP on {listen}"))
+        };
+        let first = Arc::new(Mutex::new(Some(bind()?)));
         let stats = state.tftp_stats.clone();
         tracing::info!(listen = %tftp_cfg.listen, root = %tftp_cfg.root.display(), "TFTP serving");
-        tasks.spawn(async move {
-            crate::tftp::run(sock, tftp_cfg, stats)
-                .await
-                .context("TFTP service")
-        });
+        service(
+            "tftp",
+            Box::new(move || {
+                let pre = first_or(&first);
+                let (cfg, stats) = (tftp_cfg.clone(), stats.clone());
+                Box::pin(async move {
+                    let sock = match pre {
+                        Some(s) => s,
+                        None => bind()?,
+                    };
+                    crate::tftp::run(sock, cfg, stats)
+                        .await
+                        .context("TFTP service")
+                })
+            }),
+        );
     }
 
-    let listener = tokio::net::TcpListener::bind(cfg.http_listen)
+    let listen = cfg.http_listen;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen for HTTP on {}", cfg.http_listen))?;
+        .with_context(|| format!("cannot listen for HTTP on {listen}"))?;
     tracing::info!(listen = %cfg.http_listen, url = %cfg.base_url(), boot_dir = %cfg.boot_dir().display(), "HTTP serving");
     let app = http::router(state);
-    tasks.spawn(async move { axum::serve(listener, app).await.context("HTTP service") });
+    let first = Arc::new(Mutex::new(Some(listener)));
+    service(
+        "http",
+        Box::new(move || {
+            let pre = first_or(&first);
+            let app = app.clone();
+            Box::pin(async move {
+                let listener = match pre {
+                    Some(l) => l,
+                    None => tokio::net::TcpListener::bind(listen)
+                        .await
+                        .with_context(|| format!("cannot listen for HTTP on {listen}"))?,
+                };
+                axum::serve(listener, app).await.context("HTTP service")
+            })
+        }),
+    );
 
     tokio::select! {
+        // Supervisors never end on their own; one that does is a bug worth stopping for.
         done = tasks.join_next() => match done {
-            Some(Ok(Err(e))) => Err(e),
-            Some(Err(e)) => Err(e).context("service task panicked"),
+            Some(Err(e)) => Err(e).context("service supervisor failed"),
             _ => Ok(()),
         },
         _ = shutdown_signal() => {
@@ -165,6 +247,46 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
             Ok(())
         }
     }
+}
+
+type ServiceFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+type DhcpSockets = (tokio::net::UdpSocket, Option<tokio::net::UdpSocket>);
+
+/// A DHCP bind error on a missing interface says what to do about it.
+fn interface_hint(e: anyhow::Error, interface: &str) -> anyhow::Error {
+    let missing = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENODEV))
+    });
+    if !missing {
+        return e;
+    }
+    let names = interfaces();
+    e.context(format!(
+        "there is no interface {interface:?} on this machine. Serve DHCP on the provisioning \
+         network's interface with `--interface NAME` (or `interface` in the config file), \
+         and give its address with `--address`; `stork0` is the default because it is the \
+         lab's bridge (`cargo xtask demo`). Interfaces here: {}",
+        if names.is_empty() {
+            "none found".to_string()
+        } else {
+            names.join(", ")
+        }
+    ))
+}
+
+/// The names of this machine's network interfaces, loopback left out.
+fn interfaces() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "lo")
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 async fn shutdown_signal() {

@@ -318,7 +318,7 @@ fn atftp_fetches_with_windowsize() {
         ("many.bin", &["blksize 1468", "windowsize 16"]),
         ("many.bin", &["blksize 1468", "windowsize 64"]),
         ("many.bin", &["blksize 65464", "windowsize 4"]),
-        // OVMF's own request (FACTS.md), tsize included.
+        // OVMF's own request (docs/measurements.md), tsize included.
         (
             "efi/snponly.efi",
             &["blksize 1468", "windowsize 4", "tsize enable"],

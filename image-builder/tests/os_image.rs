@@ -331,7 +331,7 @@ fn boot(fw: Firmware) -> Result<()> {
     let seed = seed(dir)?;
     let console = dir.join("console.log");
     let mut qemu = Command::new("qemu-system-x86_64");
-    // KVM hangs on this machine (FACTS.md): TCG. No network device at all.
+    // KVM hangs on this machine (docs/measurements.md): TCG. No network device at all.
     qemu.args([
         "-accel",
         "tcg",

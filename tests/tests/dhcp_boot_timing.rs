@@ -1,6 +1,6 @@
 //! How long a SeaBIOS VM (iPXE ROM) takes from power-on to fetching its iPXE script, with
 //! and without Stork's IPv6 router advertisements (iPXE waits for IPv6 autoconfiguration
-//! unless a router advertisement says there is none: FACTS.md measured about 13 s).
+//! unless a router advertisement says there is none: docs/measurements.md says about 13 s).
 //! Prints both times; asserts only that the advertisement makes the boot faster.
 
 mod dhcp_common;

@@ -147,7 +147,7 @@ fn images() -> Result<PathBuf> {
             .arg(&boot),
     )?;
     // Network boot programs for firmware PXE (TFTP) and UEFI HTTP boot, from Debian's
-    // ipxe package: snponly.efi uses the firmware's own NIC driver (FACTS.md: faster than
+    // ipxe package: snponly.efi uses the firmware's own NIC driver (docs/measurements.md: faster than
     // ipxe.efi under OVMF), undionly.kpxe chains from a BIOS PXE ROM.
     for nbp in ["undionly.kpxe", "snponly.efi", "ipxe.efi"] {
         let from = Path::new("/usr/lib/ipxe").join(nbp);

@@ -1,6 +1,7 @@
-//! The DHCP packet handler on arbitrary bytes: whatever `stork::dhcp::decode` accepts
-//! must be handled (on both
-//! ports, in full and proxy mode) without a panic, and every reply must encode.
+//! Raw datagrams through what the DHCP socket loop runs (`stork::dhcp::Server::on_datagram`:
+//! edge checks, handler, journal records, reply encoding) on both ports, in full and proxy
+//! mode: no panic, not even a caught one. `appliance/tests/fuzz.rs` runs the same on stable
+//! in `cargo xtask test`; this target is for longer runs.
 //!
 //! `cargo +nightly fuzz run dhcp_handler` from `appliance/`.
 #![no_main]
@@ -8,10 +9,14 @@
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
-use dhcproto::v4::Encodable;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use libfuzzer_sys::fuzz_target;
 use stork::config::FileConfig;
-use stork::dhcp::handler::{Handler, Outcome, ServerInfo};
+use stork::dhcp::handler::{Handler, ServerInfo};
+use stork::dhcp::{Action, Port, Server, Stats};
 
 fn info(text: &str) -> ServerInfo {
     let cfg = FileConfig::parse(text, std::path::Path::new("fuzz"))
@@ -52,24 +57,20 @@ ranges = [["10.78.0.10", "10.78.0.12"]]
 fuzz_target!(|data: &[u8]| {
     // Several messages in one input, split on a marker, so sequences (DISCOVER, REQUEST,
     // DECLINE, RELEASE for the same client) reach the pool's state.
+    let stats = Arc::new(Stats::default());
+    let peer = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68));
     for info in configs() {
-        let mut h = Handler::new(info.clone());
-        let mut records = Vec::new();
+        let mut server = Server::new(Handler::new(info.clone()), stats.clone());
         for (i, chunk) in data.split(|b| *b == 0xA5).take(8).enumerate() {
-            // The server's own decode: what it rejects never reaches the handler.
-            let Ok(msg) = stork::dhcp::decode(chunk) else {
-                continue;
-            };
             let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + i as u64 * 30);
-            for outcome in [h.handle(&msg, now), h.handle_pxe(&msg, now)] {
-                if let Outcome::Reply(r) = outcome {
-                    r.msg.to_vec().expect("a reply always encodes");
+            for port in [Port::Dhcp, Port::Pxe] {
+                if let Action::Journal(job) = server.on_datagram(chunk, peer, port, now) {
+                    for r in &job.records {
+                        assert_eq!(stork::dhcp::journal::Record::decode(&r.encode()), Some(*r));
+                    }
                 }
             }
-            h.take_records(&mut records);
-        }
-        for r in &records {
-            assert_eq!(stork::dhcp::journal::Record::decode(&r.encode()), Some(*r));
         }
     }
+    assert_eq!(stats.panics.load(Ordering::Relaxed), 0, "a datagram panicked");
 });

@@ -148,7 +148,7 @@ mod tests {
 
     #[test]
     fn classifies_the_clients_seen_here() {
-        // Option values as captured from each client (FACTS.md).
+        // Option values as captured from each client (docs/measurements.md, "Firmware and iPXE").
         let seabios_ipxe = discover(vec![
             class("PXEClient:Arch:00000:UNDI:002001"),
             DhcpOption::UserClass(b"iPXE".to_vec()),

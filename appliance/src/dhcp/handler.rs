@@ -595,21 +595,24 @@ mod tests {
         let mut bad = IPXE_DISCOVER[..240].to_vec();
         bad.extend_from_slice(&[53, 1, 1, 80, 2, 0, 0, 255]);
         assert!(matches!(
-            super::super::decode(&bad),
-            Err(super::super::Malformed::OptionLength { code: 80, len: 2 })
+            super::super::edge::accept(&bad),
+            Err(super::super::edge::Dropped::OptionLength { code: 80, len: 2 })
         ));
         for (code, len) in [(94u8, 2u8), (81, 1), (151, 0), (152, 3)] {
             let mut p = IPXE_DISCOVER[..240].to_vec();
             p.extend_from_slice(&[53, 1, 1, code, len]);
             p.extend(std::iter::repeat_n(0, usize::from(len)));
             p.push(255);
-            assert!(super::super::decode(&p).is_err(), "option {code} len {len}");
+            assert!(
+                super::super::edge::accept(&p).is_err(),
+                "option {code} len {len}"
+            );
         }
         // Two option 94s of 3 bytes each are one of 6 (RFC 3396 concatenation).
         let mut p = IPXE_DISCOVER[..240].to_vec();
         p.extend_from_slice(&[53, 1, 1, 94, 3, 1, 2, 0, 94, 3, 1, 2, 0, 255]);
-        assert!(super::super::decode(&p).is_err());
-        assert!(super::super::decode(IPXE_DISCOVER).is_ok());
+        assert!(super::super::edge::accept(&p).is_err());
+        assert!(super::super::edge::accept(IPXE_DISCOVER).is_ok());
     }
 
     #[test]

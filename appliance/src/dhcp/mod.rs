@@ -2,6 +2,8 @@
 //! [`journal`], and router advertisements ([`ra`]) that keep iPXE from waiting for IPv6.
 
 pub mod client;
+pub mod datagram;
+pub mod edge;
 pub mod handler;
 pub mod journal;
 pub mod pool;
@@ -14,20 +16,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use dhcproto::v4::{Decodable, Decoder, Encodable, Message, MessageType};
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 
-use handler::{Handler, Ignored, Outcome, ServerInfo};
-use journal::{Job, Journal, JournalError};
+pub use datagram::{Action, Port, Server};
+pub use edge::MAX_PACKET;
+use handler::{Handler, ServerInfo};
+use journal::{Journal, JournalError};
 
 /// The PXE boot server port (PXE 2.1), served in proxy mode.
 pub const PXE_PORT: u16 = 4011;
-
-/// Largest datagram accepted: a DHCP message in one unfragmented Ethernet frame
-/// (1500 - 20 IP - 8 UDP). Anything longer is counted as oversized and dropped.
-pub const MAX_PACKET: usize = 1472;
 
 macro_rules! stats {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
@@ -55,10 +54,23 @@ macro_rules! stats {
 stats! {
     /// Datagrams received on ports 67 and 4011.
     received,
-    /// Not a DHCP message.
+    /// Dropped at the edge as not a DHCP request we serve (every reason below but oversized).
     malformed,
     /// Longer than [`MAX_PACKET`].
     oversized,
+    /// Dropped at the edge, by reason: shorter than the header and cookie; not a
+    /// BOOTREQUEST; not 6-byte Ethernet (any other `htype`/`hlen`); no magic cookie; an
+    /// option past the end or of a length the decoder would trust; no message type; the
+    /// decoder refused it.
+    drop_truncated,
+    drop_not_request,
+    drop_hardware,
+    drop_no_cookie,
+    drop_options,
+    drop_no_message_type,
+    drop_decode,
+    /// Datagrams whose handling panicked (a bug): each was dropped, the service kept on.
+    panics,
     /// Received, by message type.
     discover,
     request,
@@ -155,184 +167,49 @@ pub async fn run(
         .try_clone()
         .map_err(DhcpError::Clone)?;
     let journal = journal.spawn(writer_sock.into(), stats.clone())?;
+    let mut server = Server::new(handler, stats.clone());
 
     // Larger than any valid request: longer datagrams show up as oversized, not truncated.
     let mut buf = vec![0u8; 4096];
     let mut pxe_buf = vec![0u8; 4096];
-    let mut records = Vec::new();
     loop {
-        let (len, peer, from_pxe) = tokio::select! {
+        let (len, peer, port) = tokio::select! {
             r = sock.recv_from(&mut buf) => {
                 let (len, peer) = r.map_err(DhcpError::Recv)?;
-                (len, peer, false)
+                (len, peer, Port::Dhcp)
             }
             r = recv_opt(pxe.as_ref(), &mut pxe_buf) => {
                 let (len, peer) = r.map_err(DhcpError::Recv)?;
-                (len, peer, true)
+                (len, peer, Port::Pxe)
             }
         };
-        bump(&stats.received);
-        let packet = if from_pxe { &pxe_buf } else { &buf };
-        if len > MAX_PACKET {
-            bump(&stats.oversized);
-            tracing::warn!(%peer, len, "dropped oversized DHCP packet");
-            continue;
-        }
-        let Some(packet) = packet.get(..len) else {
-            continue;
+        let packet = match port {
+            Port::Dhcp => &buf,
+            Port::Pxe => &pxe_buf,
         };
-        let req = match decode(packet) {
-            Ok(m) => m,
-            Err(e) => {
-                bump(&stats.malformed);
-                tracing::warn!(%peer, len, error = %e, "dropped malformed DHCP packet");
-                continue;
-            }
-        };
-        count_request(&stats, req.opts().msg_type());
-        let now = SystemTime::now();
-        let outcome = if from_pxe {
-            handler.handle_pxe(&req, now)
-        } else {
-            handler.handle(&req, now)
-        };
-        handler.take_records(&mut records);
-        let mac = stork_proto::MacAddr::from_slice(req.chaddr());
-        match outcome {
-            Outcome::Reply(mut reply) => {
-                if from_pxe && let SocketAddr::V4(p) = peer {
-                    // PXE 2.1: the boot server answers where the request came from.
-                    reply.to = p;
+        let packet = packet.get(..len).unwrap_or_default();
+        match server.on_datagram(packet, peer, port, SystemTime::now()) {
+            Action::Nothing => {}
+            Action::Journal(job) => {
+                if !journal.submit(job) {
+                    bump(&stats.journal_busy);
+                    tracing::warn!(%peer, "lease journal behind: reply dropped");
                 }
-                let kind = reply.msg.opts().msg_type();
-                let bytes = match reply.msg.to_vec() {
-                    Ok(b) => b,
+            }
+            Action::Send(send) => {
+                let via = match send.port {
+                    Port::Pxe => pxe.as_ref().unwrap_or(&sock),
+                    Port::Dhcp => &sock,
+                };
+                match via.send_to(&send.bytes, send.to).await {
+                    Ok(_) => server.count_sent(&send),
                     Err(e) => {
                         bump(&stats.send_errors);
-                        tracing::error!(error = %e, "cannot encode DHCP reply");
-                        continue;
-                    }
-                };
-                let to = SocketAddr::V4(reply.to);
-                let yiaddr = reply.msg.yiaddr();
-                if !records.is_empty() {
-                    // An ACK that binds a lease leaves only once the lease is durable.
-                    let job = Job {
-                        records: std::mem::take(&mut records),
-                        reply: Some((bytes, to)),
-                    };
-                    if journal.submit(job) {
-                        tracing::debug!(mac = ?mac, xid = req.xid(), ?kind, %yiaddr, %to, "DHCP reply queued behind the journal");
-                    } else {
-                        bump(&stats.journal_busy);
-                        tracing::warn!(mac = ?mac, xid = req.xid(), "lease journal behind: reply dropped");
-                    }
-                    continue;
-                }
-                let sent = if from_pxe {
-                    pxe.as_ref().unwrap_or(&sock).send_to(&bytes, to).await
-                } else {
-                    sock.send_to(&bytes, to).await
-                };
-                match sent {
-                    Ok(_) => {
-                        bump(&stats.replied);
-                        // A proxy offer is the only offer without an address.
-                        let proxy = from_pxe
-                            || (kind == Some(MessageType::Offer) && yiaddr.is_unspecified());
-                        count_reply(&stats, kind, proxy);
-                        tracing::debug!(mac = ?mac, xid = req.xid(), ?kind, %yiaddr, %to, "DHCP reply");
-                    }
-                    Err(e) => {
-                        bump(&stats.send_errors);
-                        tracing::warn!(%to, error = %e, "DHCP send failed");
+                        tracing::warn!(to = %send.to, error = %e, "DHCP send failed");
                     }
                 }
-            }
-            Outcome::Ignore(why) => {
-                bump(&stats.ignored);
-                if why == Ignored::RateLimited {
-                    bump(&stats.rate_limited);
-                }
-                if !records.is_empty() {
-                    // RELEASE and DECLINE: no reply, but the change must outlive a crash.
-                    let job = Job {
-                        records: std::mem::take(&mut records),
-                        reply: None,
-                    };
-                    if !journal.submit(job) {
-                        bump(&stats.journal_busy);
-                    }
-                }
-                tracing::debug!(mac = ?mac, xid = req.xid(), reason = %why, "DHCP request ignored");
             }
         }
-    }
-}
-
-/// Why a datagram is not a DHCP message we accept.
-#[derive(Debug, thiserror::Error)]
-pub enum Malformed {
-    #[error("does not decode: {0}")]
-    Decode(#[from] dhcproto::error::DecodeError),
-    #[error("option {code} has length {len}")]
-    OptionLength { code: u8, len: usize },
-    #[error("the decoder panicked")]
-    Panic,
-}
-
-/// Option lengths dhcproto 0.15 asserts on (`debug_assert!`, `len - n`) instead of
-/// checking: a packet with a wrong length there panics a debug build (found by the
-/// `dhcp_handler` fuzz target), so it is rejected before decoding. `len` is the length
-/// after RFC 3396 concatenation, as dhcproto sees it.
-fn length_ok(code: u8, len: usize) -> bool {
-    match code {
-        80 => len == 0,        // Rapid Commit
-        81 => len >= 3,        // Client FQDN: flags and two rcodes first
-        94 => len == 3,        // Client Network Interface
-        151 => len >= 1,       // BLQ status code: a code first
-        152..=155 => len == 4, // BLQ times
-        _ => true,
-    }
-}
-
-/// Decodes one DHCP message, rejecting what the decoder would mishandle. Shared with the
-/// fuzz target, so it exercises exactly what the server accepts.
-pub fn decode(packet: &[u8]) -> Result<Message, Malformed> {
-    // The options area: after the fixed header and the magic cookie (RFC 2131 section 3).
-    // Consecutive options with the same code are one option (RFC 3396), as dhcproto
-    // concatenates them.
-    let mut i = 240;
-    let mut run: Option<(u8, usize)> = None;
-    let check = |run: Option<(u8, usize)>| match run {
-        Some((code, len)) if !length_ok(code, len) => Err(Malformed::OptionLength { code, len }),
-        _ => Ok(()),
-    };
-    while let Some(&code) = packet.get(i) {
-        if code == 0 || code == 255 {
-            check(run.take())?;
-            if code == 255 {
-                break;
-            }
-            i += 1;
-            continue;
-        }
-        let Some(&len) = packet.get(i + 1) else { break };
-        let len = usize::from(len);
-        run = match run {
-            Some((c, total)) if c == code => Some((c, total + len)),
-            other => {
-                check(other)?;
-                Some((code, len))
-            }
-        };
-        i += 2 + len;
-    }
-    check(run)?;
-    // A panic inside the decoder on hostile input must cost one packet, not the service.
-    match std::panic::catch_unwind(|| Message::decode(&mut Decoder::new(packet))) {
-        Ok(r) => Ok(r?),
-        Err(_) => Err(Malformed::Panic),
     }
 }
 
@@ -343,30 +220,6 @@ async fn recv_opt(
     match sock {
         Some(s) => s.recv_from(buf).await,
         None => std::future::pending().await,
-    }
-}
-
-fn count_request(stats: &Stats, kind: Option<MessageType>) {
-    match kind {
-        Some(MessageType::Discover) => bump(&stats.discover),
-        Some(MessageType::Request) => bump(&stats.request),
-        Some(MessageType::Decline) => bump(&stats.decline),
-        Some(MessageType::Release) => bump(&stats.release),
-        Some(MessageType::Inform) => bump(&stats.inform),
-        _ => {}
-    }
-}
-
-fn count_reply(stats: &Stats, kind: Option<MessageType>, proxy: bool) {
-    if proxy {
-        bump(&stats.proxy_replies);
-        return;
-    }
-    match kind {
-        Some(MessageType::Offer) => bump(&stats.offers),
-        Some(MessageType::Ack) => bump(&stats.acks),
-        Some(MessageType::Nak) => bump(&stats.naks),
-        _ => {}
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! iPXE configures every interface with DHCPv4 and IPv6 autoconfiguration in parallel and
 //! waits for both: without a router it sends router solicitations for about 13 s before it
-//! gives up (FACTS.md). A router advertisement with M = 0 and O = 0 ends its IPv6
+//! gives up (docs/measurements.md). A router advertisement with M = 0 and O = 0 ends its IPv6
 //! configurator at once (iPXE `ndp.c`, `ipv6conf_rx_router_advertisement`). Ours also has
 //! router lifetime 0 (not a default router) and no prefix, so no host configures anything
 //! from it.

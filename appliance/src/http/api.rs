@@ -47,6 +47,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/tokens", get(list_tokens).post(create_token))
         .route("/stats", get(stats))
+        .route("/health", get(health))
         .route("/openapi.json", get(openapi))
         .route("/agent/enlist", post(enlist))
         .route("/agent/report", post(report))
@@ -765,6 +766,11 @@ async fn stats(State(s): State<AppState>, _: Admin) -> Json<impl Serialize> {
         dhcp: s.dhcp_stats.snapshot(),
         tftp: s.tftp_stats.snapshot(),
     })
+}
+
+/// Whether every service runs; a failed and restarted one makes it `degraded`.
+async fn health(State(s): State<AppState>, _: Admin) -> Json<crate::supervise::HealthReport> {
+    Json(s.health.report())
 }
 
 async fn openapi() -> impl IntoResponse {

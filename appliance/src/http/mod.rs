@@ -25,6 +25,8 @@ pub struct AppState {
     pub controller: Controller,
     pub dhcp_stats: Arc<Stats>,
     pub tftp_stats: Arc<crate::tftp::Stats>,
+    /// Which services run, and which failed and were restarted.
+    pub health: Arc<crate::supervise::Health>,
 }
 
 pub fn router(state: AppState) -> Router {

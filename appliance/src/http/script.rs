@@ -128,7 +128,7 @@ pub fn agent_script(
             e.sha256
         ));
     }
-    // UEFI: the kernel finds its initrd only if `initrd=<name>` names it (FACTS.md).
+    // UEFI: the kernel finds its initrd only if `initrd=<name>` names it (docs/measurements.md).
     format!(
         "#!ipxe\n\
          echo Stork: booting the agent on {mac}\n\

@@ -161,6 +161,8 @@ pub struct Stats {
     pub malformed: AtomicU64,
     /// Socket errors while sending or receiving.
     pub io_errors: AtomicU64,
+    /// Datagrams whose handling panicked (a bug): each was dropped, the service kept on.
+    pub panics: AtomicU64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -181,6 +183,7 @@ pub struct StatsSnapshot {
     pub errors_received: u64,
     pub malformed: u64,
     pub io_errors: u64,
+    pub panics: u64,
 }
 
 impl Stats {
@@ -203,6 +206,7 @@ impl Stats {
             errors_received: get(&self.errors_received),
             malformed: get(&self.malformed),
             io_errors: get(&self.io_errors),
+            panics: get(&self.panics),
         }
     }
 }

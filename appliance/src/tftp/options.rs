@@ -173,7 +173,7 @@ mod tests {
 
     #[test]
     fn ovmf_request_is_granted_in_full() {
-        // What OVMF's PXE asks for (FACTS.md): blksize 1468, windowsize 4, tsize.
+        // What OVMF's PXE asks for (docs/measurements.md): blksize 1468, windowsize 4, tsize.
         let w = opts(&[("blksize", "1468"), ("windowsize", "4"), ("tsize", "0")]);
         let req = Requested::from_options(w.options());
         assert_eq!(req.blksize, Some(1468));

@@ -28,7 +28,7 @@ use tokio::net::UdpSocket;
 use tokio::task::{Id, JoinError, JoinSet};
 
 use super::fs::Root;
-use super::options::{Limits, negotiate};
+use super::options::{Limits, Negotiated, negotiate};
 use super::packet::{DATA_HEADER_LEN, ErrorCode, Opcode, Packet, Repr, emit_data_header};
 use super::request::{self, Mode, ReadRequest, Refused, netascii};
 use super::transfer::{Expired, Failure, Handled, Params, State, Timing, Transfer, Transmit};
@@ -154,46 +154,13 @@ impl Listener {
     /// Handles one datagram on the listening port.
     async fn on_datagram(&mut self, sock: &UdpSocket, bytes: &[u8], peer: SocketAddr) {
         let stats = &self.ctx.stats;
-        let repr = match Repr::parse_bytes(bytes) {
-            Ok(r) => r,
-            Err(e) => {
-                bump(&stats.malformed);
-                tracing::debug!(%peer, len = bytes.len(), error = %e, "malformed TFTP datagram");
-                // Answer a broken request so the client stops asking; drop anything else.
-                let op = Packet::new_unchecked(bytes).opcode();
-                if matches!(op, Some(Opcode::Rrq | Opcode::Wrq)) {
-                    send_error(
-                        sock,
-                        peer,
-                        stats,
-                        ErrorCode::IllegalOperation,
-                        "malformed request",
-                    )
-                    .await;
-                }
+        let req = match classify_caught(bytes, peer, stats) {
+            Listen::Drop => return,
+            Listen::Refuse { code, message } => {
+                send_error(sock, peer, stats, code, &message).await;
                 return;
             }
-        };
-        if matches!(repr, Repr::Rrq(_) | Repr::Wrq(_)) {
-            bump(&stats.requests);
-        }
-        let req = match request::read_request(&repr) {
-            Ok(r) => r,
-            Err(Refused::NotARequest) => {
-                bump(&stats.malformed);
-                tracing::debug!(%peer, opcode = ?repr.opcode(), "not a request on the TFTP port");
-                return;
-            }
-            Err(why) => {
-                bump(&stats.refused);
-                let file = match repr {
-                    Repr::Rrq(r) | Repr::Wrq(r) => String::from_utf8_lossy(r.filename).into_owned(),
-                    _ => String::new(),
-                };
-                tracing::info!(%peer, %file, reason = %why, "TFTP request refused");
-                send_error(sock, peer, stats, why.code(), &why.to_string()).await;
-                return;
-            }
+            Listen::Start(req) => req,
         };
         if let Some(a) = self.by_peer.get(&peer)
             && *a.request == *bytes
@@ -223,6 +190,108 @@ impl Listener {
             },
         );
     }
+}
+
+/// The terms of one transfer: what was negotiated, the OACK to send (if any) and the state
+/// machine's parameters. Sans I/O, shared with the fuzz driver.
+pub struct Plan {
+    pub neg: Negotiated,
+    pub oack: Option<Vec<u8>>,
+    pub params: Params,
+}
+
+pub fn plan(req: &ReadRequest, size: u64, cfg: &TftpConfig) -> Plan {
+    let neg = negotiate(
+        &req.options,
+        Limits {
+            max_block: cfg.max_block,
+            max_window: cfg.max_window,
+        },
+        size,
+    );
+    let oack = neg.oack.as_ref().and_then(|w| {
+        Repr::Oack {
+            options: w.options(),
+        }
+        .to_vec()
+        .ok()
+    });
+    let params = Params {
+        block_size: neg.block_size,
+        window: neg.window,
+        size,
+        oack: oack.is_some(),
+        timing: Timing {
+            initial: neg.timeout.unwrap_or(cfg.timeout),
+            max_interval: cfg.max_timeout,
+            retries: cfg.retries,
+        },
+    };
+    Plan { neg, oack, params }
+}
+
+/// What the listening port does with one datagram.
+#[derive(Debug)]
+pub enum Listen {
+    /// Counted and dropped: not a request, or not TFTP at all.
+    Drop,
+    /// Answer with an ERROR so the client stops asking.
+    Refuse { code: ErrorCode, message: String },
+    /// A read request to serve.
+    Start(ReadRequest),
+}
+
+/// The listening port's decision on one datagram, sans I/O: parse, check, count. The
+/// socket loop and the fuzz driver both run it.
+pub fn classify(bytes: &[u8], peer: SocketAddr, stats: &Stats) -> Listen {
+    let repr = match Repr::parse_bytes(bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            bump(&stats.malformed);
+            tracing::debug!(%peer, len = bytes.len(), error = %e, "malformed TFTP datagram");
+            // Answer a broken request so the client stops asking; drop anything else.
+            let op = Packet::new_unchecked(bytes).opcode();
+            if matches!(op, Some(Opcode::Rrq | Opcode::Wrq)) {
+                return Listen::Refuse {
+                    code: ErrorCode::IllegalOperation,
+                    message: "malformed request".into(),
+                };
+            }
+            return Listen::Drop;
+        }
+    };
+    if matches!(repr, Repr::Rrq(_) | Repr::Wrq(_)) {
+        bump(&stats.requests);
+    }
+    match request::read_request(&repr) {
+        Ok(r) => Listen::Start(r),
+        Err(Refused::NotARequest) => {
+            bump(&stats.malformed);
+            tracing::debug!(%peer, opcode = ?repr.opcode(), "not a request on the TFTP port");
+            Listen::Drop
+        }
+        Err(why) => {
+            bump(&stats.refused);
+            let file = match repr {
+                Repr::Rrq(r) | Repr::Wrq(r) => String::from_utf8_lossy(r.filename).into_owned(),
+                _ => String::new(),
+            };
+            tracing::info!(%peer, %file, reason = %why, "TFTP request refused");
+            Listen::Refuse {
+                code: why.code(),
+                message: why.to_string(),
+            }
+        }
+    }
+}
+
+/// [`classify`], where a panic (a bug not found yet) costs this datagram only.
+pub fn classify_caught(bytes: &[u8], peer: SocketAddr, stats: &Stats) -> Listen {
+    std::panic::catch_unwind(|| classify(bytes, peer, stats)).unwrap_or_else(|_| {
+        bump(&stats.panics);
+        tracing::error!(%peer, len = bytes.len(), "TFTP request handling panicked: datagram dropped");
+        Listen::Drop
+    })
 }
 
 /// Sends an ERROR from the listening socket (a request refused before any transfer).
@@ -329,33 +398,7 @@ async fn serve(ctx: Arc<Ctx>, peer: SocketAddr, req: ReadRequest) {
             return;
         }
     };
-    let cfg = &ctx.cfg;
-    let neg = negotiate(
-        &req.options,
-        Limits {
-            max_block: cfg.max_block,
-            max_window: cfg.max_window,
-        },
-        size,
-    );
-    let oack = neg.oack.as_ref().and_then(|w| {
-        Repr::Oack {
-            options: w.options(),
-        }
-        .to_vec()
-        .ok()
-    });
-    let params = Params {
-        block_size: neg.block_size,
-        window: neg.window,
-        size,
-        oack: oack.is_some(),
-        timing: Timing {
-            initial: neg.timeout.unwrap_or(cfg.timeout),
-            max_interval: cfg.max_timeout,
-            retries: cfg.retries,
-        },
-    };
+    let Plan { neg, oack, params } = plan(&req, size, &ctx.cfg);
     let started = Instant::now();
     let mut t = Transfer::new(params, started);
     bump(&stats.transfers_started);

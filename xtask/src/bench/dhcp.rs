@@ -7,7 +7,7 @@
 //! client side's address, a /13 so that a 20 s run at tens of thousands of leases per
 //! second never runs out of addresses.
 //!
-//! Two namespaces joined by a veth with static neighbour entries (FACTS.md: otherwise the
+//! Two namespaces joined by a veth with static neighbour entries (docs/measurements.md: otherwise the
 //! first replies of a fast run are lost while ARP resolves); `/dev/cpu_dma_latency` is held
 //! at 0 for the run. Every trial starts its server afresh with an empty lease store.
 //!

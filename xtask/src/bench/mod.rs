@@ -151,7 +151,7 @@ pub fn remove_stale_namespaces(tag: &str) {
 }
 
 /// Holds `/dev/cpu_dma_latency` at 0 while alive: the kernel keeps CPUs out of deep idle
-/// states only as long as the file stays open (FACTS.md: without it numbers swing).
+/// states only as long as the file stays open (docs/measurements.md: without it numbers swing).
 pub struct DmaLatency {
     _held: Option<std::fs::File>,
 }

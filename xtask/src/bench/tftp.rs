@@ -1,10 +1,10 @@
 //! `cargo xtask bench tftp`: Stork's TFTP against tftpd-hpa and dnsmasq's, same run, same
 //! files, same client (atftp, the one that speaks windowsize).
 //!
-//! Two namespaces joined by a veth with static neighbour entries (FACTS.md: otherwise the
+//! Two namespaces joined by a veth with static neighbour entries (docs/measurements.md: otherwise the
 //! first replies of a fast run are lost while ARP resolves). Each server has its own
 //! address on the server side, port 69. `/dev/cpu_dma_latency` is held at 0 for the run
-//! (FACTS.md: numbers swing from about 22 to 190 MiB/s without it).
+//! (docs/measurements.md: numbers swing from about 22 to 190 MiB/s without it).
 //!
 //! 1. Plain veth: one 64 MiB file at blksize 1468 with windowsize 1, 16 and 64 (the peers
 //!    ignore windowsize and run lock-step), and 50 clients at once fetching a 2 MiB NBP

@@ -1,0 +1,272 @@
+//! The `stork` binary as a newcomer meets it: help texts, the message on a machine without
+//! the lab's interface, `stork image import`, and the health the daemon reports.
+// Test helpers: a failure is a test failure, so they unwrap.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{BIN, Options, Server};
+
+fn stork(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("STORK_URL")
+        .env_remove("STORK_TOKEN")
+        // The message a user reads, not a backtrace.
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("running stork")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn serve_help_lists_no_client_options() {
+    for args in [&["serve", "--help"][..], &["config", "check", "--help"]] {
+        let out = stork(args);
+        assert!(out.status.success());
+        let help = text(&out);
+        assert!(
+            help.contains("--interface") || help.contains("--config"),
+            "{help}"
+        );
+        assert!(!help.contains("--url"), "stork {args:?}: {help}");
+        assert!(!help.contains("--token"), "stork {args:?}: {help}");
+    }
+    // The client commands have them, before or after the command.
+    let help = text(&stork(&["machine", "list", "--help"]));
+    assert!(help.contains("--url") && help.contains("--token"), "{help}");
+}
+
+#[test]
+fn every_command_has_help_text() {
+    let out = stork(&["machine", "--help"]);
+    let help = text(&out);
+    for cmd in ["mark-broken", "mark-fixed", "delete"] {
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with(cmd))
+            .unwrap_or_else(|| panic!("no {cmd} in {help}"));
+        assert!(
+            line.trim_start().len() > cmd.len() + 10,
+            "{cmd} has no help text: {line:?}"
+        );
+    }
+    for cmd in ["list", "import", "register"] {
+        let help = text(&stork(&["image", "--help"]));
+        assert!(
+            help.lines()
+                .any(|l| l.trim_start().starts_with(cmd) && l.len() > cmd.len() + 12),
+            "image {cmd}: {help}"
+        );
+    }
+}
+
+#[test]
+fn serve_without_the_lab_interface_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = stork(&[
+        "serve",
+        "--interface",
+        "nosuch0",
+        "--data-dir",
+        &dir.path().to_string_lossy(),
+    ]);
+    assert!(!out.status.success());
+    let msg = text(&out);
+    assert!(
+        msg.contains("there is no interface \"nosuch0\" on this machine"),
+        "{msg}"
+    );
+    assert!(msg.contains("--interface NAME"), "{msg}");
+    assert!(msg.contains("lab's bridge"), "{msg}");
+    assert!(msg.contains("Interfaces here:"), "{msg}");
+    // A user's error, not a crash: no backtrace even with RUST_BACKTRACE set.
+    assert!(!msg.contains("Stack backtrace"), "{msg}");
+}
+
+/// A `stork-image os` output directory with one small image.
+fn image_dir(sum: Option<&str>) -> tempfile::TempDir {
+    use sha2::Digest;
+    let d = tempfile::tempdir().unwrap();
+    let tar = b"not really a tar, but checked like one".as_slice();
+    let raw = vec![0x5au8; 3 << 20];
+    std::fs::write(d.path().join("root.tar.zst"), tar).unwrap();
+    std::fs::write(d.path().join("disk.raw.zst"), &raw).unwrap();
+    let hex = |b: &[u8]| hex::encode(sha2::Sha256::digest(b));
+    let manifest = serde_json::json!({"images": [{
+    "name": "tiny", "kind": "os", "arch": "amd64", "inputs": {"suite": "bookworm"},
+    "artifacts": [
+        {"name": "root.tar.zst", "kind": "root_tar_zst", "size": tar.len(),
+         "sha256": hex(tar), "compression": "zstd-15"},
+        {"name": "disk.raw.zst", "kind": "raw_disk_zst", "size": raw.len(),
+         "sha256": sum.map_or_else(|| hex(&raw), str::to_string), "compression": "zstd-15"}
+    ]}]});
+    std::fs::write(d.path().join("manifest.json"), manifest.to_string()).unwrap();
+    d
+}
+
+#[test]
+fn image_import_checks_copies_and_registers_in_one_step() {
+    let server = Server::start(Options::default());
+    let dir = image_dir(None);
+    let data = server.data_dir();
+    let out = stork(&[
+        "image",
+        "import",
+        &dir.path().to_string_lossy(),
+        "--data-dir",
+        &data.to_string_lossy(),
+        "--url",
+        &server.base(),
+        "--token",
+        &server.token,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("imported tiny (2 files"),
+        "{}",
+        text(&out)
+    );
+    let list = stork(&[
+        "--url",
+        &server.base(),
+        "--token",
+        &server.token,
+        "image",
+        "list",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let files = &v[0]["files"];
+    assert_eq!(v[0]["name"], "tiny");
+    assert_eq!(files[0]["role"], "tar");
+    assert_eq!(files[0]["path"], "images/tiny/root.tar.zst");
+    assert_eq!(files[1]["role"], "raw");
+    // The appliance serves what was copied.
+    let served = ureq::get(&format!("{}/boot/images/tiny/disk.raw.zst", server.base()))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_vec()
+        .unwrap();
+    assert_eq!(
+        served,
+        std::fs::read(dir.path().join("disk.raw.zst")).unwrap()
+    );
+
+    // A file that does not match its manifest is named, and nothing is registered.
+    let bad = image_dir(Some(&"ab".repeat(32)));
+    let out = stork(&[
+        "image",
+        "import",
+        &bad.path().to_string_lossy(),
+        "--name",
+        "tiny",
+        "--data-dir",
+        &server.dir.path().join("other").to_string_lossy(),
+        "--url",
+        &server.base(),
+        "--token",
+        &server.token,
+    ]);
+    assert!(!out.status.success());
+    let msg = text(&out);
+    assert!(msg.contains("disk.raw.zst: the sha256 is"), "{msg}");
+    assert!(msg.contains(&"ab".repeat(32)), "{msg}");
+}
+
+#[test]
+fn health_reports_every_service_running() {
+    let server = Server::start(Options::default());
+    let out = stork(&["stats", "--url", &server.base(), "--token", &server.token]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("health ok"), "{t}");
+    assert!(t.contains("health.http running restarts=0"), "{t}");
+    assert!(t.contains("health.timeouts running restarts=0"), "{t}");
+}
+
+/// A service that fails is restarted with backoff while the rest serve on, and the API says
+/// so; once the cause is gone it runs again. The failure is real: the DHCP lease journal's
+/// path is a directory, so the DHCP service cannot start.
+#[test]
+fn a_failing_service_is_restarted_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let journal = data.join("dhcp-leases.journal");
+    std::fs::create_dir_all(&journal).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("stork.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {data:?}\ninterface = \"lo\"\naddress = \"127.0.0.1\"\n\
+             [http]\nlisten = \"127.0.0.1\"\nport = {port}\n\
+             [dhcp]\nrange = [\"127.0.0.100\", \"127.0.0.120\"]\nipv6_ra = false\n\
+             [tftp]\nenabled = false\n"
+        ),
+    )
+    .unwrap();
+    let token = String::from_utf8(
+        stork(&["token", "create", "--data-dir", &data.to_string_lossy()]).stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--config", &config.to_string_lossy()]);
+    let mut server =
+        stork_lab::Spawned::start("stork", cmd, &dir.path().join("stork.log")).unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let health = || -> Option<serde_json::Value> {
+        let out = stork(&["stats", "--json", "--url", &url, "--token", &token]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .map(|v| v["health"].clone())
+    };
+    let failed = stork_lab::wait_for(
+        "the DHCP service to fail and be restarted",
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_millis(200),
+        || Ok(health().filter(|h| h["services"]["dhcp"]["restarts"].as_u64() >= Some(2))),
+    )
+    .unwrap();
+    assert_eq!(failed["status"], "degraded", "{failed:#}");
+    let why = failed["services"]["dhcp"]["last_error"].as_str().unwrap();
+    assert!(why.contains("lease journal"), "{why}");
+    // The rest of the daemon serves on.
+    assert_eq!(failed["services"]["http"]["state"], "running", "{failed:#}");
+    assert_eq!(failed["services"]["http"]["restarts"], 0, "{failed:#}");
+    assert!(server.exited().is_none());
+
+    // The cause goes away: the next restart succeeds.
+    std::fs::remove_dir(&journal).unwrap();
+    let back =
+        stork_lab::wait_for(
+            "the DHCP service running again",
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_millis(200),
+            || {
+                Ok(health()
+                    .filter(|h| h["services"]["dhcp"]["state"] == "running" && journal.is_file()))
+            },
+        )
+        .unwrap();
+    assert!(back["services"]["dhcp"]["restarts"].as_u64() >= Some(2));
+    let log = std::fs::read_to_string(dir.path().join("stork.log")).unwrap();
+    assert!(log.contains("service failed; restarting"), "{log}");
+    assert!(!log.contains(&token), "the token leaked into the log");
+}
