@@ -6,7 +6,6 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
-pub mod controller;
 pub mod dhcp;
 pub mod http;
 pub mod image_import;

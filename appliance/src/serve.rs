@@ -8,9 +8,9 @@ use anyhow::{Context, Result};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, FileConfig};
-use crate::controller::{Controller, DriverPower};
 use crate::dhcp::{self, handler::ServerInfo};
 use crate::http::{self, AppState};
+use crate::lifecycle::{Controller, DriverPower};
 use crate::store::Store;
 use crate::supervise::{Backoff, Health, supervise};
 
@@ -83,11 +83,10 @@ fn first_or<T>(slot: &Arc<Mutex<Option<T>>>) -> Option<T> {
 async fn run(cfg: Arc<Config>) -> Result<()> {
     let store = Store::open(&cfg.db_path())
         .with_context(|| format!("cannot open the database {}", cfg.db_path().display()))?;
-    let controller = Controller::new(store.clone(), Arc::new(DriverPower));
+    let controller = Controller::new(store, Arc::new(DriverPower));
     let health = Arc::new(Health::default());
     let state = AppState {
         cfg: cfg.clone(),
-        store,
         controller: controller.clone(),
         dhcp_stats: Arc::default(),
         tftp_stats: Arc::default(),

@@ -227,7 +227,7 @@ fn demo() -> Result<()> {
         console_pos: 0,
         started: Instant::now(),
     };
-    let result = demo.run(&lab, &os, mac);
+    let result = demo.run(&os, mac);
     if let Err(e) = result {
         lab.keep_dir();
         return Err(e.context(format!(
@@ -300,7 +300,7 @@ impl Demo {
         })
     }
 
-    fn run(&mut self, lab: &Lab, images: &Path, mac: &str) -> Result<()> {
+    fn run(&mut self, images: &Path, mac: &str) -> Result<()> {
         step("stork machine add --mac .. --power ipmi (the BMC's address and operator login)");
         let m = self.appliance.add_ipmi_machine(mac, &self.machine.bmc)?;
         let id = m["id"].as_str().context("machine id")?.to_string();
@@ -330,12 +330,23 @@ impl Demo {
             true,
         )?;
 
-        step("registering the Debian image built by stork-image");
-        let boot_root = self.appliance.data_dir.join("boot");
-        let resource = stork_lab::images::os_resource(images, &boot_root, DEMO_IMAGE, None)?;
-        let file = lab.dir().join("resource.json");
-        std::fs::write(&file, serde_json::to_vec_pretty(&resource)?)?;
-        self.cli(&["image", "register", &file.to_string_lossy()])?;
+        step(&format!(
+            "stork image import {} --name {DEMO_IMAGE}: the Debian image stork-image built, \
+             checked against its manifest and registered",
+            images.display()
+        ));
+        print!(
+            "{}",
+            self.cli(&[
+                "image",
+                "import",
+                &images.to_string_lossy(),
+                "--name",
+                DEMO_IMAGE,
+                "--data-dir",
+                &self.appliance.data_dir.to_string_lossy(),
+            ])?
+        );
         print!("{}", self.cli(&["image", "list"])?);
 
         step(&format!(

@@ -21,11 +21,11 @@ use stork_proto::{
 };
 
 use super::AppState;
-use crate::auth::{self, Admin, Agent};
-use crate::controller::ControlError;
-use crate::lifecycle::{Event, Status};
+use super::extract::{Admin, Agent};
+use crate::lifecycle::records::{machine_macs, new_id};
+use crate::lifecycle::{ControlError, Event, Status};
 use crate::store::{
-    BootResource, DeployRequest, DeployTarget, EventRecord, Machine, NewEvent, PowerConfig, SshKey,
+    BootResource, DeployRequest, DeployTarget, EventRecord, Machine, PowerConfig, SshKey,
     StoreError, TokenRecord, now_ms,
 };
 
@@ -156,7 +156,7 @@ async fn list_machines(
         ),
         None => None,
     };
-    let all = s.store.call(|s| s.list_machines()).await?;
+    let all = s.controller.machines().await?;
     Ok(Json(
         all.into_iter()
             .filter(|m| status.is_none_or(|st| m.status == st))
@@ -202,7 +202,7 @@ async fn create_machine(
     }
     let mut probe = Machine::new(String::new(), vec![], 0);
     probe.power = power.clone();
-    crate::controller::power_params(&probe)
+    crate::lifecycle::controller::power_params(&probe)
         .map_err(|e| ApiError::bad_request(format!("power.params: {e}")))?;
     let now = now_ms();
     let mut m = Machine::new(new_id(), req.macs, now);
@@ -210,20 +210,8 @@ async fn create_machine(
     m.arch = req.arch.unwrap_or_else(|| "amd64".into());
     m.power = power;
     m.tags = req.tags;
-    let ev = NewEvent {
-        at: now,
-        actor: admin.actor,
-        old_status: None,
-        new_status: Some(Status::New),
-        message: "created".into(),
-    };
-    let saved = s.store.call(move |st| st.create_machine(&m, &ev)).await?;
-    s.controller.notify();
+    let saved = s.controller.create_machine(m, &admin.actor).await?;
     Ok((StatusCode::CREATED, Json(saved.redacted())))
-}
-
-fn new_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
 }
 
 async fn show_machine(
@@ -231,12 +219,7 @@ async fn show_machine(
     _: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Machine>> {
-    Ok(Json(
-        s.store
-            .call(move |st| st.get_machine(&id))
-            .await?
-            .redacted(),
-    ))
+    Ok(Json(s.controller.machine(&id).await?.redacted()))
 }
 
 async fn delete_machine(
@@ -244,12 +227,7 @@ async fn delete_machine(
     _: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    s.store
-        .call(move |st| {
-            let m = st.get_machine(&id)?;
-            st.delete_machine(&m.id)
-        })
-        .await?;
+    s.controller.delete_machine(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -328,8 +306,7 @@ async fn machine_action(
                 return Err(ApiError::bad_request("missing field `image`"));
             }
             let Json(req) = Json::<DeployRequest>::from_bytes(&body)?;
-            let resource = req.image.clone();
-            let known = s.store.call(move |st| st.boot_resource(&resource)).await?;
+            let known = s.controller.boot_resource(&req.image).await?;
             let Some(resource) = known.filter(|r| r.kind == "os") else {
                 return Err(ApiError::bad_request(format!(
                     "image: no OS boot resource named {:?}",
@@ -432,9 +409,8 @@ async fn power_op(
     Path((id, op)): Path<(String, String)>,
 ) -> ApiResult<Json<PowerAnswer>> {
     use crate::power::{PowerDriver, PowerState};
-    let key = id.clone();
-    let m = s.store.call(move |st| st.get_machine(&key)).await?;
-    let params = crate::controller::power_params(&m).map_err(ApiError::bad_request)?;
+    let m = s.controller.machine(&id).await?;
+    let params = crate::lifecycle::controller::power_params(&m).map_err(ApiError::bad_request)?;
     let d = PowerDriver::new(params);
     let result = match op.as_str() {
         "on" => d.power_on().await.map(|_| PowerState::On),
@@ -507,7 +483,7 @@ async fn allocate_any(
     body: Result<Json<Constraints>, JsonRejection>,
 ) -> ApiResult<Json<Machine>> {
     let Json(c) = body?;
-    let candidates = s.store.call(|st| st.list_machines()).await?;
+    let candidates = s.controller.machines().await?;
     let owner = c.owner.clone().unwrap_or_else(|| admin.actor.clone());
     for m in candidates
         .iter()
@@ -557,14 +533,7 @@ async fn machine_events(
 ) -> ApiResult<Json<Vec<EventRecord>>> {
     let Query(q) = q?;
     let limit = q.limit.unwrap_or(1000);
-    Ok(Json(
-        s.store
-            .call(move |st| {
-                let m = st.get_machine(&id)?;
-                st.events(Some(&m.id), q.after, limit)
-            })
-            .await?,
-    ))
+    Ok(Json(s.controller.events(Some(id), q.after, limit).await?))
 }
 
 async fn list_events(
@@ -574,10 +543,9 @@ async fn list_events(
 ) -> ApiResult<Json<Vec<EventRecord>>> {
     let Query(q) = q?;
     let limit = q.limit.unwrap_or(1000);
+    // Filtered by id as stored (an unknown id is an empty list, not a 404).
     Ok(Json(
-        s.store
-            .call(move |st| st.events(q.machine.as_deref(), q.after, limit))
-            .await?,
+        s.controller.events_by_id(q.machine, q.after, limit).await?,
     ))
 }
 
@@ -589,17 +557,16 @@ async fn stream_events(
 ) -> ApiResult<Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>>> {
     let Query(q) = q?;
     let machine = match q.machine {
-        Some(key) => Some(s.store.call(move |st| st.get_machine(&key)).await?.id),
+        Some(key) => Some(s.controller.machine(&key).await?.id),
         None => None,
     };
     let mut wake = s.controller.subscribe();
-    let store = s.store.clone();
+    let controller = s.controller.clone();
     let stream = async_stream(move |tx| async move {
         let mut after = q.after;
         loop {
-            let m = machine.clone();
-            let batch = store
-                .call(move |st| st.events(m.as_deref(), after, 500))
+            let batch = controller
+                .events_by_id(machine.clone(), after, 500)
                 .await
                 .unwrap_or_default();
             for e in batch {
@@ -635,7 +602,7 @@ where
 // ---- SSH keys, boot resources, tokens ----
 
 async fn list_ssh_keys(State(s): State<AppState>, _: Admin) -> ApiResult<Json<Vec<SshKey>>> {
-    Ok(Json(s.store.call(|st| st.ssh_keys()).await?))
+    Ok(Json(s.controller.ssh_keys().await?))
 }
 
 #[derive(Deserialize)]
@@ -655,14 +622,7 @@ async fn add_ssh_key(
     if !(kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-")) {
         return Err(ApiError::bad_request("key: not an OpenSSH public key"));
     }
-    let rec = SshKey {
-        id: new_id(),
-        name: k.name,
-        key: k.key.trim().to_string(),
-        created_at: now_ms(),
-    };
-    let out = rec.clone();
-    s.store.call(move |st| st.add_ssh_key(&rec)).await?;
+    let out = s.controller.add_ssh_key(k.name, k.key).await?;
     Ok((StatusCode::CREATED, Json(out)))
 }
 
@@ -671,8 +631,7 @@ async fn delete_ssh_key(
     _: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let key = id.clone();
-    if s.store.call(move |st| st.delete_ssh_key(&key)).await? {
+    if s.controller.delete_ssh_key(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::new(
@@ -687,7 +646,7 @@ async fn list_boot_resources(
     State(s): State<AppState>,
     _: Admin,
 ) -> ApiResult<Json<Vec<BootResource>>> {
-    Ok(Json(s.store.call(|st| st.boot_resources()).await?))
+    Ok(Json(s.controller.boot_resources().await?))
 }
 
 async fn register_boot_resource(
@@ -717,14 +676,12 @@ async fn register_boot_resource(
         }
     }
     let out = r.clone();
-    s.store
-        .call(move |st| st.put_boot_resource(&r, now_ms()))
-        .await?;
+    s.controller.put_boot_resource(r).await?;
     Ok((StatusCode::CREATED, Json(out)))
 }
 
 async fn list_tokens(State(s): State<AppState>, _: Admin) -> ApiResult<Json<Vec<TokenRecord>>> {
-    Ok(Json(s.store.call(|st| st.list_tokens()).await?))
+    Ok(Json(s.controller.tokens().await?))
 }
 
 #[derive(Deserialize, Default)]
@@ -748,10 +705,7 @@ async fn create_token(
     body: Result<Json<NewToken>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
     let Json(t) = body?;
-    let (record, token) = s
-        .store
-        .call(move |st| auth::create_admin_token(st, &t.description))
-        .await?;
+    let (record, token) = s.controller.create_token(t.description).await?;
     Ok((StatusCode::CREATED, Json(CreatedToken { record, token })))
 }
 
@@ -788,68 +742,12 @@ async fn enlist(
 ) -> ApiResult<Json<EnlistResponse>> {
     let Json(req) = body?;
     let mac = req.boot_mac;
-    let inv = req.inventory;
-    let m = s
-        .store
-        .call(move |st| {
-            let now = now_ms();
-            let macs = machine_macs(mac, &inv);
-            match st.find_by_mac(mac)? {
-                Some(mut m) if m.status == Status::New => {
-                    m.inventory = Some(inv);
-                    m.macs = macs;
-                    m.updated_at = now;
-                    let ev = agent_event(now, Some(m.status), "enlisted again; inventory updated");
-                    st.save_machine(&m, &[ev])
-                }
-                Some(m) => {
-                    let ev = agent_event(
-                        now,
-                        Some(m.status),
-                        "rejected: enlistment of a machine that is not New",
-                    );
-                    st.add_event(&m.id, &ev)?;
-                    Err(StoreError::Conflict {
-                        id: m.id,
-                        expected: m.version,
-                    })
-                }
-                None => {
-                    let mut m = Machine::new(new_id(), macs, now);
-                    m.inventory = Some(inv);
-                    // The creation is a status change (to New), like a machine added by hand,
-                    // so every history starts with one.
-                    let ev = NewEvent {
-                        new_status: Some(Status::New),
-                        ..agent_event(now, None, "enlisted")
-                    };
-                    st.create_machine(&m, &ev)
-                }
-            }
-        })
-        .await?;
-    s.controller.notify();
+    let m = s.controller.enlist(mac, req.inventory).await?;
     tracing::info!(machine = %m.id, %mac, "machine enlisted");
     Ok(Json(EnlistResponse {
         machine_id: m.id,
         status: m.status.to_string(),
     }))
-}
-
-fn machine_macs(boot: MacAddr, inv: &Inventory) -> Vec<MacAddr> {
-    let mut macs = vec![boot];
-    macs.extend(inv.nics.iter().map(|n| n.mac).filter(|m| *m != boot));
-    macs
-}
-
-fn agent_event(at: i64, status: Option<Status>, message: &str) -> NewEvent {
-    NewEvent {
-        at,
-        actor: "agent".into(),
-        old_status: status,
-        new_status: None,
-        message: message.into(),
-    }
 }
 
 /// Reports from an agent that has no token (it failed while enlisting).
@@ -861,17 +759,7 @@ async fn report(
     let outcome = if r.ok { "ok" } else { "FAILED" };
     tracing::info!(mac = %r.boot_mac, step = %r.step, ok = r.ok, message = %r.message, "agent report");
     let message = format!("{}: {outcome}: {}", r.step, r.message);
-    let mac = r.boot_mac;
-    let known = s
-        .store
-        .call(move |st| match st.find_by_mac(mac)? {
-            Some(m) => st
-                .add_event(&m.id, &agent_event(now_ms(), Some(m.status), &message))
-                .map(|_| true),
-            None => Ok(false),
-        })
-        .await?;
-    s.controller.notify();
+    let known = s.controller.agent_report(r.boot_mac, message).await?;
     // Unknown machines are not recorded (nothing to attach to); the log line keeps it.
     Ok(if known {
         StatusCode::NO_CONTENT
@@ -942,14 +830,7 @@ async fn agent_event_handler(s: &AppState, id: &str, e: AgentEvent) -> ApiResult
             .await?;
         return Ok(());
     }
-    let id = id.to_string();
-    s.store
-        .call(move |st| {
-            let m = st.get_machine(&id)?;
-            st.add_event(&m.id, &agent_event(now_ms(), Some(m.status), &text))
-        })
-        .await?;
-    s.controller.notify();
+    s.controller.agent_progress(id, text).await?;
     Ok(())
 }
 
@@ -965,12 +846,6 @@ async fn agent_post_event(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Statuses whose agent sends heartbeats.
-const HEARTBEAT_STATUSES: [Status; 3] = [
-    Status::Commissioning,
-    Status::Deploying,
-    Status::DiskErasing,
-];
 /// Step names are short identifiers; a longer one is cut rather than stored whole.
 const MAX_STEP_LEN: usize = 64;
 
@@ -988,15 +863,7 @@ async fn agent_heartbeat(
     let allowance = i64::try_from(s.cfg.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX);
     let deadline = (!hb.leaving).then(|| now.saturating_add(allowance));
     let step: String = hb.step.chars().take(MAX_STEP_LEN).collect();
-    let note = format!("agent handing over after step {step}; heartbeats stop");
-    let recorded = s
-        .store
-        .call(move |st| st.record_heartbeat(&id, &HEARTBEAT_STATUSES, now, &step, deadline))
-        .await?;
-    // Leaving is once per boot and explains the silence after it: worth a history line.
-    if hb.leaving && recorded {
-        s.controller.note(&agent.machine.id, "agent", note).await?;
-    }
+    let recorded = s.controller.heartbeat(&id, step, now, deadline).await?;
     Ok(if recorded {
         StatusCode::NO_CONTENT
     } else {
@@ -1024,32 +891,13 @@ async fn agent_installed(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     agent.check_machine(&id)?;
-    let status = agent.machine.status;
-    if status != Status::Deploying {
-        let msg = format!("rejected: image installed reported while {status}");
-        s.store
-            .call(move |st| st.add_event(&id, &agent_event(now_ms(), Some(status), &msg)))
-            .await?;
-        s.controller.notify();
+    if !s.controller.image_installed(agent.machine).await? {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "illegal_transition",
             "machine is not deploying",
         ));
     }
-    let mut m = agent.machine;
-    m.netboot = false;
-    // The agent reboots into the installed OS, which takes minutes to phone home: its
-    // silence from now on is expected, and only the status timeout applies.
-    m.heartbeat_deadline = None;
-    m.updated_at = now_ms();
-    let ev = agent_event(
-        m.updated_at,
-        Some(status),
-        "image installed; next boot from disk",
-    );
-    s.store.call(move |st| st.save_machine(&m, &[ev])).await?;
-    s.controller.notify();
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -2,6 +2,7 @@
 //! under `/ipxe/`, and the API under `/api/v1`. Boot files and the API never share a path.
 
 pub mod api;
+pub mod extract;
 pub mod script;
 
 use std::sync::Arc;
@@ -13,15 +14,15 @@ use stork_proto::{DeployTask, ImageFile, Task};
 use tower_http::services::ServeDir;
 
 use crate::config::Config;
-use crate::controller::Controller;
 use crate::dhcp::Stats;
-use crate::store::{DeployTarget, Machine, Store};
+use crate::lifecycle::Controller;
+use crate::store::{DeployTarget, Machine};
 use api::ApiError;
 
 #[derive(Clone)]
 pub struct AppState {
     pub cfg: Arc<Config>,
-    pub store: Store,
+    /// The one way to machine state and every other record.
     pub controller: Controller,
     pub dhcp_stats: Arc<Stats>,
     pub tftp_stats: Arc<crate::tftp::Stats>,
@@ -55,11 +56,7 @@ pub async fn deploy_task(s: &AppState, m: &Machine) -> Result<Task, ApiError> {
             "machine has no deploy request",
         )
     })?;
-    let name = req.image.clone();
-    let (resource, keys) = s
-        .store
-        .call(move |st| Ok((st.boot_resource(&name)?, st.ssh_keys()?)))
-        .await?;
+    let (resource, keys) = s.controller.deploy_inputs(&req.image).await?;
     let resource = resource.ok_or_else(|| {
         ApiError::new(
             StatusCode::CONFLICT,

@@ -14,31 +14,10 @@ use sha2::{Digest, Sha256};
 use stork_proto::{MacAddr, cmdline};
 
 use super::AppState;
-use crate::auth;
 use crate::config::Config;
-use crate::store::{Machine, StoreError, now_ms};
+use crate::store::StoreError;
 
-/// What a network-booting machine gets, decided by its status alone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BootChoice {
-    /// Unknown or New: the agent enlists it.
-    Enlist,
-    /// Commissioning, Deploying, Disk erasing: the agent with a fresh per-boot token.
-    Agent { machine_id: String },
-    /// Everything else: leave the network boot and try the next boot device.
-    LocalDisk,
-}
-
-pub fn choose(machine: Option<&Machine>) -> BootChoice {
-    match machine {
-        None => BootChoice::Enlist,
-        Some(m) if m.status == crate::lifecycle::Status::New => BootChoice::Enlist,
-        Some(m) if m.status.boots_agent() && m.netboot => BootChoice::Agent {
-            machine_id: m.id.clone(),
-        },
-        Some(_) => BootChoice::LocalDisk,
-    }
-}
+pub use crate::lifecycle::boot::{BootChoice, choose};
 
 pub async fn ipxe_script(
     State(state): State<AppState>,
@@ -71,28 +50,18 @@ async fn script_for(
     ephemeral: Option<EphemeralRoot>,
     mac: MacAddr,
 ) -> Result<String, StoreError> {
-    let store = state.store.clone();
-    let cfg = state.cfg.clone();
-    let script = store
-        .call(move |st| {
-            let m = st.find_by_mac(mac)?;
-            let choice = choose(m.as_ref());
-            tracing::info!(%mac, ?choice, "serving iPXE script");
-            Ok(match (choice, m) {
-                (BootChoice::Agent { .. }, Some(mut m)) => {
-                    // Each boot gets its own token; the previous one stops working.
-                    let (token, hash) = auth::generate(auth::AGENT_PREFIX);
-                    m.agent_token = Some(hash);
-                    m.updated_at = now_ms();
-                    let m = st.save_machine(&m, &[])?;
-                    agent_script(&cfg, mac, Some((&m.id, &token)), ephemeral.as_ref())
-                }
-                (BootChoice::LocalDisk, _) => local_disk_script(),
-                _ => agent_script(&cfg, mac, None, ephemeral.as_ref()),
-            })
-        })
-        .await?;
-    Ok(script)
+    let (choice, agent) = state.controller.boot(mac).await?;
+    let cfg = &state.cfg;
+    Ok(match (choice, agent) {
+        (BootChoice::Agent { .. }, Some(a)) => agent_script(
+            cfg,
+            mac,
+            Some((&a.machine.id, &a.token)),
+            ephemeral.as_ref(),
+        ),
+        (BootChoice::LocalDisk, _) => local_disk_script(),
+        _ => agent_script(cfg, mac, None, ephemeral.as_ref()),
+    })
 }
 
 /// Boot from the next device in the firmware's order (the local disk). `exit 1`, not `exit`:
@@ -314,6 +283,7 @@ mod tests {
     use super::*;
     use crate::config::FileConfig;
     use crate::lifecycle::Status;
+    use crate::store::Machine;
     use stork_proto::cmdline::AgentArgs;
 
     fn expand(kernel_line: &str) -> AgentArgs {

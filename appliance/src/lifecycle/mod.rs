@@ -6,7 +6,13 @@
 //! is unchanged. `tests::table` writes the whole table to `docs/lifecycle.md`, so a change
 //! to the lifecycle is a visible diff.
 
+pub mod boot;
+pub mod controller;
+pub mod records;
+
 use serde::{Deserialize, Serialize};
+
+pub use controller::{ControlError, Controller, DriverPower, ManualPower, PowerActions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::lifecycle::{Action, Event, Rejected, Status, transition};
+use super::{Action, Event, Rejected, Status, transition};
 use crate::store::{Machine, NewEvent, Store, StoreError, now_ms};
 
 #[derive(Debug, thiserror::Error)]
@@ -109,9 +109,12 @@ impl PowerActions for DriverPower {
     }
 }
 
+/// The one writer of machine state: every change to a machine (status, inventory, token,
+/// heartbeat, progress event, deletion) goes through it, and the HTTP handlers never touch
+/// the store (`records.rs` has the calls that change no status).
 #[derive(Clone)]
 pub struct Controller {
-    pub store: Store,
+    pub(super) store: Store,
     power: Arc<dyn PowerActions>,
     /// Bumped after every write that adds events, so event streams wake up.
     events: watch::Sender<u64>,
@@ -435,16 +438,6 @@ impl Controller {
                 }
             }
         }
-    }
-}
-
-impl Status {
-    /// Whether a machine in this status boots the agent when it network-boots.
-    pub fn boots_agent(self) -> bool {
-        matches!(
-            self,
-            Status::New | Status::Commissioning | Status::Deploying | Status::DiskErasing
-        )
     }
 }
 

@@ -1,0 +1,47 @@
+//! What a network-booting machine is sent: a lifecycle rule, so it lives beside the table.
+
+use super::Status;
+use crate::store::Machine;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootChoice {
+    /// Unknown or New: the agent enlists it.
+    Enlist,
+    /// Commissioning, Deploying, Disk erasing: the agent with a fresh per-boot token.
+    Agent { machine_id: String },
+    /// Everything else: leave the network boot and try the next boot device.
+    LocalDisk,
+}
+
+pub fn choose(machine: Option<&Machine>) -> BootChoice {
+    match machine {
+        None => BootChoice::Enlist,
+        Some(m) if m.status == Status::New => BootChoice::Enlist,
+        Some(m) if m.status.boots_agent() && m.netboot => BootChoice::Agent {
+            machine_id: m.id.clone(),
+        },
+        Some(_) => BootChoice::LocalDisk,
+    }
+}
+
+impl Status {
+    /// Whether a machine in this status boots the agent when it network-boots.
+    pub fn boots_agent(self) -> bool {
+        matches!(
+            self,
+            Status::New | Status::Commissioning | Status::Deploying | Status::DiskErasing
+        )
+    }
+
+    /// Whether the agent of a machine in this status sends heartbeats.
+    pub fn expects_heartbeats(self) -> bool {
+        HEARTBEAT_STATUSES.contains(&self)
+    }
+}
+
+/// Statuses whose agent sends heartbeats.
+pub const HEARTBEAT_STATUSES: [Status; 3] = [
+    Status::Commissioning,
+    Status::Deploying,
+    Status::DiskErasing,
+];

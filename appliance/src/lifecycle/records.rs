@@ -1,0 +1,346 @@
+//! The controller's record calls: facts about machines that change no status (enlistment,
+//! agent progress, heartbeats, the per-boot agent token, the image-installed mark) and the
+//! appliance's other records (SSH keys, boot resources, tokens), plus the reads the API
+//! serves. With [`Controller::apply`] these are the only code that writes the store, so
+//! every write appends its events and wakes the event streams in one place.
+
+use stork_proto::{Inventory, MacAddr};
+
+use super::boot::{BootChoice, HEARTBEAT_STATUSES, choose};
+use super::{Controller, Status};
+use crate::store::{
+    BootResource, EventRecord, Machine, NewEvent, SshKey, StoreError, TokenRecord, now_ms,
+};
+
+/// A new random machine or record id: 12 hex digits.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+fn agent_event(at: i64, status: Option<Status>, message: &str) -> NewEvent {
+    NewEvent {
+        at,
+        actor: "agent".into(),
+        old_status: status,
+        new_status: None,
+        message: message.into(),
+    }
+}
+
+/// The boot NIC first, then the inventory's other NICs.
+pub fn machine_macs(boot: MacAddr, inv: &Inventory) -> Vec<MacAddr> {
+    let mut macs = vec![boot];
+    macs.extend(inv.nics.iter().map(|n| n.mac).filter(|m| *m != boot));
+    macs
+}
+
+/// A machine's per-boot agent credentials, made when its boot script is served.
+pub struct AgentBoot {
+    pub machine: Machine,
+    /// Shown once, in the boot script; only its hash is stored.
+    pub token: String,
+}
+
+impl Controller {
+    // ---- reads ----
+
+    pub async fn machines(&self) -> Result<Vec<Machine>, StoreError> {
+        self.store.call(|s| s.list_machines()).await
+    }
+
+    /// By id or MAC.
+    pub async fn machine(&self, key: &str) -> Result<Machine, StoreError> {
+        let key = key.to_string();
+        self.store.call(move |s| s.get_machine(&key)).await
+    }
+
+    /// Events after `after`, of the machine `key` names (by id or MAC) or of all.
+    pub async fn events(
+        &self,
+        key: Option<String>,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.store
+            .call(move |s| match key {
+                Some(k) => {
+                    let m = s.get_machine(&k)?;
+                    s.events(Some(&m.id), after, limit)
+                }
+                None => s.events(None, after, limit),
+            })
+            .await
+    }
+
+    /// Events after `after`, of the machine with this stored id (none if there is no such
+    /// machine) or of all.
+    pub async fn events_by_id(
+        &self,
+        id: Option<String>,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.store
+            .call(move |s| s.events(id.as_deref(), after, limit))
+            .await
+    }
+
+    /// What a deploy task needs besides the machine: its image and every registered key.
+    pub async fn deploy_inputs(
+        &self,
+        image: &str,
+    ) -> Result<(Option<BootResource>, Vec<SshKey>), StoreError> {
+        let name = image.to_string();
+        self.store
+            .call(move |s| Ok((s.boot_resource(&name)?, s.ssh_keys()?)))
+            .await
+    }
+
+    pub async fn ssh_keys(&self) -> Result<Vec<SshKey>, StoreError> {
+        self.store.call(|s| s.ssh_keys()).await
+    }
+
+    pub async fn boot_resources(&self) -> Result<Vec<BootResource>, StoreError> {
+        self.store.call(|s| s.boot_resources()).await
+    }
+
+    pub async fn boot_resource(&self, name: &str) -> Result<Option<BootResource>, StoreError> {
+        let name = name.to_string();
+        self.store.call(move |s| s.boot_resource(&name)).await
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.store.call(|s| s.list_tokens()).await
+    }
+
+    /// The admin token with this hash.
+    pub async fn admin_token(&self, hash: String) -> Result<Option<TokenRecord>, StoreError> {
+        self.store.call(move |s| s.token_by_hash(&hash)).await
+    }
+
+    /// Who holds the token with this hash: a machine's agent, an admin, or nobody.
+    pub async fn token_holder(
+        &self,
+        hash: String,
+    ) -> Result<(Option<Machine>, Option<TokenRecord>), StoreError> {
+        self.store
+            .call(move |s| Ok((s.machine_by_agent_token(&hash)?, s.token_by_hash(&hash)?)))
+            .await
+    }
+
+    // ---- machine records ----
+
+    /// Adds a machine by hand; its history starts with the change to New.
+    pub async fn create_machine(&self, m: Machine, actor: &str) -> Result<Machine, StoreError> {
+        let ev = NewEvent {
+            at: m.created_at,
+            actor: actor.to_string(),
+            old_status: None,
+            new_status: Some(Status::New),
+            message: "created".into(),
+        };
+        let saved = self.store.call(move |s| s.create_machine(&m, &ev)).await?;
+        self.notify();
+        Ok(saved)
+    }
+
+    pub async fn delete_machine(&self, key: &str) -> Result<(), StoreError> {
+        let key = key.to_string();
+        self.store
+            .call(move |s| {
+                let m = s.get_machine(&key)?;
+                s.delete_machine(&m.id)
+            })
+            .await
+    }
+
+    /// An agent enlists the machine it booted on: a new machine, or a New one enlisting
+    /// again with a fresh inventory. Any other status refuses (recorded).
+    pub async fn enlist(&self, mac: MacAddr, inv: Inventory) -> Result<Machine, StoreError> {
+        let result = self
+            .store
+            .call(move |st| {
+                let now = now_ms();
+                let macs = machine_macs(mac, &inv);
+                match st.find_by_mac(mac)? {
+                    Some(mut m) if m.status == Status::New => {
+                        m.inventory = Some(inv);
+                        m.macs = macs;
+                        m.updated_at = now;
+                        let ev =
+                            agent_event(now, Some(m.status), "enlisted again; inventory updated");
+                        st.save_machine(&m, &[ev])
+                    }
+                    Some(m) => {
+                        let ev = agent_event(
+                            now,
+                            Some(m.status),
+                            "rejected: enlistment of a machine that is not New",
+                        );
+                        st.add_event(&m.id, &ev)?;
+                        Err(StoreError::Conflict {
+                            id: m.id,
+                            expected: m.version,
+                        })
+                    }
+                    None => {
+                        let mut m = Machine::new(new_id(), macs, now);
+                        m.inventory = Some(inv);
+                        // The creation is a status change (to New), like a machine added by
+                        // hand, so every history starts with one.
+                        let ev = NewEvent {
+                            new_status: Some(Status::New),
+                            ..agent_event(now, None, "enlisted")
+                        };
+                        st.create_machine(&m, &ev)
+                    }
+                }
+            })
+            .await;
+        self.notify();
+        result
+    }
+
+    /// A report from an agent without a token (it failed while enlisting): an event on the
+    /// machine with that MAC; whether there was one.
+    pub async fn agent_report(&self, mac: MacAddr, message: String) -> Result<bool, StoreError> {
+        let known = self
+            .store
+            .call(move |st| match st.find_by_mac(mac)? {
+                Some(m) => st
+                    .add_event(&m.id, &agent_event(now_ms(), Some(m.status), &message))
+                    .map(|_| true),
+                None => Ok(false),
+            })
+            .await?;
+        self.notify();
+        Ok(known)
+    }
+
+    /// An agent's progress line on machine `id`.
+    pub async fn agent_progress(&self, id: &str, text: String) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.store
+            .call(move |st| {
+                let m = st.get_machine(&id)?;
+                st.add_event(&m.id, &agent_event(now_ms(), Some(m.status), &text))
+            })
+            .await?;
+        self.notify();
+        Ok(())
+    }
+
+    /// Records a heartbeat while the machine's status expects them; `deadline` `None` means
+    /// the agent is leaving (no more heartbeats this boot), which is noted in the history.
+    /// Returns whether it was recorded.
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        step: String,
+        now: i64,
+        deadline: Option<i64>,
+    ) -> Result<bool, StoreError> {
+        let leaving = deadline.is_none();
+        let note = format!("agent handing over after step {step}; heartbeats stop");
+        let key = id.to_string();
+        let recorded = self
+            .store
+            .call(move |st| st.record_heartbeat(&key, &HEARTBEAT_STATUSES, now, &step, deadline))
+            .await?;
+        // Leaving is once per boot and explains the silence after it: worth a history line.
+        if leaving && recorded {
+            self.note(id, "agent", note).await?;
+        }
+        Ok(recorded)
+    }
+
+    /// The agent wrote the image: the next boot is from disk, and the machine stays
+    /// Deploying until the installed OS phones home. Only while Deploying: otherwise the
+    /// refusal is recorded and `false` returned.
+    pub async fn image_installed(&self, mut m: Machine) -> Result<bool, StoreError> {
+        let status = m.status;
+        if status != Status::Deploying {
+            let msg = format!("rejected: image installed reported while {status}");
+            let id = m.id.clone();
+            self.store
+                .call(move |st| st.add_event(&id, &agent_event(now_ms(), Some(status), &msg)))
+                .await?;
+            self.notify();
+            return Ok(false);
+        }
+        m.netboot = false;
+        // The agent reboots into the installed OS, which takes minutes to phone home: its
+        // silence from now on is expected, and only the status timeout applies.
+        m.heartbeat_deadline = None;
+        m.updated_at = now_ms();
+        let ev = agent_event(
+            m.updated_at,
+            Some(status),
+            "image installed; next boot from disk",
+        );
+        self.store
+            .call(move |st| st.save_machine(&m, &[ev]))
+            .await?;
+        self.notify();
+        Ok(true)
+    }
+
+    /// What the machine with `mac` boots now; for the agent, a fresh per-boot token (the
+    /// previous one stops working).
+    pub async fn boot(&self, mac: MacAddr) -> Result<(BootChoice, Option<AgentBoot>), StoreError> {
+        self.store
+            .call(move |st| {
+                let m = st.find_by_mac(mac)?;
+                let choice = choose(m.as_ref());
+                tracing::info!(%mac, ?choice, "serving iPXE script");
+                let agent = match (&choice, m) {
+                    (BootChoice::Agent { .. }, Some(mut m)) => {
+                        let (token, hash) = crate::auth::generate(crate::auth::AGENT_PREFIX);
+                        m.agent_token = Some(hash);
+                        m.updated_at = now_ms();
+                        let machine = st.save_machine(&m, &[])?;
+                        Some(AgentBoot { machine, token })
+                    }
+                    _ => None,
+                };
+                Ok((choice, agent))
+            })
+            .await
+    }
+
+    // ---- the appliance's other records ----
+
+    pub async fn add_ssh_key(&self, name: String, key: String) -> Result<SshKey, StoreError> {
+        let rec = SshKey {
+            id: new_id(),
+            name,
+            key: key.trim().to_string(),
+            created_at: now_ms(),
+        };
+        let out = rec.clone();
+        self.store.call(move |s| s.add_ssh_key(&rec)).await?;
+        Ok(out)
+    }
+
+    /// Whether there was such a key.
+    pub async fn delete_ssh_key(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.store.call(move |s| s.delete_ssh_key(&id)).await
+    }
+
+    pub async fn put_boot_resource(&self, r: BootResource) -> Result<(), StoreError> {
+        self.store
+            .call(move |s| s.put_boot_resource(&r, now_ms()))
+            .await
+    }
+
+    /// A new admin token: its record, and the token itself (shown once).
+    pub async fn create_token(
+        &self,
+        description: String,
+    ) -> Result<(TokenRecord, String), StoreError> {
+        self.store
+            .call(move |s| crate::auth::create_admin_token(s, &description))
+            .await
+    }
+}
