@@ -22,8 +22,8 @@ use stork_proto::{
 
 use super::AppState;
 use super::extract::{Admin, Agent};
-use crate::lifecycle::records::{machine_macs, new_id};
-use crate::lifecycle::{ControlError, Event, Status};
+use crate::lifecycle::records::new_id;
+use crate::lifecycle::{Command, ControlError, Status};
 use crate::store::{
     BootResource, DeployRequest, DeployTarget, EventRecord, Machine, PowerConfig, SshKey,
     StoreError, TokenRecord, now_ms,
@@ -289,16 +289,12 @@ async fn machine_action(
     let m = match action.as_str() {
         "commission" => {
             action_body::<NoFields>(&body)?;
-            c.apply(&id, Event::Commission, &actor, None, |_| {})
-                .await?
+            c.apply(&id, Command::Commission, &actor).await?
         }
         "allocate" => {
             let body: AllocateBody = action_body(&body)?;
             let owner = body.owner.unwrap_or_else(|| actor.clone());
-            c.apply(&id, Event::Allocate, &actor, None, move |m| {
-                m.owner = Some(owner)
-            })
-            .await?
+            c.apply(&id, Command::Allocate { owner }, &actor).await?
         }
         "deploy" => {
             // No default here: `image` is required.
@@ -314,51 +310,28 @@ async fn machine_action(
                 )));
             };
             check_layout(&req, &resource)?;
-            c.apply(&id, Event::Deploy, &actor, None, move |m| {
-                if let Some(h) = &req.hostname {
-                    m.hostname = Some(h.clone());
-                }
-                m.deploy = Some(req);
-            })
-            .await?
+            c.apply(&id, Command::Deploy(req), &actor).await?
         }
         "release" => {
             let body: ReleaseBody = action_body(&body)?;
-            let event = if body.erase {
-                Event::ReleaseErase
-            } else {
-                Event::Release
+            let release = Command::Release {
+                erase: body.erase,
+                quick: body.quick.unwrap_or(true),
             };
-            let quick = body.quick.unwrap_or(true);
-            c.apply(
-                &id,
-                event,
-                &actor,
-                body.erase.then(|| format!("erase (quick: {quick})")),
-                move |m| m.erase_quick = quick,
-            )
-            .await?
+            c.apply(&id, release, &actor).await?
         }
         "abort" => {
             action_body::<NoFields>(&body)?;
-            c.apply(
-                &id,
-                Event::Abort,
-                &actor,
-                Some("aborted by user".into()),
-                |_| {},
-            )
-            .await?
+            c.apply(&id, Command::Abort, &actor).await?
         }
         "mark-broken" => {
             let body: MarkBrokenBody = action_body(&body)?;
             let reason = body.reason.unwrap_or_else(|| "marked broken".into());
-            c.apply(&id, Event::MarkBroken, &actor, Some(reason), |_| {})
-                .await?
+            c.apply(&id, Command::MarkBroken { reason }, &actor).await?
         }
         "mark-fixed" => {
             action_body::<NoFields>(&body)?;
-            c.apply(&id, Event::MarkFixed, &actor, None, |_| {}).await?
+            c.apply(&id, Command::MarkFixed, &actor).await?
         }
         other => {
             return Err(ApiError::new(
@@ -492,9 +465,7 @@ async fn allocate_any(
         let owner = owner.clone();
         match s
             .controller
-            .apply(&m.id, Event::Allocate, &admin.actor, None, move |m| {
-                m.owner = Some(owner)
-            })
+            .apply(&m.id, Command::Allocate { owner }, &admin.actor)
             .await
         {
             Ok(m) => return Ok(Json(m.redacted())),
@@ -796,12 +767,7 @@ async fn agent_commissioned(
     let Json(inv) = body?;
     let m = s
         .controller
-        .apply(&id, Event::CommissioningDone, "agent", None, move |m| {
-            if let Some(boot) = m.boot_mac {
-                m.macs = machine_macs(boot, &inv);
-            }
-            m.inventory = Some(inv);
-        })
+        .apply(&id, Command::CommissioningDone(inv), "agent")
         .await?;
     Ok(Json(EnlistResponse {
         machine_id: m.id,
@@ -826,7 +792,7 @@ async fn agent_event_handler(s: &AppState, id: &str, e: AgentEvent) -> ApiResult
             None => format!("{}: {}", e.step, e.message),
         };
         s.controller
-            .apply(id, Event::AgentFailed, "agent", Some(reason), |_| {})
+            .apply(id, Command::AgentFailed(reason), "agent")
             .await?;
         return Ok(());
     }
@@ -878,7 +844,7 @@ async fn agent_released(
 ) -> ApiResult<StatusCode> {
     agent.check_machine(&id)?;
     s.controller
-        .apply(&id, Event::ReleaseDone, "agent", None, |_| {})
+        .apply(&id, Command::ReleaseDone, "agent")
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -908,7 +874,7 @@ async fn agent_deployed(
 ) -> ApiResult<StatusCode> {
     agent.check_machine(&id)?;
     s.controller
-        .apply(&id, Event::DeploymentDone, "installed-os", None, |_| {})
+        .apply(&id, Command::DeploymentDone, "installed-os")
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{Action, Event, Rejected, Status, transition};
+use super::{Action, Command, Event, Rejected, Status, transition};
 use crate::store::{Machine, NewEvent, Store, StoreError, now_ms};
 
 #[derive(Debug, thiserror::Error)]
@@ -169,27 +169,31 @@ impl Controller {
         Ok(())
     }
 
-    /// Applies `event` to machine `key` on behalf of `actor`. `update` changes the machine's
-    /// data in the same save (an inventory, a deploy request). A transition the table
+    /// Applies `command` to machine `key` on behalf of `actor`: the table decides on its
+    /// event, and the command's data is saved with the new status. A transition the table
     /// refuses is recorded as an event and returned as [`ControlError::Rejected`].
     pub async fn apply(
         &self,
         key: &str,
-        event: Event,
+        command: Command,
         actor: &str,
-        message: Option<String>,
-        update: impl FnOnce(&mut Machine) + Send + 'static,
     ) -> Result<Machine, ControlError> {
-        let (mut machine, actions) = self.save_step(key, event, actor, message, update).await?;
+        let event = command.event();
+        let message = command.message();
+        let (mut machine, actions) = self
+            .save_step(key, event, actor, message, move |m| command.write_into(m))
+            .await?;
         for action in actions {
-            self.perform(&machine, *action).await;
-            // Releasing without erase is done once the power-off has been asked for (a
-            // manual machine's person powers it off).
-            if event == Event::Release && *action == Action::PowerOff {
-                let (m, _) = self
-                    .save_step(&machine.id, Event::ReleaseDone, "controller", None, |_| {})
-                    .await?;
-                machine = m;
+            match *action {
+                // The table's own follow-up: releasing without erase is done once the
+                // power-off has been asked for (a manual machine's person powers it off).
+                Action::Then(next) => {
+                    let (m, _) = self
+                        .save_step(&machine.id, next, "controller", None, |_| {})
+                        .await?;
+                    machine = m;
+                }
+                other => self.perform(&machine, other).await,
             }
         }
         Ok(machine)
@@ -248,7 +252,7 @@ impl Controller {
                             m.deploy = None;
                         }
                         Action::NetbootAndPowerOn => m.netboot = true,
-                        Action::PowerOff => {}
+                        Action::PowerOff | Action::Then(_) => {}
                     }
                 }
                 update(&mut m);
@@ -279,7 +283,7 @@ impl Controller {
         let result = match action {
             Action::NetbootAndPowerOn => self.power.netboot_and_power_on(m).await,
             Action::PowerOff => self.power.power_off(m).await,
-            Action::RevokeAgentToken | Action::ClearAllocation => return,
+            Action::RevokeAgentToken | Action::ClearAllocation | Action::Then(_) => return,
         };
         let message = match result {
             Ok(()) => format!("power: {action:?} done"),
@@ -305,7 +309,7 @@ impl Controller {
         for m in machines {
             if let Some(why) = overdue(&m, now, timeout)
                 && let Err(e) = self
-                    .apply(&m.id, Event::TimedOut, "controller", Some(why), |_| {})
+                    .apply(&m.id, Command::TimedOut(why), "controller")
                     .await
             {
                 tracing::warn!(machine = %m.id, error = %e, "timeout transition failed");

@@ -7,11 +7,13 @@
 //! to the lifecycle is a visible diff.
 
 pub mod boot;
+pub mod command;
 pub mod controller;
 pub mod records;
 
 use serde::{Deserialize, Serialize};
 
+pub use command::Command;
 pub use controller::{ControlError, Controller, DriverPower, ManualPower, PowerActions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -143,6 +145,8 @@ pub enum Action {
     RevokeAgentToken,
     /// Clear the deploy request and owner.
     ClearAllocation,
+    /// Once the actions before it are done, apply this event too.
+    Then(Event),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +170,13 @@ const STOP_AND_FREE: &[Action] = &[
     Action::PowerOff,
     Action::ClearAllocation,
 ];
+/// A release without erase is done as soon as the power-off has been asked for.
+const STOP_FREE_AND_DONE: &[Action] = &[
+    Action::RevokeAgentToken,
+    Action::PowerOff,
+    Action::ClearAllocation,
+    Action::Then(Event::ReleaseDone),
+];
 
 /// The table. `context.commissioned` says whether an inventory exists (for MarkFixed).
 pub fn transition(from: Status, event: Event, commissioned: bool) -> Result<Step, Rejected> {
@@ -185,7 +196,7 @@ pub fn transition(from: Status, event: Event, commissioned: bool) -> Result<Step
         (S::Deploying, E::AgentFailed | E::TimedOut | E::Abort) => step(S::FailedDeployment, STOP),
 
         (S::Allocated | S::Deployed | S::FailedDeployment | S::FailedReleasing, E::Release) => {
-            step(S::Releasing, STOP_AND_FREE)
+            step(S::Releasing, STOP_FREE_AND_DONE)
         }
         (
             S::Allocated | S::Deployed | S::FailedDeployment | S::FailedReleasing,
@@ -283,6 +294,35 @@ mod tests {
         mermaid.push_str("```\n");
         out.push('\n');
         out.push_str(&mermaid);
+        // The rules per status that are not transitions (lifecycle/boot.rs and the
+        // controller's timeouts), so the whole lifecycle reads from this one page.
+        out.push_str(
+            "\n## Per status\n\n| status | network boot gets | agent heartbeats | on timeout |\n|---|---|---|---|\n",
+        );
+        for st in Status::ALL {
+            let mut m = crate::store::Machine::new("m".into(), vec![], 0);
+            m.status = st;
+            m.netboot = true;
+            let boot = match boot::choose(Some(&m)) {
+                boot::BootChoice::Enlist => "the agent, to enlist",
+                boot::BootChoice::Agent { .. } => "the agent, with a per-boot token",
+                boot::BootChoice::LocalDisk => "exit to the local disk",
+            };
+            let hb = if st.expects_heartbeats() {
+                "expected"
+            } else {
+                "-"
+            };
+            let timeout = st
+                .failure_on_timeout()
+                .map_or_else(|| "-".to_string(), |f| f.to_string());
+            out.push_str(&format!("| {st} | {boot} | {hb} | {timeout} |\n"));
+        }
+        out.push_str(
+            "\nRecords that change no status: the agent's `installed` report is accepted only \
+             while deploying (it clears the network-boot flag, so the next boot is the disk), \
+             and a heartbeat is recorded only where heartbeats are expected.\n",
+        );
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/lifecycle.md");
         if std::env::var_os("STORK_BLESS").is_some() {
             std::fs::write(&path, &out).unwrap();
