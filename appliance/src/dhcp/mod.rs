@@ -2,6 +2,7 @@
 //! [`journal`], and router advertisements ([`ra`]) that keep iPXE from waiting for IPv6.
 
 pub mod client;
+pub mod config;
 pub mod datagram;
 pub mod edge;
 pub mod handler;

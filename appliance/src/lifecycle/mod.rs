@@ -8,6 +8,7 @@
 
 pub mod boot;
 pub mod command;
+pub mod config;
 pub mod controller;
 pub mod records;
 

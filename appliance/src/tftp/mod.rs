@@ -22,6 +22,7 @@
 //! Measured with `cargo xtask bench tftp` against tftpd-hpa and dnsmasq: on par with them
 //! lock-step, ahead with windows and in a boot storm, and far ahead once there is latency.
 
+pub mod config;
 pub mod fs;
 pub mod options;
 pub mod packet;
