@@ -13,8 +13,10 @@
 // Test helpers: a failure is a test failure, so they unwrap.
 #![allow(clippy::unwrap_used)]
 
+mod fuzz_common;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
@@ -29,168 +31,7 @@ use stork::tftp::server::{Listen, classify_caught, plan};
 use stork::tftp::transfer::Transfer;
 use stork::tftp::{TftpConfig, fs::Root};
 
-/// xorshift64*: small, seedable, and good enough to pick mutations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
-    }
-}
-
-/// Values that break parsers: the ends of each range and lengths around the limits.
-const INTERESTING: &[u8] = &[0, 1, 2, 6, 7, 16, 17, 53, 127, 128, 200, 254, 255];
-
-fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
-    let mut p = seeds[rng.below(seeds.len())].clone();
-    for _ in 0..=rng.below(4) {
-        let len = p.len();
-        match rng.below(9) {
-            0 if len > 0 => {
-                let i = rng.below(len);
-                p[i] ^= 1 << rng.below(8);
-            }
-            1 if len > 0 => {
-                let i = rng.below(len);
-                p[i] = rng.byte();
-            }
-            2 if len > 0 => {
-                let i = rng.below(len);
-                p[i] = INTERESTING[rng.below(INTERESTING.len())];
-            }
-            // The fixed DHCP header's op, htype, hlen and hops.
-            3 if len > 3 => p[rng.below(4)] = INTERESTING[rng.below(INTERESTING.len())],
-            4 => p.truncate(rng.below(len + 1)),
-            5 => {
-                let at = rng.below(len + 1);
-                let n = 1 + rng.below(16);
-                let bytes: Vec<u8> = (0..n).map(|_| rng.byte()).collect();
-                p.splice(at..at, bytes);
-            }
-            6 if len > 1 => {
-                let a = rng.below(len);
-                let b = (a + rng.below(64)).min(len);
-                p.drain(a..b);
-            }
-            // An option (or TFTP field) with a length that may run past the end.
-            7 => {
-                let code = rng.byte();
-                let n = INTERESTING[rng.below(INTERESTING.len())];
-                p.extend([code, n]);
-                p.extend((0..rng.below(usize::from(n) + 2)).map(|_| rng.byte()));
-            }
-            _ => {
-                let other = &seeds[rng.below(seeds.len())];
-                let at = rng.below(len + 1);
-                let from = rng.below(other.len() + 1);
-                p.truncate(at);
-                p.extend_from_slice(&other[from..]);
-            }
-        }
-    }
-    p.truncate(2048);
-    p
-}
-
-fn read_dir(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().extension().is_some_and(|x| x == "bin"))
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-fn fuzz_dir(kind: &str, what: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz")
-        .join(what)
-        .join(kind)
-}
-
-fn budget() -> Duration {
-    let secs = std::env::var("STORK_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    Duration::from_secs(secs)
-}
-
-fn seed() -> u64 {
-    std::env::var("STORK_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-                | 1
-        })
-}
-
-/// Fails with the input, kept under `target/fuzz-crashes/` for the regression directory.
-fn crash(kind: &str, input: &[u8], why: &str, seed: u64) -> ! {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fuzz-crashes");
-    let _ = std::fs::create_dir_all(&dir);
-    let file = dir.join(format!("{kind}-{seed}.bin"));
-    let _ = std::fs::write(&file, input);
-    panic!(
-        "{kind} fuzz: {why} (seed {seed}); input kept in {} (copy it to appliance/fuzz/regressions/{kind}/): {}",
-        file.display(),
-        input.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    );
-}
-
-/// Runs `one` on the regressions, the corpus, then mutations until the budget is spent.
-fn drive(kind: &str, mut one: impl FnMut(&[u8]) -> Result<(), String>) -> u64 {
-    let seed = seed();
-    let regressions = read_dir(&fuzz_dir(kind, "regressions"));
-    let corpus = read_dir(&fuzz_dir(kind, "corpus"));
-    assert!(!corpus.is_empty(), "no {kind} corpus");
-    for (name, input) in regressions.iter().chain(&corpus) {
-        if let Err(why) = one(input) {
-            crash(kind, input, &format!("{name}: {why}"), seed);
-        }
-    }
-    let seeds: Vec<Vec<u8>> = corpus.into_iter().map(|(_, b)| b).collect();
-    let mut rng = Rng(seed);
-    let start = Instant::now();
-    let mut n = 0u64;
-    // Count-bounded too, so a fast machine does not spin for nothing.
-    while start.elapsed() < budget() && n < 2_000_000 {
-        let input = mutate(&mut rng, &seeds);
-        if let Err(why) = one(&input) {
-            crash(kind, &input, &why, seed);
-        }
-        n += 1;
-    }
-    eprintln!(
-        "{kind} fuzz: {n} mutated inputs in {:.1} s, seed {seed}",
-        start.elapsed().as_secs_f64()
-    );
-    n
-}
+use fuzz_common::{Rng, drive, seed};
 
 fn info(text: &str) -> ServerInfo {
     let cfg = FileConfig::parse(text, Path::new("fuzz"))

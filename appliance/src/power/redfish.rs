@@ -232,16 +232,23 @@ impl RedfishDriver {
                 body: excerpt(&a.body),
             });
         }
-        if a.body.trim().is_empty() {
-            return Ok((Value::Null, a.etag));
-        }
-        let v = serde_json::from_str(&a.body).map_err(|e| RedfishError::Answer {
+        let v = parse_body(&a.body).map_err(|why| RedfishError::Answer {
             url,
             method: method.name(),
             path: path.to_string(),
-            why: format!("not JSON ({e})"),
+            why,
         })?;
         Ok((v, a.etag))
+    }
+
+    /// An unusable answer to a GET of `path`.
+    fn unusable(&self, path: &str, why: String) -> RedfishError {
+        RedfishError::Answer {
+            url: self.base().to_string(),
+            method: "GET",
+            path: path.to_string(),
+            why,
+        }
     }
 
     /// The ComputerSystem's path: configured, cached, or the first member listed.
@@ -261,14 +268,18 @@ impl RedfishDriver {
         let (v, _) = self
             .call(Method::Get, "/redfish/v1/Systems", None, None)
             .await?;
-        let path = v["Members"]
-            .as_array()
-            .and_then(|m| m.first())
-            .and_then(|m| m["@odata.id"].as_str())
-            .map(str::to_string)
-            .ok_or_else(|| RedfishError::NoSystem {
-                url: self.base().to_string(),
-            })?;
+        let member = first_member(&v).ok_or_else(|| RedfishError::NoSystem {
+            url: self.base().to_string(),
+        })?;
+        let path = service_path(self.base(), member).ok_or_else(|| {
+            self.unusable(
+                "/redfish/v1/Systems",
+                format!(
+                    "its first member {} is not a path on this service",
+                    clip(member)
+                ),
+            )
+        })?;
         debug!(bmc = %self.base(), system = %path, "Redfish system found");
         if let Ok(mut guard) = self.system.lock() {
             *guard = Some(path.clone());
@@ -288,18 +299,8 @@ impl RedfishDriver {
     }
 
     fn power_state_of(&self, path: &str, v: &Value) -> Result<PowerState, RedfishError> {
-        match v["PowerState"].as_str() {
-            Some("On") => Ok(PowerState::On),
-            Some("Off") => Ok(PowerState::Off),
-            // PoweringOn, PoweringOff, Paused: in transition; ask again later.
-            Some(_) => Ok(PowerState::Unknown),
-            None => Err(RedfishError::Answer {
-                url: self.base().to_string(),
-                method: "GET",
-                path: path.to_string(),
-                why: "the ComputerSystem has no PowerState".into(),
-            }),
-        }
+        power_state(v)
+            .ok_or_else(|| self.unusable(path, "the ComputerSystem has no PowerState".into()))
     }
 
     /// POSTs `ComputerSystem.Reset` to the target the system advertises, after checking
@@ -310,20 +311,24 @@ impl RedfishDriver {
         system: &Value,
         reset_type: &'static str,
     ) -> Result<(), RedfishError> {
-        let action = &system["Actions"]["#ComputerSystem.Reset"];
-        let target = action["target"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("{path}/Actions/ComputerSystem.Reset"));
-        if let Some(allowed) = action["ResetType@Redfish.AllowableValues"].as_array() {
-            let allowed: Vec<&str> = allowed.iter().filter_map(Value::as_str).collect();
-            if !allowed.contains(&reset_type) {
-                return Err(RedfishError::ResetTypeUnsupported {
-                    url: self.base().to_string(),
-                    reset_type,
-                    allowed: allowed.join(", "),
-                });
-            }
+        let action = reset_action(path, system);
+        let target = service_path(self.base(), &action.target).ok_or_else(|| {
+            self.unusable(
+                path,
+                format!(
+                    "its ComputerSystem.Reset target {} is not a path on this service",
+                    clip(&action.target)
+                ),
+            )
+        })?;
+        if let Some(allowed) = action.allowed
+            && !allowed.iter().any(|a| a == reset_type)
+        {
+            return Err(RedfishError::ResetTypeUnsupported {
+                url: self.base().to_string(),
+                reset_type,
+                allowed: allowed.join(", "),
+            });
         }
         self.call(
             Method::Post,
@@ -416,16 +421,103 @@ impl RedfishDriver {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Reading the BMC's answers
+// ---------------------------------------------------------------------------------------
+//
+// Pure functions over what a BMC sent, apart from the HTTP exchange, so that
+// `tests/fuzz_bmc.rs` can drive them with hostile bodies. `Value` indexing yields `Null`
+// for anything missing or of the wrong type, and serde_json stops nesting at 128 levels.
+
+/// A 2xx answer's body as JSON; `Null` when the body is empty (a 204, most POSTs).
+pub fn parse_body(body: &str) -> Result<Value, String> {
+    if body.trim().is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_str(body).map_err(|e| format!("not JSON ({e})"))
+}
+
+/// The `@odata.id` of the first member of a collection (`/redfish/v1/Systems`).
+pub fn first_member(collection: &Value) -> Option<&str> {
+    collection["Members"].as_array()?.first()?["@odata.id"].as_str()
+}
+
+/// A ComputerSystem's `PowerState`; `None` when it reports none.
+pub fn power_state(system: &Value) -> Option<PowerState> {
+    Some(match system["PowerState"].as_str()? {
+        "On" => PowerState::On,
+        "Off" => PowerState::Off,
+        // PoweringOn, PoweringOff, Paused: in transition; ask again later.
+        _ => PowerState::Unknown,
+    })
+}
+
+/// A ComputerSystem's `#ComputerSystem.Reset` action, as the system advertises it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResetAction {
+    /// Where to POST, as the BMC names it (check it with [`service_path`]); the
+    /// conventional `<system>/Actions/ComputerSystem.Reset` when the BMC names none.
+    pub target: String,
+    /// `ResetType@Redfish.AllowableValues`, when the BMC lists them.
+    pub allowed: Option<Vec<String>>,
+}
+
+/// The reset action of the ComputerSystem at `system_path`.
+pub fn reset_action(system_path: &str, system: &Value) -> ResetAction {
+    let action = &system["Actions"]["#ComputerSystem.Reset"];
+    ResetAction {
+        target: action["target"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{system_path}/Actions/ComputerSystem.Reset")),
+        allowed: action["ResetType@Redfish.AllowableValues"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            }),
+    }
+}
+
+/// A path a BMC names (a member's `@odata.id`, an action target), as the path to request
+/// on the service at `base`: an absolute path, or an absolute URL on `base` itself. Anything
+/// else is refused, because the driver requests `base` followed by the path, with the
+/// credentials: `@evil.example/x` would send them to another host.
+pub fn service_path(base: &str, named: &str) -> Option<String> {
+    let path = named
+        .strip_prefix(base.trim_end_matches('/'))
+        .filter(|rest| rest.starts_with('/'))
+        .unwrap_or(named);
+    if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return None;
+    }
+    Some(path.to_string())
+}
+
+/// At most 100 characters of something a BMC named, for an error message.
+fn clip(s: &str) -> String {
+    let mut out: String = s.chars().take(100).collect();
+    if s.chars().nth(100).is_some() {
+        out.push('…');
+    }
+    format!("{out:?}")
+}
+
 /// The three boot override properties, as set and as read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct BootOverride {
-    target: String,
-    enabled: String,
-    mode: Option<String>,
+pub struct BootOverride {
+    /// `BootSourceOverrideTarget`, `(absent)` when the BMC reports none.
+    pub target: String,
+    /// `BootSourceOverrideEnabled`, `(absent)` when the BMC reports none.
+    pub enabled: String,
+    pub mode: Option<String>,
 }
 
 impl BootOverride {
-    fn from_system(boot: &Value) -> Self {
+    /// Reads the override from a ComputerSystem's `Boot` object.
+    pub fn from_system(boot: &Value) -> Self {
         let s = |k: &str| boot[k].as_str().unwrap_or("(absent)").to_string();
         Self {
             target: s("BootSourceOverrideTarget"),
@@ -449,7 +541,7 @@ impl std::fmt::Display for BootOverride {
 
 /// The message of a Redfish error body (`error.message`, then the first extended info
 /// message), else the body's first 300 characters.
-fn excerpt(body: &str) -> String {
+pub fn excerpt(body: &str) -> String {
     if let Ok(v) = serde_json::from_str::<Value>(body) {
         let err = &v["error"];
         let mut parts = Vec::new();
@@ -633,6 +725,74 @@ mod tests {
         );
         assert_eq!(excerpt(""), "(empty body)");
         assert_eq!(excerpt(&"x".repeat(400)).chars().count(), 301);
+    }
+
+    #[test]
+    fn service_paths_stay_on_the_service() {
+        let base = "http://10.0.0.6:8000";
+        assert_eq!(
+            service_path(base, "/redfish/v1/Systems/1").as_deref(),
+            Some("/redfish/v1/Systems/1")
+        );
+        assert_eq!(
+            service_path(base, "http://10.0.0.6:8000/redfish/v1/Systems/1").as_deref(),
+            Some("/redfish/v1/Systems/1")
+        );
+        // Appended to the base, these name another host (or no path), and the request
+        // would carry the credentials there.
+        for named in [
+            "@evil.example/x",
+            "http://10.0.0.6:8000@evil.example/x",
+            "http://10.0.0.6:80001/x",
+            ".evil.example/x",
+            "Systems/1",
+            "",
+            "/a b",
+            "/a\r\nX-Injected: 1",
+        ] {
+            assert_eq!(service_path(base, named), None, "{named:?}");
+        }
+        let leaked: ureq::http::Uri = format!("{base}@evil.example/x").parse().unwrap();
+        assert_eq!(leaked.host(), Some("evil.example"));
+        assert_eq!(clip(&"x".repeat(500)).chars().count(), 103);
+    }
+
+    #[test]
+    fn answers_of_the_wrong_shape_are_absent_values() {
+        assert_eq!(parse_body(" \n"), Ok(Value::Null));
+        assert!(parse_body("<html>").unwrap_err().starts_with("not JSON"));
+        // serde_json's nesting limit answers, not the stack.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(parse_body(&deep).is_err());
+        let odd = json!({ "Members": "none", "PowerState": 7, "Actions": [], "Boot": null });
+        assert_eq!(first_member(&odd), None);
+        assert_eq!(power_state(&odd), None);
+        assert_eq!(
+            reset_action("/redfish/v1/Systems/1", &odd),
+            ResetAction {
+                target: "/redfish/v1/Systems/1/Actions/ComputerSystem.Reset".into(),
+                allowed: None,
+            }
+        );
+        assert_eq!(
+            BootOverride::from_system(&odd["Boot"]).to_string(),
+            "BootSourceOverrideTarget=(absent) BootSourceOverrideEnabled=(absent) \
+             BootSourceOverrideMode=(absent)"
+        );
+        let system = json!({
+            "PowerState": "PoweringOn",
+            "Actions": { "#ComputerSystem.Reset": {
+                "target": "/x",
+                "ResetType@Redfish.AllowableValues": ["On", 3, null],
+            }},
+        });
+        assert_eq!(power_state(&system), Some(PowerState::Unknown));
+        assert_eq!(
+            reset_action("/s", &system).allowed,
+            Some(vec!["On".to_string()])
+        );
+        let systems = json!({ "Members": [{ "@odata.id": "/redfish/v1/Systems/7" }, 1] });
+        assert_eq!(first_member(&systems), Some("/redfish/v1/Systems/7"));
     }
 
     #[test]
