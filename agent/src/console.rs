@@ -9,6 +9,10 @@ use std::sync::Mutex;
 use anyhow::{Context, Result};
 use nix::sys::stat::{SFlag, fstat, major, minor};
 
+/// Sizes on the console read as the `stork` CLI prints them; callers keep their
+/// `console::human_bytes` path.
+pub use stork_proto::units::human_bytes;
+
 /// Prints `stork-agent: <step>: <message>` on the console.
 macro_rules! say {
     ($step:expr, $($arg:tt)*) => {
@@ -101,17 +105,6 @@ pub fn reattach_if_null() -> Result<bool> {
     Ok(true)
 }
 
-/// `10.0 GiB`, `512 MiB`: short enough for one console line per device.
-pub fn human_bytes(bytes: u64) -> String {
-    const MIB: u64 = 1 << 20;
-    const GIB: u64 = 1 << 30;
-    if bytes >= GIB {
-        format!("{:.1} GiB", bytes as f64 / GIB as f64)
-    } else {
-        format!("{} MiB", bytes / MIB)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,13 +135,5 @@ mod tests {
         // The newest of the old lines are kept, right before the ones already there.
         assert_eq!(ring[TAIL_LINES - 4], format!("old {}", TAIL_LINES + 4));
         assert_eq!(ring[TAIL_LINES - 1], "two: first");
-    }
-
-    #[test]
-    fn human_bytes_picks_a_readable_unit() {
-        assert_eq!(human_bytes(0), "0 MiB");
-        assert_eq!(human_bytes(512 << 20), "512 MiB");
-        assert_eq!(human_bytes(10 << 30), "10.0 GiB");
-        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
     }
 }

@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader};
 use anyhow::{Context, Result, bail};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use stork_proto::units::human_bytes;
 
 use crate::lifecycle::Status;
 use crate::store::{BootResource, EventRecord, Machine};
@@ -124,17 +125,6 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
-}
-
 fn time(ms: i64) -> String {
     let secs = ms / 1000;
     let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
@@ -157,7 +147,7 @@ pub fn machine_table(machines: &[Machine]) {
                 .unwrap_or_else(|| "-".into()),
             m.hostname.as_deref().unwrap_or("-"),
             inv.map_or(0, |i| i.cpu.count),
-            inv.map_or("-".into(), |i| human_size(i.memory.total_bytes)),
+            inv.map_or("-".into(), |i| human_bytes(i.memory.total_bytes)),
             inv.map_or(0, |i| i.disks.len()),
         );
     }
@@ -215,8 +205,8 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
         }
         println!(
             "memory:    {} (usable {})",
-            human_size(inv.memory.total_bytes),
-            human_size(inv.memory.usable_bytes)
+            human_bytes(inv.memory.total_bytes),
+            human_bytes(inv.memory.usable_bytes)
         );
         let d = &inv.dmi;
         println!(
@@ -229,7 +219,7 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
             println!(
                 "disk:      {:<8} {:>10}  model {}  serial {}  {}{}",
                 disk.name,
-                human_size(disk.size_bytes),
+                human_bytes(disk.size_bytes),
                 show(&disk.model),
                 show(&disk.serial),
                 show(&disk.transport),
@@ -243,7 +233,7 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
                 println!(
                     "           {:<10} {:>10}  at {}  {}",
                     p.name,
-                    human_size(p.size_bytes),
+                    human_bytes(p.size_bytes),
                     p.start_bytes,
                     show(&p.label)
                 );

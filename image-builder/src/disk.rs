@@ -6,10 +6,10 @@
 //! | 2 | `esp` | EFI system (EF00) | `esp_mib` | FAT32: `EFI/BOOT/BOOTX64.EFI` (GRUB x86_64-efi) |
 //! | 3 | `root` | Linux root x86-64 (8304) | the rest | ext4 from the root tree |
 //!
-//! The GPT is ours ([`crate::gpt`]); `mkfs.vfat --offset` and mtools' `file@@offset` write the
-//! ESP in place; `mke2fs -E offset= -d TREE` writes and fills the root file system in place;
-//! GRUB's boot sector and core.img are patched in ([`crate::grub`]). The root partition is
-//! last so it can grow to the end of whatever disk the image is written to.
+//! The GPT is written by [`crate::gpt`] (with gptman); `mkfs.vfat --offset` and mtools'
+//! `file@@offset` write the ESP in place; `mke2fs -E offset= -d TREE` writes and fills the root
+//! file system in place; GRUB's boot sector and core.img are patched in ([`crate::grub`]). The
+//! root partition is last so it can grow to the end of whatever disk the image is written to.
 //!
 //! The root file system's UUID, the ESP's volume id and the GPT GUIDs are derived from the
 //! tree's key, and every time written is SOURCE_DATE_EPOCH (mkfs.vfat `--invariant`, mtools and

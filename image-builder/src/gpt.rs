@@ -1,17 +1,22 @@
-//! GUID partition tables (UEFI 2.10, section 5), written without any tool or device: a
-//! protective MBR, the primary header and entry array at LBA 1 and 2, and their backups at the
-//! end of the disk. 512-byte sectors, 128 entries of 128 bytes, as every tool expects.
+//! GUID partition tables (UEFI 2.10, section 5) for the raw OS image: a protective MBR, the
+//! primary header and entry array at LBA 1 and 2, and their backups at the end of the disk.
+//! 512-byte sectors, 128 entries of 128 bytes, as every tool expects.
 //!
-//! Nothing here panics on its inputs: sizes and counts are checked and reported.
+//! The bytes are written by `gptman`, the crate the agent reads and grows the same table with
+//! on the target disk, so one implementation of the format serves both ends. What is ours is
+//! the layout check, with an error that names the partition, and the GUIDs' text form for the
+//! manifest.
+//!
+//! Nothing here panics on its inputs: sizes and counts are checked and reported before
+//! `gptman` (which does arithmetic on the disk's size) sees them.
 
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 
 pub const SECTOR: u64 = 512;
 const ENTRIES: usize = 128;
 const ENTRY_SIZE: usize = 128;
 /// Sectors taken by the entry array: 128 * 128 / 512.
 const ENTRY_SECTORS: u64 = (ENTRIES * ENTRY_SIZE) as u64 / SECTOR;
-const HEADER_SIZE: usize = 92;
 const NAME_UNITS: usize = 36;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +39,10 @@ pub enum GptError {
     LongName { name: String },
     #[error("{0:?} is not a GUID")]
     BadGuid(String),
+    #[error("the disk is {bytes} bytes, not the table's {sectors} sectors of {SECTOR}")]
+    WrongSize { bytes: u64, sectors: u64 },
+    #[error("gptman could not write the partition table")]
+    Write(#[from] gptman::Error),
     #[error("writing the partition table")]
     Io(#[from] io::Error),
 }
@@ -155,111 +164,40 @@ impl Gpt {
         Ok(())
     }
 
-    /// The 128-entry array.
-    fn entries(&self) -> Vec<u8> {
-        let mut a = vec![0u8; ENTRIES * ENTRY_SIZE];
-        for (i, p) in self.partitions.iter().enumerate() {
-            let e = &mut a[i * ENTRY_SIZE..(i + 1) * ENTRY_SIZE];
-            e[0..16].copy_from_slice(&p.type_guid.0);
-            e[16..32].copy_from_slice(&p.guid.0);
-            e[32..40].copy_from_slice(&p.first_lba.to_le_bytes());
-            e[40..48].copy_from_slice(&p.last_lba.to_le_bytes());
-            e[48..56].copy_from_slice(&p.attributes.to_le_bytes());
-            for (j, u) in p.name.encode_utf16().take(NAME_UNITS).enumerate() {
-                e[56 + 2 * j..58 + 2 * j].copy_from_slice(&u.to_le_bytes());
-            }
-        }
-        a
-    }
-
-    /// A header sector; `primary` decides which copy it describes.
-    fn header(&self, primary: bool, entries_crc: u32) -> [u8; SECTOR as usize] {
-        let last = self.sectors - 1;
-        let (my, alternate, entries_lba) = if primary {
-            (1, last, 2)
-        } else {
-            (last, 1, last - ENTRY_SECTORS)
-        };
-        let mut h = [0u8; SECTOR as usize];
-        h[0..8].copy_from_slice(b"EFI PART");
-        h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
-        h[12..16].copy_from_slice(&(HEADER_SIZE as u32).to_le_bytes());
-        // 16..20: header CRC, computed below over the header with this field zero.
-        h[24..32].copy_from_slice(&my.to_le_bytes());
-        h[32..40].copy_from_slice(&alternate.to_le_bytes());
-        h[40..48].copy_from_slice(&self.first_usable().to_le_bytes());
-        h[48..56].copy_from_slice(&self.last_usable().to_le_bytes());
-        h[56..72].copy_from_slice(&self.disk_guid.0);
-        h[72..80].copy_from_slice(&entries_lba.to_le_bytes());
-        h[80..84].copy_from_slice(&(ENTRIES as u32).to_le_bytes());
-        h[84..88].copy_from_slice(&(ENTRY_SIZE as u32).to_le_bytes());
-        h[88..92].copy_from_slice(&entries_crc.to_le_bytes());
-        let crc = crc32(&h[..HEADER_SIZE]);
-        h[16..20].copy_from_slice(&crc.to_le_bytes());
-        h
-    }
-
-    /// The protective MBR: one partition of type 0xEE over the whole disk (capped at 2 TiB).
-    pub fn protective_mbr(&self) -> [u8; SECTOR as usize] {
-        let mut m = [0u8; SECTOR as usize];
-        let e = &mut m[0x1BE..0x1CE];
-        e[0] = 0x00; // not bootable: UEFI 5.2.3
-        e[1..4].copy_from_slice(&[0x00, 0x02, 0x00]); // CHS of LBA 1
-        e[4] = 0xEE;
-        e[5..8].copy_from_slice(&[0xFF, 0xFF, 0xFF]);
-        e[8..12].copy_from_slice(&1u32.to_le_bytes());
-        let size = u32::try_from(self.sectors - 1).unwrap_or(u32::MAX);
-        e[12..16].copy_from_slice(&size.to_le_bytes());
-        m[510] = 0x55;
-        m[511] = 0xAA;
-        m
-    }
-
     /// Writes the protective MBR, both headers and both entry arrays into `disk`, which must
-    /// already be `sectors * 512` bytes long. Other sectors are not touched.
-    pub fn write<W: Write + Seek>(&self, disk: &mut W) -> Result<(), GptError> {
+    /// already be `sectors * 512` bytes long. Other bytes are not touched.
+    pub fn write<D: Read + Write + Seek>(&self, disk: &mut D) -> Result<(), GptError> {
         self.check()?;
-        let entries = self.entries();
-        let entries_crc = crc32(&entries);
-        let last = self.sectors - 1;
-        let at = |lba: u64| SeekFrom::Start(lba * SECTOR);
-
-        disk.seek(at(0))?;
-        disk.write_all(&self.protective_mbr())?;
-        disk.write_all(&self.header(true, entries_crc))?;
-        disk.write_all(&entries)?;
-        disk.seek(at(last - ENTRY_SECTORS))?;
-        disk.write_all(&entries)?;
-        disk.write_all(&self.header(false, entries_crc))?;
+        let bytes = disk.seek(SeekFrom::End(0))?;
+        if self.sectors.checked_mul(SECTOR) != Some(bytes) {
+            return Err(GptError::WrongSize {
+                bytes,
+                sectors: self.sectors,
+            });
+        }
+        // gptman takes the size from `disk`: the same usable range as ours, checked above.
+        let mut table = gptman::GPT::new_from(disk, SECTOR, self.disk_guid.0)?;
+        for (number, p) in (1..).zip(&self.partitions) {
+            table[number] = gptman::GPTPartitionEntry {
+                partition_type_guid: p.type_guid.0,
+                unique_partition_guid: p.guid.0,
+                starting_lba: p.first_lba,
+                ending_lba: p.last_lba,
+                attribute_bits: p.attributes,
+                partition_name: p.name.as_str().into(),
+            };
+        }
+        gptman::GPT::write_protective_mbr_into(disk, SECTOR)?;
+        table.write_into(disk)?;
         disk.flush()?;
         Ok(())
     }
-}
-
-/// CRC-32 (IEEE 802.3, reflected, as zlib and the UEFI spec use). Bitwise: GPT checksums cover
-/// 16 KiB at most, so a table buys nothing.
-pub fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            let mask = (crc & 1).wrapping_neg();
-            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
-        }
-    }
-    !crc
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Cursor;
-
-    #[test]
-    fn crc32_check_value() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(crc32(b""), 0);
-    }
 
     #[test]
     fn guids_use_mixed_endian() {
@@ -323,13 +261,36 @@ mod tests {
             assert_eq!((u64_at(24), u64_at(32), u64_at(72)), (my, alt, entries));
             let mut zeroed = h[..92].to_vec();
             zeroed[16..20].fill(0);
-            assert_eq!(crc32(&zeroed).to_le_bytes(), h[16..20]);
+            assert_eq!(crc32fast::hash(&zeroed).to_le_bytes(), h[16..20]);
             let array = &d[(entries * SECTOR) as usize..((entries + 32) * SECTOR) as usize];
-            assert_eq!(crc32(array).to_le_bytes(), h[88..92]);
+            assert_eq!(crc32fast::hash(array).to_le_bytes(), h[88..92]);
         }
         let e = &d[1024..1024 + 128];
         assert_eq!(u64::from_le_bytes(e[32..40].try_into().unwrap()), 2048);
         assert_eq!(&e[56..64], &[b'b', 0, b'i', 0, b'o', 0, b's', 0]);
+    }
+
+    /// What the agent sees when it reads the image's table back (`gptman` there too).
+    #[test]
+    fn the_table_reads_back() {
+        let sectors = 8192;
+        let g = sample(sectors);
+        let mut disk = Cursor::new(vec![0u8; (sectors * SECTOR) as usize]);
+        g.write(&mut disk).unwrap();
+        let back = gptman::GPT::read_from(&mut disk, SECTOR).unwrap();
+        assert_eq!(back.header.disk_guid, g.disk_guid.to_bytes());
+        assert_eq!(
+            (back.header.first_usable_lba, back.header.last_usable_lba),
+            (g.first_usable(), g.last_usable())
+        );
+        let used: Vec<_> = back.iter().filter(|(_, p)| p.is_used()).collect();
+        assert_eq!(used.len(), g.partitions.len());
+        for ((n, e), p) in used.into_iter().zip(&g.partitions) {
+            assert_eq!(e.partition_type_guid, p.type_guid.to_bytes(), "{n}");
+            assert_eq!(e.unique_partition_guid, p.guid.to_bytes(), "{n}");
+            assert_eq!((e.starting_lba, e.ending_lba), (p.first_lba, p.last_lba));
+            assert_eq!(e.partition_name.as_str(), p.name);
+        }
     }
 
     #[test]
@@ -356,5 +317,13 @@ mod tests {
             g.write(&mut Cursor::new(Vec::new())),
             Err(GptError::LongName { .. })
         ));
+        // A disk of another size than the table's, even an empty one, is refused, not
+        // handed to gptman.
+        for len in [0, 4096 * SECTOR] {
+            assert!(matches!(
+                sample(8192).write(&mut Cursor::new(vec![0u8; len as usize])),
+                Err(GptError::WrongSize { sectors: 8192, .. })
+            ));
+        }
     }
 }

@@ -8,6 +8,7 @@ pub mod grub;
 pub mod inventory;
 pub mod layout;
 pub mod mac;
+pub mod units;
 
 pub use inventory::Inventory;
 pub use layout::DiskLayout;

@@ -77,22 +77,6 @@ pub fn unix_secs(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// CRC-32 (IEEE 802.3, reflected), bitwise: records are tiny.
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 impl Record {
     pub fn ip(&self) -> Ipv4Addr {
         match self {
@@ -113,7 +97,7 @@ impl Record {
         b[1..7].copy_from_slice(&mac.0);
         b[7..11].copy_from_slice(&ip.octets());
         b[11..19].copy_from_slice(&time.to_le_bytes());
-        let crc = crc32(&b[..20]);
+        let crc = crc32fast::hash(&b[..20]);
         b[20..24].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -121,7 +105,7 @@ impl Record {
     /// `None` for a torn or corrupt record.
     pub fn decode(b: &[u8; RECORD_LEN]) -> Option<Self> {
         let (body, crc) = b.split_at(20);
-        if crc32(body).to_le_bytes() != crc || body[19] != 0 {
+        if crc32fast::hash(body).to_le_bytes() != crc || body[19] != 0 {
             return None;
         }
         let mac = MacAddr(body[1..7].try_into().ok()?);
@@ -529,7 +513,37 @@ mod tests {
 
     #[test]
     fn crc_matches_the_reference_value() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
+    }
+
+    /// Records as journals already on disk hold them (the CRC from Python's `zlib.crc32`):
+    /// the format must never change under them.
+    #[test]
+    fn recorded_bytes_still_decode() {
+        for (hex, r) in [
+            (
+                "015254000000010a00000200f1536500000000001ca4aa05",
+                bound(1, 2, 1_700_000_000),
+            ),
+            (
+                "025254000000030a0000040000000000000000002b24b63f",
+                Record::Released {
+                    mac: mac(3),
+                    ip: ip(4),
+                },
+            ),
+            (
+                "030000000000000a000005070000000000000000ec166b18",
+                Record::Probation {
+                    ip: ip(5),
+                    until: 7,
+                },
+            ),
+        ] {
+            let b: [u8; RECORD_LEN] = hex::decode(hex).unwrap().try_into().unwrap();
+            assert_eq!(Record::decode(&b), Some(r), "{hex}");
+            assert_eq!(r.encode(), b, "{hex}");
+        }
     }
 
     #[test]
