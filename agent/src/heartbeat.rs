@@ -5,28 +5,28 @@
 //!
 //! A heartbeat that fails is logged and tried again at the next beat; it never fails the task.
 //! They end when the appliance wants no more (the task's last call, a revoked token) or the
-//! agent hands the machine over ([`Client::hand_over`]); the thread dies with the process
-//! otherwise (power-off, reboot, exec into stage 2, which starts its own).
+//! agent hands the machine over ([`ApplianceClient::hand_over`]); the thread dies with the
+//! process otherwise (power-off, reboot, exec into stage 2, which starts its own).
 
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use stork_proto::HEARTBEAT_EVERY_SECS;
 
+use crate::appliance::{ApplianceClient, Beat};
 use crate::console::say;
-use crate::report::{Beat, Client};
 
 const STEP: &str = "heartbeat";
 
 /// Starts the heartbeats of a known machine's agent; does nothing for an agent that is
 /// enlisting (it has no token to send them with).
-pub fn start(client: &Client) {
+pub fn start(client: &ApplianceClient) {
     if client.is_known() {
         start_every(client, Duration::from_secs(HEARTBEAT_EVERY_SECS));
     }
 }
 
-fn start_every(client: &Client, every: Duration) -> Option<JoinHandle<()>> {
+fn start_every(client: &ApplianceClient, every: Duration) -> Option<JoinHandle<()>> {
     let client = client.clone();
     match thread::Builder::new()
         .name(STEP.into())
@@ -41,7 +41,7 @@ fn start_every(client: &Client, every: Duration) -> Option<JoinHandle<()>> {
 }
 
 /// Beats until they are over. Failures are shown once per outage, not once per beat.
-fn run(client: &Client, every: Duration) {
+fn run(client: &ApplianceClient, every: Duration) {
     let mut failed = 0u32;
     loop {
         match client.heartbeat() {
@@ -124,7 +124,7 @@ mod tests {
     fn beats_with_the_current_step_until_the_appliance_wants_no_more() {
         // A 503 is tried again at the next beat; the 202 ends the beats.
         let (url, rx) = appliance(vec![204, 503, 204, 202]);
-        let client = Client::new(&url).with_identity("m-1", "stork_agent_x");
+        let client = ApplianceClient::new(&url).with_identity("m-1", "stork_agent_x");
         client.enter_step("image");
         let handle = start_every(&client, Duration::from_millis(10)).unwrap();
         handle.join().unwrap();
@@ -140,7 +140,7 @@ mod tests {
     #[test]
     fn handing_over_sends_a_last_leaving_beat_and_ends_the_thread() {
         let (url, rx) = appliance(vec![204]);
-        let client = Client::new(&url).with_identity("m-1", "stork_agent_x");
+        let client = ApplianceClient::new(&url).with_identity("m-1", "stork_agent_x");
         client.enter_step("memory");
         client.hand_over().unwrap();
         let (_, hb) = rx.recv().unwrap();
@@ -159,7 +159,7 @@ mod tests {
 
     #[test]
     fn an_agent_without_identity_sends_none() {
-        let client = Client::new("http://127.0.0.1:9");
+        let client = ApplianceClient::new("http://127.0.0.1:9");
         assert!(matches!(client.heartbeat(), Beat::Over(_)));
     }
 }

@@ -4,7 +4,6 @@
 //! to stage 2 inside it ([`crate::stage`]), which skips what stage 1 already did (mounts,
 //! modules, the NIC's address) and runs the task.
 
-use std::fmt;
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,11 +12,12 @@ use anyhow::{Context, Result, anyhow};
 use stork_proto::cmdline::AgentArgs;
 use stork_proto::{AgentReport, EnlistRequest, Inventory};
 
+use crate::appliance::ApplianceClient;
 use crate::console::{self, say};
-use crate::deploy::{self, Ending};
 use crate::net::{self, Control};
-use crate::report::Client;
 use crate::stage::{self, Stage};
+use crate::step::{Failed, Step, at};
+use crate::task::{Deployment, Ending, commission, disk, erase, memory};
 use crate::{inventory, modules, mounts, power};
 
 const CLASS_NET: &str = "/sys/class/net";
@@ -26,83 +26,6 @@ const CARRIER_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(100);
 /// Console lines sent with a failure report.
 const FAILURE_TAIL_LINES: usize = 15;
-
-/// The steps, named as they appear on the console and in [`AgentReport::step`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    Mount,
-    LoadModules,
-    Cmdline,
-    Network,
-    /// Stage 1: fetch, check and mount the ephemeral root.
-    Ephemeral,
-    /// Stage 1 hands over to stage 2 inside the ephemeral root.
-    SwitchRoot,
-    Inventory,
-    Enlist,
-    Task,
-    Commission,
-    /// Deploy: choose and wipe the target disk.
-    Disk,
-    /// Deploy: stream the image onto it.
-    Image,
-    /// Deploy: re-read, grow and find the root partition.
-    Partitions,
-    /// Deploy: write the cloud-init seed and phone-home.
-    Seed,
-    /// Deploy: tell the appliance the image is installed.
-    Installed,
-    /// Release: wipe the disks.
-    Erase,
-    /// Deploy in memory: fetch, mount and hand over to the OS.
-    Memory,
-    /// Deploy: the installed disk's UEFI boot entry.
-    BootEntry,
-    /// Deploy from the root tar: fstab, grub.cfg, GRUB for BIOS and UEFI.
-    Bootloader,
-}
-
-impl Step {
-    pub fn name(self) -> &'static str {
-        match self {
-            Step::Mount => "mount",
-            Step::LoadModules => "load-modules",
-            Step::Cmdline => "cmdline",
-            Step::Network => "network",
-            Step::Ephemeral => "ephemeral",
-            Step::SwitchRoot => "switch-root",
-            Step::Inventory => "inventory",
-            Step::Enlist => "enlist",
-            Step::Task => "task",
-            Step::Commission => "commission",
-            Step::Disk => "disk",
-            Step::Image => "image",
-            Step::Partitions => "partitions",
-            Step::Seed => "seed",
-            Step::Installed => "installed",
-            Step::Erase => "erase",
-            Step::Memory => "memory",
-            Step::BootEntry => "boot-entry",
-            Step::Bootloader => "bootloader",
-        }
-    }
-}
-
-impl fmt::Display for Step {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-pub struct Failed {
-    pub step: Step,
-    pub error: anyhow::Error,
-}
-
-/// Tags a step's error with the step.
-pub fn at<T>(step: Step, r: Result<T>) -> Result<T, Failed> {
-    r.map_err(|error| Failed { step, error })
-}
 
 /// Runs the agent as init. Never returns.
 pub fn run(stage: Stage) -> ! {
@@ -138,7 +61,7 @@ pub fn run(stage: Stage) -> ! {
 }
 
 fn report_failure(
-    client: &Client,
+    client: &ApplianceClient,
     boot_mac: stork_proto::MacAddr,
     step: Step,
     error: &anyhow::Error,
@@ -168,7 +91,7 @@ fn report_failure(
 
 fn steps(
     stage: Stage,
-    reporter: &mut Option<(Client, stork_proto::MacAddr)>,
+    reporter: &mut Option<(ApplianceClient, stork_proto::MacAddr)>,
 ) -> Result<Ending, Failed> {
     let args = match stage {
         Stage::One => {
@@ -210,47 +133,32 @@ fn steps(
         (Stage::Two { fetch_started }, _) => stage::arrived(client, fetch_started),
     }
     if !client.is_known() {
-        let inv = collect_inventory();
+        let inv = inventory::collect_and_show();
         return at(Step::Enlist, enlist(client, &args, inv)).map(|()| Ending::PowerOff);
     }
     let task = at(Step::Task, client.task())?;
     // A summary: user-data and keys are the user's business, not the console's.
     say!(Step::Task, "{}", describe(&task));
     match task {
-        stork_proto::Task::Commission => {
-            // Its end is the appliance's own event: the machine becomes Ready.
-            deploy::event(
-                client,
-                Step::Commission,
-                stork_proto::StepState::Started,
-                "collecting the inventory".into(),
-            );
-            let inv = collect_inventory();
-            let resp = at(Step::Commission, client.commissioned(&inv))?;
-            say!(
-                Step::Commission,
-                "machine {} status {}",
-                resp.machine_id,
-                resp.status
-            );
-            Ok(Ending::PowerOff)
+        stork_proto::Task::Commission => commission::run(client),
+        stork_proto::Task::Deploy(t) if t.target == "disk" => {
+            disk::run(&Deployment::new(client, &args, &t)?)
         }
-        stork_proto::Task::Deploy(t) if t.target == "disk" => deploy::to_disk(client, &args, &t),
         stork_proto::Task::Deploy(t) if t.target == "memory" => {
-            deploy::to_memory(client, &args, &t)
+            memory::run(&Deployment::new(client, &args, &t)?)
         }
         stork_proto::Task::Deploy(t) => Err(Failed {
             step: Step::Task,
             error: anyhow!("unknown deploy target {:?} (disk or memory)", t.target),
         }),
-        stork_proto::Task::Erase { quick } => deploy::erase(client, quick),
+        stork_proto::Task::Erase { quick } => erase::run(client, quick),
         stork_proto::Task::PowerOff => Ok(Ending::PowerOff),
     }
 }
 
 /// The appliance's client, with this boot's identity when the machine is known.
-fn client_for(args: &AgentArgs) -> Client {
-    let client = Client::new(&args.url);
+fn client_for(args: &AgentArgs) -> ApplianceClient {
+    let client = ApplianceClient::new(&args.url);
     match (&args.machine_id, &args.token) {
         (Some(id), Some(token)) => client.with_identity(id, token),
         _ => client,
@@ -432,16 +340,7 @@ fn network_kept(args: &AgentArgs) -> Result<()> {
     Ok(())
 }
 
-/// Cannot fail: whatever is unreadable is reported as unknown.
-fn collect_inventory() -> Inventory {
-    let inv = inventory::collect(Path::new("/"));
-    for line in inventory::summary_lines(&inv) {
-        say!(Step::Inventory, "{line}");
-    }
-    inv
-}
-
-fn enlist(client: &Client, args: &AgentArgs, inventory: Inventory) -> Result<()> {
+fn enlist(client: &ApplianceClient, args: &AgentArgs, inventory: Inventory) -> Result<()> {
     say!(
         Step::Enlist,
         "POST {}{}",
@@ -459,41 +358,4 @@ fn enlist(client: &Client, args: &AgentArgs, inventory: Inventory) -> Result<()>
         resp.status
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn step_names_are_the_report_names() {
-        let names = [
-            Step::Mount,
-            Step::LoadModules,
-            Step::Cmdline,
-            Step::Network,
-            Step::Ephemeral,
-            Step::SwitchRoot,
-            Step::Inventory,
-            Step::Enlist,
-            Step::Task,
-            Step::Commission,
-        ]
-        .map(Step::name);
-        assert_eq!(
-            names,
-            [
-                "mount",
-                "load-modules",
-                "cmdline",
-                "network",
-                "ephemeral",
-                "switch-root",
-                "inventory",
-                "enlist",
-                "task",
-                "commission"
-            ]
-        );
-    }
 }

@@ -11,7 +11,8 @@ use std::collections::BTreeSet;
 use stork_proto::inventory::{Cpu, Disk, Dmi, Firmware, Memory, Nic, Partition};
 use stork_proto::{Inventory, MacAddr};
 
-use crate::console::human_bytes;
+use crate::console::{human_bytes, say};
+use crate::step::Step;
 
 /// Block devices that are not disks: loop, RAM disks, device-mapper, optical, floppy, md RAID.
 const NOT_DISKS: &[&str] = &["loop", "ram", "zram", "dm-", "sr", "fd", "md"];
@@ -41,6 +42,16 @@ pub fn collect(root: &Path) -> Inventory {
         },
         kernel: read_trimmed(&proc.join("sys/kernel/osrelease")).unwrap_or_default(),
     }
+}
+
+/// This machine's inventory, its summary shown on the console; for enlisting and
+/// commissioning alike.
+pub fn collect_and_show() -> Inventory {
+    let inv = collect(Path::new("/"));
+    for line in summary_lines(&inv) {
+        say!(Step::Inventory, "{line}");
+    }
+    inv
 }
 
 /// The file's content without surrounding whitespace; `None` when unreadable or empty.
@@ -173,7 +184,7 @@ pub(crate) fn disks(sys: &Path) -> Vec<Disk> {
                 // NVMe namespaces have it on the block device, SCSI disks on the device.
                 wwn: read_trimmed(&dev.join("wwid"))
                     .or_else(|| read_trimmed(&dev.join("device/wwid"))),
-                partitions: crate::deploy::disk::partitions(sys, &name)
+                partitions: crate::deploy::block::partitions(sys, &name)
                     .into_iter()
                     .map(|p| Partition {
                         name: p.name,

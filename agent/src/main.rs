@@ -5,6 +5,7 @@
 //! ([`init`]). Run any other way it only offers read-only subcommands, so a developer can try
 //! it on a workstation without side effects.
 
+mod appliance;
 mod console;
 mod deploy;
 mod heartbeat;
@@ -14,8 +15,9 @@ mod modules;
 mod mounts;
 mod net;
 mod power;
-mod report;
 mod stage;
+mod step;
+mod task;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -23,11 +23,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use stork_proto::StepState;
 use stork_proto::cmdline::EphemeralRoot;
 
+use crate::appliance::ApplianceClient;
 use crate::console::{self, human_bytes, say};
-use crate::deploy::event;
-use crate::deploy::{memory, stream};
-use crate::init::Step;
-use crate::report::Client;
+use crate::deploy::{download, ramroot, stream};
+use crate::step::Step;
 
 /// The argument that tells the agent it is stage 2; `=<seconds since boot>` says when
 /// stage 1 started the fetch.
@@ -72,19 +71,18 @@ pub fn uptime() -> Option<f64> {
 }
 
 /// Fetches, checks and mounts the ephemeral root; returns the new root's path.
-pub fn prepare(client: &Client, eph: &EphemeralRoot) -> Result<PathBuf> {
-    event(
-        client,
+pub fn prepare(client: &ApplianceClient, eph: &EphemeralRoot) -> Result<PathBuf> {
+    client.step_event(
         Step::Ephemeral,
         StepState::Started,
         format!("fetching {} into RAM", eph.url),
     );
     let start = Instant::now();
-    let base = memory::mount_tmpfs(Path::new(BASE))?;
+    let base = ramroot::mount_tmpfs(Path::new(BASE))?;
     let image = base.join("ephemeral.squashfs");
     let mut sink =
-        memory::FileSink::create(&image).with_context(|| format!("create {}", image.display()))?;
-    let download = stream::Download::new(&eph.url)?;
+        ramroot::FileSink::create(&image).with_context(|| format!("create {}", image.display()))?;
+    let download = download::Download::new(&eph.url)?;
     let mut report = |p: &stream::Progress| {
         // Not posted: at LAN speed the fetch takes seconds; the console is enough.
         say!(Step::Ephemeral, "{} received", human_bytes(p.received));
@@ -100,8 +98,8 @@ pub fn prepare(client: &Client, eph: &EphemeralRoot) -> Result<PathBuf> {
     )?;
     drop(sink);
     let fetched = start.elapsed();
-    let loopdev = memory::attach_loop(&image)?;
-    let root = memory::mount_overlay(&base, &loopdev)?;
+    let loopdev = ramroot::attach_loop(&image)?;
+    let root = ramroot::mount_overlay(&base, &loopdev)?;
     // A SquashFS of something else would only fail at the exec, after the mounts moved.
     if !root.join("usr/bin").is_dir() {
         bail!(
@@ -109,9 +107,7 @@ pub fn prepare(client: &Client, eph: &EphemeralRoot) -> Result<PathBuf> {
             eph.url
         );
     }
-    event(
-        client,
-        Step::Ephemeral,
+    client.step_event(Step::Ephemeral,
         StepState::Done,
         format!(
             "{} fetched in {:.1} s ({:.0} MB/s), {} resumes, sha256 {} ok; mounted from {} under a tmpfs overlay in {:.1} s",
@@ -129,7 +125,7 @@ pub fn prepare(client: &Client, eph: &EphemeralRoot) -> Result<PathBuf> {
 
 /// Copies the agent into `root`, switches root into it and execs it as stage 2. Returns only
 /// on failure.
-pub fn enter(client: &Client, root: &Path, fetch_started: Option<f64>) -> anyhow::Error {
+pub fn enter(client: &ApplianceClient, root: &Path, fetch_started: Option<f64>) -> anyhow::Error {
     match try_enter(client, root, fetch_started) {
         Ok(never) => match never {},
         Err(e) => e,
@@ -137,7 +133,7 @@ pub fn enter(client: &Client, root: &Path, fetch_started: Option<f64>) -> anyhow
 }
 
 fn try_enter(
-    client: &Client,
+    client: &ApplianceClient,
     root: &Path,
     fetch_started: Option<f64>,
 ) -> Result<std::convert::Infallible> {
@@ -166,8 +162,7 @@ fn try_enter(
         kv.extend_from_slice(v.as_bytes());
         kv
     }))?;
-    event(
-        client,
+    client.step_event(
         Step::SwitchRoot,
         StepState::Started,
         format!("switching root into the ephemeral image; {program} goes on as stage 2"),
@@ -176,7 +171,7 @@ fn try_enter(
     if let Err(e) = console::save(Path::new(CONSOLE_LOG)) {
         say!(Step::SwitchRoot, "warning: console lines not kept: {e:#}");
     }
-    Err(memory::switch_root_exec(root, &argv, Some(&env)))
+    Err(ramroot::switch_root_exec(root, &argv, Some(&env)))
 }
 
 fn cstring(bytes: &[u8]) -> Result<CString> {
@@ -194,15 +189,14 @@ fn stage2_env(vars: impl Iterator<Item = Vec<u8>>) -> Result<Vec<CString>> {
 }
 
 /// Stage 2's first word to the appliance: the switch worked.
-pub fn arrived(client: &Client, fetch_started: Option<f64>) {
+pub fn arrived(client: &ApplianceClient, fetch_started: Option<f64>) {
     let since = match (fetch_started, uptime()) {
         (Some(then), Some(now)) if now >= then => {
             format!(", {:.1} s after stage 1 started the fetch", now - then)
         }
         _ => String::new(),
     };
-    event(
-        client,
+    client.step_event(
         Step::SwitchRoot,
         StepState::Done,
         format!("stage 2 running from the ephemeral root{since}"),

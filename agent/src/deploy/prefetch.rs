@@ -4,8 +4,8 @@
 //! `dd`'s rate for the same bytes; two cores are the least a machine worth deploying has.
 //!
 //! The thread reads the whole file (to its end, so the hash covers every byte whatever the
-//! decoder consumed) in [`super::stream::CHUNK`]-sized blocks, a few ahead at most, and gives
-//! the [`Download`] back at the end with its sha256 and resume count.
+//! decoder consumed) in [`CHUNK`]-sized blocks, a few ahead at most, and gives the
+//! [`Download`] back at the end with its sha256 and resume count.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::stream::{CHUNK, Download};
+use super::download::{CHUNK, Download};
 
 /// Blocks read ahead of the decoder: bounded memory, enough to ride out a slow write.
 const AHEAD: usize = 8;

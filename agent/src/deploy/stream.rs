@@ -18,62 +18,14 @@
 use std::io::{self, BufRead, BufReader, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel};
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
-use super::http::{self, HttpError, Url};
+use super::download::{CHUNK, Download, StreamError};
+use super::http::{self, Url};
 use super::prefetch::Prefetched;
 
-/// Unit of the zero test and of the writes.
-pub const CHUNK: usize = 1 << 20;
 /// Decoded chunks queued for the disk writer.
 const WRITE_AHEAD: usize = 4;
-/// Tries in a row without a single new byte before the download is given up.
-const MAX_ATTEMPTS: u32 = 6;
-const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-const MAX_BACKOFF: Duration = Duration::from_secs(8);
-
-#[derive(Debug, thiserror::Error)]
-pub enum StreamError {
-    #[error("sha256 mismatch: expected {expected}, got {actual} ({bytes} bytes received)")]
-    Checksum {
-        expected: String,
-        actual: String,
-        bytes: u64,
-    },
-    #[error("size mismatch: expected {expected} bytes, the server sent {actual}")]
-    Size { expected: u64, actual: u64 },
-    #[error("download failed after {attempts} attempts at byte {offset}")]
-    Download {
-        attempts: u32,
-        offset: u64,
-        #[source]
-        source: HttpError,
-    },
-    #[error("download failed at byte {offset}")]
-    Fatal {
-        offset: u64,
-        #[source]
-        source: HttpError,
-    },
-    #[error("decompressing the image at output byte {offset}")]
-    Decode {
-        offset: u64,
-        #[source]
-        source: io::Error,
-    },
-    #[error("writing {len} bytes at byte {offset} of the disk")]
-    Write {
-        offset: u64,
-        len: u64,
-        #[source]
-        source: io::Error,
-    },
-    #[error("the image ({needed} bytes decompressed) is larger than the disk ({capacity} bytes)")]
-    TooLarge { needed: u64, capacity: u64 },
-}
 
 /// Where the decompressed image goes.
 pub trait Sink {
@@ -84,179 +36,6 @@ pub trait Sink {
     fn capacity(&self) -> Option<u64>;
     /// Durably stores what was written (fsync).
     fn sync(&mut self) -> io::Result<()>;
-}
-
-/// An image file's download as a plain [`Read`]: hashes what it hands on, resumes with
-/// `Range` when the connection breaks, and retries a few times with backoff.
-pub struct Download {
-    url: Url,
-    /// Compressed bytes handed on so far: the `Range` start of the next GET.
-    received: u64,
-    /// The file's size as the server reported it.
-    total: Option<u64>,
-    hasher: Sha256,
-    body: Option<io::Take<BufReader<std::net::TcpStream>>>,
-    /// Connections opened after the first: how often the download resumed.
-    pub resumes: u32,
-    backoff: Duration,
-}
-
-impl Download {
-    pub fn new(url: &str) -> Result<Self, StreamError> {
-        let url = Url::parse(url).map_err(|source| StreamError::Fatal { offset: 0, source })?;
-        Ok(Self {
-            url,
-            received: 0,
-            total: None,
-            hasher: Sha256::new(),
-            body: None,
-            resumes: 0,
-            backoff: FIRST_BACKOFF,
-        })
-    }
-
-    #[cfg(test)]
-    pub fn with_backoff(mut self, backoff: Duration) -> Self {
-        self.backoff = backoff;
-        self
-    }
-
-    pub fn received(&self) -> u64 {
-        self.received
-    }
-
-    pub fn total(&self) -> Option<u64> {
-        self.total
-    }
-
-    /// The sha256 of everything read so far, in hex.
-    pub fn sha256_hex(&self) -> String {
-        hex::encode(self.hasher.clone().finalize())
-    }
-
-    /// Opens a connection for the bytes from `self.received` on, retrying transient errors.
-    fn open(&mut self) -> Result<(), StreamError> {
-        let mut attempts = 0;
-        let mut backoff = self.backoff;
-        loop {
-            attempts += 1;
-            match self.try_open() {
-                Ok(()) => return Ok(()),
-                Err(source) if !source.is_transient() => {
-                    return Err(StreamError::Fatal {
-                        offset: self.received,
-                        source,
-                    });
-                }
-                Err(source) if attempts >= MAX_ATTEMPTS => {
-                    return Err(StreamError::Download {
-                        attempts,
-                        offset: self.received,
-                        source,
-                    });
-                }
-                Err(_) => {
-                    sleep(backoff);
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            }
-        }
-    }
-
-    fn try_open(&mut self) -> Result<(), HttpError> {
-        let resp = http::get(&self.url, self.received)?;
-        if resp.total.is_some() {
-            self.total = resp.total;
-        }
-        let mut body = resp.body;
-        // A server that ignored the range starts again at 0: skip what we already have.
-        if resp.offset < self.received {
-            let skip = self.received - resp.offset;
-            let skipped =
-                io::copy(&mut (&mut body).take(skip), &mut io::sink()).map_err(|source| {
-                    HttpError::Io {
-                        addr: self.url.host.clone(),
-                        source,
-                    }
-                })?;
-            if skipped < skip {
-                return Err(HttpError::Io {
-                    addr: self.url.host.clone(),
-                    source: io::ErrorKind::UnexpectedEof.into(),
-                });
-            }
-        } else if resp.offset > self.received {
-            return Err(HttpError::Malformed {
-                url: self.url.path.clone(),
-                why: format!(
-                    "asked for bytes from {}, got from {}",
-                    self.received, resp.offset
-                ),
-            });
-        }
-        if self.body.is_some() || self.received > 0 {
-            self.resumes += 1;
-        }
-        self.body = Some(body);
-        Ok(())
-    }
-}
-
-impl Read for Download {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        let mut failures = 0;
-        loop {
-            if self.body.is_none() {
-                self.open().map_err(io::Error::other)?;
-            }
-            let Some(body) = self.body.as_mut() else {
-                continue;
-            };
-            let result = body.read(buf);
-            match result {
-                Ok(n) if n > 0 => {
-                    self.hasher.update(&buf[..n]);
-                    self.received += n as u64;
-                    return Ok(n);
-                }
-                Ok(_) if body.limit() == 0 && self.total.is_none_or(|t| self.received >= t) => {
-                    return Ok(0);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // The connection ended early, stalled past the read timeout, or broke: resume.
-                Ok(_) | Err(_) => {
-                    self.body = None;
-                    failures += 1;
-                    if failures >= MAX_ATTEMPTS {
-                        let source = match result {
-                            Err(e) => e,
-                            Ok(_) => io::ErrorKind::UnexpectedEof.into(),
-                        };
-                        return Err(io::Error::other(StreamError::Download {
-                            attempts: failures,
-                            offset: self.received,
-                            source: HttpError::Io {
-                                addr: self.url.host.clone(),
-                                source,
-                            },
-                        }));
-                    }
-                    let why = match &result {
-                        Err(e) => e.to_string(),
-                        Ok(_) => "connection closed early".to_string(),
-                    };
-                    crate::console::line(&format!(
-                        "image: download broke at byte {} ({why}); resuming with Range",
-                        self.received
-                    ));
-                    sleep(self.backoff);
-                }
-            }
-        }
-    }
 }
 
 /// The decompressed size of an image, when the file tells it cheaply: a zstd frame header
@@ -731,6 +510,7 @@ fn blame_the_file(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
     use std::io::Write as _;
     use std::net::TcpListener;
     use std::thread::{self, JoinHandle};

@@ -1,5 +1,6 @@
-//! Talking to the appliance: enlistment with retries, best-effort failure reports, and the
-//! heartbeats that [`crate::heartbeat`] sends from its own thread.
+//! The client of the appliance's agent API ([`ApplianceClient`]): enlistment with retries, the
+//! task, step events and progress, best-effort failure reports, and the heartbeats that
+//! [`crate::heartbeat`] sends from its own thread.
 
 use std::sync::{Arc, Mutex};
 use std::thread::sleep;
@@ -14,6 +15,7 @@ use ureq::http::Response;
 use ureq::{Agent, Body};
 
 use crate::console::say;
+use crate::step::Step;
 
 /// Total tries of an enlistment before giving up.
 pub const ENLIST_ATTEMPTS: u32 = 5;
@@ -32,7 +34,7 @@ const LEAVING_ATTEMPTS: u32 = 3;
 /// Clones share the heartbeat state, so the heartbeat thread reports the step the main thread
 /// is in.
 #[derive(Clone)]
-pub struct Client {
+pub struct ApplianceClient {
     base_url: String,
     backoff: Duration,
     /// The machine id and this boot's agent token, once the appliance knows the machine.
@@ -65,7 +67,7 @@ enum Outcome<T> {
     Fatal(anyhow::Error),
 }
 
-impl Client {
+impl ApplianceClient {
     /// `base_url` is the appliance URL from the command line, without a trailing slash.
     pub fn new(base_url: &str) -> Self {
         Self {
@@ -243,6 +245,19 @@ impl Client {
         if let Ok((url, token)) = self.machine_url("events") {
             let _ = send(&url, Some(token), Some(e), REPORT_TIMEOUT);
         }
+    }
+
+    /// Shows a step's start or end on the console and posts it; best effort (the step's own
+    /// outcome is what matters).
+    pub fn step_event(&self, step: Step, state: stork_proto::StepState, message: String) {
+        say!(step, "{message}");
+        self.progress(&stork_proto::AgentEvent {
+            step: step.name().to_string(),
+            state,
+            message,
+            progress: None,
+            log_tail: None,
+        });
     }
 
     /// The image is on the disk: the appliance stops network-booting this machine. The agent
@@ -480,7 +495,7 @@ mod tests {
             (503, "starting"),
             (200, r#"{"machine_id":"m-1","status":"enlisted"}"#),
         ]);
-        let client = Client::new(&url).with_backoff(Duration::ZERO);
+        let client = ApplianceClient::new(&url).with_backoff(Duration::ZERO);
         let resp = client.enlist(&request()).unwrap();
         assert_eq!(resp.machine_id, "m-1");
         assert_eq!(resp.status, "enlisted");
@@ -497,7 +512,7 @@ mod tests {
     #[test]
     fn enlist_does_not_retry_a_4xx() {
         let (url, server) = serve(vec![(400, r#"{"error":"bad inventory"}"#)]);
-        let err = Client::new(&url)
+        let err = ApplianceClient::new(&url)
             .with_backoff(Duration::ZERO)
             .enlist(&request())
             .unwrap_err();
@@ -516,7 +531,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let err = Client::new(&format!("http://127.0.0.1:{port}"))
+        let err = ApplianceClient::new(&format!("http://127.0.0.1:{port}"))
             .with_backoff(Duration::ZERO)
             .enlist(&request())
             .unwrap_err();
@@ -533,7 +548,7 @@ mod tests {
             ok: false,
             message: "no NIC".into(),
         };
-        Client::new(&url).report(&report).unwrap();
+        ApplianceClient::new(&url).report(&report).unwrap();
         let seen = server.join().unwrap();
         assert_eq!(seen[0].0.trim(), format!("POST {REPORT_PATH} HTTP/1.1"));
         assert_eq!(

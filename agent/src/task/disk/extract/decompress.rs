@@ -3,14 +3,15 @@
 use std::io::{self, BufRead, Read, Write};
 use std::time::Instant;
 
-use crate::deploy::PROGRESS_EVERY;
-use crate::deploy::stream::{CHUNK, Format, sniff};
+use crate::deploy::download::CHUNK;
+use crate::deploy::stream::{Format, sniff};
+use crate::task::PROGRESS_EVERY;
 
 /// How feeding tar ended.
 pub(super) enum Pumped {
     /// The decoder reached its end.
     Done,
-    /// Reading failed: the download (a [`StreamError`](crate::deploy::stream::StreamError)
+    /// Reading failed: the download (a [`StreamError`](crate::deploy::download::StreamError)
     /// inside) or the decoder.
     Read(io::Error),
     /// Writing to tar failed; a broken pipe means tar exited (its status says why).

@@ -1,7 +1,6 @@
-//! Deploy into memory: the OS's root SquashFS is fetched into a tmpfs (sha256 checked as it
-//! arrives), attached to a loop device, mounted read-only under an overlay whose upper layer
-//! is tmpfs, given its seed there, and then the agent hands PID 1 over to its init: no disk is
-//! touched.
+//! A root in RAM, for the memory deploy and stage 1's ephemeral root alike: a SquashFS file
+//! in a tmpfs, attached to a read-only loop device, mounted under an overlay whose upper
+//! layer is tmpfs, and PID 1 handed over into it (`switch_root`).
 //!
 //! The OS runs on the kernel the agent booted, so its modules must be that kernel's: the OS
 //! image and the agent's initrd are built from the same Debian kernel package (both

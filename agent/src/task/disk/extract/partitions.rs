@@ -11,12 +11,15 @@ use anyhow::{Context, Result, anyhow};
 use stork_proto::layout::BIOS_BOOT_MIB;
 use stork_proto::{DiskLayout, StepState};
 
-use super::{ExtractError, MIB, run};
-use crate::deploy::disk::{self, BlockDevice, Partition};
+use super::error::ExtractError;
+use super::tool::run;
+use crate::appliance::ApplianceClient;
+use crate::deploy::block::{self, BlockDevice, Partition};
 use crate::deploy::stream::Sink;
-use crate::deploy::{DEV, SYS, event};
-use crate::init::Step;
-use crate::report::Client;
+use crate::step::Step;
+use crate::task::{DEV, SYS};
+
+pub(super) const MIB: u64 = 1 << 20;
 
 /// GPT partition numbers of the layout.
 pub(super) const BIOS_PART: u32 = 1;
@@ -106,7 +109,7 @@ pub fn check_partitions(
 }
 
 pub(super) fn partition(
-    client: &Client,
+    client: &ApplianceClient,
     dev: &mut BlockDevice,
     layout: &DiskLayout,
 ) -> Result<Parts> {
@@ -119,8 +122,7 @@ pub(super) fn partition(
     let root = layout
         .root_mib
         .map_or_else(|| "the rest".to_string(), |m| format!("{m} MiB"));
-    event(
-        client,
+    client.step_event(
         Step::Partitions,
         StepState::Started,
         format!(
@@ -131,9 +133,9 @@ pub(super) fn partition(
     run(Command::new("sgdisk").args(sgdisk_args(&dev.path, layout)))?;
     // sgdisk asks for a re-read too, but only warns when it fails: ours is checked.
     dev.reread_partitions()?;
-    let found = disk::partitions(Path::new(SYS), &name);
+    let found = block::partitions(Path::new(SYS), &name);
     let parts = check_partitions(&name, &found, layout)?;
-    if !disk::wait_for_nodes(Path::new(DEV), &found, Duration::from_secs(10)) {
+    if !block::wait_for_nodes(Path::new(DEV), &found, Duration::from_secs(10)) {
         return Err(anyhow!("partition device nodes of {name} did not appear"));
     }
     // An earlier layout's file system or RAID member may start or end where a new partition
@@ -150,7 +152,7 @@ pub(super) fn partition(
     Ok(parts)
 }
 
-pub(super) fn make_file_systems(client: &Client, parts: &Parts) -> Result<()> {
+pub(super) fn make_file_systems(client: &ApplianceClient, parts: &Parts) -> Result<()> {
     let esp = Path::new(DEV).join(&parts.esp);
     let root = Path::new(DEV).join(&parts.root);
     run(Command::new("mkfs.vfat")
@@ -159,8 +161,7 @@ pub(super) fn make_file_systems(client: &Client, parts: &Parts) -> Result<()> {
     run(Command::new("mkfs.ext4")
         .args(["-F", "-q", "-L", "root"])
         .arg(&root))?;
-    event(
-        client,
+    client.step_event(
         Step::Partitions,
         StepState::Done,
         format!(

@@ -11,11 +11,12 @@ use std::process::Command;
 use anyhow::Result;
 use stork_proto::{DiskLayout, StepState};
 
+use super::error::{ExtractError, io_err};
 use super::partitions::{BIOS_PART, Parts};
-use super::{ExtractError, io_err, run};
-use crate::deploy::{DEV, event};
-use crate::init::Step;
-use crate::report::Client;
+use super::tool::run;
+use crate::appliance::ApplianceClient;
+use crate::step::Step;
+use crate::task::DEV;
 
 /// Read by cloud-init after the image's own `99_stork.cfg`.
 const FIXED_ROOT_CFG: &str = "etc/cloud/cloud.cfg.d/99_stork_layout.cfg";
@@ -182,14 +183,13 @@ fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), ExtractError> {
 }
 
 pub(super) fn bootloader(
-    client: &Client,
+    client: &ApplianceClient,
     disk: &Path,
     parts: &Parts,
     layout: &DiskLayout,
     target: &Path,
 ) -> Result<()> {
-    event(
-        client,
+    client.step_event(
         Step::Bootloader,
         StepState::Started,
         format!(
@@ -247,8 +247,7 @@ pub(super) fn bootloader(
         &grub_cfg(&title, &root_uuid, &cmdline, &kernel, &initrd),
         0o644,
     )?;
-    event(
-        client,
+    client.step_event(
         Step::Bootloader,
         StepState::Done,
         format!(

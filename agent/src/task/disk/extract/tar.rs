@@ -13,13 +13,13 @@ use anyhow::Result;
 use stork_proto::{AgentEvent, ImageFile, StepState};
 
 use super::decompress::{Pumped, pump};
-use super::{ExtractError, TOOL_TAIL_LINES, output_tail};
+use super::error::ExtractError;
+use super::tool::{TOOL_TAIL_LINES, output_tail};
+use crate::appliance::ApplianceClient;
 use crate::console::{human_bytes, say};
-use crate::deploy::event;
+use crate::deploy::download::{CHUNK, Download, StreamError};
 use crate::deploy::prefetch::Prefetched;
-use crate::deploy::stream::{CHUNK, Download, StreamError};
-use crate::init::Step;
-use crate::report::Client;
+use crate::step::Step;
 
 /// Counts the compressed bytes the decoder has taken, for progress.
 struct Counted<R> {
@@ -45,9 +45,8 @@ struct Extracted {
     secs: f64,
 }
 
-pub(super) fn extract(client: &Client, tar: &ImageFile, target: &Path) -> Result<()> {
-    event(
-        client,
+pub(super) fn extract(client: &ApplianceClient, tar: &ImageFile, target: &Path) -> Result<()> {
+    client.step_event(
         Step::Image,
         StepState::Started,
         format!(
@@ -58,8 +57,7 @@ pub(super) fn extract(client: &Client, tar: &ImageFile, target: &Path) -> Result
         ),
     );
     let x = stream_into_tar(client, tar, target)?;
-    event(
-        client,
+    client.step_event(
         Step::Image,
         StepState::Done,
         format!(
@@ -76,7 +74,7 @@ pub(super) fn extract(client: &Client, tar: &ImageFile, target: &Path) -> Result
 }
 
 fn stream_into_tar(
-    client: &Client,
+    client: &ApplianceClient,
     file: &ImageFile,
     target: &Path,
 ) -> Result<Extracted, ExtractError> {
@@ -229,7 +227,7 @@ fn take_stream_error(e: io::Error) -> Result<io::Error, ExtractError> {
     }
 }
 
-fn report(client: &Client, received: u64, total: u64, tar_bytes: u64) {
+fn report(client: &ApplianceClient, received: u64, total: u64, tar_bytes: u64) {
     let message = format!(
         "{} of {} received, {} of tar extracted",
         human_bytes(received),
@@ -299,8 +297,8 @@ mod tests {
     }
 
     /// No identity: progress events go nowhere.
-    fn quiet_client() -> Client {
-        Client::new("http://127.0.0.1:9")
+    fn quiet_client() -> ApplianceClient {
+        ApplianceClient::new("http://127.0.0.1:9")
     }
 
     #[test]
