@@ -109,7 +109,7 @@ impl ApplianceClient {
             return Beat::Over("this boot has no machine id and token".into());
         };
         let body = Heartbeat {
-            step: self.current_step(),
+            step: self.current_step().into(),
             leaving: false,
         };
         match send(&url, Some(token), Some(&body), REPORT_TIMEOUT) {
@@ -140,7 +140,7 @@ impl ApplianceClient {
         *over = true;
         let (url, token) = self.machine_url(HEARTBEAT)?;
         let body = Heartbeat {
-            step: self.current_step(),
+            step: self.current_step().into(),
             leaving: true,
         };
         let mut attempt = 1;
@@ -234,14 +234,14 @@ impl ApplianceClient {
 
     /// Posts a step event (best effort for progress; failures matter and are retried).
     pub fn event(&self, e: &stork_proto::AgentEvent) -> Result<()> {
-        self.enter_step(&e.step);
+        self.enter_step(e.step.as_str());
         self.call_with_retries::<serde_json::Value>("report", "events", Some(e))
             .map(|_| ())
     }
 
     /// Posts a progress event once, without retries: a lost one is replaced by the next.
     pub fn progress(&self, e: &stork_proto::AgentEvent) {
-        self.enter_step(&e.step);
+        self.enter_step(e.step.as_str());
         if let Ok((url, token)) = self.machine_url("events") {
             let _ = send(&url, Some(token), Some(e), REPORT_TIMEOUT);
         }
@@ -252,7 +252,7 @@ impl ApplianceClient {
     pub fn step_event(&self, step: Step, state: stork_proto::StepState, message: String) {
         say!(step, "{message}");
         self.progress(&stork_proto::AgentEvent {
-            step: step.name().to_string(),
+            step: step.clone(),
             state,
             message,
             progress: None,

@@ -132,7 +132,7 @@ mod tests {
         assert_eq!(seen.len(), 4);
         for (line, hb) in &seen {
             assert_eq!(line, "POST /api/v1/agent/m-1/heartbeat HTTP/1.1");
-            assert_eq!(hb.step, "image");
+            assert_eq!(hb.step, stork_proto::AgentStep::Image);
             assert!(!hb.leaving);
         }
     }

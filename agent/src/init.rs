@@ -68,7 +68,7 @@ fn report_failure(
 ) {
     let report = AgentReport {
         boot_mac,
-        step: step.name().to_string(),
+        step: step.clone(),
         ok: false,
         message: format!("{error:#}"),
     };
@@ -141,16 +141,13 @@ fn steps(
     say!(Step::Task, "{}", describe(&task));
     match task {
         stork_proto::Task::Commission => commission::run(client),
-        stork_proto::Task::Deploy(t) if t.target == "disk" => {
-            disk::run(&Deployment::new(client, &args, &t)?)
+        stork_proto::Task::Deploy(t) => {
+            let cx = Deployment::new(client, &args, &t)?;
+            match t.target {
+                stork_proto::DeployTarget::Disk => disk::run(&cx),
+                stork_proto::DeployTarget::Memory => memory::run(&cx),
+            }
         }
-        stork_proto::Task::Deploy(t) if t.target == "memory" => {
-            memory::run(&Deployment::new(client, &args, &t)?)
-        }
-        stork_proto::Task::Deploy(t) => Err(Failed {
-            step: Step::Task,
-            error: anyhow!("unknown deploy target {:?} (disk or memory)", t.target),
-        }),
         stork_proto::Task::Erase { quick } => erase::run(client, quick),
         stork_proto::Task::PowerOff => Ok(Ending::PowerOff),
     }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use stork_proto::ImageRole;
 
 use crate::store::{BootResource, ResourceFile};
 
@@ -74,11 +75,11 @@ struct Artifact {
 }
 
 /// The deploy role of an artifact kind, for the kinds a deploy uses.
-fn role(kind: &str) -> Option<&'static str> {
+fn role(kind: &str) -> Option<ImageRole> {
     match kind {
-        "raw_disk_zst" => Some("raw"),
-        "root_squashfs" => Some("squashfs"),
-        "root_tar_zst" => Some("tar"),
+        "raw_disk_zst" => Some(ImageRole::Raw),
+        "root_squashfs" => Some(ImageRole::Squashfs),
+        "root_tar_zst" => Some(ImageRole::Tar),
         _ => None,
     }
 }
@@ -134,7 +135,7 @@ pub fn import(
         }
         copy_checked(&dir.join(&a.name), &dest.join(&a.name), a)?;
         files.push(ResourceFile {
-            role: role.to_string(),
+            role,
             path: format!("{rel_dir}/{}", a.name),
             sha256: a.sha256.clone(),
             size: a.size,
@@ -230,7 +231,7 @@ mod tests {
         let r = import(src.path(), None, data.path()).unwrap();
         assert_eq!(r.name, "debian-bookworm");
         assert_eq!(r.files.len(), 1);
-        assert_eq!(r.files[0].role, "tar");
+        assert_eq!(r.files[0].role, ImageRole::Tar);
         assert_eq!(r.files[0].path, "images/debian-bookworm/root.tar.zst");
         assert_eq!(
             std::fs::read(data.path().join(&r.files[0].path)).unwrap(),

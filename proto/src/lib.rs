@@ -9,10 +9,12 @@ pub mod inventory;
 pub mod layout;
 pub mod mac;
 pub mod units;
+pub mod wire;
 
 pub use inventory::Inventory;
 pub use layout::DiskLayout;
 pub use mac::MacAddr;
+pub use wire::{AgentStep, DeployTarget, ImageRole};
 
 use serde::{Deserialize, Serialize};
 
@@ -60,8 +62,7 @@ pub enum Task {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeployTask {
-    /// `disk` or `memory`.
-    pub target: String,
+    pub target: DeployTarget,
     pub disk: Option<String>,
     pub hostname: String,
     pub ssh_keys: Vec<String>,
@@ -77,7 +78,7 @@ pub struct DeployTask {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageFile {
-    pub role: String,
+    pub role: ImageRole,
     pub url: String,
     pub sha256: String,
     pub size: u64,
@@ -96,9 +97,9 @@ pub const HEARTBEAT_EVERY_SECS: u64 = 10;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
-    /// The step the agent is in (an [`AgentEvent::step`] name), for the failure's reason.
+    /// The step the agent is in, for the failure's reason.
     #[serde(default)]
-    pub step: String,
+    pub step: AgentStep,
     /// The agent is handing the machine over (rebooting into the installed OS, switching root
     /// into a deployed one) and will send no more heartbeats on purpose.
     #[serde(default)]
@@ -110,7 +111,7 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentEvent {
-    pub step: String,
+    pub step: AgentStep,
     pub state: StepState,
     #[serde(default)]
     pub message: String,
@@ -136,8 +137,7 @@ pub enum StepState {
 #[serde(deny_unknown_fields)]
 pub struct AgentReport {
     pub boot_mac: MacAddr,
-    /// Short machine-readable step name, e.g. `load-modules`, `network`, `inventory`.
-    pub step: String,
+    pub step: AgentStep,
     pub ok: bool,
     pub message: String,
 }

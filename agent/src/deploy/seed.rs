@@ -72,7 +72,7 @@ pub fn seed(task: &DeployTask, machine_id: &str, boot_mac: MacAddr) -> Seed {
         // Top-level keys go to the default user (`debian` in our Debian image).
         "ssh_authorized_keys": task.ssh_keys,
     });
-    if task.target == "memory" {
+    if task.target == stork_proto::DeployTarget::Memory {
         // The root is an overlay in RAM: no partition or file system to grow.
         ours["growpart"] = json!({ "mode": "off" });
         ours["resize_rootfs"] = json!(false);
@@ -258,7 +258,7 @@ mod tests {
 
     fn task(user_data: Option<&str>) -> DeployTask {
         DeployTask {
-            target: "disk".into(),
+            target: stork_proto::DeployTarget::Disk,
             disk: None,
             hostname: "web-1".into(),
             ssh_keys: vec!["ssh-ed25519 AAAA test@lab".into(), "ssh-rsa B \"q\"".into()],

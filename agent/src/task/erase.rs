@@ -78,7 +78,7 @@ fn zero_all(client: &ApplianceClient, dev: &mut BlockDevice, size: u64) -> Resul
         if last.elapsed() >= PROGRESS_EVERY {
             last = Instant::now();
             client.progress(&AgentEvent {
-                step: Step::Erase.name().to_string(),
+                step: Step::Erase,
                 state: StepState::Progress,
                 message: format!("{} of {} zeroed", human_bytes(off), human_bytes(size)),
                 progress: Some(off as f32 / size as f32),

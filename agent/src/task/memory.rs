@@ -9,16 +9,17 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow};
 use stork_proto::{AgentEvent, ImageFile, StepState};
 
-use super::{Deployment, Ending, PROGRESS_EVERY, ROLE_SQUASHFS, SYS};
+use super::{Deployment, Ending, PROGRESS_EVERY, SYS};
 use crate::appliance::ApplianceClient;
 use crate::console::{human_bytes, say};
 use crate::deploy::{download, ramroot, stream};
 use crate::step::{Failed, Step, at};
+use stork_proto::ImageRole;
 
 /// Deploys into memory; on success never returns (the OS's init replaces the agent).
 pub fn run(cx: &Deployment) -> Result<Ending, Failed> {
     let (client, args) = (cx.client, cx.args);
-    let file = at(Step::Memory, cx.image_file(ROLE_SQUASHFS))?;
+    let file = at(Step::Memory, cx.image_file(ImageRole::Squashfs))?;
     let root = at(Step::Memory, prepare_memory_root(client, file))?;
     at(
         Step::Seed,
@@ -125,7 +126,7 @@ fn prepare_memory_root(client: &ApplianceClient, file: &ImageFile) -> Result<Pat
     let download = download::Download::new(&file.url)?;
     let mut report = |p: &stream::Progress| {
         client.progress(&AgentEvent {
-            step: Step::Memory.name().to_string(),
+            step: Step::Memory,
             state: StepState::Progress,
             message: format!("{} received", human_bytes(p.received)),
             progress: p

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use stork_proto::cmdline::AgentArgs;
-use stork_proto::{DeployTask, ImageFile, StepState};
+use stork_proto::{DeployTask, ImageFile, ImageRole, StepState};
 
 use crate::appliance::ApplianceClient;
 use crate::console::human_bytes;
@@ -32,11 +32,6 @@ const DEV: &str = "/dev";
 const SYS: &str = "/sys";
 /// Where the installed root is mounted: to write the seed, or to extract the root tar onto.
 const TARGET: &str = "/mnt/target";
-
-/// Image file roles, as registered with the boot resource.
-pub const ROLE_RAW: &str = "raw";
-pub const ROLE_SQUASHFS: &str = "squashfs";
-pub const ROLE_TAR: &str = "tar";
 
 /// How the agent's life ends once a task succeeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +73,7 @@ impl<'a> Deployment<'a> {
         })
     }
 
-    fn image_file(&self, role: &str) -> Result<&'a ImageFile> {
+    fn image_file(&self, role: ImageRole) -> Result<&'a ImageFile> {
         let task = self.task;
         task.image.iter().find(|f| f.role == role).ok_or_else(|| {
             let roles: Vec<&str> = task.image.iter().map(|f| f.role.as_str()).collect();

@@ -358,7 +358,11 @@ fn check_layout(req: &DeployRequest, resource: &BootResource) -> ApiResult<()> {
     layout
         .validate()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    if !resource.files.iter().any(|f| f.role == "tar") {
+    if !resource
+        .files
+        .iter()
+        .any(|f| f.role == stork_proto::ImageRole::Tar)
+    {
         return Err(ApiError::bad_request(format!(
             "layout: image {:?} has no root tar (a file of role `tar`) to install with a layout",
             resource.name
@@ -828,7 +832,7 @@ async fn agent_heartbeat(
     let now = now_ms();
     let allowance = i64::try_from(s.cfg.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX);
     let deadline = (!hb.leaving).then(|| now.saturating_add(allowance));
-    let step: String = hb.step.chars().take(MAX_STEP_LEN).collect();
+    let step: String = hb.step.as_str().chars().take(MAX_STEP_LEN).collect();
     let recorded = s.controller.heartbeat(&id, step, now, deadline).await?;
     Ok(if recorded {
         StatusCode::NO_CONTENT

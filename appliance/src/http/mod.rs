@@ -68,10 +68,7 @@ pub async fn deploy_task(s: &AppState, m: &Machine) -> Result<Task, ApiError> {
     let mut ssh_keys = req.ssh_keys.clone();
     ssh_keys.extend(keys.into_iter().map(|k| k.key));
     Ok(Task::Deploy(DeployTask {
-        target: match req.target {
-            DeployTarget::Disk => "disk".into(),
-            DeployTarget::Memory => "memory".into(),
-        },
+        target: req.target,
         disk: req.disk.clone(),
         hostname: req
             .hostname

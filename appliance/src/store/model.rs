@@ -76,13 +76,7 @@ fn default_target() -> DeployTarget {
     DeployTarget::Disk
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum DeployTarget {
-    #[default]
-    Disk,
-    Memory,
-}
+pub use stork_proto::DeployTarget;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Machine {
@@ -215,7 +209,7 @@ pub struct BootResource {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceFile {
-    pub role: String,
+    pub role: stork_proto::ImageRole,
     pub path: String,
     pub sha256: String,
     pub size: u64,

@@ -10,21 +10,22 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use stork_proto::StepState;
 
-use super::{Deployment, Ending, ROLE_RAW, ROLE_TAR};
+use super::{Deployment, Ending};
 use crate::appliance::ApplianceClient;
 use crate::deploy::efi;
 use crate::step::{Failed, Step, at};
+use stork_proto::ImageRole;
 
 /// Deploys to disk; returns how the agent ends (reboot into the installed OS).
 pub fn run(cx: &Deployment) -> Result<Ending, Failed> {
     let (client, task) = (cx.client, cx.task);
     // A layout's partitions are not the raw image's; without a raw file the root tar is all
     // there is to install from.
-    let raw = task.image.iter().find(|f| f.role == ROLE_RAW);
+    let raw = task.image.iter().find(|f| f.role == ImageRole::Raw);
     let (disk_path, esp) = match (task.layout, raw) {
         (None, Some(raw)) => raw::to_disk(cx, raw)?,
         (layout, _) => {
-            let tar = at(Step::Disk, cx.image_file(ROLE_TAR))?;
+            let tar = at(Step::Disk, cx.image_file(ImageRole::Tar))?;
             let layout = layout.unwrap_or_default();
             extract::to_disk(cx, tar, layout)?
         }

@@ -74,7 +74,7 @@ fn write_raw(
         );
         say!(Step::Image, "{message}");
         client.progress(&AgentEvent {
-            step: Step::Image.name().to_string(),
+            step: Step::Image,
             state: StepState::Progress,
             message,
             progress: fraction,

@@ -236,7 +236,7 @@ fn report(client: &ApplianceClient, received: u64, total: u64, tar_bytes: u64) {
     );
     say!(Step::Image, "{message}");
     client.progress(&AgentEvent {
-        step: Step::Image.name().to_string(),
+        step: Step::Image,
         state: StepState::Progress,
         message,
         progress: (total > 0).then(|| (received as f32 / total as f32).min(1.0)),
