@@ -138,11 +138,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
             }
         };
         let first = Arc::new(Mutex::new(Some(bind()?)));
-        let info = ServerInfo {
-            server_ip: cfg.address,
-            http_base: cfg.base_url(),
-            dhcp: cfg.dhcp.clone(),
-        };
+        let info = ServerInfo::new(&cfg);
         let stats = state.dhcp_stats.clone();
         let journal = dhcp::journal_path(&cfg.data_dir);
         service(

@@ -40,28 +40,6 @@ fn routes() -> Vec<(String, Vec<&'static str>)> {
     out
 }
 
-/// The action names `machine_action` matches on (`"commission" => ...`).
-fn machine_actions() -> Vec<String> {
-    let start = API_RS
-        .find("async fn machine_action(")
-        .expect("machine_action in api.rs");
-    let body = &API_RS[start..];
-    let body = &body[..body.find("\n}\n").expect("end of machine_action")];
-    let actions: Vec<String> = body
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let rest = l.strip_prefix('"')?;
-            let (name, tail) = rest.split_once('"')?;
-            tail.trim_start()
-                .starts_with("=>")
-                .then(|| name.to_string())
-        })
-        .collect();
-    assert!(actions.len() >= 7, "found actions {actions:?}");
-    actions
-}
-
 fn doc() -> Value {
     serde_json::from_str(DOC).expect("openapi.json is JSON")
 }
@@ -72,20 +50,16 @@ fn every_route_is_documented_and_nothing_else() {
     assert_eq!(doc["openapi"], "3.1.0");
     assert_eq!(doc["servers"][0]["url"], "/api/v1");
     let paths = doc["paths"].as_object().expect("paths");
-    let actions = machine_actions();
 
-    // Router -> document.
+    // Router -> document. `/machines/{id}/{action}` is the JSON 404 for an unknown
+    // action, not an endpoint.
     let mut expected: Vec<(String, &str)> = Vec::new();
     for (path, methods) in routes() {
+        if path.contains("{action}") {
+            continue;
+        }
         for m in methods {
-            if path.contains("{action}") {
-                // Documented per action, so each gets its own body schema.
-                for a in &actions {
-                    expected.push((path.replace("{action}", a), m));
-                }
-            } else {
-                expected.push((path.clone(), m));
-            }
+            expected.push((path.clone(), m));
         }
     }
     for (path, m) in &expected {

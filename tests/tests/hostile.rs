@@ -10,7 +10,7 @@ mod dhcp_common;
 
 use std::time::Duration;
 
-use dhcp_common::run_ok;
+use dhcp_common::{run_ok, udhcpc_once};
 use stork_lab::{Appliance, Lab, wait_for};
 use stork_tests::{boot_files, lab_dir, stork_bin};
 
@@ -225,21 +225,8 @@ fn hostile_packets_are_counted_and_dropped_and_real_clients_are_served_after() {
     }
 
     // 3. Real clients are served right after.
-    let out = run_ok(host.command("busybox").args([
-        "udhcpc",
-        "-i",
-        &host.ifname,
-        "-n",
-        "-q",
-        "-f",
-        "-t",
-        "5",
-        "-T",
-        "1",
-        "-s",
-        "/bin/true",
-    ]));
-    assert!(out.contains("obtained from 10.77.0.1"), "{out}");
+    let (_, server) = udhcpc_once(&host, std::path::Path::new("/bin/true"), &[]);
+    assert_eq!(server, "10.77.0.1");
     let got = lab.dir().join("fetched-undionly.kpxe");
     run_ok(
         host.command("tftp")

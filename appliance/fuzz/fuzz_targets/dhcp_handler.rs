@@ -6,6 +6,7 @@
 //! `cargo +nightly fuzz run dhcp_handler` from `appliance/`.
 #![no_main]
 
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
@@ -19,14 +20,10 @@ use stork::dhcp::handler::{Handler, ServerInfo};
 use stork::dhcp::{Action, Port, Server, Stats};
 
 fn info(text: &str) -> ServerInfo {
-    let cfg = FileConfig::parse(text, std::path::Path::new("fuzz"))
+    let cfg = FileConfig::parse(text, Path::new("fuzz"))
         .and_then(|f| f.validate())
         .expect("fuzz config is valid");
-    ServerInfo {
-        server_ip: cfg.address,
-        http_base: cfg.base_url(),
-        dhcp: cfg.dhcp,
-    }
+    ServerInfo::new(&cfg)
 }
 
 /// Full mode with a relay subnet, reservations and exclusions; and proxy mode.
@@ -35,19 +32,7 @@ fn configs() -> &'static [ServerInfo; 2] {
     C.get_or_init(|| {
         [
             info(
-                r#"
-[dhcp]
-range = ["10.77.0.100", "10.77.0.103"]
-exclude = [["10.77.0.101", "10.77.0.101"]]
-reservations = [{ mac = "52:54:00:12:34:56", ip = "10.77.0.50" }]
-domain = "lab.example"
-mtu = 1500
-rate_limit = 5
-rate_burst = 3
-[[dhcp.subnets]]
-network = "10.78.0.0/24"
-ranges = [["10.78.0.10", "10.78.0.12"]]
-"#,
+                include_str!("../dhcp-full.toml"),
             ),
             info("[dhcp]\nmode = \"proxy\"\n"),
         ]

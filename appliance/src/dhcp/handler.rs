@@ -26,6 +26,17 @@ pub struct ServerInfo {
     pub dhcp: DhcpConfig,
 }
 
+impl ServerInfo {
+    /// What the handler needs from the validated configuration.
+    pub fn new(cfg: &crate::config::Config) -> Self {
+        Self {
+            server_ip: cfg.address,
+            http_base: cfg.base_url(),
+            dhcp: cfg.dhcp.clone(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Reply {
     pub msg: Message,

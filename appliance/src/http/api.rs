@@ -35,7 +35,14 @@ pub fn routes() -> Router<AppState> {
         .route("/machines/allocate", post(allocate_any))
         .route("/machines/{id}", get(show_machine).delete(delete_machine))
         .route("/machines/{id}/events", get(machine_events))
-        .route("/machines/{id}/{action}", post(machine_action))
+        .route("/machines/{id}/commission", post(commission))
+        .route("/machines/{id}/allocate", post(allocate))
+        .route("/machines/{id}/deploy", post(deploy))
+        .route("/machines/{id}/release", post(release))
+        .route("/machines/{id}/abort", post(abort))
+        .route("/machines/{id}/mark-broken", post(mark_broken))
+        .route("/machines/{id}/mark-fixed", post(mark_fixed))
+        .route("/machines/{id}/{action}", post(no_such_action))
         .route("/machines/{id}/power/{op}", post(power_op))
         .route("/events", get(list_events))
         .route("/events/stream", get(stream_events))
@@ -278,70 +285,124 @@ fn action_body<T: serde::de::DeserializeOwned + Default>(bytes: &Bytes) -> ApiRe
     Ok(v)
 }
 
-async fn machine_action(
-    State(s): State<AppState>,
-    admin: Admin,
-    Path((id, action)): Path<(String, String)>,
+/// One lifecycle action's request: the admin caller, the machine it names, its body.
+struct ActionCall {
+    state: AppState,
+    actor: String,
+    id: String,
     body: Bytes,
-) -> ApiResult<Json<Machine>> {
-    let c = &s.controller;
-    let actor = admin.actor;
-    let m = match action.as_str() {
-        "commission" => {
-            action_body::<NoFields>(&body)?;
-            c.apply(&id, Command::Commission, &actor).await?
-        }
-        "allocate" => {
-            let body: AllocateBody = action_body(&body)?;
-            let owner = body.owner.unwrap_or_else(|| actor.clone());
-            c.apply(&id, Command::Allocate { owner }, &actor).await?
-        }
-        "deploy" => {
-            // No default here: `image` is required.
-            if body.trim_ascii().is_empty() {
-                return Err(ApiError::bad_request("missing field `image`"));
-            }
-            let Json(req) = Json::<DeployRequest>::from_bytes(&body)?;
-            let known = s.controller.boot_resource(&req.image).await?;
-            let Some(resource) = known.filter(|r| r.kind == "os") else {
-                return Err(ApiError::bad_request(format!(
-                    "image: no OS boot resource named {:?}",
-                    req.image
-                )));
-            };
-            check_layout(&req, &resource)?;
-            c.apply(&id, Command::Deploy(req), &actor).await?
-        }
-        "release" => {
-            let body: ReleaseBody = action_body(&body)?;
-            let release = Command::Release {
-                erase: body.erase,
-                quick: body.quick.unwrap_or(true),
-            };
-            c.apply(&id, release, &actor).await?
-        }
-        "abort" => {
-            action_body::<NoFields>(&body)?;
-            c.apply(&id, Command::Abort, &actor).await?
-        }
-        "mark-broken" => {
-            let body: MarkBrokenBody = action_body(&body)?;
-            let reason = body.reason.unwrap_or_else(|| "marked broken".into());
-            c.apply(&id, Command::MarkBroken { reason }, &actor).await?
-        }
-        "mark-fixed" => {
-            action_body::<NoFields>(&body)?;
-            c.apply(&id, Command::MarkFixed, &actor).await?
-        }
-        other => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no machine action {other:?}"),
-            ));
-        }
+}
+
+impl axum::extract::FromRequest<AppState> for ActionCall {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, ApiError> {
+        use axum::extract::FromRequestParts;
+        let (mut parts, body) = req.into_parts();
+        let admin = Admin::from_request_parts(&mut parts, state).await?;
+        let Path(id) = Path::<String>::from_request_parts(&mut parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let body = axum::body::to_bytes(body, MAX_ACTION_BODY)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("body: {e}"),
+                )
+            })?;
+        Ok(Self {
+            state: state.clone(),
+            actor: admin.actor,
+            id,
+            body,
+        })
+    }
+}
+
+/// Action bodies are a few fields (a deploy's user-data is the largest).
+const MAX_ACTION_BODY: usize = 2 << 20;
+
+impl ActionCall {
+    /// The body as the action's fields (an empty body is the action's default).
+    fn fields<T: serde::de::DeserializeOwned + Default>(&self) -> ApiResult<T> {
+        action_body(&self.body)
+    }
+
+    async fn run(self, command: Command) -> ApiResult<Json<Machine>> {
+        let m = self
+            .state
+            .controller
+            .apply(&self.id, command, &self.actor)
+            .await?;
+        Ok(Json(m.redacted()))
+    }
+}
+
+async fn commission(a: ActionCall) -> ApiResult<Json<Machine>> {
+    a.fields::<NoFields>()?;
+    a.run(Command::Commission).await
+}
+
+async fn allocate(a: ActionCall) -> ApiResult<Json<Machine>> {
+    let body: AllocateBody = a.fields()?;
+    let owner = body.owner.unwrap_or_else(|| a.actor.clone());
+    a.run(Command::Allocate { owner }).await
+}
+
+async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
+    // No default here: `image` is required.
+    if a.body.trim_ascii().is_empty() {
+        return Err(ApiError::bad_request("missing field `image`"));
+    }
+    let Json(req) = Json::<DeployRequest>::from_bytes(&a.body)?;
+    let known = a.state.controller.boot_resource(&req.image).await?;
+    let Some(resource) = known.filter(|r| r.kind == "os") else {
+        return Err(ApiError::bad_request(format!(
+            "image: no OS boot resource named {:?}",
+            req.image
+        )));
     };
-    Ok(Json(m.redacted()))
+    check_layout(&req, &resource)?;
+    a.run(Command::Deploy(req)).await
+}
+
+async fn release(a: ActionCall) -> ApiResult<Json<Machine>> {
+    let body: ReleaseBody = a.fields()?;
+    a.run(Command::Release {
+        erase: body.erase,
+        quick: body.quick.unwrap_or(true),
+    })
+    .await
+}
+
+async fn abort(a: ActionCall) -> ApiResult<Json<Machine>> {
+    a.fields::<NoFields>()?;
+    a.run(Command::Abort).await
+}
+
+async fn mark_broken(a: ActionCall) -> ApiResult<Json<Machine>> {
+    let body: MarkBrokenBody = a.fields()?;
+    let reason = body.reason.unwrap_or_else(|| "marked broken".into());
+    a.run(Command::MarkBroken { reason }).await
+}
+
+async fn mark_fixed(a: ActionCall) -> ApiResult<Json<Machine>> {
+    a.fields::<NoFields>()?;
+    a.run(Command::MarkFixed).await
+}
+
+/// Any other `POST /machines/{id}/{name}`: a JSON 404 naming it, after the token check.
+async fn no_such_action(
+    _: Admin,
+    Path((_, action)): Path<(String, String)>,
+) -> ApiResult<Json<Machine>> {
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no machine action {action:?}"),
+    ))
 }
 
 /// A layout is for a disk deploy, within bounds, of an image the agent can install by
