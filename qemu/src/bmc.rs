@@ -285,6 +285,17 @@ impl IpmiSim {
         }
     }
 
+    /// Waits until the VM runs after a power-on through this BMC: the chassis program starts
+    /// QEMU in the background, so under load the process can take a moment to exist.
+    pub fn wait_powered_on(&self) -> Result<()> {
+        wait_for(
+            "the VM to power on through its BMC",
+            Duration::from_secs(20),
+            Duration::from_millis(100),
+            || Ok(self.power_is_on().then_some(())),
+        )
+    }
+
     /// The VM's QEMU process id while it runs.
     pub fn vm_pid(&self) -> Option<i32> {
         let pid: i32 = std::fs::read_to_string(self.dir.join("qemu.pid"))

@@ -141,9 +141,10 @@ impl Scenario {
         self.id = Some(id.clone());
         self.phase_start();
         self.appliance.cli(&["machine", "power", &id, "on"])?;
-        if !self.machine.is_on() {
-            bail!("`stork machine power on` did not power the VM on through its BMC");
-        }
+        self.machine
+            .bmc
+            .wait_powered_on()
+            .context("`stork machine power on` did not power the VM on through its BMC")?;
         wait_for("enlistment", Duration::from_secs(400), POLL, || {
             if let Some(status) = self.appliance.exited() {
                 bail!("stork serve exited: {status}");

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use stork_lab::bmc::{self, Chassis, IpmiSim, IpmiSimSpec};
 use stork_lab::vm::{VmSpec, qemu_argv};
 use stork_lab::{Appliance, Lab, wait_for};
@@ -61,9 +61,8 @@ fn run(appliance: &mut Appliance, sim: &IpmiSim) -> Result<()> {
         bail!("the machine is not off before power-on");
     }
     appliance.cli(&["machine", "power", &id, "on"])?;
-    if !sim.power_is_on() {
-        bail!("`stork machine power on` did not power the VM on through the BMC");
-    }
+    sim.wait_powered_on()
+        .context("`stork machine power on` did not power the VM on through the BMC")?;
     wait_for(
         "enlistment",
         Duration::from_secs(300),
