@@ -1,9 +1,12 @@
 //! Client commands: talk to a running appliance over its API. Human tables by default,
 //! `--json` for scripts.
 
-use std::io::{BufRead, BufReader};
+use std::io::{IsTerminal, Read};
 
 use anyhow::{Context, Result, bail};
+use comfy_table::{CellAlignment, Table, presets};
+use futures_util::{FutureExt, StreamExt};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use stork_proto::units::human_bytes;
@@ -106,17 +109,72 @@ impl Client {
         if !resp.status().is_success() {
             bail!("{url}: {}", resp.status());
         }
-        let reader = BufReader::new(resp.into_body().into_reader());
-        for line in reader.lines() {
-            let line = line.context("event stream broke")?;
-            if let Some(data) = line.strip_prefix("data:") {
-                let e: EventRecord = serde_json::from_str(data.trim()).context("bad event")?;
-                if !f(e) {
-                    break;
+        // eventsource-stream parses the text/event-stream (fields, the keep-alive comments, an
+        // event split across reads). It takes a futures Stream of byte chunks: the blocking
+        // body becomes one through `stream::iter`, which is always ready, so each event is
+        // taken by a single poll (`now_or_never`) with no executor or runtime. (sse-codec wants
+        // an async reader or the old futures_codec; eventsource-client brings hyper and tokio.)
+        let mut body = resp.into_body().into_reader();
+        let chunks = std::iter::from_fn(move || {
+            let mut buf = vec![0u8; 8192];
+            loop {
+                match body.read(&mut buf) {
+                    Ok(0) => return None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        return Some(Ok(buf));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Some(Err(e)),
                 }
+            }
+        });
+        let mut events = eventsource_stream::EventStream::new(futures_util::stream::iter(chunks));
+        loop {
+            let Some(next) = events.next().now_or_never() else {
+                bail!("the event stream's parser waited on a blocking reader");
+            };
+            let Some(event) = next else { break };
+            let event = event.context("event stream broke")?;
+            let e: EventRecord = serde_json::from_str(&event.data).context("bad event")?;
+            if !f(e) {
+                break;
             }
         }
         Ok(())
+    }
+}
+
+/// A table as the CLI prints it: no borders, rules or colours, the columns two spaces apart
+/// and no trailing blanks, so that a terminal, a log and `awk` read it alike. The widths come
+/// from the cells alone, never from the terminal: no cell is wrapped or cut. `header` may be
+/// empty (no header row); `right` lists the columns aligned right (numbers). Ends without a
+/// newline; an empty table is an empty string.
+pub fn plain_table<R: Into<comfy_table::Row>>(
+    header: &[&str],
+    right: &[usize],
+    rows: impl IntoIterator<Item = R>,
+) -> String {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING);
+    if !header.is_empty() {
+        t.set_header(header.to_vec());
+    }
+    t.add_rows(rows);
+    for (i, column) in t.column_iter_mut().enumerate() {
+        // No blank before the first column; each column's padding makes the two between.
+        column.set_padding((u16::from(i > 0), 1));
+        if right.contains(&i) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t.trim_fmt()
+}
+
+/// Prints a table and its newline; nothing for an empty one.
+fn print_table(table: &str) {
+    if !table.is_empty() {
+        println!("{table}");
     }
 }
 
@@ -132,25 +190,27 @@ fn time(ms: i64) -> String {
 }
 
 pub fn machine_table(machines: &[Machine]) {
-    println!(
-        "{:<13} {:<20} {:<19} {:<16} {:>4} {:>9} {:>6}",
-        "ID", "STATUS", "BOOT MAC", "HOSTNAME", "CPUS", "MEMORY", "DISKS"
-    );
-    for m in machines {
+    let rows = machines.iter().map(|m| {
         let inv = m.inventory.as_ref();
-        println!(
-            "{:<13} {:<20} {:<19} {:<16} {:>4} {:>9} {:>6}",
-            m.id,
+        vec![
+            m.id.clone(),
             m.status.to_string(),
             m.boot_mac
                 .map(|b| b.to_string())
                 .unwrap_or_else(|| "-".into()),
-            m.hostname.as_deref().unwrap_or("-"),
-            inv.map_or(0, |i| i.cpu.count),
+            m.hostname.clone().unwrap_or_else(|| "-".into()),
+            inv.map_or(0, |i| i.cpu.count).to_string(),
             inv.map_or("-".into(), |i| human_bytes(i.memory.total_bytes)),
-            inv.map_or(0, |i| i.disks.len()),
-        );
-    }
+            inv.map_or(0, |i| i.disks.len()).to_string(),
+        ]
+    });
+    print_table(&plain_table(
+        &[
+            "ID", "STATUS", "BOOT MAC", "HOSTNAME", "CPUS", "MEMORY", "DISKS",
+        ],
+        &[4, 5, 6],
+        rows,
+    ));
 }
 
 pub fn machine_details(m: &Machine, events: &[EventRecord]) {
@@ -251,13 +311,90 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
             );
         }
     }
-    for e in events {
-        print_event(e);
-    }
+    print_table(&event_table(events));
 }
 
+/// Events as a table without a header: time, actor, message.
+fn event_table(events: &[EventRecord]) -> String {
+    plain_table(
+        &[],
+        &[],
+        events
+            .iter()
+            .map(|e| vec![time(e.at), e.actor.clone(), e.message.clone()]),
+    )
+}
+
+/// One event as it comes, for `watch` (a table needs every row before its widths).
 pub fn print_event(e: &EventRecord) {
     println!("{} {:<12} {}", time(e.at), e.actor, e.message);
+}
+
+/// The percentage an agent's progress event carries in its text: the API writes them as
+/// "STEP Progress (42%): MESSAGE".
+fn progress_percent(message: &str) -> Option<f32> {
+    let (_, rest) = message.split_once('(')?;
+    rest.split('%').next()?.trim().parse().ok()
+}
+
+/// How `watch` shows the agent's progress events. On a terminal: one indicatif bar per step,
+/// redrawn in place, the other events printed as lines. Anywhere else (a pipe, a log, a
+/// test): one line per progress event with its bar drawn in 20 `#`, as it always was.
+struct WatchOutput {
+    terminal: bool,
+    /// The step the live bar follows (its message up to the percentage) and the bar.
+    bar: Option<(String, ProgressBar)>,
+}
+
+impl WatchOutput {
+    fn new(terminal: bool) -> Self {
+        Self {
+            terminal,
+            bar: None,
+        }
+    }
+
+    fn event(&mut self, e: &EventRecord) {
+        let Some(pct) = progress_percent(&e.message) else {
+            self.finish();
+            print_event(e);
+            return;
+        };
+        if !self.terminal {
+            let filled = ((pct / 5.0) as usize).min(20);
+            println!(
+                "{} [{}{}] {}",
+                time(e.at),
+                "#".repeat(filled),
+                " ".repeat(20 - filled),
+                e.message
+            );
+            return;
+        }
+        let step = e.message.split('(').next().unwrap_or_default().to_string();
+        if self.bar.as_ref().is_some_and(|(s, _)| *s != step) {
+            self.finish();
+        }
+        let (_, bar) = self.bar.get_or_insert_with(|| {
+            let bar = ProgressBar::with_draw_target(Some(100), ProgressDrawTarget::stdout());
+            // The message fills what the terminal has left and is cut there: a wrapped line
+            // would break the redraw.
+            if let Ok(style) = ProgressStyle::with_template("{prefix} [{bar:20}] {wide_msg}") {
+                bar.set_style(style.progress_chars("# "));
+            }
+            (step, bar)
+        });
+        bar.set_prefix(time(e.at));
+        bar.set_message(e.message.clone());
+        bar.set_position(pct.clamp(0.0, 100.0).round() as u64);
+    }
+
+    /// Leaves the live bar where it stands (its last percentage, not a made-up 100%).
+    fn finish(&mut self) {
+        if let Some((_, bar)) = self.bar.take() {
+            bar.abandon();
+        }
+    }
 }
 
 /// `stork machine watch`: prints events live; with `until_settled`, stops once the machine
@@ -265,30 +402,16 @@ pub fn print_event(e: &EventRecord) {
 pub fn watch(c: &Client, id: &str, until_settled: bool) -> Result<()> {
     let m: Machine = c.get(&format!("/machines/{id}"))?;
     let mut last_status = m.status;
-    c.follow_events(&m.id, |e| {
-        if let Some(p) = e
-            .message
-            .split('(')
-            .nth(1)
-            .and_then(|r| r.split('%').next())
-            && let Ok(pct) = p.trim().parse::<f32>()
-        {
-            let filled = (pct / 5.0) as usize;
-            println!(
-                "{} [{}{}] {}",
-                time(e.at),
-                "#".repeat(filled.min(20)),
-                " ".repeat(20 - filled.min(20)),
-                e.message
-            );
-        } else {
-            print_event(&e);
-        }
+    let mut out = WatchOutput::new(std::io::stdout().is_terminal());
+    let followed = c.follow_events(&m.id, |e| {
+        out.event(&e);
         if let Some(s) = e.new_status {
             last_status = s;
         }
         !(until_settled && e.new_status.is_some() && last_status.failure_on_timeout().is_none())
-    })?;
+    });
+    out.finish();
+    followed?;
     if until_settled {
         println!("status: {last_status}");
     }
@@ -332,21 +455,20 @@ pub fn images(c: &Client, json: bool) -> Result<()> {
     if json {
         return print_json(&list);
     }
-    println!("{:<24} {:<10} {:<6} FILES", "NAME", "KIND", "ARCH");
-    for r in list {
+    let rows = list.iter().map(|r| {
         let files: Vec<String> = r
             .files
             .iter()
             .map(|f| format!("{}={}", f.role, f.path))
             .collect();
-        println!(
-            "{:<24} {:<10} {:<6} {}",
-            r.name,
-            r.kind,
-            r.arch.as_deref().unwrap_or("-"),
-            files.join(" ")
-        );
-    }
+        vec![
+            r.name.clone(),
+            r.kind.clone(),
+            r.arch.clone().unwrap_or_else(|| "-".into()),
+            files.join(" "),
+        ]
+    });
+    print_table(&plain_table(&["NAME", "KIND", "ARCH", "FILES"], &[], rows));
     Ok(())
 }
 
@@ -389,9 +511,7 @@ pub fn events(c: &Client, id: &str, json: bool) -> Result<()> {
     if json {
         return print_json(&events);
     }
-    for e in &events {
-        print_event(e);
-    }
+    print_table(&event_table(&events));
     Ok(())
 }
 

@@ -427,18 +427,13 @@ fn token(client: &Client, cmd: TokenCmd) -> Result<()> {
         TokenCmd::List { json } => {
             let v: Value = client.get("/tokens")?;
             cli::json_or_line(&v, json, |v| {
-                v.as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|t| {
-                        format!(
-                            "{} {}",
-                            t["id"].as_str().unwrap_or("-"),
-                            t["description"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                let rows = v.as_array().into_iter().flatten().map(|t| {
+                    [
+                        t["id"].as_str().unwrap_or("-"),
+                        t["description"].as_str().unwrap_or(""),
+                    ]
+                });
+                cli::plain_table(&[], &[], rows)
             })
         }
     }
@@ -483,19 +478,14 @@ fn ssh_key(client: &Client, cmd: SshKeyCmd) -> Result<()> {
         SshKeyCmd::List { json } => {
             let v: Value = client.get("/ssh-keys")?;
             cli::json_or_line(&v, json, |v| {
-                v.as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|k| {
-                        format!(
-                            "{} {} {}",
-                            k["id"].as_str().unwrap_or("-"),
-                            k["name"].as_str().unwrap_or(""),
-                            k["key"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                let rows = v.as_array().into_iter().flatten().map(|k| {
+                    [
+                        k["id"].as_str().unwrap_or("-"),
+                        k["name"].as_str().unwrap_or(""),
+                        k["key"].as_str().unwrap_or("").trim_end(),
+                    ]
+                });
+                cli::plain_table(&[], &[], rows)
             })
         }
     }

@@ -270,3 +270,151 @@ fn a_failing_service_is_restarted_and_reported() {
     assert!(log.contains("service failed; restarting"), "{log}");
     assert!(!log.contains(&token), "the token leaked into the log");
 }
+
+/// A table's lines as cells with where each starts and ends (in characters): the CLI's
+/// tables put at least two blanks between columns and one at most inside a cell.
+fn cells(line: &str) -> Vec<(usize, usize, String)> {
+    let chars: Vec<char> = line.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i] == ' ' {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < chars.len() && !(chars[i] == ' ' && chars.get(i + 1).is_none_or(|c| *c == ' ')) {
+            i += 1;
+        }
+        out.push((start, i, chars[start..i].iter().collect()));
+    }
+    out
+}
+
+/// Checks a table as a person and `awk` read it: the header row, then one row per item, the
+/// same number of cells on each, every column starting (or, for `right` ones, ending) at the
+/// same place on every line, no borders and no trailing blanks. Returns the rows' cells.
+fn read_table(text: &str, header: &[&str], right: &[usize]) -> Vec<Vec<String>> {
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(!lines.is_empty(), "no table: {text:?}");
+    let head = cells(lines[0]);
+    let titles: Vec<&str> = head.iter().map(|(_, _, t)| t.as_str()).collect();
+    assert_eq!(titles, header, "header row of\n{text}");
+    assert_eq!(head[0].0, 0, "the first column starts the line:\n{text}");
+    for line in &lines {
+        assert_eq!(line.trim_end(), *line, "trailing blanks:\n{text}");
+        assert!(
+            !line.contains(['|', '+', '─', '│', '┌', '═']),
+            "a border:\n{text}"
+        );
+        let row = cells(line);
+        assert_eq!(row.len(), head.len(), "{line:?} in\n{text}");
+        for (i, ((start, end, cell), (h_start, h_end, title))) in row.iter().zip(&head).enumerate()
+        {
+            if right.contains(&i) {
+                assert_eq!(
+                    end, h_end,
+                    "{cell:?} not right-aligned under {title}:\n{text}"
+                );
+            } else {
+                assert_eq!(start, h_start, "{cell:?} not under {title}:\n{text}");
+            }
+        }
+    }
+    lines[1..]
+        .iter()
+        .map(|l| cells(l).into_iter().map(|(_, _, c)| c).collect())
+        .collect()
+}
+
+#[test]
+fn machine_and_image_lists_are_aligned_tables() {
+    let server = Server::start(Options::default());
+    let api = server.api();
+    let token = Some(server.token.as_str());
+    let base = server.base();
+    let client = |args: &[&str]| {
+        let mut all = vec!["--url", &base, "--token", &server.token];
+        all.extend_from_slice(args);
+        let out = stork(&all);
+        assert!(out.status.success(), "stork {args:?}: {}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    // Values of different widths, and a machine without a hostname.
+    let mut ids = Vec::new();
+    for (n, hostname) in [
+        (1, Some("n1")),
+        (2, Some("a-much-longer-hostname")),
+        (3, None),
+    ] {
+        let m = api
+            .post(
+                "/machines",
+                token,
+                &serde_json::json!({"macs": [common::mac(n)], "hostname": hostname,
+                    "power": {"driver": "manual"}}),
+            )
+            .ok();
+        ids.push(m["id"].as_str().unwrap().to_string());
+    }
+    let list = client(&["machine", "list"]);
+    let rows = read_table(
+        &list,
+        &[
+            "ID", "STATUS", "BOOT MAC", "HOSTNAME", "CPUS", "MEMORY", "DISKS",
+        ],
+        &[4, 5, 6],
+    );
+    assert_eq!(rows.len(), 3, "one row per machine:\n{list}");
+    for (n, id) in ids.iter().enumerate() {
+        let row = rows
+            .iter()
+            .find(|r| r[0] == *id)
+            .unwrap_or_else(|| panic!("no row for {id}:\n{list}"));
+        let hostname = ["n1", "a-much-longer-hostname", "-"][n];
+        let mac = common::mac(n as u32 + 1);
+        assert_eq!(row[1..], ["new", &mac, hostname, "0", "-", "0"], "{list}");
+    }
+
+    for (name, arch, files) in [
+        ("tiny", Some("amd64"), &["tar"][..]),
+        ("debian-12-bookworm-generic", None, &["tar", "raw"]),
+    ] {
+        let files: Vec<_> = files
+            .iter()
+            .map(|role| {
+                let path = format!("images/{name}/{role}");
+                let (size, sha256) = server.boot_file(&path, role.as_bytes());
+                serde_json::json!({"role": role, "path": path, "sha256": sha256, "size": size})
+            })
+            .collect();
+        api.post(
+            "/boot-resources",
+            token,
+            &serde_json::json!({"name": name, "kind": "os", "arch": arch, "files": files}),
+        )
+        .ok();
+    }
+    let list = client(&["image", "list"]);
+    let mut rows = read_table(&list, &["NAME", "KIND", "ARCH", "FILES"], &[]);
+    rows.sort();
+    assert_eq!(
+        rows,
+        [
+            [
+                "debian-12-bookworm-generic",
+                "os",
+                "-",
+                "tar=images/debian-12-bookworm-generic/tar raw=images/debian-12-bookworm-generic/raw",
+            ],
+            ["tiny", "os", "amd64", "tar=images/tiny/tar"],
+        ],
+        "{list}"
+    );
+
+    // `--json` is the API's answer, untouched.
+    let json: serde_json::Value =
+        serde_json::from_str(&client(&["machine", "list", "--json"])).unwrap();
+    assert_eq!(json, api.get("/machines", token).ok());
+}
