@@ -401,14 +401,22 @@ impl WatchOutput {
 /// leaves its busy status.
 pub fn watch(c: &Client, id: &str, until_settled: bool) -> Result<()> {
     let m: Machine = c.get(&format!("/machines/{id}"))?;
+    // The stream replays the history first: only what happens after the newest event seen
+    // now can settle the machine (its history starts with `created`, a status that is not
+    // busy, whatever it is doing now).
+    let newest = newest_event(c, &m.id)?;
     let mut last_status = m.status;
     let mut out = WatchOutput::new(std::io::stdout().is_terminal());
     let followed = c.follow_events(&m.id, |e| {
         out.event(&e);
+        if e.id <= newest {
+            // History: settled already if it is not busy now.
+            return !(until_settled && e.id == newest && !busy(last_status));
+        }
         if let Some(s) = e.new_status {
             last_status = s;
         }
-        !(until_settled && e.new_status.is_some() && last_status.failure_on_timeout().is_none())
+        !(until_settled && e.new_status.is_some() && !busy(last_status))
     });
     out.finish();
     followed?;
@@ -416,6 +424,25 @@ pub fn watch(c: &Client, id: &str, until_settled: bool) -> Result<()> {
         println!("status: {last_status}");
     }
     Ok(())
+}
+
+/// Whether a status is one the machine leaves by itself (it has a timeout).
+fn busy(s: Status) -> bool {
+    s.failure_on_timeout().is_some()
+}
+
+/// The id of the machine's newest event (0 without any).
+fn newest_event(c: &Client, machine_id: &str) -> Result<i64> {
+    let mut newest = 0;
+    loop {
+        let page: Vec<EventRecord> = c.get(&format!(
+            "/machines/{machine_id}/events?after={newest}&limit=1000"
+        ))?;
+        match page.last() {
+            Some(e) => newest = e.id,
+            None => return Ok(newest),
+        }
+    }
 }
 
 pub fn stats(c: &Client, json: bool) -> Result<()> {

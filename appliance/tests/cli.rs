@@ -418,3 +418,58 @@ fn machine_and_image_lists_are_aligned_tables() {
         serde_json::from_str(&client(&["machine", "list", "--json"])).unwrap();
     assert_eq!(json, api.get("/machines", token).ok());
 }
+
+/// `watch --until-settled` follows a busy machine until it settles, and returns at once for
+/// one that is not busy (its replayed history, which starts with `created`, settles
+/// nothing).
+#[test]
+fn watch_until_settled_waits_for_the_busy_status_to_end() {
+    let server = Server::start(Options::default());
+    let api = server.api();
+    let token = Some(server.token.as_str());
+    let m = api
+        .post(
+            "/machines",
+            token,
+            &serde_json::json!({"macs": [common::mac(7)], "power": {"driver": "manual"}}),
+        )
+        .ok();
+    let id = m["id"].as_str().unwrap().to_string();
+    let watch = || {
+        Command::new(BIN)
+            .args(["--url", &server.base(), "--token", &server.token])
+            .args(["machine", "watch", &id, "--until-settled"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // New: nothing to wait for.
+    let out = watch().wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("status: new\n"));
+
+    // Commissioning (a manual machine waits for a person): the watch follows until the
+    // abort moves it to its failed status.
+    api.post(
+        &format!("/machines/{id}/commission"),
+        token,
+        &serde_json::json!({}),
+    )
+    .ok();
+    let mut child = watch();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "watch returned while the machine is still commissioning"
+    );
+    api.post(
+        &format!("/machines/{id}/abort"),
+        token,
+        &serde_json::json!({}),
+    )
+    .ok();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.ends_with("status: failed_commissioning\n"), "{text}");
+}
