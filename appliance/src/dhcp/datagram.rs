@@ -27,12 +27,13 @@ pub enum Port {
 #[derive(Debug)]
 pub enum Action {
     Nothing,
-    /// Send now, on the socket of `port`.
+    /// Send now, on the socket of `port` ([`super::reply::send`]).
     Send(Send),
     /// Make these records durable; the journal writer sends the reply (if any) after.
     Journal(Job),
 }
 
+/// An encoded reply, with what [`super::reply`] needs to send and count it.
 #[derive(Debug)]
 pub struct Send {
     pub bytes: Vec<u8>,
@@ -151,20 +152,21 @@ impl Server {
         let proxy = port == Port::Pxe
             || (kind == Some(MessageType::Offer) && reply.msg.yiaddr().is_unspecified());
         tracing::debug!(mac = %req.mac, xid = req.msg.xid(), ?kind, yiaddr = %reply.msg.yiaddr(), %to, "DHCP reply");
-        if !self.records.is_empty() {
-            // An ACK that binds a lease leaves only once the lease is durable.
-            return self.journal(Some((bytes, to)));
-        }
-        Action::Send(Send {
+        let send = Send {
             bytes,
             to,
             port,
             kind,
             proxy,
-        })
+        };
+        if !self.records.is_empty() {
+            // An ACK that binds a lease leaves only once the lease is durable.
+            return self.journal(Some(send));
+        }
+        Action::Send(send)
     }
 
-    fn journal(&mut self, reply: Option<(Vec<u8>, SocketAddr)>) -> Action {
+    fn journal(&mut self, reply: Option<Send>) -> Action {
         if self.records.is_empty() {
             return Action::Nothing;
         }
@@ -182,22 +184,6 @@ impl Server {
             MessageType::Decline => bump(&s.decline),
             MessageType::Release => bump(&s.release),
             MessageType::Inform => bump(&s.inform),
-            _ => {}
-        }
-    }
-
-    /// After a send succeeded: the reply counters.
-    pub fn count_sent(&self, sent: &Send) {
-        let s = &self.stats;
-        bump(&s.replied);
-        if sent.proxy {
-            bump(&s.proxy_replies);
-            return;
-        }
-        match sent.kind {
-            Some(MessageType::Offer) => bump(&s.offers),
-            Some(MessageType::Ack) => bump(&s.acks),
-            Some(MessageType::Nak) => bump(&s.naks),
             _ => {}
         }
     }

@@ -10,6 +10,7 @@ pub mod journal;
 pub mod pool;
 pub mod ra;
 pub mod ratelimit;
+pub mod reply;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
@@ -78,7 +79,8 @@ stats! {
     decline,
     release,
     inform,
-    /// Replies sent, all kinds.
+    /// Replies sent, all kinds, by the socket loop and the journal writer alike
+    /// ([`reply`] counts both).
     replied,
     offers,
     acks,
@@ -162,8 +164,8 @@ pub async fn run(
         );
     }
     tracing::info!(leases = live.len() - orphans, "DHCP leases restored");
-    // The writer sends ACKs itself, after their records are durable, on a duplicate of the
-    // port 67 socket.
+    // The writer sends the ACKs it holds back until their records are durable, on a
+    // duplicate of the port 67 socket, through `reply` like the loop.
     let writer_sock = socket2::SockRef::from(&sock)
         .try_clone()
         .map_err(DhcpError::Clone)?;
@@ -202,13 +204,7 @@ pub async fn run(
                     Port::Pxe => pxe.as_ref().unwrap_or(&sock),
                     Port::Dhcp => &sock,
                 };
-                match via.send_to(&send.bytes, send.to).await {
-                    Ok(_) => server.count_sent(&send),
-                    Err(e) => {
-                        bump(&stats.send_errors);
-                        tracing::warn!(to = %send.to, error = %e, "DHCP send failed");
-                    }
-                }
+                reply::send(via, &send, &stats).await;
             }
         }
     }
