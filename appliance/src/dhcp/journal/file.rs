@@ -135,27 +135,12 @@ impl Journal {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
     use std::time::Duration;
-
-    use stork_proto::MacAddr;
 
     use super::super::FILE_NAME;
     use super::*;
 
-    fn mac(n: u8) -> MacAddr {
-        MacAddr([0x52, 0x54, 0, 0, 0, n])
-    }
-    fn ip(n: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 0, 0, n)
-    }
-    fn bound(m: u8, i: u8, expires: u64) -> Record {
-        Record::Bound {
-            mac: mac(m),
-            ip: ip(i),
-            expires,
-        }
-    }
+    use super::super::fixtures::{bound, ip, mac};
 
     #[test]
     fn open_append_reopen_keeps_every_durable_record() {

@@ -63,3 +63,27 @@ pub enum JournalError {
     #[error("cannot start the lease journal writer")]
     Spawn(#[source] std::io::Error),
 }
+
+/// Records for the journal's tests.
+#[cfg(test)]
+mod fixtures {
+    use std::net::Ipv4Addr;
+
+    use stork_proto::MacAddr;
+
+    use super::Record;
+
+    pub fn mac(n: u8) -> MacAddr {
+        MacAddr([0x52, 0x54, 0, 0, 0, n])
+    }
+    pub fn ip(n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, n)
+    }
+    pub fn bound(m: u8, i: u8, expires: u64) -> Record {
+        Record::Bound {
+            mac: mac(m),
+            ip: ip(i),
+            expires,
+        }
+    }
+}

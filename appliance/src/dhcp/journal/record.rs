@@ -157,19 +157,7 @@ pub fn parse(data: &[u8]) -> Option<Loaded> {
 mod tests {
     use super::*;
 
-    fn mac(n: u8) -> MacAddr {
-        MacAddr([0x52, 0x54, 0, 0, 0, n])
-    }
-    fn ip(n: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 0, 0, n)
-    }
-    fn bound(m: u8, i: u8, expires: u64) -> Record {
-        Record::Bound {
-            mac: mac(m),
-            ip: ip(i),
-            expires,
-        }
-    }
+    use super::super::fixtures::{bound, ip, mac};
 
     #[test]
     fn crc_matches_the_reference_value() {
