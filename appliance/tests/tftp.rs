@@ -79,8 +79,10 @@ impl Server {
                 assert_eq!(s.transfers_completed, n, "{s:?}");
                 return;
             }
+            // A hang detector, not a speed check: a client that lost a packet under load
+            // waits out its own retransmission timeouts (seen once past 20 s).
             assert!(
-                start.elapsed() < Duration::from_secs(20),
+                start.elapsed() < Duration::from_secs(60),
                 "{n} transfers did not complete: {s:?}"
             );
             std::thread::sleep(Duration::from_millis(20));
