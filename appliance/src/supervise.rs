@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 /// What a service is doing now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ServiceState {
     Running,
@@ -20,7 +20,7 @@ pub enum ServiceState {
     Restarting,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ServiceHealth {
     pub state: ServiceState,
     /// Times it failed and was started again since the daemon started.
@@ -33,8 +33,10 @@ pub struct ServiceHealth {
 
 /// The daemon's health: `ok` while every service runs and none has failed recently,
 /// `degraded` otherwise.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[schema(as = Health)]
 pub struct HealthReport {
+    #[schema(example = "ok")]
     pub status: String,
     pub services: BTreeMap<String, ServiceHealth>,
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::MacAddr;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Inventory {
     pub cpu: Cpu,
     pub memory: Memory,
@@ -20,6 +21,7 @@ pub struct Inventory {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Cpu {
     pub model: String,
     /// Logical processors (hardware threads).
@@ -40,6 +42,7 @@ pub struct Cpu {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Memory {
     /// Physical memory the firmware handed to the OS (sum of online memory blocks).
     pub total_bytes: u64,
@@ -48,6 +51,7 @@ pub struct Memory {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Disk {
     /// Kernel name, e.g. `vda`, `sda`, `nvme0n1`.
     pub name: String,
@@ -80,6 +84,7 @@ pub struct Disk {
 /// A partition, from sysfs. Its type GUID and file system label are not in sysfs (reading
 /// them means reading the disk, as blkid does), so they are not reported.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Partition {
     /// Kernel name, e.g. `vda1`, `nvme0n1p2`.
     pub name: String,
@@ -93,6 +98,7 @@ pub struct Partition {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Nic {
     pub name: String,
     pub mac: MacAddr,
@@ -105,6 +111,7 @@ pub struct Nic {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Dmi {
     pub sys_vendor: Option<String>,
     pub product_name: Option<String>,
@@ -116,6 +123,7 @@ pub struct Dmi {
 
 /// How the machine booted the agent: UEFI when the kernel has `/sys/firmware/efi`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Firmware {
     #[default]

@@ -36,6 +36,7 @@ const MIB: u64 = 1 << 20;
 
 /// Partition sizes in MiB; absent fields take their defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DiskLayout {
     /// EFI system partition; default [`DEFAULT_ESP_MIB`].

@@ -25,6 +25,7 @@ pub const REPORT_PATH: &str = "/api/v1/agent/report";
 
 /// What a freshly booted agent sends to make its machine known.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EnlistRequest {
     /// The NIC the machine network-booted from.
@@ -34,6 +35,7 @@ pub struct EnlistRequest {
 
 /// The appliance's answer to an enlistment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnlistResponse {
     pub machine_id: String,
     pub status: String,
@@ -47,6 +49,7 @@ pub fn agent_path(machine_id: &str, what: &str) -> String {
 
 /// What the appliance wants from an agent that booted on a known machine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Task {
     /// Report the inventory (`POST .../commissioned`), then power off.
@@ -61,6 +64,7 @@ pub enum Task {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeployTask {
     pub target: DeployTarget,
     pub disk: Option<String>,
@@ -77,6 +81,7 @@ pub struct DeployTask {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ImageFile {
     pub role: ImageRole,
     pub url: String,
@@ -95,6 +100,7 @@ pub const HEARTBEAT_EVERY_SECS: u64 = 10;
 /// the appliance has heard one, silence fails the machine's busy status long before the
 /// status's own timeout would.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     /// The step the agent is in, for the failure's reason.
@@ -109,6 +115,7 @@ pub struct Heartbeat {
 /// A step's progress, posted to `.../events`. A `failed` state fails the machine's
 /// current operation with `message` as the reason.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AgentEvent {
     pub step: AgentStep,
@@ -124,6 +131,7 @@ pub struct AgentEvent {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum StepState {
     Started,
@@ -134,6 +142,7 @@ pub enum StepState {
 
 /// A step's outcome reported by the agent, so that a failure is never silent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AgentReport {
     pub boot_mac: MacAddr,

@@ -78,6 +78,22 @@ impl fmt::Debug for MacAddr {
     }
 }
 
+/// MAC address, colon-separated hex.
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for MacAddr {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some("^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"))
+            .examples(["52:54:00:12:34:56"])
+            .description(Some("MAC address, colon-separated hex."))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for MacAddr {}
+
 impl Serialize for MacAddr {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// Where a deploy puts the OS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DeployTarget {
     /// Install to a disk and boot from it.
@@ -83,6 +84,20 @@ macro_rules! named {
                 f.write_str(self.as_str())
             }
         }
+
+        /// A string: the known names are examples, any other is read as `Other`.
+        #[cfg(feature = "openapi")]
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .examples([$($text),*])
+                    .into()
+            }
+        }
+
+        #[cfg(feature = "openapi")]
+        impl utoipa::ToSchema for $name {}
     };
 }
 

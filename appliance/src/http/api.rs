@@ -13,15 +13,19 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::post;
 use serde::{Deserialize, Serialize};
 use stork_proto::{
     AgentEvent, AgentReport, EnlistRequest, EnlistResponse, Heartbeat, Inventory, MacAddr,
     StepState, Task,
 };
 
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
 use super::AppState;
 use super::extract::{Admin, Agent};
+use super::openapi::{BadRequest, Forbidden, IllegalTransition, NotFound, Unauthorized};
 use crate::lifecycle::records::new_id;
 use crate::lifecycle::{Command, ControlError, Status};
 use crate::store::{
@@ -30,48 +34,57 @@ use crate::store::{
 };
 
 pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/machines", get(list_machines).post(create_machine))
-        .route("/machines/allocate", post(allocate_any))
-        .route("/machines/{id}", get(show_machine).delete(delete_machine))
-        .route("/machines/{id}/events", get(machine_events))
-        .route("/machines/{id}/commission", post(commission))
-        .route("/machines/{id}/allocate", post(allocate))
-        .route("/machines/{id}/deploy", post(deploy))
-        .route("/machines/{id}/release", post(release))
-        .route("/machines/{id}/abort", post(abort))
-        .route("/machines/{id}/mark-broken", post(mark_broken))
-        .route("/machines/{id}/mark-fixed", post(mark_fixed))
-        .route("/machines/{id}/{action}", post(no_such_action))
-        .route("/machines/{id}/power/{op}", post(power_op))
-        .route("/events", get(list_events))
-        .route("/events/stream", get(stream_events))
-        .route("/ssh-keys", get(list_ssh_keys).post(add_ssh_key))
-        .route("/ssh-keys/{id}", delete(delete_ssh_key))
-        .route(
-            "/boot-resources",
-            get(list_boot_resources).post(register_boot_resource),
-        )
-        .route("/tokens", get(list_tokens).post(create_token))
-        .route("/stats", get(stats))
-        .route("/health", get(health))
-        .route("/openapi.json", get(openapi))
-        .route("/agent/enlist", post(enlist))
-        .route("/agent/report", post(report))
-        .route("/agent/{id}/task", get(agent_task))
-        .route("/agent/{id}/commissioned", post(agent_commissioned))
-        .route("/agent/{id}/events", post(agent_post_event))
-        .route("/agent/{id}/heartbeat", post(agent_heartbeat))
-        .route("/agent/{id}/released", post(agent_released))
-        .route("/agent/{id}/installed", post(agent_installed))
-        .route("/agent/{id}/deployed", post(agent_deployed))
+    documented_routes().split_for_parts().0
 }
 
-#[derive(Debug, Serialize)]
+/// Every route with its documentation: `routes!` takes the path and method from each
+/// handler's `#[utoipa::path]`, so a route cannot be added undocumented.
+pub(super) fn documented_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_machines, create_machine))
+        .routes(routes!(allocate_any))
+        .routes(routes!(show_machine, delete_machine))
+        .routes(routes!(machine_events))
+        .routes(routes!(commission))
+        .routes(routes!(allocate))
+        .routes(routes!(deploy))
+        .routes(routes!(release))
+        .routes(routes!(abort))
+        .routes(routes!(mark_broken))
+        .routes(routes!(mark_fixed))
+        // The JSON 404 for an unknown action: not an endpoint, so not documented.
+        .route("/machines/{id}/{action}", post(no_such_action))
+        .routes(routes!(power_op))
+        .routes(routes!(list_events))
+        .routes(routes!(stream_events))
+        .routes(routes!(list_ssh_keys, add_ssh_key))
+        .routes(routes!(delete_ssh_key))
+        .routes(routes!(list_boot_resources, register_boot_resource))
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(stats))
+        .routes(routes!(health))
+        .routes(routes!(openapi))
+        .routes(routes!(enlist))
+        .routes(routes!(report))
+        .routes(routes!(agent_task))
+        .routes(routes!(agent_commissioned))
+        .routes(routes!(agent_post_event))
+        .routes(routes!(agent_heartbeat))
+        .routes(routes!(agent_released))
+        .routes(routes!(agent_installed))
+        .routes(routes!(agent_deployed))
+}
+
+/// Every error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
 pub struct ApiError {
     #[serde(skip)]
     status: StatusCode,
+    /// Stable machine-readable code: `bad_request`, `unauthorized`, `forbidden`,
+    /// `not_found`, `conflict`, `illegal_transition`, `no_machine`, `internal`, ...
     pub code: &'static str,
+    /// What went wrong, naming the field or the transition.
     pub message: String,
 }
 
@@ -150,6 +163,24 @@ struct MachineFilter {
     tag: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/machines",
+    operation_id = "list_machines",
+    tag = "machines",
+    summary = "List machines",
+    description = "Every machine, oldest first; unknown query parameters are a 400.",
+    params(
+        ("status" = Option<Status>, Query),
+        ("tag" = Option<String>, Query)
+    ),
+    responses(
+        (status = 200, description = "OK", body = [Machine]),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
 async fn list_machines(
     State(s): State<AppState>,
     _: Admin,
@@ -173,7 +204,7 @@ async fn list_machines(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewMachine {
     macs: Vec<MacAddr>,
@@ -189,6 +220,21 @@ struct NewMachine {
 
 const POWER_DRIVERS: &[&str] = &["manual", "ipmi", "redfish", "qmp"];
 
+#[utoipa::path(
+    post,
+    path = "/machines",
+    operation_id = "create_machine",
+    tag = "machines",
+    summary = "Add a machine by hand",
+    request_body(content = NewMachine),
+    responses(
+        (status = 201, description = "Created, New.", body = Machine),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, description = "A MAC address belongs to another machine (`conflict`).", body = ApiError)
+    )
+)]
 async fn create_machine(
     State(s): State<AppState>,
     admin: Admin,
@@ -221,6 +267,22 @@ async fn create_machine(
     Ok((StatusCode::CREATED, Json(saved.redacted())))
 }
 
+#[utoipa::path(
+    get,
+    path = "/machines/{id}",
+    operation_id = "show_machine",
+    tag = "machines",
+    summary = "Show a machine",
+    params(
+        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
+    ),
+    responses(
+        (status = 200, description = "OK", body = Machine),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound)
+    )
+)]
 async fn show_machine(
     State(s): State<AppState>,
     _: Admin,
@@ -229,6 +291,22 @@ async fn show_machine(
     Ok(Json(s.controller.machine(&id).await?.redacted()))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/machines/{id}",
+    operation_id = "delete_machine",
+    tag = "machines",
+    summary = "Delete a machine",
+    params(
+        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
+    ),
+    responses(
+        (status = 204, description = "Deleted; its events stay in the history."),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound)
+    )
+)]
 async fn delete_machine(
     State(s): State<AppState>,
     _: Admin,
@@ -243,11 +321,11 @@ async fn delete_machine(
 // "missing field `image`": serde's flatten and deny_unknown_fields do not mix.)
 
 /// commission, abort, mark-fixed: no fields.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NoFields {}
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AllocateBody {
     /// Who holds it (default: the caller's token).
@@ -255,7 +333,7 @@ struct AllocateBody {
     owner: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReleaseBody {
     /// Wipe the disks first.
@@ -266,7 +344,7 @@ struct ReleaseBody {
     quick: Option<bool>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct MarkBrokenBody {
     #[serde(default)]
@@ -340,17 +418,77 @@ impl ActionCall {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/machines/{id}/commission",
+    operation_id = "commission_machine",
+    tag = "machines",
+    summary = "Commission: run the agent to take the inventory",
+    description = "New, Ready or Failed commissioning -> Commissioning; powers the machine on into the agent (manual power: records that a person must). Lifecycle event `Commission`.",
+    params(
+        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
+    ),
+    request_body(content = Option<NoFields>),
+    responses(
+        (status = 200, description = "The machine after the transition.", body = Machine),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = IllegalTransition)
+    )
+)]
 async fn commission(a: ActionCall) -> ApiResult<Json<Machine>> {
     a.fields::<NoFields>()?;
     a.run(Command::Commission).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/machines/{id}/allocate",
+    operation_id = "allocate_machine",
+    tag = "machines",
+    summary = "Allocate this machine",
+    description = "Ready -> Allocated. Lifecycle event `Allocate`.",
+    params(
+        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
+    ),
+    request_body(content = Option<AllocateBody>),
+    responses(
+        (status = 200, description = "The machine after the transition.", body = Machine),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = IllegalTransition)
+    )
+)]
 async fn allocate(a: ActionCall) -> ApiResult<Json<Machine>> {
     let body: AllocateBody = a.fields()?;
     let owner = body.owner.unwrap_or_else(|| a.actor.clone());
     a.run(Command::Allocate { owner }).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/machines/{id}/deploy",
+    operation_id = "deploy_machine",
+    tag = "machines",
+    summary = "Deploy an image",
+    description = "Allocated or Failed deployment -> Deploying; the image must be a registered `os` boot resource. A disk deploy streams the image's raw disk image (role `raw`) and grows its root; with a `layout`, or when the image has no raw file, the agent partitions the disk itself (BIOS boot 1 MiB, ESP, root), makes the file systems and extracts the image's root tar (role `tar`). Lifecycle event `Deploy`.",
+    params(
+        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
+    ),
+    request_body(content = DeployRequest),
+    responses(
+        (status = 200, description = "The machine after the transition.", body = Machine),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = IllegalTransition)
+    )
+)]
 async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
     // No default here: `image` is required.
     if a.body.trim_ascii().is_empty() {
@@ -368,6 +506,26 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
     a.run(Command::Deploy(req)).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/machines/{id}/release",
+    operation_id = "release_machine",
+    tag = "machines",
+    summary = "Release the machine",
+    description = "Allocated, Deployed, Failed deployment or Failed releasing -> Releasing -> Ready (power off), or with `erase` -> Disk erasing -> Ready once the agent erased the disks. Lifecycle event `Release / ReleaseErase`.",
+    params(
+        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
+    ),
+    request_body(content = Option<ReleaseBody>),
+    responses(
+        (status = 200, description = "The machine after the transition.", body = Machine),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = IllegalTransition)
+    )
+)]
 async fn release(a: ActionCall) -> ApiResult<Json<Machine>> {
     let body: ReleaseBody = a.fields()?;
     a.run(Command::Release {
@@ -377,17 +535,77 @@ async fn release(a: ActionCall) -> ApiResult<Json<Machine>> {
     .await
 }
 
+#[utoipa::path(
+    post,
+    path = "/machines/{id}/abort",
+    operation_id = "abort_machine",
+    tag = "machines",
+    summary = "Abort the running operation",
+    description = "Commissioning, Deploying, Releasing or Disk erasing -> its failed status. Lifecycle event `Abort`.",
+    params(
+        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
+    ),
+    request_body(content = Option<NoFields>),
+    responses(
+        (status = 200, description = "The machine after the transition.", body = Machine),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = IllegalTransition)
+    )
+)]
 async fn abort(a: ActionCall) -> ApiResult<Json<Machine>> {
     a.fields::<NoFields>()?;
     a.run(Command::Abort).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/machines/{id}/mark-broken",
+    operation_id = "mark_broken_machine",
+    tag = "machines",
+    summary = "Mark broken",
+    description = "Any status but Broken -> Broken; powers off. Lifecycle event `MarkBroken`.",
+    params(
+        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
+    ),
+    request_body(content = Option<MarkBrokenBody>),
+    responses(
+        (status = 200, description = "The machine after the transition.", body = Machine),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = IllegalTransition)
+    )
+)]
 async fn mark_broken(a: ActionCall) -> ApiResult<Json<Machine>> {
     let body: MarkBrokenBody = a.fields()?;
     let reason = body.reason.unwrap_or_else(|| "marked broken".into());
     a.run(Command::MarkBroken { reason }).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/machines/{id}/mark-fixed",
+    operation_id = "mark_fixed_machine",
+    tag = "machines",
+    summary = "Mark fixed",
+    description = "Broken -> Ready if commissioned, else New. Lifecycle event `MarkFixed`.",
+    params(
+        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
+    ),
+    request_body(content = Option<NoFields>),
+    responses(
+        (status = 200, description = "The machine after the transition.", body = Machine),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = IllegalTransition)
+    )
+)]
 async fn mark_fixed(a: ActionCall) -> ApiResult<Json<Machine>> {
     a.fields::<NoFields>()?;
     a.run(Command::MarkFixed).await
@@ -432,7 +650,7 @@ fn check_layout(req: &DeployRequest, resource: &BootResource) -> ApiResult<()> {
     Ok(())
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct PowerAnswer {
     machine_id: String,
     op: String,
@@ -441,6 +659,26 @@ struct PowerAnswer {
 
 /// Direct power control: `on`, `off`, `soft-off`, `cycle`, `query`. Recorded as events;
 /// the lifecycle status does not change.
+#[utoipa::path(
+    post,
+    path = "/machines/{id}/power/{op}",
+    operation_id = "power_op",
+    tag = "machines",
+    summary = "Direct power control",
+    description = "Recorded as an event; the lifecycle status does not change.",
+    params(
+        ("id" = String, Path, description = "Machine id, or any of its MAC addresses."),
+        ("op" = String, Path)
+    ),
+    responses(
+        (status = 200, description = "Done; the power state after it (or found by `query`).", body = PowerAnswer),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 502, description = "The BMC failed or cannot be reached (`bmc_unreachable`, `bmc_credentials`, `bmc_error`, ...), or manual power (`manual_action_required`).", body = ApiError)
+    )
+)]
 async fn power_op(
     State(s): State<AppState>,
     admin: Admin,
@@ -481,7 +719,7 @@ async fn power_op(
     }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Constraints {
     #[serde(default)]
@@ -515,6 +753,21 @@ impl Constraints {
 }
 
 /// Allocates the first Ready machine that meets the constraints.
+#[utoipa::path(
+    post,
+    path = "/machines/allocate",
+    operation_id = "allocate_any",
+    tag = "machines",
+    summary = "Allocate any Ready machine that meets the constraints",
+    request_body(content = Constraints),
+    responses(
+        (status = 200, description = "The allocated machine.", body = Machine),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, description = "No Ready machine meets the constraints (`no_machine`).", body = ApiError)
+    )
+)]
 async fn allocate_any(
     State(s): State<AppState>,
     admin: Admin,
@@ -561,6 +814,25 @@ struct EventQuery {
     limit: Option<u32>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/machines/{id}/events",
+    operation_id = "machine_events",
+    tag = "events",
+    summary = "A machine's event history",
+    params(
+        ("id" = String, Path, description = "Machine id, or any of its MAC addresses."),
+        ("after" = Option<i64>, Query, description = "Only events with a larger id (default 0)."),
+        ("limit" = Option<i64>, Query, description = "At most this many (default 1000).")
+    ),
+    responses(
+        (status = 200, description = "OK", body = [EventRecord]),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound)
+    )
+)]
 async fn machine_events(
     State(s): State<AppState>,
     _: Admin,
@@ -572,6 +844,24 @@ async fn machine_events(
     Ok(Json(s.controller.events(Some(id), q.after, limit).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/events",
+    operation_id = "list_events",
+    tag = "events",
+    summary = "Events of every machine (or one)",
+    params(
+        ("after" = Option<i64>, Query, description = "Only events with a larger id (default 0)."),
+        ("machine" = Option<String>, Query, description = "Machine id (exact)."),
+        ("limit" = Option<i64>, Query, description = "At most this many (default 1000).")
+    ),
+    responses(
+        (status = 200, description = "OK", body = [EventRecord]),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
 async fn list_events(
     State(s): State<AppState>,
     _: Admin,
@@ -586,6 +876,24 @@ async fn list_events(
 }
 
 /// Server-sent events: every event after `after`, then each new one as it is written.
+#[utoipa::path(
+    get,
+    path = "/events/stream",
+    operation_id = "stream_events",
+    tag = "events",
+    summary = "Live event stream (server-sent events)",
+    params(
+        ("after" = Option<i64>, Query, description = "Only events with a larger id (default 0)."),
+        ("machine" = Option<String>, Query, description = "Machine id or MAC.")
+    ),
+    responses(
+        (status = 200, description = "Every event after `after`, then each new one as it is written: `id:` is the event id, `data:` its JSON (an Event).", body = String, content_type = "text/event-stream"),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound)
+    )
+)]
 async fn stream_events(
     State(s): State<AppState>,
     _: Admin,
@@ -637,17 +945,43 @@ where
 
 // ---- SSH keys, boot resources, tokens ----
 
+#[utoipa::path(
+    get,
+    path = "/ssh-keys",
+    operation_id = "list_ssh_keys",
+    tag = "ssh-keys",
+    summary = "List SSH keys",
+    responses(
+        (status = 200, description = "OK", body = [SshKey]),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
 async fn list_ssh_keys(State(s): State<AppState>, _: Admin) -> ApiResult<Json<Vec<SshKey>>> {
     Ok(Json(s.controller.ssh_keys().await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewSshKey {
     name: String,
     key: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/ssh-keys",
+    operation_id = "add_ssh_key",
+    tag = "ssh-keys",
+    summary = "Add an SSH key (installed on every deployed machine)",
+    request_body(content = NewSshKey),
+    responses(
+        (status = 201, description = "Created.", body = SshKey),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
 async fn add_ssh_key(
     State(s): State<AppState>,
     _: Admin,
@@ -662,6 +996,22 @@ async fn add_ssh_key(
     Ok((StatusCode::CREATED, Json(out)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/ssh-keys/{id}",
+    operation_id = "delete_ssh_key",
+    tag = "ssh-keys",
+    summary = "Delete an SSH key",
+    params(
+        ("id" = String, Path)
+    ),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound)
+    )
+)]
 async fn delete_ssh_key(
     State(s): State<AppState>,
     _: Admin,
@@ -678,6 +1028,18 @@ async fn delete_ssh_key(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/boot-resources",
+    operation_id = "list_boot_resources",
+    tag = "images",
+    summary = "List boot resources (images)",
+    responses(
+        (status = 200, description = "OK", body = [BootResource]),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
 async fn list_boot_resources(
     State(s): State<AppState>,
     _: Admin,
@@ -685,6 +1047,21 @@ async fn list_boot_resources(
     Ok(Json(s.controller.boot_resources().await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/boot-resources",
+    operation_id = "register_boot_resource",
+    tag = "images",
+    summary = "Register (or replace) a boot resource",
+    description = "Every file must exist under DATA_DIR/boot/.",
+    request_body(content = BootResource),
+    responses(
+        (status = 201, description = "Registered.", body = BootResource),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
 async fn register_boot_resource(
     State(s): State<AppState>,
     _: Admin,
@@ -716,18 +1093,30 @@ async fn register_boot_resource(
     Ok((StatusCode::CREATED, Json(out)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/tokens",
+    operation_id = "list_tokens",
+    tag = "tokens",
+    summary = "List admin tokens (ids only)",
+    responses(
+        (status = 200, description = "OK", body = [TokenRecord]),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
 async fn list_tokens(State(s): State<AppState>, _: Admin) -> ApiResult<Json<Vec<TokenRecord>>> {
     Ok(Json(s.controller.tokens().await?))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewToken {
     #[serde(default)]
     description: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct CreatedToken {
     #[serde(flatten)]
     record: TokenRecord,
@@ -735,6 +1124,20 @@ struct CreatedToken {
     token: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/tokens",
+    operation_id = "create_token",
+    tag = "tokens",
+    summary = "Create an admin token",
+    request_body(content = NewToken),
+    responses(
+        (status = 201, description = "Created; the token is shown once.", body = CreatedToken),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
 async fn create_token(
     State(s): State<AppState>,
     _: Admin,
@@ -745,12 +1148,28 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(CreatedToken { record, token })))
 }
 
-#[derive(Serialize)]
+/// Counters by service.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Stats)]
 struct StatsResponse {
+    #[schema(schema_with = super::openapi::dhcp_stats)]
     dhcp: crate::dhcp::StatsSnapshot,
+    #[schema(schema_with = super::openapi::tftp_stats)]
     tftp: crate::tftp::StatsSnapshot,
 }
 
+#[utoipa::path(
+    get,
+    path = "/stats",
+    operation_id = "stats",
+    tag = "service",
+    summary = "Service counters",
+    responses(
+        (status = 200, description = "OK", body = StatsResponse),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
 async fn stats(State(s): State<AppState>, _: Admin) -> Json<impl Serialize> {
     Json(StatsResponse {
         dhcp: s.dhcp_stats.snapshot(),
@@ -759,19 +1178,57 @@ async fn stats(State(s): State<AppState>, _: Admin) -> Json<impl Serialize> {
 }
 
 /// Whether every service runs; a failed and restarted one makes it `degraded`.
+#[utoipa::path(
+    get,
+    path = "/health",
+    operation_id = "health",
+    tag = "service",
+    summary = "Whether every service runs; a service that failed is restarted with backoff and makes the status `degraded` for five minutes",
+    responses(
+        (status = 200, description = "OK", body = crate::supervise::HealthReport),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
 async fn health(State(s): State<AppState>, _: Admin) -> Json<crate::supervise::HealthReport> {
     Json(s.health.report())
 }
 
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    tag = "service",
+    summary = "This document",
+    responses(
+        (status = 200, description = "OpenAPI 3.1.", body = Object)
+    ),
+    security(())
+)]
 async fn openapi() -> impl IntoResponse {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        include_str!("../../openapi.json"),
+        super::openapi::document_json(),
     )
 }
 
 // ---- agent ----
 
+#[utoipa::path(
+    post,
+    path = "/agent/enlist",
+    operation_id = "enlist",
+    tag = "agent",
+    summary = "Enlist a machine (agent, no token)",
+    description = "Creates the machine as New with its inventory, or updates the inventory of a New one.",
+    request_body(content = EnlistRequest),
+    responses(
+        (status = 200, description = "OK", body = EnlistResponse),
+        (status = 400, response = BadRequest),
+        (status = 409, description = "The MAC belongs to a machine that is not New (`conflict`); recorded as an event.", body = ApiError)
+    ),
+    security(())
+)]
 async fn enlist(
     State(s): State<AppState>,
     body: Result<Json<EnlistRequest>, JsonRejection>,
@@ -787,6 +1244,20 @@ async fn enlist(
 }
 
 /// Reports from an agent that has no token (it failed while enlisting).
+#[utoipa::path(
+    post,
+    path = "/agent/report",
+    operation_id = "report",
+    tag = "agent",
+    summary = "Report a step's outcome (agent, no token)",
+    request_body(content = AgentReport),
+    responses(
+        (status = 204, description = "Recorded as an event of the known machine."),
+        (status = 202, description = "Unknown machine: logged only."),
+        (status = 400, response = BadRequest)
+    ),
+    security(())
+)]
 async fn report(
     State(s): State<AppState>,
     body: Result<Json<AgentReport>, JsonRejection>,
@@ -804,6 +1275,23 @@ async fn report(
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/agent/{id}/task",
+    operation_id = "agent_task",
+    tag = "agent",
+    summary = "What the agent should do now",
+    params(
+        ("id" = String, Path, description = "The machine id from the boot script (`stork.machine`).")
+    ),
+    responses(
+        (status = 200, description = "OK", body = Task),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, description = "Deploying without a usable deploy request or image.", body = ApiError)
+    ),
+    security(("agentToken" = []))
+)]
 async fn agent_task(
     State(s): State<AppState>,
     agent: Agent,
@@ -822,6 +1310,26 @@ async fn agent_task(
     Ok(Json(task))
 }
 
+#[utoipa::path(
+    post,
+    path = "/agent/{id}/commissioned",
+    operation_id = "agent_commissioned",
+    tag = "agent",
+    summary = "Commissioning done: the inventory",
+    description = "Commissioning -> Ready; the token is revoked.",
+    params(
+        ("id" = String, Path, description = "The machine id from the boot script (`stork.machine`).")
+    ),
+    request_body(content = Inventory),
+    responses(
+        (status = 200, description = "OK", body = EnlistResponse),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, response = IllegalTransition)
+    ),
+    security(("agentToken" = []))
+)]
 async fn agent_commissioned(
     State(s): State<AppState>,
     agent: Agent,
@@ -865,6 +1373,26 @@ async fn agent_event_handler(s: &AppState, id: &str, e: AgentEvent) -> ApiResult
     Ok(())
 }
 
+#[utoipa::path(
+    post,
+    path = "/agent/{id}/events",
+    operation_id = "agent_post_event",
+    tag = "agent",
+    summary = "A step's progress",
+    description = "State `failed` moves the machine to its failed status (AgentFailed).",
+    params(
+        ("id" = String, Path, description = "The machine id from the boot script (`stork.machine`).")
+    ),
+    request_body(content = AgentEvent),
+    responses(
+        (status = 204, description = "Recorded."),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, response = IllegalTransition)
+    ),
+    security(("agentToken" = []))
+)]
 async fn agent_post_event(
     State(s): State<AppState>,
     agent: Agent,
@@ -882,6 +1410,26 @@ const MAX_STEP_LEN: usize = 64;
 
 /// 204: recorded, the next heartbeat is due within `lifecycle.heartbeat_timeout`. 202: not
 /// recorded, none is expected any more (the image is installed, or the agent said it left).
+#[utoipa::path(
+    post,
+    path = "/agent/{id}/heartbeat",
+    operation_id = "agent_heartbeat",
+    tag = "agent",
+    summary = "The agent is alive",
+    description = "Posted every 10 s while the agent runs a task. Each one sets the machine's `heartbeat_deadline` to now + `lifecycle.heartbeat_timeout`; when it passes, the controller fails the busy status (TimedOut) with the reason `agent stopped answering: last heartbeat N s ago (step S)`. `leaving: true` clears the deadline for good in this status.",
+    params(
+        ("id" = String, Path, description = "The machine id from the boot script (`stork.machine`).")
+    ),
+    request_body(content = Heartbeat),
+    responses(
+        (status = 202, description = "Not recorded: no heartbeat is expected any more (the image is installed, or the agent left)."),
+        (status = 204, description = "Recorded."),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    ),
+    security(("agentToken" = []))
+)]
 async fn agent_heartbeat(
     State(s): State<AppState>,
     agent: Agent,
@@ -902,6 +1450,23 @@ async fn agent_heartbeat(
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/agent/{id}/released",
+    operation_id = "agent_released",
+    tag = "agent",
+    summary = "Erase done",
+    params(
+        ("id" = String, Path, description = "The machine id from the boot script (`stork.machine`).")
+    ),
+    responses(
+        (status = 204, description = "Disk erasing -> Ready."),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, response = IllegalTransition)
+    ),
+    security(("agentToken" = []))
+)]
 async fn agent_released(
     State(s): State<AppState>,
     agent: Agent,
@@ -916,6 +1481,23 @@ async fn agent_released(
 
 /// The agent wrote the image: the next boot is from disk, and the machine stays Deploying
 /// until the installed OS phones home.
+#[utoipa::path(
+    post,
+    path = "/agent/{id}/installed",
+    operation_id = "agent_installed",
+    tag = "agent",
+    summary = "Image written: boot from disk next",
+    params(
+        ("id" = String, Path, description = "The machine id from the boot script (`stork.machine`).")
+    ),
+    responses(
+        (status = 204, description = "Recorded; the machine stays Deploying, and heartbeats are no longer expected."),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, response = IllegalTransition)
+    ),
+    security(("agentToken" = []))
+)]
 async fn agent_installed(
     State(s): State<AppState>,
     agent: Agent,
@@ -932,6 +1514,23 @@ async fn agent_installed(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post,
+    path = "/agent/{id}/deployed",
+    operation_id = "agent_deployed",
+    tag = "agent",
+    summary = "The installed OS phoned home",
+    params(
+        ("id" = String, Path, description = "The machine id from the boot script (`stork.machine`).")
+    ),
+    responses(
+        (status = 204, description = "Deploying -> Deployed."),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, response = IllegalTransition)
+    ),
+    security(("agentToken" = []))
+)]
 async fn agent_deployed(
     State(s): State<AppState>,
     agent: Agent,

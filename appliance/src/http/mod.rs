@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod extract;
+pub mod openapi;
 pub mod script;
 
 use std::sync::Arc;

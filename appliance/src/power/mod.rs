@@ -28,7 +28,7 @@ pub use redfish::{RedfishDriver, RedfishError, RedfishParams};
 pub use secret::Secret;
 
 /// A machine's power as its driver sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PowerState {
     On,

@@ -31,10 +31,11 @@ fn default_timeout_ms() -> u64 {
     5_000
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QmpParams {
     /// The VM's QMP unix socket (`-qmp unix:PATH,server=on,wait=off`).
+    #[schema(value_type = String)]
     pub socket: PathBuf,
     /// QOM path of the boot NIC; default: the first NIC found under `/machine/peripheral*`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -29,12 +29,13 @@ fn default_attempts() -> u32 {
 }
 
 /// How to reach one machine's Redfish service. The password is a [`Secret`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedfishParams {
     /// Service root's scheme, host and port: `http://10.0.0.6:8000` (no path).
     pub url: String,
     pub username: String,
+    #[schema(value_type = String)]
     pub password: Secret,
     /// The ComputerSystem's id (`1`, or a path `/redfish/v1/Systems/1`); default: the
     /// first member of `/redfish/v1/Systems`.

@@ -15,12 +15,13 @@ pub fn now_ms() -> i64 {
 
 /// How the machine is powered: the driver and its parameters. Parameters may hold secrets
 /// (BMC passwords): [`PowerConfig::redacted`] is what leaves the appliance.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PowerConfig {
     /// `manual`, `ipmi`, `redfish` or `qmp`.
     pub driver: String,
     #[serde(default)]
+    #[schema(schema_with = crate::http::openapi::power_params)]
     pub params: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -50,7 +51,7 @@ impl PowerConfig {
 }
 
 /// What to install and how, as the user asked.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeployRequest {
     /// A registered boot resource name.
@@ -78,7 +79,7 @@ fn default_target() -> DeployTarget {
 
 pub use stork_proto::DeployTarget;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Machine {
     pub id: String,
     pub hostname: Option<String>,
@@ -165,7 +166,8 @@ pub struct NewEvent {
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = Event)]
 pub struct EventRecord {
     pub id: i64,
     pub machine_id: String,
@@ -176,14 +178,14 @@ pub struct EventRecord {
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenRecord {
     pub id: String,
     pub description: String,
     pub created_at: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SshKey {
     pub id: String,
     pub name: String,
@@ -192,7 +194,7 @@ pub struct SshKey {
 }
 
 /// A registered bootable image (built by `stork-image`), served from `DATA_DIR/boot/`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BootResource {
     pub name: String,
@@ -206,7 +208,7 @@ pub struct BootResource {
     pub files: Vec<ResourceFile>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceFile {
     pub role: stork_proto::ImageRole,

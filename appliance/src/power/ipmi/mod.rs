@@ -39,7 +39,7 @@ fn default_attempts() -> u32 {
 }
 
 /// How to reach one machine's BMC over IPMI. The password is a [`Secret`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IpmiParams {
     /// BMC address or name.
@@ -47,10 +47,12 @@ pub struct IpmiParams {
     #[serde(default = "default_port")]
     pub port: u16,
     pub username: String,
+    #[schema(value_type = String)]
     pub password: Secret,
     /// 3 (HMAC-SHA1, AES-128) or 17 (HMAC-SHA256, AES-128). Default 3: every IPMI 2.0
     /// BMC has it; 17 where the BMC offers it (OpenIPMI's ipmi_sim 2.0.33 does not).
     #[serde(default)]
+    #[schema(value_type = u8, default = 3)]
     pub cipher_suite: IpmiCipherSuite,
     /// Operator (default) is enough for chassis control and boot options.
     #[serde(default)]
@@ -118,7 +120,7 @@ impl From<IpmiCipherSuite> for CipherSuite {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum IpmiPrivilege {
     #[default]

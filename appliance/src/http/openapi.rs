@@ -1,0 +1,240 @@
+//! The API's OpenAPI 3.1 document, generated from the handlers' `#[utoipa::path]`
+//! annotations and the types' `ToSchema` derives, built once and served at
+//! `/api/v1/openapi.json`. `appliance/openapi.json` is a pretty-printed copy, checked by
+//! `tests/openapi.rs`.
+//!
+//! utoipa (with utoipa-axum for axum 0.8) rather than aide: its derives read the `serde`
+//! attributes we already have, and its router registers a handler and its documentation in
+//! one call, so a route cannot be added undocumented.
+
+use std::sync::LazyLock;
+
+use utoipa::openapi::response::{Response, ResponseBuilder};
+use utoipa::openapi::schema::{
+    AdditionalProperties, Object, ObjectBuilder, OneOfBuilder, Schema, Type,
+};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{Content, InfoBuilder, LicenseBuilder, OpenApi, RefOr, ServerBuilder, Tag};
+use utoipa::{PartialSchema, ToResponse, ToSchema};
+
+use crate::lifecycle::Status;
+
+const DESCRIPTION: &str = "Machines, their lifecycle and events, SSH keys, boot resources \
+    and tokens. Every route needs an admin bearer token (`stork token create`) unless it says \
+    otherwise; agent routes need the machine's current per-boot agent token (from its iPXE \
+    script at `/ipxe/<mac>`, outside this API). Errors are JSON `{code, message}`; an illegal \
+    transition is 409 and is recorded in the machine's history. Request bodies are strict: \
+    unknown fields are a 400 naming the field.";
+
+const TAGS: [&str; 7] = [
+    "machines", "events", "ssh-keys", "images", "tokens", "service", "agent",
+];
+
+/// The document, built once from the routes.
+pub fn document() -> &'static OpenApi {
+    static DOC: LazyLock<OpenApi> = LazyLock::new(build);
+    &DOC
+}
+
+/// The document as served and as committed: pretty-printed JSON with a final newline.
+pub fn document_json() -> &'static str {
+    static JSON: LazyLock<String> = LazyLock::new(|| {
+        let mut s = serde_json::to_string_pretty(document()).unwrap_or_default();
+        s.push('\n');
+        s
+    });
+    &JSON
+}
+
+fn build() -> OpenApi {
+    let (_, mut doc) = super::api::documented_routes().split_for_parts();
+    doc.info = InfoBuilder::new()
+        .title("Stork appliance API")
+        .version("1")
+        .description(Some(DESCRIPTION))
+        .license(Some(
+            LicenseBuilder::new()
+                .name("Apache-2.0")
+                .identifier(Some("Apache-2.0"))
+                .build(),
+        ))
+        .build();
+    doc.servers = Some(vec![ServerBuilder::new().url("/api/v1").build()]);
+    doc.security = Some(vec![SecurityRequirement::new(
+        "adminToken",
+        Vec::<String>::new(),
+    )]);
+    // `security(())` writes `[{}]` (an anonymous alternative); the routes that need no token
+    // have no requirement at all: `[]`.
+    for item in doc.paths.paths.values_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.patch,
+            &mut item.delete,
+        ];
+        for op in ops.into_iter().flatten() {
+            if let Some(security) = &mut op.security {
+                security
+                    .retain(|r| serde_json::to_value(r).is_ok_and(|v| v != serde_json::json!({})));
+            }
+        }
+    }
+    doc.tags = Some(TAGS.iter().map(|t| Tag::new(*t)).collect());
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme("adminToken", bearer("An admin token (`stork_admin_...`)."));
+    components.add_security_scheme(
+        "agentToken",
+        bearer(
+            "The machine's current per-boot agent token (`stork_agent_...`); good for that \
+             machine only, revoked when its step ends.",
+        ),
+    );
+    // Schemas named only through `schema_with` (the power parameters) and the shared error
+    // answers.
+    for (name, schema) in [
+        (
+            crate::power::ipmi::IpmiParams::name(),
+            crate::power::ipmi::IpmiParams::schema(),
+        ),
+        (
+            crate::power::redfish::RedfishParams::name(),
+            crate::power::redfish::RedfishParams::schema(),
+        ),
+        (
+            crate::power::qmp::QmpParams::name(),
+            crate::power::qmp::QmpParams::schema(),
+        ),
+        (
+            crate::power::ipmi::IpmiPrivilege::name(),
+            crate::power::ipmi::IpmiPrivilege::schema(),
+        ),
+    ] {
+        components.schemas.insert(name.into_owned(), schema);
+    }
+    for (name, response) in [
+        BadRequest::response(),
+        Unauthorized::response(),
+        Forbidden::response(),
+        NotFound::response(),
+        IllegalTransition::response(),
+    ] {
+        components.responses.insert(name.to_string(), response);
+    }
+    doc
+}
+
+fn bearer(description: &str) -> SecurityScheme {
+    SecurityScheme::Http(
+        HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .description(Some(description))
+            .build(),
+    )
+}
+
+// ---- schemas of types outside `http/` ----
+
+impl PartialSchema for Status {
+    fn schema() -> RefOr<Schema> {
+        let names = Status::ALL.map(|s| s.to_string());
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(names))
+            .description(Some(
+                "Lifecycle status; `docs/lifecycle.md` lists every transition.",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for Status {}
+
+/// `PowerConfig.params`: the driver's parameters.
+pub fn power_params() -> Schema {
+    use crate::power::{ipmi::IpmiParams, qmp::QmpParams, redfish::RedfishParams};
+    let manual = ObjectBuilder::new()
+        .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        .description(Some("manual: none."));
+    Schema::OneOf(
+        OneOfBuilder::new()
+            .item(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                IpmiParams::name(),
+            )))
+            .item(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                RedfishParams::name(),
+            )))
+            .item(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                QmpParams::name(),
+            )))
+            .item(manual)
+            .description(Some(
+                "The driver's parameters, checked when the machine is created. Values of \
+                 secret parameters (names containing password, pass, secret, token or key) \
+                 are stored but always returned as `***`.",
+            ))
+            .build(),
+    )
+}
+
+/// An object of counters, named as the snapshot serialises them.
+fn counters(snapshot: impl serde::Serialize) -> Object {
+    let value = serde_json::to_value(snapshot).unwrap_or_default();
+    let mut b = ObjectBuilder::new();
+    for name in value.as_object().into_iter().flat_map(|o| o.keys()) {
+        b = b
+            .property(
+                name,
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(0)),
+            )
+            .required(name);
+    }
+    b.build()
+}
+
+pub fn dhcp_stats() -> Object {
+    counters(crate::dhcp::Stats::default().snapshot())
+}
+
+pub fn tftp_stats() -> Object {
+    counters(crate::tftp::Stats::default().snapshot())
+}
+
+// ---- the error answers every route shares ----
+
+fn error_response(description: &str) -> Response {
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            Content::new(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                "Error",
+            )))),
+        )
+        .build()
+}
+
+macro_rules! error_responses {
+    ($($name:ident: $description:literal,)*) => {
+        $(
+            pub struct $name;
+
+            impl<'r> ToResponse<'r> for $name {
+                fn response() -> (&'r str, RefOr<Response>) {
+                    (stringify!($name), error_response($description).into())
+                }
+            }
+        )*
+    };
+}
+
+error_responses! {
+    BadRequest: "Malformed JSON, an unknown or missing field, or a bad value; the message names the field.",
+    Unauthorized: "No bearer token, or an unknown or expired one.",
+    Forbidden: "A valid token of the wrong kind (an agent token on an admin route, an admin token on an agent route) or another machine's agent token.",
+    NotFound: "No such machine (or key).",
+    IllegalTransition: "The lifecycle table does not allow this in the machine's status (`illegal_transition`); the refusal is recorded as an event.",
+}
