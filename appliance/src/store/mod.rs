@@ -2,12 +2,14 @@
 //!
 //! SQLite (bundled) in WAL mode with `synchronous = FULL`: a change is acknowledged only
 //! after its transaction is on disk, so nothing acknowledged is lost to `kill -9` or power
-//! loss. Schema changes are numbered migrations tracked in `PRAGMA user_version`.
+//! loss. Schema changes are the numbered SQL files in `appliance/migrations/`, run by refinery
+//! (see [`migrate`]), which a PostgreSQL backend would reuse.
 //!
 //! The methods take `&self` and lock one connection; callers in async code run them on the
 //! blocking pool (`Store::call`), so no transaction is ever held across an `.await`. A
 //! PostgreSQL backend for several appliances would implement the same methods.
 
+mod migrate;
 pub mod model;
 
 use std::collections::HashMap;
@@ -39,71 +41,9 @@ pub enum StoreError {
     MacTaken(MacAddr),
     #[error("database task failed")]
     Join(#[from] tokio::task::JoinError),
+    #[error("schema migration failed")]
+    Migrate(#[from] migrate::MigrateError),
 }
-
-/// Migrations, applied in order; index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE machines (
-    id            TEXT PRIMARY KEY,
-    hostname      TEXT,
-    status        TEXT NOT NULL,
-    status_message TEXT,
-    status_since  INTEGER NOT NULL,
-    version       INTEGER NOT NULL,
-    boot_mac      TEXT,
-    arch          TEXT NOT NULL,
-    power         TEXT NOT NULL,
-    inventory     TEXT,
-    owner         TEXT,
-    deploy        TEXT,
-    tags          TEXT NOT NULL,
-    agent_token   TEXT,
-    created_at    INTEGER NOT NULL,
-    updated_at    INTEGER NOT NULL
-);
-CREATE TABLE interfaces (
-    mac        TEXT PRIMARY KEY,
-    machine_id TEXT NOT NULL REFERENCES machines(id) ON DELETE CASCADE
-);
-CREATE INDEX interfaces_machine ON interfaces(machine_id);
-CREATE TABLE events (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    machine_id TEXT NOT NULL,
-    at         INTEGER NOT NULL,
-    actor      TEXT NOT NULL,
-    old_status TEXT,
-    new_status TEXT,
-    message    TEXT NOT NULL
-);
-CREATE INDEX events_machine ON events(machine_id, id);
-CREATE TABLE tokens (
-    hash        TEXT PRIMARY KEY,
-    id          TEXT NOT NULL UNIQUE,
-    description TEXT NOT NULL,
-    created_at  INTEGER NOT NULL
-);
-CREATE TABLE ssh_keys (
-    id         TEXT PRIMARY KEY,
-    name       TEXT NOT NULL,
-    key        TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE boot_resources (
-    name       TEXT PRIMARY KEY,
-    body       TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-"#,
-    // Whether the machine should network-boot the agent (cleared once an image is installed).
-    "ALTER TABLE machines ADD COLUMN netboot INTEGER NOT NULL DEFAULT 1;",
-    // Release with erase: signatures and partition tables only (1), or every byte (0).
-    "ALTER TABLE machines ADD COLUMN erase_quick INTEGER NOT NULL DEFAULT 1;",
-    // Agent heartbeats: when the last came, from which step, and by when the next is due.
-    "ALTER TABLE machines ADD COLUMN last_heartbeat INTEGER;
-     ALTER TABLE machines ADD COLUMN heartbeat_step TEXT;
-     ALTER TABLE machines ADD COLUMN heartbeat_deadline INTEGER;",
-];
 
 #[derive(Clone)]
 pub struct Store {
@@ -151,17 +91,7 @@ impl Store {
     }
 
     fn migrate(&self) -> Result<(), StoreError> {
-        let mut conn = self.lock();
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        for (i, sql) in MIGRATIONS.iter().enumerate() {
-            let target = i as i64 + 1;
-            if version < target {
-                let tx = conn.transaction()?;
-                tx.execute_batch(sql)?;
-                tx.pragma_update(None, "user_version", target)?;
-                tx.commit()?;
-            }
-        }
+        migrate::migrate(&mut self.lock())?;
         Ok(())
     }
 
