@@ -26,6 +26,7 @@ use utoipa_axum::routes;
 use super::AppState;
 use super::extract::{Admin, Agent};
 use super::openapi::{BadRequest, Forbidden, IllegalTransition, NotFound, Unauthorized};
+use crate::lifecycle::boot::{AgentWork, agent_work};
 use crate::lifecycle::records::new_id;
 use crate::lifecycle::{Command, ControlError, Status};
 use crate::store::{
@@ -1299,13 +1300,11 @@ async fn agent_task(
 ) -> ApiResult<Json<Task>> {
     agent.check_machine(&id)?;
     let m = agent.machine;
-    let task = match m.status {
-        Status::Commissioning => Task::Commission,
-        Status::DiskErasing => Task::Erase {
-            quick: m.erase_quick,
-        },
-        Status::Deploying => super::deploy_task(&s, &m).await?,
-        _ => Task::PowerOff,
+    let task = match agent_work(&m) {
+        AgentWork::Commission => Task::Commission,
+        AgentWork::Erase { quick } => Task::Erase { quick },
+        AgentWork::Deploy => super::deploy_task(&s, &m).await?,
+        AgentWork::PowerOff => Task::PowerOff,
     };
     Ok(Json(task))
 }

@@ -24,6 +24,29 @@ pub fn choose(machine: Option<&Machine>) -> BootChoice {
     }
 }
 
+/// What the agent of a machine in a given status is asked to do (`GET /agent/{id}/task`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentWork {
+    Commission,
+    /// The deploy request's task (its image and keys are looked up by the caller).
+    Deploy,
+    Erase {
+        quick: bool,
+    },
+    PowerOff,
+}
+
+pub fn agent_work(m: &Machine) -> AgentWork {
+    match m.status {
+        Status::Commissioning => AgentWork::Commission,
+        Status::Deploying => AgentWork::Deploy,
+        Status::DiskErasing => AgentWork::Erase {
+            quick: m.erase_quick,
+        },
+        _ => AgentWork::PowerOff,
+    }
+}
+
 impl Status {
     /// Whether a machine in this status boots the agent when it network-boots.
     pub fn boots_agent(self) -> bool {

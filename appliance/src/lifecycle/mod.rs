@@ -298,7 +298,7 @@ mod tests {
         // The rules per status that are not transitions (lifecycle/boot.rs and the
         // controller's timeouts), so the whole lifecycle reads from this one page.
         out.push_str(
-            "\n## Per status\n\n| status | network boot gets | agent heartbeats | on timeout |\n|---|---|---|---|\n",
+            "\n## Per status\n\n| status | network boot gets | the agent's task | agent heartbeats | on timeout |\n|---|---|---|---|---|\n",
         );
         for st in Status::ALL {
             let mut m = crate::store::Machine::new("m".into(), vec![], 0);
@@ -317,7 +317,13 @@ mod tests {
             let timeout = st
                 .failure_on_timeout()
                 .map_or_else(|| "-".to_string(), |f| f.to_string());
-            out.push_str(&format!("| {st} | {boot} | {hb} | {timeout} |\n"));
+            let work = match boot::agent_work(&m) {
+                boot::AgentWork::Commission => "commission",
+                boot::AgentWork::Deploy => "deploy",
+                boot::AgentWork::Erase { .. } => "erase",
+                boot::AgentWork::PowerOff => "power off",
+            };
+            out.push_str(&format!("| {st} | {boot} | {work} | {hb} | {timeout} |\n"));
         }
         out.push_str(
             "\nRecords that change no status: the agent's `installed` report is accepted only \
