@@ -404,7 +404,11 @@ pub fn watch(c: &Client, id: &str, until_settled: bool) -> Result<()> {
     // The stream replays the history first: only what happens after the newest event seen
     // now can settle the machine (its history starts with `created`, a status that is not
     // busy, whatever it is doing now).
-    let newest = newest_event(c, &m.id)?;
+    let newest = if until_settled {
+        newest_event(c, &m.id)?
+    } else {
+        0
+    };
     let mut last_status = m.status;
     let mut out = WatchOutput::new(std::io::stdout().is_terminal());
     let followed = c.follow_events(&m.id, |e| {
@@ -464,8 +468,7 @@ pub fn stats(c: &Client, json: bool) -> Result<()> {
     }
     println!("health {}", health.status);
     for (name, s) in &health.services {
-        let state = serde_json::to_value(s.state)?;
-        let state = state.as_str().unwrap_or("?");
+        let state = s.state.as_str();
         match &s.last_error {
             Some(e) => println!(
                 "health.{name} {state} restarts={} last_error={e}",

@@ -20,6 +20,15 @@ pub enum ServiceState {
     Restarting,
 }
 
+impl ServiceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Restarting => "restarting",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ServiceHealth {
     pub state: ServiceState,
@@ -91,6 +100,14 @@ impl Health {
     }
 }
 
+/// The message a panic carried (`panic!` with a literal or a formatted string), or "".
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
 /// Backoff between restarts: doubles from `first` up to `max`, back to `first` once a run
 /// lasted `max` or more.
 #[derive(Debug, Clone, Copy)]
@@ -123,15 +140,7 @@ where
         let why = match tokio::spawn(start()).await {
             Ok(Ok(())) => "ended".to_string(),
             Ok(Err(e)) => format!("{e:#}"),
-            Err(e) if e.is_panic() => {
-                let p = e.into_panic();
-                let msg = p
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                format!("panicked: {msg}")
-            }
+            Err(e) if e.is_panic() => format!("panicked: {}", panic_message(&*e.into_panic())),
             Err(e) => format!("{e}"),
         };
         if began.elapsed() >= backoff.max {

@@ -59,10 +59,6 @@ impl Server {
         }
     }
 
-    pub fn handler(&self) -> &Handler {
-        &self.handler
-    }
-
     /// Everything the server does with one datagram. A panic anywhere in it (a bug we have
     /// not found yet) costs this datagram only: it is caught, counted and logged with the
     /// datagram's summary.
@@ -80,12 +76,9 @@ impl Server {
                 bump(&self.stats.panics);
                 // Records a half-handled request queued must not reach the journal.
                 self.records.clear();
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(%peer, len = bytes.len(), head = %hex_head(bytes), panic = %what,
+                let what = crate::supervise::panic_message(&*panic);
+                let head = hex::encode(bytes.get(..16).unwrap_or(bytes));
+                tracing::error!(%peer, len = bytes.len(), %head, panic = %what,
                     "DHCP packet handling panicked: packet dropped");
                 Action::Nothing
             }
@@ -187,9 +180,4 @@ impl Server {
             _ => {}
         }
     }
-}
-
-/// The first bytes of a datagram in hex, for the log line of a dropped packet.
-fn hex_head(bytes: &[u8]) -> String {
-    bytes.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }

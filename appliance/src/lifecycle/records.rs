@@ -240,15 +240,16 @@ impl Controller {
         now: i64,
         deadline: Option<i64>,
     ) -> Result<bool, StoreError> {
-        let leaving = deadline.is_none();
-        let note = format!("agent handing over after step {step}; heartbeats stop");
+        let leaving = deadline
+            .is_none()
+            .then(|| format!("agent handing over after step {step}; heartbeats stop"));
         let key = id.to_string();
         let recorded = self
             .store
             .call(move |st| st.record_heartbeat(&key, &HEARTBEAT_STATUSES, now, &step, deadline))
             .await?;
         // Leaving is once per boot and explains the silence after it: worth a history line.
-        if leaving && recorded {
+        if let Some(note) = leaving.filter(|_| recorded) {
             self.note(id, "agent", note).await?;
         }
         Ok(recorded)

@@ -138,7 +138,7 @@ pub fn crash(kind: &str, input: &[u8], why: &str, seed: u64) -> ! {
     panic!(
         "{kind} fuzz: {why} (seed {seed}); input kept in {} (copy it to appliance/fuzz/regressions/{kind}/): {}",
         file.display(),
-        input.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        hex::encode(input)
     );
 }
 
@@ -185,12 +185,6 @@ pub fn drive_with(
 /// already printed where it happened). For targets whose code has no panic catcher of
 /// its own to count with.
 pub fn caught<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
-        let msg = p
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".into());
-        format!("panicked: {msg}")
-    })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|p| format!("panicked: {}", stork::supervise::panic_message(&*p)))
 }
