@@ -18,6 +18,8 @@ use crate::console::say;
 use crate::step::Step;
 
 /// Total tries of an enlistment before giving up.
+/// How often a long step posts its progress (stage 1's fetch and the tasks alike).
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 pub const ENLIST_ATTEMPTS: u32 = 5;
 const ENLIST_TIMEOUT: Duration = Duration::from_secs(10);
 const ENLIST_BACKOFF: Duration = Duration::from_secs(2);

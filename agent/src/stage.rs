@@ -17,13 +17,13 @@ use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use stork_proto::StepState;
 use stork_proto::cmdline::EphemeralRoot;
 
-use crate::appliance::ApplianceClient;
+use crate::appliance::{ApplianceClient, PROGRESS_EVERY};
 use crate::console::{self, human_bytes, say};
 use crate::deploy::{download, ramroot, stream};
 use crate::step::Step;
@@ -39,7 +39,6 @@ const AGENT_IN_ROOT: &str = "usr/sbin/stork-agent";
 pub const CONSOLE_LOG: &str = "/run/stork/console.log";
 /// The kernel starts init without `PATH`; children of stage 2 find the root's tools with it.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Stage {

@@ -13,7 +13,6 @@ pub mod erase;
 pub mod memory;
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use stork_proto::cmdline::AgentArgs;
@@ -26,8 +25,7 @@ use crate::deploy::seed;
 use crate::inventory;
 use crate::step::{Failed, Step};
 
-/// How often a long step posts its progress.
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+pub(crate) use crate::appliance::PROGRESS_EVERY;
 const DEV: &str = "/dev";
 const SYS: &str = "/sys";
 /// Where the installed root is mounted: to write the seed, or to extract the root tar onto.
