@@ -495,12 +495,12 @@ mod tests {
     fn enlist_retries_5xx_then_reads_the_answer() {
         let (url, server) = serve(vec![
             (503, "starting"),
-            (200, r#"{"machine_id":"m-1","status":"enlisted"}"#),
+            (200, r#"{"machine_id":"m-1","status":"new"}"#),
         ]);
         let client = ApplianceClient::new(&url).with_backoff(Duration::ZERO);
         let resp = client.enlist(&request()).unwrap();
         assert_eq!(resp.machine_id, "m-1");
-        assert_eq!(resp.status, "enlisted");
+        assert_eq!(resp.status, stork_proto::api::Status::New);
 
         let seen = server.join().unwrap();
         assert_eq!(seen.len(), 2);

@@ -432,7 +432,7 @@ pub fn watch(c: &Client, id: &str, until_settled: bool) -> Result<()> {
 
 /// Whether a status is one the machine leaves by itself (it has a timeout).
 fn busy(s: Status) -> bool {
-    s.failure_on_timeout().is_some()
+    crate::lifecycle::failure_on_timeout(s).is_some()
 }
 
 /// The id of the machine's newest event (0 without any).

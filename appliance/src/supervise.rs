@@ -9,46 +9,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
-/// What a service is doing now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ServiceState {
-    Running,
-    /// It failed and waits for its backoff before starting again.
-    Restarting,
-}
-
-impl ServiceState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Running => "running",
-            Self::Restarting => "restarting",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct ServiceHealth {
-    pub state: ServiceState,
-    /// Times it failed and was started again since the daemon started.
-    pub restarts: u64,
-    /// Why it last failed (an error chain or a panic message).
-    pub last_error: Option<String>,
-    /// When it last failed, milliseconds since the Unix epoch.
-    pub last_failure_ms: Option<i64>,
-}
-
-/// The daemon's health: `ok` while every service runs and none has failed recently,
-/// `degraded` otherwise.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[schema(as = Health)]
-pub struct HealthReport {
-    #[schema(example = "ok")]
-    pub status: String,
-    pub services: BTreeMap<String, ServiceHealth>,
-}
+pub use stork_proto::api::{HealthReport, ServiceHealth, ServiceState};
 
 /// Shared between the supervisors and the API.
 #[derive(Debug, Default)]

@@ -591,7 +591,7 @@ fn every_illegal_transition_is_409_and_recorded() {
 
         // Agent reports that do not fit the status are refused and recorded too.
         // Only a busy machine has a live agent token; elsewhere the last boot's token is dead.
-        if status.failure_on_timeout().is_none() {
+        if stork::lifecycle::failure_on_timeout(status).is_none() {
             if let Some(stale) = &sitter.token {
                 let r = f
                     .api

@@ -3,6 +3,7 @@
 //! Nothing here does I/O, so the agent (a static PID 1), the appliance and the
 //! fuzzers can all depend on it.
 
+pub mod api;
 pub mod cmdline;
 pub mod grub;
 pub mod inventory;
@@ -38,7 +39,7 @@ pub struct EnlistRequest {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnlistResponse {
     pub machine_id: String,
-    pub status: String,
+    pub status: api::Status,
 }
 
 /// Agent endpoints for a known machine: `/api/v1/agent/{machine_id}/...`, each needing that

@@ -14,10 +14,9 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use stork_proto::{
-    AgentEvent, AgentReport, EnlistRequest, EnlistResponse, Heartbeat, Inventory, MacAddr,
-    StepState, Task,
+    AgentEvent, AgentReport, EnlistRequest, EnlistResponse, Heartbeat, Inventory, StepState, Task,
 };
 
 use utoipa_axum::router::OpenApiRouter;
@@ -32,6 +31,11 @@ use crate::lifecycle::{Command, ControlError, Status};
 use crate::store::{
     BootResource, DeployRequest, DeployTarget, EventRecord, Machine, PowerConfig, SshKey,
     StoreError, TokenRecord, now_ms,
+};
+use stork_proto::api::{
+    AllocateBody, Constraints, CreatedToken, ErrorBody, EventQuery, HealthReport, MachineFilter,
+    MarkBrokenBody, NewMachine, NewSshKey, NewToken, NoFields, PowerAnswer, ReleaseBody,
+    StatsResponse,
 };
 
 pub fn routes() -> Router<AppState> {
@@ -76,16 +80,11 @@ pub(super) fn documented_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(agent_deployed))
 }
 
-/// Every error answer.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-#[schema(as = Error)]
+/// Every error answer: a status code and the JSON [`ErrorBody`].
+#[derive(Debug)]
 pub struct ApiError {
-    #[serde(skip)]
     status: StatusCode,
-    /// Stable machine-readable code: `bad_request`, `unauthorized`, `forbidden`,
-    /// `not_found`, `conflict`, `illegal_transition`, `no_machine`, `internal`, ...
     pub code: &'static str,
-    /// What went wrong, naming the field or the transition.
     pub message: String,
 }
 
@@ -104,7 +103,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(&self)).into_response()
+        let body = ErrorBody {
+            code: self.code.to_string(),
+            message: self.message,
+        };
+        (self.status, Json(body)).into_response()
     }
 }
 
@@ -157,13 +160,6 @@ type ApiResult<T> = Result<T, ApiError>;
 
 // ---- machines ----
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct MachineFilter {
-    status: Option<String>,
-    tag: Option<String>,
-}
-
 #[utoipa::path(
     get,
     path = "/machines",
@@ -205,20 +201,6 @@ async fn list_machines(
     ))
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct NewMachine {
-    macs: Vec<MacAddr>,
-    #[serde(default)]
-    hostname: Option<String>,
-    #[serde(default)]
-    arch: Option<String>,
-    #[serde(default)]
-    power: Option<PowerConfig>,
-    #[serde(default)]
-    tags: Vec<String>,
-}
-
 const POWER_DRIVERS: &[&str] = &["manual", "ipmi", "redfish", "qmp"];
 
 #[utoipa::path(
@@ -233,7 +215,7 @@ const POWER_DRIVERS: &[&str] = &["manual", "ipmi", "redfish", "qmp"];
         (status = 400, response = BadRequest),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden),
-        (status = 409, description = "A MAC address belongs to another machine (`conflict`).", body = ApiError)
+        (status = 409, description = "A MAC address belongs to another machine (`conflict`).", body = ErrorBody)
     )
 )]
 async fn create_machine(
@@ -315,41 +297,6 @@ async fn delete_machine(
 ) -> ApiResult<StatusCode> {
     s.controller.delete_machine(&id).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-// Action bodies: each action reads only its own fields, strictly. (One struct with the
-// deploy request `flatten`ed in let unknown fields through and misreported deploy errors as
-// "missing field `image`": serde's flatten and deny_unknown_fields do not mix.)
-
-/// commission, abort, mark-fixed: no fields.
-#[derive(Deserialize, Default, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct NoFields {}
-
-#[derive(Deserialize, Default, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct AllocateBody {
-    /// Who holds it (default: the caller's token).
-    #[serde(default)]
-    owner: Option<String>,
-}
-
-#[derive(Deserialize, Default, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct ReleaseBody {
-    /// Wipe the disks first.
-    #[serde(default)]
-    erase: bool,
-    /// With erase: signatures and partition tables only (default true).
-    #[serde(default)]
-    quick: Option<bool>,
-}
-
-#[derive(Deserialize, Default, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct MarkBrokenBody {
-    #[serde(default)]
-    reason: Option<String>,
 }
 
 /// Parses an action's body; an empty body (or `null`) is the action's default. axum's
@@ -651,13 +598,6 @@ fn check_layout(req: &DeployRequest, resource: &BootResource) -> ApiResult<()> {
     Ok(())
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
-struct PowerAnswer {
-    machine_id: String,
-    op: String,
-    state: crate::power::PowerState,
-}
-
 /// Direct power control: `on`, `off`, `soft-off`, `cycle`, `query`. Recorded as events;
 /// the lifecycle status does not change.
 #[utoipa::path(
@@ -677,7 +617,7 @@ struct PowerAnswer {
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden),
         (status = 404, response = NotFound),
-        (status = 502, description = "The BMC failed or cannot be reached (`bmc_unreachable`, `bmc_credentials`, `bmc_error`, ...), or manual power (`manual_action_required`).", body = ApiError)
+        (status = 502, description = "The BMC failed or cannot be reached (`bmc_unreachable`, `bmc_credentials`, `bmc_error`, ...), or manual power (`manual_action_required`).", body = ErrorBody)
     )
 )]
 async fn power_op(
@@ -720,39 +660,6 @@ async fn power_op(
     }
 }
 
-#[derive(Deserialize, Default, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct Constraints {
-    #[serde(default)]
-    arch: Option<String>,
-    #[serde(default)]
-    min_cpus: Option<u32>,
-    #[serde(default)]
-    min_memory_mib: Option<u64>,
-    #[serde(default)]
-    min_disk_gib: Option<u64>,
-    #[serde(default)]
-    tags: Vec<String>,
-    #[serde(default)]
-    owner: Option<String>,
-}
-
-impl Constraints {
-    fn fit(&self, m: &Machine) -> bool {
-        let Some(inv) = &m.inventory else {
-            return false;
-        };
-        let largest_disk = inv.disks.iter().map(|d| d.size_bytes).max().unwrap_or(0);
-        self.arch.as_ref().is_none_or(|a| *a == m.arch)
-            && self.min_cpus.is_none_or(|c| inv.cpu.count >= c)
-            && self
-                .min_memory_mib
-                .is_none_or(|mib| inv.memory.total_bytes >= mib << 20)
-            && self.min_disk_gib.is_none_or(|g| largest_disk >= g << 30)
-            && self.tags.iter().all(|t| m.tags.contains(t))
-    }
-}
-
 /// Allocates the first Ready machine that meets the constraints.
 #[utoipa::path(
     post,
@@ -766,7 +673,7 @@ impl Constraints {
         (status = 400, response = BadRequest),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden),
-        (status = 409, description = "No Ready machine meets the constraints (`no_machine`).", body = ApiError)
+        (status = 409, description = "No Ready machine meets the constraints (`no_machine`).", body = ErrorBody)
     )
 )]
 async fn allocate_any(
@@ -803,17 +710,6 @@ async fn allocate_any(
 }
 
 // ---- events ----
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct EventQuery {
-    #[serde(default)]
-    after: i64,
-    #[serde(default)]
-    machine: Option<String>,
-    #[serde(default)]
-    limit: Option<u32>,
-}
 
 #[utoipa::path(
     get,
@@ -962,13 +858,6 @@ async fn list_ssh_keys(State(s): State<AppState>, _: Admin) -> ApiResult<Json<Ve
     Ok(Json(s.controller.ssh_keys().await?))
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct NewSshKey {
-    name: String,
-    key: String,
-}
-
 #[utoipa::path(
     post,
     path = "/ssh-keys",
@@ -1110,21 +999,6 @@ async fn list_tokens(State(s): State<AppState>, _: Admin) -> ApiResult<Json<Vec<
     Ok(Json(s.controller.tokens().await?))
 }
 
-#[derive(Deserialize, Default, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct NewToken {
-    #[serde(default)]
-    description: String,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-struct CreatedToken {
-    #[serde(flatten)]
-    record: TokenRecord,
-    /// Shown once.
-    token: String,
-}
-
 #[utoipa::path(
     post,
     path = "/tokens",
@@ -1149,16 +1023,6 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(CreatedToken { record, token })))
 }
 
-/// Counters by service.
-#[derive(Serialize, utoipa::ToSchema)]
-#[schema(as = Stats)]
-struct StatsResponse {
-    #[schema(schema_with = super::openapi::dhcp_stats)]
-    dhcp: crate::dhcp::StatsSnapshot,
-    #[schema(schema_with = super::openapi::tftp_stats)]
-    tftp: crate::tftp::StatsSnapshot,
-}
-
 #[utoipa::path(
     get,
     path = "/stats",
@@ -1173,8 +1037,8 @@ struct StatsResponse {
 )]
 async fn stats(State(s): State<AppState>, _: Admin) -> Json<impl Serialize> {
     Json(StatsResponse {
-        dhcp: s.dhcp_stats.snapshot(),
-        tftp: s.tftp_stats.snapshot(),
+        dhcp: super::openapi::counter_map(s.dhcp_stats.snapshot()),
+        tftp: super::openapi::counter_map(s.tftp_stats.snapshot()),
     })
 }
 
@@ -1186,12 +1050,12 @@ async fn stats(State(s): State<AppState>, _: Admin) -> Json<impl Serialize> {
     tag = "service",
     summary = "Whether every service runs; a service that failed is restarted with backoff and makes the status `degraded` for five minutes",
     responses(
-        (status = 200, description = "OK", body = crate::supervise::HealthReport),
+        (status = 200, description = "OK", body = HealthReport),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden)
     )
 )]
-async fn health(State(s): State<AppState>, _: Admin) -> Json<crate::supervise::HealthReport> {
+async fn health(State(s): State<AppState>, _: Admin) -> Json<HealthReport> {
     Json(s.health.report())
 }
 
@@ -1226,7 +1090,7 @@ async fn openapi() -> impl IntoResponse {
     responses(
         (status = 200, description = "OK", body = EnlistResponse),
         (status = 400, response = BadRequest),
-        (status = 409, description = "The MAC belongs to a machine that is not New (`conflict`); recorded as an event.", body = ApiError)
+        (status = 409, description = "The MAC belongs to a machine that is not New (`conflict`); recorded as an event.", body = ErrorBody)
     ),
     security(())
 )]
@@ -1240,7 +1104,7 @@ async fn enlist(
     tracing::info!(machine = %m.id, %mac, "machine enlisted");
     Ok(Json(EnlistResponse {
         machine_id: m.id,
-        status: m.status.to_string(),
+        status: m.status,
     }))
 }
 
@@ -1289,7 +1153,7 @@ async fn report(
         (status = 200, description = "OK", body = Task),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden),
-        (status = 409, description = "Deploying without a usable deploy request or image.", body = ApiError)
+        (status = 409, description = "Deploying without a usable deploy request or image.", body = ErrorBody)
     ),
     security(("agentToken" = []))
 )]
@@ -1343,7 +1207,7 @@ async fn agent_commissioned(
         .await?;
     Ok(Json(EnlistResponse {
         machine_id: m.id,
-        status: m.status.to_string(),
+        status: m.status,
     }))
 }
 

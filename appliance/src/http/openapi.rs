@@ -17,7 +17,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{Content, InfoBuilder, LicenseBuilder, OpenApi, RefOr, ServerBuilder, Tag};
 use utoipa::{PartialSchema, ToResponse, ToSchema};
 
-use crate::lifecycle::Status;
+use stork_proto::api::Counters;
 
 const DESCRIPTION: &str = "Machines, their lifecycle and events, SSH keys, boot resources \
     and tokens. Every route needs an admin bearer token (`stork token create`) unless it says \
@@ -113,6 +113,17 @@ fn build() -> OpenApi {
     ] {
         components.schemas.insert(name.into_owned(), schema);
     }
+    // Fields whose schema the appliance knows better than the shared type: each power
+    // driver's parameters, each service's counter names.
+    for (schema, field, detail) in [
+        ("PowerConfig", "params", power_params()),
+        ("Stats", "dhcp", dhcp_stats().into()),
+        ("Stats", "tftp", tftp_stats().into()),
+    ] {
+        if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(schema) {
+            object.properties.insert(field.to_string(), detail.into());
+        }
+    }
     for (name, response) in [
         BadRequest::response(),
         Unauthorized::response(),
@@ -135,21 +146,6 @@ fn bearer(description: &str) -> SecurityScheme {
 }
 
 // ---- schemas of types outside `http/` ----
-
-impl PartialSchema for Status {
-    fn schema() -> RefOr<Schema> {
-        let names = Status::ALL.map(|s| s.to_string());
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .enum_values(Some(names))
-            .description(Some(
-                "Lifecycle status; `docs/lifecycle.md` lists every transition.",
-            ))
-            .into()
-    }
-}
-
-impl ToSchema for Status {}
 
 /// `PowerConfig.params`: the driver's parameters.
 pub fn power_params() -> Schema {
@@ -178,11 +174,17 @@ pub fn power_params() -> Schema {
     )
 }
 
+/// A stats snapshot as the API's counters by name.
+pub fn counter_map(snapshot: impl serde::Serialize) -> Counters {
+    serde_json::to_value(snapshot)
+        .and_then(serde_json::from_value)
+        .unwrap_or_default()
+}
+
 /// An object of counters, named as the snapshot serialises them.
 fn counters(snapshot: impl serde::Serialize) -> Object {
-    let value = serde_json::to_value(snapshot).unwrap_or_default();
     let mut b = ObjectBuilder::new();
-    for name in value.as_object().into_iter().flat_map(|o| o.keys()) {
+    for name in counter_map(snapshot).keys() {
         b = b
             .property(
                 name,

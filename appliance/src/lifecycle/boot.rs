@@ -17,7 +17,7 @@ pub fn choose(machine: Option<&Machine>) -> BootChoice {
     match machine {
         None => BootChoice::Enlist,
         Some(m) if m.status == Status::New => BootChoice::Enlist,
-        Some(m) if m.status.boots_agent() && m.netboot => BootChoice::Agent {
+        Some(m) if boots_agent(m.status) && m.netboot => BootChoice::Agent {
             machine_id: m.id.clone(),
         },
         Some(_) => BootChoice::LocalDisk,
@@ -47,19 +47,17 @@ pub fn agent_work(m: &Machine) -> AgentWork {
     }
 }
 
-impl Status {
-    /// Whether a machine in this status boots the agent when it network-boots.
-    pub fn boots_agent(self) -> bool {
-        matches!(
-            self,
-            Status::New | Status::Commissioning | Status::Deploying | Status::DiskErasing
-        )
-    }
+/// Whether a machine in this status boots the agent when it network-boots.
+pub fn boots_agent(status: Status) -> bool {
+    matches!(
+        status,
+        Status::New | Status::Commissioning | Status::Deploying | Status::DiskErasing
+    )
+}
 
-    /// Whether the agent of a machine in this status sends heartbeats.
-    pub fn expects_heartbeats(self) -> bool {
-        HEARTBEAT_STATUSES.contains(&self)
-    }
+/// Whether the agent of a machine in this status sends heartbeats.
+pub fn expects_heartbeats(status: Status) -> bool {
+    HEARTBEAT_STATUSES.contains(&status)
 }
 
 /// Statuses whose agent sends heartbeats.

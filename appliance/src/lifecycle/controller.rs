@@ -300,7 +300,7 @@ impl Controller {
     pub async fn check_timeouts(&self, timeout: Duration) {
         let busy: Vec<Status> = Status::ALL
             .into_iter()
-            .filter(|s| s.failure_on_timeout().is_some())
+            .filter(|s| crate::lifecycle::failure_on_timeout(*s).is_some())
             .collect();
         let Ok(machines) = self.store.call(move |s| s.machines_in(&busy)).await else {
             return;
@@ -362,7 +362,7 @@ impl Controller {
 /// `lifecycle.heartbeat_timeout`), so an agent that never sent one is judged by the status
 /// timeout alone, and one that left on purpose has none.
 pub fn overdue(m: &Machine, now: i64, timeout: Duration) -> Option<String> {
-    m.status.failure_on_timeout()?;
+    super::failure_on_timeout(m.status)?;
     if now - m.status_since > i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX) {
         return Some(format!(
             "{} timed out after {} s",

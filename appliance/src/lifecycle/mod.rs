@@ -17,74 +17,15 @@ use serde::{Deserialize, Serialize};
 pub use command::Command;
 pub use controller::{ControlError, Controller, DriverPower, ManualPower, PowerActions};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    New,
-    Commissioning,
-    FailedCommissioning,
-    Ready,
-    Allocated,
-    Deploying,
-    Deployed,
-    FailedDeployment,
-    Releasing,
-    DiskErasing,
-    FailedReleasing,
-    Broken,
-}
+pub use stork_proto::api::Status;
 
-impl Status {
-    pub const ALL: [Status; 12] = [
-        Status::New,
-        Status::Commissioning,
-        Status::FailedCommissioning,
-        Status::Ready,
-        Status::Allocated,
-        Status::Deploying,
-        Status::Deployed,
-        Status::FailedDeployment,
-        Status::Releasing,
-        Status::DiskErasing,
-        Status::FailedReleasing,
-        Status::Broken,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::New => "new",
-            Status::Commissioning => "commissioning",
-            Status::FailedCommissioning => "failed_commissioning",
-            Status::Ready => "ready",
-            Status::Allocated => "allocated",
-            Status::Deploying => "deploying",
-            Status::Deployed => "deployed",
-            Status::FailedDeployment => "failed_deployment",
-            Status::Releasing => "releasing",
-            Status::DiskErasing => "disk_erasing",
-            Status::FailedReleasing => "failed_releasing",
-            Status::Broken => "broken",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Status> {
-        Status::ALL.into_iter().find(|st| st.as_str() == s)
-    }
-
-    /// Busy statuses run an agent on the machine and time out into their failed status.
-    pub fn failure_on_timeout(self) -> Option<Status> {
-        match self {
-            Status::Commissioning => Some(Status::FailedCommissioning),
-            Status::Deploying => Some(Status::FailedDeployment),
-            Status::Releasing | Status::DiskErasing => Some(Status::FailedReleasing),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for Status {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+/// Busy statuses run an agent on the machine and time out into their failed status.
+pub fn failure_on_timeout(status: Status) -> Option<Status> {
+    match status {
+        Status::Commissioning => Some(Status::FailedCommissioning),
+        Status::Deploying => Some(Status::FailedDeployment),
+        Status::Releasing | Status::DiskErasing => Some(Status::FailedReleasing),
+        _ => None,
     }
 }
 
@@ -241,7 +182,7 @@ mod tests {
     #[test]
     fn busy_statuses_time_out_into_their_failure() {
         for s in Status::ALL {
-            match (s.failure_on_timeout(), transition(s, Event::TimedOut, true)) {
+            match (failure_on_timeout(s), transition(s, Event::TimedOut, true)) {
                 (Some(failed), Ok(step)) => assert_eq!(step.to, failed, "{s}"),
                 (None, Err(_)) => {}
                 (want, got) => panic!("{s}: timeout table disagrees: {want:?} vs {got:?}"),
@@ -309,14 +250,12 @@ mod tests {
                 boot::BootChoice::Agent { .. } => "the agent, with a per-boot token",
                 boot::BootChoice::LocalDisk => "exit to the local disk",
             };
-            let hb = if st.expects_heartbeats() {
+            let hb = if boot::expects_heartbeats(st) {
                 "expected"
             } else {
                 "-"
             };
-            let timeout = st
-                .failure_on_timeout()
-                .map_or_else(|| "-".to_string(), |f| f.to_string());
+            let timeout = failure_on_timeout(st).map_or_else(|| "-".to_string(), |f| f.to_string());
             let work = match boot::agent_work(&m) {
                 boot::AgentWork::Commission => "commission",
                 boot::AgentWork::Deploy => "deploy",

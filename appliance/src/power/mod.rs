@@ -27,25 +27,7 @@ pub use qmp::{QmpDriver, QmpError, QmpParams};
 pub use redfish::{RedfishDriver, RedfishError, RedfishParams};
 pub use secret::Secret;
 
-/// A machine's power as its driver sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum PowerState {
-    On,
-    Off,
-    /// The driver cannot tell (manual power, or a state the BMC reports ambiguously).
-    Unknown,
-}
-
-impl std::fmt::Display for PowerState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            PowerState::On => "on",
-            PowerState::Off => "off",
-            PowerState::Unknown => "unknown",
-        })
-    }
-}
+pub use stork_proto::api::PowerState;
 
 /// The next boot device Stork asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -179,6 +179,11 @@ impl Server {
         Api::new(&self.base())
     }
 
+    /// The typed client, with the admin token.
+    pub fn client(&self) -> stork_client::Client {
+        stork_client::Client::new(&self.base(), Some(self.token.clone()))
+    }
+
     /// Writes `DATA_DIR/boot/<rel>` and returns its size and sha256 (hex).
     pub fn boot_file(&self, rel: &str, content: &[u8]) -> (u64, String) {
         use sha2::Digest;

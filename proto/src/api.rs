@@ -1,0 +1,511 @@
+//! The admin API's requests and answers (`/api/v1`), as the appliance serves them and the
+//! client (`stork-client`) reads them: one definition for both sides. The appliance derives
+//! their OpenAPI schemas from these types (feature `openapi`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{DeployTarget, DiskLayout, ImageRole, Inventory, MacAddr};
+
+/// A machine's lifecycle status; `docs/lifecycle.md` lists every transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    New,
+    Commissioning,
+    FailedCommissioning,
+    Ready,
+    Allocated,
+    Deploying,
+    Deployed,
+    FailedDeployment,
+    Releasing,
+    DiskErasing,
+    FailedReleasing,
+    Broken,
+}
+
+impl Status {
+    pub const ALL: [Status; 12] = [
+        Status::New,
+        Status::Commissioning,
+        Status::FailedCommissioning,
+        Status::Ready,
+        Status::Allocated,
+        Status::Deploying,
+        Status::Deployed,
+        Status::FailedDeployment,
+        Status::Releasing,
+        Status::DiskErasing,
+        Status::FailedReleasing,
+        Status::Broken,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::New => "new",
+            Status::Commissioning => "commissioning",
+            Status::FailedCommissioning => "failed_commissioning",
+            Status::Ready => "ready",
+            Status::Allocated => "allocated",
+            Status::Deploying => "deploying",
+            Status::Deployed => "deployed",
+            Status::FailedDeployment => "failed_deployment",
+            Status::Releasing => "releasing",
+            Status::DiskErasing => "disk_erasing",
+            Status::FailedReleasing => "failed_releasing",
+            Status::Broken => "broken",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the machine is powered: the driver and its parameters. Parameters may hold secrets
+/// (BMC passwords): [`PowerConfig::redacted`] is what leaves the appliance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PowerConfig {
+    /// `manual`, `ipmi`, `redfish` or `qmp`.
+    pub driver: String,
+    /// The driver's parameters (the appliance's document names each driver's).
+    #[serde(default)]
+    pub params: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Parameter names whose values never leave the appliance.
+pub const SECRET_PARAMS: &[&str] = &["password", "pass", "secret", "token", "key"];
+
+impl PowerConfig {
+    pub fn manual() -> Self {
+        Self {
+            driver: "manual".into(),
+            params: Default::default(),
+        }
+    }
+
+    pub fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        for (k, v) in c.params.iter_mut() {
+            if SECRET_PARAMS
+                .iter()
+                .any(|s| k.to_ascii_lowercase().contains(s))
+            {
+                *v = serde_json::Value::String("***".into());
+            }
+        }
+        c
+    }
+}
+
+/// What to install and how, as the user asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    /// A registered boot resource name.
+    pub image: String,
+    /// `disk` (install) or `memory` (run from RAM, no disk touched).
+    #[serde(default)]
+    pub target: DeployTarget,
+    /// Disk to install to (kernel name like `vda`); default: the smallest that fits.
+    #[serde(default)]
+    pub disk: Option<String>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    #[serde(default)]
+    pub user_data: Option<String>,
+    /// Disk deploys: partition sizes; asking for one installs from the image's root tar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<DiskLayout>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Machine {
+    pub id: String,
+    pub hostname: Option<String>,
+    pub status: Status,
+    /// Why the machine is in a failed status, or what it is doing.
+    pub status_message: Option<String>,
+    /// When the current status began (ms): busy statuses time out from here.
+    pub status_since: i64,
+    /// Bumped by every save; a save with a stale version is refused.
+    pub version: i64,
+    pub boot_mac: Option<MacAddr>,
+    /// Every interface's MAC, the boot NIC first.
+    pub macs: Vec<MacAddr>,
+    pub arch: String,
+    pub power: PowerConfig,
+    pub inventory: Option<Inventory>,
+    pub owner: Option<String>,
+    pub deploy: Option<DeployRequest>,
+    pub tags: Vec<String>,
+    /// SHA-256 of the current per-boot agent token: the appliance's store keeps it, the
+    /// API never shows it.
+    #[serde(skip)]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
+    pub agent_token: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// Network-boot the agent while busy; cleared when the agent has installed an image so
+    /// the next boot is from disk, set again by every step that powers on into the agent.
+    pub netboot: bool,
+    /// How the current release erases: signatures and partition tables only, or every byte.
+    pub erase_quick: bool,
+    /// When the machine's agent last sent a heartbeat (ms), and the step it was in then.
+    pub last_heartbeat: Option<i64>,
+    pub heartbeat_step: Option<String>,
+    /// The agent's next heartbeat is due by then (ms): past it, the controller fails the busy
+    /// status. Cleared by every status change, by the image's installation and by an agent
+    /// that says it is leaving, so an agent on purpose silent (rebooting into the installed
+    /// OS) is never taken for a dead one.
+    pub heartbeat_deadline: Option<i64>,
+}
+
+impl Machine {
+    pub fn new(id: String, macs: Vec<MacAddr>, now: i64) -> Self {
+        Self {
+            id,
+            hostname: None,
+            status: Status::New,
+            status_message: None,
+            status_since: now,
+            version: 1,
+            boot_mac: macs.first().copied(),
+            macs,
+            arch: "amd64".into(),
+            power: PowerConfig::manual(),
+            inventory: None,
+            owner: None,
+            deploy: None,
+            tags: Vec::new(),
+            agent_token: None,
+            created_at: now,
+            updated_at: now,
+            netboot: true,
+            erase_quick: true,
+            last_heartbeat: None,
+            heartbeat_step: None,
+            heartbeat_deadline: None,
+        }
+    }
+
+    /// The machine as the API shows it: secrets redacted.
+    pub fn redacted(&self) -> Machine {
+        let mut m = self.clone();
+        m.power = m.power.redacted();
+        m
+    }
+}
+
+/// One entry of a machine's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Event))]
+pub struct EventRecord {
+    pub id: i64,
+    pub machine_id: String,
+    pub at: i64,
+    pub actor: String,
+    pub old_status: Option<Status>,
+    pub new_status: Option<Status>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TokenRecord {
+    pub id: String,
+    pub description: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SshKey {
+    pub id: String,
+    pub name: String,
+    pub key: String,
+    pub created_at: i64,
+}
+
+/// A registered bootable image (built by `stork-image`), served from `DATA_DIR/boot/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BootResource {
+    pub name: String,
+    /// `os` (deployable), `ephemeral` (the agent's SquashFS) or `initrd`.
+    pub kind: String,
+    #[serde(default)]
+    pub arch: Option<String>,
+    /// Files by role (`raw`, `squashfs`, `tar`, `kernel`, `initrd`), paths relative to
+    /// `DATA_DIR/boot/`, with their sha256.
+    #[serde(default)]
+    pub files: Vec<ResourceFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ResourceFile {
+    pub role: ImageRole,
+    pub path: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+// ---- requests ----
+
+/// `GET /machines` filters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MachineFilter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewMachine {
+    pub macs: Vec<MacAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power: Option<PowerConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+// Action bodies: each action reads only its own fields, strictly. (One struct with the
+// deploy request `flatten`ed in let unknown fields through and misreported deploy errors as
+// "missing field `image`": serde's flatten and deny_unknown_fields do not mix.)
+
+/// commission, abort, mark-fixed: no fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NoFields {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AllocateBody {
+    /// Who holds it (default: the caller's token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseBody {
+    /// Wipe the disks first.
+    #[serde(default)]
+    pub erase: bool,
+    /// With erase: signatures and partition tables only (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quick: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MarkBrokenBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// What `POST /machines/allocate` asks of the machine it takes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Constraints {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_cpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_disk_gib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+impl Constraints {
+    /// Whether a commissioned machine meets them (one without an inventory never does).
+    pub fn fit(&self, m: &Machine) -> bool {
+        let Some(inv) = &m.inventory else {
+            return false;
+        };
+        let largest_disk = inv.disks.iter().map(|d| d.size_bytes).max().unwrap_or(0);
+        self.arch.as_ref().is_none_or(|a| *a == m.arch)
+            && self.min_cpus.is_none_or(|c| inv.cpu.count >= c)
+            && self
+                .min_memory_mib
+                .is_none_or(|mib| inv.memory.total_bytes >= mib << 20)
+            && self.min_disk_gib.is_none_or(|g| largest_disk >= g << 30)
+            && self.tags.iter().all(|t| m.tags.contains(t))
+    }
+}
+
+/// `GET /events` and `GET /machines/{id}/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EventQuery {
+    /// Only events with a larger id.
+    #[serde(default)]
+    pub after: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewSshKey {
+    pub name: String,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    #[serde(default)]
+    pub description: String,
+}
+
+// ---- answers ----
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreatedToken {
+    #[serde(flatten)]
+    pub record: TokenRecord,
+    /// Shown once.
+    pub token: String,
+}
+
+/// A machine's power as its driver sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum PowerState {
+    On,
+    Off,
+    /// The driver cannot tell (manual power, or a state the BMC reports ambiguously).
+    Unknown,
+}
+
+impl fmt::Display for PowerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PowerState::On => "on",
+            PowerState::Off => "off",
+            PowerState::Unknown => "unknown",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PowerAnswer {
+    pub machine_id: String,
+    pub op: String,
+    pub state: PowerState,
+}
+
+/// Counters by name.
+pub type Counters = BTreeMap<String, u64>;
+
+/// Counters by service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Stats))]
+pub struct StatsResponse {
+    // The appliance's document names each service's counters.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub dhcp: Counters,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub tftp: Counters,
+}
+
+/// What a service is doing now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceState {
+    Running,
+    /// It failed and waits for its backoff before starting again.
+    Restarting,
+}
+
+impl ServiceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Restarting => "restarting",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ServiceHealth {
+    pub state: ServiceState,
+    /// Times it failed and was started again since the daemon started.
+    pub restarts: u64,
+    /// Why it last failed (an error chain or a panic message).
+    pub last_error: Option<String>,
+    /// When it last failed, milliseconds since the Unix epoch.
+    pub last_failure_ms: Option<i64>,
+}
+
+/// The daemon's health: `ok` while every service runs and none has failed recently,
+/// `degraded` otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Health))]
+pub struct HealthReport {
+    #[cfg_attr(feature = "openapi", schema(example = "ok"))]
+    pub status: String,
+    pub services: BTreeMap<String, ServiceHealth>,
+}
+
+/// Every error answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Error))]
+pub struct ErrorBody {
+    /// Stable machine-readable code: `bad_request`, `unauthorized`, `forbidden`,
+    /// `not_found`, `conflict`, `illegal_transition`, `no_machine`, `internal`, ...
+    pub code: String,
+    /// What went wrong, naming the field or the transition.
+    pub message: String,
+}
