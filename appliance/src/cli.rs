@@ -1,148 +1,22 @@
 //! Client commands: talk to a running appliance over its API. Human tables by default,
 //! `--json` for scripts.
 
-use std::io::{IsTerminal, Read};
+use std::io::IsTerminal;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use comfy_table::{CellAlignment, Table, presets};
-use futures_util::{FutureExt, StreamExt};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+pub use stork_client::Client;
+use stork_proto::api::{MachineFilter, StatsResponse};
 use stork_proto::units::human_bytes;
 
 use crate::lifecycle::Status;
-use crate::store::{BootResource, EventRecord, Machine};
+use crate::store::{EventRecord, Machine};
 
-pub struct Client {
-    base: String,
-    token: Option<String>,
-    agent: ureq::Agent,
-}
-
-impl Client {
-    pub fn new(base: &str, token: Option<String>) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        Self {
-            base: base.trim_end_matches('/').to_string(),
-            token,
-            agent,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}/api/v1{path}", self.base)
-    }
-
-    fn auth(&self) -> Option<String> {
-        self.token.as_ref().map(|t| format!("Bearer {t}"))
-    }
-
-    fn finish<T: DeserializeOwned>(
-        url: &str,
-        resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> Result<T> {
-        let mut resp = resp.with_context(|| format!("cannot reach the appliance at {url}"))?;
-        let status = resp.status();
-        let body = resp
-            .body_mut()
-            .read_to_string()
-            .with_context(|| format!("reading the answer from {url}"))?;
-        if !status.is_success() {
-            let msg = serde_json::from_str::<Value>(&body)
-                .ok()
-                .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(String::from))
-                .unwrap_or(body);
-            let hint = if status == 401 {
-                " (set --token or STORK_TOKEN; `stork token create` makes one)"
-            } else {
-                ""
-            };
-            bail!("{status}: {msg}{hint}");
-        }
-        let body = if body.is_empty() { "null" } else { &body };
-        serde_json::from_str(body).with_context(|| format!("unexpected answer from {url}"))
-    }
-
-    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let url = self.url(path);
-        let mut req = self.agent.get(&url);
-        if let Some(a) = self.auth() {
-            req = req.header("Authorization", a);
-        }
-        Self::finish(&url, req.call())
-    }
-
-    pub fn post<T: DeserializeOwned>(&self, path: &str, body: &Value) -> Result<T> {
-        let url = self.url(path);
-        let mut req = self.agent.post(&url);
-        if let Some(a) = self.auth() {
-            req = req.header("Authorization", a);
-        }
-        Self::finish(&url, req.send_json(body))
-    }
-
-    pub fn delete(&self, path: &str) -> Result<()> {
-        let url = self.url(path);
-        let mut req = self.agent.delete(&url);
-        if let Some(a) = self.auth() {
-            req = req.header("Authorization", a);
-        }
-        Self::finish::<Value>(&url, req.call()).map(|_| ())
-    }
-
-    /// Follows the event stream, calling `f` for each event until it returns false.
-    pub fn follow_events(
-        &self,
-        machine: &str,
-        mut f: impl FnMut(EventRecord) -> bool,
-    ) -> Result<()> {
-        let url = self.url(&format!("/events/stream?machine={machine}"));
-        let mut req = self.agent.get(&url);
-        if let Some(a) = self.auth() {
-            req = req.header("Authorization", a);
-        }
-        let resp = req.call().with_context(|| format!("cannot reach {url}"))?;
-        if !resp.status().is_success() {
-            bail!("{url}: {}", resp.status());
-        }
-        // eventsource-stream parses the text/event-stream (fields, the keep-alive comments, an
-        // event split across reads). It takes a futures Stream of byte chunks: the blocking
-        // body becomes one through `stream::iter`, which is always ready, so each event is
-        // taken by a single poll (`now_or_never`) with no executor or runtime. (sse-codec wants
-        // an async reader or the old futures_codec; eventsource-client brings hyper and tokio.)
-        let mut body = resp.into_body().into_reader();
-        let chunks = std::iter::from_fn(move || {
-            let mut buf = vec![0u8; 8192];
-            loop {
-                match body.read(&mut buf) {
-                    Ok(0) => return None,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        return Some(Ok(buf));
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Some(Err(e)),
-                }
-            }
-        });
-        let mut events = eventsource_stream::EventStream::new(futures_util::stream::iter(chunks));
-        loop {
-            let Some(next) = events.next().now_or_never() else {
-                bail!("the event stream's parser waited on a blocking reader");
-            };
-            let Some(event) = next else { break };
-            let event = event.context("event stream broke")?;
-            let e: EventRecord = serde_json::from_str(&event.data).context("bad event")?;
-            if !f(e) {
-                break;
-            }
-        }
-        Ok(())
-    }
+/// What to add to an API error the user can mend: how to get a token.
+pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    let status = e.downcast_ref::<stork_client::Error>()?.status()?;
+    (status == 401).then_some("set --token or STORK_TOKEN; `stork token create` makes one")
 }
 
 /// A table as the CLI prints it: no borders, rules or colours, the columns two spaces apart
@@ -178,7 +52,7 @@ fn print_table(table: &str) {
     }
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
+pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -400,7 +274,7 @@ impl WatchOutput {
 /// `stork machine watch`: prints events live; with `until_settled`, stops once the machine
 /// leaves its busy status.
 pub fn watch(c: &Client, id: &str, until_settled: bool) -> Result<()> {
-    let m: Machine = c.get(&format!("/machines/{id}"))?;
+    let m = c.machine(id)?;
     // The stream replays the history first: only what happens after the newest event seen
     // now can settle the machine (its history starts with `created`, a status that is not
     // busy, whatever it is doing now).
@@ -411,7 +285,7 @@ pub fn watch(c: &Client, id: &str, until_settled: bool) -> Result<()> {
     };
     let mut last_status = m.status;
     let mut out = WatchOutput::new(std::io::stdout().is_terminal());
-    let followed = c.follow_events(&m.id, |e| {
+    let followed = c.follow_events(Some(&m.id), |e| {
         out.event(&e);
         if e.id <= newest {
             // History: settled already if it is not busy now.
@@ -439,9 +313,7 @@ fn busy(s: Status) -> bool {
 fn newest_event(c: &Client, machine_id: &str) -> Result<i64> {
     let mut newest = 0;
     loop {
-        let page: Vec<EventRecord> = c.get(&format!(
-            "/machines/{machine_id}/events?after={newest}&limit=1000"
-        ))?;
+        let page = c.machine_events(machine_id, newest)?;
         match page.last() {
             Some(e) => newest = e.id,
             None => return Ok(newest),
@@ -450,20 +322,21 @@ fn newest_event(c: &Client, machine_id: &str) -> Result<i64> {
 }
 
 pub fn stats(c: &Client, json: bool) -> Result<()> {
-    let mut v: Value = c.get("/stats")?;
-    let health: crate::supervise::HealthReport = c.get("/health")?;
+    let stats = c.stats()?;
+    let health = c.health()?;
     if json {
         // The counters by service as the API has them, and the health beside them.
-        if let Some(o) = v.as_object_mut() {
-            o.insert("health".into(), serde_json::to_value(&health)?);
+        #[derive(serde::Serialize)]
+        struct WithHealth {
+            #[serde(flatten)]
+            stats: StatsResponse,
+            health: crate::supervise::HealthReport,
         }
-        return print_json(&v);
+        return print_json(&WithHealth { stats, health });
     }
-    if let Some(services) = v.as_object() {
-        for (service, counters) in services {
-            for (name, value) in counters.as_object().into_iter().flatten() {
-                println!("{service}.{name} {value}");
-            }
+    for (service, counters) in [("dhcp", &stats.dhcp), ("tftp", &stats.tftp)] {
+        for (name, value) in counters {
+            println!("{service}.{name} {value}");
         }
     }
     println!("health {}", health.status);
@@ -481,7 +354,7 @@ pub fn stats(c: &Client, json: bool) -> Result<()> {
 }
 
 pub fn images(c: &Client, json: bool) -> Result<()> {
-    let list: Vec<BootResource> = c.get("/boot-resources")?;
+    let list = c.boot_resources()?;
     if json {
         return print_json(&list);
     }
@@ -504,11 +377,11 @@ pub fn images(c: &Client, json: bool) -> Result<()> {
 
 /// Machines filtered by status, for `machine list --status`.
 pub fn list(c: &Client, status: Option<Status>, json: bool) -> Result<()> {
-    let path = match status {
-        Some(s) => format!("/machines?status={s}"),
-        None => "/machines".into(),
+    let filter = MachineFilter {
+        status: status.map(|s| s.to_string()),
+        tag: None,
     };
-    let machines: Vec<Machine> = c.get(&path)?;
+    let machines = c.machines(&filter)?;
     if json {
         return print_json(&machines);
     }
@@ -517,27 +390,26 @@ pub fn list(c: &Client, status: Option<Status>, json: bool) -> Result<()> {
 }
 
 pub fn show(c: &Client, id: &str, json: bool) -> Result<()> {
-    let m: Machine = c.get(&format!("/machines/{id}"))?;
+    let m = c.machine(id)?;
     if json {
         return print_json(&m);
     }
-    let events: Vec<EventRecord> = c.get(&format!("/machines/{}/events", m.id))?;
+    let events = c.machine_events(&m.id, 0)?;
     machine_details(&m, &events);
     Ok(())
 }
 
-/// Runs a machine action and prints the machine after it.
-pub fn action(c: &Client, id: &str, action: &str, body: Value, json: bool) -> Result<()> {
-    let m: Machine = c.post(&format!("/machines/{id}/{action}"), &body)?;
+/// Prints the machine an action or a creation answered with.
+pub fn machine_line(m: &Machine, json: bool) -> Result<()> {
     if json {
-        return print_json(&m);
+        return print_json(m);
     }
     println!("{} {}", m.id, m.status);
     Ok(())
 }
 
 pub fn events(c: &Client, id: &str, json: bool) -> Result<()> {
-    let events: Vec<EventRecord> = c.get(&format!("/machines/{id}/events"))?;
+    let events = c.machine_events(id, 0)?;
     if json {
         return print_json(&events);
     }
@@ -545,15 +417,16 @@ pub fn events(c: &Client, id: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn json_or_line(v: &Value, json: bool, line: impl FnOnce(&Value) -> String) -> Result<()> {
+/// `--json`: the answer as the API gave it; else one line made from it.
+pub fn json_or_line<T: serde::Serialize>(
+    v: &T,
+    json: bool,
+    line: impl FnOnce(&T) -> String,
+) -> Result<()> {
     if json {
         print_json(v)
     } else {
         println!("{}", line(v));
         Ok(())
     }
-}
-
-pub fn empty() -> Value {
-    json!({})
 }

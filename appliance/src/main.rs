@@ -5,10 +5,14 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use serde_json::{Value, json};
+use serde_json::Value;
 use stork::cli::{self, Client};
 use stork::lifecycle::Status;
 use stork::{auth, config, serve, store};
+use stork_proto::api::{
+    AllocateBody, BootResource, Constraints, DeployRequest, MarkBrokenBody, NewMachine, NewSshKey,
+    PowerConfig, ReleaseBody,
+};
 
 const DEFAULT_URL: &str = "http://127.0.0.1:8080";
 
@@ -172,7 +176,7 @@ enum MachineCmd {
     Add {
         /// MAC address; the first is the boot NIC.
         #[arg(long = "mac", required = true)]
-        macs: Vec<String>,
+        macs: Vec<stork_proto::MacAddr>,
         #[arg(long)]
         hostname: Option<String>,
         /// Power driver: manual, ipmi, redfish, qmp.
@@ -215,8 +219,8 @@ enum MachineCmd {
         #[arg(long)]
         image: String,
         /// disk (install) or memory (run from RAM).
-        #[arg(long, default_value = "disk")]
-        target: String,
+        #[arg(long, default_value = "disk", value_parser = deploy_target)]
+        target: stork_proto::DeployTarget,
         #[arg(long)]
         disk: Option<String>,
         #[arg(long)]
@@ -380,6 +384,9 @@ fn main() -> std::process::ExitCode {
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
+            if let Some(hint) = cli::hint(&e) {
+                eprintln!("  hint: {hint}");
+            }
             std::process::ExitCode::FAILURE
         }
     }
@@ -425,14 +432,11 @@ fn token(client: &Client, cmd: TokenCmd) -> Result<()> {
             Ok(())
         }
         TokenCmd::List { json } => {
-            let v: Value = client.get("/tokens")?;
-            cli::json_or_line(&v, json, |v| {
-                let rows = v.as_array().into_iter().flatten().map(|t| {
-                    [
-                        t["id"].as_str().unwrap_or("-"),
-                        t["description"].as_str().unwrap_or(""),
-                    ]
-                });
+            let tokens = client.tokens()?;
+            cli::json_or_line(&tokens, json, |tokens| {
+                let rows = tokens
+                    .iter()
+                    .map(|t| [t.id.as_str(), t.description.as_str()]);
                 cli::plain_table(&[], &[], rows)
             })
         }
@@ -449,20 +453,20 @@ fn image(client: &Client, cmd: ImageCmd) -> Result<()> {
         } => {
             let resource =
                 stork::image_import::import(&dir, name.as_deref(), &data_dir.join("boot"))?;
-            let v: Value = client.post("/boot-resources", &serde_json::to_value(&resource)?)?;
+            let registered = client.register_boot_resource(&resource)?;
             println!(
                 "imported {} ({} files checked and copied under {})",
-                v["name"].as_str().unwrap_or("?"),
+                registered.name,
                 resource.files.len(),
                 data_dir.join("boot").display()
             );
             Ok(())
         }
         ImageCmd::Register { file } => {
-            let body: Value = serde_json::from_str(&read(&file)?)
-                .with_context(|| format!("{} is not JSON", file.display()))?;
-            let v: Value = client.post("/boot-resources", &body)?;
-            println!("registered {}", v["name"].as_str().unwrap_or("?"));
+            let resource: BootResource = serde_json::from_str(&read(&file)?)
+                .with_context(|| format!("{} is not a boot resource", file.display()))?;
+            let registered = client.register_boot_resource(&resource)?;
+            println!("registered {}", registered.name);
             Ok(())
         }
     }
@@ -471,20 +475,19 @@ fn image(client: &Client, cmd: ImageCmd) -> Result<()> {
 fn ssh_key(client: &Client, cmd: SshKeyCmd) -> Result<()> {
     match cmd {
         SshKeyCmd::Add { name, file } => {
-            let v: Value = client.post("/ssh-keys", &json!({"name": name, "key": read(&file)?}))?;
-            println!("{}", v["id"].as_str().unwrap_or("?"));
+            let key = client.add_ssh_key(&NewSshKey {
+                name,
+                key: read(&file)?,
+            })?;
+            println!("{}", key.id);
             Ok(())
         }
         SshKeyCmd::List { json } => {
-            let v: Value = client.get("/ssh-keys")?;
-            cli::json_or_line(&v, json, |v| {
-                let rows = v.as_array().into_iter().flatten().map(|k| {
-                    [
-                        k["id"].as_str().unwrap_or("-"),
-                        k["name"].as_str().unwrap_or(""),
-                        k["key"].as_str().unwrap_or("").trim_end(),
-                    ]
-                });
+            let keys = client.ssh_keys()?;
+            cli::json_or_line(&keys, json, |keys| {
+                let rows = keys
+                    .iter()
+                    .map(|k| [k.id.as_str(), k.name.as_str(), k.key.trim_end()]);
                 cli::plain_table(&[], &[], rows)
             })
         }
@@ -515,23 +518,22 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
                     .unwrap_or_else(|| Value::String(v.to_string()));
                 params.insert(k.to_string(), value);
             }
-            let body = json!({
-                "macs": macs,
-                "hostname": hostname,
-                "power": {"driver": power, "params": params},
-                "tags": tags,
-            });
-            let m: stork::store::Machine = c.post("/machines", &body)?;
-            cli::json_or_line(&serde_json::to_value(&m)?, json, |_| {
-                format!("{} {}", m.id, m.status)
-            })
+            let m = c.create_machine(&NewMachine {
+                macs,
+                hostname,
+                arch: None,
+                power: Some(PowerConfig {
+                    driver: power,
+                    params,
+                }),
+                tags,
+            })?;
+            cli::machine_line(&m, json)
         }
-        MachineCmd::Commission { id, json } => {
-            cli::action(c, &id, "commission", cli::empty(), json)
-        }
+        MachineCmd::Commission { id, json } => cli::machine_line(&c.commission(&id)?, json),
         MachineCmd::Allocate {
             id: Some(id), json, ..
-        } => cli::action(c, &id, "allocate", cli::empty(), json),
+        } => cli::machine_line(&c.allocate(&id, &AllocateBody::default())?, json),
         MachineCmd::Allocate {
             id: None,
             cpus,
@@ -541,14 +543,15 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
             tags,
             json,
         } => {
-            let body = json!({
-                "min_cpus": cpus, "min_memory_mib": memory_mib, "min_disk_gib": disk_gib,
-                "arch": arch, "tags": tags,
-            });
-            let m: stork::store::Machine = c.post("/machines/allocate", &body)?;
-            cli::json_or_line(&serde_json::to_value(&m)?, json, |_| {
-                format!("{} {}", m.id, m.status)
-            })
+            let m = c.allocate_any(&Constraints {
+                arch,
+                min_cpus: cpus,
+                min_memory_mib: memory_mib,
+                min_disk_gib: disk_gib,
+                tags,
+                owner: None,
+            })?;
+            cli::machine_line(&m, json)
         }
         MachineCmd::Deploy {
             id,
@@ -567,42 +570,46 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
             // No size flag, no layout: the raw image when the image has one.
             let layout = (esp_mib.is_some() || root_mib.is_some())
                 .then_some(stork_proto::DiskLayout { esp_mib, root_mib });
-            let body = json!({
-                "image": image, "target": target, "disk": disk, "hostname": hostname,
-                "ssh_keys": keys.iter().map(|k| k.trim()).collect::<Vec<_>>(), "user_data": user_data,
-                "layout": layout,
-            });
-            cli::action(c, &id, "deploy", body, json)
+            let request = DeployRequest {
+                image,
+                target,
+                disk,
+                hostname,
+                ssh_keys: keys.iter().map(|k| k.trim().to_string()).collect(),
+                user_data,
+                layout,
+            };
+            cli::machine_line(&c.deploy(&id, &request)?, json)
         }
         MachineCmd::Release {
             id,
             erase,
             full,
             json,
-        } => cli::action(
-            c,
-            &id,
-            "release",
-            json!({"erase": erase, "quick": !full}),
-            json,
-        ),
-        MachineCmd::Abort { id, json } => cli::action(c, &id, "abort", cli::empty(), json),
-        MachineCmd::MarkBroken { id, reason, json } => {
-            cli::action(c, &id, "mark-broken", json!({"reason": reason}), json)
+        } => {
+            let body = ReleaseBody {
+                erase,
+                quick: Some(!full),
+            };
+            cli::machine_line(&c.release(&id, &body)?, json)
         }
-        MachineCmd::MarkFixed { id, json } => cli::action(c, &id, "mark-fixed", cli::empty(), json),
-        MachineCmd::Delete { id } => c.delete(&format!("/machines/{id}")),
+        MachineCmd::Abort { id, json } => cli::machine_line(&c.abort(&id)?, json),
+        MachineCmd::MarkBroken { id, reason, json } => {
+            cli::machine_line(&c.mark_broken(&id, &MarkBrokenBody { reason })?, json)
+        }
+        MachineCmd::MarkFixed { id, json } => cli::machine_line(&c.mark_fixed(&id)?, json),
+        MachineCmd::Delete { id } => Ok(c.delete_machine(&id)?),
         MachineCmd::Power { id, op, json } => {
-            let v: Value = c.post(&format!("/machines/{id}/power/{op}"), &cli::empty())?;
-            cli::json_or_line(&v, json, |v| {
-                format!(
-                    "{} {}",
-                    v["machine_id"].as_str().unwrap_or("?"),
-                    v["state"].as_str().unwrap_or("?")
-                )
-            })
+            let answer = c.power(&id, &op)?;
+            cli::json_or_line(&answer, json, |a| format!("{} {}", a.machine_id, a.state))
         }
         MachineCmd::Events { id, json } => cli::events(c, &id, json),
         MachineCmd::Watch { id, until_settled } => cli::watch(c, &id, until_settled),
     }
+}
+
+/// `--target`: a deploy target by its API name.
+fn deploy_target(s: &str) -> Result<stork_proto::DeployTarget, String> {
+    serde_json::from_value(Value::String(s.to_string()))
+        .map_err(|_| format!("{s:?} is not one of disk, memory"))
 }
