@@ -98,10 +98,7 @@ impl Server {
             }
         };
         self.count_request(req.kind);
-        let outcome = match port {
-            Port::Dhcp => self.handler.handle(&req.msg, now),
-            Port::Pxe => self.handler.handle_pxe(&req.msg, now),
-        };
+        let outcome = self.handler.answer(&req, port, now);
         self.handler.take_records(&mut self.records);
         match outcome {
             Outcome::Reply(reply) => self.reply(&req, reply, peer, port),

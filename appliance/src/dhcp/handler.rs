@@ -12,6 +12,8 @@ use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use stork_proto::MacAddr;
 
 use super::client::{self, BootAnswer, ClientKind};
+use super::datagram::Port;
+use super::edge::Request;
 use super::journal::Record;
 use super::pool::{Pool, PoolError};
 use super::ratelimit::RateLimiter;
@@ -46,12 +48,6 @@ pub struct Reply {
 /// Why a request got no answer; counted and logged by the I/O layer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Ignored {
-    #[error("not a BOOTREQUEST")]
-    NotRequest,
-    #[error("no DHCP message type (plain BOOTP is not served)")]
-    NoMessageType,
-    #[error("hardware address is not 6-byte Ethernet")]
-    BadChaddr,
     #[error("{0:?} is not handled")]
     Unhandled(MessageType),
     #[error("client chose server {0}")]
@@ -142,17 +138,11 @@ impl Handler {
         }
     }
 
-    /// A request that arrived on port 67.
-    pub fn handle(&mut self, req: &Message, now: SystemTime) -> Outcome {
-        match self.decide(req, now, false) {
-            Ok(reply) => Outcome::Reply(reply),
-            Err(why) => Outcome::Ignore(why),
-        }
-    }
-
-    /// A request that arrived on the PXE boot server port, 4011.
-    pub fn handle_pxe(&mut self, req: &Message, now: SystemTime) -> Outcome {
-        match self.decide(req, now, true) {
+    /// A request that passed the edge's checks ([`super::edge::accept`]: a BOOTREQUEST from a
+    /// 6-byte Ethernet address with a message type), on port 67 or on the PXE boot server
+    /// port, 4011.
+    pub fn answer(&mut self, req: &Request, port: Port, now: SystemTime) -> Outcome {
+        match self.decide(req, now, port == Port::Pxe) {
             Ok(reply) => Outcome::Reply(reply),
             Err(why) => Outcome::Ignore(why),
         }
@@ -179,15 +169,9 @@ impl Handler {
         Ok(0)
     }
 
-    fn decide(&mut self, req: &Message, now: SystemTime, pxe_port: bool) -> Result<Reply, Ignored> {
-        if req.opcode() != Opcode::BootRequest {
-            return Err(Ignored::NotRequest);
-        }
-        let msg_type = req.opts().msg_type().ok_or(Ignored::NoMessageType)?;
-        if req.hlen() != 6 {
-            return Err(Ignored::BadChaddr);
-        }
-        let mac = MacAddr::from_slice(req.chaddr()).ok_or(Ignored::BadChaddr)?;
+    fn decide(&mut self, req: &Request, now: SystemTime, pxe_port: bool) -> Result<Reply, Ignored> {
+        let (msg_type, mac) = (req.kind, req.mac);
+        let req = &req.msg;
         if let Some(l) = &mut self.limiter
             && !l.allow(mac, now)
         {
@@ -474,6 +458,26 @@ mod tests {
     use dhcproto::v4::{Decodable, Decoder, Encodable};
 
     const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+
+    /// The tests hand the handler a message as the socket loop does: encoded, then through
+    /// the edge's checks.
+    trait ViaEdge {
+        fn handle(&mut self, m: &Message, now: SystemTime) -> Outcome;
+        fn handle_pxe(&mut self, m: &Message, now: SystemTime) -> Outcome;
+    }
+
+    impl ViaEdge for Handler {
+        fn handle(&mut self, m: &Message, now: SystemTime) -> Outcome {
+            self.answer(&through_edge(m), Port::Dhcp, now)
+        }
+        fn handle_pxe(&mut self, m: &Message, now: SystemTime) -> Outcome {
+            self.answer(&through_edge(m), Port::Pxe, now)
+        }
+    }
+
+    fn through_edge(m: &Message) -> Request {
+        crate::dhcp::edge::accept(&m.to_vec().unwrap()).unwrap()
+    }
 
     fn handler_with(text: &str) -> Handler {
         let cfg = FileConfig::parse(text, std::path::Path::new("test"))
@@ -797,7 +801,12 @@ mod tests {
         let mut h = handler();
         let mut d = ipxe_discover();
         d.set_giaddr(Ipv4Addr::new(10, 77, 0, 2));
-        let o82 = DhcpOption::RelayAgentInformation(Default::default());
+        // As a relay sends it: a circuit id (an empty option 82 does not survive decoding).
+        let mut info = dhcproto::v4::relay::RelayAgentInformation::default();
+        info.insert(dhcproto::v4::relay::RelayInfo::AgentCircuitId(
+            b"eth1".to_vec(),
+        ));
+        let o82 = DhcpOption::RelayAgentInformation(info);
         d.opts_mut().insert(o82.clone());
         let offer = reply(h.handle(&d, SystemTime::UNIX_EPOCH));
         assert_eq!(offer.to, SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 2), 67));
