@@ -74,10 +74,31 @@ pub fn serve(args: Overrides) -> Result<()> {
     rt.block_on(run(cfg))
 }
 
-/// Takes what was prepared before the services started (a bound socket: a bind error is a
-/// fatal configuration error, reported at start), or prepares it again for a restart.
-fn first_or<T>(slot: &Arc<Mutex<Option<T>>>) -> Option<T> {
-    slot.lock().unwrap_or_else(PoisonError::into_inner).take()
+/// A service's sockets: bound once before the services start, so that a bind error is a
+/// fatal configuration error reported at start, and bound again by each restart.
+struct Prebound<T> {
+    first: Mutex<Option<T>>,
+    bind: Box<dyn Fn() -> Result<T> + Send + Sync>,
+}
+
+impl<T> Prebound<T> {
+    fn new(bind: impl Fn() -> Result<T> + Send + Sync + 'static) -> Result<Arc<Self>> {
+        let first = bind()?;
+        Ok(Arc::new(Self {
+            first: Mutex::new(Some(first)),
+            bind: Box::new(bind),
+        }))
+    }
+
+    /// The sockets bound at start the first time, fresh ones after.
+    fn take(&self) -> Result<T> {
+        let first = self
+            .first
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        first.map_or_else(|| (self.bind)(), Ok)
+    }
 }
 
 async fn run(cfg: Arc<Config>) -> Result<()> {
@@ -123,7 +144,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
     );
 
     if cfg.dhcp.serves() {
-        let bind = {
+        let sockets = Prebound::new({
             let cfg = cfg.clone();
             move || -> Result<DhcpSockets> {
                 let sock = dhcp::bind(&cfg.interface, dhcproto::v4::SERVER_PORT)
@@ -136,22 +157,21 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
                 };
                 Ok((sock, pxe))
             }
-        };
-        let first = Arc::new(Mutex::new(Some(bind()?)));
+        })?;
         let info = ServerInfo::new(&cfg);
         let stats = state.dhcp_stats.clone();
         let journal = dhcp::journal_path(&cfg.data_dir);
         service(
             "dhcp",
             Box::new(move || {
-                let pre = first_or(&first);
-                let (bind, info, stats, journal) =
-                    (bind.clone(), info.clone(), stats.clone(), journal.clone());
+                let (sockets, info, stats, journal) = (
+                    sockets.clone(),
+                    info.clone(),
+                    stats.clone(),
+                    journal.clone(),
+                );
                 Box::pin(async move {
-                    let (sock, pxe) = match pre {
-                        Some(s) => s,
-                        None => bind()?,
-                    };
+                    let (sock, pxe) = sockets.take()?;
                     dhcp::run(sock, pxe, info, &journal, stats)
                         .await
                         .context("DHCP service")
@@ -182,22 +202,17 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
 
     if let Some(tftp_cfg) = cfg.tftp.clone() {
         let listen = tftp_cfg.listen;
-        let bind = move || {
+        let socket = Prebound::new(move || {
             crate::tftp::bind(listen).with_context(|| format!("cannot listen for TFTP on {listen}"))
-        };
-        let first = Arc::new(Mutex::new(Some(bind()?)));
+        })?;
         let stats = state.tftp_stats.clone();
         tracing::info!(listen = %tftp_cfg.listen, root = %tftp_cfg.root.display(), "TFTP serving");
         service(
             "tftp",
             Box::new(move || {
-                let pre = first_or(&first);
-                let (cfg, stats) = (tftp_cfg.clone(), stats.clone());
+                let (socket, cfg, stats) = (socket.clone(), tftp_cfg.clone(), stats.clone());
                 Box::pin(async move {
-                    let sock = match pre {
-                        Some(s) => s,
-                        None => bind()?,
-                    };
+                    let sock = socket.take()?;
                     crate::tftp::run(sock, cfg, stats)
                         .await
                         .context("TFTP service")
@@ -207,24 +222,29 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
     }
 
     let listen = cfg.http_listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen for HTTP on {listen}"))?;
+    let listener = Prebound::new(move || {
+        // What `TcpListener::bind` does, without its await: address reuse, a 1024 backlog.
+        let socket = if listen.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
+        socket
+            .and_then(|s| {
+                s.set_reuseaddr(true)?;
+                s.bind(listen)?;
+                s.listen(1024)
+            })
+            .with_context(|| format!("cannot listen for HTTP on {listen}"))
+    })?;
     tracing::info!(listen = %cfg.http_listen, url = %cfg.base_url(), boot_dir = %cfg.boot_dir().display(), "HTTP serving");
     let app = http::router(state);
-    let first = Arc::new(Mutex::new(Some(listener)));
     service(
         "http",
         Box::new(move || {
-            let pre = first_or(&first);
-            let app = app.clone();
+            let (listener, app) = (listener.clone(), app.clone());
             Box::pin(async move {
-                let listener = match pre {
-                    Some(l) => l,
-                    None => tokio::net::TcpListener::bind(listen)
-                        .await
-                        .with_context(|| format!("cannot listen for HTTP on {listen}"))?,
-                };
+                let listener = listener.take()?;
                 axum::serve(listener, app).await.context("HTTP service")
             })
         }),
