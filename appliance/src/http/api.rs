@@ -24,7 +24,10 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use super::extract::{Admin, Agent};
-use super::openapi::{BadRequest, Forbidden, IllegalTransition, NotFound, Unauthorized};
+use super::openapi::{
+    ActionAnswers, AgentMachineId, BadRequest, Forbidden, IllegalTransition, MachineId, NotFound,
+    Unauthorized,
+};
 use crate::lifecycle::boot::{AgentWork, agent_work};
 use crate::lifecycle::records::new_id;
 use crate::lifecycle::{Command, ControlError, Status};
@@ -256,9 +259,7 @@ async fn create_machine(
     operation_id = "show_machine",
     tag = "machines",
     summary = "Show a machine",
-    params(
-        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
-    ),
+    params(MachineId),
     responses(
         (status = 200, description = "OK", body = Machine),
         (status = 401, response = Unauthorized),
@@ -280,9 +281,7 @@ async fn show_machine(
     operation_id = "delete_machine",
     tag = "machines",
     summary = "Delete a machine",
-    params(
-        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
-    ),
+    params(MachineId),
     responses(
         (status = 204, description = "Deleted; its events stay in the history."),
         (status = 401, response = Unauthorized),
@@ -373,18 +372,9 @@ impl ActionCall {
     tag = "machines",
     summary = "Commission: run the agent to take the inventory",
     description = "New, Ready or Failed commissioning -> Commissioning; powers the machine on into the agent (manual power: records that a person must). Lifecycle event `Commission`.",
-    params(
-        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
-    ),
+    params(MachineId),
     request_body(content = Option<NoFields>),
-    responses(
-        (status = 200, description = "The machine after the transition.", body = Machine),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = IllegalTransition)
-    )
+    responses(ActionAnswers)
 )]
 async fn commission(a: ActionCall) -> ApiResult<Json<Machine>> {
     a.fields::<NoFields>()?;
@@ -398,18 +388,9 @@ async fn commission(a: ActionCall) -> ApiResult<Json<Machine>> {
     tag = "machines",
     summary = "Allocate this machine",
     description = "Ready -> Allocated. Lifecycle event `Allocate`.",
-    params(
-        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
-    ),
+    params(MachineId),
     request_body(content = Option<AllocateBody>),
-    responses(
-        (status = 200, description = "The machine after the transition.", body = Machine),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = IllegalTransition)
-    )
+    responses(ActionAnswers)
 )]
 async fn allocate(a: ActionCall) -> ApiResult<Json<Machine>> {
     let body: AllocateBody = a.fields()?;
@@ -424,18 +405,9 @@ async fn allocate(a: ActionCall) -> ApiResult<Json<Machine>> {
     tag = "machines",
     summary = "Deploy an image",
     description = "Allocated or Failed deployment -> Deploying; the image must be a registered `os` boot resource. A disk deploy streams the image's raw disk image (role `raw`) and grows its root; with a `layout`, or when the image has no raw file, the agent partitions the disk itself (BIOS boot 1 MiB, ESP, root), makes the file systems and extracts the image's root tar (role `tar`). Lifecycle event `Deploy`.",
-    params(
-        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
-    ),
+    params(MachineId),
     request_body(content = DeployRequest),
-    responses(
-        (status = 200, description = "The machine after the transition.", body = Machine),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = IllegalTransition)
-    )
+    responses(ActionAnswers)
 )]
 async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
     // No default here: `image` is required.
@@ -461,18 +433,9 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
     tag = "machines",
     summary = "Release the machine",
     description = "Allocated, Deployed, Failed deployment or Failed releasing -> Releasing -> Ready (power off), or with `erase` -> Disk erasing -> Ready once the agent erased the disks. Lifecycle event `Release / ReleaseErase`.",
-    params(
-        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
-    ),
+    params(MachineId),
     request_body(content = Option<ReleaseBody>),
-    responses(
-        (status = 200, description = "The machine after the transition.", body = Machine),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = IllegalTransition)
-    )
+    responses(ActionAnswers)
 )]
 async fn release(a: ActionCall) -> ApiResult<Json<Machine>> {
     let body: ReleaseBody = a.fields()?;
@@ -490,18 +453,9 @@ async fn release(a: ActionCall) -> ApiResult<Json<Machine>> {
     tag = "machines",
     summary = "Abort the running operation",
     description = "Commissioning, Deploying, Releasing or Disk erasing -> its failed status. Lifecycle event `Abort`.",
-    params(
-        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
-    ),
+    params(MachineId),
     request_body(content = Option<NoFields>),
-    responses(
-        (status = 200, description = "The machine after the transition.", body = Machine),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = IllegalTransition)
-    )
+    responses(ActionAnswers)
 )]
 async fn abort(a: ActionCall) -> ApiResult<Json<Machine>> {
     a.fields::<NoFields>()?;
@@ -515,18 +469,9 @@ async fn abort(a: ActionCall) -> ApiResult<Json<Machine>> {
     tag = "machines",
     summary = "Mark broken",
     description = "Any status but Broken -> Broken; powers off. Lifecycle event `MarkBroken`.",
-    params(
-        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
-    ),
+    params(MachineId),
     request_body(content = Option<MarkBrokenBody>),
-    responses(
-        (status = 200, description = "The machine after the transition.", body = Machine),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = IllegalTransition)
-    )
+    responses(ActionAnswers)
 )]
 async fn mark_broken(a: ActionCall) -> ApiResult<Json<Machine>> {
     let body: MarkBrokenBody = a.fields()?;
@@ -541,18 +486,9 @@ async fn mark_broken(a: ActionCall) -> ApiResult<Json<Machine>> {
     tag = "machines",
     summary = "Mark fixed",
     description = "Broken -> Ready if commissioned, else New. Lifecycle event `MarkFixed`.",
-    params(
-        ("id" = String, Path, description = "Machine id, or any of its MAC addresses.")
-    ),
+    params(MachineId),
     request_body(content = Option<NoFields>),
-    responses(
-        (status = 200, description = "The machine after the transition.", body = Machine),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = IllegalTransition)
-    )
+    responses(ActionAnswers)
 )]
 async fn mark_fixed(a: ActionCall) -> ApiResult<Json<Machine>> {
     a.fields::<NoFields>()?;
@@ -1146,9 +1082,7 @@ async fn report(
     operation_id = "agent_task",
     tag = "agent",
     summary = "What the agent should do now",
-    params(
-        ("id" = String, Path, description = "The machine id from the boot script (`stork.machine`).")
-    ),
+    params(AgentMachineId),
     responses(
         (status = 200, description = "OK", body = Task),
         (status = 401, response = Unauthorized),
@@ -1180,9 +1114,7 @@ async fn agent_task(
     tag = "agent",
     summary = "Commissioning done: the inventory",
     description = "Commissioning -> Ready; the token is revoked.",
-    params(
-        ("id" = String, Path, description = "The machine id from the boot script (`stork.machine`).")
-    ),
+    params(AgentMachineId),
     request_body(content = Inventory),
     responses(
         (status = 200, description = "OK", body = EnlistResponse),
@@ -1243,9 +1175,7 @@ async fn agent_event_handler(s: &AppState, id: &str, e: AgentEvent) -> ApiResult
     tag = "agent",
     summary = "A step's progress",
     description = "State `failed` moves the machine to its failed status (AgentFailed).",
-    params(
-        ("id" = String, Path, description = "The machine id from the boot script (`stork.machine`).")
-    ),
+    params(AgentMachineId),
     request_body(content = AgentEvent),
     responses(
         (status = 204, description = "Recorded."),
@@ -1280,9 +1210,7 @@ const MAX_STEP_LEN: usize = 64;
     tag = "agent",
     summary = "The agent is alive",
     description = "Posted every 10 s while the agent runs a task. Each one sets the machine's `heartbeat_deadline` to now + `lifecycle.heartbeat_timeout`; when it passes, the controller fails the busy status (TimedOut) with the reason `agent stopped answering: last heartbeat N s ago (step S)`. `leaving: true` clears the deadline for good in this status.",
-    params(
-        ("id" = String, Path, description = "The machine id from the boot script (`stork.machine`).")
-    ),
+    params(AgentMachineId),
     request_body(content = Heartbeat),
     responses(
         (status = 202, description = "Not recorded: no heartbeat is expected any more (the image is installed, or the agent left)."),
@@ -1319,9 +1247,7 @@ async fn agent_heartbeat(
     operation_id = "agent_released",
     tag = "agent",
     summary = "Erase done",
-    params(
-        ("id" = String, Path, description = "The machine id from the boot script (`stork.machine`).")
-    ),
+    params(AgentMachineId),
     responses(
         (status = 204, description = "Disk erasing -> Ready."),
         (status = 401, response = Unauthorized),
@@ -1350,9 +1276,7 @@ async fn agent_released(
     operation_id = "agent_installed",
     tag = "agent",
     summary = "Image written: boot from disk next",
-    params(
-        ("id" = String, Path, description = "The machine id from the boot script (`stork.machine`).")
-    ),
+    params(AgentMachineId),
     responses(
         (status = 204, description = "Recorded; the machine stays Deploying, and heartbeats are no longer expected."),
         (status = 401, response = Unauthorized),
@@ -1383,9 +1307,7 @@ async fn agent_installed(
     operation_id = "agent_deployed",
     tag = "agent",
     summary = "The installed OS phoned home",
-    params(
-        ("id" = String, Path, description = "The machine id from the boot script (`stork.machine`).")
-    ),
+    params(AgentMachineId),
     responses(
         (status = 204, description = "Deploying -> Deployed."),
         (status = 401, response = Unauthorized),

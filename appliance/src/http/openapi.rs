@@ -205,6 +205,55 @@ pub fn tftp_stats() -> Object {
     counters(crate::tftp::Stats::default().snapshot())
 }
 
+// ---- what many routes share ----
+
+/// The `{id}` of the admin routes under `/machines/{id}`.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // Read by the document only: the handlers take the path as a String.
+pub struct MachineId {
+    /// Machine id, or any of its MAC addresses.
+    id: String,
+}
+
+/// The `{id}` of the agent routes under `/agent/{id}`.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct AgentMachineId {
+    /// The machine id from the boot script (`stork.machine`).
+    id: String,
+}
+
+/// The answers of every lifecycle action (`/machines/{id}/commission`, `allocate`, ...).
+pub struct ActionAnswers;
+
+impl utoipa::IntoResponses for ActionAnswers {
+    fn responses() -> std::collections::BTreeMap<String, RefOr<Response>> {
+        let machine = ResponseBuilder::new()
+            .description("The machine after the transition.")
+            .content(
+                "application/json",
+                Content::new(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                    "Machine",
+                )))),
+            )
+            .build();
+        let shared = |name: &str| RefOr::Ref(utoipa::openapi::Ref::from_response_name(name));
+        [
+            ("200", RefOr::T(machine)),
+            ("400", shared("BadRequest")),
+            ("401", shared("Unauthorized")),
+            ("403", shared("Forbidden")),
+            ("404", shared("NotFound")),
+            ("409", shared("IllegalTransition")),
+        ]
+        .into_iter()
+        .map(|(status, r)| (status.to_string(), r))
+        .collect()
+    }
+}
+
 // ---- the error answers every route shares ----
 
 fn error_response(description: &str) -> Response {
