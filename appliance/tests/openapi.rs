@@ -126,3 +126,29 @@ fn operations_are_complete_and_refs_resolve() {
         assert!(doc.pointer(pointer).is_some(), "dangling $ref {r}");
     }
 }
+
+/// The documented bounds are the ones the code enforces (schema attributes take literals).
+#[test]
+fn documented_bounds_are_the_enforced_ones() {
+    use stork_proto::layout::{
+        DEFAULT_ESP_MIB, MAX_ESP_MIB, MAX_ROOT_MIB, MIN_ESP_MIB, MIN_ROOT_MIB,
+    };
+    let doc = doc();
+    let layout = &doc["components"]["schemas"]["DiskLayout"]["properties"];
+    let esp = &layout["esp_mib"];
+    assert_eq!(esp["default"], DEFAULT_ESP_MIB);
+    assert_eq!(esp["minimum"], MIN_ESP_MIB);
+    assert_eq!(esp["maximum"], MAX_ESP_MIB);
+    assert_eq!(layout["root_mib"]["minimum"], MIN_ROOT_MIB);
+    assert_eq!(layout["root_mib"]["maximum"], MAX_ROOT_MIB);
+    let ipmi = &doc["components"]["schemas"]["IpmiParams"]["properties"];
+    assert_eq!(ipmi["port"]["default"], stork::power::ipmi::DEFAULT_PORT);
+    let ops: Vec<&str> = stork_proto::api::PowerOp::ALL
+        .iter()
+        .map(|op| op.as_str())
+        .collect();
+    assert_eq!(
+        doc["components"]["schemas"]["PowerOp"]["enum"],
+        serde_json::json!(ops)
+    );
+}

@@ -119,6 +119,7 @@ pub struct DeployRequest {
     pub image: String,
     /// `disk` (install) or `memory` (run from RAM, no disk touched).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(default = "disk"))]
     pub target: DeployTarget,
     /// Disk to install to (kernel name like `vda`); default: the smallest that fits.
     #[serde(default)]
@@ -286,10 +287,13 @@ pub struct MachineFilter {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewMachine {
+    /// The boot NIC first.
+    #[cfg_attr(feature = "openapi", schema(min_items = 1))]
     pub macs: Vec<MacAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(default = "amd64"))]
     pub arch: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power: Option<PowerConfig>,
@@ -322,9 +326,11 @@ pub struct AllocateBody {
 pub struct ReleaseBody {
     /// Wipe the disks first.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(default = false))]
     pub erase: bool,
     /// With erase: signatures and partition tables only (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(default = true))]
     pub quick: Option<bool>,
 }
 
@@ -398,6 +404,7 @@ pub struct NewSshKey {
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(default = ""))]
     pub description: String,
 }
 
@@ -433,11 +440,56 @@ impl fmt::Display for PowerState {
     }
 }
 
+/// A direct power operation (`POST /machines/{id}/power/{op}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum PowerOp {
+    On,
+    Off,
+    /// ACPI shutdown: the OS powers off by itself.
+    SoftOff,
+    /// Off, then on (or on when off).
+    Cycle,
+    /// Only ask the power state.
+    Query,
+}
+
+impl PowerOp {
+    pub const ALL: [PowerOp; 5] = [
+        PowerOp::On,
+        PowerOp::Off,
+        PowerOp::SoftOff,
+        PowerOp::Cycle,
+        PowerOp::Query,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PowerOp::On => "on",
+            PowerOp::Off => "off",
+            PowerOp::SoftOff => "soft-off",
+            PowerOp::Cycle => "cycle",
+            PowerOp::Query => "query",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PowerOp> {
+        PowerOp::ALL.into_iter().find(|op| op.as_str() == s)
+    }
+}
+
+impl fmt::Display for PowerOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PowerAnswer {
     pub machine_id: String,
-    pub op: String,
+    pub op: PowerOp,
     pub state: PowerState,
 }
 

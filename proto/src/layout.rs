@@ -41,9 +41,14 @@ const MIB: u64 = 1 << 20;
 pub struct DiskLayout {
     /// EFI system partition; default [`DEFAULT_ESP_MIB`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(default = 512, minimum = 64, maximum = 16384)
+    )]
     pub esp_mib: Option<u64>,
     /// Root partition; default the rest of the disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1024, maximum = 1073741824))]
     pub root_mib: Option<u64>,
 }
 

@@ -110,6 +110,7 @@ pub struct Heartbeat {
     /// The agent is handing the machine over (rebooting into the installed OS, switching root
     /// into a deployed one) and will send no more heartbeats on purpose.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(default = false))]
     pub leaving: bool,
 }
 
@@ -122,9 +123,11 @@ pub struct AgentEvent {
     pub step: AgentStep,
     pub state: StepState,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(default = ""))]
     pub message: String,
     /// 0.0..=1.0 for long steps.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1))]
     pub progress: Option<f32>,
     /// Last lines of the step's log, on failure.
     #[serde(default)]

@@ -37,7 +37,7 @@ use crate::store::{
 };
 use stork_proto::api::{
     AllocateBody, Constraints, CreatedToken, ErrorBody, EventQuery, HealthReport, MachineFilter,
-    MarkBrokenBody, NewMachine, NewSshKey, NewToken, NoFields, PowerAnswer, ReleaseBody,
+    MarkBrokenBody, NewMachine, NewSshKey, NewToken, NoFields, PowerAnswer, PowerOp, ReleaseBody,
     StatsResponse,
 };
 
@@ -545,7 +545,7 @@ fn check_layout(req: &DeployRequest, resource: &BootResource) -> ApiResult<()> {
     description = "Recorded as an event; the lifecycle status does not change.",
     params(
         ("id" = String, Path, description = "Machine id, or any of its MAC addresses."),
-        ("op" = String, Path)
+        ("op" = PowerOp, Path)
     ),
     responses(
         (status = 200, description = "Done; the power state after it (or found by `query`).", body = PowerAnswer),
@@ -565,17 +565,17 @@ async fn power_op(
     let m = s.controller.machine(&id).await?;
     let params = crate::lifecycle::controller::power_params(&m).map_err(ApiError::bad_request)?;
     let d = PowerDriver::new(params);
-    let result = match op.as_str() {
-        "on" => d.power_on().await.map(|_| PowerState::On),
-        "off" => d.power_off(false).await.map(|_| PowerState::Off),
-        "soft-off" => d.power_off(true).await.map(|_| PowerState::Off),
-        "cycle" => d.power_cycle().await.map(|_| PowerState::On),
-        "query" => d.query().await,
-        other => {
-            return Err(ApiError::bad_request(format!(
-                "op: {other:?} is not one of on, off, soft-off, cycle, query"
-            )));
-        }
+    let Some(op) = PowerOp::parse(&op) else {
+        return Err(ApiError::bad_request(format!(
+            "op: {op:?} is not one of on, off, soft-off, cycle, query"
+        )));
+    };
+    let result = match op {
+        PowerOp::On => d.power_on().await.map(|_| PowerState::On),
+        PowerOp::Off => d.power_off(false).await.map(|_| PowerState::Off),
+        PowerOp::SoftOff => d.power_off(true).await.map(|_| PowerState::Off),
+        PowerOp::Cycle => d.power_cycle().await.map(|_| PowerState::On),
+        PowerOp::Query => d.query().await,
     };
     let message = match &result {
         Ok(state) => format!("power {op}: {state}"),

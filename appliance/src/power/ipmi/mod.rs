@@ -45,6 +45,7 @@ pub struct IpmiParams {
     /// BMC address or name.
     pub host: String,
     #[serde(default = "default_port")]
+    #[schema(default = 623)]
     pub port: u16,
     pub username: String,
     #[schema(value_type = String)]
@@ -56,6 +57,7 @@ pub struct IpmiParams {
     pub cipher_suite: IpmiCipherSuite,
     /// Operator (default) is enough for chassis control and boot options.
     #[serde(default)]
+    #[schema(default = "operator")]
     pub privilege: IpmiPrivilege,
     /// How long to wait for each answer before sending again.
     #[serde(default = "default_timeout_ms")]
