@@ -278,7 +278,9 @@ enum MachineCmd {
     /// Power control through the machine's driver: on, off, soft-off, cycle, query.
     Power {
         id: String,
-        op: String,
+        /// on, off, soft-off, cycle or query.
+        #[arg(value_parser = power_op)]
+        op: stork_proto::api::PowerOp,
         #[arg(long)]
         json: bool,
     },
@@ -600,7 +602,7 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
         MachineCmd::MarkFixed { id, json } => cli::machine_line(&c.mark_fixed(&id)?, json),
         MachineCmd::Delete { id } => Ok(c.delete_machine(&id)?),
         MachineCmd::Power { id, op, json } => {
-            let answer = c.power(&id, &op)?;
+            let answer = c.power(&id, op)?;
             cli::json_or_line(&answer, json, |a| format!("{} {}", a.machine_id, a.state))
         }
         MachineCmd::Events { id, json } => cli::events(c, &id, json),
@@ -612,4 +614,10 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
 fn deploy_target(s: &str) -> Result<stork_proto::DeployTarget, String> {
     serde_json::from_value(Value::String(s.to_string()))
         .map_err(|_| format!("{s:?} is not one of disk, memory"))
+}
+
+/// A power operation by its API name.
+fn power_op(s: &str) -> Result<stork_proto::api::PowerOp, String> {
+    stork_proto::api::PowerOp::parse(s)
+        .ok_or_else(|| format!("{s:?} is not one of on, off, soft-off, cycle, query"))
 }

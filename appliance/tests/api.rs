@@ -5,20 +5,29 @@
 
 mod common;
 
+use std::fmt::Debug;
 use std::time::Duration;
 
-use common::{Api, Options, Resp, Server, inventory, mac, script_identity, status_history};
-use serde_json::{Value, json};
+use common::{Options, Server, inventory, mac, mac_addr, script_identity, status_history};
 use stork::lifecycle::{Event, Status, transition};
+use stork_client::{API, Client, Method, RawResponse};
 use stork_lab::wait_for;
+use stork_proto::api::{
+    AllocateBody, BootResource, Constraints, DeployRequest, EventQuery, EventRecord, Machine,
+    MachineFilter, MarkBrokenBody, NewMachine, NewSshKey, NewToken, PowerAnswer, PowerConfig,
+    PowerOp, PowerState, ReleaseBody, ResourceFile, TokenRecord,
+};
+use stork_proto::{
+    AgentEvent, AgentReport, AgentStep, DeployTarget, DiskLayout, ENLIST_PATH, EnlistRequest,
+    EnlistResponse, Heartbeat, ImageRole, StepState, Task, agent_path,
+};
 
 const IMAGE: &str = "debian-12";
 
-/// A server, its client and the admin token.
+/// A server and its client (with the admin token).
 struct Fixture {
     server: Server,
-    api: Api,
-    admin: String,
+    client: Client,
 }
 
 /// A machine the test drives; `token` is the agent token of its latest boot script.
@@ -29,6 +38,83 @@ struct M {
     token: Option<String>,
 }
 
+/// A user action with its body.
+#[derive(Debug, Clone)]
+enum Action {
+    Commission,
+    Allocate(AllocateBody),
+    Deploy(DeployRequest),
+    Release(ReleaseBody),
+    Abort,
+    MarkBroken(MarkBrokenBody),
+    MarkFixed,
+}
+
+impl Action {
+    fn allocate() -> Self {
+        Action::Allocate(AllocateBody::default())
+    }
+
+    fn deploy(image: &str) -> Self {
+        Action::Deploy(deploy(image))
+    }
+
+    fn release(erase: bool) -> Self {
+        Action::Release(ReleaseBody { erase, quick: None })
+    }
+
+    fn mark_broken(reason: Option<&str>) -> Self {
+        Action::MarkBroken(MarkBrokenBody {
+            reason: reason.map(str::to_string),
+        })
+    }
+
+    fn send(&self, c: &Client, id: &str) -> stork_client::Result<Machine> {
+        match self {
+            Action::Commission => c.commission(id),
+            Action::Allocate(b) => c.allocate(id, b),
+            Action::Deploy(b) => c.deploy(id, b),
+            Action::Release(b) => c.release(id, b),
+            Action::Abort => c.abort(id),
+            Action::MarkBroken(b) => c.mark_broken(id, b),
+            Action::MarkFixed => c.mark_fixed(id),
+        }
+    }
+}
+
+/// A deploy of `image` with every other field left to its default.
+fn deploy(image: &str) -> DeployRequest {
+    DeployRequest {
+        image: image.into(),
+        ..DeployRequest::default()
+    }
+}
+
+/// The error answer of a request that must be refused.
+#[track_caller]
+fn refused<T: Debug>(r: stork_client::Result<T>) -> stork_client::Error {
+    let e = r.expect_err("the request was refused");
+    assert!(e.status().is_some(), "not an error answer: {e}");
+    e
+}
+
+/// An error answer's status and code.
+fn answer(e: &stork_client::Error) -> (u16, &str) {
+    (e.status().unwrap_or(0), e.code().unwrap_or(""))
+}
+
+/// An agent heartbeat; whether the appliance recorded it.
+#[track_caller]
+fn heartbeat(f: &Fixture, m: &M, step: &str, leaving: bool) -> bool {
+    let h = Heartbeat {
+        step: step.into(),
+        leaving,
+    };
+    f.agent(m)
+        .agent_heartbeat_recorded(&m.id, &h)
+        .unwrap_or_else(|e| panic!("heartbeat {}: {e}", m.id))
+}
+
 impl Fixture {
     fn new() -> Self {
         Self::with(Options::default())
@@ -36,83 +122,108 @@ impl Fixture {
 
     fn with(opts: Options<'_>) -> Self {
         let server = Server::start(opts);
-        let api = server.api();
-        let admin = server.token.clone();
-        let f = Self { server, api, admin };
+        let client = server.client();
+        let f = Self { server, client };
         f.register_image();
         f
     }
 
-    fn get(&self, path: &str) -> Resp {
-        self.api.get(path, Some(&self.admin))
+    /// The appliance as machine `m`'s agent sees it: with its latest agent token.
+    fn agent(&self, m: &M) -> Client {
+        match &m.token {
+            Some(t) => self.client.with_token(t),
+            None => self.client.anonymous(),
+        }
     }
 
-    fn post(&self, path: &str, body: Value) -> Resp {
-        self.api.post(path, Some(&self.admin), &body)
+    /// A request as given, for the API's edges: `path` under `/api/v1`, with the admin token.
+    fn raw(&self, method: Method, path: &str, body: Option<&str>) -> RawResponse {
+        self.client
+            .raw(method, &format!("{API}{path}"), body)
+            .unwrap_or_else(|e| panic!("{method:?} {path}: {e}"))
     }
 
     fn register_image(&self) {
         let (size, sha256) = self
             .server
             .boot_file("images/debian-12/root.tar", b"not really a tarball");
-        let r = self.post(
-            "/boot-resources",
-            json!({
-                "name": IMAGE, "kind": "os", "arch": "amd64",
-                "files": [{"role": "tar", "path": "images/debian-12/root.tar", "sha256": sha256, "size": size}],
-            }),
-        );
-        assert_eq!(r.status, 201, "{}", r.text);
+        self.client
+            .register_boot_resource(&BootResource {
+                name: IMAGE.into(),
+                kind: "os".into(),
+                arch: Some("amd64".into()),
+                files: vec![ResourceFile {
+                    role: ImageRole::Tar,
+                    path: "images/debian-12/root.tar".into(),
+                    sha256,
+                    size,
+                }],
+            })
+            .expect("register the image");
     }
 
     fn create(&self, n: u32) -> M {
-        self.create_with(n, json!({"driver": "manual"}), &[])
+        self.create_with(n, PowerConfig::manual(), &[])
     }
 
-    fn create_with(&self, n: u32, power: Value, tags: &[&str]) -> M {
-        let mac = mac(n);
-        let r = self.post(
-            "/machines",
-            json!({"macs": [mac], "power": power, "tags": tags, "hostname": format!("node{n}")}),
-        );
-        assert_eq!(r.status, 201, "{}", r.text);
-        assert_eq!(r.body["status"], "new");
+    fn create_with(&self, n: u32, power: PowerConfig, tags: &[&str]) -> M {
+        let created = self
+            .client
+            .create_machine(&NewMachine {
+                macs: vec![mac_addr(n)],
+                hostname: Some(format!("node{n}")),
+                power: Some(power),
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                ..NewMachine::default()
+            })
+            .unwrap_or_else(|e| panic!("create machine {n}: {e}"));
+        assert_eq!(created.status, Status::New);
         M {
-            id: r.body["id"].as_str().expect("id").to_string(),
-            mac,
+            id: created.id,
+            mac: mac(n),
             token: None,
         }
     }
 
-    fn machine(&self, id: &str) -> Value {
-        self.get(&format!("/machines/{id}")).ok()
+    #[track_caller]
+    fn machine(&self, id: &str) -> Machine {
+        self.client
+            .machine(id)
+            .unwrap_or_else(|e| panic!("machine {id}: {e}"))
     }
 
+    #[track_caller]
     fn status(&self, id: &str) -> Status {
-        let m = self.machine(id);
-        Status::parse(m["status"].as_str().expect("status")).expect("known status")
+        self.machine(id).status
     }
 
-    fn events(&self, id: &str) -> Vec<Value> {
-        let v = self.get(&format!("/machines/{id}/events")).ok();
-        v.as_array().expect("events array").clone()
+    #[track_caller]
+    fn events(&self, id: &str) -> Vec<EventRecord> {
+        self.client
+            .machine_events(id, 0)
+            .unwrap_or_else(|e| panic!("events of {id}: {e}"))
     }
 
     /// A user action; asserts success and the resulting status.
     #[track_caller]
-    fn act(&self, m: &M, action: &str, body: Value, want: Status) -> Value {
-        let r = self.post(&format!("/machines/{}/{action}", m.id), body);
-        assert_eq!(r.status, 200, "{action} {}: {}", m.id, r.text);
-        assert_eq!(r.body["status"], want.as_str(), "{action}: {}", r.text);
-        r.body
+    fn act(&self, m: &M, action: Action, want: Status) -> Machine {
+        let shown = action
+            .send(&self.client, &m.id)
+            .unwrap_or_else(|e| panic!("{action:?} {}: {e}", m.id));
+        assert_eq!(shown.status, want, "{action:?}: {shown:?}");
+        shown
     }
 
     /// What the machine's firmware does: fetch its iPXE script. Returns the script.
+    #[track_caller]
     fn boot_script(&self, m: &M) -> String {
-        let r = self.api.get(&format!("/ipxe/{}", m.mac), None);
-        assert_eq!(r.status, 200, "{}", r.text);
-        assert!(r.text.starts_with("#!ipxe\n"), "{}", r.text);
-        r.text
+        let script = self
+            .client
+            .anonymous()
+            .boot_script(&m.mac)
+            .unwrap_or_else(|e| panic!("boot script of {}: {e}", m.mac));
+        assert!(script.starts_with("#!ipxe\n"), "{script}");
+        script
     }
 
     /// Boots the agent: the script's token becomes the machine's agent token.
@@ -124,13 +235,24 @@ impl Fixture {
         m.token = Some(token);
     }
 
-    fn agent_post(&self, m: &M, what: &str, body: Option<Value>) -> Resp {
-        let path = format!("/agent/{}/{what}", m.id);
-        let token = m.token.as_deref();
-        match body {
-            Some(b) => self.api.post(&path, token, &b),
-            None => self.api.post_empty(&path, token),
-        }
+    /// The agent's task, with its latest token.
+    #[track_caller]
+    fn task(&self, m: &M) -> Task {
+        self.agent(m)
+            .agent_task(&m.id)
+            .unwrap_or_else(|e| panic!("task of {}: {e}", m.id))
+    }
+
+    /// The agent posts its inventory.
+    fn commissioned(
+        &self,
+        m: &M,
+        cpus: u32,
+        mem_gib: u64,
+        disk_gib: u64,
+    ) -> stork_client::Result<EnlistResponse> {
+        self.agent(m)
+            .agent_commissioned(&m.id, &inventory(&m.mac, cpus, mem_gib, disk_gib))
     }
 
     /// A new machine driven through the API (and the agent endpoints) into `target`.
@@ -149,34 +271,36 @@ impl Fixture {
         };
         match target {
             S::Commissioning => {
-                self.act(&m, "commission", json!({}), target);
+                self.act(&m, Action::Commission, target);
                 self.boot(&mut m);
             }
             S::Broken => {
-                self.act(&m, "mark-broken", json!({"reason": "test"}), target);
+                self.act(&m, Action::mark_broken(Some("test")), target);
             }
             S::Ready => {
-                let r = self.agent_post(&m, "commissioned", Some(inventory(&m.mac, 4, 8, 100)));
-                assert_eq!(r.status, 200, "{}", r.text);
-                assert_eq!(r.body["status"], "ready");
+                let r = self
+                    .commissioned(&m, 4, 8, 100)
+                    .unwrap_or_else(|e| panic!("commissioned {}: {e}", m.id));
+                assert_eq!(r.status, Status::Ready);
             }
             S::Allocated => {
-                self.act(&m, "allocate", json!({}), target);
+                self.act(&m, Action::allocate(), target);
             }
             S::Deploying => {
-                self.act(&m, "deploy", json!({"image": IMAGE}), target);
+                self.act(&m, Action::deploy(IMAGE), target);
                 self.boot(&mut m);
             }
             S::Deployed => {
-                let r = self.agent_post(&m, "deployed", None);
-                assert_eq!(r.status, 204, "{}", r.text);
+                self.agent(&m)
+                    .agent_deployed(&m.id)
+                    .unwrap_or_else(|e| panic!("deployed {}: {e}", m.id));
             }
             S::DiskErasing => {
-                self.act(&m, "release", json!({"erase": true}), target);
+                self.act(&m, Action::release(true), target);
                 self.boot(&mut m);
             }
             S::FailedCommissioning | S::FailedDeployment | S::FailedReleasing => {
-                self.act(&m, "abort", json!({}), target);
+                self.act(&m, Action::Abort, target);
             }
             S::New | S::Releasing => unreachable!(),
         }
@@ -188,27 +312,24 @@ impl Fixture {
 #[test]
 fn happy_path() {
     let f = Fixture::new();
-    let admin = Some(f.admin.as_str());
 
     // A real SQLite file in WAL mode.
     assert!(f.server.data_dir().join("stork.db").is_file());
     assert!(f.server.data_dir().join("stork.db-wal").exists());
 
     // Create with manual power, then commission: the appliance asks a person to power it.
-    let mut a = f.create_with(1, json!({"driver": "manual"}), &["rack1"]);
+    let mut a = f.create_with(1, PowerConfig::manual(), &["rack1"]);
     let shown = f.machine(&a.id);
-    assert_eq!(shown["macs"], json!([a.mac]));
-    assert_eq!(shown["boot_mac"], a.mac.as_str());
-    assert_eq!(shown["power"]["driver"], "manual");
+    assert_eq!(shown.macs, [mac_addr(1)]);
+    assert_eq!(shown.boot_mac, Some(mac_addr(1)));
+    assert_eq!(shown.power.driver, "manual");
     // By MAC too.
-    assert_eq!(f.machine(&a.mac)["id"], a.id.as_str());
+    assert_eq!(f.machine(&a.mac).id, a.id);
 
-    f.act(&a, "commission", json!({}), Status::Commissioning);
+    f.act(&a, Action::Commission, Status::Commissioning);
     let events = f.events(&a.id);
     assert!(
-        events.iter().any(|e| e["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("manual power"))),
+        events.iter().any(|e| e.message.contains("manual power")),
         "no manual-power event: {events:#?}"
     );
 
@@ -225,191 +346,189 @@ fn happy_path() {
         "{kernel}"
     );
     a.token = Some(token);
-    let task = f
-        .api
-        .get(&format!("/agent/{}/task", a.id), a.token.as_deref())
-        .ok();
-    assert_eq!(task, json!({"kind": "commission"}));
+    assert_eq!(f.task(&a), Task::Commission);
 
-    let r = f.agent_post(&a, "commissioned", Some(inventory(&a.mac, 4, 8, 100)));
-    assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(r.body, json!({"machine_id": a.id, "status": "ready"}));
-    let shown = f.machine(&a.id);
-    assert_eq!(shown["status"], "ready");
-    assert_eq!(shown["inventory"]["cpu"]["count"], 4);
-    // Commissioning's token died with commissioning.
-    let commissioning_token = a.token.clone();
+    let r = f
+        .commissioned(&a, 4, 8, 100)
+        .expect("commissioned is accepted");
     assert_eq!(
-        f.api
-            .get(
-                &format!("/agent/{}/task", a.id),
-                commissioning_token.as_deref()
-            )
-            .status,
-        401
+        r,
+        EnlistResponse {
+            machine_id: a.id.clone(),
+            status: Status::Ready
+        }
     );
+    let shown = f.machine(&a.id);
+    assert_eq!(shown.status, Status::Ready);
+    assert_eq!(shown.inventory.expect("an inventory").cpu.count, 4);
+    // Commissioning's token died with commissioning.
+    let e = refused(f.agent(&a).agent_task(&a.id));
+    assert_eq!(e.status(), Some(401), "{e}");
 
     // The image is registered (by the fixture) and listed.
-    let images = f.get("/boot-resources").ok();
-    assert_eq!(images[0]["name"], IMAGE);
-    assert_eq!(images[0]["files"][0]["path"], "images/debian-12/root.tar");
-    let key = f.post(
-        "/ssh-keys",
-        json!({"name": "ops", "key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA ops@site"}),
-    );
-    assert_eq!(key.status, 201, "{}", key.text);
-    assert_eq!(f.get("/ssh-keys").ok().as_array().map(Vec::len), Some(1));
+    let images = f.client.boot_resources().expect("boot resources");
+    assert_eq!(images[0].name, IMAGE);
+    assert_eq!(images[0].files[0].path, "images/debian-12/root.tar");
+    f.client
+        .add_ssh_key(&NewSshKey {
+            name: "ops".into(),
+            key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA ops@site".into(),
+        })
+        .expect("add an SSH key");
+    assert_eq!(f.client.ssh_keys().expect("SSH keys").len(), 1);
 
     // Allocate by id.
-    let allocated = f.act(&a, "allocate", json!({}), Status::Allocated);
-    assert!(
-        allocated["owner"].as_str().unwrap().starts_with("api:"),
-        "{allocated}"
-    );
+    let allocated = f.act(&a, Action::allocate(), Status::Allocated);
+    let owner = allocated.owner.as_deref().unwrap_or_default();
+    assert!(owner.starts_with("api:"), "{allocated:?}");
 
     // Allocate by constraints: B is the only Ready machine with 16 CPUs and tag gpu.
-    let mut b = f.create_with(2, json!({"driver": "manual"}), &["gpu"]);
-    f.act(&b, "commission", json!({}), Status::Commissioning);
+    let mut b = f.create_with(2, PowerConfig::manual(), &["gpu"]);
+    f.act(&b, Action::Commission, Status::Commissioning);
     f.boot(&mut b);
-    let r = f.agent_post(&b, "commissioned", Some(inventory(&b.mac, 16, 64, 500)));
-    assert_eq!(r.status, 200, "{}", r.text);
-    let none = f.post("/machines/allocate", json!({"min_cpus": 32}));
-    assert_eq!(none.status, 409, "{}", none.text);
-    assert_eq!(none.code(), "no_machine");
-    let none = f.post(
-        "/machines/allocate",
-        json!({"tags": ["gpu"], "min_disk_gib": 1000}),
-    );
-    assert_eq!(none.status, 409, "{}", none.text);
+    f.commissioned(&b, 16, 64, 500)
+        .expect("commissioned is accepted");
+    let none = refused(f.client.allocate_any(&Constraints {
+        min_cpus: Some(32),
+        ..Constraints::default()
+    }));
+    assert_eq!(answer(&none), (409, "no_machine"), "{none}");
+    let none = refused(f.client.allocate_any(&Constraints {
+        tags: vec!["gpu".into()],
+        min_disk_gib: Some(1000),
+        ..Constraints::default()
+    }));
+    assert_eq!(none.status(), Some(409), "{none}");
     let got = f
-        .post(
-            "/machines/allocate",
-            json!({"min_cpus": 8, "min_memory_mib": 32768, "min_disk_gib": 400, "arch": "amd64", "tags": ["gpu"], "owner": "alice"}),
-        )
-        .ok();
-    assert_eq!(got["id"], b.id.as_str());
-    assert_eq!(got["status"], "allocated");
-    assert_eq!(got["owner"], "alice");
+        .client
+        .allocate_any(&Constraints {
+            min_cpus: Some(8),
+            min_memory_mib: Some(32768),
+            min_disk_gib: Some(400),
+            arch: Some("amd64".into()),
+            tags: vec!["gpu".into()],
+            owner: Some("alice".into()),
+        })
+        .expect("allocate by constraints");
+    assert_eq!(got.id, b.id);
+    assert_eq!(got.status, Status::Allocated);
+    assert_eq!(got.owner.as_deref(), Some("alice"));
 
     // Deploy A; every boot gets a fresh token and the previous one stops working.
     f.act(
         &a,
-        "deploy",
-        json!({"image": IMAGE, "hostname": "web1", "ssh_keys": ["ssh-ed25519 AAAAreq user@req"], "user_data": "#cloud-config\n"}),
+        Action::Deploy(DeployRequest {
+            image: IMAGE.into(),
+            hostname: Some("web1".into()),
+            ssh_keys: vec!["ssh-ed25519 AAAAreq user@req".into()],
+            user_data: Some("#cloud-config\n".into()),
+            ..DeployRequest::default()
+        }),
         Status::Deploying,
     );
     f.boot(&mut a);
-    let old = a.token.clone();
+    let old = a.token.clone().expect("a token");
     f.boot(&mut a);
-    assert_ne!(old, a.token);
-    let r = f.api.get(&format!("/agent/{}/task", a.id), old.as_deref());
-    assert_eq!(r.status, 401, "old token: {}", r.text);
-    let task = f
-        .api
-        .get(&format!("/agent/{}/task", a.id), a.token.as_deref())
-        .ok();
-    assert_eq!(task["kind"], "deploy", "{task}");
-    assert_eq!(task["hostname"], "web1");
-    assert_eq!(task["target"], "disk");
-    assert_eq!(task["user_data"], "#cloud-config\n");
-    let url = task["image"][0]["url"].as_str().unwrap();
+    assert_ne!(Some(&old), a.token.as_ref());
+    let e = refused(f.client.with_token(&old).agent_task(&a.id));
+    assert_eq!(e.status(), Some(401), "old token: {e}");
+    let task = f.task(&a);
+    let Task::Deploy(task) = task else {
+        panic!("not a deploy task: {task:?}");
+    };
+    assert_eq!(task.hostname, "web1");
+    assert_eq!(task.target, DeployTarget::Disk);
+    assert_eq!(task.user_data.as_deref(), Some("#cloud-config\n"));
+    let url = &task.image[0].url;
     assert!(url.ends_with("/boot/images/debian-12/root.tar"), "{url}");
-    assert_eq!(task["image"][0]["size"], 20);
-    let keys: Vec<&str> = task["ssh_keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    assert_eq!(task.image[0].size, 20);
     assert_eq!(
-        keys,
+        task.ssh_keys,
         [
             "ssh-ed25519 AAAAreq user@req",
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA ops@site"
         ]
     );
     // The image is really served there.
-    let served = f.api.get("/boot/images/debian-12/root.tar", None);
+    let served = f
+        .client
+        .anonymous()
+        .raw(Method::Get, "/boot/images/debian-12/root.tar", None)
+        .expect("the image");
     assert_eq!(served.text, "not really a tarball");
 
-    let r = f.agent_post(&a, "deployed", None);
-    assert_eq!(r.status, 204, "{}", r.text);
+    f.agent(&a).agent_deployed(&a.id).expect("deployed");
     let shown = f.machine(&a.id);
-    assert_eq!(shown["status"], "deployed");
-    assert_eq!(shown["hostname"], "web1");
-    assert_eq!(shown["deploy"]["image"], IMAGE);
+    assert_eq!(shown.status, Status::Deployed);
+    assert_eq!(shown.hostname.as_deref(), Some("web1"));
+    assert_eq!(shown.deploy.expect("a deploy request").image, IMAGE);
     // A deployed machine boots its disk.
     assert!(f.boot_script(&a).contains("\nexit 1\n"));
 
     // Release with erase: the agent erases, then reports.
-    f.act(&a, "release", json!({"erase": true}), Status::DiskErasing);
+    f.act(&a, Action::release(true), Status::DiskErasing);
     f.boot(&mut a);
-    let task = f
-        .api
-        .get(&format!("/agent/{}/task", a.id), a.token.as_deref())
-        .ok();
-    assert_eq!(task, json!({"kind": "erase", "quick": true}));
-    let r = f.agent_post(
-        &a,
-        "events",
-        Some(json!({"step": "erase", "state": "progress", "progress": 0.5, "message": "vda"})),
-    );
-    assert_eq!(r.status, 204, "{}", r.text);
-    let r = f.agent_post(&a, "released", None);
-    assert_eq!(r.status, 204, "{}", r.text);
+    assert_eq!(f.task(&a), Task::Erase { quick: true });
+    f.agent(&a)
+        .agent_event(
+            &a.id,
+            &AgentEvent {
+                step: AgentStep::Erase,
+                state: StepState::Progress,
+                message: "vda".into(),
+                progress: Some(0.5),
+                log_tail: None,
+            },
+        )
+        .expect("progress event");
+    f.agent(&a).agent_released(&a.id).expect("released");
     let shown = f.machine(&a.id);
-    assert_eq!(shown["status"], "ready");
-    assert_eq!(shown["owner"], Value::Null);
-    assert_eq!(shown["deploy"], Value::Null);
+    assert_eq!(shown.status, Status::Ready);
+    assert_eq!(shown.owner, None);
+    assert_eq!(shown.deploy, None);
 
     // Broken and fixed: a commissioned machine comes back Ready.
-    let broken = f.act(
-        &a,
-        "mark-broken",
-        json!({"reason": "fan failure"}),
-        Status::Broken,
-    );
-    assert_eq!(broken["status_message"], "fan failure");
-    f.act(&a, "mark-fixed", json!({}), Status::Ready);
+    let broken = f.act(&a, Action::mark_broken(Some("fan failure")), Status::Broken);
+    assert_eq!(broken.status_message.as_deref(), Some("fan failure"));
+    f.act(&a, Action::MarkFixed, Status::Ready);
 
     // Abort from commissioning.
-    f.act(&a, "commission", json!({}), Status::Commissioning);
-    let aborted = f.act(&a, "abort", json!({}), Status::FailedCommissioning);
-    assert_eq!(aborted["status_message"], "aborted by user");
+    f.act(&a, Action::Commission, Status::Commissioning);
+    let aborted = f.act(&a, Action::Abort, Status::FailedCommissioning);
+    assert_eq!(aborted.status_message.as_deref(), Some("aborted by user"));
 
     // Direct power control is recorded and leaves the status alone.
-    let q = f
-        .post(&format!("/machines/{}/power/query", a.id), json!({}))
-        .ok();
+    let q = f.client.power(&a.id, PowerOp::Query).expect("power query");
     assert_eq!(
         q,
-        json!({"machine_id": a.id, "op": "query", "state": "unknown"})
+        PowerAnswer {
+            machine_id: a.id.clone(),
+            op: PowerOp::Query,
+            state: PowerState::Unknown
+        }
     );
-    let on = f.post(&format!("/machines/{}/power/on", a.id), json!({}));
-    assert_eq!(
-        (on.status, on.code()),
-        (502, "manual_action_required"),
-        "{}",
-        on.text
-    );
+    let on = refused(f.client.power(&a.id, PowerOp::On));
+    assert_eq!(answer(&on), (502, "manual_action_required"), "{on}");
     let last = f.events(&a.id).pop().unwrap();
-    assert!(
-        last["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("power on failed"),
-        "{last}"
-    );
+    assert!(last.message.starts_with("power on failed"), "{last:?}");
     assert_eq!(f.status(&a.id), Status::FailedCommissioning);
 
     // Filters.
-    let failed = f.get("/machines?status=failed_commissioning").ok();
-    assert_eq!(failed.as_array().unwrap().len(), 1);
-    assert_eq!(failed[0]["id"], a.id.as_str());
-    let gpu = f.get("/machines?tag=gpu").ok();
-    assert_eq!(gpu.as_array().unwrap().len(), 1);
-    assert_eq!(gpu[0]["id"], b.id.as_str());
-    assert_eq!(f.get("/machines").ok().as_array().unwrap().len(), 2);
+    let filter = |status: Option<&str>, tag: Option<&str>| {
+        f.client
+            .machines(&MachineFilter {
+                status: status.map(str::to_string),
+                tag: tag.map(str::to_string),
+            })
+            .expect("machines")
+    };
+    let failed = filter(Some("failed_commissioning"), None);
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].id, a.id);
+    let gpu = filter(None, Some("gpu"));
+    assert_eq!(gpu.len(), 1);
+    assert_eq!(gpu[0].id, b.id);
+    assert_eq!(filter(None, None).len(), 2);
 
     // The whole history is recorded and every step is an edge of the table.
     let history = status_history(&f.events(&a.id)).unwrap();
@@ -431,27 +550,39 @@ fn happy_path() {
             S::FailedCommissioning
         ]
     );
-    let all = f.get(&format!("/events?machine={}", a.id)).ok();
-    assert_eq!(all.as_array().unwrap().len(), f.events(&a.id).len());
-    assert!(
-        f.get("/events?after=0&limit=3")
-            .ok()
-            .as_array()
-            .unwrap()
-            .len()
-            == 3
-    );
+    let all = f
+        .client
+        .events(&EventQuery {
+            machine: Some(a.id.clone()),
+            ..EventQuery::default()
+        })
+        .expect("events of a");
+    assert_eq!(all.len(), f.events(&a.id).len());
+    let page = f
+        .client
+        .events(&EventQuery {
+            after: 0,
+            limit: Some(3),
+            ..EventQuery::default()
+        })
+        .expect("a page of events");
+    assert!(page.len() == 3);
     // The live stream starts with the history.
-    let first = f
-        .api
-        .first_streamed(&format!("/events/stream?machine={}", a.id), &f.admin);
-    assert_eq!(first["machine_id"], a.id.as_str());
-    assert_eq!(first["new_status"], "new");
+    let mut first = None;
+    f.client
+        .follow_events(Some(&a.id), |e| {
+            first = Some(e);
+            false
+        })
+        .expect("event stream");
+    let first = first.expect("the event stream ended without an event");
+    assert_eq!(first.machine_id, a.id);
+    assert_eq!(first.new_status, Some(Status::New));
 
     // The CLI reads the same.
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(common::BIN)
-            .args(["--url", &f.server.base(), "--token", &f.admin])
+            .args(["--url", &f.server.base(), "--token", &f.server.token])
             .args(args)
             .output()
             .unwrap();
@@ -462,8 +593,8 @@ fn happy_path() {
         );
         String::from_utf8(out.stdout).unwrap()
     };
-    let shown: Value = serde_json::from_str(&cli(&["machine", "show", &a.id, "--json"])).unwrap();
-    assert_eq!(shown["status"], "failed_commissioning");
+    let shown: Machine = serde_json::from_str(&cli(&["machine", "show", &a.id, "--json"])).unwrap();
+    assert_eq!(shown.status, Status::FailedCommissioning);
     assert!(cli(&["machine", "list"]).contains(&b.id));
     assert!(
         cli(&["machine", "events", &a.id]).contains("Abort: commissioning -> failed_commissioning")
@@ -471,29 +602,27 @@ fn happy_path() {
     assert!(cli(&["image", "list"]).contains(IMAGE));
 
     // Delete.
-    let r = f.api.delete(&format!("/machines/{}", a.id), admin);
-    assert_eq!(r.status, 204, "{}", r.text);
-    assert_eq!(f.get(&format!("/machines/{}", a.id)).status, 404);
-    assert_eq!(
-        f.api.delete(&format!("/machines/{}", a.id), admin).status,
-        404
-    );
+    f.client.delete_machine(&a.id).expect("delete");
+    let e = refused(f.client.machine(&a.id));
+    assert_eq!(e.status(), Some(404), "{e}");
+    let e = refused(f.client.delete_machine(&a.id));
+    assert_eq!(e.status(), Some(404), "{e}");
     // Its MAC is free again.
     let again = f.create(1);
     assert_ne!(again.id, a.id);
 }
 
 /// The user actions and the lifecycle event each one sends.
-fn user_actions() -> Vec<(&'static str, Value, Event)> {
+fn user_actions() -> Vec<(Action, Event)> {
     vec![
-        ("commission", json!({}), Event::Commission),
-        ("allocate", json!({}), Event::Allocate),
-        ("deploy", json!({"image": IMAGE}), Event::Deploy),
-        ("release", json!({}), Event::Release),
-        ("release", json!({"erase": true}), Event::ReleaseErase),
-        ("abort", json!({}), Event::Abort),
-        ("mark-broken", json!({"reason": "test"}), Event::MarkBroken),
-        ("mark-fixed", json!({}), Event::MarkFixed),
+        (Action::Commission, Event::Commission),
+        (Action::allocate(), Event::Allocate),
+        (Action::deploy(IMAGE), Event::Deploy),
+        (Action::release(false), Event::Release),
+        (Action::release(true), Event::ReleaseErase),
+        (Action::Abort, Event::Abort),
+        (Action::mark_broken(Some("test")), Event::MarkBroken),
+        (Action::MarkFixed, Event::MarkFixed),
     ]
 }
 
@@ -510,38 +639,66 @@ fn settled(to: Status) -> Status {
 }
 
 #[track_caller]
-fn assert_rejected(f: &Fixture, m: &M, status: Status, r: &Resp, what: &str, version: &Value) {
-    assert_eq!(r.status, 409, "{status} {what}: {}", r.text);
-    assert_eq!(
-        r.code(),
-        "illegal_transition",
-        "{status} {what}: {}",
-        r.text
-    );
+fn assert_rejected<T: Debug>(
+    f: &Fixture,
+    m: &M,
+    status: Status,
+    r: stork_client::Result<T>,
+    what: &str,
+    version: i64,
+) {
+    let e = refused(r);
+    assert_eq!(e.status(), Some(409), "{status} {what}: {e}");
+    assert_eq!(e.code(), Some("illegal_transition"), "{status} {what}: {e}");
     assert!(
-        r.message().contains(status.as_str()),
-        "{status} {what}: {}",
-        r.text
+        e.message().unwrap_or_default().contains(status.as_str()),
+        "{status} {what}: {e}"
     );
     // Nothing changed...
     let now = f.machine(&m.id);
-    assert_eq!(now["status"], status.as_str(), "{what}");
+    assert_eq!(now.status, status, "{what}");
     assert_eq!(
-        &now["version"], version,
+        now.version, version,
         "{status} {what}: the machine was saved"
     );
     // ...and the refusal is in the history.
     let events = f.events(&m.id);
     let last = events.last().expect("an event");
-    assert_eq!(last["old_status"], status.as_str(), "{what}: {last}");
-    assert_eq!(last["new_status"], Value::Null, "{what}: {last}");
-    assert!(
-        last["message"]
-            .as_str()
-            .expect("message")
-            .starts_with("rejected: "),
-        "{what}: {last}"
-    );
+    assert_eq!(last.old_status, Some(status), "{what}: {last:?}");
+    assert_eq!(last.new_status, None, "{what}: {last:?}");
+    assert!(last.message.starts_with("rejected: "), "{what}: {last:?}");
+}
+
+/// The agent's reports, each a lifecycle event.
+#[derive(Debug, Clone, Copy)]
+enum Report {
+    /// The inventory (of the machine's own NIC).
+    Commissioned,
+    Deployed,
+    Released,
+    /// A step failed.
+    Failed,
+}
+
+impl Report {
+    fn send(self, f: &Fixture, m: &M) -> stork_client::Result<()> {
+        let agent = f.agent(m);
+        match self {
+            Report::Commissioned => f.commissioned(m, 2, 2, 10).map(drop),
+            Report::Deployed => agent.agent_deployed(&m.id),
+            Report::Released => agent.agent_released(&m.id),
+            Report::Failed => agent.agent_event(
+                &m.id,
+                &AgentEvent {
+                    step: "work".into(),
+                    state: StepState::Failed,
+                    message: "disk on fire".into(),
+                    progress: None,
+                    log_tail: None,
+                },
+            ),
+        }
+    }
 }
 
 #[test]
@@ -559,7 +716,7 @@ fn every_illegal_transition_is_409_and_recorded() {
             // Releasing: a plain release goes straight on to Ready; show it is transient.
             assert_eq!(status, Status::Releasing);
             let m = f.drive(next(), Status::Allocated).unwrap();
-            f.act(&m, "release", json!({}), Status::Ready);
+            f.act(&m, Action::release(false), Status::Ready);
             let history = status_history(&f.events(&m.id)).unwrap();
             assert_eq!(
                 &history[history.len() - 2..],
@@ -567,18 +724,18 @@ fn every_illegal_transition_is_409_and_recorded() {
             );
             continue;
         };
-        let commissioned = !f.machine(&sitter.id)["inventory"].is_null();
-        for (action, body, event) in user_actions() {
+        let commissioned = f.machine(&sitter.id).inventory.is_some();
+        for (action, event) in user_actions() {
             match transition(status, event, commissioned) {
                 Err(_) => {
-                    let version = f.machine(&sitter.id)["version"].clone();
-                    let r = f.post(&format!("/machines/{}/{action}", sitter.id), body);
-                    assert_rejected(&f, &sitter, status, &r, &format!("{event:?}"), &version);
+                    let version = f.machine(&sitter.id).version;
+                    let r = action.send(&f.client, &sitter.id);
+                    assert_rejected(&f, &sitter, status, r, &format!("{event:?}"), version);
                     rejected += 1;
                 }
                 Ok(step) => {
                     let m = f.drive(next(), status).unwrap();
-                    f.act(&m, action, body, settled(step.to));
+                    f.act(&m, action, settled(step.to));
                     let history = status_history(&f.events(&m.id)).unwrap();
                     assert!(
                         history.contains(&step.to),
@@ -593,54 +750,35 @@ fn every_illegal_transition_is_409_and_recorded() {
         // Only a busy machine has a live agent token; elsewhere the last boot's token is dead.
         if stork::lifecycle::failure_on_timeout(status).is_none() {
             if let Some(stale) = &sitter.token {
-                let r = f
-                    .api
-                    .get(&format!("/agent/{}/task", sitter.id), Some(stale));
+                let e = refused(f.client.with_token(stale).agent_task(&sitter.id));
                 assert_eq!(
-                    r.status, 401,
-                    "{status}: a stale agent token works: {}",
-                    r.text
+                    e.status(),
+                    Some(401),
+                    "{status}: a stale agent token works: {e}"
                 );
             }
             continue;
         }
-        let reports: [(&str, Option<Value>, Event, u16); 4] = [
-            (
-                "commissioned",
-                Some(inventory(&sitter.mac, 2, 2, 10)),
-                Event::CommissioningDone,
-                200,
-            ),
-            ("deployed", None, Event::DeploymentDone, 204),
-            ("released", None, Event::ReleaseDone, 204),
-            (
-                "events",
-                Some(json!({"step": "work", "state": "failed", "message": "disk on fire"})),
-                Event::AgentFailed,
-                204,
-            ),
+        let reports = [
+            (Report::Commissioned, Event::CommissioningDone),
+            (Report::Deployed, Event::DeploymentDone),
+            (Report::Released, Event::ReleaseDone),
+            (Report::Failed, Event::AgentFailed),
         ];
-        for (what, body, event, ok_status) in reports {
+        for (report, event) in reports {
             match transition(status, event, commissioned) {
                 Err(_) => {
-                    let version = f.machine(&sitter.id)["version"].clone();
-                    let r = f.agent_post(&sitter, what, body);
-                    assert_rejected(&f, &sitter, status, &r, what, &version);
+                    let version = f.machine(&sitter.id).version;
+                    let r = report.send(&f, &sitter);
+                    assert_rejected(&f, &sitter, status, r, &format!("{report:?}"), version);
                     rejected += 1;
                 }
                 Ok(step) => {
                     let m = f.drive(next(), status).unwrap();
-                    // The inventory lists the machine's own NIC.
-                    let body = body.map(|b| {
-                        if what == "commissioned" {
-                            inventory(&m.mac, 2, 2, 10)
-                        } else {
-                            b
-                        }
-                    });
-                    let r = f.agent_post(&m, what, body);
-                    assert_eq!(r.status, ok_status, "{status} {what}: {}", r.text);
-                    assert_eq!(f.status(&m.id), step.to, "{status} {what}");
+                    report
+                        .send(&f, &m)
+                        .unwrap_or_else(|e| panic!("{status} {report:?}: {e}"));
+                    assert_eq!(f.status(&m.id), step.to, "{status} {report:?}");
                     accepted += 1;
                 }
             }
@@ -677,44 +815,28 @@ fn busy_statuses_time_out_with_the_reason() {
             Duration::from_millis(100),
             || {
                 let shown = f.machine(&m.id);
-                Ok((shown["status"] == failed.as_str()).then_some(shown))
+                Ok((shown.status == failed).then_some(shown))
             },
         )
         .unwrap();
-        let reason = shown["status_message"].as_str().unwrap_or_default();
+        let reason = shown.status_message.unwrap_or_default();
         assert!(reason.contains("timed out after 2 s"), "{reason}");
         assert!(reason.contains(busy.as_str()), "{reason}");
         let last = f
             .events(&m.id)
             .into_iter()
-            .rfind(|e| !e["new_status"].is_null())
+            .rfind(|e| e.new_status.is_some())
             .unwrap();
-        assert_eq!(last["actor"], "controller");
-        assert!(
-            last["message"].as_str().unwrap().contains("TimedOut"),
-            "{last}"
-        );
+        assert_eq!(last.actor, "controller");
+        assert!(last.message.contains("TimedOut"), "{last:?}");
         // The agent of the timed-out boot is locked out.
-        let r = f
-            .api
-            .get(&format!("/agent/{}/task", m.id), m.token.as_deref());
-        assert_eq!(r.status, 401, "{}", r.text);
+        let e = refused(f.agent(m).agent_task(&m.id));
+        assert_eq!(e.status(), Some(401), "{e}");
         status_history(&f.events(&m.id)).unwrap();
     }
     // Statuses that are not busy never time out.
     assert_eq!(f.status(&ready.id), Status::Ready);
     assert_eq!(f.status(&broken.id), Status::Broken);
-}
-
-/// An agent heartbeat with `step`; returns the HTTP status.
-fn heartbeat(f: &Fixture, m: &M, step: &str, leaving: bool) -> u16 {
-    let r = f.agent_post(
-        m,
-        "heartbeat",
-        Some(json!({"step": step, "leaving": leaving})),
-    );
-    assert!([202, 204].contains(&r.status), "{}", r.text);
-    r.status
 }
 
 #[test]
@@ -731,19 +853,25 @@ fn heartbeats_keep_busy_machines_alive_and_silence_fails_them() {
     let never = f.drive(4, Status::Deploying).unwrap();
 
     // A disk deploy: the image is installed, the agent reboots into the OS and goes quiet.
-    assert_eq!(heartbeat(&f, &installed, "seed", false), 204);
+    // (A heartbeat is recorded: 204; or not, no heartbeat being expected any more: 202.)
+    assert!(heartbeat(&f, &installed, "seed", false), "recorded");
     let shown = f.machine(&installed.id);
-    assert_eq!(shown["heartbeat_step"], "seed");
-    assert!(shown["heartbeat_deadline"].as_i64() > shown["last_heartbeat"].as_i64());
-    assert_eq!(f.agent_post(&installed, "installed", None).status, 204);
-    assert!(f.machine(&installed.id)["heartbeat_deadline"].is_null());
+    assert_eq!(shown.heartbeat_step.as_deref(), Some("seed"));
+    assert!(shown.heartbeat_deadline > shown.last_heartbeat);
+    f.agent(&installed)
+        .agent_installed(&installed.id)
+        .expect("installed");
+    assert!(f.machine(&installed.id).heartbeat_deadline.is_none());
     // A late beat of that agent (its thread raced the reboot) does not re-arm the rule.
-    assert_eq!(heartbeat(&f, &installed, "installed", false), 202);
+    assert!(
+        !heartbeat(&f, &installed, "installed", false),
+        "not recorded"
+    );
     // A deploy into memory: the agent says it leaves before switching root.
-    assert_eq!(heartbeat(&f, &left, "memory", false), 204);
-    assert_eq!(heartbeat(&f, &left, "memory", true), 204);
-    assert_eq!(heartbeat(&f, &left, "memory", false), 202);
-    assert!(f.machine(&left.id)["heartbeat_deadline"].is_null());
+    assert!(heartbeat(&f, &left, "memory", false), "recorded");
+    assert!(heartbeat(&f, &left, "memory", true), "recorded");
+    assert!(!heartbeat(&f, &left, "memory", false), "not recorded");
+    assert!(f.machine(&left.id).heartbeat_deadline.is_none());
 
     let cases = [
         (
@@ -759,7 +887,7 @@ fn heartbeats_keep_busy_machines_alive_and_silence_fails_them() {
         .enumerate()
         .map(|(i, (busy, _, step))| {
             let m = f.drive(10 + i as u32, *busy).unwrap();
-            assert_eq!(heartbeat(&f, &m, step, false), 204);
+            assert!(heartbeat(&f, &m, step, false), "recorded");
             m
         })
         .collect();
@@ -772,11 +900,11 @@ fn heartbeats_keep_busy_machines_alive_and_silence_fails_them() {
                 // The live agent keeps beating all along.
                 heartbeat(&f, &alive, "image", false);
                 let shown = f.machine(&m.id);
-                Ok((shown["status"] == failed.as_str()).then_some(shown))
+                Ok((shown.status == failed).then_some(shown))
             },
         )
         .unwrap();
-        let reason = shown["status_message"].as_str().unwrap_or_default();
+        let reason = shown.status_message.unwrap_or_default();
         assert!(
             reason.starts_with("agent stopped answering: last heartbeat ")
                 && reason.ends_with(&format!(" s ago (step {step})")),
@@ -785,16 +913,19 @@ fn heartbeats_keep_busy_machines_alive_and_silence_fails_them() {
         let last = f
             .events(&m.id)
             .into_iter()
-            .rfind(|e| !e["new_status"].is_null())
+            .rfind(|e| e.new_status.is_some())
             .unwrap();
-        assert_eq!(last["actor"], "controller");
-        assert!(
-            last["message"].as_str().unwrap().contains("TimedOut"),
-            "{last}"
-        );
+        assert_eq!(last.actor, "controller");
+        assert!(last.message.contains("TimedOut"), "{last:?}");
         // The agent of the failed boot is locked out.
-        let r = f.agent_post(m, "heartbeat", Some(json!({"step": step})));
-        assert_eq!(r.status, 401, "{}", r.text);
+        let e = refused(f.agent(m).agent_heartbeat(
+            &m.id,
+            &Heartbeat {
+                step: step.into(),
+                leaving: false,
+            },
+        ));
+        assert_eq!(e.status(), Some(401), "{e}");
         status_history(&f.events(&m.id)).unwrap();
     }
     // Silence outlasted the allowance while these stayed busy: one kept beating, one is
@@ -802,77 +933,80 @@ fn heartbeats_keep_busy_machines_alive_and_silence_fails_them() {
     for m in [&alive, &installed, &left, &never] {
         assert_eq!(f.status(&m.id), Status::Deploying, "{}", m.id);
     }
-    assert!(f.machine(&never.id)["last_heartbeat"].is_null());
+    assert!(f.machine(&never.id).last_heartbeat.is_none());
 
     // A new attempt's agent is heard afresh, though the failed one's last beat is on record.
     let mut retry = silent[1].clone();
-    f.act(&retry, "deploy", json!({"image": IMAGE}), Status::Deploying);
+    f.act(&retry, Action::deploy(IMAGE), Status::Deploying);
     f.boot(&mut retry);
-    assert_eq!(heartbeat(&f, &retry, "disk", false), 204);
-    assert_eq!(f.machine(&retry.id)["heartbeat_step"], "disk");
+    assert!(heartbeat(&f, &retry, "disk", false), "recorded");
+    assert_eq!(f.machine(&retry.id).heartbeat_step.as_deref(), Some("disk"));
+}
+
+/// A request of the API's, by a client with some token (or none); `Ok` on success.
+type Call<'a> = (
+    String,
+    Box<dyn Fn(&Client) -> stork_client::Result<()> + 'a>,
+);
+
+fn call<'a, T>(
+    label: impl Into<String>,
+    f: impl Fn(&Client) -> stork_client::Result<T> + 'a,
+) -> Call<'a> {
+    (label.into(), Box::new(move |c| f(c).map(drop)))
 }
 
 #[test]
 fn tokens_401_and_403() {
     let f = Fixture::new();
-    let admin = Some(f.admin.as_str());
     let a = f.drive(1, Status::Commissioning).unwrap();
     let b = f.drive(2, Status::Commissioning).unwrap();
-    let agent_a = a.token.as_deref();
+    let agent_a = f.agent(&a);
 
-    // Every admin route: no token 401, a wrong one 401, an agent token 403.
-    let admin_routes: &[(&str, String)] = &[
-        ("GET", "/machines".into()),
-        ("POST", "/machines".into()),
-        ("POST", "/machines/allocate".into()),
-        ("GET", format!("/machines/{}", a.id)),
-        ("DELETE", format!("/machines/{}", a.id)),
-        ("GET", format!("/machines/{}/events", a.id)),
-        ("POST", format!("/machines/{}/abort", a.id)),
-        ("GET", "/events".into()),
-        ("GET", "/events/stream".into()),
-        ("GET", "/ssh-keys".into()),
-        ("POST", "/ssh-keys".into()),
-        ("DELETE", "/ssh-keys/x".into()),
-        ("GET", "/boot-resources".into()),
-        ("POST", "/boot-resources".into()),
-        ("GET", "/tokens".into()),
-        ("POST", "/tokens".into()),
-        ("GET", "/stats".into()),
+    // Every admin route: no token 401, a wrong one 401, an agent token 403. The bodies are
+    // empty or defaults: the token is checked first.
+    let admin_routes: Vec<Call> = vec![
+        call("GET /machines", |c| c.machines(&MachineFilter::default())),
+        call("POST /machines", |c| {
+            c.create_machine(&NewMachine::default())
+        }),
+        call("POST /machines/allocate", |c| {
+            c.allocate_any(&Constraints::default())
+        }),
+        call("GET /machines/{id}", |c| c.machine(&a.id)),
+        call("DELETE /machines/{id}", |c| c.delete_machine(&a.id)),
+        call("GET /machines/{id}/events", |c| c.machine_events(&a.id, 0)),
+        call("POST /machines/{id}/abort", |c| c.abort(&a.id)),
+        call("GET /events", |c| c.events(&EventQuery::default())),
+        call("GET /events/stream", |c| c.follow_events(None, |_| false)),
+        call("GET /ssh-keys", |c| c.ssh_keys()),
+        call("POST /ssh-keys", |c| {
+            c.add_ssh_key(&NewSshKey {
+                name: String::new(),
+                key: String::new(),
+            })
+        }),
+        call("DELETE /ssh-keys/x", |c| c.delete_ssh_key("x")),
+        call("GET /boot-resources", |c| c.boot_resources()),
+        call("POST /boot-resources", |c| {
+            c.register_boot_resource(&BootResource {
+                name: String::new(),
+                kind: String::new(),
+                arch: None,
+                files: vec![],
+            })
+        }),
+        call("GET /tokens", |c| c.tokens()),
+        call("POST /tokens", |c| c.create_token(&NewToken::default())),
+        call("GET /stats", |c| c.stats()),
     ];
-    let body = json!({});
-    for (method, path) in admin_routes {
-        let call = |token: Option<&str>| {
-            f.api
-                .try_req(
-                    method,
-                    path,
-                    token,
-                    (*method == "POST").then_some(common::Body::Json(&body)),
-                )
-                .unwrap()
-        };
-        let r = call(None);
-        assert_eq!(
-            (r.status, r.code()),
-            (401, "unauthorized"),
-            "{method} {path}: {}",
-            r.text
-        );
-        let r = call(Some("stork_admin_0000"));
-        assert_eq!(
-            (r.status, r.code()),
-            (401, "unauthorized"),
-            "{method} {path}: {}",
-            r.text
-        );
-        let r = call(agent_a);
-        assert_eq!(
-            (r.status, r.code()),
-            (403, "forbidden"),
-            "{method} {path}: {}",
-            r.text
-        );
+    for (route, send) in &admin_routes {
+        let e = refused(send(&f.client.anonymous()));
+        assert_eq!(answer(&e), (401, "unauthorized"), "{route}: {e}");
+        let e = refused(send(&f.client.with_token("stork_admin_0000")));
+        assert_eq!(answer(&e), (401, "unauthorized"), "{route}: {e}");
+        let e = refused(send(&agent_a));
+        assert_eq!(answer(&e), (403, "forbidden"), "{route}: {e}");
     }
     assert_eq!(
         f.status(&a.id),
@@ -882,83 +1016,120 @@ fn tokens_401_and_403() {
 
     // Agent routes: no token 401, unknown 401, admin token 403, machine A's token on B 403.
     let inv = inventory(&b.mac, 2, 2, 10);
-    let agent_routes: Vec<(&str, &str, Option<Value>)> = vec![
-        ("GET", "task", None),
-        ("POST", "commissioned", Some(inv.clone())),
-        (
-            "POST",
-            "events",
-            Some(json!({"step": "x", "state": "started"})),
-        ),
-        ("POST", "released", None),
-        ("POST", "deployed", None),
-        ("POST", "heartbeat", Some(json!({"step": "x"}))),
+    let b_id = b.id.as_str();
+    let agent_routes: Vec<Call> = vec![
+        call("task", |c| c.agent_task(b_id)),
+        call("commissioned", |c| c.agent_commissioned(b_id, &inv)),
+        call("events", |c| {
+            c.agent_event(
+                b_id,
+                &AgentEvent {
+                    step: "x".into(),
+                    state: StepState::Started,
+                    message: String::new(),
+                    progress: None,
+                    log_tail: None,
+                },
+            )
+        }),
+        call("released", |c| c.agent_released(b_id)),
+        call("deployed", |c| c.agent_deployed(b_id)),
+        call("heartbeat", |c| {
+            c.agent_heartbeat(
+                b_id,
+                &Heartbeat {
+                    step: "x".into(),
+                    leaving: false,
+                },
+            )
+        }),
     ];
-    for (method, what, body) in &agent_routes {
-        let path = format!("/agent/{}/{what}", b.id);
-        let call = |token: Option<&str>| {
-            f.api
-                .try_req(method, &path, token, body.as_ref().map(common::Body::Json))
-                .unwrap()
-        };
-        assert_eq!(call(None).status, 401, "{path}");
-        assert_eq!(call(Some("stork_agent_00")).status, 401, "{path}");
-        let r = call(admin);
-        assert_eq!(
-            (r.status, r.code()),
-            (403, "forbidden"),
-            "{path}: {}",
-            r.text
-        );
-        let r = call(agent_a);
-        assert_eq!(
-            (r.status, r.code()),
-            (403, "forbidden"),
-            "{path}: {}",
-            r.text
-        );
+    for (what, send) in &agent_routes {
+        let path = agent_path(&b.id, what);
+        let e = refused(send(&f.client.anonymous()));
+        assert_eq!(e.status(), Some(401), "{path}: {e}");
+        let e = refused(send(&f.client.with_token("stork_agent_00")));
+        assert_eq!(e.status(), Some(401), "{path}: {e}");
+        let e = refused(send(&f.client));
+        assert_eq!(answer(&e), (403, "forbidden"), "{path}: {e}");
+        let e = refused(send(&agent_a));
+        assert_eq!(answer(&e), (403, "forbidden"), "{path}: {e}");
     }
     assert_eq!(f.status(&b.id), Status::Commissioning, "B was not touched");
     // B's own token works.
-    assert_eq!(
-        f.api
-            .get(&format!("/agent/{}/task", b.id), b.token.as_deref())
-            .status,
-        200
-    );
+    f.task(&b);
 
     // Boot and enlistment paths need no token.
-    assert_eq!(f.api.get(&format!("/ipxe/{}", mac(77)), None).status, 200);
-    let enlist = json!({"boot_mac": mac(77), "inventory": inventory(&mac(77), 2, 4, 20)});
-    let r = f.api.post("/agent/enlist", None, &enlist);
-    assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(r.body["status"], "new");
-    let enlisted = r.body["machine_id"].as_str().unwrap().to_string();
+    let anonymous = f.client.anonymous();
+    anonymous.boot_script(&mac(77)).expect("boot script");
+    let r = anonymous
+        .enlist(&EnlistRequest {
+            boot_mac: mac_addr(77),
+            inventory: inventory(&mac(77), 2, 4, 20),
+        })
+        .expect("enlist");
+    assert_eq!(r.status, Status::New);
+    let enlisted = r.machine_id;
     // Enlisting is recorded as the machine's creation.
     assert_eq!(status_history(&f.events(&enlisted)).unwrap(), [Status::New]);
-    let report = json!({"boot_mac": mac(77), "step": "network", "ok": false, "message": "no link"});
-    assert_eq!(f.api.post("/agent/report", None, &report).status, 204);
-    assert_eq!(f.api.get("/openapi.json", None).status, 200);
+    let report = AgentReport {
+        boot_mac: mac_addr(77),
+        step: AgentStep::Network,
+        ok: false,
+        message: "no link".into(),
+    };
+    assert!(
+        anonymous.report_recorded(&report).expect("report"),
+        "the report of a known machine is recorded (204)"
+    );
+    anonymous.openapi().expect("the OpenAPI document");
 
     // Admin tokens made through the API work, and are listed without the secret.
-    let made = f.post("/tokens", json!({"description": "ci"})).ok();
-    let new_token = made["token"].as_str().unwrap();
-    assert_eq!(f.api.get("/machines", Some(new_token)).status, 200);
-    let list = f.get("/tokens").ok();
-    assert_eq!(list.as_array().unwrap().len(), 2);
-    assert!(!list.to_string().contains(new_token));
+    let made = f
+        .client
+        .create_token(&NewToken {
+            description: "ci".into(),
+        })
+        .expect("create a token");
+    let new_token = made.token.as_str();
+    f.client
+        .with_token(new_token)
+        .machines(&MachineFilter::default())
+        .expect("the new token works");
+    // The list as it is served: no field of any record holds the secret.
+    let r = f.raw(Method::Get, "/tokens", None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    let list: Vec<TokenRecord> = serde_json::from_str(&r.text).expect("token records");
+    assert_eq!(list.len(), 2);
+    assert!(!r.text.contains(new_token));
+}
+
+/// A refusal as a 400 whose message names `needle`.
+#[track_caller]
+fn check<T: Debug>(r: stork_client::Result<T>, needle: &str) {
+    let e = refused(r);
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert_eq!(e.code(), Some("bad_request"), "not a JSON error: {e}");
+    let message = e.message().unwrap_or_default();
+    assert!(message.contains(needle), "{needle:?} not in {message}");
+}
+
+/// [`check`] of an answer to a raw request.
+#[track_caller]
+fn check_raw(r: RawResponse, needle: &str) {
+    assert_eq!(r.status, 400, "{}", r.text);
+    let e = r
+        .error()
+        .unwrap_or_else(|| panic!("not a JSON error: {}", r.text));
+    assert_eq!(e.code, "bad_request", "not a JSON error: {}", r.text);
+    assert!(e.message.contains(needle), "{needle:?} not in {}", r.text);
 }
 
 #[test]
 fn bad_input_is_400_naming_the_field() {
     let f = Fixture::new();
     let m = f.drive(1, Status::Allocated).unwrap();
-    let admin = Some(f.admin.as_str());
-    let check = |r: Resp, needle: &str| {
-        assert_eq!(r.status, 400, "{}", r.text);
-        assert_eq!(r.code(), "bad_request", "not a JSON error: {}", r.text);
-        assert!(r.message().contains(needle), "{needle:?} not in {}", r.text);
-    };
+    let post = |path: &str, body: &str| f.raw(Method::Post, path, Some(body));
     // Malformed JSON, everywhere a body is read.
     for path in [
         "/machines".to_string(),
@@ -969,118 +1140,190 @@ fn bad_input_is_400_naming_the_field() {
         "/boot-resources".into(),
         "/tokens".into(),
     ] {
-        let r = f.api.post_raw(&path, admin, r#"{"macs": ["#);
+        let r = post(&path, r#"{"macs": ["#);
         assert_eq!(r.status, 400, "{path}: {}", r.text);
         assert_eq!(
-            r.code(),
-            "bad_request",
+            r.error().map(|e| e.code).as_deref(),
+            Some("bad_request"),
             "{path}: not a JSON error: {}",
             r.text
         );
     }
-    check(f.api.post_raw("/agent/enlist", None, "{"), "");
-    check(
-        f.post("/machines", json!({"macs": [mac(2)], "colour": "red"})),
+    let enlist = f
+        .client
+        .anonymous()
+        .raw(Method::Post, ENLIST_PATH, Some("{"));
+    check_raw(enlist.expect("an answer"), "");
+    let new_machine = |macs: Vec<_>, power: Option<PowerConfig>| {
+        f.client.create_machine(&NewMachine {
+            macs,
+            power,
+            ..NewMachine::default()
+        })
+    };
+    check_raw(
+        post(
+            "/machines",
+            &format!(r#"{{"macs": ["{}"], "colour": "red"}}"#, mac(2)),
+        ),
         "colour",
     );
-    check(f.post("/machines", json!({"hostname": "x"})), "macs");
-    check(f.post("/machines", json!({"macs": ["zz:zz"]})), "macs");
-    check(f.post("/machines", json!({"macs": []})), "macs");
+    check_raw(post("/machines", r#"{"hostname": "x"}"#), "macs");
+    check_raw(post("/machines", r#"{"macs": ["zz:zz"]}"#), "macs");
+    check(new_machine(vec![], None), "macs");
+    let telepathy = PowerConfig {
+        driver: "telepathy".into(),
+        params: Default::default(),
+    };
     check(
-        f.post(
-            "/machines",
-            json!({"macs": [mac(2)], "power": {"driver": "telepathy"}}),
-        ),
+        new_machine(vec![mac_addr(2)], Some(telepathy)),
         "power.driver",
     );
-    check(
-        f.post(
+    check_raw(
+        post(
             "/machines",
-            json!({"macs": [mac(2)], "power": {"driver": "ipmi", "pw": 1, "x": 2}}),
+            &format!(
+                r#"{{"macs": ["{}"], "power": {{"driver": "ipmi", "pw": 1, "x": 2}}}}"#,
+                mac(2)
+            ),
         ),
         "pw",
     );
+    check_raw(post("/machines/allocate", r#"{"min_cpu": 2}"#), "min_cpu");
+    check_raw(post("/ssh-keys", r#"{"name": "k"}"#), "key");
     check(
-        f.post("/machines/allocate", json!({"min_cpu": 2})),
-        "min_cpu",
-    );
-    check(f.post("/ssh-keys", json!({"name": "k"})), "key");
-    check(
-        f.post("/ssh-keys", json!({"name": "k", "key": "hello"})),
+        f.client.add_ssh_key(&NewSshKey {
+            name: "k".into(),
+            key: "hello".into(),
+        }),
         "key",
     );
-    check(f.post("/boot-resources", json!({"name": "x", "kind": "os", "files": [{"role": "raw", "path": "../etc/passwd", "sha256": "", "size": 0}]})), "files.path");
-    check(f.post("/boot-resources", json!({"name": "x", "kind": "os", "files": [{"role": "raw", "path": "missing.img", "sha256": "", "size": 0}]})), "files.path");
+    let resource = |kind: &str, path: Option<&str>| BootResource {
+        name: "x".into(),
+        kind: kind.into(),
+        arch: None,
+        files: path
+            .map(|p| ResourceFile {
+                role: ImageRole::Raw,
+                path: p.into(),
+                sha256: String::new(),
+                size: 0,
+            })
+            .into_iter()
+            .collect(),
+    };
     check(
-        f.post("/boot-resources", json!({"name": "x", "kind": "weird"})),
+        f.client
+            .register_boot_resource(&resource("os", Some("../etc/passwd"))),
+        "files.path",
+    );
+    check(
+        f.client
+            .register_boot_resource(&resource("os", Some("missing.img"))),
+        "files.path",
+    );
+    check(
+        f.client.register_boot_resource(&resource("weird", None)),
         "kind",
     );
-    check(f.post("/tokens", json!({"descr": "x"})), "descr");
+    check_raw(post("/tokens", r#"{"descr": "x"}"#), "descr");
     // Action bodies are checked strictly too.
-    let action = |a: &str, body: Value| f.post(&format!("/machines/{}/{a}", m.id), body);
-    check(
-        action("deploy", json!({"image": IMAGE, "colour": 1})),
+    let action = |a: &str, body: &str| post(&format!("/machines/{}/{a}", m.id), body);
+    let deploy_req = |r: DeployRequest| f.client.deploy(&m.id, &r);
+    check_raw(
+        action("deploy", r#"{"image": "debian-12", "colour": 1}"#),
         "colour",
     );
-    check(action("deploy", json!({"imag": IMAGE})), "imag");
-    check(action("deploy", json!({})), "image");
-    check(action("deploy", json!({"image": "nonesuch"})), "image");
-    check(
-        action("deploy", json!({"image": IMAGE, "target": "tape"})),
+    check_raw(action("deploy", r#"{"imag": "debian-12"}"#), "imag");
+    check_raw(action("deploy", "{}"), "image");
+    check(deploy_req(deploy("nonesuch")), "image");
+    check_raw(
+        action("deploy", r#"{"image": "debian-12", "target": "tape"}"#),
         "target",
     );
     // The disk layout: bounds, types and unknown fields, each naming the field.
-    let layout = |l: Value| action("deploy", json!({"image": IMAGE, "layout": l}));
-    check(layout(json!({"esp_mib": 16})), "layout.esp_mib");
-    check(layout(json!({"esp_mib": 1 << 20})), "layout.esp_mib");
-    check(layout(json!({"root_mib": 100})), "layout.root_mib");
-    check(layout(json!({"root_mib": "big"})), "layout.root_mib");
-    check(layout(json!({"esp": 256})), "esp");
-    check(
+    let layout = |esp_mib: Option<u64>, root_mib: Option<u64>| {
+        deploy_req(DeployRequest {
+            layout: Some(DiskLayout { esp_mib, root_mib }),
+            ..deploy(IMAGE)
+        })
+    };
+    check(layout(Some(16), None), "layout.esp_mib");
+    check(layout(Some(1 << 20), None), "layout.esp_mib");
+    check(layout(None, Some(100)), "layout.root_mib");
+    check_raw(
         action(
             "deploy",
-            json!({"image": IMAGE, "target": "memory", "layout": {}}),
+            r#"{"image": "debian-12", "layout": {"root_mib": "big"}}"#,
         ),
+        "layout.root_mib",
+    );
+    check_raw(
+        action(
+            "deploy",
+            r#"{"image": "debian-12", "layout": {"esp": 256}}"#,
+        ),
+        "esp",
+    );
+    check(
+        deploy_req(DeployRequest {
+            target: DeployTarget::Memory,
+            layout: Some(DiskLayout::default()),
+            ..deploy(IMAGE)
+        }),
         "layout",
     );
-    check(action("release", json!({"erase": "yes"})), "erase");
-    check(action("release", json!({"wipe": true})), "wipe");
-    check(action("commission", json!({"bogus": true})), "bogus");
-    check(action("mark-broken", json!({"reason": 5})), "reason");
+    check_raw(action("release", r#"{"erase": "yes"}"#), "erase");
+    check_raw(action("release", r#"{"wipe": true}"#), "wipe");
+    check_raw(action("commission", r#"{"bogus": true}"#), "bogus");
+    check_raw(action("mark-broken", r#"{"reason": 5}"#), "reason");
     assert_eq!(
         f.status(&m.id),
         Status::Allocated,
         "no bad request changed the machine"
     );
     // Query strings.
-    check(f.get("/machines?status=bogus"), "status");
-    check(f.get("/machines?sort=name"), "sort");
-    check(f.get("/events?after=x"), "after");
-    // Unknown things are 404 with a JSON error.
-    let r = f.get("/machines/nonesuch");
-    assert_eq!((r.status, r.code()), (404, "not_found"), "{}", r.text);
-    let r = f.post(&format!("/machines/{}/fly", m.id), json!({}));
-    assert_eq!((r.status, r.code()), (404, "not_found"), "{}", r.text);
     check(
-        f.post(&format!("/machines/{}/power/explode", m.id), json!({})),
+        f.client.machines(&MachineFilter {
+            status: Some("bogus".into()),
+            tag: None,
+        }),
+        "status",
+    );
+    check_raw(f.raw(Method::Get, "/machines?sort=name", None), "sort");
+    check_raw(f.raw(Method::Get, "/events?after=x", None), "after");
+    // Unknown things are 404 with a JSON error.
+    let e = refused(f.client.machine("nonesuch"));
+    assert_eq!(answer(&e), (404, "not_found"), "{e}");
+    let r = action("fly", "{}");
+    assert_eq!(
+        (r.status, r.error().map(|e| e.code).as_deref()),
+        (404, Some("not_found")),
+        "{}",
+        r.text
+    );
+    check_raw(
+        f.raw(
+            Method::Post,
+            &format!("/machines/{}/power/explode", m.id),
+            None,
+        ),
         "op",
     );
     // A MAC that belongs to another machine is a conflict.
-    let r = f.post("/machines", json!({"macs": [m.mac]}));
-    assert_eq!(r.status, 409, "{}", r.text);
+    let e = refused(new_machine(vec![m.mac.parse().unwrap()], None));
+    assert_eq!(e.status(), Some(409), "{e}");
     // Agent bodies.
     let mut c = f.drive(3, Status::Commissioning).unwrap();
     f.boot(&mut c);
-    check(
-        f.agent_post(&c, "commissioned", Some(json!({"cpu": {}}))),
-        "cpu",
-    );
-    check(
-        f.agent_post(
-            &c,
-            "events",
-            Some(json!({"step": "x", "state": "exploded"})),
-        ),
+    let agent_post = |what: &str, body: &str| {
+        f.agent(&c)
+            .raw(Method::Post, &agent_path(&c.id, what), Some(body))
+            .expect("an answer")
+    };
+    check_raw(agent_post("commissioned", r#"{"cpu": {}}"#), "cpu");
+    check_raw(
+        agent_post("events", r#"{"step": "x", "state": "exploded"}"#),
         "state",
     );
     assert_eq!(f.status(&c.id), Status::Commissioning);
@@ -1099,27 +1342,32 @@ fn secrets_never_leave_the_appliance() {
         .local_addr()
         .unwrap()
         .port();
-    let power = json!({"driver": "ipmi", "params": {
-        "host": "127.0.0.1", "port": closed, "username": "admin", "password": "hunter2",
-        "timeout_ms": 100, "attempts": 1,
-    }});
+    let params: [(&str, serde_json::Value); 6] = [
+        ("host", "127.0.0.1".into()),
+        ("port", closed.into()),
+        ("username", "admin".into()),
+        ("password", "hunter2".into()),
+        ("timeout_ms", 100.into()),
+        ("attempts", 1.into()),
+    ];
+    let power = PowerConfig {
+        driver: "ipmi".into(),
+        params: params.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+    };
     let m = f.create_with(1, power, &[]);
-    let shown = f.machine(&m.id);
-    assert_eq!(shown["power"]["params"]["host"], "127.0.0.1");
-    assert_eq!(shown["power"]["params"]["username"], "admin");
-    assert_ne!(shown["power"]["params"]["password"], "hunter2");
+    let shown = f.machine(&m.id).power.params;
+    assert_eq!(shown["host"], "127.0.0.1");
+    assert_eq!(shown["username"], "admin");
+    assert_ne!(shown["password"], "hunter2");
     // Moving it around runs the power actions, which log.
     let mut m = m;
-    f.act(&m, "commission", json!({}), Status::Commissioning);
+    f.act(&m, Action::Commission, Status::Commissioning);
     f.boot(&mut m);
-    let r = f.agent_post(&m, "commissioned", Some(inventory(&m.mac, 2, 2, 10)));
-    assert_eq!(r.status, 200, "{}", r.text);
-    f.act(&m, "mark-broken", json!({}), Status::Broken);
-    f.act(&m, "mark-fixed", json!({}), Status::Ready);
-    let _ = f.post(
-        &format!("/machines/{}/deploy", m.id),
-        json!({"image": IMAGE}),
-    );
+    f.commissioned(&m, 2, 2, 10).expect("commissioned");
+    f.act(&m, Action::mark_broken(None), Status::Broken);
+    f.act(&m, Action::MarkFixed, Status::Ready);
+    let _ = f.client.deploy(&m.id, &deploy(IMAGE));
+    // Every answer as it is served: no field anywhere holds the password.
     for path in [
         "/machines".to_string(),
         format!("/machines/{}", m.id),
@@ -1127,7 +1375,7 @@ fn secrets_never_leave_the_appliance() {
         format!("/machines/{}/events", m.id),
         "/events".into(),
     ] {
-        let r = f.get(&path);
+        let r = f.raw(Method::Get, &path, None);
         assert_eq!(r.status, 200, "{path}");
         assert!(
             !r.text.contains("hunter2"),
@@ -1140,7 +1388,7 @@ fn secrets_never_leave_the_appliance() {
             "--url",
             &f.server.base(),
             "--token",
-            &f.admin,
+            &f.server.token,
             "machine",
             "show",
             &m.id,
@@ -1150,8 +1398,13 @@ fn secrets_never_leave_the_appliance() {
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("hunter2"));
     // The IPMI driver really ran (and failed: no BMC there), with its outcome in the history.
-    let events = f.get(&format!("/machines/{}/events", m.id)).text;
-    assert!(events.contains("power: NetbootAndPowerOn: "), "{events}");
+    let events = f.events(&m.id);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("power: NetbootAndPowerOn: ")),
+        "{events:#?}"
+    );
     let logs = f.server.logs();
     assert!(logs.contains(&m.id), "the log is not being written");
     assert!(!logs.contains("hunter2"), "the log leaks the password");
@@ -1169,21 +1422,32 @@ fn secrets_never_leave_the_appliance() {
 #[test]
 fn openapi_is_served_and_describes_the_machine() {
     let f = Fixture::new();
-    let r = f.api.get("/openapi.json", None);
-    assert_eq!(r.status, 200);
-    let on_disk: Value =
+    let served = f
+        .client
+        .anonymous()
+        .openapi()
+        .expect("the OpenAPI document");
+    let served: serde_json::Value = serde_json::from_str(&served).expect("served JSON");
+    let on_disk: serde_json::Value =
         serde_json::from_str(include_str!("../openapi.json")).expect("openapi.json parses");
-    assert_eq!(r.body, on_disk);
-    // The documented Machine and Event schemas name exactly the fields the API returns.
+    assert_eq!(served, on_disk);
+    // The documented Machine and Event schemas name exactly the fields the API returns, as
+    // it returns them (the text: decoding into the types would drop an undocumented field).
     let m = f.drive(1, Status::Ready).unwrap();
-    let machine = f.machine(&m.id);
-    let event = f.events(&m.id)[0].clone();
+    type Object = serde_json::Map<String, serde_json::Value>;
+    let machine = f.raw(Method::Get, &format!("/machines/{}", m.id), None);
+    assert_eq!(machine.status, 200, "{}", machine.text);
+    let machine: Object = serde_json::from_str(&machine.text).expect("a machine");
+    let events = f.raw(Method::Get, &format!("/machines/{}/events", m.id), None);
+    assert_eq!(events.status, 200, "{}", events.text);
+    let events: Vec<Object> = serde_json::from_str(&events.text).expect("events");
+    let event = events[0].clone();
     for (schema, real) in [("Machine", machine), ("Event", event)] {
         let props = on_disk["components"]["schemas"][schema]["properties"]
             .as_object()
             .unwrap_or_else(|| panic!("no {schema} schema"));
         let mut documented: Vec<&String> = props.keys().collect();
-        let mut returned: Vec<&String> = real.as_object().unwrap().keys().collect();
+        let mut returned: Vec<&String> = real.keys().collect();
         documented.sort();
         returned.sort();
         assert_eq!(documented, returned, "{schema}");
@@ -1198,62 +1462,79 @@ fn a_deploy_layout_reaches_the_agent_and_needs_a_root_tar() {
     let (size, sha256) = f
         .server
         .boot_file("images/raw-only/disk.raw.zst", b"not really an image");
-    let r = f.post(
-        "/boot-resources",
-        json!({
-            "name": "raw-only", "kind": "os",
-            "files": [{"role": "raw", "path": "images/raw-only/disk.raw.zst", "sha256": sha256, "size": size}],
-        }),
-    );
-    assert_eq!(r.status, 201, "{}", r.text);
-    let r = f.post(
-        &format!("/machines/{}/deploy", m.id),
-        json!({"image": "raw-only", "layout": {"root_mib": 2048}}),
-    );
-    assert_eq!(r.status, 400, "{}", r.text);
+    f.client
+        .register_boot_resource(&BootResource {
+            name: "raw-only".into(),
+            kind: "os".into(),
+            arch: None,
+            files: vec![ResourceFile {
+                role: ImageRole::Raw,
+                path: "images/raw-only/disk.raw.zst".into(),
+                sha256,
+                size,
+            }],
+        })
+        .expect("register raw-only");
+    let e = refused(f.client.deploy(
+        &m.id,
+        &DeployRequest {
+            layout: Some(DiskLayout {
+                esp_mib: None,
+                root_mib: Some(2048),
+            }),
+            ..deploy("raw-only")
+        },
+    ));
+    assert_eq!(e.status(), Some(400), "{e}");
+    let message = e.message().unwrap_or_default();
     assert!(
-        r.message().contains("layout") && r.message().contains("root tar"),
-        "{}",
-        r.text
+        message.contains("layout") && message.contains("root tar"),
+        "{e}"
     );
     assert_eq!(f.status(&m.id), Status::Allocated);
     // The image with a root tar: the task carries exactly what was asked.
+    let asked = DiskLayout {
+        esp_mib: Some(256),
+        root_mib: Some(2048),
+    };
     f.act(
         &m,
-        "deploy",
-        json!({"image": IMAGE, "layout": {"esp_mib": 256, "root_mib": 2048}}),
+        Action::Deploy(DeployRequest {
+            layout: Some(asked),
+            ..deploy(IMAGE)
+        }),
         Status::Deploying,
     );
-    let shown = f.machine(&m.id);
-    assert_eq!(
-        shown["deploy"]["layout"],
-        json!({"esp_mib": 256, "root_mib": 2048})
-    );
+    let shown = f.machine(&m.id).deploy.expect("a deploy request");
+    assert_eq!(shown.layout, Some(asked));
     f.boot(&mut m);
-    let task = f
-        .api
-        .get(&format!("/agent/{}/task", m.id), m.token.as_deref())
-        .ok();
-    assert_eq!(task["kind"], "deploy", "{task}");
-    assert_eq!(task["layout"], json!({"esp_mib": 256, "root_mib": 2048}));
+    let task = f.task(&m);
+    let Task::Deploy(task) = task else {
+        panic!("not a deploy task: {task:?}");
+    };
+    assert_eq!(task.layout, Some(asked));
 
     // No layout asked: none in the request or the task (the agent then picks raw or tar).
     let mut n = f.drive(2, Status::Allocated).expect("allocated");
-    f.act(&n, "deploy", json!({"image": IMAGE}), Status::Deploying);
-    assert!(f.machine(&n.id)["deploy"].get("layout").is_none());
+    f.act(&n, Action::deploy(IMAGE), Status::Deploying);
+    let shown = f.machine(&n.id).deploy.expect("a deploy request");
+    assert!(shown.layout.is_none(), "{shown:?}");
     f.boot(&mut n);
-    let task = f
-        .api
-        .get(&format!("/agent/{}/task", n.id), n.token.as_deref())
-        .ok();
-    assert!(task.get("layout").is_none(), "{task}");
+    let task = f.task(&n);
+    let Task::Deploy(task) = task else {
+        panic!("not a deploy task: {task:?}");
+    };
+    assert!(task.layout.is_none(), "{task:?}");
     // Defaults only: `{}` asks for extraction with the default sizes.
     let o = f.drive(3, Status::Allocated).expect("allocated");
     f.act(
         &o,
-        "deploy",
-        json!({"image": IMAGE, "layout": {}}),
+        Action::Deploy(DeployRequest {
+            layout: Some(DiskLayout::default()),
+            ..deploy(IMAGE)
+        }),
         Status::Deploying,
     );
-    assert_eq!(f.machine(&o.id)["deploy"]["layout"], json!({}));
+    let shown = f.machine(&o.id).deploy.expect("a deploy request");
+    assert_eq!(shown.layout, Some(DiskLayout::default()));
 }

@@ -8,6 +8,11 @@ mod common;
 use std::process::{Command, Output};
 
 use common::{BIN, Options, Server};
+use stork_proto::ImageRole;
+use stork_proto::api::{
+    BootResource, HealthReport, Machine, MachineFilter, NewMachine, PowerConfig, ResourceFile,
+    ServiceState,
+};
 
 fn stork(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -145,12 +150,12 @@ fn image_import_checks_copies_and_registers_in_one_step() {
         "list",
         "--json",
     ]);
-    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
-    let files = &v[0]["files"];
-    assert_eq!(v[0]["name"], "tiny");
-    assert_eq!(files[0]["role"], "tar");
-    assert_eq!(files[0]["path"], "images/tiny/root.tar.zst");
-    assert_eq!(files[1]["role"], "raw");
+    let v: Vec<BootResource> = serde_json::from_slice(&list.stdout).unwrap();
+    let files = &v[0].files;
+    assert_eq!(v[0].name, "tiny");
+    assert_eq!(files[0].role, ImageRole::Tar);
+    assert_eq!(files[0].path, "images/tiny/root.tar.zst");
+    assert_eq!(files[1].role, ImageRole::Raw);
     // The appliance serves what was copied.
     let served = ureq::get(&format!("{}/boot/images/tiny/disk.raw.zst", server.base()))
         .call()
@@ -231,44 +236,59 @@ fn a_failing_service_is_restarted_and_reported() {
     let mut server =
         stork_lab::Spawned::start("stork", cmd, &dir.path().join("stork.log")).unwrap();
     let url = format!("http://127.0.0.1:{port}");
-    let health = || -> Option<serde_json::Value> {
+    let health = || -> Option<HealthReport> {
         let out = stork(&["stats", "--json", "--url", &url, "--token", &token]);
-        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        serde_json::from_slice::<StatsJson>(&out.stdout)
             .ok()
-            .map(|v| v["health"].clone())
+            .map(|v| v.health)
     };
+    let restarts = |h: &HealthReport, service: &str| h.services.get(service).map(|s| s.restarts);
     let failed = stork_lab::wait_for(
         "the DHCP service to fail and be restarted",
         std::time::Duration::from_secs(30),
         std::time::Duration::from_millis(200),
-        || Ok(health().filter(|h| h["services"]["dhcp"]["restarts"].as_u64() >= Some(2))),
+        || Ok(health().filter(|h| restarts(h, "dhcp") >= Some(2))),
     )
     .unwrap();
-    assert_eq!(failed["status"], "degraded", "{failed:#}");
-    let why = failed["services"]["dhcp"]["last_error"].as_str().unwrap();
+    assert_eq!(failed.status, "degraded", "{failed:#?}");
+    let why = failed.services["dhcp"].last_error.as_deref().unwrap();
     assert!(why.contains("lease journal"), "{why}");
     // The rest of the daemon serves on.
-    assert_eq!(failed["services"]["http"]["state"], "running", "{failed:#}");
-    assert_eq!(failed["services"]["http"]["restarts"], 0, "{failed:#}");
+    assert_eq!(
+        failed.services["http"].state,
+        ServiceState::Running,
+        "{failed:#?}"
+    );
+    assert_eq!(failed.services["http"].restarts, 0, "{failed:#?}");
     assert!(server.exited().is_none());
 
     // The cause goes away: the next restart succeeds.
     std::fs::remove_dir(&journal).unwrap();
-    let back =
-        stork_lab::wait_for(
-            "the DHCP service running again",
-            std::time::Duration::from_secs(60),
-            std::time::Duration::from_millis(200),
-            || {
-                Ok(health()
-                    .filter(|h| h["services"]["dhcp"]["state"] == "running" && journal.is_file()))
-            },
-        )
-        .unwrap();
-    assert!(back["services"]["dhcp"]["restarts"].as_u64() >= Some(2));
+    let back = stork_lab::wait_for(
+        "the DHCP service running again",
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_millis(200),
+        || {
+            Ok(health().filter(|h| {
+                h.services
+                    .get("dhcp")
+                    .is_some_and(|s| s.state == ServiceState::Running)
+                    && journal.is_file()
+            }))
+        },
+    )
+    .unwrap();
+    assert!(restarts(&back, "dhcp") >= Some(2));
     let log = std::fs::read_to_string(dir.path().join("stork.log")).unwrap();
     assert!(log.contains("service failed; restarting"), "{log}");
     assert!(!log.contains(&token), "the token leaked into the log");
+}
+
+/// `stork stats --json`: the API's counters by service, and the health beside them (only
+/// the health is read here).
+#[derive(serde::Deserialize)]
+struct StatsJson {
+    health: HealthReport,
 }
 
 /// A table's lines as cells with where each starts and ends (in characters): the CLI's
@@ -330,8 +350,7 @@ fn read_table(text: &str, header: &[&str], right: &[usize]) -> Vec<Vec<String>> 
 #[test]
 fn machine_and_image_lists_are_aligned_tables() {
     let server = Server::start(Options::default());
-    let api = server.api();
-    let token = Some(server.token.as_str());
+    let api = server.client();
     let base = server.base();
     let client = |args: &[&str]| {
         let mut all = vec!["--url", &base, "--token", &server.token];
@@ -349,14 +368,14 @@ fn machine_and_image_lists_are_aligned_tables() {
         (3, None),
     ] {
         let m = api
-            .post(
-                "/machines",
-                token,
-                &serde_json::json!({"macs": [common::mac(n)], "hostname": hostname,
-                    "power": {"driver": "manual"}}),
-            )
-            .ok();
-        ids.push(m["id"].as_str().unwrap().to_string());
+            .create_machine(&NewMachine {
+                macs: vec![common::mac(n).parse().unwrap()],
+                hostname: hostname.map(str::to_string),
+                power: Some(PowerConfig::manual()),
+                ..Default::default()
+            })
+            .unwrap();
+        ids.push(m.id);
     }
     let list = client(&["machine", "list"]);
     let rows = read_table(
@@ -386,15 +405,21 @@ fn machine_and_image_lists_are_aligned_tables() {
             .map(|role| {
                 let path = format!("images/{name}/{role}");
                 let (size, sha256) = server.boot_file(&path, role.as_bytes());
-                serde_json::json!({"role": role, "path": path, "sha256": sha256, "size": size})
+                ResourceFile {
+                    role: ImageRole::from(*role),
+                    path,
+                    sha256,
+                    size,
+                }
             })
             .collect();
-        api.post(
-            "/boot-resources",
-            token,
-            &serde_json::json!({"name": name, "kind": "os", "arch": arch, "files": files}),
-        )
-        .ok();
+        api.register_boot_resource(&BootResource {
+            name: name.to_string(),
+            kind: "os".to_string(),
+            arch: arch.map(str::to_string),
+            files,
+        })
+        .unwrap();
     }
     let list = client(&["image", "list"]);
     let mut rows = read_table(&list, &["NAME", "KIND", "ARCH", "FILES"], &[]);
@@ -414,9 +439,8 @@ fn machine_and_image_lists_are_aligned_tables() {
     );
 
     // `--json` is the API's answer, untouched.
-    let json: serde_json::Value =
-        serde_json::from_str(&client(&["machine", "list", "--json"])).unwrap();
-    assert_eq!(json, api.get("/machines", token).ok());
+    let json: Vec<Machine> = serde_json::from_str(&client(&["machine", "list", "--json"])).unwrap();
+    assert_eq!(json, api.machines(&MachineFilter::default()).unwrap());
 }
 
 /// `watch --until-settled` follows a busy machine until it settles, and returns at once for
@@ -425,16 +449,15 @@ fn machine_and_image_lists_are_aligned_tables() {
 #[test]
 fn watch_until_settled_waits_for_the_busy_status_to_end() {
     let server = Server::start(Options::default());
-    let api = server.api();
-    let token = Some(server.token.as_str());
+    let api = server.client();
     let m = api
-        .post(
-            "/machines",
-            token,
-            &serde_json::json!({"macs": [common::mac(7)], "power": {"driver": "manual"}}),
-        )
-        .ok();
-    let id = m["id"].as_str().unwrap().to_string();
+        .create_machine(&NewMachine {
+            macs: vec![common::mac(7).parse().unwrap()],
+            power: Some(PowerConfig::manual()),
+            ..Default::default()
+        })
+        .unwrap();
+    let id = m.id;
     let watch = || {
         Command::new(BIN)
             .args(["--url", &server.base(), "--token", &server.token])
@@ -450,24 +473,14 @@ fn watch_until_settled_waits_for_the_busy_status_to_end() {
 
     // Commissioning (a manual machine waits for a person): the watch follows until the
     // abort moves it to its failed status.
-    api.post(
-        &format!("/machines/{id}/commission"),
-        token,
-        &serde_json::json!({}),
-    )
-    .ok();
+    api.commission(&id).unwrap();
     let mut child = watch();
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(
         child.try_wait().unwrap().is_none(),
         "watch returned while the machine is still commissioning"
     );
-    api.post(
-        &format!("/machines/{id}/abort"),
-        token,
-        &serde_json::json!({}),
-    )
-    .ok();
+    api.abort(&id).unwrap();
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");

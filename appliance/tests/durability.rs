@@ -15,56 +15,103 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Api, Body, Options, Resp, Server, inventory, mac, script_identity, status_history};
-use serde_json::{Value, json};
+use common::{Options, Server, inventory, mac, mac_addr, script_identity, status_history};
 use stork::lifecycle::Status;
+use stork_client::Client;
+use stork_proto::ImageRole;
+use stork_proto::api::{
+    AllocateBody, BootResource, DeployRequest, EventQuery, Machine, MachineFilter, MarkBrokenBody,
+    NewMachine, PowerConfig, ReleaseBody, ResourceFile,
+};
 
 const MACHINES: u32 = 1000;
 const CLIENTS: u32 = 50;
+const IMAGE: &str = "debian-12";
 
 /// One step of a machine's script.
 #[derive(Debug, Clone, Copy)]
 enum Op {
     Create,
-    /// A user action with its body.
-    Action(&'static str, &'static str),
+    /// A user action.
+    Action(Action),
     /// The machine fetches its boot script (a new agent token).
     Boot,
     /// The agent reports.
-    Agent(&'static str),
+    Agent(Report),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Commission,
+    Allocate,
+    /// Of [`IMAGE`].
+    Deploy,
+    /// Without erasing.
+    Release,
+    ReleaseErase,
+    /// With a reason.
+    MarkBroken,
+    MarkFixed,
+    Abort,
+}
+
+impl Action {
+    fn send(self, c: &Client, id: &str) -> stork_client::Result<Machine> {
+        let release = |erase| c.release(id, &ReleaseBody { erase, quick: None });
+        match self {
+            Action::Commission => c.commission(id),
+            Action::Allocate => c.allocate(id, &AllocateBody::default()),
+            Action::Deploy => c.deploy(
+                id,
+                &DeployRequest {
+                    image: IMAGE.into(),
+                    ..DeployRequest::default()
+                },
+            ),
+            Action::Release => release(false),
+            Action::ReleaseErase => release(true),
+            Action::MarkBroken => c.mark_broken(
+                id,
+                &MarkBrokenBody {
+                    reason: Some("test".into()),
+                },
+            ),
+            Action::MarkFixed => c.mark_fixed(id),
+            Action::Abort => c.abort(id),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Report {
+    Commissioned,
+    Deployed,
+    Released,
 }
 
 /// The lifecycle tour; machine `n` runs a prefix of it, so machines end in every status.
 const SCRIPT: &[(Op, Option<Status>)] = &[
     (Op::Create, Some(Status::New)),
-    (Op::Action("commission", "{}"), Some(Status::Commissioning)),
+    (Op::Action(Action::Commission), Some(Status::Commissioning)),
     (Op::Boot, None),
-    (Op::Agent("commissioned"), Some(Status::Ready)),
-    (Op::Action("allocate", "{}"), Some(Status::Allocated)),
-    (
-        Op::Action("deploy", r#"{"image":"debian-12"}"#),
-        Some(Status::Deploying),
-    ),
+    (Op::Agent(Report::Commissioned), Some(Status::Ready)),
+    (Op::Action(Action::Allocate), Some(Status::Allocated)),
+    (Op::Action(Action::Deploy), Some(Status::Deploying)),
     (Op::Boot, None),
-    (Op::Agent("deployed"), Some(Status::Deployed)),
-    (
-        Op::Action("release", r#"{"erase":true}"#),
-        Some(Status::DiskErasing),
-    ),
+    (Op::Agent(Report::Deployed), Some(Status::Deployed)),
+    (Op::Action(Action::ReleaseErase), Some(Status::DiskErasing)),
     (Op::Boot, None),
-    (Op::Agent("released"), Some(Status::Ready)),
-    (
-        Op::Action("mark-broken", r#"{"reason":"test"}"#),
-        Some(Status::Broken),
-    ),
-    (Op::Action("mark-fixed", "{}"), Some(Status::Ready)),
-    (Op::Action("allocate", "{}"), Some(Status::Allocated)),
-    (Op::Action("release", "{}"), Some(Status::Ready)),
-    (Op::Action("commission", "{}"), Some(Status::Commissioning)),
-    (Op::Action("abort", "{}"), Some(Status::FailedCommissioning)),
+    (Op::Agent(Report::Released), Some(Status::Ready)),
+    (Op::Action(Action::MarkBroken), Some(Status::Broken)),
+    (Op::Action(Action::MarkFixed), Some(Status::Ready)),
+    (Op::Action(Action::Allocate), Some(Status::Allocated)),
+    (Op::Action(Action::Release), Some(Status::Ready)),
+    (Op::Action(Action::Commission), Some(Status::Commissioning)),
+    (Op::Action(Action::Abort), Some(Status::FailedCommissioning)),
 ];
 
 fn script_len(n: u32) -> usize {
@@ -95,56 +142,55 @@ struct Stats {
     requests: AtomicU32,
 }
 
-struct Client<'a> {
-    api: Api,
-    admin: &'a str,
+/// One of the concurrent clients.
+struct Worker<'a> {
+    /// With the admin token.
+    client: Client,
     stats: &'a Stats,
 }
 
-impl Client<'_> {
+impl Worker<'_> {
     /// Sends until the server answers; the flag says whether an earlier attempt went
     /// unanswered (so it may have been applied).
-    fn send(
+    fn send<T>(
         &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<&str>,
-    ) -> (Resp, bool) {
+        what: &str,
+        request: impl Fn() -> stork_client::Result<T>,
+    ) -> (stork_client::Result<T>, bool) {
         let start = Instant::now();
         let mut retried = false;
         loop {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            match self.api.try_req(method, path, token, body.map(Body::Raw)) {
-                Ok(r) => {
-                    assert!(r.status < 500, "{method} {path}: server error {}", r.text);
-                    return (r, retried);
-                }
-                Err(e) => {
+            match request() {
+                Err(e @ stork_client::Error::Unreachable { .. }) => {
                     self.stats.transport_errors.fetch_add(1, Ordering::Relaxed);
                     assert!(
                         start.elapsed() < Duration::from_secs(60),
-                        "{method} {path}: no answer for 60 s: {e}"
+                        "{what}: no answer for 60 s: {e}"
                     );
                     retried = true;
                     std::thread::sleep(Duration::from_millis(25));
+                }
+                answer => {
+                    if let Err(e) = &answer {
+                        assert!(
+                            e.status().is_some_and(|s| s < 500),
+                            "{what}: a server error or an undecodable answer: {e}"
+                        );
+                    }
+                    return (answer, retried);
                 }
             }
         }
     }
 
     fn stored_status(&self, key: &str) -> Option<(String, Status)> {
-        let (r, _) = self.send("GET", &format!("/machines/{key}"), Some(self.admin), None);
-        if r.status == 404 {
-            return None;
+        let what = format!("GET machine {key}");
+        match self.send(&what, || self.client.machine(key)).0 {
+            Ok(m) => Some((m.id, m.status)),
+            Err(e) if e.status() == Some(404) => None,
+            Err(e) => panic!("{what}: {e}"),
         }
-        assert_eq!(r.status, 200, "GET machine {key}: {}", r.text);
-        let status = Status::parse(r.body["status"].as_str().unwrap_or_default())
-            .unwrap_or_else(|| panic!("unknown status in {}", r.text));
-        Some((
-            r.body["id"].as_str().unwrap_or_default().to_string(),
-            status,
-        ))
     }
 
     /// Runs machine `n`'s script, recording what the server acknowledged.
@@ -156,79 +202,106 @@ impl Client<'_> {
         let mac = mac(n);
         let mut token: Option<String> = None;
         for (op, want) in &SCRIPT[..script_len(n)] {
-            let (resp, retried, accepted_refusals): (Resp, bool, &[u16]) = match *op {
+            let what = format!("machine {n} {op:?}");
+            // The status the answer names, if it names one.
+            let (answer, retried, accepted_refusals): (
+                stork_client::Result<Option<Status>>,
+                bool,
+                &[u16],
+            ) = match *op {
                 Op::Create => {
-                    let body = json!({"macs": [mac], "power": {"driver": "manual"}}).to_string();
-                    let (r, retried) =
-                        self.send("POST", "/machines", Some(self.admin), Some(&body));
-                    if r.status == 201 {
-                        rec.id = r.body["id"].as_str().unwrap_or_default().to_string();
+                    let new = NewMachine {
+                        macs: vec![mac_addr(n)],
+                        power: Some(PowerConfig::manual()),
+                        ..NewMachine::default()
+                    };
+                    let (r, retried) = self.send(&what, || self.client.create_machine(&new));
+                    if let Ok(m) = &r {
+                        rec.id = m.id.clone();
                     }
                     // A retried create whose first attempt committed: the MAC is taken.
-                    (r, retried, &[409])
+                    (r.map(|m| Some(m.status)), retried, &[409])
                 }
-                Op::Action(action, body) => {
-                    let path = format!("/machines/{}/{action}", rec.id);
-                    let (r, retried) = self.send("POST", &path, Some(self.admin), Some(body));
-                    (r, retried, &[409])
+                Op::Action(action) => {
+                    let (r, retried) = self.send(&what, || action.send(&self.client, &rec.id));
+                    (r.map(|m| Some(m.status)), retried, &[409])
                 }
                 Op::Boot => {
-                    let (r, _) = self.send("GET", &format!("/ipxe/{mac}"), None, None);
-                    assert_eq!(r.status, 200, "boot script: {}", r.text);
-                    let (id, t) = script_identity(&r.text)
-                        .unwrap_or_else(|| panic!("machine {n}: no agent token in {}", r.text));
+                    let anonymous = self.client.anonymous();
+                    let (r, _) = self.send(&what, || anonymous.boot_script(&mac));
+                    let script = r.unwrap_or_else(|e| panic!("boot script: {e}"));
+                    let (id, t) = script_identity(&script)
+                        .unwrap_or_else(|| panic!("machine {n}: no agent token in {script}"));
                     assert_eq!(id, rec.id);
                     token = Some(t);
                     continue;
                 }
-                Op::Agent(what) => {
-                    let path = format!("/agent/{}/{what}", rec.id);
-                    let body =
-                        (what == "commissioned").then(|| inventory(&mac, 2, 4, 20).to_string());
-                    let (r, retried) = self.send("POST", &path, token.as_deref(), body.as_deref());
+                Op::Agent(report) => {
+                    let agent = match &token {
+                        Some(t) => self.client.with_token(t),
+                        None => self.client.anonymous(),
+                    };
+                    let id = rec.id.as_str();
+                    let (r, retried) = match report {
+                        Report::Commissioned => {
+                            let inv = inventory(&mac, 2, 4, 20);
+                            let (r, retried) =
+                                self.send(&what, || agent.agent_commissioned(id, &inv));
+                            (r.map(|r| Some(r.status)), retried)
+                        }
+                        Report::Deployed => {
+                            let (r, retried) = self.send(&what, || agent.agent_deployed(id));
+                            (r.map(|()| None), retried)
+                        }
+                        Report::Released => {
+                            let (r, retried) = self.send(&what, || agent.agent_released(id));
+                            (r.map(|()| None), retried)
+                        }
+                    };
                     // The committed report revoked the token the retry carries.
                     (r, retried, &[401, 409])
                 }
             };
             let want = want.unwrap_or_else(|| unreachable!());
-            if (200..300).contains(&resp.status) {
-                if let Some(got) = resp.body.get("status").and_then(Value::as_str) {
-                    assert_eq!(got, want.as_str(), "machine {n} {op:?}: {}", resp.text);
-                }
-            } else if retried && accepted_refusals.contains(&resp.status) {
-                // Did the unanswered attempt commit? Then the machine is exactly where it
-                // would have left it.
-                let key = if rec.id.is_empty() {
-                    mac.clone()
-                } else {
-                    rec.id.clone()
-                };
-                let mut stored = self.stored_status(&key);
-                // A plain release interrupted between its two saves is finished by the
-                // restarted server (Releasing -> Ready) shortly after it starts.
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while want == Status::Ready
-                    && matches!(stored, Some((_, Status::Releasing)))
-                    && Instant::now() < deadline
-                {
-                    std::thread::sleep(Duration::from_millis(50));
-                    stored = self.stored_status(&key);
-                    if matches!(stored, Some((_, Status::Ready))) {
-                        rec.finished_by_restart += 1;
+            match answer {
+                Ok(got) => {
+                    if let Some(got) = got {
+                        assert_eq!(got, want, "{what}");
                     }
                 }
-                match stored {
-                    Some((id, status)) if status == want => {
-                        rec.id = id;
-                        rec.confirmed_by_retry += 1;
+                Err(e) if retried && e.status().is_some_and(|s| accepted_refusals.contains(&s)) => {
+                    // Did the unanswered attempt commit? Then the machine is exactly where it
+                    // would have left it.
+                    let key = if rec.id.is_empty() {
+                        mac.clone()
+                    } else {
+                        rec.id.clone()
+                    };
+                    let mut stored = self.stored_status(&key);
+                    // A plain release interrupted between its two saves is finished by the
+                    // restarted server (Releasing -> Ready) shortly after it starts.
+                    let deadline = Instant::now() + Duration::from_secs(20);
+                    while want == Status::Ready
+                        && matches!(stored, Some((_, Status::Releasing)))
+                        && Instant::now() < deadline
+                    {
+                        std::thread::sleep(Duration::from_millis(50));
+                        stored = self.stored_status(&key);
+                        if matches!(stored, Some((_, Status::Ready))) {
+                            rec.finished_by_restart += 1;
+                        }
                     }
-                    other => panic!(
-                        "machine {n} {op:?}: retry refused ({}: {}) but the stored machine is {other:?}, not {want}",
-                        resp.status, resp.text
-                    ),
+                    match stored {
+                        Some((id, status)) if status == want => {
+                            rec.id = id;
+                            rec.confirmed_by_retry += 1;
+                        }
+                        other => panic!(
+                            "{what}: retry refused ({e:?}) but the stored machine is {other:?}, not {want}"
+                        ),
+                    }
                 }
-            } else {
-                panic!("machine {n} {op:?}: {} {}", resp.status, resp.text);
+                Err(e) => panic!("{what}: {e:?}"),
             }
             rec.acked.push(want);
         }
@@ -240,16 +313,21 @@ impl Client<'_> {
 fn acknowledged_changes_survive_sigkill() {
     let started = Instant::now();
     let mut server = Server::start(Options::default());
-    let api = server.api();
-    let admin = server.token.clone();
+    let client = server.client();
     let (size, sha256) = server.boot_file("images/debian-12/root.tar", b"tar");
-    let r = api.post(
-        "/boot-resources",
-        Some(&admin),
-        &json!({"name": "debian-12", "kind": "os",
-                "files": [{"role": "tar", "path": "images/debian-12/root.tar", "sha256": sha256, "size": size}]}),
-    );
-    assert_eq!(r.status, 201, "{}", r.text);
+    client
+        .register_boot_resource(&BootResource {
+            name: IMAGE.into(),
+            kind: "os".into(),
+            arch: None,
+            files: vec![ResourceFile {
+                role: ImageRole::Tar,
+                path: "images/debian-12/root.tar".into(),
+                sha256,
+                size,
+            }],
+        })
+        .expect("register the image");
 
     let stats = Stats {
         transport_errors: AtomicU32::new(0),
@@ -260,15 +338,14 @@ fn acknowledged_changes_survive_sigkill() {
     let records: Vec<Record> = std::thread::scope(|scope| {
         let clients: Vec<_> = (0..CLIENTS)
             .map(|c| {
-                let client = Client {
-                    api: Api::new(&server.base()),
-                    admin: &admin,
+                let worker = Worker {
+                    client: client.clone(),
                     stats: &stats,
                 };
                 scope.spawn(move || {
                     (0..MACHINES)
                         .filter(|n| n % CLIENTS == c)
-                        .map(|n| client.run_machine(n))
+                        .map(|n| worker.run_machine(n))
                         .collect::<Vec<_>>()
                 })
             })
@@ -308,13 +385,10 @@ fn acknowledged_changes_survive_sigkill() {
     kills += 1;
 
     // Verify every machine against what its client was told.
-    let all = api.get("/machines", Some(&admin)).ok();
-    let stored: std::collections::HashMap<&str, &Value> = all
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| (m["id"].as_str().unwrap(), m))
-        .collect();
+    let all = client
+        .machines(&MachineFilter::default())
+        .expect("the machines");
+    let stored: HashMap<&str, &Machine> = all.iter().map(|m| (m.id.as_str(), m)).collect();
     assert_eq!(stored.len(), MACHINES as usize, "machines stored");
     let (mut confirmed, mut finished) = (0, 0);
     for rec in &records {
@@ -322,27 +396,22 @@ fn acknowledged_changes_survive_sigkill() {
             .get(rec.id.as_str())
             .unwrap_or_else(|| panic!("machine {} ({}) is lost", rec.n, rec.id));
         let last = *rec.acked.last().unwrap();
-        assert_eq!(
-            m["status"],
-            last.as_str(),
-            "machine {}: stored status",
-            rec.n
-        );
-        let events = api
-            .get(
-                &format!("/machines/{}/events?limit=10000", rec.id),
-                Some(&admin),
-            )
-            .ok();
-        let history = status_history(events.as_array().unwrap())
-            .unwrap_or_else(|e| panic!("machine {}: {e}", rec.n));
+        assert_eq!(m.status, last, "machine {}: stored status", rec.n);
+        let events = client
+            .events(&EventQuery {
+                after: 0,
+                machine: Some(rec.id.clone()),
+                limit: Some(10000),
+            })
+            .unwrap_or_else(|e| panic!("machine {}: events: {e}", rec.n));
+        let history = status_history(&events).unwrap_or_else(|e| panic!("machine {}: {e}", rec.n));
         // A plain release is acknowledged as Ready; its history shows Releasing first.
         let changes = SCRIPT[..script_len(rec.n)]
             .iter()
             .filter(|(_, st)| st.is_some());
         let mut expected = Vec::new();
         for ((op, _), acked) in changes.zip(&rec.acked) {
-            if let Op::Action("release", "{}") = op {
+            if let Op::Action(Action::Release) = op {
                 expected.push(Status::Releasing);
             }
             expected.push(*acked);

@@ -16,6 +16,7 @@ use stork::power::{BootDevice, IpmiDriver, IpmiParams, PowerState};
 use stork_lab::bmc::{self, Chassis, IpmiSim, IpmiSimSpec};
 use stork_lab::vm::{VmSpec, qemu_argv};
 use stork_lab::{Appliance, Lab, wait_for};
+use stork_proto::MacAddr;
 
 const MAC: &str = "52:54:00:77:00:61";
 
@@ -118,6 +119,7 @@ fn run(lab: &Lab, appliance: &mut Appliance, sim: &IpmiSim, driver: &IpmiDriver)
     }
 
     // PXE boot and enlistment through the ordinary flow.
+    let mac: MacAddr = MAC.parse()?;
     wait_for(
         "the VM to enlist",
         Duration::from_secs(300),
@@ -129,7 +131,7 @@ fn run(lab: &Lab, appliance: &mut Appliance, sim: &IpmiSim, driver: &IpmiDriver)
             let found = appliance
                 .machines()?
                 .into_iter()
-                .find(|m| m["boot_mac"] == MAC);
+                .find(|m| m.boot_mac == Some(mac));
             if found.is_none() && sim.vm_pid().is_none() {
                 bail!("the VM stopped before it enlisted");
             }

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use stork_proto::api::{
     AllocateBody, BootResource, Constraints, CreatedToken, DeployRequest, ErrorBody, EventQuery,
     EventRecord, HealthReport, Machine, MachineFilter, MarkBrokenBody, NewMachine, NewSshKey,
-    NewToken, PowerAnswer, ReleaseBody, SshKey, StatsResponse, TokenRecord,
+    NewToken, PowerAnswer, PowerOp, ReleaseBody, SshKey, StatsResponse, TokenRecord,
 };
 use stork_proto::{
     AgentEvent, AgentReport, ENLIST_PATH, EnlistRequest, EnlistResponse, HEARTBEAT, Heartbeat,
@@ -45,6 +45,13 @@ pub enum Error {
         url: String,
         #[source]
         source: serde_json::Error,
+    },
+    /// A success, but not the one the route documents.
+    #[error("{url} answered {status}, not {expected:?}")]
+    UnexpectedStatus {
+        url: String,
+        status: u16,
+        expected: Vec<u16>,
     },
     #[error("the event stream from {url} broke: {reason}")]
     Stream { url: String, reason: String },
@@ -159,17 +166,11 @@ impl Client {
     }
 
     pub fn create_machine(&self, m: &NewMachine) -> Result<Machine> {
-        self.post(&format!("{API}/machines"), Some(m))
+        self.create(&format!("{API}/machines"), m)
     }
 
     pub fn delete_machine(&self, id: &str) -> Result<()> {
-        self.send::<(), serde::de::IgnoredAny>(
-            Method::Delete,
-            &format!("{API}/machines/{id}"),
-            &(),
-            None,
-        )
-        .map(drop)
+        self.delete(&format!("{API}/machines/{id}"))
     }
 
     pub fn commission(&self, id: &str) -> Result<Machine> {
@@ -214,8 +215,8 @@ impl Client {
         self.post(&format!("{API}/machines/allocate"), Some(c))
     }
 
-    /// Direct power control: `on`, `off`, `soft-off`, `cycle` or `query`.
-    pub fn power(&self, id: &str, op: &str) -> Result<PowerAnswer> {
+    /// Direct power control.
+    pub fn power(&self, id: &str, op: PowerOp) -> Result<PowerAnswer> {
         self.post(&format!("{API}/machines/{id}/power/{op}"), None::<&()>)
     }
 
@@ -304,17 +305,11 @@ impl Client {
     }
 
     pub fn add_ssh_key(&self, key: &NewSshKey) -> Result<SshKey> {
-        self.post(&format!("{API}/ssh-keys"), Some(key))
+        self.create(&format!("{API}/ssh-keys"), key)
     }
 
     pub fn delete_ssh_key(&self, id: &str) -> Result<()> {
-        self.send::<(), serde::de::IgnoredAny>(
-            Method::Delete,
-            &format!("{API}/ssh-keys/{id}"),
-            &(),
-            None,
-        )
-        .map(drop)
+        self.delete(&format!("{API}/ssh-keys/{id}"))
     }
 
     pub fn boot_resources(&self) -> Result<Vec<BootResource>> {
@@ -322,7 +317,7 @@ impl Client {
     }
 
     pub fn register_boot_resource(&self, r: &BootResource) -> Result<BootResource> {
-        self.post(&format!("{API}/boot-resources"), Some(r))
+        self.create(&format!("{API}/boot-resources"), r)
     }
 
     pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
@@ -330,7 +325,7 @@ impl Client {
     }
 
     pub fn create_token(&self, t: &NewToken) -> Result<CreatedToken> {
-        self.post(&format!("{API}/tokens"), Some(t))
+        self.create(&format!("{API}/tokens"), t)
     }
 
     pub fn stats(&self) -> Result<StatsResponse> {
@@ -355,7 +350,7 @@ impl Client {
     }
 
     pub fn report(&self, r: &AgentReport) -> Result<()> {
-        self.post_no_answer(REPORT_PATH, Some(r))
+        self.report_recorded(r).map(drop)
     }
 
     pub fn agent_task(&self, machine: &str) -> Result<Task> {
@@ -371,7 +366,20 @@ impl Client {
     }
 
     pub fn agent_heartbeat(&self, machine: &str, h: &Heartbeat) -> Result<()> {
-        self.post_no_answer(&agent_path(machine, HEARTBEAT), Some(h))
+        self.agent_heartbeat_recorded(machine, h).map(drop)
+    }
+
+    /// [`Client::agent_heartbeat`], telling whether the beat was recorded (204) or no
+    /// heartbeat is expected any more in this status (202: the image is installed, or the
+    /// agent said it was leaving).
+    pub fn agent_heartbeat_recorded(&self, machine: &str, h: &Heartbeat) -> Result<bool> {
+        self.post_recorded(&agent_path(machine, HEARTBEAT), h)
+    }
+
+    /// [`Client::report`], telling whether the report was recorded as an event of a known
+    /// machine (204) or only logged (202: no machine has that MAC).
+    pub fn report_recorded(&self, r: &AgentReport) -> Result<bool> {
+        self.post_recorded(REPORT_PATH, r)
     }
 
     pub fn agent_released(&self, machine: &str) -> Result<()> {
@@ -431,46 +439,84 @@ impl Client {
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str, query: &impl Serialize) -> Result<T> {
-        self.send::<(), T>(Method::Get, path, query, None)
+        let path = format!("{path}{}", query_string(query));
+        self.decode(&path, self.call(Method::Get, &path, None::<&()>, OK)?)
     }
 
+    /// A POST answered 200 with a body.
     fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         path: &str,
         body: Option<&B>,
     ) -> Result<T> {
-        self.send(Method::Post, path, &(), body)
+        self.decode(path, self.call(Method::Post, path, body, OK)?)
     }
 
-    fn post_no_answer<B: Serialize + ?Sized>(&self, path: &str, body: Option<&B>) -> Result<()> {
-        self.send::<B, serde::de::IgnoredAny>(Method::Post, path, &(), body)
+    /// A POST that creates: 201 with the created thing.
+    fn create<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        self.decode(path, self.call(Method::Post, path, Some(body), CREATED)?)
+    }
+
+    fn delete(&self, path: &str) -> Result<()> {
+        self.call(Method::Delete, path, None::<&()>, NO_CONTENT)
             .map(drop)
     }
 
-    fn send<B: Serialize + ?Sized, T: DeserializeOwned>(
+    /// A POST answered 204, no body.
+    fn post_no_answer<B: Serialize + ?Sized>(&self, path: &str, body: Option<&B>) -> Result<()> {
+        self.call(Method::Post, path, body, NO_CONTENT).map(drop)
+    }
+
+    /// A POST the appliance answers 204 (recorded: `true`) or 202 (accepted, not recorded).
+    fn post_recorded<B: Serialize + ?Sized>(&self, path: &str, body: &B) -> Result<bool> {
+        let r = self.call(Method::Post, path, Some(body), RECORDED_OR_ACCEPTED)?;
+        Ok(r.status == 204)
+    }
+
+    /// One request whose success must be one of the statuses the route documents: a
+    /// different one is an error too, so a route that changes its answer is noticed.
+    fn call<B: Serialize + ?Sized>(
         &self,
         method: Method,
         path: &str,
-        query: &impl Serialize,
         body: Option<&B>,
-    ) -> Result<T> {
-        let path = format!("{path}{}", query_string(query));
+        expect: &[u16],
+    ) -> Result<RawResponse> {
         let body = body
             .map(serde_json::to_string)
             .transpose()
             .map_err(|source| Error::Decode {
-                url: path.clone(),
+                url: path.to_string(),
                 source,
             })?;
-        let r = success(self.raw(method, &path, body.as_deref())?)?;
-        // An empty success (204) reads as JSON `null`: `()`, `Option` or IgnoredAny.
-        let text = if r.text.is_empty() { "null" } else { &r.text };
-        serde_json::from_str(text).map_err(|source| Error::Decode {
+        let r = success(self.raw(method, path, body.as_deref())?)?;
+        if !expect.contains(&r.status) {
+            return Err(Error::UnexpectedStatus {
+                url: format!("{}{path}", self.base),
+                status: r.status,
+                expected: expect.to_vec(),
+            });
+        }
+        Ok(r)
+    }
+
+    fn decode<T: DeserializeOwned>(&self, path: &str, r: RawResponse) -> Result<T> {
+        serde_json::from_str(&r.text).map_err(|source| Error::Decode {
             url: format!("{}{path}", self.base),
             source,
         })
     }
 }
+
+// The success statuses of the routes.
+const OK: &[u16] = &[200];
+const CREATED: &[u16] = &[201];
+const NO_CONTENT: &[u16] = &[204];
+const RECORDED_OR_ACCEPTED: &[u16] = &[204, 202];
 
 /// A query's fields as `?a=1&b=x` (nothing for a query without set fields).
 fn query_string(query: &impl Serialize) -> String {

@@ -4,9 +4,34 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use stork_proto::MacAddr;
+use stork_proto::api::{EventRecord, HealthReport, Machine, StatsResponse};
 
 use crate::Lab;
 use crate::process::{Spawned, wait_for};
+
+/// What `stork stats --json` prints: the API's counters by service, the daemon's health
+/// beside them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Stats {
+    #[serde(flatten)]
+    pub counters: StatsResponse,
+    pub health: HealthReport,
+}
+
+impl Stats {
+    /// Counter `name` of `service` (`dhcp` or `tftp`), if the appliance has it.
+    pub fn counter(&self, service: &str, name: &str) -> Option<u64> {
+        let counters = match service {
+            "dhcp" => &self.counters.dhcp,
+            "tftp" => &self.counters.tftp,
+            _ => return None,
+        };
+        counters.get(name).copied()
+    }
+}
 
 pub struct Appliance {
     pub bin: PathBuf,
@@ -83,14 +108,23 @@ impl Appliance {
         )
     }
 
+    /// Runs a `stork ... --json` command inside the namespace and parses its output.
+    pub fn cli_json<T: DeserializeOwned>(&self, args: &[&str]) -> Result<T> {
+        let out = self.cli(args)?;
+        serde_json::from_str(&out).with_context(|| {
+            let shown: Vec<&str> = args
+                .iter()
+                .copied()
+                .take_while(|a| !a.starts_with("--"))
+                .collect();
+            format!("parsing `stork {} --json`", shown.join(" "))
+        })
+    }
+
     /// `stork machine add` for a machine behind lab BMC `bmc`, with its operator login
-    /// (`--power ipmi`); returns the added machine's JSON (its password is never in it).
-    pub fn add_ipmi_machine(
-        &self,
-        mac: &str,
-        bmc: &crate::bmc::IpmiSim,
-    ) -> Result<serde_json::Value> {
-        let out = self.cli(&[
+    /// (`--power ipmi`); returns the added machine (its password is never in it).
+    pub fn add_ipmi_machine(&self, mac: &str, bmc: &crate::bmc::IpmiSim) -> Result<Machine> {
+        self.cli_json(&[
             "machine",
             "add",
             "--mac",
@@ -106,20 +140,27 @@ impl Appliance {
             "--power-param",
             &format!("password={}", crate::bmc::OPERATOR_PASSWORD),
             "--json",
-        ])?;
-        serde_json::from_str(&out).context("parsing `stork machine add --json`")
+        ])
     }
 
     /// `stork machine list --json`, parsed.
-    pub fn machines(&self) -> Result<Vec<serde_json::Value>> {
-        let out = self.cli(&["machine", "list", "--json"])?;
-        serde_json::from_str(&out).context("parsing `stork machine list --json`")
+    pub fn machines(&self) -> Result<Vec<Machine>> {
+        self.cli_json(&["machine", "list", "--json"])
     }
 
     /// `stork machine show ID --json`, parsed.
-    pub fn machine(&self, id: &str) -> Result<serde_json::Value> {
-        let out = self.cli(&["machine", "show", id, "--json"])?;
-        serde_json::from_str(&out).context("parsing `stork machine show --json`")
+    pub fn machine(&self, id: &str) -> Result<Machine> {
+        self.cli_json(&["machine", "show", id, "--json"])
+    }
+
+    /// `stork machine events ID --json`, parsed: the machine's history, oldest first.
+    pub fn events(&self, id: &str) -> Result<Vec<EventRecord>> {
+        self.cli_json(&["machine", "events", id, "--json"])
+    }
+
+    /// `stork stats --json`, parsed.
+    pub fn stats(&self) -> Result<Stats> {
+        self.cli_json(&["stats", "--json"])
     }
 
     /// Waits until a machine with boot MAC `mac` is recorded; fails early if the appliance
@@ -129,7 +170,8 @@ impl Appliance {
         vm: &mut crate::Vm,
         mac: &str,
         timeout: Duration,
-    ) -> Result<serde_json::Value> {
+    ) -> Result<Machine> {
+        let mac: MacAddr = mac.parse()?;
         wait_for(
             "the VM to enlist",
             timeout,
@@ -138,7 +180,10 @@ impl Appliance {
                 if let Some(status) = self.exited() {
                     bail!("stork serve exited: {status}");
                 }
-                let found = self.machines()?.into_iter().find(|m| m["boot_mac"] == mac);
+                let found = self
+                    .machines()?
+                    .into_iter()
+                    .find(|m| m.boot_mac == Some(mac));
                 if found.is_none()
                     && let Some(status) = vm.exited()
                 {
@@ -155,5 +200,29 @@ impl Appliance {
 
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.process.exited()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_read_the_counters_and_the_health_beside_them() {
+        let json = r#"{
+            "dhcp": {"received": 7, "discover": 2},
+            "tftp": {"transfers_completed": 4},
+            "health": {"status": "ok", "services": {
+                "dhcp": {"state": "running", "restarts": 0, "last_error": null,
+                         "last_failure_ms": null}
+            }}
+        }"#;
+        let s: Stats = serde_json::from_str(json).unwrap();
+        assert_eq!(s.counter("dhcp", "received"), Some(7));
+        assert_eq!(s.counter("tftp", "transfers_completed"), Some(4));
+        assert_eq!(s.counter("dhcp", "offer"), None);
+        assert_eq!(s.counter("http", "received"), None);
+        assert_eq!(s.health.status, "ok");
+        assert_eq!(s.health.services["dhcp"].restarts, 0);
     }
 }

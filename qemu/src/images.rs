@@ -3,7 +3,30 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use serde_json::{Value, json};
+use serde::Deserialize;
+use stork_proto::ImageRole;
+use stork_proto::api::{BootResource, ResourceFile};
+
+/// The part of `stork-image`'s `manifest.json` a boot resource is made from; other fields
+/// are ignored.
+#[derive(Debug, Deserialize)]
+struct Manifest {
+    images: Vec<Entry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Entry {
+    name: String,
+    artifacts: Vec<Artifact>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Artifact {
+    name: String,
+    kind: String,
+    size: u64,
+    sha256: String,
+}
 
 /// The boot resource for OS image `name` in `images` (its `manifest.json` and files): the
 /// files are linked (or copied) into `boot_root/images/` and listed by role (`raw`,
@@ -14,37 +37,93 @@ pub fn os_resource(
     boot_root: &Path,
     name: &str,
     raw_sha256: Option<&str>,
-) -> Result<Value> {
-    let manifest: Value = serde_json::from_str(
+) -> Result<BootResource> {
+    let manifest: Manifest = serde_json::from_str(
         &std::fs::read_to_string(images.join("manifest.json"))
             .context("reading the image manifest")?,
-    )?;
-    let image = manifest["images"]
-        .as_array()
-        .and_then(|a| a.iter().find(|i| i["name"] == name))
+    )
+    .context("parsing the image manifest")?;
+    let image = manifest
+        .images
+        .into_iter()
+        .find(|i| i.name == name)
         .with_context(|| format!("no image {name} in the manifest"))?;
     let dest = boot_root.join("images");
     std::fs::create_dir_all(&dest)?;
     let mut files = Vec::new();
-    for a in image["artifacts"].as_array().context("artifacts")? {
-        let role = match a["kind"].as_str() {
-            Some("raw_disk_zst") => "raw",
-            Some("root_squashfs") => "squashfs",
-            Some("root_tar_zst") => "tar",
+    for a in image.artifacts {
+        let role = match a.kind.as_str() {
+            "raw_disk_zst" => ImageRole::Raw,
+            "root_squashfs" => ImageRole::Squashfs,
+            "root_tar_zst" => ImageRole::Tar,
             _ => continue,
         };
-        let file = a["name"].as_str().context("artifact name")?;
+        let file = &a.name;
         let to = dest.join(file);
         if !to.exists() && std::fs::hard_link(images.join(file), &to).is_err() {
             std::fs::copy(images.join(file), &to).with_context(|| format!("copying {file}"))?;
         }
-        let sha = match (role, raw_sha256) {
-            ("raw", Some(s)) => Value::String(s.to_string()),
-            _ => a["sha256"].clone(),
+        let sha256 = match (&role, raw_sha256) {
+            (ImageRole::Raw, Some(s)) => s.to_string(),
+            _ => a.sha256,
         };
-        files.push(json!({
-            "role": role, "path": format!("images/{file}"), "sha256": sha, "size": a["size"],
-        }));
+        files.push(ResourceFile {
+            role,
+            path: format!("images/{file}"),
+            sha256,
+            size: a.size,
+        });
     }
-    Ok(json!({"name": name, "kind": "os", "arch": "amd64", "files": files}))
+    Ok(BootResource {
+        name: name.to_string(),
+        kind: "os".into(),
+        arch: Some("amd64".into()),
+        files,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_resource_lists_the_deployable_files_by_role() {
+        let images = tempfile::tempdir().unwrap();
+        let boot = tempfile::tempdir().unwrap();
+        let manifest = r#"{"images": [
+            {"name": "other", "kind": "os", "artifacts": []},
+            {"name": "deb", "kind": "os", "arch": "amd64", "artifacts": [
+                {"name": "deb.raw.zst", "kind": "raw_disk_zst", "size": 3, "sha256": "aa",
+                 "compression": "zstd"},
+                {"name": "deb.squashfs", "kind": "root_squashfs", "size": 4, "sha256": "bb",
+                 "compression": "zstd"},
+                {"name": "deb.tar.zst", "kind": "root_tar_zst", "size": 5, "sha256": "cc",
+                 "compression": "zstd"},
+                {"name": "deb.packages", "kind": "packages", "size": 6, "sha256": "dd",
+                 "compression": "none"}
+            ]}
+        ]}"#;
+        std::fs::write(images.path().join("manifest.json"), manifest).unwrap();
+        for f in ["deb.raw.zst", "deb.squashfs", "deb.tar.zst", "deb.packages"] {
+            std::fs::write(images.path().join(f), f).unwrap();
+        }
+        let r = os_resource(images.path(), boot.path(), "deb", Some("00")).unwrap();
+        assert_eq!((r.name.as_str(), r.kind.as_str()), ("deb", "os"));
+        assert_eq!(r.arch.as_deref(), Some("amd64"));
+        let got: Vec<(&str, &str, &str, u64)> = r
+            .files
+            .iter()
+            .map(|f| (f.role.as_str(), f.path.as_str(), f.sha256.as_str(), f.size))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("raw", "images/deb.raw.zst", "00", 3),
+                ("squashfs", "images/deb.squashfs", "bb", 4),
+                ("tar", "images/deb.tar.zst", "cc", 5),
+            ]
+        );
+        assert!(boot.path().join("images/deb.tar.zst").exists());
+        assert!(os_resource(images.path(), boot.path(), "nope", None).is_err());
+    }
 }

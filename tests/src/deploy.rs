@@ -11,9 +11,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
 use stork_lab::bmc::BmcVm;
 use stork_lab::{Appliance, Lab, VmSpec, wait_for};
+use stork_proto::DeployTarget;
+use stork_proto::api::{Machine, Status};
 
 use crate::{boot_files, lab_dir, require_artefacts, stork_bin};
 
@@ -122,7 +123,7 @@ impl Scenario {
             .join("\n")
     }
 
-    pub fn status(&self, id: &str) -> Result<Value> {
+    pub fn status(&self, id: &str) -> Result<Machine> {
         self.appliance.machine(id)
     }
 
@@ -137,7 +138,7 @@ impl Scenario {
         let m = self
             .appliance
             .add_ipmi_machine(&self.machine.spec.mac, &self.machine.bmc)?;
-        let id = m["id"].as_str().context("machine id")?.to_string();
+        let id = m.id;
         self.id = Some(id.clone());
         self.phase_start();
         self.appliance.cli(&["machine", "power", &id, "on"])?;
@@ -150,7 +151,7 @@ impl Scenario {
                 bail!("stork serve exited: {status}");
             }
             let m = self.status(&id)?;
-            if m["inventory"].is_object() {
+            if m.inventory.is_some() {
                 return Ok(Some(()));
             }
             if !self.machine.is_on() {
@@ -177,7 +178,12 @@ impl Scenario {
                 self.machine.bmc.boot()
             );
         }
-        self.wait_status(id, "ready", &["commissioning"], Duration::from_secs(400))?;
+        self.wait_status(
+            id,
+            Status::Ready,
+            &[Status::Commissioning],
+            Duration::from_secs(400),
+        )?;
         self.wait_off(
             "Stork's power-off after commissioning",
             Duration::from_secs(90),
@@ -188,7 +194,7 @@ impl Scenario {
 
     /// Allocates the machine and asks for a deploy of [`IMAGE`]; Stork sets PXE and powers it
     /// on through the BMC. Returns the QEMU process id of that power-on.
-    pub fn deploy(&mut self, id: &str, target: &str, hostname: &str) -> Result<i32> {
+    pub fn deploy(&mut self, id: &str, target: DeployTarget, hostname: &str) -> Result<i32> {
         self.appliance.cli(&["machine", "allocate", id])?;
         self.phase_start();
         self.appliance.cli(&[
@@ -198,13 +204,13 @@ impl Scenario {
             "--image",
             IMAGE,
             "--target",
-            target,
+            target.as_str(),
             "--hostname",
             hostname,
         ])?;
         let m = self.status(id)?;
-        if m["status"] != "deploying" {
-            bail!("after `machine deploy` the status is {}", m["status"]);
+        if m.status != Status::Deploying {
+            bail!("after `machine deploy` the status is {}", m.status);
         }
         if self.machine.bmc.boot() != "pxe" {
             bail!(
@@ -237,16 +243,16 @@ impl Scenario {
     pub fn wait_status(
         &mut self,
         id: &str,
-        want: &str,
-        passing: &[&str],
+        want: Status,
+        passing: &[Status],
         timeout: Duration,
-    ) -> Result<Value> {
+    ) -> Result<Machine> {
         let mut off_since: Option<Instant> = None;
         wait_for(&format!("status {want}"), timeout, POLL, || {
             let m = self.status(id)?;
-            match m["status"].as_str() {
-                Some(s) if s == want => Ok(Some(m)),
-                Some(s) if passing.contains(&s) => {
+            match m.status {
+                s if s == want => Ok(Some(m)),
+                s if passing.contains(&s) => {
                     if self.machine.is_on() {
                         off_since = None;
                     } else if off_since.get_or_insert_with(Instant::now).elapsed() > OFF_GRACE {
@@ -255,8 +261,8 @@ impl Scenario {
                     Ok(None)
                 }
                 other => bail!(
-                    "status {other:?} ({}) while waiting for {want}",
-                    m["status_message"]
+                    "status {other} ({:?}) while waiting for {want}",
+                    m.status_message
                 ),
             }
         })
@@ -299,24 +305,29 @@ impl Scenario {
             POLL,
             || {
                 let m = self.status(id)?;
-                if m["status"] == "deployed" {
+                if m.status == Status::Deployed {
                     return Ok(Some(()));
                 }
-                if m["status"] != "deploying" {
+                if m.status != Status::Deploying {
                     bail!(
-                        "status {} ({}) while the agent installs",
-                        m["status"],
-                        m["status_message"]
+                        "status {} ({:?}) while the agent installs",
+                        m.status,
+                        m.status_message
                     );
                 }
                 if !self.machine.is_on() {
                     bail!("the VM powered off while the agent installed");
                 }
-                Ok((m["netboot"] == false).then_some(()))
+                Ok((!m.netboot).then_some(()))
             },
         )?;
         self.phase_done(phase);
-        self.wait_status(id, "deployed", &["deploying"], Duration::from_secs(900))?;
+        self.wait_status(
+            id,
+            Status::Deployed,
+            &[Status::Deploying],
+            Duration::from_secs(900),
+        )?;
         self.phase_done("reboot from disk to phone-home");
         if self.machine.qemu_pid() != Some(pid) || self.machine.power_ons() != power_ons {
             bail!(
@@ -339,7 +350,7 @@ impl Scenario {
         let machine = id
             .as_deref()
             .and_then(|id| self.appliance.machine(id).ok())
-            .map(|m| format!("status {} ({})", m["status"], m["status_message"]))
+            .map(|m| format!("status {} ({:?})", m.status, m.status_message))
             .unwrap_or_default();
         panic!(
             "{e:#}\n--- machine: {machine}\n--- phases ---\n{}\n--- events ---\n{events}\n--- {} console (last 60 lines) ---\n{}\n{}\n--- stork (last 30 lines) ---\n{}\n(logs kept in {})",
@@ -365,7 +376,7 @@ pub fn deploy_to_disk_and_log_in(
     hostname: &str,
     cut_download: bool,
 ) -> Result<String> {
-    let pid = s.deploy(id, "disk", hostname)?;
+    let pid = s.deploy(id, DeployTarget::Disk, hostname)?;
     let power_ons = s.machine.power_ons();
 
     if cut_download {
@@ -377,11 +388,11 @@ pub fn deploy_to_disk_and_log_in(
             POLL,
             || {
                 let m = s.status(id)?;
-                if m["status"] != "deploying" {
+                if m.status != Status::Deploying {
                     bail!(
-                        "status {} ({}) before the image streamed",
-                        m["status"],
-                        m["status_message"]
+                        "status {} ({:?}) before the image streamed",
+                        m.status,
+                        m.status_message
                     );
                 }
                 Ok(s.events(id)?.contains("image Progress").then_some(()))

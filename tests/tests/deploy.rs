@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use stork_lab::{VmSpec, wait_for};
+use stork_proto::DeployTarget;
+use stork_proto::api::Status;
 use stork_tests::deploy::{Scenario, USER, deploy_to_disk_and_log_in};
 
 /// A SeaBIOS machine with room for the installed Debian (cloud-init is python, and sshd).
@@ -56,11 +58,16 @@ fn release_with_erase(s: &mut Scenario, id: &str) -> Result<()> {
     s.phase_start();
     s.appliance.cli(&["machine", "release", id, "--erase"])?;
     let m = s.status(id)?;
-    if m["status"] != "disk_erasing" {
-        bail!("after `release --erase` the status is {}", m["status"]);
+    if m.status != Status::DiskErasing {
+        bail!("after `release --erase` the status is {}", m.status);
     }
     // Stork power-cycles the running machine into the agent through the BMC.
-    s.wait_status(id, "ready", &["disk_erasing"], Duration::from_secs(400))?;
+    s.wait_status(
+        id,
+        Status::Ready,
+        &[Status::DiskErasing],
+        Duration::from_secs(400),
+    )?;
     s.wait_off("Stork's power-off after the erase", Duration::from_secs(90))?;
     s.phase_done("release with erase (to Ready, off)");
 
@@ -100,27 +107,27 @@ fn an_image_with_the_wrong_sha256_fails_the_deployment_with_that_reason() {
     let mut s = Scenario::new("deploy-badsum", spec, Some(&wrong)).unwrap();
     let result = (|| -> Result<()> {
         let id = ready(&mut s)?;
-        s.deploy(&id, "disk", "stork-e2e-badsum")?;
+        s.deploy(&id, DeployTarget::Disk, "stork-e2e-badsum")?;
         let m = wait_for(
             "the deployment to fail",
             Duration::from_secs(600),
             Duration::from_millis(500),
             || {
                 let m = s.status(&id)?;
-                Ok(match m["status"].as_str() {
-                    Some("deploying") => None,
+                Ok(match m.status {
+                    Status::Deploying => None,
                     _ => Some(m),
                 })
             },
         )?;
-        let msg = m["status_message"].as_str().unwrap_or_default();
-        if m["status"] != "failed_deployment"
+        let msg = m.status_message.as_deref().unwrap_or_default();
+        if m.status != Status::FailedDeployment
             || !msg.contains("sha256 mismatch")
             || !msg.contains(&wrong)
         {
             bail!(
                 "expected failed_deployment with a sha256 mismatch, got {} ({msg})",
-                m["status"]
+                m.status
             );
         }
         s.say(&format!(
@@ -157,8 +164,13 @@ fn seabios_vm_powered_by_its_bmc_deploys_debian_in_memory_without_touching_its_d
         let id = ready(&mut s)?;
         let hostname = "stork-e2e-ram";
         let before = sha256_of(&s.machine.paths.disk)?;
-        s.deploy(&id, "memory", hostname)?;
-        s.wait_status(&id, "deployed", &["deploying"], Duration::from_secs(600))?;
+        s.deploy(&id, DeployTarget::Memory, hostname)?;
+        s.wait_status(
+            &id,
+            Status::Deployed,
+            &[Status::Deploying],
+            Duration::from_secs(600),
+        )?;
         s.phase_done("deploy in memory (to phone-home)");
         let ip = s.leased_ip()?;
         let got = s.ssh_when_up(&ip, "hostname; findmnt -n -o FSTYPE /")?;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use stork_lab::{VmSpec, wait_for};
+use stork_proto::api::Status;
 use stork_tests::deploy::{IMAGE, Scenario, USER};
 
 const MIB: u64 = 1 << 20;
@@ -60,11 +61,12 @@ fn deploy_with_layout(s: &mut Scenario, id: &str) -> Result<()> {
         &ROOT_MIB.to_string(),
     ])?;
     let m = s.status(id)?;
-    if m["status"] != "deploying" || m["deploy"]["layout"]["root_mib"] != ROOT_MIB {
+    let root_mib = m.deploy.as_ref().and_then(|d| d.layout?.root_mib);
+    if m.status != Status::Deploying || root_mib != Some(ROOT_MIB) {
         bail!(
-            "after `machine deploy` the status is {} with deploy {}",
-            m["status"],
-            m["deploy"]
+            "after `machine deploy` the status is {} with deploy {:?}",
+            m.status,
+            m.deploy
         );
     }
     let pid = wait_for(

@@ -10,6 +10,7 @@
 
 use anyhow::{Result, bail};
 use stork_lab::{Firmware, VmSpec};
+use stork_proto::inventory::Firmware as RecordedFirmware;
 use stork_tests::boot_files;
 use stork_tests::deploy::{Scenario, deploy_to_disk_and_log_in};
 
@@ -29,8 +30,9 @@ fn ovmf_vm_through_firmware_pxe_powered_by_its_bmc_deploys_debian_to_disk_and_lo
     let result = (|| -> Result<()> {
         let id = s.add_and_enlist()?;
         let m = s.status(&id)?;
-        if m["inventory"]["firmware"] != "uefi" {
-            bail!("firmware recorded as {}", m["inventory"]["firmware"]);
+        let firmware = m.inventory.as_ref().map(|i| i.firmware);
+        if firmware != Some(RecordedFirmware::Uefi) {
+            bail!("firmware recorded as {firmware:?}");
         }
         s.commission(&id)?;
         deploy_to_disk_and_log_in(&mut s, &id, "stork-e2e-uefi", false)?;
@@ -54,12 +56,11 @@ fn ovmf_vm_through_firmware_pxe_powered_by_its_bmc_deploys_debian_to_disk_and_lo
             bail!("no UEFI boot entry among the events:\n{events}");
         }
         // Every network boot came through firmware PXE: OVMF fetched the NBP over TFTP.
-        let stats: serde_json::Value =
-            serde_json::from_str(&s.appliance.cli(&["stats", "--json"])?)?;
-        let tftp = stats["tftp"]["transfers_completed"].as_u64().unwrap_or(0);
+        let stats = s.appliance.stats()?;
+        let tftp = stats.counter("tftp", "transfers_completed").unwrap_or(0);
         // Enlist, commission, deploy, and the boot from disk after the deploy.
         if tftp < 4 {
-            bail!("{tftp} TFTP transfers completed, wanted one per network boot (4): {stats:#}");
+            bail!("{tftp} TFTP transfers completed, wanted one per network boot (4): {stats:#?}");
         }
         Ok(())
     })();

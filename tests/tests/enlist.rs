@@ -5,8 +5,10 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
 use stork_lab::{Appliance, Lab, Vm, VmSpec, wait_for};
+use stork_proto::MacAddr;
+use stork_proto::api::{Machine, Status};
+use stork_proto::inventory::Firmware;
 use stork_tests::{boot_files, lab_dir, require_artefacts, stork_bin};
 
 const MAC: &str = "52:54:00:77:00:01";
@@ -28,7 +30,7 @@ fn seabios_vm_enlists_as_new_then_commissions_to_ready() {
         Ok(m)
     });
     if let Ok(m) = &result {
-        let id = m["id"].as_str().unwrap_or_default().to_string();
+        let id = m.id.clone();
         result = commission(&mut lab, &mut appliance, &mut vm, &id);
     }
     if let Err(e) = result {
@@ -44,13 +46,13 @@ fn seabios_vm_enlists_as_new_then_commissions_to_ready() {
     }
 }
 
-fn wait_enlisted(appliance: &mut Appliance, vm: &mut Vm) -> Result<Value> {
+fn wait_enlisted(appliance: &mut Appliance, vm: &mut Vm) -> Result<Machine> {
     appliance.wait_enlisted(vm, MAC, Duration::from_secs(300))
 }
 
 /// Commissioning with the manual power driver: the appliance records that a person must
 /// power the machine on, and the test is that person.
-fn commission(lab: &mut Lab, appliance: &mut Appliance, vm: &mut Vm, id: &str) -> Result<Value> {
+fn commission(lab: &mut Lab, appliance: &mut Appliance, vm: &mut Vm, id: &str) -> Result<Machine> {
     wait_for(
         "the enlisted VM to power off",
         Duration::from_secs(60),
@@ -59,8 +61,8 @@ fn commission(lab: &mut Lab, appliance: &mut Appliance, vm: &mut Vm, id: &str) -
     )?;
     appliance.cli(&["machine", "commission", id])?;
     let m = appliance.machine(id)?;
-    if m["status"] != "commissioning" {
-        bail!("after `machine commission` the status is {}", m["status"]);
+    if m.status != Status::Commissioning {
+        bail!("after `machine commission` the status is {}", m.status);
     }
     let events = appliance.cli(&["machine", "events", id])?;
     if !events.contains("manual power") {
@@ -73,13 +75,13 @@ fn commission(lab: &mut Lab, appliance: &mut Appliance, vm: &mut Vm, id: &str) -
         Duration::from_millis(500),
         || {
             let m = appliance.machine(id)?;
-            match m["status"].as_str() {
-                Some("ready") => Ok(Some(m)),
-                Some("commissioning") if vm.exited().is_some() => {
+            match m.status {
+                Status::Ready => Ok(Some(m)),
+                Status::Commissioning if vm.exited().is_some() => {
                     bail!("the VM stopped while commissioning")
                 }
-                Some("commissioning") => Ok(None),
-                other => bail!("commissioning ended in {other:?}: {}", m["status_message"]),
+                Status::Commissioning => Ok(None),
+                other => bail!("commissioning ended in {other}: {:?}", m.status_message),
             }
         },
     )?;
@@ -96,8 +98,8 @@ fn commission(lab: &mut Lab, appliance: &mut Appliance, vm: &mut Vm, id: &str) -
     Ok(m)
 }
 
-fn check_inventory(m: &Value, vm: &Vm) -> Result<()> {
-    let ctx = || format!("machine as recorded: {m:#}");
+fn check_inventory(m: &Machine, vm: &Vm) -> Result<()> {
+    let ctx = || format!("machine as recorded: {m:#?}");
     let expect = |cond: bool, what: &str| -> Result<()> {
         if cond {
             Ok(())
@@ -105,44 +107,37 @@ fn check_inventory(m: &Value, vm: &Vm) -> Result<()> {
             bail!("{what}; {}", ctx())
         }
     };
-    let inv = &m["inventory"];
-    let macs: Vec<&str> = m["macs"]
-        .as_array()
-        .context("macs")?
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let mac: MacAddr = MAC.parse()?;
+    let inv = m
+        .inventory
+        .as_ref()
+        .with_context(|| format!("no inventory; {}", ctx()))?;
     expect(
-        macs.contains(&MAC),
+        m.macs.contains(&mac),
         "the VM's MAC is not among the machine's interfaces",
     )?;
-    let nic = inv["nics"]
-        .as_array()
-        .context("nics")?
-        .iter()
-        .find(|n| n["mac"] == MAC);
+    let nic = inv.nics.iter().find(|n| n.mac == mac);
     expect(
-        nic.is_some_and(|n| n["driver"] == "virtio_net"),
+        nic.is_some_and(|n| n.driver.as_deref() == Some("virtio_net")),
         "no virtio_net NIC with the VM's MAC",
     )?;
-    let disks = inv["disks"].as_array().context("disks")?;
-    let disk = disks
+    let disk = inv
+        .disks
         .iter()
-        .find(|d| d["serial"] == vm.spec.disk_serial.as_str());
+        .find(|d| d.serial.as_deref() == Some(vm.spec.disk_serial.as_str()));
     expect(
-        disk.is_some_and(|d| d["size_bytes"] == vm.spec.disk_bytes),
+        disk.is_some_and(|d| d.size_bytes == vm.spec.disk_bytes),
         "no disk with the VM's disk serial and size",
     )?;
-    let mem = inv["memory"]["total_bytes"].as_u64().context("memory")?;
     expect(
-        mem == u64::from(vm.spec.memory_mib) << 20,
+        inv.memory.total_bytes == u64::from(vm.spec.memory_mib) << 20,
         "memory is not the VM's",
     )?;
+    expect(inv.cpu.count == vm.spec.cpus, "CPU count is not the VM's")?;
+    expect(inv.firmware == Firmware::Bios, "firmware is not BIOS")?;
     expect(
-        inv["cpu"]["count"] == vm.spec.cpus,
-        "CPU count is not the VM's",
+        inv.dmi.sys_vendor.as_deref() == Some("QEMU"),
+        "DMI vendor is not QEMU",
     )?;
-    expect(inv["firmware"] == "bios", "firmware is not BIOS")?;
-    expect(inv["dmi"]["sys_vendor"] == "QEMU", "DMI vendor is not QEMU")?;
     Ok(())
 }

@@ -11,7 +11,9 @@ mod dhcp_common;
 use std::time::Duration;
 
 use dhcp_common::{run_ok, udhcpc_once};
+use stork_lab::appliance::Stats;
 use stork_lab::{Appliance, Lab, wait_for};
+use stork_proto::api::ServiceState;
 use stork_tests::{boot_files, lab_dir, stork_bin};
 
 const BOOTREQUEST: u8 = 1;
@@ -112,14 +114,13 @@ fn send_all(host: &stork_lab::Host, lab: &Lab, name: &str, port: u16, datagrams:
     );
 }
 
-fn stats(a: &Appliance) -> serde_json::Value {
-    serde_json::from_str(&a.cli(&["stats", "--json"]).unwrap()).unwrap()
+fn stats(a: &Appliance) -> Stats {
+    a.stats().unwrap()
 }
 
-fn get(v: &serde_json::Value, service: &str, name: &str) -> u64 {
-    v[service][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no counter {service}.{name} in {v}"))
+fn get(v: &Stats, service: &str, name: &str) -> u64 {
+    v.counter(service, name)
+        .unwrap_or_else(|| panic!("no counter {service}.{name} in {v:?}"))
 }
 
 #[test]
@@ -162,12 +163,12 @@ fn hostile_packets_are_counted_and_dropped_and_real_clients_are_served_after() {
         assert_eq!(
             get(&after, "dhcp", counter) - get(&before, "dhcp", counter),
             *n,
-            "dhcp.{counter}: {after:#}"
+            "dhcp.{counter}: {after:#?}"
         );
     }
-    let delta = |v: &serde_json::Value, c: &str| get(v, "dhcp", c) - get(&before, "dhcp", c);
-    assert_eq!(delta(&after, "received"), sent, "{after:#}");
-    assert_eq!(delta(&after, "discover"), 0, "{after:#}");
+    let delta = |v: &Stats, c: &str| get(v, "dhcp", c) - get(&before, "dhcp", c);
+    assert_eq!(delta(&after, "received"), sent, "{after:#?}");
+    assert_eq!(delta(&after, "discover"), 0, "{after:#?}");
 
     // 2. A flood of random datagrams at DHCP and TFTP.
     let flood = random_datagrams(3000, 0x5eed_1234_abcd_0001);
@@ -196,10 +197,10 @@ fn hostile_packets_are_counted_and_dropped_and_real_clients_are_served_after() {
     .map(|c| delta(&s, c))
     .sum();
     // Every datagram received was dropped at the edge, each under one reason.
-    assert_eq!(delta(&s, "received"), total, "{s:#}");
-    assert_eq!(dropped + delta(&s, "oversized"), total, "{s:#}");
-    assert_eq!(delta(&s, "malformed"), dropped, "{s:#}");
-    assert_eq!(get(&s, "dhcp", "panics"), 0, "{s:#}");
+    assert_eq!(delta(&s, "received"), total, "{s:#?}");
+    assert_eq!(dropped + delta(&s, "oversized"), total, "{s:#?}");
+    assert_eq!(delta(&s, "malformed"), dropped, "{s:#?}");
+    assert_eq!(get(&s, "dhcp", "panics"), 0, "{s:#?}");
     // TFTP: a datagram that is not a TFTP request is counted as malformed; one that reads as
     // a request (a random opcode 1 or 2) is refused or served. Nothing panicked.
     let not_requests = tftp_flood
@@ -214,14 +215,19 @@ fn hostile_packets_are_counted_and_dropped_and_real_clients_are_served_after() {
     )
     .unwrap();
     let s = stats(&appliance);
-    assert_eq!(get(&s, "tftp", "panics"), 0, "{s:#}");
+    assert_eq!(get(&s, "tftp", "panics"), 0, "{s:#?}");
     assert!(appliance.exited().is_none(), "{}", appliance.log_tail(30));
     // Every service still runs, none was restarted.
-    let health = &s["health"];
-    assert_eq!(health["status"], "ok", "{health:#}");
+    let health = &s.health;
+    assert_eq!(health.status, "ok", "{health:#?}");
     for name in ["dhcp", "tftp", "http"] {
-        assert_eq!(health["services"][name]["state"], "running", "{health:#}");
-        assert_eq!(health["services"][name]["restarts"], 0, "{health:#}");
+        let service = health.services.get(name);
+        assert_eq!(
+            service.map(|v| v.state),
+            Some(ServiceState::Running),
+            "{health:#?}"
+        );
+        assert_eq!(service.map(|v| v.restarts), Some(0), "{health:#?}");
     }
 
     // 3. Real clients are served right after.

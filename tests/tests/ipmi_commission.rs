@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use stork_lab::bmc::{self, Chassis, IpmiSim, IpmiSimSpec};
 use stork_lab::vm::{VmSpec, qemu_argv};
 use stork_lab::{Appliance, Lab, wait_for};
+use stork_proto::api::Status;
 use stork_tests::{boot_files, lab_dir, require_artefacts, stork_bin};
 
 const MAC: &str = "52:54:00:77:00:31";
@@ -41,18 +42,16 @@ fn ipmi_powered_vm_enlists_commissions_and_is_powered_off_by_stork() {
     }
 }
 
-fn status(a: &Appliance, id: &str) -> Result<String> {
-    Ok(a.machine(id)?["status"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string())
+fn status(a: &Appliance, id: &str) -> Result<Status> {
+    Ok(a.machine(id)?.status)
 }
 
 fn run(appliance: &mut Appliance, sim: &IpmiSim) -> Result<()> {
     let m = appliance.add_ipmi_machine(MAC, sim)?;
-    let id = m["id"].as_str().unwrap_or_default().to_string();
-    if m.to_string().contains(bmc::OPERATOR_PASSWORD) {
-        bail!("the API answer shows the BMC password: {m}");
+    let id = m.id.clone();
+    let shown = serde_json::to_string(&m)?;
+    if shown.contains(bmc::OPERATOR_PASSWORD) {
+        bail!("the API answer shows the BMC password: {shown}");
     }
     if !appliance
         .cli(&["machine", "power", &id, "query"])?
@@ -69,7 +68,7 @@ fn run(appliance: &mut Appliance, sim: &IpmiSim) -> Result<()> {
         Duration::from_millis(500),
         || {
             let m = appliance.machine(&id)?;
-            Ok(m["inventory"].is_object().then_some(()))
+            Ok(m.inventory.is_some().then_some(()))
         },
     )?;
     wait_for(
@@ -90,9 +89,9 @@ fn run(appliance: &mut Appliance, sim: &IpmiSim) -> Result<()> {
         "commissioning to finish",
         Duration::from_secs(300),
         Duration::from_millis(500),
-        || match status(appliance, &id)?.as_str() {
-            "ready" => Ok(Some(())),
-            "commissioning" => Ok(None),
+        || match status(appliance, &id)? {
+            Status::Ready => Ok(Some(())),
+            Status::Commissioning => Ok(None),
             other => bail!("commissioning ended in {other}"),
         },
     )?;

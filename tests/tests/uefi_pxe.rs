@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use stork_lab::{Appliance, Firmware, Lab, Vm, VmSpec};
+use stork_proto::inventory::Firmware as RecordedFirmware;
 use stork_tests::{boot_files, lab_dir, require_artefacts, stork_bin};
 
 const MAC: &str = "52:54:00:77:00:e1";
@@ -37,13 +38,14 @@ fn ovmf_firmware_pxe_fetches_its_nbp_over_tftp_and_enlists() {
 
 fn run(appliance: &mut Appliance, vm: &mut Vm) -> Result<()> {
     let m = appliance.wait_enlisted(vm, MAC, Duration::from_secs(400))?;
-    if m["inventory"]["firmware"] != "uefi" {
-        bail!("firmware recorded as {}", m["inventory"]["firmware"]);
+    let firmware = m.inventory.as_ref().map(|i| i.firmware);
+    if firmware != Some(RecordedFirmware::Uefi) {
+        bail!("firmware recorded as {firmware:?}");
     }
-    let stats: serde_json::Value = serde_json::from_str(&appliance.cli(&["stats", "--json"])?)?;
-    let done = stats["tftp"]["transfers_completed"].as_u64().unwrap_or(0);
+    let stats = appliance.stats()?;
+    let done = stats.counter("tftp", "transfers_completed").unwrap_or(0);
     if done < 1 {
-        bail!("no TFTP transfer completed: {stats:#}");
+        bail!("no TFTP transfer completed: {stats:#?}");
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use stork_lab::bmc::BmcVm;
 use stork_lab::{Appliance, Lab, VmSpec, wait_for};
+use stork_proto::api::Status;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -286,16 +287,16 @@ impl Demo {
         &mut self,
         what: &str,
         id: &str,
-        want: &str,
-        passing: &[&str],
+        want: Status,
+        passing: &[Status],
         off: bool,
     ) -> Result<()> {
         self.until(what, |a, machine| {
             let m = a.machine(id)?;
-            match m["status"].as_str() {
-                Some(s) if s == want => Ok(!off || !machine.is_on()),
-                Some(s) if passing.contains(&s) => Ok(false),
-                other => bail!("{what}: status {other:?}: {}", m["status_message"]),
+            match m.status {
+                s if s == want => Ok(!off || !machine.is_on()),
+                s if passing.contains(&s) => Ok(false),
+                other => bail!("{what}: status {other}: {:?}", m.status_message),
             }
         })
     }
@@ -303,7 +304,7 @@ impl Demo {
     fn run(&mut self, images: &Path, mac: &str) -> Result<()> {
         step("stork machine add --mac .. --power ipmi (the BMC's address and operator login)");
         let m = self.appliance.add_ipmi_machine(mac, &self.machine.bmc)?;
-        let id = m["id"].as_str().context("machine id")?.to_string();
+        let id = m.id;
 
         step(&format!(
             "stork machine power {id} on: through IPMI; it network-boots and enlists"
@@ -313,7 +314,7 @@ impl Demo {
             "enlistment (New) and the agent's power-off",
             |a, machine| {
                 let m = a.machine(&id)?;
-                Ok(m["inventory"].is_object() && !machine.is_on())
+                Ok(m.inventory.is_some() && !machine.is_on())
             },
         )?;
         print!("{}", self.cli(&["machine", "show", &id])?);
@@ -325,8 +326,8 @@ impl Demo {
         self.until_status(
             "commissioning (Ready, powered off by Stork)",
             &id,
-            "ready",
-            &["commissioning"],
+            Status::Ready,
+            &[Status::Commissioning],
             true,
         )?;
 
@@ -366,8 +367,8 @@ impl Demo {
         self.until_status(
             "Deployed (the installed OS phoned home)",
             &id,
-            "deployed",
-            &["deploying"],
+            Status::Deployed,
+            &[Status::Deploying],
             false,
         )?;
         print!("{}", self.cli(&["machine", "show", &id])?);

@@ -1,5 +1,6 @@
-//! The real `stork serve` on loopback with a temporary data directory (DHCP off), and a
-//! small HTTP client for it. The server dies with the test: killed on drop, and
+//! The real `stork serve` on loopback with a temporary data directory (DHCP off), and the
+//! typed client (`stork_client`) for it, with the agent's inventory and the lifecycle checks
+//! the tests share. (`Api`, `Resp` and `Body`, the untyped client, go once no test uses them.) The server dies with the test: killed on drop, and
 //! `PR_SET_PDEATHSIG` (via `stork_lab::Spawned`) if the test process itself is killed.
 
 #![allow(dead_code)]
@@ -9,9 +10,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
 use stork::lifecycle::{Event, Status, transition};
 use stork_lab::{Spawned, wait_for};
+use stork_proto::Inventory;
+use stork_proto::MacAddr;
+use stork_proto::api::EventRecord;
+use stork_proto::inventory::{Cpu, Disk, Dmi, Firmware, Memory, Nic};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_stork");
 
@@ -131,7 +135,7 @@ impl Server {
         }
         let log = self.log_path(self.starts);
         let mut p = Spawned::start("stork", cmd, &log)?;
-        let api = Api::new(&self.base());
+        let client = stork_client::Client::new(&self.base(), None);
         let ready = wait_for(
             "the API to answer",
             Duration::from_secs(30),
@@ -140,10 +144,7 @@ impl Server {
                 if let Some(st) = p.exited() {
                     bail!("stork serve exited ({st}):\n{}", p.log_tail(30));
                 }
-                Ok(api
-                    .try_req("GET", "/openapi.json", None, None)
-                    .ok()
-                    .filter(|r| r.status == 200))
+                Ok(client.openapi().ok())
             },
         );
         match ready {
@@ -173,10 +174,6 @@ impl Server {
         (1..=self.starts)
             .map(|n| std::fs::read_to_string(self.log_path(n)).unwrap_or_default())
             .collect()
-    }
-
-    pub fn api(&self) -> Api {
-        Api::new(&self.base())
     }
 
     /// The typed client, with the admin token.
@@ -213,164 +210,6 @@ impl Drop for Server {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct Resp {
-    pub status: u16,
-    pub text: String,
-    /// The body as JSON (Null when it is not JSON).
-    pub body: Value,
-}
-
-impl Resp {
-    /// The error code of a `{code, message}` body.
-    pub fn code(&self) -> &str {
-        self.body["code"].as_str().unwrap_or("")
-    }
-    pub fn message(&self) -> &str {
-        self.body["message"].as_str().unwrap_or("")
-    }
-    #[track_caller]
-    pub fn ok(self) -> Value {
-        assert!(
-            (200..300).contains(&self.status),
-            "expected success, got {}: {}",
-            self.status,
-            self.text
-        );
-        self.body
-    }
-}
-
-pub enum Body<'a> {
-    Json(&'a Value),
-    /// Sent as-is with `Content-Type: application/json`.
-    Raw(&'a str),
-}
-
-#[derive(Clone)]
-pub struct Api {
-    agent: ureq::Agent,
-    base: String,
-}
-
-impl Api {
-    pub fn new(base: &str) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            // A fresh connection per request: the server may close a connection after
-            // answering without reading the body (401, 403), and a pooled one would then fail
-            // the next request.
-            .max_idle_connections(0)
-            .build()
-            .into();
-        Self {
-            agent,
-            base: base.to_string(),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        if path.starts_with("/ipxe/") || path.starts_with("/boot/") || path.starts_with("/api/") {
-            format!("{}{path}", self.base)
-        } else {
-            format!("{}/api/v1{path}", self.base)
-        }
-    }
-
-    /// One request; `Err` only when there is no HTTP answer (connection refused, reset...).
-    pub fn try_req(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Body<'_>>,
-    ) -> Result<Resp, ureq::Error> {
-        let url = self.url(path);
-        let auth = token.map(|t| format!("Bearer {t}"));
-        let resp = match method {
-            "GET" | "DELETE" => {
-                let mut r = if method == "GET" {
-                    self.agent.get(&url)
-                } else {
-                    self.agent.delete(&url)
-                };
-                if let Some(a) = &auth {
-                    r = r.header("Authorization", a);
-                }
-                r.call()
-            }
-            "POST" => {
-                let mut r = self.agent.post(&url);
-                if let Some(a) = &auth {
-                    r = r.header("Authorization", a);
-                }
-                match body {
-                    Some(Body::Json(v)) => r.send_json(v),
-                    Some(Body::Raw(s)) => r.content_type("application/json").send(s),
-                    None => r.send_empty(),
-                }
-            }
-            other => panic!("method {other}"),
-        };
-        let mut resp = resp?;
-        let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string()?;
-        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Ok(Resp { status, text, body })
-    }
-
-    /// Opens an SSE stream and returns the JSON of its first `data:` line.
-    pub fn first_streamed(&self, path: &str, token: &str) -> Value {
-        use std::io::BufRead;
-        let resp = self
-            .agent
-            .get(&self.url(path))
-            .header("Authorization", format!("Bearer {token}"))
-            .call()
-            .expect("event stream");
-        assert_eq!(resp.status(), 200, "GET {path}");
-        let reader = std::io::BufReader::new(resp.into_body().into_reader());
-        for line in reader.lines() {
-            let line = line.expect("stream line");
-            if let Some(data) = line.strip_prefix("data:") {
-                return serde_json::from_str(data.trim()).expect("event JSON");
-            }
-        }
-        panic!("the event stream ended without an event");
-    }
-
-    #[track_caller]
-    pub fn get(&self, path: &str, token: Option<&str>) -> Resp {
-        self.try_req("GET", path, token, None)
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
-    }
-
-    #[track_caller]
-    pub fn post(&self, path: &str, token: Option<&str>, body: &Value) -> Resp {
-        self.try_req("POST", path, token, Some(Body::Json(body)))
-            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
-    }
-
-    #[track_caller]
-    pub fn post_raw(&self, path: &str, token: Option<&str>, body: &str) -> Resp {
-        self.try_req("POST", path, token, Some(Body::Raw(body)))
-            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
-    }
-
-    #[track_caller]
-    pub fn post_empty(&self, path: &str, token: Option<&str>) -> Resp {
-        self.try_req("POST", path, token, None)
-            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
-    }
-
-    #[track_caller]
-    pub fn delete(&self, path: &str, token: Option<&str>) -> Resp {
-        self.try_req("DELETE", path, token, None)
-            .unwrap_or_else(|e| panic!("DELETE {path}: {e}"))
-    }
-}
-
 /// The per-boot agent token from a boot script's kernel line (`stork.token=...`), with the
 /// machine id it names (`stork.machine=...`).
 pub fn script_identity(script: &str) -> Option<(String, String)> {
@@ -388,23 +227,54 @@ pub fn script_identity(script: &str) -> Option<(String, String)> {
 }
 
 /// An inventory as the agent posts it: `cpus` CPUs, `mem_gib` GiB, one disk of `disk_gib`.
-pub fn inventory(boot_mac: &str, cpus: u32, mem_gib: u64, disk_gib: u64) -> Value {
-    json!({
-        "cpu": {"model": "QEMU Virtual CPU", "count": cpus},
-        "memory": {"total_bytes": mem_gib << 30, "usable_bytes": (mem_gib << 30) - (64 << 20)},
-        "disks": [{"name": "vda", "size_bytes": disk_gib << 30, "model": null, "serial": "d1", "rotational": false}],
-        "nics": [{"name": "ens3", "mac": boot_mac, "driver": "virtio_net", "link": true, "speed_mbps": 1000}],
-        "dmi": {"sys_vendor": "QEMU", "product_name": "Standard PC", "product_serial": null,
-                "product_uuid": null, "bios_vendor": "SeaBIOS", "bios_version": "1.16"},
-        "firmware": "bios",
-        "kernel": "6.1.0-test",
-    })
+pub fn inventory(boot_mac: &str, cpus: u32, mem_gib: u64, disk_gib: u64) -> Inventory {
+    Inventory {
+        cpu: Cpu {
+            model: "QEMU Virtual CPU".into(),
+            count: cpus,
+            ..Cpu::default()
+        },
+        memory: Memory {
+            total_bytes: mem_gib << 30,
+            usable_bytes: (mem_gib << 30) - (64 << 20),
+        },
+        disks: vec![Disk {
+            name: "vda".into(),
+            size_bytes: disk_gib << 30,
+            model: None,
+            serial: Some("d1".into()),
+            rotational: Some(false),
+            ..Disk::default()
+        }],
+        nics: vec![Nic {
+            name: "ens3".into(),
+            mac: boot_mac.parse().expect("a MAC"),
+            driver: Some("virtio_net".into()),
+            link: Some(true),
+            speed_mbps: Some(1000),
+        }],
+        dmi: Dmi {
+            sys_vendor: Some("QEMU".into()),
+            product_name: Some("Standard PC".into()),
+            product_serial: None,
+            product_uuid: None,
+            bios_vendor: Some("SeaBIOS".into()),
+            bios_version: Some("1.16".into()),
+        },
+        firmware: Firmware::Bios,
+        kernel: "6.1.0-test".into(),
+    }
 }
 
 /// A distinct locally administered MAC for test machine `n`.
 pub fn mac(n: u32) -> String {
     let b = n.to_be_bytes();
     format!("52:54:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
+}
+
+/// [`mac`] as a `MacAddr`.
+pub fn mac_addr(n: u32) -> MacAddr {
+    mac(n).parse().expect("a MAC")
 }
 
 /// Whether the table has an edge `from -> to` (for any event, commissioned or not).
@@ -418,21 +288,16 @@ pub fn legal_edge(from: Status, to: Status) -> bool {
 
 /// The statuses a machine went through according to its events (the creation's `new` first),
 /// checking that the chain is unbroken and every step is an edge of the table.
-pub fn status_history(events: &[Value]) -> Result<Vec<Status>, String> {
-    let parse = |v: &Value| v.as_str().and_then(Status::parse);
+pub fn status_history(events: &[EventRecord]) -> Result<Vec<Status>, String> {
     let mut out: Vec<Status> = Vec::new();
     for e in events {
-        let Some(new) = parse(&e["new_status"]) else {
-            if !e["new_status"].is_null() {
-                return Err(format!("event with an unknown status: {e}"));
-            }
+        let Some(new) = e.new_status else {
             continue;
         };
-        let old = parse(&e["old_status"]);
-        match (out.last(), old) {
+        match (out.last(), e.old_status) {
             (None, None) if new == Status::New => {}
             (Some(&prev), Some(old)) if prev == old && legal_edge(old, new) => {}
-            _ => return Err(format!("illegal or broken chain at {e} after {out:?}")),
+            _ => return Err(format!("illegal or broken chain at {e:?} after {out:?}")),
         }
         out.push(new);
     }

@@ -20,10 +20,9 @@ pub fn run_ok(cmd: &mut Command) -> String {
 }
 
 pub fn counter(a: &Appliance, name: &str) -> u64 {
-    let v: serde_json::Value = serde_json::from_str(&a.cli(&["stats", "--json"]).unwrap()).unwrap();
-    v["dhcp"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no counter {name} in {v}"))
+    let v = a.stats().unwrap();
+    v.counter("dhcp", name)
+        .unwrap_or_else(|| panic!("no counter {name} in {v:?}"))
 }
 
 /// A udhcpc/dhclient script that configures the address, so renewals (unicast from the

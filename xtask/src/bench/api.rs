@@ -7,6 +7,11 @@
 //! - `GET /api/v1/machines`: the full list, every machine with its inventory;
 //! - `GET /api/v1/machines/<id>`: one machine, chosen at random.
 //!
+//! The measured requests go through the bench's own keep-alive agents and read the answer's
+//! bytes without decoding them: the figures are the server's, not a client's JSON decoding
+//! (and `stork_client::Client` opens a connection per request). The enlistments send the
+//! typed `EnlistRequest` over the same kind of agent.
+//!
 //! Prints requests/s and p50/p99/max latency. Numbers are printed, never asserted. Knobs:
 //! `STORK_BENCH_MACHINES` (10000), `STORK_BENCH_SECS` per measurement (10),
 //! `STORK_BENCH_CLIENTS` (4).
@@ -16,8 +21,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use stork_client::{API, Client};
 use stork_lab::{Spawned, wait_for};
+use stork_proto::inventory::{Cpu, Disk, Dmi, Firmware, Memory, Nic};
+use stork_proto::{ENLIST_PATH, EnlistRequest, EnlistResponse, Inventory, MacAddr};
 
 fn knob(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -69,8 +76,9 @@ pub fn run() -> Result<()> {
         .arg(&config)
         .env("RUST_LOG", "warn");
     let mut server = Spawned::start("stork serve", cmd, &dir.join("stork.log"))?;
-    let base = format!("http://127.0.0.1:{port}/api/v1");
-    let agent = agent();
+    let root = format!("http://127.0.0.1:{port}");
+    let base = format!("{root}{API}");
+    let client = Client::new(&root, None);
     wait_for(
         "the API",
         Duration::from_secs(30),
@@ -79,11 +87,7 @@ pub fn run() -> Result<()> {
             if let Some(st) = server.exited() {
                 bail!("stork serve exited ({st}):\n{}", server.log_tail(20));
             }
-            Ok(agent
-                .get(&format!("{base}/openapi.json"))
-                .call()
-                .ok()
-                .filter(|r| r.status() == 200))
+            Ok(client.openapi().ok())
         },
     )?;
 
@@ -94,7 +98,7 @@ pub fn run() -> Result<()> {
         data.display()
     ));
     let started = Instant::now();
-    let ids = populate(&base, machines, creators)?;
+    let ids = populate(&root, machines, creators)?;
     let took = started.elapsed();
     println!(
         "  created {} machines in {:.1} s ({:.0}/s)",
@@ -148,42 +152,63 @@ fn check(status: u16, len: usize) -> Result<usize> {
 }
 
 /// A locally administered MAC for machine `n` (and its second NIC).
-fn mac(n: usize, nic: u8) -> String {
+fn mac(n: usize, nic: u8) -> MacAddr {
     let b = (n as u32).to_be_bytes();
-    format!(
-        "02:{nic:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        b[0], b[1], b[2], b[3]
-    )
+    MacAddr([0x02, nic, b[0], b[1], b[2], b[3]])
 }
 
-fn inventory(n: usize) -> Value {
-    let disk = |name: &str, gib: u64, serial: String| {
-        json!({"name": name, "size_bytes": gib << 30, "model": "SAMSUNG MZ7LH960HAJR-00005",
-               "serial": serial, "rotational": false})
+fn inventory(n: usize) -> Inventory {
+    let disk = |name: &str, gib: u64, serial: String| Disk {
+        name: name.into(),
+        size_bytes: gib << 30,
+        model: Some("SAMSUNG MZ7LH960HAJR-00005".into()),
+        serial: Some(serial),
+        rotational: Some(false),
+        ..Default::default()
     };
-    json!({
-        "cpu": {"model": "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz", "count": 64},
-        "memory": {"total_bytes": 256u64 << 30, "usable_bytes": (256u64 << 30) - (3 << 30)},
-        "disks": [
+    let nic = |name: &str, nic: u8, link: bool, speed_mbps: Option<u32>| Nic {
+        name: name.into(),
+        mac: mac(n, nic),
+        driver: Some("ice".into()),
+        link: Some(link),
+        speed_mbps,
+    };
+    Inventory {
+        cpu: Cpu {
+            model: "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz".into(),
+            count: 64,
+            ..Default::default()
+        },
+        memory: Memory {
+            total_bytes: 256u64 << 30,
+            usable_bytes: (256u64 << 30) - (3 << 30),
+        },
+        disks: vec![
             disk("sda", 894, format!("S45NNE0R{n:08}A")),
             disk("sdb", 894, format!("S45NNE0R{n:08}B")),
             disk("nvme0n1", 3576, format!("PHLJ{n:012}C")),
             disk("nvme1n1", 3576, format!("PHLJ{n:012}D")),
         ],
-        "nics": [
-            {"name": "eno1", "mac": mac(n, 0), "driver": "ice", "link": true, "speed_mbps": 25000},
-            {"name": "eno2", "mac": mac(n, 1), "driver": "ice", "link": false, "speed_mbps": null},
+        nics: vec![
+            nic("eno1", 0, true, Some(25000)),
+            nic("eno2", 1, false, None),
         ],
-        "dmi": {"sys_vendor": "Supermicro", "product_name": "SYS-120U-TNR",
-                "product_serial": format!("S{n:010}"), "product_uuid": format!("00000000-0000-4000-8000-{n:012}"),
-                "bios_vendor": "American Megatrends International, LLC.", "bios_version": "1.4a"},
-        "firmware": "uefi",
-        "kernel": "6.1.0-27-amd64",
-    })
+        dmi: Dmi {
+            sys_vendor: Some("Supermicro".into()),
+            product_name: Some("SYS-120U-TNR".into()),
+            product_serial: Some(format!("S{n:010}")),
+            product_uuid: Some(format!("00000000-0000-4000-8000-{n:012}")),
+            bios_vendor: Some("American Megatrends International, LLC.".into()),
+            bios_version: Some("1.4a".into()),
+        },
+        firmware: Firmware::Uefi,
+        kernel: "6.1.0-27-amd64".into(),
+    }
 }
 
-/// Enlists `count` machines from `clients` threads; returns their ids.
-fn populate(base: &str, count: usize, clients: usize) -> Result<Vec<String>> {
+/// Enlists `count` machines from `clients` threads, each with its own keep-alive agent (as
+/// the measured requests have); returns their ids.
+fn populate(root: &str, count: usize, clients: usize) -> Result<Vec<String>> {
     let next = AtomicUsize::new(0);
     let results: Vec<Result<Vec<String>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..clients)
@@ -196,16 +221,20 @@ fn populate(base: &str, count: usize, clients: usize) -> Result<Vec<String>> {
                         if n >= count {
                             return Ok(ids);
                         }
-                        let body = json!({"boot_mac": mac(n, 0), "inventory": inventory(n)});
+                        let body = EnlistRequest {
+                            boot_mac: mac(n, 0),
+                            inventory: inventory(n),
+                        };
                         let mut r = agent
-                            .post(&format!("{base}/agent/enlist"))
+                            .post(&format!("{root}{ENLIST_PATH}"))
                             .send_json(&body)?;
                         let text = r.body_mut().read_to_string()?;
                         if r.status() != 200 {
                             bail!("enlist {n}: {} {text}", r.status());
                         }
-                        let v: Value = serde_json::from_str(&text)?;
-                        ids.push(v["machine_id"].as_str().unwrap_or_default().to_string());
+                        let answer: EnlistResponse = serde_json::from_str(&text)
+                            .with_context(|| format!("enlist {n}: {text}"))?;
+                        ids.push(answer.machine_id);
                     }
                 })
             })

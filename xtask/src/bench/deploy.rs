@@ -27,10 +27,11 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
 use stork_lab::process::Spawned;
 use stork_lab::vm::{DISK_ID, qemu_argv};
 use stork_lab::{Appliance, Lab, Vm, VmSpec, wait_for};
+use stork_proto::ImageRole;
+use stork_proto::api::{EventRecord, Status};
 
 const IMAGE: &str = "debian-bookworm";
 /// The image's cloud-init default user (the recipe's `[user] name`).
@@ -108,12 +109,12 @@ impl Bench {
     fn new(lab: &mut Lab, appliance: Appliance, images: &Path) -> Result<Self> {
         let boot_root = appliance.data_dir.join("boot");
         let resource = stork_lab::images::os_resource(images, &boot_root, IMAGE, None)?;
-        let raw_rel = resource["files"]
-            .as_array()
-            .and_then(|f| f.iter().find(|f| f["role"] == "raw"))
-            .and_then(|f| f["path"].as_str())
-            .context("the image has no raw file")?
-            .to_string();
+        let raw_rel = resource
+            .files
+            .iter()
+            .find(|f| f.role == ImageRole::Raw)
+            .map(|f| f.path.clone())
+            .context("the image has no raw file")?;
         let file = lab.dir().join("resource.json");
         std::fs::write(&file, serde_json::to_vec_pretty(&resource)?)?;
         appliance.cli(&["image", "register", path_str(&file)?])?;
@@ -145,11 +146,11 @@ impl Bench {
         let m = self
             .appliance
             .wait_enlisted(&mut self.vm, MAC, PHASE_TIMEOUT)?;
-        let id = m["id"].as_str().context("machine id")?.to_string();
+        let id = m.id;
         self.wait_stopped()?;
         self.appliance.cli(&["machine", "commission", &id])?;
         self.vm.restart(lab)?;
-        self.wait_status(&id, "ready", &["commissioning"])?;
+        self.wait_status(&id, Status::Ready, &[Status::Commissioning])?;
         self.wait_stopped()?;
 
         crate::step("stork: deploy to disk, power-on to Deployed");
@@ -169,7 +170,11 @@ impl Bench {
 
         crate::step("floor: the image's bytes through dd, in the same VM (deployed into memory)");
         self.appliance.cli(&["machine", "release", &id])?;
-        self.wait_status(&id, "ready", &["releasing", "disk_erasing"])?;
+        self.wait_status(
+            &id,
+            Status::Ready,
+            &[Status::Releasing, Status::DiskErasing],
+        )?;
         // A release powers the machine off through its driver; manual power: the VM may still
         // run the installed OS.
         self.vm.kill();
@@ -186,7 +191,7 @@ impl Bench {
             "stork-bench-mem",
         ])?;
         self.vm.restart(lab)?;
-        self.wait_status(&id, "deployed", &["deploying"])?;
+        self.wait_status(&id, Status::Deployed, &[Status::Deploying])?;
         let ip = stork_lab::guest::leased_ip(&self.vm.console)?;
         let (dd_bytes, dd_ms) = self.dd_floor(lab, &ip)?;
         self.vm.kill();
@@ -214,31 +219,31 @@ impl Bench {
                 console_seen = Some(now_ms());
             }
             let m = self.appliance.machine(id)?;
-            if m["status"] != "deploying" {
-                bail!("deploy ended in {}: {}", m["status"], m["status_message"]);
+            if m.status != Status::Deploying {
+                bail!("deploy ended in {}: {:?}", m.status, m.status_message);
             }
             Ok(self.vm.exited().map(|_| ()))
         })?;
         let stopped = now_ms();
-        let events: Vec<Value> = self.events(id)?.into_iter().skip(before).collect();
+        let events: Vec<EventRecord> = self.events(id)?.into_iter().skip(before).collect();
         let at = |prefix: &str| -> Result<i64> {
             events
                 .iter()
-                .find(|e| e["message"].as_str().is_some_and(|m| m.starts_with(prefix)))
-                .and_then(|e| e["at"].as_i64())
+                .find(|e| e.message.starts_with(prefix))
+                .map(|e| e.at)
                 .with_context(|| format!("no event {prefix:?} in the deploy"))
         };
         let first_agent = events
             .iter()
-            .filter(|e| e["actor"] == "agent")
-            .find_map(|e| e["at"].as_i64())
+            .find(|e| e.actor == "agent")
+            .map(|e| e.at)
             .context("no agent event in the deploy")?;
         let disk_started = at("disk Started")?;
         let image_done = at("image Done")?;
         // The agent says where the image step's time went: print it beside the figures.
         if let Some(m) = events
             .iter()
-            .filter_map(|e| e["message"].as_str())
+            .map(|e| e.message.as_str())
             .find(|m| m.starts_with("image Done"))
         {
             eprintln!("  agent: {m}");
@@ -250,7 +255,7 @@ impl Bench {
         // The reboot: manual power, so the bench is the hand on the button, at once.
         let power_on = now_ms();
         self.vm.restart(lab)?;
-        self.wait_status(id, "deployed", &["deploying"])?;
+        self.wait_status(id, Status::Deployed, &[Status::Deploying])?;
         p.os_boot = now_ms() - power_on;
         eprintln!(
             "  deployed: boot to agent {:.1} s, image {:.1} s, finish {:.1} s, OS boot {:.1} s",
@@ -286,9 +291,8 @@ impl Bench {
         Ok((std::fs::metadata(&self.raw)?.len(), ms))
     }
 
-    fn events(&self, id: &str) -> Result<Vec<Value>> {
-        let out = self.appliance.cli(&["machine", "events", id, "--json"])?;
-        serde_json::from_str(&out).context("parsing `stork machine events --json`")
+    fn events(&self, id: &str) -> Result<Vec<EventRecord>> {
+        self.appliance.events(id)
     }
 
     fn wait_stopped(&mut self) -> Result<()> {
@@ -300,15 +304,15 @@ impl Bench {
         )
     }
 
-    fn wait_status(&mut self, id: &str, want: &str, passing: &[&str]) -> Result<()> {
+    fn wait_status(&mut self, id: &str, want: Status, passing: &[Status]) -> Result<()> {
         wait_for(&format!("status {want}"), PHASE_TIMEOUT, POLL, || {
             let m = self.appliance.machine(id)?;
-            match m["status"].as_str() {
-                Some(s) if s == want => Ok(Some(())),
-                Some(s) if passing.contains(&s) => Ok(None),
+            match m.status {
+                s if s == want => Ok(Some(())),
+                s if passing.contains(&s) => Ok(None),
                 other => bail!(
-                    "status {other:?} ({}) while waiting for {want}",
-                    m["status_message"]
+                    "status {other} ({:?}) while waiting for {want}",
+                    m.status_message
                 ),
             }
         })
