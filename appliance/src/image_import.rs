@@ -7,9 +7,8 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use stork_proto::ImageRole;
+use stork_proto::manifest::{Artifact, Entry, Manifest};
 
 use crate::store::{BootResource, ResourceFile};
 
@@ -50,38 +49,6 @@ pub enum ImportError {
         #[source]
         source: io::Error,
     },
-}
-
-/// The part of `stork-image`'s `manifest.json` an import reads; other fields are ignored.
-#[derive(Debug, Deserialize)]
-struct Manifest {
-    images: Vec<Entry>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Entry {
-    name: String,
-    kind: String,
-    arch: String,
-    artifacts: Vec<Artifact>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Artifact {
-    name: String,
-    kind: String,
-    size: u64,
-    sha256: String,
-}
-
-/// The deploy role of an artifact kind, for the kinds a deploy uses.
-fn role(kind: &str) -> Option<ImageRole> {
-    match kind {
-        "raw_disk_zst" => Some(ImageRole::Raw),
-        "root_squashfs" => Some(ImageRole::Squashfs),
-        "root_tar_zst" => Some(ImageRole::Tar),
-        _ => None,
-    }
 }
 
 /// Checks and copies image `name` (or the only OS image) of `dir` under
@@ -129,7 +96,9 @@ pub fn import(
     })?;
     let mut files = Vec::new();
     for a in &entry.artifacts {
-        let Some(role) = role(&a.kind) else { continue };
+        let Some(role) = a.deploy_role() else {
+            continue;
+        };
         if a.name.contains('/') || a.name.starts_with('.') {
             return Err(ImportError::BadName(a.name.clone()));
         }
@@ -206,6 +175,7 @@ fn copy_checked(from: &Path, to: &Path, a: &Artifact) -> Result<(), ImportError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stork_proto::ImageRole;
 
     fn image_dir(content: &[u8], sha: Option<&str>) -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();

@@ -314,6 +314,32 @@ impl ImageEntry {
 mod tests {
     use super::*;
 
+    /// The appliance reads the kinds this crate writes: each deployable kind maps to its role.
+    #[test]
+    fn readers_know_the_deployable_kinds() {
+        use stork_proto::ImageRole;
+        use stork_proto::manifest::Artifact as Read;
+        let role = |kind: ArtifactKind| {
+            let kind = serde_json::to_value(kind)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string();
+            Read {
+                name: String::new(),
+                kind,
+                size: 0,
+                sha256: String::new(),
+            }
+            .deploy_role()
+        };
+        assert_eq!(role(ArtifactKind::RawDiskZst), Some(ImageRole::Raw));
+        assert_eq!(role(ArtifactKind::RootTarZst), Some(ImageRole::Tar));
+        assert_eq!(role(ArtifactKind::RootSquashfs), Some(ImageRole::Squashfs));
+        assert_eq!(role(ArtifactKind::EphemeralSquashfs), None);
+        assert_eq!(role(ArtifactKind::Kernel), None);
+    }
+
     const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
     #[test]

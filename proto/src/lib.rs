@@ -9,6 +9,7 @@ pub mod grub;
 pub mod inventory;
 pub mod layout;
 pub mod mac;
+pub mod manifest;
 pub mod units;
 pub mod wire;
 

@@ -3,30 +3,9 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use serde::Deserialize;
 use stork_proto::ImageRole;
 use stork_proto::api::{BootResource, ResourceFile};
-
-/// The part of `stork-image`'s `manifest.json` a boot resource is made from; other fields
-/// are ignored.
-#[derive(Debug, Deserialize)]
-struct Manifest {
-    images: Vec<Entry>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Entry {
-    name: String,
-    artifacts: Vec<Artifact>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Artifact {
-    name: String,
-    kind: String,
-    size: u64,
-    sha256: String,
-}
+use stork_proto::manifest::Manifest;
 
 /// The boot resource for OS image `name` in `images` (its `manifest.json` and files): the
 /// files are linked (or copied) into `boot_root/images/` and listed by role (`raw`,
@@ -52,11 +31,8 @@ pub fn os_resource(
     std::fs::create_dir_all(&dest)?;
     let mut files = Vec::new();
     for a in image.artifacts {
-        let role = match a.kind.as_str() {
-            "raw_disk_zst" => ImageRole::Raw,
-            "root_squashfs" => ImageRole::Squashfs,
-            "root_tar_zst" => ImageRole::Tar,
-            _ => continue,
+        let Some(role) = a.deploy_role() else {
+            continue;
         };
         let file = &a.name;
         let to = dest.join(file);
