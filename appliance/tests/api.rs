@@ -8,7 +8,7 @@ mod common;
 use std::fmt::Debug;
 use std::time::Duration;
 
-use common::{Options, Server, inventory, mac, mac_addr, script_identity, status_history};
+use common::{IMAGE, Options, Server, inventory, mac, mac_addr, script_identity, status_history};
 use stork::lifecycle::{Event, Status, transition};
 use stork_client::{API, Client, Method, RawResponse};
 use stork_lab::wait_for;
@@ -21,8 +21,6 @@ use stork_proto::{
     AgentEvent, AgentReport, AgentStep, DeployTarget, DiskLayout, ENLIST_PATH, EnlistRequest,
     EnlistResponse, Heartbeat, ImageRole, StepState, Task, agent_path,
 };
-
-const IMAGE: &str = "debian-12";
 
 /// A server and its client (with the admin token).
 struct Fixture {
@@ -144,22 +142,7 @@ impl Fixture {
     }
 
     fn register_image(&self) {
-        let (size, sha256) = self
-            .server
-            .boot_file("images/debian-12/root.tar", b"not really a tarball");
-        self.client
-            .register_boot_resource(&BootResource {
-                name: IMAGE.into(),
-                kind: "os".into(),
-                arch: Some("amd64".into()),
-                files: vec![ResourceFile {
-                    role: ImageRole::Tar,
-                    path: "images/debian-12/root.tar".into(),
-                    sha256,
-                    size,
-                }],
-            })
-            .expect("register the image");
+        self.server.register_image(b"not really a tarball");
     }
 
     fn create(&self, n: u32) -> M {

@@ -19,18 +19,16 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Options, Server, inventory, mac, mac_addr, script_identity, status_history};
+use common::{IMAGE, Options, Server, inventory, mac, mac_addr, script_identity, status_history};
 use stork::lifecycle::Status;
 use stork_client::Client;
-use stork_proto::ImageRole;
 use stork_proto::api::{
-    AllocateBody, BootResource, DeployRequest, EventQuery, Machine, MachineFilter, MarkBrokenBody,
-    NewMachine, PowerConfig, ReleaseBody, ResourceFile,
+    AllocateBody, DeployRequest, EventQuery, Machine, MachineFilter, MarkBrokenBody, NewMachine,
+    PowerConfig, ReleaseBody,
 };
 
 const MACHINES: u32 = 1000;
 const CLIENTS: u32 = 50;
-const IMAGE: &str = "debian-12";
 
 /// One step of a machine's script.
 #[derive(Debug, Clone, Copy)]
@@ -314,20 +312,7 @@ fn acknowledged_changes_survive_sigkill() {
     let started = Instant::now();
     let mut server = Server::start(Options::default());
     let client = server.client();
-    let (size, sha256) = server.boot_file("images/debian-12/root.tar", b"tar");
-    client
-        .register_boot_resource(&BootResource {
-            name: IMAGE.into(),
-            kind: "os".into(),
-            arch: None,
-            files: vec![ResourceFile {
-                role: ImageRole::Tar,
-                path: "images/debian-12/root.tar".into(),
-                sha256,
-                size,
-            }],
-        })
-        .expect("register the image");
+    server.register_image(b"tar");
 
     let stats = Stats {
         transport_errors: AtomicU32::new(0),

@@ -3,72 +3,26 @@
 //! their OpenAPI schemas from these types (feature `openapi`).
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use crate::{DeployTarget, DiskLayout, ImageRole, Inventory, MacAddr};
 
-/// A machine's lifecycle status; `docs/lifecycle.md` lists every transition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    New,
-    Commissioning,
-    FailedCommissioning,
-    Ready,
-    Allocated,
-    Deploying,
-    Deployed,
-    FailedDeployment,
-    Releasing,
-    DiskErasing,
-    FailedReleasing,
-    Broken,
-}
-
-impl Status {
-    pub const ALL: [Status; 12] = [
-        Status::New,
-        Status::Commissioning,
-        Status::FailedCommissioning,
-        Status::Ready,
-        Status::Allocated,
-        Status::Deploying,
-        Status::Deployed,
-        Status::FailedDeployment,
-        Status::Releasing,
-        Status::DiskErasing,
-        Status::FailedReleasing,
-        Status::Broken,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::New => "new",
-            Status::Commissioning => "commissioning",
-            Status::FailedCommissioning => "failed_commissioning",
-            Status::Ready => "ready",
-            Status::Allocated => "allocated",
-            Status::Deploying => "deploying",
-            Status::Deployed => "deployed",
-            Status::FailedDeployment => "failed_deployment",
-            Status::Releasing => "releasing",
-            Status::DiskErasing => "disk_erasing",
-            Status::FailedReleasing => "failed_releasing",
-            Status::Broken => "broken",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Status> {
-        Status::ALL.into_iter().find(|st| st.as_str() == s)
-    }
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+closed_names! {
+    /// A machine's lifecycle status; `docs/lifecycle.md` lists every transition.
+    pub enum Status {
+        New = "new",
+        Commissioning = "commissioning",
+        FailedCommissioning = "failed_commissioning",
+        Ready = "ready",
+        Allocated = "allocated",
+        Deploying = "deploying",
+        Deployed = "deployed",
+        FailedDeployment = "failed_deployment",
+        Releasing = "releasing",
+        DiskErasing = "disk_erasing",
+        FailedReleasing = "failed_releasing",
+        Broken = "broken",
     }
 }
 
@@ -419,69 +373,27 @@ pub struct CreatedToken {
     pub token: String,
 }
 
-/// A machine's power as its driver sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(rename_all = "snake_case")]
-pub enum PowerState {
-    On,
-    Off,
-    /// The driver cannot tell (manual power, or a state the BMC reports ambiguously).
-    Unknown,
-}
-
-impl fmt::Display for PowerState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            PowerState::On => "on",
-            PowerState::Off => "off",
-            PowerState::Unknown => "unknown",
-        })
+closed_names! {
+    /// A machine's power as its driver sees it.
+    pub enum PowerState {
+        On = "on",
+        Off = "off",
+        /// The driver cannot tell (manual power, or a state the BMC reports ambiguously).
+        Unknown = "unknown",
     }
 }
 
-/// A direct power operation (`POST /machines/{id}/power/{op}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(rename_all = "kebab-case")]
-pub enum PowerOp {
-    On,
-    Off,
-    /// ACPI shutdown: the OS powers off by itself.
-    SoftOff,
-    /// Off, then on (or on when off).
-    Cycle,
-    /// Only ask the power state.
-    Query,
-}
-
-impl PowerOp {
-    pub const ALL: [PowerOp; 5] = [
-        PowerOp::On,
-        PowerOp::Off,
-        PowerOp::SoftOff,
-        PowerOp::Cycle,
-        PowerOp::Query,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PowerOp::On => "on",
-            PowerOp::Off => "off",
-            PowerOp::SoftOff => "soft-off",
-            PowerOp::Cycle => "cycle",
-            PowerOp::Query => "query",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<PowerOp> {
-        PowerOp::ALL.into_iter().find(|op| op.as_str() == s)
-    }
-}
-
-impl fmt::Display for PowerOp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+closed_names! {
+    /// A direct power operation (`POST /machines/{id}/power/{op}`).
+    pub enum PowerOp {
+        On = "on",
+        Off = "off",
+        /// ACPI shutdown: the OS powers off by itself.
+        SoftOff = "soft-off",
+        /// Off, then on (or on when off).
+        Cycle = "cycle",
+        /// Only ask the power state.
+        Query = "query",
     }
 }
 
@@ -508,22 +420,12 @@ pub struct StatsResponse {
     pub tftp: Counters,
 }
 
-/// What a service is doing now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(rename_all = "snake_case")]
-pub enum ServiceState {
-    Running,
-    /// It failed and waits for its backoff before starting again.
-    Restarting,
-}
-
-impl ServiceState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Running => "running",
-            Self::Restarting => "restarting",
-        }
+closed_names! {
+    /// What a service is doing now.
+    pub enum ServiceState {
+        Running = "running",
+        /// It failed and waits for its backoff before starting again.
+        Restarting = "restarting",
     }
 }
 

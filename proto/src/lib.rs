@@ -3,6 +3,9 @@
 //! Nothing here does I/O, so the agent (a static PID 1), the appliance and the
 //! fuzzers can all depend on it.
 
+#[macro_use]
+mod names;
+
 pub mod api;
 pub mod cmdline;
 pub mod grub;

@@ -19,6 +19,9 @@ use stork_proto::inventory::{Cpu, Disk, Dmi, Firmware, Memory, Nic};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_stork");
 
+/// The OS image [`Server::register_image`] registers.
+pub const IMAGE: &str = "debian-12";
+
 pub struct Server {
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -179,6 +182,25 @@ impl Server {
     /// The typed client, with the admin token.
     pub fn client(&self) -> stork_client::Client {
         stork_client::Client::new(&self.base(), Some(self.token.clone()))
+    }
+
+    /// Registers OS image [`IMAGE`]: a root tar of `content` (not a real one: the tests
+    /// that use it never run an agent).
+    pub fn register_image(&self, content: &[u8]) {
+        let (size, sha256) = self.boot_file("images/debian-12/root.tar", content);
+        self.client()
+            .register_boot_resource(&stork_proto::api::BootResource {
+                name: IMAGE.into(),
+                kind: "os".into(),
+                arch: Some("amd64".into()),
+                files: vec![stork_proto::api::ResourceFile {
+                    role: stork_proto::ImageRole::Tar,
+                    path: "images/debian-12/root.tar".into(),
+                    sha256,
+                    size,
+                }],
+            })
+            .expect("register the image");
     }
 
     /// Writes `DATA_DIR/boot/<rel>` and returns its size and sha256 (hex).
