@@ -334,7 +334,11 @@ pub fn stats(c: &Client, json: bool) -> Result<()> {
         }
         return print_json(&WithHealth { stats, health });
     }
-    for (service, counters) in [("dhcp", &stats.dhcp), ("tftp", &stats.tftp)] {
+    for (service, counters) in [
+        ("dhcp", &stats.dhcp),
+        ("tftp", &stats.tftp),
+        ("http", &stats.http),
+    ] {
         for (name, value) in counters {
             println!("{service}.{name} {value}");
         }
@@ -429,4 +433,27 @@ pub fn json_or_line<T: serde::Serialize>(
         println!("{}", line(v));
         Ok(())
     }
+}
+
+pub fn audit(c: &Client, after: i64, json: bool) -> Result<()> {
+    let entries = c.audit(&stork_proto::api::AuditQuery { after, limit: None })?;
+    if json {
+        return print_json(&entries);
+    }
+    let rows = entries.iter().map(|a| {
+        vec![
+            a.id.to_string(),
+            time(a.at),
+            a.actor.clone(),
+            a.method.clone(),
+            a.path.clone(),
+            a.status.to_string(),
+        ]
+    });
+    print_table(&plain_table(
+        &["ID", "TIME", "ACTOR", "METHOD", "PATH", "STATUS"],
+        &[0, 5],
+        rows,
+    ));
+    Ok(())
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::dhcp::config::{
     DhcpConfig, DhcpFile, DhcpMode, RateLimit, ReservationFile, Subnet, SubnetConfig, SubnetFile,
 };
+pub use crate::http::config::HttpFile;
 pub use crate::lifecycle::config::LifecycleFile;
 pub use crate::tftp::config::TftpFile;
 
@@ -30,6 +31,15 @@ address = "10.77.0.1"
 # Boot files, boot scripts and the API (under /api/v1) share this listener.
 listen = "0.0.0.0"
 port = 8080
+# Limits against a host on the provisioning network that holds or floods the listener:
+# open connections (all, and from one address), seconds to send the headers and the body,
+# and unauthenticated agent requests (enlist, report) per second from one address.
+max_connections = 1024
+max_connections_per_ip = 256
+header_timeout = 10
+body_timeout = 60
+agent_rate = 5
+agent_burst = 20
 
 [tftp]
 # Serve DATA_DIR/boot over TFTP too: firmware PXE fetches its network boot program so.
@@ -38,6 +48,9 @@ listen = "0.0.0.0"
 port = 69
 # Retry a missing name case-insensitively (firmware that upper-cases file names).
 case_insensitive = false
+# Transfers one client IP address may run at once; more get a TFTP error. A booting
+# machine needs one or two; the cap keeps one host from taking every transfer slot.
+max_transfers_per_client = 8
 
 [dhcp]
 # The keys directly under [dhcp] describe the provisioning subnet (address/prefix_len).
@@ -67,6 +80,14 @@ probation = 600
 # Per-MAC rate limit: requests per second, and the burst allowed above it (0 = no limit).
 rate_limit = 10
 rate_burst = 20
+# Per source address (not 0.0.0.0, not relays), and for everyone together (0 = no limit).
+rate_limit_source = 100
+rate_burst_source = 200
+rate_limit_global = 50000
+rate_burst_global = 10000
+# Relays' source addresses; unset: a relay sends from its giaddr or from inside a served
+# subnet.
+# relays = ["10.77.0.2"]
 # Answer IPv6 router solicitations on the interface with "no IPv6 configuration here":
 # iPXE otherwise waits about 13 s for a router before it boots.
 ipv6_ra = true
@@ -120,13 +141,6 @@ pub struct FileConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct HttpFile {
-    pub listen: Ipv4Addr,
-    pub port: u16,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
 pub struct BootFile {
     pub kernel: String,
     pub initrd: String,
@@ -145,15 +159,6 @@ impl Default for FileConfig {
             dhcp: DhcpFile::default(),
             boot: BootFile::default(),
             lifecycle: LifecycleFile::default(),
-        }
-    }
-}
-
-impl Default for HttpFile {
-    fn default() -> Self {
-        Self {
-            listen: Ipv4Addr::UNSPECIFIED,
-            port: 8080,
         }
     }
 }
@@ -224,6 +229,9 @@ impl FileConfig {
                 "must be this appliance's unicast address",
             ));
         }
+        if let Err((field, why)) = self.http.check() {
+            return Err(invalid(field, why));
+        }
         if self.http.port == 0 {
             return Err(invalid("http.port", "must not be 0"));
         }
@@ -272,6 +280,7 @@ impl FileConfig {
             http_listen: SocketAddr::from((self.http.listen, self.http.port)),
             tftp: self.tftp.runtime(&self.data_dir),
             http_port: self.http.port,
+            http_limits: self.http.limits(),
             dhcp,
             boot: self.boot.clone(),
         })
@@ -286,6 +295,7 @@ pub struct Config {
     pub address: Ipv4Addr,
     pub http_listen: SocketAddr,
     pub http_port: u16,
+    pub http_limits: crate::http::config::HttpLimits,
     /// `None` when TFTP is off.
     pub tftp: Option<crate::tftp::TftpConfig>,
     pub dhcp: DhcpConfig,

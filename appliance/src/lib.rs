@@ -11,6 +11,7 @@ pub mod http;
 pub mod image_import;
 pub mod lifecycle;
 pub mod power;
+pub mod ratelimit;
 pub mod serve;
 pub mod store;
 pub mod supervise;

@@ -11,7 +11,7 @@ use stork::lifecycle::Status;
 use stork::{auth, config, serve, store};
 use stork_proto::api::{
     AllocateBody, BootResource, Constraints, DeployRequest, MarkBrokenBody, NewMachine, NewSshKey,
-    PowerConfig, ReleaseBody,
+    NewToken, PowerConfig, ReleaseBody, TokenScope,
 };
 
 const DEFAULT_URL: &str = "http://127.0.0.1:8080";
@@ -72,7 +72,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: MachineCmd,
     },
-    /// Admin API tokens.
+    /// API tokens: create (scoped, expiring), list, revoke.
     Token {
         #[command(flatten)]
         conn: Conn,
@@ -98,6 +98,16 @@ enum Cmd {
     Stats {
         #[command(flatten)]
         conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The audit log: every change asked through the API, who asked, the answer (admin).
+    Audit {
+        #[command(flatten)]
+        conn: Conn,
+        /// Only entries after this id.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
         #[arg(long)]
         json: bool,
     },
@@ -308,16 +318,28 @@ fn parse_status(s: &str) -> Result<Status, String> {
 
 #[derive(Subcommand)]
 enum TokenCmd {
-    /// Create an admin token directly in the data directory's database (works with or
+    /// Create an API token directly in the data directory's database (works with or
     /// without a running server) and print it.
     Create {
         #[arg(long, default_value = "./var")]
         data_dir: PathBuf,
         #[arg(long, default_value = "")]
         description: String,
+        /// admin (everything), operator (machines, images, keys) or read-only.
+        #[arg(long, default_value = "admin", value_parser = token_scope)]
+        scope: TokenScope,
+        /// Refuse the token this many seconds from now (default: never).
+        #[arg(long, value_name = "SECONDS")]
+        expires_in: Option<u64>,
     },
-    /// List tokens (ids and descriptions, never the tokens).
+    /// List tokens (id, scope, state, description; never the tokens).
     List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id: it is refused from now on.
+    Revoke {
+        id: String,
         #[arg(long)]
         json: bool,
     },
@@ -403,6 +425,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Image { conn, cmd } => image(&conn.client(&top), cmd),
         Cmd::SshKey { conn, cmd } => ssh_key(&conn.client(&top), cmd),
         Cmd::Stats { conn, json } => cli::stats(&conn.client(&top), json),
+        Cmd::Audit { conn, after, json } => cli::audit(&conn.client(&top), after, json),
         Cmd::Config(ConfigCmd::Default) => {
             print!("{}", config::DEFAULT_TOML);
             Ok(())
@@ -423,24 +446,46 @@ fn token(client: &Client, cmd: TokenCmd) -> Result<()> {
         TokenCmd::Create {
             data_dir,
             description,
+            scope,
+            expires_in,
         } => {
             std::fs::create_dir_all(&data_dir)
                 .with_context(|| format!("cannot create {}", data_dir.display()))?;
             let db = data_dir.join("stork.db");
             let store =
                 store::Store::open(&db).with_context(|| format!("cannot open {}", db.display()))?;
-            let (_, token) = auth::create_admin_token(&store, &description)?;
+            let req = NewToken {
+                description,
+                scope,
+                expires_in_secs: expires_in,
+            };
+            let (_, token) = auth::create_token(&store, &req)?;
             println!("{token}");
             Ok(())
         }
         TokenCmd::List { json } => {
             let tokens = client.tokens()?;
             cli::json_or_line(&tokens, json, |tokens| {
-                let rows = tokens
-                    .iter()
-                    .map(|t| [t.id.as_str(), t.description.as_str()]);
-                cli::plain_table(&[], &[], rows)
+                let now = stork::store::now_ms();
+                let rows = tokens.iter().map(|t| {
+                    let state = match (t.revoked_at, t.expires_at) {
+                        (Some(_), _) => "revoked",
+                        (None, Some(e)) if e <= now => "expired",
+                        _ => "live",
+                    };
+                    [
+                        t.id.as_str(),
+                        t.scope.as_str(),
+                        state,
+                        t.description.as_str(),
+                    ]
+                });
+                cli::plain_table(&["ID", "SCOPE", "STATE", "DESCRIPTION"], &[], rows)
             })
+        }
+        TokenCmd::Revoke { id, json } => {
+            let t = client.revoke_token(&id)?;
+            cli::json_or_line(&t, json, |t| format!("{} revoked", t.id))
         }
     }
 }
@@ -620,4 +665,9 @@ fn deploy_target(s: &str) -> Result<stork_proto::DeployTarget, String> {
 fn power_op(s: &str) -> Result<stork_proto::api::PowerOp, String> {
     stork_proto::api::PowerOp::parse(s)
         .ok_or_else(|| format!("{s:?} is not one of on, off, soft-off, cycle, query"))
+}
+
+/// A token scope by its API name.
+fn token_scope(s: &str) -> Result<TokenScope, String> {
+    TokenScope::parse(s).ok_or_else(|| format!("{s:?} is not one of admin, operator, read-only"))
 }

@@ -112,6 +112,14 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         dhcp_stats: Arc::default(),
         tftp_stats: Arc::default(),
         health: health.clone(),
+        leases: Arc::default(),
+        http_stats: Arc::default(),
+        agent_limiter: Arc::new(std::sync::Mutex::new(crate::ratelimit::RateLimiter::new(
+            crate::config::RateLimit {
+                per_second: cfg.http_limits.agent_rate,
+                burst: cfg.http_limits.agent_burst,
+            },
+        ))),
     };
     let mut tasks = JoinSet::new();
     let mut service = |name: &'static str, start: Box<dyn Fn() -> ServiceFuture + Send + Sync>| {
@@ -160,19 +168,21 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         })?;
         let info = ServerInfo::new(&cfg);
         let stats = state.dhcp_stats.clone();
+        let leases = state.leases.clone();
         let journal = dhcp::journal_path(&cfg.data_dir);
         service(
             "dhcp",
             Box::new(move || {
-                let (sockets, info, stats, journal) = (
+                let (sockets, info, stats, journal, leases) = (
                     sockets.clone(),
                     info.clone(),
                     stats.clone(),
                     journal.clone(),
+                    leases.clone(),
                 );
                 Box::pin(async move {
                     let (sock, pxe) = sockets.take()?;
-                    dhcp::run(sock, pxe, info, &journal, stats)
+                    dhcp::run(sock, pxe, info, &journal, stats, leases)
                         .await
                         .context("DHCP service")
                 })
@@ -238,14 +248,22 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
             .with_context(|| format!("cannot listen for HTTP on {listen}"))
     })?;
     tracing::info!(listen = %cfg.http_listen, url = %cfg.base_url(), boot_dir = %cfg.boot_dir().display(), "HTTP serving");
+    let (limits, http_stats) = (cfg.http_limits.clone(), state.http_stats.clone());
     let app = http::router(state);
     service(
         "http",
         Box::new(move || {
-            let (listener, app) = (listener.clone(), app.clone());
+            let (listener, app, limits, stats) = (
+                listener.clone(),
+                app.clone(),
+                limits.clone(),
+                http_stats.clone(),
+            );
             Box::pin(async move {
                 let listener = listener.take()?;
-                axum::serve(listener, app).await.context("HTTP service")
+                http::listener::serve(listener, app, limits, stats)
+                    .await
+                    .context("HTTP service")
             })
         }),
     );

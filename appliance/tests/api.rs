@@ -1072,6 +1072,7 @@ fn tokens_401_and_403() {
         .client
         .create_token(&NewToken {
             description: "ci".into(),
+            ..NewToken::default()
         })
         .expect("create a token");
     let new_token = made.token.as_str();
@@ -1520,4 +1521,183 @@ fn a_deploy_layout_reaches_the_agent_and_needs_a_root_tar() {
     );
     let shown = f.machine(&o.id).deploy.expect("a deploy request");
     assert_eq!(shown.layout, Some(DiskLayout::default()));
+}
+
+/// A booting machine's agent token goes once to one address (DHCP off here, so to the
+/// first address that asks after the machine was powered into the agent): another host
+/// that fetches the same script gets no token and cannot use the machine's; the machine
+/// itself may fetch again until its agent used the token, and then gets no other.
+#[test]
+fn a_boot_token_is_given_once_to_one_address() {
+    use std::net::{IpAddr, Ipv4Addr};
+    let other = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let f = Fixture::new();
+    let mut a = f.create(31);
+    f.act(&a, Action::Commission, Status::Commissioning);
+    let script_path = format!("/ipxe/{}", a.mac);
+
+    // The machine fetches its script: a token, and no cache may keep it.
+    let (status, head, first) = common::request_from(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        f.server.port,
+        "GET",
+        &script_path,
+        None,
+        None,
+    );
+    assert_eq!(status, 200, "{head}");
+    assert!(head.contains("cache-control: no-store"), "{head}");
+    let (_, t1) = script_identity(&first).expect("the machine's script has its token");
+
+    // Another host asks for the same script: no machine id, no token.
+    let (status, _, stolen) =
+        common::request_from(other, f.server.port, "GET", &script_path, None, None);
+    assert_eq!(status, 200);
+    assert!(script_identity(&stolen).is_none(), "{stolen}");
+    assert!(
+        !stolen.contains(&a.id) && !stolen.contains("stork.token"),
+        "{stolen}"
+    );
+    // ... and the machine's token does not work from there.
+    let (status, _, body) = common::request_from(
+        other,
+        f.server.port,
+        "GET",
+        &format!("/api/v1/agent/{}/task", a.id),
+        Some(&t1),
+        None,
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("another address"), "{body}");
+
+    // iPXE retrying before the agent ran: a new token from the same address, the old dead.
+    f.boot(&mut a);
+    let t2 = a.token.clone().expect("a new token");
+    assert_ne!(t1, t2);
+    assert_eq!(
+        answer(&refused(f.client.with_token(&t1).agent_task(&a.id))).0,
+        401
+    );
+    assert_eq!(f.task(&a), Task::Commission);
+
+    // The agent used it: a later fetch gets no token, and the agent keeps working.
+    let again = f.boot_script(&a);
+    assert!(script_identity(&again).is_none(), "{again}");
+    assert_eq!(f.task(&a), Task::Commission);
+    let events = f.events(&a.id);
+    assert!(
+        events.iter().any(|e| e.message.contains("no agent token")),
+        "the refusals are recorded: {events:#?}"
+    );
+
+    // The next boot step starts a new boot: a token again.
+    f.act(&a, Action::Abort, Status::FailedCommissioning);
+    f.act(&a, Action::Commission, Status::Commissioning);
+    f.boot(&mut a);
+    assert_eq!(f.task(&a), Task::Commission);
+}
+
+/// Scopes: a read-only token reads and changes nothing, an operator changes machines but
+/// not tokens; an expired or revoked token is refused; the audit log names who asked what.
+#[test]
+fn token_scopes_expiry_revocation_and_the_audit_log() {
+    use stork_proto::api::{AuditQuery, NewToken, TokenScope};
+    let f = Fixture::new();
+    let token = |scope, expires_in_secs| {
+        f.client
+            .create_token(&NewToken {
+                description: format!("{scope} test"),
+                scope,
+                expires_in_secs,
+            })
+            .expect("create a token")
+    };
+    let reader = token(TokenScope::ReadOnly, None);
+    let operator = token(TokenScope::Operator, None);
+    assert_eq!(reader.record.scope, TokenScope::ReadOnly);
+    let as_reader = f.client.with_token(&reader.token);
+    let as_operator = f.client.with_token(&operator.token);
+
+    // Read-only: reads, and every change is 403 naming the scope it needs.
+    as_reader
+        .machines(&MachineFilter::default())
+        .expect("a reader reads");
+    let new = NewMachine {
+        macs: vec![mac_addr(41)],
+        ..NewMachine::default()
+    };
+    let e = refused(as_reader.create_machine(&new));
+    assert_eq!(answer(&e), (403, "forbidden"), "{e}");
+    assert!(e.message().unwrap_or_default().contains("operator"), "{e}");
+    assert_eq!(
+        f.client.machines(&MachineFilter::default()).unwrap().len(),
+        0
+    );
+
+    // Operator: machines yes, tokens and the audit log no.
+    let m = as_operator
+        .create_machine(&new)
+        .expect("an operator adds a machine");
+    as_operator.commission(&m.id).expect("and commissions it");
+    let e = refused(as_operator.create_token(&NewToken::default()));
+    assert_eq!(answer(&e), (403, "forbidden"), "{e}");
+    let e = refused(as_operator.audit(&AuditQuery::default()));
+    assert_eq!(answer(&e), (403, "forbidden"), "{e}");
+
+    // Revoked: 401 from then on, and listed as revoked.
+    let revoked = f.client.revoke_token(&operator.record.id).expect("revoke");
+    assert!(revoked.revoked_at.is_some());
+    let e = refused(as_operator.machines(&MachineFilter::default()));
+    assert_eq!(answer(&e).0, 401, "{e}");
+    assert!(e.message().unwrap_or_default().contains("revoked"), "{e}");
+    let listed = f.client.tokens().unwrap();
+    let row = listed.iter().find(|t| t.id == operator.record.id).unwrap();
+    assert!(row.revoked_at.is_some(), "{listed:?}");
+    let e = refused(f.client.revoke_token("nonesuch"));
+    assert_eq!(answer(&e).0, 404, "{e}");
+
+    // Expired: 401 once its time is past.
+    let brief = token(TokenScope::Admin, Some(1));
+    let as_brief = f.client.with_token(&brief.token);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match as_brief.machines(&MachineFilter::default()) {
+            Ok(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Ok(_) => panic!("a token of one second still works after ten"),
+            Err(e) => {
+                assert_eq!(answer(&e).0, 401, "{e}");
+                assert!(e.message().unwrap_or_default().contains("expired"), "{e}");
+                break;
+            }
+        }
+    }
+
+    // The audit log: each change with its actor and answer, refusals included.
+    let log = f
+        .client
+        .audit(&AuditQuery::default())
+        .expect("the audit log");
+    let seen = |actor: &str, method: &str, path: &str, status: u16| {
+        log.iter()
+            .any(|a| a.actor == actor && a.method == method && a.path == path && a.status == status)
+    };
+    let (r, o) = (
+        format!("api:{}", reader.record.id),
+        format!("api:{}", operator.record.id),
+    );
+    assert!(seen(&r, "POST", "/api/v1/machines", 403), "{log:#?}");
+    assert!(seen(&o, "POST", "/api/v1/machines", 201), "{log:#?}");
+    let commission = format!("/api/v1/machines/{}/commission", m.id);
+    assert!(seen(&o, "POST", &commission, 200), "{log:#?}");
+    assert!(seen(&o, "POST", "/api/v1/tokens", 403), "{log:#?}");
+    let revoke = format!("/api/v1/tokens/{}", operator.record.id);
+    assert!(
+        log.iter()
+            .any(|a| a.method == "DELETE" && a.path == revoke && a.status == 200),
+        "{log:#?}"
+    );
+    // Reads are not changes: not in the log.
+    assert!(log.iter().all(|a| a.method != "GET"), "{log:#?}");
 }

@@ -30,7 +30,9 @@ use stork::dhcp::journal::{
     Journal, JournalError, LiveSet, MAGIC, RECORD_LEN, Record, load, record, unix_secs,
 };
 use stork::dhcp::{Action, Port, Server, Stats};
+use stork::tftp::options::MAX_CLIENT_TIMEOUT_SECS;
 use stork::tftp::packet::Repr;
+use stork::tftp::request::netascii;
 use stork::tftp::server::{Listen, classify_caught, plan};
 use stork::tftp::transfer::Transfer;
 use stork::tftp::{TftpConfig, fs::Root};
@@ -153,6 +155,12 @@ fn tftp_datagrams_from_raw_bytes() {
         {
             return Err(format!("negotiated out of bounds: {:?}", p.params));
         }
+        // A client's `timeout` is acknowledged only up to the cap, and never moves the end
+        // of the server's retry budget.
+        let cap = Duration::from_secs(u64::from(MAX_CLIENT_TIMEOUT_SECS));
+        if p.neg.timeout.is_some_and(|t| t > cap) || p.params.timing.budget != cfg.retry_budget() {
+            return Err(format!("client timeout not bounded: {:?}", p.params.timing));
+        }
         // The transfer's state machine on what a hostile client sends back: the input
         // itself, then ACKs and ERRORs around the window, with timeouts between.
         let mut t = Transfer::new(p.params, Instant::now());
@@ -175,6 +183,28 @@ fn tftp_datagrams_from_raw_bytes() {
                 t.on_timeout(now);
             }
         }
+        // The input as a file sent in netascii, streamed in odd blocks and raw chunks.
+        let want = netascii::encode(input);
+        let mut enc = netascii::Encoder::new(input.len() as u64);
+        let block = 1 + rng.below(600);
+        let chunk = 1 + rng.below(300);
+        let mut offset = 0;
+        while offset <= want.len() {
+            let len = block.min(want.len() - offset);
+            enc.release_before(offset as u64);
+            while let Some((at, n)) = enc.wants(offset as u64, len, chunk) {
+                let at = usize::try_from(at).unwrap();
+                enc.feed(
+                    input
+                        .get(at..at + n)
+                        .ok_or("netascii asked past the file")?,
+                );
+            }
+            if enc.get(offset as u64, len) != want.get(offset..offset + len) {
+                return Err(format!("netascii differs at {offset}"));
+            }
+            offset += block;
+        }
         Ok(())
     });
     assert!(n > 0);
@@ -182,9 +212,22 @@ fn tftp_datagrams_from_raw_bytes() {
 }
 
 /// Gives some of the records a right CRC again, so mutations reach what decoding checks
-/// behind it (the kind, the fields a kind leaves zero) and the live set sees odd records.
+/// behind it (the kind, the fields a kind leaves zero) and the live set sees odd records;
+/// sometimes shifts them off the 24-byte grid first, so loading must resynchronise.
 fn mutate_journal(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
     let mut p = mutate(rng, seeds);
+    if rng.below(4) == 0 && p.len() > MAGIC.len() {
+        // Bytes lost or inserted inside the body.
+        let at = MAGIC.len() + rng.below(p.len() - MAGIC.len());
+        if rng.below(2) == 0 {
+            let n = (1 + rng.below(RECORD_LEN)).min(p.len() - at);
+            p.drain(at..at + n);
+        } else {
+            let n = 1 + rng.below(RECORD_LEN);
+            let bytes: Vec<u8> = (0..n).map(|_| rng.byte()).collect();
+            p.splice(at..at, bytes);
+        }
+    }
     if rng.below(2) == 0 {
         let start = if p.starts_with(MAGIC) { MAGIC.len() } else { 0 };
         for r in p[start..].chunks_exact_mut(RECORD_LEN) {
@@ -219,9 +262,9 @@ fn journal_records(input: &[u8]) -> Result<u64, String> {
     Ok(decoded)
 }
 
-/// `input` as a journal file: the good records up to the first bad one are read, the rest
-/// is a torn tail; a file without the magic is refused and, on open, left as it was; an
-/// open drops the tail and keeps exactly the live records.
+/// `input` as a journal file: every good record is read, in file order, whatever bad bytes
+/// lie between (skipped) or after (a torn tail); a file without the magic is refused and, on
+/// open, left as it was; an open drops the bad bytes and keeps exactly the live records.
 fn journal_file(path: &Path, input: &[u8], open: bool) -> Result<(), String> {
     std::fs::write(path, input).unwrap();
     let foreign = !input.is_empty() && !input.starts_with(MAGIC);
@@ -246,22 +289,49 @@ fn journal_file(path: &Path, input: &[u8], open: bool) -> Result<(), String> {
     };
     let body = input.get(MAGIC.len()..).unwrap_or_default();
     let good = loaded.records.len() * RECORD_LEN;
-    if good + loaded.torn_bytes != body.len() {
+    if good + loaded.skipped_bytes + loaded.torn_bytes != body.len() {
         return Err(format!(
-            "{} records and {} torn bytes from a body of {}",
+            "{} records, {} skipped and {} torn bytes from a body of {}",
             loaded.records.len(),
+            loaded.skipped_bytes,
             loaded.torn_bytes,
             body.len()
         ));
     }
-    let reencoded: Vec<u8> = loaded.records.iter().flat_map(|r| r.encode()).collect();
-    if reencoded != body[..good] {
-        return Err("the records read do not re-encode to the file's bytes".into());
+    if (loaded.skipped_bytes == 0) != (loaded.skipped_runs == 0) {
+        return Err(format!(
+            "{} bytes skipped in {} runs",
+            loaded.skipped_bytes, loaded.skipped_runs
+        ));
     }
-    if let Some(next) = body.get(good..good + RECORD_LEN)
-        && Record::decode(next.try_into().unwrap()).is_some()
-    {
-        return Err(format!("loading stopped before a good record at {good}"));
+    // Each record read is in the file, after the previous one, and no good record starts
+    // anywhere in the bytes between them: nothing good was skipped.
+    let starts_good = |at: usize| {
+        body.get(at..at + RECORD_LEN)
+            .is_some_and(|b| Record::decode(b.try_into().unwrap()).is_some())
+    };
+    let mut at = 0;
+    for r in &loaded.records {
+        let bytes = r.encode();
+        let Some(found) = (at..=body.len().saturating_sub(RECORD_LEN))
+            .find(|&i| body.get(i..i + RECORD_LEN) == Some(&bytes[..]))
+        else {
+            return Err(format!("{r:?} is not in the file after offset {at}"));
+        };
+        if let Some(missed) = (at..found).find(|&i| starts_good(i)) {
+            return Err(format!("a good record at {missed} was skipped"));
+        }
+        at = found + RECORD_LEN;
+    }
+    if let Some(missed) = (at..body.len()).find(|&i| starts_good(i)) {
+        return Err(format!("a good record at {missed} was left in the tail"));
+    }
+    if body.len() - at != loaded.torn_bytes {
+        return Err(format!(
+            "{} bytes after the last record, {} torn",
+            body.len() - at,
+            loaded.torn_bytes
+        ));
     }
     if open {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_003_605);

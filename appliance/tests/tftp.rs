@@ -1,6 +1,7 @@
 //! The TFTP service in process on 127.0.0.1 (port 0, a temporary root), fetched with real
 //! clients: tftp-hpa's `tftp`, `curl tftp://` and `atftp` (windowsize), plus a hand-written
-//! UDP client for what the real ones cannot do (stop ACKing, repeat a request, send WRQ).
+//! UDP client for what the real ones cannot do (stop ACKing, repeat a request, send WRQ,
+//! ask from a second loopback address).
 //!
 //! The clients come from Debian packages (`cargo xtask deps` installs them); a missing one
 //! fails the test with the package to install.
@@ -352,9 +353,36 @@ struct RawClient {
 
 impl RawClient {
     fn new(server: SocketAddr) -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        Self::from_ip("127.0.0.1", server)
+    }
+
+    /// A client on another address (any of 127.0.0.0/8 works on loopback).
+    fn from_ip(ip: &str, server: SocketAddr) -> Self {
+        let sock = UdpSocket::bind((ip, 0)).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         Self { sock, server }
+    }
+
+    /// Fetches `name` lock-step by hand (no options): the file's bytes.
+    fn fetch(&self, name: &[u8]) -> Vec<u8> {
+        self.request(false, name, &[]);
+        let mut got = Vec::new();
+        for block in 1u16.. {
+            let (pkt, tid) = self.recv().expect("DATA");
+            let Repr::Data { block: b, data } = Repr::parse_bytes(&pkt).unwrap() else {
+                panic!("not DATA: {:?}", Repr::parse_bytes(&pkt))
+            };
+            assert_eq!(b, block);
+            got.extend_from_slice(data);
+            let last = data.len() < 512;
+            self.sock
+                .send_to(&Repr::Ack { block }.to_vec().unwrap(), tid)
+                .unwrap();
+            if last {
+                break;
+            }
+        }
+        got
     }
 
     fn request(&self, write: bool, name: &[u8], opts: &[(&str, &str)]) -> Vec<u8> {
@@ -644,4 +672,231 @@ fn case_insensitive_fallback_and_garbage() {
     wait_for("malformed counter", Duration::from_secs(5), || {
         server.stats().malformed >= 2
     });
+}
+
+/// The options of an OACK, as strings.
+fn oack_options(pkt: &[u8]) -> Vec<(String, String)> {
+    let Repr::Oack { options } = Repr::parse_bytes(pkt).unwrap() else {
+        panic!("not an OACK: {:?}", Repr::parse_bytes(pkt))
+    };
+    options
+        .iter()
+        .map(|(n, v)| {
+            (
+                String::from_utf8_lossy(n).into_owned(),
+                String::from_utf8_lossy(v).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// What a silent client sees until the server gives up: when each OACK came, and the
+/// ERROR's code and when it came.
+fn listen_silently(
+    c: &RawClient,
+    since: Instant,
+) -> (Vec<Duration>, Option<(ErrorCode, Duration)>) {
+    let mut oacks = Vec::new();
+    while let Some((pkt, _)) = c.recv() {
+        match Repr::parse_bytes(&pkt).unwrap() {
+            Repr::Oack { .. } => oacks.push(since.elapsed()),
+            Repr::Error { code, .. } => return (oacks, Some((code, since.elapsed()))),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    (oacks, None)
+}
+
+#[test]
+fn client_timeout_is_capped_and_cannot_stretch_the_retry_budget() {
+    let f = Fixture::new();
+    let server = Server::start(&f.root(), |c| {
+        c.timeout = Duration::from_millis(100);
+        c.max_timeout = Duration::from_millis(400);
+        c.retries = 3;
+    });
+    // The server's budget: 100 + 200 + 400 + 400 ms without progress.
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    };
+
+    // `timeout 255`: not acknowledged (RFC 2349 allows only the client's value or nothing),
+    // the rest is; the server retransmits on its own 100 ms schedule and gives up at its
+    // budget, not after 255 s and more.
+    let greedy = RawClient::new(server.addr);
+    let asked = Instant::now();
+    greedy.request(
+        false,
+        b"many.bin",
+        &[("blksize", "1468"), ("timeout", "255")],
+    );
+    let (first, _) = greedy.recv().expect("OACK");
+    let first_at = asked.elapsed();
+    assert_eq!(oack_options(&first), pairs(&[("blksize", "1468")]));
+    let (oacks, error) = listen_silently(&greedy, asked);
+    assert_eq!(oacks.len(), 3, "retransmitted OACKs at {oacks:?}");
+    assert!(oacks[0] - first_at < Duration::from_secs(1), "{oacks:?}");
+    let (code, at) = error.expect("an ERROR when the budget ran out");
+    assert_eq!(code, ErrorCode::NotDefined);
+    assert!(at < Duration::from_secs(4), "dropped after {at:?}");
+
+    // `timeout 5` (the cap): acknowledged and used as the interval, yet the transfer still
+    // ends at the server's 1.1 s budget, before its first 5 s retransmission.
+    let capped = RawClient::new(server.addr);
+    let asked = Instant::now();
+    capped.request(false, b"many.bin", &[("timeout", "5"), ("tsize", "0")]);
+    let (first, _) = capped.recv().expect("OACK");
+    let size = (3 * 1024 * 1024 + 123).to_string();
+    assert_eq!(
+        oack_options(&first),
+        pairs(&[("tsize", &size), ("timeout", "5")])
+    );
+    let (oacks, error) = listen_silently(&capped, asked);
+    assert!(oacks.is_empty(), "retransmitted at {oacks:?}");
+    let (code, at) = error.expect("an ERROR when the budget ran out");
+    assert_eq!(code, ErrorCode::NotDefined);
+    assert!(at >= Duration::from_millis(900), "dropped after {at:?}");
+    assert!(at < Duration::from_secs(4), "dropped after {at:?}");
+    wait_for(
+        "both silent transfers to end",
+        Duration::from_secs(10),
+        || server.stats().active == 0,
+    );
+    assert_eq!(server.stats().timeouts, 2);
+
+    // A real client asking `timeout 255` is served all the same (curl asks 6, above the
+    // cap too, in every curl test here).
+    need("atftp", "atftp");
+    let local = f.out("atftp-timeout-255");
+    let mut cmd = Command::new("atftp");
+    cmd.args(["-g", "-r", "many.bin", "-l"]).arg(&local);
+    for o in ["timeout 255", "blksize 1468", "tsize enable"] {
+        cmd.args(["--option", o]);
+    }
+    cmd.args(["127.0.0.1", &server.port()]);
+    ok(&run(&mut cmd, LIMIT), "atftp with timeout 255");
+    f.assert_same("many.bin", &local, "atftp timeout 255");
+    server.wait_completed(1);
+}
+
+#[test]
+fn per_client_cap_refuses_the_excess_and_serves_other_addresses() {
+    let f = Fixture::new();
+    // The default cap (8) and the default timings: the silent transfers below hold their
+    // slots for the whole test (19 s budget), as an attacker's would.
+    let server = Server::start(&f.root(), |_| {});
+    let cap = TftpConfig::default().max_transfers_per_client;
+    assert_eq!(cap, 8);
+    let silent: Vec<RawClient> = (0..cap).map(|_| RawClient::new(server.addr)).collect();
+    let mut tids = Vec::new();
+    for c in &silent {
+        c.request(false, b"many.bin", &[]);
+        let (pkt, tid) = c.recv().expect("DATA 1");
+        assert!(matches!(
+            Repr::parse_bytes(&pkt).unwrap(),
+            Repr::Data { block: 1, .. }
+        ));
+        tids.push(tid);
+    }
+    // One more from the same address, on a new port: an ERROR, no transfer.
+    let extra = RawClient::new(server.addr);
+    extra.request(false, b"one-block.bin", &[]);
+    let (pkt, from) = extra.recv().expect("an answer");
+    assert_eq!(from, server.addr, "refused from the listening port");
+    match Repr::parse_bytes(&pkt).unwrap() {
+        Repr::Error { code, message } => {
+            assert_eq!(code, ErrorCode::NotDefined);
+            assert_eq!(message, tftp::server::PER_CLIENT_REFUSED.as_bytes());
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+    // A real client from there is refused too, with the reason.
+    need("curl", "curl");
+    let out = run(
+        Command::new("curl")
+            .args(["-sS", "-o"])
+            .arg(f.out("refused"))
+            .arg(format!("tftp://127.0.0.1:{}/one-block.bin", server.port())),
+        LIMIT,
+    );
+    assert!(!out.status.success(), "curl was served over the cap");
+    let s = server.stats();
+    assert_eq!(
+        (s.per_client_refused, s.transfers_started, s.active),
+        (2, cap as u64, cap as u64),
+        "{s:?}"
+    );
+
+    // Another address is served meanwhile.
+    let other = RawClient::from_ip("127.0.0.2", server.addr);
+    let got = other.fetch(b"efi/snponly.efi");
+    assert_eq!(sha(&got), sha(&noise(100_000, 99)));
+
+    // A slot given back (the client aborts) is free again for the first address.
+    silent[0]
+        .sock
+        .send_to(
+            &Repr::Error {
+                code: ErrorCode::NotDefined,
+                message: b"bye",
+            }
+            .to_vec()
+            .unwrap(),
+            tids[0],
+        )
+        .unwrap();
+    wait_for(
+        "the aborted transfer to end",
+        Duration::from_secs(10),
+        || server.stats().active == cap as u64 - 1,
+    );
+    let again = RawClient::new(server.addr);
+    assert_eq!(again.fetch(b"one-block.bin").len(), 512);
+    // The client is done on sending its last ACK; the server counts on reading it.
+    wait_for("both fetches counted", Duration::from_secs(10), || {
+        server.stats().transfers_completed == 2
+    });
+    let s = server.stats();
+    assert_eq!(s.per_client_refused, 2, "{s:?}");
+}
+
+#[test]
+fn netascii_streams_files_larger_than_the_old_cap() {
+    need("tftp", "tftp-hpa");
+    need("curl", "curl");
+    let f = Fixture::new();
+    // 17 MiB of text (the old in-memory limit was 16 MiB) with LF, CR LF and bare CR.
+    let line = "a netascii line of text, then LF\nCR LF\r\nbare CR\rend\n";
+    let text = line.repeat((17 << 20) / line.len() + 1);
+    std::fs::write(f.root().join("big.txt"), &text).unwrap();
+    let server = Server::start(&f.root(), |_| {});
+    // tftp-hpa asks netascii by default and decodes it: the same bytes come back.
+    let local = f.out("big.txt");
+    let out = run(
+        Command::new("tftp")
+            .args(["127.0.0.1", &server.port(), "-c", "get", "big.txt"])
+            .arg(&local),
+        LIMIT,
+    );
+    ok(&out, "tftp get big.txt (netascii)");
+    f.assert_same("big.txt", &local, "tftp-hpa netascii");
+    // curl asks netascii with -B and keeps the wire form: exactly the encoding, with
+    // blksize and tsize (the encoded size, counted before the first block).
+    let local = f.out("big.txt.curl");
+    let out = run(
+        Command::new("curl")
+            .args(["-sS", "--fail", "-B", "--tftp-blksize", "1468", "-o"])
+            .arg(&local)
+            .arg(format!("tftp://127.0.0.1:{}/big.txt", server.port())),
+        LIMIT,
+    );
+    ok(&out, "curl -B big.txt");
+    let want = tftp::request::netascii::encode(text.as_bytes());
+    let got = std::fs::read(&local).unwrap();
+    assert_eq!((got.len(), sha(&got)), (want.len(), sha(&want)));
+    server.wait_completed(2);
+    let s = server.stats();
+    assert_eq!((s.refused, s.transfers_failed), (0, 0), "{s:?}");
 }

@@ -11,9 +11,10 @@ use futures_util::{FutureExt, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use stork_proto::api::{
-    AllocateBody, BootResource, Constraints, CreatedToken, DeployRequest, ErrorBody, EventQuery,
-    EventRecord, HealthReport, Machine, MachineFilter, MarkBrokenBody, NewMachine, NewSshKey,
-    NewToken, PowerAnswer, PowerOp, ReleaseBody, SshKey, StatsResponse, TokenRecord,
+    AllocateBody, AuditQuery, AuditRecord, BootResource, Constraints, CreatedToken, DeployRequest,
+    ErrorBody, EventQuery, EventRecord, HealthReport, Machine, MachineFilter, MarkBrokenBody,
+    NewMachine, NewSshKey, NewToken, PowerAnswer, PowerOp, ReleaseBody, SshKey, StatsResponse,
+    TokenRecord,
 };
 use stork_proto::{
     AgentEvent, AgentReport, ENLIST_PATH, EnlistRequest, EnlistResponse, HEARTBEAT, Heartbeat,
@@ -322,6 +323,17 @@ impl Client {
 
     pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
         self.get(&format!("{API}/tokens"), &())
+    }
+
+    /// Revokes a token: it is refused from now on.
+    pub fn revoke_token(&self, id: &str) -> Result<TokenRecord> {
+        let path = format!("{API}/tokens/{id}");
+        self.decode(&path, self.call(Method::Delete, &path, None::<&()>, OK)?)
+    }
+
+    /// The audit log: every change asked through the API, oldest first.
+    pub fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
+        self.get(&format!("{API}/audit"), q)
     }
 
     pub fn create_token(&self, t: &NewToken) -> Result<CreatedToken> {

@@ -110,11 +110,11 @@ pub struct Machine {
     pub owner: Option<String>,
     pub deploy: Option<DeployRequest>,
     pub tags: Vec<String>,
-    /// SHA-256 of the current per-boot agent token: the appliance's store keeps it, the
-    /// API never shows it.
+    /// The current boot's agent credentials: the appliance's store keeps them, the API
+    /// never shows them.
     #[serde(skip)]
     #[cfg_attr(feature = "openapi", schema(ignore))]
-    pub agent_token: Option<String>,
+    pub agent: AgentIdentity,
     pub created_at: i64,
     pub updated_at: i64,
     /// Network-boot the agent while busy; cleared when the agent has installed an image so
@@ -149,7 +149,7 @@ impl Machine {
             owner: None,
             deploy: None,
             tags: Vec::new(),
-            agent_token: None,
+            agent: AgentIdentity::default(),
             created_at: now,
             updated_at: now,
             netboot: true,
@@ -168,6 +168,18 @@ impl Machine {
     }
 }
 
+/// A machine's per-boot agent token as the appliance keeps it: given once per boot, to
+/// one address, and good only from there.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AgentIdentity {
+    /// SHA-256 of the token (the token itself is only in the boot script).
+    pub token_hash: Option<String>,
+    /// The address the token was given to; requests from any other are refused.
+    pub ip: Option<std::net::IpAddr>,
+    /// The agent has used it: no boot script gives another token this boot.
+    pub used: bool,
+}
+
 /// One entry of a machine's history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -182,12 +194,77 @@ pub struct EventRecord {
     pub message: String,
 }
 
+closed_names! {
+    /// What an API token may do. Each scope may do what the ones below it may.
+    pub enum TokenScope {
+        /// Read machines, events, images, keys, stats and health.
+        ReadOnly = "read-only",
+        /// Also change machines (add, delete, every lifecycle action, power), SSH keys and
+        /// boot resources.
+        Operator = "operator",
+        /// Also manage tokens and read the audit log.
+        Admin = "admin",
+    }
+}
+
+impl TokenScope {
+    /// Whether a token of this scope may do what `need` allows.
+    pub fn allows(self, need: TokenScope) -> bool {
+        self.rank() >= need.rank()
+    }
+
+    fn rank(self) -> u8 {
+        match self {
+            TokenScope::ReadOnly => 0,
+            TokenScope::Operator => 1,
+            TokenScope::Admin => 2,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenRecord {
     pub id: String,
     pub description: String,
     pub created_at: i64,
+    pub scope: TokenScope,
+    /// After this (ms since the Unix epoch) the token is refused; `null`: never.
+    pub expires_at: Option<i64>,
+    /// When it was revoked; a revoked token is refused.
+    pub revoked_at: Option<i64>,
+}
+
+impl TokenRecord {
+    /// Whether the token may be used at `now` (ms).
+    pub fn live_at(&self, now: i64) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|t| now < t)
+    }
+}
+
+/// One change made through the API, by whom, and how the appliance answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuditRecord {
+    pub id: i64,
+    pub at: i64,
+    /// `api:<token id>`, or `anonymous` / `unknown token` for refused calls.
+    pub actor: String,
+    pub method: String,
+    pub path: String,
+    /// The HTTP status the appliance answered.
+    pub status: u16,
+}
+
+/// `GET /audit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Only entries with a larger id.
+    #[serde(default)]
+    pub after: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -353,13 +430,34 @@ pub struct NewSshKey {
     pub key: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(default = ""))]
     pub description: String,
+    #[serde(default = "admin_scope")]
+    #[cfg_attr(feature = "openapi", schema(default = "admin"))]
+    pub scope: TokenScope,
+    /// The token is refused this many seconds after its creation; absent: it never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    pub expires_in_secs: Option<u64>,
+}
+
+fn admin_scope() -> TokenScope {
+    TokenScope::Admin
+}
+
+impl Default for NewToken {
+    fn default() -> Self {
+        Self {
+            description: String::new(),
+            scope: TokenScope::Admin,
+            expires_in_secs: None,
+        }
+    }
 }
 
 // ---- answers ----
@@ -418,6 +516,10 @@ pub struct StatsResponse {
     pub dhcp: Counters,
     #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub tftp: Counters,
+    /// The HTTP listener's (absent from appliances before it counted).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub http: Counters,
 }
 
 closed_names! {

@@ -32,6 +32,18 @@ pub struct DhcpFile {
     pub probation: u32,
     pub rate_limit: u32,
     pub rate_burst: u32,
+    /// Requests per second (and burst) from one source address that has an address
+    /// (clients without one all send from 0.0.0.0 and are not counted here; neither are
+    /// relayed requests, whose source speaks for a whole subnet); 0 = no limit.
+    pub rate_limit_source: u32,
+    pub rate_burst_source: u32,
+    /// Requests per second (and burst) from everyone together; 0 = no limit.
+    pub rate_limit_global: u32,
+    pub rate_burst_global: u32,
+    /// The addresses relays send from. Unset: a relayed request is believed when it comes
+    /// from its giaddr or from an address inside a configured subnet (see
+    /// [`RelayPolicy`]); a list (even empty) allows those sources only.
+    pub relays: Option<Vec<Ipv4Addr>>,
     pub ipv6_ra: bool,
     pub subnets: Vec<SubnetFile>,
 }
@@ -70,6 +82,25 @@ fn default_mode() -> DhcpMode {
     DhcpMode::Full
 }
 
+/// Default per-source limit: far above what one host with an address sends (a renewal per
+/// T1, an INFORM, a PXE request), low enough that a host flooding with made-up MACs (which
+/// the per-MAC limit cannot see) is held to it. Relays are not counted here, so the
+/// benchmark (perfdhcp, one relay source, ~24,000 requests/s) is not throttled.
+pub const DEFAULT_RATE_SOURCE: RateLimit = RateLimit {
+    per_second: 100,
+    burst: 200,
+};
+
+/// Default global limit: a ceiling on the work floods can cause, not a fair share. A rack
+/// of a thousand machines powering on at once sends a few thousand requests a second; the
+/// benchmark's highest sustained rate on the 2-core reference machine is ~12,000 leases/s,
+/// i.e. ~24,000 requests/s (docs/measurements.md), and its rate search tries up to 32,000:
+/// 50,000 leaves it untouched. Lower it to what the site needs.
+pub const DEFAULT_RATE_GLOBAL: RateLimit = RateLimit {
+    per_second: 50_000,
+    burst: 10_000,
+};
+
 impl Default for DhcpFile {
     fn default() -> Self {
         Self {
@@ -87,6 +118,11 @@ impl Default for DhcpFile {
             probation: 600,
             rate_limit: 10,
             rate_burst: 20,
+            rate_limit_source: DEFAULT_RATE_SOURCE.per_second,
+            rate_burst_source: DEFAULT_RATE_SOURCE.burst,
+            rate_limit_global: DEFAULT_RATE_GLOBAL.per_second,
+            rate_burst_global: DEFAULT_RATE_GLOBAL.burst,
+            relays: None,
             ipv6_ra: true,
             subnets: Vec::new(),
         }
@@ -132,6 +168,12 @@ pub struct DhcpConfig {
     pub probation: std::time::Duration,
     /// Per-MAC token bucket; `None` when `rate_limit = 0`.
     pub rate_limit: Option<RateLimit>,
+    /// Per-source-address token bucket (`rate_limit_source`); `None` when 0.
+    pub rate_limit_source: Option<RateLimit>,
+    /// One token bucket for every request (`rate_limit_global`); `None` when 0.
+    pub rate_limit_global: Option<RateLimit>,
+    /// Which sources may send relayed requests (giaddr set).
+    pub relays: RelayPolicy,
     /// Send IPv6 router advertisements that configure nothing (see `dhcp::ra`).
     pub ipv6_ra: bool,
 }
@@ -156,6 +198,32 @@ impl DhcpConfig {
 pub struct RateLimit {
     pub per_second: u32,
     pub burst: u32,
+}
+
+impl RateLimit {
+    /// `None` for a rate of 0 (no limit); a burst of 0 is one.
+    fn from_file(per_second: u32, burst: u32) -> Option<Self> {
+        (per_second > 0).then(|| Self {
+            per_second,
+            burst: burst.max(1),
+        })
+    }
+}
+
+/// Who may relay: a relayed request (giaddr set) is answered only when its datagram's
+/// source passes this, and its giaddr lies in a configured subnet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayPolicy {
+    /// `dhcp.relays` unset, the default: the source is the giaddr itself (routers relay
+    /// from the interface facing the clients), or an address inside a configured subnet
+    /// (ISC dhcrelay sends from its upstream leg, on the provisioning network: the e2e test
+    /// `tests/tests/dhcp_relay.rs` relays with giaddr 10.78.0.1 from 10.77.0.2). Configs
+    /// written before the list existed keep working; a datagram routed in from anywhere
+    /// else with a giaddr is refused. A host on a served subnet can still claim to be a
+    /// relay: listing the relays closes that.
+    Implicit,
+    /// `dhcp.relays = [...]`: only these sources (an empty list: no relayed requests).
+    Listed(Vec<Ipv4Addr>),
 }
 
 /// One subnet Stork serves.
@@ -407,6 +475,14 @@ impl DhcpFile {
                 .validate("ranges", own)?,
             );
         }
+        for (i, r) in d.relays.iter().flatten().enumerate() {
+            if r.is_unspecified() || r.is_broadcast() || r.is_multicast() {
+                return Err(invalid_at(
+                    format!("dhcp.relays[{i}]"),
+                    format!("{r} cannot be a relay's source address"),
+                ));
+            }
+        }
         let mut macs = std::collections::HashMap::new();
         let mut ips = std::collections::HashMap::new();
         for s in &subnets {
@@ -429,11 +505,57 @@ impl DhcpFile {
         Ok(DhcpConfig {
             subnets,
             probation: std::time::Duration::from_secs(u64::from(d.probation)),
-            rate_limit: (d.rate_limit > 0).then(|| RateLimit {
-                per_second: d.rate_limit,
-                burst: d.rate_burst.max(1),
-            }),
+            rate_limit: RateLimit::from_file(d.rate_limit, d.rate_burst),
+            rate_limit_source: RateLimit::from_file(d.rate_limit_source, d.rate_burst_source),
+            rate_limit_global: RateLimit::from_file(d.rate_limit_global, d.rate_burst_global),
+            relays: match &d.relays {
+                None => RelayPolicy::Implicit,
+                Some(list) => RelayPolicy::Listed(list.clone()),
+            },
             ipv6_ra: d.ipv6_ra,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FileConfig;
+
+    fn dhcp(text: &str) -> Result<DhcpConfig, String> {
+        FileConfig::parse(text, std::path::Path::new("x"))
+            .and_then(|f| f.validate())
+            .map(|c| c.dhcp)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn relays_and_limits_default_and_parse() {
+        let d = dhcp("").unwrap();
+        assert_eq!(d.relays, RelayPolicy::Implicit);
+        assert_eq!(d.rate_limit_source, Some(DEFAULT_RATE_SOURCE));
+        assert_eq!(d.rate_limit_global, Some(DEFAULT_RATE_GLOBAL));
+        let d = dhcp(
+            "[dhcp]\nrelays = [\"10.77.0.2\"]\nrate_limit_source = 0\nrate_limit_global = 7\nrate_burst_global = 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            d.relays,
+            RelayPolicy::Listed(vec![Ipv4Addr::new(10, 77, 0, 2)])
+        );
+        assert_eq!(d.rate_limit_source, None);
+        assert_eq!(
+            d.rate_limit_global,
+            Some(RateLimit {
+                per_second: 7,
+                burst: 1
+            })
+        );
+        assert_eq!(
+            dhcp("[dhcp]\nrelays = []\n").unwrap().relays,
+            RelayPolicy::Listed(Vec::new())
+        );
+        let err = dhcp("[dhcp]\nrelays = [\"10.77.0.2\", \"0.0.0.0\"]\n").unwrap_err();
+        assert!(err.contains("`dhcp.relays[1]`"), "{err}");
     }
 }

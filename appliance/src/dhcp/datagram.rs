@@ -2,7 +2,8 @@
 //! records and the encoded reply, sans I/O. The socket loop ([`super::run`]) and the fuzz
 //! driver run exactly this, so the driver reaches every line a hostile packet can.
 
-use std::net::SocketAddr;
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -10,7 +11,7 @@ use std::time::SystemTime;
 use dhcproto::v4::{Encodable, MessageType};
 
 use super::edge::{self, Request};
-use super::handler::{Handler, Ignored, Outcome};
+use super::handler::{Handler, Ignored, Outcome, RateScope};
 use super::journal::Job;
 use super::{Stats, bump};
 
@@ -44,10 +45,15 @@ pub struct Send {
     pub proxy: bool,
 }
 
+/// Sources refused as relays that get a warning in the log (each once), so an operator
+/// whose relay is not trusted finds out, and a host forging giaddrs cannot fill the log.
+const RELAY_WARNINGS: usize = 32;
+
 pub struct Server {
     handler: Handler,
     stats: Arc<Stats>,
     records: Vec<super::journal::Record>,
+    warned_relays: HashSet<IpAddr>,
 }
 
 impl Server {
@@ -56,6 +62,7 @@ impl Server {
             handler,
             stats,
             records: Vec::new(),
+            warned_relays: HashSet::new(),
         }
     }
 
@@ -98,16 +105,22 @@ impl Server {
             }
         };
         self.count_request(req.kind);
-        let outcome = self.handler.answer(&req, port, now);
+        let outcome = self.handler.answer(&req, peer, port, now);
         self.handler.take_records(&mut self.records);
         match outcome {
             Outcome::Reply(reply) => self.reply(&req, reply, peer, port),
             Outcome::Ignore(why) => {
                 bump(&self.stats.ignored);
-                if why == Ignored::RateLimited {
-                    bump(&self.stats.rate_limited);
+                if let Some(c) = ignored_counter(&why, &self.stats) {
+                    bump(c);
                 }
-                tracing::debug!(mac = %req.mac, xid = req.msg.xid(), reason = %why, "DHCP request ignored");
+                if let Ignored::UntrustedRelay { giaddr, from } = why
+                    && self.warned_relays.len() < RELAY_WARNINGS
+                    && self.warned_relays.insert(from)
+                {
+                    tracing::warn!(%from, %giaddr, "relayed DHCP request from a source that is not a trusted relay: ignored (list the relay's address in dhcp.relays)");
+                }
+                tracing::debug!(mac = %req.mac, xid = req.msg.xid(), %peer, reason = %why, "DHCP request ignored");
                 // RELEASE and DECLINE: no reply, but the change must outlive a crash.
                 self.journal(None)
             }
@@ -176,5 +189,141 @@ impl Server {
             MessageType::Inform => bump(&s.inform),
             _ => {}
         }
+    }
+}
+
+/// The counter of an ignored request's reason, beside `ignored`, where it has one.
+fn ignored_counter<'s>(why: &Ignored, s: &'s Stats) -> Option<&'s std::sync::atomic::AtomicU64> {
+    Some(match why {
+        Ignored::RateLimited(RateScope::Mac) => &s.rate_limited,
+        Ignored::RateLimited(RateScope::Source) => &s.rate_limited_source,
+        Ignored::RateLimited(RateScope::Global) => &s.rate_limited_global,
+        Ignored::ForeignRelay(_) | Ignored::UntrustedRelay { .. } => &s.relay_refused,
+        Ignored::DeclineRefused { .. } => &s.decline_refused,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use dhcproto::v4::{DhcpOption, Message, Opcode};
+
+    use super::*;
+    use crate::config::FileConfig;
+    use crate::dhcp::handler::ServerInfo;
+
+    fn server(text: &str) -> (Server, Arc<Stats>) {
+        let cfg = FileConfig::parse(text, Path::new("test"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let stats = Arc::new(Stats::default());
+        (
+            Server::new(Handler::new(ServerInfo::new(&cfg)), stats.clone()),
+            stats,
+        )
+    }
+
+    fn packet(
+        kind: MessageType,
+        mac: u8,
+        giaddr: Ipv4Addr,
+        requested: Option<Ipv4Addr>,
+    ) -> Vec<u8> {
+        let mut m = Message::default();
+        m.set_opcode(Opcode::BootRequest)
+            .set_xid(u32::from(mac))
+            .set_giaddr(giaddr)
+            .set_chaddr(&[0x52, 0x54, 0, 0, 0, mac]);
+        m.opts_mut().insert(DhcpOption::MessageType(kind));
+        if let Some(ip) = requested {
+            m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+        }
+        m.to_vec().unwrap()
+    }
+
+    /// Every refusal is counted under its own name, beside `ignored`.
+    #[test]
+    fn refusals_are_counted_by_reason() {
+        let (mut s, stats) = server(
+            "[dhcp]\nrate_limit_source = 1\nrate_burst_source = 1\nrate_limit_global = 1\nrate_burst_global = 4\n[[dhcp.subnets]]\nnetwork = \"10.78.0.0/24\"\nranges = [[\"10.78.0.50\", \"10.78.0.60\"]]\n",
+        );
+        let t = SystemTime::UNIX_EPOCH;
+        let none = Ipv4Addr::UNSPECIFIED;
+        let client: SocketAddr = (none, 68).into();
+        // A stranger's decline of an address it does not hold.
+        let dec = packet(
+            MessageType::Decline,
+            1,
+            none,
+            Some(Ipv4Addr::new(10, 77, 0, 100)),
+        );
+        assert!(matches!(
+            s.on_datagram(&dec, client, Port::Dhcp, t),
+            Action::Nothing
+        ));
+        // A relayed DISCOVER from outside every subnet, and one with a foreign giaddr.
+        let giaddr = Ipv4Addr::new(10, 78, 0, 1);
+        let relayed = packet(MessageType::Discover, 2, giaddr, None);
+        s.on_datagram(
+            &relayed,
+            (Ipv4Addr::new(192, 0, 2, 9), 67).into(),
+            Port::Dhcp,
+            t,
+        );
+        let foreign = packet(MessageType::Discover, 2, Ipv4Addr::new(192, 0, 2, 1), None);
+        s.on_datagram(
+            &foreign,
+            (Ipv4Addr::new(192, 0, 2, 1), 67).into(),
+            Port::Dhcp,
+            t,
+        );
+        // One host with an address, two MACs: the second is over the source's limit.
+        let host: SocketAddr = (Ipv4Addr::new(10, 77, 0, 250), 68).into();
+        for mac in [3, 4] {
+            s.on_datagram(
+                &packet(MessageType::Discover, mac, none, None),
+                host,
+                Port::Dhcp,
+                t,
+            );
+        }
+        // Global: 4 tokens, the decline and host's first discover took 2.
+        for mac in 5..=8 {
+            s.on_datagram(
+                &packet(MessageType::Discover, mac, none, None),
+                client,
+                Port::Dhcp,
+                t,
+            );
+        }
+        let n = stats.snapshot();
+        assert_eq!(
+            (
+                n.decline_refused,
+                n.relay_refused,
+                n.rate_limited_source,
+                n.rate_limited_global,
+                n.rate_limited
+            ),
+            (1, 2, 1, 2, 0),
+            "{n:?}"
+        );
+        assert_eq!(n.ignored, 1 + 2 + 1 + 2);
+        // The 3 others were answered: the host's first DISCOVER and two clients'.
+        assert_eq!(n.received, 9);
+        // A second later everyone is served again.
+        let later = t + Duration::from_secs(2);
+        let again = s.on_datagram(
+            &packet(MessageType::Discover, 9, none, None),
+            client,
+            Port::Dhcp,
+            later,
+        );
+        assert!(matches!(again, Action::Send(_)));
     }
 }

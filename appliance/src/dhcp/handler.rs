@@ -5,19 +5,20 @@
 //! ([`Handler::take_records`]); the I/O layer makes them durable before it sends the reply
 //! that depends on them.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, SystemTime};
 
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use stork_proto::MacAddr;
 
 use super::client::{self, BootAnswer, ClientKind};
+use super::config::RelayPolicy;
 use super::datagram::Port;
 use super::edge::Request;
 use super::journal::Record;
-use super::pool::{Pool, PoolError};
-use super::ratelimit::RateLimiter;
+use super::pool::{DeclineRefused, Pool, PoolError};
 use crate::config::{DhcpConfig, DhcpMode, SubnetConfig};
+use crate::ratelimit::{Bucket, RateLimiter};
 
 /// Everything the handler needs to know about this server.
 #[derive(Debug, Clone)]
@@ -54,24 +55,47 @@ pub enum Ignored {
     OtherServer(Ipv4Addr),
     #[error("relayed from {0}, which is in no configured subnet")]
     ForeignRelay(Ipv4Addr),
+    #[error("giaddr {giaddr} sent from {from}, which is not a relay we trust")]
+    UntrustedRelay { giaddr: Ipv4Addr, from: IpAddr },
     #[error("no address to offer: {0}")]
     NoAddress(PoolError),
     #[error("release processed")]
     Released,
     #[error("decline of {0} processed: address on probation")]
     Declined(Ipv4Addr),
-    #[error("decline of {0}, which is not ours")]
-    DeclineNotOurs(Ipv4Addr),
+    #[error("decline of {ip} refused: {why}")]
+    DeclineRefused { ip: Ipv4Addr, why: DeclineRefused },
     #[error("request has no address to confirm")]
     NothingRequested,
-    #[error("client is over its rate limit")]
-    RateLimited,
+    #[error("over the {0} rate limit")]
+    RateLimited(RateScope),
     #[error("DHCP is off for this subnet")]
     SubnetOff,
     #[error("proxy mode answers PXE clients only")]
     NotPxe,
     #[error("proxy mode: {0:?} is for the site's DHCP server")]
     ProxyIgnores(MessageType),
+}
+
+/// Which rate limit dropped a request; each has its own counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateScope {
+    /// The client's MAC (`dhcp.rate_limit`).
+    Mac,
+    /// The datagram's source address (`dhcp.rate_limit_source`).
+    Source,
+    /// Everyone together (`dhcp.rate_limit_global`).
+    Global,
+}
+
+impl std::fmt::Display for RateScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Mac => "per-MAC",
+            Self::Source => "per-source",
+            Self::Global => "global",
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -91,6 +115,8 @@ pub struct Handler {
     /// One per `info.dhcp.subnets`, same order.
     pools: Vec<Pool>,
     limiter: Option<RateLimiter>,
+    by_source: Option<RateLimiter<IpAddr>>,
+    global: Option<Bucket>,
 }
 
 impl Handler {
@@ -98,6 +124,8 @@ impl Handler {
         Self {
             pools: info.dhcp.subnets.iter().map(Pool::for_subnet).collect(),
             limiter: info.dhcp.rate_limit.map(RateLimiter::new),
+            by_source: info.dhcp.rate_limit_source.map(RateLimiter::new),
+            global: info.dhcp.rate_limit_global.map(Bucket::new),
             info,
         }
     }
@@ -139,12 +167,74 @@ impl Handler {
     }
 
     /// A request that passed the edge's checks ([`super::edge::accept`]: a BOOTREQUEST from a
-    /// 6-byte Ethernet address with a message type), on port 67 or on the PXE boot server
-    /// port, 4011.
-    pub fn answer(&mut self, req: &Request, port: Port, now: SystemTime) -> Outcome {
-        match self.decide(req, now, port == Port::Pxe) {
-            Ok(reply) => Outcome::Reply(reply),
+    /// 6-byte Ethernet address with a message type), sent from `peer` (the datagram's
+    /// source), on port 67 or on the PXE boot server port, 4011.
+    pub fn answer(
+        &mut self,
+        req: &Request,
+        peer: SocketAddr,
+        port: Port,
+        now: SystemTime,
+    ) -> Outcome {
+        match self.admit(req, peer.ip(), now) {
+            Ok(()) => match self.decide(req, now, port == Port::Pxe) {
+                Ok(reply) => Outcome::Reply(reply),
+                Err(why) => Outcome::Ignore(why),
+            },
             Err(why) => Outcome::Ignore(why),
+        }
+    }
+
+    /// Whether a request is served at all, before any state is looked at: a relayed one
+    /// must come from a relay we trust, then the rate limits, narrowest first, so a flood
+    /// spends its own bucket before anyone else's: the client's MAC, the source address
+    /// (not for 0.0.0.0, which every client without an address sends from, nor for
+    /// relays, each of which speaks for a whole subnet), everyone.
+    fn admit(&mut self, req: &Request, from: IpAddr, now: SystemTime) -> Result<(), Ignored> {
+        let giaddr = req.msg.giaddr();
+        let relayed = !giaddr.is_unspecified();
+        if relayed {
+            self.check_relay(giaddr, from)?;
+        }
+        if let Some(l) = &mut self.limiter
+            && !l.allow(req.mac, now)
+        {
+            return Err(Ignored::RateLimited(RateScope::Mac));
+        }
+        if let Some(l) = &mut self.by_source
+            && !relayed
+            && !from.is_unspecified()
+            && !l.allow(from, now)
+        {
+            return Err(Ignored::RateLimited(RateScope::Source));
+        }
+        if let Some(b) = &mut self.global
+            && !b.allow(now)
+        {
+            return Err(Ignored::RateLimited(RateScope::Global));
+        }
+        Ok(())
+    }
+
+    /// A relayed request (giaddr set) is believed only when its giaddr is in a configured
+    /// subnet and its datagram came from a relay we trust ([`RelayPolicy`]): otherwise any
+    /// host could draw addresses from a relay's subnet, or aim replies at any address.
+    fn check_relay(&self, giaddr: Ipv4Addr, from: IpAddr) -> Result<(), Ignored> {
+        let subnets = &self.info.dhcp.subnets;
+        if !subnets.iter().any(|s| s.net.contains(giaddr)) {
+            return Err(Ignored::ForeignRelay(giaddr));
+        }
+        let trusted = match (from, &self.info.dhcp.relays) {
+            (IpAddr::V4(src), RelayPolicy::Listed(list)) => list.contains(&src),
+            (IpAddr::V4(src), RelayPolicy::Implicit) => {
+                src == giaddr || subnets.iter().any(|s| s.net.contains(src))
+            }
+            (IpAddr::V6(_), _) => false,
+        };
+        if trusted {
+            Ok(())
+        } else {
+            Err(Ignored::UntrustedRelay { giaddr, from })
         }
     }
 
@@ -172,11 +262,6 @@ impl Handler {
     fn decide(&mut self, req: &Request, now: SystemTime, pxe_port: bool) -> Result<Reply, Ignored> {
         let (msg_type, mac) = (req.kind, req.mac);
         let req = &req.msg;
-        if let Some(l) = &mut self.limiter
-            && !l.allow(mac, now)
-        {
-            return Err(Ignored::RateLimited);
-        }
         let idx = self.subnet_for(req)?;
         let Some((subnet, pool)) = self.info.dhcp.subnets.get(idx).zip(self.pools.get_mut(idx))
         else {
@@ -242,11 +327,11 @@ impl Ctx<'_> {
                 }
                 let ip = requested_ip(req).ok_or(Ignored::NothingRequested)?;
                 // RFC 2131 4.3.3: the address is in use by someone else (the client ARPed
-                // it): never hand it out while on probation.
-                if pool.decline(&mac, ip, now + self.info.dhcp.probation) {
-                    Err(Ignored::Declined(ip))
-                } else {
-                    Err(Ignored::DeclineNotOurs(ip))
+                // it): never hand it out while on probation. Only its holder may say so,
+                // and only so many at once ([`Pool::decline`]).
+                match pool.decline(&mac, ip, now, now + self.info.dhcp.probation) {
+                    Ok(()) => Err(Ignored::Declined(ip)),
+                    Err(why) => Err(Ignored::DeclineRefused { ip, why }),
                 }
             }
             MessageType::Release => {
@@ -462,16 +547,30 @@ mod tests {
     /// The tests hand the handler a message as the socket loop does: encoded, then through
     /// the edge's checks.
     trait ViaEdge {
+        /// From where the message says it comes from: a relay sends from its giaddr, a
+        /// client with an address from it, others from 0.0.0.0.
         fn handle(&mut self, m: &Message, now: SystemTime) -> Outcome;
         fn handle_pxe(&mut self, m: &Message, now: SystemTime) -> Outcome;
+        fn handle_from(&mut self, m: &Message, peer: SocketAddr, now: SystemTime) -> Outcome;
+    }
+
+    fn natural_peer(m: &Message) -> SocketAddr {
+        if !m.giaddr().is_unspecified() {
+            SocketAddr::from((m.giaddr(), 67))
+        } else {
+            SocketAddr::from((m.ciaddr(), 68))
+        }
     }
 
     impl ViaEdge for Handler {
         fn handle(&mut self, m: &Message, now: SystemTime) -> Outcome {
-            self.answer(&through_edge(m), Port::Dhcp, now)
+            self.answer(&through_edge(m), natural_peer(m), Port::Dhcp, now)
         }
         fn handle_pxe(&mut self, m: &Message, now: SystemTime) -> Outcome {
-            self.answer(&through_edge(m), Port::Pxe, now)
+            self.answer(&through_edge(m), natural_peer(m), Port::Pxe, now)
+        }
+        fn handle_from(&mut self, m: &Message, peer: SocketAddr, now: SystemTime) -> Outcome {
+            self.answer(&through_edge(m), peer, Port::Dhcp, now)
         }
     }
 
@@ -929,10 +1028,16 @@ mode = "off"
         assert_eq!(ignored(h.handle(&dec, t)), Ignored::Declined(ack.yiaddr()));
         assert_eq!(
             records(&mut h),
-            vec![Record::Probation {
-                ip: ack.yiaddr(),
-                until: 600
-            }]
+            vec![
+                Record::Released {
+                    mac: MacAddr::from_slice(d.chaddr()).unwrap(),
+                    ip: ack.yiaddr()
+                },
+                Record::Probation {
+                    ip: ack.yiaddr(),
+                    until: 600
+                }
+            ]
         );
         // The client starts over and gets another address; so does everyone else.
         assert_ne!(dora(&mut h, &d, t).yiaddr(), ack.yiaddr());
@@ -965,8 +1070,273 @@ mode = "off"
             .insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(192, 0, 2, 1)));
         assert!(matches!(
             ignored(h.handle(&dec, t)),
-            Ignored::DeclineNotOurs(_)
+            Ignored::DeclineRefused {
+                why: DeclineRefused::NotOurs,
+                ..
+            }
         ));
+    }
+
+    fn decline_of(mac: u8, ip: Ipv4Addr) -> Message {
+        let mut dec = with_type(&plain_discover(mac), MessageType::Decline);
+        dec.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+        dec.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
+        dec
+    }
+
+    #[test]
+    fn a_decline_from_anyone_but_the_holder_changes_nothing() {
+        let mut h = handler_with(
+            "[dhcp]\nreservations = [{ mac = \"52:54:00:00:00:07\", ip = \"10.77.0.7\" }]\n",
+        );
+        let t = SystemTime::UNIX_EPOCH;
+        let held = dora(&mut h, &plain_discover(1), t).yiaddr();
+        let offered = reply(h.handle(&plain_discover(2), t)).msg.yiaddr();
+        records(&mut h);
+        let refused = |h: &mut Handler, ip| match ignored(h.handle(&decline_of(9, ip), t)) {
+            Ignored::DeclineRefused { why, .. } => why,
+            other => panic!("{other}"),
+        };
+        assert_eq!(refused(&mut h, held), DeclineRefused::NotHolder);
+        assert_eq!(refused(&mut h, offered), DeclineRefused::NotHolder);
+        assert_eq!(
+            refused(&mut h, Ipv4Addr::new(10, 77, 0, 150)),
+            DeclineRefused::NotHolder
+        );
+        assert_eq!(
+            refused(&mut h, Ipv4Addr::new(10, 77, 0, 7)),
+            DeclineRefused::ReservedForAnother
+        );
+        assert!(records(&mut h).is_empty(), "nothing journaled");
+        // The holder keeps its address, the offeree its offer, the owner its reservation.
+        let mut renew = with_type(&plain_discover(1), MessageType::Request);
+        renew.set_ciaddr(held);
+        assert_eq!(reply(h.handle(&renew, t)).msg.yiaddr(), held);
+        assert_eq!(dora(&mut h, &plain_discover(2), t).yiaddr(), offered);
+        assert_eq!(
+            dora(&mut h, &plain_discover(7), t).yiaddr(),
+            Ipv4Addr::new(10, 77, 0, 7)
+        );
+        // The offeree itself may decline what it was offered.
+        let o = reply(h.handle(&plain_discover(3), t)).msg.yiaddr();
+        assert_eq!(
+            ignored(h.handle(&decline_of(3, o), t)),
+            Ignored::Declined(o)
+        );
+    }
+
+    #[test]
+    fn declines_cannot_empty_the_pool() {
+        // 100 addresses: at most 25 on probation.
+        let mut h = handler_with("[dhcp]\nrate_limit = 0\n");
+        let t = SystemTime::UNIX_EPOCH;
+        // A stranger declining every address: nothing.
+        for n in 100..200u8 {
+            let ip = Ipv4Addr::new(10, 77, 0, n);
+            assert!(matches!(
+                ignored(h.handle(&decline_of(200, ip), t)),
+                Ignored::DeclineRefused { .. }
+            ));
+        }
+        assert_eq!(h.pool().on_probation_count(t), 0);
+        // Hosts that take an address each and decline it: a quarter of the pool at most.
+        let mut honoured = 0;
+        for m in 0..100u8 {
+            let ip = dora(&mut h, &plain_discover(m), t).yiaddr();
+            match ignored(h.handle(&decline_of(m, ip), t)) {
+                Ignored::Declined(_) => honoured += 1,
+                Ignored::DeclineRefused {
+                    why: DeclineRefused::Capped { cap: 25 },
+                    ..
+                } => {}
+                other => panic!("{other}"),
+            }
+        }
+        assert_eq!(honoured, 25);
+        assert_eq!(h.pool().on_probation_count(t), 25);
+        // Everyone else is still served.
+        let ip = dora(&mut h, &plain_discover(250), t).yiaddr();
+        assert!(h.pool().contains(ip));
+    }
+
+    const RELAYED: &str = r#"
+[[dhcp.subnets]]
+network = "10.78.0.0/24"
+ranges = [["10.78.0.50", "10.78.0.60"]]
+"#;
+
+    fn relayed_discover(mac: u8, giaddr: Ipv4Addr) -> Message {
+        let mut d = plain_discover(mac);
+        d.set_giaddr(giaddr);
+        d
+    }
+
+    fn from(a: u8, b: u8, c: u8, d: u8) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::new(a, b, c, d), 67))
+    }
+
+    #[test]
+    fn without_a_relay_list_relays_send_from_giaddr_or_a_served_subnet() {
+        let mut h = handler_with(RELAYED);
+        let t = SystemTime::UNIX_EPOCH;
+        let giaddr = Ipv4Addr::new(10, 78, 0, 1);
+        let d = relayed_discover(1, giaddr);
+        // A router relaying from its client-side address; dhcrelay from its upstream leg
+        // on the provisioning network.
+        for peer in [from(10, 78, 0, 1), from(10, 77, 0, 2)] {
+            let offer = reply(h.handle_from(&d, peer, t));
+            assert_eq!(offer.to, SocketAddrV4::new(giaddr, 67));
+        }
+        // From anywhere else, or over IPv6: refused, nothing offered.
+        for peer in [
+            from(192, 0, 2, 9),
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 67)),
+        ] {
+            assert_eq!(
+                ignored(h.handle_from(&relayed_discover(2, giaddr), peer, t)),
+                Ignored::UntrustedRelay {
+                    giaddr,
+                    from: peer.ip()
+                }
+            );
+        }
+        assert!(
+            h.pools()[1]
+                .lease_of(&MacAddr([0x52, 0x54, 0, 0, 0, 2]))
+                .is_none()
+        );
+        // A giaddr in no subnet is refused whoever sends it.
+        let foreign = Ipv4Addr::new(192, 0, 2, 1);
+        assert_eq!(
+            ignored(h.handle_from(&relayed_discover(3, foreign), from(192, 0, 2, 1), t)),
+            Ignored::ForeignRelay(foreign)
+        );
+    }
+
+    #[test]
+    fn with_a_relay_list_only_the_listed_relays_are_believed() {
+        let mut h = handler_with(&format!("[dhcp]\nrelays = [\"10.77.0.2\"]\n{RELAYED}"));
+        let t = SystemTime::UNIX_EPOCH;
+        let giaddr = Ipv4Addr::new(10, 78, 0, 1);
+        assert_eq!(
+            reply(h.handle_from(&relayed_discover(1, giaddr), from(10, 77, 0, 2), t))
+                .msg
+                .yiaddr(),
+            Ipv4Addr::new(10, 78, 0, 50)
+        );
+        // A host on the provisioning network, even the giaddr itself, is not a listed relay.
+        for peer in [from(10, 77, 0, 3), from(10, 78, 0, 1)] {
+            assert!(matches!(
+                ignored(h.handle_from(&relayed_discover(2, giaddr), peer, t)),
+                Ignored::UntrustedRelay { .. }
+            ));
+        }
+        // Local clients are not relayed and not affected.
+        assert!(matches!(h.handle(&plain_discover(3), t), Outcome::Reply(_)));
+
+        // An empty list: no relayed request at all.
+        let mut h = handler_with(&format!("[dhcp]\nrelays = []\n{RELAYED}"));
+        assert!(matches!(
+            ignored(h.handle(&relayed_discover(1, giaddr), t)),
+            Ignored::UntrustedRelay { .. }
+        ));
+        assert!(matches!(h.handle(&plain_discover(3), t), Outcome::Reply(_)));
+    }
+
+    #[test]
+    fn one_source_flooding_with_many_macs_is_limited_alone() {
+        let mut h = handler_with(&format!(
+            "[dhcp]\nrate_limit_source = 1\nrate_burst_source = 3\n{RELAYED}"
+        ));
+        let t = SystemTime::UNIX_EPOCH;
+        let host = SocketAddr::from((Ipv4Addr::new(10, 77, 0, 250), 68));
+        let answered = (0..10u8)
+            .filter(|m| {
+                matches!(
+                    h.handle_from(&plain_discover(*m), host, t),
+                    Outcome::Reply(_)
+                )
+            })
+            .count();
+        assert_eq!(answered, 3);
+        assert_eq!(
+            ignored(h.handle_from(&plain_discover(20), host, t)),
+            Ignored::RateLimited(RateScope::Source)
+        );
+        // Another source, clients without an address (0.0.0.0) and relays are not held.
+        let other = SocketAddr::from((Ipv4Addr::new(10, 77, 0, 251), 68));
+        assert!(matches!(
+            h.handle_from(&plain_discover(21), other, t),
+            Outcome::Reply(_)
+        ));
+        for m in 30..40u8 {
+            assert!(matches!(h.handle(&plain_discover(m), t), Outcome::Reply(_)));
+            let d = relayed_discover(m, Ipv4Addr::new(10, 78, 0, 1));
+            assert!(matches!(
+                h.handle_from(&d, from(10, 77, 0, 2), t),
+                Outcome::Reply(_)
+            ));
+        }
+        // A second later the source has a token again.
+        assert!(matches!(
+            h.handle_from(&plain_discover(22), host, t + Duration::from_secs(1)),
+            Outcome::Reply(_)
+        ));
+    }
+
+    #[test]
+    fn the_global_limit_holds_everyone_and_a_lone_flooder_does_not_spend_it() {
+        let mut h = handler_with(
+            "[dhcp]\nrate_limit = 1\nrate_burst = 2\nrate_limit_global = 1\nrate_burst_global = 5\n",
+        );
+        let t = SystemTime::UNIX_EPOCH;
+        // One MAC flooding: its own bucket stops it, 2 go through.
+        let flood = plain_discover(1);
+        for _ in 0..50 {
+            h.handle(&flood, t);
+        }
+        assert_eq!(
+            ignored(h.handle(&flood, t)),
+            Ignored::RateLimited(RateScope::Mac)
+        );
+        // 3 tokens left for everyone.
+        let answered = (2..10u8)
+            .filter(|m| matches!(h.handle(&plain_discover(*m), t), Outcome::Reply(_)))
+            .count();
+        assert_eq!(answered, 3);
+        assert_eq!(
+            ignored(h.handle(&plain_discover(11), t)),
+            Ignored::RateLimited(RateScope::Global)
+        );
+        assert!(matches!(
+            h.handle(&plain_discover(11), t + Duration::from_secs(1)),
+            Outcome::Reply(_)
+        ));
+    }
+
+    /// The defaults must not throttle the benchmark: perfdhcp relays from its own address
+    /// (giaddr = source) at ~24,000 requests/s, a new MAC each exchange.
+    #[test]
+    fn the_default_limits_leave_a_benchmark_rate_alone() {
+        let mut h = handler();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let perfdhcp = from(10, 77, 0, 2);
+        let mut d = plain_discover(0);
+        d.set_giaddr(Ipv4Addr::new(10, 77, 0, 2));
+        for i in 0..30_000u32 {
+            let [_, a, b, c] = i.to_be_bytes();
+            d.set_chaddr(&[0x02, 0, 0, a, b, c]);
+            let now = t0 + Duration::from_micros(u64::from(i) * 1_000_000 / 30_000);
+            if let Outcome::Ignore(why) = h.handle_from(&d, perfdhcp, now) {
+                assert!(
+                    !matches!(
+                        why,
+                        Ignored::RateLimited(_) | Ignored::UntrustedRelay { .. }
+                    ),
+                    "request {i}: {why}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -993,7 +1363,10 @@ mode = "off"
             .filter(|_| matches!(h.handle(&flood, t), Outcome::Reply(_)))
             .count();
         assert_eq!(answered, 3);
-        assert_eq!(ignored(h.handle(&flood, t)), Ignored::RateLimited);
+        assert_eq!(
+            ignored(h.handle(&flood, t)),
+            Ignored::RateLimited(RateScope::Mac)
+        );
         assert!(matches!(h.handle(&plain_discover(2), t), Outcome::Reply(_)));
         assert!(matches!(
             h.handle(&flood, t + Duration::from_secs(1)),

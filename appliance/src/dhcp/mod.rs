@@ -7,9 +7,9 @@ pub mod datagram;
 pub mod edge;
 pub mod handler;
 pub mod journal;
+pub mod leases;
 pub mod pool;
 pub mod ra;
-pub mod ratelimit;
 pub mod reply;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -26,6 +26,7 @@ pub use datagram::{Action, Port, Server};
 pub use edge::MAX_PACKET;
 use handler::{Handler, ServerInfo};
 use journal::{Journal, JournalError};
+pub use leases::Leases;
 
 /// The PXE boot server port (PXE 2.1), served in proxy mode.
 pub const PXE_PORT: u16 = 4011;
@@ -89,8 +90,18 @@ stats! {
     proxy_replies,
     /// Requests answered with nothing (any reason, rate limiting included).
     ignored,
-    /// Dropped by the per-MAC rate limit.
+    /// Dropped by the per-MAC rate limit (`dhcp.rate_limit`).
     rate_limited,
+    /// Dropped by the per-source-address rate limit (`dhcp.rate_limit_source`).
+    rate_limited_source,
+    /// Dropped by the global rate limit (`dhcp.rate_limit_global`).
+    rate_limited_global,
+    /// Relayed requests refused: giaddr in no configured subnet, or sent from an address
+    /// that is not a trusted relay (`dhcp.relays`).
+    relay_refused,
+    /// DHCPDECLINEs not honoured: not from the address's holder or offeree, for another
+    /// client's reservation, for an address not ours, or with the probation cap reached.
+    decline_refused,
     send_errors,
     /// Journal batches made durable (one fdatasync each) and records in them.
     journal_syncs,
@@ -153,9 +164,11 @@ pub async fn run(
     info: ServerInfo,
     journal_path: &Path,
     stats: Arc<Stats>,
+    leases: Arc<Leases>,
 ) -> Result<(), DhcpError> {
     let mut handler = Handler::new(info);
     let (journal, live) = Journal::open(journal_path, SystemTime::now())?;
+    leases.apply(&live);
     let orphans = handler.restore(&live);
     if orphans > 0 {
         tracing::warn!(
@@ -194,6 +207,7 @@ pub async fn run(
         match server.on_datagram(packet, peer, port, SystemTime::now()) {
             Action::Nothing => {}
             Action::Journal(job) => {
+                leases.apply(&job.records);
                 if !journal.submit(job) {
                     bump(&stats.journal_busy);
                     tracing::warn!(%peer, "lease journal behind: reply dropped");

@@ -17,6 +17,11 @@ use crate::config::SubnetConfig;
 /// How long an offered address stays reserved for the client it was offered to.
 pub const OFFER_HOLD: Duration = Duration::from_secs(60);
 
+/// At most one address in this many (dynamic and reserved, at least one address) is on
+/// probation at once: a storm of DECLINEs (a device answering ARP for every address, or
+/// hosts acting together) leaves three quarters of the pool usable.
+pub const PROBATION_SHARE: usize = 4;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseState {
     Offered,
@@ -49,6 +54,19 @@ pub enum PoolError {
     },
 }
 
+/// Why a DHCPDECLINE was not honoured.
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+pub enum DeclineRefused {
+    #[error("not an address of this pool")]
+    NotOurs,
+    #[error("reserved for another client")]
+    ReservedForAnother,
+    #[error("the client neither holds it nor was offered it")]
+    NotHolder,
+    #[error("{cap} addresses are on probation already, the most allowed")]
+    Capped { cap: usize },
+}
+
 #[derive(Debug, Default)]
 pub struct Pool {
     /// Dynamic ranges, inclusive, sorted and disjoint.
@@ -60,6 +78,8 @@ pub struct Pool {
     by_ip: HashMap<Ipv4Addr, MacAddr>,
     /// Declined addresses and when they may be used again.
     probation: HashMap<Ipv4Addr, SystemTime>,
+    /// Addresses this pool hands out (dynamic and reserved), for the probation cap.
+    size: usize,
     /// Where the next search for a free address starts (index into `ranges`, address), so
     /// allocation stays O(1) on average while the pool fills.
     cursor: (usize, u32),
@@ -83,14 +103,63 @@ impl Pool {
                 .collect()
         };
         let ranges = pairs(ranges);
-        Self {
+        let mut pool = Self {
             cursor: (0, ranges.first().map_or(0, |r| r.0)),
             ranges,
             exclude: pairs(exclude),
             reserved_ip: reservations.iter().map(|(m, i)| (*i, *m)).collect(),
             reserved_mac: reservations.iter().copied().collect(),
             ..Self::default()
+        };
+        pool.size = pool.count_addresses();
+        pool
+    }
+
+    /// The dynamic addresses (ranges less exclusions and reservations) and the reserved
+    /// ones, counted by interval arithmetic: a range may be a /8.
+    fn count_addresses(&self) -> usize {
+        let mut dynamic: u64 = 0;
+        for &(a, b) in &self.ranges {
+            // Exclusions clipped to the range and merged, so overlaps count once.
+            let mut cut: Vec<(u32, u32)> = self
+                .exclude
+                .iter()
+                .filter(|(x, y)| *x <= b && *y >= a)
+                .map(|(x, y)| ((*x).max(a), (*y).min(b)))
+                .collect();
+            cut.sort_unstable();
+            let mut excluded: u64 = 0;
+            let mut upto: Option<u32> = None;
+            for (x, y) in cut {
+                let from = match upto {
+                    Some(u) if u >= y => continue,
+                    Some(u) if u >= x => u + 1,
+                    _ => x,
+                };
+                excluded += u64::from(y - from) + 1;
+                upto = Some(y);
+            }
+            dynamic += (u64::from(b - a) + 1).saturating_sub(excluded);
         }
+        // Reservations inside a range are not dynamic but are still addresses here.
+        let in_ranges = self
+            .reserved_ip
+            .keys()
+            .filter(|ip| self.dynamic_ignoring_reservations(**ip))
+            .count() as u64;
+        let total = dynamic.saturating_sub(in_ranges) + self.reserved_ip.len() as u64;
+        usize::try_from(total).unwrap_or(usize::MAX)
+    }
+
+    fn dynamic_ignoring_reservations(&self, ip: Ipv4Addr) -> bool {
+        let n = u32::from(ip);
+        self.ranges.iter().any(|(a, b)| (*a..=*b).contains(&n))
+            && !self.exclude.iter().any(|(a, b)| (*a..=*b).contains(&n))
+    }
+
+    /// Addresses this pool hands out, dynamic and reserved.
+    pub fn size(&self) -> usize {
+        self.size
     }
 
     pub fn for_subnet(s: &SubnetConfig) -> Self {
@@ -235,22 +304,64 @@ impl Pool {
         }
     }
 
-    /// DHCPDECLINE: `ip` is in use by someone we do not know. Drops `mac`'s claim on it and
-    /// keeps the address out of use until `until`. Returns false for addresses not ours.
-    pub fn decline(&mut self, mac: &MacAddr, ip: Ipv4Addr, until: SystemTime) -> bool {
+    /// DHCPDECLINE from `mac`: `ip` is in use by someone we do not know. Honoured only
+    /// from the address's current holder or offeree (RFC 2131 4.3.3: the client that was
+    /// given it found it in use), never for an address reserved for another MAC, and only
+    /// while fewer than [`Pool::probation_cap`] addresses are on probation: otherwise any
+    /// host could empty the pool with a DECLINE per address. An honoured decline drops
+    /// `mac`'s claim and keeps the address out of use until `until`. When the cap is
+    /// reached the decline is refused, but `mac`'s claim is still dropped (it said it
+    /// cannot use the address; its next DISCOVER gets another).
+    pub fn decline(
+        &mut self,
+        mac: &MacAddr,
+        ip: Ipv4Addr,
+        now: SystemTime,
+        until: SystemTime,
+    ) -> Result<(), DeclineRefused> {
         if !self.contains(ip) {
-            return false;
+            return Err(DeclineRefused::NotOurs);
         }
-        if self.by_mac.get(mac).is_some_and(|l| l.ip == ip) {
-            self.by_mac.remove(mac);
-            self.by_ip.remove(&ip);
+        if let Some(owner) = self.reserved_ip.get(&ip)
+            && owner != mac
+        {
+            return Err(DeclineRefused::ReservedForAnother);
         }
+        let holds = self
+            .by_mac
+            .get(mac)
+            .is_some_and(|l| l.ip == ip && l.expires > now);
+        if !holds {
+            return Err(DeclineRefused::NotHolder);
+        }
+        self.release(mac, ip);
+        if !self.probation.contains_key(&ip) {
+            // Ended probations do not count against the cap.
+            self.probation.retain(|_, end| *end > now);
+            let cap = self.probation_cap();
+            if self.probation.len() >= cap {
+                return Err(DeclineRefused::Capped { cap });
+            }
+        }
+        // After the release record (when the lease was bound): whoever follows the records
+        // (the journal, `Leases`) sees the lease end, then the probation.
         self.probation.insert(ip, until);
         self.records.push(Record::Probation {
             ip,
             until: unix_secs(until),
         });
-        true
+        Ok(())
+    }
+
+    /// How many addresses may be on probation at once: a [`PROBATION_SHARE`] of the
+    /// addresses this pool hands out, at least one.
+    pub fn probation_cap(&self) -> usize {
+        (self.size / PROBATION_SHARE).max(1)
+    }
+
+    /// Addresses on probation now.
+    pub fn on_probation_count(&self, now: SystemTime) -> usize {
+        self.probation.values().filter(|end| **end > now).count()
     }
 
     /// Restores state read back from the journal; queues no records. Returns false when the
@@ -485,7 +596,7 @@ mod tests {
         let l = p.offer(mac(1), None, T0).unwrap();
         p.bind(mac(1), l.ip, HOUR, T0).unwrap();
         let until = T0 + Duration::from_secs(600);
-        assert!(p.decline(&mac(1), l.ip, until));
+        assert_eq!(p.decline(&mac(1), l.ip, T0, until), Ok(()));
         assert!(p.lease_of(&mac(1)).is_none());
         // Never offered meanwhile, not even to the client that declined it.
         for t in [T0, T0 + Duration::from_secs(599)] {
@@ -500,13 +611,132 @@ mod tests {
             Err(PoolError::Probation { ip: l.ip })
         );
         assert_eq!(p.offer(mac(3), Some(l.ip), until).unwrap().ip, l.ip);
-        assert!(!p.decline(&mac(1), ip(99), until), "not ours");
+        assert_eq!(
+            p.decline(&mac(1), ip(99), T0, until),
+            Err(DeclineRefused::NotOurs)
+        );
         let mut recs = Vec::new();
         p.take_records(&mut recs);
-        assert!(recs.contains(&Record::Probation {
-            ip: l.ip,
-            until: 600
-        }));
+        // The lease ends, then the probation starts.
+        assert!(recs.ends_with(&[
+            Record::Released {
+                mac: mac(1),
+                ip: l.ip
+            },
+            Record::Probation {
+                ip: l.ip,
+                until: 600
+            }
+        ]));
+    }
+
+    #[test]
+    fn only_the_holder_or_offeree_may_decline() {
+        let mut p = Pool::new(ip(10), ip(19));
+        let until = T0 + Duration::from_secs(600);
+        let bound = p.offer(mac(1), None, T0).unwrap().ip;
+        p.bind(mac(1), bound, HOUR, T0).unwrap();
+        let offered = p.offer(mac(2), None, T0).unwrap().ip;
+        // Someone else's address, bound or offered, and a free one: refused, nothing changes.
+        for a in [bound, offered, ip(15)] {
+            assert_eq!(
+                p.decline(&mac(3), a, T0, until),
+                Err(DeclineRefused::NotHolder)
+            );
+            assert!(!p.on_probation(a, T0));
+        }
+        assert_eq!(p.lease_of(&mac(1)).map(|l| l.ip), Some(bound));
+        assert_eq!(p.lease_of(&mac(2)).map(|l| l.ip), Some(offered));
+        let mut recs = Vec::new();
+        p.take_records(&mut recs);
+        recs.clear();
+        // An offer that has lapsed is no longer the client's to decline.
+        assert_eq!(
+            p.decline(&mac(2), offered, T0 + OFFER_HOLD, until),
+            Err(DeclineRefused::NotHolder)
+        );
+        // The offeree, within the hold: honoured; nothing was bound, so no release record.
+        assert_eq!(p.decline(&mac(2), offered, T0, until), Ok(()));
+        assert!(p.on_probation(offered, T0));
+        p.take_records(&mut recs);
+        assert_eq!(
+            recs,
+            vec![Record::Probation {
+                ip: offered,
+                until: 600
+            }]
+        );
+    }
+
+    #[test]
+    fn a_reserved_address_is_declined_only_by_its_owner() {
+        let mut p = Pool::with(&[(ip(10), ip(19))], &[], &[(mac(9), ip(50))]);
+        let until = T0 + Duration::from_secs(600);
+        assert_eq!(
+            p.decline(&mac(1), ip(50), T0, until),
+            Err(DeclineRefused::ReservedForAnother)
+        );
+        // Nor once its owner has been offered it.
+        assert_eq!(p.offer(mac(9), None, T0).unwrap().ip, ip(50));
+        assert_eq!(
+            p.decline(&mac(1), ip(50), T0, until),
+            Err(DeclineRefused::ReservedForAnother)
+        );
+        assert_eq!(p.lease_of(&mac(9)).map(|l| l.ip), Some(ip(50)));
+        assert_eq!(p.decline(&mac(9), ip(50), T0, until), Ok(()));
+        assert!(p.on_probation(ip(50), T0));
+    }
+
+    #[test]
+    fn probation_is_capped_at_a_share_of_the_pool() {
+        // 16 addresses: at most 4 on probation.
+        let mut p = Pool::new(ip(10), ip(25));
+        assert_eq!(p.size(), 16);
+        assert_eq!(p.probation_cap(), 16 / PROBATION_SHARE);
+        let until = T0 + Duration::from_secs(600);
+        let mut outcomes = Vec::new();
+        for n in 1..=6 {
+            let l = p.offer(mac(n), None, T0).unwrap();
+            p.bind(mac(n), l.ip, HOUR, T0).unwrap();
+            outcomes.push(p.decline(&mac(n), l.ip, T0, until));
+        }
+        assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 4);
+        assert_eq!(outcomes[4], Err(DeclineRefused::Capped { cap: 4 }));
+        assert_eq!(p.on_probation_count(T0), 4);
+        // A refused decline still ends the client's claim: it gets another address.
+        assert!(p.lease_of(&mac(5)).is_none());
+        // Once probations end, there is room again.
+        let later = until + Duration::from_secs(1);
+        let l = p.offer(mac(7), None, later).unwrap();
+        p.bind(mac(7), l.ip, HOUR, later).unwrap();
+        assert_eq!(
+            p.decline(&mac(7), l.ip, later, later + Duration::from_secs(600)),
+            Ok(())
+        );
+        assert_eq!(p.on_probation_count(later), 1);
+        // A tiny pool may still put its one address on probation.
+        let mut one = Pool::new(ip(10), ip(10));
+        one.offer(mac(1), None, T0).unwrap();
+        assert_eq!(one.decline(&mac(1), ip(10), T0, until), Ok(()));
+    }
+
+    #[test]
+    fn the_size_counts_ranges_less_exclusions_plus_reservations() {
+        let p = Pool::with(
+            &[(ip(10), ip(19)), (ip(30), ip(39))],
+            // Overlapping exclusions count once; one reaches outside the ranges.
+            &[(ip(12), ip(14)), (ip(13), ip(15)), (ip(38), ip(45))],
+            // One reservation inside a range, one outside.
+            &[(mac(1), ip(11)), (mac(2), ip(200))],
+        );
+        // 20 in ranges, less .12-.15 and .38-.39, less nothing for .11 (still an address),
+        // plus .200.
+        assert_eq!(p.size(), 20 - 4 - 2 + 1);
+        let big = Pool::new(
+            Ipv4Addr::new(10, 96, 1, 0),
+            Ipv4Addr::new(10, 103, 255, 254),
+        );
+        assert_eq!(big.size(), (8 << 16) - 256 - 1);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::{Admin, Agent};
+use super::extract::{Admin, Agent, Operator, Reader, Unauthenticated};
 use super::openapi::{
     ActionAnswers, AgentMachineId, BadRequest, Forbidden, IllegalTransition, MachineId, NotFound,
     Unauthorized,
@@ -36,9 +36,9 @@ use crate::store::{
     StoreError, TokenRecord, now_ms,
 };
 use stork_proto::api::{
-    AllocateBody, Constraints, CreatedToken, ErrorBody, EventQuery, HealthReport, MachineFilter,
-    MarkBrokenBody, NewMachine, NewSshKey, NewToken, NoFields, PowerAnswer, PowerOp, ReleaseBody,
-    StatsResponse,
+    AllocateBody, AuditQuery, AuditRecord, Constraints, CreatedToken, ErrorBody, EventQuery,
+    HealthReport, MachineFilter, MarkBrokenBody, NewMachine, NewSshKey, NewToken, NoFields,
+    PowerAnswer, PowerOp, ReleaseBody, StatsResponse,
 };
 
 pub fn routes() -> Router<AppState> {
@@ -69,6 +69,8 @@ pub(super) fn documented_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(delete_ssh_key))
         .routes(routes!(list_boot_resources, register_boot_resource))
         .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
+        .routes(routes!(audit_log))
         .routes(routes!(stats))
         .routes(routes!(health))
         .routes(routes!(openapi))
@@ -183,7 +185,7 @@ type ApiResult<T> = Result<T, ApiError>;
 )]
 async fn list_machines(
     State(s): State<AppState>,
-    _: Admin,
+    _: Reader,
     q: Result<Query<MachineFilter>, QueryRejection>,
 ) -> ApiResult<Json<Vec<Machine>>> {
     let Query(f) = q?;
@@ -223,7 +225,7 @@ const POWER_DRIVERS: &[&str] = &["manual", "ipmi", "redfish", "qmp"];
 )]
 async fn create_machine(
     State(s): State<AppState>,
-    admin: Admin,
+    caller: Operator,
     body: Result<Json<NewMachine>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Machine>)> {
     let Json(req) = body?;
@@ -249,7 +251,7 @@ async fn create_machine(
     m.arch = req.arch.unwrap_or_else(|| "amd64".into());
     m.power = power;
     m.tags = req.tags;
-    let saved = s.controller.create_machine(m, &admin.actor).await?;
+    let saved = s.controller.create_machine(m, &caller.actor).await?;
     Ok((StatusCode::CREATED, Json(saved.redacted())))
 }
 
@@ -269,7 +271,7 @@ async fn create_machine(
 )]
 async fn show_machine(
     State(s): State<AppState>,
-    _: Admin,
+    _: Reader,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Machine>> {
     Ok(Json(s.controller.machine(&id).await?.redacted()))
@@ -291,7 +293,7 @@ async fn show_machine(
 )]
 async fn delete_machine(
     State(s): State<AppState>,
-    _: Admin,
+    _: Operator,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     s.controller.delete_machine(&id).await?;
@@ -324,7 +326,7 @@ impl axum::extract::FromRequest<AppState> for ActionCall {
     async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, ApiError> {
         use axum::extract::FromRequestParts;
         let (mut parts, body) = req.into_parts();
-        let admin = Admin::from_request_parts(&mut parts, state).await?;
+        let caller = Operator::from_request_parts(&mut parts, state).await?;
         let Path(id) = Path::<String>::from_request_parts(&mut parts, state)
             .await
             .map_err(|e| ApiError::bad_request(e.body_text()))?;
@@ -339,7 +341,7 @@ impl axum::extract::FromRequest<AppState> for ActionCall {
             })?;
         Ok(Self {
             state: state.clone(),
-            actor: admin.actor,
+            actor: caller.actor,
             id,
             body,
         })
@@ -497,7 +499,7 @@ async fn mark_fixed(a: ActionCall) -> ApiResult<Json<Machine>> {
 
 /// Any other `POST /machines/{id}/{name}`: a JSON 404 naming it, after the token check.
 async fn no_such_action(
-    _: Admin,
+    _: Operator,
     Path((_, action)): Path<(String, String)>,
 ) -> ApiResult<Json<Machine>> {
     Err(ApiError::new(
@@ -558,7 +560,7 @@ fn check_layout(req: &DeployRequest, resource: &BootResource) -> ApiResult<()> {
 )]
 async fn power_op(
     State(s): State<AppState>,
-    admin: Admin,
+    caller: Operator,
     Path((id, op)): Path<(String, String)>,
 ) -> ApiResult<Json<PowerAnswer>> {
     use crate::power::{PowerDriver, PowerState};
@@ -581,7 +583,7 @@ async fn power_op(
         Ok(state) => format!("power {op}: {state}"),
         Err(e) => format!("power {op} failed: {e}"),
     };
-    s.controller.note(&m.id, &admin.actor, message).await?;
+    s.controller.note(&m.id, &caller.actor, message).await?;
     match result {
         Ok(state) => Ok(Json(PowerAnswer {
             machine_id: m.id,
@@ -614,12 +616,12 @@ async fn power_op(
 )]
 async fn allocate_any(
     State(s): State<AppState>,
-    admin: Admin,
+    caller: Operator,
     body: Result<Json<Constraints>, JsonRejection>,
 ) -> ApiResult<Json<Machine>> {
     let Json(c) = body?;
     let candidates = s.controller.machines().await?;
-    let owner = c.owner.clone().unwrap_or_else(|| admin.actor.clone());
+    let owner = c.owner.clone().unwrap_or_else(|| caller.actor.clone());
     for m in candidates
         .iter()
         .filter(|m| m.status == Status::Ready && c.fit(m))
@@ -627,7 +629,7 @@ async fn allocate_any(
         let owner = owner.clone();
         match s
             .controller
-            .apply(&m.id, Command::Allocate { owner }, &admin.actor)
+            .apply(&m.id, Command::Allocate { owner }, &caller.actor)
             .await
         {
             Ok(m) => return Ok(Json(m.redacted())),
@@ -668,7 +670,7 @@ async fn allocate_any(
 )]
 async fn machine_events(
     State(s): State<AppState>,
-    _: Admin,
+    _: Reader,
     Path(id): Path<String>,
     q: Result<Query<EventQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<EventRecord>>> {
@@ -697,7 +699,7 @@ async fn machine_events(
 )]
 async fn list_events(
     State(s): State<AppState>,
-    _: Admin,
+    _: Reader,
     q: Result<Query<EventQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<EventRecord>>> {
     let Query(q) = q?;
@@ -729,7 +731,7 @@ async fn list_events(
 )]
 async fn stream_events(
     State(s): State<AppState>,
-    _: Admin,
+    _: Reader,
     q: Result<Query<EventQuery>, QueryRejection>,
 ) -> ApiResult<Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>>> {
     let Query(q) = q?;
@@ -790,7 +792,7 @@ where
         (status = 403, response = Forbidden)
     )
 )]
-async fn list_ssh_keys(State(s): State<AppState>, _: Admin) -> ApiResult<Json<Vec<SshKey>>> {
+async fn list_ssh_keys(State(s): State<AppState>, _: Reader) -> ApiResult<Json<Vec<SshKey>>> {
     Ok(Json(s.controller.ssh_keys().await?))
 }
 
@@ -810,7 +812,7 @@ async fn list_ssh_keys(State(s): State<AppState>, _: Admin) -> ApiResult<Json<Ve
 )]
 async fn add_ssh_key(
     State(s): State<AppState>,
-    _: Admin,
+    _: Operator,
     body: Result<Json<NewSshKey>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<SshKey>)> {
     let Json(k) = body?;
@@ -840,7 +842,7 @@ async fn add_ssh_key(
 )]
 async fn delete_ssh_key(
     State(s): State<AppState>,
-    _: Admin,
+    _: Operator,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     if s.controller.delete_ssh_key(&id).await? {
@@ -868,7 +870,7 @@ async fn delete_ssh_key(
 )]
 async fn list_boot_resources(
     State(s): State<AppState>,
-    _: Admin,
+    _: Reader,
 ) -> ApiResult<Json<Vec<BootResource>>> {
     Ok(Json(s.controller.boot_resources().await?))
 }
@@ -890,7 +892,7 @@ async fn list_boot_resources(
 )]
 async fn register_boot_resource(
     State(s): State<AppState>,
-    _: Admin,
+    _: Operator,
     body: Result<Json<BootResource>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<BootResource>)> {
     let Json(r) = body?;
@@ -924,7 +926,7 @@ async fn register_boot_resource(
     path = "/tokens",
     operation_id = "list_tokens",
     tag = "tokens",
-    summary = "List admin tokens (ids only)",
+    summary = "List API tokens: ids, scopes, expiry and revocation, never the tokens",
     responses(
         (status = 200, description = "OK", body = [TokenRecord]),
         (status = 401, response = Unauthorized),
@@ -940,7 +942,8 @@ async fn list_tokens(State(s): State<AppState>, _: Admin) -> ApiResult<Json<Vec<
     path = "/tokens",
     operation_id = "create_token",
     tag = "tokens",
-    summary = "Create an admin token",
+    summary = "Create an API token",
+    description = "Scoped (`admin` by default, `operator` or `read-only`), optionally expiring. Needs an admin token.",
     request_body(content = NewToken),
     responses(
         (status = 201, description = "Created; the token is shown once.", body = CreatedToken),
@@ -955,8 +958,109 @@ async fn create_token(
     body: Result<Json<NewToken>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
     let Json(t) = body?;
-    let (record, token) = s.controller.create_token(t.description).await?;
+    if t.expires_in_secs == Some(0) {
+        return Err(ApiError::bad_request(
+            "expires_in_secs: a token must live at least a second",
+        ));
+    }
+    let (record, token) = s.controller.create_token(t).await?;
     Ok((StatusCode::CREATED, Json(CreatedToken { record, token })))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/tokens/{id}",
+    operation_id = "revoke_token",
+    tag = "tokens",
+    summary = "Revoke a token: it is refused from now on",
+    params(("id" = String, Path, description = "The token's id (`stork token list`).")),
+    responses(
+        (status = 200, description = "The token's record, revoked.", body = TokenRecord),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound)
+    )
+)]
+async fn revoke_token(
+    State(s): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Json<TokenRecord>> {
+    Ok(Json(s.controller.revoke_token(id).await?))
+}
+
+#[utoipa::path(
+    get,
+    path = "/audit",
+    operation_id = "audit_log",
+    tag = "tokens",
+    summary = "The audit log: every change asked through the API, by whom, and the answer",
+    description = "Every POST and DELETE under `/api/v1` but the agent's, refused ones too, oldest first.",
+    params(
+        ("after" = Option<i64>, Query, description = "Only entries with a larger id (default 0)."),
+        ("limit" = Option<i64>, Query, description = "At most this many (default 1000).")
+    ),
+    responses(
+        (status = 200, description = "OK", body = [AuditRecord]),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
+async fn audit_log(
+    State(s): State<AppState>,
+    _: Admin,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<AuditRecord>>> {
+    let Query(q) = q?;
+    let limit = q.limit.unwrap_or(1000).min(10_000);
+    Ok(Json(s.controller.audit_log(q.after, limit).await?))
+}
+
+/// Records every change asked through the admin API (not the agent's routes, which leave
+/// their own events) with who asked and how it was answered, refusals included.
+pub async fn audit(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let recorded = method != axum::http::Method::GET
+        && path.starts_with("/api/v1/")
+        && !path.starts_with("/api/v1/agent/");
+    if !recorded {
+        return next.run(req).await;
+    }
+    let actor = match req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        None => "anonymous".to_string(),
+        Some(token) => match s
+            .controller
+            .admin_token(crate::auth::hash(token.trim()))
+            .await
+        {
+            Ok(Some(rec)) => format!("api:{}", rec.id),
+            _ => "unknown token".to_string(),
+        },
+    };
+    let resp = next.run(req).await;
+    let entry = AuditRecord {
+        id: 0,
+        at: now_ms(),
+        actor,
+        method: method.to_string(),
+        path,
+        status: resp.status().as_u16(),
+    };
+    if let Err(e) = s.controller.audit(entry).await {
+        tracing::error!(error = %e, "cannot write the audit log");
+    }
+    resp
 }
 
 #[utoipa::path(
@@ -971,10 +1075,11 @@ async fn create_token(
         (status = 403, response = Forbidden)
     )
 )]
-async fn stats(State(s): State<AppState>, _: Admin) -> Json<impl Serialize> {
+async fn stats(State(s): State<AppState>, _: Reader) -> Json<impl Serialize> {
     Json(StatsResponse {
         dhcp: super::openapi::counter_map(s.dhcp_stats.snapshot()),
         tftp: super::openapi::counter_map(s.tftp_stats.snapshot()),
+        http: super::openapi::counter_map(s.http_stats.snapshot()),
     })
 }
 
@@ -991,7 +1096,7 @@ async fn stats(State(s): State<AppState>, _: Admin) -> Json<impl Serialize> {
         (status = 403, response = Forbidden)
     )
 )]
-async fn health(State(s): State<AppState>, _: Admin) -> Json<HealthReport> {
+async fn health(State(s): State<AppState>, _: Reader) -> Json<HealthReport> {
     Json(s.health.report())
 }
 
@@ -1026,12 +1131,15 @@ async fn openapi() -> impl IntoResponse {
     responses(
         (status = 200, description = "OK", body = EnlistResponse),
         (status = 400, response = BadRequest),
-        (status = 409, description = "The MAC belongs to a machine that is not New (`conflict`); recorded as an event.", body = ErrorBody)
+        (status = 409, description = "The MAC belongs to a machine that is not New (`conflict`); recorded as an event.", body = ErrorBody),
+        (status = 413, description = "A body over 256 KiB (`too_large`).", body = ErrorBody),
+        (status = 429, description = "Too many unauthenticated agent requests from this address (`rate_limited`).", body = ErrorBody)
     ),
     security(())
 )]
 async fn enlist(
     State(s): State<AppState>,
+    _: Unauthenticated,
     body: Result<Json<EnlistRequest>, JsonRejection>,
 ) -> ApiResult<Json<EnlistResponse>> {
     let Json(req) = body?;
@@ -1055,17 +1163,21 @@ async fn enlist(
     responses(
         (status = 204, description = "Recorded as an event of the known machine."),
         (status = 202, description = "Unknown machine: logged only."),
-        (status = 400, response = BadRequest)
+        (status = 400, response = BadRequest),
+        (status = 413, description = "A body over 256 KiB (`too_large`).", body = ErrorBody),
+        (status = 429, description = "Too many unauthenticated agent requests from this address (`rate_limited`).", body = ErrorBody)
     ),
     security(())
 )]
 async fn report(
     State(s): State<AppState>,
+    _: Unauthenticated,
     body: Result<Json<AgentReport>, JsonRejection>,
 ) -> ApiResult<StatusCode> {
     let Json(r) = body?;
     let outcome = if r.ok { "ok" } else { "FAILED" };
-    tracing::info!(mac = %r.boot_mac, step = %r.step, ok = r.ok, message = %r.message, "agent report");
+    // Debug formatting: the message is the sender's text, its control characters escaped.
+    tracing::info!(mac = %r.boot_mac, step = ?r.step.as_str(), ok = r.ok, message = ?r.message, "agent report");
     let message = format!("{}: {outcome}: {}", r.step, r.message);
     let known = s.controller.agent_report(r.boot_mac, message).await?;
     // Unknown machines are not recorded (nothing to attach to); the log line keeps it.

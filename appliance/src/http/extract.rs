@@ -1,6 +1,9 @@
 //! Who is calling: the bearer token of a request, checked against the controller's records.
 //! An admin token opens the API; an agent token opens its own machine's agent endpoints.
 
+use std::net::SocketAddr;
+
+use axum::extract::ConnectInfo;
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
@@ -8,7 +11,9 @@ use axum::http::request::Parts;
 use super::AppState;
 use super::api::ApiError;
 use crate::auth::{AGENT_PREFIX, hash};
-use crate::store::Machine;
+use stork_proto::api::TokenScope;
+
+use crate::store::{Machine, now_ms};
 
 fn bearer(parts: &Parts) -> Result<&str, ApiError> {
     let value = parts
@@ -36,40 +41,68 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
         })
 }
 
-/// An API caller holding an admin token.
-pub struct Admin {
-    /// `api:<token id>`: the actor recorded in events.
-    pub actor: String,
+/// The API caller a request's bearer token names, if its token is live and its scope
+/// allows `need`.
+async fn api_caller(parts: &Parts, state: &AppState, need: TokenScope) -> Result<String, ApiError> {
+    let token = bearer(parts)?;
+    let is_agent = token.starts_with(AGENT_PREFIX);
+    let rec = state.controller.admin_token(hash(token)).await?;
+    let unauthorized = |message: &str| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            message.to_string(),
+        )
+    };
+    match rec {
+        Some(rec) if rec.revoked_at.is_some() => Err(unauthorized("this token was revoked")),
+        Some(rec) if !rec.live_at(now_ms()) => Err(unauthorized("this token has expired")),
+        Some(rec) if !rec.scope.allows(need) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("a {} token cannot do this: it needs {need}", rec.scope),
+        )),
+        Some(rec) => Ok(format!("api:{}", rec.id)),
+        None if is_agent => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "an agent token cannot use this endpoint",
+        )),
+        None => Err(unauthorized("invalid token")),
+    }
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Admin
-where
-    AppState: FromRef<S>,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let state = AppState::from_ref(state);
-        let token = bearer(parts)?;
-        let is_agent = token.starts_with(AGENT_PREFIX);
-        let h = hash(token);
-        let rec = state.controller.admin_token(h).await?;
-        match rec {
-            Some(rec) => Ok(Admin {
-                actor: format!("api:{}", rec.id),
-            }),
-            None if is_agent => Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "an agent token cannot use this endpoint",
-            )),
-            None => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "invalid token",
-            )),
+/// One extractor per scope: a handler names the least scope it needs.
+macro_rules! scoped_callers {
+    ($($(#[$doc:meta])* $name:ident => $scope:expr,)*) => {$(
+        $(#[$doc])*
+        pub struct $name {
+            /// `api:<token id>`: the actor recorded in events.
+            pub actor: String,
         }
-    }
+
+        impl<S: Send + Sync> FromRequestParts<S> for $name
+        where
+            AppState: FromRef<S>,
+        {
+            type Rejection = ApiError;
+
+            async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+                let state = AppState::from_ref(state);
+                let actor = api_caller(parts, &state, $scope).await?;
+                Ok(Self { actor })
+            }
+        }
+    )*};
+}
+
+scoped_callers! {
+    /// A caller that may read (any live API token).
+    Reader => TokenScope::ReadOnly,
+    /// A caller that may change machines, images and keys.
+    Operator => TokenScope::Operator,
+    /// A caller that may manage tokens and read the audit log.
+    Admin => TokenScope::Admin,
 }
 
 /// An agent holding the current token of the machine it booted on.
@@ -89,7 +122,26 @@ where
         let h = hash(token);
         let (machine, admin) = state.controller.token_holder(h).await?;
         match (machine, admin) {
-            (Some(machine), _) => Ok(Agent { machine }),
+            (Some(machine), _) => {
+                // The token works only from the address it was given to.
+                let from = parts
+                    .extensions
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|c| c.0.ip());
+                if !from.is_some_and(|ip| crate::lifecycle::boot::bound_here(&machine.agent, ip)) {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        "this agent token belongs to another address",
+                    ));
+                }
+                if !machine.agent.used
+                    && let Some(h) = machine.agent.token_hash.clone()
+                {
+                    state.controller.agent_token_used(h).await?;
+                }
+                Ok(Agent { machine })
+            }
             (None, Some(_)) => Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
@@ -114,6 +166,62 @@ impl Agent {
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "this agent token belongs to another machine",
+            ))
+        }
+    }
+}
+
+/// The largest body an unauthenticated agent request may have: an enlistment's inventory
+/// of a large machine is tens of KiB.
+pub const MAX_UNAUTHENTICATED_BODY: u64 = 256 << 10;
+
+/// An unauthenticated agent request (enlist, report): rate-limited per source address and
+/// small, so that a host on the network cannot fill the disk or the log through them.
+pub struct Unauthenticated;
+
+impl<S: Send + Sync> FromRequestParts<S> for Unauthenticated
+where
+    AppState: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let state = AppState::from_ref(state);
+        let length = parts
+            .headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if length.is_some_and(|n| n > MAX_UNAUTHENTICATED_BODY) {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("body: more than {MAX_UNAUTHENTICATED_BODY} bytes"),
+            ));
+        }
+        let Some(ip) = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| crate::lifecycle::boot::canonical(c.0.ip()))
+        else {
+            return Ok(Self);
+        };
+        let allowed = state
+            .agent_limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .allow(ip, std::time::SystemTime::now());
+        if allowed {
+            Ok(Self)
+        } else {
+            state
+                .http_stats
+                .agent_rate_limited
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many unauthenticated agent requests from this address; retry later",
             ))
         }
     }

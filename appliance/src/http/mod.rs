@@ -2,13 +2,16 @@
 //! under `/ipxe/`, and the API under `/api/v1`. Boot files and the API never share a path.
 
 pub mod api;
+pub mod config;
 pub mod extract;
+pub mod listener;
 pub mod openapi;
 pub mod script;
 
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use stork_proto::{DeployTask, ImageFile, Task};
@@ -29,12 +32,36 @@ pub struct AppState {
     pub tftp_stats: Arc<crate::tftp::Stats>,
     /// Which services run, and which failed and were restarted.
     pub health: Arc<crate::supervise::Health>,
+    /// The addresses the DHCP server leased, by MAC: who may take a booting machine's token.
+    pub leases: Arc<crate::dhcp::Leases>,
+    pub http_stats: Arc<listener::HttpStats>,
+    /// Unauthenticated agent requests (enlist, report) by source address.
+    pub agent_limiter: Arc<std::sync::Mutex<crate::ratelimit::RateLimiter<std::net::IpAddr>>>,
+}
+
+impl AppState {
+    /// The lease a boot script's requester must hold for `mac`: `Some` where this appliance
+    /// leases the addresses (`Some(None)`: it leased this MAC none), `None` where another
+    /// DHCP server may have (proxy mode, DHCP off).
+    pub fn lease_of(&self, mac: stork_proto::MacAddr) -> Option<Option<std::net::Ipv4Addr>> {
+        match self.leases.of(mac) {
+            Some(ip) => Some(Some(ip)),
+            None if self.cfg.dhcp.serves() && !self.cfg.dhcp.proxies() => Some(None),
+            None => None,
+        }
+    }
 }
 
 pub fn router(state: AppState) -> Router {
-    // ServeDir refuses `..` and absolute components, so nothing outside the boot root is
-    // served; it answers Range requests with 206.
-    let boot = ServeDir::new(state.cfg.boot_dir()).append_index_html_on_directories(false);
+    // ServeDir refuses `..` and absolute components and answers Range requests with 206;
+    // it follows symbolic links, so `confine` refuses a path that resolves outside the root.
+    let root = state.cfg.boot_dir();
+    let boot = tower::ServiceBuilder::new()
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(root.clone()),
+            confine,
+        ))
+        .service(ServeDir::new(&root).append_index_html_on_directories(false));
     let ephemeral = script::Ephemeral::start(&state.cfg.boot_dir(), &state.cfg.boot.ephemeral);
     Router::new()
         .route(
@@ -43,8 +70,37 @@ pub fn router(state: AppState) -> Router {
         )
         .nest("/api/v1", api::routes())
         .nest_service("/boot", boot)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::audit,
+        ))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            state.cfg.http_limits.body_timeout,
+        ))
         .with_state(state)
         .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+/// Refuses (404) a `/boot/` path that resolves, through symbolic links, outside the boot
+/// root, as TFTP does; what does not exist is left to ServeDir's own 404.
+async fn confine(
+    State(root): State<Arc<std::path::PathBuf>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let decoded = percent_encoding::percent_decode_str(req.uri().path()).decode_utf8_lossy();
+    let relative = decoded.trim_start_matches('/');
+    if !relative.is_empty()
+        && let (Ok(root), Ok(target)) = (
+            std::fs::canonicalize(root.as_path()),
+            std::fs::canonicalize(root.join(relative)),
+        )
+        && !target.starts_with(&root)
+    {
+        tracing::warn!(path = ?relative, "boot file outside the boot root refused");
+        return axum::response::IntoResponse::into_response(StatusCode::NOT_FOUND);
+    }
+    next.run(req).await
 }
 
 /// The deploy task for a Deploying machine: its request, the image's files as URLs on

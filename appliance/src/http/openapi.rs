@@ -20,8 +20,10 @@ use utoipa::{PartialSchema, ToResponse, ToSchema};
 use stork_proto::api::Counters;
 
 const DESCRIPTION: &str = "Machines, their lifecycle and events, SSH keys, boot resources \
-    and tokens. Every route needs an admin bearer token (`stork token create`) unless it says \
-    otherwise; agent routes need the machine's current per-boot agent token (from its iPXE \
+    and tokens. Every route needs an API bearer token (`stork token create`) unless it says \
+    otherwise: a `read-only` token may read, an `operator` token may also change machines, \
+    images and keys, an `admin` token may also manage tokens and read the audit log (a token \
+    of too small a scope gets 403; a revoked or expired one 401); agent routes need the machine's current per-boot agent token (from its iPXE \
     script at `/ipxe/<mac>`, outside this API). Errors are JSON `{code, message}`; an illegal \
     transition is 409 and is recorded in the machine's history. Request bodies are strict: \
     unknown fields are a 400 naming the field.";
@@ -83,7 +85,14 @@ fn build() -> OpenApi {
     }
     doc.tags = Some(TAGS.iter().map(|t| Tag::new(*t)).collect());
     let components = doc.components.get_or_insert_with(Default::default);
-    components.add_security_scheme("adminToken", bearer("An admin token (`stork_admin_...`)."));
+    components.add_security_scheme(
+        "adminToken",
+        bearer(
+            "An API token (`stork_admin_...`) of scope `read-only` (the GET routes), \
+             `operator` (also changes to machines, images and keys) or `admin` (also tokens \
+             and the audit log).",
+        ),
+    );
     components.add_security_scheme(
         "agentToken",
         bearer(
@@ -119,6 +128,11 @@ fn build() -> OpenApi {
         ("PowerConfig", "params", power_params()),
         ("Stats", "dhcp", dhcp_stats().into()),
         ("Stats", "tftp", tftp_stats().into()),
+        (
+            "Stats",
+            "http",
+            counters(super::listener::HttpStats::default().snapshot()).into(),
+        ),
     ] {
         if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(schema) {
             object.properties.insert(field.to_string(), detail.into());
@@ -284,8 +298,8 @@ macro_rules! error_responses {
 
 error_responses! {
     BadRequest: "Malformed JSON, an unknown or missing field, or a bad value; the message names the field.",
-    Unauthorized: "No bearer token, or an unknown or expired one.",
-    Forbidden: "A valid token of the wrong kind (an agent token on an admin route, an admin token on an agent route) or another machine's agent token.",
+    Unauthorized: "No bearer token, or an unknown, expired or revoked one.",
+    Forbidden: "A valid token of the wrong kind (an agent token on an admin route, an admin token on an agent route), an API token whose scope is too small, another machine's agent token, or an agent token used from another address than the one it was given to.",
     NotFound: "No such machine (or key).",
     IllegalTransition: "The lifecycle table does not allow this in the machine's status (`illegal_transition`); the refusal is recorded as an event.",
 }

@@ -1,13 +1,14 @@
 //! Per-machine iPXE boot scripts: the answer to "what should this machine boot now?".
 
 use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::Extension;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
@@ -22,15 +23,20 @@ pub use crate::lifecycle::boot::{BootChoice, choose};
 pub async fn ipxe_script(
     State(state): State<AppState>,
     Extension(ephemeral): Extension<Arc<Ephemeral>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(mac): Path<String>,
 ) -> Response {
     let mac = match mac.parse::<MacAddr>() {
         Ok(mac) => mac,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("#!ipxe\necho {e}\n")).into_response(),
     };
-    match script_for(&state, ephemeral.current(), mac).await {
+    match script_for(&state, ephemeral.current(), mac, peer.ip()).await {
+        // A script may carry this boot's agent token: no cache keeps it.
         Ok(script) => (
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            [
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
             script,
         )
             .into_response(),
@@ -49,8 +55,12 @@ async fn script_for(
     state: &AppState,
     ephemeral: Option<EphemeralRoot>,
     mac: MacAddr,
+    from: IpAddr,
 ) -> Result<String, StoreError> {
-    let (choice, agent) = state.controller.boot(mac).await?;
+    let (choice, agent) = state
+        .controller
+        .boot(mac, from, state.lease_of(mac))
+        .await?;
     let cfg = &state.cfg;
     Ok(match (choice, agent) {
         (BootChoice::Agent { .. }, Some(a)) => agent_script(

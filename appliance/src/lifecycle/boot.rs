@@ -1,5 +1,9 @@
 //! What a network-booting machine is sent: a lifecycle rule, so it lives beside the table.
 
+use std::net::{IpAddr, Ipv4Addr};
+
+use stork_proto::api::AgentIdentity;
+
 use super::Status;
 use crate::store::Machine;
 
@@ -66,3 +70,118 @@ pub const HEARTBEAT_STATUSES: [Status; 3] = [
     Status::Deploying,
     Status::DiskErasing,
 ];
+
+/// What a boot script's requester may be given, from the machine's agent credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenGrant {
+    /// A new token, bound to the requester.
+    Issue,
+    /// The script without a token: someone else has (or had) this boot's.
+    Refuse(Refusal),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the request comes from {from}, not from {leased}, the address leased to this MAC")]
+    NotTheLease { from: IpAddr, leased: Ipv4Addr },
+    #[error("this appliance leases addresses and has leased none to this MAC")]
+    NoLease,
+    #[error("this boot's token was given to {0}")]
+    GivenElsewhere(IpAddr),
+    #[error("this boot's agent has used its token already")]
+    Used,
+}
+
+/// Who may take a booting machine's agent token (Ironic's agent token is the model: given
+/// once per boot, never again). Where Stork leases the addresses (`lease` is `Some`), only
+/// the holder of the MAC's lease; elsewhere, whoever asks first after the machine was
+/// powered into the agent. The same address may ask again (iPXE retrying its script) until
+/// the agent has used the token; then no one gets another before the next boot step.
+pub fn grant(agent: &AgentIdentity, from: IpAddr, lease: Option<Option<Ipv4Addr>>) -> TokenGrant {
+    let from = canonical(from);
+    match lease {
+        Some(None) => return TokenGrant::Refuse(Refusal::NoLease),
+        Some(Some(leased)) if from != IpAddr::V4(leased) => {
+            return TokenGrant::Refuse(Refusal::NotTheLease { from, leased });
+        }
+        _ => {}
+    }
+    match (agent.token_hash.is_some(), agent.ip) {
+        (true, _) if agent.used => TokenGrant::Refuse(Refusal::Used),
+        (true, Some(bound)) if bound != from => TokenGrant::Refuse(Refusal::GivenElsewhere(bound)),
+        _ => TokenGrant::Issue,
+    }
+}
+
+/// Whether a request from `from` may use a token bound to `agent.ip`.
+pub fn bound_here(agent: &AgentIdentity, from: IpAddr) -> bool {
+    agent.ip.is_none_or(|ip| ip == canonical(from))
+}
+
+/// An IPv4 peer seen on a dual-stack socket (`::ffff:a.b.c.d`) as the IPv4 address it is.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MACHINE: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 50));
+    const OTHER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 66));
+
+    fn given(ip: IpAddr, used: bool) -> AgentIdentity {
+        AgentIdentity {
+            token_hash: Some("h".into()),
+            ip: Some(ip),
+            used,
+        }
+    }
+
+    #[test]
+    fn with_leases_only_the_lease_holder_gets_the_token() {
+        let lease = Some(Some(Ipv4Addr::new(10, 77, 0, 50)));
+        let fresh = AgentIdentity::default();
+        assert_eq!(grant(&fresh, MACHINE, lease), TokenGrant::Issue);
+        assert!(matches!(
+            grant(&fresh, OTHER, lease),
+            TokenGrant::Refuse(Refusal::NotTheLease { .. })
+        ));
+        assert_eq!(
+            grant(&fresh, MACHINE, Some(None)),
+            TokenGrant::Refuse(Refusal::NoLease)
+        );
+        // The same dual-stack peer, written as IPv6.
+        let mapped: IpAddr = "::ffff:10.77.0.50".parse().unwrap();
+        assert_eq!(grant(&fresh, mapped, lease), TokenGrant::Issue);
+    }
+
+    #[test]
+    fn without_leases_the_first_asker_holds_it_until_the_next_boot_step() {
+        let fresh = AgentIdentity::default();
+        assert_eq!(grant(&fresh, MACHINE, None), TokenGrant::Issue);
+        // iPXE retrying before the agent ran: a new token, same address.
+        assert_eq!(
+            grant(&given(MACHINE, false), MACHINE, None),
+            TokenGrant::Issue
+        );
+        assert_eq!(
+            grant(&given(MACHINE, false), OTHER, None),
+            TokenGrant::Refuse(Refusal::GivenElsewhere(MACHINE))
+        );
+        assert_eq!(
+            grant(&given(MACHINE, true), MACHINE, None),
+            TokenGrant::Refuse(Refusal::Used)
+        );
+    }
+
+    #[test]
+    fn a_bound_token_works_from_its_address_only() {
+        assert!(bound_here(&given(MACHINE, true), MACHINE));
+        assert!(!bound_here(&given(MACHINE, true), OTHER));
+        assert!(bound_here(&AgentIdentity::default(), OTHER));
+    }
+}

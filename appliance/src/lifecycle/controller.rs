@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use stork_proto::api::AgentIdentity;
 
 use tokio::sync::watch;
 
@@ -246,12 +247,16 @@ impl Controller {
                 m.updated_at = now;
                 for a in step.actions {
                     match a {
-                        Action::RevokeAgentToken => m.agent_token = None,
+                        Action::RevokeAgentToken => m.agent = AgentIdentity::default(),
                         Action::ClearAllocation => {
                             m.owner = None;
                             m.deploy = None;
                         }
-                        Action::NetbootAndPowerOn => m.netboot = true,
+                        Action::NetbootAndPowerOn => {
+                            m.netboot = true;
+                            // The boot this powers on gets its own token, once.
+                            m.agent = AgentIdentity::default();
+                        }
                         Action::PowerOff | Action::Then(_) => {}
                     }
                 }

@@ -4,9 +4,12 @@
 //! serves. With [`Controller::apply`] these are the only code that writes the store, so
 //! every write appends its events and wakes the event streams in one place.
 
+use std::net::{IpAddr, Ipv4Addr};
+
+use stork_proto::api::{AgentIdentity, AuditRecord, NewToken};
 use stork_proto::{Inventory, MacAddr};
 
-use super::boot::{BootChoice, HEARTBEAT_STATUSES, choose};
+use super::boot::{self, BootChoice, HEARTBEAT_STATUSES, TokenGrant, choose};
 use super::{Controller, Status};
 use crate::store::{
     BootResource, EventRecord, Machine, NewEvent, SshKey, StoreError, TokenRecord, now_ms,
@@ -286,26 +289,64 @@ impl Controller {
         Ok(true)
     }
 
-    /// What the machine with `mac` boots now; for the agent, a fresh per-boot token (the
-    /// previous one stops working).
-    pub async fn boot(&self, mac: MacAddr) -> Result<(BootChoice, Option<AgentBoot>), StoreError> {
-        self.store
+    /// What the machine with `mac` boots now, asked from `from`; for the agent, this boot's
+    /// token when [`boot::grant`] gives it (a new token replaces an unused one from the
+    /// same address). `lease` is the MAC's lease where this appliance leases addresses.
+    pub async fn boot(
+        &self,
+        mac: MacAddr,
+        from: IpAddr,
+        lease: Option<Option<Ipv4Addr>>,
+    ) -> Result<(BootChoice, Option<AgentBoot>), StoreError> {
+        let (choice, agent) = self
+            .store
             .call(move |st| {
                 let m = st.find_by_mac(mac)?;
                 let choice = choose(m.as_ref());
-                tracing::info!(%mac, ?choice, "serving iPXE script");
+                tracing::info!(%mac, %from, ?choice, "serving iPXE script");
                 let agent = match (&choice, m) {
                     (BootChoice::Agent { .. }, Some(mut m)) => {
-                        let (token, hash) = crate::auth::generate(crate::auth::AGENT_PREFIX);
-                        m.agent_token = Some(hash);
-                        m.updated_at = now_ms();
-                        let machine = st.save_machine(&m, &[])?;
-                        Some(AgentBoot { machine, token })
+                        match boot::grant(&m.agent, from, lease) {
+                            TokenGrant::Issue => {
+                                let (token, hash) =
+                                    crate::auth::generate(crate::auth::AGENT_PREFIX);
+                                m.agent = AgentIdentity {
+                                    token_hash: Some(hash),
+                                    ip: Some(boot::canonical(from)),
+                                    used: false,
+                                };
+                                m.updated_at = now_ms();
+                                let machine = st.save_machine(&m, &[])?;
+                                Some(Ok(AgentBoot { machine, token }))
+                            }
+                            TokenGrant::Refuse(why) => Some(Err((m.id, why))),
+                        }
                     }
                     _ => None,
                 };
                 Ok((choice, agent))
             })
+            .await?;
+        match agent {
+            Some(Err((id, why))) => {
+                tracing::warn!(machine = %id, %mac, %from, reason = %why, "boot script served without the agent token");
+                self.note(
+                    &id,
+                    "controller",
+                    format!("boot script for {mac} asked from {from}: no agent token ({why})"),
+                )
+                .await?;
+                Ok((choice, None))
+            }
+            Some(Ok(a)) => Ok((choice, Some(a))),
+            None => Ok((choice, None)),
+        }
+    }
+
+    /// The agent has used its token (by its hash): no boot script gives another this boot.
+    pub async fn agent_token_used(&self, hash: String) -> Result<(), StoreError> {
+        self.store
+            .call(move |st| st.mark_agent_token_used(&hash))
             .await
     }
 
@@ -335,13 +376,25 @@ impl Controller {
             .await
     }
 
-    /// A new admin token: its record, and the token itself (shown once).
-    pub async fn create_token(
-        &self,
-        description: String,
-    ) -> Result<(TokenRecord, String), StoreError> {
+    /// A new API token: its record, and the token itself (shown once).
+    pub async fn create_token(&self, req: NewToken) -> Result<(TokenRecord, String), StoreError> {
         self.store
-            .call(move |s| crate::auth::create_admin_token(s, &description))
+            .call(move |s| crate::auth::create_token(s, &req))
             .await
+    }
+
+    pub async fn revoke_token(&self, id: String) -> Result<TokenRecord, StoreError> {
+        self.store
+            .call(move |s| s.revoke_token(&id, now_ms()))
+            .await
+    }
+
+    /// Records a change asked through the API (the audit log).
+    pub async fn audit(&self, entry: AuditRecord) -> Result<(), StoreError> {
+        self.store.call(move |s| s.add_audit(&entry)).await
+    }
+
+    pub async fn audit_log(&self, after: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        self.store.call(move |s| s.audit(after, limit)).await
     }
 }

@@ -258,29 +258,30 @@ CREATE TABLE boot_resources (
             .collect()
     }
 
-    #[test]
-    fn migration_files_are_the_old_migrations_in_order() {
-        let files = all_versions();
-        let versions: Vec<i64> = files.iter().map(|(v, _)| *v).collect();
-        assert_eq!(
-            versions,
-            (1..=OLD_MIGRATIONS.len() as i64).collect::<Vec<_>>()
-        );
-        assert_eq!(files[0].1, "create_machines_events_tokens_keys_resources");
-        assert_eq!(files[3].1, "add_machines_heartbeat");
+    /// The newest migration's version.
+    fn latest() -> i64 {
+        all_versions().last().map_or(0, |(v, _)| *v)
     }
 
     #[test]
-    fn fresh_database_has_the_old_codes_schema() {
+    fn migration_files_are_the_old_migrations_then_the_new_in_order() {
+        let files = all_versions();
+        let versions: Vec<i64> = files.iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, (1..=latest()).collect::<Vec<_>>());
+        assert!(latest() > OLD_MIGRATIONS.len() as i64);
+        assert_eq!(files[0].1, "create_machines_events_tokens_keys_resources");
+        assert_eq!(files[3].1, "add_machines_heartbeat");
+        assert_eq!(files[4].1, "add_machines_agent_binding");
+    }
+
+    #[test]
+    fn fresh_database_has_every_migration() {
         let dir = tempfile::tempdir().unwrap();
-        let old = old_database(&dir.path().join("old"), OLD_MIGRATIONS.len());
         drop(Store::open(&dir.path().join("new")).unwrap());
         let new = Connection::open(dir.path().join("new")).unwrap();
-        // Until a migration is added after the old ones, a fresh database is exactly what
-        // the old code made; after that, `old_databases_are_baselined_then_migrated` holds.
-        assert_eq!(schema(&new), schema(&old));
+        // That it equals an old database migrated on: `old_databases_are_baselined_then_migrated`.
         assert_eq!(history(&new), all_versions());
-        assert_eq!(user_version(&new), OLD_MIGRATIONS.len() as i64);
+        assert_eq!(user_version(&new), latest());
         // The pragmas Store::open sets are still set.
         let mode: String = new
             .pragma_query_value(None, "journal_mode", |r| r.get(0))
@@ -320,12 +321,13 @@ CREATE TABLE boot_resources (
                 "after {n} old migrations"
             );
             assert!(m.netboot && m.erase_quick && m.last_heartbeat.is_none());
+            assert_eq!(m.agent, stork_proto::api::AgentIdentity::default());
             drop(s);
 
             let conn = Connection::open(&path).unwrap();
             assert_eq!(schema(&conn), fresh, "after {n} old migrations");
             assert_eq!(history(&conn), all_versions(), "after {n} old migrations");
-            assert_eq!(user_version(&conn), OLD_MIGRATIONS.len() as i64);
+            assert_eq!(user_version(&conn), latest());
             drop(conn);
             // Opening again runs nothing and passes refinery's checksum checks.
             let s = Store::open(&path).unwrap();
@@ -347,7 +349,7 @@ CREATE TABLE boot_resources (
         drop(Store::open(&path).unwrap());
         let conn = Connection::open(&path).unwrap();
         assert_eq!(history(&conn), all_versions());
-        assert_eq!(user_version(&conn), OLD_MIGRATIONS.len() as i64);
+        assert_eq!(user_version(&conn), latest());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use stork_proto::MacAddr;
+use stork_proto::api::{AgentIdentity, AuditRecord, TokenScope};
 
 pub use model::*;
 
@@ -99,7 +100,7 @@ impl Store {
 
     const MACHINE_COLUMNS: &'static str = "id, hostname, status, status_message, status_since, \
         version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, updated_at, netboot, erase_quick, \
-        last_heartbeat, heartbeat_step, heartbeat_deadline";
+        last_heartbeat, heartbeat_step, heartbeat_deadline, agent_ip, agent_token_used";
 
     /// A machine from its row and its interfaces' MACs (any order).
     fn machine_from_row(row: &Row<'_>, mut macs: Vec<MacAddr>) -> Result<Machine, StoreError> {
@@ -127,7 +128,13 @@ impl Store {
             owner: row.get(10)?,
             deploy: deploy.map(|d| from_json("deploy", &d)).transpose()?,
             tags: from_json("tags", &tags)?,
-            agent_token: row.get(13)?,
+            agent: AgentIdentity {
+                token_hash: row.get(13)?,
+                ip: row
+                    .get::<_, Option<String>>(21)?
+                    .and_then(|ip| ip.parse().ok()),
+                used: row.get(22)?,
+            },
             created_at: row.get(14)?,
             updated_at: row.get(15)?,
             netboot: row.get(16)?,
@@ -220,7 +227,7 @@ impl Store {
         let tx = conn.transaction()?;
         tx.execute(
             &format!(
-                "INSERT INTO machines ({}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21)",
+                "INSERT INTO machines ({}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23)",
                 Self::MACHINE_COLUMNS
             ),
             params![
@@ -237,7 +244,7 @@ impl Store {
                 m.owner,
                 m.deploy.as_ref().map(json),
                 json(&m.tags),
-                m.agent_token,
+                m.agent.token_hash,
                 m.created_at,
                 m.updated_at,
                 m.netboot,
@@ -245,6 +252,8 @@ impl Store {
                 m.last_heartbeat,
                 m.heartbeat_step,
                 m.heartbeat_deadline,
+                m.agent.ip.map(|ip| ip.to_string()),
+                m.agent.used,
             ],
         )?;
         Self::put_interfaces(&tx, &m.id, &m.macs)?;
@@ -294,7 +303,8 @@ impl Store {
             "UPDATE machines SET hostname=?2, status=?3, status_message=?4, status_since=?5,
                 version=version+1, boot_mac=?6, arch=?7, power=?8, inventory=?9, owner=?10,
                 deploy=?11, tags=?12, agent_token=?13, updated_at=?14, netboot=?16, erase_quick=?17,
-                last_heartbeat=?18, heartbeat_step=?19, heartbeat_deadline=?20
+                last_heartbeat=?18, heartbeat_step=?19, heartbeat_deadline=?20,
+                agent_ip=?21, agent_token_used=?22
              WHERE id=?1 AND version=?15",
             params![
                 m.id,
@@ -309,7 +319,7 @@ impl Store {
                 m.owner,
                 m.deploy.as_ref().map(json),
                 json(&m.tags),
-                m.agent_token,
+                m.agent.token_hash,
                 m.updated_at,
                 m.version,
                 m.netboot,
@@ -317,6 +327,8 @@ impl Store {
                 m.last_heartbeat,
                 m.heartbeat_step,
                 m.heartbeat_deadline,
+                m.agent.ip.map(|ip| ip.to_string()),
+                m.agent.used,
             ],
         )?;
         if changed == 0 {
@@ -365,6 +377,17 @@ impl Store {
     /// than the status) and then cleared its deadline. `deadline` is when the next beat is
     /// due; `None` says the agent is leaving. Does not bump the version: a heartbeat is not
     /// a change anyone could conflict with.
+    /// Marks the agent token with this hash used. Like a heartbeat, no version bump: it
+    /// changes nothing a concurrent save of the machine decides on (a save that read the
+    /// machine before may write `used` back as false; the next agent request sets it again).
+    pub fn mark_agent_token_used(&self, hash: &str) -> Result<(), StoreError> {
+        self.lock().execute(
+            "UPDATE machines SET agent_token_used = 1 WHERE agent_token = ?1",
+            [hash],
+        )?;
+        Ok(())
+    }
+
     pub fn record_heartbeat(
         &self,
         id: &str,
@@ -450,12 +473,37 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    // ---- admin tokens ----
+    // ---- API tokens and the audit log ----
+
+    const TOKEN_COLUMNS: &'static str =
+        "id, description, created_at, scope, expires_at, revoked_at";
+
+    fn token_from_row(r: &Row<'_>) -> rusqlite::Result<TokenRecord> {
+        let scope: String = r.get(3)?;
+        Ok(TokenRecord {
+            id: r.get(0)?,
+            description: r.get(1)?,
+            created_at: r.get(2)?,
+            // An unknown scope (a newer appliance's) grants the least.
+            scope: TokenScope::parse(&scope).unwrap_or(TokenScope::ReadOnly),
+            expires_at: r.get(4)?,
+            revoked_at: r.get(5)?,
+        })
+    }
 
     pub fn add_token(&self, t: &TokenRecord, hash: &str) -> Result<(), StoreError> {
         self.lock().execute(
-            "INSERT INTO tokens (hash, id, description, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![hash, t.id, t.description, t.created_at],
+            "INSERT INTO tokens (hash, id, description, created_at, scope, expires_at, revoked_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                hash,
+                t.id,
+                t.description,
+                t.created_at,
+                t.scope.as_str(),
+                t.expires_at,
+                t.revoked_at
+            ],
         )?;
         Ok(())
     }
@@ -464,28 +512,62 @@ impl Store {
         Ok(self
             .lock()
             .query_row(
-                "SELECT id, description, created_at FROM tokens WHERE hash = ?1",
+                &format!("SELECT {} FROM tokens WHERE hash = ?1", Self::TOKEN_COLUMNS),
                 [hash],
-                |r| {
-                    Ok(TokenRecord {
-                        id: r.get(0)?,
-                        description: r.get(1)?,
-                        created_at: r.get(2)?,
-                    })
-                },
+                Self::token_from_row,
             )
             .optional()?)
     }
 
     pub fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         let conn = self.lock();
-        let mut stmt = conn
-            .prepare_cached("SELECT id, description, created_at FROM tokens ORDER BY created_at")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(TokenRecord {
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {} FROM tokens ORDER BY created_at",
+            Self::TOKEN_COLUMNS
+        ))?;
+        let rows = stmt.query_map([], Self::token_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Revokes the token `id` at `at` (ms); revoking a revoked token keeps the first time.
+    pub fn revoke_token(&self, id: &str, at: i64) -> Result<TokenRecord, StoreError> {
+        let conn = self.lock();
+        let changed = conn.execute(
+            "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+            params![id, at],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(id.to_string()));
+        }
+        Ok(conn.query_row(
+            &format!("SELECT {} FROM tokens WHERE id = ?1", Self::TOKEN_COLUMNS),
+            [id],
+            Self::token_from_row,
+        )?)
+    }
+
+    pub fn add_audit(&self, a: &AuditRecord) -> Result<(), StoreError> {
+        self.lock().execute(
+            "INSERT INTO audit (at, actor, method, path, status) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![a.at, a.actor, a.method, a.path, a.status],
+        )?;
+        Ok(())
+    }
+
+    pub fn audit(&self, after: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, at, actor, method, path, status FROM audit WHERE id > ?1
+             ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after, limit], |r| {
+            Ok(AuditRecord {
                 id: r.get(0)?,
-                description: r.get(1)?,
-                created_at: r.get(2)?,
+                at: r.get(1)?,
+                actor: r.get(2)?,
+                method: r.get(3)?,
+                path: r.get(4)?,
+                status: r.get(5)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

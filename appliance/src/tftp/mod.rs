@@ -3,8 +3,14 @@
 //!
 //! Layers, sans I/O first: [`packet`] (wire view and `Repr`), [`options`] (negotiation),
 //! [`request`] (read-only, modes, path normalisation), [`transfer`] (one transfer's state
-//! machine, time passed in), then [`fs`] (confinement on disk) and [`server`] (tokio: the
-//! listening socket and one task with its own ephemeral-port socket per transfer).
+//! machine, time passed in), [`limits`] (transfers per client address, the open-file
+//! limit), then [`fs`] (confinement on disk) and [`server`] (tokio: the listening socket
+//! and one task with its own ephemeral-port socket per transfer).
+//!
+//! Against a hostile LAN (`docs/security.md`, TFTP): a client `timeout` above
+//! [`options::MAX_CLIENT_TIMEOUT_SECS`] is not acknowledged and none outlasts the server's
+//! retry budget ([`TftpConfig::retry_budget`]); transfers per client address are capped;
+//! netascii is encoded as it is sent; `RLIMIT_NOFILE` is raised and checked at start.
 //!
 //! # Why our own implementation rather than `async-tftp`
 //! `async-tftp` 0.4.2 speaks the same RFCs, windowsize included, but it runs its own smol
@@ -24,6 +30,7 @@
 
 pub mod config;
 pub mod fs;
+pub mod limits;
 pub mod options;
 pub mod packet;
 pub mod request;
@@ -55,14 +62,23 @@ pub struct TftpConfig {
     pub max_block: u16,
     /// Largest window granted (RFC 7440); 1 disables windowing.
     pub max_window: u16,
-    /// First retransmission interval when the client sets no `timeout` option.
+    /// First retransmission interval when the client sets no `timeout` option (or one above
+    /// [`options::MAX_CLIENT_TIMEOUT_SECS`], which is not acknowledged).
     pub timeout: Duration,
     /// Cap of the exponential backoff.
     pub max_timeout: Duration,
-    /// Retransmissions without progress before a transfer is dropped.
+    /// Retransmissions without progress before a transfer is dropped. With `timeout` and
+    /// `max_timeout` this sets the retry budget ([`TftpConfig::retry_budget`]): the longest
+    /// a transfer may go without progress, whatever `timeout` its client asked.
     pub retries: u32,
-    /// Concurrent transfers; requests beyond are dropped (the client asks again).
+    /// Concurrent transfers; requests beyond are dropped (the client asks again). Lowered
+    /// at start when the open-file limit cannot cover it ([`limits::transfers_fitting`]).
     pub max_transfers: usize,
+    /// Concurrent transfers per client IP address; a request beyond gets an ERROR and is
+    /// counted in `per_client_refused`. A booting machine needs one or two at a time (EDK2
+    /// probes the size, then fetches), so the default 8 leaves room while one address
+    /// cannot take more than 8 of the `max_transfers` slots.
+    pub max_transfers_per_client: usize,
 }
 
 impl Default for TftpConfig {
@@ -77,9 +93,13 @@ impl Default for TftpConfig {
             max_timeout: Duration::from_secs(4),
             retries: 5,
             max_transfers: 1024,
+            max_transfers_per_client: DEFAULT_MAX_TRANSFERS_PER_CLIENT,
         }
     }
 }
+
+/// Default of [`TftpConfig::max_transfers_per_client`] (and of the file's key).
+pub const DEFAULT_MAX_TRANSFERS_PER_CLIENT: usize = 8;
 
 impl TftpConfig {
     /// Checks the limits; `run` calls it, a config loader may call it to name the field.
@@ -105,7 +125,17 @@ impl TftpConfig {
         if self.max_transfers == 0 {
             return bad("max_transfers", "must be at least 1");
         }
+        if self.max_transfers_per_client == 0 {
+            return bad("max_transfers_per_client", "must be at least 1");
+        }
         Ok(())
+    }
+
+    /// The longest a transfer may go without progress before it is dropped: the server's
+    /// own schedule (`timeout`, doubling up to `max_timeout`, `retries` times), 19 s by
+    /// default. A client's `timeout` option changes the intervals inside it, never its end.
+    pub fn retry_budget(&self) -> Duration {
+        transfer::Timing::budget_of(self.timeout, self.max_timeout, self.retries)
     }
 }
 
@@ -140,6 +170,9 @@ pub struct Stats {
     pub duplicate_requests: AtomicU64,
     /// Requests dropped because `max_transfers` were running.
     pub busy: AtomicU64,
+    /// Requests refused with an ERROR because their client address already had
+    /// `max_transfers_per_client` transfers running.
+    pub per_client_refused: AtomicU64,
     pub transfers_started: AtomicU64,
     pub transfers_completed: AtomicU64,
     /// Timed out, aborted by the client, or a local error.
@@ -172,6 +205,7 @@ pub struct StatsSnapshot {
     pub refused: u64,
     pub duplicate_requests: u64,
     pub busy: u64,
+    pub per_client_refused: u64,
     pub transfers_started: u64,
     pub transfers_completed: u64,
     pub transfers_failed: u64,
@@ -195,6 +229,7 @@ impl Stats {
             refused: get(&self.refused),
             duplicate_requests: get(&self.duplicate_requests),
             busy: get(&self.busy),
+            per_client_refused: get(&self.per_client_refused),
             transfers_started: get(&self.transfers_started),
             transfers_completed: get(&self.transfers_completed),
             transfers_failed: get(&self.transfers_failed),
@@ -247,5 +282,22 @@ mod tests {
                 .to_string()
                 .contains("`max_timeout`")
         );
+        let c = TftpConfig {
+            max_transfers_per_client: 0,
+            ..TftpConfig::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`max_transfers_per_client`")
+        );
+    }
+
+    #[test]
+    fn default_retry_budget() {
+        let c = TftpConfig::default();
+        assert_eq!(c.retry_budget(), Duration::from_secs(19));
+        assert_eq!(c.max_transfers_per_client, 8);
     }
 }

@@ -16,6 +16,14 @@ pub const WINDOWSIZE: &str = "windowsize";
 
 pub const MIN_BLOCK_SIZE: u16 = 8;
 
+/// Largest client `timeout` (seconds) the server acknowledges and uses. A provisioning LAN
+/// answers in well under a millisecond and the server's own backoff tops out at
+/// `max_timeout` (4 s by default), so a legitimate client gains nothing from more; what a
+/// longer interval buys is a silent client holding a transfer slot longer. RFC 2349 lets
+/// the server only echo the client's value or leave the option out, so a larger request is
+/// not acknowledged and the server's own `timeout` applies (curl asks 6 and copes).
+pub const MAX_CLIENT_TIMEOUT_SECS: u8 = 5;
+
 /// The options of a request that Stork understands; anything else is ignored, as RFC 2347
 /// allows, and listed for the log.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -94,7 +102,8 @@ pub struct Limits {
 pub struct Negotiated {
     pub block_size: u16,
     pub window: u16,
-    /// The client's retransmission timeout, if it set one (RFC 2349: the server uses it).
+    /// The client's retransmission timeout, when it set one of at most
+    /// [`MAX_CLIENT_TIMEOUT_SECS`] (then acknowledged and used, RFC 2349); `None` otherwise.
     pub timeout: Option<Duration>,
     /// The OACK to send first, or `None` to start with DATA 1 (no option was granted).
     pub oack: Option<OptionsWriter>,
@@ -120,10 +129,15 @@ pub fn negotiate(req: &Requested, limits: Limits, size: u64) -> Negotiated {
     if req.tsize && size > 0 {
         grant(TSIZE, size.to_string());
     }
-    let timeout = req.timeout.map(|t| {
-        grant(TIMEOUT, t.to_string());
-        Duration::from_secs(u64::from(t))
-    });
+    // RFC 2349: "The specified timeout value must match the value specified by the
+    // client." No lowering as for blksize: above the cap the option is left out.
+    let timeout = req
+        .timeout
+        .filter(|t| *t <= MAX_CLIENT_TIMEOUT_SECS)
+        .map(|t| {
+            grant(TIMEOUT, t.to_string());
+            Duration::from_secs(u64::from(t))
+        });
     let mut window = 1;
     if let Some(w) = req.windowsize {
         window = w.min(limits.max_window).max(1);
@@ -232,6 +246,36 @@ mod tests {
 
         let w = opts(&[("blksize", "1024"), ("blksize", "2048")]);
         assert_eq!(Requested::from_options(w.options()).blksize, Some(1024));
+    }
+
+    #[test]
+    fn timeout_above_the_cap_is_not_acknowledged() {
+        // Up to the cap: echoed as asked and used.
+        for t in 1..=MAX_CLIENT_TIMEOUT_SECS {
+            let v = t.to_string();
+            let req = Requested::from_options(opts(&[("timeout", &v)]).options());
+            let n = negotiate(&req, LIMITS, 10);
+            assert_eq!(n.timeout, Some(Duration::from_secs(u64::from(t))));
+            assert_eq!(oack_pairs(&n), [("timeout".to_string(), v)]);
+        }
+        // Above it (curl's default 6, the attacker's 255): left out of the OACK, not used,
+        // and the other options are still granted.
+        for v in ["6", "30", "255"] {
+            let req = Requested::from_options(
+                opts(&[("blksize", "1468"), ("timeout", v), ("tsize", "0")]).options(),
+            );
+            assert_eq!(req.timeout.map(u64::from), v.parse().ok(), "{v}");
+            let n = negotiate(&req, LIMITS, 10);
+            assert_eq!(n.timeout, None, "{v}");
+            assert_eq!(
+                oack_pairs(&n),
+                [("blksize", "1468"), ("tsize", "10")].map(|(a, b)| (a.to_string(), b.to_string())),
+                "{v}"
+            );
+        }
+        // Nothing else asked: no OACK at all, DATA 1 first.
+        let req = Requested::from_options(opts(&[("timeout", "255")]).options());
+        assert!(negotiate(&req, LIMITS, 10).oack.is_none());
     }
 
     #[test]

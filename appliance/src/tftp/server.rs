@@ -8,6 +8,12 @@
 //! once as `ECONNREFUSED` instead of after every retry.
 //!
 //! All transfers live in a `JoinSet` owned by [`run`]: cancelling `run` ends them all.
+//!
+//! Limits against a hostile LAN: at most `max_transfers` at once (lowered at start when the
+//! open-file limit cannot cover them), at most `max_transfers_per_client` per client address
+//! (more get an ERROR), and a transfer without progress ends at the server's retry budget
+//! whatever `timeout` its client asked. Per transfer, memory is its read-ahead and window,
+//! whatever the file's size, netascii included.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -28,6 +34,7 @@ use tokio::net::UdpSocket;
 use tokio::task::{Id, JoinError, JoinSet};
 
 use super::fs::Root;
+use super::limits::{PerClient, max_transfers_for_nofile};
 use super::options::{Limits, Negotiated, negotiate};
 use super::packet::{DATA_HEADER_LEN, ErrorCode, Opcode, Packet, Repr, emit_data_header};
 use super::request::{self, Mode, ReadRequest, Refused, netascii};
@@ -72,11 +79,16 @@ struct Listener {
     tasks: JoinSet<()>,
     by_peer: HashMap<SocketAddr, Active>,
     by_id: HashMap<Id, SocketAddr>,
+    /// Transfers per client address, for `max_transfers_per_client`.
+    per_client: PerClient,
 }
 
 /// Serves TFTP on `sock` until cancelled (or the socket fails).
-pub async fn run(sock: UdpSocket, cfg: TftpConfig, stats: Arc<Stats>) -> Result<(), TftpError> {
+pub async fn run(sock: UdpSocket, mut cfg: TftpConfig, stats: Arc<Stats>) -> Result<(), TftpError> {
     cfg.validate()?;
+    // Each transfer holds descriptors: raise the process's limit, and serve no more at once
+    // than it covers (a clear "busy" beats EMFILE in the middle of a boot storm).
+    cfg.max_transfers = max_transfers_for_nofile(cfg.max_transfers);
     let root = Root::new(&cfg.root, cfg.case_insensitive).map_err(|source| TftpError::Root {
         path: cfg.root.clone(),
         source,
@@ -90,8 +102,12 @@ pub async fn run(sock: UdpSocket, cfg: TftpConfig, stats: Arc<Stats>) -> Result<
         root = %root.path().display(),
         max_block = cfg.max_block,
         max_window = cfg.max_window,
+        max_transfers = cfg.max_transfers,
+        max_transfers_per_client = cfg.max_transfers_per_client,
+        retry_budget_ms = cfg.retry_budget().as_millis() as u64,
         "TFTP serving"
     );
+    let per_client = PerClient::new(cfg.max_transfers_per_client);
     let mut l = Listener {
         ctx: Arc::new(Ctx {
             cfg,
@@ -102,6 +118,7 @@ pub async fn run(sock: UdpSocket, cfg: TftpConfig, stats: Arc<Stats>) -> Result<
         tasks: JoinSet::new(),
         by_peer: HashMap::new(),
         by_id: HashMap::new(),
+        per_client,
     };
     // Any UDP datagram fits; a request is rarely more than a few hundred bytes.
     let mut buf = vec![0u8; 65536];
@@ -144,10 +161,11 @@ impl Listener {
                 e.id()
             }
         };
-        if let Some(peer) = self.by_id.remove(&id)
-            && self.by_peer.get(&peer).is_some_and(|a| a.id == id)
-        {
-            self.by_peer.remove(&peer);
+        if let Some(peer) = self.by_id.remove(&id) {
+            self.per_client.release(peer.ip());
+            if self.by_peer.get(&peer).is_some_and(|a| a.id == id) {
+                self.by_peer.remove(&peer);
+            }
         }
     }
 
@@ -174,9 +192,27 @@ impl Listener {
             tracing::debug!(%peer, file = %req.path, "duplicate TFTP request ignored");
             return;
         }
+        let max = self.ctx.cfg.max_transfers_per_client;
+        if self.per_client.running(peer.ip()) >= max {
+            // One address may not take every slot. An ERROR, not silence: a client that
+            // really wants that many is told why; one that floods gains nothing by asking
+            // again. Logged at the 1st, 2nd, 4th, 8th... refusal so a flood cannot fill the log.
+            let n = stats.per_client_refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(%peer, file = %req.path, max, refused_so_far = n, "TFTP request refused: client address at its transfer cap");
+            } else {
+                tracing::debug!(%peer, file = %req.path, max, "TFTP request refused: client address at its transfer cap");
+            }
+            send_error(sock, peer, stats, ErrorCode::NotDefined, PER_CLIENT_REFUSED).await;
+            return;
+        }
         if self.tasks.len() >= self.ctx.cfg.max_transfers {
             bump(&stats.busy);
             tracing::warn!(%peer, file = %req.path, max = self.ctx.cfg.max_transfers, "TFTP busy: request dropped, the client will ask again");
+            return;
+        }
+        if !self.per_client.try_acquire(peer.ip()) {
+            // Checked just above; kept so the count can never go wrong.
             return;
         }
         let handle = self.tasks.spawn(serve(self.ctx.clone(), peer, req));
@@ -191,6 +227,9 @@ impl Listener {
         );
     }
 }
+
+/// The ERROR text for a request over `max_transfers_per_client`.
+pub const PER_CLIENT_REFUSED: &str = "too many transfers from this address; try again later";
 
 /// The terms of one transfer: what was negotiated, the OACK to send (if any) and the state
 /// machine's parameters. Sans I/O, shared with the fuzz driver.
@@ -222,9 +261,12 @@ pub fn plan(req: &ReadRequest, size: u64, cfg: &TftpConfig) -> Plan {
         size,
         oack: oack.is_some(),
         timing: Timing {
+            // The client's `timeout` if acknowledged (at most 5 s), else the server's.
             initial: neg.timeout.unwrap_or(cfg.timeout),
             max_interval: cfg.max_timeout,
             retries: cfg.retries,
+            // From the server's own schedule: how long a silent client can hold a slot.
+            budget: cfg.retry_budget(),
         },
     };
     Plan { neg, oack, params }
@@ -557,7 +599,7 @@ async fn drive(
                     len,
                     retransmit,
                 } => {
-                    let data = reader.read(offset, len).await?;
+                    let data = reader.read(offset, len, t.resend_from()).await?;
                     let end = DATA_HEADER_LEN + len;
                     let Some(payload) = out.get_mut(DATA_HEADER_LEN..end) else {
                         return Err(TransferError::Read(io::ErrorKind::InvalidData.into()));
@@ -636,34 +678,50 @@ fn socket_error(
     wrap(e)
 }
 
-/// What a transfer sends: a file read in chunks, or bytes in memory (netascii now,
-/// generated per-machine files later).
+/// What a transfer sends: the file as it is (octet), or its netascii form, encoded as it
+/// is sent. Either way the file is read in chunks, never whole.
 enum Body {
-    File(Arc<File>),
-    Memory(Arc<[u8]>),
+    Octet(Arc<File>),
+    /// The file and its raw length (the transfer's size is the encoded one).
+    Netascii(Arc<File>, u64),
 }
+
+/// Raw bytes read per step when counting or encoding netascii.
+const NETASCII_CHUNK: usize = 64 << 10;
 
 fn open_body(root: &Root, path: &str, mode: Mode) -> Result<(Body, u64, PathBuf), Refused> {
     let opened = root.open(path)?;
     match mode {
-        Mode::Octet => Ok((Body::File(Arc::new(opened.file)), opened.len, opened.path)),
+        Mode::Octet => Ok((Body::Octet(Arc::new(opened.file)), opened.len, opened.path)),
         Mode::Netascii => {
-            if opened.len > netascii::MAX_LEN {
-                return Err(Refused::NetasciiTooLarge);
-            }
-            let mut raw = Vec::new();
+            // The encoded size, for `tsize` and the last block: one pass over the file in
+            // chunks (the file is then read again as it is sent; boot clients use octet).
             let mut file = opened.file;
-            file.read_to_end(&mut raw)
-                .map_err(|_| Refused::Unreadable)?;
-            let text: Arc<[u8]> = netascii::encode(&raw).into();
-            Ok((Body::Memory(text.clone()), text.len() as u64, opened.path))
+            let mut chunk = vec![0u8; NETASCII_CHUNK];
+            let (mut raw_len, mut size) = (0u64, 0u64);
+            loop {
+                let n = match file.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return Err(Refused::Unreadable),
+                };
+                let read = chunk.get(..n).unwrap_or_default();
+                raw_len = raw_len.saturating_add(n as u64);
+                size = size.saturating_add(netascii::encoded_len(read));
+            }
+            Ok((Body::Netascii(Arc::new(file), raw_len), size, opened.path))
         }
     }
 }
 
-/// Reads file blocks through a buffer of whole blocks. The state machine only asks from
-/// the oldest unacknowledged block onward, and a refill starts there, so retransmitting a
-/// window never reads twice.
+/// Reads what a transfer sends.
+///
+/// Octet: through a buffer of whole blocks. The state machine only asks from the oldest
+/// unacknowledged block onward, and a refill starts there, so retransmitting a window never
+/// reads twice. Netascii: through a [`netascii::Encoder`], which keeps the encoded bytes
+/// from the oldest unacknowledged one and encodes further chunk by chunk as blocks are
+/// asked; both hold about a window and a read-ahead, whatever the file's size.
 ///
 /// Refills read the page cache in place ([`read_cached`]) and go to the blocking pool only
 /// for what is not cached. Boot files are read over and over, so that is the rare path, and
@@ -671,11 +729,21 @@ fn open_body(root: &Root, path: &str, mode: Mode) -> Result<(Body, u64, PathBuf)
 /// on the multi-threaded runtime fall to a third of their speed whenever the machine was
 /// busy (the wakeups move the task between workers).
 struct Reader {
-    body: Body,
-    size: u64,
+    file: Arc<File>,
     chunk: usize,
-    start: u64,
-    buf: Vec<u8>,
+    kind: ReaderKind,
+}
+
+enum ReaderKind {
+    Octet {
+        size: u64,
+        start: u64,
+        buf: Vec<u8>,
+    },
+    Netascii {
+        enc: netascii::Encoder,
+        raw: Vec<u8>,
+    },
 }
 
 /// Per-transfer read-ahead; a whole window always fits.
@@ -685,60 +753,98 @@ impl Reader {
     fn new(body: Body, size: u64, block_size: u16, window: u16) -> Self {
         let bs = usize::from(block_size.max(1));
         let blocks = (READ_AHEAD / bs).max(usize::from(window)).max(1);
-        Self {
-            body,
-            size,
-            chunk: blocks * bs,
-            start: 0,
-            buf: Vec::new(),
+        match body {
+            Body::Octet(file) => Self {
+                file,
+                chunk: blocks * bs,
+                kind: ReaderKind::Octet {
+                    size,
+                    start: 0,
+                    buf: Vec::new(),
+                },
+            },
+            Body::Netascii(file, raw_len) => Self {
+                file,
+                chunk: NETASCII_CHUNK,
+                kind: ReaderKind::Netascii {
+                    enc: netascii::Encoder::new(raw_len),
+                    raw: Vec::new(),
+                },
+            },
         }
     }
 
-    async fn read(&mut self, offset: u64, len: usize) -> Result<&[u8], TransferError> {
+    /// `len` bytes at `offset`; nothing before `keep_from` (the first unacknowledged byte)
+    /// will be asked again.
+    async fn read(
+        &mut self,
+        offset: u64,
+        len: usize,
+        keep_from: u64,
+    ) -> Result<&[u8], TransferError> {
         let changed = || TransferError::Read(io::ErrorKind::UnexpectedEof.into());
         if len == 0 {
             return Ok(&[]);
         }
-        let file = match &self.body {
-            Body::Memory(m) => {
-                let from = usize::try_from(offset).map_err(|_| changed())?;
-                return m.get(from..from + len).ok_or_else(changed);
+        match &mut self.kind {
+            ReaderKind::Octet { size, start, buf } => {
+                let end = offset + len as u64;
+                if offset < *start || end > *start + buf.len() as u64 {
+                    let want = size.saturating_sub(offset).min(self.chunk as u64);
+                    let want = usize::try_from(want).map_err(|_| changed())?.max(len);
+                    let mut b = std::mem::take(buf);
+                    b.resize(want, 0);
+                    let (back, res) = read_exact_at(&self.file, b, offset).await?;
+                    *buf = back;
+                    *start = offset;
+                    if let Err(e) = res {
+                        buf.clear();
+                        // A shorter file than at open time: it changed under us.
+                        return Err(TransferError::Read(e));
+                    }
+                }
+                let from = usize::try_from(offset - *start).map_err(|_| changed())?;
+                buf.get(from..from + len).ok_or_else(changed)
             }
-            Body::File(f) => f.clone(),
-        };
-        let end = offset + len as u64;
-        if offset < self.start || end > self.start + self.buf.len() as u64 {
-            let want = self.size.saturating_sub(offset).min(self.chunk as u64);
-            let want = usize::try_from(want).map_err(|_| changed())?.max(len);
-            let mut buf = std::mem::take(&mut self.buf);
-            buf.resize(want, 0);
-            let cached = read_cached(&file, &mut buf, offset);
-            let res = if cached == want {
-                Ok(())
-            } else {
-                // Not (all) in the page cache: the rest on the blocking pool.
-                let (res, back) = tokio::task::spawn_blocking(move || {
-                    let res = buf.get_mut(cached..).map_or(Ok(()), |rest| {
-                        file.read_exact_at(rest, offset + cached as u64)
-                    });
-                    (res, buf)
-                })
-                .await
-                .map_err(TransferError::Join)?;
-                buf = back;
-                res
-            };
-            self.buf = buf;
-            self.start = offset;
-            if let Err(e) = res {
-                self.buf.clear();
-                // A shorter file than at open time: it changed under us.
-                return Err(TransferError::Read(e));
+            ReaderKind::Netascii { enc, raw } => {
+                enc.release_before(keep_from);
+                while let Some((at, n)) = enc.wants(offset, len, self.chunk) {
+                    let mut b = std::mem::take(raw);
+                    b.resize(n, 0);
+                    let (back, res) = read_exact_at(&self.file, b, at).await?;
+                    *raw = back;
+                    // A shorter file than counted at open: it changed under us.
+                    res.map_err(TransferError::Read)?;
+                    enc.feed(raw);
+                }
+                enc.get(offset, len).ok_or_else(changed)
             }
         }
-        let from = usize::try_from(offset - self.start).map_err(|_| changed())?;
-        self.buf.get(from..from + len).ok_or_else(changed)
     }
+}
+
+/// Fills `buf` from `file` at `offset`: from the page cache in place when it holds it all,
+/// else the rest on the blocking pool. Returns the buffer (moved through the pool) and the
+/// read's result.
+async fn read_exact_at(
+    file: &Arc<File>,
+    mut buf: Vec<u8>,
+    offset: u64,
+) -> Result<(Vec<u8>, io::Result<()>), TransferError> {
+    let cached = read_cached(file, &mut buf, offset);
+    if cached == buf.len() {
+        return Ok((buf, Ok(())));
+    }
+    // Not (all) in the page cache: the rest on the blocking pool.
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || {
+        let res = buf.get_mut(cached..).map_or(Ok(()), |rest| {
+            file.read_exact_at(rest, offset + cached as u64)
+        });
+        (buf, res)
+    })
+    .await
+    .map_err(TransferError::Join)
 }
 
 /// Copies what the page cache holds of `buf.len()` bytes at `offset` without ever blocking

@@ -16,6 +16,9 @@
 //!   timeout retransmits, so a delayed packet cannot double every later one.
 //! - Retransmission: the unacknowledged window again after `interval`, which doubles up to
 //!   `max_interval`; after `retries` timeouts in a row without progress the transfer fails.
+//! - Budget: whatever the first interval (a client's `timeout` option sets it), a transfer
+//!   without progress for [`Timing::budget`] fails; the server derives the budget from its
+//!   own schedule ([`Timing::budget_of`]), so a client cannot stretch how long it holds a slot.
 
 use std::time::{Duration, Instant};
 
@@ -30,6 +33,27 @@ pub struct Timing {
     pub max_interval: Duration,
     /// Timeouts in a row before the transfer is abandoned.
     pub retries: u32,
+    /// Longest time without progress (since the start or the last ACK that moved the
+    /// window) before the transfer is abandoned, however many retries are left.
+    pub budget: Duration,
+}
+
+impl Timing {
+    /// How long the server's own schedule waits without progress before giving up: the
+    /// first interval, then `retries` intervals doubling from it up to `max_interval`.
+    pub fn budget_of(initial: Duration, max_interval: Duration, retries: u32) -> Duration {
+        let cap = max_interval.max(initial);
+        let mut total = initial;
+        let mut interval = initial;
+        let mut left = retries;
+        // The doubling reaches the cap within a few dozen steps; the rest are all `cap`.
+        while left > 0 && interval < cap && !interval.is_zero() {
+            interval = interval.saturating_mul(2).min(cap);
+            total = total.saturating_add(interval);
+            left -= 1;
+        }
+        total.saturating_add(cap.saturating_mul(left))
+    }
 }
 
 /// The terms the state machine runs on.
@@ -134,6 +158,8 @@ pub struct Transfer {
     sent_upto: u64,
     interval: Duration,
     deadline: Instant,
+    /// The start, or the last ACK that moved the window: the budget runs from here.
+    stalled_since: Instant,
     tries: u32,
     state: State,
     pending_error: Option<(ErrorCode, &'static str)>,
@@ -151,16 +177,28 @@ impl Transfer {
             window_end: 0,
             sent_upto: 0,
             interval: p.timing.initial,
-            deadline: now + p.timing.initial,
+            deadline: now,
+            stalled_since: now,
             tries: 0,
             state: State::Running,
             pending_error: None,
         };
+        t.deadline = t.next_deadline(now);
         if !p.oack {
             // Without an OACK the first window goes out at once, as if ACK 0 had come.
             t.open_window(0);
         }
         t
+    }
+
+    /// When the budget runs out if nothing moves.
+    fn give_up_at(&self) -> Instant {
+        later(self.stalled_since, self.p.timing.budget)
+    }
+
+    /// The next timer: one interval from `now`, or the end of the budget if sooner.
+    fn next_deadline(&self, now: Instant) -> Instant {
+        later(now, self.interval).min(self.give_up_at())
     }
 
     pub fn params(&self) -> &Params {
@@ -174,6 +212,12 @@ impl Transfer {
     /// Blocks acknowledged so far (the OACK not counted).
     pub fn acked(&self) -> u64 {
         self.next_unacked.saturating_sub(1)
+    }
+
+    /// File offset of the first byte not acknowledged yet: nothing before it is ever sent
+    /// again, so a reader may forget it.
+    pub fn resend_from(&self) -> u64 {
+        self.acked().saturating_mul(u64::from(self.p.block_size))
     }
 
     /// Number of DATA blocks (the last one short, possibly empty).
@@ -249,7 +293,8 @@ impl Transfer {
         }
         self.tries = 0;
         self.interval = self.p.timing.initial;
-        self.deadline = now + self.interval;
+        self.stalled_since = now;
+        self.deadline = self.next_deadline(now);
         if acked == self.last_block {
             self.next_unacked = acked + 1;
             self.state = State::Done;
@@ -268,14 +313,14 @@ impl Transfer {
             return Expired::NotYet;
         }
         self.tries += 1;
-        if self.tries > self.p.timing.retries {
+        if self.tries > self.p.timing.retries || now >= self.give_up_at() {
             self.state = State::Failed(Failure::TimedOut);
             self.pending_error = Some((ErrorCode::NotDefined, "transfer timed out"));
             return Expired::GaveUp;
         }
         let cap = self.p.timing.max_interval.max(self.p.timing.initial);
         self.interval = self.interval.saturating_mul(2).min(cap);
-        self.deadline = now + self.interval;
+        self.deadline = self.next_deadline(now);
         // Resend everything unacknowledged: the OACK, or the window after the last ACK.
         match self.next_unacked.checked_sub(1) {
             None => {
@@ -286,9 +331,17 @@ impl Transfer {
         }
         Expired::Retransmit {
             tries: self.tries,
-            next: self.interval,
+            next: self.deadline.saturating_duration_since(now),
         }
     }
+}
+
+/// `at + d`, or far in the future when that overflows `Instant` (never a panic).
+fn later(at: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    at.checked_add(d)
+        .or_else(|| at.checked_add(FAR))
+        .unwrap_or(at)
 }
 
 #[cfg(test)]
@@ -302,6 +355,7 @@ mod tests {
             initial: 100 * MS,
             max_interval: 400 * MS,
             retries: 3,
+            budget: Timing::budget_of(100 * MS, 400 * MS, 3),
         }
     }
 
@@ -461,6 +515,115 @@ mod tests {
         assert_eq!(drain(&mut t), ["E0"]);
         assert_eq!(t.deadline(), None);
         assert_eq!(ack(&mut t, 3, now), Handled::Ignored(Ignored::Finished));
+    }
+
+    #[test]
+    fn budget_follows_the_server_schedule() {
+        const S: Duration = Duration::from_secs(1);
+        // The defaults: 1 s, then 2, 4, 4, 4, 4.
+        assert_eq!(Timing::budget_of(S, 4 * S, 5), 19 * S);
+        assert_eq!(Timing::budget_of(100 * MS, 400 * MS, 3), 1100 * MS);
+        assert_eq!(Timing::budget_of(S, 4 * S, 0), S);
+        // A first interval above the cap stays flat.
+        assert_eq!(Timing::budget_of(5 * S, 4 * S, 2), 15 * S);
+        // No overflow, no long loop.
+        assert_eq!(
+            Timing::budget_of(S, 4 * S, u32::MAX),
+            S + 2 * S + 4 * S * (u32::MAX - 1)
+        );
+        assert_eq!(
+            Timing::budget_of(Duration::MAX, Duration::MAX, u32::MAX),
+            Duration::MAX
+        );
+    }
+
+    /// What a client's `timeout` makes of a silent transfer: the timer fired at each
+    /// deadline until the transfer gives up; returns the offsets of retransmissions and of
+    /// the end.
+    fn silent_schedule(initial: Duration, budget: Duration) -> (Vec<Duration>, Duration) {
+        let t0 = Instant::now();
+        let timing = Timing {
+            initial,
+            max_interval: 4 * 1000 * MS,
+            retries: 5,
+            budget,
+        };
+        let mut t = Transfer::new(
+            Params {
+                timing,
+                ..params(10_000, 512, 1, true)
+            },
+            t0,
+        );
+        assert_eq!(drain(&mut t), ["O"]);
+        let mut resent = Vec::new();
+        while let Some(d) = t.deadline() {
+            match t.on_timeout(d) {
+                Expired::Retransmit { .. } => {
+                    assert_eq!(drain(&mut t), ["RO"]);
+                    resent.push(d - t0);
+                }
+                Expired::GaveUp => {
+                    assert_eq!(drain(&mut t), ["E0"]);
+                    return (resent, d - t0);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        panic!("never gave up")
+    }
+
+    #[test]
+    fn a_client_timeout_cannot_stretch_the_budget() {
+        let s = 1000 * MS;
+        let budget = Timing::budget_of(s, 4 * s, 5);
+        // The server's own schedule ends at its budget.
+        let (resent, end) = silent_schedule(s, budget);
+        assert_eq!(resent, [s, 3 * s, 7 * s, 11 * s, 15 * s]);
+        assert_eq!(end, 19 * s);
+        // A client asking 5 s (the most acknowledged) gets its interval, not more time.
+        let (resent, end) = silent_schedule(5 * s, budget);
+        assert_eq!(resent, [5 * s, 10 * s, 15 * s]);
+        assert_eq!(end, 19 * s);
+        // Had a client's 255 s got through, the slot would still be free at the budget:
+        // no retransmission at all, and an end at 19 s instead of 255 + 5 * 255.
+        let (resent, end) = silent_schedule(255 * s, budget);
+        assert!(resent.is_empty(), "{resent:?}");
+        assert_eq!(end, 19 * s);
+    }
+
+    #[test]
+    fn progress_restarts_the_budget() {
+        let t0 = Instant::now();
+        let mut t = Transfer::new(params(8 * 100, 8, 1, false), t0);
+        let budget = timing().budget;
+        let mut now = t0;
+        // An ACK just before each budget ends keeps the transfer alive well past one budget.
+        for block in 1..=5u16 {
+            drain(&mut t);
+            now += budget - MS;
+            while t.deadline().is_some_and(|d| d <= now) {
+                let d = t.deadline().unwrap();
+                assert!(matches!(t.on_timeout(d), Expired::Retransmit { .. }));
+            }
+            assert_eq!(ack(&mut t, block, now), Handled::Advanced(u64::from(block)));
+        }
+        assert!(now - t0 > 4 * budget);
+        assert_eq!(t.state(), State::Running);
+        assert_eq!(t.deadline(), Some(now + timing().initial));
+    }
+
+    #[test]
+    fn resend_from_follows_the_acks() {
+        let now = Instant::now();
+        let mut t = Transfer::new(params(80, 8, 4, true), now);
+        assert_eq!(t.resend_from(), 0);
+        drain(&mut t);
+        ack(&mut t, 0, now);
+        assert_eq!(t.resend_from(), 0);
+        drain(&mut t);
+        ack(&mut t, 3, now);
+        assert_eq!(t.resend_from(), 24);
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub struct Server {
     /// An admin token made with `stork token create` before the first start.
     pub token: String,
     extra_config: String,
+    extra_http: String,
     extra_args: Vec<String>,
     env: Vec<(String, String)>,
     process: Option<Spawned>,
@@ -46,6 +47,8 @@ fn free_port() -> u16 {
 pub struct Options<'a> {
     /// Extra TOML for the config file, e.g. a `[lifecycle]` table.
     pub config: &'a str,
+    /// Extra keys of the `[http]` table (the server writes its `listen` and `port`).
+    pub http: &'a str,
     pub args: &'a [&'a str],
     pub env: &'a [(&'a str, &'a str)],
 }
@@ -54,6 +57,7 @@ impl Default for Options<'_> {
     fn default() -> Self {
         Self {
             config: "[lifecycle]\ncheck_interval = 1\n",
+            http: "",
             args: &[],
             env: &[],
         }
@@ -82,6 +86,7 @@ impl Server {
             port: 0,
             token,
             extra_config: opts.config.to_string(),
+            extra_http: opts.http.to_string(),
             extra_args: opts.args.iter().map(|s| s.to_string()).collect(),
             env: opts
                 .env
@@ -120,10 +125,11 @@ impl Server {
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\n{}\n[http]\nlisten = \"127.0.0.1\"\nport = {}\n\n[dhcp]\nmode = \"off\"\n\n[tftp]\nenabled = false\n",
+                "data_dir = {:?}\n{}\n[http]\nlisten = \"127.0.0.1\"\nport = {}\n{}\n\n[dhcp]\nmode = \"off\"\n\n[tftp]\nenabled = false\n",
                 self.data_dir(),
                 self.extra_config,
-                self.port
+                self.port,
+                self.extra_http,
             ),
         )?;
         self.starts += 1;
@@ -324,4 +330,50 @@ pub fn status_history(events: &[EventRecord]) -> Result<Vec<Status>, String> {
         out.push(new);
     }
     Ok(out)
+}
+
+/// A TCP connection to the server on 127.0.0.1:`port` from `source` (another loopback
+/// address: another host on the provisioning network).
+pub fn connect_from(source: std::net::IpAddr, port: u16) -> std::net::TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&std::net::SocketAddr::new(source, 0).into())
+        .expect("bind the source address");
+    socket
+        .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .expect("connect");
+    socket.into()
+}
+
+/// An HTTP/1.1 request from `source` (see [`connect_from`]), with a JSON `body` if any; the
+/// status, the headers (lower case) and the body.
+pub fn request_from(
+    source: std::net::IpAddr,
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut stream = connect_from(source, port);
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let body = body.unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut answer = String::new();
+    // The server may close before reading an oversized body: keep what it answered.
+    let _ = stream.read_to_string(&mut answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_string())
 }

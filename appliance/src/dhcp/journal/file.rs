@@ -79,6 +79,11 @@ impl Journal {
         if loaded.torn_bytes > 0 {
             tracing::warn!(path = %path.display(), bytes = loaded.torn_bytes, "lease journal had a torn tail (crash during a write); dropped it");
         }
+        if loaded.skipped_bytes > 0 {
+            // Once per open: the rewrite below leaves only good records.
+            tracing::error!(path = %path.display(), bytes = loaded.skipped_bytes, stretches = loaded.skipped_runs, kept = loaded.records.len(),
+                "lease journal had corrupt records between good ones (disk or file damage); skipped them and kept every good record after");
+        }
         let snapshot = LiveSet::from_records(&loaded.records).snapshot(unix_secs(now));
         let file = rewrite(path, &snapshot)?;
         tracing::info!(path = %path.display(), read = loaded.records.len(), live = snapshot.len(), "lease journal loaded and compacted");
@@ -195,6 +200,37 @@ mod tests {
             l.records,
             vec![bound(1, 10, 5000), bound(3, 12, 5000), bound(4, 13, 5000)]
         );
+    }
+
+    #[test]
+    fn a_corrupt_record_in_the_middle_loses_no_later_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let (mut j, _) = Journal::open(&path, t).unwrap();
+        let acked: Vec<Record> = (1..=20).map(|n| bound(n, n + 100, 5000)).collect();
+        for r in &acked {
+            j.append(std::slice::from_ref(r)).unwrap();
+        }
+        drop(j);
+        // A bit flips in the 5th record on disk.
+        let mut data = std::fs::read(&path).unwrap();
+        data[super::super::MAGIC.len() + 4 * RECORD_LEN + 8] ^= 0x04;
+        std::fs::write(&path, &data).unwrap();
+        let l = load(&path).unwrap();
+        assert_eq!(
+            (l.skipped_bytes, l.skipped_runs, l.torn_bytes),
+            (RECORD_LEN, 1, 0)
+        );
+
+        let (_j, live) = Journal::open(&path, t).unwrap();
+        let mut want = acked.clone();
+        want.remove(4);
+        assert_eq!(live, want, "every lease after the bad record is restored");
+        // The open rewrote the file clean.
+        let l = load(&path).unwrap();
+        assert_eq!((l.skipped_bytes, l.torn_bytes), (0, 0));
+        assert_eq!(l.records, want);
     }
 
     #[test]

@@ -10,7 +10,10 @@
 //! MAC (6), IPv4 address (4), a time in Unix seconds (8, little endian: the lease's expiry or
 //! the end of probation), one zero byte, and a CRC-32 (IEEE) of the first 20 bytes. Fields
 //! a kind does not use are zero. A torn or corrupt tail (a crash in the middle of a write)
-//! fails its CRC; loading stops there and the next compaction drops it.
+//! fails its CRC; loading stops there and the next compaction drops it. A corrupt stretch
+//! between good records (damage, not a crash) is skipped: loading resynchronises on the
+//! next offset where a good record starts ([`record::parse`]), so no later, already
+//! acknowledged lease is lost; the start-up compaction then rewrites the file clean.
 //!
 //! # Durability (fsync policy)
 //! - Offers are never written: a lost offer costs the client one retry.

@@ -118,6 +118,10 @@ pub struct Loaded {
     pub records: Vec<Record>,
     /// Bytes after the last good record (a torn write), dropped.
     pub torn_bytes: usize,
+    /// Bytes between good records that are no record (a corrupt stretch: a flipped bit, a
+    /// lost or doubled sector), skipped, and how many such stretches.
+    pub skipped_bytes: usize,
+    pub skipped_runs: usize,
 }
 
 /// A journal file holding exactly `records`.
@@ -130,27 +134,55 @@ pub fn emit(records: &[Record]) -> Vec<u8> {
     buf
 }
 
-/// The good records of a journal file, up to the first bad one. `None` when the bytes do
-/// not start with the magic; empty bytes are an empty journal (a crash can leave an empty
-/// file between create and the first write).
+/// The record starting at `at` in `body`, if a whole good one does.
+fn record_at(body: &[u8], at: usize) -> Option<Record> {
+    let b: &[u8; RECORD_LEN] = body.get(at..at.checked_add(RECORD_LEN)?)?.try_into().ok()?;
+    // The cheap checks before the CRC: a resync tries every offset.
+    if !(KIND_BOUND..=KIND_PROBATION).contains(&b[field::KIND]) || b[field::PAD] != 0 {
+        return None;
+    }
+    Record::decode(b)
+}
+
+/// The good records of a journal file. `None` when the bytes do not start with the magic;
+/// empty bytes are an empty journal (a crash can leave an empty file between create and
+/// the first write).
+///
+/// Records are read in steps of [`RECORD_LEN`]. Where no good record starts, the reader
+/// resynchronises: it looks at every following offset, one byte at a time, for the next
+/// place a good record starts (kind, zero pad and CRC-32 all right: a false match is about
+/// one in 2^34 per offset), and goes on from there; the stretch in between is skipped
+/// ([`Loaded::skipped_bytes`]). Every record after a corrupt one, each of them possibly a
+/// lease already acknowledged, is kept. When no good record follows, the rest is a torn
+/// tail ([`Loaded::torn_bytes`]). A skipped record is a change lost: the state before it
+/// stands (a lease it ended or moved stays with its holder until it expires), so no
+/// address is handed to two clients because of it.
 pub fn parse(data: &[u8]) -> Option<Loaded> {
     if data.is_empty() {
         return Some(Loaded::default());
     }
     let body = data.strip_prefix(MAGIC.as_slice())?;
-    let records: Vec<Record> = body
-        .chunks_exact(RECORD_LEN)
-        .map_while(|chunk| {
-            <&[u8; RECORD_LEN]>::try_from(chunk)
-                .ok()
-                .and_then(Record::decode)
-        })
-        .collect();
-    let torn_bytes = body.len() - records.len() * RECORD_LEN;
-    Some(Loaded {
-        records,
-        torn_bytes,
-    })
+    let mut loaded = Loaded::default();
+    let mut at = 0;
+    while at < body.len() {
+        if let Some(r) = record_at(body, at) {
+            loaded.records.push(r);
+            at += RECORD_LEN;
+            continue;
+        }
+        match (at + 1..body.len()).find(|&next| record_at(body, next).is_some()) {
+            Some(next) => {
+                loaded.skipped_bytes += next - at;
+                loaded.skipped_runs += 1;
+                at = next;
+            }
+            None => {
+                loaded.torn_bytes = body.len() - at;
+                break;
+            }
+        }
+    }
+    Some(loaded)
 }
 
 #[cfg(test)]
@@ -254,13 +286,77 @@ mod tests {
         assert_eq!(parse(b"garbage!garbage!"), None);
     }
 
+    fn five() -> Vec<Record> {
+        vec![
+            bound(1, 10, 100),
+            bound(2, 11, 100),
+            Record::Released {
+                mac: mac(1),
+                ip: ip(10),
+            },
+            Record::Probation {
+                ip: ip(12),
+                until: 300,
+            },
+            bound(3, 13, 100),
+        ]
+    }
+
     #[test]
-    fn parsing_stops_at_the_first_bad_record() {
+    fn a_corrupt_record_in_the_middle_is_skipped_and_every_later_one_kept() {
+        let records = five();
+        for i in 0..RECORD_LEN {
+            let mut data = emit(&records);
+            data[MAGIC.len() + RECORD_LEN + i] ^= 0x10;
+            let l = parse(&data).unwrap();
+            let mut want = records.clone();
+            want.remove(1);
+            assert_eq!(l.records, want, "byte {i}");
+            assert_eq!(
+                (l.skipped_bytes, l.skipped_runs, l.torn_bytes),
+                (RECORD_LEN, 1, 0)
+            );
+        }
+    }
+
+    #[test]
+    fn lost_or_inserted_bytes_are_skipped_too() {
+        let records = five();
+        let clean = emit(&records);
+        let second = MAGIC.len() + RECORD_LEN;
+        // Half of the second record lost: the third starts off the 24-byte grid.
+        let mut cut = clean.clone();
+        cut.drain(second..second + 10);
+        let l = parse(&cut).unwrap();
+        assert_eq!(l.records, [&records[..1], &records[2..]].concat());
+        assert_eq!((l.skipped_bytes, l.skipped_runs), (RECORD_LEN - 10, 1));
+        // Garbage written between two records, and a zeroed stretch over two records.
+        let mut grown = clean.clone();
+        grown.splice(second..second, [0xAB; 7]);
+        let l = parse(&grown).unwrap();
+        assert_eq!(l.records, records);
+        assert_eq!((l.skipped_bytes, l.skipped_runs), (7, 1));
+        let mut zeroed = clean.clone();
+        zeroed[second..second + 2 * RECORD_LEN].fill(0);
+        let l = parse(&zeroed).unwrap();
+        assert_eq!(l.records, [&records[..1], &records[3..]].concat());
+        assert_eq!((l.skipped_bytes, l.skipped_runs), (2 * RECORD_LEN, 1));
+        // Two separate bad records: two runs.
+        let mut two = clean;
+        two[second] ^= 1;
+        two[second + 2 * RECORD_LEN + 5] ^= 1;
+        let l = parse(&two).unwrap();
+        assert_eq!(l.records.len(), 3);
+        assert_eq!((l.skipped_bytes, l.skipped_runs), (2 * RECORD_LEN, 2));
+    }
+
+    #[test]
+    fn a_corrupt_last_record_is_a_torn_tail() {
         let records = [bound(1, 10, 100), bound(2, 11, 100), bound(3, 12, 100)];
         let mut data = emit(&records);
-        data[MAGIC.len() + RECORD_LEN + 3] ^= 1;
+        data[MAGIC.len() + 2 * RECORD_LEN + 3] ^= 1;
         let l = parse(&data).unwrap();
-        assert_eq!(l.records, records[..1]);
-        assert_eq!(l.torn_bytes, 2 * RECORD_LEN);
+        assert_eq!(l.records, records[..2]);
+        assert_eq!((l.torn_bytes, l.skipped_bytes), (RECORD_LEN, 0));
     }
 }

@@ -1,0 +1,74 @@
+//! Which address each MAC holds, as this server leased it: what the HTTP side checks a boot
+//! script's requester against, so that only the machine holding a MAC's lease is given that
+//! machine's agent token.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{PoisonError, RwLock};
+
+use stork_proto::MacAddr;
+
+use super::journal::Record;
+
+#[derive(Debug, Default)]
+pub struct Leases {
+    by_mac: RwLock<HashMap<MacAddr, Ipv4Addr>>,
+}
+
+impl Leases {
+    /// Follows lease records as the journal gets them: a binding replaces the MAC's
+    /// address, a release forgets it.
+    pub fn apply(&self, records: &[Record]) {
+        let mut map = self.by_mac.write().unwrap_or_else(PoisonError::into_inner);
+        for r in records {
+            match *r {
+                Record::Bound { mac, ip, .. } => {
+                    map.insert(mac, ip);
+                }
+                Record::Released { mac, ip } => {
+                    if map.get(&mac) == Some(&ip) {
+                        map.remove(&mac);
+                    }
+                }
+                Record::Probation { .. } => {}
+            }
+        }
+    }
+
+    /// The address leased to `mac`, if this server leased it one.
+    pub fn of(&self, mac: MacAddr) -> Option<Ipv4Addr> {
+        self.by_mac
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&mac)
+            .copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_binding_is_followed_and_a_release_forgets_it() {
+        let mac: MacAddr = "52:54:00:00:00:01".parse().unwrap();
+        let (a, b) = (Ipv4Addr::new(10, 77, 0, 10), Ipv4Addr::new(10, 77, 0, 11));
+        let leases = Leases::default();
+        leases.apply(&[Record::Bound {
+            mac,
+            ip: a,
+            expires: 1,
+        }]);
+        assert_eq!(leases.of(mac), Some(a));
+        leases.apply(&[Record::Bound {
+            mac,
+            ip: b,
+            expires: 2,
+        }]);
+        // A stale release of the old address leaves the new one.
+        leases.apply(&[Record::Released { mac, ip: a }]);
+        assert_eq!(leases.of(mac), Some(b));
+        leases.apply(&[Record::Released { mac, ip: b }]);
+        assert_eq!(leases.of(mac), None);
+    }
+}
