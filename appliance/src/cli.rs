@@ -13,6 +13,32 @@ use stork_proto::units::human_bytes;
 use crate::lifecycle::Status;
 use crate::store::{EventRecord, Machine};
 
+/// Prints a line of the CLI's human output with its control characters escaped: machine
+/// details, events and inventories carry text that machines sent (agent reports, an
+/// enlistment's inventory), which must not drive the terminal. JSON output escapes them by
+/// itself.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        println!("{}", printable(&format!($($arg)*)))
+    };
+}
+
+/// `s` with every control character but newline and tab written as an escape (`\u{1b}`).
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// What to add to an API error the user can mend: how to get a token.
 pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
     let status = e.downcast_ref::<stork_client::Error>()?.status()?;
@@ -48,12 +74,12 @@ pub fn plain_table<R: Into<comfy_table::Row>>(
 /// Prints a table and its newline; nothing for an empty one.
 fn print_table(table: &str) {
     if !table.is_empty() {
-        println!("{table}");
+        out!("{table}");
     }
 }
 
 pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    out!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -89,13 +115,13 @@ pub fn machine_table(machines: &[Machine]) {
 
 pub fn machine_details(m: &Machine, events: &[EventRecord]) {
     let show = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
-    println!("id:        {}", m.id);
-    println!("status:    {}", m.status);
+    out!("id:        {}", m.id);
+    out!("status:    {}", m.status);
     if let Some(msg) = &m.status_message {
-        println!("reason:    {msg}");
+        out!("reason:    {msg}");
     }
-    println!("hostname:  {}", show(&m.hostname));
-    println!(
+    out!("hostname:  {}", show(&m.hostname));
+    out!(
         "macs:      {}",
         m.macs
             .iter()
@@ -103,9 +129,9 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!("power:     {}", m.power.driver);
+    out!("power:     {}", m.power.driver);
     if let Some(o) = &m.owner {
-        println!("owner:     {o}");
+        out!("owner:     {o}");
     }
     if let Some(d) = &m.deploy {
         let layout = d.layout.map_or_else(String::new, |l| {
@@ -116,7 +142,7 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
                     .map_or_else(|| "the rest".to_string(), |r| format!("{r} MiB"))
             )
         });
-        println!("deploy:    {} to {:?}{layout}", d.image, d.target);
+        out!("deploy:    {} to {:?}{layout}", d.image, d.target);
     }
     if let Some(at) = m.last_heartbeat {
         let step = m.heartbeat_step.as_deref().unwrap_or("-");
@@ -124,33 +150,33 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
             Some(d) => format!("next due by {}", time(d)),
             None => "none expected".to_string(),
         };
-        println!("heartbeat: {} (step {step}), {due}", time(at));
+        out!("heartbeat: {} (step {step}), {due}", time(at));
     }
     if let Some(inv) = &m.inventory {
-        println!("firmware:  {:?}", inv.firmware);
+        out!("firmware:  {:?}", inv.firmware);
         let c = &inv.cpu;
         let topology = match (c.sockets, c.cores) {
             (Some(s), Some(k)) => format!(" ({s} sockets, {k} cores)"),
             _ => String::new(),
         };
-        println!("cpu:       {} x {}{topology}", c.count, c.model);
+        out!("cpu:       {} x {}{topology}", c.count, c.model);
         if !c.flags.is_empty() {
-            println!("cpu flags: {}", c.flags.join(" "));
+            out!("cpu flags: {}", c.flags.join(" "));
         }
-        println!(
+        out!(
             "memory:    {} (usable {})",
             human_bytes(inv.memory.total_bytes),
             human_bytes(inv.memory.usable_bytes)
         );
         let d = &inv.dmi;
-        println!(
+        out!(
             "system:    {} {} (serial {})",
             show(&d.sys_vendor),
             show(&d.product_name),
             show(&d.product_serial)
         );
         for disk in &inv.disks {
-            println!(
+            out!(
                 "disk:      {:<8} {:>10}  model {}  serial {}  {}{}",
                 disk.name,
                 human_bytes(disk.size_bytes),
@@ -164,7 +190,7 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
                 }
             );
             for p in &disk.partitions {
-                println!(
+                out!(
                     "           {:<10} {:>10}  at {}  {}",
                     p.name,
                     human_bytes(p.size_bytes),
@@ -174,7 +200,7 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
             }
         }
         for nic in &inv.nics {
-            println!(
+            out!(
                 "nic:       {:<8} {}  driver {}  link {}{}",
                 nic.name,
                 nic.mac,
@@ -201,7 +227,7 @@ fn event_table(events: &[EventRecord]) -> String {
 
 /// One event as it comes, for `watch` (a table needs every row before its widths).
 pub fn print_event(e: &EventRecord) {
-    println!("{} {:<12} {}", time(e.at), e.actor, e.message);
+    out!("{} {:<12} {}", time(e.at), e.actor, e.message);
 }
 
 /// The percentage an agent's progress event carries in its text: the API writes them as
@@ -236,7 +262,7 @@ impl WatchOutput {
         };
         if !self.terminal {
             let filled = ((pct / 5.0) as usize).min(20);
-            println!(
+            out!(
                 "{} [{}{}] {}",
                 time(e.at),
                 "#".repeat(filled),
@@ -259,7 +285,7 @@ impl WatchOutput {
             (step, bar)
         });
         bar.set_prefix(time(e.at));
-        bar.set_message(e.message.clone());
+        bar.set_message(printable(&e.message).into_owned());
         bar.set_position(pct.clamp(0.0, 100.0).round() as u64);
     }
 
@@ -299,7 +325,7 @@ pub fn watch(c: &Client, id: &str, until_settled: bool) -> Result<()> {
     out.finish();
     followed?;
     if until_settled {
-        println!("status: {last_status}");
+        out!("status: {last_status}");
     }
     Ok(())
 }
@@ -340,18 +366,18 @@ pub fn stats(c: &Client, json: bool) -> Result<()> {
         ("http", &stats.http),
     ] {
         for (name, value) in counters {
-            println!("{service}.{name} {value}");
+            out!("{service}.{name} {value}");
         }
     }
-    println!("health {}", health.status);
+    out!("health {}", health.status);
     for (name, s) in &health.services {
         let state = s.state.as_str();
         match &s.last_error {
-            Some(e) => println!(
+            Some(e) => out!(
                 "health.{name} {state} restarts={} last_error={e}",
                 s.restarts
             ),
-            None => println!("health.{name} {state} restarts={}", s.restarts),
+            None => out!("health.{name} {state} restarts={}", s.restarts),
         }
     }
     Ok(())
@@ -408,7 +434,7 @@ pub fn machine_line(m: &Machine, json: bool) -> Result<()> {
     if json {
         return print_json(m);
     }
-    println!("{} {}", m.id, m.status);
+    out!("{} {}", m.id, m.status);
     Ok(())
 }
 
@@ -430,7 +456,7 @@ pub fn json_or_line<T: serde::Serialize>(
     if json {
         print_json(v)
     } else {
-        println!("{}", line(v));
+        out!("{}", line(v));
         Ok(())
     }
 }
@@ -456,4 +482,16 @@ pub fn audit(c: &Client, after: i64, json: bool) -> Result<()> {
         rows,
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_but_lines_and_tabs_kept() {
+        assert_eq!(printable("plain text"), "plain text");
+        assert_eq!(printable("a\tb\nc"), "a\tb\nc");
+        assert_eq!(printable("\u{1b}[2Jgone\u{7}\r"), "\\u{1b}[2Jgone\\u{7}\\r");
+    }
 }

@@ -1701,3 +1701,30 @@ fn token_scopes_expiry_revocation_and_the_audit_log() {
     // Reads are not changes: not in the log.
     assert!(log.iter().all(|a| a.method != "GET"), "{log:#?}");
 }
+
+/// A deploy's user-data (it may hold secrets) is shown by the machine's own page, not by
+/// the listing everyone with a read-only token scrolls.
+#[test]
+fn user_data_is_left_out_of_listings() {
+    let f = Fixture::new();
+    let m = f.drive(51, Status::Allocated).unwrap();
+    let req = DeployRequest {
+        user_data: Some("#cloud-config\npassword: s3cret\n".into()),
+        ..deploy(IMAGE)
+    };
+    f.act(&m, Action::Deploy(req), Status::Deploying);
+    let listed = f.client.machines(&MachineFilter::default()).unwrap();
+    let row = listed.iter().find(|x| x.id == m.id).unwrap();
+    let deploy = row.deploy.as_ref().expect("the listing shows the deploy");
+    assert_eq!(
+        (deploy.image.as_str(), deploy.user_data.as_ref()),
+        (IMAGE, None)
+    );
+    let shown = f.machine(&m.id);
+    assert!(
+        shown
+            .deploy
+            .and_then(|d| d.user_data)
+            .is_some_and(|u| u.contains("s3cret"))
+    );
+}

@@ -166,6 +166,16 @@ impl Machine {
         m.power = m.power.redacted();
         m
     }
+
+    /// The machine as a listing shows it: [`Machine::redacted`], and without its deploy's
+    /// user-data, which may hold secrets (`GET /machines/{id}` shows it to its reader).
+    pub fn listed(&self) -> Machine {
+        let mut m = self.redacted();
+        if let Some(d) = &mut m.deploy {
+            d.user_data = None;
+        }
+        m
+    }
 }
 
 /// A machine's per-boot agent token as the appliance keeps it: given once per boot, to

@@ -138,6 +138,14 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict { .. } | StoreError::MacTaken(_) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
+            StoreError::DiskFull { .. } => {
+                tracing::error!(error = %e, "new records refused");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient_storage",
+                    e.to_string(),
+                )
+            }
             other => {
                 tracing::error!(error = ?other, "store failure");
                 ApiError::new(
@@ -171,7 +179,7 @@ type ApiResult<T> = Result<T, ApiError>;
     operation_id = "list_machines",
     tag = "machines",
     summary = "List machines",
-    description = "Every machine, oldest first; unknown query parameters are a 400.",
+    description = "Every machine, oldest first; unknown query parameters are a 400. A deploy's user-data is left out (it may hold secrets): `GET /machines/{id}` shows it.",
     params(
         ("status" = Option<Status>, Query),
         ("tag" = Option<String>, Query)
@@ -201,7 +209,7 @@ async fn list_machines(
         all.into_iter()
             .filter(|m| status.is_none_or(|st| m.status == st))
             .filter(|m| f.tag.as_ref().is_none_or(|t| m.tags.contains(t)))
-            .map(|m| m.redacted())
+            .map(|m| m.listed())
             .collect(),
     ))
 }

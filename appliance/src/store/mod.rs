@@ -44,12 +44,34 @@ pub enum StoreError {
     Join(#[from] tokio::task::JoinError),
     #[error("schema migration failed")]
     Migrate(#[from] migrate::MigrateError),
+    #[error(
+        "the appliance's disk is nearly full: {free_mib} MiB free under {dir}, below the \
+         {need_mib} MiB it keeps for status changes and DHCP leases; free some space"
+    )]
+    DiskFull {
+        dir: std::path::PathBuf,
+        free_mib: u64,
+        need_mib: u64,
+    },
+    #[error("cannot make {path} private to its owner")]
+    Restrict {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    /// Where the database lives: new records are refused when its file system runs low.
+    dir: Arc<std::path::PathBuf>,
 }
+
+/// New machines and appended events are refused while the database's file system has less
+/// than this free: what is left goes to the status changes under way and the DHCP lease
+/// journal, which share the data directory.
+pub const MIN_FREE_BYTES: u64 = 64 << 20;
 
 fn json<T: serde::Serialize>(v: &T) -> String {
     // Serializing our own plain data types cannot fail.
@@ -63,15 +85,49 @@ fn from_json<T: serde::de::DeserializeOwned>(
     serde_json::from_str(s).map_err(|source| StoreError::Json { column, source })
 }
 
+/// Each machine keeps its newest this many events.
+pub const MAX_EVENTS_PER_MACHINE: i64 = 10_000;
+/// Retention is applied on every this many inserted events (of any machine).
+const RETENTION_CHECK_EVERY: i64 = 64;
+
+/// Makes `path` readable and writable by its owner only.
+pub fn restrict(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        StoreError::Restrict {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
+        // The database holds token hashes and BMC passwords: the owner alone reads it. SQLite
+        // makes its WAL and shared-memory files with the database's mode; ones left by an
+        // older version are restricted too.
+        restrict(path)?;
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            let side = std::path::PathBuf::from(side);
+            if side.exists() {
+                restrict(&side)?;
+            }
+        }
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
         let store = Self {
             conn: Arc::new(Mutex::new(conn)),
+            dir: Arc::new(dir),
         };
         store.migrate()?;
         Ok(store)
@@ -223,6 +279,7 @@ impl Store {
 
     /// Inserts a new machine and its first event.
     pub fn create_machine(&self, m: &Machine, event: &NewEvent) -> Result<Machine, StoreError> {
+        self.check_space()?;
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         tx.execute(
@@ -433,11 +490,41 @@ impl Store {
                 e.message
             ],
         )?;
+        // Retention: a machine keeps its newest events only, so that a host sending reports
+        // for a known MAC, or a machine in a loop, cannot grow the database without bound.
+        let id = tx.last_insert_rowid();
+        if id % RETENTION_CHECK_EVERY == 0 {
+            tx.execute(
+                "DELETE FROM events WHERE machine_id = ?1 AND id < (
+                     SELECT id FROM events WHERE machine_id = ?1
+                     ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                params![machine_id, MAX_EVENTS_PER_MACHINE - 1],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Refuses new records while the file system is nearly full (see [`MIN_FREE_BYTES`]).
+    /// A file system that cannot be asked is let through: the write itself will tell.
+    fn check_space(&self) -> Result<(), StoreError> {
+        let Ok(st) = nix::sys::statvfs::statvfs(self.dir.as_path()) else {
+            return Ok(());
+        };
+        #[allow(clippy::useless_conversion)] // the field types differ between targets
+        let free = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
+        if free < MIN_FREE_BYTES {
+            return Err(StoreError::DiskFull {
+                dir: self.dir.to_path_buf(),
+                free_mib: free >> 20,
+                need_mib: MIN_FREE_BYTES >> 20,
+            });
+        }
         Ok(())
     }
 
     /// Appends an event without changing the machine (e.g. a rejected agent report).
     pub fn add_event(&self, machine_id: &str, e: &NewEvent) -> Result<(), StoreError> {
+        self.check_space()?;
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         Self::insert_event(&tx, machine_id, e)?;
@@ -745,5 +832,86 @@ mod tests {
             !s.record_heartbeat("nope", &agent, 3200, "x", Some(8000))
                 .unwrap()
         );
+    }
+}
+
+#[cfg(test)]
+mod retention_tests {
+    use super::*;
+
+    #[test]
+    fn a_machine_keeps_its_newest_events_and_the_database_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stork.db");
+        let s = Store::open(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let mac: MacAddr = "52:54:00:00:00:01".parse().unwrap();
+        let m = Machine::new("m1".into(), vec![mac], 0);
+        let ev = |n: i64| NewEvent {
+            at: n,
+            actor: "test".into(),
+            old_status: None,
+            new_status: None,
+            message: format!("event {n}"),
+        };
+        s.create_machine(&m, &ev(0)).unwrap();
+        let total = MAX_EVENTS_PER_MACHINE + 3 * RETENTION_CHECK_EVERY;
+        for n in 1..total {
+            s.add_event("m1", &ev(n)).unwrap();
+        }
+        let kept = s.events(Some("m1"), 0, u32::MAX).unwrap();
+        assert!(kept.len() as i64 <= MAX_EVENTS_PER_MACHINE + RETENTION_CHECK_EVERY);
+        assert!(kept.len() as i64 >= MAX_EVENTS_PER_MACHINE);
+        // The newest are the ones kept.
+        assert_eq!(kept.last().unwrap().message, format!("event {}", total - 1));
+    }
+}
+
+#[cfg(test)]
+mod space_tests {
+    use super::*;
+
+    /// Unmounts the test's small file system however the test ends.
+    struct Mounted(std::path::PathBuf);
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    #[test]
+    fn a_nearly_full_disk_refuses_new_records_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=32m"),
+        );
+        if mounted == Err(nix::errno::Errno::EPERM) {
+            eprintln!("skipped: mounting a small tmpfs needs root");
+            return;
+        }
+        mounted.unwrap();
+        let _mounted = Mounted(dir.path().to_path_buf());
+        let s = Store::open(&dir.path().join("stork.db")).unwrap();
+        let mac: MacAddr = "52:54:00:00:00:02".parse().unwrap();
+        let ev = NewEvent {
+            at: 0,
+            actor: "test".into(),
+            old_status: None,
+            new_status: None,
+            message: "created".into(),
+        };
+        let e = s
+            .create_machine(&Machine::new("m2".into(), vec![mac], 0), &ev)
+            .unwrap_err();
+        assert!(matches!(e, StoreError::DiskFull { .. }), "{e:?}");
+        assert!(e.to_string().contains("nearly full"), "{e}");
+        assert!(s.list_machines().unwrap().is_empty());
     }
 }
