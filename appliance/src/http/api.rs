@@ -683,7 +683,7 @@ async fn machine_events(
     q: Result<Query<EventQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<EventRecord>>> {
     let Query(q) = q?;
-    let limit = q.limit.unwrap_or(1000);
+    let limit = page_limit(q.limit);
     Ok(Json(s.controller.events(Some(id), q.after, limit).await?))
 }
 
@@ -711,7 +711,7 @@ async fn list_events(
     q: Result<Query<EventQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<EventRecord>>> {
     let Query(q) = q?;
-    let limit = q.limit.unwrap_or(1000);
+    let limit = page_limit(q.limit);
     // Filtered by id as stored (an unknown id is an empty list, not a 404).
     Ok(Json(
         s.controller.events_by_id(q.machine, q.after, limit).await?,
@@ -1021,8 +1021,13 @@ async fn audit_log(
     q: Result<Query<AuditQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<AuditRecord>>> {
     let Query(q) = q?;
-    let limit = q.limit.unwrap_or(1000).min(10_000);
+    let limit = page_limit(q.limit);
     Ok(Json(s.controller.audit_log(q.after, limit).await?))
+}
+
+/// How many entries a history page holds: 1000 unless asked, 10,000 at most.
+fn page_limit(asked: Option<u32>) -> u32 {
+    asked.unwrap_or(1000).min(10_000)
 }
 
 /// Records every change asked through the admin API (not the agent's routes, which leave
