@@ -3,6 +3,9 @@
 //! `main.rs` only parses the command line; everything else lives here so tests and fuzz
 //! targets reach it.
 
+#[macro_use]
+mod counters;
+
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 
@@ -31,30 +30,9 @@ pub use leases::Leases;
 /// The PXE boot server port (PXE 2.1), served in proxy mode.
 pub const PXE_PORT: u16 = 4011;
 
-macro_rules! stats {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
-        /// Counters exposed through the API (`stork stats`).
-        #[derive(Debug, Default)]
-        pub struct Stats {
-            $($(#[$doc])* pub $name: AtomicU64,)*
-        }
-
-        #[derive(Debug, Serialize)]
-        pub struct StatsSnapshot {
-            $($(#[$doc])* pub $name: u64,)*
-        }
-
-        impl Stats {
-            pub fn snapshot(&self) -> StatsSnapshot {
-                StatsSnapshot {
-                    $($name: self.$name.load(Ordering::Relaxed),)*
-                }
-            }
-        }
-    };
-}
-
-stats! {
+counters! {
+    /// Counters exposed through the API (`stork stats`).
+    Stats, StatsSnapshot;
     /// Datagrams received on ports 67 and 4011.
     received,
     /// Dropped at the edge as not a DHCP request we serve (every reason below but oversized).

@@ -6,48 +6,27 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use super::config::HttpLimits;
 
-/// The listener's counters, in `/stats` as `http`.
-#[derive(Debug, Default)]
-pub struct HttpStats {
-    pub connections: AtomicU64,
+counters! {
+    /// The listener's counters, in `/stats` as `http`.
+    HttpStats, HttpStatsSnapshot;
+    connections,
     /// Closed at once: the listener held `max_connections` already.
-    pub refused_busy: AtomicU64,
+    refused_busy,
     /// Closed at once: that address held `max_connections_per_ip` already.
-    pub refused_per_ip: AtomicU64,
+    refused_per_ip,
     /// Unauthenticated agent requests refused by the per-address rate limit.
-    pub agent_rate_limited: AtomicU64,
-}
-
-#[derive(Debug, Default, Serialize)]
-pub struct HttpStatsSnapshot {
-    pub connections: u64,
-    pub refused_busy: u64,
-    pub refused_per_ip: u64,
-    pub agent_rate_limited: u64,
-}
-
-impl HttpStats {
-    pub fn snapshot(&self) -> HttpStatsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        HttpStatsSnapshot {
-            connections: get(&self.connections),
-            refused_busy: get(&self.refused_busy),
-            refused_per_ip: get(&self.refused_per_ip),
-            agent_rate_limited: get(&self.agent_rate_limited),
-        }
-    }
+    agent_rate_limited,
 }
 
 /// Open connections, in all and by address.
