@@ -58,7 +58,8 @@ pub fn router(state: AppState) -> Router {
     let root = state.cfg.boot_dir();
     let boot = tower::ServiceBuilder::new()
         .layer(axum::middleware::from_fn_with_state(
-            Arc::new(root.clone()),
+            // Resolved once: the root itself does not move while the appliance runs.
+            Arc::new(std::fs::canonicalize(&root).unwrap_or_else(|_| root.clone())),
             confine,
         ))
         .service(ServeDir::new(&root).append_index_html_on_directories(false));
@@ -91,11 +92,8 @@ async fn confine(
     let decoded = percent_encoding::percent_decode_str(req.uri().path()).decode_utf8_lossy();
     let relative = decoded.trim_start_matches('/');
     if !relative.is_empty()
-        && let (Ok(root), Ok(target)) = (
-            std::fs::canonicalize(root.as_path()),
-            std::fs::canonicalize(root.join(relative)),
-        )
-        && !target.starts_with(&root)
+        && let Ok(target) = std::fs::canonicalize(root.join(relative))
+        && !target.starts_with(root.as_path())
     {
         tracing::warn!(path = ?relative, "boot file outside the boot root refused");
         return axum::response::IntoResponse::into_response(StatusCode::NOT_FOUND);
