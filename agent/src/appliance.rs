@@ -11,6 +11,7 @@ use serde::Serialize;
 use stork_proto::{
     AgentReport, ENLIST_PATH, EnlistRequest, EnlistResponse, HEARTBEAT, Heartbeat, REPORT_PATH,
 };
+use stork_tls::Trust;
 use ureq::http::Response;
 use ureq::{Agent, Body};
 
@@ -37,7 +38,10 @@ const LEAVING_ATTEMPTS: u32 = 3;
 /// is in.
 #[derive(Clone)]
 pub struct ApplianceClient {
+    /// The API's base URL: the boot URL, or the HTTPS one the command line gave.
     base_url: String,
+    /// For an HTTPS API: the pinned certificate.
+    trust: Option<Trust>,
     backoff: Duration,
     /// The machine id and this boot's agent token, once the appliance knows the machine.
     identity: Option<(String, String)>,
@@ -74,10 +78,22 @@ impl ApplianceClient {
     pub fn new(base_url: &str) -> Self {
         Self {
             base_url: base_url.trim_end_matches('/').to_string(),
+            trust: None,
             backoff: ENLIST_BACKOFF,
             identity: None,
             step: Arc::new(Mutex::new("task".to_string())),
             beats_over: Arc::new(Mutex::new(false)),
+        }
+    }
+
+    /// The API over HTTPS at `api.url`, trusting only the certificate `api.fingerprint`.
+    pub fn with_tls(self, api: &stork_proto::cmdline::ApiTls) -> Self {
+        Self {
+            base_url: api.url.trim_end_matches('/').to_string(),
+            // The command line's parser checked the form; were it wrong, every call would
+            // fail saying no trust is configured.
+            trust: api.fingerprint.parse().ok().map(Trust::Pinned),
+            ..self
         }
     }
 
@@ -114,7 +130,7 @@ impl ApplianceClient {
             step: self.current_step().into(),
             leaving: false,
         };
-        match send(&url, Some(token), Some(&body), REPORT_TIMEOUT) {
+        match send(&self.trust, &url, Some(token), Some(&body), REPORT_TIMEOUT) {
             // 202: the appliance took it but expects no more (the image is installed).
             Outcome::Done(resp) if resp.status() == 202 => {
                 *over = true;
@@ -147,7 +163,7 @@ impl ApplianceClient {
         };
         let mut attempt = 1;
         loop {
-            match send(&url, Some(token), Some(&body), REPORT_TIMEOUT) {
+            match send(&self.trust, &url, Some(token), Some(&body), REPORT_TIMEOUT) {
                 Outcome::Done(_) => return Ok(()),
                 Outcome::Retry(e) if attempt < LEAVING_ATTEMPTS => {
                     say!("heartbeat", "leaving: attempt {attempt} failed: {e:#}");
@@ -187,8 +203,8 @@ impl ApplianceClient {
         let mut attempt = 1;
         loop {
             let outcome = match body {
-                Some(b) => send(&url, Some(token), Some(b), ENLIST_TIMEOUT),
-                None => send(&url, Some(token), None, ENLIST_TIMEOUT),
+                Some(b) => send(&self.trust, &url, Some(token), Some(b), ENLIST_TIMEOUT),
+                None => send(&self.trust, &url, Some(token), None, ENLIST_TIMEOUT),
             };
             match outcome {
                 Outcome::Done(mut resp) => {
@@ -245,7 +261,7 @@ impl ApplianceClient {
     pub fn progress(&self, e: &stork_proto::AgentEvent) {
         self.enter_step(e.step.as_str());
         if let Ok((url, token)) = self.machine_url("events") {
-            let _ = send(&url, Some(token), Some(e), REPORT_TIMEOUT);
+            let _ = send(&self.trust, &url, Some(token), Some(e), REPORT_TIMEOUT);
         }
     }
 
@@ -308,7 +324,7 @@ impl ApplianceClient {
         let url = format!("{}{ENLIST_PATH}", self.base_url);
         let mut attempt = 1;
         loop {
-            match post(&url, req, ENLIST_TIMEOUT) {
+            match post(&self.trust, &url, req, ENLIST_TIMEOUT) {
                 Outcome::Done(mut resp) => {
                     return resp
                         .body_mut()
@@ -337,14 +353,15 @@ impl ApplianceClient {
     /// Sends one failure report, without retries.
     pub fn report(&self, report: &AgentReport) -> Result<()> {
         let url = format!("{}{REPORT_PATH}", self.base_url);
-        match post(&url, report, REPORT_TIMEOUT) {
+        match post(&self.trust, &url, report, REPORT_TIMEOUT) {
             Outcome::Done(_) => Ok(()),
             Outcome::Retry(e) | Outcome::Fatal(e) => Err(e.context(format!("POST {url}"))),
         }
     }
 }
 
-fn agent(timeout: Duration) -> Agent {
+/// An `https://` API is trusted by the fingerprint the boot script pinned (`trust`).
+fn agent(timeout: Duration, trust: &Option<Trust>) -> Agent {
     let config = Agent::config_builder()
         .timeout_global(Some(timeout))
         // Read 4xx/5xx bodies ourselves: they carry the appliance's reason.
@@ -352,7 +369,7 @@ fn agent(timeout: Duration) -> Agent {
         // A developer's HTTP_PROXY must not divert tests; the initrd has none anyway.
         .proxy(None)
         .build();
-    Agent::new_with_config(config)
+    stork_tls::agent(config, trust.clone())
 }
 
 /// Object-safe serialization, so one retry loop serves every body type.
@@ -369,12 +386,13 @@ mod erased {
 
 /// GET (no body) or POST (JSON body) with an optional bearer token.
 fn send(
+    trust: &Option<Trust>,
     url: &str,
     token: Option<&str>,
     body: Option<&dyn erased::Body>,
     timeout: Duration,
 ) -> Outcome<Response<Body>> {
-    let agent = agent(timeout);
+    let agent = agent(timeout, trust);
     let result = match body {
         Some(b) => {
             let bytes = match b.to_json() {
@@ -398,8 +416,13 @@ fn send(
     classify(result)
 }
 
-fn post(url: &str, body: &impl Serialize, timeout: Duration) -> Outcome<Response<Body>> {
-    classify(agent(timeout).post(url).send_json(body))
+fn post(
+    trust: &Option<Trust>,
+    url: &str,
+    body: &impl Serialize,
+    timeout: Duration,
+) -> Outcome<Response<Body>> {
+    classify(agent(timeout, trust).post(url).send_json(body))
 }
 
 fn classify(result: Result<Response<Body>, ureq::Error>) -> Outcome<Response<Body>> {

@@ -156,6 +156,10 @@ fn steps(
 /// The appliance's client, with this boot's identity when the machine is known.
 fn client_for(args: &AgentArgs) -> ApplianceClient {
     let client = ApplianceClient::new(&args.url);
+    let client = match &args.api {
+        Some(api) => client.with_tls(api),
+        None => client,
+    };
     match (&args.machine_id, &args.token) {
         (Some(id), Some(token)) => client.with_identity(id, token),
         _ => client,

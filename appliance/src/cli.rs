@@ -41,8 +41,35 @@ pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
 
 /// What to add to an API error the user can mend: how to get a token.
 pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    if e.chain().any(|c| c.to_string().contains("not the pinned")) {
+        return Some(
+            "the appliance's certificate is not the one pinned: if it was replaced on purpose, \
+             check the new fingerprint with `stork config show` on the appliance and remove \
+             the old line from the pins file (or pass --fingerprint)",
+        );
+    }
     let status = e.downcast_ref::<stork_client::Error>()?.status()?;
     (status == 401).then_some("set --token or STORK_TOKEN; `stork token create` makes one")
+}
+
+/// `stork config show`: the URLs clients use and the HTTPS certificate's fingerprint.
+pub fn config_show(cfg: &crate::config::Config) -> anyhow::Result<()> {
+    println!("boot files:   {}/boot/", cfg.base_url());
+    println!("API:          {}/api/v1", cfg.api_url());
+    match &cfg.tls {
+        None => println!("TLS:          off"),
+        Some(t) => {
+            println!("certificate:  {}", t.cert.display());
+            match t.fingerprint() {
+                Ok(fp) => println!("fingerprint:  {fp}"),
+                Err(_) if t.generate => {
+                    println!("fingerprint:  none yet (generated at the first `stork serve`)")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A table as the CLI prints it: no borders, rules or colours, the columns two spaces apart

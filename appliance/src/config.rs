@@ -11,6 +11,7 @@ pub use crate::dhcp::config::{
     DhcpConfig, DhcpFile, DhcpMode, RateLimit, ReservationFile, Subnet, SubnetConfig, SubnetFile,
 };
 pub use crate::http::config::HttpFile;
+pub use crate::http::tls::TlsFile;
 pub use crate::lifecycle::config::LifecycleFile;
 pub use crate::tftp::config::TftpFile;
 
@@ -40,6 +41,19 @@ header_timeout = 10
 body_timeout = 60
 agent_rate = 5
 agent_burst = 20
+
+[tls]
+# The API and the agent's routes over HTTPS on this port (of http.listen's address); the
+# plain port then serves boot files and boot scripts only, which is all firmware speaks.
+enabled = true
+port = 8443
+# The certificate chain and key (PEM). Unset: a self-signed pair is generated at first
+# start in DATA_DIR/tls/; `stork config show` prints its fingerprint for clients to pin.
+# cert = "/etc/stork/cert.pem"
+# key = "/etc/stork/key.pem"
+# More names or addresses for the generated certificate (localhost, the host name,
+# 127.0.0.1 and `address` are always in it).
+names = []
 
 [tftp]
 # Serve DATA_DIR/boot over TFTP too: firmware PXE fetches its network boot program so.
@@ -124,6 +138,14 @@ check_interval = 5
 heartbeat_timeout = 60
 # Seconds between power-state polls of machines with a remote power driver (0: off).
 power_poll = 60
+# A release erases the machine's disks unless its request says otherwise
+# (`stork machine release --no-erase`, or `"erase": false` in the API).
+erase_on_release = true
+# An erase is full unless its request says otherwise (`--quick`, `"quick": true`): the
+# disk's own secure erase where it has one (NVMe Format NVM), else every byte zeroed, then
+# samples across each disk read back as zeros. A quick erase clears partition tables and
+# signatures only. A full erase of a large spinning disk must finish within `timeout`.
+erase_quick = false
 "#;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,6 +155,7 @@ pub struct FileConfig {
     pub interface: String,
     pub address: Ipv4Addr,
     pub http: HttpFile,
+    pub tls: TlsFile,
     pub tftp: TftpFile,
     pub dhcp: DhcpFile,
     pub boot: BootFile,
@@ -155,6 +178,7 @@ impl Default for FileConfig {
             interface: "stork0".into(),
             address: Ipv4Addr::new(10, 77, 0, 1),
             http: HttpFile::default(),
+            tls: TlsFile::default(),
             tftp: TftpFile::default(),
             dhcp: DhcpFile::default(),
             boot: BootFile::default(),
@@ -235,6 +259,12 @@ impl FileConfig {
         if self.http.port == 0 {
             return Err(invalid("http.port", "must not be 0"));
         }
+        if let Err((field, why)) = self.tls.check() {
+            return Err(invalid(field, why));
+        }
+        if self.tls.enabled && self.tls.port == self.http.port {
+            return Err(invalid("tls.port", "must differ from http.port"));
+        }
         let dhcp = self.dhcp.validate(self.address)?;
         for (field, name) in [
             ("boot.kernel", &self.boot.kernel),
@@ -274,6 +304,8 @@ impl FileConfig {
             check_interval: std::time::Duration::from_secs(self.lifecycle.check_interval),
             power_poll: (self.lifecycle.power_poll > 0)
                 .then(|| std::time::Duration::from_secs(self.lifecycle.power_poll)),
+            erase_on_release: self.lifecycle.erase_on_release,
+            erase_quick: self.lifecycle.erase_quick,
             data_dir: self.data_dir.clone(),
             interface: self.interface.clone(),
             address: self.address,
@@ -281,6 +313,16 @@ impl FileConfig {
             tftp: self.tftp.runtime(&self.data_dir),
             http_port: self.http.port,
             http_limits: self.http.limits(),
+            tls: self.tls.enabled.then(|| {
+                let (cert, key) = self.tls.paths(&self.data_dir);
+                crate::http::tls::TlsConfig {
+                    port: self.tls.port,
+                    cert,
+                    key,
+                    generate: self.tls.cert.is_none(),
+                    names: self.tls.names.clone(),
+                }
+            }),
             dhcp,
             boot: self.boot.clone(),
         })
@@ -296,6 +338,8 @@ pub struct Config {
     pub http_listen: SocketAddr,
     pub http_port: u16,
     pub http_limits: crate::http::config::HttpLimits,
+    /// `None` when HTTPS is off (API and agent routes on the plain port then).
+    pub tls: Option<crate::http::tls::TlsConfig>,
     /// `None` when TFTP is off.
     pub tftp: Option<crate::tftp::TftpConfig>,
     pub dhcp: DhcpConfig,
@@ -307,12 +351,22 @@ pub struct Config {
     pub heartbeat_timeout: std::time::Duration,
     /// `None`: power states are only queried on demand.
     pub power_poll: Option<std::time::Duration>,
+    /// What a release request that does not say does: erase, and how.
+    pub erase_on_release: bool,
+    pub erase_quick: bool,
 }
 
 impl Config {
-    /// Base URL machines use to reach this appliance.
+    /// Base URL machines use to reach this appliance's boot files and scripts.
     pub fn base_url(&self) -> String {
         format!("http://{}:{}", self.address, self.http_port)
+    }
+    /// Base URL of the API and the agent routes: HTTPS when it is on.
+    pub fn api_url(&self) -> String {
+        match &self.tls {
+            Some(t) => format!("https://{}:{}", self.address, t.port),
+            None => self.base_url(),
+        }
     }
     pub fn boot_dir(&self) -> PathBuf {
         self.data_dir.join("boot")

@@ -10,7 +10,7 @@ macro_rules! counters {
             $($(#[$doc])* pub $name: std::sync::atomic::AtomicU64,)*
         }
 
-        #[derive(Debug, Default, serde::Serialize)]
+        #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
         pub struct $snapshot {
             $($(#[$doc])* pub $name: u64,)*
         }

@@ -13,6 +13,7 @@ pub mod dhcp;
 pub mod http;
 pub mod image_import;
 pub mod lifecycle;
+pub mod pins;
 pub mod power;
 pub mod ratelimit;
 pub mod serve;

@@ -14,7 +14,7 @@ use stork_proto::api::{
     NewToken, PowerConfig, ReleaseBody, TokenScope,
 };
 
-const DEFAULT_URL: &str = "http://127.0.0.1:8080";
+const DEFAULT_URL: &str = "https://127.0.0.1:8443";
 
 #[derive(Parser)]
 #[command(name = "stork", version, about = "Bare-metal provisioning appliance")]
@@ -31,33 +31,52 @@ struct Cli {
 /// `stork config --help`, which talk to no appliance, do not list them.
 #[derive(clap::Args)]
 struct TopConn {
-    /// Appliance URL for client commands [default: http://127.0.0.1:8080].
+    /// Appliance URL for client commands [default: https://127.0.0.1:8443].
     #[arg(long, env = "STORK_URL")]
     url: Option<String>,
     /// Admin API token for client commands (`stork token create` makes one).
     #[arg(long, env = "STORK_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// For an https URL: the appliance certificate's fingerprint (`stork config show`
+    /// prints it); without it or --ca-file, the first connection pins what it sees.
+    #[arg(long, env = "STORK_FINGERPRINT")]
+    fingerprint: Option<String>,
+    /// For an https URL: the CA certificates (PEM) that issued the appliance's.
+    #[arg(long, env = "STORK_CA_FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 /// The same options on each client command and everything under it.
 #[derive(clap::Args)]
 struct Conn {
-    /// Appliance URL [default: http://127.0.0.1:8080].
+    /// Appliance URL [default: https://127.0.0.1:8443].
     #[arg(long, env = "STORK_URL", global = true)]
     url: Option<String>,
     /// Admin API token (`stork token create` makes one).
     #[arg(long, env = "STORK_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// For an https URL: the certificate's fingerprint to pin (`stork config show`).
+    #[arg(long, env = "STORK_FINGERPRINT", global = true)]
+    fingerprint: Option<String>,
+    /// For an https URL: the CA certificates (PEM) that issued the appliance's.
+    #[arg(long, env = "STORK_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
 }
 
 impl Conn {
-    fn client(&self, top: &TopConn) -> Client {
+    fn client(&self, top: &TopConn) -> Result<Client> {
         let url = self
             .url
             .as_deref()
             .or(top.url.as_deref())
             .unwrap_or(DEFAULT_URL);
-        Client::new(url, self.token.clone().or_else(|| top.token.clone()))
+        let trust = stork::pins::trust_for(
+            url,
+            self.ca_file.as_deref().or(top.ca_file.as_deref()),
+            self.fingerprint.as_deref().or(top.fingerprint.as_deref()),
+        )?;
+        let token = self.token.clone().or_else(|| top.token.clone());
+        Ok(Client::with_trust(url, token, trust))
     }
 }
 
@@ -192,7 +211,9 @@ enum MachineCmd {
         /// Power driver: manual, ipmi, redfish, qmp.
         #[arg(long, default_value = "manual")]
         power: String,
-        /// Power parameter KEY=VALUE (repeatable), e.g. address=10.0.0.5 user=admin.
+        /// Power parameter KEY=VALUE (repeatable), e.g. address=10.0.0.5 user=admin. Redfish
+        /// over https also needs fingerprint=sha256:<hex> (the BMC's certificate, pinned) or
+        /// ca_file=<PEM file on the appliance>.
         #[arg(long = "power-param")]
         power_params: Vec<String>,
         #[arg(long = "tag")]
@@ -251,14 +272,22 @@ enum MachineCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Give the machine back; with --erase, wipe its disks first.
+    /// Give the machine back, its disks erased first unless --no-erase (the defaults are the
+    /// appliance's `lifecycle.erase_on_release` and `lifecycle.erase_quick`).
     Release {
         id: String,
+        /// Erase the disks (the default unless the appliance is configured otherwise).
         #[arg(long)]
         erase: bool,
-        /// With --erase: every byte, not just signatures and partition tables.
-        #[arg(long)]
+        /// Release without touching the disks.
+        #[arg(long, conflicts_with = "erase")]
+        no_erase: bool,
+        /// Erase every byte (secure erase where the disk has one), checked by reading back.
+        #[arg(long, conflicts_with_all = ["quick", "no_erase"])]
         full: bool,
+        /// Erase partition tables and signatures only.
+        #[arg(long, conflicts_with = "no_erase")]
+        quick: bool,
         #[arg(long)]
         json: bool,
     },
@@ -391,6 +420,15 @@ enum ConfigCmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Where clients reach this appliance, and the fingerprint of its HTTPS certificate
+    /// (what `--fingerprint` takes and the CLI pins).
+    Show {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// As `stork serve --data-dir` (where the generated certificate is).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 fn read(path: &PathBuf) -> Result<String> {
@@ -420,12 +458,12 @@ fn run(cli: Cli) -> Result<()> {
     let top = cli.conn;
     match cli.cmd {
         Cmd::Serve(args) => serve::serve(args.into()),
-        Cmd::Machine { conn, cmd } => machine(&conn.client(&top), cmd),
-        Cmd::Token { conn, cmd } => token(&conn.client(&top), cmd),
-        Cmd::Image { conn, cmd } => image(&conn.client(&top), cmd),
-        Cmd::SshKey { conn, cmd } => ssh_key(&conn.client(&top), cmd),
-        Cmd::Stats { conn, json } => cli::stats(&conn.client(&top), json),
-        Cmd::Audit { conn, after, json } => cli::audit(&conn.client(&top), after, json),
+        Cmd::Machine { conn, cmd } => machine(&conn.client(&top)?, cmd),
+        Cmd::Token { conn, cmd } => token(|| conn.client(&top), cmd),
+        Cmd::Image { conn, cmd } => image(&conn.client(&top)?, cmd),
+        Cmd::SshKey { conn, cmd } => ssh_key(&conn.client(&top)?, cmd),
+        Cmd::Stats { conn, json } => cli::stats(&conn.client(&top)?, json),
+        Cmd::Audit { conn, after, json } => cli::audit(&conn.client(&top)?, after, json),
         Cmd::Config(ConfigCmd::Default) => {
             print!("{}", config::DEFAULT_TOML);
             Ok(())
@@ -438,10 +476,20 @@ fn run(cli: Cli) -> Result<()> {
             println!("{cfg:#?}");
             Ok(())
         }
+        Cmd::Config(ConfigCmd::Show { config, data_dir }) => {
+            let cfg = serve::load_config(&serve::Overrides {
+                config,
+                data_dir,
+                ..Default::default()
+            })?;
+            cli::config_show(&cfg)
+        }
     }
 }
 
-fn token(client: &Client, cmd: TokenCmd) -> Result<()> {
+/// `client` is called only by the commands that talk to an appliance (`create` writes the
+/// database directly, so it needs no URL and pins nothing).
+fn token(client: impl FnOnce() -> Result<Client>, cmd: TokenCmd) -> Result<()> {
     match cmd {
         TokenCmd::Create {
             data_dir,
@@ -464,7 +512,7 @@ fn token(client: &Client, cmd: TokenCmd) -> Result<()> {
             Ok(())
         }
         TokenCmd::List { json } => {
-            let tokens = client.tokens()?;
+            let tokens = client()?.tokens()?;
             cli::json_or_line(&tokens, json, |tokens| {
                 let now = stork::store::now_ms();
                 let rows = tokens.iter().map(|t| {
@@ -484,7 +532,7 @@ fn token(client: &Client, cmd: TokenCmd) -> Result<()> {
             })
         }
         TokenCmd::Revoke { id, json } => {
-            let t = client.revoke_token(&id)?;
+            let t = client()?.revoke_token(&id)?;
             cli::json_or_line(&t, json, |t| format!("{} revoked", t.id))
         }
     }
@@ -631,12 +679,16 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
         MachineCmd::Release {
             id,
             erase,
+            no_erase,
             full,
+            quick,
             json,
         } => {
+            // What the command line leaves unsaid, the appliance's configuration decides;
+            // --full or --quick asks for an erase.
             let body = ReleaseBody {
-                erase,
-                quick: Some(!full),
+                erase: (erase || no_erase || full || quick).then_some(!no_erase),
+                quick: (full || quick).then_some(quick),
             };
             cli::machine_line(&c.release(&id, &body)?, json)
         }

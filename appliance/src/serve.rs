@@ -1,6 +1,6 @@
 //! `stork serve`: builds the runtime config and runs every service under one JoinSet.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -102,6 +102,20 @@ impl<T> Prebound<T> {
 }
 
 async fn run(cfg: Arc<Config>) -> Result<()> {
+    // HTTPS first: a bad certificate stops the start before anything listens.
+    let tls = match &cfg.tls {
+        Some(t) => {
+            let loaded = t.load(cfg.address).context("HTTPS")?;
+            tracing::info!(
+                url = %cfg.api_url(),
+                fingerprint = %loaded.fingerprint,
+                cert = %t.cert.display(),
+                "HTTPS serving the API; clients pin this fingerprint (`stork config show`)"
+            );
+            Some((SocketAddr::new(cfg.http_listen.ip(), t.port), loaded))
+        }
+        None => None,
+    };
     let store = Store::open(&cfg.db_path())
         .with_context(|| format!("cannot open the database {}", cfg.db_path().display()))?;
     let controller = Controller::new(store, Arc::new(DriverPower));
@@ -114,6 +128,10 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         health: health.clone(),
         leases: Arc::default(),
         http_stats: Arc::default(),
+        api_tls: tls.as_ref().map(|(_, t)| stork_proto::cmdline::ApiTls {
+            url: cfg.api_url(),
+            fingerprint: t.fingerprint.to_string(),
+        }),
         agent_limiter: Arc::new(std::sync::Mutex::new(crate::ratelimit::RateLimiter::new(
             crate::config::RateLimit {
                 per_second: cfg.http_limits.agent_rate,
@@ -231,42 +249,28 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         );
     }
 
-    let listen = cfg.http_listen;
-    let listener = Prebound::new(move || {
-        // What `TcpListener::bind` does, without its await: address reuse, a 1024 backlog.
-        let socket = if listen.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()
-        } else {
-            tokio::net::TcpSocket::new_v6()
-        };
-        socket
-            .and_then(|s| {
-                s.set_reuseaddr(true)?;
-                s.bind(listen)?;
-                s.listen(1024)
-            })
-            .with_context(|| format!("cannot listen for HTTP on {listen}"))
-    })?;
     tracing::info!(listen = %cfg.http_listen, url = %cfg.base_url(), boot_dir = %cfg.boot_dir().display(), "HTTP serving");
-    let (limits, http_stats) = (cfg.http_limits.clone(), state.http_stats.clone());
-    let app = http::router(state);
-    service(
-        "http",
-        Box::new(move || {
-            let (listener, app, limits, stats) = (
-                listener.clone(),
-                app.clone(),
-                limits.clone(),
-                http_stats.clone(),
-            );
-            Box::pin(async move {
-                let listener = listener.take()?;
-                http::listener::serve(listener, app, limits, stats)
-                    .await
-                    .context("HTTP service")
-            })
+    let app = http::router(state.clone());
+    let plain = match &tls {
+        Some(_) => http::listener::Channel::PlainBesideTls(http::listener::PlainBesideTls {
+            api_url: cfg.api_url().into(),
         }),
-    );
+        None => http::listener::Channel::Plain,
+    };
+    http_service(
+        &mut service,
+        "http",
+        cfg.http_listen,
+        &cfg,
+        &state,
+        app.clone(),
+        plain,
+    )?;
+    if let Some((listen, loaded)) = tls {
+        let acceptor = tokio_rustls::TlsAcceptor::from(loaded.config);
+        let channel = http::listener::Channel::Tls(acceptor);
+        http_service(&mut service, "https", listen, &cfg, &state, app, channel)?;
+    }
 
     tokio::select! {
         // Supervisors never end on their own; one that does is a bug worth stopping for.
@@ -280,6 +284,54 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// One HTTP listener as a supervised service: bound now (so a taken port fails the start),
+/// served by `listener::serve` with `channel` (plain, or TLS), restarted if it fails.
+fn http_service(
+    service: &mut impl FnMut(&'static str, Box<dyn Fn() -> ServiceFuture + Send + Sync>),
+    name: &'static str,
+    listen: SocketAddr,
+    cfg: &Config,
+    state: &AppState,
+    app: axum::Router,
+    channel: http::listener::Channel,
+) -> Result<()> {
+    let listener = Prebound::new(move || {
+        // What `TcpListener::bind` does, without its await: address reuse, a 1024 backlog.
+        let socket = if listen.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
+        socket
+            .and_then(|s| {
+                s.set_reuseaddr(true)?;
+                s.bind(listen)?;
+                s.listen(1024)
+            })
+            .with_context(|| format!("cannot listen for {name} on {listen}"))
+    })?;
+    let (limits, stats) = (cfg.http_limits.clone(), state.http_stats.clone());
+    service(
+        name,
+        Box::new(move || {
+            let (listener, app, limits, stats, channel) = (
+                listener.clone(),
+                app.clone(),
+                limits.clone(),
+                stats.clone(),
+                channel.clone(),
+            );
+            Box::pin(async move {
+                let listener = listener.take()?;
+                http::listener::serve(listener, app, limits, stats, channel)
+                    .await
+                    .with_context(|| format!("{name} service"))
+            })
+        }),
+    );
+    Ok(())
 }
 
 type ServiceFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;

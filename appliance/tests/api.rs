@@ -57,8 +57,12 @@ impl Action {
         Action::Deploy(deploy(image))
     }
 
+    /// A release that says whether to erase; how is left to the appliance's configuration.
     fn release(erase: bool) -> Self {
-        Action::Release(ReleaseBody { erase, quick: None })
+        Action::Release(ReleaseBody {
+            erase: Some(erase),
+            quick: None,
+        })
     }
 
     fn mark_broken(reason: Option<&str>) -> Self {
@@ -448,10 +452,15 @@ fn happy_path() {
     // A deployed machine boots its disk.
     assert!(f.boot_script(&a).contains("\nexit 1\n"));
 
-    // Release with erase: the agent erases, then reports.
-    f.act(&a, Action::release(true), Status::DiskErasing);
+    // A release that does not say erases, fully (the configuration's defaults): the agent
+    // erases, then reports.
+    f.act(
+        &a,
+        Action::Release(ReleaseBody::default()),
+        Status::DiskErasing,
+    );
     f.boot(&mut a);
-    assert_eq!(f.task(&a), Task::Erase { quick: true });
+    assert_eq!(f.task(&a), Task::Erase { quick: false });
     f.agent(&a)
         .agent_event(
             &a.id,
@@ -565,7 +574,7 @@ fn happy_path() {
     // The CLI reads the same.
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(common::BIN)
-            .args(["--url", &f.server.base(), "--token", &f.server.token])
+            .args(f.server.cli_args())
             .args(args)
             .output()
             .unwrap();
@@ -682,6 +691,45 @@ impl Report {
             ),
         }
     }
+}
+
+#[test]
+fn a_release_that_does_not_say_follows_the_configuration() {
+    // Configured off: a bare release leaves the disks alone; asked, it erases, quick by the
+    // configuration unless the request says full.
+    let f = Fixture::with(Options {
+        config: "[lifecycle]\ncheck_interval = 1\nerase_on_release = false\nerase_quick = true\n",
+        ..Options::default()
+    });
+    let m = f.drive(1, Status::Allocated).unwrap();
+    f.act(&m, Action::Release(ReleaseBody::default()), Status::Ready);
+    let history = status_history(&f.events(&m.id)).unwrap();
+    assert_eq!(
+        &history[history.len() - 2..],
+        [Status::Releasing, Status::Ready]
+    );
+
+    let mut m = f.drive(2, Status::Allocated).unwrap();
+    f.act(&m, Action::release(true), Status::DiskErasing);
+    f.boot(&mut m);
+    assert_eq!(f.task(&m), Task::Erase { quick: true });
+
+    // `quick` alone asks for no erase: the configuration said no.
+    let m = f.drive(3, Status::Allocated).unwrap();
+    let full_only = ReleaseBody {
+        erase: None,
+        quick: Some(false),
+    };
+    f.act(&m, Action::Release(full_only), Status::Ready);
+
+    let mut m = f.drive(4, Status::Allocated).unwrap();
+    let full = ReleaseBody {
+        erase: Some(true),
+        quick: Some(false),
+    };
+    f.act(&m, Action::Release(full), Status::DiskErasing);
+    f.boot(&mut m);
+    assert_eq!(f.task(&m), Task::Erase { quick: false });
 }
 
 #[test]
@@ -1368,15 +1416,8 @@ fn secrets_never_leave_the_appliance() {
         );
     }
     let out = std::process::Command::new(common::BIN)
-        .args([
-            "--url",
-            &f.server.base(),
-            "--token",
-            &f.server.token,
-            "machine",
-            "show",
-            &m.id,
-        ])
+        .args(f.server.cli_args())
+        .args(["machine", "show", &m.id])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -1392,15 +1433,39 @@ fn secrets_never_leave_the_appliance() {
     let logs = f.server.logs();
     assert!(logs.contains(&m.id), "the log is not being written");
     assert!(!logs.contains("hunter2"), "the log leaks the password");
-    // It is kept, though: the power driver needs it.
-    let db = std::fs::read(f.server.data_dir().join("stork.db")).unwrap();
-    let wal = std::fs::read(f.server.data_dir().join("stork.db-wal")).unwrap_or_default();
-    let needle = b"hunter2";
-    assert!(
-        db.windows(needle.len()).any(|w| w == needle)
-            || wal.windows(needle.len()).any(|w| w == needle),
-        "the password is not stored"
-    );
+    // A Redfish machine's password too.
+    let redfish = PowerConfig {
+        driver: "redfish".into(),
+        params: [
+            ("url", "http://127.0.0.1:9".into()),
+            ("username", "root".into()),
+            ("password", "hunter3-redfish".into()),
+        ]
+        .into_iter()
+        .map(|(k, v): (&str, serde_json::Value)| (k.into(), v))
+        .collect(),
+    };
+    let r = f.create_with(2, redfish, &[]);
+    assert!(f.machine(&r.id).power.params["password"] != "hunter3-redfish");
+    // Kept, since the power driver needs it (it ran, above), but encrypted: neither the
+    // database nor its log holds it, and the key is a file of its own, both the owner's only.
+    let data = f.server.data_dir();
+    let mut stored = std::fs::read(data.join("stork.db")).unwrap();
+    stored.extend(std::fs::read(data.join("stork.db-wal")).unwrap_or_default());
+    for needle in ["hunter2", "hunter3-redfish"] {
+        assert!(
+            !stored.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{needle} is stored in clear"
+        );
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for file in ["stork.db", "secrets.key"] {
+        let mode = std::fs::metadata(data.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
 }
 
 #[test]
@@ -1559,9 +1624,8 @@ fn a_boot_token_is_given_once_to_one_address() {
         "{stolen}"
     );
     // ... and the machine's token does not work from there.
-    let (status, _, body) = common::request_from(
+    let (status, _, body) = f.server.api_request_from(
         other,
-        f.server.port,
         "GET",
         &format!("/api/v1/agent/{}/task", a.id),
         Some(&t1),

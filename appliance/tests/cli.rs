@@ -19,6 +19,11 @@ fn stork(args: &[&str]) -> Output {
         .args(args)
         .env_remove("STORK_URL")
         .env_remove("STORK_TOKEN")
+        // Every test server's certificate ([`common::test_cert`]).
+        .env(
+            "STORK_FINGERPRINT",
+            common::test_cert().fingerprint.to_string(),
+        )
         // The message a user reads, not a backtrace.
         .env("RUST_BACKTRACE", "1")
         .output()
@@ -157,12 +162,15 @@ fn image_import_checks_copies_and_registers_in_one_step() {
     assert_eq!(files[0].path, "images/tiny/root.tar.zst");
     assert_eq!(files[1].role, ImageRole::Raw);
     // The appliance serves what was copied.
-    let served = ureq::get(&format!("{}/boot/images/tiny/disk.raw.zst", server.base()))
-        .call()
-        .unwrap()
-        .into_body()
-        .read_to_vec()
-        .unwrap();
+    let served = ureq::get(&format!(
+        "{}/boot/images/tiny/disk.raw.zst",
+        server.plain_base()
+    ))
+    .call()
+    .unwrap()
+    .into_body()
+    .read_to_vec()
+    .unwrap();
     assert_eq!(
         served,
         std::fs::read(dir.path().join("disk.raw.zst")).unwrap()
@@ -221,7 +229,7 @@ fn a_failing_service_is_restarted_and_reported() {
             "data_dir = {data:?}\ninterface = \"lo\"\naddress = \"127.0.0.1\"\n\
              [http]\nlisten = \"127.0.0.1\"\nport = {port}\n\
              [dhcp]\nrange = [\"127.0.0.100\", \"127.0.0.120\"]\nipv6_ra = false\n\
-             [tftp]\nenabled = false\n"
+             [tftp]\nenabled = false\n[tls]\nenabled = false\n"
         ),
     )
     .unwrap();
@@ -460,7 +468,7 @@ fn watch_until_settled_waits_for_the_busy_status_to_end() {
     let id = m.id;
     let watch = || {
         Command::new(BIN)
-            .args(["--url", &server.base(), "--token", &server.token])
+            .args(server.cli_args())
             .args(["machine", "watch", &id, "--until-settled"])
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -485,4 +493,54 @@ fn watch_until_settled_waits_for_the_busy_status_to_end() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.ends_with("status: failed_commissioning\n"), "{text}");
+}
+
+#[test]
+fn config_show_prints_the_urls_and_the_fingerprint_clients_pin() {
+    let server = Server::start(Options::default());
+    let out = stork(&[
+        "config",
+        "show",
+        "--config",
+        &server.dir.path().join("stork.toml").to_string_lossy(),
+    ]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains(&format!("https://10.77.0.1:{}/api/v1", server.tls_port)),
+        "{t}"
+    );
+    assert!(
+        t.contains(&format!("http://10.77.0.1:{}/boot/", server.port)),
+        "{t}"
+    );
+    // What the server serves is what `config show` prints.
+    let served = stork_tls::probe(
+        "127.0.0.1",
+        server.tls_port,
+        std::time::Duration::from_secs(5),
+    )
+    .expect("the served certificate");
+    let fp = stork_tls::Fingerprint::of(&served).to_string();
+    assert!(t.contains(&format!("fingerprint:  {fp}")), "{t}");
+}
+
+#[test]
+fn release_flags_that_contradict_each_other_are_refused() {
+    let pairs = [
+        ["--erase", "--no-erase"],
+        ["--no-erase", "--full"],
+        ["--no-erase", "--quick"],
+        ["--full", "--quick"],
+    ];
+    for [a, b] in pairs {
+        let out = stork(&["machine", "release", "m1", a, b]);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{a} {b}: {said}");
+        assert!(said.contains("cannot be used with"), "{a} {b}: {said}");
+    }
+    let help = text(&stork(&["machine", "release", "--help"]));
+    for flag in ["--no-erase", "--full", "--quick", "erase_on_release"] {
+        assert!(help.contains(flag), "{flag}: {help}");
+    }
 }

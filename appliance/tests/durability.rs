@@ -59,7 +59,15 @@ enum Action {
 
 impl Action {
     fn send(self, c: &Client, id: &str) -> stork_client::Result<Machine> {
-        let release = |erase| c.release(id, &ReleaseBody { erase, quick: None });
+        let release = |erase| {
+            c.release(
+                id,
+                &ReleaseBody {
+                    erase: Some(erase),
+                    quick: None,
+                },
+            )
+        };
         match self {
             Action::Commission => c.commission(id),
             Action::Allocate => c.allocate(id, &AllocateBody::default()),

@@ -4,7 +4,10 @@
 //! `tftp::server::classify`, then the root's confinement, the negotiation and the transfer
 //! state machine fed with hostile client packets); and the lease journal's bytes
 //! (`dhcp::journal::Record::decode`, then a whole file through `journal::load` and
-//! `Journal::open`).
+//! `Journal::open`); and the agent's kernel command line (`cmdline::AgentArgs::parse`),
+//! seeded with the lines the boot script writes (`cmdline_corpus_is_current` keeps them
+//! current), with word-level mutations beside the byte ones: what parses keeps the parser's
+//! promises (one printable word per value) and renders to a line that parses back the same.
 //!
 //! Inputs: the corpus in `appliance/fuzz/corpus/`, every crash ever found in
 //! `appliance/fuzz/regressions/` (run first, each a regression test), then mutations of them
@@ -36,6 +39,7 @@ use stork::tftp::request::netascii;
 use stork::tftp::server::{Listen, classify_caught, plan};
 use stork::tftp::transfer::Transfer;
 use stork::tftp::{TftpConfig, fs::Root};
+use stork_proto::cmdline::{self, AgentArgs, CmdlineError};
 
 use fuzz_common::{Rng, caught, drive, drive_with, fuzz_dir, mutate, read_dir, seed};
 
@@ -392,4 +396,354 @@ fn journal_corpus_is_real_records() {
         kinds.extend(records.iter().map(std::mem::discriminant));
     }
     assert_eq!(kinds.len(), 3, "one of each kind");
+}
+
+// ---------------------------------------------------------------------------------------
+// The agent's kernel command line
+// ---------------------------------------------------------------------------------------
+
+/// The kernel command line of an iPXE script from `agent_script`, as the agent reads it in
+/// `/proc/cmdline`: the `kernel` line's arguments with iPXE's settings expanded.
+fn kernel_args(script: &str, ip: &str, netmask: &str, gateway: &str) -> String {
+    let line = script
+        .lines()
+        .find_map(|l| l.strip_prefix("kernel "))
+        .expect("the script has a kernel line");
+    let line = line.strip_suffix(" || goto failed").unwrap_or(line);
+    // The first word is the kernel's URL; the rest is its command line.
+    let (_, args) = line.split_once(' ').expect("kernel arguments");
+    // `/proc/cmdline` ends with a newline.
+    args.replace("${netX/ip}", ip)
+        .replace("${netX/netmask}", netmask)
+        .replace("${netX/gateway}", gateway)
+        + "\n"
+}
+
+/// Command lines the appliance's boot script really produces: enlisting and known machines,
+/// with and without the ephemeral root, a gateway or not, other addresses and masks, and
+/// extra kernel arguments from `boot.cmdline`.
+fn cmdline_corpus() -> Vec<(String, Vec<u8>)> {
+    use stork::http::script::{EphemeralRoot, agent_script};
+    let config = |text: &str| {
+        FileConfig::parse(text, Path::new("fuzz"))
+            .and_then(|f| f.validate())
+            .expect("fuzz config is valid")
+    };
+    let default = config("");
+    let other = config(
+        "address = \"192.168.40.2\"\n[http]\nport = 80\n[boot]\n\
+         kernel = \"vmlinuz-6.12\"\ninitrd = \"initrd-6.12.img\"\n\
+         cmdline = \"console=tty0 console=ttyS1,115200n8 nomodeset quiet\"\n\
+         [dhcp]\nmode = \"proxy\"\nrange = [\"192.168.40.100\", \"192.168.40.199\"]\n",
+    );
+    let mac: stork_proto::MacAddr = "52:54:00:12:34:56".parse().unwrap();
+    let other_mac: stork_proto::MacAddr = "0c:c4:7a:e2:00:ff".parse().unwrap();
+    // Tokens and ids as `auth::generate` and `new_id` make them, fixed so the corpus is.
+    let token = format!("{}{}", stork::auth::AGENT_PREFIX, "5a".repeat(32));
+    let known = Some(("3f2c9a1b7d4e", token.as_str()));
+    let ephemeral = EphemeralRoot {
+        file: "ephemeral.squashfs".into(),
+        sha256: "7b1b23cd4c12e49a47448b31ea7eed51aef9f776e0faf9b5be6490ceb63d9e78".into(),
+    };
+    // The API over HTTPS, as `stork serve` names it when TLS is on.
+    let api = |cfg: &stork::config::Config| cmdline::ApiTls {
+        url: cfg.api_url().replacen("http://", "https://", 1),
+        fingerprint: format!("sha256:{}", "c3".repeat(32)),
+    };
+    let (api_default, api_other) = (api(&default), api(&other));
+    let lines = [
+        (
+            "enlist",
+            agent_script(&default, mac, None, None, None),
+            ("10.77.0.100", "255.255.255.0", ""),
+        ),
+        (
+            "known",
+            agent_script(&default, mac, known, None, None),
+            ("10.77.0.100", "255.255.255.0", ""),
+        ),
+        (
+            "known-ephemeral",
+            agent_script(&default, mac, known, Some(&ephemeral), None),
+            ("10.77.0.101", "255.255.255.0", "10.77.0.1"),
+        ),
+        (
+            "enlist-ephemeral-gateway",
+            agent_script(&default, other_mac, None, Some(&ephemeral), None),
+            ("10.77.3.9", "255.255.252.0", "10.77.0.254"),
+        ),
+        (
+            "proxy-extra-args",
+            agent_script(&other, other_mac, known, Some(&ephemeral), None),
+            ("192.168.40.77", "255.255.0.0", "192.168.40.1"),
+        ),
+        (
+            "proxy-enlist-slash8",
+            agent_script(&other, mac, None, None, None),
+            ("10.1.2.3", "255.0.0.0", ""),
+        ),
+        (
+            "known-tls",
+            agent_script(&default, mac, known, None, Some(&api_default)),
+            ("10.77.0.100", "255.255.255.0", ""),
+        ),
+        (
+            "proxy-tls-ephemeral",
+            agent_script(&other, other_mac, known, Some(&ephemeral), Some(&api_other)),
+            ("192.168.40.78", "255.255.255.0", "192.168.40.1"),
+        ),
+    ];
+    lines
+        .into_iter()
+        .map(|(name, script, (ip, mask, gw))| {
+            (
+                format!("{name}.bin"),
+                kernel_args(&script, ip, mask, gw).into_bytes(),
+            )
+        })
+        .collect()
+}
+
+/// The corpus is the boot script's current output: `cmdline_corpus_is_current` checks it,
+/// `STORK_FUZZ_WRITE_CORPUS=1 cargo test -p stork --test fuzz cmdline_corpus_is_current`
+/// writes it again after the script changes. Each seed parses.
+#[test]
+fn cmdline_corpus_is_current() {
+    let seeds = cmdline_corpus();
+    for (name, bytes) in &seeds {
+        let text = std::str::from_utf8(bytes).unwrap();
+        AgentArgs::parse(text).unwrap_or_else(|e| panic!("{name}: {e}: {text}"));
+    }
+    fuzz_common::check_corpus("cmdline", "fuzz cmdline_corpus_is_current", seeds);
+}
+
+/// Pieces a command line is made of, for the word-level mutations: the keys, values of the
+/// shapes each key takes (and near misses), and separators, ASCII whitespace and not.
+const CMDLINE_PIECES: &[&str] = &[
+    "stork.url=",
+    "stork.ip=",
+    "stork.gw=",
+    "BOOTIF=",
+    "stork.machine=",
+    "stork.token=",
+    "stork.ephemeral=",
+    "stork.ephemeral.sha256=",
+    "stork.ephemeral.sha256",
+    "stork.api=",
+    "stork.tls=",
+    "sha256:",
+    "http://",
+    "https://",
+    "http://10.77.0.1:8080/",
+    "https://10.77.0.1:8443/",
+    "/",
+    "//",
+    "=",
+    "==",
+    "01-52-54-00-12-34-56",
+    "01-52-54-00-12-34",
+    "52:54:00:12:34:56",
+    "10.77.0.100/24",
+    "10.77.0.100/255.255.255.0",
+    "10.77.0.100/255.0.255.0",
+    "/33",
+    "/0",
+    "/255.255.255.255",
+    "0.0.0.0",
+    "255.255.255.255",
+    "1.2.3.4.5",
+    "7B1B23CD4C12E49A47448B31EA7EED51AEF9F776E0FAF9B5BE6490CEB63D9E78",
+    " ",
+    "\t",
+    "\n",
+    "\r\n",
+    "\u{a0}",
+    "\u{2003}",
+    "\u{85}",
+    "\u{0}",
+    "\u{7f}",
+    "\"",
+    "é",
+];
+
+/// Byte mutations half the time; otherwise word-level ones on the text: a piece inserted,
+/// a word dropped, doubled or moved, a word's value swapped for another's.
+fn mutate_cmdline(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
+    if rng.below(2) == 0 {
+        return mutate(rng, seeds);
+    }
+    let seed = String::from_utf8_lossy(&seeds[rng.below(seeds.len())]).into_owned();
+    let mut words: Vec<String> = seed.split(' ').map(String::from).collect();
+    for _ in 0..=rng.below(3) {
+        let n = words.len();
+        match rng.below(6) {
+            0 => {
+                let piece = CMDLINE_PIECES[rng.below(CMDLINE_PIECES.len())];
+                let w = rng.below(n.max(1));
+                if let Some(word) = words.get_mut(w) {
+                    let mut at = rng.below(word.len() + 1);
+                    while !word.is_char_boundary(at) {
+                        at -= 1;
+                    }
+                    word.insert_str(at, piece);
+                } else {
+                    words.push(piece.into());
+                }
+            }
+            1 if n > 0 => {
+                words.remove(rng.below(n));
+            }
+            2 if n > 0 => {
+                let w = words[rng.below(n)].clone();
+                words.insert(rng.below(n + 1), w);
+            }
+            3 if n > 1 => {
+                let a = rng.below(n);
+                let b = rng.below(n);
+                words.swap(a, b);
+            }
+            4 if n > 1 => {
+                // One word's key with another's value.
+                let a = words[rng.below(n)].clone();
+                let b = words[rng.below(n)].clone();
+                if let (Some((k, _)), Some((_, v))) = (a.split_once('='), b.split_once('=')) {
+                    words.push(format!("{k}={v}"));
+                }
+            }
+            _ => {
+                let piece = CMDLINE_PIECES[rng.below(CMDLINE_PIECES.len())];
+                words.insert(rng.below(n + 1), piece.into());
+            }
+        }
+    }
+    words.join(" ").into_bytes()
+}
+
+/// A value the agent takes from its command line: one word, never empty, never with
+/// whitespace or control characters in it (it goes into URLs and request headers).
+fn one_word(what: &str, v: &str) -> Result<(), String> {
+    if v.is_empty() || v.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{what} {v:?} is not one printable word"));
+    }
+    Ok(())
+}
+
+/// What `AgentArgs::parse` promises about what it accepts.
+fn check_args(a: &AgentArgs) -> Result<(), String> {
+    one_word("url", &a.url)?;
+    if !a.url.starts_with("http://") || a.url.ends_with('/') {
+        return Err(format!("url {:?}", a.url));
+    }
+    if a.prefix_len > 32 {
+        return Err(format!("prefix /{}", a.prefix_len));
+    }
+    if a.machine_id.is_some() != a.token.is_some() {
+        return Err("a machine id without a token, or the reverse".into());
+    }
+    for (what, v) in [("machine id", &a.machine_id), ("token", &a.token)] {
+        if let Some(v) = v {
+            one_word(what, v)?;
+        }
+    }
+    if let Some(e) = &a.ephemeral {
+        one_word("ephemeral url", &e.url)?;
+        if !e.url.starts_with("http://") {
+            return Err(format!("ephemeral url {:?}", e.url));
+        }
+        if e.sha256.len() != 64
+            || !e
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(format!("sha256 {:?}", e.sha256));
+        }
+    }
+    if let Some(api) = &a.api {
+        one_word("api url", &api.url)?;
+        if !api.url.starts_with("https://") || api.url.ends_with('/') {
+            return Err(format!("api url {:?}", api.url));
+        }
+        let hex = api.fingerprint.strip_prefix("sha256:").unwrap_or_default();
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(format!("fingerprint {:?}", api.fingerprint));
+        }
+    }
+    Ok(())
+}
+
+/// One input through the parser: no panic; what it accepts keeps its promises, renders to
+/// a line that parses back to the same, and is not changed by the line it came from put in
+/// front of that rendering (the last occurrence of a key wins, as in the kernel); what it
+/// refuses names a key that is absent, empty or invalid there.
+fn cmdline_one(text: &str) -> Result<bool, String> {
+    let parsed = caught(|| AgentArgs::parse(text))?;
+    match parsed {
+        Ok(a) => {
+            check_args(&a)?;
+            let rendered = a.render();
+            let words = rendered.split_ascii_whitespace().count();
+            let want = 3
+                + usize::from(a.gateway.is_some())
+                + 2 * usize::from(a.token.is_some())
+                + 2 * usize::from(a.ephemeral.is_some())
+                + 2 * usize::from(a.api.is_some());
+            if words != want || rendered.split(' ').count() != want {
+                return Err(format!("rendered as {words} words: {rendered:?}"));
+            }
+            let again = AgentArgs::parse(&rendered)
+                .map_err(|e| format!("its rendering {rendered:?} does not parse: {e}"))?;
+            if again != a {
+                return Err(format!("{a:?} rendered and parsed is {again:?}"));
+            }
+            let behind = AgentArgs::parse(&format!("{text} {rendered}"))
+                .map_err(|e| format!("the line then its rendering does not parse: {e}"))?;
+            if behind != a {
+                return Err(format!("the line then its rendering parses as {behind:?}"));
+            }
+            Ok(true)
+        }
+        Err(e) => {
+            let shown = caught(|| e.to_string())?;
+            match &e {
+                CmdlineError::Missing(key) => {
+                    if cmdline::get(text, key).is_some_and(|v| !v.is_empty()) {
+                        return Err(format!("{shown}, but the line has {key}"));
+                    }
+                }
+                CmdlineError::Invalid { key, .. } => {
+                    if cmdline::get(text, key).is_none() {
+                        return Err(format!("{shown}, but the line has no {key}"));
+                    }
+                }
+            }
+            Ok(false)
+        }
+    }
+}
+
+#[test]
+fn cmdline_from_raw_bytes() {
+    let (mut accepted, mut refused) = (0u64, 0u64);
+    let n = drive_with("cmdline", mutate_cmdline, |input| {
+        // `/proc/cmdline` as the agent reads it: text (bytes that are not UTF-8 fail that
+        // read before the parser), so the bytes go in as the lossy text.
+        let text = String::from_utf8_lossy(input);
+        if cmdline_one(&text)? {
+            accepted += 1;
+        } else {
+            refused += 1;
+        }
+        Ok(())
+    });
+    assert!(n > 0);
+    // Mutations reached both sides, not only refusals.
+    assert!(
+        accepted > n / 50 && refused > n / 50,
+        "{accepted} accepted, {refused} refused of {n}"
+    );
 }

@@ -38,7 +38,7 @@ use stork::power::redfish::{
     BootOverride, excerpt, first_member, parse_body, power_state, reset_action, service_path,
 };
 
-use fuzz_common::{INTERESTING, Rng, caught, drive_with, fuzz_dir, mutate};
+use fuzz_common::{INTERESTING, Rng, caught, drive_with, mutate};
 
 // ---------------------------------------------------------------------------------------
 // IPMI: a BMC whose password the test knows
@@ -888,23 +888,8 @@ fn redfish_corpus() -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn corpus_is_current() {
-    let write = std::env::var_os("STORK_FUZZ_WRITE_CORPUS").is_some();
     for (kind, seeds) in [("ipmi", ipmi_corpus()), ("redfish", redfish_corpus())] {
-        let dir = fuzz_dir(kind, "corpus");
-        for (name, bytes) in seeds {
-            let file = dir.join(&name);
-            if write {
-                std::fs::create_dir_all(&dir).unwrap();
-                std::fs::write(&file, &bytes).unwrap();
-            } else {
-                assert!(
-                    std::fs::read(&file).ok() == Some(bytes),
-                    "{} is missing or stale: run STORK_FUZZ_WRITE_CORPUS=1 cargo test -p stork \
-                     --test fuzz_bmc corpus_is_current",
-                    file.display()
-                );
-            }
-        }
+        fuzz_common::check_corpus(kind, "fuzz_bmc corpus_is_current", seeds);
     }
 }
 

@@ -70,6 +70,8 @@ fn slow_connections_are_capped_per_address_and_closed_after_the_header_deadline(
             s
         })
         .collect();
+    // Over TLS, a connection that never starts its handshake is held no longer.
+    let mut silent_tls = connect_from(ATTACKER, server.tls_port);
     // A fifth is closed at once, before it can say anything.
     let mut fifth = connect_from(ATTACKER, server.port);
     assert!(
@@ -89,8 +91,94 @@ fn slow_connections_are_capped_per_address_and_closed_after_the_header_deadline(
             "a connection that never finished its headers is still open"
         );
     }
+    assert!(
+        closed_within(&mut silent_tls, Duration::from_secs(30)),
+        "a TLS connection that never sent a ClientHello is still open"
+    );
     let stats = client.stats().expect("stats");
     assert!(stats.http["refused_per_ip"] >= 1, "{:?}", stats.http);
+}
+
+#[test]
+fn the_api_refuses_plain_http_while_https_is_on_and_a_wrong_certificate_is_named() {
+    let server = Server::start(Options::default());
+    // Over plain HTTP: refused, naming where to go; boot files and scripts stay there.
+    let (status, _, body) = request_from(
+        ME,
+        server.port,
+        "GET",
+        "/api/v1/machines",
+        Some(&server.token),
+        None,
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("https_required") && body.contains("https://"),
+        "{body}"
+    );
+    server.boot_file("ok.txt", b"a boot file");
+    assert_eq!(
+        request_from(ME, server.port, "GET", "/boot/ok.txt", None, None).0,
+        200
+    );
+    // A client that pinned another certificate refuses this one, and says so.
+    let wrong = stork_tls::Trust::Pinned(stork_tls::Fingerprint::of(b"another certificate"));
+    let e = Client::with_trust(&server.base(), Some(server.token.clone()), Some(wrong))
+        .machines(&MachineFilter::default())
+        .expect_err("a certificate that is not the pinned one");
+    let chain = format!("{e}: {:?}", std::error::Error::source(&e));
+    assert!(chain.contains("not the pinned"), "{chain}");
+    // ... and so does the CLI, with what to do about it.
+    let out = std::process::Command::new(common::BIN)
+        .args(["--url", &server.base(), "--token", &server.token])
+        .args([
+            "--fingerprint",
+            &stork_tls::Fingerprint::of(b"x").to_string(),
+        ])
+        .args(["machine", "list"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("not the pinned") && err.contains("stork config show"),
+        "{err}"
+    );
+    // With no fingerprint and no CA, the first connection pins what it sees (in the pins
+    // file it is told), and the next ones hold it to that.
+    let pins = server.dir.path().join("pins");
+    let first = std::process::Command::new(common::BIN)
+        .env("STORK_PINS", &pins)
+        .env_remove("STORK_FINGERPRINT")
+        .args(["--url", &server.base(), "--token", &server.token])
+        .args(["machine", "list"])
+        .output()
+        .unwrap();
+    assert!(first.status.success(), "{first:?}");
+    let said = String::from_utf8_lossy(&first.stderr);
+    let fp = common::test_cert().fingerprint.to_string();
+    assert!(said.contains("pinned") && said.contains(&fp), "{said}");
+    let kept = std::fs::read_to_string(&pins).unwrap();
+    assert!(kept.contains(&fp), "{kept}");
+    // A CA file works too (the self-signed certificate is its own CA), and a name the
+    // certificate does not carry is refused with the name.
+    let ca = common::test_cert().cert.clone();
+    let by_ca = |url: &str| {
+        std::process::Command::new(common::BIN)
+            .env("STORK_PINS", &pins)
+            .args(["--url", url, "--token", &server.token])
+            .arg("--ca-file")
+            .arg(&ca)
+            .args(["machine", "list"])
+            .output()
+            .unwrap()
+    };
+    let ok = by_ca(&format!("https://localhost:{}", server.tls_port));
+    assert!(ok.status.success(), "{ok:?}");
+    let other_name = by_ca(&server.base());
+    assert!(!other_name.status.success());
+    let err = String::from_utf8_lossy(&other_name.stderr);
+    assert!(err.contains("127.0.0.1"), "{err}");
 }
 
 #[test]
@@ -123,22 +211,15 @@ fn unauthenticated_agent_routes_are_rate_limited_per_address_and_small() {
         inventory: inventory(&mac(90), 2, 4, 20),
     };
     let body = serde_json::to_string(&enlist).unwrap();
-    let (status, _, text) = request_from(
-        ATTACKER,
-        server.port,
-        "POST",
-        "/api/v1/agent/enlist",
-        None,
-        Some(&body),
-    );
+    let (status, _, text) =
+        server.api_request_from(ATTACKER, "POST", "/api/v1/agent/enlist", None, Some(&body));
     assert_eq!(status, 200, "{text}");
     // A body over 256 KiB is refused before it is read.
     let mut big = report(91);
     big.message = "x".repeat(300 << 10);
     let body = serde_json::to_string(&big).unwrap();
-    let (status, _, text) = request_from(
+    let (status, _, text) = server.api_request_from(
         IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)),
-        server.port,
         "POST",
         "/api/v1/agent/report",
         None,

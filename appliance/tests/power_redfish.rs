@@ -6,17 +6,26 @@
 //! override PATCH with `BootSourceOverrideEnabled: Once` answers 204 but stores
 //! `Continuous`, which the driver must catch when it reads the override back. Its state
 //! lives in `$TMPDIR/sushy-emulator/`, so each emulator here gets its own TMPDIR.
+//!
+//! HTTPS: one emulator serves TLS with a self-signed certificate for `localhost` (rcgen),
+//! as BMCs ship them, trusted by its pinned fingerprint or as its own CA. What a refused
+//! certificate keeps from the BMC is measured on an in-process TLS server that records
+//! every byte a client sends after the handshake.
 
+use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use stork::power::{
     BootDevice, PowerDriver, PowerError, PowerParams, PowerState, RedfishError, RedfishParams,
 };
 use stork_lab::Spawned;
+use stork_tls::Fingerprint;
 
 const USER: &str = "stork";
 const PASSWORD: &str = "redfish-pw";
@@ -81,12 +90,44 @@ fn venv() -> &'static Path {
 
 struct Emulator {
     url: String,
+    port: u16,
     process: Spawned,
     _dir: tempfile::TempDir,
 }
 
+/// A self-signed certificate for `localhost`, as a BMC ships one.
+struct SelfSigned {
+    cert_pem: String,
+    key_pem: String,
+    der: Vec<u8>,
+    key_der: Vec<u8>,
+}
+
+fn self_signed() -> SelfSigned {
+    let pair = rcgen::KeyPair::generate().expect("a key pair");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .expect("certificate params")
+        .self_signed(&pair)
+        .expect("a self-signed certificate");
+    SelfSigned {
+        cert_pem: cert.pem(),
+        key_pem: pair.serialize_pem(),
+        der: cert.der().to_vec(),
+        key_der: pair.serialize_der(),
+    }
+}
+
 /// Starts `sushy-emulator --fake` on a free loopback port, with basic auth.
 fn emulator() -> Emulator {
+    start_emulator(None)
+}
+
+/// The same, serving HTTPS with `cert`.
+fn emulator_tls(cert: &SelfSigned) -> Emulator {
+    start_emulator(Some(cert))
+}
+
+fn start_emulator(tls: Option<&SelfSigned>) -> Emulator {
     // One emulator start at a time: port choice and bcrypt are not worth racing.
     static START: Mutex<()> = Mutex::new(());
     let venv = venv();
@@ -107,15 +148,22 @@ fn emulator() -> Emulator {
         format!("{USER}:{}", String::from_utf8_lossy(&hash.stdout).trim()),
     )
     .expect("writing htpasswd");
+    let mut settings = format!(
+        "SUSHY_EMULATOR_AUTH_FILE = {:?}\n",
+        htpasswd.display().to_string()
+    );
+    if let Some(tls) = tls {
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, &tls.cert_pem).expect("writing the certificate");
+        std::fs::write(&key, &tls.key_pem).expect("writing the key");
+        settings.push_str(&format!(
+            "SUSHY_EMULATOR_SSL_CERT = {:?}\nSUSHY_EMULATOR_SSL_KEY = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ));
+    }
     let config = dir.path().join("sushy.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "SUSHY_EMULATOR_AUTH_FILE = {:?}\n",
-            htpasswd.display().to_string()
-        ),
-    )
-    .expect("writing the sushy config");
+    std::fs::write(&config, settings).expect("writing the sushy config");
     let port = TcpListener::bind("127.0.0.1:0")
         .expect("a free TCP port")
         .local_addr()
@@ -130,7 +178,8 @@ fn emulator() -> Emulator {
         .args(["--fake", "-i", "127.0.0.1", "-p", &port.to_string()]);
     let mut process = Spawned::start("sushy-emulator", cmd, &dir.path().join("sushy.log"))
         .unwrap_or_else(|e| panic!("cannot start sushy-emulator: {e:#}"));
-    let url = format!("http://127.0.0.1:{port}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://127.0.0.1:{port}");
     let started = Instant::now();
     loop {
         if let Some(status) = process.exited() {
@@ -151,6 +200,7 @@ fn emulator() -> Emulator {
     }
     Emulator {
         url,
+        port,
         process,
         _dir: dir,
     }
@@ -276,7 +326,6 @@ async fn errors_say_what_the_bmc_answered() {
     let mut p = RedfishParams::new(&format!("http://127.0.0.1:{port}"), USER, PASSWORD);
     p.timeout_ms = 500;
     p.attempts = 2;
-    let started = Instant::now();
     let e = PowerDriver::new(PowerParams::Redfish(p))
         .power_on()
         .await
@@ -288,5 +337,256 @@ async fn errors_say_what_the_bmc_answered() {
         )),
         "{e}"
     );
-    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// Redfish params as the API stores them (JSON, checked when read).
+fn params(fields: serde_json::Value) -> Result<PowerParams, String> {
+    let mut v = json!({ "driver": "redfish", "username": USER, "password": PASSWORD });
+    for (k, x) in fields.as_object().expect("an object") {
+        v[k] = x.clone();
+    }
+    serde_json::from_value(v).map_err(|e| e.to_string())
+}
+
+fn tls_driver(fields: serde_json::Value) -> PowerDriver {
+    let mut fields = fields;
+    fields["timeout_ms"] = json!(5000);
+    PowerDriver::new(params(fields).unwrap_or_else(|e| panic!("{e}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_pinned_certificate_or_a_ca_file() {
+    let cert = self_signed();
+    let emu = emulator_tls(&cert);
+    let pin = Fingerprint::of(&cert.der);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("bmc-ca.pem");
+    std::fs::write(&ca, &cert.cert_pem).unwrap();
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, self_signed().cert_pem).unwrap();
+
+    // Pinned: the address in the URL, which the certificate does not name.
+    let pinned = tls_driver(json!({ "url": emu.url, "fingerprint": pin.to_string() }));
+    // By CA: the certificate is its own CA, and the URL's host is the name it carries.
+    let localhost = format!("https://localhost:{}", emu.port);
+    let by_ca = tls_driver(json!({ "url": localhost, "ca_file": ca }));
+
+    assert_eq!(pinned.query().await.unwrap(), PowerState::Off);
+    pinned.power_on().await.unwrap();
+    wait_state(&pinned, PowerState::On, &emu).await;
+    assert_eq!(by_ca.query().await.unwrap(), PowerState::On);
+    by_ca.power_off(false).await.unwrap();
+    wait_state(&by_ca, PowerState::Off, &emu).await;
+    by_ca.power_on().await.unwrap();
+    wait_state(&by_ca, PowerState::On, &emu).await;
+    pinned.power_off(false).await.unwrap();
+    wait_state(&pinned, PowerState::Off, &emu).await;
+    // PATCH (with the ETag) and the read-back, over TLS.
+    pinned
+        .set_boot_device(BootDevice::Pxe, true, true)
+        .await
+        .unwrap();
+
+    // Certificates that are not the trusted one: each refused at the handshake, promptly
+    // (no retries), with what was expected and what was found. `system_id` names a path
+    // that no request of the trusted drivers uses, to look for in the emulator's log.
+    let other_pin = Fingerprint::of(b"another certificate");
+    let refusals = [
+        (
+            json!({ "url": emu.url, "fingerprint": other_pin.to_string() }),
+            vec![
+                "its TLS certificate is not the pinned one".to_string(),
+                format!("the server's certificate is {pin}, not the pinned {other_pin}"),
+            ],
+        ),
+        (
+            json!({ "url": localhost, "ca_file": other_ca }),
+            vec![
+                // Both certificates carry rcgen's default subject, so webpki finds the
+                // other CA as the issuer and says the signature is bad.
+                format!(
+                    "its TLS certificate is not one issued for that host by a CA in {} (BadSignature",
+                    other_ca.display()
+                ),
+                format!("it presents {pin}"),
+            ],
+        ),
+        (
+            // The right CA, but the certificate does not name the URL's host.
+            json!({ "url": emu.url, "ca_file": ca }),
+            vec![
+                format!(
+                    "its TLS certificate is not one issued for that host by a CA in {} \
+                     (certificate not valid for name \"127.0.0.1\"",
+                    ca.display()
+                ),
+                format!("it presents {pin}"),
+            ],
+        ),
+    ];
+    for (mut fields, says) in refusals {
+        fields["system_id"] = json!("never-asked");
+        let e = tls_driver(fields.clone()).query().await.unwrap_err();
+        assert!(
+            matches!(e, PowerError::Redfish(RedfishError::Certificate { .. })),
+            "{fields}: {e:?}"
+        );
+        assert_eq!(e.code(), "bmc_tls", "{e}");
+        let msg = e.to_string();
+        for s in says {
+            assert!(msg.contains(&s), "{fields}: {msg:?} does not say {s:?}");
+        }
+        assert!(msg.ends_with("nothing was sent to it"), "{msg}");
+        assert!(!msg.contains(PASSWORD), "{msg}");
+    }
+    // No request of the refused drivers reached the emulator's HTTP layer (werkzeug logs
+    // every request line; a trusted request after them orders the log).
+    pinned.query().await.unwrap();
+    let log = std::fs::read_to_string(emu.process.log()).unwrap_or_default();
+    assert!(log.contains("GET /redfish/v1/Systems/"), "{log}");
+    assert!(!log.contains("never-asked"), "{log}");
+}
+
+/// A TLS server on loopback with `cert` that records the plaintext every connection sends
+/// (up to the end of the first request head) and answers nothing: what a client told the
+/// BMC.
+struct Recorder {
+    port: u16,
+    heard: Arc<Mutex<Vec<u8>>>,
+    connections: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Recorder {
+    fn start(cert: &SelfSigned) -> Self {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring's protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert.der.clone())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.clone())),
+        )
+        .expect("a server config for the certificate");
+        let config = Arc::new(config);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let port = listener.local_addr().expect("the listener's port").port();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let (heard, connections, stop) = (heard.clone(), connections.clone(), stop.clone());
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((sock, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    connections.fetch_add(1, Ordering::Relaxed);
+                    sock.set_nonblocking(false).expect("a blocking socket");
+                    sock.set_read_timeout(Some(Duration::from_secs(5)))
+                        .expect("a read timeout");
+                    let conn =
+                        rustls::ServerConnection::new(config.clone()).expect("a server connection");
+                    let mut tls = rustls::StreamOwned::new(conn, sock);
+                    let mut buf = [0u8; 4096];
+                    // Ends at the client's alert (a refused certificate), at EOF, or once
+                    // a whole request head is in; dropping the stream closes it.
+                    while let Ok(n @ 1..) = tls.read(&mut buf) {
+                        let mut heard = heard.lock().unwrap_or_else(|e| e.into_inner());
+                        heard.extend_from_slice(&buf[..n]);
+                        if heard.windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            port,
+            heard,
+            connections,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn heard(&self) -> String {
+        let heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&heard).into_owned()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_certificate_hears_no_request_and_no_credentials() {
+    let cert = self_signed();
+    let bmc = Recorder::start(&cert);
+    let url = format!("https://127.0.0.1:{}", bmc.port);
+
+    let wrong = Fingerprint::of(&self_signed().der);
+    let e = tls_driver(json!({ "url": url, "fingerprint": wrong.to_string(), "attempts": 1 }))
+        .power_on()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, PowerError::Redfish(RedfishError::Certificate { .. })),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("not the pinned one"), "{e}");
+    // It connected (the refusal is the handshake's, not an unreachable port), and sent
+    // nothing after the handshake.
+    assert!(bmc.connections.load(Ordering::Relaxed) >= 1);
+    assert_eq!(bmc.heard(), "");
+
+    // The control: with the right pin the same server hears the request and its
+    // credentials (then closes without an answer).
+    let right = Fingerprint::of(&cert.der);
+    let e = tls_driver(json!({ "url": url, "fingerprint": right.to_string(), "attempts": 1 }))
+        .query()
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "bmc_unreachable", "{e}");
+    let heard = bmc.heard().to_ascii_lowercase();
+    assert!(
+        heard.starts_with("get /redfish/v1/systems http/1.1"),
+        "{heard}"
+    );
+    assert!(heard.contains("authorization: basic "), "{heard}");
+}
+
+#[test]
+fn https_needs_a_fingerprint_or_a_ca_file() {
+    // Checked where the API checks a new machine's params (deserialization).
+    let e = params(json!({ "url": "https://10.0.0.6" })).unwrap_err();
+    for says in [
+        "url: https://10.0.0.6 uses https, so",
+        "`fingerprint`",
+        "`ca_file`",
+        "does not accept whatever certificate",
+    ] {
+        assert!(e.contains(says), "{e}");
+    }
+    let e = params(json!({ "url": "https://10.0.0.6", "fingerprint": "AB:CD" })).unwrap_err();
+    assert!(
+        e.starts_with("fingerprint: \"AB:CD\" is not a SHA-256 fingerprint"),
+        "{e}"
+    );
+    // Plain HTTP as before.
+    params(json!({ "url": "http://10.0.0.6:8000" })).unwrap();
 }

@@ -117,17 +117,24 @@ pub struct Client {
 
 impl Client {
     /// A client of the appliance at `base` (`http://host:port`), sending `token` as its
-    /// bearer token. Each request waits at most a minute.
+    /// bearer token. Each request waits at most a minute. An `https://` base needs
+    /// [`Client::with_trust`].
     pub fn new(base: &str, token: Option<String>) -> Self {
-        let agent = ureq::Agent::config_builder()
+        Self::with_trust(base, token, None)
+    }
+
+    /// As [`Client::new`], trusting `trust` for an `https://` base (a pinned fingerprint
+    /// or a CA file, `stork_tls::Trust`).
+    pub fn with_trust(base: &str, token: Option<String>, trust: Option<stork_tls::Trust>) -> Self {
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(60)))
             // A fresh connection per request: the appliance may close a connection after an
             // answer it gave without reading the body (401, 403), and a pooled one would then
             // fail the next request.
             .max_idle_connections(0)
-            .build()
-            .into();
+            .build();
+        let agent = stork_tls::agent(config, trust);
         Self {
             base: base.trim_end_matches('/').to_string(),
             token,

@@ -39,8 +39,15 @@ pub struct PowerConfig {
     pub params: serde_json::Map<String, serde_json::Value>,
 }
 
-/// Parameter names whose values never leave the appliance.
+/// Parameter names whose values never leave the appliance (and are encrypted at rest).
 pub const SECRET_PARAMS: &[&str] = &["password", "pass", "secret", "token", "key"];
+
+/// Whether a power parameter of this name holds a secret: any name containing one of
+/// [`SECRET_PARAMS`], in any case.
+pub fn is_secret_param(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SECRET_PARAMS.iter().any(|s| name.contains(s))
+}
 
 impl PowerConfig {
     pub fn manual() -> Self {
@@ -53,10 +60,7 @@ impl PowerConfig {
     pub fn redacted(&self) -> Self {
         let mut c = self.clone();
         for (k, v) in c.params.iter_mut() {
-            if SECRET_PARAMS
-                .iter()
-                .any(|s| k.to_ascii_lowercase().contains(s))
-            {
+            if is_secret_param(k) {
                 *v = serde_json::Value::String("***".into());
             }
         }
@@ -120,7 +124,8 @@ pub struct Machine {
     /// Network-boot the agent while busy; cleared when the agent has installed an image so
     /// the next boot is from disk, set again by every step that powers on into the agent.
     pub netboot: bool,
-    /// How the current release erases: signatures and partition tables only, or every byte.
+    /// How the current release erases: signatures and partition tables only (true), or every
+    /// byte (false).
     pub erase_quick: bool,
     /// When the machine's agent last sent a heartbeat (ms), and the step it was in then.
     pub last_heartbeat: Option<i64>,
@@ -365,13 +370,15 @@ pub struct AllocateBody {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseBody {
-    /// Wipe the disks first.
-    #[serde(default)]
-    #[cfg_attr(feature = "openapi", schema(default = false))]
-    pub erase: bool,
-    /// With erase: signatures and partition tables only (default true).
+    /// Wipe the disks first. Left out: the appliance's `lifecycle.erase_on_release` (true
+    /// unless configured otherwise); `false` releases without touching the disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(default = true))]
+    pub erase: Option<bool>,
+    /// With erase: signatures and partition tables only, not every byte. Left out: the
+    /// appliance's `lifecycle.erase_quick` (false unless configured otherwise: a full erase,
+    /// by the disk's own secure erase where it has one, else zeroing, verified by reading
+    /// back samples).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quick: Option<bool>,
 }
 

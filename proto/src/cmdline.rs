@@ -23,6 +23,20 @@ pub const TOKEN: &str = "stork.token";
 pub const EPHEMERAL: &str = "stork.ephemeral";
 /// Its sha256, 64 hex digits; given together with [`EPHEMERAL`].
 pub const EPHEMERAL_SHA256: &str = "stork.ephemeral.sha256";
+/// The API's base URL when it is served over HTTPS (`https://10.77.0.1:8443`); absent, the
+/// agent calls the API at [`URL`].
+pub const API: &str = "stork.api";
+/// The fingerprint of the API's certificate, `sha256:` and 64 hex digits; given together
+/// with [`API`]. The agent pins it: it checks no name and trusts no CA.
+pub const TLS: &str = "stork.tls";
+
+/// The API over HTTPS: where, and the certificate to pin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiTls {
+    pub url: String,
+    /// `sha256:` and 64 lower-case hex digits.
+    pub fingerprint: String,
+}
 
 /// The ephemeral root: where to fetch it and what its sha256 must be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +59,15 @@ pub struct AgentArgs {
     pub token: Option<String>,
     /// Absent: the agent runs its task from the initrd.
     pub ephemeral: Option<EphemeralRoot>,
+    /// Absent: the API is at `url`, over plain HTTP.
+    pub api: Option<ApiTls>,
+}
+
+impl AgentArgs {
+    /// Where the agent calls the API.
+    pub fn api_url(&self) -> &str {
+        self.api.as_ref().map_or(&self.url, |a| &a.url)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -60,13 +83,29 @@ pub enum CmdlineError {
 }
 
 /// Looks up `key=value` in a kernel command line (the last occurrence wins, as in the kernel).
+/// Words are split where the kernel splits them: at ASCII whitespace, vertical tab included.
 pub fn get<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline
-        .split_ascii_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .filter(|(k, _)| *k == key)
-        .map(|(_, v)| v)
-        .next_back()
+    let is_space = |b: u8| b.is_ascii_whitespace() || b == 0x0b;
+    let bytes = cmdline.as_bytes();
+    let (mut i, mut found) = (0, None);
+    while i < bytes.len() {
+        if is_space(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && !is_space(bytes[i]) {
+            i += 1;
+        }
+        // Cut at ASCII bytes, so on character boundaries.
+        let word = cmdline.get(start..i).unwrap_or_default();
+        if let Some((k, v)) = word.split_once('=')
+            && k == key
+        {
+            found = Some(v);
+        }
+    }
+    found
 }
 
 /// A prefix length, or a contiguous dotted netmask turned into one.
@@ -80,6 +119,19 @@ fn parse_prefix(s: &str) -> Option<u8> {
     (mask.checked_shl(ones).unwrap_or(0) == 0).then_some(ones as u8)
 }
 
+/// A value the agent uses as it is (a URL, an id, a token): no whitespace (a non-ASCII
+/// space stays inside a word) and no control characters, which would end up in its requests.
+fn printable(key: &'static str, value: &str) -> Result<(), CmdlineError> {
+    if value.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        return Err(CmdlineError::Invalid {
+            key,
+            value: value.to_string(),
+            why: "must be printable, without spaces",
+        });
+    }
+    Ok(())
+}
+
 impl AgentArgs {
     pub fn parse(cmdline: &str) -> Result<Self, CmdlineError> {
         let need = |key: &'static str| get(cmdline, key).ok_or(CmdlineError::Missing(key));
@@ -90,6 +142,7 @@ impl AgentArgs {
         };
 
         let url = need(URL)?.trim_end_matches('/').to_string();
+        printable(URL, &url)?;
         if !url.starts_with("http://") {
             return Err(invalid(URL, &url, "must start with http://"));
         }
@@ -118,6 +171,11 @@ impl AgentArgs {
         let token = get(cmdline, TOKEN)
             .filter(|v| !v.is_empty())
             .map(String::from);
+        for (key, v) in [(MACHINE, &machine_id), (TOKEN, &token)] {
+            if let Some(v) = v {
+                printable(key, v)?;
+            }
+        }
         if machine_id.is_some() != token.is_some() {
             return Err(CmdlineError::Missing(if machine_id.is_some() {
                 TOKEN
@@ -126,6 +184,7 @@ impl AgentArgs {
             }));
         }
         let ephemeral = parse_ephemeral(cmdline)?;
+        let api = parse_api(cmdline)?;
         Ok(Self {
             url,
             boot_mac,
@@ -135,6 +194,7 @@ impl AgentArgs {
             machine_id,
             token,
             ephemeral,
+            api,
         })
     }
 
@@ -159,8 +219,45 @@ impl AgentArgs {
                 e.url, e.sha256
             ));
         }
+        if let Some(a) = &self.api {
+            s.push_str(&format!(" {API}={} {TLS}={}", a.url, a.fingerprint));
+        }
         s
     }
+}
+
+/// Both keys or neither (an empty value counts as absent).
+fn parse_api(cmdline: &str) -> Result<Option<ApiTls>, CmdlineError> {
+    let url = get(cmdline, API).filter(|v| !v.is_empty());
+    let fp = get(cmdline, TLS).filter(|v| !v.is_empty());
+    let (url, fp) = match (url, fp) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => return Err(CmdlineError::Missing(TLS)),
+        (None, Some(_)) => return Err(CmdlineError::Missing(API)),
+        (Some(u), Some(f)) => (u, f),
+    };
+    // Trimmed before it is checked, as `stork.url` is: `https:///` is no URL.
+    let url = url.trim_end_matches('/');
+    printable(API, url)?;
+    if !url.starts_with("https://") {
+        return Err(CmdlineError::Invalid {
+            key: API,
+            value: url.to_string(),
+            why: "must start with https://",
+        });
+    }
+    let hex = fp.strip_prefix("sha256:").unwrap_or_default();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(CmdlineError::Invalid {
+            key: TLS,
+            value: fp.to_string(),
+            why: "must be sha256: and 64 hex digits",
+        });
+    }
+    Ok(Some(ApiTls {
+        url: url.to_string(),
+        fingerprint: format!("sha256:{}", hex.to_ascii_lowercase()),
+    }))
 }
 
 /// Both keys or neither; an empty value counts as absent, as for the other optional keys.
@@ -173,6 +270,7 @@ fn parse_ephemeral(cmdline: &str) -> Result<Option<EphemeralRoot>, CmdlineError>
         (None, Some(_)) => return Err(CmdlineError::Missing(EPHEMERAL)),
         (Some(u), Some(s)) => (u, s),
     };
+    printable(EPHEMERAL, url)?;
     if !url.starts_with("http://") {
         return Err(CmdlineError::Invalid {
             key: EPHEMERAL,
@@ -207,6 +305,7 @@ mod tests {
             machine_id: None,
             token: None,
             ephemeral: None,
+            api: None,
         }
     }
 
@@ -226,6 +325,17 @@ mod tests {
             ..with_gw
         };
         assert_eq!(AgentArgs::parse(&known.render()).unwrap(), known);
+        let tls = AgentArgs {
+            api: Some(ApiTls {
+                url: "https://10.77.0.1:8443".into(),
+                fingerprint: format!("sha256:{}", "ab".repeat(32)),
+            }),
+            ..known
+        };
+        assert_eq!(AgentArgs::parse(&tls.render()).unwrap(), tls);
+        assert_eq!(tls.api_url(), "https://10.77.0.1:8443");
+        let no_pin = format!("{} {API}=https://10.77.0.1:8443", args().render());
+        assert_eq!(AgentArgs::parse(&no_pin), Err(CmdlineError::Missing(TLS)));
         let half = format!("{} {MACHINE}=abc", args().render());
         assert_eq!(AgentArgs::parse(&half), Err(CmdlineError::Missing(TOKEN)));
     }
@@ -320,5 +430,50 @@ mod tests {
     fn last_occurrence_wins() {
         assert_eq!(get("a=1 b=2 a=3", "a"), Some("3"));
         assert_eq!(get("ab=1", "a"), None);
+        // A vertical tab separates words, for the kernel and so here.
+        assert_eq!(get("a=1\x0ba=2\n", "a"), Some("2"));
+    }
+
+    /// Found by the `cmdline` fuzz target: a control character or a non-ASCII space does
+    /// not split a word, and was taken into the URL, the id or the token.
+    #[test]
+    fn values_used_as_they_are_must_be_printable() {
+        let known = AgentArgs {
+            machine_id: Some("abc123".into()),
+            token: Some("stork_agent_x".into()),
+            ..args()
+        };
+        for (key, from, to) in [
+            (URL, "10.77.0.1", "10.\u{11}77.0.1"),
+            (MACHINE, "abc123", "abc\u{a0}123"),
+            (TOKEN, "stork_agent_x", "stork_agent_\u{2003}x"),
+            (TOKEN, "stork_agent_x", "stork_agent_\u{7f}x"),
+        ] {
+            let line = known.render().replace(from, to);
+            let err = AgentArgs::parse(&line).unwrap_err();
+            assert!(
+                matches!(err, CmdlineError::Invalid { key: k, .. } if k == key),
+                "{line:?}: {err:?}"
+            );
+        }
+        let line = format!(
+            "{} {EPHEMERAL}=http://x/\u{85}e {EPHEMERAL_SHA256}={}",
+            args().render(),
+            "a".repeat(64)
+        );
+        assert!(matches!(
+            AgentArgs::parse(&line),
+            Err(CmdlineError::Invalid { key: EPHEMERAL, .. })
+        ));
+        // Also found by it: an API URL of slashes only was trimmed to `https:` after its check.
+        let line = format!(
+            "{} {API}=https:/// {TLS}=sha256:{}",
+            args().render(),
+            "a".repeat(64)
+        );
+        assert!(matches!(
+            AgentArgs::parse(&line),
+            Err(CmdlineError::Invalid { key: API, .. })
+        ));
     }
 }

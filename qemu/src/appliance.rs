@@ -104,7 +104,11 @@ impl Appliance {
                 .args(["netns", "exec", &self.netns])
                 .arg(&self.bin)
                 .args(args)
-                .env("STORK_TOKEN", &self.token),
+                .env("STORK_TOKEN", &self.token)
+                // The API is HTTPS with a certificate generated at the first start: the
+                // first command pins it (trust on first use, as a user's CLI does), in the
+                // lab's own pins file, never the user's.
+                .env("STORK_PINS", self.data_dir.with_file_name("pins")),
         )
     }
 

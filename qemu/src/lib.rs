@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 
 pub use appliance::Appliance;
 pub use process::{Spawned, wait_for};
-pub use vm::{Firmware, Vm, VmSpec};
+pub use vm::{DiskBus, Firmware, Vm, VmSpec};
 
 /// The provisioning bridge inside the namespace and the appliance's address on it; these
 /// match `stork serve`'s embedded default so the appliance needs no configuration.

@@ -28,6 +28,16 @@ pub enum GuestReboot {
     Reset,
 }
 
+/// How the VM's disk is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskBus {
+    /// `virtio-blk-pci`: the guest's `vda`.
+    Virtio,
+    /// QEMU's NVMe controller with one namespace: the guest's `nvme0n1`. It implements
+    /// Format NVM (a secure erase that zeroes the namespace), which SeaBIOS and OVMF boot from.
+    Nvme,
+}
+
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     pub name: String,
@@ -36,6 +46,7 @@ pub struct VmSpec {
     pub cpus: u32,
     pub disk_bytes: u64,
     pub disk_serial: String,
+    pub disk_bus: DiskBus,
     pub firmware: Firmware,
     /// Keep an existing `disk.raw` (and, under OVMF, its `OVMF_VARS.fd`) instead of
     /// creating fresh ones: a power cycle of the same machine (see [`Vm::restart`]).
@@ -52,6 +63,7 @@ impl VmSpec {
             cpus: 2,
             disk_bytes: 4 << 30,
             disk_serial: format!("STORK-{name}"),
+            disk_bus: DiskBus::Virtio,
             firmware: Firmware::Bios,
             keep_disk: false,
             guest_reboot: GuestReboot::Exit,
@@ -124,7 +136,11 @@ pub fn qemu_argv(lab: &mut Lab, spec: &VmSpec) -> Result<(Vec<String>, VmPaths)>
         &format!("file={},if=none,id=d0,format=raw", disk.display()),
         "-device",
         &format!(
-            "virtio-blk-pci,drive=d0,id={DISK_ID},serial={}",
+            "{},drive=d0,id={DISK_ID},serial={}",
+            match spec.disk_bus {
+                DiskBus::Virtio => "virtio-blk-pci",
+                DiskBus::Nvme => "nvme",
+            },
             spec.disk_serial
         ),
     ]
@@ -308,11 +324,12 @@ impl Vm {
     /// One line naming the VM's hardware, for diagnostics.
     pub fn describe(&self) -> String {
         format!(
-            "VM {} (mac {}, {} MiB, {} cpus, disk {} bytes, {:?})",
+            "VM {} (mac {}, {} MiB, {} cpus, {:?} disk {} bytes, {:?})",
             self.spec.name,
             self.spec.mac,
             self.spec.memory_mib,
             self.spec.cpus,
+            self.spec.disk_bus,
             self.spec.disk_bytes,
             self.spec.firmware
         )

@@ -453,6 +453,74 @@ pub fn deploy_to_disk_and_log_in(
     Ok(ip)
 }
 
+/// Checks, from the host and with the VM stopped, that the disk image file `disk` holds
+/// nothing at all: no MBR boot signature (0x55AA at byte 510), no GPT header ("EFI PART") at
+/// LBA 1 or at the last LBA, no signature that `wipefs` or `blkid` knows (file systems'
+/// magic in the first MiB among them), no partition table for `sgdisk`, and not one non-zero
+/// byte anywhere. Returns what was checked, for the log.
+pub fn check_blank_disk(disk: &Path) -> Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+
+    const SECTOR: u64 = 512;
+    let f = std::fs::File::open(disk).with_context(|| format!("open {}", disk.display()))?;
+    let size = f.metadata()?.len();
+    let at = |offset: u64, len: usize| -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    };
+    if at(510, 2)? == [0x55, 0xAA] {
+        bail!("{}: an MBR boot signature at byte 510", disk.display());
+    }
+    for (what, lba) in [("primary", 1), ("backup", size / SECTOR - 1)] {
+        if at(lba * SECTOR, 8)? == b"EFI PART" {
+            bail!("{}: a {what} GPT header at LBA {lba}", disk.display());
+        }
+    }
+    let path = path_str(disk)?;
+    let wipefs = stork_lab::run(Command::new("wipefs").args(["--no-act", path]))?;
+    if !wipefs.trim().is_empty() {
+        bail!("wipefs still finds signatures on {path}:\n{wipefs}");
+    }
+    let blkid = Command::new("blkid").args(["-p", path]).output()?;
+    // blkid exits 2 when it finds nothing.
+    if blkid.status.code() != Some(2) {
+        bail!(
+            "blkid -p still recognises {path}: {}",
+            String::from_utf8_lossy(&blkid.stdout)
+        );
+    }
+    let sgdisk = Command::new("sgdisk").args(["-p", path]).output()?;
+    let text = String::from_utf8_lossy(&sgdisk.stdout).to_string()
+        + &String::from_utf8_lossy(&sgdisk.stderr);
+    if !text.contains("GPT: not present") && !text.contains("Creating new GPT entries") {
+        bail!("sgdisk still finds a partition table on {path}:\n{text}");
+    }
+    // Every byte. Slices compared whole (memcmp): a byte loop in a debug build reads a
+    // 4 GiB disk at some 60 MB/s.
+    let mut reader = &f;
+    let zeros = vec![0u8; 8 << 20];
+    let mut buf = vec![0u8; 8 << 20];
+    let mut offset = 0u64;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n] != zeros[..n]
+            && let Some(i) = buf[..n].iter().position(|b| *b != 0)
+        {
+            bail!("{path}: a non-zero byte at {} of {size}", offset + i as u64);
+        }
+        offset += n as u64;
+    }
+    Ok(format!(
+        "{path}: no MBR, no GPT at LBA 1 or {}, nothing for wipefs, blkid or sgdisk, all {size} bytes zero",
+        size / SECTOR - 1
+    ))
+}
+
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str().context("non-UTF-8 path")
 }

@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 
+pub mod attacker;
 pub mod deploy;
 
 fn workspace() -> PathBuf {
@@ -49,4 +50,40 @@ pub fn require_artefacts() {
             p.display()
         );
     }
+}
+
+/// `busybox udhcpc` once on `host` (one DISCOVER round, up to five tries a second apart),
+/// with `script` as its hook (`/bin/true`: the lease is shown, not configured); what it
+/// printed, stdout and stderr (where it says what it got).
+pub fn udhcpc(
+    host: &stork_lab::Host,
+    script: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<String> {
+    let out = host
+        .command("busybox")
+        .args([
+            "udhcpc",
+            "-i",
+            &host.ifname,
+            "-n",
+            "-q",
+            "-f",
+            "-t",
+            "5",
+            "-T",
+            "1",
+            "-s",
+        ])
+        .arg(script)
+        .args(extra)
+        .output()
+        .map_err(|e| anyhow::anyhow!("running busybox udhcpc: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(out.status.success(), "busybox udhcpc failed: {text}");
+    Ok(text)
 }

@@ -5,10 +5,17 @@
 //! - To disk: enlist, commission, the Debian image streamed onto the disk (the download cut
 //!   once mid-stream and resumed), the agent's reboot resets the VM in place, the network boot
 //!   answers `exit` and SeaBIOS boots the disk, cloud-init phones home: Deployed; SSH with the
-//!   deploy's key reads the hostname asked for. Then a release with erase (Stork power-cycles
-//!   the running machine into the agent) leaves no partition table or signature on the disk.
-//! - A wrong image checksum ends in failed_deployment with the reason, and Stork powers the
-//!   machine off.
+//!   deploy's key reads the hostname asked for, while a hostile host beside it fetches its
+//!   boot script, tries the agent routes, floods DECLINEs, TFTP requests asking a 255 s
+//!   timeout, slow connections and 2 MiB reports (`stork_tests::attacker`): ordinary
+//!   clients on a third host are still served, and nothing the attacker sent changed a
+//!   machine. The disk is NVMe. Then a plain release erases
+//!   by default, fully: Stork power-cycles the running machine into the agent, which erases
+//!   the disk with NVMe Format NVM and reads samples back; the disk image holds not one
+//!   non-zero byte afterwards.
+//! - A wrong image checksum ends in failed_deployment with the reason, the agent wipes what it
+//!   wrote (the disk image is all zeros again: no partition table to boot), and Stork powers
+//!   the machine off.
 //! - A deploy into memory leaves the disk untouched.
 
 use std::path::Path;
@@ -16,10 +23,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use stork_lab::{VmSpec, wait_for};
+use stork_lab::{DiskBus, VmSpec, wait_for};
 use stork_proto::DeployTarget;
 use stork_proto::api::Status;
-use stork_tests::deploy::{Scenario, USER, deploy_to_disk_and_log_in};
+use stork_tests::attacker::{self, Attacker};
+use stork_tests::deploy::{Scenario, USER, check_blank_disk, deploy_to_disk_and_log_in};
+
+const MAC_DISK: &str = "52:54:00:77:01:01";
 
 /// A SeaBIOS machine with room for the installed Debian (cloud-init is python, and sshd).
 fn seabios(mac: &str, disk_bytes: u64) -> VmSpec {
@@ -39,14 +49,19 @@ fn ready(s: &mut Scenario) -> Result<String> {
 
 #[test]
 #[ignore = "needs root, QEMU, ipmi_sim and built images: run `cargo xtask test`"]
-fn seabios_vm_powered_by_its_bmc_deploys_debian_to_disk_logs_in_over_ssh_then_releases_with_erase()
-{
-    let spec = seabios("52:54:00:77:01:01", 4 << 30);
+fn seabios_vm_powered_by_its_bmc_deploys_debian_to_nvme_logs_in_over_ssh_then_release_erases_it() {
+    let mut spec = seabios(MAC_DISK, 4 << 30);
+    spec.disk_bus = DiskBus::Nvme;
     let mut s = Scenario::new("deploy-disk", spec, None).unwrap();
     let result = (|| -> Result<()> {
         let id = ready(&mut s)?;
+        // A hostile host beside the deploy, from before the power-on to the login.
+        let attacker = Attacker::start(&mut s.lab, &id, MAC_DISK)?;
         deploy_to_disk_and_log_in(&mut s, &id, "stork-e2e-disk", true)?;
-        release_with_erase(&mut s, &id)
+        attacker::bystander_is_served(&mut s.lab, &s.appliance)?;
+        attacker.stop()?.check()?;
+        attacker::refusals_counted(&s.appliance, 1)?;
+        release_erases_by_default(&mut s, &id)
     })();
     if let Err(e) = result {
         s.fail(e);
@@ -54,12 +69,17 @@ fn seabios_vm_powered_by_its_bmc_deploys_debian_to_disk_logs_in_over_ssh_then_re
     eprintln!("phases (SeaBIOS, to disk):\n{}", s.timings());
 }
 
-fn release_with_erase(s: &mut Scenario, id: &str) -> Result<()> {
+/// A plain `machine release`, no flags: the appliance's defaults erase the disks fully.
+fn release_erases_by_default(s: &mut Scenario, id: &str) -> Result<()> {
     s.phase_start();
-    s.appliance.cli(&["machine", "release", id, "--erase"])?;
+    s.appliance.cli(&["machine", "release", id])?;
     let m = s.status(id)?;
-    if m.status != Status::DiskErasing {
-        bail!("after `release --erase` the status is {}", m.status);
+    if m.status != Status::DiskErasing || m.erase_quick {
+        bail!(
+            "after a plain `release` the status is {} (quick erase: {})",
+            m.status,
+            m.erase_quick
+        );
     }
     // Stork power-cycles the running machine into the agent through the BMC.
     s.wait_status(
@@ -69,33 +89,20 @@ fn release_with_erase(s: &mut Scenario, id: &str) -> Result<()> {
         Duration::from_secs(400),
     )?;
     s.wait_off("Stork's power-off after the erase", Duration::from_secs(90))?;
-    s.phase_done("release with erase (to Ready, off)");
+    s.phase_done("release, full erase by default (to Ready, off)");
 
-    let disk = s
-        .machine
-        .paths
-        .disk
-        .to_str()
-        .map(str::to_string)
-        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 disk path"))?;
-    let wipefs = stork_lab::run(Command::new("wipefs").args(["--no-act", &disk]))?;
-    if !wipefs.trim().is_empty() {
-        bail!("wipefs still finds signatures on the erased disk:\n{wipefs}");
+    let events = s.appliance.cli(&["machine", "events", id])?;
+    for want in [
+        "full erase done",
+        "NVMe Format NVM, user data erase",
+        "read back 66 MiB in 66 samples: all zeros",
+    ] {
+        if !events.contains(want) {
+            bail!("the release's events lack {want:?}:\n{events}");
+        }
     }
-    let blkid = Command::new("blkid").args(["-p", &disk]).output()?;
-    // blkid exits 2 when it finds nothing.
-    if blkid.status.code() != Some(2) {
-        bail!(
-            "blkid -p still recognises the erased disk: {}",
-            String::from_utf8_lossy(&blkid.stdout)
-        );
-    }
-    let sgdisk = Command::new("sgdisk").args(["-p", &disk]).output()?;
-    let text = String::from_utf8_lossy(&sgdisk.stdout).to_string()
-        + &String::from_utf8_lossy(&sgdisk.stderr);
-    if !text.contains("GPT: not present") && !text.contains("Creating new GPT entries") {
-        bail!("sgdisk still finds a partition table:\n{text}");
-    }
+    let blank = check_blank_disk(&s.machine.paths.disk)?;
+    s.say(&format!("erased by NVMe Format NVM; {blank}"));
     Ok(())
 }
 
@@ -130,6 +137,9 @@ fn an_image_with_the_wrong_sha256_fails_the_deployment_with_that_reason() {
                 m.status
             );
         }
+        if !msg.contains("the disk /dev/vda was wiped") {
+            bail!("the failure does not say the disk was wiped: {msg}");
+        }
         s.say(&format!(
             "failed as it should: {}",
             msg.lines().next().unwrap_or_default()
@@ -139,6 +149,9 @@ fn an_image_with_the_wrong_sha256_fails_the_deployment_with_that_reason() {
             Duration::from_secs(90),
         )?;
         s.phase_done("failed deployment (to off)");
+        // The image was written whole before its sum was known; nothing of it is left.
+        let blank = check_blank_disk(&s.machine.paths.disk)?;
+        s.say(&format!("wiped after the mismatch; {blank}"));
         Ok(())
     })();
     if let Err(e) = result {

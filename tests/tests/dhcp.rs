@@ -46,20 +46,7 @@ fn malformed_packets_are_counted_and_dropped_and_udhcpc_still_gets_a_lease() {
     )
     .unwrap();
 
-    let out = run_ok(host.command("busybox").args([
-        "udhcpc",
-        "-i",
-        &host.ifname,
-        "-n",
-        "-q",
-        "-f",
-        "-t",
-        "5",
-        "-T",
-        "1",
-        "-s",
-        "/bin/true",
-    ]));
+    let out = stork_tests::udhcpc(&host, std::path::Path::new("/bin/true"), &[]).unwrap();
     assert!(
         out.contains("lease of 10.77.0.100 obtained from 10.77.0.1"),
         "{out}"

@@ -12,6 +12,7 @@ use stork_lab::{Appliance, Lab, Vm, VmSpec, wait_for};
 use stork_proto::MacAddr;
 use stork_proto::api::{Machine, Status};
 use stork_proto::inventory::Firmware;
+use stork_tests::attacker::{self, Attacker};
 use stork_tests::{boot_files, lab_dir, require_artefacts, stork_bin};
 
 const MAC: &str = "52:54:00:77:00:01";
@@ -36,6 +37,7 @@ fn seabios_vm_enlists_as_new_then_commissions_to_ready() {
         let id = m.id.clone();
         result = commission(&mut lab, &mut appliance, &mut vm, &id);
     }
+    let result = result.and_then(|_| pinned_what_config_show_prints(&appliance));
     if let Err(e) = result {
         lab.keep_dir();
         panic!(
@@ -47,6 +49,28 @@ fn seabios_vm_enlists_as_new_then_commissions_to_ready() {
             lab.dir().display()
         );
     }
+}
+
+/// The API was HTTPS with a certificate generated at the first start: the lab's CLI pinned
+/// it on first use (the agent pinned it from its command line, or it could not have
+/// commissioned), and what it pinned is what `stork config show` prints on the appliance.
+fn pinned_what_config_show_prints(appliance: &Appliance) -> Result<()> {
+    let pins = std::fs::read_to_string(appliance.data_dir.with_file_name("pins"))?;
+    let shown = stork_lab::run(
+        std::process::Command::new(&appliance.bin)
+            .args(["config", "show", "--data-dir"])
+            .arg(&appliance.data_dir),
+    )?;
+    let fp = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint:"))
+        .map(str::trim)
+        .ok_or_else(|| anyhow::anyhow!("no fingerprint in `stork config show`:\n{shown}"))?;
+    anyhow::ensure!(
+        fp.starts_with("sha256:") && pins.contains(&format!("127.0.0.1:8443 {fp}")),
+        "the lab pinned {pins:?}, the appliance shows {fp}"
+    );
+    Ok(())
 }
 
 fn wait_enlisted(appliance: &mut Appliance, vm: &mut Vm) -> Result<Machine> {
@@ -71,7 +95,7 @@ fn commission(lab: &mut Lab, appliance: &mut Appliance, vm: &mut Vm, id: &str) -
     if !events.contains("manual power") {
         bail!("no event asks a person to power the machine on:\n{events}");
     }
-    let attacker = Attacker::start(lab, id)?;
+    let attacker = Attacker::start(lab, id, MAC)?;
     *vm = Vm::start(lab, vm.spec.clone())?;
     let m = wait_for(
         "commissioning to finish",
@@ -90,7 +114,9 @@ fn commission(lab: &mut Lab, appliance: &mut Appliance, vm: &mut Vm, id: &str) -
         },
     )?;
     check_inventory(&m, vm)?;
+    attacker::bystander_is_served(lab, appliance)?;
     attacker.stop()?.check()?;
+    attacker::refusals_counted(appliance, 1)?;
     let events = appliance.cli(&["machine", "events", id])?;
     if !events.contains("no agent token") {
         bail!("the attacker's script fetches are not in the history:\n{events}");
@@ -148,154 +174,4 @@ fn check_inventory(m: &Machine, vm: &Vm) -> Result<()> {
         "DMI vendor is not QEMU",
     )?;
     Ok(())
-}
-
-/// A host beside the machine (10.77.0.66, no lease) that keeps fetching the machine's boot
-/// script while it commissions, and tries the agent routes with what it got.
-struct Attacker {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<Result<Seen>>,
-}
-
-/// What the attacker got.
-#[derive(Debug, Default)]
-struct Seen {
-    scripts: usize,
-    /// A script that named the machine or carried a token.
-    leaked: Option<String>,
-    /// Status codes of the agent routes tried with a made-up token.
-    agent_answers: Vec<String>,
-    /// Status codes of a 2 MiB report and of a flood of reports.
-    big_report: String,
-    flood: Vec<String>,
-}
-
-impl Attacker {
-    fn start(lab: &mut Lab, id: &str) -> Result<Attacker> {
-        let host = lab.add_host("attacker")?;
-        stork_lab::run(host.command("ip").args([
-            "addr",
-            "add",
-            "10.77.0.66/24",
-            "dev",
-            &host.ifname,
-        ]))?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (flag, id) = (stop.clone(), id.to_string());
-        let base = "http://10.77.0.1:8080";
-        // curl's output whatever its exit status: a refused upload still prints the code.
-        let curl = move |args: &[&str]| -> Result<String> {
-            let out = host
-                .command("curl")
-                .args(["-s", "-m", "5"])
-                .args(args)
-                .output()
-                .context("running curl in the attacker's namespace")?;
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        };
-        let thread = std::thread::spawn(move || -> Result<Seen> {
-            let mut seen = Seen::default();
-            let big = format!(
-                "{{\"boot_mac\":\"{MAC}\",\"step\":\"network\",\"ok\":false,\"message\":\"{}\"}}",
-                "x".repeat(2 << 20)
-            );
-            let big_file =
-                std::env::temp_dir().join(format!("stork-attacker-{}.json", std::process::id()));
-            std::fs::write(&big_file, &big)?;
-            let status = ["-o", "/dev/null", "-w", "%{http_code}"];
-            seen.big_report = curl(
-                &[
-                    &status[..],
-                    &["-H", "Content-Type: application/json", "--data-binary"],
-                    &[&format!("@{}", big_file.display())],
-                    &[&format!("{base}/api/v1/agent/report")],
-                ]
-                .concat(),
-            )?;
-            let _ = std::fs::remove_file(&big_file);
-            let small = format!(
-                "{{\"boot_mac\":\"{MAC}\",\"step\":\"network\",\"ok\":false,\"message\":\"attacker\"}}"
-            );
-            for _ in 0..40 {
-                seen.flood.push(curl(
-                    &[
-                        &status[..],
-                        &[
-                            "-H",
-                            "Content-Type: application/json",
-                            "-d",
-                            &small,
-                            &format!("{base}/api/v1/agent/report"),
-                        ],
-                    ]
-                    .concat(),
-                )?);
-            }
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                let script = curl(&[&format!("{base}/ipxe/{MAC}")])?;
-                seen.scripts += 1;
-                if script.contains("stork.token") || script.contains(&id) {
-                    seen.leaked = Some(script);
-                }
-                for what in ["task", "released", "deployed"] {
-                    let method = if what == "task" { "GET" } else { "POST" };
-                    seen.agent_answers.push(curl(
-                        &[
-                            &status[..],
-                            &[
-                                "-X",
-                                method,
-                                "-H",
-                                "Authorization: Bearer stork_agent_guess",
-                                &format!("{base}/api/v1/agent/{id}/{what}"),
-                            ],
-                        ]
-                        .concat(),
-                    )?);
-                }
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Ok(seen)
-        });
-        Ok(Attacker { stop, thread })
-    }
-
-    fn stop(self) -> Result<Seen> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("the attacker thread panicked"))?
-    }
-}
-
-impl Seen {
-    fn check(&self) -> Result<()> {
-        eprintln!(
-            "attacker: {} scripts fetched, {} agent calls tried, a 2 MiB report answered {}, {} of {} flooded reports refused",
-            self.scripts,
-            self.agent_answers.len(),
-            self.big_report,
-            self.flood.iter().filter(|a| *a == "429").count(),
-            self.flood.len()
-        );
-        if self.scripts == 0 {
-            bail!("the attacker fetched no script: {self:?}");
-        }
-        if let Some(s) = &self.leaked {
-            bail!("the attacker got the machine's identity:\n{s}");
-        }
-        if let Some(a) = self.agent_answers.iter().find(|a| *a != "401") {
-            bail!("an agent route answered {a} to a made-up token: {self:?}");
-        }
-        if self.big_report != "413" {
-            bail!("a 2 MiB report was answered {}", self.big_report);
-        }
-        if !self.flood.iter().any(|a| a == "429") {
-            bail!(
-                "forty reports in a row were never rate-limited: {:?}",
-                self.flood
-            );
-        }
-        Ok(())
-    }
 }

@@ -214,6 +214,15 @@ fn demo() -> Result<()> {
     let mut lab = Lab::new("demo", &target().join("lab"))?;
     step("starting `stork serve` on its embedded default");
     let appliance = Appliance::start(&lab, &bin, &boot)?;
+    step("stork config show: boot files on HTTP, the API on HTTPS, the certificate clients pin");
+    print!(
+        "{}",
+        stork_lab::run(
+            std::process::Command::new(&bin)
+                .args(["config", "show", "--data-dir"])
+                .arg(&appliance.data_dir)
+        )?
+    );
     let mac = "52:54:00:77:00:99";
     let mut spec = VmSpec::new("demo-vm", mac);
     spec.memory_mib = 2048;

@@ -33,6 +33,8 @@ mod ioctl {
     // BLKZEROOUT = _IO(0x12, 127) taking u64[2] {start, length}: the number says _IO, the
     // argument is a pointer anyway, hence the "bad" form.
     nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
+    // BLKFLSBUF = _IO(0x12, 97): write back and drop the device's cached pages.
+    nix::ioctl_none!(blkflsbuf, 0x12, 97);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,16 @@ pub enum DiskError {
     },
     #[error("no ext4 root partition on {disk} (partitions: {present})")]
     NoRoot { disk: String, present: String },
+    #[error(
+        "{path} is not erased: reading it back found a non-zero byte at byte {at} \
+         (in the {len}-byte sample at {start})"
+    )]
+    NotErased {
+        path: PathBuf,
+        at: u64,
+        start: u64,
+        len: u64,
+    },
 }
 
 /// Picks the target disk: the requested one (kernel name, `/dev/` path or serial), else the
@@ -197,6 +209,47 @@ impl BlockDevice {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The open device, for ioctls of other modules (NVMe passthrough).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Writes back and drops the kernel's cached pages of the device: after a command that
+    /// changed the medium behind the cache's back (an NVMe format), reads must go to the disk.
+    pub fn drop_caches(&self) -> Result<(), DiskError> {
+        // SAFETY: BLKFLSBUF takes no argument.
+        unsafe { ioctl::blkflsbuf(self.file.as_raw_fd()) }
+            .map(drop)
+            .map_err(|source| DiskError::Ioctl {
+                what: "BLKFLSBUF",
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Reads `samples` (offset, length) back from the disk itself (`O_DIRECT`: not from the
+    /// page cache) and fails at the first non-zero byte. Returns the bytes read.
+    pub fn check_zeros(&self, samples: &[(u64, u64)]) -> Result<u64, DiskError> {
+        let io = |what| {
+            let path = self.path.clone();
+            move |source| DiskError::Io { what, path, source }
+        };
+        let direct = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+            .open(&self.path)
+            .map_err(io("open for reading back (O_DIRECT)"))?;
+        match first_nonzero(&direct, samples).map_err(io("reading back"))? {
+            None => Ok(samples.iter().map(|(_, len)| len).sum()),
+            Some((at, (start, len))) => Err(DiskError::NotErased {
+                path: self.path.clone(),
+                at,
+                start,
+                len,
+            }),
+        }
     }
 
     fn zeroout(&self, offset: u64, len: u64) -> Result<(), Errno> {
@@ -355,6 +408,69 @@ pub fn wipe_signatures(
     }
     sink.sync()?;
     Ok(n)
+}
+
+/// The first non-zero byte in `samples` of `file`, with the sample it is in. The buffer is
+/// page-aligned and the samples are whole MiB (or the whole of a smaller disk), as `O_DIRECT`
+/// reads of a block device want.
+pub fn first_nonzero(file: &File, samples: &[(u64, u64)]) -> io::Result<Option<(u64, (u64, u64))>> {
+    const ALIGN: usize = 4096;
+    let mut backing = vec![0u8; MIB as usize + ALIGN];
+    let skip = backing.as_ptr().align_offset(ALIGN);
+    let buf = &mut backing[skip..skip + MIB as usize];
+    for &(start, len) in samples {
+        let mut off = start;
+        while off < start + len {
+            let n = MIB.min(start + len - off) as usize;
+            file.read_exact_at(&mut buf[..n], off)?;
+            if let Some(i) = buf[..n].iter().position(|b| *b != 0) {
+                return Ok(Some((off + i as u64, (start, len))));
+            }
+            off += n as u64;
+        }
+    }
+    Ok(None)
+}
+
+/// The read-back plan of a quick erase: the first and last MiB, where the partition tables
+/// (MBR, primary and backup GPT) live.
+pub fn edge_samples(disk_size: u64) -> Vec<(u64, u64)> {
+    let len = MIB.min(disk_size);
+    let mut v = vec![(0, len)];
+    if disk_size > len {
+        v.push((disk_size - len, len));
+    }
+    v
+}
+
+/// The read-back plan of a full erase: the first and last MiB and one MiB at a position
+/// drawn from `seed` in each of `n` equal stretches between them, so that the samples cover
+/// the whole disk and are not where a device could guess them.
+pub fn spread_samples(disk_size: u64, n: u64, seed: u64) -> Vec<(u64, u64)> {
+    let mut v = edge_samples(disk_size);
+    // Whole MiB strictly between the first and the last one.
+    let inner = (disk_size / MIB).saturating_sub(2);
+    if inner == 0 || n == 0 {
+        return v;
+    }
+    let n = n.min(inner);
+    // xorshift's one fixed point is zero.
+    let mut x = if seed == 0 {
+        0x9E37_79B9_7F4A_7C15
+    } else {
+        seed
+    };
+    for i in 0..n {
+        // xorshift64: cheap and enough to keep the positions from being predictable.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let (from, to) = (inner * i / n, inner * (i + 1) / n);
+        let mib = 1 + from + x % (to - from);
+        v.push((mib * MIB, MIB));
+    }
+    v.sort_unstable();
+    v
 }
 
 /// Whether the device or file at `path` starts with an ext2/3/4 superblock.
@@ -547,6 +663,48 @@ mod tests {
         assert!(zero(4 * MIB, 5 * MIB) && zero(11 * MIB, 12 * MIB));
         assert!(ff(MIB, 4 * MIB) && ff(5 * MIB, 11 * MIB) && ff(12 * MIB, 15 * MIB));
         assert!(!is_ext4(&path));
+    }
+
+    #[test]
+    fn read_back_plans_cover_both_ends_and_the_middle() {
+        assert_eq!(edge_samples(16 * MIB), [(0, MIB), (15 * MIB, MIB)]);
+        // A disk smaller than a MiB is read whole, once.
+        assert_eq!(edge_samples(4096), [(0, 4096)]);
+        let size = 10 * 1024 * MIB + 512 * 3;
+        let plan = spread_samples(size, 64, 42);
+        assert_eq!(plan.len(), 66);
+        assert_eq!(plan[0], (0, MIB));
+        assert_eq!(plan[65], (size - MIB, MIB));
+        // One MiB in each sixty-fourth of the disk, MiB-aligned, none on an edge sample.
+        let inner = size / MIB - 2;
+        for (i, (off, len)) in plan[1..65].iter().enumerate() {
+            let i = i as u64;
+            assert_eq!((*len, off % MIB), (MIB, 0));
+            let mib = off / MIB;
+            assert!(
+                mib > inner * i / 64 && mib <= inner * (i + 1) / 64,
+                "{i}: {mib}"
+            );
+        }
+        assert_ne!(plan, spread_samples(size, 64, 43));
+        // Fewer MiB than samples: every inner MiB once.
+        assert_eq!(spread_samples(4 * MIB, 64, 1).len(), 4);
+        assert_eq!(spread_samples(MIB, 64, 1), [(0, MIB)]);
+    }
+
+    #[test]
+    fn read_back_finds_the_first_non_zero_byte() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(8 * MIB).unwrap();
+        let plan = spread_samples(8 * MIB, 64, 7);
+        assert_eq!(first_nonzero(&f, &plan).unwrap(), None);
+        f.write_all_at(&[1], 8 * MIB - 1).unwrap();
+        assert_eq!(
+            first_nonzero(&f, &plan).unwrap(),
+            Some((8 * MIB - 1, (7 * MIB, MIB)))
+        );
+        // A sample past the end of the file is an error, not a pass.
+        assert!(first_nonzero(&f, &[(8 * MIB, MIB)]).is_err());
     }
 
     #[test]

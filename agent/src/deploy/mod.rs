@@ -1,12 +1,13 @@
 //! The means of the tasks and of stage 1's ephemeral root: image files over HTTP ([`http`],
 //! [`download`], [`prefetch`]) streamed onto a sink ([`stream`]), block devices ([`block`]),
-//! roots in RAM ([`ramroot`]), UEFI boot entries ([`efi`]) and the cloud-init seed
-//! ([`seed`]). Nothing here names a step or posts to the appliance.
+//! NVMe secure erase ([`nvme`]), roots in RAM ([`ramroot`]), UEFI boot entries ([`efi`]) and
+//! the cloud-init seed ([`seed`]). Nothing here names a step or posts to the appliance.
 
 pub mod block;
 pub mod download;
 pub mod efi;
 pub mod http;
+pub mod nvme;
 pub mod prefetch;
 pub mod ramroot;
 pub mod seed;

@@ -136,7 +136,8 @@ impl<'a> Deployment<'a> {
             root,
             &seed,
             &seed::PhoneHome {
-                url: &args.url,
+                url: args.api_url(),
+                pin: args.api.as_ref().map(|a| a.fingerprint.as_str()),
                 machine_id: self.machine_id,
                 token: self.token,
             },

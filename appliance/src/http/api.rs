@@ -442,18 +442,19 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
     operation_id = "release_machine",
     tag = "machines",
     summary = "Release the machine",
-    description = "Allocated, Deployed, Failed deployment or Failed releasing -> Releasing -> Ready (power off), or with `erase` -> Disk erasing -> Ready once the agent erased the disks. Lifecycle event `Release / ReleaseErase`.",
+    description = "Allocated, Deployed, Failed deployment or Failed releasing -> Disk erasing -> Ready once the agent erased the disks (lifecycle event `ReleaseErase`), or with `erase: false` -> Releasing -> Ready (power off, event `Release`). Fields left out take the appliance's `lifecycle.erase_on_release` (default true) and `lifecycle.erase_quick` (default false: a full erase, by NVMe Format NVM where the disk has it, else zeroing, checked by reading back samples). A failed erase or read-back ends in Failed releasing with the reason.",
     params(MachineId),
     request_body(content = Option<ReleaseBody>),
     responses(ActionAnswers)
 )]
 async fn release(a: ActionCall) -> ApiResult<Json<Machine>> {
     let body: ReleaseBody = a.fields()?;
-    a.run(Command::Release {
-        erase: body.erase,
-        quick: body.quick.unwrap_or(true),
-    })
-    .await
+    let cfg = &a.state.cfg;
+    let (erase, quick) = (
+        body.erase.unwrap_or(cfg.erase_on_release),
+        body.quick.unwrap_or(cfg.erase_quick),
+    );
+    a.run(Command::Release { erase, quick }).await
 }
 
 #[utoipa::path(
@@ -563,7 +564,7 @@ fn check_layout(req: &DeployRequest, resource: &BootResource) -> ApiResult<()> {
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden),
         (status = 404, response = NotFound),
-        (status = 502, description = "The BMC failed or cannot be reached (`bmc_unreachable`, `bmc_credentials`, `bmc_error`, ...), or manual power (`manual_action_required`).", body = ErrorBody)
+        (status = 502, description = "The BMC failed or cannot be reached (`bmc_unreachable`, `bmc_credentials`, `bmc_tls`, `bmc_error`, ...), or manual power (`manual_action_required`).", body = ErrorBody)
     )
 )]
 async fn power_op(
@@ -1045,23 +1046,23 @@ pub async fn audit(
     if !recorded {
         return next.run(req).await;
     }
-    let actor = match req
+    let has_token = req
         .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    {
-        None => "anonymous".to_string(),
-        Some(token) => match s
-            .controller
-            .admin_token(crate::auth::hash(token.trim()))
-            .await
-        {
-            Ok(Some(rec)) => format!("api:{}", rec.id),
-            _ => "unknown token".to_string(),
-        },
-    };
+        .contains_key(axum::http::header::AUTHORIZATION);
+    let slot = super::extract::AuditActor::default();
+    let mut req = req;
+    req.extensions_mut().insert(slot.clone());
     let resp = next.run(req).await;
+    // The extractor names the token it found; a token it did not find (or never looked
+    // up: a refusal before the handler) is unknown.
+    let actor = slot.take().unwrap_or_else(|| {
+        if has_token {
+            "unknown token"
+        } else {
+            "anonymous"
+        }
+        .to_string()
+    });
     let entry = AuditRecord {
         id: 0,
         at: now_ms(),

@@ -41,12 +41,33 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
         })
 }
 
+/// Who made a change, as the audit middleware (`api::audit`) records it: filled by the
+/// extractor that looked the request's API token up, so the log needs no second lookup.
+#[derive(Clone, Default)]
+pub struct AuditActor(pub std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl AuditActor {
+    pub fn take(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
 /// The API caller a request's bearer token names, if its token is live and its scope
 /// allows `need`.
 async fn api_caller(parts: &Parts, state: &AppState, need: TokenScope) -> Result<String, ApiError> {
     let token = bearer(parts)?;
     let is_agent = token.starts_with(AGENT_PREFIX);
     let rec = state.controller.admin_token(hash(token)).await?;
+    // Refused calls are logged with the token they used too.
+    if let (Some(rec), Some(slot)) = (&rec, parts.extensions.get::<AuditActor>()) {
+        *slot
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(format!("api:{}", rec.id));
+    }
     let unauthorized = |message: &str| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,

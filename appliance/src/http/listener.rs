@@ -2,7 +2,8 @@
 //! (docs/security.md, "HTTP"): a cap on open connections, from everyone and from one
 //! address, and a deadline for a request's headers, so that slow or idle connections from
 //! one host (slowloris) cannot hold the listener. The request body's deadline is a layer of
-//! the router (`router`).
+//! the router (`router`). The same loop serves HTTPS: the TLS handshake then runs under
+//! the header deadline.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -79,12 +80,30 @@ fn take_slot(open: &Arc<Mutex<Open>>, ip: IpAddr, limits: &HttpLimits) -> Result
     })
 }
 
+/// How a listener's connections arrive, and what the router is told of it.
+#[derive(Clone)]
+pub enum Channel {
+    /// Plain HTTP, with the API and agent routes on this listener.
+    Plain,
+    /// Plain HTTP beside an HTTPS listener: the API and agent routes are refused here
+    /// (each request carries a [`PlainBesideTls`] naming where to go instead).
+    PlainBesideTls(PlainBesideTls),
+    Tls(tokio_rustls::TlsAcceptor),
+}
+
+/// In a plain request's extensions while HTTPS is on: the API's HTTPS base URL.
+#[derive(Clone, Debug)]
+pub struct PlainBesideTls {
+    pub api_url: Arc<str>,
+}
+
 /// Serves `app` on `listener` until the task is cancelled or accepting fails.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: HttpLimits,
     stats: Arc<HttpStats>,
+    channel: Channel,
 ) -> std::io::Result<()> {
     let open = Arc::new(Mutex::new(Open::default()));
     loop {
@@ -113,13 +132,20 @@ pub async fn serve(
             }
         };
         stats.connections.fetch_add(1, Ordering::Relaxed);
-        let app = app.clone();
+        let (app, channel) = (app.clone(), channel.clone());
         let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
             let _slot = slot;
+            let plain = match &channel {
+                Channel::PlainBesideTls(p) => Some(p.clone()),
+                _ => None,
+            };
             let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
                 // What `into_make_service_with_connect_info` would add: who is asking.
                 req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                if let Some(p) = &plain {
+                    req.extensions_mut().insert(p.clone());
+                }
                 app.clone().oneshot(req.map(axum::body::Body::new))
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -127,10 +153,33 @@ pub async fn serve(
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout);
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await
-            {
+            let served = match channel {
+                Channel::Tls(acceptor) => {
+                    // The handshake gets the headers' deadline: a silent client holds a
+                    // slot no longer over TLS than without it.
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            builder
+                                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+                Channel::Plain | Channel::PlainBesideTls(_) => {
+                    builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "HTTP connection ended");
             }
         });

@@ -7,6 +7,7 @@ pub mod extract;
 pub mod listener;
 pub mod openapi;
 pub mod script;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -35,6 +36,8 @@ pub struct AppState {
     /// The addresses the DHCP server leased, by MAC: who may take a booting machine's token.
     pub leases: Arc<crate::dhcp::Leases>,
     pub http_stats: Arc<listener::HttpStats>,
+    /// The API over HTTPS, as boot scripts tell the agent (`None`: HTTPS is off).
+    pub api_tls: Option<stork_proto::cmdline::ApiTls>,
     /// Unauthenticated agent requests (enlist, report) by source address.
     pub agent_limiter: Arc<std::sync::Mutex<crate::ratelimit::RateLimiter<std::net::IpAddr>>>,
 }
@@ -69,7 +72,10 @@ pub fn router(state: AppState) -> Router {
             "/ipxe/{mac}",
             get(script::ipxe_script).layer(axum::Extension(ephemeral)),
         )
-        .nest("/api/v1", api::routes())
+        .nest(
+            "/api/v1",
+            api::routes().layer(axum::middleware::from_fn(https_only)),
+        )
         .nest_service("/boot", boot)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -80,6 +86,26 @@ pub fn router(state: AppState) -> Router {
         ))
         .with_state(state)
         .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+/// Refuses an API or agent request that came over plain HTTP while HTTPS is on, saying
+/// where to go (a token sent in clear is the user's to revoke; the answer says so).
+async fn https_only(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let Some(p) = req.extensions().get::<listener::PlainBesideTls>() {
+        let message = format!(
+            "this appliance takes API and agent requests over HTTPS only: {}/api/v1",
+            p.api_url
+        );
+        return axum::response::IntoResponse::into_response(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "https_required",
+            message,
+        ));
+    }
+    next.run(req).await
 }
 
 /// Refuses (404) a `/boot/` path that resolves, through symbolic links, outside the boot

@@ -68,9 +68,10 @@ async fn script_for(
             mac,
             Some((&a.machine.id, &a.token)),
             ephemeral.as_ref(),
+            state.api_tls.as_ref(),
         ),
         (BootChoice::LocalDisk, _) => local_disk_script(),
-        _ => agent_script(cfg, mac, None, ephemeral.as_ref()),
+        _ => agent_script(cfg, mac, None, ephemeral.as_ref(), state.api_tls.as_ref()),
     })
 }
 
@@ -85,12 +86,14 @@ pub fn local_disk_script() -> String {
 /// The script that boots the Stork agent. The address comes from iPXE's own settings
 /// (`netX` is the interface iPXE configured last), so it is right whether Stork or another
 /// DHCP server leased it. `known` carries the machine id and this boot's agent token;
-/// `ephemeral`, when the file is there, the root the agent switches into before its task.
+/// `ephemeral`, when the file is there, the root the agent switches into before its task;
+/// `api`, when HTTPS is on, where the agent calls the API and the certificate it pins.
 pub fn agent_script(
     cfg: &Config,
     mac: MacAddr,
     known: Option<(&str, &str)>,
     ephemeral: Option<&EphemeralRoot>,
+    api: Option<&cmdline::ApiTls>,
 ) -> String {
     let base = cfg.base_url();
     let boot = &cfg.boot;
@@ -105,6 +108,15 @@ pub fn agent_script(
             e.file,
             cmdline::EPHEMERAL_SHA256,
             e.sha256
+        ));
+    }
+    if let Some(a) = api {
+        identity.push_str(&format!(
+            " {}={} {}={}",
+            cmdline::API,
+            a.url,
+            cmdline::TLS,
+            a.fingerprint
         ));
     }
     // UEFI: the kernel finds its initrd only if `initrd=<name>` names it (docs/measurements.md).
@@ -306,10 +318,27 @@ mod tests {
     }
 
     #[test]
+    fn script_carries_the_https_api_and_the_pin() {
+        let cfg = FileConfig::default().validate().unwrap();
+        let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        let api = cmdline::ApiTls {
+            url: cfg.api_url(),
+            fingerprint: format!("sha256:{}", "0f".repeat(32)),
+        };
+        let s = agent_script(&cfg, mac, Some(("m1", "t")), None, Some(&api));
+        let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
+        let args = expand(kernel);
+        assert_eq!(args.api.as_ref(), Some(&api));
+        assert_eq!(args.api_url(), "https://10.77.0.1:8443");
+        // Boot files stay on plain HTTP: firmware speaks nothing else.
+        assert_eq!(args.url, "http://10.77.0.1:8080");
+    }
+
+    #[test]
     fn script_carries_what_the_agent_parses() {
         let cfg = FileConfig::default().validate().unwrap();
         let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
-        let s = agent_script(&cfg, mac, None, None);
+        let s = agent_script(&cfg, mac, None, None, None);
         assert!(s.starts_with("#!ipxe\n"));
         let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
         assert!(kernel.contains("http://10.77.0.1:8080/boot/vmlinuz initrd=initrd.img "));
@@ -322,7 +351,7 @@ mod tests {
         assert_eq!(args.gateway, None);
         assert_eq!(args.token, None);
 
-        let s = agent_script(&cfg, mac, Some(("m1", "stork_agent_abc")), None);
+        let s = agent_script(&cfg, mac, Some(("m1", "stork_agent_abc")), None, None);
         let args = expand(s.lines().find(|l| l.starts_with("kernel ")).unwrap());
         assert_eq!(args.machine_id.as_deref(), Some("m1"));
         assert_eq!(args.token.as_deref(), Some("stork_agent_abc"));
@@ -338,7 +367,7 @@ mod tests {
             sha256: "ab".repeat(32),
         };
         for known in [None, Some(("m1", "stork_agent_abc"))] {
-            let s = agent_script(&cfg, mac, known, Some(&root));
+            let s = agent_script(&cfg, mac, known, Some(&root), None);
             let args = expand(s.lines().find(|l| l.starts_with("kernel ")).unwrap());
             assert_eq!(
                 args.ephemeral,

@@ -1,4 +1,5 @@
-//! The `[lifecycle]` section's file form: timeouts and polling, in seconds.
+//! The `[lifecycle]` section's file form: timeouts and polling, in seconds, and what a release
+//! does to the disks when its request does not say.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,6 +10,11 @@ pub struct LifecycleFile {
     pub check_interval: u64,
     pub heartbeat_timeout: u64,
     pub power_poll: u64,
+    /// A release erases the disks unless its request says `erase: false`.
+    pub erase_on_release: bool,
+    /// An erase is quick (signatures and partition tables) unless its request says
+    /// `quick: false`; by default it is full.
+    pub erase_quick: bool,
 }
 
 impl Default for LifecycleFile {
@@ -18,6 +24,8 @@ impl Default for LifecycleFile {
             check_interval: 5,
             heartbeat_timeout: 60,
             power_poll: 60,
+            erase_on_release: true,
+            erase_quick: false,
         }
     }
 }

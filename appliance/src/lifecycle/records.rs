@@ -348,6 +348,7 @@ impl Controller {
         self.store
             .call(move |st| st.mark_agent_token_used(&hash))
             .await
+            .map(drop)
     }
 
     // ---- the appliance's other records ----

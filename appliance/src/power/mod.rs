@@ -2,7 +2,8 @@
 //! device, through its BMC (IPMI 2.0 lanplus, Redfish), through QEMU's monitor (lab VMs),
 //! or by asking a person (manual).
 //!
-//! [`PowerParams`] is what the store keeps per machine (serde; secrets are [`Secret`]);
+//! [`PowerParams`] is what the store keeps per machine (serde; secrets are [`Secret`], and
+//! the store encrypts them at rest: `store::secrets`);
 //! [`PowerDriver::new`] turns it into a driver. Every operation is async and bounded by
 //! the driver's own timeouts and retries; errors say what the BMC answered. Operations
 //! return once the BMC has accepted the request: use [`PowerDriver::wait_for`] to wait
@@ -155,6 +156,7 @@ impl PowerError {
             PowerError::Ipmi(IpmiError::BootReadBack { .. }) => "boot_override_not_applied",
             PowerError::Ipmi(_) => "bmc_error",
             PowerError::Redfish(e) if e.is_credentials() => "bmc_credentials",
+            PowerError::Redfish(e) if e.is_certificate() => "bmc_tls",
             PowerError::Redfish(e) if e.is_unreachable() => "bmc_unreachable",
             PowerError::Redfish(RedfishError::BootReadBack { .. }) => "boot_override_not_applied",
             PowerError::Redfish(_) => "bmc_error",
@@ -307,7 +309,7 @@ mod tests {
     }
 
     #[test]
-    fn secrets_stay_out_of_debug_and_api_view_but_not_the_store() {
+    fn secrets_stay_out_of_debug_and_api_view_but_serde_keeps_them() {
         let redfish = PowerParams::Redfish(RedfishParams::new(
             "http://10.0.0.6:8000",
             "root",
@@ -321,7 +323,8 @@ mod tests {
             assert!(!api_text.contains("s3cret"), "{api_text}");
             assert_eq!(api["password_set"], true);
             assert!(api.get("password").is_none());
-            // The stored form round-trips the password.
+            // The serde form round-trips the password (the store seals it before it reaches
+            // the disk: `store::secrets`).
             let stored = serde_json::to_string(&p).unwrap();
             assert!(stored.contains("s3cret"));
             let back: PowerParams = serde_json::from_str(&stored).unwrap();

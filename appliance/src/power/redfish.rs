@@ -3,19 +3,27 @@
 //! because some BMCs answer 200/204 and silently keep (or revert to) something else.
 //! sushy-tools' fake driver is one: it stores `Once` as `Continuous`.
 //!
-//! HTTP is ureq (blocking) on `spawn_blocking`. Plain `http://` works; `https://` needs
-//! ureq's `rustls` feature, which the workspace does not enable today (it would be built
-//! into the static agent as well). Real BMCs mostly have self-signed certificates, so that
-//! change also needs a per-machine "accept this certificate" option.
+//! HTTP is ureq (blocking) on `spawn_blocking`, through `stork_tls`. Plain `http://`
+//! works as it always did; an `https://` BMC must be trusted explicitly, by its
+//! certificate's SHA-256 (`fingerprint`, pinned: what a BMC's self-signed certificate
+//! needs; names are not checked) or by the CAs that issue it (`ca_file`, webpki: the URL's
+//! host must be a name the certificate carries). An `https://` URL with neither is refused
+//! when the params are read ([`ParamsError::NoTrust`]): Stork never accepts whatever
+//! certificate a BMC presents. When the handshake fails on the certificate, nothing was
+//! sent (the credentials included) and the error says so ([`RedfishError::Certificate`]).
 //!
 //! ureq logs at DEBUG only allow-listed headers; its TRACE level prints the wire, including
 //! the Authorization header, so never enable `ureq=trace` on a production appliance.
 
+use std::io;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Value, json};
+use stork_tls::{Fingerprint, Trust};
 use thiserror::Error;
 use tracing::{debug, warn};
 
@@ -29,10 +37,18 @@ fn default_attempts() -> u32 {
 }
 
 /// How to reach one machine's Redfish service. The password is a [`Secret`].
+///
+/// Checked as a whole when read: an `https://` URL needs exactly one of `fingerprint` and
+/// `ca_file`, an `http://` URL neither.
+//
+// The check is `RedfishParams::check`, run by the `Deserialize` impl below, so a machine
+// cannot be stored with params its driver would refuse. `remote = "Self"` turns serde's
+// derived code into inherent functions, which the `Serialize`/`Deserialize` impls wrap.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct RedfishParams {
-    /// Service root's scheme, host and port: `http://10.0.0.6:8000` (no path).
+    /// Service root's scheme, host and port: `http://10.0.0.6:8000` (no path). An
+    /// `https://` URL needs `fingerprint` or `ca_file`.
     pub url: String,
     pub username: String,
     #[schema(value_type = String)]
@@ -41,6 +57,21 @@ pub struct RedfishParams {
     /// first member of `/redfish/v1/Systems`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_id: Option<String>,
+    /// For an `https://` URL: the BMC's certificate, pinned by its SHA-256
+    /// (`sha256:<hex>`, openssl's `AB:CD:...` form, or bare hex). Only that certificate is
+    /// accepted, whatever names it carries: what a BMC's self-signed certificate needs.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "fingerprint_field"
+    )]
+    #[schema(value_type = Option<String>)]
+    pub fingerprint: Option<Fingerprint>,
+    /// For an `https://` URL: a PEM file on the appliance with the CA certificates that
+    /// issue the BMC's certificate; the URL's host must be a name (or address) in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub ca_file: Option<PathBuf>,
     /// Per request, connection included.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
@@ -50,6 +81,67 @@ pub struct RedfishParams {
     pub attempts: u32,
 }
 
+impl Serialize for RedfishParams {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Self::serialize(self, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RedfishParams {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let params = Self::deserialize(d)?;
+        params.check().map_err(serde::de::Error::custom)?;
+        Ok(params)
+    }
+}
+
+/// `fingerprint` as its text form; a bad value is an error naming the field.
+mod fingerprint_field {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use stork_tls::Fingerprint;
+
+    pub fn serialize<S: Serializer>(f: &Option<Fingerprint>, s: S) -> Result<S::Ok, S::Error> {
+        match f {
+            Some(f) => s.collect_str(f),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Fingerprint>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| {
+                text.parse()
+                    .map_err(|e| D::Error::custom(format!("fingerprint: {e}")))
+            })
+            .transpose()
+    }
+}
+
+/// Params that no driver could use safely; see [`RedfishParams::check`].
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ParamsError {
+    #[error("url: {url:?} must start with http:// or https://")]
+    Scheme { url: String },
+    #[error(
+        "url: {url} uses https, so `fingerprint` (the BMC certificate's SHA-256, pinned) or \
+         `ca_file` (a PEM file of CA certificates on the appliance) must say which certificate \
+         to trust; Stork does not accept whatever certificate a BMC presents"
+    )]
+    NoTrust { url: String },
+    #[error(
+        "`fingerprint` and `ca_file` are both set: give one (the BMC's own certificate, or the \
+         CAs that issue it)"
+    )]
+    BothTrusts,
+    #[error(
+        "`fingerprint` and `ca_file` apply to https:// URLs; with {url} the BMC's identity \
+         would not be checked at all"
+    )]
+    TrustWithoutHttps { url: String },
+    #[error("ca_file: empty; give the path of a PEM file on the appliance")]
+    EmptyCaFile,
+}
+
 impl RedfishParams {
     pub fn new(url: &str, username: &str, password: impl Into<Secret>) -> Self {
         Self {
@@ -57,16 +149,69 @@ impl RedfishParams {
             username: username.to_string(),
             password: password.into(),
             system_id: None,
+            fingerprint: None,
+            ca_file: None,
             timeout_ms: default_timeout_ms(),
             attempts: default_attempts(),
         }
     }
+
+    /// The URL's scheme, and for `https://` exactly one of `fingerprint` and `ca_file`
+    /// (for `http://` neither: set, it would suggest a check that never happens).
+    pub fn check(&self) -> Result<(), ParamsError> {
+        let url = self.url.trim_end_matches('/').to_string();
+        let https = if url.starts_with("https://") {
+            true
+        } else if url.starts_with("http://") {
+            false
+        } else {
+            return Err(ParamsError::Scheme { url });
+        };
+        if self
+            .ca_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(ParamsError::EmptyCaFile);
+        }
+        match (https, &self.fingerprint, &self.ca_file) {
+            (true, None, None) => Err(ParamsError::NoTrust { url }),
+            (true, Some(_), Some(_)) => Err(ParamsError::BothTrusts),
+            (false, Some(_), _) | (false, _, Some(_)) => {
+                Err(ParamsError::TrustWithoutHttps { url })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What an `https://` BMC must present, and how an error names it.
+struct Tls {
+    trust: Trust,
+    /// "the pinned one", "one issued for that host by a CA in /etc/stork/bmc-ca.pem".
+    expected: String,
 }
 
 #[derive(Debug, Error)]
 pub enum RedfishError {
-    #[error("Redfish URL {url} is not usable: {why}")]
-    Url { url: String, why: &'static str },
+    #[error("Redfish parameters: {0}")]
+    Params(#[from] ParamsError),
+    #[error("Redfish BMC {url}: {source}")]
+    CaFile {
+        url: String,
+        #[source]
+        source: stork_tls::Error,
+    },
+    /// The TLS handshake failed on the BMC's certificate, so no request was sent: the
+    /// credentials never left the appliance.
+    #[error(
+        "Redfish BMC {url}: its TLS certificate is not {expected} ({why}); nothing was sent to it"
+    )]
+    Certificate {
+        url: String,
+        expected: String,
+        why: String,
+    },
     #[error("Redfish BMC {url} unreachable ({method} {path}, {attempts} attempts): {reason}")]
     Unreachable {
         url: String,
@@ -127,6 +272,11 @@ impl RedfishError {
     pub fn is_unreachable(&self) -> bool {
         matches!(self, RedfishError::Unreachable { .. })
     }
+
+    /// The BMC's certificate is not the trusted one.
+    pub fn is_certificate(&self) -> bool {
+        matches!(self, RedfishError::Certificate { .. })
+    }
 }
 
 /// The Redfish power driver for one BMC.
@@ -185,20 +335,28 @@ impl RedfishDriver {
         body: Option<Value>,
         if_match: Option<String>,
     ) -> Result<Answer, RedfishError> {
+        self.params.check()?;
         let base = self.base().to_string();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(RedfishError::Url {
-                url: base,
-                why: "it must start with http:// or https://",
-            });
-        }
         let path = path.to_string();
         let auth = basic_auth(&self.params.username, self.params.password.expose());
         let timeout = Duration::from_millis(self.params.timeout_ms.max(1));
         let attempts = self.params.attempts.max(1);
+        let fingerprint = self.params.fingerprint;
+        let ca_file = self.params.ca_file.clone();
         let task = tokio::task::spawn_blocking(move || {
+            // Read here, not at deserialization: a CA file replaced on the appliance is
+            // picked up by the next request.
+            let tls = tls_for(&base, fingerprint, ca_file)?;
             blocking_request(
-                &base, method, &path, body, if_match, &auth, timeout, attempts,
+                &base,
+                tls.as_ref(),
+                method,
+                &path,
+                body,
+                if_match,
+                &auth,
+                timeout,
+                attempts,
             )
         });
         task.await.map_err(|e| RedfishError::Task(e.to_string()))?
@@ -571,9 +729,37 @@ pub fn excerpt(body: &str) -> String {
     s
 }
 
+/// The trust for an `https://` `base` (checked params: exactly one of the two is set);
+/// `None` for `http://`.
+fn tls_for(
+    base: &str,
+    fingerprint: Option<Fingerprint>,
+    ca_file: Option<PathBuf>,
+) -> Result<Option<Tls>, RedfishError> {
+    if !base.starts_with("https://") {
+        return Ok(None);
+    }
+    Ok(match (fingerprint, ca_file) {
+        (Some(pin), _) => Some(Tls {
+            trust: Trust::Pinned(pin),
+            expected: "the pinned one".into(),
+        }),
+        (None, Some(path)) => Some(Tls {
+            trust: Trust::ca_file(&path).map_err(|source| RedfishError::CaFile {
+                url: base.to_string(),
+                source,
+            })?,
+            expected: format!("one issued for that host by a CA in {}", path.display()),
+        }),
+        // `check` refuses this; stork_tls refuses https without a trust all the same.
+        (None, None) => None,
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn blocking_request(
     base: &str,
+    tls: Option<&Tls>,
     method: Method,
     path: &str,
     body: Option<Value>,
@@ -582,13 +768,13 @@ fn blocking_request(
     timeout: Duration,
     attempts: u32,
 ) -> Result<Answer, RedfishError> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+    let config = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
         .http_status_as_error(false)
         // Redfish answers do not redirect; a redirect would drop the credentials.
         .max_redirects(0)
-        .build()
-        .into();
+        .build();
+    let agent = stork_tls::agent(config, tls.map(|t| t.trust.clone()));
     let url = format!("{base}{path}");
     let mut last = String::new();
     for attempt in 1..=attempts {
@@ -646,7 +832,19 @@ fn blocking_request(
                     e,
                     ureq::Error::ConnectionFailed | ureq::Error::HostNotFound
                 ) || matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
-                last = describe_ureq_error(&e, base);
+                last = describe_ureq_error(&e);
+                // A refused certificate is not worth another attempt, and says more than
+                // the transport error: ask the handshake alone why it failed.
+                if let (Some(tls), ureq::Error::Io(io)) = (tls, &e)
+                    && io.kind() != io::ErrorKind::ConnectionRefused
+                    && let Some(why) = certificate_refusal(base, tls, timeout)
+                {
+                    return Err(RedfishError::Certificate {
+                        url: base.to_string(),
+                        expected: tls.expected.clone(),
+                        why,
+                    });
+                }
                 if matches!(e, ureq::Error::HostNotFound | ureq::Error::BadUri(_)) {
                     break;
                 }
@@ -665,17 +863,58 @@ fn blocking_request(
     })
 }
 
-fn describe_ureq_error(e: &ureq::Error, base: &str) -> String {
+fn describe_ureq_error(e: &ureq::Error) -> String {
     match e {
         ureq::Error::Timeout(t) => format!("timed out ({t})"),
         ureq::Error::HostNotFound => "host not found".into(),
         ureq::Error::ConnectionFailed => "connection failed".into(),
         ureq::Error::Io(io) => format!("{io}"),
-        other if base.starts_with("https://") => {
-            format!("{other} (https needs ureq's rustls feature, not built into this appliance)")
-        }
         other => other.to_string(),
     }
+}
+
+/// Why the BMC at `base` fails the TLS handshake under `tls`, when its certificate is the
+/// reason: the handshake alone, with the same verifier as the agent, and nothing sent
+/// after it. `None` when it cannot connect, or the handshake fails otherwise or succeeds.
+fn certificate_refusal(base: &str, tls: &Tls, timeout: Duration) -> Option<String> {
+    use stork_tls::rustls::{self, ClientConnection, pki_types::ServerName};
+    let uri: ureq::http::Uri = base.parse().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(443);
+    let mut sock = (host, port)
+        .to_socket_addrs()
+        .ok()?
+        .find_map(|addr| TcpStream::connect_timeout(&addr, timeout).ok())?;
+    sock.set_read_timeout(Some(timeout)).ok()?;
+    sock.set_write_timeout(Some(timeout)).ok()?;
+    let name = ServerName::try_from(host.to_string()).ok()?;
+    let config = Arc::new(stork_tls::client_config(tls.trust.clone()));
+    let mut conn = ClientConnection::new(config, name).ok()?;
+    while conn.is_handshaking() {
+        let Err(e) = conn.complete_io(&mut sock) else {
+            continue;
+        };
+        let Some(rustls::Error::InvalidCertificate(cert)) = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        else {
+            return None;
+        };
+        let why = match cert {
+            // The pinned verifier's own words: which certificate, and which was pinned.
+            rustls::CertificateError::Other(other) => other.to_string(),
+            other => other.to_string(),
+        };
+        return Some(match &tls.trust {
+            Trust::Pinned(_) => why,
+            // Name the certificate, so that it can be checked and pinned instead.
+            Trust::Roots(_) => match stork_tls::probe(host, port, timeout) {
+                Ok(der) => format!("{why}; it presents {}", Fingerprint::of(&der)),
+                Err(_) => why,
+            },
+        });
+    }
+    None
 }
 
 /// `Basic base64(user:password)` (RFC 7617).
@@ -804,5 +1043,99 @@ mod tests {
         .unwrap();
         assert_eq!(p.timeout_ms, 10_000);
         assert_eq!(p.system_id, None);
+        assert_eq!((p.fingerprint, p.ca_file), (None, None));
+    }
+
+    #[test]
+    fn https_params_must_say_what_to_trust() {
+        let read = |fields: &str| {
+            serde_json::from_str::<super::super::PowerParams>(&format!(
+                r#"{{"driver":"redfish","username":"u","password":"p",{fields}}}"#
+            ))
+            .map_err(|e| e.to_string())
+        };
+        let hex = "ab".repeat(32);
+        let openssl = vec!["AB"; 32].join(":");
+        for fp in [format!("sha256:{hex}"), openssl, hex.clone()] {
+            let p = read(&format!(r#""url":"https://10.0.0.6","fingerprint":"{fp}""#)).unwrap();
+            let super::super::PowerParams::Redfish(r) = &p else {
+                panic!("{p:?}")
+            };
+            assert_eq!(r.fingerprint, Some(hex.parse().unwrap()));
+            // Stored in one form, and read back.
+            let v = serde_json::to_value(&p).unwrap();
+            assert_eq!(v["fingerprint"], format!("sha256:{hex}"));
+            assert_eq!(
+                serde_json::from_value::<super::super::PowerParams>(v).unwrap(),
+                p
+            );
+        }
+        let p = read(r#""url":"https://bmc.example","ca_file":"/etc/stork/bmc-ca.pem""#).unwrap();
+        assert_eq!(
+            serde_json::to_value(&p).unwrap()["ca_file"],
+            "/etc/stork/bmc-ca.pem"
+        );
+        read(r#""url":"http://10.0.0.6:8000""#).unwrap();
+
+        let refused = |fields: &str, says: &[&str]| {
+            let e = read(fields).unwrap_err();
+            for s in says {
+                assert!(e.contains(s), "{fields}: {e}");
+            }
+            assert!(!e.contains("\"p\""), "{e}");
+        };
+        refused(
+            r#""url":"https://10.0.0.6""#,
+            &[
+                "url: https://10.0.0.6 uses https, so",
+                "`fingerprint`",
+                "`ca_file`",
+                "does not accept",
+            ],
+        );
+        refused(
+            r#""url":"https://10.0.0.6","fingerprint":"sha256:12""#,
+            &["fingerprint: \"sha256:12\" is not a SHA-256 fingerprint"],
+        );
+        refused(
+            &format!(r#""url":"https://10.0.0.6","fingerprint":"{hex}","ca_file":"/ca.pem""#),
+            &["both set"],
+        );
+        refused(
+            &format!(r#""url":"http://10.0.0.6","fingerprint":"{hex}""#),
+            &["apply to https:// URLs"],
+        );
+        refused(
+            r#""url":"https://10.0.0.6","ca_file":"""#,
+            &["ca_file: empty"],
+        );
+        refused(
+            r#""url":"ftp://10.0.0.6""#,
+            &["must start with http:// or https://"],
+        );
+        refused(
+            &format!(r#""url":"https://10.0.0.6","fingerprint":"{hex}","extra":1"#),
+            &["unknown field `extra`"],
+        );
+    }
+
+    #[tokio::test]
+    async fn the_driver_checks_params_made_in_code() {
+        // `new` and field assignment skip serde: the driver checks before any request.
+        let d = RedfishDriver::new(RedfishParams::new("https://127.0.0.1:9", "u", "p"));
+        let e = d.query().await.unwrap_err();
+        assert!(
+            matches!(e, RedfishError::Params(ParamsError::NoTrust { .. })),
+            "{e}"
+        );
+        let mut p = RedfishParams::new("https://127.0.0.1:9", "u", "p");
+        p.ca_file = Some("/nonexistent/ca.pem".into());
+        let e = RedfishDriver::new(p).query().await.unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "Redfish BMC https://127.0.0.1:9: cannot read CA file /nonexistent/ca.pem"
+            ),
+            "{e}"
+        );
     }
 }

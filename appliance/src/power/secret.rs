@@ -2,7 +2,8 @@
 //!
 //! `Debug` and `Display` print `***`, so a secret inside any params struct is safe in a log
 //! line or an error message. `Serialize` writes the real value, because the store must
-//! round-trip it; API answers use [`super::PowerParams::api_view`], which drops it.
+//! round-trip it (it encrypts every secret parameter before writing: `store::secrets`); API
+//! answers use [`super::PowerParams::api_view`], which drops it.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 

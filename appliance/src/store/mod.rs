@@ -8,19 +8,25 @@
 //! The methods take `&self` and lock one connection; callers in async code run them on the
 //! blocking pool (`Store::call`), so no transaction is ever held across an `.await`. A
 //! PostgreSQL backend for several appliances would implement the same methods.
+//!
+//! BMC passwords are stored encrypted under a key file kept apart from the database
+//! ([`secrets`]); the rows a reader gets back hold them in clear again.
 
 mod migrate;
 pub mod model;
+pub mod secrets;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use stork_proto::MacAddr;
-use stork_proto::api::{AgentIdentity, AuditRecord, TokenScope};
+use stork_proto::api::{AgentIdentity, AuditRecord, TokenScope, is_secret_param};
 
 pub use model::*;
+pub use secrets::{KEY_ENV, SecretKey, SecretsError};
 
 use crate::lifecycle::Status;
 
@@ -59,19 +65,32 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
     /// Where the database lives: new records are refused when its file system runs low.
     dir: Arc<std::path::PathBuf>,
+    /// The last free-space answer and when it was asked (see [`Store::check_space`]).
+    space: Arc<Mutex<Option<SpaceAnswer>>>,
+    /// Seals the BMC passwords written, opens those read.
+    key: Arc<SecretKey>,
 }
 
 /// New machines and appended events are refused while the database's file system has less
 /// than this free: what is left goes to the status changes under way and the DHCP lease
 /// journal, which share the data directory.
 pub const MIN_FREE_BYTES: u64 = 64 << 20;
+
+/// When the file system was asked, and the bytes free it answered (`None`: no answer).
+type SpaceAnswer = (Instant, Option<u64>);
+
+/// How long a free-space answer is trusted: a flood of inserts asks the file system once
+/// per this, not once per insert. What a second of inserts writes is far below the reserve.
+const SPACE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 fn json<T: serde::Serialize>(v: &T) -> String {
     // Serializing our own plain data types cannot fail.
@@ -102,8 +121,16 @@ pub fn restrict(path: &Path) -> Result<(), StoreError> {
 }
 
 impl Store {
+    /// Opens (or creates) the database at `path`, with the secrets key file
+    /// [`secrets::key_path_for`] names: `$STORK_SECRETS_KEY`, else `secrets.key` beside it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)?;
+        Self::open_with_key(path, &secrets::key_path_for(path))
+    }
+
+    /// Opens the database at `path` with the secrets key in `key_path`, which is created at
+    /// the first start. Clear passwords an older version stored are encrypted here, once.
+    pub fn open_with_key(path: &Path, key_path: &Path) -> Result<Self, StoreError> {
+        let mut conn = Connection::open(path)?;
         // The database holds token hashes and BMC passwords: the owner alone reads it. SQLite
         // makes its WAL and shared-memory files with the database's mode; ones left by an
         // older version are restricted too.
@@ -120,17 +147,122 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Deleted and overwritten content is zeroed, so a password encrypted in place (or any
+        // record removed) leaves no clear copy in the file's free space.
+        conn.pragma_update(None, "secure_delete", "ON")?;
+        migrate::migrate(&mut conn)?;
+        let key = match SecretKey::load(key_path)? {
+            Some(key) => key,
+            None if Self::any_sealed(&conn)? => {
+                return Err(SecretsError::KeyMissing {
+                    path: key_path.to_path_buf(),
+                }
+                .into());
+            }
+            None => {
+                let key = SecretKey::create(key_path)?;
+                tracing::info!(
+                    key = %key_path.display(),
+                    "secrets key file created: keep a copy apart from the database"
+                );
+                key
+            }
+        };
+        Self::seal_clear_secrets(&mut conn, &key)?;
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_path_buf();
-        let store = Self {
+        Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             dir: Arc::new(dir),
-        };
-        store.migrate()?;
-        Ok(store)
+            space: Arc::default(),
+            key: Arc::new(key),
+        })
+    }
+
+    /// The stored power configs, by machine id.
+    fn stored_power(conn: &Connection) -> Result<Vec<(String, PowerConfig)>, StoreError> {
+        let mut stmt = conn.prepare("SELECT id, power FROM machines")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, power) = row?;
+            out.push((id, from_json("power", &power)?));
+        }
+        Ok(out)
+    }
+
+    /// Whether any machine has a sealed secret (then the key must be there).
+    fn any_sealed(conn: &Connection) -> Result<bool, StoreError> {
+        Ok(Self::stored_power(conn)?
+            .iter()
+            .any(|(_, p)| p.params.values().any(secrets::is_sealed)))
+    }
+
+    /// Checks that `key` opens every sealed secret, and seals the clear ones an older
+    /// version left (in one transaction, without a version bump: readers see the same
+    /// machine). Then checkpoints, so no clear copy is left in the write-ahead log.
+    fn seal_clear_secrets(conn: &mut Connection, key: &SecretKey) -> Result<(), StoreError> {
+        let mut upgraded = Vec::new();
+        for (id, mut power) in Self::stored_power(conn)? {
+            let mut changed = false;
+            for (name, value) in power.params.iter_mut() {
+                if !is_secret_param(name) {
+                    continue;
+                }
+                if secrets::is_sealed(value) {
+                    key.open(&id, name, value)?;
+                } else {
+                    *value = key.seal(&id, name, value);
+                    changed = true;
+                }
+            }
+            if changed {
+                upgraded.push((id, json(&power)));
+            }
+        }
+        if upgraded.is_empty() {
+            return Ok(());
+        }
+        let tx = conn.transaction()?;
+        for (id, power) in &upgraded {
+            tx.execute(
+                "UPDATE machines SET power = ?2 WHERE id = ?1",
+                params![id, power],
+            )?;
+        }
+        tx.commit()?;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        tracing::info!(
+            machines = upgraded.len(),
+            key = %key.path().display(),
+            "stored BMC passwords encrypted"
+        );
+        Ok(())
+    }
+
+    /// The power config as stored: every secret parameter sealed.
+    fn power_to_db(&self, id: &str, power: &PowerConfig) -> String {
+        let mut p = power.clone();
+        for (name, value) in p.params.iter_mut() {
+            if is_secret_param(name) {
+                *value = self.key.seal(id, name, value);
+            }
+        }
+        json(&p)
+    }
+
+    /// The power config as stored, its secrets opened.
+    fn power_from_db(key: &SecretKey, id: &str, stored: &str) -> Result<PowerConfig, StoreError> {
+        let mut p: PowerConfig = from_json("power", stored)?;
+        for (name, value) in p.params.iter_mut() {
+            if is_secret_param(name) && secrets::is_sealed(value) {
+                *value = key.open(id, name, value)?;
+            }
+        }
+        Ok(p)
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
@@ -147,11 +279,6 @@ impl Store {
         tokio::task::spawn_blocking(move || f(&me)).await?
     }
 
-    fn migrate(&self) -> Result<(), StoreError> {
-        migrate::migrate(&mut self.lock())?;
-        Ok(())
-    }
-
     // ---- machines ----
 
     const MACHINE_COLUMNS: &'static str = "id, hostname, status, status_message, status_since, \
@@ -159,7 +286,11 @@ impl Store {
         last_heartbeat, heartbeat_step, heartbeat_deadline, agent_ip, agent_token_used";
 
     /// A machine from its row and its interfaces' MACs (any order).
-    fn machine_from_row(row: &Row<'_>, mut macs: Vec<MacAddr>) -> Result<Machine, StoreError> {
+    fn machine_from_row(
+        key: &SecretKey,
+        row: &Row<'_>,
+        mut macs: Vec<MacAddr>,
+    ) -> Result<Machine, StoreError> {
         let id: String = row.get(0)?;
         let status: String = row.get(2)?;
         let boot_mac: Option<String> = row.get(6)?;
@@ -170,6 +301,7 @@ impl Store {
         let boot_mac: Option<MacAddr> = boot_mac.and_then(|m| m.parse().ok());
         macs.sort_by_key(|m| Some(*m) != boot_mac);
         Ok(Machine {
+            power: Self::power_from_db(key, &id, &power)?,
             id,
             hostname: row.get(1)?,
             status: Status::parse(&status).unwrap_or(Status::Broken),
@@ -179,7 +311,6 @@ impl Store {
             boot_mac,
             macs,
             arch: row.get(7)?,
-            power: from_json("power", &power)?,
             inventory: inventory.map(|i| from_json("inventory", &i)).transpose()?,
             owner: row.get(10)?,
             deploy: deploy.map(|d| from_json("deploy", &d)).transpose()?,
@@ -202,6 +333,7 @@ impl Store {
     }
 
     fn query_machines(
+        key: &SecretKey,
         conn: &Connection,
         where_sql: &str,
         args: &[&dyn rusqlite::ToSql],
@@ -229,13 +361,13 @@ impl Store {
         while let Some(row) = rows.next()? {
             let id: String = row.get(0)?;
             let m = macs.remove(&id).unwrap_or_default();
-            out.push(Self::machine_from_row(row, m)?);
+            out.push(Self::machine_from_row(key, row, m)?);
         }
         Ok(out)
     }
 
     pub fn list_machines(&self) -> Result<Vec<Machine>, StoreError> {
-        Self::query_machines(&self.lock(), "", &[])
+        Self::query_machines(&self.key, &self.lock(), "", &[])
     }
 
     /// Machines in any of `statuses`: the timeout checker's question, answered without
@@ -247,7 +379,7 @@ impl Store {
             .map(|s| format!("'{}'", s.as_str()))
             .collect();
         let where_sql = format!("WHERE status IN ({})", names.join(", "));
-        Self::query_machines(&self.lock(), &where_sql, &[])
+        Self::query_machines(&self.key, &self.lock(), &where_sql, &[])
     }
 
     /// By id, or by any of its MAC addresses.
@@ -264,7 +396,7 @@ impl Store {
                 .unwrap_or_else(|| key.to_string()),
             Err(_) => key.to_string(),
         };
-        Self::query_machines(&conn, "WHERE id = ?1", &[&id])?
+        Self::query_machines(&self.key, &conn, "WHERE id = ?1", &[&id])?
             .pop()
             .ok_or_else(|| StoreError::NotFound(key.to_string()))
     }
@@ -296,7 +428,7 @@ impl Store {
                 m.version,
                 m.boot_mac.map(|b| b.to_string()),
                 m.arch,
-                json(&m.power),
+                self.power_to_db(&m.id, &m.power),
                 m.inventory.as_ref().map(json),
                 m.owner,
                 m.deploy.as_ref().map(json),
@@ -353,6 +485,13 @@ impl Store {
     /// The heartbeat columns are written as `m` has them: a heartbeat that landed between the
     /// caller's read and this save (heartbeats do not bump the version) is set back by one
     /// beat, which costs at most one interval of the agent's allowance.
+    ///
+    /// The agent token's `used` mark (set without a version bump, by
+    /// [`Store::mark_agent_token_used`]) is never set back: for the token already stored it
+    /// only goes from false to true, whatever `m` holds. A save that would put a new token in
+    /// place of a used one is a conflict: the boot script gives a successor only to an unused
+    /// token (`lifecycle::boot::grant`), so its caller read the machine before the agent
+    /// used it. Clearing the token (`None`) is always allowed.
     pub fn save_machine(&self, m: &Machine, events: &[NewEvent]) -> Result<Machine, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
@@ -361,8 +500,11 @@ impl Store {
                 version=version+1, boot_mac=?6, arch=?7, power=?8, inventory=?9, owner=?10,
                 deploy=?11, tags=?12, agent_token=?13, updated_at=?14, netboot=?16, erase_quick=?17,
                 last_heartbeat=?18, heartbeat_step=?19, heartbeat_deadline=?20,
-                agent_ip=?21, agent_token_used=?22
-             WHERE id=?1 AND version=?15",
+                agent_ip=?21,
+                agent_token_used = CASE WHEN agent_token IS ?13
+                    THEN MAX(agent_token_used, ?22) ELSE ?22 END
+             WHERE id=?1 AND version=?15
+               AND NOT (agent_token_used = 1 AND ?13 IS NOT NULL AND agent_token IS NOT ?13)",
             params![
                 m.id,
                 m.hostname,
@@ -371,7 +513,7 @@ impl Store {
                 m.status_since,
                 m.boot_mac.map(|b| b.to_string()),
                 m.arch,
-                json(&m.power),
+                self.power_to_db(&m.id, &m.power),
                 m.inventory.as_ref().map(json),
                 m.owner,
                 m.deploy.as_ref().map(json),
@@ -421,10 +563,24 @@ impl Store {
         Ok(())
     }
 
+    /// Marks the agent token with this hash used, and says whether this call did (only its
+    /// first use changes anything). Like a heartbeat it does not bump the version, so the
+    /// agent's first request never makes an operator's concurrent action fail; unlike a
+    /// heartbeat it is never lost to such a save: [`Store::save_machine`] keeps a stored
+    /// token's mark, and refuses to give a used token a successor.
+    pub fn mark_agent_token_used(&self, hash: &str) -> Result<bool, StoreError> {
+        let changed = self.lock().execute(
+            "UPDATE machines SET agent_token_used = 1
+             WHERE agent_token = ?1 AND agent_token_used = 0",
+            [hash],
+        )?;
+        Ok(changed > 0)
+    }
+
     /// The machine whose current agent token has this hash.
     pub fn machine_by_agent_token(&self, hash: &str) -> Result<Option<Machine>, StoreError> {
         let conn = self.lock();
-        Ok(Self::query_machines(&conn, "WHERE agent_token = ?1", &[&hash])?.pop())
+        Ok(Self::query_machines(&self.key, &conn, "WHERE agent_token = ?1", &[&hash])?.pop())
     }
 
     /// Records an agent's heartbeat on machine `id` if one is still expected there, and
@@ -434,17 +590,6 @@ impl Store {
     /// than the status) and then cleared its deadline. `deadline` is when the next beat is
     /// due; `None` says the agent is leaving. Does not bump the version: a heartbeat is not
     /// a change anyone could conflict with.
-    /// Marks the agent token with this hash used. Like a heartbeat, no version bump: it
-    /// changes nothing a concurrent save of the machine decides on (a save that read the
-    /// machine before may write `used` back as false; the next agent request sets it again).
-    pub fn mark_agent_token_used(&self, hash: &str) -> Result<(), StoreError> {
-        self.lock().execute(
-            "UPDATE machines SET agent_token_used = 1 WHERE agent_token = ?1",
-            [hash],
-        )?;
-        Ok(())
-    }
-
     pub fn record_heartbeat(
         &self,
         id: &str,
@@ -505,13 +650,25 @@ impl Store {
     }
 
     /// Refuses new records while the file system is nearly full (see [`MIN_FREE_BYTES`]).
-    /// A file system that cannot be asked is let through: the write itself will tell.
+    /// A file system that cannot be asked is let through: the write itself will tell. The
+    /// answer is kept for [`SPACE_CHECK_EVERY`], so a flood of inserts does not stat the disk
+    /// for each one.
     fn check_space(&self) -> Result<(), StoreError> {
-        let Ok(st) = nix::sys::statvfs::statvfs(self.dir.as_path()) else {
+        let now = Instant::now();
+        let free = {
+            let mut cached = self.space.lock().unwrap_or_else(|e| e.into_inner());
+            match *cached {
+                Some((at, free)) if now.duration_since(at) < SPACE_CHECK_EVERY => free,
+                _ => {
+                    let free = Self::free_bytes(&self.dir);
+                    *cached = Some((now, free));
+                    free
+                }
+            }
+        };
+        let Some(free) = free else {
             return Ok(());
         };
-        #[allow(clippy::useless_conversion)] // the field types differ between targets
-        let free = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
         if free < MIN_FREE_BYTES {
             return Err(StoreError::DiskFull {
                 dir: self.dir.to_path_buf(),
@@ -520,6 +677,13 @@ impl Store {
             });
         }
         Ok(())
+    }
+
+    /// Bytes free to us under `dir`, if its file system answers.
+    fn free_bytes(dir: &Path) -> Option<u64> {
+        let st = nix::sys::statvfs::statvfs(dir).ok()?;
+        #[allow(clippy::useless_conversion)] // the field types differ between targets
+        Some(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
     }
 
     /// Appends an event without changing the machine (e.g. a rejected agent report).
@@ -873,6 +1037,39 @@ mod retention_tests {
 mod space_tests {
     use super::*;
 
+    #[test]
+    fn the_free_space_answer_is_kept_for_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("stork.db")).unwrap();
+        let ev = NewEvent {
+            at: 0,
+            actor: "test".into(),
+            old_status: None,
+            new_status: None,
+            message: "created".into(),
+        };
+        let m = Machine::new("m1".into(), vec!["52:54:00:00:00:03".parse().unwrap()], 0);
+        // A fresh "full" answer is believed without asking the disk again...
+        *s.space.lock().unwrap() = Some((Instant::now(), Some(0)));
+        let e = s.create_machine(&m, &ev).unwrap_err();
+        assert!(
+            matches!(e, StoreError::DiskFull { free_mib: 0, .. }),
+            "{e:?}"
+        );
+        assert!(matches!(
+            s.add_event("m1", &ev),
+            Err(StoreError::DiskFull { .. })
+        ));
+        // ...and an old one is asked again (this disk has room).
+        let Some(old) = Instant::now().checked_sub(SPACE_CHECK_EVERY * 2) else {
+            return;
+        };
+        *s.space.lock().unwrap() = Some((old, Some(0)));
+        s.create_machine(&m, &ev).unwrap();
+        let (at, free) = s.space.lock().unwrap().unwrap();
+        assert!(at > old && free.is_some_and(|f| f > 0));
+    }
+
     /// Unmounts the test's small file system however the test ends.
     struct Mounted(std::path::PathBuf);
 
@@ -913,5 +1110,320 @@ mod space_tests {
         assert!(matches!(e, StoreError::DiskFull { .. }), "{e:?}");
         assert!(e.to_string().contains("nearly full"), "{e}");
         assert!(s.list_machines().unwrap().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod secrets_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use serde_json::json;
+
+    use super::*;
+
+    const IPMI_PW: &str = "ipmi-Hunter2-pw";
+    const REDFISH_PW: &str = "redfish-Hunter3-pw";
+
+    fn ev() -> NewEvent {
+        NewEvent {
+            at: 0,
+            actor: "test".into(),
+            old_status: None,
+            new_status: Some(Status::New),
+            message: "created".into(),
+        }
+    }
+
+    fn power(driver: &str, params: serde_json::Value) -> PowerConfig {
+        PowerConfig {
+            driver: driver.into(),
+            params: params.as_object().unwrap().clone(),
+        }
+    }
+
+    fn ipmi(pw: &str) -> PowerConfig {
+        power(
+            "ipmi",
+            json!({"host": "10.0.0.5", "username": "admin", "password": pw}),
+        )
+    }
+
+    fn redfish(pw: &str) -> PowerConfig {
+        power(
+            "redfish",
+            json!({"url": "https://10.0.0.6", "username": "root", "password": pw}),
+        )
+    }
+
+    fn add(s: &Store, id: &str, n: u8, p: PowerConfig) -> Machine {
+        let mac = MacAddr([0x52, 0x54, 0, 0, 0, n]);
+        let mut m = Machine::new(id.into(), vec![mac], 0);
+        m.power = p;
+        s.create_machine(&m, &ev()).unwrap()
+    }
+
+    /// The database file and its write-ahead log, as raw bytes.
+    fn raw(db: &Path) -> Vec<u8> {
+        let mut bytes = std::fs::read(db).unwrap();
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        bytes.extend(std::fs::read(std::path::PathBuf::from(wal)).unwrap_or_default());
+        bytes
+    }
+
+    fn holds(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// The `password` as the database holds it.
+    fn stored_password(db: &Path, id: &str) -> String {
+        let conn = Connection::open(db).unwrap();
+        let power: String = conn
+            .query_row("SELECT power FROM machines WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let p: PowerConfig = serde_json::from_str(&power).unwrap();
+        p.params["password"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn bmc_passwords_are_encrypted_at_rest_and_read_back_in_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("stork.db");
+        let s = Store::open(&db).unwrap();
+        let a = add(&s, "a", 1, ipmi(IPMI_PW));
+        let b = add(&s, "b", 2, redfish(REDFISH_PW));
+        assert_eq!(a.power, ipmi(IPMI_PW));
+        assert_eq!(b.power, redfish(REDFISH_PW));
+        // A save writes it sealed again (a new password too).
+        let mut b2 = b.clone();
+        b2.power = redfish(&format!("{REDFISH_PW}-new"));
+        s.save_machine(&b2, &[]).unwrap();
+        assert_eq!(
+            s.get_machine("b").unwrap().power,
+            redfish(&format!("{REDFISH_PW}-new"))
+        );
+        let listed: Vec<PowerConfig> = s
+            .list_machines()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.power)
+            .collect();
+        assert_eq!(listed[0], ipmi(IPMI_PW));
+        let bytes = raw(&db);
+        for pw in [IPMI_PW, REDFISH_PW] {
+            assert!(!holds(&bytes, pw), "{pw} is in the database file");
+        }
+        assert!(stored_password(&db, "a").starts_with(secrets::SEALED_PREFIX));
+        // The rest of the params are as they were.
+        assert!(holds(&bytes, "10.0.0.5"));
+        // Both files are the owner's alone, and the key is its own file.
+        let key = dir.path().join(secrets::KEY_FILE_NAME);
+        assert_eq!((mode(&db), mode(&key)), (0o600, 0o600));
+        assert!(!holds(
+            &bytes,
+            std::fs::read_to_string(&key).unwrap().trim()
+        ));
+        // Reopened with the same key file: the same passwords.
+        drop(s);
+        let s = Store::open(&db).unwrap();
+        assert_eq!(s.get_machine("a").unwrap().power, ipmi(IPMI_PW));
+        assert_eq!((mode(&db), mode(&key)), (0o600, 0o600));
+    }
+
+    #[test]
+    fn the_key_file_may_live_elsewhere() {
+        let data = tempfile::tempdir().unwrap();
+        let other_disk = tempfile::tempdir().unwrap();
+        let db = data.path().join("stork.db");
+        let key = other_disk.path().join("stork.key");
+        let s = Store::open_with_key(&db, &key).unwrap();
+        add(&s, "a", 1, ipmi(IPMI_PW));
+        drop(s);
+        assert_eq!(mode(&key), 0o600);
+        assert!(!data.path().join(secrets::KEY_FILE_NAME).exists());
+        let s = Store::open_with_key(&db, &key).unwrap();
+        assert_eq!(s.get_machine("a").unwrap().power, ipmi(IPMI_PW));
+        drop(s);
+        // Without its key file the database is refused, with the file named.
+        let e = Store::open_with_key(&db, &data.path().join("nope.key")).unwrap_err();
+        assert!(
+            matches!(e, StoreError::Secrets(SecretsError::KeyMissing { .. })),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("nope.key"), "{e}");
+        assert!(!data.path().join("nope.key").exists());
+    }
+
+    #[test]
+    fn a_missing_or_wrong_key_is_a_clear_error_not_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("stork.db");
+        let key = dir.path().join(secrets::KEY_FILE_NAME);
+        add(&Store::open(&db).unwrap(), "a", 1, ipmi(IPMI_PW));
+        let good = std::fs::read(&key).unwrap();
+
+        std::fs::remove_file(&key).unwrap();
+        let e = Store::open(&db).unwrap_err();
+        assert!(
+            matches!(e, StoreError::Secrets(SecretsError::KeyMissing { .. })),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains(&key.display().to_string()), "{e}");
+        // No new key was made in its place.
+        assert!(!key.exists());
+
+        // Another key: refused at open, naming the file and the machine.
+        drop(SecretKey::create(&key).unwrap());
+        let e = Store::open(&db).unwrap_err();
+        assert!(
+            matches!(e, StoreError::Secrets(SecretsError::WrongKey { .. })),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains(&key.display().to_string()) && text.contains("machine a"),
+            "{text}"
+        );
+        assert!(!text.contains(IPMI_PW));
+
+        std::fs::write(&key, &good).unwrap();
+        let s = Store::open(&db).unwrap();
+        assert_eq!(s.get_machine("a").unwrap().power, ipmi(IPMI_PW));
+        // Machines without a secret need no key at all.
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("stork.db");
+        let s = Store::open(&db).unwrap();
+        add(&s, "m", 1, PowerConfig::manual());
+        drop(s);
+        std::fs::remove_file(dir.path().join(secrets::KEY_FILE_NAME)).unwrap();
+        Store::open(&db).unwrap();
+    }
+
+    #[test]
+    fn clear_passwords_of_an_older_version_are_encrypted_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("stork.db");
+        let s = Store::open(&db).unwrap();
+        let a = add(&s, "a", 1, PowerConfig::manual());
+        add(&s, "b", 2, PowerConfig::manual());
+        drop(s);
+        // The rows as an older version wrote them: clear passwords, in the log and the file.
+        let conn = Connection::open(&db).unwrap();
+        for (id, p) in [("a", ipmi(IPMI_PW)), ("b", redfish(REDFISH_PW))] {
+            conn.execute(
+                "UPDATE machines SET power = ?2 WHERE id = ?1",
+                params![id, json(&p)],
+            )
+            .unwrap();
+        }
+        drop(conn);
+        let conn = Connection::open(&db).unwrap();
+        conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
+        drop(conn);
+        assert!(holds(&raw(&db), IPMI_PW) && holds(&raw(&db), REDFISH_PW));
+
+        let s = Store::open(&db).unwrap();
+        let got = s.get_machine("a").unwrap();
+        assert_eq!(got.power, ipmi(IPMI_PW));
+        // Not a change of the machine: its version stays.
+        assert_eq!(got.version, a.version);
+        assert_eq!(s.get_machine("b").unwrap().power, redfish(REDFISH_PW));
+        let bytes = raw(&db);
+        for pw in [IPMI_PW, REDFISH_PW] {
+            assert!(!holds(&bytes, pw), "{pw} is still in the database file");
+        }
+        drop(s);
+        assert!(stored_password(&db, "b").starts_with(secrets::SEALED_PREFIX));
+        // Once: the next open only checks.
+        let sealed = stored_password(&db, "a");
+        drop(Store::open(&db).unwrap());
+        assert_eq!(stored_password(&db, "a"), sealed);
+    }
+
+    #[test]
+    fn api_views_never_carry_the_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("stork.db")).unwrap();
+        let m = add(&s, "a", 1, ipmi(IPMI_PW));
+        let shown = serde_json::to_string(&m.redacted()).unwrap();
+        assert!(!shown.contains(IPMI_PW), "{shown}");
+        let params = crate::lifecycle::controller::power_params(&m).unwrap();
+        let view = params.api_view().to_string();
+        assert!(
+            !view.contains(IPMI_PW) && view.contains("\"password_set\":true"),
+            "{view}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod agent_token_tests {
+    use super::*;
+
+    #[test]
+    fn a_save_that_read_the_machine_before_the_token_was_used_cannot_undo_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        let mac: MacAddr = "52:54:00:00:00:07".parse().unwrap();
+        let ip: std::net::IpAddr = "10.77.0.50".parse().unwrap();
+        let token = |hash: &str| AgentIdentity {
+            token_hash: Some(hash.into()),
+            ip: Some(ip),
+            used: false,
+        };
+        let mut m = Machine::new("t1".into(), vec![mac], 0);
+        m.agent = token("hash1");
+        let ev = NewEvent {
+            at: 0,
+            actor: "test".into(),
+            old_status: None,
+            new_status: Some(Status::New),
+            message: "created".into(),
+        };
+        let before = s.create_machine(&m, &ev).unwrap();
+        // Writers read the machine, then the agent's first request marks its token used.
+        let stale = before.clone();
+        assert!(s.mark_agent_token_used("hash1").unwrap());
+        let used = s.get_machine("t1").unwrap();
+        assert!(used.agent.used);
+        // Not a version change: no writer fails because the agent called.
+        assert_eq!(used.version, before.version);
+        // A save of the same token keeps the mark...
+        let mut change = stale.clone();
+        change.hostname = Some("renamed".into());
+        let saved = s.save_machine(&change, &[]).unwrap();
+        assert!(saved.agent.used && saved.hostname.as_deref() == Some("renamed"));
+        // ...a successor token from a read made before the use is refused...
+        let mut successor = saved.clone();
+        successor.agent = token("hash2");
+        assert!(matches!(
+            s.save_machine(&successor, &[]),
+            Err(StoreError::Conflict { .. })
+        ));
+        let now = s.get_machine("t1").unwrap();
+        assert_eq!(now.agent.token_hash.as_deref(), Some("hash1"));
+        assert!(now.agent.used);
+        // ...and clearing the token (a new boot step) still works, as does the next token.
+        let mut cleared = now.clone();
+        cleared.agent = AgentIdentity::default();
+        let cleared = s.save_machine(&cleared, &[]).unwrap();
+        assert_eq!(cleared.agent, AgentIdentity::default());
+        let mut next = cleared.clone();
+        next.agent = token("hash3");
+        let next = s.save_machine(&next, &[]).unwrap();
+        assert!(!next.agent.used);
+        // Later uses change nothing.
+        assert!(s.mark_agent_token_used("hash3").unwrap());
+        assert!(!s.mark_agent_token_used("hash3").unwrap());
+        assert!(!s.mark_agent_token_used("hash1").unwrap());
+        assert_eq!(s.get_machine("t1").unwrap().version, next.version);
     }
 }

@@ -42,8 +42,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Serialize;
-
 pub use server::{bind, run};
 
 /// Well-known TFTP port (RFC 1350).
@@ -159,92 +157,44 @@ pub enum TftpError {
     Recv(#[source] std::io::Error),
 }
 
-/// Counters exposed through the API, beside the DHCP ones.
-#[derive(Debug, Default)]
-pub struct Stats {
+counters! {
+    /// Counters exposed through the API, beside the DHCP ones.
+    Stats, StatsSnapshot;
     /// Read and write requests received on the listening port.
-    pub requests: AtomicU64,
+    requests,
     /// Requests answered with an ERROR (write, traversal, not found, bad mode...).
-    pub refused: AtomicU64,
+    refused,
     /// A retransmitted request for a transfer already under way (not started twice).
-    pub duplicate_requests: AtomicU64,
+    duplicate_requests,
     /// Requests dropped because `max_transfers` were running.
-    pub busy: AtomicU64,
+    busy,
     /// Requests refused with an ERROR because their client address already had
     /// `max_transfers_per_client` transfers running.
-    pub per_client_refused: AtomicU64,
-    pub transfers_started: AtomicU64,
-    pub transfers_completed: AtomicU64,
+    per_client_refused,
+    transfers_started,
+    transfers_completed,
     /// Timed out, aborted by the client, or a local error.
-    pub transfers_failed: AtomicU64,
+    transfers_failed,
     /// Transfers dropped for want of ACKs (also counted in `transfers_failed`).
-    pub timeouts: AtomicU64,
+    timeouts,
     /// Transfers running now.
-    pub active: AtomicU64,
+    active,
     /// File bytes sent in DATA packets, retransmissions included.
-    pub bytes_sent: AtomicU64,
+    bytes_sent,
     /// DATA and OACK packets sent.
-    pub packets_sent: AtomicU64,
+    packets_sent,
     /// DATA and OACK packets sent again (timeout, or a window restarted by the client).
-    pub retransmits: AtomicU64,
+    retransmits,
     /// ERROR packets sent.
-    pub errors_sent: AtomicU64,
+    errors_sent,
     /// ERROR packets received from clients.
-    pub errors_received: AtomicU64,
+    errors_received,
     /// Datagrams that are not TFTP, on the listening port or a transfer's.
-    pub malformed: AtomicU64,
+    malformed,
     /// Socket errors while sending or receiving.
-    pub io_errors: AtomicU64,
+    io_errors,
     /// Datagrams whose handling panicked (a bug): each was dropped, the service kept on.
-    pub panics: AtomicU64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct StatsSnapshot {
-    pub requests: u64,
-    pub refused: u64,
-    pub duplicate_requests: u64,
-    pub busy: u64,
-    pub per_client_refused: u64,
-    pub transfers_started: u64,
-    pub transfers_completed: u64,
-    pub transfers_failed: u64,
-    pub timeouts: u64,
-    pub active: u64,
-    pub bytes_sent: u64,
-    pub packets_sent: u64,
-    pub retransmits: u64,
-    pub errors_sent: u64,
-    pub errors_received: u64,
-    pub malformed: u64,
-    pub io_errors: u64,
-    pub panics: u64,
-}
-
-impl Stats {
-    pub fn snapshot(&self) -> StatsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        StatsSnapshot {
-            requests: get(&self.requests),
-            refused: get(&self.refused),
-            duplicate_requests: get(&self.duplicate_requests),
-            busy: get(&self.busy),
-            per_client_refused: get(&self.per_client_refused),
-            transfers_started: get(&self.transfers_started),
-            transfers_completed: get(&self.transfers_completed),
-            transfers_failed: get(&self.transfers_failed),
-            timeouts: get(&self.timeouts),
-            active: get(&self.active),
-            bytes_sent: get(&self.bytes_sent),
-            packets_sent: get(&self.packets_sent),
-            retransmits: get(&self.retransmits),
-            errors_sent: get(&self.errors_sent),
-            errors_received: get(&self.errors_received),
-            malformed: get(&self.malformed),
-            io_errors: get(&self.io_errors),
-            panics: get(&self.panics),
-        }
-    }
+    panics,
 }
 
 fn bump(c: &AtomicU64) {

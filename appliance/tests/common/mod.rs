@@ -24,13 +24,17 @@ pub const IMAGE: &str = "debian-12";
 
 pub struct Server {
     pub dir: tempfile::TempDir,
+    /// Plain HTTP: boot files and scripts (and the API, with `tls: false`).
     pub port: u16,
+    /// HTTPS: the API and the agent routes; 0 with `tls: false`.
+    pub tls_port: u16,
     /// An admin token made with `stork token create` before the first start.
     pub token: String,
     extra_config: String,
     extra_http: String,
     extra_args: Vec<String>,
     env: Vec<(String, String)>,
+    tls: bool,
     process: Option<Spawned>,
     /// Starts so far; each writes its own log file.
     pub starts: u32,
@@ -51,6 +55,9 @@ pub struct Options<'a> {
     pub http: &'a str,
     pub args: &'a [&'a str],
     pub env: &'a [(&'a str, &'a str)],
+    /// The API over HTTPS (the default, as `stork serve` does), or everything on the plain
+    /// port (tests of the plain listener's limits on agent routes).
+    pub tls: bool,
 }
 
 impl Default for Options<'_> {
@@ -60,6 +67,7 @@ impl Default for Options<'_> {
             http: "",
             args: &[],
             env: &[],
+            tls: true,
         }
     }
 }
@@ -93,6 +101,8 @@ impl Server {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            tls: opts.tls,
+            tls_port: 0,
             process: None,
             starts: 0,
         };
@@ -100,6 +110,7 @@ impl Server {
         let mut last = None;
         for _ in 0..5 {
             s.port = free_port();
+            s.tls_port = if s.tls { free_port() } else { 0 };
             match s.spawn() {
                 Ok(()) => return s,
                 Err(e) => last = Some(e),
@@ -112,8 +123,43 @@ impl Server {
         self.dir.path().join("data")
     }
 
+    /// The API's base URL: HTTPS unless the test turned it off.
     pub fn base(&self) -> String {
+        if self.tls {
+            format!("https://127.0.0.1:{}", self.tls_port)
+        } else {
+            self.plain_base()
+        }
+    }
+
+    /// Boot files and scripts.
+    pub fn plain_base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The certificate's fingerprint (`None` without TLS): every test server of a process
+    /// serves the same certificate ([`test_cert`]), so a CLI command can be told it once.
+    pub fn fingerprint(&self) -> Option<stork_tls::Fingerprint> {
+        self.tls.then(|| test_cert().fingerprint)
+    }
+
+    /// What a client of [`Server::base`] trusts.
+    pub fn trust(&self) -> Option<stork_tls::Trust> {
+        self.fingerprint().map(stork_tls::Trust::Pinned)
+    }
+
+    /// `--url`, `--token` and `--fingerprint` for a CLI command.
+    pub fn cli_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--url".into(),
+            self.base(),
+            "--token".into(),
+            self.token.clone(),
+        ];
+        if let Some(fp) = self.fingerprint() {
+            a.extend(["--fingerprint".into(), fp.to_string()]);
+        }
+        a
     }
 
     fn log_path(&self, n: u32) -> PathBuf {
@@ -125,11 +171,15 @@ impl Server {
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\n{}\n[http]\nlisten = \"127.0.0.1\"\nport = {}\n{}\n\n[dhcp]\nmode = \"off\"\n\n[tftp]\nenabled = false\n",
+                "data_dir = {:?}\n{}\n[http]\nlisten = \"127.0.0.1\"\nport = {}\n{}\n\n[tls]\nenabled = {}\nport = {}\ncert = {:?}\nkey = {:?}\n\n[dhcp]\nmode = \"off\"\n\n[tftp]\nenabled = false\n",
                 self.data_dir(),
                 self.extra_config,
                 self.port,
                 self.extra_http,
+                self.tls,
+                self.tls_port.max(1),
+                test_cert().cert,
+                test_cert().key,
             ),
         )?;
         self.starts += 1;
@@ -144,7 +194,6 @@ impl Server {
         }
         let log = self.log_path(self.starts);
         let mut p = Spawned::start("stork", cmd, &log)?;
-        let client = stork_client::Client::new(&self.base(), None);
         let ready = wait_for(
             "the API to answer",
             Duration::from_secs(30),
@@ -153,6 +202,7 @@ impl Server {
                 if let Some(st) = p.exited() {
                     bail!("stork serve exited ({st}):\n{}", p.log_tail(30));
                 }
+                let client = stork_client::Client::with_trust(&self.base(), None, self.trust());
                 Ok(client.openapi().ok())
             },
         );
@@ -187,7 +237,7 @@ impl Server {
 
     /// The typed client, with the admin token.
     pub fn client(&self) -> stork_client::Client {
-        stork_client::Client::new(&self.base(), Some(self.token.clone()))
+        stork_client::Client::with_trust(&self.base(), Some(self.token.clone()), self.trust())
     }
 
     /// Registers OS image [`IMAGE`]: a root tar of `content` (not a real one: the tests
@@ -236,6 +286,39 @@ impl Drop for Server {
             );
         }
     }
+}
+
+/// The certificate every test server serves (a user-supplied pair, as `[tls] cert`/`key`
+/// take it; the generated one is tested in the `http::tls` unit tests and the lab).
+pub struct TestCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub fingerprint: stork_tls::Fingerprint,
+}
+
+pub fn test_cert() -> &'static TestCert {
+    static CERT: std::sync::OnceLock<TestCert> = std::sync::OnceLock::new();
+    CERT.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("stork-test-cert-")
+            .tempdir()
+            .expect("tempdir")
+            // Kept for the process: servers read it at each start.
+            .keep();
+        let pair = rcgen::KeyPair::generate().expect("key pair");
+        let signed = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .self_signed(&pair)
+            .expect("self-signed certificate");
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, signed.pem()).expect("write cert");
+        std::fs::write(&key, pair.serialize_pem()).expect("write key");
+        TestCert {
+            cert,
+            key,
+            fingerprint: stork_tls::Fingerprint::of(signed.der()),
+        }
+    })
 }
 
 /// The per-boot agent token from a boot script's kernel line (`stork.token=...`), with the
@@ -346,8 +429,8 @@ pub fn connect_from(source: std::net::IpAddr, port: u16) -> std::net::TcpStream 
     socket.into()
 }
 
-/// An HTTP/1.1 request from `source` (see [`connect_from`]), with a JSON `body` if any; the
-/// status, the headers (lower case) and the body.
+/// An HTTP/1.1 request from `source` (see [`connect_from`]) to the plain listener, with a
+/// JSON `body` if any; the status, the headers (lower case) and the body.
 pub fn request_from(
     source: std::net::IpAddr,
     port: u16,
@@ -356,19 +439,55 @@ pub fn request_from(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, String, String) {
-    use std::io::{Read, Write};
-    let mut stream = connect_from(source, port);
+    exchange(connect_from(source, port), method, path, token, body)
+}
+
+impl Server {
+    /// As [`request_from`], to the API's listener: over TLS unless the test turned it off.
+    pub fn api_request_from(
+        &self,
+        source: std::net::IpAddr,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, String, String) {
+        let Some(trust) = self.trust() else {
+            return request_from(source, self.port, method, path, token, body);
+        };
+        let config = std::sync::Arc::new(stork_tls::client_config(trust));
+        let name = "localhost".try_into().expect("a server name");
+        let conn = stork_tls::rustls::ClientConnection::new(config, name).expect("TLS client");
+        let stream = stork_tls::rustls::StreamOwned::new(conn, connect_from(source, self.tls_port));
+        exchange(stream, method, path, token, body)
+    }
+}
+
+fn exchange(
+    mut stream: impl std::io::Read + std::io::Write,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String, String) {
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let body = body.unwrap_or_default();
+    // A body over 64 KiB is declared, not sent: the server must refuse it from its
+    // Content-Length before reading (and had it read on, the test would wait on it). Sending
+    // it would race the server's close against our write, which can lose its answer.
+    let sent = if body.len() > 64 << 10 { "" } else { body };
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{sent}",
         body.len()
     )
+    .and_then(|()| stream.flush())
     .expect("send");
-    let mut answer = String::new();
-    // The server may close before reading an oversized body: keep what it answered.
-    let _ = stream.read_to_string(&mut answer);
+    let mut answer = Vec::new();
+    // The server may close before reading an oversized body (or without a TLS
+    // close_notify): keep what it answered.
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
     let status = head
         .split_whitespace()

@@ -1,8 +1,9 @@
-//! The stable-toolchain fuzzer shared by `fuzz.rs` (DHCP, TFTP) and `fuzz_bmc.rs` (IPMI,
-//! Redfish): a seeded xorshift mutator, the corpus in `appliance/fuzz/corpus/<kind>/` and
-//! the regressions in `appliance/fuzz/regressions/<kind>/` (run first), a time budget
-//! (`STORK_FUZZ_SECS`, default 10 per target; `STORK_FUZZ_SEED` replays a run), and a
-//! failing input kept in `target/fuzz-crashes/` and shown in hex.
+//! The stable-toolchain fuzzer shared by `fuzz.rs` (DHCP, TFTP, the lease journal, the
+//! agent's command line) and `fuzz_bmc.rs` (IPMI, Redfish): a seeded xorshift mutator, the
+//! corpus in `appliance/fuzz/corpus/<kind>/` and the regressions in
+//! `appliance/fuzz/regressions/<kind>/` (run first), a time budget (`STORK_FUZZ_SECS`,
+//! default 10 per target; `STORK_FUZZ_SEED` replays a run), and a failing input kept in
+//! `target/fuzz-crashes/` and shown in hex.
 // Each test crate uses its own part of it.
 #![allow(dead_code)]
 
@@ -107,6 +108,28 @@ pub fn fuzz_dir(kind: &str, what: &str) -> PathBuf {
         .join("fuzz")
         .join(what)
         .join(kind)
+}
+
+/// Holds the corpus in `appliance/fuzz/corpus/<kind>/` to what the code generates: fails
+/// naming a missing or stale file and the `test` that rewrites it, which
+/// `STORK_FUZZ_WRITE_CORPUS=1` makes it do.
+pub fn check_corpus(kind: &str, test: &str, seeds: Vec<(String, Vec<u8>)>) {
+    let write = std::env::var_os("STORK_FUZZ_WRITE_CORPUS").is_some();
+    let dir = fuzz_dir(kind, "corpus");
+    for (name, bytes) in seeds {
+        let file = dir.join(&name);
+        if write {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&file, &bytes).unwrap();
+        } else {
+            assert!(
+                std::fs::read(&file).ok() == Some(bytes),
+                "{} is missing or stale: run STORK_FUZZ_WRITE_CORPUS=1 cargo test -p stork \
+                 --test {test}",
+                file.display()
+            );
+        }
+    }
 }
 
 pub fn budget() -> Duration {

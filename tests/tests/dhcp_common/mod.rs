@@ -50,24 +50,7 @@ exit 0
 
 /// `busybox udhcpc` once: returns (address, server).
 pub fn udhcpc_once(host: &Host, script: &Path, extra: &[&str]) -> (String, String) {
-    let out = run_ok(
-        host.command("busybox")
-            .args([
-                "udhcpc",
-                "-i",
-                &host.ifname,
-                "-n",
-                "-q",
-                "-f",
-                "-t",
-                "5",
-                "-T",
-                "1",
-                "-s",
-            ])
-            .arg(script)
-            .args(extra),
-    );
+    let out = stork_tests::udhcpc(host, script, extra).unwrap();
     parse_lease(&out).unwrap_or_else(|| panic!("no lease in: {out}"))
 }
 

@@ -1,6 +1,11 @@
 //! Deploy to disk: from the raw image ([`raw`]) or, with a layout or without a raw file, by
 //! extracting the root tar ([`extract`]); then the UEFI boot entry and the appliance told to
 //! boot the disk from now on.
+//!
+//! When the image step fails after it started writing (a checksum mismatch above all: the
+//! bytes on the disk are not the registered image's), the disk is wiped before the failure is
+//! reported ([`wipe_after_failure`]), so the machine cannot boot a half-written or substituted
+//! image.
 
 pub mod extract;
 pub mod raw;
@@ -12,9 +17,14 @@ use stork_proto::StepState;
 
 use super::{Deployment, Ending};
 use crate::appliance::ApplianceClient;
+use crate::console::human_bytes;
+use crate::deploy::block::{self, BlockDevice, Partition};
 use crate::deploy::efi;
+use crate::deploy::stream::Sink;
 use crate::step::{Failed, Step, at};
 use stork_proto::ImageRole;
+
+const MIB: u64 = 1 << 20;
 
 /// Deploys to disk; returns how the agent ends (reboot into the installed OS).
 pub fn run(cx: &Deployment) -> Result<Ending, Failed> {
@@ -77,4 +87,60 @@ fn boot_entry(client: &ApplianceClient, disk: &Path, esp: Option<u32>) -> Result
     };
     client.step_event(Step::BootEntry, StepState::Done, message);
     Ok(())
+}
+
+/// A failed image step's error, with what became of the disk.
+#[derive(Debug, thiserror::Error)]
+pub enum WipedAfter {
+    #[error("{reason:#}; {wiped}")]
+    Wiped {
+        reason: anyhow::Error,
+        wiped: String,
+    },
+    #[error("{reason:#}; wiping the disk after it failed too: {wipe:#}")]
+    WipeFailed {
+        reason: anyhow::Error,
+        wipe: anyhow::Error,
+    },
+}
+
+/// After the image step failed for `reason`: zeroes the first `written` bytes of `dev` (what
+/// a raw image wrote, from its start), its first and last MiB (MBR, primary and backup GPT)
+/// and the first and last MiB of each of `parts` (the file systems an extraction made), has
+/// the kernel forget the partitions, and reads the disk's first and last MiB back. Returns
+/// the error to fail the deploy with: the reason first, then what was wiped.
+pub fn wipe_after_failure(
+    client: &ApplianceClient,
+    dev: &mut BlockDevice,
+    written: Option<u64>,
+    parts: &[Partition],
+    reason: anyhow::Error,
+) -> anyhow::Error {
+    let size = dev.size();
+    let wiped = (|| -> Result<String> {
+        // Whole MiB: BLKZEROOUT wants sector-aligned ranges.
+        let zeroed = written.map_or(0, |w| w.div_ceil(MIB).saturating_mul(MIB).min(size));
+        if zeroed > 0 {
+            dev.zero(0, zeroed)?;
+        }
+        let areas = block::wipe_signatures(dev, size, parts)?;
+        dev.reread_partitions()?;
+        dev.check_zeros(&block::edge_samples(size))?;
+        Ok(format!(
+            "the disk {} was wiped so that it cannot boot what was written: {}partition \
+             tables and {areas} signature areas zeroed, its first and last MiB read back as zeros",
+            dev.path.display(),
+            if zeroed > 0 {
+                format!("the {} written zeroed, ", human_bytes(zeroed))
+            } else {
+                String::new()
+            },
+        ))
+    })();
+    let error = match wiped {
+        Ok(wiped) => WipedAfter::Wiped { reason, wiped },
+        Err(wipe) => WipedAfter::WipeFailed { reason, wipe },
+    };
+    client.step_event(Step::Image, StepState::Progress, error.to_string());
+    error.into()
 }

@@ -2,6 +2,7 @@
 //! backup GPT moved to the disk's end and its root partition grown, the seed written into
 //! the root.
 
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use stork_proto::{AgentEvent, ImageFile, StepState};
 use crate::appliance::ApplianceClient;
 use crate::console::{human_bytes, say};
 use crate::deploy::block::{self, BlockDevice};
+use crate::deploy::stream::Sink;
 use crate::deploy::{download, stream};
 use crate::step::{Failed, Step, at};
 use crate::task::{DEV, Deployment, PROGRESS_EVERY, SYS, TARGET};
@@ -24,8 +26,25 @@ pub fn to_disk(cx: &Deployment, raw: &ImageFile) -> Result<(PathBuf, Option<u32>
     let image_size = stream::peek_size(&raw.url);
     let mut dev = at(Step::Disk, cx.prepare_disk(image_size, "an image"))?;
 
-    // Image: stream it on.
-    at(Step::Image, write_raw(client, raw, &mut dev, image_size))?;
+    // Image: stream it on; after a failure (a checksum mismatch above all) nothing of it
+    // may stay bootable.
+    let mut tracked = Tracked {
+        dev: &mut dev,
+        end: 0,
+    };
+    if let Err(reason) = write_raw(client, raw, &mut tracked, image_size) {
+        let written = tracked.end;
+        // Nothing written (the download never started): the disk is as the Disk step left it.
+        let error = if written == 0 {
+            reason
+        } else {
+            super::wipe_after_failure(client, &mut dev, Some(written), &[], reason)
+        };
+        return Err(Failed {
+            step: Step::Image,
+            error,
+        });
+    }
 
     // Partitions: the kernel's view, the GPT grown to the disk, the root found.
     let root = at(Step::Partitions, partitions(client, &mut dev))?;
@@ -39,10 +58,37 @@ pub fn to_disk(cx: &Deployment, raw: &ImageFile) -> Result<(PathBuf, Option<u32>
     Ok((disk_path, esp))
 }
 
+/// The disk as the image's sink, remembering how far into it anything was written.
+struct Tracked<'a> {
+    dev: &'a mut BlockDevice,
+    end: u64,
+}
+
+impl Sink for Tracked<'_> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        // Before the write: one that fails half-way may still have written.
+        self.end = self.end.max(offset + data.len() as u64);
+        self.dev.write_at(offset, data)
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.end = self.end.max(offset + len);
+        self.dev.zero(offset, len)
+    }
+
+    fn capacity(&self) -> Option<u64> {
+        self.dev.capacity()
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.dev.sync()
+    }
+}
+
 fn write_raw(
     client: &ApplianceClient,
     raw: &ImageFile,
-    dev: &mut BlockDevice,
+    dev: &mut Tracked,
     image_size: Option<u64>,
 ) -> Result<()> {
     client.step_event(
@@ -52,7 +98,7 @@ fn write_raw(
             "streaming {} ({}) to {}",
             raw.url,
             human_bytes(raw.size),
-            dev.path.display()
+            dev.dev.path.display()
         ),
     );
     let start = Instant::now();

@@ -12,7 +12,9 @@
 //! 3. **Image**: the root mounted at [`TARGET`]; the tar streamed from the appliance through
 //!    [`Download`] (sha256 in line, `Range` resume after a cut) on its own thread
 //!    ([`Prefetched`]), decompressed here and piped into `tar -x`. The sum is checked once the
-//!    last byte is in: a mismatch fails with both sums, ahead of any error of tar's.
+//!    last byte is in: a mismatch fails with both sums, ahead of any error of tar's. After any
+//!    failure here the root is unmounted and the disk wiped (partition tables, the first and
+//!    last MiB of the disk and of each partition: no file system or boot loader is left).
 //! 4. **Bootloader**: the ESP mounted at `boot/efi` (after the extraction: tar would try to
 //!    set the mode of the mount point, which FAT refuses; an image keeps nothing there, GRUB
 //!    is installed onto it next); fstab by UUID (`blkid`); a root of fixed size told to
@@ -47,8 +49,10 @@ use std::path::{Path, PathBuf};
 use stork_proto::layout::MIN_ROOT_MIB;
 use stork_proto::{DiskLayout, ImageFile};
 
+use super::{WipedAfter, wipe_after_failure};
+use crate::deploy::block::{self, BlockDevice};
 use crate::step::{Failed, Step, at};
-use crate::task::{DEV, Deployment, TARGET};
+use crate::task::{DEV, Deployment, SYS, TARGET};
 use boot::bootloader;
 use mount::Mounted;
 use partitions::{ESP_PART, MIB, make_file_systems, partition};
@@ -80,7 +84,22 @@ pub fn to_disk(
         Step::Image,
         Mounted::new(&Path::new(DEV).join(&parts.root), target, "ext4"),
     )?;
-    at(Step::Image, extract(client, tar, target))?;
+    if let Err(reason) = extract(client, tar, target) {
+        // Nothing of a tar that is not the registered one (or half extracted) may boot.
+        let unmounted = root.unmount();
+        let error = match (unmounted, wipe_disk(&disk_path)) {
+            (Ok(()), Ok(mut dev)) => {
+                let name = dev_name(&disk_path);
+                let old = block::partitions(Path::new(SYS), &name);
+                wipe_after_failure(client, &mut dev, None, &old, reason)
+            }
+            (Err(wipe), _) | (Ok(()), Err(wipe)) => WipedAfter::WipeFailed { reason, wipe }.into(),
+        };
+        return Err(Failed {
+            step: Step::Image,
+            error,
+        });
+    }
 
     let esp = at(
         Step::Bootloader,
@@ -98,6 +117,19 @@ pub fn to_disk(
     at(Step::Seed, cx.seed_into(target, &parts.root))?;
     at(Step::Seed, esp.unmount().and_then(|()| root.unmount()))?;
     Ok((disk_path, Some(ESP_PART)))
+}
+
+/// The disk's kernel name, from its `/dev` path.
+fn dev_name(disk: &Path) -> String {
+    disk.file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Opens the disk again (it was closed for mkfs and mount) to wipe it.
+fn wipe_disk(disk: &Path) -> anyhow::Result<BlockDevice> {
+    Ok(BlockDevice::open(Path::new(DEV), &dev_name(disk))?)
 }
 
 /// The least root partition a disk is chosen for when the layout leaves the root's size to
