@@ -16,6 +16,14 @@ deps:
 images:
     cargo xtask images
 
+# The appliance disk image (Debian, systemd, Stork, boot files, OS images) for a USB stick or disk.
+appliance:
+    cargo xtask appliance
+
+# Rootless: the appliance image and a machine VM on one userspace segment; the API on 127.0.0.1:18443.
+lab:
+    cargo xtask lab
+
 # Unit and in-process tests only (no root, no QEMU).
 unit:
     cargo test --workspace

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::dhcp::config::{
     DhcpConfig, DhcpFile, DhcpMode, RateLimit, ReservationFile, Subnet, SubnetConfig, SubnetFile,
 };
+pub use crate::host::config::ApplianceFile;
 pub use crate::http::config::HttpFile;
 pub use crate::http::tls::TlsFile;
 pub use crate::lifecycle::config::LifecycleFile;
@@ -146,6 +147,17 @@ erase_on_release = true
 # samples across each disk read back as zeros. A quick erase clears partition tables and
 # signatures only. A full erase of a large spinning disk must finish within `timeout`.
 erase_quick = false
+
+# The flashable appliance image only: `stork appliance setup` reads this section at boot
+# (`stork serve` ignores it).
+# [appliance]
+# The host name, set at every boot.
+# hostname = "stork"
+# The first admin API token. Unset: setup makes one at first boot and writes it to
+# admin-token.txt beside this file. Give either its SHA-256 (`printf %s TOKEN | sha256sum`)
+# or the token itself (at least 20 characters; only its hash is stored).
+# admin_token_sha256 = "<64 hex digits>"
+# admin_token = "<a long random string>"
 "#;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,6 +172,10 @@ pub struct FileConfig {
     pub dhcp: DhcpFile,
     pub boot: BootFile,
     pub lifecycle: LifecycleFile,
+    /// Read by `stork appliance setup` only; never written out (the effective config the
+    /// appliance image hands `stork serve` carries no admin token).
+    #[serde(skip_serializing)]
+    pub appliance: ApplianceFile,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -183,6 +199,7 @@ impl Default for FileConfig {
             dhcp: DhcpFile::default(),
             boot: BootFile::default(),
             lifecycle: LifecycleFile::default(),
+            appliance: ApplianceFile::default(),
         }
     }
 }
@@ -389,6 +406,29 @@ mod tests {
             FileConfig::default()
         );
         parsed.validate().unwrap();
+    }
+
+    /// The commented `[appliance]` section, uncommented, is the default too; `stork serve`
+    /// validates without it.
+    #[test]
+    fn the_appliance_section_is_documented_with_its_default() {
+        let text = DEFAULT_TOML
+            .replace("# [appliance]\n", "[appliance]\n")
+            .replace("# hostname = \"stork\"\n", "hostname = \"stork\"\n");
+        assert!(text.contains("\n[appliance]\n") && text.contains("\nhostname = \"stork\"\n"));
+        let parsed = FileConfig::parse(&text, Path::new("default")).unwrap();
+        assert_eq!(parsed, FileConfig::default());
+        let mut bad = FileConfig::default();
+        bad.appliance.hostname = "not a host name".into();
+        bad.validate().unwrap();
+        assert!(bad.appliance.validate().is_err());
+        // Never written out: the effective config carries no token.
+        bad.appliance.admin_token = Some("stork_admin_0123456789abcdef".into());
+        let out = toml::to_string(&bad).unwrap();
+        assert!(
+            !out.contains("appliance") && !out.contains("0123456789abcdef"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -133,6 +133,78 @@ enum Cmd {
     /// Print or check configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// The flashable appliance image: setup at boot, the data partition, the A/B slots.
+    ///
+    /// What the image's systemd units run around `stork serve`.
+    #[command(subcommand)]
+    Appliance(ApplianceCmd),
+}
+
+#[derive(Subcommand)]
+enum ApplianceCmd {
+    /// At boot, before `stork serve`: network, effective config, data directory, admin token.
+    ///
+    /// Runs as root. Reads stork.toml from the STORK partition (invalid or missing: the safe
+    /// state, a DHCP client on the first Ethernet NIC and Stork's DHCP server off),
+    /// configures the network through networkd and the host name through hostnamed, writes
+    /// the effective config `stork serve --config` reads, prepares the data directory, the
+    /// HTTPS certificate and the first admin token, and shows where to reach Stork on the
+    /// consoles.
+    Setup {
+        /// The STORK partition: stork.toml, and admin-token.txt when setup makes the token.
+        #[arg(long, default_value = "/etc/stork")]
+        config_dir: PathBuf,
+        /// Stork's data directory (the data partition), made the service user's.
+        #[arg(long, default_value = "/var/lib/stork")]
+        data_dir: PathBuf,
+        /// Where the effective stork.toml for `stork serve --config` goes.
+        #[arg(long, default_value = "/run/stork")]
+        runtime_dir: PathBuf,
+        /// The user `stork serve` runs as.
+        #[arg(long, default_value = "stork")]
+        user: String,
+        /// A console to show the notice on, when it exists (repeatable).
+        #[arg(long = "console", value_name = "DEVICE", default_values = ["/dev/tty1", "/dev/ttyS0"])]
+        consoles: Vec<PathBuf>,
+        /// Seconds to wait for the interface and its address.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        wait: u64,
+    },
+    /// Grow the data partition to the end of its disk, before it is mounted.
+    ///
+    /// If it is the last partition of its disk and the disk has room after it: move the
+    /// backup GPT to the disk's end, grow the partition to it (to a whole MiB) and tell the
+    /// kernel (BLKPG, fine while the disk's other partitions are mounted). Nothing to do is
+    /// success.
+    GrowData {
+        #[arg(long, default_value = stork::host::grow::DATA_PARTITION)]
+        partition: PathBuf,
+    },
+    /// After a boot: commit an upgrade's slot that booted, or end a try GRUB gave up on.
+    ///
+    /// If `stork_try` in GRUB's environment block is the slot that booted (`stork.slot=` on
+    /// the kernel command line), it becomes `stork_slot` and the try ends; if GRUB fell back
+    /// to the other slot, the try ends and the failure is said. Otherwise nothing changes.
+    Commit {
+        /// GRUB's environment block.
+        #[arg(long, default_value = "/boot/efi/grub/grubenv")]
+        grubenv: PathBuf,
+        /// The kernel command line, with `stork.slot=a` or `stork.slot=b`.
+        #[arg(long, default_value = "/proc/cmdline")]
+        cmdline: PathBuf,
+    },
+    /// The A/B slots: which runs, which is committed, a pending or failed upgrade, versions.
+    Status {
+        #[arg(long, default_value = "/boot/efi/grub/grubenv")]
+        grubenv: PathBuf,
+        #[arg(long, default_value = "/proc/cmdline")]
+        cmdline: PathBuf,
+        /// The running system's version file.
+        #[arg(long, default_value = stork::host::slots::VERSION_FILE)]
+        version_file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -476,6 +548,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{cfg:#?}");
             Ok(())
         }
+        Cmd::Appliance(cmd) => appliance(cmd),
         Cmd::Config(ConfigCmd::Show { config, data_dir }) => {
             let cfg = serve::load_config(&serve::Overrides {
                 config,
@@ -483,6 +556,69 @@ fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             })?;
             cli::config_show(&cfg)
+        }
+    }
+}
+
+fn appliance(cmd: ApplianceCmd) -> Result<()> {
+    use stork::host;
+    // Setup and the boot units log to the journal through stderr; nothing secret goes there.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    match cmd {
+        ApplianceCmd::Setup {
+            config_dir,
+            data_dir,
+            runtime_dir,
+            user,
+            consoles,
+            wait,
+        } => {
+            let mut paths = host::setup::Paths::new(config_dir, data_dir, runtime_dir);
+            paths.consoles = consoles;
+            let setup = host::setup::Setup {
+                paths,
+                owner: host::setup::Owner::lookup(&user)?,
+                wait: std::time::Duration::from_secs(wait),
+                poll: std::time::Duration::from_millis(250),
+            };
+            let outcome = setup
+                .run(&host::dbus::LiveHost::default())
+                .context("appliance setup")?;
+            // The notice without the token: stdout goes to the journal.
+            print!("{}", outcome.notice);
+            Ok(())
+        }
+        ApplianceCmd::GrowData { partition } => {
+            let report = host::grow::grow_data(&partition)
+                .with_context(|| format!("growing {}", partition.display()))?;
+            println!("{report}");
+            Ok(())
+        }
+        ApplianceCmd::Commit { grubenv, cmdline } => {
+            let outcome = host::slots::commit(&grubenv, &cmdline).context("slot commit")?;
+            println!("{outcome}");
+            Ok(())
+        }
+        ApplianceCmd::Status {
+            grubenv,
+            cmdline,
+            version_file,
+            json,
+        } => {
+            let status =
+                host::slots::status(&grubenv, &cmdline, &version_file).context("slot status")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{status}");
+            }
+            Ok(())
         }
     }
 }

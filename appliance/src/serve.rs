@@ -272,6 +272,13 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         http_service(&mut service, "https", listen, &cfg, &state, app, channel)?;
     }
 
+    // Every listener is bound (`Prebound` binds at creation): a `Type=notify` unit is up.
+    match crate::host::notify::ready() {
+        Ok(true) => tracing::info!("told systemd the service is ready"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot tell systemd the service is ready"),
+    }
+
     tokio::select! {
         // Supervisors never end on their own; one that does is a bug worth stopping for.
         done = tasks.join_next() => match done {

@@ -210,13 +210,6 @@ pub fn build_raw(
     epoch: u64,
 ) -> Result<Gpt, DiskError> {
     let table = gpt(layout, ids)?;
-    let room = (layout.bios.1 - layout.bios.0 + 1) * SECTOR;
-    if boot.core_img.len() as u64 > room {
-        return Err(DiskError::CoreTooBig {
-            len: boot.core_img.len(),
-            room,
-        });
-    }
     {
         let mut f = File::create(raw).map_err(io_err(raw))?;
         // Sparse: only what is written takes space.
@@ -280,7 +273,25 @@ pub fn build_raw(
     )?;
     replace_in_ext4(raw, root_offset, tree, "/etc/fstab", fstab, epoch)?;
 
-    // BIOS: boot.img into sector 0 around the protective MBR, core.img into partition 1.
+    install_grub_bios(raw, layout.bios, boot.boot_img, boot.core_img)?;
+    Ok(table)
+}
+
+/// GRUB for BIOS on a GPT disk: boot.img into sector 0 around the protective MBR, core.img
+/// into the BIOS boot partition `bios` (first and last sector), as `grub-bios-setup` embeds it.
+pub fn install_grub_bios(
+    raw: &Path,
+    bios: (u64, u64),
+    boot_img: &[u8],
+    core_img: &[u8],
+) -> Result<(), DiskError> {
+    let room = (bios.1 - bios.0 + 1) * SECTOR;
+    if core_img.len() as u64 > room {
+        return Err(DiskError::CoreTooBig {
+            len: core_img.len(),
+            room,
+        });
+    }
     let mut f = File::options()
         .read(true)
         .write(true)
@@ -288,15 +299,14 @@ pub fn build_raw(
         .map_err(io_err(raw))?;
     let mut mbr = [0u8; 512];
     f.read_exact(&mut mbr).map_err(io_err(raw))?;
-    let sector0 = grub::boot_sector(boot.boot_img, &mbr, layout.bios.0)?;
-    let core = grub::embed_core(boot.core_img, layout.bios.0)?;
+    let sector0 = grub::boot_sector(boot_img, &mbr, bios.0)?;
+    let core = grub::embed_core(core_img, bios.0)?;
     f.seek(SeekFrom::Start(0)).map_err(io_err(raw))?;
     f.write_all(&sector0).map_err(io_err(raw))?;
-    f.seek(SeekFrom::Start(layout.bios.0 * SECTOR))
+    f.seek(SeekFrom::Start(bios.0 * SECTOR))
         .map_err(io_err(raw))?;
     f.write_all(&core).map_err(io_err(raw))?;
-    f.sync_all().map_err(io_err(raw))?;
-    Ok(table)
+    f.sync_all().map_err(io_err(raw))
 }
 
 /// Replaces the regular file `path` (directly under a directory of the root, like
@@ -325,14 +335,15 @@ fn replace_in_ext4(
         content.display()
     );
     for field in ["atime", "mtime", "ctime", "crtime"] {
-        commands.push_str(&format!("sif {path} {field} {epoch}\n"));
+        // `@seconds`: debugfs reads a bare number as a YYYYMMDD... date.
+        commands.push_str(&format!("sif {path} {field} @{epoch}\n"));
     }
     for (field, t) in [
         ("atime", dir_meta.atime()),
         ("mtime", dir_meta.mtime()),
         ("ctime", dir_meta.ctime()),
     ] {
-        commands.push_str(&format!("sif {dir} {field} {t}\n"));
+        commands.push_str(&format!("sif {dir} {field} @{t}\n"));
     }
     fs::write(&script, commands).map_err(io_err(&script))?;
     let device = format!("{}?offset={offset}", image.display());

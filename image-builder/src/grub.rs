@@ -106,6 +106,39 @@ pub fn embed_core(core_img: &[u8], core_lba: u64) -> Result<Vec<u8>, GrubError> 
     Ok(core)
 }
 
+/// Makes both GRUB images with the tree's own `grub-mkimage` (so they match its modules):
+/// i386-pc at `core_img` (with [`BIOS_MODULES`]) and x86_64-efi at `core_efi` (paths inside
+/// the tree), each embedding `early` and `modules`, looking for the rest under `prefix`.
+pub fn make_images(
+    tree: &std::path::Path,
+    early: &str,
+    prefix: &str,
+    modules: &[&str],
+    core_img: &str,
+    core_efi: &str,
+) -> Result<(), crate::rootfs::RootfsError> {
+    use crate::rootfs;
+    let early_path = "/tmp/stork-early.cfg";
+    rootfs::write_file(&tree.join(early_path.trim_start_matches('/')), early, 0o644)?;
+    for (format, out, extra) in [
+        ("i386-pc", core_img, BIOS_MODULES),
+        ("x86_64-efi", core_efi, &[][..]),
+    ] {
+        if let Some(dir) = tree.join(out).parent() {
+            std::fs::create_dir_all(dir).map_err(rootfs::io_err(dir))?;
+        }
+        crate::cmd::run(
+            rootfs::chroot(tree, None)
+                .args(["grub-mkimage", "-O", format, "-c", early_path, "-p", prefix])
+                .arg("-o")
+                .arg(format!("/{out}"))
+                .args(modules)
+                .args(extra),
+        )?;
+    }
+    Ok(())
+}
+
 /// Embedded in both images: root by file-system UUID, prefix on it.
 pub fn early_config(root_uuid: &str) -> String {
     format!("search --no-floppy --fs-uuid --set=root {root_uuid}\nset prefix=($root)/boot/grub\n")

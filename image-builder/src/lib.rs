@@ -1,7 +1,9 @@
 //! Builds what Stork boots and installs: a Debian kernel fetched with the host's apt, a small,
 //! reproducible initrd whose `/init` is the Stork agent, the agent's ephemeral SquashFS root,
-//! and deployable OS images (root SquashFS, root tar, raw GPT disk) from recipes.
+//! and deployable OS images (root SquashFS, root tar, raw GPT disk) from recipes; and writes a
+//! disk image onto a USB stick or disk, checked and verified.
 
+pub mod appliance;
 pub mod archive;
 pub mod cmd;
 pub mod depmod;
@@ -22,3 +24,4 @@ pub mod rootfs;
 pub mod sources;
 pub mod squashfs;
 pub mod tarball;
+pub mod write;

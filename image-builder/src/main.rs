@@ -1,6 +1,7 @@
 //! `stork-image`: fetches the kernel and builds the initrd the appliance serves, the agent's
-//! ephemeral SquashFS root, and deployable OS images from recipes.
+//! ephemeral SquashFS root, and deployable OS images from recipes; writes an image to a disk.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -10,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use stork_image::manifest::ImageEntry;
 use stork_image::progress::Progress;
 use stork_image::recipe::Recipe;
-use stork_image::{ephemeral, initrd, kernel, modules, os, squashfs};
+use stork_image::{ephemeral, initrd, kernel, modules, os, squashfs, write};
 
 #[derive(Parser)]
 #[command(name = "stork-image", version, about)]
@@ -35,6 +36,74 @@ enum Cmd {
     Rootfs(RootfsArgs),
     /// Write a SquashFS of a directory the way the images are written (reproducible, zstd).
     Squashfs(SquashfsArgs),
+    /// Build the appliance: one raw GPT disk image (BIOS and UEFI, USB stick or internal disk)
+    /// with Debian, systemd and Stork, the boot files and OS images (needs root: debootstrap,
+    /// chroot).
+    Appliance(ApplianceArgs),
+    /// Write a disk image (raw, or .raw.zst) to a USB stick or disk, then read it back and
+    /// compare. Refuses mounted disks, the system's own disk, disks smaller than the image and
+    /// read-only ones; asks for `yes` unless --yes.
+    Write(WriteArgs),
+    /// Put a newer appliance image's system on an appliance disk that is not running (a USB
+    /// stick, a VM's disk image): written to the slot not in use and tried once at the next
+    /// boot; the data and configuration partitions are kept.
+    Upgrade {
+        /// The appliance disk (a block device or a disk image file).
+        disk: PathBuf,
+        /// The newer appliance image (raw).
+        image: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct WriteArgs {
+    /// The image: a raw disk image, or zstd-compressed (as `os` writes <name>.raw.zst).
+    image: PathBuf,
+    /// The whole-disk block device to overwrite, e.g. /dev/sdb or /dev/disk/by-id/usb-...
+    device: PathBuf,
+    /// Do not ask for confirmation (needed when stdin is not a terminal).
+    #[arg(long)]
+    yes: bool,
+    /// Accept a regular file as DEVICE (tests, CI): written in place from byte 0, it must
+    /// already be at least as large as the image (`truncate -s 4G disk.img`).
+    #[arg(long)]
+    allow_file: bool,
+}
+
+#[derive(Args)]
+struct ApplianceArgs {
+    /// Cache directory: debootstrap and apt downloads, root trees.
+    #[arg(long, value_name = "DIR")]
+    cache: PathBuf,
+    /// The raw disk image to write (a JSON description goes beside it).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// The `stork` binary to install.
+    #[arg(long, value_name = "FILE")]
+    stork: PathBuf,
+    /// Boot files to serve: `stork-image initrd`'s output, the ephemeral SquashFS, the network
+    /// boot programs.
+    #[arg(long, value_name = "DIR")]
+    boot: PathBuf,
+    /// Images directory (with manifest.json) holding the OS images to include.
+    #[arg(long, value_name = "DIR")]
+    images: PathBuf,
+    /// OS image to include (repeat; default: every OS image in --images).
+    #[arg(long = "image", value_name = "NAME")]
+    image_names: Vec<String>,
+    /// Version the system reports.
+    #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+    version: String,
+    /// A stork.toml to put on the configuration partition (else the appliance starts in its
+    /// safe state until one is written there).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Size of each of the two system partitions.
+    #[arg(long, default_value_t = stork_image::appliance::SYSTEM_MIB)]
+    system_mib: u64,
+    /// Rebuild the root tree with the mirror's newest packages.
+    #[arg(long)]
+    refresh: bool,
 }
 
 #[derive(Args)]
@@ -242,6 +311,34 @@ fn main() -> Result<()> {
             .context("preparing the root tree")?;
             println!("{}", tree.path.display());
         }
+        Cmd::Appliance(a) => {
+            let built = stork_image::appliance::build(&stork_image::appliance::Request {
+                cache: &a.cache,
+                out: &a.out,
+                stork: &a.stork,
+                boot: &a.boot,
+                images: &a.images,
+                image_names: &a.image_names,
+                version: &a.version,
+                config: a.config.as_deref(),
+                system_mib: a.system_mib,
+                refresh: a.refresh,
+            })
+            .context("building the appliance image")?;
+            println!("{}", built.path.display());
+        }
+        Cmd::Upgrade { disk, image } => {
+            let done =
+                stork_image::appliance::upgrade::upgrade(&disk, &image).with_context(|| {
+                    format!("upgrading {} from {}", disk.display(), image.display())
+                })?;
+            eprintln!(
+                "stork-image: system written to slot {} ({} bytes, sha256 {}, read back); the \
+                 next boot tries it once, slot {} stays the fallback until Stork runs on it",
+                done.slot, done.bytes, done.sha256, done.committed
+            );
+            println!("{}", serde_json::to_string(&done).unwrap_or_default());
+        }
         Cmd::Squashfs(args) => {
             let w = squashfs::write(
                 &args.source,
@@ -265,6 +362,62 @@ fn main() -> Result<()> {
                 serde_json::json!({"size": w.size, "sha256": w.sha256, "seconds": w.seconds})
             );
         }
+        Cmd::Write(args) => write_image(&args)?,
     }
+    Ok(())
+}
+
+/// `stork-image write`: check, confirm, write, verify.
+fn write_image(args: &WriteArgs) -> Result<()> {
+    let (image, device) = (args.image.display(), args.device.display());
+    let host = write::Host::current()?;
+    let req = write::Request {
+        image: &args.image,
+        device: &args.device,
+        allow_file: args.allow_file,
+    };
+    let plan = write::plan(&req, &host)
+        .with_context(|| format!("refusing to write {image} to {device}"))?;
+    let mut stderr = std::io::stderr();
+    eprint!("{}", plan.summary());
+    if plan.image.measured {
+        eprintln!("stork-image: (the zstd header has no size: it was measured by decompressing)");
+    }
+    let stdin = std::io::stdin();
+    write::confirm(
+        &plan,
+        args.yes,
+        stdin.is_terminal(),
+        &mut stdin.lock(),
+        &mut stderr,
+    )
+    .with_context(|| format!("refusing to write {image} to {device}"))?;
+    let terminal = stderr.is_terminal();
+    let w = write::execute(&plan, &host, &mut stderr, terminal)
+        .with_context(|| format!("writing {image} to {device}"))?;
+    if !w.direct && plan.target.block {
+        eprintln!("stork-image: (O_DIRECT was refused: written through the page cache)");
+    }
+    eprintln!("stork-image: sha256 written   {}", w.sha256_written);
+    eprintln!("stork-image: sha256 read back {}", w.sha256_read);
+    eprintln!(
+        "stork-image: wrote and verified {} bytes on {device} in {:.1} s",
+        w.bytes, w.seconds
+    );
+    if let Some(why) = &w.reread {
+        eprintln!(
+            "stork-image: the kernel did not re-read the partition table ({why}); replug the disk to see the new partitions"
+        );
+    }
+    // Machine-readable, as `squashfs` prints it.
+    println!(
+        "{}",
+        serde_json::json!({
+            "device": args.device,
+            "size": w.bytes,
+            "sha256": w.sha256_written,
+            "seconds": w.seconds,
+        })
+    );
     Ok(())
 }

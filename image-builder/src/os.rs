@@ -43,7 +43,7 @@ use crate::tarball;
 /// Bump when the tree's configuration changes (part of the tree's cache key).
 const CONFIG_FORMAT: u32 = 1;
 /// Bump when the image steps change bytes (part of the manifest inputs).
-const IMAGE_FORMAT: u32 = 3;
+const IMAGE_FORMAT: u32 = 4;
 /// zstd levels. The root SquashFS is fetched into RAM for deploy in memory: size first. The tar
 /// streams to a disk once per deploy. Measured on the Debian tree (755 MiB of tar, one core of
 /// a busy machine): level 3 gives 254 MB in 8 s, 6 238 MB in 15 s, 9 223 MB in 19 s, 19 200 MB
@@ -232,34 +232,14 @@ fn configure(recipe: &Recipe, tree: &Path, key: &str) -> Result<(), RootfsError>
             }
         }
     }
-    // The images, made by the tree's own grub-mkimage so they match its modules.
-    let early = "/tmp/stork-early.cfg";
-    write_file(
-        &tree.join(early.trim_start_matches('/')),
+    grub::make_images(
+        tree,
         &grub::early_config(&ids.root_uuid),
-        0o644,
+        "/boot/grub",
+        grub::EARLY_MODULES,
+        CORE_IMG,
+        CORE_EFI,
     )?;
-    for (format, out, extra) in [
-        ("i386-pc", CORE_IMG, grub::BIOS_MODULES),
-        ("x86_64-efi", CORE_EFI, &[][..]),
-    ] {
-        crate::cmd::run(
-            rootfs::chroot(tree, None)
-                .args([
-                    "grub-mkimage",
-                    "-O",
-                    format,
-                    "-c",
-                    early,
-                    "-p",
-                    "/boot/grub",
-                ])
-                .arg("-o")
-                .arg(format!("/{out}"))
-                .args(grub::EARLY_MODULES)
-                .args(extra),
-        )?;
-    }
     Ok(())
 }
 

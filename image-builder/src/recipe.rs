@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Image names the builder uses itself.
-pub const RESERVED: &[&str] = &["base", "ephemeral"];
+pub const RESERVED: &[&str] = &["appliance", "base", "ephemeral"];
 
 /// Architectures the builder knows how to make bootable (GRUB's i386-pc and x86_64-efi).
 pub const ARCHES: &[&str] = &["amd64"];

@@ -710,8 +710,8 @@ fn mounts_below(path: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
+/// mountinfo (and /proc/swaps) escape space, tab, newline and backslash as `\ooo`.
+pub fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -9,6 +9,7 @@ mod names;
 pub mod api;
 pub mod cmdline;
 pub mod grub;
+pub mod grubenv;
 pub mod inventory;
 pub mod layout;
 pub mod mac;

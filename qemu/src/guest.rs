@@ -21,6 +21,21 @@ pub fn leased_ip(console: &Path) -> Result<String> {
         .context("no agent cmdline line with ip= on the console")
 }
 
+/// ssh options for a machine deployed a moment ago: its host key is new (none is checked or
+/// stored), no prompt, a bounded wait.
+pub const SSH_OPTIONS: &[&str] = &[
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "ConnectTimeout=10",
+    "-o",
+    "LogLevel=ERROR",
+];
+
 /// Runs `command` as `login` (`user@ip`) over SSH with `key`, from inside the lab namespace;
 /// returns its stdout. Host keys are new on every deploy: none is checked or stored.
 pub fn ssh(lab: &Lab, key: &Path, login: &str, command: &str) -> Result<String> {
@@ -28,18 +43,7 @@ pub fn ssh(lab: &Lab, key: &Path, login: &str, command: &str) -> Result<String> 
         lab.command("ssh")
             .arg("-i")
             .arg(key)
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "ConnectTimeout=10",
-                "-o",
-                "LogLevel=ERROR",
-            ])
+            .args(SSH_OPTIONS)
             .arg(login)
             .arg(command),
     )

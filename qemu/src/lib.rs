@@ -4,12 +4,17 @@
 //! The namespace has no uplink and no route out: VMs reach the appliance and nothing else.
 //! Processes started here get `PR_SET_PDEATHSIG`, so they die with the process that started
 //! them even if it is killed; namespaces left by a dead owner are removed by the next lab.
+//!
+//! [`rootless`] is the same without root: VMs on a userspace Ethernet [`switch`] over a unix
+//! socket, and a user-mode NIC with host forwards for the host to reach a VM's services.
 
 pub mod appliance;
 pub mod bmc;
 pub mod guest;
 pub mod images;
 pub mod process;
+pub mod rootless;
+pub mod switch;
 pub mod vm;
 
 use std::path::{Path, PathBuf};
@@ -19,6 +24,8 @@ use anyhow::{Context, Result, bail};
 
 pub use appliance::Appliance;
 pub use process::{Spawned, wait_for};
+pub use rootless::{RootlessLab, RootlessVm, RootlessVmSpec};
+pub use switch::Switch;
 pub use vm::{DiskBus, Firmware, Vm, VmSpec};
 
 /// The provisioning bridge inside the namespace and the appliance's address on it; these

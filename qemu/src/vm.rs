@@ -36,6 +36,50 @@ pub enum DiskBus {
     /// QEMU's NVMe controller with one namespace: the guest's `nvme0n1`. It implements
     /// Format NVM (a secure erase that zeroes the namespace), which SeaBIOS and OVMF boot from.
     Nvme,
+    /// A removable USB stick (`usb-storage`) on a `qemu-xhci` controller: the guest's `sdX`.
+    /// SeaBIOS and OVMF boot from it, as an appliance boots from its USB stick.
+    Usb,
+}
+
+/// What a VM's provisioning NIC ([`NIC_ID`], netdev `n0`) is plugged into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NicBackend {
+    /// A tap on the root lab's bridge.
+    Tap(String),
+    /// The unix socket of a userspace switch ([`crate::switch::Switch`]): QEMU connects as
+    /// a client and sends each frame with a 4-byte length before it. Needs no root.
+    Stream(PathBuf),
+}
+
+impl NicBackend {
+    /// The `-netdev` value.
+    pub fn netdev(&self) -> String {
+        match self {
+            Self::Tap(tap) => format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+            Self::Stream(sock) => format!(
+                "stream,id=n0,server=off,addr.type=unix,addr.path={}",
+                opt_path(sock)
+            ),
+        }
+    }
+}
+
+/// One disk on a machine's command line: drive `d<n>` and device [`disk_id`]`(n)` for the
+/// n-th disk, so the first one is [`DISK_ID`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedDisk {
+    /// A raw image.
+    pub file: PathBuf,
+    pub bus: DiskBus,
+    pub serial: String,
+    /// Writes go to a temporary overlay that QEMU discards: the file itself never changes.
+    pub snapshot: bool,
+}
+
+/// A path inside a QEMU option value: a comma is written twice, or QEMU would take it for
+/// the next option.
+pub(crate) fn opt_path(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +128,11 @@ pub struct Vm {
 pub const NIC_ID: &str = "nic0";
 pub const DISK_ID: &str = "disk0";
 
+/// The device id of a machine's `n`-th disk ([`DISK_ID`] for the first).
+pub fn disk_id(n: usize) -> String {
+    format!("disk{n}")
+}
+
 /// Where a VM's files are.
 #[derive(Debug, Clone)]
 pub struct VmPaths {
@@ -105,60 +154,124 @@ pub fn qemu_argv(lab: &mut Lab, spec: &VmSpec) -> Result<(Vec<String>, VmPaths)>
     let console = dir.join("console.log");
     let qmp = dir.join("qmp.sock");
     let tap = lab.add_tap()?;
+    let argv = machine_argv(&MachineArgs {
+        name: &spec.name,
+        mac: &spec.mac,
+        memory_mib: spec.memory_mib,
+        cpus: spec.cpus,
+        firmware: spec.firmware,
+        guest_reboot: spec.guest_reboot,
+        console: &console,
+        qmp: &qmp,
+        vars: vars.as_deref(),
+        nic: &NicBackend::Tap(tap),
+        disks: &[AttachedDisk {
+            file: disk.clone(),
+            bus: spec.disk_bus,
+            serial: spec.disk_serial.clone(),
+            snapshot: false,
+        }],
+    })?;
+    Ok((
+        argv,
+        VmPaths {
+            dir,
+            disk,
+            console,
+            qmp,
+        },
+    ))
+}
 
-    let accel = if std::env::var_os("STORK_KVM").is_some_and(|v| v == "1") {
+/// What a machine's command line is made of, in both labs: the root lab's (a tap, one blank
+/// disk) and the rootless one's (a switch socket, any disks).
+pub(crate) struct MachineArgs<'a> {
+    pub name: &'a str,
+    /// The provisioning NIC's MAC.
+    pub mac: &'a str,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub firmware: Firmware,
+    pub guest_reboot: GuestReboot,
+    pub console: &'a Path,
+    pub qmp: &'a Path,
+    /// The machine's OVMF variable store; required under [`Firmware::Uefi`].
+    pub vars: Option<&'a Path>,
+    pub nic: &'a NicBackend,
+    pub disks: &'a [AttachedDisk],
+}
+
+fn accel() -> &'static str {
+    if std::env::var_os("STORK_KVM").is_some_and(|v| v == "1") {
         "kvm"
     } else {
         "tcg"
-    };
+    }
+}
+
+/// The command line (program first) of a machine with its provisioning NIC [`NIC_ID`] on
+/// `m.nic` and its disks [`disk_id`]`(0..)`; no boot order (see [`bootindex_args`]).
+pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
     let mut argv: Vec<String> = [
         "qemu-system-x86_64",
         "-name",
-        &spec.name,
+        m.name,
         "-accel",
-        accel,
+        accel(),
         "-nodefaults",
         "-display",
         "none",
         "-m",
-        &spec.memory_mib.to_string(),
+        &m.memory_mib.to_string(),
         "-smp",
-        &spec.cpus.to_string(),
+        &m.cpus.to_string(),
         "-chardev",
-        &format!("file,id=serial0,path={},append=on", console.display()),
+        &format!("file,id=serial0,path={},append=on", m.console.display()),
         "-serial",
         "chardev:serial0",
         "-qmp",
-        &format!("unix:{},server=on,wait=off", qmp.display()),
+        &format!("unix:{},server=on,wait=off", m.qmp.display()),
         "-netdev",
-        &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
-        "-drive",
-        &format!("file={},if=none,id=d0,format=raw", disk.display()),
-        "-device",
-        &format!(
-            "{},drive=d0,id={DISK_ID},serial={}",
-            match spec.disk_bus {
-                DiskBus::Virtio => "virtio-blk-pci",
-                DiskBus::Nvme => "nvme",
-            },
-            spec.disk_serial
-        ),
+        &m.nic.netdev(),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    if spec.guest_reboot == GuestReboot::Exit {
+    let mut usb = false;
+    for (n, disk) in m.disks.iter().enumerate() {
+        if disk.bus == DiskBus::Usb && !usb {
+            usb = true;
+            argv.extend(["-device".to_string(), "qemu-xhci,id=xhci".to_string()]);
+        }
+        let mut drive = format!("file={},if=none,id=d{n},format=raw", opt_path(&disk.file));
+        if disk.snapshot {
+            drive.push_str(",snapshot=on");
+        }
+        let id = disk_id(n);
+        let device = match disk.bus {
+            DiskBus::Virtio => format!("virtio-blk-pci,drive=d{n},id={id},serial={}", disk.serial),
+            DiskBus::Nvme => format!("nvme,drive=d{n},id={id},serial={}", disk.serial),
+            DiskBus::Usb => format!(
+                "usb-storage,bus=xhci.0,drive=d{n},id={id},serial={},removable=on",
+                disk.serial
+            ),
+        };
+        argv.extend(["-drive".to_string(), drive, "-device".to_string(), device]);
+    }
+    if m.guest_reboot == GuestReboot::Exit {
         // The agent powers off when done; its reboot into the installed OS, or a panic's,
         // stops QEMU too.
         argv.push("-no-reboot".to_string());
     }
-    let nic = format!("virtio-net-pci,netdev=n0,id={NIC_ID},mac={}", spec.mac);
-    match spec.firmware {
+    let nic = format!("virtio-net-pci,netdev=n0,id={NIC_ID},mac={}", m.mac);
+    match m.firmware {
         Firmware::Bios => {
             argv.extend(["-device".to_string(), nic]);
         }
         Firmware::Uefi { nic_rom } => {
-            let vars = vars.context("an OVMF machine without its variable store")?;
+            let vars = m
+                .vars
+                .context("an OVMF machine without its variable store")?;
             let nic = if nic_rom {
                 nic
             } else {
@@ -185,15 +298,7 @@ pub fn qemu_argv(lab: &mut Lab, spec: &VmSpec) -> Result<(Vec<String>, VmPaths)>
             ]);
         }
     }
-    Ok((
-        argv,
-        VmPaths {
-            dir,
-            disk,
-            console,
-            qmp,
-        },
-    ))
+    Ok(argv)
 }
 
 /// Which device a power-on tries first; the other one comes second.
@@ -214,12 +319,22 @@ pub fn boot_order(first: BootFirst) -> Vec<String> {
         BootFirst::Network => (NIC_ID, DISK_ID),
         BootFirst::Disk => (DISK_ID, NIC_ID),
     };
-    vec![
-        "-set".to_string(),
-        format!("device.{one}.bootindex=1"),
-        "-set".to_string(),
-        format!("device.{two}.bootindex=2"),
-    ]
+    bootindex_args(&[one, two])
+}
+
+/// `-set device.<id>.bootindex=<n>` arguments giving `devices` boot indexes 1, 2, ... in
+/// order.
+pub fn bootindex_args(devices: &[&str]) -> Vec<String> {
+    devices
+        .iter()
+        .enumerate()
+        .flat_map(|(n, id)| {
+            [
+                "-set".to_string(),
+                format!("device.{id}.bootindex={}", n + 1),
+            ]
+        })
+        .collect()
 }
 
 /// The template of every new OVMF machine's variable store (Debian's `ovmf`).
@@ -237,16 +352,34 @@ fn machine_files(
 ) -> Result<(PathBuf, Option<PathBuf>)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let disk = dir.join("disk.raw");
-    if !(spec.keep_disk && disk.exists()) {
+    blank_disk(&disk, spec.disk_bytes, spec.keep_disk)?;
+    let vars = ovmf_vars(dir, spec.firmware, spec.keep_disk, vars_template)?;
+    Ok((disk, vars))
+}
+
+/// Creates a sparse blank disk of `bytes` at `path`, or with `keep` keeps one that exists.
+pub(crate) fn blank_disk(path: &Path, bytes: u64, keep: bool) -> Result<()> {
+    if !(keep && path.exists()) {
         let f =
-            std::fs::File::create(&disk).with_context(|| format!("creating {}", disk.display()))?;
-        f.set_len(spec.disk_bytes)?; // sparse
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        f.set_len(bytes)?; // sparse
     }
-    let vars = match spec.firmware {
+    Ok(())
+}
+
+/// Under OVMF, the machine's variable store `dir/OVMF_VARS.fd`, copied from `vars_template`
+/// unless `keep` and it exists; `None` under SeaBIOS.
+pub(crate) fn ovmf_vars(
+    dir: &Path,
+    firmware: Firmware,
+    keep: bool,
+    vars_template: &Path,
+) -> Result<Option<PathBuf>> {
+    Ok(match firmware {
         Firmware::Bios => None,
         Firmware::Uefi { .. } => {
             let vars = dir.join("OVMF_VARS.fd");
-            if !(spec.keep_disk && vars.exists()) {
+            if !(keep && vars.exists()) {
                 std::fs::copy(vars_template, &vars).with_context(|| {
                     format!(
                         "copying {} (is the ovmf package installed?)",
@@ -256,8 +389,7 @@ fn machine_files(
             }
             Some(vars)
         }
-    };
-    Ok((disk, vars))
+    })
 }
 
 impl Vm {
@@ -373,6 +505,175 @@ mod tests {
         spec.firmware = Firmware::Bios;
         assert_eq!(machine_files(&dir, &spec, &template).unwrap().1, None);
         let _ = std::fs::remove_dir_all(&base);
+    }
+
+    /// The root lab's command line, as it was before the NIC became a parameter.
+    #[test]
+    fn the_root_lab_command_line_is_unchanged() {
+        let dir = Path::new("/lab/m1");
+        let (console, qmp, disk, vars) = (
+            dir.join("console.log"),
+            dir.join("qmp.sock"),
+            dir.join("disk.raw"),
+            dir.join("OVMF_VARS.fd"),
+        );
+        let tap = NicBackend::Tap("tap3".into());
+        let mut spec = VmSpec::new("m1", "52:54:00:00:00:01");
+        let disks = [AttachedDisk {
+            file: disk.clone(),
+            bus: spec.disk_bus,
+            serial: spec.disk_serial.clone(),
+            snapshot: false,
+        }];
+        let args = |spec: &VmSpec| MachineArgs {
+            name: "m1",
+            mac: "52:54:00:00:00:01",
+            memory_mib: spec.memory_mib,
+            cpus: spec.cpus,
+            firmware: spec.firmware,
+            guest_reboot: spec.guest_reboot,
+            console: &console,
+            qmp: &qmp,
+            vars: Some(&vars),
+            nic: &tap,
+            disks: &disks,
+        };
+        let common = [
+            "qemu-system-x86_64",
+            "-name",
+            "m1",
+            "-accel",
+            accel(),
+            "-nodefaults",
+            "-display",
+            "none",
+            "-m",
+            "1024",
+            "-smp",
+            "2",
+            "-chardev",
+            "file,id=serial0,path=/lab/m1/console.log,append=on",
+            "-serial",
+            "chardev:serial0",
+            "-qmp",
+            "unix:/lab/m1/qmp.sock,server=on,wait=off",
+            "-netdev",
+            "tap,id=n0,ifname=tap3,script=no,downscript=no",
+            "-drive",
+            "file=/lab/m1/disk.raw,if=none,id=d0,format=raw",
+            "-device",
+            "virtio-blk-pci,drive=d0,id=disk0,serial=STORK-m1",
+        ];
+        let mut bios: Vec<&str> = common.to_vec();
+        bios.extend([
+            "-no-reboot",
+            "-device",
+            "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:00:00:01",
+        ]);
+        assert_eq!(machine_argv(&args(&spec)).unwrap(), bios);
+
+        spec.firmware = Firmware::Uefi { nic_rom: false };
+        spec.guest_reboot = GuestReboot::Reset;
+        let mut uefi: Vec<&str> = common.to_vec();
+        uefi.extend([
+            "-fw_cfg",
+            "name=opt/org.tianocore/IPv6PXESupport,string=n",
+            "-fw_cfg",
+            "name=opt/org.tianocore/IPv6Support,string=n",
+            "-machine",
+            "q35",
+            "-drive",
+            "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "-drive",
+            "if=pflash,format=raw,unit=1,file=/lab/m1/OVMF_VARS.fd",
+            "-device",
+            "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:00:00:01,romfile=",
+        ]);
+        assert_eq!(machine_argv(&args(&spec)).unwrap(), uefi);
+    }
+
+    #[test]
+    fn disks_and_a_switch_socket_on_the_command_line() {
+        let sock = NicBackend::Stream("/lab,x/switch.sock".into());
+        assert_eq!(
+            sock.netdev(),
+            "stream,id=n0,server=off,addr.type=unix,addr.path=/lab,,x/switch.sock"
+        );
+        let disks = [
+            AttachedDisk {
+                file: "/img/appliance.raw".into(),
+                bus: DiskBus::Usb,
+                serial: "STICK".into(),
+                snapshot: true,
+            },
+            AttachedDisk {
+                file: "/lab/m1/disk1.raw".into(),
+                bus: DiskBus::Nvme,
+                serial: "DATA".into(),
+                snapshot: false,
+            },
+            AttachedDisk {
+                file: "/lab/m1/disk2.raw".into(),
+                bus: DiskBus::Usb,
+                serial: "OTHER".into(),
+                snapshot: false,
+            },
+        ];
+        let argv = machine_argv(&MachineArgs {
+            name: "m1",
+            mac: "52:54:00:00:00:01",
+            memory_mib: 256,
+            cpus: 1,
+            firmware: Firmware::Bios,
+            guest_reboot: GuestReboot::Reset,
+            console: Path::new("/lab/m1/console.log"),
+            qmp: Path::new("/lab/m1/qmp.sock"),
+            vars: None,
+            nic: &sock,
+            disks: &disks,
+        })
+        .unwrap();
+        let at = argv.iter().position(|a| a == "-netdev").unwrap();
+        assert_eq!(
+            argv[at..],
+            [
+                "-netdev",
+                "stream,id=n0,server=off,addr.type=unix,addr.path=/lab,,x/switch.sock",
+                "-device",
+                "qemu-xhci,id=xhci",
+                "-drive",
+                "file=/img/appliance.raw,if=none,id=d0,format=raw,snapshot=on",
+                "-device",
+                "usb-storage,bus=xhci.0,drive=d0,id=disk0,serial=STICK,removable=on",
+                "-drive",
+                "file=/lab/m1/disk1.raw,if=none,id=d1,format=raw",
+                "-device",
+                "nvme,drive=d1,id=disk1,serial=DATA",
+                "-drive",
+                "file=/lab/m1/disk2.raw,if=none,id=d2,format=raw",
+                "-device",
+                "usb-storage,bus=xhci.0,drive=d2,id=disk2,serial=OTHER,removable=on",
+                "-device",
+                "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:00:00:01",
+            ]
+        );
+        // Under OVMF the variable store is required.
+        assert!(
+            machine_argv(&MachineArgs {
+                name: "m1",
+                mac: "52:54:00:00:00:01",
+                memory_mib: 256,
+                cpus: 1,
+                firmware: Firmware::Uefi { nic_rom: true },
+                guest_reboot: GuestReboot::Reset,
+                console: Path::new("/c"),
+                qmp: Path::new("/q"),
+                vars: None,
+                nic: &sock,
+                disks: &[],
+            })
+            .is_err()
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 
+pub mod appliance;
 pub mod attacker;
 pub mod deploy;
 

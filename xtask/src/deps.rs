@@ -38,6 +38,14 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("mtools", "the raw OS image's ESP, without mounting"),
     ("dosfstools", "mkfs.vfat: the raw image's ESP, test seeds"),
     ("e2fsprogs", "mke2fs -d: the raw OS image's root"),
+    (
+        "grub-common",
+        "grub-editenv: the GRUB environment block the appliance's A/B boot keeps",
+    ),
+    (
+        "util-linux",
+        "partx, losetup: the data partition grow test on a loop device",
+    ),
     ("libcap2-bin", "getcap: file capabilities survive SquashFS"),
     (
         "openipmi",
@@ -91,6 +99,10 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("unsquashfs", "squashfs-tools"),
     ("mcopy", "mtools"),
     ("mmd", "mtools"),
+    ("mtype", "mtools"),
+    ("grub-editenv", "grub-common"),
+    ("partx", "util-linux"),
+    ("dumpe2fs", "e2fsprogs"),
     ("mkfs.vfat", "dosfstools"),
     ("mke2fs", "e2fsprogs"),
     ("e2fsck", "e2fsprogs"),

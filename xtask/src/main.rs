@@ -1,8 +1,10 @@
 //! `cargo xtask`: the project's tasks. `demo` and `test` install what is missing, build what
 //! is needed, then run.
 
+mod appliance;
 mod bench;
 mod deps;
+mod lab;
 mod os_images;
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
@@ -37,6 +39,23 @@ enum Task {
     Deps,
     /// Build the agent (static) and the boot images into target/stork/boot.
     Images,
+    /// Build the appliance disk image (Debian, systemd, Stork, the boot files and OS images)
+    /// into target/stork/appliance/stork-appliance.raw, ready for `stork-image write`.
+    Appliance {
+        /// Version the image's system reports (default: the workspace version).
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Rootless: the appliance image as a QEMU VM and machine VMs on one segment (a userspace
+    /// switch), the API forwarded to 127.0.0.1; Enter stops it.
+    Lab {
+        /// Machine VMs that network-boot on the segment.
+        #[arg(long, default_value_t = 1)]
+        machines: u32,
+        /// Host port forwarded to the appliance's HTTPS API.
+        #[arg(long, default_value_t = 18443)]
+        api_port: u16,
+    },
     /// Benchmarks: `api` (machines API on loopback); against peer implementations, in
     /// namespaces (needs root): `tftp`, `dhcp`, `images`; `deploy` (a QEMU machine's
     /// power-on to Deployed, per phase, against its floor).
@@ -54,6 +73,13 @@ fn main() -> Result<()> {
             images()?;
             os_images::build(&target()).map(|_| ())
         }
+        Task::Appliance { version } => {
+            deps::ensure()?;
+            let boot = images()?;
+            let os = os_images::build(&target())?;
+            appliance::build(&target(), &boot, &os, version.as_deref()).map(|_| ())
+        }
+        Task::Lab { machines, api_port } => lab::run(machines, api_port),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
         Task::Bench { what } => bench::run(&what),
@@ -183,6 +209,7 @@ fn test(extra: &[String]) -> Result<()> {
     ]))?;
     let boot = images()?;
     let os = os_images::build(&target())?;
+    let appliance = appliance::build(&target(), &boot, &os, None)?;
     build_workspace()?;
     step("cargo test (every tier, end-to-end included)");
     status(
@@ -198,6 +225,10 @@ fn test(extra: &[String]) -> Result<()> {
             .env("STORK_OS_IMAGES", &os)
             .env("STORK_BIN", target().join("debug/stork"))
             .env("STORK_BOOT_FILES", &boot)
+            .env("STORK_APPLIANCE_IMAGE", &appliance)
+            // For the test that builds the image again and the one that builds a v2.
+            .env("STORK_APPLIANCE_STORK", target().join("release/stork"))
+            .env("STORK_CACHE", cache())
             .env("STORK_LAB_DIR", target().join("lab")),
     )
 }

@@ -88,6 +88,9 @@ counters! {
     journal_errors,
     /// Replies dropped because the journal writer was too far behind.
     journal_busy,
+    /// Leases read back from the journal when the service last started: a restart of the
+    /// appliance keeps them.
+    leases_restored,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -154,7 +157,11 @@ pub async fn run(
             "journaled leases outside every configured subnet were dropped"
         );
     }
-    tracing::info!(leases = live.len() - orphans, "DHCP leases restored");
+    let restored = live.len() - orphans;
+    stats
+        .leases_restored
+        .store(restored as u64, Ordering::Relaxed);
+    tracing::info!(leases = restored, "DHCP leases restored");
     // The writer sends the ACKs it holds back until their records are durable, on a
     // duplicate of the port 67 socket, through `reply` like the loop.
     let writer_sock = socket2::SockRef::from(&sock)

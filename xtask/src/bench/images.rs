@@ -172,5 +172,80 @@ pub fn run() -> Result<()> {
         median(times),
         boot.display()
     );
+    appliance(&bin, &boot, &scratch)
+}
+
+/// Bytes under `path` as `du` counts them (allocated, hard links once).
+fn du(path: &Path) -> Result<u64> {
+    let o = Command::new("du").args(["-s", "-B1"]).arg(path).output()?;
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .context("du printed no size")
+}
+
+/// The appliance image against the sum of its parts: its build time (root tree cached) beside
+/// the time to copy those parts once (`cp -a`, the floor of writing them anywhere), and its
+/// allocated size beside theirs.
+fn appliance(bin: &Path, boot: &Path, scratch: &Path) -> Result<()> {
+    crate::step("appliance image: build time and size against its parts");
+    let os = crate::os_images::build(&crate::target())?;
+    // The image from the xtask first: it builds `stork` (release) and the cached tree.
+    let built = crate::appliance::build(&crate::target(), boot, &os, None)?;
+    let stork = crate::target().join("release/stork");
+    let out = scratch.join("appliance.raw");
+    let mut c = Command::new(bin);
+    c.env("RUST_BACKTRACE", "0")
+        .args(["appliance", "--cache"])
+        .arg(crate::cache())
+        .arg("--stork")
+        .arg(&stork)
+        .arg("--boot")
+        .arg(boot)
+        .arg("--images")
+        .arg(&os)
+        .arg("--out")
+        .arg(&out);
+    let (seconds, logical) = time(&mut c, &out)?;
+    let allocated = du(&out)?;
+    let tree = std::fs::read_dir(crate::cache().join("rootfs"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("appliance-"))
+        })
+        .context("no appliance tree in the cache")?;
+    let parts = [tree.clone(), stork.clone(), boot.to_path_buf(), os.clone()];
+    let mut parts_bytes = 0;
+    for p in &parts {
+        parts_bytes += du(p)?;
+    }
+    let copy = scratch.join("parts");
+    let _ = std::fs::remove_dir_all(&copy);
+    std::fs::create_dir_all(&copy)?;
+    let t = Instant::now();
+    for p in &parts {
+        crate::status(Command::new("cp").arg("-a").arg(p).arg(&copy))?;
+    }
+    let copy_seconds = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&copy);
+    let _ = std::fs::remove_file(&out);
+    println!(
+        "\nappliance image ({}):\n  {:<34} {:>9} {:>14}\n  {:<34} {:>9.1} {:>14}\n  {:<34} {:>9.1} {:>14}\n  ratio {:.2}x the time, {:.2}x the bytes; the image's logical size is {logical} bytes (sparse)",
+        built.display(),
+        "",
+        "time s",
+        "bytes",
+        "stork-image appliance (tree cached)",
+        seconds,
+        allocated,
+        "cp -a of its parts (floor)",
+        copy_seconds,
+        parts_bytes,
+        seconds / copy_seconds,
+        allocated as f64 / parts_bytes as f64,
+    );
     Ok(())
 }

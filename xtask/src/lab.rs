@@ -1,0 +1,139 @@
+//! `cargo xtask lab`: the appliance image as a QEMU VM and machine VMs on one L2 segment, with
+//! no root and no hardware: the segment is a userspace switch (`stork_lab::rootless`), the host
+//! reaches the appliance's API through a forwarded port of 127.0.0.1. Machines have no BMC:
+//! the lab powers a machine on again whenever it powers off (a person at the power button),
+//! so commissioning and deploys from the API run through.
+
+use std::io::BufRead;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use stork_lab::rootless::{DiskSpec, RootlessLab, RootlessVm, RootlessVmSpec, UserNic};
+use stork_lab::vm::{BootFirst, DiskBus, Firmware, GuestReboot};
+
+/// The provisioning NIC under q35 with the USB controller first (see the appliance test).
+const STORK_TOML: &str = "interface = \"enp0s2\"\n\n[appliance]\nhostname = \"stork-lab\"\n";
+
+pub fn run(machines: u32, api_port: u16) -> Result<()> {
+    crate::deps::ensure()?;
+    let boot = crate::images()?;
+    let os = crate::os_images::build(&crate::target())?;
+    let image = crate::appliance::build(&crate::target(), &boot, &os, None)?;
+
+    let lab = RootlessLab::new("lab", &crate::target().join("lab"))?;
+    let stick = lab.dir().join("stick.raw");
+    crate::step("copying the image onto a 16 GiB \"USB stick\" and writing stork.toml on it");
+    crate::status(
+        std::process::Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&image)
+            .arg(&stick),
+    )?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&stick)?
+        .set_len(16 << 30)?;
+    let described: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(image.with_extension("json"))?)?;
+    let config_lba = described["partitions"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "stork-config"))
+        .and_then(|p| p["first_lba"].as_u64())
+        .context("the image's description has no stork-config partition")?;
+    let toml = lab.dir().join("stork.toml");
+    std::fs::write(&toml, STORK_TOML)?;
+    crate::status(
+        std::process::Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-o")
+            .arg("-i")
+            .arg(format!("{}@@{}", stick.display(), config_lba * 512))
+            .arg(&toml)
+            .arg("::/stork.toml"),
+    )?;
+
+    let mut spec = RootlessVmSpec::new("appliance", "52:54:00:77:0b:01");
+    spec.memory_mib = 2048;
+    spec.firmware = Firmware::Uefi { nic_rom: false };
+    spec.guest_reboot = GuestReboot::Reset;
+    spec.boot_first = BootFirst::Disk;
+    spec.disks = vec![DiskSpec::usb_stick(&stick, "STORK-STICK")];
+    spec.user_nic = Some(UserNic::new("52:54:00:77:0b:02").forward(api_port, 8443));
+    crate::step(&format!(
+        "booting the appliance (OVMF, USB stick; console {})",
+        lab.dir().join("appliance/console.log").display()
+    ));
+    let mut appliance = lab.start_vm(spec)?;
+    let console = wait_notice(&mut appliance)?;
+    println!("{console}");
+    println!(
+        "The API is at https://127.0.0.1:{api_port} (forwarded to the appliance's 8443):\n  \
+         stork --url https://127.0.0.1:{api_port} --fingerprint <the fingerprint above> \
+         --token <the token above> machine list"
+    );
+
+    let mut vms: Vec<(RootlessVmSpec, RootlessVm)> = Vec::new();
+    for n in 0..machines {
+        let mut m = RootlessVmSpec::new(&format!("machine{n}"), &format!("52:54:00:77:0c:{n:02x}"));
+        m.memory_mib = 2048;
+        m.guest_reboot = GuestReboot::Reset;
+        m.boot_first = BootFirst::Network;
+        m.disks = vec![DiskSpec::blank(
+            8 << 30,
+            DiskBus::Virtio,
+            &format!("LAB-{n}"),
+        )];
+        crate::step(&format!("machine{n} ({}) network-boots", m.mac));
+        let vm = lab.start_vm(m.clone())?;
+        vms.push((m, vm));
+    }
+    crate::step("running: machines power on again when they power off; Enter stops the lab");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        // Best effort: EOF on stdin stops the lab as Enter does.
+        let _ = std::io::stdin().lock().read_line(&mut line);
+        let _ = tx.send(());
+    });
+    loop {
+        if rx.recv_timeout(Duration::from_secs(2)).is_ok() {
+            break;
+        }
+        if let Some(status) = appliance.exited() {
+            anyhow::bail!("the appliance VM exited ({status})");
+        }
+        for (spec, vm) in vms.iter_mut() {
+            if vm.exited().is_some() {
+                let mut again = spec.clone();
+                again.keep_disks = true;
+                println!("lab: {} powered off; powering it on again", spec.name);
+                *vm = lab.start_vm(again)?;
+            }
+        }
+    }
+    crate::step("stopping the lab");
+    Ok(())
+}
+
+/// Waits for the appliance's console notice (URL, fingerprint, token) and returns it.
+fn wait_notice(vm: &mut RootlessVm) -> Result<String> {
+    stork_lab::wait_for(
+        "the appliance's console notice",
+        Duration::from_secs(900),
+        Duration::from_secs(1),
+        || {
+            if let Some(status) = vm.exited() {
+                anyhow::bail!("the appliance VM exited ({status})");
+            }
+            let text = String::from_utf8_lossy(&std::fs::read(&vm.paths.console)?).into_owned();
+            Ok(text.find("Certificate fingerprint").map(|at| {
+                let start = text[..at].rfind("Stork ").unwrap_or(at);
+                let end = text[at..]
+                    .find("Network:")
+                    .and_then(|n| text[at + n..].find('\n').map(|e| at + n + e))
+                    .unwrap_or(text.len());
+                text[start..end].to_string()
+            }))
+        },
+    )
+}
