@@ -9,11 +9,44 @@ use anyhow::Result;
 /// The image file, relative to the target directory.
 pub const IMAGE: &str = "stork/appliance/stork-appliance.raw";
 
-/// Builds `stork` (release: the image is what a person flashes) and the image from the boot
-/// files in `boot` and the OS images in `os`; returns the image's path.
-pub fn build(target: &Path, boot: &Path, os: &Path, version: Option<&str>) -> Result<PathBuf> {
-    crate::step("building stork (release) for the appliance image");
-    crate::status(crate::cargo().args(["build", "--quiet", "--release", "-p", "stork"]))?;
+/// Which `stork` goes into the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// What a person flashes.
+    Release,
+    /// The tests' build, already made by `cargo xtask test` (a release build would add minutes
+    /// on two cores; the image's code paths are the same).
+    Debug,
+}
+
+impl Profile {
+    pub fn stork(self, target: &Path) -> PathBuf {
+        match self {
+            Profile::Release => target.join("release/stork"),
+            Profile::Debug => target.join("debug/stork"),
+        }
+    }
+}
+
+/// Builds `stork` for `profile` and the image from the boot files in `boot` and the OS images
+/// in `os`; returns the image's path.
+pub fn build(
+    target: &Path,
+    boot: &Path,
+    os: &Path,
+    version: Option<&str>,
+    profile: Profile,
+) -> Result<PathBuf> {
+    match profile {
+        Profile::Release => {
+            crate::step("building stork (release) for the appliance image");
+            crate::status(crate::cargo().args(["build", "--quiet", "--release", "-p", "stork"]))?;
+        }
+        Profile::Debug => {
+            crate::step("building stork for the appliance image");
+            crate::status(crate::cargo().args(["build", "--quiet", "-p", "stork"]))?;
+        }
+    }
     let out = target.join(IMAGE);
     std::fs::create_dir_all(out.parent().unwrap_or(target))?;
     crate::step("appliance image (Debian tree cached; needs root to build one)");
@@ -24,7 +57,7 @@ pub fn build(target: &Path, boot: &Path, os: &Path, version: Option<&str>) -> Re
         .arg("--out")
         .arg(&out)
         .arg("--stork")
-        .arg(target.join("release/stork"))
+        .arg(profile.stork(target))
         .arg("--boot")
         .arg(boot)
         .arg("--images")

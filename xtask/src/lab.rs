@@ -5,6 +5,7 @@
 //! so commissioning and deploys from the API run through.
 
 use std::io::BufRead;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -14,11 +15,22 @@ use stork_lab::vm::{BootFirst, DiskBus, Firmware, GuestReboot};
 /// The provisioning NIC under q35 with the USB controller first (see the appliance test).
 const STORK_TOML: &str = "interface = \"enp0s2\"\n\n[appliance]\nhostname = \"stork-lab\"\n";
 
-pub fn run(machines: u32, api_port: u16) -> Result<()> {
+pub fn run(machines: u32, api_port: u16, image: Option<PathBuf>) -> Result<()> {
     crate::deps::ensure()?;
-    let boot = crate::images()?;
-    let os = crate::os_images::build(&crate::target())?;
-    let image = crate::appliance::build(&crate::target(), &boot, &os, None)?;
+    let image = match image {
+        Some(i) => i,
+        None => {
+            let boot = crate::images()?;
+            let os = crate::os_images::build(&crate::target())?;
+            crate::appliance::build(
+                &crate::target(),
+                &boot,
+                &os,
+                None,
+                crate::appliance::Profile::Release,
+            )?
+        }
+    };
 
     let lab = RootlessLab::new("lab", &crate::target().join("lab"))?;
     let stick = lab.dir().join("stick.raw");
@@ -125,7 +137,9 @@ fn wait_notice(vm: &mut RootlessVm) -> Result<String> {
             if let Some(status) = vm.exited() {
                 anyhow::bail!("the appliance VM exited ({status})");
             }
-            let text = String::from_utf8_lossy(&std::fs::read(&vm.paths.console)?).into_owned();
+            // QEMU creates the console file once it runs.
+            let bytes = std::fs::read(&vm.paths.console).unwrap_or_default();
+            let text = String::from_utf8_lossy(&bytes).into_owned();
             Ok(text.find("Certificate fingerprint").map(|at| {
                 let start = text[..at].rfind("Stork ").unwrap_or(at);
                 let end = text[at..]

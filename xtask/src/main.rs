@@ -55,6 +55,9 @@ enum Task {
         /// Host port forwarded to the appliance's HTTPS API.
         #[arg(long, default_value_t = 18443)]
         api_port: u16,
+        /// An appliance image to run (default: build it as `cargo xtask appliance` does).
+        #[arg(long, value_name = "FILE")]
+        image: Option<PathBuf>,
     },
     /// Benchmarks: `api` (machines API on loopback); against peer implementations, in
     /// namespaces (needs root): `tftp`, `dhcp`, `images`; `deploy` (a QEMU machine's
@@ -77,9 +80,20 @@ fn main() -> Result<()> {
             deps::ensure()?;
             let boot = images()?;
             let os = os_images::build(&target())?;
-            appliance::build(&target(), &boot, &os, version.as_deref()).map(|_| ())
+            appliance::build(
+                &target(),
+                &boot,
+                &os,
+                version.as_deref(),
+                appliance::Profile::Release,
+            )
+            .map(|_| ())
         }
-        Task::Lab { machines, api_port } => lab::run(machines, api_port),
+        Task::Lab {
+            machines,
+            api_port,
+            image,
+        } => lab::run(machines, api_port, image),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
         Task::Bench { what } => bench::run(&what),
@@ -209,8 +223,8 @@ fn test(extra: &[String]) -> Result<()> {
     ]))?;
     let boot = images()?;
     let os = os_images::build(&target())?;
-    let appliance = appliance::build(&target(), &boot, &os, None)?;
     build_workspace()?;
+    let appliance = appliance::build(&target(), &boot, &os, None, appliance::Profile::Debug)?;
     step("cargo test (every tier, end-to-end included)");
     status(
         cargo()
@@ -227,7 +241,10 @@ fn test(extra: &[String]) -> Result<()> {
             .env("STORK_BOOT_FILES", &boot)
             .env("STORK_APPLIANCE_IMAGE", &appliance)
             // For the test that builds the image again and the one that builds a v2.
-            .env("STORK_APPLIANCE_STORK", target().join("release/stork"))
+            .env(
+                "STORK_APPLIANCE_STORK",
+                appliance::Profile::Debug.stork(&target()),
+            )
             .env("STORK_CACHE", cache())
             .env("STORK_LAB_DIR", target().join("lab")),
     )

@@ -192,8 +192,9 @@ fn appliance(bin: &Path, boot: &Path, scratch: &Path) -> Result<()> {
     crate::step("appliance image: build time and size against its parts");
     let os = crate::os_images::build(&crate::target())?;
     // The image from the xtask first: it builds `stork` (release) and the cached tree.
-    let built = crate::appliance::build(&crate::target(), boot, &os, None)?;
-    let stork = crate::target().join("release/stork");
+    let profile = crate::appliance::Profile::Release;
+    let built = crate::appliance::build(&crate::target(), boot, &os, None, profile)?;
+    let stork = profile.stork(&crate::target());
     let out = scratch.join("appliance.raw");
     let mut c = Command::new(bin);
     c.env("RUST_BACKTRACE", "0")
