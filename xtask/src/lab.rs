@@ -1,8 +1,9 @@
 //! `cargo xtask lab`: the appliance image as a QEMU VM and machine VMs on one L2 segment, with
 //! no root and no hardware: the segment is a userspace switch (`stork_lab::rootless`), the host
-//! reaches the appliance's API through a forwarded port of 127.0.0.1. Machines have no BMC:
-//! the lab powers a machine on again whenever it powers off (a person at the power button),
-//! so commissioning and deploys from the API run through.
+//! reaches the appliance's API through a forwarded port of 127.0.0.1. Machines have no BMC
+//! (manual power): the lab is the person at the power button, and powers a machine that is
+//! off on again when Stork has not seen it yet or wants it on (commissioning, deploying,
+//! erasing), reading the API with the token and fingerprint the console showed.
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -84,6 +85,7 @@ pub fn run(machines: u32, api_port: u16, image: Option<PathBuf>) -> Result<()> {
          --token <the token above> machine list"
     );
 
+    let api = client_from_notice(&console, api_port)?;
     let mut vms: Vec<(RootlessVmSpec, RootlessVm)> = Vec::new();
     for n in 0..machines {
         let mut m = RootlessVmSpec::new(&format!("machine{n}"), &format!("52:54:00:77:0c:{n:02x}"));
@@ -115,7 +117,7 @@ pub fn run(machines: u32, api_port: u16, image: Option<PathBuf>) -> Result<()> {
             anyhow::bail!("the appliance VM exited ({status})");
         }
         for (spec, vm) in vms.iter_mut() {
-            if vm.exited().is_some() {
+            if vm.exited().is_some() && wants_power(&api, &spec.mac) {
                 let mut again = spec.clone();
                 again.keep_disks = true;
                 println!("lab: {} powered off; powering it on again", spec.name);
@@ -125,6 +127,44 @@ pub fn run(machines: u32, api_port: u16, image: Option<PathBuf>) -> Result<()> {
     }
     crate::step("stopping the lab");
     Ok(())
+}
+
+/// A client of the API with the token and certificate fingerprint of the console's notice.
+fn client_from_notice(notice: &str, port: u16) -> Result<stork_client::Client> {
+    let word = |prefix: &str| {
+        notice
+            .split_whitespace()
+            .find(|w| w.starts_with(prefix) && w.len() == prefix.len() + 64)
+            .map(str::to_string)
+    };
+    let fingerprint: stork_tls::Fingerprint = word("sha256:")
+        .context("no fingerprint in the notice")?
+        .parse()?;
+    let token = word("stork_admin_").context("no admin token in the notice")?;
+    Ok(stork_client::Client::with_trust(
+        &format!("https://127.0.0.1:{port}"),
+        Some(token),
+        Some(stork_tls::Trust::Pinned(fingerprint)),
+    ))
+}
+
+/// Whether Stork wants the machine with `mac` on: it has not enlisted yet, or its status is
+/// one an agent works in. A Ready or Deployed machine that powered off stays off.
+fn wants_power(api: &stork_client::Client, mac: &str) -> bool {
+    use stork_proto::api::{MachineFilter, Status};
+    let Ok(machines) = api.machines(&MachineFilter::default()) else {
+        return false;
+    };
+    match machines
+        .iter()
+        .find(|m| m.macs.iter().any(|x| x.to_string() == mac))
+    {
+        None => true,
+        Some(m) => matches!(
+            m.status,
+            Status::Commissioning | Status::Deploying | Status::DiskErasing | Status::Releasing
+        ),
+    }
 }
 
 /// Waits for the appliance's console notice (URL, fingerprint, token) and returns it.
