@@ -8,14 +8,18 @@ use anyhow::Result;
 
 /// The image file, relative to the target directory.
 pub const IMAGE: &str = "stork/appliance/stork-appliance.raw";
+/// The `stork` binary the image was built with, kept beside it: `cargo test` may relink
+/// `target/debug/stork` (other features unified), and a rebuild from the same inputs must
+/// get the same binary.
+pub const STORK: &str = "stork/appliance/stork";
 
 /// Which `stork` goes into the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
     /// What a person flashes.
     Release,
-    /// The tests' build, already made by `cargo xtask test` (a release build would add minutes
-    /// on two cores; the image's code paths are the same).
+    /// The tests' build, already made by `cargo xtask test`'s workspace build (a release
+    /// build would add minutes on two cores; the image's code paths are the same).
     Debug,
 }
 
@@ -42,13 +46,14 @@ pub fn build(
             crate::step("building stork (release) for the appliance image");
             crate::status(crate::cargo().args(["build", "--quiet", "--release", "-p", "stork"]))?;
         }
-        Profile::Debug => {
-            crate::step("building stork for the appliance image");
-            crate::status(crate::cargo().args(["build", "--quiet", "-p", "stork"]))?;
-        }
+        // Built by the workspace build just before; building `-p stork` alone would relink it
+        // with another feature set.
+        Profile::Debug => {}
     }
     let out = target.join(IMAGE);
     std::fs::create_dir_all(out.parent().unwrap_or(target))?;
+    let stork = target.join(STORK);
+    std::fs::copy(profile.stork(target), &stork)?;
     crate::step("appliance image (Debian tree cached; needs root to build one)");
     let mut c = crate::cargo();
     c.args(["run", "--quiet", "-p", "stork-image", "--", "appliance"])
@@ -57,7 +62,7 @@ pub fn build(
         .arg("--out")
         .arg(&out)
         .arg("--stork")
-        .arg(profile.stork(target))
+        .arg(&stork)
         .arg("--boot")
         .arg(boot)
         .arg("--images")

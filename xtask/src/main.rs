@@ -241,10 +241,7 @@ fn test(extra: &[String]) -> Result<()> {
             .env("STORK_BOOT_FILES", &boot)
             .env("STORK_APPLIANCE_IMAGE", &appliance)
             // For the test that builds the image again and the one that builds a v2.
-            .env(
-                "STORK_APPLIANCE_STORK",
-                appliance::Profile::Debug.stork(&target()),
-            )
+            .env("STORK_APPLIANCE_STORK", target().join(appliance::STORK))
             .env("STORK_CACHE", cache())
             .env("STORK_LAB_DIR", target().join("lab")),
     )

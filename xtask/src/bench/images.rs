@@ -194,7 +194,7 @@ fn appliance(bin: &Path, boot: &Path, scratch: &Path) -> Result<()> {
     // The image from the xtask first: it builds `stork` (release) and the cached tree.
     let profile = crate::appliance::Profile::Release;
     let built = crate::appliance::build(&crate::target(), boot, &os, None, profile)?;
-    let stork = profile.stork(&crate::target());
+    let stork = crate::target().join(crate::appliance::STORK);
     let out = scratch.join("appliance.raw");
     let mut c = Command::new(bin);
     c.env("RUST_BACKTRACE", "0")
