@@ -217,64 +217,130 @@ pub fn build_raw(
         table.write(&mut f)?;
     }
 
-    // ESP: FAT32 (UEFI's required format) with 512-byte clusters, fixed volume id.
+    // ESP: FAT32 (UEFI's required format), fixed volume id.
     let esp_offset = layout.esp.0 * SECTOR;
-    let esp_kib = (layout.esp.1 - layout.esp.0 + 1) * SECTOR / 1024;
+    let esp_len = (layout.esp.1 - layout.esp.0 + 1) * SECTOR;
+    let esp = mkfs_vfat(raw, (esp_offset, esp_len), Fat::Fat32, "EFI", ids.esp_id)?;
+    cmd::run(mtools("mmd", &esp, Some(epoch)).args(["::/EFI", "::/EFI/BOOT"]))?;
     cmd::run(
-        cmd::clean("mkfs.vfat")
-            .args(["-F", "32", "-s", "1", "-n", "EFI", "--invariant"])
-            .arg("-i")
-            .arg(format!("{:08X}", ids.esp_id))
-            .arg(format!("--offset={}", layout.esp.0))
-            .arg("-h")
-            .arg(layout.esp.0.to_string())
-            .arg(raw)
-            .arg(esp_kib.to_string()),
-    )?;
-    let esp = format!("{}@@{esp_offset}", raw.display());
-    let mtools = |program: &str| {
-        let mut c = cmd::clean(program);
-        // SOURCE_DATE_EPOCH: directory entries get that time instead of now.
-        c.env("MTOOLS_SKIP_CHECK", "1")
-            .env("SOURCE_DATE_EPOCH", epoch.to_string())
-            .arg("-i")
-            .arg(&esp);
-        c
-    };
-    cmd::run(mtools("mmd").args(["::/EFI", "::/EFI/BOOT"]))?;
-    cmd::run(
-        mtools("mcopy")
+        mtools("mcopy", &esp, Some(epoch))
             .arg("-m")
             .arg(boot.efi_image)
             .arg("::/EFI/BOOT/BOOTX64.EFI"),
     )?;
 
-    // Root: ext4 filled from the tree. The tree's own mke2fs.conf decides the feature set, so
-    // the file system is one its kernel, e2fsck and GRUB were built for.
+    // Root: ext4 filled from the tree.
     let root_offset = layout.root.0 * SECTOR;
-    let root_blocks = (layout.root.1 - layout.root.0 + 1) * SECTOR / 4096;
-    let mut mke2fs = cmd::clean("mke2fs");
-    let conf = tree.join("etc/mke2fs.conf");
-    if conf.is_file() {
-        mke2fs.env("MKE2FS_CONFIG", &conf);
-    }
-    cmd::run(
-        mke2fs
-            .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
-            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", "root"])
-            .arg("-U")
-            .arg(&ids.root_uuid)
-            .arg("-E")
-            .arg(format!("offset={root_offset},hash_seed={}", ids.root_uuid))
-            .arg("-d")
-            .arg(tree)
-            .arg(raw)
-            .arg(root_blocks.to_string()),
+    let root_len = (layout.root.1 - layout.root.0 + 1) * SECTOR;
+    mke2fs(
+        raw,
+        (root_offset, root_len),
+        &Ext4 {
+            label: "root",
+            uuid: &ids.root_uuid,
+            content: Some(tree),
+            root_owner: None,
+            conf_tree: tree,
+        },
+        epoch,
     )?;
     replace_in_ext4(raw, root_offset, tree, "/etc/fstab", fstab, epoch)?;
 
     install_grub_bios(raw, layout.bios, boot.boot_img, boot.core_img)?;
     Ok(table)
+}
+
+/// FAT variants [`mkfs_vfat`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fat {
+    Fat16,
+    /// With 512-byte clusters: FAT32 needs 65525 clusters or more, which a small ESP has
+    /// only so.
+    Fat32,
+}
+
+/// `mkfs.vfat` in place over `(offset, len)` bytes of `raw`, with volume id `id` and no
+/// random or time-dependent field (`--invariant`); returns the file system as mtools names
+/// it (`file@@offset`).
+pub fn mkfs_vfat(
+    raw: &Path,
+    (offset, len): (u64, u64),
+    fat: Fat,
+    label: &str,
+    id: u32,
+) -> Result<String, DiskError> {
+    let sector = offset / SECTOR;
+    let mut c = cmd::clean("mkfs.vfat");
+    match fat {
+        Fat::Fat16 => c.args(["-F", "16"]),
+        Fat::Fat32 => c.args(["-F", "32", "-s", "1"]),
+    };
+    cmd::run(
+        c.args(["-n", label, "--invariant"])
+            .arg("-i")
+            .arg(format!("{id:08X}"))
+            .arg(format!("--offset={sector}"))
+            .arg("-h")
+            .arg(sector.to_string())
+            .arg(raw)
+            .arg((len / 1024).to_string()),
+    )?;
+    Ok(format!("{}@@{offset}", raw.display()))
+}
+
+/// An mtools command on the FAT `image` (`file@@offset`); with `epoch`, directory entries
+/// get that time (SOURCE_DATE_EPOCH) instead of now.
+pub fn mtools(program: &str, image: &str, epoch: Option<u64>) -> std::process::Command {
+    let mut c = cmd::clean(program);
+    c.env("MTOOLS_SKIP_CHECK", "1");
+    if let Some(e) = epoch {
+        c.env("SOURCE_DATE_EPOCH", e.to_string());
+    }
+    c.arg("-i").arg(image);
+    c
+}
+
+/// An ext4 file system for [`mke2fs`].
+pub struct Ext4<'a> {
+    pub label: &'a str,
+    pub uuid: &'a str,
+    /// Filled from this tree (`-d`), else empty.
+    pub content: Option<&'a Path>,
+    /// Owner (uid = gid) of the root directory; else root.
+    pub root_owner: Option<u32>,
+    /// The tree whose `etc/mke2fs.conf` decides the feature set, so the file system is one
+    /// its kernel, e2fsck and GRUB were built for.
+    pub conf_tree: &'a Path,
+}
+
+/// `mke2fs` in place over `(offset, len)` bytes of `raw`: 4 KiB blocks, the UUID also as the
+/// directory hash seed, every time `epoch` (E2FSPROGS_FAKE_TIME).
+pub fn mke2fs(
+    raw: &Path,
+    (offset, len): (u64, u64),
+    fs: &Ext4<'_>,
+    epoch: u64,
+) -> Result<(), DiskError> {
+    let mut c = cmd::clean("mke2fs");
+    let conf = fs.conf_tree.join("etc/mke2fs.conf");
+    if conf.is_file() {
+        c.env("MKE2FS_CONFIG", &conf);
+    }
+    let mut extended = format!("offset={offset},hash_seed={}", fs.uuid);
+    if let Some(o) = fs.root_owner {
+        extended.push_str(&format!(",root_owner={o}:{o}"));
+    }
+    c.env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", fs.label])
+        .arg("-U")
+        .arg(fs.uuid)
+        .arg("-E")
+        .arg(extended);
+    if let Some(dir) = fs.content {
+        c.arg("-d").arg(dir);
+    }
+    cmd::run(c.arg(raw).arg((len / 4096).to_string()))?;
+    Ok(())
 }
 
 /// GRUB for BIOS on a GPT disk: boot.img into sector 0 around the protective MBR, core.img

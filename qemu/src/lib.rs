@@ -9,6 +9,7 @@
 //! socket, and a user-mode NIC with host forwards for the host to reach a VM's services.
 
 pub mod appliance;
+pub mod appliance_image;
 pub mod bmc;
 pub mod guest;
 pub mod images;

@@ -123,7 +123,7 @@ fn a_usb_stick_under_ovmf_reads_its_stork_toml_provisions_a_machine_and_keeps_it
         let token = notice
             .token
             .context("the first boot's notice shows no admin token")?;
-        let api = client(api_port, &notice.fingerprint, &token);
+        let api = client(api_port, &notice.fingerprint, &token)?;
         wait_api(&api, vm, BOOT)?;
         wait_for(
             "the bundled OS image to be registered",
@@ -344,7 +344,7 @@ fn an_internal_disk_under_seabios_starts_safe_grows_its_data_and_upgrades_with_f
         }
         let notice = Notice::parse(&text)?;
         let token = notice.token.context("no admin token on the console")?;
-        let api = client(api_port, &notice.fingerprint, &token);
+        let api = client(api_port, &notice.fingerprint, &token)?;
         wait_api(&api, vm, BOOT)?;
         let machine = api.create_machine(&NewMachine {
             macs: vec![MACHINE_MAC.parse()?],

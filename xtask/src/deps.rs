@@ -44,7 +44,11 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ),
     (
         "util-linux",
-        "partx, losetup: the data partition grow test on a loop device",
+        "partx: the data partition grow test on a loop device",
+    ),
+    (
+        "mount",
+        "losetup: loop devices for the write and grow tests",
     ),
     ("libcap2-bin", "getcap: file capabilities survive SquashFS"),
     (
@@ -103,6 +107,8 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("grub-editenv", "grub-common"),
     ("partx", "util-linux"),
     ("dumpe2fs", "e2fsprogs"),
+    ("debugfs", "e2fsprogs"),
+    ("losetup", "mount"),
     ("mkfs.vfat", "dosfstools"),
     ("mke2fs", "e2fsprogs"),
     ("e2fsck", "e2fsprogs"),

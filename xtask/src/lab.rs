@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use stork_lab::appliance_image::{Described, Notice, copy_image, put_on_fat};
 use stork_lab::rootless::{DiskSpec, RootlessLab, RootlessVm, RootlessVmSpec, UserNic};
 use stork_lab::vm::{BootFirst, DiskBus, Firmware, GuestReboot};
 
@@ -36,34 +37,11 @@ pub fn run(machines: u32, api_port: u16, image: Option<PathBuf>) -> Result<()> {
     let lab = RootlessLab::new("lab", &crate::target().join("lab"))?;
     let stick = lab.dir().join("stick.raw");
     crate::step("copying the image onto a 16 GiB \"USB stick\" and writing stork.toml on it");
-    crate::status(
-        std::process::Command::new("cp")
-            .arg("--sparse=always")
-            .arg(&image)
-            .arg(&stick),
-    )?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&stick)?
-        .set_len(16 << 30)?;
-    let described: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(image.with_extension("json"))?)?;
-    let config_lba = described["partitions"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == "stork-config"))
-        .and_then(|p| p["first_lba"].as_u64())
-        .context("the image's description has no stork-config partition")?;
+    copy_image(&image, &stick, 16 << 30)?;
+    let (config, _) = Described::load(&image)?.extent("stork-config")?;
     let toml = lab.dir().join("stork.toml");
     std::fs::write(&toml, STORK_TOML)?;
-    crate::status(
-        std::process::Command::new("mcopy")
-            .env("MTOOLS_SKIP_CHECK", "1")
-            .arg("-o")
-            .arg("-i")
-            .arg(format!("{}@@{}", stick.display(), config_lba * 512))
-            .arg(&toml)
-            .arg("::/stork.toml"),
-    )?;
+    put_on_fat(&stick, config, &toml, "stork.toml")?;
 
     let mut spec = RootlessVmSpec::new("appliance", "52:54:00:77:0b:01");
     spec.memory_mib = 2048;
@@ -131,16 +109,9 @@ pub fn run(machines: u32, api_port: u16, image: Option<PathBuf>) -> Result<()> {
 
 /// A client of the API with the token and certificate fingerprint of the console's notice.
 fn client_from_notice(notice: &str, port: u16) -> Result<stork_client::Client> {
-    let word = |prefix: &str| {
-        notice
-            .split_whitespace()
-            .find(|w| w.starts_with(prefix) && w.len() == prefix.len() + 64)
-            .map(str::to_string)
-    };
-    let fingerprint: stork_tls::Fingerprint = word("sha256:")
-        .context("no fingerprint in the notice")?
-        .parse()?;
-    let token = word("stork_admin_").context("no admin token in the notice")?;
+    let notice = Notice::parse(notice)?;
+    let fingerprint: stork_tls::Fingerprint = notice.fingerprint.parse()?;
+    let token = notice.token.context("no admin token in the notice")?;
     Ok(stork_client::Client::with_trust(
         &format!("https://127.0.0.1:{port}"),
         Some(token),

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::cmd;
-use crate::disk::Ids;
+use crate::disk::{self, Fat, Ids};
 use crate::gpt::{Gpt, Guid};
 use crate::image::{ImageError, io_err};
 use crate::manifest::{self, ImageKind, ImageManifest};
@@ -68,8 +68,8 @@ pub struct Built {
 }
 
 /// The ESP's FAT volume id for a tree: GRUB's images (made with the tree) search for it.
-fn esp_id(tree_key: &str) -> String {
-    Ids::derive(&format!("appliance {tree_key}")).esp_text()
+fn esp_ids(tree_key: &str) -> Ids {
+    Ids::derive(&format!("appliance {tree_key}"))
 }
 
 /// The appliance's root tree (cached).
@@ -80,8 +80,9 @@ pub fn tree_for(
 ) -> Result<rootfs::Tree, RootfsError> {
     // The early configuration names the ESP by an id derived from the tree's key, which is
     // known only inside the build: `configure` gets the key.
-    let configure =
-        |tree: &Path, key: &str| tree::configure(tree, &boot::early_config(&esp_id(key)));
+    let configure = |tree: &Path, key: &str| {
+        tree::configure(tree, &boot::early_config(&esp_ids(key).esp_text()))
+    };
     let packages: Vec<String> = tree::PACKAGES.iter().map(|p| p.to_string()).collect();
     let spec = rootfs::Spec {
         name: NAME,
@@ -338,26 +339,34 @@ fn write_disk(
         esp(raw, layout, tree, tree_key, &scratch, epoch)?;
         config_partition(raw, layout, req, &scratch, epoch)?;
         let uuid = |label: &str| Ids::derive(&format!("{label} {build_key}")).root_uuid;
+        let ext4 = |number: u32, label: &str, uuid: &str, content, root_owner| {
+            disk::mke2fs(
+                raw,
+                layout.extent(number),
+                &disk::Ext4 {
+                    label,
+                    uuid,
+                    content,
+                    root_owner,
+                    conf_tree: tree,
+                },
+                epoch,
+            )
+        };
         ext4(
-            raw,
-            layout,
             SYSTEM_A,
             "stork-system",
             &uuid("system"),
             Some(staging),
-            tree,
-            epoch,
+            None,
         )?;
         pin_ctimes(raw, layout.extent(SYSTEM_A).0, staging, &scratch, epoch)?;
         ext4(
-            raw,
-            layout,
             DATA,
             "stork-data",
             &uuid("data"),
             None,
-            tree,
-            epoch,
+            Some(tree::STORK_UID),
         )?;
         bios(raw, layout, tree)
     })();
@@ -428,41 +437,6 @@ fn pin_ctimes(
     Ok(())
 }
 
-/// `mkfs.vfat` in place at partition `number`.
-fn vfat(
-    raw: &Path,
-    layout: &Layout,
-    number: u32,
-    fat: &str,
-    label: &str,
-    id: &str,
-) -> Result<String, ImageError> {
-    let (offset, len) = layout.extent(number);
-    cmd::run(
-        cmd::clean("mkfs.vfat")
-            .args(["-F", fat, "-n", label, "--invariant", "-i", id])
-            // FAT32 needs 65525 clusters or more: 512-byte ones on a small partition.
-            .args(if fat == "32" { &["-s", "1"][..] } else { &[] })
-            .arg(format!("--offset={}", offset / 512))
-            .arg("-h")
-            .arg((offset / 512).to_string())
-            .arg(raw)
-            .arg((len / 1024).to_string()),
-    )?;
-    Ok(format!("{}@@{offset}", raw.display()))
-}
-
-/// An mtools command on the FAT at `image` (`file@@offset`).
-fn mtools(program: &str, image: &str, epoch: u64) -> std::process::Command {
-    let mut c = cmd::clean(program);
-    // SOURCE_DATE_EPOCH: directory entries get that time instead of now.
-    c.env("MTOOLS_SKIP_CHECK", "1")
-        .env("SOURCE_DATE_EPOCH", epoch.to_string())
-        .arg("-i")
-        .arg(image);
-    c
-}
-
 fn esp(
     raw: &Path,
     layout: &Layout,
@@ -471,8 +445,8 @@ fn esp(
     scratch: &Path,
     epoch: u64,
 ) -> Result<(), ImageError> {
-    let id = esp_id(tree_key).replace('-', "");
-    let img = vfat(raw, layout, ESP, "32", "EFI", &id)?;
+    let id = esp_ids(tree_key).esp_id;
+    let img = disk::mkfs_vfat(raw, layout.extent(ESP), Fat::Fat32, "EFI", id)?;
     let grub_dir = scratch.join("grub");
     for platform in ["i386-pc", "x86_64-efi"] {
         let src = tree.join("usr/lib/grub").join(platform);
@@ -489,16 +463,16 @@ fn esp(
     fs::write(grub_dir.join("grub.cfg"), boot::grub_cfg()).map_err(io_err(&grub_dir))?;
     fs::write(grub_dir.join("grubenv"), empty_grubenv()).map_err(io_err(&grub_dir))?;
     rootfs::clamp_times(&grub_dir, epoch)?;
-    cmd::run(mtools("mmd", &img, epoch).args(["::/EFI", "::/EFI/BOOT"]))?;
+    cmd::run(disk::mtools("mmd", &img, Some(epoch)).args(["::/EFI", "::/EFI/BOOT"]))?;
     cmd::run(
-        mtools("mcopy", &img, epoch)
+        disk::mtools("mcopy", &img, Some(epoch))
             .arg("-m")
             .arg(tree.join(tree::CORE_EFI))
             .arg("::/EFI/BOOT/BOOTX64.EFI"),
     )?;
     // -s: recursive; -m: keep the (clamped) modification times.
     cmd::run(
-        mtools("mcopy", &img, epoch)
+        disk::mtools("mcopy", &img, Some(epoch))
             .args(["-s", "-m"])
             .arg(&grub_dir)
             .arg("::/"),
@@ -528,7 +502,8 @@ fn config_partition(
     scratch: &Path,
     epoch: u64,
 ) -> Result<(), ImageError> {
-    let img = vfat(raw, layout, CONFIG, "16", "STORK", "5354524B")?;
+    // Volume id "STRK".
+    let img = disk::mkfs_vfat(raw, layout.extent(CONFIG), Fat::Fat16, "STORK", 0x5354_524B)?;
     // The example is the binary's own commented default configuration.
     let example = cmd::run(cmd::clean(req.stork).args(["config", "default"]))?;
     let dir = scratch.join("config");
@@ -548,51 +523,12 @@ fn config_partition(
         fs::write(&p, bytes).map_err(io_err(&p))?;
         rootfs::clamp_times(&p, epoch)?;
         cmd::run(
-            mtools("mcopy", &img, epoch)
+            disk::mtools("mcopy", &img, Some(epoch))
                 .arg("-m")
                 .arg(&p)
                 .arg(format!("::/{name}")),
         )?;
     }
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn ext4(
-    raw: &Path,
-    layout: &Layout,
-    number: u32,
-    label: &str,
-    uuid: &str,
-    content: Option<&Path>,
-    tree: &Path,
-    epoch: u64,
-) -> Result<(), ImageError> {
-    let (offset, len) = layout.extent(number);
-    let mut mke2fs = cmd::clean("mke2fs");
-    // The tree's own mke2fs.conf: a file system its kernel, e2fsck and GRUB were built for.
-    let conf = tree.join("etc/mke2fs.conf");
-    if conf.is_file() {
-        mke2fs.env("MKE2FS_CONFIG", &conf);
-    }
-    mke2fs
-        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
-        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", label])
-        .arg("-U")
-        .arg(uuid)
-        .arg("-E")
-        .arg(format!(
-            "offset={offset},hash_seed={uuid},root_owner={0}:{0}",
-            if content.is_some() {
-                0
-            } else {
-                tree::STORK_UID
-            }
-        ));
-    if let Some(dir) = content {
-        mke2fs.arg("-d").arg(dir);
-    }
-    cmd::run(mke2fs.arg(raw).arg((len / 4096).to_string()))?;
     Ok(())
 }
 

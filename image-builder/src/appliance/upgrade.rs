@@ -112,21 +112,10 @@ fn fat(disk: &Path, offset: u64) -> String {
     format!("{}@@{offset}", disk.display())
 }
 
-fn mtools(program: &str) -> std::process::Command {
-    let mut c = cmd::clean(program);
-    c.env("MTOOLS_SKIP_CHECK", "1");
-    c
-}
-
 /// Reads the disk's GRUB environment block from its ESP.
 pub fn read_grubenv(disk: &Path) -> Result<GrubEnv, UpgradeError> {
     let (esp, _) = partitions(disk)?[ESP as usize - 1];
-    let out = cmd::run(
-        mtools("mtype")
-            .arg("-i")
-            .arg(fat(disk, esp))
-            .arg("::/grub/grubenv"),
-    )?;
+    let out = cmd::run(crate::disk::mtools("mtype", &fat(disk, esp), None).arg("::/grub/grubenv"))?;
     Ok(GrubEnv::parse(&out.stdout)?)
 }
 
@@ -134,10 +123,8 @@ fn write_grubenv(disk: &Path, env: &GrubEnv, scratch: &Path) -> Result<(), Upgra
     let (esp, _) = partitions(disk)?[ESP as usize - 1];
     std::fs::write(scratch, env.to_bytes()).map_err(io_err(scratch))?;
     let result = cmd::run(
-        mtools("mcopy")
+        crate::disk::mtools("mcopy", &fat(disk, esp), None)
             .arg("-o")
-            .arg("-i")
-            .arg(fat(disk, esp))
             .arg(scratch)
             .arg("::/grub/grubenv"),
     );
