@@ -162,6 +162,22 @@ impl Appliance {
         self.cli_json(&["machine", "events", id, "--json"])
     }
 
+    /// Waits until `stork machine events ID` shows every one of `wants`, and returns that
+    /// history. Events a controller records after acting (a power-off the BMC has already
+    /// seen) land a moment after their effect, so tests wait for them, never sample once.
+    pub fn wait_events(&self, id: &str, wants: &[&str], timeout: Duration) -> Result<String> {
+        let mut events = String::new();
+        let found = wait_for("events", timeout, Duration::from_millis(200), || {
+            events = self.cli(&["machine", "events", id])?;
+            Ok(wants.iter().all(|w| events.contains(w)).then_some(()))
+        });
+        if found.is_err() {
+            let missing: Vec<&&str> = wants.iter().filter(|w| !events.contains(**w)).collect();
+            bail!("events lack {missing:?} after {timeout:?}:\n{events}");
+        }
+        Ok(events)
+    }
+
     /// `stork stats --json`, parsed.
     pub fn stats(&self) -> Result<Stats> {
         self.cli_json(&["stats", "--json"])

@@ -91,10 +91,9 @@ fn commission(lab: &mut Lab, appliance: &mut Appliance, vm: &mut Vm, id: &str) -
     if m.status != Status::Commissioning {
         bail!("after `machine commission` the status is {}", m.status);
     }
-    let events = appliance.cli(&["machine", "events", id])?;
-    if !events.contains("manual power") {
-        bail!("no event asks a person to power the machine on:\n{events}");
-    }
+    appliance
+        .wait_events(id, &["manual power"], Duration::from_secs(30))
+        .context("no event asks a person to power the machine on")?;
     let attacker = Attacker::start(lab, id, MAC)?;
     *vm = Vm::start(lab, vm.spec.clone())?;
     let m = wait_for(

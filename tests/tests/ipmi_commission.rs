@@ -101,12 +101,11 @@ fn run(appliance: &mut Appliance, sim: &IpmiSim) -> Result<()> {
         Duration::from_millis(200),
         || Ok((!sim.power_is_on()).then_some(())),
     )?;
-    let events = appliance.cli(&["machine", "events", &id])?;
-    for want in ["NetbootAndPowerOn done", "PowerOff"] {
-        if !events.contains(want) {
-            bail!("events lack {want:?}:\n{events}");
-        }
-    }
+    let events = appliance.wait_events(
+        &id,
+        &["NetbootAndPowerOn done", "PowerOff"],
+        Duration::from_secs(30),
+    )?;
     if events.contains(bmc::OPERATOR_PASSWORD)
         || appliance.log_tail(10_000).contains(bmc::OPERATOR_PASSWORD)
     {
