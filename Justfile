@@ -51,3 +51,8 @@ bench-api:
 # Deploy: a QEMU machine's power-on to Deployed, per phase, against its floor (needs root).
 bench-deploy:
     cargo xtask bench deploy
+
+# Web UI with 10,000 machines: the machines page's server time beside the API's, Chromium's
+# time to first paint, and a status change until it is on screen.
+bench-ui:
+    cargo xtask bench ui

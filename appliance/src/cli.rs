@@ -436,7 +436,7 @@ pub fn images(c: &Client, json: bool) -> Result<()> {
 pub fn list(c: &Client, status: Option<Status>, json: bool) -> Result<()> {
     let filter = MachineFilter {
         status: status.map(|s| s.to_string()),
-        tag: None,
+        ..MachineFilter::default()
     };
     let machines = c.machines(&filter)?;
     if json {

@@ -21,3 +21,4 @@ pub mod serve;
 pub mod store;
 pub mod supervise;
 pub mod tftp;
+pub mod ui;

@@ -511,6 +511,7 @@ fn happy_path() {
             .machines(&MachineFilter {
                 status: status.map(str::to_string),
                 tag: tag.map(str::to_string),
+                ..MachineFilter::default()
             })
             .expect("machines")
     };
@@ -1318,7 +1319,7 @@ fn bad_input_is_400_naming_the_field() {
     check(
         f.client.machines(&MachineFilter {
             status: Some("bogus".into()),
-            tag: None,
+            ..MachineFilter::default()
         }),
         "status",
     );

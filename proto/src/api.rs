@@ -135,6 +135,12 @@ pub struct Machine {
     /// that says it is leaving, so an agent on purpose silent (rebooting into the installed
     /// OS) is never taken for a dead one.
     pub heartbeat_deadline: Option<i64>,
+    /// The power state last seen (a power action's result, a query, an agent's power-off),
+    /// and when (ms): never a live answer, which `POST /machines/{id}/power/query` gives.
+    #[serde(default)]
+    pub power_state: Option<PowerState>,
+    #[serde(default)]
+    pub power_seen_at: Option<i64>,
 }
 
 impl Machine {
@@ -162,6 +168,8 @@ impl Machine {
             last_heartbeat: None,
             heartbeat_step: None,
             heartbeat_deadline: None,
+            power_state: None,
+            power_seen_at: None,
         }
     }
 
@@ -319,6 +327,70 @@ pub struct ResourceFile {
 
 // ---- requests ----
 
+/// A host name as hostnamed and cloud-init take it: labels of letters, digits and `-` (not
+/// first or last), joined by dots, 64 characters at most (`HOST_NAME_MAX`).
+pub fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// The largest user-data a deploy takes (cloud-init's own seed limit is far above; a
+/// deploy request is no place for a payload).
+pub const MAX_USER_DATA: usize = 64 * 1024;
+
+impl DeployRequest {
+    /// Checks the fields a person types; the error names the field.
+    pub fn check_fields(&self) -> Result<(), String> {
+        if let Some(h) = &self.hostname
+            && !valid_hostname(h)
+        {
+            return Err(format!(
+                "hostname: {h:?} is not a host name (letters, digits and `-` in dot-separated labels, 64 characters at most)"
+            ));
+        }
+        if let Some(d) = &self.disk
+            && (d.is_empty() || d.len() > 32 || !d.bytes().all(|b| b.is_ascii_alphanumeric()))
+        {
+            return Err(format!(
+                "disk: {d:?} is not a disk's kernel name (like vda, sda, nvme0n1)"
+            ));
+        }
+        for (i, key) in self.ssh_keys.iter().enumerate() {
+            let mut words = key.split_whitespace();
+            let (kind, body) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let known =
+                kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
+            let base64 = !body.is_empty()
+                && body
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
+            if !known || !base64 || key.contains('\n') {
+                return Err(format!(
+                    "ssh_keys[{i}]: not an OpenSSH public key line (\"ssh-ed25519 AAAA... comment\")"
+                ));
+            }
+        }
+        if let Some(u) = &self.user_data
+            && u.len() > MAX_USER_DATA
+        {
+            return Err(format!(
+                "user_data: {} bytes, more than the {MAX_USER_DATA} a deploy takes",
+                u.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `GET /machines` filters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -327,7 +399,28 @@ pub struct MachineFilter {
     pub status: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
+    /// The power state last seen: on, off or unknown (never seen counts as unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power: Option<String>,
+    /// Free text: part of the hostname, a MAC address or the id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
+    /// Sort key: one of [`SORT_KEYS`] (default `created`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sort: Option<String>,
+    /// `asc` (default) or `desc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<String>,
+    /// Skip this many machines (paging; the answer's `x-total-count` header counts all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// At most this many machines (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
 }
+
+/// The keys a machine listing sorts by.
+pub const SORT_KEYS: &[&str] = &["created", "hostname", "status", "id", "updated", "power"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

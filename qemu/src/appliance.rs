@@ -33,6 +33,10 @@ impl Stats {
     }
 }
 
+/// The HTTPS port of the API and the web UI in `stork serve`'s embedded default (`[tls]
+/// port`), which the lab's appliance runs on.
+pub const TLS_PORT: u16 = 8443;
+
 pub struct Appliance {
     pub bin: PathBuf,
     pub data_dir: PathBuf,
@@ -95,6 +99,12 @@ impl Appliance {
             },
         )?;
         Ok(a)
+    }
+
+    /// The web UI's base, `https://10.77.0.1:8443/ui` (pages are `<base>/machines` and so
+    /// on); reachable only inside the lab's namespace, with a self-signed certificate.
+    pub fn ui_url(&self) -> String {
+        format!("https://{}:{TLS_PORT}/ui", crate::APPLIANCE_IP)
     }
 
     /// Runs a `stork` client command inside the namespace and returns its stdout.

@@ -424,20 +424,32 @@ impl BmcVm {
 /// Runs `f` on a thread that has joined network namespace `netns`, so the sockets it
 /// opens live there: how a test reaches a lab BMC at 127.0.0.1 inside the lab.
 pub fn in_namespace<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
-    use std::os::fd::AsRawFd;
-    let path = format!("/run/netns/{netns}");
-    let ns = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    let ns = open_namespace(netns)?;
     std::thread::scope(|s| {
         s.spawn(|| {
-            // SAFETY: setns on a namespace fd we hold open; it only changes this thread.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns into {netns}: {}", std::io::Error::last_os_error());
-            }
+            enter_namespace(&ns, netns)?;
             Ok(f())
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the thread inside {netns} panicked"))?
     })
+}
+
+/// Opens network namespace `netns` (as `ip netns` names it) for [`enter_namespace`].
+pub(crate) fn open_namespace(netns: &str) -> Result<std::fs::File> {
+    let path = format!("/run/netns/{netns}");
+    std::fs::File::open(&path).with_context(|| format!("opening {path}"))
+}
+
+/// Moves the calling thread (only it) into the namespace `ns` (named `netns`); its sockets,
+/// the threads it starts and the processes it spawns live there from now on.
+pub(crate) fn enter_namespace(ns: &std::fs::File, netns: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns on a namespace fd the caller holds open; it only changes this thread.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns into {netns}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn write_executable(path: &Path, text: &str) -> Result<()> {

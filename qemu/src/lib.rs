@@ -11,6 +11,7 @@
 pub mod appliance;
 pub mod appliance_image;
 pub mod bmc;
+pub mod browser;
 pub mod guest;
 pub mod images;
 pub mod process;
@@ -24,6 +25,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 pub use appliance::Appliance;
+pub use browser::Browser;
 pub use process::{Spawned, wait_for};
 pub use rootless::{RootlessLab, RootlessVm, RootlessVmSpec};
 pub use switch::Switch;

@@ -521,6 +521,16 @@ pub fn check_blank_disk(disk: &Path) -> Result<String> {
     ))
 }
 
+/// The sha256 of file `path` (a VM's disk image), to show a deploy left it untouched.
+pub fn sha256_of(path: &Path) -> Result<String> {
+    let out = stork_lab::run(Command::new("sha256sum").arg(path))?;
+    Ok(out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str().context("non-UTF-8 path")
 }

@@ -38,6 +38,12 @@ pub fn lab_dir() -> PathBuf {
     from_env("STORK_LAB_DIR", "target/lab")
 }
 
+/// Where the web UI test saves its screenshots (kept after the run, for a person to look
+/// at): `STORK_UI_SCREENSHOTS`, by default `target/stork/ui-screenshots`.
+pub fn ui_screenshots() -> PathBuf {
+    from_env("STORK_UI_SCREENSHOTS", "target/stork/ui-screenshots")
+}
+
 /// Fails with a clear message when the built artefacts are missing.
 pub fn require_artefacts() {
     for p in [

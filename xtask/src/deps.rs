@@ -84,6 +84,11 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "kea-admin",
         "perfdhcp, the load generator of `cargo xtask bench dhcp`",
     ),
+    (
+        "chromium",
+        "a real browser for the web UI test and `cargo xtask bench ui`",
+    ),
+    ("chromium-driver", "WebDriver for chromium"),
 ];
 
 /// Every program the lab, the image builder and the tests run, and the package that brings it.
@@ -125,6 +130,8 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("dhcrelay", "isc-dhcp-relay"),
     ("kea-dhcp4", "kea-dhcp4-server"),
     ("perfdhcp", "kea-admin"),
+    ("chromium", "chromium"),
+    ("chromedriver", "chromium-driver"),
 ];
 
 /// Firmware and boot files the lab reads by path.

@@ -61,7 +61,8 @@ enum Task {
     },
     /// Benchmarks: `api` (machines API on loopback); against peer implementations, in
     /// namespaces (needs root): `tftp`, `dhcp`, `images`; `deploy` (a QEMU machine's
-    /// power-on to Deployed, per phase, against its floor).
+    /// power-on to Deployed, per phase, against its floor); `ui` (the web UI with 10,000
+    /// machines, in headless Chromium).
     Bench {
         /// What to benchmark.
         what: String,

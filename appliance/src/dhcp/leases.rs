@@ -12,7 +12,8 @@ use super::journal::Record;
 
 #[derive(Debug, Default)]
 pub struct Leases {
-    by_mac: RwLock<HashMap<MacAddr, Ipv4Addr>>,
+    /// The address and its expiry (Unix seconds).
+    by_mac: RwLock<HashMap<MacAddr, (Ipv4Addr, u64)>>,
 }
 
 impl Leases {
@@ -22,11 +23,11 @@ impl Leases {
         let mut map = self.by_mac.write().unwrap_or_else(PoisonError::into_inner);
         for r in records {
             match *r {
-                Record::Bound { mac, ip, .. } => {
-                    map.insert(mac, ip);
+                Record::Bound { mac, ip, expires } => {
+                    map.insert(mac, (ip, expires));
                 }
                 Record::Released { mac, ip } => {
-                    if map.get(&mac) == Some(&ip) {
+                    if map.get(&mac).map(|(held, _)| *held) == Some(ip) {
                         map.remove(&mac);
                     }
                 }
@@ -41,7 +42,20 @@ impl Leases {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&mac)
-            .copied()
+            .map(|(ip, _)| *ip)
+    }
+
+    /// Every lease: MAC, address and expiry (Unix seconds), by address.
+    pub fn all(&self) -> Vec<(MacAddr, Ipv4Addr, u64)> {
+        let mut all: Vec<(MacAddr, Ipv4Addr, u64)> = self
+            .by_mac
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(mac, (ip, expires))| (*mac, *ip, *expires))
+            .collect();
+        all.sort_by_key(|(_, ip, _)| *ip);
+        all
     }
 }
 

@@ -42,7 +42,7 @@ pub struct Appliance {
 
 impl ApplianceFile {
     pub fn validate(&self) -> Result<Appliance, ConfigError> {
-        if !valid_hostname(&self.hostname) {
+        if !stork_proto::api::valid_hostname(&self.hostname) {
             return Err(invalid(
                 "appliance.hostname",
                 format!(
@@ -90,22 +90,6 @@ impl ApplianceFile {
             admin_token_sha256,
         })
     }
-}
-
-/// What hostnamed accepts as a host name: labels of letters, digits and `-` (not first or
-/// last), joined by dots, 64 characters at most (`HOST_NAME_MAX`).
-fn valid_hostname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
 }
 
 #[cfg(test)]

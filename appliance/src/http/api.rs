@@ -32,13 +32,13 @@ use crate::lifecycle::boot::{AgentWork, agent_work};
 use crate::lifecycle::records::new_id;
 use crate::lifecycle::{Command, ControlError, Status};
 use crate::store::{
-    BootResource, DeployRequest, DeployTarget, EventRecord, Machine, PowerConfig, SshKey,
-    StoreError, TokenRecord, now_ms,
+    BootResource, DeployRequest, DeployTarget, EventRecord, Machine, MachineQuery, PowerConfig,
+    SshKey, StoreError, TokenRecord, now_ms,
 };
 use stork_proto::api::{
     AllocateBody, AuditQuery, AuditRecord, Constraints, CreatedToken, ErrorBody, EventQuery,
     HealthReport, MachineFilter, MarkBrokenBody, NewMachine, NewSshKey, NewToken, NoFields,
-    PowerAnswer, PowerOp, ReleaseBody, StatsResponse,
+    PowerAnswer, PowerOp, PowerState, ReleaseBody, StatsResponse,
 };
 
 pub fn routes() -> Router<AppState> {
@@ -182,10 +182,16 @@ type ApiResult<T> = Result<T, ApiError>;
     description = "Every machine, oldest first; unknown query parameters are a 400. A deploy's user-data is left out (it may hold secrets): `GET /machines/{id}` shows it.",
     params(
         ("status" = Option<Status>, Query),
-        ("tag" = Option<String>, Query)
+        ("tag" = Option<String>, Query),
+        ("power" = Option<PowerState>, Query, description = "The power state last seen; `unknown` includes never seen."),
+        ("q" = Option<String>, Query, description = "Part of a hostname, MAC address or id."),
+        ("sort" = Option<String>, Query, description = "created (default), hostname, status, id, updated or power."),
+        ("order" = Option<String>, Query, description = "asc (default) or desc."),
+        ("offset" = Option<u64>, Query, description = "Skip this many (paging)."),
+        ("limit" = Option<u64>, Query, description = "At most this many (default all).")
     ),
     responses(
-        (status = 200, description = "OK", body = [Machine]),
+        (status = 200, description = "OK; header `x-total-count` counts every machine the filter selects, whatever the page.", body = [Machine]),
         (status = 400, response = BadRequest),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden)
@@ -195,22 +201,13 @@ async fn list_machines(
     State(s): State<AppState>,
     _: Reader,
     q: Result<Query<MachineFilter>, QueryRejection>,
-) -> ApiResult<Json<Vec<Machine>>> {
+) -> ApiResult<([(&'static str, String); 1], Json<Vec<Machine>>)> {
     let Query(f) = q?;
-    let status = match &f.status {
-        Some(st) => Some(
-            Status::parse(st)
-                .ok_or_else(|| ApiError::bad_request(format!("status: unknown status {st:?}")))?,
-        ),
-        None => None,
-    };
-    let all = s.controller.machines().await?;
-    Ok(Json(
-        all.into_iter()
-            .filter(|m| status.is_none_or(|st| m.status == st))
-            .filter(|m| f.tag.as_ref().is_none_or(|t| m.tags.contains(t)))
-            .map(|m| m.listed())
-            .collect(),
+    let query = MachineQuery::from_filter(&f).map_err(ApiError::bad_request)?;
+    let (total, page) = s.controller.machine_page(query).await?;
+    Ok((
+        [("x-total-count", total.to_string())],
+        Json(page.iter().map(Machine::listed).collect()),
     ))
 }
 
@@ -326,6 +323,8 @@ struct ActionCall {
     actor: String,
     id: String,
     body: Bytes,
+    /// `?dry_run=true`: check the request, change nothing (deploy only).
+    dry_run: bool,
 }
 
 impl axum::extract::FromRequest<AppState> for ActionCall {
@@ -347,11 +346,16 @@ impl axum::extract::FromRequest<AppState> for ActionCall {
                     format!("body: {e}"),
                 )
             })?;
+        let dry_run = parts
+            .uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|kv| kv == "dry_run=true"));
         Ok(Self {
             state: state.clone(),
             actor: caller.actor,
             id,
             body,
+            dry_run,
         })
     }
 }
@@ -415,7 +419,10 @@ async fn allocate(a: ActionCall) -> ApiResult<Json<Machine>> {
     tag = "machines",
     summary = "Deploy an image",
     description = "Allocated or Failed deployment -> Deploying; the image must be a registered `os` boot resource. A disk deploy streams the image's raw disk image (role `raw`) and grows its root; with a `layout`, or when the image has no raw file, the agent partitions the disk itself (BIOS boot 1 MiB, ESP, root), makes the file systems and extracts the image's root tar (role `tar`). Lifecycle event `Deploy`.",
-    params(MachineId),
+    params(
+        MachineId,
+        ("dry_run" = Option<bool>, Query, description = "`true`: check the request (fields, image, layout) and change nothing; the answer is the machine as it is.")
+    ),
     request_body(content = DeployRequest),
     responses(ActionAnswers)
 )]
@@ -425,6 +432,7 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
         return Err(ApiError::bad_request("missing field `image`"));
     }
     let Json(req) = Json::<DeployRequest>::from_bytes(&a.body)?;
+    req.check_fields().map_err(ApiError::bad_request)?;
     let known = a.state.controller.boot_resource(&req.image).await?;
     let Some(resource) = known.filter(|r| r.kind == "os") else {
         return Err(ApiError::bad_request(format!(
@@ -433,6 +441,11 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
         )));
     };
     check_layout(&req, &resource)?;
+    if a.dry_run {
+        // The web UI checks a form this way before it allocates a Ready machine.
+        let m = a.state.controller.machine(&a.id).await?;
+        return Ok(Json(m.redacted()));
+    }
     a.run(Command::Deploy(req)).await
 }
 
@@ -588,6 +601,9 @@ async fn power_op(
         PowerOp::Cycle => d.power_cycle().await.map(|_| PowerState::On),
         PowerOp::Query => d.query().await,
     };
+    if let Ok(state) = &result {
+        s.controller.power_seen(&m.id, *state).await;
+    }
     let message = match &result {
         Ok(state) => format!("power {op}: {state}"),
         Err(e) => format!("power {op} failed: {e}"),

@@ -55,10 +55,52 @@ impl AuditActor {
     }
 }
 
+/// The web UI's session cookie: the API token the user logged in with (`ui::session`).
+pub const SESSION_COOKIE: &str = "stork_session";
+/// The header the UI's scripts send with every change: a form on another site can send the
+/// cookie (were it not SameSite=Strict) but never a custom header without CORS, which this
+/// appliance does not answer.
+pub const UI_HEADER: &str = "x-stork-ui";
+
+/// The session cookie's token, if the request carries one.
+pub fn session_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == SESSION_COOKIE)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
+/// An API caller's token: the bearer header, or the UI's session cookie. A change sent
+/// with the cookie alone must also carry [`UI_HEADER`] (cross-site request forgery).
+fn api_token(parts: &Parts) -> Result<&str, ApiError> {
+    if parts
+        .headers
+        .contains_key(axum::http::header::AUTHORIZATION)
+    {
+        return bearer(parts);
+    }
+    let Some(token) = session_token(&parts.headers) else {
+        return bearer(parts);
+    };
+    if !parts.method.is_safe() && !parts.headers.contains_key(UI_HEADER) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("a change sent with the session cookie needs the {UI_HEADER} header"),
+        ));
+    }
+    Ok(token)
+}
+
 /// The API caller a request's bearer token names, if its token is live and its scope
 /// allows `need`.
 async fn api_caller(parts: &Parts, state: &AppState, need: TokenScope) -> Result<String, ApiError> {
-    let token = bearer(parts)?;
+    let token = api_token(parts)?;
     let is_agent = token.starts_with(AGENT_PREFIX);
     let rec = state.controller.admin_token(hash(token)).await?;
     // Refused calls are logged with the token they used too.

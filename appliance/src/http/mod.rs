@@ -76,6 +76,14 @@ pub fn router(state: AppState) -> Router {
             "/api/v1",
             api::routes().layer(axum::middleware::from_fn(https_only)),
         )
+        .nest(
+            "/ui",
+            crate::ui::routes().layer(axum::middleware::from_fn(ui_https_only)),
+        )
+        .route(
+            "/",
+            get(|| async { axum::response::Redirect::to("/ui/machines") }),
+        )
         .nest_service("/boot", boot)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -103,6 +111,26 @@ async fn https_only(
             StatusCode::FORBIDDEN,
             "https_required",
             message,
+        ));
+    }
+    next.run(req).await
+}
+
+/// Sends a browser that came to the UI over plain HTTP, while HTTPS is on, to the same page
+/// over HTTPS: a session cookie never travels in clear.
+async fn ui_https_only(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let Some(p) = req.extensions().get::<listener::PlainBesideTls>() {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/ui/");
+        let base = p.api_url.trim_end_matches("/api/v1");
+        return axum::response::IntoResponse::into_response(axum::response::Redirect::permanent(
+            &format!("{base}/ui{path}"),
         ));
     }
     next.run(req).await

@@ -290,6 +290,13 @@ impl Controller {
             Action::PowerOff => self.power.power_off(m).await,
             Action::RevokeAgentToken | Action::ClearAllocation | Action::Then(_) => return,
         };
+        if result.is_ok() {
+            let seen = match action {
+                Action::PowerOff => crate::power::PowerState::Off,
+                _ => crate::power::PowerState::On,
+            };
+            self.power_seen(&m.id, seen).await;
+        }
         let message = match result {
             Ok(()) => format!("power: {action:?} done"),
             Err(e) => format!("power: {action:?}: {e}"),
@@ -440,6 +447,10 @@ impl Controller {
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e),
                 };
+                let seen = *state.as_ref().unwrap_or(&crate::power::PowerState::Unknown);
+                if m.power_state != Some(seen) {
+                    self.power_seen(&m.id, seen).await;
+                }
                 if let Some(message) = poll.observe(&m.id, state)
                     && let Err(e) = self.note(&m.id, "power-poll", message).await
                 {

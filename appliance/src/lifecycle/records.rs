@@ -12,7 +12,8 @@ use stork_proto::{Inventory, MacAddr};
 use super::boot::{self, BootChoice, HEARTBEAT_STATUSES, TokenGrant, choose};
 use super::{Controller, Status};
 use crate::store::{
-    BootResource, EventRecord, Machine, NewEvent, SshKey, StoreError, TokenRecord, now_ms,
+    BootResource, EventRecord, Machine, MachineQuery, NewEvent, SshKey, StoreError, TokenRecord,
+    now_ms,
 };
 
 /// A new random machine or record id: 12 hex digits.
@@ -37,6 +38,9 @@ pub fn machine_macs(boot: MacAddr, inv: &Inventory) -> Vec<MacAddr> {
     macs
 }
 
+/// How the event that marks a served agent boot script begins (the UI's timeline reads it).
+pub const BOOT_SCRIPT_EVENT: &str = "boot script served";
+
 /// A machine's per-boot agent credentials, made when its boot script is served.
 pub struct AgentBoot {
     pub machine: Machine,
@@ -49,6 +53,39 @@ impl Controller {
 
     pub async fn machines(&self) -> Result<Vec<Machine>, StoreError> {
         self.store.call(|s| s.list_machines()).await
+    }
+
+    /// One page of the machines `q` selects, and how many it selects in all.
+    pub async fn machine_page(&self, q: MachineQuery) -> Result<(u64, Vec<Machine>), StoreError> {
+        self.store.call(move |s| s.machine_page(&q)).await
+    }
+
+    /// The newest agent event of each of `ids`.
+    pub async fn latest_agent_events(
+        &self,
+        ids: Vec<String>,
+    ) -> Result<std::collections::HashMap<String, EventRecord>, StoreError> {
+        self.store.call(move |s| s.latest_agent_events(&ids)).await
+    }
+
+    /// The newest event's id: a live view streams the events after it.
+    pub async fn last_event_id(&self) -> Result<i64, StoreError> {
+        self.store.call(|s| s.last_event_id()).await
+    }
+
+    /// Records the power state a driver just reported for machine `id`. Callers record it
+    /// before the event that tells of it, so whoever the event wakes reads the new state.
+    pub async fn power_seen(&self, id: &str, state: crate::power::PowerState) {
+        let id = id.to_string();
+        let at = crate::store::now_ms();
+        let who = id.clone();
+        if let Err(e) = self
+            .store
+            .call(move |s| s.set_power_state(&id, state, at))
+            .await
+        {
+            tracing::warn!(machine = %who, error = %e, "cannot record the power state");
+        }
     }
 
     /// By id or MAC.
@@ -316,7 +353,18 @@ impl Controller {
                                     used: false,
                                 };
                                 m.updated_at = now_ms();
-                                let machine = st.save_machine(&m, &[])?;
+                                // The end of the firmware's part of the boot (power-on, DHCP,
+                                // PXE): the timeline's first phase ends here.
+                                let ev = NewEvent {
+                                    at: m.updated_at,
+                                    actor: "boot".into(),
+                                    old_status: None,
+                                    new_status: None,
+                                    message: format!(
+                                        "{BOOT_SCRIPT_EVENT} with an agent token, to {from}"
+                                    ),
+                                };
+                                let machine = st.save_machine(&m, &[ev])?;
                                 Some(Ok(AgentBoot { machine, token }))
                             }
                             TokenGrant::Refuse(why) => Some(Err((m.id, why))),

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use stork_proto::MacAddr;
-use stork_proto::api::{AgentIdentity, AuditRecord, TokenScope, is_secret_param};
+use stork_proto::api::{
+    AgentIdentity, AuditRecord, MachineFilter, PowerState, SORT_KEYS, TokenScope, is_secret_param,
+};
 
 pub use model::*;
 pub use secrets::{KEY_ENV, SecretKey, SecretsError};
@@ -329,6 +331,10 @@ impl Store {
             last_heartbeat: row.get(18)?,
             heartbeat_step: row.get(19)?,
             heartbeat_deadline: row.get(20)?,
+            power_state: row
+                .get::<_, Option<String>>(23)?
+                .and_then(|p| PowerState::parse(&p)),
+            power_seen_at: row.get(24)?,
         })
     }
 
@@ -338,8 +344,21 @@ impl Store {
         where_sql: &str,
         args: &[&dyn rusqlite::ToSql],
     ) -> Result<Vec<Machine>, StoreError> {
+        Self::query_machines_in_order(key, conn, where_sql, "ORDER BY created_at, id", args)
+    }
+
+    /// Machines matching `where_sql`, in the order (and page: `LIMIT`) of `order_sql`.
+    fn query_machines_in_order(
+        key: &SecretKey,
+        conn: &Connection,
+        where_sql: &str,
+        order_sql: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<Machine>, StoreError> {
+        // The power state columns are written apart from the version-checked save (see
+        // `Store::set_power_state`), so they are not in MACHINE_COLUMNS.
         let sql = format!(
-            "SELECT {} FROM machines {where_sql} ORDER BY created_at, id",
+            "SELECT {}, power_state, power_seen_at FROM machines {where_sql} {order_sql}",
             Self::MACHINE_COLUMNS
         );
         // Every selected machine's interfaces in one query: one query per machine made
@@ -347,7 +366,7 @@ impl Store {
         let mut macs: HashMap<String, Vec<MacAddr>> = HashMap::new();
         let mut stmt = conn.prepare_cached(&format!(
             "SELECT machine_id, mac FROM interfaces \
-             WHERE machine_id IN (SELECT id FROM machines {where_sql}) ORDER BY rowid"
+             WHERE machine_id IN (SELECT id FROM machines {where_sql} {order_sql}) ORDER BY rowid"
         ))?;
         let mut rows = stmt.query(args)?;
         while let Some(row) = rows.next()? {
@@ -368,6 +387,111 @@ impl Store {
 
     pub fn list_machines(&self) -> Result<Vec<Machine>, StoreError> {
         Self::query_machines(&self.key, &self.lock(), "", &[])
+    }
+
+    /// One page of the machines `q` selects, in its order, and how many it selects in all.
+    pub fn machine_page(&self, q: &MachineQuery) -> Result<(u64, Vec<Machine>), StoreError> {
+        let mut clauses: Vec<&str> = Vec::new();
+        let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        // Each clause names its parameter by number, so the order of `args` is the order the
+        // clauses are added in.
+        let mut arg = |clauses: &mut Vec<&str>, clause: &'static str, value: String| {
+            clauses.push(clause);
+            args.push(Box::new(value));
+        };
+        if let Some(st) = q.status {
+            arg(&mut clauses, "status = ?N", st.as_str().to_string());
+        }
+        if let Some(tag) = &q.tag {
+            arg(
+                &mut clauses,
+                "EXISTS (SELECT 1 FROM json_each(machines.tags) WHERE value = ?N)",
+                tag.clone(),
+            );
+        }
+        match q.power {
+            Some(PowerState::Unknown) => {
+                clauses.push("(power_state IS NULL OR power_state = 'unknown')")
+            }
+            Some(p) => arg(&mut clauses, "power_state = ?N", p.as_str().to_string()),
+            None => {}
+        }
+        if let Some(text) = &q.text {
+            let like = format!("%{}%", like_escape(&text.to_lowercase()));
+            arg(
+                &mut clauses,
+                "(hostname LIKE ?N ESCAPE '\\' OR id LIKE ?N ESCAPE '\\' OR id IN \
+                 (SELECT machine_id FROM interfaces WHERE mac LIKE ?N ESCAPE '\\'))",
+                like,
+            );
+        }
+        let where_sql = if clauses.is_empty() {
+            String::new()
+        } else {
+            let numbered: Vec<String> = clauses
+                .iter()
+                .enumerate()
+                .map(|(i, c)| c.replace("?N", &format!("?{}", i + 1)))
+                .collect();
+            format!("WHERE {}", numbered.join(" AND "))
+        };
+        let dir = if q.descending { "DESC" } else { "ASC" };
+        let column = match q.sort {
+            SortKey::Created => "created_at",
+            SortKey::Hostname => "hostname COLLATE NOCASE",
+            SortKey::Status => "status",
+            SortKey::Id => "id",
+            SortKey::Updated => "updated_at",
+            SortKey::Power => "power_state",
+        };
+        let limit = q.limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        let offset = i64::try_from(q.offset).unwrap_or(i64::MAX);
+        let order_sql = format!("ORDER BY {column} {dir}, id {dir} LIMIT {limit} OFFSET {offset}");
+        let refs: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a.as_ref()).collect();
+        let conn = self.lock();
+        let total: i64 = conn.query_row(
+            &format!("SELECT COUNT(*) FROM machines {where_sql}"),
+            refs.as_slice(),
+            |r| r.get(0),
+        )?;
+        let page = Self::query_machines_in_order(&self.key, &conn, &where_sql, &order_sql, &refs)?;
+        Ok((u64::try_from(total).unwrap_or(0), page))
+    }
+
+    /// Records the power state seen for machine `id` at `at` (ms). Not a change of the
+    /// machine's record: no version bump, so it never conflicts with a status change.
+    pub fn set_power_state(&self, id: &str, state: PowerState, at: i64) -> Result<(), StoreError> {
+        self.lock().execute(
+            "UPDATE machines SET power_state = ?2, power_seen_at = ?3 WHERE id = ?1",
+            params![id, state.as_str(), at],
+        )?;
+        Ok(())
+    }
+
+    /// The newest agent event of each machine in `ids`: a listing's "current step" column.
+    pub fn latest_agent_events(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, EventRecord>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, machine_id, at, actor, old_status, new_status, message FROM events
+             WHERE id = (SELECT MAX(id) FROM events WHERE machine_id = ?1 AND actor = 'agent')",
+        )?;
+        let mut out = HashMap::new();
+        for id in ids {
+            if let Some(e) = stmt.query_row([id], Self::event_from_row).optional()? {
+                out.insert(id.clone(), e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest event's id (0 for none): where a live view's stream starts.
+    pub fn last_event_id(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .lock()
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?)
     }
 
     /// Machines in any of `statuses`: the timeout checker's question, answered without
@@ -708,20 +832,23 @@ impl Store {
             "SELECT id, machine_id, at, actor, old_status, new_status, message FROM events
              WHERE id > ?1 AND (?2 IS NULL OR machine_id = ?2) ORDER BY id LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![after_id, machine_id, limit], |r| {
-            let old: Option<String> = r.get(4)?;
-            let new: Option<String> = r.get(5)?;
-            Ok(EventRecord {
-                id: r.get(0)?,
-                machine_id: r.get(1)?,
-                at: r.get(2)?,
-                actor: r.get(3)?,
-                old_status: old.as_deref().and_then(Status::parse),
-                new_status: new.as_deref().and_then(Status::parse),
-                message: r.get(6)?,
-            })
-        })?;
+        let rows = stmt.query_map(params![after_id, machine_id, limit], Self::event_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// An event from `SELECT id, machine_id, at, actor, old_status, new_status, message`.
+    fn event_from_row(r: &Row<'_>) -> rusqlite::Result<EventRecord> {
+        let old: Option<String> = r.get(4)?;
+        let new: Option<String> = r.get(5)?;
+        Ok(EventRecord {
+            id: r.get(0)?,
+            machine_id: r.get(1)?,
+            at: r.get(2)?,
+            actor: r.get(3)?,
+            old_status: old.as_deref().and_then(Status::parse),
+            new_status: new.as_deref().and_then(Status::parse),
+            message: r.get(6)?,
+        })
     }
 
     // ---- API tokens and the audit log ----
@@ -884,6 +1011,95 @@ impl Store {
             )
             .optional()?;
         body.map(|b| from_json("body", &b)).transpose()
+    }
+}
+
+/// `LIKE` pattern text for a literal: its `%`, `_` and `\\` escaped (with `ESCAPE '\\'`).
+fn like_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// What a machine listing sorts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SortKey {
+    #[default]
+    Created,
+    Hostname,
+    Status,
+    Id,
+    Updated,
+    Power,
+}
+
+/// A machine listing's filter, order and page, checked: the API's and the web UI's
+/// question to [`Store::machine_page`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MachineQuery {
+    pub status: Option<Status>,
+    pub tag: Option<String>,
+    pub power: Option<PowerState>,
+    /// Part of a hostname, a MAC or an id.
+    pub text: Option<String>,
+    pub sort: SortKey,
+    pub descending: bool,
+    pub offset: u64,
+    pub limit: Option<u64>,
+}
+
+impl MachineQuery {
+    /// Checks a filter as the API and the UI receive it; the error names the field.
+    pub fn from_filter(f: &MachineFilter) -> Result<Self, String> {
+        fn some(v: &Option<String>) -> Option<&str> {
+            v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+        }
+        let status = match some(&f.status) {
+            Some(st) => {
+                Some(Status::parse(st).ok_or_else(|| format!("status: unknown status {st:?}"))?)
+            }
+            None => None,
+        };
+        let power = match some(&f.power) {
+            Some(p) => Some(
+                PowerState::parse(p)
+                    .ok_or_else(|| format!("power: {p:?} is not one of on, off, unknown"))?,
+            ),
+            None => None,
+        };
+        let sort = match some(&f.sort) {
+            None | Some("created") => SortKey::Created,
+            Some("hostname") => SortKey::Hostname,
+            Some("status") => SortKey::Status,
+            Some("id") => SortKey::Id,
+            Some("updated") => SortKey::Updated,
+            Some("power") => SortKey::Power,
+            Some(other) => return Err(format!("sort: {other:?} is not one of {SORT_KEYS:?}")),
+        };
+        let descending = match some(&f.order) {
+            None | Some("asc") => false,
+            Some("desc") => true,
+            Some(other) => return Err(format!("order: {other:?} is not asc or desc")),
+        };
+        let text = some(&f.q).map(str::to_string);
+        if text.as_ref().is_some_and(|t| t.len() > 256) {
+            return Err("q: longer than 256 bytes".into());
+        }
+        Ok(Self {
+            status,
+            tag: some(&f.tag).map(str::to_string),
+            power,
+            text,
+            sort,
+            descending,
+            offset: f.offset.unwrap_or(0),
+            limit: f.limit,
+        })
     }
 }
 

@@ -26,7 +26,7 @@ use stork_lab::{Spawned, wait_for};
 use stork_proto::inventory::{Cpu, Disk, Dmi, Firmware, Memory, Nic};
 use stork_proto::{ENLIST_PATH, EnlistRequest, EnlistResponse, Inventory, MacAddr};
 
-fn knob(name: &str, default: usize) -> usize {
+pub fn knob(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -39,60 +39,9 @@ pub fn run() -> Result<()> {
     let secs = knob("STORK_BENCH_SECS", 10) as u64;
     let clients = knob("STORK_BENCH_CLIENTS", 4);
 
-    crate::step("building stork (release)");
-    crate::status(crate::cargo().args(["build", "--quiet", "--release", "-p", "stork"]))?;
-    let bin = crate::target().join("release/stork");
-
-    let dir = crate::target().join("bench-api");
-    let _ = std::fs::remove_dir_all(&dir);
-    let data = dir.join("data");
-    std::fs::create_dir_all(data.join("boot"))?;
-    let out = Command::new(&bin)
-        .args(["token", "create", "--description", "bench", "--data-dir"])
-        .arg(&data)
-        .output()
-        .context("stork token create")?;
-    if !out.status.success() {
-        bail!(
-            "stork token create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let token = String::from_utf8(out.stdout)?.trim().to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let config = dir.join("stork.toml");
-    std::fs::write(
-        &config,
-        format!(
-            // The bench enlists as fast as it can from one address: the per-address limits
-            // that hold a hostile host back would measure themselves. Plain HTTP, as the
-            // peer serves it: the bench measures the handlers, not TLS handshakes.
-            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1\"\nport = {port}\nagent_rate = 1000000\nagent_burst = 1000000\nmax_connections_per_ip = 1024\n[tls]\nenabled = false\n[dhcp]\nmode = \"off\"\n\n[tftp]\nenabled = false\n",
-            data
-        ),
-    )?;
-    let mut cmd = Command::new(&bin);
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn");
-    let mut server = Spawned::start("stork serve", cmd, &dir.join("stork.log"))?;
-    let root = format!("http://127.0.0.1:{port}");
+    let (mut server, root, token, dir) = start_server("bench-api")?;
     let base = format!("{root}{API}");
-    let client = Client::new(&root, None);
-    wait_for(
-        "the API",
-        Duration::from_secs(30),
-        Duration::from_millis(50),
-        || {
-            if let Some(st) = server.exited() {
-                bail!("stork serve exited ({st}):\n{}", server.log_tail(20));
-            }
-            Ok(client.openapi().ok())
-        },
-    )?;
+    let data = dir.join("data");
 
     // Enlisting is write-bound (one fsync each): more clients keep the disk busy.
     let creators = clients.max(8);
@@ -139,7 +88,66 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-fn agent() -> ureq::Agent {
+/// A release `stork serve` on loopback, plain HTTP, DHCP and TFTP off, with a fresh data
+/// directory `target/<name>` and an admin token: (process, root URL, token, directory).
+pub fn start_server(name: &str) -> Result<(Spawned, String, String, std::path::PathBuf)> {
+    crate::step("building stork (release)");
+    crate::status(crate::cargo().args(["build", "--quiet", "--release", "-p", "stork"]))?;
+    let bin = crate::target().join("release/stork");
+
+    let dir = crate::target().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("boot"))?;
+    let out = Command::new(&bin)
+        .args(["token", "create", "--description", "bench", "--data-dir"])
+        .arg(&data)
+        .output()
+        .context("stork token create")?;
+    if !out.status.success() {
+        bail!(
+            "stork token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let token = String::from_utf8(out.stdout)?.trim().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = dir.join("stork.toml");
+    std::fs::write(
+        &config,
+        format!(
+            // The bench enlists as fast as it can from one address: the per-address limits
+            // that hold a hostile host back would measure themselves. Plain HTTP, as the
+            // peer serves it: the bench measures the handlers, not TLS handshakes.
+            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1\"\nport = {port}\nagent_rate = 1000000\nagent_burst = 1000000\nmax_connections_per_ip = 1024\n[tls]\nenabled = false\n[dhcp]\nmode = \"off\"\n\n[tftp]\nenabled = false\n",
+            data
+        ),
+    )?;
+    let mut cmd = Command::new(&bin);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn");
+    let mut server = Spawned::start("stork serve", cmd, &dir.join("stork.log"))?;
+    let root = format!("http://127.0.0.1:{port}");
+    let client = Client::new(&root, None);
+    wait_for(
+        "the API",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || {
+            if let Some(st) = server.exited() {
+                bail!("stork serve exited ({st}):\n{}", server.log_tail(20));
+            }
+            Ok(client.openapi().ok())
+        },
+    )?;
+    Ok((server, root, token, dir))
+}
+
+pub fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(120)))
@@ -147,7 +155,7 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-fn check(status: u16, len: usize) -> Result<usize> {
+pub fn check(status: u16, len: usize) -> Result<usize> {
     if status != 200 {
         bail!("HTTP {status}");
     }
@@ -211,7 +219,7 @@ fn inventory(n: usize) -> Inventory {
 
 /// Enlists `count` machines from `clients` threads, each with its own keep-alive agent (as
 /// the measured requests have); returns their ids.
-fn populate(root: &str, count: usize, clients: usize) -> Result<Vec<String>> {
+pub fn populate(root: &str, count: usize, clients: usize) -> Result<Vec<String>> {
     let next = AtomicUsize::new(0);
     let results: Vec<Result<Vec<String>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..clients)
@@ -257,7 +265,7 @@ fn populate(root: &str, count: usize, clients: usize) -> Result<Vec<String>> {
     Ok(ids)
 }
 
-struct Measured {
+pub struct Measured {
     latencies: Vec<Duration>,
     bytes: usize,
     elapsed: Duration,
@@ -265,7 +273,7 @@ struct Measured {
 }
 
 /// Runs `request` from `clients` threads (each with its own keep-alive agent) for `window`.
-fn measure(
+pub fn measure(
     clients: usize,
     window: Duration,
     request: impl Fn(&ureq::Agent, usize) -> Result<usize> + Sync,
@@ -315,7 +323,7 @@ fn measure(
     })
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -323,11 +331,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn ms(d: Duration) -> String {
+pub fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn report(what: &str, m: &Measured) {
+pub fn report(what: &str, m: &Measured) {
     let n = m.latencies.len();
     println!(
         "  {what}: {n} requests by {} clients in {:.1} s = {:.1} req/s; p50 {}, p99 {}, max {}; response {:.1} KiB",

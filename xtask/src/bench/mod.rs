@@ -6,6 +6,7 @@ mod deploy;
 mod dhcp;
 mod images;
 mod tftp;
+mod ui;
 
 use anyhow::{Result, bail};
 
@@ -16,7 +17,8 @@ pub fn run(what: &str) -> Result<()> {
         "dhcp" => dhcp::run(),
         "images" => images::run(),
         "deploy" => deploy::run(),
-        other => bail!("unknown benchmark `{other}` (known: api, tftp, dhcp, images, deploy)"),
+        "ui" => ui::run(),
+        other => bail!("unknown benchmark `{other}` (known: api, tftp, dhcp, images, deploy, ui)"),
     }
 }
 
