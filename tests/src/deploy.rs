@@ -554,3 +554,13 @@ fn register_image(
     appliance.cli(&["image", "register", path_str(&file)?])?;
     Ok(())
 }
+
+/// A SeaBIOS machine with room for the installed Debian, or Debian in memory (cloud-init is
+/// python, and sshd).
+pub fn seabios(mac: &str, disk_bytes: u64) -> VmSpec {
+    let mut spec = VmSpec::new("vm1", mac);
+    spec.memory_mib = 2048;
+    spec.cpus = 2;
+    spec.disk_bytes = disk_bytes;
+    spec
+}

@@ -22,22 +22,13 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use stork_lab::{DiskBus, VmSpec, wait_for};
+use stork_lab::{DiskBus, wait_for};
 use stork_proto::DeployTarget;
 use stork_proto::api::Status;
 use stork_tests::attacker::{self, Attacker};
-use stork_tests::deploy::{Scenario, check_blank_disk, deploy_to_disk_and_log_in};
+use stork_tests::deploy::{Scenario, check_blank_disk, deploy_to_disk_and_log_in, seabios};
 
 const MAC_DISK: &str = "52:54:00:77:01:01";
-
-/// A SeaBIOS machine with room for the installed Debian (cloud-init is python, and sshd).
-fn seabios(mac: &str, disk_bytes: u64) -> VmSpec {
-    let mut spec = VmSpec::new("vm1", mac);
-    spec.memory_mib = 2048;
-    spec.cpus = 2;
-    spec.disk_bytes = disk_bytes;
-    spec
-}
 
 /// Enlists and commissions the scenario's machine; returns its id.
 fn ready(s: &mut Scenario) -> Result<String> {

@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
 use stork_lab::bmc::BmcVm;
-use stork_lab::{Browser, VmSpec, wait_for};
+use stork_lab::{Browser, wait_for};
 use stork_proto::api::{Status, TokenRecord};
-use stork_tests::deploy::{IMAGE, Scenario, USER, sha256_of};
+use stork_tests::deploy::{IMAGE, Scenario, USER, seabios, sha256_of};
 
 const MAC: &str = "52:54:00:77:01:03";
 const HOSTNAME: &str = "stork-e2e-ram";
@@ -42,15 +42,6 @@ const OFF_GRACE: Duration = Duration::from_secs(60);
 /// The `window` property whose survival proves the page was not reloaded.
 const MARKER: &str = "__stork_marker";
 const POLL_BMC: Duration = Duration::from_millis(200);
-
-/// A SeaBIOS machine with room for Debian in memory (the old in-memory deploy test's).
-fn seabios(mac: &str, disk_bytes: u64) -> VmSpec {
-    let mut spec = VmSpec::new("vm1", mac);
-    spec.memory_mib = 2048;
-    spec.cpus = 2;
-    spec.disk_bytes = disk_bytes;
-    spec
-}
 
 #[test]
 #[ignore = "needs root, QEMU, ipmi_sim, chromium and built images: run `cargo xtask test`"]

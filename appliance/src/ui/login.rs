@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use maud::{DOCTYPE, Markup, html};
 use serde::Deserialize;
 
-use super::{CLEAR_COOKIE, NoSession, check_token, maud_html};
+use super::{CLEAR_COOKIE, NoSession, check_token, head, maud_html};
 use crate::http::AppState;
 use crate::http::extract::SESSION_COOKIE;
 
@@ -35,14 +35,7 @@ fn login_page(notice: Option<&str>, error: Option<&str>) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                meta name="color-scheme" content="light dark";
-                title { "Log in · Stork" }
-                link rel="icon" href="data:,";
-                link rel="stylesheet" href="/ui/assets/ui.css";
-            }
+            (head("Log in", false))
             body data-page="login" {
                 main #main .login {
                     h1 { "Stork" }

@@ -159,7 +159,7 @@ impl IntoResponse for UiError {
         let body = html! {
             (DOCTYPE)
             html lang="en" {
-                head { meta charset="utf-8"; title { "Stork: error" } link rel="stylesheet" href="/ui/assets/ui.css"; }
+                (head("Error", false))
                 body data-page="error" {
                     main #main { h1 { "Something went wrong" } p .form-error { (self.1) } p { a href="/ui/machines" { "Back to the machines" } } }
                 }
@@ -183,6 +183,22 @@ fn maud_html(m: Markup) -> Response {
         .into_response()
 }
 
+/// A page's `<head>`; `script`: the live-update script (not on the login page).
+pub fn head(title: &str, script: bool) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            meta name="color-scheme" content="light dark";
+            title { (title) " · Stork" }
+            // No icon to fetch: nothing to 404 in the console.
+            link rel="icon" href="data:,";
+            link rel="stylesheet" href="/ui/assets/ui.css";
+            @if script { script src="/ui/assets/ui.js" defer {} }
+        }
+    }
+}
+
 /// The pages a user moves between, in the navigation's order.
 const NAV: &[(&str, &str)] = &[
     ("machines", "Machines"),
@@ -199,16 +215,7 @@ pub fn layout(title: &str, name: &str, s: &Session, after: i64, body: Markup) ->
     maud_html(html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                meta name="color-scheme" content="light dark";
-                title { (title) " · Stork" }
-                // No icon to fetch: nothing to 404 in the console.
-                link rel="icon" href="data:,";
-                link rel="stylesheet" href="/ui/assets/ui.css";
-                script src="/ui/assets/ui.js" defer {}
-            }
+            (head(title, true))
             body data-page=(name) data-after=(after) data-scope=(s.scope.as_str()) {
                 a .skip href="#main" { "Skip to the content" }
                 header .top {

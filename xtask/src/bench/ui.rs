@@ -95,7 +95,7 @@ pub fn run() -> Result<()> {
 
     let (mut server, root, token, dir) = start_server("bench-ui")?;
     crate::step(&format!("enlisting {machines} machines (8 clients)"));
-    let ids = populate(&root, machines, 8)?;
+    populate(&root, machines, 8)?;
     let cookie = session_cookie(&root, &token)?;
     let auth = format!("Bearer {token}");
     let window = Duration::from_secs(secs);
@@ -165,7 +165,12 @@ pub fn run() -> Result<()> {
          return true;",
         vec![],
     )?;
-    // The first page shows the oldest machines: the first 50 enlisted.
+    // The machines the page shows (the oldest 50).
+    let shown = browser.exec_js(
+        "return Array.from(document.querySelectorAll('tr.machine')).map((tr) => tr.dataset.machineId);",
+        vec![],
+    )?;
+    let ids: Vec<String> = serde_json::from_value(shown)?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()

@@ -84,7 +84,7 @@
   let again = false;
   function scheduleRefresh() {
     if (pending) return;
-    pending = setTimeout(() => { pending = null; refresh(); }, 150);
+    pending = setTimeout(() => { pending = null; refresh(); }, 60);
   }
 
   async function refresh() {
