@@ -343,6 +343,21 @@ pub fn valid_hostname(name: &str) -> bool {
         })
 }
 
+/// What a key that [`valid_ssh_key`] refuses is told.
+pub const NOT_AN_SSH_KEY: &str = "not an OpenSSH public key line (\"ssh-ed25519 AAAA... comment\")";
+
+/// One OpenSSH public key line: a key type, base64, an optional comment, no line break.
+pub fn valid_ssh_key(key: &str) -> bool {
+    let mut words = key.split_whitespace();
+    let (kind, body) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let known = kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
+    let base64 = !body.is_empty()
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
+    known && base64 && !key.trim().contains('\n')
+}
+
 /// The largest user-data a deploy takes (cloud-init's own seed limit is far above; a
 /// deploy request is no place for a payload).
 pub const MAX_USER_DATA: usize = 64 * 1024;
@@ -365,18 +380,8 @@ impl DeployRequest {
             ));
         }
         for (i, key) in self.ssh_keys.iter().enumerate() {
-            let mut words = key.split_whitespace();
-            let (kind, body) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-            let known =
-                kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
-            let base64 = !body.is_empty()
-                && body
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
-            if !known || !base64 || key.contains('\n') {
-                return Err(format!(
-                    "ssh_keys[{i}]: not an OpenSSH public key line (\"ssh-ed25519 AAAA... comment\")"
-                ));
+            if !valid_ssh_key(key) {
+                return Err(format!("ssh_keys[{i}]: {NOT_AN_SSH_KEY}"));
             }
         }
         if let Some(u) = &self.user_data

@@ -841,9 +841,14 @@ async fn add_ssh_key(
     body: Result<Json<NewSshKey>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<SshKey>)> {
     let Json(k) = body?;
-    let kind = k.key.split_whitespace().next().unwrap_or_default();
-    if !(kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-")) {
-        return Err(ApiError::bad_request("key: not an OpenSSH public key"));
+    if k.name.trim().is_empty() {
+        return Err(ApiError::bad_request("name: give the key a name"));
+    }
+    if !stork_proto::api::valid_ssh_key(&k.key) {
+        return Err(ApiError::bad_request(format!(
+            "key: {}",
+            stork_proto::api::NOT_AN_SSH_KEY
+        )));
     }
     let out = s.controller.add_ssh_key(k.name, k.key).await?;
     Ok((StatusCode::CREATED, Json(out)))
