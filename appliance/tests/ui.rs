@@ -311,6 +311,9 @@ fn the_machine_list_is_paged_sorted_and_filtered_by_the_store() {
         30
     );
     assert_eq!(rows(&ui.get("/ui/machines?status=ready").body), 0);
+    // A filter without an argument (power unknown) between two with one.
+    let a = ui.get("/ui/machines?status=new&power=unknown&q=host-1");
+    assert_eq!(rows(&a.body), 10, "{}", a.body);
     // A LIKE wildcard is a literal.
     assert_eq!(rows(&ui.get("/ui/machines?q=%25").body), 0);
 

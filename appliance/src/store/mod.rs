@@ -344,21 +344,10 @@ impl Store {
         where_sql: &str,
         args: &[&dyn rusqlite::ToSql],
     ) -> Result<Vec<Machine>, StoreError> {
-        Self::query_machines_in_order(key, conn, where_sql, "ORDER BY created_at, id", args)
-    }
-
-    /// Machines matching `where_sql`, in the order (and page: `LIMIT`) of `order_sql`.
-    fn query_machines_in_order(
-        key: &SecretKey,
-        conn: &Connection,
-        where_sql: &str,
-        order_sql: &str,
-        args: &[&dyn rusqlite::ToSql],
-    ) -> Result<Vec<Machine>, StoreError> {
         // The power state columns are written apart from the version-checked save (see
         // `Store::set_power_state`), so they are not in MACHINE_COLUMNS.
         let sql = format!(
-            "SELECT {}, power_state, power_seen_at FROM machines {where_sql} {order_sql}",
+            "SELECT {}, power_state, power_seen_at FROM machines {where_sql} ORDER BY created_at, id",
             Self::MACHINE_COLUMNS
         );
         // Every selected machine's interfaces in one query: one query per machine made
@@ -366,7 +355,7 @@ impl Store {
         let mut macs: HashMap<String, Vec<MacAddr>> = HashMap::new();
         let mut stmt = conn.prepare_cached(&format!(
             "SELECT machine_id, mac FROM interfaces \
-             WHERE machine_id IN (SELECT id FROM machines {where_sql} {order_sql}) ORDER BY rowid"
+             WHERE machine_id IN (SELECT id FROM machines {where_sql}) ORDER BY rowid"
         ))?;
         let mut rows = stmt.query(args)?;
         while let Some(row) = rows.next()? {
@@ -391,13 +380,12 @@ impl Store {
 
     /// One page of the machines `q` selects, in its order, and how many it selects in all.
     pub fn machine_page(&self, q: &MachineQuery) -> Result<(u64, Vec<Machine>), StoreError> {
-        let mut clauses: Vec<&str> = Vec::new();
+        let mut clauses: Vec<String> = Vec::new();
         let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
-        // Each clause names its parameter by number, so the order of `args` is the order the
-        // clauses are added in.
-        let mut arg = |clauses: &mut Vec<&str>, clause: &'static str, value: String| {
-            clauses.push(clause);
+        // A clause's `?N` becomes the number of the argument it adds.
+        let mut arg = |clauses: &mut Vec<String>, clause: &str, value: String| {
             args.push(Box::new(value));
+            clauses.push(clause.replace("?N", &format!("?{}", args.len())));
         };
         if let Some(st) = q.status {
             arg(&mut clauses, "status = ?N", st.as_str().to_string());
@@ -411,7 +399,7 @@ impl Store {
         }
         match q.power {
             Some(PowerState::Unknown) => {
-                clauses.push("(power_state IS NULL OR power_state = 'unknown')")
+                clauses.push("(power_state IS NULL OR power_state = 'unknown')".into())
             }
             Some(p) => arg(&mut clauses, "power_state = ?N", p.as_str().to_string()),
             None => {}
@@ -428,12 +416,7 @@ impl Store {
         let where_sql = if clauses.is_empty() {
             String::new()
         } else {
-            let numbered: Vec<String> = clauses
-                .iter()
-                .enumerate()
-                .map(|(i, c)| c.replace("?N", &format!("?{}", i + 1)))
-                .collect();
-            format!("WHERE {}", numbered.join(" AND "))
+            format!("WHERE {}", clauses.join(" AND "))
         };
         let dir = if q.descending { "DESC" } else { "ASC" };
         let column = match q.sort {
@@ -466,11 +449,10 @@ impl Store {
         let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("?{i}")).collect();
         let id_refs: Vec<&dyn rusqlite::ToSql> =
             ids.iter().map(|i| i as &dyn rusqlite::ToSql).collect();
-        let mut page = Self::query_machines_in_order(
+        let mut page = Self::query_machines(
             &self.key,
             &conn,
             &format!("WHERE id IN ({})", placeholders.join(", ")),
-            "",
             &id_refs,
         )?;
         let rank: HashMap<&str, usize> = ids
