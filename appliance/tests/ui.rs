@@ -335,6 +335,25 @@ fn the_machine_list_is_paged_sorted_and_filtered_by_the_store() {
     let page: Vec<serde_json::Value> = serde_json::from_str(&a.body).unwrap();
     assert_eq!(page.len(), 5);
     assert_eq!(page[0]["hostname"], "host-25");
+    // The same page as summaries: the same machines, without inventory or power parameters.
+    let a = curl(
+        &ui.jar,
+        &[&ui.url("/api/v1/machines?sort=hostname&offset=25&limit=10&view=summary")],
+    );
+    assert_eq!(a.header("x-total-count").as_deref(), Some("30"));
+    let summaries: Vec<serde_json::Value> = serde_json::from_str(&a.body).unwrap();
+    let ids_of = |v: &[serde_json::Value]| -> Vec<String> {
+        v.iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids_of(&summaries), ids_of(&page));
+    assert_eq!(summaries[0]["macs"], page[0]["macs"]);
+    assert_eq!(summaries[0]["power_driver"], page[0]["power"]["driver"]);
+    assert!(summaries[0].get("inventory").is_none() && summaries[0].get("power").is_none());
+    let a = curl(&ui.jar, &[&ui.url("/api/v1/machines?view=tiny")]);
+    assert_eq!(a.status, 400);
+    assert!(a.body.contains("view: "), "{}", a.body);
     let a = curl(&ui.jar, &[&ui.url("/api/v1/machines?sort=size")]);
     assert_eq!(a.status, 400);
     assert!(a.body.contains("sort: "), "{}", a.body);

@@ -188,10 +188,11 @@ type ApiResult<T> = Result<T, ApiError>;
         ("sort" = Option<String>, Query, description = "created (default), hostname, status, id, updated or power."),
         ("order" = Option<String>, Query, description = "asc (default) or desc."),
         ("offset" = Option<u64>, Query, description = "Skip this many (paging)."),
-        ("limit" = Option<u64>, Query, description = "At most this many (default all).")
+        ("limit" = Option<u64>, Query, description = "At most this many (default all)."),
+        ("view" = Option<String>, Query, description = "full (default): every machine whole; summary: `MachineSummary` items, no inventory or power parameters (the cheap one for paging a large fleet).")
     ),
     responses(
-        (status = 200, description = "OK; header `x-total-count` counts every machine the filter selects, whatever the page.", body = [Machine]),
+        (status = 200, description = "OK; header `x-total-count` counts every machine the filter selects, whatever the page. The items are `Machine`s, or `MachineSummary`s with `view=summary`.", body = MachineList),
         (status = 400, response = BadRequest),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden)
@@ -201,14 +202,28 @@ async fn list_machines(
     State(s): State<AppState>,
     _: Reader,
     q: Result<Query<MachineFilter>, QueryRejection>,
-) -> ApiResult<([(&'static str, String); 1], Json<Vec<Machine>>)> {
+) -> ApiResult<([(&'static str, String); 1], Json<MachineList>)> {
     let Query(f) = q?;
     let query = MachineQuery::from_filter(&f).map_err(ApiError::bad_request)?;
-    let (total, page) = s.controller.machine_page(query).await?;
-    Ok((
-        [("x-total-count", total.to_string())],
-        Json(page.iter().map(Machine::listed).collect()),
-    ))
+    let (total, list) = if query.summary {
+        let (total, page) = s.controller.machine_summaries(query).await?;
+        (total, MachineList::Summaries(page))
+    } else {
+        let (total, page) = s.controller.machine_page(query).await?;
+        (
+            total,
+            MachineList::Full(page.iter().map(Machine::listed).collect()),
+        )
+    };
+    Ok(([("x-total-count", total.to_string())], Json(list)))
+}
+
+/// `GET /machines`: whole machines, or summaries with `view=summary`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+enum MachineList {
+    Full(Vec<Machine>),
+    Summaries(Vec<stork_proto::api::MachineSummary>),
 }
 
 const POWER_DRIVERS: &[&str] = &["manual", "ipmi", "redfish", "qmp"];

@@ -60,6 +60,14 @@ impl Controller {
         self.store.call(move |s| s.machine_page(&q)).await
     }
 
+    /// [`Controller::machine_page`] as summaries, from stored columns only.
+    pub async fn machine_summaries(
+        &self,
+        q: MachineQuery,
+    ) -> Result<(u64, Vec<stork_proto::api::MachineSummary>), StoreError> {
+        self.store.call(move |s| s.machine_summaries(&q)).await
+    }
+
     /// The newest agent event of each of `ids`.
     pub async fn latest_agent_events(
         &self,

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use stork_proto::MacAddr;
 use stork_proto::api::{
-    AgentIdentity, AuditRecord, MachineFilter, PowerState, SORT_KEYS, TokenScope, is_secret_param,
+    AgentIdentity, AuditRecord, HardwareSummary, MachineFilter, MachineSummary, PowerState,
+    SORT_KEYS, TokenScope, is_secret_param,
 };
 
 pub use model::*;
@@ -380,88 +381,128 @@ impl Store {
 
     /// One page of the machines `q` selects, in its order, and how many it selects in all.
     pub fn machine_page(&self, q: &MachineQuery) -> Result<(u64, Vec<Machine>), StoreError> {
-        let mut clauses: Vec<String> = Vec::new();
-        let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
-        // A clause's `?N` becomes the number of the argument it adds.
-        let mut arg = |clauses: &mut Vec<String>, clause: &str, value: String| {
-            args.push(Box::new(value));
-            clauses.push(clause.replace("?N", &format!("?{}", args.len())));
-        };
-        if let Some(st) = q.status {
-            arg(&mut clauses, "status = ?N", st.as_str().to_string());
-        }
-        if let Some(tag) = &q.tag {
-            arg(
-                &mut clauses,
-                "EXISTS (SELECT 1 FROM json_each(machines.tags) WHERE value = ?N)",
-                tag.clone(),
-            );
-        }
-        match q.power {
-            Some(PowerState::Unknown) => {
-                clauses.push("(power_state IS NULL OR power_state = 'unknown')".into())
-            }
-            Some(p) => arg(&mut clauses, "power_state = ?N", p.as_str().to_string()),
-            None => {}
-        }
-        if let Some(text) = &q.text {
-            let like = format!("%{}%", like_escape(&text.to_lowercase()));
-            arg(
-                &mut clauses,
-                "(hostname LIKE ?N ESCAPE '\\' OR id LIKE ?N ESCAPE '\\' OR id IN \
-                 (SELECT machine_id FROM interfaces WHERE mac LIKE ?N ESCAPE '\\'))",
-                like,
-            );
-        }
-        let where_sql = if clauses.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", clauses.join(" AND "))
-        };
-        let dir = if q.descending { "DESC" } else { "ASC" };
-        let column = match q.sort {
-            SortKey::Created => "created_at",
-            SortKey::Hostname => "hostname COLLATE NOCASE",
-            SortKey::Status => "status",
-            SortKey::Id => "id",
-            SortKey::Updated => "updated_at",
-            SortKey::Power => "power_state",
-        };
-        let limit = q.limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
-        let offset = i64::try_from(q.offset).unwrap_or(i64::MAX);
-        let order_sql = format!("ORDER BY {column} {dir}, id {dir} LIMIT {limit} OFFSET {offset}");
+        let (where_sql, args, order_sql) = q.sql();
         let refs: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a.as_ref()).collect();
         let conn = self.lock();
-        let total: i64 = conn.query_row(
-            &format!("SELECT COUNT(*) FROM machines {where_sql}"),
-            refs.as_slice(),
-            |r| r.get(0),
-        )?;
+        let total = Self::count_machines(&conn, &where_sql, &refs)?;
         // The page's ids first, then their rows: sorting whole rows (inventories of a few
         // KiB each) made a deep page of 10,000 machines ten times slower.
         let ids: Vec<String> = conn
-            .prepare(&format!("SELECT id FROM machines {where_sql} {order_sql}"))?
+            .prepare_cached(&format!("SELECT id FROM machines {where_sql} {order_sql}"))?
             .query_map(refs.as_slice(), |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         if ids.is_empty() {
-            return Ok((u64::try_from(total).unwrap_or(0), Vec::new()));
+            return Ok((total, Vec::new()));
         }
-        let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("?{i}")).collect();
-        let id_refs: Vec<&dyn rusqlite::ToSql> =
-            ids.iter().map(|i| i as &dyn rusqlite::ToSql).collect();
-        let mut page = Self::query_machines(
-            &self.key,
-            &conn,
-            &format!("WHERE id IN ({})", placeholders.join(", ")),
-            &id_refs,
-        )?;
+        let (in_sql, id_refs) = ids_in(&ids);
+        let mut page = Self::query_machines(&self.key, &conn, &in_sql, &id_refs)?;
         let rank: HashMap<&str, usize> = ids
             .iter()
             .enumerate()
             .map(|(n, id)| (id.as_str(), n))
             .collect();
         page.sort_by_key(|m| rank.get(m.id.as_str()).copied().unwrap_or(usize::MAX));
-        Ok((u64::try_from(total).unwrap_or(0), page))
+        Ok((total, page))
+    }
+
+    /// [`Store::machine_page`] as summaries: stored columns only (the hardware ones kept by
+    /// triggers from the inventory, migration V8), never an inventory parsed or a power
+    /// secret opened, so a page costs the same whatever the number of machines.
+    pub fn machine_summaries(
+        &self,
+        q: &MachineQuery,
+    ) -> Result<(u64, Vec<MachineSummary>), StoreError> {
+        let (where_sql, args, order_sql) = q.sql();
+        let refs: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a.as_ref()).collect();
+        let conn = self.lock();
+        let total = Self::count_machines(&conn, &where_sql, &refs)?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT id, hostname, status, status_message, status_since, boot_mac, arch, \
+                json_extract(power, '$.driver'), power_state, power_seen_at, hw_cpus, \
+                hw_memory_bytes, hw_disks, hw_disk_bytes, owner, tags, heartbeat_step, \
+                created_at, updated_at \
+             FROM machines {where_sql} {order_sql}"
+        ))?;
+        let mut rows = stmt.query(refs.as_slice())?;
+        let mut page = Vec::new();
+        while let Some(row) = rows.next()? {
+            let status: String = row.get(2)?;
+            let tags: String = row.get(15)?;
+            let count = |i: usize| -> rusqlite::Result<Option<u64>> {
+                Ok(row
+                    .get::<_, Option<i64>>(i)?
+                    .map(|n| u64::try_from(n).unwrap_or(0)))
+            };
+            let hardware = match (count(10)?, count(11)?, count(12)?, count(13)?) {
+                (Some(cpus), Some(memory_bytes), Some(disks), Some(disk_bytes)) => {
+                    Some(HardwareSummary {
+                        cpus: u32::try_from(cpus).unwrap_or(u32::MAX),
+                        memory_bytes,
+                        disks: u32::try_from(disks).unwrap_or(u32::MAX),
+                        disk_bytes,
+                    })
+                }
+                _ => None,
+            };
+            page.push(MachineSummary {
+                id: row.get(0)?,
+                hostname: row.get(1)?,
+                status: Status::parse(&status).unwrap_or(Status::Broken),
+                status_message: row.get(3)?,
+                status_since: row.get(4)?,
+                boot_mac: row
+                    .get::<_, Option<String>>(5)?
+                    .and_then(|m| m.parse().ok()),
+                macs: Vec::new(),
+                arch: row.get(6)?,
+                power_driver: row.get::<_, Option<String>>(7)?.unwrap_or_default(),
+                power_state: row
+                    .get::<_, Option<String>>(8)?
+                    .and_then(|p| PowerState::parse(&p)),
+                power_seen_at: row.get(9)?,
+                hardware,
+                owner: row.get(14)?,
+                tags: from_json("tags", &tags)?,
+                heartbeat_step: row.get(16)?,
+                created_at: row.get(17)?,
+                updated_at: row.get(18)?,
+            });
+        }
+        drop(rows);
+        drop(stmt);
+        if page.is_empty() {
+            return Ok((total, page));
+        }
+        let ids: Vec<String> = page.iter().map(|m| m.id.clone()).collect();
+        let (in_sql, id_refs) = ids_in(&ids);
+        let mut macs: HashMap<String, Vec<MacAddr>> = HashMap::new();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT machine_id, mac FROM interfaces WHERE machine_id IN \
+             (SELECT id FROM machines {in_sql}) ORDER BY rowid"
+        ))?;
+        let mut rows = stmt.query(id_refs.as_slice())?;
+        while let Some(row) = rows.next()? {
+            if let Ok(mac) = row.get::<_, String>(1)?.parse() {
+                macs.entry(row.get(0)?).or_default().push(mac);
+            }
+        }
+        for m in &mut page {
+            let mut list = macs.remove(&m.id).unwrap_or_default();
+            list.sort_by_key(|mac| Some(*mac) != m.boot_mac);
+            m.macs = list;
+        }
+        Ok((total, page))
+    }
+
+    fn count_machines(
+        conn: &Connection,
+        where_sql: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<u64, StoreError> {
+        let total: i64 = conn
+            .prepare_cached(&format!("SELECT COUNT(*) FROM machines {where_sql}"))?
+            .query_row(args, |r| r.get(0))?;
+        Ok(u64::try_from(total).unwrap_or(0))
     }
 
     /// Records the power state seen for machine `id` at `at` (ms). Not a change of the
@@ -1057,9 +1098,78 @@ pub struct MachineQuery {
     pub descending: bool,
     pub offset: u64,
     pub limit: Option<u64>,
+    /// Summaries ([`Store::machine_summaries`]) rather than whole machines.
+    pub summary: bool,
+}
+
+/// `WHERE id IN (?1, ...)` for `ids`, and its arguments.
+fn ids_in(ids: &[String]) -> (String, Vec<&dyn rusqlite::ToSql>) {
+    let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("?{i}")).collect();
+    (
+        format!("WHERE id IN ({})", placeholders.join(", ")),
+        ids.iter().map(|i| i as &dyn rusqlite::ToSql).collect(),
+    )
 }
 
 impl MachineQuery {
+    /// The query's `WHERE` clause, its arguments, and its `ORDER BY ... LIMIT ... OFFSET`.
+    #[allow(clippy::type_complexity)]
+    fn sql(&self) -> (String, Vec<Box<dyn rusqlite::ToSql>>, String) {
+        let mut clauses: Vec<String> = Vec::new();
+        let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        // A clause's `?N` becomes the number of the argument it adds.
+        let mut arg = |clauses: &mut Vec<String>, clause: &str, value: String| {
+            args.push(Box::new(value));
+            clauses.push(clause.replace("?N", &format!("?{}", args.len())));
+        };
+        if let Some(st) = self.status {
+            arg(&mut clauses, "status = ?N", st.as_str().to_string());
+        }
+        if let Some(tag) = &self.tag {
+            arg(
+                &mut clauses,
+                "EXISTS (SELECT 1 FROM json_each(machines.tags) WHERE value = ?N)",
+                tag.clone(),
+            );
+        }
+        match self.power {
+            Some(PowerState::Unknown) => {
+                clauses.push("(power_state IS NULL OR power_state = 'unknown')".into())
+            }
+            Some(p) => arg(&mut clauses, "power_state = ?N", p.as_str().to_string()),
+            None => {}
+        }
+        if let Some(text) = &self.text {
+            let like = format!("%{}%", like_escape(&text.to_lowercase()));
+            arg(
+                &mut clauses,
+                "(hostname LIKE ?N ESCAPE '\\' OR id LIKE ?N ESCAPE '\\' OR id IN \
+                 (SELECT machine_id FROM interfaces WHERE mac LIKE ?N ESCAPE '\\'))",
+                like,
+            );
+        }
+        let where_sql = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", clauses.join(" AND "))
+        };
+        let dir = if self.descending { "DESC" } else { "ASC" };
+        let column = match self.sort {
+            SortKey::Created => "created_at",
+            SortKey::Hostname => "hostname COLLATE NOCASE",
+            SortKey::Status => "status",
+            SortKey::Id => "id",
+            SortKey::Updated => "updated_at",
+            SortKey::Power => "power_state",
+        };
+        let limit = self
+            .limit
+            .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        let offset = i64::try_from(self.offset).unwrap_or(i64::MAX);
+        let order_sql = format!("ORDER BY {column} {dir}, id {dir} LIMIT {limit} OFFSET {offset}");
+        (where_sql, args, order_sql)
+    }
+
     /// Checks a filter as the API and the UI receive it; the error names the field.
     pub fn from_filter(f: &MachineFilter) -> Result<Self, String> {
         fn some(v: &Option<String>) -> Option<&str> {
@@ -1105,6 +1215,11 @@ impl MachineQuery {
             descending,
             offset: f.offset.unwrap_or(0),
             limit: f.limit,
+            summary: match some(&f.view) {
+                None | Some("full") => false,
+                Some("summary") => true,
+                Some(other) => return Err(format!("view: {other:?} is not full or summary")),
+            },
         })
     }
 }
@@ -1155,6 +1270,70 @@ mod tests {
         let s = Store::open(&dir.path().join("db")).unwrap();
         assert_eq!(s.get_machine("a1").unwrap().status, Status::Commissioning);
         assert_eq!(s.list_machines().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn summaries_carry_the_inventory_hardware_kept_by_the_triggers() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        let inv = |cpus: u32, disks: &[u64]| -> stork_proto::Inventory {
+            let disks: Vec<serde_json::Value> = disks
+                .iter()
+                .enumerate()
+                .map(|(n, size)| {
+                    serde_json::json!({"name": format!("sd{n}"), "size_bytes": size, "partitions": []})
+                })
+                .collect();
+            let mut i = stork_proto::Inventory::default();
+            i.memory.total_bytes = 8 << 30;
+            i.disks = disks
+                .into_iter()
+                .map(|d| serde_json::from_value(d).unwrap())
+                .collect();
+            i.cpu.count = cpus;
+            i
+        };
+        let mut a = machine("a1", "52:54:00:00:00:01");
+        a.inventory = Some(inv(4, &[1 << 30, 3 << 30]));
+        a.macs.push("52:54:00:00:00:11".parse().unwrap());
+        let a = s.create_machine(&a, &ev("created")).unwrap();
+        s.create_machine(&machine("b2", "52:54:00:00:00:02"), &ev("created"))
+            .unwrap();
+        let q = MachineQuery {
+            summary: true,
+            ..MachineQuery::default()
+        };
+        let (total, page) = s.machine_summaries(&q).unwrap();
+        assert_eq!(total, 2);
+        assert_eq!(page[0].id, "a1");
+        assert_eq!(
+            page[0].hardware,
+            a.inventory.as_ref().map(HardwareSummary::of)
+        );
+        assert_eq!(page[0].hardware.map(|h| h.disk_bytes), Some(4 << 30));
+        assert_eq!(page[0].macs, a.macs);
+        assert_eq!(page[0].power_driver, "manual");
+        assert_eq!(page[1].hardware, None, "no inventory yet");
+        // A new inventory (commissioning again) moves the summary with it.
+        let mut a2 = a.clone();
+        a2.inventory = Some(inv(16, &[]));
+        s.save_machine(&a2, &[]).unwrap();
+        let (_, page) = s.machine_summaries(&q).unwrap();
+        assert_eq!(
+            page[0].hardware,
+            a2.inventory.as_ref().map(HardwareSummary::of)
+        );
+        assert_eq!(page[0].hardware.map(|h| (h.cpus, h.disks)), Some((16, 0)));
+        // Whole machines and summaries page the same way.
+        let q = MachineQuery {
+            descending: true,
+            limit: Some(1),
+            ..q
+        };
+        let (_, whole) = s.machine_page(&q).unwrap();
+        let (_, summary) = s.machine_summaries(&q).unwrap();
+        assert_eq!(whole[0].id, "b2");
+        assert_eq!(summary[0].id, "b2");
     }
 
     #[test]

@@ -457,7 +457,7 @@ async fn serve(ctx: Arc<Ctx>, peer: SocketAddr, req: ReadRequest) {
     );
     let mut reader = Reader::new(body, size, neg.block_size, neg.window);
     let mut counts = Counts::default();
-    let result = drive(
+    let mut result = drive(
         &sock,
         &mut t,
         &mut reader,
@@ -466,6 +466,9 @@ async fn serve(ctx: Arc<Ctx>, peer: SocketAddr, req: ReadRequest) {
         &mut counts,
     )
     .await;
+    if matches!(result, Err(TransferError::ClientGone)) && sock.settle(&mut t) {
+        result = Ok(());
+    }
     let secs = started.elapsed().as_secs_f64();
     let retransmits = counts.retransmits;
     let file = &req.path;
@@ -550,6 +553,32 @@ impl TransferSocket {
                 return r;
             }
         }
+    }
+
+    /// After the client's port was found closed: whether the ACKs it sent before closing,
+    /// still queued, complete the transfer. Linux reports a pending ICMP error on the next
+    /// receive or send *ahead of* datagrams already queued, so a retransmission that raced
+    /// the client's final ACK (it closes as soon as it has sent that ACK) would otherwise
+    /// fail a transfer the client finished. Reads only what is queued; never waits.
+    fn settle(&self, t: &mut Transfer) -> bool {
+        let mut buf = [0u8; 1024];
+        // Each queued ICMP error is reported once and then cleared; a few in a row are
+        // expected (one per datagram sent to the closed port), so they do not end the drain.
+        for _ in 0..256 {
+            if t.state() != State::Running {
+                break;
+            }
+            match self.io.get_ref().recv(&mut buf) {
+                Ok(n) => {
+                    if let Ok(repr) = Repr::parse_bytes(buf.get(..n).unwrap_or_default()) {
+                        t.on_packet(&repr, Instant::now());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(_) => break,
+            }
+        }
+        t.state() == State::Done
     }
 
     async fn send(&self, buf: &[u8]) -> io::Result<usize> {

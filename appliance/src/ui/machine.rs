@@ -4,7 +4,7 @@
 use axum::extract::{Path, Query, State};
 use maud::{Markup, html};
 use serde::Deserialize;
-use stork_proto::api::{EventRecord, Machine, PowerState, Status, TokenScope};
+use stork_proto::api::{EventRecord, HardwareSummary, Machine, PowerState, Status, TokenScope};
 
 use super::machines::{hardware, is_busy, is_failed};
 use super::timeline::{Phase, phases};
@@ -319,7 +319,7 @@ fn inventory_card(m: &Machine) -> Markup {
     };
     html! {
         section #inventory .card aria-labelledby="inventory-h" {
-            h2 #inventory-h { "Inventory " small { (hardware(m)) } }
+            h2 #inventory-h { "Inventory " small { (hardware(m.inventory.as_ref().map(HardwareSummary::of).as_ref())) } }
             dl {
                 dt { "CPU" } dd { (inv.cpu.count) " × " (inv.cpu.model)
                     @if let (Some(s), Some(c)) = (inv.cpu.sockets, inv.cpu.cores) { " (" (s) " sockets, " (c) " cores)" } }

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use axum::extract::{Query, State};
 use maud::{Markup, html};
 use serde::Deserialize;
-use stork_proto::api::{EventRecord, Machine, MachineFilter, PowerState, Status, TokenScope};
+use stork_proto::api::{
+    EventRecord, HardwareSummary, MachineFilter, MachineSummary, PowerState, Status, TokenScope,
+};
 
 use super::{Session, UiResult, bytes, duration, layout, maud_html};
 use crate::http::AppState;
@@ -59,6 +61,7 @@ impl ListQuery {
             order: self.order.clone(),
             offset: Some((self.page() - 1).saturating_mul(self.per_page())),
             limit: Some(self.per_page()),
+            view: Some("summary".into()),
         }
     }
 
@@ -108,7 +111,7 @@ pub async fn page(
     let after = s.controller.last_event_id().await?;
     let (list, error) = match MachineQuery::from_filter(&q.filter()) {
         Ok(query) => {
-            let (total, machines) = s.controller.machine_page(query).await?;
+            let (total, machines) = s.controller.machine_summaries(query).await?;
             let busy: Vec<String> = machines
                 .iter()
                 .filter(|m| is_busy(m.status))
@@ -212,7 +215,7 @@ fn sort_link(q: &ListQuery, key: &str, label: &str) -> Markup {
 fn list(
     q: &ListQuery,
     total: u64,
-    machines: &[Machine],
+    machines: &[MachineSummary],
     steps: &HashMap<String, EventRecord>,
     session: &Session,
 ) -> Markup {
@@ -258,21 +261,16 @@ fn list(
 }
 
 /// A hardware summary: `2 CPU · 1.0 GiB · 2 disks 40.0 GiB`.
-pub fn hardware(m: &Machine) -> String {
-    let Some(inv) = &m.inventory else {
+pub fn hardware(h: Option<&HardwareSummary>) -> String {
+    let Some(h) = h else {
         return String::new();
     };
-    let disk_bytes: u64 = inv.disks.iter().map(|d| d.size_bytes).sum();
-    let disks = match inv.disks.len() {
+    let disks = match h.disks {
         0 => "no disk".to_string(),
-        1 => format!("1 disk {}", bytes(disk_bytes)),
-        n => format!("{n} disks {}", bytes(disk_bytes)),
+        1 => format!("1 disk {}", bytes(h.disk_bytes)),
+        n => format!("{n} disks {}", bytes(h.disk_bytes)),
     };
-    format!(
-        "{} CPU · {} · {disks}",
-        inv.cpu.count,
-        bytes(inv.memory.total_bytes)
-    )
+    format!("{} CPU · {} · {disks}", h.cpus, bytes(h.memory_bytes))
 }
 
 /// The percentage in an agent progress line (`image Progress (45%): ...`).
@@ -282,7 +280,7 @@ pub fn progress_of(message: &str) -> Option<u32> {
     pct.trim().parse().ok()
 }
 
-fn row(m: &Machine, step: Option<&EventRecord>, now: i64, session: &Session) -> Markup {
+fn row(m: &MachineSummary, step: Option<&EventRecord>, now: i64, session: &Session) -> Markup {
     let name = m.hostname.clone().unwrap_or_else(|| m.id.clone());
     let power = m.power_state.unwrap_or(PowerState::Unknown);
     html! {
@@ -301,13 +299,13 @@ fn row(m: &Machine, step: Option<&EventRecord>, now: i64, session: &Session) -> 
             }
             td .power {
                 span class={ "power power-" (power.as_str()) } { (power.as_str()) }
-                small { " " (m.power.driver) }
+                small { " " (m.power_driver) }
             }
             td .macs {
                 @if let Some(first) = m.macs.first() { code { (first) } }
                 @if m.macs.len() > 1 { small { " +" (m.macs.len() - 1) } }
             }
-            td .hw { (hardware(m)) }
+            td .hw { (hardware(m.hardware.as_ref())) }
             td .step {
                 @if is_busy(m.status) {
                     span .elapsed { (duration(now - m.status_since)) }
