@@ -30,7 +30,8 @@ pub async fn ipxe_script(
         Ok(mac) => mac,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("#!ipxe\necho {e}\n")).into_response(),
     };
-    match script_for(&state, ephemeral.current(), mac, peer.ip()).await {
+    let root = ephemeral.settled(EPHEMERAL_WAIT).await;
+    match script_for(&state, root, mac, peer.ip()).await {
         // A script may carry this boot's agent token: no cache keeps it.
         Ok(script) => (
             [
@@ -141,6 +142,10 @@ pub fn agent_script(
     )
 }
 
+/// How long a boot script waits for the ephemeral root's hash under way: hashing a few
+/// hundred MiB takes about a second; past this the machine boots without the root.
+const EPHEMERAL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The ephemeral root as the kernel line names it: its file under `/boot/` and its sha256.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EphemeralRoot {
@@ -148,14 +153,18 @@ pub struct EphemeralRoot {
     pub sha256: String,
 }
 
-/// The ephemeral root's sha256, kept current off the request path: hashed at startup and,
-/// when the file's identity (size, mtime, inode) changes, again on a blocking thread. A
-/// request only stats the file; until the new sum is known it gets no ephemeral keys (the
-/// agent then works from its initrd), so a machine never gets a sum that does not match.
+/// The ephemeral root's sha256, kept current off the request path and off start-up: hashed
+/// on a thread of its own at start and, when the file's identity (size, mtime, inode)
+/// changes, again on a blocking thread. A request only stats the file; while a hash is under
+/// way it waits for it (bounded, [`Ephemeral::settled`]), and past the bound it gets no
+/// ephemeral keys (the agent then works from its initrd), so a machine never gets a sum that
+/// does not match.
 pub struct Ephemeral {
     file: String,
     path: PathBuf,
     known: Mutex<Known>,
+    /// Woken when a hash ends, whatever its outcome.
+    hashed: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -210,17 +219,46 @@ fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
 }
 
 impl Ephemeral {
-    /// Hashes `boot_dir/file` now (startup, before the listener serves); warns once when it
-    /// is absent.
+    /// Starts hashing `boot_dir/file` on a thread of its own (a large root took the
+    /// listener's start-up a second or more); warns once when it is absent.
     pub fn start(boot_dir: &std::path::Path, file: &str) -> Arc<Self> {
         let e = Arc::new(Self {
             file: file.to_string(),
             path: boot_dir.join(file),
             known: Mutex::new(Known::default()),
+            hashed: tokio::sync::Notify::new(),
         });
         e.lock().refreshing = true;
-        e.refresh();
+        let this = Arc::clone(&e);
+        if let Err(err) = std::thread::Builder::new()
+            .name("ephemeral-hash".into())
+            .spawn(move || this.refresh())
+        {
+            tracing::warn!(error = %err, "cannot start hashing the ephemeral root; hashing it here");
+            e.refresh();
+        }
         e
+    }
+
+    /// [`Ephemeral::current`], waiting up to `limit` for a hash under way (at start-up, or
+    /// after the file was replaced) rather than booting a machine without its root.
+    pub async fn settled(self: &Arc<Self>, limit: std::time::Duration) -> Option<EphemeralRoot> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            // Registered before the check, so a hash that ends in between is not missed.
+            let hashed = self.hashed.notified();
+            tokio::pin!(hashed);
+            hashed.as_mut().enable();
+            if let Some(r) = self.current() {
+                return Some(r);
+            }
+            if !self.lock().refreshing {
+                return None;
+            }
+            if tokio::time::timeout_at(deadline, hashed).await.is_err() {
+                return None;
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
@@ -263,6 +301,11 @@ impl Ephemeral {
 
     /// Hashes the file and keeps the sum if the file did not change meanwhile. Blocking.
     fn refresh(&self) {
+        self.hash_once();
+        self.hashed.notify_waiters();
+    }
+
+    fn hash_once(&self) {
         let started = Instant::now();
         let result = stamp(&self.path).and_then(|before| {
             let sum = sha256_file(&self.path)?;
@@ -399,8 +442,14 @@ mod tests {
         let path = dir.path().join("ephemeral.squashfs");
         std::fs::write(&path, b"hsqs first").unwrap();
         let e = Ephemeral::start(dir.path(), "ephemeral.squashfs");
-        // Known from the start: the first request needs no hashing.
-        let first = e.current().unwrap();
+        // Hashed on a thread from the start: a request waits for that hash, not its own.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let first = rt
+            .block_on(e.settled(std::time::Duration::from_secs(10)))
+            .unwrap();
         assert_eq!(first.file, "ephemeral.squashfs");
         assert_eq!(first.sha256, hex::encode(Sha256::digest(b"hsqs first")));
         assert_eq!(e.current(), Some(first.clone()));
@@ -424,6 +473,15 @@ mod tests {
     fn no_ephemeral_file_means_no_keys() {
         let dir = tempfile::tempdir().unwrap();
         let e = Ephemeral::start(dir.path(), "ephemeral.squashfs");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // The start's hash finds nothing: a request waiting for it gets no keys.
+        assert_eq!(
+            rt.block_on(e.settled(std::time::Duration::from_secs(10))),
+            None
+        );
         assert_eq!(e.current(), None);
         // A directory by that name is not a root image either.
         std::fs::create_dir(dir.path().join("ephemeral.squashfs")).unwrap();
