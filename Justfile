@@ -56,3 +56,8 @@ bench-deploy:
 # time to first paint, and a status change until it is on screen.
 bench-ui:
     cargo xtask bench ui
+
+# Boot files over plain HTTP: a 512 MiB file from Stork and from nginx, one connection and
+# 32 at once, in namespaces (needs root).
+bench-http:
+    cargo xtask bench http

@@ -320,19 +320,21 @@ fn http_service(
             .with_context(|| format!("cannot listen for {name} on {listen}"))
     })?;
     let (limits, stats) = (cfg.http_limits.clone(), state.http_stats.clone());
+    let boot_root = http::boot_root(cfg);
     service(
         name,
         Box::new(move || {
-            let (listener, app, limits, stats, channel) = (
+            let (listener, app, limits, stats, channel, boot_root) = (
                 listener.clone(),
                 app.clone(),
                 limits.clone(),
                 stats.clone(),
                 channel.clone(),
+                boot_root.clone(),
             );
             Box::pin(async move {
                 let listener = listener.take()?;
-                http::listener::serve(listener, app, limits, stats, channel)
+                http::listener::serve(listener, app, limits, stats, channel, Some(boot_root))
                     .await
                     .with_context(|| format!("{name} service"))
             })

@@ -89,6 +89,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "a real browser for the web UI test and `cargo xtask bench ui`",
     ),
     ("chromium-driver", "WebDriver for chromium"),
+    (
+        "nginx-light",
+        "peer HTTP server for `cargo xtask bench http` (run by the bench, never as a service)",
+    ),
 ];
 
 /// Every program the lab, the image builder and the tests run, and the package that brings it.
@@ -132,6 +136,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("perfdhcp", "kea-admin"),
     ("chromium", "chromium"),
     ("chromedriver", "chromium-driver"),
+    ("nginx", "nginx-light"),
 ];
 
 /// Firmware and boot files the lab reads by path.
@@ -278,6 +283,7 @@ pub fn ensure() -> Result<()> {
             bail!("apt-get install of the lab's packages failed (see apt's output above)");
         }
     }
+    stop_services(&before.packages);
     let after = check(&path, Path::new("/"), installed);
     if !after.is_empty() {
         bail!(
@@ -289,6 +295,28 @@ pub fn ensure() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Packages whose install starts a system service that only a bench runs, in a namespace
+/// of its own: the unit is stopped and disabled, so nothing of ours listens on the host.
+const NO_SERVICE: &[(&str, &str)] = &[("nginx-light", "nginx")];
+
+/// Stops and disables the services of [`NO_SERVICE`] among `installed` (on a host without
+/// systemd, such as a container, apt's policy-rc.d never started them).
+fn stop_services(installed: &[&str]) {
+    if !Path::new("/run/systemd/system").exists() {
+        return;
+    }
+    for (pkg, unit) in NO_SERVICE {
+        if installed.contains(pkg) {
+            let stopped = Command::new("systemctl")
+                .args(["disable", "--now", unit])
+                .status();
+            if !stopped.is_ok_and(|s| s.success()) {
+                eprintln!("warning: cannot stop and disable {unit}.service (from {pkg})");
+            }
+        }
+    }
 }
 
 /// One apt transaction; whether it succeeded.

@@ -4,18 +4,31 @@
 //! one host (slowloris) cannot hold the listener. The request body's deadline is a layer of
 //! the router (`router`). The same loop serves HTTPS: the TLS handshake then runs under
 //! the header deadline.
+//!
+//! On plain HTTP, boot files skip hyper: the loop reads each request head itself and
+//! answers a plain `GET`/`HEAD` of a `/boot/` path with `sendfile(2)` (`bootfile` says which
+//! and why), under the same slots and header deadline, with an idle deadline on sending.
+//! The first request that is anything else takes the connection, and the bytes read of it,
+//! to hyper for good: every other route behaves as before.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
 
+use super::bootfile::{self, Peek};
 use super::config::HttpLimits;
 
 counters! {
@@ -97,15 +110,22 @@ pub struct PlainBesideTls {
     pub api_url: Arc<str>,
 }
 
-/// Serves `app` on `listener` until the task is cancelled or accepting fails.
+/// Serves `app` on `listener` until the task is cancelled or accepting fails. On a plain
+/// channel, `/boot/` requests are answered from `boot_root` with `sendfile` (the router's
+/// `/boot/` serves the same root: [`super::boot_root`]).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: HttpLimits,
     stats: Arc<HttpStats>,
     channel: Channel,
+    boot_root: Option<Arc<PathBuf>>,
 ) -> std::io::Result<()> {
     let open = Arc::new(Mutex::new(Open::default()));
+    let boot = match channel {
+        Channel::Tls(_) => None,
+        Channel::Plain | Channel::PlainBesideTls(_) => boot_root,
+    };
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -132,8 +152,9 @@ pub async fn serve(
             }
         };
         stats.connections.fetch_add(1, Ordering::Relaxed);
-        let (app, channel) = (app.clone(), channel.clone());
+        let (app, channel, boot) = (app.clone(), channel.clone(), boot.clone());
         let header_timeout = limits.header_timeout;
+        let limits = limits.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let plain = match &channel {
@@ -174,8 +195,15 @@ pub async fn serve(
                     }
                 }
                 Channel::Plain | Channel::PlainBesideTls(_) => {
+                    let io = match &boot {
+                        Some(root) => match boot_files(stream, peer, root, &limits).await {
+                            Some(io) => io,
+                            None => return,
+                        },
+                        None => Rewind::new(Vec::new(), stream),
+                    };
                     builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .serve_connection_with_upgrades(TokioIo::new(io), service)
                         .await
                 }
             };
@@ -183,6 +211,251 @@ pub async fn serve(
                 tracing::debug!(%peer, error = %e, "HTTP connection ended");
             }
         });
+    }
+}
+
+/// Serves the `/boot/` requests of a plain connection with `sendfile` until one is not
+/// ours: the connection is then hyper's, with what was read of that request (`Some`).
+/// `None`: the connection is done (closed by the client, a deadline, an error, a refusal).
+async fn boot_files(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    root: &Path,
+    limits: &HttpLimits,
+) -> Option<Rewind> {
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    loop {
+        // From the first wait for each request, as hyper's: an idle keep-alive connection
+        // holds its slot no longer than a slow request would.
+        let deadline = tokio::time::Instant::now() + limits.header_timeout;
+        let req = loop {
+            match bootfile::peek(&buf) {
+                Peek::Handoff => return Some(Rewind::new(buf, stream)),
+                Peek::Ours(req, n) => {
+                    buf.drain(..n);
+                    break req;
+                }
+                Peek::Bad(bad) => {
+                    tracing::debug!(%peer, error = %bad, "bad boot file request");
+                    let head = bootfile::refusal_head(bad, SystemTime::now());
+                    let _ = tokio::time::timeout(limits.header_timeout, async {
+                        stream.write_all(&head).await?;
+                        stream.shutdown().await
+                    })
+                    .await;
+                    return None;
+                }
+                Peek::NeedMore => {}
+            }
+            buf.reserve(4096);
+            match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+                Ok(Ok(0)) => return None,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "HTTP request head timed out");
+                    return None;
+                }
+            }
+        };
+        match respond(&mut stream, peer, root, &req, limits.body_timeout).await {
+            Ok(()) if req.keep_alive => {}
+            Ok(()) => {
+                let _ = stream.shutdown().await;
+                return None;
+            }
+            Err(e) => {
+                tracing::debug!(%peer, path = %req.path, error = %e, "boot file not sent");
+                return None;
+            }
+        }
+    }
+}
+
+/// Why a boot file's answer was cut short (the connection is then closed).
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("the client took nothing for {0:?}")]
+    Stalled(Duration),
+    #[error("the file ended {0} bytes early")]
+    Truncated(u64),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Answers one boot file request. `idle`: how long the client may take no byte before the
+/// connection is closed. The request body's deadline serves: a client that stops reading
+/// holds its slot no longer than one that stops sending, and a slow link still gets a
+/// large file as long as it keeps taking bytes.
+async fn respond(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    root: &Path,
+    req: &bootfile::Request,
+    idle: Duration,
+) -> Result<(), SendError> {
+    let started = Instant::now();
+    let (root_path, path) = (root.to_path_buf(), req.path.clone());
+    // Path resolution and open touch the disk: off the runtime's threads.
+    let opened = tokio::task::spawn_blocking(move || open_boot_file(&root_path, &path))
+        .await
+        .ok()
+        .flatten();
+    let meta = opened.as_ref().map(|(_, m)| *m);
+    let answer = bootfile::answer(req, meta.as_ref());
+    let head = bootfile::response_head(answer, meta.as_ref(), req.keep_alive, SystemTime::now());
+    tokio::time::timeout(idle, stream.write_all(&head))
+        .await
+        .map_err(|_| SendError::Stalled(idle))??;
+    let mut sent = 0;
+    if let (Some((file, meta)), Some(_)) = (&opened, meta)
+        && let Some((offset, count)) = answer.body(req.method, meta)
+    {
+        send_file(stream, file, offset, count, idle).await?;
+        sent = count;
+    }
+    tracing::debug!(
+        %peer,
+        method = ?req.method,
+        path = %req.path,
+        status = answer.status(),
+        bytes = sent,
+        ms = started.elapsed().as_millis() as u64,
+        "boot file"
+    );
+    Ok(())
+}
+
+/// The regular file `encoded` names under `root`, open, and its size and time; `None`
+/// for anything [`bootfile::lookup`] refuses, a directory, or what cannot be opened.
+fn open_boot_file(root: &Path, encoded: &str) -> Option<(std::fs::File, bootfile::FileMeta)> {
+    let bootfile::Lookup::Inside(path) = bootfile::lookup(root, encoded) else {
+        return None;
+    };
+    // As ServeDir: a trailing slash names a directory, and directories are not listed.
+    if encoded.ends_with('/') {
+        return None;
+    }
+    let file = std::fs::File::open(path).ok()?;
+    let m = file.metadata().ok()?;
+    m.is_file().then(|| {
+        let meta = bootfile::FileMeta {
+            len: m.len(),
+            modified: m.modified().ok(),
+        };
+        (file, meta)
+    })
+}
+
+/// `count` bytes of `file` from `offset` to the socket with `sendfile(2)`: the socket is
+/// non-blocking, so each call moves what fits in its buffer and tokio says when more fits.
+async fn send_file(
+    stream: &TcpStream,
+    file: &std::fs::File,
+    offset: u64,
+    count: u64,
+    idle: Duration,
+) -> Result<(), SendError> {
+    let mut off = libc::off_t::try_from(offset)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut left = count;
+    let (sock, fd) = (stream.as_raw_fd(), file.as_raw_fd());
+    while left > 0 {
+        // The kernel moves at most about 2 GiB a call.
+        let chunk = left.min(1 << 30) as usize;
+        tokio::time::timeout(idle, stream.writable())
+            .await
+            .map_err(|_| SendError::Stalled(idle))??;
+        let moved = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            // SAFETY: both descriptors are open for the call (borrowed from live owners),
+            // and `off` is a valid off_t the kernel advances.
+            let n = unsafe { libc::sendfile(sock, fd, &mut off, chunk) };
+            usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+        });
+        match moved {
+            Ok(0) => return Err(SendError::Truncated(left)),
+            Ok(n) => left = left.saturating_sub(n as u64),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// A plain connection handed to hyper with the bytes the boot file responder already read
+/// of it: hyper reads those first.
+struct Rewind {
+    read: Vec<u8>,
+    pos: usize,
+    inner: TcpStream,
+}
+
+impl Rewind {
+    fn new(read: Vec<u8>, inner: TcpStream) -> Self {
+        Self {
+            read,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let rest = this.read.get(this.pos..).unwrap_or_default();
+        if !rest.is_empty() {
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(rest.get(..n).unwrap_or_default());
+            this.pos += n;
+            if this.pos >= this.read.len() {
+                this.read = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

@@ -2,6 +2,7 @@
 //! under `/ipxe/`, and the API under `/api/v1`. Boot files and the API never share a path.
 
 pub mod api;
+pub mod bootfile;
 pub mod config;
 pub mod extract;
 pub mod listener;
@@ -58,11 +59,12 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     // ServeDir refuses `..` and absolute components and answers Range requests with 206;
     // it follows symbolic links, so `confine` refuses a path that resolves outside the root.
+    // On plain HTTP the listener answers most `/boot/` requests itself (`bootfile`), with
+    // the same check on the same root (`serve` gives it `boot_root`).
     let root = state.cfg.boot_dir();
     let boot = tower::ServiceBuilder::new()
         .layer(axum::middleware::from_fn_with_state(
-            // Resolved once: the root itself does not move while the appliance runs.
-            Arc::new(std::fs::canonicalize(&root).unwrap_or_else(|_| root.clone())),
+            boot_root(&state.cfg),
             confine,
         ))
         .service(ServeDir::new(&root).append_index_html_on_directories(false));
@@ -137,22 +139,25 @@ async fn ui_https_only(
 }
 
 /// Refuses (404) a `/boot/` path that resolves, through symbolic links, outside the boot
-/// root, as TFTP does; what does not exist is left to ServeDir's own 404.
+/// root, as TFTP does, or that climbs with `..`; what does not exist is left to ServeDir's
+/// own 404. The check is `bootfile::lookup`, the one the listener's own responder makes.
 async fn confine(
     State(root): State<Arc<std::path::PathBuf>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    let decoded = percent_encoding::percent_decode_str(req.uri().path()).decode_utf8_lossy();
-    let relative = decoded.trim_start_matches('/');
-    if !relative.is_empty()
-        && let Ok(target) = std::fs::canonicalize(root.join(relative))
-        && !target.starts_with(root.as_path())
-    {
-        tracing::warn!(path = ?relative, "boot file outside the boot root refused");
+    let relative = req.uri().path().trim_start_matches('/');
+    if bootfile::lookup(&root, relative) == bootfile::Lookup::Refused {
         return axum::response::IntoResponse::into_response(StatusCode::NOT_FOUND);
     }
     next.run(req).await
+}
+
+/// The boot root as both `/boot/` servers check paths against it: resolved once, since the
+/// root itself does not move while the appliance runs.
+pub fn boot_root(cfg: &Config) -> Arc<std::path::PathBuf> {
+    let root = cfg.boot_dir();
+    Arc::new(std::fs::canonicalize(&root).unwrap_or(root))
 }
 
 /// The deploy task for a Deploying machine: its request, the image's files as URLs on

@@ -4,6 +4,7 @@
 mod api;
 mod deploy;
 mod dhcp;
+mod http;
 mod images;
 mod tftp;
 mod ui;
@@ -18,7 +19,10 @@ pub fn run(what: &str) -> Result<()> {
         "images" => images::run(),
         "deploy" => deploy::run(),
         "ui" => ui::run(),
-        other => bail!("unknown benchmark `{other}` (known: api, tftp, dhcp, images, deploy, ui)"),
+        "http" => http::run(),
+        other => {
+            bail!("unknown benchmark `{other}` (known: api, tftp, dhcp, images, deploy, ui, http)")
+        }
     }
 }
 
