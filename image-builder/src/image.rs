@@ -28,6 +28,8 @@ pub enum ImageError {
     Tarball(#[from] TarballError),
     #[error("raw disk image")]
     Disk(#[from] DiskError),
+    #[error("raw disk image and its block map")]
+    BlockMap(#[source] crate::blockmap::MapWriteError),
     #[error("manifest")]
     Manifest(#[from] ImageManifestError),
     #[error(transparent)]

@@ -5,6 +5,7 @@
 
 pub mod appliance;
 pub mod archive;
+pub mod blockmap;
 pub mod cmd;
 pub mod depmod;
 pub mod disk;

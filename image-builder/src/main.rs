@@ -47,6 +47,16 @@ enum Cmd {
     /// Put a newer appliance image's system on an appliance disk that is not running (a USB
     /// stick, a VM's disk image): written to the slot not in use and tried once at the next
     /// boot; the data and configuration partitions are kept.
+    /// For tests: copy OS image NAME of IMAGES to OUT with range RANGE dropped from its block
+    /// map (and the map's size and sha256 updated in OUT/manifest.json): a wrong map that is
+    /// registered as the right one. A deploy of it must fail with "block map: ...".
+    #[command(hide = true)]
+    DropMapRange {
+        images: PathBuf,
+        name: String,
+        range: usize,
+        out: PathBuf,
+    },
     Upgrade {
         /// The appliance disk (a block device or a disk image file).
         disk: PathBuf,
@@ -363,6 +373,20 @@ fn main() -> Result<()> {
             );
         }
         Cmd::Write(args) => write_image(&args)?,
+        Cmd::DropMapRange {
+            images,
+            name,
+            range,
+            out,
+        } => {
+            let map = stork_image::blockmap::copy_with_range_dropped(&images, &name, range, &out)
+                .with_context(|| format!("dropping range {range} of {name}'s block map"))?;
+            eprintln!(
+                "stork-image: {}: {name} with {} ranges in its map (range {range} dropped)",
+                out.display(),
+                map.ranges.len()
+            );
+        }
     }
     Ok(())
 }

@@ -42,6 +42,8 @@ pub enum ArtifactKind {
     RootTarZst,
     /// A zstd-compressed raw GPT disk image: install by streaming to the disk.
     RawDiskZst,
+    /// The raw disk image's block map (`crate::blockmap`): its data ranges and zstd frames.
+    RawDiskMap,
     /// `dpkg-query` list of the installed packages (name, version, architecture).
     PackageList,
 }
@@ -334,6 +336,7 @@ mod tests {
             .deploy_role()
         };
         assert_eq!(role(ArtifactKind::RawDiskZst), Some(ImageRole::Raw));
+        assert_eq!(role(ArtifactKind::RawDiskMap), Some(ImageRole::DiskMap));
         assert_eq!(role(ArtifactKind::RootTarZst), Some(ImageRole::Tar));
         assert_eq!(role(ArtifactKind::RootSquashfs), Some(ImageRole::Squashfs));
         assert_eq!(role(ArtifactKind::EphemeralSquashfs), None);

@@ -601,7 +601,9 @@ impl Image {
         let (size, measured) = if !zstd {
             (meta.len(), false)
         } else {
-            match zstd::zstd_safe::get_frame_content_size(&head) {
+            // The sum of the frames' sizes: an OS image's `.raw.zst` is many frames (its
+            // block map's), the first of which is not the whole image.
+            match crate::blockmap::zstd_content_size(path) {
                 Ok(Some(size)) => (size, false),
                 // No size in the header (a streamed `zstd -`): count the bytes once.
                 _ => {

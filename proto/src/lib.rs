@@ -7,6 +7,7 @@
 mod names;
 
 pub mod api;
+pub mod blockmap;
 pub mod cmdline;
 pub mod grub;
 pub mod grubenv;

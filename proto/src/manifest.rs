@@ -36,6 +36,7 @@ impl Artifact {
     pub fn deploy_role(&self) -> Option<ImageRole> {
         match self.kind.as_str() {
             "raw_disk_zst" => Some(ImageRole::Raw),
+            "raw_disk_map" => Some(ImageRole::DiskMap),
             "root_squashfs" => Some(ImageRole::Squashfs),
             "root_tar_zst" => Some(ImageRole::Tar),
             _ => None,

@@ -106,6 +106,8 @@ named! {
     ImageRole {
         /// A compressed raw GPT disk image: streamed onto the disk.
         Raw = "raw",
+        /// The raw image's block map (`stork_proto::blockmap`): its data ranges and frames.
+        DiskMap = "disk-map",
         /// The OS root as SquashFS: run from RAM.
         Squashfs = "squashfs",
         /// The OS root as a compressed tar: installed by partitioning and extracting.

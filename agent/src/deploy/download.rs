@@ -59,6 +59,9 @@ pub enum StreamError {
     },
     #[error("the image ({needed} bytes decompressed) is larger than the disk ({capacity} bytes)")]
     TooLarge { needed: u64, capacity: u64 },
+    /// The image's block map does not fit its file (`super::mapped`): the reason says where.
+    #[error("block map: {0}")]
+    BlockMap(super::mapped::MapFault),
 }
 
 /// An image file's download as a plain [`Read`]: hashes what it hands on, resumes with

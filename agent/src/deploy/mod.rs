@@ -1,5 +1,6 @@
 //! The means of the tasks and of stage 1's ephemeral root: image files over HTTP ([`http`],
-//! [`download`], [`prefetch`]) streamed onto a sink ([`stream`]), block devices ([`block`]),
+//! [`download`], [`prefetch`]) streamed onto a sink ([`stream`]; with a block map,
+//! [`mapped`]), block devices ([`block`]),
 //! NVMe secure erase ([`nvme`]), roots in RAM ([`ramroot`]), UEFI boot entries ([`efi`]) and
 //! the cloud-init seed ([`seed`]). Nothing here names a step or posts to the appliance.
 
@@ -7,6 +8,7 @@ pub mod block;
 pub mod download;
 pub mod efi;
 pub mod http;
+pub mod mapped;
 pub mod nvme;
 pub mod prefetch;
 pub mod ramroot;

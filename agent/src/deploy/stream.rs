@@ -391,7 +391,7 @@ impl DecodeRead for flate2::bufread::MultiGzDecoder<BufReader<Prefetched>> {
 }
 
 /// A download error travels through the decoder as an `io::Error`; take it back out.
-fn unwrap_stream_error(e: io::Error, offset: u64) -> StreamError {
+pub(super) fn unwrap_stream_error(e: io::Error, offset: u64) -> StreamError {
     if e.get_ref().is_some_and(|inner| inner.is::<StreamError>()) {
         if let Some(inner) = e.into_inner()
             && let Ok(se) = inner.downcast::<StreamError>()

@@ -33,7 +33,10 @@ pub fn run(cx: &Deployment) -> Result<Ending, Failed> {
     // there is to install from.
     let raw = task.image.iter().find(|f| f.role == ImageRole::Raw);
     let (disk_path, esp) = match (task.layout, raw) {
-        (None, Some(raw)) => raw::to_disk(cx, raw)?,
+        (None, Some(raw)) => {
+            let map = task.image.iter().find(|f| f.role == ImageRole::DiskMap);
+            raw::to_disk(cx, raw, map)?
+        }
         (layout, _) => {
             let tar = at(Step::Disk, cx.image_file(ImageRole::Tar))?;
             let layout = layout.unwrap_or_default();

@@ -8,22 +8,36 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use nix::mount::{MsFlags, mount, umount};
+use stork_proto::blockmap::{BlockMap, Segment};
 use stork_proto::{AgentEvent, ImageFile, StepState};
 
 use crate::appliance::ApplianceClient;
 use crate::console::{human_bytes, say};
 use crate::deploy::block::{self, BlockDevice};
 use crate::deploy::stream::Sink;
-use crate::deploy::{download, stream};
+use crate::deploy::{download, mapped, stream};
 use crate::step::{Failed, Step, at};
 use crate::task::{DEV, Deployment, PROGRESS_EVERY, SYS, TARGET};
 
 /// The raw disk image streamed on, its root grown, the seed written. Returns the disk and
 /// its ESP's number.
-pub fn to_disk(cx: &Deployment, raw: &ImageFile) -> Result<(PathBuf, Option<u32>), Failed> {
+pub fn to_disk(
+    cx: &Deployment,
+    raw: &ImageFile,
+    map: Option<&ImageFile>,
+) -> Result<(PathBuf, Option<u32>), Failed> {
     let client = cx.client;
+    // The block map, when the image has one: fetched and checked against the raw file before
+    // any disk is touched; it also gives the image's size.
+    let mapped = match map {
+        Some(m) => Some(at(Step::Image, mapped::fetch(m, raw).map_err(Into::into))?),
+        None => None,
+    };
     // Disk: choose it, wipe what was there.
-    let image_size = stream::peek_size(&raw.url);
+    let image_size = match &mapped {
+        Some((m, _)) => Some(m.image_size),
+        None => stream::peek_size(&raw.url),
+    };
     let mut dev = at(Step::Disk, cx.prepare_disk(image_size, "an image"))?;
 
     // Image: stream it on; after a failure (a checksum mismatch above all) nothing of it
@@ -32,7 +46,7 @@ pub fn to_disk(cx: &Deployment, raw: &ImageFile) -> Result<(PathBuf, Option<u32>
         dev: &mut dev,
         end: 0,
     };
-    if let Err(reason) = write_raw(client, raw, &mut tracked, image_size) {
+    if let Err(reason) = write_raw(client, raw, mapped.as_ref(), &mut tracked, image_size) {
         let written = tracked.end;
         // Nothing written (the download never started): the disk is as the Disk step left it.
         let error = if written == 0 {
@@ -88,6 +102,7 @@ impl Sink for Tracked<'_> {
 fn write_raw(
     client: &ApplianceClient,
     raw: &ImageFile,
+    mapped: Option<&(BlockMap, Vec<Segment>)>,
     dev: &mut Tracked,
     image_size: Option<u64>,
 ) -> Result<()> {
@@ -127,21 +142,38 @@ fn write_raw(
             log_tail: None,
         });
     };
-    let w = stream::write_image(
-        download,
-        &raw.sha256,
-        raw.size,
-        dev,
-        PROGRESS_EVERY,
-        &mut report,
-    )?;
+    let w = match mapped {
+        // Gaps zeroed without decoding, frames decoded on every core.
+        Some((map, segments)) => mapped::write_mapped(
+            download,
+            map,
+            segments,
+            &raw.sha256,
+            dev,
+            PROGRESS_EVERY,
+            &mut report,
+        )?,
+        None => stream::write_image(
+            download,
+            &raw.sha256,
+            raw.size,
+            dev,
+            PROGRESS_EVERY,
+            &mut report,
+        )?,
+    };
     let secs = start.elapsed().as_secs_f64();
     client.step_event(Step::Image,
         StepState::Done,
         format!(
-            "{} image written ({} of it zeroed, not written) from {} in {secs:.1} s ({:.0} MB/s), {} resumes, sha256 {} ok; time: waiting for the download {:.1} s, decompressing {:.1} s, writing {:.1} s, fsync {:.1} s",
+            "{} image written ({} of it zeroed, not written{}) from {} in {secs:.1} s ({:.0} MB/s), {} resumes, sha256 {} ok; time: waiting for the download {:.1} s, decompressing {:.1} s, writing {:.1} s, fsync {:.1} s",
             human_bytes(w.image_bytes),
             human_bytes(w.zeroed_bytes),
+            if mapped.is_some() {
+                ", by its block map"
+            } else {
+                ""
+            },
             human_bytes(w.received),
             w.received as f64 / secs.max(0.001) / 1e6,
             w.resumes,
