@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use stork_lab::bmc::BmcVm;
 use stork_lab::{Appliance, Lab, VmSpec, wait_for};
-use stork_proto::DeployTarget;
 use stork_proto::api::{Machine, Status};
+use stork_proto::{DeployTarget, ImageRole};
 
 use crate::{boot_files, lab_dir, require_artefacts, stork_bin};
 
@@ -550,6 +550,40 @@ fn register_image(
         raw_sha256,
     )?;
     let file = lab.dir().join("resource.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&resource)?)?;
+    appliance.cli(&["image", "register", path_str(&file)?])?;
+    Ok(())
+}
+
+/// Registers boot resource `name`: [`IMAGE`] with its block map missing range `index` (the
+/// same raw file, a map of its own, its sum in the resource), as a broken image build would
+/// make it.
+pub fn register_image_with_map_range_dropped(
+    appliance: &Appliance,
+    lab: &Lab,
+    name: &str,
+    index: usize,
+) -> Result<()> {
+    let out = lab.dir().join(name);
+    stork_image::blockmap::copy_with_range_dropped(&os_images(), IMAGE, index, &out)?;
+    let boot = appliance.data_dir.join("boot");
+    let mut resource = stork_lab::images::os_resource(&out, &boot, IMAGE, None)?;
+    resource.name = name.to_string();
+    for f in resource
+        .files
+        .iter_mut()
+        .filter(|f| f.role == ImageRole::DiskMap)
+    {
+        // The good image's map has the same file name: this one gets a name of its own.
+        let from = out.join(Path::new(&f.path).file_name().context("map path")?);
+        f.path = format!("images/{name}.raw.map.json");
+        std::fs::copy(&from, boot.join(&f.path))
+            .with_context(|| format!("copying {}", from.display()))?;
+    }
+    if !resource.files.iter().any(|f| f.role == ImageRole::DiskMap) {
+        bail!("image {IMAGE} has no block map: rebuild it (`cargo xtask images`)");
+    }
+    let file = lab.dir().join(format!("{name}.json"));
     std::fs::write(&file, serde_json::to_vec_pretty(&resource)?)?;
     appliance.cli(&["image", "register", path_str(&file)?])?;
     Ok(())

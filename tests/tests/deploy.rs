@@ -15,7 +15,8 @@
 //!   non-zero byte afterwards.
 //! - A wrong image checksum ends in failed_deployment with the reason, the agent wipes what it
 //!   wrote (the disk image is all zeros again: no partition table to boot), and Stork powers
-//!   the machine off.
+//!   the machine off. Deployed again from there with an image whose block map lost a range,
+//!   it fails again, naming the missing range.
 //!
 //! The deploy into memory is `web_ui.rs`'s, driven through the web UI: one VM run proves both.
 
@@ -26,7 +27,10 @@ use stork_lab::{DiskBus, wait_for};
 use stork_proto::DeployTarget;
 use stork_proto::api::Status;
 use stork_tests::attacker::{self, Attacker};
-use stork_tests::deploy::{Scenario, check_blank_disk, deploy_to_disk_and_log_in, seabios};
+use stork_tests::deploy::{
+    Scenario, check_blank_disk, deploy_to_disk_and_log_in, register_image_with_map_range_dropped,
+    seabios,
+};
 
 const MAC_DISK: &str = "52:54:00:77:01:01";
 
@@ -142,6 +146,44 @@ fn an_image_with_the_wrong_sha256_fails_the_deployment_with_that_reason() {
         // The image was written whole before its sum was known; nothing of it is left.
         let blank = check_blank_disk(&s.machine.paths.disk)?;
         s.say(&format!("wiped after the mismatch; {blank}"));
+
+        // Deployed again from failed_deployment, with an image whose block map lost a
+        // range: the agent finds data where the map says a gap and fails naming it, never
+        // writing a disk that silently lacks that range.
+        const BADMAP: &str = "debian-bookworm-badmap";
+        register_image_with_map_range_dropped(&s.appliance, &s.lab, BADMAP, 1)?;
+        s.phase_start();
+        s.appliance.cli(&[
+            "machine", "deploy", &id, "--image", BADMAP, "--target", "disk",
+        ])?;
+        let m = wait_for(
+            "the deployment with the broken block map to fail",
+            Duration::from_secs(600),
+            Duration::from_millis(500),
+            || {
+                let m = s.status(&id)?;
+                Ok((m.status != Status::Deploying).then_some(m))
+            },
+        )?;
+        let msg = m.status_message.as_deref().unwrap_or_default();
+        if m.status != Status::FailedDeployment
+            || !msg.contains("block map")
+            || !msg.contains("a range is missing from the map")
+        {
+            bail!(
+                "expected failed_deployment naming the block map's missing range, got {} ({msg})",
+                m.status
+            );
+        }
+        s.say(&format!(
+            "failed as it should: {}",
+            msg.lines().next().unwrap_or_default()
+        ));
+        s.wait_off(
+            "Stork's power-off after the broken block map",
+            Duration::from_secs(90),
+        )?;
+        s.phase_done("failed deployment, broken block map (to off)");
         Ok(())
     })();
     if let Err(e) = result {
