@@ -339,6 +339,20 @@ impl Scenario {
         Ok(())
     }
 
+    /// How many boot scripts the appliance served to `mac` that sent it on to its disk
+    /// (iPXE's `exit`), read from the appliance's log: each one is a network boot the
+    /// firmware made before it booted the disk.
+    pub fn local_disk_scripts(&self, mac: &str) -> Result<usize> {
+        let log = self.lab.dir().join("stork.log");
+        let text =
+            std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
+        let served = format!("serving iPXE script mac={mac} ");
+        Ok(text
+            .lines()
+            .filter(|l| l.contains(&served) && l.contains("choice=LocalDisk"))
+            .count())
+    }
+
     /// Fails with everything a person needs to see why, and keeps the lab's files.
     pub fn fail(&mut self, e: anyhow::Error) -> ! {
         self.lab.keep_dir();

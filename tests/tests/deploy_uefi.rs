@@ -1,14 +1,15 @@
 //! Deploying to disk on UEFI through firmware PXE, powered through the machine's BMC: OVMF
 //! with the NIC's iPXE ROM disabled, so EDK2's own PXE fetches `snponly.efi` over Stork's
 //! TFTP at every network boot. The machine enlists, commissions, gets the Debian image on its
-//! disk; the agent's reboot resets the VM in place; OVMF network-boots first, iPXE gets
-//! Stork's `exit`, and OVMF goes on to the disk's `EFI/BOOT/BOOTX64.EFI` (GRUB); cloud-init
-//! phones home: Deployed, and SSH with the deploy's key reads the hostname asked for.
+//! disk and a boot entry for it that is `BootNext` and first in `BootOrder`; the agent's reboot
+//! resets the VM in place and OVMF goes straight to the disk's `EFI/BOOT/BOOTX64.EFI` (GRUB),
+//! with no network boot on the way (no boot script, no TFTP); cloud-init phones home:
+//! Deployed, and SSH with the deploy's key reads the hostname asked for.
 //!
 //! The machine keeps its OVMF variable store for its lifetime (every power-on and reset of
 //! the same machine); a new machine starts from the pristine template.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use stork_lab::{Firmware, VmSpec};
 use stork_proto::inventory::Firmware as RecordedFirmware;
 use stork_tests::boot_files;
@@ -21,7 +22,8 @@ fn ovmf_vm_through_firmware_pxe_powered_by_its_bmc_deploys_debian_to_disk_and_lo
         boot_files().join("snponly.efi").exists(),
         "snponly.efi is missing from the boot files: run `cargo xtask test`"
     );
-    let mut spec = VmSpec::new("uefi1", "52:54:00:77:01:e1");
+    let mac = "52:54:00:77:01:e1";
+    let mut spec = VmSpec::new("uefi1", mac);
     spec.firmware = Firmware::Uefi { nic_rom: false };
     spec.memory_mib = 2048;
     spec.cpus = 2;
@@ -36,31 +38,58 @@ fn ovmf_vm_through_firmware_pxe_powered_by_its_bmc_deploys_debian_to_disk_and_lo
         }
         s.commission(&id)?;
         deploy_to_disk_and_log_in(&mut s, &id, "stork-e2e-uefi", false)?;
-        // After the agent's reboot OVMF network-booted first (iPXE writes to the EFI console,
-        // so to the serial port) and went on to the disk when Stork's script said so.
+        // The agent gave the installed disk a UEFI boot entry (efibootmgr, from the
+        // ephemeral root) and made it the next boot.
+        let events = s.appliance.cli(&["machine", "events", &id])?;
+        let entry = events
+            .lines()
+            .find(|l| l.contains("boot-entry Done: UEFI entry Boot"))
+            .with_context(|| format!("no UEFI boot entry among the events:\n{events}"))?;
+        if !entry.contains("; BootNext ") {
+            bail!("the boot entry is not the next boot: {entry}");
+        }
+        s.say(entry.trim());
+        // After the agent's reboot OVMF did not network-boot: the appliance served that MAC
+        // no `exit` script (it would, to any network boot of a deployed machine), and the
+        // console (OVMF and iPXE write to the serial port) shows no PXE attempt.
+        let detours = s.local_disk_scripts(mac)?;
+        if detours != 0 {
+            bail!("after the install the machine network-booted {detours} time(s) before its disk");
+        }
         let console = std::fs::read(&s.machine.paths.console)?;
         let console = String::from_utf8_lossy(&console);
         let after_reboot = console
             .rsplit_once("stork-agent: done, rebooting")
             .map(|(_, rest)| rest)
             .unwrap_or_default();
-        if !after_reboot.contains("Stork: booting from local disk") {
-            bail!(
-                "after the agent's reboot the console shows no network boot told to leave for the disk"
-            );
+        // OVMF's boot manager says which option it starts (`BdsDxe: loading Boot0005 ...`):
+        // the agent's entry, as BootNext, straight after the reset.
+        let num = entry
+            .split("UEFI entry Boot")
+            .nth(1)
+            .and_then(|rest| rest.get(..4))
+            .with_context(|| format!("no entry number in {entry:?}"))?;
+        if !after_reboot.contains(&format!("BdsDxe: loading Boot{num} ")) {
+            bail!("after the agent's reboot OVMF did not start Boot{num} (the agent's entry)");
         }
-        // The agent gave the installed disk a UEFI boot entry (efibootmgr, from the
-        // ephemeral root), after network boot in the order.
-        let events = s.appliance.cli(&["machine", "events", &id])?;
-        if !events.contains("boot-entry Done: UEFI entry Boot") {
-            bail!("no UEFI boot entry among the events:\n{events}");
+        for network_boot in ["Start PXE over", "Stork: booting from local disk"] {
+            if after_reboot.contains(network_boot) {
+                bail!(
+                    "after the agent's reboot the console shows a network boot: {network_boot:?}"
+                );
+            }
         }
-        // Every network boot came through firmware PXE: OVMF fetched the NBP over TFTP.
+        // Every network boot came through firmware PXE, and the boot from disk made none:
+        // OVMF opens each NBP download with a size probe it ends itself (`tsize`, then an
+        // OptionRefused error), then fetches `snponly.efi`: two TFTP requests for each of
+        // enlist, commission and deploy. (Completed transfers are not counted: the server
+        // may see OVMF's last ACK go missing after the client has the whole file.)
         let stats = s.appliance.stats()?;
-        let tftp = stats.counter("tftp", "transfers_completed").unwrap_or(0);
-        // Enlist, commission, deploy, and the boot from disk after the deploy.
-        if tftp < 4 {
-            bail!("{tftp} TFTP transfers completed, wanted one per network boot (4): {stats:#?}");
+        // At least: a firmware that repeats a request under load is not a failure here (the
+        // console and the log above show the boot from disk made none).
+        let requests = stats.counter("tftp", "requests").unwrap_or(0);
+        if requests < 6 {
+            bail!("{requests} TFTP requests, wanted two per network boot (3 boots): {stats:#?}");
         }
         Ok(())
     })();

@@ -2,11 +2,29 @@
 //!
 //! The raw image already carries GRUB for both firmwares (the BIOS boot partition and the
 //! ESP's removable-media path `\EFI\BOOT\BOOTX64.EFI`), so a UEFI machine boots it even with
-//! no entry; the entry names the disk so the firmware's boot menu and `efibootmgr` in the
-//! installed OS show what Stork installed. It goes *last* in `BootOrder`: network boot stays
-//! first, and the appliance's boot script decides (`exit` to the disk once deployed), as
-//! MAAS does. Writing EFI variables by hand would mean encoding device paths: the ephemeral
-//! image ships `efibootmgr` for this.
+//! no entry. The entry exists so the installed OS starts without a detour through the network:
+//! it becomes `BootNext` (the very next boot, once) and goes *first* in `BootOrder`, ahead of
+//! network boot and the EFI shell. Behind network boot, every local boot of a machine whose NIC
+//! has a ROM went through that ROM, the firmware's PXE and its HTTP boot first (about 24 s
+//! under TCG with an e1000e), each answered `exit` by the appliance.
+//!
+//! First is safe because Stork never relies on the firmware's order to get a machine back on
+//! the network: every status that needs the agent (commission, deploy, release with erase)
+//! runs `NetbootAndPowerOn`, which sets the BMC's next boot device to PXE for one boot (IPMI
+//! Set System Boot Options, Redfish `BootSourceOverrideTarget: Pxe` once) before it powers the
+//! machine on or cycles it. A release without erase only powers off. The appliance's `exit`
+//! for a deployed machine stays the fallback when `BootNext` cannot be set.
+//!
+//! QEMU's OVMF rewrites `BootOrder` at every boot from QEMU's `bootorder` fw_cfg file (the
+//! devices' `bootindex`; EDK2 `OvmfPkg/Library/QemuBootOrderLib`): per device it keeps the
+//! first option, in the old order, that lies on it (a short `HD()` path is expanded to find
+//! out), appends options that start with neither `PciRoot()` nor `HD()`, and deletes the rest.
+//! So in the lab the NIC (bootindex 1 when the BMC says PXE) is first again after one boot,
+//! which is why a release there still network-boots; our entry survives that rewrite because
+//! it comes before the firmware's own entry for the disk. `BootNext` is read before the
+//! rewrite (EDK2 `BdsEntry.c` caches it), so the first boot after the install takes the disk.
+//! Writing EFI variables by hand would mean encoding device paths: the ephemeral image ships
+//! `efibootmgr` for this.
 
 use std::path::Path;
 use std::process::Command;
@@ -24,8 +42,22 @@ const LOADER: &str = "\\EFI\\BOOT\\BOOTX64.EFI";
 pub enum Outcome {
     /// No `efibootmgr` (the agent runs from the initrd alone).
     NoTool,
-    /// The new entry's number and the boot order it left.
-    Added { entry: String, order: String },
+    /// The new entry's number, the boot order it left, and what became of `BootNext`.
+    Added {
+        entry: String,
+        order: String,
+        next: BootNext,
+    },
+}
+
+/// Whether the next boot takes the new entry directly.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BootNext {
+    /// `BootNext` names the new entry (read back from efibootmgr's listing).
+    Set,
+    /// Why it could not be set; the entry still leads `BootOrder`, and the appliance's `exit`
+    /// covers firmware that puts the network first anyway.
+    Failed(String),
 }
 
 pub fn is_uefi() -> bool {
@@ -56,12 +88,25 @@ pub fn add_boot_entry(disk: &Path, part: u32, label: &str) -> Result<Outcome> {
         .find(|(num, l)| l == label && !old.entries.iter().any(|(n, _)| n == num))
         .map(|(n, _)| n.clone())
         .context("efibootmgr created no entry with our label")?;
-    // --create puts the new entry first; network boot must stay ahead of it.
-    let mut order: Vec<String> = new.order.into_iter().filter(|n| *n != entry).collect();
-    order.push(entry.clone());
-    let order = order.join(",");
+    // --create already puts the new entry first; saying so keeps a re-run idempotent and
+    // reports the order we asked for.
+    let order = entry_first(&new.order, &entry).join(",");
     efibootmgr(&["--bootorder", &order])?;
-    Ok(Outcome::Added { entry, order })
+    let next = match efibootmgr(&["--bootnext", &entry]) {
+        Ok(listing) => match parse(&listing).next {
+            Some(n) if n == entry => BootNext::Set,
+            other => BootNext::Failed(format!("efibootmgr left BootNext at {other:?}")),
+        },
+        Err(e) => BootNext::Failed(format!("{e:#}")),
+    };
+    Ok(Outcome::Added { entry, order, next })
+}
+
+/// `order` with `entry` moved (or added) to the front, everything else kept in its order.
+fn entry_first(order: &[String], entry: &str) -> Vec<String> {
+    std::iter::once(entry.to_string())
+        .chain(order.iter().filter(|n| *n != entry).cloned())
+        .collect()
 }
 
 fn mount_efivars() -> Result<()> {
@@ -100,9 +145,11 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// `efibootmgr`'s listing: `BootOrder: 0001,0000` and `Boot0001* label<TAB>device path`.
+/// `efibootmgr`'s listing: `BootNext: 0003`, `BootOrder: 0001,0000` and
+/// `Boot0001* label<TAB>device path`.
 #[derive(Debug, Default, PartialEq)]
 struct Listing {
+    next: Option<String>,
     order: Vec<String>,
     entries: Vec<(String, String)>,
 }
@@ -110,7 +157,9 @@ struct Listing {
 fn parse(text: &str) -> Listing {
     let mut l = Listing::default();
     for line in text.lines() {
-        if let Some(order) = line.strip_prefix("BootOrder:") {
+        if let Some(next) = line.strip_prefix("BootNext:") {
+            l.next = Some(next.trim().to_string()).filter(|n| !n.is_empty());
+        } else if let Some(order) = line.strip_prefix("BootOrder:") {
             l.order = order
                 .split(',')
                 .map(|n| n.trim().to_string())
@@ -160,5 +209,46 @@ mod tests {
         let l = parse("BootCurrent: 0001\nBootNext: 0002\nBootOrder:\n");
         assert!(l.order.is_empty());
         assert!(l.entries.is_empty());
+    }
+
+    #[test]
+    fn parses_boot_next() {
+        let text = "BootNext: 0004\nBootCurrent: 0001\nTimeout: 0 seconds\n\
+                    BootOrder: 0004,0001,0000\n\
+                    Boot0004* Stork: installed OS\tHD(1,GPT,ab,0x800,0x32000)/File(\\EFI\\BOOT\\BOOTX64.EFI)\n";
+        let l = parse(text);
+        assert_eq!(l.next.as_deref(), Some("0004"));
+        assert_eq!(l.order, ["0004", "0001", "0000"]);
+        assert_eq!(parse("BootCurrent: 0001\nBootOrder: 0001\n").next, None);
+        assert_eq!(parse("BootNext: \n").next, None);
+    }
+
+    fn nums(order: &[&str]) -> Vec<String> {
+        order.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn entry_goes_first_ahead_of_network_and_shell() {
+        // OVMF's order after a network boot: NIC, EFI shell, UiApp; --create put ours first.
+        let old = nums(&["0003", "0001", "0002", "0000"]);
+        assert_eq!(
+            entry_first(&old, "0003"),
+            nums(&["0003", "0001", "0002", "0000"])
+        );
+        // Firmware that appended it (or a BootOrder rewritten since) still gets it first.
+        let old = nums(&["0001", "0002", "0000", "0003"]);
+        assert_eq!(
+            entry_first(&old, "0003"),
+            nums(&["0003", "0001", "0002", "0000"])
+        );
+        // Not in the order at all (efibootmgr may leave it out): added, nothing lost.
+        assert_eq!(
+            entry_first(&nums(&["0001"]), "0004"),
+            nums(&["0004", "0001"])
+        );
+        assert_eq!(entry_first(&[], "0004"), nums(&["0004"]));
+        // The entry listed twice comes out once.
+        let old = nums(&["0001", "0004", "0004"]);
+        assert_eq!(entry_first(&old, "0004"), nums(&["0004", "0001"]));
     }
 }
