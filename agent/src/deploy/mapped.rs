@@ -335,19 +335,7 @@ fn blame_the_file(input: Prefetched, e: StreamError, expected_sha256: &str) -> S
     if !matches!(e, StreamError::BlockMap(_) | StreamError::Decode { .. }) {
         return e;
     }
-    let Ok(download) = input.finish() else {
-        return e;
-    };
-    let actual = download.sha256_hex();
-    if actual.eq_ignore_ascii_case(expected_sha256.trim()) {
-        e
-    } else {
-        StreamError::Checksum {
-            expected: expected_sha256.trim().to_string(),
-            actual,
-            bytes: download.received(),
-        }
-    }
+    super::stream::blame_the_input(input, e, expected_sha256)
 }
 
 /// Reads exactly `len` bytes; the file ending first is the map's fault (`end`).

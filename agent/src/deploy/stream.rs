@@ -492,7 +492,18 @@ fn blame_the_file(
     if !matches!(e, StreamError::Decode { .. }) {
         return e;
     }
-    let Ok(download) = decoder.into_input().into_inner().finish() else {
+    blame_the_input(decoder.into_input().into_inner(), e, expected_sha256)
+}
+
+/// `e`, or a checksum error when the rest of `input`, read to its end, does not have the
+/// registered sum: a fault in the bytes of a file that is not the registered one is the
+/// file's, not the decoder's nor the block map's.
+pub(super) fn blame_the_input(
+    input: Prefetched,
+    e: StreamError,
+    expected_sha256: &str,
+) -> StreamError {
+    let Ok(download) = input.finish() else {
         return e;
     };
     let actual = download.sha256_hex();

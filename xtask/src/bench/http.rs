@@ -16,10 +16,10 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use stork_lab::{Spawned, wait_for};
 
 use super::Pair;
@@ -262,48 +262,18 @@ fn fetch(net: &Pair, s: Server, local: &Path) -> Result<Duration> {
             .arg(local)
             .arg(s.url()),
     );
-    cmd.stdin(Stdio::null()).stdout(Stdio::null());
-    let start = Instant::now();
-    let out = cmd.output().context("cannot run curl")?;
-    let took = start.elapsed();
-    if !out.status.success() {
-        bail!(
-            "curl {} failed ({}): {}",
-            s.url(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(took)
+    super::timed(&mut cmd, &format!("curl {}", s.url()))
 }
 
 /// `PARALLEL` curl processes at once, each downloading the file once; the time from the
 /// first start to the last finish.
 fn storm(net: &Pair, s: Server) -> Result<Duration> {
-    let start = Instant::now();
-    let mut children = Vec::new();
-    for _ in 0..PARALLEL {
-        let mut cmd = net.client(
-            Command::new("curl")
-                .args(["-sS", "--fail", "-o", "/dev/null"])
-                .arg(s.url()),
-        );
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        children.push(cmd.spawn().context("cannot start curl")?);
-    }
-    let mut failed = 0;
-    for mut c in children {
-        if !c.wait()?.success() {
-            failed += 1;
-        }
-    }
-    let took = start.elapsed();
-    if failed > 0 {
-        bail!("{failed} of {PARALLEL} downloads from {} failed", s.name);
-    }
-    Ok(took)
+    let cmds = (0..PARALLEL).map(|_| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--fail", "-o", "/dev/null"]).arg(s.url());
+        net.client(&cmd)
+    });
+    super::timed_together(cmds, &format!("downloads from {}", s.name))
 }
 
 /// The server and client namespaces, addressed, with fixed neighbours both ways.

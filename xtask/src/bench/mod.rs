@@ -180,3 +180,57 @@ impl DmaLatency {
         }
     }
 }
+
+/// Runs `cmd` (stdin and stdout to null, stderr kept) and times it; fails with `what` and
+/// its stderr when it fails.
+pub fn timed(cmd: &mut std::process::Command, what: &str) -> Result<std::time::Duration> {
+    use std::process::Stdio;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let start = std::time::Instant::now();
+    let out = cmd
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run {what}: {e}"))?;
+    let took = start.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(took)
+}
+
+/// Starts every command at once (no output) and waits for all: the time from the first
+/// start to the last finish; fails with `what` when any of them failed.
+pub fn timed_together(
+    cmds: impl IntoIterator<Item = std::process::Command>,
+    what: &str,
+) -> Result<std::time::Duration> {
+    use std::process::Stdio;
+    let start = std::time::Instant::now();
+    let mut children = Vec::new();
+    for mut cmd in cmds {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        children.push(
+            cmd.spawn()
+                .map_err(|e| anyhow::anyhow!("cannot start {what}: {e}"))?,
+        );
+    }
+    let total = children.len();
+    let mut failed = 0;
+    for mut c in children {
+        if !c.wait()?.success() {
+            failed += 1;
+        }
+    }
+    let took = start.elapsed();
+    if failed > 0 {
+        bail!("{failed} of {total} {what} failed");
+    }
+    Ok(took)
+}

@@ -21,13 +21,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use stork_lab::{Spawned, wait_for};
 
 use super::Pair;
@@ -428,49 +428,21 @@ fn fetch(
         cmd.args(["--option", o]);
     }
     cmd.arg(server.to_string()).arg(port.to_string());
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let start = Instant::now();
-    let out = cmd.output().context("cannot run atftp")?;
-    let took = start.elapsed();
-    if !out.status.success() {
-        bail!(
-            "atftp {file} from {server}:{port} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(took)
+    super::timed(&mut cmd, &format!("atftp {file} from {server}:{port}"))
 }
 
 /// `STORM_CLIENTS` atftp processes at once, each fetching the NBP with OVMF's options.
 fn storm(client_ns: &File, server: Ipv4Addr) -> Result<Duration> {
-    let start = Instant::now();
-    let mut children = Vec::new();
-    for _ in 0..STORM_CLIENTS {
+    let cmds = (0..STORM_CLIENTS).map(|_| {
         let mut cmd = in_ns(client_ns, Path::new("atftp"));
         cmd.args(["-g", "-r", NBP.0, "-l", "/dev/null"]);
         for o in [BLKSIZE, "windowsize 4", "tsize enable"] {
             cmd.args(["--option", o]);
         }
         cmd.args([&server.to_string(), "69"]);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        children.push(cmd.spawn().context("cannot start atftp")?);
-    }
-    let mut failed = 0;
-    for mut c in children {
-        if !c.wait()?.success() {
-            failed += 1;
-        }
-    }
-    let took = start.elapsed();
-    if failed > 0 {
-        bail!("{failed} of {STORM_CLIENTS} storm clients failed against {server}");
-    }
-    Ok(took)
+        cmd
+    });
+    super::timed_together(cmds, &format!("storm clients against {server}"))
 }
 
 /// The server and client namespaces, addressed: the three servers' addresses on the
