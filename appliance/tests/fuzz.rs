@@ -1,5 +1,5 @@
 //! Fuzzing on the stable toolchain, in `cargo xtask test`: raw datagrams through exactly the
-//! code the DHCP and TFTP socket loops run (`dhcp::Server::on_datagram`: edge checks,
+//! code the DHCP and TFTP socket loops run (`dhcp::Server::on_batch`: edge checks,
 //! handler, journal records, reply encoding, in full and proxy mode, on ports 67 and 4011;
 //! `tftp::server::classify`, then the root's confinement, the negotiation and the transfer
 //! state machine fed with hostile client packets); and the lease journal's bytes
@@ -32,7 +32,7 @@ use stork::dhcp::handler::{Handler, ServerInfo};
 use stork::dhcp::journal::{
     Journal, JournalError, LiveSet, MAGIC, RECORD_LEN, Record, load, record, unix_secs,
 };
-use stork::dhcp::{Action, Port, Server, Stats};
+use stork::dhcp::{Batch, Port, Server, Stats};
 use stork::tftp::options::MAX_CLIENT_TIMEOUT_SECS;
 use stork::tftp::packet::Repr;
 use stork::tftp::request::netascii;
@@ -79,22 +79,20 @@ fn dhcp_datagrams_from_raw_bytes() {
         for server in &mut servers {
             for port in [Port::Dhcp, Port::Pxe] {
                 let panics = stats.panics.load(Ordering::Relaxed);
-                let action = server.on_datagram(input, peer, port, clock);
+                // As the socket loop does: a received batch (here of one) into a `Batch`.
+                let mut batch = Batch::default();
+                server.on_batch([(input, peer)], port, clock, &mut batch);
                 if stats.panics.load(Ordering::Relaxed) != panics {
                     return Err(format!("handling panicked on {port:?}"));
                 }
-                match action {
-                    Action::Nothing => {}
-                    Action::Send(s) => {
-                        Message::decode(&mut Decoder::new(&s.bytes))
-                            .map_err(|e| format!("our reply does not decode: {e}"))?;
-                    }
-                    Action::Journal(job) => {
-                        for r in &job.records {
-                            if Record::decode(&r.encode()) != Some(*r) {
-                                return Err(format!("journal record does not round-trip: {r:?}"));
-                            }
-                        }
+                let commit = batch.take_commit().unwrap_or_default();
+                for s in batch.immediate.iter().chain(&commit.replies) {
+                    Message::decode(&mut Decoder::new(&s.bytes))
+                        .map_err(|e| format!("our reply does not decode: {e}"))?;
+                }
+                for r in &commit.records {
+                    if Record::decode(&r.encode()) != Some(*r) {
+                        return Err(format!("journal record does not round-trip: {r:?}"));
                     }
                 }
             }

@@ -1,6 +1,8 @@
 //! One datagram in, what to do with it out: the edge checks, the handler, the journal
 //! records and the encoded reply, sans I/O. The socket loop ([`super::run`]) and the fuzz
-//! driver run exactly this, so the driver reaches every line a hostile packet can.
+//! driver run exactly this, so the driver reaches every line a hostile packet can. The loop
+//! receives datagrams in batches ([`super::mmsg`]) and gathers what they come to in a
+//! [`Batch`]: replies to send at once, and one journal [`Commit`] for the whole batch.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -12,7 +14,7 @@ use dhcproto::v4::{Encodable, MessageType};
 
 use super::edge::{self, Request};
 use super::handler::{Handler, Ignored, Outcome, RateScope};
-use super::journal::Job;
+use super::journal::{Commit, Job};
 use super::{Stats, bump};
 
 /// Which socket a datagram came in on, and so which one answers.
@@ -43,6 +45,33 @@ pub struct Send {
     pub kind: Option<MessageType>,
     /// A boot-only answer (proxy mode), counted apart from offers and ACKs.
     pub proxy: bool,
+}
+
+/// What one received batch of datagrams comes to: the replies that depend on nothing
+/// durable (offers, NAKs, INFORM and proxy answers), and every lease change of the batch
+/// with the ACKs that wait for it, as one [`Commit`]. The loop sends the first with
+/// `sendmmsg` and queues the commit whole, so a batch costs the journal writer one wake-up
+/// and at most one `fdatasync`, and the ACKs still leave only once their leases are durable.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Sent on the socket the batch came in on (each reply's `port` is that socket's).
+    pub immediate: Vec<Send>,
+    pub commit: Commit,
+}
+
+impl Batch {
+    pub fn push(&mut self, action: Action) {
+        match action {
+            Action::Nothing => {}
+            Action::Send(s) => self.immediate.push(s),
+            Action::Journal(job) => self.commit.add(job),
+        }
+    }
+
+    /// The batch's commit, if it changed anything; the batch is left without one.
+    pub fn take_commit(&mut self) -> Option<Commit> {
+        (!self.commit.is_empty()).then(|| std::mem::take(&mut self.commit))
+    }
 }
 
 /// Sources refused as relays that get a warning in the log (each once), so an operator
@@ -89,6 +118,20 @@ impl Server {
                     "DHCP packet handling panicked: packet dropped");
                 Action::Nothing
             }
+        }
+    }
+
+    /// Every datagram of one receive call, in order, into `out` ([`Batch`]); one clock
+    /// reading serves the batch (it spans well under a millisecond).
+    pub fn on_batch<'a>(
+        &mut self,
+        datagrams: impl IntoIterator<Item = (&'a [u8], SocketAddr)>,
+        port: Port,
+        now: SystemTime,
+        out: &mut Batch,
+    ) {
+        for (bytes, peer) in datagrams {
+            out.push(self.on_datagram(bytes, peer, port, now));
         }
     }
 
@@ -210,7 +253,7 @@ mod tests {
     use std::path::Path;
     use std::time::Duration;
 
-    use dhcproto::v4::{DhcpOption, Message, Opcode};
+    use dhcproto::v4::{Decodable, Decoder, DhcpOption, Message, Opcode};
 
     use super::*;
     use crate::config::FileConfig;
@@ -325,5 +368,88 @@ mod tests {
             later,
         );
         assert!(matches!(again, Action::Send(_)));
+    }
+
+    fn reply_to(offer: &Send, mac: u8) -> Vec<u8> {
+        let offer = Message::decode(&mut Decoder::new(&offer.bytes)).unwrap();
+        packet(
+            MessageType::Request,
+            mac,
+            Ipv4Addr::UNSPECIFIED,
+            Some(offer.yiaddr()),
+        )
+    }
+
+    /// A received batch of REQUESTs (with a RELEASE and an INFORM among them) is one commit
+    /// holding every lease change and every ACK that waits for it, in order; what waits for
+    /// nothing (the INFORM's answer, the offers of the batch before) leaves at once.
+    #[test]
+    fn a_batch_becomes_one_commit_and_its_replies() {
+        let (mut s, stats) = server("");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let client: SocketAddr = (Ipv4Addr::UNSPECIFIED, 68).into();
+        let discovers: Vec<Vec<u8>> = (1..=5)
+            .map(|mac| packet(MessageType::Discover, mac, Ipv4Addr::UNSPECIFIED, None))
+            .collect();
+        let mut first = Batch::default();
+        s.on_batch(
+            discovers.iter().map(|p| (p.as_slice(), client)),
+            Port::Dhcp,
+            t,
+            &mut first,
+        );
+        assert!(first.take_commit().is_none(), "offers are never journaled");
+        assert_eq!(first.immediate.len(), 5);
+
+        let mut second: Vec<Vec<u8>> = (1..=5)
+            .map(|mac| reply_to(&first.immediate[usize::from(mac) - 1], mac))
+            .collect();
+        // Client 5 gives its address straight back; a stranger asks for options only.
+        let mut release = packet(MessageType::Release, 5, Ipv4Addr::UNSPECIFIED, None);
+        let leased = Message::decode(&mut Decoder::new(&first.immediate[4].bytes))
+            .unwrap()
+            .yiaddr();
+        let mut m = Message::decode(&mut Decoder::new(&release)).unwrap();
+        m.set_ciaddr(leased);
+        release = m.to_vec().unwrap();
+        second.push(release);
+        second.push(packet(MessageType::Inform, 9, Ipv4Addr::UNSPECIFIED, None));
+        let mut batch = Batch::default();
+        s.on_batch(
+            second.iter().map(|p| (p.as_slice(), client)),
+            Port::Dhcp,
+            t,
+            &mut batch,
+        );
+        let commit = batch.take_commit().unwrap();
+        assert_eq!(commit.requests, 6, "five REQUESTs and the RELEASE");
+        assert_eq!(commit.records.len(), 6);
+        assert!(matches!(
+            commit.records.last(),
+            Some(super::super::journal::Record::Released { ip, .. }) if *ip == leased
+        ));
+        let acks: Vec<(u32, Option<MessageType>)> = commit
+            .replies
+            .iter()
+            .map(|r| {
+                let m = Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
+                (m.xid(), r.kind)
+            })
+            .collect();
+        assert_eq!(
+            acks,
+            (1..=5u32)
+                .map(|x| (x, Some(MessageType::Ack)))
+                .collect::<Vec<_>>()
+        );
+        // The INFORM's ACK binds nothing: it does not wait for the journal.
+        assert_eq!(batch.immediate.len(), 1);
+        assert_eq!(batch.immediate[0].kind, Some(MessageType::Ack));
+        assert!(batch.take_commit().is_none(), "taken once");
+        let n = stats.snapshot();
+        assert_eq!(
+            (n.received, n.discover, n.request, n.release, n.inform),
+            (12, 5, 5, 1, 1)
+        );
     }
 }

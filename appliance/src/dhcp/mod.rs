@@ -8,6 +8,7 @@ pub mod edge;
 pub mod handler;
 pub mod journal;
 pub mod leases;
+pub mod mmsg;
 pub mod pool;
 pub mod ra;
 pub mod reply;
@@ -19,13 +20,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-pub use datagram::{Action, Port, Server};
+pub use datagram::{Action, Batch, Port, Server};
 pub use edge::MAX_PACKET;
 use handler::{Handler, ServerInfo};
-use journal::{Journal, JournalError};
+use journal::{Journal, JournalError, JournalHandle};
 pub use leases::Leases;
+use mmsg::RecvBatch;
 
 /// The PXE boot server port (PXE 2.1), served in proxy mode.
 pub const PXE_PORT: u16 = 4011;
@@ -86,7 +89,8 @@ counters! {
     journal_records,
     /// Journal writes that failed (their ACKs were withheld).
     journal_errors,
-    /// Replies dropped because the journal writer was too far behind.
+    /// Requests whose lease change and reply were dropped because the journal writer was
+    /// too far behind.
     journal_busy,
     /// Leases read back from the journal when the service last started: a restart of the
     /// appliance keeps them.
@@ -129,12 +133,43 @@ pub fn bind(interface: &str, port: u16) -> Result<UdpSocket, DhcpError> {
         sock.bind_device(Some(interface.as_bytes())).map_err(err)?;
     }
     // Bursts (a rack powering on, a benchmark) must queue rather than drop.
-    let _ = sock.set_recv_buffer_size(4 << 20);
-    let _ = sock.set_send_buffer_size(4 << 20);
+    set_buffers(&sock, BUFFER);
     sock.set_nonblocking(true).map_err(err)?;
     let addr = SocketAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
     sock.bind(&addr.into()).map_err(err)?;
     UdpSocket::from_std(sock.into()).map_err(err)
+}
+
+/// Socket buffer asked for each way: a few thousand requests (about a second of a rack
+/// powering on at once) queue while the loop is busy.
+const BUFFER: libc::c_int = 4 << 20;
+
+/// Sets both socket buffers to `bytes`. `SO_RCVBUF`/`SO_SNDBUF` are silently capped at
+/// `net.core.rmem_max`/`wmem_max` (208 KiB on a stock kernel, about 700 requests), so the
+/// forcing variants are tried first (they need CAP_NET_ADMIN, which a root service has);
+/// without it, whatever the sysctls allow.
+fn set_buffers(sock: &Socket, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        let set = |opt| {
+            // SAFETY: a valid socket, an int option, its size.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    std::ptr::from_ref(&bytes).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        if set(force) != 0 && set(plain) != 0 {
+            tracing::warn!(bytes, "cannot size the DHCP socket buffers");
+        }
+    }
 }
 
 /// Serves DHCP on `sock` (port 67) and, in proxy mode, `pxe` (port 4011) until the task is
@@ -170,51 +205,53 @@ pub async fn run(
     let journal = journal.spawn(writer_sock.into(), stats.clone())?;
     let mut server = Server::new(handler, stats.clone());
 
-    // Larger than any valid request: longer datagrams show up as oversized, not truncated.
-    let mut buf = vec![0u8; 4096];
-    let mut pxe_buf = vec![0u8; 4096];
+    // Each wake-up takes every queued datagram (up to a batch) in one call; port 4011 sees
+    // a PXE client now and then, so its batch is small.
+    let mut batch_rx = RecvBatch::new(mmsg::BATCH);
+    let mut pxe_rx = RecvBatch::new(4);
+    let mut batch = Batch::default();
     loop {
-        let (len, peer, port) = tokio::select! {
-            r = sock.recv_from(&mut buf) => {
-                let (len, peer) = r.map_err(DhcpError::Recv)?;
-                (len, peer, Port::Dhcp)
+        let port = tokio::select! {
+            r = sock.async_io(Interest::READABLE, || batch_rx.recv(&sock)) => {
+                r.map_err(DhcpError::Recv)?;
+                Port::Dhcp
             }
-            r = recv_opt(pxe.as_ref(), &mut pxe_buf) => {
-                let (len, peer) = r.map_err(DhcpError::Recv)?;
-                (len, peer, Port::Pxe)
+            r = recv_opt(pxe.as_ref(), &mut pxe_rx) => {
+                r.map_err(DhcpError::Recv)?;
+                Port::Pxe
             }
         };
-        let packet = match port {
-            Port::Dhcp => &buf,
-            Port::Pxe => &pxe_buf,
+        let (rx, via) = match port {
+            Port::Dhcp => (&batch_rx, &sock),
+            Port::Pxe => (&pxe_rx, pxe.as_ref().unwrap_or(&sock)),
         };
-        let packet = packet.get(..len).unwrap_or_default();
-        match server.on_datagram(packet, peer, port, SystemTime::now()) {
-            Action::Nothing => {}
-            Action::Journal(job) => {
-                leases.apply(&job.records);
-                if !journal.submit(job) {
-                    bump(&stats.journal_busy);
-                    tracing::warn!(%peer, "lease journal behind: reply dropped");
-                }
-            }
-            Action::Send(send) => {
-                let via = match send.port {
-                    Port::Pxe => pxe.as_ref().unwrap_or(&sock),
-                    Port::Dhcp => &sock,
-                };
-                reply::send(via, &send, &stats).await;
-            }
+        server.on_batch(rx.iter(), port, SystemTime::now(), &mut batch);
+        // The commit first: the writer's write and fdatasync overlap the offers' sending.
+        if let Some(commit) = batch.take_commit() {
+            submit(&journal, commit, &leases, &stats);
         }
+        reply::send(via, &batch.immediate, &stats).await;
+        batch.immediate.clear();
     }
 }
 
-async fn recv_opt(
-    sock: Option<&UdpSocket>,
-    buf: &mut [u8],
-) -> std::io::Result<(usize, SocketAddr)> {
+/// Hands one batch's lease changes to the journal writer (and the HTTP side's view of the
+/// leases, one lock for the batch).
+fn submit(journal: &JournalHandle, commit: journal::Commit, leases: &Leases, stats: &Stats) {
+    leases.apply(&commit.records);
+    let requests = commit.requests;
+    if !journal.submit(commit) {
+        stats
+            .journal_busy
+            .fetch_add(requests as u64, Ordering::Relaxed);
+        // Once per batch, not per request: this happens under overload.
+        tracing::warn!(requests, "lease journal behind: replies dropped");
+    }
+}
+
+async fn recv_opt(sock: Option<&UdpSocket>, rx: &mut RecvBatch) -> std::io::Result<usize> {
     match sock {
-        Some(s) => s.recv_from(buf).await,
+        Some(s) => s.async_io(Interest::READABLE, || rx.recv(s)).await,
         None => std::future::pending().await,
     }
 }
@@ -222,4 +259,23 @@ async fn recv_opt(
 /// Where the lease journal lives in the data directory.
 pub fn journal_path(data_dir: &Path) -> std::path::PathBuf {
     data_dir.join(journal::FILE_NAME)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With CAP_NET_ADMIN (root) the buffers get their size whatever `rmem_max` says.
+    #[test]
+    fn socket_buffers_are_not_capped_by_the_sysctls_as_root() {
+        let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        set_buffers(&sock, BUFFER);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            // The kernel doubles what it is given, for its bookkeeping.
+            let want = BUFFER as usize;
+            assert!(sock.recv_buffer_size().unwrap() >= want);
+            assert!(sock.send_buffer_size().unwrap() >= want);
+        }
+    }
 }

@@ -18,7 +18,24 @@
 //! repeated at 85% of the rate, up to three runs). Leases are persisted by all three: Stork
 //! makes each one durable (group-committed fdatasync) before its ACK leaves, Kea appends it
 //! to its CSV lease file without fsync, dnsmasq rewrites and fsyncs its whole lease file.
-//! Numbers are printed, never asserted.
+//! Numbers are printed, never asserted; so is each server's lost share (exchanges started
+//! without an ACK).
+//!
+//! Kea runs with the settings its manual (Kea ARM, "Multi-Threading Settings With Different
+//! Database Backends") recommends for memfile: `multi-threading` with
+//! `enable-multi-threading: true`, `thread-pool-size: 4` and `packet-queue-size: 28`
+//! (7 per thread); `lease-database` with `persist: true` (appends each lease to the CSV
+//! file, no fsync) and `lfc-interval: 0` (no lease file cleanup forks during a run);
+//! `dhcp-socket-type: udp`, as perfdhcp relays.
+//!
+//! `STORK_BENCH_DHCP_PEERS` (e.g. `stork,kea`) picks the servers, `STORK_BENCH_DHCP_RATE`
+//! skips the search and runs the long trial at that rate: both for working on one server.
+//! `STORK_BENCH_PERFDHCP_THREADS=single` runs perfdhcp's `-g single` (default `multi`).
+//!
+//! Each trial also prints the CPU time the server process and perfdhcp spent per lease,
+//! and the datagrams the kernel dropped for a full receive buffer on each side: on two
+//! shared cores, perfdhcp's own cost (60 to 130 us per exchange here) caps the rate any
+//! server can be measured at, and these say which side ran out.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -54,7 +71,7 @@ impl Peer {
     fn name(self) -> &'static str {
         match self {
             Peer::Stork => "Stork",
-            Peer::Kea => "Kea 2.2 (memfile, persist)",
+            Peer::Kea => "Kea 2.2 (memfile, 4 threads)",
             Peer::Dnsmasq => "dnsmasq (lease file)",
         }
     }
@@ -88,19 +105,32 @@ pub fn run() -> Result<()> {
     // while its receive thread waits for a core, and that measures the client, not the
     // server. Raised for the run (every server gets it), restored after.
     let _rmem = Sysctl::raise("/proc/sys/net/core/rmem_default", 8 << 20);
+    let peers = std::env::var("STORK_BENCH_DHCP_PEERS").unwrap_or_default();
+    let fixed_rate: Option<u64> = std::env::var("STORK_BENCH_DHCP_RATE")
+        .ok()
+        .and_then(|s| s.parse().ok());
     let mut results = Vec::new();
     for peer in [Peer::Stork, Peer::Kea, Peer::Dnsmasq] {
-        crate::step(&format!(
-            "{}: searching the highest sustained rate",
-            peer.name()
-        ));
+        let tag = format!("{peer:?}").to_lowercase();
+        if !peers.is_empty() && !peers.split(',').any(|p| p.trim() == tag) {
+            continue;
+        }
         let bench = Bench {
             peer,
             net: &net,
             stork: &stork,
             work: &work,
         };
-        let mut rate = bench.search()?;
+        let mut rate = match fixed_rate {
+            Some(r) => r,
+            None => {
+                crate::step(&format!(
+                    "{}: searching the highest sustained rate",
+                    peer.name()
+                ));
+                bench.search()?
+            }
+        };
         // A rate held for a short trial may not hold for the long run (the lease store
         // grows, the neighbours' load changes): step down until it does, three tries.
         let mut tries = 0;
@@ -122,19 +152,23 @@ pub fn run() -> Result<()> {
         "DHCP benchmark: perfdhcp full DORA as a relay, veth between two namespaces, 2 cores shared by client and server, cpu_dma_latency 0, {secs} s at each server's highest sustained rate"
     );
     println!(
-        "{:<28} {:>10} {:>12} {:>8} {:>10}",
-        "server", "offered/s", "leases/s", "loss %", "latency"
+        "{:<30} {:>10} {:>12} {:>8} {:>10} {:>14}",
+        "server", "offered/s", "leases/s", "lost %", "latency", "CPU us/lease"
     );
     for (peer, rate, r) in &results {
         println!(
-            "{:<28} {:>10} {:>12.0} {:>8.2} {:>8.2}ms",
+            "{:<30} {:>10} {:>12.0} {:>8.2} {:>8.2}ms {:>14.0}",
             peer.name(),
             rate,
             r.leases_per_sec(),
             r.loss() * 100.0,
-            r.ra_latency_ms
+            r.ra_latency_ms,
+            r.cpu_us_per_lease()
         );
     }
+    println!(
+        "durability: Stork fdatasyncs each lease (group commit) before its ACK leaves; Kea (persist: true) appends it to its CSV file without fsync; dnsmasq rewrites and fsyncs its lease file"
+    );
     let get = |p: Peer| {
         results
             .iter()
@@ -167,11 +201,28 @@ struct Trial {
     acks: u64,
     /// Average REQUEST-ACK delay as perfdhcp reports it.
     ra_latency_ms: f64,
+    /// CPU time the server process (all its threads, user and system) spent during the
+    /// run: what a lease costs, whatever else shares the cores.
+    server_cpu_secs: f64,
+    /// CPU time perfdhcp spent: the client shares the two cores.
+    client_cpu_secs: f64,
+    /// Datagrams the kernel dropped during the run for want of room in a receive buffer
+    /// (`/proc/net/snmp`, Udp RcvbufErrors), in the server's namespace and the client's:
+    /// which side could not keep up.
+    server_rcvbuf_drops: u64,
+    client_rcvbuf_drops: u64,
 }
 
 impl Trial {
     fn leases_per_sec(&self) -> f64 {
         self.acks as f64 / self.secs
+    }
+    /// Server CPU time per lease granted, in microseconds.
+    fn cpu_us_per_lease(&self) -> f64 {
+        if self.acks == 0 {
+            return 0.0;
+        }
+        self.server_cpu_secs * 1e6 / self.acks as f64
     }
     /// Share of exchanges started that did not end in an ACK.
     fn loss(&self) -> f64 {
@@ -186,7 +237,7 @@ impl std::fmt::Display for Trial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:.0} leases/s: {} DISCOVER, {} OFFER, {} REQUEST, {} ACK in {:.1} s ({:.2}% lost, REQUEST-ACK {:.2} ms)",
+            "{:.0} leases/s: {} DISCOVER, {} OFFER, {} REQUEST, {} ACK in {:.1} s ({:.2}% lost, REQUEST-ACK {:.2} ms, CPU per lease: server {:.0} us, perfdhcp {:.0} us; receive buffer drops: server {}, client {})",
             self.leases_per_sec(),
             self.discovers,
             self.offers,
@@ -194,7 +245,11 @@ impl std::fmt::Display for Trial {
             self.acks,
             self.secs,
             self.loss() * 100.0,
-            self.ra_latency_ms
+            self.ra_latency_ms,
+            self.cpu_us_per_lease(),
+            self.client_cpu_secs * 1e6 / self.acks.max(1) as f64,
+            self.server_rcvbuf_drops,
+            self.client_rcvbuf_drops
         )
     }
 }
@@ -244,6 +299,13 @@ impl Bench<'_> {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let mut server = self.start(&dir)?;
+        let cpu_before = cpu_secs(server.pid());
+        let drops_before = (
+            rcvbuf_errors(&self.net.server),
+            rcvbuf_errors(&self.net.client),
+        );
+        let thread_mode =
+            std::env::var("STORK_BENCH_PERFDHCP_THREADS").unwrap_or_else(|_| "multi".into());
         let mut out = self.net.client(Command::new("perfdhcp").args([
             "-4",
             "-r",
@@ -254,16 +316,26 @@ impl Bench<'_> {
             &length.as_secs().to_string(),
             "-l",
             CLIENT_IP,
+            "-g",
+            &thread_mode,
             // Wait 0.3 s for replies in flight when the run ends.
             "-W",
             "300000",
             SERVER_IP,
         ]));
+        let client_before = children_cpu_secs();
         let out = out
             .stdin(Stdio::null())
             .output()
             .context("running perfdhcp")?;
+        // perfdhcp is the only child waited for in between.
+        let client_cpu = children_cpu_secs() - client_before;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let cpu = cpu_secs(server.pid()) - cpu_before;
+        let drops = (
+            rcvbuf_errors(&self.net.server).saturating_sub(drops_before.0),
+            rcvbuf_errors(&self.net.client).saturating_sub(drops_before.1),
+        );
         if let Some(status) = server.exited() {
             bail!(
                 "{} exited during the run ({status}):\n{}",
@@ -280,6 +352,9 @@ impl Bench<'_> {
             )
         })?;
         t.secs = length.as_secs_f64();
+        t.server_cpu_secs = cpu;
+        t.client_cpu_secs = client_cpu;
+        (t.server_rcvbuf_drops, t.client_rcvbuf_drops) = drops;
         std::fs::write(dir.join("perfdhcp.txt"), &text)?;
         drop(server);
         Ok(t)
@@ -326,6 +401,12 @@ ipv6_ra = false
                             "persist": true,
                             "name": dir.join("kea-leases4.csv"),
                             "lfc-interval": 0
+                        },
+                        // The manual's recommendation for memfile (module doc).
+                        "multi-threading": {
+                            "enable-multi-threading": true,
+                            "thread-pool-size": 4,
+                            "packet-queue-size": 28
                         },
                         "valid-lifetime": LEASE_SECS,
                         "subnet4": [{
@@ -438,6 +519,59 @@ fn parse_perfdhcp(text: &str) -> Option<Trial> {
         }
     }
     seen.then_some(t)
+}
+
+/// User and system CPU seconds of this process's children that were waited for.
+fn children_cpu_secs() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(u.ru_utime) + secs(u.ru_stime)
+}
+
+/// UDP datagrams dropped for a full receive buffer in namespace `ns` so far.
+fn rcvbuf_errors(ns: &str) -> u64 {
+    let out = stork_lab::run(&mut Pair::wrap(
+        ns,
+        Command::new("cat").arg("/proc/net/snmp"),
+    ))
+    .unwrap_or_default();
+    // Two "Udp:" lines: the field names, then the values.
+    let mut udp = out.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// User and system CPU seconds of process `pid` and all its threads so far (0 if gone).
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The fields after the command name, which is in parentheses and may hold spaces:
+    // utime and stime are the 14th and 15th of the line.
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
 }
 
 /// The server and client namespaces, addressed, with fixed neighbours both ways.

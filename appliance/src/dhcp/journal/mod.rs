@@ -18,13 +18,14 @@
 //! # Durability (fsync policy)
 //! - Offers are never written: a lost offer costs the client one retry.
 //! - Every bound lease (each ACK, renewals included: the expiry moves), release and decline
-//!   is one record. The records of one request go to a dedicated writer thread together with
-//!   the reply that depends on them; the writer appends everything queued, calls
-//!   `fdatasync` once for the batch (group commit), and only then sends the batch's ACKs.
+//!   is one record. The records of one received batch of requests (up to 64 datagrams, one
+//!   `recvmmsg`) go to a dedicated writer thread as one [`Commit`] together with the replies
+//!   that depend on them; the writer appends everything queued, calls `fdatasync` once for
+//!   it all (group commit), and only then sends the ACKs (`sendmmsg`).
 //!   So an ACKed lease is on disk before the client hears of it, and a crash (kill -9 or
-//!   power loss) can lose only leases their clients were never told about. The batch is
+//!   power loss) can lose only leases their clients were never told about. A group is
 //!   whatever queued while the previous `fdatasync` ran (at most [`MAX_BATCH`] records),
-//!   so an ACK waits at most two `fdatasync`s (about 1.5 ms each on this machine's disk),
+//!   so an ACK waits at most two `fdatasync`s (0.8 to 1.5 ms each on this machine's disk),
 //!   and the number of `fdatasync`s per second stays bounded however high the load.
 //! - If a write or `fdatasync` fails, that batch's ACKs are not sent (clients retry) and the
 //!   journal is rewritten from the writer's live set before the next append.
@@ -43,7 +44,7 @@ use std::path::PathBuf;
 pub use file::{Journal, load};
 pub use live::{COMPACT_FACTOR, COMPACT_MIN, LiveSet};
 pub use record::{Loaded, MAGIC, RECORD_LEN, Record, unix_secs};
-pub use writer::{Job, JournalHandle, MAX_BATCH};
+pub use writer::{Commit, Job, JournalHandle, MAX_BATCH};
 
 pub const FILE_NAME: &str = "dhcp-leases.journal";
 

@@ -1,6 +1,6 @@
-//! The writer thread: takes [`Job`]s from the socket loop, makes each batch durable with one
-//! `fdatasync` and only then releases the batch's replies, through [`reply::send_blocking`]
-//! like any other reply.
+//! The writer thread: takes [`Commit`]s from the socket loop (one per received batch), makes
+//! everything queued durable with one `fdatasync` and only then releases the replies, with
+//! [`reply::send_blocking`] like any other reply (`sendmmsg`, a batch per call).
 
 use std::net::UdpSocket;
 use std::sync::Arc;
@@ -14,10 +14,11 @@ use super::{Journal, JournalError, Record};
 
 /// Records written per `fdatasync` at most.
 pub const MAX_BATCH: usize = 8192;
-/// Jobs that may wait for the writer; beyond that replies are dropped (clients retry).
-const QUEUE: usize = 65_536;
+/// Commits that may wait for the writer (each of at most one received batch, so about
+/// 65,000 requests); beyond that replies are dropped (clients retry).
+const QUEUE: usize = 1024;
 
-/// Records to make durable, and the reply to send once they are.
+/// One request's records to make durable, and the reply to send once they are.
 #[derive(Debug)]
 pub struct Job {
     pub records: Vec<Record>,
@@ -25,18 +26,41 @@ pub struct Job {
     pub reply: Option<Reply>,
 }
 
+/// The jobs of one received batch, merged: one entry in the writer's queue and one wake-up
+/// of the writer thread for all of them.
+#[derive(Debug, Default)]
+pub struct Commit {
+    pub records: Vec<Record>,
+    /// Sent on the writer's socket (port 67's), in order, once every record is durable.
+    pub replies: Vec<Reply>,
+    /// Requests merged in (a RELEASE or DECLINE has records and no reply).
+    pub requests: usize,
+}
+
+impl Commit {
+    pub fn add(&mut self, job: Job) {
+        self.records.extend_from_slice(&job.records);
+        self.replies.extend(job.reply);
+        self.requests += 1;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
 /// The socket loop's side of the writer thread. Dropping it stops the thread after it has
 /// written what was queued.
 #[derive(Clone)]
 pub struct JournalHandle {
-    tx: SyncSender<Job>,
+    tx: SyncSender<Commit>,
 }
 
 impl JournalHandle {
-    /// Queues a job; `false` when the writer is too far behind or gone (the reply is
-    /// dropped, the client will retry).
-    pub fn submit(&self, job: Job) -> bool {
-        match self.tx.try_send(job) {
+    /// Queues a commit; `false` when the writer is too far behind or gone (its replies are
+    /// dropped, the clients will retry).
+    pub fn submit(&self, commit: Commit) -> bool {
+        match self.tx.try_send(commit) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
         }
@@ -55,25 +79,21 @@ impl Journal {
     }
 }
 
-fn run(mut journal: Journal, rx: Receiver<Job>, sock: &UdpSocket, stats: &Stats) {
+fn run(mut journal: Journal, rx: Receiver<Commit>, sock: &UdpSocket, stats: &Stats) {
     let mut damaged = false;
-    let mut batch: Vec<Job> = Vec::new();
     let mut records: Vec<Record> = Vec::new();
+    let mut replies: Vec<Reply> = Vec::new();
+    // Whatever queued while the last fdatasync ran is the next group.
     while let Ok(first) = rx.recv() {
-        let mut n = first.records.len();
-        batch.push(first);
-        while n < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => {
-                    n += job.records.len();
-                    batch.push(job);
-                }
-                Err(_) => break,
-            }
-        }
         records.clear();
-        for job in &batch {
-            records.extend_from_slice(&job.records);
+        replies.clear();
+        let mut next = Some(first);
+        while let Some(mut c) = next.take() {
+            records.append(&mut c.records);
+            replies.append(&mut c.replies);
+            if records.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
         }
         let now = SystemTime::now();
         let written = if damaged {
@@ -89,11 +109,7 @@ fn run(mut journal: Journal, rx: Receiver<Job>, sock: &UdpSocket, stats: &Stats)
                     .journal_records
                     .fetch_add(records.len() as u64, Ordering::Relaxed);
                 // Durable: the replies may leave.
-                for job in batch.drain(..) {
-                    if let Some(r) = job.reply {
-                        reply::send_blocking(sock, &r, stats);
-                    }
-                }
+                reply::send_blocking(sock, &replies, stats);
                 if journal.wants_compaction()
                     && let Err(e) = journal.compact(now)
                 {
@@ -105,8 +121,7 @@ fn run(mut journal: Journal, rx: Receiver<Job>, sock: &UdpSocket, stats: &Stats)
             Err(e) => {
                 damaged = true;
                 bump(&stats.journal_errors);
-                tracing::error!(error = %e, dropped_replies = batch.len(), "lease journal write failed: ACKs withheld");
-                batch.clear();
+                tracing::error!(error = %e, dropped_replies = replies.len(), "lease journal write failed: ACKs withheld");
             }
         }
     }
@@ -143,17 +158,22 @@ mod tests {
         let stats = Arc::new(Stats::default());
         let h = j.spawn(tx, stats.clone()).unwrap();
         let to: SocketAddr = rx.local_addr().unwrap();
-        for n in 1..=50u8 {
-            assert!(h.submit(Job {
-                records: vec![bound(n)],
-                reply: Some(Reply {
-                    bytes: vec![n],
-                    to,
-                    port: Port::Dhcp,
-                    kind: Some(MessageType::Ack),
-                    proxy: false,
-                }),
-            }));
+        // Two received batches: 20 requests, then 30.
+        for ns in [1..=20u8, 21..=50] {
+            let mut commit = Commit::default();
+            for n in ns {
+                commit.add(Job {
+                    records: vec![bound(n)],
+                    reply: Some(Reply {
+                        bytes: vec![n],
+                        to,
+                        port: Port::Dhcp,
+                        kind: Some(MessageType::Ack),
+                        proxy: false,
+                    }),
+                });
+            }
+            assert!(h.submit(commit));
         }
         for _ in 1..=50 {
             let mut b = [0u8; 4];
@@ -173,7 +193,8 @@ mod tests {
             .find(|s| s.acks == 50)
             .unwrap();
         assert_eq!((s.replied, s.acks, s.offers, s.send_errors), (50, 50, 0, 0));
-        assert!(s.journal_syncs >= 1);
+        // One fdatasync per queued group: at most one per received batch.
+        assert!((1..=2).contains(&s.journal_syncs), "{s:?}");
         assert_eq!(s.journal_records, 50);
     }
 }
