@@ -168,18 +168,26 @@ fn raw_image_passes_sgdisk_and_matches_the_manifest() -> Result<()> {
         ensure!(a["kind"] == kind, "{name}: {a}");
         eprintln!("{name}: {} bytes", a["size"]);
     }
-    // The agent sizes the target disk from the first frame's header: it must be the whole image.
+    // The raw image's frames add up to the whole image, as the manifest and the block map
+    // say: the agent sizes the target disk from the map (an agent without it, from the
+    // frames' sizes).
     let raw_zst = b.out.join(format!("{NAME}.raw.zst"));
-    let mut head = [0u8; 18];
-    std::io::Read::read_exact(&mut fs::File::open(&raw_zst)?, &mut head)?;
-    let declared = zstd::zstd_safe::get_frame_content_size(&head)
-        .map_err(|e| anyhow!("raw.zst frame header: {e:?}"))?;
+    let declared = stork_image::blockmap::zstd_content_size(&raw_zst)?;
     let raw_art = artifact(&b.manifest, NAME, &format!("{NAME}.raw.zst"))?;
     ensure!(
         declared == raw_art["uncompressed_size"].as_u64()
             && declared == Some(fs::metadata(&b.raw)?.len()),
-        "raw.zst declares {declared:?} bytes, manifest {}",
+        "raw.zst's frames add up to {declared:?} bytes, manifest {}",
         raw_art["uncompressed_size"]
+    );
+    let map_art = artifact(&b.manifest, NAME, &format!("{NAME}.raw.map.json"))?;
+    ensure!(map_art["kind"] == "raw_disk_map", "{map_art}");
+    let map: serde_json::Value =
+        serde_json::from_slice(&fs::read(b.out.join(format!("{NAME}.raw.map.json")))?)?;
+    ensure!(
+        map["image_size"].as_u64() == declared,
+        "the block map's image_size {} is not the image's {declared:?}",
+        map["image_size"]
     );
     ensure!(
         img["inputs"]["packages"]
