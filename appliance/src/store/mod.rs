@@ -351,8 +351,26 @@ impl Store {
             "SELECT {}, power_state, power_seen_at FROM machines {where_sql} ORDER BY created_at, id",
             Self::MACHINE_COLUMNS
         );
-        // Every selected machine's interfaces in one query: one query per machine made
-        // listing 10,000 machines several times slower.
+        let mut macs = Self::macs_of(conn, where_sql, args)?;
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(args)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let id: String = row.get(0)?;
+            let m = macs.remove(&id).unwrap_or_default();
+            out.push(Self::machine_from_row(key, row, m)?);
+        }
+        Ok(out)
+    }
+
+    /// The interfaces' MACs of every machine `where_sql` selects, by machine id, in the
+    /// order they were added: one query for all (one per machine made listing 10,000
+    /// machines several times slower).
+    fn macs_of(
+        conn: &Connection,
+        where_sql: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<HashMap<String, Vec<MacAddr>>, StoreError> {
         let mut macs: HashMap<String, Vec<MacAddr>> = HashMap::new();
         let mut stmt = conn.prepare_cached(&format!(
             "SELECT machine_id, mac FROM interfaces \
@@ -364,15 +382,7 @@ impl Store {
                 macs.entry(row.get(0)?).or_default().push(mac);
             }
         }
-        let mut stmt = conn.prepare_cached(&sql)?;
-        let mut rows = stmt.query(args)?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next()? {
-            let id: String = row.get(0)?;
-            let m = macs.remove(&id).unwrap_or_default();
-            out.push(Self::machine_from_row(key, row, m)?);
-        }
-        Ok(out)
+        Ok(macs)
     }
 
     pub fn list_machines(&self) -> Result<Vec<Machine>, StoreError> {
@@ -477,17 +487,7 @@ impl Store {
         drop(rows);
         drop(stmt);
         in_order_of(&ids, &mut page, |m| &m.id);
-        let mut macs: HashMap<String, Vec<MacAddr>> = HashMap::new();
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT machine_id, mac FROM interfaces WHERE machine_id IN \
-             (SELECT id FROM machines {in_sql}) ORDER BY rowid"
-        ))?;
-        let mut rows = stmt.query(id_refs.as_slice())?;
-        while let Some(row) = rows.next()? {
-            if let Ok(mac) = row.get::<_, String>(1)?.parse() {
-                macs.entry(row.get(0)?).or_default().push(mac);
-            }
-        }
+        let mut macs = Self::macs_of(&conn, &in_sql, &id_refs)?;
         for m in &mut page {
             let mut list = macs.remove(&m.id).unwrap_or_default();
             list.sort_by_key(|mac| Some(*mac) != m.boot_mac);
