@@ -124,19 +124,23 @@ pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
 }
 
 /// Compresses the raw image `raw` to `out` as frames (level `level`) and writes its block map
-/// to `map_out`, each through a temporary file renamed into place.
+/// to `map_out`, each through a temporary file renamed into place. The `keep` areas
+/// (offset, length) are data in the map even where they are zero: the places a deploy,
+/// which leaves gaps as the disk has them, must overwrite (`Layout::signature_areas`).
 pub fn compress_mapped(
     raw: &Path,
     out: &Path,
     map_out: &Path,
     level: i32,
+    keep: &[(u64, u64)],
 ) -> Result<Mapped, MapWriteError> {
     let tmp = manifest::tmp_path(out);
     let map_tmp = manifest::tmp_path(map_out);
     let result = (|| {
         let src = File::open(raw).map_err(io_err(raw))?;
         let image_size = src.metadata().map_err(io_err(raw))?.len();
-        let extents = data_extents(&src, image_size).map_err(io_err(raw))?;
+        let keep = blocks_of(keep, image_size);
+        let extents = merged(data_extents(&src, image_size).map_err(io_err(raw))?, &keep);
         let file = File::create(&tmp).map_err(io_err(&tmp))?;
         let mut w = Framer {
             out: HashingWriter::new(BufWriter::with_capacity(1 << 20, file)),
@@ -160,7 +164,8 @@ pub fn compress_mapped(
                 src.read_exact_at(&mut block[..n], off)
                     .map_err(io_err(raw))?;
                 let data = &block[..n];
-                if is_zero(data) {
+                let kept = keep.iter().any(|&(s, e)| s < off + n as u64 && off < e);
+                if is_zero(data) && !kept {
                     w.end_range().map_err(io_err(&tmp))?;
                 } else {
                     w.put(off, data).map_err(io_err(&tmp))?;
@@ -209,6 +214,35 @@ pub fn compress_mapped(
         let _ = fs::remove_file(&map_tmp);
     }
     result
+}
+
+/// `areas` (offset, length) as `(start, end)` widened to whole [`BLOCK`]s inside `len`.
+fn blocks_of(areas: &[(u64, u64)], len: u64) -> Vec<(u64, u64)> {
+    areas
+        .iter()
+        .map(|&(offset, n)| {
+            let end = offset
+                .saturating_add(n)
+                .div_ceil(BLOCK)
+                .saturating_mul(BLOCK);
+            (offset / BLOCK * BLOCK, end.min(len))
+        })
+        .filter(|(s, e)| s < e)
+        .collect()
+}
+
+/// `extents` and `more` (both `(start, end)`) as one sorted list without overlaps.
+fn merged(mut extents: Vec<(u64, u64)>, more: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    extents.extend_from_slice(more);
+    extents.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(extents.len());
+    for (s, e) in extents {
+        match out.last_mut() {
+            Some(last) if last.1 >= s => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
 }
 
 /// Writes `map` as pretty JSON with a final newline; returns its size and sha256.

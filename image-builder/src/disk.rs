@@ -42,6 +42,8 @@ pub enum DiskError {
     Tool(#[from] CmdError),
     #[error("debugfs did not replace {path} in the root file system; it reads:\n{got}")]
     Replace { path: String, got: String },
+    #[error("debugfs did not say where the root file system's journal is; it reads:\n{got}")]
+    Journal { got: String },
     #[error("{path}")]
     Io {
         path: PathBuf,
@@ -87,6 +89,17 @@ impl Layout {
 
     pub fn bytes(&self) -> u64 {
         self.sectors * SECTOR
+    }
+
+    /// Where a reader of the disk could take what a deploy leaves in a block map's gaps for a
+    /// signature ([`blockmap::signature_areas`](stork_proto::blockmap::signature_areas)): kept
+    /// in the map, zero or not, so a deploy overwrites them.
+    pub fn signature_areas(&self) -> Vec<(u64, u64)> {
+        let part = |(first, last): (u64, u64)| (first * SECTOR, (last + 1 - first) * SECTOR);
+        stork_proto::blockmap::signature_areas(
+            self.bytes(),
+            &[part(self.bios), part(self.esp), part(self.root)],
+        )
     }
 }
 
@@ -434,6 +447,53 @@ fn replace_in_ext4(
     Ok(())
 }
 
+/// The byte ranges `(offset, length)` of `image` that hold the journal of the ext4 at byte
+/// `offset`. A deploy that leaves a block map's gaps as the disk has them must still
+/// overwrite these: a journal's unused blocks left from an earlier deploy of the same image
+/// (same UUID, same first sequence number) could look like the next transaction to a
+/// recovery after a crash.
+pub fn journal_areas(image: &Path, offset: u64) -> Result<Vec<(u64, u64)>, DiskError> {
+    let device = format!("{}?offset={offset}", image.display());
+    let ask = |request: &str| -> Result<String, DiskError> {
+        let out = cmd::run(cmd::clean("debugfs").arg("-R").arg(request).arg(&device))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let stats = ask("stats")?;
+    let block: Option<u64> = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .and_then(|v| v.trim().parse().ok());
+    let inode = ask("stat <8>")?;
+    let extents = inode
+        .split_once("EXTENTS:")
+        .map(|(_, rest)| parse_extents(rest));
+    match (block, extents) {
+        (Some(block), Some(extents)) if !extents.is_empty() => Ok(extents
+            .into_iter()
+            .map(|(first, last)| (offset + first * block, (last + 1 - first) * block))
+            .collect()),
+        _ => Err(DiskError::Journal {
+            got: format!("{stats}\n{inode}"),
+        }),
+    }
+}
+
+/// The physical block ranges (first, last) of debugfs's `EXTENTS:` list: `(0-8191):139265-147456`
+/// for a run, `(8192):150000` for one block; index blocks (`(ETB0):...`) hold no data.
+fn parse_extents(text: &str) -> Vec<(u64, u64)> {
+    text.split([',', '\n'])
+        .filter_map(|item| {
+            let (logical, physical) = item.trim().split_once("):")?;
+            if logical.starts_with("(ETB") {
+                return None;
+            }
+            let (first, last) = physical.split_once('-').unwrap_or((physical, physical));
+            let (first, last) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
+            (first <= last).then_some((first, last))
+        })
+        .collect()
+}
+
 /// Compresses `raw` to `out` as one zstd frame whose header carries the image's size (the agent
 /// reads it from the first bytes to choose a disk big enough). Returns size and SHA-256 of
 /// `out`.
@@ -487,6 +547,31 @@ mod tests {
         assert_eq!(l.root.0 % 2048, 0);
         assert_eq!(l.root.1, 3071 * 2048 - 1);
         assert_eq!(l.bytes(), 3 << 30);
+    }
+
+    #[test]
+    fn signature_areas_are_the_edges_of_the_disk_and_of_each_partition() {
+        let l = Layout::new(3072, 100);
+        let areas = l.signature_areas();
+        let mib = MIB;
+        assert_eq!(
+            areas[..4],
+            [(0, mib), (3071 * mib, mib), (mib, mib), (mib, mib)]
+        );
+        assert_eq!(areas[4..6], [(2 * mib, mib), (101 * mib, mib)]);
+        assert_eq!(areas[6], (102 * mib, mib));
+        // The root ends where the disk's last MiB (the backup GPT's) begins.
+        assert_eq!(areas[7], (3070 * mib, mib));
+    }
+
+    #[test]
+    fn debugfs_extents_are_parsed_and_index_blocks_skipped() {
+        let text =
+            "\n(ETB0):1000, (0-8191):139265-147456, (8192):150000,\n(8193-8200):160000-160007\n";
+        assert_eq!(
+            parse_extents(text),
+            [(139_265, 147_456), (150_000, 150_000), (160_000, 160_007)]
+        );
     }
 
     #[test]

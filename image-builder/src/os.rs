@@ -46,7 +46,7 @@ use crate::tarball;
 /// Bump when the tree's configuration changes (part of the tree's cache key).
 const CONFIG_FORMAT: u32 = 1;
 /// Bump when the image steps change bytes (part of the manifest inputs).
-const IMAGE_FORMAT: u32 = 5;
+const IMAGE_FORMAT: u32 = 6;
 /// zstd levels. The root SquashFS is fetched into RAM for deploy in memory: size first. The tar
 /// streams to a disk once per deploy. Measured on the Debian tree (755 MiB of tar, one core of
 /// a busy machine): level 3 gives 254 MB in 8 s, 6 238 MB in 15 s, 9 223 MB in 19 s, 19 200 MB
@@ -346,6 +346,19 @@ pub fn build(req: &Request<'_>) -> Result<ImageEntry, ImageError> {
         }
     };
     let map_file = blockmap::map_name(&raw_file);
+    // What a deploy overwrites even where it is zero (the map's gaps are left as the disk
+    // has them): the signature areas and the root's journal.
+    let keep = match disk::journal_areas(&raw, layout.root.0 * crate::gpt::SECTOR) {
+        Ok(mut keep) => {
+            keep.extend(layout.signature_areas());
+            keep
+        }
+        Err(e) => {
+            // Best effort: the error being returned matters more than a stray temporary file.
+            let _ = fs::remove_file(&raw);
+            return Err(e.into());
+        }
+    };
     let compressed = progress.step(
         &format!("zstd -{RAW_LEVEL} of the raw image's data, its block map"),
         || {
@@ -354,6 +367,7 @@ pub fn build(req: &Request<'_>) -> Result<ImageEntry, ImageError> {
                 &req.out.join(&raw_file),
                 &req.out.join(&map_file),
                 RAW_LEVEL,
+                &keep,
             )
         },
     );

@@ -14,7 +14,7 @@ use stork_image::blockmap::{self, BLOCK, FRAME};
 use stork_image::manifest::{
     ArtifactKind, ImageArtifact, ImageEntry, ImageInputs, ImageKind, ImageManifest,
 };
-use stork_proto::blockmap::{BlockMap, SegmentKind, ZeroFrames};
+use stork_proto::blockmap::{self as blockmap_format, BlockMap, SegmentKind, ZeroFrames};
 
 const MIB: u64 = 1 << 20;
 
@@ -64,7 +64,7 @@ fn the_map_lists_the_data_and_the_file_is_the_whole_image() {
     assert!(!extents.iter().any(|(s, e)| *s < 40 * MIB && *e > 40 * MIB));
 
     let (out, map_out) = (tmp.path().join("img.raw.zst"), tmp.path().join("map.json"));
-    let m = blockmap::compress_mapped(&raw, &out, &map_out, 3).unwrap();
+    let m = blockmap::compress_mapped(&raw, &out, &map_out, 3, &[]).unwrap();
     let ranges: Vec<_> = m.map.ranges.iter().map(|r| (r.offset, r.length)).collect();
     assert_eq!(
         ranges,
@@ -140,6 +140,33 @@ fn the_map_lists_the_data_and_the_file_is_the_whole_image() {
 }
 
 #[test]
+fn kept_areas_are_data_in_the_map_even_where_they_are_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("img.raw");
+    let image = sparse_image(&raw).unwrap();
+    let (out, map_out) = (tmp.path().join("img.raw.zst"), tmp.path().join("map.json"));
+    // Written zeros at 20 MiB, and 10 bytes of a hole inside 40 MiB (widened to its block).
+    let keep = [(20 * MIB, MIB), (40 * MIB + 100, 10)];
+    let m = blockmap::compress_mapped(&raw, &out, &map_out, 3, &keep).unwrap();
+    assert_eq!(m.map.version, blockmap_format::VERSION);
+    assert!(!m.map.zeroes_gaps());
+    let ranges: Vec<_> = m.map.ranges.iter().map(|r| (r.offset, r.length)).collect();
+    assert_eq!(
+        ranges,
+        [
+            (0, MIB),
+            (10 * MIB, MIB),
+            (20 * MIB, MIB),
+            (30 * MIB, 9 * MIB),
+            (40 * MIB, MIB),
+            (63 * MIB, MIB)
+        ]
+    );
+    let decoded = zstd::decode_all(&fs::read(&out).unwrap()[..]).unwrap();
+    assert!(decoded == image, "the file decodes to the image");
+}
+
+#[test]
 fn a_copy_with_a_range_dropped_is_registered_with_its_new_sum() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("images");
@@ -151,6 +178,7 @@ fn a_copy_with_a_range_dropped_is_registered_with_its_new_sum() {
         &dir.join("deb.raw.zst"),
         &dir.join("deb.raw.map.json"),
         3,
+        &[],
     )
     .unwrap();
     let artifact = |name: &str, kind, size, sha256: &str| ImageArtifact {

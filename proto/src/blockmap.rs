@@ -42,8 +42,19 @@ use serde::{Deserialize, Serialize};
 
 /// [`BlockMap::format`].
 pub const FORMAT: &str = "stork-block-map";
-/// [`BlockMap::version`] this build writes and reads.
-pub const VERSION: u32 = 1;
+/// [`BlockMap::version`] this build writes. It reads every version from [`MIN_VERSION`]:
+///
+/// - **1**: a writer zeroes the gaps on the target;
+/// - **2**: a writer leaves the gaps as the target has them (bmaptool's way: zeroing 2.2 GiB
+///   of gaps was most of a 3 GiB image's write time, and on a disk without a write-zeroes
+///   offload it is that many bytes written). Every place a reader of the disk could take
+///   for a signature, the disk's and each partition's first and last MiB
+///   ([`signature_areas`]), is in the map's ranges, zero or not, so what the target held
+///   there before is overwritten; the rest of a gap is space no file system of the image
+///   uses.
+pub const VERSION: u32 = 2;
+/// The oldest [`BlockMap::version`] this build reads.
+pub const MIN_VERSION: u32 = 1;
 /// The largest decoded data frame a reader accepts: what bounds its memory per frame in flight.
 pub const MAX_FRAME: u64 = 16 << 20;
 /// zstd's largest block (RFC 8878 3.1.1.2.4, `Block_Maximum_Size`).
@@ -114,7 +125,7 @@ pub enum SegmentKind {
 pub enum MapError {
     #[error("not a block map: format {0:?}, expected {FORMAT:?}")]
     Format(String),
-    #[error("version {0}; this build reads version {VERSION}")]
+    #[error("version {0}; this build reads versions {MIN_VERSION} to {VERSION}")]
     Version(u32),
     #[error("block size {0} is not a power of two of at least 512")]
     BlockSize(u64),
@@ -169,7 +180,33 @@ fn add(a: u64, b: u64) -> Result<u64, MapError> {
     a.checked_add(b).ok_or(MapError::Overflow)
 }
 
+/// Where partition tables and file-system or RAID signatures live, as `(offset, length)`
+/// clamped to a disk of `disk_size` bytes: its first and last MiB (MBR, primary and backup
+/// GPT, md 1.0 and DDF at the end) and the first and last MiB of each partition given as
+/// `(start, size)` in bytes (ext4, XFS, btrfs, swap, LVM at the start; md 0.9/1.0 and ZFS
+/// labels at the end). Empty areas are left out.
+pub fn signature_areas(disk_size: u64, parts: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    const MIB: u64 = 1 << 20;
+    let mut areas = vec![(0, MIB), (disk_size.saturating_sub(MIB), MIB)];
+    for &(start, size) in parts {
+        let len = MIB.min(size);
+        areas.push((start, len));
+        areas.push((start.saturating_add(size).saturating_sub(len), len));
+    }
+    areas
+        .into_iter()
+        .map(|(offset, len)| (offset, len.min(disk_size.saturating_sub(offset))))
+        .filter(|&(_, len)| len > 0)
+        .collect()
+}
+
 impl BlockMap {
+    /// Whether a writer zeroes the gaps on the target (version 1) or leaves them as they are
+    /// (see [`VERSION`]).
+    pub fn zeroes_gaps(&self) -> bool {
+        self.version < 2
+    }
+
     /// Data bytes in the image (the sum of the ranges).
     pub fn data_bytes(&self) -> u64 {
         self.ranges
@@ -184,7 +221,7 @@ impl BlockMap {
         if self.format != FORMAT {
             return Err(MapError::Format(self.format.clone()));
         }
-        if self.version != VERSION {
+        if !(MIN_VERSION..=VERSION).contains(&self.version) {
             return Err(MapError::Version(self.version));
         }
         if self.block_size < 512 || !self.block_size.is_power_of_two() {
@@ -712,6 +749,39 @@ mod tests {
     }
 
     #[test]
+    fn both_versions_are_read_and_only_the_first_zeroes_gaps() {
+        let mut m = map();
+        assert!(m.segments(1000, SHA).is_ok() && !m.zeroes_gaps());
+        m.version = 1;
+        assert!(m.segments(1000, SHA).is_ok() && m.zeroes_gaps());
+        for v in [0, VERSION + 1] {
+            m.version = v;
+            assert_eq!(
+                m.segments(1000, SHA).unwrap_err().to_string(),
+                format!("version {v}; this build reads versions 1 to {VERSION}")
+            );
+        }
+    }
+
+    #[test]
+    fn signature_areas_are_clamped_to_the_disk() {
+        // A partition smaller than a MiB, one past the end of the disk (a stale table), and
+        // a disk smaller than a MiB.
+        let areas = signature_areas(10 * MIB, &[(MIB, 4096), (9 * MIB, 4 * MIB)]);
+        assert_eq!(
+            areas,
+            [
+                (0, MIB),
+                (9 * MIB, MIB),
+                (MIB, 4096),
+                (MIB, 4096),
+                (9 * MIB, MIB)
+            ]
+        );
+        assert_eq!(signature_areas(4096, &[]), [(0, 4096), (0, 4096)]);
+    }
+
+    #[test]
     fn wrong_maps_are_refused_with_the_reason() {
         let check = |m: BlockMap| m.segments(1000, SHA).unwrap_err().to_string();
         let mut m = map();
@@ -740,9 +810,6 @@ mod tests {
         m.ranges[1].length = 17 * MIB;
         m.image_size = 32 * MIB;
         assert!(check(m).contains("more than 16 MiB"));
-        let mut m = map();
-        m.version = 2;
-        assert_eq!(check(m), "version 2; this build reads version 1");
         assert_eq!(
             map().segments(999, SHA).unwrap_err(),
             MapError::FileSize {

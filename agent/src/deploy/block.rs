@@ -380,34 +380,25 @@ impl Sink for BlockDevice {
     }
 }
 
-/// Zeroes the places where partition tables and file-system or RAID signatures live: the
-/// first and last MiB of the disk (MBR, primary and backup GPT, md 1.0 and DDF at the end)
-/// and the first and last MiB of each partition (ext4, XFS, btrfs, swap, LVM at the start;
-/// md 0.9/1.0 and ZFS labels at the end). Returns the number of ranges zeroed.
+/// Zeroes the places where partition tables and file-system or RAID signatures live
+/// ([`signature_areas`](stork_proto::blockmap::signature_areas): the first and last MiB of
+/// the disk and of each partition, clamped to the disk, as a stale partition table may
+/// describe more than there is). Returns the number of ranges zeroed.
 pub fn wipe_signatures(
     sink: &mut dyn Sink,
     disk_size: u64,
     parts: &[Partition],
 ) -> io::Result<usize> {
-    let mut ranges = vec![(0, MIB.min(disk_size))];
-    ranges.push((disk_size.saturating_sub(MIB), MIB.min(disk_size)));
-    for p in parts {
-        let len = MIB.min(p.size_bytes);
-        ranges.push((p.start_bytes, len));
-        ranges.push((p.start_bytes + p.size_bytes - len, len));
-    }
-    // Clamp to the disk: a stale partition table may describe more than there is.
-    let mut n = 0;
-    for (offset, len) in ranges {
-        let len = len.min(disk_size.saturating_sub(offset));
-        if len == 0 {
-            continue;
-        }
+    let parts: Vec<(u64, u64)> = parts
+        .iter()
+        .map(|p| (p.start_bytes, p.size_bytes))
+        .collect();
+    let areas = stork_proto::blockmap::signature_areas(disk_size, &parts);
+    for &(offset, len) in &areas {
         sink.write_at(offset, &vec![0u8; len as usize])?;
-        n += 1;
     }
     sink.sync()?;
-    Ok(n)
+    Ok(areas.len())
 }
 
 /// The first non-zero byte in `samples` of `file`, with the sample it is in. The buffer is

@@ -1,6 +1,7 @@
 //! Streaming a raw image that has a block map (`stork_proto::blockmap`: the format, and why a
-//! map that passes these checks cannot write a wrong disk): the gaps are zeroed, never
-//! decoded, and the data frames are decoded on every core and written in order.
+//! map that passes these checks cannot write a wrong disk): the gaps are never decoded (a
+//! version 1 map's are zeroed, a later one's left as the disk has them: see
+//! `blockmap::VERSION`), and the data frames are decoded on every core and written in order.
 //!
 //! Four stages overlap, as in [`super::stream`]:
 //!
@@ -12,7 +13,7 @@
 //! - **decode** (one thread per CPU): each frame must be one zstd frame of exactly the map's
 //!   compressed length, with the map's decoded length in its header and in its output;
 //! - **write** (one thread): puts the items back in file order, writes frames at their image
-//!   offsets and zeroes gaps ([`Sink::zero`]: `BLKZEROOUT`).
+//!   offsets and, for a version 1 map, zeroes gaps ([`Sink::zero`]: `BLKZEROOUT`).
 //!
 //! Memory is bounded: at most [`in_flight`] items between split and write (a frame is at most
 //! `blockmap::MAX_FRAME` decoded), and decoded buffers go back to the decoders.
@@ -151,7 +152,7 @@ struct Job {
 /// What the writer gets, in sequence order.
 enum Item {
     Data { offset: u64, buf: Vec<u8> },
-    Zero { offset: u64, len: u64 },
+    Gap { offset: u64, len: u64 },
     End,
 }
 
@@ -203,8 +204,9 @@ pub fn write_mapped(
         }
         let written = &written;
         let sink = &mut *sink;
-        let writer =
-            scope.spawn(move || write_in_order(sink, done_rx, &token_tx, &bufs_tx, written));
+        let zero_gaps = map.zeroes_gaps();
+        let writer = scope
+            .spawn(move || write_in_order(sink, zero_gaps, done_rx, &token_tx, &bufs_tx, written));
 
         let mut last_report = Instant::now();
         let mut failed = false;
@@ -215,7 +217,7 @@ pub fn write_mapped(
                 break;
             }
             let result = match seg.kind {
-                SegmentKind::Gap => check_gap(&mut input, seg).map(|()| Item::Zero {
+                SegmentKind::Gap => check_gap(&mut input, seg).map(|()| Item::Gap {
                     offset: seg.image_offset,
                     len: seg.length,
                 }),
@@ -267,7 +269,7 @@ pub fn write_mapped(
     });
     spent.waiting = input.waited();
     spent.decoding = Duration::from_nanos(decode_ns.load(Ordering::Relaxed));
-    let (zeroed_bytes, writing) = match wrote {
+    let (gaps, writing) = match wrote {
         Ok(w) => w,
         Err(e) => return Err(blame_the_file(input, e, expected_sha256)),
     };
@@ -305,7 +307,8 @@ pub fn write_mapped(
     Ok(Written {
         received: download.received(),
         image_bytes: map.image_size,
-        zeroed_bytes,
+        zeroed_bytes: gaps.zeroed,
+        left_bytes: gaps.left,
         resumes: download.resumes,
         sha256: actual,
         spent,
@@ -473,17 +476,25 @@ fn decode(
     Ok(())
 }
 
-/// The writer: items back in sequence order, written or zeroed; a token back for each.
-/// Returns the bytes zeroed and the time spent.
+/// Gap bytes the writer zeroed, and those it left as they were.
+#[derive(Debug, Default, Clone, Copy)]
+struct Gaps {
+    zeroed: u64,
+    left: u64,
+}
+
+/// The writer: items back in sequence order, written, and gaps zeroed (`zero_gaps`) or
+/// passed over; a token back for each. Returns what it did with the gaps and the time spent.
 fn write_in_order(
     sink: &mut (dyn Sink + Send),
+    zero_gaps: bool,
     done: Receiver<Done>,
     tokens: &std::sync::mpsc::SyncSender<()>,
     bufs: &std::sync::mpsc::Sender<Vec<u8>>,
     written: &AtomicU64,
-) -> Result<(u64, Duration), StreamError> {
+) -> Result<(Gaps, Duration), StreamError> {
     let mut pending: BTreeMap<usize, Result<Item, StreamError>> = BTreeMap::new();
-    let (mut next, mut zeroed, mut busy) = (0usize, 0u64, Duration::ZERO);
+    let (mut next, mut gaps, mut busy) = (0usize, Gaps::default(), Duration::ZERO);
     loop {
         while let Some(item) = pending.remove(&next) {
             let t = Instant::now();
@@ -499,12 +510,16 @@ fn write_in_order(
                     // The decoders may be gone (the split ended): the buffer is just dropped.
                     let _ = bufs.send(buf);
                 }
-                Item::Zero { offset, len } => {
-                    zero(sink, offset, len)?;
-                    zeroed += len;
+                Item::Gap { offset, len } => {
+                    if zero_gaps {
+                        zero(sink, offset, len)?;
+                        gaps.zeroed += len;
+                    } else {
+                        gaps.left += len;
+                    }
                     written.store(offset + len, Ordering::Relaxed);
                 }
-                Item::End => return Ok((zeroed, busy + t.elapsed())),
+                Item::End => return Ok((gaps, busy + t.elapsed())),
             }
             busy += t.elapsed();
             next += 1;
@@ -756,9 +771,10 @@ mod tests {
     }
 
     #[test]
-    fn writes_a_mapped_image_byte_for_byte_zeroing_the_gaps() {
+    fn a_version_1_map_writes_the_image_byte_for_byte_zeroing_the_gaps() {
         let img = image();
-        let (file, map) = pack(&img);
+        let (file, mut map) = pack(&img);
+        map.version = 1;
         let (raw, map_file) = files(&file, &map);
         let dir = tempfile::tempdir().unwrap();
         let mut sink = FileSink::new(&dir);
@@ -773,7 +789,45 @@ mod tests {
         // Gaps are zeroed in one call each, never decoded or written.
         let m = MIB as u64;
         assert_eq!(sink.zeroed, [(m, 2 * m), (8 * m, 4 * m), (13 * m, 7 * m)]);
-        assert_eq!(w.zeroed_bytes, 13 * m);
+        assert_eq!((w.zeroed_bytes, w.left_bytes), (13 * m, 0));
+    }
+
+    #[test]
+    fn a_current_map_writes_the_data_and_leaves_the_gaps_as_the_disk_had_them() {
+        let img = image();
+        let (file, map) = pack(&img);
+        assert!(!map.zeroes_gaps());
+        let (raw, map_file) = files(&file, &map);
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = FileSink::new(&dir);
+        let w = deploy(&raw, &map_file, &mut sink).unwrap();
+        let disk = sink.read(img.len());
+        let m = MIB as u64;
+        let gaps = [(m, 2 * m), (8 * m, 4 * m), (13 * m, 7 * m)];
+        for (offset, len) in gaps {
+            let (from, to) = (offset as usize, (offset + len) as usize);
+            assert!(
+                disk[from..to].iter().all(|b| *b == 0xA5),
+                "the gap at {offset} was touched"
+            );
+        }
+        assert_ranges_written(&sink, &img, &map);
+        assert!(sink.zeroed.is_empty(), "zeroed {:?}", sink.zeroed);
+        assert_eq!((w.zeroed_bytes, w.left_bytes), (0, 13 * m));
+        assert_eq!(w.sha256, sha(&file));
+    }
+
+    /// Each of `map`'s data ranges holds the image's bytes on the disk.
+    fn assert_ranges_written(sink: &FileSink, img: &[u8], map: &BlockMap) {
+        let disk = sink.read(img.len());
+        for r in &map.ranges {
+            let (from, to) = (r.offset as usize, (r.offset + r.length) as usize);
+            assert!(
+                disk[from..to] == img[from..to],
+                "range at {} differs",
+                r.offset
+            );
+        }
     }
 
     #[test]
@@ -788,7 +842,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut sink = FileSink::new(&dir);
         let w = deploy(&raw, &map_file, &mut sink).unwrap();
-        assert!(sink.read(img.len()) == img);
+        assert_ranges_written(&sink, &img, &map);
         assert_eq!(w.resumes, 2);
         assert_eq!(server.join().unwrap(), [0, third as u64, 2 * third as u64]);
     }
@@ -873,6 +927,6 @@ mod tests {
                 .contains("its header says 3145728 bytes decoded, the map says 3141632"),
             "{err}"
         );
-        assert_eq!(sink.end, 3 * MIB as u64, "the first range and gap only");
+        assert_eq!(sink.end, MIB as u64, "the first range only (its gap left)");
     }
 }

@@ -151,6 +151,8 @@ pub struct Written {
     pub image_bytes: u64,
     /// Of which zeroed instead of written.
     pub zeroed_bytes: u64,
+    /// Of which left as the disk had them: a block map's gaps (see `blockmap::VERSION`).
+    pub left_bytes: u64,
     pub resumes: u32,
     pub sha256: String,
     /// Where the time went: what limits a deploy's image phase is told, not guessed.
@@ -342,6 +344,7 @@ pub fn write_image(
         received: download.received(),
         image_bytes,
         zeroed_bytes,
+        left_bytes: 0,
         resumes: download.resumes,
         sha256: actual,
         spent,

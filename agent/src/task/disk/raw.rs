@@ -166,9 +166,10 @@ fn write_raw(
     client.step_event(Step::Image,
         StepState::Done,
         format!(
-            "{} image written ({} of it zeroed, not written{}) from {} in {secs:.1} s ({:.0} MB/s), {} resumes, sha256 {} ok; time: waiting for the download {:.1} s, decompressing {:.1} s, writing {:.1} s, fsync {:.1} s",
+            "{} image written ({} of it zeroed, {} left as the disk had them, not written{}) from {} in {secs:.1} s ({:.0} MB/s), {} resumes, sha256 {} ok; time: waiting for the download {:.1} s, decompressing {:.1} s, writing {:.1} s, fsync {:.1} s",
             human_bytes(w.image_bytes),
             human_bytes(w.zeroed_bytes),
+            human_bytes(w.left_bytes),
             if mapped.is_some() {
                 ", by its block map"
             } else {
