@@ -307,14 +307,20 @@ async fn respond(
     let meta = opened.as_ref().map(|(_, m)| *m);
     let answer = bootfile::answer(req, meta.as_ref());
     let head = bootfile::response_head(answer, meta.as_ref(), req.keep_alive, SystemTime::now());
+    let body = meta.and_then(|m| answer.body(req.method, &m));
+    // As nginx's `tcp_nopush`: the head leaves in the body's first full segment, and every
+    // segment of the body is full; uncorking sends the last partial one at once.
+    let cork = |stream: &TcpStream, on: bool| socket2::SockRef::from(stream).set_tcp_cork(on);
+    if body.is_some() {
+        cork(stream, true)?;
+    }
     tokio::time::timeout(idle, stream.write_all(&head))
         .await
         .map_err(|_| SendError::Stalled(idle))??;
     let mut sent = 0;
-    if let (Some((file, meta)), Some(_)) = (opened, meta)
-        && let Some((offset, count)) = answer.body(req.method, &meta)
-    {
+    if let (Some((file, _)), Some((offset, count))) = (opened, body) {
         send_file(stream, file, offset, count, idle).await?;
+        cork(stream, false)?;
         sent = count;
     }
     tracing::debug!(
