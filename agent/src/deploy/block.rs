@@ -178,6 +178,41 @@ pub struct BlockDevice {
     pub path: PathBuf,
     file: File,
     size: u64,
+    /// The same device opened with `O_DIRECT`, for aligned writes (see [`write_direct`]);
+    /// `None` where the device refuses it.
+    direct: Option<File>,
+    /// The aligned copy of an unaligned buffer on its way to `direct`.
+    bounce: Vec<u8>,
+}
+
+/// What `O_DIRECT` writes are aligned to: the page size, a multiple of every logical block
+/// size a disk has in practice.
+const DIRECT_ALIGN: usize = 4096;
+/// The most [`write_direct`] hands the kernel in one call.
+const DIRECT_CHUNK: usize = 4 << 20;
+
+/// Writes `data` at `offset` (both aligned to [`DIRECT_ALIGN`]) through `direct`, copying
+/// through `bounce` what is not at an aligned address. Through the page cache, the image's
+/// 869 MiB of data took 16 s to write in a QEMU guest where `dd oflag=direct` writes them in
+/// 2 s: the writer waited on dirty-page throttling and the flusher's write-back.
+fn write_direct(direct: &File, bounce: &mut Vec<u8>, offset: u64, data: &[u8]) -> io::Result<()> {
+    if bounce.len() < DIRECT_CHUNK + DIRECT_ALIGN {
+        bounce.resize(DIRECT_CHUNK + DIRECT_ALIGN, 0);
+    }
+    let skip = bounce.as_ptr().align_offset(DIRECT_ALIGN);
+    let aligned = &mut bounce[skip..skip + DIRECT_CHUNK];
+    let mut at = offset;
+    for piece in data.chunks(DIRECT_CHUNK) {
+        if piece.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
+            direct.write_all_at(piece, at)?;
+        } else {
+            let copy = &mut aligned[..piece.len()];
+            copy.copy_from_slice(piece);
+            direct.write_all_at(copy, at)?;
+        }
+        at += piece.len() as u64;
+    }
+    Ok(())
 }
 
 impl BlockDevice {
@@ -204,7 +239,19 @@ impl BlockDevice {
                 source,
             }
         })?;
-        Ok(Self { path, file, size })
+        // Not O_EXCL: the first descriptor holds the claim, which refuses a second one.
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+            .open(&path)
+            .ok();
+        Ok(Self {
+            path,
+            file,
+            size,
+            direct,
+            bounce: Vec::new(),
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -363,6 +410,20 @@ fn gptman_guid(text: &str) -> Option<[u8; 16]> {
 
 impl Sink for BlockDevice {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if let Some(direct) = &self.direct
+            && offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && data.len().is_multiple_of(DIRECT_ALIGN)
+        {
+            match write_direct(direct, &mut self.bounce, offset, data) {
+                Ok(()) => return Ok(()),
+                // A device that wants another alignment: the page cache serves from now on
+                // (and writes this buffer again, whole).
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
+                Err(e) => return Err(e),
+            }
+        }
+        // The kernel keeps the two descriptors coherent: a direct write writes back and
+        // drops the cached pages of its range first.
         self.file.write_all_at(data, offset)
     }
 
@@ -529,6 +590,30 @@ mod tests {
             rotational: None,
             ..Disk::default()
         }
+    }
+
+    #[test]
+    fn direct_writes_copy_unaligned_buffers_and_land_where_asked() {
+        // A file under the build's target directory stands for the disk (a disk-backed file
+        // system takes O_DIRECT; tmpfs, often /tmp, does not, and the test then says so).
+        let target = concat!(env!("CARGO_MANIFEST_DIR"), "/../target");
+        let dir = tempfile::tempdir_in(target).unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![0xA5u8; 12 << 20]).unwrap();
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .expect("O_DIRECT on the test's file system");
+        // 9 MiB at a 1-byte offset into its allocation: unaligned, and more than a chunk.
+        let backing: Vec<u8> = (0..(9 << 20) + 1).map(|i| (i % 251) as u8).collect();
+        let data = &backing[1..];
+        let mut bounce = Vec::new();
+        write_direct(&direct, &mut bounce, 2 << 20, data).unwrap();
+        let disk = std::fs::read(&path).unwrap();
+        assert!(disk[..2 << 20].iter().all(|b| *b == 0xA5));
+        assert!(disk[2 << 20..11 << 20] == *data, "the data differs");
+        assert!(disk[11 << 20..].iter().all(|b| *b == 0xA5));
     }
 
     #[test]
