@@ -268,3 +268,42 @@ fn a_client_that_stops_reading_gives_its_slot_back() {
     let logs = server.logs();
     assert!(logs.contains("took nothing"), "the stall is logged");
 }
+
+#[test]
+fn more_files_at_once_than_the_blocking_pool_share_all_arrive_whole() {
+    let server = Server::start(Options::default());
+    // Far more than the socket buffers hold: a send cannot finish while its client does not
+    // read, so while none reads, the first 32 hold the blocking pool's share of sends and
+    // the rest go out on the runtime.
+    let file = content(32 << 20, 5);
+    server.boot_file("big.bin", &file);
+    let mut conns: Vec<_> = (0..40)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+            c.write_all(b"GET /boot/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+                .expect("send");
+            c
+        })
+        .collect();
+    for (n, c) in conns.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            c.read_exact(&mut byte).expect("the head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{n}: {head}");
+        assert!(
+            head.contains(&format!("content-length: {}", file.len())),
+            "{n}: {head}"
+        );
+        let mut body = vec![0u8; file.len()];
+        c.read_exact(&mut body).expect("the body");
+        assert!(body == file, "connection {n}: the body differs");
+    }
+    let stats = server.client().stats().expect("stats");
+    assert!(stats.http["boot_sends_on_runtime"] >= 8, "{:?}", stats.http);
+}

@@ -41,6 +41,8 @@ counters! {
     refused_per_ip,
     /// Unauthenticated agent requests refused by the per-address rate limit.
     agent_rate_limited,
+    /// `/boot/` files sent on the runtime: the blocking pool's share of sends was taken.
+    boot_sends_on_runtime,
 }
 
 /// Open connections, in all and by address.
@@ -153,6 +155,7 @@ pub async fn serve(
         };
         stats.connections.fetch_add(1, Ordering::Relaxed);
         let (app, channel, boot) = (app.clone(), channel.clone(), boot.clone());
+        let stats = stats.clone();
         let header_timeout = limits.header_timeout;
         let limits = limits.clone();
         tokio::spawn(async move {
@@ -196,7 +199,7 @@ pub async fn serve(
                 }
                 Channel::Plain | Channel::PlainBesideTls(_) => {
                     let io = match &boot {
-                        Some(root) => match boot_files(stream, peer, root, &limits).await {
+                        Some(root) => match boot_files(stream, peer, root, &limits, &stats).await {
                             Some(io) => io,
                             None => return,
                         },
@@ -222,6 +225,7 @@ async fn boot_files(
     peer: SocketAddr,
     root: &Path,
     limits: &HttpLimits,
+    stats: &HttpStats,
 ) -> Option<Rewind> {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
@@ -261,7 +265,7 @@ async fn boot_files(
                 }
             }
         };
-        match respond(&mut stream, peer, root, &req, limits.body_timeout).await {
+        match respond(&mut stream, peer, root, &req, limits.body_timeout, stats).await {
             Ok(()) if req.keep_alive => {}
             Ok(()) => {
                 let _ = stream.shutdown().await;
@@ -296,6 +300,7 @@ async fn respond(
     root: &Path,
     req: &bootfile::Request,
     idle: Duration,
+    stats: &HttpStats,
 ) -> Result<(), SendError> {
     let started = Instant::now();
     let (root_path, path) = (root.to_path_buf(), req.path.clone());
@@ -319,7 +324,7 @@ async fn respond(
         .map_err(|_| SendError::Stalled(idle))??;
     let mut sent = 0;
     if let (Some((file, _)), Some((offset, count))) = (opened, body) {
-        send_file(stream, file, offset, count, idle).await?;
+        send_file(stream, file, offset, count, idle, stats).await?;
         cork(stream, false)?;
         sent = count;
     }
@@ -356,17 +361,82 @@ fn open_boot_file(root: &Path, encoded: &str) -> Option<(std::fs::File, bootfile
     })
 }
 
-/// `count` bytes of `file` from `offset` to the socket with `sendfile(2)`, on the blocking
-/// pool with the socket made blocking for the while: one call moves what the non-blocking
-/// form moved in a wakeup per socket buffer (an epoll round, a timer and a spurious
-/// `EAGAIN` each), which kept a 512 MiB file at 0.89x nginx's rate on one connection.
-/// `SO_SNDTIMEO` is the idle deadline: a call that moves nothing for `idle` fails.
+/// Files sent on the blocking pool at once, at most: each send holds a thread of the pool
+/// for its whole file, and the store's calls share the pool (512 threads), so a boot storm of
+/// large files must never take it all; beyond this, files go out on the runtime.
+const BLOCKING_SENDS: usize = 32;
+static BLOCKING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BLOCKING_SENDS);
+
+/// `count` bytes of `file` from `offset` to the socket with `sendfile(2)`: on the blocking
+/// pool while it has room ([`BLOCKING_SENDS`]), else on the runtime.
 async fn send_file(
     stream: &TcpStream,
     file: std::fs::File,
     offset: u64,
     count: u64,
     idle: Duration,
+    stats: &HttpStats,
+) -> Result<(), SendError> {
+    match BLOCKING.try_acquire() {
+        Ok(permit) => send_file_blocking(stream, file, offset, count, idle, permit).await,
+        Err(_) => {
+            stats.boot_sends_on_runtime.fetch_add(1, Ordering::Relaxed);
+            send_file_nonblocking(stream, &file, offset, count, idle).await
+        }
+    }
+}
+
+/// [`send_file`] on the runtime: the socket stays non-blocking, so each call moves what fits
+/// in its buffer and tokio says when more fits.
+async fn send_file_nonblocking(
+    stream: &TcpStream,
+    file: &std::fs::File,
+    offset: u64,
+    count: u64,
+    idle: Duration,
+) -> Result<(), SendError> {
+    let mut off = libc::off_t::try_from(offset)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut left = count;
+    let (sock, fd) = (stream.as_raw_fd(), file.as_raw_fd());
+    while left > 0 {
+        // The kernel moves at most about 2 GiB a call.
+        let chunk = left.min(1 << 30) as usize;
+        tokio::time::timeout(idle, stream.writable())
+            .await
+            .map_err(|_| SendError::Stalled(idle))??;
+        let moved = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            // SAFETY: both descriptors are open for the call (borrowed from live owners),
+            // and `off` is a valid off_t the kernel advances.
+            let n = unsafe { libc::sendfile(sock, fd, &mut off, chunk) };
+            usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+        });
+        match moved {
+            Ok(0) => return Err(SendError::Truncated(left)),
+            Ok(n) => left = left.saturating_sub(n as u64),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// [`send_file`] on the blocking pool, with the socket made blocking for the while: one call
+/// moves what the non-blocking form moves in a wakeup per socket buffer (an epoll round, a
+/// timer and a spurious `EAGAIN` each), which kept a 512 MiB file at 0.89x nginx's rate on
+/// one connection. `SO_SNDTIMEO` is the idle deadline: a call that moves nothing for `idle`
+/// fails. `permit` is held until the thread is done, even if this future is dropped.
+async fn send_file_blocking(
+    stream: &TcpStream,
+    file: std::fs::File,
+    offset: u64,
+    count: u64,
+    idle: Duration,
+    permit: tokio::sync::SemaphorePermit<'static>,
 ) -> Result<(), SendError> {
     // The thread's own descriptor: if this future is dropped mid-file, the thread never
     // writes to a number that has since been reused.
@@ -377,6 +447,7 @@ async fn send_file(
     // nothing with it while this future waits, and gets it back non-blocking.
     sock.set_nonblocking(false)?;
     tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let r = blocking_send(&sock, &file, offset, count, idle);
         let back = sock.set_nonblocking(true);
         r.and_then(|()| back.map_err(SendError::from))
