@@ -395,25 +395,18 @@ async fn send_file_nonblocking(
     count: u64,
     idle: Duration,
 ) -> Result<(), SendError> {
-    let mut off = libc::off_t::try_from(offset)
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut off = start_offset(offset)?;
     let mut left = count;
     let (sock, fd) = (stream.as_raw_fd(), file.as_raw_fd());
     while left > 0 {
-        // The kernel moves at most about 2 GiB a call.
-        let chunk = left.min(1 << 30) as usize;
         tokio::time::timeout(idle, stream.writable())
             .await
             .map_err(|_| SendError::Stalled(idle))??;
         let moved = stream.try_io(tokio::io::Interest::WRITABLE, || {
-            // SAFETY: both descriptors are open for the call (borrowed from live owners),
-            // and `off` is a valid off_t the kernel advances.
-            let n = unsafe { libc::sendfile(sock, fd, &mut off, chunk) };
-            usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+            sendfile_once(sock, fd, &mut off, left)
         });
         match moved {
-            Ok(0) => return Err(SendError::Truncated(left)),
-            Ok(n) => left = left.saturating_sub(n as u64),
+            Ok(n) => advance(&mut left, n)?,
             Err(e)
                 if matches!(
                     e.kind(),
@@ -463,30 +456,51 @@ fn blocking_send(
     count: u64,
     idle: Duration,
 ) -> Result<(), SendError> {
-    let mut off = libc::off_t::try_from(offset)
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut off = start_offset(offset)?;
     let mut left = count;
     let (sock, fd) = (sock.as_raw_fd(), file.as_raw_fd());
     while left > 0 {
-        // The kernel moves at most about 2 GiB a call.
-        let chunk = left.min(1 << 30) as usize;
-        // SAFETY: both descriptors are open for the call (borrowed from live owners), and
-        // `off` is a valid off_t the kernel advances.
-        let n = unsafe { libc::sendfile(sock, fd, &mut off, chunk) };
-        match usize::try_from(n) {
-            Ok(0) => return Err(SendError::Truncated(left)),
-            Ok(n) => left = left.saturating_sub(n as u64),
-            Err(_) => {
-                let e = std::io::Error::last_os_error();
-                match e.kind() {
-                    std::io::ErrorKind::Interrupted => {}
-                    // The send timeout passed with nothing moved.
-                    std::io::ErrorKind::WouldBlock => return Err(SendError::Stalled(idle)),
-                    _ => return Err(e.into()),
-                }
-            }
+        match sendfile_once(sock, fd, &mut off, left) {
+            Ok(n) => advance(&mut left, n)?,
+            Err(e) => match e.kind() {
+                std::io::ErrorKind::Interrupted => {}
+                // The send timeout passed with nothing moved.
+                std::io::ErrorKind::WouldBlock => return Err(SendError::Stalled(idle)),
+                _ => return Err(e.into()),
+            },
         }
     }
+    Ok(())
+}
+
+/// A file offset as `sendfile(2)` takes it.
+fn start_offset(offset: u64) -> std::io::Result<libc::off_t> {
+    libc::off_t::try_from(offset)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+}
+
+/// One `sendfile(2)` of at most `left` bytes from `file` at `off` (which the kernel
+/// advances) to `sock`: the bytes moved, or the call's error.
+fn sendfile_once(
+    sock: std::os::fd::RawFd,
+    file: std::os::fd::RawFd,
+    off: &mut libc::off_t,
+    left: u64,
+) -> std::io::Result<usize> {
+    // The kernel moves at most about 2 GiB a call.
+    let chunk = left.min(1 << 30) as usize;
+    // SAFETY: both descriptors are open for the call (borrowed from live owners by the
+    // callers), and `off` is a valid off_t the kernel advances.
+    let n = unsafe { libc::sendfile(sock, file, off, chunk) };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+}
+
+/// Counts `moved` bytes off `left`; nothing moved with bytes left is a file that shrank.
+fn advance(left: &mut u64, moved: usize) -> Result<(), SendError> {
+    if moved == 0 {
+        return Err(SendError::Truncated(*left));
+    }
+    *left = left.saturating_sub(moved as u64);
     Ok(())
 }
 
