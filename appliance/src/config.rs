@@ -23,6 +23,10 @@ pub const DEFAULT_TOML: &str = r#"# Stork appliance configuration. Every key is 
 # Where Stork keeps its state. Boot files live in DATA_DIR/boot/ and are served at /boot/.
 data_dir = "./var"
 
+# The database of machines, events and tokens. Unset: SQLite in DATA_DIR/stork.db. Several
+# appliances share one PostgreSQL database (each needs a copy of the same secrets.key):
+# database = "postgres://stork:PASSWORD@10.77.0.2/stork"
+
 # The provisioning interface: DHCP listens on it only.
 interface = "stork0"
 
@@ -164,6 +168,9 @@ erase_quick = false
 #[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
     pub data_dir: PathBuf,
+    /// `sqlite:PATH` or a `postgres://` URL; unset, SQLite in `data_dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
     pub interface: String,
     pub address: Ipv4Addr,
     pub http: HttpFile,
@@ -191,6 +198,7 @@ impl Default for FileConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./var"),
+            database: None,
             interface: "stork0".into(),
             address: Ipv4Addr::new(10, 77, 0, 1),
             http: HttpFile::default(),
@@ -315,7 +323,12 @@ impl FileConfig {
                 "must be at least 1 second",
             ));
         }
+        let database = match &self.database {
+            Some(d) => crate::store::Database::parse(d).map_err(|why| invalid("database", why))?,
+            None => crate::store::Database::Sqlite(self.data_dir.join("stork.db")),
+        };
         Ok(Config {
+            database,
             timeout: std::time::Duration::from_secs(self.lifecycle.timeout),
             heartbeat_timeout: std::time::Duration::from_secs(self.lifecycle.heartbeat_timeout),
             check_interval: std::time::Duration::from_secs(self.lifecycle.check_interval),
@@ -350,6 +363,7 @@ impl FileConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
+    pub database: crate::store::Database,
     pub interface: String,
     pub address: Ipv4Addr,
     pub http_listen: SocketAddr,

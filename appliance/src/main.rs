@@ -224,6 +224,10 @@ struct ServeArgs {
     /// State directory (overrides `data_dir`).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The database: `sqlite:PATH` or `postgres://USER:PASSWORD@HOST/DB` (overrides
+    /// `database`; several appliances share one PostgreSQL database).
+    #[arg(long)]
+    database: Option<String>,
     /// HTTP port (overrides `http.port`).
     #[arg(long)]
     http_port: Option<u16>,
@@ -240,6 +244,7 @@ impl From<ServeArgs> for serve::Overrides {
             address: a.address,
             dhcp_range: a.dhcp_range,
             data_dir: a.data_dir,
+            database: a.database,
             http_port: a.http_port,
             timeout: a.timeout,
         }
@@ -424,6 +429,10 @@ enum TokenCmd {
     Create {
         #[arg(long, default_value = "./var")]
         data_dir: PathBuf,
+        /// The database, when not SQLite in the data directory: `sqlite:PATH` or a
+        /// `postgres://` URL (the appliances' `database`).
+        #[arg(long)]
+        database: Option<String>,
         #[arg(long, default_value = "")]
         description: String,
         /// admin (everything), operator (machines, images, keys) or read-only.
@@ -629,15 +638,20 @@ fn token(client: impl FnOnce() -> Result<Client>, cmd: TokenCmd) -> Result<()> {
     match cmd {
         TokenCmd::Create {
             data_dir,
+            database,
             description,
             scope,
             expires_in,
         } => {
             std::fs::create_dir_all(&data_dir)
                 .with_context(|| format!("cannot create {}", data_dir.display()))?;
-            let db = data_dir.join("stork.db");
-            let store =
-                store::Store::open(&db).with_context(|| format!("cannot open {}", db.display()))?;
+            let db = match database {
+                Some(d) => store::Database::parse(&d).map_err(anyhow::Error::msg)?,
+                None => store::Database::Sqlite(data_dir.join("stork.db")),
+            };
+            let store = db
+                .open(&data_dir)
+                .with_context(|| format!("cannot open the database ({db})"))?;
             let req = NewToken {
                 description,
                 scope,

@@ -11,7 +11,6 @@ use crate::config::{Config, FileConfig};
 use crate::dhcp::{self, handler::ServerInfo};
 use crate::http::{self, AppState};
 use crate::lifecycle::{Controller, DriverPower};
-use crate::store::Store;
 use crate::supervise::{Backoff, Health, supervise};
 
 /// The command line's say over the configuration file.
@@ -22,6 +21,8 @@ pub struct Overrides {
     pub address: Option<Ipv4Addr>,
     pub dhcp_range: Option<[Ipv4Addr; 2]>,
     pub data_dir: Option<PathBuf>,
+    /// `sqlite:PATH` or a `postgres://` URL (overrides `database`).
+    pub database: Option<String>,
     pub http_port: Option<u16>,
     /// Busy-status timeout in seconds (overrides `lifecycle.timeout`).
     pub timeout: Option<u64>,
@@ -44,6 +45,9 @@ pub fn load_config(o: &Overrides) -> Result<Config> {
     }
     if let Some(v) = &o.data_dir {
         file.data_dir = v.clone();
+    }
+    if let Some(v) = &o.database {
+        file.database = Some(v.clone());
     }
     if let Some(v) = o.http_port {
         file.http.port = v;
@@ -116,8 +120,13 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         }
         None => None,
     };
-    let store = Store::open(&cfg.db_path())
-        .with_context(|| format!("cannot open the database {}", cfg.db_path().display()))?;
+    // Opening may block on the network (PostgreSQL), and its client runs a runtime of its
+    // own: on the blocking pool, as every later store call is.
+    let (database, data_dir) = (cfg.database.clone(), cfg.data_dir.clone());
+    let store = tokio::task::spawn_blocking(move || database.open(&data_dir))
+        .await
+        .context("opening the database")?
+        .with_context(|| format!("cannot open the database ({})", cfg.database))?;
     let controller = Controller::new(store, Arc::new(DriverPower));
     let health = Arc::new(Health::default());
     let state = AppState {

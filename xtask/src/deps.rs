@@ -93,6 +93,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "nginx-light",
         "peer HTTP server for `cargo xtask bench http` (run by the bench, never as a service)",
     ),
+    (
+        "postgresql",
+        "the store's PostgreSQL backend tests (a scratch server per test, never the service)",
+    ),
 ];
 
 /// Every program the lab, the image builder and the tests run, and the package that brings it.
@@ -137,6 +141,14 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("chromium", "chromium"),
     ("chromedriver", "chromium-driver"),
     ("nginx", "nginx-light"),
+    ("pg_lsclusters", "postgresql"),
+];
+
+/// Programs Debian keeps off `PATH`, in a directory per major version
+/// (`/usr/lib/postgresql/<major>/bin`): any version will do.
+pub const VERSIONED: &[(&str, &str, &str)] = &[
+    ("/usr/lib/postgresql", "bin/initdb", "postgresql"),
+    ("/usr/lib/postgresql", "bin/postgres", "postgresql"),
 ];
 
 /// Firmware and boot files the lab reads by path.
@@ -210,6 +222,15 @@ pub fn check(path: &OsStr, root: &Path, installed: impl Fn(&str) -> bool) -> Mis
         let p = root.join(file.trim_start_matches('/'));
         if !p.is_file() {
             m.add(format!("{} does not exist", p.display()), pkg);
+        }
+    }
+    for (dir, program, pkg) in VERSIONED {
+        let dir = root.join(dir.trim_start_matches('/'));
+        let found = std::fs::read_dir(&dir)
+            .map(|entries| entries.flatten().any(|e| e.path().join(program).is_file()))
+            .unwrap_or(false);
+        if !found {
+            m.add(format!("{}/*/{program} does not exist", dir.display()), pkg);
         }
     }
     m
@@ -297,9 +318,10 @@ pub fn ensure() -> Result<()> {
     Ok(())
 }
 
-/// Packages whose install starts a system service that only a bench runs, in a namespace
-/// of its own: the unit is stopped and disabled, so nothing of ours listens on the host.
-const NO_SERVICE: &[(&str, &str)] = &[("nginx-light", "nginx")];
+/// Packages whose install starts a system service that only a bench or a test runs, as a
+/// process of its own: the unit is stopped and disabled, so nothing of ours listens on the
+/// host.
+const NO_SERVICE: &[(&str, &str)] = &[("nginx-light", "nginx"), ("postgresql", "postgresql")];
 
 /// Stops and disables the services of [`NO_SERVICE`] among `installed` (on a host without
 /// systemd, such as a container, apt's policy-rc.d never started them).
@@ -390,7 +412,10 @@ mod tests {
 
     fn full_root(name: &str) -> PathBuf {
         let root = tmp(name);
-        for (f, _) in FILES {
+        let versioned = VERSIONED
+            .iter()
+            .map(|(dir, program, _)| format!("{dir}/15/{program}"));
+        for f in FILES.iter().map(|(f, _)| f.to_string()).chain(versioned) {
             let p = root.join(f.trim_start_matches('/'));
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, b"").unwrap();
@@ -476,9 +501,15 @@ mod tests {
 
     #[test]
     fn every_tool_and_file_names_a_listed_package() {
-        for (what, pkg) in TOOLS.iter().chain(FILES) {
+        let versioned = VERSIONED.iter().map(|(_, what, pkg)| (*what, *pkg));
+        for (what, pkg) in TOOLS
+            .iter()
+            .copied()
+            .chain(FILES.iter().copied())
+            .chain(versioned)
+        {
             assert!(
-                PACKAGES.iter().any(|(p, _)| p == pkg),
+                PACKAGES.iter().any(|(p, _)| *p == pkg),
                 "{what} names {pkg}, which is not installed by the step"
             );
         }

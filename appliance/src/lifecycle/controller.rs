@@ -117,8 +117,9 @@ impl PowerActions for DriverPower {
 pub struct Controller {
     pub(super) store: Store,
     power: Arc<dyn PowerActions>,
-    /// Bumped after every write that adds events, so event streams wake up.
-    events: watch::Sender<u64>,
+    /// Bumped after every write that adds events, so event streams wake up (on PostgreSQL
+    /// also after another appliance's writes).
+    events: Arc<watch::Sender<u64>>,
     /// When this controller was made (ms): a machine in a status this process never
     /// entered was left there by a previous run.
     started_at: i64,
@@ -126,7 +127,16 @@ pub struct Controller {
 
 impl Controller {
     pub fn new(store: Store, power: Arc<dyn PowerActions>) -> Self {
-        let (events, _) = watch::channel(0);
+        let events = Arc::new(watch::channel(0).0);
+        let (weak, alive) = (Arc::downgrade(&events), Arc::downgrade(&events));
+        store.follow_changes(
+            move || {
+                if let Some(tx) = weak.upgrade() {
+                    tx.send_modify(|n| *n += 1);
+                }
+            },
+            move || alive.strong_count() > 0,
+        );
         Self {
             store,
             power,

@@ -28,6 +28,15 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
+/// PostgreSQL's migrations: a baseline equal to SQLite's schema at V9, then pairs.
+mod embedded_postgres {
+    refinery::embed_migrations!("migrations-postgres");
+}
+
+/// The advisory lock key appliances sharing a PostgreSQL database migrate under, one at a
+/// time ("stork" in ASCII).
+const PG_MIGRATION_LOCK: i64 = 0x73746f726b;
+
 /// refinery's history table (its default name, spelled out as the baseline reads it).
 pub(crate) const HISTORY_TABLE: &str = "refinery_schema_history";
 
@@ -44,6 +53,25 @@ pub enum MigrateError {
     Db(#[from] rusqlite::Error),
     #[error("schema migration failed: {0}")]
     Runner(#[from] refinery::Error),
+    #[error("PostgreSQL")]
+    Postgres(#[from] postgres::Error),
+}
+
+/// Brings a PostgreSQL schema up to date, under an advisory lock: appliances started
+/// together migrate one after the other, and the later ones find nothing to do. A database
+/// migrated by a newer Stork (a version this binary has no file for) is refused by refinery
+/// with a message naming that version.
+pub(crate) fn migrate_postgres(client: &mut postgres::Client) -> Result<(), MigrateError> {
+    client.execute("SELECT pg_advisory_lock($1)", &[&PG_MIGRATION_LOCK])?;
+    let mut runner = embedded_postgres::migrations::runner().set_grouped(true);
+    runner.set_migration_table_name(HISTORY_TABLE);
+    let report = runner.run(client);
+    let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&PG_MIGRATION_LOCK]);
+    for m in report?.applied_migrations() {
+        tracing::info!(migration = %m, "applied PostgreSQL schema migration");
+    }
+    unlocked?;
+    Ok(())
 }
 
 /// Brings the schema up to date: baseline of a pre-refinery database, then the pending

@@ -1,27 +1,34 @@
 //! Durable state: machines, their event history, tokens, SSH keys and boot resources.
 //!
-//! SQLite (bundled) in WAL mode with `synchronous = FULL`: a change is acknowledged only
-//! after its transaction is on disk, so nothing acknowledged is lost to `kill -9` or power
-//! loss. Schema changes are the numbered SQL files in `appliance/migrations/`, run by refinery
-//! (see [`migrate`]), which a PostgreSQL backend would reuse.
+//! Two backends behind the same methods (see [`sql`]: every query is written once):
+//! - **SQLite** (bundled), the default of one appliance, in WAL mode with
+//!   `synchronous = FULL`: a change is acknowledged only after its transaction is on disk, so
+//!   nothing acknowledged is lost to `kill -9` or power loss.
+//! - **PostgreSQL** (`--database postgres://...`), shared by several appliances: a pool of
+//!   connections, each transaction committed (and so durable) before the change is
+//!   acknowledged; a connection PostgreSQL closed is replaced at the next call.
 //!
-//! The methods take `&self` and lock one connection; callers in async code run them on the
-//! blocking pool (`Store::call`), so no transaction is ever held across an `.await`. A
-//! PostgreSQL backend for several appliances would implement the same methods.
+//! Schema changes are numbered SQL files run by refinery (see [`migrate`]):
+//! `appliance/migrations/` for SQLite, `appliance/migrations-postgres/` for PostgreSQL.
+//!
+//! The methods take `&self` and are synchronous; callers in async code run them on the
+//! blocking pool (`Store::call`), so no transaction is ever held across an `.await`.
 //!
 //! BMC passwords are stored encrypted under a key file kept apart from the database
 //! ([`secrets`]); the rows a reader gets back hold them in clear again.
 
 mod migrate;
 pub mod model;
+pub mod scratch;
 pub mod secrets;
+pub mod sql;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::Connection;
 use stork_proto::MacAddr;
 use stork_proto::api::{
     AgentIdentity, AuditRecord, HardwareSummary, MachineFilter, MachineSummary, PowerState,
@@ -30,13 +37,15 @@ use stork_proto::api::{
 
 pub use model::*;
 pub use secrets::{KEY_ENV, SecretKey, SecretsError};
+pub use sql::DbError;
+use sql::{Dialect, Lite, PgManager, Row, Sql, Value, args};
 
 use crate::lifecycle::Status;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error")]
-    Db(#[from] rusqlite::Error),
+    Db(#[from] DbError),
     #[error("stored JSON in {column} is invalid")]
     Json {
         column: &'static str,
@@ -70,17 +79,104 @@ pub enum StoreError {
     },
     #[error(transparent)]
     Secrets(#[from] SecretsError),
+    #[error("database: {0}")]
+    Url(String),
+    #[error("cannot reach PostgreSQL ({target})")]
+    Unreachable {
+        target: String,
+        #[source]
+        source: DbError,
+    },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Db(e.into())
+    }
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> Self {
+        StoreError::Db(e.into())
+    }
+}
+
+/// Where the store is: `sqlite:PATH` (or a bare path), or a `postgres://` URL.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+/// The URL may hold a password: only where the database is gets printed.
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            Database::Postgres(url) => match url.parse::<postgres::Config>() {
+                Ok(c) => write!(f, "postgres: {}", sql::describe(&c)),
+                Err(_) => f.write_str("postgres: (unreadable URL)"),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+impl Database {
+    /// The secrets key file: [`KEY_ENV`] if set, else `secrets.key` beside a SQLite
+    /// database, or in `data_dir` for PostgreSQL (every appliance sharing that database
+    /// needs a copy of the same file).
+    pub fn key_path(&self, data_dir: &Path) -> PathBuf {
+        match self {
+            Database::Sqlite(path) => secrets::key_path_for(path),
+            Database::Postgres(_) => secrets::key_path_for(&data_dir.join("stork.db")),
+        }
+    }
+
+    /// Opens the store here, with its key file (see [`Database::key_path`]).
+    pub fn open(&self, data_dir: &Path) -> Result<Store, StoreError> {
+        Store::open_database(self, &self.key_path(data_dir))
+    }
+
+    /// Reads a `--database` value; the error says what is accepted.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            s.parse::<postgres::Config>()
+                .map_err(|e| format!("database: not a PostgreSQL URL: {e}"))?;
+            return Ok(Database::Postgres(s.to_string()));
+        }
+        let path = s.strip_prefix("sqlite:").unwrap_or(s);
+        if path.is_empty() || s.contains("://") {
+            return Err(format!(
+                "database: {s:?} is neither sqlite:PATH nor a postgres:// URL"
+            ));
+        }
+        Ok(Database::Sqlite(PathBuf::from(path)))
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
-    /// Where the database lives: new records are refused when its file system runs low.
-    dir: Arc<std::path::PathBuf>,
+    db: Arc<Db>,
+    /// Where a SQLite database lives: new records are refused when its file system runs
+    /// low. `None` for PostgreSQL, whose server watches its own disk.
+    dir: Option<Arc<PathBuf>>,
     /// The last free-space answer and when it was asked (see [`Store::check_space`]).
     space: Arc<Mutex<Option<SpaceAnswer>>>,
     /// Seals the BMC passwords written, opens those read.
     key: Arc<SecretKey>,
+}
+
+#[derive(Debug)]
+enum Db {
+    Sqlite(Mutex<Connection>),
+    Postgres(r2d2::Pool<PgManager>, postgres::Config),
 }
 
 /// New machines and appended events are refused while the database's file system has less
@@ -94,6 +190,13 @@ type SpaceAnswer = (Instant, Option<u64>);
 /// How long a free-space answer is trusted: a flood of inserts asks the file system once
 /// per this, not once per insert. What a second of inserts writes is far below the reserve.
 const SPACE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Connections one appliance keeps to PostgreSQL at most: the blocking pool runs the
+/// store's calls, and more connections than cores only queue on the server.
+const PG_POOL_SIZE: u32 = 8;
+
+/// How long a call waits for a PostgreSQL connection (opening one included) before failing.
+const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn json<T: serde::Serialize>(v: &T) -> String {
     // Serializing our own plain data types cannot fail.
@@ -123,11 +226,28 @@ pub fn restrict(path: &Path) -> Result<(), StoreError> {
     })
 }
 
+/// `SELECT <columns> FROM machines` starts with these; [`Store::machine_from_row`] reads them.
+/// The power state columns are written apart from the version-checked save (see
+/// `Store::set_power_state`), so they come last and are not in the insert.
+const MACHINE_COLUMNS: &str = "id, hostname, status, status_message, status_since, \
+    version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, \
+    updated_at, netboot, erase_quick, last_heartbeat, heartbeat_step, heartbeat_deadline, \
+    agent_ip, agent_token_used, hw_cpus, hw_memory_bytes, hw_disks, hw_disk_bytes";
+
 impl Store {
     /// Opens (or creates) the database at `path`, with the secrets key file
     /// [`secrets::key_path_for`] names: `$STORK_SECRETS_KEY`, else `secrets.key` beside it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         Self::open_with_key(path, &secrets::key_path_for(path))
+    }
+
+    /// Opens `db`; the secrets key is `key_path` (all appliances sharing a PostgreSQL
+    /// database need a copy of the same key file).
+    pub fn open_database(db: &Database, key_path: &Path) -> Result<Self, StoreError> {
+        match db {
+            Database::Sqlite(path) => Self::open_with_key(path, key_path),
+            Database::Postgres(url) => Self::open_postgres(url, key_path),
+        }
     }
 
     /// Opens the database at `path` with the secrets key in `key_path`, which is created at
@@ -158,9 +278,53 @@ impl Store {
         // record removed) leaves no clear copy in the file's free space.
         conn.pragma_update(None, "secure_delete", "ON")?;
         migrate::migrate(&mut conn)?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        Self::finish_open(Db::Sqlite(Mutex::new(conn)), Some(dir), key_path)
+    }
+
+    /// Opens the PostgreSQL database at `url` (`postgres://user:pass@host/db`, or a unix
+    /// socket directory as `host=`), migrating its schema; the error says which part failed
+    /// (the URL, reaching the server, or a schema this binary does not know).
+    pub fn open_postgres(url: &str, key_path: &Path) -> Result<Self, StoreError> {
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Url(format!("not a PostgreSQL URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(PG_CONNECT_TIMEOUT);
+        }
+        let target = sql::describe(&config);
+        let unreachable = |source: DbError| StoreError::Unreachable {
+            target: target.clone(),
+            source,
+        };
+        // One connection first: its error says why the server cannot be reached (the
+        // pool's says only that it timed out), and it migrates the schema.
+        let mut first = config
+            .connect(postgres::NoTls)
+            .map_err(|e| unreachable(e.into()))?;
+        migrate::migrate_postgres(&mut first)?;
+        drop(first);
+        let pool = r2d2::Pool::builder()
+            .max_size(PG_POOL_SIZE)
+            .min_idle(Some(1))
+            .connection_timeout(PG_CONNECT_TIMEOUT)
+            // r2d2 would log connection errors itself; the store's errors carry them.
+            .error_handler(Box::new(r2d2::NopErrorHandler))
+            .build(PgManager(config.clone()))
+            .map_err(|e| unreachable(e.into()))?;
+        tracing::info!(%target, "store on PostgreSQL");
+        Self::finish_open(Db::Postgres(pool, config), None, key_path)
+    }
+
+    /// Loads (or at the first start creates) the secrets key and seals clear secrets.
+    fn finish_open(db: Db, dir: Option<PathBuf>, key_path: &Path) -> Result<Self, StoreError> {
         let key = match SecretKey::load(key_path)? {
             Some(key) => key,
-            None if Self::any_sealed(&conn)? => {
+            None if db.run(Self::any_sealed)? => {
                 return Err(SecretsError::KeyMissing {
                     path: key_path.to_path_buf(),
                 }
@@ -175,75 +339,90 @@ impl Store {
                 key
             }
         };
-        Self::seal_clear_secrets(&mut conn, &key)?;
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf();
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-            dir: Arc::new(dir),
+        let store = Self {
+            db: Arc::new(db),
+            dir: dir.map(Arc::new),
             space: Arc::default(),
             key: Arc::new(key),
-        })
+        };
+        store.seal_clear_secrets()?;
+        Ok(store)
+    }
+
+    /// Runs `f` on a connection, each statement committed on its own.
+    fn run<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Sql) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.db.run(f)
+    }
+
+    /// Runs `f` in one transaction: committed if it returns `Ok`, rolled back if not.
+    fn transaction<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Sql) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.db.transaction(f)
     }
 
     /// The stored power configs, by machine id.
-    fn stored_power(conn: &Connection) -> Result<Vec<(String, PowerConfig)>, StoreError> {
-        let mut stmt = conn.prepare("SELECT id, power FROM machines")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    fn stored_power(db: &mut dyn Sql) -> Result<Vec<(String, PowerConfig)>, StoreError> {
         let mut out = Vec::new();
-        for row in rows {
-            let (id, power) = row?;
-            out.push((id, from_json("power", &power)?));
+        for row in db.query("SELECT id, power FROM machines", &[])? {
+            let power: String = row.get(1)?;
+            out.push((row.get(0)?, from_json("power", &power)?));
         }
         Ok(out)
     }
 
     /// Whether any machine has a sealed secret (then the key must be there).
-    fn any_sealed(conn: &Connection) -> Result<bool, StoreError> {
-        Ok(Self::stored_power(conn)?
+    fn any_sealed(db: &mut dyn Sql) -> Result<bool, StoreError> {
+        Ok(Self::stored_power(db)?
             .iter()
             .any(|(_, p)| p.params.values().any(secrets::is_sealed)))
     }
 
-    /// Checks that `key` opens every sealed secret, and seals the clear ones an older
+    /// Checks that the key opens every sealed secret, and seals the clear ones an older
     /// version left (in one transaction, without a version bump: readers see the same
-    /// machine). Then checkpoints, so no clear copy is left in the write-ahead log.
-    fn seal_clear_secrets(conn: &mut Connection, key: &SecretKey) -> Result<(), StoreError> {
-        let mut upgraded = Vec::new();
-        for (id, mut power) in Self::stored_power(conn)? {
-            let mut changed = false;
-            for (name, value) in power.params.iter_mut() {
-                if !is_secret_param(name) {
-                    continue;
+    /// machine). Then, on SQLite, checkpoints, so no clear copy is left in the write-ahead
+    /// log.
+    fn seal_clear_secrets(&self) -> Result<(), StoreError> {
+        let key = &self.key;
+        let sealed = self.transaction(|db| {
+            let mut upgraded = Vec::new();
+            for (id, mut power) in Self::stored_power(db)? {
+                let mut changed = false;
+                for (name, value) in power.params.iter_mut() {
+                    if !is_secret_param(name) {
+                        continue;
+                    }
+                    if secrets::is_sealed(value) {
+                        key.open(&id, name, value)?;
+                    } else {
+                        *value = key.seal(&id, name, value);
+                        changed = true;
+                    }
                 }
-                if secrets::is_sealed(value) {
-                    key.open(&id, name, value)?;
-                } else {
-                    *value = key.seal(&id, name, value);
-                    changed = true;
+                if changed {
+                    upgraded.push((id, json(&power)));
                 }
             }
-            if changed {
-                upgraded.push((id, json(&power)));
+            for (id, power) in &upgraded {
+                db.execute(
+                    "UPDATE machines SET power = ?2 WHERE id = ?1",
+                    &args![id, power],
+                )?;
             }
-        }
-        if upgraded.is_empty() {
+            Ok(upgraded.len())
+        })?;
+        if sealed == 0 {
             return Ok(());
         }
-        let tx = conn.transaction()?;
-        for (id, power) in &upgraded {
-            tx.execute(
-                "UPDATE machines SET power = ?2 WHERE id = ?1",
-                params![id, power],
-            )?;
+        if let Db::Sqlite(conn) = &*self.db {
+            lock(conn).query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         }
-        tx.commit()?;
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         tracing::info!(
-            machines = upgraded.len(),
+            machines = sealed,
             key = %key.path().display(),
             "stored BMC passwords encrypted"
         );
@@ -272,9 +451,33 @@ impl Store {
         Ok(p)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic mid-call leaves SQLite consistent (the transaction rolls back on drop).
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    /// Calls `wake` whenever an appliance sharing this database (this one included) adds
+    /// events, and once after each reconnection, when some may have been missed; stops
+    /// when `alive` returns false. Only PostgreSQL is shared; on SQLite this appliance is the only writer and
+    /// nothing is started.
+    pub fn follow_changes(
+        &self,
+        wake: impl Fn() + Send + 'static,
+        alive: impl Fn() -> bool + Send + 'static,
+    ) {
+        let Db::Postgres(_, config) = &*self.db else {
+            return;
+        };
+        let config = config.clone();
+        let spawned = std::thread::Builder::new()
+            .name("stork-pg-listen".into())
+            .spawn(move || follow(&config, &wake, &alive));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the PostgreSQL change listener");
+        }
+    }
+
+    /// Which backend this store is on.
+    pub fn dialect(&self) -> Dialect {
+        match &*self.db {
+            Db::Sqlite(_) => Dialect::Sqlite,
+            Db::Postgres(..) => Dialect::Postgres,
+        }
     }
 
     /// Runs `f` on the blocking pool: the async API's way in.
@@ -288,14 +491,45 @@ impl Store {
 
     // ---- machines ----
 
-    const MACHINE_COLUMNS: &'static str = "id, hostname, status, status_message, status_since, \
-        version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, updated_at, netboot, erase_quick, \
-        last_heartbeat, heartbeat_step, heartbeat_deadline, agent_ip, agent_token_used";
+    /// A machine's columns as written, `?1` to `?27` in [`MACHINE_COLUMNS`]'s order.
+    fn machine_args(&self, m: &Machine) -> Vec<Value> {
+        let hw = m.inventory.as_ref().map(HardwareSummary::of);
+        args![
+            &m.id,
+            m.hostname.as_deref(),
+            m.status.as_str(),
+            m.status_message.as_deref(),
+            m.status_since,
+            m.version,
+            m.boot_mac.map(|b| b.to_string()),
+            m.arch.as_str(),
+            self.power_to_db(&m.id, &m.power),
+            m.inventory.as_ref().map(json),
+            m.owner.as_deref(),
+            m.deploy.as_ref().map(json),
+            json(&m.tags),
+            m.agent.token_hash.as_deref(),
+            m.created_at,
+            m.updated_at,
+            m.netboot,
+            m.erase_quick,
+            m.last_heartbeat,
+            m.heartbeat_step.as_deref(),
+            m.heartbeat_deadline,
+            m.agent.ip.map(|ip| ip.to_string()),
+            m.agent.used,
+            hw.map(|h| h.cpus),
+            hw.map(|h| i64::try_from(h.memory_bytes).unwrap_or(i64::MAX)),
+            hw.map(|h| h.disks),
+            hw.map(|h| i64::try_from(h.disk_bytes).unwrap_or(i64::MAX)),
+        ]
+        .into()
+    }
 
     /// A machine from its row and its interfaces' MACs (any order).
     fn machine_from_row(
         key: &SecretKey,
-        row: &Row<'_>,
+        row: &Row,
         mut macs: Vec<MacAddr>,
     ) -> Result<Machine, StoreError> {
         let id: String = row.get(0)?;
@@ -325,7 +559,7 @@ impl Store {
             agent: AgentIdentity {
                 token_hash: row.get(13)?,
                 ip: row
-                    .get::<_, Option<String>>(21)?
+                    .get::<Option<String>>(21)?
                     .and_then(|ip| ip.parse().ok()),
                 used: row.get(22)?,
             },
@@ -337,32 +571,28 @@ impl Store {
             heartbeat_step: row.get(19)?,
             heartbeat_deadline: row.get(20)?,
             power_state: row
-                .get::<_, Option<String>>(23)?
+                .get::<Option<String>>(27)?
                 .and_then(|p| PowerState::parse(&p)),
-            power_seen_at: row.get(24)?,
+            power_seen_at: row.get(28)?,
         })
     }
 
     fn query_machines(
         key: &SecretKey,
-        conn: &Connection,
+        db: &mut dyn Sql,
         where_sql: &str,
-        args: &[&dyn rusqlite::ToSql],
+        args: &[Value],
     ) -> Result<Vec<Machine>, StoreError> {
-        // The power state columns are written apart from the version-checked save (see
-        // `Store::set_power_state`), so they are not in MACHINE_COLUMNS.
         let sql = format!(
-            "SELECT {}, power_state, power_seen_at FROM machines {where_sql} ORDER BY created_at, id",
-            Self::MACHINE_COLUMNS
+            "SELECT {MACHINE_COLUMNS}, power_state, power_seen_at FROM machines {where_sql} \
+             ORDER BY created_at, id"
         );
-        let mut macs = Self::macs_of(conn, where_sql, args)?;
-        let mut stmt = conn.prepare_cached(&sql)?;
-        let mut rows = stmt.query(args)?;
+        let mut macs = Self::macs_of(db, where_sql, args)?;
         let mut out = Vec::new();
-        while let Some(row) = rows.next()? {
+        for row in db.query(&sql, args)? {
             let id: String = row.get(0)?;
             let m = macs.remove(&id).unwrap_or_default();
-            out.push(Self::machine_from_row(key, row, m)?);
+            out.push(Self::machine_from_row(key, &row, m)?);
         }
         Ok(out)
     }
@@ -371,18 +601,18 @@ impl Store {
     /// order they were added: one query for all (one per machine made listing 10,000
     /// machines several times slower).
     fn macs_of(
-        conn: &Connection,
+        db: &mut dyn Sql,
         where_sql: &str,
-        args: &[&dyn rusqlite::ToSql],
+        args: &[Value],
     ) -> Result<HashMap<String, Vec<MacAddr>>, StoreError> {
         let mut macs: HashMap<String, Vec<MacAddr>> = HashMap::new();
-        let mut stmt = conn.prepare_cached(&format!(
+        let sql = format!(
             "SELECT machine_id, mac FROM interfaces \
-             WHERE machine_id IN (SELECT id FROM machines {where_sql}) ORDER BY rowid"
-        ))?;
-        let mut rows = stmt.query(args)?;
-        while let Some(row) = rows.next()? {
-            if let Ok(mac) = row.get::<_, String>(1)?.parse() {
+             WHERE machine_id IN (SELECT id FROM machines {where_sql}) ORDER BY {}",
+            db.dialect().insertion_order()
+        );
+        for row in db.query(&sql, args)? {
+            if let Ok(mac) = row.get::<String>(1)?.parse() {
                 macs.entry(row.get(0)?).or_default().push(mac);
             }
         }
@@ -390,124 +620,127 @@ impl Store {
     }
 
     pub fn list_machines(&self) -> Result<Vec<Machine>, StoreError> {
-        Self::query_machines(&self.key, &self.lock(), "", &[])
+        self.run(|db| Self::query_machines(&self.key, db, "", &[]))
     }
 
     /// One page of the machines `q` selects, in its order, and how many it selects in all.
     pub fn machine_page(&self, q: &MachineQuery) -> Result<(u64, Vec<Machine>), StoreError> {
-        let conn = self.lock();
-        let (total, ids) = Self::page_ids(&conn, q)?;
-        if ids.is_empty() {
-            return Ok((total, Vec::new()));
-        }
-        let (in_sql, id_refs) = ids_in(&ids);
-        let mut page = Self::query_machines(&self.key, &conn, &in_sql, &id_refs)?;
-        in_order_of(&ids, &mut page, |m| &m.id);
-        Ok((total, page))
+        self.run(|db| {
+            let (total, ids) = Self::page_ids(db, q)?;
+            if ids.is_empty() {
+                return Ok((total, Vec::new()));
+            }
+            let (in_sql, id_args) = ids_in(&ids);
+            let mut page = Self::query_machines(&self.key, db, &in_sql, &id_args)?;
+            in_order_of(&ids, &mut page, |m| &m.id);
+            Ok((total, page))
+        })
     }
 
     /// How many machines `q` selects, and the ids of its page in order. The ids first, then
     /// their rows: sorting whole rows (inventories of a few KiB each, in overflow pages that
     /// the columns after them sit behind) made a deep page of 10,000 machines ten times
     /// slower.
-    fn page_ids(conn: &Connection, q: &MachineQuery) -> Result<(u64, Vec<String>), StoreError> {
-        let (where_sql, args, order_sql) = q.sql();
-        let refs: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a.as_ref()).collect();
-        let total: i64 = conn
-            .prepare_cached(&format!("SELECT COUNT(*) FROM machines {where_sql}"))?
-            .query_row(refs.as_slice(), |r| r.get(0))?;
-        let ids: Vec<String> = conn
-            .prepare_cached(&format!("SELECT id FROM machines {where_sql} {order_sql}"))?
-            .query_map(refs.as_slice(), |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
+    fn page_ids(db: &mut dyn Sql, q: &MachineQuery) -> Result<(u64, Vec<String>), StoreError> {
+        let (where_sql, args, order_sql) = q.sql(db.dialect());
+        let total: i64 = db
+            .query_one(&format!("SELECT COUNT(*) FROM machines {where_sql}"), &args)?
+            .get(0)?;
+        let ids = db
+            .query(
+                &format!("SELECT id FROM machines {where_sql} {order_sql}"),
+                &args,
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect::<Result<Vec<String>, _>>()?;
         Ok((u64::try_from(total).unwrap_or(0), ids))
     }
 
-    /// [`Store::machine_page`] as summaries: stored columns only (the hardware ones kept by
-    /// triggers from the inventory, migration V8), never an inventory parsed or a power
-    /// secret opened, so a page costs the same whatever the number of machines.
+    /// [`Store::machine_page`] as summaries: stored columns only (the hardware ones written
+    /// from the inventory with it), never an inventory parsed or a power secret opened, so a
+    /// page costs the same whatever the number of machines.
     pub fn machine_summaries(
         &self,
         q: &MachineQuery,
     ) -> Result<(u64, Vec<MachineSummary>), StoreError> {
-        let conn = self.lock();
-        let (total, ids) = Self::page_ids(&conn, q)?;
-        if ids.is_empty() {
-            return Ok((total, Vec::new()));
-        }
-        let (in_sql, id_refs) = ids_in(&ids);
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT id, hostname, status, status_message, status_since, boot_mac, arch, \
-                json_extract(power, '$.driver'), power_state, power_seen_at, hw_cpus, \
-                hw_memory_bytes, hw_disks, hw_disk_bytes, owner, tags, heartbeat_step, \
-                created_at, updated_at \
-             FROM machines {in_sql}"
-        ))?;
-        let mut rows = stmt.query(id_refs.as_slice())?;
-        let mut page = Vec::new();
-        while let Some(row) = rows.next()? {
-            let status: String = row.get(2)?;
-            let tags: String = row.get(15)?;
-            let count = |i: usize| -> rusqlite::Result<Option<u64>> {
-                Ok(row
-                    .get::<_, Option<i64>>(i)?
-                    .map(|n| u64::try_from(n).unwrap_or(0)))
-            };
-            let hardware = match (count(10)?, count(11)?, count(12)?, count(13)?) {
-                (Some(cpus), Some(memory_bytes), Some(disks), Some(disk_bytes)) => {
-                    Some(HardwareSummary {
-                        cpus: u32::try_from(cpus).unwrap_or(u32::MAX),
-                        memory_bytes,
-                        disks: u32::try_from(disks).unwrap_or(u32::MAX),
-                        disk_bytes,
-                    })
-                }
-                _ => None,
-            };
-            page.push(MachineSummary {
-                id: row.get(0)?,
-                hostname: row.get(1)?,
-                status: Status::parse(&status).unwrap_or(Status::Broken),
-                status_message: row.get(3)?,
-                status_since: row.get(4)?,
-                boot_mac: row
-                    .get::<_, Option<String>>(5)?
-                    .and_then(|m| m.parse().ok()),
-                macs: Vec::new(),
-                arch: row.get(6)?,
-                power_driver: row.get::<_, Option<String>>(7)?.unwrap_or_default(),
-                power_state: row
-                    .get::<_, Option<String>>(8)?
-                    .and_then(|p| PowerState::parse(&p)),
-                power_seen_at: row.get(9)?,
-                hardware,
-                owner: row.get(14)?,
-                tags: from_json("tags", &tags)?,
-                heartbeat_step: row.get(16)?,
-                created_at: row.get(17)?,
-                updated_at: row.get(18)?,
-            });
-        }
-        drop(rows);
-        drop(stmt);
-        in_order_of(&ids, &mut page, |m| &m.id);
-        let mut macs = Self::macs_of(&conn, &in_sql, &id_refs)?;
-        for m in &mut page {
-            let mut list = macs.remove(&m.id).unwrap_or_default();
-            list.sort_by_key(|mac| Some(*mac) != m.boot_mac);
-            m.macs = list;
-        }
-        Ok((total, page))
+        self.run(|db| {
+            let (total, ids) = Self::page_ids(db, q)?;
+            if ids.is_empty() {
+                return Ok((total, Vec::new()));
+            }
+            let (in_sql, id_args) = ids_in(&ids);
+            let sql = format!(
+                "SELECT id, hostname, status, status_message, status_since, boot_mac, arch, \
+                    {}, power_state, power_seen_at, hw_cpus, \
+                    hw_memory_bytes, hw_disks, hw_disk_bytes, owner, tags, heartbeat_step, \
+                    created_at, updated_at \
+                 FROM machines {in_sql}",
+                db.dialect().json_text("power", "driver")
+            );
+            let mut page = Vec::new();
+            for row in db.query(&sql, &id_args)? {
+                let status: String = row.get(2)?;
+                let tags: String = row.get(15)?;
+                let count = |i: usize| -> Result<Option<u64>, DbError> {
+                    Ok(row
+                        .get::<Option<i64>>(i)?
+                        .map(|n| u64::try_from(n).unwrap_or(0)))
+                };
+                let hardware = match (count(10)?, count(11)?, count(12)?, count(13)?) {
+                    (Some(cpus), Some(memory_bytes), Some(disks), Some(disk_bytes)) => {
+                        Some(HardwareSummary {
+                            cpus: u32::try_from(cpus).unwrap_or(u32::MAX),
+                            memory_bytes,
+                            disks: u32::try_from(disks).unwrap_or(u32::MAX),
+                            disk_bytes,
+                        })
+                    }
+                    _ => None,
+                };
+                page.push(MachineSummary {
+                    id: row.get(0)?,
+                    hostname: row.get(1)?,
+                    status: Status::parse(&status).unwrap_or(Status::Broken),
+                    status_message: row.get(3)?,
+                    status_since: row.get(4)?,
+                    boot_mac: row.get::<Option<String>>(5)?.and_then(|m| m.parse().ok()),
+                    macs: Vec::new(),
+                    arch: row.get(6)?,
+                    power_driver: row.get::<Option<String>>(7)?.unwrap_or_default(),
+                    power_state: row
+                        .get::<Option<String>>(8)?
+                        .and_then(|p| PowerState::parse(&p)),
+                    power_seen_at: row.get(9)?,
+                    hardware,
+                    owner: row.get(14)?,
+                    tags: from_json("tags", &tags)?,
+                    heartbeat_step: row.get(16)?,
+                    created_at: row.get(17)?,
+                    updated_at: row.get(18)?,
+                });
+            }
+            in_order_of(&ids, &mut page, |m| &m.id);
+            let mut macs = Self::macs_of(db, &in_sql, &id_args)?;
+            for m in &mut page {
+                let mut list = macs.remove(&m.id).unwrap_or_default();
+                list.sort_by_key(|mac| Some(*mac) != m.boot_mac);
+                m.macs = list;
+            }
+            Ok((total, page))
+        })
     }
 
     /// Records the power state seen for machine `id` at `at` (ms). Not a change of the
     /// machine's record: no version bump, so it never conflicts with a status change.
     pub fn set_power_state(&self, id: &str, state: PowerState, at: i64) -> Result<(), StoreError> {
-        self.lock().execute(
-            "UPDATE machines SET power_state = ?2, power_seen_at = ?3 WHERE id = ?1",
-            params![id, state.as_str(), at],
-        )?;
-        Ok(())
+        self.run(|db| {
+            db.execute(
+                "UPDATE machines SET power_state = ?2, power_seen_at = ?3 WHERE id = ?1",
+                &args![id, state.as_str(), at],
+            )?;
+            Ok(())
+        })
     }
 
     /// The newest agent event of each machine in `ids`: a listing's "current step" column.
@@ -515,54 +748,60 @@ impl Store {
         &self,
         ids: &[String],
     ) -> Result<HashMap<String, EventRecord>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, machine_id, at, actor, old_status, new_status, message FROM events
-             WHERE id = (SELECT MAX(id) FROM events WHERE machine_id = ?1 AND actor = 'agent')",
-        )?;
-        let mut out = HashMap::new();
-        for id in ids {
-            if let Some(e) = stmt.query_row([id], Self::event_from_row).optional()? {
-                out.insert(id.clone(), e);
+        self.run(|db| {
+            let mut out = HashMap::new();
+            for id in ids {
+                let row = db.query_opt(
+                    "SELECT id, machine_id, at, actor, old_status, new_status, message FROM events
+                     WHERE id = (SELECT MAX(id) FROM events WHERE machine_id = ?1 AND actor = 'agent')",
+                    &args![id],
+                )?;
+                if let Some(row) = row {
+                    out.insert(id.clone(), Self::event_from_row(&row)?);
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// The newest event's id (0 for none): where a live view's stream starts.
     pub fn last_event_id(&self) -> Result<i64, StoreError> {
-        Ok(self
-            .lock()
-            .query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?)
+        self.run(|db| {
+            Ok(db
+                .query_one("SELECT COALESCE(MAX(id), 0) FROM events", &[])?
+                .get(0)?)
+        })
     }
 
     /// Machines in any of `statuses`: the timeout checker's question, answered without
     /// reading (and parsing) every machine.
     pub fn machines_in(&self, statuses: &[Status]) -> Result<Vec<Machine>, StoreError> {
-        // Status names are our own fixed identifiers, so they can go into the SQL text.
-        let names: Vec<String> = statuses
-            .iter()
-            .map(|s| format!("'{}'", s.as_str()))
-            .collect();
-        let where_sql = format!("WHERE status IN ({})", names.join(", "));
-        Self::query_machines(&self.key, &self.lock(), &where_sql, &[])
+        let where_sql = format!("WHERE status IN ({})", status_list(statuses));
+        self.run(|db| Self::query_machines(&self.key, db, &where_sql, &[]))
     }
 
     /// By id, or by any of its MAC addresses.
     pub fn get_machine(&self, key: &str) -> Result<Machine, StoreError> {
-        let conn = self.lock();
+        self.run(|db| Self::get_machine_in(&self.key, db, key))
+    }
+
+    fn get_machine_in(
+        secrets: &SecretKey,
+        db: &mut dyn Sql,
+        key: &str,
+    ) -> Result<Machine, StoreError> {
         let id = match key.parse::<MacAddr>() {
-            Ok(mac) => conn
-                .query_row(
+            Ok(mac) => db
+                .query_opt(
                     "SELECT machine_id FROM interfaces WHERE mac = ?1",
-                    [mac.to_string()],
-                    |r| r.get::<_, String>(0),
-                )
-                .optional()?
+                    &args![mac.to_string()],
+                )?
+                .map(|r| r.get::<String>(0))
+                .transpose()?
                 .unwrap_or_else(|| key.to_string()),
             Err(_) => key.to_string(),
         };
-        Self::query_machines(&self.key, &conn, "WHERE id = ?1", &[&id])?
+        Self::query_machines(secrets, db, "WHERE id = ?1", &args![id])?
             .pop()
             .ok_or_else(|| StoreError::NotFound(key.to_string()))
     }
@@ -578,66 +817,36 @@ impl Store {
     /// Inserts a new machine and its first event.
     pub fn create_machine(&self, m: &Machine, event: &NewEvent) -> Result<Machine, StoreError> {
         self.check_space()?;
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        tx.execute(
-            &format!(
-                "INSERT INTO machines ({}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23)",
-                Self::MACHINE_COLUMNS
-            ),
-            params![
-                m.id,
-                m.hostname,
-                m.status.as_str(),
-                m.status_message,
-                m.status_since,
-                m.version,
-                m.boot_mac.map(|b| b.to_string()),
-                m.arch,
-                self.power_to_db(&m.id, &m.power),
-                m.inventory.as_ref().map(json),
-                m.owner,
-                m.deploy.as_ref().map(json),
-                json(&m.tags),
-                m.agent.token_hash,
-                m.created_at,
-                m.updated_at,
-                m.netboot,
-                m.erase_quick,
-                m.last_heartbeat,
-                m.heartbeat_step,
-                m.heartbeat_deadline,
-                m.agent.ip.map(|ip| ip.to_string()),
-                m.agent.used,
-            ],
-        )?;
-        Self::put_interfaces(&tx, &m.id, &m.macs)?;
-        Self::insert_event(&tx, &m.id, event)?;
-        tx.commit()?;
-        drop(conn);
-        self.get_machine(&m.id)
+        let placeholders: Vec<String> = (1..=27).map(|i| format!("?{i}")).collect();
+        let sql = format!(
+            "INSERT INTO machines ({MACHINE_COLUMNS}) VALUES ({})",
+            placeholders.join(",")
+        );
+        let row = self.machine_args(m);
+        self.transaction(|db| {
+            db.execute(&sql, &row)?;
+            Self::put_interfaces(db, &m.id, &m.macs)?;
+            Self::insert_event(db, &m.id, event)?;
+            Self::get_machine_in(&self.key, db, &m.id)
+        })
     }
 
-    fn put_interfaces(
-        tx: &rusqlite::Transaction<'_>,
-        id: &str,
-        macs: &[MacAddr],
-    ) -> Result<(), StoreError> {
+    fn put_interfaces(db: &mut dyn Sql, id: &str, macs: &[MacAddr]) -> Result<(), StoreError> {
         for mac in macs {
-            let owner: Option<String> = tx
-                .query_row(
+            let owner: Option<String> = db
+                .query_opt(
                     "SELECT machine_id FROM interfaces WHERE mac = ?1",
-                    [mac.to_string()],
-                    |r| r.get(0),
-                )
-                .optional()?;
+                    &args![mac.to_string()],
+                )?
+                .map(|r| r.get(0))
+                .transpose()?;
             match owner {
                 Some(o) if o != id => return Err(StoreError::MacTaken(*mac)),
                 Some(_) => {}
                 None => {
-                    tx.execute(
+                    db.execute(
                         "INSERT INTO interfaces (mac, machine_id) VALUES (?1, ?2)",
-                        params![mac.to_string(), id],
+                        &args![mac.to_string(), id],
                     )?;
                 }
             }
@@ -659,74 +868,53 @@ impl Store {
     /// token (`lifecycle::boot::grant`), so its caller read the machine before the agent
     /// used it. Clearing the token (`None`) is always allowed.
     pub fn save_machine(&self, m: &Machine, events: &[NewEvent]) -> Result<Machine, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let changed = tx.execute(
-            "UPDATE machines SET hostname=?2, status=?3, status_message=?4, status_since=?5,
-                version=version+1, boot_mac=?6, arch=?7, power=?8, inventory=?9, owner=?10,
-                deploy=?11, tags=?12, agent_token=?13, updated_at=?14, netboot=?16, erase_quick=?17,
-                last_heartbeat=?18, heartbeat_step=?19, heartbeat_deadline=?20,
-                agent_ip=?21,
-                agent_token_used = CASE WHEN agent_token IS ?13
-                    THEN MAX(agent_token_used, ?22) ELSE ?22 END
-             WHERE id=?1 AND version=?15
-               AND NOT (agent_token_used = 1 AND ?13 IS NOT NULL AND agent_token IS NOT ?13)",
-            params![
-                m.id,
-                m.hostname,
-                m.status.as_str(),
-                m.status_message,
-                m.status_since,
-                m.boot_mac.map(|b| b.to_string()),
-                m.arch,
-                self.power_to_db(&m.id, &m.power),
-                m.inventory.as_ref().map(json),
-                m.owner,
-                m.deploy.as_ref().map(json),
-                json(&m.tags),
-                m.agent.token_hash,
-                m.updated_at,
-                m.version,
-                m.netboot,
-                m.erase_quick,
-                m.last_heartbeat,
-                m.heartbeat_step,
-                m.heartbeat_deadline,
-                m.agent.ip.map(|ip| ip.to_string()),
-                m.agent.used,
-            ],
-        )?;
-        if changed == 0 {
-            let exists: bool = tx
-                .query_row("SELECT 1 FROM machines WHERE id = ?1", [&m.id], |_| {
-                    Ok(true)
-                })
-                .optional()?
-                .unwrap_or(false);
-            return Err(if exists {
-                StoreError::Conflict {
-                    id: m.id.clone(),
-                    expected: m.version,
-                }
-            } else {
-                StoreError::NotFound(m.id.clone())
-            });
-        }
-        Self::put_interfaces(&tx, &m.id, &m.macs)?;
-        for e in events {
-            Self::insert_event(&tx, &m.id, e)?;
-        }
-        tx.commit()?;
-        drop(conn);
-        self.get_machine(&m.id)
+        let row = self.machine_args(m);
+        self.transaction(|db| {
+            // `?6` is the version the caller read.
+            let changed = db.execute(
+                "UPDATE machines SET hostname=?2, status=?3, status_message=?4, status_since=?5,
+                    version=version+1, boot_mac=?7, arch=?8, power=?9, inventory=?10, owner=?11,
+                    deploy=?12, tags=?13, agent_token=?14, updated_at=?16, netboot=?17,
+                    erase_quick=?18, last_heartbeat=?19, heartbeat_step=?20,
+                    heartbeat_deadline=?21, agent_ip=?22,
+                    agent_token_used = CASE WHEN agent_token IS NOT DISTINCT FROM CAST(?14 AS TEXT)
+                        THEN (CASE WHEN agent_token_used > ?23 THEN agent_token_used ELSE ?23 END)
+                        ELSE ?23 END,
+                    hw_cpus=?24, hw_memory_bytes=?25, hw_disks=?26, hw_disk_bytes=?27,
+                    created_at=?15
+                 WHERE id=?1 AND version=?6
+                   AND NOT (agent_token_used = 1 AND CAST(?14 AS TEXT) IS NOT NULL
+                            AND agent_token IS DISTINCT FROM CAST(?14 AS TEXT))",
+                &row,
+            )?;
+            if changed == 0 {
+                let exists = db
+                    .query_opt("SELECT 1 FROM machines WHERE id = ?1", &args![&m.id])?
+                    .is_some();
+                return Err(if exists {
+                    StoreError::Conflict {
+                        id: m.id.clone(),
+                        expected: m.version,
+                    }
+                } else {
+                    StoreError::NotFound(m.id.clone())
+                });
+            }
+            Self::put_interfaces(db, &m.id, &m.macs)?;
+            for e in events {
+                Self::insert_event(db, &m.id, e)?;
+            }
+            Self::get_machine_in(&self.key, db, &m.id)
+        })
     }
 
     pub fn delete_machine(&self, id: &str) -> Result<(), StoreError> {
-        let conn = self.lock();
-        if conn.execute("DELETE FROM machines WHERE id = ?1", [id])? == 0 {
-            return Err(StoreError::NotFound(id.to_string()));
-        }
-        Ok(())
+        self.run(|db| {
+            if db.execute("DELETE FROM machines WHERE id = ?1", &args![id])? == 0 {
+                return Err(StoreError::NotFound(id.to_string()));
+            }
+            Ok(())
+        })
     }
 
     /// Marks the agent token with this hash used, and says whether this call did (only its
@@ -735,18 +923,21 @@ impl Store {
     /// heartbeat it is never lost to such a save: [`Store::save_machine`] keeps a stored
     /// token's mark, and refuses to give a used token a successor.
     pub fn mark_agent_token_used(&self, hash: &str) -> Result<bool, StoreError> {
-        let changed = self.lock().execute(
-            "UPDATE machines SET agent_token_used = 1
-             WHERE agent_token = ?1 AND agent_token_used = 0",
-            [hash],
-        )?;
-        Ok(changed > 0)
+        self.run(|db| {
+            let changed = db.execute(
+                "UPDATE machines SET agent_token_used = 1
+                 WHERE agent_token = ?1 AND agent_token_used = 0",
+                &args![hash],
+            )?;
+            Ok(changed > 0)
+        })
     }
 
     /// The machine whose current agent token has this hash.
     pub fn machine_by_agent_token(&self, hash: &str) -> Result<Option<Machine>, StoreError> {
-        let conn = self.lock();
-        Ok(Self::query_machines(&self.key, &conn, "WHERE agent_token = ?1", &[&hash])?.pop())
+        self.run(|db| {
+            Ok(Self::query_machines(&self.key, db, "WHERE agent_token = ?1", &args![hash])?.pop())
+        })
     }
 
     /// Records an agent's heartbeat on machine `id` if one is still expected there, and
@@ -764,52 +955,46 @@ impl Store {
         step: &str,
         deadline: Option<i64>,
     ) -> Result<bool, StoreError> {
-        // Status names are our own fixed identifiers, so they can go into the SQL text.
-        let names: Vec<String> = statuses
-            .iter()
-            .map(|s| format!("'{}'", s.as_str()))
-            .collect();
-        let changed = self.lock().execute(
-            &format!(
-                "UPDATE machines SET last_heartbeat = ?2, heartbeat_step = ?3, heartbeat_deadline = ?4
-                 WHERE id = ?1 AND netboot = 1 AND status IN ({})
-                   AND (heartbeat_deadline IS NOT NULL OR last_heartbeat IS NULL
-                        OR last_heartbeat < status_since)",
-                names.join(", ")
-            ),
-            params![id, at, step, deadline],
-        )?;
-        Ok(changed > 0)
+        let sql = format!(
+            "UPDATE machines SET last_heartbeat = ?2, heartbeat_step = ?3, heartbeat_deadline = ?4
+             WHERE id = ?1 AND netboot = 1 AND status IN ({})
+               AND (heartbeat_deadline IS NOT NULL OR last_heartbeat IS NULL
+                    OR last_heartbeat < status_since)",
+            status_list(statuses)
+        );
+        self.run(|db| Ok(db.execute(&sql, &args![id, at, step, deadline])? > 0))
     }
 
     // ---- events ----
 
-    fn insert_event(
-        tx: &rusqlite::Transaction<'_>,
-        machine_id: &str,
-        e: &NewEvent,
-    ) -> Result<(), StoreError> {
-        tx.execute(
-            "INSERT INTO events (machine_id, at, actor, old_status, new_status, message)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                machine_id,
-                e.at,
-                e.actor,
-                e.old_status.map(|s| s.as_str()),
-                e.new_status.map(|s| s.as_str()),
-                e.message
-            ],
-        )?;
+    fn insert_event(db: &mut dyn Sql, machine_id: &str, e: &NewEvent) -> Result<(), StoreError> {
+        let id: i64 = db
+            .query_one(
+                "INSERT INTO events (machine_id, at, actor, old_status, new_status, message)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+                &args![
+                    machine_id,
+                    e.at,
+                    e.actor.as_str(),
+                    e.old_status.map(|s| s.as_str()),
+                    e.new_status.map(|s| s.as_str()),
+                    e.message.as_str()
+                ],
+            )?
+            .get(0)?;
+        if db.dialect() == Dialect::Postgres {
+            // Delivered at commit to every appliance listening (`Store::follow_changes`);
+            // PostgreSQL folds the same notification sent twice in a transaction into one.
+            db.execute(&format!("NOTIFY {CHANGES_CHANNEL}"), &[])?;
+        }
         // Retention: a machine keeps its newest events only, so that a host sending reports
         // for a known MAC, or a machine in a loop, cannot grow the database without bound.
-        let id = tx.last_insert_rowid();
         if id % RETENTION_CHECK_EVERY == 0 {
-            tx.execute(
+            db.execute(
                 "DELETE FROM events WHERE machine_id = ?1 AND id < (
                      SELECT id FROM events WHERE machine_id = ?1
                      ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-                params![machine_id, MAX_EVENTS_PER_MACHINE - 1],
+                &args![machine_id, MAX_EVENTS_PER_MACHINE - 1],
             )?;
         }
         Ok(())
@@ -820,13 +1005,16 @@ impl Store {
     /// answer is kept for [`SPACE_CHECK_EVERY`], so a flood of inserts does not stat the disk
     /// for each one.
     fn check_space(&self) -> Result<(), StoreError> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
         let now = Instant::now();
         let free = {
             let mut cached = self.space.lock().unwrap_or_else(|e| e.into_inner());
             match *cached {
                 Some((at, free)) if now.duration_since(at) < SPACE_CHECK_EVERY => free,
                 _ => {
-                    let free = Self::free_bytes(&self.dir);
+                    let free = Self::free_bytes(dir);
                     *cached = Some((now, free));
                     free
                 }
@@ -837,7 +1025,7 @@ impl Store {
         };
         if free < MIN_FREE_BYTES {
             return Err(StoreError::DiskFull {
-                dir: self.dir.to_path_buf(),
+                dir: dir.to_path_buf(),
                 free_mib: free >> 20,
                 need_mib: MIN_FREE_BYTES >> 20,
             });
@@ -855,11 +1043,7 @@ impl Store {
     /// Appends an event without changing the machine (e.g. a rejected agent report).
     pub fn add_event(&self, machine_id: &str, e: &NewEvent) -> Result<(), StoreError> {
         self.check_space()?;
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        Self::insert_event(&tx, machine_id, e)?;
-        tx.commit()?;
-        Ok(())
+        self.transaction(|db| Self::insert_event(db, machine_id, e))
     }
 
     /// Events after `after_id`, oldest first, for one machine or all.
@@ -869,17 +1053,20 @@ impl Store {
         after_id: i64,
         limit: u32,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, machine_id, at, actor, old_status, new_status, message FROM events
-             WHERE id > ?1 AND (?2 IS NULL OR machine_id = ?2) ORDER BY id LIMIT ?3",
-        )?;
-        let rows = stmt.query_map(params![after_id, machine_id, limit], Self::event_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.run(|db| {
+            db.query(
+                "SELECT id, machine_id, at, actor, old_status, new_status, message FROM events
+                 WHERE id > ?1 AND (CAST(?2 AS TEXT) IS NULL OR machine_id = ?2) ORDER BY id LIMIT ?3",
+                &args![after_id, machine_id, limit],
+            )?
+            .iter()
+            .map(Self::event_from_row)
+            .collect()
+        })
     }
 
     /// An event from `SELECT id, machine_id, at, actor, old_status, new_status, message`.
-    fn event_from_row(r: &Row<'_>) -> rusqlite::Result<EventRecord> {
+    fn event_from_row(r: &Row) -> Result<EventRecord, StoreError> {
         let old: Option<String> = r.get(4)?;
         let new: Option<String> = r.get(5)?;
         Ok(EventRecord {
@@ -898,7 +1085,7 @@ impl Store {
     const TOKEN_COLUMNS: &'static str =
         "id, description, created_at, scope, expires_at, revoked_at";
 
-    fn token_from_row(r: &Row<'_>) -> rusqlite::Result<TokenRecord> {
+    fn token_from_row(r: &Row) -> Result<TokenRecord, StoreError> {
         let scope: String = r.get(3)?;
         Ok(TokenRecord {
             id: r.get(0)?,
@@ -912,148 +1099,259 @@ impl Store {
     }
 
     pub fn add_token(&self, t: &TokenRecord, hash: &str) -> Result<(), StoreError> {
-        self.lock().execute(
-            "INSERT INTO tokens (hash, id, description, created_at, scope, expires_at, revoked_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                hash,
-                t.id,
-                t.description,
-                t.created_at,
-                t.scope.as_str(),
-                t.expires_at,
-                t.revoked_at
-            ],
-        )?;
-        Ok(())
+        self.run(|db| {
+            db.execute(
+                "INSERT INTO tokens (hash, id, description, created_at, scope, expires_at, revoked_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                &args![
+                    hash,
+                    &t.id,
+                    &t.description,
+                    t.created_at,
+                    t.scope.as_str(),
+                    t.expires_at,
+                    t.revoked_at
+                ],
+            )?;
+            Ok(())
+        })
     }
 
     pub fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
-        Ok(self
-            .lock()
-            .query_row(
-                &format!("SELECT {} FROM tokens WHERE hash = ?1", Self::TOKEN_COLUMNS),
-                [hash],
-                Self::token_from_row,
-            )
-            .optional()?)
+        let sql = format!("SELECT {} FROM tokens WHERE hash = ?1", Self::TOKEN_COLUMNS);
+        self.run(|db| {
+            db.query_opt(&sql, &args![hash])?
+                .as_ref()
+                .map(Self::token_from_row)
+                .transpose()
+        })
     }
 
     pub fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached(&format!(
+        let sql = format!(
             "SELECT {} FROM tokens ORDER BY created_at",
             Self::TOKEN_COLUMNS
-        ))?;
-        let rows = stmt.query_map([], Self::token_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        );
+        self.run(|db| {
+            db.query(&sql, &[])?
+                .iter()
+                .map(Self::token_from_row)
+                .collect()
+        })
     }
 
     /// Revokes the token `id` at `at` (ms); revoking a revoked token keeps the first time.
     pub fn revoke_token(&self, id: &str, at: i64) -> Result<TokenRecord, StoreError> {
-        let conn = self.lock();
-        let changed = conn.execute(
-            "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
-            params![id, at],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(id.to_string()));
-        }
-        Ok(conn.query_row(
-            &format!("SELECT {} FROM tokens WHERE id = ?1", Self::TOKEN_COLUMNS),
-            [id],
-            Self::token_from_row,
-        )?)
+        let sql = format!("SELECT {} FROM tokens WHERE id = ?1", Self::TOKEN_COLUMNS);
+        self.transaction(|db| {
+            let changed = db.execute(
+                "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+                &args![id, at],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(id.to_string()));
+            }
+            Self::token_from_row(&db.query_one(&sql, &args![id])?)
+        })
     }
 
     pub fn add_audit(&self, a: &AuditRecord) -> Result<(), StoreError> {
-        self.lock().execute(
-            "INSERT INTO audit (at, actor, method, path, status) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![a.at, a.actor, a.method, a.path, a.status],
-        )?;
-        Ok(())
+        self.run(|db| {
+            db.execute(
+                "INSERT INTO audit (at, actor, method, path, status) VALUES (?1, ?2, ?3, ?4, ?5)",
+                &args![a.at, &a.actor, &a.method, &a.path, a.status],
+            )?;
+            Ok(())
+        })
     }
 
     pub fn audit(&self, after: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, at, actor, method, path, status FROM audit WHERE id > ?1
-             ORDER BY id LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![after, limit], |r| {
-            Ok(AuditRecord {
-                id: r.get(0)?,
-                at: r.get(1)?,
-                actor: r.get(2)?,
-                method: r.get(3)?,
-                path: r.get(4)?,
-                status: r.get(5)?,
+        self.run(|db| {
+            db.query(
+                "SELECT id, at, actor, method, path, status FROM audit WHERE id > ?1
+                 ORDER BY id LIMIT ?2",
+                &args![after, limit],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(AuditRecord {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    actor: r.get(2)?,
+                    method: r.get(3)?,
+                    path: r.get(4)?,
+                    status: r.get(5)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect()
+        })
     }
 
     // ---- SSH keys and boot resources: small named JSON records ----
 
     pub fn add_ssh_key(&self, k: &SshKey) -> Result<(), StoreError> {
-        self.lock().execute(
-            "INSERT INTO ssh_keys (id, name, key, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![k.id, k.name, k.key, k.created_at],
-        )?;
-        Ok(())
+        self.run(|db| {
+            db.execute(
+                "INSERT INTO ssh_keys (id, name, key, created_at) VALUES (?1, ?2, ?3, ?4)",
+                &args![&k.id, &k.name, &k.key, k.created_at],
+            )?;
+            Ok(())
+        })
     }
 
     pub fn ssh_keys(&self) -> Result<Vec<SshKey>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn
-            .prepare_cached("SELECT id, name, key, created_at FROM ssh_keys ORDER BY created_at")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(SshKey {
-                id: r.get(0)?,
-                name: r.get(1)?,
-                key: r.get(2)?,
-                created_at: r.get(3)?,
+        self.run(|db| {
+            db.query(
+                "SELECT id, name, key, created_at FROM ssh_keys ORDER BY created_at",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(SshKey {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    key: r.get(2)?,
+                    created_at: r.get(3)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect()
+        })
     }
 
     pub fn delete_ssh_key(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .lock()
-            .execute("DELETE FROM ssh_keys WHERE id = ?1", [id])?
-            > 0)
+        self.run(|db| Ok(db.execute("DELETE FROM ssh_keys WHERE id = ?1", &args![id])? > 0))
     }
 
     pub fn put_boot_resource(&self, r: &BootResource, now: i64) -> Result<(), StoreError> {
-        self.lock().execute(
-            "INSERT INTO boot_resources (name, body, created_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT(name) DO UPDATE SET body = excluded.body",
-            params![r.name, json(r), now],
-        )?;
-        Ok(())
+        self.run(|db| {
+            db.execute(
+                "INSERT INTO boot_resources (name, body, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET body = excluded.body",
+                &args![&r.name, json(r), now],
+            )?;
+            Ok(())
+        })
     }
 
     pub fn boot_resources(&self) -> Result<Vec<BootResource>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached("SELECT body FROM boot_resources ORDER BY name")?;
-        let bodies: Vec<String> = stmt
-            .query_map([], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        bodies.iter().map(|b| from_json("body", b)).collect()
+        self.run(|db| {
+            db.query("SELECT body FROM boot_resources ORDER BY name", &[])?
+                .iter()
+                .map(|r| from_json("body", &r.get::<String>(0)?))
+                .collect()
+        })
     }
 
     pub fn boot_resource(&self, name: &str) -> Result<Option<BootResource>, StoreError> {
-        let body: Option<String> = self
-            .lock()
-            .query_row(
+        self.run(|db| {
+            db.query_opt(
                 "SELECT body FROM boot_resources WHERE name = ?1",
-                [name],
-                |r| r.get(0),
-            )
-            .optional()?;
-        body.map(|b| from_json("body", &b)).transpose()
+                &args![name],
+            )?
+            .map(|r| from_json("body", &r.get::<String>(0)?))
+            .transpose()
+        })
     }
+}
+
+impl Db {
+    fn run<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Sql) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match self {
+            Db::Sqlite(conn) => f(&mut Lite(&lock(conn))),
+            Db::Postgres(pool, _) => f(&mut *pool.get().map_err(DbError::from)?),
+        }
+    }
+
+    fn transaction<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Sql) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match self {
+            Db::Sqlite(conn) => {
+                let mut conn = lock(conn);
+                let tx = conn.transaction()?;
+                let out = f(&mut Lite(&tx))?;
+                tx.commit()?;
+                Ok(out)
+            }
+            Db::Postgres(pool, _) => {
+                let mut conn = pool.get().map_err(DbError::from)?;
+                conn.client.batch_execute("BEGIN")?;
+                match f(&mut *conn) {
+                    Ok(out) => {
+                        conn.client.batch_execute("COMMIT")?;
+                        Ok(out)
+                    }
+                    Err(e) => {
+                        // A broken connection is dropped by the pool; the server rolls back.
+                        let _ = conn.client.batch_execute("ROLLBACK");
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The PostgreSQL notification channel of new events.
+const CHANGES_CHANNEL: &str = "stork_events";
+
+/// How long the change listener waits before reconnecting to PostgreSQL, and how often it
+/// asks `wake` whether anyone still listens.
+const FOLLOW_RETRY: Duration = Duration::from_secs(1);
+
+/// The change listener's loop: a connection of its own that LISTENs; reconnects after
+/// PostgreSQL goes away. Ends when `alive` says nobody listens any more.
+fn follow(config: &postgres::Config, wake: &dyn Fn(), alive: &dyn Fn() -> bool) {
+    use postgres::fallible_iterator::FallibleIterator;
+    let mut connected_before = false;
+    while alive() {
+        let listened = config.connect(postgres::NoTls).and_then(|mut c| {
+            c.batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
+                .map(|_| c)
+        });
+        let mut client = match listened {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "PostgreSQL change listener cannot connect; retrying");
+                std::thread::sleep(FOLLOW_RETRY);
+                continue;
+            }
+        };
+        if connected_before {
+            // Events may have come while it was away.
+            wake();
+        }
+        connected_before = true;
+        while alive() && !client.is_closed() {
+            match client.notifications().timeout_iter(FOLLOW_RETRY).next() {
+                Ok(Some(_)) => wake(),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "PostgreSQL change listener lost its connection");
+                    break;
+                }
+            }
+        }
+        std::thread::sleep(FOLLOW_RETRY);
+    }
+}
+
+fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    // A panic mid-call leaves SQLite consistent (the transaction rolls back on drop).
+    conn.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `'a', 'b'` for statuses: our own fixed identifiers, so they go into the SQL text.
+fn status_list(statuses: &[Status]) -> String {
+    let names: Vec<String> = statuses
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    names.join(", ")
 }
 
 /// `LIKE` pattern text for a literal: its `%`, `_` and `\\` escaped (with `ESCAPE '\\'`).
@@ -1108,23 +1406,23 @@ fn in_order_of<T>(ids: &[String], items: &mut [T], id: impl Fn(&T) -> &String) {
 }
 
 /// `WHERE id IN (?1, ...)` for `ids`, and its arguments.
-fn ids_in(ids: &[String]) -> (String, Vec<&dyn rusqlite::ToSql>) {
+fn ids_in(ids: &[String]) -> (String, Vec<Value>) {
     let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("?{i}")).collect();
     (
         format!("WHERE id IN ({})", placeholders.join(", ")),
-        ids.iter().map(|i| i as &dyn rusqlite::ToSql).collect(),
+        ids.iter().map(Value::from).collect(),
     )
 }
 
 impl MachineQuery {
     /// The query's `WHERE` clause, its arguments, and its `ORDER BY ... LIMIT ... OFFSET`.
     #[allow(clippy::type_complexity)]
-    fn sql(&self) -> (String, Vec<Box<dyn rusqlite::ToSql>>, String) {
+    fn sql(&self, dialect: Dialect) -> (String, Vec<Value>, String) {
         let mut clauses: Vec<String> = Vec::new();
-        let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        let mut args: Vec<Value> = Vec::new();
         // A clause's `?N` becomes the number of the argument it adds.
         let mut arg = |clauses: &mut Vec<String>, clause: &str, value: String| {
-            args.push(Box::new(value));
+            args.push(Value::Text(value));
             clauses.push(clause.replace("?N", &format!("?{}", args.len())));
         };
         if let Some(st) = self.status {
@@ -1133,7 +1431,7 @@ impl MachineQuery {
         if let Some(tag) = &self.tag {
             arg(
                 &mut clauses,
-                "EXISTS (SELECT 1 FROM json_each(machines.tags) WHERE value = ?N)",
+                &dialect.json_array_has("machines.tags", "?N"),
                 tag.clone(),
             );
         }
@@ -1146,10 +1444,13 @@ impl MachineQuery {
         }
         if let Some(text) = &self.text {
             let like = format!("%{}%", like_escape(&text.to_lowercase()));
+            let like_op = dialect.like_nocase();
             arg(
                 &mut clauses,
-                "(hostname LIKE ?N ESCAPE '\\' OR id LIKE ?N ESCAPE '\\' OR id IN \
-                 (SELECT machine_id FROM interfaces WHERE mac LIKE ?N ESCAPE '\\'))",
+                &format!(
+                    "(hostname {like_op} ?N ESCAPE '\\' OR id {like_op} ?N ESCAPE '\\' OR id IN \
+                     (SELECT machine_id FROM interfaces WHERE mac {like_op} ?N ESCAPE '\\'))"
+                ),
                 like,
             );
         }
@@ -1160,18 +1461,18 @@ impl MachineQuery {
         };
         let dir = if self.descending { "DESC" } else { "ASC" };
         let column = match self.sort {
-            SortKey::Created => "created_at",
-            SortKey::Hostname => "hostname COLLATE NOCASE",
-            SortKey::Status => "status",
-            SortKey::Id => "id",
-            SortKey::Updated => "updated_at",
-            SortKey::Power => "power_state",
+            SortKey::Created => "created_at".to_string(),
+            SortKey::Hostname => dialect.nocase("hostname"),
+            SortKey::Status => "status".into(),
+            SortKey::Id => "id".into(),
+            SortKey::Updated => "updated_at".into(),
+            SortKey::Power => "power_state".into(),
         };
-        let limit = self
-            .limit
-            .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        let nulls = dialect.nulls_as_sqlite(self.descending);
+        let limit = dialect.limit(self.limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX)));
         let offset = i64::try_from(self.offset).unwrap_or(i64::MAX);
-        let order_sql = format!("ORDER BY {column} {dir}, id {dir} LIMIT {limit} OFFSET {offset}");
+        let order_sql =
+            format!("ORDER BY {column} {dir}{nulls}, id {dir} LIMIT {limit} OFFSET {offset}");
         (where_sql, args, order_sql)
     }
 
@@ -1247,10 +1548,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn create_get_save_with_version_check() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("db")).unwrap();
+    pub(super) fn create_get_save_with_version_check(open: &dyn Fn() -> Store) {
+        let s = open();
         let m = s
             .create_machine(&machine("a1", "52:54:00:00:00:01"), &ev("created"))
             .unwrap();
@@ -1272,15 +1571,15 @@ mod tests {
         ));
         // Survives reopening.
         drop(s);
-        let s = Store::open(&dir.path().join("db")).unwrap();
+        let s = open();
         assert_eq!(s.get_machine("a1").unwrap().status, Status::Commissioning);
         assert_eq!(s.list_machines().unwrap().len(), 1);
     }
 
-    #[test]
-    fn summaries_carry_the_inventory_hardware_kept_by_the_triggers() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("db")).unwrap();
+    pub(super) fn summaries_carry_the_hardware_written_with_the_inventory(
+        open: &dyn Fn() -> Store,
+    ) {
+        let s = open();
         let inv = |cpus: u32, disks: &[u64]| -> stork_proto::Inventory {
             let disks: Vec<serde_json::Value> = disks
                 .iter()
@@ -1341,10 +1640,8 @@ mod tests {
         assert_eq!(summary[0].id, "b2");
     }
 
-    #[test]
-    fn heartbeats_are_recorded_only_while_expected() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("db")).unwrap();
+    pub(super) fn heartbeats_are_recorded_only_while_expected(open: &dyn Fn() -> Store) {
+        let s = open();
         let agent = [Status::Deploying];
         let mut m = s
             .create_machine(&machine("h1", "52:54:00:00:00:02"), &ev("created"))
@@ -1406,17 +1703,284 @@ mod tests {
 }
 
 #[cfg(test)]
+mod listing_tests {
+    use super::*;
+
+    fn add(s: &Store, id: &str, n: u8, hostname: Option<&str>, tags: &[&str]) -> Machine {
+        let mac = MacAddr([0x52, 0x54, 0, 0, 0xab, n]);
+        let mut m = Machine::new(id.into(), vec![mac], i64::from(n));
+        m.hostname = hostname.map(str::to_string);
+        m.tags = tags.iter().map(|t| t.to_string()).collect();
+        let ev = NewEvent {
+            at: 0,
+            actor: "test".into(),
+            old_status: None,
+            new_status: Some(Status::New),
+            message: "created".into(),
+        };
+        s.create_machine(&m, &ev).unwrap()
+    }
+
+    fn ids(s: &Store, q: MachineQuery) -> (u64, Vec<String>) {
+        let (total, page) = s.machine_page(&q).unwrap();
+        let (sum_total, summaries) = s
+            .machine_summaries(&MachineQuery { summary: true, ..q })
+            .unwrap();
+        let page: Vec<String> = page.into_iter().map(|m| m.id).collect();
+        let summaries: Vec<String> = summaries.into_iter().map(|m| m.id).collect();
+        assert_eq!(
+            (total, &page),
+            (sum_total, &summaries),
+            "whole and summary agree"
+        );
+        (total, page)
+    }
+
+    /// Filters, text search, sort orders (NULLs first going up) and paging: what the API's
+    /// and the UI's listing asks.
+    pub(super) fn listing_filters_sorts_and_searches(open: &dyn Fn() -> Store) {
+        let s = open();
+        add(&s, "m-a", 1, Some("Web-1"), &["rack1", "gpu"]);
+        let b = add(&s, "m-b", 2, None, &["rack2"]);
+        add(&s, "m-c", 3, Some("db_1"), &["rack1"]);
+        add(&s, "m-d", 4, Some("web-2"), &[]);
+        let mut b2 = b.clone();
+        b2.status = Status::Ready;
+        s.save_machine(&b2, &[]).unwrap();
+        s.set_power_state("m-c", PowerState::On, 10).unwrap();
+        let q = MachineQuery::default;
+        let all = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(ids(&s, q()), (4, all(&["m-a", "m-b", "m-c", "m-d"])));
+        let ready = MachineQuery {
+            status: Some(Status::Ready),
+            ..q()
+        };
+        assert_eq!(ids(&s, ready), (1, all(&["m-b"])));
+        let rack1 = MachineQuery {
+            tag: Some("rack1".into()),
+            ..q()
+        };
+        assert_eq!(ids(&s, rack1), (2, all(&["m-a", "m-c"])));
+        let on = MachineQuery {
+            power: Some(PowerState::On),
+            ..q()
+        };
+        assert_eq!(ids(&s, on), (1, all(&["m-c"])));
+        let unknown = MachineQuery {
+            power: Some(PowerState::Unknown),
+            ..q()
+        };
+        assert_eq!(ids(&s, unknown).0, 3);
+        // Text matches hostnames whatever their case, ids and MACs; `_` is a literal.
+        let text = |t: &str| MachineQuery {
+            text: Some(t.into()),
+            ..q()
+        };
+        assert_eq!(ids(&s, text("WEB")), (2, all(&["m-a", "m-d"])));
+        assert_eq!(ids(&s, text("db_")), (1, all(&["m-c"])));
+        assert_eq!(ids(&s, text("eb_")).0, 0, "`_` matched `-`");
+        assert_eq!(ids(&s, text("52:54:00:00:ab:02")), (1, all(&["m-b"])));
+        // Hostname order ignores case; no hostname sorts first going up, last going down.
+        let by_name = MachineQuery {
+            sort: SortKey::Hostname,
+            ..q()
+        };
+        assert_eq!(
+            ids(&s, by_name.clone()).1,
+            all(&["m-b", "m-c", "m-a", "m-d"])
+        );
+        let by_name_down = MachineQuery {
+            descending: true,
+            ..by_name
+        };
+        assert_eq!(ids(&s, by_name_down).1, all(&["m-d", "m-a", "m-c", "m-b"]));
+        let by_power = MachineQuery {
+            sort: SortKey::Power,
+            ..q()
+        };
+        assert_eq!(ids(&s, by_power).1.last().map(String::as_str), Some("m-c"));
+        // A page: its total is the whole selection's.
+        let page = MachineQuery {
+            sort: SortKey::Id,
+            descending: true,
+            offset: 1,
+            limit: Some(2),
+            ..q()
+        };
+        assert_eq!(ids(&s, page), (4, all(&["m-c", "m-b"])));
+        let past = MachineQuery { offset: 10, ..q() };
+        assert_eq!(ids(&s, past), (4, vec![]));
+        // Deleting takes the machine's interfaces with it: its MAC is free again.
+        s.delete_machine("m-a").unwrap();
+        assert!(matches!(
+            s.delete_machine("m-a"),
+            Err(StoreError::NotFound(_))
+        ));
+        add(&s, "m-e", 1, None, &[]);
+        assert_eq!(s.get_machine("52:54:00:00:ab:01").unwrap().id, "m-e");
+    }
+
+    /// Tokens, the audit log, SSH keys and boot resources round-trip.
+    pub(super) fn tokens_audit_keys_and_resources(open: &dyn Fn() -> Store) {
+        let s = open();
+        let t = TokenRecord {
+            id: "t1".into(),
+            description: "ci".into(),
+            created_at: 5,
+            scope: TokenScope::Operator,
+            expires_at: Some(99),
+            revoked_at: None,
+        };
+        s.add_token(&t, "hash-1").unwrap();
+        assert_eq!(s.token_by_hash("hash-1").unwrap(), Some(t.clone()));
+        assert_eq!(s.token_by_hash("nope").unwrap(), None);
+        let revoked = s.revoke_token("t1", 50).unwrap();
+        assert_eq!(revoked.revoked_at, Some(50));
+        assert_eq!(s.revoke_token("t1", 60).unwrap().revoked_at, Some(50));
+        assert!(matches!(
+            s.revoke_token("t9", 1),
+            Err(StoreError::NotFound(_))
+        ));
+        assert_eq!(s.list_tokens().unwrap().len(), 1);
+        for n in 0..3 {
+            s.add_audit(&AuditRecord {
+                id: 0,
+                at: n,
+                actor: "api:t1".into(),
+                method: "POST".into(),
+                path: format!("/api/v1/x/{n}"),
+                status: 201,
+            })
+            .unwrap();
+        }
+        let audit = s.audit(0, 10).unwrap();
+        assert_eq!(audit.len(), 3);
+        assert_eq!(s.audit(audit[0].id, 1).unwrap()[0].path, "/api/v1/x/1");
+        let key = SshKey {
+            id: "k1".into(),
+            name: "me".into(),
+            key: "ssh-ed25519 AAAA me@host".into(),
+            created_at: 1,
+        };
+        s.add_ssh_key(&key).unwrap();
+        assert_eq!(s.ssh_keys().unwrap(), vec![key]);
+        assert!(s.delete_ssh_key("k1").unwrap());
+        assert!(!s.delete_ssh_key("k1").unwrap());
+        let mut r = BootResource {
+            name: "debian".into(),
+            kind: "os".into(),
+            arch: Some("amd64".into()),
+            files: vec![],
+        };
+        s.put_boot_resource(&r, 1).unwrap();
+        r.kind = "ephemeral".into();
+        s.put_boot_resource(&r, 2).unwrap();
+        assert_eq!(s.boot_resources().unwrap(), vec![r.clone()]);
+        assert_eq!(s.boot_resource("debian").unwrap(), Some(r));
+        assert_eq!(s.boot_resource("other").unwrap(), None);
+        // What a host sent with a NUL in it is kept (PostgreSQL's text cannot hold one).
+        s.add_event(
+            "nobody",
+            &NewEvent {
+                at: 1,
+                actor: "agent".into(),
+                old_status: None,
+                new_status: None,
+                message: "bad\0byte".into(),
+            },
+        )
+        .unwrap();
+        let last = s.events(Some("nobody"), 0, 10).unwrap();
+        assert!(last[0].message.starts_with("bad") && last[0].message.ends_with("byte"));
+        assert_eq!(s.last_event_id().unwrap(), last[0].id);
+    }
+}
+
+/// Every backend-neutral case, run on SQLite here and on PostgreSQL below.
+#[cfg(test)]
+mod backends {
+    use super::*;
+
+    type Case = fn(&dyn Fn() -> Store);
+
+    const CASES: &[(&str, Case)] = &[
+        ("create_get_save", tests::create_get_save_with_version_check),
+        ("summaries", tests::summaries_carry_the_hardware_written_with_the_inventory),
+        ("heartbeats", tests::heartbeats_are_recorded_only_while_expected),
+        ("retention", retention_tests::a_machine_keeps_its_newest_events),
+        (
+            "agent_token",
+            agent_token_tests::a_save_that_read_the_machine_before_the_token_was_used_cannot_undo_it,
+        ),
+        ("listing", listing_tests::listing_filters_sorts_and_searches),
+        ("records", listing_tests::tokens_audit_keys_and_resources),
+    ];
+
+    #[test]
+    fn every_case_on_sqlite() {
+        for (name, case) in CASES {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("stork.db");
+            eprintln!("case {name}");
+            case(&|| Store::open(&path).unwrap());
+        }
+    }
+
+    #[test]
+    fn a_postgres_database_a_newer_stork_migrated_is_refused_by_name() {
+        let pg = scratch::ScratchPostgres::start().unwrap();
+        let url = pg.create_database("newer").unwrap();
+        let keys = tempfile::tempdir().unwrap();
+        let key = keys.path().join("secrets.key");
+        drop(Store::open_postgres(&url, &key).unwrap());
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.execute(
+            &format!(
+                "INSERT INTO {} (version, name, applied_on, checksum) \
+                 VALUES (99, 'from_the_future', '2030-01-01T00:00:00Z', '1')",
+                migrate::HISTORY_TABLE
+            ),
+            &[],
+        )
+        .unwrap();
+        let err = Store::open_postgres(&url, &key).unwrap_err();
+        let chain = anyhow::Error::from(err);
+        let text = format!("{chain:#}");
+        assert!(text.contains("from_the_future"), "{text}");
+        // A wrong URL names what is wrong with it.
+        let bad = Store::open_postgres("postgres://x:y@/db?sslmode=nonsense", &key).unwrap_err();
+        assert!(bad.to_string().contains("not a PostgreSQL URL"), "{bad}");
+    }
+
+    #[test]
+    fn every_case_on_postgres() {
+        let pg = scratch::ScratchPostgres::start().unwrap();
+        let keys = tempfile::tempdir().unwrap();
+        for (name, case) in CASES {
+            let url = pg.create_database(name).unwrap();
+            let key = keys.path().join(format!("{name}.key"));
+            eprintln!("case {name}");
+            case(&|| Store::open_postgres(&url, &key).unwrap());
+        }
+    }
+}
+
+#[cfg(test)]
 mod retention_tests {
     use super::*;
 
     #[test]
-    fn a_machine_keeps_its_newest_events_and_the_database_is_private() {
+    fn the_database_is_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stork.db");
-        let s = Store::open(&path).unwrap();
+        let _s = Store::open(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    pub(super) fn a_machine_keeps_its_newest_events(open: &dyn Fn() -> Store) {
+        let s = open();
         let mac: MacAddr = "52:54:00:00:00:01".parse().unwrap();
         let m = Machine::new("m1".into(), vec![mac], 0);
         let ev = |n: i64| NewEvent {
@@ -1726,7 +2290,7 @@ mod secrets_tests {
         for (id, p) in [("a", ipmi(IPMI_PW)), ("b", redfish(REDFISH_PW))] {
             conn.execute(
                 "UPDATE machines SET power = ?2 WHERE id = ?1",
-                params![id, json(&p)],
+                rusqlite::params![id, json(&p)],
             )
             .unwrap();
         }
@@ -1774,10 +2338,10 @@ mod secrets_tests {
 mod agent_token_tests {
     use super::*;
 
-    #[test]
-    fn a_save_that_read_the_machine_before_the_token_was_used_cannot_undo_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("db")).unwrap();
+    pub(super) fn a_save_that_read_the_machine_before_the_token_was_used_cannot_undo_it(
+        open: &dyn Fn() -> Store,
+    ) {
+        let s = open();
         let mac: MacAddr = "52:54:00:00:00:07".parse().unwrap();
         let ip: std::net::IpAddr = "10.77.0.50".parse().unwrap();
         let token = |hash: &str| AgentIdentity {

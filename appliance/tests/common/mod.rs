@@ -58,6 +58,8 @@ pub struct Options<'a> {
     /// The API over HTTPS (the default, as `stork serve` does), or everything on the plain
     /// port (tests of the plain listener's limits on agent routes).
     pub tls: bool,
+    /// The `database` (a `postgres://` URL); unset, SQLite in the data directory.
+    pub database: Option<&'a str>,
 }
 
 impl Default for Options<'_> {
@@ -68,6 +70,7 @@ impl Default for Options<'_> {
             args: &[],
             env: &[],
             tls: true,
+            database: None,
         }
     }
 }
@@ -79,11 +82,15 @@ impl Server {
             .tempdir()
             .expect("tempdir");
         std::fs::create_dir_all(dir.path().join("data/boot")).expect("data dir");
-        let out = Command::new(BIN)
+        let mut create = Command::new(BIN);
+        create
             .args(["token", "create", "--description", "test", "--data-dir"])
             .arg(dir.path().join("data"))
-            .output()
-            .expect("stork token create");
+            .envs(opts.env.iter().copied());
+        if let Some(db) = opts.database {
+            create.args(["--database", db]);
+        }
+        let out = create.output().expect("stork token create");
         assert!(out.status.success(), "stork token create: {out:?}");
         let token = String::from_utf8(out.stdout)
             .expect("utf-8")
@@ -93,7 +100,10 @@ impl Server {
             dir,
             port: 0,
             token,
-            extra_config: opts.config.to_string(),
+            extra_config: match opts.database {
+                Some(db) => format!("database = {db:?}\n{}", opts.config),
+                None => opts.config.to_string(),
+            },
             extra_http: opts.http.to_string(),
             extra_args: opts.args.iter().map(|s| s.to_string()).collect(),
             env: opts

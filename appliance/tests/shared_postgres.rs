@@ -1,0 +1,155 @@
+//! Two appliances (`stork serve`) on one PostgreSQL database, a scratch server of the test's
+//! own (Debian's binaries, a unix socket in a temporary directory): what one writes, the
+//! other's API shows at once; one's event stream shows the other's changes as they happen;
+//! a token made through one works on the other; both ride out a PostgreSQL restart.
+
+mod common;
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{Options, Server, mac_addr};
+use stork::lifecycle::Status;
+use stork::store::scratch::ScratchPostgres;
+use stork_proto::api::{EventRecord, MachineFilter, NewMachine, PowerConfig};
+
+const PASSWORD: &str = "pg-test-bmc-secret-4711";
+
+/// Waits for the first event `want` accepts on `rx`, failing with what came instead.
+fn wait_event(
+    rx: &mpsc::Receiver<EventRecord>,
+    what: &str,
+    want: impl Fn(&EventRecord) -> bool,
+) -> EventRecord {
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(e) if want(&e) => return e,
+            Ok(e) => seen.push(e),
+            Err(_) => panic!("no event {what} in 60 s; the stream brought {seen:#?}"),
+        }
+    }
+}
+
+#[test]
+fn two_appliances_share_one_postgres_database() {
+    let mut pg = ScratchPostgres::start().expect("a scratch PostgreSQL");
+    let url = pg.create_database("stork").unwrap();
+    // Both appliances seal and open BMC passwords with one key file.
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("secrets.key");
+    let env = [("STORK_SECRETS_KEY", key.to_str().unwrap())];
+    let opts = || Options {
+        database: Some(&url),
+        env: &env,
+        ..Options::default()
+    };
+    let a = Server::start(opts());
+    let b = Server::start(opts());
+    let (ca, cb) = (a.client(), b.client());
+
+    // A's live event stream, from the start.
+    let (tx, rx) = mpsc::channel();
+    let follower = a.client();
+    std::thread::spawn(move || {
+        let _ = follower.follow_events(None, |e| tx.send(e).is_ok());
+    });
+
+    // Made through A, with a BMC password: B shows it, password and all.
+    let mut params = serde_json::Map::new();
+    params.insert("host".into(), "127.0.0.1".into());
+    params.insert("username".into(), "admin".into());
+    params.insert("password".into(), PASSWORD.into());
+    let ipmi = PowerConfig {
+        driver: "ipmi".into(),
+        params,
+    };
+    let bmc = ca
+        .create_machine(&NewMachine {
+            macs: vec![mac_addr(1)],
+            hostname: Some("pg-bmc".into()),
+            power: Some(ipmi.clone()),
+            ..NewMachine::default()
+        })
+        .unwrap();
+    let m = ca
+        .create_machine(&NewMachine {
+            macs: vec![mac_addr(2)],
+            hostname: Some("pg-1".into()),
+            ..NewMachine::default()
+        })
+        .unwrap();
+    assert_eq!(cb.machine(&m.id).unwrap().hostname.as_deref(), Some("pg-1"));
+    assert_eq!(
+        cb.machines(&MachineFilter::default()).unwrap().len(),
+        2,
+        "B lists A's machines"
+    );
+    let shown = serde_json::to_string(&cb.machine(&bmc.id).unwrap()).unwrap();
+    assert!(!shown.contains(PASSWORD), "the API never shows it: {shown}");
+    // In the database it is sealed, never in clear.
+    let mut direct = postgres::Config::new()
+        .host_path(pg.socket_dir())
+        .user("stork")
+        .dbname("stork")
+        .connect(postgres::NoTls)
+        .unwrap();
+    let stored: String = direct
+        .query_one("SELECT power FROM machines WHERE id = $1", &[&bmc.id])
+        .unwrap()
+        .get(0);
+    assert!(!stored.contains(PASSWORD), "stored in clear: {stored}");
+
+    // Acted on through B: A sees the change, and A's stream shows it as it happens.
+    wait_event(&rx, "of pg-1's creation", |e| e.machine_id == m.id);
+    cb.commission(&m.id).unwrap();
+    assert_eq!(ca.machine(&m.id).unwrap().status, Status::Commissioning);
+    wait_event(&rx, "of B's commissioning on A's stream", |e| {
+        e.machine_id == m.id && e.new_status == Some(Status::Commissioning)
+    });
+
+    // One token table: A's token works on B.
+    cb.with_token(a.token.clone())
+        .machines(&MachineFilter::default())
+        .expect("A's token on B");
+
+    // PostgreSQL restarts: both appliances reconnect, and A's stream still follows B.
+    pg.restart().unwrap();
+    let again = cb
+        .create_machine(&NewMachine {
+            macs: vec![mac_addr(3)],
+            hostname: Some("after-restart".into()),
+            ..NewMachine::default()
+        })
+        .expect("B writes after the restart");
+    assert_eq!(
+        ca.machine(&again.id).unwrap().hostname.as_deref(),
+        Some("after-restart")
+    );
+    wait_event(&rx, "of B's machine made after the restart", |e| {
+        e.machine_id == again.id
+    });
+    drop(direct);
+}
+
+#[test]
+fn an_unreachable_database_is_a_clear_error_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    // A socket directory with no server in it.
+    let url = format!(
+        "postgresql://stork@localhost/stork?host={}",
+        dir.path().display()
+    );
+    let out = std::process::Command::new(common::BIN)
+        .args(["token", "create", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--database", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach PostgreSQL") && err.contains(&dir.path().display().to_string()),
+        "{err}"
+    );
+}
