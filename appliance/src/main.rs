@@ -130,6 +130,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The database: move an appliance's records between SQLite and PostgreSQL.
+    #[command(subcommand)]
+    Db(DbCmd),
     /// Print or check configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -493,6 +496,25 @@ enum SshKeyCmd {
 }
 
 #[derive(Subcommand)]
+enum DbCmd {
+    /// Copy every record (machines, events, tokens, SSH keys, images, audit) from one
+    /// database into a new, empty one, e.g. from an appliance's SQLite file to the
+    /// PostgreSQL database several appliances will share. Stop the appliance first.
+    Migrate {
+        /// `sqlite:PATH` or a `postgres://` URL.
+        #[arg(long)]
+        from: String,
+        /// `sqlite:PATH` or a `postgres://` URL; must hold no machines or tokens.
+        #[arg(long)]
+        to: String,
+        /// The data directory: its `secrets.key` seals the BMC passwords of both (a
+        /// SQLite source's key file beside it is used first, as the appliance does).
+        #[arg(long, default_value = "./var")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum ConfigCmd {
     /// Print the full default configuration, commented.
     Default,
@@ -547,6 +569,31 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Audit { conn, after, json } => cli::audit(&conn.client(&top)?, after, json),
         Cmd::Config(ConfigCmd::Default) => {
             print!("{}", config::DEFAULT_TOML);
+            Ok(())
+        }
+        Cmd::Db(DbCmd::Migrate { from, to, data_dir }) => {
+            let from = store::Database::parse(&from)
+                .map_err(|e| anyhow::anyhow!("--from: {}", e.trim_start_matches("database: ")))?;
+            let to = store::Database::parse(&to)
+                .map_err(|e| anyhow::anyhow!("--to: {}", e.trim_start_matches("database: ")))?;
+            if let store::Database::Sqlite(path) = &from
+                && !path.is_file()
+            {
+                bail!("--from: {} does not exist", path.display());
+            }
+            // One key for both: the target holds the source's sealed passwords as they are.
+            let key = from.key_path(&data_dir);
+            let source = store::Store::open_database(&from, &key)
+                .with_context(|| format!("cannot open the source ({from})"))?;
+            let target = store::Store::open_database(&to, &key)
+                .with_context(|| format!("cannot open the target ({to})"))?;
+            let report = source
+                .copy_into(&target)
+                .with_context(|| format!("copying {from} into {to}"))?;
+            for (table, rows) in &report.rows {
+                println!("{table:<16} {rows:>9} rows");
+            }
+            println!("copied into {to}; the secrets key is {}", key.display());
             Ok(())
         }
         Cmd::Config(ConfigCmd::Check { config }) => {

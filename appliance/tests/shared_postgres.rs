@@ -153,3 +153,68 @@ fn an_unreachable_database_is_a_clear_error_at_start() {
         "{err}"
     );
 }
+
+/// `stork db migrate`: an appliance's SQLite store moved into PostgreSQL; an appliance on
+/// PostgreSQL then serves the same machines, and the old appliance's token still works.
+#[test]
+fn an_appliance_moves_from_sqlite_to_postgres_with_its_machines_and_tokens() {
+    let mut old = Server::start(Options::default());
+    let made = old
+        .client()
+        .create_machine(&NewMachine {
+            macs: vec![mac_addr(7), mac_addr(8)],
+            hostname: Some("moved".into()),
+            tags: vec!["rack7".into()],
+            ..NewMachine::default()
+        })
+        .unwrap();
+    let before = old.client().machine(&made.id).unwrap();
+    old.kill();
+
+    let pg = ScratchPostgres::start().expect("a scratch PostgreSQL");
+    let url = pg.create_database("moved").unwrap();
+    let data = old.data_dir();
+    let out = std::process::Command::new(common::BIN)
+        .args(["db", "migrate", "--from"])
+        .arg(format!("sqlite:{}", data.join("stork.db").display()))
+        .args(["--to", &url, "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("machines") && l.contains(" 1 rows")),
+        "{stdout}"
+    );
+    // A second run finds the target holding records and changes nothing.
+    let again = std::process::Command::new(common::BIN)
+        .args(["db", "migrate", "--from"])
+        .arg(format!("sqlite:{}", data.join("stork.db").display()))
+        .args(["--to", &url, "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+
+    let key = data.join("secrets.key");
+    let env = [("STORK_SECRETS_KEY", key.to_str().unwrap())];
+    let new = Server::start(Options {
+        database: Some(&url),
+        env: &env,
+        ..Options::default()
+    });
+    let after = new
+        .client()
+        .with_token(old.token.clone())
+        .machine(&made.id)
+        .expect("the old token, on the new appliance");
+    assert_eq!(after, before);
+}

@@ -101,6 +101,11 @@ pub enum DbError {
 pub struct Row(Vec<Value>);
 
 impl Row {
+    /// Column `i` as it came (NULL past the last).
+    pub fn value(&self, i: usize) -> Value {
+        self.0.get(i).cloned().unwrap_or(Value::Null)
+    }
+
     /// Column `i` as a `T`; a wrong type is an error naming the column, never a panic.
     pub fn get<T: FromValue>(&self, i: usize) -> Result<T, DbError> {
         let v = self.0.get(i).unwrap_or(&Value::Null);
