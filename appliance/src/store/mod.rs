@@ -1965,10 +1965,17 @@ mod backends {
         let mut m = Machine::new(format!("m-{n:05}"), vec![mac(1), mac(2)], i64::from(n));
         m.hostname = Some(format!("Node-{n}"));
         m.status = Status::ALL[n as usize % Status::ALL.len()];
-        m.status_message = (n % 3 == 0).then(|| format!("reason {n}: 'quoted' \"too\""));
+        m.status_message = n
+            .is_multiple_of(3)
+            .then(|| format!("reason {n}: 'quoted' \"too\""));
         m.status_since = 1_000 + i64::from(n);
         m.boot_mac = Some(mac(1));
-        m.arch = if n % 2 == 0 { "amd64" } else { "arm64" }.into();
+        m.arch = if n.is_multiple_of(2) {
+            "amd64"
+        } else {
+            "arm64"
+        }
+        .into();
         let mut params = serde_json::Map::new();
         params.insert(
             "host".into(),
@@ -1984,9 +1991,9 @@ mod backends {
         inv.cpu.count = n % 64 + 1;
         inv.memory.total_bytes = u64::from(n) << 20;
         inv.kernel = "6.1.0-test".into();
-        m.inventory = (n % 5 != 0).then_some(inv);
-        m.owner = (n % 4 == 0).then(|| "ops".into());
-        m.deploy = (n % 7 == 0).then(|| DeployRequest {
+        m.inventory = (!n.is_multiple_of(5)).then_some(inv);
+        m.owner = n.is_multiple_of(4).then(|| "ops".into());
+        m.deploy = n.is_multiple_of(7).then(|| DeployRequest {
             image: "debian-12".into(),
             hostname: Some(format!("d{n}")),
             ..DeployRequest::default()
@@ -1998,10 +2005,10 @@ mod backends {
             used: n % 2 == 1,
         };
         m.netboot = n % 3 != 1;
-        m.erase_quick = n % 2 == 0;
+        m.erase_quick = n.is_multiple_of(2);
         m.last_heartbeat = Some(i64::from(n) * 7);
         m.heartbeat_step = Some("image".into());
-        m.heartbeat_deadline = (n % 2 == 0).then_some(i64::from(n) * 9);
+        m.heartbeat_deadline = n.is_multiple_of(2).then_some(i64::from(n) * 9);
         m
     }
 
