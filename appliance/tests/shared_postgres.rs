@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{Options, Server, mac_addr};
 use stork::lifecycle::Status;
-use stork::store::scratch::ScratchPostgres;
+use stork_lab::postgres::ScratchPostgres;
 use stork_proto::api::{EventRecord, MachineFilter, NewMachine, PowerConfig};
 
 const PASSWORD: &str = "pg-test-bmc-secret-4711";
@@ -90,7 +90,7 @@ fn two_appliances_share_one_postgres_database() {
     // In the database it is sealed, never in clear.
     let mut direct = postgres::Config::new()
         .host_path(pg.socket_dir())
-        .user("stork")
+        .user(stork_lab::postgres::USER)
         .dbname("stork")
         .connect(postgres::NoTls)
         .unwrap();

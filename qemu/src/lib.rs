@@ -14,6 +14,7 @@ pub mod bmc;
 pub mod browser;
 pub mod guest;
 pub mod images;
+pub mod postgres;
 pub mod process;
 pub mod rootless;
 pub mod switch;

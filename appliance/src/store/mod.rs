@@ -20,7 +20,6 @@
 mod copy;
 mod migrate;
 pub mod model;
-pub mod scratch;
 pub mod secrets;
 pub mod sql;
 
@@ -1935,7 +1934,7 @@ mod backends {
 
     #[test]
     fn a_postgres_database_a_newer_stork_migrated_is_refused_by_name() {
-        let pg = scratch::ScratchPostgres::start().unwrap();
+        let pg = stork_lab::postgres::ScratchPostgres::start().unwrap();
         let url = pg.create_database("newer").unwrap();
         let keys = tempfile::tempdir().unwrap();
         let key = keys.path().join("secrets.key");
@@ -2115,7 +2114,7 @@ mod backends {
         let want = contents(&first);
         assert_eq!(want.0.len(), MACHINES as usize);
 
-        let pg = scratch::ScratchPostgres::start().unwrap();
+        let pg = stork_lab::postgres::ScratchPostgres::start().unwrap();
         let url = pg.create_database("moved").unwrap();
         let second = Store::open_postgres(&url, &key).unwrap();
         copy::tests::the_copy_names_every_column(&second);
@@ -2150,7 +2149,7 @@ mod backends {
 
     #[test]
     fn every_case_on_postgres() {
-        let pg = scratch::ScratchPostgres::start().unwrap();
+        let pg = stork_lab::postgres::ScratchPostgres::start().unwrap();
         let keys = tempfile::tempdir().unwrap();
         for (name, case) in CASES {
             let url = pg.create_database(name).unwrap();
