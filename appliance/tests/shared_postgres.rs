@@ -218,3 +218,65 @@ fn an_appliance_moves_from_sqlite_to_postgres_with_its_machines_and_tokens() {
         .expect("the old token, on the new appliance");
     assert_eq!(after, before);
 }
+
+/// Waits until `server`'s log holds `text`.
+fn wait_log(server: &Server, text: &str) {
+    stork_lab::wait_for(
+        &format!("{text:?} in the log"),
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || Ok(server.logs().contains(text).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", server.logs()));
+}
+
+/// The periodic duties (timeouts, power polls) run on exactly one of the appliances; when
+/// it is killed, the other takes them over and a machine's timeout still fires.
+#[test]
+fn the_other_appliance_takes_over_the_timeouts_when_the_one_on_duty_dies() {
+    let pg = ScratchPostgres::start().expect("a scratch PostgreSQL");
+    let url = pg.create_database("duty").unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("secrets.key");
+    let env = [("STORK_SECRETS_KEY", key.to_str().unwrap())];
+    let opts = || Options {
+        database: Some(&url),
+        env: &env,
+        config: "[lifecycle]\ncheck_interval = 1\ntimeout = 5\n",
+        ..Options::default()
+    };
+    let mut a = Server::start(opts());
+    wait_log(&a, "on duty");
+    let b = Server::start(opts());
+    wait_log(&b, "standing by");
+    assert!(!b.logs().contains("on duty"), "both on duty:\n{}", b.logs());
+
+    // Commissioning, with no agent coming: only the timeout moves it on.
+    let m = b
+        .client()
+        .create_machine(&NewMachine {
+            macs: vec![mac_addr(9)],
+            ..NewMachine::default()
+        })
+        .unwrap();
+    b.client().commission(&m.id).unwrap();
+    a.kill();
+    wait_log(&b, "on duty");
+    let failed = stork_lab::wait_for(
+        "the commissioning timeout",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || {
+            let now = b.client().machine(&m.id)?;
+            Ok((now.status == Status::FailedCommissioning).then_some(now))
+        },
+    )
+    .unwrap();
+    assert!(
+        failed
+            .status_message
+            .as_deref()
+            .is_some_and(|w| w.contains("timed out")),
+        "{failed:?}"
+    );
+}

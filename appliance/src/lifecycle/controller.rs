@@ -123,6 +123,11 @@ pub struct Controller {
     /// When this controller was made (ms): a machine in a status this process never
     /// entered was left there by a previous run.
     started_at: i64,
+    /// The periodic duties (timeouts, power polls): run only while held, so that of several
+    /// appliances on one database exactly one runs them.
+    duty: Arc<std::sync::Mutex<crate::store::Duty>>,
+    /// What the last duty check found (0: not asked yet, 1: held, 2: another has it).
+    on_duty: Arc<std::sync::atomic::AtomicU8>,
 }
 
 impl Controller {
@@ -138,6 +143,8 @@ impl Controller {
             move || alive.strong_count() > 0,
         );
         Self {
+            duty: Arc::new(std::sync::Mutex::new(store.duty())),
+            on_duty: Arc::default(),
             store,
             power,
             events,
@@ -368,14 +375,43 @@ impl Controller {
         }
     }
 
-    /// Runs [`Controller::check_timeouts`] every `every`, forever.
+    /// Runs [`Controller::check_timeouts`] every `every`, forever, while this appliance
+    /// has the duties; finishes interrupted releases the first time it has them.
     pub async fn run_timeouts(self, timeout: Duration, every: Duration) {
-        self.finish_interrupted_releases().await;
+        let mut releases_finished = false;
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
+            if !self.on_duty().await {
+                continue;
+            }
+            if !releases_finished {
+                self.finish_interrupted_releases().await;
+                releases_finished = true;
+            }
             self.check_timeouts(timeout).await;
         }
+    }
+
+    /// Whether this appliance runs the periodic duties now ([`crate::store::Duty`]); a
+    /// change is logged, so an operator sees which appliance took over.
+    pub async fn on_duty(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let duty = self.duty.clone();
+        let held = tokio::task::spawn_blocking(move || {
+            duty.lock().unwrap_or_else(|e| e.into_inner()).held()
+        })
+        .await
+        .unwrap_or(false);
+        let now = if held { 1 } else { 2 };
+        if self.on_duty.swap(now, Ordering::Relaxed) != now {
+            if held {
+                tracing::info!("on duty: this appliance runs the timeouts and power polls");
+            } else {
+                tracing::info!("standing by: another appliance runs the timeouts and power polls");
+            }
+        }
+        held
     }
 }
 
@@ -446,6 +482,9 @@ impl Controller {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
+            if !self.on_duty().await {
+                continue;
+            }
             let Ok(machines) = self.store.call(|s| s.list_machines()).await else {
                 continue;
             };

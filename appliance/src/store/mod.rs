@@ -18,6 +18,7 @@
 //! ([`secrets`]); the rows a reader gets back hold them in clear again.
 
 mod copy;
+mod duty;
 mod migrate;
 pub mod model;
 pub mod secrets;
@@ -36,6 +37,7 @@ use stork_proto::api::{
 };
 
 pub use copy::CopyReport;
+pub use duty::Duty;
 pub use model::*;
 pub use secrets::{KEY_ENV, SecretKey, SecretsError};
 pub use sql::DbError;
@@ -475,6 +477,15 @@ impl Store {
             .spawn(move || follow(&config, &wake, &alive));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the PostgreSQL change listener");
+        }
+    }
+
+    /// This appliance's hold on the periodic duties (see [`Duty`]): always held on SQLite,
+    /// an advisory lock on PostgreSQL.
+    pub fn duty(&self) -> Duty {
+        match &*self.db {
+            Db::Sqlite(_) => Duty::always(),
+            Db::Postgres(_, config) => Duty::postgres(config.clone()),
         }
     }
 

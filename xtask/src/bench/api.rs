@@ -7,7 +7,12 @@
 //! - `GET /api/v1/machines`: the full list, every machine with its inventory;
 //! - `GET /api/v1/machines?limit=100&offset=...`: a random page of 100 sorted by hostname,
 //!   as summaries (`view=summary`) and whole;
-//! - `GET /api/v1/machines/<id>`: one machine, chosen at random.
+//! - `GET /api/v1/machines/<id>`: one machine, chosen at random;
+//! - `POST /api/v1/machines/<id>/mark-broken` and `mark-fixed`: a durable status change.
+//!
+//! All of it twice, side by side: the store on SQLite, then on PostgreSQL (a scratch
+//! server of the bench's own, `stork_lab::postgres`, with its default settings), and a
+//! table of the two at the end.
 //!
 //! The measured requests go through the bench's own keep-alive agents and read the answer's
 //! bytes without decoding them: the figures are the server's, not a client's JSON decoding
@@ -40,16 +45,50 @@ pub fn run() -> Result<()> {
     let machines = knob("STORK_BENCH_MACHINES", 10_000);
     let secs = knob("STORK_BENCH_SECS", 10) as u64;
     let clients = knob("STORK_BENCH_CLIENTS", 4);
+    let window = Duration::from_secs(secs);
 
-    let (mut server, root, token, dir) = start_server("bench-api")?;
+    crate::step("the store on SQLite (one appliance's default)");
+    let sqlite = backend("bench-api", None, machines, clients, window)?;
+    crate::step("the store on PostgreSQL (a scratch server on a unix socket, default settings)");
+    let pg = stork_lab::postgres::ScratchPostgres::start()?;
+    let url = pg.create_database("bench")?;
+    let postgres = backend("bench-api-pg", Some(&url), machines, clients, window)?;
+    drop(pg);
+
+    println!();
+    println!(
+        "  {:<40} {:>24} {:>24} {:>8}",
+        "", "SQLite req/s (p99)", "PostgreSQL req/s (p99)", "PG/SQL"
+    );
+    for ((what, a), (_, b)) in sqlite.iter().zip(&postgres) {
+        println!(
+            "  {what:<40} {:>11.1} ({:>10}) {:>11.1} ({:>10}) {:>7.2}x",
+            a.rate(),
+            ms(percentile(&a.latencies, 0.99)),
+            b.rate(),
+            ms(percentile(&b.latencies, 0.99)),
+            b.rate() / a.rate().max(f64::MIN_POSITIVE),
+        );
+    }
+    Ok(())
+}
+
+/// Every workload against one appliance on `database` (SQLite in its data directory when
+/// `None`): what was measured, by name.
+fn backend(
+    name: &str,
+    database: Option<&str>,
+    machines: usize,
+    clients: usize,
+    window: Duration,
+) -> Result<Vec<(&'static str, Measured)>> {
+    let (mut server, root, token, dir) = start_server_on(name, database)?;
     let base = format!("{root}{API}");
-    let data = dir.join("data");
 
     // Enlisting is write-bound (one fsync each): more clients keep the disk busy.
     let creators = clients.max(8);
     crate::step(&format!(
-        "enlisting {machines} machines ({creators} clients, data in {})",
-        data.display()
+        "enlisting {machines} machines ({creators} clients)"
     ));
     let started = Instant::now();
     let ids = populate(&root, machines, creators)?;
@@ -60,9 +99,10 @@ pub fn run() -> Result<()> {
         took.as_secs_f64(),
         ids.len() as f64 / took.as_secs_f64()
     );
+    let mut out = Vec::new();
 
     let auth = format!("Bearer {token}");
-    let list = measure(clients, Duration::from_secs(secs), |agent, _| {
+    let list = measure(clients, window, |agent, _| {
         let mut r = agent
             .get(&format!("{base}/machines"))
             .header("Authorization", &auth)
@@ -74,6 +114,7 @@ pub fn run() -> Result<()> {
         &format!("GET /machines, the full list ({machines} machines; the old way)"),
         &list,
     );
+    out.push(("GET /machines (all, whole)", list));
     // A page of 100 anywhere in the list, sorted by hostname: what the UI and a paging
     // client ask. Targets (issue 18): p99 under 20 ms, at least 1,000 pages/s.
     let pages = machines.div_ceil(100).max(1);
@@ -92,17 +133,19 @@ pub fn run() -> Result<()> {
             check(r.status().as_u16(), body.len())
         }
     };
-    let summary = measure(clients, Duration::from_secs(secs), page("summary"))?;
+    let summary = measure(clients, window, page("summary"))?;
     report(
         "GET /machines?limit=100&view=summary, a random page",
         &summary,
     );
-    let full = measure(clients, Duration::from_secs(secs), page("full"))?;
+    out.push(("GET /machines?limit=100&view=summary", summary));
+    let full = measure(clients, window, page("full"))?;
     report(
         "GET /machines?limit=100 (whole machines), a random page",
         &full,
     );
-    let show = measure(clients, Duration::from_secs(secs), |agent, n| {
+    out.push(("GET /machines?limit=100 (whole)", full));
+    let show = measure(clients, window, |agent, n| {
         let id = &ids[(n.wrapping_mul(2_654_435_761)) % ids.len()];
         let mut r = agent
             .get(&format!("{base}/machines/{id}"))
@@ -112,18 +155,48 @@ pub fn run() -> Result<()> {
         check(r.status().as_u16(), body.len())
     })?;
     report("GET /machines/<id>", &show);
+    out.push(("GET /machines/<id>", show));
+    // An action: a durable status change with its event. Each client walks machines of its
+    // own (n steps by the client count), breaking them on even passes and fixing them on odd
+    // ones, so no two requests race for one machine.
+    let action = measure(clients, window, |agent, n| {
+        let (pass, i) = (n / ids.len(), n % ids.len());
+        let verb = if pass % 2 == 0 {
+            "mark-broken"
+        } else {
+            "mark-fixed"
+        };
+        let mut r = agent
+            .post(&format!("{base}/machines/{}/{verb}", ids[i]))
+            .header("Authorization", &auth)
+            .header("Content-Type", "application/json")
+            .send("{}")?;
+        let body = r.body_mut().read_to_vec()?;
+        check(r.status().as_u16(), body.len())
+    })?;
+    report("POST /machines/<id>/mark-broken|mark-fixed", &action);
+    out.push(("POST /machines/<id>/mark-broken|fixed", action));
 
     if let Some(st) = server.exited() {
         bail!("stork serve exited during the run ({st})");
     }
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(out)
+}
+
+/// [`start_server_on`] SQLite in its data directory.
+pub fn start_server(name: &str) -> Result<(Spawned, String, String, std::path::PathBuf)> {
+    start_server_on(name, None)
 }
 
 /// A release `stork serve` on loopback, plain HTTP, DHCP and TFTP off, with a fresh data
-/// directory `target/<name>` and an admin token: (process, root URL, token, directory).
-pub fn start_server(name: &str) -> Result<(Spawned, String, String, std::path::PathBuf)> {
+/// directory `target/<name>`, its store on `database` (a `postgres://` URL; `None`: SQLite
+/// in the data directory) and an admin token: (process, root URL, token, directory).
+pub fn start_server_on(
+    name: &str,
+    database: Option<&str>,
+) -> Result<(Spawned, String, String, std::path::PathBuf)> {
     crate::step("building stork (release)");
     crate::status(crate::cargo().args(["build", "--quiet", "--release", "-p", "stork"]))?;
     let bin = crate::target().join("release/stork");
@@ -132,11 +205,14 @@ pub fn start_server(name: &str) -> Result<(Spawned, String, String, std::path::P
     let _ = std::fs::remove_dir_all(&dir);
     let data = dir.join("data");
     std::fs::create_dir_all(data.join("boot"))?;
-    let out = Command::new(&bin)
+    let mut create = Command::new(&bin);
+    create
         .args(["token", "create", "--description", "bench", "--data-dir"])
-        .arg(&data)
-        .output()
-        .context("stork token create")?;
+        .arg(&data);
+    if let Some(db) = database {
+        create.args(["--database", db]);
+    }
+    let out = create.output().context("stork token create")?;
     if !out.status.success() {
         bail!(
             "stork token create: {}",
@@ -154,8 +230,9 @@ pub fn start_server(name: &str) -> Result<(Spawned, String, String, std::path::P
             // The bench enlists as fast as it can from one address: the per-address limits
             // that hold a hostile host back would measure themselves. Plain HTTP, as the
             // peer serves it: the bench measures the handlers, not TLS handshakes.
-            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1\"\nport = {port}\nagent_rate = 1000000\nagent_burst = 1000000\nmax_connections_per_ip = 1024\n[tls]\nenabled = false\n[dhcp]\nmode = \"off\"\n\n[tftp]\nenabled = false\n",
-            data
+            "data_dir = {:?}\n{}[http]\nlisten = \"127.0.0.1\"\nport = {port}\nagent_rate = 1000000\nagent_burst = 1000000\nmax_connections_per_ip = 1024\n[tls]\nenabled = false\n[dhcp]\nmode = \"off\"\n\n[tftp]\nenabled = false\n",
+            data,
+            database.map_or(String::new(), |d| format!("database = {d:?}\n")),
         ),
     )?;
     let mut cmd = Command::new(&bin);
@@ -303,6 +380,13 @@ pub struct Measured {
     bytes: usize,
     elapsed: Duration,
     clients: usize,
+}
+
+impl Measured {
+    /// Requests per second.
+    pub fn rate(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
 }
 
 /// Runs `request` from `clients` threads (each with its own keep-alive agent) for `window`.

@@ -1,0 +1,82 @@
+//! Which appliance runs the periodic duties (busy-status timeouts, heartbeat deadlines,
+//! power polls, finishing interrupted releases) when several share one database: exactly
+//! one at a time, and another as soon as it is gone.
+//!
+//! On PostgreSQL the duty is a session advisory lock, held on a connection of its own: the
+//! server frees it the moment that session ends (the appliance killed, its host cut off),
+//! and the next appliance to ask takes it. On SQLite the one appliance always has it.
+
+use std::time::Duration;
+
+use super::sql::PgConn;
+
+/// The advisory lock key of the duties ("stork" and 0x0d, apart from the migration lock).
+const DUTY_LOCK: i64 = 0x7374_6f72_6b0d;
+
+/// This appliance's hold on the duties.
+pub struct Duty(Hold);
+
+enum Hold {
+    Always,
+    Postgres(Box<PgHold>),
+}
+
+struct PgHold {
+    config: postgres::Config,
+    conn: Option<PgConn>,
+    held: bool,
+}
+
+impl Duty {
+    pub(super) fn always() -> Self {
+        Duty(Hold::Always)
+    }
+
+    pub(super) fn postgres(mut config: postgres::Config) -> Self {
+        // A dead server is noticed by the keepalive as well as by the next check.
+        config.keepalives_idle(Duration::from_secs(10));
+        Duty(Hold::Postgres(Box::new(PgHold {
+            config,
+            conn: None,
+            held: false,
+        })))
+    }
+
+    /// Whether this appliance has the duties now: keeps the lock it has (after checking
+    /// its session is alive) or tries to take it. Blocking: run it on the blocking pool.
+    pub fn held(&mut self) -> bool {
+        let Hold::Postgres(hold) = &mut self.0 else {
+            return true;
+        };
+        let PgHold { config, conn, held } = &mut **hold;
+        if let Some(c) = conn
+            && (c.client.is_closed() || c.client.simple_query("").is_err())
+        {
+            // The session is gone, and the lock with it.
+            *conn = None;
+            *held = false;
+        }
+        if conn.is_none() {
+            match config.connect(postgres::NoTls) {
+                Ok(client) => *conn = Some(PgConn::new(client)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "duty lock: cannot reach PostgreSQL");
+                    return false;
+                }
+            }
+        }
+        if !*held && let Some(c) = conn {
+            match c
+                .client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&DUTY_LOCK])
+            {
+                Ok(row) => *held = row.get(0),
+                Err(e) => {
+                    tracing::warn!(error = %e, "duty lock: cannot ask PostgreSQL");
+                    *conn = None;
+                }
+            }
+        }
+        *held
+    }
+}
