@@ -285,6 +285,9 @@ impl Store {
         // Deleted and overwritten content is zeroed, so a password encrypted in place (or any
         // record removed) leaves no clear copy in the file's free space.
         conn.pragma_update(None, "secure_delete", "ON")?;
+        // The store has some 40 statement texts; rusqlite caches 16 by default, so a busy
+        // mix prepared them again and again.
+        conn.set_prepared_statement_cache_capacity(128);
         migrate::migrate(&mut conn)?;
         let dir = path
             .parent()
@@ -659,10 +662,11 @@ impl Store {
     /// the columns after them sit behind) made a deep page of 10,000 machines ten times
     /// slower.
     fn page_ids(db: &mut dyn Sql, q: &MachineQuery) -> Result<(u64, Vec<String>), StoreError> {
-        let (where_sql, args, order_sql) = q.sql(db.dialect());
+        let (where_sql, mut args, order_sql, page_args) = q.sql(db.dialect());
         let total: i64 = db
             .query_one(&format!("SELECT COUNT(*) FROM machines {where_sql}"), &args)?
             .get(0)?;
+        args.extend(page_args);
         let ids = db
             .query(
                 &format!("SELECT id FROM machines {where_sql} {order_sql}"),
@@ -1434,7 +1438,7 @@ fn ids_in(ids: &[String]) -> (String, Vec<Value>) {
 impl MachineQuery {
     /// The query's `WHERE` clause, its arguments, and its `ORDER BY ... LIMIT ... OFFSET`.
     #[allow(clippy::type_complexity)]
-    fn sql(&self, dialect: Dialect) -> (String, Vec<Value>, String) {
+    fn sql(&self, dialect: Dialect) -> (String, Vec<Value>, String, Vec<Value>) {
         let mut clauses: Vec<String> = Vec::new();
         let mut args: Vec<Value> = Vec::new();
         // A clause's `?N` becomes the number of the argument it adds.
@@ -1486,11 +1490,17 @@ impl MachineQuery {
             SortKey::Power => "power_state".into(),
         };
         let nulls = dialect.nulls_as_sqlite(self.descending);
+        // The page's bounds are parameters, not text: one prepared statement serves every
+        // page (as text, each offset was a statement of its own, prepared again and again).
         let limit = dialect.limit(self.limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX)));
         let offset = i64::try_from(self.offset).unwrap_or(i64::MAX);
-        let order_sql =
-            format!("ORDER BY {column} {dir}{nulls}, id {dir} LIMIT {limit} OFFSET {offset}");
-        (where_sql, args, order_sql)
+        let n = args.len();
+        let order_sql = format!(
+            "ORDER BY {column} {dir}{nulls}, id {dir} LIMIT ?{} OFFSET ?{}",
+            n + 1,
+            n + 2
+        );
+        (where_sql, args, order_sql, vec![limit, Value::Int(offset)])
     }
 
     /// Checks a filter as the API and the UI receive it; the error names the field.

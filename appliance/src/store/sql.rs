@@ -231,12 +231,12 @@ impl Dialect {
         }
     }
 
-    /// A `LIMIT` of `n` rows, or of all of them.
-    pub fn limit(self, n: Option<i64>) -> String {
+    /// The value of a `LIMIT ?N` of `n` rows, or of all of them.
+    pub fn limit(self, n: Option<i64>) -> Value {
         match (n, self) {
-            (Some(n), _) => n.to_string(),
-            (None, Dialect::Sqlite) => "-1".into(),
-            (None, Dialect::Postgres) => "ALL".into(),
+            (Some(n), _) => Value::Int(n),
+            (None, Dialect::Sqlite) => Value::Int(-1),
+            (None, Dialect::Postgres) => Value::Null,
         }
     }
 }
