@@ -33,7 +33,10 @@ CREATE TABLE machines (
     hw_memory_bytes    BIGINT,
     hw_disks           BIGINT,
     hw_disk_bytes      BIGINT
-);
+-- The inventory (a few KiB of JSON) and the other long texts go out of line once a row
+-- passes 256 bytes, not 2 KiB: rows stay small, so counting, sorting and paging the list
+-- read a heap of some 2 MiB at 10,000 machines, not one of 25 MiB.
+) WITH (toast_tuple_target = 256);
 -- `seq` is the order a machine's interfaces were added in (SQLite's rowid).
 CREATE TABLE interfaces (
     mac        TEXT PRIMARY KEY,
