@@ -31,14 +31,21 @@ fn wait_event(
     }
 }
 
+/// A scratch PostgreSQL with an empty database `name` (and its URL), and the secrets key
+/// file every appliance sharing it seals and opens BMC passwords with (in a directory that
+/// lives as long as the returned guard).
+fn shared(name: &str) -> (ScratchPostgres, String, tempfile::TempDir, String) {
+    let pg = ScratchPostgres::start().expect("a scratch PostgreSQL");
+    let url = pg.create_database(name).expect("createdb");
+    let keys = tempfile::tempdir().expect("a directory for the key");
+    let key = keys.path().join("secrets.key").display().to_string();
+    (pg, url, keys, key)
+}
+
 #[test]
 fn two_appliances_share_one_postgres_database() {
-    let mut pg = ScratchPostgres::start().expect("a scratch PostgreSQL");
-    let url = pg.create_database("stork").unwrap();
-    // Both appliances seal and open BMC passwords with one key file.
-    let keys = tempfile::tempdir().unwrap();
-    let key = keys.path().join("secrets.key");
-    let env = [("STORK_SECRETS_KEY", key.to_str().unwrap())];
+    let (mut pg, url, _keys, key) = shared("stork");
+    let env = [("STORK_SECRETS_KEY", key.as_str())];
     let opts = || Options {
         database: Some(&url),
         env: &env,
@@ -234,11 +241,8 @@ fn wait_log(server: &Server, text: &str) {
 /// it is killed, the other takes them over and a machine's timeout still fires.
 #[test]
 fn the_other_appliance_takes_over_the_timeouts_when_the_one_on_duty_dies() {
-    let pg = ScratchPostgres::start().expect("a scratch PostgreSQL");
-    let url = pg.create_database("duty").unwrap();
-    let keys = tempfile::tempdir().unwrap();
-    let key = keys.path().join("secrets.key");
-    let env = [("STORK_SECRETS_KEY", key.to_str().unwrap())];
+    let (_pg, url, _keys, key) = shared("duty");
+    let env = [("STORK_SECRETS_KEY", key.as_str())];
     let opts = || Options {
         database: Some(&url),
         env: &env,
