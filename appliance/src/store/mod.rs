@@ -161,8 +161,10 @@ impl Database {
         }
         let path = s.strip_prefix("sqlite:").unwrap_or(s);
         if path.is_empty() || s.contains("://") {
+            // Only the scheme is echoed: what follows it may hold a password.
+            let scheme = s.split_once("://").map_or("", |(scheme, _)| scheme);
             return Err(format!(
-                "database: {s:?} is neither sqlite:PATH nor a postgres:// URL"
+                "database: a {scheme:?} URL is neither sqlite:PATH nor a postgres:// URL"
             ));
         }
         Ok(Database::Sqlite(PathBuf::from(path)))
@@ -1942,6 +1944,22 @@ mod backends {
         ("listing", listing_tests::listing_filters_sorts_and_searches),
         ("records", listing_tests::tokens_audit_keys_and_resources),
     ];
+
+    #[test]
+    fn a_database_value_that_cannot_be_read_is_named_without_its_password() {
+        let err = Database::parse("postgre://admin:hunter2@10.0.0.9/stork").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("\"postgre\""), "{err}");
+        assert_eq!(
+            Database::parse("sqlite:/var/lib/stork/stork.db"),
+            Ok(Database::Sqlite("/var/lib/stork/stork.db".into()))
+        );
+        let url = "postgres://admin:hunter2@10.0.0.9/stork";
+        let pg = Database::parse(url).unwrap();
+        assert_eq!(pg, Database::Postgres(url.into()));
+        // Shown (in `config check`, in errors) without the password.
+        assert!(!format!("{pg:?} {pg}").contains("hunter2"));
+    }
 
     #[test]
     fn every_case_on_sqlite() {
