@@ -181,13 +181,16 @@ fn an_appliance_moves_from_sqlite_to_postgres_with_its_machines_and_tokens() {
     let pg = ScratchPostgres::start().expect("a scratch PostgreSQL");
     let url = pg.create_database("moved").unwrap();
     let data = old.data_dir();
-    let out = std::process::Command::new(common::BIN)
-        .args(["db", "migrate", "--from"])
-        .arg(format!("sqlite:{}", data.join("stork.db").display()))
-        .args(["--to", &url, "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
+    let migrate = || {
+        std::process::Command::new(common::BIN)
+            .args(["db", "migrate", "--from"])
+            .arg(format!("sqlite:{}", data.join("stork.db").display()))
+            .args(["--to", &url, "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap()
+    };
+    let out = migrate();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -201,13 +204,7 @@ fn an_appliance_moves_from_sqlite_to_postgres_with_its_machines_and_tokens() {
         "{stdout}"
     );
     // A second run finds the target holding records and changes nothing.
-    let again = std::process::Command::new(common::BIN)
-        .args(["db", "migrate", "--from"])
-        .arg(format!("sqlite:{}", data.join("stork.db").display()))
-        .args(["--to", &url, "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
+    let again = migrate();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
 

@@ -149,6 +149,9 @@ pub const TOOLS: &[(&str, &str)] = &[
 pub const VERSIONED: &[(&str, &str, &str)] = &[
     ("/usr/lib/postgresql", "bin/initdb", "postgresql"),
     ("/usr/lib/postgresql", "bin/postgres", "postgresql"),
+    // The scratch server's client tools (stork_lab::postgres), from postgresql-client-<major>.
+    ("/usr/lib/postgresql", "bin/createdb", "postgresql"),
+    ("/usr/lib/postgresql", "bin/pg_isready", "postgresql"),
 ];
 
 /// Firmware and boot files the lab reads by path.

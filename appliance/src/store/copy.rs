@@ -52,10 +52,13 @@ impl Store {
     /// Copies every record of this store into `target`, which must hold none, in one
     /// transaction of the target's: a copy that fails leaves it empty.
     pub fn copy_into(&self, target: &Store) -> Result<CopyReport, StoreError> {
-        let machines: i64 =
-            target.run(|db| Ok(db.query_one("SELECT COUNT(*) FROM machines", &[])?.get(0)?))?;
-        let tokens: i64 =
-            target.run(|db| Ok(db.query_one("SELECT COUNT(*) FROM tokens", &[])?.get(0)?))?;
+        let (machines, tokens): (i64, i64) = target.run(|db| {
+            let row = db.query_one(
+                "SELECT (SELECT COUNT(*) FROM machines), (SELECT COUNT(*) FROM tokens)",
+                &[],
+            )?;
+            Ok((row.get(0)?, row.get(1)?))
+        })?;
         if machines > 0 || tokens > 0 {
             return Err(StoreError::NotEmpty { machines, tokens });
         }
@@ -85,9 +88,11 @@ impl Store {
     /// order, events and audit entries their ids).
     fn copy_table(&self, table: &str, columns: &str, to: &mut dyn Sql) -> Result<u64, StoreError> {
         let width = columns.split(',').count();
+        // Interfaces in the order they were added (the dialect's insertion order); on
+        // PostgreSQL the other tables' order does not matter (ids are copied as they are).
         let order = match self.dialect() {
+            d if table == "interfaces" => d.insertion_order(),
             Dialect::Sqlite => "rowid",
-            Dialect::Postgres if table == "interfaces" => "seq",
             Dialect::Postgres => "1",
         };
         let overriding = match to.dialect() {
