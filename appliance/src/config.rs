@@ -26,6 +26,10 @@ data_dir = "./var"
 # The database of machines, events and tokens. Unset: SQLite in DATA_DIR/stork.db. Several
 # appliances share one PostgreSQL database (each needs a copy of the same secrets.key):
 # database = "postgres://stork:PASSWORD@10.77.0.2/stork"
+# On a shared database, the site: the provisioning network this appliance serves. Only
+# the appliances of a machine's site do its power actions (they alone reach its BMC); an
+# HA pair on one network shares a site. Unset: the host name.
+# site = "rack-a"
 
 # The provisioning interface: DHCP listens on it only.
 interface = "stork0"
@@ -171,6 +175,8 @@ pub struct FileConfig {
     /// `sqlite:PATH` or a `postgres://` URL; unset, SQLite in `data_dir`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
     pub interface: String,
     pub address: Ipv4Addr,
     pub http: HttpFile,
@@ -199,6 +205,7 @@ impl Default for FileConfig {
         Self {
             data_dir: PathBuf::from("./var"),
             database: None,
+            site: None,
             interface: "stork0".into(),
             address: Ipv4Addr::new(10, 77, 0, 1),
             http: HttpFile::default(),
@@ -327,8 +334,16 @@ impl FileConfig {
             Some(d) => crate::store::Database::parse(d).map_err(|why| invalid("database", why))?,
             None => crate::store::Database::Sqlite(self.data_dir.join("stork.db")),
         };
+        let site = match &self.site {
+            Some(site) => {
+                check_site(site).map_err(|why| invalid("site", why))?;
+                site.clone()
+            }
+            None => host_name(),
+        };
         Ok(Config {
             database,
+            site,
             timeout: std::time::Duration::from_secs(self.lifecycle.timeout),
             heartbeat_timeout: std::time::Duration::from_secs(self.lifecycle.heartbeat_timeout),
             check_interval: std::time::Duration::from_secs(self.lifecycle.check_interval),
@@ -364,6 +379,8 @@ impl FileConfig {
 pub struct Config {
     pub data_dir: PathBuf,
     pub database: crate::store::Database,
+    /// The site this appliance serves (see `site` in [`DEFAULT_TOML`]).
+    pub site: String,
     pub interface: String,
     pub address: Ipv4Addr,
     pub http_listen: SocketAddr,
@@ -385,6 +402,29 @@ pub struct Config {
     /// What a release request that does not say does: erase, and how.
     pub erase_on_release: bool,
     pub erase_quick: bool,
+}
+
+/// What a site's name may be: it appears in events, logs and lock keys.
+pub fn check_site(site: &str) -> Result<(), &'static str> {
+    let ok = !site.is_empty()
+        && site.len() <= 64
+        && site
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err("1 to 64 characters: letters, digits, '-', '_' and '.'")
+    }
+}
+
+/// The host's name, the default site: appliances on different hosts differ by default.
+fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "stork".into())
 }
 
 impl Config {

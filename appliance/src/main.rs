@@ -231,6 +231,9 @@ struct ServeArgs {
     /// `database`; several appliances share one PostgreSQL database).
     #[arg(long)]
     database: Option<String>,
+    /// The site this appliance serves on a shared database (overrides `site`).
+    #[arg(long)]
+    site: Option<String>,
     /// HTTP port (overrides `http.port`).
     #[arg(long)]
     http_port: Option<u16>,
@@ -248,6 +251,7 @@ impl From<ServeArgs> for serve::Overrides {
             dhcp_range: a.dhcp_range,
             data_dir: a.data_dir,
             database: a.database,
+            site: a.site,
             http_port: a.http_port,
             timeout: a.timeout,
         }
@@ -298,6 +302,10 @@ enum MachineCmd {
         power_params: Vec<String>,
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// The site whose appliances reach the BMC, when several appliances share one
+        /// database (default: the site of the appliance asked).
+        #[arg(long)]
+        site: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -796,6 +804,7 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
             power,
             power_params,
             tags,
+            site,
             json,
         } => {
             let mut params = serde_json::Map::new();
@@ -819,6 +828,7 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
                     params,
                 }),
                 tags,
+                site,
             })?;
             cli::machine_line(&m, json)
         }

@@ -23,6 +23,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `sqlite:PATH` or a `postgres://` URL (overrides `database`).
     pub database: Option<String>,
+    /// The site (overrides `site`).
+    pub site: Option<String>,
     pub http_port: Option<u16>,
     /// Busy-status timeout in seconds (overrides `lifecycle.timeout`).
     pub timeout: Option<u64>,
@@ -48,6 +50,9 @@ pub fn load_config(o: &Overrides) -> Result<Config> {
     }
     if let Some(v) = &o.database {
         file.database = Some(v.clone());
+    }
+    if let Some(v) = &o.site {
+        file.site = Some(v.clone());
     }
     if let Some(v) = o.http_port {
         file.http.port = v;
@@ -127,7 +132,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         .await
         .context("opening the database")?
         .with_context(|| format!("cannot open the database ({})", cfg.database))?;
-    let controller = Controller::new(store, Arc::new(DriverPower));
+    let controller = Controller::new(store, Arc::new(DriverPower)).with_site(&cfg.site);
     let health = Arc::new(Health::default());
     let state = AppState {
         cfg: cfg.clone(),
@@ -160,6 +165,20 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
                 let c = c.clone();
                 Box::pin(async move {
                     c.run_power_poll(every).await;
+                    Ok(())
+                })
+            }),
+        );
+    }
+    if let Some(site) = controller.site() {
+        tracing::info!(%site, "on a shared database: serving this site's machines' power");
+        let c = controller.clone();
+        service(
+            "power_requests",
+            Box::new(move || {
+                let c = c.clone();
+                Box::pin(async move {
+                    c.run_power_requests().await;
                     Ok(())
                 })
             }),

@@ -281,3 +281,80 @@ fn the_other_appliance_takes_over_the_timeouts_when_the_one_on_duty_dies() {
         "{failed:?}"
     );
 }
+
+/// A power action on a machine of another site is queued for that site and done by its
+/// appliance, even one that starts after it was asked; a machine added through an
+/// appliance is that appliance's site's unless the request names one.
+#[test]
+fn a_power_action_on_another_sites_machine_waits_for_and_is_done_by_that_site() {
+    let (_pg, url, _keys, key) = shared("sites");
+    let env = [("STORK_SECRETS_KEY", key.as_str())];
+    let opts = |args| Options {
+        database: Some(&url),
+        env: &env,
+        args,
+        ..Options::default()
+    };
+    let a = Server::start(opts(&["--site", "rack-a"]));
+    let ca = a.client();
+    let here = ca
+        .create_machine(&NewMachine {
+            macs: vec![mac_addr(20)],
+            ..NewMachine::default()
+        })
+        .unwrap();
+    assert_eq!(here.site.as_deref(), Some("rack-a"));
+    let bad = ca.create_machine(&NewMachine {
+        macs: vec![mac_addr(22)],
+        site: Some("no spaces".into()),
+        ..NewMachine::default()
+    });
+    assert!(format!("{:?}", bad.unwrap_err()).contains("site"));
+    let there = ca
+        .create_machine(&NewMachine {
+            macs: vec![mac_addr(21)],
+            site: Some("rack-b".into()),
+            ..NewMachine::default()
+        })
+        .unwrap();
+    assert_eq!(there.site.as_deref(), Some("rack-b"));
+
+    // Asked through A, with no appliance of rack-b running: queued, not done.
+    ca.commission(&there.id).unwrap();
+    let history = |c: &stork_client::Client| -> Vec<(String, String)> {
+        c.machine_events(&there.id, 0)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.actor, e.message))
+            .collect()
+    };
+    let asked = history(&ca);
+    assert!(
+        asked.iter().any(|(actor, m)| actor == "controller@rack-a"
+            && m.contains("netboot_and_power_on asked of site rack-b")),
+        "{asked:#?}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !history(&ca)
+            .iter()
+            .any(|(actor, _)| actor == "controller@rack-b"),
+        "done with no appliance of rack-b"
+    );
+
+    // rack-b's appliance starts and does it (a manual machine: the power action says a
+    // person must act, which is the driver's answer).
+    let b = Server::start(opts(&["--site", "rack-b"]));
+    let done = stork_lab::wait_for(
+        "rack-b's appliance to take the power action",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            Ok(history(&b.client()).into_iter().find(|(actor, m)| {
+                actor == "controller@rack-b" && m.starts_with("power: NetbootAndPowerOn")
+            }))
+        },
+    )
+    .unwrap();
+    assert!(done.1.contains("manual power"), "{done:?}");
+}

@@ -141,6 +141,11 @@ pub struct Machine {
     pub power_state: Option<PowerState>,
     #[serde(default)]
     pub power_seen_at: Option<i64>,
+    /// The site that serves the machine: the appliances of its provisioning network, which
+    /// reach its BMC and do its power actions. Set where it boots (or was added); unset on
+    /// an appliance of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 impl Machine {
@@ -170,6 +175,7 @@ impl Machine {
             heartbeat_deadline: None,
             power_state: None,
             power_seen_at: None,
+            site: None,
         }
     }
 
@@ -497,6 +503,9 @@ pub struct NewMachine {
     pub power: Option<PowerConfig>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// The site whose appliances reach its BMC (default: the site of the appliance asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 // Action bodies: each action reads only its own fields, strictly. (One struct with the

@@ -42,8 +42,26 @@ pub struct Appliance {
     pub data_dir: PathBuf,
     /// An admin token, made with `stork token create` before the server started.
     pub token: String,
-    process: Spawned,
+    process: Option<Spawned>,
     netns: String,
+    /// `stork serve`'s arguments after the data directory.
+    args: Vec<String>,
+    /// The secrets key file of a shared database.
+    key: Option<PathBuf>,
+    /// The lab's directory, where the logs go.
+    dir: PathBuf,
+    /// How many times `stork serve` was started.
+    starts: u32,
+}
+
+/// The secrets key's environment variable (`stork::store::KEY_ENV`).
+const SECRETS_KEY_ENV: &str = "STORK_SECRETS_KEY";
+
+/// A database several appliances share: its URL and the secrets key file they all use.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub url: String,
+    pub key: PathBuf,
 }
 
 impl Appliance {
@@ -55,6 +73,18 @@ impl Appliance {
 
     /// As [`Appliance::start`], with extra `stork serve` arguments.
     pub fn start_with(lab: &Lab, bin: &Path, boot_files: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_on(lab, bin, boot_files, None, extra)
+    }
+
+    /// As [`Appliance::start_with`], on `shared`'s database (PostgreSQL shared with other
+    /// appliances) when given, with its secrets key.
+    pub fn start_on(
+        lab: &Lab,
+        bin: &Path,
+        boot_files: &Path,
+        shared: Option<&Shared>,
+        extra: &[&str],
+    ) -> Result<Self> {
         let data_dir = lab.dir().join("appliance");
         let boot = data_dir.join("boot");
         std::fs::create_dir_all(&boot)?;
@@ -66,39 +96,90 @@ impl Appliance {
                 std::fs::copy(entry.path(), boot.join(entry.file_name()))?;
             }
         }
-        let token = crate::run(
-            std::process::Command::new(bin)
-                .args(["token", "create", "--description", "lab", "--data-dir"])
-                .arg(&data_dir),
-        )?
-        .trim()
-        .to_string();
-        let mut cmd = lab.command(bin);
-        cmd.arg("serve")
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args(extra)
-            .env("RUST_LOG", "info,stork=debug");
-        let process = Spawned::start("stork", cmd, &lab.dir().join("stork.log"))?;
+        let mut create = std::process::Command::new(bin);
+        create
+            .args(["token", "create", "--description", "lab", "--data-dir"])
+            .arg(&data_dir);
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if let Some(db) = shared {
+            create
+                .args(["--database", &db.url])
+                .env(SECRETS_KEY_ENV, &db.key);
+            args.extend(["--database".to_string(), db.url.clone()]);
+        }
+        let token = crate::run(&mut create)?.trim().to_string();
         let mut a = Self {
             bin: bin.to_path_buf(),
             data_dir,
             token,
-            process,
+            process: None,
             netns: lab.netns().to_string(),
+            args,
+            key: shared.map(|db| db.key.clone()),
+            dir: lab.dir().to_path_buf(),
+            starts: 0,
         };
+        a.launch()?;
+        Ok(a)
+    }
+
+    /// Starts `stork serve` (again) with the same data directory and arguments, each start
+    /// logging to a file of its own, and waits until its API answers.
+    fn launch(&mut self) -> Result<()> {
+        self.starts += 1;
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns])
+            .arg(&self.bin)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env("RUST_LOG", "info,stork=debug");
+        if let Some(key) = &self.key {
+            cmd.env(SECRETS_KEY_ENV, key);
+        }
+        let log = match self.starts {
+            1 => self.dir.join("stork.log"),
+            n => self.dir.join(format!("stork-{n}.log")),
+        };
+        self.process = Some(Spawned::start("stork", cmd, &log)?);
         wait_for(
             "the appliance API",
             Duration::from_secs(30),
             Duration::from_millis(100),
             || {
-                if let Some(status) = a.process.exited() {
-                    bail!("stork serve exited ({status}):\n{}", a.log_tail(30));
+                if let Some(status) = self.exited() {
+                    bail!("stork serve exited ({status}):\n{}", self.log_tail(30));
                 }
-                Ok(a.cli(&["machine", "list", "--json"]).ok())
+                Ok(self.cli(&["machine", "list", "--json"]).ok())
             },
         )?;
-        Ok(a)
+        Ok(())
+    }
+
+    /// Kills `stork serve` with SIGKILL, as a crash or a pulled plug would, and waits for
+    /// it to be gone.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(p) = self.process.as_mut() {
+            p.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Starts `stork serve` again after [`Appliance::kill`].
+    pub fn restart(&mut self) -> Result<()> {
+        self.launch()
+    }
+
+    /// Everything this appliance logged, every start's log in turn.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| match n {
+                1 => self.dir.join("stork.log"),
+                n => self.dir.join(format!("stork-{n}.log")),
+            })
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .collect()
     }
 
     /// The web UI's base, `https://10.77.0.1:8443/ui` (pages are `<base>/machines` and so
@@ -225,11 +306,14 @@ impl Appliance {
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        self.process.log_tail(lines)
+        self.process
+            .as_ref()
+            .map(|p| p.log_tail(lines))
+            .unwrap_or_default()
     }
 
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.process.exited()
+        self.process.as_mut().and_then(|p| p.exited())
     }
 }
 

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use stork_lab::appliance::Shared;
 use stork_lab::bmc::BmcVm;
 use stork_lab::{Appliance, Lab, VmSpec, wait_for};
 use stork_proto::api::{Machine, Status};
@@ -54,6 +55,18 @@ impl Scenario {
     /// A lab named after `tag` with the appliance, image [`IMAGE`] (its raw image's sha256
     /// replaced by `raw_sha256` if given), an SSH key, and `spec`'s machine, powered off.
     pub fn new(tag: &str, spec: VmSpec, raw_sha256: Option<&str>) -> Result<Self> {
+        Self::new_on(tag, spec, raw_sha256, None)
+    }
+
+    /// As [`Scenario::new`], with the appliance on `shared`'s database serving site
+    /// `site` (`Some((shared, site))`), beside other scenarios' appliances on it: the image
+    /// and the SSH key are registered once more (the same image, a key of its own).
+    pub fn new_on(
+        tag: &str,
+        spec: VmSpec,
+        raw_sha256: Option<&str>,
+        shared: Option<(&Shared, &str)>,
+    ) -> Result<Self> {
         require_artefacts();
         let images = os_images();
         let manifest = images.join("manifest.json");
@@ -65,7 +78,16 @@ impl Scenario {
             );
         }
         let mut lab = Lab::new(tag, &lab_dir())?;
-        let appliance = Appliance::start(&lab, &stork_bin(), &boot_files())?;
+        let appliance = match shared {
+            Some((db, site)) => Appliance::start_on(
+                &lab,
+                &stork_bin(),
+                &boot_files(),
+                Some(db),
+                &["--site", site],
+            )?,
+            None => Appliance::start(&lab, &stork_bin(), &boot_files())?,
+        };
         register_image(&appliance, &lab, &images, raw_sha256)?;
 
         let key = lab.dir().join("id_ed25519");
@@ -77,7 +99,7 @@ impl Scenario {
         appliance.cli(&[
             "ssh-key",
             "add",
-            "e2e",
+            &format!("e2e-{tag}"),
             path_str(&key.with_extension("pub"))?,
         ])?;
 
@@ -355,6 +377,12 @@ impl Scenario {
 
     /// Fails with everything a person needs to see why, and keeps the lab's files.
     pub fn fail(&mut self, e: anyhow::Error) -> ! {
+        panic!("{e:#}\n{}", self.report());
+    }
+
+    /// Everything a person needs to see why a step failed: the machine's status and
+    /// events, the phases, its console, the appliance's log; keeps the lab's files.
+    pub fn report(&mut self) -> String {
         self.lab.keep_dir();
         let id = self.id.clone();
         let events = id
@@ -366,15 +394,15 @@ impl Scenario {
             .and_then(|id| self.appliance.machine(id).ok())
             .map(|m| format!("status {} ({:?})", m.status, m.status_message))
             .unwrap_or_default();
-        panic!(
-            "{e:#}\n--- machine: {machine}\n--- phases ---\n{}\n--- events ---\n{events}\n--- {} console (last 60 lines) ---\n{}\n{}\n--- stork (last 30 lines) ---\n{}\n(logs kept in {})",
+        format!(
+            "--- machine: {machine}\n--- phases ---\n{}\n--- events ---\n{events}\n--- {} console (last 60 lines) ---\n{}\n{}\n--- stork (last 30 lines) ---\n{}\n(logs kept in {})",
             self.timings(),
             self.machine.describe(),
             self.machine.console_tail(60),
             self.machine.diagnostics(),
             self.appliance.log_tail(30),
             self.lab.dir().display()
-        );
+        )
     }
 }
 

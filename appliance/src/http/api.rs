@@ -271,6 +271,11 @@ async fn create_machine(
     m.arch = req.arch.unwrap_or_else(|| "amd64".into());
     m.power = power;
     m.tags = req.tags;
+    if let Some(site) = &req.site {
+        crate::config::check_site(site)
+            .map_err(|why| ApiError::bad_request(format!("site: {why}")))?;
+    }
+    m.site = req.site.or_else(|| s.controller.site().map(str::to_string));
     let saved = s.controller.create_machine(m, &caller.actor).await?;
     Ok((StatusCode::CREATED, Json(saved.redacted())))
 }

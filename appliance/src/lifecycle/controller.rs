@@ -123,11 +123,56 @@ pub struct Controller {
     /// When this controller was made (ms): a machine in a status this process never
     /// entered was left there by a previous run.
     started_at: i64,
-    /// The periodic duties (timeouts, power polls): run only while held, so that of several
-    /// appliances on one database exactly one runs them.
-    duty: Arc<std::sync::Mutex<crate::store::Duty>>,
-    /// What the last duty check found (0: not asked yet, 1: held, 2: another has it).
-    on_duty: Arc<std::sync::atomic::AtomicU8>,
+    /// The timeouts: run only while held, so that of several appliances on one database
+    /// exactly one runs them.
+    duty: DutyCheck,
+    /// On a shared database, the site this appliance serves: it does the power actions of
+    /// that site's machines, and queues those of other sites' machines for them. `None`
+    /// on SQLite, where this appliance is the only one.
+    site: Option<Arc<str>>,
+    /// The site's own duties (power polls), held by one appliance of the site.
+    site_duty: DutyCheck,
+}
+
+/// A duty lock and what its last check found, so that a change is logged once.
+#[derive(Clone)]
+struct DutyCheck {
+    lock: Arc<std::sync::Mutex<crate::store::Duty>>,
+    /// 0: not asked yet, 1: held, 2: another has it.
+    seen: Arc<std::sync::atomic::AtomicU8>,
+    /// What holding it means, for the log.
+    what: Arc<str>,
+}
+
+impl DutyCheck {
+    fn new(duty: crate::store::Duty, what: String) -> Self {
+        Self {
+            lock: Arc::new(std::sync::Mutex::new(duty)),
+            seen: Arc::default(),
+            what: what.into(),
+        }
+    }
+
+    /// Whether this appliance holds the duty now; a change is logged, so an operator sees
+    /// which appliance took over.
+    async fn held(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let lock = self.lock.clone();
+        let held = tokio::task::spawn_blocking(move || {
+            lock.lock().unwrap_or_else(|e| e.into_inner()).held()
+        })
+        .await
+        .unwrap_or(false);
+        let now = if held { 1 } else { 2 };
+        if self.seen.swap(now, Ordering::Relaxed) != now {
+            if held {
+                tracing::info!("on duty: this appliance runs {}", self.what);
+            } else {
+                tracing::info!("standing by: another appliance runs {}", self.what);
+            }
+        }
+        held
+    }
 }
 
 impl Controller {
@@ -143,13 +188,42 @@ impl Controller {
             move || alive.strong_count() > 0,
         );
         Self {
-            duty: Arc::new(std::sync::Mutex::new(store.duty())),
-            on_duty: Arc::default(),
+            duty: DutyCheck::new(store.duty(), "the timeouts".into()),
+            site_duty: DutyCheck::new(store.site_duty(""), "the power polls".into()),
+            site: None,
             store,
             power,
             events,
             started_at: now_ms(),
         }
+    }
+
+    /// Serves site `site` when the database is shared (PostgreSQL): machines that boot
+    /// here or are added here are this site's, and power actions on another site's
+    /// machines are queued for that site's appliances. On SQLite nothing changes.
+    pub fn with_site(mut self, site: &str) -> Self {
+        if self.store.dialect() == crate::store::sql::Dialect::Postgres {
+            self.site = Some(site.into());
+            self.site_duty = DutyCheck::new(
+                self.store.site_duty(site),
+                format!("the power polls of site {site}"),
+            );
+        }
+        self
+    }
+
+    /// Who power actions' events name: `controller`, and on a shared database
+    /// `controller@SITE`, so a history shows which site's appliance did what.
+    fn actor(&self) -> String {
+        match &self.site {
+            Some(site) => format!("controller@{site}"),
+            None => "controller".into(),
+        }
+    }
+
+    /// The site this appliance serves, on a shared database.
+    pub fn site(&self) -> Option<&str> {
+        self.site.as_deref()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -302,6 +376,97 @@ impl Controller {
     }
 
     async fn perform(&self, m: &Machine, action: Action) {
+        if let (Some(mine), Some(theirs)) = (&self.site, &m.site)
+            && **mine != **theirs
+            && let Some(name) = request_name(action)
+        {
+            self.forward(m, name, mine, theirs).await;
+            return;
+        }
+        self.perform_here(m, action).await;
+    }
+
+    /// Queues power action `name` on `m` for an appliance of site `theirs`.
+    async fn forward(&self, m: &Machine, name: &'static str, mine: &str, theirs: &str) {
+        let (id, site, by) = (m.id.clone(), theirs.to_string(), mine.to_string());
+        let event = NewEvent {
+            at: now_ms(),
+            actor: self.actor(),
+            old_status: None,
+            new_status: None,
+            message: format!(
+                "power: {name} asked of site {theirs}, whose appliances reach the BMC"
+            ),
+        };
+        let queued = self
+            .store
+            .call(move |s| s.queue_power(&site, &id, name, &by, &event))
+            .await;
+        self.notify();
+        match queued {
+            Ok(()) => {
+                tracing::info!(machine = %m.id, site = %theirs, action = name, "power action forwarded")
+            }
+            Err(e) => tracing::warn!(machine = %m.id, error = %e, "cannot queue the power action"),
+        }
+    }
+
+    /// Takes the power actions queued for this appliance's site and performs them, woken
+    /// by the event each one adds (and every few seconds, for one whose wake was missed).
+    /// A request older than [`REQUEST_TTL`] is dropped with an event: the machine has
+    /// moved on (its busy status timed out), and a late power-on would surprise.
+    pub async fn run_power_requests(self) {
+        let Some(site) = self.site.clone() else {
+            return;
+        };
+        let mut wake = self.subscribe();
+        loop {
+            let claimed = {
+                let site = site.clone();
+                self.store.call(move |s| s.claim_power(&site)).await
+            };
+            let requests = claimed.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot take the queued power actions");
+                Vec::new()
+            });
+            for r in &requests {
+                self.take(r).await;
+            }
+            if requests.is_empty() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), wake.changed()).await;
+            }
+        }
+    }
+
+    async fn take(&self, r: &crate::store::PowerRequest) {
+        let action = match r.action.as_str() {
+            "netboot_and_power_on" => Action::NetbootAndPowerOn,
+            "power_off" => Action::PowerOff,
+            other => {
+                tracing::warn!(machine = %r.machine_id, action = other, "unknown queued power action");
+                return;
+            }
+        };
+        let age = now_ms() - r.requested_at;
+        if age > i64::try_from(REQUEST_TTL.as_millis()).unwrap_or(i64::MAX) {
+            let why = format!(
+                "power: {} asked by site {} dropped: no appliance of this site took it within {} s",
+                r.action,
+                r.requested_by,
+                REQUEST_TTL.as_secs()
+            );
+            let _ = self.note(&r.machine_id, &self.actor(), why).await;
+            return;
+        }
+        match self.machine(&r.machine_id).await {
+            Ok(m) => self.perform_here(&m, action).await,
+            Err(e) => {
+                tracing::info!(machine = %r.machine_id, error = %e, "queued power action for a machine gone")
+            }
+        }
+    }
+
+    async fn perform_here(&self, m: &Machine, action: Action) {
         let result = match action {
             Action::NetbootAndPowerOn => self.power.netboot_and_power_on(m).await,
             Action::PowerOff => self.power.power_off(m).await,
@@ -319,7 +484,7 @@ impl Controller {
             Err(e) => format!("power: {action:?}: {e}"),
         };
         tracing::info!(machine = %m.id, %message, "power action");
-        if let Err(e) = self.note(&m.id, "controller", message).await {
+        if let Err(e) = self.note(&m.id, &self.actor(), message).await {
             tracing::warn!(machine = %m.id, error = %e, "cannot record the power result");
         }
     }
@@ -393,25 +558,21 @@ impl Controller {
         }
     }
 
-    /// Whether this appliance runs the periodic duties now ([`crate::store::Duty`]); a
-    /// change is logged, so an operator sees which appliance took over.
+    /// Whether this appliance runs the timeouts now ([`crate::store::Duty`]).
     pub async fn on_duty(&self) -> bool {
-        use std::sync::atomic::Ordering;
-        let duty = self.duty.clone();
-        let held = tokio::task::spawn_blocking(move || {
-            duty.lock().unwrap_or_else(|e| e.into_inner()).held()
-        })
-        .await
-        .unwrap_or(false);
-        let now = if held { 1 } else { 2 };
-        if self.on_duty.swap(now, Ordering::Relaxed) != now {
-            if held {
-                tracing::info!("on duty: this appliance runs the timeouts and power polls");
-            } else {
-                tracing::info!("standing by: another appliance runs the timeouts and power polls");
-            }
-        }
-        held
+        self.duty.held().await
+    }
+}
+
+/// How long a queued power action waits for an appliance of its site before it is dropped.
+const REQUEST_TTL: Duration = Duration::from_secs(600);
+
+/// A forwarded power action's name in the queue.
+fn request_name(action: Action) -> Option<&'static str> {
+    match action {
+        Action::NetbootAndPowerOn => Some("netboot_and_power_on"),
+        Action::PowerOff => Some("power_off"),
+        Action::RevokeAgentToken | Action::ClearAllocation | Action::Then(_) => None,
     }
 }
 
@@ -482,13 +643,23 @@ impl Controller {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            if !self.on_duty().await {
+            if !self.site_duty.held().await {
                 continue;
             }
             let Ok(machines) = self.store.call(|s| s.list_machines()).await else {
                 continue;
             };
-            for m in machines.iter().filter(|m| m.power.driver != "manual") {
+            // On a shared database, this site's machines only: they are the ones whose BMCs
+            // this appliance reaches.
+            let ours = |m: &&Machine| match (&self.site, &m.site) {
+                (Some(mine), Some(theirs)) => **mine == **theirs,
+                _ => true,
+            };
+            for m in machines
+                .iter()
+                .filter(|m| m.power.driver != "manual")
+                .filter(ours)
+            {
                 let state = match power_params(m) {
                     Ok(p) => crate::power::PowerDriver::new(p)
                         .query()

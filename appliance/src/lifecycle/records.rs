@@ -205,6 +205,8 @@ impl Controller {
     /// An agent enlists the machine it booted on: a new machine, or a New one enlisting
     /// again with a fresh inventory. Any other status refuses (recorded).
     pub async fn enlist(&self, mac: MacAddr, inv: Inventory) -> Result<Machine, StoreError> {
+        // It booted on this appliance's network: this site serves it.
+        let site = self.site().map(str::to_string);
         let result = self
             .store
             .call(move |st| {
@@ -213,6 +215,7 @@ impl Controller {
                 match st.find_by_mac(mac)? {
                     Some(mut m) if m.status == Status::New => {
                         m.inventory = Some(inv);
+                        m.site = site.or(m.site);
                         m.macs = macs;
                         m.updated_at = now;
                         let ev =
@@ -234,6 +237,7 @@ impl Controller {
                     None => {
                         let mut m = Machine::new(new_id(), macs, now);
                         m.inventory = Some(inv);
+                        m.site = site;
                         // The creation is a status change (to New), like a machine added by
                         // hand, so every history starts with one.
                         let ev = NewEvent {
@@ -343,6 +347,7 @@ impl Controller {
         from: IpAddr,
         lease: Option<Option<Ipv4Addr>>,
     ) -> Result<(BootChoice, Option<AgentBoot>), StoreError> {
+        let site = self.site().map(str::to_string);
         let (choice, agent) = self
             .store
             .call(move |st| {
@@ -361,6 +366,9 @@ impl Controller {
                                     used: false,
                                 };
                                 m.updated_at = now_ms();
+                                // It boots on this appliance's network: from now on this
+                                // site does its power actions.
+                                m.site = site.or(m.site);
                                 // The end of the firmware's part of the boot (power-on, DHCP,
                                 // PXE): the timeline's first phase ends here.
                                 let ev = NewEvent {

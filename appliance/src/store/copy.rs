@@ -10,7 +10,7 @@ use super::sql::{Dialect, Sql, Value};
 use super::{Store, StoreError};
 
 /// Each table and its columns, parents before children (interfaces and events refer to
-/// machines). Every column of the schema (SQLite V9, PostgreSQL V1) is here; a migration
+/// machines). Every column of the schema (SQLite V10, PostgreSQL V2) is here; a migration
 /// that adds one adds it here too (a test compares this list with the schema).
 pub(crate) const TABLES: &[(&str, &str)] = &[
     (
@@ -19,7 +19,7 @@ pub(crate) const TABLES: &[(&str, &str)] = &[
          inventory, owner, deploy, tags, agent_token, created_at, updated_at, netboot, \
          erase_quick, last_heartbeat, heartbeat_step, heartbeat_deadline, agent_ip, \
          agent_token_used, power_state, power_seen_at, hw_cpus, hw_memory_bytes, hw_disks, \
-         hw_disk_bytes",
+         hw_disk_bytes, site",
     ),
     ("interfaces", "mac, machine_id"),
     (
@@ -33,11 +33,15 @@ pub(crate) const TABLES: &[(&str, &str)] = &[
     ("ssh_keys", "id, name, key, created_at"),
     ("boot_resources", "name, body, created_at"),
     ("audit", "id, at, actor, method, path, status"),
+    (
+        "power_requests",
+        "id, site, machine_id, action, requested_at, requested_by",
+    ),
 ];
 
 /// Tables whose `id` the database numbers: the copy keeps the source's ids, and the
 /// target's numbering continues after them.
-const NUMBERED: &[&str] = &["events", "audit"];
+const NUMBERED: &[&str] = &["events", "audit", "power_requests"];
 
 /// Rows copied, by table, in [`TABLES`]'s order.
 #[derive(Debug, Clone, PartialEq, Eq)]

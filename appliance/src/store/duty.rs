@@ -23,6 +23,7 @@ enum Hold {
 
 struct PgHold {
     config: postgres::Config,
+    key: i64,
     conn: Option<PgConn>,
     held: bool,
 }
@@ -32,11 +33,23 @@ impl Duty {
         Duty(Hold::Always)
     }
 
-    pub(super) fn postgres(mut config: postgres::Config) -> Self {
+    /// The duties of every appliance: the timeouts.
+    pub(super) fn postgres(config: postgres::Config) -> Self {
+        Self::postgres_keyed(config, DUTY_LOCK)
+    }
+
+    /// The duties of the appliances of one site (its power polls): a lock of its own,
+    /// keyed by the site's name.
+    pub(super) fn postgres_site(config: postgres::Config, site: &str) -> Self {
+        Self::postgres_keyed(config, site_lock(site))
+    }
+
+    fn postgres_keyed(mut config: postgres::Config, key: i64) -> Self {
         // A dead server is noticed by the keepalive as well as by the next check.
         config.keepalives_idle(Duration::from_secs(10));
         Duty(Hold::Postgres(Box::new(PgHold {
             config,
+            key,
             conn: None,
             held: false,
         })))
@@ -48,7 +61,12 @@ impl Duty {
         let Hold::Postgres(hold) = &mut self.0 else {
             return true;
         };
-        let PgHold { config, conn, held } = &mut **hold;
+        let PgHold {
+            config,
+            key,
+            conn,
+            held,
+        } = &mut **hold;
         if let Some(c) = conn
             && (c.client.is_closed() || c.client.simple_query("").is_err())
         {
@@ -68,7 +86,7 @@ impl Duty {
         if !*held && let Some(c) = conn {
             match c
                 .client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&DUTY_LOCK])
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&*key])
             {
                 Ok(row) => *held = row.get(0),
                 Err(e) => {
@@ -78,5 +96,28 @@ impl Duty {
             }
         }
         *held
+    }
+}
+
+/// Site `site`'s advisory lock key: FNV-1a of its name, with the top byte set apart from the
+/// duty and migration keys (whose top bytes are zero).
+fn site_lock(site: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in site.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // Top byte 0x53 ("S"): never a key with a zero top byte.
+    i64::from_be_bytes(((h & 0x00ff_ffff_ffff_ffff) | 0x5300_0000_0000_0000).to_be_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn site_locks_differ_by_site_and_from_the_duty_lock() {
+        assert_ne!(site_lock("rack-a"), site_lock("rack-b"));
+        assert_eq!(site_lock("rack-a"), site_lock("rack-a"));
+        assert_ne!(site_lock(""), DUTY_LOCK);
     }
 }

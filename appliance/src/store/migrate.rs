@@ -278,12 +278,15 @@ CREATE TABLE boot_resources (
             .unwrap()
     }
 
+    /// Every embedded migration by version (embedded in file-name order: V10 before V2).
     fn all_versions() -> Vec<(i64, String)> {
-        runner()
+        let mut all: Vec<(i64, String)> = runner()
             .get_migrations()
             .iter()
             .map(|m| (i64::from(m.version()), m.name().to_string()))
-            .collect()
+            .collect();
+        all.sort();
+        all
     }
 
     /// The newest migration's version.

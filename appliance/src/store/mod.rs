@@ -21,6 +21,7 @@ mod copy;
 mod duty;
 mod migrate;
 pub mod model;
+mod power_requests;
 pub mod secrets;
 pub mod sql;
 
@@ -39,6 +40,7 @@ use stork_proto::api::{
 pub use copy::CopyReport;
 pub use duty::Duty;
 pub use model::*;
+pub use power_requests::PowerRequest;
 pub use secrets::{KEY_ENV, SecretKey, SecretsError};
 pub use sql::DbError;
 use sql::{Dialect, Lite, PgManager, Row, Sql, Value, args};
@@ -242,7 +244,7 @@ pub fn restrict(path: &Path) -> Result<(), StoreError> {
 const MACHINE_COLUMNS: &str = "id, hostname, status, status_message, status_since, \
     version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, \
     updated_at, netboot, erase_quick, last_heartbeat, heartbeat_step, heartbeat_deadline, \
-    agent_ip, agent_token_used, hw_cpus, hw_memory_bytes, hw_disks, hw_disk_bytes";
+    agent_ip, agent_token_used, hw_cpus, hw_memory_bytes, hw_disks, hw_disk_bytes, site";
 
 impl Store {
     /// Opens (or creates) the database at `path`, with the secrets key file
@@ -494,6 +496,15 @@ impl Store {
         }
     }
 
+    /// The hold of the appliances of site `site` on its own duties (power polls): always
+    /// held on SQLite, an advisory lock per site on PostgreSQL.
+    pub fn site_duty(&self, site: &str) -> Duty {
+        match &*self.db {
+            Db::Sqlite(_) => Duty::always(),
+            Db::Postgres(_, config) => Duty::postgres_site(config.clone(), site),
+        }
+    }
+
     /// Which backend this store is on.
     pub fn dialect(&self) -> Dialect {
         match &*self.db {
@@ -513,7 +524,7 @@ impl Store {
 
     // ---- machines ----
 
-    /// A machine's columns as written, `?1` to `?27` in [`MACHINE_COLUMNS`]'s order.
+    /// A machine's columns as written, `?1` to `?28` in [`MACHINE_COLUMNS`]'s order.
     fn machine_args(&self, m: &Machine) -> Vec<Value> {
         let hw = m.inventory.as_ref().map(HardwareSummary::of);
         args![
@@ -544,6 +555,7 @@ impl Store {
             hw.map(|h| i64::try_from(h.memory_bytes).unwrap_or(i64::MAX)),
             hw.map(|h| h.disks),
             hw.map(|h| i64::try_from(h.disk_bytes).unwrap_or(i64::MAX)),
+            m.site.as_deref(),
         ]
         .into()
     }
@@ -592,10 +604,11 @@ impl Store {
             last_heartbeat: row.get(18)?,
             heartbeat_step: row.get(19)?,
             heartbeat_deadline: row.get(20)?,
+            site: row.get(27)?,
             power_state: row
-                .get::<Option<String>>(27)?
+                .get::<Option<String>>(28)?
                 .and_then(|p| PowerState::parse(&p)),
-            power_seen_at: row.get(28)?,
+            power_seen_at: row.get(29)?,
         })
     }
 
@@ -840,7 +853,7 @@ impl Store {
     /// Inserts a new machine and its first event.
     pub fn create_machine(&self, m: &Machine, event: &NewEvent) -> Result<Machine, StoreError> {
         self.check_space()?;
-        let placeholders: Vec<String> = (1..=27).map(|i| format!("?{i}")).collect();
+        let placeholders: Vec<String> = (1..=28).map(|i| format!("?{i}")).collect();
         let sql = format!(
             "INSERT INTO machines ({MACHINE_COLUMNS}) VALUES ({})",
             placeholders.join(",")
@@ -904,7 +917,7 @@ impl Store {
                         THEN (CASE WHEN agent_token_used > ?23 THEN agent_token_used ELSE ?23 END)
                         ELSE ?23 END,
                     hw_cpus=?24, hw_memory_bytes=?25, hw_disks=?26, hw_disk_bytes=?27,
-                    created_at=?15
+                    site=?28, created_at=?15
                  WHERE id=?1 AND version=?6
                    AND NOT (agent_token_used = 1 AND CAST(?14 AS TEXT) IS NOT NULL
                             AND agent_token IS DISTINCT FROM CAST(?14 AS TEXT))",
