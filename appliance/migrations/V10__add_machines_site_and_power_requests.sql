@@ -13,3 +13,13 @@ CREATE TABLE power_requests (
     requested_by TEXT NOT NULL
 );
 CREATE INDEX power_requests_site ON power_requests(site, id);
+-- The DHCP leases of an HA pair (two appliances of one site sharing a network's pool),
+-- which only PostgreSQL holds; here for the schemas to match (`stork db migrate`).
+CREATE TABLE dhcp_leases (
+    site    TEXT NOT NULL,
+    ip      INTEGER NOT NULL,
+    mac     TEXT NOT NULL,
+    expires INTEGER NOT NULL,
+    kind    TEXT NOT NULL,
+    PRIMARY KEY (site, ip)
+);

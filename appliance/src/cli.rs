@@ -374,6 +374,19 @@ fn newest_event(c: &Client, machine_id: &str) -> Result<i64> {
     }
 }
 
+pub fn leases(c: &Client, json: bool) -> Result<()> {
+    let leases = c.dhcp_leases()?;
+    if json {
+        return print_json(&leases);
+    }
+    let now = crate::store::now_ms() / 1000;
+    for l in leases {
+        let left = i64::try_from(l.expires).unwrap_or(i64::MAX) - now;
+        out!("{}  {:<15}  {} s", l.mac, l.ip.to_string(), left.max(0));
+    }
+    Ok(())
+}
+
 pub fn stats(c: &Client, json: bool) -> Result<()> {
     let stats = c.stats()?;
     let health = c.health()?;

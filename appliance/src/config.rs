@@ -124,6 +124,14 @@ ipv6_ra = true
 # router = "10.78.0.1"
 # reservations = [{ mac = "52:54:00:12:34:57", ip = "10.78.0.10" }]
 
+[dhcp.ha]
+# Two appliances on one network share its pool (both with the same `site` and the same
+# PostgreSQL `database`, which holds the leases): each answers half of the clients, by a
+# hash of the MAC, and gives out half of the addresses; when one has been gone for
+# `failover` seconds the other answers everyone. Unset: no pair.
+# role = "first"
+failover = 10
+
 [boot]
 # Kernel and initrd of the Stork agent, relative to DATA_DIR/boot/.
 kernel = "vmlinuz"
@@ -341,6 +349,12 @@ impl FileConfig {
             }
             None => host_name(),
         };
+        if self.dhcp.ha.role.is_some() && !matches!(database, crate::store::Database::Postgres(_)) {
+            return Err(invalid(
+                "dhcp.ha.role",
+                "an HA pair keeps its leases in the shared database: set `database` to a PostgreSQL URL",
+            ));
+        }
         Ok(Config {
             database,
             site,
@@ -483,6 +497,34 @@ mod tests {
             !out.contains("appliance") && !out.contains("0123456789abcdef"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn a_site_and_an_ha_pair_are_checked_by_field() {
+        let parse = |text: &str| {
+            FileConfig::parse(text, Path::new("x.toml"))
+                .unwrap()
+                .validate()
+        };
+        let err = parse("site = \"two words\"\n").unwrap_err();
+        assert!(err.to_string().contains("`site`"), "{err}");
+        // A pair keeps its leases in the shared database: not on SQLite.
+        let err = parse("[dhcp.ha]\nrole = \"first\"\n").unwrap_err();
+        assert!(err.to_string().contains("`dhcp.ha.role`"), "{err}");
+        let ok = parse(
+            "database = \"postgres://stork@10.77.0.9/stork\"\nsite = \"rack-a\"\n\
+             [dhcp.ha]\nrole = \"second\"\nfailover = 5\n",
+        )
+        .unwrap();
+        assert_eq!(ok.site, "rack-a");
+        let ha = ok.dhcp.ha.unwrap();
+        assert_eq!(
+            (ha.role, ha.failover.as_secs()),
+            (crate::dhcp::ha::Role::Second, 5)
+        );
+        let err =
+            FileConfig::parse("[dhcp.ha]\nrole = \"third\"\n", Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("role"), "{err}");
     }
 
     #[test]

@@ -113,6 +113,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SshKeyCmd,
     },
+    /// The DHCP leases this appliance holds: MAC, address, seconds left.
+    Leases {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the services' counters (packets, drops by reason, replies, ...) and health.
     Stats {
         #[command(flatten)]
@@ -574,6 +581,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Image { conn, cmd } => image(&conn.client(&top)?, cmd),
         Cmd::SshKey { conn, cmd } => ssh_key(&conn.client(&top)?, cmd),
         Cmd::Stats { conn, json } => cli::stats(&conn.client(&top)?, json),
+        Cmd::Leases { conn, json } => cli::leases(&conn.client(&top)?, json),
         Cmd::Audit { conn, after, json } => cli::audit(&conn.client(&top)?, after, json),
         Cmd::Config(ConfigCmd::Default) => {
             print!("{}", config::DEFAULT_TOML);

@@ -215,7 +215,14 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         let info = ServerInfo::new(&cfg);
         let stats = state.dhcp_stats.clone();
         let leases = state.leases.clone();
-        let journal = dhcp::journal_path(&cfg.data_dir);
+        let journal = match (cfg.dhcp.ha, controller.store().postgres_config()) {
+            // An HA pair: the leases in the shared database, under the pair's site.
+            (Some(_), Some(config)) => dhcp::LeaseStore::Postgres {
+                config: Box::new(config),
+                site: cfg.site.clone(),
+            },
+            _ => dhcp::LeaseStore::File(dhcp::journal_path(&cfg.data_dir)),
+        };
         service(
             "dhcp",
             Box::new(move || {

@@ -351,6 +351,11 @@ impl Client {
         self.get(&format!("{API}/stats"), &())
     }
 
+    /// The DHCP leases the appliance holds, by address.
+    pub fn dhcp_leases(&self) -> Result<Vec<stork_proto::api::DhcpLease>> {
+        self.get(&format!("{API}/dhcp/leases"), &())
+    }
+
     pub fn health(&self) -> Result<HealthReport> {
         self.get(&format!("{API}/health"), &())
     }

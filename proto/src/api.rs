@@ -684,6 +684,17 @@ pub struct PowerAnswer {
 /// Counters by name.
 pub type Counters = BTreeMap<String, u64>;
 
+/// A DHCP lease as the appliance that answers the request holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DhcpLease {
+    pub mac: MacAddr,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "10.77.0.100"))]
+    pub ip: std::net::Ipv4Addr,
+    /// When it ends (Unix seconds).
+    pub expires: u64,
+}
+
 /// Counters by service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

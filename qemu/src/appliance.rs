@@ -52,6 +52,8 @@ pub struct Appliance {
     dir: PathBuf,
     /// How many times `stork serve` was started.
     starts: u32,
+    /// Its logs' name: `NAME.log`, then `NAME-2.log` after a restart.
+    name: String,
 }
 
 /// The secrets key's environment variable (`stork::store::KEY_ENV`).
@@ -85,7 +87,25 @@ impl Appliance {
         shared: Option<&Shared>,
         extra: &[&str],
     ) -> Result<Self> {
-        let data_dir = lab.dir().join("appliance");
+        Self::start_at(lab, lab.netns(), "stork", bin, boot_files, shared, extra)
+    }
+
+    /// As [`Appliance::start_on`], in namespace `netns` (the lab's, or a [`crate::Host`]'s
+    /// on its bridge: a second appliance on the same network), with its data directory and
+    /// logs named after `name` (`stork`: the lab's own appliance).
+    pub fn start_at(
+        lab: &Lab,
+        netns: &str,
+        name: &str,
+        bin: &Path,
+        boot_files: &Path,
+        shared: Option<&Shared>,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let data_dir = match name {
+            "stork" => lab.dir().join("appliance"),
+            other => lab.dir().join(other),
+        };
         let boot = data_dir.join("boot");
         std::fs::create_dir_all(&boot)?;
         for entry in std::fs::read_dir(boot_files)
@@ -113,7 +133,8 @@ impl Appliance {
             data_dir,
             token,
             process: None,
-            netns: lab.netns().to_string(),
+            netns: netns.to_string(),
+            name: name.to_string(),
             args,
             key: shared.map(|db| db.key.clone()),
             dir: lab.dir().to_path_buf(),
@@ -138,10 +159,7 @@ impl Appliance {
         if let Some(key) = &self.key {
             cmd.env(SECRETS_KEY_ENV, key);
         }
-        let log = match self.starts {
-            1 => self.dir.join("stork.log"),
-            n => self.dir.join(format!("stork-{n}.log")),
-        };
+        let log = self.log_path(self.starts);
         self.process = Some(Spawned::start("stork", cmd, &log)?);
         wait_for(
             "the appliance API",
@@ -171,13 +189,27 @@ impl Appliance {
         self.launch()
     }
 
+    /// The CLI's pins file: every appliance of a lab is 127.0.0.1:8443 from its own
+    /// namespace, each with a certificate of its own.
+    pub fn pins_path(&self) -> PathBuf {
+        match self.name.as_str() {
+            "stork" => self.data_dir.with_file_name("pins"),
+            name => self.data_dir.with_file_name(format!("{name}.pins")),
+        }
+    }
+
+    /// The log of start `n`.
+    fn log_path(&self, n: u32) -> PathBuf {
+        match n {
+            1 => self.dir.join(format!("{}.log", self.name)),
+            n => self.dir.join(format!("{}-{n}.log", self.name)),
+        }
+    }
+
     /// Everything this appliance logged, every start's log in turn.
     pub fn logs(&self) -> String {
         (1..=self.starts)
-            .map(|n| match n {
-                1 => self.dir.join("stork.log"),
-                n => self.dir.join(format!("stork-{n}.log")),
-            })
+            .map(|n| self.log_path(n))
             .filter_map(|p| std::fs::read_to_string(p).ok())
             .collect()
     }
@@ -199,7 +231,7 @@ impl Appliance {
                 // The API is HTTPS with a certificate generated at the first start: the
                 // first command pins it (trust on first use, as a user's CLI does), in the
                 // lab's own pins file, never the user's.
-                .env("STORK_PINS", self.data_dir.with_file_name("pins")),
+                .env("STORK_PINS", self.pins_path()),
         )
     }
 

@@ -45,7 +45,36 @@ pub struct DhcpFile {
     /// [`RelayPolicy`]); a list (even empty) allows those sources only.
     pub relays: Option<Vec<Ipv4Addr>>,
     pub ipv6_ra: bool,
+    pub ha: HaFile,
     pub subnets: Vec<SubnetFile>,
+}
+
+/// `[dhcp.ha]`: two appliances on one network sharing its pool, leases in the shared
+/// PostgreSQL database (see `dhcp::ha`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HaFile {
+    /// `first` or `second`; unset: no HA pair.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<crate::dhcp::ha::Role>,
+    /// Seconds the partner may be gone before this server answers its clients too.
+    pub failover: u64,
+}
+
+impl Default for HaFile {
+    fn default() -> Self {
+        Self {
+            role: None,
+            failover: 10,
+        }
+    }
+}
+
+/// A validated `[dhcp.ha]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HaConfig {
+    pub role: crate::dhcp::ha::Role,
+    pub failover: std::time::Duration,
 }
 
 /// A fixed address for one MAC.
@@ -124,6 +153,7 @@ impl Default for DhcpFile {
             rate_burst_global: DEFAULT_RATE_GLOBAL.burst,
             relays: None,
             ipv6_ra: true,
+            ha: HaFile::default(),
             subnets: Vec::new(),
         }
     }
@@ -176,6 +206,8 @@ pub struct DhcpConfig {
     pub relays: RelayPolicy,
     /// Send IPv6 router advertisements that configure nothing (see `dhcp::ra`).
     pub ipv6_ra: bool,
+    /// This server's part in an HA pair, if it is in one.
+    pub ha: Option<HaConfig>,
 }
 
 impl DhcpConfig {
@@ -502,7 +534,17 @@ impl DhcpFile {
                 }
             }
         }
+        if d.ha.role.is_some() && d.ha.failover == 0 {
+            return Err(invalid_at(
+                "dhcp.ha.failover".into(),
+                "must be at least 1 second",
+            ));
+        }
         Ok(DhcpConfig {
+            ha: d.ha.role.map(|role| HaConfig {
+                role,
+                failover: std::time::Duration::from_secs(d.ha.failover),
+            }),
             subnets,
             probation: std::time::Duration::from_secs(u64::from(d.probation)),
             rate_limit: RateLimit::from_file(d.rate_limit, d.rate_burst),

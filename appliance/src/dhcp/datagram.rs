@@ -86,6 +86,12 @@ pub struct Server {
 }
 
 impl Server {
+    /// The protocol logic, for what the I/O layer learns outside requests (the HA
+    /// partner's state, leases the database says others hold).
+    pub fn handler_mut(&mut self) -> &mut Handler {
+        &mut self.handler
+    }
+
     pub fn new(handler: Handler, stats: Arc<Stats>) -> Self {
         Self {
             handler,
@@ -243,6 +249,7 @@ fn ignored_counter<'s>(why: &Ignored, s: &'s Stats) -> Option<&'s std::sync::ato
         Ignored::RateLimited(RateScope::Global) => &s.rate_limited_global,
         Ignored::ForeignRelay(_) | Ignored::UntrustedRelay { .. } => &s.relay_refused,
         Ignored::DeclineRefused { .. } => &s.decline_refused,
+        Ignored::PartnersClient => &s.ha_partners_clients,
         _ => return None,
     })
 }

@@ -15,6 +15,7 @@ use super::client::{self, BootAnswer, ClientKind};
 use super::config::RelayPolicy;
 use super::datagram::Port;
 use super::edge::Request;
+use super::ha::HaState;
 use super::journal::Record;
 use super::pool::{DeclineRefused, Pool, PoolError};
 use crate::config::{DhcpConfig, DhcpMode, SubnetConfig};
@@ -75,6 +76,8 @@ pub enum Ignored {
     NotPxe,
     #[error("proxy mode: {0:?} is for the site's DHCP server")]
     ProxyIgnores(MessageType),
+    #[error("the client is the HA partner's")]
+    PartnersClient,
 }
 
 /// Which rate limit dropped a request; each has its own counter.
@@ -117,17 +120,45 @@ pub struct Handler {
     limiter: Option<RateLimiter>,
     by_source: Option<RateLimiter<IpAddr>>,
     global: Option<Bucket>,
+    /// This server's part in an HA pair (`dhcp.ha`).
+    ha: Option<HaState>,
 }
 
 impl Handler {
     pub fn new(info: ServerInfo) -> Self {
+        let ha = info.dhcp.ha.map(|h| HaState::new(h.role));
+        let mut pools: Vec<Pool> = info.dhcp.subnets.iter().map(Pool::for_subnet).collect();
+        for p in &mut pools {
+            p.set_ha(ha);
+        }
         Self {
-            pools: info.dhcp.subnets.iter().map(Pool::for_subnet).collect(),
+            ha,
+            pools,
             limiter: info.dhcp.rate_limit.map(RateLimiter::new),
             by_source: info.dhcp.rate_limit_source.map(RateLimiter::new),
             global: info.dhcp.rate_limit_global.map(Bucket::new),
             info,
         }
+    }
+
+    /// In an HA pair: whether the partner is down (this server answers everyone), as the
+    /// I/O layer finds it.
+    pub fn set_partner_down(&mut self, down: bool) {
+        if let Some(h) = &mut self.ha {
+            h.partner_down = down;
+        }
+        for p in &mut self.pools {
+            p.set_ha(self.ha);
+        }
+    }
+
+    pub fn info(&self) -> &ServerInfo {
+        &self.info
+    }
+
+    /// This server's part in an HA pair now.
+    pub fn ha(&self) -> Option<HaState> {
+        self.ha
     }
 
     /// The provisioning subnet's pool.
@@ -176,6 +207,9 @@ impl Handler {
         port: Port,
         now: SystemTime,
     ) -> Outcome {
+        if self.ha.is_some_and(|h| !h.answers(&req.mac)) {
+            return Outcome::Ignore(Ignored::PartnersClient);
+        }
         match self.admit(req, peer.ip(), now) {
             Ok(()) => match self.decide(req, now, port == Port::Pxe) {
                 Ok(reply) => Outcome::Reply(reply),

@@ -5,6 +5,8 @@ pub mod client;
 pub mod config;
 pub mod datagram;
 pub mod edge;
+pub mod ha;
+pub mod ha_link;
 pub mod handler;
 pub mod journal;
 pub mod leases;
@@ -95,6 +97,13 @@ counters! {
     /// Leases read back from the journal when the service last started: a restart of the
     /// appliance keeps them.
     leases_restored,
+    /// HA pair: requests left to the partner (its clients, while it runs).
+    ha_partners_clients,
+    /// HA pair: leases the database refused because another client holds the address
+    /// (the ACK withheld; the pool learns the holder).
+    ha_conflicts,
+    /// HA pair: times this server found its partner gone and served its clients too.
+    ha_takeovers,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -172,18 +181,46 @@ fn set_buffers(sock: &Socket, bytes: libc::c_int) {
     }
 }
 
+/// Where the DHCP service keeps its leases.
+#[derive(Clone)]
+pub enum LeaseStore {
+    /// The journal file in the data directory (one appliance).
+    File(std::path::PathBuf),
+    /// The shared database of an HA pair, under the pair's site.
+    Postgres {
+        config: Box<postgres::Config>,
+        site: String,
+    },
+}
+
 /// Serves DHCP on `sock` (port 67) and, in proxy mode, `pxe` (port 4011) until the task is
-/// cancelled. Leases live in the journal at `journal_path`, loaded first.
+/// cancelled. Leases live in `store`, loaded first.
 pub async fn run(
     sock: UdpSocket,
     pxe: Option<UdpSocket>,
     info: ServerInfo,
-    journal_path: &Path,
+    store: &LeaseStore,
     stats: Arc<Stats>,
     leases: Arc<Leases>,
 ) -> Result<(), DhcpError> {
     let mut handler = Handler::new(info);
-    let (journal, live) = Journal::open(journal_path, SystemTime::now())?;
+    let now = SystemTime::now();
+    let (backend, live) = match store {
+        LeaseStore::File(path) => {
+            let (journal, live) = Journal::open(path, now)?;
+            (journal::Backend::File(journal), live)
+        }
+        LeaseStore::Postgres { config, site } => {
+            // The sync client blocks (on a runtime of its own): not on this one's threads.
+            let (config, site) = ((**config).clone(), site.clone());
+            let (db, live) = tokio::task::spawn_blocking(move || {
+                journal::postgres::PgLeases::open(config, &site, now)
+            })
+            .await
+            .map_err(|e| JournalError::Database(e.to_string()))??;
+            (journal::Backend::Postgres(Box::new(db)), live)
+        }
+    };
     leases.apply(&live);
     let orphans = handler.restore(&live);
     if orphans > 0 {
@@ -202,7 +239,15 @@ pub async fn run(
     let writer_sock = socket2::SockRef::from(&sock)
         .try_clone()
         .map_err(DhcpError::Clone)?;
-    let journal = journal.spawn(writer_sock.into(), stats.clone())?;
+    let (learned_tx, learned) = std::sync::mpsc::channel();
+    let journal = journal::spawn(backend, writer_sock.into(), stats.clone(), Some(learned_tx))?;
+    let mut ha = match (store, handler.ha(), info_ha(&handler)) {
+        (LeaseStore::Postgres { config, site }, Some(state), Some(failover)) => Some(
+            ha_link::start((**config).clone(), site.clone(), state.role, failover)
+                .map_err(DhcpError::Clone)?,
+        ),
+        _ => None,
+    };
     let mut server = Server::new(handler, stats.clone());
 
     // Each wake-up takes every queued datagram (up to a batch) in one call; port 4011 sees
@@ -220,7 +265,16 @@ pub async fn run(
                 r.map_err(DhcpError::Recv)?;
                 Port::Pxe
             }
+            Some(event) = recv_ha(ha.as_mut()) => {
+                on_ha(server.handler_mut(), event, &leases, &stats);
+                continue;
+            }
         };
+        // What the lease database said others hold, before anything is decided.
+        for holders in learned.try_iter() {
+            leases.apply(&holders);
+            server.handler_mut().restore(&holders);
+        }
         let (rx, via) = match port {
             Port::Dhcp => (&batch_rx, &sock),
             Port::Pxe => (&pxe_rx, pxe.as_ref().unwrap_or(&sock)),
@@ -232,6 +286,32 @@ pub async fn run(
         }
         reply::send(via, &batch.immediate, &stats).await;
         batch.immediate.clear();
+    }
+}
+
+fn info_ha(handler: &Handler) -> Option<std::time::Duration> {
+    handler.info().dhcp.ha.map(|h| h.failover)
+}
+
+async fn recv_ha(
+    rx: Option<&mut tokio::sync::mpsc::UnboundedReceiver<ha_link::HaEvent>>,
+) -> Option<ha_link::HaEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The partner gone (its leases taken in, everyone answered) or back.
+fn on_ha(handler: &mut Handler, event: ha_link::HaEvent, leases: &Leases, stats: &Stats) {
+    match event {
+        ha_link::HaEvent::PartnerDown(live) => {
+            leases.apply(&live);
+            handler.restore(&live);
+            handler.set_partner_down(true);
+            bump(&stats.ha_takeovers);
+        }
+        ha_link::HaEvent::PartnerBack => handler.set_partner_down(false),
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use stork_proto::MacAddr;
 
+use super::ha::HaState;
 use super::journal::{Record, unix_secs};
 use crate::config::SubnetConfig;
 
@@ -44,6 +45,8 @@ pub enum PoolError {
     OutOfRange { ip: Ipv4Addr },
     #[error("{ip} is held by {holder}")]
     Taken { ip: Ipv4Addr, holder: MacAddr },
+    #[error("{ip} is the HA partner's to hand out")]
+    PartnersShare { ip: Ipv4Addr },
     #[error("{ip} was declined and is on probation")]
     Probation { ip: Ipv4Addr },
     #[error("{mac} has reservation {reserved}, not {ip}")]
@@ -84,6 +87,8 @@ pub struct Pool {
     /// allocation stays O(1) on average while the pool fills.
     cursor: (usize, u32),
     records: Vec<Record>,
+    /// In an HA pair, which new addresses this server may hand out ([`HaState::allocates`]).
+    ha: Option<HaState>,
 }
 
 impl Pool {
@@ -210,6 +215,20 @@ impl Pool {
         self.assignable_to(ip, mac)
             && !self.on_probation(ip, now)
             && self.holder(ip, now).is_none_or(|h| h == *mac)
+            && self.ours_to_give(ip, mac)
+    }
+
+    /// In an HA pair: whether this server may give `ip` to `mac`: an address of its share,
+    /// or one `mac` holds already or has reserved (which both servers know).
+    fn ours_to_give(&self, ip: Ipv4Addr, mac: &MacAddr) -> bool {
+        self.ha.is_none_or(|h| h.allocates(ip))
+            || self.by_mac.get(mac).is_some_and(|l| l.ip == ip)
+            || self.reserved_mac.get(mac) == Some(&ip)
+    }
+
+    /// Sets this server's part in an HA pair (which new addresses it hands out).
+    pub fn set_ha(&mut self, ha: Option<HaState>) {
+        self.ha = ha;
     }
 
     /// Picks an address for `mac`: its reservation, else the one it already holds, else the
@@ -274,6 +293,9 @@ impl Pool {
         }
         if let Some(holder) = self.holder(ip, now).filter(|h| *h != mac) {
             return Err(PoolError::Taken { ip, holder });
+        }
+        if !self.ours_to_give(ip, &mac) {
+            return Err(PoolError::PartnersShare { ip });
         }
         let lease = self.put(Lease {
             ip,

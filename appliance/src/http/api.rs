@@ -72,6 +72,7 @@ pub(super) fn documented_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(revoke_token))
         .routes(routes!(audit_log))
         .routes(routes!(stats))
+        .routes(routes!(dhcp_leases))
         .routes(routes!(health))
         .routes(routes!(openapi))
         .routes(routes!(enlist))
@@ -1136,6 +1137,31 @@ async fn stats(State(s): State<AppState>, _: Reader) -> Json<impl Serialize> {
         tftp: super::openapi::counter_map(s.tftp_stats.snapshot()),
         http: super::openapi::counter_map(s.http_stats.snapshot()),
     })
+}
+
+#[utoipa::path(
+    get,
+    path = "/dhcp/leases",
+    operation_id = "dhcp_leases",
+    tag = "service",
+    summary = "The DHCP leases this appliance holds, by address (in an HA pair, each server's own view: its clients', and after a takeover its partner's)",
+    responses(
+        (status = 200, description = "OK", body = Vec<stork_proto::api::DhcpLease>),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
+async fn dhcp_leases(
+    State(s): State<AppState>,
+    _: Reader,
+) -> Json<Vec<stork_proto::api::DhcpLease>> {
+    Json(
+        s.leases
+            .all()
+            .into_iter()
+            .map(|(mac, ip, expires)| stork_proto::api::DhcpLease { mac, ip, expires })
+            .collect(),
+    )
 }
 
 /// Whether every service runs; a failed and restarted one makes it `degraded`.

@@ -221,6 +221,12 @@ impl Controller {
         }
     }
 
+    /// The store, for services that need its settings (not its records: those go
+    /// through the controller).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// The site this appliance serves, on a shared database.
     pub fn site(&self) -> Option<&str> {
         self.site.as_deref()

@@ -37,6 +37,7 @@ pub(crate) const TABLES: &[(&str, &str)] = &[
         "power_requests",
         "id, site, machine_id, action, requested_at, requested_by",
     ),
+    ("dhcp_leases", "site, ip, mac, expires, kind"),
 ];
 
 /// Tables whose `id` the database numbers: the copy keeps the source's ids, and the
@@ -97,6 +98,8 @@ impl Store {
         let order = match self.dialect() {
             d if table == "interfaces" => d.insertion_order(),
             Dialect::Sqlite => "rowid",
+            // Batches are pages: the order must be total.
+            Dialect::Postgres if table == "dhcp_leases" => "site, ip",
             Dialect::Postgres => "1",
         };
         let overriding = match to.dialect() {

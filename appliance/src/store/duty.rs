@@ -41,7 +41,7 @@ impl Duty {
     /// The duties of the appliances of one site (its power polls): a lock of its own,
     /// keyed by the site's name.
     pub(super) fn postgres_site(config: postgres::Config, site: &str) -> Self {
-        Self::postgres_keyed(config, site_lock(site))
+        Self::postgres_keyed(config, named_lock(&format!("site/{site}")))
     }
 
     fn postgres_keyed(mut config: postgres::Config, key: i64) -> Self {
@@ -99,11 +99,12 @@ impl Duty {
     }
 }
 
-/// Site `site`'s advisory lock key: FNV-1a of its name, with the top byte set apart from the
-/// duty and migration keys (whose top bytes are zero).
-fn site_lock(site: &str) -> i64 {
+/// The advisory lock key of `name` (`site/rack-a`, `dhcp-ha/rack-a/first`): FNV-1a of
+/// the name, with the top byte set apart from the duty and migration keys (whose top bytes
+/// are zero).
+pub fn named_lock(name: &str) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in site.bytes() {
+    for b in name.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
     }
     // Top byte 0x53 ("S"): never a key with a zero top byte.
@@ -116,8 +117,8 @@ mod tests {
 
     #[test]
     fn site_locks_differ_by_site_and_from_the_duty_lock() {
-        assert_ne!(site_lock("rack-a"), site_lock("rack-b"));
-        assert_eq!(site_lock("rack-a"), site_lock("rack-a"));
-        assert_ne!(site_lock(""), DUTY_LOCK);
+        assert_ne!(named_lock("site/rack-a"), named_lock("site/rack-b"));
+        assert_eq!(named_lock("site/rack-a"), named_lock("site/rack-a"));
+        assert_ne!(named_lock(""), DUTY_LOCK);
     }
 }

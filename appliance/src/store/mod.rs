@@ -38,7 +38,7 @@ use stork_proto::api::{
 };
 
 pub use copy::CopyReport;
-pub use duty::Duty;
+pub use duty::{Duty, named_lock};
 pub use model::*;
 pub use power_requests::PowerRequest;
 pub use secrets::{KEY_ENV, SecretKey, SecretsError};
@@ -502,6 +502,15 @@ impl Store {
         match &*self.db {
             Db::Sqlite(_) => Duty::always(),
             Db::Postgres(_, config) => Duty::postgres_site(config.clone(), site),
+        }
+    }
+
+    /// The PostgreSQL connection settings, for a service that needs connections of its
+    /// own (the DHCP lease writer of an HA pair); `None` on SQLite.
+    pub fn postgres_config(&self) -> Option<postgres::Config> {
+        match &*self.db {
+            Db::Sqlite(_) => None,
+            Db::Postgres(_, config) => Some(config.clone()),
         }
     }
 
@@ -1956,6 +1965,10 @@ mod backends {
         ),
         ("listing", listing_tests::listing_filters_sorts_and_searches),
         ("records", listing_tests::tokens_audit_keys_and_resources),
+        (
+            "power_requests",
+            power_requests::tests::requests_are_taken_once_by_their_site_oldest_first,
+        ),
     ];
 
     #[test]

@@ -82,7 +82,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::Machine;
 
@@ -97,9 +97,16 @@ mod tests {
     }
 
     #[test]
-    fn requests_are_taken_once_by_their_site_oldest_first() {
+    fn requests_are_taken_once_by_their_site_oldest_first_on_sqlite() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        requests_are_taken_once_by_their_site_oldest_first(&|| {
+            Store::open(&dir.path().join("s.db")).unwrap()
+        });
+    }
+
+    /// Also a case of `store::backends` (on PostgreSQL: `FOR UPDATE SKIP LOCKED`).
+    pub(crate) fn requests_are_taken_once_by_their_site_oldest_first(open: &dyn Fn() -> Store) {
+        let store = open();
         let m = Machine::new("m1".into(), vec!["52:54:00:00:00:01".parse().unwrap()], 0);
         let created = NewEvent {
             message: "created".into(),

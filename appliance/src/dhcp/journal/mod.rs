@@ -36,6 +36,7 @@
 
 pub mod file;
 pub mod live;
+pub mod postgres;
 pub mod record;
 pub mod writer;
 
@@ -44,7 +45,7 @@ use std::path::PathBuf;
 pub use file::{Journal, load};
 pub use live::{COMPACT_FACTOR, COMPACT_MIN, LiveSet};
 pub use record::{Loaded, MAGIC, RECORD_LEN, Record, unix_secs};
-pub use writer::{Commit, Job, JournalHandle, MAX_BATCH};
+pub use writer::{Backend, Commit, Job, JournalHandle, MAX_BATCH, spawn};
 
 pub const FILE_NAME: &str = "dhcp-leases.journal";
 
@@ -66,6 +67,18 @@ pub enum JournalError {
     },
     #[error("cannot start the lease journal writer")]
     Spawn(#[source] std::io::Error),
+    #[error("the lease database: {0}")]
+    Database(String),
+}
+
+impl From<::postgres::Error> for JournalError {
+    fn from(e: ::postgres::Error) -> Self {
+        // The driver's Display hides the server's message behind "db error".
+        JournalError::Database(match e.as_db_error() {
+            Some(db) => db.message().to_string(),
+            None => e.to_string(),
+        })
+    }
 }
 
 /// Records for the journal's tests.

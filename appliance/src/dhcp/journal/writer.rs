@@ -3,13 +3,15 @@
 //! [`reply::send_blocking`] like any other reply (`sendmmsg`, a batch per call).
 
 use std::net::UdpSocket;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TrySendError};
 use std::time::SystemTime;
 
 use super::super::datagram::Send as Reply;
 use super::super::{Stats, bump, reply};
+use super::postgres::{Conflict, PgLeases};
 use super::{Journal, JournalError, Record};
 
 /// Records written per `fdatasync` at most.
@@ -33,14 +35,21 @@ pub struct Commit {
     pub records: Vec<Record>,
     /// Sent on the writer's socket (port 67's), in order, once every record is durable.
     pub replies: Vec<Reply>,
+    /// Each reply's records (indexes into `records`): a reply whose record the lease
+    /// database refused is withheld.
+    pub spans: Vec<Range<usize>>,
     /// Requests merged in (a RELEASE or DECLINE has records and no reply).
     pub requests: usize,
 }
 
 impl Commit {
     pub fn add(&mut self, job: Job) {
+        let start = self.records.len();
         self.records.extend_from_slice(&job.records);
-        self.replies.extend(job.reply);
+        if let Some(reply) = job.reply {
+            self.replies.push(reply);
+            self.spans.push(start..self.records.len());
+        }
         self.requests += 1;
     }
 
@@ -67,50 +76,85 @@ impl JournalHandle {
     }
 }
 
+/// Where the writer makes leases durable: the journal file, or (an HA pair) the shared
+/// database.
+pub enum Backend {
+    File(Journal),
+    Postgres(Box<PgLeases>),
+}
+
 impl Journal {
     /// Starts the writer thread; replies are sent on `sock` once their records are durable.
     pub fn spawn(self, sock: UdpSocket, stats: Arc<Stats>) -> Result<JournalHandle, JournalError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
-        std::thread::Builder::new()
-            .name("dhcp-journal".into())
-            .spawn(move || run(self, rx, &sock, &stats))
-            .map_err(JournalError::Spawn)?;
-        Ok(JournalHandle { tx })
+        spawn(Backend::File(self), sock, stats, None)
     }
 }
 
-fn run(mut journal: Journal, rx: Receiver<Commit>, sock: &UdpSocket, stats: &Stats) {
+/// Starts the writer thread on `backend`; replies are sent on `sock` once their records
+/// are durable. The holders of addresses the database refused to lease are sent to
+/// `learned`, for the pools to take in.
+pub fn spawn(
+    backend: Backend,
+    sock: UdpSocket,
+    stats: Arc<Stats>,
+    learned: Option<Sender<Vec<Record>>>,
+) -> Result<JournalHandle, JournalError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+    std::thread::Builder::new()
+        .name("dhcp-journal".into())
+        .spawn(move || run(backend, rx, &sock, &stats, learned.as_ref()))
+        .map_err(JournalError::Spawn)?;
+    Ok(JournalHandle { tx })
+}
+
+fn run(
+    mut backend: Backend,
+    rx: Receiver<Commit>,
+    sock: &UdpSocket,
+    stats: &Stats,
+    learned: Option<&Sender<Vec<Record>>>,
+) {
     let mut damaged = false;
     let mut records: Vec<Record> = Vec::new();
     let mut replies: Vec<Reply> = Vec::new();
+    let mut spans: Vec<Range<usize>> = Vec::new();
     // Whatever queued while the last fdatasync ran is the next group.
     while let Ok(first) = rx.recv() {
         records.clear();
         replies.clear();
+        spans.clear();
         let mut next = Some(first);
         while let Some(mut c) = next.take() {
+            let base = records.len();
             records.append(&mut c.records);
             replies.append(&mut c.replies);
+            spans.extend(c.spans.into_iter().map(|r| r.start + base..r.end + base));
             if records.len() < MAX_BATCH {
                 next = rx.try_recv().ok();
             }
         }
         let now = SystemTime::now();
-        let written = if damaged {
-            journal.rewrite_with(&records, now)
-        } else {
-            journal.append(&records)
+        let written = match &mut backend {
+            Backend::File(journal) if damaged => {
+                journal.rewrite_with(&records, now).map(|()| Vec::new())
+            }
+            Backend::File(journal) => journal.append(&records).map(|()| Vec::new()),
+            Backend::Postgres(db) => db.append(&records, now),
         };
         match written {
-            Ok(()) => {
+            Ok(conflicts) => {
                 damaged = false;
                 bump(&stats.journal_syncs);
                 stats
                     .journal_records
                     .fetch_add(records.len() as u64, Ordering::Relaxed);
+                if !conflicts.is_empty() {
+                    withhold(&mut replies, &spans, &conflicts, stats, learned);
+                }
                 // Durable: the replies may leave.
                 reply::send_blocking(sock, &replies, stats);
-                if journal.wants_compaction()
+                if let Backend::File(journal) = &mut backend
+                    && journal.wants_compaction()
                     && let Err(e) = journal.compact(now)
                 {
                     bump(&stats.journal_errors);
@@ -124,6 +168,29 @@ fn run(mut journal: Journal, rx: Receiver<Commit>, sock: &UdpSocket, stats: &Sta
                 tracing::error!(error = %e, dropped_replies = replies.len(), "lease journal write failed: ACKs withheld");
             }
         }
+    }
+}
+
+/// Drops the replies that depend on a refused record, and tells the pools who holds
+/// those addresses.
+fn withhold(
+    replies: &mut Vec<Reply>,
+    spans: &[Range<usize>],
+    conflicts: &[Conflict],
+    stats: &Stats,
+    learned: Option<&Sender<Vec<Record>>>,
+) {
+    let refused = |span: &Range<usize>| conflicts.iter().any(|c| span.contains(&c.index));
+    let mut keep = spans.iter().map(|s| !refused(s));
+    replies.retain(|_| keep.next().unwrap_or(true));
+    stats
+        .ha_conflicts
+        .fetch_add(conflicts.len() as u64, Ordering::Relaxed);
+    for c in conflicts {
+        tracing::warn!(ip = %c.holder.ip(), holder = ?c.holder, "lease refused by the database: the address is held; ACK withheld");
+    }
+    if let Some(tx) = learned {
+        let _ = tx.send(conflicts.iter().map(|c| c.holder).collect());
     }
 }
 
