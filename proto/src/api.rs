@@ -144,7 +144,7 @@ pub struct Machine {
     /// The site that serves the machine: the appliances of its provisioning network, which
     /// reach its BMC and do its power actions. Set where it boots (or was added); unset on
     /// an appliance of its own.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub site: Option<String>,
 }
 

@@ -1,5 +1,7 @@
 //! `cargo xtask bench dhcp`: Stork's DHCP server against Kea (memfile, persist on) and
-//! dnsmasq (lease file), same namespaces, same client, same run.
+//! dnsmasq (lease file), same namespaces, same client, same run; and Stork again with its
+//! leases in PostgreSQL (a scratch server; one server of an HA pair, its partner absent),
+//! printed beside Kea's published figure with its PostgreSQL backend.
 //!
 //! The client is Kea's `perfdhcp` doing the full four-message exchange (DISCOVER, OFFER,
 //! REQUEST, ACK). perfdhcp always acts as a relay (requests from port 67 with giaddr set to
@@ -63,14 +65,22 @@ const MAX_LOSS: f64 = 0.01;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Peer {
     Stork,
+    /// Stork with its leases in PostgreSQL: one server of an HA pair whose partner is
+    /// absent, once it answers every client (a scratch server of the bench's own).
+    StorkPg,
     Kea,
     Dnsmasq,
 }
+
+/// Kea 2.2's published figure with its PostgreSQL lease backend (issue 19), beside which
+/// Stork's own PostgreSQL figure is printed: not measured here.
+const KEA_PG_PUBLISHED: f64 = 7441.0;
 
 impl Peer {
     fn name(self) -> &'static str {
         match self {
             Peer::Stork => "Stork",
+            Peer::StorkPg => "Stork, leases in PostgreSQL",
             Peer::Kea => "Kea 2.2 (memfile, 4 threads)",
             Peer::Dnsmasq => "dnsmasq (lease file)",
         }
@@ -110,16 +120,22 @@ pub fn run() -> Result<()> {
         .ok()
         .and_then(|s| s.parse().ok());
     let mut results = Vec::new();
-    for peer in [Peer::Stork, Peer::Kea, Peer::Dnsmasq] {
+    let mut pg: Option<stork_lab::postgres::ScratchPostgres> = None;
+    for peer in [Peer::Stork, Peer::StorkPg, Peer::Kea, Peer::Dnsmasq] {
         let tag = format!("{peer:?}").to_lowercase();
         if !peers.is_empty() && !peers.split(',').any(|p| p.trim() == tag) {
             continue;
+        }
+        if peer == Peer::StorkPg && pg.is_none() {
+            crate::step("starting a scratch PostgreSQL for Stork's leases");
+            pg = Some(stork_lab::postgres::ScratchPostgres::start()?);
         }
         let bench = Bench {
             peer,
             net: &net,
             stork: &stork,
             work: &work,
+            pg: pg.as_ref(),
         };
         let mut rate = match fixed_rate {
             Some(r) => r,
@@ -167,7 +183,7 @@ pub fn run() -> Result<()> {
         );
     }
     println!(
-        "durability: Stork fdatasyncs each lease (group commit) before its ACK leaves; Kea (persist: true) appends it to its CSV file without fsync; dnsmasq rewrites and fsyncs its lease file"
+        "durability: Stork fdatasyncs each lease (group commit) before its ACK leaves, or with leases in PostgreSQL commits each group in one transaction (synchronous_commit on) first; Kea (persist: true) appends it to its CSV file without fsync; dnsmasq rewrites and fsyncs its lease file"
     );
     let get = |p: Peer| {
         results
@@ -182,6 +198,21 @@ pub fn run() -> Result<()> {
             println!("Stork / {}: {:.2}x", other.name(), stork / o);
         }
     }
+    let on_pg = get(Peer::StorkPg);
+    if on_pg > 0.0 {
+        println!(
+            "Stork, leases in PostgreSQL / Kea 2.2 with PostgreSQL (published, {KEA_PG_PUBLISHED:.0} leases/s): {:.2}x",
+            on_pg / KEA_PG_PUBLISHED
+        );
+        let kea = get(Peer::Kea);
+        if kea > 0.0 {
+            println!(
+                "Stork, leases in PostgreSQL / {} (measured here): {:.2}x",
+                Peer::Kea.name(),
+                on_pg / kea
+            );
+        }
+    }
     Ok(())
 }
 
@@ -190,6 +221,8 @@ struct Bench<'a> {
     net: &'a Pair,
     stork: &'a Path,
     work: &'a Path,
+    /// The scratch PostgreSQL of [`Peer::StorkPg`]: each trial gets a database of its own.
+    pg: Option<&'a stork_lab::postgres::ScratchPostgres>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -364,12 +397,10 @@ impl Bench<'_> {
         let log = dir.join("server.log");
         let mut cmd;
         match self.peer {
-            Peer::Stork => {
+            Peer::Stork | Peer::StorkPg => {
                 let cfg = dir.join("stork.toml");
-                std::fs::write(
-                    &cfg,
-                    format!(
-                        r#"data_dir = "{dir}"
+                let mut text = format!(
+                    r#"data_dir = "{dir}"
 interface = "eth0"
 address = "{SERVER_IP}"
 [dhcp]
@@ -378,11 +409,24 @@ prefix_len = {PREFIX}
 lease_time = {LEASE_SECS}
 ipv6_ra = false
 "#,
-                        POOL.0,
-                        POOL.1,
-                        dir = dir.display()
-                    ),
-                )?;
+                    POOL.0,
+                    POOL.1,
+                    dir = dir.display()
+                );
+                if let Some(pg) = self.pg.filter(|_| self.peer == Peer::StorkPg) {
+                    // A database per trial, never one used before.
+                    static TRIALS: std::sync::atomic::AtomicU32 =
+                        std::sync::atomic::AtomicU32::new(0);
+                    let n = TRIALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let name = format!("leases_{n}");
+                    let url = pg.create_database(&name)?;
+                    // One server of a pair, its partner absent: it answers everyone once
+                    // the failover time has passed (waited for below).
+                    text = format!(
+                        "database = {url:?}\nsite = \"bench\"\n{text}[dhcp.ha]\nrole = \"first\"\nfailover = 1\n"
+                    );
+                }
+                std::fs::write(&cfg, text)?;
                 cmd = self.net.server(
                     Command::new(self.stork)
                         .arg("serve")
@@ -468,6 +512,17 @@ ipv6_ra = false
                 Ok((!out.trim().is_empty()).then_some(()))
             },
         )?;
+        if self.peer == Peer::StorkPg {
+            wait_for(
+                "the server to answer every client (its partner absent)",
+                Duration::from_secs(30),
+                Duration::from_millis(100),
+                || {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    Ok(text.contains("the partner is gone").then_some(()))
+                },
+            )?;
+        }
         Ok(p)
     }
 }

@@ -11,7 +11,7 @@
 use std::net::Ipv4Addr;
 use std::time::SystemTime;
 
-use postgres::{Client, NoTls};
+use postgres::{Client, NoTls, Statement};
 use stork_proto::MacAddr;
 
 use super::{JournalError, Record, unix_secs};
@@ -31,8 +31,55 @@ const SWEEP_EVERY: u64 = 1000;
 pub struct PgLeases {
     config: postgres::Config,
     site: String,
-    client: Option<Client>,
+    conn: Option<Conn>,
     appends: u64,
+}
+
+/// A connection and the statements prepared on it once, for every append after.
+struct Conn {
+    client: Client,
+    st: Statements,
+}
+
+struct Statements {
+    bind: Statement,
+    holder: Statement,
+    release: Statement,
+    probation: Statement,
+}
+
+impl Statements {
+    fn prepare(c: &mut Client) -> Result<Self, postgres::Error> {
+        Ok(Self {
+            // One round trip per binding: written if free, and then the client's lease on
+            // another address (it moved) ends.
+            bind: c.prepare(
+                "WITH bound AS (
+                     INSERT INTO dhcp_leases (site, ip, mac, expires, kind)
+                     VALUES ($1, $2, $3, $4, 'bound')
+                     ON CONFLICT (site, ip) DO UPDATE
+                     SET mac = excluded.mac, expires = excluded.expires, kind = 'bound'
+                     WHERE dhcp_leases.mac = excluded.mac OR dhcp_leases.expires <= $5
+                     RETURNING ip),
+                 moved AS (
+                     DELETE FROM dhcp_leases
+                     WHERE site = $1 AND mac = $3 AND ip <> $2 AND kind = 'bound'
+                       AND EXISTS (SELECT 1 FROM bound))
+                 SELECT 1 FROM bound",
+            )?,
+            holder: c.prepare(
+                "SELECT mac, expires, kind FROM dhcp_leases WHERE site = $1 AND ip = $2",
+            )?,
+            release: c
+                .prepare("DELETE FROM dhcp_leases WHERE site = $1 AND ip = $2 AND mac = $3")?,
+            probation: c.prepare(
+                "INSERT INTO dhcp_leases (site, ip, mac, expires, kind)
+                 VALUES ($1, $2, '', $3, 'probation')
+                 ON CONFLICT (site, ip) DO UPDATE
+                 SET mac = '', expires = excluded.expires, kind = 'probation'",
+            )?,
+        })
+    }
 }
 
 impl PgLeases {
@@ -45,7 +92,7 @@ impl PgLeases {
         let mut me = Self {
             config,
             site: site.to_string(),
-            client: None,
+            conn: None,
             appends: 0,
         };
         let live = me.load(now)?;
@@ -57,11 +104,14 @@ impl PgLeases {
         Ok((me, live))
     }
 
-    fn client(&mut self) -> Result<&mut Client, JournalError> {
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Some(self.config.connect(NoTls)?);
+    fn conn(&mut self) -> Result<&mut Conn, JournalError> {
+        if self.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+            self.conn = None;
+            let mut client = self.config.connect(NoTls)?;
+            let st = Statements::prepare(&mut client)?;
+            self.conn = Some(Conn { client, st });
         }
-        self.client
+        self.conn
             .as_mut()
             .ok_or_else(|| JournalError::Database("no connection".into()))
     }
@@ -72,7 +122,7 @@ impl PgLeases {
         let site = self.site.clone();
         let now = to_i64(unix_secs(now));
         let rows = self.guard(|c| {
-            c.query(
+            c.client.query(
                 "SELECT ip, mac, expires, kind FROM dhcp_leases
                  WHERE site = $1 AND expires > $2 ORDER BY expires, ip",
                 &[&site, &now],
@@ -100,30 +150,8 @@ impl PgLeases {
         let sweep = self.appends.is_multiple_of(SWEEP_EVERY);
         self.appends += 1;
         self.guard(|c| {
-            let mut tx = c.transaction()?;
-            let bind = tx.prepare(
-                "INSERT INTO dhcp_leases (site, ip, mac, expires, kind)
-                 VALUES ($1, $2, $3, $4, 'bound')
-                 ON CONFLICT (site, ip) DO UPDATE
-                 SET mac = excluded.mac, expires = excluded.expires, kind = 'bound'
-                 WHERE dhcp_leases.mac = excluded.mac OR dhcp_leases.expires <= $5
-                 RETURNING 1",
-            )?;
-            let moved = tx.prepare(
-                "DELETE FROM dhcp_leases
-                 WHERE site = $1 AND mac = $2 AND ip <> $3 AND kind = 'bound'",
-            )?;
-            let holder = tx.prepare(
-                "SELECT mac, expires, kind FROM dhcp_leases WHERE site = $1 AND ip = $2",
-            )?;
-            let release =
-                tx.prepare("DELETE FROM dhcp_leases WHERE site = $1 AND ip = $2 AND mac = $3")?;
-            let probation = tx.prepare(
-                "INSERT INTO dhcp_leases (site, ip, mac, expires, kind)
-                 VALUES ($1, $2, '', $3, 'probation')
-                 ON CONFLICT (site, ip) DO UPDATE
-                 SET mac = '', expires = excluded.expires, kind = 'probation'",
-            )?;
+            let Conn { client, st } = c;
+            let mut tx = client.transaction()?;
             let mut conflicts = Vec::new();
             for (index, r) in records.iter().enumerate() {
                 let ip = i64::from(u32::from(r.ip()));
@@ -131,12 +159,9 @@ impl PgLeases {
                     Record::Bound { mac, expires, .. } => {
                         let mac_text = mac.to_string();
                         let written = tx
-                            .query_opt(&bind, &[&site, &ip, &mac_text, &to_i64(expires), &now])?
+                            .query_opt(&st.bind, &[&site, &ip, &mac_text, &to_i64(expires), &now])?
                             .is_some();
-                        if written {
-                            // The client's lease on another address (it moved) ends.
-                            tx.execute(&moved, &[&site, &mac_text, &ip])?;
-                        } else if let Some(row) = tx.query_opt(&holder, &[&site, &ip])? {
+                        if !written && let Some(row) = tx.query_opt(&st.holder, &[&site, &ip])? {
                             let until = u64::try_from(row.get::<_, i64>(1)).unwrap_or(0);
                             if let Some(holder) = row_record(r.ip(), row.get(0), until, row.get(2))
                             {
@@ -145,10 +170,10 @@ impl PgLeases {
                         }
                     }
                     Record::Released { mac, .. } => {
-                        tx.execute(&release, &[&site, &ip, &mac.to_string()])?;
+                        tx.execute(&st.release, &[&site, &ip, &mac.to_string()])?;
                     }
                     Record::Probation { until, .. } => {
-                        tx.execute(&probation, &[&site, &ip, &to_i64(until)])?;
+                        tx.execute(&st.probation, &[&site, &ip, &to_i64(until)])?;
                     }
                 }
             }
@@ -167,11 +192,11 @@ impl PgLeases {
     /// a new one (after a PostgreSQL restart).
     fn guard<T>(
         &mut self,
-        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
+        f: impl FnOnce(&mut Conn) -> Result<T, postgres::Error>,
     ) -> Result<T, JournalError> {
-        let result = f(self.client()?);
+        let result = f(self.conn()?);
         if result.is_err() {
-            self.client = None;
+            self.conn = None;
         }
         Ok(result?)
     }
