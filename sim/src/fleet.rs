@@ -1,0 +1,436 @@
+//! A fleet: N machines and their BMCs on one tap, and the operator who takes them through
+//! Stork's lifecycle (add with Redfish power, commission, allocate and deploy, release)
+//! over the admin API, as a person with the CLI would, only all at once.
+//!
+//! The fleet runs on one thread (a tokio `LocalSet`: smoltcp's hosts are not `Send`); the
+//! operator is a thread of its own with the blocking API client, reporting back what it
+//! asked and when.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use stork_client::Client as ApiClient;
+use stork_proto::MacAddr;
+use stork_proto::api::{
+    AllocateBody, DeployRequest, Machine as ApiMachine, MachineFilter, NewMachine, PowerConfig,
+    ReleaseBody, Status,
+};
+
+use crate::bmc::Bmc;
+use crate::firmware::Firmware;
+use crate::machine::{Faults, Machine};
+use crate::net::Net;
+use crate::report::{self, Report};
+use crate::tap::Tap;
+
+/// What to simulate and what to ask of Stork.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    pub tap: String,
+    pub machines: usize,
+    /// Machine `i`'s MAC is `52:54:5a:xx:hi:lo` and its BMC's `52:54:5b:xx:hi:lo`, `xx` this.
+    pub mac_tag: u8,
+    /// BMC `i` is at `bmc_base + i`, on the segment's prefix.
+    pub bmc_base: Ipv4Addr,
+    pub prefix: u8,
+    /// Shares of UEFI PXE and UEFI HTTP clients (the rest boot as BIOS PXE).
+    pub uefi_pxe: f64,
+    pub uefi_http: f64,
+    /// Share of the kernel, initrd and ephemeral root each boot fetches.
+    pub boot_share: f64,
+    pub faults: FaultPlan,
+    pub api: String,
+    pub token: String,
+    /// The API certificate's fingerprint; `None`: pinned on first use (a lab's appliance).
+    pub fingerprint: Option<String>,
+    /// The boot resource to deploy; `None`: commission only.
+    pub image: Option<String>,
+    pub release: bool,
+    /// How long the operator waits for a phase before it counts what is left as stuck.
+    pub phase_timeout: Duration,
+    /// A process to sample (CPU, memory, descriptors): the appliance.
+    pub watch_pid: Option<u32>,
+}
+
+/// How many machines get each fault; the faulty ones are spread over the fleet.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FaultPlan {
+    /// Machines losing `loss` of their frames.
+    pub lossy: usize,
+    pub loss: f64,
+    pub no_phone_home: usize,
+    pub stall_image: usize,
+    pub slow_bmc: usize,
+    pub slow_bmc_delay: Duration,
+}
+
+impl FaultPlan {
+    /// Machine `i`'s faults: the faulty machines are every k-th, each fault its own set.
+    pub fn for_machine(&self, i: usize, n: usize) -> Faults {
+        let kinds = [
+            self.lossy,
+            self.no_phone_home,
+            self.stall_image,
+            self.slow_bmc,
+        ];
+        let total: usize = kinds.iter().sum();
+        let mut f = Faults::default();
+        if total == 0 || n == 0 {
+            return f;
+        }
+        let stride = (n / total).max(1);
+        if i % stride != stride - 1 {
+            return f;
+        }
+        let mut k = i / stride;
+        for (kind, count) in kinds.iter().enumerate() {
+            if k < *count {
+                match kind {
+                    0 => f.loss = self.loss,
+                    1 => f.no_phone_home = true,
+                    2 => f.stall_image = true,
+                    _ => f.slow_bmc = Some(self.slow_bmc_delay),
+                }
+                return f;
+            }
+            k -= count;
+        }
+        f
+    }
+}
+
+pub fn mac(tag: u8, kind: u8, i: usize) -> MacAddr {
+    MacAddr([0x52, 0x54, kind, tag, (i >> 8) as u8, i as u8])
+}
+
+/// What the operator did, in order: (step, seconds since the fleet started, detail).
+#[derive(Debug, Clone, Serialize)]
+pub struct OperatorStep {
+    pub step: String,
+    pub at: f64,
+    pub detail: String,
+}
+
+/// Runs the fleet and the operator to the end; the report is written by the caller.
+pub fn run(config: &FleetConfig) -> Result<Report> {
+    if config.machines == 0 || config.machines > 60_000 {
+        bail!("--machines: 1 to 60000");
+    }
+    let epoch = Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move { fleet(config, epoch).await })
+}
+
+async fn fleet(config: &FleetConfig, epoch: Instant) -> Result<Report> {
+    let net = Net::new();
+    let tap = Tap::open(&config.tap).with_context(|| format!("opening tap {}", config.tap))?;
+    let mut machines = Vec::new();
+    let mut bmcs = Vec::new();
+    for i in 0..config.machines {
+        let firmware = firmware_of(i, config);
+        let faults = config.faults.for_machine(i, config.machines);
+        let m = Machine::new(
+            &net,
+            epoch,
+            i,
+            mac(config.mac_tag, 0x5a, i),
+            firmware,
+            faults,
+            config.boot_share,
+        );
+        let ip = Ipv4Addr::from(u32::from(config.bmc_base) + i as u32);
+        let bmc = Bmc::new(
+            &net,
+            mac(config.mac_tag, 0x5b, i).0,
+            ip,
+            config.prefix,
+            m.clone(),
+        );
+        bmc.serve(&net);
+        machines.push(m);
+        bmcs.push(bmc);
+    }
+    let net_task = {
+        let net = net.clone();
+        tokio::task::spawn_local(async move { net.run(tap).await })
+    };
+    let sampler = config.watch_pid.map(report::Sampler::start);
+
+    let plan: Vec<(MacAddr, Ipv4Addr, String)> = bmcs
+        .iter()
+        .map(|b| (b.machine.mac, b.ip, b.password.clone()))
+        .collect();
+    let (tx, rx) = mpsc::channel();
+    let op_config = config.clone();
+    let operator = std::thread::spawn(move || operate(&op_config, &plan, epoch, &tx));
+    // The fleet runs while the operator works; its answer ends the run.
+    let outcome = loop {
+        if net_task.is_finished() {
+            break Err(anyhow::anyhow!("the tap failed"));
+        }
+        match rx.try_recv() {
+            Ok(r) => break r,
+            Err(mpsc::TryRecvError::Empty) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                break Err(anyhow::anyhow!(
+                    "the operator thread ended without a result"
+                ));
+            }
+        }
+    };
+    let _ = operator.join();
+    let (steps, finals) = outcome?;
+    // A report the appliance recorded may still be on its way back to its machine (the
+    // appliance powers it off first, through a BMC that may be slow): let it land.
+    let until = Instant::now() + Duration::from_secs(15);
+    while machines.iter().any(|m| m.awaiting_answer()) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let samples = sampler.map(|s| s.stop()).unwrap_or_default();
+    net_task.abort();
+    Ok(report::build(
+        config,
+        &machines,
+        &bmcs,
+        steps,
+        finals,
+        net.counters(),
+        samples,
+        epoch,
+    ))
+}
+
+fn firmware_of(i: usize, config: &FleetConfig) -> Firmware {
+    // Spread each kind evenly: machine i's position in [0, 1).
+    let x = ((i as f64) * 0.618_033_988_7).fract();
+    if x < config.uefi_http {
+        Firmware::UefiHttp
+    } else if x < config.uefi_http + config.uefi_pxe {
+        Firmware::UefiPxe
+    } else {
+        Firmware::BiosPxe
+    }
+}
+
+type Outcome = Result<(Vec<OperatorStep>, BTreeMap<String, ApiMachine>)>;
+
+/// The operator: every call through the admin API, each phase waited for.
+fn operate(
+    config: &FleetConfig,
+    plan: &[(MacAddr, Ipv4Addr, String)],
+    epoch: Instant,
+    done: &mpsc::Sender<Outcome>,
+) {
+    let r = operate_inner(config, plan, epoch);
+    let _ = done.send(r);
+}
+
+fn operate_inner(
+    config: &FleetConfig,
+    plan: &[(MacAddr, Ipv4Addr, String)],
+    epoch: Instant,
+) -> Outcome {
+    let mut steps = Vec::new();
+    let mut step = |name: &str, detail: String| {
+        tracing::info!("{name}: {detail}");
+        steps.push(OperatorStep {
+            step: name.to_string(),
+            at: epoch.elapsed().as_secs_f64(),
+            detail,
+        });
+    };
+    let api = client(config)?;
+    let tag = format!("sim{}", config.mac_tag);
+    let mut ids = Vec::new();
+    for (mac, bmc, password) in plan {
+        let mut params = serde_json::Map::new();
+        params.insert(
+            "url".into(),
+            format!("http://{bmc}:{}", crate::bmc::PORT).into(),
+        );
+        params.insert("username".into(), "admin".into());
+        params.insert("password".into(), password.clone().into());
+        let m = api
+            .create_machine(&NewMachine {
+                macs: vec![*mac],
+                hostname: None,
+                arch: None,
+                power: Some(PowerConfig {
+                    driver: "redfish".into(),
+                    params,
+                }),
+                tags: vec![tag.clone()],
+                site: None,
+            })
+            .with_context(|| format!("adding machine {mac}"))?;
+        ids.push(m.id);
+    }
+    step(
+        "added",
+        format!("{} machines with Redfish power", ids.len()),
+    );
+
+    step("commission", format!("asking {} machines", ids.len()));
+    for id in &ids {
+        api.commission(id)
+            .with_context(|| format!("commissioning {id}"))?;
+    }
+    let list = wait_settled(&api, &tag, config.phase_timeout, &[Status::Commissioning])?;
+    step("commissioned", count(&list));
+
+    if let Some(image) = &config.image {
+        let ready: Vec<&ApiMachine> = list
+            .values()
+            .filter(|m| m.status == Status::Ready)
+            .collect();
+        step("deploy", format!("asking {} ready machines", ready.len()));
+        for m in &ready {
+            api.allocate(&m.id, &AllocateBody::default())
+                .with_context(|| format!("allocating {}", m.id))?;
+            api.deploy(
+                &m.id,
+                &DeployRequest {
+                    image: image.clone(),
+                    target: Default::default(),
+                    disk: None,
+                    hostname: None,
+                    ssh_keys: Vec::new(),
+                    user_data: None,
+                    layout: None,
+                },
+            )
+            .with_context(|| format!("deploying {}", m.id))?;
+        }
+        let list = wait_settled(&api, &tag, config.phase_timeout, &[Status::Deploying])?;
+        step("deployed", count(&list));
+
+        if config.release {
+            let deployed: Vec<&ApiMachine> = list
+                .values()
+                .filter(|m| m.status == Status::Deployed)
+                .collect();
+            step(
+                "release",
+                format!("asking {} deployed machines", deployed.len()),
+            );
+            for m in &deployed {
+                api.release(
+                    &m.id,
+                    &ReleaseBody {
+                        erase: Some(true),
+                        quick: Some(true),
+                    },
+                )
+                .with_context(|| format!("releasing {}", m.id))?;
+            }
+            let list = wait_settled(
+                &api,
+                &tag,
+                config.phase_timeout,
+                &[Status::Releasing, Status::DiskErasing],
+            )?;
+            step("released", count(&list));
+        }
+    }
+    let finals = machines(&api, &tag)?;
+    Ok((steps, finals))
+}
+
+fn client(config: &FleetConfig) -> Result<ApiClient> {
+    let fingerprint = match &config.fingerprint {
+        Some(f) => f.clone(),
+        None => {
+            let url = crate::http::Url::parse(&config.api)?;
+            let der = stork_tls::probe(&url.host.to_string(), url.port, Duration::from_secs(5))
+                .with_context(|| format!("reaching {}", config.api))?;
+            stork_tls::Fingerprint::of(&der).to_string()
+        }
+    };
+    let trust = stork_tls::Trust::Pinned(fingerprint.parse().context("--fingerprint")?);
+    Ok(ApiClient::with_trust(
+        &config.api,
+        Some(config.token.clone()),
+        Some(trust),
+    ))
+}
+
+fn machines(api: &ApiClient, tag: &str) -> Result<BTreeMap<String, ApiMachine>> {
+    let list = api.machines(&MachineFilter {
+        tag: Some(tag.to_string()),
+        ..Default::default()
+    })?;
+    Ok(list.into_iter().map(|m| (m.id.clone(), m)).collect())
+}
+
+/// Waits until no machine is in one of `busy`; returns the fleet as it then is.
+fn wait_settled(
+    api: &ApiClient,
+    tag: &str,
+    timeout: Duration,
+    busy: &[Status],
+) -> Result<BTreeMap<String, ApiMachine>> {
+    let until = Instant::now() + timeout;
+    loop {
+        let list = machines(api, tag)?;
+        let left = list.values().filter(|m| busy.contains(&m.status)).count();
+        if left == 0 || Instant::now() >= until {
+            return Ok(list);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn count(list: &BTreeMap<String, ApiMachine>) -> String {
+    let mut by: BTreeMap<String, usize> = BTreeMap::new();
+    for m in list.values() {
+        *by.entry(m.status.to_string()).or_default() += 1;
+    }
+    by.iter()
+        .map(|(s, n)| format!("{s}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_go_to_distinct_machines_in_the_counts_asked() {
+        let plan = FaultPlan {
+            lossy: 3,
+            loss: 0.05,
+            no_phone_home: 2,
+            stall_image: 2,
+            slow_bmc: 1,
+            slow_bmc_delay: Duration::from_secs(2),
+        };
+        let n = 50;
+        let all: Vec<Faults> = (0..n).map(|i| plan.for_machine(i, n)).collect();
+        assert_eq!(all.iter().filter(|f| f.loss > 0.0).count(), 3);
+        assert_eq!(all.iter().filter(|f| f.no_phone_home).count(), 2);
+        assert_eq!(all.iter().filter(|f| f.stall_image).count(), 2);
+        assert_eq!(all.iter().filter(|f| f.slow_bmc.is_some()).count(), 1);
+        let faulty = all
+            .iter()
+            .filter(|f| f.loss > 0.0 || f.no_phone_home || f.stall_image || f.slow_bmc.is_some())
+            .count();
+        assert_eq!(faulty, 8, "one fault per faulty machine");
+    }
+
+    #[test]
+    fn macs_are_unicast_and_distinct_per_kind() {
+        let a = mac(1, 0x5a, 258);
+        let b = mac(1, 0x5b, 258);
+        assert_ne!(a, b);
+        assert_eq!(a.0[0] & 1, 0, "unicast");
+        assert_eq!(a.to_string(), "52:54:5a:01:01:02");
+    }
+}

@@ -1,0 +1,223 @@
+//! A simulated fleet through `stork serve`: `stork-sim` puts 50 machines and their 50
+//! Redfish BMCs on one tap of the lab's bridge (smoltcp, one host per MAC), and takes them
+//! through the lifecycle over the admin API: added with Redfish power, commissioned,
+//! allocated and deployed, released. Stork powers every one of them through its BMC; each
+//! boots as its firmware would (BIOS PXE, UEFI PXE, UEFI HTTP), then speaks the agent's API.
+//!
+//! Faults on purpose: machines losing 3 % of their frames, an installed OS that never phones
+//! home, an agent that stalls half-way through the image, BMCs that answer 1.5 s late. The
+//! test asserts outcomes, never times: every machine is accounted for; the healthy, lossy
+//! and slow-BMC ones end Ready after a deploy and a release; the silent OS fails its deploy
+//! by the status timeout, the stalled agent by the heartbeat rule.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use stork_lab::{Appliance, Lab};
+use stork_proto::ImageRole;
+use stork_proto::api::{BootResource, ResourceFile};
+use stork_tests::{boot_files, lab_dir, require_artefacts, stork_bin};
+
+const MACHINES: usize = 50;
+const IMAGE: &str = "sim-tiny";
+
+/// Short status and heartbeat timeouts, so the faulty machines fail within the test.
+const CONFIG: &str = "\
+[lifecycle]
+timeout = 120
+check_interval = 2
+heartbeat_timeout = 30
+power_poll = 0
+";
+
+fn sim_bin() -> std::path::PathBuf {
+    std::env::var_os("STORK_SIM_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| stork_bin().with_file_name("stork-sim"))
+}
+
+/// A small raw image (8 MiB of pseudo-random bytes): the simulated agent downloads and
+/// checks it, and writes it nowhere.
+fn register_tiny_image(appliance: &Appliance, lab: &Lab) -> Result<()> {
+    let dir = appliance.data_dir.join("boot/images");
+    std::fs::create_dir_all(&dir)?;
+    let mut data = vec![0u8; 8 << 20];
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(dir.join("sim-tiny.raw"), &data)?;
+    let resource = BootResource {
+        name: IMAGE.into(),
+        kind: "os".into(),
+        arch: Some("amd64".into()),
+        files: vec![ResourceFile {
+            role: ImageRole::Raw,
+            path: "images/sim-tiny.raw".into(),
+            sha256: hex::encode(Sha256::digest(&data)),
+            size: data.len() as u64,
+        }],
+    };
+    let file = lab.dir().join("sim-tiny.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&resource)?)?;
+    appliance.cli(&["image", "register", &file.to_string_lossy()])?;
+    Ok(())
+}
+
+fn run_fleet(lab: &mut Lab, appliance: &Appliance) -> Result<Value> {
+    register_tiny_image(appliance, lab)?;
+    let tap = lab.add_tap()?;
+    let report = lab.dir().join("fleet.json");
+    let out = lab
+        .command(sim_bin())
+        .args(["--tap", &tap, "--machines", &MACHINES.to_string()])
+        .args(["--bmc-base", "10.77.0.10", "--prefix", "24"])
+        .args([
+            "--uefi-pxe",
+            "0.3",
+            "--uefi-http",
+            "0.2",
+            "--boot-share",
+            "0.02",
+        ])
+        .args(["--image", IMAGE, "--release", "--phase-timeout", "600"])
+        .args(["--lossy", "3", "--loss", "0.03", "--no-phone-home", "2"])
+        .args([
+            "--stall-image",
+            "2",
+            "--slow-bmc",
+            "2",
+            "--slow-bmc-ms",
+            "1500",
+        ])
+        .arg("--report")
+        .arg(&report)
+        .env("STORK_TOKEN", &appliance.token)
+        .env("RUST_LOG", "info")
+        .output()
+        .context("running stork-sim")?;
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    if !out.status.success() {
+        bail!("stork-sim failed ({}):\n{text}", out.status);
+    }
+    Ok(serde_json::from_slice(&std::fs::read(&report)?)?)
+}
+
+fn check(report: &Value) -> Result<()> {
+    let machines = report["per_machine"].as_array().context("per_machine")?;
+    if machines.len() != MACHINES {
+        bail!("{} machines in the report, not {MACHINES}", machines.len());
+    }
+    let mut problems = Vec::new();
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for m in machines {
+        let f = &m["faults"];
+        let status = m["status"].as_str().unwrap_or("missing");
+        let why = m["status_message"].as_str().unwrap_or_default();
+        let marks: Vec<&str> = m["marks"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|p| p[0].as_str()).collect())
+            .unwrap_or_default();
+        let (kind, want) = if f["no_phone_home"] == true {
+            ("no phone-home", "failed_deployment")
+        } else if f["stall_image"] == true {
+            ("stalled agent", "failed_deployment")
+        } else if f["loss"].as_f64().unwrap_or(0.0) > 0.0 {
+            ("lossy", "ready")
+        } else if !f["slow_bmc"].is_null() {
+            ("slow BMC", "ready")
+        } else {
+            ("healthy", "ready")
+        };
+        *seen.entry(kind).or_default() += 1;
+        let mac = m["mac"].as_str().unwrap_or("?");
+        if status != want {
+            problems.push(format!("{kind} {mac}: {status} ({why}), not {want}"));
+            continue;
+        }
+        let needs: &[&str] = match kind {
+            "no phone-home" => &["commissioned", "image", "installed"],
+            "stalled agent" => &["commissioned"],
+            _ => &["commissioned", "image", "installed", "deployed", "released"],
+        };
+        for n in needs {
+            if !marks.contains(n) {
+                problems.push(format!("{kind} {mac}: never {n} ({marks:?})"));
+            }
+        }
+        if kind == "no phone-home" && !why.contains("timed out") && !why.contains("timeout") {
+            problems.push(format!(
+                "{kind} {mac}: failed for {why:?}, not the status timeout"
+            ));
+        }
+        if kind == "stalled agent" && !why.contains("heartbeat") {
+            problems.push(format!(
+                "{kind} {mac}: failed for {why:?}, not the heartbeat rule"
+            ));
+        }
+        if kind != "stalled agent"
+            && marks.contains(&"deployed")
+            && marks.iter().filter(|n| **n == "image").count() != 1
+        {
+            problems.push(format!(
+                "{kind} {mac}: the image was fetched more than once"
+            ));
+        }
+    }
+    let want: BTreeMap<&str, usize> = [
+        ("healthy", MACHINES - 9),
+        ("lossy", 3),
+        ("no phone-home", 2),
+        ("stalled agent", 2),
+        ("slow BMC", 2),
+    ]
+    .into_iter()
+    .collect();
+    if seen != want {
+        problems.push(format!("the fleet's faults: {seen:?}, not {want:?}"));
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, the lab and the boot files: run `cargo xtask test`"]
+fn fifty_simulated_machines_with_faults_go_through_commission_deploy_and_release() {
+    require_artefacts();
+    let mut lab = Lab::new("fleet", &lab_dir()).unwrap();
+    let config = lab.dir().join("stork.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let mut appliance = Appliance::start_with(
+        &lab,
+        &stork_bin(),
+        &boot_files(),
+        &["--config", &config.to_string_lossy()],
+    )
+    .unwrap();
+    let result = run_fleet(&mut lab, &appliance).and_then(|r| check(&r));
+    if let Err(e) = result {
+        lab.keep_dir();
+        panic!(
+            "{e:#}\nlab kept in {}\n--- appliance log (last 80 lines) ---\n{}",
+            lab.dir().display(),
+            appliance.log_tail(80)
+        );
+    }
+    // The appliance is still running after the storm.
+    assert!(
+        appliance.exited().is_none(),
+        "stork serve exited during the run"
+    );
+}
