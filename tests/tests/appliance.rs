@@ -283,6 +283,10 @@ fn stork_image() -> PathBuf {
 
 /// Builds an appliance image from the same inputs as the one under test, with `version`.
 fn build_image(out: &Path, version: &str) -> Result<Described> {
+    // One build at a time: each holds a Debian tree and a whole image on the disk beside
+    // the VMs' disks, and two at once have filled a CI machine's disk.
+    static BUILDS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILDS.lock().unwrap_or_else(|p| p.into_inner());
     let inputs = |var: &str| {
         std::env::var_os(var).with_context(|| format!("{var} is not set: run `cargo xtask test`"))
     };
