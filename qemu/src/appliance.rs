@@ -175,6 +175,11 @@ impl Appliance {
         Ok(())
     }
 
+    /// `stork serve`'s process id while it runs (for sampling its CPU and memory).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.pid())
+    }
+
     /// Kills `stork serve` with SIGKILL, as a crash or a pulled plug would, and waits for
     /// it to be gone.
     pub fn kill(&mut self) -> Result<()> {

@@ -313,6 +313,8 @@ pub async fn tftp_get(
             Some(Opcode::Oack) if peer.is_none() => {
                 peer = Some(from);
                 to = from;
+                // An option the OACK leaves out is refused: RFC 1350's value holds for it.
+                (blksize, window) = (512, 1);
                 if let Ok(opts) = Options::parse(p.strings()) {
                     for (name, value) in opts.iter() {
                         let v = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());

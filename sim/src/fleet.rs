@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::rc::Rc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,10 @@ pub struct FleetConfig {
     pub phase_timeout: Duration,
     /// A process to sample (CPU, memory, descriptors): the appliance.
     pub watch_pid: Option<u32>,
+    /// A boot storm only: the sim powers every machine on at once, each boots as far as the
+    /// agent's files (DHCP, NBP, iPXE, script, kernel, initrd, ephemeral root) and stays
+    /// there; no BMC, no API, any DHCP+TFTP+HTTP servers.
+    pub storm: bool,
 }
 
 /// How many machines get each fault; the faulty ones are spread over the fleet.
@@ -132,7 +137,7 @@ async fn fleet(config: &FleetConfig, epoch: Instant) -> Result<Report> {
     let net = Net::new();
     let tap = Tap::open(&config.tap).with_context(|| format!("opening tap {}", config.tap))?;
     let mut machines = Vec::new();
-    let mut bmcs = Vec::new();
+    let mut bmcs: Vec<Rc<Bmc>> = Vec::new();
     for i in 0..config.machines {
         let firmware = firmware_of(i, config);
         let faults = config.faults.for_machine(i, config.machines);
@@ -144,24 +149,30 @@ async fn fleet(config: &FleetConfig, epoch: Instant) -> Result<Report> {
             firmware,
             faults,
             config.boot_share,
+            config.storm,
         );
-        let ip = Ipv4Addr::from(u32::from(config.bmc_base) + i as u32);
-        let bmc = Bmc::new(
-            &net,
-            mac(config.mac_tag, 0x5b, i).0,
-            ip,
-            config.prefix,
-            m.clone(),
-        );
-        bmc.serve(&net);
+        if !config.storm {
+            let ip = Ipv4Addr::from(u32::from(config.bmc_base) + i as u32);
+            let bmc = Bmc::new(
+                &net,
+                mac(config.mac_tag, 0x5b, i).0,
+                ip,
+                config.prefix,
+                m.clone(),
+            );
+            bmc.serve(&net);
+            bmcs.push(bmc);
+        }
         machines.push(m);
-        bmcs.push(bmc);
     }
     let net_task = {
         let net = net.clone();
         tokio::task::spawn_local(async move { net.run(tap).await })
     };
     let sampler = config.watch_pid.map(report::Sampler::start);
+    if config.storm {
+        return storm(config, &net, net_task, &machines, sampler, epoch).await;
+    }
 
     let plan: Vec<(MacAddr, Ipv4Addr, String)> = bmcs
         .iter()
@@ -201,6 +212,62 @@ async fn fleet(config: &FleetConfig, epoch: Instant) -> Result<Report> {
         &bmcs,
         steps,
         finals,
+        net.counters(),
+        samples,
+        epoch,
+    ))
+}
+
+/// Every machine on at once; done when each has fetched its agent's files or given up.
+async fn storm(
+    config: &FleetConfig,
+    net: &Rc<Net>,
+    net_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    machines: &[Rc<Machine>],
+    sampler: Option<report::Sampler>,
+    epoch: Instant,
+) -> Result<Report> {
+    let mut steps = vec![OperatorStep {
+        step: "storm".into(),
+        at: epoch.elapsed().as_secs_f64(),
+        detail: format!("powering on {} machines", machines.len()),
+    }];
+    for m in machines {
+        m.set_power(true);
+    }
+    let until = Instant::now() + config.phase_timeout;
+    while Instant::now() < until {
+        if net_task.is_finished() {
+            bail!("the tap failed");
+        }
+        if machines
+            .iter()
+            .all(|m| m.reached(crate::machine::phase::KERNEL))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    steps.push(OperatorStep {
+        step: "stormed".into(),
+        at: epoch.elapsed().as_secs_f64(),
+        detail: format!(
+            "{} of {} machines fetched their agent's files",
+            machines
+                .iter()
+                .filter(|m| m.reached(crate::machine::phase::KERNEL))
+                .count(),
+            machines.len()
+        ),
+    });
+    let samples = sampler.map(|s| s.stop()).unwrap_or_default();
+    net_task.abort();
+    Ok(report::build(
+        config,
+        machines,
+        &[],
+        steps,
+        BTreeMap::new(),
         net.counters(),
         samples,
         epoch,

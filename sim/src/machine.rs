@@ -100,6 +100,8 @@ pub struct Machine {
     pub faults: Faults,
     /// Share of the kernel, initrd and ephemeral root each boot fetches (0..=1).
     pub boot_share: f64,
+    /// A boot storm only: the boot ends once the agent's files are fetched.
+    pub storm_only: bool,
     pub state: RefCell<State>,
     net: Rc<Net>,
     epoch: Instant,
@@ -128,6 +130,7 @@ impl Machine {
         firmware: Firmware,
         faults: Faults,
         boot_share: f64,
+        storm_only: bool,
     ) -> Rc<Self> {
         let host = net.add_host(mac.0);
         net.set_loss(host, faults.loss);
@@ -138,6 +141,7 @@ impl Machine {
             firmware,
             faults,
             boot_share,
+            storm_only,
             state: RefCell::new(State::default()),
             net: net.clone(),
             epoch,
@@ -157,6 +161,11 @@ impl Machine {
     /// The agent sent a report and has not yet seen it answered (or been powered off).
     pub fn awaiting_answer(&self) -> bool {
         self.state.borrow().in_flight.is_some()
+    }
+
+    /// Whether the machine reached `phase`.
+    pub fn reached(&self, phase: &str) -> bool {
+        self.state.borrow().marks.iter().any(|(n, _)| *n == phase)
     }
 
     pub fn is_on(&self) -> bool {
@@ -312,10 +321,10 @@ impl Machine {
         let line = expand(kernel_line, &lease);
         let mut words = line.split_whitespace().skip(1);
         let kernel = words.next().unwrap_or_default().to_string();
-        let args = AgentArgs::parse(&line).context("the agent's command line")?;
         let mut files = vec![kernel, initrd];
-        if let Some(e) = &args.ephemeral {
-            files.push(e.url.clone());
+        // Stage 1 of the agent fetches the ephemeral root before anything else.
+        if let Some(e) = stork_proto::cmdline::get(&line, stork_proto::cmdline::EPHEMERAL) {
+            files.push(e.to_string());
         }
         for f in files {
             let url = Url::parse(&f)?;
@@ -325,6 +334,10 @@ impl Machine {
                 .with_context(|| format!("GET {f}"))?;
         }
         self.mark(phase::KERNEL);
+        if self.storm_only {
+            return Ok(End::Stay);
+        }
+        let args = AgentArgs::parse(&line).context("the agent's command line")?;
         self.agent(&args).await
     }
 

@@ -35,9 +35,13 @@ struct Args {
     /// The appliance's API.
     #[arg(long, default_value = "https://10.77.0.1:8443")]
     api: String,
-    /// An admin token (or STORK_TOKEN).
-    #[arg(long, env = "STORK_TOKEN", hide_env_values = true)]
+    /// An admin token (or STORK_TOKEN); not needed for `--storm`.
+    #[arg(long, env = "STORK_TOKEN", hide_env_values = true, default_value = "")]
     token: String,
+    /// A boot storm only: every machine powered on at once by the sim, each booting as far
+    /// as its agent's files; any DHCP+TFTP+HTTP servers (Stork's, or dnsmasq and nginx).
+    #[arg(long)]
+    storm: bool,
     /// The API certificate's fingerprint (`sha256:...`); absent: pinned on first use.
     #[arg(long)]
     fingerprint: Option<String>,
@@ -106,7 +110,11 @@ fn main() -> Result<()> {
         release: a.release,
         phase_timeout: Duration::from_secs(a.phase_timeout),
         watch_pid: a.watch_pid,
+        storm: a.storm,
     };
+    if !config.storm && config.token.is_empty() {
+        anyhow::bail!("--token (or STORK_TOKEN) is needed to drive the appliance");
+    }
     let report = run(&config)?;
     std::fs::write(&a.report, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", a.report.display()))?;

@@ -31,6 +31,8 @@ pub struct Report {
     pub errors: BTreeMap<String, usize>,
     /// Per phase: seconds from the machine's previous phase, over the fleet.
     pub phases: BTreeMap<String, Spread>,
+    /// A storm: seconds from power-on to the agent's files fetched, and to the last one.
+    pub storm: Option<Spread>,
     /// Seconds from the operator's ask to each machine's outcome.
     pub commission: Option<Spread>,
     pub deploy: Option<Spread>,
@@ -194,15 +196,19 @@ pub fn build(
     let mut errors = BTreeMap::new();
     let mut phases: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let (mut commission, mut deploy, mut release) = (Vec::new(), Vec::new(), Vec::new());
+    let mut storm = Vec::new();
     let mut per_machine = Vec::new();
     let mut image_bytes = 0;
     for m in machines {
         let st = m.state.borrow();
         let api = by_mac.get(&m.mac.to_string());
         let status = api.map(|a| a.status);
-        *statuses
-            .entry(status.map_or("missing".to_string(), |s| s.to_string()))
-            .or_default() += 1;
+        // A storm asks the appliance nothing: no statuses to count.
+        if !finals.is_empty() {
+            *statuses
+                .entry(status.map_or("missing".to_string(), |s| s.to_string()))
+                .or_default() += 1;
+        }
         if let Some(a) = api.filter(|a| a.status.to_string().starts_with("failed")) {
             *failures
                 .entry(cause(a.status_message.as_deref().unwrap_or("(no reason)")))
@@ -229,6 +235,7 @@ pub fn build(
                 .find(|(n, at)| *n == phase && *at >= from)
                 .map(|(_, at)| at - from)
         };
+        storm.extend(first_after(phase::KERNEL, asked("storm")));
         commission.extend(first_after(phase::COMMISSIONED, asked("commission")));
         deploy.extend(first_after(phase::DEPLOYED, asked("deploy")));
         release.extend(first_after(phase::RELEASED, asked("release")));
@@ -263,6 +270,7 @@ pub fn build(
             .into_iter()
             .filter_map(|(k, v)| Spread::of(v).map(|s| (k, s)))
             .collect(),
+        storm: Spread::of(storm),
         commission: Spread::of(commission),
         deploy: Spread::of(deploy),
         release: Spread::of(release),
@@ -285,6 +293,7 @@ impl Report {
             let _ = writeln!(s, "  failed ({n}): {cause}");
         }
         for (name, spread) in [
+            ("storm", &self.storm),
             ("commission", &self.commission),
             ("deploy", &self.deploy),
             ("release", &self.release),

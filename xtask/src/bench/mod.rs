@@ -4,6 +4,7 @@
 mod api;
 mod deploy;
 mod dhcp;
+mod fleet;
 mod http;
 mod images;
 mod tftp;
@@ -16,12 +17,15 @@ pub fn run(what: &str) -> Result<()> {
         "api" => api::run(),
         "tftp" => tftp::run(),
         "dhcp" => dhcp::run(),
+        "fleet" => fleet::run(),
         "images" => images::run(),
         "deploy" => deploy::run(),
         "ui" => ui::run(),
         "http" => http::run(),
         other => {
-            bail!("unknown benchmark `{other}` (known: api, tftp, dhcp, images, deploy, ui, http)")
+            bail!(
+                "unknown benchmark `{other}` (known: api, tftp, dhcp, fleet, images, deploy, ui, http)"
+            )
         }
     }
 }

@@ -1,0 +1,393 @@
+//! `cargo xtask bench fleet`: a simulated fleet (`stork-sim`, release) against one
+//! appliance (release), in one run:
+//!
+//! 1. **Boot storm, Stork**: N machines powered on at once, each through DHCP, its NBP
+//!    (TFTP, or HTTP for UEFI HTTP boot), iPXE's DHCP, the boot script, kernel, initrd and
+//!    ephemeral root, all from `stork serve`.
+//! 2. **Lifecycle, Stork**: N machines added with Redfish BMCs, commissioned, deployed (a
+//!    64 MiB image, downloaded and checked by every machine) and released, Stork powering
+//!    every one through its BMC.
+//! 3. **Boot storm, the peer path**: the same storm as 1 through dnsmasq (DHCP and TFTP)
+//!    and nginx (the script, a static file, and the same boot files).
+//!
+//! It prints each leg's figures, the storm's ratio Stork/peer, deploys per minute beside
+//! Carbide's published 240, and the image bytes' rate against the segment's. It asserts
+//! nothing on time. `STORK_FLEET_MACHINES` sets N (default 1,000).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use stork_lab::process::Spawned;
+use stork_lab::{Appliance, Lab};
+
+/// Deploys per minute Carbide publishes for its simulator (machine-a-tron: 3,000 hosts
+/// ingested in about 25 minutes is 120/min; its scale tests state 240/min).
+const CARBIDE_PER_MINUTE: f64 = 240.0;
+const IMAGE_MIB: usize = 64;
+
+/// A /16 for the fleet: the lab's bridge gets it instead of its /24.
+const FLEET_TOML: &str = "\
+[dhcp]
+prefix_len = 16
+range = [\"10.77.16.0\", \"10.77.31.255\"]
+rate_limit_global = 0
+[http]
+max_connections = 8192
+max_connections_per_ip = 64
+[lifecycle]
+power_poll = 0
+";
+
+pub fn run() -> Result<()> {
+    let n: usize = std::env::var("STORK_FLEET_MACHINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    crate::deps::ensure()?;
+    let boot = crate::images()?;
+    crate::step("building stork and stork-sim (release)");
+    crate::status(crate::cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "stork",
+        "-p",
+        "stork-sim",
+    ]))?;
+    let stork = crate::target().join("release/stork");
+    let sim = crate::target().join("release/stork-sim");
+    let base = crate::target().join("lab");
+
+    crate::step(&format!("1/3 boot storm of {n} machines through Stork"));
+    let mut lab = Lab::new("bench-fleet", &base)?;
+    lab.keep_dir();
+    widen(&lab)?;
+    let config = lab.dir().join("stork.toml");
+    std::fs::write(&config, FLEET_TOML)?;
+    let appliance = Appliance::start_with(&lab, &stork, &boot, &["--config", &path(&config)])?;
+    let tap = lab.add_tap()?;
+    let stork_storm = sim_run(
+        &lab,
+        &sim,
+        &tap,
+        n,
+        1,
+        &["--storm"],
+        &appliance,
+        "storm-stork",
+    )?;
+
+    crate::step("2/3 lifecycle through Stork: Redfish power, commission, deploy, release");
+    register_image(&appliance, &lab)?;
+    let life = sim_run(
+        &lab,
+        &sim,
+        &tap,
+        n,
+        2,
+        &["--image", "bench-image", "--release", "--boot-share", "1"],
+        &appliance,
+        "lifecycle",
+    )?;
+    let stork_log = appliance.log_tail(5);
+    drop(appliance);
+    drop(lab);
+
+    crate::step(&format!(
+        "3/3 boot storm of {n} machines through dnsmasq and nginx"
+    ));
+    let mut peer_lab = Lab::new("bench-fleet-peer", &base)?;
+    widen(&peer_lab)?;
+    let peers = start_peers(&peer_lab, &boot)?;
+    let tap = peer_lab.add_tap()?;
+    let peer_storm = sim_run_plain(&peer_lab, &sim, &tap, n, &["--storm"], "storm-peer")?;
+    drop(peers);
+
+    print_results(n, &stork_storm, &peer_storm, &life);
+    eprintln!("(stork log tail)\n{stork_log}");
+    Ok(())
+}
+
+fn path(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// The lab's bridge as a /16: room for thousands of machines and their BMCs.
+fn widen(lab: &Lab) -> Result<()> {
+    let ns = lab.netns();
+    for args in [
+        vec!["-n", ns, "addr", "flush", "dev", stork_lab::BRIDGE],
+        vec![
+            "-n",
+            ns,
+            "addr",
+            "add",
+            "10.77.0.1/16",
+            "dev",
+            stork_lab::BRIDGE,
+        ],
+    ] {
+        stork_lab::run(Command::new("ip").args(&args))?;
+    }
+    Ok(())
+}
+
+/// A 64 MiB image of pseudo-random bytes (nothing compresses it away).
+fn register_image(appliance: &Appliance, lab: &Lab) -> Result<()> {
+    let dir = appliance.data_dir.join("boot/images");
+    std::fs::create_dir_all(&dir)?;
+    let mut data = vec![0u8; IMAGE_MIB << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(dir.join("bench-image.raw"), &data)?;
+    let resource = serde_json::json!({
+        "name": "bench-image", "kind": "os", "arch": "amd64",
+        "files": [{"role": "raw", "path": "images/bench-image.raw",
+                   "sha256": hex::encode(Sha256::digest(&data)), "size": data.len()}],
+    });
+    let file = lab.dir().join("bench-image.json");
+    std::fs::write(&file, serde_json::to_vec(&resource)?)?;
+    appliance.cli(&["image", "register", &path(&file)])?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sim_run(
+    lab: &Lab,
+    sim: &Path,
+    tap: &str,
+    n: usize,
+    tag: u8,
+    extra: &[&str],
+    appliance: &Appliance,
+    name: &str,
+) -> Result<Value> {
+    let report = lab.dir().join(format!("{name}.json"));
+    let mut cmd = lab.command(sim);
+    cmd.args(["--tap", tap, "--machines", &n.to_string()])
+        .args(["--mac-tag", &tag.to_string(), "--bmc-base", "10.77.64.0"])
+        .args(["--prefix", "16", "--phase-timeout", "3600"])
+        .args(extra)
+        .arg("--report")
+        .arg(&report)
+        .env("STORK_TOKEN", &appliance.token)
+        .env("RUST_LOG", "info");
+    if let Some(pid) = appliance.pid() {
+        cmd.args(["--watch-pid", &pid.to_string()]);
+    }
+    sim_exec(cmd, &report, name)
+}
+
+fn sim_run_plain(
+    lab: &Lab,
+    sim: &Path,
+    tap: &str,
+    n: usize,
+    extra: &[&str],
+    name: &str,
+) -> Result<Value> {
+    let report = lab.dir().join(format!("{name}.json"));
+    let mut cmd = lab.command(sim);
+    cmd.args(["--tap", tap, "--machines", &n.to_string()])
+        .args(["--prefix", "16", "--phase-timeout", "3600"])
+        .args(extra)
+        .arg("--report")
+        .arg(&report)
+        .env("RUST_LOG", "info");
+    sim_exec(cmd, &report, name)
+}
+
+fn sim_exec(mut cmd: Command, report: &Path, name: &str) -> Result<Value> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running stork-sim ({name})"))?;
+    if !status.success() {
+        bail!("stork-sim ({name}) failed: {status}");
+    }
+    let text = std::fs::read(report).with_context(|| format!("reading {}", report.display()))?;
+    let mut kept = crate::target().join("stork/bench");
+    std::fs::create_dir_all(&kept)?;
+    kept.push(format!("fleet-{name}.json"));
+    std::fs::write(&kept, &text)?;
+    let _ = std::fs::copy(report.with_extension("svg"), kept.with_extension("svg"));
+    Ok(serde_json::from_slice(&text)?)
+}
+
+/// dnsmasq (DHCP and TFTP, PXE and iPXE answered as Stork answers them) and nginx (the
+/// script and the boot files) on the peer lab's bridge.
+fn start_peers(lab: &Lab, boot: &Path) -> Result<Vec<Spawned>> {
+    let dir = lab.dir().join("peer");
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root)?;
+    for e in std::fs::read_dir(boot)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::copy(e.path(), root.join(e.file_name()))?;
+        }
+    }
+    // The script Stork gives a machine it does not know, with the same files.
+    std::fs::write(
+        root.join("script.ipxe"),
+        "#!ipxe\n\
+         kernel http://10.77.0.1:8080/vmlinuz initrd=initrd.img console=ttyS0 stork.url=http://10.77.0.1:8080 BOOTIF=01-${net0/mac:hexhyp} stork.ip=${netX/ip}/${netX/netmask} stork.ephemeral=http://10.77.0.1:8080/ephemeral.squashfs\n\
+         initrd http://10.77.0.1:8080/initrd.img\n\
+         boot\n",
+    )?;
+    for d in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        std::fs::create_dir_all(dir.join("nginx-tmp").join(d))?;
+    }
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, nginx_config(&dir, &root))?;
+    let mut nginx = lab.command("nginx");
+    nginx.arg("-c").arg(&conf);
+    let nginx = Spawned::start("nginx", nginx, &dir.join("nginx.out"))?;
+    let mut dnsmasq = lab.command("/usr/sbin/dnsmasq");
+    dnsmasq
+        .args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--port=0",
+            // Its ping before each offer (about 3 s with nobody answering) is on by default;
+            // off here, as a farm of PXE clients would run it: the peer at its fastest.
+            "--no-ping",
+            "--bind-interfaces",
+            "--interface=stork0",
+            "--dhcp-range=10.77.16.0,10.77.31.255,255.255.0.0,1h",
+            "--dhcp-lease-max=20000",
+            "--dhcp-match=set:ipxe,175",
+            "--dhcp-vendorclass=set:bios,PXEClient:Arch:00000",
+            "--dhcp-vendorclass=set:efi,PXEClient:Arch:00007",
+            "--dhcp-vendorclass=set:http,HTTPClient:Arch:00016",
+            "--dhcp-boot=tag:!ipxe,tag:bios,undionly.kpxe",
+            "--dhcp-boot=tag:!ipxe,tag:efi,snponly.efi",
+            "--dhcp-boot=tag:!ipxe,tag:http,http://10.77.0.1:8080/snponly.efi",
+            "--dhcp-option-force=tag:http,60,HTTPClient",
+            "--dhcp-boot=tag:ipxe,http://10.77.0.1:8080/script.ipxe",
+            "--enable-tftp",
+            "--tftp-max=5000",
+            "--pid-file",
+        ])
+        .arg(format!("--tftp-root={}", root.display()))
+        .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+        .arg(format!(
+            "--log-facility={}",
+            dir.join("dnsmasq.log").display()
+        ));
+    let dnsmasq = Spawned::start("dnsmasq", dnsmasq, &dir.join("dnsmasq.out"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(vec![nginx, dnsmasq])
+}
+
+fn nginx_config(dir: &Path, root: &Path) -> String {
+    let tmp = dir.join("nginx-tmp");
+    format!(
+        r#"daemon off;
+master_process on;
+worker_processes auto;
+user root;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    sendfile on;
+    tcp_nopush on;
+    default_type application/octet-stream;
+    server {{
+        listen 10.77.0.1:8080;
+        root {root};
+    }}
+}}
+"#,
+        dir = dir.display(),
+        tmp = tmp.display(),
+        root = root.display(),
+    )
+}
+
+fn spread(v: &Value, key: &str) -> String {
+    let s = &v[key];
+    if s.is_null() {
+        return "-".into();
+    }
+    format!(
+        "n={} p50 {:.1} s p99 {:.1} s max {:.1} s",
+        s["count"],
+        s["p50"].as_f64().unwrap_or(0.0),
+        s["p99"].as_f64().unwrap_or(0.0),
+        s["max"].as_f64().unwrap_or(0.0)
+    )
+}
+
+fn print_results(n: usize, stork: &Value, peer: &Value, life: &Value) {
+    let last = |v: &Value, k: &str| v[k]["max"].as_f64();
+    println!(
+        "\nfleet benchmark: {n} simulated machines (stork-sim, smoltcp, one tap), this machine's 2 cores shared by the appliance, the peers and the sim"
+    );
+    println!("boot storm (power-on to the agent's kernel, initrd and ephemeral root fetched):");
+    println!("  Stork           {}", spread(stork, "storm"));
+    println!("  dnsmasq+nginx   {}", spread(peer, "storm"));
+    if let (Some(s), Some(p)) = (last(stork, "storm"), last(peer, "storm")) {
+        println!(
+            "  whole storm: Stork {s:.1} s, peer {p:.1} s, Stork/peer {:.2} (below 1: Stork faster)",
+            s / p
+        );
+    }
+    println!(
+        "  statuses: Stork {}  peer {}",
+        stork["operator"], peer["operator"]
+    );
+    println!(
+        "lifecycle through Stork (Redfish power, commission, deploy of a {IMAGE_MIB} MiB image, release):"
+    );
+    for k in ["commission", "deploy", "release"] {
+        println!("  {k:<10} {}", spread(life, k));
+    }
+    println!("  final statuses: {}", life["statuses"]);
+    println!("  failures: {}", life["failures"]);
+    if let Some(r) = life["deploys_per_minute"].as_f64() {
+        println!(
+            "  deploys per minute: {r:.0} (Carbide publishes {CARBIDE_PER_MINUTE:.0}: Stork/Carbide {:.2})",
+            r / CARBIDE_PER_MINUTE
+        );
+    }
+    if let (Some(bytes), Some(t)) = (life["image_bytes"].as_f64(), last(life, "deploy")) {
+        println!(
+            "  image bytes: {:.0} MiB in {t:.0} s = {:.0} MiB/s over the tap",
+            bytes / 1048576.0,
+            bytes / 1048576.0 / t
+        );
+    }
+    let peak = |v: &Value, k: &str| {
+        v["appliance"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|s| s[k].as_f64()).fold(0.0, f64::max))
+            .unwrap_or(0.0)
+    };
+    println!(
+        "  appliance peaks: CPU {:.2} cores, RSS {:.0} MiB, fds {:.0}",
+        peak(life, "cpu"),
+        peak(life, "rss_mib"),
+        peak(life, "fds")
+    );
+    let kept = crate::target().join("stork/bench");
+    println!(
+        "reports and charts: {}",
+        kept.join("fleet-*.{json,svg}").display()
+    );
+}
