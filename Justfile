@@ -48,6 +48,12 @@ bench-images:
 bench-api:
     cargo xtask bench api
 
+# A simulated fleet (stork-sim, 1,000 machines; STORK_FLEET_MACHINES sets it): a boot
+# storm through Stork and through dnsmasq and nginx, then Redfish power, commission, deploy
+# and release through Stork (needs root).
+bench-fleet:
+    cargo xtask bench fleet
+
 # Deploy: a QEMU machine's power-on to Deployed, per phase, against its floor (needs root).
 bench-deploy:
     cargo xtask bench deploy

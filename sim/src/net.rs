@@ -565,6 +565,56 @@ pub struct TcpStream {
 }
 
 impl TcpStream {
+    /// A new socket of the host (buffers of `rx` and `tx` bytes, closed after `idle` of
+    /// silence), connected or listening by `setup`.
+    fn open(
+        net: &Rc<Net>,
+        host: HostId,
+        (rx, tx): (usize, usize),
+        idle: u64,
+        setup: impl FnOnce(&mut tcp::Socket<'static>, &mut Host) -> io::Result<()>,
+    ) -> io::Result<Self> {
+        let generation = net.generation(host);
+        let handle = net
+            .with_host(host, generation, |h| -> io::Result<SocketHandle> {
+                let mut socket = tcp::Socket::new(
+                    tcp::SocketBuffer::new(vec![0; rx]),
+                    tcp::SocketBuffer::new(vec![0; tx]),
+                );
+                socket.set_timeout(Some(smoltcp::time::Duration::from_secs(idle)));
+                setup(&mut socket, h)?;
+                Ok(h.sockets.add(socket))
+            })
+            .ok_or_else(gone)??;
+        Ok(Self {
+            net: net.clone(),
+            host,
+            generation,
+            handle,
+        })
+    }
+
+    /// Waits while the socket is in one of `waiting`; then `Ok` if it is established.
+    async fn settle(
+        &self,
+        waiting: &[tcp::State],
+        refused: impl Fn() -> io::Error,
+    ) -> io::Result<()> {
+        std::future::poll_fn(|cx| {
+            self.socket(|s| match s.state() {
+                tcp::State::Established => Poll::Ready(Ok(())),
+                state if waiting.contains(&state) => {
+                    s.register_send_waker(cx.waker());
+                    s.register_recv_waker(cx.waker());
+                    Poll::Pending
+                }
+                _ => Poll::Ready(Err(refused())),
+            })
+            .unwrap_or_else(|| Poll::Ready(Err(gone())))
+        })
+        .await
+    }
+
     /// Connects the host to `to`; fails when refused, reset or not established in `timeout`.
     pub async fn connect(
         net: &Rc<Net>,
@@ -572,43 +622,20 @@ impl TcpStream {
         to: (Ipv4Addr, u16),
         timeout: Duration,
     ) -> io::Result<Self> {
-        let generation = net.generation(host);
-        let handle = net
-            .with_host(host, generation, |h| -> io::Result<SocketHandle> {
-                let mut socket = tcp::Socket::new(
-                    tcp::SocketBuffer::new(vec![0; TCP_RX]),
-                    tcp::SocketBuffer::new(vec![0; TCP_TX]),
-                );
-                socket.set_timeout(Some(smoltcp::time::Duration::from_secs(60)));
-                let port = h.next_port;
-                h.next_port = if port >= 65000 { 49152 } else { port + 1 };
-                socket
-                    .connect(h.iface.context(), (IpAddress::Ipv4(to.0), to.1), port)
-                    .map_err(|e| io::Error::new(io::ErrorKind::AddrNotAvailable, format!("{e}")))?;
-                Ok(h.sockets.add(socket))
-            })
-            .ok_or_else(gone)??;
-        let stream = Self {
-            net: net.clone(),
-            host,
-            generation,
-            handle,
+        let stream = Self::open(net, host, (TCP_RX, TCP_TX), 60, |socket, h| {
+            let port = h.next_port;
+            h.next_port = if port >= 65000 { 49152 } else { port + 1 };
+            socket
+                .connect(h.iface.context(), (IpAddress::Ipv4(to.0), to.1), port)
+                .map_err(|e| io::Error::new(io::ErrorKind::AddrNotAvailable, format!("{e}")))
+        })?;
+        let refused = || {
+            io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("connecting to {}:{}: refused", to.0, to.1),
+            )
         };
-        let established = std::future::poll_fn(|cx| {
-            let state = stream.socket(|s| match s.state() {
-                tcp::State::Established => Poll::Ready(Ok(())),
-                tcp::State::SynSent | tcp::State::SynReceived => {
-                    s.register_send_waker(cx.waker());
-                    s.register_recv_waker(cx.waker());
-                    Poll::Pending
-                }
-                _ => Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    format!("connecting to {}:{}: refused", to.0, to.1),
-                ))),
-            });
-            state.unwrap_or_else(|| Poll::Ready(Err(gone())))
-        });
+        let established = stream.settle(&[tcp::State::SynSent, tcp::State::SynReceived], refused);
         match tokio::time::timeout(timeout, established).await {
             Ok(r) => r.map(|()| stream),
             Err(_) => Err(io::Error::new(
@@ -620,39 +647,15 @@ impl TcpStream {
 
     /// Waits for one connection to the host's `port`.
     pub async fn accept(net: &Rc<Net>, host: HostId, port: u16) -> io::Result<Self> {
-        let generation = net.generation(host);
-        let handle = net
-            .with_host(host, generation, |h| -> io::Result<SocketHandle> {
-                let mut socket = tcp::Socket::new(
-                    tcp::SocketBuffer::new(vec![0; 16 * 1024]),
-                    tcp::SocketBuffer::new(vec![0; 16 * 1024]),
-                );
-                socket.set_timeout(Some(smoltcp::time::Duration::from_secs(30)));
-                socket
-                    .listen(port)
-                    .map_err(|e| io::Error::new(io::ErrorKind::AddrInUse, format!("{e}")))?;
-                Ok(h.sockets.add(socket))
-            })
-            .ok_or_else(gone)??;
-        let stream = Self {
-            net: net.clone(),
-            host,
-            generation,
-            handle,
-        };
-        std::future::poll_fn(|cx| {
-            stream
-                .socket(|s| match s.state() {
-                    tcp::State::Listen | tcp::State::SynReceived => {
-                        s.register_recv_waker(cx.waker());
-                        s.register_send_waker(cx.waker());
-                        Poll::Pending
-                    }
-                    _ => Poll::Ready(Ok(())),
-                })
-                .unwrap_or_else(|| Poll::Ready(Err(gone())))
-        })
-        .await?;
+        let stream = Self::open(net, host, (16 * 1024, 16 * 1024), 30, |socket, _| {
+            socket
+                .listen(port)
+                .map_err(|e| io::Error::new(io::ErrorKind::AddrInUse, format!("{e}")))
+        })?;
+        let reset = || io::Error::new(io::ErrorKind::ConnectionReset, "reset before established");
+        stream
+            .settle(&[tcp::State::Listen, tcp::State::SynReceived], reset)
+            .await?;
         Ok(stream)
     }
 

@@ -243,11 +243,11 @@ fn start_peers(lab: &Lab, boot: &Path) -> Result<Vec<Spawned>> {
          initrd http://10.77.0.1:8080/initrd.img\n\
          boot\n",
     )?;
-    for d in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-        std::fs::create_dir_all(dir.join("nginx-tmp").join(d))?;
-    }
     let conf = dir.join("nginx.conf");
-    std::fs::write(&conf, nginx_config(&dir, &root))?;
+    std::fs::write(
+        &conf,
+        super::nginx_config(&dir, &root, &dir, "10.77.0.1:8080"),
+    )?;
     let mut nginx = lab.command("nginx");
     nginx.arg("-c").arg(&conf);
     let nginx = Spawned::start("nginx", nginx, &dir.join("nginx.out"))?;
@@ -286,38 +286,6 @@ fn start_peers(lab: &Lab, boot: &Path) -> Result<Vec<Spawned>> {
     let dnsmasq = Spawned::start("dnsmasq", dnsmasq, &dir.join("dnsmasq.out"))?;
     std::thread::sleep(Duration::from_millis(500));
     Ok(vec![nginx, dnsmasq])
-}
-
-fn nginx_config(dir: &Path, root: &Path) -> String {
-    let tmp = dir.join("nginx-tmp");
-    format!(
-        r#"daemon off;
-master_process on;
-worker_processes auto;
-user root;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    sendfile on;
-    tcp_nopush on;
-    default_type application/octet-stream;
-    server {{
-        listen 10.77.0.1:8080;
-        root {root};
-    }}
-}}
-"#,
-        dir = dir.display(),
-        tmp = tmp.display(),
-        root = root.display(),
-    )
 }
 
 fn spread(v: &Value, key: &str) -> String {

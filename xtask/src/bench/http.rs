@@ -75,9 +75,6 @@ pub fn run() -> Result<()> {
     let boot = data.join("boot");
     std::fs::create_dir_all(&boot)?;
     std::fs::create_dir_all(&logs)?;
-    for d in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-        std::fs::create_dir_all(dir.join("nginx-tmp").join(d))?;
-    }
     // The store starts empty each run; the file stays (writing 512 MiB takes a while).
     let _ = std::fs::remove_file(data.join("stork.db"));
     crate::step(&format!(
@@ -113,7 +110,10 @@ pub fn run() -> Result<()> {
     let mut stork_proc = Spawned::start("stork serve", cmd, &logs.join("stork.log"))?;
 
     let nginx_conf = dir.join("nginx.conf");
-    std::fs::write(&nginx_conf, nginx_config(&dir, &data, &logs))?;
+    std::fs::write(
+        &nginx_conf,
+        super::nginx_config(&dir, &data, &logs, &format!("{}:{}", NGINX.ip, NGINX.port)),
+    )?;
     let cmd = net.server(Command::new("nginx").arg("-c").arg(&nginx_conf));
     let mut nginx_proc = Spawned::start("nginx", cmd, &logs.join("nginx.out"))?;
 
@@ -214,44 +214,6 @@ pub fn run() -> Result<()> {
     drop(stork_proc);
     drop(nginx_proc);
     Ok(())
-}
-
-/// nginx as a peer should run: sendfile with TCP_NOPUSH (TCP_CORK), a worker per core,
-/// everything it writes under the bench directory; `root` is the directory whose `boot/`
-/// Stork serves, so both serve the same file at the same path.
-fn nginx_config(dir: &Path, root: &Path, logs: &Path) -> String {
-    let tmp = dir.join("nginx-tmp");
-    format!(
-        r#"daemon off;
-master_process on;
-worker_processes auto;
-user root;
-pid {dir}/nginx.pid;
-error_log {logs}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {logs}/nginx-access.log;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    sendfile on;
-    tcp_nopush on;
-    default_type application/octet-stream;
-    server {{
-        listen {ip}:{port};
-        root {root};
-    }}
-}}
-"#,
-        dir = dir.display(),
-        logs = logs.display(),
-        tmp = tmp.display(),
-        root = root.display(),
-        ip = NGINX.ip,
-        port = NGINX.port,
-    )
 }
 
 /// One curl download of the file to `local`; its wall-clock time.

@@ -10,6 +10,8 @@ mod images;
 mod tftp;
 mod ui;
 
+use std::path::Path;
+
 use anyhow::{Result, bail};
 
 pub fn run(what: &str) -> Result<()> {
@@ -237,4 +239,43 @@ pub fn timed_together(
         bail!("{failed} of {total} {what} failed");
     }
     Ok(took)
+}
+
+/// nginx as a peer should run: sendfile with TCP_NOPUSH (TCP_CORK), a worker per core, no
+/// access log, everything it writes under `dir` (its temporary directories made here),
+/// serving `root` on `listen` (`ip:port`).
+pub fn nginx_config(dir: &Path, root: &Path, logs: &Path, listen: &str) -> String {
+    let tmp = dir.join("nginx-tmp");
+    for d in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        let _ = std::fs::create_dir_all(tmp.join(d));
+    }
+    format!(
+        r#"daemon off;
+master_process on;
+worker_processes auto;
+user root;
+pid {dir}/nginx.pid;
+error_log {logs}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    sendfile on;
+    tcp_nopush on;
+    default_type application/octet-stream;
+    server {{
+        listen {listen};
+        root {root};
+    }}
+}}
+"#,
+        dir = dir.display(),
+        logs = logs.display(),
+        tmp = tmp.display(),
+        root = root.display(),
+    )
 }
