@@ -58,6 +58,41 @@ pub fn os_resource(
     })
 }
 
+/// Registers OS image `name` on `appliance`: one raw file of `bytes` pseudo-random bytes
+/// (nothing compresses them away) under `DATA_DIR/boot/images/`, with its sha256. For
+/// simulated machines, which download and check an image and write it nowhere.
+pub fn register_random_image(appliance: &crate::Appliance, name: &str, bytes: usize) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    let dir = appliance.data_dir.join("boot/images");
+    std::fs::create_dir_all(&dir)?;
+    let mut data = vec![0u8; bytes];
+    // xorshift64: fast, and the same bytes every run.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let file = format!("{name}.raw");
+    std::fs::write(dir.join(&file), &data)?;
+    let resource = BootResource {
+        name: name.to_string(),
+        kind: "os".into(),
+        arch: Some("amd64".into()),
+        files: vec![ResourceFile {
+            role: ImageRole::Raw,
+            path: format!("images/{file}"),
+            sha256: hex::encode(Sha256::digest(&data)),
+            size: bytes as u64,
+        }],
+    };
+    let json = appliance.data_dir.join(format!("{name}.resource.json"));
+    std::fs::write(&json, serde_json::to_vec_pretty(&resource)?)?;
+    appliance.cli(&["image", "register", &json.to_string_lossy()])?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

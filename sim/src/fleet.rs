@@ -214,7 +214,6 @@ async fn fleet(config: &FleetConfig, epoch: Instant) -> Result<Report> {
         finals,
         net.counters(),
         samples,
-        epoch,
     ))
 }
 
@@ -270,7 +269,6 @@ async fn storm(
         BTreeMap::new(),
         net.counters(),
         samples,
-        epoch,
     ))
 }
 

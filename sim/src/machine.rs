@@ -37,13 +37,38 @@ pub struct Faults {
     pub slow_bmc: Option<Duration>,
 }
 
-/// What the machine's disk holds once an image is installed: the phone-home's identity.
-#[derive(Debug, Clone)]
-struct Installed {
-    api: Url,
-    fingerprint: Option<String>,
-    machine_id: String,
+/// One boot's agent API: where it is, how it is trusted, the machine and its token. The
+/// installed OS keeps it for its phone-home (the seed carries the same token).
+#[derive(Clone)]
+struct AgentApi {
+    http: Client,
+    base: Url,
+    id: String,
     token: String,
+}
+
+impl AgentApi {
+    /// `POST /api/v1/agent/<id>/<what>` with the token; the answer as `T`.
+    async fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        body: &impl Serialize,
+    ) -> Result<T> {
+        self.call(Method::POST, what, Some(body)).await
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        what: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T> {
+        let url = self.base.join(&agent_path(&self.id, what));
+        self.http
+            .json(method, &url, Some(&self.token), body, API_TIMEOUT)
+            .await
+            .with_context(|| what.to_string())
+    }
 }
 
 /// The next boot device a BMC set.
@@ -71,12 +96,13 @@ pub mod phase {
     pub const POWER_OFF: &str = "power_off";
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct State {
     pub on: bool,
     pub boot_once: Option<BootTarget>,
     pub persistent_boot: Option<BootTarget>,
-    installed: Option<Installed>,
+    /// The installed OS's phone-home, once an image is installed.
+    installed: Option<AgentApi>,
     task: Option<tokio::task::JoinHandle<()>>,
     /// (phase, seconds since the fleet started), in order.
     pub marks: Vec<(&'static str, f64)>,
@@ -371,20 +397,10 @@ impl Machine {
         if self.faults.no_phone_home {
             return Ok(End::Stay);
         }
-        let api = self.api_client(&os.api, os.fingerprint.clone())?;
-        let path = agent_path(&os.machine_id, "deployed");
+        let empty = serde_json::json!({});
         let mut tries = 0;
         loop {
-            match api
-                .json::<serde_json::Value>(
-                    Method::POST,
-                    &os.api.join(&path),
-                    Some(&os.token),
-                    Some(&serde_json::json!({})),
-                    API_TIMEOUT,
-                )
-                .await
-            {
+            match os.post::<serde_json::Value>("deployed", &empty).await {
                 Ok(_) => break,
                 Err(e) if tries < 5 => {
                     self.error(format!("phone-home: {e:#}"));
@@ -439,36 +455,24 @@ impl Machine {
             self.mark(phase::ENLISTED);
             return Ok(End::PowerOff);
         };
-        let call = |what: &str| api_url.join(&agent_path(id, what));
-        let task: Task = api
-            .json(
-                Method::GET,
-                &call("task"),
-                Some(token),
-                None::<&()>,
-                API_TIMEOUT,
-            )
-            .await
-            .context("task")?;
+        let agent = AgentApi {
+            http: api.clone(),
+            base: api_url.clone(),
+            id: id.clone(),
+            token: token.clone(),
+        };
+        let empty = serde_json::json!({});
+        let task: Task = agent.call(Method::GET, "task", None::<&()>).await?;
         match task {
             Task::Commission => {
                 self.state.borrow_mut().in_flight = Some(phase::COMMISSIONED);
-                let _: EnlistResponse = api
-                    .json(
-                        Method::POST,
-                        &call("commissioned"),
-                        Some(token),
-                        Some(&self.inventory()),
-                        API_TIMEOUT,
-                    )
-                    .await
-                    .context("commissioned")?;
+                let _: EnlistResponse = agent.post("commissioned", &self.inventory()).await?;
                 self.state.borrow_mut().in_flight = None;
                 self.mark(phase::COMMISSIONED);
                 Ok(End::PowerOff)
             }
             Task::Deploy(d) => {
-                let beats = self.heartbeats(api.clone(), call("heartbeat"), token.clone());
+                let beats = self.heartbeats(agent.clone());
                 let result = self.deploy(&api, &d.image).await;
                 beats.abort();
                 if let Err(e) = result {
@@ -479,62 +483,25 @@ impl Machine {
                         progress: None,
                         log_tail: None,
                     };
-                    let _ = api
-                        .json::<serde_json::Value>(
-                            Method::POST,
-                            &call("events"),
-                            Some(token),
-                            Some(&event),
-                            API_TIMEOUT,
-                        )
-                        .await;
+                    let _ = agent.post::<serde_json::Value>("events", &event).await;
                     return Err(e);
                 }
-                let _: serde_json::Value = api
-                    .json(
-                        Method::POST,
-                        &call("installed"),
-                        Some(token),
-                        Some(&serde_json::json!({})),
-                        API_TIMEOUT,
-                    )
-                    .await
-                    .context("installed")?;
+                let _: serde_json::Value = agent.post("installed", &empty).await?;
                 let leaving = Heartbeat {
                     step: AgentStep::Installed,
                     leaving: true,
                 };
-                let _ = api
-                    .json::<serde_json::Value>(
-                        Method::POST,
-                        &call("heartbeat"),
-                        Some(token),
-                        Some(&leaving),
-                        API_TIMEOUT,
-                    )
+                let _ = agent
+                    .post::<serde_json::Value>(stork_proto::HEARTBEAT, &leaving)
                     .await;
                 self.mark(phase::INSTALLED);
-                self.state.borrow_mut().installed = Some(Installed {
-                    api: api_url.clone(),
-                    fingerprint: args.api.as_ref().map(|a| a.fingerprint.clone()),
-                    machine_id: id.clone(),
-                    token: token.clone(),
-                });
+                self.state.borrow_mut().installed = Some(agent);
                 Ok(End::Reboot)
             }
             Task::Erase { .. } => {
                 self.state.borrow_mut().installed = None;
                 self.state.borrow_mut().in_flight = Some(phase::RELEASED);
-                let _: serde_json::Value = api
-                    .json(
-                        Method::POST,
-                        &call("released"),
-                        Some(token),
-                        Some(&serde_json::json!({})),
-                        API_TIMEOUT,
-                    )
-                    .await
-                    .context("released")?;
+                let _: serde_json::Value = agent.post("released", &empty).await?;
                 self.state.borrow_mut().in_flight = None;
                 self.mark(phase::RELEASED);
                 Ok(End::PowerOff)
@@ -543,13 +510,8 @@ impl Machine {
         }
     }
 
-    /// Heartbeats every 10 s, on a task of their own, until aborted.
-    fn heartbeats(
-        self: &Rc<Self>,
-        api: Client,
-        url: Url,
-        token: String,
-    ) -> tokio::task::JoinHandle<()> {
+    /// Heartbeats every 10 s, on a task of their own, until aborted or the agent stalls.
+    fn heartbeats(self: &Rc<Self>, agent: AgentApi) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::task::spawn_local(async move {
             let mut every =
@@ -563,14 +525,8 @@ impl Machine {
                     step: AgentStep::Image,
                     leaving: false,
                 };
-                let _ = api
-                    .json::<serde_json::Value>(
-                        Method::POST,
-                        &url,
-                        Some(&token),
-                        Some(&beat),
-                        API_TIMEOUT,
-                    )
+                let _ = agent
+                    .post::<serde_json::Value>(stork_proto::HEARTBEAT, &beat)
                     .await;
             }
         })

@@ -132,6 +132,13 @@ impl Host {
     fn ipv4(&self) -> Option<Ipv4Address> {
         self.iface.ipv4_addr()
     }
+
+    /// The next ephemeral port, 49152 to 65000 round and round.
+    fn take_port(&mut self) -> u16 {
+        let port = self.next_port;
+        self.next_port = if port >= 65000 { 49152 } else { port + 1 };
+        port
+    }
 }
 
 struct Inner {
@@ -267,12 +274,8 @@ impl Net {
         by_ip.insert(ip, id);
     }
 
-    pub fn address(&self, id: HostId) -> Option<Ipv4Addr> {
-        self.inner.borrow().hosts[id].ipv4()
-    }
-
-    fn touch(&self, inner: &mut Inner, id: HostId) {
-        inner.dirty.push(id);
+    fn touch(&self, id: HostId) {
+        self.inner.borrow_mut().dirty.push(id);
         self.wake.notify_one();
     }
 
@@ -471,8 +474,18 @@ impl Net {
         if host.generation != generation {
             return None;
         }
-        let r = f(host);
-        self.touch(&mut inner, id);
+        Some(f(host))
+    }
+
+    /// As [`Net::with_host`], for a change the host must act on: it is polled next round.
+    fn change_host<R>(
+        &self,
+        id: HostId,
+        generation: u64,
+        f: impl FnOnce(&mut Host) -> R,
+    ) -> Option<R> {
+        let r = self.with_host(id, generation, f)?;
+        self.touch(id);
         Some(r)
     }
 }
@@ -576,7 +589,7 @@ impl TcpStream {
     ) -> io::Result<Self> {
         let generation = net.generation(host);
         let handle = net
-            .with_host(host, generation, |h| -> io::Result<SocketHandle> {
+            .change_host(host, generation, |h| -> io::Result<SocketHandle> {
                 let mut socket = tcp::Socket::new(
                     tcp::SocketBuffer::new(vec![0; rx]),
                     tcp::SocketBuffer::new(vec![0; tx]),
@@ -623,8 +636,7 @@ impl TcpStream {
         timeout: Duration,
     ) -> io::Result<Self> {
         let stream = Self::open(net, host, (TCP_RX, TCP_TX), 60, |socket, h| {
-            let port = h.next_port;
-            h.next_port = if port >= 65000 { 49152 } else { port + 1 };
+            let port = h.take_port();
             socket
                 .connect(h.iface.context(), (IpAddress::Ipv4(to.0), to.1), port)
                 .map_err(|e| io::Error::new(io::ErrorKind::AddrNotAvailable, format!("{e}")))
@@ -665,6 +677,19 @@ impl TcpStream {
             f(h.sockets.get_mut::<tcp::Socket>(self.handle))
         })
     }
+
+    /// One step of a read or write: the host is polled next round only when bytes moved
+    /// (a window to open, data to send), not when the step waits.
+    fn poll_socket<T>(
+        &self,
+        f: impl FnOnce(&mut tcp::Socket<'static>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let r = self.socket(f).unwrap_or_else(|| Poll::Ready(Err(gone())));
+        if r.is_ready() {
+            self.net.touch(self.host);
+        }
+        r
+    }
 }
 
 impl AsyncRead for TcpStream {
@@ -673,7 +698,7 @@ impl AsyncRead for TcpStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let r = self.socket(|s| {
+        self.poll_socket(|s| {
             if s.can_recv() {
                 let n = s
                     .recv_slice(buf.initialize_unfilled())
@@ -687,8 +712,7 @@ impl AsyncRead for TcpStream {
             }
             s.register_recv_waker(cx.waker());
             Poll::Pending
-        });
-        r.unwrap_or_else(|| Poll::Ready(Err(gone())))
+        })
     }
 }
 
@@ -698,7 +722,7 @@ impl AsyncWrite for TcpStream {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = self.socket(|s| {
+        self.poll_socket(|s| {
             if !s.may_send() {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::BrokenPipe,
@@ -713,8 +737,7 @@ impl AsyncWrite for TcpStream {
             }
             s.register_send_waker(cx.waker());
             Poll::Pending
-        });
-        r.unwrap_or_else(|| Poll::Ready(Err(gone())))
+        })
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -723,6 +746,7 @@ impl AsyncWrite for TcpStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.socket(|s| s.close());
+        self.net.touch(self.host);
         Poll::Ready(Ok(()))
     }
 }
@@ -732,7 +756,7 @@ impl Drop for TcpStream {
         // Closed, then forgotten: smoltcp sends the FIN on the next poll even though the
         // socket leaves the set (it is removed once the host polls it out).
         let handle = self.handle;
-        self.net.with_host(self.host, self.generation, |h| {
+        self.net.change_host(self.host, self.generation, |h| {
             let s = h.sockets.get_mut::<tcp::Socket>(handle);
             if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
                 h.sockets.remove(handle);
@@ -768,8 +792,7 @@ impl UdpSocket {
                         vec![0; 16 * 1024],
                     ),
                 );
-                let port = h.next_port;
-                h.next_port = if port >= 65000 { 49152 } else { port + 1 };
+                let port = h.take_port();
                 socket
                     .bind(port)
                     .map_err(|e| io::Error::new(io::ErrorKind::AddrInUse, format!("{e}")))?;
@@ -786,7 +809,7 @@ impl UdpSocket {
 
     pub fn send_to(&self, data: &[u8], to: (Ipv4Addr, u16)) -> io::Result<()> {
         self.net
-            .with_host(self.host, self.generation, |h| {
+            .change_host(self.host, self.generation, |h| {
                 h.sockets
                     .get_mut::<udp::Socket>(self.handle)
                     .send_slice(data, (IpAddress::Ipv4(to.0), to.1))

@@ -180,7 +180,6 @@ pub fn build(
     finals: BTreeMap<String, ApiMachine>,
     tap: Counters,
     appliance: Vec<Sample>,
-    _epoch: Instant,
 ) -> Report {
     let by_mac: BTreeMap<String, &ApiMachine> = finals
         .values()

@@ -14,10 +14,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use stork_lab::{Appliance, Lab};
-use stork_proto::ImageRole;
-use stork_proto::api::{BootResource, ResourceFile};
 use stork_tests::{boot_files, lab_dir, require_artefacts, stork_bin};
 
 const MACHINES: usize = 50;
@@ -38,39 +35,9 @@ fn sim_bin() -> std::path::PathBuf {
         .unwrap_or_else(|| stork_bin().with_file_name("stork-sim"))
 }
 
-/// A small raw image (8 MiB of pseudo-random bytes): the simulated agent downloads and
-/// checks it, and writes it nowhere.
-fn register_tiny_image(appliance: &Appliance, lab: &Lab) -> Result<()> {
-    let dir = appliance.data_dir.join("boot/images");
-    std::fs::create_dir_all(&dir)?;
-    let mut data = vec![0u8; 8 << 20];
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    std::fs::write(dir.join("sim-tiny.raw"), &data)?;
-    let resource = BootResource {
-        name: IMAGE.into(),
-        kind: "os".into(),
-        arch: Some("amd64".into()),
-        files: vec![ResourceFile {
-            role: ImageRole::Raw,
-            path: "images/sim-tiny.raw".into(),
-            sha256: hex::encode(Sha256::digest(&data)),
-            size: data.len() as u64,
-        }],
-    };
-    let file = lab.dir().join("sim-tiny.json");
-    std::fs::write(&file, serde_json::to_vec_pretty(&resource)?)?;
-    appliance.cli(&["image", "register", &file.to_string_lossy()])?;
-    Ok(())
-}
-
 fn run_fleet(lab: &mut Lab, appliance: &Appliance) -> Result<Value> {
-    register_tiny_image(appliance, lab)?;
+    // 8 MiB: each simulated agent downloads and checks it, and writes it nowhere.
+    stork_lab::images::register_random_image(appliance, IMAGE, 8 << 20)?;
     let tap = lab.add_tap()?;
     let report = lab.dir().join("fleet.json");
     let out = lab

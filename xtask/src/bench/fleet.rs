@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use stork_lab::process::Spawned;
 use stork_lab::{Appliance, Lab};
 
@@ -73,25 +72,23 @@ pub fn run() -> Result<()> {
     let tap = lab.add_tap()?;
     let stork_storm = sim_run(
         &lab,
-        &sim,
-        &tap,
+        (&sim, &tap),
         n,
         1,
         &["--storm"],
-        &appliance,
+        Some(&appliance),
         "storm-stork",
     )?;
 
     crate::step("2/3 lifecycle through Stork: Redfish power, commission, deploy, release");
-    register_image(&appliance, &lab)?;
+    stork_lab::images::register_random_image(&appliance, "bench-image", IMAGE_MIB << 20)?;
     let life = sim_run(
         &lab,
-        &sim,
-        &tap,
+        (&sim, &tap),
         n,
         2,
         &["--image", "bench-image", "--release", "--boot-share", "1"],
-        &appliance,
+        Some(&appliance),
         "lifecycle",
     )?;
     let stork_log = appliance.log_tail(5);
@@ -105,7 +102,15 @@ pub fn run() -> Result<()> {
     widen(&peer_lab)?;
     let peers = start_peers(&peer_lab, &boot)?;
     let tap = peer_lab.add_tap()?;
-    let peer_storm = sim_run_plain(&peer_lab, &sim, &tap, n, &["--storm"], "storm-peer")?;
+    let peer_storm = sim_run(
+        &peer_lab,
+        (&sim, &tap),
+        n,
+        1,
+        &["--storm"],
+        None,
+        "storm-peer",
+    )?;
     drop(peers);
 
     print_results(n, &stork_storm, &peer_storm, &life);
@@ -137,39 +142,15 @@ fn widen(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-/// A 64 MiB image of pseudo-random bytes (nothing compresses it away).
-fn register_image(appliance: &Appliance, lab: &Lab) -> Result<()> {
-    let dir = appliance.data_dir.join("boot/images");
-    std::fs::create_dir_all(&dir)?;
-    let mut data = vec![0u8; IMAGE_MIB << 20];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    std::fs::write(dir.join("bench-image.raw"), &data)?;
-    let resource = serde_json::json!({
-        "name": "bench-image", "kind": "os", "arch": "amd64",
-        "files": [{"role": "raw", "path": "images/bench-image.raw",
-                   "sha256": hex::encode(Sha256::digest(&data)), "size": data.len()}],
-    });
-    let file = lab.dir().join("bench-image.json");
-    std::fs::write(&file, serde_json::to_vec(&resource)?)?;
-    appliance.cli(&["image", "register", &path(&file)])?;
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
+/// Runs `stork-sim` on `tap` with `n` machines (MACs tagged `tag`), against `appliance`
+/// when there is one (its token, its process sampled); returns its report.
 fn sim_run(
     lab: &Lab,
-    sim: &Path,
-    tap: &str,
+    (sim, tap): (&Path, &str),
     n: usize,
     tag: u8,
     extra: &[&str],
-    appliance: &Appliance,
+    appliance: Option<&Appliance>,
     name: &str,
 ) -> Result<Value> {
     let report = lab.dir().join(format!("{name}.json"));
@@ -180,30 +161,13 @@ fn sim_run(
         .args(extra)
         .arg("--report")
         .arg(&report)
-        .env("STORK_TOKEN", &appliance.token)
         .env("RUST_LOG", "info");
-    if let Some(pid) = appliance.pid() {
-        cmd.args(["--watch-pid", &pid.to_string()]);
+    if let Some(a) = appliance {
+        cmd.env("STORK_TOKEN", &a.token);
+        if let Some(pid) = a.pid() {
+            cmd.args(["--watch-pid", &pid.to_string()]);
+        }
     }
-    sim_exec(cmd, &report, name)
-}
-
-fn sim_run_plain(
-    lab: &Lab,
-    sim: &Path,
-    tap: &str,
-    n: usize,
-    extra: &[&str],
-    name: &str,
-) -> Result<Value> {
-    let report = lab.dir().join(format!("{name}.json"));
-    let mut cmd = lab.command(sim);
-    cmd.args(["--tap", tap, "--machines", &n.to_string()])
-        .args(["--prefix", "16", "--phase-timeout", "3600"])
-        .args(extra)
-        .arg("--report")
-        .arg(&report)
-        .env("RUST_LOG", "info");
     sim_exec(cmd, &report, name)
 }
 
