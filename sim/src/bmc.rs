@@ -1,7 +1,9 @@
-//! A simulated machine's BMC: a Redfish service (plain HTTP, basic auth) on an address of
-//! its own, with the resources Stork's Redfish driver reads and writes: the Systems
-//! collection, the ComputerSystem's `PowerState` and boot override, its Reset action.
-//! Stork powers the simulated fleet through these exactly as it powers real machines.
+//! A simulated machine's BMC on an address of its own, speaking both protocols a real one
+//! does: Redfish (plain HTTP, basic auth) with the resources Stork's Redfish driver reads
+//! and writes (the Systems collection, the ComputerSystem's `PowerState` and boot
+//! override, its Reset action), and IPMI 2.0 over LAN on UDP 623, answered by Stork's own
+//! `power::ipmi::responder` (the driver's wire and crypto code, on the BMC's side). Stork
+//! powers the simulated fleet through these exactly as it powers real machines.
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -17,16 +19,36 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use stork::power::ipmi::responder::{Chassis, Responder};
+use stork::power::ipmi::wire::{self as ipmi, BootFlags, ChassisControl, ChassisStatus};
 
 use crate::machine::{BootTarget, Machine};
-use crate::net::{HostId, Net, TcpStream};
+use crate::net::{HostId, Net, TcpStream, UdpSocket};
 
 pub const PORT: u16 = 80;
+pub const IPMI_PORT: u16 = stork::power::ipmi::DEFAULT_PORT;
 const SYSTEM: &str = "/redfish/v1/Systems/1";
 const RESET: &str = "/redfish/v1/Systems/1/Actions/ComputerSystem.Reset";
 /// Connections served at once: the driver makes one per call.
 const LISTENERS: usize = 2;
 const MAX_BODY: usize = 16 * 1024;
+
+/// How Stork is told to reach a BMC (each speaks both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Power {
+    Ipmi,
+    Redfish,
+}
+
+/// What the IPMI side saw, over the fleet.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct IpmiCounters {
+    pub sessions: u64,
+    pub dropped_malformed: u64,
+    pub dropped_unknown_session: u64,
+    pub dropped_unauthentic: u64,
+}
 
 pub struct Bmc {
     pub host: HostId,
@@ -34,9 +56,12 @@ pub struct Bmc {
     pub username: String,
     pub password: String,
     pub machine: Rc<Machine>,
+    pub power: Power,
     /// `BootSourceOverrideMode` as last set (read back by the driver).
     mode: RefCell<String>,
+    /// Redfish requests and IPMI datagrams received.
     pub calls: RefCell<u64>,
+    ipmi: RefCell<Responder>,
 }
 
 impl Bmc {
@@ -46,6 +71,7 @@ impl Bmc {
         ip: Ipv4Addr,
         prefix: u8,
         machine: Rc<Machine>,
+        power: Power,
     ) -> Rc<Self> {
         let host = net.add_host(mac);
         net.set_up(host, true);
@@ -54,15 +80,75 @@ impl Bmc {
             crate::firmware::Firmware::BiosPxe => "Legacy",
             _ => "UEFI",
         };
+        let username = "admin".to_string();
+        let password = format!("sim-{}", machine.index);
+        let mut guid = [0x5b; 16];
+        guid[..8].copy_from_slice(&(machine.index as u64).to_le_bytes());
+        let ipmi = Responder::new(username.as_bytes(), password.as_bytes(), guid)
+            .expect("a short user name and password");
         Rc::new(Self {
             host,
             ip,
-            username: "admin".into(),
-            password: format!("sim-{}", machine.index),
+            username,
+            password,
             machine,
+            power,
             mode: RefCell::new(mode.into()),
             calls: RefCell::new(0),
+            ipmi: RefCell::new(ipmi),
         })
+    }
+
+    /// Adds this BMC's IPMI counts to `c`.
+    pub fn count_ipmi(&self, c: &mut IpmiCounters) {
+        let r = self.ipmi.borrow();
+        c.sessions += r.established;
+        c.dropped_malformed += r.dropped.malformed;
+        c.dropped_unknown_session += r.dropped.unknown_session;
+        c.dropped_unauthentic += r.dropped.unauthentic;
+    }
+
+    /// Serves IPMI on UDP 623 until the runtime ends. A slow BMC answers the first packet
+    /// of each session (the capabilities query) late, so the driver's retries run.
+    pub fn serve_ipmi(self: &Rc<Self>, net: &Rc<Net>) {
+        let (me, net) = (self.clone(), net.clone());
+        tokio::task::spawn_local(async move {
+            let sock = match UdpSocket::bind_port(&net, me.host, Some(IPMI_PORT)) {
+                Ok(s) => Rc::new(s),
+                Err(e) => {
+                    tracing::error!(bmc = %me.ip, "cannot bind IPMI: {e}");
+                    return;
+                }
+            };
+            let mut buf = vec![0u8; 2048];
+            loop {
+                let (n, from) = match sock.recv_from(&mut buf, Duration::from_secs(3600)).await {
+                    Ok(Some(got)) => got,
+                    Ok(None) => continue,
+                    Err(_) => return,
+                };
+                *me.calls.borrow_mut() += 1;
+                let datagram = &buf[..n];
+                let answer = me
+                    .ipmi
+                    .borrow_mut()
+                    .handle(datagram, &mut MachineChassis(&me));
+                let Some(answer) = answer else { continue };
+                let first_of_session = datagram.get(4) == Some(&ipmi::AUTH_TYPE_NONE);
+                match me.machine.faults.slow_bmc {
+                    Some(delay) if first_of_session => {
+                        let sock = sock.clone();
+                        tokio::task::spawn_local(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = sock.send_to(&answer, from);
+                        });
+                    }
+                    _ => {
+                        let _ = sock.send_to(&answer, from);
+                    }
+                }
+            }
+        });
     }
 
     /// Serves Redfish until the runtime ends.
@@ -205,6 +291,66 @@ impl Bmc {
             }
         }
         reply(StatusCode::NO_CONTENT, Value::Null)
+    }
+}
+
+/// The machine as IPMI sees it: power and the boot flags, kept where Redfish keeps them.
+struct MachineChassis<'a>(&'a Bmc);
+
+impl Chassis for MachineChassis<'_> {
+    fn status(&self) -> ChassisStatus {
+        ChassisStatus {
+            power_on: self.0.machine.is_on(),
+            power_fault: false,
+            power_control_fault: false,
+        }
+    }
+
+    fn control(&mut self, control: ChassisControl) -> bool {
+        let m = &self.0.machine;
+        match control {
+            ChassisControl::PowerUp => m.set_power(true),
+            ChassisControl::PowerDown | ChassisControl::SoftShutdown => m.set_power(false),
+            // As many BMCs do, a cycle or reset of a machine that is off is refused.
+            ChassisControl::PowerCycle | ChassisControl::HardReset if !m.is_on() => return false,
+            ChassisControl::PowerCycle | ChassisControl::HardReset => m.reset(),
+        }
+        true
+    }
+
+    fn boot_flags(&self) -> BootFlags {
+        let st = self.0.machine.state.borrow();
+        let (target, persistent) = match (st.boot_once, st.persistent_boot) {
+            (Some(t), _) => (Some(t), false),
+            (None, Some(t)) => (Some(t), true),
+            (None, None) => (None, false),
+        };
+        BootFlags {
+            valid: target.is_some(),
+            persistent,
+            efi: *self.0.mode.borrow() == "UEFI",
+            device: match target {
+                Some(BootTarget::Network) => ipmi::BOOT_DEVICE_PXE,
+                Some(BootTarget::Disk) => ipmi::BOOT_DEVICE_DISK,
+                None => 0,
+            },
+        }
+    }
+
+    fn set_boot_flags(&mut self, flags: BootFlags) {
+        let target = match flags.device {
+            ipmi::BOOT_DEVICE_PXE if flags.valid => Some(BootTarget::Network),
+            ipmi::BOOT_DEVICE_DISK if flags.valid => Some(BootTarget::Disk),
+            _ => None,
+        };
+        *self.0.mode.borrow_mut() = if flags.efi { "UEFI" } else { "Legacy" }.into();
+        let mut st = self.0.machine.state.borrow_mut();
+        if flags.persistent {
+            st.persistent_boot = target;
+            st.boot_once = None;
+        } else {
+            st.boot_once = target;
+        }
     }
 }
 

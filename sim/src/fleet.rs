@@ -1,5 +1,5 @@
 //! A fleet: N machines and their BMCs on one tap, and the operator who takes them through
-//! Stork's lifecycle (add with Redfish power, commission, allocate and deploy, release)
+//! Stork's lifecycle (add with IPMI or Redfish power, commission, allocate and deploy, release)
 //! over the admin API, as a person with the CLI would, only all at once.
 //!
 //! The fleet runs on one thread (a tokio `LocalSet`: smoltcp's hosts are not `Send`); the
@@ -21,7 +21,7 @@ use stork_proto::api::{
     ReleaseBody, Status,
 };
 
-use crate::bmc::Bmc;
+use crate::bmc::{Bmc, Power};
 use crate::firmware::Firmware;
 use crate::machine::{Faults, Machine};
 use crate::net::Net;
@@ -41,6 +41,8 @@ pub struct FleetConfig {
     /// Shares of UEFI PXE and UEFI HTTP clients (the rest boot as BIOS PXE).
     pub uefi_pxe: f64,
     pub uefi_http: f64,
+    /// Share of machines Stork powers over IPMI (the rest over Redfish; every BMC speaks both).
+    pub ipmi: f64,
     /// Share of the kernel, initrd and ephemeral root each boot fetches.
     pub boot_share: f64,
     pub faults: FaultPlan,
@@ -153,14 +155,21 @@ async fn fleet(config: &FleetConfig, epoch: Instant) -> Result<Report> {
         );
         if !config.storm {
             let ip = Ipv4Addr::from(u32::from(config.bmc_base) + i as u32);
+            let power = if spread(i, 0.414_213_562_4) < config.ipmi {
+                Power::Ipmi
+            } else {
+                Power::Redfish
+            };
             let bmc = Bmc::new(
                 &net,
                 mac(config.mac_tag, 0x5b, i).0,
                 ip,
                 config.prefix,
                 m.clone(),
+                power,
             );
             bmc.serve(&net);
+            bmc.serve_ipmi(&net);
             bmcs.push(bmc);
         }
         machines.push(m);
@@ -174,9 +183,14 @@ async fn fleet(config: &FleetConfig, epoch: Instant) -> Result<Report> {
         return storm(config, &net, net_task, &machines, sampler, epoch).await;
     }
 
-    let plan: Vec<(MacAddr, Ipv4Addr, String)> = bmcs
+    let plan: Vec<PowerPlan> = bmcs
         .iter()
-        .map(|b| (b.machine.mac, b.ip, b.password.clone()))
+        .map(|b| PowerPlan {
+            mac: b.machine.mac,
+            bmc: b.ip,
+            password: b.password.clone(),
+            ipmi: b.power == Power::Ipmi,
+        })
         .collect();
     let (tx, rx) = mpsc::channel();
     let op_config = config.clone();
@@ -272,9 +286,14 @@ async fn storm(
     ))
 }
 
+/// Machine `i`'s position in [0, 1), so that each share is spread evenly over the fleet;
+/// `step` irrational, one per choice so that the choices do not line up.
+fn spread(i: usize, step: f64) -> f64 {
+    ((i as f64) * step).fract()
+}
+
 fn firmware_of(i: usize, config: &FleetConfig) -> Firmware {
-    // Spread each kind evenly: machine i's position in [0, 1).
-    let x = ((i as f64) * 0.618_033_988_7).fract();
+    let x = spread(i, 0.618_033_988_7);
     if x < config.uefi_http {
         Firmware::UefiHttp
     } else if x < config.uefi_http + config.uefi_pxe {
@@ -286,22 +305,21 @@ fn firmware_of(i: usize, config: &FleetConfig) -> Firmware {
 
 type Outcome = Result<(Vec<OperatorStep>, BTreeMap<String, ApiMachine>)>;
 
+/// How the operator adds one machine: its boot MAC and how Stork reaches its BMC.
+struct PowerPlan {
+    mac: MacAddr,
+    bmc: Ipv4Addr,
+    password: String,
+    ipmi: bool,
+}
+
 /// The operator: every call through the admin API, each phase waited for.
-fn operate(
-    config: &FleetConfig,
-    plan: &[(MacAddr, Ipv4Addr, String)],
-    epoch: Instant,
-    done: &mpsc::Sender<Outcome>,
-) {
+fn operate(config: &FleetConfig, plan: &[PowerPlan], epoch: Instant, done: &mpsc::Sender<Outcome>) {
     let r = operate_inner(config, plan, epoch);
     let _ = done.send(r);
 }
 
-fn operate_inner(
-    config: &FleetConfig,
-    plan: &[(MacAddr, Ipv4Addr, String)],
-    epoch: Instant,
-) -> Outcome {
+fn operate_inner(config: &FleetConfig, plan: &[PowerPlan], epoch: Instant) -> Outcome {
     let mut steps = Vec::new();
     let mut step = |name: &str, detail: String| {
         tracing::info!("{name}: {detail}");
@@ -314,32 +332,43 @@ fn operate_inner(
     let api = client(config)?;
     let tag = format!("sim{}", config.mac_tag);
     let mut ids = Vec::new();
-    for (mac, bmc, password) in plan {
+    for p in plan {
         let mut params = serde_json::Map::new();
-        params.insert(
-            "url".into(),
-            format!("http://{bmc}:{}", crate::bmc::PORT).into(),
-        );
+        let driver = if p.ipmi {
+            params.insert("host".into(), p.bmc.to_string().into());
+            "ipmi"
+        } else {
+            params.insert(
+                "url".into(),
+                format!("http://{}:{}", p.bmc, crate::bmc::PORT).into(),
+            );
+            "redfish"
+        };
         params.insert("username".into(), "admin".into());
-        params.insert("password".into(), password.clone().into());
+        params.insert("password".into(), p.password.clone().into());
         let m = api
             .create_machine(&NewMachine {
-                macs: vec![*mac],
+                macs: vec![p.mac],
                 hostname: None,
                 arch: None,
                 power: Some(PowerConfig {
-                    driver: "redfish".into(),
+                    driver: driver.into(),
                     params,
                 }),
                 tags: vec![tag.clone()],
                 site: None,
             })
-            .with_context(|| format!("adding machine {mac}"))?;
+            .with_context(|| format!("adding machine {}", p.mac))?;
         ids.push(m.id);
     }
+    let ipmi = plan.iter().filter(|p| p.ipmi).count();
     step(
         "added",
-        format!("{} machines with Redfish power", ids.len()),
+        format!(
+            "{} machines, {ipmi} with IPMI power, {} with Redfish",
+            ids.len(),
+            ids.len() - ipmi
+        ),
     );
 
     step("commission", format!("asking {} machines", ids.len()));

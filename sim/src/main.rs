@@ -29,6 +29,9 @@ struct Args {
     uefi_pxe: f64,
     #[arg(long, default_value_t = 0.1)]
     uefi_http: f64,
+    /// Share (0..1) of machines Stork powers over IPMI; the rest over Redfish.
+    #[arg(long, default_value_t = 0.5)]
+    ipmi: f64,
     /// Share (0..1) of the kernel, initrd and ephemeral root each boot fetches.
     #[arg(long, default_value_t = 1.0)]
     boot_share: f64,
@@ -94,6 +97,7 @@ fn main() -> Result<()> {
         prefix: a.prefix,
         uefi_pxe: a.uefi_pxe,
         uefi_http: a.uefi_http,
+        ipmi: a.ipmi.clamp(0.0, 1.0),
         boot_share: a.boot_share.clamp(0.0, 1.0),
         faults: FaultPlan {
             lossy: a.lossy,

@@ -779,6 +779,11 @@ pub struct UdpSocket {
 impl UdpSocket {
     /// Bound to a fresh port of the host.
     pub fn bind(net: &Rc<Net>, host: HostId) -> io::Result<Self> {
+        Self::bind_port(net, host, None)
+    }
+
+    /// Bound to `port` (a service's, such as a BMC's 623), or a fresh one.
+    pub fn bind_port(net: &Rc<Net>, host: HostId, port: Option<u16>) -> io::Result<Self> {
         let generation = net.generation(host);
         let handle = net
             .with_host(host, generation, |h| -> io::Result<SocketHandle> {
@@ -792,7 +797,7 @@ impl UdpSocket {
                         vec![0; 16 * 1024],
                     ),
                 );
-                let port = h.take_port();
+                let port = port.unwrap_or_else(|| h.take_port());
                 socket
                     .bind(port)
                     .map_err(|e| io::Error::new(io::ErrorKind::AddrInUse, format!("{e}")))?;

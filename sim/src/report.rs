@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use stork_proto::api::{Machine as ApiMachine, Status};
 
-use crate::bmc::Bmc;
+use crate::bmc::{Bmc, IpmiCounters, Power};
 use crate::firmware::Firmware;
 use crate::fleet::{FaultPlan, FleetConfig, OperatorStep};
 use crate::machine::{Faults, Machine, phase};
@@ -42,6 +42,7 @@ pub struct Report {
     pub image_bytes: u64,
     pub tap: Counters,
     pub bmc_calls: u64,
+    pub ipmi: IpmiCounters,
     pub appliance: Vec<Sample>,
     pub per_machine: Vec<MachineReport>,
 }
@@ -76,6 +77,8 @@ pub struct MachineReport {
     pub mac: String,
     pub id: Option<String>,
     pub firmware: Firmware,
+    /// How Stork powers it (none in a storm).
+    pub power: Option<Power>,
     pub faults: Faults,
     pub status: Option<Status>,
     pub status_message: Option<String>,
@@ -244,6 +247,7 @@ pub fn build(
             mac: m.mac.to_string(),
             id: api.map(|a| a.id.clone()),
             firmware: m.firmware,
+            power: bmcs.get(m.index).map(|b| b.power),
             faults: m.faults.clone(),
             status,
             status_message: api.and_then(|a| a.status_message.clone()),
@@ -277,6 +281,10 @@ pub fn build(
         image_bytes,
         tap,
         bmc_calls: bmcs.iter().map(|b| *b.calls.borrow()).sum(),
+        ipmi: bmcs.iter().fold(IpmiCounters::default(), |mut c, b| {
+            b.count_ipmi(&mut c);
+            c
+        }),
         appliance,
         per_machine,
     }
@@ -331,6 +339,12 @@ impl Report {
             self.tap.frames_lost,
             self.tap.frames_refused,
             self.bmc_calls
+        );
+        let i = &self.ipmi;
+        let _ = writeln!(
+            s,
+            "IPMI: {} sessions; dropped {} malformed, {} of unknown sessions, {} unauthentic",
+            i.sessions, i.dropped_malformed, i.dropped_unknown_session, i.dropped_unauthentic
         );
         s
     }

@@ -1,14 +1,16 @@
-//! A simulated fleet through `stork serve`: `stork-sim` puts 50 machines and their 50
-//! Redfish BMCs on one tap of the lab's bridge (smoltcp, one host per MAC), and takes them
-//! through the lifecycle over the admin API: added with Redfish power, commissioned,
-//! allocated and deployed, released. Stork powers every one of them through its BMC; each
+//! A simulated fleet through `stork serve`: `stork-sim` puts 50 machines and their 50 BMCs
+//! on one tap of the lab's bridge (smoltcp, one host per MAC), and takes them through the
+//! lifecycle over the admin API: added (half with IPMI power, half with Redfish),
+//! commissioned, allocated and deployed, released. Stork powers every one of them through
+//! its BMC (the IPMI side answered by Stork's own wire and crypto code, playing BMC); each
 //! boots as its firmware would (BIOS PXE, UEFI PXE, UEFI HTTP), then speaks the agent's API.
 //!
 //! Faults on purpose: machines losing 3 % of their frames, an installed OS that never phones
 //! home, an agent that stalls half-way through the image, BMCs that answer 1.5 s late. The
 //! test asserts outcomes, never times: every machine is accounted for; the healthy, lossy
-//! and slow-BMC ones end Ready after a deploy and a release; the silent OS fails its deploy
-//! by the status timeout, the stalled agent by the heartbeat rule.
+//! and slow-BMC ones end Ready after a deploy and a release, over both power drivers; the
+//! silent OS fails its deploy by the status timeout, the stalled agent by the heartbeat rule;
+//! the simulated BMCs dropped nothing Stork's IPMI driver sent as malformed or unauthentic.
 
 use std::collections::BTreeMap;
 
@@ -43,7 +45,14 @@ fn run_fleet(lab: &mut Lab, appliance: &Appliance) -> Result<Value> {
     let out = lab
         .command(sim_bin())
         .args(["--tap", &tap, "--machines", &MACHINES.to_string()])
-        .args(["--bmc-base", "10.77.0.10", "--prefix", "24"])
+        .args([
+            "--bmc-base",
+            "10.77.0.10",
+            "--prefix",
+            "24",
+            "--ipmi",
+            "0.5",
+        ])
         .args([
             "--uefi-pxe",
             "0.3",
@@ -87,6 +96,7 @@ fn check(report: &Value) -> Result<()> {
     }
     let mut problems = Vec::new();
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut ready_by_power: BTreeMap<&str, usize> = BTreeMap::new();
     for m in machines {
         let f = &m["faults"];
         let status = m["status"].as_str().unwrap_or("missing");
@@ -111,6 +121,11 @@ fn check(report: &Value) -> Result<()> {
         if status != want {
             problems.push(format!("{kind} {mac}: {status} ({why}), not {want}"));
             continue;
+        }
+        if status == "ready" {
+            *ready_by_power
+                .entry(m["power"].as_str().unwrap_or("none"))
+                .or_default() += 1;
         }
         let needs: &[&str] = match kind {
             "no phone-home" => &["commissioned", "image", "installed"],
@@ -152,6 +167,25 @@ fn check(report: &Value) -> Result<()> {
     .collect();
     if seen != want {
         problems.push(format!("the fleet's faults: {seen:?}, not {want:?}"));
+    }
+    // Half the fleet on each driver (spread evenly, so each has some of every fault).
+    let ready = MACHINES - 4;
+    for power in ["ipmi", "redfish"] {
+        let n = ready_by_power.get(power).copied().unwrap_or(0);
+        if n < ready / 3 {
+            problems.push(format!(
+                "{n} machines Ready over {power}, of {ready}: {ready_by_power:?}"
+            ));
+        }
+    }
+    let ipmi = &report["ipmi"];
+    if ipmi["sessions"].as_u64().unwrap_or(0) == 0 {
+        problems.push("no IPMI session was set up".into());
+    }
+    for dropped in ["dropped_malformed", "dropped_unauthentic"] {
+        if ipmi[dropped] != 0 {
+            problems.push(format!("the simulated BMCs {dropped}: {}", ipmi[dropped]));
+        }
     }
     if !problems.is_empty() {
         bail!("{}", problems.join("\n"));

@@ -4,8 +4,10 @@
 //! [`session`] (the RAKP handshake and sealed messages); this file only moves datagrams,
 //! times out and retries. Each operation opens a session, raises its privilege, does its
 //! commands and closes it: BMCs drop idle sessions, and a power operation is rare.
+//! [`responder`] is the BMC's side on the same code, for simulated BMCs.
 
 pub mod crypto;
+pub mod responder;
 pub mod session;
 pub mod wire;
 

@@ -375,6 +375,14 @@ pub fn parse_packet(b: &[u8], auth_code_len: usize) -> Result<Packet<'_>, WireEr
     }
 }
 
+/// The session id of an IPMI 2.0 packet, read before its session (and so its AuthCode
+/// length) is known: a BMC finds the session a packet claims, then checks it.
+pub fn v20_session_id(b: &[u8]) -> Option<u32> {
+    let s = b.get(RMCP_HEADER_LEN..RMCP_HEADER_LEN + 6)?;
+    let rmcp_ipmi = b[0] == RMCP_HEADER[0] && b[3] & 0x1F == 0x07;
+    (rmcp_ipmi && s[0] == AUTH_TYPE_RMCP_PLUS).then(|| u32_le(s, 2))
+}
+
 /// Computes a packet's integrity AuthCode from the bytes it covers.
 pub type IntegrityFn<'a> = &'a dyn Fn(&[u8]) -> Vec<u8>;
 
@@ -813,6 +821,19 @@ impl ChassisControl {
         }
     }
 
+    /// The sub-command a Chassis Control request's first data byte names (a BMC's view).
+    pub fn from_code(code: u8) -> Option<Self> {
+        [
+            ChassisControl::PowerDown,
+            ChassisControl::PowerUp,
+            ChassisControl::PowerCycle,
+            ChassisControl::HardReset,
+            ChassisControl::SoftShutdown,
+        ]
+        .into_iter()
+        .find(|c| c.code() == code & 0x0F)
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             ChassisControl::PowerDown => "Chassis Control (power down)",
@@ -834,6 +855,19 @@ pub struct ChassisStatus {
 
 impl ChassisStatus {
     /// `data` is the response data after the completion code.
+    /// Get Chassis Status response data (a BMC's answer): current power state, last power
+    /// event, misc chassis state.
+    pub fn emit(&self) -> [u8; 3] {
+        let mut state = u8::from(self.power_on);
+        if self.power_fault {
+            state |= 0x08;
+        }
+        if self.power_control_fault {
+            state |= 0x10;
+        }
+        [state, 0, 0]
+    }
+
     pub fn parse(data: &[u8]) -> Result<Self, WireError> {
         need("Get Chassis Status response", data, 1)?;
         Ok(Self {
@@ -897,14 +931,35 @@ impl BootFlags {
     /// parameter version, parameter selector, then the 5 flag bytes.
     pub fn parse_get_response(data: &[u8]) -> Result<Self, WireError> {
         need("Get System Boot Options (boot flags) response", data, 4)?;
-        let d1 = data[2];
-        let d2 = data[3];
-        Ok(Self {
+        Ok(Self::from_data(data[2], data[3]))
+    }
+
+    /// Get System Boot Options response data (a BMC's answer): parameter version 1,
+    /// the selector, the flags.
+    pub fn get_response_data(&self) -> Vec<u8> {
+        let mut d = vec![0x01, BOOT_PARAM_FLAGS];
+        d.extend_from_slice(&self.emit());
+        d
+    }
+
+    /// Parses Set System Boot Options request data (a BMC's view): `None` when it sets
+    /// another parameter than the boot flags.
+    pub fn parse_set_request(data: &[u8]) -> Result<Option<Self>, WireError> {
+        need("Set System Boot Options request", data, 1)?;
+        if data[0] & 0x7F != BOOT_PARAM_FLAGS {
+            return Ok(None);
+        }
+        need("Set System Boot Options (boot flags) request", data, 3)?;
+        Ok(Some(Self::from_data(data[1], data[2])))
+    }
+
+    fn from_data(d1: u8, d2: u8) -> Self {
+        Self {
             valid: d1 & 0x80 != 0,
             persistent: d1 & 0x40 != 0,
             efi: d1 & 0x20 != 0,
             device: d2 & BOOT_DEVICE_MASK,
-        })
+        }
     }
 }
 
@@ -916,6 +971,12 @@ pub fn channel_auth_capabilities_request(privilege: Privilege) -> Vec<u8> {
 
 /// Whether a Get Channel Authentication Capabilities answer (data after the completion
 /// code) says the channel speaks IPMI 2.0 (table 22-15, byte 4 bit 1).
+/// A BMC's Get Channel Authentication Capabilities answer (table 22-15): channel 1,
+/// IPMI 2.0 extended data, password auth, per-message auth, IPMI 2.0 connections.
+pub fn channel_auth_capabilities_response() -> Vec<u8> {
+    vec![0x01, 0x80 | 0x04, 0x04, 0x02, 0, 0, 0, 0]
+}
+
 pub fn channel_supports_ipmi20(data: &[u8]) -> Result<bool, WireError> {
     need("Get Channel Authentication Capabilities response", data, 4)?;
     let extended = data[1] & 0x80 != 0;
