@@ -8,13 +8,19 @@
 //!   established session's `open` and `open_response`, as they are and sealed with the
 //!   session's real keys, so decryption, the confidentiality pad and the response parsers
 //!   behind the integrity check are reached too.
+//! - `ipmi-bmc`: what a console (or anything on a BMC's network) sends, through the BMC's
+//!   side (`responder::Responder::handle`, which `stork-sim`'s BMCs run): as received; as
+//!   RAKP 1 or RAKP 3 addressed to a session really being set up; and sealed in a session
+//!   the driver's handshake set up, so the command parsers behind the AuthCode are reached.
+//!   Every answer must parse, and an answer in the session must authenticate and decrypt
+//!   with its keys.
 //! - `redfish`: HTTP bodies through everything the driver reads from a BMC's answers
 //!   (`parse_body`, `first_member`, `power_state`, `reset_action`, `service_path`,
 //!   `BootOverride::from_system`, `excerpt`), with the invariant that a path the BMC names
 //!   never takes the request (and its credentials) to another host.
 //!
 //! The harness is `fuzz_common`, shared with `fuzz.rs`: the corpus in
-//! `appliance/fuzz/corpus/{ipmi,redfish}/`, every crash ever found in
+//! `appliance/fuzz/corpus/{ipmi,ipmi-bmc,redfish}/`, every crash ever found in
 //! `appliance/fuzz/regressions/` (run first), then mutations for `STORK_FUZZ_SECS` (default
 //! 10 per target; `STORK_FUZZ_SEED` replays a run); a failing input is kept in
 //! `target/fuzz-crashes/` and the test fails with it in hex. The corpus is generated here
@@ -28,9 +34,10 @@ mod fuzz_common;
 
 use serde_json::{Value, json};
 use stork::power::ipmi::crypto::{CipherSuite, RakpTranscript, SessionKeys};
+use stork::power::ipmi::responder::{Chassis, Responder};
 use stork::power::ipmi::session::{Handshake, Next, Session, SessionError, Step};
 use stork::power::ipmi::wire::{
-    self, BootFlags, ChassisStatus, IpmiRequest, IpmiResponse, OpenSessionRequest,
+    self, BootFlags, ChassisControl, ChassisStatus, IpmiRequest, IpmiResponse, OpenSessionRequest,
     OpenSessionResponse, Packet, PayloadType, Privilege, Rakp1, Rakp2, Rakp3, Rakp4, RmcpStatus,
     cmd, netfn,
 };
@@ -498,6 +505,173 @@ fn ipmi_replies_from_raw_bytes() {
 }
 
 // ---------------------------------------------------------------------------------------
+// IPMI, the BMC's side
+// ---------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct FuzzChassis {
+    on: bool,
+    flags: Option<BootFlags>,
+}
+
+impl Chassis for FuzzChassis {
+    fn status(&self) -> ChassisStatus {
+        ChassisStatus {
+            power_on: self.on,
+            power_fault: false,
+            power_control_fault: false,
+        }
+    }
+    fn control(&mut self, c: ChassisControl) -> bool {
+        self.on = matches!(c, ChassisControl::PowerUp | ChassisControl::PowerCycle);
+        true
+    }
+    fn boot_flags(&self) -> BootFlags {
+        self.flags.unwrap_or(BootFlags {
+            valid: false,
+            persistent: false,
+            efi: false,
+            device: 0,
+        })
+    }
+    fn set_boot_flags(&mut self, flags: BootFlags) {
+        self.flags = Some(flags);
+    }
+}
+
+/// A responder, and a session with it that the driver's handshake set up (set up again
+/// whenever an input closed it or crowded it out).
+struct FuzzBmc {
+    suite: CipherSuite,
+    responder: Responder,
+    chassis: FuzzChassis,
+    client: Session,
+}
+
+impl FuzzBmc {
+    fn new(suite: CipherSuite) -> Self {
+        let mut responder = Responder::new(USER, PASSWORD, GUID).unwrap();
+        let mut chassis = FuzzChassis::default();
+        let client = connect(suite, &mut responder, &mut chassis);
+        Self {
+            suite,
+            responder,
+            chassis,
+            client,
+        }
+    }
+
+    fn ask(&mut self, packet: &[u8]) -> Option<Vec<u8>> {
+        self.responder.handle(packet, &mut self.chassis)
+    }
+
+    /// A session being set up: its id, after Open Session (and RAKP 1 for `rakp3`).
+    fn pending(&mut self, rakp3: bool) -> Result<u32, String> {
+        let open = OpenSessionRequest {
+            tag: 0,
+            max_privilege: 0,
+            console_session_id: CONSOLE_SID,
+            algorithms: self.suite.algorithms(),
+        };
+        let answer = self
+            .ask(&v20(PayloadType::OpenSessionRequest, &open.emit()))
+            .ok_or("no answer to a valid Open Session")?;
+        let Ok(Packet::V20(p)) = wire::parse_packet(&answer, 0) else {
+            return Err("the Open Session answer does not parse".into());
+        };
+        let sid = OpenSessionResponse::parse(p.payload)
+            .map_err(|e| format!("our Open Session answer: {e}"))?
+            .managed_session_id;
+        if rakp3 {
+            let r1 = Rakp1 {
+                tag: 0,
+                managed_session_id: sid,
+                console_random: RM,
+                role: ROLE,
+                username: USER.to_vec(),
+            };
+            self.ask(&v20(PayloadType::Rakp1, &r1.emit()))
+                .ok_or("no answer to a valid RAKP 1")?;
+        }
+        Ok(sid)
+    }
+}
+
+fn connect(suite: CipherSuite, r: &mut Responder, chassis: &mut FuzzChassis) -> Session {
+    let mut hs = Handshake::new(suite, PRIVILEGE, USER, PASSWORD, CONSOLE_SID, RM).unwrap();
+    let mut out = hs.start();
+    loop {
+        let answer = r
+            .handle(&out, chassis)
+            .expect("the responder answers the driver");
+        match hs.handle(&answer) {
+            Ok(Some(Next::Send(p))) => out = p,
+            Ok(Some(Next::Established(s))) => return s,
+            other => panic!("the driver's handshake with the responder: {other:?}"),
+        }
+    }
+}
+
+fn bmc_one(b: &mut FuzzBmc, input: &[u8]) -> Result<(), String> {
+    // As received: whatever answers must be a packet.
+    if let Some(answer) = b.ask(input) {
+        wire::parse_packet(&answer, b.suite.integrity_len())
+            .map_err(|e| format!("our answer does not parse: {e}"))?;
+    }
+    // A RAKP 1 or 3 payload addressed to a session being set up.
+    if let Ok(Packet::V20(p)) = wire::parse_packet(input, 0)
+        && matches!(p.payload_type, PayloadType::Rakp1 | PayloadType::Rakp3)
+        && p.payload.len() >= 8
+    {
+        let kind = p.payload_type;
+        let mut payload = p.payload.to_vec();
+        let sid = b.pending(kind == PayloadType::Rakp3)?;
+        payload[4..8].copy_from_slice(&sid.to_le_bytes());
+        if let Some(answer) = b.ask(&v20(kind, &payload)) {
+            wire::parse_packet(&answer, 0).map_err(|e| format!("our RAKP answer: {e}"))?;
+        }
+    }
+    // Sealed in the live session, as an IPMI message.
+    if b.responder.open_sessions() == 0 {
+        b.client = connect(b.suite, &mut b.responder, &mut b.chassis);
+    }
+    let sealed = b.client.seal(input, IV);
+    match b.ask(&sealed) {
+        Some(answer) => {
+            let payload = b
+                .client
+                .open(&answer)
+                .map_err(|e| format!("our sealed answer: {e}"))?
+                .ok_or("our sealed answer does not authenticate")?;
+            IpmiResponse::parse(&payload).map_err(|e| format!("our response: {e}"))?;
+        }
+        None if IpmiRequest::parse(input).is_ok() => {
+            return Err("a well-formed sealed request got no answer".into());
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+#[test]
+fn ipmi_requests_from_raw_bytes() {
+    let mut bmcs = SUITES.map(FuzzBmc::new);
+    let mut i = 0usize;
+    let n = drive_with("ipmi-bmc", mutate_ipmi, |input| {
+        i += 1;
+        let b = &mut bmcs[i % SUITES.len()];
+        caught(|| bmc_one(b, input))?
+    });
+    assert!(n > 0);
+    for b in &bmcs {
+        let (r, d) = (&b.responder, b.responder.dropped);
+        // The run reached the handshake, the sessions and the drop reasons.
+        assert!(r.established > 1, "{}", r.established);
+        assert!(d.malformed > 0 && d.unknown_session > 0, "{d:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Redfish
 // ---------------------------------------------------------------------------------------
 
@@ -798,6 +972,68 @@ fn ipmi_corpus() -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// What the driver sends a BMC, each step of a session of each suite.
+fn ipmi_bmc_corpus() -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut add = |name: &str, bytes: Vec<u8>| out.push((format!("{name}.bin"), bytes));
+    let mut hs = Handshake::new(
+        CipherSuite::Suite3,
+        PRIVILEGE,
+        USER,
+        PASSWORD,
+        CONSOLE_SID,
+        RM,
+    )
+    .unwrap();
+    add("auth-capabilities", hs.start());
+    let rakp1 = Rakp1 {
+        tag: 0,
+        managed_session_id: MANAGED_SID,
+        console_random: RM,
+        role: ROLE,
+        username: USER.to_vec(),
+    };
+    add("rakp1", v20(PayloadType::Rakp1, &rakp1.emit()));
+    for suite in SUITES {
+        let id = suite.id();
+        let open = OpenSessionRequest {
+            tag: 0,
+            max_privilege: 0,
+            console_session_id: CONSOLE_SID,
+            algorithms: suite.algorithms(),
+        };
+        add(
+            &format!("open-session-suite{id}"),
+            v20(PayloadType::OpenSessionRequest, &open.emit()),
+        );
+        let rakp3 = Rakp3 {
+            tag: 0,
+            status: RmcpStatus::OK,
+            managed_session_id: MANAGED_SID,
+            auth_code: transcript().rakp3_auth_code(suite, PASSWORD),
+        };
+        add(
+            &format!("rakp3-suite{id}"),
+            v20(PayloadType::Rakp3, &rakp3.emit()),
+        );
+        let mut client = established(suite);
+        for req in session_requests() {
+            add(
+                &format!("request-{:02x}-{:02x}-suite{id}", req.netfn, req.cmd),
+                client.seal(&req.emit(), IV),
+            );
+        }
+    }
+    // The bare messages: the fuzzer seals them in a live session.
+    for req in session_requests() {
+        add(
+            &format!("message-{:02x}-{:02x}", req.netfn, req.cmd),
+            req.emit(),
+        );
+    }
+    out
+}
+
 fn redfish_corpus() -> Vec<(String, Vec<u8>)> {
     let system = |power: &str, mode: &str| {
         json!({
@@ -888,7 +1124,11 @@ fn redfish_corpus() -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn corpus_is_current() {
-    for (kind, seeds) in [("ipmi", ipmi_corpus()), ("redfish", redfish_corpus())] {
+    for (kind, seeds) in [
+        ("ipmi", ipmi_corpus()),
+        ("ipmi-bmc", ipmi_bmc_corpus()),
+        ("redfish", redfish_corpus()),
+    ] {
         fuzz_common::check_corpus(kind, "fuzz_bmc corpus_is_current", seeds);
     }
 }
