@@ -32,6 +32,7 @@ use crate::tap::Tap;
 
 pub type HostId = usize;
 
+/// The segment's MTU; frames in may be larger (segmentation offload, see `tap.rs`).
 const MTU: usize = 1500;
 const TCP_RX: usize = 64 * 1024;
 const TCP_TX: usize = 32 * 1024;
@@ -80,6 +81,11 @@ impl Device for Queue {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = MTU + 14;
+        // What comes in may carry a partial checksum (offload); what goes out is complete.
+        caps.checksum.ipv4 = phy::Checksum::Tx;
+        caps.checksum.tcp = phy::Checksum::Tx;
+        caps.checksum.udp = phy::Checksum::Tx;
+        caps.checksum.icmpv4 = phy::Checksum::Tx;
         caps
     }
 }
@@ -376,12 +382,12 @@ impl Net {
 
     /// Runs the segment until the tap fails.
     pub async fn run(&self, tap: Tap) -> io::Result<()> {
-        let mut buf = vec![0u8; 65536];
+        let mut buf = vec![0u8; crate::tap::MAX_FRAME];
         loop {
             {
                 let mut inner = self.inner.borrow_mut();
-                while let Some(n) = tap.try_recv(&mut buf)? {
-                    self.dispatch(&mut inner, &buf[..n]);
+                while let Some(frame) = tap.try_recv(&mut buf)? {
+                    self.dispatch(&mut inner, frame);
                 }
             }
             let next = self.poll_hosts(&tap)?;
