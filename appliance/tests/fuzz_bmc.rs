@@ -34,10 +34,10 @@ mod fuzz_common;
 
 use serde_json::{Value, json};
 use stork::power::ipmi::crypto::{CipherSuite, RakpTranscript, SessionKeys};
-use stork::power::ipmi::responder::{Chassis, Responder};
+use stork::power::ipmi::responder::{MemoryChassis, Responder};
 use stork::power::ipmi::session::{Handshake, Next, Session, SessionError, Step};
 use stork::power::ipmi::wire::{
-    self, BootFlags, ChassisControl, ChassisStatus, IpmiRequest, IpmiResponse, OpenSessionRequest,
+    self, BootFlags, ChassisStatus, IpmiRequest, IpmiResponse, OpenSessionRequest,
     OpenSessionResponse, Packet, PayloadType, Privilege, Rakp1, Rakp2, Rakp3, Rakp4, RmcpStatus,
     cmd, netfn,
 };
@@ -508,50 +508,19 @@ fn ipmi_replies_from_raw_bytes() {
 // IPMI, the BMC's side
 // ---------------------------------------------------------------------------------------
 
-#[derive(Default)]
-struct FuzzChassis {
-    on: bool,
-    flags: Option<BootFlags>,
-}
-
-impl Chassis for FuzzChassis {
-    fn status(&self) -> ChassisStatus {
-        ChassisStatus {
-            power_on: self.on,
-            power_fault: false,
-            power_control_fault: false,
-        }
-    }
-    fn control(&mut self, c: ChassisControl) -> bool {
-        self.on = matches!(c, ChassisControl::PowerUp | ChassisControl::PowerCycle);
-        true
-    }
-    fn boot_flags(&self) -> BootFlags {
-        self.flags.unwrap_or(BootFlags {
-            valid: false,
-            persistent: false,
-            efi: false,
-            device: 0,
-        })
-    }
-    fn set_boot_flags(&mut self, flags: BootFlags) {
-        self.flags = Some(flags);
-    }
-}
-
 /// A responder, and a session with it that the driver's handshake set up (set up again
 /// whenever an input closed it or crowded it out).
 struct FuzzBmc {
     suite: CipherSuite,
     responder: Responder,
-    chassis: FuzzChassis,
+    chassis: MemoryChassis,
     client: Session,
 }
 
 impl FuzzBmc {
     fn new(suite: CipherSuite) -> Self {
         let mut responder = Responder::new(USER, PASSWORD, GUID).unwrap();
-        let mut chassis = FuzzChassis::default();
+        let mut chassis = MemoryChassis::default();
         let client = connect(suite, &mut responder, &mut chassis);
         Self {
             suite,
@@ -597,7 +566,7 @@ impl FuzzBmc {
     }
 }
 
-fn connect(suite: CipherSuite, r: &mut Responder, chassis: &mut FuzzChassis) -> Session {
+fn connect(suite: CipherSuite, r: &mut Responder, chassis: &mut MemoryChassis) -> Session {
     let mut hs = Handshake::new(suite, PRIVILEGE, USER, PASSWORD, CONSOLE_SID, RM).unwrap();
     let mut out = hs.start();
     loop {

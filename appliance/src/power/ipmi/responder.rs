@@ -45,6 +45,44 @@ pub trait Chassis {
     fn set_boot_flags(&mut self, flags: BootFlags);
 }
 
+/// A chassis held in memory (tests, fuzzing): power, the boot flags, and every control
+/// asked of it. As many BMCs do, it refuses a cycle or reset while off.
+#[derive(Debug, Default)]
+pub struct MemoryChassis {
+    pub on: bool,
+    pub flags: Option<BootFlags>,
+    pub controls: Vec<ChassisControl>,
+}
+
+impl Chassis for MemoryChassis {
+    fn status(&self) -> ChassisStatus {
+        ChassisStatus {
+            power_on: self.on,
+            power_fault: false,
+            power_control_fault: false,
+        }
+    }
+
+    fn control(&mut self, c: ChassisControl) -> bool {
+        match c {
+            ChassisControl::PowerUp => self.on = true,
+            ChassisControl::PowerDown | ChassisControl::SoftShutdown => self.on = false,
+            ChassisControl::PowerCycle | ChassisControl::HardReset if !self.on => return false,
+            ChassisControl::PowerCycle | ChassisControl::HardReset => {}
+        }
+        self.controls.push(c);
+        true
+    }
+
+    fn boot_flags(&self) -> BootFlags {
+        self.flags.unwrap_or(BootFlags::NONE)
+    }
+
+    fn set_boot_flags(&mut self, flags: BootFlags) {
+        self.flags = Some(flags);
+    }
+}
+
 struct Pending {
     console_sid: u32,
     suite: CipherSuite,
@@ -382,52 +420,14 @@ mod tests {
     use crate::power::BootDevice;
     use crate::power::ipmi::{IpmiCipherSuite, IpmiDriver, IpmiParams};
 
-    #[derive(Default)]
-    struct TestChassis {
-        on: bool,
-        flags: Option<BootFlags>,
-        controls: Vec<ChassisControl>,
-    }
-
-    impl Chassis for TestChassis {
-        fn status(&self) -> ChassisStatus {
-            ChassisStatus {
-                power_on: self.on,
-                power_fault: false,
-                power_control_fault: false,
-            }
-        }
-        fn control(&mut self, c: ChassisControl) -> bool {
-            self.controls.push(c);
-            match c {
-                ChassisControl::PowerUp => self.on = true,
-                ChassisControl::PowerDown | ChassisControl::SoftShutdown => self.on = false,
-                ChassisControl::PowerCycle | ChassisControl::HardReset if !self.on => return false,
-                _ => {}
-            }
-            true
-        }
-        fn boot_flags(&self) -> BootFlags {
-            self.flags.unwrap_or(BootFlags {
-                valid: false,
-                persistent: false,
-                efi: false,
-                device: 0,
-            })
-        }
-        fn set_boot_flags(&mut self, flags: BootFlags) {
-            self.flags = Some(flags);
-        }
-    }
-
     /// A responder on a loopback UDP socket, answering until the test ends.
     async fn serve(
         user: &str,
         password: &str,
-    ) -> (u16, Arc<Mutex<TestChassis>>, Arc<Mutex<Responder>>) {
+    ) -> (u16, Arc<Mutex<MemoryChassis>>, Arc<Mutex<Responder>>) {
         let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let port = sock.local_addr().unwrap().port();
-        let chassis = Arc::new(Mutex::new(TestChassis::default()));
+        let chassis = Arc::new(Mutex::new(MemoryChassis::default()));
         let responder = Arc::new(Mutex::new(
             Responder::new(user.as_bytes(), password.as_bytes(), [7; 16]).unwrap(),
         ));
@@ -514,7 +514,7 @@ mod tests {
     #[test]
     fn bad_datagrams_are_dropped_and_counted() {
         let mut r = Responder::new(b"admin", b"secret", [7; 16]).unwrap();
-        let mut chassis = TestChassis::default();
+        let mut chassis = MemoryChassis::default();
         let mut hs = super::super::session::Handshake::new(
             CipherSuite::Suite3,
             wire::Privilege::Operator,

@@ -900,6 +900,14 @@ pub struct BootFlags {
 }
 
 impl BootFlags {
+    /// No override: the machine boots by its own order.
+    pub const NONE: BootFlags = BootFlags {
+        valid: false,
+        persistent: false,
+        efi: false,
+        device: 0,
+    };
+
     /// The 5 data bytes of parameter 5.
     pub fn emit(&self) -> [u8; 5] {
         let mut d1 = 0u8;
