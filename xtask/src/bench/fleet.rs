@@ -4,7 +4,7 @@
 //! 1. **Boot storm, Stork**: N machines powered on at once, each through DHCP, its NBP
 //!    (TFTP, or HTTP for UEFI HTTP boot), iPXE's DHCP, the boot script, kernel, initrd and
 //!    ephemeral root, all from `stork serve`.
-//! 2. **Lifecycle, Stork**: N machines added with Redfish BMCs, commissioned, deployed (a
+//! 2. **Lifecycle, Stork**: N machines added with BMCs (half IPMI, half Redfish), commissioned, deployed (a
 //!    64 MiB image, downloaded and checked by every machine) and released, Stork powering
 //!    every one through its BMC.
 //! 3. **Boot storm, the peer path**: the same storm as 1 through dnsmasq (DHCP and TFTP)
@@ -80,7 +80,7 @@ pub fn run() -> Result<()> {
         "storm-stork",
     )?;
 
-    crate::step("2/3 lifecycle through Stork: Redfish power, commission, deploy, release");
+    crate::step("2/3 lifecycle through Stork: IPMI and Redfish power, commission, deploy, release");
     stork_lab::images::register_random_image(&appliance, "bench-image", IMAGE_MIB << 20)?;
     let life = sim_run(
         &lab,
@@ -248,7 +248,19 @@ fn start_peers(lab: &Lab, boot: &Path) -> Result<Vec<Spawned>> {
             dir.join("dnsmasq.log").display()
         ));
     let dnsmasq = Spawned::start("dnsmasq", dnsmasq, &dir.join("dnsmasq.out"))?;
-    std::thread::sleep(Duration::from_millis(500));
+    // Ready when DHCP (67), TFTP (69) and HTTP (8080) are bound.
+    stork_lab::process::wait_for(
+        "dnsmasq and nginx listening",
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || {
+            let out = lab
+                .command("ss")
+                .args(["-Hln", "( sport = :67 or sport = :69 or sport = :8080 )"])
+                .output()?;
+            Ok((String::from_utf8_lossy(&out.stdout).lines().count() >= 3).then_some(()))
+        },
+    )?;
     Ok(vec![nginx, dnsmasq])
 }
 
@@ -285,7 +297,7 @@ fn print_results(n: usize, stork: &Value, peer: &Value, life: &Value) {
         stork["operator"], peer["operator"]
     );
     println!(
-        "lifecycle through Stork (Redfish power, commission, deploy of a {IMAGE_MIB} MiB image, release):"
+        "lifecycle through Stork (IPMI and Redfish power, commission, deploy of a {IMAGE_MIB} MiB image, release):"
     );
     for k in ["commission", "deploy", "release"] {
         println!("  {k:<10} {}", spread(life, k));
@@ -303,6 +315,26 @@ fn print_results(n: usize, stork: &Value, peer: &Value, life: &Value) {
             "  image bytes: {:.0} MiB in {t:.0} s = {:.0} MiB/s over the tap",
             bytes / 1048576.0,
             bytes / 1048576.0 / t
+        );
+        // The floor: the image bytes at the best rate this run's link carried (a storm's
+        // bytes over its time), and at a rack's 10 GbE line rate.
+        let rate = |v: &Value| Some(v["tap"]["bytes_in"].as_f64()? / last(v, "storm")?);
+        if let Some(best) = [rate(stork), rate(peer)]
+            .into_iter()
+            .flatten()
+            .reduce(f64::max)
+        {
+            let floor = bytes / best;
+            println!(
+                "  floor: at the best rate this link carried in the run ({:.0} MiB/s, a storm) the image bytes take {floor:.0} s; the deploy took {:.2}x that",
+                best / 1048576.0,
+                t / floor
+            );
+        }
+        let line = bytes / (10e9 / 8.0);
+        println!(
+            "  at 10 GbE line rate they would take {line:.0} s: the deploy took {:.1}x that",
+            t / line
         );
     }
     let peak = |v: &Value, k: &str| {
