@@ -309,12 +309,11 @@ pub struct TestCert {
 pub fn test_cert() -> &'static TestCert {
     static CERT: std::sync::OnceLock<TestCert> = std::sync::OnceLock::new();
     CERT.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("stork-test-cert-")
-            .tempdir()
-            .expect("tempdir")
-            // Kept for the process: servers read it at each start.
-            .keep();
+        // Kept for the process (servers read it at each start), so under the target's
+        // scratch directory rather than /tmp, one per test process.
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("stork-test-cert-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("certificate directory");
         let pair = rcgen::KeyPair::generate().expect("key pair");
         let signed = rcgen::CertificateParams::new(vec!["localhost".to_string()])
             .expect("params")
