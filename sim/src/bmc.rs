@@ -50,6 +50,15 @@ pub struct IpmiCounters {
     pub dropped_unauthentic: u64,
 }
 
+impl IpmiCounters {
+    pub fn add(&mut self, o: &IpmiCounters) {
+        self.sessions += o.sessions;
+        self.dropped_malformed += o.dropped_malformed;
+        self.dropped_unknown_session += o.dropped_unknown_session;
+        self.dropped_unauthentic += o.dropped_unauthentic;
+    }
+}
+
 pub struct Bmc {
     pub host: HostId,
     pub ip: Ipv4Addr,

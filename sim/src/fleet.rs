@@ -2,14 +2,15 @@
 //! Stork's lifecycle (add with IPMI or Redfish power, commission, allocate and deploy, release)
 //! over the admin API, as a person with the CLI would, only all at once.
 //!
-//! The fleet runs on one thread (a tokio `LocalSet`: smoltcp's hosts are not `Send`); the
-//! operator is a thread of its own with the blocking API client, reporting back what it
-//! asked and when.
+//! The fleet runs in shards, a thread and a tap each (a tokio `LocalSet`: smoltcp's hosts
+//! are not `Send`); the operator is a thread of its own with the blocking API client,
+//! reporting back what it asked and when.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::rc::Rc;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -21,17 +22,18 @@ use stork_proto::api::{
     ReleaseBody, Status,
 };
 
-use crate::bmc::{Bmc, Power};
+use crate::bmc::{Bmc, IpmiCounters, Power};
 use crate::firmware::Firmware;
 use crate::machine::{Faults, Machine};
-use crate::net::Net;
-use crate::report::{self, Report};
+use crate::net::{Counters, Net};
+use crate::report::{self, MachineSnapshot, Report, Seen};
 use crate::tap::Tap;
 
 /// What to simulate and what to ask of Stork.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
-    pub tap: String,
+    /// One shard (a thread) per tap.
+    pub taps: Vec<String>,
     pub machines: usize,
     /// Machine `i`'s MAC is `52:54:5a:xx:hi:lo` and its BMC's `52:54:5b:xx:hi:lo`, `xx` this.
     pub mac_tag: u8,
@@ -122,25 +124,177 @@ pub struct OperatorStep {
     pub detail: String,
 }
 
+/// One shard's share of the fleet at the end of the run.
+struct Shard {
+    machines: Vec<MachineSnapshot>,
+    tap: Counters,
+    bmc_calls: u64,
+    ipmi: IpmiCounters,
+    /// A storm: when this shard powered its machines on (seconds since the fleet started).
+    powered_at: Option<f64>,
+}
+
 /// Runs the fleet and the operator to the end; the report is written by the caller.
+///
+/// The fleet is split into shards, one per tap, each a thread of its own (a tokio
+/// `LocalSet`: smoltcp's hosts are not `Send`) with machine `i` in shard `i % shards`;
+/// the bridge sends each frame to the tap its destination MAC was learnt on.
 pub fn run(config: &FleetConfig) -> Result<Report> {
     if config.machines == 0 || config.machines > 60_000 {
         bail!("--machines: 1 to 60000");
     }
+    if config.taps.is_empty() {
+        bail!("--tap: at least one");
+    }
     let epoch = Instant::now();
+    let shards = config.taps.len();
+    let done = Arc::new(AtomicBool::new(false));
+    let (plans_tx, plans_rx) = mpsc::channel::<Vec<PowerPlan>>();
+    let (shard_tx, shard_rx) = mpsc::channel::<Result<Shard>>();
+    for s in 0..shards {
+        let (config, done) = (config.clone(), done.clone());
+        let (plans_tx, shard_tx) = (plans_tx.clone(), shard_tx.clone());
+        std::thread::Builder::new()
+            .name(format!("shard-{s}"))
+            .spawn(move || {
+                let _ = shard_tx.send(run_shard(&config, s, epoch, &done, &plans_tx));
+            })?;
+    }
+    drop((plans_tx, shard_tx));
+    let sampler = config.watch_pid.map(report::Sampler::start);
+    let mut results = Vec::new();
+    let (mut steps, mut finals) = (Vec::new(), BTreeMap::new());
+    if !config.storm {
+        let mut plan = Vec::new();
+        for _ in 0..shards {
+            // A shard that failed sends no plan: its error is among the results below.
+            let Ok(p) = plans_rx.recv() else { break };
+            plan.extend(p);
+        }
+        plan.sort_by_key(|p| p.index);
+        let outcome = if plan.len() == config.machines {
+            operate_while_shards_run(config, plan, epoch, &shard_rx, &mut results)
+        } else {
+            Err(anyhow::anyhow!("a shard did not start"))
+        };
+        done.store(true, Ordering::Relaxed);
+        match outcome {
+            Ok((s, f)) => (steps, finals) = (s, f),
+            Err(e) => {
+                // A shard's own failure says more than the operator's.
+                results.extend(shard_rx.try_iter());
+                return Err(results.into_iter().find_map(|r| r.err()).unwrap_or(e));
+            }
+        }
+    }
+    while results.len() < shards {
+        match shard_rx.recv() {
+            Ok(r) => results.push(r),
+            Err(_) => bail!("a shard ended without a result"),
+        }
+    }
+    let mut seen = Seen::default();
+    let mut powered_at: Option<f64> = None;
+    for r in results {
+        let shard = r?;
+        seen.machines.extend(shard.machines);
+        seen.tap.add(&shard.tap);
+        seen.bmc_calls += shard.bmc_calls;
+        seen.ipmi.add(&shard.ipmi);
+        powered_at = match (powered_at, shard.powered_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    seen.machines.sort_by_key(|m| m.index);
+    if config.storm {
+        let fetched = seen
+            .machines
+            .iter()
+            .filter(|m| m.reached(crate::machine::phase::KERNEL))
+            .count();
+        steps = vec![
+            OperatorStep {
+                step: "storm".into(),
+                at: powered_at.unwrap_or(0.0),
+                detail: format!("powering on {} machines", config.machines),
+            },
+            OperatorStep {
+                step: "stormed".into(),
+                at: epoch.elapsed().as_secs_f64(),
+                detail: format!(
+                    "{fetched} of {} machines fetched their agent's files",
+                    config.machines
+                ),
+            },
+        ];
+    }
+    let samples = sampler.map(|s| s.stop()).unwrap_or_default();
+    Ok(report::build(config, seen, steps, finals, samples))
+}
+
+/// The operator on a thread of its own; its answer ends the run, as does a shard failing
+/// (a shard returns before the run is done only on failure).
+fn operate_while_shards_run(
+    config: &FleetConfig,
+    plan: Vec<PowerPlan>,
+    epoch: Instant,
+    shards: &mpsc::Receiver<Result<Shard>>,
+    early: &mut Vec<Result<Shard>>,
+) -> Outcome {
+    let (tx, rx) = mpsc::channel();
+    let op_config = config.clone();
+    let operator = std::thread::spawn(move || operate(&op_config, &plan, epoch, &tx));
+    let outcome = loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(r) => break r,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                early.extend(shards.try_iter());
+                if early.iter().any(|r| r.is_err()) {
+                    // The operator is left to finish on its own: it only waits.
+                    return Err(anyhow::anyhow!("a shard failed"));
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(anyhow::anyhow!(
+                    "the operator thread ended without a result"
+                ));
+            }
+        }
+    };
+    let _ = operator.join();
+    outcome
+}
+
+fn run_shard(
+    config: &FleetConfig,
+    s: usize,
+    epoch: Instant,
+    done: &AtomicBool,
+    plans: &mpsc::Sender<Vec<PowerPlan>>,
+) -> Result<Shard> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move { fleet(config, epoch).await })
+    local.block_on(&rt, shard(config, s, epoch, done, plans))
 }
 
-async fn fleet(config: &FleetConfig, epoch: Instant) -> Result<Report> {
+/// Shard `s`: its machines and their BMCs on its tap, until its storm is over or the
+/// operator is done.
+async fn shard(
+    config: &FleetConfig,
+    s: usize,
+    epoch: Instant,
+    done: &AtomicBool,
+    plans: &mpsc::Sender<Vec<PowerPlan>>,
+) -> Result<Shard> {
+    let tap_name = &config.taps[s];
     let net = Net::new();
-    let tap = Tap::open(&config.tap).with_context(|| format!("opening tap {}", config.tap))?;
+    let tap = Tap::open(tap_name).with_context(|| format!("opening tap {tap_name}"))?;
     let mut machines = Vec::new();
     let mut bmcs: Vec<Rc<Bmc>> = Vec::new();
-    for i in 0..config.machines {
+    for i in (s..config.machines).step_by(config.taps.len()) {
         let firmware = firmware_of(i, config);
         let faults = config.faults.for_machine(i, config.machines);
         let m = Machine::new(
@@ -178,112 +332,67 @@ async fn fleet(config: &FleetConfig, epoch: Instant) -> Result<Report> {
         let net = net.clone();
         tokio::task::spawn_local(async move { net.run(tap).await })
     };
-    let sampler = config.watch_pid.map(report::Sampler::start);
+    let tap_failed = || anyhow::anyhow!("tap {tap_name} failed");
+    let mut powered_at = None;
     if config.storm {
-        return storm(config, &net, net_task, &machines, sampler, epoch).await;
-    }
-
-    let plan: Vec<PowerPlan> = bmcs
-        .iter()
-        .map(|b| PowerPlan {
-            mac: b.machine.mac,
-            bmc: b.ip,
-            password: b.password.clone(),
-            ipmi: b.power == Power::Ipmi,
-        })
-        .collect();
-    let (tx, rx) = mpsc::channel();
-    let op_config = config.clone();
-    let operator = std::thread::spawn(move || operate(&op_config, &plan, epoch, &tx));
-    // The fleet runs while the operator works; its answer ends the run.
-    let outcome = loop {
-        if net_task.is_finished() {
-            break Err(anyhow::anyhow!("the tap failed"));
+        // Every machine on at once; over when each has fetched its agent's files or the
+        // phase has timed out.
+        powered_at = Some(epoch.elapsed().as_secs_f64());
+        for m in &machines {
+            m.set_power(true);
         }
-        match rx.try_recv() {
-            Ok(r) => break r,
-            Err(mpsc::TryRecvError::Empty) => tokio::time::sleep(Duration::from_millis(200)).await,
-            Err(mpsc::TryRecvError::Disconnected) => {
-                break Err(anyhow::anyhow!(
-                    "the operator thread ended without a result"
-                ));
-            }
-        }
-    };
-    let _ = operator.join();
-    let (steps, finals) = outcome?;
-    // A report the appliance recorded may still be on its way back to its machine (the
-    // appliance powers it off first, through a BMC that may be slow): let it land.
-    let until = Instant::now() + Duration::from_secs(15);
-    while machines.iter().any(|m| m.awaiting_answer()) && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let samples = sampler.map(|s| s.stop()).unwrap_or_default();
-    net_task.abort();
-    Ok(report::build(
-        config,
-        &machines,
-        &bmcs,
-        steps,
-        finals,
-        net.counters(),
-        samples,
-    ))
-}
-
-/// Every machine on at once; done when each has fetched its agent's files or given up.
-async fn storm(
-    config: &FleetConfig,
-    net: &Rc<Net>,
-    net_task: tokio::task::JoinHandle<std::io::Result<()>>,
-    machines: &[Rc<Machine>],
-    sampler: Option<report::Sampler>,
-    epoch: Instant,
-) -> Result<Report> {
-    let mut steps = vec![OperatorStep {
-        step: "storm".into(),
-        at: epoch.elapsed().as_secs_f64(),
-        detail: format!("powering on {} machines", machines.len()),
-    }];
-    for m in machines {
-        m.set_power(true);
-    }
-    let until = Instant::now() + config.phase_timeout;
-    while Instant::now() < until {
-        if net_task.is_finished() {
-            bail!("the tap failed");
-        }
-        if machines
-            .iter()
-            .all(|m| m.reached(crate::machine::phase::KERNEL))
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    steps.push(OperatorStep {
-        step: "stormed".into(),
-        at: epoch.elapsed().as_secs_f64(),
-        detail: format!(
-            "{} of {} machines fetched their agent's files",
-            machines
+        let until = Instant::now() + config.phase_timeout;
+        while Instant::now() < until
+            && !machines
                 .iter()
-                .filter(|m| m.reached(crate::machine::phase::KERNEL))
-                .count(),
-            machines.len()
-        ),
-    });
-    let samples = sampler.map(|s| s.stop()).unwrap_or_default();
+                .all(|m| m.reached(crate::machine::phase::KERNEL))
+        {
+            if net_task.is_finished() {
+                return Err(tap_failed());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    } else {
+        let plan = bmcs
+            .iter()
+            .map(|b| PowerPlan {
+                index: b.machine.index,
+                mac: b.machine.mac,
+                bmc: b.ip,
+                password: b.password.clone(),
+                ipmi: b.power == Power::Ipmi,
+            })
+            .collect();
+        let _ = plans.send(plan);
+        while !done.load(Ordering::Relaxed) {
+            if net_task.is_finished() {
+                return Err(tap_failed());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // A report the appliance recorded may still be on its way back to its machine
+        // (the appliance powers it off first, through a BMC that may be slow): let it land.
+        let until = Instant::now() + Duration::from_secs(15);
+        while machines.iter().any(|m| m.awaiting_answer()) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     net_task.abort();
-    Ok(report::build(
-        config,
-        machines,
-        &[],
-        steps,
-        BTreeMap::new(),
-        net.counters(),
-        samples,
-    ))
+    let mut ipmi = IpmiCounters::default();
+    for b in &bmcs {
+        b.count_ipmi(&mut ipmi);
+    }
+    Ok(Shard {
+        machines: machines
+            .iter()
+            .enumerate()
+            .map(|(k, m)| m.snapshot(bmcs.get(k).map(|b| b.power)))
+            .collect(),
+        tap: net.counters(),
+        bmc_calls: bmcs.iter().map(|b| *b.calls.borrow()).sum(),
+        ipmi,
+        powered_at,
+    })
 }
 
 /// Machine `i`'s position in [0, 1), so that each share is spread evenly over the fleet;
@@ -307,6 +416,7 @@ type Outcome = Result<(Vec<OperatorStep>, BTreeMap<String, ApiMachine>)>;
 
 /// How the operator adds one machine: its boot MAC and how Stork reaches its BMC.
 struct PowerPlan {
+    index: usize,
     mac: MacAddr,
     bmc: Ipv4Addr,
     password: String,

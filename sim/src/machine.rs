@@ -189,6 +189,22 @@ impl Machine {
         self.state.borrow().in_flight.is_some()
     }
 
+    /// What the report needs of this machine, at the end of the run.
+    pub fn snapshot(&self, power: Option<crate::bmc::Power>) -> crate::report::MachineSnapshot {
+        let st = self.state.borrow();
+        crate::report::MachineSnapshot {
+            index: self.index,
+            mac: self.mac,
+            firmware: self.firmware,
+            faults: self.faults.clone(),
+            power,
+            boots: st.boots,
+            image_bytes: st.image_bytes,
+            marks: st.marks.clone(),
+            errors: st.errors.clone(),
+        }
+    }
+
     /// Whether the machine reached `phase`.
     pub fn reached(&self, phase: &str) -> bool {
         self.state.borrow().marks.iter().any(|(n, _)| *n == phase)

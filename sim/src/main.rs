@@ -11,9 +11,10 @@ use stork_sim::fleet::{FaultPlan, FleetConfig, run};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// The tap device, on the appliance's segment (created by whoever runs the sim).
-    #[arg(long)]
-    tap: String,
+    /// A tap device on the appliance's segment (created by whoever runs the sim); repeat it
+    /// to split the fleet into shards, a thread and a tap each.
+    #[arg(long = "tap", required = true)]
+    taps: Vec<String>,
     #[arg(long, default_value_t = 50)]
     machines: usize,
     /// Distinguishes this fleet's MACs from another's on the same segment.
@@ -90,7 +91,7 @@ fn main() -> Result<()> {
         .init();
     let a = Args::parse();
     let config = FleetConfig {
-        tap: a.tap,
+        taps: a.taps,
         machines: a.machines,
         mac_tag: a.mac_tag,
         bmc_base: a.bmc_base,

@@ -174,6 +174,19 @@ pub struct Counters {
     pub frames_refused: u64,
 }
 
+impl Counters {
+    /// Another shard's counts added to these.
+    pub fn add(&mut self, o: &Counters) {
+        self.frames_in += o.frames_in;
+        self.frames_out += o.frames_out;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.frames_ignored += o.frames_ignored;
+        self.frames_lost += o.frames_lost;
+        self.frames_refused += o.frames_refused;
+    }
+}
+
 /// The shared segment: every host, and the tap they are all on.
 pub struct Net {
     inner: RefCell<Inner>,

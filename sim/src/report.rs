@@ -4,18 +4,18 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use stork_proto::MacAddr;
 use stork_proto::api::{Machine as ApiMachine, Status};
 
-use crate::bmc::{Bmc, IpmiCounters, Power};
+use crate::bmc::{IpmiCounters, Power};
 use crate::firmware::Firmware;
 use crate::fleet::{FaultPlan, FleetConfig, OperatorStep};
-use crate::machine::{Faults, Machine, phase};
+use crate::machine::{Faults, phase};
 use crate::net::Counters;
 
 #[derive(Debug, Serialize)]
@@ -174,14 +174,41 @@ fn cause(s: &str) -> String {
     out
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One machine as a shard saw it at the end (what the report needs, free of the shard's
+/// thread-local state).
+#[derive(Debug, Clone)]
+pub struct MachineSnapshot {
+    pub index: usize,
+    pub mac: MacAddr,
+    pub firmware: Firmware,
+    pub faults: Faults,
+    pub power: Option<Power>,
+    pub boots: u32,
+    pub image_bytes: u64,
+    pub marks: Vec<(&'static str, f64)>,
+    pub errors: Vec<String>,
+}
+
+impl MachineSnapshot {
+    pub fn reached(&self, phase: &str) -> bool {
+        self.marks.iter().any(|(n, _)| *n == phase)
+    }
+}
+
+/// What the shards saw, together.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub machines: Vec<MachineSnapshot>,
+    pub tap: Counters,
+    pub bmc_calls: u64,
+    pub ipmi: IpmiCounters,
+}
+
 pub fn build(
     config: &FleetConfig,
-    machines: &[Rc<Machine>],
-    bmcs: &[Rc<Bmc>],
+    seen: Seen,
     operator: Vec<OperatorStep>,
     finals: BTreeMap<String, ApiMachine>,
-    tap: Counters,
     appliance: Vec<Sample>,
 ) -> Report {
     let by_mac: BTreeMap<String, &ApiMachine> = finals
@@ -201,8 +228,7 @@ pub fn build(
     let mut storm = Vec::new();
     let mut per_machine = Vec::new();
     let mut image_bytes = 0;
-    for m in machines {
-        let st = m.state.borrow();
+    for m in &seen.machines {
         let api = by_mac.get(&m.mac.to_string());
         let status = api.map(|a| a.status);
         // A storm asks the appliance nothing: no statuses to count.
@@ -216,11 +242,11 @@ pub fn build(
                 .entry(cause(a.status_message.as_deref().unwrap_or("(no reason)")))
                 .or_default() += 1;
         }
-        for e in &st.errors {
+        for e in &m.errors {
             *errors.entry(cause(e)).or_default() += 1;
         }
         let mut prev: Option<f64> = None;
-        for (name, at) in &st.marks {
+        for (name, at) in &m.marks {
             if *name == phase::POWER_ON || *name == phase::POWER_OFF {
                 prev = (*name == phase::POWER_ON).then_some(*at);
                 continue;
@@ -232,7 +258,7 @@ pub fn build(
         }
         let first_after = |phase: &str, from: Option<f64>| {
             let from = from?;
-            st.marks
+            m.marks
                 .iter()
                 .find(|(n, at)| *n == phase && *at >= from)
                 .map(|(_, at)| at - from)
@@ -241,19 +267,19 @@ pub fn build(
         commission.extend(first_after(phase::COMMISSIONED, asked("commission")));
         deploy.extend(first_after(phase::DEPLOYED, asked("deploy")));
         release.extend(first_after(phase::RELEASED, asked("release")));
-        image_bytes += st.image_bytes;
+        image_bytes += m.image_bytes;
         per_machine.push(MachineReport {
             index: m.index,
             mac: m.mac.to_string(),
             id: api.map(|a| a.id.clone()),
             firmware: m.firmware,
-            power: bmcs.get(m.index).map(|b| b.power),
+            power: m.power,
             faults: m.faults.clone(),
             status,
             status_message: api.and_then(|a| a.status_message.clone()),
-            boots: st.boots,
-            marks: st.marks.clone(),
-            errors: st.errors.clone(),
+            boots: m.boots,
+            marks: m.marks.clone(),
+            errors: m.errors.clone(),
         });
     }
     let deploys_per_minute = deploy
@@ -279,12 +305,9 @@ pub fn build(
         release: Spread::of(release),
         deploys_per_minute,
         image_bytes,
-        tap,
-        bmc_calls: bmcs.iter().map(|b| *b.calls.borrow()).sum(),
-        ipmi: bmcs.iter().fold(IpmiCounters::default(), |mut c, b| {
-            b.count_ipmi(&mut c);
-            c
-        }),
+        tap: seen.tap,
+        bmc_calls: seen.bmc_calls,
+        ipmi: seen.ipmi,
         appliance,
         per_machine,
     }

@@ -1,5 +1,5 @@
 //! A simulated fleet through `stork serve`: `stork-sim` puts 50 machines and their 50 BMCs
-//! on one tap of the lab's bridge (smoltcp, one host per MAC), and takes them through the
+//! on two taps of the lab's bridge (smoltcp, one host per MAC, a thread per tap), and takes them through the
 //! lifecycle over the admin API: added (half with IPMI power, half with Redfish),
 //! commissioned, allocated and deployed, released. Stork powers every one of them through
 //! its BMC (the IPMI side answered by Stork's own wire and crypto code, playing BMC); each
@@ -40,11 +40,13 @@ fn sim_bin() -> std::path::PathBuf {
 fn run_fleet(lab: &mut Lab, appliance: &Appliance) -> Result<Value> {
     // 8 MiB: each simulated agent downloads and checks it, and writes it nowhere.
     stork_lab::images::register_random_image(appliance, IMAGE, 8 << 20)?;
-    let tap = lab.add_tap()?;
+    // Two shards, a tap and a thread each: the bridge finds each machine's tap by its MAC.
+    let taps = [lab.add_tap()?, lab.add_tap()?];
     let report = lab.dir().join("fleet.json");
     let out = lab
         .command(sim_bin())
-        .args(["--tap", &tap, "--machines", &MACHINES.to_string()])
+        .args(["--tap", &taps[0], "--tap", &taps[1]])
+        .args(["--machines", &MACHINES.to_string()])
         .args([
             "--bmc-base",
             "10.77.0.10",
