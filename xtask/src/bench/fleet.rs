@@ -12,7 +12,8 @@
 //!
 //! It prints each leg's figures, the storm's ratio Stork/peer, deploys per minute beside
 //! Carbide's published 240, and the image bytes' rate against the segment's. It asserts
-//! nothing on time. `STORK_FLEET_MACHINES` sets N (default 1,000).
+//! nothing on time. `STORK_FLEET_MACHINES` sets N (default 1,000), `STORK_FLEET_SHARDS` the
+//! sim's threads (a tap each; default 2).
 
 use std::path::Path;
 use std::process::Command;
@@ -46,6 +47,12 @@ pub fn run() -> Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
+    // The sim's threads (a tap each): one per core by default.
+    let shards: usize = std::env::var("STORK_FLEET_SHARDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .max(1);
     crate::deps::ensure()?;
     let boot = crate::images()?;
     crate::step("building stork and stork-sim (release)");
@@ -69,10 +76,10 @@ pub fn run() -> Result<()> {
     let config = lab.dir().join("stork.toml");
     std::fs::write(&config, FLEET_TOML)?;
     let appliance = Appliance::start_with(&lab, &stork, &boot, &["--config", &path(&config)])?;
-    let tap = lab.add_tap()?;
+    let taps = add_taps(&mut lab, shards)?;
     let stork_storm = sim_run(
         &lab,
-        (&sim, &tap),
+        (&sim, &taps),
         n,
         1,
         &["--storm"],
@@ -84,7 +91,7 @@ pub fn run() -> Result<()> {
     stork_lab::images::register_random_image(&appliance, "bench-image", IMAGE_MIB << 20)?;
     let life = sim_run(
         &lab,
-        (&sim, &tap),
+        (&sim, &taps),
         n,
         2,
         &["--image", "bench-image", "--release", "--boot-share", "1"],
@@ -101,10 +108,10 @@ pub fn run() -> Result<()> {
     let mut peer_lab = Lab::new("bench-fleet-peer", &base)?;
     widen(&peer_lab)?;
     let peers = start_peers(&peer_lab, &boot)?;
-    let tap = peer_lab.add_tap()?;
+    let taps = add_taps(&mut peer_lab, shards)?;
     let peer_storm = sim_run(
         &peer_lab,
-        (&sim, &tap),
+        (&sim, &taps),
         n,
         1,
         &["--storm"],
@@ -116,6 +123,10 @@ pub fn run() -> Result<()> {
     print_results(n, &stork_storm, &peer_storm, &life);
     eprintln!("(stork log tail)\n{stork_log}");
     Ok(())
+}
+
+fn add_taps(lab: &mut Lab, n: usize) -> Result<Vec<String>> {
+    (0..n).map(|_| lab.add_tap()).collect()
 }
 
 fn path(p: &Path) -> String {
@@ -146,7 +157,7 @@ fn widen(lab: &Lab) -> Result<()> {
 /// when there is one (its token, its process sampled); returns its report.
 fn sim_run(
     lab: &Lab,
-    (sim, tap): (&Path, &str),
+    (sim, taps): (&Path, &[String]),
     n: usize,
     tag: u8,
     extra: &[&str],
@@ -155,7 +166,10 @@ fn sim_run(
 ) -> Result<Value> {
     let report = lab.dir().join(format!("{name}.json"));
     let mut cmd = lab.command(sim);
-    cmd.args(["--tap", tap, "--machines", &n.to_string()])
+    for tap in taps {
+        cmd.args(["--tap", tap]);
+    }
+    cmd.args(["--machines", &n.to_string()])
         .args(["--mac-tag", &tag.to_string(), "--bmc-base", "10.77.64.0"])
         .args(["--prefix", "16", "--phase-timeout", "3600"])
         .args(extra)
