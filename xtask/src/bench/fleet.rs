@@ -120,7 +120,7 @@ pub fn run() -> Result<()> {
     )?;
     drop(peers);
 
-    print_results(n, &stork_storm, &peer_storm, &life);
+    print_results(n, shards, &stork_storm, &peer_storm, &life);
     eprintln!("(stork log tail)\n{stork_log}");
     Ok(())
 }
@@ -292,10 +292,10 @@ fn spread(v: &Value, key: &str) -> String {
     )
 }
 
-fn print_results(n: usize, stork: &Value, peer: &Value, life: &Value) {
+fn print_results(n: usize, shards: usize, stork: &Value, peer: &Value, life: &Value) {
     let last = |v: &Value, k: &str| v[k]["max"].as_f64();
     println!(
-        "\nfleet benchmark: {n} simulated machines (stork-sim, smoltcp, one tap), this machine's 2 cores shared by the appliance, the peers and the sim"
+        "\nfleet benchmark: {n} simulated machines (stork-sim, smoltcp, {shards} threads and taps), this machine's 2 cores shared by the appliance, the peers and the sim"
     );
     println!("boot storm (power-on to the agent's kernel, initrd and ephemeral root fetched):");
     println!("  Stork           {}", spread(stork, "storm"));
