@@ -243,6 +243,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         );
         let local = cfg.dhcp.local();
         tracing::info!(interface = %cfg.interface, mode = ?local.mode, ranges = ?local.ranges, subnets = cfg.dhcp.subnets.len(), "DHCP serving");
+        crate::dhcp::neighbours::ensure(&cfg.dhcp);
         if cfg.dhcp.ipv6_ra {
             let interface = cfg.interface.clone();
             service(

@@ -113,6 +113,9 @@ pub struct Host {
     poll_at: Option<Instant>,
     /// Sockets their owners dropped, closing: removed once closed.
     closing: Vec<SocketHandle>,
+    /// UDP sockets their owners dropped with datagrams still queued (a TFTP client's last
+    /// ACK): removed once those are sent.
+    draining: Vec<SocketHandle>,
 }
 
 impl Host {
@@ -132,6 +135,7 @@ impl Host {
             next_port: 49152 + (seed % 1000) as u16,
             poll_at: Some(now),
             closing: Vec::new(),
+            draining: Vec::new(),
         }
     }
 
@@ -435,8 +439,18 @@ impl Net {
             }
             host.iface.poll(now, &mut host.dev, &mut host.sockets);
             let Host {
-                closing, sockets, ..
+                closing,
+                draining,
+                sockets,
+                ..
             } = host;
+            draining.retain(|&handle| {
+                let sent = sockets.get::<udp::Socket>(handle).send_queue() == 0;
+                if sent {
+                    sockets.remove(handle);
+                }
+                !sent
+            });
             closing.retain(|&handle| {
                 let done = matches!(
                     sockets.get::<tcp::Socket>(handle).state(),
@@ -874,9 +888,15 @@ impl UdpSocket {
 
 impl Drop for UdpSocket {
     fn drop(&mut self) {
+        // What was sent last (a TFTP client's final ACK) still leaves: a socket with
+        // datagrams queued goes once the host has polled them out.
         let handle = self.handle;
-        self.net.with_host(self.host, self.generation, |h| {
-            h.sockets.remove(handle);
+        self.net.change_host(self.host, self.generation, |h| {
+            if h.sockets.get::<udp::Socket>(handle).send_queue() == 0 {
+                h.sockets.remove(handle);
+            } else {
+                h.draining.push(handle);
+            }
         });
     }
 }

@@ -11,6 +11,7 @@ pub mod handler;
 pub mod journal;
 pub mod leases;
 pub mod mmsg;
+pub mod neighbours;
 pub mod pool;
 pub mod ra;
 pub mod reply;
