@@ -157,7 +157,8 @@ pub fn run(config: &FleetConfig) -> Result<Report> {
         std::thread::Builder::new()
             .name(format!("shard-{s}"))
             .spawn(move || {
-                let _ = shard_tx.send(run_shard(&config, s, epoch, &done, &plans_tx));
+                let r = on_local_runtime(shard(&config, s, epoch, &done, &plans_tx));
+                let _ = shard_tx.send(r.and_then(|r| r));
             })?;
     }
     drop((plans_tx, shard_tx));
@@ -266,18 +267,13 @@ fn operate_while_shards_run(
     outcome
 }
 
-fn run_shard(
-    config: &FleetConfig,
-    s: usize,
-    epoch: Instant,
-    done: &AtomicBool,
-    plans: &mpsc::Sender<Vec<PowerPlan>>,
-) -> Result<Shard> {
+/// Runs `f` to its end on a runtime of this thread's own, with a `LocalSet` for the
+/// tasks that hold smoltcp's (not `Send`) hosts.
+fn on_local_runtime<F: std::future::Future>(f: F) -> Result<F::Output> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, shard(config, s, epoch, done, plans))
+    Ok(tokio::task::LocalSet::new().block_on(&rt, f))
 }
 
 /// Shard `s`: its machines and their BMCs on its tap, until its storm is over or the
