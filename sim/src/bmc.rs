@@ -233,10 +233,10 @@ impl Bmc {
 
     fn system(&self) -> Value {
         let st = self.machine.state.borrow();
-        let (target, enabled) = match (st.boot_once, st.persistent_boot) {
-            (Some(t), _) => (target_name(t), "Once"),
-            (None, Some(t)) => (target_name(t), "Continuous"),
-            (None, None) => ("None", "Disabled"),
+        let (target, enabled) = match st.boot_override() {
+            Some((t, false)) => (target_name(t), "Once"),
+            Some((t, true)) => (target_name(t), "Continuous"),
+            None => ("None", "Disabled"),
         };
         json!({
             "@odata.id": SYSTEM,
@@ -273,15 +273,9 @@ impl Bmc {
         }
         let mut st = self.machine.state.borrow_mut();
         match enabled {
-            "Continuous" => {
-                st.persistent_boot = target;
-                st.boot_once = None;
-            }
-            "Disabled" => {
-                st.persistent_boot = None;
-                st.boot_once = None;
-            }
-            _ => st.boot_once = target,
+            "Continuous" => st.set_boot_override(target, true),
+            "Disabled" => st.set_boot_override(None, true),
+            _ => st.set_boot_override(target, false),
         }
         reply(StatusCode::NO_CONTENT, Value::Null)
     }
@@ -328,20 +322,16 @@ impl Chassis for MachineChassis<'_> {
     }
 
     fn boot_flags(&self) -> BootFlags {
-        let st = self.0.machine.state.borrow();
-        let (target, persistent) = match (st.boot_once, st.persistent_boot) {
-            (Some(t), _) => (Some(t), false),
-            (None, Some(t)) => (Some(t), true),
-            (None, None) => (None, false),
+        let Some((target, persistent)) = self.0.machine.state.borrow().boot_override() else {
+            return BootFlags::NONE;
         };
         BootFlags {
-            valid: target.is_some(),
+            valid: true,
             persistent,
             efi: *self.0.mode.borrow() == "UEFI",
             device: match target {
-                Some(BootTarget::Network) => ipmi::BOOT_DEVICE_PXE,
-                Some(BootTarget::Disk) => ipmi::BOOT_DEVICE_DISK,
-                None => 0,
+                BootTarget::Network => ipmi::BOOT_DEVICE_PXE,
+                BootTarget::Disk => ipmi::BOOT_DEVICE_DISK,
             },
         }
     }
@@ -353,13 +343,11 @@ impl Chassis for MachineChassis<'_> {
             _ => None,
         };
         *self.0.mode.borrow_mut() = if flags.efi { "UEFI" } else { "Legacy" }.into();
-        let mut st = self.0.machine.state.borrow_mut();
-        if flags.persistent {
-            st.persistent_boot = target;
-            st.boot_once = None;
-        } else {
-            st.boot_once = target;
-        }
+        self.0
+            .machine
+            .state
+            .borrow_mut()
+            .set_boot_override(target, flags.persistent);
     }
 }
 

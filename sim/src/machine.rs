@@ -118,6 +118,29 @@ pub struct State {
     in_flight: Option<&'static str>,
 }
 
+impl State {
+    /// The BMC's boot override: its target, and whether it holds for every boot (a
+    /// next-boot override wins over a persistent one, as BMCs apply them).
+    pub fn boot_override(&self) -> Option<(BootTarget, bool)> {
+        match (self.boot_once, self.persistent_boot) {
+            (Some(t), _) => Some((t, false)),
+            (None, Some(t)) => Some((t, true)),
+            (None, None) => None,
+        }
+    }
+
+    /// Sets the override as a BMC does: a persistent one replaces both, a next-boot one
+    /// only the next boot's.
+    pub fn set_boot_override(&mut self, target: Option<BootTarget>, persistent: bool) {
+        if persistent {
+            self.persistent_boot = target;
+            self.boot_once = None;
+        } else {
+            self.boot_once = target;
+        }
+    }
+}
+
 pub struct Machine {
     pub index: usize,
     pub mac: MacAddr,

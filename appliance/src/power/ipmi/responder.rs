@@ -223,16 +223,18 @@ impl Responder {
 
     fn new_session_id(&mut self) -> u32 {
         while self.pending.len() + self.sessions.len() >= MAX_SESSIONS {
-            // Evict the oldest: ids grow, so the smallest key of either map (ids wrap only
-            // after 2^32 sessions, which a simulated BMC does not reach).
-            let p = self.pending.keys().next().copied();
-            let s = self.sessions.keys().next().copied();
-            match (p, s) {
-                (Some(p), Some(s)) if s < p => self.sessions.remove(&s).map(|_| ()),
-                (Some(p), _) => self.pending.remove(&p).map(|_| ()),
-                (None, Some(s)) => self.sessions.remove(&s).map(|_| ()),
-                (None, None) => break,
-            };
+            // The oldest goes: ids grow (they wrap only after 2^32 sessions, which a
+            // simulated BMC does not reach).
+            let oldest = self
+                .pending
+                .keys()
+                .chain(self.sessions.keys())
+                .min()
+                .copied();
+            let Some(sid) = oldest else { break };
+            if self.pending.remove(&sid).is_none() {
+                self.sessions.remove(&sid);
+            }
         }
         let sid = self.next_sid;
         self.next_sid = self.next_sid.wrapping_add(1).max(1);
