@@ -14,6 +14,16 @@ pub enum Firmware {
     /// OVMF; with `nic_rom: false` the NIC's iPXE ROM is disabled so EDK2's own PXE boots
     /// over TFTP (OVMF has no e1000 driver: the NIC is virtio).
     Uefi { nic_rom: bool },
+    /// OVMF with no NIC ROM and its PXE off (`IPv4PXESupport=n`): UEFI HTTP boot is the
+    /// only network boot it has, as on a server whose PXE and TFTP are disabled.
+    UefiHttp,
+}
+
+impl Firmware {
+    /// Whether this is OVMF (a variable store, q35).
+    pub fn is_uefi(self) -> bool {
+        !matches!(self, Self::Bios)
+    }
 }
 
 /// What a guest's reboot does to its QEMU.
@@ -268,7 +278,8 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
         Firmware::Bios => {
             argv.extend(["-device".to_string(), nic]);
         }
-        Firmware::Uefi { nic_rom } => {
+        Firmware::Uefi { .. } | Firmware::UefiHttp => {
+            let nic_rom = m.firmware == (Firmware::Uefi { nic_rom: true });
             let vars = m
                 .vars
                 .context("an OVMF machine without its variable store")?;
@@ -286,6 +297,14 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
                 "name=opt/org.tianocore/IPv6PXESupport,string=n".to_string(),
                 "-fw_cfg".to_string(),
                 "name=opt/org.tianocore/IPv6Support,string=n".to_string(),
+            ]);
+            if m.firmware == Firmware::UefiHttp {
+                argv.extend([
+                    "-fw_cfg".to_string(),
+                    "name=opt/org.tianocore/IPv4PXESupport,string=n".to_string(),
+                ]);
+            }
+            argv.extend([
                 "-machine".to_string(),
                 "q35".to_string(),
                 "-drive".to_string(),
@@ -377,7 +396,7 @@ pub(crate) fn ovmf_vars(
 ) -> Result<Option<PathBuf>> {
     Ok(match firmware {
         Firmware::Bios => None,
-        Firmware::Uefi { .. } => {
+        Firmware::Uefi { .. } | Firmware::UefiHttp => {
             let vars = dir.join("OVMF_VARS.fd");
             if !(keep && vars.exists()) {
                 std::fs::copy(vars_template, &vars).with_context(|| {
@@ -590,6 +609,14 @@ mod tests {
             "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:00:00:01,romfile=",
         ]);
         assert_eq!(machine_argv(&args(&spec)).unwrap(), uefi);
+
+        spec.firmware = Firmware::UefiHttp;
+        let http = machine_argv(&args(&spec)).unwrap();
+        let pxe_off = http
+            .windows(2)
+            .any(|w| w == ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n"]);
+        assert!(pxe_off, "{http:?}");
+        assert!(http.iter().any(|a| a.ends_with("romfile=")), "{http:?}");
     }
 
     #[test]

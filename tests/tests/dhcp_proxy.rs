@@ -1,6 +1,8 @@
 //! proxyDHCP beside the site's DHCP server: dnsmasq (in its own namespace) leases the
 //! address, Stork in proxy mode answers the PXE client with boot information only, on
-//! port 67 and on the PXE boot server port 4011.
+//! port 67 and on the PXE boot server port 4011. A UEFI HTTP-boot client asking beside it
+//! gets a proxy offer with the `http://` URL of its network boot program and option 60
+//! `HTTPClient` (what EDK2's HTTP boot takes as a proxy offer with a URI).
 
 mod dhcp_common;
 
@@ -14,28 +16,47 @@ use stork_tests::lab_dir;
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x55, 0, 1];
 
+const PXE_XID: [u8; 4] = [0xde, 0xad, 0xbe, 0xef];
+const HTTP_XID: [u8; 4] = [0xde, 0xad, 0xbe, 0xf0];
+
 /// A BOOTREQUEST from MAC with the given DHCP message type, option 60 as a BIOS PXE ROM
 /// sends it, option 93 = 0, and the broadcast flag (so dnsmasq broadcasts its offer too).
 fn pxe_packet(kind: u8, ciaddr: Ipv4Addr) -> Vec<u8> {
+    boot_request(
+        kind,
+        ciaddr,
+        PXE_XID,
+        b"PXEClient:Arch:00000:UNDI:002001",
+        0,
+    )
+}
+
+/// A DISCOVER as OVMF's HTTP boot sends it (option 60 `HTTPClient`, option 93 = 16).
+fn http_boot_discover() -> Vec<u8> {
+    let class = b"HTTPClient:Arch:00016:UNDI:003000";
+    boot_request(1, Ipv4Addr::UNSPECIFIED, HTTP_XID, class, 16)
+}
+
+fn boot_request(kind: u8, ciaddr: Ipv4Addr, xid: [u8; 4], class: &[u8], arch: u8) -> Vec<u8> {
     let mut p = vec![0u8; 240];
     p[0] = 1;
     p[1] = 1;
     p[2] = 6;
-    p[4..8].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+    p[4..8].copy_from_slice(&xid);
     p[10] = 0x80;
     p[12..16].copy_from_slice(&ciaddr.octets());
     p[28..34].copy_from_slice(&MAC);
     p[236..240].copy_from_slice(&[99, 130, 83, 99]);
     p.extend_from_slice(&[53, 1, kind]);
-    let class = b"PXEClient:Arch:00000:UNDI:002001";
     p.extend_from_slice(&[60, class.len() as u8]);
     p.extend_from_slice(class);
-    p.extend_from_slice(&[93, 2, 0, 0, 255]);
+    p.extend_from_slice(&[93, 2, 0, arch, 255]);
     p
 }
 
 #[derive(Debug)]
 struct Answer {
+    xid: [u8; 4],
     kind: u8,
     yiaddr: Ipv4Addr,
     siaddr: Ipv4Addr,
@@ -50,6 +71,7 @@ fn parse(p: &[u8]) -> Option<Answer> {
     }
     let ip = |o: usize| Ipv4Addr::new(p[o], p[o + 1], p[o + 2], p[o + 3]);
     let mut a = Answer {
+        xid: [p[4], p[5], p[6], p[7]],
         kind: 0,
         yiaddr: ip(16),
         siaddr: ip(20),
@@ -191,9 +213,27 @@ fn pxe_client_helper() {
 fn pxe_client() -> Result<String, String> {
     let sock = UdpSocket::bind("0.0.0.0:68").map_err(|e| e.to_string())?;
     sock.set_broadcast(true).map_err(|e| e.to_string())?;
-    sock.send_to(&pxe_packet(1, Ipv4Addr::UNSPECIFIED), "255.255.255.255:67")
-        .map_err(|e| e.to_string())?;
+    for request in [pxe_packet(1, Ipv4Addr::UNSPECIFIED), http_boot_discover()] {
+        sock.send_to(&request, "255.255.255.255:67")
+            .map_err(|e| e.to_string())?;
+    }
     let answers = collect(&sock, Duration::from_secs(3));
+    let http = answers
+        .iter()
+        .find(|a| a.xid == HTTP_XID && a.kind == 2 && a.yiaddr.is_unspecified())
+        .ok_or(format!(
+            "no proxy offer to the HTTP-boot client: {answers:?}"
+        ))?;
+    if http.server_id != Some(Ipv4Addr::new(10, 77, 0, 1))
+        || !(http.file.starts_with("http://10.77.0.1:") && http.file.ends_with("/boot/snponly.efi"))
+        || http.class != "HTTPClient"
+    {
+        return Err(format!(
+            "wrong proxy offer to the HTTP-boot client: {http:?}"
+        ));
+    }
+    let http = http.file.clone();
+    let answers: Vec<Answer> = answers.into_iter().filter(|a| a.xid == PXE_XID).collect();
     let lease = answers
         .iter()
         .find(|a| a.kind == 2 && !a.yiaddr.is_unspecified())
@@ -235,7 +275,7 @@ fn pxe_client() -> Result<String, String> {
         return Err(format!("wrong 4011 ACK: {ack:?}"));
     }
     Ok(format!(
-        "ok: address {ip} from dnsmasq, boot file {} from Stork",
-        boot.file
+        "ok: address {ip} from dnsmasq, boot file {} from Stork; HTTP boot: {}",
+        boot.file, http
     ))
 }

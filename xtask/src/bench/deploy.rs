@@ -1,7 +1,8 @@
 //! `cargo xtask bench deploy`: one machine's power-on to Deployed, per phase, beside its floor
 //! measured in the same run on the same kind of VM (TCG, 2 vCPUs, 2 GiB, 4 GiB virtio disk),
-//! in a lab namespace with no uplink: first under SeaBIOS, then under OVMF (firmware PXE, the
-//! agent's BootNext entry taking the installed OS's boot straight to the disk).
+//! in a lab namespace with no uplink: first under SeaBIOS, then under OVMF by firmware PXE and
+//! by UEFI HTTP boot (PXE off), the agent's BootNext entry taking the installed OS's boot
+//! straight to the disk. Side by side, the three show what each boot path costs to the agent.
 //!
 //! Stork's run: a VM is enlisted and commissioned, then deployed to disk with the Debian image
 //! (manual power: the bench is the operator, and restarts QEMU when it stops). Its phases come
@@ -81,6 +82,7 @@ pub fn run() -> Result<()> {
     for (lab_name, firmware) in [
         ("bench-deploy", Firmware::Bios),
         ("bench-deploy-uefi", Firmware::Uefi { nic_rom: false }),
+        ("bench-deploy-http", Firmware::UefiHttp),
     ] {
         crate::step(&format!("{}: a lab of its own", firmware_name(firmware)));
         let mut lab = Lab::new(lab_name, &crate::target().join("lab"))?;
@@ -107,7 +109,9 @@ pub fn run() -> Result<()> {
 fn firmware_name(firmware: Firmware) -> &'static str {
     match firmware {
         Firmware::Bios => "SeaBIOS",
-        Firmware::Uefi { .. } => "OVMF",
+        Firmware::Uefi { nic_rom: true } => "OVMF, iPXE ROM",
+        Firmware::Uefi { nic_rom: false } => "OVMF, PXE",
+        Firmware::UefiHttp => "OVMF, HTTP boot",
     }
 }
 
