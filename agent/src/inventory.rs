@@ -40,6 +40,7 @@ pub fn collect(root: &Path) -> Inventory {
         } else {
             Firmware::Bios
         },
+        secure_boot: secure_boot(&sys),
         kernel: read_trimmed(&proc.join("sys/kernel/osrelease")).unwrap_or_default(),
     }
 }
@@ -47,11 +48,43 @@ pub fn collect(root: &Path) -> Inventory {
 /// This machine's inventory, its summary shown on the console; for enlisting and
 /// commissioning alike.
 pub fn collect_and_show() -> Inventory {
+    if crate::deploy::efi::is_uefi() {
+        // Secure Boot's state is an EFI variable: efivarfs must be there to read it.
+        if let Err(e) = crate::deploy::efi::mount_efivars() {
+            say!(Step::Inventory, "secure boot state unknown: {e:#}");
+        }
+    }
     let inv = collect(Path::new("/"));
+    if inv.firmware == Firmware::Uefi && inv.secure_boot.is_none() {
+        let var = Path::new("/sys").join(SECURE_BOOT_VAR);
+        if let Err(e) = fs::read(&var) {
+            say!(
+                Step::Inventory,
+                "secure boot state unknown: {}: {e}",
+                var.display()
+            );
+        }
+    }
     for line in summary_lines(&inv) {
         say!(Step::Inventory, "{line}");
     }
     inv
+}
+
+/// The UEFI global variable `SecureBoot` (4 bytes of attributes, then the value), as
+/// efivarfs shows it: on when 1. Under BIOS it is off; `None` when UEFI's is unreadable.
+const SECURE_BOOT_VAR: &str =
+    "firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c";
+
+fn secure_boot(sys: &Path) -> Option<bool> {
+    if !sys.join("firmware").exists() {
+        return None;
+    }
+    if !sys.join("firmware/efi").exists() {
+        return Some(false);
+    }
+    let bytes = fs::read(sys.join(SECURE_BOOT_VAR)).ok()?;
+    bytes.get(4).map(|v| *v == 1)
 }
 
 /// The file's content without surrounding whitespace; `None` when unreadable or empty.
@@ -334,9 +367,11 @@ pub fn summary_lines(inv: &Inventory) -> Vec<String> {
         "system: {} {}, firmware {}, kernel {}",
         or_unknown(inv.dmi.sys_vendor.as_ref()),
         or_unknown(inv.dmi.product_name.as_ref()),
-        match inv.firmware {
-            Firmware::Uefi => "uefi",
-            Firmware::Bios => "bios",
+        match (inv.firmware, inv.secure_boot) {
+            (Firmware::Uefi, Some(true)) => "uefi (secure boot on)",
+            (Firmware::Uefi, Some(false)) => "uefi (secure boot off)",
+            (Firmware::Uefi, None) => "uefi",
+            (Firmware::Bios, _) => "bios",
         },
         or_unknown(Some(&inv.kernel)),
     ));
@@ -515,9 +550,17 @@ mod tests {
                 bios_version: None,
             },
             firmware: Firmware::Uefi,
+            secure_boot: None,
             kernel: "6.1.0-9-amd64".into(),
         };
         assert_eq!(inv, expected);
+        // The SecureBoot variable as efivarfs shows it: attributes, then the value.
+        let var = "sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c";
+        fs::create_dir_all(dir.path().join("sys/firmware/efi/efivars")).unwrap();
+        fs::write(dir.path().join(var), [6, 0, 0, 0, 1]).unwrap();
+        assert_eq!(collect(dir.path()).secure_boot, Some(true));
+        fs::write(dir.path().join(var), [6, 0, 0, 0, 0]).unwrap();
+        assert_eq!(collect(dir.path()).secure_boot, Some(false));
     }
 
     #[test]
@@ -551,6 +594,7 @@ mod tests {
         assert_eq!(inv.nics[0].speed_mbps, Some(1000));
         assert_eq!(inv.nics[0].link, Some(false));
         assert_eq!(inv.firmware, Firmware::Bios);
+        assert_eq!(inv.secure_boot, Some(false));
     }
 
     /// A link from /sys/block into the device tree, as the kernel makes it.

@@ -145,6 +145,11 @@ ephemeral = "ephemeral.squashfs"
 # the agent uses no kernel crypto (its TLS is in user space), and the self-tests cost boot
 # time and once hung an emulated boot (docs/measurements.md).
 cmdline = "console=ttyS0,115200 panic=10 loglevel=4 cryptomgr.notests"
+# UEFI machines that network-boot by PXE get the signed chain instead of iPXE (which is not
+# signed): Debian's shim (shimx64.efi), its network GRUB (grubx64.efi) and a GRUB
+# configuration per machine over TFTP, then the signed kernel. They boot so with Secure Boot
+# on or off. BIOS machines and UEFI HTTP boot keep iPXE (that GRUB has no HTTP).
+secure_boot = false
 
 [lifecycle]
 # Seconds a busy status (commissioning, deploying, releasing, disk erasing) may last
@@ -208,6 +213,8 @@ pub struct BootFile {
     pub initrd: String,
     pub ephemeral: String,
     pub cmdline: String,
+    /// UEFI PXE machines boot shim and GRUB, not iPXE (see the template above).
+    pub secure_boot: bool,
 }
 
 impl Default for FileConfig {
@@ -236,6 +243,7 @@ impl Default for BootFile {
             initrd: "initrd.img".into(),
             ephemeral: "ephemeral.squashfs".into(),
             cmdline: "console=ttyS0,115200 panic=10 loglevel=4 cryptomgr.notests".into(),
+            secure_boot: false,
         }
     }
 }

@@ -152,6 +152,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
                 burst: cfg.http_limits.agent_burst,
             },
         ))),
+        ephemeral: http::script::Ephemeral::start(&cfg.boot_dir(), &cfg.boot.ephemeral),
     };
     let mut tasks = JoinSet::new();
     let mut service = |name: &'static str, start: Box<dyn Fn() -> ServiceFuture + Send + Sync>| {
@@ -270,14 +271,20 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
             crate::tftp::bind(listen).with_context(|| format!("cannot listen for TFTP on {listen}"))
         })?;
         let stats = state.tftp_stats.clone();
+        // The signed chain's GRUB reads its configuration over TFTP (it has no HTTP).
+        let grub: Option<Arc<dyn crate::tftp::Generated>> = cfg
+            .boot
+            .secure_boot
+            .then(|| Arc::new(crate::grub::Configs::new(state.clone())) as _);
         tracing::info!(listen = %tftp_cfg.listen, root = %tftp_cfg.root.display(), "TFTP serving");
         service(
             "tftp",
             Box::new(move || {
                 let (socket, cfg, stats) = (socket.clone(), tftp_cfg.clone(), stats.clone());
+                let grub = grub.clone();
                 Box::pin(async move {
                     let sock = socket.take()?;
-                    crate::tftp::run(sock, cfg, stats)
+                    crate::tftp::run_with(sock, cfg, stats, grub)
                         .await
                         .context("TFTP service")
                 })

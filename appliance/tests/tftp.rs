@@ -29,6 +29,15 @@ struct Server {
 
 impl Server {
     fn start(root: &Path, tweak: impl FnOnce(&mut TftpConfig)) -> Self {
+        Self::start_with(root, tweak, None)
+    }
+
+    /// As [`Server::start`], with files `generated` makes.
+    fn start_with(
+        root: &Path,
+        tweak: impl FnOnce(&mut TftpConfig),
+        generated: Option<Arc<dyn tftp::Generated>>,
+    ) -> Self {
         let mut cfg = TftpConfig {
             root: root.to_path_buf(),
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -49,7 +58,7 @@ impl Server {
                 let sock = tftp::bind(cfg.listen).unwrap();
                 tx.send(sock.local_addr().unwrap()).unwrap();
                 tokio::select! {
-                    r = tftp::run(sock, cfg, st) => panic!("TFTP service ended: {r:?}"),
+                    r = tftp::run_with(sock, cfg, st, generated) => panic!("TFTP service ended: {r:?}"),
                     _ = stopped => {}
                 }
             });
@@ -940,4 +949,54 @@ fn netascii_streams_files_larger_than_the_old_cap() {
     server.wait_completed(2);
     let s = server.stats();
     assert_eq!((s.refused, s.transfers_failed), (0, 0), "{s:?}");
+}
+
+/// Makes `made/<name>` (saying who asked), refuses `made/secret`, leaves the rest to the root.
+struct Maker;
+
+impl tftp::Generated for Maker {
+    fn generate(
+        &self,
+        path: &str,
+        peer: std::net::IpAddr,
+    ) -> Option<futures_util::future::BoxFuture<'static, Result<Vec<u8>, tftp::request::Refused>>>
+    {
+        let name = path.strip_prefix("made/")?.to_string();
+        Some(Box::pin(async move {
+            if name == "secret" {
+                return Err(tftp::request::Refused::NotFound);
+            }
+            Ok(format!("made {name} for {peer}\n").repeat(100).into_bytes())
+        }))
+    }
+}
+
+#[test]
+fn generated_files_are_served_beside_the_root() {
+    need("curl", "curl");
+    let f = Fixture::new();
+    let server = Server::start_with(&f.root(), |_| {}, Some(Arc::new(Maker)));
+    let get = |name: &str| {
+        let local = f.out(&name.replace('/', "-"));
+        let out = run(
+            Command::new("curl")
+                .args(["-sS", "--fail", "--tftp-blksize", "1468", "-o"])
+                .arg(&local)
+                .arg(format!("tftp://127.0.0.1:{}/{name}", server.port())),
+            LIMIT,
+        );
+        (out, local)
+    };
+    let (out, local) = get("made/grub.cfg");
+    ok(&out, "curl made/grub.cfg");
+    let want = "made grub.cfg for 127.0.0.1\n".repeat(100);
+    assert_eq!(std::fs::read_to_string(&local).unwrap(), want);
+    // What the maker refuses is an error, what it does not claim comes from the root.
+    let (out, _) = get("made/secret");
+    assert!(!out.status.success(), "made/secret was served");
+    let (out, local) = get("efi/snponly.efi");
+    ok(&out, "curl efi/snponly.efi");
+    f.assert_same("efi/snponly.efi", &local, "curl");
+    let s = server.stats();
+    assert_eq!((s.transfers_completed, s.refused), (2, 1), "{s:?}");
 }

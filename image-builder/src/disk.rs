@@ -3,7 +3,7 @@
 //! | # | name | type | size | content |
 //! |---|---|---|---|---|
 //! | 1 | `bios` | BIOS boot (EF02) | 1 MiB at 1 MiB | GRUB core.img (i386-pc) |
-//! | 2 | `esp` | EFI system (EF00) | `esp_mib` | FAT32: `EFI/BOOT/BOOTX64.EFI` (GRUB x86_64-efi) |
+//! | 2 | `esp` | EFI system (EF00) | `esp_mib` | FAT32: `EFI/BOOT/BOOTX64.EFI` (GRUB x86_64-efi, or shim with signed GRUB beside it: [`Signed`]) |
 //! | 3 | `root` | Linux root x86-64 (8304) | the rest | ext4 from the root tree |
 //!
 //! The GPT is written by [`crate::gpt`] (with gptman); `mkfs.vfat --offset` and mtools'
@@ -207,8 +207,22 @@ pub fn partition_info(table: &Gpt) -> Vec<PartitionInfo> {
 pub struct Bootloader<'a> {
     pub boot_img: &'a [u8],
     pub core_img: &'a [u8],
-    /// Written to `EFI/BOOT/BOOTX64.EFI` on the ESP.
+    /// Written to `EFI/BOOT/BOOTX64.EFI` on the ESP (unless `signed`).
     pub efi_image: &'a Path,
+    /// The signed chain, when the image has it: the ESP boots with Secure Boot on.
+    pub signed: Option<Signed<'a>>,
+}
+
+/// The signed chain for Secure Boot on the ESP: Debian's Microsoft-signed shim as the
+/// removable-media loader `EFI/BOOT/BOOTX64.EFI`, Debian's signed GRUB beside it as
+/// `grubx64.efi` (shim loads that name from its own directory), and that GRUB's
+/// configuration at `EFI/debian/grub.cfg` (its built-in prefix is `/EFI/debian` on the
+/// device it came from). Signed GRUB loads no modules from disk; it has what it needs built
+/// in, and checks the kernel's signature through shim.
+pub struct Signed<'a> {
+    pub shim: &'a Path,
+    pub grub: &'a Path,
+    pub config: String,
 }
 
 /// Builds the raw image at `raw` from `tree`, with `fstab` as the root's `/etc/fstab` (the
@@ -235,12 +249,29 @@ pub fn build_raw(
     let esp_len = (layout.esp.1 - layout.esp.0 + 1) * SECTOR;
     let esp = mkfs_vfat(raw, (esp_offset, esp_len), Fat::Fat32, "EFI", ids.esp_id)?;
     cmd::run(mtools("mmd", &esp, Some(epoch)).args(["::/EFI", "::/EFI/BOOT"]))?;
-    cmd::run(
-        mtools("mcopy", &esp, Some(epoch))
-            .arg("-m")
-            .arg(boot.efi_image)
-            .arg("::/EFI/BOOT/BOOTX64.EFI"),
-    )?;
+    let copy = |from: &Path, to: &str| {
+        cmd::run(
+            mtools("mcopy", &esp, Some(epoch))
+                .arg("-m")
+                .arg(from)
+                .arg(to),
+        )
+    };
+    match &boot.signed {
+        None => {
+            copy(boot.efi_image, "::/EFI/BOOT/BOOTX64.EFI")?;
+        }
+        Some(signed) => {
+            copy(signed.shim, "::/EFI/BOOT/BOOTX64.EFI")?;
+            copy(signed.grub, "::/EFI/BOOT/grubx64.efi")?;
+            cmd::run(mtools("mmd", &esp, Some(epoch)).arg("::/EFI/debian"))?;
+            let dir = raw.parent().unwrap_or(Path::new("."));
+            let mut cfg = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
+            cfg.write_all(signed.config.as_bytes())
+                .map_err(io_err(cfg.path()))?;
+            copy(cfg.path(), "::/EFI/debian/grub.cfg")?;
+        }
+    }
 
     // Root: ext4 filled from the tree.
     let root_offset = layout.root.0 * SECTOR;

@@ -192,7 +192,11 @@ fn cached_debs(debs: &Path, prefix: &str) -> Result<Vec<String>, KernelError> {
     Ok(found)
 }
 
-fn ensure_deb(debs: &Path, name: &str, version: Option<&str>) -> Result<PathBuf, KernelError> {
+pub(crate) fn ensure_deb(
+    debs: &Path,
+    name: &str,
+    version: Option<&str>,
+) -> Result<PathBuf, KernelError> {
     let prefix = deb_prefix(name, version);
     let mut found = cached_debs(debs, &prefix)?;
     if found.is_empty() {
@@ -246,7 +250,7 @@ fn ensure_deb(debs: &Path, name: &str, version: Option<&str>) -> Result<PathBuf,
     }
 }
 
-fn run(program: &'static str, args: &[&std::ffi::OsStr]) -> Result<Output, KernelError> {
+pub(crate) fn run(program: &'static str, args: &[&std::ffi::OsStr]) -> Result<Output, KernelError> {
     let out = Command::new(program)
         .args(args)
         .stdin(Stdio::null())

@@ -15,6 +15,7 @@ pub mod grub;
 pub mod image;
 pub mod initrd;
 pub mod kernel;
+pub mod loaders;
 pub mod manifest;
 pub mod modinfo;
 pub mod modules;

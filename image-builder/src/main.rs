@@ -26,6 +26,9 @@ enum Cmd {
     Kernel(KernelArgs),
     /// Build vmlinuz, initrd.img and manifest.json from a kernel and the agent.
     Initrd(InitrdArgs),
+    /// Fetch the signed boot chain for Secure Boot (Debian's shim and network GRUB) with
+    /// apt-get into OUT: shimx64.efi and grubx64.efi.
+    Loaders(LoadersArgs),
     /// Build the agent's ephemeral root, OUT/ephemeral.squashfs (needs root: debootstrap,
     /// chroot).
     Ephemeral(EphemeralArgs),
@@ -186,6 +189,16 @@ struct KernelArgs {
 }
 
 #[derive(Args)]
+struct LoadersArgs {
+    /// Cache directory: the .debs go to CACHE/debs.
+    #[arg(long, value_name = "DIR")]
+    cache: PathBuf,
+    /// Where the loaders go (the boot files).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct InitrdArgs {
     /// Unpacked kernel: the directory holding boot/ and lib/modules/<kver>/.
     #[arg(long, value_name = "DIR", required_unless_present = "cache")]
@@ -256,6 +269,11 @@ fn main() -> Result<()> {
             let dir = kernel::fetch(&args.cache, &args.package)
                 .with_context(|| format!("fetching kernel package {}", args.package))?;
             println!("{}", dir.display());
+        }
+        Cmd::Loaders(args) => {
+            stork_image::loaders::fetch(&args.cache, &args.out)
+                .context("fetching the signed boot loaders")?;
+            println!("{}", args.out.display());
         }
         Cmd::Initrd(args) => {
             let started = Instant::now();

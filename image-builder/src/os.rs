@@ -60,6 +60,9 @@ pub const RAW_LEVEL: i32 = 3;
 /// and ESP get these, and an agent installing by copy can reuse them the same way.
 pub const CORE_IMG: &str = "boot/grub/i386-pc/core.img";
 pub const CORE_EFI: &str = "boot/grub/x86_64-efi/core.efi";
+/// Debian's signed loaders, where `shim-signed` and `grub-efi-amd64-signed` install them.
+pub const SIGNED_SHIM: &str = "usr/lib/shim/shimx64.efi.signed";
+pub const SIGNED_GRUB: &str = "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed";
 const BOOT_IMG: &str = "usr/lib/grub/i386-pc/boot.img";
 
 pub struct Request<'a> {
@@ -445,6 +448,16 @@ fn build_raw(
     };
     let boot_img = read(BOOT_IMG)?;
     let core_img = read(CORE_IMG)?;
+    // The recipe installed Debian's signed shim and GRUB: the ESP boots through them.
+    let (shim, grub) = (tree.join(SIGNED_SHIM), tree.join(SIGNED_GRUB));
+    let signed = (shim.is_file() && grub.is_file()).then(|| disk::Signed {
+        shim: &shim,
+        grub: &grub,
+        config: format!(
+            "{}configfile $prefix/grub.cfg\n",
+            grub::early_config(&ids.root_uuid)
+        ),
+    });
     Ok(disk::build_raw(
         raw,
         tree,
@@ -454,6 +467,7 @@ fn build_raw(
             boot_img: &boot_img,
             core_img: &core_img,
             efi_image: &tree.join(CORE_EFI),
+            signed,
         },
         &fstab_raw(ids),
         epoch,

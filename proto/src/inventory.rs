@@ -16,6 +16,10 @@ pub struct Inventory {
     pub nics: Vec<Nic>,
     pub dmi: Dmi,
     pub firmware: Firmware,
+    /// Whether UEFI Secure Boot was on (the firmware's `SecureBoot` variable); `None` where
+    /// that could not be read, `Some(false)` under BIOS.
+    #[serde(default)]
+    pub secure_boot: Option<bool>,
     /// `uname -r` of the kernel the agent runs on.
     pub kernel: String,
 }

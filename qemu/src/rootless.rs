@@ -29,7 +29,7 @@ use crate::process::{Spawned, tail, wait_for};
 use crate::switch::Switch;
 use crate::vm::{
     AttachedDisk, BootFirst, DiskBus, Firmware, GuestReboot, MachineArgs, NIC_ID, NicBackend,
-    OVMF_VARS_TEMPLATE, blank_disk, bootindex_args, disk_id, machine_argv, ovmf_vars,
+    blank_disk, bootindex_args, disk_id, machine_argv, ovmf_vars,
 };
 
 /// The device id of the user-mode NIC (netdev `u0`).
@@ -105,7 +105,7 @@ impl RootlessLab {
                 &dir,
                 spec.firmware,
                 spec.keep_disks,
-                Path::new(OVMF_VARS_TEMPLATE),
+                Path::new(spec.firmware.vars_template()),
             )?,
             disks: Vec::new(),
             dir,

@@ -17,12 +17,33 @@ pub enum Firmware {
     /// OVMF with no NIC ROM and its PXE off (`IPv4PXESupport=n`): UEFI HTTP boot is the
     /// only network boot it has, as on a server whose PXE and TFTP are disabled.
     UefiHttp,
+    /// OVMF with Secure Boot enforced: Debian's `OVMF_CODE_4M.secboot.fd` (SMM, so the
+    /// variable store is writable only by the firmware) with Microsoft's keys enrolled
+    /// (`OVMF_VARS_4M.ms.fd`), no NIC ROM (iPXE is not signed): firmware PXE runs only what
+    /// Microsoft's or a shim's trusted keys signed.
+    UefiSecureBoot,
 }
 
 impl Firmware {
     /// Whether this is OVMF (a variable store, q35).
     pub fn is_uefi(self) -> bool {
         !matches!(self, Self::Bios)
+    }
+
+    /// The variable store a new machine of this firmware starts from (Debian's `ovmf`).
+    pub fn vars_template(self) -> &'static str {
+        match self {
+            Self::UefiSecureBoot => OVMF_VARS_MS_TEMPLATE,
+            _ => OVMF_VARS_TEMPLATE,
+        }
+    }
+
+    /// OVMF's code: with Secure Boot, the build that enforces it.
+    fn ovmf_code(self) -> &'static str {
+        match self {
+            Self::UefiSecureBoot => "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+            _ => "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        }
     }
 }
 
@@ -160,7 +181,7 @@ pub struct VmPaths {
 /// hangs on this kind of machine; set `STORK_KVM=1` to opt in.
 pub fn qemu_argv(lab: &mut Lab, spec: &VmSpec) -> Result<(Vec<String>, VmPaths)> {
     let dir = lab.dir().join(&spec.name);
-    let (disk, vars) = machine_files(&dir, spec, Path::new(OVMF_VARS_TEMPLATE))?;
+    let (disk, vars) = machine_files(&dir, spec, Path::new(spec.firmware.vars_template()))?;
     let console = dir.join("console.log");
     let qmp = dir.join("qmp.sock");
     let tap = lab.add_tap()?;
@@ -278,7 +299,7 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
         Firmware::Bios => {
             argv.extend(["-device".to_string(), nic]);
         }
-        Firmware::Uefi { .. } | Firmware::UefiHttp => {
+        Firmware::Uefi { .. } | Firmware::UefiHttp | Firmware::UefiSecureBoot => {
             let nic_rom = m.firmware == (Firmware::Uefi { nic_rom: true });
             let vars = m
                 .vars
@@ -304,12 +325,24 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
                     "name=opt/org.tianocore/IPv4PXESupport,string=n".to_string(),
                 ]);
             }
+            if m.firmware == Firmware::UefiSecureBoot {
+                // The secboot build keeps its variables in SMM: without SMM and a secure
+                // flash, it stops before the boot manager.
+                argv.extend([
+                    "-machine".to_string(),
+                    "q35,smm=on".to_string(),
+                    "-global".to_string(),
+                    "driver=cfi.pflash01,property=secure,value=on".to_string(),
+                ]);
+            } else {
+                argv.extend(["-machine".to_string(), "q35".to_string()]);
+            }
             argv.extend([
-                "-machine".to_string(),
-                "q35".to_string(),
                 "-drive".to_string(),
-                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"
-                    .to_string(),
+                format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                    m.firmware.ovmf_code()
+                ),
                 "-drive".to_string(),
                 format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
                 "-device".to_string(),
@@ -358,6 +391,8 @@ pub fn bootindex_args(devices: &[&str]) -> Vec<String> {
 
 /// The template of every new OVMF machine's variable store (Debian's `ovmf`).
 pub const OVMF_VARS_TEMPLATE: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// The same with Microsoft's Secure Boot keys enrolled (and Secure Boot on).
+pub const OVMF_VARS_MS_TEMPLATE: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
 
 /// Creates `dir` with what a machine keeps across power cycles: its sparse `disk.raw` and,
 /// under OVMF, its NVRAM `OVMF_VARS.fd` copied from `vars_template` (boot options OVMF
@@ -396,7 +431,7 @@ pub(crate) fn ovmf_vars(
 ) -> Result<Option<PathBuf>> {
     Ok(match firmware {
         Firmware::Bios => None,
-        Firmware::Uefi { .. } | Firmware::UefiHttp => {
+        Firmware::Uefi { .. } | Firmware::UefiHttp | Firmware::UefiSecureBoot => {
             let vars = dir.join("OVMF_VARS.fd");
             if !(keep && vars.exists()) {
                 std::fs::copy(vars_template, &vars).with_context(|| {

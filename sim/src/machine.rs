@@ -651,6 +651,7 @@ impl Machine {
                 Firmware::BiosPxe => stork_proto::inventory::Firmware::Bios,
                 Firmware::UefiPxe | Firmware::UefiHttp => stork_proto::inventory::Firmware::Uefi,
             },
+            secure_boot: Some(false),
             kernel: "6.1.0-sim".into(),
         }
     }

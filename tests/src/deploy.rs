@@ -58,6 +58,11 @@ impl Scenario {
         Self::new_on(tag, spec, raw_sha256, None)
     }
 
+    /// As [`Scenario::new`], with the appliance configured by `config` (a `stork.toml`).
+    pub fn with_config(tag: &str, spec: VmSpec, config: &str) -> Result<Self> {
+        Self::start(tag, spec, None, None, Some(config))
+    }
+
     /// As [`Scenario::new`], with the appliance on `shared`'s database serving site
     /// `site` (`Some((shared, site))`), beside other scenarios' appliances on it: the image
     /// and the SSH key are registered once more (the same image, a key of its own).
@@ -66,6 +71,16 @@ impl Scenario {
         spec: VmSpec,
         raw_sha256: Option<&str>,
         shared: Option<(&Shared, &str)>,
+    ) -> Result<Self> {
+        Self::start(tag, spec, raw_sha256, shared, None)
+    }
+
+    fn start(
+        tag: &str,
+        spec: VmSpec,
+        raw_sha256: Option<&str>,
+        shared: Option<(&Shared, &str)>,
+        config: Option<&str>,
     ) -> Result<Self> {
         require_artefacts();
         let images = os_images();
@@ -78,16 +93,23 @@ impl Scenario {
             );
         }
         let mut lab = Lab::new(tag, &lab_dir())?;
-        let appliance = match shared {
-            Some((db, site)) => Appliance::start_on(
-                &lab,
-                &stork_bin(),
-                &boot_files(),
-                Some(db),
-                &["--site", site],
-            )?,
-            None => Appliance::start(&lab, &stork_bin(), &boot_files())?,
-        };
+        let mut args: Vec<String> = Vec::new();
+        if let Some((_, site)) = shared {
+            args.extend(["--site".to_string(), site.to_string()]);
+        }
+        if let Some(text) = config {
+            let path = lab.dir().join("stork.toml");
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+            args.extend(["--config".to_string(), path.to_string_lossy().into_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let appliance = Appliance::start_on(
+            &lab,
+            &stork_bin(),
+            &boot_files(),
+            shared.map(|(db, _)| db),
+            &args,
+        )?;
         register_image(&appliance, &lab, &images, raw_sha256)?;
 
         let key = lab.dir().join("id_ed25519");

@@ -109,7 +109,7 @@ fn entry_first(order: &[String], entry: &str) -> Vec<String> {
         .collect()
 }
 
-fn mount_efivars() -> Result<()> {
+pub fn mount_efivars() -> Result<()> {
     if crate::mounts::is_mount_point(Path::new(EFIVARS))? {
         return Ok(());
     }

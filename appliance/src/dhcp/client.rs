@@ -97,11 +97,21 @@ pub mod nbp {
     /// full ipxe.efi (14.6 s against 19.2 s to the agent under TCG).
     pub const UEFI_X64: &str = "snponly.efi";
     pub const UEFI_ARM64: &str = "arm64/snponly.efi";
+    /// The signed chain's first stage for UEFI x86-64 with Secure Boot (Debian's shim, which
+    /// then fetches `grubx64.efi` from the same server: `stork-image loaders`).
+    pub const UEFI_X64_SIGNED: &str = "shimx64.efi";
 }
 
 /// The one table from client kind to boot answer. `script_url` is the machine's iPXE script,
-/// `http_base` the appliance's base URL (for UEFI HTTP boot, which needs absolute URLs).
-pub fn boot_file(kind: ClientKind, script_url: &str, http_base: &str) -> Option<BootAnswer> {
+/// `http_base` the appliance's base URL (for UEFI HTTP boot, which needs absolute URLs);
+/// `secure_boot` sends UEFI x86-64 PXE clients the signed shim instead of iPXE. HTTP boot
+/// keeps iPXE: the signed network GRUB has TFTP only.
+pub fn boot_file(
+    kind: ClientKind,
+    script_url: &str,
+    http_base: &str,
+    secure_boot: bool,
+) -> Option<BootAnswer> {
     let tftp = |file: &str| BootAnswer {
         file: file.to_string(),
         vendor_class: None,
@@ -116,6 +126,7 @@ pub fn boot_file(kind: ClientKind, script_url: &str, http_base: &str) -> Option<
             vendor_class: Some("PXEClient"),
         }),
         ClientKind::PxeBios => Some(tftp(nbp::BIOS)),
+        ClientKind::PxeUefiX64 if secure_boot => Some(tftp(nbp::UEFI_X64_SIGNED)),
         ClientKind::PxeUefiX64 => Some(tftp(nbp::UEFI_X64)),
         ClientKind::HttpUefiX64 => Some(http(nbp::UEFI_X64)),
         ClientKind::PxeUefiArm64 => Some(tftp(nbp::UEFI_ARM64)),
@@ -205,9 +216,17 @@ mod tests {
             (ClientKind::Plain, None),
         ];
         for (kind, want) in table {
-            let got = boot_file(kind, script, base);
+            let got = boot_file(kind, script, base, false);
             let got = got.as_ref().map(|a| (a.file.as_str(), a.vendor_class));
             assert_eq!(got, want, "{kind:?}");
+            // With Secure Boot only UEFI x86-64 PXE changes: to the signed shim.
+            let signed = boot_file(kind, script, base, true);
+            let signed = signed.as_ref().map(|a| (a.file.as_str(), a.vendor_class));
+            if kind == ClientKind::PxeUefiX64 {
+                assert_eq!(signed, Some(("shimx64.efi", None)));
+            } else {
+                assert_eq!(signed, want, "{kind:?} with secure_boot");
+            }
         }
     }
 }

@@ -28,6 +28,8 @@ pub struct ServerInfo {
     /// e.g. `http://10.77.0.1:8080`.
     pub http_base: String,
     pub dhcp: DhcpConfig,
+    /// UEFI PXE clients get the signed chain (`boot.secure_boot`).
+    pub secure_boot: bool,
 }
 
 impl ServerInfo {
@@ -37,6 +39,7 @@ impl ServerInfo {
             server_ip: cfg.address,
             http_base: cfg.base_url(),
             dhcp: cfg.dhcp.clone(),
+            secure_boot: cfg.boot.secure_boot,
         }
     }
 }
@@ -524,7 +527,7 @@ impl Ctx<'_> {
             return None;
         }
         let script = format!("{}/ipxe/{}", self.info.http_base, self.mac);
-        client::boot_file(kind, &script, &self.info.http_base)
+        client::boot_file(kind, &script, &self.info.http_base, self.info.secure_boot)
     }
 }
 
@@ -620,6 +623,7 @@ mod tests {
         Handler::new(ServerInfo {
             server_ip: cfg.address,
             http_base: cfg.base_url(),
+            secure_boot: cfg.boot.secure_boot,
             dhcp: cfg.dhcp,
         })
     }

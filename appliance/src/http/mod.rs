@@ -41,6 +41,8 @@ pub struct AppState {
     pub api_tls: Option<stork_proto::cmdline::ApiTls>,
     /// Unauthenticated agent requests (enlist, report) by source address.
     pub agent_limiter: Arc<std::sync::Mutex<crate::ratelimit::RateLimiter<std::net::IpAddr>>>,
+    /// The agent's ephemeral root and its sha256, as boot scripts and GRUB configs name it.
+    pub ephemeral: Arc<script::Ephemeral>,
 }
 
 impl AppState {
@@ -68,12 +70,8 @@ pub fn router(state: AppState) -> Router {
             confine,
         ))
         .service(ServeDir::new(&root).append_index_html_on_directories(false));
-    let ephemeral = script::Ephemeral::start(&state.cfg.boot_dir(), &state.cfg.boot.ephemeral);
     Router::new()
-        .route(
-            "/ipxe/{mac}",
-            get(script::ipxe_script).layer(axum::Extension(ephemeral)),
-        )
+        .route("/ipxe/{mac}", get(script::ipxe_script))
         .nest(
             "/api/v1",
             api::routes().layer(axum::middleware::from_fn(https_only)),

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use axum::Extension;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -22,7 +21,6 @@ pub use crate::lifecycle::boot::{BootChoice, choose};
 
 pub async fn ipxe_script(
     State(state): State<AppState>,
-    Extension(ephemeral): Extension<Arc<Ephemeral>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(mac): Path<String>,
 ) -> Response {
@@ -30,8 +28,7 @@ pub async fn ipxe_script(
         Ok(mac) => mac,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("#!ipxe\necho {e}\n")).into_response(),
     };
-    let root = ephemeral.settled(EPHEMERAL_WAIT).await;
-    match script_for(&state, root, mac, peer.ip()).await {
+    match script_for(&state, mac, peer.ip()).await {
         // A script may carry this boot's agent token: no cache keeps it.
         Ok(script) => (
             [
@@ -52,27 +49,52 @@ pub async fn ipxe_script(
     }
 }
 
-async fn script_for(
-    state: &AppState,
-    ephemeral: Option<EphemeralRoot>,
-    mac: MacAddr,
-    from: IpAddr,
-) -> Result<String, StoreError> {
+/// What a machine boots now, whatever its loader (iPXE script, GRUB configuration).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootPlan {
+    /// The agent; with the machine's id and this boot's token when the machine is known and
+    /// the token was granted to the requester.
+    Agent {
+        known: Option<(String, String)>,
+        ephemeral: Option<EphemeralRoot>,
+    },
+    /// The next device in the firmware's order: the local disk.
+    LocalDisk,
+}
+
+/// Decides [`BootPlan`] for `mac`, asked from `from` (the token goes only to the address
+/// that holds the MAC's lease: `Controller::boot`).
+pub async fn plan(state: &AppState, mac: MacAddr, from: IpAddr) -> Result<BootPlan, StoreError> {
+    let ephemeral = state.ephemeral.settled(EPHEMERAL_WAIT).await;
     let (choice, agent) = state
         .controller
         .boot(mac, from, state.lease_of(mac))
         .await?;
-    let cfg = &state.cfg;
     Ok(match (choice, agent) {
-        (BootChoice::Agent { .. }, Some(a)) => agent_script(
-            cfg,
+        (BootChoice::Agent { .. }, Some(a)) => BootPlan::Agent {
+            known: Some((a.machine.id, a.token)),
+            ephemeral,
+        },
+        (BootChoice::LocalDisk, _) => BootPlan::LocalDisk,
+        _ => BootPlan::Agent {
+            known: None,
+            ephemeral,
+        },
+    })
+}
+
+async fn script_for(state: &AppState, mac: MacAddr, from: IpAddr) -> Result<String, StoreError> {
+    Ok(match plan(state, mac, from).await? {
+        BootPlan::Agent { known, ephemeral } => agent_script(
+            &state.cfg,
             mac,
-            Some((&a.machine.id, &a.token)),
+            known
+                .as_ref()
+                .map(|(id, token)| (id.as_str(), token.as_str())),
             ephemeral.as_ref(),
             state.api_tls.as_ref(),
         ),
-        (BootChoice::LocalDisk, _) => local_disk_script(),
-        _ => agent_script(cfg, mac, None, ephemeral.as_ref(), state.api_tls.as_ref()),
+        BootPlan::LocalDisk => local_disk_script(),
     })
 }
 
@@ -98,33 +120,17 @@ pub fn agent_script(
 ) -> String {
     let base = cfg.base_url();
     let boot = &cfg.boot;
-    let mut identity = match known {
-        Some((id, token)) => format!(" {}={id} {}={token}", cmdline::MACHINE, cmdline::TOKEN),
-        None => String::new(),
-    };
-    if let Some(e) = ephemeral {
-        identity.push_str(&format!(
-            " {}={base}/boot/{} {}={}",
-            cmdline::EPHEMERAL,
-            e.file,
-            cmdline::EPHEMERAL_SHA256,
-            e.sha256
-        ));
-    }
-    if let Some(a) = api {
-        identity.push_str(&format!(
-            " {}={} {}={}",
-            cmdline::API,
-            a.url,
-            cmdline::TLS,
-            a.fingerprint
-        ));
-    }
+    let net = format!(
+        "{ip}=${{netX/ip}}/${{netX/netmask}} {gw}=${{netX/gateway}}",
+        ip = cmdline::IP,
+        gw = cmdline::GATEWAY,
+    );
+    let args = agent_args(cfg, mac, &net, known, ephemeral, api);
     // UEFI: the kernel finds its initrd only if `initrd=<name>` names it (docs/measurements.md).
     format!(
         "#!ipxe\n\
          echo Stork: booting the agent on {mac}\n\
-         kernel {base}/boot/{kernel} initrd={initrd} {extra} {url}={base} {bootif}={bootif_val} {ip}=${{netX/ip}}/${{netX/netmask}} {gw}=${{netX/gateway}}{identity} || goto failed\n\
+         kernel {base}/boot/{kernel} initrd={initrd} {args} || goto failed\n\
          initrd {base}/boot/{initrd} || goto failed\n\
          boot || goto failed\n\
          :failed\n\
@@ -133,18 +139,59 @@ pub fn agent_script(
          reboot\n",
         kernel = boot.kernel,
         initrd = boot.initrd,
-        extra = boot.cmdline,
+    )
+}
+
+/// The agent's kernel arguments after the kernel's own, for any loader: the configured
+/// extra arguments, where the appliance is, the boot MAC, `net` (the address arguments, as
+/// the loader can give them), and the machine's identity, ephemeral root and HTTPS API.
+pub fn agent_args(
+    cfg: &Config,
+    mac: MacAddr,
+    net: &str,
+    known: Option<(&str, &str)>,
+    ephemeral: Option<&EphemeralRoot>,
+    api: Option<&cmdline::ApiTls>,
+) -> String {
+    let base = cfg.base_url();
+    let mut args = format!(
+        "{extra} {url}={base} {bootif}={bootif_val} {net}",
+        extra = cfg.boot.cmdline,
         url = cmdline::URL,
         bootif = cmdline::BOOTIF,
         bootif_val = mac.to_bootif(),
-        ip = cmdline::IP,
-        gw = cmdline::GATEWAY,
-    )
+    );
+    if let Some((id, token)) = known {
+        args.push_str(&format!(
+            " {}={id} {}={token}",
+            cmdline::MACHINE,
+            cmdline::TOKEN
+        ));
+    }
+    if let Some(e) = ephemeral {
+        args.push_str(&format!(
+            " {}={base}/boot/{} {}={}",
+            cmdline::EPHEMERAL,
+            e.file,
+            cmdline::EPHEMERAL_SHA256,
+            e.sha256
+        ));
+    }
+    if let Some(a) = api {
+        args.push_str(&format!(
+            " {}={} {}={}",
+            cmdline::API,
+            a.url,
+            cmdline::TLS,
+            a.fingerprint
+        ));
+    }
+    args
 }
 
 /// How long a boot script waits for the ephemeral root's hash under way: hashing a few
 /// hundred MiB takes about a second; past this the machine boots without the root.
-const EPHEMERAL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const EPHEMERAL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The ephemeral root as the kernel line names it: its file under `/boot/` and its sha256.
 #[derive(Debug, Clone, PartialEq, Eq)]

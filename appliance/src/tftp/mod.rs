@@ -42,7 +42,20 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub use server::{bind, run};
+pub use server::{bind, run, run_with};
+
+/// Files the service makes when asked instead of reading them from the root: the GRUB
+/// configurations of the signed boot chain (`crate::grub`), which say per machine what it
+/// boots now, as the iPXE script does over HTTP.
+pub trait Generated: Send + Sync {
+    /// The file at `path` (normalised, relative to the root) for the client at `peer`;
+    /// `None` when `path` is not one of its files, and the root serves it.
+    fn generate(
+        &self,
+        path: &str,
+        peer: std::net::IpAddr,
+    ) -> Option<futures_util::future::BoxFuture<'static, Result<Vec<u8>, request::Refused>>>;
+}
 
 /// Well-known TFTP port (RFC 1350).
 pub const PORT: u16 = 69;

@@ -66,6 +66,7 @@ struct Ctx {
     stats: Arc<Stats>,
     /// The listening socket's address; transfer sockets bind the same IP.
     local_ip: IpAddr,
+    generated: Option<Arc<dyn super::Generated>>,
 }
 
 /// A transfer in progress, to recognise a client's retransmitted request.
@@ -84,7 +85,17 @@ struct Listener {
 }
 
 /// Serves TFTP on `sock` until cancelled (or the socket fails).
-pub async fn run(sock: UdpSocket, mut cfg: TftpConfig, stats: Arc<Stats>) -> Result<(), TftpError> {
+pub async fn run(sock: UdpSocket, cfg: TftpConfig, stats: Arc<Stats>) -> Result<(), TftpError> {
+    run_with(sock, cfg, stats, None).await
+}
+
+/// [`run`], with files `generated` makes served beside the root's.
+pub async fn run_with(
+    sock: UdpSocket,
+    mut cfg: TftpConfig,
+    stats: Arc<Stats>,
+    generated: Option<Arc<dyn super::Generated>>,
+) -> Result<(), TftpError> {
     cfg.validate()?;
     // Each transfer holds descriptors: raise the process's limit, and serve no more at once
     // than it covers (a clear "busy" beats EMFILE in the middle of a boot storm).
@@ -114,6 +125,7 @@ pub async fn run(sock: UdpSocket, mut cfg: TftpConfig, stats: Arc<Stats>) -> Res
             root,
             stats,
             local_ip,
+            generated,
         }),
         tasks: JoinSet::new(),
         by_peer: HashMap::new(),
@@ -421,10 +433,19 @@ async fn serve(ctx: Arc<Ctx>, peer: SocketAddr, req: ReadRequest) {
             return;
         }
     };
-    let opened = {
-        let ctx = ctx.clone();
-        let path = req.path.clone();
-        tokio::task::spawn_blocking(move || open_body(&ctx.root, &path, req.mode)).await
+    let generated = ctx
+        .generated
+        .as_ref()
+        .and_then(|g| g.generate(&req.path, peer.ip()));
+    let opened = match generated {
+        Some(made) => Ok(made
+            .await
+            .and_then(|bytes| generated_body(&req.path, &bytes))),
+        None => {
+            let ctx = ctx.clone();
+            let path = req.path.clone();
+            tokio::task::spawn_blocking(move || open_body(&ctx.root, &path, req.mode)).await
+        }
     };
     let (body, size, real) = match opened {
         Ok(Ok(o)) => o,
@@ -742,6 +763,20 @@ fn open_body(root: &Root, path: &str, mode: Mode) -> Result<(Body, u64, PathBuf)
             Ok((Body::Netascii(Arc::new(file), raw_len), size, opened.path))
         }
     }
+}
+
+/// A generated file as a transfer's body: in an anonymous temporary file, so that it is read
+/// like any other (it is small: a GRUB configuration). Sent as it is in either mode.
+fn generated_body(path: &str, bytes: &[u8]) -> Result<(Body, u64, PathBuf), Refused> {
+    use std::io::Write;
+    let mut file = tempfile::tempfile().map_err(|_| Refused::Unreadable)?;
+    file.write_all(bytes).map_err(|_| Refused::Unreadable)?;
+    let len = bytes.len() as u64;
+    Ok((
+        Body::Octet(Arc::new(file)),
+        len,
+        PathBuf::from(format!("(generated) {path}")),
+    ))
 }
 
 /// Reads what a transfer sends.

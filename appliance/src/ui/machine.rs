@@ -326,7 +326,12 @@ fn inventory_card(m: &Machine) -> Markup {
                 dt { "Memory" } dd { (bytes(inv.memory.total_bytes)) " (" (bytes(inv.memory.usable_bytes)) " usable)" }
                 dt { "System" } dd { (inv.dmi.sys_vendor.as_deref().unwrap_or("?")) " " (inv.dmi.product_name.as_deref().unwrap_or("")) }
                 dt { "Firmware" } dd { (format!("{:?}", inv.firmware).to_lowercase())
-                    @if let Some(v) = &inv.dmi.bios_version { " · " (v) } }
+                    @if let Some(v) = &inv.dmi.bios_version { " · " (v) }
+                    @match (inv.firmware, inv.secure_boot) {
+                        (stork_proto::inventory::Firmware::Uefi, Some(true)) => { " · Secure Boot on" }
+                        (stork_proto::inventory::Firmware::Uefi, Some(false)) => { " · Secure Boot off" }
+                        _ => {}
+                    } }
                 dt { "Kernel" } dd { (inv.kernel) }
             }
             h3 { "Disks" }

@@ -382,6 +382,7 @@ pub fn inventory(boot_mac: &str, cpus: u32, mem_gib: u64, disk_gib: u64) -> Inve
             bios_version: Some("1.16".into()),
         },
         firmware: Firmware::Bios,
+        secure_boot: Some(false),
         kernel: "6.1.0-test".into(),
     }
 }

@@ -323,6 +323,7 @@ fn inventory(n: usize) -> Inventory {
             bios_version: Some("1.4a".into()),
         },
         firmware: Firmware::Uefi,
+        secure_boot: Some(true),
         kernel: "6.1.0-27-amd64".into(),
     }
 }

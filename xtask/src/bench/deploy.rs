@@ -1,8 +1,9 @@
 //! `cargo xtask bench deploy`: one machine's power-on to Deployed, per phase, beside its floor
 //! measured in the same run on the same kind of VM (TCG, 2 vCPUs, 2 GiB, 4 GiB virtio disk),
 //! in a lab namespace with no uplink: first under SeaBIOS, then under OVMF by firmware PXE and
-//! by UEFI HTTP boot (PXE off), the agent's BootNext entry taking the installed OS's boot
-//! straight to the disk. Side by side, the three show what each boot path costs to the agent.
+//! by UEFI HTTP boot (PXE off) and with Secure Boot (firmware PXE, shim, GRUB over TFTP), the
+//! agent's BootNext entry taking the installed OS's boot straight to the disk. Side by side,
+//! the four show what each boot path costs to the agent.
 //!
 //! Stork's run: a VM is enlisted and commissioned, then deployed to disk with the Debian image
 //! (manual power: the bench is the operator, and restarts QEMU when it stops). Its phases come
@@ -83,10 +84,19 @@ pub fn run() -> Result<()> {
         ("bench-deploy", Firmware::Bios),
         ("bench-deploy-uefi", Firmware::Uefi { nic_rom: false }),
         ("bench-deploy-http", Firmware::UefiHttp),
+        ("bench-deploy-sb", Firmware::UefiSecureBoot),
     ] {
         crate::step(&format!("{}: a lab of its own", firmware_name(firmware)));
         let mut lab = Lab::new(lab_name, &crate::target().join("lab"))?;
-        let appliance = Appliance::start(&lab, &bin, &boot)?;
+        let appliance = if firmware == Firmware::UefiSecureBoot {
+            // The signed chain (shim, GRUB) instead of iPXE for UEFI PXE.
+            let config = lab.dir().join("stork.toml");
+            std::fs::write(&config, "[boot]\nsecure_boot = true\n")?;
+            let config = config.to_string_lossy().into_owned();
+            Appliance::start_with(&lab, &bin, &boot, &["--config", &config])?
+        } else {
+            Appliance::start(&lab, &bin, &boot)?
+        };
         let mut bench = Bench::new(&mut lab, appliance, &images, firmware)?;
         match bench.run(&mut lab, &images) {
             Ok(report) => reports.push(report),
@@ -112,6 +122,7 @@ fn firmware_name(firmware: Firmware) -> &'static str {
         Firmware::Uefi { nic_rom: true } => "OVMF, iPXE ROM",
         Firmware::Uefi { nic_rom: false } => "OVMF, PXE",
         Firmware::UefiHttp => "OVMF, HTTP boot",
+        Firmware::UefiSecureBoot => "OVMF, Secure Boot (shim, GRUB)",
     }
 }
 

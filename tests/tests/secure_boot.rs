@@ -1,0 +1,93 @@
+//! Secure Boot, enforced: OVMF's secboot build with Microsoft's keys enrolled and no iPXE ROM
+//! (iPXE is not signed). With `boot.secure_boot` on, Stork's DHCP sends the machine's
+//! firmware PXE Debian's Microsoft-signed shim, shim fetches Debian's signed network GRUB over
+//! TFTP, GRUB reads its configuration from Stork's TFTP (`grub/grub.cfg`, then the machine's
+//! own `grub/machine/<mac>`, made per request with this boot's agent token) and boots the
+//! signed kernel and the agent's initrd, which loads only signed modules under the kernel's
+//! lockdown. The machine, powered through its BMC, enlists with Secure Boot on in its
+//! inventory, commissions, and deploys Debian to disk; the installed system boots through its
+//! own shim and GRUB with Secure Boot still on (checked over SSH with `mokutil`).
+
+use anyhow::{Context, Result, bail};
+use stork_lab::{Firmware, VmSpec};
+use stork_proto::inventory::Firmware as RecordedFirmware;
+use stork_tests::boot_files;
+use stork_tests::deploy::{Scenario, deploy_to_disk_and_log_in};
+
+const MAC: &str = "52:54:00:77:05:b0";
+const HOSTNAME: &str = "stork-e2e-sb";
+
+#[test]
+#[ignore = "needs root, QEMU, OVMF, ipmi_sim and built images: run `cargo xtask test`"]
+fn secure_boot_enforced_netboots_shim_grub_and_the_agent_and_deploys_a_system_that_keeps_it() {
+    for file in ["shimx64.efi", "grubx64.efi"] {
+        assert!(
+            boot_files().join(file).exists(),
+            "{file} is missing from the boot files: run `cargo xtask test`"
+        );
+    }
+    let mut spec = VmSpec::new("sb1", MAC);
+    spec.firmware = Firmware::UefiSecureBoot;
+    spec.memory_mib = 2048;
+    spec.cpus = 2;
+    spec.disk_bytes = 4 << 30;
+    let mut s = Scenario::with_config("secure-boot", spec, "[boot]\nsecure_boot = true\n").unwrap();
+    if let Err(e) = run(&mut s) {
+        s.fail(e);
+    }
+    eprintln!("phases (OVMF, Secure Boot, to disk):\n{}", s.timings());
+}
+
+fn run(s: &mut Scenario) -> Result<()> {
+    let id = s.add_and_enlist()?;
+    let inventory = s.status(&id)?.inventory.context("no inventory")?;
+    if inventory.firmware != RecordedFirmware::Uefi || inventory.secure_boot != Some(true) {
+        bail!(
+            "recorded firmware {:?}, secure boot {:?}: wanted UEFI with Secure Boot on",
+            inventory.firmware,
+            inventory.secure_boot
+        );
+    }
+    s.say("enlisted: UEFI, Secure Boot on");
+    // The chain as the console shows it: the firmware fetched shim, shim fetched GRUB, GRUB
+    // ran the machine's configuration, the kernel's EFI stub saw Secure Boot on; iPXE never
+    // ran. (The kernel's own lockdown notice is below the agent's console log level.)
+    let console = std::fs::read(&s.machine.paths.console)?;
+    let console = String::from_utf8_lossy(&console);
+    for want in [
+        "NBP filename is shimx64.efi",
+        "Fetching Netboot Image grubx64.efi",
+        "Stork: booting the agent on",
+        "EFI stub: UEFI Secure Boot is enabled.",
+    ] {
+        if !console.contains(want) {
+            bail!("the console lacks {want:?}");
+        }
+    }
+    if console.contains("iPXE") {
+        bail!("iPXE ran under Secure Boot");
+    }
+    // GRUB read the machine's own configuration over TFTP.
+    let log = std::fs::read_to_string(s.lab.dir().join("stork.log"))?;
+    let own = format!("file=grub/machine/{MAC}");
+    if !log
+        .lines()
+        .any(|l| l.contains("TFTP transfer started") && l.contains(&own))
+    {
+        bail!("no TFTP transfer of grub/machine/{MAC} in the appliance's log");
+    }
+
+    s.commission(&id)?;
+    let ip = deploy_to_disk_and_log_in(s, &id, HOSTNAME, false)?;
+    let state = s.ssh(&ip, "mokutil --sb-state")?;
+    if !state.contains("SecureBoot enabled") {
+        bail!("the installed system says {state:?}, wanted Secure Boot enabled");
+    }
+    s.say(&format!("installed system: {}", state.trim()));
+    // It came up through its own shim: the ESP's loader is shim, GRUB beside it.
+    let esp = s.ssh(&ip, "sudo -n ls /boot/efi/EFI/BOOT/")?;
+    if !esp.contains("grubx64.efi") {
+        bail!("the ESP's EFI/BOOT holds {esp:?}: no GRUB beside shim");
+    }
+    Ok(())
+}
