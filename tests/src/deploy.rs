@@ -656,7 +656,13 @@ pub fn register_image_with_map_range_dropped(
 /// A SeaBIOS machine with room for the installed Debian, or Debian in memory (cloud-init is
 /// python, and sshd).
 pub fn seabios(mac: &str, disk_bytes: u64) -> VmSpec {
-    let mut spec = VmSpec::new("vm1", mac);
+    os_machine("vm1", mac, stork_lab::Firmware::Bios, disk_bytes)
+}
+
+/// A machine named `name` with `firmware` and room for Debian (2 GiB, 2 vCPUs).
+pub fn os_machine(name: &str, mac: &str, firmware: stork_lab::Firmware, disk_bytes: u64) -> VmSpec {
+    let mut spec = VmSpec::new(name, mac);
+    spec.firmware = firmware;
     spec.memory_mib = 2048;
     spec.cpus = 2;
     spec.disk_bytes = disk_bytes;

@@ -46,11 +46,21 @@ pub fn ui_screenshots() -> PathBuf {
 
 /// Fails with a clear message when the built artefacts are missing.
 pub fn require_artefacts() {
+    require_boot_files(&[]);
+}
+
+/// [`require_artefacts`], and `files` among the boot files (network boot programs a test's
+/// firmware path needs).
+pub fn require_boot_files(files: &[&str]) {
+    let wanted = files.iter().map(|f| boot_files().join(f));
     for p in [
         stork_bin(),
         boot_files().join("vmlinuz"),
         boot_files().join("initrd.img"),
-    ] {
+    ]
+    .into_iter()
+    .chain(wanted)
+    {
         assert!(
             p.exists(),
             "{} is missing: end-to-end tests run through `cargo xtask test`, which builds it",

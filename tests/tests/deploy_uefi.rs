@@ -10,24 +10,17 @@
 //! the same machine); a new machine starts from the pristine template.
 
 use anyhow::{Context, Result, bail};
-use stork_lab::{Firmware, VmSpec};
+use stork_lab::Firmware;
 use stork_proto::inventory::Firmware as RecordedFirmware;
-use stork_tests::boot_files;
-use stork_tests::deploy::{Scenario, deploy_to_disk_and_log_in};
+use stork_tests::deploy::{Scenario, deploy_to_disk_and_log_in, os_machine};
+use stork_tests::require_boot_files;
 
 #[test]
 #[ignore = "needs root, QEMU, OVMF, ipmi_sim and built images: run `cargo xtask test`"]
 fn ovmf_vm_through_firmware_pxe_powered_by_its_bmc_deploys_debian_to_disk_and_logs_in() {
-    assert!(
-        boot_files().join("snponly.efi").exists(),
-        "snponly.efi is missing from the boot files: run `cargo xtask test`"
-    );
+    require_boot_files(&["snponly.efi"]);
     let mac = "52:54:00:77:01:e1";
-    let mut spec = VmSpec::new("uefi1", mac);
-    spec.firmware = Firmware::Uefi { nic_rom: false };
-    spec.memory_mib = 2048;
-    spec.cpus = 2;
-    spec.disk_bytes = 4 << 30;
+    let spec = os_machine("uefi1", mac, Firmware::Uefi { nic_rom: false }, 4 << 30);
     let mut s = Scenario::new("deploy-uefi", spec, None).unwrap();
     let result = (|| -> Result<()> {
         let id = s.add_and_enlist()?;

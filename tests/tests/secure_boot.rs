@@ -9,10 +9,10 @@
 //! own shim and GRUB with Secure Boot still on (checked over SSH with `mokutil`).
 
 use anyhow::{Context, Result, bail};
-use stork_lab::{Firmware, VmSpec};
+use stork_lab::Firmware;
 use stork_proto::inventory::Firmware as RecordedFirmware;
-use stork_tests::boot_files;
-use stork_tests::deploy::{Scenario, deploy_to_disk_and_log_in};
+use stork_tests::deploy::{Scenario, deploy_to_disk_and_log_in, os_machine};
+use stork_tests::require_boot_files;
 
 const MAC: &str = "52:54:00:77:05:b0";
 const HOSTNAME: &str = "stork-e2e-sb";
@@ -20,17 +20,8 @@ const HOSTNAME: &str = "stork-e2e-sb";
 #[test]
 #[ignore = "needs root, QEMU, OVMF, ipmi_sim and built images: run `cargo xtask test`"]
 fn secure_boot_enforced_netboots_shim_grub_and_the_agent_and_deploys_a_system_that_keeps_it() {
-    for file in ["shimx64.efi", "grubx64.efi"] {
-        assert!(
-            boot_files().join(file).exists(),
-            "{file} is missing from the boot files: run `cargo xtask test`"
-        );
-    }
-    let mut spec = VmSpec::new("sb1", MAC);
-    spec.firmware = Firmware::UefiSecureBoot;
-    spec.memory_mib = 2048;
-    spec.cpus = 2;
-    spec.disk_bytes = 4 << 30;
+    require_boot_files(&["shimx64.efi", "grubx64.efi"]);
+    let spec = os_machine("sb1", MAC, Firmware::UefiSecureBoot, 4 << 30);
     let mut s = Scenario::with_config("secure-boot", spec, "[boot]\nsecure_boot = true\n").unwrap();
     if let Err(e) = run(&mut s) {
         s.fail(e);

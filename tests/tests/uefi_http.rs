@@ -10,12 +10,12 @@
 
 use anyhow::{Result, bail};
 use std::time::Duration;
-use stork_lab::{Firmware, VmSpec};
+use stork_lab::Firmware;
 use stork_proto::DeployTarget;
 use stork_proto::api::Status;
 use stork_proto::inventory::Firmware as RecordedFirmware;
-use stork_tests::boot_files;
-use stork_tests::deploy::Scenario;
+use stork_tests::deploy::{Scenario, os_machine};
+use stork_tests::require_boot_files;
 
 const MAC: &str = "52:54:00:77:00:e1";
 const HOSTNAME: &str = "stork-e2e-http";
@@ -26,15 +26,8 @@ const PXE_BOOT: &str = "Start PXE over IPv4";
 #[test]
 #[ignore = "needs root, QEMU, OVMF, ipmi_sim and built images: run `cargo xtask test`"]
 fn ovmf_without_pxe_http_boots_enlists_commissions_and_deploys_in_memory() {
-    assert!(
-        boot_files().join("snponly.efi").exists(),
-        "snponly.efi is missing from the boot files: run `cargo xtask test`"
-    );
-    let mut spec = VmSpec::new("uefi1", MAC);
-    spec.firmware = Firmware::UefiHttp;
-    spec.memory_mib = 2048;
-    spec.cpus = 2;
-    spec.disk_bytes = 1 << 30;
+    require_boot_files(&["snponly.efi"]);
+    let spec = os_machine("uefi1", MAC, Firmware::UefiHttp, 1 << 30);
     let mut s = Scenario::new("uefi-http", spec, None).unwrap();
     if let Err(e) = run(&mut s) {
         s.fail(e);

@@ -177,38 +177,14 @@ fn images() -> Result<PathBuf> {
     let boot = target().join("stork/boot");
     step("building the initrd (kernel from Debian's linux-image-amd64, cached)");
     status(
-        cargo()
-            .args([
-                "run",
-                "--quiet",
-                "-p",
-                "stork-image",
-                "--",
-                "initrd",
-                "--cache",
-            ])
-            .arg(cache())
+        os_images::stork_image("initrd")
             .arg("--agent")
             .arg(&agent)
             .arg("--out")
             .arg(&boot),
     )?;
     step("the signed boot chain for Secure Boot (Debian's shim and GRUB, cached)");
-    status(
-        cargo()
-            .args([
-                "run",
-                "--quiet",
-                "-p",
-                "stork-image",
-                "--",
-                "loaders",
-                "--cache",
-            ])
-            .arg(cache())
-            .arg("--out")
-            .arg(&boot),
-    )?;
+    status(os_images::stork_image("loaders").arg("--out").arg(&boot))?;
     // Network boot programs for firmware PXE (TFTP) and UEFI HTTP boot, from Debian's
     // ipxe package: snponly.efi uses the firmware's own NIC driver (docs/measurements.md: faster than
     // ipxe.efi under OVMF), undionly.kpxe chains from a BIOS PXE ROM.

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 pub const RECIPES: &[&str] = &["image-builder/recipes/debian-bookworm.toml"];
 
 /// `stork-image <subcommand> --cache <the xtask's cache>`, through cargo.
-fn stork_image(subcommand: &str) -> std::process::Command {
+pub fn stork_image(subcommand: &str) -> std::process::Command {
     let mut c = crate::cargo();
     c.args(["run", "--quiet", "-p", "stork-image", "--", subcommand])
         .arg("--cache")
