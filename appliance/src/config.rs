@@ -132,6 +132,20 @@ ipv6_ra = true
 # role = "first"
 failover = 10
 
+[dhcp6]
+# DHCPv6 on the same interface (which must have `address`): "full" leases addresses from
+# `range` (IA_NA) and answers network-boot clients with a boot file URL (RFC 5970);
+# "stateless" gives the boot file URL to Information-requests only; "off".
+mode = "off"
+address = "fd77::1"
+prefix_len = 64
+range = ["fd77::100", "fd77::1ff"]
+lease_time = 3600
+# Requests per second, and the burst allowed above it, from one source address (0 = no
+# limit): each client sends from its own link-local address.
+rate_limit = 10
+rate_burst = 20
+
 [boot]
 # Kernel and initrd of the Stork agent, relative to DATA_DIR/boot/.
 kernel = "vmlinuz"
@@ -198,6 +212,7 @@ pub struct FileConfig {
     pub tls: TlsFile,
     pub tftp: TftpFile,
     pub dhcp: DhcpFile,
+    pub dhcp6: crate::dhcp6::Dhcp6File,
     pub boot: BootFile,
     pub lifecycle: LifecycleFile,
     /// Read by `stork appliance setup` only; never written out (the effective config the
@@ -229,6 +244,7 @@ impl Default for FileConfig {
             tls: TlsFile::default(),
             tftp: TftpFile::default(),
             dhcp: DhcpFile::default(),
+            dhcp6: crate::dhcp6::Dhcp6File::default(),
             boot: BootFile::default(),
             lifecycle: LifecycleFile::default(),
             appliance: ApplianceFile::default(),
@@ -393,6 +409,7 @@ impl FileConfig {
                 }
             }),
             dhcp,
+            dhcp6: self.dhcp6.validate()?,
             boot: self.boot.clone(),
         })
     }
@@ -415,6 +432,7 @@ pub struct Config {
     /// `None` when TFTP is off.
     pub tftp: Option<crate::tftp::TftpConfig>,
     pub dhcp: DhcpConfig,
+    pub dhcp6: crate::dhcp6::Dhcp6Config,
     pub boot: BootFile,
     /// Busy-status timeout and how often it is checked.
     pub timeout: std::time::Duration,

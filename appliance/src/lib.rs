@@ -10,6 +10,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod dhcp;
+pub mod dhcp6;
 pub mod grub;
 pub mod host;
 pub mod http;

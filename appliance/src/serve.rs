@@ -139,6 +139,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         controller: controller.clone(),
         dhcp_stats: Arc::default(),
         tftp_stats: Arc::default(),
+        dhcp6_stats: Arc::default(),
         health: health.clone(),
         leases: Arc::default(),
         http_stats: Arc::default(),
@@ -247,12 +248,18 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         crate::dhcp::neighbours::ensure(&cfg.dhcp);
         if cfg.dhcp.ipv6_ra {
             let interface = cfg.interface.clone();
+            let (prefix, len) = (cfg.dhcp6.network(), cfg.dhcp6.prefix_len);
+            let ipv6 = match cfg.dhcp6.mode {
+                crate::dhcp6::Mode::Full => dhcp::ra::Ipv6Service::Managed { prefix, len },
+                crate::dhcp6::Mode::Stateless => dhcp::ra::Ipv6Service::Other { prefix, len },
+                crate::dhcp6::Mode::Off => dhcp::ra::Ipv6Service::None,
+            };
             service(
                 "ipv6_ra",
                 Box::new(move || {
                     let interface = interface.clone();
                     Box::pin(async move {
-                        if let Err(e) = dhcp::ra::run(interface).await {
+                        if let Err(e) = dhcp::ra::run(interface, ipv6).await {
                             // Booting still works without: iPXE just waits longer.
                             tracing::warn!(error = %e, "no IPv6 router advertisements");
                         }
@@ -263,6 +270,39 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
                 }),
             );
         }
+    }
+
+    if cfg.dhcp6.mode != crate::dhcp6::Mode::Off {
+        let socket = Prebound::new({
+            let interface = cfg.interface.clone();
+            move || {
+                crate::dhcp6::bind(&interface)
+                    .with_context(|| format!("cannot serve DHCPv6 on {interface}"))
+            }
+        })?;
+        let (cfg6, http_port, secure_boot) =
+            (cfg.dhcp6.clone(), cfg.http_port, cfg.boot.secure_boot);
+        let stats = state.dhcp6_stats.clone();
+        let leases_path = crate::dhcp6::leases_path(&cfg.data_dir);
+        service(
+            "dhcp6",
+            Box::new(move || {
+                let (socket, cfg6, stats) = (socket.clone(), cfg6.clone(), stats.clone());
+                let leases = leases_path.clone();
+                Box::pin(async move {
+                    let (sock, duid) = socket.take()?;
+                    let info = crate::dhcp6::ServerInfo {
+                        cfg: cfg6,
+                        duid,
+                        http_port,
+                        secure_boot,
+                    };
+                    crate::dhcp6::run(sock, info, leases, stats)
+                        .await
+                        .context("DHCPv6 service")
+                })
+            }),
+        );
     }
 
     if let Some(tftp_cfg) = cfg.tftp.clone() {

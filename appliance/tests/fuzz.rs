@@ -7,7 +7,9 @@
 //! `Journal::open`); and the agent's kernel command line (`cmdline::AgentArgs::parse`),
 //! seeded with the lines the boot script writes (`cmdline_corpus_is_current` keeps them
 //! current), with word-level mutations beside the byte ones: what parses keeps the parser's
-//! promises (one printable word per value) and renders to a line that parses back the same.
+//! promises (one printable word per value) and renders to a line that parses back the same;
+//! and DHCPv6 datagrams through `dhcp6::Handler::handle` (its edge checks, the handler, the
+//! reply's encoding, the lease changes' line format) and the lease file's replay.
 //!
 //! Inputs: the corpus in `appliance/fuzz/corpus/`, every crash ever found in
 //! `appliance/fuzz/regressions/` (run first, each a regression test), then mutations of them
@@ -743,5 +745,183 @@ fn cmdline_from_raw_bytes() {
     assert!(
         accepted > n / 50 && refused > n / 50,
         "{accepted} accepted, {refused} refused of {n}"
+    );
+}
+
+// ---- DHCPv6 ----
+
+fn dhcp6_handler(mode: stork::dhcp6::Mode) -> stork::dhcp6::Handler {
+    use stork::dhcp6::{Dhcp6Config, Handler, ServerInfo, handler::duid_ll};
+    Handler::new(ServerInfo {
+        cfg: Dhcp6Config {
+            mode,
+            address: "fd77::1".parse().unwrap(),
+            prefix_len: 64,
+            range: ("fd77::100".parse().unwrap(), "fd77::1ff".parse().unwrap()),
+            lease_time: 3600,
+            rate_limit: None,
+        },
+        duid: duid_ll([2, 0, 0, 0, 0, 1]),
+        http_port: 8080,
+        secure_boot: false,
+    })
+}
+
+/// Messages as clients send them: dhclient's Solicit, Request, Renew, Release and Confirm
+/// with an IA_NA, a rapid-commit Solicit, iPXE's (user class), UEFI PXE's and HTTP boot's
+/// (architecture, vendor class), an Information-request.
+fn dhcp6_corpus() -> Vec<(String, Vec<u8>)> {
+    use dhcproto::v6::{
+        DhcpOption, DhcpOptions, IAAddr, IANA, Message, MessageType, ORO, OptionCode,
+    };
+    use dhcproto::{Encodable, Encoder};
+    use stork::dhcp6::handler::{duid_ll, user_class, vendor_class};
+    let client = duid_ll([0x52, 0x54, 0, 0x66, 0, 1]);
+    let server = duid_ll([2, 0, 0, 0, 0, 1]);
+    let ia = |addr: Option<&str>| {
+        let mut opts = DhcpOptions::new();
+        if let Some(a) = addr {
+            opts.insert(DhcpOption::IAAddr(IAAddr {
+                addr: a.parse().unwrap(),
+                preferred_life: 3600,
+                valid_life: 3600,
+                opts: DhcpOptions::new(),
+            }));
+        }
+        DhcpOption::IANA(IANA {
+            id: 0x0965_bf8a,
+            t1: 0,
+            t2: 0,
+            opts,
+        })
+    };
+    let build = |kind: MessageType, extra: Vec<DhcpOption>| {
+        let mut m = Message::new_with_id(kind, [0x12, 0x34, 0x56]);
+        m.opts_mut().insert(DhcpOption::ClientId(client.clone()));
+        m.opts_mut().insert(DhcpOption::ElapsedTime(0));
+        m.opts_mut().insert(DhcpOption::ORO(ORO {
+            opts: vec![OptionCode::DomainNameServers, OptionCode::from(59u16)],
+        }));
+        for o in extra {
+            m.opts_mut().insert(o);
+        }
+        let mut out = Vec::new();
+        m.encode(&mut Encoder::new(&mut out)).unwrap();
+        out
+    };
+    let sid = || DhcpOption::ServerId(server.clone());
+    let arch = |a: u16| DhcpOption::ClientArchType(vec![a.into()]);
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("solicit", build(MessageType::Solicit, vec![ia(None)])),
+        (
+            "solicit-rapid",
+            build(
+                MessageType::Solicit,
+                vec![ia(None), DhcpOption::RapidCommit],
+            ),
+        ),
+        (
+            "solicit-ipxe",
+            build(MessageType::Solicit, vec![ia(None), user_class(b"iPXE")]),
+        ),
+        (
+            "solicit-uefi-pxe",
+            build(MessageType::Solicit, vec![ia(None), arch(7)]),
+        ),
+        (
+            "solicit-uefi-http",
+            build(
+                MessageType::Solicit,
+                vec![
+                    ia(None),
+                    arch(16),
+                    vendor_class(343, b"HTTPClient:Arch:00016:UNDI:003001"),
+                ],
+            ),
+        ),
+        (
+            "request",
+            build(MessageType::Request, vec![ia(Some("fd77::100")), sid()]),
+        ),
+        (
+            "renew",
+            build(MessageType::Renew, vec![ia(Some("fd77::100")), sid()]),
+        ),
+        (
+            "rebind",
+            build(MessageType::Rebind, vec![ia(Some("fd77::100"))]),
+        ),
+        (
+            "release",
+            build(MessageType::Release, vec![ia(Some("fd77::100")), sid()]),
+        ),
+        (
+            "decline",
+            build(MessageType::Decline, vec![ia(Some("fd77::100")), sid()]),
+        ),
+        (
+            "confirm",
+            build(MessageType::Confirm, vec![ia(Some("fd77::100"))]),
+        ),
+        (
+            "information-request",
+            build(MessageType::InformationRequest, vec![arch(7)]),
+        ),
+    ];
+    seeds
+        .into_iter()
+        .map(|(name, bytes)| (format!("{name}.bin"), bytes))
+        .collect()
+}
+
+/// `STORK_FUZZ_WRITE_CORPUS=1 cargo test -p stork --test fuzz dhcp6_corpus_is_current`
+/// rewrites it.
+#[test]
+fn dhcp6_corpus_is_current() {
+    fuzz_common::check_corpus("dhcp6", "fuzz dhcp6_corpus_is_current", dhcp6_corpus());
+}
+
+/// Raw datagrams through what the DHCPv6 socket loop runs (`dhcp6::Handler::handle`), in
+/// full and stateless mode: no panic, every reply decodes, every lease change names an
+/// address of the range and survives the lease file's line format; and each input as a
+/// lease file's text through `leases::replay`.
+#[test]
+fn dhcp6_datagrams_from_raw_bytes() {
+    use dhcproto::v6::Message as Message6;
+    use stork::dhcp6::Mode;
+    use stork::dhcp6::leases::{Change, replay};
+    let mut handlers = [dhcp6_handler(Mode::Full), dhcp6_handler(Mode::Stateless)];
+    let mut now = 1_000_000u64;
+    let (mut replies, mut bound) = (0u64, 0u64);
+    let n = drive("dhcp6", |input| {
+        now += 1;
+        for h in &mut handlers {
+            let Ok((reply, changes)) = caught(|| h.handle(input, now))? else {
+                continue;
+            };
+            replies += 1;
+            Message6::decode(&mut dhcproto::Decoder::new(&reply))
+                .map_err(|e| format!("our reply does not decode: {e}"))?;
+            for c in &changes {
+                if let Change::Bound { addr, .. } = c {
+                    bound += 1;
+                    let (lo, hi) = h.info.cfg.range;
+                    if !(u128::from(lo)..=u128::from(hi)).contains(&u128::from(*addr)) {
+                        return Err(format!("leased {addr} outside the range"));
+                    }
+                }
+                let line = serde_json::to_string(c).map_err(|e| e.to_string())?;
+                if serde_json::from_str::<Change>(&line).ok().as_ref() != Some(c) {
+                    return Err(format!("lease change does not round-trip: {c:?}"));
+                }
+            }
+        }
+        caught(|| replay(&String::from_utf8_lossy(input), now))?;
+        Ok(())
+    });
+    // The run reached replies and leases, not only refusals.
+    assert!(
+        n > 0 && replies > 0 && bound > 0,
+        "{replies} replies, {bound} leases"
     );
 }

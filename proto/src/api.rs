@@ -709,6 +709,10 @@ pub struct StatsResponse {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub http: Counters,
+    /// The DHCPv6 service's (absent from appliances before it).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub dhcp6: Counters,
 }
 
 closed_names! {

@@ -22,11 +22,14 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Counter `name` of `service` (`dhcp` or `tftp`), if the appliance has it.
+    /// Counter `name` of `service` (`dhcp`, `tftp`, `http`, `dhcp6`), if the appliance has
+    /// it.
     pub fn counter(&self, service: &str, name: &str) -> Option<u64> {
         let counters = match service {
             "dhcp" => &self.counters.dhcp,
             "tftp" => &self.counters.tftp,
+            "http" => &self.counters.http,
+            "dhcp6" => &self.counters.dhcp6,
             _ => return None,
         };
         counters.get(name).copied()

@@ -234,7 +234,7 @@ pub struct RateLimit {
 
 impl RateLimit {
     /// `None` for a rate of 0 (no limit); a burst of 0 is one.
-    fn from_file(per_second: u32, burst: u32) -> Option<Self> {
+    pub fn from_file(per_second: u32, burst: u32) -> Option<Self> {
         (per_second > 0).then(|| Self {
             per_second,
             burst: burst.max(1),

@@ -1,4 +1,6 @@
-//! IPv6 router advertisements that say "no IPv6 here", so iPXE stops waiting for one.
+//! IPv6 router advertisements that say "no IPv6 here", so iPXE stops waiting for one; or,
+//! with DHCPv6 on (`[dhcp6]`), that addresses come from DHCPv6 (the managed flag) on the
+//! provisioning prefix.
 //!
 //! iPXE configures every interface with DHCPv4 and IPv6 autoconfiguration in parallel and
 //! waits for both: without a router it sends router solicitations for about 13 s before it
@@ -46,6 +48,43 @@ pub enum RaError {
     },
 }
 
+/// What the advertisements say about IPv6 on the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ipv6Service {
+    /// Nothing here: M = 0, O = 0, no prefix (iPXE stops waiting).
+    None,
+    /// DHCPv6 leases addresses (M = 1, O = 1) on this on-link prefix.
+    Managed { prefix: Ipv6Addr, len: u8 },
+    /// DHCPv6 gives other configuration only (O = 1), the prefix on-link.
+    Other { prefix: Ipv6Addr, len: u8 },
+}
+
+/// RFC 4861 option 3, prefix information.
+const OPT_PREFIX: u8 = 3;
+const FLAG_MANAGED: u8 = 0x80;
+const FLAG_OTHER: u8 = 0x40;
+/// Prefix information flag L: the prefix is on-link (no A: addresses come from DHCPv6).
+const PREFIX_ON_LINK: u8 = 0x80;
+
+/// The advertisement for `service` (router lifetime 0 always: not a default router); the
+/// checksum is left to the kernel (raw ICMPv6 sockets always fill it in).
+pub fn advertisement_for(mac: Option<[u8; 6]>, service: Ipv6Service) -> Vec<u8> {
+    let mut p = advertisement(mac);
+    let (flags, prefix) = match service {
+        Ipv6Service::None => return p,
+        Ipv6Service::Managed { prefix, len } => (FLAG_MANAGED | FLAG_OTHER, (prefix, len)),
+        Ipv6Service::Other { prefix, len } => (FLAG_OTHER, (prefix, len)),
+    };
+    p[5] = flags;
+    let (addr, len) = prefix;
+    p.extend_from_slice(&[OPT_PREFIX, 4, len, PREFIX_ON_LINK]);
+    p.extend_from_slice(&u32::MAX.to_be_bytes()); // valid lifetime: infinite
+    p.extend_from_slice(&u32::MAX.to_be_bytes()); // preferred lifetime: infinite
+    p.extend_from_slice(&[0; 4]);
+    p.extend_from_slice(&addr.octets());
+    p
+}
+
 /// The advertisement: no managed or other configuration, router lifetime 0, no prefix;
 /// the checksum is left to the kernel (raw ICMPv6 sockets always fill it in).
 pub fn advertisement(mac: Option<[u8; 6]>) -> Vec<u8> {
@@ -90,7 +129,7 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
 
 /// Answers router solicitations on `interface` until the task is cancelled. Fails only at
 /// start (no such interface, no IPv6); the caller logs that and carries on without.
-pub async fn run(interface: String) -> Result<(), RaError> {
+pub async fn run(interface: String, service: Ipv6Service) -> Result<(), RaError> {
     let ifindex: u32 = sysfs(&interface, "ifindex")?
         .parse()
         .map_err(|_| RaError::Interface {
@@ -117,8 +156,8 @@ pub async fn run(interface: String) -> Result<(), RaError> {
     // the AsyncFd's whole life.
     let fd = unsafe { AsyncFd::register(sock) }.map_err(|e| err(e.into()))?;
     let to = SockAddr::from(SocketAddrV6::new(ALL_NODES, 0, 0, ifindex));
-    let ra = advertisement(mac);
-    tracing::info!(%interface, "answering IPv6 router solicitations: no IPv6 configuration here");
+    let ra = advertisement_for(mac, service);
+    tracing::info!(%interface, ?service, "answering IPv6 router solicitations");
 
     let send = |why: &str| match fd.get_ref().send_to(&ra, &to) {
         Ok(_) => tracing::debug!(%interface, why, "router advertisement sent"),
@@ -176,6 +215,26 @@ mod tests {
         assert_eq!(
             parse_mac("52:54:00:01:02:03"),
             Some([0x52, 0x54, 0, 1, 2, 3])
+        );
+    }
+
+    #[test]
+    fn a_managed_advertisement_names_dhcpv6_and_the_on_link_prefix() {
+        let prefix: Ipv6Addr = "fd77::".parse().unwrap();
+        let p = advertisement_for(None, Ipv6Service::Managed { prefix, len: 64 });
+        assert_eq!(p[5], 0xc0, "M and O set");
+        assert_eq!(&p[6..8], &[0, 0], "still not a default router");
+        assert_eq!(
+            &p[16..20],
+            &[3, 4, 64, 0x80],
+            "prefix option, on-link, no autonomous"
+        );
+        assert_eq!(&p[32..48], &prefix.octets());
+        let o = advertisement_for(None, Ipv6Service::Other { prefix, len: 64 });
+        assert_eq!(o[5], 0x40, "O only");
+        assert_eq!(
+            advertisement_for(None, Ipv6Service::None),
+            advertisement(None)
         );
     }
 }

@@ -1136,6 +1136,7 @@ async fn stats(State(s): State<AppState>, _: Reader) -> Json<impl Serialize> {
         dhcp: super::openapi::counter_map(s.dhcp_stats.snapshot()),
         tftp: super::openapi::counter_map(s.tftp_stats.snapshot()),
         http: super::openapi::counter_map(s.http_stats.snapshot()),
+        dhcp6: super::openapi::counter_map(s.dhcp6_stats.snapshot()),
     })
 }
 

@@ -32,6 +32,7 @@ pub struct AppState {
     pub controller: Controller,
     pub dhcp_stats: Arc<Stats>,
     pub tftp_stats: Arc<crate::tftp::Stats>,
+    pub dhcp6_stats: Arc<crate::dhcp6::Stats>,
     /// Which services run, and which failed and were restarted.
     pub health: Arc<crate::supervise::Health>,
     /// The addresses the DHCP server leased, by MAC: who may take a booting machine's token.

@@ -130,6 +130,11 @@ fn build() -> OpenApi {
         ("Stats", "tftp", tftp_stats().into()),
         (
             "Stats",
+            "dhcp6",
+            counters(crate::dhcp6::Stats::default().snapshot()).into(),
+        ),
+        (
+            "Stats",
             "http",
             counters(super::listener::HttpStats::default().snapshot()).into(),
         ),

@@ -156,6 +156,10 @@ pub async fn stats(State(s): State<AppState>, session: Session) -> UiResult {
             "http",
             crate::http::openapi::counter_map(s.http_stats.snapshot()),
         ),
+        (
+            "dhcp6",
+            crate::http::openapi::counter_map(s.dhcp6_stats.snapshot()),
+        ),
     ];
     let body = html! {
         h1 { "Stats" }

@@ -20,9 +20,14 @@ pub fn run_ok(cmd: &mut Command) -> String {
 }
 
 pub fn counter(a: &Appliance, name: &str) -> u64 {
+    service_counter(a, "dhcp", name)
+}
+
+/// Counter `name` of `service` (`dhcp`, `dhcp6`, ...).
+pub fn service_counter(a: &Appliance, service: &str, name: &str) -> u64 {
     let v = a.stats().unwrap();
-    v.counter("dhcp", name)
-        .unwrap_or_else(|| panic!("no counter {name} in {v:?}"))
+    v.counter(service, name)
+        .unwrap_or_else(|| panic!("no {service} counter {name} in {v:?}"))
 }
 
 /// A udhcpc/dhclient script that configures the address, so renewals (unicast from the
@@ -67,15 +72,15 @@ pub fn parse_lease(out: &str) -> Option<(String, String)> {
 
 /// Waits until `log` has `n` lines containing `needle`.
 pub fn wait_lines(p: &Spawned, needle: &str, n: usize, what: &str) -> String {
-    wait_for(
-        what,
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-        || {
-            let text = std::fs::read_to_string(p.log()).unwrap_or_default();
-            Ok((text.matches(needle).count() >= n).then_some(text))
-        },
-    )
+    wait_lines_for(p, needle, n, what, Duration::from_secs(20))
+}
+
+/// [`wait_lines`] for up to `limit`.
+pub fn wait_lines_for(p: &Spawned, needle: &str, n: usize, what: &str, limit: Duration) -> String {
+    wait_for(what, limit, Duration::from_millis(100), || {
+        let text = std::fs::read_to_string(p.log()).unwrap_or_default();
+        Ok((text.matches(needle).count() >= n).then_some(text))
+    })
     .unwrap_or_else(|e| {
         panic!(
             "{e:#}\n--- {} log ---\n{}",

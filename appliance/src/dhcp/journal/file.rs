@@ -38,10 +38,17 @@ fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
 /// Writes `records` as a fresh journal at `path`, durably (temp file, fdatasync, rename,
 /// directory fsync), and returns it opened for appending.
 fn rewrite(path: &Path, records: &[Record]) -> Result<File, JournalError> {
-    let tmp = path.with_extension("journal.tmp");
+    write_durably(path, &record::emit(records))
+}
+
+/// Replaces the file at `path` with `bytes`, durably (temp file, fdatasync, rename,
+/// directory fsync), and returns it opened for appending. The DHCPv6 lease file too.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<File, JournalError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = File::create(&tmp).map_err(write_err(&tmp))?;
-    f.write_all(&record::emit(records))
-        .map_err(write_err(&tmp))?;
+    f.write_all(bytes).map_err(write_err(&tmp))?;
     f.sync_data().map_err(write_err(&tmp))?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(write_err(path))?;
