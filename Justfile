@@ -40,6 +40,10 @@ bench-tftp:
 bench-dhcp:
     cargo xtask bench dhcp
 
+# DHCPv6 benchmark: perfdhcp -6 against Stork and Kea in namespaces (needs root).
+bench-dhcp6:
+    cargo xtask bench dhcp6
+
 # Image builder benchmark: Stork's SquashFS writer against plain mksquashfs, initrd build time.
 bench-images:
     cargo xtask bench images

@@ -81,6 +81,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "peer DHCP server for `cargo xtask bench dhcp`",
     ),
     (
+        "kea-dhcp6-server",
+        "peer DHCPv6 server for `cargo xtask bench dhcp6`",
+    ),
+    (
         "kea-admin",
         "perfdhcp, the load generator of `cargo xtask bench dhcp`",
     ),
@@ -137,6 +141,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("dhclient", "isc-dhcp-client"),
     ("dhcrelay", "isc-dhcp-relay"),
     ("kea-dhcp4", "kea-dhcp4-server"),
+    ("kea-dhcp6", "kea-dhcp6-server"),
     ("perfdhcp", "kea-admin"),
     ("chromium", "chromium"),
     ("chromedriver", "chromium-driver"),

@@ -116,6 +116,9 @@ struct Binding {
 pub struct Pool {
     by_client: HashMap<(Vec<u8>, u32), Binding>,
     by_addr: HashMap<Ipv6Addr, (Vec<u8>, u32)>,
+    /// Where the search for a free address starts: after the last one given, so that
+    /// handing out a range costs one step per address, not a scan from its start.
+    next: u128,
 }
 
 impl Pool {
@@ -133,12 +136,19 @@ impl Pool {
             return Some(b.addr);
         }
         let (start, end) = (u128::from(range.0), u128::from(range.1));
-        let addr = (start..=end).map(Ipv6Addr::from).find(|a| {
+        let from = self.next.clamp(start, end);
+        let free = |a: &Ipv6Addr| {
             self.by_addr
                 .get(a)
                 .and_then(|k| self.by_client.get(k))
                 .is_none_or(|b| b.expires <= now)
-        })?;
+        };
+        // From the cursor to the end, then from the start to the cursor.
+        let addr = (from..=end)
+            .chain(start..from)
+            .map(Ipv6Addr::from)
+            .find(free)?;
+        self.next = u128::from(addr).saturating_add(1);
         if let Some(old) = self.by_addr.remove(&addr) {
             self.by_client.remove(&old);
         }

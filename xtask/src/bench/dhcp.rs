@@ -38,6 +38,12 @@
 //! and the datagrams the kernel dropped for a full receive buffer on each side: on two
 //! shared cores, perfdhcp's own cost (60 to 130 us per exchange here) caps the rate any
 //! server can be measured at, and these say which side ran out.
+//!
+//! `cargo xtask bench dhcp6` runs the same search and runs for DHCPv6: `perfdhcp -6` doing
+//! Solicit, Advertise, Request, Reply as a client on the link (to ff02::1:2), against
+//! Stork's `[dhcp6]` (rate limit off) and Kea's `kea-dhcp6` (memfile, persist on, the same
+//! multi-threading settings). Stork makes each lease durable (one fdatasync per Reply,
+//! not yet group-committed) before its Reply leaves; Kea appends without fsync.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -61,6 +67,18 @@ const LEASE_SECS: u32 = 3600;
 const TRIAL: Duration = Duration::from_secs(5);
 /// Largest share of exchanges without an ACK for a rate to count as sustained.
 const MAX_LOSS: f64 = 0.01;
+
+/// Which DHCP the run measures.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+const SERVER_IP6: &str = "fd96::1";
+const PREFIX6: &str = "fd96::/64";
+/// 16 million addresses: no run exhausts them.
+const POOL6: (&str, &str) = ("fd96::1:0", "fd96::ff:ffff");
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Peer {
@@ -87,12 +105,16 @@ impl Peer {
     }
 }
 
-pub fn run() -> Result<()> {
+pub fn run(family: Family) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the DHCP benchmark needs root (network namespaces, port 67, cpu_dma_latency)");
     }
-    for tool in ["perfdhcp", "kea-dhcp4", "dnsmasq"] {
+    let tools: &[&str] = match family {
+        Family::V4 => &["perfdhcp", "kea-dhcp4", "dnsmasq"],
+        Family::V6 => &["perfdhcp", "kea-dhcp6"],
+    };
+    for &tool in tools {
         if !on_path(tool) {
             bail!("{tool} is missing: run `cargo xtask deps`");
         }
@@ -108,7 +130,7 @@ pub fn run() -> Result<()> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
 
-    let net = namespaces()?;
+    let net = namespaces(family)?;
     let _latency = super::DmaLatency::hold();
     // perfdhcp keeps its socket at the default receive buffer (208 KiB here); replies that
     // arrive in bursts (Stork's group commit sends a batch of ACKs at once) overflow it
@@ -121,7 +143,11 @@ pub fn run() -> Result<()> {
         .and_then(|s| s.parse().ok());
     let mut results = Vec::new();
     let mut pg: Option<stork_lab::postgres::ScratchPostgres> = None;
-    for peer in [Peer::Stork, Peer::StorkPg, Peer::Kea, Peer::Dnsmasq] {
+    let all: &[Peer] = match family {
+        Family::V4 => &[Peer::Stork, Peer::StorkPg, Peer::Kea, Peer::Dnsmasq],
+        Family::V6 => &[Peer::Stork, Peer::Kea],
+    };
+    for &peer in all {
         let tag = format!("{peer:?}").to_lowercase();
         if !peers.is_empty() && !peers.split(',').any(|p| p.trim() == tag) {
             continue;
@@ -131,6 +157,7 @@ pub fn run() -> Result<()> {
             pg = Some(stork_lab::postgres::ScratchPostgres::start()?);
         }
         let bench = Bench {
+            family,
             peer,
             net: &net,
             stork: &stork,
@@ -164,8 +191,14 @@ pub fn run() -> Result<()> {
     }
 
     println!();
+    let exchange = match family {
+        Family::V4 => "DHCP benchmark: perfdhcp full DORA as a relay",
+        Family::V6 => {
+            "DHCPv6 benchmark: perfdhcp -6 Solicit, Advertise, Request, Reply as a client on the link"
+        }
+    };
     println!(
-        "DHCP benchmark: perfdhcp full DORA as a relay, veth between two namespaces, 2 cores shared by client and server, cpu_dma_latency 0, {secs} s at each server's highest sustained rate"
+        "{exchange}, veth between two namespaces, 2 cores shared by client and server, cpu_dma_latency 0, {secs} s at each server's highest sustained rate"
     );
     println!(
         "{:<30} {:>10} {:>12} {:>8} {:>10} {:>14}",
@@ -183,7 +216,13 @@ pub fn run() -> Result<()> {
         );
     }
     println!(
-        "durability: Stork fdatasyncs each lease (group commit) before its ACK leaves, or with leases in PostgreSQL commits each group in one transaction (synchronous_commit on) first; Kea (persist: true) appends it to its CSV file without fsync; dnsmasq rewrites and fsyncs its lease file"
+        "{}",
+        match family {
+            Family::V4 =>
+                "durability: Stork fdatasyncs each lease (group commit) before its ACK leaves, or with leases in PostgreSQL commits each group in one transaction (synchronous_commit on) first; Kea (persist: true) appends it to its CSV file without fsync; dnsmasq rewrites and fsyncs its lease file",
+            Family::V6 =>
+                "durability: Stork fdatasyncs each lease (one per Reply) before the Reply leaves; Kea (persist: true) appends it to its CSV file without fsync",
+        }
     );
     let get = |p: Peer| {
         results
@@ -217,6 +256,7 @@ pub fn run() -> Result<()> {
 }
 
 struct Bench<'a> {
+    family: Family,
     peer: Peer,
     net: &'a Pair,
     stork: &'a Path,
@@ -339,23 +379,31 @@ impl Bench<'_> {
         );
         let thread_mode =
             std::env::var("STORK_BENCH_PERFDHCP_THREADS").unwrap_or_else(|_| "multi".into());
-        let mut out = self.net.client(Command::new("perfdhcp").args([
-            "-4",
-            "-r",
-            &rate.to_string(),
-            "-R",
-            CLIENTS,
-            "-p",
-            &length.as_secs().to_string(),
-            "-l",
-            CLIENT_IP,
-            "-g",
-            &thread_mode,
-            // Wait 0.3 s for replies in flight when the run ends.
-            "-W",
-            "300000",
-            SERVER_IP,
-        ]));
+        let (family_arg, local, server_addr) = match self.family {
+            Family::V4 => ("-4", CLIENT_IP, Some(SERVER_IP)),
+            // On the link: from eth0's link-local address to All_DHCP_Relay_Agents_and_Servers.
+            Family::V6 => ("-6", "eth0", None),
+        };
+        let mut out = self.net.client(
+            Command::new("perfdhcp")
+                .args([
+                    family_arg,
+                    "-r",
+                    &rate.to_string(),
+                    "-R",
+                    CLIENTS,
+                    "-p",
+                    &length.as_secs().to_string(),
+                    "-l",
+                    local,
+                    "-g",
+                    &thread_mode,
+                    // Wait 0.3 s for replies in flight when the run ends.
+                    "-W",
+                    "300000",
+                ])
+                .args(server_addr),
+        );
         let client_before = children_cpu_secs();
         let out = out
             .stdin(Stdio::null())
@@ -396,8 +444,81 @@ impl Bench<'_> {
     fn start(&self, dir: &Path) -> Result<Spawned> {
         let log = dir.join("server.log");
         let mut cmd;
-        match self.peer {
-            Peer::Stork | Peer::StorkPg => {
+        match (self.family, self.peer) {
+            (Family::V6, Peer::Stork) => {
+                let cfg = dir.join("stork.toml");
+                let text = format!(
+                    r#"data_dir = "{dir}"
+interface = "eth0"
+address = "{SERVER_IP}"
+[dhcp]
+mode = "off"
+range = ["{}", "{}"]
+prefix_len = {PREFIX}
+ipv6_ra = false
+[dhcp6]
+mode = "full"
+address = "{SERVER_IP6}"
+prefix_len = 64
+range = ["{}", "{}"]
+lease_time = {LEASE_SECS}
+rate_limit = 0
+"#,
+                    POOL.0,
+                    POOL.1,
+                    POOL6.0,
+                    POOL6.1,
+                    dir = dir.display()
+                );
+                std::fs::write(&cfg, text)?;
+                cmd = self.net.server(
+                    Command::new(self.stork)
+                        .arg("serve")
+                        .arg("--config")
+                        .arg(&cfg),
+                );
+                cmd.env("RUST_LOG", "warn");
+            }
+            (Family::V6, _) => {
+                let cfg = dir.join("kea6.json");
+                let conf = serde_json::json!({
+                    "Dhcp6": {
+                        "interfaces-config": { "interfaces": ["eth0"] },
+                        // Its DUID from the interface, not a file under /var/lib.
+                        "server-id": { "type": "LL", "persist": false },
+                        "lease-database": {
+                            "type": "memfile",
+                            "persist": true,
+                            "name": dir.join("kea-leases6.csv"),
+                            "lfc-interval": 0
+                        },
+                        "multi-threading": {
+                            "enable-multi-threading": true,
+                            "thread-pool-size": 4,
+                            "packet-queue-size": 28
+                        },
+                        "valid-lifetime": LEASE_SECS,
+                        "preferred-lifetime": LEASE_SECS,
+                        "subnet6": [{
+                            "id": 1,
+                            "subnet": PREFIX6,
+                            "interface": "eth0",
+                            "pools": [{ "pool": format!("{} - {}", POOL6.0, POOL6.1) }]
+                        }],
+                        "loggers": [{
+                            "name": "kea-dhcp6",
+                            "output_options": [{ "output": dir.join("kea.log") }],
+                            "severity": "WARN"
+                        }]
+                    }
+                });
+                std::fs::write(&cfg, serde_json::to_vec_pretty(&conf)?)?;
+                cmd = self
+                    .net
+                    .server(Command::new("kea-dhcp6").arg("-c").arg(&cfg));
+                cmd.env("KEA_PIDFILE_DIR", dir).env("KEA_LOCKFILE_DIR", dir);
+            }
+            (Family::V4, Peer::Stork | Peer::StorkPg) => {
                 let cfg = dir.join("stork.toml");
                 let mut text = format!(
                     r#"data_dir = "{dir}"
@@ -435,7 +556,7 @@ ipv6_ra = false
                 );
                 cmd.env("RUST_LOG", "warn");
             }
-            Peer::Kea => {
+            (Family::V4, Peer::Kea) => {
                 let cfg = dir.join("kea.json");
                 let conf = serde_json::json!({
                     "Dhcp4": {
@@ -472,7 +593,7 @@ ipv6_ra = false
                 // Its pid and lock files go here, not to /run (a system Kea may run there).
                 cmd.env("KEA_PIDFILE_DIR", dir).env("KEA_LOCKFILE_DIR", dir);
             }
-            Peer::Dnsmasq => {
+            (Family::V4, Peer::Dnsmasq) => {
                 cmd = self.net.server(Command::new("dnsmasq").args([
                     "--keep-in-foreground",
                     "--conf-file=/dev/null",
@@ -504,11 +625,12 @@ ipv6_ra = false
                 if let Some(s) = p.exited() {
                     bail!("{} exited ({s}):\n{}", self.peer.name(), p.log_tail(20));
                 }
-                let out = stork_lab::run(
-                    &mut self
-                        .net
-                        .server(Command::new("ss").args(["-Hlun", "sport = :67"])),
-                )?;
+                let port = match self.family {
+                    Family::V4 => "sport = :67",
+                    Family::V6 => "sport = :547",
+                };
+                let out =
+                    stork_lab::run(&mut self.net.server(Command::new("ss").args(["-Hlun", port])))?;
                 Ok((!out.trim().is_empty()).then_some(()))
             },
         )?;
@@ -535,9 +657,14 @@ fn parse_perfdhcp(text: &str) -> Option<Trial> {
     let mut seen = false;
     for line in text.lines() {
         let line = line.trim();
-        if line.starts_with("***Statistics for: DISCOVER-OFFER") {
+        // DHCPv6's exchanges stand where DHCPv4's do.
+        if line.starts_with("***Statistics for: DISCOVER-OFFER")
+            || line.starts_with("***Statistics for: SOLICIT-ADVERTISE")
+        {
             section = "DO";
-        } else if line.starts_with("***Statistics for: REQUEST-ACK") {
+        } else if line.starts_with("***Statistics for: REQUEST-ACK")
+            || line.starts_with("***Statistics for: REQUEST-REPLY")
+        {
             section = "RA";
         } else if line.starts_with("***") {
             section = "";
@@ -629,8 +756,10 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks as f64 / hz as f64
 }
 
-/// The server and client namespaces, addressed, with fixed neighbours both ways.
-fn namespaces() -> Result<Pair> {
+/// The server and client namespaces, addressed, with fixed neighbours both ways; for
+/// DHCPv6, the server's address on the prefix and both link-local addresses usable (past
+/// duplicate address detection) and each other's fixed as neighbours.
+fn namespaces(family: Family) -> Result<Pair> {
     let net = Pair::create("bench_dhcp", SERVER_MAC, CLIENT_MAC)?;
     let (s, c) = (net.server.as_str(), net.client.as_str());
     for (ns, addr, peer_ip, peer_mac) in [
@@ -640,7 +769,56 @@ fn namespaces() -> Result<Pair> {
         net.addr(ns, &format!("{addr}/{PREFIX}"))?;
         net.neigh(ns, peer_ip, peer_mac)?;
     }
+    if family == Family::V6 {
+        stork_lab::run(Command::new("ip").args([
+            "-n",
+            s,
+            "-6",
+            "addr",
+            "add",
+            &format!("{SERVER_IP6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]))?;
+        for (ns, peer_mac) in [(s, CLIENT_MAC), (c, SERVER_MAC)] {
+            net.neigh(ns, &link_local(peer_mac), peer_mac)?;
+        }
+        for ns in [s, c] {
+            wait_for(
+                "a usable link-local address",
+                Duration::from_secs(20),
+                Duration::from_millis(100),
+                || {
+                    let out = stork_lab::run(&mut Pair::wrap(
+                        ns,
+                        Command::new("ip")
+                            .args(["-6", "addr", "show", "dev", "eth0", "scope", "link"]),
+                    ))?;
+                    Ok((out.contains("inet6") && !out.contains("tentative")).then_some(()))
+                },
+            )?;
+        }
+    }
     Ok(net)
+}
+
+/// The EUI-64 link-local address of `mac` (what the kernel gives the interface).
+fn link_local(mac: &str) -> String {
+    let b: Vec<u8> = mac
+        .split(':')
+        .filter_map(|h| u8::from_str_radix(h, 16).ok())
+        .collect();
+    let b: [u8; 6] = b.try_into().unwrap_or_default();
+    format!(
+        "fe80::{:02x}{:02x}:{:02x}ff:fe{:02x}:{:02x}{:02x}",
+        b[0] ^ 2,
+        b[1],
+        b[2],
+        b[3],
+        b[4],
+        b[5]
+    )
 }
 
 /// A sysctl raised to at least a value while alive, then put back.
@@ -685,6 +863,11 @@ fn on_path(tool: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_local_is_eui64() {
+        assert_eq!(link_local("02:00:00:96:00:01"), "fe80::0000:00ff:fe96:0001");
+    }
 
     #[test]
     fn reads_perfdhcp_reports() {

@@ -18,7 +18,8 @@ pub fn run(what: &str) -> Result<()> {
     match what {
         "api" => api::run(),
         "tftp" => tftp::run(),
-        "dhcp" => dhcp::run(),
+        "dhcp" => dhcp::run(dhcp::Family::V4),
+        "dhcp6" => dhcp::run(dhcp::Family::V6),
         "fleet" => fleet::run(),
         "images" => images::run(),
         "deploy" => deploy::run(),
@@ -26,7 +27,7 @@ pub fn run(what: &str) -> Result<()> {
         "http" => http::run(),
         other => {
             bail!(
-                "unknown benchmark `{other}` (known: api, tftp, dhcp, fleet, images, deploy, ui, http)"
+                "unknown benchmark `{other}` (known: api, tftp, dhcp, dhcp6, fleet, images, deploy, ui, http)"
             )
         }
     }
