@@ -8,9 +8,9 @@ mod dhcp_common;
 
 use std::time::Duration;
 
-use dhcp_common::{run_ok, service_counter, wait_lines, wait_lines_for};
+use dhcp_common::{appliance_with, run_ok, service_counter, wait_lines, wait_lines_for};
 use stork_lab::{Appliance, Host, Lab, Spawned, wait_for};
-use stork_tests::{boot_files, lab_dir, stork_bin};
+use stork_tests::lab_dir;
 
 const CONFIG: &str = "[dhcp6]\nmode = \"full\"\naddress = \"fd77::1\"\nprefix_len = 64\nrange = [\"fd77::100\", \"fd77::1ff\"]\nlease_time = 60\n";
 
@@ -54,15 +54,7 @@ fn leased(lease_file: &std::path::Path) -> Option<String> {
 #[ignore = "needs root and isc-dhcp-client: run `cargo xtask test`"]
 fn dhclient6_gets_renews_and_releases_an_address() {
     let mut lab = Lab::new("dhcp6", &lab_dir()).unwrap();
-    let config = lab.dir().join("stork.toml");
-    std::fs::write(&config, CONFIG).unwrap();
-    let mut appliance = Appliance::start_with(
-        &lab,
-        &stork_bin(),
-        &boot_files(),
-        &["--config", &config.to_string_lossy()],
-    )
-    .unwrap();
+    let mut appliance = appliance_with(&lab, CONFIG);
     let host = lab.add_host("c1").unwrap();
     wait_link_local(&host);
 

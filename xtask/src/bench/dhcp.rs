@@ -233,7 +233,7 @@ pub fn run(family: Family) -> Result<()> {
     let stork = get(Peer::Stork);
     for other in [Peer::Kea, Peer::Dnsmasq] {
         let o = get(other);
-        if o > 0.0 {
+        if o > 0.0 && stork > 0.0 {
             println!("Stork / {}: {:.2}x", other.name(), stork / o);
         }
     }
@@ -479,43 +479,10 @@ rate_limit = 0
                 );
                 cmd.env("RUST_LOG", "warn");
             }
-            (Family::V6, _) => {
-                let cfg = dir.join("kea6.json");
-                let conf = serde_json::json!({
-                    "Dhcp6": {
-                        "interfaces-config": { "interfaces": ["eth0"] },
-                        // Its DUID from the interface, not a file under /var/lib.
-                        "server-id": { "type": "LL", "persist": false },
-                        "lease-database": {
-                            "type": "memfile",
-                            "persist": true,
-                            "name": dir.join("kea-leases6.csv"),
-                            "lfc-interval": 0
-                        },
-                        "multi-threading": {
-                            "enable-multi-threading": true,
-                            "thread-pool-size": 4,
-                            "packet-queue-size": 28
-                        },
-                        "valid-lifetime": LEASE_SECS,
-                        "preferred-lifetime": LEASE_SECS,
-                        "subnet6": [{
-                            "id": 1,
-                            "subnet": PREFIX6,
-                            "interface": "eth0",
-                            "pools": [{ "pool": format!("{} - {}", POOL6.0, POOL6.1) }]
-                        }],
-                        "loggers": [{
-                            "name": "kea-dhcp6",
-                            "output_options": [{ "output": dir.join("kea.log") }],
-                            "severity": "WARN"
-                        }]
-                    }
-                });
-                std::fs::write(&cfg, serde_json::to_vec_pretty(&conf)?)?;
-                cmd = self
-                    .net
-                    .server(Command::new("kea-dhcp6").arg("-c").arg(&cfg));
+            (_, Peer::Kea) => {
+                let (program, cfg) = kea_config(self.family, dir)?;
+                cmd = self.net.server(Command::new(program).arg("-c").arg(&cfg));
+                // Its pid and lock files go here, not to /run (a system Kea may run there).
                 cmd.env("KEA_PIDFILE_DIR", dir).env("KEA_LOCKFILE_DIR", dir);
             }
             (Family::V4, Peer::Stork | Peer::StorkPg) => {
@@ -556,42 +523,8 @@ ipv6_ra = false
                 );
                 cmd.env("RUST_LOG", "warn");
             }
-            (Family::V4, Peer::Kea) => {
-                let cfg = dir.join("kea.json");
-                let conf = serde_json::json!({
-                    "Dhcp4": {
-                        "interfaces-config": { "interfaces": ["eth0"], "dhcp-socket-type": "udp" },
-                        "lease-database": {
-                            "type": "memfile",
-                            "persist": true,
-                            "name": dir.join("kea-leases4.csv"),
-                            "lfc-interval": 0
-                        },
-                        // The manual's recommendation for memfile (module doc).
-                        "multi-threading": {
-                            "enable-multi-threading": true,
-                            "thread-pool-size": 4,
-                            "packet-queue-size": 28
-                        },
-                        "valid-lifetime": LEASE_SECS,
-                        "subnet4": [{
-                            "id": 1,
-                            "subnet": format!("10.96.0.0/{PREFIX}"),
-                            "pools": [{ "pool": format!("{} - {}", POOL.0, POOL.1) }]
-                        }],
-                        "loggers": [{
-                            "name": "kea-dhcp4",
-                            "output_options": [{ "output": dir.join("kea.log") }],
-                            "severity": "WARN"
-                        }]
-                    }
-                });
-                std::fs::write(&cfg, serde_json::to_vec_pretty(&conf)?)?;
-                cmd = self
-                    .net
-                    .server(Command::new("kea-dhcp4").arg("-c").arg(&cfg));
-                // Its pid and lock files go here, not to /run (a system Kea may run there).
-                cmd.env("KEA_PIDFILE_DIR", dir).env("KEA_LOCKFILE_DIR", dir);
+            (Family::V6, Peer::StorkPg | Peer::Dnsmasq) => {
+                bail!("{} has no DHCPv6 run", self.peer.name())
             }
             (Family::V4, Peer::Dnsmasq) => {
                 cmd = self.net.server(Command::new("dnsmasq").args([
@@ -647,6 +580,71 @@ ipv6_ra = false
         }
         Ok(p)
     }
+}
+
+/// Kea's program and configuration file (written in `dir`) for `family`: memfile with
+/// `persist` and no lease file cleanup, the threading its manual recommends for memfile
+/// (module doc), the bench's subnet and pool.
+fn kea_config(family: Family, dir: &Path) -> Result<(&'static str, PathBuf)> {
+    let (program, key, subnet) = match family {
+        Family::V4 => (
+            "kea-dhcp4",
+            "Dhcp4",
+            serde_json::json!({ "subnet4": [{
+                "id": 1,
+                "subnet": format!("10.96.0.0/{PREFIX}"),
+                "pools": [{ "pool": format!("{} - {}", POOL.0, POOL.1) }]
+            }] }),
+        ),
+        Family::V6 => (
+            "kea-dhcp6",
+            "Dhcp6",
+            serde_json::json!({ "subnet6": [{
+                "id": 1,
+                "subnet": PREFIX6,
+                "interface": "eth0",
+                "pools": [{ "pool": format!("{} - {}", POOL6.0, POOL6.1) }]
+            }] }),
+        ),
+    };
+    let mut server = serde_json::json!({
+        "interfaces-config": { "interfaces": ["eth0"] },
+        "lease-database": {
+            "type": "memfile",
+            "persist": true,
+            "name": dir.join(format!("{program}-leases.csv")),
+            "lfc-interval": 0
+        },
+        "multi-threading": {
+            "enable-multi-threading": true,
+            "thread-pool-size": 4,
+            "packet-queue-size": 28
+        },
+        "valid-lifetime": LEASE_SECS,
+        "loggers": [{
+            "name": program,
+            "output_options": [{ "output": dir.join("kea.log") }],
+            "severity": "WARN"
+        }]
+    });
+    match family {
+        // perfdhcp relays: answers go to giaddr:67 over a plain UDP socket.
+        Family::V4 => server["interfaces-config"]["dhcp-socket-type"] = "udp".into(),
+        Family::V6 => {
+            // Its DUID from the interface, not a file under /var/lib.
+            server["server-id"] = serde_json::json!({ "type": "LL", "persist": false });
+            server["preferred-lifetime"] = LEASE_SECS.into();
+        }
+    }
+    if let (Some(obj), Some(sub)) = (server.as_object_mut(), subnet.as_object()) {
+        obj.extend(sub.clone());
+    }
+    let cfg = dir.join(format!("{program}.json"));
+    std::fs::write(
+        &cfg,
+        serde_json::to_vec_pretty(&serde_json::json!({ key: server }))?,
+    )?;
+    Ok((program, cfg))
 }
 
 /// Reads perfdhcp's final report: per exchange, packets sent and received, and the
