@@ -105,7 +105,14 @@ fn commission(lab: &mut Lab, appliance: &mut Appliance, vm: &mut Vm, id: &str) -
             match m.status {
                 Status::Ready => Ok(Some(m)),
                 Status::Commissioning if vm.exited().is_some() => {
-                    bail!("the VM stopped while commissioning")
+                    // The agent reports Ready and powers off at once: both may happen while
+                    // the read above is under way (the CLI takes a moment under load; CI saw
+                    // it). Only a status still Commissioning after the VM stopped is a failure.
+                    let again = appliance.machine(id)?;
+                    if again.status == Status::Ready {
+                        return Ok(Some(again));
+                    }
+                    bail!("the VM stopped while commissioning ({})", again.status)
                 }
                 Status::Commissioning => Ok(None),
                 other => bail!("commissioning ended in {other}: {:?}", m.status_message),
