@@ -25,11 +25,6 @@ pub enum Firmware {
 }
 
 impl Firmware {
-    /// Whether this is OVMF (a variable store, q35).
-    pub fn is_uefi(self) -> bool {
-        !matches!(self, Self::Bios)
-    }
-
     /// The variable store a new machine of this firmware starts from (Debian's `ovmf`).
     pub fn vars_template(self) -> &'static str {
         match self {

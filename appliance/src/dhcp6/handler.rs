@@ -183,14 +183,6 @@ impl Pool {
             .filter(|b| b.expires > now)
             .map(|b| b.addr)
     }
-
-    pub fn len(&self) -> usize {
-        self.by_client.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_client.is_empty()
-    }
 }
 
 /// The DHCPv6 server's state: its information and its leases.

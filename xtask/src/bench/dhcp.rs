@@ -445,47 +445,13 @@ impl Bench<'_> {
         let log = dir.join("server.log");
         let mut cmd;
         match (self.family, self.peer) {
-            (Family::V6, Peer::Stork) => {
-                let cfg = dir.join("stork.toml");
-                let text = format!(
-                    r#"data_dir = "{dir}"
-interface = "eth0"
-address = "{SERVER_IP}"
-[dhcp]
-mode = "off"
-range = ["{}", "{}"]
-prefix_len = {PREFIX}
-ipv6_ra = false
-[dhcp6]
-mode = "full"
-address = "{SERVER_IP6}"
-prefix_len = 64
-range = ["{}", "{}"]
-lease_time = {LEASE_SECS}
-rate_limit = 0
-"#,
-                    POOL.0,
-                    POOL.1,
-                    POOL6.0,
-                    POOL6.1,
-                    dir = dir.display()
-                );
-                std::fs::write(&cfg, text)?;
-                cmd = self.net.server(
-                    Command::new(self.stork)
-                        .arg("serve")
-                        .arg("--config")
-                        .arg(&cfg),
-                );
-                cmd.env("RUST_LOG", "warn");
-            }
             (_, Peer::Kea) => {
                 let (program, cfg) = kea_config(self.family, dir)?;
                 cmd = self.net.server(Command::new(program).arg("-c").arg(&cfg));
                 // Its pid and lock files go here, not to /run (a system Kea may run there).
                 cmd.env("KEA_PIDFILE_DIR", dir).env("KEA_LOCKFILE_DIR", dir);
             }
-            (Family::V4, Peer::Stork | Peer::StorkPg) => {
+            (family, Peer::Stork | Peer::StorkPg) => {
                 let cfg = dir.join("stork.toml");
                 let mut text = format!(
                     r#"data_dir = "{dir}"
@@ -501,7 +467,14 @@ ipv6_ra = false
                     POOL.1,
                     dir = dir.display()
                 );
-                if let Some(pg) = self.pg.filter(|_| self.peer == Peer::StorkPg) {
+                if family == Family::V6 {
+                    // DHCPv4 off (its keys stay valid), DHCPv6 on with no rate limit: perfdhcp
+                    // sends every client's messages from one address.
+                    text.push_str(&format!(
+                        "mode = \"off\"\n[dhcp6]\nmode = \"full\"\naddress = \"{SERVER_IP6}\"\nprefix_len = 64\nrange = [\"{}\", \"{}\"]\nlease_time = {LEASE_SECS}\nrate_limit = 0\n",
+                        POOL6.0, POOL6.1
+                    ));
+                } else if let Some(pg) = self.pg.filter(|_| self.peer == Peer::StorkPg) {
                     // A database per trial, never one used before.
                     static TRIALS: std::sync::atomic::AtomicU32 =
                         std::sync::atomic::AtomicU32::new(0);
@@ -523,7 +496,7 @@ ipv6_ra = false
                 );
                 cmd.env("RUST_LOG", "warn");
             }
-            (Family::V6, Peer::StorkPg | Peer::Dnsmasq) => {
+            (Family::V6, Peer::Dnsmasq) => {
                 bail!("{} has no DHCPv6 run", self.peer.name())
             }
             (Family::V4, Peer::Dnsmasq) => {
