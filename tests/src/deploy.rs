@@ -194,11 +194,15 @@ impl Scenario {
             if let Some(status) = self.appliance.exited() {
                 bail!("stork serve exited: {status}");
             }
+            // The VM is looked at before the status is read: the agent enlists and then
+            // powers off, so a VM already off while the read shows no inventory never
+            // enlisted (the other order races the agent; CI saw it).
+            let was_on = self.machine.is_on();
             let m = self.status(&id)?;
             if m.inventory.is_some() {
                 return Ok(Some(()));
             }
-            if !self.machine.is_on() {
+            if !was_on {
                 bail!("the VM powered off before it enlisted");
             }
             Ok(None)
@@ -348,6 +352,8 @@ impl Scenario {
             Duration::from_secs(900),
             POLL,
             || {
+                // VM first, then status: see `add_and_enlist`.
+                let was_on = self.machine.is_on();
                 let m = self.status(id)?;
                 if m.status == Status::Deployed {
                     return Ok(Some(()));
@@ -359,7 +365,7 @@ impl Scenario {
                         m.status_message
                     );
                 }
-                if !self.machine.is_on() {
+                if !was_on {
                     bail!("the VM powered off while the agent installed");
                 }
                 Ok((!m.netboot).then_some(()))
