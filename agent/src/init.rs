@@ -5,6 +5,7 @@
 //! modules, the NIC's address) and runs the task.
 
 use std::fs;
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -285,11 +286,15 @@ fn network(args: &AgentArgs) -> Result<()> {
 
     let ctl = Control::new()?;
     ctl.set_up("lo")?;
-    ctl.set_ipv4(&ifname, args.ip, args.prefix_len)?;
+    match args.ip {
+        IpAddr::V4(ip) => ctl.set_ipv4(&ifname, ip, args.prefix_len)?,
+        // Before the link is up: with DAD off the address is usable as soon as it is.
+        IpAddr::V6(ip) => net::Control6::new()?.add_address(&ifname, ip, args.prefix_len)?,
+    }
     ctl.set_up(&ifname)?;
     let route = match args.gateway {
         Some(gw) => {
-            ctl.add_default_route(gw)?;
+            net::add_default_route(&ifname, gw)?;
             format!("default route via {gw}")
         }
         None => "no gateway".to_string(),

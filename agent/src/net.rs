@@ -4,7 +4,7 @@
 //! All `unsafe` of the agent lives in [`ifreq_ioctl`] and [`route_ioctl`].
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::thread::sleep;
@@ -129,6 +129,113 @@ impl Control {
             Err(e) => Err(e).with_context(|| format!("add default route via {gateway}")),
         }
     }
+}
+
+/// IPv6 addressing, through an `AF_INET6` socket (the kernel takes IPv6 address and route
+/// ioctls only there).
+pub struct Control6(OwnedFd);
+
+impl Control6 {
+    pub fn new() -> Result<Self> {
+        let fd = socket(
+            AddressFamily::Inet6,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .context("open AF_INET6 socket for interface ioctls (is IPv6 in the kernel?)")?;
+        Ok(Self(fd))
+    }
+
+    /// Adds `ip/prefix_len` to `ifname`, usable at once: duplicate address detection is
+    /// turned off first (the address is the one the appliance's DHCPv6 leased to this
+    /// machine; while DAD runs the kernel would send from the link-local address instead,
+    /// and the appliance would not see the leased one).
+    pub fn add_address(&self, ifname: &str, ip: Ipv6Addr, prefix_len: u8) -> Result<()> {
+        let index = ifindex(ifname)?;
+        for knob in ["accept_dad", "autoconf"] {
+            let path = format!("/proc/sys/net/ipv6/conf/{ifname}/{knob}");
+            fs::write(&path, "0").with_context(|| format!("write 0 to {path}"))?;
+        }
+        let mut req = libc::in6_ifreq {
+            ifr6_addr: libc::in6_addr {
+                s6_addr: ip.octets(),
+            },
+            ifr6_prefixlen: u32::from(prefix_len),
+            ifr6_ifindex: index,
+        };
+        // SAFETY: SIOCSIFADDR on an AF_INET6 socket takes a pointer to a struct in6_ifreq,
+        // which `req` is, exclusively borrowed for the call.
+        let rc = unsafe {
+            libc::ioctl(
+                self.0.as_raw_fd(),
+                libc::SIOCSIFADDR,
+                &mut req as *mut libc::in6_ifreq,
+            )
+        };
+        match Errno::result(rc) {
+            Ok(_) | Err(Errno::EEXIST) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("add {ip}/{prefix_len} to {ifname}")),
+        }
+    }
+
+    /// Adds `default via gateway dev ifname`; an existing identical route is fine.
+    pub fn add_default_route(&self, ifname: &str, gateway: Ipv6Addr) -> Result<()> {
+        let mut rt = In6Rtmsg {
+            dst: [0; 16],
+            src: [0; 16],
+            gateway: gateway.octets(),
+            kind: 0,
+            dst_len: 0,
+            src_len: 0,
+            metric: 1,
+            info: 0,
+            flags: (libc::RTF_UP | libc::RTF_GATEWAY) as u32,
+            ifindex: ifindex(ifname)?,
+        };
+        // SAFETY: SIOCADDRT on an AF_INET6 socket takes a pointer to a struct in6_rtmsg,
+        // which `rt` is laid out as, exclusively borrowed for the call.
+        let rc = unsafe {
+            libc::ioctl(
+                self.0.as_raw_fd(),
+                libc::SIOCADDRT,
+                &mut rt as *mut In6Rtmsg,
+            )
+        };
+        match Errno::result(rc) {
+            Ok(_) | Err(Errno::EEXIST) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("add default route via {gateway}")),
+        }
+    }
+}
+
+/// `struct in6_rtmsg` (<linux/ipv6_route.h>): libc's has private fields.
+#[repr(C)]
+struct In6Rtmsg {
+    dst: [u8; 16],
+    src: [u8; 16],
+    gateway: [u8; 16],
+    kind: u32,
+    dst_len: u16,
+    src_len: u16,
+    metric: u32,
+    info: libc::c_ulong,
+    flags: u32,
+    ifindex: libc::c_int,
+}
+
+/// Adds the default route via `gateway`, of either family, on `ifname`.
+pub fn add_default_route(ifname: &str, gateway: IpAddr) -> Result<()> {
+    match gateway {
+        IpAddr::V4(gw) => Control::new()?.add_default_route(gw),
+        IpAddr::V6(gw) => Control6::new()?.add_default_route(ifname, gw),
+    }
+}
+
+fn ifindex(ifname: &str) -> Result<libc::c_int> {
+    let index =
+        nix::net::if_::if_nametoindex(ifname).with_context(|| format!("no interface {ifname}"))?;
+    libc::c_int::try_from(index).with_context(|| format!("interface index of {ifname}"))
 }
 
 fn ifreq(ifname: &str) -> Result<libc::ifreq> {

@@ -1,7 +1,7 @@
 //! Configuration in two forms: the serde file form, where every key has a default, and the
 //! validated runtime form the services are built from. Validation names the field at fault.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -481,11 +481,47 @@ impl Config {
             None => self.base_url(),
         }
     }
+    /// The address a machine that asked from `peer` reaches this appliance at: over IPv6
+    /// (with `[dhcp6]` on) the DHCPv6 address, else the IPv4 one.
+    pub fn address_for(&self, peer: IpAddr) -> IpAddr {
+        match crate::lifecycle::boot::canonical(peer) {
+            IpAddr::V6(_) if self.dhcp6.mode != crate::dhcp6::Mode::Off => {
+                IpAddr::V6(self.dhcp6.address)
+            }
+            _ => IpAddr::V4(self.address),
+        }
+    }
+    /// [`Config::base_url`] as seen from `peer` (see [`Config::address_for`]).
+    pub fn base_url_for(&self, peer: IpAddr) -> String {
+        format!("http://{}:{}", host(self.address_for(peer)), self.http_port)
+    }
+    /// [`Config::api_url`] as seen from `peer` (see [`Config::address_for`]).
+    pub fn api_url_for(&self, peer: IpAddr) -> String {
+        match &self.tls {
+            Some(t) => format!("https://{}:{}", host(self.address_for(peer)), t.port),
+            None => self.base_url_for(peer),
+        }
+    }
+    /// Where a listener on `listen` also listens for IPv6 when `[dhcp6]` is on: `[::]` on
+    /// the same port, IPv6 only, beside a listener on every IPv4 address (an IPv4 peer
+    /// keeps its IPv4 address; a listener on one address has no twin).
+    pub fn ipv6_twin(&self, listen: SocketAddr) -> Option<SocketAddr> {
+        (self.dhcp6.mode != crate::dhcp6::Mode::Off && listen.ip() == Ipv4Addr::UNSPECIFIED)
+            .then(|| SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), listen.port()))
+    }
     pub fn boot_dir(&self) -> PathBuf {
         self.data_dir.join("boot")
     }
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("stork.db")
+    }
+}
+
+/// An address as a URL's host: IPv6 in brackets.
+pub fn host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
     }
 }
 

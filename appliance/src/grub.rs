@@ -61,7 +61,7 @@ pub fn agent(
         cmdline::GATEWAY,
         gateway.map(|g| g.to_string()).unwrap_or_default()
     );
-    let args = script::agent_args(cfg, mac, &net, known, ephemeral, api);
+    let args = script::agent_args(cfg, mac, ip.into(), &net, known, ephemeral, api);
     let args: Vec<String> = args.split_whitespace().map(quote).collect();
     format!(
         "echo 'Stork: booting the agent on {mac}'\n\
@@ -192,7 +192,7 @@ mod tests {
         let parsed = cmdline::AgentArgs::parse(&args).unwrap();
         assert_eq!(parsed.ip, Ipv4Addr::new(10, 77, 0, 100));
         assert_eq!(parsed.prefix_len, 24);
-        assert_eq!(parsed.gateway, Some(Ipv4Addr::new(10, 77, 0, 254)));
+        assert_eq!(parsed.gateway, Some(Ipv4Addr::new(10, 77, 0, 254).into()));
         assert_eq!(parsed.boot_mac, mac);
         assert_eq!(parsed.machine_id.as_deref(), Some("m-1"));
         assert_eq!(parsed.token.as_deref(), Some("stork_agent_x"));

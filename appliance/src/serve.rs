@@ -246,30 +246,32 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         let local = cfg.dhcp.local();
         tracing::info!(interface = %cfg.interface, mode = ?local.mode, ranges = ?local.ranges, subnets = cfg.dhcp.subnets.len(), "DHCP serving");
         crate::dhcp::neighbours::ensure(&cfg.dhcp);
-        if cfg.dhcp.ipv6_ra {
-            let interface = cfg.interface.clone();
-            let (prefix, len) = (cfg.dhcp6.network(), cfg.dhcp6.prefix_len);
-            let ipv6 = match cfg.dhcp6.mode {
-                crate::dhcp6::Mode::Full => dhcp::ra::Ipv6Service::Managed { prefix, len },
-                crate::dhcp6::Mode::Stateless => dhcp::ra::Ipv6Service::Other { prefix, len },
-                crate::dhcp6::Mode::Off => dhcp::ra::Ipv6Service::None,
-            };
-            service(
-                "ipv6_ra",
-                Box::new(move || {
-                    let interface = interface.clone();
-                    Box::pin(async move {
-                        if let Err(e) = dhcp::ra::run(interface, ipv6).await {
-                            // Booting still works without: iPXE just waits longer.
-                            tracing::warn!(error = %e, "no IPv6 router advertisements");
-                        }
-                        // Not a failure to restart for.
-                        std::future::pending::<()>().await;
-                        Ok(())
-                    })
-                }),
-            );
-        }
+    }
+
+    // Beside DHCPv4 ("no IPv6 here", so iPXE stops waiting) or DHCPv6 (the M and O flags).
+    if cfg.dhcp.ipv6_ra && (cfg.dhcp.serves() || cfg.dhcp6.mode != crate::dhcp6::Mode::Off) {
+        let interface = cfg.interface.clone();
+        let (prefix, len) = (cfg.dhcp6.network(), cfg.dhcp6.prefix_len);
+        let ipv6 = match cfg.dhcp6.mode {
+            crate::dhcp6::Mode::Full => dhcp::ra::Ipv6Service::Managed { prefix, len },
+            crate::dhcp6::Mode::Stateless => dhcp::ra::Ipv6Service::Other { prefix, len },
+            crate::dhcp6::Mode::Off => dhcp::ra::Ipv6Service::None,
+        };
+        service(
+            "ipv6_ra",
+            Box::new(move || {
+                let interface = interface.clone();
+                Box::pin(async move {
+                    if let Err(e) = dhcp::ra::run(interface, ipv6).await {
+                        // Booting still works without: iPXE just waits longer.
+                        tracing::warn!(error = %e, "no IPv6 router advertisements");
+                    }
+                    // Not a failure to restart for.
+                    std::future::pending::<()>().await;
+                    Ok(())
+                })
+            }),
+        );
     }
 
     if cfg.dhcp6.mode != crate::dhcp6::Mode::Off {
@@ -284,11 +286,12 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
             (cfg.dhcp6.clone(), cfg.http_port, cfg.boot.secure_boot);
         let stats = state.dhcp6_stats.clone();
         let leases_path = crate::dhcp6::leases_path(&cfg.data_dir);
+        let shared = state.leases.clone();
         service(
             "dhcp6",
             Box::new(move || {
                 let (socket, cfg6, stats) = (socket.clone(), cfg6.clone(), stats.clone());
-                let leases = leases_path.clone();
+                let (leases, shared) = (leases_path.clone(), shared.clone());
                 Box::pin(async move {
                     let (sock, duid) = socket.take()?;
                     let info = crate::dhcp6::ServerInfo {
@@ -297,7 +300,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
                         http_port,
                         secure_boot,
                     };
-                    crate::dhcp6::run(sock, info, leases, stats)
+                    crate::dhcp6::run(sock, info, leases, stats, shared)
                         .await
                         .context("DHCPv6 service")
                 })
@@ -306,30 +309,34 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
     }
 
     if let Some(tftp_cfg) = cfg.tftp.clone() {
-        let listen = tftp_cfg.listen;
-        let socket = Prebound::new(move || {
-            crate::tftp::bind(listen).with_context(|| format!("cannot listen for TFTP on {listen}"))
-        })?;
-        let stats = state.tftp_stats.clone();
         // The signed chain's GRUB reads its configuration over TFTP (it has no HTTP).
         let grub: Option<Arc<dyn crate::tftp::Generated>> = cfg
             .boot
             .secure_boot
             .then(|| Arc::new(crate::grub::Configs::new(state.clone())) as _);
         tracing::info!(listen = %tftp_cfg.listen, root = %tftp_cfg.root.display(), "TFTP serving");
-        service(
-            "tftp",
-            Box::new(move || {
-                let (socket, cfg, stats) = (socket.clone(), tftp_cfg.clone(), stats.clone());
-                let grub = grub.clone();
-                Box::pin(async move {
-                    let sock = socket.take()?;
-                    crate::tftp::run_with(sock, cfg, stats, grub)
-                        .await
-                        .context("TFTP service")
-                })
-            }),
-        );
+        let twin = cfg.ipv6_twin(tftp_cfg.listen).map(|l| ("tftp6", l));
+        for (name, listen) in std::iter::once(("tftp", tftp_cfg.listen)).chain(twin) {
+            let socket = Prebound::new(move || {
+                crate::tftp::bind(listen)
+                    .with_context(|| format!("cannot listen for TFTP on {listen}"))
+            })?;
+            let (stats, tftp_cfg, grub) =
+                (state.tftp_stats.clone(), tftp_cfg.clone(), grub.clone());
+            service(
+                name,
+                Box::new(move || {
+                    let (socket, cfg, stats) = (socket.clone(), tftp_cfg.clone(), stats.clone());
+                    let grub = grub.clone();
+                    Box::pin(async move {
+                        let sock = socket.take()?;
+                        crate::tftp::run_with(sock, cfg, stats, grub)
+                            .await
+                            .context("TFTP service")
+                    })
+                }),
+            );
+        }
     }
 
     tracing::info!(listen = %cfg.http_listen, url = %cfg.base_url(), boot_dir = %cfg.boot_dir().display(), "HTTP serving");
@@ -340,6 +347,10 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         }),
         None => http::listener::Channel::Plain,
     };
+    if let Some(listen6) = cfg.ipv6_twin(cfg.http_listen) {
+        let (app, plain) = (app.clone(), plain.clone());
+        http_service(&mut service, "http6", listen6, &cfg, &state, app, plain)?;
+    }
     http_service(
         &mut service,
         "http",
@@ -352,6 +363,10 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
     if let Some((listen, loaded)) = tls {
         let acceptor = tokio_rustls::TlsAcceptor::from(loaded.config);
         let channel = http::listener::Channel::Tls(acceptor);
+        if let Some(listen6) = cfg.ipv6_twin(listen) {
+            let (app, channel) = (app.clone(), channel.clone());
+            http_service(&mut service, "https6", listen6, &cfg, &state, app, channel)?;
+        }
         http_service(&mut service, "https", listen, &cfg, &state, app, channel)?;
     }
 
@@ -388,19 +403,7 @@ fn http_service(
     channel: http::listener::Channel,
 ) -> Result<()> {
     let listener = Prebound::new(move || {
-        // What `TcpListener::bind` does, without its await: address reuse, a 1024 backlog.
-        let socket = if listen.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()
-        } else {
-            tokio::net::TcpSocket::new_v6()
-        };
-        socket
-            .and_then(|s| {
-                s.set_reuseaddr(true)?;
-                s.bind(listen)?;
-                s.listen(1024)
-            })
-            .with_context(|| format!("cannot listen for {name} on {listen}"))
+        tcp_listener(listen).with_context(|| format!("cannot listen for {name} on {listen}"))
     })?;
     let (limits, stats) = (cfg.http_limits.clone(), state.http_stats.clone());
     let boot_root = http::boot_root(cfg);
@@ -424,6 +427,22 @@ fn http_service(
         }),
     );
     Ok(())
+}
+
+/// What `TcpListener::bind` does, without its await (address reuse, a 1024 backlog), and an
+/// IPv6 listener takes IPv6 only: an IPv4 peer reaches the IPv4 listener beside it and keeps
+/// its IPv4 address.
+fn tcp_listener(listen: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(listen), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if listen.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&listen.into())?;
+    s.listen(1024)?;
+    tokio::net::TcpListener::from_std(s.into())
 }
 
 type ServiceFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;

@@ -2,7 +2,7 @@
 //!
 //! Keys are named once here so both sides agree.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use crate::MacAddr;
 
@@ -51,9 +51,10 @@ pub struct EphemeralRoot {
 pub struct AgentArgs {
     pub url: String,
     pub boot_mac: MacAddr,
-    pub ip: Ipv4Addr,
+    /// IPv4 or IPv6 (an IPv6 provisioning network: the gateway, if any, is IPv6 too).
+    pub ip: IpAddr,
     pub prefix_len: u8,
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     /// Set together when the machine is known: it then asks for its task.
     pub machine_id: Option<String>,
     pub token: Option<String>,
@@ -108,10 +109,14 @@ pub fn get<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     found
 }
 
-/// A prefix length, or a contiguous dotted netmask turned into one.
-fn parse_prefix(s: &str) -> Option<u8> {
+/// A prefix length (up to 32 for IPv4, 128 for IPv6), or for IPv4 a contiguous dotted
+/// netmask turned into one.
+fn parse_prefix(s: &str, ipv6: bool) -> Option<u8> {
     if let Ok(p) = s.parse::<u8>() {
-        return (p <= 32).then_some(p);
+        return (p <= if ipv6 { 128 } else { 32 }).then_some(p);
+    }
+    if ipv6 {
+        return None;
     }
     let mask = u32::from(s.parse::<Ipv4Addr>().ok()?);
     let ones = mask.leading_ones();
@@ -153,17 +158,22 @@ impl AgentArgs {
         let (addr, prefix) = ip_text
             .split_once('/')
             .ok_or_else(|| invalid(IP, ip_text, "expected ADDRESS/PREFIX"))?;
-        let ip = addr
+        let ip: IpAddr = addr
             .parse()
-            .map_err(|_| invalid(IP, ip_text, "not an IPv4 address"))?;
-        let prefix_len = parse_prefix(prefix)
-            .ok_or_else(|| invalid(IP, ip_text, "prefix must be 0..=32 or a netmask"))?;
+            .map_err(|_| invalid(IP, ip_text, "not an IP address"))?;
+        let prefix_len = parse_prefix(prefix, ip.is_ipv6()).ok_or_else(|| {
+            invalid(
+                IP,
+                ip_text,
+                "prefix must be 0..=32 or a netmask (IPv6: 0..=128)",
+            )
+        })?;
         let gateway = match get(cmdline, GATEWAY) {
             None | Some("") => None,
-            Some(g) => Some(
-                g.parse()
-                    .map_err(|_| invalid(GATEWAY, g, "not an IPv4 address"))?,
-            ),
+            Some(g) => match g.parse::<IpAddr>() {
+                Ok(gw) if gw.is_ipv6() == ip.is_ipv6() => Some(gw),
+                _ => return Err(invalid(GATEWAY, g, "not an address of stork.ip's family")),
+            },
         };
         let machine_id = get(cmdline, MACHINE)
             .filter(|v| !v.is_empty())
@@ -299,7 +309,7 @@ mod tests {
         AgentArgs {
             url: "http://10.77.0.1:8080".into(),
             boot_mac: "52:54:00:00:00:01".parse().unwrap(),
-            ip: Ipv4Addr::new(10, 77, 0, 100),
+            ip: Ipv4Addr::new(10, 77, 0, 100).into(),
             prefix_len: 24,
             gateway: None,
             machine_id: None,
@@ -315,7 +325,7 @@ mod tests {
         let line = format!("console=ttyS0 {} quiet", a.render());
         assert_eq!(AgentArgs::parse(&line).unwrap(), a);
         let with_gw = AgentArgs {
-            gateway: Some(Ipv4Addr::new(10, 77, 0, 1)),
+            gateway: Some(Ipv4Addr::new(10, 77, 0, 1).into()),
             ..a
         };
         assert_eq!(AgentArgs::parse(&with_gw.render()).unwrap(), with_gw);
@@ -350,6 +360,27 @@ mod tests {
         assert!(matches!(
             AgentArgs::parse(&bad),
             Err(CmdlineError::Invalid { key: IP, .. })
+        ));
+    }
+
+    #[test]
+    fn takes_an_ipv6_address_with_its_prefix() {
+        let v6 = AgentArgs {
+            url: "http://[fd77::1]:8080".into(),
+            ip: "fd77::105".parse().unwrap(),
+            prefix_len: 64,
+            ..args()
+        };
+        assert_eq!(AgentArgs::parse(&v6.render()).unwrap(), v6);
+        // No netmask form, no prefix past 128, no gateway of the other family.
+        for bad in ["/ffff:ffff::", "/129"] {
+            let line = v6.render().replace("/64", bad);
+            assert!(AgentArgs::parse(&line).is_err(), "{line}");
+        }
+        let gw4 = format!("{} {GATEWAY}=10.77.0.1", v6.render());
+        assert!(matches!(
+            AgentArgs::parse(&gw4),
+            Err(CmdlineError::Invalid { key: GATEWAY, .. })
         ));
     }
 

@@ -70,8 +70,20 @@ impl Url {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse().map_err(|_| bad())?),
+        // An IPv6 host is in brackets (`[fd77::1]:8080`) and keeps them: `addr` and the
+        // Host header want them so.
+        let port_sep = match authority.rfind(']') {
+            Some(end) => authority
+                .get(end..)
+                .and_then(|t| t.find(':'))
+                .map(|i| end + i),
+            None => authority.rfind(':'),
+        };
+        let (host, port) = match port_sep {
+            Some(i) => (
+                &authority[..i],
+                authority[i + 1..].parse().map_err(|_| bad())?,
+            ),
             None => (authority, 80),
         };
         if host.is_empty() || path.contains(char::is_whitespace) {
@@ -264,6 +276,13 @@ mod tests {
         assert!(Url::parse("https://h/x").is_err());
         assert!(Url::parse("http://:80/x").is_err());
         assert!(Url::parse("http://h:port/x").is_err());
+        let v6 = Url::parse("http://[fd77::1]:8080/boot/vmlinuz").unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("[fd77::1]", 8080));
+        assert_eq!(
+            v6.addr().parse::<std::net::SocketAddr>().unwrap().port(),
+            8080
+        );
+        assert_eq!(Url::parse("http://[fd77::1]/x").unwrap().port, 80);
     }
 
     #[test]

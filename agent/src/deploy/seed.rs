@@ -54,7 +54,16 @@ pub struct PhoneHome<'a> {
     pub token: &'a str,
 }
 
-pub fn seed(task: &DeployTask, machine_id: &str, boot_mac: MacAddr) -> Seed {
+/// The IP family the machine booted with: the installed OS asks DHCP of the same family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    /// DHCPv6 (the RA's managed flag says so) and no DHCPv4: on an IPv6-only network a
+    /// DHCPv4 client would hold `network-online` until it gives up.
+    V6,
+}
+
+pub fn seed(task: &DeployTask, machine_id: &str, boot_mac: MacAddr, family: Family) -> Seed {
     let meta = json!({
         "instance-id": machine_id,
         "local-hostname": task.hostname,
@@ -64,7 +73,8 @@ pub fn seed(task: &DeployTask, machine_id: &str, boot_mac: MacAddr) -> Seed {
         "ethernets": {
             "boot": {
                 "match": { "macaddress": boot_mac.to_string() },
-                "dhcp4": true,
+                "dhcp4": family == Family::V4,
+                "dhcp6": family == Family::V6,
             }
         }
     });
@@ -304,7 +314,7 @@ mod tests {
 
     #[test]
     fn seed_carries_identity_keys_and_dhcp_on_the_boot_nic() {
-        let s = seed(&task(None), "m123", mac());
+        let s = seed(&task(None), "m123", mac(), Family::V4);
         let meta = doc(&s.meta_data);
         assert_eq!(meta["instance-id"], "m123");
         assert_eq!(meta["local-hostname"], "web-1");
@@ -319,12 +329,17 @@ mod tests {
             "52:54:00:77:00:02"
         );
         assert_eq!(net["ethernets"]["boot"]["dhcp4"], true);
+        assert_eq!(net["ethernets"]["boot"]["dhcp6"], false);
+        let v6 = seed(&task(None), "m123", mac(), Family::V6);
+        let net = doc(&v6.network_config);
+        assert_eq!(net["ethernets"]["boot"]["dhcp4"], false);
+        assert_eq!(net["ethernets"]["boot"]["dhcp6"], true);
     }
 
     #[test]
     fn user_data_becomes_a_second_part_that_merges() {
         let theirs = "#cloud-config\nruncmd:\n  - touch /x\n";
-        let s = seed(&task(Some(theirs)), "m1", mac());
+        let s = seed(&task(Some(theirs)), "m1", mac(), Family::V4);
         let u = &s.user_data;
         assert!(u.starts_with("Content-Type: multipart/mixed; boundary=\"==stork-boundary==\""));
         let parts: Vec<&str> = u.split("--==stork-boundary==").collect();
@@ -337,14 +352,14 @@ mod tests {
 
         // A boundary inside the user's data is avoided.
         let sneaky = "#!/bin/sh\necho ==stork-boundary==\n";
-        let s = seed(&task(Some(sneaky)), "m1", mac());
+        let s = seed(&task(Some(sneaky)), "m1", mac(), Family::V4);
         assert!(s.user_data.contains("boundary=\"==x"));
     }
 
     #[test]
     fn install_writes_the_seed_and_an_enabled_root_only_phone_home() {
         let root = tempfile::tempdir().unwrap();
-        let s = seed(&task(None), "m1", mac());
+        let s = seed(&task(None), "m1", mac(), Family::V4);
         install(
             root.path(),
             &s,

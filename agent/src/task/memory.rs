@@ -53,7 +53,7 @@ pub fn run(cx: &Deployment) -> Result<Ending, Failed> {
     let error = ramroot::switch_root(&root);
     // Still here: the switch failed. Back on the network so that the failure is reported.
     if let Some(name) = nic
-        && let Err(e) = restore_boot_nic(&name, args.gateway)
+        && let Err(e) = restore_boot_nic(&name, args)
     {
         say!(Step::Memory, "warning: boot NIC {name} not back up: {e:#}");
     }
@@ -97,13 +97,16 @@ fn parse_link_flags(text: &str) -> Option<u32> {
     u32::from_str_radix(text.trim().strip_prefix("0x")?, 16).ok()
 }
 
-/// Undoes [`release_boot_nic`] after a failed switch (the address stayed; the default route
-/// went down with the link). By ioctl: /sys may have moved into the new root.
-fn restore_boot_nic(name: &str, gateway: Option<std::net::Ipv4Addr>) -> Result<()> {
-    let ctl = crate::net::Control::new()?;
-    ctl.set_up(name)?;
-    if let Some(gw) = gateway {
-        ctl.add_default_route(gw)?;
+/// Undoes [`release_boot_nic`] after a failed switch: an IPv4 address stayed, an IPv6 one
+/// went with the link (the kernel drops them), and the default route went. By ioctl: /sys
+/// may have moved into the new root.
+fn restore_boot_nic(name: &str, args: &stork_proto::cmdline::AgentArgs) -> Result<()> {
+    if let std::net::IpAddr::V6(ip) = args.ip {
+        crate::net::Control6::new()?.add_address(name, ip, args.prefix_len)?;
+    }
+    crate::net::Control::new()?.set_up(name)?;
+    if let Some(gw) = args.gateway {
+        crate::net::add_default_route(name, gw)?;
     }
     Ok(())
 }

@@ -131,7 +131,11 @@ impl<'a> Deployment<'a> {
             StepState::Started,
             format!("writing the NoCloud seed on {root_part}"),
         );
-        let seed = seed::seed(task, self.machine_id, args.boot_mac);
+        let family = match args.ip {
+            std::net::IpAddr::V4(_) => seed::Family::V4,
+            std::net::IpAddr::V6(_) => seed::Family::V6,
+        };
+        let seed = seed::seed(task, self.machine_id, args.boot_mac, family);
         seed::install(
             root,
             &seed,

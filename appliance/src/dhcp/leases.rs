@@ -3,7 +3,7 @@
 //! machine's agent token.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{PoisonError, RwLock};
 
 use stork_proto::MacAddr;
@@ -14,6 +14,8 @@ use super::journal::Record;
 pub struct Leases {
     /// The address and its expiry (Unix seconds).
     by_mac: RwLock<HashMap<MacAddr, (Ipv4Addr, u64)>>,
+    /// DHCPv6 leases of clients whose MAC is known (`dhcp6::handler::Pool`: one per MAC).
+    by_mac6: RwLock<HashMap<MacAddr, Ipv6Addr>>,
 }
 
 impl Leases {
@@ -43,6 +45,37 @@ impl Leases {
             .unwrap_or_else(PoisonError::into_inner)
             .get(&mac)
             .map(|(ip, _)| *ip)
+    }
+
+    /// Follows DHCPv6 lease changes once they are durable: a binding with a MAC replaces
+    /// the MAC's address, a release with one forgets it.
+    pub fn apply6(&self, changes: &[crate::dhcp6::leases::Change]) {
+        use crate::dhcp6::leases::Change;
+        let mut map = self.by_mac6.write().unwrap_or_else(PoisonError::into_inner);
+        for c in changes {
+            match c {
+                Change::Bound {
+                    addr,
+                    mac: Some(mac),
+                    ..
+                } => {
+                    map.insert(*mac, *addr);
+                }
+                Change::Released { mac: Some(mac), .. } => {
+                    map.remove(mac);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The IPv6 address this server's DHCPv6 leased to `mac`, if it did.
+    pub fn of6(&self, mac: MacAddr) -> Option<Ipv6Addr> {
+        self.by_mac6
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&mac)
+            .copied()
     }
 
     /// Every lease: MAC, address and expiry (Unix seconds), by address.

@@ -89,6 +89,16 @@ pub fn duid_mac(duid: &[u8]) -> Option<MacAddr> {
     Some(MacAddr(mac))
 }
 
+/// The MAC inside a modified EUI-64 interface identifier (RFC 4291 appendix A), as in the
+/// link-local address a client sends from: iPXE and EDK2 form theirs so, and their DUIDs
+/// (DUID-UUID, DUID-EN) carry no MAC.
+pub fn eui64_mac(addr: Ipv6Addr) -> Option<MacAddr> {
+    let o = addr.octets();
+    let link_local = o[..8] == [0xfe, 0x80, 0, 0, 0, 0, 0, 0];
+    (link_local && o[11] == 0xff && o[12] == 0xfe)
+        .then(|| MacAddr([o[8] ^ 0x02, o[9], o[10], o[13], o[14], o[15]]))
+}
+
 /// Why a datagram got no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Ignored {
@@ -104,36 +114,54 @@ pub enum Ignored {
     NotServed,
 }
 
-/// One binding: the address and when it ends (Unix seconds).
+/// One binding: the address, when it ends (Unix seconds), the client's MAC when known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Binding {
     addr: Ipv6Addr,
     expires: u64,
+    mac: Option<MacAddr>,
 }
 
-/// The leases, by client DUID and IA_NA IAID.
+type Key = (Vec<u8>, u32);
+
+/// The leases, by client DUID and IA_NA IAID, and who holds each address. A machine's
+/// firmware, iPXE, the agent and the installed OS each have a DUID of their own; one MAC
+/// keeps one address across them (as DHCPv4 leases by MAC), so the address the agent's
+/// token was bound to is the one the installed OS phones home from.
 #[derive(Debug, Default)]
 pub struct Pool {
-    by_client: HashMap<(Vec<u8>, u32), Binding>,
-    by_addr: HashMap<Ipv6Addr, (Vec<u8>, u32)>,
+    by_client: HashMap<Key, Binding>,
+    by_addr: HashMap<Ipv6Addr, Key>,
+    by_mac: HashMap<MacAddr, Key>,
     /// Where the search for a free address starts: after the last one given, so that
     /// handing out a range costs one step per address, not a scan from its start.
     next: u128,
 }
 
 impl Pool {
-    /// The client's address: its binding (renewed), else the first free one in `range`.
+    /// The client's address: its binding (renewed); else the one its MAC holds under
+    /// another DUID, which moves to it (the old key is returned, to be written released);
+    /// else the first free one in `range`.
     fn bind(
         &mut self,
-        key: (Vec<u8>, u32),
+        key: Key,
+        mac: Option<MacAddr>,
         range: (Ipv6Addr, Ipv6Addr),
         now: u64,
         lease: u32,
-    ) -> Option<Ipv6Addr> {
+    ) -> Option<(Ipv6Addr, Option<Key>)> {
         let expires = now + u64::from(lease);
         if let Some(b) = self.by_client.get_mut(&key) {
             b.expires = expires;
-            return Some(b.addr);
+            b.mac = b.mac.or(mac);
+            return Some((b.addr, None));
+        }
+        if let Some(old) = mac.and_then(|m| self.by_mac.get(&m)).cloned()
+            && let Some(b) = self.by_client.remove(&old)
+        {
+            let addr = b.addr;
+            self.insert(key, Binding { addr, expires, mac });
+            return Some((addr, Some(old)));
         }
         let (start, end) = (u128::from(range.0), u128::from(range.1));
         let from = self.next.clamp(start, end);
@@ -149,31 +177,52 @@ impl Pool {
             .map(Ipv6Addr::from)
             .find(free)?;
         self.next = u128::from(addr).saturating_add(1);
-        if let Some(old) = self.by_addr.remove(&addr) {
-            self.by_client.remove(&old);
+        if let Some(old) = self.by_addr.get(&addr).cloned() {
+            self.remove(&old);
         }
-        self.by_addr.insert(addr, key.clone());
-        self.by_client.insert(key, Binding { addr, expires });
-        Some(addr)
+        self.insert(key, Binding { addr, expires, mac });
+        Some((addr, None))
+    }
+
+    fn insert(&mut self, key: Key, b: Binding) {
+        // An address and a MAC each have one holder: the newest.
+        if let Some(old) = self.by_addr.get(&b.addr).cloned()
+            && old != key
+        {
+            self.remove(&old);
+        }
+        if let Some(m) = b.mac {
+            self.by_mac.insert(m, key.clone());
+        }
+        self.by_addr.insert(b.addr, key.clone());
+        self.by_client.insert(key, b);
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<Binding> {
+        let b = self.by_client.remove(key)?;
+        if self.by_addr.get(&b.addr) == Some(key) {
+            self.by_addr.remove(&b.addr);
+        }
+        if let Some(m) = b.mac
+            && self.by_mac.get(&m) == Some(key)
+        {
+            self.by_mac.remove(&m);
+        }
+        Some(b)
     }
 
     /// Puts back a lease read from the lease file.
     pub fn restore(&mut self, l: Lease) {
-        let key = (l.duid, l.iaid);
-        self.by_addr.insert(l.addr, key.clone());
-        self.by_client.insert(
-            key,
-            Binding {
-                addr: l.addr,
-                expires: l.expires,
-            },
-        );
+        let b = Binding {
+            addr: l.addr,
+            expires: l.expires,
+            mac: l.mac,
+        };
+        self.insert((l.duid, l.iaid), b);
     }
 
-    fn release(&mut self, key: &(Vec<u8>, u32)) {
-        if let Some(b) = self.by_client.remove(key) {
-            self.by_addr.remove(&b.addr);
-        }
+    fn release(&mut self, key: &Key) -> Option<MacAddr> {
+        self.remove(key).and_then(|b| b.mac)
     }
 
     /// The address leased to `key`, if any and unexpired.
@@ -203,10 +252,21 @@ impl Handler {
     /// The reply to `bytes` (a client message) at `now` (Unix seconds), encoded, and the
     /// lease changes to make durable before it is sent.
     pub fn handle(&mut self, bytes: &[u8], now: u64) -> Result<(Vec<u8>, Vec<Change>), Ignored> {
+        self.handle_from(bytes, now, None)
+    }
+
+    /// [`Handler::handle`] for a message sent from `peer`: a client whose DUID carries no
+    /// MAC is known by the one in its link-local address ([`eui64_mac`]).
+    pub fn handle_from(
+        &mut self,
+        bytes: &[u8],
+        now: u64,
+        peer: Option<Ipv6Addr>,
+    ) -> Result<(Vec<u8>, Vec<Change>), Ignored> {
         super::edge::check(bytes)?;
         let req = Message::decode(&mut Decoder::new(bytes)).map_err(|_| Ignored::Malformed)?;
         let mut changes = Vec::new();
-        let reply = self.reply(&req, now, &mut changes)?;
+        let reply = self.reply(&req, now, peer, &mut changes)?;
         let mut out = Vec::with_capacity(256);
         reply
             .encode(&mut Encoder::new(&mut out))
@@ -218,6 +278,7 @@ impl Handler {
         &mut self,
         req: &Message,
         now: u64,
+        peer: Option<Ipv6Addr>,
         changes: &mut Vec<Change>,
     ) -> Result<Message, Ignored> {
         use MessageType as M;
@@ -247,6 +308,7 @@ impl Handler {
         {
             return Err(Ignored::OtherServer);
         }
+        let mac = duid_mac(&client_id).or_else(|| peer.and_then(eui64_mac));
         let mode = self.info.cfg.mode;
         if mode == Mode::Off || (mode == Mode::Stateless && kind != M::InformationRequest) {
             return Err(Ignored::NotServed);
@@ -285,26 +347,36 @@ impl Handler {
             M::Solicit | M::Request | M::Renew | M::Rebind => {
                 for ia in &ianas {
                     let key = (client_id.clone(), ia.id);
-                    let granted = self.pool.bind(key, self.info.cfg.range, now, lease);
+                    let bound = self.pool.bind(key, mac, self.info.cfg.range, now, lease);
                     // An Advertise only offers: what a Reply grants must outlive a crash.
-                    if let (Some(addr), M::Reply) = (granted, out_kind) {
+                    if let (Some((addr, moved_from)), M::Reply) = (&bound, out_kind) {
+                        if let Some((duid, iaid)) = moved_from.clone() {
+                            changes.push(Change::Released {
+                                duid,
+                                iaid,
+                                mac: None,
+                            });
+                        }
                         changes.push(Change::Bound {
                             duid: client_id.clone(),
                             iaid: ia.id,
-                            addr,
+                            addr: *addr,
                             expires: now + u64::from(lease),
+                            mac,
                         });
                     }
+                    let granted = bound.map(|(addr, _)| addr);
                     msg.opts_mut()
                         .insert(DhcpOption::IANA(ia_na(ia.id, granted, lease)));
                 }
             }
             M::Release | M::Decline => {
                 for ia in &ianas {
-                    self.pool.release(&(client_id.clone(), ia.id));
+                    let held_by = self.pool.release(&(client_id.clone(), ia.id));
                     changes.push(Change::Released {
                         duid: client_id.clone(),
                         iaid: ia.id,
+                        mac: held_by,
                     });
                 }
                 msg.opts_mut().insert(status(Status::Success, "released"));
@@ -328,7 +400,7 @@ impl Handler {
             kind,
             M::Solicit | M::Request | M::Renew | M::Rebind | M::InformationRequest
         ) {
-            self.boot(req, &client_id, &mut msg);
+            self.boot(req, mac, &mut msg);
         }
         Ok(msg)
     }
@@ -338,13 +410,13 @@ impl Handler {
     }
 
     /// The boot file URL (and for HTTP boot the vendor class) for a network-boot client.
-    fn boot(&self, req: &Message, client_id: &[u8], msg: &mut Message) {
+    fn boot(&self, req: &Message, mac: Option<MacAddr>, msg: &mut Message) {
         let kind = classify(req);
         if kind == ClientKind::Plain {
             return;
         }
         let base = self.info.http_base();
-        let script = match duid_mac(client_id) {
+        let script = match mac {
             Some(mac) => format!("{base}/ipxe/{mac}"),
             // iPXE's script is per machine: without a MAC there is none to give.
             None if kind == ClientKind::Ipxe => return,
@@ -551,6 +623,7 @@ mod tests {
             iaid: 7,
             addr,
             expires: 101 + 3600,
+            mac: Some(MacAddr(MAC)),
         };
         assert_eq!(rep.1, [bound]);
         let rep = decode(&rep);
@@ -577,6 +650,7 @@ mod tests {
         let released = Change::Released {
             duid: client.clone(),
             iaid: 7,
+            mac: Some(MacAddr(MAC)),
         };
         assert_eq!(out.1, [released]);
         let rep3 = decode(
@@ -716,6 +790,38 @@ mod tests {
             code(h.handle(&confirm("fd78::5"), 1).unwrap()),
             Status::NotOnLink
         );
+    }
+
+    #[test]
+    fn one_mac_keeps_one_address_across_duids() {
+        // iPXE (a DUID-UUID, no MAC in it) then the installed OS (a DUID-EN): both from
+        // the machine's EUI-64 link-local address.
+        let ll: Ipv6Addr = "fe80::5054:ff:fe66:1".parse().unwrap();
+        assert_eq!(eui64_mac(ll), Some(MacAddr(MAC)));
+        assert_eq!(eui64_mac("fe80::1".parse().unwrap()), None);
+        assert_eq!(eui64_mac("fd77::5054:ff:fe66:1".parse().unwrap()), None);
+        let mut h = handler(Mode::Full);
+        let ipxe = vec![0, 4, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+        let rep = h
+            .handle_from(&msg(MessageType::Request, &ipxe, vec![]), 100, Some(ll))
+            .unwrap();
+        let first = leased(&decode(&rep)).unwrap();
+        let os = vec![0, 2, 0, 0, 0, 9, 7, 7];
+        let rep = h
+            .handle_from(&msg(MessageType::Request, &os, vec![]), 200, Some(ll))
+            .unwrap();
+        assert_eq!(leased(&decode(&rep)), Some(first));
+        // The move is written: the old holder released, the new one bound, with the MAC.
+        assert!(matches!(&rep.1[..], [
+            Change::Released { duid, .. },
+            Change::Bound { mac: Some(m), .. },
+        ] if *duid == ipxe && *m == MacAddr(MAC)));
+        // Another machine gets another address.
+        let other: Ipv6Addr = "fe80::5054:ff:fe66:2".parse().unwrap();
+        let rep = h
+            .handle_from(&msg(MessageType::Request, &ipxe, vec![]), 300, Some(other))
+            .unwrap();
+        assert_ne!(leased(&decode(&rep)), Some(first));
     }
 
     #[test]

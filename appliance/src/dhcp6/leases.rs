@@ -13,6 +13,7 @@ use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use stork_proto::MacAddr;
 
 use crate::dhcp::journal::{JournalError, file::write_durably};
 
@@ -23,16 +24,21 @@ pub const FILE_NAME: &str = "dhcp6-leases.jsonl";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Change {
-    /// `duid`'s IA_NA `iaid` holds `addr` until `expires` (Unix seconds).
+    /// `duid`'s IA_NA `iaid` holds `addr` until `expires` (Unix seconds); `mac` is the
+    /// client's MAC when its DUID or link-local address carries one.
     Bound {
         duid: Vec<u8>,
         iaid: u32,
         addr: Ipv6Addr,
         expires: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mac: Option<MacAddr>,
     },
     Released {
         duid: Vec<u8>,
         iaid: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mac: Option<MacAddr>,
     },
 }
 
@@ -43,6 +49,7 @@ pub struct Lease {
     pub iaid: u32,
     pub addr: Ipv6Addr,
     pub expires: u64,
+    pub mac: Option<MacAddr>,
 }
 
 /// The lease file, open for appending.
@@ -74,6 +81,7 @@ impl LeaseFile {
                 iaid: l.iaid,
                 addr: l.addr,
                 expires: l.expires,
+                mac: l.mac,
             }));
         }
         let file = write_durably(path, &bytes)?;
@@ -108,7 +116,8 @@ fn line(c: &Change) -> Vec<u8> {
 /// The leases `text` leaves live at `now`, in address order. Lines that do not parse (a
 /// torn last line) are skipped.
 pub fn replay(text: &str, now: u64) -> Vec<Lease> {
-    let mut live: HashMap<(Vec<u8>, u32), (Ipv6Addr, u64)> = HashMap::new();
+    type Live = HashMap<(Vec<u8>, u32), (Ipv6Addr, u64, Option<MacAddr>)>;
+    let mut live: Live = HashMap::new();
     for change in text
         .lines()
         .filter_map(|l| serde_json::from_str::<Change>(l).ok())
@@ -119,24 +128,26 @@ pub fn replay(text: &str, now: u64) -> Vec<Lease> {
                 iaid,
                 addr,
                 expires,
+                mac,
             } => {
                 // An address moves to its newest holder.
-                live.retain(|_, (a, _)| *a != addr);
-                live.insert((duid, iaid), (addr, expires));
+                live.retain(|_, (a, _, _)| *a != addr);
+                live.insert((duid, iaid), (addr, expires, mac));
             }
-            Change::Released { duid, iaid } => {
+            Change::Released { duid, iaid, .. } => {
                 live.remove(&(duid, iaid));
             }
         }
     }
     let mut leases: Vec<Lease> = live
         .into_iter()
-        .filter(|(_, (_, expires))| *expires > now)
-        .map(|((duid, iaid), (addr, expires))| Lease {
+        .filter(|(_, (_, expires, _))| *expires > now)
+        .map(|((duid, iaid), (addr, expires, mac))| Lease {
             duid,
             iaid,
             addr,
             expires,
+            mac,
         })
         .collect();
     leases.sort_by_key(|l| l.addr);
@@ -153,6 +164,7 @@ mod tests {
             iaid: 1,
             addr: addr.parse().unwrap(),
             expires,
+            mac: None,
         }
     }
 
@@ -168,6 +180,7 @@ mod tests {
         f.append(&[Change::Released {
             duid: vec![3],
             iaid: 1,
+            mac: None,
         }])
         .unwrap();
         drop(f);

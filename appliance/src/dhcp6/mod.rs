@@ -17,6 +17,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 
 pub use handler::{Dhcp6Config, Handler, Ignored, Mode, ServerInfo};
+use leases::Change;
 
 use crate::config::ConfigError;
 
@@ -229,6 +230,7 @@ pub async fn run(
     info: ServerInfo,
     leases_path: std::path::PathBuf,
     stats: Arc<Stats>,
+    shared: Arc<crate::dhcp::leases::Leases>,
 ) -> Result<(), Dhcp6Error> {
     let (file, restored) =
         tokio::task::spawn_blocking(move || leases::LeaseFile::open(&leases_path, unix_now()))
@@ -250,6 +252,13 @@ pub async fn run(
         .map(crate::ratelimit::RateLimiter::<std::net::IpAddr>::new);
     let mut handler = Handler::new(info);
     for lease in restored {
+        shared.apply6(&[Change::Bound {
+            duid: Vec::new(),
+            iaid: lease.iaid,
+            addr: lease.addr,
+            expires: lease.expires,
+            mac: lease.mac,
+        }]);
         handler.pool.restore(lease);
     }
     // Moved to the blocking pool for each write and back: one write at a time, in order.
@@ -274,8 +283,12 @@ pub async fn run(
             Err(Ignored::Malformed)
         } else {
             let now = unix_now();
+            let from = match peer.ip() {
+                std::net::IpAddr::V6(v6) => Some(v6),
+                std::net::IpAddr::V4(_) => None,
+            };
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                handler.handle(bytes, now)
+                handler.handle_from(bytes, now, from)
             })) {
                 Ok(r) => r,
                 Err(p) => {
@@ -291,9 +304,9 @@ pub async fn run(
                     let Some(mut f) = file.take() else {
                         return Err(Dhcp6Error::LeaseFileLost);
                     };
-                    let (f, written) = tokio::task::spawn_blocking(move || {
+                    let (f, changes, written) = tokio::task::spawn_blocking(move || {
                         let r = f.append(&changes);
-                        (f, r)
+                        (f, changes, r)
                     })
                     .await?;
                     file = Some(f);
@@ -303,6 +316,8 @@ pub async fn run(
                         tracing::error!(%peer, error = %e, "DHCPv6 lease not written; reply withheld");
                         continue;
                     }
+                    // Boot scripts give agent tokens to the holders of these leases.
+                    shared.apply6(&changes);
                 }
                 match sock.send_to(&reply, peer).await {
                     Ok(_) => crate::dhcp::bump(&stats.replied),

@@ -50,10 +50,26 @@ impl AppState {
     /// The lease a boot script's requester must hold for `mac`: `Some` where this appliance
     /// leases the addresses (`Some(None)`: it leased this MAC none), `None` where another
     /// DHCP server may have (proxy mode, DHCP off).
-    pub fn lease_of(&self, mac: stork_proto::MacAddr) -> Option<Option<std::net::Ipv4Addr>> {
-        match self.leases.of(mac) {
+    pub fn lease_of(
+        &self,
+        mac: stork_proto::MacAddr,
+        from: std::net::IpAddr,
+    ) -> Option<Option<std::net::IpAddr>> {
+        // The lease of the requester's family: IPv6 from this appliance's DHCPv6 (when it
+        // leases addresses), IPv4 from its DHCPv4.
+        let (leased, ours) = match crate::lifecycle::boot::canonical(from) {
+            std::net::IpAddr::V6(_) => (
+                self.leases.of6(mac).map(Into::into),
+                self.cfg.dhcp6.mode == crate::dhcp6::Mode::Full,
+            ),
+            std::net::IpAddr::V4(_) => (
+                self.leases.of(mac).map(Into::into),
+                self.cfg.dhcp.serves() && !self.cfg.dhcp.proxies(),
+            ),
+        };
+        match leased {
             Some(ip) => Some(Some(ip)),
-            None if self.cfg.dhcp.serves() && !self.cfg.dhcp.proxies() => Some(None),
+            None if ours => Some(None),
             None => None,
         }
     }
@@ -177,7 +193,11 @@ pub async fn deploy_task(s: &AppState, m: &Machine) -> Result<Task, ApiError> {
             format!("boot resource {:?} is gone", req.image),
         )
     })?;
-    let base = s.cfg.base_url();
+    // The files' URLs in the family the agent booted with (its token's address).
+    let base = m
+        .agent
+        .ip
+        .map_or_else(|| s.cfg.base_url(), |ip| s.cfg.base_url_for(ip));
     let mut ssh_keys = req.ssh_keys.clone();
     ssh_keys.extend(keys.into_iter().map(|k| k.key));
     Ok(Task::Deploy(DeployTask {

@@ -68,7 +68,7 @@ pub async fn plan(state: &AppState, mac: MacAddr, from: IpAddr) -> Result<BootPl
     let ephemeral = state.ephemeral.settled(EPHEMERAL_WAIT).await;
     let (choice, agent) = state
         .controller
-        .boot(mac, from, state.lease_of(mac))
+        .boot(mac, from, state.lease_of(mac, from))
         .await?;
     Ok(match (choice, agent) {
         (BootChoice::Agent { .. }, Some(a)) => BootPlan::Agent {
@@ -88,6 +88,7 @@ async fn script_for(state: &AppState, mac: MacAddr, from: IpAddr) -> Result<Stri
         BootPlan::Agent { known, ephemeral } => agent_script(
             &state.cfg,
             mac,
+            from,
             known
                 .as_ref()
                 .map(|(id, token)| (id.as_str(), token.as_str())),
@@ -106,26 +107,33 @@ pub fn local_disk_script() -> String {
     "#!ipxe\necho Stork: booting from local disk\nexit 1\n".to_string()
 }
 
-/// The script that boots the Stork agent. The address comes from iPXE's own settings
-/// (`netX` is the interface iPXE configured last), so it is right whether Stork or another
-/// DHCP server leased it. `known` carries the machine id and this boot's agent token;
-/// `ephemeral`, when the file is there, the root the agent switches into before its task;
-/// `api`, when HTTPS is on, where the agent calls the API and the certificate it pins.
+/// The script that boots the Stork agent, asked for from `from`. Over IPv4 the address
+/// comes from iPXE's own settings (`netX` is the interface iPXE configured last), so it is
+/// right whether Stork or another DHCP server leased it; over IPv6 it is the address the
+/// script was asked from, on `[dhcp6]`'s prefix (iPXE's IPv6 settings are spread over
+/// several blocks, and the source address is the one its DHCPv6 lease gave). `known`
+/// carries the machine id and this boot's agent token; `ephemeral`, when the file is there,
+/// the root the agent switches into before its task; `api`, when HTTPS is on, where the
+/// agent calls the API and the certificate it pins.
 pub fn agent_script(
     cfg: &Config,
     mac: MacAddr,
+    from: IpAddr,
     known: Option<(&str, &str)>,
     ephemeral: Option<&EphemeralRoot>,
     api: Option<&cmdline::ApiTls>,
 ) -> String {
-    let base = cfg.base_url();
+    let base = cfg.base_url_for(from);
     let boot = &cfg.boot;
-    let net = format!(
-        "{ip}=${{netX/ip}}/${{netX/netmask}} {gw}=${{netX/gateway}}",
-        ip = cmdline::IP,
-        gw = cmdline::GATEWAY,
-    );
-    let args = agent_args(cfg, mac, &net, known, ephemeral, api);
+    let net = match crate::lifecycle::boot::canonical(from) {
+        IpAddr::V6(v6) => format!("{}={v6}/{}", cmdline::IP, cfg.dhcp6.prefix_len),
+        IpAddr::V4(_) => format!(
+            "{ip}=${{netX/ip}}/${{netX/netmask}} {gw}=${{netX/gateway}}",
+            ip = cmdline::IP,
+            gw = cmdline::GATEWAY,
+        ),
+    };
+    let args = agent_args(cfg, mac, from, &net, known, ephemeral, api);
     // UEFI: the kernel finds its initrd only if `initrd=<name>` names it (docs/measurements.md).
     format!(
         "#!ipxe\n\
@@ -143,17 +151,19 @@ pub fn agent_script(
 }
 
 /// The agent's kernel arguments after the kernel's own, for any loader: the configured
-/// extra arguments, where the appliance is, the boot MAC, `net` (the address arguments, as
-/// the loader can give them), and the machine's identity, ephemeral root and HTTPS API.
+/// extra arguments, where the appliance is (as seen from `from`, the loader's address),
+/// the boot MAC, `net` (the address arguments, as the loader can give them), and the
+/// machine's identity, ephemeral root and HTTPS API.
 pub fn agent_args(
     cfg: &Config,
     mac: MacAddr,
+    from: IpAddr,
     net: &str,
     known: Option<(&str, &str)>,
     ephemeral: Option<&EphemeralRoot>,
     api: Option<&cmdline::ApiTls>,
 ) -> String {
-    let base = cfg.base_url();
+    let base = cfg.base_url_for(from);
     let mut args = format!(
         "{extra} {url}={base} {bootif}={bootif_val} {net}",
         extra = cfg.boot.cmdline,
@@ -178,10 +188,13 @@ pub fn agent_args(
         ));
     }
     if let Some(a) = api {
+        let url = match crate::lifecycle::boot::canonical(from) {
+            IpAddr::V6(_) => cfg.api_url_for(from),
+            IpAddr::V4(_) => a.url.clone(),
+        };
         args.push_str(&format!(
-            " {}={} {}={}",
+            " {}={url} {}={}",
             cmdline::API,
-            a.url,
             cmdline::TLS,
             a.fingerprint
         ));
@@ -398,6 +411,9 @@ mod tests {
     use crate::store::Machine;
     use stork_proto::cmdline::AgentArgs;
 
+    /// An iPXE client on the default provisioning network.
+    const FROM: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 77, 0, 100));
+
     fn expand(kernel_line: &str) -> AgentArgs {
         let expanded = kernel_line
             .replace("${netX/ip}", "10.77.0.100")
@@ -415,7 +431,7 @@ mod tests {
             url: cfg.api_url(),
             fingerprint: format!("sha256:{}", "0f".repeat(32)),
         };
-        let s = agent_script(&cfg, mac, Some(("m1", "t")), None, Some(&api));
+        let s = agent_script(&cfg, mac, FROM, Some(("m1", "t")), None, Some(&api));
         let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
         let args = expand(kernel);
         assert_eq!(args.api.as_ref(), Some(&api));
@@ -425,10 +441,45 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_requester_gets_ipv6_urls_and_its_own_address() {
+        let mut file = FileConfig::default();
+        file.dhcp6.mode = crate::dhcp6::Mode::Full;
+        let cfg = file.validate().unwrap();
+        let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        let api = cmdline::ApiTls {
+            url: cfg.api_url(),
+            fingerprint: format!("sha256:{}", "0f".repeat(32)),
+        };
+        let from: IpAddr = "fd77::105".parse().unwrap();
+        let s = agent_script(&cfg, mac, from, Some(("m1", "t")), None, Some(&api));
+        assert!(
+            s.contains("kernel http://[fd77::1]:8080/boot/vmlinuz "),
+            "{s}"
+        );
+        assert!(
+            s.contains("\ninitrd http://[fd77::1]:8080/boot/initrd.img"),
+            "{s}"
+        );
+        let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
+        let args = AgentArgs::parse(&kernel.replace(" || goto failed", "")).unwrap();
+        assert_eq!(args.url, "http://[fd77::1]:8080");
+        assert_eq!(args.ip, from);
+        assert_eq!(args.prefix_len, 64);
+        assert_eq!(args.gateway, None);
+        assert_eq!(args.api_url(), "https://[fd77::1]:8443");
+        // The same appliance still answers an IPv4 requester over IPv4.
+        let s = agent_script(&cfg, mac, FROM, None, None, None);
+        assert!(
+            s.contains("kernel http://10.77.0.1:8080/boot/vmlinuz "),
+            "{s}"
+        );
+    }
+
+    #[test]
     fn script_carries_what_the_agent_parses() {
         let cfg = FileConfig::default().validate().unwrap();
         let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
-        let s = agent_script(&cfg, mac, None, None, None);
+        let s = agent_script(&cfg, mac, FROM, None, None, None);
         assert!(s.starts_with("#!ipxe\n"));
         let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
         assert!(kernel.contains("http://10.77.0.1:8080/boot/vmlinuz initrd=initrd.img "));
@@ -441,7 +492,7 @@ mod tests {
         assert_eq!(args.gateway, None);
         assert_eq!(args.token, None);
 
-        let s = agent_script(&cfg, mac, Some(("m1", "stork_agent_abc")), None, None);
+        let s = agent_script(&cfg, mac, FROM, Some(("m1", "stork_agent_abc")), None, None);
         let args = expand(s.lines().find(|l| l.starts_with("kernel ")).unwrap());
         assert_eq!(args.machine_id.as_deref(), Some("m1"));
         assert_eq!(args.token.as_deref(), Some("stork_agent_abc"));
@@ -457,7 +508,7 @@ mod tests {
             sha256: "ab".repeat(32),
         };
         for known in [None, Some(("m1", "stork_agent_abc"))] {
-            let s = agent_script(&cfg, mac, known, Some(&root), None);
+            let s = agent_script(&cfg, mac, FROM, known, Some(&root), None);
             let args = expand(s.lines().find(|l| l.starts_with("kernel ")).unwrap());
             assert_eq!(
                 args.ephemeral,

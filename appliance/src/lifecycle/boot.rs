@@ -1,6 +1,6 @@
 //! What a network-booting machine is sent: a lifecycle rule, so it lives beside the table.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use stork_proto::api::AgentIdentity;
 
@@ -83,7 +83,7 @@ pub enum TokenGrant {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error("the request comes from {from}, not from {leased}, the address leased to this MAC")]
-    NotTheLease { from: IpAddr, leased: Ipv4Addr },
+    NotTheLease { from: IpAddr, leased: IpAddr },
     #[error("this appliance leases addresses and has leased none to this MAC")]
     NoLease,
     #[error("this boot's token was given to {0}")]
@@ -97,11 +97,11 @@ pub enum Refusal {
 /// the holder of the MAC's lease; elsewhere, whoever asks first after the machine was
 /// powered into the agent. The same address may ask again (iPXE retrying its script) until
 /// the agent has used the token; then no one gets another before the next boot step.
-pub fn grant(agent: &AgentIdentity, from: IpAddr, lease: Option<Option<Ipv4Addr>>) -> TokenGrant {
+pub fn grant(agent: &AgentIdentity, from: IpAddr, lease: Option<Option<IpAddr>>) -> TokenGrant {
     let from = canonical(from);
     match lease {
         Some(None) => return TokenGrant::Refuse(Refusal::NoLease),
-        Some(Some(leased)) if from != IpAddr::V4(leased) => {
+        Some(Some(leased)) if from != leased => {
             return TokenGrant::Refuse(Refusal::NotTheLease { from, leased });
         }
         _ => {}
@@ -129,6 +129,7 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     const MACHINE: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 50));
     const OTHER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 66));
@@ -143,7 +144,7 @@ mod tests {
 
     #[test]
     fn with_leases_only_the_lease_holder_gets_the_token() {
-        let lease = Some(Some(Ipv4Addr::new(10, 77, 0, 50)));
+        let lease = Some(Some(MACHINE));
         let fresh = AgentIdentity::default();
         assert_eq!(grant(&fresh, MACHINE, lease), TokenGrant::Issue);
         assert!(matches!(
@@ -157,6 +158,14 @@ mod tests {
         // The same dual-stack peer, written as IPv6.
         let mapped: IpAddr = "::ffff:10.77.0.50".parse().unwrap();
         assert_eq!(grant(&fresh, mapped, lease), TokenGrant::Issue);
+        // An IPv6 lease (DHCPv6, by MAC): only its address gets the token.
+        let v6: IpAddr = "fd77::105".parse().unwrap();
+        assert_eq!(grant(&fresh, v6, Some(Some(v6))), TokenGrant::Issue);
+        let other6: IpAddr = "fd77::106".parse().unwrap();
+        assert!(matches!(
+            grant(&fresh, other6, Some(Some(v6))),
+            TokenGrant::Refuse(Refusal::NotTheLease { .. })
+        ));
     }
 
     #[test]

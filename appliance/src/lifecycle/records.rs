@@ -4,7 +4,7 @@
 //! serves. With [`Controller::apply`] these are the only code that writes the store, so
 //! every write appends its events and wakes the event streams in one place.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use stork_proto::api::{AgentIdentity, AuditRecord, NewToken};
 use stork_proto::{Inventory, MacAddr};
@@ -340,12 +340,12 @@ impl Controller {
 
     /// What the machine with `mac` boots now, asked from `from`; for the agent, this boot's
     /// token when [`boot::grant`] gives it (a new token replaces an unused one from the
-    /// same address). `lease` is the MAC's lease where this appliance leases addresses.
+    /// same address). `lease` is the MAC's lease, of `from`'s family, where this appliance leases them.
     pub async fn boot(
         &self,
         mac: MacAddr,
         from: IpAddr,
-        lease: Option<Option<Ipv4Addr>>,
+        lease: Option<Option<IpAddr>>,
     ) -> Result<(BootChoice, Option<AgentBoot>), StoreError> {
         let site = self.site().map(str::to_string);
         let (choice, agent) = self

@@ -51,6 +51,10 @@ pub fn bind(listen: SocketAddr) -> Result<UdpSocket, TftpError> {
     )
     .map_err(err)?;
     sock.set_reuse_address(true).map_err(err)?;
+    // IPv6 only: an IPv4 client reaches the IPv4 socket beside it (`Config::ipv6_twin`).
+    if listen.is_ipv6() {
+        sock.set_only_v6(true).map_err(err)?;
+    }
     // A boot storm sends hundreds of requests at once: leave room for them (best effort,
     // the kernel caps it at net.core.rmem_max).
     let _ = sock.set_recv_buffer_size(1 << 20);
