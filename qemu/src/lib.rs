@@ -38,6 +38,20 @@ pub const BRIDGE: &str = "stork0";
 pub const APPLIANCE_IP: &str = "10.77.0.1";
 pub const PREFIX_LEN: u8 = 24;
 
+/// The appliance's address on an IPv6-only lab network ([`Net::Ipv6Only`]): `[dhcp6]
+/// address` as `stork serve` embeds it.
+pub const APPLIANCE_IP6: &str = "fd77::1";
+pub const PREFIX_LEN6: u8 = 64;
+
+/// What the lab's provisioning network carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Net {
+    /// [`APPLIANCE_IP`] on the bridge (the embedded default's network).
+    Ipv4,
+    /// [`APPLIANCE_IP6`] on the bridge and no IPv4 address at all.
+    Ipv6Only,
+}
+
 const NETNS_PREFIX: &str = "stork-";
 
 /// Set to `1` to keep every lab's work directory (logs, consoles, disks), not only a failed
@@ -109,6 +123,11 @@ impl Lab {
     /// Creates namespace `stork-<tag>-<pid>` (a `-` in `tag` becomes `_`) with bridge [`BRIDGE`] at [`APPLIANCE_IP`], and a
     /// work directory under `base` for logs, disks and consoles.
     pub fn new(tag: &str, base: &Path) -> Result<Self> {
+        Self::with_net(tag, base, Net::Ipv4)
+    }
+
+    /// As [`Lab::new`], with the provisioning network `net`.
+    pub fn with_net(tag: &str, base: &Path, net: Net) -> Result<Self> {
         if !nix_is_root() {
             bail!("the QEMU lab needs root (network namespaces, taps): run as root");
         }
@@ -130,7 +149,12 @@ impl Lab {
         };
         let ns = lab.netns.as_str();
         ip(&["netns", "add", ns])?;
-        let addr = format!("{APPLIANCE_IP}/{PREFIX_LEN}");
+        let addr = match net {
+            Net::Ipv4 => format!("{APPLIANCE_IP}/{PREFIX_LEN}"),
+            Net::Ipv6Only => format!("{APPLIANCE_IP6}/{PREFIX_LEN6}"),
+        };
+        // DAD off for the appliance's own address: usable as soon as the bridge is up.
+        let nodad = if net == Net::Ipv6Only { "nodad" } else { "" };
         for args in [
             vec!["-n", ns, "link", "set", "lo", "up"],
             vec![
@@ -144,9 +168,10 @@ impl Lab {
                 "forward_delay",
                 "0",
             ],
-            vec!["-n", ns, "addr", "add", &addr, "dev", BRIDGE],
+            vec!["-n", ns, "addr", "add", &addr, "dev", BRIDGE, nodad],
             vec!["-n", ns, "link", "set", BRIDGE, "up"],
         ] {
+            let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
             ip(&args)?;
         }
         Ok(lab)

@@ -22,6 +22,9 @@ pub enum Firmware {
     /// (`OVMF_VARS_4M.ms.fd`), no NIC ROM (iPXE is not signed): firmware PXE runs only what
     /// Microsoft's or a shim's trusted keys signed.
     UefiSecureBoot,
+    /// OVMF with no NIC ROM and only its IPv6 network boot (PXEv6, HTTPv6; IPv4 PXE off):
+    /// a server on an IPv6-only provisioning network.
+    UefiIpv6,
 }
 
 impl Firmware {
@@ -294,7 +297,10 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
         Firmware::Bios => {
             argv.extend(["-device".to_string(), nic]);
         }
-        Firmware::Uefi { .. } | Firmware::UefiHttp | Firmware::UefiSecureBoot => {
+        Firmware::Uefi { .. }
+        | Firmware::UefiHttp
+        | Firmware::UefiSecureBoot
+        | Firmware::UefiIpv6 => {
             let nic_rom = m.firmware == (Firmware::Uefi { nic_rom: true });
             let vars = m
                 .vars
@@ -304,17 +310,19 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
             } else {
                 format!("{nic},romfile=")
             };
-            argv.extend([
-                // No IPv6 network boot (as on most servers): OVMF tries every boot option of
-                // the NIC before the disk, and PXEv6 and HTTPv6 each wait out DHCPv6, which
-                // Stork does not serve, when iPXE hands back with `exit 1`. IPv4 PXE and HTTP
-                // boot stay.
-                "-fw_cfg".to_string(),
-                "name=opt/org.tianocore/IPv6PXESupport,string=n".to_string(),
-                "-fw_cfg".to_string(),
-                "name=opt/org.tianocore/IPv6Support,string=n".to_string(),
-            ]);
-            if m.firmware == Firmware::UefiHttp {
+            if m.firmware != Firmware::UefiIpv6 {
+                argv.extend([
+                    // No IPv6 network boot (as on most servers): OVMF tries every boot option
+                    // of the NIC before the disk, and PXEv6 and HTTPv6 each wait out DHCPv6,
+                    // which an IPv4 lab does not serve, when iPXE hands back with `exit 1`.
+                    // IPv4 PXE and HTTP boot stay.
+                    "-fw_cfg".to_string(),
+                    "name=opt/org.tianocore/IPv6PXESupport,string=n".to_string(),
+                    "-fw_cfg".to_string(),
+                    "name=opt/org.tianocore/IPv6Support,string=n".to_string(),
+                ]);
+            }
+            if matches!(m.firmware, Firmware::UefiHttp | Firmware::UefiIpv6) {
                 argv.extend([
                     "-fw_cfg".to_string(),
                     "name=opt/org.tianocore/IPv4PXESupport,string=n".to_string(),
@@ -426,7 +434,10 @@ pub(crate) fn ovmf_vars(
 ) -> Result<Option<PathBuf>> {
     Ok(match firmware {
         Firmware::Bios => None,
-        Firmware::Uefi { .. } | Firmware::UefiHttp | Firmware::UefiSecureBoot => {
+        Firmware::Uefi { .. }
+        | Firmware::UefiHttp
+        | Firmware::UefiSecureBoot
+        | Firmware::UefiIpv6 => {
             let vars = dir.join("OVMF_VARS.fd");
             if !(keep && vars.exists()) {
                 std::fs::copy(vars_template, &vars).with_context(|| {

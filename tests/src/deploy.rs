@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use stork_lab::appliance::Shared;
 use stork_lab::bmc::BmcVm;
-use stork_lab::{Appliance, Lab, VmSpec, wait_for};
+use stork_lab::{Appliance, Lab, Net, VmSpec, wait_for};
 use stork_proto::api::{Machine, Status};
 use stork_proto::{DeployTarget, ImageRole};
 
@@ -60,7 +60,12 @@ impl Scenario {
 
     /// As [`Scenario::new`], with the appliance configured by `config` (a `stork.toml`).
     pub fn with_config(tag: &str, spec: VmSpec, config: &str) -> Result<Self> {
-        Self::start(tag, spec, None, None, Some(config))
+        Self::start(tag, spec, None, None, Some(config), Net::Ipv4)
+    }
+
+    /// As [`Scenario::with_config`] on an IPv6-only lab network ([`Net::Ipv6Only`]).
+    pub fn ipv6_only(tag: &str, spec: VmSpec, config: &str) -> Result<Self> {
+        Self::start(tag, spec, None, None, Some(config), Net::Ipv6Only)
     }
 
     /// As [`Scenario::new`], with the appliance on `shared`'s database serving site
@@ -72,7 +77,7 @@ impl Scenario {
         raw_sha256: Option<&str>,
         shared: Option<(&Shared, &str)>,
     ) -> Result<Self> {
-        Self::start(tag, spec, raw_sha256, shared, None)
+        Self::start(tag, spec, raw_sha256, shared, None, Net::Ipv4)
     }
 
     fn start(
@@ -81,6 +86,7 @@ impl Scenario {
         raw_sha256: Option<&str>,
         shared: Option<(&Shared, &str)>,
         config: Option<&str>,
+        net: Net,
     ) -> Result<Self> {
         require_artefacts();
         let images = os_images();
@@ -92,7 +98,7 @@ impl Scenario {
                 images.display()
             );
         }
-        let mut lab = Lab::new(tag, &lab_dir())?;
+        let mut lab = Lab::with_net(tag, &lab_dir(), net)?;
         let mut args: Vec<String> = Vec::new();
         if let Some((_, site)) = shared {
             args.extend(["--site".to_string(), site.to_string()]);

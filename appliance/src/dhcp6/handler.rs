@@ -133,6 +133,9 @@ pub struct Pool {
     by_client: HashMap<Key, Binding>,
     by_addr: HashMap<Ipv6Addr, Key>,
     by_mac: HashMap<MacAddr, Key>,
+    /// The address each MAC held last: given again while free, so a machine keeps its
+    /// address across boots even though its firmware releases it before handing over.
+    last: HashMap<MacAddr, Ipv6Addr>,
     /// Where the search for a free address starts: after the last one given, so that
     /// handing out a range costs one step per address, not a scan from its start.
     next: u128,
@@ -151,10 +154,18 @@ impl Pool {
         lease: u32,
     ) -> Option<(Ipv6Addr, Option<Key>)> {
         let expires = now + u64::from(lease);
-        if let Some(b) = self.by_client.get_mut(&key) {
-            b.expires = expires;
-            b.mac = b.mac.or(mac);
-            return Some((b.addr, None));
+        match self.by_client.get_mut(&key) {
+            // Another machine with the same DUID and IAID (iPXE's DUID-UUID is all zeros
+            // where the firmware has no UUID): not a renewal of that one's lease.
+            Some(b) if b.mac.is_some() && mac.is_some() && b.mac != mac => {
+                self.remove(&key);
+            }
+            Some(b) => {
+                b.expires = expires;
+                b.mac = b.mac.or(mac);
+                return Some((b.addr, None));
+            }
+            None => {}
         }
         if let Some(old) = mac.and_then(|m| self.by_mac.get(&m)).cloned()
             && let Some(b) = self.by_client.remove(&old)
@@ -171,12 +182,21 @@ impl Pool {
                 .and_then(|k| self.by_client.get(k))
                 .is_none_or(|b| b.expires <= now)
         };
-        // From the cursor to the end, then from the start to the cursor.
-        let addr = (from..=end)
-            .chain(start..from)
-            .map(Ipv6Addr::from)
-            .find(free)?;
-        self.next = u128::from(addr).saturating_add(1);
+        let sticky = mac
+            .and_then(|m| self.last.get(&m).copied())
+            .filter(|a| (start..=end).contains(&u128::from(*a)) && free(a));
+        // Else from the cursor to the end, then from the start to the cursor.
+        let addr = match sticky {
+            Some(a) => a,
+            None => {
+                let a = (from..=end)
+                    .chain(start..from)
+                    .map(Ipv6Addr::from)
+                    .find(free)?;
+                self.next = u128::from(a).saturating_add(1);
+                a
+            }
+        };
         if let Some(old) = self.by_addr.get(&addr).cloned() {
             self.remove(&old);
         }
@@ -193,6 +213,7 @@ impl Pool {
         }
         if let Some(m) = b.mac {
             self.by_mac.insert(m, key.clone());
+            self.last.insert(m, b.addr);
         }
         self.by_addr.insert(b.addr, key.clone());
         self.by_client.insert(key, b);
@@ -816,12 +837,24 @@ mod tests {
             Change::Released { duid, .. },
             Change::Bound { mac: Some(m), .. },
         ] if *duid == ipxe && *m == MacAddr(MAC)));
-        // Another machine gets another address.
+        // Released (firmware does before it hands over), the address waits for its MAC:
+        // the next DUID from that machine gets it again.
+        let server = DhcpOption::ServerId(h.info.duid.clone());
+        h.handle_from(&msg(MessageType::Release, &os, vec![server]), 210, Some(ll))
+            .unwrap();
+        let again = vec![0, 2, 0, 0, 0, 9, 8, 8];
+        let rep = h
+            .handle_from(&msg(MessageType::Request, &again, vec![]), 220, Some(ll))
+            .unwrap();
+        assert_eq!(leased(&decode(&rep)), Some(first));
+        // Another machine with the same DUID and IAID as that one (a DUID-UUID of zeros):
+        // another address, not the first machine's.
         let other: Ipv6Addr = "fe80::5054:ff:fe66:2".parse().unwrap();
         let rep = h
-            .handle_from(&msg(MessageType::Request, &ipxe, vec![]), 300, Some(other))
+            .handle_from(&msg(MessageType::Request, &again, vec![]), 300, Some(other))
             .unwrap();
-        assert_ne!(leased(&decode(&rep)), Some(first));
+        let second = leased(&decode(&rep)).unwrap();
+        assert_ne!(second, first);
     }
 
     #[test]

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use stork_lab::process::Spawned;
 use stork_lab::vm::{DISK_ID, qemu_argv};
-use stork_lab::{Appliance, Firmware, Lab, Vm, VmSpec, wait_for};
+use stork_lab::{Appliance, Firmware, Lab, Net, Vm, VmSpec, wait_for};
 use stork_proto::ImageRole;
 use stork_proto::api::{EventRecord, Status};
 use stork_proto::blockmap::BlockMap;
@@ -85,17 +85,29 @@ pub fn run() -> Result<()> {
         ("bench-deploy-uefi", Firmware::Uefi { nic_rom: false }),
         ("bench-deploy-http", Firmware::UefiHttp),
         ("bench-deploy-sb", Firmware::UefiSecureBoot),
+        ("bench-deploy-v6", Firmware::UefiIpv6),
     ] {
         crate::step(&format!("{}: a lab of its own", firmware_name(firmware)));
-        let mut lab = Lab::new(lab_name, &crate::target().join("lab"))?;
-        let appliance = if firmware == Firmware::UefiSecureBoot {
+        let net = match firmware {
+            Firmware::UefiIpv6 => Net::Ipv6Only,
+            _ => Net::Ipv4,
+        };
+        let mut lab = Lab::with_net(lab_name, &crate::target().join("lab"), net)?;
+        let config = match firmware {
             // The signed chain (shim, GRUB) instead of iPXE for UEFI PXE.
-            let config = lab.dir().join("stork.toml");
-            std::fs::write(&config, "[boot]\nsecure_boot = true\n")?;
-            let config = config.to_string_lossy().into_owned();
-            Appliance::start_with(&lab, &bin, &boot, &["--config", &config])?
-        } else {
-            Appliance::start(&lab, &bin, &boot)?
+            Firmware::UefiSecureBoot => Some("[boot]\nsecure_boot = true\n"),
+            // IPv6 only: DHCPv6 leases, no DHCPv4 (`tests/tests/ipv6.rs`).
+            Firmware::UefiIpv6 => Some("[dhcp]\nmode = \"off\"\n\n[dhcp6]\nmode = \"full\"\n"),
+            _ => None,
+        };
+        let appliance = match config {
+            Some(text) => {
+                let config = lab.dir().join("stork.toml");
+                std::fs::write(&config, text)?;
+                let config = config.to_string_lossy().into_owned();
+                Appliance::start_with(&lab, &bin, &boot, &["--config", &config])?
+            }
+            None => Appliance::start(&lab, &bin, &boot)?,
         };
         let mut bench = Bench::new(&mut lab, appliance, &images, firmware)?;
         match bench.run(&mut lab, &images) {
@@ -123,6 +135,7 @@ fn firmware_name(firmware: Firmware) -> &'static str {
         Firmware::Uefi { nic_rom: false } => "OVMF, PXE",
         Firmware::UefiHttp => "OVMF, HTTP boot",
         Firmware::UefiSecureBoot => "OVMF, Secure Boot (shim, GRUB)",
+        Firmware::UefiIpv6 => "OVMF, PXE over IPv6 only",
     }
 }
 
