@@ -200,7 +200,12 @@ impl Bench {
             firmware,
             data_bytes: map.data_bytes(),
             raw: boot_root.join(&raw_rel),
-            raw_url: format!("http://{}:8080/boot/{raw_rel}", stork_lab::APPLIANCE_IP),
+            raw_url: match firmware {
+                Firmware::UefiIpv6 => {
+                    format!("http://[{}]:8080/boot/{raw_rel}", stork_lab::APPLIANCE_IP6)
+                }
+                _ => format!("http://{}:8080/boot/{raw_rel}", stork_lab::APPLIANCE_IP),
+            },
             appliance,
             vm,
             key,
