@@ -162,7 +162,9 @@ cmdline = "console=ttyS0,115200 panic=10 loglevel=4 cryptomgr.notests"
 # UEFI machines that network-boot by PXE get the signed chain instead of iPXE (which is not
 # signed): Debian's shim (shimx64.efi), its network GRUB (grubx64.efi) and a GRUB
 # configuration per machine over TFTP, then the signed kernel. They boot so with Secure Boot
-# on or off. BIOS machines and UEFI HTTP boot keep iPXE (that GRUB has no HTTP).
+# on or off. BIOS machines and UEFI HTTP boot keep iPXE (that GRUB has no HTTP). Off, only
+# machines added with the tag `secure-boot`, and those whose inventory said Secure Boot was
+# on, get the chain.
 secure_boot = false
 
 [lifecycle]

@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 use crate::config::{Config, FileConfig};
 use crate::dhcp::{self, handler::ServerInfo};
 use crate::http::{self, AppState};
+use crate::lifecycle::secure_boot::SignedBoot;
 use crate::lifecycle::{Controller, DriverPower};
 use crate::supervise::{Backoff, Health, supervise};
 
@@ -154,6 +155,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
             },
         ))),
         ephemeral: http::script::Ephemeral::start(&cfg.boot_dir(), &cfg.boot.ephemeral),
+        signed: Arc::new(SignedBoot::new(cfg.boot.secure_boot)),
     };
     let mut tasks = JoinSet::new();
     let mut service = |name: &'static str, start: Box<dyn Fn() -> ServiceFuture + Send + Sync>| {
@@ -186,6 +188,17 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
             }),
         );
     }
+    let (c, signed) = (controller.clone(), state.signed.clone());
+    service(
+        "signed_boot",
+        Box::new(move || {
+            let (c, signed) = (c.clone(), signed.clone());
+            Box::pin(async move {
+                signed.follow(c).await;
+                Ok(())
+            })
+        }),
+    );
     let (timeout, every) = (cfg.timeout, cfg.check_interval);
     let c = controller.clone();
     service(
@@ -214,7 +227,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
                 Ok((sock, pxe))
             }
         })?;
-        let info = ServerInfo::new(&cfg);
+        let info = ServerInfo::new(&cfg).with_signed(state.signed.clone());
         let stats = state.dhcp_stats.clone();
         let leases = state.leases.clone();
         let journal = match (cfg.dhcp.ha, controller.store().postgres_config()) {
@@ -282,8 +295,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
                     .with_context(|| format!("cannot serve DHCPv6 on {interface}"))
             }
         })?;
-        let (cfg6, http_port, secure_boot) =
-            (cfg.dhcp6.clone(), cfg.http_port, cfg.boot.secure_boot);
+        let (cfg6, http_port, signed) = (cfg.dhcp6.clone(), cfg.http_port, state.signed.clone());
         let stats = state.dhcp6_stats.clone();
         let leases_path = crate::dhcp6::leases_path(&cfg.data_dir);
         let shared = state.leases.clone();
@@ -291,14 +303,15 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
             "dhcp6",
             Box::new(move || {
                 let (socket, cfg6, stats) = (socket.clone(), cfg6.clone(), stats.clone());
-                let (leases, shared) = (leases_path.clone(), shared.clone());
+                let (leases, shared, signed) =
+                    (leases_path.clone(), shared.clone(), signed.clone());
                 Box::pin(async move {
                     let (sock, duid) = socket.take()?;
                     let info = crate::dhcp6::ServerInfo {
                         cfg: cfg6,
                         duid,
                         http_port,
-                        secure_boot,
+                        signed,
                     };
                     crate::dhcp6::run(sock, info, leases, stats, shared)
                         .await
@@ -309,11 +322,10 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
     }
 
     if let Some(tftp_cfg) = cfg.tftp.clone() {
-        // The signed chain's GRUB reads its configuration over TFTP (it has no HTTP).
-        let grub: Option<Arc<dyn crate::tftp::Generated>> = cfg
-            .boot
-            .secure_boot
-            .then(|| Arc::new(crate::grub::Configs::new(state.clone())) as _);
+        // The signed chain's GRUB reads its configuration over TFTP (it has no HTTP). Any
+        // machine may boot it (a tag, its inventory: `lifecycle::secure_boot`).
+        let grub: Option<Arc<dyn crate::tftp::Generated>> =
+            Some(Arc::new(crate::grub::Configs::new(state.clone())));
         tracing::info!(listen = %tftp_cfg.listen, root = %tftp_cfg.root.display(), "TFTP serving");
         let twin = cfg.ipv6_twin(tftp_cfg.listen).map(|l| ("tftp6", l));
         for (name, listen) in std::iter::once(("tftp", tftp_cfg.listen)).chain(twin) {

@@ -772,7 +772,7 @@ fn dhcp6_handler(mode: stork::dhcp6::Mode) -> stork::dhcp6::Handler {
         },
         duid: duid_ll([2, 0, 0, 0, 0, 1]),
         http_port: 8080,
-        secure_boot: false,
+        signed: Default::default(),
     })
 }
 

@@ -259,23 +259,40 @@ impl Appliance {
     /// `stork machine add` for a machine behind lab BMC `bmc`, with its operator login
     /// (`--power ipmi`); returns the added machine (its password is never in it).
     pub fn add_ipmi_machine(&self, mac: &str, bmc: &crate::bmc::IpmiSim) -> Result<Machine> {
-        self.cli_json(&[
-            "machine",
-            "add",
-            "--mac",
-            mac,
-            "--power",
-            "ipmi",
-            "--power-param",
-            &format!("host={}", bmc.addr),
-            "--power-param",
-            &format!("port={}", bmc.port),
-            "--power-param",
-            &format!("username={}", crate::bmc::OPERATOR_USER),
-            "--power-param",
-            &format!("password={}", crate::bmc::OPERATOR_PASSWORD),
-            "--json",
-        ])
+        self.add_ipmi_machine_tagged(mac, bmc, &[])
+    }
+
+    /// As [`Appliance::add_ipmi_machine`], with `tags` (`--tag`).
+    pub fn add_ipmi_machine_tagged(
+        &self,
+        mac: &str,
+        bmc: &crate::bmc::IpmiSim,
+        tags: &[&str],
+    ) -> Result<Machine> {
+        let tags: Vec<&str> = tags.iter().flat_map(|t| ["--tag", t]).collect();
+        self.cli_json(
+            &[
+                &[
+                    "machine",
+                    "add",
+                    "--mac",
+                    mac,
+                    "--power",
+                    "ipmi",
+                    "--power-param",
+                    &format!("host={}", bmc.addr),
+                    "--power-param",
+                    &format!("port={}", bmc.port),
+                    "--power-param",
+                    &format!("username={}", crate::bmc::OPERATOR_USER),
+                    "--power-param",
+                    &format!("password={}", crate::bmc::OPERATOR_PASSWORD),
+                    "--json",
+                ],
+                &tags[..],
+            ]
+            .concat(),
+        )
     }
 
     /// `stork machine list --json`, parsed.

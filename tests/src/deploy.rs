@@ -46,6 +46,8 @@ pub struct Scenario {
     pub key: PathBuf,
     /// The machine's id once it is known, for failure reports.
     pub id: Option<String>,
+    /// Tags the machine is added with (`secure-boot`: the signed boot chain).
+    pub tags: Vec<&'static str>,
     started: Instant,
     phase_started: Instant,
     phases: Vec<(String, Duration)>,
@@ -139,6 +141,7 @@ impl Scenario {
             machine,
             key,
             id: None,
+            tags: Vec::new(),
             started: now,
             phase_started: now,
             phases: Vec::new(),
@@ -185,9 +188,11 @@ impl Scenario {
     /// device is the default: the blank disk, then the network), and waits until the agent
     /// enlisted it and powered it off. Returns the machine id.
     pub fn add_and_enlist(&mut self) -> Result<String> {
-        let m = self
-            .appliance
-            .add_ipmi_machine(&self.machine.spec.mac, &self.machine.bmc)?;
+        let m = self.appliance.add_ipmi_machine_tagged(
+            &self.machine.spec.mac,
+            &self.machine.bmc,
+            &self.tags,
+        )?;
         let id = m.id;
         self.id = Some(id.clone());
         self.phase_start();

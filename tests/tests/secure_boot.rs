@@ -1,5 +1,6 @@
 //! Secure Boot, enforced: OVMF's secboot build with Microsoft's keys enrolled and no iPXE ROM
-//! (iPXE is not signed). With `boot.secure_boot` on, Stork's DHCP sends the machine's
+//! (iPXE is not signed). The machine is added with the tag `secure-boot` (the appliance's
+//! `boot.secure_boot` stays off: other UEFI machines keep iPXE), so Stork's DHCP sends its
 //! firmware PXE Debian's Microsoft-signed shim, shim fetches Debian's signed network GRUB over
 //! TFTP, GRUB reads its configuration from Stork's TFTP (`grub/grub.cfg`, then the machine's
 //! own `grub/machine/<mac>`, made per request with this boot's agent token) and boots the
@@ -22,7 +23,8 @@ const HOSTNAME: &str = "stork-e2e-sb";
 fn secure_boot_enforced_netboots_shim_grub_and_the_agent_and_deploys_a_system_that_keeps_it() {
     require_boot_files(&["shimx64.efi", "grubx64.efi"]);
     let spec = os_machine("sb1", MAC, Firmware::UefiSecureBoot, 4 << 30);
-    let mut s = Scenario::with_config("secure-boot", spec, "[boot]\nsecure_boot = true\n").unwrap();
+    let mut s = Scenario::new("secure-boot", spec, None).unwrap();
+    s.tags = vec!["secure-boot"];
     if let Err(e) = run(&mut s) {
         s.fail(e);
     }

@@ -19,6 +19,7 @@ use super::ha::HaState;
 use super::journal::Record;
 use super::pool::{DeclineRefused, Pool, PoolError};
 use crate::config::{DhcpConfig, DhcpMode, SubnetConfig};
+use crate::lifecycle::secure_boot::SignedBoot;
 use crate::ratelimit::{Bucket, RateLimiter};
 
 /// Everything the handler needs to know about this server.
@@ -28,19 +29,25 @@ pub struct ServerInfo {
     /// e.g. `http://10.77.0.1:8080`.
     pub http_base: String,
     pub dhcp: DhcpConfig,
-    /// UEFI PXE clients get the signed chain (`boot.secure_boot`).
-    pub secure_boot: bool,
+    /// Which UEFI PXE clients get the signed chain.
+    pub signed: std::sync::Arc<SignedBoot>,
 }
 
 impl ServerInfo {
-    /// What the handler needs from the validated configuration.
+    /// What the handler needs from the validated configuration (the signed chain for every
+    /// UEFI PXE client or none, as `boot.secure_boot` says).
     pub fn new(cfg: &crate::config::Config) -> Self {
         Self {
             server_ip: cfg.address,
             http_base: cfg.base_url(),
             dhcp: cfg.dhcp.clone(),
-            secure_boot: cfg.boot.secure_boot,
+            signed: std::sync::Arc::new(SignedBoot::new(cfg.boot.secure_boot)),
         }
+    }
+
+    /// With the machines that boot signed as the appliance follows them.
+    pub fn with_signed(self, signed: std::sync::Arc<SignedBoot>) -> Self {
+        Self { signed, ..self }
     }
 }
 
@@ -527,7 +534,8 @@ impl Ctx<'_> {
             return None;
         }
         let script = format!("{}/ipxe/{}", self.info.http_base, self.mac);
-        client::boot_file(kind, &script, &self.info.http_base, self.info.secure_boot)
+        let signed = self.info.signed.wants(self.mac);
+        client::boot_file(kind, &script, &self.info.http_base, signed)
     }
 }
 
@@ -620,12 +628,7 @@ mod tests {
             .unwrap()
             .validate()
             .unwrap();
-        Handler::new(ServerInfo {
-            server_ip: cfg.address,
-            http_base: cfg.base_url(),
-            secure_boot: cfg.boot.secure_boot,
-            dhcp: cfg.dhcp,
-        })
+        Handler::new(ServerInfo::new(&cfg))
     }
 
     fn handler() -> Handler {
@@ -1458,6 +1461,30 @@ ranges = [["10.78.0.50", "10.78.0.60"]]
         let mut h = handler();
         let offer = reply(h.handle(&ovmf_discover(), SystemTime::UNIX_EPOCH));
         assert_eq!(opt_bytes(&offer.msg, OptionCode::ClassIdentifier), None);
+        assert_eq!(
+            opt_bytes(&offer.msg, OptionCode::BootfileName),
+            Some(b"snponly.efi".to_vec())
+        );
+    }
+
+    #[test]
+    fn machines_that_boot_signed_get_shim_and_the_others_ipxe() {
+        let cfg = FileConfig::default().validate().unwrap();
+        let signed = std::sync::Arc::new(SignedBoot::default());
+        let mut tagged = crate::store::Machine::new("m".into(), vec![], 0);
+        tagged.macs = vec![stork_proto::MacAddr([0x52, 0x54, 0, 0, 0, 5])];
+        tagged.tags = vec![crate::lifecycle::secure_boot::TAG.into()];
+        signed.note(&tagged);
+        let mut h = Handler::new(ServerInfo::new(&cfg).with_signed(signed));
+        let t = SystemTime::UNIX_EPOCH;
+        let offer = reply(h.handle(&ovmf_discover(), t));
+        assert_eq!(
+            opt_bytes(&offer.msg, OptionCode::BootfileName),
+            Some(b"shimx64.efi".to_vec())
+        );
+        let mut other = ovmf_discover();
+        other.set_chaddr(&[0x52, 0x54, 0, 0, 0, 6]);
+        let offer = reply(h.handle(&other, t));
         assert_eq!(
             opt_bytes(&offer.msg, OptionCode::BootfileName),
             Some(b"snponly.efi".to_vec())

@@ -62,7 +62,8 @@ pub struct ServerInfo {
     pub duid: Vec<u8>,
     /// The HTTP port boot URLs use.
     pub http_port: u16,
-    pub secure_boot: bool,
+    /// Which UEFI PXE clients get the signed chain.
+    pub signed: std::sync::Arc<crate::lifecycle::secure_boot::SignedBoot>,
 }
 
 impl ServerInfo {
@@ -443,7 +444,8 @@ impl Handler {
             None if kind == ClientKind::Ipxe => return,
             None => String::new(),
         };
-        let Some(answer) = client::boot_file(kind, &script, &base, self.info.secure_boot) else {
+        let signed = mac.is_some_and(|m| self.info.signed.wants(m));
+        let Some(answer) = client::boot_file(kind, &script, &base, signed) else {
             return;
         };
         let url = if answer.file.contains("://") {
@@ -572,7 +574,7 @@ mod tests {
             },
             duid: duid_ll([2, 0, 0, 0, 0, 1]),
             http_port: 8080,
-            secure_boot: false,
+            signed: Default::default(),
         })
     }
 

@@ -278,6 +278,7 @@ async fn create_machine(
     }
     m.site = req.site.or_else(|| s.controller.site().map(str::to_string));
     let saved = s.controller.create_machine(m, &caller.actor).await?;
+    s.signed.note(&saved);
     Ok((StatusCode::CREATED, Json(saved.redacted())))
 }
 

@@ -44,6 +44,8 @@ pub struct AppState {
     pub agent_limiter: Arc<std::sync::Mutex<crate::ratelimit::RateLimiter<std::net::IpAddr>>>,
     /// The agent's ephemeral root and its sha256, as boot scripts and GRUB configs name it.
     pub ephemeral: Arc<script::Ephemeral>,
+    /// Which machines' UEFI PXE boots get the signed chain (shim, GRUB), as DHCP answers.
+    pub signed: Arc<crate::lifecycle::secure_boot::SignedBoot>,
 }
 
 impl AppState {

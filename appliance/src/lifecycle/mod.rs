@@ -11,6 +11,7 @@ pub mod command;
 pub mod config;
 pub mod controller;
 pub mod records;
+pub mod secure_boot;
 
 use serde::{Deserialize, Serialize};
 
