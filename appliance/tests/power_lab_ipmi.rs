@@ -85,6 +85,17 @@ fn vm_powered_by_ipmi_pxe_boots_enlists_and_is_powered_off_by_ipmi() {
     }
 }
 
+/// QEMU's pid once `ipmi_sim` has started it: the BMC acknowledges a power-on before its
+/// chassis command has run (CI saw the second power-on's QEMU start 40 ms after the answer).
+fn started_qemu(sim: &IpmiSim) -> Result<i32> {
+    wait_for(
+        "ipmi_sim to start QEMU",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || Ok(sim.vm_pid()),
+    )
+}
+
 fn run(lab: &Lab, appliance: &mut Appliance, sim: &IpmiSim, driver: &IpmiDriver) -> Result<()> {
     // Off at first: nothing runs until the BMC is told.
     let state = in_lab(lab, async |d| d.query().await, driver)??;
@@ -108,9 +119,7 @@ fn run(lab: &Lab, appliance: &mut Appliance, sim: &IpmiSim, driver: &IpmiDriver)
     if in_lab(lab, async |d| d.query().await, driver)?? != PowerState::On {
         bail!("the BMC does not report the VM on after power-on");
     }
-    if sim.vm_pid().is_none() {
-        bail!("power-on did not start QEMU");
-    }
+    started_qemu(sim).context("power-on did not start QEMU")?;
     if !sim
         .ipmitool(&["chassis", "power", "status"])?
         .contains("is on")
@@ -128,11 +137,13 @@ fn run(lab: &Lab, appliance: &mut Appliance, sim: &IpmiSim, driver: &IpmiDriver)
             if let Some(status) = appliance.exited() {
                 bail!("stork serve exited: {status}");
             }
+            // QEMU first, then the machines: the agent enlists and then powers off.
+            let running = sim.vm_pid().is_some();
             let found = appliance
                 .machines()?
                 .into_iter()
                 .find(|m| m.boot_mac == Some(mac));
-            if found.is_none() && sim.vm_pid().is_none() {
+            if found.is_none() && !running {
                 bail!("the VM stopped before it enlisted");
             }
             Ok(found)
@@ -149,7 +160,7 @@ fn run(lab: &Lab, appliance: &mut Appliance, sim: &IpmiSim, driver: &IpmiDriver)
 
     // Second boot, cut short by Stork's IPMI power off (hard).
     in_lab(lab, async |d| d.power_on().await, driver)??;
-    let pid = sim.vm_pid().context("second power-on did not start QEMU")?;
+    let pid = started_qemu(sim).context("second power-on did not start QEMU")?;
     in_lab(lab, async |d| d.power_off(false).await, driver)??;
     if std::path::Path::new(&format!("/proc/{pid}")).exists() && sim.vm_pid() == Some(pid) {
         bail!("QEMU {pid} still runs after the IPMI power off");
