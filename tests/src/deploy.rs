@@ -290,6 +290,26 @@ impl Scenario {
         Ok(pid)
     }
 
+    /// Deploys [`IMAGE`] into memory with `hostname`, waits for Deployed (the OS phoned
+    /// home) and logs in over SSH to check the hostname; returns the machine's address.
+    pub fn deploy_in_memory_and_log_in(&mut self, id: &str, hostname: &str) -> Result<String> {
+        self.deploy(id, DeployTarget::Memory, hostname)?;
+        self.wait_status(
+            id,
+            Status::Deployed,
+            &[Status::Deploying],
+            Duration::from_secs(600),
+        )?;
+        self.phase_done("deploy in memory (to phone-home)");
+        let ip = self.leased_ip()?;
+        let got = self.ssh_when_up(&ip, "hostname")?;
+        if got.trim() != hostname {
+            bail!("over SSH the hostname is {got:?}, wanted {hostname:?}");
+        }
+        self.say(&format!("ssh {ip}: hostname {hostname}"));
+        Ok(ip)
+    }
+
     /// Waits until the machine's QEMU has stopped.
     pub fn wait_off(&self, what: &str, timeout: Duration) -> Result<()> {
         wait_for(what, timeout, Duration::from_millis(200), || {

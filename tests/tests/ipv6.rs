@@ -14,10 +14,7 @@
 //! durability against `kill -9` with `dhclient -6`.
 
 use anyhow::{Result, bail};
-use std::time::Duration;
 use stork_lab::Firmware;
-use stork_proto::DeployTarget;
-use stork_proto::api::Status;
 use stork_tests::deploy::{Scenario, deploy_to_disk_and_log_in, os_machine};
 use stork_tests::require_boot_files;
 
@@ -70,19 +67,7 @@ fn uefi_vm_on_an_ipv6_only_network_pxe_boots_over_ipv6_and_deploys_in_memory() {
         let id = s.add_and_enlist()?;
         booted_over_ipv6(&s)?;
         s.commission(&id)?;
-        s.deploy(&id, DeployTarget::Memory, "stork-e2e-v6-mem")?;
-        s.wait_status(
-            &id,
-            Status::Deployed,
-            &[Status::Deploying],
-            Duration::from_secs(600),
-        )?;
-        s.phase_done("deploy in memory (to phone-home)");
-        let ip = s.leased_ip()?;
-        let got = s.ssh_when_up(&ip, "hostname")?;
-        if got.trim() != "stork-e2e-v6-mem" {
-            bail!("over SSH the hostname is {got:?}");
-        }
+        s.deploy_in_memory_and_log_in(&id, "stork-e2e-v6-mem")?;
         let stats = s.appliance.stats()?;
         if stats.counter("tftp", "requests").unwrap_or(0) == 0 {
             bail!("OVMF's IPv6 PXE fetched nothing over TFTP: {stats:#?}");

@@ -9,10 +9,7 @@
 //! TFTP at each of its network boots.)
 
 use anyhow::{Result, bail};
-use std::time::Duration;
 use stork_lab::Firmware;
-use stork_proto::DeployTarget;
-use stork_proto::api::Status;
 use stork_proto::inventory::Firmware as RecordedFirmware;
 use stork_tests::deploy::{Scenario, os_machine};
 use stork_tests::require_boot_files;
@@ -42,20 +39,7 @@ fn run(s: &mut Scenario) -> Result<()> {
         bail!("firmware recorded as {firmware:?}");
     }
     s.commission(&id)?;
-    s.deploy(&id, DeployTarget::Memory, HOSTNAME)?;
-    s.wait_status(
-        &id,
-        Status::Deployed,
-        &[Status::Deploying],
-        Duration::from_secs(600),
-    )?;
-    s.phase_done("deploy in memory (to phone-home)");
-    let ip = s.leased_ip()?;
-    let got = s.ssh_when_up(&ip, "hostname")?;
-    if got.trim() != HOSTNAME {
-        bail!("over SSH the hostname is {got:?}, wanted {HOSTNAME:?}");
-    }
-    s.say(&format!("ssh {ip}: hostname {HOSTNAME}"));
+    s.deploy_in_memory_and_log_in(&id, HOSTNAME)?;
 
     // Every network boot was an HTTP boot: the console (OVMF writes to the serial port)
     // shows one per power-on (enlist, commission, deploy) and no PXE, and the TFTP server
