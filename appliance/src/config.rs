@@ -487,9 +487,7 @@ impl Config {
     /// (with `[dhcp6]` on) the DHCPv6 address, else the IPv4 one.
     pub fn address_for(&self, peer: IpAddr) -> IpAddr {
         match crate::lifecycle::boot::canonical(peer) {
-            IpAddr::V6(_) if self.dhcp6.mode != crate::dhcp6::Mode::Off => {
-                IpAddr::V6(self.dhcp6.address)
-            }
+            IpAddr::V6(_) if self.dhcp6.serves() => IpAddr::V6(self.dhcp6.address),
             _ => IpAddr::V4(self.address),
         }
     }
@@ -508,7 +506,7 @@ impl Config {
     /// the same port, IPv6 only, beside a listener on every IPv4 address (an IPv4 peer
     /// keeps its IPv4 address; a listener on one address has no twin).
     pub fn ipv6_twin(&self, listen: SocketAddr) -> Option<SocketAddr> {
-        (self.dhcp6.mode != crate::dhcp6::Mode::Off && listen.ip() == Ipv4Addr::UNSPECIFIED)
+        (self.dhcp6.serves() && listen.ip() == Ipv4Addr::UNSPECIFIED)
             .then(|| SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), listen.port()))
     }
     pub fn boot_dir(&self) -> PathBuf {

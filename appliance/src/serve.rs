@@ -262,7 +262,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
     }
 
     // Beside DHCPv4 ("no IPv6 here", so iPXE stops waiting) or DHCPv6 (the M and O flags).
-    if cfg.dhcp.ipv6_ra && (cfg.dhcp.serves() || cfg.dhcp6.mode != crate::dhcp6::Mode::Off) {
+    if cfg.dhcp.ipv6_ra && (cfg.dhcp.serves() || cfg.dhcp6.serves()) {
         let interface = cfg.interface.clone();
         let (prefix, len) = (cfg.dhcp6.network(), cfg.dhcp6.prefix_len);
         let ipv6 = match cfg.dhcp6.mode {
@@ -287,7 +287,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         );
     }
 
-    if cfg.dhcp6.mode != crate::dhcp6::Mode::Off {
+    if cfg.dhcp6.serves() {
         let socket = Prebound::new({
             let interface = cfg.interface.clone();
             move || {

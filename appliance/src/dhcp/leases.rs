@@ -69,6 +69,14 @@ impl Leases {
         }
     }
 
+    /// Puts back a DHCPv6 lease read from the lease file at start.
+    pub fn set6(&self, mac: MacAddr, addr: Ipv6Addr) {
+        self.by_mac6
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(mac, addr);
+    }
+
     /// The IPv6 address this server's DHCPv6 leased to `mac`, if it did.
     pub fn of6(&self, mac: MacAddr) -> Option<Ipv6Addr> {
         self.by_mac6

@@ -48,6 +48,11 @@ pub enum Mode {
 }
 
 impl Dhcp6Config {
+    /// Whether DHCPv6 runs at all (full or stateless).
+    pub fn serves(&self) -> bool {
+        self.mode != Mode::Off
+    }
+
     /// The provisioning network's prefix: `address` with the host bits cleared.
     pub fn network(&self) -> Ipv6Addr {
         Ipv6Addr::from(u128::from(self.address) & mask(self.prefix_len))

@@ -17,7 +17,6 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 
 pub use handler::{Dhcp6Config, Handler, Ignored, Mode, ServerInfo};
-use leases::Change;
 
 use crate::config::ConfigError;
 
@@ -252,13 +251,9 @@ pub async fn run(
         .map(crate::ratelimit::RateLimiter::<std::net::IpAddr>::new);
     let mut handler = Handler::new(info);
     for lease in restored {
-        shared.apply6(&[Change::Bound {
-            duid: Vec::new(),
-            iaid: lease.iaid,
-            addr: lease.addr,
-            expires: lease.expires,
-            mac: lease.mac,
-        }]);
+        if let Some(mac) = lease.mac {
+            shared.set6(mac, lease.addr);
+        }
         handler.pool.restore(lease);
     }
     // Moved to the blocking pool for each write and back: one write at a time, in order.
