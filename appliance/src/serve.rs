@@ -261,9 +261,12 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         crate::dhcp::neighbours::ensure(&cfg.dhcp);
     }
 
+    // DHCPv6 names UEFI HTTP boot clients that need a router to the RA service.
+    let (router_hints, _) = tokio::sync::broadcast::channel::<std::net::Ipv6Addr>(64);
     // Beside DHCPv4 ("no IPv6 here", so iPXE stops waiting) or DHCPv6 (the M and O flags).
     if cfg.dhcp.ipv6_ra && (cfg.dhcp.serves() || cfg.dhcp6.serves()) {
         let interface = cfg.interface.clone();
+        let hints = router_hints.clone();
         let (prefix, len) = (cfg.dhcp6.network(), cfg.dhcp6.prefix_len);
         let ipv6 = match cfg.dhcp6.mode {
             crate::dhcp6::Mode::Full => dhcp::ra::Ipv6Service::Managed { prefix, len },
@@ -273,9 +276,9 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         service(
             "ipv6_ra",
             Box::new(move || {
-                let interface = interface.clone();
+                let (interface, hints) = (interface.clone(), hints.subscribe());
                 Box::pin(async move {
-                    if let Err(e) = dhcp::ra::run(interface, ipv6).await {
+                    if let Err(e) = dhcp::ra::run(interface, ipv6, hints).await {
                         // Booting still works without: iPXE just waits longer.
                         tracing::warn!(error = %e, "no IPv6 router advertisements");
                     }
@@ -299,10 +302,12 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         let stats = state.dhcp6_stats.clone();
         let leases_path = crate::dhcp6::leases_path(&cfg.data_dir);
         let shared = state.leases.clone();
+        let router_hints = router_hints.clone();
         service(
             "dhcp6",
             Box::new(move || {
                 let (socket, cfg6, stats) = (socket.clone(), cfg6.clone(), stats.clone());
+                let router_hints = router_hints.clone();
                 let (leases, shared, signed) =
                     (leases_path.clone(), shared.clone(), signed.clone());
                 Box::pin(async move {
@@ -313,7 +318,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
                         http_port,
                         signed,
                     };
-                    crate::dhcp6::run(sock, info, leases, stats, shared)
+                    crate::dhcp6::run(sock, info, leases, stats, shared, router_hints)
                         .await
                         .context("DHCPv6 service")
                 })

@@ -22,9 +22,22 @@ pub enum Firmware {
     /// (`OVMF_VARS_4M.ms.fd`), no NIC ROM (iPXE is not signed): firmware PXE runs only what
     /// Microsoft's or a shim's trusted keys signed.
     UefiSecureBoot,
-    /// OVMF with no NIC ROM and only its IPv6 network boot (PXEv6, HTTPv6; IPv4 PXE off):
-    /// a server on an IPv6-only provisioning network.
+    /// OVMF with no NIC ROM and its IPv4 PXE off: PXEv6 is its first network boot, as on a
+    /// server on an IPv6-only provisioning network.
     UefiIpv6,
+    /// OVMF with no NIC ROM and both PXEs off: UEFI HTTP boot only. Its HTTPv4 attempt comes
+    /// first and times out (about 60 s) on an IPv6-only network, then HTTPv6 boots. Without
+    /// that wait EDK2 (2022.11 to 2025.02) fails HTTPv6 at once: `HttpBootDhcp6Sarr` starts
+    /// DHCPv6 while its link-local address is still tentative and does not retry on
+    /// `EFI_NO_MAPPING` (docs/measurements.md).
+    UefiHttpIpv6,
+}
+
+impl Firmware {
+    /// Whether OVMF runs its IPv6 network boot (and not its IPv4 one).
+    pub fn ipv6(self) -> bool {
+        matches!(self, Self::UefiIpv6 | Self::UefiHttpIpv6)
+    }
 }
 
 impl Firmware {
@@ -300,7 +313,8 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
         Firmware::Uefi { .. }
         | Firmware::UefiHttp
         | Firmware::UefiSecureBoot
-        | Firmware::UefiIpv6 => {
+        | Firmware::UefiIpv6
+        | Firmware::UefiHttpIpv6 => {
             let nic_rom = m.firmware == (Firmware::Uefi { nic_rom: true });
             let vars = m
                 .vars
@@ -310,7 +324,7 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
             } else {
                 format!("{nic},romfile=")
             };
-            if m.firmware != Firmware::UefiIpv6 {
+            if !m.firmware.ipv6() {
                 argv.extend([
                     // No IPv6 network boot (as on most servers): OVMF tries every boot option
                     // of the NIC before the disk, and PXEv6 and HTTPv6 each wait out DHCPv6,
@@ -322,10 +336,16 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
                     "name=opt/org.tianocore/IPv6Support,string=n".to_string(),
                 ]);
             }
-            if matches!(m.firmware, Firmware::UefiHttp | Firmware::UefiIpv6) {
+            if matches!(m.firmware, Firmware::UefiHttp) || m.firmware.ipv6() {
                 argv.extend([
                     "-fw_cfg".to_string(),
                     "name=opt/org.tianocore/IPv4PXESupport,string=n".to_string(),
+                ]);
+            }
+            if m.firmware == Firmware::UefiHttpIpv6 {
+                argv.extend([
+                    "-fw_cfg".to_string(),
+                    "name=opt/org.tianocore/IPv6PXESupport,string=n".to_string(),
                 ]);
             }
             if m.firmware == Firmware::UefiSecureBoot {
@@ -437,7 +457,8 @@ pub(crate) fn ovmf_vars(
         Firmware::Uefi { .. }
         | Firmware::UefiHttp
         | Firmware::UefiSecureBoot
-        | Firmware::UefiIpv6 => {
+        | Firmware::UefiIpv6
+        | Firmware::UefiHttpIpv6 => {
             let vars = dir.join("OVMF_VARS.fd");
             if !(keep && vars.exists()) {
                 std::fs::copy(vars_template, &vars).with_context(|| {

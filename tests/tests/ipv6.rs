@@ -10,7 +10,12 @@
 //! - A UEFI machine (OVMF, its IPv6 PXE on) boots `snponly.efi` over TFTP on IPv6, then
 //!   iPXE's script over HTTP, enlists, commissions and deploys into memory to Deployed.
 //!
-//! The two run side by side (two tests, two labs). `dhcp6.rs` proves the lease file's
+//! - A UEFI machine with PXE off (OVMF's HTTP boot only) takes a DHCPv6 lease with the boot
+//!   URL (option 59, vendor class `HTTPClient`), is sent the appliance as its router
+//!   (`dhcp::ra::router_hint`: EDK2 has no route to an on-link server otherwise), fetches
+//!   `snponly.efi` by UEFI HTTP boot over IPv6 and enlists.
+//!
+//! The three run side by side (three tests, three labs). `dhcp6.rs` proves the lease file's
 //! durability against `kill -9` with `dhclient -6`.
 
 use anyhow::{Result, bail};
@@ -78,4 +83,40 @@ fn uefi_vm_on_an_ipv6_only_network_pxe_boots_over_ipv6_and_deploys_in_memory() {
         s.fail(e);
     }
     eprintln!("phases (OVMF PXE over IPv6, in memory):\n{}", s.timings());
+}
+
+#[test]
+#[ignore = "needs root, QEMU, OVMF, ipmi_sim and built images: run `cargo xtask test`"]
+fn uefi_vm_with_pxe_off_http_boots_over_ipv6_and_enlists() {
+    require_boot_files(&["snponly.efi"]);
+    let spec = os_machine(
+        "v6http",
+        "52:54:00:77:06:03",
+        Firmware::UefiHttpIpv6,
+        1 << 30,
+    );
+    let mut s = Scenario::ipv6_only("ipv6-http", spec, CONFIG).unwrap();
+    let result = (|| -> Result<()> {
+        s.add_and_enlist()?;
+        booted_over_ipv6(&s)?;
+        let console =
+            String::from_utf8_lossy(&std::fs::read(&s.machine.paths.console)?).into_owned();
+        if !console.contains("Start HTTP Boot over IPv6") || console.contains("Start PXE") {
+            bail!("the firmware did not boot by UEFI HTTP boot over IPv6 alone");
+        }
+        // The firmware itself fetched iPXE over IPv6 (its console names the URL it took).
+        if !console.contains("URI: http://[fd77::1]:8080/boot/snponly.efi") {
+            bail!("the firmware did not take the IPv6 boot URL");
+        }
+        let stats = s.appliance.stats()?;
+        let tftp = stats.counter("tftp", "requests").unwrap_or(0);
+        if tftp != 0 {
+            bail!("{tftp} TFTP requests from a machine that boots over HTTP only");
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        s.fail(e);
+    }
+    eprintln!("phases (OVMF HTTP boot over IPv6):\n{}", s.timings());
 }

@@ -13,9 +13,11 @@
 //! [`MIN_INTERVAL`]: RFC 4861 section 6.2.6 asks for a random delay of up to 0.5 s and 3 s
 //! between multicast answers, which would cost every booting machine that time; an
 //! advertisement that configures nothing is harmless to repeat. One unsolicited
-//! advertisement goes out every [`PERIOD`] as well.
+//! advertisement goes out every [`PERIOD`] as well, unless DHCPv6 is on ([`answers`]).
+//!
+//! UEFI HTTP boot clients get one more kind, unicast after DHCPv6 leased them an address:
+//! [`router_hint`], which says why.
 
-use std::io::Read;
 use std::net::{Ipv6Addr, SocketAddrV6};
 use std::time::{Duration, Instant};
 
@@ -30,6 +32,8 @@ const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 const ALL_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
 pub const MIN_INTERVAL: Duration = Duration::from_millis(200);
 pub const PERIOD: Duration = Duration::from_secs(60);
+/// No periodic advertisement (a day between them: tokio's timer has no "never").
+const NEVER: Duration = Duration::from_secs(86_400);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RaError {
@@ -85,6 +89,33 @@ pub fn advertisement_for(mac: Option<[u8; 6]>, service: Ipv6Service) -> Vec<u8> 
     p
 }
 
+/// RFC 4191 default router preference "low" (Prf = 11): a host with another router
+/// prefers that one.
+const PREFERENCE_LOW: u8 = 0x18;
+/// Router lifetime in a [`router_hint`]: longer than any firmware's HTTP download.
+const HINT_LIFETIME: u16 = 600;
+/// A hint goes out this many times, this far apart: EDK2 looks for a route for 10 s after
+/// its lease, and one datagram may be lost.
+const HINT_REPEATS: usize = 3;
+const HINT_EVERY: Duration = Duration::from_secs(2);
+/// Clients waiting for a repeated hint; more are dropped (DHCPv6 rate-limits each one).
+const MAX_PENDING_HINTS: usize = 256;
+
+/// The advertisement sent to one UEFI HTTP boot client (EDK2) after DHCPv6 leased it an
+/// address: this appliance as a default router (low preference), nothing else (M = 0,
+/// O = 0, no prefix). EDK2 2022.11 sets its leased address with prefix length 0 and takes
+/// as its gateway the first route to the server it finds, longest prefix first: without
+/// a default router there is no route to the server; with an on-link prefix that route's
+/// gateway is `::` and it again has none (docs/measurements.md). Sent only to the client
+/// (unicast), after its lease: an M flag before its own DHCPv6 would start the
+/// firmware's other DHCPv6 client, which takes the lease and leaves HTTP boot with none.
+pub fn router_hint(mac: Option<[u8; 6]>) -> Vec<u8> {
+    let mut p = advertisement(mac);
+    p[5] = PREFERENCE_LOW;
+    p[6..8].copy_from_slice(&HINT_LIFETIME.to_be_bytes());
+    p
+}
+
 /// The advertisement: no managed or other configuration, router lifetime 0, no prefix;
 /// the checksum is left to the kernel (raw ICMPv6 sockets always fill it in).
 pub fn advertisement(mac: Option<[u8; 6]>) -> Vec<u8> {
@@ -123,13 +154,52 @@ fn sysfs(interface: &str, what: &'static str) -> Result<String, RaError> {
         })
 }
 
+/// One datagram from the raw socket and its source address.
+fn recv_from(sock: &Socket, buf: &mut [u8]) -> std::io::Result<(usize, Option<Ipv6Addr>)> {
+    use std::os::fd::AsRawFd;
+    let (n, from) =
+        nix::sys::socket::recvfrom::<nix::sys::socket::SockaddrIn6>(sock.as_raw_fd(), buf)?;
+    Ok((n, from.map(|a| a.ip())))
+}
+
+/// Whether a solicitation from `from` gets an answer. Not this host's own (its kernel
+/// solicits when the link comes up, just as a lab's first machine starts). With DHCPv6 on,
+/// not one from the unspecified address either: EDK2 sends that as its network boot
+/// starts, and the answer's M flag starts the firmware's other DHCPv6 client, which takes
+/// the lease and leaves UEFI HTTP boot without one (docs/measurements.md). Hosts solicit
+/// again from their link-local address, and [`router_hint`] serves EDK2.
+fn answers(service: Ipv6Service, from: Ipv6Addr, interface: &str) -> bool {
+    if from.is_unspecified() {
+        return service == Ipv6Service::None;
+    }
+    !own_address(interface, from)
+}
+
+/// Whether `addr` is one of `interface`'s own IPv6 addresses (`/proc/net/if_inet6`: 32 hex
+/// digits, index, prefix length, scope, flags, name).
+fn own_address(interface: &str, addr: Ipv6Addr) -> bool {
+    let hex = format!("{:032x}", u128::from(addr));
+    std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|t| {
+        t.lines().any(|l| {
+            let mut f = l.split_whitespace();
+            f.next() == Some(hex.as_str()) && f.last() == Some(interface)
+        })
+    })
+}
+
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
     s.parse::<stork_proto::MacAddr>().ok().map(|m| m.0)
 }
 
-/// Answers router solicitations on `interface` until the task is cancelled. Fails only at
-/// start (no such interface, no IPv6); the caller logs that and carries on without.
-pub async fn run(interface: String, service: Ipv6Service) -> Result<(), RaError> {
+/// Answers router solicitations on `interface` until the task is cancelled, and sends
+/// [`router_hint`] to each link-local address that comes on `hints`. Fails only at start
+/// (no such interface, no IPv6); the caller logs that and carries on without.
+pub async fn run(
+    interface: String,
+    service: Ipv6Service,
+    hints: tokio::sync::broadcast::Receiver<Ipv6Addr>,
+) -> Result<(), RaError> {
+    let mut hints = Some(hints);
     let ifindex: u32 = sysfs(&interface, "ifindex")?
         .parse()
         .map_err(|_| RaError::Interface {
@@ -155,46 +225,99 @@ pub async fn run(interface: String, service: Ipv6Service) -> Result<(), RaError>
     // SAFETY: the AsyncFd owns the socket, so its descriptor stays open and the same for
     // the AsyncFd's whole life.
     let fd = unsafe { AsyncFd::register(sock) }.map_err(|e| err(e.into()))?;
-    let to = SockAddr::from(SocketAddrV6::new(ALL_NODES, 0, 0, ifindex));
+    let all_nodes = SockAddr::from(SocketAddrV6::new(ALL_NODES, 0, 0, ifindex));
     let ra = advertisement_for(mac, service);
+    let hint = router_hint(mac);
     tracing::info!(%interface, ?service, "answering IPv6 router solicitations");
 
-    let send = |why: &str| match fd.get_ref().send_to(&ra, &to) {
-        Ok(_) => tracing::debug!(%interface, why, "router advertisement sent"),
+    let send = |what: &[u8], to: &SockAddr, why: &str| match fd.get_ref().send_to(what, to) {
+        Ok(_) => {
+            tracing::debug!(%interface, why, to = ?to.as_socket(), "router advertisement sent")
+        }
         Err(e) => tracing::warn!(%interface, error = %e, "router advertisement failed"),
     };
     // Nothing is sent at start: the interface's link-local address may still be tentative.
     let mut last = Instant::now();
+    // With DHCPv6 on, only solicitations are answered: an unsolicited M flag may reach an
+    // EDK2 HTTP boot client before its DHCPv6 ([`answers`]).
+    let period = match service {
+        Ipv6Service::None => PERIOD,
+        Ipv6Service::Managed { .. } | Ipv6Service::Other { .. } => NEVER,
+    };
+    let mut next_periodic = last + period;
+    // Hints still to repeat: (when, to whom, how many sent).
+    let mut pending: Vec<(Instant, Ipv6Addr, usize)> = Vec::new();
     let mut buf = [0u8; 1500];
     loop {
-        let readable = tokio::time::timeout(PERIOD, fd.readable()).await;
-        let Ok(guard) = readable else {
-            send("periodic");
-            last = Instant::now();
-            continue;
-        };
-        let mut guard = match guard {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::warn!(%interface, error = %e, "ICMPv6 socket failed; no more router advertisements");
-                return Ok(());
-            }
-        };
-        // Drain everything queued; answer once if any of it was a solicitation.
-        let mut solicited = false;
-        loop {
-            match guard.try_io(|inner| (&mut inner.get_ref()).read(&mut buf)) {
-                Ok(Ok(n)) => solicited |= n >= 8 && buf[0] == ROUTER_SOLICITATION,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "ICMPv6 receive failed");
-                    break;
+        let due = pending
+            .iter()
+            .map(|p| p.0)
+            .min()
+            .map_or(next_periodic, |d| d.min(next_periodic));
+        tokio::select! {
+            readable = fd.readable() => {
+                let mut guard = match readable {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::warn!(%interface, error = %e, "ICMPv6 socket failed; no more router advertisements");
+                        return Ok(());
+                    }
+                };
+                // Drain everything queued; answer once if any of it was a solicitation to
+                // answer ([`answers`]).
+                let mut solicited = false;
+                loop {
+                    match guard.try_io(|inner| recv_from(inner.get_ref(), &mut buf)) {
+                        Ok(Ok((n, from))) => {
+                            solicited |= n >= 8
+                                && buf[0] == ROUTER_SOLICITATION
+                                && from.is_some_and(|a| answers(service, a, &interface));
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "ICMPv6 receive failed");
+                            break;
+                        }
+                        Err(_would_block) => break,
+                    }
                 }
-                Err(_would_block) => break,
+                if solicited && last.elapsed() >= MIN_INTERVAL {
+                    send(&ra, &all_nodes, "solicited");
+                    last = Instant::now();
+                    next_periodic = last + period;
+                }
             }
-        }
-        if solicited && last.elapsed() >= MIN_INTERVAL {
-            send("solicited");
-            last = Instant::now();
+            hinted = async {
+                match hints.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => match hinted {
+                Ok(to) if to.is_unicast_link_local() && pending.len() < MAX_PENDING_HINTS => {
+                    pending.retain(|p| p.1 != to);
+                    pending.push((Instant::now(), to, 0));
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::debug!(skipped = n, "router hints lagged");
+                }
+                // DHCPv6 stopped: carry on answering solicitations.
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => hints = None,
+            },
+            () = tokio::time::sleep_until(due.into()) => {
+                let now = Instant::now();
+                if now >= next_periodic {
+                    send(&ra, &all_nodes, "periodic");
+                    last = now;
+                    next_periodic = now + period;
+                }
+                for p in pending.iter_mut().filter(|p| p.0 <= now) {
+                    let to = SockAddr::from(SocketAddrV6::new(p.1, 0, 0, ifindex));
+                    send(&hint, &to, "router hint");
+                    p.2 += 1;
+                    p.0 = now + HINT_EVERY;
+                }
+                pending.retain(|p| p.2 < HINT_REPEATS);
+            }
         }
     }
 }
@@ -236,5 +359,30 @@ mod tests {
             advertisement_for(None, Ipv6Service::None),
             advertisement(None)
         );
+    }
+
+    #[test]
+    fn own_addresses_are_known_by_interface() {
+        let lo = "::1".parse().unwrap();
+        // Only where the loopback has IPv6 (it has on Linux unless disabled).
+        if std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|t| t.contains(" lo\n")) {
+            assert!(own_address("lo", lo));
+        }
+        assert!(!own_address("no-such-if", lo));
+        assert!(!own_address("lo", "fe80::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_router_hint_names_a_default_router_and_nothing_else() {
+        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        let p = router_hint(Some(mac));
+        assert_eq!(p.len(), 24, "no prefix option");
+        assert_eq!(p[5], 0x18, "M and O clear, preference low");
+        assert_eq!(
+            &p[6..8],
+            &600u16.to_be_bytes(),
+            "a default router for 10 minutes"
+        );
+        assert_eq!(&p[16..24], &[1, 1, 0x52, 0x54, 0, 1, 2, 3]);
     }
 }

@@ -268,6 +268,25 @@ pub struct Handler {
     pub pool: Pool,
 }
 
+/// What one client message produced.
+#[derive(Debug)]
+pub struct Handled {
+    /// The reply, encoded.
+    pub reply: Vec<u8>,
+    /// Lease changes to make durable before the reply is sent.
+    pub changes: Vec<Change>,
+    /// The client is UEFI HTTP boot (EDK2) and now holds an address: it reaches its
+    /// server only through a default router, so it should be sent one
+    /// ([`crate::dhcp::ra::router_hint`]).
+    pub router_hint: bool,
+}
+
+impl Handled {
+    pub fn into_pair(self) -> (Vec<u8>, Vec<Change>) {
+        (self.reply, self.changes)
+    }
+}
+
 impl Handler {
     pub fn new(info: ServerInfo) -> Self {
         Self {
@@ -279,7 +298,7 @@ impl Handler {
     /// The reply to `bytes` (a client message) at `now` (Unix seconds), encoded, and the
     /// lease changes to make durable before it is sent.
     pub fn handle(&mut self, bytes: &[u8], now: u64) -> Result<(Vec<u8>, Vec<Change>), Ignored> {
-        self.handle_from(bytes, now, None)
+        self.handle_from(bytes, now, None).map(Handled::into_pair)
     }
 
     /// [`Handler::handle`] for a message sent from `peer`: a client whose DUID carries no
@@ -289,16 +308,26 @@ impl Handler {
         bytes: &[u8],
         now: u64,
         peer: Option<Ipv6Addr>,
-    ) -> Result<(Vec<u8>, Vec<Change>), Ignored> {
+    ) -> Result<Handled, Ignored> {
         super::edge::check(bytes)?;
         let req = Message::decode(&mut Decoder::new(bytes)).map_err(|_| Ignored::Malformed)?;
         let mut changes = Vec::new();
         let reply = self.reply(&req, now, peer, &mut changes)?;
+        let router_hint = reply.msg_type() == MessageType::Reply
+            && changes.iter().any(|c| matches!(c, Change::Bound { .. }))
+            && matches!(
+                classify(&req),
+                ClientKind::HttpUefiX64 | ClientKind::HttpUefiArm64
+            );
         let mut out = Vec::with_capacity(256);
         reply
             .encode(&mut Encoder::new(&mut out))
             .map_err(|_| Ignored::Malformed)?;
-        Ok((out, changes))
+        Ok(Handled {
+            reply: out,
+            changes,
+            router_hint,
+        })
     }
 
     fn reply(
@@ -752,6 +781,32 @@ mod tests {
     }
 
     #[test]
+    fn an_http_boot_client_holding_an_address_wants_a_router() {
+        let mut h = handler(Mode::Full);
+        let client = duid_ll(MAC);
+        let http = vec![
+            DhcpOption::ClientArchType(vec![16.into()]),
+            vendor_class(343, b"HTTPClient:Arch:00016:UNDI:003001"),
+        ];
+        let hint = |h: &mut Handler, kind, extra: Vec<DhcpOption>| {
+            h.handle_from(&msg(kind, &client, extra), 1, None)
+                .unwrap()
+                .router_hint
+        };
+        // Only once it holds an address (a Reply that binds), not at the offer.
+        assert!(!hint(&mut h, MessageType::Solicit, http.clone()));
+        assert!(hint(&mut h, MessageType::Request, http));
+        // iPXE and PXE clients find the server on the link themselves.
+        let pxe = vec![DhcpOption::ClientArchType(vec![7.into()])];
+        assert!(!hint(&mut h, MessageType::Request, pxe));
+        assert!(!hint(
+            &mut h,
+            MessageType::Request,
+            vec![user_class(b"iPXE")]
+        ));
+    }
+
+    #[test]
     fn stateless_answers_information_requests_only_and_other_servers_are_left_alone() {
         let mut h = handler(Mode::Stateless);
         let client = duid_ll(MAC);
@@ -832,12 +887,14 @@ mod tests {
         let ipxe = vec![0, 4, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
         let rep = h
             .handle_from(&msg(MessageType::Request, &ipxe, vec![]), 100, Some(ll))
-            .unwrap();
+            .unwrap()
+            .into_pair();
         let first = leased(&decode(&rep)).unwrap();
         let os = vec![0, 2, 0, 0, 0, 9, 7, 7];
         let rep = h
             .handle_from(&msg(MessageType::Request, &os, vec![]), 200, Some(ll))
-            .unwrap();
+            .unwrap()
+            .into_pair();
         assert_eq!(leased(&decode(&rep)), Some(first));
         // The move is written: the old holder released, the new one bound, with the MAC.
         assert!(matches!(&rep.1[..], [
@@ -852,14 +909,16 @@ mod tests {
         let again = vec![0, 2, 0, 0, 0, 9, 8, 8];
         let rep = h
             .handle_from(&msg(MessageType::Request, &again, vec![]), 220, Some(ll))
-            .unwrap();
+            .unwrap()
+            .into_pair();
         assert_eq!(leased(&decode(&rep)), Some(first));
         // Another machine with the same DUID and IAID as that one (a DUID-UUID of zeros):
         // another address, not the first machine's.
         let other: Ipv6Addr = "fe80::5054:ff:fe66:2".parse().unwrap();
         let rep = h
             .handle_from(&msg(MessageType::Request, &again, vec![]), 300, Some(other))
-            .unwrap();
+            .unwrap()
+            .into_pair();
         let second = leased(&decode(&rep)).unwrap();
         assert_ne!(second, first);
     }

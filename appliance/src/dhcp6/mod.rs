@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 
-pub use handler::{Dhcp6Config, Handler, Ignored, Mode, ServerInfo};
+pub use handler::{Dhcp6Config, Handled, Handler, Ignored, Mode, ServerInfo};
 
 use crate::config::ConfigError;
 
@@ -230,6 +230,7 @@ pub async fn run(
     leases_path: std::path::PathBuf,
     stats: Arc<Stats>,
     shared: Arc<crate::dhcp::leases::Leases>,
+    router_hints: tokio::sync::broadcast::Sender<std::net::Ipv6Addr>,
 ) -> Result<(), Dhcp6Error> {
     let (file, restored) =
         tokio::task::spawn_blocking(move || leases::LeaseFile::open(&leases_path, unix_now()))
@@ -294,7 +295,8 @@ pub async fn run(
             }
         };
         match result {
-            Ok((reply, changes)) => {
+            Ok(handled) => {
+                let (reply, changes) = (handled.reply, handled.changes);
                 if !changes.is_empty() {
                     let Some(mut f) = file.take() else {
                         return Err(Dhcp6Error::LeaseFileLost);
@@ -315,7 +317,13 @@ pub async fn run(
                     shared.apply6(&changes);
                 }
                 match sock.send_to(&reply, peer).await {
-                    Ok(_) => crate::dhcp::bump(&stats.replied),
+                    Ok(_) => {
+                        crate::dhcp::bump(&stats.replied);
+                        if let (true, std::net::IpAddr::V6(ll)) = (handled.router_hint, peer.ip()) {
+                            // No receiver (router advertisements off): nothing to do.
+                            let _ = router_hints.send(ll);
+                        }
+                    }
                     Err(e) => {
                         crate::dhcp::bump(&stats.send_errors);
                         tracing::debug!(%peer, error = %e, "DHCPv6 reply not sent");

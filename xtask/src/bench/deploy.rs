@@ -89,7 +89,7 @@ pub fn run() -> Result<()> {
     ] {
         crate::step(&format!("{}: a lab of its own", firmware_name(firmware)));
         let net = match firmware {
-            Firmware::UefiIpv6 => Net::Ipv6Only,
+            Firmware::UefiIpv6 | Firmware::UefiHttpIpv6 => Net::Ipv6Only,
             _ => Net::Ipv4,
         };
         let mut lab = Lab::with_net(lab_name, &crate::target().join("lab"), net)?;
@@ -97,7 +97,9 @@ pub fn run() -> Result<()> {
             // The signed chain (shim, GRUB) instead of iPXE for UEFI PXE.
             Firmware::UefiSecureBoot => Some("[boot]\nsecure_boot = true\n"),
             // IPv6 only: DHCPv6 leases, no DHCPv4 (`tests/tests/ipv6.rs`).
-            Firmware::UefiIpv6 => Some("[dhcp]\nmode = \"off\"\n\n[dhcp6]\nmode = \"full\"\n"),
+            Firmware::UefiIpv6 | Firmware::UefiHttpIpv6 => {
+                Some("[dhcp]\nmode = \"off\"\n\n[dhcp6]\nmode = \"full\"\n")
+            }
             _ => None,
         };
         let appliance = match config {
@@ -136,6 +138,7 @@ fn firmware_name(firmware: Firmware) -> &'static str {
         Firmware::UefiHttp => "OVMF, HTTP boot",
         Firmware::UefiSecureBoot => "OVMF, Secure Boot (shim, GRUB)",
         Firmware::UefiIpv6 => "OVMF, PXE over IPv6 only",
+        Firmware::UefiHttpIpv6 => "OVMF, HTTP boot over IPv6 only",
     }
 }
 
@@ -201,7 +204,7 @@ impl Bench {
             data_bytes: map.data_bytes(),
             raw: boot_root.join(&raw_rel),
             raw_url: match firmware {
-                Firmware::UefiIpv6 => {
+                Firmware::UefiIpv6 | Firmware::UefiHttpIpv6 => {
                     format!("http://[{}]:8080/boot/{raw_rel}", stork_lab::APPLIANCE_IP6)
                 }
                 _ => format!("http://{}:8080/boot/{raw_rel}", stork_lab::APPLIANCE_IP),
