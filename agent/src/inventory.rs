@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use std::collections::BTreeSet;
 
@@ -54,6 +55,7 @@ pub fn collect_and_show() -> Inventory {
             say!(Step::Inventory, "secure boot state unknown: {e:#}");
         }
     }
+    raise_links();
     let inv = collect(Path::new("/"));
     if inv.firmware == Firmware::Uefi && inv.secure_boot.is_none() {
         let var = Path::new("/sys").join(SECURE_BOOT_VAR);
@@ -69,6 +71,55 @@ pub fn collect_and_show() -> Inventory {
         say!(Step::Inventory, "{line}");
     }
     inv
+}
+
+/// How long NICs just set up get to find their carrier.
+const LINK_WAIT: Duration = Duration::from_secs(5);
+
+/// Sets every physical NIC that is down up, and waits (at most [`LINK_WAIT`]) for their
+/// carriers: a NIC that is down reports neither link state nor speed, and the inventory
+/// names the link of every NIC, not only the one the agent booted on. They stay up, with
+/// no address.
+fn raise_links() {
+    let class = Path::new("/sys/class/net");
+    let down: Vec<String> = crate::net::interfaces(class)
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|n| n != "lo" && class.join(n).join("device").exists())
+        .filter(|n| crate::net::carrier(class, n).is_none())
+        .collect();
+    if down.is_empty() {
+        return;
+    }
+    let control = match crate::net::Control::new() {
+        Ok(c) => c,
+        Err(e) => {
+            say!(Step::Inventory, "NIC links unknown: {e:#}");
+            return;
+        }
+    };
+    let raised: Vec<&String> = down
+        .iter()
+        .filter(|n| match control.set_up(n) {
+            Ok(()) => true,
+            Err(e) => {
+                say!(Step::Inventory, "{n} stays down: {e:#}");
+                false
+            }
+        })
+        .collect();
+    let all_linked = || {
+        raised
+            .iter()
+            .all(|n| crate::net::carrier(class, n) == Some(true))
+            .then_some(())
+    };
+    if crate::net::poll_until(LINK_WAIT, Duration::from_millis(100), all_linked).is_none() {
+        say!(
+            Step::Inventory,
+            "not every NIC found a link within {LINK_WAIT:?}"
+        );
+    }
 }
 
 /// The UEFI global variable `SecureBoot` (4 bytes of attributes, then the value), as
@@ -208,7 +259,8 @@ pub(crate) fn disks(sys: &Path) -> Vec<Disk> {
                 size_bytes: sectors.saturating_mul(SECTOR),
                 model: read_trimmed(&dev.join("device/model")),
                 serial: read_trimmed(&dev.join("serial"))
-                    .or_else(|| read_trimmed(&dev.join("device/serial"))),
+                    .or_else(|| read_trimmed(&dev.join("device/serial")))
+                    .or_else(|| vpd_serial(&dev)),
                 rotational: flag("queue/rotational"),
                 transport: transport(&block, &name).map(str::to_string),
                 removable: flag("removable"),
@@ -227,10 +279,38 @@ pub(crate) fn disks(sys: &Path) -> Vec<Disk> {
                         label: p.label,
                     })
                     .collect(),
+                path: device_path(&block, &name),
                 name,
             })
         })
         .collect()
+}
+
+/// The unit serial number from SCSI VPD page 0x80 (`device/vpd_pg80`: a 4-byte header,
+/// then as many bytes as it says). libata answers that page for SATA disks, whose sysfs
+/// has no `serial` file (udev reads the same page for `ID_SERIAL`).
+fn vpd_serial(dev: &Path) -> Option<String> {
+    let page = fs::read(dev.join("device/vpd_pg80")).ok()?;
+    let (head, rest) = page.split_at_checked(4)?;
+    if head[1] != 0x80 {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+    let text = String::from_utf8_lossy(rest.get(..len)?);
+    let serial = text.trim_matches(|c: char| c.is_whitespace() || c == '\0');
+    (!serial.is_empty()).then(|| serial.to_string())
+}
+
+/// Where disk `name` sits: its device's path under `/sys/devices` without the block
+/// device itself (`pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0` for
+/// `../devices/pci0000:00/.../0:0:0:0/block/sda`).
+fn device_path(block: &Path, name: &str) -> Option<String> {
+    let link = fs::read_link(block.join(name)).ok()?;
+    let link = link.to_string_lossy();
+    let (_, under) = link.split_once("devices/")?;
+    let dir = under.strip_suffix(name)?.trim_end_matches('/');
+    let dir = dir.strip_suffix("/block").unwrap_or(dir);
+    (!dir.is_empty()).then(|| dir.to_string())
 }
 
 /// How disk `name` is attached, from the kernel's device path (`/sys/block/<name>` links to
@@ -517,6 +597,7 @@ mod tests {
                 logical_block_size: Some(512),
                 physical_block_size: Some(4096),
                 wwn: None,
+                path: Some("pci0000:00/0000:00:04.0/virtio1".into()),
                 partitions: vec![
                     Partition {
                         name: "vda1".into(),
@@ -615,6 +696,10 @@ mod tests {
             "pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0",
         );
         put(r, "sys/block/sda/device/wwid", "naa.5000c500a1b2c3d4\n");
+        // A SATA disk's serial only in VPD page 0x80 (libata's), blank-padded as ATA does.
+        let mut page = vec![0, 0x80, 0, 20];
+        page.extend_from_slice(b"        STORK-SATA-1");
+        fs::write(r.join("sys/block/sda/device/vpd_pg80"), page).unwrap();
         block_link(
             r,
             "sdb",
@@ -643,6 +728,16 @@ mod tests {
         assert_eq!(transport("vdz").as_deref(), Some("virtio"));
         assert_eq!(transport("xvda"), None);
         assert_eq!(by_name("sda").wwn.as_deref(), Some("naa.5000c500a1b2c3d4"));
+        assert_eq!(by_name("sda").serial.as_deref(), Some("STORK-SATA-1"));
+        assert_eq!(
+            by_name("sda").path.as_deref(),
+            Some("pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0")
+        );
+        assert_eq!(
+            by_name("nvme0n1").path.as_deref(),
+            Some("pci0000:00/0000:00:06.0/nvme/nvme0")
+        );
+        assert_eq!(by_name("vdz").path, None);
         assert_eq!(
             by_name("nvme0n1").wwn.as_deref(),
             Some("eui.0025388b71b2c3d4")

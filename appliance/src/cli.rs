@@ -216,6 +216,9 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
                     ""
                 }
             );
+            if let Some(path) = &disk.path {
+                out!("           at {path}");
+            }
             for p in &disk.partitions {
                 out!(
                     "           {:<10} {:>10}  at {}  {}",

@@ -1274,6 +1274,16 @@ fn bad_input_is_400_naming_the_field() {
         action("deploy", r#"{"image": "debian-12", "target": "tape"}"#),
         "target",
     );
+    // A disk the machine's inventory does not have, refused before any power-on, naming
+    // the field and the disks there are.
+    let disk = |d: &str| {
+        deploy_req(DeployRequest {
+            disk: Some(d.into()),
+            ..deploy(IMAGE)
+        })
+    };
+    check(disk("sdz"), "disk: no disk is named \"sdz\"");
+    check(disk("sdz"), "vda (serial d1");
     // The disk layout: bounds, types and unknown fields, each naming the field.
     let layout = |esp_mib: Option<u64>, root_mib: Option<u64>| {
         deploy_req(DeployRequest {

@@ -79,7 +79,9 @@ pub struct DeployRequest {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(default = "disk"))]
     pub target: DeployTarget,
-    /// Disk to install to (kernel name like `vda`); default: the smallest that fits.
+    /// Disk to install to, by its kernel name (`vda`, `/dev/sda`), serial, WWN, model or
+    /// device path as the inventory shows them; it must name exactly one disk. Default:
+    /// the smallest that fits.
     #[serde(default)]
     pub disk: Option<String>,
     #[serde(default)]
@@ -419,6 +421,10 @@ pub fn valid_ssh_key(key: &str) -> bool {
 /// deploy request is no place for a payload).
 pub const MAX_USER_DATA: usize = 64 * 1024;
 
+/// The longest `disk` a deploy names (serials and models are at most 40 characters in ATA,
+/// device paths longer).
+pub const MAX_DISK_NAME: usize = 256;
+
 impl DeployRequest {
     /// Checks the fields a person types; the error names the field.
     pub fn check_fields(&self) -> Result<(), String> {
@@ -430,10 +436,12 @@ impl DeployRequest {
             ));
         }
         if let Some(d) = &self.disk
-            && (d.is_empty() || d.len() > 32 || !d.bytes().all(|b| b.is_ascii_alphanumeric()))
+            && (d.trim().is_empty()
+                || d.len() > MAX_DISK_NAME
+                || !d.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
         {
             return Err(format!(
-                "disk: {d:?} is not a disk's kernel name (like vda, sda, nvme0n1)"
+                "disk: {d:?} names no disk: give its kernel name (vda, /dev/sda), serial, WWN, model or path, up to {MAX_DISK_NAME} printable characters"
             ));
         }
         for (i, key) in self.ssh_keys.iter().enumerate() {

@@ -30,7 +30,7 @@ pub use browser::Browser;
 pub use process::{Spawned, wait_for};
 pub use rootless::{RootlessLab, RootlessVm, RootlessVmSpec};
 pub use switch::Switch;
-pub use vm::{DiskBus, Firmware, Vm, VmSpec};
+pub use vm::{DiskBus, ExtraDisk, Firmware, Vm, VmSpec};
 
 /// The provisioning bridge inside the namespace and the appliance's address on it; these
 /// match `stork serve`'s embedded default so the appliance needs no configuration.

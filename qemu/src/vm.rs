@@ -81,6 +81,17 @@ pub enum DiskBus {
     /// A removable USB stick (`usb-storage`) on a `qemu-xhci` controller: the guest's `sdX`.
     /// SeaBIOS and OVMF boot from it, as an appliance boots from its USB stick.
     Usb,
+    /// A SATA disk (`ide-hd`, model `QEMU HARDDISK`) on an AHCI controller of its own: the
+    /// guest's `sdX`, its serial only in SCSI VPD page 0x80 (libata's), not in sysfs.
+    Sata,
+}
+
+/// A blank disk a machine has besides its first ([`VmSpec::extra_disks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraDisk {
+    pub bus: DiskBus,
+    pub bytes: u64,
+    pub serial: String,
 }
 
 /// What a VM's provisioning NIC ([`NIC_ID`], netdev `n0`) is plugged into.
@@ -138,6 +149,8 @@ pub struct VmSpec {
     /// creating fresh ones: a power cycle of the same machine (see [`Vm::restart`]).
     pub keep_disk: bool,
     pub guest_reboot: GuestReboot,
+    /// Disks after the first, blank (`disk<n>.raw` beside `disk.raw`).
+    pub extra_disks: Vec<ExtraDisk>,
 }
 
 impl VmSpec {
@@ -153,6 +166,7 @@ impl VmSpec {
             firmware: Firmware::Bios,
             keep_disk: false,
             guest_reboot: GuestReboot::Exit,
+            extra_disks: Vec::new(),
         }
     }
 }
@@ -196,6 +210,27 @@ pub fn qemu_argv(lab: &mut Lab, spec: &VmSpec) -> Result<(Vec<String>, VmPaths)>
     let console = dir.join("console.log");
     let qmp = dir.join("qmp.sock");
     let tap = lab.add_tap()?;
+    let mut disks = vec![AttachedDisk {
+        file: disk.clone(),
+        bus: spec.disk_bus,
+        serial: spec.disk_serial.clone(),
+        snapshot: false,
+    }];
+    for (n, extra) in spec.extra_disks.iter().enumerate() {
+        let file = dir.join(format!("disk{}.raw", n + 1));
+        if !(spec.keep_disk && file.exists()) {
+            let f = std::fs::File::create(&file)
+                .with_context(|| format!("create {}", file.display()))?;
+            f.set_len(extra.bytes)
+                .with_context(|| format!("size {}", file.display()))?;
+        }
+        disks.push(AttachedDisk {
+            file,
+            bus: extra.bus,
+            serial: extra.serial.clone(),
+            snapshot: false,
+        });
+    }
     let argv = machine_argv(&MachineArgs {
         name: &spec.name,
         mac: &spec.mac,
@@ -207,12 +242,7 @@ pub fn qemu_argv(lab: &mut Lab, spec: &VmSpec) -> Result<(Vec<String>, VmPaths)>
         qmp: &qmp,
         vars: vars.as_deref(),
         nic: &NicBackend::Tap(tap),
-        disks: &[AttachedDisk {
-            file: disk.clone(),
-            bus: spec.disk_bus,
-            serial: spec.disk_serial.clone(),
-            snapshot: false,
-        }],
+        disks: &disks,
     })?;
     Ok((
         argv,
@@ -280,10 +310,14 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
     .map(|s| s.to_string())
     .collect();
     let mut usb = false;
+    let mut sata_ports = 0;
     for (n, disk) in m.disks.iter().enumerate() {
         if disk.bus == DiskBus::Usb && !usb {
             usb = true;
             argv.extend(["-device".to_string(), "qemu-xhci,id=xhci".to_string()]);
+        }
+        if disk.bus == DiskBus::Sata && sata_ports == 0 {
+            argv.extend(["-device".to_string(), "ahci,id=ahci".to_string()]);
         }
         let mut drive = format!("file={},if=none,id=d{n},format=raw", opt_path(&disk.file));
         if disk.snapshot {
@@ -297,6 +331,14 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
                 "usb-storage,bus=xhci.0,drive=d{n},id={id},serial={},removable=on",
                 disk.serial
             ),
+            DiskBus::Sata => {
+                sata_ports += 1;
+                format!(
+                    "ide-hd,bus=ahci.{},drive=d{n},id={id},serial={}",
+                    sata_ports - 1,
+                    disk.serial
+                )
+            }
         };
         argv.extend(["-drive".to_string(), drive, "-device".to_string(), device]);
     }
@@ -707,6 +749,18 @@ mod tests {
                 serial: "OTHER".into(),
                 snapshot: false,
             },
+            AttachedDisk {
+                file: "/lab/m1/disk3.raw".into(),
+                bus: DiskBus::Sata,
+                serial: "S1".into(),
+                snapshot: false,
+            },
+            AttachedDisk {
+                file: "/lab/m1/disk4.raw".into(),
+                bus: DiskBus::Sata,
+                serial: "S2".into(),
+                snapshot: false,
+            },
         ];
         let argv = machine_argv(&MachineArgs {
             name: "m1",
@@ -742,6 +796,16 @@ mod tests {
                 "file=/lab/m1/disk2.raw,if=none,id=d2,format=raw",
                 "-device",
                 "usb-storage,bus=xhci.0,drive=d2,id=disk2,serial=OTHER,removable=on",
+                "-device",
+                "ahci,id=ahci",
+                "-drive",
+                "file=/lab/m1/disk3.raw,if=none,id=d3,format=raw",
+                "-device",
+                "ide-hd,bus=ahci.0,drive=d3,id=disk3,serial=S1",
+                "-drive",
+                "file=/lab/m1/disk4.raw,if=none,id=d4,format=raw",
+                "-device",
+                "ide-hd,bus=ahci.1,drive=d4,id=disk4,serial=S2",
                 "-device",
                 "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:00:00:01",
             ]

@@ -48,6 +48,8 @@ pub struct Scenario {
     pub id: Option<String>,
     /// Tags the machine is added with (`secure-boot`: the signed boot chain).
     pub tags: Vec<&'static str>,
+    /// The deploy's `--disk` (a kernel name, serial, WWN, model or path), if any.
+    pub disk: Option<String>,
     started: Instant,
     phase_started: Instant,
     phases: Vec<(String, Duration)>,
@@ -142,6 +144,7 @@ impl Scenario {
             key,
             id: None,
             tags: Vec::new(),
+            disk: None,
             started: now,
             phase_started: now,
             phases: Vec::new(),
@@ -256,7 +259,7 @@ impl Scenario {
     pub fn deploy(&mut self, id: &str, target: DeployTarget, hostname: &str) -> Result<i32> {
         self.appliance.cli(&["machine", "allocate", id])?;
         self.phase_start();
-        self.appliance.cli(&[
+        let mut args = vec![
             "machine",
             "deploy",
             id,
@@ -266,7 +269,11 @@ impl Scenario {
             target.as_str(),
             "--hostname",
             hostname,
-        ])?;
+        ];
+        if let Some(disk) = &self.disk {
+            args.extend(["--disk", disk.as_str()]);
+        }
+        self.appliance.cli(&args)?;
         let m = self.status(id)?;
         if m.status != Status::Deploying {
             bail!("after `machine deploy` the status is {}", m.status);

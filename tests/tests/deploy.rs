@@ -9,7 +9,9 @@
 //!   boot script, tries the agent routes, floods DECLINEs, TFTP requests asking a 255 s
 //!   timeout, slow connections and 2 MiB reports (`stork_tests::attacker`): ordinary
 //!   clients on a third host are still served, and nothing the attacker sent changed a
-//!   machine. The disk is NVMe. Then a plain release erases
+//!   machine. The disk is NVMe, named in the deploy by its model, beside a SATA disk the
+//!   inventory names by the serial only its VPD page holds; a deploy naming a disk the
+//!   machine lacks is refused before any power-on. Then a plain release erases
 //!   by default, fully: Stork power-cycles the running machine into the agent, which erases
 //!   the disk with NVMe Format NVM and reads samples back; the disk image holds not one
 //!   non-zero byte afterwards.
@@ -23,7 +25,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use stork_lab::{DiskBus, wait_for};
+use stork_lab::{DiskBus, ExtraDisk, wait_for};
 use stork_proto::DeployTarget;
 use stork_proto::api::Status;
 use stork_tests::attacker::{self, Attacker};
@@ -33,6 +35,7 @@ use stork_tests::deploy::{
 };
 
 const MAC_DISK: &str = "52:54:00:77:01:01";
+const SATA_SERIAL: &str = "STORK-SATA-1";
 
 /// Enlists and commissions the scenario's machine; returns its id.
 fn ready(s: &mut Scenario) -> Result<String> {
@@ -46,9 +49,17 @@ fn ready(s: &mut Scenario) -> Result<String> {
 fn seabios_vm_powered_by_its_bmc_deploys_debian_to_nvme_logs_in_over_ssh_then_release_erases_it() {
     let mut spec = seabios(MAC_DISK, 4 << 30);
     spec.disk_bus = DiskBus::Nvme;
+    // A SATA disk beside it, first by kernel name (sda): the deploy picks the NVMe by model.
+    spec.extra_disks = vec![ExtraDisk {
+        bus: DiskBus::Sata,
+        bytes: 128 << 20,
+        serial: SATA_SERIAL.into(),
+    }];
     let mut s = Scenario::new("deploy-disk", spec, None).unwrap();
+    s.disk = Some("QEMU NVMe Ctrl".into());
     let result = (|| -> Result<()> {
         let id = ready(&mut s)?;
+        inventory_names_every_disk(&s, &id)?;
         // A hostile host beside the deploy, from before the power-on to the login.
         let attacker = Attacker::start(&mut s.lab, &id, MAC_DISK)?;
         deploy_to_disk_and_log_in(&mut s, &id, "stork-e2e-disk", true)?;
@@ -61,6 +72,54 @@ fn seabios_vm_powered_by_its_bmc_deploys_debian_to_nvme_logs_in_over_ssh_then_re
         s.fail(e);
     }
     eprintln!("phases (SeaBIOS, to disk):\n{}", s.timings());
+}
+
+/// The commissioned inventory names both disks as people do (the SATA disk's serial comes
+/// from VPD page 0x80: sysfs has none for it) and the NIC's link; a deploy naming a disk
+/// the machine lacks is refused at once, naming the field and the disks there are.
+fn inventory_names_every_disk(s: &Scenario, id: &str) -> Result<()> {
+    let m = s.status(id)?;
+    let inv = m.inventory.ok_or_else(|| anyhow::anyhow!("no inventory"))?;
+    let disk = |name: &str| inv.disks.iter().find(|d| d.name == name);
+    let (Some(sata), Some(nvme)) = (disk("sda"), disk("nvme0n1")) else {
+        bail!("the inventory lacks sda or nvme0n1: {:?}", inv.disks);
+    };
+    let want = |d: &stork_proto::inventory::Disk, serial: &str, model: &str, transport: &str| {
+        d.serial.as_deref() == Some(serial)
+            && d.model.as_deref() == Some(model)
+            && d.transport.as_deref() == Some(transport)
+            && d.path.is_some()
+    };
+    if !want(sata, SATA_SERIAL, "QEMU HARDDISK", "sata") {
+        bail!("the SATA disk is not named as it is: {sata:?}");
+    }
+    if !want(nvme, &s.machine.spec.disk_serial, "QEMU NVMe Ctrl", "nvme") {
+        bail!("the NVMe disk is not named as it is: {nvme:?}");
+    }
+    if !inv.nics.iter().all(|n| n.link == Some(true)) {
+        bail!("a NIC without its link state: {:?}", inv.nics);
+    }
+    let refused = s.appliance.cli(&[
+        "machine",
+        "deploy",
+        id,
+        "--image",
+        stork_tests::deploy::IMAGE,
+        "--disk",
+        "sdz",
+    ]);
+    match refused {
+        Ok(out) => bail!("a deploy to disk sdz was taken: {out}"),
+        Err(e) if e.to_string().contains("disk: no disk is named \"sdz\"") => {}
+        Err(e) => bail!("a deploy to disk sdz failed otherwise: {e:#}"),
+    }
+    if s.status(id)?.status != Status::Ready {
+        bail!("the refused deploy changed the machine");
+    }
+    s.say(&format!(
+        "inventory: sda serial {SATA_SERIAL} (VPD), nvme0n1 by model; --disk sdz refused"
+    ));
+    Ok(())
 }
 
 /// A plain `machine release`, no flags: the appliance's defaults erase the disks fully.

@@ -41,10 +41,8 @@ mod ioctl {
 pub enum DiskError {
     #[error("no disk found (is the storage driver in the initrd?)")]
     NoDisks,
-    #[error("the requested disk {requested:?} is not among {present}")]
-    NotFound { requested: String, present: String },
-    #[error("no disk holds {need} bytes (largest: {largest} bytes)")]
-    TooSmall { need: u64, largest: u64 },
+    #[error(transparent)]
+    Choose(#[from] stork_proto::inventory::ChooseError),
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -79,53 +77,13 @@ pub enum DiskError {
     },
 }
 
-/// Picks the target disk: the requested one (kernel name, `/dev/` path or serial), else the
-/// smallest that holds `need` bytes, else (size unknown) the first by name.
+/// Picks the target disk ([`stork_proto::inventory::choose_disk`]).
 pub fn choose<'a>(
     disks: &'a [Disk],
     requested: Option<&str>,
     need: Option<u64>,
 ) -> Result<&'a Disk, DiskError> {
-    if disks.is_empty() {
-        return Err(DiskError::NoDisks);
-    }
-    if let Some(req) = requested.map(str::trim).filter(|r| !r.is_empty()) {
-        let name = req.strip_prefix("/dev/").unwrap_or(req);
-        let found = disks
-            .iter()
-            .find(|d| d.name == name || d.serial.as_deref() == Some(req));
-        let disk = found.ok_or_else(|| DiskError::NotFound {
-            requested: req.to_string(),
-            present: disks
-                .iter()
-                .map(|d| d.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
-        if let Some(need) = need
-            && disk.size_bytes < need
-        {
-            return Err(DiskError::TooSmall {
-                need,
-                largest: disk.size_bytes,
-            });
-        }
-        return Ok(disk);
-    }
-    let mut sorted: Vec<&Disk> = disks.iter().collect();
-    sorted.sort_by(|a, b| a.name.cmp(&b.name));
-    match need {
-        None => Ok(sorted[0]),
-        Some(need) => sorted
-            .iter()
-            .filter(|d| d.size_bytes >= need)
-            .min_by_key(|d| d.size_bytes)
-            .copied()
-            .ok_or(DiskError::TooSmall {
-                need,
-                largest: disks.iter().map(|d| d.size_bytes).max().unwrap_or(0),
-            }),
-    }
+    Ok(stork_proto::inventory::choose_disk(disks, requested, need)?)
 }
 
 /// A partition as the kernel sees it (`/sys/block/<disk>/<part>`).
@@ -581,17 +539,6 @@ pub fn wait_for_nodes(dev_dir: &Path, parts: &[Partition], timeout: Duration) ->
 mod tests {
     use super::*;
 
-    fn disk(name: &str, gib: u64, serial: &str) -> Disk {
-        Disk {
-            name: name.into(),
-            size_bytes: gib << 30,
-            model: None,
-            serial: Some(serial.into()),
-            rotational: None,
-            ..Disk::default()
-        }
-    }
-
     #[test]
     fn direct_writes_copy_unaligned_buffers_and_land_where_asked() {
         // A file under the build's target directory stands for the disk (a disk-backed file
@@ -614,35 +561,6 @@ mod tests {
         assert!(disk[..2 << 20].iter().all(|b| *b == 0xA5));
         assert!(disk[2 << 20..11 << 20] == *data, "the data differs");
         assert!(disk[11 << 20..].iter().all(|b| *b == 0xA5));
-    }
-
-    #[test]
-    fn chooses_the_requested_disk_or_the_smallest_that_fits() {
-        let disks = [
-            disk("vdb", 8, "B"),
-            disk("vda", 4, "A"),
-            disk("sda", 2, "S"),
-        ];
-        assert_eq!(choose(&disks, Some("vdb"), None).unwrap().name, "vdb");
-        assert_eq!(choose(&disks, Some("/dev/vdb"), None).unwrap().name, "vdb");
-        assert_eq!(choose(&disks, Some("A"), None).unwrap().name, "vda");
-        assert_eq!(choose(&disks, None, Some(3 << 30)).unwrap().name, "vda");
-        assert_eq!(choose(&disks, None, Some(1 << 30)).unwrap().name, "sda");
-        // Unknown size: the first by name.
-        assert_eq!(choose(&disks, None, None).unwrap().name, "sda");
-        let e = choose(&disks, Some("nvme0n1"), None)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("nvme0n1") && e.contains("vda"), "{e}");
-        assert!(matches!(
-            choose(&disks, None, Some(9 << 30)),
-            Err(DiskError::TooSmall { .. })
-        ));
-        assert!(matches!(
-            choose(&disks, Some("sda"), Some(3 << 30)),
-            Err(DiskError::TooSmall { .. })
-        ));
-        assert!(matches!(choose(&[], None, None), Err(DiskError::NoDisks)));
     }
 
     #[test]

@@ -463,9 +463,10 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
         )));
     };
     check_layout(&req, &resource)?;
+    let m = a.state.controller.machine(&a.id).await?;
+    check_disk(&req, &m)?;
     if a.dry_run {
         // The web UI checks a form this way before it allocates a Ready machine.
-        let m = a.state.controller.machine(&a.id).await?;
         return Ok(Json(m.redacted()));
     }
     a.run(Command::Deploy(req)).await
@@ -551,6 +552,22 @@ async fn no_such_action(
         "not_found",
         format!("no machine action {action:?}"),
     ))
+}
+
+/// The disk a deploy names must be one disk of the machine's last inventory (by kernel name,
+/// serial, WWN, model or path: `inventory::choose_disk`, as the agent will choose), so a
+/// typo is refused now, not after a power-on and a boot. Without an inventory (never
+/// commissioned) the agent decides alone; a deploy to memory uses no disk.
+fn check_disk(req: &DeployRequest, m: &Machine) -> ApiResult<()> {
+    let (Some(disk), Some(inv)) = (req.disk.as_deref(), m.inventory.as_ref()) else {
+        return Ok(());
+    };
+    if req.target == DeployTarget::Memory {
+        return Ok(());
+    }
+    stork_proto::inventory::choose_disk(&inv.disks, Some(disk), None)
+        .map(|_| ())
+        .map_err(|e| ApiError::bad_request(format!("disk: {e}")))
 }
 
 /// A layout is for a disk deploy, within bounds, of an image the agent can install by
