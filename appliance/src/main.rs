@@ -504,9 +504,27 @@ enum SshKeyCmd {
         name: String,
         file: PathBuf,
     },
+    /// Import the public keys published at SOURCE: `gh:USER` (GitHub), `lp:USER`
+    /// (Launchpad) or an https:// URL serving authorized_keys lines. Keys already known are
+    /// skipped; a line that is not a key refuses the import. `STORK_GH_URL` and
+    /// `STORK_LP_URL` change where gh: and lp: point.
+    Import {
+        source: String,
+        /// Name the keys NAME-1, NAME-2, ... (default: the source).
+        #[arg(long)]
+        name: Option<String>,
+        /// CA certificates (PEM) to check SOURCE's server with, instead of the system's
+        /// (`--ca-file` is the appliance's).
+        #[arg(long)]
+        source_ca: Option<PathBuf>,
+    },
     List {
         #[arg(long)]
         json: bool,
+    },
+    /// Delete a key by its id (`stork ssh-key list`).
+    Delete {
+        id: String,
     },
 }
 
@@ -790,6 +808,16 @@ fn ssh_key(client: &Client, cmd: SshKeyCmd) -> Result<()> {
             println!("{}", key.id);
             Ok(())
         }
+        SshKeyCmd::Import {
+            source,
+            name,
+            source_ca,
+        } => import_ssh_keys(client, &source, name, source_ca),
+        SshKeyCmd::Delete { id } => {
+            client.delete_ssh_key(&id)?;
+            println!("deleted {id}");
+            Ok(())
+        }
         SshKeyCmd::List { json } => {
             let keys = client.ssh_keys()?;
             cli::json_or_line(&keys, json, |keys| {
@@ -800,6 +828,47 @@ fn ssh_key(client: &Client, cmd: SshKeyCmd) -> Result<()> {
             })
         }
     }
+}
+
+/// `stork ssh-key import`: fetched here ([`stork::key_import`]), added through the API.
+fn import_ssh_keys(
+    client: &Client,
+    source: &str,
+    name: Option<String>,
+    source_ca: Option<PathBuf>,
+) -> Result<()> {
+    use stork::key_import as ki;
+    let env = |var: &str, default: &str| std::env::var(var).unwrap_or_else(|_| default.into());
+    let url = ki::source_url(
+        source,
+        &env("STORK_GH_URL", ki::GITHUB),
+        &env("STORK_LP_URL", ki::LAUNCHPAD),
+    )?;
+    let cas = source_ca.unwrap_or_else(|| PathBuf::from(ki::SYSTEM_CAS));
+    let trust = stork_tls::Trust::ca_file(&cas)
+        .with_context(|| format!("no CA certificates to check {url} with (--source-ca)"))?;
+    let keys = ki::parse(&url, &ki::fetch(&url, trust)?)?;
+    let known: std::collections::HashSet<String> = client
+        .ssh_keys()?
+        .into_iter()
+        .map(|k| k.key.trim().to_string())
+        .collect();
+    let prefix = name.unwrap_or_else(|| source.trim().to_string());
+    let (mut added, mut skipped) = (0, 0);
+    for (n, key) in keys.iter().enumerate() {
+        if known.contains(key) {
+            skipped += 1;
+            continue;
+        }
+        let k = client.add_ssh_key(&NewSshKey {
+            name: format!("{prefix}-{}", n + 1),
+            key: key.clone(),
+        })?;
+        println!("{} {}", k.id, k.name);
+        added += 1;
+    }
+    println!("{added} added, {skipped} already known");
+    Ok(())
 }
 
 fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {

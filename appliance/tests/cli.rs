@@ -544,3 +544,159 @@ fn release_flags_that_contradict_each_other_are_refused() {
         assert!(help.contains(flag), "{flag}: {help}");
     }
 }
+
+/// An HTTPS server on localhost (the test certificate) answering `GET path` with its body
+/// from `pages`, 404 otherwise, until the test process ends; its port.
+fn key_server(pages: Vec<(&'static str, String)>) -> u16 {
+    use std::io::{Read, Write};
+    use stork_tls::rustls;
+    use stork_tls::rustls::pki_types::pem::PemObject;
+    use stork_tls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert = common::test_cert();
+    let chain = CertificateDer::pem_file_iter(&cert.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&cert.key).unwrap();
+    let config = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                match tls.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let head = String::from_utf8_lossy(&head);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let answer = match pages.iter().find(|(p, _)| *p == path) {
+                Some((_, body)) => format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                ),
+                None => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_string(),
+            };
+            let _ = tls.write_all(answer.as_bytes());
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+        }
+    });
+    port
+}
+
+#[test]
+fn ssh_keys_import_from_gh_style_sources_and_urls_then_delete() {
+    const A: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl alice@laptop";
+    const B: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 alice@desk";
+    let port = key_server(vec![
+        ("/alice.keys", format!("{A}\n{B}\n")),
+        ("/junk", format!("{A}\n<html>not a key</html>\n")),
+    ]);
+    let server = Server::start(Options::default());
+    let base = server.base();
+    let ca = common::test_cert().cert.display().to_string();
+    let gh = format!("https://localhost:{port}");
+    let run = |args: &[&str]| {
+        let mut all = vec!["--url", &base, "--token", &server.token];
+        all.extend_from_slice(args);
+        Command::new(BIN)
+            .args(&all)
+            .env(
+                "STORK_FINGERPRINT",
+                common::test_cert().fingerprint.to_string(),
+            )
+            .env("STORK_GH_URL", &gh)
+            .output()
+            .expect("running stork")
+    };
+    let keys = || server.client().ssh_keys().unwrap();
+
+    let out = run(&["ssh-key", "import", "gh:alice", "--source-ca", &ca]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("2 added, 0 already known"),
+        "{}",
+        text(&out)
+    );
+    let mut names: Vec<(String, String)> = keys().into_iter().map(|k| (k.name, k.key)).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            ("gh:alice-1".to_string(), A.to_string()),
+            ("gh:alice-2".to_string(), B.to_string())
+        ]
+    );
+    // Again, by URL: nothing new.
+    let url = format!("{gh}/alice.keys");
+    let out = run(&[
+        "ssh-key",
+        "import",
+        &url,
+        "--source-ca",
+        &ca,
+        "--name",
+        "alice",
+    ]);
+    assert!(
+        text(&out).contains("0 added, 2 already known"),
+        "{}",
+        text(&out)
+    );
+
+    // Refused, nothing added: a line that is not a key, plain HTTP, a certificate not
+    // trusted (the system's CAs do not know the test's), a user that is not one.
+    for (args, why) in [
+        (
+            vec![format!("{gh}/junk"), "--source-ca".into(), ca.clone()],
+            "line 2",
+        ),
+        (
+            vec![format!("http://localhost:{port}/alice.keys")],
+            "not a key source",
+        ),
+        (vec!["gh:alice".into()], "localhost"),
+        (
+            vec!["gh:../etc".into(), "--source-ca".into(), ca.clone()],
+            "not a user name",
+        ),
+        (
+            vec![format!("{gh}/nobody"), "--source-ca".into(), ca.clone()],
+            "404",
+        ),
+    ] {
+        let mut all = vec!["ssh-key", "import"];
+        all.extend(args.iter().map(String::as_str));
+        let out = run(&all);
+        assert!(!out.status.success(), "{args:?} was taken");
+        assert!(text(&out).contains(why), "{args:?}: {}", text(&out));
+    }
+    assert_eq!(keys().len(), 2);
+
+    // Deleted by id.
+    let id = keys()
+        .into_iter()
+        .find(|k| k.name == "gh:alice-2")
+        .unwrap()
+        .id;
+    let out = run(&["ssh-key", "delete", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let left: Vec<String> = keys().into_iter().map(|k| k.name).collect();
+    assert_eq!(left, ["gh:alice-1"]);
+}
