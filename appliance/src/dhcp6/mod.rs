@@ -19,6 +19,7 @@ use tokio::net::UdpSocket;
 pub use handler::{Dhcp6Config, Handled, Handler, Ignored, Mode, ServerInfo};
 
 use crate::config::ConfigError;
+use leases::Change;
 
 /// The server port; clients listen on 546.
 pub const SERVER_PORT: u16 = 547;
@@ -262,78 +263,152 @@ pub async fn run(
     // One byte more than the largest message taken, to see an oversized one.
     let mut buf = vec![0u8; MAX_PACKET + 1];
     loop {
-        let (len, peer) = match sock.recv_from(&mut buf).await {
+        // Group commit: the first datagram is waited for, then whatever else is already
+        // queued (up to [`BATCH`]) is handled too, and all their lease changes are made
+        // durable by one write and one fdatasync before any of their replies goes out.
+        let mut batch = Batch::default();
+        let first = match sock.recv_from(&mut buf).await {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(Dhcp6Error::Recv(e)),
         };
-        crate::dhcp::bump(&stats.received);
-        if let Some(l) = limiter.as_mut()
-            && !l.allow(peer.ip(), SystemTime::now())
-        {
-            crate::dhcp::bump(&stats.rate_limited);
+        let mut next = Some(first);
+        while let Some((len, peer)) = next.take() {
+            let bytes = buf.get(..len.min(buf.len())).unwrap_or_default();
+            take(
+                &mut handler,
+                &mut limiter,
+                &stats,
+                bytes,
+                len,
+                peer,
+                &mut batch,
+            );
+            if batch.held.len() >= BATCH {
+                break;
+            }
+            next = match sock.try_recv_from(&mut buf) {
+                Ok(r) => Some(r),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => None,
+                Err(e) => return Err(Dhcp6Error::Recv(e)),
+            };
+        }
+        // Answers that change nothing go out at once.
+        for (reply, peer) in batch.free.drain(..) {
+            send(&sock, &stats, &reply, peer, false, &router_hints).await;
+        }
+        if batch.held.is_empty() {
             continue;
         }
-        let bytes = buf.get(..len).unwrap_or_default();
-        let result = if len > MAX_PACKET {
-            Err(Ignored::Malformed)
-        } else {
-            let now = unix_now();
-            let from = match peer.ip() {
-                std::net::IpAddr::V6(v6) => Some(v6),
-                std::net::IpAddr::V4(_) => None,
-            };
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                handler.handle_from(bytes, now, from)
-            })) {
-                Ok(r) => r,
-                Err(p) => {
-                    crate::dhcp::bump(&stats.panics);
-                    tracing::error!(%peer, panic = %crate::supervise::panic_message(&*p), "DHCPv6 handling panicked; datagram dropped");
-                    continue;
-                }
-            }
+        let Some(mut f) = file.take() else {
+            return Err(Dhcp6Error::LeaseFileLost);
         };
-        match result {
-            Ok(handled) => {
-                let (reply, changes) = (handled.reply, handled.changes);
-                if !changes.is_empty() {
-                    let Some(mut f) = file.take() else {
-                        return Err(Dhcp6Error::LeaseFileLost);
-                    };
-                    let (f, changes, written) = tokio::task::spawn_blocking(move || {
-                        let r = f.append(&changes);
-                        (f, changes, r)
-                    })
-                    .await?;
-                    file = Some(f);
-                    if let Err(e) = written {
-                        // A lease that is not durable is not granted.
-                        crate::dhcp::bump(&stats.journal_errors);
-                        tracing::error!(%peer, error = %e, "DHCPv6 lease not written; reply withheld");
-                        continue;
-                    }
-                    // Boot scripts give agent tokens to the holders of these leases.
-                    shared.apply6(&changes);
-                }
-                match sock.send_to(&reply, peer).await {
-                    Ok(_) => {
-                        crate::dhcp::bump(&stats.replied);
-                        if let (true, std::net::IpAddr::V6(ll)) = (handled.router_hint, peer.ip()) {
-                            // No receiver (router advertisements off): nothing to do.
-                            let _ = router_hints.send(ll);
-                        }
-                    }
-                    Err(e) => {
-                        crate::dhcp::bump(&stats.send_errors);
-                        tracing::debug!(%peer, error = %e, "DHCPv6 reply not sent");
-                    }
-                }
+        let changes = std::mem::take(&mut batch.changes);
+        let (f, changes, written) = tokio::task::spawn_blocking(move || {
+            let r = f.append(&changes);
+            (f, changes, r)
+        })
+        .await?;
+        file = Some(f);
+        if let Err(e) = written {
+            // A lease that is not durable is not granted.
+            crate::dhcp::bump(&stats.journal_errors);
+            tracing::error!(error = %e, replies = batch.held.len(), "DHCPv6 leases not written; replies withheld");
+            continue;
+        }
+        // Boot scripts give agent tokens to the holders of these leases.
+        shared.apply6(&changes);
+        for (reply, peer, hint) in batch.held.drain(..) {
+            send(&sock, &stats, &reply, peer, hint, &router_hints).await;
+        }
+    }
+}
+
+/// Messages handled together ([`run`]'s group commit).
+#[derive(Default)]
+struct Batch {
+    /// Replies that need no write.
+    free: Vec<(Vec<u8>, SocketAddr)>,
+    /// Replies sent once `changes` are durable, with their router hint.
+    held: Vec<(Vec<u8>, SocketAddr, bool)>,
+    changes: Vec<Change>,
+}
+
+/// The most replies held for one write: enough to share an fdatasync among a burst, few
+/// enough that the first of them is not kept waiting long.
+const BATCH: usize = 64;
+
+/// Handles one datagram of `len` bytes (`bytes`, at most [`MAX_PACKET`] + 1) from `peer`
+/// into `batch`: counted, rate-limited, checked, answered or dropped with its reason.
+fn take(
+    handler: &mut Handler,
+    limiter: &mut Option<crate::ratelimit::RateLimiter<std::net::IpAddr>>,
+    stats: &Stats,
+    bytes: &[u8],
+    len: usize,
+    peer: SocketAddr,
+    batch: &mut Batch,
+) {
+    crate::dhcp::bump(&stats.received);
+    if let Some(l) = limiter.as_mut()
+        && !l.allow(peer.ip(), SystemTime::now())
+    {
+        crate::dhcp::bump(&stats.rate_limited);
+        return;
+    }
+    let result = if len > MAX_PACKET {
+        Err(Ignored::Malformed)
+    } else {
+        let from = match peer.ip() {
+            std::net::IpAddr::V6(v6) => Some(v6),
+            std::net::IpAddr::V4(_) => None,
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            handler.handle_from(bytes, unix_now(), from)
+        })) {
+            Ok(r) => r,
+            Err(p) => {
+                crate::dhcp::bump(&stats.panics);
+                tracing::error!(%peer, panic = %crate::supervise::panic_message(&*p), "DHCPv6 handling panicked; datagram dropped");
+                return;
             }
-            Err(why) => {
-                count_drop(&stats, &why);
-                tracing::debug!(%peer, reason = %why, "DHCPv6 request dropped");
+        }
+    };
+    match result {
+        Ok(h) if h.changes.is_empty() => batch.free.push((h.reply, peer)),
+        Ok(h) => {
+            batch.changes.extend(h.changes);
+            batch.held.push((h.reply, peer, h.router_hint));
+        }
+        Err(why) => {
+            count_drop(stats, &why);
+            tracing::debug!(%peer, reason = %why, "DHCPv6 request dropped");
+        }
+    }
+}
+
+/// Sends one reply; a UEFI HTTP boot client that got an address is named to the RA
+/// service ([`crate::dhcp::ra::router_hint`]).
+async fn send(
+    sock: &UdpSocket,
+    stats: &Stats,
+    reply: &[u8],
+    peer: SocketAddr,
+    router_hint: bool,
+    router_hints: &tokio::sync::broadcast::Sender<std::net::Ipv6Addr>,
+) {
+    match sock.send_to(reply, peer).await {
+        Ok(_) => {
+            crate::dhcp::bump(&stats.replied);
+            if let (true, std::net::IpAddr::V6(ll)) = (router_hint, peer.ip()) {
+                // No receiver (router advertisements off): nothing to do.
+                let _ = router_hints.send(ll);
             }
+        }
+        Err(e) => {
+            crate::dhcp::bump(&stats.send_errors);
+            tracing::debug!(%peer, error = %e, "DHCPv6 reply not sent");
         }
     }
 }

@@ -221,7 +221,7 @@ pub fn run(family: Family) -> Result<()> {
             Family::V4 =>
                 "durability: Stork fdatasyncs each lease (group commit) before its ACK leaves, or with leases in PostgreSQL commits each group in one transaction (synchronous_commit on) first; Kea (persist: true) appends it to its CSV file without fsync; dnsmasq rewrites and fsyncs its lease file",
             Family::V6 =>
-                "durability: Stork fdatasyncs each lease (one per Reply) before the Reply leaves; Kea (persist: true) appends it to its CSV file without fsync",
+                "durability: Stork fdatasyncs each lease before its Reply leaves (one sync per batch of queued Replies, up to 64); Kea (persist: true) appends it to its CSV file without fsync",
         }
     );
     let get = |p: Peer| {
