@@ -364,6 +364,10 @@ enum MachineCmd {
         /// Disk deploys: the root partition's size (default: the rest of the disk).
         #[arg(long, value_name = "MIB")]
         root_mib: Option<u64>,
+        /// A shell command to run in the installed OS before its first boot (repeatable,
+        /// in order; one that fails fails the deploy).
+        #[arg(long = "late-command", value_name = "COMMAND")]
+        late_commands: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -942,6 +946,7 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
             user_data,
             esp_mib,
             root_mib,
+            late_commands,
             json,
         } => {
             let keys = ssh_keys.iter().map(read).collect::<Result<Vec<_>>>()?;
@@ -957,6 +962,7 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
                 ssh_keys: keys.iter().map(|k| k.trim().to_string()).collect(),
                 user_data,
                 layout,
+                late_commands,
             };
             cli::machine_line(&c.deploy(&id, &request)?, json)
         }

@@ -1284,6 +1284,16 @@ fn bad_input_is_400_naming_the_field() {
     };
     check(disk("sdz"), "disk: no disk is named \"sdz\"");
     check(disk("sdz"), "vda (serial d1");
+    // Late commands: bounded in number and size, each a command.
+    let late = |cmds: Vec<String>| {
+        deploy_req(DeployRequest {
+            late_commands: cmds,
+            ..deploy(IMAGE)
+        })
+    };
+    check(late(vec!["true".into(); 33]), "late_commands: 33 commands");
+    check(late(vec!["true".into(), " ".into()]), "late_commands[1]");
+    check(late(vec!["x".repeat(5000)]), "late_commands[0]");
     // The disk layout: bounds, types and unknown fields, each naming the field.
     let layout = |esp_mib: Option<u64>, root_mib: Option<u64>| {
         deploy_req(DeployRequest {

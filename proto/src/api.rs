@@ -93,6 +93,11 @@ pub struct DeployRequest {
     /// Disk deploys: partition sizes; asking for one installs from the image's root tar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<DiskLayout>,
+    /// Shell commands run in the installed OS (chrooted into its root, `/bin/sh -c`) after
+    /// the seed is written and before the reboot, in order; the first that fails (or runs
+    /// past 10 minutes) fails the deploy with its exit status and output.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub late_commands: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -421,6 +426,10 @@ pub fn valid_ssh_key(key: &str) -> bool {
 /// deploy request is no place for a payload).
 pub const MAX_USER_DATA: usize = 64 * 1024;
 
+/// How many late commands a deploy takes, and how long each may be.
+pub const MAX_LATE_COMMANDS: usize = 32;
+pub const MAX_LATE_COMMAND: usize = 4096;
+
 /// The longest `disk` a deploy names (serials and models are at most 40 characters in ATA,
 /// device paths longer).
 pub const MAX_DISK_NAME: usize = 256;
@@ -443,6 +452,19 @@ impl DeployRequest {
             return Err(format!(
                 "disk: {d:?} names no disk: give its kernel name (vda, /dev/sda), serial, WWN, model or path, up to {MAX_DISK_NAME} printable characters"
             ));
+        }
+        if self.late_commands.len() > MAX_LATE_COMMANDS {
+            return Err(format!(
+                "late_commands: {} commands, at most {MAX_LATE_COMMANDS}",
+                self.late_commands.len()
+            ));
+        }
+        for (i, c) in self.late_commands.iter().enumerate() {
+            if c.trim().is_empty() || c.len() > MAX_LATE_COMMAND || c.contains('\0') {
+                return Err(format!(
+                    "late_commands[{i}]: a command is 1 to {MAX_LATE_COMMAND} bytes with no NUL"
+                ));
+            }
         }
         for (i, key) in self.ssh_keys.iter().enumerate() {
             if !valid_ssh_key(key) {

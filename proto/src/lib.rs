@@ -85,6 +85,10 @@ pub struct DeployTask {
     /// with the default layout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<DiskLayout>,
+    /// Commands run chrooted in the installed root before the reboot
+    /// ([`api::DeployRequest::late_commands`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub late_commands: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -498,12 +498,7 @@ fn operate_inner(config: &FleetConfig, plan: &[PowerPlan], epoch: Instant) -> Ou
                 &m.id,
                 &DeployRequest {
                     image: image.clone(),
-                    target: Default::default(),
-                    disk: None,
-                    hostname: None,
-                    ssh_keys: Vec::new(),
-                    user_data: None,
-                    layout: None,
+                    ..Default::default()
                 },
             )
             .with_context(|| format!("deploying {}", m.id))?;

@@ -50,6 +50,8 @@ pub struct Scenario {
     pub tags: Vec<&'static str>,
     /// The deploy's `--disk` (a kernel name, serial, WWN, model or path), if any.
     pub disk: Option<String>,
+    /// The deploy's `--late-command`s.
+    pub late_commands: Vec<String>,
     started: Instant,
     phase_started: Instant,
     phases: Vec<(String, Duration)>,
@@ -145,6 +147,7 @@ impl Scenario {
             id: None,
             tags: Vec::new(),
             disk: None,
+            late_commands: Vec::new(),
             started: now,
             phase_started: now,
             phases: Vec::new(),
@@ -272,6 +275,9 @@ impl Scenario {
         ];
         if let Some(disk) = &self.disk {
             args.extend(["--disk", disk.as_str()]);
+        }
+        for c in &self.late_commands {
+            args.extend(["--late-command", c.as_str()]);
         }
         self.appliance.cli(&args)?;
         let m = self.status(id)?;

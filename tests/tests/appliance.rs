@@ -168,6 +168,7 @@ fn a_usb_stick_under_ovmf_reads_its_stork_toml_provisions_a_machine_and_keeps_it
                 ssh_keys: vec![public.trim().to_string()],
                 user_data: None,
                 layout: None,
+                late_commands: Vec::new(),
             },
         )?;
         let mut again = mspec.clone();

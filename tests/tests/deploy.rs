@@ -11,7 +11,8 @@
 //!   clients on a third host are still served, and nothing the attacker sent changed a
 //!   machine. The disk is NVMe, named in the deploy by its model, beside a SATA disk the
 //!   inventory names by the serial only its VPD page holds; a deploy naming a disk the
-//!   machine lacks is refused before any power-on. Then a plain release erases
+//!   machine lacks is refused before any power-on; two late commands run in the installed
+//!   root before its first boot, in order. Then a plain release erases
 //!   by default, fully: Stork power-cycles the running machine into the agent, which erases
 //!   the disk with NVMe Format NVM and reads samples back; the disk image holds not one
 //!   non-zero byte afterwards.
@@ -57,12 +58,22 @@ fn seabios_vm_powered_by_its_bmc_deploys_debian_to_nvme_logs_in_over_ssh_then_re
     }];
     let mut s = Scenario::new("deploy-disk", spec, None).unwrap();
     s.disk = Some("QEMU NVMe Ctrl".into());
+    // Run in the installed root before its first boot, in order.
+    s.late_commands = vec![
+        "echo \"late $(uname -m)\" > /etc/stork-late".into(),
+        "echo second >> /etc/stork-late".into(),
+    ];
     let result = (|| -> Result<()> {
         let id = ready(&mut s)?;
         inventory_names_every_disk(&s, &id)?;
         // A hostile host beside the deploy, from before the power-on to the login.
         let attacker = Attacker::start(&mut s.lab, &id, MAC_DISK)?;
-        deploy_to_disk_and_log_in(&mut s, &id, "stork-e2e-disk", true)?;
+        let ip = deploy_to_disk_and_log_in(&mut s, &id, "stork-e2e-disk", true)?;
+        let late = s.ssh(&ip, "cat /etc/stork-late")?;
+        if late.trim() != "late x86_64\nsecond" {
+            bail!("the late commands left {late:?} in /etc/stork-late");
+        }
+        s.say("late commands ran in the installed root, in order");
         attacker::bystander_is_served(&mut s.lab, &s.appliance)?;
         attacker.stop()?.check()?;
         attacker::refusals_counted(&s.appliance, 1)?;

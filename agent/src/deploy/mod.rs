@@ -8,6 +8,7 @@ pub mod block;
 pub mod download;
 pub mod efi;
 pub mod http;
+pub mod late;
 pub mod mapped;
 pub mod nvme;
 pub mod prefetch;

@@ -300,6 +300,7 @@ mod tests {
             user_data: user_data.map(String::from),
             image: vec![],
             layout: None,
+            late_commands: vec![],
         }
     }
 

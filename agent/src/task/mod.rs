@@ -156,6 +156,16 @@ impl<'a> Deployment<'a> {
                 task.ssh_keys.len()
             ),
         );
-        Ok(())
+        crate::deploy::late::run_all(root, &task.late_commands, |n, command, ran| {
+            self.client.step_event(
+                Step::Seed,
+                StepState::Progress,
+                format!(
+                    "late command {n} ({command:?}): {}; output: {}",
+                    ran.status,
+                    ran.output.trim()
+                ),
+            );
+        })
     }
 }

@@ -212,6 +212,7 @@ pub async fn deploy_task(s: &AppState, m: &Machine) -> Result<Task, ApiError> {
             .unwrap_or_else(|| format!("stork-{}", m.id)),
         ssh_keys,
         user_data: req.user_data.clone(),
+        late_commands: req.late_commands.clone(),
         image: resource
             .files
             .iter()

@@ -1,0 +1,185 @@
+//! Late commands: the user's shell commands run in the installed OS before its first boot
+//! (what MAAS and curtin call late commands), chrooted into its root with `/dev`, `/proc`
+//! and `/sys` mounted there, one after another; the first that fails stops the deploy.
+
+use std::ffi::CString;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+/// How long one command may run.
+pub const TIMEOUT: Duration = Duration::from_secs(600);
+/// How much of a command's output (stdout and stderr together) is kept: its end.
+pub const OUTPUT_TAIL: usize = 2048;
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What one command did.
+#[derive(Debug)]
+pub struct Ran {
+    pub status: ExitStatus,
+    /// The last [`OUTPUT_TAIL`] bytes it wrote, lossily UTF-8.
+    pub output: String,
+}
+
+/// Runs `commands` in order chrooted into `root`, `done(n, command, ran)` after each;
+/// fails at the first whose exit status is not 0 (or that outlasts [`TIMEOUT`]), naming it,
+/// its status and its output.
+pub fn run_all(
+    root: &Path,
+    commands: &[String],
+    mut done: impl FnMut(usize, &str, &Ran),
+) -> Result<()> {
+    if commands.is_empty() {
+        return Ok(());
+    }
+    let _mounts = Mounts::new(root)?;
+    for (n, command) in commands.iter().enumerate() {
+        let ran = run_one(root, command)
+            .with_context(|| format!("late command {} ({command:?})", n + 1))?;
+        done(n + 1, command, &ran);
+        if !ran.status.success() {
+            bail!(
+                "late command {} ({command:?}) {}: {}",
+                n + 1,
+                describe(ran.status),
+                ran.output.trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited {code}"),
+        (None, Some(sig)) => format!("was killed by signal {sig}"),
+        _ => status.to_string(),
+    }
+}
+
+/// `/bin/sh -c command` chrooted into `root`, stdin empty, a clean environment.
+fn run_one(root: &Path, command: &str) -> Result<Ran> {
+    let root_c = CString::new(root.as_os_str().as_bytes()).context("root path")?;
+    let (mut reader, writer) = std::io::pipe().context("pipe")?;
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(command)
+        .env_clear()
+        .env("PATH", PATH)
+        .env("HOME", "/root")
+        .env("LANG", "C.UTF-8")
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone().context("pipe")?)
+        .stderr(writer);
+    // SAFETY: between fork and exec the child only calls chroot(2) and chdir(2) on
+    // strings made before the fork: async-signal-safe, no allocation, no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::chroot(root_c.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("start /bin/sh in the installed root")?;
+    // The command builder holds the pipe's write ends: dropped, the read sees the end
+    // once the child (and what it started) closes its own.
+    drop(cmd);
+    let tail = std::thread::spawn(move || {
+        let mut kept: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            kept.extend_from_slice(&buf[..n]);
+            if kept.len() > OUTPUT_TAIL {
+                kept.drain(..kept.len() - OUTPUT_TAIL);
+            }
+        }
+        String::from_utf8_lossy(&kept).into_owned()
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("wait")? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("still running after {TIMEOUT:?}: killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // A background process the command left holding the pipe would keep the reader
+    // waiting: what it wrote so far is enough once the command itself has ended.
+    let output = if tail.is_finished() {
+        tail.join().unwrap_or_default()
+    } else {
+        std::thread::sleep(Duration::from_millis(200));
+        if tail.is_finished() {
+            tail.join().unwrap_or_default()
+        } else {
+            "(output still open by a process the command started)".to_string()
+        }
+    };
+    Ok(Ran { status, output })
+}
+
+/// `/dev` (bound), `/proc` and `/sys` inside the installed root while the commands run;
+/// unmounted in reverse order when dropped.
+struct Mounts(Vec<PathBuf>);
+
+impl Mounts {
+    fn new(root: &Path) -> Result<Self> {
+        let mut done = Self(Vec::new());
+        for (source, dir, fstype, flags) in [
+            ("/dev", "dev", None, MsFlags::MS_BIND | MsFlags::MS_REC),
+            ("proc", "proc", Some("proc"), MsFlags::empty()),
+            ("sysfs", "sys", Some("sysfs"), MsFlags::empty()),
+        ] {
+            let target = root.join(dir);
+            std::fs::create_dir_all(&target)
+                .with_context(|| format!("create {}", target.display()))?;
+            mount(Some(source), &target, fstype, flags, None::<&str>)
+                .with_context(|| format!("mount {source} on {}", target.display()))?;
+            done.0.push(target);
+        }
+        Ok(done)
+    }
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for target in self.0.iter().rev() {
+            // Detached: a process a command left behind must not keep the root mounted.
+            let _ = umount2(target, MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_to_run_touches_nothing() {
+        let mut calls = 0;
+        run_all(Path::new("/nonexistent"), &[], |_, _, _| calls += 1).unwrap();
+        assert_eq!(calls, 0);
+    }
+
+    #[test]
+    fn exit_statuses_read_as_people_say_them() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(describe(ExitStatus::from_raw(3 << 8)), "exited 3");
+        assert_eq!(describe(ExitStatus::from_raw(9)), "was killed by signal 9");
+    }
+}
