@@ -257,7 +257,7 @@ fn changes_with_the_cookie_need_the_ui_header_and_bad_fields_are_named() {
     for (json, field) in [
         (r#"{"image":"x","hostname":"bad_host!"}"#, "hostname: "),
         (r#"{"image":"x","ssh_keys":["not a key"]}"#, "ssh_keys[0]: "),
-        (r#"{"image":"x","disk":"../sda"}"#, "disk: "),
+        (r#"{"image":"x","disk":"sda\nsdb"}"#, "disk: "),
         (r#"{"image":"x","target":"floppy"}"#, "target: "),
         (r#"{"hostname":"a"}"#, "missing field `image`"),
         (r#"{"image":"nosuch"}"#, "image: "),
