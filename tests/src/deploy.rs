@@ -360,6 +360,24 @@ impl Scenario {
         })
     }
 
+    /// Everything the machine's serial console printed, every boot of it.
+    pub fn console(&self) -> Result<String> {
+        let bytes = std::fs::read(&self.machine.paths.console)
+            .with_context(|| format!("read {}", self.machine.paths.console.display()))?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Fails unless the TFTP server never heard a request: a machine that boots over HTTP
+    /// only.
+    pub fn check_no_tftp(&self) -> Result<()> {
+        let stats = self.appliance.stats()?;
+        let tftp = stats.counter("tftp", "requests").unwrap_or(0);
+        if tftp != 0 {
+            bail!("{tftp} TFTP requests from a machine that boots over HTTP only: {stats:#?}");
+        }
+        Ok(())
+    }
+
     /// The address the machine leased (its agent printed it on the console).
     pub fn leased_ip(&self) -> Result<String> {
         stork_lab::guest::leased_ip(&self.machine.paths.console)

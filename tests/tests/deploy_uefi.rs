@@ -49,8 +49,7 @@ fn ovmf_vm_through_firmware_pxe_powered_by_its_bmc_deploys_debian_to_disk_and_lo
         if detours != 0 {
             bail!("after the install the machine network-booted {detours} time(s) before its disk");
         }
-        let console = std::fs::read(&s.machine.paths.console)?;
-        let console = String::from_utf8_lossy(&console);
+        let console = s.console()?;
         let after_reboot = console
             .rsplit_once("stork-agent: done, rebooting")
             .map(|(_, rest)| rest)

@@ -33,7 +33,7 @@ fn booted_over_ipv6(s: &Scenario) -> Result<String> {
     if !ip.starts_with("fd77::1") {
         bail!("the agent's address is {ip}, not one of [dhcp6] range");
     }
-    let console = String::from_utf8_lossy(&std::fs::read(&s.machine.paths.console)?).into_owned();
+    let console = s.console()?;
     if !console.contains("url=http://[fd77::1]:8080") {
         bail!("the agent's command line does not name the appliance by its IPv6 address");
     }
@@ -99,8 +99,7 @@ fn uefi_vm_with_pxe_off_http_boots_over_ipv6_and_enlists() {
     let result = (|| -> Result<()> {
         s.add_and_enlist()?;
         booted_over_ipv6(&s)?;
-        let console =
-            String::from_utf8_lossy(&std::fs::read(&s.machine.paths.console)?).into_owned();
+        let console = s.console()?;
         if !console.contains("Start HTTP Boot over IPv6") || console.contains("Start PXE") {
             bail!("the firmware did not boot by UEFI HTTP boot over IPv6 alone");
         }
@@ -108,12 +107,7 @@ fn uefi_vm_with_pxe_off_http_boots_over_ipv6_and_enlists() {
         if !console.contains("URI: http://[fd77::1]:8080/boot/snponly.efi") {
             bail!("the firmware did not take the IPv6 boot URL");
         }
-        let stats = s.appliance.stats()?;
-        let tftp = stats.counter("tftp", "requests").unwrap_or(0);
-        if tftp != 0 {
-            bail!("{tftp} TFTP requests from a machine that boots over HTTP only");
-        }
-        Ok(())
+        s.check_no_tftp()
     })();
     if let Err(e) = result {
         s.fail(e);

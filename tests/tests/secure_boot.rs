@@ -45,8 +45,7 @@ fn run(s: &mut Scenario) -> Result<()> {
     // The chain as the console shows it: the firmware fetched shim, shim fetched GRUB, GRUB
     // ran the machine's configuration, the kernel's EFI stub saw Secure Boot on; iPXE never
     // ran. (The kernel's own lockdown notice is below the agent's console log level.)
-    let console = std::fs::read(&s.machine.paths.console)?;
-    let console = String::from_utf8_lossy(&console);
+    let console = s.console()?;
     for want in [
         "NBP filename is shimx64.efi",
         "Fetching Netboot Image grubx64.efi",

@@ -44,8 +44,7 @@ fn run(s: &mut Scenario) -> Result<()> {
     // Every network boot was an HTTP boot: the console (OVMF writes to the serial port)
     // shows one per power-on (enlist, commission, deploy) and no PXE, and the TFTP server
     // never heard from the machine.
-    let console = std::fs::read(&s.machine.paths.console)?;
-    let console = String::from_utf8_lossy(&console);
+    let console = s.console()?;
     let http_boots = console.matches(HTTP_BOOT).count();
     if http_boots < 3 {
         bail!("{http_boots} HTTP boots on the console, wanted one per network boot (3)");
@@ -53,10 +52,5 @@ fn run(s: &mut Scenario) -> Result<()> {
     if console.contains(PXE_BOOT) {
         bail!("the console shows a PXE boot ({PXE_BOOT:?}) with PXE switched off");
     }
-    let stats = s.appliance.stats()?;
-    let tftp = stats.counter("tftp", "requests").unwrap_or(0);
-    if tftp != 0 {
-        bail!("{tftp} TFTP requests from a machine that only boots over HTTP: {stats:#?}");
-    }
-    Ok(())
+    s.check_no_tftp()
 }

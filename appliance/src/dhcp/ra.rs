@@ -168,23 +168,58 @@ fn recv_from(sock: &Socket, buf: &mut [u8]) -> std::io::Result<(usize, Option<Ip
 /// starts, and the answer's M flag starts the firmware's other DHCPv6 client, which takes
 /// the lease and leaves UEFI HTTP boot without one (docs/measurements.md). Hosts solicit
 /// again from their link-local address, and [`router_hint`] serves EDK2.
-fn answers(service: Ipv6Service, from: Ipv6Addr, interface: &str) -> bool {
+fn answers(service: Ipv6Service, from: Ipv6Addr, own: &mut OwnAddresses) -> bool {
     if from.is_unspecified() {
         return service == Ipv6Service::None;
     }
-    !own_address(interface, from)
+    !own.contains(from)
 }
 
-/// Whether `addr` is one of `interface`'s own IPv6 addresses (`/proc/net/if_inet6`: 32 hex
-/// digits, index, prefix length, scope, flags, name).
-fn own_address(interface: &str, addr: Ipv6Addr) -> bool {
-    let hex = format!("{:032x}", u128::from(addr));
-    std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|t| {
-        t.lines().any(|l| {
-            let mut f = l.split_whitespace();
-            f.next() == Some(hex.as_str()) && f.last() == Some(interface)
+/// An interface's own IPv6 addresses, read from `/proc/net/if_inet6` at most once per
+/// [`OwnAddresses::FRESH`]: solicitations are unauthenticated input, and a flood of them
+/// must not mean a file read each.
+struct OwnAddresses {
+    interface: String,
+    addrs: Vec<Ipv6Addr>,
+    read: Option<Instant>,
+}
+
+impl OwnAddresses {
+    /// Addresses come and go (the link-local one once its DAD is done): this old at most.
+    const FRESH: Duration = Duration::from_secs(1);
+
+    fn new(interface: &str) -> Self {
+        Self {
+            interface: interface.to_string(),
+            addrs: Vec::new(),
+            read: None,
+        }
+    }
+
+    fn contains(&mut self, addr: Ipv6Addr) -> bool {
+        if self.read.is_none_or(|at| at.elapsed() >= Self::FRESH) {
+            let text = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+            self.addrs = parse_if_inet6(&text, &self.interface);
+            self.read = Some(Instant::now());
+        }
+        self.addrs.contains(&addr)
+    }
+}
+
+/// `interface`'s addresses in `/proc/net/if_inet6` text: per line 32 hex digits, index,
+/// prefix length, scope, flags, name.
+fn parse_if_inet6(text: &str, interface: &str) -> Vec<Ipv6Addr> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.last() != Some(&interface) {
+                return None;
+            }
+            u128::from_str_radix(f.first()?, 16)
+                .ok()
+                .map(Ipv6Addr::from)
         })
-    })
+        .collect()
 }
 
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -247,6 +282,7 @@ pub async fn run(
     let mut next_periodic = last + period;
     // Hints still to repeat: (when, to whom, how many sent).
     let mut pending: Vec<(Instant, Ipv6Addr, usize)> = Vec::new();
+    let mut own = OwnAddresses::new(&interface);
     let mut buf = [0u8; 1500];
     loop {
         let due = pending
@@ -271,7 +307,7 @@ pub async fn run(
                         Ok(Ok((n, from))) => {
                             solicited |= n >= 8
                                 && buf[0] == ROUTER_SOLICITATION
-                                && from.is_some_and(|a| answers(service, a, &interface));
+                                && from.is_some_and(|a| answers(service, a, &mut own));
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "ICMPv6 receive failed");
@@ -363,13 +399,31 @@ mod tests {
 
     #[test]
     fn own_addresses_are_known_by_interface() {
-        let lo = "::1".parse().unwrap();
-        // Only where the loopback has IPv6 (it has on Linux unless disabled).
+        let text = "fe800000000000007c0d4bfffe56c1d0 02 40 20 80   stork0\n\
+                    00000000000000000000000000000001 01 80 10 80       lo\n";
+        let ll: Ipv6Addr = "fe80::7c0d:4bff:fe56:c1d0".parse().unwrap();
+        assert_eq!(parse_if_inet6(text, "stork0"), [ll]);
+        assert_eq!(parse_if_inet6(text, "lo"), [Ipv6Addr::LOCALHOST]);
+        assert!(parse_if_inet6(text, "eth0").is_empty());
+        // The live table: a solicitation from an address the interface lacks is answered,
+        // from `::` only without DHCPv6.
+        let mut own = OwnAddresses::new("no-such-if");
+        assert!(answers(Ipv6Service::None, ll, &mut own));
+        assert!(answers(Ipv6Service::None, Ipv6Addr::UNSPECIFIED, &mut own));
+        let managed = Ipv6Service::Managed {
+            prefix: "fd77::".parse().unwrap(),
+            len: 64,
+        };
+        assert!(!answers(managed, Ipv6Addr::UNSPECIFIED, &mut own));
+        assert!(answers(managed, ll, &mut own));
+        // This host's loopback, where it has IPv6 (Linux unless disabled).
         if std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|t| t.contains(" lo\n")) {
-            assert!(own_address("lo", lo));
+            assert!(!answers(
+                Ipv6Service::None,
+                Ipv6Addr::LOCALHOST,
+                &mut OwnAddresses::new("lo")
+            ));
         }
-        assert!(!own_address("no-such-if", lo));
-        assert!(!own_address("lo", "fe80::1".parse().unwrap()));
     }
 
     #[test]
