@@ -38,9 +38,7 @@ impl Firmware {
     pub fn ipv6(self) -> bool {
         matches!(self, Self::UefiIpv6 | Self::UefiHttpIpv6)
     }
-}
 
-impl Firmware {
     /// The variable store a new machine of this firmware starts from (Debian's `ovmf`).
     pub fn vars_template(self) -> &'static str {
         match self {
@@ -218,12 +216,7 @@ pub fn qemu_argv(lab: &mut Lab, spec: &VmSpec) -> Result<(Vec<String>, VmPaths)>
     }];
     for (n, extra) in spec.extra_disks.iter().enumerate() {
         let file = dir.join(format!("disk{}.raw", n + 1));
-        if !(spec.keep_disk && file.exists()) {
-            let f = std::fs::File::create(&file)
-                .with_context(|| format!("create {}", file.display()))?;
-            f.set_len(extra.bytes)
-                .with_context(|| format!("size {}", file.display()))?;
-        }
+        blank_disk(&file, extra.bytes, spec.keep_disk)?;
         disks.push(AttachedDisk {
             file,
             bus: extra.bus,

@@ -120,15 +120,14 @@ fn run_one(root: &Path, command: &str) -> Result<Ran> {
     };
     // A background process the command left holding the pipe would keep the reader
     // waiting: what it wrote so far is enough once the command itself has ended.
+    let grace = Instant::now() + Duration::from_millis(200);
+    while !tail.is_finished() && Instant::now() < grace {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let output = if tail.is_finished() {
         tail.join().unwrap_or_default()
     } else {
-        std::thread::sleep(Duration::from_millis(200));
-        if tail.is_finished() {
-            tail.join().unwrap_or_default()
-        } else {
-            "(output still open by a process the command started)".to_string()
-        }
+        "(output still open by a process the command started)".to_string()
     };
     Ok(Ran { status, output })
 }
