@@ -1,4 +1,6 @@
-//! Loading the kernel modules the image builder listed, in its order.
+//! Loading the kernel modules the image builder listed, in its order: the boot list at once,
+//! the on-demand list's modules when a task needs them (stage 1 carries their files into the
+//! ephemeral root, [`carry_on_demand`]).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,9 @@ use crate::console::say;
 
 /// One absolute module path per line, dependencies first.
 pub const LOAD_LIST: &str = "/etc/stork/modules.load";
+/// A line per module the agent loads only when a task needs it: its name, then the files
+/// to load for it, dependencies first.
+pub const ON_DEMAND_LIST: &str = "/etc/stork/modules.ondemand";
 
 const STEP: &str = "load-modules";
 
@@ -38,6 +43,79 @@ fn init_flags(path: &Path) -> ModuleInitFlags {
     } else {
         ModuleInitFlags::empty()
     }
+}
+
+/// The on-demand list: each module's name with its files in load order.
+pub fn parse_on_demand(text: &str) -> Vec<(String, Vec<PathBuf>)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let name = words.next()?.to_string();
+            Some((name, words.map(PathBuf::from).collect()))
+        })
+        .collect()
+}
+
+/// Copies the on-demand list and every file it names into `root` at the same paths, so that
+/// stage 2 can load them there.
+pub fn carry_on_demand(root: &Path) -> std::io::Result<usize> {
+    let text = match std::fs::read_to_string(ON_DEMAND_LIST) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut n = 0;
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    for path in parse_on_demand(&text)
+        .into_iter()
+        .flat_map(|(_, files)| files)
+    {
+        let to = inside(&path);
+        if to.exists() {
+            continue;
+        }
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::copy(&path, &to)?;
+        n += 1;
+    }
+    let list = inside(Path::new(ON_DEMAND_LIST));
+    if let Some(dir) = list.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(list, text)?;
+    Ok(n)
+}
+
+/// Loads the on-demand modules `names` (with their dependencies, each once) from
+/// [`ON_DEMAND_LIST`]; a name the list lacks, or a module that fails, is an error.
+pub fn load_on_demand(names: &[&str]) -> anyhow::Result<Summary> {
+    let text = std::fs::read_to_string(ON_DEMAND_LIST)
+        .map_err(|e| anyhow::anyhow!("reading {ON_DEMAND_LIST}: {e}"))?;
+    let listed = parse_on_demand(&text);
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for name in names {
+        let (_, files) = listed.iter().find(|(n, _)| n == name).ok_or_else(|| {
+            anyhow::anyhow!("module {name} is not in the initrd ({ON_DEMAND_LIST})")
+        })?;
+        for f in files {
+            if !paths.contains(f) {
+                paths.push(f.clone());
+            }
+        }
+    }
+    let s = load_all(&paths);
+    if s.failed > 0 {
+        anyhow::bail!(
+            "{} of the modules for {} failed to load (the console says which)",
+            s.failed,
+            names.join(", ")
+        );
+    }
+    Ok(s)
 }
 
 #[derive(Debug, Default)]
@@ -119,6 +197,28 @@ mod tests {
             .map(PathBuf::from)
         );
         assert!(parse_load_list("\n# nothing\n   \n").is_empty());
+    }
+
+    #[test]
+    fn on_demand_list_names_each_module_with_its_files() {
+        let text = "# written by stork-image\nxfs /lib/m/libcrc32c.ko /lib/m/xfs.ko\n\ndm_mod /lib/m/dm-mod.ko\nraid1\n";
+        assert_eq!(
+            parse_on_demand(text),
+            [
+                (
+                    "xfs".to_string(),
+                    vec![
+                        PathBuf::from("/lib/m/libcrc32c.ko"),
+                        PathBuf::from("/lib/m/xfs.ko")
+                    ]
+                ),
+                (
+                    "dm_mod".to_string(),
+                    vec![PathBuf::from("/lib/m/dm-mod.ko")]
+                ),
+                ("raid1".to_string(), vec![]),
+            ]
+        );
     }
 
     #[test]

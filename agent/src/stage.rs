@@ -9,8 +9,10 @@
 //! root), the console's file descriptors, and the console's remembered lines, written to
 //! [`CONSOLE_LOG`] on /run. Stage 2 re-reads /proc/cmdline and goes on as before.
 //!
-//! The ephemeral root has no kernel modules: whatever the tasks need must be loaded by stage 1
-//! from the initrd's list (ext4, vfat, squashfs, overlay, loop, NIC and disk drivers are).
+//! The ephemeral root has no kernel modules: whatever the tasks need is loaded by stage 1
+//! from the initrd's list (ext4, vfat, squashfs, overlay, loop, NIC and disk drivers are), or
+//! carried into the new root with the on-demand list (RAID, LVM, XFS, btrfs) for stage 2 to
+//! load when a task needs them.
 
 use std::ffi::CString;
 use std::fs;
@@ -145,6 +147,9 @@ fn try_enter(
         .with_context(|| format!("copy /proc/self/exe to {}", agent.display()))?;
     fs::set_permissions(&agent, fs::Permissions::from_mode(0o755))
         .with_context(|| format!("chmod {}", agent.display()))?;
+    // The initrd is gone after the switch: the modules tasks load later go along.
+    crate::modules::carry_on_demand(root)
+        .with_context(|| format!("copying the on-demand modules into {}", root.display()))?;
 
     let program = format!("/{AGENT_IN_ROOT}");
     let mut argv = vec![cstring(program.as_bytes())?];

@@ -161,14 +161,10 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
         out!("owner:     {o}");
     }
     if let Some(d) = &m.deploy {
-        let layout = d.layout.map_or_else(String::new, |l| {
-            format!(
-                ", layout: ESP {} MiB, root {}",
-                l.esp(),
-                l.root_mib
-                    .map_or_else(|| "the rest".to_string(), |r| format!("{r} MiB"))
-            )
-        });
+        let layout = d
+            .layout
+            .as_ref()
+            .map_or_else(String::new, |l| format!(", layout: {}", layout_summary(l)));
         out!("deploy:    {} to {:?}{layout}", d.image, d.target);
     }
     if let Some(at) = m.last_heartbeat {
@@ -527,6 +523,48 @@ pub fn audit(c: &Client, after: i64, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// A layout in one line: `ESP 512 MiB, data 3000 MiB on vda+vdb, RAID 1, LVM vg0: root
+/// rest ext4 /, var 500 MiB xfs /var`.
+pub fn layout_summary(l: &stork_proto::DiskLayout) -> String {
+    let mut s = format!(
+        "ESP {} MiB, {} {}",
+        l.esp(),
+        if l.raid.is_some() || l.lvm.is_some() {
+            "data"
+        } else {
+            "root"
+        },
+        l.root_mib
+            .map_or_else(|| "the rest".to_string(), |r| format!("{r} MiB"))
+    );
+    if !l.disks.is_empty() {
+        s.push_str(&format!(" on {}", l.disks.join("+")));
+    }
+    if let Some(level) = l.raid {
+        s.push_str(&format!(", RAID {level}"));
+    }
+    match &l.lvm {
+        Some(lvm) => {
+            let vols: Vec<String> = lvm
+                .volumes
+                .iter()
+                .map(|v| {
+                    let size = match (v.size_mib, v.percent) {
+                        (Some(m), _) => format!("{m} MiB"),
+                        (None, Some(p)) => format!("{p}%"),
+                        (None, None) => "rest".to_string(),
+                    };
+                    format!("{} {size} {} {}", v.name, v.fs.name(), v.mount)
+                })
+                .collect();
+            s.push_str(&format!(", LVM {}: {}", lvm.vg, vols.join(", ")));
+        }
+        None if !l.is_flat() => s.push_str(&format!(", {} /", l.root_fs().name())),
+        None => {}
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,5 +574,28 @@ mod tests {
         assert_eq!(printable("plain text"), "plain text");
         assert_eq!(printable("a\tb\nc"), "a\tb\nc");
         assert_eq!(printable("\u{1b}[2Jgone\u{7}\r"), "\\u{1b}[2Jgone\\u{7}\\r");
+    }
+
+    #[test]
+    fn a_layout_reads_in_one_line() {
+        let l: stork_proto::DiskLayout = serde_json::from_str(
+            r#"{"root_mib": 3000, "disks": ["vda", "vdb"], "raid": 1, "lvm": {"volumes": [
+                {"name": "root", "mount": "/"},
+                {"name": "var", "mount": "/var", "fs": "xfs", "size_mib": 500}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            layout_summary(&l),
+            "ESP 512 MiB, data 3000 MiB on vda+vdb, RAID 1, LVM vg0: root rest ext4 /, var 500 MiB xfs /var"
+        );
+        assert_eq!(
+            layout_summary(&stork_proto::DiskLayout::default()),
+            "ESP 512 MiB, root the rest"
+        );
+        let btrfs: stork_proto::DiskLayout = serde_json::from_str(r#"{"fs": "btrfs"}"#).unwrap();
+        assert_eq!(
+            layout_summary(&btrfs),
+            "ESP 512 MiB, root the rest, btrfs /"
+        );
     }
 }

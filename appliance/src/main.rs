@@ -364,6 +364,10 @@ enum MachineCmd {
         /// Disk deploys: the root partition's size (default: the rest of the disk).
         #[arg(long, value_name = "MIB")]
         root_mib: Option<u64>,
+        /// Disk deploys: a storage layout as JSON (disks, raid, lvm, fs, mount_options, the
+        /// sizes; see the API's `DiskLayout`), in a file; the size flags override its sizes.
+        #[arg(long, value_name = "FILE")]
+        layout: Option<PathBuf>,
         /// A shell command to run in the installed OS before its first boot (repeatable,
         /// in order; one that fails fails the deploy).
         #[arg(long = "late-command", value_name = "COMMAND")]
@@ -946,14 +950,28 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
             user_data,
             esp_mib,
             root_mib,
+            layout,
             late_commands,
             json,
         } => {
             let keys = ssh_keys.iter().map(read).collect::<Result<Vec<_>>>()?;
             let user_data = user_data.as_ref().map(read).transpose()?;
+            let layout = match &layout {
+                Some(path) => Some(
+                    serde_json::from_str::<stork_proto::DiskLayout>(&read(path)?)
+                        .with_context(|| format!("--layout {}", path.display()))?,
+                ),
+                None => None,
+            };
             // No size flag, no layout: the raw image when the image has one.
-            let layout = (esp_mib.is_some() || root_mib.is_some())
-                .then_some(stork_proto::DiskLayout { esp_mib, root_mib });
+            let layout = (layout.is_some() || esp_mib.is_some() || root_mib.is_some()).then(|| {
+                let l = layout.unwrap_or_default();
+                stork_proto::DiskLayout {
+                    esp_mib: esp_mib.or(l.esp_mib),
+                    root_mib: root_mib.or(l.root_mib),
+                    ..l
+                }
+            });
             let request = DeployRequest {
                 image,
                 target,

@@ -1297,13 +1297,67 @@ fn bad_input_is_400_naming_the_field() {
     // The disk layout: bounds, types and unknown fields, each naming the field.
     let layout = |esp_mib: Option<u64>, root_mib: Option<u64>| {
         deploy_req(DeployRequest {
-            layout: Some(DiskLayout { esp_mib, root_mib }),
+            layout: Some(DiskLayout {
+                esp_mib,
+                root_mib,
+                ..DiskLayout::default()
+            }),
             ..deploy(IMAGE)
         })
     };
     check(layout(Some(16), None), "layout.esp_mib");
     check(layout(Some(1 << 20), None), "layout.esp_mib");
     check(layout(None, Some(100)), "layout.root_mib");
+    // Against the machine's inventory (one disk, vda): each mistake by its field.
+    let shaped = |json: &str| {
+        deploy_req(DeployRequest {
+            layout: Some(serde_json::from_str(json).expect("a layout")),
+            ..deploy(IMAGE)
+        })
+    };
+    check(
+        layout(None, Some(1 << 20)),
+        "layout.root_mib: 1048576 MiB does not fit disk vda (serial d1",
+    );
+    check(
+        shaped(r#"{"disks": ["vda", "sdz"], "raid": 1}"#),
+        "layout.disks[1]: no disk is named \"sdz\"",
+    );
+    check(
+        shaped(r#"{"disks": ["vda", "d1"], "raid": 1}"#),
+        "layout.disks[1]: \"d1\" is vda, as layout.disks[0] is",
+    );
+    check(
+        shaped(r#"{"raid": 1}"#),
+        "layout.raid: RAID 1 needs at least 2 disks",
+    );
+    check(
+        shaped(
+            r#"{"lvm": {"volumes": [{"name": "root", "mount": "/", "size_mib": 4096},
+                {"name": "var", "mount": "/var", "fs": "xfs", "size_mib": 1048576}]}}"#,
+        ),
+        "layout.lvm.volumes[1].size_mib: with the volumes before it the volumes need 1052672 MiB; \
+         the volume group vg0 holds",
+    );
+    check(
+        shaped(r#"{"lvm": {"volumes": [{"name": "var", "mount": "/var"}]}}"#),
+        "layout.lvm.volumes: no volume is mounted on /",
+    );
+    check(
+        deploy_req(DeployRequest {
+            disk: Some("vda".into()),
+            layout: Some(serde_json::from_str(r#"{"disks": ["vda"]}"#).expect("a layout")),
+            ..deploy(IMAGE)
+        }),
+        "disk: the layout names its disks",
+    );
+    check_raw(
+        action(
+            "deploy",
+            r#"{"image": "debian-12", "layout": {"lvm": {"volumes": [{"name": "r", "mount": "/", "fs": "zfs"}]}}}"#,
+        ),
+        "layout.lvm.volumes[0].fs",
+    );
     check_raw(
         action(
             "deploy",
@@ -1549,8 +1603,8 @@ fn a_deploy_layout_reaches_the_agent_and_needs_a_root_tar() {
         &m.id,
         &DeployRequest {
             layout: Some(DiskLayout {
-                esp_mib: None,
                 root_mib: Some(2048),
+                ..DiskLayout::default()
             }),
             ..deploy("raw-only")
         },
@@ -1566,17 +1620,18 @@ fn a_deploy_layout_reaches_the_agent_and_needs_a_root_tar() {
     let asked = DiskLayout {
         esp_mib: Some(256),
         root_mib: Some(2048),
+        ..DiskLayout::default()
     };
     f.act(
         &m,
         Action::Deploy(DeployRequest {
-            layout: Some(asked),
+            layout: Some(asked.clone()),
             ..deploy(IMAGE)
         }),
         Status::Deploying,
     );
     let shown = f.machine(&m.id).deploy.expect("a deploy request");
-    assert_eq!(shown.layout, Some(asked));
+    assert_eq!(shown.layout.as_ref(), Some(&asked));
     f.boot(&mut m);
     let task = f.task(&m);
     let Task::Deploy(task) = task else {

@@ -56,6 +56,13 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "GRUB's x86_64-efi modules, for grub-install --target=x86_64-efi",
     ),
     ("efibootmgr", "the deployed disk's UEFI boot entry"),
+    ("mdadm", "software RAID arrays of a layout"),
+    ("lvm2", "LVM volume groups and logical volumes of a layout"),
+    ("xfsprogs", "mkfs.xfs for a layout's XFS file systems"),
+    (
+        "btrfs-progs",
+        "mkfs.btrfs for a layout's btrfs file systems",
+    ),
     ("zstd", "decompressing .zst images and tars"),
     ("xz-utils", "decompressing .xz images"),
 ];

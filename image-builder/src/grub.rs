@@ -151,7 +151,7 @@ pub fn grub_cfg(title: &str, root_uuid: &str, cmdline: &str) -> String {
         "# Written by stork-image. Boots the newest kernel through the /vmlinuz and /initrd.img
 # symlinks; regenerate with grub-mkconfig (it reads /etc/default/grub) if you prefer.",
         title,
-        root_uuid,
+        &stork_proto::grub::ext4_root(root_uuid),
         cmdline,
         "/vmlinuz",
         "/initrd.img",

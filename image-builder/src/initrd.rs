@@ -24,6 +24,10 @@ const NULL: (u32, u32) = (1, 3);
 
 /// Where the agent finds its module list (`agent/src/modules.rs`, `LOAD_LIST`).
 pub const MODULES_LOAD: &str = "etc/stork/modules.load";
+/// Where the agent finds its on-demand modules (`agent/src/modules.rs`, `ON_DEMAND_LIST`):
+/// a line per module, its name then its files and its dependencies' files, dependencies
+/// first.
+pub const MODULES_ON_DEMAND: &str = "etc/stork/modules.ondemand";
 
 const DIRS: &[&str] = &[
     "dev",
@@ -145,6 +149,7 @@ pub fn tree(
     moddir: &Path,
     index: &ModuleIndex,
     load_order: &[Module],
+    on_demand: &[(String, Vec<Module>)],
 ) -> Result<Tree, InitrdError> {
     let mut t = Tree::new();
     for d in DIRS {
@@ -166,6 +171,26 @@ pub fn tree(
         load.push_str(&format!("/{kmods}/{}\n", m.path));
     }
     t.file(MODULES_LOAD, 0o644, Source::Bytes(load.into_bytes()))?;
+
+    let mut listed: Vec<&str> = load_order.iter().map(|m| m.path.as_str()).collect();
+    let mut later =
+        String::from("# Written by stork-image: a module, then its files in load order.\n");
+    for (name, order) in on_demand {
+        later.push_str(name);
+        for m in order {
+            later.push_str(&format!(" /{kmods}/{}", m.path));
+            if !listed.contains(&m.path.as_str()) {
+                listed.push(&m.path);
+                t.file(
+                    &format!("{kmods}/{}", m.path),
+                    0o644,
+                    Source::Disk(moddir.join(&m.path)),
+                )?;
+            }
+        }
+        later.push('\n');
+    }
+    t.file(MODULES_ON_DEMAND, 0o644, Source::Bytes(later.into_bytes()))?;
 
     // modules.dep for just these modules, for tools like busybox modprobe.
     let dep = index.render_modules_dep(load_order)?;
@@ -219,7 +244,33 @@ pub fn build(req: &Request<'_>) -> Result<Manifest, InitrdError> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let tree = tree(&kver, req.agent, &moddir, &index, &resolution.load_order)?;
+    // Each on-demand module with the dependencies the boot list does not load already.
+    let mut on_demand = Vec::new();
+    for name in crate::modules::ON_DEMAND_MODULES {
+        // A kernel without one (a test's synthetic tree, a trimmed build) ships the rest; the
+        // agent names what it lacks if a deploy needs it.
+        let order = match index.resolve(&[name.to_string()]) {
+            Ok(r) => r.load_order,
+            Err(ModulesError::Unknown { .. }) => {
+                eprintln!("stork-image: on-demand module {name} is not in this kernel, skipped");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let order: Vec<Module> = order
+            .into_iter()
+            .filter(|m| !resolution.load_order.iter().any(|b| b.name == m.name))
+            .collect();
+        on_demand.push((name.to_string(), order));
+    }
+    let tree = tree(
+        &kver,
+        req.agent,
+        &moddir,
+        &index,
+        &resolution.load_order,
+        &on_demand,
+    )?;
 
     fs::create_dir_all(req.out).map_err(|source| InitrdError::Write {
         path: req.out.to_owned(),
@@ -284,6 +335,7 @@ pub fn build(req: &Request<'_>) -> Result<Manifest, InitrdError> {
                 .map(|m| m.name.clone())
                 .collect(),
             builtin_modules: resolution.builtin,
+            on_demand_modules: on_demand.iter().map(|(n, _)| n.clone()).collect(),
             source_date_epoch: req.source_date_epoch,
             compression: format!("zstd-{ZSTD_LEVEL}"),
         },

@@ -56,6 +56,10 @@ pub struct Inputs {
     pub modules: Vec<String>,
     /// Requested modules that are built into this kernel.
     pub builtin_modules: Vec<String>,
+    /// Modules the agent loads when a task needs them, by name (each with its dependencies
+    /// in the initrd).
+    #[serde(default)]
+    pub on_demand_modules: Vec<String>,
     pub source_date_epoch: u32,
     pub compression: String,
 }
@@ -376,6 +380,7 @@ mod tests {
                 agent_sha256: EMPTY_SHA256.into(),
                 modules: vec!["virtio".into()],
                 builtin_modules: vec![],
+                on_demand_modules: vec!["xfs".into()],
                 source_date_epoch: 0,
                 compression: "zstd-19".into(),
             },

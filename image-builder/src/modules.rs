@@ -39,6 +39,14 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "af_packet",
 ];
 
+/// Modules in the initrd that the agent loads only when a task needs them: a layout's
+/// software RAID, LVM (device-mapper), XFS and btrfs. Not at boot: raid456 and btrfs pull in
+/// raid6_pq and xor, which time their algorithms as they load (seconds under TCG, measured
+/// in docs/measurements.md), and most boots (commission, release, a raw image) need none.
+pub const ON_DEMAND_MODULES: &[&str] = &[
+    "raid0", "raid1", "raid10", "raid456", "dm_mod", "xfs", "btrfs",
+];
+
 const MODULE_SUFFIXES: &[&str] = &[".ko", ".ko.xz", ".ko.zst", ".ko.gz"];
 
 #[derive(Debug, thiserror::Error)]

@@ -5,12 +5,21 @@
 //! resets the VM in place and SeaBIOS boots the disk through the GRUB the agent installed;
 //! cloud-init phones home: Deployed. Over SSH: the partition sizes asked for (the root not
 //! grown to the disk), `/` ext4 by UUID in fstab, the ESP mounted on `/boot/efi`, the hostname.
+//!
+//! Beside it (the two run side by side), a SeaBIOS VM with two disks deploys with its root on
+//! RAID 1 across them and LVM on the array (`--layout`: a volume group over md, root and
+//! `/var` as logical volumes of the sizes asked, `/var` on XFS). Over SSH: `/proc/mdstat`
+//! shows both members in sync, `lvs` the sizes, `findmnt` the file systems. Then the first
+//! disk is pulled out of the running VM (QMP `device_del`) and the VM rebooted: it boots
+//! from the second disk's GRUB alone, the initramfs starts the array degraded, and SSH shows
+//! the root on the one member left.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
-use stork_lab::{VmSpec, wait_for};
+use serde_json::{Value, json};
+use stork_lab::rootless::Qmp;
+use stork_lab::{DiskBus, ExtraDisk, VmSpec, wait_for};
 use stork_proto::api::Status;
 use stork_tests::deploy::{IMAGE, Scenario, USER};
 
@@ -42,6 +51,209 @@ fn seabios_vm_deploys_debian_from_the_root_tar_onto_the_requested_layout_and_log
     );
 }
 
+const RAID_HOSTNAME: &str = "stork-e2e-raid";
+/// Each disk's data partition (the RAID member), and the root volume on the array.
+const MEMBER_MIB: u64 = 3000;
+const ROOT_LV_MIB: u64 = 2048;
+
+#[test]
+#[ignore = "needs root, QEMU, ipmi_sim and built images: run `cargo xtask test`"]
+fn seabios_vm_deploys_its_root_on_lvm_over_raid1_of_two_disks_and_boots_with_one() {
+    let mut spec = VmSpec::new("vm1", "52:54:00:77:01:31");
+    spec.memory_mib = 2048;
+    spec.cpus = 2;
+    spec.disk_bytes = 4 << 30;
+    spec.extra_disks = vec![ExtraDisk {
+        bus: DiskBus::Virtio,
+        bytes: 4 << 30,
+        serial: "STORK-RAID-2".into(),
+    }];
+    let mut s = Scenario::new("deploy-raid", spec, None).unwrap();
+    let result = (|| -> Result<()> {
+        let id = s.add_and_enlist()?;
+        s.commission(&id)?;
+        deploy_raid(&mut s, &id)?;
+        let ip = s.leased_ip()?;
+        check_raid(&s, &ip)?;
+        boot_without_the_first_disk(&mut s, &ip)
+    })();
+    if let Err(e) = result {
+        s.fail(e);
+    }
+    eprintln!("phases (SeaBIOS, RAID 1 + LVM):\n{}", s.timings());
+}
+
+/// The layout: both disks (the second by its serial), RAID 1, LVM root and XFS `/var`.
+fn raid_layout() -> Value {
+    json!({
+        "esp_mib": 128,
+        "root_mib": MEMBER_MIB,
+        "disks": ["vda", "STORK-RAID-2"],
+        "raid": 1,
+        "lvm": {
+            "vg": "vg0",
+            "volumes": [
+                {"name": "root", "mount": "/", "size_mib": ROOT_LV_MIB},
+                {"name": "var", "mount": "/var", "fs": "xfs", "options": "noatime"}
+            ]
+        }
+    })
+}
+
+fn deploy_raid(s: &mut Scenario, id: &str) -> Result<()> {
+    s.appliance.cli(&["machine", "allocate", id])?;
+    // A layout that cannot fit is refused at request time, naming the field.
+    let mut too_big = raid_layout();
+    too_big["lvm"]["volumes"][0]["size_mib"] = json!(8192);
+    let path = s.lab.dir().join("too-big.json");
+    std::fs::write(&path, too_big.to_string())?;
+    let refused = s.appliance.cli(&[
+        "machine",
+        "deploy",
+        id,
+        "--image",
+        IMAGE,
+        "--layout",
+        path.to_str().context("lab path")?,
+    ]);
+    match refused {
+        Err(e) if format!("{e:#}").contains("layout.lvm.volumes[0].size_mib") => {}
+        other => bail!("a layout over the disks was not refused by its field: {other:?}"),
+    }
+    if s.status(id)?.status != Status::Allocated {
+        bail!("the refused deploy changed the machine");
+    }
+
+    let path = s.lab.dir().join("raid.json");
+    std::fs::write(&path, raid_layout().to_string())?;
+    s.phase_start();
+    s.appliance.cli(&[
+        "machine",
+        "deploy",
+        id,
+        "--image",
+        IMAGE,
+        "--hostname",
+        RAID_HOSTNAME,
+        "--layout",
+        path.to_str().context("lab path")?,
+    ])?;
+    let pid = wait_for(
+        "Stork to power the VM on through its BMC",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || Ok(s.machine.qemu_pid()),
+    )?;
+    let power_ons = s.machine.power_ons();
+    s.install_and_reboot_in_place(
+        id,
+        pid,
+        power_ons,
+        "deploy (power-on to installed, RAID 1 + LVM)",
+    )
+}
+
+/// Both members in sync, the volumes of the sizes asked, the file systems where asked.
+fn check_raid(s: &Scenario, ip: &str) -> Result<()> {
+    let name = s.ssh_when_up(ip, "hostname")?;
+    if name.trim() != RAID_HOSTNAME {
+        bail!("the deployed machine says its hostname is {name:?}");
+    }
+    // The initial resync runs on after the first boot: wait for it (not timed).
+    let mdstat = wait_for(
+        "the RAID 1 array to be in sync",
+        Duration::from_secs(900),
+        Duration::from_secs(5),
+        || {
+            let m = s.ssh(ip, "cat /proc/mdstat")?;
+            Ok((m.contains("[2/2] [UU]") && !m.contains("resync")).then_some(m))
+        },
+    )?;
+    if !(mdstat.contains("raid1") && mdstat.contains("vda3") && mdstat.contains("vdb3")) {
+        bail!("/proc/mdstat does not show vda3 and vdb3 in a RAID 1:\n{mdstat}");
+    }
+    let lvs = s.ssh(
+        ip,
+        "sudo lvs --noheadings --units m --nosuffix -o lv_name,lv_size,devices vg0",
+    )?;
+    let size = |lv: &str| -> Option<f64> {
+        lvs.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|w| w.first() == Some(&lv))
+            .and_then(|w| w.get(1)?.parse().ok())
+    };
+    if size("root") != Some(ROOT_LV_MIB as f64) || size("var").is_none_or(|v| v < 300.0) {
+        bail!("lvs shows {lvs:?}: wanted root of {ROOT_LV_MIB} MiB and var of the rest");
+    }
+    if !lvs.contains("/dev/md") {
+        bail!("the volume group is not on the array: {lvs:?}");
+    }
+    let root = mount_of(s, ip, "/")?;
+    let var = mount_of(s, ip, "/var")?;
+    if root.source != "/dev/mapper/vg0-root" || root.fstype != "ext4" {
+        bail!("/ is {root:?}: wanted ext4 on /dev/mapper/vg0-root");
+    }
+    if var.source != "/dev/mapper/vg0-var" || var.fstype != "xfs" {
+        bail!("/var is {var:?}: wanted xfs on /dev/mapper/vg0-var");
+    }
+    let opts = s.ssh(ip, "findmnt -n -o OPTIONS /var")?;
+    if !opts.split(',').any(|o| o.trim() == "noatime") {
+        bail!("/var is mounted with {opts:?}: noatime was asked");
+    }
+    s.say(&format!(
+        "ssh {USER}@{ip}: RAID 1 [UU] over vda3 and vdb3; LVM vg0 root {ROOT_LV_MIB} MiB ext4 on /, \
+         var xfs on /var (noatime)"
+    ));
+    Ok(())
+}
+
+/// Pulls the first disk out of the running VM and reboots it: the second disk's GRUB boots
+/// it, the array runs degraded.
+fn boot_without_the_first_disk(s: &mut Scenario, ip: &str) -> Result<()> {
+    let boot_id = s.ssh(ip, "cat /proc/sys/kernel/random/boot_id")?;
+    let mut qmp = Qmp::connect(&s.machine.paths.qmp)?;
+    qmp.execute("device_del", Some(json!({"id": stork_lab::vm::disk_id(0)})))?;
+    wait_for(
+        "the guest to let the first disk go",
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+        || {
+            let pci = qmp.execute("query-pci", None)?;
+            Ok((!pci.to_string().contains("\"disk0\"")).then_some(()))
+        },
+    )?;
+    drop(qmp);
+    // The reboot cuts the SSH session: its error says nothing.
+    let _ = s.ssh(ip, "sudo systemctl reboot");
+    let mdstat = wait_for(
+        "the VM to come back up from the second disk",
+        Duration::from_secs(600),
+        Duration::from_secs(3),
+        || {
+            let Ok(id) = s.ssh(ip, "cat /proc/sys/kernel/random/boot_id") else {
+                return Ok(None);
+            };
+            if id == boot_id {
+                return Ok(None);
+            }
+            Ok(Some(s.ssh(ip, "cat /proc/mdstat; findmnt -n -o SOURCE /")?))
+        },
+    )?;
+    if !(mdstat.contains("[2/1]")
+        && mdstat.contains("vda3")
+        && mdstat.contains("/dev/mapper/vg0-root"))
+    {
+        bail!(
+            "after the first disk was pulled the VM came back, but not on the degraded array \
+             (the second disk is vda now):\n{mdstat}"
+        );
+    }
+    s.say(
+        "the first disk pulled and the VM rebooted: up from the second disk, RAID 1 degraded [2/1]",
+    );
+    Ok(())
+}
+
 /// Allocates and deploys with the layout; Stork powers the VM on through its BMC. Waits for
 /// the agent's `installed` and then, after the reboot in place, for Deployed.
 fn deploy_with_layout(s: &mut Scenario, id: &str) -> Result<()> {
@@ -61,7 +273,7 @@ fn deploy_with_layout(s: &mut Scenario, id: &str) -> Result<()> {
         &ROOT_MIB.to_string(),
     ])?;
     let m = s.status(id)?;
-    let root_mib = m.deploy.as_ref().and_then(|d| d.layout?.root_mib);
+    let root_mib = m.deploy.as_ref().and_then(|d| d.layout.as_ref()?.root_mib);
     if m.status != Status::Deploying || root_mib != Some(ROOT_MIB) {
         bail!(
             "after `machine deploy` the status is {} with deploy {:?}",

@@ -87,10 +87,20 @@ impl<'a> Deployment<'a> {
     }
 
     /// The disk step of both ways to disk: chooses the disk for `need` bytes (of `what`, for
-    /// the event), opens it and wipes its old signatures.
+    /// the event), the deploy's `disk` if it names one, opens it and wipes its old signatures.
     fn prepare_disk(&self, need: Option<u64>, what: &str) -> Result<BlockDevice> {
+        self.open_disk(self.task.disk.as_deref(), need, what)
+    }
+
+    /// As [`Self::prepare_disk`], for the disk `requested` names (any disk when `None`).
+    fn open_disk(
+        &self,
+        requested: Option<&str>,
+        need: Option<u64>,
+        what: &str,
+    ) -> Result<BlockDevice> {
         let disks = inventory::disks(Path::new(SYS));
-        let chosen = block::choose(&disks, self.task.disk.as_deref(), need)?;
+        let chosen = block::choose(&disks, requested, need)?;
         self.client.step_event(
             Step::Disk,
             StepState::Started,

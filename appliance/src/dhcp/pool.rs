@@ -81,6 +81,9 @@ pub struct Pool {
     by_ip: HashMap<Ipv4Addr, MacAddr>,
     /// Declined addresses and when they may be used again.
     probation: HashMap<Ipv4Addr, SystemTime>,
+    /// The address each client last released (a machine rebooting releases its lease): it
+    /// gets it back while it is free, as RFC 2131 4.3.1 asks. At most [`Pool::size`] entries.
+    released: HashMap<MacAddr, Ipv4Addr>,
     /// Addresses this pool hands out (dynamic and reserved), for the probation cap.
     size: usize,
     /// Where the next search for a free address starts (index into `ranges`, address), so
@@ -232,7 +235,8 @@ impl Pool {
     }
 
     /// Picks an address for `mac`: its reservation, else the one it already holds, else the
-    /// one it asks for if free, else the next free one. The choice is held for
+    /// one it last released if free, else the one it asks for if free, else the next free
+    /// one. The choice is held for
     /// [`OFFER_HOLD`]; offers are not journaled (a lost offer costs the client a retry).
     pub fn offer(
         &mut self,
@@ -249,6 +253,13 @@ impl Pool {
             .filter(|l| self.is_free_for(l.ip, &mac, now))
         {
             l.ip
+        } else if let Some(r) = self
+            .released
+            .get(&mac)
+            .copied()
+            .filter(|r| self.is_free_for(*r, &mac, now))
+        {
+            r
         } else if let Some(r) = requested.filter(|r| self.is_free_for(*r, &mac, now)) {
             r
         } else {
@@ -320,6 +331,11 @@ impl Pool {
                 }
                 self.by_ip.remove(&ip);
                 self.by_mac.remove(mac);
+                // Bounded by the pool: a host cycling MACs cannot grow it past that.
+                if self.released.len() >= self.size.max(1) {
+                    self.released.clear();
+                }
+                self.released.insert(*mac, ip);
                 true
             }
             _ => false,
@@ -557,6 +573,25 @@ mod tests {
         );
         p.take_records(&mut recs);
         assert_eq!(recs.len(), 2, "drained once");
+    }
+
+    #[test]
+    fn a_client_gets_back_the_address_it_released_while_it_is_free() {
+        let mut p = Pool::new(ip(10), ip(20));
+        let first = p.offer(mac(1), None, T0).unwrap().ip;
+        p.bind(mac(1), first, HOUR, T0).unwrap();
+        assert!(p.release(&mac(1), first));
+        // Another client takes the next free address, not the released one: the cursor
+        // moved on.
+        let other = p.offer(mac(2), None, T0).unwrap().ip;
+        assert_ne!(other, first);
+        // The machine reboots: the same address again, before what it asks for.
+        assert_eq!(p.offer(mac(1), Some(ip(19)), T0).unwrap().ip, first);
+        p.bind(mac(1), first, HOUR, T0).unwrap();
+        assert!(p.release(&mac(1), first));
+        // Once someone else holds it, the client gets another.
+        p.bind(mac(3), first, HOUR, T0).unwrap();
+        assert_ne!(p.offer(mac(1), None, T0).unwrap().ip, first);
     }
 
     #[test]

@@ -15,6 +15,8 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::Serialize;
+use stork_proto::inventory::choose_disk;
+use stork_proto::layout;
 use stork_proto::{
     AgentEvent, AgentReport, EnlistRequest, EnlistResponse, Heartbeat, Inventory, StepState, Task,
 };
@@ -462,9 +464,9 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
             req.image
         )));
     };
-    check_layout(&req, &resource)?;
     let m = a.state.controller.machine(&a.id).await?;
     check_disk(&req, &m)?;
+    check_layout(&req, &resource, &m)?;
     if a.dry_run {
         // The web UI checks a form this way before it allocates a Ready machine.
         return Ok(Json(m.redacted()));
@@ -565,14 +567,16 @@ fn check_disk(req: &DeployRequest, m: &Machine) -> ApiResult<()> {
     if req.target == DeployTarget::Memory {
         return Ok(());
     }
-    stork_proto::inventory::choose_disk(&inv.disks, Some(disk), None)
+    choose_disk(&inv.disks, Some(disk), None)
         .map(|_| ())
         .map_err(|e| ApiError::bad_request(format!("disk: {e}")))
 }
 
-/// A layout is for a disk deploy, within bounds, of an image the agent can install by
-/// extraction (it partitions by the layout, so it cannot stream the raw image).
-fn check_layout(req: &DeployRequest, resource: &BootResource) -> ApiResult<()> {
+/// A layout is for a disk deploy, valid by itself, of an image the agent can install by
+/// extraction (it partitions by the layout, so it cannot stream the raw image), and fits the
+/// disks of the machine's last inventory: each named disk is there, once, and the sizes add
+/// up, so a mistake is named now and not after a power-on and a boot.
+fn check_layout(req: &DeployRequest, resource: &BootResource, m: &Machine) -> ApiResult<()> {
     let Some(layout) = &req.layout else {
         return Ok(());
     };
@@ -584,17 +588,61 @@ fn check_layout(req: &DeployRequest, resource: &BootResource) -> ApiResult<()> {
     layout
         .validate()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    if !resource
+    let Some(tar) = resource
         .files
         .iter()
-        .any(|f| f.role == stork_proto::ImageRole::Tar)
-    {
+        .find(|f| f.role == stork_proto::ImageRole::Tar)
+    else {
         return Err(ApiError::bad_request(format!(
             "layout: image {:?} has no root tar (a file of role `tar`) to install with a layout",
             resource.name
         )));
+    };
+    if !layout.disks.is_empty() && req.disk.is_some() {
+        return Err(ApiError::bad_request(
+            "disk: the layout names its disks (layout.disks); drop `disk`",
+        ));
     }
-    Ok(())
+    let Some(inv) = m.inventory.as_ref() else {
+        // Never commissioned: the agent checks against the disks it finds.
+        return Ok(());
+    };
+    let size = |d: &stork_proto::inventory::Disk| layout::DiskSize {
+        label: d.label(),
+        bytes: d.size_bytes,
+    };
+    let disks = if layout.disks.is_empty() {
+        // The requested disk (checked by `check_disk`), else the agent picks the smallest
+        // that fits: the largest is the one to check.
+        let disk = match req.disk.as_deref() {
+            Some(name) => choose_disk(&inv.disks, Some(name), None).ok(),
+            None => inv.disks.iter().max_by_key(|d| d.size_bytes),
+        };
+        disk.map(size).into_iter().collect()
+    } else {
+        let mut found: Vec<&stork_proto::inventory::Disk> = Vec::new();
+        for (i, name) in layout.disks.iter().enumerate() {
+            let d = choose_disk(&inv.disks, Some(name), None)
+                .map_err(|e| ApiError::bad_request(format!("layout.disks[{i}]: {e}")))?;
+            if let Some(j) = found.iter().position(|f| f.name == d.name) {
+                return Err(ApiError::bad_request(format!(
+                    "layout.disks[{i}]: {name:?} is {}, as layout.disks[{j}] is",
+                    d.name
+                )));
+            }
+            found.push(d);
+        }
+        found.into_iter().map(size).collect::<Vec<_>>()
+    };
+    if disks.is_empty() {
+        return Err(ApiError::bad_request(
+            "layout: the machine's inventory shows no disk",
+        ));
+    }
+    layout
+        .fit(&disks, layout::root_floor_mib(tar.size))
+        .map(drop)
+        .map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 /// Direct power control: `on`, `off`, `soft-off`, `cycle`, `query`. Recorded as events;

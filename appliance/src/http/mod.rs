@@ -225,7 +225,7 @@ pub async fn deploy_task(s: &AppState, m: &Machine) -> Result<Task, ApiError> {
             .collect(),
         // The deploy handler refused a layout for memory; a stored one never reaches it.
         layout: match req.target {
-            DeployTarget::Disk => req.layout,
+            DeployTarget::Disk => req.layout.clone(),
             DeployTarget::Memory => None,
         },
     }))

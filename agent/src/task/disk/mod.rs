@@ -32,7 +32,7 @@ pub fn run(cx: &Deployment) -> Result<Ending, Failed> {
     // A layout's partitions are not the raw image's; without a raw file the root tar is all
     // there is to install from.
     let raw = task.image.iter().find(|f| f.role == ImageRole::Raw);
-    let (disk_path, esp) = match (task.layout, raw) {
+    let (disk_path, esp) = match (task.layout.clone(), raw) {
         (None, Some(raw)) => {
             let map = task.image.iter().find(|f| f.role == ImageRole::DiskMap);
             raw::to_disk(cx, raw, map)?

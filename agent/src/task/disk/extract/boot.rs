@@ -1,18 +1,24 @@
-//! Making the extracted root bootable: fstab by UUID (`blkid`), a root of fixed size told to
-//! cloud-init, grub.cfg in the shape `stork-image` writes for the raw image (with the image's
-//! own kernel command line and kernel), and `grub-install` for i386-pc and x86_64-efi.
+//! Making the extracted root bootable: fstab (file systems by UUID from `blkid`, logical
+//! volumes by their device-mapper path), a root of fixed size told to cloud-init, grub.cfg in
+//! the shape `stork-image` writes for the raw image (with the image's own kernel command line
+//! and kernel), `grub-install` for i386-pc and x86_64-efi on every disk (so that any RAID
+//! member boots alone), and with RAID the array in `mdadm.conf`.
 
 use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
+use stork_proto::grub::Root;
+use stork_proto::layout::Fs;
 use stork_proto::{DiskLayout, StepState};
 
 use super::error::{ExtractError, io_err};
+use super::mount::Mounted;
 use super::partitions::{BIOS_PART, Parts};
+use super::stack::Stack;
 use super::tool::run;
 use crate::appliance::ApplianceClient;
 use crate::step::Step;
@@ -21,23 +27,71 @@ use crate::task::DEV;
 /// Read by cloud-init after the image's own `99_stork.cfg`.
 const FIXED_ROOT_CFG: &str = "etc/cloud/cloud.cfg.d/99_stork_layout.cfg";
 
-/// `/etc/fstab` of the installed system: both file systems by UUID, as the raw image's.
-pub fn fstab(root_uuid: &str, esp_uuid: &str) -> String {
-    format!(
-        "# Written by the Stork agent (installed from the root tar).
-UUID={root_uuid} / ext4 errors=remount-ro 0 1
-UUID={esp_uuid} /boot/efi vfat umask=0077,nofail 0 2
-"
-    )
+/// One line of fstab.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FstabEntry {
+    /// `UUID=...` or a device path.
+    pub spec: String,
+    pub mount: String,
+    pub fs: &'static str,
+    pub options: String,
+}
+
+/// `/etc/fstab` of the installed system: the root checked first, the others after it (XFS
+/// and btrfs are not checked at boot: their fsck does nothing), the ESP last.
+pub fn fstab(entries: &[FstabEntry]) -> String {
+    let mut text = "# Written by the Stork agent (installed from the root tar).\n".to_string();
+    for e in entries {
+        let pass = match (e.mount.as_str(), e.fs) {
+            (_, "xfs" | "btrfs") => 0,
+            ("/", _) => 1,
+            _ => 2,
+        };
+        text.push_str(&format!(
+            "{} {} {} {} 0 {pass}\n",
+            e.spec, e.mount, e.fs, e.options
+        ));
+    }
+    text
+}
+
+/// The ESP's line: not needed to boot (GRUB is there already), so `nofail`.
+fn esp_entry(uuid: &str) -> FstabEntry {
+    FstabEntry {
+        spec: format!("UUID={uuid}"),
+        mount: "/boot/efi".into(),
+        fs: "vfat",
+        options: "umask=0077,nofail".into(),
+    }
+}
+
+/// GRUB's modules for the root: the partition table, what the root sits on, its file system.
+pub fn grub_modules(layout: &DiskLayout) -> Vec<&'static str> {
+    let mut m = vec!["part_gpt"];
+    if let Some(level) = layout.raid {
+        m.push("mdraid1x");
+        if level == 5 {
+            m.push("raid5rec");
+        }
+    }
+    if layout.lvm.is_some() {
+        m.push("lvm");
+    }
+    m.push(match layout.root_fs() {
+        Fs::Ext4 => "ext2",
+        Fs::Xfs => "xfs",
+        Fs::Btrfs => "btrfs",
+    });
+    m
 }
 
 /// `/boot/grub/grub.cfg`, the same text `stork-image` writes for the raw image.
-pub fn grub_cfg(title: &str, root_uuid: &str, cmdline: &str, kernel: &str, initrd: &str) -> String {
+pub fn grub_cfg(title: &str, root: &Root, cmdline: &str, kernel: &str, initrd: &str) -> String {
     stork_proto::grub::grub_cfg(
         "# Written by the Stork agent. Regenerate with grub-mkconfig (it reads /etc/default/grub)
 # if you prefer.",
         title,
-        root_uuid,
+        root,
         cmdline,
         kernel,
         initrd,
@@ -184,27 +238,50 @@ fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), ExtractError> {
 
 pub(super) fn bootloader(
     client: &ApplianceClient,
-    disk: &Path,
-    parts: &Parts,
+    disks: &[PathBuf],
+    parts: &[Parts],
+    stack: &Stack,
     layout: &DiskLayout,
     target: &Path,
 ) -> Result<()> {
+    let names: Vec<String> = disks
+        .iter()
+        .map(|d| {
+            d.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
     client.step_event(
         Step::Bootloader,
         StepState::Started,
         format!(
             "fstab, grub.cfg, GRUB for BIOS and UEFI on {}",
-            disk.display()
+            names.join(", ")
         ),
     );
-    let root_uuid = blkid_uuid(&Path::new(DEV).join(&parts.root))?;
-    let esp_uuid = blkid_uuid(&Path::new(DEV).join(&parts.esp))?;
-    write_file(
-        &target.join("etc/fstab"),
-        &fstab(&root_uuid, &esp_uuid),
-        0o644,
-    )?;
-    if layout.root_mib.is_some() {
+    let mut entries = Vec::with_capacity(stack.volumes.len() + 1);
+    let mut root_uuid = String::new();
+    for v in &stack.volumes {
+        let uuid = blkid_uuid(&v.device)?;
+        if v.mount == "/" {
+            root_uuid = uuid.clone();
+        }
+        entries.push(FstabEntry {
+            spec: v
+                .path_name
+                .clone()
+                .unwrap_or_else(|| format!("UUID={uuid}")),
+            mount: v.mount.clone(),
+            fs: v.fs.name(),
+            options: v.options.clone(),
+        });
+    }
+    let esp_uuid = blkid_uuid(&Path::new(DEV).join(&parts[0].esp))?;
+    entries.push(esp_entry(&esp_uuid));
+    write_file(&target.join("etc/fstab"), &fstab(&entries), 0o644)?;
+    // A root of fixed size, or on RAID or LVM, is not for cloud-init's growpart.
+    if layout.root_mib.is_some() || !layout.is_flat() {
         write_file(&target.join(FIXED_ROOT_CFG), &fixed_root_cfg(), 0o644)?;
     }
 
@@ -233,32 +310,110 @@ pub(super) fn bootloader(
         }
         run(cmd.args(extra)).map(drop)
     };
-    grub_install("i386-pc", &[disk.as_os_str().to_owned()])?;
-    grub_install(
-        "x86_64-efi",
-        &[
-            flag("--efi-directory", &target.join("boot/efi")),
+    let efi = |dir: &Path| {
+        [
+            flag("--efi-directory", dir),
             "--removable".into(),
             "--no-nvram".into(),
-        ],
-    )?;
+        ]
+    };
+    for disk in disks {
+        grub_install("i386-pc", &[disk.as_os_str().to_owned()])?;
+    }
+    grub_install("x86_64-efi", &efi(&target.join("boot/efi")))?;
+    // Every other disk's ESP gets the same GRUB: with RAID, any member boots alone.
+    for p in &parts[1..] {
+        let at = Path::new(ESP_ELSEWHERE);
+        let esp = Mounted::new(&Path::new(DEV).join(&p.esp), at, "vfat")?;
+        grub_install("x86_64-efi", &efi(at))?;
+        esp.unmount()?;
+    }
+    let modules = grub_modules(layout);
+    let root = Root {
+        uuid: &root_uuid,
+        device: stack.root().path_name.as_deref(),
+        modules: &modules,
+    };
     write_file(
         &target.join("boot/grub/grub.cfg"),
-        &grub_cfg(&title, &root_uuid, &cmdline, &kernel, &initrd),
+        &grub_cfg(&title, &root, &cmdline, &kernel, &initrd),
         0o644,
     )?;
+    let storage = storage_boot(layout, target)?;
     client.step_event(
         Step::Bootloader,
         StepState::Done,
         format!(
-            "root UUID {root_uuid}, ESP {esp_uuid}; GRUB i386-pc in {}{BIOS_PART} and x86_64-efi \
-             at EFI/BOOT/BOOTX64.EFI; boots {kernel} with {cmdline:?}",
-            disk.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
+            "root UUID {root_uuid}, ESP {esp_uuid}; GRUB i386-pc in {} and x86_64-efi \
+             at EFI/BOOT/BOOTX64.EFI; boots {kernel} with {cmdline:?}{storage}",
+            names
+                .iter()
+                .map(|n| format!("{n}{BIOS_PART}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     );
     Ok(())
+}
+
+/// Where the ESPs of the second and later disks are mounted in turn.
+const ESP_ELSEWHERE: &str = "/run/stork/esp";
+
+/// With RAID or LVM, checks that the image's initramfs can bring the root up, and writes the
+/// array into the installed system's `mdadm.conf`. Returns what the Done event says of it.
+///
+/// The image's own initramfs does it when the image has mdadm and lvm2 installed (their hooks
+/// put them in it when the image was built): udev's rules assemble any array incrementally
+/// and activate any volume group as its members appear, and mdadm's local-block script runs
+/// an array degraded when a member is missing. Making the initramfs again here would only add
+/// the array to its mdadm.conf, at a cost of minutes under TCG (docs/measurements.md); the
+/// next kernel update makes it with the array.
+fn storage_boot(layout: &DiskLayout, target: &Path) -> Result<String> {
+    let has = |tool: &str| {
+        ["usr/sbin", "sbin"]
+            .iter()
+            .any(|d| target.join(d).join(tool).exists())
+    };
+    let mut said = Vec::new();
+    if layout.raid.is_some() {
+        if !has("mdadm") {
+            bail!("the image has no mdadm: its initramfs could not assemble the root's RAID array");
+        }
+        let scan = run(Command::new("mdadm").args(["--detail", "--scan"]))?;
+        let path = target.join("etc/mdadm/mdadm.conf");
+        let old = fs::read_to_string(&path).unwrap_or_default();
+        write_file(&path, &mdadm_conf(&old, &scan), 0o644)?;
+        said.push("the array in mdadm.conf");
+    }
+    if layout.lvm.is_some() {
+        if !has("lvm") {
+            bail!(
+                "the image has no lvm2: its initramfs could not activate the root's volume group"
+            );
+        }
+        said.push("LVM in the image's initramfs");
+    }
+    Ok(if said.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", said.join(", "))
+    })
+}
+
+/// `mdadm.conf` with the arrays of `mdadm --detail --scan` in place of any `ARRAY` lines it
+/// had (an image keeps none of its build host's).
+pub fn mdadm_conf(old: &str, scan: &str) -> String {
+    let mut text: String = old
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("ARRAY"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    text.push_str("# The arrays the Stork agent made for the root.\n");
+    for l in scan.lines().filter(|l| l.starts_with("ARRAY")) {
+        text.push_str(l);
+        text.push('\n');
+    }
+    text
 }
 
 fn flag(name: &str, path: &Path) -> OsString {
@@ -273,7 +428,13 @@ mod tests {
 
     #[test]
     fn fstab_and_grub_cfg_name_the_file_systems_by_uuid() {
-        let f = fstab("0d1e2f3a-1111-4222-8333-444455556666", "ABCD-1234");
+        let root = FstabEntry {
+            spec: "UUID=0d1e2f3a-1111-4222-8333-444455556666".into(),
+            mount: "/".into(),
+            fs: "ext4",
+            options: "errors=remount-ro".into(),
+        };
+        let f = fstab(&[root.clone(), esp_entry("ABCD-1234")]);
         let lines: Vec<&str> = f.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(
             lines,
@@ -282,9 +443,30 @@ mod tests {
                 "UUID=ABCD-1234 /boot/efi vfat umask=0077,nofail 0 2",
             ]
         );
+        let var = FstabEntry {
+            spec: "/dev/mapper/vg0-var".into(),
+            mount: "/var".into(),
+            fs: "xfs",
+            options: "defaults".into(),
+        };
+        let srv = FstabEntry {
+            spec: "/dev/mapper/vg0-srv".into(),
+            mount: "/srv".into(),
+            fs: "ext4",
+            options: "noatime".into(),
+        };
+        let f = fstab(&[root, var, srv]);
+        assert!(
+            f.contains("/dev/mapper/vg0-var /var xfs defaults 0 0\n"),
+            "{f}"
+        );
+        assert!(
+            f.contains("/dev/mapper/vg0-srv /srv ext4 noatime 0 2\n"),
+            "{f}"
+        );
         let cfg = grub_cfg(
             "Debian GNU/Linux 12 (bookworm)",
-            "0d1e2f3a-1111-4222-8333-444455556666",
+            &stork_proto::grub::ext4_root("0d1e2f3a-1111-4222-8333-444455556666"),
             "console=tty0 console=ttyS0,115200n8",
             "/vmlinuz",
             "/initrd.img",
@@ -298,8 +480,41 @@ mod tests {
         assert!(cfg.contains("    initrd /initrd.img\n"));
         assert!(cfg.contains("menuentry 'Debian GNU/Linux 12 (bookworm)' {"));
         assert!(cfg.contains("serial --unit=0 --speed=115200"));
-        let bare = grub_cfg("x", "u", "", "/vmlinuz", "/initrd.img");
-        assert!(bare.contains("root=UUID=u ro\n"), "{bare}");
+    }
+
+    #[test]
+    fn grub_modules_follow_the_layout_and_mdadm_conf_takes_the_arrays() {
+        let flat = DiskLayout::default();
+        assert_eq!(grub_modules(&flat), ["part_gpt", "ext2"]);
+        let raid_lvm = DiskLayout {
+            disks: vec!["a".into(), "b".into(), "c".into()],
+            raid: Some(5),
+            lvm: Some(stork_proto::layout::Lvm {
+                vg: "vg0".into(),
+                volumes: vec![stork_proto::layout::Volume {
+                    name: "root".into(),
+                    mount: "/".into(),
+                    fs: Fs::Xfs,
+                    size_mib: None,
+                    percent: None,
+                    options: None,
+                }],
+            }),
+            ..DiskLayout::default()
+        };
+        assert_eq!(
+            grub_modules(&raid_lvm),
+            ["part_gpt", "mdraid1x", "raid5rec", "lvm", "xfs"]
+        );
+        let conf = mdadm_conf(
+            "HOMEHOST <system>\nARRAY /dev/md/old metadata=1.2 UUID=x\nMAILADDR root\n",
+            "ARRAY /dev/md0 metadata=1.2 name=h:root UUID=a:b:c:d\n",
+        );
+        assert_eq!(
+            conf,
+            "HOMEHOST <system>\nMAILADDR root\n# The arrays the Stork agent made for the root.\n\
+             ARRAY /dev/md0 metadata=1.2 name=h:root UUID=a:b:c:d\n"
+        );
     }
 
     #[test]

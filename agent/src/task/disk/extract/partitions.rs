@@ -1,6 +1,6 @@
-//! The layout's partitions: a fresh GPT by `sgdisk` ([`stork_proto::layout`]: 1 BIOS boot,
-//! 2 ESP, 3 root), the kernel's view re-read and checked against the layout, the first and
-//! last MiB of each new partition zeroed, and the file systems made.
+//! The layout's partitions on each disk: a fresh GPT by `sgdisk` ([`stork_proto::layout`]:
+//! 1 BIOS boot, 2 ESP, 3 data), the kernel's view re-read and checked against the layout, the
+//! first and last MiB of each new partition zeroed, and the ESP's FAT made.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -24,13 +24,24 @@ pub(super) const MIB: u64 = 1 << 20;
 /// GPT partition numbers of the layout.
 pub(super) const BIOS_PART: u32 = 1;
 pub const ESP_PART: u32 = 2;
-const ROOT_PART: u32 = 3;
+const DATA_PART: u32 = 3;
 
-/// The partitions made, by kernel name (`vda2`, `nvme0n1p3`).
+/// The partitions made on one disk, by kernel name (`vda2`, `nvme0n1p3`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parts {
     pub esp: String,
-    pub root: String,
+    /// The root, the RAID member or the LVM physical volume.
+    pub data: String,
+}
+
+/// The data partition's GPT type: what it holds, so that tools and people reading the
+/// table see it.
+pub fn data_type(layout: &DiskLayout) -> &'static str {
+    match (layout.raid, &layout.lvm) {
+        (Some(_), _) => "FD00",
+        (None, Some(_)) => "8E00",
+        (None, None) => "8304",
+    }
 }
 
 /// sgdisk's arguments: a new GPT with the layout's three partitions, MiB-aligned.
@@ -49,9 +60,9 @@ pub fn sgdisk_args(disk: &Path, layout: &DiskLayout) -> Vec<OsString> {
         format!("--new={ESP_PART}:0:{}", size(Some(layout.esp()))),
         format!("--typecode={ESP_PART}:EF00"),
         format!("--change-name={ESP_PART}:esp"),
-        format!("--new={ROOT_PART}:0:{}", size(layout.root_mib)),
-        format!("--typecode={ROOT_PART}:8304"),
-        format!("--change-name={ROOT_PART}:root"),
+        format!("--new={DATA_PART}:0:{}", size(layout.root_mib)),
+        format!("--typecode={DATA_PART}:{}", data_type(layout)),
+        format!("--change-name={DATA_PART}:root"),
     ]
     .into_iter()
     .map(OsString::from)
@@ -69,7 +80,7 @@ pub fn check_partitions(
     let want = [
         (BIOS_PART, Some(BIOS_BOOT_MIB)),
         (ESP_PART, Some(layout.esp())),
-        (ROOT_PART, layout.root_mib),
+        (DATA_PART, layout.root_mib),
     ];
     let describe_want = || {
         want.iter()
@@ -98,8 +109,8 @@ pub fn check_partitions(
             })
         });
     let name = |n: u32| parts.iter().find(|p| p.number == n).map(|p| p.name.clone());
-    match (ok, name(ESP_PART), name(ROOT_PART)) {
-        (true, Some(esp), Some(root)) => Ok(Parts { esp, root }),
+    match (ok, name(ESP_PART), name(DATA_PART)) {
+        (true, Some(esp), Some(data)) => Ok(Parts { esp, data }),
         _ => Err(ExtractError::Layout {
             disk: disk.to_string(),
             found: found(),
@@ -152,23 +163,13 @@ pub(super) fn partition(
     Ok(parts)
 }
 
-pub(super) fn make_file_systems(client: &ApplianceClient, parts: &Parts) -> Result<()> {
-    let esp = Path::new(DEV).join(&parts.esp);
-    let root = Path::new(DEV).join(&parts.root);
-    run(Command::new("mkfs.vfat")
-        .args(["-F", "32", "-n", "ESP"])
-        .arg(&esp))?;
-    run(Command::new("mkfs.ext4")
-        .args(["-F", "-q", "-L", "root"])
-        .arg(&root))?;
-    client.step_event(
-        Step::Partitions,
-        StepState::Done,
-        format!(
-            "GPT written; FAT32 on {}, ext4 on {}",
-            parts.esp, parts.root
-        ),
-    );
+/// FAT32 on each disk's ESP (GRUB for UEFI goes onto every one).
+pub(super) fn make_esps(parts: &[Parts]) -> Result<()> {
+    for p in parts {
+        run(Command::new("mkfs.vfat")
+            .args(["-F", "32", "-n", "ESP"])
+            .arg(Path::new(DEV).join(&p.esp)))?;
+    }
     Ok(())
 }
 
@@ -197,6 +198,7 @@ mod tests {
         let fixed = args(DiskLayout {
             esp_mib: Some(256),
             root_mib: Some(2048),
+            ..DiskLayout::default()
         });
         assert_eq!(
             fixed,
@@ -218,6 +220,12 @@ mod tests {
         let rest = args(DiskLayout::default());
         assert!(rest.contains(&"--new=2:0:+512MiB".to_string()), "{rest:?}");
         assert!(rest.contains(&"--new=3:0:0".to_string()), "{rest:?}");
+        let raid = args(DiskLayout {
+            raid: Some(1),
+            disks: vec!["vda".into(), "vdb".into()],
+            ..DiskLayout::default()
+        });
+        assert!(raid.contains(&"--typecode=3:FD00".to_string()), "{raid:?}");
     }
 
     #[test]
@@ -225,13 +233,14 @@ mod tests {
         let l = DiskLayout {
             esp_mib: Some(256),
             root_mib: Some(2048),
+            ..DiskLayout::default()
         };
         let good = [part(1, 1), part(2, 256), part(3, 2048)];
         assert_eq!(
             check_partitions("vda", &good, &l).unwrap(),
             Parts {
                 esp: "vda2".into(),
-                root: "vda3".into()
+                data: "vda3".into()
             }
         );
         let e = check_partitions("vda", &[part(1, 1), part(2, 256), part(3, 1000)], &l)
@@ -247,6 +256,7 @@ mod tests {
         let rest = DiskLayout {
             esp_mib: Some(256),
             root_mib: None,
+            ..DiskLayout::default()
         };
         assert!(check_partitions("vda", &[part(1, 1), part(2, 256), part(3, 3800)], &rest).is_ok());
         assert!(
