@@ -41,7 +41,7 @@ struct M {
 enum Action {
     Commission,
     Allocate(AllocateBody),
-    Deploy(DeployRequest),
+    Deploy(Box<DeployRequest>),
     Release(ReleaseBody),
     Abort,
     MarkBroken(MarkBrokenBody),
@@ -54,7 +54,7 @@ impl Action {
     }
 
     fn deploy(image: &str) -> Self {
-        Action::Deploy(deploy(image))
+        Action::Deploy(Box::new(deploy(image)))
     }
 
     /// A release that says whether to erase; how is left to the appliance's configuration.
@@ -404,13 +404,13 @@ fn happy_path() {
     // Deploy A; every boot gets a fresh token and the previous one stops working.
     f.act(
         &a,
-        Action::Deploy(DeployRequest {
+        Action::Deploy(Box::new(DeployRequest {
             image: IMAGE.into(),
             hostname: Some("web1".into()),
             ssh_keys: vec!["ssh-ed25519 AAAAreq user@req".into()],
             user_data: Some("#cloud-config\n".into()),
             ..DeployRequest::default()
-        }),
+        })),
         Status::Deploying,
     );
     f.boot(&mut a);
@@ -1624,10 +1624,10 @@ fn a_deploy_layout_reaches_the_agent_and_needs_a_root_tar() {
     };
     f.act(
         &m,
-        Action::Deploy(DeployRequest {
+        Action::Deploy(Box::new(DeployRequest {
             layout: Some(asked.clone()),
             ..deploy(IMAGE)
-        }),
+        })),
         Status::Deploying,
     );
     let shown = f.machine(&m.id).deploy.expect("a deploy request");
@@ -1654,10 +1654,10 @@ fn a_deploy_layout_reaches_the_agent_and_needs_a_root_tar() {
     let o = f.drive(3, Status::Allocated).expect("allocated");
     f.act(
         &o,
-        Action::Deploy(DeployRequest {
+        Action::Deploy(Box::new(DeployRequest {
             layout: Some(DiskLayout::default()),
             ..deploy(IMAGE)
-        }),
+        })),
         Status::Deploying,
     );
     let shown = f.machine(&o.id).deploy.expect("a deploy request");
@@ -1852,7 +1852,7 @@ fn user_data_is_left_out_of_listings() {
         user_data: Some("#cloud-config\npassword: s3cret\n".into()),
         ..deploy(IMAGE)
     };
-    f.act(&m, Action::Deploy(req), Status::Deploying);
+    f.act(&m, Action::Deploy(Box::new(req)), Status::Deploying);
     let listed = f.client.machines(&MachineFilter::default()).unwrap();
     let row = listed.iter().find(|x| x.id == m.id).unwrap();
     let deploy = row.deploy.as_ref().expect("the listing shows the deploy");

@@ -62,7 +62,7 @@ pub enum Task {
     /// Report the inventory (`POST .../commissioned`), then power off.
     Commission,
     /// Install an OS.
-    Deploy(DeployTask),
+    Deploy(Box<DeployTask>),
     /// Wipe the disks (`quick`: signatures and partition tables; else every byte), then
     /// `POST .../released` and power off.
     Erase { quick: bool },

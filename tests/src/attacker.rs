@@ -131,21 +131,24 @@ impl Attacker {
             let small = format!(
                 "{{\"boot_mac\":\"{mac}\",\"step\":\"network\",\"ok\":false,\"message\":\"attacker\"}}"
             );
-            for _ in 0..40 {
-                seen.flood.push(curl(
-                    &[
-                        &status[..],
-                        &[
-                            "-H",
-                            "Content-Type: application/json",
-                            "-d",
-                            &small,
-                            &format!("{api}/api/v1/agent/report"),
-                        ],
-                    ]
-                    .concat(),
-                )?);
+            // Forty reports in one curl (one process, one kept-alive connection), so that
+            // they come faster than the limit refills however slowly processes start on a
+            // loaded host.
+            let url = format!("{api}/api/v1/agent/report");
+            let mut args: Vec<&str> = Vec::new();
+            for _ in 0..REPORT_FLOOD {
+                args.extend(["-o", "/dev/null"]);
             }
+            args.extend([
+                "-w",
+                "%{http_code}\n",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &small,
+            ]);
+            args.extend(std::iter::repeat_n(url.as_str(), REPORT_FLOOD));
+            seen.flood = curl(&args)?.lines().map(str::to_string).collect();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 let script = curl(&[&format!("{base}/ipxe/{mac}")])?;
                 seen.scripts += 1;
@@ -227,6 +230,9 @@ impl Seen {
         Ok(())
     }
 }
+
+/// Reports the attacker floods with: twice the limit's burst.
+const REPORT_FLOOD: usize = 40;
 
 /// Ordinary clients on a host of their own are served while the attacks go on: a DHCP
 /// lease from busybox udhcpc, a boot file from tftp-hpa (byte for byte).

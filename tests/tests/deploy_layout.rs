@@ -107,15 +107,7 @@ fn deploy_raid(s: &mut Scenario, id: &str) -> Result<()> {
     too_big["lvm"]["volumes"][0]["size_mib"] = json!(8192);
     let path = s.lab.dir().join("too-big.json");
     std::fs::write(&path, too_big.to_string())?;
-    let refused = s.appliance.cli(&[
-        "machine",
-        "deploy",
-        id,
-        "--image",
-        IMAGE,
-        "--layout",
-        path.to_str().context("lab path")?,
-    ]);
+    let refused = deploy_cli(s, id, &["--layout", path.to_str().context("lab path")?]);
     match refused {
         Err(e) if format!("{e:#}").contains("layout.lvm.volumes[0].size_mib") => {}
         other => bail!("a layout over the disks was not refused by its field: {other:?}"),
@@ -127,17 +119,16 @@ fn deploy_raid(s: &mut Scenario, id: &str) -> Result<()> {
     let path = s.lab.dir().join("raid.json");
     std::fs::write(&path, raid_layout().to_string())?;
     s.phase_start();
-    s.appliance.cli(&[
-        "machine",
-        "deploy",
+    deploy_cli(
+        s,
         id,
-        "--image",
-        IMAGE,
-        "--hostname",
-        RAID_HOSTNAME,
-        "--layout",
-        path.to_str().context("lab path")?,
-    ])?;
+        &[
+            "--hostname",
+            RAID_HOSTNAME,
+            "--layout",
+            path.to_str().context("lab path")?,
+        ],
+    )?;
     let pid = wait_for(
         "Stork to power the VM on through its BMC",
         Duration::from_secs(30),
@@ -254,24 +245,30 @@ fn boot_without_the_first_disk(s: &mut Scenario, ip: &str) -> Result<()> {
     Ok(())
 }
 
+/// `stork machine deploy ID --image IMAGE` with `flags`.
+fn deploy_cli(s: &Scenario, id: &str, flags: &[&str]) -> Result<String> {
+    let mut args = vec!["machine", "deploy", id, "--image", IMAGE];
+    args.extend_from_slice(flags);
+    s.appliance.cli(&args)
+}
+
 /// Allocates and deploys with the layout; Stork powers the VM on through its BMC. Waits for
 /// the agent's `installed` and then, after the reboot in place, for Deployed.
 fn deploy_with_layout(s: &mut Scenario, id: &str) -> Result<()> {
     s.appliance.cli(&["machine", "allocate", id])?;
     s.phase_start();
-    s.appliance.cli(&[
-        "machine",
-        "deploy",
+    deploy_cli(
+        s,
         id,
-        "--image",
-        IMAGE,
-        "--hostname",
-        HOSTNAME,
-        "--esp-mib",
-        &ESP_MIB.to_string(),
-        "--root-mib",
-        &ROOT_MIB.to_string(),
-    ])?;
+        &[
+            "--hostname",
+            HOSTNAME,
+            "--esp-mib",
+            &ESP_MIB.to_string(),
+            "--root-mib",
+            &ROOT_MIB.to_string(),
+        ],
+    )?;
     let m = s.status(id)?;
     let root_mib = m.deploy.as_ref().and_then(|d| d.layout.as_ref()?.root_mib);
     if m.status != Status::Deploying || root_mib != Some(ROOT_MIB) {

@@ -202,7 +202,7 @@ pub async fn deploy_task(s: &AppState, m: &Machine) -> Result<Task, ApiError> {
         .map_or_else(|| s.cfg.base_url(), |ip| s.cfg.base_url_for(ip));
     let mut ssh_keys = req.ssh_keys.clone();
     ssh_keys.extend(keys.into_iter().map(|k| k.key));
-    Ok(Task::Deploy(DeployTask {
+    Ok(Task::Deploy(Box::new(DeployTask {
         target: req.target,
         disk: req.disk.clone(),
         hostname: req
@@ -228,5 +228,5 @@ pub async fn deploy_task(s: &AppState, m: &Machine) -> Result<Task, ApiError> {
             DeployTarget::Disk => req.layout.clone(),
             DeployTarget::Memory => None,
         },
-    }))
+    })))
 }

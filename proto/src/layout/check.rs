@@ -215,16 +215,20 @@ fn name(field: &str, n: &str) -> Result<(), LayoutError> {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '+'))
         && !n.starts_with("snapshot")
         && !n.starts_with("pvmove");
+    ensure(ok, field, || {
+        format!(
+            "{n:?} is not a name LVM takes: 1 to {MAX_NAME} of A-Z a-z 0-9 _ . +, not starting \
+             with . (nor snapshot, pvmove)"
+        )
+    })
+}
+
+/// `Ok` when `ok`, else the field's error with `why()`.
+fn ensure(ok: bool, field: &str, why: impl FnOnce() -> String) -> Result<(), LayoutError> {
     if ok {
         Ok(())
     } else {
-        Err(LayoutError::field(
-            field,
-            format!(
-                "{n:?} is not a name LVM takes: 1 to {MAX_NAME} of A-Z a-z 0-9 _ . +, not \
-                 starting with . (nor snapshot, pvmove)"
-            ),
-        ))
+        Err(LayoutError::field(field, why()))
     }
 }
 
@@ -262,33 +266,17 @@ fn options(field: &str, o: &str) -> Result<(), LayoutError> {
         && o.len() <= MAX_OPTIONS
         && o.chars()
             .all(|c| c.is_ascii_alphanumeric() || ",=._:+-/@".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(LayoutError::field(
-            field,
-            format!(
-                "{o:?} is not a mount option list (comma-separated, of A-Z a-z 0-9 = . _ : + - / @)"
-            ),
-        ))
-    }
+    ensure(ok, field, || {
+        format!(
+            "{o:?} is not a mount option list (comma-separated, of A-Z a-z 0-9 = . _ : + - / @)"
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Fs, Volume};
+    use super::super::{Fs, Volume, test_volume as vol};
     use super::*;
-
-    fn vol(name: &str, mount: &str, size_mib: Option<u64>, percent: Option<u8>) -> Volume {
-        Volume {
-            name: name.into(),
-            mount: mount.into(),
-            fs: Fs::Ext4,
-            size_mib,
-            percent,
-            options: None,
-        }
-    }
 
     fn lvm(volumes: Vec<Volume>) -> DiskLayout {
         DiskLayout {

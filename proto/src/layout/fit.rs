@@ -219,7 +219,7 @@ impl DiskLayout {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Fs, Lvm, Volume};
+    use super::super::{Lvm, test_volume as vol};
     use super::*;
 
     const GIB: u64 = 1 << 30;
@@ -232,17 +232,6 @@ mod tests {
                 bytes: g * GIB,
             })
             .collect()
-    }
-
-    fn vol(name: &str, mount: &str, size_mib: Option<u64>, percent: Option<u8>) -> Volume {
-        Volume {
-            name: name.into(),
-            mount: mount.into(),
-            fs: Fs::Ext4,
-            size_mib,
-            percent,
-            options: None,
-        }
     }
 
     #[test]

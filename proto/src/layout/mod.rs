@@ -157,6 +157,24 @@ fn default_vg() -> String {
     "vg0".to_string()
 }
 
+/// An ext4 volume, for the tests of this module's parts.
+#[cfg(test)]
+pub(crate) fn test_volume(
+    name: &str,
+    mount: &str,
+    size_mib: Option<u64>,
+    percent: Option<u8>,
+) -> Volume {
+    Volume {
+        name: name.into(),
+        mount: mount.into(),
+        fs: Fs::Ext4,
+        size_mib,
+        percent,
+        options: None,
+    }
+}
+
 /// A logical volume: its name, size, file system and mount point.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

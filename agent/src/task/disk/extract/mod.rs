@@ -125,7 +125,7 @@ pub fn to_disk(
     let reason = match mounted {
         Ok(mounts) => match extract(client, tar, target) {
             Ok(()) => Ok(mounts),
-            Err(e) => Err((e.into(), mounts)),
+            Err(e) => Err((e, mounts)),
         },
         Err(e) => Err((e, Vec::new())),
     };
