@@ -373,6 +373,8 @@ impl Pool {
             return Err(DeclineRefused::NotHolder);
         }
         self.release(mac, ip);
+        // A declined address is not one to hand back to the client that found it in use.
+        self.released.remove(mac);
         if !self.probation.contains_key(&ip) {
             // Ended probations do not count against the cap.
             self.probation.retain(|_, end| *end > now);
@@ -592,6 +594,12 @@ mod tests {
         // Once someone else holds it, the client gets another.
         p.bind(mac(3), first, HOUR, T0).unwrap();
         assert_ne!(p.offer(mac(1), None, T0).unwrap().ip, first);
+        // An address the client declined is not handed back to it, probation or not.
+        let mut p = Pool::new(ip(10), ip(20));
+        let l = p.offer(mac(4), None, T0).unwrap();
+        p.bind(mac(4), l.ip, HOUR, T0).unwrap();
+        let _ = p.decline(&mac(4), l.ip, T0, T0);
+        assert_ne!(p.offer(mac(4), None, T0).unwrap().ip, l.ip);
     }
 
     #[test]

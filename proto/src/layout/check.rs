@@ -98,8 +98,62 @@ fn disks(disks: &[String]) -> Result<(), LayoutError> {
     Ok(())
 }
 
+/// Substrings LVM keeps for its own hidden volumes: an LV name holding one is refused.
+const LV_RESERVED: &[&str] = &[
+    "_cdata", "_cmeta", "_corig", "_iorig", "_mimage", "_mlog", "_pmspare", "_rimage", "_rmeta",
+    "_tdata", "_tmeta", "_vdata", "_vorigin", "_wcorig",
+];
+/// Names under /dev a volume group's directory would collide with (vgcreate refuses them).
+const DEV_NAMES: &[&str] = &[
+    "block",
+    "bus",
+    "char",
+    "cpu",
+    "disk",
+    "dri",
+    "fd",
+    "hugepages",
+    "input",
+    "mapper",
+    "md",
+    "mqueue",
+    "net",
+    "pts",
+    "shm",
+    "snd",
+    "vfio",
+];
+/// Kernel device names of disks and the like: a volume group named `sda` or `md0` collides.
+const DEV_PREFIXES: &[&str] = &[
+    "sd", "vd", "hd", "xvd", "nvme", "md", "loop", "dm-", "sr", "mmcblk", "nbd", "ram", "tty",
+];
+
+/// Whether `rest` after a device prefix makes a kernel device name: nothing, a number
+/// (`md0`, `loop3`, `nvme0n1`, `dm-2`), or for disks one or two letters and maybe a number
+/// (`sda`, `vdab`, `sdb1`).
+fn device_suffix(prefix: &str, rest: &str) -> bool {
+    let letters = rest.chars().take_while(char::is_ascii_lowercase).count();
+    let after = &rest[letters..];
+    let disk = matches!(prefix, "sd" | "vd" | "hd" | "xvd");
+    rest.is_empty()
+        || (letters == 0 && after.starts_with(|c: char| c.is_ascii_digit()))
+        || (disk && (1..=2).contains(&letters) && after.chars().all(|c| c.is_ascii_digit()))
+}
+
 fn volumes(lvm: &Lvm) -> Result<(), LayoutError> {
     name("lvm.vg", &lvm.vg)?;
+    let dev = DEV_NAMES.contains(&lvm.vg.as_str())
+        || DEV_PREFIXES.iter().any(|p| {
+            lvm.vg
+                .strip_prefix(p)
+                .is_some_and(|rest| device_suffix(p, rest))
+        });
+    ensure(!dev, "lvm.vg", || {
+        format!(
+            "{:?} is a name under /dev already (a device or directory)",
+            lvm.vg
+        )
+    })?;
     if lvm.volumes.is_empty() || lvm.volumes.len() > MAX_VOLUMES {
         return Err(LayoutError::field(
             "lvm.volumes",
@@ -114,6 +168,16 @@ fn volumes(lvm: &Lvm) -> Result<(), LayoutError> {
     for (i, v) in lvm.volumes.iter().enumerate() {
         let at = |f: &str| format!("lvm.volumes[{i}].{f}");
         name(&at("name"), &v.name)?;
+        ensure(
+            !LV_RESERVED.iter().any(|r| v.name.contains(r)),
+            &at("name"),
+            || {
+                format!(
+                    "{:?} holds a suffix LVM keeps for its own volumes (_tmeta, _rimage, ...)",
+                    v.name
+                )
+            },
+        )?;
         if !names.insert(v.name.as_str()) {
             return Err(LayoutError::field(
                 at("name"),
@@ -250,6 +314,30 @@ fn mount(field: &str, m: &str) -> Result<(), LayoutError> {
         .any(|c| c.is_whitespace() || c.is_control() || c == '\\')
     {
         return bad("has a blank, a control character or a backslash");
+    }
+    // The kernel's file systems, and the symlinks of a merged /usr (tar cannot put a link
+    // where a file system is mounted).
+    const NOT_MOUNTS: &[&str] = &[
+        "/proc",
+        "/sys",
+        "/dev",
+        "/run",
+        "/bin",
+        "/sbin",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/libx32",
+        "/var/run",
+        "/var/lock",
+    ];
+    if let Some(t) = NOT_MOUNTS
+        .iter()
+        .find(|t| m == **t || m.strip_prefix(**t).is_some_and(|r| r.starts_with('/')))
+    {
+        return bad(&format!(
+            "is under {t}, which is the kernel's or a link in the image"
+        ));
     }
     if m == "/boot" || m.starts_with("/boot/") {
         // grub.cfg boots the kernel from the root file system (Debian's /vmlinuz link).
@@ -397,6 +485,24 @@ mod tests {
                 "layout.lvm.volumes[0].name: \"ro-ot\" is not a name LVM takes",
             ),
             (
+                vec![vol("db_tmeta", "/", None, None)],
+                "layout.lvm.volumes[0].name: \"db_tmeta\" holds a suffix LVM keeps",
+            ),
+            (
+                vec![
+                    vol("root", "/", None, None),
+                    vol("p", "/proc/x", Some(64), None),
+                ],
+                "layout.lvm.volumes[1].mount: \"/proc/x\" is under /proc",
+            ),
+            (
+                vec![
+                    vol("root", "/", None, None),
+                    vol("l", "/lib", Some(64), None),
+                ],
+                "layout.lvm.volumes[1].mount: \"/lib\" is under /lib",
+            ),
+            (
                 vec![vol("root", "/", Some(2048), Some(5))],
                 "layout.lvm.volumes[0].percent: give size_mib or percent, not both",
             ),
@@ -415,6 +521,14 @@ mod tests {
         let mut bad_vg = lvm(vec![vol("root", "/", None, None)]);
         bad_vg.lvm.as_mut().unwrap().vg = "my vg".into();
         assert!(err(&bad_vg).starts_with("layout.lvm.vg: \"my vg\""));
+        for dev in ["md0", "mapper", "sda", "nvme0n1"] {
+            bad_vg.lvm.as_mut().unwrap().vg = dev.into();
+            assert!(err(&bad_vg).contains("under /dev"), "{dev}");
+        }
+        for ok in ["vg0", "data", "mdvg", "system", "vdata", "ramdisk"] {
+            bad_vg.lvm.as_mut().unwrap().vg = ok.into();
+            assert!(bad_vg.validate().is_ok(), "{ok}");
+        }
         let mut opts = lvm(vec![vol("root", "/", None, None)]);
         opts.lvm.as_mut().unwrap().volumes[0].options = Some("noatime discard".into());
         assert!(err(&opts).starts_with("layout.lvm.volumes[0].options:"));

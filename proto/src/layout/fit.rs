@@ -49,7 +49,7 @@ impl DiskLayout {
                 format!("disks[{i}]")
             }
         };
-        let overhead = GPT_OVERHEAD_MIB + BIOS_BOOT_MIB + self.esp();
+        let overhead = (GPT_OVERHEAD_MIB + BIOS_BOOT_MIB).saturating_add(self.esp());
         let mut data_mib = Vec::with_capacity(disks.len());
         for d in disks {
             let mib = d.bytes >> 20;
@@ -201,6 +201,17 @@ impl DiskLayout {
                 ));
             }
         }
+        // The image's files spread over the volumes mounted under the root: together they
+        // must hold what the root alone would.
+        let total = extents.iter().sum::<u64>() * PE_MIB;
+        if total < root_floor_mib {
+            return Err(LayoutError::field(
+                "lvm.volumes",
+                format!(
+                    "the volumes hold {total} MiB; the image needs at least {root_floor_mib} MiB"
+                ),
+            ));
+        }
         let root_mib = lvm
             .volumes
             .iter()
@@ -337,5 +348,18 @@ mod tests {
         let pv = (4096 - 2 - 1 - 512 - PV_METADATA_MIB) / PE_MIB;
         assert_eq!(f.vg_extents, Some(2 * pv));
         assert_eq!(f.volume_extents, [pv, pv]);
+        // Volumes that together hold less than the image are refused.
+        let small = DiskLayout {
+            lvm: Some(Lvm {
+                vg: "vg0".into(),
+                volumes: vec![vol("root", "/", Some(1024), None)],
+            }),
+            ..DiskLayout::default()
+        };
+        let e = small.fit(&disks(&[8]), 4000).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "layout.lvm.volumes: the volumes hold 1024 MiB; the image needs at least 4000 MiB"
+        );
     }
 }

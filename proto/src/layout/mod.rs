@@ -295,18 +295,6 @@ impl DiskLayout {
             "room for the OS to run",
         )
     }
-
-    /// The smallest disk that holds the layout, in bytes, counting `root_floor_mib` for a
-    /// root that takes the rest of the disk. Saturates rather than overflows (an unvalidated
-    /// layout then fits no disk).
-    pub fn min_disk_bytes(&self, root_floor_mib: u64) -> u64 {
-        let root = self.root_mib.unwrap_or(root_floor_mib);
-        GPT_OVERHEAD_MIB
-            .saturating_add(BIOS_BOOT_MIB)
-            .saturating_add(self.esp())
-            .saturating_add(root)
-            .saturating_mul(MIB)
-    }
 }
 
 #[cfg(test)]
@@ -325,19 +313,30 @@ mod tests {
         let d = DiskLayout::default();
         assert_eq!(d.esp(), DEFAULT_ESP_MIB);
         assert_eq!(d.validate(), Ok(()));
-        assert_eq!(d.min_disk_bytes(1024), (2 + 1 + 512 + 1024) << 20);
+        let disk = |mib: u64| {
+            [DiskSize {
+                label: "vda".into(),
+                bytes: mib << 20,
+            }]
+        };
+        assert!(d.fit(&disk(2 + 1 + 512 + 1024), 1024).is_ok());
+        assert!(d.fit(&disk(2 + 1 + 512 + 1023), 1024).is_err());
         let l = DiskLayout {
             esp_mib: Some(256),
             root_mib: Some(2048),
             ..DiskLayout::default()
         };
-        assert_eq!(l.min_disk_bytes(1024), (2 + 1 + 256 + 2048) << 20);
+        assert_eq!(
+            l.fit(&disk(2 + 1 + 256 + 2048), 1024).map(|f| f.root_mib),
+            Ok(2048)
+        );
+        assert!(l.fit(&disk(2 + 1 + 256 + 2047), 1024).is_err());
         let huge = DiskLayout {
             esp_mib: Some(u64::MAX),
             root_mib: Some(u64::MAX),
             ..DiskLayout::default()
         };
-        assert_eq!(huge.min_disk_bytes(0), u64::MAX);
+        assert!(huge.fit(&disk(1 << 30), 0).is_err());
     }
 
     #[test]

@@ -359,26 +359,35 @@ pub(super) fn bootloader(
 /// Where the ESPs of the second and later disks are mounted in turn.
 const ESP_ELSEWHERE: &str = "/run/stork/esp";
 
-/// With RAID or LVM, checks that the image's initramfs can bring the root up, and writes the
-/// array into the installed system's `mdadm.conf`. Returns what the Done event says of it.
-///
-/// The image's own initramfs does it when the image has mdadm and lvm2 installed (their hooks
-/// put them in it when the image was built): udev's rules assemble any array incrementally
-/// and activate any volume group as its members appear, and mdadm's local-block script runs
-/// an array degraded when a member is missing. Making the initramfs again here would only add
-/// the array to its mdadm.conf, at a cost of minutes under TCG (docs/measurements.md); the
-/// next kernel update makes it with the array.
-fn storage_boot(layout: &DiskLayout, target: &Path) -> Result<String> {
+/// Whether the extracted image can bring the layout's storage up at boot: with RAID it needs
+/// mdadm, with LVM lvm2 (their initramfs hooks put them in its initramfs when the image was
+/// built).
+pub(super) fn storage_tools(layout: &DiskLayout, target: &Path) -> Result<()> {
     let has = |tool: &str| {
         ["usr/sbin", "sbin"]
             .iter()
             .any(|d| target.join(d).join(tool).exists())
     };
+    if layout.raid.is_some() && !has("mdadm") {
+        bail!("the image has no mdadm: its initramfs could not assemble the root's RAID array");
+    }
+    if layout.lvm.is_some() && !has("lvm") {
+        bail!("the image has no lvm2: its initramfs could not activate the root's volume group");
+    }
+    Ok(())
+}
+
+/// With RAID, writes the array into the installed system's `mdadm.conf`. Returns what the Done
+/// event says of the storage.
+///
+/// The image's own initramfs brings the root up (checked by [`storage_tools`]): udev's rules
+/// assemble any array incrementally and activate any volume group as its members appear, and
+/// mdadm's local-block script runs an array degraded when a member is missing. Making the
+/// initramfs again here would only add the array to its mdadm.conf, at a cost of minutes
+/// under TCG (docs/measurements.md); the next kernel update makes it with the array.
+fn storage_boot(layout: &DiskLayout, target: &Path) -> Result<String> {
     let mut said = Vec::new();
     if layout.raid.is_some() {
-        if !has("mdadm") {
-            bail!("the image has no mdadm: its initramfs could not assemble the root's RAID array");
-        }
         let scan = run(Command::new("mdadm").args(["--detail", "--scan"]))?;
         let path = target.join("etc/mdadm/mdadm.conf");
         let old = fs::read_to_string(&path).unwrap_or_default();
@@ -386,11 +395,6 @@ fn storage_boot(layout: &DiskLayout, target: &Path) -> Result<String> {
         said.push("the array in mdadm.conf");
     }
     if layout.lvm.is_some() {
-        if !has("lvm") {
-            bail!(
-                "the image has no lvm2: its initramfs could not activate the root's volume group"
-            );
-        }
         said.push("LVM in the image's initramfs");
     }
     Ok(if said.is_empty() {
@@ -410,7 +414,13 @@ pub fn mdadm_conf(old: &str, scan: &str) -> String {
         .collect();
     text.push_str("# The arrays the Stork agent made for the root.\n");
     for l in scan.lines().filter(|l| l.starts_with("ARRAY")) {
-        text.push_str(l);
+        // A new RAID 5 is still recovering onto its last member, which the scan counts as
+        // a spare: the array has none once it is in sync.
+        let words: Vec<&str> = l
+            .split_whitespace()
+            .filter(|w| !w.starts_with("spares="))
+            .collect();
+        text.push_str(&words.join(" "));
         text.push('\n');
     }
     text
@@ -508,7 +518,7 @@ mod tests {
         );
         let conf = mdadm_conf(
             "HOMEHOST <system>\nARRAY /dev/md/old metadata=1.2 UUID=x\nMAILADDR root\n",
-            "ARRAY /dev/md0 metadata=1.2 name=h:root UUID=a:b:c:d\n",
+            "ARRAY /dev/md0 metadata=1.2 spares=1 name=h:root UUID=a:b:c:d\n",
         );
         assert_eq!(
             conf,
