@@ -41,7 +41,7 @@ pub const VARIANT: &str = "minbase";
 /// Bump when base creation changes what a base tree holds.
 const BASE_FORMAT: u32 = 1;
 /// Bump when tree creation (install, cleanup, normalization) changes what a tree holds.
-pub const TREE_FORMAT: u32 = 1;
+pub const TREE_FORMAT: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
@@ -496,6 +496,7 @@ fn cleanup(tree: &Path) -> Result<(), RootfsError> {
         remove_file_if_exists(&tree.join(f))?;
     }
     empty_files(&tree.join("var/log"))?;
+    drop_build_date(&tree.join("etc/mdadm/mdadm.conf"))?;
     // Empty, not absent: systemd treats an empty machine-id as "first boot" and writes a new
     // one; absent, it would run read-only root logic.
     write_file(&tree.join("etc/machine-id"), "", 0o444)?;
@@ -509,6 +510,27 @@ fn cleanup(tree: &Path) -> Result<(), RootfsError> {
     let resolv = tree.join("etc/resolv.conf");
     if fs::symlink_metadata(&resolv).is_ok_and(|m| m.is_file()) {
         fs::remove_file(&resolv).map_err(io_err(&resolv))?;
+    }
+    Ok(())
+}
+
+/// mdadm's postinst writes `mdadm.conf` with a line dating it (`auto-generated on <date> by
+/// mkconf`): without it, two builds of a tree are the same bytes.
+fn drop_build_date(path: &Path) -> Result<(), RootfsError> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            !(l.starts_with("# This configuration was auto-generated on")
+                && l.ends_with("by mkconf"))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept != text {
+        // In place: the file keeps its owner and mode.
+        fs::write(path, kept).map_err(io_err(path))?;
     }
     Ok(())
 }
