@@ -89,7 +89,39 @@ pub struct Notice {
     pub token: Option<String>,
 }
 
+/// A notice's last line says how the appliance's own address came up; the serial console
+/// shows the notice a line at a time, so only a notice through that line is whole.
+const NOTICE_LAST_LINES: [&str; 2] = ["\n  Network: ", "\n  DHCP: "];
+
 impl Notice {
+    /// The whole notices on a console, in order, each from its `Stork ` heading through its
+    /// last line (boots append to the console).
+    pub fn all(console: &str) -> Vec<&str> {
+        let mut found = Vec::new();
+        let mut from = 0;
+        while let Some(at) = console[from..]
+            .find("Certificate fingerprint")
+            .map(|n| from + n)
+        {
+            let Some(last) = NOTICE_LAST_LINES
+                .iter()
+                .filter_map(|l| console[at..].find(l))
+                .min()
+            else {
+                break;
+            };
+            let line = at + last + 1;
+            let Some(end) = console[line..].find('\n').map(|n| line + n) else {
+                break;
+            };
+            let start = console[..at].rfind("Stork ").unwrap_or(at);
+            found.push(&console[start..end]);
+            from = end;
+        }
+        found
+    }
+
+    /// The fingerprint and token of the last notice on `console`.
     pub fn parse(console: &str) -> Result<Self> {
         let word = |prefix: &str, len: usize| {
             console
@@ -101,5 +133,27 @@ impl Notice {
             fingerprint: word("sha256:", 64).context("no sha256: fingerprint on the console")?,
             token: word("stork_admin_", 64),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Notice;
+
+    #[test]
+    fn a_notice_is_whole_only_through_its_last_line() {
+        let first = "boot\nStork 1 (slot a), host h\n  Certificate fingerprint (pin it):\n    \
+                     sha256:ab\n  Admin token: made\n    stork_admin_x\n  DHCP: full on e (a)\n";
+        assert_eq!(Notice::all(first).len(), 1);
+        assert!(Notice::all(first)[0].starts_with("Stork 1"));
+        assert!(Notice::all(first)[0].ends_with("DHCP: full on e (a)"));
+        // The second boot's notice, cut before its token: not whole yet.
+        let cut = "Stork 1 (slot a)\n  Certificate fingerprint (pin it):\n    sha256:ab\n";
+        let both = format!("{first}{cut}");
+        assert_eq!(Notice::all(&both).len(), 1);
+        let whole = format!("{both}  Admin token: in a file\n  Network: e by DHCP (a); off\n");
+        assert_eq!(Notice::all(&whole).len(), 2);
+        // The last line itself arrives in pieces.
+        assert_eq!(Notice::all(&whole[..whole.len() - 3]).len(), 1);
     }
 }

@@ -22,7 +22,9 @@ pub fn leased_ip(console: &Path) -> Result<String> {
 }
 
 /// ssh options for a machine deployed a moment ago: its host key is new (none is checked or
-/// stored), no prompt, a bounded wait.
+/// stored), no prompt, a bounded wait. A connection made just before the machine rebooted
+/// has no peer and no reset to end it (a poll for the next boot hung past its deadline in
+/// CI): without answers to keep-alives it ends in 15 s.
 pub const SSH_OPTIONS: &[&str] = &[
     "-o",
     "StrictHostKeyChecking=no",
@@ -32,6 +34,10 @@ pub const SSH_OPTIONS: &[&str] = &[
     "BatchMode=yes",
     "-o",
     "ConnectTimeout=10",
+    "-o",
+    "ServerAliveInterval=5",
+    "-o",
+    "ServerAliveCountMax=3",
     "-o",
     "LogLevel=ERROR",
 ];

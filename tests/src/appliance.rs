@@ -37,8 +37,21 @@ pub fn wait_console(
     count: usize,
     timeout: Duration,
 ) -> Result<String> {
+    wait_until(vm, &format!("{marker:?}"), timeout, |text| {
+        text.matches(marker).count() >= count
+    })
+}
+
+/// Waits until `done` holds for the console; returns the console. Fails early when QEMU
+/// exits.
+fn wait_until(
+    vm: &mut RootlessVm,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&str) -> bool,
+) -> Result<String> {
     wait_for(
-        &format!("{marker:?} on the console of {}", vm.spec.name),
+        &format!("{what} on the console of {}", vm.spec.name),
         timeout,
         Duration::from_millis(500),
         || {
@@ -50,8 +63,19 @@ pub fn wait_console(
                 );
             }
             let text = console(vm);
-            Ok((text.matches(marker).count() >= count).then_some(text))
+            Ok(done(&text).then_some(text))
         },
+    )
+}
+
+/// Waits until the console shows `count` whole notices (boots append; the serial console
+/// prints a notice a line at a time); returns the console.
+pub fn wait_notice(vm: &mut RootlessVm, count: usize, timeout: Duration) -> Result<String> {
+    wait_until(
+        vm,
+        &format!("notice {count} on the console"),
+        timeout,
+        |text| Notice::all(text).len() >= count,
     )
 }
 

@@ -27,7 +27,7 @@ use stork_proto::DeployTarget;
 use stork_proto::api::{AllocateBody, DeployRequest, NewMachine, Status};
 use stork_tests::appliance::{
     self, Described, Notice, appliance_spec, client, copy_image, put_on_fat, read_from_fat,
-    wait_api, wait_console,
+    wait_api, wait_console, wait_notice,
 };
 
 const APPLIANCE_MAC: &str = "52:54:00:77:0a:01";
@@ -37,8 +37,6 @@ const MACHINE_MGMT_MAC: &str = "52:54:00:77:0a:12";
 /// The OS image the appliance image carries.
 const IMAGE: &str = "debian-bookworm";
 const BOOT: Duration = Duration::from_secs(600);
-const NOTICE: &str = "Certificate fingerprint";
-
 /// What a person writes on the STORK partition: the provisioning NIC (the appliance VM's
 /// first PCI NIC under q35: `qemu-xhci` is 00:01, the switch NIC 00:02) and a host name; the
 /// rest (10.77.0.1/24, DHCP range .100-.199) is the default.
@@ -112,7 +110,7 @@ fn a_usb_stick_under_ovmf_reads_its_stork_toml_provisions_a_machine_and_keeps_it
         spec.disks = vec![DiskSpec::usb_stick(&stick, "STORK-STICK")];
         spec.user_nic = Some(UserNic::new(MGMT_MAC).forward(api_port, 8443));
         let vm = app.insert(lab.start_vm(spec.clone())?);
-        let text = wait_console(vm, NOTICE, 1, BOOT)?;
+        let text = wait_notice(vm, 1, BOOT)?;
         if text.contains("SAFE STATE") {
             bail!("the appliance ignored its stork.toml");
         }
@@ -192,7 +190,7 @@ fn a_usb_stick_under_ovmf_reads_its_stork_toml_provisions_a_machine_and_keeps_it
         let mut keep = spec.clone();
         keep.keep_disks = true;
         let vm = app.insert(lab.start_vm(keep)?);
-        let text = wait_console(vm, NOTICE, 2, BOOT)?;
+        let text = wait_notice(vm, 2, BOOT)?;
         let again = Notice::parse(&text)?;
         if again.fingerprint != notice.fingerprint {
             bail!("the certificate changed across a restart");
@@ -340,7 +338,7 @@ fn an_internal_disk_under_seabios_starts_safe_grows_its_data_and_upgrades_with_f
         spec.disks = vec![DiskSpec::image(&disk, DiskBus::Virtio, "STORK-DISK")];
         spec.user_nic = Some(UserNic::new(MGMT_MAC).forward(api_port, 8443));
         let vm = app.insert(lab.start_vm(spec.clone())?);
-        let text = wait_console(vm, NOTICE, 1, BOOT)?;
+        let text = wait_notice(vm, 1, BOOT)?;
         if !text.contains("SAFE STATE") {
             bail!("without stork.toml the appliance did not say it is in its safe state");
         }

@@ -8,7 +8,7 @@ mod dhcp_common;
 
 use std::time::Duration;
 
-use dhcp_common::{appliance_with, run_ok, service_counter, wait_lines, wait_lines_for};
+use dhcp_common::{appliance_with, run_ok, service_counter, wait_lines_for};
 use stork_lab::{Appliance, Host, Lab, Spawned, wait_for};
 use stork_tests::lab_dir;
 
@@ -102,7 +102,13 @@ fn dhclient6_gets_renews_and_releases_an_address() {
         &dir.join("dhclient6.log"),
     )
     .unwrap();
-    let log = wait_lines(&client, "Reply message on", 1, "dhclient -6's lease");
+    let log = wait_lines_for(
+        &client,
+        "Reply message on",
+        1,
+        "dhclient -6's lease",
+        Duration::from_secs(60),
+    );
     let ip = leased(&leases).unwrap_or_else(|| panic!("no iaaddr in the lease file; log:\n{log}"));
     assert!(ip.starts_with("fd77::1"), "leased {ip}\n{log}");
     assert!(log.contains("Advertise message on"), "{log}");
@@ -114,13 +120,14 @@ fn dhclient6_gets_renews_and_releases_an_address() {
     assert_eq!(counter(&appliance, "leases_restored"), 1);
 
     // dhclient renews at T1 (half of the 60 s lifetime) with the restarted server (same
-    // DUID: its interface's MAC): the same address again.
+    // DUID: its interface's MAC): the same address again. The wait allows for Renew's
+    // retransmissions (10 s and up) on a loaded host.
     let log = wait_lines_for(
         &client,
         "Reply message on",
         2,
         "dhclient -6's renewal",
-        Duration::from_secs(60),
+        Duration::from_secs(180),
     );
     assert!(log.contains("XMT: Renew on"), "{log}");
     assert_eq!(leased(&leases).as_deref(), Some(ip.as_str()), "{log}");

@@ -151,14 +151,9 @@ fn wait_notice(vm: &mut RootlessVm) -> Result<String> {
             // QEMU creates the console file once it runs.
             let bytes = std::fs::read(&vm.paths.console).unwrap_or_default();
             let text = String::from_utf8_lossy(&bytes).into_owned();
-            Ok(text.find("Certificate fingerprint").map(|at| {
-                let start = text[..at].rfind("Stork ").unwrap_or(at);
-                let end = text[at..]
-                    .find("Network:")
-                    .and_then(|n| text[at + n..].find('\n').map(|e| at + n + e))
-                    .unwrap_or(text.len());
-                text[start..end].to_string()
-            }))
+            Ok(stork_lab::appliance_image::Notice::all(&text)
+                .last()
+                .map(|n| n.to_string()))
         },
     )
 }

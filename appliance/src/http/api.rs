@@ -607,40 +607,12 @@ fn check_layout(req: &DeployRequest, resource: &BootResource, m: &Machine) -> Ap
         // Never commissioned: the agent checks against the disks it finds.
         return Ok(());
     };
-    let size = |d: &stork_proto::inventory::Disk| layout::DiskSize {
-        label: d.label(),
-        bytes: d.size_bytes,
-    };
-    let disks = if layout.disks.is_empty() {
-        // The requested disk (checked by `check_disk`), else the agent picks the smallest
-        // that fits: the largest is the one to check.
-        let disk = match req.disk.as_deref() {
-            Some(name) => choose_disk(&inv.disks, Some(name), None).ok(),
-            None => inv.disks.iter().max_by_key(|d| d.size_bytes),
-        };
-        disk.map(size).into_iter().collect()
-    } else {
-        let mut found: Vec<&stork_proto::inventory::Disk> = Vec::new();
-        for (i, name) in layout.disks.iter().enumerate() {
-            let d = choose_disk(&inv.disks, Some(name), None)
-                .map_err(|e| ApiError::bad_request(format!("layout.disks[{i}]: {e}")))?;
-            if let Some(j) = found.iter().position(|f| f.name == d.name) {
-                return Err(ApiError::bad_request(format!(
-                    "layout.disks[{i}]: {name:?} is {}, as layout.disks[{j}] is",
-                    d.name
-                )));
-            }
-            found.push(d);
-        }
-        found.into_iter().map(size).collect::<Vec<_>>()
-    };
-    if disks.is_empty() {
-        return Err(ApiError::bad_request(
-            "layout: the machine's inventory shows no disk",
-        ));
-    }
     layout
-        .fit(&disks, layout::root_floor_mib(tar.size))
+        .pick_disks(
+            &inv.disks,
+            req.disk.as_deref(),
+            layout::root_floor_mib(tar.size),
+        )
         .map(drop)
         .map_err(|e| ApiError::bad_request(e.to_string()))
 }

@@ -23,9 +23,11 @@
 //! creates).
 
 mod check;
+mod disks;
 mod fit;
 
 pub use check::{MAX_DISKS, MAX_VOLUMES, raid_min_members};
+pub use disks::PickError;
 pub use fit::{DiskSize, Fit, MD_RESERVE_MIB, PE_MIB, PV_METADATA_MIB};
 
 use serde::{Deserialize, Serialize};

@@ -49,8 +49,6 @@ mod tool;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail};
-use stork_proto::inventory::{ChooseError, Disk, choose_disk};
 use stork_proto::layout::{DiskSize, Fs, root_floor_mib};
 use stork_proto::{DiskLayout, ImageFile};
 
@@ -177,69 +175,12 @@ fn open_disks(
     layout: &DiskLayout,
     floor: u64,
 ) -> anyhow::Result<Vec<BlockDevice>> {
-    let names = pick_disks(
-        &inventory::disks(Path::new(SYS)),
-        layout,
-        cx.task.disk.as_deref(),
-        floor,
-    )?;
-    let mut devs = Vec::with_capacity(names.len());
-    for name in &names {
-        devs.push(cx.open_disk(Some(name), None, "a layout")?);
-    }
-    Ok(devs)
-}
-
-/// Which disks (kernel names) the layout goes on: the ones it names, else `requested`, else
-/// the smallest it fits (the appliance checked that the largest does). Pure.
-pub fn pick_disks(
-    found: &[Disk],
-    layout: &DiskLayout,
-    requested: Option<&str>,
-    floor: u64,
-) -> anyhow::Result<Vec<String>> {
-    let size = |d: &Disk| DiskSize {
-        label: d.label(),
-        bytes: d.size_bytes,
-    };
-    let chosen: Vec<&Disk> = if layout.disks.is_empty() {
-        match requested {
-            Some(name) => vec![choose_disk(found, Some(name), None)?],
-            None => {
-                let mut fitting: Vec<&Disk> = found
-                    .iter()
-                    .filter(|d| layout.fit(&[size(d)], floor).is_ok())
-                    .collect();
-                fitting.sort_by(|a, b| a.size_bytes.cmp(&b.size_bytes).then(a.name.cmp(&b.name)));
-                match fitting.first() {
-                    Some(d) => vec![*d],
-                    // None fits: the largest, for the error that says why.
-                    None => vec![
-                        found
-                            .iter()
-                            .max_by_key(|d| d.size_bytes)
-                            .ok_or(ChooseError::NoDisks)?,
-                    ],
-                }
-            }
-        }
-    } else {
-        let mut chosen: Vec<&Disk> = Vec::with_capacity(layout.disks.len());
-        for (i, name) in layout.disks.iter().enumerate() {
-            let d = choose_disk(found, Some(name), None)
-                .map_err(|e| anyhow!("layout.disks[{i}]: {e}"))?;
-            if let Some(j) = chosen.iter().position(|c| c.name == d.name) {
-                bail!(
-                    "layout.disks[{i}] ({name:?}) is {}, as layout.disks[{j}] is",
-                    d.name
-                );
-            }
-            chosen.push(d);
-        }
-        chosen
-    };
-    layout.fit(&chosen.iter().map(|d| size(d)).collect::<Vec<_>>(), floor)?;
-    Ok(chosen.iter().map(|d| d.name.clone()).collect())
+    let found = inventory::disks(Path::new(SYS));
+    let (disks, _) = layout.pick_disks(&found, cx.task.disk.as_deref(), floor)?;
+    disks
+        .iter()
+        .map(|d| cx.open_disk(Some(&d.name), None, "a layout"))
+        .collect()
 }
 
 /// The kernel modules the layout needs beyond the boot list's (ext4, vfat).
@@ -343,45 +284,6 @@ fn wipe_disk(disk: &Path) -> anyhow::Result<BlockDevice> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_lvm_layout_goes_on_the_smallest_disk_it_fits() {
-        let disk = |name: &str, gib: u64| Disk {
-            name: name.into(),
-            size_bytes: gib << 30,
-            ..Disk::default()
-        };
-        let found = [disk("sda", 20), disk("sdb", 500), disk("sdc", 4)];
-        let l: DiskLayout = serde_json::from_str(
-            r#"{"lvm": {"volumes": [{"name": "root", "mount": "/", "size_mib": 8192},
-                {"name": "data", "mount": "/data", "size_mib": 200000}]}}"#,
-        )
-        .unwrap();
-        assert_eq!(pick_disks(&found, &l, None, 1024).unwrap(), ["sdb"]);
-        let flat = DiskLayout::default();
-        assert_eq!(pick_disks(&found, &flat, None, 1024).unwrap(), ["sdc"]);
-        // Named, or requested: fitted, and refused before anything is opened.
-        let e = pick_disks(&found, &l, Some("sda"), 1024)
-            .unwrap_err()
-            .to_string();
-        assert!(e.starts_with("layout.lvm.volumes[1].size_mib:"), "{e}");
-        let mut named = l.clone();
-        named.disks = vec!["sdc".into(), "sdc".into()];
-        named.lvm.as_mut().unwrap().volumes[1].size_mib = Some(512);
-        let e = pick_disks(&found, &named, None, 1024)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("layout.disks[1]") && e.contains("as layout.disks[0] is"),
-            "{e}"
-        );
-        // Nothing fits: the largest says why.
-        let huge: DiskLayout = serde_json::from_str(r#"{"root_mib": 1048576}"#).unwrap();
-        let e = pick_disks(&found, &huge, None, 1024)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("does not fit disk sdb"), "{e}");
-    }
 
     #[test]
     fn a_layout_loads_the_modules_of_its_raid_lvm_and_file_systems() {
