@@ -166,6 +166,9 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
             .as_ref()
             .map_or_else(String::new, |l| format!(", layout: {}", layout_summary(l)));
         out!("deploy:    {} to {:?}{layout}", d.image, d.target);
+        if let Some(n) = &d.network {
+            out!("network:   {}", network_summary(n));
+        }
     }
     if let Some(at) = m.last_heartbeat {
         let step = m.heartbeat_step.as_deref().unwrap_or("-");
@@ -565,9 +568,74 @@ pub fn layout_summary(l: &stork_proto::DiskLayout) -> String {
     s
 }
 
+/// A network config in one line, an interface at a time: `en0 52:54:00:77:01:31 in bond0;
+/// bond0 active-backup: 10.77.0.50/24 via 10.77.0.1; bond0.100 VLAN 100 on bond0:
+/// 10.78.0.50/24; DNS 10.77.0.1`.
+pub fn network_summary(n: &stork_proto::NetworkConfig) -> String {
+    let mut parts: Vec<String> = n
+        .interfaces
+        .iter()
+        .map(|i| {
+            let what = match (&i.mac, &i.bond, &i.vlan, &i.bridge) {
+                (Some(mac), ..) => format!("{} {mac}", i.name),
+                (_, Some(b), ..) => format!("{} {}", i.name, b.mode.name()),
+                (_, _, Some(v), _) => format!("{} VLAN {} on {}", i.name, v.id, v.link),
+                _ => format!("{} bridge", i.name),
+            };
+            if let Some(master) = n.master_of(&i.name) {
+                return format!("{what} in {}", master.name);
+            }
+            let mut how: Vec<String> = Vec::new();
+            if i.dhcp4 {
+                how.push("DHCPv4".into());
+            }
+            if i.dhcp6 {
+                how.push("DHCPv6".into());
+            }
+            how.extend(i.addresses.iter().cloned());
+            let mut line = match how.is_empty() {
+                true => what,
+                false => format!("{what}: {}", how.join(" ")),
+            };
+            for g in i
+                .gateway4
+                .map(|g| g.to_string())
+                .into_iter()
+                .chain(i.gateway6.map(|g| g.to_string()))
+            {
+                line.push_str(&format!(" via {g}"));
+            }
+            line
+        })
+        .collect();
+    if !n.dns.servers.is_empty() {
+        let servers: Vec<String> = n.dns.servers.iter().map(|s| s.to_string()).collect();
+        parts.push(format!("DNS {}", servers.join(" ")));
+    }
+    parts.join("; ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_network_config_reads_in_one_line() {
+        let n: stork_proto::NetworkConfig = serde_json::from_str(
+            r#"{"interfaces": [
+            {"name": "en0", "mac": "52:54:00:77:01:31"},
+            {"name": "bond0", "bond": {"members": ["en0"], "mode": "active-backup"},
+             "addresses": ["10.77.0.50/24"], "gateway4": "10.77.0.1"},
+            {"name": "bond0.100", "vlan": {"link": "bond0", "id": 100}, "dhcp4": true}],
+            "dns": {"servers": ["10.77.0.1"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            network_summary(&n),
+            "en0 52:54:00:77:01:31 in bond0; bond0 active-backup: 10.77.0.50/24 via 10.77.0.1; \
+             bond0.100 VLAN 100 on bond0: DHCPv4; DNS 10.77.0.1"
+        );
+    }
 
     #[test]
     fn control_characters_are_escaped_but_lines_and_tabs_kept() {

@@ -372,6 +372,11 @@ enum MachineCmd {
         /// in order; one that fails fails the deploy).
         #[arg(long = "late-command", value_name = "COMMAND")]
         late_commands: Vec<String>,
+        /// The installed OS's network as JSON (interfaces: NICs by MAC, bonds, VLANs,
+        /// bridges, with dhcp4/dhcp6 or addresses, gateways, routes; dns; see the API's
+        /// `NetworkConfig`), in a file. Default: DHCP on the boot NIC.
+        #[arg(long, value_name = "FILE")]
+        network: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -952,9 +957,17 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
             root_mib,
             layout,
             late_commands,
+            network,
             json,
         } => {
             let keys = ssh_keys.iter().map(read).collect::<Result<Vec<_>>>()?;
+            let network = match &network {
+                Some(path) => Some(
+                    serde_json::from_str::<stork_proto::NetworkConfig>(&read(path)?)
+                        .with_context(|| format!("--network {}", path.display()))?,
+                ),
+                None => None,
+            };
             let user_data = user_data.as_ref().map(read).transpose()?;
             let layout = match &layout {
                 Some(path) => Some(
@@ -981,6 +994,7 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
                 user_data,
                 layout,
                 late_commands,
+                network,
             };
             cli::machine_line(&c.deploy(&id, &request)?, json)
         }

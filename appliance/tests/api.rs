@@ -1380,6 +1380,31 @@ fn bad_input_is_400_naming_the_field() {
         }),
         "layout",
     );
+    // The installed OS's network: valid by itself, its NICs the machine's.
+    let network = |json: &str| {
+        deploy_req(DeployRequest {
+            network: Some(serde_json::from_str(json).expect("a network config")),
+            ..deploy(IMAGE)
+        })
+    };
+    check(
+        network(r#"{"interfaces": [{"name": "en0", "mac": "52:54:00:99:99:99", "dhcp4": true}]}"#),
+        "network.interfaces[0].mac: 52:54:00:99:99:99 is not a NIC of this machine",
+    );
+    check(
+        network(
+            r#"{"interfaces": [{"name": "en0", "mac": "52:54:00:99:99:99"},
+                {"name": "v", "vlan": {"link": "en0", "id": 0}, "dhcp4": true}]}"#,
+        ),
+        "network.interfaces[1].vlan.id",
+    );
+    check_raw(
+        action(
+            "deploy",
+            r#"{"image": "debian-12", "network": {"interfaces": [{"name": "b", "bond": {"members": [], "mode": "fast"}}]}}"#,
+        ),
+        "network.interfaces[0].bond.mode",
+    );
     check_raw(action("release", r#"{"erase": "yes"}"#), "erase");
     check_raw(action("release", r#"{"wipe": true}"#), "wipe");
     check_raw(action("commission", r#"{"bogus": true}"#), "bogus");

@@ -98,6 +98,10 @@ pub struct DeployRequest {
     /// past 10 minutes) fails the deploy with its exit status and output.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub late_commands: Vec<String>,
+    /// The installed OS's network: NICs by MAC, bonds, VLANs, bridges, their DHCP or static
+    /// addresses, routes and DNS. Default: DHCP on the boot NIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::NetworkConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

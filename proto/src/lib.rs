@@ -15,12 +15,14 @@ pub mod inventory;
 pub mod layout;
 pub mod mac;
 pub mod manifest;
+pub mod netconf;
 pub mod units;
 pub mod wire;
 
 pub use inventory::Inventory;
 pub use layout::DiskLayout;
 pub use mac::MacAddr;
+pub use netconf::NetworkConfig;
 pub use wire::{AgentStep, DeployTarget, ImageRole};
 
 use serde::{Deserialize, Serialize};
@@ -89,6 +91,9 @@ pub struct DeployTask {
     /// ([`api::DeployRequest::late_commands`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub late_commands: Vec<String>,
+    /// The installed OS's network ([`api::DeployRequest::network`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

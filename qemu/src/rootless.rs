@@ -147,6 +147,7 @@ impl RootlessLab {
             qmp: &paths.qmp,
             vars: paths.vars.as_deref(),
             nic: &nic,
+            extra_nics: &[],
             disks: &attached,
         })?;
         if let Some(user) = &spec.user_nic {

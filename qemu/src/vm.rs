@@ -103,12 +103,17 @@ pub enum NicBackend {
 }
 
 impl NicBackend {
-    /// The `-netdev` value.
+    /// The `-netdev` value of the provisioning NIC's backend (`n0`).
     pub fn netdev(&self) -> String {
+        self.netdev_with_id("n0")
+    }
+
+    /// The `-netdev` value under the netdev id `id`.
+    pub fn netdev_with_id(&self, id: &str) -> String {
         match self {
-            Self::Tap(tap) => format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+            Self::Tap(tap) => format!("tap,id={id},ifname={tap},script=no,downscript=no"),
             Self::Stream(sock) => format!(
-                "stream,id=n0,server=off,addr.type=unix,addr.path={}",
+                "stream,id={id},server=off,addr.type=unix,addr.path={}",
                 opt_path(sock)
             ),
         }
@@ -149,6 +154,9 @@ pub struct VmSpec {
     pub guest_reboot: GuestReboot,
     /// Disks after the first, blank (`disk<n>.raw` beside `disk.raw`).
     pub extra_disks: Vec<ExtraDisk>,
+    /// NICs after the provisioning one, by MAC, each on a tap of its own on the lab bridge
+    /// (`nic1`, ...), without a boot ROM: the machine boots from its first NIC only.
+    pub extra_nics: Vec<String>,
 }
 
 impl VmSpec {
@@ -165,6 +173,7 @@ impl VmSpec {
             keep_disk: false,
             guest_reboot: GuestReboot::Exit,
             extra_disks: Vec::new(),
+            extra_nics: Vec::new(),
         }
     }
 }
@@ -224,6 +233,10 @@ pub fn qemu_argv(lab: &mut Lab, spec: &VmSpec) -> Result<(Vec<String>, VmPaths)>
             snapshot: false,
         });
     }
+    let mut extra_nics = Vec::with_capacity(spec.extra_nics.len());
+    for mac in &spec.extra_nics {
+        extra_nics.push((NicBackend::Tap(lab.add_tap()?), mac.clone()));
+    }
     let argv = machine_argv(&MachineArgs {
         name: &spec.name,
         mac: &spec.mac,
@@ -235,6 +248,7 @@ pub fn qemu_argv(lab: &mut Lab, spec: &VmSpec) -> Result<(Vec<String>, VmPaths)>
         qmp: &qmp,
         vars: vars.as_deref(),
         nic: &NicBackend::Tap(tap),
+        extra_nics: &extra_nics,
         disks: &disks,
     })?;
     Ok((
@@ -263,6 +277,8 @@ pub(crate) struct MachineArgs<'a> {
     /// The machine's OVMF variable store; required under [`Firmware::Uefi`].
     pub vars: Option<&'a Path>,
     pub nic: &'a NicBackend,
+    /// More NICs (`n1`/`nic1`, ...): their backends and MACs.
+    pub extra_nics: &'a [(NicBackend, String)],
     pub disks: &'a [AttachedDisk],
 }
 
@@ -334,6 +350,15 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
             }
         };
         argv.extend(["-drive".to_string(), drive, "-device".to_string(), device]);
+    }
+    for (k, (backend, mac)) in m.extra_nics.iter().enumerate() {
+        let n = k + 1;
+        argv.extend([
+            "-netdev".to_string(),
+            backend.netdev_with_id(&format!("n{n}")),
+            "-device".to_string(),
+            format!("virtio-net-pci,netdev=n{n},id=nic{n},mac={mac},romfile="),
+        ]);
     }
     if m.guest_reboot == GuestReboot::Exit {
         // The agent powers off when done; its reboot into the installed OS, or a panic's,
@@ -652,6 +677,7 @@ mod tests {
             qmp: &qmp,
             vars: Some(&vars),
             nic: &tap,
+            extra_nics: &[],
             disks: &disks,
         };
         let common = [
@@ -766,6 +792,7 @@ mod tests {
             qmp: Path::new("/lab/m1/qmp.sock"),
             vars: None,
             nic: &sock,
+            extra_nics: &[],
             disks: &disks,
         })
         .unwrap();
@@ -816,9 +843,42 @@ mod tests {
                 qmp: Path::new("/q"),
                 vars: None,
                 nic: &sock,
+                extra_nics: &[],
                 disks: &[],
             })
             .is_err()
+        );
+    }
+
+    #[test]
+    fn extra_nics_get_netdevs_of_their_own_and_no_boot_rom() {
+        let extra = [(
+            NicBackend::Tap("tap5".into()),
+            "52:54:00:00:00:02".to_string(),
+        )];
+        let argv = machine_argv(&MachineArgs {
+            name: "m1",
+            mac: "52:54:00:00:00:01",
+            memory_mib: 256,
+            cpus: 1,
+            firmware: Firmware::Bios,
+            guest_reboot: GuestReboot::Reset,
+            console: Path::new("/c"),
+            qmp: Path::new("/q"),
+            vars: None,
+            nic: &NicBackend::Tap("tap4".into()),
+            extra_nics: &extra,
+            disks: &[],
+        })
+        .unwrap()
+        .join(" ");
+        assert!(argv.contains("-netdev tap,id=n0,ifname=tap4,"), "{argv}");
+        assert!(
+            argv.contains(
+                "-netdev tap,id=n1,ifname=tap5,script=no,downscript=no -device \
+                 virtio-net-pci,netdev=n1,id=nic1,mac=52:54:00:00:00:02,romfile="
+            ),
+            "{argv}"
         );
     }
 

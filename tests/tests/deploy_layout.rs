@@ -13,13 +13,21 @@
 //! disk is pulled out of the running VM (QMP `device_del`) and the VM rebooted: it boots
 //! from the second disk's GRUB alone, the initramfs starts the array degraded, and SSH shows
 //! the root on the one member left.
+//!
+//! The same VM has two NICs and deploys with a network config of its own (`--network`): an
+//! active-backup bond of both with a static address and VLAN 100 on the bond with another
+//! (networkd files the agent writes; cloud-init's network step off). Its phone-home comes
+//! from the static address, which the appliance accepts while it deploys. Over SSH at that
+//! address: the bond's mode and members, the VLAN's id, the addresses; the host reaches the
+//! VLAN's address through a VLAN interface of its own on the lab bridge, and SSH keeps
+//! working with the first NIC's link cut (QMP `set_link`): the bond failed over.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use stork_lab::rootless::Qmp;
-use stork_lab::{DiskBus, ExtraDisk, VmSpec, wait_for};
+use stork_lab::{DiskBus, ExtraDisk, Spawned, VmSpec, wait_for};
 use stork_proto::api::Status;
 use stork_tests::deploy::{IMAGE, Scenario, USER};
 
@@ -68,19 +76,42 @@ fn seabios_vm_deploys_its_root_on_lvm_over_raid1_of_two_disks_and_boots_with_one
         bytes: 4 << 30,
         serial: "STORK-RAID-2".into(),
     }];
+    spec.extra_nics = vec![SECOND_MAC.into()];
     let mut s = Scenario::new("deploy-raid", spec, None).unwrap();
     let result = (|| -> Result<()> {
         let id = s.add_and_enlist()?;
         s.commission(&id)?;
         deploy_raid(&mut s, &id)?;
-        let ip = s.leased_ip()?;
-        check_raid(&s, &ip)?;
-        boot_without_the_first_disk(&mut s, &ip)
+        check_raid(&s, BOND_IP)?;
+        check_network(&mut s, BOND_IP)?;
+        boot_without_the_first_disk(&mut s, BOND_IP)
     })();
     if let Err(e) = result {
         s.fail(e);
     }
     eprintln!("phases (SeaBIOS, RAID 1 + LVM):\n{}", s.timings());
+}
+
+const SECOND_MAC: &str = "52:54:00:77:01:32";
+/// The bond's static address, outside the lab's DHCP range, and the VLAN's.
+const BOND_IP: &str = "10.77.0.50";
+const VLAN_IP: &str = "10.78.0.50";
+const VLAN_PEER: &str = "10.78.0.1";
+const VLAN_ID: u16 = 100;
+
+/// Both NICs in an active-backup bond with a static address, VLAN 100 on it.
+fn network_config() -> Value {
+    json!({
+        "interfaces": [
+            {"name": "en0", "mac": "52:54:00:77:01:31"},
+            {"name": "en1", "mac": SECOND_MAC},
+            {"name": "bond0", "bond": {"members": ["en0", "en1"], "mode": "active-backup"},
+             "addresses": [format!("{BOND_IP}/24")]},
+            {"name": "bond0.100", "vlan": {"link": "bond0", "id": VLAN_ID},
+             "addresses": [format!("{VLAN_IP}/24")]}
+        ],
+        "dns": {"servers": ["10.77.0.1"], "search": ["lab"]}
+    })
 }
 
 /// The layout: both disks (the second by its serial), RAID 1, LVM root and XFS `/var`.
@@ -118,6 +149,8 @@ fn deploy_raid(s: &mut Scenario, id: &str) -> Result<()> {
 
     let path = s.lab.dir().join("raid.json");
     std::fs::write(&path, raid_layout().to_string())?;
+    let net = s.lab.dir().join("network.json");
+    std::fs::write(&net, network_config().to_string())?;
     s.phase_start();
     deploy_cli(
         s,
@@ -127,6 +160,8 @@ fn deploy_raid(s: &mut Scenario, id: &str) -> Result<()> {
             RAID_HOSTNAME,
             "--layout",
             path.to_str().context("lab path")?,
+            "--network",
+            net.to_str().context("lab path")?,
         ],
     )?;
     let pid = wait_for(
@@ -194,6 +229,111 @@ fn check_raid(s: &Scenario, ip: &str) -> Result<()> {
     s.say(&format!(
         "ssh {USER}@{ip}: RAID 1 [UU] over vda3 and vdb3; LVM vg0 root {ROOT_LV_MIB} MiB ext4 on /, \
          var xfs on /var (noatime)"
+    ));
+    Ok(())
+}
+
+/// The bond and the VLAN as asked, reachable, and the bond fails over to the second NIC.
+fn check_network(s: &mut Scenario, ip: &str) -> Result<()> {
+    let bond = s.ssh(
+        ip,
+        "cat /sys/class/net/bond0/bonding/mode /sys/class/net/bond0/bonding/slaves; \
+         ip -br -4 addr show dev bond0; ip -d link show dev bond0.100; \
+         ip -br -4 addr show dev bond0.100; cat /run/systemd/resolve/resolv.conf",
+    )?;
+    for want in [
+        "active-backup".to_string(),
+        "nameserver 10.77.0.1".to_string(),
+        "search lab".to_string(),
+        format!("{BOND_IP}/24"),
+        format!("vlan protocol 802.1Q id {VLAN_ID}"),
+        format!("{VLAN_IP}/24"),
+    ] {
+        if !bond.contains(&want) {
+            bail!("{want:?} is not in the installed OS's network:\n{bond}");
+        }
+    }
+    let slaves = bond.lines().nth(1).unwrap_or_default();
+    if slaves.split_whitespace().count() != 2 {
+        bail!("bond0 has members {slaves:?}: wanted both NICs");
+    }
+    // The host kernel has no 8021q to end VLAN 100 in: the guest's frames are watched on
+    // the lab bridge instead. A datagram to the VLAN's peer makes the guest ask for it by
+    // ARP: tagged 100 and from the VLAN's address.
+    let tcpdump = Spawned::start(
+        "tcpdump",
+        {
+            let mut c = s.lab.command("tcpdump");
+            c.args([
+                "-i",
+                stork_lab::BRIDGE,
+                "-e",
+                "-n",
+                "-l",
+                "vlan",
+                &VLAN_ID.to_string(),
+                "and",
+                "arp",
+            ]);
+            c
+        },
+        &s.lab.dir().join("tcpdump-vlan.txt"),
+    )?;
+    let tagged = wait_for(
+        "the guest's ARP on VLAN 100 on the lab bridge",
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+        || {
+            let _ = s.ssh(ip, &format!("echo x > /dev/udp/{VLAN_PEER}/9"));
+            let seen = std::fs::read_to_string(tcpdump.log()).unwrap_or_default();
+            Ok(seen
+                .lines()
+                .find(|l| {
+                    l.contains(&format!("vlan {VLAN_ID},"))
+                        && l.contains(&format!("tell {VLAN_IP},"))
+                })
+                .map(str::to_string))
+        },
+    )?;
+    drop(tcpdump);
+    // The first NIC's cable pulled: the bond carries on over the second. (A member's MAC is
+    // the bond's; its own is in perm_hwaddr.)
+    let path = s.ssh(
+        ip,
+        "grep -l 52:54:00:77:01:31 /sys/class/net/*/bonding_slave/perm_hwaddr",
+    )?;
+    let first = path
+        .trim()
+        .split('/')
+        .nth(4)
+        .unwrap_or_default()
+        .to_string();
+    if first.is_empty() {
+        bail!("no bond member has the first NIC's MAC: {path:?}");
+    }
+    let mut qmp = Qmp::connect(&s.machine.paths.qmp)?;
+    qmp.execute("set_link", Some(json!({"name": "nic0", "up": false})))?;
+    let status = format!(
+        "cat /sys/class/net/bond0/bonding/active_slave /sys/class/net/{first}/bonding_slave/mii_status"
+    );
+    let active = wait_for(
+        "the bond to fail over to its second NIC",
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+        || {
+            let Ok(out) = s.ssh(ip, &status) else {
+                return Ok(None);
+            };
+            let mut lines = out.lines().map(str::trim);
+            let (active, mii) = (lines.next().unwrap_or_default(), lines.next());
+            Ok((active != first && mii == Some("down")).then(|| active.to_string()))
+        },
+    )?;
+    qmp.execute("set_link", Some(json!({"name": "nic0", "up": true})))?;
+    s.say(&format!(
+        "ssh debian@{ip}: bond0 active-backup of 2 NICs at {BOND_IP}/24, VLAN {VLAN_ID} at \
+         {VLAN_IP}/24 (its ARP seen tagged on the bridge: {:?}); {first}'s link cut, {active} carried on",
+        tagged.trim()
     ));
     Ok(())
 }

@@ -147,6 +147,8 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("chromedriver", "chromium-driver"),
     ("nginx", "nginx-light"),
     ("pg_lsclusters", "postgresql"),
+    // The host kernel has no 8021q: tagged frames are seen on the lab bridge instead.
+    ("tcpdump", "tcpdump"),
 ];
 
 /// Programs Debian keeps off `PATH`, in a directory per major version

@@ -10,6 +10,7 @@ pub mod efi;
 pub mod http;
 pub mod late;
 pub mod mapped;
+pub mod network;
 pub mod nvme;
 pub mod prefetch;
 pub mod ramroot;

@@ -3,7 +3,9 @@
 //! under a root directory, so tests check it without a disk.
 //!
 //! - `meta-data`: instance id (the machine id) and local hostname.
-//! - `network-config` (v2): DHCP on the NIC with the boot MAC, whatever the OS names it.
+//! - `network-config` (v2): DHCP on the NIC with the boot MAC, whatever the OS names it; with
+//!   the deploy's own network config, `disabled`, and that config goes in as networkd files
+//!   ([`super::network`]).
 //! - `user-data`: our `#cloud-config` (hostname, the default user's SSH keys). The user's own
 //!   user-data, whatever its kind (`#cloud-config`, `#!` script, ...), goes in as a second part
 //!   of a MIME multipart; cloud-init types a `text/plain` part by its first line. Its
@@ -35,12 +37,15 @@ const PHONE_HOME_SCRIPT: &str = "etc/stork/phone-home.py";
 /// set stay ours.
 const USER_MERGE_TYPE: &str = "dict(recurse_array,no_replace)+list(append)";
 
-/// The three NoCloud files.
+/// The three NoCloud files, and the deploy's own network files when it asked for a network
+/// config ([`super::network`]; cloud-init then configures no interface).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seed {
     pub meta_data: String,
     pub user_data: String,
     pub network_config: String,
+    /// Paths relative to the root, and their text.
+    pub network_files: Vec<(String, String)>,
 }
 
 /// Who the installed OS reports to.
@@ -95,10 +100,15 @@ pub fn seed(task: &DeployTask, machine_id: &str, boot_mac: MacAddr, family: Fami
         None => ours,
         Some(theirs) => multipart(&ours, theirs),
     };
+    let (network, network_files) = match &task.network {
+        Some(cfg) => (json!({ "config": "disabled" }), super::network::files(cfg)),
+        None => (network, Vec::new()),
+    };
     Seed {
         meta_data: format!("{}\n", pretty(&meta)),
         user_data,
         network_config: format!("{}\n", pretty(&network)),
+        network_files,
     }
 }
 
@@ -239,6 +249,9 @@ pub fn install(root: &Path, seed: &Seed, home: &PhoneHome) -> io::Result<()> {
         &seed.network_config,
         0o644,
     )?;
+    for (rel, text) in &seed.network_files {
+        write(root, rel, text, 0o644)?;
+    }
 
     fs::create_dir_all(root.join(STORK_DIR))?;
     fs::set_permissions(root.join(STORK_DIR), fs::Permissions::from_mode(0o700))?;
@@ -301,6 +314,7 @@ mod tests {
             image: vec![],
             layout: None,
             late_commands: vec![],
+            network: None,
         }
     }
 
@@ -335,6 +349,33 @@ mod tests {
         let net = doc(&v6.network_config);
         assert_eq!(net["ethernets"]["boot"]["dhcp4"], false);
         assert_eq!(net["ethernets"]["boot"]["dhcp6"], true);
+    }
+
+    #[test]
+    fn a_network_config_turns_cloud_inits_off_and_goes_in_as_networkd_files() {
+        let mut t = task(None);
+        t.network = Some(
+            serde_json::from_str(
+                r#"{"interfaces": [{"name": "en0", "mac": "52:54:00:77:00:02",
+                    "addresses": ["10.77.0.50/24"]}]}"#,
+            )
+            .unwrap(),
+        );
+        let s = seed(&t, "m1", mac(), Family::V4);
+        assert_eq!(doc(&s.network_config), json!({"config": "disabled"}));
+        let root = tempfile::tempdir().unwrap();
+        let home = PhoneHome {
+            url: "http://a",
+            pin: None,
+            machine_id: "m1",
+            token: "t",
+        };
+        install(root.path(), &s, &home).unwrap();
+        let r = root.path();
+        let en0 = fs::read_to_string(r.join("etc/systemd/network/10-stork-en0.network")).unwrap();
+        assert!(en0.contains("Address=10.77.0.50/24"), "{en0}");
+        let off = fs::read_to_string(r.join(super::super::network::CLOUD_INIT_OFF)).unwrap();
+        assert!(off.contains("config: disabled"));
     }
 
     #[test]

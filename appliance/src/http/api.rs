@@ -467,6 +467,7 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
     let m = a.state.controller.machine(&a.id).await?;
     check_disk(&req, &m)?;
     check_layout(&req, &resource, &m)?;
+    check_network(&req, &m)?;
     if a.dry_run {
         // The web UI checks a form this way before it allocates a Ready machine.
         return Ok(Json(m.redacted()));
@@ -615,6 +616,32 @@ fn check_layout(req: &DeployRequest, resource: &BootResource, m: &Machine) -> Ap
         )
         .map(drop)
         .map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// A network config is valid by itself and its NICs are the machine's (enlisted MACs or the
+/// last inventory's), so a typo in a MAC is named now and not after the OS boots unreachable.
+fn check_network(req: &DeployRequest, m: &Machine) -> ApiResult<()> {
+    let Some(net) = &req.network else {
+        return Ok(());
+    };
+    net.validate()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let mut known: Vec<stork_proto::MacAddr> = m.macs.clone();
+    if let Some(inv) = &m.inventory {
+        known.extend(inv.nics.iter().map(|n| n.mac));
+    }
+    for (field, mac) in net.macs() {
+        if !known.contains(&mac) {
+            known.sort();
+            known.dedup();
+            let list: Vec<String> = known.iter().map(|m| m.to_string()).collect();
+            return Err(ApiError::bad_request(format!(
+                "network.{field}: {mac} is not a NIC of this machine (its NICs: {})",
+                list.join(", ")
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Direct power control: `on`, `off`, `soft-off`, `cycle`, `query`. Recorded as events;

@@ -186,12 +186,13 @@ where
         let (machine, admin) = state.controller.token_holder(h).await?;
         match (machine, admin) {
             (Some(machine), _) => {
-                // The token works only from the address it was given to.
+                // The token works only from the address it was given to (or the installed
+                // OS's static one).
                 let from = parts
                     .extensions
                     .get::<ConnectInfo<SocketAddr>>()
                     .map(|c| c.0.ip());
-                if !from.is_some_and(|ip| crate::lifecycle::boot::bound_here(&machine.agent, ip)) {
+                if !from.is_some_and(|ip| crate::lifecycle::boot::token_usable_from(&machine, ip)) {
                     return Err(ApiError::new(
                         StatusCode::FORBIDDEN,
                         "forbidden",

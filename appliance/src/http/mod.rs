@@ -213,6 +213,7 @@ pub async fn deploy_task(s: &AppState, m: &Machine) -> Result<Task, ApiError> {
         ssh_keys,
         user_data: req.user_data.clone(),
         late_commands: req.late_commands.clone(),
+        network: req.network.clone(),
         image: resource
             .files
             .iter()

@@ -118,6 +118,22 @@ pub fn bound_here(agent: &AgentIdentity, from: IpAddr) -> bool {
     agent.ip.is_none_or(|ip| ip == canonical(from))
 }
 
+/// Whether a request from `from` may use the machine's agent token: from the address it was
+/// given to, or, while the machine deploys, from a static address its deploy gives the
+/// installed OS (whose phone-home comes from there, not from the agent's lease).
+pub fn token_usable_from(m: &Machine, from: IpAddr) -> bool {
+    let from = canonical(from);
+    bound_here(&m.agent, from)
+        || (m.status == Status::Deploying
+            && m.deploy
+                .iter()
+                .filter_map(|d| d.network.as_ref())
+                .flat_map(|n| n.interfaces.iter())
+                .flat_map(|i| i.addresses.iter())
+                .filter_map(|a| stork_proto::netconf::parse_prefix(a))
+                .any(|(ip, _)| ip == from))
+}
+
 /// An IPv4 peer seen on a dual-stack socket (`::ffff:a.b.c.d`) as the IPv4 address it is.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -192,5 +208,35 @@ mod tests {
         assert!(bound_here(&given(MACHINE, true), MACHINE));
         assert!(!bound_here(&given(MACHINE, true), OTHER));
         assert!(bound_here(&AgentIdentity::default(), OTHER));
+    }
+
+    #[test]
+    fn a_deploying_machine_phones_home_from_its_static_address_too() {
+        let mut m = Machine::new(
+            "m1".into(),
+            vec!["52:54:00:00:00:01".parse().unwrap()],
+            1000,
+        );
+        m.agent = given(MACHINE, true);
+        m.status = Status::Deploying;
+        m.deploy = Some(stork_proto::api::DeployRequest {
+            image: "debian-12".into(),
+            network: Some(
+                serde_json::from_str(
+                    r#"{"interfaces": [{"name": "en0", "mac": "52:54:00:00:00:01",
+                        "addresses": ["10.77.0.66/24"]}]}"#,
+                )
+                .unwrap(),
+            ),
+            ..Default::default()
+        });
+        let mapped: IpAddr = "::ffff:10.77.0.66".parse().unwrap();
+        assert!(token_usable_from(&m, MACHINE));
+        assert!(token_usable_from(&m, OTHER));
+        assert!(token_usable_from(&m, mapped));
+        assert!(!token_usable_from(&m, "10.77.0.67".parse().unwrap()));
+        // Once deployed (or in any other status) the lease's address only.
+        m.status = Status::Deployed;
+        assert!(!token_usable_from(&m, OTHER));
     }
 }
