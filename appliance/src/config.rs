@@ -98,6 +98,9 @@ exclude = []
 # Fixed addresses by MAC; an address may be inside or outside the range.
 # reservations = [{ mac = "52:54:00:12:34:56", ip = "10.77.0.50" }]
 reservations = []
+# Addresses outside `range` that deployed machines get when their network config asks for
+# "auto" (each to one machine, recorded with its deploy), inclusive. Unset: none.
+# static_range = ["10.77.0.20", "10.77.0.99"]
 # Seconds an address a client declined (DHCPDECLINE: in use by someone else) is kept out.
 probation = 600
 # Per-MAC rate limit: requests per second, and the burst allowed above it (0 = no limit).
@@ -611,6 +614,30 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("own address")
+        );
+
+        let ip = |d| Ipv4Addr::new(10, 77, 0, d);
+        for (range, why) in [
+            ([ip(20), ip(150)], "overlaps dhcp.range"),
+            ([ip(30), ip(20)], "10.77.0.30 is after 10.77.0.20"),
+            (
+                [ip(20), Ipv4Addr::new(10, 78, 0, 5)],
+                "must be inside 10.77.0.0/24",
+            ),
+        ] {
+            let mut c = FileConfig::default();
+            c.dhcp.static_range = Some(range);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("`dhcp.static_range`") && err.contains(why),
+                "{err}"
+            );
+        }
+        let mut c = FileConfig::default();
+        c.dhcp.static_range = Some([ip(20), ip(99)]);
+        assert_eq!(
+            c.validate().unwrap().dhcp.static_range,
+            Some((ip(20), ip(99)))
         );
 
         let mut c = FileConfig::default();

@@ -1689,6 +1689,93 @@ fn a_deploy_layout_reaches_the_agent_and_needs_a_root_tar() {
     assert_eq!(shown.layout, Some(DiskLayout::default()));
 }
 
+/// `auto` in a deploy's network config takes the lowest address of `dhcp.static_range` that
+/// no machine holds; the deploy records it (and the agent's task carries it); an address
+/// another machine holds is refused naming the field; a range used up is refused; a release
+/// frees the address.
+#[test]
+fn auto_addresses_come_from_the_static_range_one_machine_each() {
+    let f = Fixture::with(Options {
+        dhcp: "static_range = [\"10.77.0.50\", \"10.77.0.51\"]\n",
+        ..Options::default()
+    });
+    let network = |n: u32, addr: &str| DeployRequest {
+        network: Some(
+            serde_json::from_str(&format!(
+                r#"{{"interfaces": [{{"name": "en0", "mac": "{}", "addresses": ["{addr}"]}}]}}"#,
+                mac_addr(n)
+            ))
+            .expect("a network config"),
+        ),
+        ..deploy(IMAGE)
+    };
+    let addresses = |id: &str| -> Vec<String> {
+        let d = f.machine(id).deploy.expect("a deploy request");
+        d.network.expect("a network config").interfaces[0]
+            .addresses
+            .clone()
+    };
+    let mut a = f.drive(1, Status::Allocated).expect("allocated");
+    f.act(
+        &a,
+        Action::Deploy(Box::new(network(1, "auto"))),
+        Status::Deploying,
+    );
+    assert_eq!(addresses(&a.id), ["10.77.0.50/24"]);
+    f.boot(&mut a);
+    let Task::Deploy(task) = f.task(&a) else {
+        panic!("not a deploy task");
+    };
+    assert_eq!(
+        task.network.expect("the task's network").interfaces[0].addresses,
+        ["10.77.0.50/24"]
+    );
+    // Held by a: refused by field for b, which gets the next one by `auto`.
+    let b = f.drive(2, Status::Allocated).expect("allocated");
+    let e = refused(f.client.deploy(&b.id, &network(2, "10.77.0.50/24")));
+    assert_eq!(answer(&e), (409, "address_taken"), "{e}");
+    let message = e.message().unwrap_or_default();
+    assert!(
+        message.starts_with("network.interfaces[0].addresses[0]: 10.77.0.50 is machine")
+            && message.contains(&a.id),
+        "{e}"
+    );
+    f.act(
+        &b,
+        Action::Deploy(Box::new(network(2, "auto"))),
+        Status::Deploying,
+    );
+    assert_eq!(addresses(&b.id), ["10.77.0.51/24"]);
+    // The range is used up.
+    let c = f.drive(3, Status::Allocated).expect("allocated");
+    let e = refused(f.client.deploy(&c.id, &network(3, "auto")));
+    assert_eq!(answer(&e), (409, "address_taken"), "{e}");
+    assert!(
+        e.message()
+            .unwrap_or_default()
+            .contains("every address of dhcp.static_range"),
+        "{e}"
+    );
+    assert_eq!(f.status(&c.id), Status::Allocated);
+    // Released, a's address is free again: c gets it.
+    f.client.abort(&a.id).expect("abort");
+    f.client
+        .release(
+            &a.id,
+            &ReleaseBody {
+                erase: Some(false),
+                quick: None,
+            },
+        )
+        .expect("release");
+    f.act(
+        &c,
+        Action::Deploy(Box::new(network(3, "auto"))),
+        Status::Deploying,
+    );
+    assert_eq!(addresses(&c.id), ["10.77.0.50/24"]);
+}
+
 /// A booting machine's agent token goes once to one address (DHCP off here, so to the
 /// first address that asks after the machine was powered into the agent): another host
 /// that fetches the same script gets no token and cannot use the machine's; the machine

@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::MacAddr;
 
+/// An address the appliance allocates from its static range.
+pub const AUTO: &str = "auto";
+
 /// Linux's interface name limit (IFNAMSIZ less the NUL).
 pub const MAX_NAME: usize = 15;
 pub const MAX_INTERFACES: usize = 64;
@@ -66,7 +69,9 @@ pub struct Interface {
     pub dhcp4: bool,
     #[serde(default, skip_serializing_if = "is_false")]
     pub dhcp6: bool,
-    /// Static addresses with their prefix length (`10.77.0.50/24`, `fd77::50/64`).
+    /// Static addresses with their prefix length (`10.77.0.50/24`, `fd77::50/64`), or
+    /// [`AUTO`]: the appliance picks one from its `dhcp.static_range` that no other machine
+    /// holds, and the deploy records it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
     /// The default route's next hop over this interface.
@@ -384,6 +389,14 @@ impl NetworkConfig {
             )?;
             for (k, a) in iface.addresses.iter().enumerate() {
                 let field = || f(i, &format!(".addresses[{k}]"));
+                if a == AUTO {
+                    ensure(
+                        iface.addresses.iter().filter(|a| *a == AUTO).count() == 1,
+                        field,
+                        || format!("one {AUTO:?} address per interface"),
+                    )?;
+                    continue;
+                }
                 let (ip, _) = parse_prefix(a).ok_or_else(|| NetError {
                     field: field(),
                     why: format!("{a:?} is not an address with its prefix length (10.0.0.5/24)"),
@@ -491,6 +504,32 @@ impl NetworkConfig {
         Ok(())
     }
 
+    /// The [`AUTO`] addresses' field paths, with where they are (interface, address index).
+    pub fn auto_addresses(&self) -> Vec<(String, usize, usize)> {
+        let mut found = Vec::new();
+        for (i, iface) in self.interfaces.iter().enumerate() {
+            for (k, a) in iface.addresses.iter().enumerate() {
+                if a == AUTO {
+                    found.push((format!("interfaces[{i}].addresses[{k}]"), i, k));
+                }
+            }
+        }
+        found
+    }
+
+    /// Every static address (not [`AUTO`]) with its field path.
+    pub fn static_addresses(&self) -> Vec<(String, IpAddr)> {
+        let mut found = Vec::new();
+        for (i, iface) in self.interfaces.iter().enumerate() {
+            for (k, a) in iface.addresses.iter().enumerate() {
+                if let Some((ip, _)) = parse_prefix(a) {
+                    found.push((format!("interfaces[{i}].addresses[{k}]"), ip));
+                }
+            }
+        }
+        found
+    }
+
     /// The NICs' MACs, with their field paths.
     pub fn macs(&self) -> impl Iterator<Item = (String, MacAddr)> + '_ {
         self.interfaces
@@ -528,6 +567,28 @@ mod tests {
         assert_eq!(c.master_of("en1").unwrap().name, "bond0");
         assert_eq!(c.vlans_on("bond0").next().unwrap().name, "bond0.100");
         assert_eq!(c.macs().count(), 2);
+        assert!(c.auto_addresses().is_empty());
+        assert_eq!(
+            c.static_addresses(),
+            [
+                (
+                    "interfaces[2].addresses[0]".to_string(),
+                    "10.77.0.50".parse().unwrap()
+                ),
+                (
+                    "interfaces[3].addresses[0]".to_string(),
+                    "10.78.0.50".parse().unwrap()
+                )
+            ]
+        );
+        let auto = config(
+            r#"{"interfaces": [{"name": "a", "mac": "52:54:00:00:00:01", "addresses": ["fd00::5/64", "auto"]}]}"#,
+        );
+        auto.validate().unwrap();
+        assert_eq!(
+            auto.auto_addresses(),
+            [("interfaces[0].addresses[1]".to_string(), 0, 1)]
+        );
         // It goes through JSON unchanged.
         let again: NetworkConfig =
             serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
@@ -621,6 +682,10 @@ mod tests {
             (
                 r#"{"interfaces": [{"name": "a", "mac": "52:54:00:00:00:01"}]}"#,
                 "network.interfaces: no interface gets an address",
+            ),
+            (
+                r#"{"interfaces": [{"name": "a", "mac": "52:54:00:00:00:01", "addresses": ["auto", "auto"]}]}"#,
+                "network.interfaces[0].addresses[0]: one \"auto\" address per interface",
             ),
             (
                 r#"{"interfaces": [{"name": "a", "mac": "52:54:00:00:00:01", "dhcp4": true}],

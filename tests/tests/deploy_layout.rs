@@ -15,12 +15,14 @@
 //! the root on the one member left.
 //!
 //! The same VM has two NICs and deploys with a network config of its own (`--network`): an
-//! active-backup bond of both with a static address and VLAN 100 on the bond with another
-//! (networkd files the agent writes; cloud-init's network step off). Its phone-home comes
-//! from the static address, which the appliance accepts while it deploys. Over SSH at that
-//! address: the bond's mode and members, the VLAN's id, the addresses; the host reaches the
-//! VLAN's address through a VLAN interface of its own on the lab bridge, and SSH keeps
-//! working with the first NIC's link cut (QMP `set_link`): the bond failed over.
+//! active-backup bond of both with an address the appliance allocates from its
+//! `dhcp.static_range` (`auto`, recorded with the deploy) and VLAN 100 on the bond with a
+//! static one (networkd files the agent writes; cloud-init's network step off). Its
+//! phone-home comes from the bond's address, which the appliance accepts while it deploys.
+//! Over SSH at that address: the bond's mode and members, the VLAN's id, the addresses, DNS;
+//! the guest's ARP on the VLAN is seen tagged 100 on the lab bridge (the host kernel has no
+//! 8021q to end the VLAN in), and SSH keeps working with the first NIC's link cut (QMP
+//! `set_link`): the bond failed over.
 
 use std::time::Duration;
 
@@ -77,7 +79,7 @@ fn seabios_vm_deploys_its_root_on_lvm_over_raid1_of_two_disks_and_boots_with_one
         serial: "STORK-RAID-2".into(),
     }];
     spec.extra_nics = vec![SECOND_MAC.into()];
-    let mut s = Scenario::new("deploy-raid", spec, None).unwrap();
+    let mut s = Scenario::with_config("deploy-raid", spec, STATIC_RANGE).unwrap();
     let result = (|| -> Result<()> {
         let id = s.add_and_enlist()?;
         s.commission(&id)?;
@@ -93,7 +95,9 @@ fn seabios_vm_deploys_its_root_on_lvm_over_raid1_of_two_disks_and_boots_with_one
 }
 
 const SECOND_MAC: &str = "52:54:00:77:01:32";
-/// The bond's static address, outside the lab's DHCP range, and the VLAN's.
+/// Addresses the appliance gives deploys that ask for `auto`, outside the lab's DHCP range:
+/// the bond asks for one and gets the first, [`BOND_IP`].
+const STATIC_RANGE: &str = "[dhcp]\nstatic_range = [\"10.77.0.50\", \"10.77.0.59\"]\n";
 const BOND_IP: &str = "10.77.0.50";
 const VLAN_IP: &str = "10.78.0.50";
 const VLAN_PEER: &str = "10.78.0.1";
@@ -106,7 +110,7 @@ fn network_config() -> Value {
             {"name": "en0", "mac": "52:54:00:77:01:31"},
             {"name": "en1", "mac": SECOND_MAC},
             {"name": "bond0", "bond": {"members": ["en0", "en1"], "mode": "active-backup"},
-             "addresses": [format!("{BOND_IP}/24")]},
+             "addresses": ["auto"]},
             {"name": "bond0.100", "vlan": {"link": "bond0", "id": VLAN_ID},
              "addresses": [format!("{VLAN_IP}/24")]}
         ],
@@ -164,6 +168,17 @@ fn deploy_raid(s: &mut Scenario, id: &str) -> Result<()> {
             net.to_str().context("lab path")?,
         ],
     )?;
+    // The deploy records the address `auto` got.
+    let recorded = s
+        .status(id)?
+        .deploy
+        .and_then(|d| d.network)
+        .map(|n| n.interfaces[2].addresses.clone());
+    if recorded != Some(vec![format!("{BOND_IP}/24")]) {
+        bail!(
+            "the deploy recorded {recorded:?} for the bond: wanted {BOND_IP}/24 from the static range"
+        );
+    }
     let pid = wait_for(
         "Stork to power the VM on through its BMC",
         Duration::from_secs(30),

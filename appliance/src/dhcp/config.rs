@@ -29,6 +29,9 @@ pub struct DhcpFile {
     pub mtu: Option<u16>,
     pub exclude: Vec<[Ipv4Addr; 2]>,
     pub reservations: Vec<ReservationFile>,
+    /// Inclusive, outside `range`: the addresses a deploy's network config asks for with
+    /// `auto`, each given to one machine (recorded with its deploy, free again on release).
+    pub static_range: Option<[Ipv4Addr; 2]>,
     pub probation: u32,
     pub rate_limit: u32,
     pub rate_burst: u32,
@@ -144,6 +147,7 @@ impl Default for DhcpFile {
             mtu: None,
             exclude: Vec::new(),
             reservations: Vec::new(),
+            static_range: None,
             probation: 600,
             rate_limit: 10,
             rate_burst: 20,
@@ -208,6 +212,8 @@ pub struct DhcpConfig {
     pub ipv6_ra: bool,
     /// This server's part in an HA pair, if it is in one.
     pub ha: Option<HaConfig>,
+    /// `dhcp.static_range` of the provisioning subnet, inclusive.
+    pub static_range: Option<(Ipv4Addr, Ipv4Addr)>,
 }
 
 impl DhcpConfig {
@@ -534,6 +540,35 @@ impl DhcpFile {
                 }
             }
         }
+        let static_range = match d.static_range {
+            Some([first, last]) => {
+                let net = subnets[0].net;
+                let host =
+                    |ip: Ipv4Addr| net.contains(ip) && ip != net.network() && ip != net.broadcast();
+                let why = if !(host(first) && host(last)) {
+                    Some(format!(
+                        "must be inside {}/{}",
+                        net.network(),
+                        net.prefix_len
+                    ))
+                } else if first > last {
+                    Some(format!("{first} is after {last}"))
+                } else if subnets[0]
+                    .ranges
+                    .iter()
+                    .any(|(a, b)| first <= *b && *a <= last)
+                {
+                    Some("overlaps dhcp.range: DHCP would lease what it gives to deploys".into())
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(invalid("dhcp.static_range", why));
+                }
+                Some((first, last))
+            }
+            None => None,
+        };
         if d.ha.role.is_some() && d.ha.failover == 0 {
             return Err(invalid_at(
                 "dhcp.ha.failover".into(),
@@ -555,6 +590,7 @@ impl DhcpFile {
                 Some(list) => RelayPolicy::Listed(list.clone()),
             },
             ipv6_ra: d.ipv6_ra,
+            static_range,
         })
     }
 }

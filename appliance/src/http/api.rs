@@ -138,6 +138,9 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
+            StoreError::AddressTaken { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "address_taken", e.to_string())
+            }
             StoreError::Conflict { .. } | StoreError::MacTaken(_) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
@@ -393,7 +396,7 @@ impl ActionCall {
         action_body(&self.body)
     }
 
-    async fn run(self, command: Command) -> ApiResult<Json<Machine>> {
+    async fn run(&self, command: Command) -> ApiResult<Json<Machine>> {
         let m = self
             .state
             .controller
@@ -467,12 +470,82 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
     let m = a.state.controller.machine(&a.id).await?;
     check_disk(&req, &m)?;
     check_layout(&req, &resource, &m)?;
-    check_network(&req, &m)?;
+    let held = match &req.network {
+        Some(_) => a.state.controller.static_addresses().await?,
+        None => Vec::new(),
+    };
+    check_network(&req, &m, &held)?;
     if a.dry_run {
         // The web UI checks a form this way before it allocates a Ready machine.
         return Ok(Json(m.redacted()));
     }
-    a.run(Command::Deploy(req)).await
+    // An `auto` address is the lowest of the static range no machine holds. Two deploys
+    // picking the same one at once: the store's key refuses the second, which picks again.
+    let auto = req
+        .network
+        .as_ref()
+        .is_some_and(|n| !n.auto_addresses().is_empty());
+    let mut tries = 0;
+    loop {
+        let mut req = req.clone();
+        if auto {
+            let held = a.state.controller.static_addresses().await?;
+            allocate_addresses(&a.state.cfg.dhcp, &held, &m.id, &mut req)?;
+        }
+        match a.run(Command::Deploy(req)).await {
+            Err(e) if e.code == "address_taken" && auto && tries < 3 => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+/// Puts an address from `dhcp.static_range` in place of each `auto` of the request's
+/// network config: the lowest one that no machine holds, no DHCP reservation names, and
+/// the request does not give another interface.
+fn allocate_addresses(
+    dhcp: &crate::dhcp::config::DhcpConfig,
+    held: &[(std::net::IpAddr, String)],
+    machine: &str,
+    req: &mut DeployRequest,
+) -> ApiResult<()> {
+    let Some(net) = req.network.as_mut() else {
+        return Ok(());
+    };
+    let mut taken: std::collections::HashSet<std::net::IpAddr> = held
+        .iter()
+        .filter(|(_, m)| m != machine)
+        .map(|(ip, _)| *ip)
+        .collect();
+    taken.extend(net.static_addresses().into_iter().map(|(_, ip)| ip));
+    taken.extend(dhcp.subnets.iter().flat_map(|s| {
+        s.reservations
+            .iter()
+            .map(|(_, ip)| std::net::IpAddr::V4(*ip))
+    }));
+    for (field, i, k) in net.auto_addresses() {
+        let Some((first, last)) = dhcp.static_range else {
+            return Err(ApiError::bad_request(format!(
+                "network.{field}: \"auto\" takes an address from the appliance's \
+                 dhcp.static_range, which is not set"
+            )));
+        };
+        let free = (u32::from(first)..=u32::from(last))
+            .map(|n| std::net::IpAddr::V4(n.into()))
+            .find(|ip| !taken.contains(ip));
+        let Some(ip) = free else {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "address_taken",
+                format!(
+                    "network.{field}: every address of dhcp.static_range ({first} to {last}) \
+                     is held by a machine"
+                ),
+            ));
+        };
+        taken.insert(ip);
+        net.interfaces[i].addresses[k] = format!("{ip}/{}", dhcp.local().net.prefix_len);
+    }
+    Ok(())
 }
 
 #[utoipa::path(
@@ -620,12 +693,27 @@ fn check_layout(req: &DeployRequest, resource: &BootResource, m: &Machine) -> Ap
 
 /// A network config is valid by itself and its NICs are the machine's (enlisted MACs or the
 /// last inventory's), so a typo in a MAC is named now and not after the OS boots unreachable.
-fn check_network(req: &DeployRequest, m: &Machine) -> ApiResult<()> {
+fn check_network(
+    req: &DeployRequest,
+    m: &Machine,
+    held: &[(std::net::IpAddr, String)],
+) -> ApiResult<()> {
     let Some(net) = &req.network else {
         return Ok(());
     };
     net.validate()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    for (field, ip) in net.static_addresses() {
+        if let Some((_, holder)) = held.iter().find(|(h, id)| *h == ip && *id != m.id) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "address_taken",
+                format!(
+                    "network.{field}: {ip} is machine {holder}'s (its deploy's network config)"
+                ),
+            ));
+        }
+    }
     let mut known: Vec<stork_proto::MacAddr> = m.macs.clone();
     if let Some(inv) = &m.inventory {
         known.extend(inv.nics.iter().map(|n| n.mac));

@@ -128,10 +128,8 @@ pub fn token_usable_from(m: &Machine, from: IpAddr) -> bool {
             && m.deploy
                 .iter()
                 .filter_map(|d| d.network.as_ref())
-                .flat_map(|n| n.interfaces.iter())
-                .flat_map(|i| i.addresses.iter())
-                .filter_map(|a| stork_proto::netconf::parse_prefix(a))
-                .any(|(ip, _)| ip == from))
+                .flat_map(|n| n.static_addresses())
+                .any(|(_, ip)| ip == from))
 }
 
 /// An IPv4 peer seen on a dual-stack socket (`::ffff:a.b.c.d`) as the IPv4 address it is.

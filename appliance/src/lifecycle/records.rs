@@ -152,6 +152,11 @@ impl Controller {
         self.store.call(|s| s.boot_resources()).await
     }
 
+    /// Every static address deploys hold, and the machine holding it.
+    pub async fn static_addresses(&self) -> Result<Vec<(std::net::IpAddr, String)>, StoreError> {
+        self.store.call(|s| s.static_addresses()).await
+    }
+
     pub async fn boot_resource(&self, name: &str) -> Result<Option<BootResource>, StoreError> {
         let name = name.to_string();
         self.store.call(move |s| s.boot_resource(&name)).await

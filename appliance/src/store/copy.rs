@@ -10,7 +10,7 @@ use super::sql::{Dialect, Sql, Value};
 use super::{Store, StoreError};
 
 /// Each table and its columns, parents before children (interfaces and events refer to
-/// machines). Every column of the schema (SQLite V10, PostgreSQL V2) is here; a migration
+/// machines). Every column of the schema (SQLite V11, PostgreSQL V3) is here; a migration
 /// that adds one adds it here too (a test compares this list with the schema).
 pub(crate) const TABLES: &[(&str, &str)] = &[
     (
@@ -38,6 +38,7 @@ pub(crate) const TABLES: &[(&str, &str)] = &[
         "id, site, machine_id, action, requested_at, requested_by",
     ),
     ("dhcp_leases", "site, ip, mac, expires, kind"),
+    ("static_addresses", "ip, machine_id"),
 ];
 
 /// Tables whose `id` the database numbers: the copy keeps the source's ids, and the

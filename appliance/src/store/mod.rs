@@ -63,6 +63,11 @@ pub enum StoreError {
     Conflict { id: String, expected: i64 },
     #[error("MAC address {0} belongs to another machine")]
     MacTaken(MacAddr),
+    #[error("address {ip} is machine {machine}'s (its deploy's network config)")]
+    AddressTaken {
+        ip: std::net::IpAddr,
+        machine: String,
+    },
     #[error("database task failed")]
     Join(#[from] tokio::task::JoinError),
     #[error("schema migration failed")]
@@ -871,6 +876,7 @@ impl Store {
         self.transaction(|db| {
             db.execute(&sql, &row)?;
             Self::put_interfaces(db, &m.id, &m.macs)?;
+            Self::put_static_addresses(db, m)?;
             Self::insert_event(db, &m.id, event)?;
             Self::get_machine_in(&self.key, db, &m.id)
         })
@@ -897,6 +903,61 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Makes the static addresses `m` holds those of its deploy's network config; one held
+    /// by another machine is refused.
+    fn put_static_addresses(db: &mut dyn Sql, m: &Machine) -> Result<(), StoreError> {
+        db.execute(
+            "DELETE FROM static_addresses WHERE machine_id = ?1",
+            &args![&m.id],
+        )?;
+        for (_, ip) in Self::deploy_addresses(m) {
+            let holder: Option<String> = db
+                .query_opt(
+                    "SELECT machine_id FROM static_addresses WHERE ip = ?1",
+                    &args![ip.to_string()],
+                )?
+                .map(|r| r.get(0))
+                .transpose()?;
+            if let Some(machine) = holder {
+                return Err(StoreError::AddressTaken { ip, machine });
+            }
+            db.execute(
+                "INSERT INTO static_addresses (ip, machine_id) VALUES (?1, ?2)",
+                &args![ip.to_string(), &m.id],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The static addresses of `m`'s deploy, with their fields.
+    pub fn deploy_addresses(m: &Machine) -> Vec<(String, std::net::IpAddr)> {
+        let mut ips = m
+            .deploy
+            .as_ref()
+            .and_then(|d| d.network.as_ref())
+            .map(|n| n.static_addresses())
+            .unwrap_or_default();
+        // One address on two interfaces is refused by validation; a repeat is not a conflict.
+        ips.dedup_by_key(|(_, ip)| *ip);
+        ips
+    }
+
+    /// Every static address deploys hold, and the machine holding it.
+    pub fn static_addresses(&self) -> Result<Vec<(std::net::IpAddr, String)>, StoreError> {
+        self.run(|db| {
+            let rows = db.query("SELECT ip, machine_id FROM static_addresses", &[])?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let ip: String = r.get(0)?;
+                let machine: String = r.get(1)?;
+                if let Ok(ip) = ip.parse() {
+                    out.push((ip, machine));
+                }
+            }
+            Ok(out)
+        })
     }
 
     /// Saves `m` if its stored version is still `m.version`, with `events`, in one
@@ -946,6 +1007,7 @@ impl Store {
                 });
             }
             Self::put_interfaces(db, &m.id, &m.macs)?;
+            Self::put_static_addresses(db, m)?;
             for e in events {
                 Self::insert_event(db, &m.id, e)?;
             }
@@ -1599,6 +1661,46 @@ mod tests {
         }
     }
 
+    pub(super) fn a_static_address_is_held_by_one_machine(open: &dyn Fn() -> Store) {
+        let s = open();
+        let deploying = |id: &str, mac: &str, addr: &str| {
+            let mut m = s.create_machine(&machine(id, mac), &ev("created")).unwrap();
+            m.deploy = Some(DeployRequest {
+                image: "debian-12".into(),
+                network: Some(
+                    serde_json::from_str(&format!(
+                        r#"{{"interfaces": [{{"name": "en0", "mac": "{mac}", "addresses": ["{addr}"]}}]}}"#
+                    ))
+                    .unwrap(),
+                ),
+                ..Default::default()
+            });
+            m
+        };
+        let a = deploying("a1", "52:54:00:00:00:01", "10.77.0.50/24");
+        let a = s.save_machine(&a, &[]).unwrap();
+        let ip: std::net::IpAddr = "10.77.0.50".parse().unwrap();
+        assert_eq!(s.static_addresses().unwrap(), [(ip, "a1".to_string())]);
+        // Saving it again keeps it.
+        let a = s.save_machine(&a, &[]).unwrap();
+        let b = deploying("b2", "52:54:00:00:00:02", "10.77.0.50/24");
+        match s.save_machine(&b, &[]) {
+            Err(StoreError::AddressTaken { ip: taken, machine }) => {
+                assert_eq!((taken, machine.as_str()), (ip, "a1"));
+            }
+            other => panic!("a second holder was not refused: {other:?}"),
+        }
+        // The refused save changed nothing; once a's deploy is cleared, b may have it.
+        let mut a = a;
+        a.deploy = None;
+        s.save_machine(&a, &[]).unwrap();
+        let b = s.save_machine(&b, &[]).unwrap();
+        assert_eq!(s.static_addresses().unwrap(), [(ip, "b2".to_string())]);
+        // Deleting the machine frees it.
+        s.delete_machine(&b.id).unwrap();
+        assert!(s.static_addresses().unwrap().is_empty());
+    }
+
     pub(super) fn create_get_save_with_version_check(open: &dyn Fn() -> Store) {
         let s = open();
         let m = s
@@ -1956,6 +2058,7 @@ mod backends {
 
     const CASES: &[(&str, Case)] = &[
         ("create_get_save", tests::create_get_save_with_version_check),
+        ("static_addresses", tests::a_static_address_is_held_by_one_machine),
         ("summaries", tests::summaries_carry_the_hardware_written_with_the_inventory),
         ("heartbeats", tests::heartbeats_are_recorded_only_while_expected),
         ("retention", retention_tests::a_machine_keeps_its_newest_events),

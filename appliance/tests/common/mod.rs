@@ -32,6 +32,7 @@ pub struct Server {
     pub token: String,
     extra_config: String,
     extra_http: String,
+    extra_dhcp: String,
     extra_args: Vec<String>,
     env: Vec<(String, String)>,
     tls: bool,
@@ -53,6 +54,8 @@ pub struct Options<'a> {
     pub config: &'a str,
     /// Extra keys of the `[http]` table (the server writes its `listen` and `port`).
     pub http: &'a str,
+    /// Extra keys of the `[dhcp]` table (the server writes `mode = "off"`).
+    pub dhcp: &'a str,
     pub args: &'a [&'a str],
     pub env: &'a [(&'a str, &'a str)],
     /// The API over HTTPS (the default, as `stork serve` does), or everything on the plain
@@ -67,6 +70,7 @@ impl Default for Options<'_> {
         Self {
             config: "[lifecycle]\ncheck_interval = 1\n",
             http: "",
+            dhcp: "",
             args: &[],
             env: &[],
             tls: true,
@@ -105,6 +109,7 @@ impl Server {
                 None => opts.config.to_string(),
             },
             extra_http: opts.http.to_string(),
+            extra_dhcp: opts.dhcp.to_string(),
             extra_args: opts.args.iter().map(|s| s.to_string()).collect(),
             env: opts
                 .env
@@ -181,7 +186,7 @@ impl Server {
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\n{}\n[http]\nlisten = \"127.0.0.1\"\nport = {}\n{}\n\n[tls]\nenabled = {}\nport = {}\ncert = {:?}\nkey = {:?}\n\n[dhcp]\nmode = \"off\"\n\n[tftp]\nenabled = false\n",
+                "data_dir = {:?}\n{}\n[http]\nlisten = \"127.0.0.1\"\nport = {}\n{}\n\n[tls]\nenabled = {}\nport = {}\ncert = {:?}\nkey = {:?}\n\n[dhcp]\nmode = \"off\"\n{}\n\n[tftp]\nenabled = false\n",
                 self.data_dir(),
                 self.extra_config,
                 self.port,
@@ -190,6 +195,7 @@ impl Server {
                 self.tls_port.max(1),
                 test_cert().cert,
                 test_cert().key,
+                self.extra_dhcp,
             ),
         )?;
         self.starts += 1;
