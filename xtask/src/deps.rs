@@ -101,6 +101,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "postgresql",
         "the store's PostgreSQL backend tests (a scratch server per test, never the service)",
     ),
+    (
+        "tcpdump",
+        "sees a deployed VM's VLAN-tagged frames on the lab bridge (the host has no 8021q)",
+    ),
 ];
 
 /// Every program the lab, the image builder and the tests run, and the package that brings it.
@@ -147,7 +151,6 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("chromedriver", "chromium-driver"),
     ("nginx", "nginx-light"),
     ("pg_lsclusters", "postgresql"),
-    // The host kernel has no 8021q: tagged frames are seen on the lab bridge instead.
     ("tcpdump", "tcpdump"),
 ];
 
