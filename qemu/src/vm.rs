@@ -781,21 +781,7 @@ mod tests {
                 snapshot: false,
             },
         ];
-        let argv = machine_argv(&MachineArgs {
-            name: "m1",
-            mac: "52:54:00:00:00:01",
-            memory_mib: 256,
-            cpus: 1,
-            firmware: Firmware::Bios,
-            guest_reboot: GuestReboot::Reset,
-            console: Path::new("/lab/m1/console.log"),
-            qmp: Path::new("/lab/m1/qmp.sock"),
-            vars: None,
-            nic: &sock,
-            extra_nics: &[],
-            disks: &disks,
-        })
-        .unwrap();
+        let argv = machine_argv(&small(&sock, &[], &disks)).unwrap();
         let at = argv.iter().position(|a| a == "-netdev").unwrap();
         assert_eq!(
             argv[at..],
@@ -833,21 +819,33 @@ mod tests {
         // Under OVMF the variable store is required.
         assert!(
             machine_argv(&MachineArgs {
-                name: "m1",
-                mac: "52:54:00:00:00:01",
-                memory_mib: 256,
-                cpus: 1,
                 firmware: Firmware::Uefi { nic_rom: true },
-                guest_reboot: GuestReboot::Reset,
-                console: Path::new("/c"),
-                qmp: Path::new("/q"),
-                vars: None,
-                nic: &sock,
-                extra_nics: &[],
-                disks: &[],
+                ..small(&sock, &[], &[])
             })
             .is_err()
         );
+    }
+
+    /// A small BIOS machine's arguments.
+    fn small<'a>(
+        nic: &'a NicBackend,
+        extra_nics: &'a [(NicBackend, String)],
+        disks: &'a [AttachedDisk],
+    ) -> MachineArgs<'a> {
+        MachineArgs {
+            name: "m1",
+            mac: "52:54:00:00:00:01",
+            memory_mib: 256,
+            cpus: 1,
+            firmware: Firmware::Bios,
+            guest_reboot: GuestReboot::Reset,
+            console: Path::new("/lab/m1/console.log"),
+            qmp: Path::new("/lab/m1/qmp.sock"),
+            vars: None,
+            nic,
+            extra_nics,
+            disks,
+        }
     }
 
     #[test]
@@ -856,22 +854,8 @@ mod tests {
             NicBackend::Tap("tap5".into()),
             "52:54:00:00:00:02".to_string(),
         )];
-        let argv = machine_argv(&MachineArgs {
-            name: "m1",
-            mac: "52:54:00:00:00:01",
-            memory_mib: 256,
-            cpus: 1,
-            firmware: Firmware::Bios,
-            guest_reboot: GuestReboot::Reset,
-            console: Path::new("/c"),
-            qmp: Path::new("/q"),
-            vars: None,
-            nic: &NicBackend::Tap("tap4".into()),
-            extra_nics: &extra,
-            disks: &[],
-        })
-        .unwrap()
-        .join(" ");
+        let tap = NicBackend::Tap("tap4".into());
+        let argv = machine_argv(&small(&tap, &extra, &[])).unwrap().join(" ");
         assert!(argv.contains("-netdev tap,id=n0,ifname=tap4,"), "{argv}");
         assert!(
             argv.contains(

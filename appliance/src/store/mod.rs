@@ -884,13 +884,11 @@ impl Store {
 
     fn put_interfaces(db: &mut dyn Sql, id: &str, macs: &[MacAddr]) -> Result<(), StoreError> {
         for mac in macs {
-            let owner: Option<String> = db
-                .query_opt(
-                    "SELECT machine_id FROM interfaces WHERE mac = ?1",
-                    &args![mac.to_string()],
-                )?
-                .map(|r| r.get(0))
-                .transpose()?;
+            let owner = Self::holder(
+                db,
+                "SELECT machine_id FROM interfaces WHERE mac = ?1",
+                &mac.to_string(),
+            )?;
             match owner {
                 Some(o) if o != id => return Err(StoreError::MacTaken(*mac)),
                 Some(_) => {}
@@ -905,6 +903,14 @@ impl Store {
         Ok(())
     }
 
+    /// The machine `sql` finds holding `key` (a MAC, an address), if any.
+    fn holder(db: &mut dyn Sql, sql: &str, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(db
+            .query_opt(sql, &args![key])?
+            .map(|r| r.get(0))
+            .transpose()?)
+    }
+
     /// Makes the static addresses `m` holds those of its deploy's network config; one held
     /// by another machine is refused.
     fn put_static_addresses(db: &mut dyn Sql, m: &Machine) -> Result<(), StoreError> {
@@ -913,13 +919,11 @@ impl Store {
             &args![&m.id],
         )?;
         for (_, ip) in Self::deploy_addresses(m) {
-            let holder: Option<String> = db
-                .query_opt(
-                    "SELECT machine_id FROM static_addresses WHERE ip = ?1",
-                    &args![ip.to_string()],
-                )?
-                .map(|r| r.get(0))
-                .transpose()?;
+            let holder = Self::holder(
+                db,
+                "SELECT machine_id FROM static_addresses WHERE ip = ?1",
+                &ip.to_string(),
+            )?;
             if let Some(machine) = holder {
                 return Err(StoreError::AddressTaken { ip, machine });
             }
