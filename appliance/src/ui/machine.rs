@@ -300,7 +300,11 @@ fn summary_card(m: &Machine) -> Markup {
                 dt { "Arch" } dd { (m.arch) }
                 @if let Some(o) = &m.owner { dt { "Owner" } dd { (o) } }
                 @if !m.tags.is_empty() { dt { "Tags" } dd { (m.tags.join(", ")) } }
-                @if let Some(d) = &m.deploy { dt { "Deploy" } dd { (d.image) " to " (d.target.as_str()) } }
+                @if let Some(d) = &m.deploy {
+                    dt { "Deploy" } dd { (d.image) " to " (d.target.as_str()) }
+                    @if let Some(l) = &d.layout { dt { "Layout" } dd { (crate::cli::layout_summary(l)) } }
+                    @if let Some(n) = &d.network { dt { "Network" } dd { (crate::cli::network_summary(n)) } }
+                }
                 dt { "Added" } dd { (when(m.created_at)) }
                 dt { "Status since" } dd { (when(m.status_since)) }
             }
@@ -374,5 +378,31 @@ mod tests {
         assert!(!names(&m).contains(&"commission"));
         m.status = Status::Broken;
         assert_eq!(names(&m), vec!["mark-fixed"]);
+    }
+
+    #[test]
+    fn the_summary_shows_the_deploys_layout_and_network() {
+        let mut m = Machine::new("m".into(), vec![], 0);
+        m.deploy = Some(stork_proto::api::DeployRequest {
+            image: "debian-12".into(),
+            layout: Some(serde_json::from_str(r#"{"root_mib": 2048}"#).unwrap()),
+            network: Some(
+                serde_json::from_str(
+                    r#"{"interfaces": [{"name": "en0", "mac": "52:54:00:00:00:01",
+                        "addresses": ["10.77.0.50/24"]}]}"#,
+                )
+                .unwrap(),
+            ),
+            ..Default::default()
+        });
+        let page = summary_card(&m).into_string();
+        assert!(
+            page.contains("<dt>Layout</dt><dd>ESP 512 MiB, root 2048 MiB</dd>"),
+            "{page}"
+        );
+        assert!(
+            page.contains("<dt>Network</dt><dd>en0 52:54:00:00:00:01: 10.77.0.50/24</dd>"),
+            "{page}"
+        );
     }
 }
