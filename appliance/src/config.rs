@@ -624,6 +624,7 @@ mod tests {
                 [ip(20), Ipv4Addr::new(10, 78, 0, 5)],
                 "must be inside 10.77.0.0/24",
             ),
+            ([ip(1), ip(20)], "holds 10.77.0.1, the appliance's"),
         ] {
             let mut c = FileConfig::default();
             c.dhcp.static_range = Some(range);

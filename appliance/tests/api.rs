@@ -1740,6 +1740,20 @@ fn auto_addresses_come_from_the_static_range_one_machine_each() {
             && message.contains(&a.id),
         "{e}"
     );
+    // Addresses DHCP hands out, or the appliance's own: refused by field.
+    for (addr, why) in [
+        ("10.77.0.150/24", "10.77.0.150 is in dhcp's dynamic range"),
+        ("10.77.0.1/24", "10.77.0.1 is the appliance's own address"),
+    ] {
+        let e = refused(f.client.deploy(&b.id, &network(2, addr)));
+        assert_eq!(e.status(), Some(400), "{e}");
+        let message = e.message().unwrap_or_default();
+        assert_eq!(
+            message,
+            format!("network.interfaces[0].addresses[0]: {why}"),
+            "{e}"
+        );
+    }
     f.act(
         &b,
         Action::Deploy(Box::new(network(2, "auto"))),

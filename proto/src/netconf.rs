@@ -215,13 +215,46 @@ fn ensure(
 }
 
 /// An address with its prefix length, as `addresses` and `routes[].to` take it.
+/// Strict: the length in plain digits (no sign, no leading zero), and no IPv4-mapped IPv6
+/// address (the same host under a second spelling).
 pub fn parse_prefix(s: &str) -> Option<(IpAddr, u8)> {
     let (ip, len) = s.split_once('/')?;
     let ip: IpAddr = ip.parse().ok()?;
+    if !len.bytes().all(|b| b.is_ascii_digit()) || (len.len() > 1 && len.starts_with('0')) {
+        return None;
+    }
+    if let IpAddr::V6(v6) = ip
+        && v6.to_ipv4_mapped().is_some()
+    {
+        return None;
+    }
     let len: u8 = len.parse().ok()?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     (len <= max).then_some((ip, len))
 }
+
+/// An address's host bits under prefix length `len`.
+fn host_bits(ip: IpAddr, len: u8) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => {
+            u128::from(u32::from(v4) & u32::MAX.checked_shr(u32::from(len)).unwrap_or(0))
+        }
+        IpAddr::V6(v6) => u128::from(v6) & u128::MAX.checked_shr(u32::from(len)).unwrap_or(0),
+    }
+}
+
+/// Whether `ip` is inside the prefix `net`/`len` (of the same family).
+pub fn prefix_contains((net, len): (IpAddr, u8), ip: IpAddr) -> bool {
+    let bits = |a: IpAddr| match a {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    };
+    net.is_ipv4() == ip.is_ipv4()
+        && bits(net) - host_bits(net, len) == bits(ip) - host_bits(ip, len)
+}
+
+/// Names the kernel or networkd keep for themselves.
+const RESERVED_NAMES: &[&str] = &["lo", "all", "default", "bonding_masters"];
 
 impl Interface {
     /// What it is, when exactly one of `mac`, `bond`, `vlan`, `bridge` is set.
@@ -296,10 +329,16 @@ impl NetworkConfig {
                     && n.len() <= MAX_NAME
                     && n != "."
                     && n != ".."
+                    && !RESERVED_NAMES.contains(&n.as_str())
                     && n.chars()
                         .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
                 || f(i, ".name"),
-                || format!("{n:?}: 1 to {MAX_NAME} letters, digits, '.', '_' or '-'"),
+                || {
+                    format!(
+                        "{n:?}: 1 to {MAX_NAME} letters, digits, '.', '_' or '-', and not {}",
+                        RESERVED_NAMES.join(", ")
+                    )
+                },
             )?;
             let kind = iface.kind().ok_or_else(|| NetError {
                 field: f(i, ""),
@@ -413,33 +452,74 @@ impl NetworkConfig {
                     });
                 }
             }
-            for (family, gw) in [
-                (0, iface.gateway4.map(IpAddr::V4)),
-                (1, iface.gateway6.map(IpAddr::V6)),
-            ] {
-                if gw.is_none() {
-                    continue;
+            // A next hop is reached through the interface: by its DHCP of that family, a
+            // static prefix holding it, or (IPv6) its link-local address.
+            let prefixes: Vec<(IpAddr, u8)> = iface
+                .addresses
+                .iter()
+                .filter_map(|a| parse_prefix(a))
+                .collect();
+            let reachable = |gw: IpAddr| match gw {
+                IpAddr::V4(_) => iface.dhcp4 || prefixes.iter().any(|p| prefix_contains(*p, gw)),
+                IpAddr::V6(v6) => {
+                    iface.dhcp6
+                        || v6.is_unicast_link_local()
+                        || prefixes.iter().any(|p| prefix_contains(*p, gw))
                 }
-                let name = if family == 0 {
-                    ".gateway4"
-                } else {
-                    ".gateway6"
-                };
-                if let Some(j) = gateways[family].replace(i) {
+            };
+            let mut hops = vec![
+                (
+                    ".gateway4".to_string(),
+                    iface.gateway4.map(IpAddr::V4),
+                    true,
+                ),
+                (
+                    ".gateway6".to_string(),
+                    iface.gateway6.map(IpAddr::V6),
+                    true,
+                ),
+            ];
+            for (k, r) in iface.routes.iter().enumerate() {
+                hops.push((format!(".routes[{k}].via"), Some(r.via), r.to == "default"));
+            }
+            for (name, gw, default) in hops {
+                let Some(gw) = gw else { continue };
+                ensure(
+                    reachable(gw),
+                    || f(i, &name),
+                    || {
+                        format!(
+                            "{gw} is not reachable here: no address of this interface is in its \
+                         prefix, nor DHCP of its family"
+                        )
+                    },
+                )?;
+                if default && let Some(j) = gateways[usize::from(gw.is_ipv6())].replace(i) {
                     return Err(NetError {
-                        field: f(i, name),
+                        field: f(i, &name),
                         why: format!("interfaces[{j}] has the default route already"),
                     });
                 }
             }
             for (k, r) in iface.routes.iter().enumerate() {
-                let to_ok = r.to == "default"
-                    || parse_prefix(&r.to).is_some_and(|(ip, _)| ip.is_ipv4() == r.via.is_ipv4());
-                ensure(
-                    to_ok,
-                    || f(i, &format!(".routes[{k}].to")),
-                    || format!("{:?}: a prefix of via's family, or `default`", r.to),
-                )?;
+                if r.to == "default" {
+                    continue;
+                }
+                let field = || f(i, &format!(".routes[{k}].to"));
+                let Some((net, len)) =
+                    parse_prefix(&r.to).filter(|(ip, _)| ip.is_ipv4() == r.via.is_ipv4())
+                else {
+                    return Err(NetError {
+                        field: field(),
+                        why: format!("{:?}: a prefix of via's family, or `default`", r.to),
+                    });
+                };
+                ensure(host_bits(net, len) == 0, field, || {
+                    format!(
+                        "{:?} has host bits set: write the prefix's first address",
+                        r.to
+                    )
+                })?;
             }
             if let Some(mtu) = iface.mtu {
                 ensure(
@@ -452,11 +532,15 @@ impl NetworkConfig {
         for (i, iface) in self.interfaces.iter().enumerate() {
             if let Some(j) = enslaved.get(iface.name.as_str()) {
                 ensure(
-                    !iface.addressed() && iface.gateway4.is_none() && iface.gateway6.is_none(),
+                    !iface.addressed()
+                        && iface.gateway4.is_none()
+                        && iface.gateway6.is_none()
+                        && iface.routes.is_empty(),
                     || f(i, ""),
                     || {
                         format!(
-                            "a member of interfaces[{j}] takes no address or gateway of its own"
+                            "a member of interfaces[{j}] takes no address, gateway or route \
+                             of its own"
                         )
                     },
                 )?;
@@ -660,6 +744,34 @@ mod tests {
                 "network.interfaces[1].gateway4: interfaces[0] has the default route already",
             ),
             (
+                r#"{"interfaces": [{"name": "a", "mac": "52:54:00:00:00:01", "dhcp4": true, "gateway4": "10.0.0.1"},
+                    {"name": "b", "mac": "52:54:00:00:00:02", "dhcp4": true,
+                     "routes": [{"to": "default", "via": "10.0.1.1"}]}]}"#,
+                "network.interfaces[1].routes[0].via: interfaces[0] has the default route already",
+            ),
+            (
+                r#"{"interfaces": [{"name": "a", "mac": "52:54:00:00:00:01", "addresses": ["10.0.0.5/24"],
+                    "gateway4": "10.0.1.1"}]}"#,
+                "network.interfaces[0].gateway4: 10.0.1.1 is not reachable here",
+            ),
+            (
+                r#"{"interfaces": [{"name": "a", "mac": "52:54:00:00:00:01", "addresses": ["10.0.0.5/24"],
+                    "routes": [{"to": "10.80.0.5/16", "via": "10.0.0.1"}]}]}"#,
+                "network.interfaces[0].routes[0].to: \"10.80.0.5/16\" has host bits set",
+            ),
+            (
+                r#"{"interfaces": [{"name": "a", "mac": "52:54:00:00:00:01", "addresses": ["10.0.0.5/+24"]}]}"#,
+                "network.interfaces[0].addresses[0]:",
+            ),
+            (
+                r#"{"interfaces": [{"name": "a", "mac": "52:54:00:00:00:01", "addresses": ["::ffff:10.0.0.5/120"]}]}"#,
+                "network.interfaces[0].addresses[0]:",
+            ),
+            (
+                r#"{"interfaces": [{"name": "lo", "bridge": {"members": []}, "dhcp4": true}]}"#,
+                "network.interfaces[0].name: \"lo\"",
+            ),
+            (
                 r#"{"interfaces": [{"name": "a", "mac": "52:54:00:00:00:01", "dhcp4": true,
                     "routes": [{"to": "fd00::/8", "via": "10.0.0.1"}]}]}"#,
                 "network.interfaces[0].routes[0].to:",
@@ -671,7 +783,7 @@ mod tests {
             (
                 r#"{"interfaces": [{"name": "a", "mac": "52:54:00:00:00:01", "dhcp4": true},
                     {"name": "b", "bond": {"members": ["a"], "mode": "balance-rr"}, "dhcp4": true}]}"#,
-                "network.interfaces[0]: a member of interfaces[1] takes no address",
+                "network.interfaces[0]: a member of interfaces[1] takes no address, gateway or route",
             ),
             (
                 r#"{"interfaces": [{"name": "a", "mac": "52:54:00:00:00:01"},
@@ -697,6 +809,21 @@ mod tests {
             let got = refusal(json);
             assert!(got.starts_with(want), "{json}\n got: {got}\nwant: {want}");
         }
+    }
+
+    #[test]
+    fn prefixes_hold_their_addresses() {
+        let p = |s: &str| parse_prefix(s).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(prefix_contains(p("10.0.0.5/24"), ip("10.0.0.1")));
+        assert!(!prefix_contains(p("10.0.0.5/24"), ip("10.0.1.1")));
+        assert!(prefix_contains(p("10.0.0.5/0"), ip("192.168.1.1")));
+        assert!(prefix_contains(p("fd00::5/64"), ip("fd00::1")));
+        assert!(!prefix_contains(p("fd00::5/64"), ip("10.0.0.1")));
+        assert!(!prefix_contains(p("10.0.0.5/32"), ip("10.0.0.6")));
+        assert_eq!(host_bits(ip("10.80.0.0"), 16), 0);
+        assert_ne!(host_bits(ip("10.80.0.5"), 16), 0);
+        assert_eq!(parse_prefix("10.0.0.5/024"), None);
     }
 
     #[test]

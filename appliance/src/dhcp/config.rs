@@ -560,7 +560,11 @@ impl DhcpFile {
                 {
                     Some("overlaps dhcp.range: DHCP would lease what it gives to deploys".into())
                 } else {
-                    None
+                    [Some(own), d.router]
+                        .into_iter()
+                        .flatten()
+                        .find(|ip| (first..=last).contains(ip))
+                        .map(|ip| format!("holds {ip}, the appliance's or the router's address"))
                 };
                 if let Some(why) = why {
                     return Err(invalid("dhcp.static_range", why));

@@ -471,12 +471,19 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
     check_disk(&req, &m)?;
     check_layout(&req, &resource, &m)?;
     let held = match &req.network {
-        Some(_) => a.state.controller.static_addresses().await?,
+        Some(_) => {
+            a.state
+                .controller
+                .static_addresses(m.site.as_deref())
+                .await?
+        }
         None => Vec::new(),
     };
-    check_network(&req, &m, &held)?;
+    check_network(&req, &m, &a.state.cfg.dhcp, &held)?;
     if a.dry_run {
-        // The web UI checks a form this way before it allocates a Ready machine.
+        // The web UI checks a form this way before it allocates a Ready machine; an `auto`
+        // that would find no address is refused here too.
+        allocate_addresses(&a.state.cfg.dhcp, &held, &m.id, &mut req.clone())?;
         return Ok(Json(m.redacted()));
     }
     // An `auto` address is the lowest of the static range no machine holds. Two deploys
@@ -489,7 +496,11 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
     loop {
         let mut req = req.clone();
         if auto {
-            let held = a.state.controller.static_addresses().await?;
+            let held = a
+                .state
+                .controller
+                .static_addresses(m.site.as_deref())
+                .await?;
             allocate_addresses(&a.state.cfg.dhcp, &held, &m.id, &mut req)?;
         }
         match a.run(Command::Deploy(req)).await {
@@ -544,6 +555,7 @@ fn allocate_addresses(
         };
         taken.insert(ip);
         net.interfaces[i].addresses[k] = format!("{ip}/{}", dhcp.local().net.prefix_len);
+        tracing::info!(machine, %ip, field = %format!("network.{field}"), "static address picked");
     }
     Ok(())
 }
@@ -691,11 +703,38 @@ fn check_layout(req: &DeployRequest, resource: &BootResource, m: &Machine) -> Ap
         .map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
+/// What the appliance's DHCP already does with `ip`, if anything: a static address there
+/// would be two hosts' at once (and the agent token, which works from a deploy's static
+/// addresses, would work from the other host's).
+fn dhcp_claims(
+    dhcp: &crate::dhcp::config::DhcpConfig,
+    ip: std::net::Ipv4Addr,
+    macs: &[stork_proto::MacAddr],
+) -> Option<String> {
+    for s in &dhcp.subnets {
+        if s.ranges.iter().any(|(a, b)| (*a..=*b).contains(&ip)) {
+            return Some(format!("in {}'s dynamic range", s.name));
+        }
+        if s.router == Some(ip) {
+            return Some(format!("{}'s router", s.name));
+        }
+        if let Some((mac, _)) = s
+            .reservations
+            .iter()
+            .find(|(mac, r)| *r == ip && !macs.contains(mac))
+        {
+            return Some(format!("reserved for {mac} in {}", s.name));
+        }
+    }
+    (ip == dhcp.local().net.addr).then(|| "the appliance's own address".to_string())
+}
+
 /// A network config is valid by itself and its NICs are the machine's (enlisted MACs or the
 /// last inventory's), so a typo in a MAC is named now and not after the OS boots unreachable.
 fn check_network(
     req: &DeployRequest,
     m: &Machine,
+    dhcp: &crate::dhcp::config::DhcpConfig,
     held: &[(std::net::IpAddr, String)],
 ) -> ApiResult<()> {
     let Some(net) = &req.network else {
@@ -704,6 +743,13 @@ fn check_network(
     net.validate()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     for (field, ip) in net.static_addresses() {
+        if let std::net::IpAddr::V4(v4) = ip
+            && let Some(why) = dhcp_claims(dhcp, v4, &m.macs)
+        {
+            return Err(ApiError::bad_request(format!(
+                "network.{field}: {ip} is {why}"
+            )));
+        }
         if let Some((_, holder)) = held.iter().find(|(h, id)| *h == ip && *id != m.id) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,

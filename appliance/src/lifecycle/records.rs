@@ -152,9 +152,14 @@ impl Controller {
         self.store.call(|s| s.boot_resources()).await
     }
 
-    /// Every static address deploys hold, and the machine holding it.
-    pub async fn static_addresses(&self) -> Result<Vec<(std::net::IpAddr, String)>, StoreError> {
-        self.store.call(|s| s.static_addresses()).await
+    /// Every static address deploys hold in `site` (a machine's; `""` for none), and the
+    /// machine holding it.
+    pub async fn static_addresses(
+        &self,
+        site: Option<&str>,
+    ) -> Result<Vec<(std::net::IpAddr, String)>, StoreError> {
+        let site = site.unwrap_or_default().to_string();
+        self.store.call(move |s| s.static_addresses(&site)).await
     }
 
     pub async fn boot_resource(&self, name: &str) -> Result<Option<BootResource>, StoreError> {

@@ -38,7 +38,7 @@ pub(crate) const TABLES: &[(&str, &str)] = &[
         "id, site, machine_id, action, requested_at, requested_by",
     ),
     ("dhcp_leases", "site, ip, mac, expires, kind"),
-    ("static_addresses", "ip, machine_id"),
+    ("static_addresses", "site, ip, machine_id"),
 ];
 
 /// Tables whose `id` the database numbers: the copy keeps the source's ids, and the

@@ -26,6 +26,7 @@ pub mod secrets;
 pub mod sql;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -64,10 +65,7 @@ pub enum StoreError {
     #[error("MAC address {0} belongs to another machine")]
     MacTaken(MacAddr),
     #[error("address {ip} is machine {machine}'s (its deploy's network config)")]
-    AddressTaken {
-        ip: std::net::IpAddr,
-        machine: String,
-    },
+    AddressTaken { ip: IpAddr, machine: String },
     #[error("database task failed")]
     Join(#[from] tokio::task::JoinError),
     #[error("schema migration failed")]
@@ -887,7 +885,7 @@ impl Store {
             let owner = Self::holder(
                 db,
                 "SELECT machine_id FROM interfaces WHERE mac = ?1",
-                &mac.to_string(),
+                &[&mac.to_string()],
             )?;
             match owner {
                 Some(o) if o != id => return Err(StoreError::MacTaken(*mac)),
@@ -903,40 +901,42 @@ impl Store {
         Ok(())
     }
 
-    /// The machine `sql` finds holding `key` (a MAC, an address), if any.
-    fn holder(db: &mut dyn Sql, sql: &str, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(db
-            .query_opt(sql, &args![key])?
-            .map(|r| r.get(0))
-            .transpose()?)
+    /// The machine `sql` finds holding `key` (a MAC; a site and an address), if any.
+    fn holder(db: &mut dyn Sql, sql: &str, key: &[&str]) -> Result<Option<String>, StoreError> {
+        let key: Vec<Value> = key.iter().map(|k| Value::from(*k)).collect();
+        Ok(db.query_opt(sql, &key)?.map(|r| r.get(0)).transpose()?)
     }
 
-    /// Makes the static addresses `m` holds those of its deploy's network config; one held
-    /// by another machine is refused.
+    /// Makes the static addresses `m` holds those of its deploy's network config, in its
+    /// site; one another machine holds is refused. The key decides: of two saves at once
+    /// (a pool's connections, two appliances) the second inserts nothing and is refused.
     fn put_static_addresses(db: &mut dyn Sql, m: &Machine) -> Result<(), StoreError> {
+        let site = m.site.clone().unwrap_or_default();
         db.execute(
             "DELETE FROM static_addresses WHERE machine_id = ?1",
             &args![&m.id],
         )?;
         for (_, ip) in Self::deploy_addresses(m) {
-            let holder = Self::holder(
-                db,
-                "SELECT machine_id FROM static_addresses WHERE ip = ?1",
-                &ip.to_string(),
+            let inserted = db.execute(
+                "INSERT INTO static_addresses (site, ip, machine_id) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (site, ip) DO NOTHING",
+                &args![&site, ip.to_string(), &m.id],
             )?;
-            if let Some(machine) = holder {
+            if inserted == 0 {
+                let machine = Self::holder(
+                    db,
+                    "SELECT machine_id FROM static_addresses WHERE site = ?1 AND ip = ?2",
+                    &[&site, &ip.to_string()],
+                )?
+                .unwrap_or_default();
                 return Err(StoreError::AddressTaken { ip, machine });
             }
-            db.execute(
-                "INSERT INTO static_addresses (ip, machine_id) VALUES (?1, ?2)",
-                &args![ip.to_string(), &m.id],
-            )?;
         }
         Ok(())
     }
 
     /// The static addresses of `m`'s deploy, with their fields.
-    pub fn deploy_addresses(m: &Machine) -> Vec<(String, std::net::IpAddr)> {
+    pub fn deploy_addresses(m: &Machine) -> Vec<(String, IpAddr)> {
         let mut ips = m
             .deploy
             .as_ref()
@@ -948,10 +948,14 @@ impl Store {
         ips
     }
 
-    /// Every static address deploys hold, and the machine holding it.
-    pub fn static_addresses(&self) -> Result<Vec<(std::net::IpAddr, String)>, StoreError> {
+    /// Every static address deploys hold in `site` (a machine's, `""` for none), and the
+    /// machine holding it.
+    pub fn static_addresses(&self, site: &str) -> Result<Vec<(IpAddr, String)>, StoreError> {
         self.run(|db| {
-            let rows = db.query("SELECT ip, machine_id FROM static_addresses", &[])?;
+            let rows = db.query(
+                "SELECT ip, machine_id FROM static_addresses WHERE site = ?1",
+                &args![site],
+            )?;
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 let ip: String = r.get(0)?;
@@ -1683,8 +1687,8 @@ mod tests {
         };
         let a = deploying("a1", "52:54:00:00:00:01", "10.77.0.50/24");
         let a = s.save_machine(&a, &[]).unwrap();
-        let ip: std::net::IpAddr = "10.77.0.50".parse().unwrap();
-        assert_eq!(s.static_addresses().unwrap(), [(ip, "a1".to_string())]);
+        let ip: IpAddr = "10.77.0.50".parse().unwrap();
+        assert_eq!(s.static_addresses("").unwrap(), [(ip, "a1".to_string())]);
         // Saving it again keeps it.
         let a = s.save_machine(&a, &[]).unwrap();
         let b = deploying("b2", "52:54:00:00:00:02", "10.77.0.50/24");
@@ -1699,10 +1703,18 @@ mod tests {
         a.deploy = None;
         s.save_machine(&a, &[]).unwrap();
         let b = s.save_machine(&b, &[]).unwrap();
-        assert_eq!(s.static_addresses().unwrap(), [(ip, "b2".to_string())]);
+        assert_eq!(s.static_addresses("").unwrap(), [(ip, "b2".to_string())]);
+        // Another site is another network: the same address is its own there.
+        let mut c = deploying("c3", "52:54:00:00:00:03", "10.77.0.50/24");
+        c.site = Some("rack-b".into());
+        s.save_machine(&c, &[]).unwrap();
+        assert_eq!(
+            s.static_addresses("rack-b").unwrap(),
+            [(ip, "c3".to_string())]
+        );
         // Deleting the machine frees it.
         s.delete_machine(&b.id).unwrap();
-        assert!(s.static_addresses().unwrap().is_empty());
+        assert!(s.static_addresses("").unwrap().is_empty());
     }
 
     pub(super) fn create_get_save_with_version_check(open: &dyn Fn() -> Store) {
@@ -2710,7 +2722,7 @@ mod agent_token_tests {
     ) {
         let s = open();
         let mac: MacAddr = "52:54:00:00:00:07".parse().unwrap();
-        let ip: std::net::IpAddr = "10.77.0.50".parse().unwrap();
+        let ip: IpAddr = "10.77.0.50".parse().unwrap();
         let token = |hash: &str| AgentIdentity {
             token_hash: Some(hash.into()),
             ip: Some(ip),
