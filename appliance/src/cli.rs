@@ -576,10 +576,11 @@ pub fn network_summary(n: &stork_proto::NetworkConfig) -> String {
         .interfaces
         .iter()
         .map(|i| {
-            let what = match (&i.mac, &i.bond, &i.vlan, &i.bridge) {
-                (Some(mac), ..) => format!("{} {mac}", i.name),
-                (_, Some(b), ..) => format!("{} {}", i.name, b.mode.name()),
-                (_, _, Some(v), _) => format!("{} VLAN {} on {}", i.name, v.id, v.link),
+            use stork_proto::netconf::What;
+            let what = match i.what() {
+                Some(What::Nic(mac)) => format!("{} {mac}", i.name),
+                Some(What::Bond(b)) => format!("{} {}", i.name, b.mode.name()),
+                Some(What::Vlan(v)) => format!("{} VLAN {} on {}", i.name, v.id, v.link),
                 _ => format!("{} bridge", i.name),
             };
             if let Some(master) = n.master_of(&i.name) {

@@ -439,6 +439,16 @@ pub const MAX_LATE_COMMAND: usize = 4096;
 pub const MAX_DISK_NAME: usize = 256;
 
 impl DeployRequest {
+    /// The static addresses its network config gives the installed OS (not `auto`, which
+    /// the appliance replaces before the request is recorded).
+    pub fn static_addresses(&self) -> Vec<std::net::IpAddr> {
+        self.network
+            .iter()
+            .flat_map(|n| n.static_addresses())
+            .map(|(_, ip)| ip)
+            .collect()
+    }
+
     /// Checks the fields a person types; the error names the field.
     pub fn check_fields(&self) -> Result<(), String> {
         if let Some(h) = &self.hostname

@@ -182,13 +182,13 @@ impl Dns {
     }
 }
 
-/// What an interface is, from the one of its fields that says so.
+/// What an interface is, with that field's settings ([`Interface::what`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Nic,
-    Bond,
-    Vlan,
-    Bridge,
+pub enum What<'a> {
+    Nic(MacAddr),
+    Bond(&'a Bond),
+    Vlan(&'a Vlan),
+    Bridge(&'a Bridge),
 }
 
 /// A mistake in a network config, with its field's path (`interfaces[2].vlan.link`).
@@ -258,16 +258,12 @@ const RESERVED_NAMES: &[&str] = &["lo", "all", "default", "bonding_masters"];
 
 impl Interface {
     /// What it is, when exactly one of `mac`, `bond`, `vlan`, `bridge` is set.
-    pub fn kind(&self) -> Option<Kind> {
-        let set = [
-            (self.mac.is_some(), Kind::Nic),
-            (self.bond.is_some(), Kind::Bond),
-            (self.vlan.is_some(), Kind::Vlan),
-            (self.bridge.is_some(), Kind::Bridge),
-        ];
-        let mut kinds = set.iter().filter(|(on, _)| *on).map(|(_, k)| *k);
-        match (kinds.next(), kinds.next()) {
-            (Some(k), None) => Some(k),
+    pub fn what(&self) -> Option<What<'_>> {
+        match (self.mac, &self.bond, &self.vlan, &self.bridge) {
+            (Some(mac), None, None, None) => Some(What::Nic(mac)),
+            (None, Some(b), None, None) => Some(What::Bond(b)),
+            (None, None, Some(v), None) => Some(What::Vlan(v)),
+            (None, None, None, Some(b)) => Some(What::Bridge(b)),
             _ => None,
         }
     }
@@ -320,7 +316,7 @@ impl NetworkConfig {
                 )
             },
         )?;
-        let mut names: HashMap<&str, (usize, Kind)> = HashMap::new();
+        let mut names: HashMap<&str, (usize, What<'_>)> = HashMap::new();
         let mut macs: HashMap<MacAddr, usize> = HashMap::new();
         for (i, iface) in self.interfaces.iter().enumerate() {
             let n = &iface.name;
@@ -340,7 +336,7 @@ impl NetworkConfig {
                     )
                 },
             )?;
-            let kind = iface.kind().ok_or_else(|| NetError {
+            let what = iface.what().ok_or_else(|| NetError {
                 field: f(i, ""),
                 why: "exactly one of mac (a NIC), bond, vlan or bridge says what it is".into(),
             })?;
@@ -350,7 +346,7 @@ impl NetworkConfig {
                     why: format!("{n:?} is interfaces[{j}]'s name too"),
                 });
             }
-            names.insert(n, (i, kind));
+            names.insert(n, (i, what));
             if let Some(mac) = iface.mac
                 && let Some(j) = macs.insert(mac, i)
             {
@@ -380,16 +376,16 @@ impl NetworkConfig {
             };
             for (k, m) in iface.members().iter().enumerate() {
                 let field = || f(i, &format!("{field}[{k}]"));
-                let Some((_, kind)) = names.get(m.as_str()) else {
+                let Some((_, what)) = names.get(m.as_str()) else {
                     return Err(NetError {
                         field: field(),
                         why: format!("no interface is named {m:?}"),
                     });
                 };
                 let allowed = if iface.bond.is_some() {
-                    *kind == Kind::Nic
+                    matches!(what, What::Nic(_))
                 } else {
-                    *kind != Kind::Bridge
+                    !matches!(what, What::Bridge(_))
                 };
                 ensure(allowed, field, || {
                     format!(
@@ -409,9 +405,9 @@ impl NetworkConfig {
                     || f(i, ".vlan.id"),
                     || format!("{}: VLAN ids are 1 to 4094", v.id),
                 )?;
-                let link = names.get(v.link.as_str()).map(|(_, k)| *k);
+                let link = names.get(v.link.as_str()).map(|(_, w)| *w);
                 ensure(
-                    matches!(link, Some(Kind::Nic | Kind::Bond | Kind::Bridge)),
+                    matches!(link, Some(What::Nic(_) | What::Bond(_) | What::Bridge(_))),
                     || f(i, ".vlan.link"),
                     || format!("{:?} is not a NIC, bond or bridge of this config", v.link),
                 )?;

@@ -14,7 +14,7 @@
 
 use std::fmt::Write;
 
-use stork_proto::netconf::{BondMode, Interface, Kind, NetworkConfig};
+use stork_proto::netconf::{BondMode, Interface, NetworkConfig, What};
 
 /// Where networkd reads its files, relative to the root.
 pub const NETWORKD_DIR: &str = "etc/systemd/network";
@@ -43,10 +43,9 @@ const HEADER: &str = "# Written by the Stork agent from the deploy's network con
 
 /// A bond's, VLAN's or bridge's device; a NIC has none.
 fn netdev(cfg: &NetworkConfig, iface: &Interface) -> Option<String> {
-    let (kind, section) = match iface.kind()? {
-        Kind::Nic => return None,
-        Kind::Bond => {
-            let bond = iface.bond.as_ref()?;
+    let (kind, section) = match iface.what()? {
+        What::Nic(_) => return None,
+        What::Bond(bond) => {
             let mut s = format!(
                 "[Bond]\nMode={}\n\
                  # Link monitoring: without it a failed member is never noticed.\n\
@@ -58,8 +57,8 @@ fn netdev(cfg: &NetworkConfig, iface: &Interface) -> Option<String> {
             }
             ("bond", s)
         }
-        Kind::Vlan => ("vlan", format!("[VLAN]\nId={}\n", iface.vlan.as_ref()?.id)),
-        Kind::Bridge => ("bridge", String::new()),
+        What::Vlan(vlan) => ("vlan", format!("[VLAN]\nId={}\n", vlan.id)),
+        What::Bridge(_) => ("bridge", String::new()),
     };
     let mut t = format!("{HEADER}[NetDev]\nName={}\nKind={kind}\n", iface.name);
     if let Some(mtu) = iface.mtu {

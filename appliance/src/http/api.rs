@@ -470,22 +470,14 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
     let m = a.state.controller.machine(&a.id).await?;
     check_disk(&req, &m)?;
     check_layout(&req, &resource, &m)?;
-    let held = match &req.network {
-        Some(_) => {
-            a.state
-                .controller
-                .static_addresses(m.site.as_deref())
-                .await?
+    let held_now = || async {
+        match &req.network {
+            Some(_) => a.state.controller.static_addresses(m.site.as_deref()).await,
+            None => Ok(Vec::new()),
         }
-        None => Vec::new(),
     };
+    let mut held = held_now().await?;
     check_network(&req, &m, &a.state.cfg.dhcp, &held)?;
-    if a.dry_run {
-        // The web UI checks a form this way before it allocates a Ready machine; an `auto`
-        // that would find no address is refused here too.
-        allocate_addresses(&a.state.cfg.dhcp, &held, &m.id, &mut req.clone())?;
-        return Ok(Json(m.redacted()));
-    }
     // An `auto` address is the lowest of the static range no machine holds. Two deploys
     // picking the same one at once: the store's key refuses the second, which picks again.
     let auto = req
@@ -495,16 +487,17 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
     let mut tries = 0;
     loop {
         let mut req = req.clone();
-        if auto {
-            let held = a
-                .state
-                .controller
-                .static_addresses(m.site.as_deref())
-                .await?;
-            allocate_addresses(&a.state.cfg.dhcp, &held, &m.id, &mut req)?;
+        allocate_addresses(&a.state.cfg.dhcp, &held, &m.id, &mut req)?;
+        if a.dry_run {
+            // The web UI checks a form this way before it allocates a Ready machine; an
+            // `auto` that would find no address is refused here too.
+            return Ok(Json(m.redacted()));
         }
         match a.run(Command::Deploy(req)).await {
-            Err(e) if e.code == "address_taken" && auto && tries < 3 => tries += 1,
+            Err(e) if e.code == "address_taken" && auto && tries < 3 => {
+                tries += 1;
+                held = held_now().await?;
+            }
             other => return other,
         }
     }

@@ -127,9 +127,7 @@ pub fn token_usable_from(m: &Machine, from: IpAddr) -> bool {
         || (m.status == Status::Deploying
             && m.deploy
                 .iter()
-                .filter_map(|d| d.network.as_ref())
-                .flat_map(|n| n.static_addresses())
-                .any(|(_, ip)| ip == from))
+                .any(|d| d.static_addresses().contains(&from)))
 }
 
 /// An IPv4 peer seen on a dual-stack socket (`::ffff:a.b.c.d`) as the IPv4 address it is.

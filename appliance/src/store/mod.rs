@@ -916,7 +916,8 @@ impl Store {
             "DELETE FROM static_addresses WHERE machine_id = ?1",
             &args![&m.id],
         )?;
-        for (_, ip) in Self::deploy_addresses(m) {
+        // Validation keeps an address to one interface: no insert conflicts with this one.
+        for ip in m.deploy.iter().flat_map(|d| d.static_addresses()) {
             let inserted = db.execute(
                 "INSERT INTO static_addresses (site, ip, machine_id) VALUES (?1, ?2, ?3)
                  ON CONFLICT (site, ip) DO NOTHING",
@@ -933,19 +934,6 @@ impl Store {
             }
         }
         Ok(())
-    }
-
-    /// The static addresses of `m`'s deploy, with their fields.
-    pub fn deploy_addresses(m: &Machine) -> Vec<(String, IpAddr)> {
-        let mut ips = m
-            .deploy
-            .as_ref()
-            .and_then(|d| d.network.as_ref())
-            .map(|n| n.static_addresses())
-            .unwrap_or_default();
-        // One address on two interfaces is refused by validation; a repeat is not a conflict.
-        ips.dedup_by_key(|(_, ip)| *ip);
-        ips
     }
 
     /// Every static address deploys hold in `site` (a machine's, `""` for none), and the
