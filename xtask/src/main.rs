@@ -4,6 +4,7 @@
 mod appliance;
 mod bench;
 mod deps;
+mod failures;
 mod lab;
 mod os_images;
 
@@ -224,7 +225,7 @@ fn test(extra: &[String]) -> Result<()> {
     build_workspace()?;
     let appliance = appliance::build(&target(), &boot, &os, None, appliance::Profile::Debug)?;
     step("cargo test (every tier, end-to-end included)");
-    status(
+    failures::run_tests(
         cargo()
             .args([
                 "test",
