@@ -1,10 +1,14 @@
 //! Deploying to disk with a layout of the request's own, on a SeaBIOS VM powered through its
-//! BMC: `stork machine deploy --esp-mib 256 --root-mib 2048` makes the agent partition the
-//! 4 GiB disk itself (BIOS boot, ESP, root), make the file systems, extract the image's root
-//! tar onto them, write fstab by UUID, install GRUB for BIOS and UEFI and the seed; its reboot
-//! resets the VM in place and SeaBIOS boots the disk through the GRUB the agent installed;
-//! cloud-init phones home: Deployed. Over SSH: the partition sizes asked for (the root not
-//! grown to the disk), `/` ext4 by UUID in fstab, the ESP mounted on `/boot/efi`, the hostname.
+//! BMC with two 4 GiB disks, a virtio one and a SATA one: `stork machine deploy --layout
+//! lvm.json --esp-mib 256 --root-mib 2048` (the flags over the file's sizes) makes the agent
+//! partition both disks itself (BIOS boot, ESP, a 2 GiB data partition not grown to the
+//! disk), put one LVM volume group over both data partitions (the SATA disk named by the
+//! serial only its VPD page holds), a 3 GiB root volume (larger than either partition, so
+//! across both) and `/var` of the rest, extract the image's root tar onto them, write fstab by
+//! UUID, install GRUB for BIOS and UEFI and the seed; its reboot resets the VM in place and
+//! SeaBIOS boots the disk through the GRUB the agent installed; cloud-init phones home:
+//! Deployed. Over SSH: the partition sizes on both disks, `pvs` and `lvs` (the root on both
+//! physical volumes), the mounts and fstab by UUID, the hostname.
 //!
 //! Beside it (the two run side by side), a SeaBIOS VM with two disks deploys with its root on
 //! RAID 1 across them and LVM on the array (`--layout`: a volume group over md, root and
@@ -40,11 +44,16 @@ const HOSTNAME: &str = "stork-e2e-layout";
 
 #[test]
 #[ignore = "needs root, QEMU, ipmi_sim and built images: run `cargo xtask test`"]
-fn seabios_vm_deploys_debian_from_the_root_tar_onto_the_requested_layout_and_logs_in() {
+fn seabios_vm_deploys_debian_from_the_root_tar_onto_lvm_over_two_disks_and_logs_in() {
     let mut spec = VmSpec::new("vm1", "52:54:00:77:01:21");
     spec.memory_mib = 2048;
     spec.cpus = 2;
     spec.disk_bytes = 4 << 30;
+    spec.extra_disks = vec![ExtraDisk {
+        bus: DiskBus::Sata,
+        bytes: 4 << 30,
+        serial: LVM_SERIAL.into(),
+    }];
     let mut s = Scenario::new("deploy-layout", spec, None).unwrap();
     let result = (|| -> Result<()> {
         let id = s.add_and_enlist()?;
@@ -56,9 +65,29 @@ fn seabios_vm_deploys_debian_from_the_root_tar_onto_the_requested_layout_and_log
         s.fail(e);
     }
     eprintln!(
-        "phases (SeaBIOS, to disk from the root tar):\n{}",
+        "phases (SeaBIOS, to disk from the root tar, LVM over two disks):\n{}",
         s.timings()
     );
+}
+
+/// The second disk of the LVM VM: SATA, named in the layout by the serial only its VPD page
+/// holds.
+const LVM_SERIAL: &str = "STORK-LVM-2";
+/// The root volume: more than one disk's data partition, so it spans both.
+const LVM_ROOT_MIB: u64 = 3072;
+
+/// LVM over both disks' data partitions: a root larger than either, `/var` the rest.
+fn lvm_layout() -> Value {
+    json!({
+        "disks": ["vda", LVM_SERIAL],
+        "lvm": {
+            "vg": "data",
+            "volumes": [
+                {"name": "root", "mount": "/", "size_mib": LVM_ROOT_MIB},
+                {"name": "var", "mount": "/var"}
+            ]
+        }
+    })
 }
 
 const RAID_HOSTNAME: &str = "stork-e2e-raid";
@@ -407,10 +436,13 @@ fn deploy_cli(s: &Scenario, id: &str, flags: &[&str]) -> Result<String> {
     s.appliance.cli(&args)
 }
 
-/// Allocates and deploys with the layout; Stork powers the VM on through its BMC. Waits for
-/// the agent's `installed` and then, after the reboot in place, for Deployed.
+/// Allocates and deploys with the LVM layout, the partition sizes given as flags over it;
+/// Stork powers the VM on through its BMC. Waits for the agent's `installed` and then, after
+/// the reboot in place, for Deployed.
 fn deploy_with_layout(s: &mut Scenario, id: &str) -> Result<()> {
     s.appliance.cli(&["machine", "allocate", id])?;
+    let path = s.lab.dir().join("lvm.json");
+    std::fs::write(&path, lvm_layout().to_string())?;
     s.phase_start();
     deploy_cli(
         s,
@@ -418,6 +450,8 @@ fn deploy_with_layout(s: &mut Scenario, id: &str) -> Result<()> {
         &[
             "--hostname",
             HOSTNAME,
+            "--layout",
+            path.to_str().context("lab path")?,
             "--esp-mib",
             &ESP_MIB.to_string(),
             "--root-mib",
@@ -425,8 +459,9 @@ fn deploy_with_layout(s: &mut Scenario, id: &str) -> Result<()> {
         ],
     )?;
     let m = s.status(id)?;
-    let root_mib = m.deploy.as_ref().and_then(|d| d.layout.as_ref()?.root_mib);
-    if m.status != Status::Deploying || root_mib != Some(ROOT_MIB) {
+    let layout = m.deploy.as_ref().and_then(|d| d.layout.as_ref());
+    let recorded = layout.map(|l| (l.esp_mib, l.root_mib, l.disks.len(), l.lvm.is_some()));
+    if m.status != Status::Deploying || recorded != Some((Some(ESP_MIB), Some(ROOT_MIB), 2, true)) {
         bail!(
             "after `machine deploy` the status is {} with deploy {:?}",
             m.status,
@@ -448,12 +483,14 @@ fn deploy_with_layout(s: &mut Scenario, id: &str) -> Result<()> {
         id,
         pid,
         power_ons,
-        "deploy (power-on to installed, by extraction)",
+        "deploy (power-on to installed, by extraction onto LVM)",
     )?;
     Ok(())
 }
 
-/// What the installed system says about itself over SSH, and what the agent reported.
+/// What the installed system says about itself over SSH, and what the agent reported: both
+/// disks partitioned as asked (the data partitions not grown to the disks), their data
+/// partitions the volume group's two physical volumes, the root volume across both.
 fn check_installed(s: &Scenario, id: &str) -> Result<()> {
     let ip = s.leased_ip()?;
     let name = s.ssh_when_up(&ip, "hostname")?;
@@ -462,53 +499,68 @@ fn check_installed(s: &Scenario, id: &str) -> Result<()> {
     }
 
     let root = mount_of(s, &ip, "/")?;
+    let var = mount_of(s, &ip, "/var")?;
     let esp = mount_of(s, &ip, "/boot/efi")?;
-    if root.fstype != "ext4" || esp.fstype != "vfat" {
-        bail!("/ is {root:?} and /boot/efi is {esp:?}: wanted ext4 and vfat");
-    }
-    let disk = root
-        .source
-        .trim_start_matches("/dev/")
-        .trim_end_matches(|c: char| c.is_ascii_digit())
-        .to_string();
-    let parts = lsblk(s, &ip, &disk)?;
-    let size_of = |n: u32| {
-        parts
-            .iter()
-            .find(|p| p["name"] == format!("{disk}{n}"))
-            // A number in lsblk's JSON since util-linux 2.33, a string before.
-            .and_then(|p| {
-                p["size"]
-                    .as_u64()
-                    .or_else(|| p["size"].as_str()?.parse().ok())
-            })
-    };
-    let want = [(1, MIB), (2, ESP_MIB * MIB), (3, ROOT_MIB * MIB)];
-    for (n, bytes) in want {
-        if size_of(n) != Some(bytes) {
-            bail!(
-                "partition {n} of {disk} is {:?} bytes, wanted {bytes}: {parts:#?}",
-                size_of(n)
-            );
-        }
-    }
-    if root.source != format!("/dev/{disk}3") || esp.source != format!("/dev/{disk}2") {
+    if (root.source.as_str(), root.fstype.as_str()) != ("/dev/mapper/data-root", "ext4")
+        || (var.source.as_str(), var.fstype.as_str()) != ("/dev/mapper/data-var", "ext4")
+        || (esp.source.as_str(), esp.fstype.as_str()) != ("/dev/vda2", "vfat")
+    {
         bail!(
-            "/ on {}, /boot/efi on {}: wanted partitions 3 and 2",
-            root.source,
-            esp.source
+            "/ is {root:?}, /var {var:?}, /boot/efi {esp:?}: wanted ext4 on data-root and \
+             data-var, vfat on vda2"
         );
     }
+    // Both disks have the same GPT: the sizes asked for, the data partition not grown.
+    for disk in ["vda", "sda"] {
+        let parts = lsblk(s, &ip, disk)?;
+        let size_of = |n: u32| {
+            parts
+                .iter()
+                .find(|p| p["name"] == format!("{disk}{n}"))
+                // A number in lsblk's JSON since util-linux 2.33, a string before.
+                .and_then(|p| {
+                    p["size"]
+                        .as_u64()
+                        .or_else(|| p["size"].as_str()?.parse().ok())
+                })
+        };
+        for (n, bytes) in [(1, MIB), (2, ESP_MIB * MIB), (3, ROOT_MIB * MIB)] {
+            if size_of(n) != Some(bytes) {
+                bail!(
+                    "partition {n} of {disk} is {:?} bytes, wanted {bytes}: {parts:#?}",
+                    size_of(n)
+                );
+            }
+        }
+    }
+    let pvs = s.ssh(&ip, "sudo pvs --noheadings -o pv_name,vg_name")?;
+    let mut pvs: Vec<String> = pvs
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect();
+    pvs.sort();
+    if pvs != ["/dev/sda3 data", "/dev/vda3 data"] {
+        bail!("pvs shows {pvs:?}: wanted vda3 and sda3 in volume group data");
+    }
+    let lvs = s.ssh(
+        &ip,
+        "sudo lvs --noheadings --units m --nosuffix -o lv_name,lv_size,devices data",
+    )?;
+    let root_lv: Vec<&str> = lvs
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some("root"))
+        .collect();
+    let sizes: Vec<Option<f64>> = root_lv
+        .iter()
+        .map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    let on = |dev: &str| root_lv.iter().any(|l| l.contains(dev));
+    if sizes.first() != Some(&Some(LVM_ROOT_MIB as f64)) || !on("/dev/vda3") || !on("/dev/sda3") {
+        bail!("lvs shows {lvs:?}: wanted root of {LVM_ROOT_MIB} MiB on vda3 and sda3");
+    }
 
-    // fstab names / and /boot/efi by the UUIDs their file systems have.
-    let uuid_of = |n: u32| {
-        parts
-            .iter()
-            .find(|p| p["name"] == format!("{disk}{n}"))
-            .and_then(|p| p["uuid"].as_str())
-            .filter(|u| !u.is_empty())
-            .map(str::to_string)
-    };
+    // fstab names the volumes by their stable mapper paths, the ESP by its UUID.
     let fstab = s.ssh(&ip, "cat /etc/fstab")?;
     let entries: Vec<Vec<&str>> = fstab
         .lines()
@@ -516,32 +568,36 @@ fn check_installed(s: &Scenario, id: &str) -> Result<()> {
         .map(|l| l.split_whitespace().collect())
         .filter(|w: &Vec<&str>| w.len() >= 3)
         .collect();
-    for (n, mountpoint, fstype) in [(3, "/", "ext4"), (2, "/boot/efi", "vfat")] {
-        let uuid = uuid_of(n).with_context(|| format!("no UUID for partition {n}: {parts:#?}"))?;
-        let want = format!("UUID={uuid}");
-        if !entries
-            .iter()
-            .any(|w| w[0] == want && w[1] == mountpoint && w[2] == fstype)
+    let esp_uuid = format!("UUID={}", esp.uuid);
+    for (m, want, mountpoint) in [
+        (&root, root.source.as_str(), "/"),
+        (&var, var.source.as_str(), "/var"),
+        (&esp, esp_uuid.as_str(), "/boot/efi"),
+    ] {
+        if esp.uuid.is_empty()
+            || !entries
+                .iter()
+                .any(|w| w[0] == want && w[1] == mountpoint && w[2] == m.fstype)
         {
-            bail!("fstab lacks `{want} {mountpoint} {fstype}`:\n{fstab}");
+            bail!("fstab lacks `{want} {mountpoint} {}`:\n{fstab}", m.fstype);
         }
     }
 
-    // The file system fills its partition (less ext4's own metadata): mkfs got the partition
-    // the layout asked for, and the partition's size (checked above) was not grown after.
+    // The root file system fills its volume (less ext4's own metadata).
     let df = s.ssh(&ip, "df -B1 --output=size / | tail -1")?;
     let fs_bytes: u64 = df
         .trim()
         .parse()
         .with_context(|| format!("df said {df:?}"))?;
-    if fs_bytes < ROOT_MIB * MIB / 100 * 85 {
+    if fs_bytes < LVM_ROOT_MIB * MIB / 100 * 85 {
         bail!(
-            "the root file system is {fs_bytes} bytes, far less than its {ROOT_MIB} MiB partition"
+            "the root file system is {fs_bytes} bytes, far less than its {LVM_ROOT_MIB} MiB volume"
         );
     }
     s.say(&format!(
-        "ssh {USER}@{ip}: hostname {HOSTNAME}; {disk}1 1 MiB, {disk}2 {ESP_MIB} MiB vfat on /boot/efi, \
-         {disk}3 {ROOT_MIB} MiB ext4 on / ({fs_bytes} bytes); fstab by UUID"
+        "ssh {USER}@{ip}: hostname {HOSTNAME}; vda and sda (SATA, by serial) each 1 MiB, \
+         {ESP_MIB} MiB, {ROOT_MIB} MiB; VG data over vda3 and sda3, root {LVM_ROOT_MIB} MiB \
+         ext4 on both ({fs_bytes} bytes), var the rest; fstab by mapper path and UUID"
     ));
 
     let events = s.appliance.cli(&["machine", "events", id])?;
@@ -561,15 +617,17 @@ fn check_installed(s: &Scenario, id: &str) -> Result<()> {
 struct Mount {
     source: String,
     fstype: String,
+    uuid: String,
 }
 
 fn mount_of(s: &Scenario, ip: &str, path: &str) -> Result<Mount> {
-    let out = s.ssh(ip, &format!("findmnt -n -o SOURCE,FSTYPE {path}"))?;
+    let out = s.ssh(ip, &format!("findmnt -n -o SOURCE,FSTYPE,UUID {path}"))?;
     let mut words = out.split_whitespace();
     match (words.next(), words.next()) {
         (Some(source), Some(fstype)) => Ok(Mount {
             source: source.to_string(),
             fstype: fstype.to_string(),
+            uuid: words.next().unwrap_or_default().to_string(),
         }),
         _ => bail!("nothing mounted on {path}: findmnt said {out:?}"),
     }
