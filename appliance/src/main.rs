@@ -506,6 +506,23 @@ enum ImageCmd {
         #[arg(long, default_value = "./var")]
         data_dir: PathBuf,
     },
+    /// Upload an OS image file to the appliance (over the API, from anywhere): a raw disk
+    /// image, a qcow2 (converted to raw there) or a root tar. The appliance checks the
+    /// sha256 (`--sha256`, else computed here from the file) and keeps nothing on a mismatch.
+    Upload {
+        /// The name to register it as.
+        name: String,
+        file: PathBuf,
+        /// raw, qcow2 or tar; by default from the file's name (`.qcow2`, `.tar*`, else raw).
+        #[arg(long, value_parser = parse_upload_format)]
+        format: Option<stork_proto::api::UploadFormat>,
+        /// The sha256 the file must have (a published sum); by default computed here.
+        #[arg(long)]
+        sha256: Option<String>,
+    },
+    /// Delete a boot resource (refused while a machine deploys it); its files go with it
+    /// when they are under DATA_DIR/boot/images/NAME/.
+    Delete { name: String },
     /// Register a boot resource from a JSON description (see the API's BootResource) whose
     /// files are already under DATA_DIR/boot/.
     Register { file: PathBuf },
@@ -801,6 +818,36 @@ fn image(client: &Client, cmd: ImageCmd) -> Result<()> {
             );
             Ok(())
         }
+        ImageCmd::Upload {
+            name,
+            file,
+            format,
+            sha256,
+        } => {
+            let format = format.unwrap_or_else(|| upload_format_of(&file));
+            let sha256 = match sha256 {
+                Some(s) => s,
+                None => sha256_of(&file)?,
+            };
+            let mut f = std::fs::File::open(&file)
+                .with_context(|| format!("cannot open {}", file.display()))?;
+            let length = f.metadata().ok().map(|m| m.len());
+            let r = client.upload_image(&name, format, &sha256, &mut f, length)?;
+            let stored = r.files.first();
+            println!(
+                "uploaded {} ({format:?}): {} bytes stored as {}, sha256 {}",
+                r.name,
+                stored.map_or(0, |f| f.size),
+                stored.map_or("", |f| f.path.as_str()),
+                stored.map_or("", |f| f.sha256.as_str()),
+            );
+            Ok(())
+        }
+        ImageCmd::Delete { name } => {
+            client.delete_boot_resource(&name)?;
+            println!("deleted {name}");
+            Ok(())
+        }
         ImageCmd::Register { file } => {
             let resource: BootResource = serde_json::from_str(&read(&file)?)
                 .with_context(|| format!("{} is not a boot resource", file.display()))?;
@@ -1044,4 +1091,36 @@ fn power_op(s: &str) -> Result<stork_proto::api::PowerOp, String> {
 /// A token scope by its API name.
 fn token_scope(s: &str) -> Result<TokenScope, String> {
     TokenScope::parse(s).ok_or_else(|| format!("{s:?} is not one of admin, operator, read-only"))
+}
+
+fn parse_upload_format(s: &str) -> std::result::Result<stork_proto::api::UploadFormat, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("{s:?}: raw, qcow2 or tar"))
+}
+
+/// An upload's format from its file name: `.qcow2`, `.tar` (compressed or not), else raw.
+fn upload_format_of(file: &std::path::Path) -> stork_proto::api::UploadFormat {
+    use stork_proto::api::UploadFormat;
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    if name.ends_with(".qcow2") {
+        UploadFormat::Qcow2
+    } else if name.contains(".tar") {
+        UploadFormat::Tar
+    } else {
+        UploadFormat::Raw
+    }
+}
+
+/// The file's sha256, hex.
+fn sha256_of(file: &std::path::Path) -> Result<String> {
+    use sha2::Digest;
+    let mut f =
+        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut hasher)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    Ok(hex::encode(hasher.finalize()))
 }

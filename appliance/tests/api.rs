@@ -1994,3 +1994,123 @@ fn user_data_is_left_out_of_listings() {
             .is_some_and(|u| u.contains("s3cret"))
     );
 }
+
+/// `PUT /boot-resources/{name}/image`: an upload with its sum is stored and registered and a
+/// deploy takes it; a wrong sum, a broken qcow2 or a bad name is refused naming the field and
+/// leaves no file; a read-only token cannot upload; a name is taken once.
+#[test]
+fn an_uploaded_image_is_checked_stored_and_registered() {
+    use sha2::{Digest, Sha256};
+    use stork_proto::api::{NewToken, TokenScope, UploadFormat};
+    let f = Fixture::new();
+    let images = f.server.data_dir().join("boot/images");
+    let left = || -> Vec<String> {
+        std::fs::read_dir(&images)
+            .map(|d| {
+                let mut v: Vec<String> = d
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                v.sort();
+                v
+            })
+            .unwrap_or_default()
+    };
+    let before = left();
+    let bytes = vec![7u8; 3 << 20];
+    let sum = hex::encode(Sha256::digest(&bytes));
+    let upload = |c: &Client, name: &str, format, sha: &str, body: &[u8]| {
+        c.upload_image(
+            name,
+            format,
+            sha,
+            &mut std::io::Cursor::new(body.to_vec()),
+            Some(body.len() as u64),
+        )
+    };
+
+    let wrong = hex::encode(Sha256::digest(b"other"));
+    let e = refused(upload(&f.client, "mine", UploadFormat::Raw, &wrong, &bytes));
+    assert_eq!(answer(&e).0, 400, "{e}");
+    assert!(
+        e.message().unwrap_or_default().starts_with("sha256: "),
+        "{e}"
+    );
+    let e = refused(upload(&f.client, "mine", UploadFormat::Raw, "12ab", &bytes));
+    assert!(
+        e.message().unwrap_or_default().starts_with("sha256: "),
+        "{e}"
+    );
+    let e = refused(upload(
+        &f.client,
+        "bad!name",
+        UploadFormat::Raw,
+        &sum,
+        &bytes,
+    ));
+    assert_eq!(answer(&e).0, 400, "{e}");
+    // A length over what fits is refused before a byte is sent.
+    let e = refused(f.client.upload_image(
+        "huge",
+        UploadFormat::Raw,
+        &sum,
+        &mut std::io::Cursor::new(Vec::new()),
+        Some(1 << 62),
+    ));
+    assert_eq!(answer(&e), (413, "too_large"), "{e}");
+    let e = refused(upload(&f.client, "q", UploadFormat::Qcow2, &sum, &bytes));
+    assert!(
+        e.message().unwrap_or_default().starts_with("format: "),
+        "{e}"
+    );
+    let reader = f
+        .client
+        .create_token(&NewToken {
+            description: "reader".into(),
+            scope: TokenScope::ReadOnly,
+            expires_in_secs: None,
+        })
+        .expect("a reader token");
+    let e = refused(upload(
+        &f.client.with_token(&reader.token),
+        "mine",
+        UploadFormat::Raw,
+        &sum,
+        &bytes,
+    ));
+    assert_eq!(answer(&e).0, 403, "{e}");
+    assert_eq!(left(), before, "a refused upload left files");
+
+    let r = upload(&f.client, "mine", UploadFormat::Raw, &sum, &bytes).expect("upload");
+    assert_eq!(r.files[0].path, "images/mine/disk.raw");
+    assert_eq!(
+        (r.files[0].size, r.files[0].sha256.as_str()),
+        (bytes.len() as u64, sum.as_str())
+    );
+    assert_eq!(std::fs::read(images.join("mine/disk.raw")).unwrap(), bytes);
+    assert!(f.client.boot_resources().unwrap().iter().any(|b| b == &r));
+    let e = refused(upload(&f.client, "mine", UploadFormat::Raw, &sum, &bytes));
+    assert_eq!(answer(&e), (409, "exists"), "{e}");
+    // A deploy takes it.
+    let m = f.drive(1, Status::Allocated).expect("allocated");
+    let m = f
+        .client
+        .deploy(&m.id, &deploy("mine"))
+        .expect("deploy the upload");
+    assert_eq!(m.status, Status::Deploying);
+    // Not deleted while a machine deploys it; then deleted with its files.
+    let e = refused(f.client.delete_boot_resource("mine"));
+    assert_eq!(answer(&e), (409, "in_use"), "{e}");
+    f.client.abort(&m.id).expect("abort the deploy");
+    f.client.delete_boot_resource("mine").expect("delete");
+    assert_eq!(left(), before);
+    assert!(
+        !f.client
+            .boot_resources()
+            .unwrap()
+            .iter()
+            .any(|b| b.name == "mine")
+    );
+    let e = refused(f.client.delete_boot_resource("mine"));
+    assert_eq!(answer(&e).0, 404, "{e}");
+}

@@ -14,7 +14,7 @@ use stork_proto::api::{
     AllocateBody, AuditQuery, AuditRecord, BootResource, Constraints, CreatedToken, DeployRequest,
     ErrorBody, EventQuery, EventRecord, HealthReport, Machine, MachineFilter, MarkBrokenBody,
     NewMachine, NewSshKey, NewToken, PowerAnswer, PowerOp, ReleaseBody, SshKey, StatsResponse,
-    TokenRecord,
+    TokenRecord, UploadFormat, UploadQuery,
 };
 use stork_proto::{
     AgentEvent, AgentReport, ENLIST_PATH, EnlistRequest, EnlistResponse, HEARTBEAT, Heartbeat,
@@ -326,6 +326,64 @@ impl Client {
 
     pub fn register_boot_resource(&self, r: &BootResource) -> Result<BootResource> {
         self.create(&format!("{API}/boot-resources"), r)
+    }
+
+    /// Streams an image (`body`, `format`, whose sha256 is `sha256`, `length` bytes if known) to the appliance,
+    /// which checks the sum, converts a qcow2 and registers it as boot resource `name`. No
+    /// time limit: a large image takes as long as the network does.
+    pub fn upload_image(
+        &self,
+        name: &str,
+        format: UploadFormat,
+        sha256: &str,
+        body: &mut dyn Read,
+        length: Option<u64>,
+    ) -> Result<BootResource> {
+        let query = query_string(&UploadQuery {
+            format,
+            sha256: sha256.to_string(),
+        });
+        let path = format!("{API}/boot-resources/{name}/image{query}");
+        let url = format!("{}{path}", self.base);
+        let mut r = self
+            .agent
+            .put(&url)
+            .config()
+            .timeout_global(None)
+            .build()
+            .content_type("application/octet-stream")
+            // The appliance refuses a bad request (token, name, sum) before the body: the
+            // client waits for its go-ahead instead of sending gigabytes into a closed
+            // connection.
+            .header("Expect", "100-continue");
+        if let Some(t) = &self.token {
+            r = r.header("Authorization", format!("Bearer {t}"));
+        }
+        // Known, the length lets the appliance refuse what will not fit before it starts.
+        if let Some(n) = length {
+            r = r.header("Content-Length", n.to_string());
+        }
+        let mut resp = r
+            .send(ureq::SendBody::from_reader(body))
+            .map_err(|e| unreachable(&url, e))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| unreachable(&url, e))?;
+        let r = success(RawResponse { status, text })?;
+        if r.status != 201 {
+            return Err(Error::UnexpectedStatus {
+                url,
+                status: r.status,
+                expected: CREATED.to_vec(),
+            });
+        }
+        self.decode(&path, r)
+    }
+
+    pub fn delete_boot_resource(&self, name: &str) -> Result<()> {
+        self.delete(&format!("{API}/boot-resources/{name}"))
     }
 
     pub fn tokens(&self) -> Result<Vec<TokenRecord>> {

@@ -631,6 +631,29 @@ impl Constraints {
     }
 }
 
+/// What an uploaded image's bytes are (`PUT /boot-resources/{name}/image?format=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum UploadFormat {
+    /// A whole-disk image, written to the disk as it is.
+    Raw,
+    /// A qcow2 disk image without a backing file, converted to raw.
+    Qcow2,
+    /// The root file system as a tar (zstd, xz or plain), for deploys with a layout.
+    Tar,
+}
+
+/// `PUT /boot-resources/{name}/image`'s query: the body's format and its sha256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadQuery {
+    pub format: UploadFormat,
+    /// 64 hexadecimal digits: the upload is refused, and nothing kept, unless its bytes
+    /// have this sum.
+    pub sha256: String,
+}
+
 /// `GET /events` and `GET /machines/{id}/events`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]

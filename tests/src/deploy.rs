@@ -52,6 +52,8 @@ pub struct Scenario {
     pub disk: Option<String>,
     /// The deploy's `--late-command`s.
     pub late_commands: Vec<String>,
+    /// The image [`Scenario::deploy`] deploys: [`IMAGE`] unless a test uploaded its own.
+    pub image: String,
     started: Instant,
     phase_started: Instant,
     phases: Vec<(String, Duration)>,
@@ -148,6 +150,7 @@ impl Scenario {
             tags: Vec::new(),
             disk: None,
             late_commands: Vec::new(),
+            image: IMAGE.to_string(),
             started: now,
             phase_started: now,
             phases: Vec::new(),
@@ -267,7 +270,7 @@ impl Scenario {
             "deploy",
             id,
             "--image",
-            IMAGE,
+            &self.image,
             "--target",
             target.as_str(),
             "--hostname",
@@ -685,6 +688,67 @@ fn register_image(
     std::fs::write(&file, serde_json::to_vec_pretty(&resource)?)?;
     appliance.cli(&["image", "register", path_str(&file)?])?;
     Ok(())
+}
+
+/// Makes a qcow2 of [`IMAGE`]'s raw disk image (as a user's own image would come) and
+/// uploads it with `stork image upload` as boot resource `name`: first with a wrong
+/// `--sha256`, which must be refused naming the field and leave nothing (no file under the
+/// boot root's `images/`, no resource), then with the sum the CLI computes. Returns what the
+/// appliance stored.
+pub fn upload_qcow2(s: &Scenario, name: &str) -> Result<String> {
+    let raw = s.lab.dir().join(format!("{name}.raw"));
+    let qcow2 = s.lab.dir().join(format!("{name}.qcow2"));
+    let zst = os_images().join(format!("{IMAGE}.raw.zst"));
+    stork_lab::run(
+        Command::new("zstd")
+            .args(["-q", "-f", "-d", "-o"])
+            .arg(&raw)
+            .arg(&zst),
+    )?;
+    stork_lab::run(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&qcow2),
+    )?;
+    std::fs::remove_file(&raw)?;
+    let images = s.appliance.data_dir.join("boot/images");
+    let listing = || -> Result<Vec<String>> {
+        let mut v: Vec<String> = std::fs::read_dir(&images)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let before = listing()?;
+    let file = path_str(&qcow2)?;
+    let wrong = "0".repeat(64);
+    match s
+        .appliance
+        .cli(&["image", "upload", name, file, "--sha256", &wrong])
+    {
+        Ok(out) => bail!("an upload with a wrong sha256 was taken: {out}"),
+        Err(e) if format!("{e:#}").contains("sha256: the upload's sha256 is") => {}
+        Err(e) => bail!("an upload with a wrong sha256 failed otherwise: {e:#}"),
+    }
+    let list = s.appliance.cli(&["image", "list"])?;
+    if listing()? != before || list.contains(name) {
+        bail!(
+            "the refused upload left something: images/ has {:?} (had {before:?}); image list:\n{list}",
+            listing()?
+        );
+    }
+    let out = s.appliance.cli(&["image", "upload", name, file])?;
+    std::fs::remove_file(&qcow2)?;
+    if !s.appliance.cli(&["image", "list"])?.contains(name) {
+        bail!("the uploaded image {name} is not listed");
+    }
+    s.say(&format!(
+        "a wrong --sha256 is refused and leaves nothing; {}",
+        out.trim()
+    ));
+    Ok(out)
 }
 
 /// Registers boot resource `name`: [`IMAGE`] with its block map missing range `index` (the

@@ -1,7 +1,9 @@
 //! Deploying to disk on UEFI through firmware PXE, powered through the machine's BMC: OVMF
 //! with the NIC's iPXE ROM disabled, so EDK2's own PXE fetches `snponly.efi` over Stork's
 //! TFTP at every network boot. The machine enlists, commissions, gets the Debian image on its
-//! disk and a boot entry for it that is `BootNext` and first in `BootOrder`; the agent's reboot
+//! disk (uploaded as a user's own image: a qcow2 made from it, `stork image upload` after an
+//! upload with a wrong `--sha256` was refused and left nothing; the appliance converted it)
+//! and a boot entry for it that is `BootNext` and first in `BootOrder`; the agent's reboot
 //! resets the VM in place and OVMF goes straight to the disk's `EFI/BOOT/BOOTX64.EFI` (GRUB),
 //! with no network boot on the way (no boot script, no TFTP); cloud-init phones home:
 //! Deployed, and SSH with the deploy's key reads the hostname asked for.
@@ -12,7 +14,10 @@
 use anyhow::{Context, Result, bail};
 use stork_lab::Firmware;
 use stork_proto::inventory::Firmware as RecordedFirmware;
-use stork_tests::deploy::{Scenario, deploy_to_disk_and_log_in, os_machine};
+use stork_tests::deploy::{Scenario, deploy_to_disk_and_log_in, os_machine, upload_qcow2};
+
+/// The image the test uploads (a qcow2 made from the Debian image) and deploys.
+const UPLOADED: &str = "debian-qcow2";
 use stork_tests::require_boot_files;
 
 #[test]
@@ -30,6 +35,8 @@ fn ovmf_vm_through_firmware_pxe_powered_by_its_bmc_deploys_debian_to_disk_and_lo
             bail!("firmware recorded as {firmware:?}");
         }
         s.commission(&id)?;
+        upload_qcow2(&s, UPLOADED)?;
+        s.image = UPLOADED.into();
         deploy_to_disk_and_log_in(&mut s, &id, "stork-e2e-uefi", false)?;
         // The agent gave the installed disk a UEFI boot entry (efibootmgr, from the
         // ephemeral root) and made it the next boot.

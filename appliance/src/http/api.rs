@@ -40,7 +40,7 @@ use crate::store::{
 use stork_proto::api::{
     AllocateBody, AuditQuery, AuditRecord, Constraints, CreatedToken, ErrorBody, EventQuery,
     HealthReport, MachineFilter, MarkBrokenBody, NewMachine, NewSshKey, NewToken, NoFields,
-    PowerAnswer, PowerOp, PowerState, ReleaseBody, StatsResponse,
+    PowerAnswer, PowerOp, PowerState, ReleaseBody, StatsResponse, UploadFormat, UploadQuery,
 };
 
 pub fn routes() -> Router<AppState> {
@@ -70,6 +70,8 @@ pub(super) fn documented_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list_ssh_keys, add_ssh_key))
         .routes(routes!(delete_ssh_key))
         .routes(routes!(list_boot_resources, register_boot_resource))
+        .routes(routes!(upload_image))
+        .routes(routes!(delete_boot_resource))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
         .routes(routes!(audit_log))
@@ -1162,6 +1164,141 @@ async fn register_boot_resource(
     let out = r.clone();
     s.controller.put_boot_resource(r).await?;
     Ok((StatusCode::CREATED, Json(out)))
+}
+
+#[utoipa::path(
+    put,
+    path = "/boot-resources/{name}/image",
+    operation_id = "upload_image",
+    tag = "images",
+    summary = "Upload an OS image (raw, qcow2 or root tar) and register it",
+    description = "The body is the image's bytes, streamed. Their sha256 must be the query's: otherwise, or when the upload breaks off, nothing is kept. A qcow2 (without a backing file) is converted to raw. The image is stored under DATA_DIR/boot/images/NAME/ and registered as an `os` boot resource. An existing name is a 409.",
+    params(
+        ("name" = String, Path, description = "The image's name: letters, digits, `.`, `-` and `_`, 64 at most."),
+        ("format" = UploadFormat, Query),
+        ("sha256" = String, Query, description = "The sha256 of the body, 64 hexadecimal digits.")
+    ),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "Stored and registered.", body = BootResource),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, description = "An image of this name exists.", body = ErrorBody),
+        (status = 413, description = "Over the largest upload taken.", body = ErrorBody),
+        (status = 507, description = "It does not fit in the space free under the boot root.", body = ErrorBody)
+    )
+)]
+async fn upload_image(
+    State(s): State<AppState>,
+    _: Operator,
+    Path(name): Path<String>,
+    q: Result<Query<UploadQuery>, QueryRejection>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult<(StatusCode, Json<BootResource>)> {
+    use crate::image_upload::{Upload, UploadError, check_name, check_sha256};
+    use futures_util::StreamExt;
+    let Query(q) = q?;
+    let fail = |e: UploadError| {
+        let (status, code) = match &e {
+            UploadError::Exists(_) => (StatusCode::CONFLICT, "exists"),
+            UploadError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            UploadError::NoSpace { .. } => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
+            e if e.is_request() => (StatusCode::BAD_REQUEST, "bad_request"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        if status.is_server_error() {
+            tracing::error!(image = %name, "image upload: {e:#}");
+        }
+        ApiError::new(status, code, e.to_string())
+    };
+    check_name(&name).map_err(fail)?;
+    let want = check_sha256(&q.sha256).map_err(fail)?;
+    if s.controller
+        .boot_resources()
+        .await?
+        .iter()
+        .any(|r| r.name == name)
+    {
+        return Err(fail(UploadError::Exists(name.clone())));
+    }
+    let length = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let mut upload = Upload::start(&s.cfg.boot_dir(), &name, q.format, length)
+        .await
+        .map_err(fail)?;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| fail(UploadError::Broken(e.to_string())))?;
+        upload.write(&chunk).await.map_err(fail)?;
+    }
+    let r = upload.finish(&want).await.map_err(fail)?;
+    tracing::info!(image = %name, format = ?q.format, "image uploaded");
+    s.controller.put_boot_resource(r.clone()).await?;
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/boot-resources/{name}",
+    operation_id = "delete_boot_resource",
+    tag = "images",
+    summary = "Delete a boot resource, and its files when they are its own",
+    description = "Refused (409) while a machine deploys it. Files under DATA_DIR/boot/images/NAME/ (an upload's, an import's) go with it; files registered from elsewhere stay.",
+    params(
+        ("name" = String, Path)
+    ),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, description = "A machine is deploying it.", body = ErrorBody)
+    )
+)]
+async fn delete_boot_resource(
+    State(s): State<AppState>,
+    _: Operator,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no boot resource {name:?}"),
+        )
+    };
+    let resources = s.controller.boot_resources().await?;
+    let r = resources
+        .iter()
+        .find(|r| r.name == name)
+        .ok_or_else(not_found)?;
+    let deploying = s.controller.machines().await?.into_iter().find(|m| {
+        m.status == Status::Deploying && m.deploy.as_ref().is_some_and(|d| d.image == name)
+    });
+    if let Some(m) = deploying {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "in_use",
+            format!("machine {} is deploying {name:?}", m.id),
+        ));
+    }
+    if !s.controller.delete_boot_resource(&name).await? {
+        return Err(not_found());
+    }
+    // Only a directory that holds this resource's files alone: never a shared file.
+    let own = format!("images/{name}/");
+    let dir = s.cfg.boot_dir().join("images").join(&name);
+    if crate::image_upload::check_name(&name).is_ok()
+        && !r.files.is_empty()
+        && r.files.iter().all(|f| f.path.starts_with(&own))
+        && let Err(e) = tokio::fs::remove_dir_all(&dir).await
+    {
+        tracing::warn!(image = %name, "cannot remove {}: {e}", dir.display());
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(

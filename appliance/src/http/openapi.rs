@@ -119,6 +119,11 @@ fn build() -> OpenApi {
             crate::power::ipmi::IpmiPrivilege::name(),
             crate::power::ipmi::IpmiPrivilege::schema(),
         ),
+        // A query parameter's type: `params(...)` names it without registering it.
+        (
+            stork_proto::api::UploadFormat::name(),
+            stork_proto::api::UploadFormat::schema(),
+        ),
     ] {
         components.schemas.insert(name.into_owned(), schema);
     }

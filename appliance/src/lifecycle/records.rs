@@ -445,6 +445,14 @@ impl Controller {
         self.store.call(move |s| s.delete_ssh_key(&id)).await
     }
 
+    /// Whether there was such a resource.
+    pub async fn delete_boot_resource(&self, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_string();
+        self.store
+            .call(move |s| s.delete_boot_resource(&name))
+            .await
+    }
+
     pub async fn put_boot_resource(&self, r: BootResource) -> Result<(), StoreError> {
         self.store
             .call(move |s| s.put_boot_resource(&r, now_ms()))

@@ -1137,7 +1137,7 @@ impl Store {
     }
 
     /// Bytes free to us under `dir`, if its file system answers.
-    fn free_bytes(dir: &Path) -> Option<u64> {
+    pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
         let st = nix::sys::statvfs::statvfs(dir).ok()?;
         #[allow(clippy::useless_conversion)] // the field types differ between targets
         Some(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
@@ -1333,6 +1333,13 @@ impl Store {
                 &args![&r.name, json(r), now],
             )?;
             Ok(())
+        })
+    }
+
+    /// Whether there was such a resource.
+    pub fn delete_boot_resource(&self, name: &str) -> Result<bool, StoreError> {
+        self.run(|db| {
+            Ok(db.execute("DELETE FROM boot_resources WHERE name = ?1", &args![name])? > 0)
         })
     }
 

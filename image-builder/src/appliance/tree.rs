@@ -32,6 +32,7 @@ pub const PACKAGES: &[&str] = &[
     "iproute2",          // ip, for a person at the console
     "grub-pc-bin",       // GRUB for BIOS (images and modules, taken onto the ESP at build)
     "grub-efi-amd64-bin", // GRUB for UEFI
+    "qemu-utils",        // qemu-img: converts the qcow2 images users upload
 ];
 
 /// The system user `stork serve` runs as; fixed so the data partition's owner is the same on
