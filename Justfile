@@ -62,6 +62,10 @@ bench-fleet:
 bench-deploy:
     cargo xtask bench deploy
 
+# Only the layout deploy (RAID 1 + LVM from the root tar) beside its floor.
+bench-deploy-layout:
+    cargo xtask bench deploy-layout
+
 # Web UI with 10,000 machines: the machines page's server time beside the API's, Chromium's
 # time to first paint, and a status change until it is on screen.
 bench-ui:

@@ -1,5 +1,5 @@
 //! `PUT /api/v1/boot-resources/{name}/image`: an OS image a user brings (a raw disk image, a
-//! qcow2 or a root tar) streamed into a staging directory beside the boot root, hashed as it
+//! qcow2 or a root tar) streamed into a staging directory beside the boot root (never served), hashed as it
 //! arrives, checked against the sha256 the request names, converted (qcow2 to raw, with
 //! `qemu-img`: the tool every peer uses, and no maintained crate reads qcow2's compressed and
 //! sparse clusters) and only then moved under `boot/images/NAME/` and described as a boot
@@ -70,6 +70,11 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UploadE
     move |source| UploadError::Io { what, path, source }
 }
 
+/// Where uploads are staged: `DATA_DIR/uploads/`, beside `DATA_DIR/boot/`.
+pub fn staging_root(boot_root: &Path) -> PathBuf {
+    boot_root.parent().unwrap_or(boot_root).join("uploads")
+}
+
 /// An image name: a plain file name the boot root's `images/` takes.
 pub fn check_name(name: &str) -> Result<(), UploadError> {
     let ok = !name.is_empty()
@@ -131,9 +136,13 @@ impl Upload {
             }
             fits(&images, need)?;
         }
-        // Beside the final place (one file system, so the move is a rename), hidden by its
-        // leading dot from names an image can take.
-        let staging = images.join(format!(".upload-{}", crate::lifecycle::records::new_id()));
+        // Beside the boot root, not in it: a partial upload is never served. One file system
+        // with it (both in the data directory), so the move into place is a rename.
+        let uploads = staging_root(boot_root);
+        tokio::fs::create_dir_all(&uploads)
+            .await
+            .map_err(io("creating", &uploads))?;
+        let staging = uploads.join(crate::lifecycle::records::new_id());
         tokio::fs::create_dir(&staging)
             .await
             .map_err(io("creating", &staging))?;
@@ -381,7 +390,12 @@ mod tests {
         u.finish(sha).await
     }
 
+    /// What is in the boot root's `images/` and in the staging directory.
     fn left_in(root: &Path) -> Vec<String> {
+        let staged = std::fs::read_dir(staging_root(root))
+            .map(|d| d.count())
+            .unwrap_or_default();
+        assert_eq!(staged, 0, "an upload left its staging directory");
         std::fs::read_dir(root.join("images"))
             .map(|d| {
                 d.flatten()
@@ -394,8 +408,9 @@ mod tests {
     #[tokio::test]
     async fn a_raw_upload_with_its_sum_is_kept_and_described() {
         let d = tempfile::tempdir().unwrap();
+        let boot = d.path().join("boot");
         let r = upload(
-            d.path(),
+            &boot,
             Format::Raw,
             &[b"disk ", b"bytes"],
             &sum(b"disk bytes"),
@@ -407,12 +422,12 @@ mod tests {
         assert_eq!(r.files[0].size, 10);
         assert_eq!(r.files[0].sha256, sum(b"disk bytes"));
         assert_eq!(
-            std::fs::read(d.path().join(&r.files[0].path)).unwrap(),
+            std::fs::read(boot.join(&r.files[0].path)).unwrap(),
             b"disk bytes"
         );
-        assert_eq!(left_in(d.path()), ["mine"]);
+        assert_eq!(left_in(&boot), ["mine"]);
         // A second upload of the name is refused before it takes any bytes.
-        let e = upload(d.path(), Format::Raw, &[b"x"], &sum(b"x"))
+        let e = upload(&boot, Format::Raw, &[b"x"], &sum(b"x"))
             .await
             .unwrap_err();
         assert!(e.to_string().starts_with("name: an image \"mine\""), "{e}");
@@ -421,7 +436,8 @@ mod tests {
     #[tokio::test]
     async fn a_wrong_sum_or_a_broken_upload_leaves_nothing() {
         let d = tempfile::tempdir().unwrap();
-        let e = upload(d.path(), Format::Raw, &[b"disk"], &sum(b"other"))
+        let boot = d.path().join("boot");
+        let e = upload(&boot, Format::Raw, &[b"disk"], &sum(b"other"))
             .await
             .unwrap_err();
         assert!(
@@ -429,14 +445,14 @@ mod tests {
             "{e}"
         );
         assert!(e.is_request());
-        assert!(left_in(d.path()).is_empty(), "{:?}", left_in(d.path()));
+        assert!(left_in(&boot).is_empty(), "{:?}", left_in(&boot));
         // Dropped mid-way (the client went away).
-        let mut u = Upload::start(d.path(), "mine", Format::Raw, None)
+        let mut u = Upload::start(&boot, "mine", Format::Raw, None)
             .await
             .unwrap();
         u.write(b"half").await.unwrap();
         drop(u);
-        assert!(left_in(d.path()).is_empty());
+        assert!(left_in(&boot).is_empty());
     }
 
     #[tokio::test]
@@ -450,7 +466,8 @@ mod tests {
             return;
         }
         let d = tempfile::tempdir().unwrap();
-        let src = d.path().join("src");
+        let boot = d.path().join("boot");
+        let src = d.path().join("src-files");
         std::fs::create_dir(&src).unwrap();
         let raw = src.join("a.raw");
         let mut bytes = vec![0u8; 1 << 20];
@@ -466,18 +483,14 @@ mod tests {
             .unwrap();
         assert!(st.success());
         let q = std::fs::read(&qcow).unwrap();
-        let r = upload(d.path(), Format::Qcow2, &[&q], &sum(&q))
-            .await
-            .unwrap();
+        let r = upload(&boot, Format::Qcow2, &[&q], &sum(&q)).await.unwrap();
         assert_eq!(r.files[0].path, "images/mine/disk.raw.zst");
-        let stored = std::fs::read(d.path().join(&r.files[0].path)).unwrap();
+        let stored = std::fs::read(boot.join(&r.files[0].path)).unwrap();
         assert_eq!(r.files[0].sha256, sum(&stored));
         assert_eq!(r.files[0].size, stored.len() as u64);
         assert_eq!(zstd::decode_all(&stored[..]).unwrap(), bytes);
         assert_eq!(
-            std::fs::read_dir(d.path().join("images/mine"))
-                .unwrap()
-                .count(),
+            std::fs::read_dir(boot.join("images/mine")).unwrap().count(),
             1
         );
 
@@ -490,7 +503,7 @@ mod tests {
             .unwrap();
         assert!(st.success());
         let o = std::fs::read(&over).unwrap();
-        let root2 = d.path().join("second");
+        let root2 = d.path().join("second/boot");
         let e = upload(&root2, Format::Qcow2, &[&o], &sum(&o))
             .await
             .unwrap_err();

@@ -2080,6 +2080,8 @@ fn an_uploaded_image_is_checked_stored_and_registered() {
     ));
     assert_eq!(answer(&e).0, 403, "{e}");
     assert_eq!(left(), before, "a refused upload left files");
+    let staged = std::fs::read_dir(f.server.data_dir().join("uploads")).map_or(0, |d| d.count());
+    assert_eq!(staged, 0, "a refused upload left its staging directory");
 
     let r = upload(&f.client, "mine", UploadFormat::Raw, &sum, &bytes).expect("upload");
     assert_eq!(r.files[0].path, "images/mine/disk.raw");

@@ -23,11 +23,12 @@ pub fn run(what: &str) -> Result<()> {
         "fleet" => fleet::run(),
         "images" => images::run(),
         "deploy" => deploy::run(),
+        "deploy-layout" => deploy::run_layout(),
         "ui" => ui::run(),
         "http" => http::run(),
         other => {
             bail!(
-                "unknown benchmark `{other}` (known: api, tftp, dhcp, dhcp6, fleet, images, deploy, ui, http)"
+                "unknown benchmark `{other}` (known: api, tftp, dhcp, dhcp6, fleet, images, deploy, deploy-layout, ui, http)"
             )
         }
     }

@@ -27,6 +27,8 @@
 //!
 //! Numbers are printed, never asserted.
 
+mod layout;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -72,12 +74,7 @@ fn spec(name: &str, mac: &str, firmware: Firmware) -> VmSpec {
 }
 
 pub fn run() -> Result<()> {
-    crate::deps::ensure()?;
-    let boot = crate::images()?;
-    let images = crate::os_images::build(&crate::target())?;
-    crate::step("building the appliance");
-    crate::status(crate::cargo().args(["build", "--quiet", "-p", "stork"]))?;
-    let bin = crate::target().join("debug/stork");
+    let (bin, boot, images) = prepare()?;
 
     let mut reports = Vec::new();
     for (lab_name, firmware) in [
@@ -111,23 +108,50 @@ pub fn run() -> Result<()> {
             }
             None => Appliance::start(&lab, &bin, &boot)?,
         };
-        let mut bench = Bench::new(&mut lab, appliance, &images, firmware)?;
-        match bench.run(&mut lab, &images) {
-            Ok(report) => reports.push(report),
-            Err(e) => {
-                lab.keep_dir();
-                return Err(e.context(format!(
-                    "logs kept in {}\n--- stork (last 20 lines) ---\n{}",
-                    lab.dir().display(),
-                    bench.appliance.log_tail(20)
-                )));
-            }
-        }
+        let mut bench = Bench::new(
+            &mut lab,
+            appliance,
+            &images,
+            spec("bench-vm", MAC, firmware),
+        )?;
+        let report = bench.run(&mut lab, &images);
+        reports.push(kept_on_error(report, &mut lab, &bench)?);
     }
+    let layout = layout::measure(&bin, &boot, &images)?;
     for r in &reports {
         r.print();
     }
+    layout.print();
     Ok(())
+}
+
+/// `cargo xtask bench deploy-layout`: only the layout deploy beside its floor.
+pub fn run_layout() -> Result<()> {
+    let (bin, boot, images) = prepare()?;
+    layout::measure(&bin, &boot, &images)?.print();
+    Ok(())
+}
+
+/// What every deploy bench needs: the tools, the boot files, the OS images, the appliance.
+fn prepare() -> Result<(PathBuf, PathBuf, PathBuf)> {
+    crate::deps::ensure()?;
+    let boot = crate::images()?;
+    let images = crate::os_images::build(&crate::target())?;
+    crate::step("building the appliance");
+    crate::status(crate::cargo().args(["build", "--quiet", "-p", "stork"]))?;
+    Ok((crate::target().join("debug/stork"), boot, images))
+}
+
+/// `result`, or its error with the lab's logs kept and the appliance's last lines.
+fn kept_on_error<T>(result: Result<T>, lab: &mut Lab, bench: &Bench) -> Result<T> {
+    result.map_err(|e| {
+        lab.keep_dir();
+        e.context(format!(
+            "logs kept in {}\n--- stork (last 20 lines) ---\n{}",
+            lab.dir().display(),
+            bench.appliance.log_tail(20)
+        ))
+    })
 }
 
 fn firmware_name(firmware: Firmware) -> &'static str {
@@ -152,6 +176,29 @@ struct Bench {
     raw_url: String,
     /// The image's data bytes, from its block map: what any writer must put on the disk.
     data_bytes: u64,
+    /// The root tar (role `tar`) under the boot root, if the image has one.
+    tar_rel: Option<String>,
+}
+
+/// An install followed to the VM's stop, times in ms since the epoch.
+struct Install {
+    power_on: i64,
+    /// The agent's first console line (its first event if none was seen).
+    console_seen: i64,
+    first_agent: i64,
+    stopped: i64,
+    events: Vec<EventRecord>,
+}
+
+impl Install {
+    /// The time of the deploy's first event starting with `prefix`.
+    fn at(&self, prefix: &str) -> Result<i64> {
+        self.events
+            .iter()
+            .find(|e| e.message.starts_with(prefix))
+            .map(|e| e.at)
+            .with_context(|| format!("no event {prefix:?} in the deploy"))
+    }
 }
 
 /// One deploy's measured phases, in ms.
@@ -165,7 +212,8 @@ struct Phases {
 }
 
 impl Bench {
-    fn new(lab: &mut Lab, appliance: Appliance, images: &Path, firmware: Firmware) -> Result<Self> {
+    fn new(lab: &mut Lab, appliance: Appliance, images: &Path, vm: VmSpec) -> Result<Self> {
+        let firmware = vm.firmware;
         let boot_root = appliance.data_dir.join("boot");
         let resource = stork_lab::images::os_resource(images, &boot_root, IMAGE, None)?;
         let raw_rel = resource
@@ -198,10 +246,15 @@ impl Bench {
             "bench",
             path_str(&key.with_extension("pub"))?,
         ])?;
-        let vm = Vm::start(lab, spec("bench-vm", MAC, firmware))?;
+        let vm = Vm::start(lab, vm)?;
         Ok(Self {
             firmware,
             data_bytes: map.data_bytes(),
+            tar_rel: resource
+                .files
+                .iter()
+                .find(|f| f.role == ImageRole::Tar)
+                .map(|f| f.path.clone()),
             raw: boot_root.join(&raw_rel),
             raw_url: match firmware {
                 Firmware::UefiIpv6 | Firmware::UefiHttpIpv6 => {
@@ -215,17 +268,50 @@ impl Bench {
         })
     }
 
-    fn run(&mut self, lab: &mut Lab, images: &Path) -> Result<Report> {
+    /// Enlists and commissions the VM (not timed); returns its id.
+    fn ready(&mut self, lab: &mut Lab) -> Result<String> {
         crate::step("stork: enlist and commission (not timed)");
+        let mac = self.vm.spec.mac.clone();
         let m = self
             .appliance
-            .wait_enlisted(&mut self.vm, MAC, PHASE_TIMEOUT)?;
+            .wait_enlisted(&mut self.vm, &mac, PHASE_TIMEOUT)?;
         let id = m.id;
         self.wait_stopped()?;
         self.appliance.cli(&["machine", "commission", &id])?;
         self.vm.restart(lab)?;
         self.wait_status(&id, Status::Ready, &[Status::Commissioning])?;
         self.wait_stopped()?;
+        Ok(id)
+    }
+
+    /// Releases the deployed machine (no erase: its disks are written again next) and
+    /// deploys it into memory, where the floor is measured over SSH; returns its address.
+    fn redeploy_in_memory(&mut self, lab: &mut Lab, id: &str) -> Result<String> {
+        self.appliance
+            .cli(&["machine", "release", id, "--no-erase"])?;
+        self.wait_status(id, Status::Ready, &[Status::Releasing, Status::DiskErasing])?;
+        // A release powers the machine off through its driver; manual power: the VM may still
+        // run the installed OS.
+        self.vm.kill();
+        self.appliance.cli(&["machine", "allocate", id])?;
+        self.appliance.cli(&[
+            "machine",
+            "deploy",
+            id,
+            "--image",
+            IMAGE,
+            "--target",
+            "memory",
+            "--hostname",
+            "stork-bench-mem",
+        ])?;
+        self.vm.restart(lab)?;
+        self.wait_status(id, Status::Deployed, &[Status::Deploying])?;
+        stork_lab::guest::leased_ip(&self.vm.console)
+    }
+
+    fn run(&mut self, lab: &mut Lab, images: &Path) -> Result<Report> {
+        let id = self.ready(lab)?;
 
         crate::step("stork: deploy to disk, power-on to Deployed");
         self.appliance.cli(&["machine", "allocate", &id])?;
@@ -245,32 +331,7 @@ impl Bench {
         crate::step(
             "floor: the image over the wire and its data through dd, in the same VM (deployed into memory)",
         );
-        // The disk is written again next: an erase would only cost time.
-        self.appliance
-            .cli(&["machine", "release", &id, "--no-erase"])?;
-        self.wait_status(
-            &id,
-            Status::Ready,
-            &[Status::Releasing, Status::DiskErasing],
-        )?;
-        // A release powers the machine off through its driver; manual power: the VM may still
-        // run the installed OS.
-        self.vm.kill();
-        self.appliance.cli(&["machine", "allocate", &id])?;
-        self.appliance.cli(&[
-            "machine",
-            "deploy",
-            &id,
-            "--image",
-            IMAGE,
-            "--target",
-            "memory",
-            "--hostname",
-            "stork-bench-mem",
-        ])?;
-        self.vm.restart(lab)?;
-        self.wait_status(&id, Status::Deployed, &[Status::Deploying])?;
-        let ip = stork_lab::guest::leased_ip(&self.vm.console)?;
+        let ip = self.redeploy_in_memory(lab, &id)?;
         let (wire_ms, disk_ms) = self.image_floor(lab, &ip)?;
         self.vm.kill();
 
@@ -290,7 +351,30 @@ impl Bench {
 
     /// Powers the VM on into the deploy and follows it to Deployed; returns the phases.
     fn deploy_to_disk(&mut self, lab: &mut Lab, id: &str) -> Result<Phases> {
-        let mut p = Phases::default();
+        let install = self.follow_install(lab, id)?;
+        let at = |prefix: &str| install.at(prefix);
+        let disk_started = at("disk Started")?;
+        let image_done = at("image Done")?;
+        let p = Phases {
+            boot_to_agent: install.first_agent - install.power_on,
+            pxe_to_agent_console: install.console_seen - install.power_on,
+            image: image_done - disk_started,
+            finish: install.stopped - image_done,
+            os_boot: self.boot_installed(lab, id)?,
+        };
+        eprintln!(
+            "  deployed: boot to agent {:.1} s, image {:.1} s, finish {:.1} s, OS boot {:.1} s",
+            secs(p.boot_to_agent),
+            secs(p.image),
+            secs(p.finish),
+            secs(p.os_boot)
+        );
+        Ok(p)
+    }
+
+    /// Powers the VM on into the deploy the appliance holds and follows the install until
+    /// the VM stops to reboot: the deploy's events and the bench's clock.
+    fn follow_install(&mut self, lab: &mut Lab, id: &str) -> Result<Install> {
         let before = self.events(id)?.len();
         let power_on = now_ms();
         self.vm.restart(lab)?;
@@ -308,20 +392,11 @@ impl Bench {
         })?;
         let stopped = now_ms();
         let events: Vec<EventRecord> = self.events(id)?.into_iter().skip(before).collect();
-        let at = |prefix: &str| -> Result<i64> {
-            events
-                .iter()
-                .find(|e| e.message.starts_with(prefix))
-                .map(|e| e.at)
-                .with_context(|| format!("no event {prefix:?} in the deploy"))
-        };
         let first_agent = events
             .iter()
             .find(|e| e.actor == "agent")
             .map(|e| e.at)
             .context("no agent event in the deploy")?;
-        let disk_started = at("disk Started")?;
-        let image_done = at("image Done")?;
         // The agent says where the image step's time went: print it beside the figures.
         if let Some(m) = events
             .iter()
@@ -330,23 +405,22 @@ impl Bench {
         {
             eprintln!("  agent: {m}");
         }
-        p.boot_to_agent = first_agent - power_on;
-        p.pxe_to_agent_console = console_seen.unwrap_or(first_agent) - power_on;
-        p.image = image_done - disk_started;
-        p.finish = stopped - image_done;
-        // The reboot: manual power, so the bench is the hand on the button, at once.
+        Ok(Install {
+            power_on,
+            console_seen: console_seen.unwrap_or(first_agent),
+            first_agent,
+            stopped,
+            events,
+        })
+    }
+
+    /// The reboot into the installed OS, to Deployed, in ms: manual power, so the bench is
+    /// the hand on the button, at once.
+    fn boot_installed(&mut self, lab: &mut Lab, id: &str) -> Result<i64> {
         let power_on = now_ms();
         self.vm.restart(lab)?;
         self.wait_status(id, Status::Deployed, &[Status::Deploying])?;
-        p.os_boot = now_ms() - power_on;
-        eprintln!(
-            "  deployed: boot to agent {:.1} s, image {:.1} s, finish {:.1} s, OS boot {:.1} s",
-            secs(p.boot_to_agent),
-            secs(p.image),
-            secs(p.finish),
-            secs(p.os_boot)
-        );
-        Ok(p)
+        Ok(now_ms() - power_on)
     }
 
     /// The image floor's two legs inside the VM, as its own clock measured them, in ms:
@@ -354,31 +428,38 @@ impl Bench {
     /// `dd` writing the image's data bytes onto the disk with direct I/O, as the agent's own
     /// writes are unbuffered (the disk).
     fn image_floor(&self, lab: &Lab, ip: &str) -> Result<(i64, i64)> {
-        // The image has python3 (cloud-init) but no curl: a plain HTTP GET, 1 MiB at a time.
-        let fetch = format!(
-            "python3 -c 'import sys,shutil,urllib.request as u; \
-             shutil.copyfileobj(u.urlopen(sys.argv[1]), sys.stdout.buffer, 1 << 20)' {}",
-            self.raw_url
-        );
+        let fetch = fetch(&self.raw_url);
         let blocks = self.data_bytes.div_ceil(4 << 20);
-        let script = format!(
-            "set -e; d=$(lsblk -dno NAME,TYPE | awk '$2==\"disk\"{{print $1; exit}}'); \
-             s=$(date +%s%N); {fetch} > /dev/null; e=$(date +%s%N); \
-             echo \"$(( (e - s) / 1000000 ))\"; \
-             s=$(date +%s%N); sudo dd if=/dev/zero of=/dev/$d bs=4M count={blocks} \
-             oflag=direct status=none; sync; e=$(date +%s%N); \
-             echo \"$(( (e - s) / 1000000 ))\""
+        let disk = format!(
+            "d=$(lsblk -dno NAME,TYPE | awk '$2==\"disk\"{{print $1; exit}}'); \
+             sudo dd if=/dev/zero of=/dev/$d bs=4M count={blocks} oflag=direct status=none; sync"
         );
+        match self.timed_in_vm(lab, ip, "", &[&fetch, &disk])?[..] {
+            [wire, disk] => Ok((wire, disk)),
+            _ => bail!("the floor's legs did not all report a time"),
+        }
+    }
+
+    /// Runs `setup` (not timed), then each of `legs` in turn, in the VM at `ip` over SSH;
+    /// returns each leg's time in ms as the VM's own clock measured it.
+    fn timed_in_vm(&self, lab: &Lab, ip: &str, setup: &str, legs: &[&str]) -> Result<Vec<i64>> {
+        let mut script = format!("set -e; {setup}\n");
+        for leg in legs {
+            script.push_str(&format!(
+                "s=$(date +%s%N); {{ {leg}; }} > /dev/null; e=$(date +%s%N); \
+                 echo \"$(( (e - s) / 1000000 ))\"\n"
+            ));
+        }
         let out = stork_lab::guest::ssh(lab, &self.key, &format!("{USER}@{ip}"), &script)?;
         let times: Vec<i64> = out
             .split_whitespace()
             .map(str::parse)
             .collect::<Result<_, _>>()
             .with_context(|| format!("the floor's times from the VM: {out:?}"))?;
-        match times[..] {
-            [wire, disk] => Ok((wire, disk)),
-            _ => bail!("the floor's times from the VM: {out:?}"),
+        if times.len() != legs.len() {
+            bail!("the floor's times from the VM: {out:?}");
         }
+        Ok(times)
     }
 
     fn events(&self, id: &str) -> Result<Vec<EventRecord>> {
@@ -553,6 +634,15 @@ impl Report {
             total as f64 / floor.max(1) as f64
         );
     }
+}
+
+/// A shell command writing `url`'s body to stdout in the deployed image, which has python3
+/// (cloud-init) but no curl: a plain HTTP GET, 1 MiB at a time.
+fn fetch(url: &str) -> String {
+    format!(
+        "python3 -c 'import sys,shutil,urllib.request as u; \
+         shutil.copyfileobj(u.urlopen(sys.argv[1]), sys.stdout.buffer, 1 << 20)' {url}"
+    )
 }
 
 fn console_has(path: &Path, needle: &str) -> bool {
