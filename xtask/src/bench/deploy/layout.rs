@@ -27,7 +27,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use stork_lab::{Appliance, DiskBus, ExtraDisk, Firmware, Lab};
 
-use super::{Bench, IMAGE, fetch, os_boot_floor, secs, spec};
+use super::{Bench, IMAGE, fetch, header, os_boot_floor, row, secs, spec};
 
 const MAC: &str = "52:54:00:77:0b:11";
 const ESP_MIB: u64 = 128;
@@ -199,18 +199,7 @@ impl Report {
             "deploy to disk with a layout: RAID 1 over two disks, LVM root {ROOT_LV_MIB} MiB ext4 \
              and /var XFS, from the root tar (SeaBIOS, TCG, 2 vCPUs, 2 GiB, 2 x 4 GiB disks)"
         );
-        println!(
-            "{:<36} {:>9} {:>9} {:>7}",
-            "phase", "stork s", "floor s", "ratio"
-        );
-        let row = |name: &str, s: i64, f: i64| {
-            let ratio = if f > 0 {
-                format!("{:.2}x", s as f64 / f as f64)
-            } else {
-                "-".to_string()
-            };
-            println!("{name:<36} {:>9.1} {:>9.1} {ratio:>7}", secs(s), secs(f));
-        };
+        header();
         row(
             "PXE to agent (-> first agent event)",
             p.boot_to_agent,

@@ -596,19 +596,7 @@ impl Report {
             "deploy to disk, power-on to Deployed ({}, TCG, 2 vCPUs, 2 GiB, 4 GiB disk)",
             firmware_name(self.firmware)
         );
-        println!(
-            "{:<36} {:>9} {:>9} {:>7}",
-            "phase", "stork s", "floor s", "ratio"
-        );
-        let row = |name: &str, s: i64, f: i64| {
-            // A phase the floor does not have at all has no ratio, only its cost.
-            let ratio = if f > 0 {
-                format!("{:.2}x", s as f64 / f as f64)
-            } else {
-                "-".to_string()
-            };
-            println!("{name:<36} {:>9.1} {:>9.1} {ratio:>7}", secs(s), secs(f));
-        };
+        header();
         row(
             "PXE to agent (-> first agent event)",
             p.boot_to_agent,
@@ -634,6 +622,25 @@ impl Report {
             total as f64 / floor.max(1) as f64
         );
     }
+}
+
+/// The phase table's header.
+fn header() {
+    println!(
+        "{:<36} {:>9} {:>9} {:>7}",
+        "phase", "stork s", "floor s", "ratio"
+    );
+}
+
+/// One phase: Stork's time, the floor's (ms) and their ratio.
+fn row(name: &str, s: i64, f: i64) {
+    // A phase the floor does not have at all has no ratio, only its cost.
+    let ratio = if f > 0 {
+        format!("{:.2}x", s as f64 / f as f64)
+    } else {
+        "-".to_string()
+    };
+    println!("{name:<36} {:>9.1} {:>9.1} {ratio:>7}", secs(s), secs(f));
 }
 
 /// A shell command writing `url`'s body to stdout in the deployed image, which has python3
