@@ -250,6 +250,12 @@ impl ApplianceClient {
         Ok(resp)
     }
 
+    /// Posts a commissioning script's result.
+    pub fn script_result(&self, r: &stork_proto::api::ScriptResult) -> Result<()> {
+        self.call_with_retries::<serde_json::Value>("commission", stork_proto::SCRIPTS, Some(r))
+            .map(|_| ())
+    }
+
     /// Posts a step event (best effort for progress; failures matter and are retried).
     pub fn event(&self, e: &stork_proto::AgentEvent) -> Result<()> {
         self.enter_step(e.step.as_str());

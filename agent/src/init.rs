@@ -141,7 +141,7 @@ fn steps(
     // A summary: user-data and keys are the user's business, not the console's.
     say!(Step::Task, "{}", describe(&task));
     match task {
-        stork_proto::Task::Commission => commission::run(client),
+        stork_proto::Task::Commission { scripts } => commission::run(client, &scripts),
         stork_proto::Task::Deploy(t) => {
             let cx = Deployment::new(client, &args, &t)?;
             match t.target {
@@ -181,6 +181,15 @@ fn describe(task: &stork_proto::Task) -> String {
             t.image
                 .iter()
                 .map(|f| format!("{} {}", f.role, f.url))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        stork_proto::Task::Commission { scripts } if !scripts.is_empty() => format!(
+            "commission, after {} script(s): {}",
+            scripts.len(),
+            scripts
+                .iter()
+                .map(|s| s.name.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         ),

@@ -468,7 +468,51 @@ pub fn show(c: &Client, id: &str, json: bool) -> Result<()> {
     }
     let events = c.machine_events(&m.id, 0)?;
     machine_details(&m, &events);
+    let results = c.machine_scripts(&m.id)?;
+    if !results.is_empty() {
+        println!(
+            "scripts (`stork machine scripts {}` for their output):",
+            m.id
+        );
+        for r in &results {
+            println!("  {}", script_line(r));
+        }
+    }
     Ok(())
+}
+
+/// The machine's last commissioning's script results, each with its output.
+pub fn script_results(c: &Client, id: &str, json: bool) -> Result<()> {
+    let results = c.machine_scripts(id)?;
+    if json {
+        return print_json(&results);
+    }
+    if results.is_empty() {
+        println!("no script results (none ran, or none since the last commissioning began)");
+    }
+    for r in &results {
+        println!("== {}", script_line(r));
+        for line in r.output.lines() {
+            println!("   {}", printable(line));
+        }
+    }
+    Ok(())
+}
+
+/// One result in a line: name, kind, outcome, time.
+pub fn script_line(r: &stork_proto::api::ScriptResult) -> String {
+    let outcome = match (r.timed_out, r.exit_status) {
+        (true, _) => "timed out".to_string(),
+        (false, Some(0)) => "passed".to_string(),
+        (false, Some(n)) => format!("failed (exit {n})"),
+        (false, None) => "did not run".to_string(),
+    };
+    format!(
+        "{} ({}): {outcome} in {:.1} s",
+        r.name,
+        if r.test { "hardware test" } else { "script" },
+        r.duration_ms as f64 / 1000.0
+    )
 }
 
 /// Prints the machine an action or a creation answered with.

@@ -8,6 +8,7 @@ mod counters;
 
 pub mod auth;
 pub mod cli;
+pub mod commissioning;
 pub mod config;
 pub mod dhcp;
 pub mod dhcp6;

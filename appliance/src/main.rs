@@ -105,6 +105,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
+    /// Commissioning scripts, run on every machine commissioned (in name order).
+    Script {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: ScriptCmd,
+    },
     /// SSH public keys installed on every deployed machine.
     #[command(name = "ssh-key")]
     SshKey {
@@ -316,8 +323,18 @@ enum MachineCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Run the commissioning agent (inventory); the machine ends Ready.
+    /// Run the commissioning agent (the scripts, the tests asked for, the inventory); the
+    /// machine ends Ready, or failed with the reason.
     Commission {
+        id: String,
+        /// A hardware test to run too: smart, disk-read or memory (repeatable).
+        #[arg(long = "test")]
+        tests: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The last commissioning's scripts and tests: exit status, time and output.
+    Scripts {
         id: String,
         #[arg(long)]
         json: bool,
@@ -529,6 +546,27 @@ enum ImageCmd {
 }
 
 #[derive(Subcommand)]
+enum ScriptCmd {
+    /// The scripts, in the order they run.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add (or replace) script NAME from FILE: the agent runs it as root in its ephemeral
+    /// system before the inventory; a non-zero exit fails the commissioning.
+    Add {
+        name: String,
+        file: PathBuf,
+        /// Seconds before it is killed (and fails); default 300.
+        #[arg(long)]
+        timeout: Option<u32>,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum SshKeyCmd {
     Add {
         name: String,
@@ -628,6 +666,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Token { conn, cmd } => token(|| conn.client(&top), cmd),
         Cmd::Image { conn, cmd } => image(&conn.client(&top)?, cmd),
         Cmd::SshKey { conn, cmd } => ssh_key(&conn.client(&top)?, cmd),
+        Cmd::Script { conn, cmd } => script(&conn.client(&top)?, cmd),
         Cmd::Stats { conn, json } => cli::stats(&conn.client(&top)?, json),
         Cmd::Leases { conn, json } => cli::leases(&conn.client(&top)?, json),
         Cmd::Audit { conn, after, json } => cli::audit(&conn.client(&top)?, after, json),
@@ -858,6 +897,44 @@ fn image(client: &Client, cmd: ImageCmd) -> Result<()> {
     }
 }
 
+fn script(client: &Client, cmd: ScriptCmd) -> Result<()> {
+    match cmd {
+        ScriptCmd::List { json } => {
+            let scripts = client.scripts()?;
+            if json {
+                return cli::print_json(&scripts);
+            }
+            for sc in scripts {
+                println!(
+                    "{}\t{} s\t{} lines",
+                    sc.name,
+                    sc.timeout_secs,
+                    sc.content.lines().count()
+                );
+            }
+            Ok(())
+        }
+        ScriptCmd::Add {
+            name,
+            file,
+            timeout,
+        } => {
+            let sc = client.add_script(&stork_proto::api::NewScript {
+                name,
+                content: read(&file)?,
+                timeout_secs: timeout,
+            })?;
+            println!("added {} (timeout {} s)", sc.name, sc.timeout_secs);
+            Ok(())
+        }
+        ScriptCmd::Delete { name } => {
+            client.delete_script(&name)?;
+            println!("deleted {name}");
+            Ok(())
+        }
+    }
+}
+
 fn ssh_key(client: &Client, cmd: SshKeyCmd) -> Result<()> {
     match cmd {
         SshKeyCmd::Add { name, file } => {
@@ -969,7 +1046,11 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
             })?;
             cli::machine_line(&m, json)
         }
-        MachineCmd::Commission { id, json } => cli::machine_line(&c.commission(&id)?, json),
+        MachineCmd::Commission { id, tests, json } => cli::machine_line(
+            &c.commission_with(&id, &stork_proto::api::CommissionBody { tests })?,
+            json,
+        ),
+        MachineCmd::Scripts { id, json } => cli::script_results(c, &id, json),
         MachineCmd::Allocate {
             id: Some(id), json, ..
         } => cli::machine_line(&c.allocate(&id, &AllocateBody::default())?, json),

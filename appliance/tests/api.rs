@@ -333,7 +333,7 @@ fn happy_path() {
         "{kernel}"
     );
     a.token = Some(token);
-    assert_eq!(f.task(&a), Task::Commission);
+    assert_eq!(f.task(&a), Task::Commission { scripts: vec![] });
 
     let r = f
         .commissioned(&a, 4, 8, 100)
@@ -1844,12 +1844,12 @@ fn a_boot_token_is_given_once_to_one_address() {
         answer(&refused(f.client.with_token(&t1).agent_task(&a.id))).0,
         401
     );
-    assert_eq!(f.task(&a), Task::Commission);
+    assert_eq!(f.task(&a), Task::Commission { scripts: vec![] });
 
     // The agent used it: a later fetch gets no token, and the agent keeps working.
     let again = f.boot_script(&a);
     assert!(script_identity(&again).is_none(), "{again}");
-    assert_eq!(f.task(&a), Task::Commission);
+    assert_eq!(f.task(&a), Task::Commission { scripts: vec![] });
     let events = f.events(&a.id);
     assert!(
         events.iter().any(|e| e.message.contains("no agent token")),
@@ -1860,7 +1860,7 @@ fn a_boot_token_is_given_once_to_one_address() {
     f.act(&a, Action::Abort, Status::FailedCommissioning);
     f.act(&a, Action::Commission, Status::Commissioning);
     f.boot(&mut a);
-    assert_eq!(f.task(&a), Task::Commission);
+    assert_eq!(f.task(&a), Task::Commission { scripts: vec![] });
 }
 
 /// Scopes: a read-only token reads and changes nothing, an operator changes machines but
@@ -2115,4 +2115,136 @@ fn an_uploaded_image_is_checked_stored_and_registered() {
     );
     let e = refused(f.client.delete_boot_resource("mine"));
     assert_eq!(answer(&e).0, 404, "{e}");
+}
+
+/// Commissioning scripts: stored by field-checked request, run in name order before the
+/// hardware tests the commission asked for; the agent's results are recorded and shown, a
+/// result for a script this commissioning does not run is refused, and a new commissioning
+/// clears them. A failed script's step failure fails the commissioning with its reason.
+#[test]
+fn commissioning_scripts_run_in_order_and_their_results_are_kept() {
+    use stork_proto::api::{CommissionBody, NewScript, ScriptResult};
+    use stork_proto::{AgentEvent, CommissionScript};
+    let f = Fixture::new();
+    let add = |name: &str, content: &str| {
+        f.client.add_script(&NewScript {
+            name: name.into(),
+            content: content.into(),
+            timeout_secs: None,
+        })
+    };
+    add("20-second", "echo two").expect("add a script");
+    add("10-first", "#!/bin/sh\necho one").expect("add a script");
+    let e = refused(add("bad/name", "x"));
+    assert!(e.message().unwrap_or_default().starts_with("name: "), "{e}");
+    let e = refused(add("memory", "x"));
+    assert!(e.message().unwrap_or_default().starts_with("name: "), "{e}");
+    let names: Vec<String> = f
+        .client
+        .scripts()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["10-first", "20-second"]);
+
+    let mut m = f.create(1);
+    let e = refused(f.client.commission_with(
+        &m.id,
+        &CommissionBody {
+            tests: vec!["fans".into()],
+        },
+    ));
+    assert!(
+        e.message()
+            .unwrap_or_default()
+            .starts_with("tests: \"fans\""),
+        "{e}"
+    );
+    assert_eq!(f.status(&m.id), Status::New);
+    let shown = f
+        .client
+        .commission_with(
+            &m.id,
+            &CommissionBody {
+                tests: vec!["disk-read".into()],
+            },
+        )
+        .expect("commission");
+    assert_eq!(shown.commission_tests, ["disk-read"]);
+    f.boot(&mut m);
+    let Task::Commission { scripts } = f.task(&m) else {
+        panic!("not a commission task");
+    };
+    let order: Vec<(&str, bool)> = scripts.iter().map(|s| (s.name.as_str(), s.test)).collect();
+    assert_eq!(
+        order,
+        [
+            ("10-first", false),
+            ("20-second", false),
+            ("disk-read", true)
+        ]
+    );
+    let result = |s: &CommissionScript, code: i32| ScriptResult {
+        name: s.name.clone(),
+        test: s.test,
+        exit_status: Some(code),
+        timed_out: false,
+        duration_ms: 12,
+        output: format!("ran {}\n", s.name),
+        at: 0,
+    };
+    let agent = f.agent(&m);
+    agent
+        .agent_script_result(&m.id, &result(&scripts[0], 0))
+        .expect("a result");
+    agent
+        .agent_script_result(&m.id, &result(&scripts[2], 1))
+        .expect("a result");
+    let mut stray = result(&scripts[0], 0);
+    stray.name = "not-run".into();
+    let e = refused(agent.agent_script_result(&m.id, &stray));
+    assert!(e.message().unwrap_or_default().starts_with("name: "), "{e}");
+    let kept = f.client.machine_scripts(&m.id).expect("results");
+    assert_eq!(kept.len(), 2);
+    assert_eq!(
+        (kept[0].output.as_str(), kept[0].passed()),
+        ("ran 10-first\n", true)
+    );
+    assert!(!kept[1].passed() && kept[1].test);
+
+    // The agent fails the step with the test's reason: the machine says why.
+    agent
+        .agent_event(
+            &m.id,
+            &AgentEvent {
+                step: AgentStep::Commission,
+                state: StepState::Failed,
+                message: "hardware test disk-read failed (exit 1): unreadable: vdb".into(),
+                progress: None,
+                log_tail: None,
+            },
+        )
+        .expect("the failure");
+    let failed = f.machine(&m.id);
+    assert_eq!(failed.status, Status::FailedCommissioning);
+    let why = failed.status_message.unwrap_or_default();
+    assert!(
+        why.contains("disk-read failed (exit 1): unreadable: vdb"),
+        "{why}"
+    );
+    // Results are not taken once the machine no longer commissions (its token is gone).
+    let e = refused(agent.agent_script_result(&m.id, &result(&scripts[1], 0)));
+    assert_eq!(e.status(), Some(401), "{e}");
+
+    // A new commissioning clears them, and runs only the scripts then.
+    f.act(&m, Action::Commission, Status::Commissioning);
+    assert!(f.client.machine_scripts(&m.id).unwrap().is_empty());
+    f.client.delete_script("20-second").expect("delete");
+    f.boot(&mut m);
+    let Task::Commission { scripts } = f.task(&m) else {
+        panic!("not a commission task");
+    };
+    let names: Vec<&str> = scripts.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["10-first"]);
 }

@@ -11,14 +11,14 @@ use futures_util::{FutureExt, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use stork_proto::api::{
-    AllocateBody, AuditQuery, AuditRecord, BootResource, Constraints, CreatedToken, DeployRequest,
-    ErrorBody, EventQuery, EventRecord, HealthReport, Machine, MachineFilter, MarkBrokenBody,
-    NewMachine, NewSshKey, NewToken, PowerAnswer, PowerOp, ReleaseBody, SshKey, StatsResponse,
-    TokenRecord, UploadFormat, UploadQuery,
+    AllocateBody, AuditQuery, AuditRecord, BootResource, CommissionBody, Constraints, CreatedToken,
+    DeployRequest, ErrorBody, EventQuery, EventRecord, HealthReport, Machine, MachineFilter,
+    MarkBrokenBody, NewMachine, NewScript, NewSshKey, NewToken, PowerAnswer, PowerOp, ReleaseBody,
+    Script, ScriptResult, SshKey, StatsResponse, TokenRecord, UploadFormat, UploadQuery,
 };
 use stork_proto::{
     AgentEvent, AgentReport, ENLIST_PATH, EnlistRequest, EnlistResponse, HEARTBEAT, Heartbeat,
-    Inventory, REPORT_PATH, Task, agent_path,
+    Inventory, REPORT_PATH, SCRIPTS, Task, agent_path,
 };
 
 /// The API's prefix.
@@ -183,6 +183,30 @@ impl Client {
 
     pub fn commission(&self, id: &str) -> Result<Machine> {
         self.action(id, "commission", None::<&()>)
+    }
+
+    /// Commissions with the hardware `tests` besides the scripts.
+    pub fn commission_with(&self, id: &str, body: &CommissionBody) -> Result<Machine> {
+        self.action(id, "commission", Some(body))
+    }
+
+    /// The results of the machine's last commissioning's scripts and tests.
+    pub fn machine_scripts(&self, id: &str) -> Result<Vec<ScriptResult>> {
+        self.get(&format!("{API}/machines/{id}/scripts"), &())
+    }
+
+    // ---- commissioning scripts ----
+
+    pub fn scripts(&self) -> Result<Vec<Script>> {
+        self.get(&format!("{API}/scripts"), &())
+    }
+
+    pub fn add_script(&self, s: &NewScript) -> Result<Script> {
+        self.create(&format!("{API}/scripts"), s)
+    }
+
+    pub fn delete_script(&self, name: &str) -> Result<()> {
+        self.delete(&format!("{API}/scripts/{name}"))
     }
 
     pub fn allocate(&self, id: &str, body: &AllocateBody) -> Result<Machine> {
@@ -445,6 +469,10 @@ impl Client {
 
     pub fn agent_event(&self, machine: &str, e: &AgentEvent) -> Result<()> {
         self.post_no_answer(&agent_path(machine, "events"), Some(e))
+    }
+
+    pub fn agent_script_result(&self, machine: &str, r: &ScriptResult) -> Result<()> {
+        self.post_no_answer(&agent_path(machine, SCRIPTS), Some(r))
     }
 
     pub fn agent_heartbeat(&self, machine: &str, h: &Heartbeat) -> Result<()> {

@@ -65,6 +65,14 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ),
     ("zstd", "decompressing .zst images and tars"),
     ("xz-utils", "decompressing .xz images"),
+    (
+        "smartmontools",
+        "smartctl: the `smart` hardware test while commissioning",
+    ),
+    (
+        "memtester",
+        "the `memory` hardware test while commissioning",
+    ),
 ];
 
 /// The built-in recipe, as hashed into the manifest.

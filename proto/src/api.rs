@@ -157,6 +157,10 @@ pub struct Machine {
     /// an appliance of its own.
     #[serde(default)]
     pub site: Option<String>,
+    /// The hardware tests (`BUILTIN_TESTS`) the current or last commissioning runs, asked
+    /// for with it.
+    #[serde(default)]
+    pub commission_tests: Vec<String>,
 }
 
 impl Machine {
@@ -187,6 +191,7 @@ impl Machine {
             power_state: None,
             power_seen_at: None,
             site: None,
+            commission_tests: Vec::new(),
         }
     }
 
@@ -628,6 +633,81 @@ impl Constraints {
                 .is_none_or(|mib| inv.memory.total_bytes >= mib << 20)
             && self.min_disk_gib.is_none_or(|g| largest_disk >= g << 30)
             && self.tags.iter().all(|t| m.tags.contains(t))
+    }
+}
+
+/// The hardware tests Stork ships, run while commissioning when asked for
+/// (`POST /machines/{id}/commission {"tests": [...]}`): `smart` (every disk's SMART health,
+/// where the disk has SMART), `disk-read` (the first 64 MiB of every disk read, direct, and
+/// its rate), `memory` (`memtester` over 64 MiB).
+pub const BUILTIN_TESTS: &[&str] = &["smart", "disk-read", "memory"];
+
+/// `POST /machines/{id}/commission`'s body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CommissionBody {
+    /// Hardware tests to run besides the scripts (`smart`, `disk-read`, `memory`); a failing
+    /// one fails the commissioning with its reason.
+    #[serde(default)]
+    pub tests: Vec<String>,
+}
+
+/// The longest a script may run, and its default.
+pub const MAX_SCRIPT_SECS: u32 = 3600;
+pub const DEFAULT_SCRIPT_SECS: u32 = 300;
+/// The largest script taken, and the most output kept of one run (its end).
+pub const MAX_SCRIPT_BYTES: usize = 64 * 1024;
+pub const MAX_SCRIPT_OUTPUT: usize = 16 * 1024;
+
+/// `POST /scripts`: a commissioning script, run on every machine commissioned after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewScript {
+    /// Letters, digits, `.`, `-` and `_`; scripts run in name order.
+    pub name: String,
+    pub content: String,
+    /// Default 300, at most 3600: past it the script is killed and fails.
+    #[serde(default)]
+    pub timeout_secs: Option<u32>,
+}
+
+/// A stored commissioning script.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Script {
+    pub name: String,
+    pub content: String,
+    pub timeout_secs: u32,
+    pub created_at: i64,
+}
+
+/// One script's or test's run on a machine, as its agent reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ScriptResult {
+    pub name: String,
+    /// A hardware test Stork ships, not a user's script.
+    #[serde(default)]
+    pub test: bool,
+    /// The exit status; none when it was killed (its timeout) or could not start.
+    pub exit_status: Option<i32>,
+    #[serde(default)]
+    pub timed_out: bool,
+    pub duration_ms: u64,
+    /// Its standard output and error together, the last 16 KiB.
+    pub output: String,
+    /// When the appliance recorded it (ms); set by the appliance.
+    #[serde(default)]
+    pub at: i64,
+}
+
+impl ScriptResult {
+    pub fn passed(&self) -> bool {
+        self.exit_status == Some(0) && !self.timed_out
     }
 }
 

@@ -61,8 +61,13 @@ pub fn agent_path(machine_id: &str, what: &str) -> String {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Task {
-    /// Report the inventory (`POST .../commissioned`), then power off.
-    Commission,
+    /// Run the scripts and tests, each result posted (`POST .../scripts`), stopping at the
+    /// first that fails (the machine fails commissioning with its reason); then report the
+    /// inventory (`POST .../commissioned`) and power off.
+    Commission {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        scripts: Vec<CommissionScript>,
+    },
     /// Install an OS.
     Deploy(Box<DeployTask>),
     /// Wipe the disks (`quick`: signatures and partition tables; else every byte), then
@@ -71,6 +76,23 @@ pub enum Task {
     /// Nothing to do: power off.
     PowerOff,
 }
+
+/// A script the agent runs while commissioning: a user's, or one of Stork's hardware tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CommissionScript {
+    pub name: String,
+    /// A hardware test Stork ships (`api::BUILTIN_TESTS`), not a user's script.
+    #[serde(default)]
+    pub test: bool,
+    /// The script itself, run as an executable file (its `#!` line picks the interpreter; a
+    /// script without one runs under `/bin/sh`).
+    pub content: String,
+    pub timeout_secs: u32,
+}
+
+/// Where the agent posts each script's result.
+pub const SCRIPTS: &str = "scripts";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -133,6 +133,7 @@ impl RootlessLab {
                 bus: disk.bus,
                 serial: disk.serial.clone(),
                 snapshot,
+                faults: None,
             });
         }
         let nic = NicBackend::Stream(self.socket().to_path_buf());

@@ -90,6 +90,9 @@ pub struct ExtraDisk {
     pub bus: DiskBus,
     pub bytes: u64,
     pub serial: String,
+    /// A bad disk: every read that touches this byte fails with EIO (QEMU's `blkdebug`
+    /// driver), writes and other reads work. A hardware test must find it.
+    pub unreadable_at: Option<u64>,
 }
 
 /// What a VM's provisioning NIC ([`NIC_ID`], netdev `n0`) is plugged into.
@@ -130,6 +133,8 @@ pub struct AttachedDisk {
     pub serial: String,
     /// Writes go to a temporary overlay that QEMU discards: the file itself never changes.
     pub snapshot: bool,
+    /// A `blkdebug` rules file that fails the reads [`ExtraDisk::unreadable_at`] names.
+    pub faults: Option<PathBuf>,
 }
 
 /// A path inside a QEMU option value: a comma is written twice, or QEMU would take it for
@@ -222,15 +227,32 @@ pub fn qemu_argv(lab: &mut Lab, spec: &VmSpec) -> Result<(Vec<String>, VmPaths)>
         bus: spec.disk_bus,
         serial: spec.disk_serial.clone(),
         snapshot: false,
+        faults: None,
     }];
     for (n, extra) in spec.extra_disks.iter().enumerate() {
         let file = dir.join(format!("disk{}.raw", n + 1));
         blank_disk(&file, extra.bytes, spec.keep_disk)?;
+        let faults = match extra.unreadable_at {
+            Some(at) => {
+                let rules = dir.join(format!("disk{}.blkdebug", n + 1));
+                std::fs::write(
+                    &rules,
+                    format!(
+                        "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nsector = \"{}\"\nonce = \"off\"\n",
+                        at / 512
+                    ),
+                )
+                .with_context(|| format!("writing {}", rules.display()))?;
+                Some(rules)
+            }
+            None => None,
+        };
         disks.push(AttachedDisk {
             file,
             bus: extra.bus,
             serial: extra.serial.clone(),
             snapshot: false,
+            faults,
         });
     }
     let mut extra_nics = Vec::with_capacity(spec.extra_nics.len());
@@ -328,7 +350,12 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
         if disk.bus == DiskBus::Sata && sata_ports == 0 {
             argv.extend(["-device".to_string(), "ahci,id=ahci".to_string()]);
         }
-        let mut drive = format!("file={},if=none,id=d{n},format=raw", opt_path(&disk.file));
+        let file = match &disk.faults {
+            // The raw format's reads raise blkdebug's `read_aio` event, which its rules fail.
+            Some(rules) => format!("blkdebug:{}:{}", opt_path(rules), opt_path(&disk.file)),
+            None => opt_path(&disk.file),
+        };
+        let mut drive = format!("file={file},if=none,id=d{n},format=raw");
         if disk.snapshot {
             drive.push_str(",snapshot=on");
         }
@@ -665,6 +692,7 @@ mod tests {
             bus: spec.disk_bus,
             serial: spec.disk_serial.clone(),
             snapshot: false,
+            faults: None,
         }];
         let args = |spec: &VmSpec| MachineArgs {
             name: "m1",
@@ -755,30 +783,35 @@ mod tests {
                 bus: DiskBus::Usb,
                 serial: "STICK".into(),
                 snapshot: true,
+                faults: None,
             },
             AttachedDisk {
                 file: "/lab/m1/disk1.raw".into(),
                 bus: DiskBus::Nvme,
                 serial: "DATA".into(),
                 snapshot: false,
+                faults: None,
             },
             AttachedDisk {
                 file: "/lab/m1/disk2.raw".into(),
                 bus: DiskBus::Usb,
                 serial: "OTHER".into(),
                 snapshot: false,
+                faults: None,
             },
             AttachedDisk {
                 file: "/lab/m1/disk3.raw".into(),
                 bus: DiskBus::Sata,
                 serial: "S1".into(),
                 snapshot: false,
+                faults: None,
             },
             AttachedDisk {
                 file: "/lab/m1/disk4.raw".into(),
                 bus: DiskBus::Sata,
                 serial: "S2".into(),
                 snapshot: false,
+                faults: Some("/lab/m1/disk4.blkdebug".into()),
             },
         ];
         let argv = machine_argv(&small(&sock, &[], &disks)).unwrap();
@@ -809,7 +842,7 @@ mod tests {
                 "-device",
                 "ide-hd,bus=ahci.0,drive=d3,id=disk3,serial=S1",
                 "-drive",
-                "file=/lab/m1/disk4.raw,if=none,id=d4,format=raw",
+                "file=blkdebug:/lab/m1/disk4.blkdebug:/lab/m1/disk4.raw,if=none,id=d4,format=raw",
                 "-device",
                 "ide-hd,bus=ahci.1,drive=d4,id=disk4,serial=S2",
                 "-device",

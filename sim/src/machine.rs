@@ -503,7 +503,8 @@ impl Machine {
         let empty = serde_json::json!({});
         let task: Task = agent.call(Method::GET, "task", None::<&()>).await?;
         match task {
-            Task::Commission => {
+            // The simulated fleet's commissioning runs no scripts (none are added).
+            Task::Commission { .. } => {
                 self.state.borrow_mut().in_flight = Some(phase::COMMISSIONED);
                 let _: EnlistResponse = agent.post("commissioned", &self.inventory()).await?;
                 self.state.borrow_mut().in_flight = None;

@@ -238,25 +238,30 @@ impl Scenario {
     /// `stork machine commission`: Stork sets PXE and powers the machine on through the BMC;
     /// the agent commissions it; Stork powers it off. Waits for Ready and off.
     pub fn commission(&mut self, id: &str) -> Result<()> {
+        self.commission_with(id, &[], Status::Ready)
+    }
+
+    /// Commissions with the hardware `tests` (`--test`), to `want` (Ready, or failed
+    /// commissioning for a test that must find a fault) and off.
+    pub fn commission_with(&mut self, id: &str, tests: &[&str], want: Status) -> Result<()> {
         self.phase_start();
-        self.appliance.cli(&["machine", "commission", id])?;
+        let mut args = vec!["machine", "commission", id];
+        for t in tests {
+            args.extend(["--test", t]);
+        }
+        self.appliance.cli(&args)?;
         if self.machine.bmc.boot() != "pxe" {
             bail!(
                 "commissioning did not set the BMC's boot device to PXE: {:?}",
                 self.machine.bmc.boot()
             );
         }
-        self.wait_status(
-            id,
-            Status::Ready,
-            &[Status::Commissioning],
-            Duration::from_secs(400),
-        )?;
+        self.wait_status(id, want, &[Status::Commissioning], Duration::from_secs(400))?;
         self.wait_off(
             "Stork's power-off after commissioning",
             Duration::from_secs(90),
         )?;
-        self.phase_done("commission (to Ready, off)");
+        self.phase_done(&format!("commission (to {want}, off)"));
         Ok(())
     }
 

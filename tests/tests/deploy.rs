@@ -55,6 +55,7 @@ fn seabios_vm_powered_by_its_bmc_deploys_debian_to_nvme_logs_in_over_ssh_then_re
         bus: DiskBus::Sata,
         bytes: 128 << 20,
         serial: SATA_SERIAL.into(),
+        unreadable_at: None,
     }];
     let mut s = Scenario::new("deploy-disk", spec, None).unwrap();
     s.disk = Some("QEMU NVMe Ctrl".into());

@@ -49,15 +49,25 @@ fn seabios_vm_deploys_debian_from_the_root_tar_onto_lvm_over_two_disks_and_logs_
     spec.memory_mib = 2048;
     spec.cpus = 2;
     spec.disk_bytes = 4 << 30;
-    spec.extra_disks = vec![ExtraDisk {
-        bus: DiskBus::Sata,
-        bytes: 4 << 30,
-        serial: LVM_SERIAL.into(),
-    }];
+    spec.extra_disks = vec![
+        ExtraDisk {
+            bus: DiskBus::Sata,
+            bytes: 4 << 30,
+            serial: LVM_SERIAL.into(),
+            unreadable_at: None,
+        },
+        // A bad disk the layout leaves alone: reads past 32 MiB fail.
+        ExtraDisk {
+            bus: DiskBus::Virtio,
+            bytes: 256 << 20,
+            serial: "STORK-BAD".into(),
+            unreadable_at: Some(32 << 20),
+        },
+    ];
     let mut s = Scenario::new("deploy-layout", spec, None).unwrap();
     let result = (|| -> Result<()> {
         let id = s.add_and_enlist()?;
-        s.commission(&id)?;
+        commission_with_scripts(&mut s, &id)?;
         deploy_with_layout(&mut s, &id)?;
         check_installed(&s, &id)
     })();
@@ -68,6 +78,57 @@ fn seabios_vm_deploys_debian_from_the_root_tar_onto_lvm_over_two_disks_and_logs_
         "phases (SeaBIOS, to disk from the root tar, LVM over two disks):\n{}",
         s.timings()
     );
+}
+
+/// A user's commissioning script: what it prints is checked in the results.
+const HELLO: &str =
+    "#!/bin/sh\necho \"hello from $(uname -n): $(nproc) CPUs\"\nls /sys/block | grep -v loop\n";
+
+/// Commissioning with a user's script and two hardware tests: SMART passes (the SATA disk
+/// has it, virtio disks have none), the disk read finds the bad disk and fails the
+/// commissioning, the machine says why and the results show each run; commissioned again
+/// without the tests it is Ready, the script's output shown.
+fn commission_with_scripts(s: &mut Scenario, id: &str) -> Result<()> {
+    let file = s.lab.dir().join("hello.sh");
+    std::fs::write(&file, HELLO)?;
+    s.appliance.cli(&[
+        "script",
+        "add",
+        "10-hello",
+        file.to_str().context("lab path")?,
+        "--timeout",
+        "60",
+    ])?;
+    s.commission_with(id, &["smart", "disk-read"], Status::FailedCommissioning)?;
+    let m = s.status(id)?;
+    let why = m.status_message.unwrap_or_default();
+    if !why.contains("hardware test disk-read failed (exit 1)") || !why.contains("vdb") {
+        bail!("the failed commissioning says {why:?}: wanted disk-read's failure naming vdb");
+    }
+    let results = s.appliance.cli(&["machine", "scripts", id])?;
+    for want in [
+        "== 10-hello (script): passed",
+        "hello from ",
+        "== smart (hardware test): passed",
+        "sda: SMART",
+        "vda: no SMART",
+        "== disk-read (hardware test): failed (exit 1)",
+        "vdb: read error",
+    ] {
+        if !results.contains(want) {
+            bail!("`machine scripts` lacks {want:?}:\n{results}");
+        }
+    }
+    s.say(&format!("a bad disk fails commissioning: {why:?}"));
+
+    s.commission(id)?;
+    let shown = s.appliance.cli(&["machine", "show", id])?;
+    let results = s.appliance.cli(&["machine", "scripts", id])?;
+    if !shown.contains("10-hello (script): passed") || results.contains("disk-read") {
+        bail!("after a commissioning without tests:\n{shown}\n{results}");
+    }
+    s.say("commissioned again without the tests: ready, the script's output kept");
+    Ok(())
 }
 
 /// The second disk of the LVM VM: SATA, named in the layout by the serial only its VPD page
@@ -106,6 +167,7 @@ fn seabios_vm_deploys_its_root_on_lvm_over_raid1_of_two_disks_and_boots_with_one
         bus: DiskBus::Virtio,
         bytes: 4 << 30,
         serial: "STORK-RAID-2".into(),
+        unreadable_at: None,
     }];
     spec.extra_nics = vec![SECOND_MAC.into()];
     let mut s = Scenario::with_config("deploy-raid", spec, STATIC_RANGE).unwrap();

@@ -17,7 +17,7 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 pub const TIMEOUT: Duration = Duration::from_secs(600);
 /// How much of a command's output (stdout and stderr together) is kept: its end.
 pub const OUTPUT_TAIL: usize = 2048;
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What one command did.
 #[derive(Debug)]
@@ -67,17 +67,13 @@ fn describe(status: ExitStatus) -> String {
 /// `/bin/sh -c command` chrooted into `root`, stdin empty, a clean environment.
 fn run_one(root: &Path, command: &str) -> Result<Ran> {
     let root_c = CString::new(root.as_os_str().as_bytes()).context("root path")?;
-    let (mut reader, writer) = std::io::pipe().context("pipe")?;
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(command)
         .env_clear()
         .env("PATH", PATH)
         .env("HOME", "/root")
-        .env("LANG", "C.UTF-8")
-        .stdin(Stdio::null())
-        .stdout(writer.try_clone().context("pipe")?)
-        .stderr(writer);
+        .env("LANG", "C.UTF-8");
     // SAFETY: between fork and exec the child only calls chroot(2) and chdir(2) on
     // strings made before the fork: async-signal-safe, no allocation, no locks.
     unsafe {
@@ -88,11 +84,40 @@ fn run_one(root: &Path, command: &str) -> Result<Ran> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().context("start /bin/sh in the installed root")?;
+    let out = capture(cmd, TIMEOUT, OUTPUT_TAIL).context("start /bin/sh in the installed root")?;
+    match out.status {
+        Some(status) => Ok(Ran {
+            status,
+            output: out.output,
+        }),
+        None => bail!("still running after {TIMEOUT:?}: killed"),
+    }
+}
+
+/// What [`capture`] saw of a command.
+#[derive(Debug)]
+pub struct Captured {
+    /// `None`: it outlasted its timeout and was killed.
+    pub status: Option<ExitStatus>,
+    /// The last bytes it wrote to stdout and stderr together (the tail asked for), lossily
+    /// UTF-8.
+    pub output: String,
+    pub elapsed: Duration,
+}
+
+/// Runs `cmd`, its stdout and stderr into one pipe of which the last `tail` bytes are kept,
+/// for at most `timeout` (then killed). Also what commissioning scripts run through.
+pub fn capture(mut cmd: Command, timeout: Duration, tail: usize) -> Result<Captured> {
+    let (mut reader, writer) = std::io::pipe().context("pipe")?;
+    cmd.stdin(Stdio::null())
+        .stdout(writer.try_clone().context("pipe")?)
+        .stderr(writer);
+    let started = Instant::now();
+    let mut child = cmd.spawn()?;
     // The command builder holds the pipe's write ends: dropped, the read sees the end
     // once the child (and what it started) closes its own.
     drop(cmd);
-    let tail = std::thread::spawn(move || {
+    let keeper = std::thread::spawn(move || {
         let mut kept: Vec<u8> = Vec::new();
         let mut buf = [0u8; 4096];
         while let Ok(n) = reader.read(&mut buf) {
@@ -100,36 +125,41 @@ fn run_one(root: &Path, command: &str) -> Result<Ran> {
                 break;
             }
             kept.extend_from_slice(&buf[..n]);
-            if kept.len() > OUTPUT_TAIL {
-                kept.drain(..kept.len() - OUTPUT_TAIL);
+            if kept.len() > tail {
+                kept.drain(..kept.len() - tail);
             }
         }
         String::from_utf8_lossy(&kept).into_owned()
     });
-    let deadline = Instant::now() + TIMEOUT;
+    let deadline = started + timeout;
     let status = loop {
         if let Some(status) = child.try_wait().context("wait")? {
-            break status;
+            break Some(status);
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("still running after {TIMEOUT:?}: killed");
+            break None;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    let elapsed = started.elapsed();
     // A background process the command left holding the pipe would keep the reader
     // waiting: what it wrote so far is enough once the command itself has ended.
     let grace = Instant::now() + Duration::from_millis(200);
-    while !tail.is_finished() && Instant::now() < grace {
+    while !keeper.is_finished() && Instant::now() < grace {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let output = if tail.is_finished() {
-        tail.join().unwrap_or_default()
+    let output = if keeper.is_finished() {
+        keeper.join().unwrap_or_default()
     } else {
         "(output still open by a process the command started)".to_string()
     };
-    Ok(Ran { status, output })
+    Ok(Captured {
+        status,
+        output,
+        elapsed,
+    })
 }
 
 /// `/dev` (bound), `/proc` and `/sys` inside the installed root while the commands run;

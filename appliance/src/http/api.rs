@@ -38,9 +38,10 @@ use crate::store::{
     SshKey, StoreError, TokenRecord, now_ms,
 };
 use stork_proto::api::{
-    AllocateBody, AuditQuery, AuditRecord, Constraints, CreatedToken, ErrorBody, EventQuery,
-    HealthReport, MachineFilter, MarkBrokenBody, NewMachine, NewSshKey, NewToken, NoFields,
-    PowerAnswer, PowerOp, PowerState, ReleaseBody, StatsResponse, UploadFormat, UploadQuery,
+    AllocateBody, AuditQuery, AuditRecord, CommissionBody, Constraints, CreatedToken, ErrorBody,
+    EventQuery, HealthReport, MachineFilter, MarkBrokenBody, NewMachine, NewScript, NewSshKey,
+    NewToken, NoFields, PowerAnswer, PowerOp, PowerState, ReleaseBody, Script, ScriptResult,
+    StatsResponse, UploadFormat, UploadQuery,
 };
 
 pub fn routes() -> Router<AppState> {
@@ -72,6 +73,9 @@ pub(super) fn documented_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list_boot_resources, register_boot_resource))
         .routes(routes!(upload_image))
         .routes(routes!(delete_boot_resource))
+        .routes(routes!(list_scripts, add_script))
+        .routes(routes!(delete_script))
+        .routes(routes!(machine_scripts))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
         .routes(routes!(audit_log))
@@ -85,6 +89,7 @@ pub(super) fn documented_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(agent_commissioned))
         .routes(routes!(agent_post_event))
         .routes(routes!(agent_heartbeat))
+        .routes(routes!(agent_script_result))
         .routes(routes!(agent_released))
         .routes(routes!(agent_installed))
         .routes(routes!(agent_deployed))
@@ -414,14 +419,18 @@ impl ActionCall {
     operation_id = "commission_machine",
     tag = "machines",
     summary = "Commission: run the agent to take the inventory",
-    description = "New, Ready or Failed commissioning -> Commissioning; powers the machine on into the agent (manual power: records that a person must). Lifecycle event `Commission`.",
+    description = "New, Ready or Failed commissioning -> Commissioning; powers the machine on into the agent (manual power: records that a person must), which runs every commissioning script (`/scripts`) and the hardware tests asked for, then takes the inventory. The last commissioning's script results are cleared. Lifecycle event `Commission`.",
     params(MachineId),
-    request_body(content = Option<NoFields>),
+    request_body(content = Option<CommissionBody>),
     responses(ActionAnswers)
 )]
 async fn commission(a: ActionCall) -> ApiResult<Json<Machine>> {
-    a.fields::<NoFields>()?;
-    a.run(Command::Commission).await
+    let body: CommissionBody = a.fields()?;
+    let tests = crate::commissioning::check_tests(&body.tests).map_err(ApiError::bad_request)?;
+    let m = a.run(Command::Commission { tests }).await?;
+    // The last commissioning's results go with it.
+    a.state.controller.clear_script_results(&m.id).await?;
+    Ok(m)
 }
 
 #[utoipa::path(
@@ -1303,6 +1312,102 @@ async fn delete_boot_resource(
 
 #[utoipa::path(
     get,
+    path = "/scripts",
+    operation_id = "list_scripts",
+    tag = "scripts",
+    summary = "List the commissioning scripts, in the order they run",
+    responses(
+        (status = 200, description = "OK", body = [Script]),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
+async fn list_scripts(State(s): State<AppState>, _: Reader) -> ApiResult<Json<Vec<Script>>> {
+    Ok(Json(s.controller.scripts().await?))
+}
+
+#[utoipa::path(
+    post,
+    path = "/scripts",
+    operation_id = "add_script",
+    tag = "scripts",
+    summary = "Add (or replace) a commissioning script",
+    description = "Every machine commissioned after runs it in the agent's ephemeral root, as root, before the inventory: its output and exit status are recorded on the machine; a non-zero exit or its timeout fails the commissioning.",
+    request_body(content = NewScript),
+    responses(
+        (status = 201, description = "Stored.", body = Script),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
+async fn add_script(
+    State(s): State<AppState>,
+    _: Operator,
+    body: Result<Json<NewScript>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Script>)> {
+    let Json(new) = body?;
+    let script =
+        crate::commissioning::check_script(new, now_ms()).map_err(ApiError::bad_request)?;
+    s.controller.put_script(script.clone()).await?;
+    Ok((StatusCode::CREATED, Json(script)))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/scripts/{name}",
+    operation_id = "delete_script",
+    tag = "scripts",
+    summary = "Delete a commissioning script",
+    params(("name" = String, Path)),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound)
+    )
+)]
+async fn delete_script(
+    State(s): State<AppState>,
+    _: Operator,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    if s.controller.delete_script(&name).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no script {name:?}"),
+        ))
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/machines/{id}/scripts",
+    operation_id = "machine_scripts",
+    tag = "machines",
+    summary = "The results of the machine's last commissioning's scripts and tests",
+    params(MachineId),
+    responses(
+        (status = 200, description = "OK, in the order they ran.", body = [ScriptResult]),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound)
+    )
+)]
+async fn machine_scripts(
+    State(s): State<AppState>,
+    _: Reader,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<ScriptResult>>> {
+    let m = s.controller.machine(&id).await?;
+    Ok(Json(s.controller.script_results(&m.id).await?))
+}
+
+#[utoipa::path(
+    get,
     path = "/tokens",
     operation_id = "list_tokens",
     tag = "tokens",
@@ -1622,7 +1727,12 @@ async fn agent_task(
     agent.check_machine(&id)?;
     let m = agent.machine;
     let task = match agent_work(&m) {
-        AgentWork::Commission => Task::Commission,
+        AgentWork::Commission => Task::Commission {
+            scripts: crate::commissioning::task_scripts(
+                s.controller.scripts().await?,
+                &m.commission_tests,
+            ),
+        },
         AgentWork::Erase { quick } => Task::Erase { quick },
         AgentWork::Deploy => super::deploy_task(&s, &m).await?,
         AgentWork::PowerOff => Task::PowerOff,
@@ -1726,6 +1836,70 @@ const MAX_STEP_LEN: usize = 64;
 
 /// 204: recorded, the next heartbeat is due within `lifecycle.heartbeat_timeout`. 202: not
 /// recorded, none is expected any more (the image is installed, or the agent said it left).
+#[utoipa::path(
+    post,
+    path = "/agent/{id}/scripts",
+    operation_id = "agent_script_result",
+    tag = "agent",
+    summary = "A commissioning script's result",
+    description = "While the machine commissions. The output is kept to its last 16 KiB.",
+    params(AgentMachineId),
+    request_body(content = ScriptResult),
+    responses(
+        (status = 204, description = "Recorded."),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, description = "The machine is not commissioning.", body = ErrorBody)
+    ),
+    security(("agentToken" = []))
+)]
+async fn agent_script_result(
+    State(s): State<AppState>,
+    agent: Agent,
+    Path(id): Path<String>,
+    body: Result<Json<ScriptResult>, JsonRejection>,
+) -> ApiResult<StatusCode> {
+    agent.check_machine(&id)?;
+    let Json(mut r) = body?;
+    if agent.machine.status != Status::Commissioning {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_commissioning",
+            format!(
+                "machine {} is {}, not commissioning",
+                id, agent.machine.status
+            ),
+        ));
+    }
+    let known = r.test && agent.machine.commission_tests.contains(&r.name)
+        || !r.test
+            && s.controller
+                .scripts()
+                .await?
+                .iter()
+                .any(|sc| sc.name == r.name);
+    if !known {
+        return Err(ApiError::bad_request(format!(
+            "name: {:?} is not a script this commissioning runs",
+            r.name
+        )));
+    }
+    r.output = tail_chars(&r.output, stork_proto::api::MAX_SCRIPT_OUTPUT);
+    r.at = now_ms();
+    s.controller.put_script_result(&agent.machine.id, r).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The end of `text`, at most `max` bytes, cut on a character boundary.
+fn tail_chars(text: &str, max: usize) -> String {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text.get(start..).unwrap_or_default().to_string()
+}
+
 #[utoipa::path(
     post,
     path = "/agent/{id}/heartbeat",

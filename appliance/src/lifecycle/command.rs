@@ -11,8 +11,10 @@ use crate::store::{DeployRequest, Machine};
 
 #[derive(Debug, Clone)]
 pub enum Command {
-    /// Run the commissioning agent.
-    Commission,
+    /// Run the commissioning agent: the scripts, the hardware `tests` named, the inventory.
+    Commission {
+        tests: Vec<String>,
+    },
     /// The agent's inventory.
     CommissioningDone(Inventory),
     /// Reserve a Ready machine for `owner`.
@@ -44,7 +46,7 @@ pub enum Command {
 impl Command {
     pub fn event(&self) -> Event {
         match self {
-            Self::Commission => Event::Commission,
+            Self::Commission { .. } => Event::Commission,
             Self::CommissioningDone(_) => Event::CommissioningDone,
             Self::Allocate { .. } => Event::Allocate,
             Self::Deploy(_) => Event::Deploy,
@@ -90,6 +92,7 @@ impl Command {
                 m.deploy = Some(req);
             }
             Self::Release { quick, .. } => m.erase_quick = quick,
+            Self::Commission { tests } => m.commission_tests = tests,
             _ => {}
         }
     }

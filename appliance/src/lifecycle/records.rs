@@ -12,8 +12,8 @@ use stork_proto::{Inventory, MacAddr};
 use super::boot::{self, BootChoice, HEARTBEAT_STATUSES, TokenGrant, choose};
 use super::{Controller, Status};
 use crate::store::{
-    BootResource, EventRecord, Machine, MachineQuery, NewEvent, SshKey, StoreError, TokenRecord,
-    now_ms,
+    BootResource, EventRecord, Machine, MachineQuery, NewEvent, Script, ScriptResult, SshKey,
+    StoreError, TokenRecord, now_ms,
 };
 
 /// A new random machine or record id: 12 hex digits.
@@ -443,6 +443,35 @@ impl Controller {
     pub async fn delete_ssh_key(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_string();
         self.store.call(move |s| s.delete_ssh_key(&id)).await
+    }
+
+    pub async fn scripts(&self) -> Result<Vec<Script>, StoreError> {
+        self.store.call(|s| s.scripts()).await
+    }
+
+    pub async fn put_script(&self, sc: Script) -> Result<(), StoreError> {
+        self.store.call(move |s| s.put_script(&sc)).await
+    }
+
+    /// Whether there was such a script.
+    pub async fn delete_script(&self, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_string();
+        self.store.call(move |s| s.delete_script(&name)).await
+    }
+
+    pub async fn put_script_result(&self, id: &str, r: ScriptResult) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.store.call(move |s| s.put_script_result(&id, &r)).await
+    }
+
+    pub async fn script_results(&self, id: &str) -> Result<Vec<ScriptResult>, StoreError> {
+        let id = id.to_string();
+        self.store.call(move |s| s.script_results(&id)).await
+    }
+
+    pub async fn clear_script_results(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.store.call(move |s| s.clear_script_results(&id)).await
     }
 
     /// Whether there was such a resource.

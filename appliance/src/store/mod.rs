@@ -247,7 +247,8 @@ pub fn restrict(path: &Path) -> Result<(), StoreError> {
 const MACHINE_COLUMNS: &str = "id, hostname, status, status_message, status_since, \
     version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, \
     updated_at, netboot, erase_quick, last_heartbeat, heartbeat_step, heartbeat_deadline, \
-    agent_ip, agent_token_used, hw_cpus, hw_memory_bytes, hw_disks, hw_disk_bytes, site";
+    agent_ip, agent_token_used, hw_cpus, hw_memory_bytes, hw_disks, hw_disk_bytes, site, \
+    commission_tests";
 
 impl Store {
     /// Opens (or creates) the database at `path`, with the secrets key file
@@ -536,7 +537,7 @@ impl Store {
 
     // ---- machines ----
 
-    /// A machine's columns as written, `?1` to `?28` in [`MACHINE_COLUMNS`]'s order.
+    /// A machine's columns as written, `?1` to `?29` in [`MACHINE_COLUMNS`]'s order.
     fn machine_args(&self, m: &Machine) -> Vec<Value> {
         let hw = m.inventory.as_ref().map(HardwareSummary::of);
         args![
@@ -568,6 +569,7 @@ impl Store {
             hw.map(|h| h.disks),
             hw.map(|h| i64::try_from(h.disk_bytes).unwrap_or(i64::MAX)),
             m.site.as_deref(),
+            json(&m.commission_tests),
         ]
         .into()
     }
@@ -617,10 +619,11 @@ impl Store {
             heartbeat_step: row.get(19)?,
             heartbeat_deadline: row.get(20)?,
             site: row.get(27)?,
+            commission_tests: from_json("commission_tests", &row.get::<String>(28)?)?,
             power_state: row
-                .get::<Option<String>>(28)?
+                .get::<Option<String>>(29)?
                 .and_then(|p| PowerState::parse(&p)),
-            power_seen_at: row.get(29)?,
+            power_seen_at: row.get(30)?,
         })
     }
 
@@ -865,7 +868,7 @@ impl Store {
     /// Inserts a new machine and its first event.
     pub fn create_machine(&self, m: &Machine, event: &NewEvent) -> Result<Machine, StoreError> {
         self.check_space()?;
-        let placeholders: Vec<String> = (1..=28).map(|i| format!("?{i}")).collect();
+        let placeholders: Vec<String> = (1..=29).map(|i| format!("?{i}")).collect();
         let sql = format!(
             "INSERT INTO machines ({MACHINE_COLUMNS}) VALUES ({})",
             placeholders.join(",")
@@ -983,7 +986,7 @@ impl Store {
                         THEN (CASE WHEN agent_token_used > ?23 THEN agent_token_used ELSE ?23 END)
                         ELSE ?23 END,
                     hw_cpus=?24, hw_memory_bytes=?25, hw_disks=?26, hw_disk_bytes=?27,
-                    site=?28, created_at=?15
+                    site=?28, commission_tests=?29, created_at=?15
                  WHERE id=?1 AND version=?6
                    AND NOT (agent_token_used = 1 AND CAST(?14 AS TEXT) IS NOT NULL
                             AND agent_token IS DISTINCT FROM CAST(?14 AS TEXT))",
@@ -1331,6 +1334,70 @@ impl Store {
                 "INSERT INTO boot_resources (name, body, created_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT(name) DO UPDATE SET body = excluded.body",
                 &args![&r.name, json(r), now],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Adds (or replaces) a commissioning script.
+    pub fn put_script(&self, sc: &Script) -> Result<(), StoreError> {
+        self.run(|db| {
+            db.execute(
+                "INSERT INTO scripts (name, body, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET body = excluded.body",
+                &args![&sc.name, json(sc), sc.created_at],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Every commissioning script, in name order (the order they run in).
+    pub fn scripts(&self) -> Result<Vec<Script>, StoreError> {
+        self.run(|db| {
+            db.query("SELECT body FROM scripts ORDER BY name", &[])?
+                .iter()
+                .map(|r| from_json("body", &r.get::<String>(0)?))
+                .collect()
+        })
+    }
+
+    /// Whether there was such a script.
+    pub fn delete_script(&self, name: &str) -> Result<bool, StoreError> {
+        self.run(|db| Ok(db.execute("DELETE FROM scripts WHERE name = ?1", &args![name])? > 0))
+    }
+
+    /// Records a script's result on a machine (a second result of the same name replaces it).
+    pub fn put_script_result(&self, machine_id: &str, r: &ScriptResult) -> Result<(), StoreError> {
+        self.check_space()?;
+        self.run(|db| {
+            db.execute(
+                "INSERT INTO script_results (machine_id, name, body, at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(machine_id, name) DO UPDATE SET body = excluded.body, at = excluded.at",
+                &args![machine_id, &r.name, json(r), r.at],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// A machine's script results, in the order they were recorded.
+    pub fn script_results(&self, machine_id: &str) -> Result<Vec<ScriptResult>, StoreError> {
+        self.run(|db| {
+            db.query(
+                "SELECT body FROM script_results WHERE machine_id = ?1 ORDER BY at, name",
+                &args![machine_id],
+            )?
+            .iter()
+            .map(|r| from_json("body", &r.get::<String>(0)?))
+            .collect()
+        })
+    }
+
+    /// Forgets a machine's script results (a new commissioning starts).
+    pub fn clear_script_results(&self, machine_id: &str) -> Result<(), StoreError> {
+        self.run(|db| {
+            db.execute(
+                "DELETE FROM script_results WHERE machine_id = ?1",
+                &args![machine_id],
             )?;
             Ok(())
         })

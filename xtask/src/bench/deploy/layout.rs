@@ -62,6 +62,7 @@ pub fn measure(bin: &Path, boot: &Path, images: &Path) -> Result<Report> {
         bus: DiskBus::Virtio,
         bytes: vm.disk_bytes,
         serial: "BENCH-2".into(),
+        unreadable_at: None,
     }];
     let mut bench = Bench::new(&mut lab, appliance, images, vm)?;
     let report = run(&mut bench, &mut lab, images);
