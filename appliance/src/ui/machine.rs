@@ -4,7 +4,9 @@
 use axum::extract::{Path, Query, State};
 use maud::{Markup, html};
 use serde::Deserialize;
-use stork_proto::api::{EventRecord, HardwareSummary, Machine, PowerState, Status, TokenScope};
+use stork_proto::api::{
+    EventRecord, HardwareSummary, Machine, PowerState, ScriptResult, Status, TokenScope,
+};
 
 use super::machines::{hardware, is_busy, is_failed};
 use super::timeline::{Phase, phases};
@@ -72,7 +74,8 @@ pub async fn page(
     } else {
         Vec::new()
     };
-    let detail = detail(&m.redacted(), &events, &images, &session);
+    let scripts = s.controller.script_results(&m.id).await?;
+    let detail = detail(&m.redacted(), &events, &images, &scripts, &session);
     if q.fragment == Some(1) {
         return Ok(maud_html(detail));
     }
@@ -84,7 +87,13 @@ pub async fn page(
     Ok(layout(&name, "machine", &session, after, body))
 }
 
-fn detail(m: &Machine, events: &[EventRecord], images: &[String], s: &Session) -> Markup {
+fn detail(
+    m: &Machine,
+    events: &[EventRecord],
+    images: &[String],
+    scripts: &[ScriptResult],
+    s: &Session,
+) -> Markup {
     let now = now_ms();
     let name = m.hostname.clone().unwrap_or_else(|| m.id.clone());
     let operator = s.may(TokenScope::Operator);
@@ -129,6 +138,9 @@ fn detail(m: &Machine, events: &[EventRecord], images: &[String], s: &Session) -
             (power_card(m, operator))
             (summary_card(m))
             (inventory_card(m))
+            @if !scripts.is_empty() {
+                (scripts_card(scripts))
+            }
         }
         section #events-card .card aria-labelledby="events-h" {
             h2 #events-h { "Events" }
@@ -139,6 +151,25 @@ fn detail(m: &Machine, events: &[EventRecord], images: &[String], s: &Session) -
                         span .actor { (e.actor) }
                         @if let Some(to) = e.new_status { span class={ "badge status-" (to.as_str()) } { (to.as_str()) } }
                         span .msg { (e.message) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The last commissioning's scripts and hardware tests: outcome, time, output.
+fn scripts_card(scripts: &[ScriptResult]) -> Markup {
+    html! {
+        section #scripts-card .card aria-labelledby="scripts-h" {
+            h2 #scripts-h { "Commissioning scripts" }
+            ul #scripts {
+                @for r in scripts {
+                    li .script data-script=(r.name) data-passed=(r.passed()) {
+                        details open[!r.passed()] {
+                            summary { (crate::cli::script_line(r)) }
+                            pre .log { (r.output) }
+                        }
                     }
                 }
             }
