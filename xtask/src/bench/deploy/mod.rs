@@ -443,11 +443,16 @@ impl Bench {
     /// Runs `setup` (not timed), then each of `legs` in turn, in the VM at `ip` over SSH;
     /// returns each leg's time in ms as the VM's own clock measured it.
     fn timed_in_vm(&self, lab: &Lab, ip: &str, setup: &str, legs: &[&str]) -> Result<Vec<i64>> {
+        // Each leg is a script of its own under `set -e`, so its first failing command stops
+        // it, and a failure prints the leg's last lines on stderr (the error shows them).
         let mut script = format!("set -e; {setup}\n");
-        for leg in legs {
+        for (n, leg) in legs.iter().enumerate() {
             script.push_str(&format!(
-                "s=$(date +%s%N); {{ {leg}; }} > /dev/null; e=$(date +%s%N); \
-                 echo \"$(( (e - s) / 1000000 ))\"\n"
+                "cat > /tmp/stork-leg{n}.sh <<'STORK_LEG'\nset -e\n{leg}\nSTORK_LEG\n\
+                 s=$(date +%s%N)\n\
+                 if ! bash /tmp/stork-leg{n}.sh > /tmp/stork-leg{n}.log 2>&1; then \
+                 echo \"leg {n} failed:\" >&2; tail -n 20 /tmp/stork-leg{n}.log >&2; exit 1; fi\n\
+                 e=$(date +%s%N); echo \"$(( (e - s) / 1000000 ))\"\n"
             ));
         }
         let out = stork_lab::guest::ssh(lab, &self.key, &format!("{USER}@{ip}"), &script)?;
