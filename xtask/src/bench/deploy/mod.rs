@@ -451,7 +451,8 @@ impl Bench {
                 "cat > /tmp/stork-leg{n}.sh <<'STORK_LEG'\nset -e\n{leg}\nSTORK_LEG\n\
                  s=$(date +%s%N)\n\
                  if ! bash /tmp/stork-leg{n}.sh > /tmp/stork-leg{n}.log 2>&1; then \
-                 echo \"leg {n} failed:\" >&2; tail -n 20 /tmp/stork-leg{n}.log >&2; exit 1; fi\n\
+                 echo \"leg {n} failed:\" >&2; tail -n 20 /tmp/stork-leg{n}.log >&2; \
+                 echo \"kernel:\" >&2; sudo dmesg | tail -n 5 >&2; exit 1; fi\n\
                  e=$(date +%s%N); echo \"$(( (e - s) / 1000000 ))\"\n"
             ));
         }
