@@ -10,6 +10,13 @@
 //! Deployed. Over SSH: the partition sizes on both disks, `pvs` and `lvs` (the root on both
 //! physical volumes), the mounts and fstab by UUID, the hostname.
 //!
+//! Before the deploy, the same VM is commissioned with a user's script (`stork script add`)
+//! and two hardware tests (`--test smart --test disk-read`) while a third, bad disk (QEMU's
+//! blkdebug fails its reads past 32 MiB) is attached: the script and SMART pass, the disk
+//! read fails and the machine is `failed_commissioning` naming the test and the disk;
+//! `stork machine scripts` shows each run's output. Commissioned again without the tests, it
+//! is Ready with the script's result shown.
+//!
 //! Beside it (the two run side by side), a SeaBIOS VM with two disks deploys with its root on
 //! RAID 1 across them and LVM on the array (`--layout`: a volume group over md, root and
 //! `/var` as logical volumes of the sizes asked, `/var` on XFS). Over SSH: `/proc/mdstat`

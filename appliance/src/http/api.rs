@@ -95,6 +95,15 @@ pub(super) fn documented_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(agent_deployed))
 }
 
+/// A delete's answer: 204 if there was such a thing, else 404 saying `missing`.
+fn deleted(found: bool, missing: String) -> ApiResult<StatusCode> {
+    if found {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", missing))
+    }
+}
+
 /// Every error answer: a status code and the JSON [`ErrorBody`].
 #[derive(Debug)]
 pub struct ApiError {
@@ -1099,15 +1108,10 @@ async fn delete_ssh_key(
     _: Operator,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    if s.controller.delete_ssh_key(&id).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no SSH key {id:?}"),
-        ))
-    }
+    deleted(
+        s.controller.delete_ssh_key(&id).await?,
+        format!("no SSH key {id:?}"),
+    )
 }
 
 #[utoipa::path(
@@ -1372,15 +1376,10 @@ async fn delete_script(
     _: Operator,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    if s.controller.delete_script(&name).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no script {name:?}"),
-        ))
-    }
+    deleted(
+        s.controller.delete_script(&name).await?,
+        format!("no script {name:?}"),
+    )
 }
 
 #[utoipa::path(
