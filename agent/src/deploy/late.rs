@@ -111,7 +111,10 @@ pub fn capture(mut cmd: Command, timeout: Duration, tail: usize) -> Result<Captu
     let (mut reader, writer) = std::io::pipe().context("pipe")?;
     cmd.stdin(Stdio::null())
         .stdout(writer.try_clone().context("pipe")?)
-        .stderr(writer);
+        .stderr(writer)
+        // A group of its own: a timeout kills what it started too, which would otherwise
+        // keep the pipe (and the output) open.
+        .process_group(0);
     let started = Instant::now();
     let mut child = cmd.spawn()?;
     // The command builder holds the pipe's write ends: dropped, the read sees the end
@@ -137,6 +140,12 @@ pub fn capture(mut cmd: Command, timeout: Duration, tail: usize) -> Result<Captu
             break Some(status);
         }
         if Instant::now() >= deadline {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
             let _ = child.kill();
             let _ = child.wait();
             break None;

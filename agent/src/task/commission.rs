@@ -143,7 +143,11 @@ mod tests {
     #[test]
     fn a_script_past_its_timeout_is_killed() {
         let d = tempfile::tempdir().unwrap();
-        let r = execute(&script("slow", "echo started; sleep 30", 1), d.path()).unwrap();
+        let r = execute(
+            &script("slow", "echo started; sleep 30; echo never", 1),
+            d.path(),
+        )
+        .unwrap();
         assert!(r.timed_out && r.exit_status.is_none(), "{r:?}");
         assert_eq!(r.output, "started\n");
         assert!(r.duration_ms < 20_000);
