@@ -102,13 +102,8 @@ pub fn check_tests(tests: &[String]) -> Result<Vec<String>, String> {
 
 /// A user's script as it is stored, or the error naming its field.
 pub fn check_script(s: NewScript, now: i64) -> Result<Script, String> {
-    let name_ok = !s.name.is_empty()
-        && s.name.len() <= 64
-        && !s.name.starts_with('.')
-        && s.name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
-    if !name_ok {
+    // The same plain file name an uploaded image's name must be.
+    if crate::image_upload::check_name(&s.name).is_err() {
         return Err(format!(
             "name: {:?} is not a script name (letters, digits, `.`, `-` and `_`, 64 at most)",
             s.name
