@@ -13,8 +13,10 @@
 //!
 //! With [`Chassis::Qemu`], power on starts the VM's QEMU command line (from
 //! [`crate::vm::qemu_argv`]) in the background with the recorded boot device first (`pxe`:
-//! the NIC, then the disk; otherwise the disk, then the NIC: [`crate::vm::boot_order`]),
-//! power off kills it, and the power state is whether that process lives. Build that command
+//! the NIC, then the disk; otherwise the disk, then the NIC: [`crate::vm::boot_order`]); a
+//! boot device set while the VM runs reorders its devices' `bootindex` through QMP, which
+//! QEMU hands the firmware at the next reset (a real BMC's boot flags hold for a warm reset
+//! too); power off kills it, and the power state is whether that process lives. Build that command
 //! line with [`crate::vm::GuestReboot::Reset`] so a guest reboot resets the VM in place, as
 //! on real hardware, while a guest power-off ends QEMU: chassis off ([`BmcVm`] does both).
 //! [`Chassis::Recorder`] only records the requests in files, for driver tests without a VM.
@@ -583,24 +585,48 @@ stop() {{
     fi
 }}
 
-# ACPI power button through QMP when we can, else the same as power off.
-shutdown() {{
-    if [ "$MODE" = qemu ] && [ -n "$QMP" ] && [ -S "$QMP" ] && command -v python3 >/dev/null; then
-        python3 - "$QMP" <<'EOF' && return 0
+# QMP commands ($2 on: one JSON object per argument) to the running QEMU: false when
+# there is no QEMU, no socket or no python3, or QEMU refused one.
+qmp() {{
+    [ "$MODE" = qemu ] && running && [ -n "$QMP" ] && [ -S "$QMP" ] \
+        && command -v python3 >/dev/null || return 1
+    python3 - "$QMP" "$@" <<'EOF'
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(3)
 s.connect(sys.argv[1])
 f = s.makefile("rw")
 f.readline()
-for cmd in ("qmp_capabilities", "system_powerdown"):
-    f.write(json.dumps({{"execute": cmd}}) + "\n")
+for cmd in ['{{"execute": "qmp_capabilities"}}'] + sys.argv[2:]:
+    f.write(cmd + "\n")
     f.flush()
-    while "event" in json.loads(f.readline()):
-        pass
+    while True:
+        answer = json.loads(f.readline())
+        if "event" not in answer:
+            break
+    if "error" in answer:
+        sys.exit(answer["error"].get("desc", "refused"))
 EOF
-    fi
+}}
+
+# ACPI power button through QMP when we can, else the same as power off.
+shutdown() {{
+    qmp '{{"execute": "system_powerdown"}}' && return 0
     stop
+}}
+
+# A real BMC's boot device holds for the next boot, a warm reset's too: a running VM
+# gets the order at once (QEMU hands the firmware its boot order anew at each reset).
+boot_now() {{
+    if [ "$1" = pxe ]; then first={nic}; second={disk}; else first={disk}; second={nic}; fi
+    set_index() {{
+        echo "{{\"execute\": \"qom-set\", \"arguments\": {{\"path\": \"/machine/peripheral/$1\", \"property\": \"bootindex\", \"value\": $2}}}}"
+    }}
+    running || return 0
+    # QEMU refuses an index another device holds: both out of the way first.
+    qmp "$(set_index $first 1000)" "$(set_index $second 1001)" \
+        "$(set_index $first 1)" "$(set_index $second 2)" \
+        || echo "$(date +%s.%N) boot order of the running VM not changed" >> "$D/qemu.log"
 }}
 
 op=$1
@@ -619,7 +645,7 @@ case "$op" in
         while [ $# -ge 2 ]; do
             case "$1" in
                 power) if [ "$2" = 1 ]; then start; else stop; fi ;;
-                boot) echo "$2" > "$D/boot" ;;
+                boot) echo "$2" > "$D/boot"; boot_now "$2" ;;
                 reset) if [ "$(power)" = 1 ]; then stop; start; fi ;;
                 shutdown) shutdown ;;
                 identify) ;;
@@ -637,6 +663,8 @@ esac
         dir = sh_quote(&dir.display().to_string()),
         mode = mode,
         qmp = sh_quote(&qmp),
+        nic = crate::vm::NIC_ID,
+        disk = crate::vm::DISK_ID,
     )
 }
 

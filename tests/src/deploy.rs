@@ -462,15 +462,45 @@ impl Scenario {
     /// How many boot scripts the appliance served to `mac` that sent it on to its disk
     /// (iPXE's `exit`), read from the appliance's log: each one is a network boot the
     /// firmware made before it booted the disk.
-    pub fn local_disk_scripts(&self, mac: &str) -> Result<usize> {
+    /// Only those asked from `ip` (the machine's own address: a hostile host may ask with
+    /// its MAC).
+    pub fn local_disk_scripts(&self, mac: &str, ip: &str) -> Result<usize> {
         let log = self.lab.dir().join("stork.log");
         let text =
             std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
-        let served = format!("serving iPXE script mac={mac} ");
+        let served = format!("serving iPXE script mac={mac} from={ip} ");
         Ok(text
             .lines()
             .filter(|l| l.contains(&served) && l.contains("choice=LocalDisk"))
             .count())
+    }
+
+    /// Checks that after the agent's reboot into the installed OS the firmware went straight
+    /// to the disk: the appliance served `mac` at `ip` no `exit` script (it answers one to any network
+    /// boot of a deployed machine) and the console after the agent's last line shows no
+    /// network boot (`network_boot`: what the firmware or iPXE prints when it starts one).
+    /// Returns the console from the reboot on.
+    pub fn booted_straight_to_disk(
+        &self,
+        mac: &str,
+        ip: &str,
+        network_boot: &[&str],
+    ) -> Result<String> {
+        let detours = self.local_disk_scripts(mac, ip)?;
+        if detours != 0 {
+            bail!("after the install the machine network-booted {detours} time(s) before its disk");
+        }
+        let console = self.console()?;
+        let after_reboot = console
+            .rsplit_once("stork-agent: done, rebooting")
+            .map(|(_, rest)| rest.to_string())
+            .context("the console lacks the agent's last line")?;
+        for marker in network_boot {
+            if after_reboot.contains(marker) {
+                bail!("after the agent's reboot the console shows a network boot: {marker:?}");
+            }
+        }
+        Ok(after_reboot)
     }
 
     /// Fails with everything a person needs to see why, and keeps the lab's files.
@@ -507,8 +537,9 @@ impl Scenario {
 /// Deploys [`IMAGE`] to the machine's disk and logs in: the agent streams the image (cut
 /// once mid-stream when `cut_download`, and then it must resume with a Range request), writes
 /// the seed, reports installed and reboots; the reboot resets the VM in place (no power-on
-/// by Stork or the test), the firmware network-boots first, Stork's script answers `exit`,
-/// the firmware boots the disk, cloud-init phones home: Deployed. Then SSH with the deploy's
+/// by Stork or the test), the firmware boots the disk (straight to it where Stork set the
+/// next boot, through the BMC or `BootNext`; else after a network boot Stork answers with
+/// `exit`), cloud-init phones home: Deployed. Then SSH with the deploy's
 /// key reads `hostname` and the root file system's size. Returns the machine's address.
 pub fn deploy_to_disk_and_log_in(
     s: &mut Scenario,

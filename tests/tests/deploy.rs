@@ -3,8 +3,9 @@
 //! Stork for power-on, commissioning, deploy and release; Stork does every power-on and -off.
 //!
 //! - To disk: enlist, commission, the Debian image streamed onto the disk (the download cut
-//!   once mid-stream and resumed), the agent's reboot resets the VM in place, the network boot
-//!   answers `exit` and SeaBIOS boots the disk, cloud-init phones home: Deployed; SSH with the
+//!   once mid-stream and resumed), Stork sets the BMC's next boot to the disk, the agent's
+//!   reboot resets the VM in place and SeaBIOS boots the disk with no network boot first
+//!   (no `exit` script served), cloud-init phones home: Deployed; SSH with the
 //!   deploy's key reads the hostname asked for, while a hostile host beside it fetches its
 //!   boot script, tries the agent routes, floods DECLINEs, TFTP requests asking a 255 s
 //!   timeout, slow connections and 2 MiB reports (`stork_tests::attacker`): ordinary
@@ -70,6 +71,15 @@ fn seabios_vm_powered_by_its_bmc_deploys_debian_to_nvme_logs_in_over_ssh_then_re
         // A hostile host beside the deploy, from before the power-on to the login.
         let attacker = Attacker::start(&mut s.lab, &id, MAC_DISK)?;
         let ip = deploy_to_disk_and_log_in(&mut s, &id, "stork-e2e-disk", true)?;
+        // Before the agent's reboot Stork set the BMC's next boot to the disk, so SeaBIOS
+        // went straight to it: no network boot, no `exit` script (SeaBIOS and iPXE print to
+        // the screen only: the appliance's log is the witness).
+        let events = s.appliance.cli(&["machine", "events", &id])?;
+        if !events.contains("power: next boot from disk, set through the BMC") {
+            bail!("Stork did not set the next boot through the BMC:\n{events}");
+        }
+        s.booted_straight_to_disk(MAC_DISK, &ip, &[])?;
+        s.say("after the install SeaBIOS booted the disk first: no network boot");
         let late = s.ssh(&ip, "cat /etc/stork-late")?;
         if late.trim() != "late x86_64\nsecond" {
             bail!("the late commands left {late:?} in /etc/stork-late");

@@ -31,6 +31,13 @@ pub trait PowerActions: Send + Sync {
         &self,
         m: &Machine,
     ) -> futures_util::future::BoxFuture<'static, Result<(), String>>;
+    /// Next boot from the disk, through the BMC: what takes a BIOS machine straight to the
+    /// OS it was just given, where PXE's `exit` would cost a network boot first. `Ok(false)`:
+    /// nothing can be done here (manual power).
+    fn boot_disk_next(
+        &self,
+        m: &Machine,
+    ) -> futures_util::future::BoxFuture<'static, Result<bool, String>>;
 }
 
 /// What manual power means: record that a person must act.
@@ -50,6 +57,12 @@ impl PowerActions for ManualPower {
         _m: &Machine,
     ) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
         Box::pin(async { Err("manual power: power the machine off".into()) })
+    }
+    fn boot_disk_next(
+        &self,
+        _m: &Machine,
+    ) -> futures_util::future::BoxFuture<'static, Result<bool, String>> {
+        Box::pin(async { Ok(false) })
     }
 }
 
@@ -106,6 +119,25 @@ impl PowerActions for DriverPower {
         Box::pin(async move {
             let d = crate::power::PowerDriver::new(params?);
             d.power_off(false).await.map_err(|e| e.to_string())
+        })
+    }
+
+    fn boot_disk_next(
+        &self,
+        m: &Machine,
+    ) -> futures_util::future::BoxFuture<'static, Result<bool, String>> {
+        let params = power_params(m);
+        let efi = is_uefi(m);
+        Box::pin(async move {
+            let params = params?;
+            if params == crate::power::PowerParams::Manual {
+                return Ok(false);
+            }
+            crate::power::PowerDriver::new(params)
+                .set_boot_device(crate::power::BootDevice::Disk, false, efi)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(true)
         })
     }
 }
@@ -379,6 +411,39 @@ impl Controller {
         let (machine, actions) = outcome?;
         tracing::info!(machine = %machine.id, status = %machine.status, ?event, "transition");
         Ok((machine, actions))
+    }
+
+    /// After the install, on a BIOS machine: the BMC's next boot becomes the disk, so the
+    /// installed OS starts without a network boot first (UEFI machines get `BootNext` from
+    /// the agent). Bounded: the agent waits for this answer before it reboots. Whatever
+    /// happens, PXE's `exit` to the disk stays the fallback; the event says which it was.
+    pub(super) async fn boot_disk_next(&self, m: &Machine) {
+        // Well inside the agent's 10 s wait for its `installed` answer.
+        const LIMIT: Duration = Duration::from_secs(5);
+        if is_uefi(m) {
+            return;
+        }
+        if let (Some(mine), Some(theirs)) = (&self.site, &m.site)
+            && **mine != **theirs
+        {
+            // Another site's BMC: a queued request would come after the reboot.
+            return;
+        }
+        let message = match tokio::time::timeout(LIMIT, self.power.boot_disk_next(m)).await {
+            Ok(Ok(true)) => "power: next boot from disk, set through the BMC".to_string(),
+            Ok(Ok(false)) => return,
+            Ok(Err(e)) => {
+                format!("power: next boot from disk not set ({e}); PXE's `exit` is the fallback")
+            }
+            Err(_) => format!(
+                "power: next boot from disk not set (no answer in {} s); PXE's `exit` is the fallback",
+                LIMIT.as_secs()
+            ),
+        };
+        tracing::info!(machine = %m.id, %message, "boot device");
+        if let Err(e) = self.note(&m.id, &self.actor(), message).await {
+            tracing::warn!(machine = %m.id, error = %e, "cannot record the boot device");
+        }
     }
 
     async fn perform(&self, m: &Machine, action: Action) {

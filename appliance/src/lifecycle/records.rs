@@ -341,10 +341,12 @@ impl Controller {
             Some(status),
             "image installed; next boot from disk",
         );
-        self.store
+        let saved = self
+            .store
             .call(move |st| st.save_machine(&m, &[ev]))
             .await?;
         self.notify();
+        self.boot_disk_next(&saved).await;
         Ok(true)
     }
 

@@ -27,7 +27,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use stork_lab::{Appliance, DiskBus, ExtraDisk, Firmware, Lab};
 
-use super::{Bench, IMAGE, fetch, header, os_boot_floor, row, secs, spec};
+use super::{Bench, fetch, header, os_boot_floor, row, secs, spec};
 
 const MAC: &str = "52:54:00:77:0b:11";
 const ESP_MIB: u64 = 128;
@@ -73,7 +73,7 @@ pub fn measure(bin: &Path, boot: &Path, images: &Path) -> Result<Report> {
 }
 
 fn run(bench: &mut Bench, lab: &mut Lab, images: &Path) -> Result<Report> {
-    let id = bench.ready(lab)?;
+    let id = bench.ready()?;
     let tar_rel = bench
         .tar_rel
         .clone()
@@ -83,18 +83,15 @@ fn run(bench: &mut Bench, lab: &mut Lab, images: &Path) -> Result<Report> {
     let file = lab.dir().join("layout.json");
     std::fs::write(&file, layout().to_string())?;
     bench.appliance.cli(&["machine", "allocate", &id])?;
-    bench.appliance.cli(&[
-        "machine",
-        "deploy",
+    let install = bench.follow_install(
         &id,
-        "--image",
-        IMAGE,
-        "--hostname",
-        "stork-bench-layout",
-        "--layout",
-        super::path_str(&file)?,
-    ])?;
-    let install = bench.follow_install(lab, &id)?;
+        &[
+            "--hostname",
+            "stork-bench-layout",
+            "--layout",
+            super::path_str(&file)?,
+        ],
+    )?;
     let at = |prefix: &str| install.at(prefix);
     let stork = Phases {
         boot_to_agent: install.first_agent - install.power_on,
@@ -102,7 +99,7 @@ fn run(bench: &mut Bench, lab: &mut Lab, images: &Path) -> Result<Report> {
         storage: at("partitions Done")? - at("disk Started")?,
         extract: at("image Done")? - at("image Started")?,
         finish: install.stopped - at("image Done")?,
-        os_boot: bench.boot_installed(lab, &id)?,
+        os_boot: bench.boot_installed(&id, install.stopped)?,
     };
     eprintln!(
         "  deployed: boot to agent {:.1} s, storage {:.1} s, extract {:.1} s, finish {:.1} s, \
@@ -130,7 +127,7 @@ fn run(bench: &mut Bench, lab: &mut Lab, images: &Path) -> Result<Report> {
     )?;
     let tar_bytes = std::fs::metadata(boot_root.join(plain_rel))?.len();
     let wire_bytes = std::fs::metadata(boot_root.join(&tar_rel))?.len();
-    let ip = bench.redeploy_in_memory(lab, &id)?;
+    let ip = bench.redeploy_in_memory(&id)?;
     let url = |rel: &str| format!("http://{}:8080/boot/{rel}", stork_lab::APPLIANCE_IP);
     let setup = format!(
         "sudo vgchange -an >/dev/null 2>&1 || true; sudo mdadm --stop --scan >/dev/null 2>&1 || true; \
@@ -155,7 +152,7 @@ fn run(bench: &mut Bench, lab: &mut Lab, images: &Path) -> Result<Report> {
     let extract = "sudo tar -x --numeric-owner -f /dev/shm/root.tar -C /mnt/t; sync";
     let wire = fetch(&url(&tar_rel));
     let times = bench.timed_in_vm(lab, &ip, &setup, &[&storage, extract, &wire])?;
-    bench.vm.kill();
+    bench.power_off(&id)?;
 
     crate::step("floor: the image booted from disk to cloud-init's end");
     let os_floor = os_boot_floor(lab, images, &bench.key, Firmware::Bios)?;

@@ -5,14 +5,17 @@
 //! agent's BootNext entry taking the installed OS's boot straight to the disk. Side by side,
 //! the four show what each boot path costs to the agent.
 //!
-//! Stork's run: a VM is enlisted and commissioned, then deployed to disk with the Debian image
-//! (manual power: the bench is the operator, and restarts QEMU when it stops). Its phases come
-//! from the appliance's event times and the bench's own clock:
-//!   boot to agent  power-on -> the agent's first deploy event (PXE, iPXE, kernel, initrd,
-//!                  stage 1 and its ephemeral root)
+//! Stork's run: a VM powered only through its BMC (`ipmi_sim` starting QEMU, as the deploy
+//! e2e tests do) is enlisted and commissioned, then deployed to disk with the Debian image;
+//! Stork does every power-on, and the agent's reboot resets the VM in place, as on hardware.
+//! Its phases come from the appliance's event times and the bench's own clock:
+//!   boot to agent  `machine deploy` (Stork powers on) -> the agent's first deploy event
+//!                  (PXE, iPXE, kernel, initrd, stage 1 and its ephemeral root)
 //!   image          the agent's `disk` step start -> `image` done (wipe, stream, checksum)
-//!   finish         -> the VM stops to reboot (partitions grown, seed, installed report)
-//!   OS boot        power-on -> Deployed (PXE says `exit`, GRUB, the OS, cloud-init, phone-home)
+//!   finish         -> the agent's "done, rebooting" (partitions grown, seed, installed
+//!                  report, which sets the BMC's next boot to the disk on BIOS)
+//!   OS boot        that reboot -> Deployed (GRUB, the OS, cloud-init, phone-home; no
+//!                  network boot first: BootNext on UEFI, the BMC's boot device on BIOS)
 //!
 //! The floor, whose three terms the issue names:
 //!   PXE to agent   power-on -> the agent's first console line in that same deploy boot
@@ -35,9 +38,10 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use stork_lab::bmc::BmcVm;
 use stork_lab::process::Spawned;
 use stork_lab::vm::{DISK_ID, qemu_argv};
-use stork_lab::{Appliance, Firmware, Lab, Net, Vm, VmSpec, wait_for};
+use stork_lab::{Appliance, Firmware, Lab, Net, VmSpec, wait_for};
 use stork_proto::ImageRole;
 use stork_proto::api::{EventRecord, Status};
 use stork_proto::blockmap::BlockMap;
@@ -50,6 +54,8 @@ const FLOOR_MAC: &str = "52:54:00:77:0b:02";
 const POLL: Duration = Duration::from_millis(250);
 const PHASE_TIMEOUT: Duration = Duration::from_secs(900);
 const DISK_BYTES: u64 = 4 << 30;
+/// The BMC's IPMI port, on the lab's loopback.
+const BMC_PORT: u16 = 623;
 /// The peer's console marker: cloud-init's last line.
 const CLOUD_INIT_DONE: &str = " finished at ";
 
@@ -76,14 +82,24 @@ fn spec(name: &str, mac: &str, firmware: Firmware) -> VmSpec {
 pub fn run() -> Result<()> {
     let (bin, boot, images) = prepare()?;
 
+    // `STORK_BENCH_DEPLOY_PATHS=bios,uefi,http,sb,v6,layout` runs only those (all by default).
+    let only = std::env::var("STORK_BENCH_DEPLOY_PATHS").unwrap_or_default();
+    let wanted = |name: &str| only.is_empty() || only.split(',').any(|p| p.trim() == name);
     let mut reports = Vec::new();
-    for (lab_name, firmware) in [
-        ("bench-deploy", Firmware::Bios),
-        ("bench-deploy-uefi", Firmware::Uefi { nic_rom: false }),
-        ("bench-deploy-http", Firmware::UefiHttp),
-        ("bench-deploy-sb", Firmware::UefiSecureBoot),
-        ("bench-deploy-v6", Firmware::UefiIpv6),
+    for (path, lab_name, firmware) in [
+        ("bios", "bench-deploy", Firmware::Bios),
+        (
+            "uefi",
+            "bench-deploy-uefi",
+            Firmware::Uefi { nic_rom: false },
+        ),
+        ("http", "bench-deploy-http", Firmware::UefiHttp),
+        ("sb", "bench-deploy-sb", Firmware::UefiSecureBoot),
+        ("v6", "bench-deploy-v6", Firmware::UefiIpv6),
     ] {
+        if !wanted(path) {
+            continue;
+        }
         crate::step(&format!("{}: a lab of its own", firmware_name(firmware)));
         let net = match firmware {
             Firmware::UefiIpv6 | Firmware::UefiHttpIpv6 => Net::Ipv6Only,
@@ -117,11 +133,17 @@ pub fn run() -> Result<()> {
         let report = bench.run(&mut lab, &images);
         reports.push(kept_on_error(report, &mut lab, &bench)?);
     }
-    let layout = layout::measure(&bin, &boot, &images)?;
+    let layout = if wanted("layout") {
+        Some(layout::measure(&bin, &boot, &images)?)
+    } else {
+        None
+    };
     for r in &reports {
         r.print();
     }
-    layout.print();
+    if let Some(layout) = layout {
+        layout.print();
+    }
     Ok(())
 }
 
@@ -168,7 +190,7 @@ fn firmware_name(firmware: Firmware) -> &'static str {
 
 struct Bench {
     appliance: Appliance,
-    vm: Vm,
+    machine: BmcVm,
     firmware: Firmware,
     key: PathBuf,
     /// The raw image file as registered (what the agent streams), and its URL path.
@@ -180,12 +202,13 @@ struct Bench {
     tar_rel: Option<String>,
 }
 
-/// An install followed to the VM's stop, times in ms since the epoch.
+/// An install followed to the agent's reboot, times in ms since the epoch.
 struct Install {
     power_on: i64,
     /// The agent's first console line (its first event if none was seen).
     console_seen: i64,
     first_agent: i64,
+    /// The agent's last console line, "done, rebooting".
     stopped: i64,
     events: Vec<EventRecord>,
 }
@@ -246,7 +269,7 @@ impl Bench {
             "bench",
             path_str(&key.with_extension("pub"))?,
         ])?;
-        let vm = Vm::start(lab, vm)?;
+        let machine = BmcVm::start(lab, vm, BMC_PORT)?;
         Ok(Self {
             firmware,
             data_bytes: map.data_bytes(),
@@ -263,36 +286,47 @@ impl Bench {
                 _ => format!("http://{}:8080/boot/{raw_rel}", stork_lab::APPLIANCE_IP),
             },
             appliance,
-            vm,
+            machine,
             key,
         })
     }
 
-    /// Enlists and commissions the VM (not timed); returns its id.
-    fn ready(&mut self, lab: &mut Lab) -> Result<String> {
-        crate::step("stork: enlist and commission (not timed)");
-        let mac = self.vm.spec.mac.clone();
-        let m = self
+    /// Adds the VM with its IPMI parameters, has Stork power it on to enlist, then
+    /// commissions it (not timed); returns its id.
+    fn ready(&mut self) -> Result<String> {
+        crate::step("stork: enlist and commission, powered through the BMC (not timed)");
+        let id = self
             .appliance
-            .wait_enlisted(&mut self.vm, &mac, PHASE_TIMEOUT)?;
-        let id = m.id;
-        self.wait_stopped()?;
+            .add_ipmi_machine(&self.machine.spec.mac, &self.machine.bmc)?
+            .id;
+        self.appliance.cli(&["machine", "power", &id, "on"])?;
+        self.machine.bmc.wait_powered_on()?;
+        wait_for("the VM to enlist", PHASE_TIMEOUT, POLL, || {
+            // The VM first, then the record: the agent enlists, then powers off.
+            let was_on = self.machine.is_on();
+            if self.appliance.machine(&id)?.inventory.is_some() {
+                return Ok(Some(()));
+            }
+            if !was_on {
+                bail!("the VM powered off before it enlisted");
+            }
+            Ok(None)
+        })?;
+        self.wait_off()?;
         self.appliance.cli(&["machine", "commission", &id])?;
-        self.vm.restart(lab)?;
         self.wait_status(&id, Status::Ready, &[Status::Commissioning])?;
-        self.wait_stopped()?;
+        self.wait_off()?;
         Ok(id)
     }
 
     /// Releases the deployed machine (no erase: its disks are written again next) and
     /// deploys it into memory, where the floor is measured over SSH; returns its address.
-    fn redeploy_in_memory(&mut self, lab: &mut Lab, id: &str) -> Result<String> {
+    fn redeploy_in_memory(&mut self, id: &str) -> Result<String> {
         self.appliance
             .cli(&["machine", "release", id, "--no-erase"])?;
         self.wait_status(id, Status::Ready, &[Status::Releasing, Status::DiskErasing])?;
-        // A release powers the machine off through its driver; manual power: the VM may still
-        // run the installed OS.
-        self.vm.kill();
+        // The release powered the machine off through its BMC.
+        self.wait_off()?;
         self.appliance.cli(&["machine", "allocate", id])?;
         self.appliance.cli(&[
             "machine",
@@ -305,35 +339,23 @@ impl Bench {
             "--hostname",
             "stork-bench-mem",
         ])?;
-        self.vm.restart(lab)?;
         self.wait_status(id, Status::Deployed, &[Status::Deploying])?;
-        stork_lab::guest::leased_ip(&self.vm.console)
+        stork_lab::guest::leased_ip(&self.machine.paths.console)
     }
 
     fn run(&mut self, lab: &mut Lab, images: &Path) -> Result<Report> {
-        let id = self.ready(lab)?;
+        let id = self.ready()?;
 
         crate::step("stork: deploy to disk, power-on to Deployed");
         self.appliance.cli(&["machine", "allocate", &id])?;
-        self.appliance.cli(&[
-            "machine",
-            "deploy",
-            &id,
-            "--image",
-            IMAGE,
-            "--target",
-            "disk",
-            "--hostname",
-            "stork-bench",
-        ])?;
-        let stork = self.deploy_to_disk(lab, &id)?;
+        let stork = self.deploy_to_disk(&id)?;
 
         crate::step(
             "floor: the image over the wire and its data through dd, in the same VM (deployed into memory)",
         );
-        let ip = self.redeploy_in_memory(lab, &id)?;
+        let ip = self.redeploy_in_memory(&id)?;
         let (wire_ms, disk_ms) = self.image_floor(lab, &ip)?;
-        self.vm.kill();
+        self.power_off(&id)?;
 
         crate::step("floor: the image booted from disk to cloud-init's end");
         let os_floor = os_boot_floor(lab, images, &self.key, self.firmware)?;
@@ -349,9 +371,11 @@ impl Bench {
         })
     }
 
-    /// Powers the VM on into the deploy and follows it to Deployed; returns the phases.
-    fn deploy_to_disk(&mut self, lab: &mut Lab, id: &str) -> Result<Phases> {
-        let install = self.follow_install(lab, id)?;
+    /// Deploys to disk (Stork powers the VM on) and follows it to Deployed; returns the
+    /// phases.
+    fn deploy_to_disk(&mut self, id: &str) -> Result<Phases> {
+        let install =
+            self.follow_install(id, &["--target", "disk", "--hostname", "stork-bench"])?;
         let at = |prefix: &str| install.at(prefix);
         let disk_started = at("disk Started")?;
         let image_done = at("image Done")?;
@@ -360,7 +384,7 @@ impl Bench {
             pxe_to_agent_console: install.console_seen - install.power_on,
             image: image_done - disk_started,
             finish: install.stopped - image_done,
-            os_boot: self.boot_installed(lab, id)?,
+            os_boot: self.boot_installed(id, install.stopped)?,
         };
         eprintln!(
             "  deployed: boot to agent {:.1} s, image {:.1} s, finish {:.1} s, OS boot {:.1} s",
@@ -372,23 +396,32 @@ impl Bench {
         Ok(p)
     }
 
-    /// Powers the VM on into the deploy the appliance holds and follows the install until
-    /// the VM stops to reboot: the deploy's events and the bench's clock.
-    fn follow_install(&mut self, lab: &mut Lab, id: &str) -> Result<Install> {
+    /// `machine deploy ID --image IMAGE <args>` (Stork powers the VM on through its BMC) and
+    /// follows the install to the agent's reboot: the deploy's events and the bench's clock.
+    fn follow_install(&mut self, id: &str, args: &[&str]) -> Result<Install> {
         let before = self.events(id)?.len();
+        // The console holds every boot of the machine: only what this one adds counts.
+        let console = &self.machine.paths.console;
+        let offset = std::fs::metadata(console).map_or(0, |m| m.len());
+        let mut deploy = vec!["machine", "deploy", id, "--image", IMAGE];
+        deploy.extend(args);
         let power_on = now_ms();
-        self.vm.restart(lab)?;
+        self.appliance.cli(&deploy)?;
         let mut console_seen = None;
         // The agent's first console line gives the floor's PXE-to-agent term.
-        wait_for("the image to be written", PHASE_TIMEOUT, POLL, || {
-            if console_seen.is_none() && console_has(&self.vm.console, "stork-agent:") {
+        wait_for("the image to be installed", PHASE_TIMEOUT, POLL, || {
+            let added = console_from(console, offset);
+            if console_seen.is_none() && added.contains("stork-agent:") {
                 console_seen = Some(now_ms());
+            }
+            if added.contains("stork-agent: done, rebooting") {
+                return Ok(Some(()));
             }
             let m = self.appliance.machine(id)?;
             if m.status != Status::Deploying {
                 bail!("deploy ended in {}: {:?}", m.status, m.status_message);
             }
-            Ok(self.vm.exited().map(|_| ()))
+            Ok(None)
         })?;
         let stopped = now_ms();
         let events: Vec<EventRecord> = self.events(id)?.into_iter().skip(before).collect();
@@ -414,13 +447,11 @@ impl Bench {
         })
     }
 
-    /// The reboot into the installed OS, to Deployed, in ms: manual power, so the bench is
-    /// the hand on the button, at once.
-    fn boot_installed(&mut self, lab: &mut Lab, id: &str) -> Result<i64> {
-        let power_on = now_ms();
-        self.vm.restart(lab)?;
+    /// The agent's reboot (at `rebooting`, ms) into the installed OS, to Deployed, in ms:
+    /// the VM resets in place and its firmware boots what Stork and the agent set.
+    fn boot_installed(&mut self, id: &str, rebooting: i64) -> Result<i64> {
         self.wait_status(id, Status::Deployed, &[Status::Deploying])?;
-        Ok(now_ms() - power_on)
+        Ok(now_ms() - rebooting)
     }
 
     /// The image floor's two legs inside the VM, as its own clock measured them, in ms:
@@ -472,13 +503,19 @@ impl Bench {
         self.appliance.events(id)
     }
 
-    fn wait_stopped(&mut self) -> Result<()> {
+    fn wait_off(&mut self) -> Result<()> {
         wait_for(
             "the VM to power off",
             Duration::from_secs(120),
             POLL,
-            || Ok(self.vm.exited().map(|_| ())),
+            || Ok((!self.machine.is_on()).then_some(())),
         )
+    }
+
+    /// Stork powers the machine off through its BMC.
+    fn power_off(&mut self, id: &str) -> Result<()> {
+        self.appliance.cli(&["machine", "power", id, "off"])?;
+        self.wait_off()
     }
 
     fn wait_status(&mut self, id: &str, want: Status, passing: &[Status]) -> Result<()> {
@@ -656,6 +693,15 @@ fn fetch(url: &str) -> String {
         "python3 -c 'import sys,shutil,urllib.request as u; \
          shutil.copyfileobj(u.urlopen(sys.argv[1]), sys.stdout.buffer, 1 << 20)' {url}"
     )
+}
+
+/// What the console at `path` holds after its first `offset` bytes.
+fn console_from(path: &Path, offset: u64) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
 fn console_has(path: &Path, needle: &str) -> bool {
