@@ -160,6 +160,9 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
     if let Some(o) = &m.owner {
         out!("owner:     {o}");
     }
+    if let Some(l) = &m.default_layout {
+        out!("layout:    {l} (the default of a deploy to disk that gives none)");
+    }
     if let Some(d) = &m.deploy {
         let layout = d
             .layout

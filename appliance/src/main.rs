@@ -112,6 +112,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ScriptCmd,
     },
+    /// Named storage layouts: a machine's default (`machine layout`) is what a deploy to disk
+    /// that gives no layout uses.
+    Layout {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: LayoutCmd,
+    },
     /// SSH public keys installed on every deployed machine.
     #[command(name = "ssh-key")]
     SshKey {
@@ -332,6 +340,15 @@ enum MachineCmd {
         tests: Vec<String>,
         #[arg(long)]
         json: bool,
+    },
+    /// Set the machine's default storage layout (a named layout, `stork layout list`), or
+    /// clear it with `--clear`.
+    Layout {
+        id: String,
+        #[arg(required_unless_present = "clear", conflicts_with = "clear")]
+        name: Option<String>,
+        #[arg(long)]
+        clear: bool,
     },
     /// The last commissioning's scripts and tests: exit status, time and output.
     Scripts {
@@ -567,6 +584,22 @@ enum ScriptCmd {
 }
 
 #[derive(Subcommand)]
+enum LayoutCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add (or replace) layout NAME from FILE: JSON as `machine deploy --layout` takes it.
+    Add {
+        name: String,
+        file: PathBuf,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum SshKeyCmd {
     Add {
         name: String,
@@ -667,6 +700,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Image { conn, cmd } => image(&conn.client(&top)?, cmd),
         Cmd::SshKey { conn, cmd } => ssh_key(&conn.client(&top)?, cmd),
         Cmd::Script { conn, cmd } => script(&conn.client(&top)?, cmd),
+        Cmd::Layout { conn, cmd } => layout(&conn.client(&top)?, cmd),
         Cmd::Stats { conn, json } => cli::stats(&conn.client(&top)?, json),
         Cmd::Leases { conn, json } => cli::leases(&conn.client(&top)?, json),
         Cmd::Audit { conn, after, json } => cli::audit(&conn.client(&top)?, after, json),
@@ -935,6 +969,37 @@ fn script(client: &Client, cmd: ScriptCmd) -> Result<()> {
     }
 }
 
+fn layout(client: &Client, cmd: LayoutCmd) -> Result<()> {
+    match cmd {
+        LayoutCmd::List { json } => {
+            let layouts = client.layouts()?;
+            if json {
+                return cli::print_json(&layouts);
+            }
+            for l in layouts {
+                println!("{}\t{}", l.name, cli::layout_summary(&l.layout));
+            }
+            Ok(())
+        }
+        LayoutCmd::Add { name, file } => {
+            let layout = serde_json::from_str::<stork_proto::DiskLayout>(&read(&file)?)
+                .with_context(|| file.display().to_string())?;
+            let l = client.add_layout(&stork_proto::api::NamedLayout {
+                name,
+                layout,
+                created_at: 0,
+            })?;
+            println!("added {}: {}", l.name, cli::layout_summary(&l.layout));
+            Ok(())
+        }
+        LayoutCmd::Delete { name } => {
+            client.delete_layout(&name)?;
+            println!("deleted {name}");
+            Ok(())
+        }
+    }
+}
+
 fn ssh_key(client: &Client, cmd: SshKeyCmd) -> Result<()> {
     match cmd {
         SshKeyCmd::Add { name, file } => {
@@ -1051,6 +1116,14 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
             json,
         ),
         MachineCmd::Scripts { id, json } => cli::script_results(c, &id, json),
+        MachineCmd::Layout { id, name, .. } => {
+            let m = c.set_default_layout(&id, name.as_deref())?;
+            match &m.default_layout {
+                Some(l) => println!("{}: default layout {l}", m.id),
+                None => println!("{}: no default layout", m.id),
+            }
+            Ok(())
+        }
         MachineCmd::Allocate {
             id: Some(id), json, ..
         } => cli::machine_line(&c.allocate(&id, &AllocateBody::default())?, json),

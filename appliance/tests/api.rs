@@ -14,8 +14,8 @@ use stork_client::{API, Client, Method, RawResponse};
 use stork_lab::wait_for;
 use stork_proto::api::{
     AllocateBody, BootResource, Constraints, DeployRequest, EventQuery, EventRecord, Machine,
-    MachineFilter, MarkBrokenBody, NewMachine, NewSshKey, NewToken, PowerAnswer, PowerConfig,
-    PowerOp, PowerState, ReleaseBody, ResourceFile, TokenRecord,
+    MachineFilter, MarkBrokenBody, NamedLayout, NewMachine, NewSshKey, NewToken, PowerAnswer,
+    PowerConfig, PowerOp, PowerState, ReleaseBody, ResourceFile, TokenRecord,
 };
 use stork_proto::{
     AgentEvent, AgentReport, AgentStep, DeployTarget, DiskLayout, ENLIST_PATH, EnlistRequest,
@@ -2247,4 +2247,123 @@ fn commissioning_scripts_run_in_order_and_their_results_are_kept() {
     };
     let names: Vec<&str> = scripts.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["10-first"]);
+}
+
+/// Named layouts: stored by field-checked request and listed; a machine's default names one
+/// (an unknown name is refused naming `layout`). A deploy to disk that gives no layout takes
+/// the default, checked against the inventory as any layout (a mistake says it is the
+/// default's); one that gives its own keeps it; a deploy to memory takes none. A default
+/// in use cannot be deleted.
+#[test]
+fn a_machines_default_layout_is_what_a_deploy_without_one_installs() {
+    let f = Fixture::new();
+    let named = |name: &str, json: &str| NamedLayout {
+        name: name.into(),
+        layout: serde_json::from_str(json).expect("a layout"),
+        created_at: 0,
+    };
+    let e = refused(f.client.add_layout(&named("a/b", "{}")));
+    assert!(e.message().unwrap_or_default().starts_with("name: "), "{e}");
+    let e = refused(f.client.add_layout(&named("raid", r#"{"raid": 1}"#)));
+    assert!(
+        e.message().unwrap_or_default().starts_with("layout.raid: "),
+        "{e}"
+    );
+    let big = f
+        .client
+        .add_layout(&named("big", r#"{"root_mib": 1048576}"#))
+        .expect("add big");
+    assert!(big.created_at > 0);
+    let lvm = named(
+        "lvm",
+        r#"{"esp_mib": 256, "lvm": {"volumes": [{"name": "root", "mount": "/", "size_mib": 2048}]}}"#,
+    );
+    f.client.add_layout(&lvm).expect("add lvm");
+    let names: Vec<String> = f
+        .client
+        .layouts()
+        .expect("list")
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    assert_eq!(names, ["big", "lvm"]);
+
+    let m = f.drive(1, Status::Allocated).expect("allocated");
+    let e = refused(f.client.set_default_layout(&m.id, Some("nope")));
+    assert_eq!(answer(&e), (400, "bad_request"), "{e}");
+    assert!(
+        e.message().unwrap_or_default().starts_with("layout: "),
+        "{e}"
+    );
+    let shown = f
+        .client
+        .set_default_layout(&m.id, Some("big"))
+        .expect("set big");
+    assert_eq!(shown.default_layout.as_deref(), Some("big"));
+    let e = refused(f.client.deploy(&m.id, &deploy(IMAGE)));
+    let message = e.message().unwrap_or_default();
+    assert!(
+        message.starts_with("layout.root_mib: ")
+            && message.ends_with("(in the machine's default layout \"big\")"),
+        "{e}"
+    );
+    assert_eq!(f.status(&m.id), Status::Allocated);
+    let e = refused(f.client.delete_layout("big"));
+    assert_eq!(answer(&e), (409, "in_use"), "{e}");
+
+    f.client
+        .set_default_layout(&m.id, Some("lvm"))
+        .expect("set lvm");
+    f.act(&m, Action::deploy(IMAGE), Status::Deploying);
+    let shown = f.machine(&m.id);
+    assert_eq!(shown.default_layout.as_deref(), Some("lvm"));
+    assert_eq!(
+        shown.deploy.expect("a deploy").layout,
+        Some(lvm.layout.clone())
+    );
+
+    // A layout in the request wins; a deploy to memory touches no disk.
+    let n = f.drive(2, Status::Allocated).expect("allocated");
+    f.client
+        .set_default_layout(&n.id, Some("lvm"))
+        .expect("set lvm");
+    let own = DiskLayout {
+        root_mib: Some(3000),
+        ..DiskLayout::default()
+    };
+    f.act(
+        &n,
+        Action::Deploy(Box::new(DeployRequest {
+            layout: Some(own.clone()),
+            ..deploy(IMAGE)
+        })),
+        Status::Deploying,
+    );
+    assert_eq!(f.machine(&n.id).deploy.expect("a deploy").layout, Some(own));
+    let o = f.drive(3, Status::Allocated).expect("allocated");
+    f.client
+        .set_default_layout(&o.id, Some("lvm"))
+        .expect("set lvm");
+    f.act(
+        &o,
+        Action::Deploy(Box::new(DeployRequest {
+            target: DeployTarget::Memory,
+            ..deploy(IMAGE)
+        })),
+        Status::Deploying,
+    );
+    assert!(f.machine(&o.id).deploy.expect("a deploy").layout.is_none());
+
+    // Cleared, the layout it named can go.
+    let cleared = f.client.set_default_layout(&m.id, None).expect("clear");
+    assert!(cleared.default_layout.is_none());
+    f.client.delete_layout("big").expect("delete big");
+    let e = refused(f.client.delete_layout("big"));
+    assert_eq!(answer(&e).0, 404, "{e}");
+    let events = f.client.machine_events(&m.id, 0).expect("events");
+    assert!(
+        events.iter().any(|e| e.message == "default layout: lvm")
+            && events.iter().any(|e| e.message == "default layout cleared"),
+        "{events:?}"
+    );
 }

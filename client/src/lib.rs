@@ -13,8 +13,9 @@ use serde::de::DeserializeOwned;
 use stork_proto::api::{
     AllocateBody, AuditQuery, AuditRecord, BootResource, CommissionBody, Constraints, CreatedToken,
     DeployRequest, ErrorBody, EventQuery, EventRecord, HealthReport, Machine, MachineFilter,
-    MarkBrokenBody, NewMachine, NewScript, NewSshKey, NewToken, PowerAnswer, PowerOp, ReleaseBody,
-    Script, ScriptResult, SshKey, StatsResponse, TokenRecord, UploadFormat, UploadQuery,
+    MarkBrokenBody, NamedLayout, NewMachine, NewScript, NewSshKey, NewToken, PowerAnswer, PowerOp,
+    ReleaseBody, Script, ScriptResult, SshKey, StatsResponse, TokenRecord, UploadFormat,
+    UploadQuery,
 };
 use stork_proto::{
     AgentEvent, AgentReport, ENLIST_PATH, EnlistRequest, EnlistResponse, HEARTBEAT, Heartbeat,
@@ -105,6 +106,7 @@ impl RawResponse {
 pub enum Method {
     Get,
     Post,
+    Put,
     Delete,
 }
 
@@ -207,6 +209,36 @@ impl Client {
 
     pub fn delete_script(&self, name: &str) -> Result<()> {
         self.delete(&format!("{API}/scripts/{name}"))
+    }
+
+    // ---- named storage layouts ----
+
+    pub fn layouts(&self) -> Result<Vec<NamedLayout>> {
+        self.get(&format!("{API}/layouts"), &())
+    }
+
+    pub fn add_layout(&self, l: &NamedLayout) -> Result<NamedLayout> {
+        self.create(&format!("{API}/layouts"), l)
+    }
+
+    pub fn delete_layout(&self, name: &str) -> Result<()> {
+        self.delete(&format!("{API}/layouts/{name}"))
+    }
+
+    /// Sets (`Some`) or clears the machine's default layout.
+    pub fn set_default_layout(&self, id: &str, layout: Option<&str>) -> Result<Machine> {
+        let body = stork_proto::api::DefaultLayout {
+            layout: layout.map(str::to_string),
+        };
+        self.decode(
+            &format!("{API}/machines/{id}/layout"),
+            self.call(
+                Method::Put,
+                &format!("{API}/machines/{id}/layout"),
+                Some(&body),
+                OK,
+            )?,
+        )
     }
 
     pub fn allocate(&self, id: &str, body: &AllocateBody) -> Result<Machine> {
@@ -528,8 +560,12 @@ impl Client {
                 }
                 r.call()
             }
-            Method::Post => {
-                let mut r = self.agent.post(&url);
+            Method::Post | Method::Put => {
+                let mut r = if method == Method::Post {
+                    self.agent.post(&url)
+                } else {
+                    self.agent.put(&url)
+                };
                 if let Some(a) = &auth {
                     r = r.header("Authorization", a);
                 }

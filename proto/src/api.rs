@@ -161,6 +161,10 @@ pub struct Machine {
     /// for with it.
     #[serde(default)]
     pub commission_tests: Vec<String>,
+    /// The named layout (`/layouts`) a deploy to disk that gives no layout uses: the
+    /// machine's default, set with `PUT /machines/{id}/layout`.
+    #[serde(default)]
+    pub default_layout: Option<String>,
 }
 
 impl Machine {
@@ -192,6 +196,7 @@ impl Machine {
             power_seen_at: None,
             site: None,
             commission_tests: Vec::new(),
+            default_layout: None,
         }
     }
 
@@ -671,6 +676,28 @@ pub struct NewScript {
     /// Default 300, at most 3600: past it the script is killed and fails.
     #[serde(default)]
     pub timeout_secs: Option<u32>,
+}
+
+/// A storage layout kept by name (`POST /layouts`): a machine's default layout names one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NamedLayout {
+    /// Letters, digits, `.`, `-` and `_`.
+    pub name: String,
+    pub layout: DiskLayout,
+    /// Set by the appliance when stored (ms); ignored in a request.
+    #[serde(default)]
+    pub created_at: i64,
+}
+
+/// `PUT /machines/{id}/layout`: the machine's default layout, by name, or none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DefaultLayout {
+    /// A named layout; `null` clears the default.
+    pub layout: Option<String>,
 }
 
 /// A stored commissioning script.

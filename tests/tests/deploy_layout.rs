@@ -18,7 +18,8 @@
 //! is Ready with the script's result shown.
 //!
 //! Beside it (the two run side by side), a SeaBIOS VM with two disks deploys with its root on
-//! RAID 1 across them and LVM on the array (`--layout`: a volume group over md, root and
+//! RAID 1 across them and LVM on the array (the machine's default layout, kept by name with
+//! `stork layout add` and `stork machine layout`, the deploy giving none: a volume group over md, root and
 //! `/var` as logical volumes of the sizes asked, `/var` on XFS). Over SSH: `/proc/mdstat`
 //! shows both members in sync, `lvs` the sizes, `findmnt` the file systems. Then the first
 //! disk is pulled out of the running VM (QMP `device_del`) and the VM rebooted: it boots
@@ -249,8 +250,16 @@ fn deploy_raid(s: &mut Scenario, id: &str) -> Result<()> {
         bail!("the refused deploy changed the machine");
     }
 
+    // The layout kept by name as the machine's default: the deploy gives none and gets it.
     let path = s.lab.dir().join("raid.json");
     std::fs::write(&path, raid_layout().to_string())?;
+    s.appliance.cli(&[
+        "layout",
+        "add",
+        "raid1-lvm",
+        path.to_str().context("lab path")?,
+    ])?;
+    s.appliance.cli(&["machine", "layout", id, "raid1-lvm"])?;
     let net = s.lab.dir().join("network.json");
     std::fs::write(&net, network_config().to_string())?;
     s.phase_start();
@@ -260,15 +269,17 @@ fn deploy_raid(s: &mut Scenario, id: &str) -> Result<()> {
         &[
             "--hostname",
             RAID_HOSTNAME,
-            "--layout",
-            path.to_str().context("lab path")?,
             "--network",
             net.to_str().context("lab path")?,
         ],
     )?;
+    let m = s.status(id)?;
+    let layout = m.deploy.as_ref().and_then(|d| d.layout.as_ref());
+    if layout.map(|l| (l.raid, l.disks.len())) != Some((Some(1), 2)) {
+        bail!("the deploy did not take the machine's default layout raid1-lvm: {layout:?}");
+    }
     // The deploy records the address `auto` got.
-    let recorded = s
-        .status(id)?
+    let recorded = m
         .deploy
         .and_then(|d| d.network)
         .map(|n| n.interfaces[2].addresses.clone());

@@ -38,10 +38,10 @@ use crate::store::{
     SshKey, StoreError, TokenRecord, now_ms,
 };
 use stork_proto::api::{
-    AllocateBody, AuditQuery, AuditRecord, CommissionBody, Constraints, CreatedToken, ErrorBody,
-    EventQuery, HealthReport, MachineFilter, MarkBrokenBody, NewMachine, NewScript, NewSshKey,
-    NewToken, NoFields, PowerAnswer, PowerOp, PowerState, ReleaseBody, Script, ScriptResult,
-    StatsResponse, UploadFormat, UploadQuery,
+    AllocateBody, AuditQuery, AuditRecord, CommissionBody, Constraints, CreatedToken,
+    DefaultLayout, ErrorBody, EventQuery, HealthReport, MachineFilter, MarkBrokenBody, NamedLayout,
+    NewMachine, NewScript, NewSshKey, NewToken, NoFields, PowerAnswer, PowerOp, PowerState,
+    ReleaseBody, Script, ScriptResult, StatsResponse, UploadFormat, UploadQuery,
 };
 
 pub fn routes() -> Router<AppState> {
@@ -76,6 +76,9 @@ pub(super) fn documented_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list_scripts, add_script))
         .routes(routes!(delete_script))
         .routes(routes!(machine_scripts))
+        .routes(routes!(list_layouts, add_layout))
+        .routes(routes!(delete_layout))
+        .routes(routes!(set_machine_layout))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
         .routes(routes!(audit_log))
@@ -122,6 +125,12 @@ impl ApiError {
     }
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// The same error, its message saying where it came from: "<message> (in <what>)".
+    fn context(mut self, what: &str) -> Self {
+        self.message = format!("{} (in {what})", self.message);
+        self
     }
 }
 
@@ -478,7 +487,7 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
     if a.body.trim_ascii().is_empty() {
         return Err(ApiError::bad_request("missing field `image`"));
     }
-    let Json(req) = Json::<DeployRequest>::from_bytes(&a.body)?;
+    let Json(mut req) = Json::<DeployRequest>::from_bytes(&a.body)?;
     req.check_fields().map_err(ApiError::bad_request)?;
     let known = a.state.controller.boot_resource(&req.image).await?;
     let Some(resource) = known.filter(|r| r.kind == "os") else {
@@ -488,8 +497,12 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
         )));
     };
     let m = a.state.controller.machine(&a.id).await?;
+    let default = default_layout(&a.state, &mut req, &m).await?;
     check_disk(&req, &m)?;
-    check_layout(&req, &resource, &m)?;
+    check_layout(&req, &resource, &m).map_err(|e| match &default {
+        Some(name) => e.context(&format!("the machine's default layout {name:?}")),
+        None => e,
+    })?;
     let held_now = || async {
         match &req.network {
             Some(_) => a.state.controller.static_addresses(m.site.as_deref()).await,
@@ -521,6 +534,28 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
             other => return other,
         }
     }
+}
+
+/// A deploy to disk that gives no layout gets the machine's default one, if it has one:
+/// returns its name.
+async fn default_layout(
+    s: &AppState,
+    req: &mut DeployRequest,
+    m: &Machine,
+) -> ApiResult<Option<String>> {
+    let Some(name) = m.default_layout.as_ref() else {
+        return Ok(None);
+    };
+    if req.layout.is_some() || req.target != DeployTarget::Disk {
+        return Ok(None);
+    }
+    let Some(named) = s.controller.layout(name).await? else {
+        return Err(ApiError::bad_request(format!(
+            "layout: the machine's default layout {name:?} no longer exists"
+        )));
+    };
+    req.layout = Some(named.layout);
+    Ok(Some(name.clone()))
 }
 
 /// Puts an address from `dhcp.static_range` in place of each `auto` of the request's
@@ -1380,6 +1415,127 @@ async fn delete_script(
         s.controller.delete_script(&name).await?,
         format!("no script {name:?}"),
     )
+}
+
+#[utoipa::path(
+    get,
+    path = "/layouts",
+    operation_id = "list_layouts",
+    tag = "layouts",
+    summary = "Named storage layouts",
+    responses(
+        (status = 200, description = "OK, by name.", body = [NamedLayout]),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
+async fn list_layouts(State(s): State<AppState>, _: Reader) -> ApiResult<Json<Vec<NamedLayout>>> {
+    Ok(Json(s.controller.layouts().await?))
+}
+
+#[utoipa::path(
+    post,
+    path = "/layouts",
+    operation_id = "add_layout",
+    tag = "layouts",
+    summary = "Add (or replace) a named storage layout",
+    description = "Checked as a deploy's layout is (sizes, disks, RAID, LVM), each mistake naming its field; a machine whose default it is (`PUT /machines/{id}/layout`) deploys with it when a deploy to disk gives no layout.",
+    request_body(content = NamedLayout),
+    responses(
+        (status = 201, description = "Stored.", body = NamedLayout),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden)
+    )
+)]
+async fn add_layout(
+    State(s): State<AppState>,
+    _: Operator,
+    body: Result<Json<NamedLayout>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<NamedLayout>)> {
+    let Json(mut named) = body?;
+    crate::image_upload::check_name(&named.name)
+        .map_err(|why| ApiError::bad_request(format!("name: {why}")))?;
+    named
+        .layout
+        .validate()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    named.created_at = now_ms();
+    s.controller.put_layout(named.clone()).await?;
+    Ok((StatusCode::CREATED, Json(named)))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/layouts/{name}",
+    operation_id = "delete_layout",
+    tag = "layouts",
+    summary = "Delete a named storage layout",
+    params(("name" = String, Path)),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, description = "A machine has it as its default layout (`in_use`).", body = ErrorBody)
+    )
+)]
+async fn delete_layout(
+    State(s): State<AppState>,
+    _: Operator,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    match s.controller.delete_layout(&name).await? {
+        Ok(found) => deleted(found, format!("no layout {name:?}")),
+        Err(machines) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "in_use",
+            format!(
+                "layout {name:?} is the default of machine(s) {}: set theirs to another first",
+                machines.join(", ")
+            ),
+        )),
+    }
+}
+
+#[utoipa::path(
+    put,
+    path = "/machines/{id}/layout",
+    operation_id = "set_machine_layout",
+    tag = "machines",
+    summary = "Set or clear the machine's default storage layout",
+    description = "A named layout (`/layouts`), or `null`. A deploy to disk that gives no layout uses it; one that gives a layout uses its own.",
+    params(MachineId),
+    request_body(content = DefaultLayout),
+    responses(
+        (status = 200, description = "Set.", body = Machine),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, description = "The machine changed meanwhile (`conflict`): read it and try again.", body = ErrorBody)
+    )
+)]
+async fn set_machine_layout(
+    State(s): State<AppState>,
+    caller: Operator,
+    Path(id): Path<String>,
+    body: Result<Json<DefaultLayout>, JsonRejection>,
+) -> ApiResult<Json<Machine>> {
+    let Json(DefaultLayout { layout }) = body?;
+    let m = s.controller.machine(&id).await?;
+    if let Some(name) = &layout
+        && s.controller.layout(name).await?.is_none()
+    {
+        return Err(ApiError::bad_request(format!(
+            "layout: no layout named {name:?} (`GET /layouts` lists them)"
+        )));
+    }
+    let saved = s
+        .controller
+        .set_default_layout(m, layout, &caller.actor)
+        .await?;
+    Ok(Json(saved.redacted()))
 }
 
 #[utoipa::path(

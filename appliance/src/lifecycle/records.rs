@@ -12,8 +12,8 @@ use stork_proto::{Inventory, MacAddr};
 use super::boot::{self, BootChoice, HEARTBEAT_STATUSES, TokenGrant, choose};
 use super::{Controller, Status};
 use crate::store::{
-    BootResource, EventRecord, Machine, MachineQuery, NewEvent, Script, ScriptResult, SshKey,
-    StoreError, TokenRecord, now_ms,
+    BootResource, EventRecord, Machine, MachineQuery, NamedLayout, NewEvent, Script, ScriptResult,
+    SshKey, StoreError, TokenRecord, now_ms,
 };
 
 /// A new random machine or record id: 12 hex digits.
@@ -459,6 +459,52 @@ impl Controller {
     pub async fn delete_script(&self, name: &str) -> Result<bool, StoreError> {
         let name = name.to_string();
         self.store.call(move |s| s.delete_script(&name)).await
+    }
+
+    pub async fn put_layout(&self, l: NamedLayout) -> Result<(), StoreError> {
+        self.store.call(move |s| s.put_layout(&l)).await
+    }
+
+    pub async fn layouts(&self) -> Result<Vec<NamedLayout>, StoreError> {
+        self.store.call(|s| s.layouts()).await
+    }
+
+    pub async fn layout(&self, name: &str) -> Result<Option<NamedLayout>, StoreError> {
+        let name = name.to_string();
+        self.store.call(move |s| s.layout(&name)).await
+    }
+
+    /// See [`crate::store::Store::delete_layout`].
+    pub async fn delete_layout(&self, name: &str) -> Result<Result<bool, Vec<String>>, StoreError> {
+        let name = name.to_string();
+        self.store.call(move |s| s.delete_layout(&name)).await
+    }
+
+    /// Sets (or clears) machine `m`'s default layout, with an event by `actor`.
+    pub async fn set_default_layout(
+        &self,
+        mut m: Machine,
+        layout: Option<String>,
+        actor: &str,
+    ) -> Result<Machine, StoreError> {
+        m.updated_at = now_ms();
+        let ev = NewEvent {
+            at: m.updated_at,
+            actor: actor.to_string(),
+            old_status: None,
+            new_status: None,
+            message: match &layout {
+                Some(name) => format!("default layout: {name}"),
+                None => "default layout cleared".into(),
+            },
+        };
+        m.default_layout = layout;
+        let saved = self
+            .store
+            .call(move |st| st.save_machine(&m, &[ev]))
+            .await?;
+        self.notify();
+        Ok(saved)
     }
 
     pub async fn put_script_result(&self, id: &str, r: ScriptResult) -> Result<(), StoreError> {

@@ -248,7 +248,7 @@ const MACHINE_COLUMNS: &str = "id, hostname, status, status_message, status_sinc
     version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, \
     updated_at, netboot, erase_quick, last_heartbeat, heartbeat_step, heartbeat_deadline, \
     agent_ip, agent_token_used, hw_cpus, hw_memory_bytes, hw_disks, hw_disk_bytes, site, \
-    commission_tests";
+    commission_tests, default_layout";
 
 impl Store {
     /// Opens (or creates) the database at `path`, with the secrets key file
@@ -537,7 +537,7 @@ impl Store {
 
     // ---- machines ----
 
-    /// A machine's columns as written, `?1` to `?29` in [`MACHINE_COLUMNS`]'s order.
+    /// A machine's columns as written, `?1` to `?30` in [`MACHINE_COLUMNS`]'s order.
     fn machine_args(&self, m: &Machine) -> Vec<Value> {
         let hw = m.inventory.as_ref().map(HardwareSummary::of);
         args![
@@ -570,6 +570,7 @@ impl Store {
             hw.map(|h| i64::try_from(h.disk_bytes).unwrap_or(i64::MAX)),
             m.site.as_deref(),
             json(&m.commission_tests),
+            m.default_layout.as_deref(),
         ]
         .into()
     }
@@ -620,10 +621,11 @@ impl Store {
             heartbeat_deadline: row.get(20)?,
             site: row.get(27)?,
             commission_tests: from_json("commission_tests", &row.get::<String>(28)?)?,
+            default_layout: row.get(29)?,
             power_state: row
-                .get::<Option<String>>(29)?
+                .get::<Option<String>>(30)?
                 .and_then(|p| PowerState::parse(&p)),
-            power_seen_at: row.get(30)?,
+            power_seen_at: row.get(31)?,
         })
     }
 
@@ -868,7 +870,7 @@ impl Store {
     /// Inserts a new machine and its first event.
     pub fn create_machine(&self, m: &Machine, event: &NewEvent) -> Result<Machine, StoreError> {
         self.check_space()?;
-        let placeholders: Vec<String> = (1..=29).map(|i| format!("?{i}")).collect();
+        let placeholders: Vec<String> = (1..=30).map(|i| format!("?{i}")).collect();
         let sql = format!(
             "INSERT INTO machines ({MACHINE_COLUMNS}) VALUES ({})",
             placeholders.join(",")
@@ -986,7 +988,7 @@ impl Store {
                         THEN (CASE WHEN agent_token_used > ?23 THEN agent_token_used ELSE ?23 END)
                         ELSE ?23 END,
                     hw_cpus=?24, hw_memory_bytes=?25, hw_disks=?26, hw_disk_bytes=?27,
-                    site=?28, commission_tests=?29, created_at=?15
+                    site=?28, commission_tests=?29, default_layout=?30, created_at=?15
                  WHERE id=?1 AND version=?6
                    AND NOT (agent_token_used = 1 AND CAST(?14 AS TEXT) IS NOT NULL
                             AND agent_token IS DISTINCT FROM CAST(?14 AS TEXT))",
@@ -1329,41 +1331,106 @@ impl Store {
     }
 
     pub fn put_boot_resource(&self, r: &BootResource, now: i64) -> Result<(), StoreError> {
+        self.put_named("boot_resources", &r.name, r, now)
+    }
+
+    /// Adds (or replaces the body of) record `name` of `table`, one of the tables of named
+    /// JSON records (`name`, `body`, `created_at`): boot resources, scripts, layouts.
+    fn put_named<T: serde::Serialize>(
+        &self,
+        table: &'static str,
+        name: &str,
+        body: &T,
+        created_at: i64,
+    ) -> Result<(), StoreError> {
         self.run(|db| {
             db.execute(
-                "INSERT INTO boot_resources (name, body, created_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(name) DO UPDATE SET body = excluded.body",
-                &args![&r.name, json(r), now],
+                &format!(
+                    "INSERT INTO {table} (name, body, created_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(name) DO UPDATE SET body = excluded.body"
+                ),
+                &args![name, json(body), created_at],
             )?;
             Ok(())
         })
     }
 
-    /// Adds (or replaces) a commissioning script.
-    pub fn put_script(&self, sc: &Script) -> Result<(), StoreError> {
+    /// Every record of the named-records `table` ([`Store::put_named`]), by name.
+    fn all_named<T: serde::de::DeserializeOwned>(
+        &self,
+        table: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
         self.run(|db| {
-            db.execute(
-                "INSERT INTO scripts (name, body, created_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(name) DO UPDATE SET body = excluded.body",
-                &args![&sc.name, json(sc), sc.created_at],
-            )?;
-            Ok(())
-        })
-    }
-
-    /// Every commissioning script, in name order (the order they run in).
-    pub fn scripts(&self) -> Result<Vec<Script>, StoreError> {
-        self.run(|db| {
-            db.query("SELECT body FROM scripts ORDER BY name", &[])?
+            db.query(&format!("SELECT body FROM {table} ORDER BY name"), &[])?
                 .iter()
                 .map(|r| from_json("body", &r.get::<String>(0)?))
                 .collect()
         })
     }
 
+    /// Whether record `name` of the named-records `table` was there to delete.
+    fn delete_named(&self, table: &'static str, name: &str) -> Result<bool, StoreError> {
+        self.run(|db| {
+            Ok(db.execute(
+                &format!("DELETE FROM {table} WHERE name = ?1"),
+                &args![name],
+            )? > 0)
+        })
+    }
+
+    /// Adds (or replaces) a commissioning script.
+    pub fn put_script(&self, sc: &Script) -> Result<(), StoreError> {
+        self.put_named("scripts", &sc.name, sc, sc.created_at)
+    }
+
+    /// Adds (or replaces) a named storage layout.
+    pub fn put_layout(&self, l: &NamedLayout) -> Result<(), StoreError> {
+        self.put_named("layouts", &l.name, l, l.created_at)
+    }
+
+    /// Every named layout, by name.
+    pub fn layouts(&self) -> Result<Vec<NamedLayout>, StoreError> {
+        self.all_named("layouts")
+    }
+
+    pub fn layout(&self, name: &str) -> Result<Option<NamedLayout>, StoreError> {
+        self.run(|db| {
+            db.query_opt("SELECT body FROM layouts WHERE name = ?1", &args![name])?
+                .map(|r| from_json("body", &r.get::<String>(0)?))
+                .transpose()
+        })
+    }
+
+    /// Deletes the named layout unless a machine has it as its default: `Err` with those
+    /// machines' ids (at most 10), `Ok(false)` when there was none.
+    pub fn delete_layout(&self, name: &str) -> Result<Result<bool, Vec<String>>, StoreError> {
+        self.transaction(|db| {
+            let users = db
+                .query(
+                    "SELECT id FROM machines WHERE default_layout = ?1 ORDER BY id LIMIT 10",
+                    &args![name],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect::<Result<Vec<String>, _>>()?;
+            if !users.is_empty() {
+                return Ok(Err(users));
+            }
+            Ok(Ok(db.execute(
+                "DELETE FROM layouts WHERE name = ?1",
+                &args![name],
+            )? > 0))
+        })
+    }
+
+    /// Every commissioning script, in name order (the order they run in).
+    pub fn scripts(&self) -> Result<Vec<Script>, StoreError> {
+        self.all_named("scripts")
+    }
+
     /// Whether there was such a script.
     pub fn delete_script(&self, name: &str) -> Result<bool, StoreError> {
-        self.run(|db| Ok(db.execute("DELETE FROM scripts WHERE name = ?1", &args![name])? > 0))
+        self.delete_named("scripts", name)
     }
 
     /// Records a script's result on a machine (a second result of the same name replaces it).
@@ -1405,18 +1472,11 @@ impl Store {
 
     /// Whether there was such a resource.
     pub fn delete_boot_resource(&self, name: &str) -> Result<bool, StoreError> {
-        self.run(|db| {
-            Ok(db.execute("DELETE FROM boot_resources WHERE name = ?1", &args![name])? > 0)
-        })
+        self.delete_named("boot_resources", name)
     }
 
     pub fn boot_resources(&self) -> Result<Vec<BootResource>, StoreError> {
-        self.run(|db| {
-            db.query("SELECT body FROM boot_resources ORDER BY name", &[])?
-                .iter()
-                .map(|r| from_json("body", &r.get::<String>(0)?))
-                .collect()
-        })
+        self.all_named("boot_resources")
     }
 
     pub fn boot_resource(&self, name: &str) -> Result<Option<BootResource>, StoreError> {

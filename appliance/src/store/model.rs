@@ -2,8 +2,8 @@
 
 pub use stork_proto::DeployTarget;
 pub use stork_proto::api::{
-    BootResource, DeployRequest, EventRecord, Machine, PowerConfig, ResourceFile, Script,
-    ScriptResult, SshKey, TokenRecord,
+    BootResource, DeployRequest, EventRecord, Machine, NamedLayout, PowerConfig, ResourceFile,
+    Script, ScriptResult, SshKey, TokenRecord,
 };
 
 use crate::lifecycle::Status;
