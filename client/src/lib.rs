@@ -230,15 +230,7 @@ impl Client {
         let body = stork_proto::api::DefaultLayout {
             layout: layout.map(str::to_string),
         };
-        self.decode(
-            &format!("{API}/machines/{id}/layout"),
-            self.call(
-                Method::Put,
-                &format!("{API}/machines/{id}/layout"),
-                Some(&body),
-                OK,
-            )?,
-        )
+        self.put(&format!("{API}/machines/{id}/layout"), &body)
     }
 
     pub fn allocate(&self, id: &str, body: &AllocateBody) -> Result<Machine> {
@@ -596,6 +588,11 @@ impl Client {
         body: Option<&B>,
     ) -> Result<T> {
         self.decode(path, self.call(Method::Post, path, body, OK)?)
+    }
+
+    /// A PUT answered 200 with a body.
+    fn put<B: Serialize + ?Sized, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.decode(path, self.call(Method::Put, path, Some(body), OK)?)
     }
 
     /// A POST that creates: 201 with the created thing.

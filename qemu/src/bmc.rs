@@ -376,6 +376,39 @@ impl BmcVm {
         self.bmc.power_is_on()
     }
 
+    /// Waits until `appliance` holds machine `id`'s inventory (its agent enlisted, after a
+    /// power-on someone asked for); fails when the VM powers off first or `stork serve` exits.
+    pub fn wait_enlisted(
+        &self,
+        appliance: &mut crate::Appliance,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<()> {
+        wait_for("enlistment", timeout, Duration::from_millis(250), || {
+            if let Some(status) = appliance.exited() {
+                bail!("stork serve exited: {status}");
+            }
+            // The VM is looked at before the record is read: the agent enlists and then
+            // powers off, so a VM already off while the record shows no inventory never
+            // enlisted (the other order races the agent).
+            let was_on = self.is_on();
+            if appliance.machine(id)?.inventory.is_some() {
+                return Ok(Some(()));
+            }
+            if !was_on {
+                bail!("the VM powered off before it enlisted");
+            }
+            Ok(None)
+        })
+    }
+
+    /// Waits until the chassis is off, `what` naming what should have powered it off.
+    pub fn wait_off(&self, what: &str, timeout: Duration) -> Result<()> {
+        wait_for(what, timeout, Duration::from_millis(200), || {
+            Ok((!self.is_on()).then_some(()))
+        })
+    }
+
     /// The running QEMU's process id: it stays the same across guest reboots and changes
     /// with every power-on.
     pub fn qemu_pid(&self) -> Option<i32> {

@@ -210,23 +210,8 @@ impl Scenario {
             .bmc
             .wait_powered_on()
             .context("`stork machine power on` did not power the VM on through its BMC")?;
-        wait_for("enlistment", Duration::from_secs(400), POLL, || {
-            if let Some(status) = self.appliance.exited() {
-                bail!("stork serve exited: {status}");
-            }
-            // The VM is looked at before the status is read: the agent enlists and then
-            // powers off, so a VM already off while the read shows no inventory never
-            // enlisted (the other order races the agent; CI saw it).
-            let was_on = self.machine.is_on();
-            let m = self.status(&id)?;
-            if m.inventory.is_some() {
-                return Ok(Some(()));
-            }
-            if !was_on {
-                bail!("the VM powered off before it enlisted");
-            }
-            Ok(None)
-        })?;
+        self.machine
+            .wait_enlisted(&mut self.appliance, &id, Duration::from_secs(400))?;
         self.wait_off(
             "the agent's power-off after enlisting",
             Duration::from_secs(90),
@@ -333,9 +318,7 @@ impl Scenario {
 
     /// Waits until the machine's QEMU has stopped.
     pub fn wait_off(&self, what: &str, timeout: Duration) -> Result<()> {
-        wait_for(what, timeout, Duration::from_millis(200), || {
-            Ok((!self.machine.is_on()).then_some(()))
-        })
+        self.machine.wait_off(what, timeout)
     }
 
     /// Waits for status `want`, failing at once on any status outside `passing`, and when the

@@ -143,13 +143,23 @@ mod tests {
     #[test]
     fn a_script_past_its_timeout_is_killed() {
         let d = tempfile::tempdir().unwrap();
-        let r = execute(
-            &script("slow", "echo started; sleep 30; echo never", 1),
-            d.path(),
-        )
-        .unwrap();
+        // The script's child holds the output pipe too: it must die with the script.
+        let pid_file = d.path().join("sleep.pid");
+        let body = format!(
+            "echo started; sleep 30 & echo $! > {}; wait; echo never",
+            pid_file.display()
+        );
+        let r = execute(&script("slow", &body, 1), d.path()).unwrap();
         assert!(r.timed_out && r.exit_status.is_none(), "{r:?}");
         assert_eq!(r.output, "started\n");
-        assert!(r.duration_ms < 20_000);
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()));
+        // Gone, or a zombie no one reaped yet (its state letter follows the name).
+        assert!(
+            stat.as_deref().map_or(true, |s| s
+                .rsplit_once(") ")
+                .is_some_and(|(_, r)| r.starts_with('Z'))),
+            "the script's child outlived its timeout: {stat:?}"
+        );
     }
 }

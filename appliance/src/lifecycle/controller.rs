@@ -423,9 +423,7 @@ impl Controller {
         if is_uefi(m) {
             return;
         }
-        if let (Some(mine), Some(theirs)) = (&self.site, &m.site)
-            && **mine != **theirs
-        {
+        if self.foreign_site(m).is_some() {
             // Another site's BMC: a queued request would come after the reboot.
             return;
         }
@@ -446,9 +444,17 @@ impl Controller {
         }
     }
 
+    /// This appliance's site and `m`'s, when they differ: its BMC is the other site's to
+    /// reach.
+    fn foreign_site<'a>(&'a self, m: &'a Machine) -> Option<(&'a str, &'a str)> {
+        match (self.site.as_deref(), m.site.as_deref()) {
+            (Some(mine), Some(theirs)) if mine != theirs => Some((mine, theirs)),
+            _ => None,
+        }
+    }
+
     async fn perform(&self, m: &Machine, action: Action) {
-        if let (Some(mine), Some(theirs)) = (&self.site, &m.site)
-            && **mine != **theirs
+        if let Some((mine, theirs)) = self.foreign_site(m)
             && let Some(name) = request_name(action)
         {
             self.forward(m, name, mine, theirs).await;

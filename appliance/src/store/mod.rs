@@ -1368,6 +1368,22 @@ impl Store {
         })
     }
 
+    /// Record `name` of the named-records `table`, if there is one.
+    fn one_named<T: serde::de::DeserializeOwned>(
+        &self,
+        table: &'static str,
+        name: &str,
+    ) -> Result<Option<T>, StoreError> {
+        self.run(|db| {
+            db.query_opt(
+                &format!("SELECT body FROM {table} WHERE name = ?1"),
+                &args![name],
+            )?
+            .map(|r| from_json("body", &r.get::<String>(0)?))
+            .transpose()
+        })
+    }
+
     /// Whether record `name` of the named-records `table` was there to delete.
     fn delete_named(&self, table: &'static str, name: &str) -> Result<bool, StoreError> {
         self.run(|db| {
@@ -1394,11 +1410,7 @@ impl Store {
     }
 
     pub fn layout(&self, name: &str) -> Result<Option<NamedLayout>, StoreError> {
-        self.run(|db| {
-            db.query_opt("SELECT body FROM layouts WHERE name = ?1", &args![name])?
-                .map(|r| from_json("body", &r.get::<String>(0)?))
-                .transpose()
-        })
+        self.one_named("layouts", name)
     }
 
     /// Deletes the named layout unless a machine has it as its default: `Err` with those
@@ -1480,14 +1492,7 @@ impl Store {
     }
 
     pub fn boot_resource(&self, name: &str) -> Result<Option<BootResource>, StoreError> {
-        self.run(|db| {
-            db.query_opt(
-                "SELECT body FROM boot_resources WHERE name = ?1",
-                &args![name],
-            )?
-            .map(|r| from_json("body", &r.get::<String>(0)?))
-            .transpose()
-        })
+        self.one_named("boot_resources", name)
     }
 }
 

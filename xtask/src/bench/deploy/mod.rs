@@ -301,17 +301,8 @@ impl Bench {
             .id;
         self.appliance.cli(&["machine", "power", &id, "on"])?;
         self.machine.bmc.wait_powered_on()?;
-        wait_for("the VM to enlist", PHASE_TIMEOUT, POLL, || {
-            // The VM first, then the record: the agent enlists, then powers off.
-            let was_on = self.machine.is_on();
-            if self.appliance.machine(&id)?.inventory.is_some() {
-                return Ok(Some(()));
-            }
-            if !was_on {
-                bail!("the VM powered off before it enlisted");
-            }
-            Ok(None)
-        })?;
+        self.machine
+            .wait_enlisted(&mut self.appliance, &id, PHASE_TIMEOUT)?;
         self.wait_off()?;
         self.appliance.cli(&["machine", "commission", &id])?;
         self.wait_status(&id, Status::Ready, &[Status::Commissioning])?;
@@ -504,12 +495,8 @@ impl Bench {
     }
 
     fn wait_off(&mut self) -> Result<()> {
-        wait_for(
-            "the VM to power off",
-            Duration::from_secs(120),
-            POLL,
-            || Ok((!self.machine.is_on()).then_some(())),
-        )
+        self.machine
+            .wait_off("the VM to power off", Duration::from_secs(120))
     }
 
     /// Stork powers the machine off through its BMC.
@@ -695,21 +682,20 @@ fn fetch(url: &str) -> String {
     )
 }
 
-/// What the console at `path` holds after its first `offset` bytes.
+/// What the console at `path` holds after its first `offset` bytes (read from there: the
+/// console of a whole run is several MiB, polled every quarter second).
 fn console_from(path: &Path, offset: u64) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    let start = usize::try_from(offset)
-        .unwrap_or(usize::MAX)
-        .min(bytes.len());
-    String::from_utf8_lossy(&bytes[start..]).into_owned()
+    use std::io::{Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    let _ = std::fs::File::open(path).and_then(|mut f| {
+        f.seek(SeekFrom::Start(offset))?;
+        f.read_to_end(&mut bytes)
+    });
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 fn console_has(path: &Path, needle: &str) -> bool {
-    let mut text = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut text))
-        .is_ok()
-        && String::from_utf8_lossy(&text).contains(needle)
+    console_from(path, 0).contains(needle)
 }
 
 fn path_str(p: &Path) -> Result<&str> {
