@@ -154,8 +154,15 @@ pub fn capture(mut cmd: Command, timeout: Duration, tail: usize) -> Result<Captu
     };
     let elapsed = started.elapsed();
     // A background process the command left holding the pipe would keep the reader
-    // waiting: what it wrote so far is enough once the command itself has ended.
-    let grace = Instant::now() + Duration::from_millis(200);
+    // waiting: what it wrote so far is enough once the command itself has ended. After a
+    // timeout the whole group was killed and closes the pipe as soon as the kernel has
+    // delivered the signals, which on a loaded machine takes longer than a clean exit.
+    let grace = Instant::now()
+        + if status.is_none() {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_millis(200)
+        };
     while !keeper.is_finished() && Instant::now() < grace {
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -146,19 +146,31 @@ mod tests {
         // The script's child holds the output pipe too: it must die with the script.
         let pid_file = d.path().join("sleep.pid");
         let body = format!(
-            "echo started; sleep 30 & echo $! > {}; wait; echo never",
+            "echo started; sleep 300 & echo $! > {}; wait; echo never",
             pid_file.display()
         );
         let r = execute(&script("slow", &body, 1), d.path()).unwrap();
         assert!(r.timed_out && r.exit_status.is_none(), "{r:?}");
         assert_eq!(r.output, "started\n");
         let pid = std::fs::read_to_string(&pid_file).unwrap();
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()));
-        // Gone, or a zombie no one reaped yet (its state letter follows the name).
+        // SIGKILL is delivered when the child next runs: on a loaded machine it may still be
+        // runnable a moment after the group was signalled. Dead means gone, or a zombie no one
+        // reaped yet (its state letter follows the name); a survivor would sleep 300 s.
+        let dead = |stat: &std::io::Result<String>| {
+            stat.as_deref().map_or(true, |s| {
+                s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
+            })
+        };
+        let mut stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()));
+        for _ in 0..600 {
+            if dead(&stat) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()));
+        }
         assert!(
-            stat.as_deref().map_or(true, |s| s
-                .rsplit_once(") ")
-                .is_some_and(|(_, r)| r.starts_with('Z'))),
+            dead(&stat),
             "the script's child outlived its timeout: {stat:?}"
         );
     }
