@@ -10,25 +10,23 @@
 
 use super::handler::Ignored;
 
-/// The message types relays send (RFC 8415 section 9): a 34-byte header before options.
-const RELAY_FORW: u8 = 12;
-const RELAY_REPL: u8 = 13;
+/// The header before the options, as the decoder reads it: the handler decodes every
+/// datagram as a client message (type and transaction id), whatever its type says; a
+/// relay-message option's content as a relay message (type, hop count, link and peer
+/// addresses: RFC 8415 section 9). A relay's datagram taken as a client message puts its
+/// addresses among the options, which must pass the same checks (found by `fuzz.rs`).
+const CLIENT_HEADER: usize = 4;
+const RELAY_HEADER: usize = 34;
 /// Encapsulation deeper than this is refused (a relay chain is at most 8 hops, and IA
 /// options nest two levels).
 const MAX_DEPTH: usize = 12;
 
 /// Whether `bytes` is a message the decoder can take.
 pub fn check(bytes: &[u8]) -> Result<(), Ignored> {
-    message(bytes, 0)
-}
-
-fn message(bytes: &[u8], depth: usize) -> Result<(), Ignored> {
-    let header = match bytes.first() {
-        Some(&RELAY_FORW | &RELAY_REPL) => 34,
-        Some(_) => 4,
-        None => return Err(Ignored::Malformed),
-    };
-    options(bytes.get(header..).ok_or(Ignored::Malformed)?, depth)
+    if bytes.is_empty() {
+        return Err(Ignored::Malformed);
+    }
+    options(bytes.get(CLIENT_HEADER..).ok_or(Ignored::Malformed)?, 0)
 }
 
 /// How option `code`'s length must be for the decoder.
@@ -84,8 +82,11 @@ fn options(mut b: &[u8], depth: usize) -> Result<(), Ignored> {
             _ => {}
         }
         if code == 9 {
-            // A relayed message, decoded as a whole message.
-            message(data, depth + 1)?;
+            // A relayed message, decoded as a relay message whatever its type.
+            options(
+                data.get(RELAY_HEADER..).ok_or(Ignored::Malformed)?,
+                depth + 1,
+            )?;
         }
         b = b.get(4 + len..).ok_or(Ignored::Malformed)?;
     }
@@ -137,6 +138,13 @@ mod tests {
         );
         assert_eq!(check(&solicit(opt(8, &[0, 0]))), Ok(()));
         assert_eq!(check(&solicit(opt(23, &[0; 17]))), Err(Ignored::Malformed));
+        // A relay's datagram is decoded as a client message: its addresses are options.
+        let relay = [
+            vec![12, 2],
+            vec![0x65, 0xbf, 0x8a, 0, 0, 0, 0, 0x10, 0, 0],
+            vec![0; 22],
+        ];
+        assert_eq!(check(&relay.concat()), Err(Ignored::Malformed));
         // Nesting past the bound.
         let mut deep = opt(13, &[0, 0]);
         for _ in 0..=MAX_DEPTH {
