@@ -127,6 +127,12 @@ fn steps(
                 error: stage::enter(client, &root, started),
             });
         }
+        // The appliance names a root only for tasks that need its tools.
+        (Stage::One, None) if client.is_known() => client.step_event(
+            Step::Ephemeral,
+            stork_proto::StepState::Done,
+            "not needed: the task runs from the initrd".into(),
+        ),
         (Stage::One, None) => say!(
             Step::Ephemeral,
             "none on the command line; running the task from the initrd"

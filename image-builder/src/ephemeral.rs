@@ -55,7 +55,6 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "grub-efi-amd64-bin",
         "GRUB's x86_64-efi modules, for grub-install --target=x86_64-efi",
     ),
-    ("efibootmgr", "the deployed disk's UEFI boot entry"),
     ("mdadm", "software RAID arrays of a layout"),
     ("lvm2", "LVM volume groups and logical volumes of a layout"),
     ("xfsprogs", "mkfs.xfs for a layout's XFS file systems"),

@@ -32,7 +32,7 @@ pub const DEFAULT_MODULES: &[&str] = &[
     // I/O charset, modules in Debian's kernel (CONFIG_FAT_DEFAULT_CODEPAGE=437, _IOCHARSET=ascii).
     "nls_cp437",
     "nls_ascii",
-    // The deployed disk's UEFI boot entry (efibootmgr writes EFI variables through it).
+    // The deployed disk's UEFI boot entry (the agent writes EFI variables through it).
     "efivarfs",
     // ext4 asks for "crypto-crc32c" as a softdep, an alias this index does not resolve.
     "crc32c_generic",

@@ -25,7 +25,6 @@ const TOOLS: &[&str] = &[
     "usr/sbin/grub-install",
     "usr/lib/grub/i386-pc/boot.img",
     "usr/lib/grub/x86_64-efi/normal.mod",
-    "usr/bin/efibootmgr",
     "usr/bin/zstd",
     "usr/bin/xz",
     "usr/bin/tar",

@@ -78,6 +78,9 @@ fn seabios_vm_powered_by_its_bmc_deploys_debian_to_nvme_logs_in_over_ssh_then_re
         if !events.contains("power: next boot from disk, set through the BMC") {
             bail!("Stork did not set the next boot through the BMC:\n{events}");
         }
+        if !events.contains("ephemeral Done: not needed: the task runs from the initrd") {
+            bail!("the raw deploy fetched the ephemeral root:\n{events}");
+        }
         s.booted_straight_to_disk(MAC_DISK, &ip, &[])?;
         s.say("after the install SeaBIOS booted the disk first: no network boot");
         let late = s.ssh(&ip, "cat /etc/stork-late")?;

@@ -15,7 +15,8 @@ use stork_proto::{MacAddr, cmdline};
 
 use super::AppState;
 use crate::config::Config;
-use crate::store::StoreError;
+use crate::store::{Machine, StoreError};
+use stork_proto::ImageRole;
 
 pub use crate::lifecycle::boot::{BootChoice, choose};
 
@@ -70,6 +71,11 @@ pub async fn plan(state: &AppState, mac: MacAddr, from: IpAddr) -> Result<BootPl
         .controller
         .boot(mac, from, state.lease_of(mac, from))
         .await?;
+    let machine = agent.as_ref().map(|a| &a.machine);
+    let ephemeral = match needs_tools_image(state, machine).await? {
+        true => ephemeral,
+        false => None,
+    };
     Ok(match (choice, agent) {
         (BootChoice::Agent { .. }, Some(a)) => BootPlan::Agent {
             known: Some((a.machine.id, a.token)),
@@ -81,6 +87,21 @@ pub async fn plan(state: &AppState, mac: MacAddr, from: IpAddr) -> Result<BootPl
             ephemeral,
         },
     })
+}
+
+/// [`crate::lifecycle::boot::needs_tools`] for `machine` (the one the agent is booted for;
+/// `None`: enlisting), looking its deploy's image up in the store.
+async fn needs_tools_image(
+    state: &AppState,
+    machine: Option<&Machine>,
+) -> Result<bool, StoreError> {
+    let image = match machine.and_then(|m| m.deploy.as_ref()) {
+        Some(req) => state.controller.boot_resource(&req.image).await?,
+        None => None,
+    };
+    Ok(crate::lifecycle::boot::needs_tools(machine, |_| {
+        image.is_some_and(|r| r.files.iter().any(|f| f.role == ImageRole::Raw))
+    }))
 }
 
 async fn script_for(state: &AppState, mac: MacAddr, from: IpAddr) -> Result<String, StoreError> {

@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 
+use stork_proto::DeployTarget;
 use stork_proto::api::AgentIdentity;
 
 use super::Status;
@@ -48,6 +49,30 @@ pub fn agent_work(m: &Machine) -> AgentWork {
             quick: m.erase_quick,
         },
         _ => AgentWork::PowerOff,
+    }
+}
+
+/// Whether the agent's work for `m` needs the ephemeral root's tools, given whether the
+/// deploy request's image has a raw disk file (`has_raw`, asked only for a disk deploy
+/// without a layout). The root is 75 MiB fetched and mounted before the task (about 2 s of
+/// a deploy under TCG, docs/measurements.md), and an unknown machine on a shared LAN should
+/// not make the appliance send it: what the agent does natively (enlisting, a raw image to
+/// disk with its UEFI entry, a deploy into memory, erasing, powering off) runs from the
+/// initrd. Commissioning runs shell scripts and the hardware tests' tools; a layout or a
+/// root tar needs sgdisk, mkfs, mdadm, LVM, tar and grub-install.
+pub fn needs_tools(m: Option<&Machine>, has_raw: impl FnOnce(&str) -> bool) -> bool {
+    let Some(m) = m.filter(|m| m.status != Status::New) else {
+        return false;
+    };
+    match agent_work(m) {
+        AgentWork::Commission => true,
+        AgentWork::Erase { .. } | AgentWork::PowerOff => false,
+        AgentWork::Deploy => match &m.deploy {
+            Some(req) if req.target == DeployTarget::Memory => false,
+            Some(req) if req.layout.is_none() => !has_raw(&req.image),
+            // No request: the task endpoint refuses; the root changes nothing.
+            _ => true,
+        },
     }
 }
 
@@ -234,5 +259,41 @@ mod tests {
         // Once deployed (or in any other status) the lease's address only.
         m.status = Status::Deployed;
         assert!(!token_usable_from(&m, OTHER));
+    }
+
+    #[test]
+    fn only_commissioning_and_layout_or_tar_deploys_fetch_the_ephemeral_root() {
+        let raw = |_: &str| true;
+        let tar_only = |_: &str| false;
+        // Enlisting (unknown or New): from the initrd.
+        assert!(!needs_tools(None, raw));
+        let mut m = Machine::new(
+            "m1".into(),
+            vec!["52:54:00:00:00:01".parse().unwrap()],
+            1000,
+        );
+        assert!(!needs_tools(Some(&m), raw));
+        m.status = Status::Commissioning;
+        assert!(needs_tools(Some(&m), raw));
+        m.status = Status::DiskErasing;
+        assert!(!needs_tools(Some(&m), raw));
+        m.status = Status::Deploying;
+        // No request: whatever the task endpoint says, the root is there.
+        assert!(needs_tools(Some(&m), raw));
+        m.deploy = Some(stork_proto::api::DeployRequest {
+            image: "debian-12".into(),
+            ..Default::default()
+        });
+        assert!(!needs_tools(Some(&m), raw));
+        // An image with no raw file installs from its root tar.
+        assert!(needs_tools(Some(&m), tar_only));
+        if let Some(req) = m.deploy.as_mut() {
+            req.layout = Some(Default::default());
+        }
+        assert!(needs_tools(Some(&m), raw));
+        if let Some(req) = m.deploy.as_mut() {
+            req.target = DeployTarget::Memory;
+        }
+        assert!(!needs_tools(Some(&m), tar_only));
     }
 }

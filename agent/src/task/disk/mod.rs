@@ -81,24 +81,17 @@ fn boot_entry(client: &ApplianceClient, disk: &Path, esp: Option<u32>) -> Result
     };
     // One label for whatever Stork installed: a redeploy replaces the entry, never adds one.
     let label = "Stork: installed OS";
-    let message = match efi::add_boot_entry(disk, part, label)? {
-        efi::Outcome::Added { entry, order, next } => {
-            let next = match next {
-                efi::BootNext::Set => format!("BootNext {entry}"),
-                // Not fatal: the entry leads the order, and where the firmware still starts
-                // with the network the appliance's boot script answers `exit` to the disk.
-                efi::BootNext::Failed(why) => {
-                    format!("warning: BootNext not set ({why}); PXE's `exit` is the fallback")
-                }
-            };
-            format!(
-                "UEFI entry Boot{entry} {label:?} on partition {part}; {next}; boot order {order}"
-            )
+    let efi::Outcome { entry, order, next } = efi::add_boot_entry(disk, part, label)?;
+    let next = match next {
+        efi::BootNext::Set => format!("BootNext {entry}"),
+        // Not fatal: the entry leads the order, and where the firmware still starts with the
+        // network the appliance's boot script answers `exit` to the disk.
+        efi::BootNext::Failed(why) => {
+            format!("warning: BootNext not set ({why}); PXE's `exit` is the fallback")
         }
-        efi::Outcome::NoTool => "warning: no efibootmgr here (no ephemeral root); the firmware \
-             boots the disk by its removable-media path"
-            .to_string(),
     };
+    let message =
+        format!("UEFI entry Boot{entry} {label:?} on partition {part}; {next}; boot order {order}");
     client.step_event(Step::BootEntry, StepState::Done, message);
     Ok(())
 }
