@@ -376,6 +376,13 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
                 )
             }
         };
+        // Disks past the first come after the boot order's two devices (`boot_order`), as a
+        // real firmware lists every disk: OVMF drops a boot option (the agent's entry for
+        // the installed disk) on a PCI device missing from QEMU's boot order.
+        let device = match n {
+            0 => device,
+            n => format!("{device},bootindex={}", EXTRA_DISK_BOOTINDEX + n),
+        };
         argv.extend(["-drive".to_string(), drive, "-device".to_string(), device]);
     }
     for (k, (backend, mac)) in m.extra_nics.iter().enumerate() {
@@ -472,6 +479,10 @@ pub enum BootFirst {
     /// The disk, then the NIC.
     Disk,
 }
+
+/// Disk `n` (from 1) past the first gets boot index this plus `n`: after the NIC's and the
+/// first disk's, whatever the BMC set.
+const EXTRA_DISK_BOOTINDEX: usize = 10;
 
 /// `-set device.<id>.bootindex=<n>` arguments for [`qemu_argv`]'s command line. Both devices
 /// get an index: OVMF drops the boot options of PCI devices that match no entry of QEMU's
@@ -830,21 +841,21 @@ mod tests {
                 "-drive",
                 "file=/lab/m1/disk1.raw,if=none,id=d1,format=raw",
                 "-device",
-                "nvme,drive=d1,id=disk1,serial=DATA",
+                "nvme,drive=d1,id=disk1,serial=DATA,bootindex=11",
                 "-drive",
                 "file=/lab/m1/disk2.raw,if=none,id=d2,format=raw",
                 "-device",
-                "usb-storage,bus=xhci.0,drive=d2,id=disk2,serial=OTHER,removable=on",
+                "usb-storage,bus=xhci.0,drive=d2,id=disk2,serial=OTHER,removable=on,bootindex=12",
                 "-device",
                 "ahci,id=ahci",
                 "-drive",
                 "file=/lab/m1/disk3.raw,if=none,id=d3,format=raw",
                 "-device",
-                "ide-hd,bus=ahci.0,drive=d3,id=disk3,serial=S1",
+                "ide-hd,bus=ahci.0,drive=d3,id=disk3,serial=S1,bootindex=13",
                 "-drive",
                 "file=blkdebug:/lab/m1/disk4.blkdebug:/lab/m1/disk4.raw,if=none,id=d4,format=raw",
                 "-device",
-                "ide-hd,bus=ahci.1,drive=d4,id=disk4,serial=S2",
+                "ide-hd,bus=ahci.1,drive=d4,id=disk4,serial=S2,bootindex=14",
                 "-device",
                 "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:00:00:01",
             ]

@@ -6,13 +6,22 @@
 //! and a boot entry for it that is `BootNext` and first in `BootOrder`; the agent's reboot
 //! resets the VM in place and OVMF goes straight to the disk's `EFI/BOOT/BOOTX64.EFI` (GRUB),
 //! with no network boot on the way (no boot script, no TFTP); cloud-init phones home:
-//! Deployed, and SSH with the deploy's key reads the hostname asked for.
+//! Deployed, and SSH with the deploy's key reads the hostname asked for. The machine has a
+//! SATA disk and an NVMe disk: the first deploy picks the SATA disk by its serial, with no
+//! ephemeral root (a raw image needs none of its tools; the agent writes the boot entry
+//! itself); released without an erase, it deploys again onto the NVMe disk picked by its
+//! model, and the firmware then holds one entry with Stork's label, not two.
 //!
 //! The machine keeps its OVMF variable store for its lifetime (every power-on and reset of
 //! the same machine); a new machine starts from the pristine template.
 
+use std::time::Duration;
+
 use anyhow::{Context, Result, bail};
-use stork_lab::Firmware;
+use stork_lab::vm::{DiskBus, ExtraDisk};
+use stork_lab::{Firmware, wait_for};
+use stork_proto::DeployTarget;
+use stork_proto::api::Status;
 use stork_proto::inventory::Firmware as RecordedFirmware;
 use stork_tests::deploy::{Scenario, deploy_to_disk_and_log_in, os_machine, upload_qcow2};
 
@@ -25,8 +34,18 @@ use stork_tests::require_boot_files;
 fn ovmf_vm_through_firmware_pxe_powered_by_its_bmc_deploys_debian_to_disk_and_logs_in() {
     require_boot_files(&["snponly.efi"]);
     let mac = "52:54:00:77:01:e1";
-    let spec = os_machine("uefi1", mac, Firmware::Uefi { nic_rom: false }, 4 << 30);
+    let mut spec = os_machine("uefi1", mac, Firmware::Uefi { nic_rom: false }, 4 << 30);
+    // A SATA disk (the first deploy's, by serial) and an NVMe disk (the second's, by model).
+    spec.disk_bus = DiskBus::Sata;
+    spec.disk_serial = SATA_SERIAL.into();
+    spec.extra_disks = vec![ExtraDisk {
+        bus: DiskBus::Nvme,
+        bytes: 4 << 30,
+        serial: "STORK-NVME-1".into(),
+        unreadable_at: None,
+    }];
     let mut s = Scenario::new("deploy-uefi", spec, None).unwrap();
+    s.disk = Some(SATA_SERIAL.into());
     let result = (|| -> Result<()> {
         let id = s.add_and_enlist()?;
         let m = s.status(&id)?;
@@ -38,8 +57,14 @@ fn ovmf_vm_through_firmware_pxe_powered_by_its_bmc_deploys_debian_to_disk_and_lo
         upload_qcow2(&s, UPLOADED)?;
         s.image = UPLOADED.into();
         let ip = deploy_to_disk_and_log_in(&mut s, &id, "stork-e2e-uefi", false)?;
-        // The agent gave the installed disk a UEFI boot entry (efibootmgr, from the
-        // ephemeral root) and made it the next boot.
+        root_is_on(&s, &ip, "sda")?;
+        // A raw image needs none of the ephemeral root's tools: the appliance did not send it.
+        let events = s.appliance.cli(&["machine", "events", &id])?;
+        if !events.contains("ephemeral Done: not needed: the task runs from the initrd") {
+            bail!("the deploy fetched the ephemeral root:\n{events}");
+        }
+        // The agent gave the installed disk a UEFI boot entry (written through efivarfs from
+        // the initrd: a raw image needs no ephemeral root) and made it the next boot.
         let events = s.appliance.cli(&["machine", "events", &id])?;
         let entry = events
             .lines()
@@ -79,10 +104,95 @@ fn ovmf_vm_through_firmware_pxe_powered_by_its_bmc_deploys_debian_to_disk_and_lo
         if requests < 6 {
             bail!("{requests} TFTP requests, wanted two per network boot (3 boots): {stats:#?}");
         }
-        Ok(())
+        redeploy_to_nvme_by_model(&mut s, &id)
     })();
     if let Err(e) = result {
         s.fail(e);
     }
     eprintln!("phases (OVMF, firmware PXE, to disk):\n{}", s.timings());
+}
+
+/// The serial the first deploy picks its disk by.
+const SATA_SERIAL: &str = "STORK-UEFI-SATA";
+
+/// Released without an erase, the machine's deploy onto the NVMe disk (by its model) is
+/// refused after the write: the SATA disk still holds the same image, whose root UUID the
+/// installed OS would find twice. Released with a quick erase, it deploys there; the agent's
+/// entry replaced the first deploy's (one entry with Stork's label).
+fn redeploy_to_nvme_by_model(s: &mut Scenario, id: &str) -> Result<()> {
+    s.phase_start();
+    s.appliance.cli(&["machine", "release", id, "--no-erase"])?;
+    s.wait_status(
+        id,
+        Status::Ready,
+        &[Status::Releasing],
+        Duration::from_secs(120),
+    )?;
+    s.wait_off("Stork's power-off at the release", Duration::from_secs(90))?;
+    s.phase_done("release without erase (to Ready, off)");
+    s.disk = Some("QEMU NVMe Ctrl".into());
+    s.deploy(id, DeployTarget::Disk, "stork-e2e-uefi-nvme")?;
+    let m = wait_for(
+        "the deploy beside the old install to fail",
+        Duration::from_secs(600),
+        Duration::from_millis(500),
+        || {
+            let m = s.status(id)?;
+            Ok((m.status != Status::Deploying).then_some(m))
+        },
+    )?;
+    let msg = m.status_message.as_deref().unwrap_or_default();
+    if m.status != Status::FailedDeployment
+        || !msg.contains("sda3 on another disk holds a file system with the installed root's UUID")
+        || !msg.contains("was wiped")
+    {
+        bail!(
+            "expected failed_deployment naming sda3, got {} ({msg})",
+            m.status
+        );
+    }
+    s.wait_off(
+        "Stork's power-off after the failed deployment",
+        Duration::from_secs(90),
+    )?;
+    s.phase_done("deploy beside the old install refused (to off)");
+    s.say(msg.lines().next().unwrap_or_default());
+
+    s.phase_start();
+    s.appliance.cli(&["machine", "release", id, "--quick"])?;
+    s.wait_status(
+        id,
+        Status::Ready,
+        &[Status::Releasing, Status::DiskErasing],
+        Duration::from_secs(400),
+    )?;
+    s.wait_off("Stork's power-off after the erase", Duration::from_secs(90))?;
+    s.phase_done("release, quick erase (to Ready, off)");
+    let ip = deploy_to_disk_and_log_in(s, id, "stork-e2e-uefi-nvme", false)?;
+    root_is_on(s, &ip, "nvme0n1")?;
+    // The firmware's variables as the installed OS sees them: one entry with Stork's label.
+    let count = s.ssh(
+        &ip,
+        "sudo python3 -c \"import glob; print(sum('Stork: installed OS'.encode('utf-16-le') \
+         in open(f, 'rb').read() for f in glob.glob('/sys/firmware/efi/efivars/Boot[0-9A-F]\
+         [0-9A-F][0-9A-F][0-9A-F]-8be4df61-93ca-11d2-aa0d-00e098032b8c')))\"",
+    )?;
+    if count.trim() != "1" {
+        bail!(
+            "after two deploys {} boot entries carry Stork's label",
+            count.trim()
+        );
+    }
+    s.say("redeployed onto the NVMe disk chosen by its model; one Stork boot entry");
+    Ok(())
+}
+
+/// The installed root file system lies on `disk` (its kernel name).
+fn root_is_on(s: &Scenario, ip: &str, disk: &str) -> Result<()> {
+    let parent = s.ssh(ip, "lsblk -no PKNAME \"$(findmnt -no SOURCE /)\"")?;
+    if parent.trim() != disk {
+        bail!("the root is on {:?}, not {disk}", parent.trim());
+    }
+    s.say(&format!("the root file system is on {disk}"));
+    Ok(())
 }

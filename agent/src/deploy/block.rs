@@ -495,6 +495,38 @@ pub fn is_ext4(path: &Path) -> bool {
         && magic == [0x53, 0xEF]
 }
 
+/// The UUID of the ext2/3/4 file system on the device or file at `path` (`s_uuid`, 104
+/// bytes into the superblock), if it has one.
+pub fn ext4_uuid(path: &Path) -> Option<[u8; 16]> {
+    if !is_ext4(path) {
+        return None;
+    }
+    let mut uuid = [0u8; 16];
+    let mut f = File::open(path).ok()?;
+    f.seek(SeekFrom::Start(1024 + 104)).ok()?;
+    f.read_exact(&mut uuid).ok()?;
+    Some(uuid)
+}
+
+/// The partitions of disks other than `disk` (kernel names, from `sys` and `dev_dir`) whose
+/// ext4 file system has `uuid`: an earlier install of the same raw image, which the installed
+/// OS, finding its root by UUID, could mount instead of its own.
+pub fn ext4_twins(
+    sys: &Path,
+    dev_dir: &Path,
+    disks: &[String],
+    disk: &str,
+    uuid: &[u8; 16],
+) -> Vec<String> {
+    disks
+        .iter()
+        .filter(|d| d.as_str() != disk)
+        .flat_map(|d| partitions(sys, d))
+        .filter(|p| ext4_uuid(&dev_dir.join(&p.name)).as_ref() == Some(uuid))
+        .map(|p| p.name)
+        .collect()
+}
+
 /// The root partition: the one named `root`, else the largest with an ext4 superblock.
 pub fn find_root<'a>(
     dev_dir: &Path,
@@ -604,6 +636,42 @@ mod tests {
             ]
         );
         assert!(partitions(dir.path(), "vdz").is_empty());
+    }
+
+    #[test]
+    fn finds_another_disks_file_system_with_the_same_uuid() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sys, dev) = (dir.path().join("sys"), dir.path().join("dev"));
+        fs::create_dir_all(&dev).unwrap();
+        let part = |disk: &str, name: &str, uuid: Option<u8>| {
+            let p = sys.join("block").join(disk).join(name);
+            fs::create_dir_all(&p).unwrap();
+            fs::write(p.join("partition"), &name[name.len() - 1..]).unwrap();
+            fs::write(p.join("start"), "2048").unwrap();
+            fs::write(p.join("size"), "2048").unwrap();
+            // An ext4 superblock's magic and UUID, or nothing (a FAT ESP, say).
+            let mut b = vec![0u8; 4096];
+            if let Some(u) = uuid {
+                b[1080..1082].copy_from_slice(&[0x53, 0xEF]);
+                b[1128..1144].fill(u);
+            }
+            fs::write(dev.join(name), b).unwrap();
+        };
+        part("nvme0n1", "nvme0n1p3", Some(7));
+        part("nvme0n1", "nvme0n1p2", None);
+        part("sda", "sda3", Some(7));
+        part("sda", "sda1", None);
+        part("vda", "vda1", Some(8));
+        assert_eq!(ext4_uuid(&dev.join("sda3")), Some([7; 16]));
+        assert_eq!(ext4_uuid(&dev.join("sda1")), None);
+        let disks: Vec<String> = ["nvme0n1", "sda", "vda"].map(String::from).to_vec();
+        assert_eq!(
+            ext4_twins(&sys, &dev, &disks, "nvme0n1", &[7; 16]),
+            ["sda3"]
+        );
+        // The disk just written is not its own twin; another UUID has none.
+        assert!(ext4_twins(&sys, &dev, &disks[..1], "nvme0n1", &[7; 16]).is_empty());
+        assert!(ext4_twins(&sys, &dev, &disks, "vda", &[8; 16]).is_empty());
     }
 
     struct FileSink(File);

@@ -46,8 +46,9 @@ pub fn to_disk(
         dev: &mut dev,
         end: 0,
     };
-    if let Err(reason) = write_raw(client, raw, mapped.as_ref(), &mut tracked, image_size) {
-        let written = tracked.end;
+    let outcome = write_raw(client, raw, mapped.as_ref(), &mut tracked, image_size);
+    let written = tracked.end;
+    if let Err(reason) = outcome {
         // Nothing written (the download never started): the disk is as the Disk step left it.
         let error = if written == 0 {
             reason
@@ -62,6 +63,14 @@ pub fn to_disk(
 
     // Partitions: the kernel's view, the GPT grown to the disk, the root found.
     let root = at(Step::Partitions, partitions(client, &mut dev))?;
+    // A root whose UUID another disk shares is refused, and not left bootable.
+    if let Err(reason) = unique_root(&dev, &root) {
+        let error = super::wipe_after_failure(client, &mut dev, Some(written), &[], reason);
+        return Err(Failed {
+            step: Step::Partitions,
+            error,
+        });
+    }
     let esp = dev.esp_number();
     let disk_path = dev.path.clone();
     // Close the disk: while it is open with O_EXCL the kernel refuses to mount a partition.
@@ -228,6 +237,36 @@ fn partitions(client: &ApplianceClient, dev: &mut BlockDevice) -> Result<String>
         ),
     );
     Ok(root.name.clone())
+}
+
+/// Fails when a partition of another disk holds an ext4 file system with the UUID of the
+/// root just written: the same raw image installed there before (released without an
+/// erase). The image's GRUB, kernel command line and fstab find the root by that UUID, so
+/// the installed OS could boot the other copy; peers ask for the same thing (a cleaning
+/// between deploys). Tar and layout deploys make new file systems, with new UUIDs.
+fn unique_root(dev: &BlockDevice, root: &str) -> Result<()> {
+    let Some(uuid) = block::ext4_uuid(&Path::new(DEV).join(root)) else {
+        return Ok(());
+    };
+    let disks: Vec<String> = crate::inventory::disks(Path::new(SYS))
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    let name = dev
+        .path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let twins = block::ext4_twins(Path::new(SYS), Path::new(DEV), &disks, name, &uuid);
+    if !twins.is_empty() {
+        bail!(
+            "{} on another disk holds a file system with the installed root's UUID (this \
+             image, installed there before): the installed OS could mount it instead of its \
+             own; erase that disk (release with erase) or deploy onto it",
+            twins.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Mounts the raw image's root partition to write the seed into it.
