@@ -10,7 +10,8 @@
 //! Stork does every power-on, and the agent's reboot resets the VM in place, as on hardware.
 //! Its phases come from the appliance's event times and the bench's own clock:
 //!   boot to agent  `machine deploy` (Stork powers on) -> the agent's first deploy event
-//!                  (PXE, iPXE, kernel, initrd, stage 1 and its ephemeral root)
+//!                  (PXE, iPXE, kernel, initrd, stage 1; a raw deploy fetches no
+//!                  ephemeral root)
 //!   image          the agent's `disk` step start -> `image` done (wipe, stream, checksum)
 //!   finish         -> the agent's "done, rebooting" (partitions grown, seed, installed
 //!                  report, which sets the BMC's next boot to the disk on BIOS)
