@@ -351,6 +351,37 @@ impl Scenario {
         })
     }
 
+    /// Waits for the deploy under way to end, which must be in FailedDeployment with a
+    /// message holding each of `phrases` (`what` names the failure expected); then for Stork
+    /// to power the machine off. Returns the message.
+    pub fn deploy_fails_with(&mut self, id: &str, what: &str, phrases: &[&str]) -> Result<String> {
+        let m = wait_for(
+            &format!("the deployment to fail ({what})"),
+            Duration::from_secs(600),
+            Duration::from_millis(500),
+            || {
+                let m = self.status(id)?;
+                Ok((m.status != Status::Deploying).then_some(m))
+            },
+        )?;
+        let msg = m.status_message.unwrap_or_default();
+        if m.status != Status::FailedDeployment || !phrases.iter().all(|p| msg.contains(p)) {
+            bail!(
+                "expected failed_deployment {what}, got {} ({msg})",
+                m.status
+            );
+        }
+        self.say(&format!(
+            "failed as it should: {}",
+            msg.lines().next().unwrap_or_default()
+        ));
+        self.wait_off(
+            &format!("Stork's power-off after the failed deployment ({what})"),
+            Duration::from_secs(90),
+        )?;
+        Ok(msg)
+    }
+
     /// Everything the machine's serial console printed, every boot of it.
     pub fn console(&self) -> Result<String> {
         let bytes = std::fs::read(&self.machine.paths.console)

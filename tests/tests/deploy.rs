@@ -27,7 +27,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use stork_lab::{DiskBus, ExtraDisk, wait_for};
+use stork_lab::{DiskBus, ExtraDisk};
 use stork_proto::DeployTarget;
 use stork_proto::api::Status;
 use stork_tests::attacker::{self, Attacker};
@@ -193,39 +193,11 @@ fn an_image_with_the_wrong_sha256_fails_the_deployment_with_that_reason() {
     let result = (|| -> Result<()> {
         let id = ready(&mut s)?;
         s.deploy(&id, DeployTarget::Disk, "stork-e2e-badsum")?;
-        let m = wait_for(
-            "the deployment to fail",
-            Duration::from_secs(600),
-            Duration::from_millis(500),
-            || {
-                let m = s.status(&id)?;
-                Ok(match m.status {
-                    Status::Deploying => None,
-                    _ => Some(m),
-                })
-            },
-        )?;
-        let msg = m.status_message.as_deref().unwrap_or_default();
-        if m.status != Status::FailedDeployment
-            || !msg.contains("sha256 mismatch")
-            || !msg.contains(&wrong)
-        {
-            bail!(
-                "expected failed_deployment with a sha256 mismatch, got {} ({msg})",
-                m.status
-            );
-        }
+        let msg =
+            s.deploy_fails_with(&id, "with a sha256 mismatch", &["sha256 mismatch", &wrong])?;
         if !msg.contains("the disk /dev/vda was wiped") {
             bail!("the failure does not say the disk was wiped: {msg}");
         }
-        s.say(&format!(
-            "failed as it should: {}",
-            msg.lines().next().unwrap_or_default()
-        ));
-        s.wait_off(
-            "Stork's power-off after the failed deployment",
-            Duration::from_secs(90),
-        )?;
         s.phase_done("failed deployment (to off)");
         // The image was written whole before its sum was known; nothing of it is left.
         let blank = check_blank_disk(&s.machine.paths.disk)?;
@@ -240,32 +212,10 @@ fn an_image_with_the_wrong_sha256_fails_the_deployment_with_that_reason() {
         s.appliance.cli(&[
             "machine", "deploy", &id, "--image", BADMAP, "--target", "disk",
         ])?;
-        let m = wait_for(
-            "the deployment with the broken block map to fail",
-            Duration::from_secs(600),
-            Duration::from_millis(500),
-            || {
-                let m = s.status(&id)?;
-                Ok((m.status != Status::Deploying).then_some(m))
-            },
-        )?;
-        let msg = m.status_message.as_deref().unwrap_or_default();
-        if m.status != Status::FailedDeployment
-            || !msg.contains("block map")
-            || !msg.contains("a range is missing from the map")
-        {
-            bail!(
-                "expected failed_deployment naming the block map's missing range, got {} ({msg})",
-                m.status
-            );
-        }
-        s.say(&format!(
-            "failed as it should: {}",
-            msg.lines().next().unwrap_or_default()
-        ));
-        s.wait_off(
-            "Stork's power-off after the broken block map",
-            Duration::from_secs(90),
+        s.deploy_fails_with(
+            &id,
+            "naming the block map's missing range",
+            &["block map", "a range is missing from the map"],
         )?;
         s.phase_done("failed deployment, broken block map (to off)");
         Ok(())

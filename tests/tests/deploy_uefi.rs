@@ -18,8 +18,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use stork_lab::Firmware;
 use stork_lab::vm::{DiskBus, ExtraDisk};
-use stork_lab::{Firmware, wait_for};
 use stork_proto::DeployTarget;
 use stork_proto::api::Status;
 use stork_proto::inventory::Firmware as RecordedFirmware;
@@ -132,31 +132,15 @@ fn redeploy_to_nvme_by_model(s: &mut Scenario, id: &str) -> Result<()> {
     s.phase_done("release without erase (to Ready, off)");
     s.disk = Some("QEMU NVMe Ctrl".into());
     s.deploy(id, DeployTarget::Disk, "stork-e2e-uefi-nvme")?;
-    let m = wait_for(
-        "the deploy beside the old install to fail",
-        Duration::from_secs(600),
-        Duration::from_millis(500),
-        || {
-            let m = s.status(id)?;
-            Ok((m.status != Status::Deploying).then_some(m))
-        },
-    )?;
-    let msg = m.status_message.as_deref().unwrap_or_default();
-    if m.status != Status::FailedDeployment
-        || !msg.contains("sda3 on another disk holds a file system with the installed root's UUID")
-        || !msg.contains("was wiped")
-    {
-        bail!(
-            "expected failed_deployment naming sda3, got {} ({msg})",
-            m.status
-        );
-    }
-    s.wait_off(
-        "Stork's power-off after the failed deployment",
-        Duration::from_secs(90),
+    s.deploy_fails_with(
+        id,
+        "naming the other disk's copy",
+        &[
+            "sda3 on another disk holds a file system with the installed root's UUID",
+            "was wiped",
+        ],
     )?;
     s.phase_done("deploy beside the old install refused (to off)");
-    s.say(msg.lines().next().unwrap_or_default());
 
     s.phase_start();
     s.appliance.cli(&["machine", "release", id, "--quick"])?;

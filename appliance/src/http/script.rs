@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::store::{Machine, StoreError};
 use stork_proto::ImageRole;
 
+use crate::lifecycle::boot::Tools;
 pub use crate::lifecycle::boot::{BootChoice, choose};
 
 pub async fn ipxe_script(
@@ -66,15 +67,15 @@ pub enum BootPlan {
 /// Decides [`BootPlan`] for `mac`, asked from `from` (the token goes only to the address
 /// that holds the MAC's lease: `Controller::boot`).
 pub async fn plan(state: &AppState, mac: MacAddr, from: IpAddr) -> Result<BootPlan, StoreError> {
-    let ephemeral = state.ephemeral.settled(EPHEMERAL_WAIT).await;
     let (choice, agent) = state
         .controller
         .boot(mac, from, state.lease_of(mac, from))
         .await?;
-    let machine = agent.as_ref().map(|a| &a.machine);
-    let ephemeral = match needs_tools_image(state, machine).await? {
-        true => ephemeral,
-        false => None,
+    // Only a task that needs the root's tools waits for its hash.
+    let ephemeral = if needs_tools(state, agent.as_ref().map(|a| &a.machine)).await? {
+        state.ephemeral.settled(EPHEMERAL_WAIT).await
+    } else {
+        None
     };
     Ok(match (choice, agent) {
         (BootChoice::Agent { .. }, Some(a)) => BootPlan::Agent {
@@ -89,19 +90,22 @@ pub async fn plan(state: &AppState, mac: MacAddr, from: IpAddr) -> Result<BootPl
     })
 }
 
-/// [`crate::lifecycle::boot::needs_tools`] for `machine` (the one the agent is booted for;
-/// `None`: enlisting), looking its deploy's image up in the store.
-async fn needs_tools_image(
-    state: &AppState,
-    machine: Option<&Machine>,
-) -> Result<bool, StoreError> {
-    let image = match machine.and_then(|m| m.deploy.as_ref()) {
-        Some(req) => state.controller.boot_resource(&req.image).await?,
-        None => None,
-    };
-    Ok(crate::lifecycle::boot::needs_tools(machine, |_| {
-        image.is_some_and(|r| r.files.iter().any(|f| f.role == ImageRole::Raw))
-    }))
+/// Whether the agent booted for `machine` (`None`: enlisting) needs the ephemeral root
+/// ([`Tools`]), asking the store what the rule leaves open.
+async fn needs_tools(state: &AppState, machine: Option<&Machine>) -> Result<bool, StoreError> {
+    Ok(match crate::lifecycle::boot::tools(machine) {
+        Tools::Needed => true,
+        Tools::NotNeeded => false,
+        Tools::IfScripts => {
+            let tests = machine.map_or(&[][..], |m| m.commission_tests.as_slice());
+            !crate::commissioning::task_scripts(state.controller.scripts().await?, tests).is_empty()
+        }
+        Tools::UnlessRaw(image) => !state
+            .controller
+            .boot_resource(&image)
+            .await?
+            .is_some_and(|r| r.files.iter().any(|f| f.role == ImageRole::Raw)),
+    })
 }
 
 async fn script_for(state: &AppState, mac: MacAddr, from: IpAddr) -> Result<String, StoreError> {
