@@ -3,7 +3,7 @@
 //! attaches it to a read-only loop device, mounts it under an overlay with a tmpfs upper
 //! layer, copies itself in and execs itself there as PID 1 again: stage 2, which runs the
 //! task with the ephemeral root's tools (sgdisk, mkfs, mdadm, ...) on `PATH`. The appliance
-//! names the root only for tasks that need those tools (`lifecycle::boot::needs_tools`); the
+//! names the root only for tasks that need those tools (`lifecycle::boot::tools`); the
 //! others run from the initrd.
 //!
 //! What crosses the exec: everything the kernel holds (loaded modules, the NIC's address and

@@ -52,26 +52,36 @@ pub fn agent_work(m: &Machine) -> AgentWork {
     }
 }
 
-/// Whether the agent's work for `m` needs the ephemeral root's tools, given whether the
-/// deploy request's image has a raw disk file (`has_raw`, asked only for a disk deploy
-/// without a layout). The root is 75 MiB fetched and mounted before the task (about 2 s of
-/// a deploy under TCG, docs/measurements.md), and an unknown machine on a shared LAN should
-/// not make the appliance send it: what the agent does natively (enlisting, a raw image to
+/// Whether the agent's work for a machine needs the ephemeral root's tools. The root is
+/// 75 MiB fetched and mounted before the task (about 2 s of a deploy under TCG,
+/// docs/measurements.md), and an unknown machine on a shared LAN should not make the
+/// appliance send it: what the agent does natively (enlisting, the inventory, a raw image to
 /// disk with its UEFI entry, a deploy into memory, erasing, powering off) runs from the
-/// initrd. Commissioning runs shell scripts and the hardware tests' tools; a layout or a
-/// root tar needs sgdisk, mkfs, mdadm, LVM, tar and grub-install.
-pub fn needs_tools(m: Option<&Machine>, has_raw: impl FnOnce(&str) -> bool) -> bool {
+/// initrd. Scripts and hardware tests need a shell and their tools; a layout or a root tar
+/// needs sgdisk, mkfs, mdadm, LVM, tar and grub-install.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tools {
+    Needed,
+    NotNeeded,
+    /// Commissioning: needed if it runs any script or hardware test.
+    IfScripts,
+    /// A disk deploy without a layout: not needed if this image has a raw disk file.
+    UnlessRaw(String),
+}
+
+/// [`Tools`] for `m` (`None`: a machine the agent enlists).
+pub fn tools(m: Option<&Machine>) -> Tools {
     let Some(m) = m.filter(|m| m.status != Status::New) else {
-        return false;
+        return Tools::NotNeeded;
     };
     match agent_work(m) {
-        AgentWork::Commission => true,
-        AgentWork::Erase { .. } | AgentWork::PowerOff => false,
+        AgentWork::Commission => Tools::IfScripts,
+        AgentWork::Erase { .. } | AgentWork::PowerOff => Tools::NotNeeded,
         AgentWork::Deploy => match &m.deploy {
-            Some(req) if req.target == DeployTarget::Memory => false,
-            Some(req) if req.layout.is_none() => !has_raw(&req.image),
+            Some(req) if req.target == DeployTarget::Memory => Tools::NotNeeded,
+            Some(req) if req.layout.is_none() => Tools::UnlessRaw(req.image.clone()),
             // No request: the task endpoint refuses; the root changes nothing.
-            _ => true,
+            _ => Tools::Needed,
         },
     }
 }
@@ -262,38 +272,34 @@ mod tests {
     }
 
     #[test]
-    fn only_commissioning_and_layout_or_tar_deploys_fetch_the_ephemeral_root() {
-        let raw = |_: &str| true;
-        let tar_only = |_: &str| false;
+    fn only_scripts_and_layout_or_tar_deploys_fetch_the_ephemeral_root() {
         // Enlisting (unknown or New): from the initrd.
-        assert!(!needs_tools(None, raw));
+        assert_eq!(tools(None), Tools::NotNeeded);
         let mut m = Machine::new(
             "m1".into(),
             vec!["52:54:00:00:00:01".parse().unwrap()],
             1000,
         );
-        assert!(!needs_tools(Some(&m), raw));
+        assert_eq!(tools(Some(&m)), Tools::NotNeeded);
         m.status = Status::Commissioning;
-        assert!(needs_tools(Some(&m), raw));
+        assert_eq!(tools(Some(&m)), Tools::IfScripts);
         m.status = Status::DiskErasing;
-        assert!(!needs_tools(Some(&m), raw));
+        assert_eq!(tools(Some(&m)), Tools::NotNeeded);
         m.status = Status::Deploying;
         // No request: whatever the task endpoint says, the root is there.
-        assert!(needs_tools(Some(&m), raw));
+        assert_eq!(tools(Some(&m)), Tools::Needed);
         m.deploy = Some(stork_proto::api::DeployRequest {
             image: "debian-12".into(),
             ..Default::default()
         });
-        assert!(!needs_tools(Some(&m), raw));
-        // An image with no raw file installs from its root tar.
-        assert!(needs_tools(Some(&m), tar_only));
+        assert_eq!(tools(Some(&m)), Tools::UnlessRaw("debian-12".into()));
         if let Some(req) = m.deploy.as_mut() {
             req.layout = Some(Default::default());
         }
-        assert!(needs_tools(Some(&m), raw));
+        assert_eq!(tools(Some(&m)), Tools::Needed);
         if let Some(req) = m.deploy.as_mut() {
             req.target = DeployTarget::Memory;
         }
-        assert!(!needs_tools(Some(&m), tar_only));
+        assert_eq!(tools(Some(&m)), Tools::NotNeeded);
     }
 }
