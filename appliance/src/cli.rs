@@ -439,14 +439,29 @@ pub fn images(c: &Client, json: bool) -> Result<()> {
             .iter()
             .map(|f| format!("{}={}", f.role, f.path))
             .collect();
+        // The default first, as `name=version`.
+        let kernels: Vec<String> = r
+            .kernels
+            .iter()
+            .map(|k| format!("{}={}", k.name, k.version))
+            .collect();
         vec![
             r.name.clone(),
             r.kind.clone(),
             r.arch.clone().unwrap_or_else(|| "-".into()),
+            if kernels.is_empty() {
+                "-".into()
+            } else {
+                kernels.join(" ")
+            },
             files.join(" "),
         ]
     });
-    print_table(&plain_table(&["NAME", "KIND", "ARCH", "FILES"], &[], rows));
+    print_table(&plain_table(
+        &["NAME", "KIND", "ARCH", "KERNELS", "FILES"],
+        &[],
+        rows,
+    ));
     Ok(())
 }
 

@@ -118,6 +118,7 @@ pub fn import(
         kind: "os".into(),
         arch: Some(entry.arch.clone()),
         files,
+        kernels: entry.kernels().to_vec(),
     })
 }
 

@@ -237,6 +237,8 @@ impl Upload {
                 sha256,
                 size,
             }],
+            // What kernels an image users brought carries is not known.
+            kernels: Vec::new(),
         })
     }
 }

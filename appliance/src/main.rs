@@ -411,6 +411,10 @@ enum MachineCmd {
         /// `NetworkConfig`), in a file. Default: DHCP on the boot NIC.
         #[arg(long, value_name = "FILE")]
         network: Option<PathBuf>,
+        /// Disk deploys: the kernel the installed OS boots, by name or version, among the
+        /// image's (`stork image list` shows them). Default: the image's default.
+        #[arg(long)]
+        kernel: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -1159,6 +1163,7 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
             layout,
             late_commands,
             network,
+            kernel,
             json,
         } => {
             let keys = ssh_keys.iter().map(read).collect::<Result<Vec<_>>>()?;
@@ -1196,6 +1201,7 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
                 layout,
                 late_commands,
                 network,
+                kernel,
             };
             cli::machine_line(&c.deploy(&id, &request)?, json)
         }

@@ -1026,6 +1026,7 @@ fn tokens_401_and_403() {
                 kind: String::new(),
                 arch: None,
                 files: vec![],
+                kernels: vec![],
             })
         }),
         call("GET /tokens", |c| c.tokens()),
@@ -1244,6 +1245,7 @@ fn bad_input_is_400_naming_the_field() {
             })
             .into_iter()
             .collect(),
+        kernels: vec![],
     };
     check(
         f.client
@@ -1622,6 +1624,7 @@ fn a_deploy_layout_reaches_the_agent_and_needs_a_root_tar() {
                 sha256,
                 size,
             }],
+            kernels: vec![],
         })
         .expect("register raw-only");
     let e = refused(f.client.deploy(
@@ -2366,4 +2369,61 @@ fn a_machines_default_layout_is_what_a_deploy_without_one_installs() {
             && events.iter().any(|e| e.message == "default layout cleared"),
         "{events:?}"
     );
+}
+
+#[test]
+fn a_deploys_kernel_is_one_of_the_images_and_reaches_the_agent_as_its_version() {
+    let f = Fixture::new();
+    let mut m = f.drive(1, Status::Allocated).expect("allocated");
+    let with_kernel = |k: &str| DeployRequest {
+        kernel: Some(k.into()),
+        ..deploy(IMAGE)
+    };
+    // Refused at request time, naming the field and what the image has.
+    let e = refused(f.client.deploy(&m.id, &with_kernel("hwe")));
+    assert_eq!(e.status(), Some(400), "{e}");
+    let message = e.message().unwrap_or_default();
+    assert!(
+        message.starts_with("kernel:")
+            && message.contains("\"hwe\"")
+            && message.contains("backports (6.12.95+deb12-amd64)"),
+        "{e}"
+    );
+    let e = refused(f.client.deploy(
+        &m.id,
+        &DeployRequest {
+            target: DeployTarget::Memory,
+            ..with_kernel("backports")
+        },
+    ));
+    assert!(
+        e.message().unwrap_or_default().starts_with("kernel:"),
+        "{e}"
+    );
+    assert_eq!(f.status(&m.id), Status::Allocated);
+    // By name: the agent gets its version.
+    f.act(
+        &m,
+        Action::Deploy(Box::new(with_kernel("backports"))),
+        Status::Deploying,
+    );
+    f.boot(&mut m);
+    let Task::Deploy(task) = f.task(&m) else {
+        panic!("not a deploy task");
+    };
+    assert_eq!(task.kernel.as_deref(), Some("6.12.95+deb12-amd64"));
+    // The default, asked by version or not at all: the links stay as the image has them.
+    for (n, kernel) in [(2, Some("6.1.0-50-amd64")), (3, None)] {
+        let mut o = f.drive(n, Status::Allocated).expect("allocated");
+        let req = DeployRequest {
+            kernel: kernel.map(String::from),
+            ..deploy(IMAGE)
+        };
+        f.act(&o, Action::Deploy(Box::new(req)), Status::Deploying);
+        f.boot(&mut o);
+        let Task::Deploy(task) = f.task(&o) else {
+            panic!("not a deploy task");
+        };
+        assert_eq!(task.kernel, None, "{kernel:?}");
+    }
 }

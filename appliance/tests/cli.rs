@@ -331,8 +331,11 @@ fn read_table(text: &str, header: &[&str], right: &[usize]) -> Vec<Vec<String>> 
     assert_eq!(head[0].0, 0, "the first column starts the line:\n{text}");
     for line in &lines {
         assert_eq!(line.trim_end(), *line, "trailing blanks:\n{text}");
+        // ('+' inside a cell is a kernel version's, `6.12.95+deb12-amd64`.)
         assert!(
-            !line.contains(['|', '+', '─', '│', '┌', '═']),
+            !line.contains(['|', '─', '│', '┌', '═'])
+                && !line.starts_with('+')
+                && !line.contains(" +"),
             "a border:\n{text}"
         );
         let row = cells(line);
@@ -404,9 +407,17 @@ fn machine_and_image_lists_are_aligned_tables() {
         assert_eq!(row[1..], ["new", &mac, hostname, "0", "-", "0"], "{list}");
     }
 
-    for (name, arch, files) in [
-        ("tiny", Some("amd64"), &["tar"][..]),
-        ("debian-12-bookworm-generic", None, &["tar", "raw"]),
+    for (name, arch, files, kernels) in [
+        ("tiny", Some("amd64"), &["tar"][..], &[][..]),
+        (
+            "debian-12-bookworm-generic",
+            None,
+            &["tar", "raw"],
+            &[
+                ("stable", "6.1.0-50-amd64"),
+                ("backports", "6.12.95+deb12-amd64"),
+            ],
+        ),
     ] {
         let files: Vec<_> = files
             .iter()
@@ -426,11 +437,18 @@ fn machine_and_image_lists_are_aligned_tables() {
             kind: "os".to_string(),
             arch: arch.map(str::to_string),
             files,
+            kernels: kernels
+                .iter()
+                .map(|(name, version)| stork_proto::kernel::ImageKernel {
+                    name: name.to_string(),
+                    version: version.to_string(),
+                })
+                .collect(),
         })
         .unwrap();
     }
     let list = client(&["image", "list"]);
-    let mut rows = read_table(&list, &["NAME", "KIND", "ARCH", "FILES"], &[]);
+    let mut rows = read_table(&list, &["NAME", "KIND", "ARCH", "KERNELS", "FILES"], &[]);
     rows.sort();
     assert_eq!(
         rows,
@@ -439,9 +457,10 @@ fn machine_and_image_lists_are_aligned_tables() {
                 "debian-12-bookworm-generic",
                 "os",
                 "-",
+                "stable=6.1.0-50-amd64 backports=6.12.95+deb12-amd64",
                 "tar=images/debian-12-bookworm-generic/tar raw=images/debian-12-bookworm-generic/raw",
             ],
-            ["tiny", "os", "amd64", "tar=images/tiny/tar"],
+            ["tiny", "os", "amd64", "-", "tar=images/tiny/tar"],
         ],
         "{list}"
     );

@@ -130,6 +130,7 @@ pub fn tree(cache: &Path, refresh: bool, progress: &Progress) -> Result<rootfs::
         arch: ARCH,
         components: &components,
         packages: &packages,
+        extra_kernels: &[],
         minimize: true,
         config_key: format!("ephemeral {FORMAT}"),
         configure: &configure,

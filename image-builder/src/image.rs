@@ -34,8 +34,6 @@ pub enum ImageError {
     Manifest(#[from] ImageManifestError),
     #[error(transparent)]
     Tool(#[from] CmdError),
-    #[error("the tree has {found:?} under /lib/modules: exactly one kernel expected")]
-    Kernels { found: Vec<String> },
     #[error("{path}")]
     Io {
         path: PathBuf,

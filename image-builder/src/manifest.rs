@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+pub use stork_proto::kernel::ImageKernel;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -208,8 +209,11 @@ pub struct ImageInputs {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeployInfo {
-    /// `uname -r` of the installed kernel.
+    /// `uname -r` of the default kernel (the one `/vmlinuz` points at).
     pub kernel_version: String,
+    /// Every kernel the image carries, the default first: what a deploy may choose.
+    #[serde(default)]
+    pub kernels: Vec<ImageKernel>,
     /// Inside the root: the kernel and initrd (deploy in memory boots these, or kexecs them).
     pub kernel: String,
     pub initrd: String,

@@ -35,7 +35,8 @@ use crate::disk::{self, Bootloader, Ids, Layout};
 use crate::grub;
 use crate::image::{self, ImageError, io_err};
 use crate::manifest::{
-    ArtifactKind, DeployInfo, ImageArtifact, ImageEntry, ImageInputs, ImageKind, ImageManifest,
+    ArtifactKind, DeployInfo, ImageArtifact, ImageEntry, ImageInputs, ImageKernel, ImageKind,
+    ImageManifest,
 };
 use crate::progress::Progress;
 use crate::recipe::Recipe;
@@ -98,6 +99,7 @@ pub fn tree(
         arch: &recipe.arch,
         components: &recipe.components,
         packages: &recipe.packages,
+        extra_kernels: &recipe.kernels,
         minimize: false,
         config_key: format!("os {CONFIG_FORMAT} {}", recipe.sha256()),
         configure: &configure,
@@ -256,14 +258,23 @@ pub fn build(req: &Request<'_>) -> Result<ImageEntry, ImageError> {
     let progress = Progress::new(&format!("os {name}"));
     let _out_lock = image::lock_out(req.out)?;
     let tree = tree(recipe, req.cache, req.refresh, &progress)?;
-    let kver = match &tree.info.kernel_versions[..] {
-        [one] => one.clone(),
-        found => {
-            return Err(ImageError::Kernels {
-                found: found.to_vec(),
-            });
-        }
-    };
+    let kver = tree.info.default_kernel()?.to_owned();
+    // The default first, then the recipe's extra kernels (prepare installed one each).
+    let kernels = std::iter::once(ImageKernel {
+        name: recipe.default_kernel.clone(),
+        version: kver.clone(),
+    })
+    .chain(
+        recipe
+            .kernels
+            .iter()
+            .zip(&tree.info.extra_kernel_versions)
+            .map(|(k, v)| ImageKernel {
+                name: k.name.clone(),
+                version: v.clone(),
+            }),
+    )
+    .collect();
     let epoch = tree.info.source_date_epoch;
     let ids = Ids::derive(&tree.info.key);
     let layout = Layout::new(recipe.disk.size_mib, recipe.disk.esp_mib);
@@ -412,6 +423,7 @@ pub fn build(req: &Request<'_>) -> Result<ImageEntry, ImageError> {
             kernel: format!("/boot/vmlinuz-{kver}"),
             initrd: format!("/boot/initrd.img-{kver}"),
             kernel_version: kver,
+            kernels,
             kernel_cmdline: recipe.kernel_cmdline.clone(),
             root_fs_uuid: ids.root_uuid.clone(),
             esp_fs_id: ids.esp_text(),

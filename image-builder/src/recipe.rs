@@ -64,6 +64,13 @@ pub struct Recipe {
     /// Appended to the kernel command line in grub.cfg and `/etc/default/grub`.
     #[serde(default)]
     pub kernel_cmdline: String,
+    /// Name of the kernel `packages` install (their `linux-image-*`): the image's default.
+    #[serde(default = "default_kernel")]
+    pub default_kernel: String,
+    /// Kernels besides the default, each from another suite of the same release (backports):
+    /// a deploy may choose one by name or version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernels: Vec<ExtraKernel>,
     /// cloud-init's default user (`system_info.default_user`): the deploy request's SSH keys
     /// go to this account.
     pub user: User,
@@ -85,6 +92,16 @@ pub struct User {
     pub shell: String,
 }
 
+/// A kernel installed after the packages with `apt-get install -t <suite> <package>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraKernel {
+    pub name: String,
+    /// `<suite>-<something>`, e.g. `bookworm-backports`.
+    pub suite: String,
+    pub package: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Disk {
@@ -101,6 +118,9 @@ fn default_arch() -> String {
 }
 fn default_components() -> Vec<String> {
     vec!["main".into()]
+}
+fn default_kernel() -> String {
+    "stable".into()
 }
 fn default_shell() -> String {
     "/bin/bash".into()
@@ -170,6 +190,49 @@ impl Recipe {
                 "kernel_cmdline",
                 "printable ASCII without quotes, '\\', '$', '`' or ';'",
             ));
+        }
+        if !is_name(&self.default_kernel) {
+            return Err(invalid(
+                "default_kernel",
+                format!(
+                    "{:?}: lowercase letters, digits, '.', '-'",
+                    self.default_kernel
+                ),
+            ));
+        }
+        let mut names = vec![self.default_kernel.as_str()];
+        for k in &self.kernels {
+            if !is_name(&k.name) || names.contains(&k.name.as_str()) {
+                return Err(invalid(
+                    "kernels.name",
+                    format!(
+                        "{:?}: a name of letters, digits, '.', '-', used once",
+                        k.name
+                    ),
+                ));
+            }
+            names.push(&k.name);
+            // Another release's kernel would pull that release's libraries into the image.
+            if !k
+                .suite
+                .strip_prefix(&self.suite)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(is_name)
+            {
+                return Err(invalid(
+                    "kernels.suite",
+                    format!(
+                        "{:?}: a suite of {} (like {}-backports)",
+                        k.suite, self.suite, self.suite
+                    ),
+                ));
+            }
+            if !is_package(&k.package) {
+                return Err(invalid(
+                    "kernels.package",
+                    format!("{:?} is not a package name", k.package),
+                ));
+            }
         }
         if !is_user(&self.user.name) {
             return Err(invalid("user.name", format!("{:?}", self.user.name)));
@@ -250,6 +313,8 @@ mod tests {
             assert!(r.packages.iter().any(|x| x == p), "{p}");
         }
         assert!(r.kernel_cmdline.contains("console=ttyS0"));
+        assert_eq!(r.default_kernel, "stable");
+        assert_eq!(r.kernels[0].suite, "bookworm-backports");
         assert_eq!(r.sha256().len(), 64);
     }
 
@@ -294,6 +359,25 @@ mod tests {
             "kernel_cmdline",
         );
         bad(|r| r.user.name = "Root".into(), "user.name");
+        fn extra(name: &str, suite: &str, package: &str) -> ExtraKernel {
+            ExtraKernel {
+                name: name.into(),
+                suite: suite.into(),
+                package: package.into(),
+            }
+        }
+        bad(
+            |r| r.kernels = vec![extra("stable", "bookworm-backports", "linux-image-amd64")],
+            "kernels.name",
+        );
+        bad(
+            |r| r.kernels = vec![extra("new", "trixie", "linux-image-amd64")],
+            "kernels.suite",
+        );
+        bad(
+            |r| r.kernels = vec![extra("new", "bookworm-backports", "-y")],
+            "kernels.package",
+        );
         bad(|r| r.disk.size_mib = 500, "disk.size_mib");
         bad(|r| r.disk.esp_mib = 8, "disk.esp_mib");
     }

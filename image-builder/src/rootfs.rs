@@ -35,6 +35,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cmd::{self, CmdError};
 use crate::progress::Progress;
+use crate::recipe::ExtraKernel;
 use crate::sources::{self, Mirrors, SourcesError};
 
 pub const VARIANT: &str = "minbase";
@@ -71,6 +72,12 @@ pub enum RootfsError {
     BadEpoch { value: String },
     #[error("no apt Release file with a Date: field in {dir}")]
     NoReleaseDate { dir: PathBuf },
+    #[error(
+        "the tree has {found:?} under /lib/modules: exactly one kernel from the packages expected"
+    )]
+    Kernels { found: Vec<String> },
+    #[error("kernel {name}: the install added {found:?} under /lib/modules, not one new kernel")]
+    ExtraKernel { name: String, found: Vec<String> },
 }
 
 pub fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RootfsError + '_ {
@@ -88,6 +95,9 @@ pub struct Spec<'a> {
     pub arch: &'a str,
     pub components: &'a [String],
     pub packages: &'a [String],
+    /// Kernels installed after the packages, each from its suite; the packages' own kernel
+    /// stays the one `/vmlinuz` points at.
+    pub extra_kernels: &'a [ExtraKernel],
     /// Leave out documentation, manual pages and translations (dpkg path excludes).
     pub minimize: bool,
     /// Everything `configure` depends on (its format version and its inputs): part of the key.
@@ -119,6 +129,26 @@ pub struct TreeInfo {
     pub installed: String,
     /// Directories under /lib/modules.
     pub kernel_versions: Vec<String>,
+    /// The version each of [`Spec::extra_kernels`] installed, in its order.
+    #[serde(default)]
+    pub extra_kernel_versions: Vec<String>,
+}
+
+impl TreeInfo {
+    /// The packages' kernel: the one that is not an extra.
+    pub fn default_kernel(&self) -> Result<&str, RootfsError> {
+        match self
+            .kernel_versions
+            .iter()
+            .filter(|v| !self.extra_kernel_versions.contains(v))
+            .collect::<Vec<_>>()[..]
+        {
+            [one] => Ok(one),
+            ref found => Err(RootfsError::Kernels {
+                found: found.iter().map(|v| (*v).clone()).collect(),
+            }),
+        }
+    }
 }
 
 impl TreeInfo {
@@ -181,7 +211,10 @@ pub fn prepare(
     refresh: bool,
     progress: &Progress,
 ) -> Result<Tree, RootfsError> {
-    let mirrors = sources::mirrors(Path::new(sources::APT_DIR), spec.suite)?;
+    let mirrors = spec.extra_kernels.iter().fold(
+        sources::mirrors(Path::new(sources::APT_DIR), spec.suite)?,
+        |m, k| m.with_suite(&k.suite),
+    );
     let epoch = epoch_override()?;
     let dir = absolute(&cache.join("rootfs"))?;
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -200,6 +233,7 @@ pub fn prepare(
         &base_key,
         &mirrors.sha256(),
         &spec.packages.join(" "),
+        &serde_json::to_string(spec.extra_kernels).unwrap_or_default(),
         &format!("minimize={}", spec.minimize),
         &format!("epoch={epoch:?}"),
         &spec.config_key,
@@ -272,6 +306,45 @@ pub fn prepare(
         &format!("apt-get install {} packages", spec.packages.len()),
         || apt(&install),
     )?;
+    let modules = tmp.join("usr/lib/modules");
+    let mut extra_kernel_versions = Vec::new();
+    if !spec.extra_kernels.is_empty() {
+        let base = list_dir(&modules)?;
+        let [default] = &base[..] else {
+            return Err(RootfsError::Kernels { found: base });
+        };
+        for k in spec.extra_kernels {
+            let before = list_dir(&modules)?;
+            progress.step(
+                &format!(
+                    "apt-get install {} from {} (kernel {})",
+                    k.package, k.suite, k.name
+                ),
+                || {
+                    apt(&[
+                        "install",
+                        "--no-install-recommends",
+                        "-t",
+                        &k.suite,
+                        &k.package,
+                    ])
+                },
+            )?;
+            let new: Vec<String> = list_dir(&modules)?
+                .into_iter()
+                .filter(|v| !before.contains(v))
+                .collect();
+            let [version] = &new[..] else {
+                return Err(RootfsError::ExtraKernel {
+                    name: k.name.clone(),
+                    found: new,
+                });
+            };
+            extra_kernel_versions.push(version.clone());
+        }
+        // Each install pointed /vmlinuz at its kernel: the packages' kernel is the default.
+        point_kernel_links(&tmp, default)?;
+    }
     // Drop cached .debs that are no longer in the mirror, so the archive cache does not grow
     // with every refresh.
     apt(&["autoclean"])?;
@@ -293,7 +366,7 @@ pub fn prepare(
         Some(e) => e,
         None => release_epoch(&tmp.join("var/lib/apt/lists"))?,
     };
-    let kernel_versions = list_dir(&tmp.join("usr/lib/modules"))?;
+    let kernel_versions = list_dir(&modules)?;
 
     progress.step("normalizing (per-build files, dates)", || {
         cleanup(&tmp)?;
@@ -309,6 +382,7 @@ pub fn prepare(
         source_date_epoch,
         installed,
         kernel_versions,
+        extra_kernel_versions,
     };
     remove_tree(&path)?;
     fs::rename(&tmp, &path).map_err(io_err(&path))?;
@@ -328,6 +402,16 @@ pub fn prepare(
         info,
         _lock: lock_file,
     })
+}
+
+/// Points Debian's `/vmlinuz` and `/initrd.img` at `version`, as linux-update-symlinks does.
+fn point_kernel_links(tree: &Path, version: &str) -> Result<(), RootfsError> {
+    for (link, target) in stork_proto::kernel::links(version) {
+        let path = tree.join(link);
+        remove_file_if_exists(&path)?;
+        std::os::unix::fs::symlink(&target, &path).map_err(io_err(&path))?;
+    }
+    Ok(())
 }
 
 /// apt options for unattended runs in the chroot: keep configuration files the build wrote,
@@ -454,7 +538,18 @@ shift 2
 mount -t proc proc "$root/proc"
 mount -t sysfs sysfs "$root/sys"
 mount --rbind /dev "$root/dev"
-if [ -n "$archives" ]; then mount --bind "$archives" "$root/var/cache/apt/archives"; fi
+if [ -n "$archives" ]; then
+  mount --bind "$archives" "$root/var/cache/apt/archives"
+  # apt resolves the mirror's name: once systemd-resolved is installed the tree's
+  # resolv.conf is a link into /run, empty here, so the host's goes where it points.
+  target=$(chroot "$root" readlink -f /etc/resolv.conf)
+  case "$target" in
+    /run/*)
+      mount -t tmpfs -o size=1m tmpfs "$root/run"
+      mkdir -p "$root${target%/*}"
+      cp /etc/resolv.conf "$root$target" ;;
+  esac
+fi
 exec chroot "$root" "$@""#;
     let mut c = cmd::clean("unshare");
     c.args([

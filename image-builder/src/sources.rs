@@ -60,6 +60,27 @@ impl Mirrors {
         hex::encode(h.finalize())
     }
 
+    /// Adds `suite` (a suite of this release, like `bookworm-backports`) unless a source
+    /// already has it: from the main mirror, since Debian's archive serves a release's
+    /// backports beside it, so a host that never used backports still builds an image with
+    /// its kernel.
+    pub fn with_suite(mut self, suite: &str) -> Self {
+        if !self
+            .entries
+            .iter()
+            .any(|e| e.suites.iter().any(|s| s == suite))
+        {
+            match self.entries.iter_mut().find(|e| e.uri == self.main) {
+                Some(e) => e.suites.push(suite.to_owned()),
+                None => self.entries.push(Source {
+                    uri: self.main.clone(),
+                    suites: vec![suite.to_owned()],
+                }),
+            }
+        }
+        self
+    }
+
     /// The image's `/etc/apt/sources.list.d/debian.sources` (deb822).
     pub fn deb822(&self, components: &[String]) -> String {
         let mut out = String::from("# Written by stork-image from the build host's apt sources.\n");
@@ -394,5 +415,18 @@ Suites: bookworm
             mirrors(tmp.path(), "sid"),
             Err(SourcesError::NoMirror { .. })
         ));
+    }
+
+    #[test]
+    fn a_kernel_suite_the_host_lacks_comes_from_the_main_mirror() {
+        let m = select(&parse_deb822(DEB822), "bookworm").unwrap();
+        let with = m.clone().with_suite("bookworm-backports");
+        assert_eq!(
+            with.entries[0].suites,
+            ["bookworm", "bookworm-updates", "bookworm-backports"]
+        );
+        assert_ne!(with.sha256(), m.sha256());
+        // A suite some source already has is left where it is.
+        assert_eq!(with.clone().with_suite("bookworm-security"), with);
     }
 }

@@ -102,6 +102,10 @@ pub struct DeployRequest {
     /// addresses, routes and DNS. Default: DHCP on the boot NIC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::NetworkConfig>,
+    /// The kernel the installed OS boots, among the image's (`BootResource::kernels`), by
+    /// name (`backports`) or version (`uname -r`). Default: the image's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -391,6 +395,10 @@ pub struct BootResource {
     /// `DATA_DIR/boot/`, with their sha256.
     #[serde(default)]
     pub files: Vec<ResourceFile>,
+    /// OS images: the kernels the image carries, its default first, which a deploy may
+    /// choose from (`DeployRequest::kernel`). Empty for an image users brought.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernels: Vec<crate::kernel::ImageKernel>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -12,6 +12,7 @@ pub mod cmdline;
 pub mod grub;
 pub mod grubenv;
 pub mod inventory;
+pub mod kernel;
 pub mod layout;
 pub mod mac;
 pub mod manifest;
@@ -116,6 +117,10 @@ pub struct DeployTask {
     /// The installed OS's network ([`api::DeployRequest::network`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
+    /// The `uname -r` of the kernel the installed OS boots, when the request chose one
+    /// ([`api::DeployRequest::kernel`]): Debian's `/vmlinuz` and `/initrd.img` point at it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -19,6 +19,22 @@ pub struct Entry {
     #[serde(default)]
     pub arch: String,
     pub artifacts: Vec<Artifact>,
+    /// OS images: what a deployment needs to know.
+    #[serde(default)]
+    pub deploy: Option<DeployInfo>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct DeployInfo {
+    /// The image's kernels, its default first.
+    #[serde(default)]
+    pub kernels: Vec<crate::kernel::ImageKernel>,
+}
+
+impl Entry {
+    pub fn kernels(&self) -> &[crate::kernel::ImageKernel] {
+        self.deploy.as_ref().map_or(&[], |d| &d.kernels)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -29,6 +29,7 @@ pub fn os_resource(
         .with_context(|| format!("no image {name} in the manifest"))?;
     let dest = boot_root.join("images");
     std::fs::create_dir_all(&dest)?;
+    let kernels = image.kernels().to_vec();
     let mut files = Vec::new();
     for a in image.artifacts {
         let Some(role) = a.deploy_role() else {
@@ -55,6 +56,7 @@ pub fn os_resource(
         kind: "os".into(),
         arch: Some("amd64".into()),
         files,
+        kernels,
     })
 }
 
@@ -86,6 +88,7 @@ pub fn register_random_image(appliance: &crate::Appliance, name: &str, bytes: us
             sha256: hex::encode(Sha256::digest(&data)),
             size: bytes as u64,
         }],
+        kernels: Vec::new(),
     };
     let json = appliance.data_dir.join(format!("{name}.resource.json"));
     std::fs::write(&json, serde_json::to_vec_pretty(&resource)?)?;

@@ -8,7 +8,8 @@
 //! UUID, install GRUB for BIOS and UEFI and the seed; its reboot resets the VM in place and
 //! SeaBIOS boots the disk through the GRUB the agent installed; cloud-init phones home:
 //! Deployed. Over SSH: the partition sizes on both disks, `pvs` and `lvs` (the root on both
-//! physical volumes), the mounts and fstab by UUID, the hostname.
+//! physical volumes), the mounts and fstab by UUID, the hostname, and `uname -r`: the deploy
+//! asks for the image's backports kernel (`--kernel backports`), not its default.
 //!
 //! Before the deploy, the same VM is commissioned with a user's script (`stork script add`)
 //! and two hardware tests (`--test smart --test disk-read`) while a third, bad disk (QEMU's
@@ -49,6 +50,8 @@ const MIB: u64 = 1 << 20;
 const ESP_MIB: u64 = 256;
 const ROOT_MIB: u64 = 2048;
 const HOSTNAME: &str = "stork-e2e-layout";
+/// The image's other kernel (the recipe's backports one), which the LVM deploy asks for.
+const KERNEL: &str = "backports";
 
 #[test]
 #[ignore = "needs root, QEMU, ipmi_sim and built images: run `cargo xtask test`"]
@@ -536,6 +539,8 @@ fn deploy_with_layout(s: &mut Scenario, id: &str) -> Result<()> {
             &ESP_MIB.to_string(),
             "--root-mib",
             &ROOT_MIB.to_string(),
+            "--kernel",
+            KERNEL,
         ],
     )?;
     let m = s.status(id)?;
@@ -680,10 +685,38 @@ fn check_installed(s: &Scenario, id: &str) -> Result<()> {
          ext4 on both ({fs_bytes} bytes), var the rest; fstab by mapper path and UUID"
     ));
 
+    // The kernel asked for by name, not the image's default, is the one running.
+    let images: Vec<stork_proto::api::BootResource> =
+        s.appliance.cli_json(&["image", "list", "--json"])?;
+    let kernels = images
+        .iter()
+        .find(|r| r.name == IMAGE)
+        .map(|r| r.kernels.clone())
+        .unwrap_or_default();
+    let (Some(default), Some(chosen)) =
+        (kernels.first(), kernels.iter().find(|k| k.name == KERNEL))
+    else {
+        bail!("image {IMAGE} lists kernels {kernels:?}: wanted the default and {KERNEL:?}");
+    };
+    let running = s.ssh(&ip, "uname -r")?;
+    if running.trim() != chosen.version || chosen.version == default.version {
+        bail!(
+            "uname -r says {running:?}: wanted {KERNEL} ({}), not the default {}",
+            chosen.version,
+            default.version
+        );
+    }
+    s.say(&format!(
+        "uname -r: {} (the image's {KERNEL} kernel; its default is {})",
+        chosen.version, default.version
+    ));
+
     let events = s.appliance.cli(&["machine", "events", id])?;
+    let boots = format!("boots kernel {}", chosen.version);
     for want in [
         "of tar extracted",
         "bootloader Done",
+        boots.as_str(),
         "DeploymentDone: deploying -> deployed",
     ] {
         if !events.contains(want) {

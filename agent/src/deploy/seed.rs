@@ -315,6 +315,7 @@ mod tests {
             layout: None,
             late_commands: vec![],
             network: None,
+            kernel: None,
         }
     }
 

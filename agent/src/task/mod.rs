@@ -136,6 +136,14 @@ impl<'a> Deployment<'a> {
     /// NoCloud seed and phone-home, with the step's events. Every deploy runs it.
     fn seed_into(&self, root: &Path, root_part: &str) -> Result<()> {
         let (task, args) = (self.task, self.args);
+        if let Some(version) = &task.kernel {
+            crate::deploy::kernel::boot(root, version)?;
+            self.client.step_event(
+                Step::Bootloader,
+                StepState::Done,
+                format!("the installed OS boots kernel {version}"),
+            );
+        }
         self.client.step_event(
             Step::Seed,
             StepState::Started,

@@ -107,7 +107,8 @@ pub fn install(
                     .filter(|a| a.deploy_role().is_some())
                     .map(|a| a.sha256.as_str())
                     .collect();
-                r.files.len() == wanted.len()
+                r.kernels == entry.kernels()
+                    && r.files.len() == wanted.len()
                     && r.files.iter().all(|f| {
                         wanted.contains(&f.sha256.as_str())
                             && std::fs::metadata(boot_dir.join(&f.path))

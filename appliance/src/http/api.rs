@@ -499,6 +499,7 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
     let m = a.state.controller.machine(&a.id).await?;
     let default = default_layout(&a.state, &mut req, &m).await?;
     check_disk(&req, &m)?;
+    check_kernel(&req, &resource)?;
     check_layout(&req, &resource, &m).map_err(|e| match &default {
         Some(name) => e.context(&format!("the machine's default layout {name:?}")),
         None => e,
@@ -704,6 +705,19 @@ fn check_disk(req: &DeployRequest, m: &Machine) -> ApiResult<()> {
     choose_disk(&inv.disks, Some(disk), None)
         .map(|_| ())
         .map_err(|e| ApiError::bad_request(format!("disk: {e}")))
+}
+
+/// A kernel is one of the image's, and only for a disk deploy: a deploy to memory runs the
+/// image's root under the agent's kernel.
+fn check_kernel(req: &DeployRequest, resource: &BootResource) -> ApiResult<()> {
+    if req.kernel.is_some() && req.target == DeployTarget::Memory {
+        return Err(ApiError::bad_request(
+            "kernel: a deploy to memory runs under the agent's kernel; drop kernel or deploy to disk",
+        ));
+    }
+    stork_proto::kernel::choose(&req.image, &resource.kernels, req.kernel.as_deref(), None)
+        .map(|_| ())
+        .map_err(|e| ApiError::bad_request(format!("kernel: {e}")))
 }
 
 /// A layout is for a disk deploy, valid by itself, of an image the agent can install by

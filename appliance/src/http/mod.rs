@@ -202,6 +202,12 @@ pub async fn deploy_task(s: &AppState, m: &Machine) -> Result<Task, ApiError> {
         .map_or_else(|| s.cfg.base_url(), |ip| s.cfg.base_url_for(ip));
     let mut ssh_keys = req.ssh_keys.clone();
     ssh_keys.extend(keys.into_iter().map(|k| k.key));
+    // Checked at request time; the image may have been replaced since.
+    let kernel =
+        stork_proto::kernel::choose(&req.image, &resource.kernels, req.kernel.as_deref(), None)
+            .map_err(|e| ApiError::new(StatusCode::CONFLICT, "no_kernel", e.to_string()))?
+            .filter(|k| resource.kernels.first() != Some(*k))
+            .map(|k| k.version.clone());
     Ok(Task::Deploy(Box::new(DeployTask {
         target: req.target,
         disk: req.disk.clone(),
@@ -214,6 +220,7 @@ pub async fn deploy_task(s: &AppState, m: &Machine) -> Result<Task, ApiError> {
         user_data: req.user_data.clone(),
         late_commands: req.late_commands.clone(),
         network: req.network.clone(),
+        kernel,
         image: resource
             .files
             .iter()

@@ -2167,6 +2167,10 @@ mod listing_tests {
             kind: "os".into(),
             arch: Some("amd64".into()),
             files: vec![],
+            kernels: vec![stork_proto::kernel::ImageKernel {
+                name: "stable".into(),
+                version: "6.1.0-50-amd64".into(),
+            }],
         };
         s.put_boot_resource(&r, 1).unwrap();
         r.kind = "ephemeral".into();
@@ -2408,6 +2412,7 @@ mod backends {
                     kind: "os".into(),
                     arch: Some("amd64".into()),
                     files: vec![],
+                    kernels: vec![],
                 },
                 3,
             )

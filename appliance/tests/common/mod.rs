@@ -271,6 +271,14 @@ impl Server {
                     sha256,
                     size,
                 }],
+                kernels: ["6.1.0-50-amd64", "6.12.95+deb12-amd64"]
+                    .iter()
+                    .zip(["stable", "backports"])
+                    .map(|(v, n)| stork_proto::kernel::ImageKernel {
+                        name: n.into(),
+                        version: (*v).into(),
+                    })
+                    .collect(),
             })
             .expect("register the image");
     }

@@ -90,6 +90,7 @@ pub fn tree_for(
         arch: "amd64",
         components: &["main".to_owned()],
         packages: &packages,
+        extra_kernels: &[],
         minimize: true,
         config_key: tree::config_key(&boot::early_config("<esp>")),
         configure: &configure,
