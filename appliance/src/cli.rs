@@ -163,12 +163,19 @@ pub fn machine_details(m: &Machine, events: &[EventRecord]) {
     if let Some(l) = &m.default_layout {
         out!("layout:    {l} (the default of a deploy to disk that gives none)");
     }
+    if let Some(k) = &m.min_kernel {
+        out!("kernel:    at least {k}");
+    }
     if let Some(d) = &m.deploy {
         let layout = d
             .layout
             .as_ref()
             .map_or_else(String::new, |l| format!(", layout: {}", layout_summary(l)));
-        out!("deploy:    {} to {:?}{layout}", d.image, d.target);
+        let kernel = d
+            .kernel
+            .as_ref()
+            .map_or_else(String::new, |k| format!(", kernel {k}"));
+        out!("deploy:    {} to {:?}{layout}{kernel}", d.image, d.target);
         if let Some(n) = &d.network {
             out!("network:   {}", network_summary(n));
         }

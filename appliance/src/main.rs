@@ -350,6 +350,16 @@ enum MachineCmd {
         #[arg(long)]
         clear: bool,
     },
+    /// Set the oldest kernel release the machine's deploys may boot (`6.12`), or clear it
+    /// with `--clear`.
+    #[command(name = "min-kernel")]
+    MinKernel {
+        id: String,
+        #[arg(required_unless_present = "clear", conflicts_with = "clear")]
+        release: Option<String>,
+        #[arg(long)]
+        clear: bool,
+    },
     /// The last commissioning's scripts and tests: exit status, time and output.
     Scripts {
         id: String,
@@ -1120,6 +1130,14 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
             json,
         ),
         MachineCmd::Scripts { id, json } => cli::script_results(c, &id, json),
+        MachineCmd::MinKernel { id, release, .. } => {
+            let m = c.set_min_kernel(&id, release.as_deref())?;
+            match &m.min_kernel {
+                Some(k) => println!("{}: minimum kernel {k}", m.id),
+                None => println!("{}: no minimum kernel", m.id),
+            }
+            Ok(())
+        }
         MachineCmd::Layout { id, name, .. } => {
             let m = c.set_default_layout(&id, name.as_deref())?;
             match &m.default_layout {

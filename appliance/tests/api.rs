@@ -2426,4 +2426,40 @@ fn a_deploys_kernel_is_one_of_the_images_and_reaches_the_agent_as_its_version() 
         };
         assert_eq!(task.kernel, None, "{kernel:?}");
     }
+    // A machine's minimum: a bad release is refused naming the field; an older kernel asked
+    // for is refused; none asked for boots the oldest at the minimum.
+    let mut p = f.drive(4, Status::Allocated).expect("allocated");
+    let e = refused(f.client.set_min_kernel(&p.id, Some("6.x")));
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(
+        e.message().unwrap_or_default().starts_with("min_kernel:"),
+        "{e}"
+    );
+    let shown = f
+        .client
+        .set_min_kernel(&p.id, Some("6.6"))
+        .expect("min kernel");
+    assert_eq!(shown.min_kernel.as_deref(), Some("6.6"));
+    let e = refused(f.client.deploy(&p.id, &with_kernel("stable")));
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(
+        e.message()
+            .unwrap_or_default()
+            .contains("older than the machine's minimum kernel 6.6"),
+        "{e}"
+    );
+    f.act(&p, Action::deploy(IMAGE), Status::Deploying);
+    assert_eq!(f.machine(&p.id).min_kernel.as_deref(), Some("6.6"));
+    f.boot(&mut p);
+    assert_eq!(
+        f.machine(&p.id).min_kernel.as_deref(),
+        Some("6.6"),
+        "after boot"
+    );
+    let Task::Deploy(task) = f.task(&p) else {
+        panic!("not a deploy task");
+    };
+    assert_eq!(task.kernel.as_deref(), Some("6.12.95+deb12-amd64"));
+    let cleared = f.client.set_min_kernel(&p.id, None).expect("cleared");
+    assert_eq!(cleared.min_kernel, None);
 }

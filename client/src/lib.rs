@@ -233,6 +233,14 @@ impl Client {
         self.put(&format!("{API}/machines/{id}/layout"), &body)
     }
 
+    /// Sets (`Some`) or clears the machine's minimum kernel.
+    pub fn set_min_kernel(&self, id: &str, min: Option<&str>) -> Result<Machine> {
+        let body = stork_proto::api::MinKernel {
+            min_kernel: min.map(str::to_string),
+        };
+        self.put(&format!("{API}/machines/{id}/min-kernel"), &body)
+    }
+
     pub fn allocate(&self, id: &str, body: &AllocateBody) -> Result<Machine> {
         self.action(id, "allocate", Some(body))
     }

@@ -542,7 +542,7 @@ if [ -n "$archives" ]; then
   mount --bind "$archives" "$root/var/cache/apt/archives"
   # apt resolves the mirror's name: once systemd-resolved is installed the tree's
   # resolv.conf is a link into /run, empty here, so the host's goes where it points.
-  target=$(chroot "$root" readlink -f /etc/resolv.conf)
+  target=$(chroot "$root" readlink -m /etc/resolv.conf)
   case "$target" in
     /run/*)
       mount -t tmpfs -o size=1m tmpfs "$root/run"

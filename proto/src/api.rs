@@ -169,6 +169,11 @@ pub struct Machine {
     /// machine's default, set with `PUT /machines/{id}/layout`.
     #[serde(default)]
     pub default_layout: Option<String>,
+    /// The oldest kernel release a deploy may boot (`6.12`): a deploy that names no kernel
+    /// gets the image's default if it is at least this, else the image's oldest that is;
+    /// one that names an older kernel is refused. Set with `PUT /machines/{id}/min-kernel`.
+    #[serde(default)]
+    pub min_kernel: Option<String>,
 }
 
 impl Machine {
@@ -201,6 +206,7 @@ impl Machine {
             site: None,
             commission_tests: Vec::new(),
             default_layout: None,
+            min_kernel: None,
         }
     }
 
@@ -706,6 +712,15 @@ pub struct NamedLayout {
 pub struct DefaultLayout {
     /// A named layout; `null` clears the default.
     pub layout: Option<String>,
+}
+
+/// `PUT /machines/{id}/min-kernel`: the machine's minimum kernel release, or none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MinKernel {
+    /// A release (`6`, `6.12`, `6.12.95`); `null` clears it.
+    pub min_kernel: Option<String>,
 }
 
 /// A stored commissioning script.

@@ -39,9 +39,9 @@ use crate::store::{
 };
 use stork_proto::api::{
     AllocateBody, AuditQuery, AuditRecord, CommissionBody, Constraints, CreatedToken,
-    DefaultLayout, ErrorBody, EventQuery, HealthReport, MachineFilter, MarkBrokenBody, NamedLayout,
-    NewMachine, NewScript, NewSshKey, NewToken, NoFields, PowerAnswer, PowerOp, PowerState,
-    ReleaseBody, Script, ScriptResult, StatsResponse, UploadFormat, UploadQuery,
+    DefaultLayout, ErrorBody, EventQuery, HealthReport, MachineFilter, MarkBrokenBody, MinKernel,
+    NamedLayout, NewMachine, NewScript, NewSshKey, NewToken, NoFields, PowerAnswer, PowerOp,
+    PowerState, ReleaseBody, Script, ScriptResult, StatsResponse, UploadFormat, UploadQuery,
 };
 
 pub fn routes() -> Router<AppState> {
@@ -79,6 +79,7 @@ pub(super) fn documented_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list_layouts, add_layout))
         .routes(routes!(delete_layout))
         .routes(routes!(set_machine_layout))
+        .routes(routes!(set_machine_min_kernel))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
         .routes(routes!(audit_log))
@@ -499,7 +500,7 @@ async fn deploy(a: ActionCall) -> ApiResult<Json<Machine>> {
     let m = a.state.controller.machine(&a.id).await?;
     let default = default_layout(&a.state, &mut req, &m).await?;
     check_disk(&req, &m)?;
-    check_kernel(&req, &resource)?;
+    check_kernel(&req, &resource, &m)?;
     check_layout(&req, &resource, &m).map_err(|e| match &default {
         Some(name) => e.context(&format!("the machine's default layout {name:?}")),
         None => e,
@@ -709,15 +710,23 @@ fn check_disk(req: &DeployRequest, m: &Machine) -> ApiResult<()> {
 
 /// A kernel is one of the image's, and only for a disk deploy: a deploy to memory runs the
 /// image's root under the agent's kernel.
-fn check_kernel(req: &DeployRequest, resource: &BootResource) -> ApiResult<()> {
-    if req.kernel.is_some() && req.target == DeployTarget::Memory {
-        return Err(ApiError::bad_request(
-            "kernel: a deploy to memory runs under the agent's kernel; drop kernel or deploy to disk",
-        ));
+fn check_kernel(req: &DeployRequest, resource: &BootResource, m: &Machine) -> ApiResult<()> {
+    if req.target == DeployTarget::Memory {
+        return match req.kernel {
+            Some(_) => Err(ApiError::bad_request(
+                "kernel: a deploy to memory runs under the agent's kernel; drop kernel or deploy to disk",
+            )),
+            None => Ok(()),
+        };
     }
-    stork_proto::kernel::choose(&req.image, &resource.kernels, req.kernel.as_deref(), None)
-        .map(|_| ())
-        .map_err(|e| ApiError::bad_request(format!("kernel: {e}")))
+    stork_proto::kernel::choose(
+        &req.image,
+        &resource.kernels,
+        req.kernel.as_deref(),
+        m.min_kernel.as_deref(),
+    )
+    .map(|_| ())
+    .map_err(|e| ApiError::bad_request(format!("kernel: {e}")))
 }
 
 /// A layout is for a disk deploy, valid by itself, of an image the agent can install by
@@ -1545,9 +1554,57 @@ async fn set_machine_layout(
             "layout: no layout named {name:?} (`GET /layouts` lists them)"
         )));
     }
+    let message = match &layout {
+        Some(name) => format!("default layout: {name}"),
+        None => "default layout cleared".into(),
+    };
     let saved = s
         .controller
-        .set_default_layout(m, layout, &caller.actor)
+        .set_machine_setting(m, |m| m.default_layout = layout, message, &caller.actor)
+        .await?;
+    Ok(Json(saved.redacted()))
+}
+
+#[utoipa::path(
+    put,
+    path = "/machines/{id}/min-kernel",
+    operation_id = "set_machine_min_kernel",
+    tag = "machines",
+    summary = "Set or clear the machine's minimum kernel",
+    description = "A kernel release (`6.12`), or `null`. A deploy that names no kernel boots the image's default if it is at least this, else the image's oldest kernel that is; a deploy naming an older kernel, or of an image with none new enough, is refused.",
+    params(MachineId),
+    request_body(content = MinKernel),
+    responses(
+        (status = 200, description = "Set.", body = Machine),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, description = "The machine changed meanwhile (`conflict`): read it and try again.", body = ErrorBody)
+    )
+)]
+async fn set_machine_min_kernel(
+    State(s): State<AppState>,
+    caller: Operator,
+    Path(id): Path<String>,
+    body: Result<Json<MinKernel>, JsonRejection>,
+) -> ApiResult<Json<Machine>> {
+    let Json(MinKernel { min_kernel }) = body?;
+    if let Some(min) = &min_kernel
+        && !stork_proto::kernel::valid_minimum(min)
+    {
+        return Err(ApiError::bad_request(format!(
+            "min_kernel: {min:?} is not a kernel release (numbers and dots: 6.12)"
+        )));
+    }
+    let m = s.controller.machine(&id).await?;
+    let message = match &min_kernel {
+        Some(min) => format!("minimum kernel: {min}"),
+        None => "minimum kernel cleared".into(),
+    };
+    let saved = s
+        .controller
+        .set_machine_setting(m, |m| m.min_kernel = min_kernel, message, &caller.actor)
         .await?;
     Ok(Json(saved.redacted()))
 }

@@ -203,11 +203,15 @@ pub async fn deploy_task(s: &AppState, m: &Machine) -> Result<Task, ApiError> {
     let mut ssh_keys = req.ssh_keys.clone();
     ssh_keys.extend(keys.into_iter().map(|k| k.key));
     // Checked at request time; the image may have been replaced since.
-    let kernel =
-        stork_proto::kernel::choose(&req.image, &resource.kernels, req.kernel.as_deref(), None)
-            .map_err(|e| ApiError::new(StatusCode::CONFLICT, "no_kernel", e.to_string()))?
-            .filter(|k| resource.kernels.first() != Some(*k))
-            .map(|k| k.version.clone());
+    let kernel = stork_proto::kernel::choose(
+        &req.image,
+        &resource.kernels,
+        req.kernel.as_deref(),
+        m.min_kernel.as_deref(),
+    )
+    .map_err(|e| ApiError::new(StatusCode::CONFLICT, "no_kernel", e.to_string()))?
+    .filter(|k| resource.kernels.first() != Some(*k))
+    .map(|k| k.version.clone());
     Ok(Task::Deploy(Box::new(DeployTask {
         target: req.target,
         disk: req.disk.clone(),

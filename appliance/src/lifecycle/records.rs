@@ -480,11 +480,13 @@ impl Controller {
         self.store.call(move |s| s.delete_layout(&name)).await
     }
 
-    /// Sets (or clears) machine `m`'s default layout, with an event by `actor`.
-    pub async fn set_default_layout(
+    /// Saves a setting of machine `m` (`set` changes it) with an event by `actor` saying
+    /// what it is now: the default layout, the minimum kernel.
+    pub async fn set_machine_setting(
         &self,
         mut m: Machine,
-        layout: Option<String>,
+        set: impl FnOnce(&mut Machine),
+        message: String,
         actor: &str,
     ) -> Result<Machine, StoreError> {
         m.updated_at = now_ms();
@@ -493,12 +495,9 @@ impl Controller {
             actor: actor.to_string(),
             old_status: None,
             new_status: None,
-            message: match &layout {
-                Some(name) => format!("default layout: {name}"),
-                None => "default layout cleared".into(),
-            },
+            message,
         };
-        m.default_layout = layout;
+        set(&mut m);
         let saved = self
             .store
             .call(move |st| st.save_machine(&m, &[ev]))

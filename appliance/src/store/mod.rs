@@ -248,7 +248,7 @@ const MACHINE_COLUMNS: &str = "id, hostname, status, status_message, status_sinc
     version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, \
     updated_at, netboot, erase_quick, last_heartbeat, heartbeat_step, heartbeat_deadline, \
     agent_ip, agent_token_used, hw_cpus, hw_memory_bytes, hw_disks, hw_disk_bytes, site, \
-    commission_tests, default_layout";
+    commission_tests, default_layout, min_kernel";
 
 impl Store {
     /// Opens (or creates) the database at `path`, with the secrets key file
@@ -537,7 +537,7 @@ impl Store {
 
     // ---- machines ----
 
-    /// A machine's columns as written, `?1` to `?30` in [`MACHINE_COLUMNS`]'s order.
+    /// A machine's columns as written, `?1` to `?31` in [`MACHINE_COLUMNS`]'s order.
     fn machine_args(&self, m: &Machine) -> Vec<Value> {
         let hw = m.inventory.as_ref().map(HardwareSummary::of);
         args![
@@ -571,6 +571,7 @@ impl Store {
             m.site.as_deref(),
             json(&m.commission_tests),
             m.default_layout.as_deref(),
+            m.min_kernel.as_deref(),
         ]
         .into()
     }
@@ -622,10 +623,11 @@ impl Store {
             site: row.get(27)?,
             commission_tests: from_json("commission_tests", &row.get::<String>(28)?)?,
             default_layout: row.get(29)?,
+            min_kernel: row.get(30)?,
             power_state: row
-                .get::<Option<String>>(30)?
+                .get::<Option<String>>(31)?
                 .and_then(|p| PowerState::parse(&p)),
-            power_seen_at: row.get(31)?,
+            power_seen_at: row.get(32)?,
         })
     }
 
@@ -870,7 +872,9 @@ impl Store {
     /// Inserts a new machine and its first event.
     pub fn create_machine(&self, m: &Machine, event: &NewEvent) -> Result<Machine, StoreError> {
         self.check_space()?;
-        let placeholders: Vec<String> = (1..=30).map(|i| format!("?{i}")).collect();
+        let placeholders: Vec<String> = (1..=MACHINE_COLUMNS.split(',').count())
+            .map(|i| format!("?{i}"))
+            .collect();
         let sql = format!(
             "INSERT INTO machines ({MACHINE_COLUMNS}) VALUES ({})",
             placeholders.join(",")
@@ -988,7 +992,8 @@ impl Store {
                         THEN (CASE WHEN agent_token_used > ?23 THEN agent_token_used ELSE ?23 END)
                         ELSE ?23 END,
                     hw_cpus=?24, hw_memory_bytes=?25, hw_disks=?26, hw_disk_bytes=?27,
-                    site=?28, commission_tests=?29, default_layout=?30, created_at=?15
+                    site=?28, commission_tests=?29, default_layout=?30, min_kernel=?31,
+                    created_at=?15
                  WHERE id=?1 AND version=?6
                    AND NOT (agent_token_used = 1 AND CAST(?14 AS TEXT) IS NOT NULL
                             AND agent_token IS DISTINCT FROM CAST(?14 AS TEXT))",

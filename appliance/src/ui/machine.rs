@@ -332,6 +332,7 @@ fn summary_card(m: &Machine) -> Markup {
                 @if let Some(o) = &m.owner { dt { "Owner" } dd { (o) } }
                 @if !m.tags.is_empty() { dt { "Tags" } dd { (m.tags.join(", ")) } }
                 @if let Some(l) = &m.default_layout { dt { "Default layout" } dd { code { (l) } } }
+                @if let Some(k) = &m.min_kernel { dt { "Minimum kernel" } dd { code { (k) } } }
                 @if let Some(d) = &m.deploy {
                     dt { "Deploy" } dd { (d.image) " to " (d.target.as_str()) }
                     @if let Some(l) = &d.layout { dt { "Layout" } dd { (crate::cli::layout_summary(l)) } }

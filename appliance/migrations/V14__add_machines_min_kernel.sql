@@ -1,0 +1,3 @@
+-- Each machine's minimum kernel (issue 22): a deploy boots one of the image's kernels at
+-- least this release. The pair of this file is PostgreSQL's V6.
+ALTER TABLE machines ADD COLUMN min_kernel TEXT;
