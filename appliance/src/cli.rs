@@ -472,6 +472,14 @@ pub fn images(c: &Client, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// What a machine's setting is after `machine layout` or `machine min-kernel`.
+pub fn setting_line(id: &str, what: &str, value: Option<&str>) {
+    match value {
+        Some(v) => println!("{id}: {what} {v}"),
+        None => println!("{id}: no {what}"),
+    }
+}
+
 /// Machines filtered by status, for `machine list --status`.
 pub fn list(c: &Client, status: Option<Status>, json: bool) -> Result<()> {
     let filter = MachineFilter {

@@ -1132,18 +1132,12 @@ fn machine(c: &Client, cmd: MachineCmd) -> Result<()> {
         MachineCmd::Scripts { id, json } => cli::script_results(c, &id, json),
         MachineCmd::MinKernel { id, release, .. } => {
             let m = c.set_min_kernel(&id, release.as_deref())?;
-            match &m.min_kernel {
-                Some(k) => println!("{}: minimum kernel {k}", m.id),
-                None => println!("{}: no minimum kernel", m.id),
-            }
+            cli::setting_line(&m.id, "minimum kernel", m.min_kernel.as_deref());
             Ok(())
         }
         MachineCmd::Layout { id, name, .. } => {
             let m = c.set_default_layout(&id, name.as_deref())?;
-            match &m.default_layout {
-                Some(l) => println!("{}: default layout {l}", m.id),
-                None => println!("{}: no default layout", m.id),
-            }
+            cli::setting_line(&m.id, "default layout", m.default_layout.as_deref());
             Ok(())
         }
         MachineCmd::Allocate {

@@ -1554,13 +1554,15 @@ async fn set_machine_layout(
             "layout: no layout named {name:?} (`GET /layouts` lists them)"
         )));
     }
-    let message = match &layout {
-        Some(name) => format!("default layout: {name}"),
-        None => "default layout cleared".into(),
-    };
     let saved = s
         .controller
-        .set_machine_setting(m, |m| m.default_layout = layout, message, &caller.actor)
+        .set_machine_setting(
+            m,
+            "default layout",
+            layout,
+            |m, v| m.default_layout = v,
+            &caller.actor,
+        )
         .await?;
     Ok(Json(saved.redacted()))
 }
@@ -1598,13 +1600,15 @@ async fn set_machine_min_kernel(
         )));
     }
     let m = s.controller.machine(&id).await?;
-    let message = match &min_kernel {
-        Some(min) => format!("minimum kernel: {min}"),
-        None => "minimum kernel cleared".into(),
-    };
     let saved = s
         .controller
-        .set_machine_setting(m, |m| m.min_kernel = min_kernel, message, &caller.actor)
+        .set_machine_setting(
+            m,
+            "minimum kernel",
+            min_kernel,
+            |m, v| m.min_kernel = v,
+            &caller.actor,
+        )
         .await?;
     Ok(Json(saved.redacted()))
 }

@@ -480,13 +480,15 @@ impl Controller {
         self.store.call(move |s| s.delete_layout(&name)).await
     }
 
-    /// Saves a setting of machine `m` (`set` changes it) with an event by `actor` saying
-    /// what it is now: the default layout, the minimum kernel.
+    /// Sets (`Some`) or clears setting `what` of machine `m` (`set` puts the value in
+    /// place: the default layout, the minimum kernel) with an event by `actor` saying what
+    /// it is now.
     pub async fn set_machine_setting(
         &self,
         mut m: Machine,
-        set: impl FnOnce(&mut Machine),
-        message: String,
+        what: &str,
+        value: Option<String>,
+        set: fn(&mut Machine, Option<String>),
         actor: &str,
     ) -> Result<Machine, StoreError> {
         m.updated_at = now_ms();
@@ -495,9 +497,12 @@ impl Controller {
             actor: actor.to_string(),
             old_status: None,
             new_status: None,
-            message,
+            message: match &value {
+                Some(v) => format!("{what}: {v}"),
+                None => format!("{what} cleared"),
+            },
         };
-        set(&mut m);
+        set(&mut m, value);
         let saved = self
             .store
             .call(move |st| st.save_machine(&m, &[ev]))
