@@ -8,7 +8,8 @@
 //! - The machines page shows the machine appear and its inventory arrive, live.
 //! - The bulk action commissions it: Stork sets PXE on the BMC and powers it on; the row
 //!   turns `ready` live, and Stork powers the machine off.
-//! - Its page refuses a bad hostname with the field's error, then deploys the image into
+//! - Its page offers the image's kernels, refuses a bad hostname and a kernel for a deploy
+//!   into memory (it runs under the agent's) each with its field's error, then deploys the image into
 //!   memory: the status reaches `deployed` live with the timeline's phases; SSH reads the
 //!   hostname asked for on an overlay root, and the disk is untouched. (This is the memory
 //!   deploy's end-to-end test: one VM run proves both it and the UI.)
@@ -176,18 +177,30 @@ fn deploy_in_memory(s: &mut Scenario, b: &Browser, ui: &str, id: &str) -> Result
     }
     b.screenshot("machine-ready")?;
 
-    fill_deploy_form(b, "bad_host!")?;
-    b.click("#deploy-submit")?;
-    let refused = field_error(b, "hostname")?;
-    let (shown, api) = (b.text("#status")?, s.status(id)?.status);
-    if shown != "ready" || api != Status::Ready {
-        bail!("after a refused deploy the page says {shown:?} and the API {api}: not ready");
+    // The form offers the image's kernels; each mistake is named under its field.
+    let offered = b.attr(r#"#deploy-kernels option[value="backports"]"#, "label")?;
+    if !offered.as_deref().is_some_and(|l| l.contains(IMAGE)) {
+        bail!("the kernel field offers no backports kernel of {IMAGE}: {offered:?}");
     }
-    s.say(&format!("hostname bad_host! is refused: {refused:?}"));
+    for (hostname, kernel, field) in [
+        ("bad_host!", "", "hostname"),
+        (HOSTNAME, "backports", "kernel"),
+    ] {
+        fill_deploy_form(b, hostname, kernel)?;
+        b.click("#deploy-submit")?;
+        let refused = field_error(b, field)?;
+        let (shown, api) = (b.text("#status")?, s.status(id)?.status);
+        if shown != "ready" || api != Status::Ready {
+            bail!("after a refused deploy the page says {shown:?} and the API {api}: not ready");
+        }
+        s.say(&format!(
+            "{field} of a deploy in memory is refused: {refused:?}"
+        ));
+    }
 
     let before = sha256_of(&s.machine.paths.disk)?;
     s.phase_start();
-    fill_deploy_form(b, HOSTNAME)?;
+    fill_deploy_form(b, HOSTNAME, "")?;
     b.click("#deploy-submit")?;
     let status = |b: &Browser| b.try_text("#status");
     wait_shown(
@@ -242,11 +255,12 @@ fn deploy_in_memory(s: &mut Scenario, b: &Browser, ui: &str, id: &str) -> Result
     Ok(())
 }
 
-/// The deploy form's fields: the scenario's image, into memory, `hostname`.
-fn fill_deploy_form(b: &Browser, hostname: &str) -> Result<()> {
+/// The deploy form's fields: the scenario's image, into memory, `hostname`, `kernel`.
+fn fill_deploy_form(b: &Browser, hostname: &str, kernel: &str) -> Result<()> {
     b.select_by_value("#deploy-form [name=image]", IMAGE)?;
     b.select_by_value("#deploy-form [name=target]", "memory")?;
-    b.fill("#deploy-form [name=hostname]", hostname)
+    b.fill("#deploy-form [name=hostname]", hostname)?;
+    b.fill("#deploy-form [name=kernel]", kernel)
 }
 
 /// Step 5: the release button; the page follows the machine back to ready, live.

@@ -5,7 +5,8 @@ use axum::extract::{Path, Query, State};
 use maud::{Markup, html};
 use serde::Deserialize;
 use stork_proto::api::{
-    EventRecord, HardwareSummary, Machine, PowerState, ScriptResult, Status, TokenScope,
+    BootResource, EventRecord, HardwareSummary, Machine, PowerState, ScriptResult, Status,
+    TokenScope,
 };
 
 use super::machines::{hardware, is_busy, is_failed};
@@ -69,7 +70,6 @@ pub async fn page(
             .await?
             .into_iter()
             .filter(|r| r.kind == "os")
-            .map(|r| r.name)
             .collect()
     } else {
         Vec::new()
@@ -90,7 +90,7 @@ pub async fn page(
 fn detail(
     m: &Machine,
     events: &[EventRecord],
-    images: &[String],
+    images: &[BootResource],
     scripts: &[ScriptResult],
     s: &Session,
 ) -> Markup {
@@ -226,7 +226,21 @@ fn timeline_card(phases: &[Phase]) -> Markup {
     }
 }
 
-fn deploy_form(m: &Machine, images: &[String]) -> Markup {
+fn deploy_form(m: &Machine, images: &[BootResource]) -> Markup {
+    // Every image's kernels by name and by version, the defaults first.
+    let mut kernels: Vec<(String, String)> = Vec::new();
+    for r in images {
+        for k in &r.kernels {
+            for (value, label) in [
+                (&k.name, format!("{} ({})", k.version, r.name)),
+                (&k.version, format!("{} of {}", k.name, r.name)),
+            ] {
+                if !kernels.iter().any(|(v, _)| v == value) {
+                    kernels.push((value.clone(), label));
+                }
+            }
+        }
+    }
     let disks = m
         .inventory
         .as_ref()
@@ -238,7 +252,7 @@ fn deploy_form(m: &Machine, images: &[String]) -> Markup {
             form #deploy-form data-machine=(m.id) data-status=(m.status.as_str()) novalidate {
                 label { "Image"
                     select name="image" required {
-                        @for i in images { option value=(i) { (i) } }
+                        @for i in images { option value=(i.name) { (i.name) } }
                     }
                     (field_error("image"))
                 }
@@ -261,6 +275,13 @@ fn deploy_form(m: &Machine, images: &[String]) -> Markup {
                         }
                     }
                     (field_error("disk"))
+                }
+                label { "Kernel " small { "(disk deploys; empty: the image's default)" }
+                    input name="kernel" list="deploy-kernels" autocomplete="off" spellcheck="false";
+                    datalist #deploy-kernels {
+                        @for (value, label) in &kernels { option value=(value) label=(label) {} }
+                    }
+                    (field_error("kernel"))
                 }
                 fieldset .layout {
                     legend { "Partitions " small { "(disk deploys; empty: the image's own layout)" } }

@@ -312,6 +312,7 @@
         const request = { image: f.image || "", target: f.target || "disk" };
         if (f.hostname) request.hostname = f.hostname;
         if (f.disk) request.disk = f.disk;
+        if (f.kernel) request.kernel = f.kernel;
         if (f.user_data) request.user_data = f.user_data;
         const layout = {};
         for (const k of ["esp_mib", "root_mib"]) {
