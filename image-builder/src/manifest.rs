@@ -214,7 +214,8 @@ pub struct DeployInfo {
     /// Every kernel the image carries, the default first: what a deploy may choose.
     #[serde(default)]
     pub kernels: Vec<ImageKernel>,
-    /// Inside the root: the kernel and initrd (deploy in memory boots these, or kexecs them).
+    /// Inside the root tar and the raw image: the default kernel and initrd (the root
+    /// SquashFS, which a deploy into memory runs under the agent's kernel, has no /boot).
     pub kernel: String,
     pub initrd: String,
     /// Kernel command line the image's grub.cfg uses (after `root=UUID=... ro`).

@@ -282,6 +282,17 @@ pub fn build(req: &Request<'_>) -> Result<ImageEntry, ImageError> {
         level: SQUASHFS_LEVEL,
         source_date_epoch: epoch,
     };
+    // The root SquashFS is what a deploy into memory runs, under the agent's kernel (the
+    // image's default): the kernels, initrds and GRUB under /boot and the other kernels'
+    // modules would only take RAM there.
+    let sq_except: Vec<String> = std::iter::once("boot".to_owned())
+        .chain(
+            tree.info
+                .extra_kernel_versions
+                .iter()
+                .map(|v| format!("usr/lib/modules/{v}")),
+        )
+        .collect();
     let inputs = ImageInputs {
         builder: image::builder(IMAGE_FORMAT),
         recipe_sha256: recipe.sha256(),
@@ -293,7 +304,10 @@ pub fn build(req: &Request<'_>) -> Result<ImageEntry, ImageError> {
         installed_count: tree.info.installed_count(),
         source_date_epoch: epoch,
         settings: [
-            ("squashfs".to_owned(), sq.describe()),
+            (
+                "squashfs".to_owned(),
+                format!("{} without {}", sq.describe(), sq_except.join(", ")),
+            ),
             ("tar".to_owned(), format!("zstd-{TAR_LEVEL}")),
             ("raw".to_owned(), raw_compression()),
             (
@@ -314,7 +328,7 @@ pub fn build(req: &Request<'_>) -> Result<ImageEntry, ImageError> {
     let [sq_file, tar_file, raw_file] = files(name);
 
     let w = progress.step(&format!("mksquashfs ({})", sq.describe()), || {
-        squashfs::write(&tree.path, &req.out.join(&sq_file), &sq)
+        squashfs::write_except(&tree.path, &req.out.join(&sq_file), &sq, &sq_except)
     })?;
     progress.say(&format!("{sq_file}: {} MiB", w.size >> 20));
     let mut artifacts = vec![ImageArtifact {

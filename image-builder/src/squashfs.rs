@@ -87,7 +87,12 @@ pub struct Written {
 
 /// The mksquashfs command for `source` -> `out`, exactly as `write` runs it (the benchmark runs
 /// plain mksquashfs beside it).
-pub fn command(source: &Path, out: &Path, opts: &Options) -> std::process::Command {
+pub fn command(
+    source: &Path,
+    out: &Path,
+    opts: &Options,
+    except: &[String],
+) -> std::process::Command {
     let mut c = cmd::clean("mksquashfs");
     c.arg(source)
         .arg(out)
@@ -100,11 +105,25 @@ pub fn command(source: &Path, out: &Path, opts: &Options) -> std::process::Comma
         // Sets the file system time and clamps later file times (mksquashfs refuses it
         // together with -mkfs-time or -all-time).
         .env("SOURCE_DATE_EPOCH", opts.source_date_epoch.to_string());
+    if !except.is_empty() {
+        // Paths relative to `source`; `-e` takes the rest of the arguments.
+        c.arg("-e").args(except);
+    }
     c
 }
 
 /// Writes `out` from `source` (through a temporary file renamed into place) and hashes it.
 pub fn write(source: &Path, out: &Path, opts: &Options) -> Result<Written, SquashfsError> {
+    write_except(source, out, opts, &[])
+}
+
+/// [`write`] without the paths `except` (relative to `source`) and what is below them.
+pub fn write_except(
+    source: &Path,
+    out: &Path,
+    opts: &Options,
+    except: &[String],
+) -> Result<Written, SquashfsError> {
     if !source.is_dir() {
         return Err(SquashfsError::NotADirectory {
             path: source.to_owned(),
@@ -120,7 +139,7 @@ pub fn write(source: &Path, out: &Path, opts: &Options) -> Result<Written, Squas
         move |source| SquashfsError::Io { path, source }
     };
     let result = (|| {
-        cmd::run(&mut command(source, &tmp, opts))?;
+        cmd::run(&mut command(source, &tmp, opts, except))?;
         let (size, sha256) = manifest::sha256_file(&tmp).map_err(io_err(&tmp))?;
         fs::rename(&tmp, out).map_err(io_err(out))?;
         Ok(Written {

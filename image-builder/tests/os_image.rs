@@ -226,17 +226,51 @@ fn root_squashfs_and_tar_hold_the_configured_tree() -> Result<()> {
             .lines()
             .any(|l| !l.starts_with('#') && !l.trim().is_empty())
     );
-    let grub = cat("/boot/grub/grub.cfg")?;
+    let tar_list = text(&run(Command::new("tar").args(["--zstd", "-tf"]).arg(&tar))?);
+    let grub = text(&run(Command::new("tar")
+        .args(["--zstd", "-xOf"])
+        .arg(&tar)
+        .arg("./boot/grub/grub.cfg"))?);
     ensure!(grub.contains("console=ttyS0"), "{grub}");
+    // The image's kernels, the default first: the recipe's stable and backports ones.
+    let kernels: Vec<(&str, &str)> = b.manifest["images"]
+        .as_array()
+        .and_then(|all| all.iter().find(|e| e["name"] == NAME))
+        .and_then(|e| e["deploy"]["kernels"].as_array())
+        .context("no kernels in the manifest")?
+        .iter()
+        .filter_map(|k| Some((k["name"].as_str()?, k["version"].as_str()?)))
+        .collect();
+    ensure!(
+        kernels.len() == 2 && kernels[0].0 == "stable" && kernels[1].0 == "backports",
+        "kernels {kernels:?}"
+    );
+    for (_, version) in &kernels {
+        for file in ["vmlinuz", "initrd.img"] {
+            let want = format!("./boot/{file}-{version}");
+            ensure!(
+                tar_list.lines().any(|l| l == want),
+                "{want} not in the root tar"
+            );
+        }
+    }
     let listing = text(&run(Command::new("unsquashfs").arg("-lls").arg(&sq))?);
     for want in [
         "squashfs-root/vmlinuz ->",
-        "squashfs-root/boot/grub/i386-pc/core.img",
-        "squashfs-root/boot/grub/x86_64-efi/core.efi",
         "squashfs-root/usr/bin/cloud-init",
         "squashfs-root/usr/sbin/sshd",
+        &format!("squashfs-root/usr/lib/modules/{}/", kernels[0].1),
     ] {
         ensure!(listing.contains(want), "{want} not in the root SquashFS");
+    }
+    // A deploy into memory runs under the agent's kernel: no /boot, no other kernel's
+    // modules in the RAM it takes.
+    let backports_modules = format!("squashfs-root/usr/lib/modules/{}", kernels[1].1);
+    for unwanted in ["squashfs-root/boot", backports_modules.as_str()] {
+        ensure!(
+            !listing.lines().any(|l| l.contains(unwanted)),
+            "{unwanted} is in the root SquashFS"
+        );
     }
     ensure!(
         !listing.contains("ssh_host_"),
@@ -247,23 +281,32 @@ fn root_squashfs_and_tar_hold_the_configured_tree() -> Result<()> {
         "apt lists in the image"
     );
 
-    let tar_list = text(&run(Command::new("tar").args(["--zstd", "-tf"]).arg(&tar))?);
     let names = |s: &str, strip: &str| -> Vec<String> {
         s.lines()
             .filter_map(|l| l.split_whitespace().last())
             .map(|p| p.trim_start_matches(strip).trim_end_matches('/').to_owned())
             .collect()
     };
-    let in_tar = names(&tar_list, "./").len();
     let in_sq = names(
         &text(&run(Command::new("unsquashfs").arg("-l").arg(&sq))?),
         "squashfs-root/",
-    )
-    .len();
-    // Same tree: the tar has "." for the root where unsquashfs lists "squashfs-root".
+    );
+    let excluded = |p: &str| {
+        p == "boot"
+            || p.starts_with("boot/")
+            || p.starts_with(&format!("usr/lib/modules/{}", kernels[1].1))
+    };
+    let in_tar: Vec<String> = names(&tar_list, "./")
+        .into_iter()
+        .filter(|p| !excluded(p))
+        .collect();
+    // Same tree less the exclusions: the tar has "." for the root where unsquashfs lists
+    // "squashfs-root".
     ensure!(
-        in_tar == in_sq,
-        "tar has {in_tar} entries, the SquashFS {in_sq}"
+        in_tar.len() == in_sq.len(),
+        "tar has {} entries besides /boot and the backports modules, the SquashFS {}",
+        in_tar.len(),
+        in_sq.len()
     );
     Ok(())
 }
