@@ -135,12 +135,48 @@ fn read_optional(path: &Path) -> Result<Option<String>, SourcesError> {
     }
 }
 
-/// The mirrors for `suite` among the host's sources.
+/// The mirrors for `suite` among the host's sources; for a release the host does not use
+/// (a Debian 13 image built on Debian 12), the host's own release's sources with the suite
+/// renamed, since one archive serves every release.
 pub fn mirrors(apt_dir: &Path, suite: &str) -> Result<Mirrors, SourcesError> {
-    select(&host_sources(apt_dir)?, suite).ok_or_else(|| SourcesError::NoMirror {
-        suite: suite.to_owned(),
-        dir: apt_dir.to_owned(),
-    })
+    let sources = host_sources(apt_dir)?;
+    select(&sources, suite)
+        .or_else(|| select(&renamed(&sources, suite)?, suite))
+        .ok_or_else(|| SourcesError::NoMirror {
+            suite: suite.to_owned(),
+            dir: apt_dir.to_owned(),
+        })
+}
+
+/// The host's sources with its own release (the first suite without a `-`, like `bookworm`)
+/// and that release's `-updates`, `-security` renamed to `suite`'s; `None` if it has none.
+fn renamed(sources: &[Source], suite: &str) -> Option<Vec<Source>> {
+    let host = sources
+        .iter()
+        .flat_map(|s| &s.suites)
+        .find(|x| !x.contains('-'))?;
+    let prefix = format!("{host}-");
+    Some(
+        sources
+            .iter()
+            .map(|s| Source {
+                uri: s.uri.clone(),
+                suites: s
+                    .suites
+                    .iter()
+                    .filter_map(|x| {
+                        if x == host {
+                            Some(suite.to_owned())
+                        } else {
+                            x.strip_prefix(&prefix)
+                                .map(|rest| format!("{suite}-{rest}"))
+                        }
+                    })
+                    .collect(),
+            })
+            .filter(|s| !s.suites.is_empty())
+            .collect(),
+    )
 }
 
 /// Picks the sources for `suite` (and `suite-updates`, `suite-security`, ...).
@@ -411,8 +447,25 @@ Suites: bookworm
         .unwrap();
         let m = mirrors(tmp.path(), "bookworm").unwrap();
         assert_eq!(m.main, "http://mirror.example/debian");
+        // Another release comes from the same mirrors, its suites renamed.
+        let t = mirrors(tmp.path(), "trixie").unwrap();
+        assert_eq!(t.main, m.main);
+        let pairs = |m: &Mirrors| {
+            m.entries
+                .iter()
+                .map(|e| (e.uri.clone(), e.suites.join(" ")))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            pairs(&t),
+            pairs(&m)
+                .into_iter()
+                .map(|(u, s)| (u, s.replace("bookworm", "trixie")))
+                .collect::<Vec<_>>()
+        );
+        let empty = tempfile::tempdir().unwrap();
         assert!(matches!(
-            mirrors(tmp.path(), "sid"),
+            mirrors(empty.path(), "trixie"),
             Err(SourcesError::NoMirror { .. })
         ));
     }

@@ -124,7 +124,7 @@ impl Scenario {
             shared.map(|(db, _)| db),
             &args,
         )?;
-        register_image(&appliance, &lab, &images, raw_sha256)?;
+        register_image(&appliance, &lab, &images, IMAGE, raw_sha256)?;
 
         let key = lab.dir().join("id_ed25519");
         stork_lab::run(
@@ -155,6 +155,14 @@ impl Scenario {
             phase_started: now,
             phases: Vec::new(),
         })
+    }
+
+    /// Registers another OS image of the built set (`debian-trixie`) and makes it the one
+    /// [`Scenario::deploy`] deploys.
+    pub fn use_image(&mut self, name: &str) -> Result<()> {
+        register_image(&self.appliance, &self.lab, &os_images(), name, None)?;
+        self.image = name.to_string();
+        Ok(())
     }
 
     /// Prints `what` with the time since the scenario began.
@@ -720,21 +728,19 @@ fn path_str(p: &Path) -> Result<&str> {
     p.to_str().context("non-UTF-8 path")
 }
 
-/// Links (or copies) the image files into the appliance's boot directory and registers them
-/// as boot resource [`IMAGE`], roles `raw`, `squashfs` and `tar`.
+/// Links (or copies) the image files of OS image `name` (of `stork-image os`'s manifest)
+/// into the appliance's boot directory and registers them as a boot resource of that name,
+/// roles `raw`, `squashfs` and `tar`.
 fn register_image(
     appliance: &Appliance,
     lab: &Lab,
     images: &Path,
+    name: &str,
     raw_sha256: Option<&str>,
 ) -> Result<()> {
-    let resource = stork_lab::images::os_resource(
-        images,
-        &appliance.data_dir.join("boot"),
-        IMAGE,
-        raw_sha256,
-    )?;
-    let file = lab.dir().join("resource.json");
+    let resource =
+        stork_lab::images::os_resource(images, &appliance.data_dir.join("boot"), name, raw_sha256)?;
+    let file = lab.dir().join(format!("{name}.resource.json"));
     std::fs::write(&file, serde_json::to_vec_pretty(&resource)?)?;
     appliance.cli(&["image", "register", path_str(&file)?])?;
     Ok(())

@@ -6,7 +6,7 @@
 //! own `grub/machine/<mac>`, made per request with this boot's agent token) and boots the
 //! signed kernel and the agent's initrd, which loads only signed modules under the kernel's
 //! lockdown. The machine, powered through its BMC, enlists with Secure Boot on in its
-//! inventory, commissions, and deploys Debian to disk; the installed system boots through its
+//! inventory, commissions, and deploys Debian 13 to disk; the installed system boots through its
 //! own shim and GRUB with Secure Boot still on (checked over SSH with `mokutil`).
 
 use anyhow::{Context, Result, bail};
@@ -17,6 +17,8 @@ use stork_tests::require_boot_files;
 
 const MAC: &str = "52:54:00:77:05:b0";
 const HOSTNAME: &str = "stork-e2e-sb";
+/// The image deployed: Debian 13.
+const TRIXIE: &str = "debian-trixie";
 
 #[test]
 #[ignore = "needs root, QEMU, OVMF, ipmi_sim and built images: run `cargo xtask test`"]
@@ -70,7 +72,21 @@ fn run(s: &mut Scenario) -> Result<()> {
     }
 
     s.commission(&id)?;
+    // Debian 13 from its own recipe (the other tests deploy Debian 12): its shim, GRUB and
+    // kernel carry the Secure Boot chain from the disk.
+    s.use_image(TRIXIE)?;
     let ip = deploy_to_disk_and_log_in(s, &id, HOSTNAME, false)?;
+    let release = s.ssh(
+        &ip,
+        ". /etc/os-release; echo \"$VERSION_ID $VERSION_CODENAME\"",
+    )?;
+    if release.trim() != "13 trixie" {
+        bail!(
+            "the installed system is {:?}, wanted Debian 13 (trixie)",
+            release.trim()
+        );
+    }
+    s.say(&format!("installed system: Debian {}", release.trim()));
     let state = s.ssh(&ip, "mokutil --sb-state")?;
     if !state.contains("SecureBoot enabled") {
         bail!("the installed system says {state:?}, wanted Secure Boot enabled");

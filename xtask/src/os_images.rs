@@ -1,5 +1,5 @@
-//! The images the agent fetches: the ephemeral SquashFS and the Debian OS image
-//! (`image-builder/recipes/debian-bookworm.toml`), built by `stork-image` into
+//! The images the agent fetches: the ephemeral SquashFS and the Debian OS images (Debian 12
+//! and 13, `image-builder/recipes/debian-{bookworm,trixie}.toml`), built by `stork-image` into
 //! `target/stork/images/` with one `manifest.json`.
 //!
 //! Rebuilding is cheap when nothing changed: debootstrap and apt downloads and the root trees
@@ -12,7 +12,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 /// The OS recipes built by default.
-pub const RECIPES: &[&str] = &["image-builder/recipes/debian-bookworm.toml"];
+pub const RECIPES: &[&str] = &[
+    "image-builder/recipes/debian-bookworm.toml",
+    "image-builder/recipes/debian-trixie.toml",
+];
 
 /// `stork-image <subcommand> --cache <the xtask's cache>`, through cargo.
 pub fn stork_image(subcommand: &str) -> std::process::Command {
