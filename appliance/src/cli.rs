@@ -446,11 +446,14 @@ pub fn images(c: &Client, json: bool) -> Result<()> {
             .iter()
             .map(|f| format!("{}={}", f.role, f.path))
             .collect();
-        // The default first, as `name=version`.
+        // The default first, as `name=version` (an uploaded image's are named by version).
         let kernels: Vec<String> = r
             .kernels
             .iter()
-            .map(|k| format!("{}={}", k.name, k.version))
+            .map(|k| match k.name == k.version {
+                true => k.version.clone(),
+                false => format!("{}={}", k.name, k.version),
+            })
             .collect();
         vec![
             r.name.clone(),

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use stork_proto::ImageRole;
+use stork_proto::kernel::ImageKernel;
 use tokio::io::AsyncWriteExt;
 
+use crate::image_kernels;
 use crate::store::{BootResource, ResourceFile};
 
 /// The largest upload taken (before conversion): a raw server disk image, with room.
@@ -196,18 +198,23 @@ impl Upload {
             .sync_all()
             .await
             .map_err(io("syncing", &self.path))?;
-        let (file_name, role, sha256, size) = match self.format {
+        let (file_name, role, mut sha256, mut size) = match self.format {
             Format::Raw => ("disk.raw", ImageRole::Raw, got, self.size),
             Format::Tar => ("root.tar", ImageRole::Tar, got, self.size),
+            Format::Qcow2 => ("disk.raw.zst", ImageRole::Raw, got, self.size),
+        };
+        let kernels = match self.format {
+            Format::Raw | Format::Tar => kernels_of(&self.path, self.format).await,
             Format::Qcow2 => {
                 let raw = self.staging.join("disk.raw");
                 convert_qcow2(&self.path, &raw).await?;
+                let kernels = kernels_of(&raw, self.format).await;
                 tokio::fs::remove_file(&self.path)
                     .await
                     .map_err(io("removing", &self.path))?;
-                let zst = self.staging.join("disk.raw.zst");
-                let (sha256, size) = compress(&raw, &zst).await?;
-                ("disk.raw.zst", ImageRole::Raw, sha256, size)
+                let zst = self.staging.join(file_name);
+                (sha256, size) = compress(&raw, &zst).await?;
+                kernels
             }
         };
         if self.format != Format::Qcow2 {
@@ -237,9 +244,31 @@ impl Upload {
                 sha256,
                 size,
             }],
-            // What kernels an image users brought carries is not known.
-            kernels: Vec::new(),
+            kernels,
         })
+    }
+}
+
+/// The kernels the image at `path` carries (image_kernels.rs); none when they cannot be read,
+/// which is no reason to refuse the image: it then boots what it boots.
+async fn kernels_of(path: &Path, format: Format) -> Vec<ImageKernel> {
+    let p = path.to_path_buf();
+    let scan = tokio::task::spawn_blocking(move || match format {
+        Format::Tar => image_kernels::in_tar(&p),
+        Format::Raw | Format::Qcow2 => image_kernels::in_raw(&p),
+    })
+    .await;
+    match scan {
+        Ok(Ok(kernels)) => kernels,
+        Ok(Err(e)) => {
+            tracing::info!(image = %path.display(), "its kernels are not known: {e}");
+            Vec::new()
+        }
+        // A panic in the file system reader (a hostile image) loses only the listing.
+        Err(e) => {
+            tracing::warn!(image = %path.display(), "reading its kernels failed: {e}");
+            Vec::new()
+        }
     }
 }
 

@@ -16,6 +16,7 @@ pub mod grub;
 pub mod host;
 pub mod http;
 pub mod image_import;
+pub mod image_kernels;
 pub mod image_upload;
 pub mod key_import;
 pub mod lifecycle;

@@ -48,6 +48,8 @@ pub struct Scenario {
     pub id: Option<String>,
     /// Tags the machine is added with (`secure-boot`: the signed boot chain).
     pub tags: Vec<&'static str>,
+    /// The deploy's `--kernel` (a name or version of the image's kernels), if any.
+    pub kernel: Option<String>,
     /// The deploy's `--disk` (a kernel name, serial, WWN, model or path), if any.
     pub disk: Option<String>,
     /// The deploy's `--late-command`s.
@@ -149,6 +151,7 @@ impl Scenario {
             id: None,
             tags: Vec::new(),
             disk: None,
+            kernel: None,
             late_commands: Vec::new(),
             image: IMAGE.to_string(),
             started: now,
@@ -276,6 +279,9 @@ impl Scenario {
         ];
         if let Some(disk) = &self.disk {
             args.extend(["--disk", disk.as_str()]);
+        }
+        if let Some(kernel) = &self.kernel {
+            args.extend(["--kernel", kernel.as_str()]);
         }
         for c in &self.late_commands {
             args.extend(["--late-command", c.as_str()]);

@@ -2,8 +2,9 @@
 //! with the NIC's iPXE ROM disabled, so EDK2's own PXE fetches `snponly.efi` over Stork's
 //! TFTP at every network boot. The machine enlists, commissions, gets the Debian image on its
 //! disk (uploaded as a user's own image: a qcow2 made from it, `stork image upload` after an
-//! upload with a wrong `--sha256` was refused and left nothing; the appliance converted it)
-//! and a boot entry for it that is `BootNext` and first in `BootOrder`; the agent's reboot
+//! upload with a wrong `--sha256` was refused and left nothing; the appliance converted it
+//! and read its two kernels from its ext4 root; the deploy asks for the one that is not its
+//! default, and `uname -r` is that kernel) and a boot entry for it that is `BootNext` and first in `BootOrder`; the agent's reboot
 //! resets the VM in place and OVMF goes straight to the disk's `EFI/BOOT/BOOTX64.EFI` (GRUB),
 //! with no network boot on the way (no boot script, no TFTP); cloud-init phones home:
 //! Deployed, and SSH with the deploy's key reads the hostname asked for. The machine has a
@@ -23,7 +24,7 @@ use stork_lab::vm::{DiskBus, ExtraDisk};
 use stork_proto::DeployTarget;
 use stork_proto::api::Status;
 use stork_proto::inventory::Firmware as RecordedFirmware;
-use stork_tests::deploy::{Scenario, deploy_to_disk_and_log_in, os_machine, upload_qcow2};
+use stork_tests::deploy::{IMAGE, Scenario, deploy_to_disk_and_log_in, os_machine, upload_qcow2};
 
 /// The image the test uploads (a qcow2 made from the Debian image) and deploys.
 const UPLOADED: &str = "debian-qcow2";
@@ -56,8 +57,23 @@ fn ovmf_vm_through_firmware_pxe_powered_by_its_bmc_deploys_debian_to_disk_and_lo
         s.commission(&id)?;
         upload_qcow2(&s, UPLOADED)?;
         s.image = UPLOADED.into();
+        // The appliance read the upload's kernels from its ext4 root: the built image's two,
+        // named by version, and the deploy asks for the one that is not its default.
+        let other = uploaded_kernels_match_the_built_image(&s)?;
+        s.kernel = Some(other.clone());
         let ip = deploy_to_disk_and_log_in(&mut s, &id, "stork-e2e-uefi", false)?;
         root_is_on(&s, &ip, "sda")?;
+        let running = s.ssh(&ip, "uname -r")?;
+        if running.trim() != other {
+            bail!(
+                "uname -r is {:?}, not the kernel asked for ({other})",
+                running.trim()
+            );
+        }
+        s.say(&format!(
+            "uname -r: {other}, the upload's non-default kernel"
+        ));
+        s.kernel = None;
         // A raw image needs none of the ephemeral root's tools: the appliance did not send it.
         let events = s.appliance.cli(&["machine", "events", &id])?;
         if !events.contains("ephemeral Done: not needed: the task runs from the initrd") {
@@ -110,6 +126,29 @@ fn ovmf_vm_through_firmware_pxe_powered_by_its_bmc_deploys_debian_to_disk_and_lo
         s.fail(e);
     }
     eprintln!("phases (OVMF, firmware PXE, to disk):\n{}", s.timings());
+}
+
+/// The uploaded image lists the kernels of the image it was made from, default first, each
+/// named by its version; returns the other one's.
+fn uploaded_kernels_match_the_built_image(s: &Scenario) -> Result<String> {
+    let images: Vec<stork_proto::api::BootResource> =
+        serde_json::from_str(&s.appliance.cli(&["image", "list", "--json"])?)?;
+    let versions = |name: &str| -> Vec<String> {
+        images
+            .iter()
+            .filter(|r| r.name == name)
+            .flat_map(|r| r.kernels.iter().map(|k| k.version.clone()))
+            .collect()
+    };
+    let (built, uploaded) = (versions(IMAGE), versions(UPLOADED));
+    if built.len() != 2 || uploaded != built {
+        bail!("the upload lists kernels {uploaded:?}; the image it was made from {built:?}");
+    }
+    s.say(&format!(
+        "the upload lists its kernels: {}",
+        uploaded.join(", ")
+    ));
+    Ok(uploaded[1].clone())
 }
 
 /// The serial the first deploy picks its disk by.
