@@ -14,6 +14,7 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use stork_proto::{MacAddr, cmdline};
 
+use crate::agent_kernels::AgentKernel;
 use crate::config::Config;
 use crate::http::AppState;
 use crate::http::script::{self, BootPlan, EphemeralRoot};
@@ -45,7 +46,8 @@ pub fn local_disk() -> String {
 
 /// Boots the agent: kernel and initrd from the TFTP root, with the agent's arguments. The
 /// address comes from the appliance's side (the requester's own address, the DHCP subnet's
-/// prefix and router): GRUB's variables carry no netmask or gateway.
+/// prefix and router): GRUB's variables carry no netmask or gateway. `kernel`: which of
+/// the agent's kernels.
 pub fn agent(
     cfg: &Config,
     mac: MacAddr,
@@ -53,6 +55,7 @@ pub fn agent(
     known: Option<(&str, &str)>,
     ephemeral: Option<&EphemeralRoot>,
     api: Option<&cmdline::ApiTls>,
+    kernel: &AgentKernel,
 ) -> String {
     let (prefix, gateway) = subnet_of(cfg, ip);
     let net = format!(
@@ -71,8 +74,8 @@ pub fn agent(
          echo 'Stork: boot failed, retrying in 10 s'\n\
          sleep 10\n\
          reboot\n",
-        kernel = cfg.boot.kernel,
-        initrd = cfg.boot.initrd,
+        kernel = kernel.kernel,
+        initrd = kernel.initrd,
         args = args.join(" "),
     )
 }
@@ -120,7 +123,11 @@ impl Generated for Configs {
             async move {
                 let text = match script::plan(&state, mac, peer).await {
                     Ok(BootPlan::LocalDisk) => local_disk(),
-                    Ok(BootPlan::Agent { known, ephemeral }) => {
+                    Ok(BootPlan::Agent {
+                        known,
+                        ephemeral,
+                        kernel,
+                    }) => {
                         let IpAddr::V4(ip) = peer else {
                             // GRUB's TFTP here is IPv4: nothing else asks.
                             return Err(Refused::NotFound);
@@ -132,6 +139,7 @@ impl Generated for Configs {
                             known.as_ref().map(|(id, t)| (id.as_str(), t.as_str())),
                             ephemeral.as_ref(),
                             state.api_tls.as_ref(),
+                            &kernel,
                         )
                     }
                     Err(e) => {
@@ -150,6 +158,12 @@ impl Generated for Configs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn kernel(cfg: &Config) -> AgentKernel {
+        crate::agent_kernels::AgentKernels::configured(&cfg.boot.kernel, &cfg.boot.initrd)
+            .default_kernel()
+            .clone()
+    }
 
     fn cfg() -> Config {
         crate::config::FileConfig::parse(
@@ -185,6 +199,7 @@ mod tests {
             Some(("m-1", "stork_agent_x")),
             Some(&root),
             None,
+            &kernel(&cfg),
         );
         assert!(text.contains("\nlinux /vmlinuz "), "{text}");
         assert!(text.contains("\ninitrd /initrd.img\nboot\n"), "{text}");
@@ -206,7 +221,15 @@ mod tests {
     fn an_address_outside_every_subnet_gets_the_local_prefix_and_no_router() {
         let cfg = cfg();
         let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
-        let text = agent(&cfg, mac, Ipv4Addr::new(192, 0, 2, 7), None, None, None);
+        let text = agent(
+            &cfg,
+            mac,
+            Ipv4Addr::new(192, 0, 2, 7),
+            None,
+            None,
+            None,
+            &kernel(&cfg),
+        );
         let args = linux_args(&text).join(" ");
         let parsed = cmdline::AgentArgs::parse(&args).unwrap();
         assert_eq!((parsed.prefix_len, parsed.gateway), (24, None));

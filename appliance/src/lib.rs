@@ -6,6 +6,7 @@
 #[macro_use]
 mod counters;
 
+pub mod agent_kernels;
 pub mod auth;
 pub mod cli;
 pub mod commissioning;

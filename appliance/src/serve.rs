@@ -135,6 +135,14 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
         .with_context(|| format!("cannot open the database ({})", cfg.database))?;
     let controller = Controller::new(store, Arc::new(DriverPower)).with_site(&cfg.site);
     let health = Arc::new(Health::default());
+    let agent_kernels = crate::agent_kernels::AgentKernels::discover(
+        &cfg.boot_dir(),
+        &cfg.boot.kernel,
+        &cfg.boot.initrd,
+    );
+    for k in agent_kernels.listed() {
+        tracing::info!(name = %k.name, version = %k.version, "the agent's kernel");
+    }
     let state = AppState {
         cfg: cfg.clone(),
         controller: controller.clone(),
@@ -154,6 +162,7 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
                 burst: cfg.http_limits.agent_burst,
             },
         ))),
+        agent_kernels: Arc::new(agent_kernels),
         ephemeral: http::script::Ephemeral::start(&cfg.boot_dir(), &cfg.boot.ephemeral),
         signed: Arc::new(SignedBoot::new(cfg.boot.secure_boot)),
     };

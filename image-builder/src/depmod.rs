@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, Cursor, Write};
+use std::io::{self, Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::modinfo::{self, ModinfoError};
@@ -32,7 +32,7 @@ pub enum DepmodError {
         source: ModinfoError,
     },
     #[error(
-        "{path}: cannot read .modinfo of a gzip or xz compressed module; generate modules.dep with kmod's depmod"
+        "{path}: cannot read .modinfo of a gzip compressed module; generate modules.dep with kmod's depmod"
     )]
     Compressed { path: PathBuf },
     #[error("writing {path}")]
@@ -129,6 +129,13 @@ fn read_modinfo(path: &Path) -> Result<modinfo::Modinfo, DepmodError> {
     } else if name.ends_with(".ko.zst") {
         let raw = zstd::decode_all(File::open(path).map_err(read_err)?).map_err(read_err)?;
         modinfo::read(Cursor::new(raw)).map_err(info_err)
+    } else if name.ends_with(".ko.xz") {
+        // Debian's kernels from 6.12 (bookworm-backports, trixie) ship xz modules.
+        let mut raw = Vec::new();
+        liblzma::read::XzDecoder::new(File::open(path).map_err(read_err)?)
+            .read_to_end(&mut raw)
+            .map_err(read_err)?;
+        modinfo::read(Cursor::new(raw)).map_err(info_err)
     } else {
         Err(DepmodError::Compressed {
             path: path.to_owned(),
@@ -176,6 +183,10 @@ mod tests {
         let elf = fake_elf(&[(".modinfo", modinfo.replace(';', "\0").as_bytes())]);
         if rel.ends_with(".zst") {
             fs::write(path, zstd::encode_all(elf.as_slice(), 3).unwrap()).unwrap();
+        } else if rel.ends_with(".xz") {
+            let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 6);
+            std::io::Write::write_all(&mut xz, &elf).unwrap();
+            fs::write(path, xz.finish().unwrap()).unwrap();
         } else {
             fs::write(path, elf).unwrap();
         }
@@ -192,7 +203,7 @@ mod tests {
         );
         fake_module(d, "kernel/fs/jbd2/jbd2.ko", "depends=;name=jbd2");
         fake_module(d, "kernel/fs/mbcache.ko.zst", "depends=jbd2;name=mbcache");
-        fake_module(d, "kernel/x/amd-uncore.ko", "depends=;name=amd_uncore");
+        fake_module(d, "kernel/x/amd-uncore.ko.xz", "depends=;name=amd_uncore");
         fs::write(
             d.join("modules.builtin"),
             "kernel/net/packet/af_packet.ko\n",
@@ -208,7 +219,7 @@ mod tests {
             "kernel/fs/ext4/ext4.ko: kernel/fs/mbcache.ko.zst kernel/fs/jbd2/jbd2.ko\n\
              kernel/fs/jbd2/jbd2.ko:\n\
              kernel/fs/mbcache.ko.zst: kernel/fs/jbd2/jbd2.ko\n\
-             kernel/x/amd-uncore.ko:\n"
+             kernel/x/amd-uncore.ko.xz:\n"
         );
         // What was written parses back to the same index.
         let again = ModuleIndex::load(d).unwrap().unwrap();
@@ -221,10 +232,10 @@ mod tests {
     }
 
     #[test]
-    fn xz_modules_need_real_depmod() {
+    fn gzip_modules_need_real_depmod() {
         let tmp = tempfile::tempdir().unwrap();
         fs::create_dir_all(tmp.path().join("kernel")).unwrap();
-        fs::write(tmp.path().join("kernel/a.ko.xz"), b"\xfd7zXZ").unwrap();
+        fs::write(tmp.path().join("kernel/a.ko.gz"), b"\x1f\x8b\x08").unwrap();
         assert!(matches!(
             scan(tmp.path()),
             Err(DepmodError::Compressed { .. })

@@ -3,6 +3,9 @@
 //!
 //! ```text
 //! CACHE/debs/*.deb                  what `apt-get download` fetched; reused when present
+//! CACHE/debs/<suite>/*.deb          the same from another suite of the host's release
+//! CACHE/apt/<suite>/                that suite's package lists (the host's apt state is
+//!                                   left alone; its mirrors, with the suite added)
 //! CACHE/kernel/<package>/boot/      vmlinuz-<kver>, config-<kver>, System.map-<kver>
 //! CACHE/kernel/<package>/lib/modules/<kver>/
 //! ```
@@ -65,6 +68,8 @@ pub enum KernelError {
         #[source]
         source: io::Error,
     },
+    #[error("the host's apt sources: {0}")]
+    Sources(String),
     #[error("generating modules.dep")]
     Depmod(#[from] DepmodError),
 }
@@ -77,16 +82,26 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> KernelError + '_ {
 }
 
 /// Downloads (unless cached) and unpacks `package`, following a metapackage to the real kernel
-/// package. Returns the directory holding `boot/` and `lib/modules/<kver>/`.
-pub fn fetch(cache: &Path, package: &str) -> Result<PathBuf, KernelError> {
+/// package, from the host's release or, with `suite`, from that suite of it (the kernel of
+/// `bookworm-backports`). Returns the directory holding `boot/` and `lib/modules/<kver>/`.
+pub fn fetch(cache: &Path, package: &str, suite: Option<&str>) -> Result<PathBuf, KernelError> {
     check_name(package)?;
-    let debs = cache.join("debs");
+    let (debs, apt) = match suite {
+        None => (cache.join("debs"), Vec::new()),
+        Some(suite) => {
+            check_name(suite)?;
+            (
+                cache.join("debs").join(suite),
+                apt_with_suite(cache, suite)?,
+            )
+        }
+    };
     fs::create_dir_all(&debs).map_err(io_err(&debs))?;
 
     let mut name = package.to_owned();
     let mut version: Option<String> = None;
     for _ in 0..MAX_HOPS {
-        let deb = ensure_deb(&debs, &name, version.as_deref())?;
+        let deb = ensure_deb_with(&debs, &name, version.as_deref(), &apt)?;
         let depends = deb_field(&deb, "Depends")?;
         match kernel_dependency(&depends) {
             Some((next, next_version)) if next != name => {
@@ -192,10 +207,68 @@ fn cached_debs(debs: &Path, prefix: &str) -> Result<Vec<String>, KernelError> {
     Ok(found)
 }
 
+/// apt-get's options for a suite of the host's release that its sources lack: the host's
+/// mirrors with the suite added, package lists of our own under `CACHE/apt/<suite>`
+/// (updated here), and the suite as the default release so its versions win.
+fn apt_with_suite(cache: &Path, suite: &str) -> Result<Vec<String>, KernelError> {
+    let release = suite.split('-').next().unwrap_or(suite);
+    let mirrors = crate::sources::mirrors(Path::new(crate::sources::APT_DIR), release)
+        .map_err(|e| KernelError::Sources(e.to_string()))?
+        .with_suite(suite);
+    let dir = cache.join("apt").join(suite);
+    let parts = dir.join("sources.list.d");
+    let lists = dir.join("lists");
+    fs::create_dir_all(lists.join("partial")).map_err(io_err(&lists))?;
+    fs::create_dir_all(&parts).map_err(io_err(&parts))?;
+    let file = parts.join("stork.sources");
+    fs::write(&file, mirrors.deb822(&["main".to_owned()])).map_err(io_err(&file))?;
+    let opts = vec![
+        "-o".to_owned(),
+        "Dir::Etc::SourceList=/dev/null".to_owned(),
+        "-o".to_owned(),
+        format!("Dir::Etc::SourceParts={}", parts.display()),
+        "-o".to_owned(),
+        format!("Dir::State::Lists={}", lists.display()),
+        "-o".to_owned(),
+        format!("Dir::Cache={}", dir.join("cache").display()),
+        "-o".to_owned(),
+        format!("APT::Default-Release={suite}"),
+    ];
+    eprintln!("stork-image: apt-get update ({release} with {suite})");
+    let mut cmd = Command::new("apt-get");
+    cmd.args(&opts).args(["update", "-q"]);
+    crate::sources::proxy_env(&mut cmd);
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| KernelError::Spawn {
+            program: "apt-get",
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(KernelError::AptGet {
+            package: format!("(update of {suite})"),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(opts)
+}
+
 pub(crate) fn ensure_deb(
     debs: &Path,
     name: &str,
     version: Option<&str>,
+) -> Result<PathBuf, KernelError> {
+    ensure_deb_with(debs, name, version, &[])
+}
+
+/// [`ensure_deb`] with apt-get options (another suite's package lists).
+fn ensure_deb_with(
+    debs: &Path,
+    name: &str,
+    version: Option<&str>,
+    apt: &[String],
 ) -> Result<PathBuf, KernelError> {
     let prefix = deb_prefix(name, version);
     let mut found = cached_debs(debs, &prefix)?;
@@ -208,6 +281,7 @@ pub(crate) fn ensure_deb(
         let started = Instant::now();
         // apt's progress goes to our stderr: stdout carries only the result path.
         let out = Command::new("apt-get")
+            .args(apt)
             .args(["download", "-q", &spec])
             .current_dir(debs)
             .stdin(Stdio::null())

@@ -186,6 +186,9 @@ struct KernelArgs {
     /// Kernel package or metapackage to fetch.
     #[arg(long, default_value = kernel::DEFAULT_PACKAGE)]
     package: String,
+    /// Another suite of the host's release to fetch it from (`bookworm-backports`).
+    #[arg(long)]
+    suite: Option<String>,
 }
 
 #[derive(Args)]
@@ -209,6 +212,9 @@ struct InitrdArgs {
     /// Kernel package to fetch with --cache.
     #[arg(long, requires = "cache", default_value = kernel::DEFAULT_PACKAGE)]
     package: String,
+    /// Another suite of the host's release to fetch it from (`bookworm-backports`).
+    #[arg(long, requires = "cache")]
+    suite: Option<String>,
     /// Kernel version under lib/modules; needed only when there are several.
     #[arg(long)]
     kver: Option<String>,
@@ -266,7 +272,7 @@ fn parse_epoch(s: &str) -> Result<u32, String> {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Kernel(args) => {
-            let dir = kernel::fetch(&args.cache, &args.package)
+            let dir = kernel::fetch(&args.cache, &args.package, args.suite.as_deref())
                 .with_context(|| format!("fetching kernel package {}", args.package))?;
             println!("{}", dir.display());
         }
@@ -279,7 +285,7 @@ fn main() -> Result<()> {
             let started = Instant::now();
             let kernel_dir = match (args.kernel_dir, args.cache) {
                 (Some(dir), _) => dir,
-                (None, Some(cache)) => kernel::fetch(&cache, &args.package)
+                (None, Some(cache)) => kernel::fetch(&cache, &args.package, args.suite.as_deref())
                     .with_context(|| format!("fetching kernel package {}", args.package))?,
                 (None, None) => anyhow::bail!("give --kernel-dir or --cache"),
             };

@@ -109,16 +109,7 @@ impl Appliance {
             "stork" => lab.dir().join("appliance"),
             other => lab.dir().join(other),
         };
-        let boot = data_dir.join("boot");
-        std::fs::create_dir_all(&boot)?;
-        for entry in std::fs::read_dir(boot_files)
-            .with_context(|| format!("reading boot files in {}", boot_files.display()))?
-        {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                std::fs::copy(entry.path(), boot.join(entry.file_name()))?;
-            }
-        }
+        copy_tree(boot_files, &data_dir.join("boot"))?;
         let mut create = std::process::Command::new(bin);
         create
             .args(["token", "create", "--description", "lab", "--data-dir"])
@@ -372,6 +363,24 @@ impl Appliance {
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.process.as_mut().and_then(|p| p.exited())
     }
+}
+
+/// Copies the files of `from` and of its directories (the agent's other kernels under
+/// `kernels/`) into `to`. Copies, not links: a test may change the appliance's files.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)
+        .with_context(|| format!("reading boot files in {}", from.display()))?
+    {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        } else if kind.is_dir() {
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -78,7 +78,12 @@ fn seabios_vm_deploys_debian_from_the_root_tar_onto_lvm_over_two_disks_and_logs_
     let mut s = Scenario::new("deploy-layout", spec, None).unwrap();
     let result = (|| -> Result<()> {
         let id = s.add_and_enlist()?;
+        // A minimum kernel the agent's default (Debian 12's 6.1) does not meet: the agent
+        // commissions and deploys on its backports kernel, as the image's kernel is chosen.
+        s.appliance
+            .cli(&["machine", "min-kernel", &id, AGENT_MIN_KERNEL])?;
         commission_with_scripts(&mut s, &id)?;
+        agent_ran_its_newer_kernel(&s, &id)?;
         deploy_with_layout(&mut s, &id)?;
         check_installed(&s, &id)
     })();
@@ -91,9 +96,37 @@ fn seabios_vm_deploys_debian_from_the_root_tar_onto_lvm_over_two_disks_and_logs_
     );
 }
 
+/// The machine's minimum kernel: newer than the agent's default kernel.
+const AGENT_MIN_KERNEL: &str = "6.12";
+
+/// The agent's kernel (in the inventory it took, and as the user's script saw it) is its
+/// second, the backports kernel `cargo xtask images` builds (`boot/kernels/backports/`).
+fn agent_ran_its_newer_kernel(s: &Scenario, id: &str) -> Result<()> {
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(
+        stork_tests::boot_files().join("kernels/backports/manifest.json"),
+    )?)?;
+    let want = manifest["inputs"]["kernel_version"]
+        .as_str()
+        .context("the backports kernel's manifest names no version")?;
+    let seen = s
+        .status(id)?
+        .inventory
+        .map(|i| i.kernel)
+        .unwrap_or_default();
+    let results = s.appliance.cli(&["machine", "scripts", id])?;
+    if seen != want || !results.contains(&format!("kernel {want}")) {
+        bail!(
+            "the agent ran kernel {seen:?}, wanted {want} (minimum {AGENT_MIN_KERNEL}):\n{results}"
+        );
+    }
+    s.say(&format!(
+        "the agent ran kernel {want}: the machine's minimum is {AGENT_MIN_KERNEL}"
+    ));
+    Ok(())
+}
+
 /// A user's commissioning script: what it prints is checked in the results.
-const HELLO: &str =
-    "#!/bin/sh\necho \"hello from $(uname -n): $(nproc) CPUs\"\nls /sys/block | grep -v loop\n";
+const HELLO: &str = "#!/bin/sh\necho \"hello from $(uname -n): $(nproc) CPUs, kernel $(uname -r)\"\nls /sys/block | grep -v loop\n";
 
 /// Commissioning with a user's script and two hardware tests: SMART passes (the SATA disk
 /// has it, virtio disks have none), the disk read finds the bad disk and fails the

@@ -155,6 +155,9 @@ fn status(cmd: &mut Command) -> Result<()> {
 const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Builds the static agent and the initrd; returns the boot files directory.
+/// The suite the agent's second kernel comes from.
+const AGENT_KERNEL_SUITE: &str = "bookworm-backports";
+
 fn images() -> Result<PathBuf> {
     step("building the agent (static, release)");
     // crt-static for the agent only: it runs as PID 1 in an initrd with no libc.
@@ -183,6 +186,16 @@ fn images() -> Result<PathBuf> {
             .arg(&agent)
             .arg("--out")
             .arg(&boot),
+    )?;
+    // A newer kernel for the agent (boot/kernels/backports/): a machine whose minimum kernel
+    // the default does not meet boots it (appliance/src/agent_kernels.rs).
+    step("the agent's second kernel (Debian's bookworm-backports linux-image-amd64, cached)");
+    status(
+        os_images::stork_image("initrd")
+            .args(["--suite", AGENT_KERNEL_SUITE, "--agent"])
+            .arg(&agent)
+            .arg("--out")
+            .arg(boot.join("kernels/backports")),
     )?;
     step("the signed boot chain for Secure Boot (Debian's shim and GRUB, cached)");
     status(os_images::stork_image("loaders").arg("--out").arg(&boot))?;

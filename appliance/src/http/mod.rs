@@ -42,6 +42,8 @@ pub struct AppState {
     pub api_tls: Option<stork_proto::cmdline::ApiTls>,
     /// Unauthenticated agent requests (enlist, report) by source address.
     pub agent_limiter: Arc<std::sync::Mutex<crate::ratelimit::RateLimiter<std::net::IpAddr>>>,
+    /// The kernels the agent boots with, the default first.
+    pub agent_kernels: Arc<crate::agent_kernels::AgentKernels>,
     /// The agent's ephemeral root and its sha256, as boot scripts and GRUB configs name it.
     pub ephemeral: Arc<script::Ephemeral>,
     /// Which machines' UEFI PXE boots get the signed chain (shim, GRUB), as DHCP answers.

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use stork_proto::{MacAddr, cmdline};
 
 use super::AppState;
+use crate::agent_kernels::AgentKernel;
 use crate::config::Config;
 use crate::store::{Machine, StoreError};
 use stork_proto::ImageRole;
@@ -59,6 +60,8 @@ pub enum BootPlan {
     Agent {
         known: Option<(String, String)>,
         ephemeral: Option<EphemeralRoot>,
+        /// The kernel the agent boots with (the machine's minimum kernel decides).
+        kernel: AgentKernel,
     },
     /// The next device in the firmware's order: the local disk.
     LocalDisk,
@@ -77,15 +80,19 @@ pub async fn plan(state: &AppState, mac: MacAddr, from: IpAddr) -> Result<BootPl
     } else {
         None
     };
+    let min = agent.as_ref().and_then(|a| a.machine.min_kernel.as_deref());
+    let kernel = state.agent_kernels.for_machine(min).clone();
     Ok(match (choice, agent) {
         (BootChoice::Agent { .. }, Some(a)) => BootPlan::Agent {
             known: Some((a.machine.id, a.token)),
             ephemeral,
+            kernel,
         },
         (BootChoice::LocalDisk, _) => BootPlan::LocalDisk,
         _ => BootPlan::Agent {
             known: None,
             ephemeral,
+            kernel,
         },
     })
 }
@@ -110,7 +117,11 @@ async fn needs_tools(state: &AppState, machine: Option<&Machine>) -> Result<bool
 
 async fn script_for(state: &AppState, mac: MacAddr, from: IpAddr) -> Result<String, StoreError> {
     Ok(match plan(state, mac, from).await? {
-        BootPlan::Agent { known, ephemeral } => agent_script(
+        BootPlan::Agent {
+            known,
+            ephemeral,
+            kernel,
+        } => agent_script(
             &state.cfg,
             mac,
             from,
@@ -119,6 +130,7 @@ async fn script_for(state: &AppState, mac: MacAddr, from: IpAddr) -> Result<Stri
                 .map(|(id, token)| (id.as_str(), token.as_str())),
             ephemeral.as_ref(),
             state.api_tls.as_ref(),
+            &kernel,
         ),
         BootPlan::LocalDisk => local_disk_script(),
     })
@@ -139,7 +151,7 @@ pub fn local_disk_script() -> String {
 /// several blocks, and the source address is the one its DHCPv6 lease gave). `known`
 /// carries the machine id and this boot's agent token; `ephemeral`, when the file is there,
 /// the root the agent switches into before its task; `api`, when HTTPS is on, where the
-/// agent calls the API and the certificate it pins.
+/// agent calls the API and the certificate it pins; `kernel` what the agent boots with.
 pub fn agent_script(
     cfg: &Config,
     mac: MacAddr,
@@ -147,9 +159,9 @@ pub fn agent_script(
     known: Option<(&str, &str)>,
     ephemeral: Option<&EphemeralRoot>,
     api: Option<&cmdline::ApiTls>,
+    kernel: &AgentKernel,
 ) -> String {
     let base = cfg.base_url_for(from);
-    let boot = &cfg.boot;
     let net = match crate::lifecycle::boot::canonical(from) {
         IpAddr::V6(v6) => format!("{}={v6}/{}", cmdline::IP, cfg.dhcp6.prefix_len),
         IpAddr::V4(_) => format!(
@@ -170,8 +182,8 @@ pub fn agent_script(
          echo Stork: boot failed, retrying in 10 s\n\
          sleep 10\n\
          reboot\n",
-        kernel = boot.kernel,
-        initrd = boot.initrd,
+        kernel = kernel.kernel,
+        initrd = kernel.initrd,
     )
 }
 
@@ -436,6 +448,12 @@ mod tests {
     use crate::store::Machine;
     use stork_proto::cmdline::AgentArgs;
 
+    fn default_kernel(cfg: &Config) -> AgentKernel {
+        crate::agent_kernels::AgentKernels::configured(&cfg.boot.kernel, &cfg.boot.initrd)
+            .default_kernel()
+            .clone()
+    }
+
     /// An iPXE client on the default provisioning network.
     const FROM: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 77, 0, 100));
 
@@ -456,7 +474,15 @@ mod tests {
             url: cfg.api_url(),
             fingerprint: format!("sha256:{}", "0f".repeat(32)),
         };
-        let s = agent_script(&cfg, mac, FROM, Some(("m1", "t")), None, Some(&api));
+        let s = agent_script(
+            &cfg,
+            mac,
+            FROM,
+            Some(("m1", "t")),
+            None,
+            Some(&api),
+            &default_kernel(&cfg),
+        );
         let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
         let args = expand(kernel);
         assert_eq!(args.api.as_ref(), Some(&api));
@@ -476,7 +502,15 @@ mod tests {
             fingerprint: format!("sha256:{}", "0f".repeat(32)),
         };
         let from: IpAddr = "fd77::105".parse().unwrap();
-        let s = agent_script(&cfg, mac, from, Some(("m1", "t")), None, Some(&api));
+        let s = agent_script(
+            &cfg,
+            mac,
+            from,
+            Some(("m1", "t")),
+            None,
+            Some(&api),
+            &default_kernel(&cfg),
+        );
         assert!(
             s.contains("kernel http://[fd77::1]:8080/boot/vmlinuz "),
             "{s}"
@@ -493,7 +527,7 @@ mod tests {
         assert_eq!(args.gateway, None);
         assert_eq!(args.api_url(), "https://[fd77::1]:8443");
         // The same appliance still answers an IPv4 requester over IPv4.
-        let s = agent_script(&cfg, mac, FROM, None, None, None);
+        let s = agent_script(&cfg, mac, FROM, None, None, None, &default_kernel(&cfg));
         assert!(
             s.contains("kernel http://10.77.0.1:8080/boot/vmlinuz "),
             "{s}"
@@ -504,7 +538,7 @@ mod tests {
     fn script_carries_what_the_agent_parses() {
         let cfg = FileConfig::default().validate().unwrap();
         let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
-        let s = agent_script(&cfg, mac, FROM, None, None, None);
+        let s = agent_script(&cfg, mac, FROM, None, None, None, &default_kernel(&cfg));
         assert!(s.starts_with("#!ipxe\n"));
         let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
         assert!(kernel.contains("http://10.77.0.1:8080/boot/vmlinuz initrd=initrd.img "));
@@ -517,7 +551,15 @@ mod tests {
         assert_eq!(args.gateway, None);
         assert_eq!(args.token, None);
 
-        let s = agent_script(&cfg, mac, FROM, Some(("m1", "stork_agent_abc")), None, None);
+        let s = agent_script(
+            &cfg,
+            mac,
+            FROM,
+            Some(("m1", "stork_agent_abc")),
+            None,
+            None,
+            &default_kernel(&cfg),
+        );
         let args = expand(s.lines().find(|l| l.starts_with("kernel ")).unwrap());
         assert_eq!(args.machine_id.as_deref(), Some("m1"));
         assert_eq!(args.token.as_deref(), Some("stork_agent_abc"));
@@ -533,7 +575,15 @@ mod tests {
             sha256: "ab".repeat(32),
         };
         for known in [None, Some(("m1", "stork_agent_abc"))] {
-            let s = agent_script(&cfg, mac, FROM, known, Some(&root), None);
+            let s = agent_script(
+                &cfg,
+                mac,
+                FROM,
+                known,
+                Some(&root),
+                None,
+                &default_kernel(&cfg),
+            );
             let args = expand(s.lines().find(|l| l.starts_with("kernel ")).unwrap());
             assert_eq!(
                 args.ephemeral,
