@@ -87,17 +87,7 @@ fn boots_the_link(cfg: &str) -> bool {
 pub fn in_raw(path: &Path) -> Result<Vec<ImageKernel>, ScanError> {
     let file = File::open(path)?;
     let size = file.metadata()?.len();
-    let mut parts: Vec<(u64, u64)> = Vec::new();
-    if let Ok(gpt) = gptman::GPT::find_from(&mut &file) {
-        let sector = gpt.sector_size;
-        for (_, p) in gpt.iter().filter(|(_, p)| p.is_used()) {
-            let start = p.starting_lba.saturating_mul(sector);
-            let end = p.ending_lba.saturating_add(1).saturating_mul(sector);
-            if start < end && end <= size {
-                parts.push((start, end - start));
-            }
-        }
-    }
+    let mut parts = partitions(&file, size).unwrap_or_default();
     // A bare file system image, no partition table.
     parts.push((0, size));
     for (start, len) in parts {
@@ -114,6 +104,23 @@ pub fn in_raw(path: &Path) -> Result<Vec<ImageKernel>, ScanError> {
         }
     }
     Err(ScanError::NoBoot)
+}
+
+/// The partitions of a GPT disk image of `size` bytes, as (start, length) in bytes, those
+/// that lie within it; `None` without a GPT.
+pub fn partitions(file: &File, size: u64) -> Option<Vec<(u64, u64)>> {
+    let gpt = gptman::GPT::find_from(&mut &*file).ok()?;
+    let sector = gpt.sector_size;
+    Some(
+        gpt.iter()
+            .filter(|(_, p)| p.is_used())
+            .filter_map(|(_, p)| {
+                let start = p.starting_lba.saturating_mul(sector);
+                let end = p.ending_lba.saturating_add(1).saturating_mul(sector);
+                (start < end && end <= size).then_some((start, end - start))
+            })
+            .collect(),
+    )
 }
 
 fn read_ext4(fs: &ext4_view::Ext4) -> Result<Found, ScanError> {
@@ -189,10 +196,10 @@ pub fn in_tar(path: &Path) -> Result<Vec<ImageKernel>, ScanError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const LINKED: &str =
+    pub(crate) const LINKED: &str =
         "menuentry 'Debian' {\n  linux /vmlinuz root=UUID=x ro\n  initrd /initrd.img\n}\n";
     const BY_NAME: &str = "menuentry 'Debian' {\n\tlinux\t/boot/vmlinuz-6.1.0-57-amd64 root=x\n}\n";
 
@@ -283,7 +290,7 @@ mod tests {
 
     /// A GPT disk image with a 1 MiB partition before an ext4 root holding two kernels, the
     /// link and `grub_cfg`, made by `mkfs.ext4 -d` as stork-image makes its roots.
-    fn gpt_disk(dir: &Path, grub_cfg: &str) -> std::path::PathBuf {
+    pub(crate) fn gpt_disk(dir: &Path, grub_cfg: &str) -> std::path::PathBuf {
         let root = dir.join("root");
         std::fs::create_dir_all(root.join("boot/grub")).unwrap();
         for f in &TWO[..4] {

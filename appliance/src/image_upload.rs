@@ -203,6 +203,8 @@ impl Upload {
             Format::Tar => ("root.tar", ImageRole::Tar, got, self.size),
             Format::Qcow2 => ("disk.raw.zst", ImageRole::Raw, got, self.size),
         };
+        // Beside the image file: its block map, when one was made.
+        let mut files = Vec::new();
         let kernels = match self.format {
             Format::Raw | Format::Tar => kernels_of(&self.path, self.format).await,
             Format::Qcow2 => {
@@ -213,7 +215,16 @@ impl Upload {
                     .await
                     .map_err(io("removing", &self.path))?;
                 let zst = self.staging.join(file_name);
-                (sha256, size) = compress(&raw, &zst).await?;
+                let map;
+                (sha256, size, map) = compress(&raw, &zst).await?;
+                if let Some((map_sha256, map_size)) = map {
+                    files.push(ResourceFile {
+                        role: ImageRole::DiskMap,
+                        path: format!("images/{}/{MAP_FILE}", self.name),
+                        sha256: map_sha256,
+                        size: map_size,
+                    });
+                }
                 kernels
             }
         };
@@ -238,12 +249,14 @@ impl Upload {
             name: self.name.clone(),
             kind: "os".into(),
             arch: Some("amd64".into()),
-            files: vec![ResourceFile {
+            files: std::iter::once(ResourceFile {
                 role,
                 path: format!("images/{}/{file_name}", self.name),
                 sha256,
                 size,
-            }],
+            })
+            .chain(files)
+            .collect(),
             kernels,
         })
     }
@@ -352,33 +365,66 @@ async fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The block map's file name beside `disk.raw.zst`.
+const MAP_FILE: &str = "disk.raw.map.json";
+
 /// Compresses the converted raw image with zstd (the agent decodes it as it streams: a
 /// mostly empty disk image is a small fraction of its size on the wire) and removes it;
-/// returns the compressed file's sha256 and size.
-async fn compress(raw: &Path, zst: &Path) -> Result<(String, u64), UploadError> {
+/// returns the compressed file's sha256 and size, and its block map's when it has a GPT.
+///
+/// With a GPT it is compressed as `stork-image` compresses its own images: frames, and a
+/// block map of its data ranges, so that a deploy writes only those (what `qemu-img`
+/// left as holes and the blocks of zeros are never decoded or written) and keeps every
+/// partition's edges, where an old signature could survive (`blockmap::signature_areas`).
+/// Without one, what a gap would leave on the disk is not known: one zstd stream.
+async fn compress(
+    raw: &Path,
+    zst: &Path,
+) -> Result<(String, u64, Option<(String, u64)>), UploadError> {
     let (raw, zst) = (raw.to_path_buf(), zst.to_path_buf());
     tokio::task::spawn_blocking(move || {
-        let mut from = std::fs::File::open(&raw).map_err(io("opening", &raw))?;
-        let out = std::fs::File::create(&zst).map_err(io("creating", &zst))?;
-        let hashed = HashingWriter {
-            inner: std::io::BufWriter::new(out),
-            hasher: Sha256::new(),
-            size: 0,
+        let from = std::fs::File::open(&raw).map_err(io("opening", &raw))?;
+        let len = from.metadata().map_err(io("reading", &raw))?.len();
+        let result = match image_kernels::partitions(&from, len) {
+            Some(parts) => {
+                let keep = stork_proto::blockmap::signature_areas(len, &parts);
+                let map = zst.with_file_name(MAP_FILE);
+                let m = stork_image::blockmap::compress_mapped(&raw, &zst, &map, 3, &keep)
+                    .map_err(|e| UploadError::Convert(e.to_string()))?;
+                (m.file_sha256, m.file_size, Some((m.map_sha256, m.map_size)))
+            }
+            None => {
+                // Looking for a GPT moved the file's position.
+                let from = std::fs::File::open(&raw).map_err(io("opening", &raw))?;
+                let (sha256, size) = compress_stream(from, &zst)?;
+                (sha256, size, None)
+            }
         };
-        let mut enc = zstd::Encoder::new(hashed, 3).map_err(io("compressing", &zst))?;
-        std::io::copy(&mut from, &mut enc).map_err(io("compressing", &zst))?;
-        let mut hashed = enc.finish().map_err(io("compressing", &zst))?;
-        std::io::Write::flush(&mut hashed.inner).map_err(io("writing", &zst))?;
-        hashed
-            .inner
-            .get_ref()
-            .sync_all()
-            .map_err(io("syncing", &zst))?;
         std::fs::remove_file(&raw).map_err(io("removing", &raw))?;
-        Ok((hex::encode(hashed.hasher.finalize()), hashed.size))
+        Ok(result)
     })
     .await
     .map_err(|e| UploadError::Convert(e.to_string()))?
+}
+
+/// `from` as one zstd stream into `zst`: its sha256 and size.
+fn compress_stream(mut from: std::fs::File, zst: &Path) -> Result<(String, u64), UploadError> {
+    let out = std::fs::File::create(zst).map_err(io("creating", zst))?;
+    let hashed = HashingWriter {
+        inner: std::io::BufWriter::new(out),
+        hasher: Sha256::new(),
+        size: 0,
+    };
+    let mut enc = zstd::Encoder::new(hashed, 3).map_err(io("compressing", zst))?;
+    std::io::copy(&mut from, &mut enc).map_err(io("compressing", zst))?;
+    let mut hashed = enc.finish().map_err(io("compressing", zst))?;
+    std::io::Write::flush(&mut hashed.inner).map_err(io("writing", zst))?;
+    hashed
+        .inner
+        .get_ref()
+        .sync_all()
+        .map_err(io("syncing", zst))?;
+    Ok((hex::encode(hashed.hasher.finalize()), hashed.size))
 }
 
 /// Hashes and counts what passes through to `inner`.
@@ -486,14 +532,33 @@ mod tests {
         assert!(left_in(&boot).is_empty());
     }
 
-    #[tokio::test]
-    async fn a_qcow2_is_converted_to_raw_and_one_with_a_backing_file_is_refused() {
-        if std::process::Command::new("qemu-img")
+    fn have_qemu_img() -> bool {
+        let have = std::process::Command::new("qemu-img")
             .arg("--version")
             .output()
-            .is_err()
-        {
+            .is_ok();
+        if !have {
             eprintln!("skipped: no qemu-img");
+        }
+        have
+    }
+
+    /// The qcow2 `qemu-img` makes of the raw image at `raw`.
+    fn qcow2_of(raw: &Path) -> Vec<u8> {
+        let qcow = raw.with_extension("qcow2");
+        let st = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(raw)
+            .arg(&qcow)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::read(&qcow).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_qcow2_is_converted_to_raw_and_one_with_a_backing_file_is_refused() {
+        if !have_qemu_img() {
             return;
         }
         let d = tempfile::tempdir().unwrap();
@@ -505,21 +570,15 @@ mod tests {
         bytes[..4].copy_from_slice(b"BOOT");
         bytes[(1 << 20) - 3..].copy_from_slice(b"END");
         std::fs::write(&raw, &bytes).unwrap();
-        let qcow = src.join("a.qcow2");
-        let st = std::process::Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&qcow)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let q = std::fs::read(&qcow).unwrap();
+        let q = qcow2_of(&raw);
         let r = upload(&boot, Format::Qcow2, &[&q], &sum(&q)).await.unwrap();
         assert_eq!(r.files[0].path, "images/mine/disk.raw.zst");
         let stored = std::fs::read(boot.join(&r.files[0].path)).unwrap();
         assert_eq!(r.files[0].sha256, sum(&stored));
         assert_eq!(r.files[0].size, stored.len() as u64);
-        assert_eq!(zstd::decode_all(&stored[..]).unwrap(), bytes);
+        // (Not assert_eq: a mismatch would print a MiB of bytes.)
+        assert!(zstd::decode_all(&stored[..]).unwrap() == bytes);
+        // No GPT, no block map: one file.
         assert_eq!(
             std::fs::read_dir(boot.join("images/mine")).unwrap().count(),
             1
@@ -549,6 +608,37 @@ mod tests {
             "{e}"
         );
         assert!(left_in(&root2).is_empty());
+    }
+
+    /// A qcow2 of a GPT disk is stored as the builder stores its images: frames and a block
+    /// map (what the agent writes), its kernels read from its ext4 root.
+    #[tokio::test]
+    async fn a_qcow2_with_a_gpt_gets_a_block_map_and_its_kernels_listed() {
+        if !have_qemu_img() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let raw = crate::image_kernels::tests::gpt_disk(
+            &d.path().join("src"),
+            crate::image_kernels::tests::LINKED,
+        );
+        let q = qcow2_of(&raw);
+        let boot = d.path().join("boot");
+        let r = upload(&boot, Format::Qcow2, &[&q], &sum(&q)).await.unwrap();
+        let roles: Vec<_> = r.files.iter().map(|f| f.role.clone()).collect();
+        assert_eq!(roles, [ImageRole::Raw, ImageRole::DiskMap]);
+        let stored = std::fs::read(boot.join(&r.files[0].path)).unwrap();
+        assert!(zstd::decode_all(&stored[..]).unwrap() == std::fs::read(&raw).unwrap());
+        let map: stork_proto::blockmap::BlockMap =
+            serde_json::from_slice(&std::fs::read(boot.join(&r.files[1].path)).unwrap()).unwrap();
+        assert_eq!(map.file_sha256, r.files[0].sha256);
+        map.segments(stored.len() as u64, &r.files[0].sha256)
+            .unwrap();
+        // Fewer bytes in ranges than the disk: the gaps are never written.
+        let data: u64 = map.ranges.iter().map(|g| g.length).sum();
+        assert!(data < map.image_size, "{data} of {}", map.image_size);
+        let versions: Vec<_> = r.kernels.iter().map(|k| k.version.as_str()).collect();
+        assert_eq!(versions, ["6.1.0-57-amd64", "6.12.95+deb12-amd64"]);
     }
 
     #[test]

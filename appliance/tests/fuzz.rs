@@ -451,86 +451,62 @@ fn cmdline_corpus() -> Vec<(String, Vec<u8>)> {
         fingerprint: format!("sha256:{}", "c3".repeat(32)),
     };
     let (api_default, api_other) = (api(&default), api(&other));
-    // Each configuration's agent kernel, as `stork serve` finds it with no second one.
-    let kernel_of = |cfg: &stork::config::Config| {
-        stork::agent_kernels::AgentKernels::configured(&cfg.boot.kernel, &cfg.boot.initrd)
-            .default_kernel()
-            .clone()
-    };
-    let (kernel, other_kernel) = (kernel_of(&default), kernel_of(&other));
     // The script's requester: over IPv4 iPXE fills the address in itself.
     let from: std::net::IpAddr = "10.77.0.100".parse().unwrap();
+    // A configuration's script, with its agent kernel as `stork serve` finds it with no
+    // second one.
+    let script = |cfg: &stork::config::Config, mac, known, ephemeral, api| {
+        let kernel =
+            stork::agent_kernels::AgentKernels::configured(&cfg.boot.kernel, &cfg.boot.initrd);
+        agent_script(
+            cfg,
+            mac,
+            from,
+            known,
+            ephemeral,
+            api,
+            kernel.default_kernel(),
+        )
+    };
     let lines = [
         (
             "enlist",
-            agent_script(&default, mac, from, None, None, None, &kernel),
+            script(&default, mac, None, None, None),
             ("10.77.0.100", "255.255.255.0", ""),
         ),
         (
             "known",
-            agent_script(&default, mac, from, known, None, None, &kernel),
+            script(&default, mac, known, None, None),
             ("10.77.0.100", "255.255.255.0", ""),
         ),
         (
             "known-ephemeral",
-            agent_script(&default, mac, from, known, Some(&ephemeral), None, &kernel),
+            script(&default, mac, known, Some(&ephemeral), None),
             ("10.77.0.101", "255.255.255.0", "10.77.0.1"),
         ),
         (
             "enlist-ephemeral-gateway",
-            agent_script(
-                &default,
-                other_mac,
-                from,
-                None,
-                Some(&ephemeral),
-                None,
-                &kernel,
-            ),
+            script(&default, other_mac, None, Some(&ephemeral), None),
             ("10.77.3.9", "255.255.252.0", "10.77.0.254"),
         ),
         (
             "proxy-extra-args",
-            agent_script(
-                &other,
-                other_mac,
-                from,
-                known,
-                Some(&ephemeral),
-                None,
-                &other_kernel,
-            ),
+            script(&other, other_mac, known, Some(&ephemeral), None),
             ("192.168.40.77", "255.255.0.0", "192.168.40.1"),
         ),
         (
             "proxy-enlist-slash8",
-            agent_script(&other, mac, from, None, None, None, &other_kernel),
+            script(&other, mac, None, None, None),
             ("10.1.2.3", "255.0.0.0", ""),
         ),
         (
             "known-tls",
-            agent_script(
-                &default,
-                mac,
-                from,
-                known,
-                None,
-                Some(&api_default),
-                &kernel,
-            ),
+            script(&default, mac, known, None, Some(&api_default)),
             ("10.77.0.100", "255.255.255.0", ""),
         ),
         (
             "proxy-tls-ephemeral",
-            agent_script(
-                &other,
-                other_mac,
-                from,
-                known,
-                Some(&ephemeral),
-                Some(&api_other),
-                &other_kernel,
-            ),
+            script(&other, other_mac, known, Some(&ephemeral), Some(&api_other)),
             ("192.168.40.78", "255.255.255.0", "192.168.40.1"),
         ),
     ];

@@ -2,8 +2,9 @@
 //! with the NIC's iPXE ROM disabled, so EDK2's own PXE fetches `snponly.efi` over Stork's
 //! TFTP at every network boot. The machine enlists, commissions, gets the Debian image on its
 //! disk (uploaded as a user's own image: a qcow2 made from it, `stork image upload` after an
-//! upload with a wrong `--sha256` was refused and left nothing; the appliance converted it
-//! and read its two kernels from its ext4 root; the deploy asks for the one that is not its
+//! upload with a wrong `--sha256` was refused and left nothing; the appliance converted it,
+//! gave it a block map (the deploy writes only its data) and read its two kernels from its
+//! ext4 root; the deploy asks for the one that is not its
 //! default, and `uname -r` is that kernel) and a boot entry for it that is `BootNext` and first in `BootOrder`; the agent's reboot
 //! resets the VM in place and OVMF goes straight to the disk's `EFI/BOOT/BOOTX64.EFI` (GRUB),
 //! with no network boot on the way (no boot script, no TFTP); cloud-init phones home:
@@ -73,6 +74,11 @@ fn ovmf_vm_through_firmware_pxe_powered_by_its_bmc_deploys_debian_to_disk_and_lo
         s.say(&format!(
             "uname -r: {other}, the upload's non-default kernel"
         ));
+        // The appliance gave the converted upload a block map: only its data was written.
+        let events = s.appliance.cli(&["machine", "events", &id])?;
+        if !events.contains("not written, by its block map)") {
+            bail!("the upload's deploy did not go by a block map:\n{events}");
+        }
         s.kernel = None;
         // A raw image needs none of the ephemeral root's tools: the appliance did not send it.
         let events = s.appliance.cli(&["machine", "events", &id])?;

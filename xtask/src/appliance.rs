@@ -66,7 +66,10 @@ pub fn build(
         .arg("--boot")
         .arg(boot)
         .arg("--images")
-        .arg(os);
+        .arg(os)
+        // The image the appliance test and the demo deploy; the others are imported or
+        // uploaded where wanted (each adds most of a GiB to the system partition).
+        .args(["--image", crate::DEMO_IMAGE]);
     if let Some(v) = version {
         c.arg("--version").arg(v);
     }

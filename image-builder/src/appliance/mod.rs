@@ -250,10 +250,23 @@ fn stage(tree: &Path, staging: &Path, req: &Request<'_>, epoch: u64) -> Result<(
         put(&rel, &bytes, mode)
     };
     copy(req.stork, "usr/bin/stork".into(), 0o755)?;
-    for name in rootfs::list_dir(req.boot)? {
-        let from = req.boot.join(&name);
-        if from.is_file() && !name.starts_with('.') {
-            copy(&from, format!("{}/{name}", tree::BOOT_FILES), 0o644)?;
+    // The boot files and their directories (the agent's other kernels, `kernels/<name>/`).
+    let mut dirs = vec![String::new()];
+    while let Some(dir) = dirs.pop() {
+        for name in rootfs::list_dir(&req.boot.join(&dir))? {
+            let rel = if dir.is_empty() {
+                name.clone()
+            } else {
+                format!("{dir}/{name}")
+            };
+            let from = req.boot.join(&rel);
+            if name.starts_with('.') {
+                continue;
+            } else if from.is_dir() {
+                dirs.push(rel);
+            } else if from.is_file() {
+                copy(&from, format!("{}/{rel}", tree::BOOT_FILES), 0o644)?;
+            }
         }
     }
     let manifest = ImageManifest::load(req.images)?;
