@@ -303,6 +303,8 @@ fn build_image(out: &Path, version: &str) -> Result<Described> {
             .arg(stork_tests::boot_files())
             .arg("--images")
             .arg(stork_tests::deploy::os_images())
+            // As `cargo xtask` builds it: the image the test deploys, not every one built.
+            .args(["--image", IMAGE])
             .args(["--version", version])
             .arg("--out")
             .arg(out),
