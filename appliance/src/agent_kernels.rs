@@ -33,16 +33,23 @@ pub struct AgentKernels {
     list: Vec<AgentKernel>,
 }
 
-impl AgentKernels {
-    /// The configured default only: `kernel` and `initrd` under the boot root, no version.
+impl AgentKernel {
+    /// The configured default: `kernel` and `initrd` under the boot root, no known version.
     pub fn configured(kernel: &str, initrd: &str) -> Self {
         Self {
-            list: vec![AgentKernel {
-                name: "default".into(),
-                version: String::new(),
-                kernel: kernel.into(),
-                initrd: initrd.into(),
-            }],
+            name: "default".into(),
+            version: String::new(),
+            kernel: kernel.into(),
+            initrd: initrd.into(),
+        }
+    }
+}
+
+impl AgentKernels {
+    /// The configured default only.
+    pub fn configured(kernel: &str, initrd: &str) -> Self {
+        Self {
+            list: vec![AgentKernel::configured(kernel, initrd)],
         }
     }
 

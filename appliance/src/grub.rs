@@ -160,9 +160,7 @@ mod tests {
     use super::*;
 
     fn kernel(cfg: &Config) -> AgentKernel {
-        crate::agent_kernels::AgentKernels::configured(&cfg.boot.kernel, &cfg.boot.initrd)
-            .default_kernel()
-            .clone()
+        AgentKernel::configured(&cfg.boot.kernel, &cfg.boot.initrd)
     }
 
     fn cfg() -> Config {

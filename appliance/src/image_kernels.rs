@@ -13,7 +13,7 @@
 //! lists none: it boots what it boots, and no kernel can be asked of it.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -85,9 +85,9 @@ fn boots_the_link(cfg: &str) -> bool {
 
 /// The kernels of the raw disk image at `path`.
 pub fn in_raw(path: &Path) -> Result<Vec<ImageKernel>, ScanError> {
-    let file = File::open(path)?;
+    let mut file = File::open(path)?;
     let size = file.metadata()?.len();
-    let mut parts = partitions(&file, size).unwrap_or_default();
+    let mut parts = partitions(&mut file, size).unwrap_or_default();
     // A bare file system image, no partition table.
     parts.push((0, size));
     for (start, len) in parts {
@@ -107,9 +107,12 @@ pub fn in_raw(path: &Path) -> Result<Vec<ImageKernel>, ScanError> {
 }
 
 /// The partitions of a GPT disk image of `size` bytes, as (start, length) in bytes, those
-/// that lie within it; `None` without a GPT.
-pub fn partitions(file: &File, size: u64) -> Option<Vec<(u64, u64)>> {
-    let gpt = gptman::GPT::find_from(&mut &*file).ok()?;
+/// that lie within it; `None` without a GPT. Leaves the file at its start, as found.
+pub fn partitions(file: &mut File, size: u64) -> Option<Vec<(u64, u64)>> {
+    let gpt = gptman::GPT::find_from(file);
+    // The probe seeks; a reader after it (the upload's compression) starts at byte 0.
+    file.rewind().ok()?;
+    let gpt = gpt.ok()?;
     let sector = gpt.sector_size;
     Some(
         gpt.iter()
@@ -170,8 +173,8 @@ pub fn in_tar(path: &Path) -> Result<Vec<ImageKernel>, ScanError> {
     let mut file = File::open(path)?;
     let mut magic = [0u8; 4];
     let n = file.read(&mut magic)?;
-    let file = File::open(path)?;
-    let reader: Box<dyn Read> = if magic[..n] == [0x28, 0xB5, 0x2F, 0xFD] {
+    file.rewind()?;
+    let reader: Box<dyn Read> = if magic[..n] == stork_proto::blockmap::ZSTD_MAGIC.to_le_bytes() {
         Box::new(zstd::stream::read::Decoder::new(file)?)
     } else {
         Box::new(file)

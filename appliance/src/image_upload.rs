@@ -198,15 +198,22 @@ impl Upload {
             .sync_all()
             .await
             .map_err(io("syncing", &self.path))?;
-        let (file_name, role, mut sha256, mut size) = match self.format {
-            Format::Raw => ("disk.raw", ImageRole::Raw, got, self.size),
-            Format::Tar => ("root.tar", ImageRole::Tar, got, self.size),
-            Format::Qcow2 => ("disk.raw.zst", ImageRole::Raw, got, self.size),
+        let (file_name, role) = match self.format {
+            Format::Raw => ("disk.raw", ImageRole::Raw),
+            Format::Tar => ("root.tar", ImageRole::Tar),
+            Format::Qcow2 => ("disk.raw.zst", ImageRole::Raw),
         };
-        // Beside the image file: its block map, when one was made.
-        let mut files = Vec::new();
-        let kernels = match self.format {
-            Format::Raw | Format::Tar => kernels_of(&self.path, self.format).await,
+        let image = |sha256, size| ResourceFile {
+            role: role.clone(),
+            path: format!("images/{}/{file_name}", self.name),
+            sha256,
+            size,
+        };
+        let (files, kernels) = match self.format {
+            Format::Raw | Format::Tar => (
+                vec![image(got, self.size)],
+                kernels_of(&self.path, self.format).await,
+            ),
             Format::Qcow2 => {
                 let raw = self.staging.join("disk.raw");
                 convert_qcow2(&self.path, &raw).await?;
@@ -214,18 +221,18 @@ impl Upload {
                 tokio::fs::remove_file(&self.path)
                     .await
                     .map_err(io("removing", &self.path))?;
-                let zst = self.staging.join(file_name);
-                let map;
-                (sha256, size, map) = compress(&raw, &zst).await?;
-                if let Some((map_sha256, map_size)) = map {
+                let (sha256, size, map) = compress(&raw, &self.staging.join(file_name)).await?;
+                let mut files = vec![image(sha256, size)];
+                // Beside the image file: its block map, when one was made.
+                if let Some((sha256, size)) = map {
                     files.push(ResourceFile {
                         role: ImageRole::DiskMap,
                         path: format!("images/{}/{MAP_FILE}", self.name),
-                        sha256: map_sha256,
-                        size: map_size,
+                        sha256,
+                        size,
                     });
                 }
-                kernels
+                (files, kernels)
             }
         };
         if self.format != Format::Qcow2 {
@@ -249,14 +256,7 @@ impl Upload {
             name: self.name.clone(),
             kind: "os".into(),
             arch: Some("amd64".into()),
-            files: std::iter::once(ResourceFile {
-                role,
-                path: format!("images/{}/{file_name}", self.name),
-                sha256,
-                size,
-            })
-            .chain(files)
-            .collect(),
+            files,
             kernels,
         })
     }
@@ -383,9 +383,9 @@ async fn compress(
 ) -> Result<(String, u64, Option<(String, u64)>), UploadError> {
     let (raw, zst) = (raw.to_path_buf(), zst.to_path_buf());
     tokio::task::spawn_blocking(move || {
-        let from = std::fs::File::open(&raw).map_err(io("opening", &raw))?;
+        let mut from = std::fs::File::open(&raw).map_err(io("opening", &raw))?;
         let len = from.metadata().map_err(io("reading", &raw))?.len();
-        let result = match image_kernels::partitions(&from, len) {
+        let result = match image_kernels::partitions(&mut from, len) {
             Some(parts) => {
                 let keep = stork_proto::blockmap::signature_areas(len, &parts);
                 let map = zst.with_file_name(MAP_FILE);
@@ -394,8 +394,6 @@ async fn compress(
                 (m.file_sha256, m.file_size, Some((m.map_sha256, m.map_size)))
             }
             None => {
-                // Looking for a GPT moved the file's position.
-                let from = std::fs::File::open(&raw).map_err(io("opening", &raw))?;
                 let (sha256, size) = compress_stream(from, &zst)?;
                 (sha256, size, None)
             }

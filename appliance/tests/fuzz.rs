@@ -457,16 +457,8 @@ fn cmdline_corpus() -> Vec<(String, Vec<u8>)> {
     // second one.
     let script = |cfg: &stork::config::Config, mac, known, ephemeral, api| {
         let kernel =
-            stork::agent_kernels::AgentKernels::configured(&cfg.boot.kernel, &cfg.boot.initrd);
-        agent_script(
-            cfg,
-            mac,
-            from,
-            known,
-            ephemeral,
-            api,
-            kernel.default_kernel(),
-        )
+            stork::agent_kernels::AgentKernel::configured(&cfg.boot.kernel, &cfg.boot.initrd);
+        agent_script(cfg, mac, from, known, ephemeral, api, &kernel)
     };
     let lines = [
         (

@@ -208,8 +208,9 @@ fn cached_debs(debs: &Path, prefix: &str) -> Result<Vec<String>, KernelError> {
 }
 
 /// apt-get's options for a suite of the host's release that its sources lack: the host's
-/// mirrors with the suite added, package lists of our own under `CACHE/apt/<suite>`
-/// (updated here), and the suite as the default release so its versions win.
+/// mirrors with the suite added, package lists of our own under `CACHE/apt/<suite>` (brought
+/// up to date by [`apt_update`] before a download, so a cached kernel needs no mirror), and
+/// the suite as the default release so its versions win.
 fn apt_with_suite(cache: &Path, suite: &str) -> Result<Vec<String>, KernelError> {
     let release = suite.split('-').next().unwrap_or(suite);
     let mirrors = crate::sources::mirrors(Path::new(crate::sources::APT_DIR), release)
@@ -222,21 +223,23 @@ fn apt_with_suite(cache: &Path, suite: &str) -> Result<Vec<String>, KernelError>
     fs::create_dir_all(&parts).map_err(io_err(&parts))?;
     let file = parts.join("stork.sources");
     fs::write(&file, mirrors.deb822(&["main".to_owned()])).map_err(io_err(&file))?;
-    let opts = vec![
-        "-o".to_owned(),
+    Ok([
         "Dir::Etc::SourceList=/dev/null".to_owned(),
-        "-o".to_owned(),
         format!("Dir::Etc::SourceParts={}", parts.display()),
-        "-o".to_owned(),
         format!("Dir::State::Lists={}", lists.display()),
-        "-o".to_owned(),
         format!("Dir::Cache={}", dir.join("cache").display()),
-        "-o".to_owned(),
         format!("APT::Default-Release={suite}"),
-    ];
-    eprintln!("stork-image: apt-get update ({release} with {suite})");
+    ]
+    .into_iter()
+    .flat_map(|o| ["-o".to_owned(), o])
+    .collect())
+}
+
+/// `apt-get update` of the package lists `apt` (from [`apt_with_suite`]) names.
+fn apt_update(apt: &[String]) -> Result<(), KernelError> {
+    eprintln!("stork-image: apt-get update (another suite's package lists)");
     let mut cmd = Command::new("apt-get");
-    cmd.args(&opts).args(["update", "-q"]);
+    cmd.args(apt).args(["update", "-q"]);
     crate::sources::proxy_env(&mut cmd);
     let out = cmd
         .stdin(Stdio::null())
@@ -247,12 +250,12 @@ fn apt_with_suite(cache: &Path, suite: &str) -> Result<Vec<String>, KernelError>
         })?;
     if !out.status.success() {
         return Err(KernelError::AptGet {
-            package: format!("(update of {suite})"),
+            package: "(update)".to_owned(),
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         });
     }
-    Ok(opts)
+    Ok(())
 }
 
 pub(crate) fn ensure_deb(
@@ -273,6 +276,9 @@ fn ensure_deb_with(
     let prefix = deb_prefix(name, version);
     let mut found = cached_debs(debs, &prefix)?;
     if found.is_empty() {
+        if !apt.is_empty() {
+            apt_update(apt)?;
+        }
         let spec = match version {
             Some(v) => format!("{name}={v}"),
             None => name.to_owned(),

@@ -449,9 +449,7 @@ mod tests {
     use stork_proto::cmdline::AgentArgs;
 
     fn default_kernel(cfg: &Config) -> AgentKernel {
-        crate::agent_kernels::AgentKernels::configured(&cfg.boot.kernel, &cfg.boot.initrd)
-            .default_kernel()
-            .clone()
+        AgentKernel::configured(&cfg.boot.kernel, &cfg.boot.initrd)
     }
 
     /// An iPXE client on the default provisioning network.
