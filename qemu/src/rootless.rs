@@ -593,7 +593,7 @@ mod tests {
         assert!(joined.contains("-accel tcg") || joined.contains("-accel kvm"));
         assert!(joined.contains("usb-storage,bus=xhci.0,drive=d0,id=disk0,serial=STICK"));
         assert!(joined.contains(&format!(
-            "file={},if=none,id=d0,format=raw,snapshot=on",
+            "file={},if=none,id=d0,format=raw,cache=none,snapshot=on",
             image.display()
         )));
         assert!(joined.contains("virtio-blk-pci,drive=d1,id=disk1,serial=DATA"));
