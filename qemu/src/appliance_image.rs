@@ -44,13 +44,26 @@ impl Described {
 }
 
 /// A copy of `image` at `disk`, `bytes` long (larger than the image, as a stick or disk is).
+/// `qemu-img convert` with direct I/O on both ends copies the data and leaves the holes, in
+/// 2 s where `cp --sparse=always` takes 18 s of this machine's CPU for a 6 GiB image with
+/// 2 GiB of data (docs/measurements.md, Host file I/O); `cp` where direct I/O is refused.
 pub fn copy_image(image: &Path, disk: &Path, bytes: u64) -> Result<()> {
-    crate::run(
-        Command::new("cp")
-            .arg("--sparse=always")
+    let direct = crate::run(
+        Command::new("qemu-img")
+            .args([
+                "convert", "-f", "raw", "-O", "raw", "-t", "none", "-T", "none",
+            ])
             .arg(image)
             .arg(disk),
-    )?;
+    );
+    if direct.is_err() {
+        crate::run(
+            Command::new("cp")
+                .arg("--sparse=always")
+                .arg(image)
+                .arg(disk),
+        )?;
+    }
     let f = std::fs::OpenOptions::new().write(true).open(disk)?;
     f.set_len(bytes)?;
     Ok(())
@@ -138,7 +151,31 @@ impl Notice {
 
 #[cfg(test)]
 mod tests {
-    use super::Notice;
+    use super::{Notice, copy_image};
+
+    /// A copy holds the image's bytes, holes as zeros, and is as long as the disk asked for.
+    #[test]
+    fn a_copied_image_is_the_image_then_zeros_to_the_disks_size() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (image, disk) = (dir.path().join("image.raw"), dir.path().join("disk.raw"));
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(b"start", 0).unwrap();
+        f.write_all_at(&[9u8; 70_000], 3 << 20).unwrap();
+        f.write_all_at(b"end", (8 << 20) - 3).unwrap();
+        copy_image(&image, &disk, 16 << 20).unwrap();
+        let (want, got) = (
+            std::fs::read(&image).unwrap(),
+            std::fs::read(&disk).unwrap(),
+        );
+        assert_eq!(got.len(), 16 << 20);
+        assert!(
+            got[..8 << 20] == want[..],
+            "the copy differs from the image"
+        );
+        assert!(got[8 << 20..].iter().all(|b| *b == 0));
+    }
 
     #[test]
     fn a_notice_is_whole_only_through_its_last_line() {
