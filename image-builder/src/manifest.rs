@@ -113,28 +113,25 @@ impl<W: Write> Write for HashingWriter<W> {
 /// costs time that grows with its offset on the ext4 of our build machines, some 40 s for
 /// a 4 GiB file that is nothing but a hole (docs/measurements.md, Host file I/O).
 pub fn sha256_file(path: &Path) -> io::Result<(u64, String)> {
-    use std::os::unix::fs::FileExt;
-
     let f = File::open(path)?;
     let len = f.metadata()?.len();
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
     let zeros = vec![0u8; 1 << 20];
-    let mut at = 0u64;
-    let extents = crate::blockmap::data_extents(&f, len)?;
-    for (start, end) in extents.into_iter().chain(std::iter::once((len, len))) {
-        while at < start {
-            let n = (start - at).min(zeros.len() as u64) as usize;
+    let mut hashed = 0u64;
+    let zeros_to = |hasher: &mut Sha256, hashed: &mut u64, to: u64| {
+        while *hashed < to {
+            let n = (to - *hashed).min(zeros.len() as u64) as usize;
             hasher.update(&zeros[..n]);
-            at += n as u64;
+            *hashed += n as u64;
         }
-        while at < end {
-            let n = (end - at).min(buf.len() as u64) as usize;
-            f.read_exact_at(&mut buf[..n], at)?;
-            hasher.update(&buf[..n]);
-            at += n as u64;
-        }
-    }
+    };
+    crate::blockmap::visit_data(&f, len, |at, bytes| -> io::Result<()> {
+        zeros_to(&mut hasher, &mut hashed, at);
+        hasher.update(bytes);
+        hashed += bytes.len() as u64;
+        Ok(())
+    })?;
+    zeros_to(&mut hasher, &mut hashed, len);
     Ok((len, hex::encode(hasher.finalize())))
 }
 

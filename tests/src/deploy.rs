@@ -695,24 +695,17 @@ pub fn check_blank_disk(disk: &Path) -> Result<String> {
     if !text.contains("GPT: not present") && !text.contains("Creating new GPT entries") {
         bail!("sgdisk still finds a partition table on {path}:\n{text}");
     }
-    // Every byte of its data: a hole reads as zeros and is not read (reading the holes of a
-    // 4 GiB file takes some 40 s here: docs/measurements.md, Host file I/O). Slices compared whole (memcmp):
-    // a byte loop in a debug build reads at some 60 MB/s.
-    let zeros = vec![0u8; 8 << 20];
-    let mut buf = vec![0u8; 8 << 20];
-    for (start, end) in stork_image::blockmap::data_extents(&f, size)? {
-        let mut offset = start;
-        while offset < end {
-            let n = (end - offset).min(buf.len() as u64) as usize;
-            f.read_exact_at(&mut buf[..n], offset)?;
-            if buf[..n] != zeros[..n]
-                && let Some(i) = buf[..n].iter().position(|b| *b != 0)
-            {
-                bail!("{path}: a non-zero byte at {} of {size}", offset + i as u64);
-            }
-            offset += n as u64;
+    // Every byte of its data, holes being zeros. Slices compared whole (memcmp): a byte
+    // loop in a debug build reads at some 60 MB/s.
+    let zeros = vec![0u8; stork_image::blockmap::BLOCK as usize];
+    stork_image::blockmap::visit_data(&f, size, |at, bytes| -> Result<()> {
+        if bytes != &zeros[..bytes.len()]
+            && let Some(i) = bytes.iter().position(|b| *b != 0)
+        {
+            bail!("{path}: a non-zero byte at {} of {size}", at + i as u64);
         }
-    }
+        Ok(())
+    })?;
     Ok(format!(
         "{path}: no MBR, no GPT at LBA 1 or {}, nothing for wipefs, blkid or sgdisk, all {size} bytes zero",
         size / SECTOR - 1
