@@ -14,6 +14,7 @@ pub mod bmc;
 pub mod browser;
 pub mod guest;
 pub mod images;
+pub mod kept;
 pub mod postgres;
 pub mod process;
 pub mod rootless;
@@ -257,7 +258,9 @@ impl Drop for Lab {
             kill_namespace(h);
         }
         kill_namespace(&self.netns);
-        if !self.keep_dir {
+        if self.keep_dir {
+            kept::report(&self.dir);
+        } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

@@ -175,7 +175,9 @@ impl RootlessLab {
 impl Drop for RootlessLab {
     fn drop(&mut self) {
         // The switch stops after this, when its field is dropped.
-        if !self.keep_dir {
+        if self.keep_dir {
+            crate::kept::report(&self.dir);
+        } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

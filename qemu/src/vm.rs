@@ -363,6 +363,9 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
         if disk.snapshot {
             drive.push_str(",snapshot=on");
         }
+        // A write that finds the host's disk full fails in the guest, which says so on its
+        // console, instead of pausing the VM silently (QEMU's default, `werror=enospc`).
+        drive.push_str(",werror=report");
         let id = disk_id(n);
         let device = match disk.bus {
             DiskBus::Virtio => format!("virtio-blk-pci,drive=d{n},id={id},serial={}", disk.serial),
@@ -745,7 +748,7 @@ mod tests {
             "-netdev",
             "tap,id=n0,ifname=tap3,script=no,downscript=no",
             "-drive",
-            "file=/lab/m1/disk.raw,if=none,id=d0,format=raw,cache=none",
+            "file=/lab/m1/disk.raw,if=none,id=d0,format=raw,cache=none,werror=report",
             "-device",
             "virtio-blk-pci,drive=d0,id=disk0,serial=STORK-m1",
         ];
@@ -839,25 +842,25 @@ mod tests {
                 "-device",
                 "qemu-xhci,id=xhci",
                 "-drive",
-                "file=/img/appliance.raw,if=none,id=d0,format=raw,cache=none,snapshot=on",
+                "file=/img/appliance.raw,if=none,id=d0,format=raw,cache=none,snapshot=on,werror=report",
                 "-device",
                 "usb-storage,bus=xhci.0,drive=d0,id=disk0,serial=STICK,removable=on",
                 "-drive",
-                "file=/lab/m1/disk1.raw,if=none,id=d1,format=raw,cache=none",
+                "file=/lab/m1/disk1.raw,if=none,id=d1,format=raw,cache=none,werror=report",
                 "-device",
                 "nvme,drive=d1,id=disk1,serial=DATA,bootindex=11",
                 "-drive",
-                "file=/lab/m1/disk2.raw,if=none,id=d2,format=raw,cache=none",
+                "file=/lab/m1/disk2.raw,if=none,id=d2,format=raw,cache=none,werror=report",
                 "-device",
                 "usb-storage,bus=xhci.0,drive=d2,id=disk2,serial=OTHER,removable=on,bootindex=12",
                 "-device",
                 "ahci,id=ahci",
                 "-drive",
-                "file=/lab/m1/disk3.raw,if=none,id=d3,format=raw,cache=none",
+                "file=/lab/m1/disk3.raw,if=none,id=d3,format=raw,cache=none,werror=report",
                 "-device",
                 "ide-hd,bus=ahci.0,drive=d3,id=disk3,serial=S1,bootindex=13",
                 "-drive",
-                "file=blkdebug:/lab/m1/disk4.blkdebug:/lab/m1/disk4.raw,if=none,id=d4,format=raw,cache=none",
+                "file=blkdebug:/lab/m1/disk4.blkdebug:/lab/m1/disk4.raw,if=none,id=d4,format=raw,cache=none,werror=report",
                 "-device",
                 "ide-hd,bus=ahci.1,drive=d4,id=disk4,serial=S2,bootindex=14",
                 "-device",

@@ -237,8 +237,15 @@ fn test(extra: &[String]) -> Result<()> {
     let os = os_images::build(&target())?;
     build_workspace()?;
     let appliance = appliance::build(&target(), &boot, &os, None, appliance::Profile::Debug)?;
-    step("cargo test (every tier, end-to-end included)");
-    failures::run_tests(
+    let lab = target().join("lab");
+    std::fs::create_dir_all(&lab)?;
+    // The VM tests' disks are sparse but written: a run needs some 15 GiB free beyond the
+    // build (docs/measurements.md, Disk space); said before and, on failure, after.
+    step(&format!(
+        "cargo test (every tier, end-to-end included); {}",
+        stork_lab::kept::free_space_line(&lab)
+    ));
+    let result = failures::run_tests(
         cargo()
             .args([
                 "test",
@@ -255,8 +262,12 @@ fn test(extra: &[String]) -> Result<()> {
             // For the test that builds the image again and the one that builds a v2.
             .env("STORK_APPLIANCE_STORK", target().join(appliance::STORK))
             .env("STORK_CACHE", cache())
-            .env("STORK_LAB_DIR", target().join("lab")),
-    )
+            .env("STORK_LAB_DIR", &lab),
+    );
+    if result.is_err() {
+        eprintln!("{}", stork_lab::kept::free_space_line(&lab));
+    }
+    result
 }
 
 fn demo() -> Result<()> {
