@@ -86,7 +86,7 @@ pub struct Mapped {
 }
 
 /// The byte ranges of `file` (`len` bytes) that are not holes, widened to whole [`BLOCK`]s
-/// and merged. A file system without `SEEK_DATA` reports one range: the whole file.
+/// and merged. What has no `SEEK_DATA` (a block device: `EINVAL`) is one range: the whole.
 pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
     let seek = |from: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
@@ -108,8 +108,13 @@ pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut at = 0;
     while at < len {
-        let Some(start) = seek(at, libc::SEEK_DATA)? else {
-            break;
+        let start = match seek(at, libc::SEEK_DATA) {
+            Ok(Some(start)) => start,
+            Ok(None) => break,
+            Err(e) if at == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+                return Ok(vec![(0, len)]);
+            }
+            Err(e) => return Err(e),
         };
         let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
         let start = start / BLOCK * BLOCK;

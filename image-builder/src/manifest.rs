@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -113,8 +113,9 @@ impl<W: Write> Write for HashingWriter<W> {
 /// costs time that grows with its offset on the ext4 of our build machines, some 40 s for
 /// a 4 GiB file that is nothing but a hole (docs/measurements.md, Host file I/O).
 pub fn sha256_file(path: &Path) -> io::Result<(u64, String)> {
-    let f = File::open(path)?;
-    let len = f.metadata()?.len();
+    let mut f = File::open(path)?;
+    // The end, not the metadata's length: a block device's is 0.
+    let len = f.seek(io::SeekFrom::End(0))?;
     let mut hasher = Sha256::new();
     let zeros = vec![0u8; 1 << 20];
     let mut hashed = 0u64;

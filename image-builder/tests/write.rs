@@ -288,6 +288,14 @@ fn writes_a_loop_device_and_refuses_what_it_must() -> Result<()> {
         OsStr::new("--yes"),
     ])?;
     expect_written(&out, &dev, &image, &before)?;
+    // The file hash reads a block device whole (its metadata's length is 0).
+    let (len, sum) = stork_image::manifest::sha256_file(&dev)?;
+    let now = fs::read(&dev)?;
+    ensure!(
+        (len, sum.as_str()) == (now.len() as u64, sha256_hex(&now).as_str()),
+        "sha256_file of {} gave {len} bytes, {sum}",
+        dev.display()
+    );
 
     // 3. The .raw.zst of the same image, onto the pattern again.
     scribble(&dev, image.len())?;
