@@ -34,26 +34,21 @@ pub fn run_tests(cmd: &mut Command) -> Result<()> {
     if status.success() {
         return Ok(());
     }
-    eprintln!("\n=== why the tests failed (each panic's first {LINES} lines) ===");
-    for (test, lines) in &summary.failed {
-        eprintln!("--- {test}");
-        for l in lines {
-            eprintln!("    {l}");
-        }
-    }
+    summary.close();
+    summary.report();
     bail!("cargo test failed: {status}")
 }
 
 /// The failed tests' panic messages, read from libtest's `---- name stdout ----` sections.
 #[derive(Default)]
-struct Summary {
-    failed: Vec<(String, Vec<String>)>,
+pub struct Summary {
+    pub failed: Vec<(String, Vec<String>)>,
     /// In a test's section: its lines kept so far, `None` before its panic line.
     open: Option<(String, Option<Vec<String>>)>,
 }
 
 impl Summary {
-    fn feed(&mut self, line: &str) {
+    pub fn feed(&mut self, line: &str) {
         if let Some(name) = line
             .strip_prefix("---- ")
             .and_then(|l| l.strip_suffix(" stdout ----"))
@@ -76,10 +71,22 @@ impl Summary {
         }
     }
 
-    fn close(&mut self) {
+    /// Ends the open section, if any (at the end of one binary's output).
+    pub fn close(&mut self) {
         if let Some((name, kept)) = self.open.take() {
             let lines = kept.unwrap_or_else(|| vec!["(no panic message in its output)".into()]);
             self.failed.push((name, lines));
+        }
+    }
+
+    /// Prints each failed test's panic message, cut short.
+    pub fn report(&self) {
+        eprintln!("\n=== why the tests failed (each panic's first {LINES} lines) ===");
+        for (test, lines) in &self.failed {
+            eprintln!("--- {test}");
+            for l in lines {
+                eprintln!("    {l}");
+            }
         }
     }
 }

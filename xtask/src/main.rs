@@ -7,6 +7,7 @@ mod deps;
 mod failures;
 mod lab;
 mod os_images;
+mod runner;
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -245,29 +246,58 @@ fn test(extra: &[String]) -> Result<()> {
         "cargo test (every tier, end-to-end included); {}",
         stork_lab::kept::free_space_line(&lab)
     ));
-    let result = failures::run_tests(
-        cargo()
-            .args([
-                "test",
-                "--workspace",
-                "--no-fail-fast",
-                "--",
-                "--include-ignored",
-            ])
-            .args(extra)
-            .env("STORK_OS_IMAGES", &os)
-            .env("STORK_BIN", target().join("debug/stork"))
-            .env("STORK_BOOT_FILES", &boot)
-            .env("STORK_APPLIANCE_IMAGE", &appliance)
-            // For the test that builds the image again and the one that builds a v2.
-            .env("STORK_APPLIANCE_STORK", target().join(appliance::STORK))
-            .env("STORK_CACHE", cache())
-            .env("STORK_LAB_DIR", &lab),
-    );
+    let env: Vec<(String, std::ffi::OsString)> = [
+        ("STORK_OS_IMAGES", os.clone().into_os_string()),
+        ("STORK_BIN", target().join("debug/stork").into_os_string()),
+        ("STORK_BOOT_FILES", boot.clone().into_os_string()),
+        ("STORK_APPLIANCE_IMAGE", appliance.into_os_string()),
+        // For the test that builds the image again and the one that builds a v2.
+        (
+            "STORK_APPLIANCE_STORK",
+            target().join(appliance::STORK).into_os_string(),
+        ),
+        ("STORK_CACHE", cache().into_os_string()),
+        ("STORK_LAB_DIR", lab.clone().into_os_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let mut args = vec!["--include-ignored".to_string()];
+    args.extend(extra.iter().cloned());
+    let result = run_test_binaries(&args, &env);
     if result.is_err() {
         eprintln!("{}", stork_lab::kept::free_space_line(&lab));
     }
     result
+}
+
+/// `cargo test --workspace --no-fail-fast -- ARGS` with the end-to-end VM binaries two at
+/// a time (`runner`), then the doc tests.
+fn run_test_binaries(args: &[String], env: &[(String, std::ffi::OsString)]) -> Result<()> {
+    let out = cargo()
+        .args([
+            "test",
+            "--workspace",
+            "--no-run",
+            "--quiet",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the tests failed: {}", out.status);
+    }
+    let binaries = runner::parse_artifacts(&String::from_utf8_lossy(&out.stdout))?;
+    let ran = runner::run(&binaries, args, env, &target().join("test-logs"));
+    let mut doc = cargo();
+    doc.args(["test", "--workspace", "--doc", "--no-fail-fast", "--"])
+        .args(args);
+    for (k, v) in env {
+        doc.env(k, v);
+    }
+    let docs = failures::run_tests(&mut doc);
+    ran.and(docs)
 }
 
 fn demo() -> Result<()> {

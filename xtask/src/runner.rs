@@ -1,0 +1,407 @@
+//! Runs the workspace's test binaries as `cargo test` would, but the end-to-end binaries
+//! that drive QEMU two at a time. Under TCG a VM test leaves about half of this machine's two
+//! cores idle (`vmstat` during `deploy_uefi.rs`: 40-50 % idle for most of its run, the
+//! guests' boots being mostly one busy vCPU), and `cargo test` runs binaries one after
+//! another: the VM binaries were some 46 of a CI run's 76 minutes (docs/measurements.md,
+//! CI time).
+//!
+//! Everything else runs alone and in order, its output passed through as it comes. A
+//! concurrent binary's output (stdout and stderr) goes to a file, printed whole when the
+//! binary ends so that two binaries' lines never mix. Either way each failed test's panic
+//! message is repeated at the end ([`crate::failures::Summary`]).
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::failures::Summary;
+
+/// The binaries that run VMs and may share the machine, longest first (seconds in the CI
+/// run of 2026-12-06, one at a time): the longest start first, so the pair ends together.
+/// A binary not named here runs alone: `os_image.rs` rebuilds the OS images the VM tests
+/// deploy; `fleet.rs` (a simulated fleet with a 30 s heartbeat rule) and `web_ui.rs` (a
+/// browser's waits) keep the whole machine to themselves.
+pub const CONCURRENT: &[&str] = &[
+    "deploy_layout", // 549 s
+    "appliance",     // 487
+    "deploy_uefi",   // 393
+    "ipv6",          // 343
+    "deploy",        // 219
+    "uefi_paths",    // 217
+    "two_sites",     // 161
+];
+
+/// The package whose binaries [`CONCURRENT`] names (the end-to-end tests).
+const E2E_PACKAGE: &str = "stork-tests";
+
+/// Binaries of [`CONCURRENT`] run at once, unless `STORK_TEST_JOBS` says otherwise (`1`: the
+/// old order, one at a time).
+const JOBS: usize = 2;
+
+/// How often the names of the binaries still running are said while their output is held.
+const PROGRESS: Duration = Duration::from_secs(300);
+
+/// One test executable, as cargo built it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestBinary {
+    pub package: String,
+    /// The target's name (`deploy` for `tests/deploy.rs`, the crate's for its unit tests).
+    pub name: String,
+    /// `lib`, `bin` or `test`.
+    pub kind: String,
+    pub exe: PathBuf,
+    /// The package's directory: cargo runs a test binary there.
+    pub dir: PathBuf,
+}
+
+impl TestBinary {
+    fn concurrent(&self) -> bool {
+        self.package == E2E_PACKAGE
+            && self.kind == "test"
+            && CONCURRENT.contains(&self.name.as_str())
+    }
+
+    fn label(&self) -> String {
+        match self.kind.as_str() {
+            "test" => format!("{} tests/{}.rs", self.package, self.name),
+            kind => format!("{} ({kind} {})", self.package, self.name),
+        }
+    }
+
+    fn command(&self, args: &[String], env: &[(String, OsString)]) -> Command {
+        let mut c = Command::new(&self.exe);
+        c.args(args)
+            .current_dir(&self.dir)
+            .env("CARGO_MANIFEST_DIR", &self.dir)
+            .env("CARGO_PKG_NAME", &self.package);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c
+    }
+}
+
+/// The test executables in `cargo test --no-run --message-format=json` output, in the order
+/// `cargo test` runs them (package, then unit tests before integration tests, then name).
+pub fn parse_artifacts(json: &str) -> Result<Vec<TestBinary>> {
+    let mut out = Vec::new();
+    for line in json.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("cargo's message {line}"))?;
+        if v["reason"] != "compiler-artifact" || v["profile"]["test"] != true {
+            continue;
+        }
+        let Some(exe) = v["executable"].as_str() else {
+            continue;
+        };
+        let manifest = v["manifest_path"]
+            .as_str()
+            .context("an artifact without manifest_path")?;
+        let target = &v["target"];
+        let kind = target["kind"][0].as_str().unwrap_or("lib").to_string();
+        // `package_id` is `path+file:///...#name@version` (or `...#version` when the
+        // directory is the name); the manifest's directory names the package as cargo does.
+        let package = v["package_id"]
+            .as_str()
+            .and_then(package_name)
+            .context("an artifact without a package name")?;
+        out.push(TestBinary {
+            package,
+            name: target["name"].as_str().unwrap_or_default().to_string(),
+            kind,
+            exe: PathBuf::from(exe),
+            dir: Path::new(manifest)
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+        });
+    }
+    let rank = |k: &str| match k {
+        "lib" => 0,
+        "bin" => 1,
+        _ => 2,
+    };
+    out.sort_by(|a, b| {
+        (&a.package, rank(&a.kind), &a.name).cmp(&(&b.package, rank(&b.kind), &b.name))
+    });
+    out.dedup_by(|a, b| a.exe == b.exe);
+    Ok(out)
+}
+
+/// The package's name in a package id: `path+file:///w/tests#stork-tests@0.1.0` or
+/// `path+file:///w/xtask#0.1.0` (the directory is the name).
+fn package_name(id: &str) -> Option<String> {
+    let (url, frag) = id.rsplit_once('#')?;
+    match frag.split_once('@') {
+        Some((name, _)) => Some(name.to_string()),
+        None => url.rsplit('/').next().map(str::to_string),
+    }
+}
+
+/// Runs every binary with `args` and `env`: the [`CONCURRENT`] ones `jobs` at a time after
+/// the rest. Fails, after all have run, if any failed, repeating why each test failed.
+pub fn run(
+    binaries: &[TestBinary],
+    args: &[String],
+    env: &[(String, OsString)],
+    logs: &Path,
+) -> Result<()> {
+    let jobs = std::env::var("STORK_TEST_JOBS")
+        .ok()
+        .and_then(|j| j.parse().ok())
+        .filter(|&j| j > 0)
+        .unwrap_or(JOBS);
+    let mut summary = Summary::default();
+    let mut failed = Vec::new();
+    let (mut together, alone): (Vec<&TestBinary>, Vec<&TestBinary>) =
+        binaries.iter().partition(|b| b.concurrent());
+    for b in alone {
+        println!("     Running {} ({})", b.label(), b.exe.display());
+        if !stream(b, args, env, &mut summary)? {
+            failed.push(b.label());
+        }
+    }
+    together.sort_by_key(|b| CONCURRENT.iter().position(|n| *n == b.name));
+    std::fs::create_dir_all(logs).with_context(|| format!("creating {}", logs.display()))?;
+    for label in concurrently(&together, jobs, args, env, logs, &mut summary)? {
+        failed.push(label);
+    }
+    summary.close();
+    if failed.is_empty() {
+        return Ok(());
+    }
+    summary.report();
+    bail!("test binaries failed: {}", failed.join(", "))
+}
+
+/// Runs `b` with its stdout passed through and read; whether it passed.
+fn stream(
+    b: &TestBinary,
+    args: &[String],
+    env: &[(String, OsString)],
+    summary: &mut Summary,
+) -> Result<bool> {
+    let mut child = b
+        .command(args, env)
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {}", b.exe.display()))?;
+    let stdout = child.stdout.take().context("a test binary's stdout")?;
+    let mut out = std::io::stdout().lock();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading a test binary's output")?;
+        // A closed stdout must not stop the tests: keep reading so the binary is not blocked.
+        let _ = writeln!(out, "{line}");
+        summary.feed(&line);
+    }
+    drop(out);
+    Ok(child.wait().context("waiting for a test binary")?.success())
+}
+
+struct Running<'a> {
+    binary: &'a TestBinary,
+    child: Child,
+    log: PathBuf,
+    started: Instant,
+}
+
+/// Runs `binaries` at most `jobs` at a time, each one's output into a file under `logs` that
+/// is printed and read when it ends; returns the labels of those that failed.
+fn concurrently(
+    binaries: &[&TestBinary],
+    jobs: usize,
+    args: &[String],
+    env: &[(String, OsString)],
+    logs: &Path,
+    summary: &mut Summary,
+) -> Result<Vec<String>> {
+    let mut queue: VecDeque<&TestBinary> = binaries.iter().copied().collect();
+    let mut running: Vec<Running> = Vec::new();
+    let mut failed = Vec::new();
+    let mut said = Instant::now();
+    while !queue.is_empty() || !running.is_empty() {
+        while running.len() < jobs {
+            let Some(b) = queue.pop_front() else { break };
+            let log = logs.join(format!("{}-{}.log", b.package, b.name));
+            let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+            let child = b
+                .command(args, env)
+                .stdout(file.try_clone()?)
+                .stderr(file)
+                .spawn()
+                .with_context(|| format!("cannot run {}", b.exe.display()))?;
+            eprintln!(
+                "     Started {} ({} at once; its output when it ends)",
+                b.label(),
+                jobs
+            );
+            running.push(Running {
+                binary: b,
+                child,
+                log,
+                started: Instant::now(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let mut i = 0;
+        while i < running.len() {
+            let Some(status) = running[i].child.try_wait()? else {
+                i += 1;
+                continue;
+            };
+            let r = running.swap_remove(i);
+            println!(
+                "     Finished {} ({}) in {:.0} s, beside others; its output:",
+                r.binary.label(),
+                r.binary.exe.display(),
+                r.started.elapsed().as_secs_f64()
+            );
+            let mut text = String::new();
+            File::open(&r.log)
+                .and_then(|mut f| f.read_to_string(&mut text))
+                .with_context(|| format!("reading {}", r.log.display()))?;
+            let mut out = std::io::stdout().lock();
+            for line in text.lines() {
+                let _ = writeln!(out, "{line}");
+                summary.feed(line);
+            }
+            summary.close();
+            if !status.success() {
+                failed.push(r.binary.label());
+            }
+        }
+        if !running.is_empty() && said.elapsed() >= PROGRESS {
+            said = Instant::now();
+            let names: Vec<String> = running
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} ({:.0} s)",
+                        r.binary.label(),
+                        r.started.elapsed().as_secs_f64()
+                    )
+                })
+                .collect();
+            eprintln!("     Still running: {}", names.join(", "));
+        }
+    }
+    Ok(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JSON: &str = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/tests#stork-tests@0.1.0","manifest_path":"/w/tests/Cargo.toml","target":{"kind":["test"],"name":"deploy"},"profile":{"test":true},"executable":"/w/target/debug/deps/deploy-1"}
+{"reason":"compiler-artifact","package_id":"path+file:///w/tests#stork-tests@0.1.0","manifest_path":"/w/tests/Cargo.toml","target":{"kind":["lib"],"name":"stork_tests"},"profile":{"test":true},"executable":"/w/target/debug/deps/stork_tests-2"}
+{"reason":"compiler-artifact","package_id":"path+file:///w/tests#stork-tests@0.1.0","manifest_path":"/w/tests/Cargo.toml","target":{"kind":["lib"],"name":"stork_tests"},"profile":{"test":false},"executable":null}
+{"reason":"compiler-artifact","package_id":"path+file:///w/xtask#0.1.0","manifest_path":"/w/xtask/Cargo.toml","target":{"kind":["bin"],"name":"xtask"},"profile":{"test":true},"executable":"/w/target/debug/deps/xtask-3"}
+{"reason":"compiler-artifact","package_id":"path+file:///w/tests#stork-tests@0.1.0","manifest_path":"/w/tests/Cargo.toml","target":{"kind":["test"],"name":"dhcp"},"profile":{"test":true},"executable":"/w/target/debug/deps/dhcp-4"}
+{"reason":"build-finished","success":true}
+"#;
+
+    #[test]
+    fn reads_the_test_executables_in_cargos_order_and_picks_the_vm_binaries() {
+        let b = parse_artifacts(JSON).unwrap();
+        let got: Vec<(&str, &str, &str)> = b
+            .iter()
+            .map(|b| (b.package.as_str(), b.kind.as_str(), b.name.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("stork-tests", "lib", "stork_tests"),
+                ("stork-tests", "test", "deploy"),
+                ("stork-tests", "test", "dhcp"),
+                ("xtask", "bin", "xtask"),
+            ]
+        );
+        assert_eq!(b[1].dir, Path::new("/w/tests"));
+        assert_eq!(b[1].exe, Path::new("/w/target/debug/deps/deploy-1"));
+        let concurrent: Vec<&str> = b
+            .iter()
+            .filter(|b| b.concurrent())
+            .map(|b| b.name.as_str())
+            .collect();
+        assert_eq!(concurrent, ["deploy"]);
+        assert!(parse_artifacts("{not json").is_err());
+    }
+
+    /// Real processes: two binaries at once, each one's output whole and in one piece, the
+    /// failing one named and its panic kept.
+    #[test]
+    fn concurrent_binaries_output_stays_whole_and_failures_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = |name: &str, body: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            TestBinary {
+                package: E2E_PACKAGE.into(),
+                name: name.into(),
+                kind: "test".into(),
+                exe: p,
+                dir: dir.path().to_path_buf(),
+            }
+        };
+        let ok = script(
+            "deploy",
+            "echo one; sleep 1; echo \"two $1 $STORK_X $(basename $PWD)\"; echo 'test result: ok.'",
+        );
+        let bad = script(
+            "ipv6",
+            "printf -- '---- t stdout ----\\nthread panicked at x.rs:1:\\nwhy\\n\\nfailures:\\n' >&2; exit 101",
+        );
+        let env = vec![("STORK_X".to_string(), OsString::from("x"))];
+        let logs = dir.path().join("logs");
+        std::fs::create_dir(&logs).unwrap();
+        let mut summary = Summary::default();
+        let failed = concurrently(
+            &[&ok, &bad],
+            2,
+            &["--include-ignored".to_string()],
+            &env,
+            &logs,
+            &mut summary,
+        )
+        .unwrap();
+        assert_eq!(failed, vec![bad.label()]);
+        let log = std::fs::read_to_string(logs.join("stork-tests-deploy.log")).unwrap();
+        let dir_name = dir.path().file_name().unwrap().to_string_lossy();
+        assert_eq!(
+            log,
+            format!("one\ntwo --include-ignored x {dir_name}\ntest result: ok.\n")
+        );
+        summary.close();
+        assert_eq!(summary.failed.len(), 1);
+        assert_eq!(summary.failed[0].0, "t");
+        assert_eq!(
+            summary.failed[0].1,
+            vec![
+                "thread panicked at x.rs:1:".to_string(),
+                "why".into(),
+                "".into()
+            ]
+        );
+    }
+
+    #[test]
+    fn package_names_from_ids() {
+        assert_eq!(
+            package_name("path+file:///w/tests#stork-tests@0.1.0").as_deref(),
+            Some("stork-tests")
+        );
+        assert_eq!(
+            package_name("path+file:///w/xtask#0.1.0").as_deref(),
+            Some("xtask")
+        );
+        assert_eq!(package_name("no-fragment"), None);
+    }
+}
