@@ -4,7 +4,7 @@
 //! lost there.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 
 use anyhow::{Context, Result, bail};
 
@@ -16,27 +16,32 @@ const WIDTH: usize = 300;
 /// Runs `cmd` (a `cargo test`), its stdout passed through line by line; when it fails,
 /// prints each failed test's panic message, cut short, and fails.
 pub fn run_tests(cmd: &mut Command) -> Result<()> {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    let stdout = child.stdout.take().context("cargo test's stdout")?;
     let mut summary = Summary::default();
-    let mut out = std::io::stdout().lock();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.context("reading cargo test's output")?;
-        // A closed stdout must not stop the tests: keep reading so cargo is not blocked.
-        let _ = writeln!(out, "{line}");
-        summary.feed(&line);
-    }
-    drop(out);
-    let status = child.wait().context("waiting for cargo test")?;
+    let status = pass_through(cmd, &mut summary)?;
     if status.success() {
         return Ok(());
     }
     summary.close();
     summary.report();
     bail!("cargo test failed: {status}")
+}
+
+/// Runs `cmd` with its stdout passed through line by line and read into `summary`.
+pub fn pass_through(cmd: &mut Command, summary: &mut Summary) -> Result<ExitStatus> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let stdout = child.stdout.take().context("the tests' stdout")?;
+    let mut out = std::io::stdout().lock();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading the tests' output")?;
+        // A closed stdout must not stop the tests: keep reading so they are not blocked.
+        let _ = writeln!(out, "{line}");
+        summary.feed(&line);
+    }
+    drop(out);
+    child.wait().context("waiting for the tests")
 }
 
 /// The failed tests' panic messages, read from libtest's `---- name stdout ----` sections.

@@ -13,14 +13,14 @@
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::failures::Summary;
+use crate::failures::{Summary, pass_through};
 
 /// The binaries that run VMs and may share the machine, longest first (seconds in the CI
 /// run of 2026-12-06, one at a time): the longest start first, so the pair ends together.
@@ -163,7 +163,7 @@ pub fn run(
         binaries.iter().partition(|b| b.concurrent());
     for b in alone {
         println!("     Running {} ({})", b.label(), b.exe.display());
-        if !stream(b, args, env, &mut summary)? {
+        if !pass_through(&mut b.command(args, env), &mut summary)?.success() {
             failed.push(b.label());
         }
     }
@@ -178,30 +178,6 @@ pub fn run(
     }
     summary.report();
     bail!("test binaries failed: {}", failed.join(", "))
-}
-
-/// Runs `b` with its stdout passed through and read; whether it passed.
-fn stream(
-    b: &TestBinary,
-    args: &[String],
-    env: &[(String, OsString)],
-    summary: &mut Summary,
-) -> Result<bool> {
-    let mut child = b
-        .command(args, env)
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run {}", b.exe.display()))?;
-    let stdout = child.stdout.take().context("a test binary's stdout")?;
-    let mut out = std::io::stdout().lock();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.context("reading a test binary's output")?;
-        // A closed stdout must not stop the tests: keep reading so the binary is not blocked.
-        let _ = writeln!(out, "{line}");
-        summary.feed(&line);
-    }
-    drop(out);
-    Ok(child.wait().context("waiting for a test binary")?.success())
 }
 
 struct Running<'a> {
