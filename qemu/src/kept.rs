@@ -9,19 +9,12 @@ use std::path::{Path, PathBuf};
 /// Files at least this large are disk images, not logs.
 const LARGE: u64 = 64 << 20;
 
-/// Bytes free to an unprivileged writer on `path`'s file system.
+/// Bytes free to an unprivileged writer on `path`'s file system (as the appliance's
+/// `Store::free_bytes` reads its data directory's).
 pub fn free_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut s = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a valid NUL-terminated path and `s` points to writable storage of the
-    // right type; statvfs initialises it when it returns 0.
-    if unsafe { libc::statvfs(c.as_ptr(), s.as_mut_ptr()) } != 0 {
-        return None;
-    }
-    // SAFETY: statvfs returned 0, so it filled `s`.
-    let s = unsafe { s.assume_init() };
-    Some(s.f_bavail.saturating_mul(s.f_frsize))
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    #[allow(clippy::useless_conversion)] // the field types differ between targets
+    Some(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
 }
 
 /// One line for a failure report: how much room is left where the lab writes its disks.
@@ -35,6 +28,15 @@ pub fn free_space_line(path: &Path) -> String {
         ),
         Some(b) => format!("{:.1} GiB free on {}'s file system", gib(b), path.display()),
         None => format!("free space on {}'s file system unknown", path.display()),
+    }
+}
+
+/// A dropped lab's directory: removed, or kept and [`report`]ed.
+pub fn finish(dir: &Path, keep: bool) {
+    if keep {
+        report(dir);
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 

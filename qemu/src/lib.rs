@@ -258,11 +258,7 @@ impl Drop for Lab {
             kill_namespace(h);
         }
         kill_namespace(&self.netns);
-        if self.keep_dir {
-            kept::report(&self.dir);
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        kept::finish(&self.dir, self.keep_dir);
     }
 }
 

@@ -175,11 +175,7 @@ impl RootlessLab {
 impl Drop for RootlessLab {
     fn drop(&mut self) {
         // The switch stops after this, when its field is dropped.
-        if self.keep_dir {
-            crate::kept::report(&self.dir);
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        crate::kept::finish(&self.dir, self.keep_dir);
     }
 }
 

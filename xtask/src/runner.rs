@@ -169,7 +169,15 @@ pub fn run(
     }
     together.sort_by_key(|b| CONCURRENT.iter().position(|n| *n == b.name));
     std::fs::create_dir_all(logs).with_context(|| format!("creating {}", logs.display()))?;
-    for label in concurrently(&together, jobs, args, env, logs, &mut summary)? {
+    for label in concurrently(
+        &together,
+        jobs,
+        args,
+        env,
+        logs,
+        &mut summary,
+        &mut std::io::stdout(),
+    )? {
         failed.push(label);
     }
     summary.close();
@@ -196,6 +204,7 @@ fn concurrently(
     env: &[(String, OsString)],
     logs: &Path,
     summary: &mut Summary,
+    out: &mut dyn Write,
 ) -> Result<Vec<String>> {
     let mut queue: VecDeque<&TestBinary> = binaries.iter().copied().collect();
     let mut running: Vec<Running> = Vec::new();
@@ -232,7 +241,8 @@ fn concurrently(
                 continue;
             };
             let r = running.swap_remove(i);
-            println!(
+            let _ = writeln!(
+                out,
                 "     Finished {} ({}) in {:.0} s, beside others; its output:",
                 r.binary.label(),
                 r.binary.exe.display(),
@@ -242,7 +252,6 @@ fn concurrently(
             File::open(&r.log)
                 .and_then(|mut f| f.read_to_string(&mut text))
                 .with_context(|| format!("reading {}", r.log.display()))?;
-            let mut out = std::io::stdout().lock();
             for line in text.lines() {
                 let _ = writeln!(out, "{line}");
                 summary.feed(line);
@@ -339,6 +348,7 @@ mod tests {
         let logs = dir.path().join("logs");
         std::fs::create_dir(&logs).unwrap();
         let mut summary = Summary::default();
+        let mut printed = Vec::new();
         let failed = concurrently(
             &[&ok, &bad],
             2,
@@ -346,8 +356,15 @@ mod tests {
             &env,
             &logs,
             &mut summary,
+            &mut printed,
         )
         .unwrap();
+        // Each binary's output printed in one piece after its own heading.
+        let printed = String::from_utf8(printed).unwrap();
+        assert!(
+            printed.contains("tests/deploy.rs (") && printed.contains("one\ntwo --include-ignored"),
+            "{printed}"
+        );
         assert_eq!(failed, vec![bad.label()]);
         let log = std::fs::read_to_string(logs.join("stork-tests-deploy.log")).unwrap();
         let dir_name = dir.path().file_name().unwrap().to_string_lossy();
