@@ -6,9 +6,11 @@
 //!
 //! Modules: `tap` (the one device), `net` (hosts on it, async sockets), `firmware` (DHCP,
 //! TFTP), `http` (hyper over smoltcp, TLS pinned), `machine` (power, boot, the agent),
-//! `bmc` (Redfish), `fleet` (the fleet and the operator), `report` (JSON, SVG).
+//! `bmc` (Redfish), `fleet` (the fleet and the operator), `report` (JSON, SVG); and
+//! `dhcp_load`, the DHCP benchmark's batching load client (its own binary, on a kernel socket).
 
 pub mod bmc;
+pub mod dhcp_load;
 pub mod firmware;
 pub mod fleet;
 pub mod http;

@@ -28,6 +28,11 @@ pub fn stork_bin() -> PathBuf {
     from_env("STORK_BIN", "target/debug/stork")
 }
 
+/// `stork-dhcp-load`, the DHCP benchmark's load client (built with the workspace).
+pub fn dhcp_load_bin() -> PathBuf {
+    from_env("STORK_DHCP_LOAD", "target/debug/stork-dhcp-load")
+}
+
 /// Directory with the agent's `vmlinuz` and `initrd.img` (built by `cargo xtask images`).
 pub fn boot_files() -> PathBuf {
     from_env("STORK_BOOT_FILES", "target/stork/boot")

@@ -102,3 +102,42 @@ fn a_relayed_client_gets_an_address_from_the_relays_subnet() {
     let (again, _) = udhcpc_once(&client, &script, &["-r", &ip]);
     assert_eq!(again, ip);
 }
+
+/// The DHCP benchmark's own load client (`stork-dhcp-load`) does real exchanges: against
+/// the appliance, as a relay on its segment, every exchange it starts ends in an ACK the
+/// appliance counted, each for a new client.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn the_benchmarks_load_client_gets_every_exchange_acked() {
+    let mut lab = Lab::new("dhcp_load", &lab_dir()).unwrap();
+    let appliance = appliance_with(&lab, "[dhcp]\nrange = [\"10.77.0.20\", \"10.77.0.250\"]\n");
+    let host = lab.add_host("load").unwrap();
+    run_ok(
+        host.command("ip")
+            .args(["addr", "add", "10.77.0.2/24", "dev", "eth0"]),
+    );
+    // 200 exchanges over a second: fewer than the range's 231 addresses.
+    let out = run_ok(host.command(stork_tests::dhcp_load_bin()).args([
+        "--server",
+        "10.77.0.1",
+        "--relay",
+        "10.77.0.2",
+        "--rate",
+        "200",
+        "--secs",
+        "1",
+        "--drain-ms",
+        "2000",
+    ]));
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let n = |k: &str| report[k].as_u64().unwrap();
+    assert_eq!(n("discovers"), 200, "{report}");
+    for k in ["offers", "requests", "acks"] {
+        assert_eq!(n(k), 200, "{k}: {report}\n{}", appliance.log_tail(20));
+    }
+    for k in ["naks", "unmatched", "malformed", "send_errors"] {
+        assert_eq!(n(k), 0, "{k}: {report}");
+    }
+    assert!(report["ra_avg_ms"].as_f64().unwrap() > 0.0, "{report}");
+    assert_eq!(counter(&appliance, "acks"), 200);
+}

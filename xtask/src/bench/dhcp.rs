@@ -3,11 +3,15 @@
 //! leases in PostgreSQL (a scratch server; one server of an HA pair, its partner absent),
 //! printed beside Kea's published figure with its PostgreSQL backend.
 //!
-//! The client is Kea's `perfdhcp` doing the full four-message exchange (DISCOVER, OFFER,
-//! REQUEST, ACK). perfdhcp always acts as a relay (requests from port 67 with giaddr set to
-//! its own address, answers to giaddr:67), so every server gets a subnet that holds the
-//! client side's address, a /13 so that a 20 s run at tens of thousands of leases per
-//! second never runs out of addresses.
+//! Two clients, each server measured with both: Kea's `perfdhcp` and `stork-dhcp-load`
+//! (`stork_sim::dhcp_load`), each doing the full four-message exchange (DISCOVER, OFFER,
+//! REQUEST, ACK) as a relay (requests from port 67 with giaddr set to its own address,
+//! answers to giaddr:67), a new client per exchange. So every server gets a subnet that
+//! holds the client side's address, a /13 so that a 20 s run at tens of thousands of leases
+//! per second never runs out of addresses. perfdhcp is the field's own tool, but it costs
+//! 85 to 130 us of CPU per exchange here and runs out of the two cores it shares with the
+//! server near 13,000/s (docs/measurements.md); `stork-dhcp-load` batches its datagrams
+//! (18 us per exchange at 16,000/s), so the server is what its run measures.
 //!
 //! Two namespaces joined by a veth with static neighbour entries (docs/measurements.md: otherwise the
 //! first replies of a fast run are lost while ARP resolves); `/dev/cpu_dma_latency` is held
@@ -30,16 +34,18 @@
 //! file, no fsync) and `lfc-interval: 0` (no lease file cleanup forks during a run);
 //! `dhcp-socket-type: udp`, as perfdhcp relays.
 //!
-//! `STORK_BENCH_DHCP_PEERS` (e.g. `stork,kea`) picks the servers, `STORK_BENCH_DHCP_RATE`
-//! skips the search and runs the long trial at that rate: both for working on one server.
+//! `STORK_BENCH_DHCP_PEERS` (e.g. `stork,kea`) picks the servers, `STORK_BENCH_DHCP_CLIENTS`
+//! (`perfdhcp`, `stork-dhcp-load`) the clients, `STORK_BENCH_DHCP_RATE` skips the search and
+//! runs the long trial at that rate: for working on one server.
 //! `STORK_BENCH_PERFDHCP_THREADS=single` runs perfdhcp's `-g single` (default `multi`).
 //!
-//! Each trial also prints the CPU time the server process and perfdhcp spent per lease,
+//! Each trial also prints the CPU time the server process and the client spent per lease,
 //! and the datagrams the kernel dropped for a full receive buffer on each side: on two
-//! shared cores, perfdhcp's own cost (60 to 130 us per exchange here) caps the rate any
-//! server can be measured at, and these say which side ran out.
+//! shared cores, the client's own cost caps the rate any server can be measured at, and
+//! these say which side ran out.
 //!
-//! `cargo xtask bench dhcp6` runs the same search and runs for DHCPv6: `perfdhcp -6` doing
+//! `cargo xtask bench dhcp6` runs the same search and runs for DHCPv6: `perfdhcp -6` (the
+//! only client) doing
 //! Solicit, Advertise, Request, Reply as a client on the link (to ff02::1:2), against
 //! Stork's `[dhcp6]` (rate limit off) and Kea's `kea-dhcp6` (memfile, persist on, the same
 //! multi-threading settings). Stork makes each lease durable (one fdatasync per Reply,
@@ -94,6 +100,23 @@ enum Peer {
 /// Stork's own PostgreSQL figure is printed: not measured here.
 const KEA_PG_PUBLISHED: f64 = 7441.0;
 
+/// What sends the exchanges.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Client {
+    Perfdhcp,
+    /// `stork-dhcp-load`: batched sends and receives (module doc).
+    Batching,
+}
+
+impl Client {
+    fn name(self) -> &'static str {
+        match self {
+            Client::Perfdhcp => "perfdhcp",
+            Client::Batching => "stork-dhcp-load",
+        }
+    }
+}
+
 impl Peer {
     fn name(self) -> &'static str {
         match self {
@@ -123,9 +146,22 @@ pub fn run(family: Family) -> Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    crate::step("building the appliance (release)");
-    crate::status(crate::cargo().args(["build", "--quiet", "--release", "-p", "stork"]))?;
+    crate::step("building the appliance and stork-dhcp-load (release)");
+    crate::status(crate::cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "stork",
+        "-p",
+        "stork-sim",
+        "--bin",
+        "stork",
+        "--bin",
+        "stork-dhcp-load",
+    ]))?;
     let stork = crate::target().join("release/stork");
+    let load = crate::target().join("release/stork-dhcp-load");
     let work = crate::target().join("bench-dhcp");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -147,7 +183,16 @@ pub fn run(family: Family) -> Result<()> {
         Family::V4 => &[Peer::Stork, Peer::StorkPg, Peer::Kea, Peer::Dnsmasq],
         Family::V6 => &[Peer::Stork, Peer::Kea],
     };
-    for &peer in all {
+    let clients: &[Client] = match family {
+        Family::V4 => &[Client::Batching, Client::Perfdhcp],
+        Family::V6 => &[Client::Perfdhcp],
+    };
+    let picked = std::env::var("STORK_BENCH_DHCP_CLIENTS").unwrap_or_default();
+    let runs = clients
+        .iter()
+        .filter(|c| picked.is_empty() || picked.split(',').any(|p| p.trim() == c.name()))
+        .flat_map(|&c| all.iter().map(move |&p| (c, p)));
+    for (client, peer) in runs {
         let tag = format!("{peer:?}").to_lowercase();
         if !peers.is_empty() && !peers.split(',').any(|p| p.trim() == tag) {
             continue;
@@ -159,6 +204,8 @@ pub fn run(family: Family) -> Result<()> {
         let bench = Bench {
             family,
             peer,
+            client,
+            load: &load,
             net: &net,
             stork: &stork,
             work: &work,
@@ -168,8 +215,9 @@ pub fn run(family: Family) -> Result<()> {
             Some(r) => r,
             None => {
                 crate::step(&format!(
-                    "{}: searching the highest sustained rate",
-                    peer.name()
+                    "{} with {}: searching the highest sustained rate",
+                    peer.name(),
+                    client.name()
                 ));
                 bench.search()?
             }
@@ -178,7 +226,11 @@ pub fn run(family: Family) -> Result<()> {
         // grows, the neighbours' load changes): step down until it does, three tries.
         let mut tries = 0;
         let r = loop {
-            crate::step(&format!("{}: {secs} s at {rate}/s", peer.name()));
+            crate::step(&format!(
+                "{} with {}: {secs} s at {rate}/s",
+                peer.name(),
+                client.name()
+            ));
             let r = bench.trial(rate, Duration::from_secs(secs))?;
             eprintln!("    {r}");
             tries += 1;
@@ -187,12 +239,12 @@ pub fn run(family: Family) -> Result<()> {
             }
             rate = (rate * 85 / 100 / 125 * 125).max(125);
         };
-        results.push((peer, rate, r));
+        results.push((peer, client, rate, r));
     }
 
     println!();
     let exchange = match family {
-        Family::V4 => "DHCP benchmark: perfdhcp full DORA as a relay",
+        Family::V4 => "DHCP benchmark: full DORA as a relay, a new client per exchange",
         Family::V6 => {
             "DHCPv6 benchmark: perfdhcp -6 Solicit, Advertise, Request, Reply as a client on the link"
         }
@@ -201,13 +253,14 @@ pub fn run(family: Family) -> Result<()> {
         "{exchange}, veth between two namespaces, 2 cores shared by client and server, cpu_dma_latency 0, {secs} s at each server's highest sustained rate"
     );
     println!(
-        "{:<30} {:>10} {:>12} {:>8} {:>10} {:>14}",
-        "server", "offered/s", "leases/s", "lost %", "latency", "CPU us/lease"
+        "{:<30} {:<16} {:>10} {:>12} {:>8} {:>10} {:>14}",
+        "server", "client", "offered/s", "leases/s", "lost %", "latency", "CPU us/lease"
     );
-    for (peer, rate, r) in &results {
+    for (peer, client, rate, r) in &results {
         println!(
-            "{:<30} {:>10} {:>12.0} {:>8.2} {:>8.2}ms {:>14.0}",
+            "{:<30} {:<16} {:>10} {:>12.0} {:>8.2} {:>8.2}ms {:>14.0}",
             peer.name(),
+            client.name(),
             rate,
             r.leases_per_sec(),
             r.loss() * 100.0,
@@ -224,32 +277,35 @@ pub fn run(family: Family) -> Result<()> {
                 "durability: Stork fdatasyncs each lease before its Reply leaves (one sync per batch of queued Replies, up to 64); Kea (persist: true) appends it to its CSV file without fsync",
         }
     );
-    let get = |p: Peer| {
-        results
-            .iter()
-            .find(|(q, _, _)| *q == p)
-            .map_or(0.0, |(_, _, r)| r.leases_per_sec())
-    };
-    let stork = get(Peer::Stork);
-    for other in [Peer::Kea, Peer::Dnsmasq] {
-        let o = get(other);
-        if o > 0.0 && stork > 0.0 {
-            println!("Stork / {}: {:.2}x", other.name(), stork / o);
+    for &client in clients {
+        let get = |p: Peer| {
+            results
+                .iter()
+                .find(|(q, c, _, _)| *q == p && *c == client)
+                .map_or(0.0, |(_, _, _, r)| r.leases_per_sec())
+        };
+        let with = client.name();
+        let stork = get(Peer::Stork);
+        for other in [Peer::Kea, Peer::Dnsmasq] {
+            let o = get(other);
+            if o > 0.0 && stork > 0.0 {
+                println!("Stork / {} ({with}): {:.2}x", other.name(), stork / o);
+            }
         }
-    }
-    let on_pg = get(Peer::StorkPg);
-    if on_pg > 0.0 {
-        println!(
-            "Stork, leases in PostgreSQL / Kea 2.2 with PostgreSQL (published, {KEA_PG_PUBLISHED:.0} leases/s): {:.2}x",
-            on_pg / KEA_PG_PUBLISHED
-        );
-        let kea = get(Peer::Kea);
-        if kea > 0.0 {
+        let on_pg = get(Peer::StorkPg);
+        if on_pg > 0.0 {
             println!(
-                "Stork, leases in PostgreSQL / {} (measured here): {:.2}x",
-                Peer::Kea.name(),
-                on_pg / kea
+                "Stork, leases in PostgreSQL / Kea 2.2 with PostgreSQL (published, {KEA_PG_PUBLISHED:.0} leases/s) ({with}): {:.2}x",
+                on_pg / KEA_PG_PUBLISHED
             );
+            let kea = get(Peer::Kea);
+            if kea > 0.0 {
+                println!(
+                    "Stork, leases in PostgreSQL / {} (measured here, {with}): {:.2}x",
+                    Peer::Kea.name(),
+                    on_pg / kea
+                );
+            }
         }
     }
     Ok(())
@@ -258,6 +314,9 @@ pub fn run(family: Family) -> Result<()> {
 struct Bench<'a> {
     family: Family,
     peer: Peer,
+    client: Client,
+    /// The `stork-dhcp-load` binary.
+    load: &'a Path,
     net: &'a Pair,
     stork: &'a Path,
     work: &'a Path,
@@ -272,12 +331,12 @@ struct Trial {
     offers: u64,
     requests: u64,
     acks: u64,
-    /// Average REQUEST-ACK delay as perfdhcp reports it.
+    /// Average REQUEST-ACK delay as the client reports it.
     ra_latency_ms: f64,
     /// CPU time the server process (all its threads, user and system) spent during the
     /// run: what a lease costs, whatever else shares the cores.
     server_cpu_secs: f64,
-    /// CPU time perfdhcp spent: the client shares the two cores.
+    /// CPU time the client spent: it shares the two cores.
     client_cpu_secs: f64,
     /// Datagrams the kernel dropped during the run for want of room in a receive buffer
     /// (`/proc/net/snmp`, Udp RcvbufErrors), in the server's namespace and the client's:
@@ -310,7 +369,7 @@ impl std::fmt::Display for Trial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:.0} leases/s: {} DISCOVER, {} OFFER, {} REQUEST, {} ACK in {:.1} s ({:.2}% lost, REQUEST-ACK {:.2} ms, CPU per lease: server {:.0} us, perfdhcp {:.0} us; receive buffer drops: server {}, client {})",
+            "{:.0} leases/s: {} DISCOVER, {} OFFER, {} REQUEST, {} ACK in {:.1} s ({:.2}% lost, REQUEST-ACK {:.2} ms, CPU per lease: server {:.0} us, client {:.0} us; receive buffer drops: server {}, client {})",
             self.leases_per_sec(),
             self.discovers,
             self.offers,
@@ -366,9 +425,15 @@ impl Bench<'_> {
 
     /// One run: a fresh server, perfdhcp at `rate` for `length`.
     fn trial(&self, rate: u64, length: Duration) -> Result<Trial> {
-        let dir = self
-            .work
-            .join(format!("{:?}-{rate}-{}", self.peer, length.as_secs()).to_lowercase());
+        let dir = self.work.join(
+            format!(
+                "{:?}-{}-{rate}-{}",
+                self.peer,
+                self.client.name(),
+                length.as_secs()
+            )
+            .to_lowercase(),
+        );
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let mut server = self.start(&dir)?;
@@ -377,41 +442,13 @@ impl Bench<'_> {
             rcvbuf_errors(&self.net.server),
             rcvbuf_errors(&self.net.client),
         );
-        let thread_mode =
-            std::env::var("STORK_BENCH_PERFDHCP_THREADS").unwrap_or_else(|_| "multi".into());
-        let (family_arg, local, server_addr) = match self.family {
-            Family::V4 => ("-4", CLIENT_IP, Some(SERVER_IP)),
-            // On the link: from eth0's link-local address to All_DHCP_Relay_Agents_and_Servers.
-            Family::V6 => ("-6", "eth0", None),
-        };
-        let mut out = self.net.client(
-            Command::new("perfdhcp")
-                .args([
-                    family_arg,
-                    "-r",
-                    &rate.to_string(),
-                    "-R",
-                    CLIENTS,
-                    "-p",
-                    &length.as_secs().to_string(),
-                    "-l",
-                    local,
-                    "-g",
-                    &thread_mode,
-                    // Wait 0.3 s for replies in flight when the run ends.
-                    "-W",
-                    "300000",
-                ])
-                .args(server_addr),
-        );
         let client_before = children_cpu_secs();
-        let out = out
-            .stdin(Stdio::null())
-            .output()
-            .context("running perfdhcp")?;
-        // perfdhcp is the only child waited for in between.
+        let (mut t, text) = match self.client {
+            Client::Perfdhcp => self.perfdhcp(rate, length)?,
+            Client::Batching => self.batching(rate, length)?,
+        };
+        // The client is the only child waited for in between.
         let client_cpu = children_cpu_secs() - client_before;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let cpu = cpu_secs(server.pid()) - cpu_before;
         let drops = (
             rcvbuf_errors(&self.net.server).saturating_sub(drops_before.0),
@@ -424,21 +461,105 @@ impl Bench<'_> {
                 server.log_tail(20)
             );
         }
+        std::fs::write(dir.join(format!("{}.txt", self.client.name())), &text)?;
+        t.secs = length.as_secs_f64();
+        t.server_cpu_secs = cpu;
+        t.client_cpu_secs = client_cpu;
+        (t.server_rcvbuf_drops, t.client_rcvbuf_drops) = drops;
+        drop(server);
+        Ok(t)
+    }
+
+    /// perfdhcp at `rate` for `length`: its counts and its report.
+    fn perfdhcp(&self, rate: u64, length: Duration) -> Result<(Trial, String)> {
+        let thread_mode =
+            std::env::var("STORK_BENCH_PERFDHCP_THREADS").unwrap_or_else(|_| "multi".into());
+        let (family_arg, local, server_addr) = match self.family {
+            Family::V4 => ("-4", CLIENT_IP, Some(SERVER_IP)),
+            // On the link: from eth0's link-local address to All_DHCP_Relay_Agents_and_Servers.
+            Family::V6 => ("-6", "eth0", None),
+        };
+        let out = self
+            .net
+            .client(
+                Command::new("perfdhcp")
+                    .args([
+                        family_arg,
+                        "-r",
+                        &rate.to_string(),
+                        "-R",
+                        CLIENTS,
+                        "-p",
+                        &length.as_secs().to_string(),
+                        "-l",
+                        local,
+                        "-g",
+                        &thread_mode,
+                        // Wait 0.3 s for replies in flight when the run ends.
+                        "-W",
+                        "300000",
+                    ])
+                    .args(server_addr),
+            )
+            .stdin(Stdio::null())
+            .output()
+            .context("running perfdhcp")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
         // perfdhcp exits 3 when packets were dropped; its report is what counts.
-        let mut t = parse_perfdhcp(&text).with_context(|| {
+        let t = parse_perfdhcp(&text).with_context(|| {
             format!(
                 "perfdhcp gave no report ({}):\n{text}\n{}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr)
             )
         })?;
-        t.secs = length.as_secs_f64();
-        t.server_cpu_secs = cpu;
-        t.client_cpu_secs = client_cpu;
-        (t.server_rcvbuf_drops, t.client_rcvbuf_drops) = drops;
-        std::fs::write(dir.join("perfdhcp.txt"), &text)?;
-        drop(server);
-        Ok(t)
+        Ok((t, text))
+    }
+
+    /// `stork-dhcp-load` at `rate` for `length` (DHCPv4 only), with the same 0.3 s for
+    /// replies in flight at the end.
+    fn batching(&self, rate: u64, length: Duration) -> Result<(Trial, String)> {
+        let out = self
+            .net
+            .client(Command::new(self.load).args([
+                "--server",
+                SERVER_IP,
+                "--relay",
+                CLIENT_IP,
+                "--rate",
+                &rate.to_string(),
+                "--secs",
+                &length.as_secs().to_string(),
+                "--drain-ms",
+                "300",
+            ]))
+            .stdin(Stdio::null())
+            .output()
+            .context("running stork-dhcp-load")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "stork-dhcp-load failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // Its `Report` as JSON (read by field: xtask does not link the sim).
+        let r: serde_json::Value = serde_json::from_str(text.trim())
+            .with_context(|| format!("reading stork-dhcp-load's report: {text}"))?;
+        let n = |k: &str| r.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let t = Trial {
+            discovers: n("discovers"),
+            offers: n("offers"),
+            requests: n("requests"),
+            acks: n("acks"),
+            ra_latency_ms: r
+                .get("ra_avg_ms")
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(0.0),
+            ..Trial::default()
+        };
+        Ok((t, text))
     }
 
     fn start(&self, dir: &Path) -> Result<Spawned> {
