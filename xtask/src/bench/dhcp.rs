@@ -390,11 +390,22 @@ impl Bench<'_> {
     /// Doubling from 125/s until a rate fails, then two bisection steps. A server that
     /// does not even sustain 125/s is measured there (its loss is printed).
     fn search(&self) -> Result<u64> {
+        // A rate that fails is tried once more before it counts as failed: one trial's
+        // neighbours or scheduling can cost a server 1% (Kea lost 1.7% at 4,000/s in one
+        // search and nothing up to 16,000/s in the one before).
         let sustained = |rate: u64| -> Result<bool> {
-            let t = self.trial(rate, TRIAL)?;
-            let ok = t.loss() < MAX_LOSS && t.discovers as f64 >= 0.97 * rate as f64 * t.secs;
-            eprintln!("    {rate:>6}/s: {} {t}", if ok { "ok  " } else { "FAIL" });
-            Ok(ok)
+            for attempt in ["", " (again)"] {
+                let t = self.trial(rate, TRIAL)?;
+                let ok = t.loss() < MAX_LOSS && t.discovers as f64 >= 0.97 * rate as f64 * t.secs;
+                eprintln!(
+                    "    {rate:>6}/s{attempt}: {} {t}",
+                    if ok { "ok  " } else { "FAIL" }
+                );
+                if ok {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
         };
         let mut good = 0;
         let mut bad = 125;

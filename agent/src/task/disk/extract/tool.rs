@@ -19,6 +19,7 @@ pub(super) fn run(cmd: &mut Command) -> Result<String, ExtractError> {
         .collect::<Vec<_>>()
         .join(" ");
     console::line(&format!("$ {command}"));
+    let started = std::time::Instant::now();
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -32,6 +33,13 @@ pub(super) fn run(cmd: &mut Command) -> Result<String, ExtractError> {
                 source,
             },
         })?;
+    // Where a deploy's time goes, on the console beside the command (a layout's finish is
+    // mostly these tools under emulation).
+    console::line(&format!(
+        "  {tool}: {:.1} s, {}",
+        started.elapsed().as_secs_f64(),
+        out.status
+    ));
     if !out.status.success() {
         return Err(ExtractError::Tool {
             command,
