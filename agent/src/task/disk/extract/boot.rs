@@ -317,16 +317,25 @@ pub(super) fn bootloader(
             "--no-nvram".into(),
         ]
     };
-    for disk in disks {
-        grub_install("i386-pc", &[disk.as_os_str().to_owned()])?;
-    }
-    grub_install("x86_64-efi", &efi(&target.join("boot/efi")))?;
-    // Every other disk's ESP gets the same GRUB: with RAID, any member boots alone.
-    for p in &parts[1..] {
-        let at = Path::new(ESP_ELSEWHERE);
-        let esp = Mounted::new(&Path::new(DEV).join(&p.esp), at, "vfat")?;
-        grub_install("x86_64-efi", &efi(at))?;
-        esp.unmount()?;
+    // Every disk gets GRUB for both firmware kinds: with RAID, any member boots alone. A
+    // grub-install takes 5 to 6 s under emulation (docs/measurements.md); what it writes
+    // for a further member partitioned as the first is the first's bytes, so those are
+    // copied (`copy_bios_boot`, the ESP's files), and grub-install runs only where the
+    // BIOS boot partition lies elsewhere.
+    let esp0 = target.join("boot/efi");
+    grub_install("x86_64-efi", &efi(&esp0))?;
+    for (i, (disk, p)) in disks.iter().zip(parts).enumerate() {
+        if i == 0 || p.bios != parts[0].bios {
+            grub_install("i386-pc", &[disk.as_os_str().to_owned()])?;
+        } else {
+            copy_bios_boot(&disks[0], disk, p.bios)?;
+        }
+        if i > 0 {
+            let at = Path::new(ESP_ELSEWHERE);
+            let esp = Mounted::new(&Path::new(DEV).join(&p.esp), at, "vfat")?;
+            copy_tree(&esp0, at)?;
+            esp.unmount()?;
+        }
     }
     let modules = grub_modules(layout);
     let root = Root {
@@ -353,6 +362,58 @@ pub(super) fn bootloader(
                 .join(", ")
         ),
     );
+    Ok(())
+}
+
+/// Bytes of sector 0 that are boot code (boot.img): the disk signature and the partition
+/// table after them are the disk's own.
+const BOOT_CODE: usize = 0x1b8;
+
+/// GRUB for BIOS on `to` as grub-install put it on `from`, whose BIOS boot partition is
+/// at the same place (`bios`: first byte, length): boot.img in sector 0 up to the disk
+/// signature, and the BIOS boot partition whole (core.img, whose blocklist names sectors
+/// of that partition, and whose prefix names the array, not the disk).
+fn copy_bios_boot(from: &Path, to: &Path, bios: (u64, u64)) -> Result<(), ExtractError> {
+    use std::os::unix::fs::FileExt;
+    let src = fs::File::open(from).map_err(io_err("open", from))?;
+    let dst = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(to)
+        .map_err(io_err("open", to))?;
+    let mut code = [0u8; BOOT_CODE];
+    src.read_exact_at(&mut code, 0)
+        .map_err(io_err("read sector 0 of", from))?;
+    let mut part = vec![0u8; usize::try_from(bios.1).unwrap_or(0)];
+    src.read_exact_at(&mut part, bios.0)
+        .map_err(io_err("read the BIOS boot partition of", from))?;
+    dst.write_all_at(&code, 0)
+        .map_err(io_err("write sector 0 of", to))?;
+    dst.write_all_at(&part, bios.0)
+        .map_err(io_err("write the BIOS boot partition of", to))?;
+    dst.sync_all().map_err(io_err("fsync", to))?;
+    crate::console::line(&format!(
+        "GRUB for BIOS copied from {} to {} (boot code, BIOS boot partition of {} KiB)",
+        from.display(),
+        to.display(),
+        bios.1 / 1024
+    ));
+    Ok(())
+}
+
+/// Copies the files and directories under `from` into `to` (an ESP: FAT, so no links or
+/// modes to keep).
+fn copy_tree(from: &Path, to: &Path) -> Result<(), ExtractError> {
+    for entry in fs::read_dir(from).map_err(io_err("read", from))? {
+        let entry = entry.map_err(io_err("read", from))?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type().map_err(io_err("stat", &src))?.is_dir() {
+            fs::create_dir_all(&dst).map_err(io_err("create", &dst))?;
+            copy_tree(&src, &dst)?;
+        } else {
+            fs::copy(&src, &dst).map_err(io_err("copy", &src))?;
+        }
+    }
     Ok(())
 }
 
@@ -435,6 +496,61 @@ fn flag(name: &str, path: &Path) -> OsString {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_members_bios_boot_is_the_first_disks_code_and_partition_under_its_own_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let bios = (4096, 2048);
+        // The first disk: boot code, signature and table, the BIOS boot partition, more.
+        let mut first: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        first[510] = 0x55;
+        let mut second = vec![0xeeu8; 8192];
+        second[BOOT_CODE..512].fill(0x11);
+        fs::write(&a, &first).unwrap();
+        fs::write(&b, &second).unwrap();
+        copy_bios_boot(&a, &b, bios).unwrap();
+        let got = fs::read(&b).unwrap();
+        assert_eq!(got[..BOOT_CODE], first[..BOOT_CODE]);
+        // Its signature and partition table are its own.
+        assert!(got[BOOT_CODE..512].iter().all(|&x| x == 0x11));
+        assert_eq!(got[4096..6144], first[4096..6144]);
+        // Nothing else is touched.
+        assert!(
+            got[512..4096]
+                .iter()
+                .chain(&got[6144..])
+                .all(|&x| x == 0xee)
+        );
+        assert_eq!(fs::read(&a).unwrap(), first);
+        // A disk too short for the partition is an error that names it.
+        fs::write(&a, &first[..5000]).unwrap();
+        let e = copy_bios_boot(&a, &b, bios).unwrap_err().to_string();
+        assert!(e.contains("BIOS boot partition"), "{e}");
+    }
+
+    #[test]
+    fn an_esps_files_are_copied_whole_into_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("esp0"), dir.path().join("esp1"));
+        fs::create_dir_all(from.join("EFI/BOOT")).unwrap();
+        fs::create_dir_all(from.join("EFI/debian")).unwrap();
+        fs::create_dir_all(&to).unwrap();
+        fs::write(from.join("EFI/BOOT/BOOTX64.EFI"), b"shim").unwrap();
+        fs::write(from.join("EFI/BOOT/grubx64.efi"), b"grub").unwrap();
+        fs::write(from.join("EFI/debian/grub.cfg"), b"search").unwrap();
+        copy_tree(&from, &to).unwrap();
+        for f in [
+            "EFI/BOOT/BOOTX64.EFI",
+            "EFI/BOOT/grubx64.efi",
+            "EFI/debian/grub.cfg",
+        ] {
+            assert_eq!(
+                fs::read(to.join(f)).unwrap(),
+                fs::read(from.join(f)).unwrap()
+            );
+        }
+    }
 
     #[test]
     fn fstab_and_grub_cfg_name_the_file_systems_by_uuid() {

@@ -32,6 +32,8 @@ pub struct Parts {
     pub esp: String,
     /// The root, the RAID member or the LVM physical volume.
     pub data: String,
+    /// The BIOS boot partition's first byte and length on its disk.
+    pub bios: (u64, u64),
 }
 
 /// The data partition's GPT type: what it holds, so that tools and people reading the
@@ -109,8 +111,12 @@ pub fn check_partitions(
             })
         });
     let name = |n: u32| parts.iter().find(|p| p.number == n).map(|p| p.name.clone());
-    match (ok, name(ESP_PART), name(DATA_PART)) {
-        (true, Some(esp), Some(data)) => Ok(Parts { esp, data }),
+    let bios = parts
+        .iter()
+        .find(|p| p.number == BIOS_PART)
+        .map(|p| (p.start_bytes, p.size_bytes));
+    match (ok, name(ESP_PART), name(DATA_PART), bios) {
+        (true, Some(esp), Some(data), Some(bios)) => Ok(Parts { esp, data, bios }),
         _ => Err(ExtractError::Layout {
             disk: disk.to_string(),
             found: found(),
@@ -240,7 +246,8 @@ mod tests {
             check_partitions("vda", &good, &l).unwrap(),
             Parts {
                 esp: "vda2".into(),
-                data: "vda3".into()
+                data: "vda3".into(),
+                bios: (0, MIB)
             }
         );
         let e = check_partitions("vda", &[part(1, 1), part(2, 256), part(3, 1000)], &l)
