@@ -19,7 +19,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use stork::dhcp::datagram::{Port, Send};
+use stork::dhcp::datagram::Send;
 use stork::dhcp::mmsg::{self, BATCH, RecvBatch};
 
 /// What a run does.
@@ -274,7 +274,7 @@ pub fn run(load: &Load) -> io::Result<Report> {
             total
         };
         while (ex.stages.len() as u128) < due {
-            out.push(datagram(ex.start(), to));
+            out.push(Send::plain(to, ex.start()));
             if out.len() == BATCH {
                 flush(&sock, &mut out, &mut ex.report)?;
             }
@@ -289,7 +289,7 @@ pub fn run(load: &Load) -> io::Result<Report> {
                     let now_us = start.elapsed().as_micros() as u64;
                     for (bytes, _) in rx.iter() {
                         if let Some(request) = ex.receive(bytes, now_us) {
-                            out.push(datagram(request, to));
+                            out.push(Send::plain(to, request));
                         }
                     }
                     flush(&sock, &mut out, &mut ex.report)?;
@@ -305,16 +305,6 @@ pub fn run(load: &Load) -> io::Result<Report> {
         }
     }
     Ok(ex.finish(start.elapsed().as_secs_f64()))
-}
-
-fn datagram(bytes: Vec<u8>, to: SocketAddr) -> Send {
-    Send {
-        bytes,
-        to,
-        port: Port::Dhcp,
-        kind: None,
-        proxy: false,
-    }
 }
 
 /// Sends everything queued; a full send buffer is waited out, a refused datagram counted.

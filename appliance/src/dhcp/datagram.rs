@@ -47,6 +47,20 @@ pub struct Send {
     pub proxy: bool,
 }
 
+impl Send {
+    /// A datagram on port 67 that counts as nothing in particular (a test's, a load
+    /// client's).
+    pub fn plain(to: SocketAddr, bytes: Vec<u8>) -> Self {
+        Self {
+            bytes,
+            to,
+            port: Port::Dhcp,
+            kind: None,
+            proxy: false,
+        }
+    }
+}
+
 /// What one received batch of datagrams comes to: the replies that depend on nothing
 /// durable (offers, NAKs, INFORM and proxy answers), and every lease change of the batch
 /// with the ACKs that wait for it, as one [`Commit`]. The loop sends the first with

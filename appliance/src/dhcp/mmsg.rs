@@ -158,17 +158,10 @@ pub fn send(sock: &impl AsFd, replies: &[Send]) -> io::Result<usize> {
 mod tests {
     use std::net::UdpSocket;
 
-    use super::super::datagram::Port;
     use super::*;
 
     fn reply(to: SocketAddr, bytes: Vec<u8>) -> Send {
-        Send {
-            bytes,
-            to,
-            port: Port::Dhcp,
-            kind: None,
-            proxy: false,
-        }
+        Send::plain(to, bytes)
     }
 
     #[test]

@@ -146,22 +146,9 @@ pub fn run(family: Family) -> Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    crate::step("building the appliance and stork-dhcp-load (release)");
-    crate::status(crate::cargo().args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "stork",
-        "-p",
-        "stork-sim",
-        "--bin",
-        "stork",
-        "--bin",
-        "stork-dhcp-load",
-    ]))?;
-    let stork = crate::target().join("release/stork");
-    let load = crate::target().join("release/stork-dhcp-load");
+    let release = super::build_stork_and_sim()?;
+    let stork = release.join("stork");
+    let load = release.join("stork-dhcp-load");
     let work = crate::target().join("bench-dhcp");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;

@@ -55,18 +55,9 @@ pub fn run() -> Result<()> {
         .max(1);
     crate::deps::ensure()?;
     let boot = crate::images()?;
-    crate::step("building stork and stork-sim (release)");
-    crate::status(crate::cargo().args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "stork",
-        "-p",
-        "stork-sim",
-    ]))?;
-    let stork = crate::target().join("release/stork");
-    let sim = crate::target().join("release/stork-sim");
+    let release = super::build_stork_and_sim()?;
+    let stork = release.join("stork");
+    let sim = release.join("stork-sim");
     let base = crate::target().join("lab");
 
     let _neighbours = NeighbourTable::raise(n)?;

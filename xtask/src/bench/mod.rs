@@ -34,6 +34,22 @@ pub fn run(what: &str) -> Result<()> {
     }
 }
 
+/// Builds the appliance and the sim's binaries (`stork-sim`, `stork-dhcp-load`) in release;
+/// returns the directory they are in.
+pub fn build_stork_and_sim() -> Result<std::path::PathBuf> {
+    crate::step("building stork and stork-sim's binaries (release)");
+    crate::status(crate::cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "stork",
+        "-p",
+        "stork-sim",
+    ]))?;
+    Ok(crate::target().join("release"))
+}
+
 /// Two namespaces, server and client, joined by one veth (`eth0` on both sides, with the
 /// given MACs, up, loopback up); removed on drop with every process inside. Named
 /// `stork-<tag>-<pid>[-client]` so the lab's stale-namespace sweep removes them if the
