@@ -5,7 +5,8 @@
 //! Why our own beside perfdhcp: perfdhcp costs 85 to 130 us of CPU per exchange on this
 //! machine (docs/measurements.md, "DHCP"), so on two cores shared with the server it runs
 //! out of CPU near 13,000 exchanges/s, before the server does. This one patches two packet
-//! templates and moves datagrams in batches with the appliance's own `recvmmsg`/`sendmmsg`
+//! templates (and reads a reply's four fields from its bytes rather than decode it whole
+//! with dhcproto, as `firmware.rs` does for one machine: here it is the hot path) and moves datagrams in batches with the appliance's own `recvmmsg`/`sendmmsg`
 //! ([`stork::dhcp::mmsg`]): 18 us of CPU per exchange at 16,000/s and more, a fifth of
 //! perfdhcp's, so the server is what a run measures (2026-12-06: Stork 24,000/s and Kea
 //! 16,000/s with it, where perfdhcp stopped both near 13,000 and 8,000). The bench runs perfdhcp too and prints both.
@@ -20,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use stork::dhcp::datagram::Send;
+use stork::dhcp::edge::{COOKIE, OPTIONS};
 use stork::dhcp::mmsg::{self, BATCH, RecvBatch};
+use stork::dhcp::set_buffers;
 
 /// What a run does.
 #[derive(Debug, Clone)]
@@ -57,8 +60,6 @@ pub struct Report {
 }
 
 const OP_REPLY: u8 = 2;
-const COOKIE: [u8; 4] = [99, 130, 83, 99];
-const OPTIONS: usize = 240;
 const XID: std::ops::Range<usize> = 4..8;
 const YIADDR: std::ops::Range<usize> = 16..20;
 const GIADDR: std::ops::Range<usize> = 24..28;
@@ -187,7 +188,6 @@ impl Exchanges {
     fn start(&mut self) -> Vec<u8> {
         let i = self.stages.len() as u32;
         self.stages.push(Stage::Discovered);
-        self.report.discovers += 1;
         self.stamp(self.discover.clone(), i)
     }
 
@@ -209,7 +209,6 @@ impl Exchanges {
                     return None;
                 };
                 self.report.offers += 1;
-                self.report.requests += 1;
                 *stage = Stage::Requested(now_us);
                 let mut p = self.stamp(self.request.clone(), i);
                 p[REQ_ADDR..REQ_ADDR + 4].copy_from_slice(&r.yiaddr);
@@ -239,6 +238,9 @@ impl Exchanges {
     fn finish(mut self, secs: f64) -> Report {
         let mut r = self.report;
         r.secs = secs;
+        // Every exchange started is a DISCOVER, every OFFER taken is answered by a REQUEST.
+        r.discovers = self.stages.len() as u64;
+        r.requests = r.offers;
         if !self.latencies_us.is_empty() {
             let sum: u64 = self.latencies_us.iter().map(|&l| u64::from(l)).sum();
             r.ra_avg_ms = sum as f64 / self.latencies_us.len() as f64 / 1000.0;
@@ -254,7 +256,8 @@ impl Exchanges {
 pub fn run(load: &Load) -> io::Result<Report> {
     let sock = UdpSocket::bind(SocketAddrV4::new(load.relay, 67))?;
     sock.set_nonblocking(true)?;
-    raise_receive_buffer(&sock, 8 << 20);
+    // Replies come in bursts (a server's group commit sends its ACKs together).
+    set_buffers(&sock, 8 << 20);
     let to = SocketAddr::V4(SocketAddrV4::new(load.server, 67));
     let total = u128::from(load.rate) * load.duration.as_micros() / 1_000_000;
     let base = std::process::id().wrapping_mul(0x9e37_79b9);
@@ -311,12 +314,13 @@ pub fn run(load: &Load) -> io::Result<Report> {
 fn flush(sock: &UdpSocket, out: &mut Vec<Send>, report: &mut Report) -> io::Result<()> {
     while !out.is_empty() {
         match mmsg::send(sock, out) {
-            Ok(n) => {
-                out.drain(..n.max(1).min(out.len()));
+            Ok(n) if n > 0 => {
+                out.drain(..n.min(out.len()));
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(sock, libc::POLLOUT, TICK)?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => {
+            // Refused (or, never seen, none taken): the first one is counted and dropped.
+            _ => {
                 report.send_errors += 1;
                 out.remove(0);
             }
@@ -349,27 +353,6 @@ fn wait(sock: &UdpSocket, events: libc::c_short, timeout: Duration) -> io::Resul
         }
     }
     Ok(())
-}
-
-/// Replies come in bursts (a server's group commit sends its ACKs together): room for a
-/// few milliseconds of them. `SO_RCVBUFFORCE` passes `rmem_max` (root); else the default.
-fn raise_receive_buffer(sock: &UdpSocket, bytes: libc::c_int) {
-    // SAFETY: a valid socket and an int option of the size given.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            std::ptr::from_ref(&bytes).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        tracing::warn!(
-            "cannot raise the receive buffer: {}",
-            io::Error::last_os_error()
-        );
-    }
 }
 
 #[cfg(test)]

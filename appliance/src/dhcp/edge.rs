@@ -14,10 +14,11 @@ use super::Stats;
 /// (1500 - 20 IP - 8 UDP).
 pub const MAX_PACKET: usize = 1472;
 
-/// The fixed BOOTP header (RFC 2131 section 2) and the magic cookie before the options.
+/// The fixed BOOTP header (RFC 2131 section 2) and the magic cookie before the options
+/// (where the options start); the DHCP benchmark's load client reads replies by them too.
 const HEADER: usize = 236;
-const OPTIONS: usize = HEADER + 4;
-const COOKIE: [u8; 4] = [99, 130, 83, 99];
+pub const OPTIONS: usize = HEADER + 4;
+pub const COOKIE: [u8; 4] = [99, 130, 83, 99];
 const OP: usize = 0;
 const HTYPE: usize = 1;
 const HLEN: usize = 2;

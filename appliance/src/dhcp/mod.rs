@@ -157,9 +157,8 @@ const BUFFER: libc::c_int = 4 << 20;
 /// Sets both socket buffers to `bytes`. `SO_RCVBUF`/`SO_SNDBUF` are silently capped at
 /// `net.core.rmem_max`/`wmem_max` (208 KiB on a stock kernel, about 700 requests), so the
 /// forcing variants are tried first (they need CAP_NET_ADMIN, which a root service has);
-/// without it, whatever the sysctls allow.
-fn set_buffers(sock: &Socket, bytes: libc::c_int) {
-    use std::os::fd::AsRawFd;
+/// without it, whatever the sysctls allow. Also the DHCP benchmark's load client's.
+pub fn set_buffers(sock: &impl std::os::fd::AsRawFd, bytes: libc::c_int) {
     for (force, plain) in [
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),

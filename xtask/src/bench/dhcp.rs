@@ -160,7 +160,6 @@ pub fn run(family: Family) -> Result<()> {
     // while its receive thread waits for a core, and that measures the client, not the
     // server. Raised for the run (every server gets it), restored after.
     let _rmem = Sysctl::raise("/proc/sys/net/core/rmem_default", 8 << 20);
-    let peers = std::env::var("STORK_BENCH_DHCP_PEERS").unwrap_or_default();
     let fixed_rate: Option<u64> = std::env::var("STORK_BENCH_DHCP_RATE")
         .ok()
         .and_then(|s| s.parse().ok());
@@ -174,16 +173,12 @@ pub fn run(family: Family) -> Result<()> {
         Family::V4 => &[Client::Batching, Client::Perfdhcp],
         Family::V6 => &[Client::Perfdhcp],
     };
-    let picked = std::env::var("STORK_BENCH_DHCP_CLIENTS").unwrap_or_default();
     let runs = clients
         .iter()
-        .filter(|c| picked.is_empty() || picked.split(',').any(|p| p.trim() == c.name()))
-        .flat_map(|&c| all.iter().map(move |&p| (c, p)));
+        .filter(|c| chosen("STORK_BENCH_DHCP_CLIENTS", c.name()))
+        .flat_map(|&c| all.iter().map(move |&p| (c, p)))
+        .filter(|(_, p)| chosen("STORK_BENCH_DHCP_PEERS", &format!("{p:?}").to_lowercase()));
     for (client, peer) in runs {
-        let tag = format!("{peer:?}").to_lowercase();
-        if !peers.is_empty() && !peers.split(',').any(|p| p.trim() == tag) {
-            continue;
-        }
         if peer == Peer::StorkPg && pg.is_none() {
             crate::step("starting a scratch PostgreSQL for Stork's leases");
             pg = Some(stork_lab::postgres::ScratchPostgres::start()?);
@@ -421,7 +416,7 @@ impl Bench<'_> {
         Ok(good)
     }
 
-    /// One run: a fresh server, perfdhcp at `rate` for `length`.
+    /// One run: a fresh server, the bench's client at `rate` for `length`.
     fn trial(&self, rate: u64, length: Duration) -> Result<Trial> {
         let dir = self.work.join(
             format!(
@@ -672,6 +667,12 @@ ipv6_ra = false
         }
         Ok(p)
     }
+}
+
+/// Whether `name` is in the comma-separated list in `var` (absent or empty: everything).
+fn chosen(var: &str, name: &str) -> bool {
+    let list = std::env::var(var).unwrap_or_default();
+    list.trim().is_empty() || list.split(',').any(|p| p.trim() == name)
 }
 
 /// Kea's program and configuration file (written in `dir`) for `family`: memfile with
