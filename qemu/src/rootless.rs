@@ -29,7 +29,7 @@ use crate::process::{Spawned, tail, wait_for};
 use crate::switch::Switch;
 use crate::vm::{
     AttachedDisk, BootFirst, DiskBus, Firmware, GuestReboot, MachineArgs, NIC_ID, NicBackend,
-    blank_disk, bootindex_args, disk_id, machine_argv, ovmf_vars,
+    blank_disk, bootindex_args, disk_id, machine_command, ovmf_vars,
 };
 
 /// The device id of the user-mode NIC (netdev `u0`).
@@ -137,7 +137,7 @@ impl RootlessLab {
             });
         }
         let nic = NicBackend::Stream(self.socket().to_path_buf());
-        let mut argv = machine_argv(&MachineArgs {
+        let mut argv = machine_command(&MachineArgs {
             name: &spec.name,
             mac: &spec.mac,
             memory_mib: spec.memory_mib,

@@ -259,7 +259,7 @@ pub fn qemu_argv(lab: &mut Lab, spec: &VmSpec) -> Result<(Vec<String>, VmPaths)>
     for mac in &spec.extra_nics {
         extra_nics.push((NicBackend::Tap(lab.add_tap()?), mac.clone()));
     }
-    let argv = machine_argv(&MachineArgs {
+    let argv = machine_command(&MachineArgs {
         name: &spec.name,
         mac: &spec.mac,
         memory_mib: spec.memory_mib,
@@ -310,6 +310,25 @@ fn accel() -> &'static str {
     } else {
         "tcg"
     }
+}
+
+/// SeaBIOS's fw_cfg file naming the serial port it mirrors its text screen to, beside the
+/// console log. With `-nodefaults` there is no VGA, so without it SeaBIOS and the NIC's iPXE
+/// ROM print nowhere and a stall between power-on and the kernel leaves an empty console
+/// (docs/measurements.md, Firmware and iPXE).
+fn sercon_port_file(console: &Path) -> PathBuf {
+    console.with_file_name("sercon-port")
+}
+
+/// [`machine_argv`], with the files its command line names written first.
+pub(crate) fn machine_command(m: &MachineArgs<'_>) -> Result<Vec<String>> {
+    if m.firmware == Firmware::Bios {
+        let file = sercon_port_file(m.console);
+        // COM1's I/O port, 0x3f8, as the little-endian integer SeaBIOS reads.
+        std::fs::write(&file, 0x3f8u16.to_le_bytes())
+            .with_context(|| format!("writing {}", file.display()))?;
+    }
+    machine_argv(m)
 }
 
 /// The command line (program first) of a machine with its provisioning NIC [`NIC_ID`] on
@@ -409,7 +428,15 @@ pub(crate) fn machine_argv(m: &MachineArgs<'_>) -> Result<Vec<String>> {
     let nic = format!("virtio-net-pci,netdev=n0,id={NIC_ID},mac={}", m.mac);
     match m.firmware {
         Firmware::Bios => {
-            argv.extend(["-device".to_string(), nic]);
+            argv.extend([
+                "-device".to_string(),
+                nic,
+                "-fw_cfg".to_string(),
+                format!(
+                    "name=etc/sercon-port,file={}",
+                    opt_path(&sercon_port_file(m.console))
+                ),
+            ]);
         }
         Firmware::Uefi { .. }
         | Firmware::UefiHttp
@@ -757,6 +784,8 @@ mod tests {
             "-no-reboot",
             "-device",
             "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:00:00:01",
+            "-fw_cfg",
+            "name=etc/sercon-port,file=/lab/m1/sercon-port",
         ]);
         assert_eq!(machine_argv(&args(&spec)).unwrap(), bios);
 
@@ -865,6 +894,8 @@ mod tests {
                 "ide-hd,bus=ahci.1,drive=d4,id=disk4,serial=S2,bootindex=14",
                 "-device",
                 "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:00:00:01",
+                "-fw_cfg",
+                "name=etc/sercon-port,file=/lab/m1/sercon-port",
             ]
         );
         // Under OVMF the variable store is required.

@@ -128,8 +128,15 @@ fn cache() -> PathBuf {
     }
 }
 
+/// Says what comes next, with the time since the first step (minutes:seconds): a CI log
+/// then shows where a run's time goes.
 fn step(what: &str) {
-    eprintln!("\x1b[1m==> {what}\x1b[0m");
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let secs = START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs();
+    eprintln!("\x1b[1m==> [{}:{:02}] {what}\x1b[0m", secs / 60, secs % 60);
 }
 
 fn cargo() -> Command {
