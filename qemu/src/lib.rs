@@ -250,6 +250,13 @@ impl Lab {
             ifname: "eth0".into(),
         })
     }
+
+    /// [`Lab::add_host`] with the static address `cidr` (`10.77.0.2/24`) on its interface.
+    pub fn add_host_at(&mut self, name: &str, cidr: &str) -> Result<Host> {
+        let host = self.add_host(name)?;
+        ip(&["-n", &host.netns, "addr", "add", cidr, "dev", &host.ifname])?;
+        Ok(host)
+    }
 }
 
 impl Drop for Lab {

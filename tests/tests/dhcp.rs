@@ -15,12 +15,8 @@ fn malformed_packets_are_counted_and_dropped_and_udhcpc_still_gets_a_lease() {
     assert!(stork_bin().exists(), "run through `cargo xtask test`");
     let mut lab = Lab::new("dhcp_udhcpc", &lab_dir()).unwrap();
     let appliance = Appliance::start(&lab, &stork_bin(), &boot_files()).unwrap();
-    let host = lab.add_host("c1").unwrap();
     // A static address outside the range, just to send garbage from.
-    run_ok(
-        host.command("ip")
-            .args(["addr", "add", "10.77.0.250/24", "dev", &host.ifname]),
-    );
+    let host = lab.add_host_at("c1", "10.77.0.250/24").unwrap();
 
     for garbage in ["not dhcp", "\\001\\001\\006\\000"] {
         run_ok(
@@ -180,12 +176,7 @@ fn dhclient_gets_reboots_into_the_same_lease_and_releases() {
 fn a_flooding_client_is_rate_limited_and_others_are_served() {
     let mut lab = Lab::new("dhcp_flood", &lab_dir()).unwrap();
     let appliance = Appliance::start(&lab, &stork_bin(), &boot_files()).unwrap();
-    let flooder = lab.add_host("flood").unwrap();
-    run_ok(
-        flooder
-            .command("ip")
-            .args(["addr", "add", "10.77.0.250/24", "dev", "eth0"]),
-    );
+    let flooder = lab.add_host_at("flood", "10.77.0.250/24").unwrap();
     // 200 copies of one DISCOVER from one MAC, as fast as bash writes them.
     let discover = dhcp_common_discover();
     let path = lab.dir().join("discover.bin");

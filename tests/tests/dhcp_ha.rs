@@ -69,11 +69,7 @@ fn run(lab: &mut Lab, shared: &Shared) -> Result<()> {
     };
     let (conf_first, conf_second) = (conf("first")?, conf("second")?);
     let first = Appliance::start_on(lab, &bin, &boot, Some(shared), &["--config", &conf_first])?;
-    let b = lab.add_host("second")?;
-    run_ok(
-        b.command("ip")
-            .args(["addr", "add", &format!("{SECOND}/24"), "dev", "eth0"]),
-    );
+    let b = lab.add_host_at("second", &format!("{SECOND}/24"))?;
     let second = Appliance::start_at(
         lab,
         &b.netns,

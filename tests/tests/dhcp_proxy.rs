@@ -122,11 +122,7 @@ fn a_pxe_client_gets_its_address_from_dnsmasq_and_its_boot_file_from_stork() {
     let mut lab = Lab::new("dhcp_proxy", &lab_dir()).unwrap();
     let appliance = appliance_with(&lab, "[dhcp]\nmode = \"proxy\"\n");
     // The site's DHCP server.
-    let site = lab.add_host("site").unwrap();
-    run_ok(
-        site.command("ip")
-            .args(["addr", "add", "10.77.0.2/24", "dev", "eth0"]),
-    );
+    let site = lab.add_host_at("site", "10.77.0.2/24").unwrap();
     let mut cmd = site.command("dnsmasq");
     cmd.args([
         "--keep-in-foreground",

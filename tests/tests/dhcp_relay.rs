@@ -25,13 +25,8 @@ fn a_relayed_client_gets_an_address_from_the_relays_subnet() {
     let mut lab = Lab::new("dhcp_relay", &lab_dir()).unwrap();
     let appliance = appliance_with(&lab, CONFIG);
     // The relay: one leg on the provisioning bridge, one on the client's segment.
-    let relay = lab.add_host("relay").unwrap();
+    let relay = lab.add_host_at("relay", "10.77.0.2/24").unwrap();
     let client_ns = Netns::new(format!("{}-rclient", lab.netns()));
-    run_ok(
-        relay
-            .command("ip")
-            .args(["addr", "add", "10.77.0.2/24", "dev", "eth0"]),
-    );
     run_ok(relay.command("ip").args([
         "link",
         "add",
@@ -111,11 +106,7 @@ fn a_relayed_client_gets_an_address_from_the_relays_subnet() {
 fn the_benchmarks_load_client_gets_every_exchange_acked() {
     let mut lab = Lab::new("dhcp_load", &lab_dir()).unwrap();
     let appliance = appliance_with(&lab, "[dhcp]\nrange = [\"10.77.0.20\", \"10.77.0.250\"]\n");
-    let host = lab.add_host("load").unwrap();
-    run_ok(
-        host.command("ip")
-            .args(["addr", "add", "10.77.0.2/24", "dev", "eth0"]),
-    );
+    let host = lab.add_host_at("load", "10.77.0.2/24").unwrap();
     // 200 exchanges over a second: fewer than the range's 231 addresses.
     let out = run_ok(host.command(stork_tests::dhcp_load_bin()).args([
         "--server",

@@ -129,11 +129,7 @@ fn hostile_packets_are_counted_and_dropped_and_real_clients_are_served_after() {
     assert!(stork_bin().exists(), "run through `cargo xtask test`");
     let mut lab = Lab::new("hostile", &lab_dir()).unwrap();
     let mut appliance = Appliance::start(&lab, &stork_bin(), &boot_files()).unwrap();
-    let host = lab.add_host("evil").unwrap();
-    run_ok(
-        host.command("ip")
-            .args(["addr", "add", "10.77.0.250/24", "dev", &host.ifname]),
-    );
+    let host = lab.add_host_at("evil", "10.77.0.250/24").unwrap();
     let before = stats(&appliance);
 
     // 1. Single packets, each field at an extreme.
