@@ -321,14 +321,15 @@ pub(super) fn bootloader(
     // grub-install takes 5 to 6 s under emulation (docs/measurements.md); what it writes
     // for a further member partitioned as the first is the first's bytes, so those are
     // copied (`copy_bios_boot`, the ESP's files), and grub-install runs only where the
-    // BIOS boot partition lies elsewhere.
+    // BIOS boot partition lies elsewhere or its sectors are of another size.
     let esp0 = target.join("boot/efi");
     grub_install("x86_64-efi", &efi(&esp0))?;
+    let first = BiosBoot::of(&disks[0], &parts[0]);
     for (i, (disk, p)) in disks.iter().zip(parts).enumerate() {
-        if i == 0 || p.bios != parts[0].bios {
-            grub_install("i386-pc", &[disk.as_os_str().to_owned()])?;
-        } else {
+        if i > 0 && BiosBoot::of(disk, p).same_as(&first) {
             copy_bios_boot(&disks[0], disk, p.bios)?;
+        } else {
+            grub_install("i386-pc", &[disk.as_os_str().to_owned()])?;
         }
         if i > 0 {
             let at = Path::new(ESP_ELSEWHERE);
@@ -363,6 +364,37 @@ pub(super) fn bootloader(
         ),
     );
     Ok(())
+}
+
+/// Where a disk's BIOS boot partition lies and in what sectors: GRUB's core.img on one disk
+/// boots another only where both agree.
+#[derive(Debug, PartialEq)]
+struct BiosBoot {
+    /// First byte and length of the BIOS boot partition.
+    at: (u64, u64),
+    /// The disk's logical sector size, as the kernel reports it; `None` if unreadable.
+    sector: Option<u64>,
+}
+
+impl BiosBoot {
+    fn of(disk: &Path, parts: &Parts) -> Self {
+        let sector = disk.file_name().and_then(|name| {
+            let sys = Path::new("/sys/class/block")
+                .join(name)
+                .join("queue/logical_block_size");
+            fs::read_to_string(sys).ok()?.trim().parse().ok()
+        });
+        Self {
+            at: parts.bios,
+            sector,
+        }
+    }
+
+    /// Whether GRUB for BIOS as written on `first` can be copied here: a disk of unknown
+    /// sector size gets its own grub-install.
+    fn same_as(&self, first: &Self) -> bool {
+        self.sector.is_some() && self == first
+    }
 }
 
 /// Bytes of sector 0 that are boot code (boot.img): the disk signature and the partition
@@ -496,6 +528,27 @@ fn flag(name: &str, path: &Path) -> OsString {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grub_is_copied_only_to_a_member_with_the_same_partition_and_sector_size() {
+        let first = BiosBoot {
+            at: (1 << 20, 1 << 20),
+            sector: Some(512),
+        };
+        let like = |at: (u64, u64), sector| BiosBoot { at, sector }.same_as(&first);
+        assert!(like((1 << 20, 1 << 20), Some(512)));
+        // A 4Kn disk beside 512e ones: GRUB's sectors are not its sectors.
+        assert!(!like((1 << 20, 1 << 20), Some(4096)));
+        assert!(!like((2 << 20, 1 << 20), Some(512)));
+        assert!(!like((1 << 20, 2 << 20), Some(512)));
+        // Unknown sizes are not taken for equal.
+        assert!(!like((1 << 20, 1 << 20), None));
+        let unknown = || BiosBoot {
+            at: (1 << 20, 1 << 20),
+            sector: None,
+        };
+        assert!(!unknown().same_as(&unknown()));
+    }
 
     #[test]
     fn a_members_bios_boot_is_the_first_disks_code_and_partition_under_its_own_table() {
