@@ -139,7 +139,7 @@ fn secure_boot(sys: &Path) -> Option<bool> {
 }
 
 /// The file's content without surrounding whitespace; `None` when unreadable or empty.
-fn read_trimmed(path: &Path) -> Option<String> {
+pub(crate) fn read_trimmed(path: &Path) -> Option<String> {
     let text = fs::read_to_string(path).ok()?;
     let text = text.trim();
     (!text.is_empty()).then(|| text.to_string())

@@ -6,7 +6,8 @@
 //! machine (docs/measurements.md, "DHCP"), so on two cores shared with the server it runs
 //! out of CPU near 13,000 exchanges/s, before the server does. This one patches two packet
 //! templates (and reads a reply's four fields from its bytes rather than decode it whole
-//! with dhcproto, as `firmware.rs` does for one machine: here it is the hot path) and moves datagrams in batches with the appliance's own `recvmmsg`/`sendmmsg`
+//! with dhcproto, as `firmware.rs` does for one machine: here it is the hot path) and
+//! moves datagrams in batches with the appliance's own `recvmmsg`/`sendmmsg`
 //! ([`stork::dhcp::mmsg`]): 18 us of CPU per exchange at 16,000/s and more, a fifth of
 //! perfdhcp's, so the server is what a run measures (2026-12-06: Stork 24,000/s and Kea
 //! 16,000/s with it, where perfdhcp stopped both near 13,000 and 8,000). The bench runs perfdhcp too and prints both.

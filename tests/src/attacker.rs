@@ -79,14 +79,7 @@ impl Attacker {
     /// Starts attacking machine `id` (boot MAC `mac`) from 10.77.0.66.
     pub fn start(lab: &mut Lab, id: &str, mac: &str) -> Result<Attacker> {
         let mac = mac.to_string();
-        let host = lab.add_host("attacker")?;
-        stork_lab::run(host.command("ip").args([
-            "addr",
-            "add",
-            "10.77.0.66/24",
-            "dev",
-            &host.ifname,
-        ]))?;
+        let host = lab.add_host_at("attacker", "10.77.0.66/24")?;
         // Killed when dropped, and with the test process (a failed test leaves none).
         let mut cmd = host.command("python3");
         cmd.args(["-c", FLOOD]);

@@ -57,7 +57,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use super::Pair;
+use super::{Pair, chosen};
 use stork_lab::{Spawned, wait_for};
 
 const SERVER_IP: &str = "10.96.0.1";
@@ -667,12 +667,6 @@ ipv6_ra = false
         }
         Ok(p)
     }
-}
-
-/// Whether `name` is in the comma-separated list in `var` (absent or empty: everything).
-fn chosen(var: &str, name: &str) -> bool {
-    let list = std::env::var(var).unwrap_or_default();
-    list.trim().is_empty() || list.split(',').any(|p| p.trim() == name)
 }
 
 /// Kea's program and configuration file (written in `dir`) for `family`: memfile with

@@ -84,8 +84,7 @@ pub fn run() -> Result<()> {
     let (bin, boot, images) = prepare()?;
 
     // `STORK_BENCH_DEPLOY_PATHS=bios,uefi,http,sb,v6,layout` runs only those (all by default).
-    let only = std::env::var("STORK_BENCH_DEPLOY_PATHS").unwrap_or_default();
-    let wanted = |name: &str| only.is_empty() || only.split(',').any(|p| p.trim() == name);
+    let wanted = |name: &str| super::chosen("STORK_BENCH_DEPLOY_PATHS", name);
     let mut reports = Vec::new();
     for (path, lab_name, firmware) in [
         ("bios", "bench-deploy", Firmware::Bios),

@@ -379,10 +379,10 @@ struct BiosBoot {
 impl BiosBoot {
     fn of(disk: &Path, parts: &Parts) -> Self {
         let sector = disk.file_name().and_then(|name| {
-            let sys = Path::new("/sys/class/block")
-                .join(name)
-                .join("queue/logical_block_size");
-            fs::read_to_string(sys).ok()?.trim().parse().ok()
+            let sys = Path::new("/sys/class/block").join(name);
+            crate::inventory::read_trimmed(&sys.join("queue/logical_block_size"))?
+                .parse()
+                .ok()
         });
         Self {
             at: parts.bios,
