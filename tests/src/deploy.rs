@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use stork_lab::appliance::Shared;
-use stork_lab::bmc::BmcVm;
+use stork_lab::bmc::{BmcVm, OPERATOR_PASSWORD};
 use stork_lab::{Appliance, Lab, Net, VmSpec, wait_for};
 use stork_proto::api::{Machine, Status};
 use stork_proto::{DeployTarget, ImageRole};
@@ -213,8 +213,16 @@ impl Scenario {
             &self.machine.bmc,
             &self.tags,
         )?;
+        let shown = serde_json::to_string(&m)?;
+        if shown.contains(OPERATOR_PASSWORD) {
+            bail!("the API's answer to the add shows the BMC password: {shown}");
+        }
         let id = m.id;
         self.id = Some(id.clone());
+        let query = self.appliance.cli(&["machine", "power", &id, "query"])?;
+        if !query.contains("off") {
+            bail!("the machine is not off before its first power-on: {query}");
+        }
         self.phase_start();
         self.appliance.cli(&["machine", "power", &id, "on"])?;
         self.machine
@@ -257,6 +265,18 @@ impl Scenario {
             "Stork's power-off after commissioning",
             Duration::from_secs(90),
         )?;
+        // Both power actions went through the BMC, and its password is in neither the
+        // history nor the log.
+        let events = self.appliance.wait_events(
+            id,
+            &["NetbootAndPowerOn done", "PowerOff"],
+            Duration::from_secs(30),
+        )?;
+        if events.contains(OPERATOR_PASSWORD)
+            || self.appliance.log_tail(10_000).contains(OPERATOR_PASSWORD)
+        {
+            bail!("the BMC password appears in the events or the appliance's log");
+        }
         self.phase_done(&format!("commission (to {want}, off)"));
         Ok(())
     }

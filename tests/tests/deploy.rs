@@ -1,6 +1,8 @@
 //! Deploying an OS end to end on SeaBIOS VMs powered only through their BMCs (`ipmi_sim`
 //! starting and stopping QEMU): the test adds each machine with its IPMI parameters and asks
-//! Stork for power-on, commissioning, deploy and release; Stork does every power-on and -off.
+//! Stork for power-on, commissioning, deploy and release; Stork does every power-on and -off
+//! (`Scenario` checks each: off before the first power-on, PXE set for commissioning, both
+//! power actions in the history, the BMC password in no API answer, event or log line).
 //!
 //! - To disk: enlist, commission, the Debian image streamed onto the disk (the download cut
 //!   once mid-stream and resumed), Stork sets the BMC's next boot to the disk, the agent's
@@ -17,7 +19,10 @@
 //!   by default, fully: Stork power-cycles the running machine into the agent, which erases
 //!   the disk with NVMe Format NVM and reads samples back; the disk image holds not one
 //!   non-zero byte afterwards.
-//! - A wrong image checksum ends in failed_deployment with the reason, the agent wipes what it
+//! - A plain SeaBIOS machine's commissioned inventory is its VM's hardware (MAC and
+//!   virtio_net, disk serial and size, memory, CPUs, BIOS, DMI vendor), and the certificate
+//!   the lab's CLI pinned on first use is the one `stork config show` prints. Then a wrong
+//!   image checksum ends in failed_deployment with the reason, the agent wipes what it
 //!   wrote (the disk image is all zeros again: no partition table to boot), and Stork powers
 //!   the machine off. Deployed again from there with an image whose block map lost a range,
 //!   it fails again, naming the missing range.
@@ -27,9 +32,11 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use stork_lab::{DiskBus, ExtraDisk};
+use stork_lab::{Appliance, DiskBus, ExtraDisk};
 use stork_proto::DeployTarget;
+use stork_proto::MacAddr;
 use stork_proto::api::Status;
+use stork_proto::inventory::Firmware;
 use stork_tests::attacker::{self, Attacker};
 use stork_tests::deploy::{
     Scenario, check_blank_disk, deploy_to_disk_and_log_in, register_image_with_map_range_dropped,
@@ -91,6 +98,10 @@ fn seabios_vm_powered_by_its_bmc_deploys_debian_to_nvme_logs_in_over_ssh_then_re
         attacker::bystander_is_served(&mut s.lab, &s.appliance)?;
         attacker.stop()?.check()?;
         attacker::refusals_counted(&s.appliance, 1)?;
+        let events = s.appliance.cli(&["machine", "events", &id])?;
+        if !events.contains("no agent token") {
+            bail!("the attacker's script fetches are not in the history:\n{events}");
+        }
         release_erases_by_default(&mut s, &id)
     })();
     if let Err(e) = result {
@@ -192,6 +203,8 @@ fn an_image_with_the_wrong_sha256_fails_the_deployment_with_that_reason() {
     let mut s = Scenario::new("deploy-badsum", spec, Some(&wrong)).unwrap();
     let result = (|| -> Result<()> {
         let id = ready(&mut s)?;
+        inventory_is_the_vms(&s, &id)?;
+        pinned_what_config_show_prints(&s.appliance)?;
         s.deploy(&id, DeployTarget::Disk, "stork-e2e-badsum")?;
         let msg =
             s.deploy_fails_with(&id, "with a sha256 mismatch", &["sha256 mismatch", &wrong])?;
@@ -223,4 +236,76 @@ fn an_image_with_the_wrong_sha256_fails_the_deployment_with_that_reason() {
     if let Err(e) = result {
         s.fail(e);
     }
+}
+
+/// The inventory the agent reported is the VM's own hardware, and the history has both
+/// steps of the commissioning.
+fn inventory_is_the_vms(s: &Scenario, id: &str) -> Result<()> {
+    let m = s.status(id)?;
+    let spec = &s.machine.spec;
+    let inv = m
+        .inventory
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no inventory: {m:#?}"))?;
+    let mac: MacAddr = spec.mac.parse()?;
+    let checks = [
+        (m.macs.contains(&mac), "the VM's MAC is among the machine's"),
+        (
+            inv.nics
+                .iter()
+                .any(|n| n.mac == mac && n.driver.as_deref() == Some("virtio_net")),
+            "a virtio_net NIC with the VM's MAC",
+        ),
+        (
+            inv.disks.iter().any(|d| {
+                d.serial.as_deref() == Some(spec.disk_serial.as_str())
+                    && d.size_bytes == spec.disk_bytes
+            }),
+            "a disk with the VM's disk serial and size",
+        ),
+        (
+            inv.memory.total_bytes == u64::from(spec.memory_mib) << 20,
+            "the VM's memory",
+        ),
+        (inv.cpu.count == spec.cpus, "the VM's CPU count"),
+        (inv.firmware == Firmware::Bios, "BIOS firmware"),
+        (
+            inv.dmi.sys_vendor.as_deref() == Some("QEMU"),
+            "DMI vendor QEMU",
+        ),
+    ];
+    if let Some((_, what)) = checks.iter().find(|(ok, _)| !ok) {
+        bail!("the inventory lacks {what}: {inv:#?}");
+    }
+    let events = s.appliance.cli(&["machine", "events", id])?;
+    for want in [
+        "Commission: new -> commissioning",
+        "CommissioningDone: commissioning -> ready",
+    ] {
+        if !events.contains(want) {
+            bail!("the history lacks {want:?}:\n{events}");
+        }
+    }
+    Ok(())
+}
+
+/// The API is HTTPS with a certificate generated at the first start: the lab's CLI pinned
+/// it on first use (the agent pinned it from its command line, or it could not have
+/// commissioned), and what it pinned is what `stork config show` prints on the appliance.
+fn pinned_what_config_show_prints(appliance: &Appliance) -> Result<()> {
+    let pins = std::fs::read_to_string(appliance.data_dir.with_file_name("pins"))?;
+    let shown = stork_lab::run(
+        std::process::Command::new(&appliance.bin)
+            .args(["config", "show", "--data-dir"])
+            .arg(&appliance.data_dir),
+    )?;
+    let fp = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint:"))
+        .map(str::trim)
+        .ok_or_else(|| anyhow::anyhow!("no fingerprint in `stork config show`:\n{shown}"))?;
+    if !(fp.starts_with("sha256:") && pins.contains(&format!("127.0.0.1:8443 {fp}"))) {
+        bail!("the lab pinned {pins:?}, the appliance shows {fp}");
+    }
+    Ok(())
 }

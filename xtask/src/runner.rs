@@ -1,14 +1,19 @@
-//! Runs the workspace's test binaries as `cargo test` would, but the end-to-end binaries
-//! that drive QEMU two at a time. Under TCG a VM test leaves about half of this machine's two
-//! cores idle (`vmstat` during `deploy_uefi.rs`: 40-50 % idle for most of its run, the
-//! guests' boots being mostly one busy vCPU), and `cargo test` runs binaries one after
-//! another: the VM binaries were some 46 of a CI run's 76 minutes (docs/measurements.md,
-//! CI time).
+//! Runs the workspace's test binaries as `cargo test` would, in three lanes:
 //!
-//! Everything else runs alone and in order, its output passed through as it comes. A
-//! concurrent binary's output (stdout and stderr) goes to a file, printed whole when the
-//! binary ends so that two binaries' lines never mix. Either way each failed test's panic
-//! message is repeated at the end ([`crate::failures::Summary`]).
+//! - [`ALONE`]: binaries that keep the machine to themselves, first, one after another.
+//! - [`VMS`]: the end-to-end binaries that drive QEMU, two at a time. Under TCG one VM
+//!   test leaves about half of the two cores idle (`vmstat` during `deploy_uefi.rs`: 40-50 %
+//!   idle for most of its run, a guest's boot being mostly one busy vCPU).
+//! - Every other binary, one at a time *beside* the VM lane. They wait far more than they
+//!   compute (`vmstat 5` through them on 2026-12-06: 95-100 % idle for most of their 12
+//!   minutes, `fleet.rs` 99 % idle for its 162 s of status and heartbeat timeouts), so they
+//!   cost the VM lane little; the VM lane runs at a lower priority ([`VM_NICE`]) so that
+//!   what they do compute is not kept waiting behind the emulated CPUs.
+//!
+//! An alone binary's output is passed through as it comes. A binary of the other two
+//! lanes has its output (stdout and stderr) go to a file, printed whole when the binary ends
+//! so that two binaries' lines never mix. Either way each failed test's panic message is
+//! repeated at the end ([`crate::failures::Summary`]). docs/measurements.md, CI time.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -22,20 +27,27 @@ use anyhow::{Context, Result, bail};
 
 use crate::failures::{Summary, pass_through};
 
-/// The binaries that run VMs and may share the machine, longest first (seconds in the CI
-/// run of 2026-12-06, one at a time): the longest start first, so the pair ends together.
-/// A binary not named here runs alone: `os_image.rs` rebuilds the OS images the VM tests
-/// deploy; `fleet.rs` (a simulated fleet with a 30 s heartbeat rule) and `web_ui.rs` (a
-/// browser's waits) keep the whole machine to themselves.
-pub const CONCURRENT: &[&str] = &[
-    "deploy_layout", // 549 s
-    "appliance",     // 487
-    "deploy_uefi",   // 393
-    "ipv6",          // 343
-    "deploy",        // 219
-    "uefi_paths",    // 217
-    "two_sites",     // 161
+/// The binaries that run VMs and share the machine two at a time, longest first (seconds
+/// beside one another in the CI run of 2026-12-06 17:30): the longest start first, so the
+/// pair ends together.
+pub const VMS: &[&str] = &[
+    "deploy_layout", // 931 s
+    "appliance",     // 903
+    "deploy_uefi",   // 755
+    "ipv6",          // 508
+    "uefi_paths",    // 480
+    "two_sites",     // 351
+    "deploy",        // 334
 ];
+
+/// Test binaries (of any package) run alone, before the others: `os_image.rs` rebuilds the
+/// OS images the VM tests deploy (when its inputs changed), `web_ui.rs` waits on a browser
+/// and `dhcp_boot_timing.rs` compares two boots' times.
+pub const ALONE: &[&str] = &["os_image", "web_ui", "dhcp_boot_timing"];
+
+/// How much lower the VM lane's priority is (`nice`; it holds for QEMU and everything else
+/// the binary starts).
+const VM_NICE: u8 = 5;
 
 /// The package whose binaries [`CONCURRENT`] names (the end-to-end tests).
 const E2E_PACKAGE: &str = "stork-tests";
@@ -60,11 +72,24 @@ pub struct TestBinary {
     pub dir: PathBuf,
 }
 
+/// Where a binary runs ([`run`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    Alone,
+    Vms,
+    Beside,
+}
+
 impl TestBinary {
-    fn concurrent(&self) -> bool {
-        self.package == E2E_PACKAGE
-            && self.kind == "test"
-            && CONCURRENT.contains(&self.name.as_str())
+    fn lane(&self) -> Lane {
+        let test = self.kind == "test";
+        if test && ALONE.contains(&self.name.as_str()) {
+            Lane::Alone
+        } else if test && self.package == E2E_PACKAGE && VMS.contains(&self.name.as_str()) {
+            Lane::Vms
+        } else {
+            Lane::Beside
+        }
     }
 
     fn label(&self) -> String {
@@ -74,8 +99,16 @@ impl TestBinary {
         }
     }
 
-    fn command(&self, args: &[String], env: &[(String, OsString)]) -> Command {
-        let mut c = Command::new(&self.exe);
+    /// The binary run with `args` and `env`, at `nice` if given.
+    fn command(&self, args: &[String], env: &[(String, OsString)], nice: Option<u8>) -> Command {
+        let mut c = match nice {
+            Some(n) => {
+                let mut c = Command::new("nice");
+                c.arg("-n").arg(n.to_string()).arg(&self.exe);
+                c
+            }
+            None => Command::new(&self.exe),
+        };
         c.args(args)
             .current_dir(&self.dir)
             .env("CARGO_MANIFEST_DIR", &self.dir)
@@ -144,8 +177,9 @@ fn package_name(id: &str) -> Option<String> {
     }
 }
 
-/// Runs every binary with `args` and `env`: the [`CONCURRENT`] ones `jobs` at a time after
-/// the rest. Fails, after all have run, if any failed, repeating why each test failed.
+/// Runs every binary with `args` and `env`: the [`ALONE`] ones first, then the [`VMS`] ones
+/// `jobs` at a time with every other binary one at a time beside them. Fails, after all have
+/// run, if any failed, repeating why each test failed.
 pub fn run(
     binaries: &[TestBinary],
     args: &[String],
@@ -159,25 +193,30 @@ pub fn run(
         .unwrap_or(JOBS);
     let mut summary = Summary::default();
     let mut failed = Vec::new();
-    let (mut together, alone): (Vec<&TestBinary>, Vec<&TestBinary>) =
-        binaries.iter().partition(|b| b.concurrent());
-    for b in alone {
+    let of =
+        |lane: Lane| -> Vec<&TestBinary> { binaries.iter().filter(|b| b.lane() == lane).collect() };
+    for b in of(Lane::Alone) {
         println!("     Running {} ({})", b.label(), b.exe.display());
-        if !pass_through(&mut b.command(args, env), &mut summary)?.success() {
+        if !pass_through(&mut b.command(args, env, None), &mut summary)?.success() {
             failed.push(b.label());
         }
     }
-    together.sort_by_key(|b| CONCURRENT.iter().position(|n| *n == b.name));
+    let mut vms = of(Lane::Vms);
+    vms.sort_by_key(|b| VMS.iter().position(|n| *n == b.name));
     std::fs::create_dir_all(logs).with_context(|| format!("creating {}", logs.display()))?;
-    for label in concurrently(
-        &together,
-        jobs,
-        args,
-        env,
-        logs,
-        &mut summary,
-        &mut std::io::stdout(),
-    )? {
+    let lanes = vec![
+        Side {
+            queue: vms.into(),
+            jobs,
+            nice: Some(VM_NICE),
+        },
+        Side {
+            queue: of(Lane::Beside).into(),
+            jobs: 1,
+            nice: None,
+        },
+    ];
+    for label in concurrently(lanes, args, env, logs, &mut summary, &mut std::io::stdout())? {
         failed.push(label);
     }
     summary.close();
@@ -188,50 +227,65 @@ pub fn run(
     bail!("test binaries failed: {}", failed.join(", "))
 }
 
+/// Binaries run side by side with others: up to `jobs` of `queue` at once, at `nice`.
+struct Side<'a> {
+    queue: VecDeque<&'a TestBinary>,
+    jobs: usize,
+    nice: Option<u8>,
+}
+
 struct Running<'a> {
     binary: &'a TestBinary,
+    /// Its lane's index.
+    side: usize,
     child: Child,
     log: PathBuf,
     started: Instant,
 }
 
-/// Runs `binaries` at most `jobs` at a time, each one's output into a file under `logs` that
-/// is printed and read when it ends; returns the labels of those that failed.
+/// Runs each lane's binaries, at most its `jobs` at a time, every lane at once; each
+/// binary's output goes into a file under `logs` that is printed and read when it ends.
+/// Returns the labels of those that failed.
 fn concurrently(
-    binaries: &[&TestBinary],
-    jobs: usize,
+    mut lanes: Vec<Side<'_>>,
     args: &[String],
     env: &[(String, OsString)],
     logs: &Path,
     summary: &mut Summary,
     out: &mut dyn Write,
 ) -> Result<Vec<String>> {
-    let mut queue: VecDeque<&TestBinary> = binaries.iter().copied().collect();
     let mut running: Vec<Running> = Vec::new();
     let mut failed = Vec::new();
     let mut said = Instant::now();
-    while !queue.is_empty() || !running.is_empty() {
-        while running.len() < jobs {
-            let Some(b) = queue.pop_front() else { break };
-            let log = logs.join(format!("{}-{}.log", b.package, b.name));
-            let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-            let child = b
-                .command(args, env)
-                .stdout(file.try_clone()?)
-                .stderr(file)
-                .spawn()
-                .with_context(|| format!("cannot run {}", b.exe.display()))?;
-            eprintln!(
-                "     Started {} ({} at once; its output when it ends)",
-                b.label(),
-                jobs
-            );
-            running.push(Running {
-                binary: b,
-                child,
-                log,
-                started: Instant::now(),
-            });
+    while lanes.iter().any(|l| !l.queue.is_empty()) || !running.is_empty() {
+        for (side, lane) in lanes.iter_mut().enumerate() {
+            while running.iter().filter(|r| r.side == side).count() < lane.jobs {
+                let Some(b) = lane.queue.pop_front() else {
+                    break;
+                };
+                let log = logs.join(format!("{}-{}-{}.log", b.package, b.kind, b.name));
+                let file =
+                    File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+                let child = b
+                    .command(args, env, lane.nice)
+                    .stdout(file.try_clone()?)
+                    .stderr(file)
+                    .spawn()
+                    .with_context(|| format!("cannot run {}", b.exe.display()))?;
+                eprintln!(
+                    "     Started {} ({} of its lane at once{}; its output when it ends)",
+                    b.label(),
+                    lane.jobs,
+                    lane.nice.map(|n| format!(", nice {n}")).unwrap_or_default()
+                );
+                running.push(Running {
+                    binary: b,
+                    side,
+                    child,
+                    log,
+                    started: Instant::now(),
+                });
+            }
         }
         std::thread::sleep(Duration::from_millis(500));
         let mut i = 0;
@@ -309,17 +363,26 @@ mod tests {
         );
         assert_eq!(b[1].dir, Path::new("/w/tests"));
         assert_eq!(b[1].exe, Path::new("/w/target/debug/deps/deploy-1"));
-        let concurrent: Vec<&str> = b
-            .iter()
-            .filter(|b| b.concurrent())
-            .map(|b| b.name.as_str())
-            .collect();
-        assert_eq!(concurrent, ["deploy"]);
+        let lanes: Vec<Lane> = b.iter().map(TestBinary::lane).collect();
+        assert_eq!(lanes, [Lane::Beside, Lane::Vms, Lane::Beside, Lane::Beside]);
+        // An alone binary by its name in any package; a VM binary's name on a unit-test
+        // binary is not one.
+        let os_image = TestBinary {
+            package: "stork-image".into(),
+            name: "os_image".into(),
+            ..b[1].clone()
+        };
+        assert_eq!(os_image.lane(), Lane::Alone);
+        let lib = TestBinary {
+            kind: "lib".into(),
+            ..b[1].clone()
+        };
+        assert_eq!(lib.lane(), Lane::Beside);
         assert!(parse_artifacts("{not json").is_err());
     }
 
-    /// Real processes: two binaries at once, each one's output whole and in one piece, the
-    /// failing one named and its panic kept.
+    /// Real processes: two lanes at once, each binary's output whole and in one piece, the
+    /// failing one named and its panic kept, each lane at its own priority.
     #[test]
     fn concurrent_binaries_output_stays_whole_and_failures_are_named() {
         let dir = tempfile::tempdir().unwrap();
@@ -338,8 +401,9 @@ mod tests {
         };
         let ok = script(
             "deploy",
-            "echo one; sleep 1; echo \"two $1 $STORK_X $(basename $PWD)\"; echo 'test result: ok.'",
+            "echo one; sleep 1; echo \"two $1 $STORK_X $(basename $PWD) $(nice)\"; echo 'test result: ok.'",
         );
+        let beside = script("fleet", "echo \"beside $(nice)\"");
         let bad = script(
             "ipv6",
             "printf -- '---- t stdout ----\\nthread panicked at x.rs:1:\\nwhy\\n\\nfailures:\\n' >&2; exit 101",
@@ -349,9 +413,20 @@ mod tests {
         std::fs::create_dir(&logs).unwrap();
         let mut summary = Summary::default();
         let mut printed = Vec::new();
+        let lanes = vec![
+            Side {
+                queue: [&ok, &bad].into(),
+                jobs: 2,
+                nice: Some(VM_NICE),
+            },
+            Side {
+                queue: [&beside].into(),
+                jobs: 1,
+                nice: None,
+            },
+        ];
         let failed = concurrently(
-            &[&ok, &bad],
-            2,
+            lanes,
             &["--include-ignored".to_string()],
             &env,
             &logs,
@@ -366,12 +441,20 @@ mod tests {
             "{printed}"
         );
         assert_eq!(failed, vec![bad.label()]);
-        let log = std::fs::read_to_string(logs.join("stork-tests-deploy.log")).unwrap();
+        let log = std::fs::read_to_string(logs.join("stork-tests-test-deploy.log")).unwrap();
         let dir_name = dir.path().file_name().unwrap().to_string_lossy();
+        let ours: i32 = String::from_utf8(Command::new("nice").output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let lower = (ours + i32::from(VM_NICE)).min(19);
         assert_eq!(
             log,
-            format!("one\ntwo --include-ignored x {dir_name}\ntest result: ok.\n")
+            format!("one\ntwo --include-ignored x {dir_name} {lower}\ntest result: ok.\n")
         );
+        let log = std::fs::read_to_string(logs.join("stork-tests-test-fleet.log")).unwrap();
+        assert_eq!(log, format!("beside {ours}\n"));
         summary.close();
         assert_eq!(summary.failed.len(), 1);
         assert_eq!(summary.failed[0].0, "t");
