@@ -192,14 +192,18 @@ pub fn run(
         .filter(|&j| j > 0)
         .unwrap_or(JOBS);
     let mut summary = Summary::default();
-    let mut failed = Vec::new();
+    let mut ended = Vec::new();
     let of =
         |lane: Lane| -> Vec<&TestBinary> { binaries.iter().filter(|b| b.lane() == lane).collect() };
     for b in of(Lane::Alone) {
         println!("     Running {} ({})", b.label(), b.exe.display());
-        if !pass_through(&mut b.command(args, env, None), &mut summary)?.success() {
-            failed.push(b.label());
-        }
+        let started = Instant::now();
+        let status = pass_through(&mut b.command(args, env, None), &mut summary)?;
+        ended.push(Ended {
+            label: b.label(),
+            took: started.elapsed(),
+            passed: status.success(),
+        });
     }
     let mut vms = of(Lane::Vms);
     vms.sort_by_key(|b| VMS.iter().position(|n| *n == b.name));
@@ -216,15 +220,54 @@ pub fn run(
             nice: None,
         },
     ];
-    for label in concurrently(lanes, args, env, logs, &mut summary, &mut std::io::stdout())? {
-        failed.push(label);
-    }
+    ended.extend(concurrently(
+        lanes,
+        args,
+        env,
+        logs,
+        &mut summary,
+        &mut std::io::stdout(),
+    )?);
+    println!("{}", longest(&ended, LONGEST));
     summary.close();
+    let failed: Vec<&str> = ended
+        .iter()
+        .filter(|e| !e.passed)
+        .map(|e| e.label.as_str())
+        .collect();
     if failed.is_empty() {
         return Ok(());
     }
     summary.report();
     bail!("test binaries failed: {}", failed.join(", "))
+}
+
+/// How many binaries [`longest`] names at the end of a run.
+const LONGEST: usize = 12;
+
+/// A binary that ran: how long it took (beside others, outside the alone lane) and
+/// whether it passed.
+#[derive(Debug)]
+struct Ended {
+    label: String,
+    took: Duration,
+    passed: bool,
+}
+
+/// The `n` binaries that took longest, longest first, one per line: where the next cut in a
+/// run's time is (docs/measurements.md, CI time).
+fn longest(ended: &[Ended], n: usize) -> String {
+    let mut by_time: Vec<&Ended> = ended.iter().collect();
+    by_time.sort_by_key(|e| std::cmp::Reverse(e.took));
+    let mut text = format!("     The {} longest test binaries:", n.min(by_time.len()));
+    for e in by_time.iter().take(n) {
+        text.push_str(&format!(
+            "\n     {:>6.0} s  {}",
+            e.took.as_secs_f64(),
+            e.label
+        ));
+    }
+    text
 }
 
 /// Binaries run side by side with others: up to `jobs` of `queue` at once, at `nice`.
@@ -245,7 +288,7 @@ struct Running<'a> {
 
 /// Runs each lane's binaries, at most its `jobs` at a time, every lane at once; each
 /// binary's output goes into a file under `logs` that is printed and read when it ends.
-/// Returns the labels of those that failed.
+/// Returns each binary as it ended.
 fn concurrently(
     mut lanes: Vec<Side<'_>>,
     args: &[String],
@@ -253,9 +296,9 @@ fn concurrently(
     logs: &Path,
     summary: &mut Summary,
     out: &mut dyn Write,
-) -> Result<Vec<String>> {
+) -> Result<Vec<Ended>> {
     let mut running: Vec<Running> = Vec::new();
-    let mut failed = Vec::new();
+    let mut ended = Vec::new();
     let mut said = Instant::now();
     while lanes.iter().any(|l| !l.queue.is_empty()) || !running.is_empty() {
         for (side, lane) in lanes.iter_mut().enumerate() {
@@ -311,9 +354,11 @@ fn concurrently(
                 summary.feed(line);
             }
             summary.close();
-            if !status.success() {
-                failed.push(r.binary.label());
-            }
+            ended.push(Ended {
+                label: r.binary.label(),
+                took: r.started.elapsed(),
+                passed: status.success(),
+            });
         }
         if !running.is_empty() && said.elapsed() >= PROGRESS {
             said = Instant::now();
@@ -330,7 +375,7 @@ fn concurrently(
             eprintln!("     Still running: {}", names.join(", "));
         }
     }
-    Ok(failed)
+    Ok(ended)
 }
 
 #[cfg(test)]
@@ -425,7 +470,7 @@ mod tests {
                 nice: None,
             },
         ];
-        let failed = concurrently(
+        let ended = concurrently(
             lanes,
             &["--include-ignored".to_string()],
             &env,
@@ -434,13 +479,29 @@ mod tests {
             &mut printed,
         )
         .unwrap();
+        let failed: Vec<&str> = ended
+            .iter()
+            .filter(|e| !e.passed)
+            .map(|e| e.label.as_str())
+            .collect();
+        // The one that slept is the longest; each is named once.
+        let named = longest(&ended, 2);
+        assert!(
+            named.starts_with("     The 2 longest test binaries:\n"),
+            "{named}"
+        );
+        assert!(
+            named.lines().nth(1).unwrap().ends_with(&ok.label()),
+            "{named}"
+        );
+        assert_eq!(named.lines().count(), 3, "{named}");
         // Each binary's output printed in one piece after its own heading.
         let printed = String::from_utf8(printed).unwrap();
         assert!(
             printed.contains("tests/deploy.rs (") && printed.contains("one\ntwo --include-ignored"),
             "{printed}"
         );
-        assert_eq!(failed, vec![bad.label()]);
+        assert_eq!(failed, vec![bad.label().as_str()]);
         let log = std::fs::read_to_string(logs.join("stork-tests-test-deploy.log")).unwrap();
         let dir_name = dir.path().file_name().unwrap().to_string_lossy();
         let ours: i32 = String::from_utf8(Command::new("nice").output().unwrap().stdout)
