@@ -204,7 +204,8 @@ impl Scenario {
         self.appliance.cli(&["machine", "events", id])
     }
 
-    /// Adds the machine with its IPMI parameters, has Stork power it on (the BMC's boot
+    /// Adds the machine with its IPMI parameters (the answer must not show the BMC's
+    /// password; Stork's power query must say off), has Stork power it on (the BMC's boot
     /// device is the default: the blank disk, then the network), and waits until the agent
     /// enlisted it and powered it off. Returns the machine id.
     pub fn add_and_enlist(&mut self) -> Result<String> {
@@ -246,7 +247,8 @@ impl Scenario {
     }
 
     /// Commissions with the hardware `tests` (`--test`), to `want` (Ready, or failed
-    /// commissioning for a test that must find a fault) and off.
+    /// commissioning for a test that must find a fault) and off; both power actions are in
+    /// the history, the BMC's password in no event or log line.
     pub fn commission_with(&mut self, id: &str, tests: &[&str], want: Status) -> Result<()> {
         self.phase_start();
         let mut args = vec!["machine", "commission", id];
