@@ -200,7 +200,8 @@ impl Scenario {
         self.appliance.machine(id)
     }
 
-    fn events(&self, id: &str) -> Result<String> {
+    /// The machine's history as `stork machine events` prints it.
+    pub fn events(&self, id: &str) -> Result<String> {
         self.appliance.cli(&["machine", "events", id])
     }
 

@@ -81,7 +81,7 @@ fn seabios_vm_powered_by_its_bmc_deploys_debian_to_nvme_logs_in_over_ssh_then_re
         // Before the agent's reboot Stork set the BMC's next boot to the disk, so SeaBIOS
         // went straight to it: no network boot, no `exit` script (SeaBIOS and iPXE print to
         // the screen only: the appliance's log is the witness).
-        let events = s.appliance.cli(&["machine", "events", &id])?;
+        let events = s.events(&id)?;
         if !events.contains("power: next boot from disk, set through the BMC") {
             bail!("Stork did not set the next boot through the BMC:\n{events}");
         }
@@ -98,7 +98,7 @@ fn seabios_vm_powered_by_its_bmc_deploys_debian_to_nvme_logs_in_over_ssh_then_re
         attacker::bystander_is_served(&mut s.lab, &s.appliance)?;
         attacker.stop()?.check()?;
         attacker::refusals_counted(&s.appliance, 1)?;
-        let events = s.appliance.cli(&["machine", "events", &id])?;
+        let events = s.events(&id)?;
         if !events.contains("no agent token") {
             bail!("the attacker's script fetches are not in the history:\n{events}");
         }
@@ -180,7 +180,7 @@ fn release_erases_by_default(s: &mut Scenario, id: &str) -> Result<()> {
     s.wait_off("Stork's power-off after the erase", Duration::from_secs(90))?;
     s.phase_done("release, full erase by default (to Ready, off)");
 
-    let events = s.appliance.cli(&["machine", "events", id])?;
+    let events = s.events(id)?;
     for want in [
         "full erase done",
         "NVMe Format NVM, user data erase",
@@ -277,7 +277,7 @@ fn inventory_is_the_vms(s: &Scenario, id: &str) -> Result<()> {
     if let Some((_, what)) = checks.iter().find(|(ok, _)| !ok) {
         bail!("the inventory lacks {what}: {inv:#?}");
     }
-    let events = s.appliance.cli(&["machine", "events", id])?;
+    let events = s.events(id)?;
     for want in [
         "Commission: new -> commissioning",
         "CommissioningDone: commissioning -> ready",

@@ -49,10 +49,10 @@ pub const ALONE: &[&str] = &["os_image", "web_ui", "dhcp_boot_timing"];
 /// the binary starts).
 const VM_NICE: u8 = 5;
 
-/// The package whose binaries [`CONCURRENT`] names (the end-to-end tests).
+/// The package whose binaries [`VMS`] names (the end-to-end tests).
 const E2E_PACKAGE: &str = "stork-tests";
 
-/// Binaries of [`CONCURRENT`] run at once, unless `STORK_TEST_JOBS` says otherwise (`1`: the
+/// Binaries of [`VMS`] run at once, unless `STORK_TEST_JOBS` says otherwise (`1`: the
 /// old order, one at a time).
 const JOBS: usize = 2;
 
@@ -338,12 +338,13 @@ fn concurrently(
                 continue;
             };
             let r = running.swap_remove(i);
+            let took = r.started.elapsed();
             let _ = writeln!(
                 out,
                 "     Finished {} ({}) in {:.0} s, beside others; its output:",
                 r.binary.label(),
                 r.binary.exe.display(),
-                r.started.elapsed().as_secs_f64()
+                took.as_secs_f64()
             );
             let mut text = String::new();
             File::open(&r.log)
@@ -356,7 +357,7 @@ fn concurrently(
             summary.close();
             ended.push(Ended {
                 label: r.binary.label(),
-                took: r.started.elapsed(),
+                took,
                 passed: status.success(),
             });
         }

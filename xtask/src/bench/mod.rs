@@ -34,8 +34,6 @@ pub fn run(what: &str) -> Result<()> {
     }
 }
 
-/// Builds the appliance and the sim's binaries (`stork-sim`, `stork-dhcp-load`) in release;
-/// returns the directory they are in.
 /// Whether `name` is in the comma-separated list in `var` (absent or empty: everything): a
 /// bench's `STORK_BENCH_*` filters.
 pub fn chosen(var: &str, name: &str) -> bool {
@@ -43,6 +41,8 @@ pub fn chosen(var: &str, name: &str) -> bool {
     list.trim().is_empty() || list.split(',').any(|p| p.trim() == name)
 }
 
+/// Builds the appliance and the sim's binaries (`stork-sim`, `stork-dhcp-load`) in release;
+/// returns the directory they are in.
 pub fn build_stork_and_sim() -> Result<std::path::PathBuf> {
     crate::step("building stork and stork-sim's binaries (release)");
     crate::status(crate::cargo().args([
