@@ -631,19 +631,53 @@ impl Store {
         })
     }
 
+    /// The machines `where_sql` selects, oldest first.
     fn query_machines(
         key: &SecretKey,
         db: &mut dyn Sql,
         where_sql: &str,
         args: &[Value],
     ) -> Result<Vec<Machine>, StoreError> {
-        let sql = format!(
+        let macs = Self::macs_of(
+            db,
+            &format!("WHERE machine_id IN (SELECT id FROM machines {where_sql})"),
+            args,
+        )?;
+        Self::machines_with(key, db, where_sql, args, macs)
+    }
+
+    /// The machines with these ids, in the order of `ids`. Their MACs are read by
+    /// `machine_id` itself: through a subquery on `machines`, PostgreSQL joined a page's 100
+    /// ids to every interface by hash (3.7 ms at 10,000 machines, against 0.2 ms).
+    fn machines_by_ids(
+        key: &SecretKey,
+        db: &mut dyn Sql,
+        ids: &[String],
+    ) -> Result<Vec<Machine>, StoreError> {
+        let (in_sql, args) = ids_in("id", ids);
+        let macs = Self::macs_of(db, &ids_in("machine_id", ids).0, &args)?;
+        let mut page = Self::machines_with(key, db, &in_sql, &args, macs)?;
+        in_order_of(ids, &mut page, |m| &m.id);
+        Ok(page)
+    }
+
+    /// The statement that reads the machines `where_sql` selects.
+    fn machines_sql(where_sql: &str) -> String {
+        format!(
             "SELECT {MACHINE_COLUMNS}, power_state, power_seen_at FROM machines {where_sql} \
              ORDER BY created_at, id"
-        );
-        let mut macs = Self::macs_of(db, where_sql, args)?;
+        )
+    }
+
+    fn machines_with(
+        key: &SecretKey,
+        db: &mut dyn Sql,
+        where_sql: &str,
+        args: &[Value],
+        mut macs: HashMap<String, Vec<MacAddr>>,
+    ) -> Result<Vec<Machine>, StoreError> {
         let mut out = Vec::new();
-        for row in db.query(&sql, args)? {
+        for row in db.query(&Self::machines_sql(where_sql), args)? {
             let id: String = row.get(0)?;
             let m = macs.remove(&id).unwrap_or_default();
             out.push(Self::machine_from_row(key, &row, m)?);
@@ -651,9 +685,9 @@ impl Store {
         Ok(out)
     }
 
-    /// The interfaces' MACs of every machine `where_sql` selects, by machine id, in the
-    /// order they were added: one query for all (one per machine made listing 10,000
-    /// machines several times slower).
+    /// The MACs of the interfaces `where_sql` selects, by machine id, in the order they
+    /// were added: one query for all (one per machine made listing 10,000 machines several
+    /// times slower).
     fn macs_of(
         db: &mut dyn Sql,
         where_sql: &str,
@@ -661,8 +695,7 @@ impl Store {
     ) -> Result<HashMap<String, Vec<MacAddr>>, StoreError> {
         let mut macs: HashMap<String, Vec<MacAddr>> = HashMap::new();
         let sql = format!(
-            "SELECT machine_id, mac FROM interfaces \
-             WHERE machine_id IN (SELECT id FROM machines {where_sql}) ORDER BY {}",
+            "SELECT machine_id, mac FROM interfaces {where_sql} ORDER BY {}",
             db.dialect().insertion_order()
         );
         for row in db.query(&sql, args)? {
@@ -684,10 +717,7 @@ impl Store {
             if ids.is_empty() {
                 return Ok((total, Vec::new()));
             }
-            let (in_sql, id_args) = ids_in(&ids);
-            let mut page = Self::query_machines(&self.key, db, &in_sql, &id_args)?;
-            in_order_of(&ids, &mut page, |m| &m.id);
-            Ok((total, page))
+            Ok((total, Self::machines_by_ids(&self.key, db, &ids)?))
         })
     }
 
@@ -724,7 +754,7 @@ impl Store {
             if ids.is_empty() {
                 return Ok((total, Vec::new()));
             }
-            let (in_sql, id_args) = ids_in(&ids);
+            let (in_sql, id_args) = ids_in("id", &ids);
             let sql = format!(
                 "SELECT id, hostname, status, status_message, status_since, boot_mac, arch, \
                     {}, power_state, power_seen_at, hw_cpus, \
@@ -776,7 +806,7 @@ impl Store {
                 });
             }
             in_order_of(&ids, &mut page, |m| &m.id);
-            let mut macs = Self::macs_of(db, &in_sql, &id_args)?;
+            let mut macs = Self::macs_of(db, &ids_in("machine_id", &ids).0, &id_args)?;
             for m in &mut page {
                 let mut list = macs.remove(&m.id).unwrap_or_default();
                 list.sort_by_key(|mac| Some(*mac) != m.boot_mac);
@@ -1652,11 +1682,11 @@ fn in_order_of<T>(ids: &[String], items: &mut [T], id: impl Fn(&T) -> &String) {
     items.sort_by_key(|m| rank.get(id(m).as_str()).copied().unwrap_or(usize::MAX));
 }
 
-/// `WHERE id IN (?1, ...)` for `ids`, and its arguments.
-fn ids_in(ids: &[String]) -> (String, Vec<Value>) {
+/// `WHERE column IN (?1, ...)` for `ids`, and its arguments.
+fn ids_in(column: &str, ids: &[String]) -> (String, Vec<Value>) {
     let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("?{i}")).collect();
     (
-        format!("WHERE id IN ({})", placeholders.join(", ")),
+        format!("WHERE {column} IN ({})", placeholders.join(", ")),
         ids.iter().map(Value::from).collect(),
     )
 }
@@ -2217,6 +2247,10 @@ mod backends {
         (
             "agent_token",
             agent_token_tests::a_save_that_read_the_machine_before_the_token_was_used_cannot_undo_it,
+        ),
+        (
+            "agent_token_index",
+            agent_token_tests::a_token_is_found_through_its_index,
         ),
         ("listing", listing_tests::listing_filters_sorts_and_searches),
         ("records", listing_tests::tokens_audit_keys_and_resources),
@@ -2853,6 +2887,55 @@ mod secrets_tests {
 #[cfg(test)]
 mod agent_token_tests {
     use super::*;
+
+    /// Every agent request looks its machine up by its token's hash: by an index, not a scan
+    /// of every machine (each wrong token a hostile host sends would cost one).
+    pub(super) fn a_token_is_found_through_its_index(open: &dyn Fn() -> Store) {
+        let s = open();
+        let ev = NewEvent {
+            at: 0,
+            actor: "test".into(),
+            old_status: None,
+            new_status: Some(Status::New),
+            message: "created".into(),
+        };
+        for (n, hash) in [(1u8, Some("hash1")), (2, Some("hash2")), (3, None)] {
+            let mac = MacAddr([0x52, 0x54, 0, 0, 0, n]);
+            let mut m = Machine::new(format!("t{n}"), vec![mac], 0);
+            m.agent.token_hash = hash.map(str::to_string);
+            s.create_machine(&m, &ev).unwrap();
+        }
+        let found = s.machine_by_agent_token("hash2").unwrap().unwrap();
+        assert_eq!((found.id.as_str(), found.macs.len()), ("t2", 1));
+        assert!(s.machine_by_agent_token("wrong").unwrap().is_none());
+
+        let sql = Store::machines_sql("WHERE agent_token = ?1");
+        let plan = s
+            .run(|db| {
+                // The plan's text: SQLite's fourth column, PostgreSQL's only one.
+                let (rows, column) = match db.dialect() {
+                    Dialect::Sqlite => (
+                        db.query(&format!("EXPLAIN QUERY PLAN {sql}"), &args!["hash2"])?,
+                        3,
+                    ),
+                    // A table of three rows is scanned whatever its indexes: forbid that to
+                    // see whether the index serves the query.
+                    Dialect::Postgres => {
+                        db.execute("SET enable_seqscan = off", &[])?;
+                        let rows = db.query(&format!("EXPLAIN {sql}"), &args!["hash2"]);
+                        db.execute("RESET enable_seqscan", &[])?;
+                        (rows?, 0)
+                    }
+                };
+                let lines: Vec<String> = rows
+                    .iter()
+                    .map(|r| r.get(column))
+                    .collect::<Result<_, _>>()?;
+                Ok(lines.join("\n"))
+            })
+            .unwrap();
+        assert!(plan.contains("machines_by_agent_token"), "{plan}");
+    }
 
     pub(super) fn a_save_that_read_the_machine_before_the_token_was_used_cannot_undo_it(
         open: &dyn Fn() -> Store,

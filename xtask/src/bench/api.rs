@@ -156,6 +156,24 @@ fn backend(
     })?;
     report("GET /machines/<id>", &show);
     out.push(("GET /machines/<id>", show));
+    // What a hostile host on the provisioning LAN can send without any token of its own: an
+    // agent request with a guessed one. Each is looked up like a real agent's heartbeat.
+    let guess = measure(clients, window, |agent, n| {
+        let id = &ids[(n.wrapping_mul(2_654_435_761)) % ids.len()];
+        let mut r = agent
+            .post(&format!("{base}/agent/{id}/heartbeat"))
+            .header("Authorization", &format!("Bearer stork-agent-guess{n}"))
+            // No body: the answer comes before one is read, and hyper closes a connection
+            // whose request body is left unread (the next request would meet a closed one).
+            .send_empty()?;
+        let body = r.body_mut().read_to_vec()?;
+        match r.status().as_u16() {
+            401 => Ok(body.len()),
+            other => bail!("a guessed agent token: HTTP {other}, not 401"),
+        }
+    })?;
+    report("POST /agent/<id>/heartbeat, a guessed token (401)", &guess);
+    out.push(("POST /agent/<id>/heartbeat, guessed token", guess));
     // An action: a durable status change with its event. Each client walks machines of its
     // own (n steps by the client count), breaking them on even passes and fixing them on odd
     // ones, so no two requests race for one machine.
