@@ -1196,16 +1196,35 @@ impl Store {
         after_id: i64,
         limit: u32,
     ) -> Result<Vec<EventRecord>, StoreError> {
+        let (sql, args) = Self::events_sql(machine_id, after_id, limit);
         self.run(|db| {
-            db.query(
-                "SELECT id, machine_id, at, actor, old_status, new_status, message FROM events
-                 WHERE id > ?1 AND (CAST(?2 AS TEXT) IS NULL OR machine_id = ?2) ORDER BY id LIMIT ?3",
-                &args![after_id, machine_id, limit],
-            )?
-            .iter()
-            .map(Self::event_from_row)
-            .collect()
+            db.query(sql, &args)?
+                .iter()
+                .map(Self::event_from_row)
+                .collect()
         })
+    }
+
+    /// [`Store::events`]' statement: one machine's by its index on `(machine_id, id)`, all
+    /// by id. One statement for both (`?2 IS NULL OR machine_id = ?2`) walked the whole
+    /// table by id for one machine's history: 17.6 ms at 500,000 events against 0.01 ms.
+    fn events_sql(
+        machine_id: Option<&str>,
+        after_id: i64,
+        limit: u32,
+    ) -> (&'static str, Vec<Value>) {
+        match machine_id {
+            Some(id) => (
+                "SELECT id, machine_id, at, actor, old_status, new_status, message FROM events
+                 WHERE machine_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                args![id, after_id, limit].to_vec(),
+            ),
+            None => (
+                "SELECT id, machine_id, at, actor, old_status, new_status, message FROM events
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+                args![after_id, limit].to_vec(),
+            ),
+        }
     }
 
     /// An event from `SELECT id, machine_id, at, actor, old_status, new_status, message`.
@@ -1831,6 +1850,58 @@ mod tests {
         }
     }
 
+    /// How the store's database would run `sql`: SQLite's `EXPLAIN QUERY PLAN` or
+    /// PostgreSQL's `EXPLAIN`, as text. PostgreSQL scans a table of a few rows whatever its
+    /// indexes: sequential scans are forbidden for the question, to see whether an index
+    /// serves the query.
+    pub(super) fn query_plan(s: &Store, sql: &str, args: &[Value]) -> String {
+        s.run(|db| {
+            // The plan's text: SQLite's fourth column, PostgreSQL's only one.
+            let (rows, column) = match db.dialect() {
+                Dialect::Sqlite => (db.query(&format!("EXPLAIN QUERY PLAN {sql}"), args)?, 3),
+                Dialect::Postgres => {
+                    db.execute("SET enable_seqscan = off", &[])?;
+                    let rows = db.query(&format!("EXPLAIN {sql}"), args);
+                    db.execute("RESET enable_seqscan", &[])?;
+                    (rows?, 0)
+                }
+            };
+            let lines: Vec<String> = rows
+                .iter()
+                .map(|r| r.get(column))
+                .collect::<Result<_, _>>()?;
+            Ok(lines.join("\n"))
+        })
+        .unwrap()
+    }
+
+    /// One machine's history is read through the index on `(machine_id, id)`, never by
+    /// walking every machine's events.
+    pub(super) fn a_machines_events_are_read_by_its_index(open: &dyn Fn() -> Store) {
+        let s = open();
+        s.create_machine(&machine("e1", "52:54:00:00:01:01"), &ev("one"))
+            .unwrap();
+        s.create_machine(&machine("e2", "52:54:00:00:01:02"), &ev("two"))
+            .unwrap();
+        for n in 0..3 {
+            for id in ["e1", "e2"] {
+                s.add_event(id, &ev(&format!("{id} {n}"))).unwrap();
+            }
+        }
+        let mine = s.events(Some("e2"), 0, 100).unwrap();
+        let messages: Vec<&str> = mine.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(messages, ["two", "e2 0", "e2 1", "e2 2"]);
+        let later = s.events(Some("e2"), mine[1].id, 2).unwrap();
+        assert_eq!(later.len(), 2);
+        assert_eq!(later[0].message, "e2 1");
+        assert_eq!(s.events(None, 0, 100).unwrap().len(), 8);
+        assert!(s.events(Some("nobody"), 0, 100).unwrap().is_empty());
+
+        let (sql, args) = Store::events_sql(Some("e2"), 0, 100);
+        let plan = query_plan(&s, sql, &args);
+        assert!(plan.contains("events_machine"), "{plan}");
+    }
+
     pub(super) fn a_static_address_is_held_by_one_machine(open: &dyn Fn() -> Store) {
         let s = open();
         let deploying = |id: &str, mac: &str, addr: &str| {
@@ -2252,6 +2323,7 @@ mod backends {
             "agent_token_index",
             agent_token_tests::a_token_is_found_through_its_index,
         ),
+        ("events_index", tests::a_machines_events_are_read_by_its_index),
         ("listing", listing_tests::listing_filters_sorts_and_searches),
         ("records", listing_tests::tokens_audit_keys_and_resources),
         (
@@ -2909,31 +2981,11 @@ mod agent_token_tests {
         assert_eq!((found.id.as_str(), found.macs.len()), ("t2", 1));
         assert!(s.machine_by_agent_token("wrong").unwrap().is_none());
 
-        let sql = Store::machines_sql("WHERE agent_token = ?1");
-        let plan = s
-            .run(|db| {
-                // The plan's text: SQLite's fourth column, PostgreSQL's only one.
-                let (rows, column) = match db.dialect() {
-                    Dialect::Sqlite => (
-                        db.query(&format!("EXPLAIN QUERY PLAN {sql}"), &args!["hash2"])?,
-                        3,
-                    ),
-                    // A table of three rows is scanned whatever its indexes: forbid that to
-                    // see whether the index serves the query.
-                    Dialect::Postgres => {
-                        db.execute("SET enable_seqscan = off", &[])?;
-                        let rows = db.query(&format!("EXPLAIN {sql}"), &args!["hash2"]);
-                        db.execute("RESET enable_seqscan", &[])?;
-                        (rows?, 0)
-                    }
-                };
-                let lines: Vec<String> = rows
-                    .iter()
-                    .map(|r| r.get(column))
-                    .collect::<Result<_, _>>()?;
-                Ok(lines.join("\n"))
-            })
-            .unwrap();
+        let plan = tests::query_plan(
+            &s,
+            &Store::machines_sql("WHERE agent_token = ?1"),
+            &args!["hash2"],
+        );
         assert!(plan.contains("machines_by_agent_token"), "{plan}");
     }
 
