@@ -1840,7 +1840,7 @@ mod tests {
         Machine::new(id.into(), vec![mac.parse().unwrap()], 1000)
     }
 
-    fn ev(msg: &str) -> NewEvent {
+    pub(super) fn ev(msg: &str) -> NewEvent {
         NewEvent {
             at: 1000,
             actor: "test".into(),
@@ -2964,13 +2964,7 @@ mod agent_token_tests {
     /// of every machine (each wrong token a hostile host sends would cost one).
     pub(super) fn a_token_is_found_through_its_index(open: &dyn Fn() -> Store) {
         let s = open();
-        let ev = NewEvent {
-            at: 0,
-            actor: "test".into(),
-            old_status: None,
-            new_status: Some(Status::New),
-            message: "created".into(),
-        };
+        let ev = tests::ev("created");
         for (n, hash) in [(1u8, Some("hash1")), (2, Some("hash2")), (3, None)] {
             let mac = MacAddr([0x52, 0x54, 0, 0, 0, n]);
             let mut m = Machine::new(format!("t{n}"), vec![mac], 0);
