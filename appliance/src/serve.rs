@@ -156,12 +156,8 @@ async fn run(cfg: Arc<Config>) -> Result<()> {
             url: cfg.api_url(),
             fingerprint: t.fingerprint.to_string(),
         }),
-        agent_limiter: Arc::new(std::sync::Mutex::new(crate::ratelimit::RateLimiter::new(
-            crate::config::RateLimit {
-                per_second: cfg.http_limits.agent_rate,
-                burst: cfg.http_limits.agent_burst,
-            },
-        ))),
+        agent_limiter: unauthenticated_limiter(&cfg),
+        audit_limiter: unauthenticated_limiter(&cfg),
         agent_kernels: Arc::new(agent_kernels),
         ephemeral: http::script::Ephemeral::start(&cfg.boot_dir(), &cfg.boot.ephemeral),
         signed: Arc::new(SignedBoot::new(cfg.boot.secure_boot)),
@@ -524,4 +520,17 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
     }
+}
+
+/// A per-address limit on what unauthenticated requests may cost (`http.agent_rate`,
+/// `http.agent_burst`).
+fn unauthenticated_limiter(
+    cfg: &Config,
+) -> Arc<std::sync::Mutex<crate::ratelimit::RateLimiter<std::net::IpAddr>>> {
+    Arc::new(std::sync::Mutex::new(crate::ratelimit::RateLimiter::new(
+        crate::config::RateLimit {
+            per_second: cfg.http_limits.agent_rate,
+            burst: cfg.http_limits.agent_burst,
+        },
+    )))
 }

@@ -1971,6 +1971,37 @@ fn token_scopes_expiry_revocation_and_the_audit_log() {
     assert!(log.iter().all(|a| a.method != "GET"), "{log:#?}");
 }
 
+/// A host without a token cannot make the appliance write an audit entry per request (each
+/// is a durable write): its refusals are written at the unauthenticated rate of its address
+/// (`http.agent_rate`, `agent_burst`), the rest only counted, and none goes uncounted.
+#[test]
+fn anonymous_refusals_are_audited_at_a_bounded_rate() {
+    use stork_proto::api::{AuditQuery, NewToken};
+    let f = Fixture::new();
+    let anonymous = f.client.anonymous();
+    const SENT: u64 = 200;
+    for _ in 0..SENT {
+        let e = refused(anonymous.create_token(&NewToken::default()));
+        assert_eq!(answer(&e), (401, "unauthorized"), "{e}");
+    }
+    let log = f
+        .client
+        .audit(&AuditQuery {
+            after: 0,
+            limit: Some(10_000),
+        })
+        .expect("the audit log");
+    let written = log.iter().filter(|a| a.actor == "anonymous").count() as u64;
+    let dropped = f.client.stats().expect("stats").http["audit_unauthenticated_dropped"];
+    assert_eq!(
+        written + dropped,
+        SENT,
+        "{written} written, {dropped} counted"
+    );
+    // The burst (20) is written; far fewer than all of them.
+    assert!((20..SENT).contains(&written), "{written} written");
+}
+
 /// A deploy's user-data (it may hold secrets) is shown by the machine's own page, not by
 /// the listing everyone with a read-only token scrolls.
 #[test]

@@ -1755,20 +1755,41 @@ pub async fn audit(
     let has_token = req
         .headers()
         .contains_key(axum::http::header::AUTHORIZATION);
+    let from = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| crate::lifecycle::boot::canonical(c.0.ip()));
     let slot = super::extract::AuditActor::default();
     let mut req = req;
     req.extensions_mut().insert(slot.clone());
     let resp = next.run(req).await;
     // The extractor names the token it found; a token it did not find (or never looked
     // up: a refusal before the handler) is unknown.
-    let actor = slot.take().unwrap_or_else(|| {
-        if has_token {
-            "unknown token"
-        } else {
-            "anonymous"
+    let actor = match slot.take() {
+        Some(actor) => actor,
+        None => {
+            // Anyone on the network can ask: such refusals are written at the
+            // unauthenticated rate of their address, the rest only counted.
+            let allowed = from.is_none_or(|ip| {
+                s.audit_limiter
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .allow(ip, std::time::SystemTime::now())
+            });
+            if !allowed {
+                s.http_stats
+                    .audit_unauthenticated_dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return resp;
+            }
+            if has_token {
+                "unknown token"
+            } else {
+                "anonymous"
+            }
+            .to_string()
         }
-        .to_string()
-    });
+    };
     let entry = AuditRecord {
         id: 0,
         at: now_ms(),

@@ -41,6 +41,9 @@ counters! {
     refused_per_ip,
     /// Unauthenticated agent requests refused by the per-address rate limit.
     agent_rate_limited,
+    /// Changes asked without a valid token whose refusal was not written to the audit log:
+    /// that address's refusals came faster than `agent_rate` (each entry is a durable write).
+    audit_unauthenticated_dropped,
     /// `/boot/` files sent on the runtime: the blocking pool's share of sends was taken.
     boot_sends_on_runtime,
 }

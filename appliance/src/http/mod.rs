@@ -42,6 +42,9 @@ pub struct AppState {
     pub api_tls: Option<stork_proto::cmdline::ApiTls>,
     /// Unauthenticated agent requests (enlist, report) by source address.
     pub agent_limiter: Arc<std::sync::Mutex<crate::ratelimit::RateLimiter<std::net::IpAddr>>>,
+    /// Audit entries of refused changes without a valid token, by source address (the same
+    /// limit): a host flooding the admin API cannot make a durable write of each request.
+    pub audit_limiter: Arc<std::sync::Mutex<crate::ratelimit::RateLimiter<std::net::IpAddr>>>,
     /// The kernels the agent boots with, the default first.
     pub agent_kernels: Arc<crate::agent_kernels::AgentKernels>,
     /// The agent's ephemeral root and its sha256, as boot scripts and GRUB configs name it.

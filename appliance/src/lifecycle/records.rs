@@ -55,6 +55,11 @@ impl Controller {
         self.store.call(|s| s.list_machines()).await
     }
 
+    /// The MACs of the machines that network-boot the signed chain.
+    pub async fn signed_boot_macs(&self) -> Result<Vec<stork_proto::MacAddr>, StoreError> {
+        self.store.call(|s| s.signed_boot_macs()).await
+    }
+
     /// One page of the machines `q` selects, and how many it selects in all.
     pub async fn machine_page(&self, q: MachineQuery) -> Result<(u64, Vec<Machine>), StoreError> {
         self.store.call(move |s| s.machine_page(&q)).await

@@ -56,13 +56,10 @@ impl SignedBoot {
             || m.inventory.as_ref().and_then(|i| i.secure_boot) == Some(true)
     }
 
-    /// Takes the set from `machines`: every MAC of each machine that wants the chain.
-    pub fn load(&self, machines: &[Machine]) {
-        let macs: HashSet<MacAddr> = machines
-            .iter()
-            .filter(|m| Self::machine_wants(m))
-            .flat_map(|m| m.macs.iter().copied())
-            .collect();
+    /// Takes the set: every MAC of each machine that wants the chain, as the store keeps
+    /// them (`Store::signed_boot_macs`, written from [`SignedBoot::machine_wants`]).
+    pub fn load(&self, macs: impl IntoIterator<Item = MacAddr>) {
+        let macs: HashSet<MacAddr> = macs.into_iter().collect();
         *self.macs.write().unwrap_or_else(PoisonError::into_inner) = macs;
     }
 
@@ -83,8 +80,8 @@ impl SignedBoot {
     pub async fn follow(self: std::sync::Arc<Self>, controller: Controller) {
         let mut changes = controller.subscribe();
         loop {
-            match controller.machines().await {
-                Ok(machines) => self.load(&machines),
+            match controller.signed_boot_macs().await {
+                Ok(macs) => self.load(macs),
                 Err(e) => tracing::warn!(error = %e, "cannot read which machines boot signed"),
             }
             tokio::time::sleep(SETTLE).await;
@@ -110,12 +107,16 @@ mod tests {
 
     #[test]
     fn tagged_machines_and_those_seen_with_secure_boot_on_get_the_chain() {
-        let s = SignedBoot::new(false);
-        s.load(&[
+        let machines = [
             machine("52:54:00:00:00:01", &[TAG], None),
             machine("52:54:00:00:00:02", &[], Some(true)),
             machine("52:54:00:00:00:03", &["rack-a"], Some(false)),
-        ]);
+        ];
+        let wanted: Vec<bool> = machines.iter().map(SignedBoot::machine_wants).collect();
+        assert_eq!(wanted, [true, true, false]);
+        // What the store answers for those (its test checks it does).
+        let s = SignedBoot::new(false);
+        s.load(machines[..2].iter().flat_map(|m| m.macs.clone()));
         let mac = |m: &str| m.parse::<MacAddr>().unwrap();
         assert!(s.wants(mac("52:54:00:00:00:01")));
         assert!(s.wants(mac("52:54:00:00:00:02")));

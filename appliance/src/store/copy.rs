@@ -19,7 +19,7 @@ pub(crate) const TABLES: &[(&str, &str)] = &[
          inventory, owner, deploy, tags, agent_token, created_at, updated_at, netboot, \
          erase_quick, last_heartbeat, heartbeat_step, heartbeat_deadline, agent_ip, \
          agent_token_used, power_state, power_seen_at, hw_cpus, hw_memory_bytes, hw_disks, \
-         hw_disk_bytes, site, commission_tests, default_layout, min_kernel",
+         hw_disk_bytes, site, commission_tests, default_layout, min_kernel, signed_boot",
     ),
     ("interfaces", "mac, machine_id"),
     (

@@ -74,6 +74,34 @@ pub(crate) fn migrate_postgres(client: &mut postgres::Client) -> Result<(), Migr
     Ok(())
 }
 
+/// PostgreSQL's migrations up to `version` only: a database as an older Stork left it.
+#[cfg(test)]
+pub(crate) fn migrate_postgres_to(client: &mut postgres::Client, version: SchemaVersion) {
+    let mut runner = embedded_postgres::migrations::runner()
+        .set_grouped(true)
+        .set_target(Target::Version(version));
+    runner.set_migration_table_name(HISTORY_TABLE);
+    runner.run(client).expect("PostgreSQL migrations");
+}
+
+/// Machines as a database before `signed_boot` (SQLite V16, PostgreSQL V8) holds them: one
+/// tagged, one whose inventory saw Secure Boot on, one with it off, one with none.
+#[cfg(test)]
+pub(crate) const BEFORE_SIGNED_BOOT: &[&str] = &[
+    "INSERT INTO machines (id, status, status_since, version, arch, power, tags, inventory, \
+     created_at, updated_at) VALUES \
+     ('t', 'ready', 1, 1, 'x86_64', '{\"driver\":\"manual\",\"params\":{}}', '[\"secure-boot\"]', NULL, 1, 1), \
+     ('i', 'ready', 1, 1, 'x86_64', '{\"driver\":\"manual\",\"params\":{}}', '[]', '{\"secure_boot\":true}', 1, 1), \
+     ('o', 'ready', 1, 1, 'x86_64', '{\"driver\":\"manual\",\"params\":{}}', '[\"rack\"]', '{\"secure_boot\":false}', 1, 1), \
+     ('n', 'ready', 1, 1, 'x86_64', '{\"driver\":\"manual\",\"params\":{}}', '[]', NULL, 1, 1)",
+    "INSERT INTO interfaces (mac, machine_id) VALUES ('52:54:00:00:03:01', 't'), \
+     ('52:54:00:00:03:02', 'i'), ('52:54:00:00:03:03', 'o'), ('52:54:00:00:03:04', 'n')",
+];
+
+/// Of [`BEFORE_SIGNED_BOOT`]'s machines, the MACs that boot the signed chain.
+#[cfg(test)]
+pub(crate) const SIGNED_BEFORE: [&str; 2] = ["52:54:00:00:03:01", "52:54:00:00:03:02"];
+
 /// Brings the schema up to date: baseline of a pre-refinery database, then the pending
 /// migrations, in one immediate (write-locked) transaction.
 pub(crate) fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
@@ -364,6 +392,33 @@ CREATE TABLE boot_resources (
             let s = Store::open(&path).unwrap();
             assert_eq!(s.list_machines().unwrap().len(), 1);
         }
+    }
+
+    /// Machines stored before the column existed get it from their tags and inventories.
+    #[test]
+    fn signed_boot_is_filled_in_for_machines_stored_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mut conn = Connection::open(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        runner()
+            .set_target(refinery::Target::Version(15))
+            .run(&mut super::Sqlite(&tx))
+            .unwrap();
+        for sql in super::BEFORE_SIGNED_BOOT {
+            tx.execute_batch(sql).unwrap();
+        }
+        tx.commit().unwrap();
+        drop(conn);
+        let s = Store::open(&path).unwrap();
+        let mut macs: Vec<String> = s
+            .signed_boot_macs()
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        macs.sort();
+        assert_eq!(macs, super::SIGNED_BEFORE);
     }
 
     #[test]

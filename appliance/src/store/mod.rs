@@ -227,6 +227,8 @@ fn from_json<T: serde::de::DeserializeOwned>(
 
 /// Each machine keeps its newest this many events.
 pub const MAX_EVENTS_PER_MACHINE: i64 = 10_000;
+/// The audit log keeps its newest this many entries (ids are given in order).
+pub const MAX_AUDIT_ENTRIES: i64 = if cfg!(test) { 200 } else { 1_000_000 };
 /// Retention is applied on every this many inserted events (of any machine).
 const RETENTION_CHECK_EVERY: i64 = 64;
 
@@ -248,7 +250,10 @@ const MACHINE_COLUMNS: &str = "id, hostname, status, status_message, status_sinc
     version, boot_mac, arch, power, inventory, owner, deploy, tags, agent_token, created_at, \
     updated_at, netboot, erase_quick, last_heartbeat, heartbeat_step, heartbeat_deadline, \
     agent_ip, agent_token_used, hw_cpus, hw_memory_bytes, hw_disks, hw_disk_bytes, site, \
-    commission_tests, default_layout, min_kernel";
+    commission_tests, default_layout, min_kernel, signed_boot";
+
+/// [`Store::signed_boot_macs`]' statement.
+const SIGNED_BOOT_MACS: &str = "SELECT mac FROM interfaces WHERE machine_id IN (SELECT id FROM machines WHERE signed_boot = 1)";
 
 impl Store {
     /// Opens (or creates) the database at `path`, with the secrets key file
@@ -537,7 +542,7 @@ impl Store {
 
     // ---- machines ----
 
-    /// A machine's columns as written, `?1` to `?31` in [`MACHINE_COLUMNS`]'s order.
+    /// A machine's columns as written, `?1` to `?32` in [`MACHINE_COLUMNS`]'s order.
     fn machine_args(&self, m: &Machine) -> Vec<Value> {
         let hw = m.inventory.as_ref().map(HardwareSummary::of);
         args![
@@ -572,6 +577,7 @@ impl Store {
             json(&m.commission_tests),
             m.default_layout.as_deref(),
             m.min_kernel.as_deref(),
+            crate::lifecycle::secure_boot::SignedBoot::machine_wants(m),
         ]
         .into()
     }
@@ -625,9 +631,9 @@ impl Store {
             default_layout: row.get(29)?,
             min_kernel: row.get(30)?,
             power_state: row
-                .get::<Option<String>>(31)?
+                .get::<Option<String>>(32)?
                 .and_then(|p| PowerState::parse(&p)),
-            power_seen_at: row.get(32)?,
+            power_seen_at: row.get(33)?,
         })
     }
 
@@ -858,6 +864,21 @@ impl Store {
         })
     }
 
+    /// The MACs of every machine that network-boots the signed chain
+    /// (`SignedBoot::machine_wants`, stored with each save): through the partial index, so
+    /// the question costs what those machines cost, not what every machine does.
+    pub fn signed_boot_macs(&self) -> Result<Vec<MacAddr>, StoreError> {
+        self.run(|db| {
+            let mut macs = Vec::new();
+            for row in db.query(SIGNED_BOOT_MACS, &[])? {
+                if let Ok(mac) = row.get::<String>(0)?.parse() {
+                    macs.push(mac);
+                }
+            }
+            Ok(macs)
+        })
+    }
+
     /// Machines in any of `statuses`: the timeout checker's question, answered without
     /// reading (and parsing) every machine.
     pub fn machines_in(&self, statuses: &[Status]) -> Result<Vec<Machine>, StoreError> {
@@ -1023,7 +1044,7 @@ impl Store {
                         ELSE ?23 END,
                     hw_cpus=?24, hw_memory_bytes=?25, hw_disks=?26, hw_disk_bytes=?27,
                     site=?28, commission_tests=?29, default_layout=?30, min_kernel=?31,
-                    created_at=?15
+                    signed_boot=?32, created_at=?15
                  WHERE id=?1 AND version=?6
                    AND NOT (agent_token_used = 1 AND CAST(?14 AS TEXT) IS NOT NULL
                             AND agent_token IS DISTINCT FROM CAST(?14 AS TEXT))",
@@ -1318,11 +1339,23 @@ impl Store {
     }
 
     pub fn add_audit(&self, a: &AuditRecord) -> Result<(), StoreError> {
+        self.check_space()?;
         self.run(|db| {
-            db.execute(
-                "INSERT INTO audit (at, actor, method, path, status) VALUES (?1, ?2, ?3, ?4, ?5)",
-                &args![a.at, &a.actor, &a.method, &a.path, a.status],
-            )?;
+            let id: i64 = db
+                .query_one(
+                    "INSERT INTO audit (at, actor, method, path, status) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
+                    &args![a.at, &a.actor, &a.method, &a.path, a.status],
+                )?
+                .get(0)?;
+            // Retention, as for events: the newest entries only, so that no stream of
+            // requests grows the database without bound.
+            if id % RETENTION_CHECK_EVERY == 0 {
+                db.execute(
+                    "DELETE FROM audit WHERE id <= ?1",
+                    &args![id - MAX_AUDIT_ENTRIES],
+                )?;
+            }
             Ok(())
         })
     }
@@ -1875,6 +1908,60 @@ mod tests {
         .unwrap()
     }
 
+    /// The store keeps which machines boot the signed chain with each save, as
+    /// `SignedBoot::machine_wants` says, and answers their MACs through its index.
+    pub(super) fn signed_boot_machines_are_kept_with_each_save(open: &dyn Fn() -> Store) {
+        use crate::lifecycle::secure_boot::{SignedBoot, TAG};
+        use stork_proto::inventory::Inventory;
+        let s = open();
+        let add = |id: &str, mac: &str, tags: &[&str], secure_boot: Option<bool>| {
+            let mut m = machine(id, mac);
+            m.tags = tags.iter().map(|t| t.to_string()).collect();
+            m.inventory = secure_boot.map(|sb| Inventory {
+                secure_boot: Some(sb),
+                ..Default::default()
+            });
+            s.create_machine(&m, &ev("created")).unwrap()
+        };
+        let tagged = add("s1", "52:54:00:00:02:01", &[TAG], None);
+        add("s2", "52:54:00:00:02:02", &[], Some(true));
+        let off = add("s3", "52:54:00:00:02:03", &["rack-a"], Some(false));
+        add("s4", "52:54:00:00:02:04", &[], None);
+        let signed = |s: &Store| {
+            let mut macs: Vec<String> = s
+                .signed_boot_macs()
+                .unwrap()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            macs.sort();
+            macs
+        };
+        assert_eq!(signed(&s), ["52:54:00:00:02:01", "52:54:00:00:02:02"]);
+        // The tag taken off, Secure Boot seen on: the set follows the saves.
+        let mut untagged = tagged.clone();
+        untagged.tags.clear();
+        s.save_machine(&untagged, &[]).unwrap();
+        let mut on = off.clone();
+        on.inventory = Some(Inventory {
+            secure_boot: Some(true),
+            ..Default::default()
+        });
+        s.save_machine(&on, &[]).unwrap();
+        assert_eq!(signed(&s), ["52:54:00:00:02:02", "52:54:00:00:02:03"]);
+        // The stored flag is the predicate's, machine by machine.
+        let expected: Vec<String> = s
+            .list_machines()
+            .unwrap()
+            .iter()
+            .filter(|m| SignedBoot::machine_wants(m))
+            .flat_map(|m| m.macs.iter().map(ToString::to_string))
+            .collect();
+        assert_eq!(signed(&s), expected);
+        let plan = query_plan(&s, SIGNED_BOOT_MACS, &[]);
+        assert!(plan.contains("machines_signed_boot"), "{plan}");
+    }
+
     /// One machine's history is read through the index on `(machine_id, id)`, never by
     /// walking every machine's events.
     pub(super) fn a_machines_events_are_read_by_its_index(open: &dyn Fn() -> Store) {
@@ -2315,6 +2402,7 @@ mod backends {
         ("summaries", tests::summaries_carry_the_hardware_written_with_the_inventory),
         ("heartbeats", tests::heartbeats_are_recorded_only_while_expected),
         ("retention", retention_tests::a_machine_keeps_its_newest_events),
+        ("audit_retention", retention_tests::the_audit_log_keeps_its_newest_entries),
         (
             "agent_token",
             agent_token_tests::a_save_that_read_the_machine_before_the_token_was_used_cannot_undo_it,
@@ -2324,6 +2412,7 @@ mod backends {
             agent_token_tests::a_token_is_found_through_its_index,
         ),
         ("events_index", tests::a_machines_events_are_read_by_its_index),
+        ("signed_boot", tests::signed_boot_machines_are_kept_with_each_save),
         ("listing", listing_tests::listing_filters_sorts_and_searches),
         ("records", listing_tests::tokens_audit_keys_and_resources),
         (
@@ -2382,6 +2471,29 @@ mod backends {
         // A wrong URL names what is wrong with it.
         let bad = Store::open_postgres("postgres://x:y@/db?sslmode=nonsense", &key).unwrap_err();
         assert!(bad.to_string().contains("not a PostgreSQL URL"), "{bad}");
+    }
+
+    /// Machines stored before the column existed get it from their tags and inventories.
+    #[test]
+    fn signed_boot_is_filled_in_on_postgres_for_machines_stored_before() {
+        let pg = stork_lab::postgres::ScratchPostgres::start().unwrap();
+        let url = pg.create_database("before").unwrap();
+        let keys = tempfile::tempdir().unwrap();
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        migrate::migrate_postgres_to(&mut c, 7);
+        for sql in migrate::BEFORE_SIGNED_BOOT {
+            c.batch_execute(sql).unwrap();
+        }
+        drop(c);
+        let s = Store::open_postgres(&url, &keys.path().join("secrets.key")).unwrap();
+        let mut macs: Vec<String> = s
+            .signed_boot_macs()
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        macs.sort();
+        assert_eq!(macs, migrate::SIGNED_BEFORE);
     }
 
     /// A machine with every field set, different for each `n`.
@@ -2622,6 +2734,26 @@ mod retention_tests {
         assert!(kept.len() as i64 >= MAX_EVENTS_PER_MACHINE);
         // The newest are the ones kept.
         assert_eq!(kept.last().unwrap().message, format!("event {}", total - 1));
+    }
+
+    pub(super) fn the_audit_log_keeps_its_newest_entries(open: &dyn Fn() -> Store) {
+        let s = open();
+        let total = MAX_AUDIT_ENTRIES + 3 * RETENTION_CHECK_EVERY;
+        for n in 0..total {
+            s.add_audit(&AuditRecord {
+                id: 0,
+                at: n,
+                actor: "anonymous".into(),
+                method: "POST".into(),
+                path: format!("/api/v1/x/{n}"),
+                status: 401,
+            })
+            .unwrap();
+        }
+        let kept = s.audit(0, u32::MAX).unwrap();
+        assert!(kept.len() as i64 <= MAX_AUDIT_ENTRIES + RETENTION_CHECK_EVERY);
+        assert!(kept.len() as i64 >= MAX_AUDIT_ENTRIES);
+        assert_eq!(kept.last().unwrap().at, total - 1);
     }
 }
 
