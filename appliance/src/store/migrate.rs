@@ -411,14 +411,7 @@ CREATE TABLE boot_resources (
         tx.commit().unwrap();
         drop(conn);
         let s = Store::open(&path).unwrap();
-        let mut macs: Vec<String> = s
-            .signed_boot_macs()
-            .unwrap()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        macs.sort();
-        assert_eq!(macs, super::SIGNED_BEFORE);
+        assert_eq!(crate::store::tests::signed_macs(&s), super::SIGNED_BEFORE);
     }
 
     #[test]

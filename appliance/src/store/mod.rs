@@ -1908,6 +1908,18 @@ mod tests {
         .unwrap()
     }
 
+    /// The MACs the store says boot the signed chain, sorted.
+    pub(super) fn signed_macs(s: &Store) -> Vec<String> {
+        let mut macs: Vec<String> = s
+            .signed_boot_macs()
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        macs.sort();
+        macs
+    }
+
     /// The store keeps which machines boot the signed chain with each save, as
     /// `SignedBoot::machine_wants` says, and answers their MACs through its index.
     pub(super) fn signed_boot_machines_are_kept_with_each_save(open: &dyn Fn() -> Store) {
@@ -1927,17 +1939,7 @@ mod tests {
         add("s2", "52:54:00:00:02:02", &[], Some(true));
         let off = add("s3", "52:54:00:00:02:03", &["rack-a"], Some(false));
         add("s4", "52:54:00:00:02:04", &[], None);
-        let signed = |s: &Store| {
-            let mut macs: Vec<String> = s
-                .signed_boot_macs()
-                .unwrap()
-                .iter()
-                .map(ToString::to_string)
-                .collect();
-            macs.sort();
-            macs
-        };
-        assert_eq!(signed(&s), ["52:54:00:00:02:01", "52:54:00:00:02:02"]);
+        assert_eq!(signed_macs(&s), ["52:54:00:00:02:01", "52:54:00:00:02:02"]);
         // The tag taken off, Secure Boot seen on: the set follows the saves.
         let mut untagged = tagged.clone();
         untagged.tags.clear();
@@ -1948,7 +1950,7 @@ mod tests {
             ..Default::default()
         });
         s.save_machine(&on, &[]).unwrap();
-        assert_eq!(signed(&s), ["52:54:00:00:02:02", "52:54:00:00:02:03"]);
+        assert_eq!(signed_macs(&s), ["52:54:00:00:02:02", "52:54:00:00:02:03"]);
         // The stored flag is the predicate's, machine by machine.
         let expected: Vec<String> = s
             .list_machines()
@@ -1957,7 +1959,7 @@ mod tests {
             .filter(|m| SignedBoot::machine_wants(m))
             .flat_map(|m| m.macs.iter().map(ToString::to_string))
             .collect();
-        assert_eq!(signed(&s), expected);
+        assert_eq!(signed_macs(&s), expected);
         let plan = query_plan(&s, SIGNED_BOOT_MACS, &[]);
         assert!(plan.contains("machines_signed_boot"), "{plan}");
     }
@@ -2486,14 +2488,7 @@ mod backends {
         }
         drop(c);
         let s = Store::open_postgres(&url, &keys.path().join("secrets.key")).unwrap();
-        let mut macs: Vec<String> = s
-            .signed_boot_macs()
-            .unwrap()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        macs.sort();
-        assert_eq!(macs, migrate::SIGNED_BEFORE);
+        assert_eq!(tests::signed_macs(&s), migrate::SIGNED_BEFORE);
     }
 
     /// A machine with every field set, different for each `n`.
