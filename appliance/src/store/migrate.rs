@@ -85,15 +85,19 @@ pub(crate) fn migrate_postgres_to(client: &mut postgres::Client, version: Schema
 }
 
 /// Machines as a database before `signed_boot` (SQLite V16, PostgreSQL V8) holds them: one
-/// tagged, one whose inventory saw Secure Boot on, one with it off, one with none.
+/// tagged, one whose inventory saw Secure Boot on (and holds a `\u0000`, which PostgreSQL's
+/// `jsonb` refuses), one with it off (its vendor string and a tag spell the key and the
+/// tag), one with neither (and a `\u0000` in its tag).
 #[cfg(test)]
 pub(crate) const BEFORE_SIGNED_BOOT: &[&str] = &[
     "INSERT INTO machines (id, status, status_since, version, arch, power, tags, inventory, \
      created_at, updated_at) VALUES \
      ('t', 'ready', 1, 1, 'x86_64', '{\"driver\":\"manual\",\"params\":{}}', '[\"secure-boot\"]', NULL, 1, 1), \
-     ('i', 'ready', 1, 1, 'x86_64', '{\"driver\":\"manual\",\"params\":{}}', '[]', '{\"secure_boot\":true}', 1, 1), \
-     ('o', 'ready', 1, 1, 'x86_64', '{\"driver\":\"manual\",\"params\":{}}', '[\"rack\"]', '{\"secure_boot\":false}', 1, 1), \
-     ('n', 'ready', 1, 1, 'x86_64', '{\"driver\":\"manual\",\"params\":{}}', '[]', NULL, 1, 1)",
+     ('i', 'ready', 1, 1, 'x86_64', '{\"driver\":\"manual\",\"params\":{}}', '[]', \
+      '{\"dmi\":{\"sys_vendor\":\"a\\u0000b\"},\"secure_boot\":true}', 1, 1), \
+     ('o', 'ready', 1, 1, 'x86_64', '{\"driver\":\"manual\",\"params\":{}}', '[\"rack\",\"x\\\"secure-boot\"]', \
+      '{\"dmi\":{\"sys_vendor\":\"\\\"secure_boot\\\":true\"},\"secure_boot\":false}', 1, 1), \
+     ('n', 'ready', 1, 1, 'x86_64', '{\"driver\":\"manual\",\"params\":{}}', '[\"a\\u0000b\"]', NULL, 1, 1)",
     "INSERT INTO interfaces (mac, machine_id) VALUES ('52:54:00:00:03:01', 't'), \
      ('52:54:00:00:03:02', 'i'), ('52:54:00:00:03:03', 'o'), ('52:54:00:00:03:04', 'n')",
 ];
