@@ -1223,6 +1223,23 @@ fn bad_input_is_400_naming_the_field() {
         ),
         "pw",
     );
+    // Control characters (PostgreSQL's jsonb refuses a \u0000) are refused by field.
+    for (body, field) in [
+        (r#""tags": ["rack", "a\u0000b"]"#, "tags[1]"),
+        (r#""hostname": "web\u0007""#, "hostname"),
+        (
+            r#""power": {"driver": "ipmi", "params": {"host": "10.0.0.5", "user": "ad\u0000min"}}"#,
+            "power.params.user",
+        ),
+    ] {
+        check_raw(
+            post(
+                "/machines",
+                &format!(r#"{{"macs": ["{}"], {body}}}"#, mac(3)),
+            ),
+            field,
+        );
+    }
     check_raw(post("/machines/allocate", r#"{"min_cpu": 2}"#), "min_cpu");
     check_raw(post("/ssh-keys", r#"{"name": "k"}"#), "key");
     check(

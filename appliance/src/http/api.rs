@@ -260,6 +260,33 @@ enum MachineList {
 
 const POWER_DRIVERS: &[&str] = &["manual", "ipmi", "redfish", "qmp"];
 
+/// A 400 naming `field` when `text` holds a control character.
+fn refuse_control(field: &str, text: &str) -> ApiResult<()> {
+    if text.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(format!(
+            "{field}: control characters are not allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// [`refuse_control`] for every key and string in `value`, each named by its path.
+fn refuse_control_in(field: &str, value: &serde_json::Value) -> ApiResult<()> {
+    match value {
+        serde_json::Value::String(text) => refuse_control(field, text),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| refuse_control_in(&format!("{field}[{i}]"), v)),
+        serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+            let path = format!("{field}.{k}");
+            refuse_control(&path, k)?;
+            refuse_control_in(&path, v)
+        }),
+        _ => Ok(()),
+    }
+}
+
 #[utoipa::path(
     post,
     path = "/machines",
@@ -293,6 +320,18 @@ async fn create_machine(
             power.driver
         )));
     }
+    // Stored as JSON text: PostgreSQL's `jsonb`, which lists and filters read them through,
+    // refuses a `\u0000`, and no host name, tag or BMC parameter has a control character.
+    if let Some(name) = &req.hostname {
+        refuse_control("hostname", name)?;
+    }
+    for (i, tag) in req.tags.iter().enumerate() {
+        refuse_control(&format!("tags[{i}]"), tag)?;
+    }
+    refuse_control_in(
+        "power.params",
+        &serde_json::Value::Object(power.params.clone()),
+    )?;
     let mut probe = Machine::new(String::new(), vec![], 0);
     probe.power = power.clone();
     crate::lifecycle::controller::power_params(&probe)
