@@ -117,7 +117,7 @@ pub fn write(source: &Path, out: &Path, opts: &Options) -> Result<Written, Squas
     write_except(source, out, opts, &[])
 }
 
-/// [`write`] without the paths `except` (relative to `source`) and what is below them.
+/// [`fn@write`] without the paths `except` (relative to `source`) and what is below them.
 pub fn write_except(
     source: &Path,
     out: &Path,

@@ -1,5 +1,5 @@
 //! A BMC per lab machine: OpenIPMI's `ipmi_sim` serving IPMI 2.0 lanplus on
-//! 127.0.0.1:<port>, with a generated `chassis_control` program that powers the VM.
+//! `127.0.0.1:<port>`, with a generated `chassis_control` program that powers the VM.
 //!
 //! `ipmi_sim` runs the program (through `popen`, reading its stdout until EOF) as
 //! `prog get power boot` (answers `power:0|1`, `boot:<value>` lines) and

@@ -62,7 +62,7 @@ pub fn report(dir: &Path) {
     eprintln!("{line}");
 }
 
-/// Removes regular files of at least [`LARGE`] bytes (apparent size) under `dir`; returns
+/// Removes regular files of at least `LARGE` bytes (apparent size) under `dir`; returns
 /// what it removed.
 pub fn remove_large(dir: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();

@@ -12,7 +12,7 @@
 //! perfdhcp's, so the server is what a run measures (2026-12-06: Stork 24,000/s and Kea
 //! 16,000/s with it, where perfdhcp stopped both near 13,000 and 8,000). The bench runs perfdhcp too and prints both.
 //!
-//! Sans-IO where it matters: [`Exchanges`] holds the protocol side (what to send, what a
+//! Sans-IO where it matters: `Exchanges` holds the protocol side (what to send, what a
 //! reply means) and is tested without a socket; [`run`] only paces and moves datagrams.
 
 use std::io;

@@ -5,7 +5,7 @@
 //! Everything runs on one thread (a tokio `LocalSet`): hosts live in a `RefCell`, and the
 //! sockets' async wrappers ([`TcpStream`], [`UdpSocket`]) borrow it only between awaits.
 //! DHCP does not go through smoltcp: a firmware's DHCP client speaks from 0.0.0.0 before it
-//! has an address, so frames to UDP port 68 land in the host's [`Host::dhcp`] mailbox and
+//! has an address, so frames to UDP port 68 land in the host's `Host::dhcp` mailbox and
 //! the client sends raw frames ([`Net::send_dhcp`]).
 
 use std::cell::RefCell;

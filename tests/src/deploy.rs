@@ -359,7 +359,7 @@ impl Scenario {
     }
 
     /// Waits for status `want`, failing at once on any status outside `passing`, and when the
-    /// machine stays off for [`OFF_GRACE`] while passing (nothing would change any more).
+    /// machine stays off for `OFF_GRACE` while passing (nothing would change any more).
     pub fn wait_status(
         &mut self,
         id: &str,

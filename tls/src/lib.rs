@@ -5,7 +5,7 @@
 //! `stork config show`, or by the BMC's own page), not by a name it may not carry.
 //!
 //! ureq's own rustls connector only takes root certificates, so pinning needs a connector of
-//! our own ([`connector`]); the verifier is [`verify`].
+//! our own (`connector`); the verifier is in `verify`.
 
 mod connector;
 mod fingerprint;

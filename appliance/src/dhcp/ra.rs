@@ -13,7 +13,7 @@
 //! [`MIN_INTERVAL`]: RFC 4861 section 6.2.6 asks for a random delay of up to 0.5 s and 3 s
 //! between multicast answers, which would cost every booting machine that time; an
 //! advertisement that configures nothing is harmless to repeat. One unsolicited
-//! advertisement goes out every [`PERIOD`] as well, unless DHCPv6 is on ([`answers`]).
+//! advertisement goes out every [`PERIOD`] as well, unless DHCPv6 is on (`answers`).
 //!
 //! UEFI HTTP boot clients get one more kind, unicast after DHCPv6 leased them an address:
 //! [`router_hint`], which says why.

@@ -490,7 +490,7 @@ impl Controller {
 
     /// Takes the power actions queued for this appliance's site and performs them, woken
     /// by the event each one adds (and every few seconds, for one whose wake was missed).
-    /// A request older than [`REQUEST_TTL`] is dropped with an event: the machine has
+    /// A request older than `REQUEST_TTL` is dropped with an event: the machine has
     /// moved on (its busy status timed out), and a late power-on would surprise.
     pub async fn run_power_requests(self) {
         let Some(site) = self.site.clone() else {

@@ -76,7 +76,7 @@ impl SignedBoot {
     }
 
     /// Keeps the set current: read from the store at start, after changes (at most once
-    /// per [`SETTLE`]) and every [`REFRESH`]. Runs until the task is dropped.
+    /// per `SETTLE`, a second) and every `REFRESH` (10 s). Runs until the task is dropped.
     pub async fn follow(self: std::sync::Arc<Self>, controller: Controller) {
         let mut changes = controller.subscribe();
         loop {

@@ -48,7 +48,7 @@ pub(crate) const TABLES: &[(&str, &str)] = &[
 /// target's numbering continues after them.
 const NUMBERED: &[&str] = &["events", "audit", "power_requests"];
 
-/// Rows copied, by table, in [`TABLES`]'s order.
+/// Rows copied, by table, in `TABLES`' order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyReport {
     pub rows: Vec<(&'static str, u64)>,

@@ -8,7 +8,7 @@
 //!   connections, each transaction committed (and so durable) before the change is
 //!   acknowledged; a connection PostgreSQL closed is replaced at the next call.
 //!
-//! Schema changes are numbered SQL files run by refinery (see [`migrate`]):
+//! Schema changes are numbered SQL files run by refinery (see `store::migrate`):
 //! `appliance/migrations/` for SQLite, `appliance/migrations-postgres/` for PostgreSQL.
 //!
 //! The methods take `&self` and are synchronous; callers in async code run them on the

@@ -1,6 +1,6 @@
 //! The tokio side: the listening socket's loop, and one task per transfer with a socket of
 //! its own on an ephemeral port (the server's TID, RFC 1350), driving a
-//! [`Transfer`](super::transfer::Transfer).
+//! [`super::transfer::Transfer`].
 //!
 //! The transfer socket is connected to the client: the kernel drops datagrams from any
 //! other TID (answering them with ICMP port unreachable, where RFC 1350 suggests an ERROR 5

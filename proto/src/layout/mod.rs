@@ -18,7 +18,7 @@
 //! mount point and options), and otherwise one root file system (`fs`, `mount_options`).
 //! GRUB goes onto every disk, so that with RAID any member boots alone.
 //!
-//! [`check`] validates a layout by itself (every mistake names its field); [`fit`] places it
+//! `check` validates a layout by itself (every mistake names its field); `fit` places it
 //! on disks of given sizes (what the appliance checks against the inventory and the agent
 //! creates).
 
@@ -238,7 +238,7 @@ impl DiskLayout {
     }
 
     /// Checks the layout by itself: each size against its bounds, the disks, RAID level,
-    /// volumes, mount points and options ([`check`]); the first mistake found, by its field.
+    /// volumes, mount points and options (`check`); the first mistake found, by its field.
     pub fn validate(&self) -> Result<(), LayoutError> {
         self.check_sizes()?;
         check::structure(self)

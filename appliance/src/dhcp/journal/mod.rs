@@ -2,7 +2,7 @@
 //!
 //! - [`record`]: the bytes, sans I/O (a record, a whole file).
 //! - [`live`]: what the records add up to and when to compact, sans I/O, time passed in.
-//! - [`file`]: load, append with `fdatasync`, rewrite via a temporary file and a rename.
+//! - [`mod@file`]: load, append with `fdatasync`, rewrite via a temporary file and a rename.
 //! - [`writer`]: the thread that batches appends and releases replies once durable.
 //!
 //! # Format

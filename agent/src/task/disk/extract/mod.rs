@@ -4,7 +4,7 @@
 //! image's partitions are fixed) or the image has no raw file.
 //!
 //! 1. **Disks**: the layout's disks by name, or the requested disk, or the smallest the layout
-//!    fits ([`pick_disks`], by [`DiskLayout::fit`]: what does not fit fails here, before
+//!    fits ([`DiskLayout::pick_disks`], by [`DiskLayout::fit`]: what does not fit fails here, before
 //!    anything is written); old signatures wiped; fitted again to their opened sizes.
 //! 2. **Partitions**: on each disk a fresh GPT by `sgdisk` ([`stork_proto::layout`]: 1 BIOS
 //!    boot, 2 ESP, 3 data), the kernel's view re-read and checked against the layout, the
