@@ -70,10 +70,7 @@ impl Leases {
 
     /// The address leased to `mac`, if this server leased it one that has not expired.
     pub fn of(&self, mac: MacAddr) -> Option<Ipv4Addr> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.of_at(mac, now)
+        self.of_at(mac, super::journal::unix_secs(std::time::SystemTime::now()))
     }
 
     fn of_at(&self, mac: MacAddr, now: u64) -> Option<Ipv4Addr> {

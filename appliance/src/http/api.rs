@@ -1797,7 +1797,7 @@ pub async fn audit(
     let from = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| crate::lifecycle::boot::canonical(c.0.ip()));
+        .copied();
     let slot = super::extract::AuditActor::default();
     let mut req = req;
     req.extensions_mut().insert(slot.clone());
@@ -1809,13 +1809,7 @@ pub async fn audit(
         None => {
             // Anyone on the network can ask: such refusals are written at the
             // unauthenticated rate of their address, the rest only counted.
-            let allowed = from.is_none_or(|ip| {
-                s.audit_limiter
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .allow(ip, std::time::SystemTime::now())
-            });
-            if !allowed {
+            if !super::extract::within(&s.audit_limiter, from) {
                 s.http_stats
                     .audit_unauthenticated_dropped
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -263,19 +263,8 @@ where
                 format!("body: more than {MAX_UNAUTHENTICATED_BODY} bytes"),
             ));
         }
-        let Some(ip) = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| crate::lifecycle::boot::canonical(c.0.ip()))
-        else {
-            return Ok(Self);
-        };
-        let allowed = state
-            .agent_limiter
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .allow(ip, std::time::SystemTime::now());
-        if allowed {
+        let from = parts.extensions.get::<ConnectInfo<SocketAddr>>().copied();
+        if within(&state.agent_limiter, from) {
             Ok(Self)
         } else {
             state
@@ -289,4 +278,21 @@ where
             ))
         }
     }
+}
+
+/// Whether a request from `from` is within `limiter`'s per-address rate (one that names no
+/// address is).
+pub fn within(
+    limiter: &std::sync::Mutex<crate::ratelimit::RateLimiter<std::net::IpAddr>>,
+    from: Option<ConnectInfo<SocketAddr>>,
+) -> bool {
+    from.is_none_or(|c| {
+        limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .allow(
+                crate::lifecycle::boot::canonical(c.0.ip()),
+                std::time::SystemTime::now(),
+            )
+    })
 }
